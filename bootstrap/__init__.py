@@ -1,0 +1,1 @@
+"""Bootstrap data shipped inside the wheel as ``mtor_p2p._bootstrap`` (no code lives here)."""

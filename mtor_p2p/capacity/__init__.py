@@ -1,0 +1,1 @@
+"""Capacity: what compute a peer offers, how it is measured, signed, spread and queried."""

@@ -1,0 +1,273 @@
+"""The capacity service: announce our own record, and keep a view of everyone else's.
+
+Two sources feed the view, because gossip alone may drop messages (py-libp2p's GossipSub does,
+silently) and the DHT alone is slow to notice change:
+
+* GossipSub topic :data:`CAPACITY_TOPIC`: every peer publishes its record when it changes and
+  at least every ``announce_interval``; each message is validated before it is forwarded.
+* The DHT key ``/mtor/cap/<peer-id>``: a periodic sweep fetches the records of connected peers
+  that the view lacks or holds close to expiry.
+
+Sequence numbers are milliseconds of network time (at least one more than the last), so they
+keep increasing across restarts without any stored state.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import trio
+
+from mtor_p2p.capacity.record import (
+    DHT_NAMESPACE,
+    MAX_TTL_SECONDS,
+    CapacityRecord,
+    CapacityRecordValidator,
+    Device,
+    capacity_key,
+    decode_capacity_record,
+)
+from mtor_p2p.capacity.view import CapacityView
+from mtor_p2p.clock import NetClock
+from mtor_p2p.identity import Identity
+from mtor_p2p.network import Message, Network, NetworkError
+from mtor_p2p.wire import RecordError
+
+log = logging.getLogger(__name__)
+
+CAPACITY_TOPIC = "mtor/capacity/1"
+MIN_TTL_SECONDS = 2.0
+
+
+@dataclass(frozen=True)
+class Offer:
+    """What this peer offers right now; the service turns it into signed records."""
+
+    devices: tuple[Device, ...]
+    tflops: float
+    mem_free: int
+    load: float
+    price: float
+    kernels: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class CapacityTiming:
+    """How often to announce, sweep and prune, and how long a record lives (seconds)."""
+
+    ttl: float = 60.0
+    announce_interval: float = 20.0
+    change_check_interval: float = 1.0
+    sweep_interval: float = 2.0
+    prune_interval: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not MIN_TTL_SECONDS <= self.ttl <= MAX_TTL_SECONDS:
+            raise ValueError(f"record TTL must be in [{MIN_TTL_SECONDS}, {MAX_TTL_SECONDS}] s")
+        if self.announce_interval >= self.ttl / 2:
+            raise ValueError("announce interval must be under half the TTL, to renew in time")
+
+
+class CapacityService:
+    """Announces this peer's capacity and maintains the merged :class:`CapacityView`."""
+
+    def __init__(
+        self,
+        network: Network,
+        identity: Identity,
+        clock: NetClock,
+        *,
+        region: str,
+        offer: Callable[[], Offer],
+        timing: CapacityTiming | None = None,
+    ) -> None:
+        self._network = network
+        self._identity = identity
+        self._clock = clock
+        self._region = region
+        self._offer = offer
+        self.timing = timing or CapacityTiming()
+        self.view = CapacityView()
+        self.validator = CapacityRecordValidator(clock.now)
+        self._own: CapacityRecord | None = None
+        self._own_raw: bytes | None = None
+        self._last_seq = -1
+        self._announced_to: set[str] = set()
+        self._announce_now = trio.Event()
+        self.changed = trio.Event()  # set (and replaced) whenever the view changes
+        network.register_dht_validator(DHT_NAMESPACE, self.validator)
+        network.set_topic_validator(CAPACITY_TOPIC, self._accept_gossip)
+
+    # -- our own record --------------------------------------------------------------------
+
+    @property
+    def own_record(self) -> CapacityRecord | None:
+        """The record we last announced."""
+        return self._own
+
+    def _next_seq(self) -> int:
+        self._last_seq = max(self._last_seq + 1, int(self._clock.now() * 1000))
+        return self._last_seq
+
+    def _build(self, offer: Offer, *, withdrawn: bool = False) -> CapacityRecord:
+        now = self._clock.now()
+        return CapacityRecord(
+            peer_id=self._identity.peer_id,
+            addrs=tuple(self._network.addrs()[:16]),
+            region=self._region,
+            devices=offer.devices,
+            tflops=offer.tflops,
+            mem_free=offer.mem_free,
+            load=offer.load,
+            price=offer.price,
+            seq=self._next_seq(),
+            issued=now,
+            expires=now + self.timing.ttl,
+            kernels=offer.kernels,
+            withdrawn=withdrawn,
+        )
+
+    def _differs(self, offer: Offer) -> bool:
+        """Has the offer changed enough to be worth announcing before the next renewal?"""
+        own = self._own
+        if own is None:
+            return True
+        connected = set(self._network.connected_peers())
+        newcomers = connected - self._announced_to
+        self._announced_to = connected
+        return (
+            bool(newcomers)  # a newly connected peer should hear from us without waiting
+            or tuple(self._network.addrs()[:16]) != own.addrs
+            or offer.price != own.price
+            or offer.kernels != own.kernels
+            or abs(offer.load - own.load) >= 0.1
+            or abs(offer.mem_free - own.mem_free) > max(own.mem_free, 1) * 0.1
+        )
+
+    async def announce(self, *, withdrawn: bool = False) -> CapacityRecord:
+        """Sign a fresh record, store it in the DHT and gossip it; return it."""
+        record = self._build(self._offer(), withdrawn=withdrawn)
+        raw = record.sign(self._identity)
+        self._own, self._own_raw = record, raw
+        self._merge(record)
+        try:
+            await self._network.publish(CAPACITY_TOPIC, raw)
+        except Exception as exc:  # gossip is best effort; the DHT and renewal cover a miss
+            log.info("capacity gossip failed: %s", exc)
+        try:
+            with trio.move_on_after(self.timing.ttl / 4):
+                await self._network.dht_put(capacity_key(record.peer_id), raw)
+        except NetworkError as exc:
+            log.info("capacity DHT put failed: %s", exc)
+        return record
+
+    async def withdraw(self, *, timeout: float = 3.0) -> None:
+        """Tell the network we are leaving: a withdrawn record with a higher ``seq``."""
+        if self._own is None:
+            return
+        with trio.move_on_after(timeout):
+            await self.announce(withdrawn=True)
+
+    def request_announce(self) -> None:
+        """Announce at the next opportunity (call after the offer changed)."""
+        self._announce_now.set()
+
+    # -- others' records -------------------------------------------------------------------
+
+    def _accept_gossip(self, sender: str, data: bytes) -> bool:
+        try:
+            record = decode_capacity_record(data, now=self._clock.now(), expected_peer=sender)
+        except RecordError as exc:
+            log.debug("rejected capacity gossip from %s: %s", sender, exc)
+            return False
+        # Forward only news: our own records, and records newer than what we hold.
+        own = record.peer_id == self._identity.peer_id
+        return own or record.seq > self.view.held_seq(record.peer_id)
+
+    def _merge(self, record: CapacityRecord) -> None:
+        if self.view.offer(record, self._clock.now()):
+            self._signal_change()
+
+    def _signal_change(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
+
+    def offer_raw(self, data: bytes, *, expected_peer: str | None = None) -> bool:
+        """Verify a record from any source and merge it; True if it changed the view."""
+        try:
+            record = decode_capacity_record(
+                data, now=self._clock.now(), expected_peer=expected_peer
+            )
+        except RecordError as exc:
+            log.debug("rejected capacity record: %s", exc)
+            return False
+        before = self.view.held_seq(record.peer_id)
+        self._merge(record)
+        return self.view.held_seq(record.peer_id) != before
+
+    # -- loops -----------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run every loop of the service until cancelled."""
+        messages = await self._network.subscribe(CAPACITY_TOPIC)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._receive_loop, messages)
+            nursery.start_soon(self._prune_loop)
+            nursery.start_soon(self._sweep_loop)
+            await self.announce()
+            nursery.start_soon(self._announce_loop)
+            task_status.started()
+
+    async def _announce_loop(self) -> None:
+        last = trio.current_time()
+        while True:
+            with trio.move_on_after(self.timing.change_check_interval):
+                await self._announce_now.wait()
+            forced = self._announce_now.is_set()
+            self._announce_now = trio.Event()
+            due = trio.current_time() - last >= self.timing.announce_interval
+            if forced or due or self._differs(self._offer()):
+                await self.announce()
+                last = trio.current_time()
+
+    async def _receive_loop(self, messages: trio.MemoryReceiveChannel[Message]) -> None:
+        async for message in messages:
+            if message.sender == self._identity.peer_id:
+                continue
+            self.offer_raw(message.data, expected_peer=message.sender)
+
+    async def _prune_loop(self) -> None:
+        while True:
+            await trio.sleep(self.timing.prune_interval)
+            gone = self.view.prune(self._clock.now())
+            if gone:
+                log.info("capacity records expired: %s", ", ".join(p[-8:] for p in gone))
+                self._signal_change()
+
+    async def _sweep_loop(self) -> None:
+        """Pull records from the DHT for connected peers we lack or hold near expiry."""
+        limiter = trio.CapacityLimiter(8)
+
+        async def fetch(peer_id: str) -> None:
+            async with limiter:
+                raw = await self._network.dht_get(
+                    capacity_key(peer_id), timeout=self.timing.sweep_interval
+                )
+            if raw is not None:
+                self.offer_raw(raw, expected_peer=peer_id)
+
+        while True:
+            await trio.sleep(self.timing.sweep_interval)
+            now = self._clock.now()
+            wanted = []
+            for peer_id in self._network.connected_peers():
+                held = self.view.get(peer_id, now)
+                if self.view.held_seq(peer_id) >= 0 and held is None:
+                    continue  # withdrawn: do not pull its old record back
+                if held is None or held.expires - now < self.timing.ttl / 3:
+                    wanted.append(peer_id)
+            async with trio.open_nursery() as nursery:
+                for peer_id in wanted[:64]:
+                    nursery.start_soon(fetch, peer_id)

@@ -1,0 +1,258 @@
+"""A local devnet: N ``mtor-peer run`` processes on loopback, watched until they converge.
+
+Peer 0 starts first and every other peer bootstraps from it; the peers then find each other
+through gossip, the DHT and the addresses in capacity records. The devnet is ready when every
+peer's capacity view holds every peer's record. It needs no GPU, no ngrok account and no
+internet, and is the README's first command.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from mtor_p2p.control import INFO_FILE_NAME, ControlClient, ControlError, NodeNotRunning
+
+#: Region codes of ``simulations/regions``: peers are spread over them round-robin.
+REGIONS = (
+    "WUS",
+    "CUS",
+    "EUS",
+    "BRS",
+    "UKS",
+    "WEU",
+    "GWC",
+    "UAEN",
+    "SAN",
+    "CIN",
+    "SEA",
+    "EAS",
+    "JPE",
+    "AUE",
+)
+START_TIMEOUT = 60.0
+STOP_TIMEOUT = 10.0
+
+
+@dataclass
+class DevnetPeer:
+    """One peer process of the devnet."""
+
+    index: int
+    data_dir: str
+    pid: int
+    peer_id: str = ""
+    api: str = ""
+    addrs: list[str] | None = None
+    region: str = ""
+
+
+class Devnet:
+    """Starts, watches and stops the peer processes."""
+
+    def __init__(
+        self, base_dir: Path, *, record_ttl: float, announce_interval: float, log_level: str
+    ) -> None:
+        self.base_dir = base_dir
+        self.record_ttl = record_ttl
+        self.announce_interval = announce_interval
+        self.log_level = log_level
+        self.processes: list[subprocess.Popen[bytes]] = []
+        self.peers: list[DevnetPeer] = []
+
+    def start_peer(self, index: int, bootstrap: str | None) -> DevnetPeer:
+        """Start peer ``index`` and wait until its control API is up."""
+        data_dir = self.base_dir / f"peer-{index}"
+        data_dir.mkdir(parents=True, exist_ok=True)
+        (data_dir / INFO_FILE_NAME).unlink(missing_ok=True)
+        region = REGIONS[index % len(REGIONS)]
+        command = [
+            sys.executable, "-m", "mtor_p2p", "run",
+            "--data-dir", str(data_dir),
+            "--listen", "/ip4/127.0.0.1/tcp/0",
+            "--no-default-bootstrap",
+            "--region", region,
+            "--gpu", "none",
+            "--record-ttl", str(self.record_ttl),
+            "--announce-interval", str(self.announce_interval),
+            "--log-level", self.log_level,
+        ]  # fmt: skip
+        if bootstrap:
+            command += ["--bootstrap", bootstrap]
+        log = open(data_dir / "peer.log", "ab")
+        process = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True,  # Ctrl-C reaches the devnet, which then stops peers in order
+        )  # fmt: skip
+        log.close()
+        self.processes.append(process)
+        peer = DevnetPeer(index=index, data_dir=str(data_dir), pid=process.pid, region=region)
+        self.peers.append(peer)
+        return peer
+
+    def wait_started(self, peer: DevnetPeer, deadline: float) -> None:
+        """Block until ``peer`` has written its control file and answers."""
+        process = self.processes[peer.index]
+        info_path = Path(peer.data_dir) / INFO_FILE_NAME
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise RuntimeError(
+                    f"peer {peer.index} exited with {process.returncode}; "
+                    f"see {peer.data_dir}/peer.log"
+                )
+            if info_path.exists():
+                try:
+                    info = json.loads(info_path.read_text())
+                    peer.peer_id, peer.api, peer.addrs = info["peer_id"], info["url"], info["addrs"]
+                    return
+                except (ValueError, KeyError):
+                    pass
+            time.sleep(0.05)
+        raise TimeoutError(f"peer {peer.index} did not start in time")
+
+    def views(self) -> list[set[str]]:
+        """The peer IDs in each peer's capacity view (empty set if it does not answer)."""
+        result = []
+        for peer in self.peers:
+            try:
+                client = ControlClient.for_data_dir(Path(peer.data_dir), timeout=5)
+                result.append({p["peer_id"] for p in client.call("GET", "/v1/peers")["peers"]})
+            except (NodeNotRunning, ControlError):
+                result.append(set())
+        return result
+
+    def table(self) -> list[dict[str, Any]]:
+        """Peer 0's view, for printing."""
+        client = ControlClient.for_data_dir(Path(self.peers[0].data_dir), timeout=5)
+        peers: list[dict[str, Any]] = client.call("GET", "/v1/peers")["peers"]
+        return peers
+
+    def stop(self) -> None:
+        """SIGTERM every peer (so it withdraws its record), then SIGKILL what is left."""
+        for process in self.processes:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + STOP_TIMEOUT
+        for process in self.processes:
+            try:
+                process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def _progress(message: str) -> None:
+    print(f"\r{message}", end="", file=sys.stderr, flush=True)
+
+
+def run_devnet(
+    *,
+    peers: int,
+    base_dir: Path | None,
+    json_output: bool,
+    timeout: float,
+    record_ttl: float,
+    announce_interval: float,
+    log_level: str,
+) -> int:
+    """Run the devnet until SIGINT/SIGTERM; return the exit code."""
+    from mtor_p2p.cli import (
+        EXIT_FAILURE,
+        EXIT_NOT_CONVERGED,
+        EXIT_OK,
+        EXIT_USAGE,
+        format_peers_table,
+    )
+
+    if not 1 <= peers <= 200:
+        print("mtor-peer: devnet --peers must be between 1 and 200", file=sys.stderr)
+        return EXIT_USAGE
+    temporary = base_dir is None
+    root = Path(tempfile.mkdtemp(prefix="mtor-devnet-")) if base_dir is None else base_dir
+    devnet = Devnet(
+        root, record_ttl=record_ttl, announce_interval=announce_interval, log_level=log_level
+    )
+    stop_requested = False
+
+    def request_stop(signum: int, frame: object) -> None:
+        nonlocal stop_requested
+        stop_requested = True
+
+    previous = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    started = time.monotonic()
+    code = EXIT_OK
+    try:
+        first = devnet.start_peer(0, None)
+        devnet.wait_started(first, time.monotonic() + START_TIMEOUT)
+        bootstrap = first.addrs[0] if first.addrs else None
+        for index in range(1, peers):
+            devnet.start_peer(index, bootstrap)
+        deadline = time.monotonic() + START_TIMEOUT
+        for peer in devnet.peers[1:]:
+            devnet.wait_started(peer, deadline)
+        everyone = {p.peer_id for p in devnet.peers}
+        deadline = time.monotonic() + timeout
+        while not stop_requested:
+            complete = sum(view >= everyone for view in devnet.views())
+            _progress(f"devnet: {complete}/{peers} peers see all {peers} capacity records")
+            if complete == peers:
+                break
+            if time.monotonic() > deadline:
+                print(
+                    f"\nmtor-peer: devnet did not converge within {timeout:.0f} s", file=sys.stderr
+                )
+                return EXIT_NOT_CONVERGED
+            time.sleep(0.25)
+        converged = time.monotonic() - started
+        print(file=sys.stderr)
+        if json_output:
+            payload = {
+                "dir": str(root),
+                "converged_s": round(converged, 2),
+                "peers": [asdict(p) for p in devnet.peers],
+            }
+            print(json.dumps(payload), flush=True)
+        else:
+            print(format_peers_table(devnet.table()))
+            print(f"\ndevnet of {peers} peers converged in {converged:.1f} s; data in {root}")
+            print("inspect a peer:  mtor-peer peers --data-dir " + devnet.peers[0].data_dir)
+            print("Ctrl-C stops every peer", flush=True)
+        while not stop_requested:
+            for peer, process in zip(devnet.peers, devnet.processes, strict=True):
+                if process.poll() is not None and process.returncode is not None:
+                    print(
+                        f"mtor-peer: devnet peer {peer.index} exited ({process.returncode})",
+                        file=sys.stderr,
+                    )
+                    process.returncode = None  # report once
+            time.sleep(0.2)
+    except (RuntimeError, TimeoutError, OSError) as exc:
+        print(f"\nmtor-peer: devnet failed: {exc}", file=sys.stderr)
+        code = EXIT_FAILURE
+    finally:
+        devnet.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if temporary and code == EXIT_OK:
+            shutil.rmtree(root, ignore_errors=True)
+    return code
+
+
+def main() -> None:  # pragma: no cover - convenience for `python -m mtor_p2p.devnet`
+    """Run a 4-peer devnet."""
+    sys.exit(run_devnet(peers=4, base_dir=None, json_output=False, timeout=120, record_ttl=30,
+                        announce_interval=5, log_level="warning"))  # fmt: skip
+
+
+if __name__ == "__main__":  # pragma: no cover
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()

@@ -1,0 +1,128 @@
+"""Node identity: an Ed25519 key kept in the data directory, and libp2p-compatible peer IDs.
+
+The peer ID is computed here, without libp2p, exactly as libp2p defines it for Ed25519 keys:
+the base58btc encoding of an identity multihash over the protobuf-encoded public key. Keeping
+this independent of the network adapter lets records be verified anywhere (the simulator, the
+ledger) without importing libp2p.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import base58
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+KEY_FILE_NAME = "identity.key"
+SEED_SIZE = 32
+PUBLIC_KEY_SIZE = 32
+
+# protobuf `PublicKey { KeyType Type = 1; bytes Data = 2; }` with Type = Ed25519 (1) and a
+# 32-byte Data field: field 1 varint 1, field 2 length 32.
+_ED25519_PROTOBUF_PREFIX = bytes([0x08, 0x01, 0x12, PUBLIC_KEY_SIZE])
+# identity multihash: code 0x00, then the digest length (36 bytes of protobuf).
+_IDENTITY_MULTIHASH_PREFIX = bytes([0x00, len(_ED25519_PROTOBUF_PREFIX) + PUBLIC_KEY_SIZE])
+
+
+class IdentityError(Exception):
+    """The identity key file is unreadable, malformed or unsafe."""
+
+
+def peer_id_from_public_key(public_key: bytes) -> str:
+    """Return the libp2p peer ID (``12D3KooW…``) of a raw 32-byte Ed25519 public key."""
+    if len(public_key) != PUBLIC_KEY_SIZE:
+        raise ValueError(
+            f"an Ed25519 public key has {PUBLIC_KEY_SIZE} bytes, not {len(public_key)}"
+        )
+    multihash = _IDENTITY_MULTIHASH_PREFIX + _ED25519_PROTOBUF_PREFIX + public_key
+    return base58.b58encode(multihash).decode("ascii")
+
+
+def public_key_from_peer_id(peer_id: str) -> bytes:
+    """Extract the raw Ed25519 public key from a peer ID; raise ValueError if it holds none."""
+    try:
+        raw = base58.b58decode(peer_id.encode("ascii"))
+    except (ValueError, UnicodeEncodeError) as exc:
+        raise ValueError("peer ID is not base58") from exc
+    prefix = _IDENTITY_MULTIHASH_PREFIX + _ED25519_PROTOBUF_PREFIX
+    if len(raw) != len(prefix) + PUBLIC_KEY_SIZE or not raw.startswith(prefix):
+        raise ValueError("peer ID does not embed an Ed25519 public key")
+    return raw[len(prefix) :]
+
+
+def verify_signature(public_key: bytes, signature: bytes, message: bytes) -> bool:
+    """Check an Ed25519 signature; any malformed input is simply a failed check."""
+    try:
+        Ed25519PublicKey.from_public_bytes(public_key).verify(signature, message)
+    except (InvalidSignature, ValueError):
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class Identity:
+    """A node's Ed25519 key pair and the peer ID derived from it."""
+
+    seed: bytes
+
+    def __post_init__(self) -> None:
+        if len(self.seed) != SEED_SIZE:
+            raise IdentityError(f"an identity seed has {SEED_SIZE} bytes, not {len(self.seed)}")
+
+    @classmethod
+    def generate(cls) -> Identity:
+        """Create a fresh random identity."""
+        return cls(os.urandom(SEED_SIZE))
+
+    @property
+    def _private(self) -> Ed25519PrivateKey:
+        return Ed25519PrivateKey.from_private_bytes(self.seed)
+
+    @property
+    def public_key(self) -> bytes:
+        """The raw 32-byte public key."""
+        return self._private.public_key().public_bytes(
+            serialization.Encoding.Raw, serialization.PublicFormat.Raw
+        )
+
+    @property
+    def peer_id(self) -> str:
+        """The libp2p peer ID of this identity."""
+        return peer_id_from_public_key(self.public_key)
+
+    def sign(self, message: bytes) -> bytes:
+        """Sign ``message`` with this identity's private key."""
+        return self._private.sign(message)
+
+
+def load_or_create_identity(data_dir: Path) -> Identity:
+    """Load the identity from ``data_dir``, creating it (mode 0600) on first start.
+
+    Refuses a key file that other users can read, as ssh does, rather than silently using a
+    key that may have leaked.
+    """
+    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path = data_dir / KEY_FILE_NAME
+    if path.exists():
+        mode = path.stat().st_mode & 0o777
+        if mode & 0o077:
+            raise IdentityError(
+                f"{path} is readable by other users (mode {mode:o}); run: chmod 600 {path}"
+            )
+        seed = path.read_bytes()
+        if len(seed) != SEED_SIZE:
+            raise IdentityError(f"{path} does not hold a {SEED_SIZE}-byte Ed25519 seed")
+        return Identity(seed)
+    identity = Identity.generate()
+    # O_EXCL: two processes starting on the same data directory must not both write a key.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, identity.seed)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return identity

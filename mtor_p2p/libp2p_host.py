@@ -1,0 +1,512 @@
+"""The py-libp2p adapter of :class:`mtor_p2p.network.Network`: a hardened host.
+
+This is the only module that imports ``libp2p``. It works around the pitfalls of py-libp2p
+0.8.1 measured in ``shared/notes/dependencies.md`` (numbers below refer to that list):
+
+1. An exception escaping a stream handler tears down the swarm: every handler, ours and the
+   library's (identify, ping, DHT, pubsub), is wrapped in a guard that catches and resets.
+2. ``connect()`` waits ~250 ms with 3 connections per peer: we allow one.
+3. The default security set includes plaintext and secio: we offer Noise only.
+4. Yamux resets a stream whose reader stalls for 5 s: request handlers read the whole request
+   before doing any work, and requesters read the whole response.
+6/7. Routing tables are not filled from connections: connected peers are added explicitly, and
+   random walk is on.
+8. GossipSub's defaults drop messages and heart-beat every 120 s: heartbeat 1 s, no per-topic
+   spam limit (our own validators and bounded buffers take that role). Capacity records are
+   re-announced, so a dropped message costs latency, not correctness.
+10. mplex hangs on large transfers: Yamux only.
+13. Inbound connections are capped by default: bootstrap nodes raise the limits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import struct
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import multiaddr
+import trio
+from libp2p import new_host
+from libp2p.abc import IHost, INetStream
+from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
+from libp2p.custom_types import TProtocol
+from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
+from libp2p.network.config import ConnectionConfig
+from libp2p.network.stream.exceptions import StreamEOF, StreamError
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import info_from_p2p_addr
+from libp2p.pubsub.gossipsub import GossipSub
+from libp2p.pubsub.pubsub import Pubsub
+from libp2p.rcmgr import ResourceManager
+from libp2p.rcmgr.manager import ResourceLimits
+from libp2p.records.validator import Validator
+from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
+from libp2p.security.noise.transport import Transport as NoiseTransport
+from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
+from libp2p.stream_muxer.yamux.yamux import Yamux
+from libp2p.tools.anyio_service import background_trio_service
+
+from mtor_p2p.identity import Identity
+from mtor_p2p.network import (
+    DEFAULT_MAX_REQUEST_BYTES,
+    DEFAULT_MAX_RESPONSE_BYTES,
+    DhtValidator,
+    Message,
+    NetworkError,
+    RemoteError,
+    RequestHandler,
+    TopicValidator,
+)
+
+log = logging.getLogger(__name__)
+
+GOSSIPSUB_PROTOCOLS = [TProtocol("/meshsub/1.1.0"), TProtocol("/meshsub/1.2.0")]
+_LENGTH = struct.Struct(">I")
+_STATUS_OK = 0
+_STATUS_ERROR = 1
+_MAX_ERROR_BYTES = 1024
+_READ_CHUNK = 64 * 1024
+
+
+@dataclass
+class HostSettings:
+    """How to build a host. Defaults suit an ordinary peer on loopback or a LAN."""
+
+    listen_addrs: list[str] = field(default_factory=lambda: ["/ip4/127.0.0.1/tcp/0"])
+    #: Extra addresses to advertise (an ngrok tunnel's public address, for example).
+    announce_addrs: list[str] = field(default_factory=list)
+    #: Bootstrap and relay nodes accept many more inbound connections (pitfall 13).
+    bootstrap_node: bool = False
+    max_connections: int = 300
+    dial_timeout: float = 5.0
+    #: Inbound requests handled at once, per protocol; more are refused with "busy".
+    max_concurrent_requests: int = 64
+    gossip_heartbeat_seconds: int = 1
+    routing_table_fill_interval: float = 1.0
+
+    def effective_max_connections(self) -> int:
+        """Connection limit in force: bootstrap nodes get at least 4096."""
+        return max(self.max_connections, 4096) if self.bootstrap_node else self.max_connections
+
+
+@dataclass
+class HostStats:
+    """Counters that show the guards at work (exposed through the control API)."""
+
+    handler_errors: int = 0
+    requests_refused_busy: int = 0
+    requests_refused_size: int = 0
+    gossip_dropped: int = 0
+    gossip_rejected: int = 0
+
+
+class _DhtValidatorBridge(Validator):
+    """Adapts our :class:`DhtValidator` to py-libp2p's ``Validator`` base class."""
+
+    def __init__(self, inner: DhtValidator) -> None:
+        self._inner = inner
+
+    def validate(self, key: str, value: bytes) -> None:
+        self._inner.validate(key, value)
+
+    def select(self, key: str, values: list[bytes]) -> int:
+        return self._inner.select(key, values)
+
+
+async def _read_exactly(stream: INetStream, size: int) -> bytes:
+    """Read exactly ``size`` bytes, or raise NetworkError if the stream ends first."""
+    chunks: list[bytes] = []
+    remaining = size
+    while remaining:
+        try:
+            chunk = await stream.read(min(remaining, _READ_CHUNK))
+        except StreamEOF as exc:
+            raise NetworkError(f"stream ended {remaining} bytes early") from exc
+        if not chunk:
+            raise NetworkError(f"stream ended {remaining} bytes early")
+        chunks.append(chunk)
+        remaining -= len(chunk)
+    return b"".join(chunks)
+
+
+async def _reset_quietly(stream: INetStream) -> None:
+    with trio.move_on_after(1):
+        try:
+            await stream.reset()
+        except Exception:  # the stream may already be gone; nothing more to do
+            pass
+
+
+def _key_to_provider_key(key: str) -> str:
+    # py-libp2p accepts a hex multihash for provider keys; use sha2-256 of our key.
+    return "1220" + hashlib.sha256(key.encode()).hexdigest()
+
+
+class Libp2pNetwork:
+    """A running py-libp2p host with DHT and GossipSub, behind the :class:`Network` port."""
+
+    def __init__(
+        self, host: IHost, dht: KadDHT, pubsub: Pubsub, settings: HostSettings, identity: Identity
+    ) -> None:
+        self._host = host
+        self._dht = dht
+        self._pubsub = pubsub
+        self._settings = settings
+        self._identity = identity
+        self._nursery: trio.Nursery | None = None
+        self._subscriptions: dict[str, list[trio.MemorySendChannel[Message]]] = {}
+        self.stats = HostStats()
+
+    # -- construction ----------------------------------------------------------------------
+
+    @classmethod
+    @asynccontextmanager
+    async def open(
+        cls, identity: Identity, settings: HostSettings | None = None
+    ) -> AsyncIterator[Libp2pNetwork]:
+        """Start a host listening on ``settings.listen_addrs``; stop it on exit."""
+        settings = settings or HostSettings()
+        key_pair = create_new_key_pair(identity.seed)
+        max_conns = settings.effective_max_connections()
+        host = new_host(
+            key_pair=key_pair,
+            sec_opt={
+                NOISE_PROTOCOL_ID: NoiseTransport(
+                    key_pair, noise_privkey=create_x25519_key_pair().private_key
+                )
+            },
+            muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): Yamux},
+            connection_config=ConnectionConfig(
+                max_connections_per_peer=1,
+                max_connections=max_conns,
+                high_watermark=max_conns,
+                low_watermark=min(100, max_conns // 2),
+                dial_timeout=settings.dial_timeout,
+            ),
+            resource_manager=ResourceManager(
+                limits=ResourceLimits(max_connections=max(1000, 2 * max_conns))
+            ),
+            announce_addrs=None,
+        )
+        if str(host.get_id()) != identity.peer_id:
+            raise RuntimeError("libp2p derived a different peer ID from our key")
+        listen = [multiaddr.Multiaddr(a) for a in settings.listen_addrs]
+        async with AsyncExitStack() as stack:
+            await stack.enter_async_context(host.run(listen))
+            dht = KadDHT(host, DHTMode.SERVER, enable_random_walk=True)
+            gossipsub = GossipSub(
+                protocols=GOSSIPSUB_PROTOCOLS,
+                degree=6,
+                degree_low=4,
+                degree_high=12,
+                heartbeat_interval=settings.gossip_heartbeat_seconds,
+                spam_protection_enabled=False,
+                # Loopback devnets put every peer on one IP; diversity rules would starve the mesh.
+                eclipse_protection_enabled=False,
+            )
+            pubsub = Pubsub(host, gossipsub)
+            await stack.enter_async_context(background_trio_service(dht))
+            await stack.enter_async_context(background_trio_service(pubsub))
+            await stack.enter_async_context(background_trio_service(gossipsub))
+            with trio.fail_after(10):
+                await pubsub.wait_until_ready()
+            network = cls(host, dht, pubsub, settings, identity)
+            network._guard_existing_handlers()
+            async with trio.open_nursery() as nursery:
+                network._nursery = nursery
+                nursery.start_soon(network._fill_routing_table)
+                try:
+                    yield network
+                finally:
+                    nursery.cancel_scope.cancel()
+                    for channels in network._subscriptions.values():
+                        for channel in channels:
+                            channel.close()
+
+    # -- guards ----------------------------------------------------------------------------
+
+    def _guard(self, protocol: str, handler: Any) -> Any:
+        async def guarded(stream: INetStream) -> None:
+            try:
+                await handler(stream)
+            except Exception as exc:  # whatever a remote peer causes stays in this stream
+                self.stats.handler_errors += 1
+                log.info("handler for %s failed: %s: %s", protocol, type(exc).__name__, exc)
+                await _reset_quietly(stream)
+
+        guarded.__mtor_guarded__ = True  # type: ignore[attr-defined]
+        return guarded
+
+    def _guard_existing_handlers(self) -> None:
+        """Wrap the library's own handlers (identify, ping, DHT, pubsub) in the guard."""
+        handlers = self._host.get_mux().handlers
+        for protocol, handler in list(handlers.items()):
+            if protocol is None or handler is None or getattr(handler, "__mtor_guarded__", False):
+                continue
+            handlers[protocol] = self._guard(str(protocol), handler)
+
+    async def _fill_routing_table(self) -> None:
+        # Pitfall 7: connections do not populate the routing table; add connected peers ourselves.
+        while True:
+            for peer in self._host.get_connected_peers():
+                if not self._dht.routing_table.peer_in_table(peer):
+                    try:
+                        await self._dht.add_peer(peer)
+                    except Exception as exc:  # the peer may be mid-handshake or gone
+                        log.debug("routing table add failed for %s: %s", peer, exc)
+            await trio.sleep(self._settings.routing_table_fill_interval)
+
+    # -- identity and addresses ------------------------------------------------------------
+
+    @property
+    def peer_id(self) -> str:
+        """This node's peer ID."""
+        return self._identity.peer_id
+
+    def addrs(self) -> list[str]:
+        """Listen and announced addresses, each ending in ``/p2p/<id>``."""
+        suffix = f"/p2p/{self.peer_id}"
+        found = [str(a) for a in self._host.get_addrs()]
+        found += self._settings.announce_addrs
+        return [a if a.endswith(suffix) else a + suffix for a in dict.fromkeys(found)]
+
+    def listen_ports(self) -> list[int]:
+        """TCP ports the host listens on (for tunnels)."""
+        ports = []
+        for addr in self._host.get_addrs():
+            try:
+                ports.append(int(addr.value_for_protocol("tcp")))
+            except Exception:
+                continue
+        return ports
+
+    def add_announce_addr(self, addr: str) -> None:
+        """Advertise an extra address (for example a tunnel's public address)."""
+        if addr not in self._settings.announce_addrs:
+            self._settings.announce_addrs.append(addr)
+
+    def connected_peers(self) -> list[str]:
+        """Peer IDs with an open connection."""
+        return [str(p) for p in self._host.get_connected_peers()]
+
+    def peer_addrs(self, peer_id: str) -> list[str]:
+        """Addresses the peerstore holds for ``peer_id``."""
+        try:
+            return [str(a) for a in self._host.get_peerstore().addrs(ID.from_base58(peer_id))]
+        except Exception:
+            return []
+
+    def routing_table_size(self) -> int:
+        """Peers in the DHT routing table."""
+        return self._dht.get_routing_table_size()
+
+    # -- dialing ---------------------------------------------------------------------------
+
+    async def connect(self, addr: str, *, timeout: float = 5.0) -> str:
+        """Dial a multiaddr with ``/p2p/<id>``; add the peer to the routing table."""
+        try:
+            info = info_from_p2p_addr(multiaddr.Multiaddr(addr))
+        except Exception as exc:
+            raise NetworkError(f"not a dialable multiaddr with /p2p/: {addr!r}") from exc
+        try:
+            with trio.fail_after(timeout):
+                await self._host.connect(info)
+        except trio.TooSlowError as exc:
+            raise NetworkError(f"dial to {addr} timed out after {timeout} s") from exc
+        except Exception as exc:
+            raise NetworkError(f"dial to {addr} failed: {exc}") from exc
+        try:
+            await self._dht.add_peer(info.peer_id)
+        except Exception as exc:
+            log.debug("routing table add failed after dial: %s", exc)
+        return str(info.peer_id)
+
+    # -- request / response ----------------------------------------------------------------
+
+    def handle(
+        self,
+        protocol: str,
+        handler: RequestHandler,
+        *,
+        max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+        timeout: float = 30.0,
+    ) -> None:
+        """Serve ``protocol``: read a length-prefixed request, answer with status + payload."""
+        busy = trio.Semaphore(self._settings.max_concurrent_requests)
+
+        async def serve(stream: INetStream) -> None:
+            sender = str(stream.muxed_conn.peer_id)
+            with trio.fail_after(timeout):
+                (length,) = _LENGTH.unpack(await _read_exactly(stream, _LENGTH.size))
+                if length > max_request_bytes:
+                    self.stats.requests_refused_size += 1
+                    await self._respond(stream, _STATUS_ERROR, b"request too large")
+                    return
+                # Drain the whole request before any work (pitfall 4).
+                payload = await _read_exactly(stream, length)
+                try:
+                    busy.acquire_nowait()
+                except trio.WouldBlock:
+                    self.stats.requests_refused_busy += 1
+                    await self._respond(stream, _STATUS_ERROR, b"busy")
+                    return
+                try:
+                    try:
+                        response = await handler(sender, payload)
+                    except RemoteError as exc:
+                        await self._respond(stream, _STATUS_ERROR, str(exc).encode())
+                        return
+                    except Exception as exc:
+                        self.stats.handler_errors += 1
+                        log.warning("handler for %s raised %s: %s", protocol, type(exc), exc)
+                        await self._respond(stream, _STATUS_ERROR, b"internal error")
+                        return
+                finally:
+                    busy.release()
+                await self._respond(stream, _STATUS_OK, response)
+
+        self._host.set_stream_handler(TProtocol(protocol), self._guard(protocol, serve))
+
+    @staticmethod
+    async def _respond(stream: INetStream, status: int, payload: bytes) -> None:
+        if status == _STATUS_ERROR:
+            payload = payload[:_MAX_ERROR_BYTES]
+        await stream.write(bytes([status]) + _LENGTH.pack(len(payload)) + payload)
+        await stream.close()
+
+    async def request(
+        self,
+        peer_id: str,
+        protocol: str,
+        payload: bytes,
+        *,
+        timeout: float = 10.0,
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
+    ) -> bytes:
+        """Open a stream, send one request, return the response (or raise)."""
+        stream: INetStream | None = None
+        try:
+            with trio.fail_after(timeout):
+                stream = await self._host.new_stream(ID.from_base58(peer_id), [TProtocol(protocol)])
+                await stream.write(_LENGTH.pack(len(payload)) + payload)
+                header = await _read_exactly(stream, 1 + _LENGTH.size)
+                status = header[0]
+                (length,) = _LENGTH.unpack(header[1:])
+                limit = _MAX_ERROR_BYTES if status != _STATUS_OK else max_response_bytes
+                if length > limit:
+                    raise NetworkError(f"response of {length} bytes exceeds limit {limit}")
+                body = await _read_exactly(stream, length)
+        except trio.TooSlowError as exc:
+            if stream is not None:
+                await _reset_quietly(stream)
+            raise NetworkError(
+                f"request {protocol} to {peer_id} timed out after {timeout} s"
+            ) from exc
+        except (NetworkError, RemoteError):
+            if stream is not None:
+                await _reset_quietly(stream)
+            raise
+        except Exception as exc:  # dial, negotiation and stream errors from the library
+            if stream is not None:
+                await _reset_quietly(stream)
+            raise NetworkError(f"request {protocol} to {peer_id} failed: {exc}") from exc
+        with trio.move_on_after(1):
+            try:
+                await stream.close()
+            except StreamError:
+                pass
+        if status == _STATUS_OK:
+            return body
+        if status == _STATUS_ERROR:
+            raise RemoteError(body.decode("utf-8", errors="replace"))
+        raise NetworkError(f"peer answered with unknown status {status}")
+
+    # -- pubsub ----------------------------------------------------------------------------
+
+    async def publish(self, topic: str, data: bytes) -> None:
+        """Gossip ``data`` on ``topic`` (best effort)."""
+        await self._pubsub.publish(topic, data)
+
+    async def subscribe(
+        self, topic: str, *, buffer: int = 256
+    ) -> trio.MemoryReceiveChannel[Message]:
+        """Deliver messages on ``topic`` into a bounded channel; overflow is dropped."""
+        send, receive = trio.open_memory_channel[Message](buffer)
+        first = topic not in self._subscriptions
+        self._subscriptions.setdefault(topic, []).append(send)
+        if first:
+            subscription = await self._pubsub.subscribe(topic)
+            assert self._nursery is not None
+            self._nursery.start_soon(self._pump, topic, subscription)
+        return receive
+
+    async def _pump(self, topic: str, subscription: Any) -> None:
+        while True:
+            raw = await subscription.get()
+            try:
+                sender = str(ID(raw.from_id))
+            except Exception:
+                continue
+            message = Message(sender=sender, topic=topic, data=bytes(raw.data))
+            for channel in list(self._subscriptions.get(topic, [])):
+                try:
+                    channel.send_nowait(message)
+                except trio.WouldBlock:
+                    self.stats.gossip_dropped += 1
+                except (trio.ClosedResourceError, trio.BrokenResourceError):
+                    self._subscriptions[topic].remove(channel)
+
+    def set_topic_validator(self, topic: str, validator: TopicValidator) -> None:
+        """Run ``validator`` on every message of ``topic`` before delivery and forwarding."""
+
+        def check(peer: ID, msg: Any) -> bool:
+            try:
+                sender = str(ID(msg.from_id))
+                ok = bool(validator(sender, bytes(msg.data)))
+            except Exception as exc:
+                log.debug("topic validator for %s raised %s", topic, exc)
+                ok = False
+            if not ok:
+                self.stats.gossip_rejected += 1
+            return ok
+
+        self._pubsub.set_topic_validator(topic, check, False)
+
+    # -- DHT -------------------------------------------------------------------------------
+
+    def register_dht_validator(self, namespace: str, validator: DhtValidator) -> None:
+        """Validate every value under ``/<namespace>/`` before storing or returning it."""
+        self._dht.register_validator(namespace, _DhtValidatorBridge(validator))
+
+    async def dht_put(self, key: str, value: bytes) -> None:
+        """Store ``value`` locally and on the closest peers."""
+        try:
+            await self._dht.put_value(key, value)
+        except Exception as exc:
+            raise NetworkError(f"DHT put of {key} failed: {exc}") from exc
+
+    async def dht_get(self, key: str, *, timeout: float = 10.0) -> bytes | None:
+        """The best valid value for ``key``, or None."""
+        with trio.move_on_after(timeout):
+            try:
+                return await self._dht.get_value(key)
+            except Exception as exc:
+                log.debug("DHT get of %s failed: %s", key, exc)
+                return None
+        return None
+
+    async def provide(self, key: str) -> None:
+        """Announce that this node provides ``key``."""
+        await self._dht.provide(_key_to_provider_key(key))
+
+    async def find_providers(self, key: str, *, timeout: float = 10.0) -> list[str]:
+        """Peer IDs that announced ``key``."""
+        with trio.move_on_after(timeout):
+            infos = await self._dht.find_providers(_key_to_provider_key(key))
+            return [str(i.peer_id) for i in infos]
+        return []

@@ -1,0 +1,130 @@
+"""The one port between peer logic and the network.
+
+The peer's services (capacity, and later scheduler, worker, ledger) talk only to
+:class:`Network`. Two adapters implement it: :mod:`mtor_p2p.libp2p_host` (real py-libp2p hosts)
+and :mod:`mtor_p2p.memnet` (an in-memory network on virtual time for tests and the simulator).
+
+Semantics every adapter keeps:
+
+* ``request`` is one request and one response on a fresh stream, both size-limited, under a
+  deadline. A handler that raises :class:`RemoteError` sends its message to the requester, who
+  gets it back as :class:`RemoteError`; any other exception in a handler is reported to the
+  requester as ``"internal error"`` and never stops the host.
+* ``publish`` is best effort (gossip may drop); anything that must arrive needs its own
+  acknowledgement or a periodic re-announcement.
+* Subscriptions deliver into bounded buffers: when a consumer falls behind, messages are
+  dropped and counted, never queued without bound.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import trio
+
+#: Default size limits for one request and one response.
+DEFAULT_MAX_REQUEST_BYTES = 1 << 20
+DEFAULT_MAX_RESPONSE_BYTES = 1 << 20
+
+
+class NetworkError(Exception):
+    """A local failure to reach a peer: dial failed, deadline passed, stream broke."""
+
+
+class RemoteError(Exception):
+    """The remote peer answered with an error; ``str(exc)`` is its one-line reason.
+
+    Raise it in a request handler to send that reason to the requester.
+    """
+
+
+@dataclass(frozen=True)
+class Message:
+    """A message received on a pubsub topic; ``sender`` is the signing peer's ID."""
+
+    sender: str
+    topic: str
+    data: bytes
+
+
+#: ``handler(sender_peer_id, request_bytes) -> response_bytes``
+RequestHandler = Callable[[str, bytes], Awaitable[bytes]]
+#: ``validator(sender_peer_id, data) -> accept?``; runs before a message is forwarded.
+TopicValidator = Callable[[str, bytes], bool]
+
+
+class DhtValidator(Protocol):
+    """Validates values of one DHT namespace (``/<namespace>/...`` keys)."""
+
+    def validate(self, key: str, value: bytes) -> None:
+        """Raise an exception if ``value`` must not be stored or returned under ``key``."""
+
+    def select(self, key: str, values: list[bytes]) -> int:
+        """Return the index of the best of several values for ``key``."""
+
+
+@runtime_checkable
+class Network(Protocol):
+    """What a peer's services may ask of the network."""
+
+    @property
+    def peer_id(self) -> str:
+        """This node's peer ID."""
+
+    def addrs(self) -> list[str]:
+        """Multiaddrs (with ``/p2p/<id>``) at which others can reach this node."""
+
+    async def connect(self, addr: str, *, timeout: float = 5.0) -> str:
+        """Dial ``addr`` (a multiaddr ending in ``/p2p/<id>``); return the peer ID."""
+
+    def connected_peers(self) -> list[str]:
+        """Peer IDs with an open connection."""
+
+    def handle(
+        self,
+        protocol: str,
+        handler: RequestHandler,
+        *,
+        max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+        timeout: float = 30.0,
+    ) -> None:
+        """Serve requests on ``protocol``; each handler call runs under ``timeout``."""
+
+    async def request(
+        self,
+        peer_id: str,
+        protocol: str,
+        payload: bytes,
+        *,
+        timeout: float = 10.0,
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
+    ) -> bytes:
+        """Send one request; raise NetworkError or RemoteError on failure."""
+
+    async def publish(self, topic: str, data: bytes) -> None:
+        """Gossip ``data`` on ``topic`` (best effort)."""
+
+    async def subscribe(
+        self, topic: str, *, buffer: int = 256
+    ) -> trio.MemoryReceiveChannel[Message]:
+        """Receive messages on ``topic``; a full buffer drops the newest message."""
+
+    def set_topic_validator(self, topic: str, validator: TopicValidator) -> None:
+        """Check every message on ``topic`` before it is delivered or forwarded."""
+
+    def register_dht_validator(self, namespace: str, validator: DhtValidator) -> None:
+        """Validate every DHT value under ``/<namespace>/``."""
+
+    async def dht_put(self, key: str, value: bytes) -> None:
+        """Store ``value`` under ``key`` on the peers closest to it."""
+
+    async def dht_get(self, key: str, *, timeout: float = 10.0) -> bytes | None:
+        """The best valid value for ``key``, or None if none is found in time."""
+
+    async def provide(self, key: str) -> None:
+        """Announce that this node provides ``key``."""
+
+    async def find_providers(self, key: str, *, timeout: float = 10.0) -> list[str]:
+        """Peer IDs that announced they provide ``key``."""

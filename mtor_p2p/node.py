@@ -1,0 +1,277 @@
+"""The peer: identity, hardened host, capacity service and control API, run together.
+
+Embedders start one with::
+
+    async with Node.open(NodeConfig(data_dir=Path("/tmp/n1"))) as node:
+        print(node.peer_id, node.addrs())
+        await node.stopped.wait()
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from mtor_p2p import __version__
+from mtor_p2p.capacity.bench import measure_tflops
+from mtor_p2p.capacity.probe import probe_devices
+from mtor_p2p.capacity.record import CapacityRecord, Device
+from mtor_p2p.capacity.service import CapacityService, CapacityTiming, Offer
+from mtor_p2p.capacity.view import GIB, CapacityQuery
+from mtor_p2p.clock import NetClock
+from mtor_p2p.config import NodeConfig
+from mtor_p2p.control import INFO_FILE_NAME, ControlServer, load_or_create_token
+from mtor_p2p.identity import Identity, load_or_create_identity
+from mtor_p2p.libp2p_host import HostSettings, Libp2pNetwork
+from mtor_p2p.network import NetworkError
+
+log = logging.getLogger(__name__)
+
+#: Keep dialing peers from the capacity view until this many connections are open, so the
+#: overlay does not hang off the bootstrap peers alone.
+TARGET_CONNECTIONS = 8
+PROBE_INTERVAL = 15.0
+BOOTSTRAP_RETRY = 5.0
+
+
+def record_to_json(record: CapacityRecord, now: float) -> dict[str, Any]:
+    """A capacity record as the control API shows it."""
+    body = record.to_body()
+    body["expires_in"] = round(record.expires - now, 1)
+    return body
+
+
+class Node:
+    """A running MTOR peer. Create it with :meth:`open`."""
+
+    def __init__(
+        self, config: NodeConfig, identity: Identity, network: Libp2pNetwork, clock: NetClock
+    ) -> None:
+        self.config = config
+        self.identity = identity
+        self.network = network
+        self.clock = clock
+        self.devices: tuple[Device, ...] = ()
+        self.tflops = 0.0
+        self.started_at = clock.now()
+        self.tunnel_url: str | None = None
+        self.stopped = trio.Event()  # set when someone asks the node to stop
+        self.capacity = CapacityService(
+            network,
+            identity,
+            clock,
+            region=config.region,
+            offer=self.current_offer,
+            timing=CapacityTiming(
+                ttl=config.record_ttl, announce_interval=config.announce_interval
+            ),
+        )
+
+    @property
+    def peer_id(self) -> str:
+        """This node's peer ID."""
+        return self.identity.peer_id
+
+    def addrs(self) -> list[str]:
+        """Addresses at which other peers can dial this node."""
+        return self.network.addrs()
+
+    # -- what we offer ---------------------------------------------------------------------
+
+    def current_offer(self) -> Offer:
+        """The offer announced in our capacity record, from the latest device probe."""
+        utilizations = [d.utilization for d in self.devices if d.utilization is not None]
+        load = (
+            min(1.0, max(0.0, sum(utilizations) / len(utilizations) / 100)) if utilizations else 0.0
+        )
+        return Offer(
+            devices=self.devices,
+            tflops=round(self.tflops, 6),
+            mem_free=sum(d.mem_free for d in self.devices),
+            load=round(load, 3),
+            price=self.config.price,
+        )
+
+    async def _probe_loop(self) -> None:
+        while True:
+            await trio.sleep(PROBE_INTERVAL)
+            self.devices = tuple(await trio.to_thread.run_sync(probe_devices, self.config.gpu))
+
+    # -- start and stop --------------------------------------------------------------------
+
+    @classmethod
+    @asynccontextmanager
+    async def open(cls, config: NodeConfig) -> AsyncIterator[Node]:
+        """Start a node with ``config``; on exit withdraw its record and stop everything."""
+        config.validate()
+        identity = load_or_create_identity(config.data_dir)
+        devices = await trio.to_thread.run_sync(probe_devices, config.gpu)
+        tflops = await trio.to_thread.run_sync(measure_tflops, devices, config.data_dir)
+        settings = HostSettings(
+            listen_addrs=list(config.listen),
+            bootstrap_node=config.bootstrap_node,
+            max_connections=config.max_connections,
+        )
+        tunnels = None
+        async with Libp2pNetwork.open(identity, settings) as network:
+            node = cls(config, identity, network, NetClock())
+            node.devices, node.tflops = tuple(devices), tflops
+            try:
+                if config.ngrok.enabled:
+                    tunnels = await node._open_tunnel()
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(node.capacity.run)
+                    nursery.start_soon(node._bootstrap_loop)
+                    nursery.start_soon(node._mesh_loop)
+                    nursery.start_soon(node._probe_loop)
+                    api_port = await nursery.start(node._serve_control)
+                    node._write_control_info(api_port)
+                    try:
+                        yield node
+                    finally:
+                        with trio.CancelScope(shield=True):
+                            await node.capacity.withdraw(timeout=3.0)
+                        node._remove_control_info()
+                        nursery.cancel_scope.cancel()
+            finally:
+                if tunnels is not None:
+                    await trio.to_thread.run_sync(tunnels.close)
+
+    async def _open_tunnel(self) -> Any:
+        """Open the ngrok tunnel to our TCP port and announce its public address."""
+        from mtor_p2p.ngrok_tunnel import NgrokTunnelManager
+
+        ports = self.network.listen_ports()
+        if not ports:
+            raise NetworkError("ngrok needs a TCP listen address")
+        manager = NgrokTunnelManager(
+            authtoken=self.config.ngrok.authtoken,
+            ngrok_path=self.config.ngrok.path,
+            region=self.config.ngrok.region,
+            config_dir=str(self.config.data_dir),
+        )
+        try:
+            tunnel = await trio.to_thread.run_sync(manager.open_tcp, ports[0])
+        except BaseException:
+            await trio.to_thread.run_sync(manager.close)
+            raise
+        self.tunnel_url = tunnel.public_url
+        self.network.add_announce_addr(tunnel.multiaddr(self.peer_id))
+        return manager
+
+    async def _bootstrap_loop(self) -> None:
+        """Dial the bootstrap peers until connected; watch for isolation afterwards."""
+        peers = [a for a in self.config.all_bootstrap_peers() if not a.endswith(self.peer_id)]
+        while peers:
+            if not self.network.connected_peers():
+                for addr in peers:
+                    try:
+                        await self.network.connect(addr, timeout=5.0)
+                        log.info("connected to bootstrap peer %s", addr)
+                    except NetworkError as exc:
+                        log.warning("bootstrap peer unreachable: %s", exc)
+            await trio.sleep(BOOTSTRAP_RETRY)
+
+    async def _mesh_loop(self) -> None:
+        """Dial peers learned from capacity records until TARGET_CONNECTIONS are open."""
+        while True:
+            await trio.sleep(2.0)
+            connected = set(self.network.connected_peers())
+            if len(connected) >= TARGET_CONNECTIONS:
+                continue
+            candidates = [
+                r
+                for r in self.capacity.view.live(self.clock.now())
+                if r.peer_id != self.peer_id and r.peer_id not in connected and r.addrs
+            ]
+            random.shuffle(candidates)
+            for record in candidates[: TARGET_CONNECTIONS - len(connected)]:
+                for addr in record.addrs:
+                    try:
+                        await self.network.connect(addr, timeout=3.0)
+                        break
+                    except NetworkError:
+                        continue
+
+    # -- control API -----------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """What ``mtor-peer status`` shows."""
+        now = self.clock.now()
+        own = self.capacity.own_record
+        return {
+            "version": __version__,
+            "peer_id": self.peer_id,
+            "addrs": self.addrs(),
+            "region": self.config.region,
+            "uptime_s": round(now - self.started_at, 1),
+            "connected_peers": len(self.network.connected_peers()),
+            "routing_table_size": self.network.routing_table_size(),
+            "view_size": len(self.capacity.view.live(now)),
+            "tflops": self.tflops,
+            "devices": [d.__dict__ for d in self.devices],
+            "record": None if own is None else record_to_json(own, now),
+            "tunnel": self.tunnel_url,
+            "guards": self.network.stats.__dict__,
+            "pid": os.getpid(),
+        }
+
+    async def _route_status(self, query: dict[str, str], body: Any) -> tuple[int, Any]:
+        return 200, self.status()
+
+    async def _route_peers(self, query: dict[str, str], body: Any) -> tuple[int, Any]:
+        capacity_query = CapacityQuery(
+            min_mem_free=int(float(query.get("min_mem_gib", 0)) * GIB),
+            min_tflops=float(query.get("min_tflops", 0)),
+            max_price=float(query["max_price"]) if "max_price" in query else None,
+            region=query.get("region"),
+            kernel=query.get("kernel"),
+        )
+        now = self.clock.now()
+        records = self.capacity.view.query(capacity_query, now)
+        return 200, {"peers": [record_to_json(r, now) for r in records]}
+
+    async def _route_shutdown(self, query: dict[str, str], body: Any) -> tuple[int, Any]:
+        self.stopped.set()
+        return 200, {"stopping": True}
+
+    async def _serve_control(self, *, task_status: trio.TaskStatus[int]) -> None:
+        token = load_or_create_token(self.config.data_dir)
+        server = ControlServer(
+            token,
+            {
+                ("GET", "/v1/status"): self._route_status,
+                ("GET", "/v1/peers"): self._route_peers,
+                ("POST", "/v1/shutdown"): self._route_shutdown,
+            },
+        )
+        await server.serve(self.config.api_port, task_status=task_status)
+
+    def _write_control_info(self, port: int) -> None:
+        path: Path = self.config.data_dir / INFO_FILE_NAME
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(
+            json.dumps(
+                {
+                    "url": f"http://127.0.0.1:{port}",
+                    "pid": os.getpid(),
+                    "peer_id": self.peer_id,
+                    "addrs": self.addrs(),
+                }
+            )
+        )
+        tmp.replace(path)
+
+    def _remove_control_info(self) -> None:
+        try:
+            (self.config.data_dir / INFO_FILE_NAME).unlink()
+        except FileNotFoundError:
+            pass

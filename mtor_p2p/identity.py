@@ -9,7 +9,7 @@ ledger) without importing libp2p.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import base58
@@ -67,7 +67,7 @@ def verify_signature(public_key: bytes, signature: bytes, message: bytes) -> boo
 class Identity:
     """A node's Ed25519 key pair and the peer ID derived from it."""
 
-    seed: bytes
+    seed: bytes = field(repr=False)  # the private key: never in logs or tracebacks
 
     def __post_init__(self) -> None:
         if len(self.seed) != SEED_SIZE:

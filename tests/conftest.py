@@ -1,0 +1,67 @@
+"""Shared helpers: real py-libp2p hosts on loopback, and capacity records to feed them."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+
+import pytest
+
+from mtor_p2p.capacity.record import CapacityRecord, Device
+from mtor_p2p.identity import Identity
+from mtor_p2p.libp2p_host import HostSettings, Libp2pNetwork
+
+# py-libp2p logs every peer that goes away at ERROR; tests assert on behaviour, not on its logs.
+logging.getLogger("libp2p").setLevel(logging.CRITICAL)
+
+CPU = Device(kind="cpu", name="test cpu", mem_total=16 << 30, mem_free=8 << 30, cores=4)
+GPU = Device(
+    kind="gpu",
+    name="Test GPU 24GB",
+    mem_total=24 << 30,
+    mem_free=20 << 30,
+    utilization=5.0,
+    compute_capability="8.9",
+    driver="550.0",
+)
+
+
+def make_record(identity: Identity, *, now: float, **changes: object) -> CapacityRecord:
+    """A valid record for ``identity`` issued at ``now``; ``changes`` override fields."""
+    fields: dict[str, object] = {
+        "peer_id": identity.peer_id,
+        "addrs": (f"/ip4/127.0.0.1/tcp/4001/p2p/{identity.peer_id}",),
+        "region": "WEU",
+        "devices": (GPU,),
+        "tflops": 30.0,
+        "mem_free": 20 << 30,
+        "load": 0.1,
+        "price": 1.0,
+        "seq": 1,
+        "issued": now,
+        "expires": now + 60,
+    }
+    fields.update(changes)
+    return CapacityRecord(**fields)  # type: ignore[arg-type]
+
+
+@asynccontextmanager
+async def open_networks(count: int, **settings: object) -> AsyncIterator[list[Libp2pNetwork]]:
+    """``count`` real hosts on loopback, each connected to the first."""
+    async with AsyncExitStack() as stack:
+        networks = [
+            await stack.enter_async_context(
+                Libp2pNetwork.open(Identity.generate(), HostSettings(**settings))  # type: ignore[arg-type]
+            )
+            for _ in range(count)
+        ]
+        for network in networks[1:]:
+            await network.connect(networks[0].addrs()[0])
+        yield networks
+
+
+@pytest.fixture
+def identity() -> Identity:
+    """A fresh identity."""
+    return Identity.generate()

@@ -1,0 +1,287 @@
+"""The ``mtor-peer`` command line, run as real subprocesses against real peers on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mtor_p2p.control import INFO_FILE_NAME
+
+FAKE_AGENT = Path(__file__).with_name("fake_ngrok_agent.py")
+
+
+def mtor(
+    *args: str, timeout: float = 60, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "mtor_p2p", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def start(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "mtor_p2p", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        env=env,
+    )
+
+
+def read_json_line(process: subprocess.Popen[str], timeout: float = 90) -> dict[str, Any]:
+    """The first stdout line of ``process``, parsed (fails with its stderr if it exits)."""
+    import selectors
+
+    selector = selectors.DefaultSelector()
+    assert process.stdout is not None
+    selector.register(process.stdout, selectors.EVENT_READ)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if selector.select(timeout=0.5):
+            line = process.stdout.readline()
+            if line:
+                return json.loads(line)
+        if process.poll() is not None:
+            assert process.stderr is not None
+            pytest.fail(f"process exited {process.returncode}: {process.stderr.read()[-2000:]}")
+    process.kill()
+    pytest.fail("no JSON line in time")
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie (exited, not yet reaped by its parent) is not running.
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+def run_flags(data_dir: Path) -> list[str]:
+    return [
+        "run",
+        "--data-dir", str(data_dir),
+        "--listen", "/ip4/127.0.0.1/tcp/0",
+        "--no-default-bootstrap",
+        "--gpu", "none",
+        "--json",
+    ]  # fmt: skip
+
+
+def test_help_explains_every_command():
+    result = mtor("--help")
+    assert result.returncode == 0
+    for command in ("id", "run", "status", "peers", "devnet"):
+        assert command in result.stdout
+        sub = mtor(command, "--help")
+        assert sub.returncode == 0, sub.stderr
+        assert "--json" in sub.stdout or command == "run" and "--ngrok" in sub.stdout
+    assert "Exit codes" in result.stdout
+
+
+def test_id_is_stable_and_the_key_is_private(tmp_path):
+    first = mtor("id", "--json", "--data-dir", str(tmp_path / "d"))
+    second = mtor("id", "--json", "--data-dir", str(tmp_path / "d"))
+    assert first.returncode == second.returncode == 0
+    assert json.loads(first.stdout)["peer_id"] == json.loads(second.stdout)["peer_id"]
+    assert stat.S_IMODE((tmp_path / "d" / "identity.key").stat().st_mode) == 0o600
+    assert (
+        mtor("id", "--data-dir", str(tmp_path / "d")).stdout.strip()
+        == json.loads(first.stdout)["peer_id"]
+    )
+
+
+def test_status_without_a_node_exits_3(tmp_path):
+    result = mtor("status", "--data-dir", str(tmp_path))
+    assert result.returncode == 3
+    assert "no running node" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_bad_config_exits_2_with_one_line(tmp_path):
+    config = tmp_path / "mtor.toml"
+    config.write_text('regoin = "WEU"\n')
+    result = mtor("run", "--config", str(config), "--data-dir", str(tmp_path))
+    assert result.returncode == 2
+    assert "unknown setting 'regoin'" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_config_file_is_read_and_flags_override_it(tmp_path):
+    config = tmp_path / "mtor.toml"
+    config.write_text(f'data_dir = "{tmp_path / "from-config"}"\nregion = "JPE"\nprice = 2.5\n')
+    process = start(*run_flags(tmp_path / "from-flag"), "--config", str(config), "--price", "3")
+    try:
+        read_json_line(process)
+        status = json.loads(
+            mtor("status", "--json", "--data-dir", str(tmp_path / "from-flag")).stdout
+        )
+        assert status["region"] == "JPE"  # from the file
+        assert status["record"]["price"] == 3.0  # the flag wins
+        assert not (tmp_path / "from-config").exists()
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=20)
+
+
+def test_run_serves_status_and_peers_then_stops_cleanly_on_sigterm(tmp_path):
+    process = start(*run_flags(tmp_path))
+    ready = read_json_line(process)
+    try:
+        status = mtor("status", "--json", "--data-dir", str(tmp_path))
+        assert status.returncode == 0, status.stderr
+        body = json.loads(status.stdout)
+        assert body["peer_id"] == ready["peer_id"]
+        assert body["record"]["peer_id"] == ready["peer_id"]
+        peers = json.loads(mtor("peers", "--json", "--data-dir", str(tmp_path)).stdout)
+        assert [p["peer_id"] for p in peers] == [ready["peer_id"]]
+        table = mtor("peers", "--data-dir", str(tmp_path)).stdout
+        assert "TFLOP/S" in table and "1 peer(s)" in table
+        none = json.loads(
+            mtor("peers", "--json", "--min-mem-gib", "100000", "--data-dir", str(tmp_path)).stdout
+        )
+        assert none == []
+        assert stat.S_IMODE((tmp_path / "control.token").stat().st_mode) == 0o600
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=20) == 0
+    assert not (tmp_path / INFO_FILE_NAME).exists()
+
+
+def test_control_api_refuses_a_wrong_token(tmp_path):
+    import urllib.error
+    import urllib.request
+
+    process = start(*run_flags(tmp_path))
+    read_json_line(process)
+    try:
+        url = json.loads((tmp_path / INFO_FILE_NAME).read_text())["url"]
+        request = urllib.request.Request(
+            url + "/v1/status", headers={"Authorization": "Bearer wrong"}
+        )
+        with pytest.raises(urllib.error.HTTPError) as excinfo:
+            urllib.request.urlopen(request, timeout=5)
+        assert excinfo.value.code == 401
+        assert mtor("status", "--data-dir", str(tmp_path)).returncode == 0
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=20)
+
+
+@pytest.mark.slow
+def test_devnet_of_8_converges_a_killed_peer_ages_out_and_ctrl_c_stops_all(tmp_path):
+    devnet = start(
+        "devnet", "--peers", "8", "--json", "--dir", str(tmp_path),
+        "--record-ttl", "6", "--announce-interval", "1", "--timeout", "120",
+    )  # fmt: skip
+    try:
+        ready = read_json_line(devnet, timeout=150)
+        peers = ready["peers"]
+        assert len(peers) == 8
+        everyone = {p["peer_id"] for p in peers}
+        for peer in peers:
+            view = json.loads(mtor("peers", "--json", "--data-dir", peer["data_dir"]).stdout)
+            assert {p["peer_id"] for p in view} == everyone
+            assert peer["api"].startswith("http://127.0.0.1:")
+            assert all(a.startswith("/ip4/127.0.0.1/tcp/") for a in peer["addrs"])
+        # A crash: SIGKILL gives the peer no chance to withdraw; its record must age out.
+        victim = peers[5]
+        os.kill(victim["pid"], signal.SIGKILL)
+        deadline = time.monotonic() + 6 + 10
+        survivors = [p for p in peers if p is not victim]
+        while time.monotonic() < deadline:
+            views = [
+                {
+                    p["peer_id"]
+                    for p in json.loads(mtor("peers", "--json", "--data-dir", s["data_dir"]).stdout)
+                }
+                for s in survivors
+            ]
+            if all(victim["peer_id"] not in v for v in views):
+                break
+            time.sleep(0.5)
+        else:
+            pytest.fail("the killed peer is still in some views")
+        assert all(v == everyone - {victim["peer_id"]} for v in views)
+    finally:
+        devnet.send_signal(signal.SIGINT)
+        code = devnet.wait(timeout=30)
+    assert code == 0
+    time.sleep(0.5)
+    assert not any(pid_alive(p["pid"]) for p in peers)
+
+
+def fake_ngrok_env(tmp_path: Path) -> dict[str, str]:
+    wrapper = tmp_path / "bin" / "ngrok"
+    wrapper.parent.mkdir(parents=True)
+    wrapper.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{FAKE_AGENT}" "$@"\n')
+    wrapper.chmod(0o755)
+    env = dict(os.environ)
+    env["MTOR_NGROK_PATH"] = str(wrapper)
+    env["FAKE_NGROK_PUBLIC_HOST"] = "127.0.0.1"
+    return env
+
+
+def test_ngrok_tunnel_is_announced_dialable_and_closed(tmp_path):
+    """The real ngrok service is not reachable here: a stand-in agent (tests/fake_ngrok_agent.py)
+    that pyngrok starts in place of ngrok relays a loopback port, so the whole path runs offline."""
+    env = fake_ngrok_env(tmp_path)
+    env["NGROK_AUTHTOKEN"] = "test-token"
+    tunnelled = start(*run_flags(tmp_path / "a"), "--ngrok", env=env)
+    ready = read_json_line(tunnelled)
+    try:
+        assert ready["tunnel"].startswith("tcp://127.0.0.1:")
+        port = ready["tunnel"].rsplit(":", 1)[1]
+        public = f"/ip4/127.0.0.1/tcp/{port}/p2p/{ready['peer_id']}"
+        assert public in ready["addrs"]
+        # Another peer bootstraps through the tunnel's public address only.
+        other = start(*run_flags(tmp_path / "b"), "--bootstrap", public)
+        read_json_line(other)
+        try:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                view = json.loads(mtor("peers", "--json", "--data-dir", str(tmp_path / "b")).stdout)
+                if ready["peer_id"] in {p["peer_id"] for p in view}:
+                    break
+                time.sleep(0.5)
+            else:
+                pytest.fail("the peer behind the tunnel never reached the other view")
+            record = next(p for p in view if p["peer_id"] == ready["peer_id"])
+            assert public in record["addrs"]  # announced in the capacity record too
+        finally:
+            other.send_signal(signal.SIGINT)
+            other.wait(timeout=20)
+    finally:
+        tunnelled.send_signal(signal.SIGINT)
+        assert tunnelled.wait(timeout=30) == 0
+    time.sleep(0.5)
+    agents = subprocess.run(["pgrep", "-f", str(FAKE_AGENT)], capture_output=True, text=True)
+    assert str(tmp_path) not in agents.stdout  # no agent left behind
+
+
+def test_ngrok_without_authtoken_fails_with_one_line(tmp_path):
+    env = fake_ngrok_env(tmp_path)
+    env.pop("NGROK_AUTHTOKEN", None)
+    result = mtor(*run_flags(tmp_path / "a"), "--ngrok", env=env)
+    assert result.returncode == 4
+    assert "authtoken" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

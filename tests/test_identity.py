@@ -1,0 +1,69 @@
+"""Identity: key file handling and libp2p-compatible peer IDs."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.peer.id import ID
+
+from mtor_p2p.identity import (
+    KEY_FILE_NAME,
+    Identity,
+    IdentityError,
+    load_or_create_identity,
+    peer_id_from_public_key,
+    public_key_from_peer_id,
+    verify_signature,
+)
+
+
+def test_key_is_created_with_mode_0600_and_reused(tmp_path):
+    data_dir = tmp_path / "node"
+    first = load_or_create_identity(data_dir)
+    mode = stat.S_IMODE(os.stat(data_dir / KEY_FILE_NAME).st_mode)
+    assert mode == 0o600
+    second = load_or_create_identity(data_dir)
+    assert first.peer_id == second.peer_id
+    assert first.peer_id.startswith("12D3KooW")
+
+
+def test_world_readable_key_is_refused(tmp_path):
+    load_or_create_identity(tmp_path)
+    os.chmod(tmp_path / KEY_FILE_NAME, 0o644)
+    with pytest.raises(IdentityError, match="chmod 600"):
+        load_or_create_identity(tmp_path)
+
+
+def test_truncated_key_is_refused(tmp_path):
+    (tmp_path / KEY_FILE_NAME).write_bytes(b"short")
+    os.chmod(tmp_path / KEY_FILE_NAME, 0o600)
+    with pytest.raises(IdentityError, match="32-byte"):
+        load_or_create_identity(tmp_path)
+
+
+def test_peer_id_matches_libp2p_derivation():
+    identity = Identity.generate()
+    key_pair = create_new_key_pair(identity.seed)
+    assert identity.peer_id == str(ID.from_pubkey(key_pair.public_key))
+
+
+def test_public_key_round_trips_through_peer_id():
+    identity = Identity.generate()
+    assert public_key_from_peer_id(identity.peer_id) == identity.public_key
+    assert peer_id_from_public_key(identity.public_key) == identity.peer_id
+    with pytest.raises(ValueError):
+        public_key_from_peer_id("QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N")  # an RSA-style ID
+    with pytest.raises(ValueError):
+        public_key_from_peer_id("not base58 0OIl")
+
+
+def test_signatures_verify_only_for_the_signed_message():
+    identity = Identity.generate()
+    signature = identity.sign(b"message")
+    assert verify_signature(identity.public_key, signature, b"message")
+    assert not verify_signature(identity.public_key, signature, b"messagf")
+    assert not verify_signature(Identity.generate().public_key, signature, b"message")
+    assert not verify_signature(b"\x00" * 31, signature, b"message")

@@ -1,0 +1,195 @@
+"""Capacity records: canonical, signed, versioned, size-limited; forged/stale/expired rejected."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mtor_p2p.capacity.record import (
+    MAX_CAPACITY_RECORD_BYTES,
+    RECORD_TYPE,
+    CapacityRecordValidator,
+    Device,
+    capacity_key,
+    decode_capacity_record,
+)
+from mtor_p2p.identity import Identity
+from mtor_p2p.wire import RecordError, canonical_json, seal
+from tests.conftest import make_record
+
+NOW = 1_800_000_000.0
+
+
+def test_valid_record_round_trips(identity):
+    record = make_record(identity, now=NOW)
+    decoded = decode_capacity_record(record.sign(identity), now=NOW + 1)
+    assert decoded == record
+
+
+def test_record_signed_by_another_key_is_rejected(identity):
+    mallory = Identity.generate()
+    record = make_record(identity, now=NOW)
+    # Mallory signs a record that claims to describe `identity`.
+    forged = seal(mallory, RECORD_TYPE, record.to_body())
+    with pytest.raises(RecordError, match="different peer"):
+        decode_capacity_record(forged, now=NOW)
+
+
+def test_record_with_altered_body_is_rejected(identity):
+    raw = make_record(identity, now=NOW, tflops=30.0).sign(identity)
+    altered = raw.replace(b'"tflops":30.0', b'"tflops":90.0')
+    assert altered != raw
+    with pytest.raises(RecordError, match="signature"):
+        decode_capacity_record(altered, now=NOW)
+
+
+def test_record_of_other_type_cannot_be_replayed_as_capacity(identity):
+    raw = seal(identity, "mtor/receipt", make_record(identity, now=NOW).to_body())
+    with pytest.raises(RecordError, match="expected"):
+        decode_capacity_record(raw, now=NOW)
+    # Re-labelling the type breaks the signature, which covers it.
+    relabelled = raw.replace(b'"t":"mtor/receipt"', b'"t":"mtor/capacity"')
+    with pytest.raises(RecordError, match="signature"):
+        decode_capacity_record(relabelled, now=NOW)
+
+
+def test_expired_record_is_rejected(identity):
+    raw = make_record(identity, now=NOW).sign(identity)
+    with pytest.raises(RecordError, match="expired"):
+        decode_capacity_record(raw, now=NOW + 61)
+
+
+def test_record_from_the_future_is_rejected(identity):
+    raw = make_record(identity, now=NOW + 3600, expires=NOW + 3601).sign(identity)
+    with pytest.raises(RecordError, match="future"):
+        decode_capacity_record(raw, now=NOW)
+
+
+def test_overlong_lifetime_is_rejected(identity):
+    raw = make_record(identity, now=NOW, expires=NOW + 7200).sign(identity)
+    with pytest.raises(RecordError, match="lifetime"):
+        decode_capacity_record(raw, now=NOW)
+
+
+def test_oversized_record_is_rejected_on_both_sides(identity):
+    device = Device(kind="gpu", name="g" * 128, mem_total=1, mem_free=1, driver="d" * 64)
+    huge = make_record(
+        identity, now=NOW, addrs=tuple("/x" * 128 for _ in range(16)), devices=(device,) * 16
+    )
+    with pytest.raises(RecordError, match="limit"):
+        huge.sign(identity)
+    body = make_record(identity, now=NOW).to_body()
+    body["padding"] = "x" * MAX_CAPACITY_RECORD_BYTES
+    with pytest.raises(RecordError, match="limit"):
+        decode_capacity_record(seal(identity, RECORD_TYPE, body), now=NOW)
+
+
+def test_unknown_or_missing_fields_are_rejected(identity):
+    body = make_record(identity, now=NOW).to_body()
+    body["extra"] = 1
+    with pytest.raises(RecordError, match="unexpected"):
+        decode_capacity_record(seal(identity, RECORD_TYPE, body), now=NOW)
+    body = make_record(identity, now=NOW).to_body()
+    del body["price"]
+    with pytest.raises(RecordError, match="missing"):
+        decode_capacity_record(seal(identity, RECORD_TYPE, body), now=NOW)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("load", 1.5),
+        ("tflops", -1),
+        ("seq", -1),
+        ("seq", True),
+        ("price", "free"),
+        ("schema", 2),
+        ("addrs", "not a list"),
+        ("devices", [{"kind": "tpu"}]),
+    ],
+)
+def test_out_of_range_fields_are_rejected(identity, field, value):
+    body = make_record(identity, now=NOW).to_body()
+    body[field] = value
+    with pytest.raises(RecordError):
+        decode_capacity_record(seal(identity, RECORD_TYPE, body), now=NOW)
+
+
+def test_non_canonical_encoding_is_rejected(identity):
+    raw = make_record(identity, now=NOW).sign(identity)
+    spaced = json.dumps(json.loads(raw), sort_keys=True).encode()  # same content, other spacing
+    with pytest.raises(RecordError, match="canonical"):
+        decode_capacity_record(spaced, now=NOW)
+    duplicated = raw[:-1] + b',"v":1}'
+    with pytest.raises(RecordError, match="duplicate"):
+        decode_capacity_record(duplicated, now=NOW)
+
+
+def test_envelope_version_is_checked(identity):
+    envelope = json.loads(make_record(identity, now=NOW).sign(identity))
+    envelope["v"] = 2
+    with pytest.raises(RecordError, match="version"):
+        decode_capacity_record(canonical_json(envelope), now=NOW)
+
+
+def test_dht_validator_checks_key_and_prefers_the_newest(identity):
+    validator = CapacityRecordValidator(lambda: NOW)
+    old = make_record(identity, now=NOW, seq=5).sign(identity)
+    new = make_record(identity, now=NOW, seq=9).sign(identity)
+    key = capacity_key(identity.peer_id)
+    validator.validate(key, new)
+    with pytest.raises(RecordError, match="different peer"):
+        validator.validate(capacity_key(Identity.generate().peer_id), new)
+    with pytest.raises(RecordError):
+        validator.validate("/mtor/other/x", new)
+    assert validator.select(key, [old, new]) == 1
+    assert validator.select(key, [new, old]) == 0
+    assert validator.select(key, [b"garbage", old]) == 1
+
+
+@settings(max_examples=200, deadline=None)
+@given(position=st.integers(min_value=0), byte=st.integers(min_value=0, max_value=255))
+def test_any_single_byte_change_is_rejected_or_harmless(position, byte):
+    identity = Identity(b"\x07" * 32)
+    record = make_record(identity, now=NOW)
+    raw = bytearray(record.sign(identity))
+    index = position % len(raw)
+    raw[index] = byte
+    try:
+        decoded = decode_capacity_record(bytes(raw), now=NOW)
+    except RecordError:
+        return
+    # The only accepted change is no change at all.
+    assert bytes(raw) == record.sign(identity)
+    assert decoded == record
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    tflops=st.floats(min_value=0, max_value=1e5, allow_nan=False),
+    load=st.floats(min_value=0, max_value=1),
+    name=st.text(max_size=128),
+    region=st.text(max_size=32),
+    seq=st.integers(min_value=0, max_value=2**63 - 1),
+)
+def test_records_round_trip_for_any_valid_content(tflops, load, name, region, seq):
+    identity = Identity(b"\x09" * 32)
+    device = Device(kind="cpu", name=name, mem_total=1, mem_free=1, cores=1)
+    record = make_record(
+        identity, now=NOW, tflops=tflops, load=load, region=region, seq=seq, devices=(device,)
+    )
+    assert decode_capacity_record(record.sign(identity), now=NOW) == record
+
+
+def test_signature_field_must_be_base64(identity):
+    envelope = json.loads(make_record(identity, now=NOW).sign(identity))
+    envelope["s"] = "!!!" + envelope["s"][3:]
+    with pytest.raises(RecordError, match="base64"):
+        decode_capacity_record(canonical_json(envelope), now=NOW)
+    envelope["s"] = base64.b64encode(b"\x00" * 64).decode()
+    with pytest.raises(RecordError, match="signature"):
+        decode_capacity_record(canonical_json(envelope), now=NOW)

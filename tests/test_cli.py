@@ -93,7 +93,7 @@ def test_help_explains_every_command():
         assert command in result.stdout
         sub = mtor(command, "--help")
         assert sub.returncode == 0, sub.stderr
-        assert "--json" in sub.stdout or command == "run" and "--ngrok" in sub.stdout
+        assert "--json" in sub.stdout or (command == "run" and "--ngrok" in sub.stdout)
     assert "Exit codes" in result.stdout
 
 

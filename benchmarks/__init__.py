@@ -1,0 +1,1 @@
+"""MTOR benchmarks: each figure beside a baseline measured in the same run (see BENCHMARKS.md)."""

@@ -1,0 +1,276 @@
+"""Peer figures for issue 2, each beside a baseline measured in the same run.
+
+* dial latency on loopback (full libp2p dial: TCP + multistream + Noise + Yamux) beside a raw
+  TCP connect in the same event loop;
+* DHT get p50/p99 among 20 and 100 hosts in one process, beside a raw request/response round
+  trip over an already open libp2p connection (the floor one DHT hop cannot beat);
+* memory per peer: marginal RSS per in-process host, and RSS of each devnet peer process;
+* time until a new peer's capacity reaches every view of a 20-peer devnet.
+
+Run: ``./mtor bench peer`` (or ``python -m benchmarks peer``); writes
+``benchmarks/results/peer.json`` and prints a Markdown summary.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import os
+import platform
+import random
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import Any
+
+import psutil
+import trio
+
+from mtor_p2p.control import ControlClient
+from mtor_p2p.identity import Identity
+from mtor_p2p.libp2p_host import Libp2pNetwork
+
+RESULTS = Path(__file__).with_name("results")
+logging.getLogger("libp2p").setLevel(logging.CRITICAL)
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def summary_ms(values: list[float]) -> dict[str, float]:
+    return {
+        "n": len(values),
+        "p50_ms": round(statistics.median(values) * 1e3, 3),
+        "p99_ms": round(percentile(values, 99) * 1e3, 3),
+        "mean_ms": round(statistics.fmean(values) * 1e3, 3),
+    }
+
+
+def rss_mib() -> float:
+    return psutil.Process().memory_info().rss / 2**20
+
+
+class AcceptAll:
+    def validate(self, key: str, value: bytes) -> None:
+        return None
+
+    def select(self, key: str, values: list[bytes]) -> int:
+        return 0
+
+
+# -- dial ------------------------------------------------------------------------------------
+
+
+async def bench_dial(samples: int = 40) -> dict[str, Any]:
+    async with Libp2pNetwork.open(Identity.generate()) as server:
+        libp2p_dials = []
+        for _ in range(samples):
+            async with Libp2pNetwork.open(Identity.generate()) as client:
+                start = time.perf_counter()
+                await client.connect(server.addrs()[0])
+                libp2p_dials.append(time.perf_counter() - start)
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        port = listeners[0].socket.getsockname()[1]
+        raw = []
+        async with trio.open_nursery() as nursery:
+
+            async def accept_and_close(stream: trio.SocketStream) -> None:
+                await stream.aclose()
+
+            nursery.start_soon(trio.serve_listeners, accept_and_close, listeners)
+            for _ in range(samples):
+                start = time.perf_counter()
+                stream = await trio.open_tcp_stream("127.0.0.1", port)
+                raw.append(time.perf_counter() - start)
+                await stream.aclose()
+            nursery.cancel_scope.cancel()
+    libp2p = summary_ms(libp2p_dials)
+    baseline = summary_ms(raw)
+    return {
+        "libp2p_dial": libp2p,
+        "baseline_raw_tcp_connect": baseline,
+        "ratio_p50": round(libp2p["p50_ms"] / baseline["p50_ms"], 1),
+    }
+
+
+# -- DHT -------------------------------------------------------------------------------------
+
+
+async def bench_dht(peers: int, gets: int = 200) -> dict[str, Any]:
+    rng = random.Random(peers)
+    gc.collect()
+    rss_before = rss_mib()
+    async with AsyncExitStack() as stack:
+        start = time.perf_counter()
+        networks = []
+        for _ in range(peers):
+            network = await stack.enter_async_context(Libp2pNetwork.open(Identity.generate()))
+            network.register_dht_validator("mtor", AcceptAll())
+            networks.append(network)
+        start_s = time.perf_counter() - start
+        # Each host dials up to 4 earlier hosts: a connected graph with no central hub.
+        for index, network in enumerate(networks[1:], start=1):
+            for other in rng.sample(networks[:index], min(4, index)):
+                await network.connect(other.addrs()[0])
+        gc.collect()
+        rss_per_host = (rss_mib() - rss_before) / peers
+        with trio.move_on_after(30):
+            while sum(n.routing_table_size() for n in networks) / peers < min(peers - 1, 8):
+                await trio.sleep(0.2)
+        rt_mean = statistics.fmean(n.routing_table_size() for n in networks)
+        for index, network in enumerate(networks):
+            await network.dht_put(f"/mtor/bench/{index}", b"v" * 200 + str(index).encode())
+        durations, misses = [], 0
+        for _ in range(gets):
+            reader, owner = rng.sample(range(peers), 2)
+            start = time.perf_counter()
+            value = await networks[reader].dht_get(f"/mtor/bench/{owner}", timeout=10)
+            durations.append(time.perf_counter() - start)
+            if value is None or not value.endswith(str(owner).encode()):
+                misses += 1
+
+        # Baseline: one request/response on an already open connection (what a DHT hop costs
+        # at the very least).
+        async def echo(sender: str, data: bytes) -> bytes:
+            return data
+
+        networks[0].handle("/mtor/bench/echo/1", echo)
+        peer0 = networks[0].peer_id
+        partner = next(n for n in networks[1:] if peer0 in n.connected_peers())
+        rtts = []
+        for _ in range(gets):
+            start = time.perf_counter()
+            await partner.request(peer0, "/mtor/bench/echo/1", b"x" * 200)
+            rtts.append(time.perf_counter() - start)
+    return {
+        "peers": peers,
+        "start_ms_per_host": round(start_s / peers * 1e3, 2),
+        "rss_mib_per_host_in_process": round(rss_per_host, 2),
+        "routing_table_mean": round(rt_mean, 1),
+        "get": summary_ms(durations),
+        "get_misses": misses,
+        "baseline_request_rtt": summary_ms(rtts),
+    }
+
+
+# -- devnet ----------------------------------------------------------------------------------
+
+
+def _views(data_dirs: list[Path]) -> list[set[str]]:
+    views = []
+    for data_dir in data_dirs:
+        try:
+            peers = ControlClient.for_data_dir(data_dir, timeout=5).call("GET", "/v1/peers")
+            views.append({p["peer_id"] for p in peers["peers"]})
+        except Exception:
+            views.append(set())
+    return views
+
+
+def bench_devnet_convergence(peers: int = 20, newcomers: int = 3) -> dict[str, Any]:
+    root = Path(tempfile.mkdtemp(prefix="mtor-bench-devnet-"))
+    devnet = subprocess.Popen(
+        [
+            sys.executable, "-m", "mtor_p2p", "devnet", "--peers", str(peers), "--json",
+            "--dir", str(root / "net"), "--record-ttl", "30", "--announce-interval", "5",
+            "--timeout", "240",
+        ],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    result: dict[str, Any] = {"peers": peers}
+    try:
+        assert devnet.stdout is not None
+        ready = json.loads(devnet.stdout.readline())
+        result["devnet_converged_s"] = ready["converged_s"]
+        data_dirs = [Path(p["data_dir"]) for p in ready["peers"]]
+        bootstrap = ready["peers"][0]["addrs"][0]
+        result["peer_rss_mib"] = round(
+            statistics.median(
+                psutil.Process(p["pid"]).memory_info().rss / 2**20 for p in ready["peers"]
+            ),
+            1,
+        )
+        spawn_to_all, ready_to_all, spawn_to_ready = [], [], []
+        for index in range(newcomers):
+            data_dir = root / f"newcomer-{index}"
+            started = time.perf_counter()
+            process = subprocess.Popen(
+                [
+                    sys.executable, "-m", "mtor_p2p", "run", "--data-dir", str(data_dir),
+                    "--listen", "/ip4/127.0.0.1/tcp/0", "--no-default-bootstrap", "--gpu", "none",
+                    "--bootstrap", bootstrap, "--record-ttl", "30", "--announce-interval", "5",
+                    "--json",
+                ],
+                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+                text=True,
+            )  # fmt: skip
+            try:
+                assert process.stdout is not None
+                peer_id = json.loads(process.stdout.readline())["peer_id"]
+                ready_at = time.perf_counter()
+                deadline = ready_at + 60
+                while time.perf_counter() < deadline:
+                    if all(peer_id in v for v in _views(data_dirs)):
+                        break
+                    time.sleep(0.05)
+                done = time.perf_counter()
+                spawn_to_all.append(done - started)
+                ready_to_all.append(done - ready_at)
+                spawn_to_ready.append(ready_at - started)
+            finally:
+                process.send_signal(signal.SIGTERM)
+                process.wait(timeout=20)
+            time.sleep(2)
+        result["new_peer_ready_to_every_view_s"] = {
+            "median": round(statistics.median(ready_to_all), 2),
+            "max": round(max(ready_to_all), 2),
+            "samples": [round(x, 2) for x in ready_to_all],
+        }
+        result["new_peer_spawn_to_every_view_s"] = round(statistics.median(spawn_to_all), 2)
+        result["baseline_process_spawn_to_ready_s"] = round(statistics.median(spawn_to_ready), 2)
+    finally:
+        devnet.send_signal(signal.SIGINT)
+        devnet.wait(timeout=60)
+    return result
+
+
+def machine() -> dict[str, Any]:
+    cpu = "unknown"
+    if Path("/proc/cpuinfo").exists():
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "loadavg_at_start": os.getloadavg(),
+    }
+
+
+def main(argv: list[str]) -> int:
+    sizes = [20, 100]
+    if "--quick" in argv:
+        sizes = [20]
+    report: dict[str, Any] = {"machine": machine(), "when": time.strftime("%Y-%m-%d %H:%M:%S")}
+    print("dial latency ...", file=sys.stderr)
+    report["dial"] = trio.run(bench_dial)
+    for size in sizes:
+        print(f"DHT among {size} hosts ...", file=sys.stderr)
+        report[f"dht_{size}"] = trio.run(bench_dht, size)
+    print("20-peer devnet convergence ...", file=sys.stderr)
+    report["devnet"] = bench_devnet_convergence(peers=20 if "--quick" not in argv else 8)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "peer.json").write_text(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=2))
+    return 0

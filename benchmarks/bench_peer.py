@@ -105,7 +105,7 @@ async def bench_dial(samples: int = 40) -> dict[str, Any]:
 # -- DHT -------------------------------------------------------------------------------------
 
 
-async def bench_dht(peers: int, gets: int = 200) -> dict[str, Any]:
+async def bench_dht(peers: int, gets: int = 100) -> dict[str, Any]:
     rng = random.Random(peers)
     gc.collect()
     rss_before = rss_mib()
@@ -127,14 +127,25 @@ async def bench_dht(peers: int, gets: int = 200) -> dict[str, Any]:
             while sum(n.routing_table_size() for n in networks) / peers < min(peers - 1, 8):
                 await trio.sleep(0.2)
         rt_mean = statistics.fmean(n.routing_table_size() for n in networks)
-        for index, network in enumerate(networks):
-            await network.dht_put(f"/mtor/bench/{index}", b"v" * 200 + str(index).encode())
-        durations, misses = [], 0
-        for _ in range(gets):
-            reader, owner = rng.sample(range(peers), 2)
+        # A sample of hosts store one value each; readers that do not hold a value look it up.
+        owners = rng.sample(range(peers), min(peers, 20))
+        put_durations = []
+        for owner in owners:
             start = time.perf_counter()
-            value = await networks[reader].dht_get(f"/mtor/bench/{owner}", timeout=10)
-            durations.append(time.perf_counter() - start)
+            await networks[owner].dht_put(f"/mtor/bench/{owner}", b"v" * 200 + str(owner).encode())
+            put_durations.append(time.perf_counter() - start)
+        durations, remote, misses = [], [], 0
+        for _ in range(gets):
+            owner = rng.choice(owners)
+            reader = rng.choice([i for i in range(peers) if i != owner])
+            key = f"/mtor/bench/{owner}"
+            held_locally = networks[reader].dht_local_value(key) is not None
+            start = time.perf_counter()
+            value = await networks[reader].dht_get(key, timeout=10)
+            elapsed = time.perf_counter() - start
+            durations.append(elapsed)
+            if not held_locally:
+                remote.append(elapsed)
             if value is None or not value.endswith(str(owner).encode()):
                 misses += 1
 
@@ -156,7 +167,9 @@ async def bench_dht(peers: int, gets: int = 200) -> dict[str, Any]:
         "start_ms_per_host": round(start_s / peers * 1e3, 2),
         "rss_mib_per_host_in_process": round(rss_per_host, 2),
         "routing_table_mean": round(rt_mean, 1),
+        "put": summary_ms(put_durations),
         "get": summary_ms(durations),
+        "get_needing_a_lookup": summary_ms(remote) if remote else None,
         "get_misses": misses,
         "baseline_request_rtt": summary_ms(rtts),
     }
@@ -259,9 +272,9 @@ def machine() -> dict[str, Any]:
 
 
 def main(argv: list[str]) -> int:
-    sizes = [20, 100]
+    sizes = [8, 20, 100]
     if "--quick" in argv:
-        sizes = [20]
+        sizes = [8]
     report: dict[str, Any] = {"machine": machine(), "when": time.strftime("%Y-%m-%d %H:%M:%S")}
     print("dial latency ...", file=sys.stderr)
     report["dial"] = trio.run(bench_dial)

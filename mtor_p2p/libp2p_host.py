@@ -15,7 +15,12 @@ This is the only module that imports ``libp2p``. It works around the pitfalls of
    spam limit (our own validators and bounded buffers take that role). Capacity records are
    re-announced, so a dropped message costs latency, not correctness.
 10. mplex hangs on large transfers: Yamux only.
-13. Inbound connections are capped by default: bootstrap nodes raise the limits.
+13. Inbound connections are capped by default (at max_connections - min_connections):
+   bootstrap nodes raise the limits and min_connections is 0.
+15. (Measured here, not in the notes.) The swarm's AutoConnector aims at the midpoint of the
+   connection watermarks (150+ connections by default) and starts a DHT random walk on every
+   cycle in which it lacks candidates; 100 hosts in one process saturated both cores for
+   minutes. It is switched off: the node keeps its own small mesh (``node.TARGET_CONNECTIONS``).
 """
 
 from __future__ import annotations
@@ -142,6 +147,17 @@ async def _reset_quietly(stream: INetStream) -> None:
             pass
 
 
+def _disable_auto_connector(host: IHost) -> None:
+    """Pitfall 15: turn the swarm's AutoConnector into a no-op."""
+
+    async def no_auto_connect() -> None:
+        return None
+
+    auto_connector = getattr(host.get_network(), "auto_connector", None)
+    if auto_connector is not None:
+        auto_connector.maybe_connect = no_auto_connect
+
+
 def _key_to_provider_key(key: str) -> str:
     # py-libp2p accepts a hex multihash for provider keys; use sha2-256 of our key.
     return "1220" + hashlib.sha256(key.encode()).hexdigest()
@@ -184,6 +200,7 @@ class Libp2pNetwork:
             connection_config=ConnectionConfig(
                 max_connections_per_peer=1,
                 max_connections=max_conns,
+                min_connections=0,
                 high_watermark=max_conns,
                 low_watermark=min(100, max_conns // 2),
                 dial_timeout=settings.dial_timeout,
@@ -191,14 +208,20 @@ class Libp2pNetwork:
             resource_manager=ResourceManager(
                 limits=ResourceLimits(max_connections=max(1000, 2 * max_conns))
             ),
-            announce_addrs=None,
+            # Announced addresses (a tunnel's) go into identify as well as our records.
+            addrs_factory=lambda found: (
+                found + [multiaddr.Multiaddr(a) for a in settings.announce_addrs]
+            ),
         )
+        _disable_auto_connector(host)
         if str(host.get_id()) != identity.peer_id:
             raise RuntimeError("libp2p derived a different peer ID from our key")
         listen = [multiaddr.Multiaddr(a) for a in settings.listen_addrs]
         async with AsyncExitStack() as stack:
             await stack.enter_async_context(host.run(listen))
-            dht = KadDHT(host, DHTMode.SERVER, enable_random_walk=True)
+            # strict_validation: only namespaces with a validator are stored, so a remote peer
+            # cannot fill our value store with keys nobody checks.
+            dht = KadDHT(host, DHTMode.SERVER, enable_random_walk=True, strict_validation=True)
             gossipsub = GossipSub(
                 protocols=GOSSIPSUB_PROTOCOLS,
                 degree=6,
@@ -270,15 +293,12 @@ class Libp2pNetwork:
 
     def addrs(self) -> list[str]:
         """Listen and announced addresses, each ending in ``/p2p/<id>``."""
-        suffix = f"/p2p/{self.peer_id}"
-        found = [str(a) for a in self._host.get_addrs()]
-        found += self._settings.announce_addrs
-        return [a if a.endswith(suffix) else a + suffix for a in dict.fromkeys(found)]
+        return list(dict.fromkeys(str(a) for a in self._host.get_addrs()))
 
     def listen_ports(self) -> list[int]:
         """TCP ports the host listens on (for tunnels)."""
         ports = []
-        for addr in self._host.get_addrs():
+        for addr in self._host.get_transport_addrs():
             try:
                 ports.append(int(addr.value_for_protocol("tcp")))
             except Exception:
@@ -286,9 +306,10 @@ class Libp2pNetwork:
         return ports
 
     def add_announce_addr(self, addr: str) -> None:
-        """Advertise an extra address (for example a tunnel's public address)."""
-        if addr not in self._settings.announce_addrs:
-            self._settings.announce_addrs.append(addr)
+        """Advertise an extra address (a tunnel's public address) in identify and records."""
+        bare = addr.split("/p2p/")[0]
+        if bare not in self._settings.announce_addrs:
+            self._settings.announce_addrs.append(bare)
 
     def connected_peers(self) -> list[str]:
         """Peer IDs with an open connection."""
@@ -499,6 +520,11 @@ class Libp2pNetwork:
                 log.debug("DHT get of %s failed: %s", key, exc)
                 return None
         return None
+
+    def dht_local_value(self, key: str) -> bytes | None:
+        """The value this host's own DHT store holds for ``key`` (no network traffic)."""
+        record = self._dht.value_store.get(key.encode())
+        return None if record is None else bytes(record.value)
 
     async def provide(self, key: str) -> None:
         """Announce that this node provides ``key``."""

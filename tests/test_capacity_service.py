@@ -177,3 +177,28 @@ def test_timing_rejects_renewal_slower_than_half_the_ttl():
         CapacityTiming(ttl=10, announce_interval=6)
     with pytest.raises(ValueError, match="TTL"):
         CapacityTiming(ttl=1, announce_interval=0.1)
+
+
+async def test_dht_keeps_the_newest_record_when_an_older_one_is_put():
+    async with open_networks(4) as networks:
+        clock = NetClock()
+        from mtor_p2p.capacity.record import CapacityRecordValidator
+
+        for network in networks:
+            network.register_dht_validator("mtor", CapacityRecordValidator(clock.now))
+        with trio.fail_after(10):
+            while any(n.routing_table_size() == 0 for n in networks):
+                await trio.sleep(0.05)
+        owner = networks[1]._identity
+        key = capacity_key(owner.peer_id)
+        now = clock.now()
+        newer = make_record(owner, now=now, seq=20, tflops=20.0).sign(owner)
+        older = make_record(owner, now=now, seq=10, tflops=10.0).sign(owner)
+        await networks[1].dht_put(key, newer)
+        # A replay of an older, still unexpired record must not roll the key back anywhere.
+        try:
+            await networks[2].dht_put(key, older)
+        except Exception:
+            pass
+        for reader in (networks[0], networks[3]):
+            assert await reader.dht_get(key, timeout=5) == newer

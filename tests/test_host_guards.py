@@ -260,6 +260,11 @@ async def test_dht_put_and_get_across_hosts_with_validation():
         with pytest.raises(NetworkError):
             await networks[2].dht_put("/mtor/test/bad", b"evil value")
         assert await networks[3].dht_get("/mtor/test/bad", timeout=3) is None
+        # Keys outside a validated namespace are refused too (strict validation).
+        with pytest.raises(NetworkError):
+            await networks[2].dht_put("/unchecked/k", b"good but unchecked")
+        with pytest.raises(NetworkError):
+            await networks[2].dht_put("no-namespace", b"good but unchecked")
 
 
 async def test_gossip_reaches_every_subscriber_and_validator_filters():
@@ -275,3 +280,16 @@ async def test_gossip_reaches_every_subscriber_and_validator_filters():
                 message = await channel.receive()
             assert message.data == b"hello"
             assert message.sender == networks[2].peer_id
+
+
+async def test_announced_address_reaches_identify_and_our_addresses():
+    """A tunnel's public address is advertised in identify, not only in capacity records."""
+    public = "/dns4/tunnel.example.invalid/tcp/4242"
+    settings = HostSettings(announce_addrs=[public])
+    async with Libp2pNetwork.open(Identity.generate(), settings) as tunnelled:
+        assert f"{public}/p2p/{tunnelled.peer_id}" in tunnelled.addrs()
+        async with Libp2pNetwork.open(Identity.generate()) as other:
+            await other.connect(tunnelled.addrs()[0])
+            with trio.fail_after(10):
+                while not any(a.startswith(public) for a in other.peer_addrs(tunnelled.peer_id)):
+                    await trio.sleep(0.05)

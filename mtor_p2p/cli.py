@@ -87,6 +87,7 @@ def _config_from(args: argparse.Namespace) -> NodeConfig:
         "announce_interval",
         "log_level",
         "max_connections",
+        "fault_rate",
     ):
         value = getattr(args, name, None)
         if value is not None:
@@ -241,6 +242,85 @@ def cmd_peers(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_submit(args: argparse.Namespace) -> int:
+    """Run a matmul job through the local node and report how it went."""
+    import time
+
+    body: dict[str, Any] = {"kernel": "matmul", "verify": args.verify, "dtype": args.dtype}
+    if args.a or args.b:
+        if not (args.a and args.b):
+            raise CliError("--a and --b go together", EXIT_USAGE)
+        body["a"], body["b"] = str(args.a.resolve()), str(args.b.resolve())
+    else:
+        body.update(m=args.m, n=args.n, k=args.k, seed=args.seed)
+    if args.out:
+        body["out"] = str(args.out.resolve())
+    if args.max_price is not None:
+        body["max_price"] = args.max_price
+    if args.shards is not None:
+        body["shards"] = args.shards
+    client = _client(args)
+    job_id = client.call("POST", "/v1/jobs", body)["id"]
+    started = time.monotonic()
+    while True:
+        job = client.call("GET", f"/v1/jobs?id={job_id}")
+        if job["state"] != "running":
+            break
+        if (not args.json and sys.stderr.isatty()) or args.progress:
+            total = job["total"] or "?"
+            elapsed = time.monotonic() - started
+            line = f"\r{job_id}: {job['done']}/{total} shards verified, {elapsed:.1f} s"
+            print(line, end="", file=sys.stderr, flush=True)
+        time.sleep(0.1)
+    if (not args.json and sys.stderr.isatty()) or args.progress:
+        print(file=sys.stderr)
+    if job["state"] == "failed":
+        if args.json:
+            print(json.dumps(job))
+        raise CliError(f"job failed: {job['error']}")
+    result = job["result"]
+    if args.json:
+        print(json.dumps(result, indent=2, sort_keys=True))
+        return EXIT_OK
+    shape = result["output_shape"]
+    print(f"job        {result['job_id'][:16]}…  ({result['kernel']}, output {shape})")
+    print(f"shards     {result['shards']} on {len(result['workers'])} worker(s)")
+    for worker in result["workers"]:
+        print(f"worker     {worker}")
+    print(f"time       {result['seconds']:.3f} s   ({result['tflops']:.4f} TFLOP/s achieved)")
+    print(
+        f"verified   {result['verification']}: {result['checks_passed']} passed, "
+        f"{result['rejected']} rejected, {result['reissued']} re-issued, "
+        f"{result['hedged']} hedged, {result['fault_proofs']} fault proof(s)"
+    )
+    print(f"cost       {result['cost']:.6f} credits   receipts {result['receipts']}")
+    return EXIT_OK
+
+
+def cmd_receipts(args: argparse.Namespace) -> int:
+    """List the contribution receipts this node holds."""
+    answer = _client(args).call("GET", f"/v1/receipts?limit={args.limit}")
+    if args.json:
+        print(json.dumps(answer, indent=2, sort_keys=True))
+        return EXIT_OK
+    me = _client(args).call("GET", "/v1/status")["peer_id"]
+    print(
+        f"{'JOB':<18} {'SHARD':>5} {'KERNEL':<9} {'ROLE':<9} {'PEER':<14} "
+        f"{'GFLOP':>9} {'COST':>10} {'SIGNED':<6}"
+    )
+    for r in answer["receipts"]:
+        role, other = (
+            ("worker", r["requester"]) if r["worker"] == me else ("requester", r["worker"])
+        )
+        print(
+            f"{r['job_id'][:16] + '…':<18} {r['shard']:>5} {r['kernel']:<9} {role:<9} "
+            f"{'…' + other[-12:]:<14} {r['flops'] / 1e9:>9.3f} {r['cost']:>10.6f} "
+            f"{'both' if r['complete'] else 'worker':<6}"
+        )
+    print(f"{answer['count']} receipt(s)")
+    return EXIT_OK
+
+
 def cmd_devnet(args: argparse.Namespace) -> int:
     """Run a local devnet of N peer processes on loopback."""
     from mtor_p2p.devnet import run_devnet
@@ -309,6 +389,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-port", type=int, help="control API port on 127.0.0.1 (0: any)")
     p.add_argument("--record-ttl", type=float, help="capacity record lifetime in seconds")
     p.add_argument("--announce-interval", type=float, help="seconds between capacity renewals")
+    p.add_argument(
+        "--fault-rate",
+        type=float,
+        help="testing only: return wrong results for this fraction of shards",
+    )
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     p.add_argument("--json", action="store_true", help="print one JSON line when ready")
     p.set_defaults(func=cmd_run)
@@ -330,6 +415,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--region", help="only peers in this region")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_peers)
+
+    p = sub.add_parser(
+        "submit",
+        help="run a matmul job on the network through the local node",
+        description=(
+            "Run C = A @ B across the network through the running node: random inputs of the "
+            "given shape, or --a/--b .npy files. Shows progress, then the shards, workers, "
+            "time, achieved TFLOP/s, verification outcome, cost and receipt count."
+        ),
+    )
+    _add_data_dir(p)
+    p.add_argument("kernel", choices=["matmul"], help="the kernel to run")
+    p.add_argument("--m", type=int, default=512, help="rows of A (default 512)")
+    p.add_argument("--n", type=int, default=512, help="columns of B (default 512)")
+    p.add_argument("--k", type=int, default=512, help="columns of A / rows of B (default 512)")
+    p.add_argument("--dtype", choices=["float32", "float16"], default="float32")
+    p.add_argument("--verify", choices=["auto", "freivalds", "sample", "redundant"], default="auto")
+    p.add_argument(
+        "--max-price", type=float, help="only workers asking at most this (credits per TFLOP)"
+    )
+    p.add_argument(
+        "--shards", type=int, help="number of shards (default: sized from the workers' capacity)"
+    )
+    p.add_argument("--seed", type=int, help="seed for the random inputs")
+    p.add_argument("--a", type=Path, help="A as a .npy file")
+    p.add_argument("--b", type=Path, help="B as a .npy file")
+    p.add_argument("--out", type=Path, help="write C to this .npy file")
+    p.add_argument(
+        "--progress", action="store_true", help="show progress even when not on a terminal"
+    )
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser(
+        "receipts", help="list contribution receipts", description=cmd_receipts.__doc__
+    )
+    _add_data_dir(p)
+    p.add_argument("--limit", type=int, default=100, help="at most this many, newest first")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_receipts)
 
     p = sub.add_parser(
         "devnet",

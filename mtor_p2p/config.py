@@ -61,6 +61,10 @@ class NodeConfig:
     record_ttl: float = 60.0
     announce_interval: float = 20.0
     log_level: str = "warning"
+    operand_cache_mib: int = 2048  # operands (weights) a worker keeps between shards
+    #: Testing only: return a wrong result for this fraction of shards, to exercise the
+    #: network's defences (verification, fault proofs, re-issue). Honest nodes keep 0.
+    fault_rate: float = 0.0
     ngrok: NgrokConfig = field(default_factory=NgrokConfig)
 
     def validate(self) -> None:
@@ -75,6 +79,10 @@ class NodeConfig:
             raise ConfigError("api_port must be a TCP port number")
         if not 0 < self.announce_interval < self.record_ttl / 2:
             raise ConfigError("announce_interval must be positive and under half of record_ttl")
+        if not 0.0 <= self.fault_rate <= 1.0:
+            raise ConfigError("fault_rate must be between 0 and 1")
+        if self.operand_cache_mib < 1:
+            raise ConfigError("operand_cache_mib must be at least 1")
         if len(self.region) > 32:
             raise ConfigError("region must be at most 32 characters")
 
@@ -109,6 +117,8 @@ _SIMPLE_TYPES: dict[str, type] = {
     "record_ttl": float,
     "announce_interval": float,
     "log_level": str,
+    "operand_cache_mib": int,
+    "fault_rate": float,
 }
 
 

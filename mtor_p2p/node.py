@@ -27,6 +27,11 @@ from mtor_p2p.capacity.record import CapacityRecord, Device
 from mtor_p2p.capacity.service import CapacityService, CapacityTiming, Offer
 from mtor_p2p.capacity.view import GIB, CapacityQuery
 from mtor_p2p.clock import NetClock
+from mtor_p2p.compute.arrays import OperandStore
+from mtor_p2p.compute.jobs import JobBoard
+from mtor_p2p.compute.receipt_store import ReceiptStore
+from mtor_p2p.compute.scheduler import JobResult, JobSpec, Scheduler
+from mtor_p2p.compute.worker import WorkerService
 from mtor_p2p.config import NodeConfig
 from mtor_p2p.control import INFO_FILE_NAME, ControlServer, load_or_create_token
 from mtor_p2p.identity import Identity, load_or_create_identity
@@ -64,6 +69,18 @@ class Node:
         self.started_at = clock.now()
         self.tunnel_url: str | None = None
         self.stopped = trio.Event()  # set when someone asks the node to stop
+        self.operands = OperandStore(max_bytes=config.operand_cache_mib << 20)
+        self.receipts = ReceiptStore(config.data_dir / "receipts.sqlite")
+        self.worker = WorkerService(
+            network,
+            identity,
+            clock,
+            self.operands,
+            self.receipts,
+            price=lambda: self.config.price,
+            fault_rate=config.fault_rate,
+        )
+        self.worker.register()
         self.capacity = CapacityService(
             network,
             identity,
@@ -74,6 +91,8 @@ class Node:
                 ttl=config.record_ttl, announce_interval=config.announce_interval
             ),
         )
+        self.scheduler = Scheduler(network, identity, clock, self.capacity.view, self.receipts)
+        self.jobs = JobBoard(self)
 
     @property
     def peer_id(self) -> str:
@@ -89,16 +108,46 @@ class Node:
     def current_offer(self) -> Offer:
         """The offer announced in our capacity record, from the latest device probe."""
         utilizations = [d.utilization for d in self.devices if d.utilization is not None]
-        load = (
-            min(1.0, max(0.0, sum(utilizations) / len(utilizations) / 100)) if utilizations else 0.0
-        )
+        device_load = sum(utilizations) / len(utilizations) / 100 if utilizations else 0.0
+        load = min(1.0, max(0.0, device_load, self.worker.load))
         return Offer(
             devices=self.devices,
             tflops=round(self.tflops, 6),
             mem_free=sum(d.mem_free for d in self.devices),
             load=round(load, 3),
             price=self.config.price,
+            kernels=self.worker.kernels,
         )
+
+    async def submit(
+        self,
+        kernel: str,
+        operands: dict[str, Any],
+        *,
+        verify: str = "auto",
+        max_price: float | None = None,
+        shards: int | None = None,
+        max_workers: int = 8,
+        sample_rows: int = 4,
+        progress: Any = None,
+    ) -> JobResult:
+        """Run ``kernel`` on ``operands`` across the network and return the verified result.
+
+        ``verify``: ``auto`` (the kernel's own check), ``freivalds`` (matmul), ``sample``
+        (recompute random output rows here) or ``redundant`` (two workers must agree).
+        ``progress(done, total)`` is called as shards are accepted. Raises
+        :class:`~mtor_p2p.compute.scheduler.JobFailed` when the job cannot finish.
+        """
+        spec = JobSpec(
+            kernel=kernel,
+            operands=operands,
+            verify=verify,
+            max_price=max_price,
+            shards=shards,
+            max_workers=max_workers,
+            sample_rows=sample_rows,
+        )
+        return await self.scheduler.run(spec, progress=progress)
 
     async def _probe_loop(self) -> None:
         while True:
@@ -128,10 +177,12 @@ class Node:
                 if config.ngrok.enabled:
                     tunnels = await node._open_tunnel()
                 async with trio.open_nursery() as nursery:
+                    node.jobs.nursery = nursery
                     await nursery.start(node.capacity.run)
                     nursery.start_soon(node._bootstrap_loop)
                     nursery.start_soon(node._mesh_loop)
                     nursery.start_soon(node._probe_loop)
+                    nursery.start_soon(node.scheduler.courier)
                     api_port = await nursery.start(node._serve_control)
                     node._write_control_info(api_port)
                     try:
@@ -142,6 +193,7 @@ class Node:
                         node._remove_control_info()
                         nursery.cancel_scope.cancel()
             finally:
+                node.receipts.close()
                 if tunnels is not None:
                     await trio.to_thread.run_sync(tunnels.close)
 
@@ -221,6 +273,12 @@ class Node:
             "record": None if own is None else record_to_json(own, now),
             "tunnel": self.tunnel_url,
             "guards": self.network.stats.__dict__,
+            "worker": {
+                "kernels": list(self.worker.kernels),
+                "backend": self.worker.backend.name,
+                **self.worker.stats.__dict__,
+            },
+            "receipts": self.receipts.count(),
             "pid": os.getpid(),
         }
 
@@ -239,6 +297,16 @@ class Node:
         records = self.capacity.view.query(capacity_query, now)
         return 200, {"peers": [record_to_json(r, now) for r in records]}
 
+    async def _route_receipts(self, query: dict[str, str], body: Any) -> tuple[int, Any]:
+        limit = max(1, min(10_000, int(query.get("limit", 100))))
+        receipts = await trio.to_thread.run_sync(lambda: self.receipts.receipts(limit=limit))
+        return 200, {
+            "count": self.receipts.count(),
+            "receipts": [
+                {**r.body.to_json(), "cost": r.body.cost, "complete": r.complete} for r in receipts
+            ],
+        }
+
     async def _route_shutdown(self, query: dict[str, str], body: Any) -> tuple[int, Any]:
         self.stopped.set()
         return 200, {"stopping": True}
@@ -251,6 +319,9 @@ class Node:
                 ("GET", "/v1/status"): self._route_status,
                 ("GET", "/v1/peers"): self._route_peers,
                 ("POST", "/v1/shutdown"): self._route_shutdown,
+                ("POST", "/v1/jobs"): self.jobs.route_submit,
+                ("GET", "/v1/jobs"): self.jobs.route_status,
+                ("GET", "/v1/receipts"): self._route_receipts,
             },
         )
         await server.serve(self.config.api_port, task_status=task_status)

@@ -1,0 +1,1 @@
+"""Compute: jobs, shards, workers, verification and contribution receipts."""

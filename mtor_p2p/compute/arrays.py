@@ -1,0 +1,154 @@
+"""Arrays on the wire: content hashes, framing and a bounded operand cache.
+
+Operands are content-addressed by the blake3 hash of their C-order bytes together with their
+dtype and shape, so the same bytes with another shape are another operand. A message is a
+4-byte header length, a canonical JSON header and a raw binary body.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import blake3
+import numpy as np
+
+from mtor_p2p.wire import RecordError, canonical_json, parse_canonical
+
+#: dtypes accepted on the wire; anything else is refused before it is allocated.
+WIRE_DTYPES = ("float16", "float32", "float64", "int8", "int32", "int64")
+MAX_HEADER_BYTES = 16 * 1024
+MAX_DIMS = 6
+_HEADER_LENGTH = struct.Struct(">I")
+
+
+@dataclass(frozen=True)
+class ArrayMeta:
+    """Identity and layout of an operand: its content hash, dtype and shape."""
+
+    digest: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        """Size of the array's data in bytes."""
+        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return {"hash": self.digest, "dtype": self.dtype, "shape": list(self.shape)}
+
+    @classmethod
+    def from_json(cls, obj: Any, *, max_bytes: int) -> ArrayMeta:
+        """Validate a header entry; refuse unknown dtypes, odd shapes and oversized arrays."""
+        if not isinstance(obj, dict) or set(obj) != {"hash", "dtype", "shape"}:
+            raise RecordError("array must be described by hash, dtype and shape")
+        digest, dtype, shape = obj["hash"], obj["dtype"], obj["shape"]
+        if not isinstance(digest, str) or len(digest) != 64:
+            raise RecordError("array hash must be 64 hex characters")
+        if dtype not in WIRE_DTYPES:
+            raise RecordError(f"dtype {dtype!r} is not accepted")
+        if (
+            not isinstance(shape, list)
+            or not 0 < len(shape) <= MAX_DIMS
+            or not all(
+                isinstance(d, int) and not isinstance(d, bool) and 0 < d < 2**31 for d in shape
+            )
+        ):
+            raise RecordError("shape must be 1-6 positive dimensions")
+        meta = cls(digest, dtype, tuple(shape))
+        if meta.nbytes > max_bytes:
+            raise RecordError(f"array of {meta.nbytes} bytes exceeds the limit of {max_bytes}")
+        return meta
+
+
+def content_hash(array: np.ndarray) -> str:
+    """blake3 over dtype, shape and C-order bytes."""
+    array = np.ascontiguousarray(array)
+    hasher = blake3.blake3(f"{array.dtype.name}{list(array.shape)}".encode())
+    hasher.update(memoryview(array).cast("B"))
+    return hasher.hexdigest()
+
+
+def meta_of(array: np.ndarray) -> ArrayMeta:
+    """The wire description of ``array``."""
+    return ArrayMeta(content_hash(array), array.dtype.name, tuple(array.shape))
+
+
+def array_from_bytes(meta: ArrayMeta, data: bytes) -> np.ndarray:
+    """Rebuild an array from its bytes, refusing data whose hash does not match ``meta``."""
+    if len(data) != meta.nbytes:
+        raise RecordError(f"expected {meta.nbytes} bytes for the array, got {len(data)}")
+    array = np.frombuffer(data, dtype=meta.dtype).reshape(meta.shape)
+    digest = content_hash(array)
+    if digest != meta.digest:
+        raise RecordError(f"hash mismatch: announced {meta.digest[:16]}…, got {digest[:16]}…")
+    return array
+
+
+def pack(header: dict[str, Any], body: bytes = b"") -> bytes:
+    """Frame a canonical JSON header and a binary body."""
+    head = canonical_json(header)
+    return _HEADER_LENGTH.pack(len(head)) + head + body
+
+
+def unpack(data: bytes) -> tuple[dict[str, Any], bytes]:
+    """Split a framed message into its header (validated JSON object) and body."""
+    if len(data) < _HEADER_LENGTH.size:
+        raise RecordError("message too short")
+    (length,) = _HEADER_LENGTH.unpack_from(data)
+    if length > MAX_HEADER_BYTES or _HEADER_LENGTH.size + length > len(data):
+        raise RecordError("header length is out of bounds")
+    header = parse_canonical(data[4 : 4 + length], max_bytes=MAX_HEADER_BYTES)
+    if not isinstance(header, dict):
+        raise RecordError("header must be a JSON object")
+    return header, data[4 + length :]
+
+
+class OperandStore:
+    """Operands held by a worker (or requester), least recently used evicted beyond a budget."""
+
+    def __init__(self, max_bytes: int = 2 << 30) -> None:
+        self.max_bytes = max_bytes
+        self._arrays: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._bytes = 0
+        self.hits = 0
+        self.misses = 0
+
+    def put(self, array: np.ndarray, digest: str | None = None) -> str:
+        """Store ``array`` (read-only) and return its hash."""
+        digest = digest or content_hash(array)
+        if digest in self._arrays:
+            self._arrays.move_to_end(digest)
+            return digest
+        if array.nbytes > self.max_bytes:
+            raise RecordError("operand is larger than the whole cache")
+        array = np.ascontiguousarray(array)
+        array.flags.writeable = False
+        self._arrays[digest] = array
+        self._bytes += array.nbytes
+        while self._bytes > self.max_bytes:
+            _, evicted = self._arrays.popitem(last=False)
+            self._bytes -= evicted.nbytes
+        return digest
+
+    def get(self, digest: str) -> np.ndarray | None:
+        """The array with ``digest``, or None."""
+        array = self._arrays.get(digest)
+        if array is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        self._arrays.move_to_end(digest)
+        return array
+
+    def __contains__(self, digest: object) -> bool:
+        return digest in self._arrays
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes currently held."""
+        return self._bytes

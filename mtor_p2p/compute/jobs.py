@@ -1,0 +1,160 @@
+"""Jobs submitted through the control API: started in the node's nursery, polled by the CLI.
+
+``POST /v1/jobs`` takes ``{"kernel": "matmul", "m", "n", "k", "dtype", "verify", "max_price",
+"shards", "seed"}`` (random operands) or ``{"a": path, "b": path, "out": path}`` (``.npy``
+files on this machine; the API is local), starts the job and answers ``{"id": ...}``.
+``GET /v1/jobs?id=...`` answers its state, progress and, once done, its summary.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import trio
+
+from mtor_p2p.compute.scheduler import JobFailed
+
+if TYPE_CHECKING:
+    from mtor_p2p.node import Node
+
+log = logging.getLogger(__name__)
+
+MAX_REMEMBERED_JOBS = 100
+MAX_RANDOM_ELEMENTS = 1 << 26  # per operand, for jobs on random inputs
+DTYPES = ("float32", "float16")
+
+
+@dataclass
+class JobState:
+    """What the control API reports about one submitted job."""
+
+    id: str
+    state: str = "running"  # running, done, failed
+    done: int = 0
+    total: int = 0
+    result: dict[str, Any] | None = None
+    error: str | None = None
+    started: float = field(default_factory=trio.current_time)
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return {
+            "id": self.id,
+            "state": self.state,
+            "done": self.done,
+            "total": self.total,
+            "elapsed_s": round(trio.current_time() - self.started, 3),
+            "result": self.result,
+            "error": self.error,
+        }
+
+
+def _positive_int(body: dict[str, Any], name: str, limit: int = 1 << 20) -> int:
+    value = body.get(name)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= limit:
+        raise ValueError(f"{name} must be an integer in [1, {limit}]")
+    return value
+
+
+def load_matmul_operands(body: dict[str, Any]) -> dict[str, np.ndarray]:
+    """Operands from ``.npy`` paths, or random ones of the requested shape and dtype."""
+    if "a" in body or "b" in body:
+        a = np.load(Path(body["a"]), allow_pickle=False)
+        b = np.load(Path(body["b"]), allow_pickle=False)
+        return {"a": a, "b": b}
+    m, n, k = (_positive_int(body, name) for name in ("m", "n", "k"))
+    dtype = body.get("dtype", "float32")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}")
+    if max(m * k, k * n) > MAX_RANDOM_ELEMENTS:
+        raise ValueError("operands too large for a random-input job")
+    seed = body.get("seed")
+    rng = np.random.default_rng(seed if isinstance(seed, int) else None)
+    return {
+        "a": rng.standard_normal((m, k), dtype=np.float32).astype(dtype),
+        "b": rng.standard_normal((k, n), dtype=np.float32).astype(dtype),
+    }
+
+
+class JobBoard:
+    """Runs API-submitted jobs in the background and remembers the last few."""
+
+    def __init__(self, node: Node) -> None:
+        self._node = node
+        self._jobs: OrderedDict[str, JobState] = OrderedDict()
+        self._ids = itertools.count(1)
+        self.nursery: trio.Nursery | None = None
+
+    async def route_submit(self, query: dict[str, str], body: Any) -> tuple[int, Any]:
+        """``POST /v1/jobs``."""
+        if not isinstance(body, dict):
+            raise ValueError("body must be a JSON object")
+        kernel = body.get("kernel", "matmul")
+        if kernel != "matmul":
+            raise ValueError("the control API submits matmul jobs; use the library for others")
+        verify = body.get("verify", "auto")
+        max_price = body.get("max_price")
+        shards = body.get("shards")
+        if max_price is not None and not isinstance(max_price, int | float):
+            raise ValueError("max_price must be a number")
+        if shards is not None:
+            shards = _positive_int(body, "shards", 4096)
+        out = body.get("out")
+        operands = await trio.to_thread.run_sync(load_matmul_operands, body)
+        job = JobState(id=f"job-{next(self._ids)}")
+        self._jobs[job.id] = job
+        while len(self._jobs) > MAX_REMEMBERED_JOBS:
+            self._jobs.popitem(last=False)
+        assert self.nursery is not None
+        self.nursery.start_soon(self._run, job, kernel, operands, verify, max_price, shards, out)
+        return 200, {"id": job.id}
+
+    async def route_status(self, query: dict[str, str], body: Any) -> tuple[int, Any]:
+        """``GET /v1/jobs?id=...`` (without ``id``: every remembered job)."""
+        if "id" not in query:
+            return 200, {"jobs": [j.to_json() for j in self._jobs.values()]}
+        job = self._jobs.get(query["id"])
+        if job is None:
+            return 404, {"error": f"no job {query['id']!r}"}
+        return 200, job.to_json()
+
+    async def _run(
+        self,
+        job: JobState,
+        kernel: str,
+        operands: dict[str, np.ndarray],
+        verify: str,
+        max_price: float | None,
+        shards: int | None,
+        out: str | None,
+    ) -> None:
+        def progress(done: int, total: int) -> None:
+            job.done, job.total = done, total
+
+        try:
+            result = await self._node.submit(
+                kernel,
+                operands,
+                verify=verify,
+                max_price=max_price,
+                shards=shards,
+                progress=progress,
+            )
+        except (JobFailed, ValueError) as exc:
+            job.state, job.error = "failed", str(exc)
+            return
+        except Exception as exc:  # a job's failure must not take the node down
+            log.exception("job %s failed", job.id)
+            job.state, job.error = "failed", f"{type(exc).__name__}: {exc}"
+            return
+        if out:
+            await trio.to_thread.run_sync(np.save, Path(out), result.output)
+        job.result = result.summary()
+        job.done = job.total = len(result.shards)
+        job.state = "done"

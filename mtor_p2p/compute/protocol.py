@@ -1,0 +1,28 @@
+"""Names and limits of the compute protocols, shared by worker and requester.
+
+Every message is ``arrays.pack(header, body)``. Operands travel in chunks of at most
+:data:`CHUNK_BYTES`; one request or response never exceeds :data:`MAX_MESSAGE_BYTES`.
+
+``/mtor/compute/upload/1``   header {array, offset}; body: a chunk.   → {complete, received}
+``/mtor/compute/has/1``      header {hashes: [...]}                   → {have: [...]}
+``/mtor/compute/run/1``      header {job_id, shard, kernel, operands: {name: array}, price}
+                             → header {output: array, receipt: b64 worker-signed receipt}
+                               and, if the output fits one chunk, the output bytes as body
+``/mtor/compute/download/1`` header {hash, offset, length}            → body: a chunk
+``/mtor/compute/countersign/1`` header {receipt: b64 complete receipt} → {stored}
+"""
+
+from __future__ import annotations
+
+PROTOCOL_UPLOAD = "/mtor/compute/upload/1"
+PROTOCOL_HAS = "/mtor/compute/has/1"
+PROTOCOL_RUN = "/mtor/compute/run/1"
+PROTOCOL_DOWNLOAD = "/mtor/compute/download/1"
+PROTOCOL_COUNTERSIGN = "/mtor/compute/countersign/1"
+
+CHUNK_BYTES = 4 << 20
+MAX_MESSAGE_BYTES = CHUNK_BYTES + 64 * 1024
+#: Largest single operand or output a worker accepts.
+MAX_ARRAY_BYTES = 1 << 30
+#: Uploads in progress per worker, all peers together (bytes reserved for them).
+MAX_PENDING_UPLOAD_BYTES = 2 << 30

@@ -1,0 +1,222 @@
+"""Contribution receipts: the signed record of one accepted shard.
+
+A receipt is created by the worker when it returns a result (it signs the body) and completed
+by the requester after verification (it countersigns the body *and* the worker's signature).
+Both peers store it; the ledger (issue 4) and the simulator consume it.
+
+Encoding (version 1), canonical JSON, at most :data:`MAX_RECEIPT_BYTES`::
+
+    {"b": <body>, "t": "mtor/receipt", "v": 1,
+     "w": "<base64 worker signature>", "r": "<base64 requester signature>" | null}
+
+* worker signature over ``"mtor/receipt/v1/worker\\n" + canonical(body)``
+* requester signature over ``"mtor/receipt/v1/requester\\n" + canonical(body) + worker_sig``
+
+Public keys are not carried: both signers are named in the body by peer ID, and an Ed25519
+peer ID embeds its public key. Body fields are listed in :class:`ReceiptBody`; amounts are
+derived (``cost = price * flops / 1e12``), never stored, so they cannot disagree.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from mtor_p2p.identity import Identity, public_key_from_peer_id, verify_signature
+from mtor_p2p.wire import RecordError, canonical_json, parse_canonical
+
+RECEIPT_TYPE = "mtor/receipt"
+RECEIPT_VERSION = 1
+MAX_RECEIPT_BYTES = 4096
+_WORKER_DOMAIN = b"mtor/receipt/v1/worker\n"
+_REQUESTER_DOMAIN = b"mtor/receipt/v1/requester\n"
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_MAX_OPERANDS = 16
+
+
+@dataclass(frozen=True)
+class ReceiptBody:
+    """What one accepted shard was: who computed what for whom, at what price."""
+
+    job_id: str  # 64 hex chars (blake3 of the job description)
+    shard: int  # shard index within the job
+    kernel: str
+    inputs: dict[str, str]  # operand name -> blake3 hex of its bytes
+    output: str  # blake3 hex of the output bytes
+    flops: int
+    started: float  # network time, seconds since the epoch
+    ended: float
+    worker: str  # peer ID
+    requester: str  # peer ID
+    price: float  # credits per TFLOP
+
+    @property
+    def cost(self) -> float:
+        """Credits owed by the requester to the worker for this shard."""
+        return self.price * self.flops / 1e12
+
+    def to_json(self) -> dict[str, Any]:
+        """The body as a JSON-ready dict."""
+        return asdict(self)
+
+
+_BODY_FIELDS = set(ReceiptBody.__dataclass_fields__)
+
+
+def _check_hex(value: Any, name: str) -> str:
+    if not isinstance(value, str) or not _HEX64.match(value):
+        raise RecordError(f"{name} must be 64 lowercase hex characters")
+    return value
+
+
+def body_from_json(obj: Any) -> ReceiptBody:
+    """Validate a decoded receipt body (raises RecordError)."""
+    if not isinstance(obj, dict) or set(obj) != _BODY_FIELDS:
+        raise RecordError(f"receipt body must have exactly the fields {sorted(_BODY_FIELDS)}")
+    inputs = obj["inputs"]
+    if not isinstance(inputs, dict) or not 0 < len(inputs) <= _MAX_OPERANDS:
+        raise RecordError("inputs must map 1-16 operand names to hashes")
+    for name, digest in inputs.items():
+        if not isinstance(name, str) or not 0 < len(name) <= 32:
+            raise RecordError("operand names are 1-32 characters")
+        _check_hex(digest, f"inputs.{name}")
+    for name in ("shard", "flops"):
+        value = obj[name]
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:
+            raise RecordError(f"{name} must be a non-negative integer")
+    for name in ("started", "ended", "price"):
+        value = obj[name]
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+            raise RecordError(f"{name} must be a non-negative number")
+    if obj["ended"] < obj["started"]:
+        raise RecordError("a shard cannot end before it starts")
+    for name in ("kernel", "worker", "requester"):
+        if not isinstance(obj[name], str) or not 0 < len(obj[name]) <= 64:
+            raise RecordError(f"{name} must be a string of 1-64 characters")
+    for name in ("worker", "requester"):
+        try:
+            public_key_from_peer_id(obj[name])
+        except ValueError as exc:
+            raise RecordError(f"{name} is not an Ed25519 peer ID") from exc
+    return ReceiptBody(
+        job_id=_check_hex(obj["job_id"], "job_id"),
+        shard=obj["shard"],
+        kernel=obj["kernel"],
+        inputs=dict(inputs),
+        output=_check_hex(obj["output"], "output"),
+        flops=obj["flops"],
+        started=float(obj["started"]),
+        ended=float(obj["ended"]),
+        worker=obj["worker"],
+        requester=obj["requester"],
+        price=float(obj["price"]),
+    )
+
+
+@dataclass(frozen=True)
+class Receipt:
+    """A receipt signed by its worker and, once verified, countersigned by its requester."""
+
+    body: ReceiptBody
+    worker_signature: bytes
+    requester_signature: bytes | None = None
+
+    @property
+    def complete(self) -> bool:
+        """True once the requester has countersigned."""
+        return self.requester_signature is not None
+
+    def encode(self) -> bytes:
+        """The canonical bytes of this receipt."""
+        data = canonical_json(
+            {
+                "b": self.body.to_json(),
+                "r": None
+                if self.requester_signature is None
+                else base64.b64encode(self.requester_signature).decode("ascii"),
+                "t": RECEIPT_TYPE,
+                "v": RECEIPT_VERSION,
+                "w": base64.b64encode(self.worker_signature).decode("ascii"),
+            }
+        )
+        if len(data) > MAX_RECEIPT_BYTES:
+            raise RecordError(f"receipt is {len(data)} bytes, limit is {MAX_RECEIPT_BYTES}")
+        return data
+
+    @property
+    def receipt_id(self) -> str:
+        """Stable identity of the receipt: its job and shard (one receipt per accepted shard)."""
+        return f"{self.body.job_id}:{self.body.shard}"
+
+
+def _worker_message(body: ReceiptBody) -> bytes:
+    return _WORKER_DOMAIN + canonical_json(body.to_json())
+
+
+def _requester_message(body: ReceiptBody, worker_signature: bytes) -> bytes:
+    return _REQUESTER_DOMAIN + canonical_json(body.to_json()) + worker_signature
+
+
+def sign_as_worker(identity: Identity, body: ReceiptBody) -> Receipt:
+    """The worker's half: sign the body (the identity must be the body's worker)."""
+    if identity.peer_id != body.worker:
+        raise RecordError("only the receipt's worker can sign it as worker")
+    return Receipt(body, identity.sign(_worker_message(body)))
+
+
+def countersign(identity: Identity, receipt: Receipt) -> Receipt:
+    """The requester's half, after verification (the identity must be the body's requester)."""
+    if identity.peer_id != receipt.body.requester:
+        raise RecordError("only the receipt's requester can countersign it")
+    verify_receipt(receipt, require_complete=False)
+    signature = identity.sign(_requester_message(receipt.body, receipt.worker_signature))
+    return Receipt(receipt.body, receipt.worker_signature, signature)
+
+
+def verify_receipt(receipt: Receipt, *, require_complete: bool = True) -> None:
+    """Raise RecordError unless the worker's (and, if required, requester's) signature holds."""
+    body = receipt.body
+    worker_key = public_key_from_peer_id(body.worker)
+    if not verify_signature(worker_key, receipt.worker_signature, _worker_message(body)):
+        raise RecordError("worker signature does not verify")
+    if receipt.requester_signature is None:
+        if require_complete:
+            raise RecordError("receipt is not countersigned")
+        return
+    requester_key = public_key_from_peer_id(body.requester)
+    message = _requester_message(body, receipt.worker_signature)
+    if not verify_signature(requester_key, receipt.requester_signature, message):
+        raise RecordError("requester signature does not verify")
+
+
+def _signature(value: Any, name: str) -> bytes:
+    if not isinstance(value, str):
+        raise RecordError(f"{name} must be a base64 string")
+    try:
+        raw = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise RecordError(f"{name} is not base64") from exc
+    if len(raw) != 64:
+        raise RecordError(f"{name} must be a 64-byte Ed25519 signature")
+    return raw
+
+
+def decode_receipt(data: bytes, *, require_complete: bool = True) -> Receipt:
+    """Parse, validate and verify a receipt's canonical bytes (raises RecordError)."""
+    obj = parse_canonical(data, max_bytes=MAX_RECEIPT_BYTES)
+    if not isinstance(obj, dict) or set(obj) != {"b", "r", "t", "v", "w"}:
+        raise RecordError("receipt must have exactly the fields b, r, t, v, w")
+    if obj["t"] != RECEIPT_TYPE or obj["v"] != RECEIPT_VERSION:
+        raise RecordError(f"not a version {RECEIPT_VERSION} receipt")
+    receipt = Receipt(
+        body=body_from_json(obj["b"]),
+        worker_signature=_signature(obj["w"], "worker signature"),
+        requester_signature=None
+        if obj["r"] is None
+        else _signature(obj["r"], "requester signature"),
+    )
+    verify_receipt(receipt, require_complete=require_complete)
+    return receipt

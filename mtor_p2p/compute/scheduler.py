@@ -1,0 +1,612 @@
+"""The requester's scheduler: split a job, spread its shards, verify, re-issue, hedge, pay.
+
+One task per chosen worker pulls shards from a shared queue, at most ``max_in_flight`` at a
+time, so faster workers take more shards. A shard whose worker fails, times out or returns a
+result that verification rejects goes back to the queue for another worker; a worker caught
+returning a wrong result is dropped for the rest of the job and a fault proof is made. When
+the queue is empty, idle workers hedge stragglers: a shard running well past the typical shard
+time gets a second copy, and the first verified answer wins.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import blake3
+import numpy as np
+import trio
+
+from mtor_kernels import Kernel, get_kernel
+from mtor_kernels import verify as checks
+from mtor_p2p.capacity.record import CapacityRecord
+from mtor_p2p.capacity.view import CapacityQuery, CapacityView
+from mtor_p2p.clock import NetClock
+from mtor_p2p.compute import client
+from mtor_p2p.compute.arrays import meta_of
+from mtor_p2p.compute.faults import make_fault_proof
+from mtor_p2p.compute.receipt_store import ReceiptStore
+from mtor_p2p.compute.receipts import Receipt, countersign
+from mtor_p2p.identity import Identity
+from mtor_p2p.network import Network, NetworkError, RemoteError
+from mtor_p2p.wire import canonical_json
+
+log = logging.getLogger(__name__)
+
+VERIFY_METHODS = ("auto", "freivalds", "sample", "redundant")
+
+
+class JobFailed(Exception):
+    """The job could not be completed (no workers left, or its deadline passed)."""
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """What to compute and under which terms."""
+
+    kernel: str
+    operands: dict[str, np.ndarray]
+    verify: str = "auto"
+    max_price: float | None = None
+    max_workers: int = 8
+    shards: int | None = None
+    freivalds_rounds: int = 20
+    sample_rows: int = 4
+    deadline: float = 600.0
+
+
+@dataclass
+class ShardResult:
+    """The accepted result of one shard."""
+
+    index: int
+    rows: tuple[int, int]
+    worker: str
+    seconds: float
+    attempts: int
+    receipt: Receipt
+
+
+@dataclass
+class JobResult:
+    """Everything a requester learns from a finished job."""
+
+    job_id: str
+    kernel: str
+    output: np.ndarray
+    shards: list[ShardResult]
+    seconds: float
+    flops: int
+    verification: str
+    checks_passed: int
+    rejected: int
+    reissued: int
+    hedged: int
+    fault_proofs: list[bytes] = field(default_factory=list)
+
+    @property
+    def tflops(self) -> float:
+        """Achieved TFLOP/s over the whole job, transfers and verification included."""
+        return self.flops / max(self.seconds, 1e-9) / 1e12
+
+    @property
+    def cost(self) -> float:
+        """Credits owed over all accepted shards."""
+        return sum(s.receipt.body.cost for s in self.shards)
+
+    @property
+    def workers(self) -> list[str]:
+        """Distinct workers that contributed accepted shards."""
+        return sorted({s.worker for s in self.shards})
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-ready summary (what ``mtor-peer submit --json`` prints)."""
+        return {
+            "job_id": self.job_id,
+            "kernel": self.kernel,
+            "shards": len(self.shards),
+            "workers": self.workers,
+            "seconds": round(self.seconds, 4),
+            "tflops": round(self.tflops, 6),
+            "flops": self.flops,
+            "verification": self.verification,
+            "checks_passed": self.checks_passed,
+            "rejected": self.rejected,
+            "reissued": self.reissued,
+            "hedged": self.hedged,
+            "fault_proofs": len(self.fault_proofs),
+            "cost": round(self.cost, 9),
+            "receipts": len(self.shards),
+            "output_shape": list(self.output.shape),
+        }
+
+
+@dataclass
+class WorkerScore:
+    """What this requester has seen of a worker (its "past behaviour")."""
+
+    accepted: int = 0
+    failed: int = 0
+    rejected: int = 0
+    seconds: list[float] = field(default_factory=list)
+
+    def penalty(self) -> float:
+        """Multiplier on the price per TFLOP/s: failures cost, cheating costs a lot."""
+        return (1 + self.failed) * (1 + 100 * self.rejected)
+
+
+@dataclass
+class _Attempt:
+    shard: int
+    worker: str
+    started: float
+    scope: trio.CancelScope
+
+
+class _JobRun:
+    """The state of one job while it runs."""
+
+    def __init__(
+        self, scheduler: Scheduler, spec: JobSpec, kernel: Kernel, workers: list[CapacityRecord]
+    ) -> None:
+        self.s = scheduler
+        self.spec = spec
+        self.kernel = kernel
+        self.workers = workers
+        self.nonce = os.urandom(16).hex()
+        inputs = {name: meta_of(a).digest for name, a in spec.operands.items()}
+        self.job_id = blake3.blake3(
+            canonical_json(
+                {
+                    "kernel": spec.kernel,
+                    "inputs": inputs,
+                    "requester": scheduler.identity.peer_id,
+                    "nonce": self.nonce,
+                }
+            )
+        ).hexdigest()
+        self.method = _choose_method(spec.verify, kernel, len(workers))
+        # compare() needs the job's input dtype: float16 inputs allow more honest difference.
+        self.input_dtype = spec.operands[kernel.split_operand].dtype
+        rows = spec.operands[kernel.split_operand].shape[0]
+        self.ranges = kernel.shard_rows(spec.operands, _shard_count(spec, workers, rows))
+        self.pending: list[int] = list(range(len(self.ranges)))
+        self.accepted: dict[int, ShardResult] = {}
+        self.outputs: dict[int, np.ndarray] = {}
+        self.running: dict[int, list[_Attempt]] = {}
+        self.attempt_counts: dict[int, int] = {}
+        self.redundant_answers: dict[int, list[tuple[str, np.ndarray, Receipt]]] = {}
+        self.banned: set[str] = set()
+        self.checks_passed = 0
+        self.rejected = 0
+        self.reissued = 0
+        self.hedged = 0
+        self.fault_proofs: list[bytes] = []
+        self.durations: list[float] = []
+        self.done = trio.Event()
+        self.wakeup = trio.Event()
+        self.progress: Callable[[int, int], None] | None = None
+
+    # -- queue -----------------------------------------------------------------------------
+
+    def _wake(self) -> None:
+        self.wakeup.set()
+        self.wakeup = trio.Event()
+
+    def next_shard(self, worker: str) -> tuple[int, bool] | None:
+        """The next shard for ``worker``: (index, is_hedge), or None if nothing suits it now."""
+        for index in self.pending:
+            if self._wants_worker(index, worker):
+                self.pending.remove(index)
+                return index, False
+        # Nothing queued: hedge the slowest straggler that this worker is not already running.
+        if self.pending or not self.running:
+            return None
+        typical = statistics.median(self.durations) if self.durations else None
+        now = trio.current_time()
+        stragglers = []
+        for index, attempts in self.running.items():
+            if (
+                index in self.accepted
+                or len(attempts) >= 2
+                or any(a.worker == worker for a in attempts)
+            ):
+                continue
+            elapsed = now - min(a.started for a in attempts)
+            if typical is not None and elapsed > max(3 * typical, typical + 0.5):
+                stragglers.append((elapsed, index))
+        if not stragglers:
+            return None
+        return max(stragglers)[1], True
+
+    def _wants_worker(self, index: int, worker: str) -> bool:
+        if self.method != "redundant":
+            return True
+        # Redundancy needs answers from distinct workers.
+        answered = {w for w, _, _ in self.redundant_answers.get(index, [])}
+        running = {a.worker for a in self.running.get(index, [])}
+        return worker not in answered | running
+
+    def requeue(self, index: int, *, reissue: bool = True) -> None:
+        """Put a shard back at the front of the queue (``reissue``: after a failure)."""
+        if index not in self.accepted and index not in self.pending:
+            self.pending.insert(0, index)
+            self.reissued += int(reissue)
+        self._wake()
+
+    # -- one attempt -----------------------------------------------------------------------
+
+    async def attempt(self, worker: str, index: int, hedge: bool) -> None:
+        start, stop = self.ranges[index]
+        operands = self.kernel.shard_operands(self.spec.operands, start, stop)
+        scope = trio.CancelScope()
+        record = _Attempt(index, worker, trio.current_time(), scope)
+        self.running.setdefault(index, []).append(record)
+        self.attempt_counts[index] = self.attempt_counts.get(index, 0) + 1
+        if hedge:
+            self.hedged += 1
+        score = self.s.scores.setdefault(worker, WorkerScore())
+        try:
+            with scope:
+                answer = await self._compute(worker, index, operands)
+                if answer is None:
+                    return
+                seconds = trio.current_time() - record.started
+                await self._judge(worker, index, operands, answer, seconds)
+        except (NetworkError, RemoteError, client.WorkerMisbehaved, trio.TooSlowError) as exc:
+            score.failed += 1
+            log.info("shard %d on %s failed: %s", index, worker[-8:], exc)
+            if isinstance(exc, client.WorkerMisbehaved):
+                self.banned.add(worker)
+            self.requeue(index)
+        finally:
+            attempts = self.running.get(index, [])
+            if record in attempts:
+                attempts.remove(record)
+            if not attempts:
+                self.running.pop(index, None)
+            if scope.cancelled_caught and index not in self.accepted:
+                self.requeue(index)
+            self._wake()
+
+    async def _compute(
+        self, worker: str, index: int, operands: dict[str, np.ndarray]
+    ) -> client.ShardAnswer | None:
+        timeout = self.s.shard_timeout(worker, self.kernel.flops(operands))
+        with trio.fail_after(timeout):
+            await client.ensure_operands(self.s.network, worker, operands, timeout=timeout)
+            return await client.run_shard(
+                self.s.network,
+                worker,
+                job_id=self.job_id,
+                shard=index,
+                kernel=self.spec.kernel,
+                operands=operands,
+                timeout=timeout,
+                transfer_timeout=timeout,
+            )
+
+    async def _judge(
+        self,
+        worker: str,
+        index: int,
+        operands: dict[str, np.ndarray],
+        answer: client.ShardAnswer,
+        seconds: float,
+    ) -> None:
+        if index in self.accepted:
+            return  # a hedged twin already won
+        expected_shape = self.kernel.output_shape(operands)
+        if answer.output.shape != expected_shape:
+            raise client.WorkerMisbehaved(
+                f"output shape {answer.output.shape}, expected {expected_shape}"
+            )
+        if self.method == "redundant":
+            await self._judge_redundant(worker, index, operands, answer, seconds)
+            return
+        ok, witness = await trio.to_thread.run_sync(self._check, operands, answer.output)
+        if ok:
+            self.checks_passed += 1
+            await self._accept(worker, index, answer.output, answer.receipt, seconds)
+        else:
+            await self._reject(worker, index, operands, answer, witness)
+
+    def _check(self, operands: dict[str, np.ndarray], output: np.ndarray) -> tuple[bool, Any]:
+        # Runs in a worker thread: a fresh generator per check (Generators are not thread-safe),
+        # seeded from the OS so that a worker cannot predict the vectors or rows checked.
+        rng = np.random.default_rng()
+        if self.method == "freivalds":
+            result = checks.freivalds(
+                operands["a"],
+                operands["b"],
+                output,
+                rounds=self.spec.freivalds_rounds,
+                rng=rng,
+            )
+            return result.ok, None if result.ok else [result.row]
+        result = checks.sample_rows(
+            self.kernel, operands, output, samples=self.spec.sample_rows, rng=rng
+        )
+        return result.ok, None if result.ok else [int(r) for r in result.bad_rows]
+
+    async def _judge_redundant(
+        self,
+        worker: str,
+        index: int,
+        operands: dict[str, np.ndarray],
+        answer: client.ShardAnswer,
+        seconds: float,
+    ) -> None:
+        answers = self.redundant_answers.setdefault(index, [])
+        answers.append((worker, answer.output, answer.receipt))
+        if len(answers) < 2:
+            self.requeue(index, reissue=False)  # planned: a second, independent answer
+            return
+        (w1, out1, r1), (w2, out2, r2) = answers[-2:]
+        agree, _ = checks.compare(out1, out2, dtype=self.input_dtype)
+        if agree:
+            self.checks_passed += 1
+            await self._accept(w2, index, out2, r2, seconds)
+            await self._accept_extra(w1, r1)
+            return
+        # Disagreement: the requester recomputes the shard itself to tell who is wrong.
+        reference = await trio.to_thread.run_sync(self.kernel.reference, operands)
+        for w, out, receipt in ((w1, out1, r1), (w2, out2, r2)):
+            good, _ = checks.compare(reference, out, dtype=self.input_dtype)
+            if not good:
+                wrong = client.ShardAnswer(out, receipt)
+                self.redundant_answers[index] = [a for a in answers if a[0] != w]
+                await self._reject(w, index, operands, wrong, None, requeue=False)
+        survivors = self.redundant_answers[index]
+        if survivors:
+            w, out, receipt = survivors[-1]
+            self.checks_passed += 1
+            await self._accept(w, index, out, receipt, seconds)
+        else:
+            self.requeue(index)
+
+    async def _accept_extra(self, worker: str, receipt: Receipt) -> None:
+        # The redundant copy was honest work: it is paid for too.
+        complete = countersign(self.s.identity, receipt)
+        await trio.to_thread.run_sync(self.s.receipts.add, complete)
+        self.s.scores.setdefault(worker, WorkerScore()).accepted += 1
+        self.s.pending_countersigns.append((worker, complete))
+
+    async def _accept(
+        self, worker: str, index: int, output: np.ndarray, receipt: Receipt, seconds: float
+    ) -> None:
+        if index in self.accepted:
+            return
+        complete = countersign(self.s.identity, receipt)
+        await trio.to_thread.run_sync(self.s.receipts.add, complete)
+        start, stop = self.ranges[index]
+        self.accepted[index] = ShardResult(
+            index, (start, stop), worker, seconds, self.attempt_counts[index], complete
+        )
+        self.outputs[index] = output
+        self.durations.append(seconds)
+        score = self.s.scores.setdefault(worker, WorkerScore())
+        score.accepted += 1
+        score.seconds.append(seconds)
+        self.s.pending_countersigns.append((worker, complete))
+        for other in self.running.get(index, []):
+            if other.worker != worker:
+                other.scope.cancel()  # the hedged twin is no longer needed
+        if self.progress is not None:
+            self.progress(len(self.accepted), len(self.ranges))
+        if len(self.accepted) == len(self.ranges):
+            self.done.set()
+
+    async def _reject(
+        self,
+        worker: str,
+        index: int,
+        operands: dict[str, np.ndarray],
+        answer: client.ShardAnswer,
+        witness: Any,
+        *,
+        requeue: bool = True,
+    ) -> None:
+        self.rejected += 1
+        self.banned.add(worker)
+        self.s.scores.setdefault(worker, WorkerScore()).rejected += 1
+        proof = make_fault_proof(
+            self.s.identity,
+            kernel=self.kernel,
+            operands=operands,
+            output=answer.output,
+            claim=answer.receipt,
+            rows=witness,
+        )
+        self.fault_proofs.append(proof)
+        proof_id = f"{self.job_id}:{index}:{worker}"
+        await trio.to_thread.run_sync(self.s.receipts.add_fault_proof, proof_id, worker, proof)
+        log.warning("rejected shard %d from %s: fault proof recorded", index, worker[-8:])
+        if requeue:
+            self.requeue(index)
+
+    # -- per-worker loop -------------------------------------------------------------------
+
+    async def worker_loop(self, worker: str) -> None:
+        async with trio.open_nursery() as nursery:
+            for _ in range(self.s.max_in_flight):
+                nursery.start_soon(self._slot, worker)
+
+    async def _slot(self, worker: str) -> None:
+        failures_in_a_row = 0
+        while not self.done.is_set() and worker not in self.banned:
+            choice = self.next_shard(worker)
+            if choice is None:
+                wakeup = self.wakeup
+                with trio.move_on_after(0.1):
+                    await wakeup.wait()
+                continue
+            index, hedge = choice
+            before = self.s.scores.get(worker, WorkerScore()).failed
+            await self.attempt(worker, index, hedge)
+            if self.s.scores[worker].failed > before:
+                failures_in_a_row += 1
+                if failures_in_a_row >= 3:
+                    self.banned.add(worker)  # give up on a worker that keeps failing
+                await trio.sleep(min(2.0, 0.1 * 2**failures_in_a_row))
+            else:
+                failures_in_a_row = 0
+
+
+class Scheduler:
+    """Runs jobs for one requesting peer."""
+
+    def __init__(
+        self,
+        network: Network,
+        identity: Identity,
+        clock: NetClock,
+        view: CapacityView,
+        receipts: ReceiptStore,
+        *,
+        max_in_flight: int = 2,
+    ) -> None:
+        self.network = network
+        self.identity = identity
+        self.clock = clock
+        self.view = view
+        self.receipts = receipts
+        self.max_in_flight = max_in_flight
+        self.scores: dict[str, WorkerScore] = {}
+        self.pending_countersigns: list[tuple[str, Receipt]] = []
+        # Countersigned receipts travel to their workers off the job's critical path: a dead
+        # worker must not delay the result by a delivery timeout.
+        self._outbox_send, self._outbox = trio.open_memory_channel[tuple[str, Receipt]](10_000)
+
+    def choose_workers(self, spec: JobSpec) -> list[CapacityRecord]:
+        """Workers able to run ``spec.kernel`` within its price, best value first.
+
+        Value is price per measured TFLOP/s, weighted by what this requester has seen of the
+        worker (failures and rejected results); peers caught cheating are left out.
+        """
+        query = CapacityQuery(kernel=spec.kernel, max_price=spec.max_price)
+        candidates = [
+            r
+            for r in self.view.query(query, self.clock.now())
+            if r.peer_id != self.identity.peer_id
+            and self.scores.get(r.peer_id, WorkerScore()).rejected == 0
+        ]
+
+        def value(record: CapacityRecord) -> float:
+            score = self.scores.get(record.peer_id, WorkerScore())
+            price_per_speed = (record.price + 1e-6) / max(record.tflops, 1e-6)
+            return price_per_speed * score.penalty() * (1 + record.load)
+
+        return sorted(candidates, key=value)[: spec.max_workers]
+
+    def shard_timeout(self, worker: str, flops: int) -> float:
+        """Deadline of one attempt: ten times the expected time, at least 10 s."""
+        record = self.view.get(worker, self.clock.now())
+        tflops = record.tflops if record is not None and record.tflops > 0 else 0.01
+        return max(10.0, 10 * flops / (tflops * 1e12))
+
+    async def run(
+        self, spec: JobSpec, *, progress: Callable[[int, int], None] | None = None
+    ) -> JobResult:
+        """Run a job to completion; raise JobFailed if it cannot finish."""
+        if spec.verify not in VERIFY_METHODS:
+            raise ValueError(f"verify must be one of {VERIFY_METHODS}")
+        kernel = get_kernel(spec.kernel)
+        kernel.check_operands(spec.operands)
+        workers = self.choose_workers(spec)
+        if not workers:
+            raise JobFailed(
+                f"no worker in the capacity view serves {spec.kernel!r} within the price"
+            )
+        job = _JobRun(self, spec, kernel, workers)
+        job.progress = progress
+        started = trio.current_time()
+        with trio.move_on_after(spec.deadline) as deadline:
+            async with trio.open_nursery() as nursery:
+                for record in workers:
+                    nursery.start_soon(job.worker_loop, record.peer_id)
+                nursery.start_soon(self._watch, job, nursery.cancel_scope)
+                await job.done.wait()
+                nursery.cancel_scope.cancel()
+        if deadline.cancelled_caught:
+            raise JobFailed(f"job did not finish within {spec.deadline:.0f} s")
+        if not job.done.is_set():
+            raise JobFailed("every worker failed or was caught cheating before the job finished")
+        output = kernel.assemble([job.outputs[i] for i in range(len(job.ranges))])
+        self._post_countersigns()
+        return JobResult(
+            job_id=job.job_id,
+            kernel=spec.kernel,
+            output=output,
+            shards=[job.accepted[i] for i in range(len(job.ranges))],
+            seconds=trio.current_time() - started,
+            flops=int(kernel.flops(spec.operands)),
+            verification=job.method,
+            checks_passed=job.checks_passed,
+            rejected=job.rejected,
+            reissued=job.reissued,
+            hedged=job.hedged,
+            fault_proofs=job.fault_proofs,
+        )
+
+    async def _watch(self, job: _JobRun, scope: trio.CancelScope) -> None:
+        """End the job early when no worker is left to run what remains."""
+        while True:
+            await trio.sleep(0.2)
+            alive = [w.peer_id for w in job.workers if w.peer_id not in job.banned]
+            if not alive and not job.running:
+                scope.cancel()
+                return
+
+    def _post_countersigns(self) -> None:
+        batch, self.pending_countersigns = self.pending_countersigns, []
+        for item in batch:
+            try:
+                self._outbox_send.send_nowait(item)
+            except trio.WouldBlock:
+                log.warning("countersign outbox full: receipt kept locally only")
+
+    async def courier(self) -> None:
+        """Deliver countersigned receipts to their workers, a few at a time (run by the node)."""
+        limiter = trio.CapacityLimiter(8)
+
+        async def deliver(worker: str, receipt: Receipt) -> None:
+            async with limiter:
+                await self._deliver(worker, receipt)
+
+        async with trio.open_nursery() as nursery:
+            async for worker, receipt in self._outbox:
+                await limiter.acquire()  # back-pressure: at most 8 deliveries in flight
+                limiter.release()
+                nursery.start_soon(deliver, worker, receipt)
+
+    async def _deliver(self, worker: str, receipt: Receipt) -> None:
+        try:
+            await client.send_countersigned(self.network, worker, receipt, timeout=5)
+        except (RemoteError, NetworkError) as exc:
+            log.info("countersigned receipt not delivered to %s: %s", worker[-8:], exc)
+
+
+def _choose_method(requested: str, kernel: Kernel, workers: int) -> str:
+    if requested == "auto":
+        return kernel.check
+    if requested == "freivalds" and kernel.name != "matmul":
+        raise ValueError("Freivalds' check applies to matmul only")
+    if requested == "redundant" and workers < 2:
+        raise JobFailed("redundant verification needs at least two workers")
+    return requested
+
+
+def _shard_count(spec: JobSpec, workers: list[CapacityRecord], rows: int) -> int:
+    """Shards sized from the workers' capacity: the slowest gets at least one, the fastest
+    proportionally more, and never more than four per worker or one per row."""
+    if spec.shards is not None:
+        return max(1, min(spec.shards, rows))
+    speeds = [max(w.tflops, 1e-6) for w in workers]
+    wanted = math.ceil(sum(speeds) / min(speeds))
+    return max(1, min(rows, max(len(workers), min(wanted, 4 * len(workers)))))

@@ -1,0 +1,287 @@
+"""Compute on a devnet of 4 real peers (in one process, real py-libp2p hosts on loopback):
+kernels against their references, cheating workers caught, dead workers survived, hostile
+requests refused, receipts stored by both sides."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+import trio
+
+from mtor_kernels import get_kernel
+from mtor_p2p.compute import client
+from mtor_p2p.compute.arrays import meta_of, pack
+from mtor_p2p.compute.faults import verify_fault_proof
+from mtor_p2p.compute.protocol import PROTOCOL_RUN, PROTOCOL_UPLOAD
+from mtor_p2p.compute.receipts import verify_receipt
+from mtor_p2p.config import NodeConfig
+from mtor_p2p.network import RemoteError
+from mtor_p2p.node import Node
+from mtor_p2p.wire import RecordError
+
+RNG = np.random.default_rng(7)
+
+
+def config(root: Path, index: int, bootstrap: list[str], **changes: object) -> NodeConfig:
+    base = NodeConfig(
+        data_dir=root / f"peer-{index}",
+        listen=["/ip4/127.0.0.1/tcp/0"],
+        bootstrap=bootstrap,
+        use_default_bootstrap=False,
+        gpu="none",
+        record_ttl=20.0,
+        announce_interval=2.0,
+        price=1.0 + index,
+    )
+    for name, value in changes.items():
+        setattr(base, name, value)
+    return base
+
+
+async def run_node(cfg: NodeConfig, *, task_status: trio.TaskStatus[Node]) -> None:
+    async with Node.open(cfg) as node:
+        task_status.started(node)
+        await trio.sleep_forever()
+
+
+@asynccontextmanager
+async def devnet(
+    root: Path, count: int = 4, **per_node: dict[str, object]
+) -> AsyncIterator[list[tuple[Node, trio.CancelScope]]]:
+    """``count`` nodes; each runs in its own cancel scope so a test can kill one."""
+    async with trio.open_nursery() as nursery:
+        nodes: list[tuple[Node, trio.CancelScope]] = []
+        for index in range(count):
+            scope = trio.CancelScope()
+            bootstrap = [nodes[0][0].addrs()[0]] if nodes else []
+            changes = per_node.get(str(index), {})
+
+            async def run_scoped(
+                cfg: NodeConfig,
+                scope: trio.CancelScope = scope,
+                *,
+                task_status: trio.TaskStatus[Node],
+            ) -> None:
+                with scope:
+                    await run_node(cfg, task_status=task_status)
+
+            node = await nursery.start(run_scoped, config(root, index, bootstrap, **changes))
+            nodes.append((node, scope))
+        with trio.fail_after(30):
+            while any(len(n.capacity.view.live(n.clock.now())) < count for n, _ in nodes):
+                await trio.sleep(0.1)
+        yield nodes
+        nursery.cancel_scope.cancel()
+
+
+def random_operands(kernel: str, dtype: str = "float32") -> dict[str, np.ndarray]:
+    if kernel == "matmul":
+        return {
+            "a": RNG.standard_normal((96, 64)).astype(dtype),
+            "b": RNG.standard_normal((64, 48)).astype(dtype),
+        }
+    if kernel == "mlp":
+        return {
+            "x": RNG.standard_normal((64, 32)).astype(dtype),
+            "w1": (RNG.standard_normal((32, 64)) / 6).astype(dtype),
+            "b1": RNG.standard_normal(64).astype(dtype),
+            "w2": (RNG.standard_normal((64, 16)) / 8).astype(dtype),
+            "b2": RNG.standard_normal(16).astype(dtype),
+        }
+    return {
+        "q": RNG.standard_normal((8, 2, 16, 8)).astype(dtype),
+        "k": RNG.standard_normal((8, 2, 16, 8)).astype(dtype),
+        "v": RNG.standard_normal((8, 2, 16, 8)).astype(dtype),
+    }
+
+
+@pytest.mark.parametrize(
+    ("kernel", "dtype", "verify"),
+    [
+        ("matmul", "float32", "freivalds"),
+        ("matmul", "float16", "freivalds"),
+        ("mlp", "float32", "sample"),
+        ("attention", "float32", "sample"),
+        ("mlp", "float32", "redundant"),
+    ],
+)
+async def test_every_kernel_matches_its_reference_across_the_devnet(
+    tmp_path, kernel, dtype, verify
+):
+    async with devnet(tmp_path) as nodes:
+        requester = nodes[0][0]
+        operands = random_operands(kernel, dtype)
+        result = await requester.submit(kernel, operands, verify=verify, shards=6)
+        expected = get_kernel(kernel).reference(operands)
+        np.testing.assert_allclose(
+            result.output, expected, rtol=2e-2 if dtype == "float16" else 1e-4, atol=1e-3
+        )
+        assert result.verification == verify
+        assert len(result.shards) == 6
+        assert set(result.workers) <= {n.peer_id for n, _ in nodes[1:]}
+        assert result.rejected == 0
+        for shard in result.shards:
+            verify_receipt(shard.receipt)  # both signatures
+        # The requester stored every receipt; each worker received its countersigned copy.
+        assert requester.receipts.count() >= 6
+        with trio.fail_after(5):
+            while sum(n.receipts.count() for n, _ in nodes[1:]) < 6:
+                await trio.sleep(0.05)
+
+
+async def test_cheating_worker_is_caught_every_time_and_its_shards_recomputed(tmp_path):
+    async with devnet(tmp_path, **{"2": {"fault_rate": 0.5}}) as nodes:
+        requester, cheater = nodes[0][0], nodes[2][0]
+        caught = 0
+        for _ in range(4):
+            operands = random_operands("matmul")
+            result = await requester.submit("matmul", operands, verify="freivalds", shards=8)
+            np.testing.assert_allclose(
+                result.output, operands["a"] @ operands["b"], rtol=1e-4, atol=1e-3
+            )
+            caught += result.rejected
+            for proof in result.fault_proofs:
+                checked = verify_fault_proof(proof)  # any peer can check it alone
+                assert checked.worker == cheater.peer_id
+                assert checked.reporter == requester.peer_id
+        corrupted = cheater.worker.stats.corrupted_on_purpose
+        assert corrupted >= 1
+        assert caught == corrupted  # every wrong result was caught, none slipped through
+
+
+async def test_sampled_verification_catches_a_cheating_mlp_worker(tmp_path):
+    async with devnet(tmp_path, **{"1": {"fault_rate": 1.0}}) as nodes:
+        requester, cheater = nodes[0][0], nodes[1][0]
+        operands = random_operands("mlp")
+        # Corruption touches one element; sample every row so that the check cannot miss it.
+        result = await requester.submit("mlp", operands, verify="sample", shards=4, sample_rows=64)
+        np.testing.assert_allclose(
+            result.output, get_kernel("mlp").reference(operands), rtol=1e-4, atol=1e-4
+        )
+        assert result.rejected == cheater.worker.stats.corrupted_on_purpose >= 1
+        assert all(s.worker != cheater.peer_id for s in result.shards)
+
+
+async def test_altered_fault_proof_does_not_verify(tmp_path):
+    async with devnet(tmp_path, **{"1": {"fault_rate": 1.0}}) as nodes:
+        requester = nodes[0][0]
+        result = await requester.submit(
+            "matmul", random_operands("matmul"), verify="freivalds", shards=4
+        )
+        proof = result.fault_proofs[0]
+        verify_fault_proof(proof)
+        tampered = bytearray(proof)
+        tampered[-1] ^= 0x01  # one bit of the claimed output
+        with pytest.raises(RecordError):
+            verify_fault_proof(bytes(tampered))
+
+
+async def test_worker_killed_mid_job_does_not_stop_the_job(tmp_path):
+    async with devnet(tmp_path) as nodes:
+        requester = nodes[0][0]
+        victim, victim_scope = nodes[1]
+        operands = {
+            "a": RNG.standard_normal((1024, 512)).astype("float32"),
+            "b": RNG.standard_normal((512, 512)).astype("float32"),
+        }
+        started = trio.Event()
+
+        def progress(done: int, total: int) -> None:
+            started.set()
+
+        async with trio.open_nursery() as nursery:
+
+            async def kill_soon() -> None:
+                await started.wait()
+                victim_scope.cancel()  # the worker vanishes mid-job; its connections drop
+
+            nursery.start_soon(kill_soon)
+            result = await requester.submit(
+                "matmul", operands, verify="freivalds", shards=16, progress=progress
+            )
+        np.testing.assert_allclose(
+            result.output, operands["a"] @ operands["b"], rtol=1e-4, atol=1e-2
+        )
+        assert len(result.shards) == 16
+        # The victim was working when it died; its unfinished shards were re-issued after the
+        # failure, or a hedged copy elsewhere overtook them.
+        assert victim.worker.stats.shards_run + victim.worker.stats.active >= 1
+        assert result.reissued + result.hedged >= 1, result.summary()
+
+
+async def test_hostile_requests_get_errors_and_the_worker_keeps_serving(tmp_path):
+    async with devnet(tmp_path, count=2) as nodes:
+        requester, worker = nodes[0][0], nodes[1][0]
+        net = requester.network
+        a = RNG.standard_normal((8, 8)).astype("float32")
+        meta = meta_of(a)
+        # Bytes whose hash does not match what was announced.
+        wrong = np.ones_like(a).tobytes()
+        with pytest.raises(RemoteError, match="hash mismatch"):
+            await net.request(
+                worker.peer_id, PROTOCOL_UPLOAD, pack({"array": meta.to_json(), "offset": 0}, wrong)
+            )
+        # An announced array beyond the size limit.
+        huge = {"hash": "0" * 64, "dtype": "float32", "shape": [1 << 20, 1 << 12]}
+        with pytest.raises(RemoteError, match="exceeds"):
+            await net.request(
+                worker.peer_id, PROTOCOL_UPLOAD, pack({"array": huge, "offset": 0}, b"")
+            )
+        # Not a message at all, an unknown kernel, an unknown dtype, a shard on missing operands.
+        with pytest.raises(RemoteError, match="malformed"):
+            await net.request(worker.peer_id, PROTOCOL_RUN, b"\x00\x01garbage")
+        run = {"job_id": "ab" * 32, "shard": 0, "kernel": "rm -rf", "operands": {}}
+        with pytest.raises(RemoteError, match="unknown kernel"):
+            await net.request(worker.peer_id, PROTOCOL_RUN, pack(run))
+        bad_dtype = {"a": {"hash": meta.digest, "dtype": "object", "shape": [8, 8]}}
+        with pytest.raises(RemoteError, match="not accepted"):
+            await net.request(
+                worker.peer_id,
+                PROTOCOL_RUN,
+                pack({**run, "kernel": "matmul", "operands": bad_dtype}),
+            )
+        missing = {"a": meta.to_json(), "b": meta.to_json()}
+        with pytest.raises(RemoteError, match="missing operands"):
+            await net.request(
+                worker.peer_id, PROTOCOL_RUN, pack({**run, "kernel": "matmul", "operands": missing})
+            )
+        # Shapes the kernel refuses.
+        await client.upload(net, worker.peer_id, a, timeout=5)
+        b = RNG.standard_normal((5, 3)).astype("float32")
+        await client.upload(net, worker.peer_id, b, timeout=5)
+        mismatched = {"a": meta.to_json(), "b": meta_of(b).to_json()}
+        with pytest.raises(RemoteError, match="bad operands"):
+            await net.request(
+                worker.peer_id,
+                PROTOCOL_RUN,
+                pack({**run, "kernel": "matmul", "operands": mismatched}),
+            )
+        # Oversized request frame: refused by the host before the handler runs.
+        with pytest.raises(RemoteError, match="too large"):
+            await net.request(worker.peer_id, PROTOCOL_RUN, b"x" * (200 * 1024))
+        # And after all that, an honest job still runs.
+        operands = random_operands("matmul")
+        result = await requester.submit("matmul", operands, verify="freivalds", shards=2)
+        np.testing.assert_allclose(
+            result.output, operands["a"] @ operands["b"], rtol=1e-4, atol=1e-3
+        )
+
+
+async def test_resident_operand_is_sent_once_per_worker(tmp_path):
+    async with devnet(tmp_path, count=2) as nodes:
+        requester, worker = nodes[0][0], nodes[1][0]
+        operands = random_operands("matmul")
+        await requester.submit("matmul", operands, verify="freivalds", shards=4)
+        received_once = worker.worker.stats.bytes_received
+        await requester.submit(
+            "matmul",
+            {"a": RNG.standard_normal((96, 64)).astype("float32"), "b": operands["b"]},
+            shards=4,
+        )
+        second = worker.worker.stats.bytes_received - received_once
+        # The second job re-used b (64x48 float32) from the worker's cache: only a-rows moved.
+        assert second == 96 * 64 * 4

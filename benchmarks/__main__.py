@@ -1,4 +1,4 @@
-"""``python -m benchmarks NAME [options]``; names: peer."""
+"""``python -m benchmarks NAME [options]``; names: peer, compute."""
 
 from __future__ import annotations
 
@@ -13,7 +13,11 @@ def main() -> int:
         from benchmarks.bench_peer import main as run
 
         return run(args[1:])
-    print(f"unknown benchmark {name!r}; known: peer", file=sys.stderr)
+    if name == "compute":
+        from benchmarks.bench_compute import main as run
+
+        return run(args[1:])
+    print(f"unknown benchmark {name!r}; known: peer, compute", file=sys.stderr)
     return 2
 
 

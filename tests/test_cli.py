@@ -218,3 +218,62 @@ def test_ngrok_without_authtoken_fails_with_one_line(tmp_path):
     assert "authtoken" in result.stderr
     assert "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_submit_and_receipts_against_a_devnet_as_a_new_user_would(tmp_path):
+    import numpy as np
+
+    devnet = start("devnet", "--peers", "3", "--json", "--dir", str(tmp_path / "net"))
+    try:
+        peers = read_json_line(devnet, timeout=120)["peers"]
+        requester = peers[0]["data_dir"]
+        # Random inputs: the summary a script would read.
+        result = mtor("submit", "matmul", "--m", "256", "--n", "128", "--k", "64", "--json",
+                      "--data-dir", requester)  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        summary = json.loads(result.stdout)
+        assert summary["verification"] == "freivalds"
+        assert summary["shards"] >= 2 and summary["receipts"] == summary["shards"]
+        assert summary["rejected"] == 0 and summary["cost"] > 0
+        assert set(summary["workers"]) <= {p["peer_id"] for p in peers[1:]}
+        # Files in, file out: the product equals NumPy's.
+        rng = np.random.default_rng(3)
+        a, b = (
+            rng.standard_normal((100, 40), dtype=np.float32),
+            rng.standard_normal((40, 30), dtype=np.float32),
+        )
+        np.save(tmp_path / "a.npy", a)
+        np.save(tmp_path / "b.npy", b)
+        files = ["--a", str(tmp_path / "a.npy"), "--b", str(tmp_path / "b.npy")]
+        out = ["--out", str(tmp_path / "c.npy")]
+        human = mtor(
+            "submit", "matmul", *files, *out, "--verify", "sample", "--data-dir", requester
+        )
+        assert human.returncode == 0, human.stderr
+        assert "verified   sample" in human.stdout and "receipts" in human.stdout
+        np.testing.assert_allclose(np.load(tmp_path / "c.npy"), a @ b, rtol=1e-4, atol=1e-4)
+        # Both sides hold the receipts, countersigned.
+        mine = json.loads(mtor("receipts", "--json", "--data-dir", requester).stdout)
+        assert mine["count"] >= summary["shards"] + 1
+        assert all(r["complete"] for r in mine["receipts"])
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            theirs = sum(
+                json.loads(mtor("receipts", "--json", "--data-dir", p["data_dir"]).stdout)["count"]
+                for p in peers[1:]
+            )
+            if theirs >= mine["count"]:
+                break
+            time.sleep(0.3)
+        assert theirs >= mine["count"]
+        table = mtor("receipts", "--data-dir", requester).stdout
+        assert "requester" in table and "both" in table
+        # Nobody is that cheap: a clear failure, exit 1.
+        tiny = ["--m", "8", "--n", "8", "--k", "8"]
+        cheap = mtor("submit", "matmul", *tiny, "--max-price", "0.0001", "--data-dir", requester)
+        assert cheap.returncode == 1
+        assert "no worker" in cheap.stderr
+    finally:
+        devnet.send_signal(signal.SIGINT)
+        devnet.wait(timeout=30)

@@ -10,6 +10,7 @@ import base64
 from dataclasses import dataclass
 
 import numpy as np
+import trio
 
 from mtor_p2p.compute.arrays import ArrayMeta, array_from_bytes, meta_of, pack, unpack
 from mtor_p2p.compute.protocol import (
@@ -73,15 +74,36 @@ async def upload(network: Network, worker: str, array: np.ndarray, *, timeout: f
 
 
 async def ensure_operands(
-    network: Network, worker: str, operands: dict[str, np.ndarray], *, timeout: float
+    network: Network,
+    worker: str,
+    operands: dict[str, np.ndarray],
+    *,
+    timeout: float,
+    in_flight: dict[tuple[str, str], trio.Event] | None = None,
 ) -> int:
-    """Upload every operand the worker lacks; return how many bytes were sent."""
+    """Upload every operand the worker lacks; return how many bytes were sent.
+
+    ``in_flight`` (shared by concurrent callers) makes a second caller wait for an upload of
+    the same operand to the same worker instead of interleaving its chunks with the first.
+    """
     metas = {name: meta_of(a) for name, a in operands.items()}
     by_digest = {metas[name].digest: operands[name] for name in operands}
     lacking = await missing_operands(network, worker, list(metas.values()), timeout=timeout)
+    in_flight = {} if in_flight is None else in_flight
     sent = 0
     for meta in lacking:
-        await upload(network, worker, by_digest[meta.digest], timeout=timeout)
+        key = (worker, meta.digest)
+        if key in in_flight:
+            # If that upload fails, the run request reports the operand missing and the
+            # shard is retried: no need to second-guess it here.
+            await in_flight[key].wait()
+            continue
+        finished = in_flight[key] = trio.Event()
+        try:
+            await upload(network, worker, by_digest[meta.digest], timeout=timeout)
+        finally:
+            finished.set()
+            del in_flight[key]
         sent += meta.nbytes
     return sent
 

@@ -279,7 +279,9 @@ class _JobRun:
     ) -> client.ShardAnswer | None:
         timeout = self.s.shard_timeout(worker, self.kernel.flops(operands))
         with trio.fail_after(timeout):
-            await client.ensure_operands(self.s.network, worker, operands, timeout=timeout)
+            await client.ensure_operands(
+                self.s.network, worker, operands, timeout=timeout, in_flight=self.s.uploads
+            )
             return await client.run_shard(
                 self.s.network,
                 worker,
@@ -432,7 +434,12 @@ class _JobRun:
 
     # -- per-worker loop -------------------------------------------------------------------
 
-    async def worker_loop(self, worker: str) -> None:
+    async def worker_loop(self, record: CapacityRecord) -> None:
+        worker = record.peer_id
+        if not await self.s.ensure_connected(record):
+            self.banned.add(worker)  # unreachable: leave its share to the others
+            self._wake()
+            return
         async with trio.open_nursery() as nursery:
             for _ in range(self.s.max_in_flight):
                 nursery.start_soon(self._slot, worker)
@@ -479,6 +486,7 @@ class Scheduler:
         self.max_in_flight = max_in_flight
         self.scores: dict[str, WorkerScore] = {}
         self.pending_countersigns: list[tuple[str, Receipt]] = []
+        self.uploads: dict[tuple[str, str], trio.Event] = {}  # (worker, operand) being sent
         # Countersigned receipts travel to their workers off the job's critical path: a dead
         # worker must not delay the result by a delivery timeout.
         self._outbox_send, self._outbox = trio.open_memory_channel[tuple[str, Receipt]](10_000)
@@ -503,6 +511,18 @@ class Scheduler:
             return price_per_speed * score.penalty() * (1 + record.load)
 
         return sorted(candidates, key=value)[: spec.max_workers]
+
+    async def ensure_connected(self, record: CapacityRecord) -> bool:
+        """Dial a worker known only from its capacity record; False if no address answers."""
+        if record.peer_id in self.network.connected_peers():
+            return True
+        for addr in record.addrs:
+            try:
+                await self.network.connect(addr, timeout=5.0)
+                return True
+            except NetworkError as exc:
+                log.info("cannot reach worker at %s: %s", addr, exc)
+        return False
 
     def shard_timeout(self, worker: str, flops: int) -> float:
         """Deadline of one attempt: ten times the expected time, at least 10 s."""
@@ -529,7 +549,7 @@ class Scheduler:
         with trio.move_on_after(spec.deadline) as deadline:
             async with trio.open_nursery() as nursery:
                 for record in workers:
-                    nursery.start_soon(job.worker_loop, record.peer_id)
+                    nursery.start_soon(job.worker_loop, record)
                 nursery.start_soon(self._watch, job, nursery.cancel_scope)
                 await job.done.wait()
                 nursery.cancel_scope.cancel()

@@ -145,6 +145,12 @@ class OperandStore:
         self._arrays.move_to_end(digest)
         return array
 
+    def discard(self, digest: str) -> None:
+        """Forget an array (no error if absent)."""
+        array = self._arrays.pop(digest, None)
+        if array is not None:
+            self._bytes -= array.nbytes
+
     def __contains__(self, digest: object) -> bool:
         return digest in self._arrays
 

@@ -250,7 +250,14 @@ class WorkerService:
             output = self._corrupt(output)
         output = np.ascontiguousarray(output)
         output_meta = meta_of(output)
-        self.operands.put(output, output_meta.digest)
+        # Keep what will be asked for again: resident operands (weights, B) for the next
+        # shards, and an output too large to travel in the answer (it is downloaded next).
+        # A shard's own slice is never reused; dropping it bounds memory by the working set.
+        for name, digest in inputs.items():
+            if name not in kernel.resident:
+                self.operands.discard(digest)
+        if output.nbytes > CHUNK_BYTES:
+            self.operands.put(output, output_meta.digest)
         body = ReceiptBody(
             job_id=job_id,
             shard=shard,

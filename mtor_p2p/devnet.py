@@ -224,7 +224,10 @@ def run_devnet(
         else:
             print(format_peers_table(devnet.table()))
             print(f"\ndevnet of {peers} peers converged in {converged:.1f} s; data in {root}")
-            print("inspect a peer:  mtor-peer peers --data-dir " + devnet.peers[0].data_dir)
+            data_dir = devnet.peers[0].data_dir
+            print(f"inspect a peer:  mtor-peer peers --data-dir {data_dir}")
+            print(f"run a job:       mtor-peer submit matmul --m 1024 --data-dir {data_dir}")
+            print("                 (from a checkout: ./mtor peers ..., ./mtor submit ...)")
             print("Ctrl-C stops every peer", flush=True)
         while not stop_requested:
             for peer, process in zip(devnet.peers, devnet.processes, strict=True):

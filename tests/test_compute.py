@@ -285,3 +285,16 @@ async def test_resident_operand_is_sent_once_per_worker(tmp_path):
         second = worker.worker.stats.bytes_received - received_once
         # The second job re-used b (64x48 float32) from the worker's cache: only a-rows moved.
         assert second == 96 * 64 * 4
+
+
+async def test_split_operand_equal_to_the_resident_one_stays_cached(tmp_path):
+    """A shard's slice is dropped after its run, but never when the same bytes are also the
+    resident operand (A == B): the next job must find B on the worker, not send it again."""
+    async with devnet(tmp_path, count=2) as nodes:
+        requester, worker = nodes[0][0], nodes[1][0]
+        square = RNG.standard_normal((64, 64)).astype("float32")
+        await requester.submit("matmul", {"a": square, "b": square}, shards=1)
+        received = worker.worker.stats.bytes_received
+        again = await requester.submit("matmul", {"a": square, "b": square}, shards=1)
+        np.testing.assert_allclose(again.output, square @ square, rtol=1e-4, atol=1e-4)
+        assert worker.worker.stats.bytes_received == received

@@ -253,8 +253,9 @@ class WorkerService:
         # Keep what will be asked for again: resident operands (weights, B) for the next
         # shards, and an output too large to travel in the answer (it is downloaded next).
         # A shard's own slice is never reused; dropping it bounds memory by the working set.
+        keep = {digest for name, digest in inputs.items() if name in kernel.resident}
         for name, digest in inputs.items():
-            if name not in kernel.resident:
+            if name not in kernel.resident and digest not in keep:
                 self.operands.discard(digest)
         if output.nbytes > CHUNK_BYTES:
             self.operands.put(output, output_meta.digest)

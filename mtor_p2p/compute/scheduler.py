@@ -374,28 +374,21 @@ class _JobRun:
 
     async def _accept_extra(self, worker: str, receipt: Receipt) -> None:
         # The redundant copy was honest work: it is paid for too.
-        complete = countersign(self.s.identity, receipt)
-        await trio.to_thread.run_sync(self.s.receipts.add, complete)
-        self.s.scores.setdefault(worker, WorkerScore()).accepted += 1
-        self.s.pending_countersigns.append((worker, complete))
+        await self.s.settle(worker, receipt)
 
     async def _accept(
         self, worker: str, index: int, output: np.ndarray, receipt: Receipt, seconds: float
     ) -> None:
         if index in self.accepted:
             return
-        complete = countersign(self.s.identity, receipt)
-        await trio.to_thread.run_sync(self.s.receipts.add, complete)
+        complete = await self.s.settle(worker, receipt)
         start, stop = self.ranges[index]
         self.accepted[index] = ShardResult(
             index, (start, stop), worker, seconds, self.attempt_counts[index], complete
         )
         self.outputs[index] = output
         self.durations.append(seconds)
-        score = self.s.scores.setdefault(worker, WorkerScore())
-        score.accepted += 1
-        score.seconds.append(seconds)
-        self.s.pending_countersigns.append((worker, complete))
+        self.s.scores[worker].seconds.append(seconds)
         for other in self.running.get(index, []):
             if other.worker != worker:
                 other.scope.cancel()  # the hedged twin is no longer needed
@@ -485,7 +478,6 @@ class Scheduler:
         self.receipts = receipts
         self.max_in_flight = max_in_flight
         self.scores: dict[str, WorkerScore] = {}
-        self.pending_countersigns: list[tuple[str, Receipt]] = []
         self.uploads: dict[tuple[str, str], trio.Event] = {}  # (worker, operand) being sent
         # Countersigned receipts travel to their workers off the job's critical path: a dead
         # worker must not delay the result by a delivery timeout.
@@ -558,7 +550,6 @@ class Scheduler:
         if not job.done.is_set():
             raise JobFailed("every worker failed or was caught cheating before the job finished")
         output = kernel.assemble([job.outputs[i] for i in range(len(job.ranges))])
-        self._post_countersigns()
         return JobResult(
             job_id=job.job_id,
             kernel=spec.kernel,
@@ -583,27 +574,27 @@ class Scheduler:
                 scope.cancel()
                 return
 
-    def _post_countersigns(self) -> None:
-        batch, self.pending_countersigns = self.pending_countersigns, []
-        for item in batch:
-            try:
-                self._outbox_send.send_nowait(item)
-            except trio.WouldBlock:
-                log.warning("countersign outbox full: receipt kept locally only")
+    async def settle(self, worker: str, receipt: Receipt) -> Receipt:
+        """Countersign an accepted shard's receipt, store it, queue it for its worker."""
+        complete = countersign(self.identity, receipt)
+        await trio.to_thread.run_sync(self.receipts.add, complete)
+        self.scores.setdefault(worker, WorkerScore()).accepted += 1
+        try:
+            self._outbox_send.send_nowait((worker, complete))
+        except trio.WouldBlock:
+            log.warning("countersign outbox full: receipt kept locally only")
+        return complete
 
-    async def courier(self) -> None:
+    async def courier(self, deliverers: int = 8) -> None:
         """Deliver countersigned receipts to their workers, a few at a time (run by the node)."""
-        limiter = trio.CapacityLimiter(8)
 
-        async def deliver(worker: str, receipt: Receipt) -> None:
-            async with limiter:
+        async def deliver_forever() -> None:
+            async for worker, receipt in self._outbox:
                 await self._deliver(worker, receipt)
 
         async with trio.open_nursery() as nursery:
-            async for worker, receipt in self._outbox:
-                await limiter.acquire()  # back-pressure: at most 8 deliveries in flight
-                limiter.release()
-                nursery.start_soon(deliver, worker, receipt)
+            for _ in range(deliverers):
+                nursery.start_soon(deliver_forever)
 
     async def _deliver(self, worker: str, receipt: Receipt) -> None:
         try:

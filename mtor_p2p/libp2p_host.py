@@ -521,11 +521,6 @@ class Libp2pNetwork:
                 return None
         return None
 
-    def dht_local_value(self, key: str) -> bytes | None:
-        """The value this host's own DHT store holds for ``key`` (no network traffic)."""
-        record = self._dht.value_store.get(key.encode())
-        return None if record is None else bytes(record.value)
-
     async def provide(self, key: str) -> None:
         """Announce that this node provides ``key``."""
         await self._dht.provide(_key_to_provider_key(key))

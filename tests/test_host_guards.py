@@ -293,3 +293,13 @@ async def test_announced_address_reaches_identify_and_our_addresses():
             with trio.fail_after(10):
                 while not any(a.startswith(public) for a in other.peer_addrs(tunnelled.peer_id)):
                     await trio.sleep(0.05)
+
+
+async def test_provider_records_are_found_by_other_hosts():
+    async with open_networks(4) as networks:
+        with trio.fail_after(10):
+            while any(n.routing_table_size() == 0 for n in networks):
+                await trio.sleep(0.05)
+        await networks[2].provide("/mtor/operand/abc")
+        assert networks[2].peer_id in await networks[3].find_providers("/mtor/operand/abc")
+        assert await networks[1].find_providers("/mtor/operand/nobody", timeout=3) == []

@@ -9,6 +9,7 @@ Exit codes (stable, for scripts):
 3     no running node answers on the data directory
 4     the ngrok tunnel could not be opened
 5     the devnet did not converge before its timeout
+6     ``ledger verify`` found a problem (a record, a balance or a checkpoint)
 ====  ======================================================================
 """
 
@@ -26,6 +27,8 @@ from mtor_p2p import __version__
 from mtor_p2p.config import ConfigError, NodeConfig, load_config
 from mtor_p2p.control import ControlClient, ControlError, NodeNotRunning
 from mtor_p2p.identity import IdentityError, load_or_create_identity
+from mtor_p2p.ledger.store import LedgerError
+from mtor_p2p.wire import RecordError
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -33,6 +36,7 @@ EXIT_USAGE = 2
 EXIT_NOT_RUNNING = 3
 EXIT_NGROK = 4
 EXIT_NOT_CONVERGED = 5
+EXIT_LEDGER_BAD = 6
 
 GIB = 1 << 30
 
@@ -102,6 +106,10 @@ def _config_from(args: argparse.Namespace) -> NodeConfig:
         config.bootstrap_node = True
     if getattr(args, "ngrok", False):
         config.ngrok.enabled = True
+    if getattr(args, "genesis", None) is not None:
+        config.genesis = args.genesis.expanduser()
+    if getattr(args, "fixed_price", False):
+        config.dynamic_price = False
     config.validate()
     return config
 
@@ -171,7 +179,7 @@ def _exit_for(exc: BaseException) -> int:
         if isinstance(leaf, NgrokError):
             print(f"mtor-peer: ngrok: {leaf}", file=sys.stderr)
             return EXIT_NGROK
-        if isinstance(leaf, ConfigError | IdentityError):
+        if isinstance(leaf, ConfigError | IdentityError | LedgerError | RecordError):
             print(f"mtor-peer: error: {leaf}", file=sys.stderr)
             return EXIT_USAGE
         if isinstance(leaf, OSError):
@@ -180,6 +188,162 @@ def _exit_for(exc: BaseException) -> int:
     logging.getLogger(__name__).error("node failed", exc_info=exc)
     print(f"mtor-peer: error: {_leaves(exc)[0]!r}", file=sys.stderr)
     return EXIT_FAILURE
+
+
+# -- ledger -----------------------------------------------------------------------------------
+
+
+def _ledger_call(args: argparse.Namespace, method: str, path: str, payload: Any = None) -> Any:
+    """Ask the running node; None when no node runs on the data directory."""
+    try:
+        return _client(args).call(method, path, payload)
+    except NodeNotRunning:
+        return None
+
+
+def _offline_ledger(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The data directory's ledger and identity, for when the node is stopped."""
+    from mtor_p2p.node import open_ledger
+
+    config = _config_from(args)
+    return open_ledger(config), load_or_create_identity(config.data_dir)
+
+
+def cmd_balance(args: argparse.Namespace) -> int:
+    """Show this peer's balance and stake, derived from the ledger's verified records."""
+    from mtor_p2p.ledger.genesis import nano_to_credits
+
+    summary = _ledger_call(args, "GET", "/v1/ledger/balance" + ("?all=1" if args.all else ""))
+    source = "running node"
+    if summary is None:
+        from mtor_p2p.node import ledger_summary
+
+        ledger, identity = _offline_ledger(args)
+        try:
+            summary = ledger_summary(ledger, identity.peer_id)
+            if args.all:
+                state = ledger.state()
+                peers = sorted(set(state.balances) | set(state.stakes))
+                summary["accounts"] = {p: state.account(p) for p in peers}
+        finally:
+            ledger.close()
+        source = "data directory (node stopped)"
+    summary["source"] = source
+    if args.json:
+        print(json.dumps(summary, indent=2, sort_keys=True))
+        return EXIT_OK
+    c = nano_to_credits
+    print(f"peer       {summary['peer_id']}")
+    print(f"network    {summary['network']} (genesis {summary['genesis'][:16]}…)")
+    print(f"balance    {c(summary['balance'])} credits (can spend {c(summary['spendable'])})")
+    print(f"stake      {c(summary['stake'])} credits   slashed {c(summary['slashed'])}")
+    print(
+        f"ledger     {summary['entries']} entries, {summary['receipts']} receipts, "
+        f"{summary['checkpoints']} checkpoints; supply {c(summary['supply'])}, "
+        f"staked {c(summary['staked'])}, burned {c(summary['burned'])}"
+    )
+    print(f"source     {source}")
+    for peer, account in summary.get("accounts", {}).items():
+        print(
+            f"  {'…' + peer[-12:]:<14} balance {c(account['balance']):>18}  "
+            f"stake {c(account['stake']):>14}  slashed {c(account['slashed']):>10}"
+        )
+    return EXIT_OK
+
+
+def cmd_stake(args: argparse.Namespace) -> int:
+    """Stake credits: they back this peer's work and are slashed if it is proven to cheat."""
+    from mtor_p2p.ledger.genesis import credits_to_nano, nano_to_credits
+
+    try:
+        amount = credits_to_nano(args.amount)
+    except ValueError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from exc
+    if amount <= 0:
+        raise CliError("the amount must be positive", EXIT_USAGE)
+    try:
+        result = _ledger_call(args, "POST", "/v1/ledger/stake", {"amount": amount})
+    except ControlError as exc:
+        raise CliError(f"stake refused: {exc}") from exc
+    if result is None:
+        result = _stake_offline(args, amount)
+    if args.json:
+        print(json.dumps(result, indent=2, sort_keys=True))
+    else:
+        print(
+            f"staked {nano_to_credits(amount)} credits: stake now "
+            f"{nano_to_credits(result['stake'])}, balance {nano_to_credits(result['balance'])}"
+        )
+    return EXIT_OK
+
+
+def _stake_offline(args: argparse.Namespace, amount: int) -> dict[str, Any]:
+    """Sign the stake into the stopped node's ledger; peers pull it once the node runs."""
+    import os
+    import time
+
+    from mtor_p2p.ledger.entries import decode_entry, make_stake
+
+    ledger, identity = _offline_ledger(args)
+    try:
+        balance = ledger.account(identity.peer_id)["balance"]
+        if amount > balance:
+            raise CliError(f"stake refused: balance is {balance} nano-credits")
+        wire = make_stake(
+            identity, amount, round(time.time(), 3), ledger.genesis_hash, os.urandom(8).hex()
+        )
+        result = ledger.ingest([wire])
+        if result.invalid:
+            raise CliError(f"stake refused: {result.invalid[0]}")
+        entry = decode_entry(wire, ledger.genesis_hash)
+        return {"entry": entry.entry_id, "amount": amount, **ledger.account(identity.peer_id)}
+    finally:
+        ledger.close()
+
+
+def cmd_ledger(args: argparse.Namespace) -> int:
+    """Audit the ledger (verify) or prove that a receipt is in a checkpoint (prove)."""
+    if args.action == "verify":
+        report = _ledger_call(args, "GET", "/v1/ledger/verify")
+        if report is None:
+            ledger, _ = _offline_ledger(args)
+            try:
+                report = ledger.verify()
+            finally:
+                ledger.close()
+        if args.json:
+            print(json.dumps(report, indent=2, sort_keys=True))
+        else:
+            counts = ", ".join(f"{n} {k}" for k, n in sorted(report["entries"].items()))
+            print(f"entries      {counts or 'none'}: every signature re-checked")
+            print(f"supply       {report['supply']} nc, balances+stakes+burned {report['total']}")
+            for cp in report["checkpoints"]:
+                print(
+                    f"checkpoint   epoch {cp['epoch']}: {cp['count']} receipts, "
+                    f"{cp['signers']} signers ({cp['weight_bps'] / 100:.1f}% of stake), "
+                    f"signature {'ok' if cp['signature_ok'] else 'BAD'}, "
+                    f"{'matches' if cp['matches_local'] else 'differs from'} the local set"
+                )
+            for problem in report["problems"]:
+                print(f"problem      {problem}")
+            print("ledger OK" if report["ok"] else "ledger has problems")
+        return EXIT_OK if report["ok"] else EXIT_LEDGER_BAD
+    if not args.entry:
+        raise CliError("ledger prove needs a receipt entry ID", EXIT_USAGE)
+    try:
+        proof = _ledger_call(args, "GET", f"/v1/ledger/prove?id={args.entry}")
+    except ControlError as exc:
+        raise CliError(str(exc)) from exc
+    if proof is None:
+        ledger, _ = _offline_ledger(args)
+        try:
+            proof = ledger.prove(args.entry)
+        except LedgerError as exc:
+            raise CliError(str(exc)) from exc
+        finally:
+            ledger.close()
+    print(json.dumps(proof, indent=2, sort_keys=True))
+    return EXIT_OK
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -348,7 +512,7 @@ def build_parser() -> argparse.ArgumentParser:
             "through the Kademlia DHT and gossips its signed GPU capacity."
         ),
         epilog="Exit codes: 0 ok, 1 failure, 2 usage/config, 3 node not running, 4 ngrok, "
-        "5 devnet not converged. Start with: mtor-peer devnet --peers 4",
+        "5 devnet not converged, 6 ledger check failed. Start with: mtor-peer devnet --peers 4",
     )
     parser.add_argument("--version", action="version", version=f"mtor-peer {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -378,7 +542,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--region", help="region code shown in the capacity record (e.g. WEU)")
     p.add_argument("--gpu", choices=["auto", "none"], help="use GPUs found through NVML, or none")
-    p.add_argument("--price", type=float, help="asking price, credits per TFLOP delivered")
+    p.add_argument(
+        "--price", type=float, help="starting asking price, credits per TFLOP delivered"
+    )
+    p.add_argument(
+        "--fixed-price", action="store_true", help="keep the price fixed (no utilisation rule)"
+    )
+    p.add_argument(
+        "--genesis",
+        type=Path,
+        help="the network's genesis file (default: the data dir's copy, else the shipped one)",
+    )
     p.add_argument("--ngrok", action="store_true", help="open an ngrok TCP tunnel and announce it")
     p.add_argument(
         "--bootstrap-node",
@@ -457,6 +631,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_receipts)
 
     p = sub.add_parser(
+        "balance",
+        help="show this peer's credits and stake",
+        description=(
+            "Show this peer's balance, stake and slashed credits, derived from the verified "
+            "receipts, stakes and fault proofs in its ledger; from the running node, or from "
+            "the data directory when the node is stopped. Amounts in credits (JSON: "
+            "nano-credits, 1 credit = 10^9)."
+        ),
+    )
+    _add_data_dir(p)
+    p.add_argument("--all", action="store_true", help="also list every account in the ledger")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_balance)
+
+    p = sub.add_parser(
+        "stake",
+        help="stake credits behind this peer's work",
+        description=(
+            "Lock AMOUNT credits of this peer's balance as stake. Staked peers sign epoch "
+            "checkpoints; a proven fault slashes part of the stake (see docs/ledger.md). "
+            "Stake stays locked: this version has no unstaking."
+        ),
+    )
+    _add_data_dir(p)
+    p.add_argument("amount", help="credits to stake, e.g. 10 or 2.5")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_stake)
+
+    p = sub.add_parser(
+        "ledger",
+        help="audit the ledger or prove a receipt's inclusion",
+        description=(
+            "verify: re-check every stored record's signatures (and fault proofs), recompute "
+            "every balance from the records, check that the supply is conserved and that every "
+            "checkpoint's aggregate BLS signature verifies; exit 6 on any problem. "
+            "prove ENTRY: a Merkle path from a receipt to its epoch's signed checkpoint."
+        ),
+    )
+    _add_data_dir(p)
+    p.add_argument("action", choices=["verify", "prove"])
+    p.add_argument("entry", nargs="?", help="prove: the receipt's entry ID (blake3 hex)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_ledger)
+
+    p = sub.add_parser(
         "devnet",
         help="run N local peers on loopback until Ctrl-C",
         description=(
@@ -495,7 +714,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (ConfigError, IdentityError) as exc:
+    except (ConfigError, IdentityError, LedgerError, RecordError) as exc:
         print(f"mtor-peer: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except NodeNotRunning as exc:

@@ -7,7 +7,9 @@ Example ``mtor.toml``::
     bootstrap = ["/ip4/203.0.113.7/tcp/4001/p2p/12D3KooW..."]
     region = "WEU"
     gpu = "auto"            # or "none"
-    price = 1.0             # credits per TFLOP of delivered work
+    price = 1.0             # starting price, credits per TFLOP of delivered work
+    dynamic_price = true    # move the price with utilisation (the genesis's rule)
+    genesis = "genesis.json"  # default: the data dir's copy, else bootstrap/genesis.json
     bootstrap_node = false  # raise connection limits when serving as a bootstrap peer
 
     [ngrok]
@@ -55,6 +57,10 @@ class NodeConfig:
     region: str = DEFAULT_REGION
     gpu: str = "auto"
     price: float = 1.0
+    #: Move the asking price with utilisation by the genesis's price rule (false: fixed).
+    dynamic_price: bool = True
+    #: The network's genesis file; None: the data directory's copy, else the shipped one.
+    genesis: Path | None = None
     bootstrap_node: bool = False
     max_connections: int = 300
     api_port: int = 0  # 0: any free port, written to <data_dir>/control.json
@@ -111,6 +117,7 @@ _SIMPLE_TYPES: dict[str, type] = {
     "region": str,
     "gpu": str,
     "price": float,
+    "dynamic_price": bool,
     "bootstrap_node": bool,
     "max_connections": int,
     "api_port": int,
@@ -148,6 +155,8 @@ def load_config(path: Path | None) -> NodeConfig:
     for key, value in data.items():
         if key == "data_dir":
             config.data_dir = Path(_checked(key, value, str)).expanduser()
+        elif key == "genesis":
+            config.genesis = Path(_checked(key, value, str)).expanduser()
         elif key == "ngrok":
             if not isinstance(value, dict):
                 raise ConfigError("[ngrok] must be a table")

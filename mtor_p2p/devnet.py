@@ -41,6 +41,8 @@ REGIONS = (
 )
 START_TIMEOUT = 60.0
 STOP_TIMEOUT = 10.0
+#: Credits each devnet peer starts with, so that it can pay for jobs and stake.
+DEVNET_ALLOCATION = 1000
 
 
 @dataclass
@@ -69,6 +71,25 @@ class Devnet:
         self.processes: list[subprocess.Popen[bytes]] = []
         self.peers: list[DevnetPeer] = []
 
+    def write_genesis(self, peers: int) -> Path:
+        """The devnet's genesis: credits for every peer and short epochs, so that a user sees
+        balances move and checkpoints signed within a minute. Reused if the directory has one.
+        """
+        from mtor_p2p.identity import load_or_create_identity
+        from mtor_p2p.ledger.genesis import GENESIS_FILE_NAME, NANO, Genesis, LedgerParams
+
+        path = self.base_dir / GENESIS_FILE_NAME
+        if path.exists():
+            return path
+        allocations = {}
+        for index in range(peers):
+            data_dir = self.base_dir / f"peer-{index}"
+            data_dir.mkdir(parents=True, exist_ok=True)
+            allocations[load_or_create_identity(data_dir).peer_id] = DEVNET_ALLOCATION * NANO
+        params = LedgerParams(epoch_seconds=30.0, checkpoint_delay=5.0, price_interval=10.0)
+        Genesis("mtor-devnet", allocations, params).save(path)
+        return path
+
     def start_peer(self, index: int, bootstrap: str | None) -> DevnetPeer:
         """Start peer ``index`` and wait until its control API is up."""
         data_dir = self.base_dir / f"peer-{index}"
@@ -85,6 +106,7 @@ class Devnet:
             "--record-ttl", str(self.record_ttl),
             "--announce-interval", str(self.announce_interval),
             "--log-level", self.log_level,
+            "--genesis", str(self.base_dir / "genesis.json"),
         ]  # fmt: skip
         if bootstrap:
             command += ["--bootstrap", bootstrap]
@@ -191,6 +213,8 @@ def run_devnet(
     started = time.monotonic()
     code = EXIT_OK
     try:
+        root.mkdir(parents=True, exist_ok=True)
+        devnet.write_genesis(peers)
         first = devnet.start_peer(0, None)
         devnet.wait_started(first, time.monotonic() + START_TIMEOUT)
         bootstrap = first.addrs[0] if first.addrs else None
@@ -227,6 +251,9 @@ def run_devnet(
             data_dir = devnet.peers[0].data_dir
             print(f"inspect a peer:  mtor-peer peers --data-dir {data_dir}")
             print(f"run a job:       mtor-peer submit matmul --m 1024 --data-dir {data_dir}")
+            print(f"see credits:     mtor-peer balance --all --data-dir {data_dir}")
+            print(f"stake some:      mtor-peer stake 10 --data-dir {data_dir}")
+            print(f"audit:           mtor-peer ledger verify --data-dir {data_dir}")
             print("                 (from a checkout: ./mtor peers ..., ./mtor submit ...)")
             print("Ctrl-C stops every peer", flush=True)
         while not stop_requested:

@@ -14,7 +14,7 @@ import logging
 import os
 import random
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +35,14 @@ from mtor_p2p.compute.worker import WorkerService
 from mtor_p2p.config import NodeConfig
 from mtor_p2p.control import INFO_FILE_NAME, ControlServer, load_or_create_token
 from mtor_p2p.identity import Identity, load_or_create_identity
+from mtor_p2p.ledger.entries import receipt_entry_id
+from mtor_p2p.ledger.genesis import GENESIS_FILE_NAME, Genesis, load_genesis, nano_to_credits
+from mtor_p2p.ledger.pricing import next_price
+from mtor_p2p.ledger.service import LedgerService
+from mtor_p2p.ledger.store import LEDGER_FILE_NAME, Ledger, LedgerError
 from mtor_p2p.libp2p_host import HostSettings, Libp2pNetwork
 from mtor_p2p.network import NetworkError
+from mtor_p2p.wire import RecordError
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +64,15 @@ class Node:
     """A running MTOR peer. Create it with :meth:`open`."""
 
     def __init__(
-        self, config: NodeConfig, identity: Identity, network: Libp2pNetwork, clock: NetClock
+        self,
+        config: NodeConfig,
+        identity: Identity,
+        network: Libp2pNetwork,
+        clock: NetClock,
+        ledger: Ledger,
     ) -> None:
         self.config = config
+        self.price = config.price
         self.identity = identity
         self.network = network
         self.clock = clock
@@ -71,14 +83,24 @@ class Node:
         self.stopped = trio.Event()  # set when someone asks the node to stop
         self.operands = OperandStore(max_bytes=config.operand_cache_mib << 20)
         self.receipts = ReceiptStore(config.data_dir / "receipts.sqlite")
+        self.ledger = ledger
+        self.ledger_service = LedgerService(
+            network,
+            identity,
+            clock,
+            ledger,
+            sync_interval=min(10.0, ledger.genesis.params.epoch_seconds / 2),
+        )
         self.worker = WorkerService(
             network,
             identity,
             clock,
             self.operands,
             self.receipts,
-            price=lambda: self.config.price,
+            price=lambda: self.price,
             fault_rate=config.fault_rate,
+            credit=self.ledger_service.available_credit,
+            on_receipt=self._worker_receipt,
         )
         self.worker.register()
         self.capacity = CapacityService(
@@ -92,7 +114,16 @@ class Node:
             ),
         )
         self.scheduler = Scheduler(network, identity, clock, self.capacity.view, self.receipts)
+        self.scheduler.on_settled = self.ledger_service.record_receipt
+        self.scheduler.on_fault = self._record_fault
         self.jobs = JobBoard(self)
+
+    async def _worker_receipt(self, receipt: Any) -> None:
+        # The requester gossips it; the worker only enters its copy (sync repairs gaps).
+        await self.ledger_service.record_receipt(receipt, announce=False)
+
+    async def _record_fault(self, proof: bytes) -> None:
+        await self.ledger_service.record_fault(proof)
 
     @property
     def peer_id(self) -> str:
@@ -115,7 +146,7 @@ class Node:
             tflops=round(self.tflops, 6),
             mem_free=sum(d.mem_free for d in self.devices),
             load=round(load, 3),
-            price=self.config.price,
+            price=round(self.price, 6),
             kernels=self.worker.kernels,
         )
 
@@ -149,6 +180,19 @@ class Node:
         )
         return await self.scheduler.run(spec, progress=progress)
 
+    async def _price_loop(self) -> None:
+        """Move the asking price with our utilisation (the genesis's rule, a pure function)."""
+        rule = self.ledger.genesis.params.price
+        interval = self.ledger.genesis.params.price_interval
+        busy_before, then = self.worker.stats.compute_seconds, trio.current_time()
+        while True:
+            await trio.sleep(interval)
+            busy, now = self.worker.stats.compute_seconds, trio.current_time()
+            utilisation = (busy - busy_before) / max(1e-9, (now - then) * self.worker.slots)
+            busy_before, then = busy, now
+            self.price = next_price(self.price, utilisation, rule)
+            self.capacity.request_announce()
+
     async def _probe_loop(self) -> None:
         while True:
             await trio.sleep(PROBE_INTERVAL)
@@ -170,8 +214,11 @@ class Node:
             max_connections=config.max_connections,
         )
         tunnels = None
-        async with Libp2pNetwork.open(identity, settings) as network:
-            node = cls(config, identity, network, NetClock())
+        ledger = open_ledger(config)
+        async with AsyncExitStack() as stack:
+            stack.callback(ledger.close)
+            network = await stack.enter_async_context(Libp2pNetwork.open(identity, settings))
+            node = cls(config, identity, network, NetClock(), ledger)
             node.devices, node.tflops = tuple(devices), tflops
             try:
                 if config.ngrok.enabled:
@@ -183,6 +230,9 @@ class Node:
                     nursery.start_soon(node._mesh_loop)
                     nursery.start_soon(node._probe_loop)
                     nursery.start_soon(node.scheduler.courier)
+                    await nursery.start(node.ledger_service.run)
+                    if config.dynamic_price:
+                        nursery.start_soon(node._price_loop)
                     api_port = await nursery.start(node._serve_control)
                     node._write_control_info(api_port)
                     try:
@@ -279,6 +329,7 @@ class Node:
                 **self.worker.stats.__dict__,
             },
             "receipts": self.receipts.count(),
+            "ledger": self.ledger_summary(),
             "pid": os.getpid(),
         }
 
@@ -303,9 +354,49 @@ class Node:
         return 200, {
             "count": self.receipts.count(),
             "receipts": [
-                {**r.body.to_json(), "cost": r.body.cost, "complete": r.complete} for r in receipts
+                {
+                    **r.body.to_json(),
+                    "cost": r.body.cost,
+                    "complete": r.complete,
+                    # the ledger's ID of the receipt (for `mtor-peer ledger prove`)
+                    "entry": receipt_entry_id(r) if r.complete else None,
+                }
+                for r in receipts
             ],
         }
+
+    def ledger_summary(self) -> dict[str, Any]:
+        """Our account and the ledger's totals (amounts in nano-credits)."""
+        return ledger_summary(self.ledger, self.peer_id) | {
+            "price": self.price,
+            "sync": dict(self.ledger_service.stats),
+        }
+
+    async def _route_balance(self, query: dict[str, str], body: Any) -> tuple[int, Any]:
+        summary = await trio.to_thread.run_sync(self.ledger_summary)
+        if query.get("all"):
+            state = self.ledger.state()
+            peers = sorted(set(state.balances) | set(state.stakes))
+            summary["accounts"] = {p: state.account(p) for p in peers}
+        return 200, summary
+
+    async def _route_stake(self, query: dict[str, str], body: Any) -> tuple[int, Any]:
+        amount = body.get("amount") if isinstance(body, dict) else None
+        if isinstance(amount, bool) or not isinstance(amount, int) or amount <= 0:
+            return 400, {"error": "amount must be a positive integer of nano-credits"}
+        try:
+            return 200, await self.ledger_service.stake(amount)
+        except RecordError as exc:
+            return 409, {"error": str(exc)}
+
+    async def _route_ledger_verify(self, query: dict[str, str], body: Any) -> tuple[int, Any]:
+        return 200, await trio.to_thread.run_sync(self.ledger.verify)
+
+    async def _route_ledger_prove(self, query: dict[str, str], body: Any) -> tuple[int, Any]:
+        try:
+            return 200, await trio.to_thread.run_sync(self.ledger.prove, query.get("id", ""))
+        except LedgerError as exc:
+            return 404, {"error": str(exc)}
 
     async def _route_shutdown(self, query: dict[str, str], body: Any) -> tuple[int, Any]:
         self.stopped.set()
@@ -322,6 +413,10 @@ class Node:
                 ("POST", "/v1/jobs"): self.jobs.route_submit,
                 ("GET", "/v1/jobs"): self.jobs.route_status,
                 ("GET", "/v1/receipts"): self._route_receipts,
+                ("GET", "/v1/ledger/balance"): self._route_balance,
+                ("POST", "/v1/ledger/stake"): self._route_stake,
+                ("GET", "/v1/ledger/verify"): self._route_ledger_verify,
+                ("GET", "/v1/ledger/prove"): self._route_ledger_prove,
             },
         )
         await server.serve(self.config.api_port, task_status=task_status)
@@ -346,3 +441,51 @@ class Node:
             (self.config.data_dir / INFO_FILE_NAME).unlink()
         except FileNotFoundError:
             pass
+
+
+def resolve_genesis(config: NodeConfig) -> Genesis:
+    """The node's genesis: ``config.genesis``, else the data directory's copy, else the one
+    shipped in ``bootstrap/``. The data directory keeps a copy so that the CLI can read the
+    ledger while the node is stopped."""
+    stored = config.data_dir / GENESIS_FILE_NAME
+    if config.genesis is not None:
+        genesis = load_genesis(config.genesis)
+    elif stored.exists():
+        genesis = load_genesis(stored)
+    else:
+        genesis = load_genesis(None)
+    return genesis
+
+
+def open_ledger(config: NodeConfig) -> Ledger:
+    """Open the data directory's ledger under the node's genesis (LedgerError if the ledger
+    belongs to another network) and keep a copy of that genesis beside it."""
+    genesis = resolve_genesis(config)
+    config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    ledger = Ledger(config.data_dir / LEDGER_FILE_NAME, genesis)
+    stored = config.data_dir / GENESIS_FILE_NAME
+    if not stored.exists() or load_genesis(stored).hash != genesis.hash:
+        genesis.save(stored)
+    return ledger
+
+
+def ledger_summary(ledger: Ledger, peer_id: str) -> dict[str, Any]:
+    """What ``mtor-peer balance`` shows: one account and the ledger's totals."""
+    state = ledger.state()
+    account = state.account(peer_id)
+    params = ledger.genesis.params
+    return {
+        "peer_id": peer_id,
+        "network": ledger.genesis.network,
+        "genesis": ledger.genesis_hash,
+        **account,
+        "spendable": account["balance"] + params.credit_limit,
+        "credits": {k: nano_to_credits(v) for k, v in account.items()},
+        "supply": ledger.genesis.supply,
+        "total": state.total(),
+        "burned": state.burned,
+        "staked": sum(state.stakes.values()),
+        "receipts": state.receipts,
+        "entries": ledger.count(),
+        "checkpoints": ledger.count("checkpoint"),
+    }

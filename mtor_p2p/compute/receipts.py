@@ -58,12 +58,23 @@ class ReceiptBody:
         """Credits owed by the requester to the worker for this shard."""
         return self.price * self.flops / 1e12
 
+    @property
+    def cost_nano(self) -> int:
+        """The same in nano-credits, as the ledger counts it: computed in IEEE doubles and
+        rounded, which gives the same integer on every peer."""
+        return shard_cost_nano(self.price, self.flops)
+
     def to_json(self) -> dict[str, Any]:
         """The body as a JSON-ready dict."""
         return asdict(self)
 
 
 _BODY_FIELDS = set(ReceiptBody.__dataclass_fields__)
+
+
+def shard_cost_nano(price: float, flops: int) -> int:
+    """Nano-credits for ``flops`` at ``price`` credits per TFLOP."""
+    return round(price * flops / 1e3)
 
 
 def _check_hex(value: Any, name: str) -> str:

@@ -14,7 +14,7 @@ import logging
 import math
 import os
 import statistics
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +32,7 @@ from mtor_p2p.compute.arrays import meta_of
 from mtor_p2p.compute.faults import make_fault_proof
 from mtor_p2p.compute.receipt_store import ReceiptStore
 from mtor_p2p.compute.receipts import Receipt, countersign
+from mtor_p2p.compute.worker import CREDIT_REFUSED
 from mtor_p2p.identity import Identity
 from mtor_p2p.network import Network, NetworkError, RemoteError
 from mtor_p2p.wire import canonical_json
@@ -134,6 +135,12 @@ class WorkerScore:
     failed: int = 0
     rejected: int = 0
     seconds: list[float] = field(default_factory=list)
+    delivered: list[float] = field(default_factory=list)  # TFLOP/s of accepted shards, recent
+
+    def delivered_tflops(self) -> float | None:
+        """Median TFLOP/s this worker delivered on our shards (network and queueing included);
+        None before its first accepted shard."""
+        return statistics.median(self.delivered) if self.delivered else None
 
     def penalty(self) -> float:
         """Multiplier on the price per TFLOP/s: failures cost, cheating costs a lot."""
@@ -187,6 +194,7 @@ class _JobRun:
         self.reissued = 0
         self.hedged = 0
         self.fault_proofs: list[bytes] = []
+        self.credit_refusal: str | None = None
         self.durations: list[float] = []
         self.done = trio.Event()
         self.wakeup = trio.Event()
@@ -258,7 +266,18 @@ class _JobRun:
                     return
                 seconds = trio.current_time() - record.started
                 await self._judge(worker, index, operands, answer, seconds)
-        except (NetworkError, RemoteError, client.WorkerMisbehaved, trio.TooSlowError) as exc:
+        except RemoteError as exc:
+            if str(exc).startswith(CREDIT_REFUSED):
+                # Not the worker's fault: it sees that we have spent our credit. Other
+                # workers may see an older balance; each refuses once and is left alone.
+                self.credit_refusal = str(exc)
+                self.banned.add(worker)
+                self.requeue(index, reissue=False)
+            else:
+                score.failed += 1
+                log.info("shard %d on %s failed: %s", index, worker[-8:], exc)
+                self.requeue(index)
+        except (NetworkError, client.WorkerMisbehaved, trio.TooSlowError) as exc:
             score.failed += 1
             log.info("shard %d on %s failed: %s", index, worker[-8:], exc)
             if isinstance(exc, client.WorkerMisbehaved):
@@ -388,7 +407,10 @@ class _JobRun:
         )
         self.outputs[index] = output
         self.durations.append(seconds)
-        self.s.scores[worker].seconds.append(seconds)
+        score = self.s.scores[worker]
+        score.seconds.append(seconds)
+        flops = receipt.body.flops
+        score.delivered = [*score.delivered[-31:], flops / max(seconds, 1e-9) / 1e12]
         for other in self.running.get(index, []):
             if other.worker != worker:
                 other.scope.cancel()  # the hedged twin is no longer needed
@@ -421,6 +443,8 @@ class _JobRun:
         self.fault_proofs.append(proof)
         proof_id = f"{self.job_id}:{index}:{worker}"
         await trio.to_thread.run_sync(self.s.receipts.add_fault_proof, proof_id, worker, proof)
+        if self.s.on_fault is not None:
+            await self.s.on_fault(proof)
         log.warning("rejected shard %d from %s: fault proof recorded", index, worker[-8:])
         if requeue:
             self.requeue(index)
@@ -478,6 +502,9 @@ class Scheduler:
         self.receipts = receipts
         self.max_in_flight = max_in_flight
         self.scores: dict[str, WorkerScore] = {}
+        #: Called with each countersigned receipt and each fault proof (the ledger's intake).
+        self.on_settled: Callable[[Receipt], Awaitable[None]] | None = None
+        self.on_fault: Callable[[bytes], Awaitable[None]] | None = None
         self.uploads: dict[tuple[str, str], trio.Event] = {}  # (worker, operand) being sent
         # Countersigned receipts travel to their workers off the job's critical path: a dead
         # worker must not delay the result by a delivery timeout.
@@ -486,8 +513,9 @@ class Scheduler:
     def choose_workers(self, spec: JobSpec) -> list[CapacityRecord]:
         """Workers able to run ``spec.kernel`` within its price, best value first.
 
-        Value is price per measured TFLOP/s, weighted by what this requester has seen of the
-        worker (failures and rejected results); peers caught cheating are left out.
+        Value is price per delivered TFLOP/s (measured on our own past shards; the advertised
+        benchmark figure until there are some), weighted by what this requester has seen of
+        the worker (failures and rejected results); peers caught cheating are left out.
         """
         query = CapacityQuery(kernel=spec.kernel, max_price=spec.max_price)
         candidates = [
@@ -499,7 +527,8 @@ class Scheduler:
 
         def value(record: CapacityRecord) -> float:
             score = self.scores.get(record.peer_id, WorkerScore())
-            price_per_speed = (record.price + 1e-6) / max(record.tflops, 1e-6)
+            speed = score.delivered_tflops() or record.tflops
+            price_per_speed = (record.price + 1e-6) / max(speed, 1e-6)
             return price_per_speed * score.penalty() * (1 + record.load)
 
         return sorted(candidates, key=value)[: spec.max_workers]
@@ -548,6 +577,8 @@ class Scheduler:
         if deadline.cancelled_caught:
             raise JobFailed(f"job did not finish within {spec.deadline:.0f} s")
         if not job.done.is_set():
+            if job.credit_refusal is not None:
+                raise JobFailed(f"workers refused the job: {job.credit_refusal}")
             raise JobFailed("every worker failed or was caught cheating before the job finished")
         output = kernel.assemble([job.outputs[i] for i in range(len(job.ranges))])
         return JobResult(
@@ -578,6 +609,8 @@ class Scheduler:
         """Countersign an accepted shard's receipt, store it, queue it for its worker."""
         complete = countersign(self.identity, receipt)
         await trio.to_thread.run_sync(self.receipts.add, complete)
+        if self.on_settled is not None:
+            await self.on_settled(complete)
         self.scores.setdefault(worker, WorkerScore()).accepted += 1
         try:
             self._outbox_send.send_nowait((worker, complete))

@@ -12,7 +12,7 @@ import functools
 import logging
 import random
 import re
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,7 +42,13 @@ from mtor_p2p.compute.protocol import (
     PROTOCOL_UPLOAD,
 )
 from mtor_p2p.compute.receipt_store import ReceiptStore
-from mtor_p2p.compute.receipts import ReceiptBody, decode_receipt, sign_as_worker
+from mtor_p2p.compute.receipts import (
+    Receipt,
+    ReceiptBody,
+    decode_receipt,
+    shard_cost_nano,
+    sign_as_worker,
+)
 from mtor_p2p.identity import Identity
 from mtor_p2p.network import Network, RemoteError
 from mtor_p2p.wire import RecordError
@@ -50,6 +56,10 @@ from mtor_p2p.wire import RecordError
 log = logging.getLogger(__name__)
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
+#: How a refusal for lack of credit starts, so that requesters can tell it apart.
+CREDIT_REFUSED = "credit refused"
+#: Work done but never countersigned stops counting against a requester's credit after this.
+OWED_MEMORY_SECONDS = 600.0
 UPLOAD_IDLE_TIMEOUT = 60.0
 RUN_TIMEOUT = 600.0
 
@@ -70,6 +80,7 @@ class WorkerStats:
     uploads_refused: int = 0
     bytes_received: int = 0
     corrupted_on_purpose: int = 0
+    credit_refusals: int = 0
     compute_seconds: float = 0.0
     active: int = 0
     by_kernel: dict[str, int] = field(default_factory=dict)
@@ -102,6 +113,8 @@ class WorkerService:
         backend: Backend | None = None,
         fault_rate: float = 0.0,
         slots: int = 1,
+        credit: Callable[[str], int] | None = None,
+        on_receipt: Callable[[Receipt], Awaitable[None]] | None = None,
     ) -> None:
         self._network = network
         self._identity = identity
@@ -116,6 +129,12 @@ class WorkerService:
         self.slots = slots
         self._pending: dict[tuple[str, str], _PendingUpload] = {}
         self.stats = WorkerStats()
+        # Credit control: ``credit(requester)`` is what the ledger lets that requester still
+        # spend (nano-credits); work this worker did for it that is not yet countersigned
+        # counts against that too. None: serve everyone (no ledger).
+        self._credit = credit
+        self._on_receipt = on_receipt
+        self._owed: dict[str, dict[tuple[str, int], tuple[float, int]]] = {}
 
     @property
     def kernels(self) -> tuple[str, ...]:
@@ -232,6 +251,8 @@ class WorkerService:
             kernel.check_operands(arrays)
         except KernelError as exc:
             raise RemoteError(f"bad operands for {kernel_name}: {exc}") from exc
+        price = float(self._price())
+        self._check_credit(sender, shard_cost_nano(price, int(kernel.flops(arrays))))
         started = self._clock.now()
         self.stats.active += 1
         try:
@@ -270,9 +291,12 @@ class WorkerService:
             ended=max(ended, started),
             worker=self._identity.peer_id,
             requester=sender,
-            price=float(self._price()),
+            price=price,
         )
         receipt = sign_as_worker(self._identity, body)
+        if self._credit is not None:
+            owed = self._owed.setdefault(sender, {})
+            owed[(job_id, shard)] = (trio.current_time(), body.cost_nano)
         self.stats.shards_run += 1
         self.stats.compute_seconds += ended - started
         self.stats.by_kernel[kernel_name] = self.stats.by_kernel.get(kernel_name, 0) + 1
@@ -284,6 +308,22 @@ class WorkerService:
             },
             payload,
         )
+
+    def _check_credit(self, requester: str, cost: int) -> None:
+        """Refuse a shard whose cost the requester cannot cover (raises RemoteError)."""
+        if self._credit is None:
+            return
+        owed = self._owed.get(requester, {})
+        now = trio.current_time()
+        for key in [k for k, (since, _) in owed.items() if now - since > OWED_MEMORY_SECONDS]:
+            del owed[key]  # never countersigned: the requester rejected or dropped it
+        available = self._credit(requester) - sum(cost for _, cost in owed.values())
+        if cost > available:
+            self.stats.credit_refusals += 1
+            raise RemoteError(
+                f"{CREDIT_REFUSED}: this shard costs {cost} nano-credits, "
+                f"the requester can spend {max(0, available)}"
+            )
 
     def _corrupt(self, output: np.ndarray) -> np.ndarray:
         self.stats.corrupted_on_purpose += 1
@@ -316,4 +356,7 @@ class WorkerService:
         if receipt.body.worker != self._identity.peer_id or receipt.body.requester != sender:
             raise RemoteError("receipt names other peers")
         stored = await trio.to_thread.run_sync(self.receipts.add, receipt)
+        self._owed.get(sender, {}).pop((receipt.body.job_id, receipt.body.shard), None)
+        if self._on_receipt is not None:
+            await self._on_receipt(receipt)
         return pack({"stored": stored})

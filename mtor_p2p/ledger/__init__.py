@@ -1,0 +1,1 @@
+"""The ledger: credits from receipts, stake, slashing and signed checkpoints."""

@@ -1,0 +1,302 @@
+"""Ledger entries: the signed records the ledger is made of, and their one wire form.
+
+An entry on the wire is one tag byte and the record's own canonical bytes:
+
+====  ============  ==================================================  ==========
+tag   kind          record                                              limit
+====  ============  ==================================================  ==========
+R     receipt       a countersigned contribution receipt (compute)      4 KiB
+F     fault         a fault proof (compute.faults)                      16 MiB
+S     stake         "mtor/stake" envelope signed by the staker          2 KiB
+V     vote          a staked peer's BLS signature on an epoch's root    1 KiB
+C     checkpoint    the votes of one root aggregated into one signature 64 KiB
+====  ============  ==================================================  ==========
+
+An entry's ID is the blake3 hash of its wire bytes, so inserting the same entry twice is a
+no-op. Decoding checks everything that needs no ledger state (format, size, Ed25519
+signatures, the fault proof's recomputation). Votes and checkpoints also need the signers' BLS
+keys, which come from their stake entries: :class:`~mtor_p2p.ledger.store.Ledger` checks those.
+
+Every entry has a position in time (``at``) that orders its effect on balances the same way on
+every peer: a receipt's end time, a stake's signed time, and for a fault proof the end time of
+the accused worker's own signed claim (so that neither reporter nor worker picks it).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import blake3
+
+from mtor_p2p.compute.faults import verify_fault_proof
+from mtor_p2p.compute.receipts import Receipt, decode_receipt
+from mtor_p2p.identity import Identity, public_key_from_peer_id
+from mtor_p2p.ledger import bls
+from mtor_p2p.ledger.genesis import MAX_AMOUNT
+from mtor_p2p.wire import RecordError, canonical_json, open_envelope, parse_canonical, seal
+
+STAKE_TYPE = "mtor/stake"
+VOTE_TYPE = "mtor/vote"
+CHECKPOINT_TYPE = "mtor/checkpoint"
+VERSION = 1
+MAX_SIGNERS = 1000
+
+KINDS = {b"R": "receipt", b"F": "fault", b"S": "stake", b"V": "vote", b"C": "checkpoint"}
+TAGS = {kind: tag for tag, kind in KINDS.items()}
+LIMITS = {
+    "receipt": 4096,
+    "fault": 16 << 20,
+    "stake": 2048,
+    "vote": 1024,
+    "checkpoint": 64 * 1024,
+}
+#: Largest wire entry of any kind (tag byte included).
+MAX_ENTRY_BYTES = max(LIMITS.values()) + 1
+#: Rank of each kind among entries at the same instant (the balance fold's tie-break).
+RANKS = {"receipt": 0, "stake": 1, "fault": 2, "vote": 3, "checkpoint": 3}
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_CHECKPOINT_DOMAIN = b"mtor/checkpoint/v1\n"
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A decoded, statelessly verified ledger entry.
+
+    ``payer``/``payee``/``amount`` say how the entry moves credits: a receipt moves ``amount``
+    from the requester (payer) to the worker (payee); a stake locks ``amount`` of the payer's;
+    a fault slashes the payer (the accused worker) and pays the payee (the reporter) a share.
+    """
+
+    kind: str
+    wire: bytes
+    at: float
+    payer: str = ""
+    payee: str = ""
+    amount: int = 0
+    #: fault: blake3 of the accused claim (one slash per wrong result); vote/checkpoint: root
+    claim: str = ""
+    epoch: int = -1
+    count: int = 0
+    signers: tuple[str, ...] = ()
+    signature: bytes = b""
+    bls_key: bytes = b""
+
+    @property
+    def entry_id(self) -> str:
+        """blake3 hex of the wire bytes."""
+        return blake3.blake3(self.wire).hexdigest()
+
+    @property
+    def rank(self) -> int:
+        """Tie-break among entries with the same ``at``."""
+        return RANKS[self.kind]
+
+
+def receipt_cost(receipt: Receipt) -> int:
+    """Nano-credits a receipt moves: ``price`` credits per TFLOP times its FLOPs."""
+    return receipt.body.cost_nano
+
+
+def checkpoint_message(genesis_hash: str, epoch: int, root: str, count: int) -> bytes:
+    """What a staked peer signs (BLS) to vouch for an epoch's receipt set."""
+    body = {"genesis": genesis_hash, "epoch": epoch, "root": root, "count": count}
+    return _CHECKPOINT_DOMAIN + canonical_json(body)
+
+
+# -- making entries ------------------------------------------------------------------------
+
+
+def receipt_entry(receipt: Receipt) -> bytes:
+    """Wire form of a countersigned receipt."""
+    return b"R" + receipt.encode()
+
+
+def receipt_entry_id(receipt: Receipt) -> str:
+    """The ledger's ID of a countersigned receipt."""
+    return blake3.blake3(receipt_entry(receipt)).hexdigest()
+
+
+def fault_entry(proof: bytes) -> bytes:
+    """Wire form of a fault proof."""
+    return b"F" + proof
+
+
+def make_stake(identity: Identity, amount: int, at: float, genesis_hash: str, nonce: str) -> bytes:
+    """A signed stake entry: ``amount`` nano-credits locked, with the staker's BLS key."""
+    secret = bls.derive_secret(identity.seed)
+    backend = bls.default_backend()
+    body = {
+        "genesis": genesis_hash,
+        "amount": amount,
+        "at": at,
+        "nonce": nonce,
+        "bls": base64.b64encode(backend.public_key(secret)).decode("ascii"),
+        "pop": base64.b64encode(backend.pop_prove(secret)).decode("ascii"),
+    }
+    return b"S" + seal(identity, STAKE_TYPE, body)
+
+
+def make_vote(identity: Identity, genesis_hash: str, epoch: int, root: str, count: int) -> bytes:
+    """A staked peer's BLS signature on an epoch's receipt root."""
+    secret = bls.derive_secret(identity.seed)
+    signature = bls.default_backend().sign(
+        secret, checkpoint_message(genesis_hash, epoch, root, count)
+    )
+    body = {
+        "t": VOTE_TYPE,
+        "v": VERSION,
+        "genesis": genesis_hash,
+        "epoch": epoch,
+        "root": root,
+        "count": count,
+        "signer": identity.peer_id,
+        "sig": base64.b64encode(signature).decode("ascii"),
+    }
+    return b"V" + canonical_json(body)
+
+
+def make_checkpoint(
+    genesis_hash: str, epoch: int, root: str, count: int, votes: dict[str, bytes]
+) -> bytes:
+    """Aggregate votes (signer -> BLS signature, all on the same root) into a checkpoint."""
+    signers = sorted(votes)
+    aggregate = bls.default_backend().aggregate([votes[s] for s in signers])
+    body = {
+        "t": CHECKPOINT_TYPE,
+        "v": VERSION,
+        "genesis": genesis_hash,
+        "epoch": epoch,
+        "root": root,
+        "count": count,
+        "signers": signers,
+        "sig": base64.b64encode(aggregate).decode("ascii"),
+    }
+    return b"C" + canonical_json(body)
+
+
+# -- decoding ------------------------------------------------------------------------------
+
+
+def _b64(value: Any, what: str, length: int) -> bytes:
+    if not isinstance(value, str):
+        raise RecordError(f"{what} must be base64")
+    try:
+        raw = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise RecordError(f"{what} is not base64") from exc
+    if len(raw) != length:
+        raise RecordError(f"{what} must be {length} bytes")
+    return raw
+
+
+def _int(value: Any, what: str, low: int = 0, high: int = MAX_AMOUNT) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value < high:
+        raise RecordError(f"{what} must be an integer in [{low}, {high})")
+    return value
+
+
+def _time(value: Any, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1e11:
+        raise RecordError(f"{what} must be a time in seconds since the epoch")
+    return float(value)
+
+
+def _peer(value: Any, what: str) -> str:
+    if not isinstance(value, str) or len(value) > 64:
+        raise RecordError(f"{what} must be a peer ID")
+    try:
+        public_key_from_peer_id(value)
+    except ValueError as exc:
+        raise RecordError(f"{what} is not an Ed25519 peer ID") from exc
+    return value
+
+
+def _check_genesis(value: Any, genesis_hash: str) -> None:
+    if value != genesis_hash:
+        raise RecordError("entry belongs to another network (genesis hash differs)")
+
+
+def _root_fields(obj: dict[str, Any], genesis_hash: str) -> tuple[int, str, int]:
+    _check_genesis(obj["genesis"], genesis_hash)
+    epoch = _int(obj["epoch"], "epoch", 0, 2**40)
+    root = obj["root"]
+    if not isinstance(root, str) or not _HEX64.match(root):
+        raise RecordError("root must be 64 lowercase hex characters")
+    count = _int(obj["count"], "count", 1, 2**40)
+    return epoch, root, count
+
+
+def decode_entry(wire: bytes, genesis_hash: str) -> Entry:
+    """Decode and check an entry as far as no ledger state is needed (raises RecordError)."""
+    if not wire:
+        raise RecordError("empty entry")
+    kind = KINDS.get(wire[:1])
+    if kind is None:
+        raise RecordError(f"unknown entry tag {wire[:1]!r}")
+    if len(wire) - 1 > LIMITS[kind]:
+        raise RecordError(f"{kind} entry is {len(wire) - 1} bytes, limit is {LIMITS[kind]}")
+    data = wire[1:]
+    if kind == "receipt":
+        receipt = decode_receipt(data, require_complete=True)
+        body = receipt.body
+        return Entry(kind, wire, body.ended, body.requester, body.worker, receipt_cost(receipt))
+    if kind == "fault":
+        try:
+            proof = verify_fault_proof(data)
+        except RecordError:
+            raise
+        except Exception as exc:  # a hostile proof must cost its sender an error, nothing more
+            raise RecordError(f"fault proof does not check: {type(exc).__name__}") from exc
+        claim = blake3.blake3(proof.claim.encode()).hexdigest()
+        return Entry(kind, wire, proof.claim.body.ended, proof.worker, proof.reporter, 0, claim)
+    if kind == "stake":
+        envelope = open_envelope(data, expected_type=STAKE_TYPE, max_bytes=LIMITS[kind])
+        body = envelope.body
+        if set(body) != {"genesis", "amount", "at", "nonce", "bls", "pop"}:
+            raise RecordError("stake must have exactly genesis, amount, at, nonce, bls, pop")
+        _check_genesis(body["genesis"], genesis_hash)
+        if not isinstance(body["nonce"], str) or not 0 < len(body["nonce"]) <= 64:
+            raise RecordError("nonce must be a string of 1-64 characters")
+        key = _b64(body["bls"], "bls key", bls.PUBLIC_KEY_BYTES)
+        pop = _b64(body["pop"], "proof of possession", bls.SIGNATURE_BYTES)
+        # The proof of possession stops rogue-key attacks on aggregated checkpoints.
+        if not bls.default_backend().pop_verify(key, pop):
+            raise RecordError("BLS proof of possession does not verify")
+        return Entry(
+            kind,
+            wire,
+            _time(body["at"], "at"),
+            envelope.signer,
+            "",
+            _int(body["amount"], "amount", 1),
+            bls_key=key,
+        )
+    obj = parse_canonical(data, max_bytes=LIMITS[kind])
+    if kind == "vote":
+        fields = {"t", "v", "genesis", "epoch", "root", "count", "signer", "sig"}
+        if not isinstance(obj, dict) or set(obj) != fields:
+            raise RecordError(f"vote must have exactly the fields {sorted(fields)}")
+        if obj["t"] != VOTE_TYPE or obj["v"] != VERSION:
+            raise RecordError("not a version 1 vote")
+        epoch, root, count = _root_fields(obj, genesis_hash)
+        signer = _peer(obj["signer"], "signer")
+        signature = _b64(obj["sig"], "signature", bls.SIGNATURE_BYTES)
+        return Entry(kind, wire, 0.0, signer, "", 0, root, epoch, count, (signer,), signature)
+    fields = {"t", "v", "genesis", "epoch", "root", "count", "signers", "sig"}
+    if not isinstance(obj, dict) or set(obj) != fields:
+        raise RecordError(f"checkpoint must have exactly the fields {sorted(fields)}")
+    if obj["t"] != CHECKPOINT_TYPE or obj["v"] != VERSION:
+        raise RecordError("not a version 1 checkpoint")
+    epoch, root, count = _root_fields(obj, genesis_hash)
+    signers = obj["signers"]
+    if not isinstance(signers, list) or not 0 < len(signers) <= MAX_SIGNERS:
+        raise RecordError(f"signers must list 1-{MAX_SIGNERS} peers")
+    checked = tuple(_peer(s, "signer") for s in signers)
+    if list(checked) != sorted(set(checked)):
+        raise RecordError("signers must be sorted and distinct")
+    signature = _b64(obj["sig"], "signature", bls.SIGNATURE_BYTES)
+    return Entry(kind, wire, 0.0, "", "", 0, root, epoch, count, checked, signature)

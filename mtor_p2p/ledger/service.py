@@ -1,0 +1,357 @@
+"""The ledger on the network: gossip of new entries, pull sync of missed ones, checkpoints.
+
+* **Gossip**: new receipts, stakes, votes and checkpoints are published on
+  ``mtor/ledger/1/<genesis prefix>`` (one topic per network) and validated before they are
+  forwarded. Fault proofs can be megabytes and travel by sync only.
+* **Pull sync** (``/mtor/ledger/sync/1``): a peer asks another for the entries it stored after
+  a cursor, in the remote's own arrival order, a few MiB per request, and remembers the cursor
+  per remote ledger instance. Every connected peer is pulled once when it is first seen, and a
+  random one every ``sync_interval``; so anything one peer holds reaches every peer connected to
+  it, whatever gossip dropped, and sets converge.
+* **Checkpoints**: once an epoch is ``checkpoint_delay`` old, each staked peer signs the Merkle
+  root of the receipts it holds for that epoch (a vote, BLS); any peer that sees votes for the
+  same root from signers holding the quorum of stake aggregates them into one checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from collections.abc import Callable
+from typing import Any
+
+import trio
+
+from mtor_p2p.clock import NetClock
+from mtor_p2p.compute.arrays import pack, unpack
+from mtor_p2p.compute.receipts import Receipt
+from mtor_p2p.identity import Identity
+from mtor_p2p.ledger.entries import (
+    KINDS,
+    Entry,
+    decode_entry,
+    fault_entry,
+    make_checkpoint,
+    make_stake,
+    make_vote,
+    receipt_entry,
+)
+from mtor_p2p.ledger.store import IngestResult, Ledger
+from mtor_p2p.network import Message, Network, NetworkError, RemoteError
+from mtor_p2p.wire import RecordError, canonical_json, parse_canonical
+
+log = logging.getLogger(__name__)
+
+SYNC_PROTOCOL = "/mtor/ledger/sync/1"
+MAX_GOSSIP_ENTRY = 60 * 1024
+SYNC_BATCH_BYTES = 4 << 20
+SYNC_BATCH_COUNT = 2000
+#: One response holds at least one entry, and a fault proof may reach 16 MiB.
+MAX_SYNC_RESPONSE = (16 << 20) + SYNC_BATCH_BYTES + (64 << 10)
+
+
+def ledger_topic(genesis_hash: str) -> str:
+    """The gossip topic of one network's ledger."""
+    return f"mtor/ledger/1/{genesis_hash[:16]}"
+
+
+class LedgerService:
+    """Runs one node's ledger on ``network``."""
+
+    def __init__(
+        self,
+        network: Network,
+        identity: Identity,
+        clock: NetClock,
+        ledger: Ledger,
+        *,
+        sync_interval: float = 10.0,
+        checkpoint_tick: float = 2.0,
+    ) -> None:
+        self._network = network
+        self._identity = identity
+        self._clock = clock
+        self.ledger = ledger
+        self.genesis = ledger.genesis
+        self.topic = ledger_topic(ledger.genesis_hash)
+        self.sync_interval = sync_interval
+        self.checkpoint_tick = checkpoint_tick
+        self._synced: set[str] = set()
+        self._instances: dict[str, str] = {}
+        self._voted: dict[int, str] = {}
+        self.stats: dict[str, int] = {
+            "gossip_in": 0,
+            "gossip_rejected": 0,
+            "synced_entries": 0,
+            "sync_failures": 0,
+            "votes": 0,
+            "checkpoints_made": 0,
+        }
+        self.on_change: Callable[[], None] | None = None
+        network.handle(SYNC_PROTOCOL, self._serve_sync, max_request_bytes=4096, timeout=30)
+        network.set_topic_validator(self.topic, self._accept_gossip)
+
+    # -- entries we make -------------------------------------------------------------------
+
+    async def _store(self, wires: list[bytes]) -> IngestResult:
+        result = await trio.to_thread.run_sync(self.ledger.ingest, wires)
+        if result.new and self.on_change is not None:
+            self.on_change()
+        return result
+
+    async def _store_and_announce(self, wire: bytes) -> IngestResult:
+        result = await self._store([wire])
+        if result.invalid:
+            raise RecordError(result.invalid[0])
+        if result.new and len(wire) <= MAX_GOSSIP_ENTRY:
+            try:
+                await self._network.publish(self.topic, wire)
+            except NetworkError as exc:  # sync will carry it
+                log.info("ledger gossip failed: %s", exc)
+        return result
+
+    async def record_receipt(self, receipt: Receipt, *, announce: bool = True) -> None:
+        """Enter a countersigned receipt (and gossip it when ``announce``)."""
+        wire = receipt_entry(receipt)
+        if announce:
+            await self._store_and_announce(wire)
+        else:
+            await self._store([wire])
+
+    async def record_fault(self, proof: bytes) -> bool:
+        """Enter a fault proof (peers fetch it by sync); False if the ledger refused it."""
+        wire = fault_entry(proof)
+        if len(wire) - 1 > 16 << 20:
+            log.warning("fault proof of %d bytes is too large for the ledger", len(wire))
+            return False
+        result = await self._store([wire])
+        return not result.invalid
+
+    async def stake(self, amount: int) -> dict[str, Any]:
+        """Stake ``amount`` nano-credits of our balance (raises RecordError if we cannot)."""
+        params = self.genesis.params
+        if amount < params.min_stake:
+            raise RecordError(f"the smallest stake is {params.min_stake} nano-credits")
+        available = self.ledger.account(self._identity.peer_id)["balance"]
+        if amount > available:
+            raise RecordError(f"balance is {available} nano-credits, cannot stake {amount}")
+        wire = await trio.to_thread.run_sync(
+            make_stake,
+            self._identity,
+            amount,
+            round(self._clock.now(), 3),
+            self.ledger.genesis_hash,
+            os.urandom(8).hex(),
+        )
+        await self._store_and_announce(wire)
+        entry = decode_entry(wire, self.ledger.genesis_hash)
+        return {"entry": entry.entry_id, "amount": amount, **self.ledger.account(entry.payer)}
+
+    def available_credit(self, peer: str) -> int:
+        """What ``peer`` may still spend: its balance plus the network's credit limit."""
+        return self.ledger.account(peer)["balance"] + self.genesis.params.credit_limit
+
+    # -- gossip ----------------------------------------------------------------------------
+
+    def _accept_gossip(self, sender: str, data: bytes) -> bool:
+        kind = KINDS.get(data[:1])
+        if kind is None or kind == "fault" or len(data) > MAX_GOSSIP_ENTRY:
+            return False
+        try:
+            entry = decode_entry(data, self.ledger.genesis_hash)
+            reason = self.ledger.check_stateful(entry)
+        except RecordError as exc:
+            log.debug("rejected ledger gossip from %s: %s", sender[-8:], exc)
+            self.stats["gossip_rejected"] += 1
+            return False
+        if reason is not None:
+            self.stats["gossip_rejected"] += 1
+            return False
+        return True
+
+    async def _receive_loop(self, messages: trio.MemoryReceiveChannel[Message]) -> None:
+        batch: list[bytes] = []
+        async for message in messages:
+            if message.sender == self._identity.peer_id:
+                continue
+            batch.append(message.data)
+            # Take whatever else is queued too: one transaction for a burst of receipts.
+            while len(batch) < 256:
+                try:
+                    batch.append(messages.receive_nowait().data)
+                except trio.WouldBlock:
+                    break
+            self.stats["gossip_in"] += len(batch)
+            await self._store(batch)
+            batch = []
+
+    # -- pull sync -------------------------------------------------------------------------
+
+    async def _serve_sync(self, sender: str, request: bytes) -> bytes:
+        try:
+            query = parse_canonical(request, max_bytes=4096)
+        except RecordError as exc:
+            raise RemoteError(f"bad sync request: {exc}") from exc
+        if not isinstance(query, dict) or set(query) != {"after", "genesis", "instance", "max"}:
+            raise RemoteError("sync request must have exactly after, genesis, instance, max")
+        if query["genesis"] != self.ledger.genesis_hash:
+            raise RemoteError("different network: genesis hashes differ")
+        after, limit, instance = query["after"], query["max"], query["instance"]
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (after, limit)):
+            raise RemoteError("after and max must be integers")
+        if instance != self.ledger.instance:
+            after = 0  # the requester's cursor was for another copy of our ledger
+        limit = max(1024, min(limit, SYNC_BATCH_BYTES))
+        rows, more = await trio.to_thread.run_sync(
+            lambda: self.ledger.entries_after(
+                max(0, after), max_bytes=limit, max_count=SYNC_BATCH_COUNT
+            )
+        )
+        header = {
+            "instance": self.ledger.instance,
+            "next": rows[-1][0] if rows else max(0, after),
+            "more": more,
+            "sizes": [len(wire) for _, wire in rows],
+        }
+        return pack(header, b"".join(wire for _, wire in rows))
+
+    async def sync_from(self, peer: str, *, timeout: float = 30.0) -> int:
+        """Pull every entry ``peer`` holds that we lack; the number of new entries."""
+        new = 0
+        while True:
+            instance = self._instances.get(peer, "")
+            after = self.ledger.cursor(peer, instance) if instance else 0
+            request = canonical_json(
+                {
+                    "after": after,
+                    "genesis": self.ledger.genesis_hash,
+                    "instance": instance,
+                    "max": SYNC_BATCH_BYTES,
+                }
+            )
+            response = await self._network.request(
+                peer, SYNC_PROTOCOL, request, timeout=timeout, max_response_bytes=MAX_SYNC_RESPONSE
+            )
+            header, body = unpack(response)
+            sizes, more, next_seq = header.get("sizes"), header.get("more"), header.get("next")
+            remote_instance = header.get("instance")
+            if (
+                not isinstance(sizes, list)
+                or not all(isinstance(s, int) and s > 0 for s in sizes)
+                or sum(sizes) != len(body)
+                or not isinstance(more, bool)
+                or not isinstance(next_seq, int)
+                or not isinstance(remote_instance, str)
+                or not 0 < len(remote_instance) <= 64
+            ):
+                raise RecordError("malformed sync response")
+            if remote_instance != instance:
+                # First contact, or the peer's ledger was replaced: our cursor restarts there.
+                self._instances[peer] = remote_instance
+                if instance and after:
+                    continue
+            wires, offset = [], 0
+            for size in sizes:
+                wires.append(body[offset : offset + size])
+                offset += size
+            result = await self._store(wires)
+            new += result.new
+            self.stats["synced_entries"] += result.new
+            if result.invalid:
+                log.info("sync from %s: %d invalid entries", peer[-8:], len(result.invalid))
+            self.ledger.set_cursor(peer, remote_instance, next_seq)
+            if not more:
+                return new
+
+    async def _sync_loop(self) -> None:
+        last_random = trio.current_time()
+        while True:
+            await trio.sleep(1.0)
+            peers = self._network.connected_peers()
+            targets = [p for p in peers if p not in self._synced]
+            if peers and trio.current_time() - last_random >= self.sync_interval:
+                targets.append(random.choice(peers))
+                last_random = trio.current_time()
+            for peer in dict.fromkeys(targets):
+                try:
+                    with trio.fail_after(120):
+                        await self.sync_from(peer)
+                    self._synced.add(peer)
+                except (NetworkError, RemoteError, RecordError, trio.TooSlowError) as exc:
+                    self.stats["sync_failures"] += 1
+                    self._synced.add(peer)  # retried by the periodic pull, not every second
+                    log.info("ledger sync from %s failed: %s", peer[-8:], exc)
+
+    # -- checkpoints -----------------------------------------------------------------------
+
+    def closed_epoch(self, now: float) -> int:
+        """The newest epoch that may be checkpointed at ``now`` (-1 if none)."""
+        params = self.genesis.params
+        return int((now - params.checkpoint_delay) // params.epoch_seconds) - 1
+
+    async def checkpoint_step(self) -> None:
+        """Vote on closed epochs (if we are staked) and aggregate votes that reach quorum."""
+        me = self._identity.peer_id
+        closed = self.closed_epoch(self._clock.now())
+        recent = [e for e in self.ledger.receipt_epochs() if closed - 3 < e <= closed]
+        state = self.ledger.state()
+        if state.stakes.get(me, 0) > 0 and self.ledger.bls_key(me) is not None:
+            for epoch in recent:
+                if epoch in self._voted:
+                    continue
+                root, count = await trio.to_thread.run_sync(self.ledger.epoch_root, epoch)
+                wire = await trio.to_thread.run_sync(
+                    make_vote, self._identity, self.ledger.genesis_hash, epoch, root, count
+                )
+                await self._store_and_announce(wire)
+                self._voted[epoch] = root
+                self.stats["votes"] += 1
+        for epoch in recent:
+            await self._maybe_aggregate(epoch)
+
+    async def _maybe_aggregate(self, epoch: int) -> None:
+        votes = await trio.to_thread.run_sync(self.ledger.votes, epoch)
+        groups: dict[tuple[str, int], dict[str, Entry]] = {}
+        for vote in votes:
+            groups.setdefault((vote.claim, vote.count), {})[vote.payer] = vote
+        state = self.ledger.state()
+        total = sum(state.stakes.values())
+        if not total:
+            return
+        held = await trio.to_thread.run_sync(self.ledger.checkpoints, epoch)
+        for (root, count), by_signer in groups.items():
+            weight = sum(state.stakes.get(s, 0) for s in by_signer)
+            if weight * 10_000 < self.genesis.params.quorum_bps * total:
+                continue
+            signers = set(by_signer)
+            if any(c.entry.claim == root and signers <= set(c.entry.signers) for c in held):
+                continue
+            wire = make_checkpoint(
+                self.ledger.genesis_hash,
+                epoch,
+                root,
+                count,
+                {s: v.signature for s, v in by_signer.items()},
+            )
+            await self._store_and_announce(wire)
+            self.stats["checkpoints_made"] += 1
+
+    async def _checkpoint_loop(self) -> None:
+        while True:
+            await trio.sleep(self.checkpoint_tick * random.uniform(0.8, 1.2))
+            try:
+                await self.checkpoint_step()
+            except RecordError as exc:
+                log.warning("checkpoint step failed: %s", exc)
+
+    # -- running ---------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run gossip, sync and checkpoint loops until cancelled."""
+        messages = await self._network.subscribe(self.topic, buffer=4096)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._receive_loop, messages)
+            nursery.start_soon(self._sync_loop)
+            nursery.start_soon(self._checkpoint_loop)
+            task_status.started()

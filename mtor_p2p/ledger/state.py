@@ -1,0 +1,109 @@
+"""Balances derived from a set of entries: one pure fold, the same on every peer.
+
+The fold visits receipts, stakes and fault proofs in one canonical order, ``(at, rank,
+entry_id)``, whatever order they arrived in, so two peers holding the same set compute the same
+state. The rules:
+
+* **receipt**: the requester pays the worker the receipt's cost. Balances may go negative (down
+  to the credit limit, which workers enforce when they accept work, not the ledger).
+* **stake**: moves ``amount`` from the staker's balance to its stake, if the balance covers it
+  at that point of the fold and the amount is at least ``min_stake``; otherwise the entry is kept
+  but has no effect (``ineffective``). Stake is locked: this version has no unstaking.
+* **fault**: the first proof (in fold order) against a given signed claim slashes
+  ``slash_bps`` of the accused worker's stake at that point; ``reporter_bps`` of the slashed
+  amount goes to the reporter, the rest is burned. Later proofs of the same claim do nothing.
+
+Every rule moves credits between balances, stakes and the burned pool, so
+``sum(balances) + sum(stakes) + burned == genesis supply`` always holds: no entry can create
+credits. All amounts are integers (nano-credits).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+from mtor_p2p.ledger.genesis import Genesis
+
+
+class Event(NamedTuple):
+    """What the fold needs of one entry, in sort order."""
+
+    at: float
+    rank: int
+    entry_id: str
+    kind: str
+    payer: str
+    payee: str
+    amount: int
+    claim: str
+
+
+@dataclass
+class LedgerState:
+    """Balances, stakes and burned credits after folding some events."""
+
+    genesis: Genesis
+    balances: dict[str, int] = field(default_factory=dict)
+    stakes: dict[str, int] = field(default_factory=dict)
+    burned: int = 0
+    slashed: dict[str, int] = field(default_factory=dict)  # peer -> total slashed
+    slashed_claims: set[str] = field(default_factory=set)
+    ineffective: list[str] = field(default_factory=list)  # entry IDs with no effect
+    receipts: int = 0
+    volume: int = 0  # nano-credits moved by receipts
+    last: tuple[float, int, str] | None = None  # sort key of the last event applied
+
+    def __post_init__(self) -> None:
+        if not self.balances:
+            self.balances = dict(self.genesis.allocations)
+
+    def apply(self, event: Event) -> None:
+        """Apply one event (callers apply events in sort order)."""
+        params = self.genesis.params
+        balances = self.balances
+        if event.kind == "receipt":
+            balances[event.payer] = balances.get(event.payer, 0) - event.amount
+            balances[event.payee] = balances.get(event.payee, 0) + event.amount
+            self.receipts += 1
+            self.volume += event.amount
+        elif event.kind == "stake":
+            if event.amount < params.min_stake or event.amount > balances.get(event.payer, 0):
+                self.ineffective.append(event.entry_id)
+            else:
+                balances[event.payer] -= event.amount
+                self.stakes[event.payer] = self.stakes.get(event.payer, 0) + event.amount
+        elif event.kind == "fault":
+            if event.claim in self.slashed_claims:
+                self.ineffective.append(event.entry_id)
+            else:
+                self.slashed_claims.add(event.claim)
+                stake = self.stakes.get(event.payer, 0)
+                slash = stake * params.slash_bps // 10_000
+                reward = slash * params.reporter_bps // 10_000
+                self.stakes[event.payer] = stake - slash
+                balances[event.payee] = balances.get(event.payee, 0) + reward
+                self.burned += slash - reward
+                self.slashed[event.payer] = self.slashed.get(event.payer, 0) + slash
+        self.last = (event.at, event.rank, event.entry_id)
+
+    def total(self) -> int:
+        """Balances + stakes + burned: equals the genesis supply in every reachable state."""
+        return sum(self.balances.values()) + sum(self.stakes.values()) + self.burned
+
+    def account(self, peer: str) -> dict[str, int]:
+        """One peer's balance, stake and slashed total (nano-credits)."""
+        return {
+            "balance": self.balances.get(peer, 0),
+            "stake": self.stakes.get(peer, 0),
+            "slashed": self.slashed.get(peer, 0),
+        }
+
+
+def fold(genesis: Genesis, events: Iterable[Event]) -> LedgerState:
+    """The state after applying ``events`` (any order) to ``genesis``."""
+    state = LedgerState(genesis)
+    for event in sorted(events):
+        state.apply(event)
+    return state

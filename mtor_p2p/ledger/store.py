@@ -1,0 +1,522 @@
+"""The ledger on disk: SQLite (WAL) in the data directory, holding only verified entries.
+
+Nothing but entries is stored: balances are derived from them (:mod:`mtor_p2p.ledger.state`)
+and kept in memory, updated entry by entry when entries arrive in order and recomputed from the
+table when one arrives out of order. Inserting an entry twice changes nothing (its ID is the
+hash of its bytes). Each insert batch is one transaction with ``synchronous=FULL``: once
+:meth:`Ledger.ingest` returns, its entries survive a crash or SIGKILL.
+
+The local sequence number (``seq``) orders entries by arrival here; pull sync hands them out
+by ``seq`` so that a peer can resume where it stopped (see :mod:`mtor_p2p.ledger.service`).
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import blake3
+
+from mtor_p2p.ledger import bls
+from mtor_p2p.ledger.entries import (
+    Entry,
+    checkpoint_message,
+    decode_entry,
+)
+from mtor_p2p.ledger.genesis import Genesis
+from mtor_p2p.ledger.merkle import (
+    inclusion_proof,
+    leaf_hash,
+    merkle_root,
+    verify_inclusion,
+)
+from mtor_p2p.ledger.state import Event, LedgerState
+from mtor_p2p.wire import RecordError
+
+LEDGER_FILE_NAME = "ledger.sqlite"
+_FOLD_KINDS = ("receipt", "stake", "fault")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS entries (
+    seq    INTEGER PRIMARY KEY,       -- arrival order here (the sync cursor)
+    id     TEXT NOT NULL UNIQUE,      -- blake3 of wire
+    kind   TEXT NOT NULL,
+    at     REAL NOT NULL,
+    rank   INTEGER NOT NULL,
+    payer  TEXT NOT NULL,
+    payee  TEXT NOT NULL,
+    amount INTEGER NOT NULL,
+    claim  TEXT NOT NULL,
+    epoch  INTEGER NOT NULL,          -- receipts: epoch of their end time; votes/checkpoints
+    bls    BLOB NOT NULL,             -- stake: BLS public key; vote: BLS signature
+    wire   BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS entries_kind_epoch ON entries(kind, epoch);
+CREATE TABLE IF NOT EXISTS sync_cursors (
+    peer     TEXT NOT NULL,
+    instance TEXT NOT NULL,
+    seq      INTEGER NOT NULL,
+    PRIMARY KEY (peer, instance)
+);
+"""
+
+
+class LedgerError(Exception):
+    """The ledger cannot be used as asked (another network's file, a closed ledger...)."""
+
+
+@dataclass
+class IngestResult:
+    """What one :meth:`Ledger.ingest` call did."""
+
+    new: int = 0
+    duplicate: int = 0
+    invalid: list[str] = field(default_factory=list)  # one reason per rejected entry
+    new_entries: list[Entry] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        """Counts for logs and the control API."""
+        return {"new": self.new, "duplicate": self.duplicate, "invalid": len(self.invalid)}
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """A stored checkpoint and what this ledger makes of it."""
+
+    entry: Entry
+    weight_bps: int  # signers' share of all stake now
+    final: bool  # weight reaches the genesis quorum
+    local_count: int  # receipts of that epoch held here
+    local_root: str
+
+    @property
+    def matches(self) -> bool:
+        """True if this ledger holds exactly the checkpointed receipt set."""
+        return self.local_root == self.entry.claim and self.local_count == self.entry.count
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return {
+            "epoch": self.entry.epoch,
+            "root": self.entry.claim,
+            "count": self.entry.count,
+            "signers": len(self.entry.signers),
+            "weight_bps": self.weight_bps,
+            "final": self.final,
+            "matches_local": self.matches,
+            "local_count": self.local_count,
+        }
+
+
+class Ledger:
+    """Verified ledger entries in one SQLite file, and the balances they imply."""
+
+    def __init__(self, path: Path, genesis: Genesis, *, backend: bls.BlsBackend | None = None):
+        self.path = Path(path)
+        self.genesis = genesis
+        self.genesis_hash = genesis.hash
+        self.bls = backend or bls.default_backend()
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")  # acknowledged means on disk
+        self._db.executescript(SCHEMA)
+        with self._db:
+            held = self._meta("genesis")
+            if held is None:
+                self._db.execute("INSERT INTO meta VALUES ('genesis', ?)", (self.genesis_hash,))
+                self._db.execute("INSERT INTO meta VALUES ('instance', ?)", (os.urandom(8).hex(),))
+        if held is not None and held != self.genesis_hash:
+            self._db.close()
+            raise LedgerError(
+                f"{self.path} belongs to the network with genesis {held[:16]}..., not "
+                f"{self.genesis_hash[:16]}... (use that genesis or another data directory)"
+            )
+        self.instance = self._meta("instance") or ""
+        self._keys: dict[str, bytes] = {}
+        for peer, key in self._db.execute(
+            "SELECT payer, bls FROM entries WHERE kind = 'stake' ORDER BY seq"
+        ):
+            self._keys.setdefault(peer, bytes(key))
+        self._state: LedgerState | None = None
+
+    def _meta(self, key: str) -> str | None:
+        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def close(self) -> None:
+        """Close the database."""
+        with self._lock:
+            self._db.close()
+
+    # -- writing ---------------------------------------------------------------------------
+
+    def ingest(self, wires: Iterable[bytes]) -> IngestResult:
+        """Verify and store entries (any kinds, any order); invalid ones are reported, not kept.
+
+        Returns once the new entries are durable.
+        """
+        result = IngestResult()
+        with self._lock:
+            candidates: dict[str, bytes] = {}
+            for wire in wires:
+                candidates.setdefault(blake3.blake3(wire).hexdigest(), bytes(wire))
+            held = self._existing(list(candidates))
+            result.duplicate = len(held)
+            decoded: list[Entry] = []
+            for entry_id, wire in candidates.items():
+                if entry_id in held:
+                    continue
+                try:
+                    decoded.append(decode_entry(wire, self.genesis_hash))
+                except RecordError as exc:
+                    result.invalid.append(str(exc))
+            with self._db:
+                for entry in decoded:
+                    reason = self.check_stateful(entry)
+                    if reason is not None:
+                        result.invalid.append(reason)
+                        continue
+                    self._insert(entry)
+                    if entry.kind == "stake":
+                        self._keys.setdefault(entry.payer, entry.bls_key)
+                    result.new_entries.append(entry)
+            result.new = len(result.new_entries)
+            self._advance(result.new_entries)
+        return result
+
+    def _existing(self, ids: Sequence[str]) -> set[str]:
+        held: set[str] = set()
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            rows = self._db.execute(f"SELECT id FROM entries WHERE id IN ({marks})", chunk)
+            held.update(row[0] for row in rows)
+        return held
+
+    def _insert(self, entry: Entry) -> None:
+        if entry.kind == "receipt":
+            epoch = int(entry.at // self.genesis.params.epoch_seconds)
+            key = b""
+        elif entry.kind in ("vote", "checkpoint"):
+            epoch = entry.epoch
+            key = entry.signature if entry.kind == "vote" else b""
+        else:
+            epoch, key = -1, entry.bls_key
+        self._db.execute(
+            "INSERT OR IGNORE INTO entries "
+            "(id, kind, at, rank, payer, payee, amount, claim, epoch, bls, wire) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                entry.entry_id,
+                entry.kind,
+                entry.at,
+                entry.rank,
+                entry.payer,
+                entry.payee,
+                entry.amount,
+                entry.claim,
+                epoch,
+                key,
+                entry.wire,
+            ),
+        )
+
+    def check_stateful(self, entry: Entry) -> str | None:
+        """The checks that need ledger state (BLS keys of vote and checkpoint signers): None
+        if ``entry`` passes, else the reason."""
+        with self._lock:
+            return self._check_stateful(entry)
+
+    def _check_stateful(self, entry: Entry) -> str | None:
+        if entry.kind == "vote":
+            key = self._keys.get(entry.payer)
+            if key is None:
+                return "vote from a peer that has not staked"
+            message = checkpoint_message(self.genesis_hash, entry.epoch, entry.claim, entry.count)
+            if not self.bls.verify(key, message, entry.signature):
+                return "vote signature does not verify"
+        elif entry.kind == "checkpoint":
+            return self._check_aggregate(entry)
+        return None
+
+    def _check_aggregate(self, entry: Entry) -> str | None:
+        keys = [self._keys.get(s) for s in entry.signers]
+        if any(k is None for k in keys):
+            return "checkpoint signed by a peer that has not staked"
+        message = checkpoint_message(self.genesis_hash, entry.epoch, entry.claim, entry.count)
+        if not self.bls.fast_aggregate_verify([k for k in keys if k], message, entry.signature):
+            return "checkpoint aggregate signature does not verify"
+        return None
+
+    def _advance(self, entries: list[Entry]) -> None:
+        """Keep the in-memory state current without a refold when entries come in order."""
+        for entry in entries:
+            if entry.kind not in _FOLD_KINDS:
+                continue
+            event = _event(entry)
+            if self._state is not None and (
+                self._state.last is None or event[:3] > self._state.last
+            ):
+                self._state.apply(event)
+            else:
+                self._state = None  # out of order: refold on the next read
+
+    def set_cursor(self, peer: str, instance: str, seq: int) -> None:
+        """Remember how far we have pulled from ``peer``'s ledger ``instance``."""
+        with self._lock, self._db:
+            self._db.execute(
+                "INSERT OR REPLACE INTO sync_cursors VALUES (?, ?, ?)", (peer, instance, seq)
+            )
+
+    def cursor(self, peer: str, instance: str) -> int:
+        """The last ``seq`` pulled from ``peer``'s ledger ``instance`` (0: none)."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT seq FROM sync_cursors WHERE peer = ? AND instance = ?", (peer, instance)
+            ).fetchone()
+        return 0 if row is None else int(row[0])
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def state(self) -> LedgerState:
+        """The balances after every stored entry (do not modify the returned object)."""
+        with self._lock:
+            if self._state is None:
+                self._state = self._refold()
+            return self._state
+
+    def _refold(self) -> LedgerState:
+        state = LedgerState(self.genesis)
+        rows = self._db.execute(
+            "SELECT at, rank, id, kind, payer, payee, amount, claim FROM entries "
+            "WHERE kind IN ('receipt', 'stake', 'fault') ORDER BY at, rank, id"
+        )
+        for row in rows:
+            state.apply(Event(*row))
+        return state
+
+    def account(self, peer: str) -> dict[str, int]:
+        """A peer's balance, stake and slashed total (nano-credits)."""
+        return self.state().account(peer)
+
+    def count(self, kind: str | None = None) -> int:
+        """Number of stored entries (of one kind)."""
+        with self._lock:
+            if kind is None:
+                row = self._db.execute("SELECT COUNT(*) FROM entries").fetchone()
+            else:
+                row = self._db.execute(
+                    "SELECT COUNT(*) FROM entries WHERE kind = ?", (kind,)
+                ).fetchone()
+        return int(row[0])
+
+    def last_seq(self) -> int:
+        """The highest local sequence number (0 when empty)."""
+        with self._lock:
+            row = self._db.execute("SELECT MAX(seq) FROM entries").fetchone()
+        return int(row[0] or 0)
+
+    def entries_after(
+        self, seq: int, *, max_bytes: int, max_count: int = 5000
+    ) -> tuple[list[tuple[int, bytes]], bool]:
+        """Entries with local ``seq`` above ``seq``, in order, up to ``max_bytes`` (at least
+        one), and whether more remain."""
+        out: list[tuple[int, bytes]] = []
+        size = 0
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT seq, wire FROM entries WHERE seq > ? ORDER BY seq LIMIT ?",
+                (seq, max_count + 1),
+            ).fetchall()
+        for number, wire in rows[:max_count]:
+            if out and size + len(wire) > max_bytes:
+                return out, True
+            out.append((int(number), bytes(wire)))
+            size += len(wire)
+        return out, len(rows) > max_count
+
+    def bls_key(self, peer: str) -> bytes | None:
+        """The BLS key a peer registered with its stake."""
+        with self._lock:
+            return self._keys.get(peer)
+
+    def epoch_receipts(self, epoch: int) -> list[bytes]:
+        """The canonical bytes of every receipt whose end time falls in ``epoch``."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT wire FROM entries WHERE kind = 'receipt' AND epoch = ?", (epoch,)
+            ).fetchall()
+        return [bytes(r[0])[1:] for r in rows]
+
+    def epoch_root(self, epoch: int) -> tuple[str, int]:
+        """The Merkle root (hex) and size of ``epoch``'s receipt set held here."""
+        leaves = [leaf_hash(r) for r in self.epoch_receipts(epoch)]
+        return merkle_root(leaves).hex(), len(leaves)
+
+    def receipt_epochs(self) -> list[int]:
+        """Epochs for which some receipt is held, ascending."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT DISTINCT epoch FROM entries WHERE kind = 'receipt' ORDER BY epoch"
+            ).fetchall()
+        return [int(r[0]) for r in rows]
+
+    def _decoded(self, kind: str, epoch: int | None) -> list[Entry]:
+        with self._lock:
+            if epoch is None:
+                rows = self._db.execute(
+                    "SELECT wire FROM entries WHERE kind = ? ORDER BY epoch, seq", (kind,)
+                ).fetchall()
+            else:
+                rows = self._db.execute(
+                    "SELECT wire FROM entries WHERE kind = ? AND epoch = ? ORDER BY seq",
+                    (kind, epoch),
+                ).fetchall()
+        return [decode_entry(bytes(r[0]), self.genesis_hash) for r in rows]
+
+    def votes(self, epoch: int) -> list[Entry]:
+        """Stored (verified) votes on ``epoch``."""
+        return self._decoded("vote", epoch)
+
+    def checkpoints(self, epoch: int | None = None) -> list[CheckpointInfo]:
+        """Stored (verified) checkpoints, with their weight and whether they match here."""
+        state = self.state()
+        total = sum(state.stakes.values())
+        infos = []
+        for entry in self._decoded("checkpoint", epoch):
+            weight = sum(state.stakes.get(s, 0) for s in entry.signers)
+            weight_bps = weight * 10_000 // total if total else 0
+            root, count = self.epoch_root(entry.epoch)
+            infos.append(
+                CheckpointInfo(
+                    entry,
+                    weight_bps,
+                    weight_bps >= self.genesis.params.quorum_bps,
+                    count,
+                    root,
+                )
+            )
+        return infos
+
+    def best_checkpoint(self, epoch: int) -> CheckpointInfo | None:
+        """The heaviest checkpoint of ``epoch`` (None if none)."""
+        infos = self.checkpoints(epoch)
+        return max(infos, key=lambda c: (c.weight_bps, len(c.entry.signers)), default=None)
+
+    def prove(self, entry_id: str) -> dict[str, Any]:
+        """A Merkle inclusion proof of a receipt against its epoch's checkpoint.
+
+        Raises LedgerError when the receipt is unknown or its epoch has no checkpoint that
+        contains it.
+        """
+        with self._lock:
+            row = self._db.execute(
+                "SELECT epoch, wire FROM entries WHERE id = ? AND kind = 'receipt'", (entry_id,)
+            ).fetchone()
+        if row is None:
+            raise LedgerError(f"no receipt {entry_id} in this ledger")
+        epoch, wire = int(row[0]), bytes(row[1])
+        leaves = [leaf_hash(r) for r in self.epoch_receipts(epoch)]
+        proof = inclusion_proof(leaves, leaf_hash(wire[1:]))
+        checkpoint = self.best_checkpoint(epoch)
+        root = merkle_root(leaves)
+        if checkpoint is None:
+            raise LedgerError(f"epoch {epoch} has no checkpoint yet")
+        if checkpoint.entry.claim != root.hex():
+            raise LedgerError(f"epoch {epoch}'s checkpoint covers a different receipt set")
+        assert verify_inclusion(proof, root)
+        return {
+            "receipt": entry_id,
+            "epoch": epoch,
+            "proof": proof.to_json(),
+            "checkpoint": checkpoint.to_json(),
+            "checkpoint_entry": checkpoint.entry.wire.hex(),
+        }
+
+    # -- auditing --------------------------------------------------------------------------
+
+    def verify(self) -> dict[str, Any]:
+        """Re-check everything from the stored bytes: every signature and fault proof, the
+        balances (refolded and compared), conservation of supply, and every checkpoint."""
+        problems: list[str] = []
+        with self._lock:
+            integrity = self._db.execute("PRAGMA integrity_check").fetchone()[0]
+            if integrity != "ok":
+                problems.append(f"sqlite integrity check: {integrity}")
+            rows = self._db.execute(
+                "SELECT id, kind, at, rank, payer, payee, amount, claim, wire FROM entries"
+            ).fetchall()
+        events: list[Event] = []
+        keys: dict[str, bytes] = {}
+        counts: dict[str, int] = {}
+        for entry_id, kind, at, rank, payer, payee, amount, claim, wire in rows:
+            wire = bytes(wire)
+            counts[kind] = counts.get(kind, 0) + 1
+            if blake3.blake3(wire).hexdigest() != entry_id:
+                problems.append(f"entry {entry_id[:16]}: bytes do not match its ID")
+                continue
+            try:
+                entry = decode_entry(wire, self.genesis_hash)
+            except RecordError as exc:
+                problems.append(f"entry {entry_id[:16]} ({kind}): {exc}")
+                continue
+            stored = (kind, at, rank, payer, payee, amount, claim)
+            derived = (
+                entry.kind, entry.at, entry.rank, entry.payer, entry.payee, entry.amount,
+                entry.claim,
+            )  # fmt: skip
+            if stored != derived:
+                problems.append(f"entry {entry_id[:16]}: stored columns disagree with its bytes")
+            if entry.kind == "stake":
+                keys.setdefault(entry.payer, entry.bls_key)
+            if entry.kind in _FOLD_KINDS:
+                events.append(_event(entry))
+        refolded = LedgerState(self.genesis)
+        for event in sorted(events):
+            refolded.apply(event)
+        current = self.state()
+        if (refolded.balances, refolded.stakes, refolded.burned) != (
+            current.balances,
+            current.stakes,
+            current.burned,
+        ):
+            problems.append("balances held in memory differ from a refold of the entries")
+        if refolded.total() != self.genesis.supply:
+            problems.append(
+                f"supply not conserved: {refolded.total()} != genesis {self.genesis.supply}"
+            )
+        checkpoints = []
+        for info in self.checkpoints():
+            reason = self._check_aggregate(info.entry)
+            if reason is not None:
+                problems.append(f"checkpoint of epoch {info.entry.epoch}: {reason}")
+            checkpoints.append({**info.to_json(), "signature_ok": reason is None})
+        return {
+            "ok": not problems,
+            "problems": problems[:100],
+            "entries": counts,
+            "supply": self.genesis.supply,
+            "total": refolded.total(),
+            "burned": refolded.burned,
+            "checkpoints": checkpoints,
+        }
+
+
+def _event(entry: Entry) -> Event:
+    return Event(
+        entry.at,
+        entry.rank,
+        entry.entry_id,
+        entry.kind,
+        entry.payer,
+        entry.payee,
+        entry.amount,
+        entry.claim,
+    )

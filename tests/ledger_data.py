@@ -1,0 +1,99 @@
+"""Valid ledger entries for tests: receipts, stakes and fault proofs between fixed peers."""
+
+from __future__ import annotations
+
+import os
+
+import blake3
+import numpy as np
+
+from mtor_kernels import get_kernel
+from mtor_p2p.compute.arrays import meta_of
+from mtor_p2p.compute.faults import make_fault_proof
+from mtor_p2p.compute.receipts import ReceiptBody, countersign, sign_as_worker
+from mtor_p2p.identity import Identity
+from mtor_p2p.ledger.entries import fault_entry, make_stake, receipt_entry
+from mtor_p2p.ledger.genesis import NANO, Genesis, LedgerParams
+
+PEERS = [Identity(bytes([index + 1]) * 32) for index in range(4)]
+_HASH = "ab" * 32
+
+
+def genesis(allocations: list[int] | None = None, **params: object) -> Genesis:
+    """A test network: ``allocations[i]`` credits (whole) to ``PEERS[i]``."""
+    amounts = allocations if allocations is not None else [1000, 1000, 0, 0]
+    return Genesis(
+        network="mtor-test",
+        allocations={p.peer_id: a * NANO for p, a in zip(PEERS, amounts, strict=False) if a},
+        params=LedgerParams(**params),  # type: ignore[arg-type]
+    )
+
+
+def receipt(
+    requester: Identity,
+    worker: Identity,
+    *,
+    price: float = 1.0,
+    flops: int = 10**12,
+    ended: float = 1_800_000_000.0,
+    job: str | None = None,
+    shard: int = 0,
+) -> bytes:
+    """A countersigned receipt entry: ``price`` credits per TFLOP for ``flops``."""
+    body = ReceiptBody(
+        job_id=job or os.urandom(32).hex(),
+        shard=shard,
+        kernel="matmul",
+        inputs={"a": _HASH, "b": _HASH},
+        output=_HASH,
+        flops=flops,
+        started=ended - 1.0,
+        ended=ended,
+        worker=worker.peer_id,
+        requester=requester.peer_id,
+        price=price,
+    )
+    return receipt_entry(countersign(requester, sign_as_worker(worker, body)))
+
+
+def stake(peer: Identity, credits: float, gen: Genesis, *, at: float = 1_800_000_000.0) -> bytes:
+    """A stake entry of ``credits`` by ``peer``."""
+    return make_stake(peer, round(credits * NANO), at, gen.hash, os.urandom(4).hex())
+
+
+def fault(
+    worker: Identity,
+    reporter: Identity,
+    *,
+    ended: float = 1_800_000_000.0,
+    seed: int = 0,
+    requester: Identity | None = None,
+) -> bytes:
+    """A fault proof entry: ``worker`` signed a wrong 4x4 product for ``requester`` (by
+    default the reporter), and ``reporter`` proves it."""
+    rng = np.random.default_rng(seed)
+    operands = {
+        "a": rng.standard_normal((4, 3)).astype("float32"),
+        "b": rng.standard_normal((3, 4)).astype("float32"),
+    }
+    wrong = operands["a"] @ operands["b"]
+    wrong[1, 2] += 5.0
+    body = ReceiptBody(
+        job_id=blake3.blake3(f"job {seed}".encode()).hexdigest(),
+        shard=0,
+        kernel="matmul",
+        inputs={name: meta_of(array).digest for name, array in operands.items()},
+        output=meta_of(wrong).digest,
+        flops=96,
+        started=ended - 1.0,
+        ended=ended,
+        worker=worker.peer_id,
+        requester=(requester or reporter).peer_id,
+        price=1.0,
+    )
+    claim = sign_as_worker(worker, body)
+    proof = make_fault_proof(
+        reporter, kernel=get_kernel("matmul"), operands=operands, output=wrong, claim=claim,
+        rows=[1],
+    )  # fmt: skip
+    return fault_entry(proof)

@@ -1,0 +1,288 @@
+"""The ledger: verified entries in SQLite, balances derived from them, conserved supply."""
+
+from __future__ import annotations
+
+import random
+import tempfile
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from mtor_p2p.ledger.entries import decode_entry, make_checkpoint, make_vote
+from mtor_p2p.ledger.genesis import NANO, Genesis, credits_to_nano, load_genesis, nano_to_credits
+from mtor_p2p.ledger.state import fold
+from mtor_p2p.ledger.store import Ledger, LedgerError
+from mtor_p2p.wire import RecordError
+from tests.ledger_data import PEERS, fault, genesis, receipt, stake
+
+A, B, C, D = PEERS
+
+
+def open_ledger(tmp_path: Path, gen: Genesis, name: str = "ledger.sqlite") -> Ledger:
+    return Ledger(tmp_path / name, gen)
+
+
+def test_receipts_move_credits_from_requester_to_worker(tmp_path):
+    gen = genesis()
+    ledger = open_ledger(tmp_path, gen)
+    result = ledger.ingest([receipt(A, C, price=2.0, flops=3 * 10**12)])
+    assert result.new == 1 and not result.invalid
+    assert ledger.account(A.peer_id)["balance"] == 1000 * NANO - 6 * NANO
+    assert ledger.account(C.peer_id)["balance"] == 6 * NANO
+    assert ledger.state().total() == gen.supply
+
+
+def test_inserting_the_same_entry_twice_changes_nothing(tmp_path):
+    ledger = open_ledger(tmp_path, genesis())
+    wire = receipt(A, C)
+    assert ledger.ingest([wire, wire]).new == 1
+    again = ledger.ingest([wire])
+    assert (again.new, again.duplicate) == (0, 1)
+    assert ledger.account(C.peer_id)["balance"] == NANO
+    assert ledger.count() == 1
+
+
+def test_forged_and_altered_entries_are_rejected(tmp_path):
+    gen = genesis()
+    ledger = open_ledger(tmp_path, gen)
+    good = receipt(A, C)
+    altered = good.replace(b'"price":1.0', b'"price":9.0')
+    assert altered != good
+    half_signed = good.replace(b'"r":"', b'"r":null,"x":"')  # not canonical either way
+    other_network = stake(A, 5, genesis([1, 1]))
+    result = ledger.ingest([altered, half_signed, other_network, b"Z{}", b""])
+    assert result.new == 0 and len(result.invalid) == 5
+    assert ledger.count() == 0
+    assert ledger.state().balances == gen.allocations
+
+
+def test_a_receipt_without_the_requesters_signature_is_not_an_entry():
+    gen = genesis()
+    from mtor_p2p.compute.receipts import decode_receipt
+
+    full = decode_receipt(receipt(A, C)[1:])
+    half = type(full)(full.body, full.worker_signature, None)
+    with pytest.raises(RecordError):
+        decode_entry(b"R" + half.encode(), gen.hash)
+
+
+def test_stake_locks_credits_and_a_fault_proof_slashes_it(tmp_path):
+    gen = genesis([1000, 1000, 0, 0], slash_bps=5000, reporter_bps=2000)
+    ledger = open_ledger(tmp_path, gen)
+    assert not ledger.ingest([stake(B, 400, gen, at=1_700_000_000.0)]).invalid
+    assert ledger.account(B.peer_id) == {"balance": 600 * NANO, "stake": 400 * NANO, "slashed": 0}
+    # B (a staked worker) signs a wrong result for A; A's proof slashes half of B's stake.
+    assert not ledger.ingest([fault(B, A)]).invalid
+    assert ledger.account(B.peer_id) == {
+        "balance": 600 * NANO,
+        "stake": 200 * NANO,
+        "slashed": 200 * NANO,
+    }
+    assert ledger.account(A.peer_id)["balance"] == 1000 * NANO + 40 * NANO  # 20% of the slash
+    state = ledger.state()
+    assert state.burned == 160 * NANO
+    assert state.total() == gen.supply
+    # A second proof of the same wrong result (another reporter) slashes nothing more.
+    assert ledger.ingest([fault(B, C, requester=A)]).new == 1
+    assert ledger.account(B.peer_id)["stake"] == 200 * NANO
+    assert ledger.verify()["ok"]
+
+
+def test_a_stake_beyond_the_balance_has_no_effect(tmp_path):
+    gen = genesis([10, 0, 0, 0])
+    ledger = open_ledger(tmp_path, gen)
+    assert ledger.ingest([stake(A, 50, gen)]).new == 1  # valid signature: kept ...
+    assert ledger.account(A.peer_id) == {
+        "balance": 10 * NANO,
+        "stake": 0,
+        "slashed": 0,
+    }  # ... no effect
+    assert len(ledger.state().ineffective) == 1
+
+
+def test_stake_is_judged_at_its_place_in_time_not_arrival(tmp_path):
+    gen = genesis([0, 0, 0, 0])
+    t = 1_800_000_000.0
+    earned = receipt(A, C, price=10.0, flops=10 * 10**12, ended=t)  # C earns 100 credits
+    early = stake(C, 50, gen, at=t - 10)  # before C had anything: no effect
+    late = stake(C, 50, gen, at=t + 10)  # after: locks 50
+    first = open_ledger(tmp_path, gen, "one.sqlite")
+    first.ingest([late])
+    first.ingest([early])
+    first.ingest([earned])
+    second = open_ledger(tmp_path, gen, "two.sqlite")
+    second.ingest([earned, early, late])
+    for ledger in (first, second):
+        assert ledger.account(C.peer_id) == {"balance": 50 * NANO, "stake": 50 * NANO, "slashed": 0}
+        assert ledger.verify()["ok"]
+
+
+def test_another_networks_ledger_file_is_refused(tmp_path):
+    open_ledger(tmp_path, genesis()).close()
+    with pytest.raises(LedgerError, match="genesis"):
+        open_ledger(tmp_path, genesis([5, 5]))
+
+
+def test_votes_and_checkpoints_need_staked_signers_and_valid_signatures(tmp_path):
+    gen = genesis([1000, 1000, 1000, 0])
+    ledger = open_ledger(tmp_path, gen)
+    t = 1_800_000_000.0
+    epoch = int(t // gen.params.epoch_seconds)
+    ledger.ingest([receipt(A, D, ended=t), receipt(B, D, ended=t + 1)])
+    root, count = ledger.epoch_root(epoch)
+    assert count == 2
+    unstaked_vote = make_vote(A, gen.hash, epoch, root, count)
+    assert ledger.ingest([unstaked_vote]).invalid == ["vote from a peer that has not staked"]
+    ledger.ingest([stake(p, 100, gen) for p in (A, B, C)])
+    votes = [make_vote(p, gen.hash, epoch, root, count) for p in (A, B, C)]
+    assert ledger.ingest(votes).new == 3
+    signatures = {e.payer: e.signature for e in map(lambda v: decode_entry(v, gen.hash), votes)}
+    checkpoint = make_checkpoint(gen.hash, epoch, root, count, signatures)
+    # A checkpoint claiming a signer whose signature is not in the aggregate is refused.
+    lying = make_checkpoint(
+        gen.hash, epoch, root, count, {A.peer_id: signatures[A.peer_id]}
+    ).replace(A.peer_id.encode(), B.peer_id.encode())
+    assert ledger.ingest([lying]).invalid
+    assert ledger.ingest([checkpoint]).new == 1
+    (info,) = ledger.checkpoints(epoch)
+    assert info.final and info.matches and info.weight_bps == 10_000
+    # Any receipt of the epoch proves its inclusion against the signed root.
+    receipt_id = ledger.entries_after(0, max_bytes=1 << 20)[0][0][1]
+    import blake3
+
+    proof = ledger.prove(blake3.blake3(receipt_id).hexdigest())
+    assert proof["checkpoint"]["root"] == root
+    report = ledger.verify()
+    assert report["ok"], report["problems"]
+    assert report["checkpoints"][0]["signature_ok"]
+
+
+def test_reopened_ledger_keeps_entries_keys_and_balances(tmp_path):
+    gen = genesis()
+    ledger = open_ledger(tmp_path, gen)
+    ledger.ingest([receipt(A, C), stake(B, 10, gen)])
+    before = ledger.state().balances.copy()
+    ledger.close()
+    again = open_ledger(tmp_path, gen)
+    assert again.state().balances == before
+    assert again.bls_key(B.peer_id) is not None
+    assert again.verify()["ok"]
+
+
+def test_sync_cursor_pages_entries_in_arrival_order(tmp_path):
+    ledger = open_ledger(tmp_path, genesis())
+    wires = [receipt(A, C, shard=i) for i in range(30)]
+    ledger.ingest(wires[:10])
+    ledger.ingest(wires[10:])
+    seen, after = [], 0
+    while True:
+        rows, more = ledger.entries_after(after, max_bytes=4000)
+        seen += [w for _, w in rows]
+        after = rows[-1][0]
+        if not more:
+            break
+    assert seen == list(dict.fromkeys(wires))  # batches arrive whole, in order
+
+
+def test_credit_amounts_parse_and_print_exactly():
+    assert credits_to_nano("1.5") == 1_500_000_000
+    assert credits_to_nano("0.000000001") == 1
+    with pytest.raises(ValueError):
+        credits_to_nano("0.0000000001")
+    assert nano_to_credits(-1_250_000_000) == "-1.25"
+    assert nano_to_credits(0) == "0"
+
+
+def test_the_shipped_genesis_loads():
+    gen = load_genesis()
+    assert gen.network == "mtor-main"
+    assert len(gen.hash) == 64
+    assert Genesis.from_json(gen.to_json()).hash == gen.hash
+
+
+# -- properties ------------------------------------------------------------------------------
+
+T0 = 1_800_000_000.0
+_action = st.one_of(
+    st.tuples(
+        st.just("receipt"),
+        st.integers(0, 3),
+        st.integers(0, 3),
+        st.floats(0.01, 50, allow_nan=False),
+        st.integers(1, 40).map(lambda n: n * 10**11),
+        st.integers(0, 100),
+    ),
+    st.tuples(st.just("stake"), st.integers(0, 3), st.integers(1, 400), st.integers(0, 100)),
+    st.tuples(st.just("fault"), st.integers(0, 3), st.integers(0, 3), st.integers(0, 100)),
+)
+
+
+def _build(gen: Genesis, actions: list[tuple]) -> list[bytes]:
+    wires = []
+    for number, action in enumerate(actions):
+        if action[0] == "receipt":
+            _, req, wrk, price, flops, t = action
+            if req == wrk:
+                wrk = (wrk + 1) % 4
+            wires.append(
+                receipt(
+                    PEERS[req], PEERS[wrk], price=price, flops=flops, ended=T0 + t, shard=number
+                )
+            )
+        elif action[0] == "stake":
+            _, who, amount, t = action
+            wires.append(stake(PEERS[who], amount, gen, at=T0 + t))
+        else:
+            _, wrk, rep, t = action
+            wires.append(fault(PEERS[wrk], PEERS[rep], ended=T0 + t, seed=number % 3))
+    return wires
+
+
+@settings(
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(
+    allocations=st.lists(st.integers(0, 500), min_size=4, max_size=4),
+    actions=st.lists(_action, min_size=1, max_size=14),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_any_order_of_arrival_gives_the_same_balances_and_conserves_supply(
+    allocations, actions, seed
+):
+    gen = genesis(allocations)
+    wires = _build(gen, actions)
+    shuffled = wires[:]
+    random.Random(seed).shuffle(shuffled)
+    # Per-example resources live in the test body (pytest-trio + Hypothesis pitfall).
+    with tempfile.TemporaryDirectory() as tmp:
+        first = Ledger(Path(tmp) / "a.sqlite", gen)
+        second = Ledger(Path(tmp) / "b.sqlite", gen)
+        first.ingest(wires)
+        # The second peer receives them shuffled, in uneven batches, some twice.
+        rng = random.Random(seed + 1)
+        position = 0
+        while position < len(shuffled):
+            step = rng.randint(1, 4)
+            second.ingest(shuffled[position : position + step] + shuffled[:1])
+            position += step
+        one, two = first.state(), second.state()
+        assert one.balances == two.balances
+        assert one.stakes == two.stakes
+        assert one.burned == two.burned
+        for state in (one, two):
+            assert state.total() == gen.supply
+            assert all(v >= 0 for v in state.stakes.values())
+            assert state.burned >= 0
+        # The incrementally kept state equals a fold from scratch.
+        events = [decode_entry(w, gen.hash) for w in wires]
+        from mtor_p2p.ledger.store import _event
+
+        scratch = fold(gen, [_event(e) for e in events if e.kind != "vote"])
+        assert scratch.balances == two.balances
+        assert second.verify()["ok"]
+        first.close()
+        second.close()

@@ -542,9 +542,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--region", help="region code shown in the capacity record (e.g. WEU)")
     p.add_argument("--gpu", choices=["auto", "none"], help="use GPUs found through NVML, or none")
-    p.add_argument(
-        "--price", type=float, help="starting asking price, credits per TFLOP delivered"
-    )
+    p.add_argument("--price", type=float, help="starting asking price, credits per TFLOP delivered")
     p.add_argument(
         "--fixed-price", action="store_true", help="keep the price fixed (no utilisation rule)"
     )

@@ -18,6 +18,7 @@ from mtor_p2p.compute.arrays import meta_of, pack
 from mtor_p2p.compute.faults import verify_fault_proof
 from mtor_p2p.compute.protocol import PROTOCOL_RUN, PROTOCOL_UPLOAD
 from mtor_p2p.compute.receipts import verify_receipt
+from mtor_p2p.compute.scheduler import JobFailed
 from mtor_p2p.config import NodeConfig
 from mtor_p2p.network import RemoteError
 from mtor_p2p.node import Node
@@ -313,3 +314,29 @@ async def test_split_operand_equal_to_the_resident_one_stays_cached(tmp_path):
         again = await requester.submit("matmul", {"a": square, "b": square}, shards=1)
         np.testing.assert_allclose(again.output, square @ square, rtol=1e-4, atol=1e-4)
         assert worker.worker.stats.bytes_received == received
+
+
+async def test_workers_refuse_a_requester_beyond_its_credit_limit(tmp_path):
+    from mtor_p2p.ledger.genesis import NANO, Genesis, LedgerParams
+
+    # Nobody has credits; the requester may go 1e-6 credits into debt, about one shard.
+    genesis = Genesis("credit-test", {}, LedgerParams(credit_limit=NANO // 1_000_000))
+    path = tmp_path / "genesis.json"
+    genesis.save(path)
+    changes = {"genesis": path, "dynamic_price": False}
+    async with devnet(tmp_path, **{str(i): changes for i in range(4)}) as nodes:
+        requester = nodes[0][0]
+        operands = {
+            "a": RNG.standard_normal((64, 64)).astype("float32"),
+            "b": RNG.standard_normal((64, 64)).astype("float32"),
+        }
+        # One job is 2 * 64^3 = 524k FLOPs; at 2-4 credits per TFLOP a shard costs 524-1048
+        # nano-credits, so the second or third job finds every worker refusing.
+        with pytest.raises(JobFailed, match="credit refused"):
+            for _ in range(200):
+                await requester.submit("matmul", operands, verify="freivalds", shards=2)
+        refusals = sum(n.worker.stats.credit_refusals for n, _ in nodes[1:])
+        assert refusals >= 1
+        spent = -requester.ledger.account(requester.peer_id)["balance"]
+        # Never far beyond the limit: at most what was in flight when it was reached.
+        assert 0 < spent <= genesis.params.credit_limit + 4 * 1048

@@ -191,6 +191,11 @@ class Ledger:
             self._advance(result.new_entries)
         return result
 
+    def held(self, ids: Sequence[str]) -> set[str]:
+        """Which of ``ids`` this ledger holds."""
+        with self._lock:
+            return self._existing(ids)
+
     def _existing(self, ids: Sequence[str]) -> set[str]:
         held: set[str] = set()
         for start in range(0, len(ids), 500):

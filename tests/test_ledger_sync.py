@@ -1,0 +1,96 @@
+"""Ledger convergence between real py-libp2p hosts on loopback: pull sync and gossip."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+
+from mtor_p2p.clock import NetClock
+from mtor_p2p.compute.arrays import pack
+from mtor_p2p.identity import Identity
+from mtor_p2p.ledger.service import SYNC_PROTOCOL, LedgerService
+from mtor_p2p.ledger.store import Ledger
+from mtor_p2p.network import RemoteError
+from mtor_p2p.wire import canonical_json
+from tests.conftest import open_networks
+from tests.ledger_data import PEERS, genesis, receipt, stake
+
+A, B, C, D = PEERS
+
+
+def service(network, tmp_path, name, gen) -> LedgerService:
+    ledger = Ledger(tmp_path / f"{name}.sqlite", gen)
+    return LedgerService(network, Identity.generate(), NetClock(), ledger, sync_interval=1.0)
+
+
+async def test_pull_sync_brings_a_peer_to_the_same_balances(tmp_path):
+    gen = genesis()
+    async with open_networks(2) as (net_a, net_b):
+        a, b = service(net_a, tmp_path, "a", gen), service(net_b, tmp_path, "b", gen)
+        wires = [receipt(A, C, shard=i, price=0.5) for i in range(2500)] + [stake(B, 10, gen)]
+        a.ledger.ingest(wires)
+        assert await b.sync_from(net_a.peer_id) == len(wires)  # several batches
+        assert b.ledger.state().balances == a.ledger.state().balances
+        assert b.ledger.state().stakes == a.ledger.state().stakes
+        # The cursor remembers where we stopped: only what is new comes next time.
+        a.ledger.ingest([receipt(B, D)])
+        assert await b.sync_from(net_a.peer_id) == 1
+        assert await b.sync_from(net_a.peer_id) == 0
+        a.ledger.close()
+        b.ledger.close()
+
+
+async def test_gossip_carries_new_receipts_and_stakes(tmp_path):
+    gen = genesis()
+    async with open_networks(2) as (net_a, net_b):
+        a, b = service(net_a, tmp_path, "a", gen), service(net_b, tmp_path, "b", gen)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(a.run)
+            await nursery.start(b.run)
+            await trio.sleep(1.5)  # let the GossipSub mesh form
+            from mtor_p2p.compute.receipts import decode_receipt
+
+            for shard in range(5):
+                await a.record_receipt(decode_receipt(receipt(A, C, shard=shard)[1:]))
+            with trio.fail_after(15):
+                while b.ledger.count("receipt") < 5:
+                    await trio.sleep(0.1)
+            assert b.ledger.state().balances == a.ledger.state().balances
+            nursery.cancel_scope.cancel()
+
+
+async def test_hostile_sync_requests_get_errors_and_the_peer_keeps_serving(tmp_path):
+    gen = genesis()
+    async with open_networks(2) as (net_a, net_b):
+        a = service(net_a, tmp_path, "a", gen)
+        a.ledger.ingest([receipt(A, C)])
+        bad_requests = [
+            b"not json",
+            canonical_json({"after": 0}),
+            canonical_json({"after": "0", "genesis": gen.hash, "instance": "", "max": 1}),
+            canonical_json({"after": 0, "genesis": "00" * 32, "instance": "", "max": 1 << 20}),
+            b"{" * 5000,
+        ]
+        for request in bad_requests:
+            with pytest.raises(RemoteError):
+                await net_b.request(net_a.peer_id, SYNC_PROTOCOL, request, timeout=5)
+        b = service(net_b, tmp_path, "b", gen)
+        assert await b.sync_from(net_a.peer_id) == 1
+
+
+async def test_forged_entries_from_a_sync_peer_are_dropped(tmp_path):
+    gen = genesis()
+    good, victim = receipt(A, C), receipt(A, D, price=1.0)
+    forged = victim.replace(b'"price":1.0', b'"price":0.0')  # signatures no longer match
+
+    async def lying_peer(sender: str, request: bytes) -> bytes:
+        entries = [good, forged]
+        header = {"instance": "liar", "next": 2, "more": False, "sizes": [len(e) for e in entries]}
+        return pack(header, b"".join(entries))
+
+    async with open_networks(2) as (net_a, net_b):
+        net_a.handle(SYNC_PROTOCOL, lying_peer)
+        b = service(net_b, tmp_path, "b", gen)
+        assert await b.sync_from(net_a.peer_id) == 1
+        assert b.ledger.count() == 1
+        assert b.ledger.verify()["ok"]

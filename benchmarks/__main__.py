@@ -1,4 +1,4 @@
-"""``python -m benchmarks NAME [options]``; names: peer, compute."""
+"""``python -m benchmarks NAME [options]``; names: peer, compute, ledger."""
 
 from __future__ import annotations
 
@@ -17,7 +17,11 @@ def main() -> int:
         from benchmarks.bench_compute import main as run
 
         return run(args[1:])
-    print(f"unknown benchmark {name!r}; known: peer, compute", file=sys.stderr)
+    if name == "ledger":
+        from benchmarks.bench_ledger import main as run
+
+        return run(args[1:])
+    print(f"unknown benchmark {name!r}; known: peer, compute, ledger", file=sys.stderr)
     return 2
 
 

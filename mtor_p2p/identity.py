@@ -8,6 +8,7 @@ ledger) without importing libp2p.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,8 +43,11 @@ def peer_id_from_public_key(public_key: bytes) -> str:
     return base58.b58encode(multihash).decode("ascii")
 
 
+@functools.lru_cache(maxsize=4096)  # receipts name the same few peers again and again
 def public_key_from_peer_id(peer_id: str) -> bytes:
     """Extract the raw Ed25519 public key from a peer ID; raise ValueError if it holds none."""
+    if not isinstance(peer_id, str):
+        raise ValueError("a peer ID is a string")
     try:
         raw = base58.b58decode(peer_id.encode("ascii"))
     except (ValueError, UnicodeEncodeError) as exc:

@@ -25,6 +25,7 @@ the accused worker's own signed claim (so that neither reporter nor worker picks
 from __future__ import annotations
 
 import base64
+import functools
 import binascii
 import re
 from dataclasses import dataclass
@@ -85,7 +86,7 @@ class Entry:
     signature: bytes = b""
     bls_key: bytes = b""
 
-    @property
+    @functools.cached_property
     def entry_id(self) -> str:
         """blake3 hex of the wire bytes."""
         return blake3.blake3(self.wire).hexdigest()

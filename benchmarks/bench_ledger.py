@@ -1,0 +1,202 @@
+"""Ledger figures, each beside a baseline measured in the same run.
+
+* **Ingest**: receipts entered per second into a fresh ledger (decode, both Ed25519 signatures,
+  SQLite WAL insert with ``synchronous=FULL``, balance update), in batches of 500. Baselines:
+  the same receipts decoded and verified without storing (the signature floor), and stored
+  without verification (plain ``executemany`` into the same schema).
+* **Sync**: time for a peer with an empty ledger to pull 100,000 receipts from another over
+  ``/mtor/ledger/sync/1`` (two real py-libp2p hosts on loopback, one process), verified and
+  stored. Baselines: the same bytes through a plain trio TCP stream on loopback, and local
+  ingest of the same entries without any network.
+* **Checkpoint**: verification of one aggregate BLS signature by 100 signers with py-ecc and
+  with blspy (from ``benchmarks.bench_bls``).
+
+Run: ``./mtor bench ledger [--receipts 100000] [--json PATH]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sqlite3
+import sys
+import tempfile
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from mtor_p2p.clock import NetClock
+from mtor_p2p.compute.receipts import decode_receipt
+from mtor_p2p.identity import Identity
+from mtor_p2p.ledger.service import LedgerService
+from mtor_p2p.ledger.store import SCHEMA, Ledger
+from mtor_p2p.libp2p_host import HostSettings, Libp2pNetwork
+from tests.ledger_data import PEERS, genesis, receipt
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def make_receipts(count: int) -> list[bytes]:
+    """``count`` distinct countersigned receipts between the four test peers."""
+    job = os.urandom(32).hex()
+    return [
+        receipt(PEERS[i % 2], PEERS[2 + (i // 2) % 2], job=job, shard=i, price=0.5 + (i % 7))
+        for i in range(count)
+    ]
+
+
+def _progress(message: str) -> None:
+    print(f"\r{message}", end="", file=sys.stderr, flush=True)
+
+
+def measure_ingest(wires: list[bytes], root: Path) -> dict[str, Any]:
+    """Receipts per second: full ingest, verification only, storage only."""
+    gen = genesis()
+    ledger = Ledger(root / "ingest.sqlite", gen)
+    started = time.perf_counter()
+    for i in range(0, len(wires), 500):
+        ledger.ingest(wires[i : i + 500])
+    full = time.perf_counter() - started
+    assert ledger.count("receipt") == len(wires)
+    ledger.close()
+    started = time.perf_counter()
+    for wire in wires:
+        decode_receipt(wire[1:])
+    verify_only = time.perf_counter() - started
+    db = sqlite3.connect(root / "plain.sqlite", isolation_level=None)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=FULL")
+    db.executescript(SCHEMA)
+    started = time.perf_counter()
+    for i in range(0, len(wires), 500):
+        with db:
+            db.executemany(
+                "INSERT INTO entries (id, kind, at, rank, payer, payee, amount, claim, epoch, "
+                "bls, wire) VALUES (?, 'receipt', 0, 0, '', '', 0, '', 0, x'', ?)",
+                [(f"{i}-{j}", w) for j, w in enumerate(wires[i : i + 500])],
+            )
+    store_only = time.perf_counter() - started
+    db.close()
+    n = len(wires)
+    return {
+        "receipts": n,
+        "ingest_per_s": round(n / full),
+        "baseline_verify_only_per_s": round(n / verify_only),
+        "baseline_store_only_per_s": round(n / store_only),
+        "share_of_time_in_signature_checks": round(verify_only / full, 2),
+    }
+
+
+async def _raw_tcp_copy(payload: bytes) -> float:
+    """Seconds to push ``payload`` through a plain loopback TCP stream (the transport floor)."""
+    received = trio.Event()
+
+    async def serve(stream: trio.SocketStream) -> None:
+        got = 0
+        while got < len(payload):
+            chunk = await stream.receive_some(1 << 20)
+            if not chunk:
+                break
+            got += len(chunk)
+        received.set()
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(trio.serve_tcp, serve, 0, host="127.0.0.1"))
+        port = listeners[0].socket.getsockname()[1]
+        started = trio.current_time()
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        await stream.send_all(payload)
+        await received.wait()
+        elapsed = trio.current_time() - started
+        await stream.aclose()
+        nursery.cancel_scope.cancel()
+    return elapsed
+
+
+async def measure_sync(wires: list[bytes], root: Path) -> dict[str, Any]:
+    """A fresh peer pulls every entry from another over real libp2p hosts."""
+    gen = genesis()
+    source = Ledger(root / "source.sqlite", gen)
+    for i in range(0, len(wires), 2000):
+        source.ingest(wires[i : i + 2000])
+    local = Ledger(root / "local.sqlite", gen)
+    started = time.perf_counter()
+    for i in range(0, len(wires), 2000):
+        local.ingest(wires[i : i + 2000])
+    local_ingest = time.perf_counter() - started
+    local.close()
+    settings = HostSettings(listen_addrs=["/ip4/127.0.0.1/tcp/0"])
+    async with (
+        Libp2pNetwork.open(Identity.generate(), settings) as net_a,
+        Libp2pNetwork.open(Identity.generate(), settings) as net_b,
+    ):
+        LedgerService(net_a, Identity.generate(), NetClock(), source)
+        target = Ledger(root / "target.sqlite", gen)
+        puller = LedgerService(net_b, Identity.generate(), NetClock(), target)
+        await net_b.connect(net_a.addrs()[0])
+        started = trio.current_time()
+        new = await puller.sync_from(net_a.peer_id, timeout=120)
+        seconds = trio.current_time() - started
+        assert new == len(wires), (new, len(wires))
+        agree = target.state().balances == source.state().balances
+        target.close()
+    source.close()
+    raw = await _raw_tcp_copy(b"".join(wires))
+    size = sum(len(w) for w in wires)
+    return {
+        "receipts": len(wires),
+        "bytes": size,
+        "sync_s": round(seconds, 2),
+        "sync_receipts_per_s": round(len(wires) / seconds),
+        "balances_agree": agree,
+        "baseline_local_ingest_s": round(local_ingest, 2),
+        "baseline_raw_tcp_copy_s": round(raw, 3),
+    }
+
+
+def main(argv: list[str]) -> int:
+    """Run the ledger benchmarks; print a summary and write JSON."""
+    parser = argparse.ArgumentParser(prog="bench ledger", description=__doc__)
+    parser.add_argument("--receipts", type=int, default=100_000, help="receipts to sync")
+    parser.add_argument("--ingest", type=int, default=20_000, help="receipts to ingest")
+    parser.add_argument("--signers", type=int, default=100, help="checkpoint signers")
+    parser.add_argument("--json", type=Path, default=RESULTS / "ledger.json")
+    args = parser.parse_args(argv)
+    report: dict[str, Any] = {
+        "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.processor() or ''}",
+        "python": platform.python_version(),
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        _progress(f"making {max(args.receipts, args.ingest)} signed receipts...")
+        wires = make_receipts(max(args.receipts, args.ingest))
+        _progress("ingest...                     ")
+        report["ingest"] = measure_ingest(wires[: args.ingest], root)
+        _progress(f"sync of {args.receipts} receipts...")
+        report["sync"] = trio.run(measure_sync, wires[: args.receipts], root)
+    _progress(f"checkpoint verify, {args.signers} signers (py-ecc takes a minute)...")
+    from benchmarks.bench_bls import measure
+
+    report["checkpoint"] = measure(signers=args.signers, repeats=3)
+    print(file=sys.stderr)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    ingest, sync = report["ingest"], report["sync"]
+    print(
+        f"ingest  {ingest['ingest_per_s']} receipts/s (verify only "
+        f"{ingest['baseline_verify_only_per_s']}/s, store only "
+        f"{ingest['baseline_store_only_per_s']}/s)"
+    )
+    print(
+        f"sync    {sync['receipts']} receipts ({sync['bytes'] / 1e6:.1f} MB) in {sync['sync_s']} s"
+        f" (local ingest {sync['baseline_local_ingest_s']} s, raw TCP copy "
+        f"{sync['baseline_raw_tcp_copy_s']} s)"
+    )
+    print(json.dumps(report["checkpoint"].get("backends", report["checkpoint"]))[:400])
+    print(f"written to {args.json}")
+    return 0

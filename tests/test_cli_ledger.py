@@ -66,3 +66,84 @@ def test_balances_agree_on_every_peer_and_the_supply_is_conserved(tmp_path):
     staked_offline = mtor("stake", "1", "--json", "--data-dir", dirs[2])
     assert staked_offline.returncode == 0, staked_offline.stderr
     assert json.loads(staked_offline.stdout)["stake"] == 10**9
+
+
+def _count(path, sql: str, *params: object) -> int:
+    import sqlite3
+
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return int(db.execute(sql, params).fetchone()[0])
+    finally:
+        db.close()
+
+
+def test_a_peer_killed_mid_sync_restarts_consistent_and_loses_nothing_acknowledged(tmp_path):
+    from mtor_p2p.identity import load_or_create_identity
+    from mtor_p2p.ledger.genesis import NANO, Genesis, LedgerParams
+    from mtor_p2p.ledger.store import Ledger
+    from tests.ledger_data import PEERS, receipt
+    from tests.processes import run_flags
+
+    a_dir, b_dir = tmp_path / "a", tmp_path / "b"
+    a_id = load_or_create_identity(a_dir)
+    gen = Genesis("kill-test", {a_id.peer_id: 100 * NANO, PEERS[0].peer_id: 10**6 * NANO},
+                  LedgerParams())  # fmt: skip
+    genesis_path = tmp_path / "genesis.json"
+    gen.save(genesis_path)
+    # B already holds 8,000 receipts (written while it was stopped); A holds nothing.
+    holder = Ledger(tmp_path / "b.sqlite", gen)
+    b_dir.mkdir()
+    wires = [receipt(PEERS[0], PEERS[1 + i % 3], shard=i) for i in range(8000)]
+    for i in range(0, len(wires), 2000):
+        holder.ingest(wires[i : i + 2000])
+    holder.close()
+    (tmp_path / "b.sqlite").rename(b_dir / "ledger.sqlite")
+    flags = ["--genesis", str(genesis_path)]
+    b = start(*run_flags(b_dir), *flags)
+    a = None
+    try:
+        b_addr = read_json_line(b)["addrs"][0]
+        a = start(*run_flags(a_dir), *flags, "--bootstrap", b_addr)
+        read_json_line(a)
+        # A stake the CLI reports as done is durable, whatever happens next.
+        staked = mtor("stake", "5", "--json", "--data-dir", str(a_dir))
+        assert staked.returncode == 0, staked.stderr
+        ledger_a = a_dir / "ledger.sqlite"
+        deadline = time.monotonic() + 60
+        while _count(ledger_a, "SELECT COUNT(*) FROM entries WHERE kind = 'receipt'") < 3000:
+            assert time.monotonic() < deadline, "A never started pulling"
+            time.sleep(0.05)
+        a.send_signal(signal.SIGKILL)  # mid-sync: more batches were on their way
+        a.wait(timeout=10)
+        held = _count(ledger_a, "SELECT COUNT(*) FROM entries WHERE kind = 'receipt'")
+        assert held < len(wires), "sync finished before the kill; the test proves nothing"
+        # Restarted with the node down: consistent, the stake is there, and every entry up to
+        # the cursor A had recorded for B is held.
+        check = mtor("ledger", "verify", "--json", "--data-dir", str(a_dir))
+        assert check.returncode == 0, check.stdout
+        offline = json.loads(mtor("balance", "--json", "--data-dir", str(a_dir)).stdout)
+        assert offline["stake"] == 5 * NANO
+        cursor = _count(ledger_a, "SELECT COALESCE(MAX(seq), 0) FROM sync_cursors")
+        assert cursor > 0
+        b_before_cursor = _count(
+            b_dir / "ledger.sqlite", "SELECT COUNT(*) FROM entries WHERE seq <= ?", cursor
+        )
+        assert held >= b_before_cursor
+        # Back up, A resumes where it stopped and ends with B's whole set.
+        a = start(*run_flags(a_dir), *flags, "--bootstrap", b_addr)
+        read_json_line(a)
+        deadline = time.monotonic() + 90
+        while _count(ledger_a, "SELECT COUNT(*) FROM entries WHERE kind = 'receipt'") < 8000:
+            assert time.monotonic() < deadline, "A did not finish the sync after restarting"
+            time.sleep(0.2)
+        balances = [
+            json.loads(mtor("balance", "--all", "--json", "--data-dir", str(d)).stdout)["accounts"]
+            for d in (a_dir, b_dir)
+        ]
+        assert balances[0] == balances[1]
+    finally:
+        for process in (a, b):
+            if process is not None and process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+                process.wait(timeout=30)

@@ -25,8 +25,8 @@ the accused worker's own signed claim (so that neither reporter nor worker picks
 from __future__ import annotations
 
 import base64
-import functools
 import binascii
+import functools
 import re
 from dataclasses import dataclass
 from typing import Any

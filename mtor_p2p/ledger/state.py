@@ -54,6 +54,9 @@ class LedgerState:
     receipts: int = 0
     volume: int = 0  # nano-credits moved by receipts
     last: tuple[float, int, str] | None = None  # sort key of the last event applied
+    #: Sort key of the last stake or fault applied: the only events whose effect depends on
+    #: what came before them.
+    last_ordered: tuple[float, int, str] | None = None
 
     def __post_init__(self) -> None:
         if not self.balances:
@@ -86,7 +89,23 @@ class LedgerState:
                 balances[event.payee] = balances.get(event.payee, 0) + reward
                 self.burned += slash - reward
                 self.slashed[event.payer] = self.slashed.get(event.payer, 0) + slash
-        self.last = (event.at, event.rank, event.entry_id)
+        key = (event.at, event.rank, event.entry_id)
+        if event.kind != "receipt":
+            self.last_ordered = key
+        if self.last is None or key > self.last:
+            self.last = key
+
+    def can_apply_now(self, event: Event) -> bool:
+        """True if applying ``event`` now gives the state a full refold would.
+
+        Events in sort order always can. A receipt that arrives late can too, as long as no
+        stake or fault sorts after it: receipts only add and subtract, so they commute with
+        each other, and nothing that read a balance came after it.
+        """
+        key = (event.at, event.rank, event.entry_id)
+        if self.last is None or key > self.last:
+            return True
+        return event.kind == "receipt" and (self.last_ordered is None or key > self.last_ordered)
 
     def total(self) -> int:
         """Balances + stakes + burned: equals the genesis supply in every reachable state."""

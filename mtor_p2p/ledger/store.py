@@ -3,8 +3,9 @@
 Nothing but entries is stored: balances are derived from them (:mod:`mtor_p2p.ledger.state`)
 and kept in memory, updated entry by entry as entries arrive (late receipts too: they commute)
 and recomputed from the table only when a stake or fault proof arrives out of order. Inserting
-an entry twice changes nothing (its ID is the hash of its bytes). Each insert batch is one transaction with ``synchronous=FULL``: once
-:meth:`Ledger.ingest` returns, its entries survive a crash or SIGKILL.
+an entry twice changes nothing (its ID is the hash of its bytes). Each insert batch is one
+transaction with ``synchronous=FULL``: once :meth:`Ledger.ingest` returns, its entries survive
+a crash or SIGKILL.
 
 The local sequence number (``seq``) orders entries by arrival here; pull sync hands them out
 by ``seq`` so that a peer can resume where it stopped (see :mod:`mtor_p2p.ledger.service`).

@@ -1,0 +1,135 @@
+"""The ledger inside running nodes (4 real peers in one process, py-libp2p on loopback):
+stake, slashing by a fault proof, checkpoints with inclusion proofs, prices that move."""
+
+from __future__ import annotations
+
+import numpy as np
+import trio
+
+from mtor_p2p.identity import load_or_create_identity
+from mtor_p2p.ledger.genesis import NANO, Genesis, LedgerParams
+from mtor_p2p.ledger.merkle import InclusionProof, merkle_root, verify_inclusion
+from mtor_p2p.ledger.pricing import PriceRule
+from tests.test_compute import devnet
+
+RNG = np.random.default_rng(11)
+
+
+def short_epoch_genesis(tmp_path, count: int) -> dict[str, object]:
+    """Genesis giving each peer 100 credits, 2-second epochs and a fast price rule."""
+    ids = [load_or_create_identity(tmp_path / f"peer-{i}").peer_id for i in range(count)]
+    genesis = Genesis(
+        "node-test",
+        {peer: 100 * NANO for peer in ids},
+        LedgerParams(
+            epoch_seconds=2.0,
+            checkpoint_delay=0.5,
+            price_interval=0.5,
+            price=PriceRule(damping=0.5, max_step=0.5),
+        ),
+    )
+    path = tmp_path / "genesis.json"
+    genesis.save(path)
+    return {"genesis": path}
+
+
+async def wait_for(predicate, timeout: float, what: str) -> None:
+    with trio.fail_after(timeout):
+        while not predicate():
+            await trio.sleep(0.1)
+
+
+async def test_a_proven_cheater_is_slashed_on_every_peer_and_checkpoints_prove_receipts(
+    tmp_path,
+):
+    changes = short_epoch_genesis(tmp_path, 4)
+    per_node = {str(i): dict(changes) for i in range(4)}
+    per_node["1"]["fault_rate"] = 1.0  # peer 1 returns wrong results
+    async with devnet(tmp_path, **per_node) as nodes:
+        peers = [n for n, _ in nodes]
+        requester, cheater = peers[0], peers[1]
+        for node in peers:
+            await node.ledger_service.stake(20 * NANO)
+        await wait_for(
+            lambda: all(sum(n.ledger.state().stakes.values()) == 80 * NANO for n in peers),
+            15,
+            "stakes everywhere",
+        )
+        proofs = []
+        for _ in range(6):  # until the cheater has served (and been caught on) a shard
+            operands = {
+                "a": RNG.standard_normal((64, 32)).astype("float32"),
+                "b": RNG.standard_normal((32, 16)).astype("float32"),
+            }
+            result = await requester.submit("matmul", operands, verify="freivalds", shards=6)
+            proofs += result.fault_proofs
+            if proofs:
+                break
+        assert proofs
+        # The proofs reach every ledger by sync; each (one per wrong result) slashes half of
+        # what the cheater has staked at that point, 20% of it to the reporter, 80% burned.
+        await wait_for(
+            lambda: all(n.ledger.count("fault") == len(proofs) for n in peers),
+            30,
+            "fault proofs everywhere",
+        )
+        stake, burned, reward = 20 * NANO, 0, 0
+        for _ in proofs:
+            slash = stake // 2
+            stake, reward, burned = stake - slash, reward + slash // 5, burned + slash - slash // 5
+        for node in peers:
+            state = node.ledger.state()
+            assert state.stakes[cheater.peer_id] == stake
+            assert state.slashed[cheater.peer_id] == 20 * NANO - stake
+            assert state.burned == burned
+            assert state.total() == node.ledger.genesis.supply
+        # Every peer agrees on every balance once the receipts have spread.
+        await wait_for(
+            lambda: len({repr(sorted(n.ledger.state().balances.items())) for n in peers}) == 1,
+            30,
+            "balances agree",
+        )
+        # The reporter got its share (and paid a little for the shards).
+        own = requester.ledger.account(requester.peer_id)["balance"]
+        assert 80 * NANO + reward - NANO // 1000 < own < 80 * NANO + reward
+        # A checkpoint of the job's epoch, signed by the staked peers, proves each receipt.
+        epochs = requester.ledger.receipt_epochs()
+        await wait_for(
+            lambda: any(
+                c.final and c.matches for e in epochs for c in requester.ledger.checkpoints(e)
+            ),
+            30,
+            "a final checkpoint",
+        )
+        final = next(
+            c for e in epochs for c in requester.ledger.checkpoints(e) if c.final and c.matches
+        )
+        receipts = requester.ledger.epoch_receipts(final.entry.epoch)
+        import blake3
+
+        proof = requester.ledger.prove(blake3.blake3(b"R" + receipts[0]).hexdigest())
+        path = InclusionProof(
+            bytes.fromhex(proof["proof"]["leaf"]),
+            proof["proof"]["index"],
+            proof["proof"]["count"],
+            tuple(bytes.fromhex(h) for h in proof["proof"]["path"]),
+        )
+        assert verify_inclusion(path, bytes.fromhex(final.entry.claim))
+        assert merkle_root([]) != bytes.fromhex(final.entry.claim)
+        for node in peers:
+            report = node.ledger.verify()
+            assert report["ok"], report["problems"]
+
+
+async def test_idle_workers_lower_their_price_and_the_view_shows_it(tmp_path):
+    changes = short_epoch_genesis(tmp_path, 2)
+    async with devnet(tmp_path, count=2, **{"0": changes, "1": changes}) as nodes:
+        requester, worker = nodes[0][0], nodes[1][0]
+        start = worker.price
+
+        def seen_price() -> float:
+            record = requester.capacity.view.get(worker.peer_id, requester.clock.now())
+            return record.price if record is not None else start
+
+        await wait_for(lambda: seen_price() < start / 2, 20, "a lower price in the view")
+        assert worker.price >= worker.ledger.genesis.params.price.floor

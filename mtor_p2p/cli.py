@@ -216,15 +216,13 @@ def cmd_balance(args: argparse.Namespace) -> int:
     summary = _ledger_call(args, "GET", "/v1/ledger/balance" + ("?all=1" if args.all else ""))
     source = "running node"
     if summary is None:
-        from mtor_p2p.node import ledger_summary
+        from mtor_p2p.node import all_accounts, ledger_summary
 
         ledger, identity = _offline_ledger(args)
         try:
             summary = ledger_summary(ledger, identity.peer_id)
             if args.all:
-                state = ledger.state()
-                peers = sorted(set(state.balances) | set(state.stakes))
-                summary["accounts"] = {p: state.account(p) for p in peers}
+                summary["accounts"] = all_accounts(ledger)
         finally:
             ledger.close()
         source = "data directory (node stopped)"

@@ -305,8 +305,8 @@ class Node:
 
     # -- control API -----------------------------------------------------------------------
 
-    def status(self) -> dict[str, Any]:
-        """What ``mtor-peer status`` shows."""
+    def status(self, ledger: dict[str, Any] | None = None) -> dict[str, Any]:
+        """What ``mtor-peer status`` shows (``ledger``: the ledger summary, if already read)."""
         now = self.clock.now()
         own = self.capacity.own_record
         return {
@@ -329,12 +329,13 @@ class Node:
                 **self.worker.stats.__dict__,
             },
             "receipts": self.receipts.count(),
-            "ledger": self.ledger_summary(),
+            "ledger": ledger if ledger is not None else self.ledger_summary(),
             "pid": os.getpid(),
         }
 
     async def _route_status(self, query: dict[str, str], body: Any) -> tuple[int, Any]:
-        return 200, self.status()
+        ledger = await trio.to_thread.run_sync(self.ledger_summary)
+        return 200, self.status(ledger)
 
     async def _route_peers(self, query: dict[str, str], body: Any) -> tuple[int, Any]:
         capacity_query = CapacityQuery(
@@ -373,12 +374,13 @@ class Node:
         }
 
     async def _route_balance(self, query: dict[str, str], body: Any) -> tuple[int, Any]:
-        summary = await trio.to_thread.run_sync(self.ledger_summary)
-        if query.get("all"):
-            state = self.ledger.state()
-            peers = sorted(set(state.balances) | set(state.stakes))
-            summary["accounts"] = {p: state.account(p) for p in peers}
-        return 200, summary
+        def read() -> dict[str, Any]:
+            summary = self.ledger_summary()
+            if query.get("all"):
+                summary["accounts"] = all_accounts(self.ledger)
+            return summary
+
+        return 200, await trio.to_thread.run_sync(read)
 
     async def _route_stake(self, query: dict[str, str], body: Any) -> tuple[int, Any]:
         amount = body.get("amount") if isinstance(body, dict) else None
@@ -489,3 +491,10 @@ def ledger_summary(ledger: Ledger, peer_id: str) -> dict[str, Any]:
         "entries": ledger.count(),
         "checkpoints": ledger.count("checkpoint"),
     }
+
+
+def all_accounts(ledger: Ledger) -> dict[str, dict[str, int]]:
+    """Every account the ledger knows (balance, stake, slashed), by peer ID."""
+    state = ledger.state()
+    peers = sorted(set(state.balances) | set(state.stakes))
+    return {peer: state.account(peer) for peer in peers}

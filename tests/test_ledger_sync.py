@@ -94,3 +94,21 @@ async def test_forged_entries_from_a_sync_peer_are_dropped(tmp_path):
         assert await b.sync_from(net_a.peer_id) == 1
         assert b.ledger.count() == 1
         assert b.ledger.verify()["ok"]
+
+
+async def test_a_sync_peer_that_never_advances_is_cut_off(tmp_path):
+    gen = genesis()
+    good = receipt(A, C)
+
+    async def endless_peer(sender: str, request: bytes) -> bytes:
+        header = {"instance": "loop", "next": 1, "more": True, "sizes": [len(good)]}
+        return pack(header, good)
+
+    async with open_networks(2) as (net_a, net_b):
+        net_a.handle(SYNC_PROTOCOL, endless_peer)
+        b = service(net_b, tmp_path, "b", gen)
+        from mtor_p2p.wire import RecordError
+
+        with trio.fail_after(10), pytest.raises(RecordError, match="advance"):
+            await b.sync_from(net_a.peer_id)
+        assert b.ledger.count() == 1

@@ -252,7 +252,10 @@ class WorkerService:
         except KernelError as exc:
             raise RemoteError(f"bad operands for {kernel_name}: {exc}") from exc
         price = float(self._price())
-        self._check_credit(sender, shard_cost_nano(price, int(kernel.flops(arrays))))
+        if self._credit is not None:
+            # A ledger read may wait for a write in progress: never on the event loop.
+            available = await trio.to_thread.run_sync(self._credit, sender)
+            self._check_credit(sender, shard_cost_nano(price, int(kernel.flops(arrays))), available)
         started = self._clock.now()
         self.stats.active += 1
         try:
@@ -309,15 +312,14 @@ class WorkerService:
             payload,
         )
 
-    def _check_credit(self, requester: str, cost: int) -> None:
-        """Refuse a shard whose cost the requester cannot cover (raises RemoteError)."""
-        if self._credit is None:
-            return
+    def _check_credit(self, requester: str, cost: int, credit: int) -> None:
+        """Refuse a shard whose cost the requester cannot cover with ``credit`` (what the
+        ledger lets it spend) less the work not yet countersigned (raises RemoteError)."""
         owed = self._owed.get(requester, {})
         now = trio.current_time()
         for key in [k for k, (since, _) in owed.items() if now - since > OWED_MEMORY_SECONDS]:
             del owed[key]  # never countersigned: the requester rejected or dropped it
-        available = self._credit(requester) - sum(cost for _, cost in owed.values())
+        available = credit - sum(cost for _, cost in owed.values())
         if cost > available:
             self.stats.credit_refusals += 1
             raise RemoteError(

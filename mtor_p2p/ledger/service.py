@@ -133,7 +133,8 @@ class LedgerService:
         params = self.genesis.params
         if amount < params.min_stake:
             raise RecordError(f"the smallest stake is {params.min_stake} nano-credits")
-        available = self.ledger.account(self._identity.peer_id)["balance"]
+        account = await trio.to_thread.run_sync(self.ledger.account, self._identity.peer_id)
+        available = account["balance"]
         if amount > available:
             raise RecordError(f"balance is {available} nano-credits, cannot stake {amount}")
         wire = await trio.to_thread.run_sync(
@@ -146,7 +147,8 @@ class LedgerService:
         )
         await self._store_and_announce(wire)
         entry = decode_entry(wire, self.ledger.genesis_hash)
-        return {"entry": entry.entry_id, "amount": amount, **self.ledger.account(entry.payer)}
+        account = await trio.to_thread.run_sync(self.ledger.account, entry.payer)
+        return {"entry": entry.entry_id, "amount": amount, **account}
 
     def available_credit(self, peer: str) -> int:
         """What ``peer`` may still spend: its balance plus the network's credit limit."""
@@ -246,6 +248,8 @@ class LedgerService:
                 or not 0 < len(remote_instance) <= 64
             ):
                 raise RecordError("malformed sync response")
+            if remote_instance == instance and (next_seq < after or (more and next_seq == after)):
+                raise RecordError("sync response does not advance the cursor")
             if remote_instance != instance:
                 # First contact, or the peer's ledger was replaced: our cursor restarts there.
                 self._instances[peer] = remote_instance
@@ -294,8 +298,9 @@ class LedgerService:
         """Vote on closed epochs (if we are staked) and aggregate votes that reach quorum."""
         me = self._identity.peer_id
         closed = self.closed_epoch(self._clock.now())
-        recent = [e for e in self.ledger.receipt_epochs() if closed - 3 < e <= closed]
-        state = self.ledger.state()
+        epochs = await trio.to_thread.run_sync(self.ledger.receipt_epochs)
+        recent = [e for e in epochs if closed - 3 < e <= closed]
+        state = await trio.to_thread.run_sync(self.ledger.state)
         if state.stakes.get(me, 0) > 0 and self.ledger.bls_key(me) is not None:
             for epoch in recent:
                 if epoch in self._voted:
@@ -315,7 +320,7 @@ class LedgerService:
         groups: dict[tuple[str, int], dict[str, Entry]] = {}
         for vote in votes:
             groups.setdefault((vote.claim, vote.count), {})[vote.payer] = vote
-        state = self.ledger.state()
+        state = await trio.to_thread.run_sync(self.ledger.state)
         total = sum(state.stakes.values())
         if not total:
             return

@@ -165,29 +165,31 @@ class Ledger:
         Returns once the new entries are durable.
         """
         result = IngestResult()
+        candidates: dict[str, bytes] = {}
+        for wire in wires:
+            candidates.setdefault(blake3.blake3(wire).hexdigest(), bytes(wire))
+        held = self.held(list(candidates))
+        result.duplicate = len(held)
+        fresh = [wire for entry_id, wire in candidates.items() if entry_id not in held]
+        # Signature checks run outside the lock: readers are not held up by verification.
+        decoded: list[Entry] = []
+        for outcome in _decode_many(fresh, self.genesis_hash):
+            if isinstance(outcome, Entry):
+                decoded.append(outcome)
+            else:
+                result.invalid.append(outcome)
         with self._lock:
-            candidates: dict[str, bytes] = {}
-            for wire in wires:
-                candidates.setdefault(blake3.blake3(wire).hexdigest(), bytes(wire))
-            held = self._existing(list(candidates))
-            result.duplicate = len(held)
-            fresh = [wire for entry_id, wire in candidates.items() if entry_id not in held]
-            decoded: list[Entry] = []
-            for outcome in _decode_many(fresh, self.genesis_hash):
-                if isinstance(outcome, Entry):
-                    decoded.append(outcome)
-                else:
-                    result.invalid.append(outcome)
             with self._db:
                 for entry in decoded:
-                    reason = self.check_stateful(entry)
+                    reason = self._check_stateful(entry)
                     if reason is not None:
                         result.invalid.append(reason)
-                        continue
-                    self._insert(entry)
-                    if entry.kind == "stake":
-                        self._keys.setdefault(entry.payer, entry.bls_key)
-                    result.new_entries.append(entry)
+                    elif self._insert(entry):
+                        if entry.kind == "stake":
+                            self._keys.setdefault(entry.payer, entry.bls_key)
+                        result.new_entries.append(entry)
+                    else:
+                        result.duplicate += 1  # another ingest stored it meanwhile
             result.new = len(result.new_entries)
             self._advance(result.new_entries)
         return result
@@ -206,7 +208,7 @@ class Ledger:
             held.update(row[0] for row in rows)
         return held
 
-    def _insert(self, entry: Entry) -> None:
+    def _insert(self, entry: Entry) -> bool:
         if entry.kind == "receipt":
             epoch = int(entry.at // self.genesis.params.epoch_seconds)
             key = b""
@@ -215,7 +217,7 @@ class Ledger:
             key = entry.signature if entry.kind == "vote" else b""
         else:
             epoch, key = -1, entry.bls_key
-        self._db.execute(
+        cursor = self._db.execute(
             "INSERT OR IGNORE INTO entries "
             "(id, kind, at, rank, payer, payee, amount, claim, epoch, bls, wire) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -233,12 +235,16 @@ class Ledger:
                 entry.wire,
             ),
         )
+        return cursor.rowcount > 0
 
     def check_stateful(self, entry: Entry) -> str | None:
         """The checks that need ledger state (BLS keys of vote and checkpoint signers): None
-        if ``entry`` passes, else the reason."""
-        with self._lock:
-            return self._check_stateful(entry)
+        if ``entry`` passes, else the reason.
+
+        Takes no lock (it reads only the key registry, which only ever gains keys), so the
+        gossip validator can call it on the event loop while an ingest holds the database.
+        """
+        return self._check_stateful(entry)
 
     def _check_stateful(self, entry: Entry) -> str | None:
         if entry.kind == "vote":
@@ -348,8 +354,7 @@ class Ledger:
 
     def bls_key(self, peer: str) -> bytes | None:
         """The BLS key a peer registered with its stake."""
-        with self._lock:
-            return self._keys.get(peer)
+        return self._keys.get(peer)
 
     def epoch_receipts(self, epoch: int) -> list[bytes]:
         """The canonical bytes of every receipt whose end time falls in ``epoch``."""

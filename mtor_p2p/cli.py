@@ -275,26 +275,68 @@ def cmd_stake(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_transfer(args: argparse.Namespace) -> int:
+    """Send credits of this peer's balance to another peer."""
+    from mtor_p2p.ledger.genesis import credits_to_nano, nano_to_credits
+
+    try:
+        amount = credits_to_nano(args.amount)
+    except ValueError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from exc
+    if amount <= 0:
+        raise CliError("the amount must be positive", EXIT_USAGE)
+    body = {"to": args.peer, "amount": amount}
+    try:
+        result = _ledger_call(args, "POST", "/v1/ledger/transfer", body)
+    except ControlError as exc:
+        raise CliError(f"transfer refused: {exc}") from exc
+    if result is None:
+        result = _sign_offline(args, "transfer", amount, args.peer)
+    if args.json:
+        print(json.dumps(result, indent=2, sort_keys=True))
+    else:
+        print(
+            f"sent {nano_to_credits(amount)} credits to {args.peer}: "
+            f"balance now {nano_to_credits(result['balance'])}"
+        )
+    return EXIT_OK
+
+
 def _stake_offline(args: argparse.Namespace, amount: int) -> dict[str, Any]:
-    """Sign the stake into the stopped node's ledger; peers pull it once the node runs."""
+    return _sign_offline(args, "stake", amount, None)
+
+
+def _sign_offline(
+    args: argparse.Namespace, kind: str, amount: int, to: str | None
+) -> dict[str, Any]:
+    """Sign a stake or transfer into the stopped node's ledger; peers pull it once the node
+    runs again."""
     import os
     import time
 
-    from mtor_p2p.ledger.entries import decode_entry, make_stake
+    from mtor_p2p.ledger.entries import decode_entry, make_stake, make_transfer
 
     ledger, identity = _offline_ledger(args)
     try:
         balance = ledger.account(identity.peer_id)["balance"]
         if amount > balance:
-            raise CliError(f"stake refused: balance is {balance} nano-credits")
-        wire = make_stake(
-            identity, amount, round(time.time(), 3), ledger.genesis_hash, os.urandom(8).hex()
-        )
+            raise CliError(f"{kind} refused: balance is {balance} nano-credits")
+        at, nonce = round(time.time(), 3), os.urandom(8).hex()
+        if to is None:
+            wire = make_stake(identity, amount, at, ledger.genesis_hash, nonce)
+        else:
+            wire = make_transfer(identity, to, amount, at, ledger.genesis_hash, nonce)
         result = ledger.ingest([wire])
         if result.invalid:
-            raise CliError(f"stake refused: {result.invalid[0]}")
+            raise CliError(f"{kind} refused: {result.invalid[0]}")
         entry = decode_entry(wire, ledger.genesis_hash)
-        return {"entry": entry.entry_id, "amount": amount, **ledger.account(identity.peer_id)}
+        extra = {} if to is None else {"to": to}
+        return {
+            "entry": entry.entry_id,
+            "amount": amount,
+            **extra,
+            **ledger.account(identity.peer_id),
+        }
     finally:
         ledger.close()
 
@@ -654,6 +696,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("amount", help="credits to stake, e.g. 10 or 2.5")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_stake)
+
+    p = sub.add_parser(
+        "transfer",
+        help="send credits to another peer",
+        description=(
+            "Send AMOUNT credits of this peer's balance to PEER (a peer ID). A transfer can "
+            "only spend a positive balance, never the credit limit."
+        ),
+    )
+    _add_data_dir(p)
+    p.add_argument("peer", help="the receiving peer's ID")
+    p.add_argument("amount", help="credits to send, e.g. 10 or 2.5")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_transfer)
 
     p = sub.add_parser(
         "ledger",

@@ -391,6 +391,19 @@ class Node:
         except RecordError as exc:
             return 409, {"error": str(exc)}
 
+    async def _route_transfer(self, query: dict[str, str], body: Any) -> tuple[int, Any]:
+        if not isinstance(body, dict):
+            return 400, {"error": "body must be {to, amount}"}
+        amount, to = body.get("amount"), body.get("to")
+        if isinstance(amount, bool) or not isinstance(amount, int) or amount <= 0:
+            return 400, {"error": "amount must be a positive integer of nano-credits"}
+        if not isinstance(to, str):
+            return 400, {"error": "to must be a peer ID"}
+        try:
+            return 200, await self.ledger_service.transfer(to, amount)
+        except RecordError as exc:
+            return 409, {"error": str(exc)}
+
     async def _route_ledger_verify(self, query: dict[str, str], body: Any) -> tuple[int, Any]:
         return 200, await trio.to_thread.run_sync(self.ledger.verify)
 
@@ -417,6 +430,7 @@ class Node:
                 ("GET", "/v1/receipts"): self._route_receipts,
                 ("GET", "/v1/ledger/balance"): self._route_balance,
                 ("POST", "/v1/ledger/stake"): self._route_stake,
+                ("POST", "/v1/ledger/transfer"): self._route_transfer,
                 ("GET", "/v1/ledger/verify"): self._route_ledger_verify,
                 ("GET", "/v1/ledger/prove"): self._route_ledger_prove,
             },

@@ -12,7 +12,7 @@ from mtor_p2p.compute.arrays import meta_of
 from mtor_p2p.compute.faults import make_fault_proof
 from mtor_p2p.compute.receipts import ReceiptBody, countersign, sign_as_worker
 from mtor_p2p.identity import Identity
-from mtor_p2p.ledger.entries import fault_entry, make_stake, receipt_entry
+from mtor_p2p.ledger.entries import fault_entry, make_stake, make_transfer, receipt_entry
 from mtor_p2p.ledger.genesis import NANO, Genesis, LedgerParams
 
 PEERS = [Identity(bytes([index + 1]) * 32) for index in range(4)]
@@ -59,6 +59,15 @@ def receipt(
 def stake(peer: Identity, credits: float, gen: Genesis, *, at: float = 1_800_000_000.0) -> bytes:
     """A stake entry of ``credits`` by ``peer``."""
     return make_stake(peer, round(credits * NANO), at, gen.hash, os.urandom(4).hex())
+
+
+def transfer(
+    payer: Identity, payee: Identity, credits: float, gen: Genesis, *, at: float = 1_800_000_000.0
+) -> bytes:
+    """A transfer entry of ``credits`` from ``payer`` to ``payee``."""
+    return make_transfer(
+        payer, payee.peer_id, round(credits * NANO), at, gen.hash, os.urandom(4).hex()
+    )
 
 
 def fault(

@@ -31,6 +31,9 @@ def test_balances_agree_on_every_peer_and_the_supply_is_conserved(tmp_path):
             assert json.loads(staked.stdout)["stake"] == 25 * 10**9
         greedy = mtor("stake", "5000", "--data-dir", dirs[2])
         assert greedy.returncode == 1 and "balance" in greedy.stderr
+        sent = mtor("transfer", peers[3]["peer_id"], "7.5", "--json", "--data-dir", dirs[2])
+        assert sent.returncode == 0, sent.stderr
+        assert json.loads(sent.stdout)["balance"] == 9925 * 10**8
         # Jobs from two requesters move credits to the workers.
         for requester in (dirs[0], dirs[3]):
             job = mtor("submit", "matmul", "--m", "256", "--n", "256", "--k", "256", "--json",
@@ -55,6 +58,7 @@ def test_balances_agree_on_every_peer_and_the_supply_is_conserved(tmp_path):
             assert json.loads(check.stdout)["ok"]
         human = mtor("balance", "--data-dir", dirs[1])
         assert "stake      25 credits" in human.stdout
+        assert view["accounts"][peers[2]["peer_id"]]["balance"] >= 9925 * 10**8  # sent 7.5
     finally:
         devnet.send_signal(signal.SIGINT)
         devnet.wait(timeout=30)

@@ -15,7 +15,7 @@ from mtor_p2p.ledger.genesis import NANO, Genesis, credits_to_nano, load_genesis
 from mtor_p2p.ledger.state import fold
 from mtor_p2p.ledger.store import Ledger, LedgerError
 from mtor_p2p.wire import RecordError
-from tests.ledger_data import PEERS, fault, genesis, receipt, stake
+from tests.ledger_data import PEERS, fault, genesis, receipt, stake, transfer
 
 A, B, C, D = PEERS
 
@@ -100,6 +100,29 @@ def test_a_stake_beyond_the_balance_has_no_effect(tmp_path):
         "slashed": 0,
     }  # ... no effect
     assert len(ledger.state().ineffective) == 1
+
+
+def test_transfers_move_only_what_the_balance_covers(tmp_path):
+    gen = genesis([10, 0, 0, 0])
+    ledger = open_ledger(tmp_path, gen)
+    t = 1_800_000_000.0
+    result = ledger.ingest(
+        [
+            transfer(A, B, 4, gen, at=t),
+            transfer(A, C, 7, gen, at=t + 1),
+            transfer(B, D, 4, gen, at=t + 2),
+        ]
+    )
+    assert result.new == 3
+    # A's second transfer (7 > the 6 left) has no effect; B passes its 4 on to D.
+    assert ledger.account(A.peer_id)["balance"] == 6 * NANO
+    assert ledger.account(C.peer_id)["balance"] == 0
+    assert ledger.account(D.peer_id)["balance"] == 4 * NANO
+    assert len(ledger.state().ineffective) == 1
+    with pytest.raises(RecordError, match="oneself"):
+        decode_entry(transfer(A, A, 1, gen), gen.hash)
+    forged = transfer(A, B, 1, gen).replace(B.peer_id.encode(), C.peer_id.encode())
+    assert ledger.ingest([forged]).invalid == ["signature does not verify"]
 
 
 def test_stake_is_judged_at_its_place_in_time_not_arrival(tmp_path):
@@ -215,6 +238,13 @@ _action = st.one_of(
         st.integers(0, 100),
     ),
     st.tuples(st.just("stake"), st.integers(0, 3), st.integers(1, 400), st.integers(0, 100)),
+    st.tuples(
+        st.just("transfer"),
+        st.integers(0, 3),
+        st.integers(0, 3),
+        st.integers(1, 400),
+        st.integers(0, 100),
+    ),
     st.tuples(st.just("fault"), st.integers(0, 3), st.integers(0, 3), st.integers(0, 100)),
 )
 
@@ -234,6 +264,11 @@ def _build(gen: Genesis, actions: list[tuple]) -> list[bytes]:
         elif action[0] == "stake":
             _, who, amount, t = action
             wires.append(stake(PEERS[who], amount, gen, at=T0 + t))
+        elif action[0] == "transfer":
+            _, payer, payee, amount, t = action
+            if payer == payee:
+                payee = (payee + 1) % 4
+            wires.append(transfer(PEERS[payer], PEERS[payee], amount, gen, at=T0 + t))
         else:
             _, wrk, rep, t = action
             wires.append(fault(PEERS[wrk], PEERS[rep], ended=T0 + t, seed=number % 3))

@@ -7,6 +7,7 @@ tag   kind          record                                              limit
 ====  ============  ==================================================  ==========
 R     receipt       a countersigned contribution receipt (compute)      4 KiB
 F     fault         a fault proof (compute.faults)                      16 MiB
+T     transfer      "mtor/transfer" envelope signed by the payer        2 KiB
 S     stake         "mtor/stake" envelope signed by the staker          2 KiB
 V     vote          a staked peer's BLS signature on an epoch's root    1 KiB
 C     checkpoint    the votes of one root aggregated into one signature 64 KiB
@@ -18,7 +19,8 @@ signatures, the fault proof's recomputation). Votes and checkpoints also need th
 keys, which come from their stake entries: :class:`~mtor_p2p.ledger.store.Ledger` checks those.
 
 Every entry has a position in time (``at``) that orders its effect on balances the same way on
-every peer: a receipt's end time, a stake's signed time, and for a fault proof the end time of
+every peer: a receipt's end time, a transfer's or stake's signed time, and for a fault proof the
+end time of
 the accused worker's own signed claim (so that neither reporter nor worker picks it).
 """
 
@@ -41,24 +43,33 @@ from mtor_p2p.ledger.genesis import MAX_AMOUNT
 from mtor_p2p.wire import RecordError, canonical_json, open_envelope, parse_canonical, seal
 
 STAKE_TYPE = "mtor/stake"
+TRANSFER_TYPE = "mtor/transfer"
 VOTE_TYPE = "mtor/vote"
 CHECKPOINT_TYPE = "mtor/checkpoint"
 VERSION = 1
 MAX_SIGNERS = 1000
 
-KINDS = {b"R": "receipt", b"F": "fault", b"S": "stake", b"V": "vote", b"C": "checkpoint"}
+KINDS = {
+    b"R": "receipt",
+    b"T": "transfer",
+    b"F": "fault",
+    b"S": "stake",
+    b"V": "vote",
+    b"C": "checkpoint",
+}
 TAGS = {kind: tag for tag, kind in KINDS.items()}
 LIMITS = {
     "receipt": 4096,
     "fault": 16 << 20,
     "stake": 2048,
+    "transfer": 2048,
     "vote": 1024,
     "checkpoint": 64 * 1024,
 }
 #: Largest wire entry of any kind (tag byte included).
 MAX_ENTRY_BYTES = max(LIMITS.values()) + 1
 #: Rank of each kind among entries at the same instant (the balance fold's tie-break).
-RANKS = {"receipt": 0, "stake": 1, "fault": 2, "vote": 3, "checkpoint": 3}
+RANKS = {"receipt": 0, "transfer": 1, "stake": 2, "fault": 3, "vote": 4, "checkpoint": 4}
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _CHECKPOINT_DOMAIN = b"mtor/checkpoint/v1\n"
 
@@ -68,7 +79,8 @@ class Entry:
     """A decoded, statelessly verified ledger entry.
 
     ``payer``/``payee``/``amount`` say how the entry moves credits: a receipt moves ``amount``
-    from the requester (payer) to the worker (payee); a stake locks ``amount`` of the payer's;
+    from the requester (payer) to the worker (payee), a transfer from its signer (payer) to
+    the named peer (payee); a stake locks ``amount`` of the payer's;
     a fault slashes the payer (the accused worker) and pays the payee (the reporter) a share.
     """
 
@@ -139,6 +151,14 @@ def make_stake(identity: Identity, amount: int, at: float, genesis_hash: str, no
         "pop": base64.b64encode(backend.pop_prove(secret)).decode("ascii"),
     }
     return b"S" + seal(identity, STAKE_TYPE, body)
+
+
+def make_transfer(
+    identity: Identity, to: str, amount: int, at: float, genesis_hash: str, nonce: str
+) -> bytes:
+    """A signed transfer of ``amount`` nano-credits from ``identity`` to peer ``to``."""
+    body = {"genesis": genesis_hash, "to": to, "amount": amount, "at": at, "nonce": nonce}
+    return b"T" + seal(identity, TRANSFER_TYPE, body)
 
 
 def make_vote(identity: Identity, genesis_hash: str, epoch: int, root: str, count: int) -> bytes:
@@ -275,6 +295,25 @@ def decode_entry(wire: bytes, genesis_hash: str) -> Entry:
             "",
             _int(body["amount"], "amount", 1),
             bls_key=key,
+        )
+    if kind == "transfer":
+        envelope = open_envelope(data, expected_type=TRANSFER_TYPE, max_bytes=LIMITS[kind])
+        body = envelope.body
+        if set(body) != {"genesis", "to", "amount", "at", "nonce"}:
+            raise RecordError("transfer must have exactly genesis, to, amount, at, nonce")
+        _check_genesis(body["genesis"], genesis_hash)
+        if not isinstance(body["nonce"], str) or not 0 < len(body["nonce"]) <= 64:
+            raise RecordError("nonce must be a string of 1-64 characters")
+        to = _peer(body["to"], "to")
+        if to == envelope.signer:
+            raise RecordError("a transfer to oneself")
+        return Entry(
+            kind,
+            wire,
+            _time(body["at"], "at"),
+            envelope.signer,
+            to,
+            _int(body["amount"], "amount", 1),
         )
     obj = parse_canonical(data, max_bytes=LIMITS[kind])
     if kind == "vote":

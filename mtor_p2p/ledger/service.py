@@ -34,6 +34,7 @@ from mtor_p2p.ledger.entries import (
     fault_entry,
     make_checkpoint,
     make_stake,
+    make_transfer,
     make_vote,
     receipt_entry,
 )
@@ -149,6 +150,25 @@ class LedgerService:
         entry = decode_entry(wire, self.ledger.genesis_hash)
         account = await trio.to_thread.run_sync(self.ledger.account, entry.payer)
         return {"entry": entry.entry_id, "amount": amount, **account}
+
+    async def transfer(self, to: str, amount: int) -> dict[str, Any]:
+        """Send ``amount`` nano-credits of our balance to peer ``to`` (RecordError if we
+        cannot)."""
+        account = await trio.to_thread.run_sync(self.ledger.account, self._identity.peer_id)
+        if amount > account["balance"]:
+            raise RecordError(f"balance is {account['balance']} nano-credits, cannot send {amount}")
+        wire = make_transfer(
+            self._identity,
+            to,
+            amount,
+            round(self._clock.now(), 3),
+            self.ledger.genesis_hash,
+            os.urandom(8).hex(),
+        )
+        await self._store_and_announce(wire)
+        entry = decode_entry(wire, self.ledger.genesis_hash)
+        account = await trio.to_thread.run_sync(self.ledger.account, entry.payer)
+        return {"entry": entry.entry_id, "to": to, "amount": amount, **account}
 
     def available_credit(self, peer: str) -> int:
         """What ``peer`` may still spend: its balance plus the network's credit limit."""

@@ -6,6 +6,9 @@ state. The rules:
 
 * **receipt**: the requester pays the worker the receipt's cost. Balances may go negative (down
   to the credit limit, which workers enforce when they accept work, not the ledger).
+* **transfer**: moves ``amount`` from the signer's balance to the named peer's, if the balance
+  covers it at that point of the fold (a transfer cannot spend the credit limit); otherwise the
+  entry is kept but has no effect.
 * **stake**: moves ``amount`` from the staker's balance to its stake, if the balance covers it
   at that point of the fold and the amount is at least ``min_stake``; otherwise the entry is kept
   but has no effect (``ineffective``). Stake is locked: this version has no unstaking.
@@ -54,8 +57,8 @@ class LedgerState:
     receipts: int = 0
     volume: int = 0  # nano-credits moved by receipts
     last: tuple[float, int, str] | None = None  # sort key of the last event applied
-    #: Sort key of the last stake or fault applied: the only events whose effect depends on
-    #: what came before them.
+    #: Sort key of the last transfer, stake or fault applied: the events whose effect depends
+    #: on what came before them.
     last_ordered: tuple[float, int, str] | None = None
 
     def __post_init__(self) -> None:
@@ -71,6 +74,12 @@ class LedgerState:
             balances[event.payee] = balances.get(event.payee, 0) + event.amount
             self.receipts += 1
             self.volume += event.amount
+        elif event.kind == "transfer":
+            if event.amount > balances.get(event.payer, 0):
+                self.ineffective.append(event.entry_id)
+            else:
+                balances[event.payer] -= event.amount
+                balances[event.payee] = balances.get(event.payee, 0) + event.amount
         elif event.kind == "stake":
             if event.amount < params.min_stake or event.amount > balances.get(event.payer, 0):
                 self.ineffective.append(event.entry_id)
@@ -99,8 +108,8 @@ class LedgerState:
         """True if applying ``event`` now gives the state a full refold would.
 
         Events in sort order always can. A receipt that arrives late can too, as long as no
-        stake or fault sorts after it: receipts only add and subtract, so they commute with
-        each other, and nothing that read a balance came after it.
+        transfer, stake or fault sorts after it: receipts only add and subtract, so they
+        commute with each other, and nothing that read a balance came after it.
         """
         key = (event.at, event.rank, event.entry_id)
         if self.last is None or key > self.last:

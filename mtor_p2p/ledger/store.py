@@ -2,10 +2,10 @@
 
 Nothing but entries is stored: balances are derived from them (:mod:`mtor_p2p.ledger.state`)
 and kept in memory, updated entry by entry as entries arrive (late receipts too: they commute)
-and recomputed from the table only when a stake or fault proof arrives out of order. Inserting
-an entry twice changes nothing (its ID is the hash of its bytes). Each insert batch is one
-transaction with ``synchronous=FULL``: once :meth:`Ledger.ingest` returns, its entries survive
-a crash or SIGKILL.
+and recomputed from the table only when a transfer, stake or fault proof arrives out of order.
+Inserting an entry twice changes nothing (its ID is the hash of its bytes). Each insert batch is
+one transaction with ``synchronous=FULL``: once :meth:`Ledger.ingest` returns, its entries
+survive a crash or SIGKILL.
 
 The local sequence number (``seq``) orders entries by arrival here; pull sync hands them out
 by ``seq`` so that a peer can resume where it stopped (see :mod:`mtor_p2p.ledger.service`).
@@ -41,7 +41,7 @@ from mtor_p2p.ledger.state import Event, LedgerState
 from mtor_p2p.wire import RecordError
 
 LEDGER_FILE_NAME = "ledger.sqlite"
-_FOLD_KINDS = ("receipt", "stake", "fault")
+_FOLD_KINDS = ("receipt", "transfer", "stake", "fault")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -276,7 +276,7 @@ class Ledger:
             if self._state is not None and self._state.can_apply_now(event):
                 self._state.apply(event)
             else:
-                self._state = None  # a stake or fault out of order: refold on the next read
+                self._state = None  # order-sensitive entry out of order: refold on next read
 
     def set_cursor(self, peer: str, instance: str, seq: int) -> None:
         """Remember how far we have pulled from ``peer``'s ledger ``instance``."""
@@ -306,7 +306,7 @@ class Ledger:
         state = LedgerState(self.genesis)
         rows = self._db.execute(
             "SELECT at, rank, id, kind, payer, payee, amount, claim FROM entries "
-            "WHERE kind IN ('receipt', 'stake', 'fault') ORDER BY at, rank, id"
+            "WHERE kind IN ('receipt', 'transfer', 'stake', 'fault') ORDER BY at, rank, id"
         )
         for row in rows:
             state.apply(Event(*row))

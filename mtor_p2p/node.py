@@ -489,13 +489,13 @@ def ledger_summary(ledger: Ledger, peer_id: str) -> dict[str, Any]:
     """What ``mtor-peer balance`` shows: one account and the ledger's totals."""
     state = ledger.state()
     account = state.account(peer_id)
-    params = ledger.genesis.params
     return {
         "peer_id": peer_id,
         "network": ledger.genesis.network,
         "genesis": ledger.genesis_hash,
         **account,
-        "spendable": account["balance"] + params.credit_limit,
+        "spendable": state.spendable(peer_id),
+        "credit_limit": state.credit_limit(peer_id),
         "credits": {k: nano_to_credits(v) for k, v in account.items()},
         "supply": ledger.genesis.supply,
         "total": state.total(),

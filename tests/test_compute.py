@@ -338,5 +338,5 @@ async def test_workers_refuse_a_requester_beyond_its_credit_limit(tmp_path):
         refusals = sum(n.worker.stats.credit_refusals for n, _ in nodes[1:])
         assert refusals >= 1
         spent = -requester.ledger.account(requester.peer_id)["balance"]
-        # Never far beyond the limit: at most what was in flight when it was reached.
-        assert 0 < spent <= genesis.params.credit_limit + 4 * 1048
+        # The ledger never lets the debt pass the limit (receipts beyond it move nothing).
+        assert 0 < spent <= genesis.params.credit_limit

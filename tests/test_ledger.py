@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import tempfile
 from pathlib import Path
@@ -31,6 +32,34 @@ def test_receipts_move_credits_from_requester_to_worker(tmp_path):
     assert result.new == 1 and not result.invalid
     assert ledger.account(A.peer_id)["balance"] == 1000 * NANO - 6 * NANO
     assert ledger.account(C.peer_id)["balance"] == 6 * NANO
+    assert ledger.state().total() == gen.supply
+
+
+def test_a_receipt_beyond_the_credit_limit_moves_nothing(tmp_path):
+    gen = genesis([0, 0, 0, 0], credit_limit=10 * NANO)
+    ledger = open_ledger(tmp_path, gen)
+    t = 1_800_000_000.0
+    ledger.ingest([receipt(A, C, price=6.0, ended=t), receipt(A, D, price=6.0, ended=t + 1)])
+    # The first takes A to -6; the second would take it to -12, past the limit of 10.
+    assert ledger.account(A.peer_id)["balance"] == -6 * NANO
+    assert ledger.account(C.peer_id)["balance"] == 6 * NANO
+    assert ledger.account(D.peer_id)["balance"] == 0
+    assert ledger.state().spendable(A.peer_id) == 4 * NANO
+
+
+def test_credit_backed_by_stake_gives_a_fresh_identity_nothing(tmp_path):
+    gen = genesis([0, 50, 0, 0], credit_limit=10 * NANO, credit_backing="stake")
+    ledger = open_ledger(tmp_path, gen)
+    t = 1_800_000_000.0
+    # A colluding pair cannot mint credits out of a fresh identity's debt.
+    ledger.ingest([receipt(A, C, price=5.0, ended=t)])
+    assert ledger.account(C.peer_id)["balance"] == 0
+    # B stakes 4: it may now run 4 credits into debt, no more.
+    ledger.ingest([stake(B, 4, gen, at=t), receipt(B, C, price=46.0, ended=t + 1)])
+    assert ledger.account(B.peer_id)["balance"] == 46 * NANO - 46 * NANO
+    ledger.ingest([receipt(B, D, price=5.0, ended=t + 2), receipt(B, D, price=4.0, ended=t + 3)])
+    assert ledger.account(B.peer_id)["balance"] == -4 * NANO
+    assert ledger.account(D.peer_id)["balance"] == 4 * NANO
     assert ledger.state().total() == gen.supply
 
 
@@ -276,7 +305,8 @@ def _build(gen: Genesis, actions: list[tuple]) -> list[bytes]:
 
 
 @settings(
-    max_examples=60,
+    # MTOR_PROPERTY_EXAMPLES=1000 for a deeper search than the suite's default.
+    max_examples=int(os.environ.get("MTOR_PROPERTY_EXAMPLES", "60")),
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
@@ -304,6 +334,9 @@ def test_any_order_of_arrival_gives_the_same_balances_and_conserves_supply(
             step = rng.randint(1, 4)
             second.ingest(shuffled[position : position + step] + shuffled[:1])
             position += step
+            if rng.random() < 0.3:  # reads between arrivals, from a snapshot at some horizon
+                second.set_horizon(T0 + rng.randint(0, 100))
+                second.state()
         one, two = first.state(), second.state()
         assert one.balances == two.balances
         assert one.stakes == two.stakes

@@ -60,8 +60,12 @@ def nano_to_credits(amount: int) -> str:
 class LedgerParams:
     """The network's economic parameters (all peers use the same, from the genesis)."""
 
-    #: How far a requester's balance may go below zero before workers refuse it new work.
+    #: How far a requester's balance may go below zero: workers refuse it new work beyond,
+    #: and the ledger ignores receipts beyond (so collusion cannot mint credits from debt).
     credit_limit: int = 100 * NANO
+    #: "none": every peer gets ``credit_limit``; "stake": at most its own stake (a fresh
+    #: identity then gets no credit at all, which closes the Sybil route to free credit).
+    credit_backing: str = "none"
     #: Share of the accused worker's stake taken by one proven fault, in basis points.
     slash_bps: int = 5000
     #: Share of the slashed amount paid to the peer that reported the fault; the rest burns.
@@ -89,6 +93,8 @@ class LedgerParams:
             value = getattr(self, name)
             if not isinstance(value, int) or not 0 <= value <= 10_000:
                 raise RecordError(f"params.{name} must be basis points (0-10000)")
+        if self.credit_backing not in ("none", "stake"):
+            raise RecordError("params.credit_backing must be 'none' or 'stake'")
         if not 1.0 <= self.epoch_seconds <= 86_400 * 7:
             raise RecordError("params.epoch_seconds must be between 1 s and a week")
         if not 0 <= self.checkpoint_delay < 86_400:

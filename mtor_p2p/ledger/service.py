@@ -45,6 +45,8 @@ from mtor_p2p.wire import RecordError, canonical_json, parse_canonical
 log = logging.getLogger(__name__)
 
 SYNC_PROTOCOL = "/mtor/ledger/sync/1"
+#: Balances are kept as a snapshot of entries older than this plus a fold of the rest.
+HORIZON_SECONDS = 600.0
 MAX_GOSSIP_ENTRY = 60 * 1024
 SYNC_BATCH_BYTES = 4 << 20
 SYNC_BATCH_COUNT = 2000
@@ -171,8 +173,9 @@ class LedgerService:
         return {"entry": entry.entry_id, "to": to, "amount": amount, **account}
 
     def available_credit(self, peer: str) -> int:
-        """What ``peer`` may still spend: its balance plus the network's credit limit."""
-        return self.ledger.account(peer)["balance"] + self.genesis.params.credit_limit
+        """What ``peer`` may still spend: its balance plus its credit limit (call it from a
+        worker thread: a ledger read may wait for a write)."""
+        return self.ledger.state().spendable(peer)
 
     # -- gossip ----------------------------------------------------------------------------
 
@@ -365,6 +368,11 @@ class LedgerService:
     async def _checkpoint_loop(self) -> None:
         while True:
             await trio.sleep(self.checkpoint_tick * random.uniform(0.8, 1.2))
+            # Refolds start from a snapshot this old: later entries rarely arrive after it.
+            horizon = self._clock.now() - max(
+                HORIZON_SECONDS, 2 * self.genesis.params.epoch_seconds
+            )
+            await trio.to_thread.run_sync(self.ledger.set_horizon, horizon)
             try:
                 await self.checkpoint_step()
             except RecordError as exc:

@@ -4,8 +4,13 @@ The fold visits receipts, stakes and fault proofs in one canonical order, ``(at,
 entry_id)``, whatever order they arrived in, so two peers holding the same set compute the same
 state. The rules:
 
-* **receipt**: the requester pays the worker the receipt's cost. Balances may go negative (down
-  to the credit limit, which workers enforce when they accept work, not the ledger).
+* **receipt**: the requester pays the worker the receipt's cost, if that leaves the requester's
+  balance at or above minus its credit limit; otherwise the receipt has no effect (the worker
+  did the work at its own risk: workers check the requester's credit before they compute).
+  The credit limit is ``credit_limit``, or with ``credit_backing = "stake"`` the smaller of
+  that and the requester's stake. Without this rule a requester and a worker colluding could
+  mint unbounded credits out of the requester's debt; with it, a fresh identity can run up at
+  most its credit limit (and none at all, when credit must be backed by stake).
 * **transfer**: moves ``amount`` from the signer's balance to the named peer's, if the balance
   covers it at that point of the fold (a transfer cannot spend the credit limit); otherwise the
   entry is kept but has no effect.
@@ -57,9 +62,6 @@ class LedgerState:
     receipts: int = 0
     volume: int = 0  # nano-credits moved by receipts
     last: tuple[float, int, str] | None = None  # sort key of the last event applied
-    #: Sort key of the last transfer, stake or fault applied: the events whose effect depends
-    #: on what came before them.
-    last_ordered: tuple[float, int, str] | None = None
 
     def __post_init__(self) -> None:
         if not self.balances:
@@ -70,10 +72,13 @@ class LedgerState:
         params = self.genesis.params
         balances = self.balances
         if event.kind == "receipt":
-            balances[event.payer] = balances.get(event.payer, 0) - event.amount
-            balances[event.payee] = balances.get(event.payee, 0) + event.amount
-            self.receipts += 1
-            self.volume += event.amount
+            if event.amount > balances.get(event.payer, 0) + self.credit_limit(event.payer):
+                self.ineffective.append(event.entry_id)
+            else:
+                balances[event.payer] = balances.get(event.payer, 0) - event.amount
+                balances[event.payee] = balances.get(event.payee, 0) + event.amount
+                self.receipts += 1
+                self.volume += event.amount
         elif event.kind == "transfer":
             if event.amount > balances.get(event.payer, 0):
                 self.ineffective.append(event.entry_id)
@@ -98,23 +103,38 @@ class LedgerState:
                 balances[event.payee] = balances.get(event.payee, 0) + reward
                 self.burned += slash - reward
                 self.slashed[event.payer] = self.slashed.get(event.payer, 0) + slash
-        key = (event.at, event.rank, event.entry_id)
-        if event.kind != "receipt":
-            self.last_ordered = key
-        if self.last is None or key > self.last:
-            self.last = key
+        self.last = (event.at, event.rank, event.entry_id)
 
-    def can_apply_now(self, event: Event) -> bool:
-        """True if applying ``event`` now gives the state a full refold would.
+    def follows(self, event: Event) -> bool:
+        """True if ``event`` sorts after everything applied, so applying it now gives what a
+        full refold would."""
+        return self.last is None or (event.at, event.rank, event.entry_id) > self.last
 
-        Events in sort order always can. A receipt that arrives late can too, as long as no
-        transfer, stake or fault sorts after it: receipts only add and subtract, so they
-        commute with each other, and nothing that read a balance came after it.
-        """
-        key = (event.at, event.rank, event.entry_id)
-        if self.last is None or key > self.last:
-            return True
-        return event.kind == "receipt" and (self.last_ordered is None or key > self.last_ordered)
+    def credit_limit(self, peer: str) -> int:
+        """How far below zero ``peer``'s balance may go."""
+        params = self.genesis.params
+        if params.credit_backing == "stake":
+            return min(params.credit_limit, self.stakes.get(peer, 0))
+        return params.credit_limit
+
+    def spendable(self, peer: str) -> int:
+        """What ``peer`` may still spend on work: balance plus credit limit."""
+        return self.balances.get(peer, 0) + self.credit_limit(peer)
+
+    def copy(self) -> LedgerState:
+        """An independent copy (the ledger keeps one as a snapshot)."""
+        return LedgerState(
+            genesis=self.genesis,
+            balances=dict(self.balances),
+            stakes=dict(self.stakes),
+            burned=self.burned,
+            slashed=dict(self.slashed),
+            slashed_claims=set(self.slashed_claims),
+            ineffective=list(self.ineffective),
+            receipts=self.receipts,
+            volume=self.volume,
+            last=self.last,
+        )
 
     def total(self) -> int:
         """Balances + stakes + burned: equals the genesis supply in every reachable state."""

@@ -1,8 +1,8 @@
 """The ledger on disk: SQLite (WAL) in the data directory, holding only verified entries.
 
 Nothing but entries is stored: balances are derived from them (:mod:`mtor_p2p.ledger.state`)
-and kept in memory, updated entry by entry as entries arrive (late receipts too: they commute)
-and recomputed from the table only when a transfer, stake or fault proof arrives out of order.
+and kept in memory, updated entry by entry as entries arrive in order; an entry that arrives
+out of order makes the next read refold from a snapshot (see :meth:`Ledger.set_horizon`).
 Inserting an entry twice changes nothing (its ID is the hash of its bytes). Each insert batch is
 one transaction with ``synchronous=FULL``: once :meth:`Ledger.ingest` returns, its entries
 survive a crash or SIGKILL.
@@ -60,6 +60,7 @@ CREATE TABLE IF NOT EXISTS entries (
     wire   BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS entries_kind_epoch ON entries(kind, epoch);
+CREATE INDEX IF NOT EXISTS entries_order ON entries(at, rank, id);
 CREATE TABLE IF NOT EXISTS sync_cursors (
     peer     TEXT NOT NULL,
     instance TEXT NOT NULL,
@@ -146,7 +147,9 @@ class Ledger:
             "SELECT payer, bls FROM entries WHERE kind = 'stake' ORDER BY seq"
         ):
             self._keys.setdefault(peer, bytes(key))
-        self._state: LedgerState | None = None
+        self._state: LedgerState | None = None  # after every entry (None: refold on read)
+        self._base: LedgerState | None = None  # after every entry up to the horizon
+        self._horizon: float | None = None
 
     def _meta(self, key: str) -> str | None:
         row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
@@ -268,15 +271,49 @@ class Ledger:
         return None
 
     def _advance(self, entries: list[Entry]) -> None:
-        """Keep the in-memory state current without a refold when entries come in order."""
+        """Keep the in-memory state current without a refold while entries come in order."""
         for entry in entries:
             if entry.kind not in _FOLD_KINDS:
                 continue
             event = _event(entry)
-            if self._state is not None and self._state.can_apply_now(event):
+            if self._base is not None and not self._base.follows(event):
+                self._base = None  # older than the snapshot: the next read refolds it all
+            if self._state is not None and self._state.follows(event):
                 self._state.apply(event)
             else:
-                self._state = None  # order-sensitive entry out of order: refold on next read
+                self._state = None  # out of order: refold from the snapshot on the next read
+
+    def set_horizon(self, at: float) -> None:
+        """Let refolds start from a snapshot of every entry up to time ``at``.
+
+        Entries arrive out of order within seconds or minutes, rarely older than an epoch or
+        two; a snapshot of the state up to such a horizon makes a refold cost only the entries
+        after it. An entry older than the horizon still arrives correctly: it discards the
+        snapshot, and the next read folds everything again.
+        """
+        with self._lock:
+            if self._horizon is not None and at <= self._horizon:
+                return
+            self._horizon = at
+            if self._base is not None:
+                self._base = self._fold_from(self._base.copy(), until=at)
+
+    def _fold_from(self, state: LedgerState, *, until: float | None = None) -> LedgerState:
+        """Apply to ``state`` the stored events after ``state.last`` (up to time ``until``)."""
+        sql = (
+            "SELECT at, rank, id, kind, payer, payee, amount, claim FROM entries "
+            "WHERE kind IN ('receipt', 'transfer', 'stake', 'fault')"
+        )
+        params: list[object] = []
+        if state.last is not None:
+            sql += " AND (at, rank, id) > (?, ?, ?)"
+            params += list(state.last)
+        if until is not None:
+            sql += " AND at <= ?"
+            params.append(until)
+        for row in self._db.execute(sql + " ORDER BY at, rank, id", params):
+            state.apply(Event(*row))
+        return state
 
     def set_cursor(self, peer: str, instance: str, seq: int) -> None:
         """Remember how far we have pulled from ``peer``'s ledger ``instance``."""
@@ -303,14 +340,9 @@ class Ledger:
             return self._state
 
     def _refold(self) -> LedgerState:
-        state = LedgerState(self.genesis)
-        rows = self._db.execute(
-            "SELECT at, rank, id, kind, payer, payee, amount, claim FROM entries "
-            "WHERE kind IN ('receipt', 'transfer', 'stake', 'fault') ORDER BY at, rank, id"
-        )
-        for row in rows:
-            state.apply(Event(*row))
-        return state
+        if self._base is None:
+            self._base = self._fold_from(LedgerState(self.genesis), until=self._horizon or -1.0)
+        return self._fold_from(self._base.copy())
 
     def account(self, peer: str) -> dict[str, int]:
         """A peer's balance, stake and slashed total (nano-credits)."""

@@ -354,3 +354,92 @@ def test_any_order_of_arrival_gives_the_same_balances_and_conserves_supply(
         assert second.verify()["ok"]
         first.close()
         second.close()
+
+
+# -- hostile entries (found in review) --------------------------------------------------------
+
+
+def test_receipts_with_absurd_numbers_are_refused_not_crashing(tmp_path):
+    gen = genesis()
+    ledger = open_ledger(tmp_path, gen)
+    huge_cost = receipt(A, C, price=1e6, flops=2**62)  # fits each field, not the 64-bit cost
+    self_dealing = receipt(A, A)
+    free = receipt(A, C, price=0.0)
+    absurd_price = receipt(A, C, price=1e300)
+    absurd_time = receipt(A, C, ended=1e300)
+    result = ledger.ingest([huge_cost, self_dealing, free, absurd_price, absurd_time])
+    assert result.new == 0 and len(result.invalid) == 5
+    assert ledger.verify()["ok"]
+
+
+def test_one_wrong_answer_is_slashed_once_and_only_its_requester_is_rewarded(tmp_path):
+    gen = genesis([1000, 1000, 0, 0], slash_bps=5000, reporter_bps=2000)
+    ledger = open_ledger(tmp_path, gen)
+    ledger.ingest([stake(B, 400, gen, at=1_700_000_000.0)])
+    # A copycat (C) reports B's wrong answer to A before A does: it earns nothing, all burns.
+    assert ledger.ingest([fault(B, C, requester=A)]).new == 1
+    assert ledger.account(C.peer_id)["balance"] == 0
+    assert ledger.state().burned == 200 * NANO
+    # A's own proof of the same answer (other bytes, same shard) slashes nothing more.
+    assert ledger.ingest([fault(B, A)]).new == 1
+    assert ledger.account(B.peer_id)["stake"] == 200 * NANO
+    assert ledger.state().total() == gen.supply
+
+
+def test_a_peers_bls_key_does_not_depend_on_arrival_order(tmp_path):
+    import base64
+
+    from mtor_p2p.ledger import bls
+    from mtor_p2p.ledger.entries import STAKE_TYPE
+    from mtor_p2p.wire import seal
+
+    gen = genesis()
+    backend = bls.default_backend()
+    # A (misbehaving) registers a second BLS key with a later stake of its own.
+    secret = bls.derive_secret(bytes([42]) * 32)
+    body = {
+        "genesis": gen.hash,
+        "amount": 5 * NANO,
+        "at": 1_700_000_100.0,
+        "nonce": "second",
+        "bls": base64.b64encode(backend.public_key(secret)).decode("ascii"),
+        "pop": base64.b64encode(backend.pop_prove(secret)).decode("ascii"),
+    }
+    later = b"S" + seal(A, STAKE_TYPE, body)
+    earlier = stake(A, 5, gen, at=1_700_000_000.0)
+    first, second = open_ledger(tmp_path, gen, "1.sqlite"), open_ledger(tmp_path, gen, "2.sqlite")
+    first.ingest([later])
+    first.ingest([earlier])
+    second.ingest([earlier, later])
+    # Both take the key of the earliest stake, so both judge A's votes the same way.
+    assert first.bls_key(A.peer_id) == second.bls_key(A.peer_id)
+    assert first.bls_key(A.peer_id) == decode_entry(earlier, gen.hash).bls_key
+    first.close()
+    second.close()
+    assert (
+        open_ledger(tmp_path, gen, "1.sqlite").bls_key(A.peer_id)
+        == decode_entry(earlier, gen.hash).bls_key
+    )
+
+
+def test_a_failed_batch_leaves_nothing_half_stored(tmp_path, monkeypatch):
+    gen = genesis()
+    ledger = open_ledger(tmp_path, gen)
+    wires = [receipt(A, C, shard=i) for i in range(5)]
+    calls = {"n": 0}
+    original = ledger._insert
+
+    def failing_insert(entry):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise OSError("disk full")
+        return original(entry)
+
+    monkeypatch.setattr(ledger, "_insert", failing_insert)
+    with pytest.raises(OSError):
+        ledger.ingest(wires)
+    monkeypatch.undo()
+    assert ledger.count() == 0
+    assert ledger.state().balances == gen.allocations
+    assert ledger.ingest(wires).new == 5
+    assert ledger.verify()["ok"]

@@ -112,3 +112,20 @@ async def test_a_sync_peer_that_never_advances_is_cut_off(tmp_path):
         with trio.fail_after(10), pytest.raises(RecordError, match="advance"):
             await b.sync_from(net_a.peer_id)
         assert b.ledger.count() == 1
+
+
+async def test_a_sync_answer_with_an_absurd_cursor_is_refused(tmp_path):
+    gen = genesis()
+    good = receipt(A, C)
+
+    async def absurd_peer(sender: str, request: bytes) -> bytes:
+        header = {"instance": "x", "next": 2**64, "more": False, "sizes": [len(good)]}
+        return pack(header, good)
+
+    async with open_networks(2) as (net_a, net_b):
+        net_a.handle(SYNC_PROTOCOL, absurd_peer)
+        b = service(net_b, tmp_path, "b", gen)
+        from mtor_p2p.wire import RecordError
+
+        with pytest.raises(RecordError, match="malformed"):
+            await b.sync_from(net_a.peer_id)

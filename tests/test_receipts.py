@@ -156,3 +156,36 @@ def test_non_canonical_and_oversized_receipts_are_rejected():
 def test_any_valid_receipt_round_trips(shard, flops, price, kernel):
     receipt = complete_receipt(shard=shard, flops=flops, price=price, kernel=kernel)
     assert decode_receipt(receipt.encode()) == receipt
+
+
+@pytest.mark.parametrize(
+    ("change", "complaint"),
+    [
+        ({"price": 1.6}, "charges"),
+        ({"flops": 2 * 512**3 + 1}, "FLOPs"),
+        ({"requester": WORKER.peer_id}, "another requester"),
+        ({"started": 1_800_000_000.0 - 120}, "times"),
+        ({"ended": 1_800_000_000.0 + 120}, "times"),
+    ],
+)
+def test_requester_checks_the_workers_terms_before_countersigning(change, complaint):
+    from mtor_p2p.compute.client import ShardTerms, WorkerMisbehaved
+
+    terms = ShardTerms(
+        requester=REQUESTER.peer_id,
+        max_price=1.5,
+        flops=2 * 512**3,
+        sent_at=1_800_000_000.0,
+        now=lambda: 1_800_000_001.0,
+    )
+    terms.check(sign_as_worker(WORKER, body()))  # the agreed terms pass
+    terms.check(sign_as_worker(WORKER, body(price=1.0)))  # cheaper is fine
+    with pytest.raises(WorkerMisbehaved, match=complaint):
+        terms.check(sign_as_worker(WORKER, body(**change)))
+
+
+@pytest.mark.parametrize("field", ["price", "started", "ended"])
+def test_receipt_numbers_out_of_range_are_rejected(field):
+    bad = complete_receipt(**{field: 1e300})
+    with pytest.raises(RecordError, match="between"):
+        decode_receipt(bad.encode())

@@ -7,7 +7,9 @@ what it lacks), run a shard, fetch its output, send the countersigned receipt.
 from __future__ import annotations
 
 import base64
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import trio
@@ -132,6 +134,33 @@ async def download(network: Network, worker: str, meta: ArrayMeta, *, timeout: f
         raise WorkerMisbehaved(f"downloaded output: {exc}") from exc
 
 
+#: How far apart two peers' clocks may be before a receipt's times look wrong (seconds).
+CLOCK_SKEW = 30.0
+
+
+@dataclass(frozen=True)
+class ShardTerms:
+    """What a requester agreed to for one shard, checked in the worker's receipt."""
+
+    requester: str
+    max_price: float  # credits per TFLOP: the worker's advertised price when chosen
+    flops: int
+    sent_at: float  # network time when the run request left
+    now: Callable[[], float]  # the requester's network clock
+
+    def check(self, receipt: Receipt) -> None:
+        """Raise WorkerMisbehaved unless the receipt keeps to these terms."""
+        body = receipt.body
+        if body.requester != self.requester:
+            raise WorkerMisbehaved("receipt names another requester")
+        if body.price > self.max_price * (1 + 1e-12):
+            raise WorkerMisbehaved(f"receipt charges {body.price}, the quote was {self.max_price}")
+        if body.flops != self.flops:
+            raise WorkerMisbehaved(f"receipt claims {body.flops} FLOPs, the shard has {self.flops}")
+        if body.started < self.sent_at - CLOCK_SKEW or body.ended > self.now() + CLOCK_SKEW:
+            raise WorkerMisbehaved("receipt times lie outside the request")
+
+
 async def run_shard(
     network: Network,
     worker: str,
@@ -142,10 +171,22 @@ async def run_shard(
     operands: dict[str, np.ndarray],
     timeout: float,
     transfer_timeout: float,
+    terms: ShardTerms | None = None,
 ) -> ShardAnswer:
-    """Run one shard on ``worker`` (operands must already be there) and fetch its output."""
+    """Run one shard on ``worker`` (operands must already be there) and fetch its output.
+
+    With ``terms``, the worker's signed receipt must keep to them (price, FLOPs, requester,
+    times): the requester countersigns whatever it accepts here, so it checks first.
+    """
     described = {name: meta_of(array).to_json() for name, array in operands.items()}
-    header = {"job_id": job_id, "shard": shard, "kernel": kernel, "operands": described}
+    header: dict[str, Any] = {
+        "job_id": job_id,
+        "shard": shard,
+        "kernel": kernel,
+        "operands": described,
+    }
+    if terms is not None:
+        header["max_price"] = terms.max_price
     reply = await network.request(
         worker, PROTOCOL_RUN, pack(header), timeout=timeout, max_response_bytes=MAX_MESSAGE_BYTES
     )
@@ -165,6 +206,8 @@ async def run_shard(
         raise WorkerMisbehaved("receipt is for another shard")
     if receipt.body.inputs != {name: d["hash"] for name, d in described.items()}:
         raise WorkerMisbehaved("receipt names other inputs")
+    if terms is not None:
+        terms.check(receipt)
     if body:
         try:
             output = array_from_bytes(meta, body)

@@ -35,6 +35,9 @@ _WORKER_DOMAIN = b"mtor/receipt/v1/worker\n"
 _REQUESTER_DOMAIN = b"mtor/receipt/v1/requester\n"
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _MAX_OPERANDS = 16
+#: Bounds that keep every derived amount finite and within a 64-bit integer.
+MAX_PRICE = 1e6  # credits per TFLOP
+MAX_TIME = 1e11  # seconds since the epoch (year 5138)
 
 
 @dataclass(frozen=True)
@@ -111,10 +114,10 @@ def body_from_json(obj: Any) -> ReceiptBody:
         value = obj[name]
         if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:
             raise RecordError(f"{name} must be a non-negative integer")
-    for name in ("started", "ended", "price"):
+    for name, high in (("started", MAX_TIME), ("ended", MAX_TIME), ("price", MAX_PRICE)):
         value = obj[name]
-        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-            raise RecordError(f"{name} must be a non-negative number")
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= high:
+            raise RecordError(f"{name} must be a number between 0 and {high:g}")
     if obj["ended"] < obj["started"]:
         raise RecordError("a shard cannot end before it starts")
     for name in ("kernel", "worker", "requester"):

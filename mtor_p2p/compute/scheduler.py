@@ -165,6 +165,8 @@ class _JobRun:
         self.spec = spec
         self.kernel = kernel
         self.workers = workers
+        # The price each worker advertised when chosen: what we accept to pay it for this job.
+        self.quotes = {r.peer_id: r.price for r in workers}
         self.nonce = os.urandom(16).hex()
         inputs = {name: meta_of(a).digest for name, a in spec.operands.items()}
         self.job_id = blake3.blake3(
@@ -301,6 +303,13 @@ class _JobRun:
             await client.ensure_operands(
                 self.s.network, worker, operands, timeout=timeout, in_flight=self.s.uploads
             )
+            terms = client.ShardTerms(
+                requester=self.s.identity.peer_id,
+                max_price=self.quotes[worker],
+                flops=int(self.kernel.flops(operands)),
+                sent_at=self.s.clock.now(),
+                now=self.s.clock.now,
+            )
             return await client.run_shard(
                 self.s.network,
                 worker,
@@ -310,6 +319,7 @@ class _JobRun:
                 operands=operands,
                 timeout=timeout,
                 transfer_timeout=timeout,
+                terms=terms,
             )
 
     async def _judge(

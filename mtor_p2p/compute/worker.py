@@ -43,6 +43,7 @@ from mtor_p2p.compute.protocol import (
 )
 from mtor_p2p.compute.receipt_store import ReceiptStore
 from mtor_p2p.compute.receipts import (
+    MAX_PRICE,
     Receipt,
     ReceiptBody,
     decode_receipt,
@@ -251,11 +252,22 @@ class WorkerService:
             kernel.check_operands(arrays)
         except KernelError as exc:
             raise RemoteError(f"bad operands for {kernel_name}: {exc}") from exc
-        price = float(self._price())
+        # The requester quotes the price it accepted (our advertised one when it chose us);
+        # we never charge more than that, so a price that rose since does not surprise it.
+        quoted = header.get("max_price", float(self._price()))
+        if (
+            isinstance(quoted, bool)
+            or not isinstance(quoted, int | float)
+            or not 0 <= quoted <= MAX_PRICE
+        ):
+            raise RemoteError(f"max_price must be a number between 0 and {MAX_PRICE:g}")
+        price = min(float(self._price()), float(quoted))
+        reservation = (job_id, shard)
         if self._credit is not None:
             # A ledger read may wait for a write in progress: never on the event loop.
             available = await trio.to_thread.run_sync(self._credit, sender)
-            self._check_credit(sender, shard_cost_nano(price, int(kernel.flops(arrays))), available)
+            cost = shard_cost_nano(price, int(kernel.flops(arrays)))
+            self._reserve_credit(sender, reservation, cost, available)
         started = self._clock.now()
         self.stats.active += 1
         try:
@@ -264,6 +276,7 @@ class WorkerService:
             run = functools.partial(kernel.run, arrays, self.backend, keys=inputs)
             output = await trio.to_thread.run_sync(run, limiter=self._device)
         except Exception as exc:
+            self._owed.get(sender, {}).pop(reservation, None)
             self.stats.shards_failed += 1
             log.warning("kernel %s failed: %s", kernel_name, exc)
             raise RemoteError(f"kernel failed: {type(exc).__name__}") from exc
@@ -297,9 +310,6 @@ class WorkerService:
             price=price,
         )
         receipt = sign_as_worker(self._identity, body)
-        if self._credit is not None:
-            owed = self._owed.setdefault(sender, {})
-            owed[(job_id, shard)] = (trio.current_time(), body.cost_nano)
         self.stats.shards_run += 1
         self.stats.compute_seconds += ended - started
         self.stats.by_kernel[kernel_name] = self.stats.by_kernel.get(kernel_name, 0) + 1
@@ -312,20 +322,23 @@ class WorkerService:
             payload,
         )
 
-    def _check_credit(self, requester: str, cost: int, credit: int) -> None:
+    def _reserve_credit(self, requester: str, key: tuple[str, int], cost: int, credit: int) -> None:
         """Refuse a shard whose cost the requester cannot cover with ``credit`` (what the
-        ledger lets it spend) less the work not yet countersigned (raises RemoteError)."""
-        owed = self._owed.get(requester, {})
+        ledger lets it spend) less the work not yet countersigned (raises RemoteError);
+        otherwise count the shard as owed at once, so that concurrent requests cannot all pass
+        the same check."""
+        owed = self._owed.setdefault(requester, {})
         now = trio.current_time()
         for key in [k for k, (since, _) in owed.items() if now - since > OWED_MEMORY_SECONDS]:
             del owed[key]  # never countersigned: the requester rejected or dropped it
-        available = credit - sum(cost for _, cost in owed.values())
+        available = credit - sum(c for k, (_, c) in owed.items() if k != key)
         if cost > available:
             self.stats.credit_refusals += 1
             raise RemoteError(
                 f"{CREDIT_REFUSED}: this shard costs {cost} nano-credits, "
                 f"the requester can spend {max(0, available)}"
             )
+        owed[key] = (now, cost)
 
     def _corrupt(self, output: np.ndarray) -> np.ndarray:
         self.stats.corrupted_on_purpose += 1

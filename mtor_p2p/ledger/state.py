@@ -17,9 +17,10 @@ state. The rules:
 * **stake**: moves ``amount`` from the staker's balance to its stake, if the balance covers it
   at that point of the fold and the amount is at least ``min_stake``; otherwise the entry is kept
   but has no effect (``ineffective``). Stake is locked: this version has no unstaking.
-* **fault**: the first proof (in fold order) against a given signed claim slashes
-  ``slash_bps`` of the accused worker's stake at that point; ``reporter_bps`` of the slashed
-  amount goes to the reporter, the rest is burned. Later proofs of the same claim do nothing.
+* **fault**: the first proof (in fold order) against a given shard answer (worker, job,
+  shard) slashes ``slash_bps`` of the accused worker's stake at that point; ``reporter_bps`` of
+  the slashed amount goes to the reporter if it was the requester the worker answered, the
+  rest is burned. Later proofs of the same answer do nothing.
 
 Every rule moves credits between balances, stakes and the burned pool, so
 ``sum(balances) + sum(stakes) + burned == genesis supply`` always holds: no entry can create
@@ -98,9 +99,11 @@ class LedgerState:
                 self.slashed_claims.add(event.claim)
                 stake = self.stakes.get(event.payer, 0)
                 slash = stake * params.slash_bps // 10_000
-                reward = slash * params.reporter_bps // 10_000
+                # No payee: the reporter was not the requester, and the whole slash burns.
+                reward = slash * params.reporter_bps // 10_000 if event.payee else 0
                 self.stakes[event.payer] = stake - slash
-                balances[event.payee] = balances.get(event.payee, 0) + reward
+                if event.payee:
+                    balances[event.payee] = balances.get(event.payee, 0) + reward
                 self.burned += slash - reward
                 self.slashed[event.payer] = self.slashed.get(event.payer, 0) + slash
         self.last = (event.at, event.rank, event.entry_id)

@@ -142,14 +142,21 @@ class Ledger:
                 f"{self.genesis_hash[:16]}... (use that genesis or another data directory)"
             )
         self.instance = self._meta("instance") or ""
-        self._keys: dict[str, bytes] = {}
-        for peer, key in self._db.execute(
-            "SELECT payer, bls FROM entries WHERE kind = 'stake' ORDER BY seq"
+        # A peer's BLS key is the one in its earliest stake entry, by (at, id): chosen from the
+        # entry set, never from the order of arrival, so every peer agrees on it.
+        self._keys: dict[str, tuple[tuple[float, str], bytes]] = {}
+        for peer, at, entry_id, key in self._db.execute(
+            "SELECT payer, at, id, bls FROM entries WHERE kind = 'stake'"
         ):
-            self._keys.setdefault(peer, bytes(key))
+            self._register(peer, (at, entry_id), bytes(key))
         self._state: LedgerState | None = None  # after every entry (None: refold on read)
         self._base: LedgerState | None = None  # after every entry up to the horizon
         self._horizon: float | None = None
+
+    def _register(self, peer: str, order: tuple[float, str], key: bytes) -> None:
+        held = self._keys.get(peer)
+        if held is None or order < held[0]:
+            self._keys[peer] = (order, key)
 
     def _meta(self, key: str) -> str | None:
         row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
@@ -182,17 +189,25 @@ class Ledger:
             else:
                 result.invalid.append(outcome)
         with self._lock:
-            with self._db:
+            # One transaction (one fsync) per batch: isolation_level=None leaves transactions
+            # to us, and without BEGIN every INSERT would commit (and fsync) on its own.
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
                 for entry in decoded:
-                    reason = self._check_stateful(entry)
+                    reason = self._check_stateful(entry, pending=result.new_entries)
                     if reason is not None:
                         result.invalid.append(reason)
                     elif self._insert(entry):
-                        if entry.kind == "stake":
-                            self._keys.setdefault(entry.payer, entry.bls_key)
                         result.new_entries.append(entry)
                     else:
                         result.duplicate += 1  # another ingest stored it meanwhile
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            for entry in result.new_entries:
+                if entry.kind == "stake":
+                    self._register(entry.payer, (entry.at, entry.entry_id), entry.bls_key)
             result.new = len(result.new_entries)
             self._advance(result.new_entries)
         return result
@@ -249,20 +264,38 @@ class Ledger:
         """
         return self._check_stateful(entry)
 
-    def _check_stateful(self, entry: Entry) -> str | None:
+    def _key_of(self, peer: str, pending: list[Entry] | None = None) -> bytes | None:
+        """``peer``'s BLS key, counting stakes of the batch being stored (``pending``)."""
+        best = self._keys.get(peer)
+        for entry in pending or ():
+            if entry.kind == "stake" and entry.payer == peer:
+                order = (entry.at, entry.entry_id)
+                if best is None or order < best[0]:
+                    best = (order, entry.bls_key)
+        return None if best is None else best[1]
+
+    def _check_stateful(self, entry: Entry, pending: list[Entry] | None = None) -> str | None:
         if entry.kind == "vote":
-            key = self._keys.get(entry.payer)
+            key = self._key_of(entry.payer, pending)
             if key is None:
                 return "vote from a peer that has not staked"
+            if (
+                pending is not None
+                and self._db.execute(
+                    "SELECT 1 FROM entries WHERE kind = 'vote' AND payer = ? AND epoch = ?",
+                    (entry.payer, entry.epoch),
+                ).fetchone()
+            ):
+                return "a second vote from the same peer on the same epoch"
             message = checkpoint_message(self.genesis_hash, entry.epoch, entry.claim, entry.count)
             if not self.bls.verify(key, message, entry.signature):
                 return "vote signature does not verify"
         elif entry.kind == "checkpoint":
-            return self._check_aggregate(entry)
+            return self._check_aggregate(entry, pending)
         return None
 
-    def _check_aggregate(self, entry: Entry) -> str | None:
-        keys = [self._keys.get(s) for s in entry.signers]
+    def _check_aggregate(self, entry: Entry, pending: list[Entry] | None = None) -> str | None:
+        keys = [self._key_of(s, pending) for s in entry.signers]
         if any(k is None for k in keys):
             return "checkpoint signed by a peer that has not staked"
         message = checkpoint_message(self.genesis_hash, entry.epoch, entry.claim, entry.count)
@@ -385,8 +418,8 @@ class Ledger:
         return out, len(rows) > max_count
 
     def bls_key(self, peer: str) -> bytes | None:
-        """The BLS key a peer registered with its stake."""
-        return self._keys.get(peer)
+        """The BLS key a peer registered with its (earliest) stake."""
+        return self._key_of(peer)
 
     def epoch_receipts(self, epoch: int) -> list[bytes]:
         """The canonical bytes of every receipt whose end time falls in ``epoch``."""
@@ -466,12 +499,14 @@ class Ledger:
         epoch, wire = int(row[0]), bytes(row[1])
         leaves = [leaf_hash(r) for r in self.epoch_receipts(epoch)]
         proof = inclusion_proof(leaves, leaf_hash(wire[1:]))
-        checkpoint = self.best_checkpoint(epoch)
         root = merkle_root(leaves)
-        if checkpoint is None:
+        infos = self.checkpoints(epoch)
+        if not infos:
             raise LedgerError(f"epoch {epoch} has no checkpoint yet")
-        if checkpoint.entry.claim != root.hex():
-            raise LedgerError(f"epoch {epoch}'s checkpoint covers a different receipt set")
+        matching = [c for c in infos if c.entry.claim == root.hex()]
+        if not matching:
+            raise LedgerError(f"epoch {epoch}'s checkpoints cover a different receipt set")
+        checkpoint = max(matching, key=lambda c: (c.weight_bps, len(c.entry.signers)))
         assert verify_inclusion(proof, root)
         return {
             "receipt": entry_id,
@@ -487,15 +522,17 @@ class Ledger:
         """Re-check everything from the stored bytes: every signature and fault proof, the
         balances (refolded and compared), conservation of supply, and every checkpoint."""
         problems: list[str] = []
-        with self._lock:
+        with self._lock:  # the rows and the state they are compared with, at one instant
             integrity = self._db.execute("PRAGMA integrity_check").fetchone()[0]
             if integrity != "ok":
                 problems.append(f"sqlite integrity check: {integrity}")
             rows = self._db.execute(
                 "SELECT id, kind, at, rank, payer, payee, amount, claim, wire FROM entries"
             ).fetchall()
+            current = self.state().copy()
         events: list[Event] = []
-        keys: dict[str, bytes] = {}
+        keys: dict[str, tuple[tuple[float, str], bytes]] = {}
+        bls_entries: list[Entry] = []
         counts: dict[str, int] = {}
         for entry_id, kind, at, rank, payer, payee, amount, claim, wire in rows:
             wire = bytes(wire)
@@ -516,13 +553,25 @@ class Ledger:
             if stored != derived:
                 problems.append(f"entry {entry_id[:16]}: stored columns disagree with its bytes")
             if entry.kind == "stake":
-                keys.setdefault(entry.payer, entry.bls_key)
+                order = (entry.at, entry.entry_id)
+                if entry.payer not in keys or order < keys[entry.payer][0]:
+                    keys[entry.payer] = (order, entry.bls_key)
             if entry.kind in _FOLD_KINDS:
                 events.append(_event(entry))
+            elif entry.kind in ("vote", "checkpoint"):
+                bls_entries.append(entry)
+        for entry in bls_entries:  # every BLS signature, against keys from the stored stakes
+            signer_keys = [keys.get(s, (None, None))[1] for s in entry.signers]
+            message = checkpoint_message(self.genesis_hash, entry.epoch, entry.claim, entry.count)
+            if any(k is None for k in signer_keys):
+                problems.append(f"{entry.kind} {entry.entry_id[:16]}: signer has not staked")
+            elif not self.bls.fast_aggregate_verify(
+                [k for k in signer_keys if k], message, entry.signature
+            ):
+                problems.append(f"{entry.kind} {entry.entry_id[:16]}: BLS signature is bad")
         refolded = LedgerState(self.genesis)
         for event in sorted(events):
             refolded.apply(event)
-        current = self.state()
         if (refolded.balances, refolded.stakes, refolded.burned) != (
             current.balances,
             current.stakes,
@@ -536,8 +585,6 @@ class Ledger:
         checkpoints = []
         for info in self.checkpoints():
             reason = self._check_aggregate(info.entry)
-            if reason is not None:
-                problems.append(f"checkpoint of epoch {info.entry.epoch}: {reason}")
             checkpoints.append({**info.to_json(), "signature_ok": reason is None})
         return {
             "ok": not problems,
@@ -561,6 +608,8 @@ def _decode_one(wire: bytes, genesis_hash: str) -> Entry | str:
         return decode_entry(wire, genesis_hash)
     except RecordError as exc:
         return str(exc)
+    except Exception as exc:  # a hostile entry costs its sender, nothing more
+        return f"undecodable entry: {type(exc).__name__}"
 
 
 def _decode_many(wires: list[bytes], genesis_hash: str) -> list[Entry | str]:

@@ -443,3 +443,23 @@ def test_a_failed_batch_leaves_nothing_half_stored(tmp_path, monkeypatch):
     assert ledger.state().balances == gen.allocations
     assert ledger.ingest(wires).new == 5
     assert ledger.verify()["ok"]
+
+
+def test_stake_bought_with_debt_carries_no_checkpoint_weight(tmp_path):
+    gen = genesis([100, 0, 0, 0], credit_limit=1000 * NANO, credit_backing="stake")
+    ledger = open_ledger(tmp_path, gen)
+    t = 1_800_000_000.0
+    # A stakes all it has, borrows against the stake to pay B, who stakes that, and so on.
+    ledger.ingest(
+        [
+            stake(A, 100, gen, at=t),
+            receipt(A, B, price=100.0, ended=t + 1),
+            stake(B, 100, gen, at=t + 2),
+            receipt(B, C, price=100.0, ended=t + 3),
+            stake(C, 100, gen, at=t + 4),
+        ]
+    )
+    state = ledger.state()
+    assert sum(state.stakes.values()) == 300 * NANO  # stake entries took effect ...
+    assert state.total_weight() == 100 * NANO  # ... but only the genesis supply has weight
+    assert state.weight(C.peer_id) == 100 * NANO and state.weight(A.peer_id) == 0

@@ -358,12 +358,12 @@ class LedgerService:
         for vote in votes:
             groups.setdefault((vote.claim, vote.count), {})[vote.payer] = vote
         state = await trio.to_thread.run_sync(self.ledger.state)
-        total = sum(state.stakes.values())
+        total = state.total_weight()
         if not total:
             return
         held = await trio.to_thread.run_sync(self.ledger.checkpoints, epoch)
         for (root, count), by_signer in groups.items():
-            weight = sum(state.stakes.get(s, 0) for s in by_signer)
+            weight = sum(state.weight(s) for s in by_signer)
             if weight * 10_000 < self.genesis.params.quorum_bps * total:
                 continue
             signers = set(by_signer)

@@ -124,6 +124,15 @@ class LedgerState:
         """What ``peer`` may still spend on work: balance plus credit limit."""
         return self.balances.get(peer, 0) + self.credit_limit(peer)
 
+    def weight(self, peer: str) -> int:
+        """``peer``'s say in checkpoints: its stake net of any debt. Stake bought with credit
+        (a balance below zero) carries no weight, so debt cannot buy a quorum."""
+        return max(0, self.stakes.get(peer, 0) + min(0, self.balances.get(peer, 0)))
+
+    def total_weight(self) -> int:
+        """The sum of every peer's :meth:`weight`."""
+        return sum(self.weight(peer) for peer in self.stakes)
+
     def copy(self) -> LedgerState:
         """An independent copy (the ledger keeps one as a snapshot)."""
         return LedgerState(

@@ -462,10 +462,10 @@ class Ledger:
     def checkpoints(self, epoch: int | None = None) -> list[CheckpointInfo]:
         """Stored (verified) checkpoints, with their weight and whether they match here."""
         state = self.state()
-        total = sum(state.stakes.values())
+        total = state.total_weight()
         infos = []
         for entry in self._decoded("checkpoint", epoch):
-            weight = sum(state.stakes.get(s, 0) for s in entry.signers)
+            weight = sum(state.weight(s) for s in entry.signers)
             weight_bps = weight * 10_000 // total if total else 0
             root, count = self.epoch_root(entry.epoch)
             infos.append(

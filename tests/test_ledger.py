@@ -185,30 +185,72 @@ def test_votes_and_checkpoints_need_staked_signers_and_valid_signatures(tmp_path
     ledger.ingest([receipt(A, D, ended=t), receipt(B, D, ended=t + 1)])
     root, count = ledger.epoch_root(epoch)
     assert count == 2
-    unstaked_vote = make_vote(A, gen.hash, epoch, root, count)
-    assert ledger.ingest([unstaked_vote]).invalid == ["vote from a peer that has not staked"]
-    ledger.ingest([stake(p, 100, gen) for p in (A, B, C)])
+    early_vote = make_vote(A, gen.hash, epoch, root, count)
+    parked = ledger.ingest([early_vote])  # A's stake has not arrived: kept aside, not stored
+    assert (parked.new, parked.parked, parked.invalid) == (0, 1, [])
+    staked = ledger.ingest([stake(p, 100, gen, at=t - 3600) for p in (A, B, C)])
+    assert staked.new == 4  # three stakes, then the parked vote, now checkable
     votes = [make_vote(p, gen.hash, epoch, root, count) for p in (A, B, C)]
-    assert ledger.ingest(votes).new == 3
-    signatures = {e.payer: e.signature for e in map(lambda v: decode_entry(v, gen.hash), votes)}
-    checkpoint = make_checkpoint(gen.hash, epoch, root, count, signatures)
+    assert ledger.ingest(votes).new == 2  # A's is the one already stored
+    never = make_vote(D, gen.hash, epoch, root, count)
+    assert ledger.ingest([never]).parked == 1 and ledger.count("vote") == 3
+    again = make_vote(A, gen.hash, epoch, "00" * 32, 1)
+    assert ledger.ingest([again]).invalid == ["a second vote from the same peer on the same epoch"]
+    signatures = {e.payer: e.signature for e in (decode_entry(v, gen.hash) for v in votes)}
+    leaves = ledger.epoch_leaves(epoch)
+    checkpoint = make_checkpoint(gen.hash, epoch, leaves, signatures)
     # A checkpoint claiming a signer whose signature is not in the aggregate is refused.
-    lying = make_checkpoint(
-        gen.hash, epoch, root, count, {A.peer_id: signatures[A.peer_id]}
-    ).replace(A.peer_id.encode(), B.peer_id.encode())
+    lying = make_checkpoint(gen.hash, epoch, leaves, {A.peer_id: signatures[A.peer_id]}).replace(
+        A.peer_id.encode(), B.peer_id.encode()
+    )
     assert ledger.ingest([lying]).invalid
+    # So is one whose leaves do not hash to its root.
+    padded = make_checkpoint(gen.hash, epoch, leaves, signatures).replace(
+        leaves[0].encode(), ("f" * 64).encode()
+    )
+    assert ledger.ingest([padded]).invalid
     assert ledger.ingest([checkpoint]).new == 1
     (info,) = ledger.checkpoints(epoch)
     assert info.final and info.matches and info.weight_bps == 10_000
-    # Any receipt of the epoch proves its inclusion against the signed root.
-    receipt_id = ledger.entries_after(0, max_bytes=1 << 20)[0][0][1]
-    import blake3
-
-    proof = ledger.prove(blake3.blake3(receipt_id).hexdigest())
-    assert proof["checkpoint"]["root"] == root
+    # Any entry of the epoch proves its inclusion against the signed root.
+    proof = ledger.prove(leaves[0])
+    assert proof["checkpoint"]["root"] == root and proof["checkpoint"]["final"]
     report = ledger.verify()
     assert report["ok"], report["problems"]
-    assert report["checkpoints"][0]["signature_ok"]
+    assert report["checkpoints"][0]["signature_ok"] and report["final_epochs"] == 1
+
+
+def test_a_final_checkpoint_stops_a_backdated_double_spend(tmp_path):
+    """A pays D; the epoch is checkpointed; A then signs a transfer to B dated before the
+    payment. Without the checkpoint the backdated transfer would win and D would lose its
+    payment; with it, the backdated entry is late and fails, whatever the arrival order."""
+    gen = genesis([100, 1000, 1000, 0])
+    t = 1_800_000_000.0
+    epoch = int(t // gen.params.epoch_seconds)
+    stakes = [stake(p, 500, gen, at=t - 3600) for p in (B, C)]
+    payment = transfer(A, D, 100, gen, at=t + 10)
+    backdated = transfer(A, B, 100, gen, at=t + 1)
+    setup = open_ledger(tmp_path, gen, "setup.sqlite")
+    setup.ingest([*stakes, payment])
+    root, count = setup.epoch_root(epoch)
+    votes = {p.peer_id: make_vote(p, gen.hash, epoch, root, count) for p in (B, C)}
+    signatures = {peer: decode_entry(v, gen.hash).signature for peer, v in votes.items()}
+    checkpoint = make_checkpoint(gen.hash, epoch, setup.epoch_leaves(epoch), signatures)
+
+    unprotected = open_ledger(tmp_path, gen, "unprotected.sqlite")
+    unprotected.ingest([*stakes, payment, backdated])
+    assert unprotected.account(D.peer_id)["balance"] == 0  # the attack, without finality
+
+    everything = [*stakes, payment, backdated, checkpoint, *votes.values()]
+    for number, order in enumerate([everything, everything[::-1], everything[2:] + everything[:2]]):
+        ledger = open_ledger(tmp_path, gen, f"order-{number}.sqlite")
+        for wire in order:
+            ledger.ingest([wire])
+        assert ledger.account(D.peer_id)["balance"] == 100 * NANO
+        assert ledger.account(A.peer_id)["balance"] == 0
+        state = ledger.state()
+        assert state.late == 1 and state.total() == gen.supply
+        assert ledger.verify()["ok"]
 
 
 def test_reopened_ledger_keeps_entries_keys_and_balances(tmp_path):

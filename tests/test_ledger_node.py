@@ -93,7 +93,7 @@ async def test_a_proven_cheater_is_slashed_on_every_peer_and_checkpoints_prove_r
         own = requester.ledger.account(requester.peer_id)["balance"]
         assert 80 * NANO + reward - NANO // 1000 < own < 80 * NANO + reward
         # A checkpoint of the job's epoch, signed by the staked peers, proves each receipt.
-        epochs = requester.ledger.receipt_epochs()
+        epochs = requester.ledger.entry_epochs()
         await wait_for(
             lambda: any(
                 c.final and c.matches for e in epochs for c in requester.ledger.checkpoints(e)

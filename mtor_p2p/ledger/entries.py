@@ -10,7 +10,8 @@ F     fault         a fault proof (compute.faults)                      16 MiB
 T     transfer      "mtor/transfer" envelope signed by the payer        2 KiB
 S     stake         "mtor/stake" envelope signed by the staker          2 KiB
 V     vote          a staked peer's BLS signature on an epoch's root    1 KiB
-C     checkpoint    the votes of one root aggregated into one signature 64 KiB
+C     checkpoint    votes on one root aggregated into one signature,    16 MiB
+                    with the IDs of the epoch's entries it covers
 ====  ============  ==================================================  ==========
 
 An entry's ID is the blake3 hash of its wire bytes, so inserting the same entry twice is a
@@ -40,6 +41,7 @@ from mtor_p2p.compute.receipts import Receipt, decode_receipt
 from mtor_p2p.identity import Identity, public_key_from_peer_id
 from mtor_p2p.ledger import bls
 from mtor_p2p.ledger.genesis import MAX_AMOUNT
+from mtor_p2p.ledger.merkle import merkle_root
 from mtor_p2p.wire import RecordError, canonical_json, open_envelope, parse_canonical, seal
 
 STAKE_TYPE = "mtor/stake"
@@ -64,7 +66,7 @@ LIMITS = {
     "stake": 2048,
     "transfer": 2048,
     "vote": 1024,
-    "checkpoint": 64 * 1024,
+    "checkpoint": 16 << 20,
 }
 #: Largest wire entry of any kind (tag byte included).
 MAX_ENTRY_BYTES = max(LIMITS.values()) + 1
@@ -97,6 +99,7 @@ class Entry:
     signers: tuple[str, ...] = ()
     signature: bytes = b""
     bls_key: bytes = b""
+    leaves: tuple[str, ...] = ()  # checkpoint: the entry IDs it covers
 
     @functools.cached_property
     def entry_id(self) -> str:
@@ -114,8 +117,13 @@ def receipt_cost(receipt: Receipt) -> int:
     return receipt.body.cost_nano
 
 
+def epoch_root_of(entry_ids: list[str]) -> str:
+    """Merkle root (hex) over an epoch's entries, the leaves being their IDs."""
+    return merkle_root([bytes.fromhex(i) for i in entry_ids]).hex()
+
+
 def checkpoint_message(genesis_hash: str, epoch: int, root: str, count: int) -> bytes:
-    """What a staked peer signs (BLS) to vouch for an epoch's receipt set."""
+    """What a staked peer signs (BLS) to vouch for an epoch's entry set."""
     body = {"genesis": genesis_hash, "epoch": epoch, "root": root, "count": count}
     return _CHECKPOINT_DOMAIN + canonical_json(body)
 
@@ -181,18 +189,21 @@ def make_vote(identity: Identity, genesis_hash: str, epoch: int, root: str, coun
 
 
 def make_checkpoint(
-    genesis_hash: str, epoch: int, root: str, count: int, votes: dict[str, bytes]
+    genesis_hash: str, epoch: int, leaves: list[str], votes: dict[str, bytes]
 ) -> bytes:
-    """Aggregate votes (signer -> BLS signature, all on the same root) into a checkpoint."""
+    """Aggregate votes (signer -> BLS signature, all on the root of ``leaves``, the entry IDs
+    of the epoch) into a checkpoint that lists those entries."""
     signers = sorted(votes)
     aggregate = bls.default_backend().aggregate([votes[s] for s in signers])
+    ordered = sorted(leaves)
     body = {
         "t": CHECKPOINT_TYPE,
         "v": VERSION,
         "genesis": genesis_hash,
         "epoch": epoch,
-        "root": root,
-        "count": count,
+        "root": epoch_root_of(ordered),
+        "count": len(ordered),
+        "leaves": ordered,
         "signers": signers,
         "sig": base64.b64encode(aggregate).decode("ascii"),
     }
@@ -343,7 +354,7 @@ def decode_entry(wire: bytes, genesis_hash: str, *, check_bls: bool = True) -> E
         signer = _peer(obj["signer"], "signer")
         signature = _b64(obj["sig"], "signature", bls.SIGNATURE_BYTES)
         return Entry(kind, wire, 0.0, signer, "", 0, root, epoch, count, (signer,), signature)
-    fields = {"t", "v", "genesis", "epoch", "root", "count", "signers", "sig"}
+    fields = {"t", "v", "genesis", "epoch", "root", "count", "leaves", "signers", "sig"}
     if not isinstance(obj, dict) or set(obj) != fields:
         raise RecordError(f"checkpoint must have exactly the fields {sorted(fields)}")
     if obj["t"] != CHECKPOINT_TYPE or obj["v"] != VERSION:
@@ -356,4 +367,16 @@ def decode_entry(wire: bytes, genesis_hash: str, *, check_bls: bool = True) -> E
     if list(checked) != sorted(set(checked)):
         raise RecordError("signers must be sorted and distinct")
     signature = _b64(obj["sig"], "signature", bls.SIGNATURE_BYTES)
-    return Entry(kind, wire, 0.0, "", "", 0, root, epoch, count, checked, signature)
+    leaves = obj["leaves"]
+    if (
+        not isinstance(leaves, list)
+        or len(leaves) != count
+        or not all(isinstance(x, str) and _HEX64.match(x) for x in leaves)
+        or leaves != sorted(set(leaves))
+    ):
+        raise RecordError("leaves must list the count entry IDs, sorted and distinct")
+    if epoch_root_of(leaves) != root:
+        raise RecordError("leaves do not hash to the root")
+    return Entry(
+        kind, wire, 0.0, "", "", 0, root, epoch, count, checked, signature, leaves=tuple(leaves)
+    )

@@ -31,6 +31,7 @@ from mtor_p2p.ledger.entries import (
     KINDS,
     Entry,
     decode_entry,
+    epoch_root_of,
     fault_entry,
     make_checkpoint,
     make_stake,
@@ -335,7 +336,7 @@ class LedgerService:
         """Vote on closed epochs (if we are staked) and aggregate votes that reach quorum."""
         me = self._identity.peer_id
         closed = self.closed_epoch(self._clock.now())
-        epochs = await trio.to_thread.run_sync(self.ledger.receipt_epochs)
+        epochs = await trio.to_thread.run_sync(self.ledger.entry_epochs)
         recent = [e for e in epochs if closed - 3 < e <= closed]
         state = await trio.to_thread.run_sync(self.ledger.state)
         if state.stakes.get(me, 0) > 0 and self.ledger.bls_key(me) is not None:
@@ -362,7 +363,13 @@ class LedgerService:
         if not total:
             return
         held = await trio.to_thread.run_sync(self.ledger.checkpoints, epoch)
+        leaves = await trio.to_thread.run_sync(self.ledger.epoch_leaves, epoch)
+        local_root = epoch_root_of(leaves)
         for (root, count), by_signer in groups.items():
+            # A checkpoint lists its entries: only a peer holding exactly the voted set can
+            # make it (others will, or will receive it).
+            if root != local_root or count != len(leaves):
+                continue
             weight = sum(state.weight(s) for s in by_signer)
             if weight * 10_000 < self.genesis.params.quorum_bps * total:
                 continue
@@ -372,8 +379,7 @@ class LedgerService:
             wire = make_checkpoint(
                 self.ledger.genesis_hash,
                 epoch,
-                root,
-                count,
+                leaves,
                 {s: v.signature for s, v in by_signer.items()},
             )
             await self._store_and_announce(wire)

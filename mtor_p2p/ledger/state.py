@@ -22,6 +22,15 @@ state. The rules:
   the slashed amount goes to the reporter if it was the requester the worker answered, the
   rest is burned. Later proofs of the same answer do nothing.
 
+**Finality.** Because every entry carries a time its signer chose, a spender could sign an
+entry dated before a payment it already made and so make that payment fail in the fold (a
+double spend). Checkpoints close that door. The fold walks epochs in order; when it reaches an
+epoch that has a checkpoint whose signers hold the quorum of checkpoint weight *at that point*
+(see :meth:`LedgerState.weight`), only the entries listed in that checkpoint take effect in
+place. Any other entry dated into a finalised epoch is *late*: it is applied after every
+in-place entry of every epoch, so it can never undo a finalised payment, only fail itself.
+Without stake (no checkpoints) the fold is plain time order.
+
 Every rule moves credits between balances, stakes and the burned pool, so
 ``sum(balances) + sum(stakes) + burned == genesis supply`` always holds: no entry can create
 credits. All amounts are integers (nano-credits).
@@ -29,7 +38,7 @@ credits. All amounts are integers (nano-credits).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -49,6 +58,16 @@ class Event(NamedTuple):
     claim: str
 
 
+@dataclass(frozen=True)
+class CheckpointLeaves:
+    """What the fold needs of a verified checkpoint: who signed it and which entries it lists."""
+
+    entry_id: str
+    epoch: int
+    signers: tuple[str, ...]
+    leaves: frozenset[str]  # entry IDs
+
+
 @dataclass
 class LedgerState:
     """Balances, stakes and burned credits after folding some events."""
@@ -63,6 +82,13 @@ class LedgerState:
     receipts: int = 0
     volume: int = 0  # nano-credits moved by receipts
     last: tuple[float, int, str] | None = None  # sort key of the last event applied
+    #: Late entries of finalised epochs, applied after everything else (see the module doc).
+    pending: list[Event] = field(default_factory=list)
+    #: epoch -> ID of the checkpoint that finalised it
+    final_epochs: dict[int, str] = field(default_factory=dict)
+    #: the epoch being walked and the entry IDs its final checkpoint lists (None: not final)
+    context: tuple[int, frozenset[str] | None] | None = None
+    late: int = 0  # late entries applied by :meth:`finished`
 
     def __post_init__(self) -> None:
         if not self.balances:
@@ -109,8 +135,7 @@ class LedgerState:
         self.last = (event.at, event.rank, event.entry_id)
 
     def follows(self, event: Event) -> bool:
-        """True if ``event`` sorts after everything applied, so applying it now gives what a
-        full refold would."""
+        """True if ``event`` sorts after everything walked so far."""
         return self.last is None or (event.at, event.rank, event.entry_id) > self.last
 
     def credit_limit(self, peer: str) -> int:
@@ -146,7 +171,61 @@ class LedgerState:
             receipts=self.receipts,
             volume=self.volume,
             last=self.last,
+            pending=list(self.pending),
+            final_epochs=dict(self.final_epochs),
+            context=self.context,
         )
+
+    # -- the walk with finality --------------------------------------------------------------
+
+    def walk(
+        self,
+        event: Event,
+        checkpoints: Mapping[int, Sequence[CheckpointLeaves]],
+    ) -> None:
+        """Take the next event in sort order: apply it in place, or defer it as late."""
+        epoch = int(event.at // self.genesis.params.epoch_seconds)
+        if self.context is None or self.context[0] != epoch:
+            final = self.finality(epoch, checkpoints.get(epoch, ()))
+            self.context = (epoch, None if final is None else final.leaves)
+            if final is not None:
+                self.final_epochs[epoch] = final.entry_id
+        leaves = self.context[1]
+        if leaves is not None and event.entry_id not in leaves:
+            self.pending.append(event)
+            key = (event.at, event.rank, event.entry_id)
+            self.last = key if self.last is None or key > self.last else self.last
+            return
+        self.apply(event)
+
+    def finality(
+        self, epoch: int, candidates: Sequence[CheckpointLeaves]
+    ) -> CheckpointLeaves | None:
+        """The checkpoint that finalises ``epoch`` now: the heaviest (then smallest ID) of those
+        whose signers hold the quorum of checkpoint weight; None if none does."""
+        total = self.total_weight()
+        if not total:
+            return None
+        quorum = self.genesis.params.quorum_bps
+        best: tuple[int, str, CheckpointLeaves] | None = None
+        for candidate in candidates:
+            weight = sum(self.weight(s) for s in candidate.signers)
+            if weight * 10_000 >= quorum * total:
+                key = (-weight, candidate.entry_id, candidate)
+                if best is None or key[:2] < best[:2]:
+                    best = key
+        return None if best is None else best[2]
+
+    def finished(self) -> LedgerState:
+        """The state with the late entries applied (a copy when there are any)."""
+        if not self.pending:
+            return self
+        done = self.copy()
+        late, done.pending = done.pending, []
+        for event in late:
+            done.apply(event)
+        done.late = len(late)
+        return done
 
     def total(self) -> int:
         """Balances + stakes + burned: equals the genesis supply in every reachable state."""
@@ -161,9 +240,14 @@ class LedgerState:
         }
 
 
-def fold(genesis: Genesis, events: Iterable[Event]) -> LedgerState:
-    """The state after applying ``events`` (any order) to ``genesis``."""
+def fold(
+    genesis: Genesis,
+    events: Iterable[Event],
+    checkpoints: Mapping[int, Sequence[CheckpointLeaves]] | None = None,
+) -> LedgerState:
+    """The state after ``events`` (any order), with ``checkpoints`` (epoch -> verified
+    checkpoints) deciding which entries of finalised epochs take effect in place."""
     state = LedgerState(genesis)
     for event in sorted(events):
-        state.apply(event)
-    return state
+        state.walk(event, checkpoints or {})
+    return state.finished()

@@ -29,18 +29,20 @@ from mtor_p2p.ledger.entries import (
     Entry,
     checkpoint_message,
     decode_entry,
+    epoch_root_of,
 )
 from mtor_p2p.ledger.genesis import Genesis
 from mtor_p2p.ledger.merkle import (
     inclusion_proof,
-    leaf_hash,
-    merkle_root,
     verify_inclusion,
 )
-from mtor_p2p.ledger.state import Event, LedgerState
+from mtor_p2p.ledger.state import CheckpointLeaves, Event, LedgerState, fold
 from mtor_p2p.wire import RecordError
 
 LEDGER_FILE_NAME = "ledger.sqlite"
+#: Votes and checkpoints waiting for their signers' stakes, at most this many.
+MAX_PARKED = 4096
+_NOT_STAKED = "signed by a peer that has not staked"
 _FOLD_KINDS = ("receipt", "transfer", "stake", "fault")
 
 SCHEMA = """
@@ -81,11 +83,17 @@ class IngestResult:
     new: int = 0
     duplicate: int = 0
     invalid: list[str] = field(default_factory=list)  # one reason per rejected entry
+    parked: int = 0  # votes/checkpoints kept aside until their signers' stakes arrive
     new_entries: list[Entry] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         """Counts for logs and the control API."""
-        return {"new": self.new, "duplicate": self.duplicate, "invalid": len(self.invalid)}
+        return {
+            "new": self.new,
+            "duplicate": self.duplicate,
+            "invalid": len(self.invalid),
+            "parked": self.parked,
+        }
 
 
 @dataclass(frozen=True)
@@ -149,9 +157,21 @@ class Ledger:
             "SELECT payer, at, id, bls FROM entries WHERE kind = 'stake'"
         ):
             self._register(peer, (at, entry_id), bytes(key))
-        self._state: LedgerState | None = None  # after every entry (None: refold on read)
-        self._base: LedgerState | None = None  # after every entry up to the horizon
+        # The walk over every entry (late entries of final epochs still set aside), a snapshot
+        # of the walk up to the horizon, and the finished state that reads return.
+        self._state: LedgerState | None = None  # None: walk again on the next read
+        self._base: LedgerState | None = None
+        self._finished: LedgerState | None = None
         self._horizon: float | None = None
+        self._checkpoints: dict[int, list[CheckpointLeaves]] = {}
+        self._parked: dict[str, bytes] = {}  # entry ID -> wire, oldest first
+        for (wire,) in self._db.execute("SELECT wire FROM entries WHERE kind = 'checkpoint'"):
+            self._remember_checkpoint(decode_entry(bytes(wire), self.genesis_hash))
+
+    def _remember_checkpoint(self, entry: Entry) -> None:
+        self._checkpoints.setdefault(entry.epoch, []).append(
+            CheckpointLeaves(entry.entry_id, entry.epoch, entry.signers, frozenset(entry.leaves))
+        )
 
     def _register(self, peer: str, order: tuple[float, str], key: bytes) -> None:
         held = self._keys.get(peer)
@@ -195,7 +215,10 @@ class Ledger:
             try:
                 for entry in decoded:
                     reason = self._check_stateful(entry, pending=result.new_entries)
-                    if reason is not None:
+                    if reason == _NOT_STAKED:
+                        self._park(entry)  # its signer's stake may still be on its way
+                        result.parked += 1
+                    elif reason is not None:
                         result.invalid.append(reason)
                     elif self._insert(entry):
                         result.new_entries.append(entry)
@@ -208,9 +231,40 @@ class Ledger:
             for entry in result.new_entries:
                 if entry.kind == "stake":
                     self._register(entry.payer, (entry.at, entry.entry_id), entry.bls_key)
+                elif entry.kind == "checkpoint":
+                    # It may finalise an epoch already walked: walk everything again.
+                    self._remember_checkpoint(entry)
+                    self._state = self._base = self._finished = None
             result.new = len(result.new_entries)
             self._advance(result.new_entries)
+            retry = self._unpark() if any(e.kind == "stake" for e in result.new_entries) else []
+        if retry:
+            again = self.ingest(retry)
+            result.new += again.new
+            result.new_entries += again.new_entries
+            result.invalid += again.invalid
         return result
+
+    def _park(self, entry: Entry) -> None:
+        """Keep a vote or checkpoint whose signer has not staked yet, to retry it when stakes
+        arrive: entries come in any order, and dropping it would leave this peer without it.
+        Bounded: the oldest parked entry goes first."""
+        self._parked[entry.entry_id] = entry.wire
+        while len(self._parked) > MAX_PARKED:
+            self._parked.pop(next(iter(self._parked)))
+
+    def _unpark(self) -> list[bytes]:
+        ready = [
+            wire
+            for wire in self._parked.values()
+            if all(
+                self._key_of(s) is not None
+                for s in decode_entry(wire, self.genesis_hash, check_bls=False).signers
+            )
+        ]
+        for wire in ready:
+            self._parked.pop(blake3.blake3(wire).hexdigest(), None)
+        return ready
 
     def held(self, ids: Sequence[str]) -> set[str]:
         """Which of ``ids`` this ledger holds."""
@@ -227,14 +281,14 @@ class Ledger:
         return held
 
     def _insert(self, entry: Entry) -> bool:
-        if entry.kind == "receipt":
+        if entry.kind in _FOLD_KINDS:
             epoch = int(entry.at // self.genesis.params.epoch_seconds)
-            key = b""
+            key = entry.bls_key
         elif entry.kind in ("vote", "checkpoint"):
             epoch = entry.epoch
             key = entry.signature if entry.kind == "vote" else b""
         else:
-            epoch, key = -1, entry.bls_key
+            epoch, key = -1, b""
         cursor = self._db.execute(
             "INSERT OR IGNORE INTO entries "
             "(id, kind, at, rank, payer, payee, amount, claim, epoch, bls, wire) "
@@ -278,7 +332,7 @@ class Ledger:
         if entry.kind == "vote":
             key = self._key_of(entry.payer, pending)
             if key is None:
-                return "vote from a peer that has not staked"
+                return _NOT_STAKED
             if (
                 pending is not None
                 and self._db.execute(
@@ -297,7 +351,7 @@ class Ledger:
     def _check_aggregate(self, entry: Entry, pending: list[Entry] | None = None) -> str | None:
         keys = [self._key_of(s, pending) for s in entry.signers]
         if any(k is None for k in keys):
-            return "checkpoint signed by a peer that has not staked"
+            return _NOT_STAKED
         message = checkpoint_message(self.genesis_hash, entry.epoch, entry.claim, entry.count)
         if not self.bls.fast_aggregate_verify([k for k in keys if k], message, entry.signature):
             return "checkpoint aggregate signature does not verify"
@@ -312,9 +366,10 @@ class Ledger:
             if self._base is not None and not self._base.follows(event):
                 self._base = None  # older than the snapshot: the next read refolds it all
             if self._state is not None and self._state.follows(event):
-                self._state.apply(event)
+                self._state.walk(event, self._checkpoints)
             else:
-                self._state = None  # out of order: refold from the snapshot on the next read
+                self._state = None  # out of order: walk again from the snapshot on next read
+            self._finished = None
 
     def set_horizon(self, at: float) -> None:
         """Let refolds start from a snapshot of every entry up to time ``at``.
@@ -345,7 +400,7 @@ class Ledger:
             sql += " AND at <= ?"
             params.append(until)
         for row in self._db.execute(sql + " ORDER BY at, rank, id", params):
-            state.apply(Event(*row))
+            state.walk(Event(*row), self._checkpoints)
         return state
 
     def set_cursor(self, peer: str, instance: str, seq: int) -> None:
@@ -368,9 +423,11 @@ class Ledger:
     def state(self) -> LedgerState:
         """The balances after every stored entry (do not modify the returned object)."""
         with self._lock:
-            if self._state is None:
-                self._state = self._refold()
-            return self._state
+            if self._finished is None:
+                if self._state is None:
+                    self._state = self._refold()
+                self._finished = self._state.finished()
+            return self._finished
 
     def _refold(self) -> LedgerState:
         if self._base is None:
@@ -429,16 +486,28 @@ class Ledger:
             ).fetchall()
         return [bytes(r[0])[1:] for r in rows]
 
-    def epoch_root(self, epoch: int) -> tuple[str, int]:
-        """The Merkle root (hex) and size of ``epoch``'s receipt set held here."""
-        leaves = [leaf_hash(r) for r in self.epoch_receipts(epoch)]
-        return merkle_root(leaves).hex(), len(leaves)
-
-    def receipt_epochs(self) -> list[int]:
-        """Epochs for which some receipt is held, ascending."""
+    def epoch_leaves(self, epoch: int) -> list[str]:
+        """IDs of every balance-moving entry (receipt, transfer, stake, fault) dated in
+        ``epoch``, sorted: what a checkpoint of the epoch covers."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT DISTINCT epoch FROM entries WHERE kind = 'receipt' ORDER BY epoch"
+                "SELECT id FROM entries WHERE epoch = ? "
+                "AND kind IN ('receipt', 'transfer', 'stake', 'fault') ORDER BY id",
+                (epoch,),
+            ).fetchall()
+        return [r[0] for r in rows]
+
+    def epoch_root(self, epoch: int) -> tuple[str, int]:
+        """The Merkle root (hex) and size of ``epoch``'s entry set held here."""
+        leaves = self.epoch_leaves(epoch)
+        return epoch_root_of(leaves), len(leaves)
+
+    def entry_epochs(self) -> list[int]:
+        """Epochs in which some balance-moving entry is dated, ascending."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT DISTINCT epoch FROM entries "
+                "WHERE kind IN ('receipt', 'transfer', 'stake', 'fault') ORDER BY epoch"
             ).fetchall()
         return [int(r[0]) for r in rows]
 
@@ -460,19 +529,19 @@ class Ledger:
         return self._decoded("vote", epoch)
 
     def checkpoints(self, epoch: int | None = None) -> list[CheckpointInfo]:
-        """Stored (verified) checkpoints, with their weight and whether they match here."""
+        """Stored (verified) checkpoints, with their weight now, whether the fold took each as
+        final for its epoch, and whether it matches the entries held here."""
         state = self.state()
         total = state.total_weight()
         infos = []
         for entry in self._decoded("checkpoint", epoch):
             weight = sum(state.weight(s) for s in entry.signers)
-            weight_bps = weight * 10_000 // total if total else 0
             root, count = self.epoch_root(entry.epoch)
             infos.append(
                 CheckpointInfo(
                     entry,
-                    weight_bps,
-                    weight_bps >= self.genesis.params.quorum_bps,
+                    weight * 10_000 // total if total else 0,
+                    state.final_epochs.get(entry.epoch) == entry.entry_id,
                     count,
                     root,
                 )
@@ -480,40 +549,39 @@ class Ledger:
         return infos
 
     def best_checkpoint(self, epoch: int) -> CheckpointInfo | None:
-        """The heaviest checkpoint of ``epoch`` (None if none)."""
+        """The final checkpoint of ``epoch``, else the heaviest (None if none)."""
         infos = self.checkpoints(epoch)
-        return max(infos, key=lambda c: (c.weight_bps, len(c.entry.signers)), default=None)
+        return max(infos, key=lambda c: (c.final, c.weight_bps, len(c.entry.signers)), default=None)
 
     def prove(self, entry_id: str) -> dict[str, Any]:
-        """A Merkle inclusion proof of a receipt against its epoch's checkpoint.
+        """A Merkle path from an entry (a receipt, say) to a checkpoint that lists it: the final
+        checkpoint of its epoch if that lists it, else the heaviest that does.
 
-        Raises LedgerError when the receipt is unknown or its epoch has no checkpoint that
-        contains it.
+        Raises LedgerError when the entry is unknown or no checkpoint lists it.
         """
         with self._lock:
             row = self._db.execute(
-                "SELECT epoch, wire FROM entries WHERE id = ? AND kind = 'receipt'", (entry_id,)
+                "SELECT epoch, kind FROM entries WHERE id = ? "
+                "AND kind IN ('receipt', 'transfer', 'stake', 'fault')",
+                (entry_id,),
             ).fetchone()
         if row is None:
-            raise LedgerError(f"no receipt {entry_id} in this ledger")
-        epoch, wire = int(row[0]), bytes(row[1])
-        leaves = [leaf_hash(r) for r in self.epoch_receipts(epoch)]
-        proof = inclusion_proof(leaves, leaf_hash(wire[1:]))
-        root = merkle_root(leaves)
-        infos = self.checkpoints(epoch)
-        if not infos:
-            raise LedgerError(f"epoch {epoch} has no checkpoint yet")
-        matching = [c for c in infos if c.entry.claim == root.hex()]
-        if not matching:
-            raise LedgerError(f"epoch {epoch}'s checkpoints cover a different receipt set")
-        checkpoint = max(matching, key=lambda c: (c.weight_bps, len(c.entry.signers)))
-        assert verify_inclusion(proof, root)
+            raise LedgerError(f"no entry {entry_id} in this ledger")
+        epoch = int(row[0])
+        listing = [c for c in self.checkpoints(epoch) if entry_id in c.entry.leaves]
+        if not listing:
+            raise LedgerError(f"no checkpoint of epoch {epoch} lists {entry_id[:16]} (yet)")
+        checkpoint = max(listing, key=lambda c: (c.final, c.weight_bps, len(c.entry.signers)))
+        leaves = [bytes.fromhex(i) for i in checkpoint.entry.leaves]
+        proof = inclusion_proof(leaves, bytes.fromhex(entry_id))
+        assert verify_inclusion(proof, bytes.fromhex(checkpoint.entry.claim))
         return {
-            "receipt": entry_id,
+            "entry": entry_id,
+            "kind": row[1],
             "epoch": epoch,
             "proof": proof.to_json(),
             "checkpoint": checkpoint.to_json(),
-            "checkpoint_entry": checkpoint.entry.wire.hex(),
+            "checkpoint_entry": checkpoint.entry.entry_id,
         }
 
     # -- auditing --------------------------------------------------------------------------
@@ -560,6 +628,7 @@ class Ledger:
                 events.append(_event(entry))
             elif entry.kind in ("vote", "checkpoint"):
                 bls_entries.append(entry)
+        checkpoints_by_epoch: dict[int, list[CheckpointLeaves]] = {}
         for entry in bls_entries:  # every BLS signature, against keys from the stored stakes
             signer_keys = [keys.get(s, (None, None))[1] for s in entry.signers]
             message = checkpoint_message(self.genesis_hash, entry.epoch, entry.claim, entry.count)
@@ -569,9 +638,13 @@ class Ledger:
                 [k for k in signer_keys if k], message, entry.signature
             ):
                 problems.append(f"{entry.kind} {entry.entry_id[:16]}: BLS signature is bad")
-        refolded = LedgerState(self.genesis)
-        for event in sorted(events):
-            refolded.apply(event)
+            elif entry.kind == "checkpoint":
+                checkpoints_by_epoch.setdefault(entry.epoch, []).append(
+                    CheckpointLeaves(
+                        entry.entry_id, entry.epoch, entry.signers, frozenset(entry.leaves)
+                    )
+                )
+        refolded = fold(self.genesis, events, checkpoints_by_epoch)
         if (refolded.balances, refolded.stakes, refolded.burned) != (
             current.balances,
             current.stakes,
@@ -589,6 +662,8 @@ class Ledger:
         return {
             "ok": not problems,
             "problems": problems[:100],
+            "final_epochs": len(refolded.final_epochs),
+            "late_entries": refolded.late,
             "entries": counts,
             "supply": self.genesis.supply,
             "total": refolded.total(),

@@ -359,11 +359,16 @@ def cmd_ledger(args: argparse.Namespace) -> int:
             print(f"supply       {report['supply']} nc, balances+stakes+burned {report['total']}")
             for cp in report["checkpoints"]:
                 print(
-                    f"checkpoint   epoch {cp['epoch']}: {cp['count']} receipts, "
-                    f"{cp['signers']} signers ({cp['weight_bps'] / 100:.1f}% of stake), "
+                    f"checkpoint   epoch {cp['epoch']}{' FINAL' if cp['final'] else ''}: "
+                    f"{cp['count']} entries, {cp['signers']} signers "
+                    f"({cp['weight_bps'] / 100:.1f}% of weight), "
                     f"signature {'ok' if cp['signature_ok'] else 'BAD'}, "
                     f"{'matches' if cp['matches_local'] else 'differs from'} the local set"
                 )
+            print(
+                f"finality     {report['final_epochs']} final epoch(s); "
+                f"{report['late_entries']} late entries applied after them"
+            )
             for problem in report["problems"]:
                 print(f"problem      {problem}")
             print("ledger OK" if report["ok"] else "ledger has problems")

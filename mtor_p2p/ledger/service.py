@@ -39,7 +39,7 @@ from mtor_p2p.ledger.entries import (
     make_vote,
     receipt_entry,
 )
-from mtor_p2p.ledger.store import IngestResult, Ledger
+from mtor_p2p.ledger.store import MAX_VOTES_PER_EPOCH, IngestResult, Ledger
 from mtor_p2p.network import Message, Network, NetworkError, RemoteError
 from mtor_p2p.wire import RecordError, canonical_json, parse_canonical
 
@@ -83,7 +83,7 @@ class LedgerService:
         self.checkpoint_tick = checkpoint_tick
         self._synced: set[str] = set()
         self._instances: dict[str, str] = {}
-        self._voted: dict[int, str] = {}
+        self._voted: dict[int, list[str]] = {}  # epoch -> roots we signed
         self.stats: dict[str, int] = {
             "gossip_in": 0,
             "gossip_rejected": 0,
@@ -118,10 +118,15 @@ class LedgerService:
     async def record_receipt(self, receipt: Receipt, *, announce: bool = True) -> None:
         """Enter a countersigned receipt (and gossip it when ``announce``)."""
         wire = receipt_entry(receipt)
-        if announce:
-            await self._store_and_announce(wire)
-        else:
-            await self._store([wire])
+        try:
+            if announce:
+                await self._store_and_announce(wire)
+            else:
+                await self._store([wire])
+        except RecordError as exc:
+            # The receipt stays in the receipt store; the ledger only takes receipts that
+            # move credits (a shard priced below one nano-credit does not).
+            log.info("receipt not entered into the ledger: %s", exc)
 
     async def record_fault(self, proof: bytes) -> bool:
         """Enter a fault proof (peers fetch it by sync); False if the ledger refused it."""
@@ -341,14 +346,20 @@ class LedgerService:
         state = await trio.to_thread.run_sync(self.ledger.state)
         if state.stakes.get(me, 0) > 0 and self.ledger.bls_key(me) is not None:
             for epoch in recent:
-                if epoch in self._voted:
-                    continue
                 root, count = await trio.to_thread.run_sync(self.ledger.epoch_root, epoch)
+                voted = self._voted.setdefault(epoch, [])
+                # Vote once per epoch, and again if late entries changed what we hold (peers
+                # whose sets differed at the first vote then meet on the fuller set).
+                if root in voted or len(voted) >= MAX_VOTES_PER_EPOCH:
+                    continue
                 wire = await trio.to_thread.run_sync(
                     make_vote, self._identity, self.ledger.genesis_hash, epoch, root, count
                 )
-                await self._store_and_announce(wire)
-                self._voted[epoch] = root
+                try:
+                    await self._store_and_announce(wire)
+                except RecordError as exc:
+                    log.info("vote on epoch %d not stored: %s", epoch, exc)
+                voted.append(root)
                 self.stats["votes"] += 1
         for epoch in recent:
             await self._maybe_aggregate(epoch)

@@ -40,6 +40,9 @@ from mtor_p2p.ledger.state import CheckpointLeaves, Event, LedgerState, fold
 from mtor_p2p.wire import RecordError
 
 LEDGER_FILE_NAME = "ledger.sqlite"
+#: A peer may vote again on an epoch whose entry set grew after its vote (late entries), at
+#: most this many times: enough for stragglers, too few to flood the ledger.
+MAX_VOTES_PER_EPOCH = 3
 #: Votes and checkpoints waiting for their signers' stakes, at most this many.
 MAX_PARKED = 4096
 _NOT_STAKED = "signed by a peer that has not staked"
@@ -333,14 +336,13 @@ class Ledger:
             key = self._key_of(entry.payer, pending)
             if key is None:
                 return _NOT_STAKED
-            if (
-                pending is not None
-                and self._db.execute(
-                    "SELECT 1 FROM entries WHERE kind = 'vote' AND payer = ? AND epoch = ?",
+            if pending is not None:
+                held = self._db.execute(
+                    "SELECT COUNT(*) FROM entries WHERE kind = 'vote' AND payer = ? AND epoch = ?",
                     (entry.payer, entry.epoch),
-                ).fetchone()
-            ):
-                return "a second vote from the same peer on the same epoch"
+                ).fetchone()[0]
+                if held >= MAX_VOTES_PER_EPOCH:
+                    return f"more than {MAX_VOTES_PER_EPOCH} votes from one peer on one epoch"
             message = checkpoint_message(self.genesis_hash, entry.epoch, entry.claim, entry.count)
             if not self.bls.verify(key, message, entry.signature):
                 return "vote signature does not verify"

@@ -423,12 +423,16 @@ class Ledger:
     # -- reading ---------------------------------------------------------------------------
 
     def state(self) -> LedgerState:
-        """The balances after every stored entry (do not modify the returned object)."""
+        """The balances after every stored entry: a snapshot that later ingests leave alone
+        (do not modify it; it is shared by readers until the next change)."""
         with self._lock:
             if self._finished is None:
                 if self._state is None:
                     self._state = self._refold()
-                self._finished = self._state.finished()
+                # Readers keep what they get while later ingests move the walk on: give them
+                # a copy (one per change), never the walk itself.
+                walk = self._state
+                self._finished = walk.finished() if walk.pending else walk.copy()
             return self._finished
 
     def _refold(self) -> LedgerState:

@@ -128,7 +128,7 @@ def test_a_peer_killed_mid_sync_restarts_consistent_and_loses_nothing_acknowledg
         assert check.returncode == 0, check.stdout
         offline = json.loads(mtor("balance", "--json", "--data-dir", str(a_dir)).stdout)
         assert offline["stake"] == 5 * NANO
-        cursor = _count(ledger_a, "SELECT COALESCE(MAX(seq), 0) FROM sync_cursors")
+        cursor = _count(ledger_a, "SELECT COALESCE(MAX(seq), 0) FROM peer_cursors")
         assert cursor > 0
         b_before_cursor = _count(
             b_dir / "ledger.sqlite", "SELECT COUNT(*) FROM entries WHERE seq <= ?", cursor

@@ -129,3 +129,30 @@ async def test_a_sync_answer_with_an_absurd_cursor_is_refused(tmp_path):
 
         with pytest.raises(RecordError, match="malformed"):
             await b.sync_from(net_a.peer_id)
+
+
+async def test_a_restarted_peer_resumes_sync_from_its_saved_cursor(tmp_path):
+    gen = genesis()
+    asked: list[int] = []
+    async with open_networks(2) as (net_a, net_b):
+        a = service(net_a, tmp_path, "a", gen)
+        serve = a._serve_sync
+
+        async def watched(sender: str, request: bytes) -> bytes:
+            import json
+
+            asked.append(json.loads(request)["after"])
+            return await serve(sender, request)
+
+        net_a.handle(SYNC_PROTOCOL, watched)
+        a.ledger.ingest([receipt(A, C, shard=i) for i in range(10)])
+        b = service(net_b, tmp_path, "b", gen)
+        assert await b.sync_from(net_a.peer_id) == 10
+        b.ledger.close()
+        # "Restart": a new service on the same ledger file.
+        again = LedgerService(
+            net_b, Identity.generate(), NetClock(), Ledger(tmp_path / "b.sqlite", gen)
+        )
+        a.ledger.ingest([receipt(A, C, shard=99)])
+        assert await again.sync_from(net_a.peer_id) == 1
+        assert asked == [0, 10]  # the second pull started where the first had stopped

@@ -1,16 +1,16 @@
 """The ledger on the network: gossip of new entries, pull sync of missed ones, checkpoints.
 
-* **Gossip**: new receipts, stakes, votes and checkpoints are published on
-  ``mtor/ledger/1/<genesis prefix>`` (one topic per network) and validated before they are
-  forwarded. Fault proofs can be megabytes and travel by sync only.
+* **Gossip**: new receipts, transfers, stakes, votes and checkpoints are published on
+  ``mtor/ledger/1/<genesis prefix>`` (one topic per network) and checked before they are
+  forwarded. Fault proofs and large checkpoints travel by sync only.
 * **Pull sync** (``/mtor/ledger/sync/1``): a peer asks another for the entries it stored after
   a cursor, in the remote's own arrival order, a few MiB per request, and remembers the cursor
-  per remote ledger instance. Every connected peer is pulled once when it is first seen, and a
-  random one every ``sync_interval``; so anything one peer holds reaches every peer connected to
-  it, whatever gossip dropped, and sets converge.
+  (with the remote's ledger instance) on disk. Every connected peer is pulled once when it is
+  first seen, and a random one every ``sync_interval``; so anything one peer holds reaches
+  every peer connected to it, whatever gossip dropped, and sets converge.
 * **Checkpoints**: once an epoch is ``checkpoint_delay`` old, each staked peer signs the Merkle
-  root of the receipts it holds for that epoch (a vote, BLS); any peer that sees votes for the
-  same root from signers holding the quorum of stake aggregates them into one checkpoint.
+  root of the entries it holds for that epoch (a vote, BLS); a peer holding the same set that
+  sees votes on it from signers with the quorum of weight aggregates them into a checkpoint.
 """
 
 from __future__ import annotations
@@ -82,7 +82,6 @@ class LedgerService:
         self.sync_interval = sync_interval
         self.checkpoint_tick = checkpoint_tick
         self._synced: set[str] = set()
-        self._instances: dict[str, str] = {}
         self._voted: dict[int, list[str]] = {}  # epoch -> roots we signed
         self.stats: dict[str, int] = {
             "gossip_in": 0,
@@ -260,9 +259,10 @@ class LedgerService:
     async def sync_from(self, peer: str, *, timeout: float = 30.0) -> int:
         """Pull every entry ``peer`` holds that we lack; the number of new entries."""
         new = 0
+        changes = 0
         while True:
-            instance = self._instances.get(peer, "")
-            after = await trio.to_thread.run_sync(self.ledger.cursor, peer, instance)
+            # The cursor survives restarts, so a restarted node resumes where it stopped.
+            instance, after = await trio.to_thread.run_sync(self.ledger.cursor, peer)
             request = canonical_json(
                 {
                     "after": after,
@@ -291,10 +291,10 @@ class LedgerService:
             if remote_instance == instance and (next_seq < after or (more and next_seq == after)):
                 raise RecordError("sync response does not advance the cursor")
             if remote_instance != instance:
-                # First contact, or the peer's ledger was replaced: our cursor restarts there.
-                self._instances[peer] = remote_instance
-                if instance and after:
-                    continue
+                # First contact, or the peer's ledger was replaced: it answered from its start.
+                changes += 1
+                if changes > 1:
+                    raise RecordError("the peer's ledger instance keeps changing")
             wires, offset = [], 0
             for size in sizes:
                 wires.append(body[offset : offset + size])

@@ -66,11 +66,10 @@ CREATE TABLE IF NOT EXISTS entries (
 );
 CREATE INDEX IF NOT EXISTS entries_kind_epoch ON entries(kind, epoch);
 CREATE INDEX IF NOT EXISTS entries_order ON entries(at, rank, id);
-CREATE TABLE IF NOT EXISTS sync_cursors (
-    peer     TEXT NOT NULL,
+CREATE TABLE IF NOT EXISTS peer_cursors (
+    peer     TEXT PRIMARY KEY,        -- one row per remote peer: its ledger instance ...
     instance TEXT NOT NULL,
-    seq      INTEGER NOT NULL,
-    PRIMARY KEY (peer, instance)
+    seq      INTEGER NOT NULL         -- ... and how far we have pulled from it
 );
 """
 
@@ -407,18 +406,18 @@ class Ledger:
 
     def set_cursor(self, peer: str, instance: str, seq: int) -> None:
         """Remember how far we have pulled from ``peer``'s ledger ``instance``."""
-        with self._lock, self._db:
+        with self._lock:
             self._db.execute(
-                "INSERT OR REPLACE INTO sync_cursors VALUES (?, ?, ?)", (peer, instance, seq)
+                "INSERT OR REPLACE INTO peer_cursors VALUES (?, ?, ?)", (peer, instance, seq)
             )
 
-    def cursor(self, peer: str, instance: str) -> int:
-        """The last ``seq`` pulled from ``peer``'s ledger ``instance`` (0: none)."""
+    def cursor(self, peer: str) -> tuple[str, int]:
+        """``peer``'s ledger instance and the last ``seq`` pulled from it (("", 0): none)."""
         with self._lock:
             row = self._db.execute(
-                "SELECT seq FROM sync_cursors WHERE peer = ? AND instance = ?", (peer, instance)
+                "SELECT instance, seq FROM peer_cursors WHERE peer = ?", (peer,)
             ).fetchone()
-        return 0 if row is None else int(row[0])
+        return ("", 0) if row is None else (str(row[0]), int(row[1]))
 
     # -- reading ---------------------------------------------------------------------------
 

@@ -49,6 +49,8 @@ SYNC_PROTOCOL = "/mtor/ledger/sync/1"
 #: Balances are kept as a snapshot of entries older than this plus a fold of the rest.
 HORIZON_SECONDS = 600.0
 MAX_GOSSIP_ENTRY = 60 * 1024
+GOSSIP_RATE = 100.0  # entries per second per sending peer
+GOSSIP_BURST = 500.0
 SYNC_BATCH_BYTES = 4 << 20
 SYNC_BATCH_COUNT = 2000
 #: One response holds at least one entry, and a fault proof may reach 16 MiB.
@@ -83,6 +85,7 @@ class LedgerService:
         self.checkpoint_tick = checkpoint_tick
         self._synced: set[str] = set()
         self._voted: dict[int, list[str]] = {}  # epoch -> roots we signed
+        self._buckets: dict[str, tuple[float, float]] = {}  # sender -> (tokens, updated)
         self.stats: dict[str, int] = {
             "gossip_in": 0,
             "gossip_rejected": 0,
@@ -184,9 +187,29 @@ class LedgerService:
 
     # -- gossip ----------------------------------------------------------------------------
 
+    def _within_budget(self, sender: str) -> bool:
+        """A token bucket per gossiping peer: ``GOSSIP_RATE`` entries per second, bursts of
+        ``GOSSIP_BURST``. A busy requester publishes a few dozen receipts a second; a peer
+        flooding the topic is cut to that, and what it sent beyond reaches us by sync, if at
+        all, at the pace we pull."""
+        now = trio.current_time()
+        tokens, since = self._buckets.get(sender, (GOSSIP_BURST, now))
+        tokens = min(GOSSIP_BURST, tokens + (now - since) * GOSSIP_RATE)
+        if tokens < 1:
+            self._buckets[sender] = (tokens, now)
+            return False
+        self._buckets[sender] = (tokens - 1, now)
+        if len(self._buckets) > 10_000:  # forget the quietest senders first
+            for peer, _ in sorted(self._buckets.items(), key=lambda kv: -kv[1][0])[:1000]:
+                del self._buckets[peer]
+        return True
+
     def _accept_gossip(self, sender: str, data: bytes) -> bool:
         kind = KINDS.get(data[:1])
         if kind is None or kind == "fault" or len(data) > MAX_GOSSIP_ENTRY:
+            return False
+        if not self._within_budget(sender):
+            self.stats["gossip_rejected"] += 1
             return False
         try:
             # Cheap checks only, on the event loop: Ed25519, formats, sizes. BLS signatures

@@ -104,15 +104,17 @@ def test_a_peer_killed_mid_sync_restarts_consistent_and_loses_nothing_acknowledg
     holder.close()
     (tmp_path / "b.sqlite").rename(b_dir / "ledger.sqlite")
     flags = ["--genesis", str(genesis_path)]
-    b = start(*run_flags(b_dir), *flags)
-    a = None
+    # A runs alone first: the stake it acknowledges is made before any sync can start.
+    a = start(*run_flags(a_dir), *flags)
+    b = None
     try:
-        b_addr = read_json_line(b)["addrs"][0]
-        a = start(*run_flags(a_dir), *flags, "--bootstrap", b_addr)
-        read_json_line(a)
+        a_addr = read_json_line(a)["addrs"][0]
         # A stake the CLI reports as done is durable, whatever happens next.
         staked = mtor("stake", "5", "--json", "--data-dir", str(a_dir))
         assert staked.returncode == 0, staked.stderr
+        # B joins (dialling A); A pulls B's receipts from the moment they connect.
+        b = start(*run_flags(b_dir), *flags, "--bootstrap", a_addr)
+        b_addr = read_json_line(b)["addrs"][0]
         ledger_a = a_dir / "ledger.sqlite"
         deadline = time.monotonic() + 60
         while _count(ledger_a, "SELECT COUNT(*) FROM entries WHERE kind = 'receipt'") < 3000:

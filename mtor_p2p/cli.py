@@ -249,22 +249,36 @@ def cmd_balance(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_stake(args: argparse.Namespace) -> int:
-    """Stake credits: they back this peer's work and are slashed if it is proven to cheat."""
-    from mtor_p2p.ledger.genesis import credits_to_nano, nano_to_credits
+def _credits_argument(text: str) -> int:
+    """A positive amount of credits from the command line, in nano-credits."""
+    from mtor_p2p.ledger.genesis import credits_to_nano
 
     try:
-        amount = credits_to_nano(args.amount)
+        amount = credits_to_nano(text)
     except ValueError as exc:
         raise CliError(str(exc), EXIT_USAGE) from exc
     if amount <= 0:
         raise CliError("the amount must be positive", EXIT_USAGE)
+    return amount
+
+
+def _debit(args: argparse.Namespace, kind: str, amount: int, to: str | None) -> dict[str, Any]:
+    """A stake or transfer through the running node, else signed into the stopped node's
+    ledger."""
+    body: dict[str, Any] = {"amount": amount} if to is None else {"to": to, "amount": amount}
     try:
-        result = _ledger_call(args, "POST", "/v1/ledger/stake", {"amount": amount})
+        result = _ledger_call(args, "POST", f"/v1/ledger/{kind}", body)
     except ControlError as exc:
-        raise CliError(f"stake refused: {exc}") from exc
-    if result is None:
-        result = _stake_offline(args, amount)
+        raise CliError(f"{kind} refused: {exc}") from exc
+    return result if result is not None else _sign_offline(args, kind, amount, to)
+
+
+def cmd_stake(args: argparse.Namespace) -> int:
+    """Stake credits: they back this peer's work and are slashed if it is proven to cheat."""
+    from mtor_p2p.ledger.genesis import nano_to_credits
+
+    amount = _credits_argument(args.amount)
+    result = _debit(args, "stake", amount, None)
     if args.json:
         print(json.dumps(result, indent=2, sort_keys=True))
     else:
@@ -277,21 +291,10 @@ def cmd_stake(args: argparse.Namespace) -> int:
 
 def cmd_transfer(args: argparse.Namespace) -> int:
     """Send credits of this peer's balance to another peer."""
-    from mtor_p2p.ledger.genesis import credits_to_nano, nano_to_credits
+    from mtor_p2p.ledger.genesis import nano_to_credits
 
-    try:
-        amount = credits_to_nano(args.amount)
-    except ValueError as exc:
-        raise CliError(str(exc), EXIT_USAGE) from exc
-    if amount <= 0:
-        raise CliError("the amount must be positive", EXIT_USAGE)
-    body = {"to": args.peer, "amount": amount}
-    try:
-        result = _ledger_call(args, "POST", "/v1/ledger/transfer", body)
-    except ControlError as exc:
-        raise CliError(f"transfer refused: {exc}") from exc
-    if result is None:
-        result = _sign_offline(args, "transfer", amount, args.peer)
+    amount = _credits_argument(args.amount)
+    result = _debit(args, "transfer", amount, args.peer)
     if args.json:
         print(json.dumps(result, indent=2, sort_keys=True))
     else:
@@ -300,10 +303,6 @@ def cmd_transfer(args: argparse.Namespace) -> int:
             f"balance now {nano_to_credits(result['balance'])}"
         )
     return EXIT_OK
-
-
-def _stake_offline(args: argparse.Namespace, amount: int) -> dict[str, Any]:
-    return _sign_offline(args, "stake", amount, None)
 
 
 def _sign_offline(

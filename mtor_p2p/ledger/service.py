@@ -144,41 +144,34 @@ class LedgerService:
         params = self.genesis.params
         if amount < params.min_stake:
             raise RecordError(f"the smallest stake is {params.min_stake} nano-credits")
-        account = await trio.to_thread.run_sync(self.ledger.account, self._identity.peer_id)
-        available = account["balance"]
-        if amount > available:
-            raise RecordError(f"balance is {available} nano-credits, cannot stake {amount}")
-        wire = await trio.to_thread.run_sync(
-            make_stake,
-            self._identity,
-            amount,
-            round(self._clock.now(), 3),
-            self.ledger.genesis_hash,
-            os.urandom(8).hex(),
-        )
-        await self._store_and_announce(wire)
-        entry = decode_entry(wire, self.ledger.genesis_hash)
-        account = await trio.to_thread.run_sync(self.ledger.account, entry.payer)
-        return {"entry": entry.entry_id, "amount": amount, **account}
+
+        def make(at: float, nonce: str) -> bytes:
+            return make_stake(self._identity, amount, at, self.ledger.genesis_hash, nonce)
+
+        return await self._debit("stake", amount, make)
 
     async def transfer(self, to: str, amount: int) -> dict[str, Any]:
         """Send ``amount`` nano-credits of our balance to peer ``to`` (RecordError if we
         cannot)."""
-        account = await trio.to_thread.run_sync(self.ledger.account, self._identity.peer_id)
-        if amount > account["balance"]:
-            raise RecordError(f"balance is {account['balance']} nano-credits, cannot send {amount}")
-        wire = make_transfer(
-            self._identity,
-            to,
-            amount,
-            round(self._clock.now(), 3),
-            self.ledger.genesis_hash,
-            os.urandom(8).hex(),
-        )
+
+        def make(at: float, nonce: str) -> bytes:
+            return make_transfer(self._identity, to, amount, at, self.ledger.genesis_hash, nonce)
+
+        return {"to": to, **await self._debit("send", amount, make)}
+
+    async def _debit(
+        self, verb: str, amount: int, make: Callable[[float, str], bytes]
+    ) -> dict[str, Any]:
+        """Sign, store and announce an entry that spends ``amount`` of our balance."""
+        me = self._identity.peer_id
+        balance = (await trio.to_thread.run_sync(self.ledger.account, me))["balance"]
+        if amount > balance:
+            raise RecordError(f"balance is {balance} nano-credits, cannot {verb} {amount}")
+        wire = await trio.to_thread.run_sync(make, round(self._clock.now(), 3), os.urandom(8).hex())
         await self._store_and_announce(wire)
-        entry = decode_entry(wire, self.ledger.genesis_hash)
-        account = await trio.to_thread.run_sync(self.ledger.account, entry.payer)
-        return {"entry": entry.entry_id, "to": to, "amount": amount, **account}
+        account = await trio.to_thread.run_sync(self.ledger.account, me)
+        entry_id = decode_entry(wire, self.ledger.genesis_hash, check_bls=False).entry_id
+        return {"entry": entry_id, "amount": amount, **account}
 
     def available_credit(self, peer: str) -> int:
         """What ``peer`` may still spend: its balance plus its credit limit (call it from a

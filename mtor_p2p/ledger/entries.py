@@ -42,7 +42,14 @@ from mtor_p2p.identity import Identity, public_key_from_peer_id
 from mtor_p2p.ledger import bls
 from mtor_p2p.ledger.genesis import MAX_AMOUNT
 from mtor_p2p.ledger.merkle import merkle_root
-from mtor_p2p.wire import RecordError, canonical_json, open_envelope, parse_canonical, seal
+from mtor_p2p.wire import (
+    RecordError,
+    SignedEnvelope,
+    canonical_json,
+    open_envelope,
+    parse_canonical,
+    seal,
+)
 
 STAKE_TYPE = "mtor/stake"
 TRANSFER_TYPE = "mtor/transfer"
@@ -252,6 +259,22 @@ def _check_genesis(value: Any, genesis_hash: str) -> None:
         raise RecordError("entry belongs to another network (genesis hash differs)")
 
 
+def _open_signed(
+    data: bytes, record_type: str, kind: str, extra: set[str], genesis_hash: str
+) -> SignedEnvelope:
+    """Open a payer-signed envelope (stake, transfer) of this network with exactly the common
+    fields (genesis, amount, at, nonce) and ``extra``."""
+    envelope = open_envelope(data, expected_type=record_type, max_bytes=LIMITS[kind])
+    fields = {"genesis", "amount", "at", "nonce"} | extra
+    if set(envelope.body) != fields:
+        raise RecordError(f"{kind} must have exactly the fields {sorted(fields)}")
+    _check_genesis(envelope.body["genesis"], genesis_hash)
+    nonce = envelope.body["nonce"]
+    if not isinstance(nonce, str) or not 0 < len(nonce) <= 64:
+        raise RecordError("nonce must be a string of 1-64 characters")
+    return envelope
+
+
 def _root_fields(obj: dict[str, Any], genesis_hash: str) -> tuple[int, str, int]:
     _check_genesis(obj["genesis"], genesis_hash)
     epoch = _int(obj["epoch"], "epoch", 0, 2**40)
@@ -303,13 +326,8 @@ def decode_entry(wire: bytes, genesis_hash: str, *, check_bls: bool = True) -> E
         rewarded = proof.reporter if proof.reporter == body.requester else ""
         return Entry(kind, wire, body.ended, proof.worker, rewarded, 0, claim)
     if kind == "stake":
-        envelope = open_envelope(data, expected_type=STAKE_TYPE, max_bytes=LIMITS[kind])
+        envelope = _open_signed(data, STAKE_TYPE, kind, {"bls", "pop"}, genesis_hash)
         body = envelope.body
-        if set(body) != {"genesis", "amount", "at", "nonce", "bls", "pop"}:
-            raise RecordError("stake must have exactly genesis, amount, at, nonce, bls, pop")
-        _check_genesis(body["genesis"], genesis_hash)
-        if not isinstance(body["nonce"], str) or not 0 < len(body["nonce"]) <= 64:
-            raise RecordError("nonce must be a string of 1-64 characters")
         key = _b64(body["bls"], "bls key", bls.PUBLIC_KEY_BYTES)
         pop = _b64(body["pop"], "proof of possession", bls.SIGNATURE_BYTES)
         # The proof of possession stops rogue-key attacks on aggregated checkpoints.
@@ -325,13 +343,8 @@ def decode_entry(wire: bytes, genesis_hash: str, *, check_bls: bool = True) -> E
             bls_key=key,
         )
     if kind == "transfer":
-        envelope = open_envelope(data, expected_type=TRANSFER_TYPE, max_bytes=LIMITS[kind])
+        envelope = _open_signed(data, TRANSFER_TYPE, kind, {"to"}, genesis_hash)
         body = envelope.body
-        if set(body) != {"genesis", "to", "amount", "at", "nonce"}:
-            raise RecordError("transfer must have exactly genesis, to, amount, at, nonce")
-        _check_genesis(body["genesis"], genesis_hash)
-        if not isinstance(body["nonce"], str) or not 0 < len(body["nonce"]) <= 64:
-            raise RecordError("nonce must be a string of 1-64 characters")
         to = _peer(body["to"], "to")
         if to == envelope.signer:
             raise RecordError("a transfer to oneself")

@@ -607,16 +607,16 @@ class Ledger:
         keys: dict[str, tuple[tuple[float, str], bytes]] = {}
         bls_entries: list[Entry] = []
         counts: dict[str, int] = {}
-        for entry_id, kind, at, rank, payer, payee, amount, claim, wire in rows:
-            wire = bytes(wire)
+        decoded = _decode_many([bytes(row[-1]) for row in rows], self.genesis_hash)
+        for (entry_id, kind, at, rank, payer, payee, amount, claim, wire), entry in zip(
+            rows, decoded, strict=True
+        ):
             counts[kind] = counts.get(kind, 0) + 1
-            if blake3.blake3(wire).hexdigest() != entry_id:
+            if blake3.blake3(bytes(wire)).hexdigest() != entry_id:
                 problems.append(f"entry {entry_id[:16]}: bytes do not match its ID")
                 continue
-            try:
-                entry = decode_entry(wire, self.genesis_hash)
-            except RecordError as exc:
-                problems.append(f"entry {entry_id[:16]} ({kind}): {exc}")
+            if not isinstance(entry, Entry):
+                problems.append(f"entry {entry_id[:16]} ({kind}): {entry}")
                 continue
             stored = (kind, at, rank, payer, payee, amount, claim)
             derived = (

@@ -119,11 +119,6 @@ class Entry:
         return RANKS[self.kind]
 
 
-def receipt_cost(receipt: Receipt) -> int:
-    """Nano-credits a receipt moves: ``price`` credits per TFLOP times its FLOPs."""
-    return receipt.body.cost_nano
-
-
 def epoch_root_of(entry_ids: list[str]) -> str:
     """Merkle root (hex) over an epoch's entries, the leaves being their IDs."""
     return merkle_root([bytes.fromhex(i) for i in entry_ids]).hex()
@@ -305,7 +300,7 @@ def decode_entry(wire: bytes, genesis_hash: str, *, check_bls: bool = True) -> E
         if body.requester == body.worker:
             raise RecordError("a receipt between a peer and itself")
         # A receipt that moves nothing is only noise in every peer's ledger.
-        cost = _int(receipt_cost(receipt), "cost (nano-credits)", 1)
+        cost = _int(body.cost_nano, "cost (nano-credits)", 1)
         return Entry(kind, wire, body.ended, body.requester, body.worker, cost)
     if kind == "fault":
         try:

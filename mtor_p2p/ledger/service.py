@@ -29,6 +29,7 @@ from mtor_p2p.compute.receipts import Receipt
 from mtor_p2p.identity import Identity
 from mtor_p2p.ledger.entries import (
     KINDS,
+    MAX_ENTRY_BYTES,
     Entry,
     decode_entry,
     epoch_root_of,
@@ -53,8 +54,8 @@ GOSSIP_RATE = 100.0  # entries per second per sending peer
 GOSSIP_BURST = 500.0
 SYNC_BATCH_BYTES = 4 << 20
 SYNC_BATCH_COUNT = 2000
-#: One response holds at least one entry, and a fault proof may reach 16 MiB.
-MAX_SYNC_RESPONSE = (16 << 20) + SYNC_BATCH_BYTES + (64 << 10)
+#: One response holds at least one entry, however large (a fault proof, a checkpoint).
+MAX_SYNC_RESPONSE = MAX_ENTRY_BYTES + SYNC_BATCH_BYTES + (64 << 10)
 
 
 def ledger_topic(genesis_hash: str) -> str:
@@ -94,17 +95,13 @@ class LedgerService:
             "votes": 0,
             "checkpoints_made": 0,
         }
-        self.on_change: Callable[[], None] | None = None
         network.handle(SYNC_PROTOCOL, self._serve_sync, max_request_bytes=4096, timeout=30)
         network.set_topic_validator(self.topic, self._accept_gossip)
 
     # -- entries we make -------------------------------------------------------------------
 
     async def _store(self, wires: list[bytes]) -> IngestResult:
-        result = await trio.to_thread.run_sync(self.ledger.ingest, wires)
-        if result.new and self.on_change is not None:
-            self.on_change()
-        return result
+        return await trio.to_thread.run_sync(self.ledger.ingest, wires)
 
     async def _store_and_announce(self, wire: bytes) -> IngestResult:
         result = await self._store([wire])
@@ -132,11 +129,9 @@ class LedgerService:
 
     async def record_fault(self, proof: bytes) -> bool:
         """Enter a fault proof (peers fetch it by sync); False if the ledger refused it."""
-        wire = fault_entry(proof)
-        if len(wire) - 1 > 16 << 20:
-            log.warning("fault proof of %d bytes is too large for the ledger", len(wire))
-            return False
-        result = await self._store([wire])
+        result = await self._store([fault_entry(proof)])
+        if result.invalid:  # e.g. over the ledger's size limit for proofs
+            log.warning("fault proof not entered into the ledger: %s", result.invalid[0])
         return not result.invalid
 
     async def stake(self, amount: int) -> dict[str, Any]:

@@ -61,7 +61,7 @@ CREATE TABLE IF NOT EXISTS entries (
     amount INTEGER NOT NULL,
     claim  TEXT NOT NULL,
     epoch  INTEGER NOT NULL,          -- receipts: epoch of their end time; votes/checkpoints
-    bls    BLOB NOT NULL,             -- stake: BLS public key; vote: BLS signature
+    bls    BLOB NOT NULL,             -- stake: its BLS public key (empty otherwise)
     wire   BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS entries_kind_epoch ON entries(kind, epoch);
@@ -214,9 +214,10 @@ class Ledger:
             # One transaction (one fsync) per batch: isolation_level=None leaves transactions
             # to us, and without BEGIN every INSERT would commit (and fsync) on its own.
             self._db.execute("BEGIN IMMEDIATE")
+            batch_keys: dict[str, tuple[tuple[float, str], bytes]] = {}
             try:
                 for entry in decoded:
-                    reason = self._check_stateful(entry, pending=result.new_entries)
+                    reason = self._check_stateful(entry, batch_keys)
                     if reason == _NOT_STAKED:
                         self._park(entry)  # its signer's stake may still be on its way
                         result.parked += 1
@@ -224,6 +225,11 @@ class Ledger:
                         result.invalid.append(reason)
                     elif self._insert(entry):
                         result.new_entries.append(entry)
+                        if entry.kind == "stake":
+                            order = (entry.at, entry.entry_id)
+                            held_key = batch_keys.get(entry.payer)
+                            if held_key is None or order < held_key[0]:
+                                batch_keys[entry.payer] = (order, entry.bls_key)
                     else:
                         result.duplicate += 1  # another ingest stored it meanwhile
                 self._db.execute("COMMIT")
@@ -283,14 +289,12 @@ class Ledger:
         return held
 
     def _insert(self, entry: Entry) -> bool:
+        # Balance-moving entries are filed under the epoch of their time; votes and
+        # checkpoints under the epoch they vouch for. Only stakes carry a key (their BLS key).
         if entry.kind in _FOLD_KINDS:
             epoch = int(entry.at // self.genesis.params.epoch_seconds)
-            key = entry.bls_key
-        elif entry.kind in ("vote", "checkpoint"):
-            epoch = entry.epoch
-            key = entry.signature if entry.kind == "vote" else b""
         else:
-            epoch, key = -1, b""
+            epoch = entry.epoch
         cursor = self._db.execute(
             "INSERT OR IGNORE INTO entries "
             "(id, kind, at, rank, payer, payee, amount, claim, epoch, bls, wire) "
@@ -305,52 +309,48 @@ class Ledger:
                 entry.amount,
                 entry.claim,
                 epoch,
-                key,
+                entry.bls_key,
                 entry.wire,
             ),
         )
         return cursor.rowcount > 0
 
-    def check_stateful(self, entry: Entry) -> str | None:
-        """The checks that need ledger state (BLS keys of vote and checkpoint signers): None
-        if ``entry`` passes, else the reason.
-
-        Takes no lock (it reads only the key registry, which only ever gains keys), so the
-        gossip validator can call it on the event loop while an ingest holds the database.
-        """
-        return self._check_stateful(entry)
-
-    def _key_of(self, peer: str, pending: list[Entry] | None = None) -> bytes | None:
-        """``peer``'s BLS key, counting stakes of the batch being stored (``pending``)."""
+    def _key_of(
+        self, peer: str, batch: dict[str, tuple[tuple[float, str], bytes]] | None = None
+    ) -> bytes | None:
+        """``peer``'s BLS key, counting the stakes of the batch being stored (``batch``)."""
         best = self._keys.get(peer)
-        for entry in pending or ():
-            if entry.kind == "stake" and entry.payer == peer:
-                order = (entry.at, entry.entry_id)
-                if best is None or order < best[0]:
-                    best = (order, entry.bls_key)
+        pending = (batch or {}).get(peer)
+        if pending is not None and (best is None or pending[0] < best[0]):
+            best = pending
         return None if best is None else best[1]
 
-    def _check_stateful(self, entry: Entry, pending: list[Entry] | None = None) -> str | None:
+    def _check_stateful(
+        self, entry: Entry, batch: dict[str, tuple[tuple[float, str], bytes]]
+    ) -> str | None:
+        """The checks that need ledger state (signers' BLS keys, votes held): None if
+        ``entry`` passes, else the reason. ``batch``: keys staked earlier in this batch."""
         if entry.kind == "vote":
-            key = self._key_of(entry.payer, pending)
+            key = self._key_of(entry.payer, batch)
             if key is None:
                 return _NOT_STAKED
-            if pending is not None:
-                held = self._db.execute(
-                    "SELECT COUNT(*) FROM entries WHERE kind = 'vote' AND payer = ? AND epoch = ?",
-                    (entry.payer, entry.epoch),
-                ).fetchone()[0]
-                if held >= MAX_VOTES_PER_EPOCH:
-                    return f"more than {MAX_VOTES_PER_EPOCH} votes from one peer on one epoch"
+            held = self._db.execute(
+                "SELECT COUNT(*) FROM entries WHERE kind = 'vote' AND payer = ? AND epoch = ?",
+                (entry.payer, entry.epoch),
+            ).fetchone()[0]
+            if held >= MAX_VOTES_PER_EPOCH:
+                return f"more than {MAX_VOTES_PER_EPOCH} votes from one peer on one epoch"
             message = checkpoint_message(self.genesis_hash, entry.epoch, entry.claim, entry.count)
             if not self.bls.verify(key, message, entry.signature):
                 return "vote signature does not verify"
         elif entry.kind == "checkpoint":
-            return self._check_aggregate(entry, pending)
+            return self._check_aggregate(entry, batch)
         return None
 
-    def _check_aggregate(self, entry: Entry, pending: list[Entry] | None = None) -> str | None:
-        keys = [self._key_of(s, pending) for s in entry.signers]
+    def _check_aggregate(
+        self, entry: Entry, batch: dict[str, tuple[tuple[float, str], bytes]] | None = None
+    ) -> str | None:
+        keys = [self._key_of(s, batch) for s in entry.signers]
         if any(k is None for k in keys):
             return _NOT_STAKED
         message = checkpoint_message(self.genesis_hash, entry.epoch, entry.claim, entry.count)
@@ -454,12 +454,6 @@ class Ledger:
                 ).fetchone()
         return int(row[0])
 
-    def last_seq(self) -> int:
-        """The highest local sequence number (0 when empty)."""
-        with self._lock:
-            row = self._db.execute("SELECT MAX(seq) FROM entries").fetchone()
-        return int(row[0] or 0)
-
     def entries_after(
         self, seq: int, *, max_bytes: int, max_count: int = 5000
     ) -> tuple[list[tuple[int, bytes]], bool]:
@@ -552,11 +546,6 @@ class Ledger:
                 )
             )
         return infos
-
-    def best_checkpoint(self, epoch: int) -> CheckpointInfo | None:
-        """The final checkpoint of ``epoch``, else the heaviest (None if none)."""
-        infos = self.checkpoints(epoch)
-        return max(infos, key=lambda c: (c.final, c.weight_bps, len(c.entry.signers)), default=None)
 
     def prove(self, entry_id: str) -> dict[str, Any]:
         """A Merkle path from an entry (a receipt, say) to a checkpoint that lists it: the final

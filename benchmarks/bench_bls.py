@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import struct
 import sys
@@ -31,6 +29,7 @@ from typing import Any
 
 import blake3
 
+from benchmarks.machine import machine
 from mtor_p2p.ledger.bls import BlsBackend, backend_by_name, derive_secret
 
 BACKENDS = ("py-ecc", "blspy")
@@ -97,22 +96,6 @@ def _versions() -> dict[str, str]:
     return versions
 
 
-def _machine() -> dict[str, Any]:
-    cpu = "unknown"
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "python": platform.python_version(),
-        "loadavg_at_start": os.getloadavg(),
-    }
-
-
 def measure(signers: int = 100, repeats: int = 3) -> dict[str, Any]:
     """Time both BLS backends on a ``signers``-strong checkpoint; medians in milliseconds.
 
@@ -145,7 +128,7 @@ def measure(signers: int = 100, repeats: int = 3) -> dict[str, Any]:
             ecc["public_keys"] == fast["public_keys"] and ecc["signatures"] == fast["signatures"]
         ),
         "versions": _versions(),
-        "machine": _machine(),
+        "machine": machine(),
     }
 
 

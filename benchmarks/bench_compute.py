@@ -28,7 +28,8 @@ import numpy as np
 import psutil
 import trio
 
-from benchmarks.bench_peer import RESULTS, machine, summary_ms
+from benchmarks.bench_peer import RESULTS, summary_ms
+from benchmarks.machine import machine
 from mtor_kernels import get_kernel
 from mtor_kernels import verify as checks
 from mtor_kernels.backend import NumpyBackend

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sqlite3
 import sys
 import tempfile
@@ -30,6 +29,7 @@ from typing import Any
 
 import trio
 
+from benchmarks.machine import machine
 from mtor_p2p.clock import NetClock
 from mtor_p2p.compute.receipts import decode_receipt
 from mtor_p2p.identity import Identity
@@ -169,8 +169,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--json", type=Path, default=RESULTS / "ledger.json")
     args = parser.parse_args(argv)
     report: dict[str, Any] = {
-        "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.processor() or ''}",
-        "python": platform.python_version(),
+        "machine": machine(),
     }
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

@@ -16,8 +16,6 @@ from __future__ import annotations
 import gc
 import json
 import logging
-import os
-import platform
 import random
 import signal
 import statistics
@@ -31,6 +29,7 @@ from typing import Any
 import psutil
 import trio
 
+from benchmarks.machine import machine
 from mtor_p2p.control import ControlClient
 from mtor_p2p.identity import Identity
 from mtor_p2p.libp2p_host import Libp2pNetwork
@@ -264,21 +263,6 @@ def bench_devnet_convergence(peers: int = 20, newcomers: int = 3) -> dict[str, A
         devnet.send_signal(signal.SIGINT)
         devnet.wait(timeout=60)
     return result
-
-
-def machine() -> dict[str, Any]:
-    cpu = "unknown"
-    if Path("/proc/cpuinfo").exists():
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "python": platform.python_version(),
-        "loadavg_at_start": os.getloadavg(),
-    }
 
 
 def dht_only(sizes: list[int]) -> int:

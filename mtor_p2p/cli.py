@@ -20,6 +20,8 @@ import json
 import logging
 import signal
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -201,12 +203,19 @@ def _ledger_call(args: argparse.Namespace, method: str, path: str, payload: Any 
         return None
 
 
-def _offline_ledger(args: argparse.Namespace) -> tuple[Any, Any]:
-    """The data directory's ledger and identity, for when the node is stopped."""
+@contextmanager
+def _offline_ledger(args: argparse.Namespace) -> Iterator[tuple[Any, Any]]:
+    """The data directory's ledger (closed afterwards) and identity, for when the node is
+    stopped."""
     from mtor_p2p.node import open_ledger
 
     config = _config_from(args)
-    return open_ledger(config), load_or_create_identity(config.data_dir)
+    identity = load_or_create_identity(config.data_dir)
+    ledger = open_ledger(config)
+    try:
+        yield ledger, identity
+    finally:
+        ledger.close()
 
 
 def cmd_balance(args: argparse.Namespace) -> int:
@@ -218,13 +227,10 @@ def cmd_balance(args: argparse.Namespace) -> int:
     if summary is None:
         from mtor_p2p.node import all_accounts, ledger_summary
 
-        ledger, identity = _offline_ledger(args)
-        try:
+        with _offline_ledger(args) as (ledger, identity):
             summary = ledger_summary(ledger, identity.peer_id)
             if args.all:
                 summary["accounts"] = all_accounts(ledger)
-        finally:
-            ledger.close()
         source = "data directory (node stopped)"
     summary["source"] = source
     if args.json:
@@ -315,8 +321,7 @@ def _sign_offline(
 
     from mtor_p2p.ledger.entries import decode_entry, make_stake, make_transfer
 
-    ledger, identity = _offline_ledger(args)
-    try:
+    with _offline_ledger(args) as (ledger, identity):
         balance = ledger.account(identity.peer_id)["balance"]
         if amount > balance:
             raise CliError(f"{kind} refused: balance is {balance} nano-credits")
@@ -336,8 +341,6 @@ def _sign_offline(
             **extra,
             **ledger.account(identity.peer_id),
         }
-    finally:
-        ledger.close()
 
 
 def cmd_ledger(args: argparse.Namespace) -> int:
@@ -345,11 +348,8 @@ def cmd_ledger(args: argparse.Namespace) -> int:
     if args.action == "verify":
         report = _ledger_call(args, "GET", "/v1/ledger/verify")
         if report is None:
-            ledger, _ = _offline_ledger(args)
-            try:
+            with _offline_ledger(args) as (ledger, _):
                 report = ledger.verify()
-            finally:
-                ledger.close()
         if args.json:
             print(json.dumps(report, indent=2, sort_keys=True))
         else:
@@ -379,13 +379,11 @@ def cmd_ledger(args: argparse.Namespace) -> int:
     except ControlError as exc:
         raise CliError(str(exc)) from exc
     if proof is None:
-        ledger, _ = _offline_ledger(args)
-        try:
-            proof = ledger.prove(args.entry)
-        except LedgerError as exc:
-            raise CliError(str(exc)) from exc
-        finally:
-            ledger.close()
+        with _offline_ledger(args) as (ledger, _):
+            try:
+                proof = ledger.prove(args.entry)
+            except LedgerError as exc:
+                raise CliError(str(exc)) from exc
     print(json.dumps(proof, indent=2, sort_keys=True))
     return EXIT_OK
 

@@ -13,7 +13,7 @@ import json
 import logging
 import os
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -383,26 +383,19 @@ class Node:
         return 200, await trio.to_thread.run_sync(read)
 
     async def _route_stake(self, query: dict[str, str], body: Any) -> tuple[int, Any]:
-        amount = body.get("amount") if isinstance(body, dict) else None
-        if isinstance(amount, bool) or not isinstance(amount, int) or amount <= 0:
+        amount = _positive_amount(body)
+        if amount is None:
             return 400, {"error": "amount must be a positive integer of nano-credits"}
-        try:
-            return 200, await self.ledger_service.stake(amount)
-        except RecordError as exc:
-            return 409, {"error": str(exc)}
+        return await _refusal_as_409(self.ledger_service.stake(amount))
 
     async def _route_transfer(self, query: dict[str, str], body: Any) -> tuple[int, Any]:
-        if not isinstance(body, dict):
-            return 400, {"error": "body must be {to, amount}"}
-        amount, to = body.get("amount"), body.get("to")
-        if isinstance(amount, bool) or not isinstance(amount, int) or amount <= 0:
+        amount = _positive_amount(body)
+        if amount is None:
             return 400, {"error": "amount must be a positive integer of nano-credits"}
+        to = body.get("to")
         if not isinstance(to, str):
             return 400, {"error": "to must be a peer ID"}
-        try:
-            return 200, await self.ledger_service.transfer(to, amount)
-        except RecordError as exc:
-            return 409, {"error": str(exc)}
+        return await _refusal_as_409(self.ledger_service.transfer(to, amount))
 
     async def _route_ledger_verify(self, query: dict[str, str], body: Any) -> tuple[int, Any]:
         return 200, await trio.to_thread.run_sync(self.ledger.verify)
@@ -457,6 +450,22 @@ class Node:
             (self.config.data_dir / INFO_FILE_NAME).unlink()
         except FileNotFoundError:
             pass
+
+
+def _positive_amount(body: Any) -> int | None:
+    """The request body's ``amount`` if it is a positive integer (nano-credits), else None."""
+    amount = body.get("amount") if isinstance(body, dict) else None
+    if isinstance(amount, bool) or not isinstance(amount, int) or amount <= 0:
+        return None
+    return amount
+
+
+async def _refusal_as_409(debit: Awaitable[dict[str, Any]]) -> tuple[int, Any]:
+    """Run a stake or transfer; the ledger's refusal (RecordError) becomes a 409."""
+    try:
+        return 200, await debit
+    except RecordError as exc:
+        return 409, {"error": str(exc)}
 
 
 def resolve_genesis(config: NodeConfig) -> Genesis:

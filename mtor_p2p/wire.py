@@ -70,13 +70,18 @@ def _signing_message(record_type: str, body_bytes: bytes) -> bytes:
     return _SIGNING_DOMAIN + record_type.encode("ascii") + b"\n" + body_bytes
 
 
-def _b64decode(text: Any, what: str) -> bytes:
-    if not isinstance(text, str):
+def b64_field(value: Any, what: str, length: int | None = None) -> bytes:
+    """Decode a base64 field of a record (of exactly ``length`` bytes, if given); raise
+    :class:`RecordError` naming ``what`` otherwise."""
+    if not isinstance(value, str):
         raise RecordError(f"{what} must be a base64 string")
     try:
-        return base64.b64decode(text, validate=True)
+        raw = base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError) as exc:
         raise RecordError(f"{what} is not base64") from exc
+    if length is not None and len(raw) != length:
+        raise RecordError(f"{what} must be {length} bytes")
+    return raw
 
 
 @dataclass(frozen=True)
@@ -115,8 +120,8 @@ def open_envelope(data: bytes, *, expected_type: str, max_bytes: int) -> SignedE
     body = obj["b"]
     if not isinstance(body, dict):
         raise RecordError("body must be an object")
-    public_key = _b64decode(obj["k"], "key")
-    signature = _b64decode(obj["s"], "signature")
+    public_key = b64_field(obj["k"], "key")
+    signature = b64_field(obj["s"], "signature")
     if len(public_key) != 32 or len(signature) != 64:
         raise RecordError("key or signature has the wrong length")
     if not verify_signature(

@@ -20,13 +20,12 @@ derived (``cost = price * flops / 1e12``), never stored, so they cannot disagree
 from __future__ import annotations
 
 import base64
-import binascii
 import re
 from dataclasses import dataclass
 from typing import Any
 
 from mtor_p2p.identity import Identity, public_key_from_peer_id, verify_signature
-from mtor_p2p.wire import RecordError, canonical_json, parse_canonical
+from mtor_p2p.wire import RecordError, b64_field, canonical_json, parse_canonical
 
 RECEIPT_TYPE = "mtor/receipt"
 RECEIPT_VERSION = 1
@@ -222,18 +221,6 @@ def verify_receipt(receipt: Receipt, *, require_complete: bool = True) -> None:
         raise RecordError("requester signature does not verify")
 
 
-def _signature(value: Any, name: str) -> bytes:
-    if not isinstance(value, str):
-        raise RecordError(f"{name} must be a base64 string")
-    try:
-        raw = base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise RecordError(f"{name} is not base64") from exc
-    if len(raw) != 64:
-        raise RecordError(f"{name} must be a 64-byte Ed25519 signature")
-    return raw
-
-
 def decode_receipt(data: bytes, *, require_complete: bool = True) -> Receipt:
     """Parse, validate and verify a receipt's canonical bytes (raises RecordError)."""
     obj = parse_canonical(data, max_bytes=MAX_RECEIPT_BYTES)
@@ -243,10 +230,10 @@ def decode_receipt(data: bytes, *, require_complete: bool = True) -> Receipt:
         raise RecordError(f"not a version {RECEIPT_VERSION} receipt")
     receipt = Receipt(
         body=body_from_json(obj["b"]),
-        worker_signature=_signature(obj["w"], "worker signature"),
+        worker_signature=b64_field(obj["w"], "worker signature", 64),
         requester_signature=None
         if obj["r"] is None
-        else _signature(obj["r"], "requester signature"),
+        else b64_field(obj["r"], "requester signature", 64),
     )
     verify_receipt(receipt, require_complete=require_complete)
     return receipt

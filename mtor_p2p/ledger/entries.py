@@ -28,7 +28,6 @@ the accused worker's own signed claim (so that neither reporter nor worker picks
 from __future__ import annotations
 
 import base64
-import binascii
 import functools
 import re
 from dataclasses import dataclass
@@ -45,6 +44,7 @@ from mtor_p2p.ledger.merkle import merkle_root
 from mtor_p2p.wire import (
     RecordError,
     SignedEnvelope,
+    b64_field,
     canonical_json,
     open_envelope,
     parse_canonical,
@@ -215,18 +215,6 @@ def make_checkpoint(
 # -- decoding ------------------------------------------------------------------------------
 
 
-def _b64(value: Any, what: str, length: int) -> bytes:
-    if not isinstance(value, str):
-        raise RecordError(f"{what} must be base64")
-    try:
-        raw = base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise RecordError(f"{what} is not base64") from exc
-    if len(raw) != length:
-        raise RecordError(f"{what} must be {length} bytes")
-    return raw
-
-
 def _int(value: Any, what: str, low: int = 0, high: int = MAX_AMOUNT) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value < high:
         raise RecordError(f"{what} must be an integer in [{low}, {high})")
@@ -323,8 +311,8 @@ def decode_entry(wire: bytes, genesis_hash: str, *, check_bls: bool = True) -> E
     if kind == "stake":
         envelope = _open_signed(data, STAKE_TYPE, kind, {"bls", "pop"}, genesis_hash)
         body = envelope.body
-        key = _b64(body["bls"], "bls key", bls.PUBLIC_KEY_BYTES)
-        pop = _b64(body["pop"], "proof of possession", bls.SIGNATURE_BYTES)
+        key = b64_field(body["bls"], "bls key", bls.PUBLIC_KEY_BYTES)
+        pop = b64_field(body["pop"], "proof of possession", bls.SIGNATURE_BYTES)
         # The proof of possession stops rogue-key attacks on aggregated checkpoints.
         if check_bls and not bls.default_backend().pop_verify(key, pop):
             raise RecordError("BLS proof of possession does not verify")
@@ -360,7 +348,7 @@ def decode_entry(wire: bytes, genesis_hash: str, *, check_bls: bool = True) -> E
             raise RecordError("not a version 1 vote")
         epoch, root, count = _root_fields(obj, genesis_hash)
         signer = _peer(obj["signer"], "signer")
-        signature = _b64(obj["sig"], "signature", bls.SIGNATURE_BYTES)
+        signature = b64_field(obj["sig"], "signature", bls.SIGNATURE_BYTES)
         return Entry(kind, wire, 0.0, signer, "", 0, root, epoch, count, (signer,), signature)
     fields = {"t", "v", "genesis", "epoch", "root", "count", "leaves", "signers", "sig"}
     if not isinstance(obj, dict) or set(obj) != fields:
@@ -374,7 +362,7 @@ def decode_entry(wire: bytes, genesis_hash: str, *, check_bls: bool = True) -> E
     checked = tuple(_peer(s, "signer") for s in signers)
     if list(checked) != sorted(set(checked)):
         raise RecordError("signers must be sorted and distinct")
-    signature = _b64(obj["sig"], "signature", bls.SIGNATURE_BYTES)
+    signature = b64_field(obj["sig"], "signature", bls.SIGNATURE_BYTES)
     leaves = obj["leaves"]
     if (
         not isinstance(leaves, list)

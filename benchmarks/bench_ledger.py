@@ -31,11 +31,11 @@ import trio
 
 from benchmarks.machine import machine
 from mtor_p2p.clock import NetClock
-from mtor_p2p.compute.receipts import decode_receipt
 from mtor_p2p.identity import Identity
 from mtor_p2p.ledger.service import LedgerService
 from mtor_p2p.ledger.store import SCHEMA, Ledger
 from mtor_p2p.libp2p_host import HostSettings, Libp2pNetwork
+from mtor_p2p.records.receipts import decode_receipt
 from tests.ledger_data import PEERS, genesis, receipt
 
 RESULTS = Path(__file__).parent / "results"

@@ -27,20 +27,20 @@ from typing import Any
 
 from mtor_p2p import __version__
 from mtor_p2p.config import ConfigError, NodeConfig, load_config
+from mtor_p2p.console import (
+    EXIT_FAILURE,
+    EXIT_LEDGER_BAD,
+    EXIT_NGROK,
+    EXIT_NOT_RUNNING,
+    EXIT_OK,
+    EXIT_USAGE,
+    GIB,
+    format_peers_table,
+)
 from mtor_p2p.control import ControlClient, ControlError, NodeNotRunning
 from mtor_p2p.identity import IdentityError, load_or_create_identity
 from mtor_p2p.ledger.store import LedgerError
 from mtor_p2p.wire import RecordError
-
-EXIT_OK = 0
-EXIT_FAILURE = 1
-EXIT_USAGE = 2
-EXIT_NOT_RUNNING = 3
-EXIT_NGROK = 4
-EXIT_NOT_CONVERGED = 5
-EXIT_LEDGER_BAD = 6
-
-GIB = 1 << 30
 
 
 class CliError(Exception):
@@ -412,24 +412,6 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"({device['mem_free'] / GIB:.1f} GiB free)"
         )
     return EXIT_OK
-
-
-def format_peers_table(peers: list[dict[str, Any]]) -> str:
-    """The capacity view as a fixed-width table."""
-    header = (
-        f"{'PEER':<14} {'REGION':<7} {'DEVICE':<28} {'TFLOP/S':>8} {'FREE GiB':>9} "
-        f"{'LOAD':>5} {'PRICE':>7} {'TTL s':>6}"
-    )
-    lines = [header]
-    for peer in peers:
-        device = peer["devices"][0]["name"] if peer["devices"] else "-"
-        lines.append(
-            f"{'…' + peer['peer_id'][-12:]:<14} {peer['region'][:7]:<7} {device[:28]:<28} "
-            f"{peer['tflops']:>8.3f} {peer['mem_free'] / GIB:>9.1f} {peer['load']:>5.2f} "
-            f"{peer['price']:>7.2f} {peer['expires_in']:>6.0f}"
-        )
-    lines.append(f"{len(peers)} peer(s)")
-    return "\n".join(lines)
 
 
 def cmd_peers(args: argparse.Namespace) -> int:

@@ -187,7 +187,7 @@ def run_devnet(
     log_level: str,
 ) -> int:
     """Run the devnet until SIGINT/SIGTERM; return the exit code."""
-    from mtor_p2p.cli import (
+    from mtor_p2p.console import (
         EXIT_FAILURE,
         EXIT_NOT_CONVERGED,
         EXIT_OK,

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import trio
 
@@ -75,6 +75,12 @@ class Network(Protocol):
 
     def addrs(self) -> list[str]:
         """Multiaddrs (with ``/p2p/<id>``) at which others can reach this node."""
+
+    #: Counters of the adapter's guards (refused, dropped, rejected...), shown by ``status``.
+    stats: Any
+
+    def routing_table_size(self) -> int:
+        """Peers this node's DHT routing table holds (for ``status``)."""
 
     async def connect(self, addr: str, *, timeout: float = 5.0) -> str:
         """Dial ``addr`` (a multiaddr ending in ``/p2p/<id>``); return the peer ID."""

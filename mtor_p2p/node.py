@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import random
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
@@ -27,7 +26,7 @@ from mtor_p2p.capacity.record import CapacityRecord, Device
 from mtor_p2p.capacity.service import CapacityService, CapacityTiming, Offer
 from mtor_p2p.capacity.view import GIB, CapacityQuery
 from mtor_p2p.clock import NetClock
-from mtor_p2p.compute.arrays import OperandStore
+from mtor_p2p.compute.executor import ShardExecutor
 from mtor_p2p.compute.jobs import JobBoard
 from mtor_p2p.compute.receipt_store import ReceiptStore
 from mtor_p2p.compute.scheduler import JobResult, JobSpec, Scheduler
@@ -40,8 +39,9 @@ from mtor_p2p.ledger.genesis import GENESIS_FILE_NAME, Genesis, load_genesis, na
 from mtor_p2p.ledger.pricing import next_price
 from mtor_p2p.ledger.service import LedgerService
 from mtor_p2p.ledger.store import LEDGER_FILE_NAME, Ledger, LedgerError
-from mtor_p2p.libp2p_host import HostSettings, Libp2pNetwork
-from mtor_p2p.network import NetworkError
+from mtor_p2p.network import Network, NetworkError
+from mtor_p2p.records.arrays import OperandStore
+from mtor_p2p.runtime import Runtime
 from mtor_p2p.wire import RecordError
 
 log = logging.getLogger(__name__)
@@ -61,28 +61,43 @@ def record_to_json(record: CapacityRecord, now: float) -> dict[str, Any]:
 
 
 class Node:
-    """A running MTOR peer. Create it with :meth:`open`."""
+    """A running MTOR peer: a composition root that owns no protocol logic.
+
+    It wires the services (capacity, worker, scheduler, ledger) to the parts it is given: a
+    :class:`~mtor_p2p.network.Network` (py-libp2p, or the simulator's memnet), a clock, the
+    ledger and receipt stores (SQLite files, or in memory), the devices it advertises, the
+    executor its kernels run on and the :class:`~mtor_p2p.runtime.Runtime` for blocking work
+    and randomness. :meth:`open` assembles a production node from a configuration;
+    :meth:`running` runs any node's loops.
+    """
 
     def __init__(
         self,
         config: NodeConfig,
         identity: Identity,
-        network: Libp2pNetwork,
+        network: Network,
         clock: NetClock,
         ledger: Ledger,
+        *,
+        receipts: ReceiptStore | None = None,
+        runtime: Runtime | None = None,
+        devices: tuple[Device, ...] = (),
+        tflops: float = 0.0,
+        executor: ShardExecutor | None = None,
     ) -> None:
         self.config = config
+        self.runtime = runtime or Runtime.production()
         self.price = config.price
         self.identity = identity
         self.network = network
         self.clock = clock
-        self.devices: tuple[Device, ...] = ()
-        self.tflops = 0.0
+        self.devices: tuple[Device, ...] = devices
+        self.tflops = tflops
         self.started_at = clock.now()
         self.tunnel_url: str | None = None
         self.stopped = trio.Event()  # set when someone asks the node to stop
         self.operands = OperandStore(max_bytes=config.operand_cache_mib << 20)
-        self.receipts = ReceiptStore(config.data_dir / "receipts.sqlite")
+        self.receipts = receipts or ReceiptStore(config.data_dir / "receipts.sqlite")
         self.ledger = ledger
         self.ledger_service = LedgerService(
             network,
@@ -90,6 +105,7 @@ class Node:
             clock,
             ledger,
             sync_interval=min(10.0, ledger.genesis.params.epoch_seconds / 2),
+            runtime=self.runtime,
         )
         self.worker = WorkerService(
             network,
@@ -98,6 +114,8 @@ class Node:
             self.operands,
             self.receipts,
             price=lambda: self.price,
+            executor=executor,
+            runtime=self.runtime,
             fault_rate=config.fault_rate,
             credit=self.ledger_service.available_credit,
             on_receipt=self._worker_receipt,
@@ -113,10 +131,18 @@ class Node:
                 ttl=config.record_ttl, announce_interval=config.announce_interval
             ),
         )
-        self.scheduler = Scheduler(network, identity, clock, self.capacity.view, self.receipts)
+        self.scheduler = Scheduler(
+            network,
+            identity,
+            clock,
+            self.capacity.view,
+            self.receipts,
+            runtime=self.runtime,
+            region=config.region,
+        )
         self.scheduler.on_settled = self.ledger_service.record_receipt
         self.scheduler.on_fault = self._record_fault
-        self.jobs = JobBoard(self)
+        self.jobs = JobBoard(self.submit, self.runtime)
 
     async def _worker_receipt(self, receipt: Any) -> None:
         # The requester gossips it; the worker only enters its copy (sync repairs gaps).
@@ -161,12 +187,17 @@ class Node:
         max_workers: int = 8,
         sample_rows: int = 4,
         progress: Any = None,
+        latency_target: float | None = None,
+        deadline: float = 600.0,
+        freivalds_rounds: int = 20,
     ) -> JobResult:
         """Run ``kernel`` on ``operands`` across the network and return the verified result.
 
         ``verify``: ``auto`` (the kernel's own check), ``freivalds`` (matmul), ``sample``
         (recompute random output rows here) or ``redundant`` (two workers must agree).
-        ``progress(done, total)`` is called as shards are accepted. Raises
+        ``progress(done, total)`` is called as shards are accepted; ``latency_target``
+        (seconds) prefers workers expected to answer within it; ``deadline`` bounds the whole
+        job. Raises
         :class:`~mtor_p2p.compute.scheduler.JobFailed` when the job cannot finish.
         """
         spec = JobSpec(
@@ -177,6 +208,9 @@ class Node:
             shards=shards,
             max_workers=max_workers,
             sample_rows=sample_rows,
+            latency_target=latency_target,
+            deadline=deadline,
+            freivalds_rounds=freivalds_rounds,
         )
         return await self.scheduler.run(spec, progress=progress)
 
@@ -196,18 +230,22 @@ class Node:
     async def _probe_loop(self) -> None:
         while True:
             await trio.sleep(PROBE_INTERVAL)
-            self.devices = tuple(await trio.to_thread.run_sync(probe_devices, self.config.gpu))
+            self.devices = tuple(await self.runtime.run_blocking(probe_devices, self.config.gpu))
 
     # -- start and stop --------------------------------------------------------------------
 
     @classmethod
     @asynccontextmanager
     async def open(cls, config: NodeConfig) -> AsyncIterator[Node]:
-        """Start a node with ``config``; on exit withdraw its record and stop everything."""
+        """Start a production node from ``config``: py-libp2p host, SQLite files in the data
+        directory, probed devices, the control API; on exit withdraw its record and stop."""
+        from mtor_p2p.libp2p_host import HostSettings, Libp2pNetwork
+
         config.validate()
+        runtime = Runtime.production()
         identity = load_or_create_identity(config.data_dir)
-        devices = await trio.to_thread.run_sync(probe_devices, config.gpu)
-        tflops = await trio.to_thread.run_sync(measure_tflops, devices, config.data_dir)
+        devices = await runtime.run_blocking(probe_devices, config.gpu)
+        tflops = await runtime.run_blocking(measure_tflops, devices, config.data_dir)
         settings = HostSettings(
             listen_addrs=list(config.listen),
             bootstrap_node=config.bootstrap_node,
@@ -218,40 +256,62 @@ class Node:
         async with AsyncExitStack() as stack:
             stack.callback(ledger.close)
             network = await stack.enter_async_context(Libp2pNetwork.open(identity, settings))
-            node = cls(config, identity, network, NetClock(), ledger)
-            node.devices, node.tflops = tuple(devices), tflops
+            node = cls(
+                config,
+                identity,
+                network,
+                NetClock(),
+                ledger,
+                runtime=runtime,
+                devices=tuple(devices),
+                tflops=tflops,
+            )
             try:
                 if config.ngrok.enabled:
-                    tunnels = await node._open_tunnel()
-                async with trio.open_nursery() as nursery:
-                    node.jobs.nursery = nursery
-                    await nursery.start(node.capacity.run)
-                    nursery.start_soon(node._bootstrap_loop)
-                    nursery.start_soon(node._mesh_loop)
-                    nursery.start_soon(node._probe_loop)
-                    nursery.start_soon(node.scheduler.courier)
-                    await nursery.start(node.ledger_service.run)
-                    if config.dynamic_price:
-                        nursery.start_soon(node._price_loop)
-                    api_port = await nursery.start(node._serve_control)
-                    node._write_control_info(api_port)
-                    try:
-                        yield node
-                    finally:
-                        with trio.CancelScope(shield=True):
-                            await node.capacity.withdraw(timeout=3.0)
-                        node._remove_control_info()
-                        nursery.cancel_scope.cancel()
+                    tunnels = await node._open_tunnel(network)
+                async with node.running(probe=True, control=True):
+                    yield node
             finally:
                 node.receipts.close()
                 if tunnels is not None:
-                    await trio.to_thread.run_sync(tunnels.close)
+                    await runtime.run_blocking(tunnels.close)
 
-    async def _open_tunnel(self) -> Any:
+    @asynccontextmanager
+    async def running(self, *, probe: bool = False, control: bool = False) -> AsyncIterator[Node]:
+        """Run the node's services and loops while the context is open.
+
+        ``probe``: re-probe the local devices periodically; ``control``: serve the control API
+        and write ``control.json`` (both only make sense for a real node). On exit the node
+        withdraws its capacity record and every loop stops.
+        """
+        async with trio.open_nursery() as nursery:
+            self.jobs.nursery = nursery
+            await nursery.start(self.capacity.run)
+            nursery.start_soon(self._bootstrap_loop)
+            nursery.start_soon(self._mesh_loop)
+            if probe:
+                nursery.start_soon(self._probe_loop)
+            nursery.start_soon(self.scheduler.courier)
+            await nursery.start(self.ledger_service.run)
+            if self.config.dynamic_price:
+                nursery.start_soon(self._price_loop)
+            if control:
+                api_port = await nursery.start(self._serve_control)
+                self._write_control_info(api_port)
+            try:
+                yield self
+            finally:
+                with trio.CancelScope(shield=True):
+                    await self.capacity.withdraw(timeout=3.0)
+                if control:
+                    self._remove_control_info()
+                nursery.cancel_scope.cancel()
+
+    async def _open_tunnel(self, network: Any) -> Any:
         """Open the ngrok tunnel to our TCP port and announce its public address."""
         from mtor_p2p.ngrok_tunnel import NgrokTunnelManager
 
-        ports = self.network.listen_ports()
+        ports = network.listen_ports()
         if not ports:
             raise NetworkError("ngrok needs a TCP listen address")
         manager = NgrokTunnelManager(
@@ -261,12 +321,12 @@ class Node:
             config_dir=str(self.config.data_dir),
         )
         try:
-            tunnel = await trio.to_thread.run_sync(manager.open_tcp, ports[0])
+            tunnel = await self.runtime.run_blocking(manager.open_tcp, ports[0])
         except BaseException:
-            await trio.to_thread.run_sync(manager.close)
+            await self.runtime.run_blocking(manager.close)
             raise
         self.tunnel_url = tunnel.public_url
-        self.network.add_announce_addr(tunnel.multiaddr(self.peer_id))
+        network.add_announce_addr(tunnel.multiaddr(self.peer_id))
         return manager
 
     async def _bootstrap_loop(self) -> None:
@@ -294,7 +354,7 @@ class Node:
                 for r in self.capacity.view.live(self.clock.now())
                 if r.peer_id != self.peer_id and r.peer_id not in connected and r.addrs
             ]
-            random.shuffle(candidates)
+            self.runtime.random.shuffle(candidates)
             for record in candidates[: TARGET_CONNECTIONS - len(connected)]:
                 for addr in record.addrs:
                     try:
@@ -325,7 +385,7 @@ class Node:
             "guards": self.network.stats.__dict__,
             "worker": {
                 "kernels": list(self.worker.kernels),
-                "backend": self.worker.backend.name,
+                "backend": self.worker.executor.name,
                 **self.worker.stats.__dict__,
             },
             "receipts": self.receipts.count(),
@@ -334,7 +394,7 @@ class Node:
         }
 
     async def _route_status(self, query: dict[str, str], body: Any) -> tuple[int, Any]:
-        ledger = await trio.to_thread.run_sync(self.ledger_summary)
+        ledger = await self.runtime.run_blocking(self.ledger_summary)
         return 200, self.status(ledger)
 
     async def _route_peers(self, query: dict[str, str], body: Any) -> tuple[int, Any]:
@@ -351,7 +411,7 @@ class Node:
 
     async def _route_receipts(self, query: dict[str, str], body: Any) -> tuple[int, Any]:
         limit = max(1, min(10_000, int(query.get("limit", 100))))
-        receipts = await trio.to_thread.run_sync(lambda: self.receipts.receipts(limit=limit))
+        receipts = await self.runtime.run_blocking(lambda: self.receipts.receipts(limit=limit))
         return 200, {
             "count": self.receipts.count(),
             "receipts": [
@@ -380,7 +440,7 @@ class Node:
                 summary["accounts"] = all_accounts(self.ledger)
             return summary
 
-        return 200, await trio.to_thread.run_sync(read)
+        return 200, await self.runtime.run_blocking(read)
 
     async def _route_stake(self, query: dict[str, str], body: Any) -> tuple[int, Any]:
         amount = _positive_amount(body)
@@ -398,11 +458,11 @@ class Node:
         return await _refusal_as_409(self.ledger_service.transfer(to, amount))
 
     async def _route_ledger_verify(self, query: dict[str, str], body: Any) -> tuple[int, Any]:
-        return 200, await trio.to_thread.run_sync(self.ledger.verify)
+        return 200, await self.runtime.run_blocking(self.ledger.verify)
 
     async def _route_ledger_prove(self, query: dict[str, str], body: Any) -> tuple[int, Any]:
         try:
-            return 200, await trio.to_thread.run_sync(self.ledger.prove, query.get("id", ""))
+            return 200, await self.runtime.run_blocking(self.ledger.prove, query.get("id", ""))
         except LedgerError as exc:
             return 404, {"error": str(exc)}
 

@@ -8,12 +8,12 @@ import blake3
 import numpy as np
 
 from mtor_kernels import get_kernel
-from mtor_p2p.compute.arrays import meta_of
-from mtor_p2p.compute.faults import make_fault_proof
-from mtor_p2p.compute.receipts import ReceiptBody, countersign, sign_as_worker
 from mtor_p2p.identity import Identity
 from mtor_p2p.ledger.entries import fault_entry, make_stake, make_transfer, receipt_entry
 from mtor_p2p.ledger.genesis import NANO, Genesis, LedgerParams
+from mtor_p2p.records.arrays import meta_of
+from mtor_p2p.records.faults import make_fault_proof
+from mtor_p2p.records.receipts import ReceiptBody, countersign, sign_as_worker
 
 PEERS = [Identity(bytes([index + 1]) * 32) for index in range(4)]
 _HASH = "ab" * 32

@@ -14,14 +14,14 @@ import trio
 
 from mtor_kernels import get_kernel
 from mtor_p2p.compute import client
-from mtor_p2p.compute.arrays import meta_of, pack
-from mtor_p2p.compute.faults import verify_fault_proof
 from mtor_p2p.compute.protocol import PROTOCOL_RUN, PROTOCOL_UPLOAD
-from mtor_p2p.compute.receipts import verify_receipt
 from mtor_p2p.compute.scheduler import JobFailed
 from mtor_p2p.config import NodeConfig
 from mtor_p2p.network import RemoteError
 from mtor_p2p.node import Node
+from mtor_p2p.records.arrays import meta_of, pack
+from mtor_p2p.records.faults import verify_fault_proof
+from mtor_p2p.records.receipts import verify_receipt
 from mtor_p2p.wire import RecordError
 
 RNG = np.random.default_rng(7)

@@ -89,7 +89,7 @@ def test_forged_and_altered_entries_are_rejected(tmp_path):
 
 def test_a_receipt_without_the_requesters_signature_is_not_an_entry():
     gen = genesis()
-    from mtor_p2p.compute.receipts import decode_receipt
+    from mtor_p2p.records.receipts import decode_receipt
 
     full = decode_receipt(receipt(A, C)[1:])
     half = type(full)(full.body, full.worker_signature, None)

@@ -6,11 +6,11 @@ import pytest
 import trio
 
 from mtor_p2p.clock import NetClock
-from mtor_p2p.compute.arrays import pack
 from mtor_p2p.identity import Identity
 from mtor_p2p.ledger.service import SYNC_PROTOCOL, LedgerService
 from mtor_p2p.ledger.store import Ledger
 from mtor_p2p.network import RemoteError
+from mtor_p2p.records.arrays import pack
 from mtor_p2p.wire import canonical_json
 from tests.conftest import open_networks
 from tests.ledger_data import PEERS, genesis, receipt, stake
@@ -48,7 +48,7 @@ async def test_gossip_carries_new_receipts_and_stakes(tmp_path):
             await nursery.start(a.run)
             await nursery.start(b.run)
             await trio.sleep(1.5)  # let the GossipSub mesh form
-            from mtor_p2p.compute.receipts import decode_receipt
+            from mtor_p2p.records.receipts import decode_receipt
 
             for shard in range(5):
                 await a.record_receipt(decode_receipt(receipt(A, C, shard=shard)[1:]))

@@ -9,7 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mtor_p2p.compute.receipts import (
+from mtor_p2p.identity import Identity
+from mtor_p2p.records.receipts import (
     MAX_RECEIPT_BYTES,
     Receipt,
     ReceiptBody,
@@ -18,7 +19,6 @@ from mtor_p2p.compute.receipts import (
     sign_as_worker,
     verify_receipt,
 )
-from mtor_p2p.identity import Identity
 from mtor_p2p.wire import RecordError, canonical_json
 
 WORKER = Identity(b"\x01" * 32)

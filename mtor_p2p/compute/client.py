@@ -14,7 +14,6 @@ from typing import Any
 import numpy as np
 import trio
 
-from mtor_p2p.compute.arrays import ArrayMeta, array_from_bytes, meta_of, pack, unpack
 from mtor_p2p.compute.protocol import (
     CHUNK_BYTES,
     MAX_ARRAY_BYTES,
@@ -25,8 +24,9 @@ from mtor_p2p.compute.protocol import (
     PROTOCOL_RUN,
     PROTOCOL_UPLOAD,
 )
-from mtor_p2p.compute.receipts import Receipt, decode_receipt
 from mtor_p2p.network import Network, NetworkError
+from mtor_p2p.records.arrays import ArrayMeta, array_from_bytes, meta_of, pack, unpack
+from mtor_p2p.records.receipts import Receipt, decode_receipt
 from mtor_p2p.wire import RecordError
 
 

@@ -11,17 +11,16 @@ from __future__ import annotations
 import itertools
 import logging
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import trio
 
-from mtor_p2p.compute.scheduler import JobFailed
-
-if TYPE_CHECKING:
-    from mtor_p2p.node import Node
+from mtor_p2p.compute.scheduler import JobFailed, JobResult
+from mtor_p2p.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +84,11 @@ def load_matmul_operands(body: dict[str, Any]) -> dict[str, np.ndarray]:
 class JobBoard:
     """Runs API-submitted jobs in the background and remembers the last few."""
 
-    def __init__(self, node: Node) -> None:
-        self._node = node
+    def __init__(self, submit: Callable[..., Awaitable[JobResult]], runtime: Runtime) -> None:
+        # ``submit`` is the node's job entry point (``Node.submit``): the board runs jobs, it
+        # does not know how.
+        self._submit = submit
+        self._runtime = runtime
         self._jobs: OrderedDict[str, JobState] = OrderedDict()
         self._ids = itertools.count(1)
         self.nursery: trio.Nursery | None = None
@@ -106,7 +108,7 @@ class JobBoard:
         if shards is not None:
             shards = _positive_int(body, "shards", 4096)
         out = body.get("out")
-        operands = await trio.to_thread.run_sync(load_matmul_operands, body)
+        operands = await self._runtime.run_blocking(load_matmul_operands, body)
         job = JobState(id=f"job-{next(self._ids)}")
         self._jobs[job.id] = job
         while len(self._jobs) > MAX_REMEMBERED_JOBS:
@@ -138,7 +140,7 @@ class JobBoard:
             job.done, job.total = done, total
 
         try:
-            result = await self._node.submit(
+            result = await self._submit(
                 kernel,
                 operands,
                 verify=verify,
@@ -154,7 +156,7 @@ class JobBoard:
             job.state, job.error = "failed", f"{type(exc).__name__}: {exc}"
             return
         if out:
-            await trio.to_thread.run_sync(np.save, Path(out), result.output)
+            await self._runtime.run_blocking(np.save, Path(out), result.output)
         job.result = result.summary()
         job.done = job.total = len(result.shards)
         job.state = "done"

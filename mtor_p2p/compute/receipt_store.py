@@ -9,7 +9,7 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-from mtor_p2p.compute.receipts import Receipt, decode_receipt, verify_receipt
+from mtor_p2p.records.receipts import Receipt, decode_receipt, verify_receipt
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS receipts (

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import statistics
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -28,18 +27,23 @@ from mtor_p2p.capacity.record import CapacityRecord
 from mtor_p2p.capacity.view import CapacityQuery, CapacityView
 from mtor_p2p.clock import NetClock
 from mtor_p2p.compute import client
-from mtor_p2p.compute.arrays import meta_of
-from mtor_p2p.compute.faults import make_fault_proof
 from mtor_p2p.compute.receipt_store import ReceiptStore
-from mtor_p2p.compute.receipts import Receipt, countersign
 from mtor_p2p.compute.worker import CREDIT_REFUSED
 from mtor_p2p.identity import Identity
 from mtor_p2p.network import Network, NetworkError, RemoteError
+from mtor_p2p.records.arrays import meta_of
+from mtor_p2p.records.faults import make_fault_proof
+from mtor_p2p.records.receipts import Receipt, countersign
+from mtor_p2p.runtime import Runtime
 from mtor_p2p.wire import canonical_json
 
 log = logging.getLogger(__name__)
 
 VERIFY_METHODS = ("auto", "freivalds", "sample", "redundant")
+#: Priors for a shard's network time before any measurement (seconds): a few round trips
+#: within a region, and across regions (inter-region P95 round trips are 100-350 ms).
+NEAR_ROUND_TRIPS = 0.03
+FAR_ROUND_TRIPS = 0.3
 
 
 class JobFailed(Exception):
@@ -59,6 +63,10 @@ class JobSpec:
     freivalds_rounds: int = 20
     sample_rows: int = 4
     deadline: float = 600.0
+    #: Seconds within which the requester wants each shard back (interactive work): workers
+    #: expected to be slower, by their measured round trips or by region, are passed over
+    #: while faster ones exist. None: rank by value alone.
+    latency_target: float | None = None
 
 
 @dataclass
@@ -147,6 +155,31 @@ class WorkerScore:
         return (1 + self.failed) * (1 + 100 * self.rejected)
 
 
+@dataclass(frozen=True)
+class ShardAttempt:
+    """One attempt at one shard, as the scheduler's observer sees it when the attempt ends.
+
+    ``outcome``: ``accepted``, ``rejected`` (verification failed), ``answered`` (a correct
+    answer that another attempt beat, or a redundant first answer), ``failed`` (the worker
+    answered with an error or the connection broke), ``timeout``, ``misbehaved`` (malformed
+    answer), ``refused`` (credit) or ``cancelled`` (the job no longer needed it). Times are
+    trio's clock.
+    """
+
+    job_id: str
+    index: int
+    worker: str
+    started: float
+    ended: float
+    outcome: str
+    flops: int
+    hedge: bool
+
+
+def _timed_out(exc: BaseException) -> bool:
+    return isinstance(exc, trio.TooSlowError) or "timed out" in str(exc)
+
+
 @dataclass
 class _Attempt:
     shard: int
@@ -167,7 +200,7 @@ class _JobRun:
         self.workers = workers
         # The price each worker advertised when chosen: what we accept to pay it for this job.
         self.quotes = {r.peer_id: r.price for r in workers}
-        self.nonce = os.urandom(16).hex()
+        self.nonce = scheduler.runtime.token_hex(16)
         inputs = {name: meta_of(a).digest for name, a in spec.operands.items()}
         self.job_id = blake3.blake3(
             canonical_json(
@@ -261,6 +294,8 @@ class _JobRun:
         if hedge:
             self.hedged += 1
         score = self.s.scores.setdefault(worker, WorkerScore())
+        rejected_before = score.rejected
+        outcome = "cancelled"
         try:
             with scope:
                 answer = await self._compute(worker, index, operands)
@@ -268,21 +303,32 @@ class _JobRun:
                     return
                 seconds = trio.current_time() - record.started
                 await self._judge(worker, index, operands, answer, seconds)
+                accepted = self.accepted.get(index)
+                if score.rejected > rejected_before:
+                    outcome = "rejected"
+                elif accepted is not None and accepted.worker == worker:
+                    outcome = "accepted"
+                else:
+                    outcome = "answered"  # a redundant first answer, or a hedged twin lost
         except RemoteError as exc:
             if str(exc).startswith(CREDIT_REFUSED):
                 # Not the worker's fault: it sees that we have spent our credit. Other
                 # workers may see an older balance; each refuses once and is left alone.
+                outcome = "refused"
                 self.credit_refusal = str(exc)
                 self.banned.add(worker)
                 self.requeue(index, reissue=False)
             else:
+                outcome = "failed"
                 score.failed += 1
                 log.info("shard %d on %s failed: %s", index, worker[-8:], exc)
                 self.requeue(index)
         except (NetworkError, client.WorkerMisbehaved, trio.TooSlowError) as exc:
+            outcome = "timeout" if _timed_out(exc) else "failed"
             score.failed += 1
             log.info("shard %d on %s failed: %s", index, worker[-8:], exc)
             if isinstance(exc, client.WorkerMisbehaved):
+                outcome = "misbehaved"
                 self.banned.add(worker)
             self.requeue(index)
         finally:
@@ -294,6 +340,19 @@ class _JobRun:
             if scope.cancelled_caught and index not in self.accepted:
                 self.requeue(index)
             self._wake()
+            if self.s.observer is not None:
+                self.s.observer(
+                    ShardAttempt(
+                        job_id=self.job_id,
+                        index=index,
+                        worker=worker,
+                        started=record.started,
+                        ended=trio.current_time(),
+                        outcome=outcome,
+                        flops=int(self.kernel.flops(operands)),
+                        hedge=hedge,
+                    )
+                )
 
     async def _compute(
         self, worker: str, index: int, operands: dict[str, np.ndarray]
@@ -340,17 +399,34 @@ class _JobRun:
         if self.method == "redundant":
             await self._judge_redundant(worker, index, operands, answer, seconds)
             return
-        ok, witness = await trio.to_thread.run_sync(self._check, operands, answer.output)
+        # The generator is made here, on the event loop: a seeded runtime's draws then happen
+        # in a fixed order, and the check itself may run on a thread.
+        rng = self.s.runtime.numpy_rng()
+        ok, witness = await self.s.runtime.run_blocking(
+            self._check, operands, answer.output, rng, flops=self._check_flops(operands)
+        )
         if ok:
             self.checks_passed += 1
             await self._accept(worker, index, answer.output, answer.receipt, seconds)
         else:
             await self._reject(worker, index, operands, answer, witness)
 
-    def _check(self, operands: dict[str, np.ndarray], output: np.ndarray) -> tuple[bool, Any]:
-        # Runs in a worker thread: a fresh generator per check (Generators are not thread-safe),
-        # seeded from the OS so that a worker cannot predict the vectors or rows checked.
-        rng = np.random.default_rng()
+    def _check_flops(self, operands: dict[str, np.ndarray]) -> float:
+        """Host arithmetic of one check (what a simulation charges as verification time)."""
+        if self.method == "freivalds":
+            m, k = operands["a"].shape
+            n = operands["b"].shape[1]
+            return 2.0 * self.spec.freivalds_rounds * (m * k + k * n + 2 * m * n)
+        rows = operands[self.kernel.split_operand].shape[0]
+        share = min(1.0, self.spec.sample_rows / max(rows, 1))
+        return float(self.kernel.flops(operands)) * share
+
+    def _check(
+        self, operands: dict[str, np.ndarray], output: np.ndarray, rng: np.random.Generator
+    ) -> tuple[bool, Any]:
+        # May run in a worker thread: a fresh generator per check (Generators are not
+        # thread-safe), from the runtime (the OS in production, so that a worker cannot
+        # predict the vectors or rows checked).
         if self.method == "freivalds":
             result = checks.freivalds(
                 operands["a"],
@@ -386,7 +462,9 @@ class _JobRun:
             await self._accept_extra(w1, r1)
             return
         # Disagreement: the requester recomputes the shard itself to tell who is wrong.
-        reference = await trio.to_thread.run_sync(self.kernel.reference, operands)
+        reference = await self.s.runtime.run_blocking(
+            self.kernel.reference, operands, flops=float(self.kernel.flops(operands))
+        )
         for w, out, receipt in ((w1, out1, r1), (w2, out2, r2)):
             good, _ = checks.compare(reference, out, dtype=self.input_dtype)
             if not good:
@@ -418,7 +496,7 @@ class _JobRun:
         self.outputs[index] = output
         self.durations.append(seconds)
         score = self.s.scores[worker]
-        score.seconds.append(seconds)
+        score.seconds = [*score.seconds[-31:], seconds]
         flops = receipt.body.flops
         score.delivered = [*score.delivered[-31:], flops / max(seconds, 1e-9) / 1e12]
         for other in self.running.get(index, []):
@@ -452,7 +530,7 @@ class _JobRun:
         )
         self.fault_proofs.append(proof)
         proof_id = f"{self.job_id}:{index}:{worker}"
-        await trio.to_thread.run_sync(self.s.receipts.add_fault_proof, proof_id, worker, proof)
+        await self.s.runtime.run_blocking(self.s.receipts.add_fault_proof, proof_id, worker, proof)
         if self.s.on_fault is not None:
             await self.s.on_fault(proof)
         log.warning("rejected shard %d from %s: fault proof recorded", index, worker[-8:])
@@ -504,7 +582,11 @@ class Scheduler:
         receipts: ReceiptStore,
         *,
         max_in_flight: int = 2,
+        runtime: Runtime | None = None,
+        region: str | None = None,
     ) -> None:
+        self.region = region
+        self.runtime = runtime or Runtime.production()
         self.network = network
         self.identity = identity
         self.clock = clock
@@ -516,6 +598,8 @@ class Scheduler:
         self.on_settled: Callable[[Receipt], Awaitable[None]] | None = None
         self.on_fault: Callable[[bytes], Awaitable[None]] | None = None
         self.uploads: dict[tuple[str, str], trio.Event] = {}  # (worker, operand) being sent
+        #: Called with every :class:`ShardAttempt` as it ends (metrics, simulation, dashboards).
+        self.observer: Callable[[ShardAttempt], None] | None = None
         # Countersigned receipts travel to their workers off the job's critical path: a dead
         # worker must not delay the result by a delivery timeout.
         self._outbox_send, self._outbox = trio.open_memory_channel[tuple[str, Receipt]](10_000)
@@ -541,7 +625,23 @@ class Scheduler:
             price_per_speed = (record.price + 1e-6) / max(speed, 1e-6)
             return price_per_speed * score.penalty() * (1 + record.load)
 
+        if spec.latency_target is not None and candidates:
+            flops = float(get_kernel(spec.kernel).flops(spec.operands))
+            expected = {r.peer_id: self.expected_seconds(r, flops) for r in candidates}
+            fast = [r for r in candidates if expected[r.peer_id] <= spec.latency_target]
+            # None fast enough: the quickest few still beat the cheapest far away.
+            candidates = fast or sorted(candidates, key=lambda r: expected[r.peer_id])[:8]
         return sorted(candidates, key=value)[: spec.max_workers]
+
+    def expected_seconds(self, record: CapacityRecord, flops: float) -> float:
+        """How long a shard of ``flops`` should take on ``record``'s worker: the median of
+        its recent round trips with us, else a prior from its region and advertised speed."""
+        score = self.scores.get(record.peer_id)
+        if score is not None and score.seconds:
+            return statistics.median(score.seconds) * (1 + record.load)
+        near = self.region is not None and record.region == self.region
+        network = NEAR_ROUND_TRIPS if near else FAR_ROUND_TRIPS
+        return network + flops / max(record.tflops * 1e12, 1.0)
 
     async def ensure_connected(self, record: CapacityRecord) -> bool:
         """Dial a worker known only from its capacity record; False if no address answers."""
@@ -618,7 +718,7 @@ class Scheduler:
     async def settle(self, worker: str, receipt: Receipt) -> Receipt:
         """Countersign an accepted shard's receipt, store it, queue it for its worker."""
         complete = countersign(self.identity, receipt)
-        await trio.to_thread.run_sync(self.receipts.add, complete)
+        await self.runtime.run_blocking(self.receipts.add, complete)
         if self.on_settled is not None:
             await self.on_settled(complete)
         self.scores.setdefault(worker, WorkerScore()).accepted += 1

@@ -8,9 +8,7 @@ sender a one-line :class:`RemoteError`; the worker keeps serving.
 from __future__ import annotations
 
 import base64
-import functools
 import logging
-import random
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -20,16 +18,9 @@ import numpy as np
 import trio
 
 from mtor_kernels import KERNELS, KernelError, get_kernel
-from mtor_kernels.backend import Backend, select_backend
+from mtor_kernels.backend import Backend
 from mtor_p2p.clock import NetClock
-from mtor_p2p.compute.arrays import (
-    ArrayMeta,
-    OperandStore,
-    array_from_bytes,
-    meta_of,
-    pack,
-    unpack,
-)
+from mtor_p2p.compute.executor import BackendExecutor, ShardExecutor
 from mtor_p2p.compute.protocol import (
     CHUNK_BYTES,
     MAX_ARRAY_BYTES,
@@ -42,7 +33,17 @@ from mtor_p2p.compute.protocol import (
     PROTOCOL_UPLOAD,
 )
 from mtor_p2p.compute.receipt_store import ReceiptStore
-from mtor_p2p.compute.receipts import (
+from mtor_p2p.identity import Identity
+from mtor_p2p.network import Network, RemoteError
+from mtor_p2p.records.arrays import (
+    ArrayMeta,
+    OperandStore,
+    array_from_bytes,
+    meta_of,
+    pack,
+    unpack,
+)
+from mtor_p2p.records.receipts import (
     MAX_PRICE,
     Receipt,
     ReceiptBody,
@@ -50,8 +51,7 @@ from mtor_p2p.compute.receipts import (
     shard_cost_nano,
     sign_as_worker,
 )
-from mtor_p2p.identity import Identity
-from mtor_p2p.network import Network, RemoteError
+from mtor_p2p.runtime import Runtime
 from mtor_p2p.wire import RecordError
 
 log = logging.getLogger(__name__)
@@ -112,6 +112,8 @@ class WorkerService:
         *,
         price: Callable[[], float],
         backend: Backend | None = None,
+        executor: ShardExecutor | None = None,
+        runtime: Runtime | None = None,
         fault_rate: float = 0.0,
         slots: int = 1,
         credit: Callable[[str], int] | None = None,
@@ -123,11 +125,13 @@ class WorkerService:
         self.operands = operands
         self.receipts = receipts
         self._price = price
-        self.backend = backend or select_backend("auto")
+        self._runtime = runtime or Runtime.production()
+        # Kernels run on an executor: the local backend through the runtime's blocking hook,
+        # or a simulated device that charges modelled time.
+        self.executor = executor or BackendExecutor(backend, self._runtime, slots=slots)
         self.fault_rate = fault_rate
-        self._rng = random.Random()
-        self._device = trio.CapacityLimiter(slots)
-        self.slots = slots
+        self._rng = self._runtime.random
+        self.slots = self.executor.slots
         self._pending: dict[tuple[str, str], _PendingUpload] = {}
         self.stats = WorkerStats()
         # Credit control: ``credit(requester)`` is what the ledger lets that requester still
@@ -265,7 +269,7 @@ class WorkerService:
         reservation = (job_id, shard)
         if self._credit is not None:
             # A ledger read may wait for a write in progress: never on the event loop.
-            available = await trio.to_thread.run_sync(self._credit, sender)
+            available = await self._runtime.run_blocking(self._credit, sender)
             cost = shard_cost_nano(price, int(kernel.flops(arrays)))
             self._reserve_credit(sender, reservation, cost, available)
         started = self._clock.now()
@@ -273,8 +277,7 @@ class WorkerService:
         try:
             # Resident operands (weights, B) are keyed by content hash so that a GPU backend
             # keeps them on the device between shards of the same job.
-            run = functools.partial(kernel.run, arrays, self.backend, keys=inputs)
-            output = await trio.to_thread.run_sync(run, limiter=self._device)
+            output = await self.executor.execute(kernel, arrays, inputs)
         except Exception as exc:
             self._owed.get(sender, {}).pop(reservation, None)
             self.stats.shards_failed += 1
@@ -370,7 +373,7 @@ class WorkerService:
             raise RemoteError(f"receipt rejected: {exc}") from exc
         if receipt.body.worker != self._identity.peer_id or receipt.body.requester != sender:
             raise RemoteError("receipt names other peers")
-        stored = await trio.to_thread.run_sync(self.receipts.add, receipt)
+        stored = await self._runtime.run_blocking(self.receipts.add, receipt)
         self._owed.get(sender, {}).pop((receipt.body.job_id, receipt.body.shard), None)
         if self._on_receipt is not None:
             await self._on_receipt(receipt)

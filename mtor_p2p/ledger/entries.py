@@ -6,7 +6,7 @@ An entry on the wire is one tag byte and the record's own canonical bytes:
 tag   kind          record                                              limit
 ====  ============  ==================================================  ==========
 R     receipt       a countersigned contribution receipt (compute)      4 KiB
-F     fault         a fault proof (compute.faults)                      16 MiB
+F     fault         a fault proof (records.faults)                      16 MiB
 T     transfer      "mtor/transfer" envelope signed by the payer        2 KiB
 S     stake         "mtor/stake" envelope signed by the staker          2 KiB
 V     vote          a staked peer's BLS signature on an epoch's root    1 KiB
@@ -35,12 +35,12 @@ from typing import Any
 
 import blake3
 
-from mtor_p2p.compute.faults import verify_fault_proof
-from mtor_p2p.compute.receipts import Receipt, decode_receipt
 from mtor_p2p.identity import Identity, public_key_from_peer_id
 from mtor_p2p.ledger import bls
 from mtor_p2p.ledger.genesis import MAX_AMOUNT
 from mtor_p2p.ledger.merkle import merkle_root
+from mtor_p2p.records.faults import verify_fault_proof
+from mtor_p2p.records.receipts import Receipt, decode_receipt
 from mtor_p2p.wire import (
     RecordError,
     SignedEnvelope,

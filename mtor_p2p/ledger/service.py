@@ -16,16 +16,12 @@
 from __future__ import annotations
 
 import logging
-import os
-import random
 from collections.abc import Callable
 from typing import Any
 
 import trio
 
 from mtor_p2p.clock import NetClock
-from mtor_p2p.compute.arrays import pack, unpack
-from mtor_p2p.compute.receipts import Receipt
 from mtor_p2p.identity import Identity
 from mtor_p2p.ledger.entries import (
     KINDS,
@@ -42,6 +38,9 @@ from mtor_p2p.ledger.entries import (
 )
 from mtor_p2p.ledger.store import MAX_VOTES_PER_EPOCH, IngestResult, Ledger
 from mtor_p2p.network import Message, Network, NetworkError, RemoteError
+from mtor_p2p.records.arrays import pack, unpack
+from mtor_p2p.records.receipts import Receipt
+from mtor_p2p.runtime import Runtime
 from mtor_p2p.wire import RecordError, canonical_json, parse_canonical
 
 log = logging.getLogger(__name__)
@@ -75,7 +74,10 @@ class LedgerService:
         *,
         sync_interval: float = 10.0,
         checkpoint_tick: float = 2.0,
+        runtime: Runtime | None = None,
     ) -> None:
+        self._runtime = runtime or Runtime.production()
+        self._blocking = self._runtime.run_blocking
         self._network = network
         self._identity = identity
         self._clock = clock
@@ -101,7 +103,7 @@ class LedgerService:
     # -- entries we make -------------------------------------------------------------------
 
     async def _store(self, wires: list[bytes]) -> IngestResult:
-        return await trio.to_thread.run_sync(self.ledger.ingest, wires)
+        return await self._blocking(self.ledger.ingest, wires)
 
     async def _store_and_announce(self, wire: bytes) -> IngestResult:
         result = await self._store([wire])
@@ -159,12 +161,12 @@ class LedgerService:
     ) -> dict[str, Any]:
         """Sign, store and announce an entry that spends ``amount`` of our balance."""
         me = self._identity.peer_id
-        balance = (await trio.to_thread.run_sync(self.ledger.account, me))["balance"]
+        balance = (await self._blocking(self.ledger.account, me))["balance"]
         if amount > balance:
             raise RecordError(f"balance is {balance} nano-credits, cannot {verb} {amount}")
-        wire = await trio.to_thread.run_sync(make, round(self._clock.now(), 3), os.urandom(8).hex())
+        wire = await self._blocking(make, round(self._clock.now(), 3), self._runtime.token_hex(8))
         await self._store_and_announce(wire)
-        account = await trio.to_thread.run_sync(self.ledger.account, me)
+        account = await self._blocking(self.ledger.account, me)
         entry_id = decode_entry(wire, self.ledger.genesis_hash, check_bls=False).entry_id
         return {"entry": entry_id, "amount": amount, **account}
 
@@ -254,7 +256,7 @@ class LedgerService:
         if instance != self.ledger.instance:
             after = 0  # the requester's cursor was for another copy of our ledger
         limit = max(1024, min(limit, SYNC_BATCH_BYTES))
-        rows, more = await trio.to_thread.run_sync(
+        rows, more = await self._blocking(
             lambda: self.ledger.entries_after(
                 max(0, after), max_bytes=limit, max_count=SYNC_BATCH_COUNT
             )
@@ -273,7 +275,7 @@ class LedgerService:
         changes = 0
         while True:
             # The cursor survives restarts, so a restarted node resumes where it stopped.
-            instance, after = await trio.to_thread.run_sync(self.ledger.cursor, peer)
+            instance, after = await self._blocking(self.ledger.cursor, peer)
             request = canonical_json(
                 {
                     "after": after,
@@ -318,7 +320,7 @@ class LedgerService:
             self.stats["synced_entries"] += result.new
             if result.invalid:
                 log.info("sync from %s: %d invalid entries", peer[-8:], len(result.invalid))
-            await trio.to_thread.run_sync(self.ledger.set_cursor, peer, remote_instance, next_seq)
+            await self._blocking(self.ledger.set_cursor, peer, remote_instance, next_seq)
             if not more:
                 return new
 
@@ -329,7 +331,7 @@ class LedgerService:
             peers = self._network.connected_peers()
             targets = [p for p in peers if p not in self._synced]
             if peers and trio.current_time() - last_random >= self.sync_interval:
-                targets.append(random.choice(peers))
+                targets.append(self._runtime.random.choice(peers))
                 last_random = trio.current_time()
             for peer in dict.fromkeys(targets):
                 try:
@@ -352,18 +354,18 @@ class LedgerService:
         """Vote on closed epochs (if we are staked) and aggregate votes that reach quorum."""
         me = self._identity.peer_id
         closed = self.closed_epoch(self._clock.now())
-        epochs = await trio.to_thread.run_sync(self.ledger.entry_epochs)
+        epochs = await self._blocking(self.ledger.entry_epochs)
         recent = [e for e in epochs if closed - 3 < e <= closed]
-        state = await trio.to_thread.run_sync(self.ledger.state)
+        state = await self._blocking(self.ledger.state)
         if state.stakes.get(me, 0) > 0 and self.ledger.bls_key(me) is not None:
             for epoch in recent:
-                root, count = await trio.to_thread.run_sync(self.ledger.epoch_root, epoch)
+                root, count = await self._blocking(self.ledger.epoch_root, epoch)
                 voted = self._voted.setdefault(epoch, [])
                 # Vote once per epoch, and again if late entries changed what we hold (peers
                 # whose sets differed at the first vote then meet on the fuller set).
                 if root in voted or len(voted) >= MAX_VOTES_PER_EPOCH:
                     continue
-                wire = await trio.to_thread.run_sync(
+                wire = await self._blocking(
                     make_vote, self._identity, self.ledger.genesis_hash, epoch, root, count
                 )
                 try:
@@ -376,16 +378,16 @@ class LedgerService:
             await self._maybe_aggregate(epoch)
 
     async def _maybe_aggregate(self, epoch: int) -> None:
-        votes = await trio.to_thread.run_sync(self.ledger.votes, epoch)
+        votes = await self._blocking(self.ledger.votes, epoch)
         groups: dict[tuple[str, int], dict[str, Entry]] = {}
         for vote in votes:
             groups.setdefault((vote.claim, vote.count), {})[vote.payer] = vote
-        state = await trio.to_thread.run_sync(self.ledger.state)
+        state = await self._blocking(self.ledger.state)
         total = state.total_weight()
         if not total:
             return
-        held = await trio.to_thread.run_sync(self.ledger.checkpoints, epoch)
-        leaves = await trio.to_thread.run_sync(self.ledger.epoch_leaves, epoch)
+        held = await self._blocking(self.ledger.checkpoints, epoch)
+        leaves = await self._blocking(self.ledger.epoch_leaves, epoch)
         local_root = epoch_root_of(leaves)
         for (root, count), by_signer in groups.items():
             # A checkpoint lists its entries: only a peer holding exactly the voted set can
@@ -409,12 +411,12 @@ class LedgerService:
 
     async def _checkpoint_loop(self) -> None:
         while True:
-            await trio.sleep(self.checkpoint_tick * random.uniform(0.8, 1.2))
+            await trio.sleep(self.checkpoint_tick * self._runtime.random.uniform(0.8, 1.2))
             # Refolds start from a snapshot this old: later entries rarely arrive after it.
             horizon = self._clock.now() - max(
                 HORIZON_SECONDS, 2 * self.genesis.params.epoch_seconds
             )
-            await trio.to_thread.run_sync(self.ledger.set_horizon, horizon)
+            await self._blocking(self.ledger.set_horizon, horizon)
             try:
                 await self.checkpoint_step()
             except RecordError as exc:

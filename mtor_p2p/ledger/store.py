@@ -130,7 +130,19 @@ class CheckpointInfo:
 class Ledger:
     """Verified ledger entries in one SQLite file, and the balances they imply."""
 
-    def __init__(self, path: Path, genesis: Genesis, *, backend: bls.BlsBackend | None = None):
+    def __init__(
+        self,
+        path: Path | str,
+        genesis: Genesis,
+        *,
+        backend: bls.BlsBackend | None = None,
+        instance: str | None = None,
+    ):
+        """Open (or create) the ledger at ``path`` (``":memory:"``: in memory, for simulation).
+
+        ``instance`` names a new ledger file (random by default; a simulation passes a seeded
+        one); an existing file keeps the name it was created with.
+        """
         self.path = Path(path)
         self.genesis = genesis
         self.genesis_hash = genesis.hash
@@ -144,7 +156,9 @@ class Ledger:
             held = self._meta("genesis")
             if held is None:
                 self._db.execute("INSERT INTO meta VALUES ('genesis', ?)", (self.genesis_hash,))
-                self._db.execute("INSERT INTO meta VALUES ('instance', ?)", (os.urandom(8).hex(),))
+                self._db.execute(
+                    "INSERT INTO meta VALUES ('instance', ?)", (instance or os.urandom(8).hex(),)
+                )
         if held is not None and held != self.genesis_hash:
             self._db.close()
             raise LedgerError(

@@ -28,9 +28,9 @@ from typing import Any
 import numpy as np
 
 from mtor_kernels import Kernel, KernelError, get_kernel
-from mtor_p2p.compute.arrays import ArrayMeta, array_from_bytes, meta_of, pack, unpack
-from mtor_p2p.compute.receipts import Receipt, decode_receipt
 from mtor_p2p.identity import Identity, public_key_from_peer_id, verify_signature
+from mtor_p2p.records.arrays import ArrayMeta, array_from_bytes, meta_of, pack, unpack
+from mtor_p2p.records.receipts import Receipt, decode_receipt
 from mtor_p2p.wire import RecordError, canonical_json
 
 FAULT_TYPE = "mtor/fault"

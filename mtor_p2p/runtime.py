@@ -1,0 +1,107 @@
+"""How peer logic touches the world outside the protocol: blocking work and randomness.
+
+Services never call ``trio.to_thread``, ``os.urandom``, the ``random`` module or an unseeded
+NumPy generator directly; they ask the :class:`Runtime` they were given. Production nodes get
+:meth:`Runtime.production` (threads, OS entropy). The simulator and virtual-time tests get
+:meth:`Runtime.simulated`: blocking work runs inline on the event loop, because a thread hop
+lets ``trio.testing.MockClock`` jump ahead (0.3 s of thread work moved virtual time by 636 s in
+a probe), and every random choice comes from one seeded generator, so the same seed gives the
+same run.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import numpy as np
+import trio
+
+T = TypeVar("T")
+
+#: ``run_blocking(fn, *args, limiter=None, flops=0.0)``: run a blocking call, return its
+#: result. ``flops`` estimates the host arithmetic the call does: production ignores it; a
+#: simulation may charge the virtual time that work would take on the machine it models.
+BlockingRunner = Callable[..., Awaitable[Any]]
+
+
+async def _in_thread(
+    fn: Callable[..., T],
+    *args: Any,
+    limiter: trio.CapacityLimiter | None = None,
+    flops: float = 0.0,
+) -> T:
+    return await trio.to_thread.run_sync(fn, *args, limiter=limiter)
+
+
+async def _inline(
+    fn: Callable[..., T],
+    *args: Any,
+    limiter: trio.CapacityLimiter | None = None,
+    flops: float = 0.0,
+) -> T:
+    if limiter is None:
+        return fn(*args)
+    async with limiter:
+        return fn(*args)
+
+
+@dataclass
+class Runtime:
+    """Blocking work and randomness for one node.
+
+    ``seeded`` is True when ``random`` is deterministic; security-relevant choices (Freivalds
+    vectors, nonces) then come from it too, which is what a reproducible simulation wants and
+    what a production node must never have.
+    """
+
+    run_blocking: BlockingRunner
+    random: random.Random
+    seeded: bool = False
+
+    @classmethod
+    def production(cls) -> Runtime:
+        """Threads for blocking work, the OS's entropy for every random choice."""
+        return cls(run_blocking=_in_thread, random=random.SystemRandom(), seeded=False)
+
+    @classmethod
+    def simulated(cls, seed: int | str | bytes) -> Runtime:
+        """Blocking work inline (virtual time stays put), randomness from ``seed``."""
+        return cls(run_blocking=_inline, random=random.Random(seed), seeded=True)
+
+    def child(self, label: str) -> Runtime:
+        """An independent runtime for one component, derived from this one's seed.
+
+        Giving each node its own child keeps one node's extra random draws from shifting
+        every other node's choices, so that a change in one place does not reshuffle a run.
+        """
+        if not self.seeded:
+            return self
+        return Runtime(
+            run_blocking=self.run_blocking,
+            random=random.Random(f"{self.random.getrandbits(64)}:{label}"),
+            seeded=True,
+        )
+
+    def token_bytes(self, size: int) -> bytes:
+        """``size`` random bytes (nonces)."""
+        if not self.seeded:
+            return os.urandom(size)
+        return self.random.getrandbits(8 * size).to_bytes(size, "big")
+
+    def token_hex(self, size: int) -> str:
+        """``size`` random bytes as hex."""
+        return self.token_bytes(size).hex()
+
+    def numpy_rng(self) -> np.random.Generator:
+        """A fresh NumPy generator: OS-seeded in production, derived from the seed otherwise.
+
+        A fresh one per use, because Generators are not thread-safe and blocking work may run
+        on several threads at once.
+        """
+        if not self.seeded:
+            return np.random.default_rng()
+        return np.random.default_rng(self.random.getrandbits(64))

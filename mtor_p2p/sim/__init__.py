@@ -1,0 +1,1 @@
+"""mtor-sim: the real peer code on virtual time (filled in below)."""

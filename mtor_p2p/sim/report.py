@@ -430,8 +430,9 @@ def _assumptions(runs: Mapping[str, Run]) -> list[str]:
         "Not carried by the runs (generic, not read from the data):",
         "",
         "- Prices, power figures and grid intensities are the simulator's configured inputs; "
-        "the run records their values per peer but not their sources, so the sources are "
-        "those documented with the simulator's scenario.",
+        "the run records their values per peer but not their sources. The repository's "
+        "`simulations/data/SOURCES.md` and the scenario file say where they come from and "
+        "which of them are assumptions.",
         "- Network delays, failure and churn rates and adversary behaviour are modelled by the "
         "simulator; this report sees only their outcomes.",
         "",

@@ -14,6 +14,7 @@ import logging
 import os
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,8 +50,20 @@ log = logging.getLogger(__name__)
 #: Keep dialing peers from the capacity view until this many connections are open, so the
 #: overlay does not hang off the bootstrap peers alone.
 TARGET_CONNECTIONS = 8
-PROBE_INTERVAL = 15.0
-BOOTSTRAP_RETRY = 5.0
+
+
+@dataclass(frozen=True)
+class NodeTiming:
+    """How often the node's own loops run (seconds). Production uses the defaults; a large
+    simulation slows the housekeeping down, since every wake-up of every peer costs CPU."""
+
+    mesh_interval: float = 2.0
+    bootstrap_retry: float = 5.0
+    probe_interval: float = 15.0
+    #: Ledger pull from a random peer; None: half an epoch, at most 10 s.
+    ledger_sync_interval: float | None = None
+    checkpoint_tick: float = 2.0
+    capacity: CapacityTiming | None = None  # None: from the config's TTL and announce interval
 
 
 def record_to_json(record: CapacityRecord, now: float) -> dict[str, Any]:
@@ -84,8 +97,19 @@ class Node:
         devices: tuple[Device, ...] = (),
         tflops: float = 0.0,
         executor: ShardExecutor | None = None,
+        timing: NodeTiming | None = None,
+        serve: bool = True,
+        ledger_light: bool = False,
     ) -> None:
         self.config = config
+        self.timing = timing or NodeTiming()
+        #: False: a requester only (no worker protocols, no kernels in its record).
+        self.serve = serve
+        #: True: keep no replica of our own; the ledger given is another node's (a light
+        #: client, as the simulator models them), so its gossip and sync loops do not run.
+        self.ledger_light = ledger_light
+        #: Withdraw the capacity record on exit (a simulated crash turns this off).
+        self.withdraw_on_exit = True
         self.runtime = runtime or Runtime.production()
         self.price = config.price
         self.identity = identity
@@ -104,7 +128,9 @@ class Node:
             identity,
             clock,
             ledger,
-            sync_interval=min(10.0, ledger.genesis.params.epoch_seconds / 2),
+            sync_interval=self.timing.ledger_sync_interval
+            or min(10.0, ledger.genesis.params.epoch_seconds / 2),
+            checkpoint_tick=self.timing.checkpoint_tick,
             runtime=self.runtime,
         )
         self.worker = WorkerService(
@@ -120,16 +146,16 @@ class Node:
             credit=self.ledger_service.available_credit,
             on_receipt=self._worker_receipt,
         )
-        self.worker.register()
+        if serve:
+            self.worker.register()
         self.capacity = CapacityService(
             network,
             identity,
             clock,
             region=config.region,
             offer=self.current_offer,
-            timing=CapacityTiming(
-                ttl=config.record_ttl, announce_interval=config.announce_interval
-            ),
+            timing=self.timing.capacity
+            or CapacityTiming(ttl=config.record_ttl, announce_interval=config.announce_interval),
         )
         self.scheduler = Scheduler(
             network,
@@ -173,7 +199,7 @@ class Node:
             mem_free=sum(d.mem_free for d in self.devices),
             load=round(load, 3),
             price=round(self.price, 6),
-            kernels=self.worker.kernels,
+            kernels=self.worker.kernels if self.serve else (),
         )
 
     async def submit(
@@ -194,7 +220,8 @@ class Node:
         """Run ``kernel`` on ``operands`` across the network and return the verified result.
 
         ``verify``: ``auto`` (the kernel's own check), ``freivalds`` (matmul), ``sample``
-        (recompute random output rows here) or ``redundant`` (two workers must agree).
+        (recompute random output rows here), ``redundant`` (two workers must agree) or
+        ``none`` (trusted workers only: nothing is checked; the simulator's cloud baseline).
         ``progress(done, total)`` is called as shards are accepted; ``latency_target``
         (seconds) prefers workers expected to answer within it; ``deadline`` bounds the whole
         job. Raises
@@ -229,7 +256,7 @@ class Node:
 
     async def _probe_loop(self) -> None:
         while True:
-            await trio.sleep(PROBE_INTERVAL)
+            await trio.sleep(self.timing.probe_interval)
             self.devices = tuple(await self.runtime.run_blocking(probe_devices, self.config.gpu))
 
     # -- start and stop --------------------------------------------------------------------
@@ -292,7 +319,8 @@ class Node:
             if probe:
                 nursery.start_soon(self._probe_loop)
             nursery.start_soon(self.scheduler.courier)
-            await nursery.start(self.ledger_service.run)
+            if not self.ledger_light:
+                await nursery.start(self.ledger_service.run)
             if self.config.dynamic_price:
                 nursery.start_soon(self._price_loop)
             if control:
@@ -301,8 +329,9 @@ class Node:
             try:
                 yield self
             finally:
-                with trio.CancelScope(shield=True):
-                    await self.capacity.withdraw(timeout=3.0)
+                if self.withdraw_on_exit:
+                    with trio.CancelScope(shield=True):
+                        await self.capacity.withdraw(timeout=3.0)
                 if control:
                     self._remove_control_info()
                 nursery.cancel_scope.cancel()
@@ -340,12 +369,12 @@ class Node:
                         log.info("connected to bootstrap peer %s", addr)
                     except NetworkError as exc:
                         log.warning("bootstrap peer unreachable: %s", exc)
-            await trio.sleep(BOOTSTRAP_RETRY)
+            await trio.sleep(self.timing.bootstrap_retry)
 
     async def _mesh_loop(self) -> None:
         """Dial peers learned from capacity records until TARGET_CONNECTIONS are open."""
         while True:
-            await trio.sleep(2.0)
+            await trio.sleep(self.timing.mesh_interval)
             connected = set(self.network.connected_peers())
             if len(connected) >= TARGET_CONNECTIONS:
                 continue

@@ -1,0 +1,381 @@
+"""One behaviour, two adapters: every test here runs against real py-libp2p hosts on loopback
+and against memnet (on trio's ordinary clock, with a 2 ms round trip).
+
+The ``open_nets`` fixture yields a factory: ``async with open_nets(count) as nets`` gives
+``count`` networks, each connected to the first (the shape of ``conftest.open_networks``),
+serving at most ``LIMIT`` requests per protocol at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from functools import partial
+
+import pytest
+import trio
+
+from mtor_p2p.identity import Identity
+from mtor_p2p.memnet import LatencyModel, MemWorld
+from mtor_p2p.network import Message, Network, NetworkError, RemoteError
+from tests.conftest import open_networks
+
+LIMIT = 2
+ECHO = "/mtor/test/echo/1"
+WARM_UP = b"warm-up"
+
+OpenNets = Callable[[int], AbstractAsyncContextManager[list[Network]]]
+
+
+@asynccontextmanager
+async def open_memnet(count: int) -> AsyncIterator[list[Network]]:
+    """``count`` memnet peers in one world, each connected to the first."""
+    world = MemWorld(
+        seed=1, latency=LatencyModel(default_rtt_ms=2.0), max_concurrent_requests=LIMIT
+    )
+    networks = [world.add_peer(Identity.generate()) for _ in range(count)]
+    for network in networks[1:]:
+        await network.connect(networks[0].addrs()[0])
+    try:
+        yield list(networks)
+    finally:
+        for network in networks:
+            network.close()
+
+
+@pytest.fixture(params=["libp2p", "memnet"])
+def open_nets(request: pytest.FixtureRequest) -> OpenNets:
+    """A factory of connected networks of one adapter."""
+    if request.param == "libp2p":
+        return partial(open_networks, max_concurrent_requests=LIMIT)  # type: ignore[return-value]
+    return open_memnet
+
+
+async def echo(sender: str, data: bytes) -> bytes:
+    return data
+
+
+async def until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Poll ``predicate`` until it holds (fail after ``timeout`` seconds)."""
+    with trio.fail_after(timeout):
+        while not predicate():
+            await trio.sleep(0.02)
+
+
+async def dht_ready(networks: list[Network]) -> None:
+    """libp2p fills routing tables from connections in the background: wait for it."""
+    await until(lambda: all(n.routing_table_size() > 0 for n in networks))  # type: ignore[attr-defined]
+
+
+def drain(channel: trio.MemoryReceiveChannel[Message]) -> list[Message]:
+    messages = []
+    while True:
+        try:
+            messages.append(channel.receive_nowait())
+        except trio.WouldBlock:
+            return messages
+
+
+async def warm_up(
+    publisher: Network, channels: list[trio.MemoryReceiveChannel[Message]], topic: str
+) -> None:
+    """Publish probes until every channel got one (libp2p: the mesh has formed), then empty
+    the channels."""
+    seen = [False] * len(channels)
+    with trio.fail_after(15):
+        while not all(seen):
+            await publisher.publish(topic, WARM_UP)
+            await trio.sleep(0.2)
+            for i, channel in enumerate(channels):
+                seen[i] = seen[i] or bool(drain(channel))
+    await trio.sleep(0.3)
+    for channel in channels:
+        drain(channel)
+
+
+async def next_real(channel: trio.MemoryReceiveChannel[Message], timeout: float = 5.0) -> Message:
+    """The next message that is not a warm-up probe."""
+    with trio.fail_after(timeout):
+        while True:
+            message = await channel.receive()
+            if message.data != WARM_UP:
+                return message
+
+
+class Newest:
+    """A DHT validator: values start with ``v``; the greatest wins."""
+
+    def validate(self, key: str, value: bytes) -> None:
+        if not value.startswith(b"v"):
+            raise ValueError("not a v-value")
+
+    def select(self, key: str, values: list[bytes]) -> int:
+        return max(range(len(values)), key=lambda i: values[i])
+
+
+# -- the port and dialing -------------------------------------------------------------------
+
+
+async def test_adapter_implements_the_port(open_nets: OpenNets) -> None:
+    async with open_nets(2) as (a, b):
+        assert isinstance(a, Network)
+        assert all(addr.endswith(f"/p2p/{a.peer_id}") for addr in a.addrs())
+        assert set(vars(a.stats)) == {  # type: ignore[attr-defined]
+            "handler_errors",
+            "requests_refused_busy",
+            "requests_refused_size",
+            "gossip_dropped",
+            "gossip_rejected",
+        }
+        await until(lambda: bool(b.peer_addrs(a.peer_id)))  # type: ignore[attr-defined]
+
+
+async def test_connect_returns_the_peer_id_and_both_sides_see_it(open_nets: OpenNets) -> None:
+    async with open_nets(3) as (hub, a, b):
+        assert hub.peer_id in a.connected_peers()
+        await until(lambda: a.peer_id in hub.connected_peers())
+        assert await b.connect(a.addrs()[0]) == a.peer_id
+        assert a.peer_id in b.connected_peers()
+        await until(lambda: b.peer_id in a.connected_peers())
+
+
+async def test_connect_to_nowhere_is_a_network_error(open_nets: OpenNets) -> None:
+    async with open_nets(1) as (network,):
+        ghost = Identity.generate().peer_id
+        start = time.perf_counter()
+        with pytest.raises(NetworkError):
+            await network.connect(f"/ip4/127.0.0.1/tcp/1/p2p/{ghost}", timeout=2)
+        assert time.perf_counter() - start < 3
+        with pytest.raises(NetworkError):
+            await network.connect("/ip4/127.0.0.1/tcp/1")  # no /p2p/ part
+        with pytest.raises(NetworkError):
+            await network.connect("not a multiaddr")
+
+
+# -- request / response ---------------------------------------------------------------------
+
+
+async def test_binary_round_trip(open_nets: OpenNets) -> None:
+    async with open_nets(2) as (server, client):
+        server.handle(ECHO, echo)
+        payload = random.Random(7).randbytes(384 * 1024)
+        assert await client.request(server.peer_id, ECHO, payload, timeout=20) == payload
+        assert await client.request(server.peer_id, ECHO, b"") == b""
+
+
+async def test_remote_error_passes_through_truncated(open_nets: OpenNets) -> None:
+    async with open_nets(2) as (server, client):
+
+        async def refuse(sender: str, data: bytes) -> bytes:
+            raise RemoteError(data.decode() + sender[-6:])
+
+        server.handle("/mtor/test/refuse/1", refuse)
+        with pytest.raises(RemoteError) as short:
+            await client.request(server.peer_id, "/mtor/test/refuse/1", b"no thanks, ")
+        assert str(short.value) == f"no thanks, {client.peer_id[-6:]}"
+        with pytest.raises(RemoteError) as long:
+            await client.request(server.peer_id, "/mtor/test/refuse/1", b"x" * 5000)
+        assert str(long.value) == "x" * 1024
+
+
+async def test_handler_exception_is_an_internal_error(open_nets: OpenNets) -> None:
+    async with open_nets(2) as (server, client):
+
+        async def explode(sender: str, data: bytes) -> bytes:
+            raise ZeroDivisionError("boom")
+
+        server.handle("/mtor/test/explode/1", explode)
+        server.handle(ECHO, echo)
+        for _ in range(2):
+            with pytest.raises(RemoteError, match=r"^internal error$"):
+                await client.request(server.peer_id, "/mtor/test/explode/1", b"x")
+        assert await client.request(server.peer_id, ECHO, b"alive") == b"alive"
+        assert server.stats.handler_errors == 2  # type: ignore[attr-defined]
+
+
+async def test_request_too_large(open_nets: OpenNets) -> None:
+    async with open_nets(2) as (server, client):
+        server.handle("/mtor/test/small/1", echo, max_request_bytes=1024)
+        with pytest.raises(RemoteError, match="too large"):
+            await client.request(server.peer_id, "/mtor/test/small/1", b"x" * 2048)
+        assert await client.request(server.peer_id, "/mtor/test/small/1", b"x" * 1024)
+        assert server.stats.requests_refused_size == 1  # type: ignore[attr-defined]
+
+
+async def test_response_too_large(open_nets: OpenNets) -> None:
+    async with open_nets(2) as (server, client):
+
+        async def flood(sender: str, data: bytes) -> bytes:
+            return b"x" * 200_000
+
+        server.handle("/mtor/test/flood/1", flood)
+        with pytest.raises(NetworkError, match="exceeds limit"):
+            await client.request(
+                server.peer_id, "/mtor/test/flood/1", b"", max_response_bytes=100_000
+            )
+        reply = await client.request(server.peer_id, "/mtor/test/flood/1", b"")
+        assert len(reply) == 200_000
+
+
+async def test_handler_over_its_deadline_resets_the_stream(open_nets: OpenNets) -> None:
+    async with open_nets(2) as (server, client):
+
+        async def slow(sender: str, data: bytes) -> bytes:
+            await trio.sleep(30)
+            return b"late"
+
+        server.handle("/mtor/test/slow/1", slow, timeout=0.3)
+        server.handle(ECHO, echo)
+        start = time.perf_counter()
+        with pytest.raises(NetworkError) as failure:
+            await client.request(server.peer_id, "/mtor/test/slow/1", b"", timeout=10)
+        assert "timed out after 10" not in str(failure.value)  # the handler's deadline
+        assert time.perf_counter() - start < 5
+        # libp2p's guard counts the handler deadline as a handler error; so does memnet.
+        await until(lambda: server.stats.handler_errors == 1)  # type: ignore[attr-defined]
+        assert await client.request(server.peer_id, ECHO, b"next") == b"next"
+
+
+async def test_requester_deadline(open_nets: OpenNets) -> None:
+    async with open_nets(2) as (server, client):
+
+        async def slow(sender: str, data: bytes) -> bytes:
+            await trio.sleep(5)
+            return b"late"
+
+        server.handle("/mtor/test/slow/1", slow)
+        server.handle(ECHO, echo)
+        start = time.perf_counter()
+        with pytest.raises(NetworkError, match="timed out"):
+            await client.request(server.peer_id, "/mtor/test/slow/1", b"", timeout=0.3)
+        assert time.perf_counter() - start < 3
+        assert await client.request(server.peer_id, ECHO, b"next") == b"next"
+
+
+async def test_unknown_protocol_is_a_network_error(open_nets: OpenNets) -> None:
+    async with open_nets(2) as (server, client):
+        with pytest.raises(NetworkError):
+            await client.request(server.peer_id, "/mtor/test/nobody-serves-this/1", b"")
+
+
+async def test_concurrency_limit_answers_busy(open_nets: OpenNets) -> None:
+    async with open_nets(2) as (server, client):
+        release = trio.Event()
+        entered = 0
+
+        async def hold(sender: str, data: bytes) -> bytes:
+            nonlocal entered
+            entered += 1
+            await release.wait()
+            return b"done"
+
+        server.handle("/mtor/test/hold/1", hold)
+        results: list[bytes] = []
+
+        async def call() -> None:
+            results.append(await client.request(server.peer_id, "/mtor/test/hold/1", b""))
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(LIMIT):
+                nursery.start_soon(call)
+            await until(lambda: entered == LIMIT)
+            with pytest.raises(RemoteError, match=r"^busy$"):
+                await client.request(server.peer_id, "/mtor/test/hold/1", b"")
+            release.set()
+        assert results == [b"done"] * LIMIT
+        assert server.stats.requests_refused_busy == 1  # type: ignore[attr-defined]
+        assert await client.request(server.peer_id, "/mtor/test/hold/1", b"") == b"done"
+
+
+# -- pubsub ---------------------------------------------------------------------------------
+
+
+async def test_gossip_reaches_subscribers_and_receivers_validate(open_nets: OpenNets) -> None:
+    async with open_nets(3) as networks:
+        publisher, receivers = networks[2], networks[:2]
+        for network in receivers:
+            network.set_topic_validator("t", lambda sender, data: not data.startswith(b"bad"))
+        inbound = [await n.subscribe("t") for n in receivers]
+        own = await publisher.subscribe("t")
+        await warm_up(publisher, [*inbound, own], "t")
+        await publisher.publish("t", b"bad message")
+        await publisher.publish("t", b"hello")
+        for channel in inbound:
+            message = await next_real(channel)
+            assert message == Message(sender=publisher.peer_id, topic="t", data=b"hello")
+        # The publisher has no validator: its own subscription gets both, as GossipSub does.
+        assert (await next_real(own)).data == b"bad message"
+        assert (await next_real(own)) == Message(publisher.peer_id, "t", b"hello")
+        assert sum(n.stats.gossip_rejected for n in receivers) >= 1  # type: ignore[attr-defined]
+
+
+async def test_publisher_validator_stops_its_own_message(open_nets: OpenNets) -> None:
+    async with open_nets(2) as (receiver, publisher):
+        publisher.set_topic_validator("t", lambda sender, data: data != b"bad")
+        inbound = await receiver.subscribe("t")
+        await warm_up(publisher, [inbound], "t")
+        await publisher.publish("t", b"bad")
+        await publisher.publish("t", b"good")
+        assert (await next_real(inbound)).data == b"good"
+        assert publisher.stats.gossip_rejected == 1  # type: ignore[attr-defined]
+
+
+async def test_full_buffer_drops_the_newest(open_nets: OpenNets) -> None:
+    async with open_nets(2) as (receiver, publisher):
+        big = await receiver.subscribe("t")
+        await warm_up(publisher, [big], "t")
+        small = await receiver.subscribe("t", buffer=2)
+        dropped_before = receiver.stats.gossip_dropped  # type: ignore[attr-defined]
+        sent = [b"m%d" % i for i in range(5)]
+        for data in sent:
+            await publisher.publish("t", data)
+        assert [(await next_real(big)).data for _ in sent] == sent
+        kept = [m.data for m in drain(small)]
+        assert len(kept) == 2  # full
+        real = [data for data in kept if data != WARM_UP]  # a late probe may hold a slot
+        assert real == sent[: len(real)]
+        assert receiver.stats.gossip_dropped - dropped_before >= 3  # type: ignore[attr-defined]
+
+
+# -- DHT ------------------------------------------------------------------------------------
+
+
+async def test_dht_round_trip_keeps_the_best_value(open_nets: OpenNets) -> None:
+    async with open_nets(3) as networks:
+        for network in networks:
+            network.register_dht_validator("mtor", Newest())
+        await dht_ready(networks)
+        await networks[1].dht_put("/mtor/test/k", b"v1")
+        await networks[2].dht_put("/mtor/test/k", b"v2")
+        assert await networks[0].dht_get("/mtor/test/k") == b"v2"
+        assert await networks[1].dht_get("/mtor/test/k") == b"v2"
+        # An older value never displaces the newer one (libp2p refuses it at the putter when
+        # the putter holds the newer value; holders keep the best by select()).
+        with contextlib.suppress(NetworkError):
+            await networks[1].dht_put("/mtor/test/k", b"v0")
+        assert await networks[0].dht_get("/mtor/test/k") == b"v2"
+
+
+async def test_dht_validator_rejects_on_put(open_nets: OpenNets) -> None:
+    async with open_nets(3) as networks:
+        for network in networks:
+            network.register_dht_validator("mtor", Newest())
+        await dht_ready(networks)
+        with pytest.raises(NetworkError):
+            await networks[1].dht_put("/mtor/test/bad", b"evil")
+        assert await networks[2].dht_get("/mtor/test/bad", timeout=3) is None
+        with pytest.raises(NetworkError):
+            await networks[1].dht_put("/unchecked/k", b"v1")
+        with pytest.raises(NetworkError):
+            await networks[1].dht_put("no-namespace", b"v1")
+
+
+async def test_find_providers_after_provide(open_nets: OpenNets) -> None:
+    async with open_nets(3) as networks:
+        await dht_ready(networks)
+        await networks[2].provide("/mtor/operand/abc")
+        assert networks[2].peer_id in await networks[1].find_providers("/mtor/operand/abc")
+        assert await networks[1].find_providers("/mtor/operand/nobody", timeout=3) == []

@@ -9,7 +9,10 @@ ledger) without importing libp2p.
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,13 +61,39 @@ def public_key_from_peer_id(peer_id: str) -> bytes:
     return raw[len(prefix) :]
 
 
+#: Outcomes of recent signature checks, by a hash of (key, signature, message). The same
+#: signed record reaches a peer several times (gossip, the DHT, sync, validator then store),
+#: and a check of the same bytes always has the same answer, so it is done once.
+_VERIFIED: OrderedDict[bytes, bool] = OrderedDict()
+_VERIFIED_MAX = 65_536
+_verified_lock = threading.Lock()
+
+
 def verify_signature(public_key: bytes, signature: bytes, message: bytes) -> bool:
     """Check an Ed25519 signature; any malformed input is simply a failed check."""
+    key = hashlib.blake2b(
+        len(public_key).to_bytes(2, "big")
+        + public_key
+        + len(signature).to_bytes(2, "big")
+        + signature
+        + message,
+        digest_size=20,
+    ).digest()
+    with _verified_lock:
+        known = _VERIFIED.get(key)
+        if known is not None:
+            _VERIFIED.move_to_end(key)
+            return known
     try:
         Ed25519PublicKey.from_public_bytes(public_key).verify(signature, message)
+        ok = True
     except (InvalidSignature, ValueError):
-        return False
-    return True
+        ok = False
+    with _verified_lock:
+        _VERIFIED[key] = ok
+        if len(_VERIFIED) > _VERIFIED_MAX:
+            _VERIFIED.popitem(last=False)
+    return ok
 
 
 @dataclass(frozen=True)
@@ -82,18 +111,18 @@ class Identity:
         """Create a fresh random identity."""
         return cls(os.urandom(SEED_SIZE))
 
-    @property
+    @functools.cached_property
     def _private(self) -> Ed25519PrivateKey:
         return Ed25519PrivateKey.from_private_bytes(self.seed)
 
-    @property
+    @functools.cached_property
     def public_key(self) -> bytes:
         """The raw 32-byte public key."""
         return self._private.public_key().public_bytes(
             serialization.Encoding.Raw, serialization.PublicFormat.Raw
         )
 
-    @property
+    @functools.cached_property
     def peer_id(self) -> str:
         """The libp2p peer ID of this identity."""
         return peer_id_from_public_key(self.public_key)

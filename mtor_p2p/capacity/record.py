@@ -9,7 +9,10 @@ clean shutdown) carries a higher ``seq`` and tells every view to drop the peer a
 
 from __future__ import annotations
 
+import hashlib
 import math
+import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -190,6 +193,44 @@ def record_from_body(body: dict[str, Any]) -> CapacityRecord:
     )
 
 
+#: Records whose encoding and signature were checked, by content. A record travels to a
+#: peer several times (gossip, DHT sweeps, DHT selection, validator then view), and to every
+#: peer of a simulation: its bytes are decoded and verified once. Only the checks that depend
+#: on time or on who is asking run again each time.
+_DECODED: OrderedDict[bytes, CapacityRecord | RecordError] = OrderedDict()
+_DECODED_MAX = 16_384
+_decoded_lock = threading.Lock()
+
+
+def _decode_signed(data: bytes) -> CapacityRecord:
+    if len(data) > MAX_CAPACITY_RECORD_BYTES:
+        raise RecordError(
+            f"record of {len(data)} bytes exceeds the limit of {MAX_CAPACITY_RECORD_BYTES}"
+        )
+    key = hashlib.blake2b(data, digest_size=20).digest()
+    with _decoded_lock:
+        known = _DECODED.get(key)
+        if known is not None:
+            _DECODED.move_to_end(key)
+    if known is None:
+        try:
+            envelope = open_envelope(
+                data, expected_type=RECORD_TYPE, max_bytes=MAX_CAPACITY_RECORD_BYTES
+            )
+            known = record_from_body(envelope.body)
+            if known.peer_id != envelope.signer:
+                raise RecordError("record describes a different peer than the one that signed it")
+        except RecordError as exc:
+            known = exc
+        with _decoded_lock:
+            _DECODED[key] = known
+            if len(_DECODED) > _DECODED_MAX:
+                _DECODED.popitem(last=False)
+    if isinstance(known, RecordError):
+        raise RecordError(str(known))
+    return known
+
+
 def decode_capacity_record(
     data: bytes, *, now: float, expected_peer: str | None = None
 ) -> CapacityRecord:
@@ -199,10 +240,7 @@ def decode_capacity_record(
     peer the record describes (and ``expected_peer`` if given), the schema, that it was not
     issued in the future, and that it has not expired.
     """
-    envelope = open_envelope(data, expected_type=RECORD_TYPE, max_bytes=MAX_CAPACITY_RECORD_BYTES)
-    record = record_from_body(envelope.body)
-    if record.peer_id != envelope.signer:
-        raise RecordError("record describes a different peer than the one that signed it")
+    record = _decode_signed(data)
     if expected_peer is not None and record.peer_id != expected_peer:
         raise RecordError("record is for a different peer than its key names")
     if record.issued > now + MAX_CLOCK_SKEW_SECONDS:

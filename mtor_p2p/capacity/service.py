@@ -38,6 +38,13 @@ from mtor_p2p.wire import RecordError
 log = logging.getLogger(__name__)
 
 CAPACITY_TOPIC = "mtor/capacity/1"
+
+
+def capacity_topic(region: str | None = None) -> str:
+    """The gossip topic of capacity records: one for everyone, or one per region."""
+    return CAPACITY_TOPIC if region is None else f"{CAPACITY_TOPIC}/{region}"
+
+
 MIN_TTL_SECONDS = 2.0
 
 
@@ -62,12 +69,25 @@ class CapacityTiming:
     change_check_interval: float = 1.0
     sweep_interval: float = 2.0
     prune_interval: float = 1.0
+    #: ``global``: one topic for every record. ``region``: a topic per region, so that a
+    #: peer hears only its own region's gossip; other peers' records it pulls from the DHT
+    #: as it connects to them.
+    scope: str = "global"
+    #: Records per second a peer should have to check on its topic. When set, each peer
+    #: stretches its renewal interval (and TTL) with the number of peers it sees, and spaces
+    #: out change-triggered announcements, so that gossip per peer stays bounded however large
+    #: the network grows. None: renew every ``announce_interval``.
+    max_receive_rate: float | None = None
 
     def __post_init__(self) -> None:
         if not MIN_TTL_SECONDS <= self.ttl <= MAX_TTL_SECONDS:
             raise ValueError(f"record TTL must be in [{MIN_TTL_SECONDS}, {MAX_TTL_SECONDS}] s")
         if self.announce_interval >= self.ttl / 2:
             raise ValueError("announce interval must be under half the TTL, to renew in time")
+        if self.scope not in ("global", "region"):
+            raise ValueError("capacity gossip scope must be 'global' or 'region'")
+        if self.max_receive_rate is not None and self.max_receive_rate <= 0:
+            raise ValueError("max_receive_rate must be positive")
 
 
 class CapacityService:
@@ -97,8 +117,9 @@ class CapacityService:
         self._announced_to: set[str] = set()
         self._announce_now = trio.Event()
         self.changed = trio.Event()  # set (and replaced) whenever the view changes
+        self.topic = capacity_topic(region if self.timing.scope == "region" else None)
         network.register_dht_validator(DHT_NAMESPACE, self.validator)
-        network.set_topic_validator(CAPACITY_TOPIC, self._accept_gossip)
+        network.set_topic_validator(self.topic, self._accept_gossip)
 
     # -- our own record --------------------------------------------------------------------
 
@@ -110,6 +131,20 @@ class CapacityService:
     def _next_seq(self) -> int:
         self._last_seq = max(self._last_seq + 1, int(self._clock.now() * 1000))
         return self._last_seq
+
+    def renewal_interval(self) -> float:
+        """Seconds between renewals of our record: the configured interval, stretched so that
+        the peers we see, renewing at the same pace, send each of us at most
+        ``max_receive_rate`` records per second (bounded by what the maximum TTL allows)."""
+        base = self.timing.announce_interval
+        rate = self.timing.max_receive_rate
+        if rate is None:
+            return base
+        return min(max(base, len(self.view) / rate), MAX_TTL_SECONDS / 2.5)
+
+    def record_ttl(self) -> float:
+        """Lifetime of the records we sign: long enough to outlive two renewal intervals."""
+        return min(MAX_TTL_SECONDS, max(self.timing.ttl, 2.5 * self.renewal_interval()))
 
     def _build(self, offer: Offer, *, withdrawn: bool = False) -> CapacityRecord:
         now = self._clock.now()
@@ -124,7 +159,7 @@ class CapacityService:
             price=offer.price,
             seq=self._next_seq(),
             issued=now,
-            expires=now + self.timing.ttl,
+            expires=now + self.record_ttl(),
             kernels=offer.kernels,
             withdrawn=withdrawn,
         )
@@ -153,7 +188,7 @@ class CapacityService:
         self._own, self._own_raw = record, raw
         self._merge(record)
         try:
-            await self._network.publish(CAPACITY_TOPIC, raw)
+            await self._network.publish(self.topic, raw)
         except Exception as exc:  # gossip is best effort; the DHT and renewal cover a miss
             log.info("capacity gossip failed: %s", exc)
         try:
@@ -211,7 +246,7 @@ class CapacityService:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run every loop of the service until cancelled."""
-        messages = await self._network.subscribe(CAPACITY_TOPIC)
+        messages = await self._network.subscribe(self.topic)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._receive_loop, messages)
             nursery.start_soon(self._prune_loop)
@@ -227,8 +262,12 @@ class CapacityService:
                 await self._announce_now.wait()
             forced = self._announce_now.is_set()
             self._announce_now = trio.Event()
-            due = trio.current_time() - last >= self.timing.announce_interval
-            if forced or due or self._differs(self._offer()):
+            since = trio.current_time() - last
+            due = since >= self.renewal_interval()
+            # With a receive budget, changes wait a quarter of the interval between
+            # announcements; the forced ones (price moves, withdrawal) too.
+            spaced = self.timing.max_receive_rate is None or since >= self.renewal_interval() / 4
+            if due or (spaced and (forced or self._differs(self._offer()))):
                 await self.announce()
                 last = trio.current_time()
 

@@ -282,6 +282,8 @@ class Simulation:
                 change_check_interval=t.get("change_check_interval", 5.0),
                 sweep_interval=t.get("sweep_interval", 10.0),
                 prune_interval=t.get("prune_interval", 10.0),
+                scope=str(self.s.raw.get("timing", {}).get("capacity_scope", "region")),
+                max_receive_rate=t.get("capacity_receive_rate", 1.0),
             ),
         )
 

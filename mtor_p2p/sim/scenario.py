@@ -421,7 +421,9 @@ def build_scenario(raw: dict[str, Any], *, base: Path, source: Path | None = Non
         churn=churn,
         adversaries=adversaries,
         cloud=cloud,
-        timing={k: float(v) for k, v in get("timing", {}).items()},
+        timing={
+            k: float(v) for k, v in get("timing", {}).items() if isinstance(v, int | float)
+        },
         sample_interval=float(get("sample_interval", 60.0)),
         source=source,
         raw=copy.deepcopy(raw),

@@ -264,9 +264,9 @@ class CapacityService:
             self._announce_now = trio.Event()
             since = trio.current_time() - last
             due = since >= self.renewal_interval()
-            # With a receive budget, changes wait a quarter of the interval between
-            # announcements; the forced ones (price moves, withdrawal) too.
-            spaced = self.timing.max_receive_rate is None or since >= self.renewal_interval() / 4
+            # With a receive budget, changes (price moves included) wait half the interval
+            # between announcements: at most twice the budget, however busy the market.
+            spaced = self.timing.max_receive_rate is None or since >= self.renewal_interval() / 2
             if due or (spaced and (forced or self._differs(self._offer()))):
                 await self.announce()
                 last = trio.current_time()

@@ -20,7 +20,10 @@ derived (``cost = price * flops / 1e12``), never stored, so they cannot disagree
 from __future__ import annotations
 
 import base64
+import hashlib
 import re
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -221,8 +224,35 @@ def verify_receipt(receipt: Receipt, *, require_complete: bool = True) -> None:
         raise RecordError("requester signature does not verify")
 
 
+#: Receipts already parsed and verified, by content: a countersigned receipt reaches every
+#: ledger replica (gossip, sync, the fault-proof check) and is decoded once per process.
+_DECODED: OrderedDict[bytes, Receipt] = OrderedDict()
+_DECODED_MAX = 16_384
+_decoded_lock = threading.Lock()
+
+
 def decode_receipt(data: bytes, *, require_complete: bool = True) -> Receipt:
     """Parse, validate and verify a receipt's canonical bytes (raises RecordError)."""
+    if len(data) > MAX_RECEIPT_BYTES:
+        raise RecordError(f"receipt of {len(data)} bytes exceeds the limit of {MAX_RECEIPT_BYTES}")
+    key = hashlib.blake2b(data, digest_size=20).digest()
+    with _decoded_lock:
+        known = _DECODED.get(key)
+        if known is not None:
+            _DECODED.move_to_end(key)
+    if known is not None:
+        if require_complete and known.requester_signature is None:
+            raise RecordError("receipt is not countersigned")
+        return known
+    receipt = _decode_receipt(data, require_complete=require_complete)
+    with _decoded_lock:
+        _DECODED[key] = receipt
+        if len(_DECODED) > _DECODED_MAX:
+            _DECODED.popitem(last=False)
+    return receipt
+
+
+def _decode_receipt(data: bytes, *, require_complete: bool) -> Receipt:
     obj = parse_canonical(data, max_bytes=MAX_RECEIPT_BYTES)
     if not isinstance(obj, dict) or set(obj) != {"b", "r", "t", "v", "w"}:
         raise RecordError("receipt must have exactly the fields b, r, t, v, w")

@@ -292,10 +292,12 @@ class _Handler:
 class _Reply:
     """How one request ended at the server, and when its answer reaches the requester."""
 
-    __slots__ = ("body", "done", "first_byte", "kind", "last_byte")
+    __slots__ = ("body", "byte_scale", "done", "first_byte", "kind", "last_byte")
 
-    def __init__(self) -> None:
+    def __init__(self, byte_scale: float = 1.0) -> None:
         self.done = trio.Event()
+        #: Bytes on the wire per byte of the response (see ``MemWorld.byte_scale``).
+        self.byte_scale = byte_scale
         #: "ok", "error" (a RemoteError reply), "reset" (stream reset) or "silent".
         self.kind = "silent"
         self.body = b""
@@ -320,6 +322,8 @@ class MemWorld:
         dht_replication: int = 3,
         max_concurrent_requests: int = 64,
         gossip_hops: float = 1.5,
+        request_overhead: float = 0.0,
+        byte_scale: dict[str, float] | None = None,
     ) -> None:
         """Build an empty world.
 
@@ -328,7 +332,11 @@ class MemWorld:
         times are rounded up to, ``dht_replication`` the number of ring successors holding a
         key, ``max_concurrent_requests`` the per-protocol limit of requests a peer serves at
         once (more are refused "busy"), ``gossip_hops`` the mean path length of gossip in
-        one-way delays.
+        one-way delays. ``request_overhead`` (seconds) is the protocol stack's own cost of one
+        request (opening a stream, negotiating, framing), charged before the handler runs.
+        ``byte_scale`` maps a protocol to the bytes its messages stand for per byte sent: the
+        simulator ships small real operands for large declared ones, and the links must carry
+        the declared size.
         """
         if jitter < 0:
             raise ValueError("jitter must not be negative")
@@ -350,6 +358,10 @@ class MemWorld:
         self.dht_replication = dht_replication
         self.max_concurrent_requests = max_concurrent_requests
         self.gossip_hops = gossip_hops
+        if request_overhead < 0:
+            raise ValueError("request_overhead must not be negative")
+        self.request_overhead = request_overhead
+        self.byte_scale = dict(byte_scale or {})
         self.stats = MemWorldStats()
         #: The current network of every peer ever added, crashed ones included.
         self.peers: dict[str, MemNetwork] = {}
@@ -887,12 +899,13 @@ class MemNetwork:
         if peer_id not in self._conns:
             await self._dial(peer_id, explicit=False)
         server = world.peers[peer_id]
-        reply = _Reply()
+        scale = world.byte_scale.get(protocol, 1.0)
+        reply = _Reply(scale)
         world.stats.requests += 1
-        times = world._transfer(self, server, len(payload))
+        times = world._transfer(self, server, round(len(payload) * scale))
         if times is None:
             return reply  # silent
-        await trio.sleep_until(times[1])
+        await trio.sleep_until(times[1] + world.request_overhead)
         self._check_open()
         if not server._alive:
             server._reset(reply, self, "connection reset by peer")
@@ -969,7 +982,7 @@ class MemNetwork:
 
     def _answer(self, reply: _Reply, requester: MemNetwork, kind: str, body: bytes) -> None:
         self._world.stats.responses += 1
-        times = self._world._transfer(self, requester, len(body))
+        times = self._world._transfer(self, requester, round(len(body) * reply.byte_scale))
         if times is not None:
             reply.kind = kind
             reply.body = body

@@ -49,6 +49,21 @@ async def _inline(
         return fn(*args)
 
 
+def _charged(host_flops: float, flops_scale: float) -> BlockingRunner:
+    async def run(
+        fn: Callable[..., T],
+        *args: Any,
+        limiter: trio.CapacityLimiter | None = None,
+        flops: float = 0.0,
+    ) -> T:
+        result = await _inline(fn, *args, limiter=limiter)
+        if flops:
+            await trio.sleep(flops * flops_scale / host_flops)
+        return result
+
+    return run
+
+
 @dataclass
 class Runtime:
     """Blocking work and randomness for one node.
@@ -68,9 +83,21 @@ class Runtime:
         return cls(run_blocking=_in_thread, random=random.SystemRandom(), seeded=False)
 
     @classmethod
-    def simulated(cls, seed: int | str | bytes) -> Runtime:
-        """Blocking work inline (virtual time stays put), randomness from ``seed``."""
-        return cls(run_blocking=_inline, random=random.Random(seed), seeded=True)
+    def simulated(
+        cls, seed: int | str | bytes, *, host_flops: float | None = None, flops_scale: float = 1.0
+    ) -> Runtime:
+        """Blocking work inline, randomness from ``seed``.
+
+        Without ``host_flops`` blocking work takes no virtual time. With it, each call is
+        charged ``flops x flops_scale / host_flops`` virtual seconds after it runs, so that
+        host work on the critical path (a requester's verification) costs what it would on
+        the machine modelled (``flops_scale``: how much larger the modelled work is).
+        """
+        if host_flops is None:
+            runner: BlockingRunner = _inline
+        else:
+            runner = _charged(host_flops, flops_scale)
+        return cls(run_blocking=runner, random=random.Random(seed), seeded=True)
 
     def child(self, label: str) -> Runtime:
         """An independent runtime for one component, derived from this one's seed.

@@ -1,1 +1,41 @@
-"""mtor-sim: the real peer code on virtual time (filled in below)."""
+"""mtor-sim: MTOR's real peer code at 1,000+ peers on virtual time.
+
+Researchers embedding the simulator get what the ``mtor-sim`` command does::
+
+    from mtor_p2p.sim import load_scenario, run_scenario, write_report, write_run
+
+    scenario = load_scenario("simulations/thesis.toml", {"peers": 256, "hours": 0.25})
+    record = run_scenario(scenario)            # the run record: requests, shards, samples...
+    write_run(record, out)                     # out/<kind>/run.json
+    write_report(out, {record["kind"]: record})  # metrics.json, plots, report.md
+
+or drive a world themselves, on virtual time::
+
+    async with Simulation(scenario).running() as sim:
+        result = await sim.peers[5].node.submit("matmul", {"a": a, "b": b})
+
+Each simulated peer is an unmodified :class:`mtor_p2p.node.Node` on the in-memory network
+(:mod:`mtor_p2p.memnet`); devices and the world around the peers are modelled (see
+``simulations/README.md``).
+"""
+
+from mtor_p2p.sim.engine import Simulation
+from mtor_p2p.sim.metrics import assess_claims, compare, compute_metrics
+from mtor_p2p.sim.report import load_runs, write_report
+from mtor_p2p.sim.runner import run_scenario, run_sweep, write_run
+from mtor_p2p.sim.scenario import Scenario, ScenarioError, load_scenario
+
+__all__ = [
+    "Scenario",
+    "ScenarioError",
+    "Simulation",
+    "assess_claims",
+    "compare",
+    "compute_metrics",
+    "load_runs",
+    "load_scenario",
+    "run_scenario",
+    "run_sweep",
+    "write_report",
+    "write_run",
+]

@@ -13,11 +13,13 @@ verification) serving requester-only clients spread over every region.
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import math
 import random
 import statistics
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,7 @@ import trio
 from mtor_p2p.capacity.record import Device
 from mtor_p2p.capacity.service import CapacityTiming
 from mtor_p2p.clock import NetClock
+from mtor_p2p.compute.protocol import PROTOCOL_DOWNLOAD, PROTOCOL_RUN, PROTOCOL_UPLOAD
 from mtor_p2p.compute.receipt_store import ReceiptStore
 from mtor_p2p.compute.scheduler import JobFailed, ShardAttempt
 from mtor_p2p.config import NodeConfig
@@ -44,10 +47,18 @@ from mtor_p2p.sim.scenario import GpuModel, Scenario, Workload
 
 log = logging.getLogger(__name__)
 
+#: Protocols whose messages carry operands or results (their bytes scale with the matrices).
+BULK_PROTOCOLS = (PROTOCOL_UPLOAD, PROTOCOL_DOWNLOAD, PROTOCOL_RUN)
+
 #: Network time at the start of every run (2027-01-15T00:00:00Z): fixed, so runs repeat.
 EPOCH_OFFSET = 1_800_000_000.0
 #: Bootstrap peers: the first peers of the first regions, never churned.
 BOOTSTRAP_PEERS = 4
+#: The request a task works for: the scheduler's observer runs inside the job's tasks, which
+#: inherit it, so every shard attempt is tied to its request.
+_current_request: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "mtor_sim_request", default=None
+)
 
 
 @dataclass
@@ -92,12 +103,22 @@ class Simulation:
         self.s = scenario
         self.progress = progress
         self.rng = random.Random(f"mtor-sim:{scenario.seed}")
-        self.runtime = Runtime.simulated(f"runtime:{scenario.seed}")
+        # Requesters' host work (Freivalds' check, O(n^2)) is charged at the scenario's host
+        # rate for the declared sizes: dim_scale^2 times the real operands' work.
+        self.runtime = Runtime.simulated(
+            f"runtime:{scenario.seed}",
+            host_flops=scenario.host_gflops * 1e9,
+            flops_scale=float(scenario.dim_scale**2),
+        )
         self.world = MemWorld(
             seed=self.rng.getrandbits(32),
             latency=LatencyModel.from_csv(scenario.data.rtt_csv),
             jitter=scenario.jitter,
             loss=scenario.loss,
+            request_overhead=scenario.request_overhead_ms / 1000,
+            # Operands and results are dim_scale^2 times larger on the wire than the small
+            # real arrays that stand for them.
+            byte_scale={p: float(scenario.dim_scale**2) for p in BULK_PROTOCOLS},
         )
         self.peers: list[SimPeer] = []
         self.by_id: dict[str, SimPeer] = {}
@@ -131,6 +152,8 @@ class Simulation:
     def _credits_price(self, usd_per_hour: float, gpu: GpuModel) -> float:
         """Starting price in credits per *real* TFLOP: one credit is one US dollar, and a
         real FLOP stands for ``flop_scale`` declared ones."""
+        if self.s.credits_per_tflop is not None:
+            return self.s.credits_per_tflop * self.s.flop_scale
         declared = usd_per_hour / (gpu.effective_tflops() * 3600.0)
         return declared * self.s.flop_scale
 
@@ -384,9 +407,10 @@ class Simulation:
             device_s = min(
                 attempt.ended - attempt.started, worker.device.seconds_for(float(attempt.flops))
             )
+        request_id = _current_request.get() or attempt.job_id[:16]
         self.attempts.append(
             {
-                "job": attempt.job_id[:16],
+                "job": request_id,
                 "index": attempt.index,
                 "worker": attempt.worker,
                 "outcome": attempt.outcome,
@@ -411,7 +435,7 @@ class Simulation:
             failed_at, cause = self._failed_at.pop(key)
             self.recoveries.append(
                 {
-                    "job": attempt.job_id[:16],
+                    "job": request_id,
                     "shard": attempt.index,
                     "failed_at": round(failed_at, 6),
                     "accepted_at": round(attempt.ended, 6),
@@ -489,6 +513,7 @@ class Simulation:
             "worker_regions": [],
         }
         self.requests.append(record)
+        _current_request.set(record["id"])
         target = workload.latency_target_ms
         try:
             with trio.fail_after(workload.deadline_s + 5):
@@ -552,8 +577,11 @@ class Simulation:
 
     # -- the run ---------------------------------------------------------------------------
 
-    async def run(self) -> dict[str, Any]:
-        """Build the world, run it for the scenario's duration, return the run record."""
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[Simulation]:
+        """Build the world, start every peer and let the overlay form (the scenario's
+        ``timing.warmup``); inside the context, drive it yourself (``peers[i].node.submit``),
+        on virtual time. Used by :meth:`run`, by the calibration test and by embedders."""
         self.build()
         self._make_models()
         self._bootstrap_addrs = []
@@ -576,19 +604,35 @@ class Simulation:
             for peer in self.peers:
                 if peer not in self._bootstrap:
                     nursery.start_soon(self._start_later, peer)
-            async with trio.open_nursery() as work:
-                # Let the overlay form before the first request (a minute, as a real network
-                # would have had long before).
-                await trio.sleep(float(self.s.timing.get("warmup", 60.0)))
-                self.end = trio.current_time() + self.s.duration
-                self._started = trio.current_time()
-                for workload in self.s.workloads:
-                    work.start_soon(self._arrivals, workload, work)
-                await self._sampler()
-                work.cancel_scope.cancel()
-            nursery.cancel_scope.cancel()
+            # Let the overlay form before the first request (a minute, as a real network
+            # would have had long before).
+            await trio.sleep(float(self.s.timing.get("warmup", 60.0)))
+            self.end = trio.current_time() + self.s.duration
+            self._started = trio.current_time()
+            try:
+                yield self
+            finally:
+                nursery.cancel_scope.cancel()
         for peer in self.peers:
             self._went_offline(peer)
+
+    async def run(self) -> dict[str, Any]:
+        """Build the world, run the scenario's workloads for its duration, return the run
+        record."""
+        async with self.running(), trio.open_nursery() as requests:
+            async with trio.open_nursery() as arrivals:
+                for workload in self.s.workloads:
+                    arrivals.start_soon(self._arrivals, workload, requests)
+                await self._sampler()
+                arrivals.cancel_scope.cancel()
+            # No new requests: let those in flight finish and the ledger replicas catch up
+            # (gossip and sync) before anything is read.
+            await trio.sleep(float(self.s.timing.get("cooldown", 60.0)))
+            requests.cancel_scope.cancel()
+        return self._record()
+
+    def record(self) -> dict[str, Any]:
+        """The run record of what has been observed so far (after :meth:`running` ends)."""
         return self._record()
 
     async def _start_later(self, peer: SimPeer) -> None:
@@ -607,6 +651,10 @@ class Simulation:
         def rel(t: float | None) -> float | None:
             return None if t is None else round(t - start, 6)
 
+        # Requests still running at the end are censored, not failed: they are reported
+        # apart and left out of latency and success figures.
+        unfinished = [r for r in self.requests if r["finished"] is None]
+        self.requests = [r for r in self.requests if r["finished"] is not None]
         for r in self.requests:
             r["submitted"], r["finished"] = rel(r["submitted"]), rel(r["finished"])
         for a in self.attempts:
@@ -626,6 +674,7 @@ class Simulation:
             "regions": sorted(s.data.regions),
             "peers_info": [self._peer_info(p) for p in self.peers],
             "requests": self.requests,
+            "unfinished_requests": len(unfinished),
             "shards": self.attempts,
             "recoveries": self.recoveries,
             "samples": self.samples,

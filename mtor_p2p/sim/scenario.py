@@ -248,6 +248,10 @@ class Scenario:
     cloud: CloudSetup
     timing: dict[str, float]
     sample_interval: float
+    #: The protocol stack's own cost per request (ms): stream set-up, negotiation, framing.
+    request_overhead_ms: float = 0.0
+    #: Every worker's starting price in credits per declared TFLOP (None: from USD prices).
+    credits_per_tflop: float | None = None
     source: Path | None = None
     raw: dict[str, Any] = field(default_factory=dict)
 
@@ -340,6 +344,12 @@ def build_scenario(raw: dict[str, Any], *, base: Path, source: Path | None = Non
     if kind not in KINDS:
         raise ScenarioError(f"kind must be one of {KINDS}")
     data = load_data((base / get("data", "data")).resolve())
+    for name, table in (get("gpus") or {}).items():
+        # Devices declared in the scenario itself (a calibration host's CPU, a new card).
+        try:
+            data.gpus[name] = GpuModel(model=name, **table)
+        except TypeError as exc:
+            raise ScenarioError(f"[gpus.{name}]: {exc}") from exc
     regions = set(data.regions)
     region_table = get("regions", "data")
     if region_table == "data":
@@ -421,10 +431,12 @@ def build_scenario(raw: dict[str, Any], *, base: Path, source: Path | None = Non
         churn=churn,
         adversaries=adversaries,
         cloud=cloud,
-        timing={
-            k: float(v) for k, v in get("timing", {}).items() if isinstance(v, int | float)
-        },
+        timing={k: float(v) for k, v in get("timing", {}).items() if isinstance(v, int | float)},
         sample_interval=float(get("sample_interval", 60.0)),
+        request_overhead_ms=float(network.get("request_overhead_ms", 0.0)),
+        credits_per_tflop=None
+        if prices.get("credits_per_tflop") is None
+        else float(prices["credits_per_tflop"]),
         source=source,
         raw=copy.deepcopy(raw),
     )

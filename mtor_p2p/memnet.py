@@ -278,6 +278,15 @@ def _peer_id_of(addr: str) -> str | None:
     return parts[-1]
 
 
+def _shared_link(network: MemNetwork, attribute: str, now: float, size: int, rate: float) -> float:
+    """When a transfer of ``size`` bytes started ``now`` on one of ``network``'s links ends,
+    with two-flow fair sharing against the link's backlog; updates the backlog."""
+    free = max(now, getattr(network, attribute))
+    backlog = (free - now) * rate
+    setattr(network, attribute, free + size / rate)
+    return now + min(2 * size, size + backlog) / rate
+
+
 class _Handler:
     __slots__ = ("active", "context", "fn", "max_request_bytes", "timeout")
 
@@ -518,19 +527,17 @@ class MemWorld:
         delay = self._delay(src, dst)
         start = end = now
         if size:
-            # Each limited link is a FIFO server of its own bytes: a transfer waits for the
-            # link's earlier transfers, occupies it for size / rate, and is complete when
+            # Each limited link shares its rate between the transfers on it, as multiplexed
+            # streams over TCP do: a new transfer arriving while the link still has a backlog
+            # gets half the rate until it is done (so a small message is not stuck behind a
+            # bulk one), and delays the backlog by its own size. The transfer is complete when
             # both of its links have carried it.
             uplink = src.link.uplink_bps
             downlink = dst.link.downlink_bps
             if uplink is not None:
-                up_start = max(now, src._uplink_free)
-                src._uplink_free = up_start + size / uplink
-                start, end = up_start, src._uplink_free
+                start, end = now, _shared_link(src, "_uplink_free", now, size, uplink)
             if downlink is not None:
-                down_start = max(now, dst._downlink_free)
-                dst._downlink_free = down_start + size / downlink
-                start, end = max(start, down_start), max(end, dst._downlink_free)
+                end = max(end, _shared_link(dst, "_downlink_free", now, size, downlink))
         if self._lost():
             return None
         self.stats.bytes += size

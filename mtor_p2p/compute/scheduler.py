@@ -43,6 +43,8 @@ VERIFY_METHODS = ("auto", "freivalds", "sample", "redundant", "none")
 #: Priors for a shard's network time before any measurement (seconds): a few round trips
 #: within a region, and across regions (inter-region P95 round trips are 100-350 ms).
 NEAR_ROUND_TRIPS = 0.03
+#: A slow home link (8 Mbit/s): shard deadlines allow this long for the bytes to move.
+SLOW_LINK_BYTES_PER_S = 1 << 20
 FAR_ROUND_TRIPS = 0.3
 
 
@@ -357,7 +359,9 @@ class _JobRun:
     async def _compute(
         self, worker: str, index: int, operands: dict[str, np.ndarray]
     ) -> client.ShardAnswer | None:
-        timeout = self.s.shard_timeout(worker, self.kernel.flops(operands))
+        output = self.kernel.output_shape(operands)
+        nbytes = sum(a.nbytes for a in operands.values()) + int(np.prod(output)) * 4
+        timeout = self.s.shard_timeout(worker, self.kernel.flops(operands), nbytes)
         with trio.fail_after(timeout):
             await client.ensure_operands(
                 self.s.network, worker, operands, timeout=timeout, in_flight=self.s.uploads
@@ -590,6 +594,9 @@ class Scheduler:
         region: str | None = None,
     ) -> None:
         self.region = region
+        #: Bytes on the wire per byte of operand here: 1, except in the simulator, whose
+        #: small operands stand for larger ones (deadlines must allow for the real transfer).
+        self.byte_scale = 1.0
         self.runtime = runtime or Runtime.production()
         self.network = network
         self.identity = identity
@@ -659,11 +666,13 @@ class Scheduler:
                 log.info("cannot reach worker at %s: %s", addr, exc)
         return False
 
-    def shard_timeout(self, worker: str, flops: int) -> float:
-        """Deadline of one attempt: ten times the expected time, at least 10 s."""
+    def shard_timeout(self, worker: str, flops: int, nbytes: int = 0) -> float:
+        """Deadline of one attempt: ten times the expected compute time, at least 10 s, plus
+        the time its bytes (operands up, result down) take on a slow home link."""
         record = self.view.get(worker, self.clock.now())
         tflops = record.tflops if record is not None and record.tflops > 0 else 0.01
-        return max(10.0, 10 * flops / (tflops * 1e12))
+        transfer = nbytes * self.byte_scale / SLOW_LINK_BYTES_PER_S
+        return max(10.0, 10 * flops / (tflops * 1e12)) + transfer
 
     async def run(
         self, spec: JobSpec, *, progress: Callable[[int, int], None] | None = None

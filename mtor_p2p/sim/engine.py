@@ -352,6 +352,7 @@ class Simulation:
         )
         node.price = peer.price
         node.scheduler.observer = self._observe
+        node.scheduler.byte_scale = float(self.s.dim_scale**2)
         if peer.serve:
             self._preload(node)
         return node
@@ -571,7 +572,7 @@ class Simulation:
             }
             self.samples.append(sample)
             if self.progress is not None:
-                self.progress(now, sample)
+                self.progress(now - self._started, sample)
             if now >= self.end:
                 return
 

@@ -77,19 +77,17 @@ class ProgressBar:
         self.enabled = enabled
         self.stream = stream or sys.stderr
         self.started = time.perf_counter()
-        self.start_t: float | None = None
 
     def __call__(self, now: float, sample: dict[str, Any]) -> None:
+        """Show progress at ``now`` simulated seconds into the run."""
         if not self.enabled:
             return
-        if self.start_t is None:
-            self.start_t = now - sample.get("interval", 0.0)
-        done = min(1.0, max(0.0, (now - self.start_t) / self.total)) if self.total else 1.0
+        done = min(1.0, max(0.0, now / self.total)) if self.total else 1.0
         width = 30
         bar = "#" * int(done * width) + "." * (width - int(done * width))
         wall = time.perf_counter() - self.started
         line = (
-            f"\r[{bar}] {done:4.0%} sim {_hms(now - self.start_t)}/{_hms(self.total)} "
+            f"\r[{bar}] {done:4.0%} sim {_hms(now)}/{_hms(self.total)} "
             f"wall {wall:6.0f} s  online {sample.get('online', 0)}  "
             f"requests {sample.get('requests', 0)}  busy {sample.get('busy_fraction', 0):.0%}"
         )

@@ -101,7 +101,13 @@ def cmd_report(args: argparse.Namespace) -> int:
     from mtor_p2p.sim.report import write_report
 
     out = Path(args.dir)
-    runs = _load(out) if out.is_dir() else {}
+    try:
+        runs = _load(out) if out.is_dir() else {}
+    except FileNotFoundError:
+        runs = {}
+    except ValueError as exc:  # two runs of one kind: say which
+        print(f"mtor-sim: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     if not runs:
         print(f"mtor-sim: no run.json under {out}", file=sys.stderr)
         return EXIT_NO_RUNS

@@ -85,7 +85,7 @@ class SimPeer:
     node: Node | None = None
     scope: trio.CancelScope | None = None
     online_since: float | None = None
-    online_s: float = 0.0
+    sessions: list[tuple[float, float]] = field(default_factory=list)
     crashes: list[float] = field(default_factory=list)
 
     @property
@@ -392,9 +392,15 @@ class Simulation:
 
     def _went_offline(self, peer: SimPeer) -> None:
         if peer.online_since is not None:
-            peer.online_s += trio.current_time() - peer.online_since
+            peer.sessions.append((peer.online_since, trio.current_time()))
             peer.online_since = None
         peer.node = None
+
+    def _online_seconds(self, peer: SimPeer) -> float:
+        """Seconds ``peer`` was online within the measured window (warm-up and cool-down
+        excluded, as they are from every other figure)."""
+        start, end = self._started, self.end
+        return sum(max(0.0, min(off, end) - max(on, start)) for on, off in peer.sessions)
 
     def _weibull(self, shape: float, scale: float) -> float:
         return max(1.0, self.rng.weibullvariate(scale, shape))
@@ -626,6 +632,8 @@ class Simulation:
                     arrivals.start_soon(self._arrivals, workload, requests)
                 await self._sampler()
                 arrivals.cancel_scope.cancel()
+            # Device time within the window; what finishes in the cool-down is not counted.
+            self._busy_at_end = {p.peer_id: p.device.busy_seconds for p in self.peers}
             # No new requests: let those in flight finish and the ledger replicas catch up
             # (gossip and sync) before anything is read.
             await trio.sleep(float(self.s.timing.get("cooldown", 60.0)))
@@ -697,7 +705,7 @@ class Simulation:
         return 2.0 * workload.freivalds_rounds * (m * k + k * n + 2 * m * n)
 
     def _peer_info(self, peer: SimPeer) -> dict[str, Any]:
-        online = peer.online_s
+        online = self._online_seconds(peer)
         return {
             "peer": peer.peer_id,
             "region": peer.region,
@@ -708,8 +716,10 @@ class Simulation:
             "usd_per_hour": peer.usd_per_hour,
             "g_co2_per_kwh": peer.g_co2_per_kwh,
             "role": peer.role,
-            "online_s": round(min(online, self.s.duration + 600), 3),
-            "busy_s": round(peer.device.busy_seconds, 6),
+            "online_s": round(online, 3),
+            "busy_s": round(
+                getattr(self, "_busy_at_end", {}).get(peer.peer_id, peer.device.busy_seconds), 6
+            ),
             "pue": peer.pue,
             "crashes": len(peer.crashes),
         }

@@ -1,4 +1,4 @@
-"""``python -m benchmarks NAME [options]``; names: peer, compute, ledger."""
+"""``python -m benchmarks NAME [options]``; names: peer, compute, ledger, sim."""
 
 from __future__ import annotations
 
@@ -21,7 +21,11 @@ def main() -> int:
         from benchmarks.bench_ledger import main as run
 
         return run(args[1:])
-    print(f"unknown benchmark {name!r}; known: peer, compute, ledger", file=sys.stderr)
+    if name == "sim":
+        from benchmarks.bench_sim import main as run
+
+        return run(args[1:])
+    print(f"unknown benchmark {name!r}; known: peer, compute, ledger, sim", file=sys.stderr)
     return 2
 
 

@@ -77,7 +77,7 @@ def verify_signature(public_key: bytes, signature: bytes, message: bytes) -> boo
         + len(signature).to_bytes(2, "big")
         + signature
         + message,
-        digest_size=20,
+        digest_size=32,
     ).digest()
     with _verified_lock:
         known = _VERIFIED.get(key)

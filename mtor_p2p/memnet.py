@@ -279,12 +279,21 @@ def _peer_id_of(addr: str) -> str | None:
 
 
 def _shared_link(network: MemNetwork, attribute: str, now: float, size: int, rate: float) -> float:
-    """When a transfer of ``size`` bytes started ``now`` on one of ``network``'s links ends,
-    with two-flow fair sharing against the link's backlog; updates the backlog."""
+    """When a transfer of ``size`` bytes started ``now`` on one of ``network``'s links ends.
+
+    The link shares its rate between the transfers on it, as multiplexed streams over TCP
+    do: a new transfer is done once it has had its share alongside each transfer still in
+    progress (at most its own size from each, at most the backlog in all), so that a small
+    message is not stuck behind a bulk one, and the link never carries more than its rate.
+    """
     free = max(now, getattr(network, attribute))
     backlog = (free - now) * rate
+    ends = network._link_ends.setdefault(attribute, [])
+    ends[:] = [end for end in ends if end > now]
     setattr(network, attribute, free + size / rate)
-    return now + min(2 * size, size + backlog) / rate
+    done = now + (size + min(backlog, len(ends) * size)) / rate
+    ends.append(done)
+    return done
 
 
 class _Handler:
@@ -720,6 +729,8 @@ class MemNetwork:
         self._providers: dict[str, dict[str, None]] = {}
         self._uplink_free = 0.0
         self._downlink_free = 0.0
+        #: End times of the transfers in progress on each link (see _shared_link).
+        self._link_ends: dict[str, list[float]] = {}
         #: Our publications in flight: (due, sequence, receiver, message), walked by _walk.
         self._gossip_heap: list[tuple[float, int, MemNetwork, Message]] = []
         self._gossip_walking = False

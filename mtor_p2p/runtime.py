@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import random
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import numpy as np
@@ -49,7 +49,7 @@ async def _inline(
         return fn(*args)
 
 
-def _charged(host_flops: float, flops_scale: float) -> BlockingRunner:
+def _charged(host_flops: float, flops_scale: float, totals: dict[str, float]) -> BlockingRunner:
     async def run(
         fn: Callable[..., T],
         *args: Any,
@@ -58,7 +58,10 @@ def _charged(host_flops: float, flops_scale: float) -> BlockingRunner:
     ) -> T:
         result = await _inline(fn, *args, limiter=limiter)
         if flops:
-            await trio.sleep(flops * flops_scale / host_flops)
+            seconds = flops * flops_scale / host_flops
+            totals["seconds"] += seconds
+            totals["calls"] += 1
+            await trio.sleep(seconds)
         return result
 
     return run
@@ -76,6 +79,9 @@ class Runtime:
     run_blocking: BlockingRunner
     random: random.Random
     seeded: bool = False
+    #: Host work charged so far (``seconds``, ``calls``) by a simulated runtime and its
+    #: children; empty otherwise.
+    host_work: dict[str, float] = field(default_factory=dict)
 
     @classmethod
     def production(cls) -> Runtime:
@@ -93,11 +99,12 @@ class Runtime:
         host work on the critical path (a requester's verification) costs what it would on
         the machine modelled (``flops_scale``: how much larger the modelled work is).
         """
+        totals = {"seconds": 0.0, "calls": 0.0}
         if host_flops is None:
             runner: BlockingRunner = _inline
         else:
-            runner = _charged(host_flops, flops_scale)
-        return cls(run_blocking=runner, random=random.Random(seed), seeded=True)
+            runner = _charged(host_flops, flops_scale, totals)
+        return cls(run_blocking=runner, random=random.Random(seed), seeded=True, host_work=totals)
 
     def child(self, label: str) -> Runtime:
         """An independent runtime for one component, derived from this one's seed.
@@ -111,6 +118,7 @@ class Runtime:
             run_blocking=self.run_blocking,
             random=random.Random(f"{self.random.getrandbits(64)}:{label}"),
             seeded=True,
+            host_work=self.host_work,
         )
 
     def token_bytes(self, size: int) -> bytes:

@@ -308,6 +308,7 @@ def test_counts_trust_ledger_simulator():
         "reissued": 0,
         "rejected": 0,
         "hedged": 0,
+        "unfinished": 0,
     }
     assert m["shards"] == {
         "accepted": 5,

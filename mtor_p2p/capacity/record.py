@@ -197,7 +197,7 @@ def record_from_body(body: dict[str, Any]) -> CapacityRecord:
 #: peer several times (gossip, DHT sweeps, DHT selection, validator then view), and to every
 #: peer of a simulation: its bytes are decoded and verified once. Only the checks that depend
 #: on time or on who is asking run again each time.
-_DECODED: OrderedDict[bytes, CapacityRecord | RecordError] = OrderedDict()
+_DECODED: OrderedDict[bytes, CapacityRecord | str] = OrderedDict()
 _DECODED_MAX = 16_384
 _decoded_lock = threading.Lock()
 
@@ -207,7 +207,7 @@ def _decode_signed(data: bytes) -> CapacityRecord:
         raise RecordError(
             f"record of {len(data)} bytes exceeds the limit of {MAX_CAPACITY_RECORD_BYTES}"
         )
-    key = hashlib.blake2b(data, digest_size=20).digest()
+    key = hashlib.blake2b(data, digest_size=32).digest()
     with _decoded_lock:
         known = _DECODED.get(key)
         if known is not None:
@@ -221,13 +221,14 @@ def _decode_signed(data: bytes) -> CapacityRecord:
             if known.peer_id != envelope.signer:
                 raise RecordError("record describes a different peer than the one that signed it")
         except RecordError as exc:
-            known = exc
+            # The message only: an exception would keep its frames (and the bytes) alive.
+            known = str(exc)
         with _decoded_lock:
             _DECODED[key] = known
             if len(_DECODED) > _DECODED_MAX:
                 _DECODED.popitem(last=False)
-    if isinstance(known, RecordError):
-        raise RecordError(str(known))
+    if isinstance(known, str):
+        raise RecordError(known)
     return known
 
 

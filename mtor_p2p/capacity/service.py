@@ -40,6 +40,10 @@ log = logging.getLogger(__name__)
 CAPACITY_TOPIC = "mtor/capacity/1"
 
 
+#: Longest renewal interval a receive budget may stretch to (seconds).
+MAX_RENEWAL_STRETCH = 600.0
+
+
 def capacity_topic(region: str | None = None) -> str:
     """The gossip topic of capacity records: one for everyone, or one per region."""
     return CAPACITY_TOPIC if region is None else f"{CAPACITY_TOPIC}/{region}"
@@ -140,7 +144,9 @@ class CapacityService:
         rate = self.timing.max_receive_rate
         if rate is None:
             return base
-        return min(max(base, len(self.view) / rate), MAX_TTL_SECONDS / 2.5)
+        # Capped: records anyone can sign (Sybils) inflate the view, and must not be able to
+        # stretch honest peers' renewals (and the life of a crashed peer's record) without end.
+        return min(max(base, len(self.view) / rate), max(base, MAX_RENEWAL_STRETCH))
 
     def record_ttl(self) -> float:
         """Lifetime of the records we sign: long enough to outlive two renewal intervals."""
@@ -217,6 +223,8 @@ class CapacityService:
         except RecordError as exc:
             log.debug("rejected capacity gossip from %s: %s", sender, exc)
             return False
+        if self.timing.scope == "region" and record.region != self._region:
+            return False  # another region's record has no business on this region's topic
         # Forward only news: our own records, and records newer than what we hold.
         own = record.peer_id == self._identity.peer_id
         return own or record.seq > self.view.held_seq(record.peer_id)
@@ -262,6 +270,8 @@ class CapacityService:
                 await self._announce_now.wait()
             forced = self._announce_now.is_set()
             self._announce_now = trio.Event()
+            if self._own is not None and self._own.withdrawn:
+                continue  # we said goodbye: a renewal now would put us back in every view
             since = trio.current_time() - last
             due = since >= self.renewal_interval()
             # With a receive budget, changes (price moves included) wait half the interval

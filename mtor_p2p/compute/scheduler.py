@@ -226,6 +226,10 @@ class _JobRun:
         self.attempt_counts: dict[int, int] = {}
         self.redundant_answers: dict[int, list[tuple[str, np.ndarray, Receipt]]] = {}
         self.banned: set[str] = set()
+        #: Workers whose attempt was cancelled before their shard was accepted elsewhere.
+        self.cut_off: set[str] = set()
+        #: shard -> workers whose attempt at it failed (error, broken connection, timeout).
+        self.failed_on: dict[int, set[str]] = {}
         self.checks_passed = 0
         self.rejected = 0
         self.reissued = 0
@@ -246,7 +250,7 @@ class _JobRun:
     def next_shard(self, worker: str) -> tuple[int, bool] | None:
         """The next shard for ``worker``: (index, is_hedge), or None if nothing suits it now."""
         for index in self.pending:
-            if self._wants_worker(index, worker):
+            if self._wants_worker(index, worker) and not self._leave_to_others(index, worker):
                 self.pending.remove(index)
                 return index, False
         # Nothing queued: hedge the slowest straggler that this worker is not already running.
@@ -268,6 +272,20 @@ class _JobRun:
         if not stragglers:
             return None
         return max(stragglers)[1], True
+
+    def _leave_to_others(self, index: int, worker: str) -> bool:
+        """True if ``worker`` failed this shard before and another worker of the job, not
+        banned, that has not failed it can take it: a re-issued shard must not go back to the
+        worker that stalled or broke on it (its idle slot would often ask first)."""
+        failed = self.failed_on.get(index)
+        if not failed or worker not in failed:
+            return False
+        return any(
+            r.peer_id not in failed
+            and r.peer_id not in self.banned
+            and self._wants_worker(index, r.peer_id)
+            for r in self.workers
+        )
 
     def _wants_worker(self, index: int, worker: str) -> bool:
         if self.method != "redundant":
@@ -323,11 +341,13 @@ class _JobRun:
             else:
                 outcome = "failed"
                 score.failed += 1
+                self.failed_on.setdefault(index, set()).add(worker)
                 log.info("shard %d on %s failed: %s", index, worker[-8:], exc)
                 self.requeue(index)
         except (NetworkError, client.WorkerMisbehaved, trio.TooSlowError) as exc:
             outcome = "timeout" if _timed_out(exc) else "failed"
             score.failed += 1
+            self.failed_on.setdefault(index, set()).add(worker)
             log.info("shard %d on %s failed: %s", index, worker[-8:], exc)
             if isinstance(exc, client.WorkerMisbehaved):
                 outcome = "misbehaved"
@@ -341,6 +361,8 @@ class _JobRun:
                 self.running.pop(index, None)
             if scope.cancelled_caught and index not in self.accepted:
                 self.requeue(index)
+            if outcome == "cancelled" and index not in self.accepted:
+                self.cut_off.add(worker)
             self._wake()
             if self.s.observer is not None:
                 self.s.observer(
@@ -359,17 +381,23 @@ class _JobRun:
     async def _compute(
         self, worker: str, index: int, operands: dict[str, np.ndarray]
     ) -> client.ShardAnswer | None:
-        output = self.kernel.output_shape(operands)
-        nbytes = sum(a.nbytes for a in operands.values()) + int(np.prod(output)) * 4
-        timeout = self.s.shard_timeout(worker, self.kernel.flops(operands), nbytes)
-        with trio.fail_after(timeout):
+        # Two deadlines: the upload's allows for every operand's bytes (the worker may lack
+        # them all); the run's for the compute and the result's bytes only, so that a shard
+        # whose large operands are already resident is not given minutes to answer.
+        flops = int(self.kernel.flops(operands))
+        upload_bytes = sum(a.nbytes for a in operands.values())
+        result_bytes = int(np.prod(self.kernel.output_shape(operands))) * 4
+        upload_timeout = self.s.shard_timeout(worker, 0, upload_bytes)
+        with trio.fail_after(upload_timeout):
             await client.ensure_operands(
-                self.s.network, worker, operands, timeout=timeout, in_flight=self.s.uploads
+                self.s.network, worker, operands, timeout=upload_timeout, in_flight=self.s.uploads
             )
+        timeout = self.s.shard_timeout(worker, flops, result_bytes)
+        with trio.fail_after(timeout):
             terms = client.ShardTerms(
                 requester=self.s.identity.peer_id,
                 max_price=self.quotes[worker],
-                flops=int(self.kernel.flops(operands)),
+                flops=flops,
                 sent_at=self.s.clock.now(),
                 now=self.s.clock.now,
             )
@@ -550,7 +578,9 @@ class _JobRun:
     async def worker_loop(self, record: CapacityRecord) -> None:
         worker = record.peer_id
         if not await self.s.ensure_connected(record):
-            self.banned.add(worker)  # unreachable: leave its share to the others
+            # Unreachable: leave its share to the others, and remember it for later jobs.
+            self.s.scores.setdefault(worker, WorkerScore()).failed += 1
+            self.banned.add(worker)
             self._wake()
             return
         async with trio.open_nursery() as nursery:
@@ -698,6 +728,10 @@ class Scheduler:
                 await job.done.wait()
                 nursery.cancel_scope.cancel()
         if deadline.cancelled_caught:
+            # Workers still holding unfinished shards when time ran out count as failed:
+            # a staller must not be chosen again and again.
+            for worker in job.cut_off:
+                self.scores.setdefault(worker, WorkerScore()).failed += 1
             raise JobFailed(f"job did not finish within {spec.deadline:.0f} s")
         if not job.done.is_set():
             if job.credit_refusal is not None:

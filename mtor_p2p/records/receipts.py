@@ -235,7 +235,7 @@ def decode_receipt(data: bytes, *, require_complete: bool = True) -> Receipt:
     """Parse, validate and verify a receipt's canonical bytes (raises RecordError)."""
     if len(data) > MAX_RECEIPT_BYTES:
         raise RecordError(f"receipt of {len(data)} bytes exceeds the limit of {MAX_RECEIPT_BYTES}")
-    key = hashlib.blake2b(data, digest_size=20).digest()
+    key = hashlib.blake2b(data, digest_size=32).digest()
     with _decoded_lock:
         known = _DECODED.get(key)
         if known is not None:

@@ -304,6 +304,9 @@ def _counts(run: Run) -> dict[str, Any]:
             "reissued": sum(int(_num(r.get("reissued"))) for r in requests),
             "rejected": sum(int(_num(r.get("rejected"))) for r in requests),
             "hedged": sum(int(_num(r.get("hedged"))) for r in requests),
+            # Still running when the window closed: censored, so left out of every latency
+            # and success figure (a long tail would otherwise look shorter than it is).
+            "unfinished": int(_num(run.get("unfinished_requests"))),
         },
         "shards": shards,
     }

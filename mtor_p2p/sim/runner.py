@@ -27,10 +27,14 @@ RUN_FILE = "run.json"
 
 
 def _seed_trio(seed: int) -> None:
-    """Seed trio's scheduling coin: it shuffles each batch of runnable tasks, and would
-    otherwise make two runs of the same seed interleave differently."""
+    """Make trio's scheduling reproducible. Each batch of runnable tasks runs in an order
+    trio shuffles (a set's order, then a coin from its own generator): trio's hook for
+    deterministic tests (the one pytest-trio turns on under Hypothesis) sorts the batch by
+    task creation order first, and the coin is seeded here. Both are trio internals, checked
+    by ``tests/test_sim.py`` running the CLI twice in fresh processes."""
     from trio._core import _run
 
+    _run._ALLOW_DETERMINISTIC_SCHEDULING = True  # type: ignore[misc]
     _run._r.seed(seed)
 
 

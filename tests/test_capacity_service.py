@@ -122,7 +122,7 @@ async def test_stale_record_does_not_roll_a_peer_back():
     assert view.get(identity.peer_id, now).tflops == 50.0
 
 
-async def test_withdrawn_peer_leaves_every_view_at_once():
+async def test_withdrawn_peer_leaves_every_view_before_its_ttl():
     async with (
         open_networks(4) as networks,
         running_services(
@@ -133,11 +133,15 @@ async def test_withdrawn_peer_leaves_every_view_at_once():
         await wait_until(lambda: all(view_ids(s) == everyone for s in services))
         await services[3].withdraw()
         leaver = networks[3].peer_id
-        # Far sooner than the 60 s TTL: the withdrawal travels by gossip and the DHT.
-        await wait_until(lambda: all(leaver not in view_ids(s) for s in services[:3]), timeout=8)
+        # Well before the 60 s TTL, so it is the withdrawal that travelled (by gossip and the
+        # DHT) over real hosts; that it takes one gossip delay is tested on virtual time.
+        await wait_until(lambda: all(leaver not in view_ids(s) for s in services[:3]), timeout=30)
 
 
 async def test_crashed_peer_ages_out_of_every_view():
+    """A real host stopped dead (no withdrawal) leaves every survivor's view: nothing in the
+    real gossip or DHT keeps its record alive. The exact instant (its record's expiry, within
+    a prune interval) is tested on virtual time (tests/test_virtual_time.py)."""
     async with open_networks(2) as networks, running_services(networks) as services:
         crash = trio.CancelScope()
         crashed_id: list[str] = []
@@ -156,9 +160,7 @@ async def test_crashed_peer_ages_out_of_every_view():
             await wait_until(lambda: all(crashed_id[0] in view_ids(s) for s in services))
             # Cancelling the peer's scope stops it dead: no withdrawal is sent.
             crash.cancel()
-        start = trio.current_time()
         await wait_until(lambda: all(crashed_id[0] not in view_ids(s) for s in services))
-        assert trio.current_time() - start <= FAST.ttl + 1
 
 
 async def test_view_is_bounded():

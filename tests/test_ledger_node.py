@@ -1,5 +1,6 @@
 """The ledger inside running nodes (4 real peers in one process, py-libp2p on loopback):
-stake, slashing by a fault proof, checkpoints with inclusion proofs, prices that move."""
+stake, slashing by a fault proof, checkpoints with inclusion proofs. How prices move with
+utilisation, interval by interval, is tested on virtual time (tests/test_virtual_time.py)."""
 
 from __future__ import annotations
 
@@ -121,17 +122,3 @@ async def test_a_proven_cheater_is_slashed_on_every_peer_and_checkpoints_prove_r
         for node in peers:
             report = node.ledger.verify()
             assert report["ok"], report["problems"]
-
-
-async def test_idle_workers_lower_their_price_and_the_view_shows_it(tmp_path):
-    changes = short_epoch_genesis(tmp_path, 2)
-    async with devnet(tmp_path, count=2, **{"0": changes, "1": changes}) as nodes:
-        requester, worker = nodes[0][0], nodes[1][0]
-        start = worker.price
-
-        def seen_price() -> float:
-            record = requester.capacity.view.get(worker.peer_id, requester.clock.now())
-            return record.price if record is not None else start
-
-        await wait_for(lambda: seen_price() < start / 2, 20, "a lower price in the view")
-        assert worker.price >= worker.ledger.genesis.params.price.floor

@@ -29,6 +29,17 @@ THESIS = ROOT / "simulations" / "thesis.toml"
 RESULTS = Path(__file__).resolve().parent / "results" / "sim.json"
 
 
+def _steady_rate(samples: list[dict[str, Any]], peers: int) -> float | None:
+    """Capacity records delivered per peer per simulated second between the first and the
+    last sample of the measured window."""
+    if len(samples) < 2:
+        return None
+    first, last = samples[0], samples[-1]
+    seconds = last["t"] - first["t"]
+    delivered = last["gossip_delivered"] - first["gossip_delivered"]
+    return round(delivered / peers / max(seconds, 1e-9), 4)
+
+
 def _one_run(peers: int, hours: float, overrides: dict[str, Any]) -> dict[str, Any]:
     """Run the thesis at ``peers`` in this process; return its cost and counters."""
     import logging
@@ -54,6 +65,8 @@ def _one_run(peers: int, hours: float, overrides: dict[str, Any]) -> dict[str, A
         "requests": len(record["requests"]),
         "gossip_delivered": stats["gossip_delivered"],
         "gossip_per_peer_per_s": round(stats["gossip_delivered"] / peers / simulated, 4),
+        # After the warm-up (joins announce at once): what a peer checks in steady state.
+        "steady_gossip_per_peer_per_s": _steady_rate(record["samples"], peers),
         "simulated_s": simulated,
     }
 

@@ -584,6 +584,7 @@ class Simulation:
                 "price_p90": prices[(9 * len(prices)) // 10] if prices else None,
                 "view_mean": statistics.fmean(views) if views else None,
                 "requests": len(self.requests),
+                "gossip_delivered": self.world.stats.gossip_delivered,
             }
             self.samples.append(sample)
             if self.progress is not None:

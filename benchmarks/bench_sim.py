@@ -92,7 +92,9 @@ def scaling(peers: list[int], hours: float) -> list[dict[str, Any]]:
     return rows
 
 
-def dissemination(peers: list[int], minutes: float) -> list[dict[str, Any]]:
+def dissemination(
+    peers: list[int], minutes: float, only: list[str] | None = None
+) -> list[dict[str, Any]]:
     """Records checked per peer per second, both designs, no workload."""
     quiet = {"workload.interactive.rate": 0.0, "workload.batch.rate": 0.0}
     designs = {
@@ -102,6 +104,8 @@ def dissemination(peers: list[int], minutes: float) -> list[dict[str, Any]]:
     rows = []
     for count in peers:
         for name, overrides in designs.items():  # interleaved: both designs at each size
+            if only and name not in only:
+                continue
             row = _in_subprocess(count, minutes / 60, {**quiet, **overrides})
             row["design"] = name
             print(json.dumps(row), file=sys.stderr, flush=True)
@@ -116,15 +120,18 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--peers", default=None, help="comma-separated sizes")
     parser.add_argument("--hours", type=float, default=1.0, help="simulated hours (scaling)")
     parser.add_argument("--minutes", type=float, default=5.0, help="simulated minutes (gossip)")
+    parser.add_argument("--designs", default=None, help="global,region (default: both)")
     args = parser.parse_args(argv)
     if args.what == "scaling":
         sizes = [int(p) for p in (args.peers or "128,256,1024,4096").split(",")]
         rows = scaling(sizes, args.hours)
     else:
         sizes = [int(p) for p in (args.peers or "64,128,256,512,1024").split(",")]
-        rows = dissemination(sizes, args.minutes)
+        only = args.designs.split(",") if args.designs else None
+        rows = dissemination(sizes, args.minutes, only)
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    results[args.what] = {"machine": machine(), "rows": rows}
+    key = args.what if args.what == "scaling" else f"{args.what}-{args.designs or 'both'}"
+    results[key] = {"machine": machine(), "rows": rows}
     RESULTS.write_text(json.dumps(results, indent=2))
-    print(json.dumps(results[args.what], indent=2))
+    print(json.dumps(results[key], indent=2))
     return 0

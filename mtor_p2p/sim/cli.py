@@ -30,7 +30,7 @@ SWEEP_KEYS = (
     "utilisation",
     "recovery_s.p50",
     "co2_g_per_pflop",
-    "under_100ms_share.overall",
+    "under_100ms_share",
 )
 
 
@@ -119,6 +119,18 @@ def cmd_report(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+#: Two-sided 95% quantiles of Student's t for 1-30 degrees of freedom (standard tables).
+_T95 = (
+    12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
+    2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086,
+    2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042,
+)  # fmt: skip
+
+
+def _t95(degrees: int) -> float:
+    return _T95[degrees - 1] if degrees <= len(_T95) else 1.96
+
+
 def _dig(metrics: dict[str, Any], dotted: str) -> float | None:
     value: Any = metrics
     for part in dotted.split("."):
@@ -143,9 +155,9 @@ def summarise_sweep(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 row[metric] = None
                 continue
             mean = statistics.fmean(values)
-            # Normal approximation; with few seeds it is a rough interval, and says so by n.
+            # Student's t: with a handful of seeds the normal 1.96 would be far too narrow.
             half = (
-                1.96 * statistics.stdev(values) / math.sqrt(len(values))
+                _t95(len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
                 if len(values) > 1
                 else None
             )
@@ -168,6 +180,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         value = getattr(args, key)
         if value is not None:
             params.setdefault(key, [value])
+    if args.seeds < 1:
+        raise ScenarioError("--seeds must be at least 1")
+    if args.workers is not None and args.workers < 1:
+        raise ScenarioError("--workers must be at least 1")
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     out = Path(args.out or f"sim-out/sweep-{Path(args.scenario).stem}")
     total = max(1, math.prod(len(v) for v in params.values()) * len(seeds))
@@ -200,7 +216,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                 value = row[metric]
                 if value is None:
                     continue
-                ci = f" ±{value['ci95']:.3g}" if value["ci95"] is not None else ""
+                ci = f" (95% CI ±{value['ci95']:.3g})" if value["ci95"] is not None else ""
                 cells.append(f"{metric}={value['mean']:.4g}{ci}")
             print(f"{json.dumps(row['params'])} n={row['seeds']}: " + ", ".join(cells))
         print(f"summary: {out / 'sweep.json'}")
@@ -235,7 +251,11 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     p.add_argument("scenario", help="scenario TOML file (see simulations/)")
-    p.add_argument("--peers", type=int, help="number of peers (overrides the scenario)")
+    p.add_argument(
+        "--peers",
+        type=int,
+        help="number of peers (overrides the scenario; a cloud run sizes itself from [cloud])",
+    )
     p.add_argument("--hours", type=float, help="simulated hours (overrides the scenario)")
     p.add_argument("--seed", type=int, help="random seed (same seed, same run)")
     p.add_argument("--out", help="output directory (default: sim-out/<scenario name>)")
@@ -263,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="run a scenario over parameter values and seeds in parallel",
         description=(
             "Run every combination of --param values for --seeds seeds each, on local "
-            "processes (or a Ray cluster with --ray), and summarise mean and 95%% interval "
+            "processes (or a Ray cluster with --ray), and summarise mean and 95% interval "
             "per combination in OUT/sweep.json."
         ),
     )
@@ -305,6 +325,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("mtor-sim: interrupted", file=sys.stderr)
         return EXIT_FAILURE
+    except BaseExceptionGroup as group:  # trio wraps a Ctrl-C that lands inside the run
+        if group.subgroup(KeyboardInterrupt) is not None:
+            print("mtor-sim: interrupted", file=sys.stderr)
+            return EXIT_FAILURE
+        raise
 
 
 if __name__ == "__main__":

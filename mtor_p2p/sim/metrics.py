@@ -285,6 +285,9 @@ def _utilisation(run: Run) -> dict[str, Any]:
         for shard, category in classify_attempts(run)
         if category == "useful_compute"
     )
+    # Attempts that end in the cool-down carry device time the window's busy figure does not:
+    # useful work is part of busy work, never more.
+    useful = min(useful, busy)
     return {"utilisation": _ratio(busy, online), "useful_utilisation": _ratio(useful, online)}
 
 
@@ -507,6 +510,9 @@ def format_value(value: float | None, unit: str) -> str:
     if value is None:
         return "n/a"
     if unit == "share":
+        # Small shares (utilisation of a lightly loaded network) keep their digits.
+        if value and abs(value) < 0.001:
+            return f"{100 * value:.2g}%"
         return f"{100 * value:.1f}%"
     if unit == "ratio":
         return f"{value:.3g}x"

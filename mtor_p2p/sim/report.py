@@ -364,7 +364,9 @@ def _assumptions(runs: Mapping[str, Run]) -> list[str]:
     # Device mix: what each kind computes on, at what speed, price and power.
     gpus: list[str] = []
     for kind in kinds:
-        gpus += [str(p.get("gpu")) for p in workers[kind] if str(p.get("gpu")) not in gpus]
+        for peer in workers[kind]:
+            if str(peer.get("gpu")) not in gpus:
+                gpus.append(str(peer.get("gpu")))
     counts = {k: Counter(str(p.get("gpu")) for p in workers[k]) for k in kinds}
     rows = []
     for gpu in gpus:
@@ -449,6 +451,36 @@ def _plots_section(paths: Sequence[Path], out_dir: Path) -> list[str]:
     return lines
 
 
+def _workload_warning(runs: Mapping[str, Run]) -> list[str]:
+    """A warning when the MTOR and cloud runs did not serve the same workload and window."""
+    if len(runs) < 2:
+        return []
+    configs = {k: (r.get("config") or {}) for k, r in runs.items()}
+    workloads = {k: _without_verify(c.get("workload")) for k, c in configs.items()}
+    hours = {k: r.get("hours") for k, r in runs.items()}
+    if len(set(map(json.dumps, workloads.values()))) == 1 and len(set(hours.values())) == 1:
+        return []
+    return [
+        "> **Warning: these runs are not comparable.** The MTOR and cloud runs served "
+        "different workloads or ran for different times (compare their `[workload]` tables "
+        "and hours); run both from scenarios with the same workload, or read the two columns "
+        "separately.",
+        "",
+    ]
+
+
+def _without_verify(workloads: Any) -> Any:
+    # The cloud trusts its machines (verify = "none"): that difference is the point.
+    if not isinstance(workloads, dict):
+        return workloads
+    return {
+        name: {k: v for k, v in table.items() if k != "verify"}
+        if isinstance(table, dict)
+        else table
+        for name, table in workloads.items()
+    }
+
+
 def write_report(out_dir: Path, runs: Mapping[str, Run]) -> Path:
     """Write ``metrics.json``, the plots and ``report.md`` for ``runs`` into ``out_dir``.
 
@@ -469,6 +501,7 @@ def write_report(out_dir: Path, runs: Mapping[str, Run]) -> Path:
     )
     plots = write_plots(out_dir, runs, metrics)
     lines = _header(runs, metrics)
+    lines += _workload_warning(runs)
     lines += _claims_section(claims) if claims else ["No MTOR run: no claims to assess.", ""]
     lines += _all_metrics(metrics, ratios)
     lines += _regions_section(runs, metrics)

@@ -323,6 +323,62 @@ def parse_value(text: str) -> Any:
         return text
 
 
+#: Keys a scenario may hold, per table (``None``: a free map, checked where it is used).
+TIMING_KEYS = frozenset(
+    {
+        "warmup", "cooldown", "record_ttl", "announce_interval", "capacity_scope",
+        "capacity_receive_rate", "sweep_interval", "change_check_interval", "prune_interval",
+        "mesh_interval", "bootstrap_retry", "ledger_sync_interval", "checkpoint_tick",
+        "epoch_seconds", "price_interval",
+    }
+)  # fmt: skip
+SCHEMA: dict[str, Any] = {
+    "name": None, "description": None, "kind": None, "peers": None, "hours": None,
+    "seed": None, "data": None, "dim_scale": None, "sample_interval": None,
+    "regions": "map", "fleet": "map", "gpus": "map",
+    "prices": {"offering", "gpu", "dynamic", "credits_per_tflop"},
+    "network": {
+        "jitter", "loss", "access_ms", "uplink_mbps", "downlink_mbps", "request_overhead_ms"
+    },
+    "requesters": {"host_gflops", "regions"},
+    "ledger": {"credits", "replicas"},
+    "workload": "workloads",
+    "churn": set(Churn.__dataclass_fields__),
+    "adversaries": set(Adversaries.__dataclass_fields__),
+    "cloud": set(CloudSetup.__dataclass_fields__),
+    "timing": TIMING_KEYS,
+}  # fmt: skip
+WORKLOAD_KEYS = frozenset(Workload.__dataclass_fields__) - {"name"}
+
+
+def check_keys(raw: dict[str, Any]) -> None:
+    """Refuse any key the simulator does not read: a typo must not be silently ignored."""
+    for key, value in raw.items():
+        if key not in SCHEMA:
+            raise ScenarioError(f"unknown key {key!r} (known: {', '.join(sorted(SCHEMA))})")
+        kind = SCHEMA[key]
+        if kind is None or kind == "map":
+            continue
+        if not isinstance(value, dict):
+            raise ScenarioError(f"[{key}] must be a table")
+        if kind == "workloads":
+            for name, table in value.items():
+                if not isinstance(table, dict):
+                    raise ScenarioError(f"[workload.{name}] must be a table")
+                for field_name in table:
+                    if field_name not in WORKLOAD_KEYS:
+                        raise ScenarioError(
+                            f"unknown key workload.{name}.{field_name} "
+                            f"(known: {', '.join(sorted(WORKLOAD_KEYS))})"
+                        )
+            continue
+        for field_name in value:
+            if field_name not in kind:
+                raise ScenarioError(
+                    f"unknown key {key}.{field_name} (known: {', '.join(sorted(kind))})"
+                )
+
+
 def load_scenario(path: Path | str, overrides: dict[str, Any] | None = None) -> Scenario:
     """Read a scenario file, apply ``overrides`` (dotted keys), validate, resolve its data."""
     path = Path(path)
@@ -332,9 +388,22 @@ def load_scenario(path: Path | str, overrides: dict[str, Any] | None = None) -> 
         raise ScenarioError(f"cannot read scenario {path}: {exc}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ScenarioError(f"{path}: not valid TOML: {exc}") from exc
+    workloads = set((raw.get("workload") or {}).keys())
     for key, value in (overrides or {}).items():
+        parts = key.split(".")
+        if parts[0] == "workload" and len(parts) > 1 and parts[1] not in workloads:
+            raise ScenarioError(
+                f"{key}: no workload {parts[1]!r} in {path.name} "
+                f"(it has: {', '.join(sorted(workloads)) or 'none'})"
+            )
         apply_override(raw, key, value)
-    return build_scenario(raw, base=path.parent, source=path)
+    check_keys(raw)
+    try:
+        return build_scenario(raw, base=path.parent, source=path)
+    except (TypeError, ValueError) as exc:
+        if isinstance(exc, ScenarioError):
+            raise
+        raise ScenarioError(f"{path.name}: a value has the wrong type or range: {exc}") from exc
 
 
 def build_scenario(raw: dict[str, Any], *, base: Path, source: Path | None = None) -> Scenario:
@@ -402,8 +471,8 @@ def build_scenario(raw: dict[str, Any], *, base: Path, source: Path | None = Non
     replicas = ledger.get("replicas", "all")
     peers = int(get("peers", 64))
     hours = float(get("hours", 1.0))
-    if peers < 2 or hours <= 0:
-        raise ScenarioError("peers >= 2 and hours > 0")
+    if peers < 2 or not 0 < hours <= 1000:
+        raise ScenarioError("peers must be at least 2 and hours a number in (0, 1000]")
     scenario = Scenario(
         name=str(get("name", source.stem if source else "scenario")),
         description=str(get("description", "")),

@@ -11,7 +11,8 @@ verification speed (Freivalds' check timed on this machine). The test then check
 * balances: the requester pays exactly the same (fixed prices, the same FLOPs);
 * latency: the simulated median job latency is a lower bound of the real one, within a
   factor of 15 (the real side is timed on the wall clock, so a loaded machine stretches it:
-  the factor was 3.4-5.6 on a quiet 2-core machine and above 10 with other jobs running). The model carries round trips, the stack's measured cost per request and per
+  the factor was 3.4-5.6 on a quiet 2-core machine and above 10 with other jobs running).
+  The model carries round trips, the stack's measured cost per request and per
   byte, compute and verification; the real figure also carries what the model leaves out:
   eight nodes' Python work (gossip, ledger, hashing, signing, SQLite commits) sharing one
   event loop on a 2-core machine. Measured here on 2026-12-02: real 195-219 ms, simulated

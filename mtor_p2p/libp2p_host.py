@@ -60,7 +60,9 @@ from mtor_p2p.identity import Identity
 from mtor_p2p.network import (
     DEFAULT_MAX_REQUEST_BYTES,
     DEFAULT_MAX_RESPONSE_BYTES,
+    MAX_ERROR_BYTES,
     DhtValidator,
+    HostStats,
     Message,
     NetworkError,
     RemoteError,
@@ -74,7 +76,6 @@ GOSSIPSUB_PROTOCOLS = [TProtocol("/meshsub/1.1.0"), TProtocol("/meshsub/1.2.0")]
 _LENGTH = struct.Struct(">I")
 _STATUS_OK = 0
 _STATUS_ERROR = 1
-_MAX_ERROR_BYTES = 1024
 _READ_CHUNK = 64 * 1024
 
 
@@ -97,17 +98,6 @@ class HostSettings:
     def effective_max_connections(self) -> int:
         """Connection limit in force: bootstrap nodes get at least 4096."""
         return max(self.max_connections, 4096) if self.bootstrap_node else self.max_connections
-
-
-@dataclass
-class HostStats:
-    """Counters that show the guards at work (exposed through the control API)."""
-
-    handler_errors: int = 0
-    requests_refused_busy: int = 0
-    requests_refused_size: int = 0
-    gossip_dropped: int = 0
-    gossip_rejected: int = 0
 
 
 class _DhtValidatorBridge(Validator):
@@ -396,7 +386,7 @@ class Libp2pNetwork:
     @staticmethod
     async def _respond(stream: INetStream, status: int, payload: bytes) -> None:
         if status == _STATUS_ERROR:
-            payload = payload[:_MAX_ERROR_BYTES]
+            payload = payload[:MAX_ERROR_BYTES]
         await stream.write(bytes([status]) + _LENGTH.pack(len(payload)) + payload)
         await stream.close()
 
@@ -418,7 +408,7 @@ class Libp2pNetwork:
                 header = await _read_exactly(stream, 1 + _LENGTH.size)
                 status = header[0]
                 (length,) = _LENGTH.unpack(header[1:])
-                limit = _MAX_ERROR_BYTES if status != _STATUS_OK else max_response_bytes
+                limit = MAX_ERROR_BYTES if status != _STATUS_OK else max_response_bytes
                 if length > limit:
                     raise NetworkError(f"response of {length} bytes exceeds limit {limit}")
                 body = await _read_exactly(stream, length)

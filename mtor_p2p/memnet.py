@@ -91,7 +91,9 @@ from mtor_p2p.identity import Identity
 from mtor_p2p.network import (
     DEFAULT_MAX_REQUEST_BYTES,
     DEFAULT_MAX_RESPONSE_BYTES,
+    MAX_ERROR_BYTES,
     DhtValidator,
+    HostStats,
     Message,
     NetworkError,
     RemoteError,
@@ -101,8 +103,6 @@ from mtor_p2p.network import (
 
 log = logging.getLogger(__name__)
 
-#: Error replies are cut to this many bytes (as in the libp2p adapter).
-MAX_ERROR_BYTES = 1024
 #: py-libp2p's per-peer DHT query timeout: what a silent holder costs a lookup.
 DHT_QUERY_TIMEOUT = 10.0
 #: find_providers returns at most this many peers (py-libp2p's default count).
@@ -242,17 +242,6 @@ class MemWorldStats:
     dht_find_providers: int = 0
     #: Sequential lookup round trips spent by DHT operations.
     dht_hops: int = 0
-
-
-@dataclass
-class MemHostStats:
-    """Per-peer guard counters; the same fields as ``libp2p_host.HostStats``."""
-
-    handler_errors: int = 0
-    requests_refused_busy: int = 0
-    requests_refused_size: int = 0
-    gossip_dropped: int = 0
-    gossip_rejected: int = 0
 
 
 # -- helpers --------------------------------------------------------------------------------
@@ -714,7 +703,7 @@ class MemNetwork:
         self._identity = identity
         self._peer_id = identity.peer_id  # derived from the key: compute it once
         self.link = link
-        self.stats = MemHostStats()
+        self.stats = HostStats()
         self._alive = True
         self._addrs = [
             f"/dns4/{self._peer_id[-16:].lower()}.memnet/tcp/{MEMNET_PORT}/p2p/{self._peer_id}"

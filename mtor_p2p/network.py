@@ -27,6 +27,8 @@ import trio
 #: Default size limits for one request and one response.
 DEFAULT_MAX_REQUEST_BYTES = 1 << 20
 DEFAULT_MAX_RESPONSE_BYTES = 1 << 20
+#: A handler's error reason reaches the requester cut to this many bytes.
+MAX_ERROR_BYTES = 1024
 
 
 class NetworkError(Exception):
@@ -38,6 +40,17 @@ class RemoteError(Exception):
 
     Raise it in a request handler to send that reason to the requester.
     """
+
+
+@dataclass
+class HostStats:
+    """Counters that show an adapter's guards at work (exposed through the control API)."""
+
+    handler_errors: int = 0
+    requests_refused_busy: int = 0
+    requests_refused_size: int = 0
+    gossip_dropped: int = 0
+    gossip_rejected: int = 0
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,7 @@ import trio.testing
 
 from mtor_kernels import verify as checks
 from mtor_p2p.ledger.genesis import NANO
+from mtor_p2p.node import Node
 from mtor_p2p.sim.engine import Simulation
 from mtor_p2p.sim.scenario import build_scenario
 from tests.conftest import open_networks
@@ -53,6 +54,19 @@ def job_operands(index: int) -> dict[str, np.ndarray]:
         "a": rng.standard_normal((512, 256), dtype=np.float32),
         "b": rng.standard_normal((256, 256), dtype=np.float32),
     }
+
+
+async def run_jobs(node: Node) -> tuple[list[float], int]:
+    """Submit the jobs one after another; their latencies (trio's clock) and receipts."""
+    latencies, receipts = [], 0
+    for index in range(JOBS):
+        started = trio.current_time()
+        result = await node.submit(
+            "matmul", job_operands(index), verify="freivalds", shards=SHARDS, max_workers=4
+        )
+        latencies.append(trio.current_time() - started)
+        receipts += len(result.shards)
+    return latencies, receipts
 
 
 async def real_stack_costs() -> tuple[float, float]:
@@ -102,14 +116,7 @@ async def real_devnet(root: Path) -> dict[str, object]:
         requester = nodes[0][0]
         tflops = statistics.median(n.tflops for n, _ in nodes[1:])
         before = (await trio.to_thread.run_sync(requester.ledger_summary))["balance"]
-        latencies, receipts = [], 0
-        for index in range(JOBS):
-            started = trio.current_time()
-            result = await requester.submit(
-                "matmul", job_operands(index), verify="freivalds", shards=SHARDS, max_workers=4
-            )
-            latencies.append(trio.current_time() - started)
-            receipts += len(result.shards)
+        latencies, receipts = await run_jobs(requester)
         with trio.fail_after(10):  # the ledger takes the last receipts off the critical path
             while requester.receipts.count() < receipts:
                 await trio.sleep(0.05)
@@ -171,14 +178,7 @@ def simulated(
             assert requester.node is not None
             node = requester.node
             before = node.ledger.account(node.peer_id)["balance"]
-            latencies, receipts = [], 0
-            for index in range(JOBS):
-                started = trio.current_time()
-                result = await node.submit(
-                    "matmul", job_operands(index), verify="freivalds", shards=SHARDS, max_workers=4
-                )
-                latencies.append(trio.current_time() - started)
-                receipts += len(result.shards)
+            latencies, receipts = await run_jobs(node)
             await trio.sleep(5)
             after = node.ledger.account(node.peer_id)["balance"]
         return {"latencies": latencies, "receipts": receipts, "paid": before - after}

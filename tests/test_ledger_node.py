@@ -92,9 +92,12 @@ async def test_a_proven_cheater_is_slashed_on_every_peer_and_checkpoints_prove_r
             30,
             "balances agree",
         )
-        # The reporter got its share (and paid a little for the shards).
+        # The reporter got its share and paid a little for the shards: nothing at all when, on
+        # a slow (loaded) machine, idle prices have fallen so far that a shard costs less than
+        # the ledger's unit (receipts under one nano-credit move nothing).
         own = requester.ledger.account(requester.peer_id)["balance"]
-        assert 80 * NANO + reward - NANO // 1000 < own < 80 * NANO + reward
+        paid = 80 * NANO + reward - own
+        assert 0 <= paid < NANO // 1000
         # A checkpoint of the job's epoch, signed by the staked peers, proves each receipt.
         epochs = requester.ledger.entry_epochs()
         await wait_for(

@@ -8,7 +8,9 @@ This is the only module that imports ``libp2p``. It works around the pitfalls of
 2. ``connect()`` waits ~250 ms with 3 connections per peer: we allow one.
 3. The default security set includes plaintext and secio: we offer Noise only.
 4. Yamux resets a stream whose reader stalls for 5 s: request handlers read the whole request
-   before doing any work, and requesters read the whole response.
+   before doing any work, and requesters read the whole response. A request refused after
+   its length prefix ("busy") has its body read and thrown away (bounded by the deadline),
+   so that an honest requester gets its answer rather than a stall.
 6/7. Routing tables are not filled from connections: connected peers are added explicitly, and
    random walk is on.
 8. GossipSub's defaults drop messages and heart-beat every 120 s: heartbeat 1 s, no per-topic
@@ -21,6 +23,13 @@ This is the only module that imports ``libp2p``. It works around the pitfalls of
    connection watermarks (150+ connections by default) and starts a DHT random walk on every
    cycle in which it lacks candidates; 100 hosts in one process saturated both cores for
    minutes. It is switched off: the node keeps its own small mesh (``node.TARGET_CONNECTIONS``).
+16. (Read in the 0.8.1 source, ``rcmgr/manager.py`` and ``network/connection/
+   swarm_connection.py``.) The resource manager counts streams only globally (``max_streams``,
+   inbound and outbound together; inbound streams beyond it queue on a semaphore, then are
+   reset), has no per-peer stream limit in force, and accounts no memory for stream data.
+   So per-peer limits (streams, announced request bytes) and the busy permit are ours, in
+   :meth:`Libp2pNetwork.handle`, taken right after a request's length prefix and before its
+   body is read. With one connection per peer they bound a connection as well.
 """
 
 from __future__ import annotations
@@ -58,8 +67,10 @@ from libp2p.tools.anyio_service import background_trio_service
 
 from mtor_p2p.identity import Identity
 from mtor_p2p.network import (
+    DEFAULT_MAX_PENDING_BYTES_PER_PEER,
     DEFAULT_MAX_REQUEST_BYTES,
     DEFAULT_MAX_RESPONSE_BYTES,
+    DEFAULT_MAX_STREAMS_PER_PEER,
     MAX_ERROR_BYTES,
     DhtValidator,
     HostStats,
@@ -90,8 +101,13 @@ class HostSettings:
     bootstrap_node: bool = False
     max_connections: int = 300
     dial_timeout: float = 5.0
-    #: Inbound requests handled at once, per protocol; more are refused with "busy".
+    #: Inbound requests handled at once, per protocol; more are refused with "busy". A
+    #: request takes its permit after its length prefix, before its body is read.
     max_concurrent_requests: int = 64
+    #: Inbound request streams one peer may have open at once, all protocols together.
+    max_streams_per_peer: int = DEFAULT_MAX_STREAMS_PER_PEER
+    #: Announced bytes of one peer's admitted requests (being read or handled) at once.
+    max_pending_bytes_per_peer: int = DEFAULT_MAX_PENDING_BYTES_PER_PEER
     gossip_heartbeat_seconds: int = 1
     routing_table_fill_interval: float = 1.0
 
@@ -127,6 +143,61 @@ async def _read_exactly(stream: INetStream, size: int) -> bytes:
         chunks.append(chunk)
         remaining -= len(chunk)
     return b"".join(chunks)
+
+
+async def _discard(stream: INetStream, size: int) -> None:
+    """Read and drop up to ``size`` bytes (a refused request's body) without keeping them."""
+    remaining = size
+    while remaining > 0:
+        try:
+            chunk = await stream.read(min(remaining, _READ_CHUNK))
+        except (StreamEOF, StreamError):
+            return
+        if not chunk:
+            return
+        remaining -= len(chunk)
+
+
+class _PeerRequests:
+    """Inbound requests per remote peer: open streams and admitted (announced) bytes."""
+
+    def __init__(self, max_streams: int, max_bytes: int, stats: HostStats) -> None:
+        self._max_streams = max_streams
+        self._max_bytes = max_bytes
+        self._stats = stats
+        #: peer -> [open streams, admitted bytes]; a peer leaves when both are zero, so the
+        #: table never holds more peers than there are streams open.
+        self._open: dict[str, list[int]] = {}
+
+    def open_stream(self, peer: str) -> bool:
+        counts = self._open.setdefault(peer, [0, 0])
+        if counts[0] >= self._max_streams:
+            return False
+        counts[0] += 1
+        return True
+
+    def close_stream(self, peer: str) -> None:
+        counts = self._open[peer]
+        counts[0] -= 1
+        if counts == [0, 0]:
+            del self._open[peer]
+
+    def fits(self, peer: str, size: int) -> bool:
+        """Whether ``size`` more bytes stay within the peer's budget."""
+        return self._open[peer][1] + size <= self._max_bytes
+
+    def admit(self, peer: str, size: int) -> None:
+        """Count ``size`` bytes of the peer's as held (see :meth:`fits`)."""
+        self._open[peer][1] += size
+        stats = self._stats
+        stats.request_bytes_pending += size
+        stats.request_bytes_pending_peak = max(
+            stats.request_bytes_pending_peak, stats.request_bytes_pending
+        )
+
+    def release(self, peer: str, size: int) -> None:
+        self._open[peer][1] -= size
+        self._stats.request_bytes_pending -= size
 
 
 async def _reset_quietly(stream: INetStream) -> None:
@@ -167,6 +238,9 @@ class Libp2pNetwork:
         self._nursery: trio.Nursery | None = None
         self._subscriptions: dict[str, list[trio.MemorySendChannel[Message]]] = {}
         self.stats = HostStats()
+        self._peer_requests = _PeerRequests(
+            settings.max_streams_per_peer, settings.max_pending_bytes_per_peer, self.stats
+        )
 
     # -- construction ----------------------------------------------------------------------
 
@@ -347,39 +421,77 @@ class Libp2pNetwork:
         max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
         timeout: float = 30.0,
     ) -> None:
-        """Serve ``protocol``: read a length-prefixed request, answer with status + payload."""
+        """Serve ``protocol``: read a length-prefixed request, answer with status + payload.
+
+        Admission happens before the body is read: the peer's stream slot on arrival, then,
+        after the length prefix, the size limit, the peer's byte budget and the protocol's
+        busy permit. A refused request costs the host no buffer: the answer goes out at
+        once and the body, if any, is read and dropped.
+        """
         busy = trio.Semaphore(self._settings.max_concurrent_requests)
+        peers = self._peer_requests
+
+        async def refuse_stream(stream: INetStream) -> None:
+            # Over the peer's stream limit: answer, then read and drop whatever it sent
+            # for a moment (an honest requester reads the answer after writing its request),
+            # and reset: a stream left half-open would keep Yamux's buffer for it.
+            self.stats.requests_refused_peer_streams += 1
+            with trio.move_on_after(1):
+                await self._respond(stream, _STATUS_ERROR, b"busy")
+                await _discard(stream, max_request_bytes + _LENGTH.size)
+            await _reset_quietly(stream)
+
+        async def refuse_body(stream: INetStream, length: int) -> None:
+            # Answer first, then read the body and drop it, chunk by chunk: nothing is
+            # buffered, and an honest requester (which reads only after writing) gets "busy".
+            await self._respond(stream, _STATUS_ERROR, b"busy")
+            await _discard(stream, length)
 
         async def serve(stream: INetStream) -> None:
             sender = str(stream.muxed_conn.peer_id)
-            with trio.fail_after(timeout):
-                (length,) = _LENGTH.unpack(await _read_exactly(stream, _LENGTH.size))
-                if length > max_request_bytes:
-                    self.stats.requests_refused_size += 1
-                    await self._respond(stream, _STATUS_ERROR, b"request too large")
-                    return
+            if not peers.open_stream(sender):
+                await refuse_stream(stream)
+                return
+            try:
+                with trio.fail_after(timeout):
+                    await serve_admitted(stream, sender)
+            finally:
+                peers.close_stream(sender)
+
+        async def serve_admitted(stream: INetStream, sender: str) -> None:
+            (length,) = _LENGTH.unpack(await _read_exactly(stream, _LENGTH.size))
+            if length > max_request_bytes:
+                self.stats.requests_refused_size += 1
+                await self._respond(stream, _STATUS_ERROR, b"request too large")
+                return
+            if not peers.fits(sender, length):
+                self.stats.requests_refused_peer_bytes += 1
+                await refuse_body(stream, length)
+                return
+            try:
+                busy.acquire_nowait()
+            except trio.WouldBlock:
+                self.stats.requests_refused_busy += 1
+                await refuse_body(stream, length)
+                return
+            peers.admit(sender, length)
+            try:
                 # Drain the whole request before any work (pitfall 4).
                 payload = await _read_exactly(stream, length)
                 try:
-                    busy.acquire_nowait()
-                except trio.WouldBlock:
-                    self.stats.requests_refused_busy += 1
-                    await self._respond(stream, _STATUS_ERROR, b"busy")
+                    response = await handler(sender, payload)
+                except RemoteError as exc:
+                    await self._respond(stream, _STATUS_ERROR, str(exc).encode())
                     return
-                try:
-                    try:
-                        response = await handler(sender, payload)
-                    except RemoteError as exc:
-                        await self._respond(stream, _STATUS_ERROR, str(exc).encode())
-                        return
-                    except Exception as exc:
-                        self.stats.handler_errors += 1
-                        log.warning("handler for %s raised %s: %s", protocol, type(exc), exc)
-                        await self._respond(stream, _STATUS_ERROR, b"internal error")
-                        return
-                finally:
-                    busy.release()
-                await self._respond(stream, _STATUS_OK, response)
+                except Exception as exc:
+                    self.stats.handler_errors += 1
+                    log.warning("handler for %s raised %s: %s", protocol, type(exc), exc)
+                    await self._respond(stream, _STATUS_ERROR, b"internal error")
+                    return
+            finally:
+                busy.release()
+                peers.release(sender, length)
+            await self._respond(stream, _STATUS_OK, response)
 
         self._host.set_stream_handler(TProtocol(protocol), self._guard(protocol, serve))
 

@@ -89,8 +89,10 @@ import trio
 
 from mtor_p2p.identity import Identity
 from mtor_p2p.network import (
+    DEFAULT_MAX_PENDING_BYTES_PER_PEER,
     DEFAULT_MAX_REQUEST_BYTES,
     DEFAULT_MAX_RESPONSE_BYTES,
+    DEFAULT_MAX_STREAMS_PER_PEER,
     MAX_ERROR_BYTES,
     DhtValidator,
     HostStats,
@@ -331,6 +333,8 @@ class MemWorld:
         gossip_hops: float = 1.5,
         request_overhead: float = 0.0,
         byte_scale: dict[str, float] | None = None,
+        max_streams_per_peer: int = DEFAULT_MAX_STREAMS_PER_PEER,
+        max_pending_bytes_per_peer: int = DEFAULT_MAX_PENDING_BYTES_PER_PEER,
     ) -> None:
         """Build an empty world.
 
@@ -343,7 +347,10 @@ class MemWorld:
         request (opening a stream, negotiating, framing), charged before the handler runs.
         ``byte_scale`` maps a protocol to the bytes its messages stand for per byte sent: the
         simulator ships small real operands for large declared ones, and the links must carry
-        the declared size.
+        the declared size. ``max_streams_per_peer`` and ``max_pending_bytes_per_peer`` bound
+        what one requester may have in a peer's handlers at once, all protocols together:
+        requests and their (real, unscaled) payload bytes; more are refused "busy", as
+        :class:`~mtor_p2p.libp2p_host.HostSettings` of the same names do.
         """
         if jitter < 0:
             raise ValueError("jitter must not be negative")
@@ -357,6 +364,10 @@ class MemWorld:
             raise ValueError("max_concurrent_requests must be at least 1")
         if gossip_hops <= 0:
             raise ValueError("gossip_hops must be positive")
+        if max_streams_per_peer < 1 or max_pending_bytes_per_peer < 0:
+            raise ValueError("per-peer limits must be positive")
+        self.max_streams_per_peer = max_streams_per_peer
+        self.max_pending_bytes_per_peer = max_pending_bytes_per_peer
         self.seed = seed
         self.latency = latency or LatencyModel()
         self.jitter = jitter
@@ -711,6 +722,9 @@ class MemNetwork:
         self._conns: dict[str, None] = {}
         self._handlers: dict[str, _Handler] = {}
         self._serving: dict[trio.CancelScope, None] = {}
+        #: requester -> [requests in our handlers, their payload bytes]; a requester leaves
+        #: the table when it has none, so it never outgrows the requests being served.
+        self._inbound: dict[str, list[int]] = {}
         self._subscriptions: dict[str, list[trio.MemorySendChannel[Message]]] = {}
         self._topic_validators: dict[str, TopicValidator] = {}
         self._dht_validators: dict[str, DhtValidator] = {}
@@ -930,15 +944,36 @@ class MemNetwork:
         if handler is None:
             self._reset(reply, requester, f"protocol not supported: {protocol}")
             return
-        if len(payload) > handler.max_request_bytes:
+        world = self._world
+        size = len(payload)
+        # The checks in the order libp2p makes them: the requester's stream slot, the size
+        # announced in the length prefix, the requester's byte budget, the busy permit.
+        inbound = self._inbound.get(requester._peer_id, [0, 0])
+        if inbound[0] >= world.max_streams_per_peer:
+            self.stats.requests_refused_peer_streams += 1
+            self._answer(reply, requester, "error", b"busy")
+            return
+        if size > handler.max_request_bytes:
             self.stats.requests_refused_size += 1
             self._answer(reply, requester, "error", b"request too large")
             return
-        if handler.active >= self._world.max_concurrent_requests:
+        if inbound[1] + size > world.max_pending_bytes_per_peer:
+            self.stats.requests_refused_peer_bytes += 1
+            self._answer(reply, requester, "error", b"busy")
+            return
+        if handler.active >= world.max_concurrent_requests:
             self.stats.requests_refused_busy += 1
             self._answer(reply, requester, "error", b"busy")
             return
         handler.active += 1
+        inbound[0] += 1
+        inbound[1] += size
+        self._inbound[requester._peer_id] = inbound
+        stats = self.stats
+        stats.request_bytes_pending += size
+        stats.request_bytes_pending_peak = max(
+            stats.request_bytes_pending_peak, stats.request_bytes_pending
+        )
         trio.lowlevel.spawn_system_task(
             self._serve,
             handler,
@@ -980,12 +1015,22 @@ class MemNetwork:
         finally:
             handler.active -= 1
             self._serving.pop(scope, None)
+            self._release(requester._peer_id, len(payload))
         if scope.cancelled_caught:
             kind, body = "reset", b"connection reset by peer"
         if kind == "reset":
             self._reset(reply, requester, body.decode())
         else:
             self._answer(reply, requester, kind, body)
+
+    def _release(self, requester: str, size: int) -> None:
+        """A request of ``requester``'s left our handlers: give back its slot and bytes."""
+        inbound = self._inbound[requester]
+        inbound[0] -= 1
+        inbound[1] -= size
+        if inbound[0] == 0:
+            del self._inbound[requester]
+        self.stats.request_bytes_pending -= size
 
     def _answer(self, reply: _Reply, requester: MemNetwork, kind: str, body: bytes) -> None:
         self._world.stats.responses += 1

@@ -29,6 +29,12 @@ DEFAULT_MAX_REQUEST_BYTES = 1 << 20
 DEFAULT_MAX_RESPONSE_BYTES = 1 << 20
 #: A handler's error reason reaches the requester cut to this many bytes.
 MAX_ERROR_BYTES = 1024
+#: Inbound requests one remote peer may have open at once (being read or handled), across
+#: protocols; more are refused "busy". One connection per peer, so this bounds a connection too.
+DEFAULT_MAX_STREAMS_PER_PEER = 32
+#: Announced bytes of one remote peer's requests admitted at once (being read or handled);
+#: a request that would go beyond is refused "busy" before its body is read.
+DEFAULT_MAX_PENDING_BYTES_PER_PEER = 64 << 20
 
 
 class NetworkError(Exception):
@@ -49,6 +55,14 @@ class HostStats:
     handler_errors: int = 0
     requests_refused_busy: int = 0
     requests_refused_size: int = 0
+    #: Requests refused because their peer already had its most streams open.
+    requests_refused_peer_streams: int = 0
+    #: Requests refused because their peer already had its most request bytes admitted.
+    requests_refused_peer_bytes: int = 0
+    #: Announced bytes of the requests admitted now (body being read or handled), and the
+    #: most there ever were: what the host may hold in request buffers.
+    request_bytes_pending: int = 0
+    request_bytes_pending_peak: int = 0
     gossip_dropped: int = 0
     gossip_rejected: int = 0
 

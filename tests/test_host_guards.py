@@ -303,3 +303,99 @@ async def test_provider_records_are_found_by_other_hosts():
         await networks[2].provide("/mtor/operand/abc")
         assert networks[2].peer_id in await networks[3].find_providers("/mtor/operand/abc")
         assert await networks[1].find_providers("/mtor/operand/nobody", timeout=3) == []
+
+
+# -- resources accounted before they are spent (issue 8) -----------------------------------
+
+
+async def _raw_stream(client: Libp2pNetwork, server: Libp2pNetwork, protocol: str):
+    return await client._host.new_stream(ID.from_base58(server.peer_id), [TProtocol(protocol)])
+
+
+async def _read_reply(stream, timeout: float = 5.0) -> bytes:
+    """The server's whole reply on a raw stream (status, length, body), up to its end."""
+    data = b""
+    with trio.fail_after(timeout):
+        while len(data) < 5 or len(data) < 5 + struct.unpack(">I", data[1:5])[0]:
+            data += await stream.read(1024)
+    return data
+
+
+async def test_unfinished_large_requests_are_refused_before_their_bodies_are_read():
+    """The busy permit is taken right after the length prefix: streams that announce large
+    requests and send only part of them hold at most the permits, and the others are told
+    "busy" at once, without the host buffering their bodies."""
+    announced = 4 << 20
+    async with open_networks(
+        2, max_concurrent_requests=2, max_streams_per_peer=64
+    ) as (server, client):
+        server.handle(ECHO, echo, max_request_bytes=8 << 20, timeout=20)
+        streams = []
+        for _ in range(10):
+            stream = await _raw_stream(client, server, ECHO)
+            await stream.write(struct.pack(">I", announced) + b"x" * (128 << 10))
+            streams.append(stream)
+        with trio.fail_after(5):
+            while server.stats.requests_refused_busy < 8:
+                await trio.sleep(0.05)
+        busy = [await _read_reply(stream) for stream in streams[2:]]
+        assert all(reply[0] == 1 and reply[5:] == b"busy" for reply in busy)
+        # Only the two admitted requests have bytes reserved; nothing else is being read.
+        assert server.stats.request_bytes_pending == 2 * announced
+        assert server.stats.request_bytes_pending_peak == 2 * announced
+        for stream in streams:
+            await stream.reset()
+        with trio.fail_after(5):
+            while server.stats.request_bytes_pending:
+                await trio.sleep(0.05)
+        assert await client.request(server.peer_id, ECHO, b"after") == b"after"
+
+
+async def test_busy_refusal_still_answers_a_large_honest_request():
+    """An honest requester whose large request meets a full host gets "busy" (the refused
+    body is read and thrown away, not buffered), not a stall until its deadline."""
+    async with open_networks(2, max_concurrent_requests=1) as (server, client):
+        entered, release = trio.Event(), trio.Event()
+
+        async def hold(sender: str, data: bytes) -> bytes:
+            entered.set()
+            await release.wait()
+            return b"done"
+
+        server.handle("/mtor/test/hold/1", hold, max_request_bytes=8 << 20)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client.request, server.peer_id, "/mtor/test/hold/1", b"")
+            with trio.fail_after(5):
+                await entered.wait()
+            with pytest.raises(RemoteError, match=r"^busy$"):
+                await client.request(
+                    server.peer_id, "/mtor/test/hold/1", b"z" * (3 << 20), timeout=10
+                )
+            release.set()
+        assert server.stats.request_bytes_pending_peak < 1 << 20
+
+
+async def test_one_peer_flooding_streams_is_refused_while_another_is_served():
+    """Per-peer stream bound: a peer that opens many request streams and sends nothing gets
+    its excess refused at once; a second peer still gets an answer."""
+    async with open_networks(3, max_streams_per_peer=4) as (server, attacker, honest):
+        server.handle(ECHO, echo, timeout=20)
+        streams = []
+        for _ in range(20):
+            stream = await _raw_stream(attacker, server, ECHO)
+            await stream.write(b"\x00\x00")  # half a length prefix, then silence
+            streams.append(stream)
+        with trio.fail_after(5):
+            while server.stats.requests_refused_peer_streams < 16:
+                await trio.sleep(0.05)
+        assert await honest.request(server.peer_id, ECHO, b"served") == b"served"
+        for stream in streams:
+            await stream.reset()
+        # Its slots return when the streams end: the attacker can make requests again.
+        with trio.fail_after(5):
+            while True:
+                try:
+                    assert await attacker.request(server.peer_id, ECHO, b"ok") == b"ok"
+                    break
+                except RemoteError:
+                    await trio.sleep(0.1)

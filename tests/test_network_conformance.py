@@ -27,14 +27,16 @@ LIMIT = 2
 ECHO = "/mtor/test/echo/1"
 WARM_UP = b"warm-up"
 
-OpenNets = Callable[[int], AbstractAsyncContextManager[list[Network]]]
+#: ``open_nets(count, **limits)``: ``limits`` are per-peer limits both adapters take by name.
+OpenNets = Callable[..., AbstractAsyncContextManager[list[Network]]]
 
 
 @asynccontextmanager
-async def open_memnet(count: int) -> AsyncIterator[list[Network]]:
-    """``count`` memnet peers in one world, each connected to the first."""
+async def open_memnet(count: int, **limits: int) -> AsyncIterator[list[Network]]:
+    """``count`` memnet peers in one world, each connected to the first; ``limits`` are the
+    per-peer limits (``max_streams_per_peer``, ``max_pending_bytes_per_peer``)."""
     world = MemWorld(
-        seed=1, latency=LatencyModel(default_rtt_ms=2.0), max_concurrent_requests=LIMIT
+        seed=1, latency=LatencyModel(default_rtt_ms=2.0), max_concurrent_requests=LIMIT, **limits
     )
     networks = [world.add_peer(Identity.generate()) for _ in range(count)]
     for network in networks[1:]:
@@ -127,6 +129,10 @@ async def test_adapter_implements_the_port(open_nets: OpenNets) -> None:
             "handler_errors",
             "requests_refused_busy",
             "requests_refused_size",
+            "requests_refused_peer_streams",
+            "requests_refused_peer_bytes",
+            "request_bytes_pending",
+            "request_bytes_pending_peak",
             "gossip_dropped",
             "gossip_rejected",
         }
@@ -288,6 +294,83 @@ async def test_concurrency_limit_answers_busy(open_nets: OpenNets) -> None:
         assert results == [b"done"] * LIMIT
         assert server.stats.requests_refused_busy == 1  # type: ignore[attr-defined]
         assert await client.request(server.peer_id, "/mtor/test/hold/1", b"") == b"done"
+
+
+async def test_one_peer_cannot_hold_more_streams_than_its_share(open_nets: OpenNets) -> None:
+    """A peer with ``max_streams_per_peer`` requests open, across protocols, is refused "busy";
+    another peer is still served on the same protocol."""
+    async with open_nets(3, max_streams_per_peer=3) as (server, greedy, other):
+        release = trio.Event()
+        entered = 0
+
+        async def hold(sender: str, data: bytes) -> bytes:
+            nonlocal entered
+            entered += 1
+            await release.wait()
+            return b"done"
+
+        server.handle("/mtor/test/hold/1", hold)
+        server.handle("/mtor/test/hold/2", hold)
+        results: list[bytes] = []
+
+        async def call(client: Network, protocol: str) -> None:
+            results.append(await client.request(server.peer_id, protocol, b""))
+
+        async with trio.open_nursery() as nursery:
+            # 2 + 1 streams: within each protocol's limit (LIMIT = 2), at the peer's limit.
+            nursery.start_soon(call, greedy, "/mtor/test/hold/1")
+            nursery.start_soon(call, greedy, "/mtor/test/hold/1")
+            nursery.start_soon(call, greedy, "/mtor/test/hold/2")
+            await until(lambda: entered == 3)
+            with pytest.raises(RemoteError, match=r"^busy$"):
+                await greedy.request(server.peer_id, "/mtor/test/hold/2", b"")
+            nursery.start_soon(call, other, "/mtor/test/hold/2")
+            await until(lambda: entered == 4)
+            release.set()
+        assert results == [b"done"] * 4
+        stats = server.stats  # type: ignore[attr-defined]
+        assert (stats.requests_refused_peer_streams, stats.requests_refused_busy) == (1, 0)
+        # The slots come back once the requests are answered.
+        assert await greedy.request(server.peer_id, "/mtor/test/hold/2", b"") == b"done"
+
+
+async def test_one_peer_cannot_have_more_request_bytes_admitted_than_its_share(
+    open_nets: OpenNets,
+) -> None:
+    async with open_nets(3, max_pending_bytes_per_peer=1000) as (server, greedy, other):
+        release = trio.Event()
+        entered = 0
+
+        async def hold(sender: str, data: bytes) -> bytes:
+            nonlocal entered
+            entered += 1
+            await release.wait()
+            return b"done"
+
+        server.handle("/mtor/test/hold/1", hold)
+        async with trio.open_nursery() as nursery:
+
+            async def first() -> None:
+                assert await greedy.request(server.peer_id, "/mtor/test/hold/1", b"x" * 600)
+
+            nursery.start_soon(first)
+            await until(lambda: entered == 1)
+            stats = server.stats  # type: ignore[attr-defined]
+            assert stats.request_bytes_pending == 600
+            with pytest.raises(RemoteError, match=r"^busy$"):
+                await greedy.request(server.peer_id, "/mtor/test/hold/1", b"x" * 600)
+            assert stats.requests_refused_peer_bytes == 1
+
+            async def second() -> None:
+                assert await other.request(server.peer_id, "/mtor/test/hold/1", b"y" * 600)
+
+            nursery.start_soon(second)
+            await until(lambda: entered == 2)
+            assert stats.request_bytes_pending == 1200
+            release.set()
+        assert stats.request_bytes_pending == 0
+        assert stats.request_bytes_pending_peak == 1200
+        assert stats.requests_refused_busy == 0
 
 
 # -- pubsub ---------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ Every message is ``arrays.pack(header, body)``. Operands travel in chunks of at 
 
 ``/mtor/compute/upload/1``   header {array, offset}; body: a chunk.   → {complete, received}
 ``/mtor/compute/has/1``      header {hashes: [...]}                   → {have: [...]}
-``/mtor/compute/run/1``      header {job_id, shard, kernel, operands: {name: array}, price}
+``/mtor/compute/run/1``      header {job_id, shard, kernel, operands: {name: array}, max_price}
                              → header {output: array, receipt: b64 worker-signed receipt}
                                and, if the output fits one chunk, the output bytes as body
 ``/mtor/compute/download/1`` header {hash, offset, length}            → body: a chunk
@@ -24,5 +24,9 @@ CHUNK_BYTES = 4 << 20
 MAX_MESSAGE_BYTES = CHUNK_BYTES + 64 * 1024
 #: Largest single operand or output a worker accepts.
 MAX_ARRAY_BYTES = 1 << 30
-#: Uploads in progress per worker, all peers together (bytes reserved for them).
+#: Uploads in progress per worker, all peers together: the bytes their first chunks announced
+#: are reserved at once, so that uploads which start empty cannot pass the cap as they grow.
 MAX_PENDING_UPLOAD_BYTES = 2 << 30
+#: One sender's share of that reservation: enough for the largest operand, and never all of
+#: it, so that one peer alone cannot lock every other requester out ("busy").
+MAX_PENDING_UPLOAD_BYTES_PER_PEER = MAX_PENDING_UPLOAD_BYTES // 2

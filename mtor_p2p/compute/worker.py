@@ -3,6 +3,20 @@
 Everything a remote peer sends is checked before use: header shapes and sizes, dtypes, the
 blake3 hash of every uploaded operand, the kernel's own operand checks. A bad request costs its
 sender a one-line :class:`RemoteError`; the worker keeps serving.
+
+What a requester could take without paying is bounded too (issue 8):
+
+* **Price floor.** A run request quotes ``max_price``; the worker refuses a quote below the
+  lowest price it has itself asked in the last :data:`PRICE_MEMORY_SECONDS` (less a rounding
+  tolerance), and any shard that would cost 0 nano-credits. Honouring a *recent* price, not
+  only the current one, is deliberate: the requester quotes the price it read in our capacity
+  record, which may be one price step old, and keeps that quote for a whole job.
+* **Unpaid work.** Work done but never countersigned is owed for :data:`OWED_MEMORY_SECONDS`,
+  then remembered as unpaid per requester (for :data:`UNPAID_MEMORY_SECONDS`, in a table of
+  bounded size); a requester past the bound is refused until it countersigns.
+* **Uploads.** The size an upload announces is reserved when it starts, per sender and in
+  total, and released when it completes, fails or sits idle for :data:`UPLOAD_IDLE_TIMEOUT`
+  (on the worker's own timer, :meth:`WorkerService.run`).
 """
 
 from __future__ import annotations
@@ -10,6 +24,7 @@ from __future__ import annotations
 import base64
 import logging
 import re
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +41,7 @@ from mtor_p2p.compute.protocol import (
     MAX_ARRAY_BYTES,
     MAX_MESSAGE_BYTES,
     MAX_PENDING_UPLOAD_BYTES,
+    MAX_PENDING_UPLOAD_BYTES_PER_PEER,
     PROTOCOL_COUNTERSIGN,
     PROTOCOL_DOWNLOAD,
     PROTOCOL_HAS,
@@ -34,6 +50,7 @@ from mtor_p2p.compute.protocol import (
 )
 from mtor_p2p.compute.receipt_store import ReceiptStore
 from mtor_p2p.identity import Identity
+from mtor_p2p.ledger.genesis import NANO
 from mtor_p2p.network import Network, RemoteError
 from mtor_p2p.records.arrays import (
     ArrayMeta,
@@ -59,15 +76,39 @@ log = logging.getLogger(__name__)
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 #: How a refusal for lack of credit starts, so that requesters can tell it apart.
 CREDIT_REFUSED = "credit refused"
-#: Work done but never countersigned stops counting against a requester's credit after this.
+#: Work done but never countersigned stops counting against a requester's credit after this
+#: and is remembered as unpaid instead.
 OWED_MEMORY_SECONDS = 600.0
+#: Unpaid work is forgotten after this: honest requesters leave a little (a hedged twin that
+#: lost, a countersign lost with its connection), and must not be shut out for good by it.
+UNPAID_MEMORY_SECONDS = 86_400.0
+#: A requester with this many unpaid shards, or this many unpaid nano-credits, is refused.
+MAX_UNPAID_SHARDS = 16
+MAX_UNPAID_NANO = NANO
+#: Requesters whose unpaid work is remembered; past it, those owing least are forgotten first.
+MAX_UNPAID_REQUESTERS = 1024
+#: A quote is honoured if it is no lower than the lowest price this worker asked within this
+#: window: one job keeps the quote it read in our record at its start (the default job deadline
+#: is 600 s), and the record may be one price step behind.
+PRICE_MEMORY_SECONDS = 600.0
+#: Relative and absolute slack on that floor: capacity records carry prices rounded to 6
+#: decimal places, and a float that went through JSON may differ in its last bit.
+PRICE_TOLERANCE = 1e-6
+PRICE_ROUNDING = 1e-6
+#: Prices remembered at most (changes only); dropping the oldest only raises the floor.
+MAX_PRICE_HISTORY = 1024
 UPLOAD_IDLE_TIMEOUT = 60.0
 RUN_TIMEOUT = 600.0
+#: How often the worker's own loop expires idle uploads, moves expired owed work to unpaid and
+#: notes its price. A simulation with thousands of workers pays one wake-up per worker per
+#: interval, so it is not shorter than it needs to be for a 60 s upload timeout.
+HOUSEKEEPING_INTERVAL = 15.0
 
 
 @dataclass
 class _PendingUpload:
-    meta: ArrayMeta
+    sender: str
+    meta: ArrayMeta  # meta.nbytes is reserved while the upload is pending
     buffer: bytearray
     last_progress: float
 
@@ -79,9 +120,12 @@ class WorkerStats:
     shards_run: int = 0
     shards_failed: int = 0
     uploads_refused: int = 0
+    uploads_expired: int = 0
     bytes_received: int = 0
     corrupted_on_purpose: int = 0
     credit_refusals: int = 0
+    price_refusals: int = 0
+    unpaid_refusals: int = 0
     compute_seconds: float = 0.0
     active: int = 0
     by_kernel: dict[str, int] = field(default_factory=dict)
@@ -100,6 +144,9 @@ class WorkerService:
     ``fault_rate`` makes the worker return a wrong result for that fraction of its shards. It
     exists so that tests and devnets can exercise the network's defences (verification, fault
     proofs, re-issue); an honest node leaves it at 0.
+
+    ``unpaid_shards``, ``unpaid_nano`` and ``unpaid_requesters`` bound unpaid work (see the
+    module docstring); ``housekeeping_interval`` is the period of :meth:`run`.
     """
 
     def __init__(
@@ -118,6 +165,10 @@ class WorkerService:
         slots: int = 1,
         credit: Callable[[str], int] | None = None,
         on_receipt: Callable[[Receipt], Awaitable[None]] | None = None,
+        unpaid_shards: int = MAX_UNPAID_SHARDS,
+        unpaid_nano: int = MAX_UNPAID_NANO,
+        unpaid_requesters: int = MAX_UNPAID_REQUESTERS,
+        housekeeping_interval: float = HOUSEKEEPING_INTERVAL,
     ) -> None:
         self._network = network
         self._identity = identity
@@ -133,13 +184,27 @@ class WorkerService:
         self._rng = self._runtime.random
         self.slots = self.executor.slots
         self._pending: dict[tuple[str, str], _PendingUpload] = {}
+        self._reserved_total = 0
+        self._reserved_by_sender: dict[str, int] = {}
         self.stats = WorkerStats()
         # Credit control: ``credit(requester)`` is what the ledger lets that requester still
         # spend (nano-credits); work this worker did for it that is not yet countersigned
-        # counts against that too. None: serve everyone (no ledger).
+        # counts against that too. None: no credit check (no ledger); unpaid work is bounded
+        # either way.
         self._credit = credit
         self._on_receipt = on_receipt
+        # requester -> (job_id, shard) -> (signed at, nano-credits): receipts handed out and
+        # not yet countersigned; after OWED_MEMORY_SECONDS they move to ``_unpaid``.
         self._owed: dict[str, dict[tuple[str, int], tuple[float, int]]] = {}
+        # requester -> (job_id, shard) -> (expired at, nano-credits), oldest first.
+        self._unpaid: dict[str, dict[tuple[str, int], tuple[float, int]]] = {}
+        self._unpaid_shards = unpaid_shards
+        self._unpaid_nano = unpaid_nano
+        self._unpaid_requesters = unpaid_requesters
+        self._housekeeping_interval = housekeeping_interval
+        # (since, price) for each price this worker asked recently, oldest first.
+        self._prices: deque[tuple[float, float]] = deque(maxlen=MAX_PRICE_HISTORY)
+        self._registered = False
 
     @property
     def kernels(self) -> tuple[str, ...]:
@@ -159,6 +224,33 @@ class WorkerService:
         handle(PROTOCOL_RUN, self._on_run, max_request_bytes=64 * 1024, timeout=RUN_TIMEOUT)
         handle(PROTOCOL_DOWNLOAD, self._on_download, max_request_bytes=64 * 1024, timeout=60)
         handle(PROTOCOL_COUNTERSIGN, self._on_countersign, max_request_bytes=64 * 1024, timeout=10)
+        self._registered = True
+
+    async def run(self) -> None:
+        """The worker's own timer (run it in the node's nursery): expire idle uploads, move
+        owed work that was never countersigned to unpaid, note the price. Returns at once on
+        a node that does not serve (:meth:`register` never called)."""
+        if not self._registered:
+            return
+        while True:
+            self._housekeeping()
+            await trio.sleep(self._housekeeping_interval)
+
+    def _housekeeping(self) -> None:
+        self._expire_uploads()
+        self._expire_owed()
+        self._current_price()
+
+    @property
+    def reserved_upload_bytes(self) -> int:
+        """Bytes reserved for uploads in progress (what they announced, not what arrived)."""
+        return self._reserved_total
+
+    def unpaid(self, requester: str) -> tuple[int, int]:
+        """Shards done for ``requester`` and never countersigned (past OWED_MEMORY_SECONDS),
+        and their nano-credits."""
+        entries = self._unpaid.get(requester, {})
+        return len(entries), sum(cost for _, cost in entries.values())
 
     # -- handlers --------------------------------------------------------------------------
 
@@ -172,9 +264,22 @@ class WorkerService:
     def _expire_uploads(self) -> None:
         now = trio.current_time()
         for key in [
-            k for k, p in self._pending.items() if now - p.last_progress > UPLOAD_IDLE_TIMEOUT
+            k for k, p in self._pending.items() if now - p.last_progress >= UPLOAD_IDLE_TIMEOUT
         ]:
-            del self._pending[key]
+            self._drop_upload(key)
+            self.stats.uploads_expired += 1
+
+    def _drop_upload(self, key: tuple[str, str]) -> None:
+        """Forget a pending upload and give back what it reserved."""
+        pending = self._pending.pop(key, None)
+        if pending is None:
+            return
+        self._reserved_total -= pending.meta.nbytes
+        left = self._reserved_by_sender.get(pending.sender, 0) - pending.meta.nbytes
+        if left > 0:
+            self._reserved_by_sender[pending.sender] = left
+        else:
+            self._reserved_by_sender.pop(pending.sender, None)
 
     async def _on_upload(self, sender: str, request: bytes) -> bytes:
         header, chunk = self._parse(request)
@@ -191,24 +296,31 @@ class WorkerService:
         if pending is None:
             if offset != 0:
                 raise RemoteError("upload must start at offset 0")
-            reserved = sum(len(p.buffer) for p in self._pending.values())
-            if reserved + meta.nbytes > MAX_PENDING_UPLOAD_BYTES:
+            # Reserve what the upload announces, not what has arrived: uploads that start
+            # empty and grow later must not all fit under the cap at their start.
+            sender_reserved = self._reserved_by_sender.get(sender, 0)
+            if sender_reserved + meta.nbytes > MAX_PENDING_UPLOAD_BYTES_PER_PEER:
+                self.stats.uploads_refused += 1
+                raise RemoteError("busy: this peer has too many uploads in progress")
+            if self._reserved_total + meta.nbytes > MAX_PENDING_UPLOAD_BYTES:
                 self.stats.uploads_refused += 1
                 raise RemoteError("busy: too many uploads in progress")
-            pending = _PendingUpload(meta, bytearray(), trio.current_time())
+            pending = _PendingUpload(sender, meta, bytearray(), trio.current_time())
             self._pending[key] = pending
+            self._reserved_total += meta.nbytes
+            self._reserved_by_sender[sender] = sender_reserved + meta.nbytes
         if pending.meta != meta or offset != len(pending.buffer):
-            del self._pending[key]
+            self._drop_upload(key)
             raise RemoteError("upload chunks must arrive in order with the same description")
         if len(chunk) > CHUNK_BYTES or offset + len(chunk) > meta.nbytes:
-            del self._pending[key]
+            self._drop_upload(key)
             raise RemoteError("chunk overruns the announced array")
         pending.buffer += chunk
         pending.last_progress = trio.current_time()
         self.stats.bytes_received += len(chunk)
         if len(pending.buffer) < meta.nbytes:
             return pack({"complete": False, "received": len(pending.buffer)})
-        del self._pending[key]
+        self._drop_upload(key)
         try:
             array = array_from_bytes(meta, bytes(pending.buffer))
         except RecordError as exc:
@@ -256,40 +368,61 @@ class WorkerService:
             kernel.check_operands(arrays)
         except KernelError as exc:
             raise RemoteError(f"bad operands for {kernel_name}: {exc}") from exc
-        # The requester quotes the price it accepted (our advertised one when it chose us);
-        # we never charge more than that, so a price that rose since does not surprise it.
-        quoted = header.get("max_price", float(self._price()))
-        if (
-            isinstance(quoted, bool)
-            or not isinstance(quoted, int | float)
-            or not 0 <= quoted <= MAX_PRICE
-        ):
-            raise RemoteError(f"max_price must be a number between 0 and {MAX_PRICE:g}")
-        price = min(float(self._price()), float(quoted))
+        flops = int(kernel.flops(arrays))
+        price = self._agreed_price(header.get("max_price"))
+        cost = shard_cost_nano(price, flops)
+        if cost == 0 and price > 0:
+            # The receipt would move nothing while the shard holds a compute slot. A worker
+            # asking 0 (a volunteer) gives its work away by its own choice.
+            self.stats.price_refusals += 1
+            raise RemoteError(
+                f"shard too small: {flops} FLOPs at {price:.9g} credits per TFLOP costs 0 "
+                "nano-credits"
+            )
+        self._refuse_unpaid(sender)
         reservation = (job_id, shard)
+        available = None
         if self._credit is not None:
             # A ledger read may wait for a write in progress: never on the event loop.
             available = await self._runtime.run_blocking(self._credit, sender)
-            cost = shard_cost_nano(price, int(kernel.flops(arrays)))
-            self._reserve_credit(sender, reservation, cost, available)
+        self._reserve_credit(sender, reservation, cost, available)
         started = self._clock.now()
         self.stats.active += 1
+        signed = False
         try:
             # Resident operands (weights, B) are keyed by content hash so that a GPU backend
             # keeps them on the device between shards of the same job.
             output = await self.executor.execute(kernel, arrays, inputs)
+            ended = self._clock.now()
+            if self.fault_rate and self._rng.random() < self.fault_rate:
+                output = self._corrupt(output)
+            output = np.ascontiguousarray(output)
+            output_meta = meta_of(output)
+            body = ReceiptBody(
+                job_id=job_id,
+                shard=shard,
+                kernel=kernel_name,
+                inputs=inputs,
+                output=output_meta.digest,
+                flops=flops,
+                started=started,
+                ended=max(ended, started),
+                worker=self._identity.peer_id,
+                requester=sender,
+                price=price,
+            )
+            receipt = sign_as_worker(self._identity, body)
+            signed = True
         except Exception as exc:
-            self._owed.get(sender, {}).pop(reservation, None)
             self.stats.shards_failed += 1
             log.warning("kernel %s failed: %s", kernel_name, exc)
             raise RemoteError(f"kernel failed: {type(exc).__name__}") from exc
         finally:
             self.stats.active -= 1
-        ended = self._clock.now()
-        if self.fault_rate and self._rng.random() < self.fault_rate:
-            output = self._corrupt(output)
-        output = np.ascontiguousarray(output)
-        output_meta = meta_of(output)
+            if not signed:
+                # No receipt left this worker (the kernel failed, or the handler was cut off
+                # by its deadline or a lost connection): nothing is owed for it.
+                self._release(sender, reservation)
         # Keep what will be asked for again: resident operands (weights, B) for the next
         # shards, and an output too large to travel in the answer (it is downloaded next).
         # A shard's own slice is never reused; dropping it bounds memory by the working set.
@@ -299,20 +432,6 @@ class WorkerService:
                 self.operands.discard(digest)
         if output.nbytes > CHUNK_BYTES:
             self.operands.put(output, output_meta.digest)
-        body = ReceiptBody(
-            job_id=job_id,
-            shard=shard,
-            kernel=kernel_name,
-            inputs=inputs,
-            output=output_meta.digest,
-            flops=int(kernel.flops(arrays)),
-            started=started,
-            ended=max(ended, started),
-            worker=self._identity.peer_id,
-            requester=sender,
-            price=price,
-        )
-        receipt = sign_as_worker(self._identity, body)
         self.stats.shards_run += 1
         self.stats.compute_seconds += ended - started
         self.stats.by_kernel[kernel_name] = self.stats.by_kernel.get(kernel_name, 0) + 1
@@ -325,23 +444,116 @@ class WorkerService:
             payload,
         )
 
-    def _reserve_credit(self, requester: str, key: tuple[str, int], cost: int, credit: int) -> None:
-        """Refuse a shard whose cost the requester cannot cover with ``credit`` (what the
-        ledger lets it spend) less the work not yet countersigned (raises RemoteError);
-        otherwise count the shard as owed at once, so that concurrent requests cannot all pass
-        the same check."""
-        owed = self._owed.setdefault(requester, {})
+    # -- what a requester may take -----------------------------------------------------------
+
+    def _current_price(self) -> float:
+        """Our price now, noted in the recent-price history."""
+        price = float(self._price())
         now = trio.current_time()
-        for key in [k for k, (since, _) in owed.items() if now - since > OWED_MEMORY_SECONDS]:
-            del owed[key]  # never countersigned: the requester rejected or dropped it
-        available = credit - sum(c for k, (_, c) in owed.items() if k != key)
-        if cost > available:
-            self.stats.credit_refusals += 1
+        if not self._prices or self._prices[-1][1] != price:
+            self._prices.append((now, price))
+        # A price counts as recent while it was in force within the window: drop the ones
+        # superseded before it began.
+        while len(self._prices) > 1 and self._prices[1][0] < now - PRICE_MEMORY_SECONDS:
+            self._prices.popleft()
+        return price
+
+    def _agreed_price(self, quoted: Any) -> float:
+        """The price of a shard quoted at ``quoted`` (None: no quote, our current price).
+
+        The quote must be no lower than the lowest price this worker asked within
+        PRICE_MEMORY_SECONDS (less the rounding slack); the shard is charged the lower of the
+        quote and our current price, so a receipt never charges more than was agreed.
+        """
+        own = self._current_price()
+        if quoted is None:
+            return own
+        if (
+            isinstance(quoted, bool)
+            or not isinstance(quoted, int | float)
+            or not 0 <= quoted <= MAX_PRICE
+        ):
+            raise RemoteError(f"max_price must be a number between 0 and {MAX_PRICE:g}")
+        lowest = min(price for _, price in self._prices)
+        floor = lowest * (1 - PRICE_TOLERANCE) - PRICE_ROUNDING
+        if quoted < floor:
+            self.stats.price_refusals += 1
             raise RemoteError(
-                f"{CREDIT_REFUSED}: this shard costs {cost} nano-credits, "
-                f"the requester can spend {max(0, available)}"
+                f"max_price {quoted:.9g} is below this worker's price {own:.9g} "
+                f"(lowest asked in the last {PRICE_MEMORY_SECONDS:g} s: {lowest:.9g})"
             )
-        owed[key] = (now, cost)
+        return min(own, float(quoted))
+
+    def _refuse_unpaid(self, requester: str) -> None:
+        """Refuse a requester whose unpaid work has reached the bound (RemoteError, phrased
+        as a credit refusal: it is the requester's doing, not a fault of this worker)."""
+        self._expire_owed()
+        shards, nano = self.unpaid(requester)
+        if shards >= self._unpaid_shards or nano >= self._unpaid_nano:
+            self.stats.unpaid_refusals += 1
+            raise RemoteError(
+                f"{CREDIT_REFUSED}: {shards} shards done for this requester "
+                f"({nano} nano-credits) were never countersigned; countersign them first"
+            )
+
+    def _reserve_credit(
+        self, requester: str, reservation: tuple[str, int], cost: int, credit: int | None
+    ) -> None:
+        """Count the shard as owed at once, so that concurrent requests cannot all pass the
+        same check. With ``credit`` (what the ledger lets the requester spend), first refuse
+        a shard it cannot cover less the work not yet countersigned (raises RemoteError)."""
+        owed = self._owed.get(requester, {})
+        if credit is not None:
+            available = credit - sum(c for k, (_, c) in owed.items() if k != reservation)
+            if cost > available:
+                self.stats.credit_refusals += 1
+                raise RemoteError(
+                    f"{CREDIT_REFUSED}: this shard costs {cost} nano-credits, "
+                    f"the requester can spend {max(0, available)}"
+                )
+        self._owed.setdefault(requester, {})[reservation] = (trio.current_time(), cost)
+
+    def _release(self, requester: str, reservation: tuple[str, int]) -> None:
+        owed = self._owed.get(requester)
+        if owed is not None:
+            owed.pop(reservation, None)
+            if not owed:
+                del self._owed[requester]
+
+    def _expire_owed(self) -> None:
+        """Owed work older than OWED_MEMORY_SECONDS becomes unpaid; unpaid work older than
+        UNPAID_MEMORY_SECONDS is forgotten; the unpaid table keeps its size bound."""
+        now = trio.current_time()
+        for requester in list(self._owed):
+            owed = self._owed[requester]
+            expired = [k for k, (since, _) in owed.items() if now - since >= OWED_MEMORY_SECONDS]
+            if not expired:
+                continue
+            unpaid = self._unpaid.setdefault(requester, {})
+            for reservation in expired:
+                _, cost = owed.pop(reservation)
+                unpaid.pop(reservation, None)  # re-inserted: newest last
+                unpaid[reservation] = (now, cost)
+            # Past the refusal bound more entries tell nothing new: keep the newest few.
+            while len(unpaid) > 4 * self._unpaid_shards:
+                del unpaid[next(iter(unpaid))]
+            if not owed:
+                del self._owed[requester]
+        for requester in list(self._unpaid):
+            unpaid = self._unpaid[requester]
+            while unpaid:
+                oldest = next(iter(unpaid))
+                if now - unpaid[oldest][0] < UNPAID_MEMORY_SECONDS:
+                    break
+                del unpaid[oldest]
+            if not unpaid:
+                del self._unpaid[requester]
+        if len(self._unpaid) > self._unpaid_requesters:
+            # Forget those owing least first, so that many identities each owing a little
+            # cannot push out the one that owes most.
+            ranked = sorted(self._unpaid, key=lambda r: (self.unpaid(r)[1], self.unpaid(r)[0]))
+            for requester in ranked[: len(self._unpaid) - self._unpaid_requesters]:
+                del self._unpaid[requester]
 
     def _corrupt(self, output: np.ndarray) -> np.ndarray:
         self.stats.corrupted_on_purpose += 1
@@ -374,7 +586,13 @@ class WorkerService:
         if receipt.body.worker != self._identity.peer_id or receipt.body.requester != sender:
             raise RemoteError("receipt names other peers")
         stored = await self._runtime.run_blocking(self.receipts.add, receipt)
-        self._owed.get(sender, {}).pop((receipt.body.job_id, receipt.body.shard), None)
+        reservation = (receipt.body.job_id, receipt.body.shard)
+        self._release(sender, reservation)
+        unpaid = self._unpaid.get(sender)
+        if unpaid is not None:
+            unpaid.pop(reservation, None)  # paid late: no longer held against the requester
+            if not unpaid:
+                del self._unpaid[sender]
         if self._on_receipt is not None:
             await self._on_receipt(receipt)
         return pack({"stored": stored})

@@ -1,0 +1,467 @@
+"""Attacks on a worker by the requesters it serves (issue 8, items 3 and 4).
+
+A requester that quotes a price of zero, sends shards too small to cost anything, never
+countersigns the work it gets, or starts many uploads that announce large arrays and send
+nothing: each must be refused with a one-line :class:`RemoteError`, and honest requesters must
+keep getting served. The worker runs unmodified on memnet under ``MockClock`` (pytest-trio's
+``autojump_clock``), so that expiry on a timer is tested at exact virtual instants.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+import trio
+import trio.testing
+
+from mtor_kernels import get_kernel
+from mtor_kernels.backend import NumpyBackend
+from mtor_p2p.clock import NetClock
+from mtor_p2p.compute import client
+from mtor_p2p.compute.protocol import (
+    MAX_PENDING_UPLOAD_BYTES,
+    MAX_PENDING_UPLOAD_BYTES_PER_PEER,
+    PROTOCOL_COUNTERSIGN,
+    PROTOCOL_RUN,
+    PROTOCOL_UPLOAD,
+)
+from mtor_p2p.compute.receipt_store import ReceiptStore
+from mtor_p2p.compute.worker import (
+    CREDIT_REFUSED,
+    HOUSEKEEPING_INTERVAL,
+    OWED_MEMORY_SECONDS,
+    PRICE_MEMORY_SECONDS,
+    PRICE_TOLERANCE,
+    RUN_TIMEOUT,
+    UPLOAD_IDLE_TIMEOUT,
+    WorkerService,
+)
+from mtor_p2p.identity import Identity
+from mtor_p2p.memnet import MemNetwork, MemWorld
+from mtor_p2p.network import NetworkError, RemoteError
+from mtor_p2p.records.arrays import OperandStore, meta_of, pack
+from mtor_p2p.records.receipts import Receipt, countersign, shard_cost_nano
+from mtor_p2p.runtime import Runtime
+
+EPOCH = 1_800_000_000.0
+JOB = "ab" * 32
+RNG = np.random.default_rng(11)
+
+
+def ident(label: str) -> Identity:
+    """A deterministic identity."""
+    return Identity(hashlib.sha256(f"worker attacks {label}".encode()).digest())
+
+
+@dataclass
+class Requester:
+    """One requesting peer: its identity and network."""
+
+    identity: Identity
+    network: MemNetwork
+
+    @property
+    def peer_id(self) -> str:
+        return self.identity.peer_id
+
+
+@dataclass
+class Bench:
+    """A worker on memnet, the price it asks (change ``price[0]``), and requesters."""
+
+    world: MemWorld
+    worker: WorkerService
+    worker_id: str
+    price: list[float]
+    clock: NetClock
+    requesters: dict[str, Requester] = field(default_factory=dict)
+
+    async def requester(self, label: str) -> Requester:
+        """A new requester connected to the worker."""
+        identity = ident(label)
+        network = self.world.add_peer(identity)
+        await network.connect(self.world.network(self.worker_id).addrs()[0])
+        peer = self.requesters[label] = Requester(identity, network)
+        return peer
+
+
+@asynccontextmanager
+async def bench(
+    *, price: float = 1.0, credit: Callable[[str], int] | None = None, **limits: int
+) -> AsyncIterator[Bench]:
+    """A worker serving on memnet with its housekeeping loop running."""
+    world = MemWorld(seed=1)
+    identity = ident("worker")
+    network = world.add_peer(identity)
+    box = [price]
+    clock = NetClock(epoch_offset=EPOCH)
+    worker = WorkerService(
+        network,
+        identity,
+        clock,
+        OperandStore(),
+        ReceiptStore(Path(":memory:")),
+        price=lambda: box[0],
+        backend=NumpyBackend(),
+        runtime=Runtime.simulated("worker attacks"),
+        credit=credit,
+        **limits,  # type: ignore[arg-type]
+    )
+    worker.register()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(worker.run)
+        yield Bench(world, worker, identity.peer_id, box, clock)
+        nursery.cancel_scope.cancel()
+
+
+def matmul_operands(rows: int = 16, inner: int = 64, cols: int = 48) -> dict[str, np.ndarray]:
+    return {
+        "a": RNG.standard_normal((rows, inner)).astype("float32"),
+        "b": RNG.standard_normal((inner, cols)).astype("float32"),
+    }
+
+
+def job_of(who: Requester) -> str:
+    """Each requester's own job (job IDs are content hashes: two requesters never share one)."""
+    return hashlib.sha256(who.peer_id.encode()).hexdigest()
+
+
+def cost_of(operands: dict[str, np.ndarray], price: float) -> int:
+    return shard_cost_nano(price, int(get_kernel("matmul").flops(operands)))
+
+
+async def run(
+    b: Bench,
+    who: Requester,
+    operands: dict[str, np.ndarray],
+    *,
+    shard: int,
+    quote: float,
+) -> Receipt:
+    """Upload what the worker lacks, run one shard at ``quote``; the worker's receipt."""
+    await client.ensure_operands(who.network, b.worker_id, operands, timeout=10)
+    terms = client.ShardTerms(
+        requester=who.peer_id,
+        max_price=quote,
+        flops=int(get_kernel("matmul").flops(operands)),
+        sent_at=b.clock.now(),
+        now=b.clock.now,
+    )
+    answer = await client.run_shard(
+        who.network,
+        b.worker_id,
+        job_id=job_of(who),
+        shard=shard,
+        kernel="matmul",
+        operands=operands,
+        timeout=10,
+        transfer_timeout=10,
+        terms=terms,
+    )
+    np.testing.assert_allclose(answer.output, operands["a"] @ operands["b"], rtol=1e-4)
+    return answer.receipt
+
+
+async def pay(b: Bench, who: Requester, receipt: Receipt) -> None:
+    """Countersign ``receipt`` and give it to the worker."""
+    assert await client.send_countersigned(
+        who.network, b.worker_id, countersign(who.identity, receipt), timeout=5
+    )
+
+
+# -- price floor ----------------------------------------------------------------------------
+
+
+async def test_a_quote_below_the_workers_price_is_refused(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A requester that quotes 0, or half the price, gets a refusal naming both prices; one
+    that quotes the price or more is charged the worker's price, never more than its quote."""
+    async with bench(price=2.0) as b:
+        alice = await b.requester("alice")
+        operands = matmul_operands()
+        for quote in (0.0, 1.0, 2.0 * (1 - 2 * PRICE_TOLERANCE)):
+            with pytest.raises(RemoteError, match="below") as refused:
+                await run(b, alice, operands, shard=0, quote=quote)
+            assert f"{quote:g}" in str(refused.value) and "2" in str(refused.value)
+        assert b.worker.stats.price_refusals == 3
+        assert b.worker.stats.shards_run == 0
+        receipt = await run(b, alice, operands, shard=1, quote=2.0)
+        assert receipt.body.price == 2.0
+        receipt = await run(b, alice, operands, shard=2, quote=50.0)
+        assert receipt.body.price == 2.0  # the worker's own price, not the (higher) quote
+        # A missing quote is not a licence to charge anything: the worker's own price.
+        await client.ensure_operands(alice.network, b.worker_id, operands, timeout=10)
+        described = {name: meta_of(a).to_json() for name, a in operands.items()}
+        request = {"job_id": JOB, "shard": 3, "kernel": "matmul", "operands": described}
+        await alice.network.request(b.worker_id, PROTOCOL_RUN, pack(request))
+        assert b.worker.stats.shards_run == 3
+
+
+async def test_a_recently_advertised_price_is_honoured_then_forgotten(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The requester quotes the price it read in the worker's capacity record, which may be
+    older than the worker's latest price step: a price the worker asked within
+    PRICE_MEMORY_SECONDS is honoured (and charged), an older one is refused."""
+    async with bench(price=1.0) as b:
+        alice = await b.requester("alice")
+        operands = matmul_operands()
+        await trio.sleep(HOUSEKEEPING_INTERVAL)  # the worker has seen its price of 1.0
+        b.price[0] = 1.25  # the price loop raised it; the record in alice's view is older
+        receipt = await run(b, alice, operands, shard=0, quote=1.0)
+        assert receipt.body.price == 1.0  # what was agreed, not the new price
+        # Rounded to 6 places in the record: a quote a hair under the price passes.
+        receipt = await run(b, alice, operands, shard=1, quote=0.9999995)
+        assert receipt.body.price == 0.9999995
+        await trio.sleep(PRICE_MEMORY_SECONDS + HOUSEKEEPING_INTERVAL)
+        with pytest.raises(RemoteError, match="below"):
+            await run(b, alice, operands, shard=2, quote=1.0)
+        receipt = await run(b, alice, operands, shard=3, quote=1.25)
+        assert receipt.body.price == 1.25
+
+
+async def test_a_shard_that_costs_nothing_is_refused(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """At one credit per TFLOP, a 1x1 product (2 FLOPs) costs 0 nano-credits: the receipt would
+    move nothing while the shard holds the worker's slot, so the worker refuses it."""
+    async with bench(price=1.0) as b:
+        alice = await b.requester("alice")
+        tiny = matmul_operands(1, 1, 1)
+        assert cost_of(tiny, 1.0) == 0
+        with pytest.raises(RemoteError, match="costs 0 nano-credits"):
+            await run(b, alice, tiny, shard=0, quote=1.0)
+        assert b.worker.stats.shards_run == 0
+        await run(b, alice, matmul_operands(), shard=1, quote=1.0)
+
+
+async def test_a_volunteer_worker_asking_nothing_serves_free_shards(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A worker whose own price is 0 gives its work away by its own choice: no refusal."""
+    async with bench(price=0.0) as b:
+        alice = await b.requester("alice")
+        receipt = await run(b, alice, matmul_operands(), shard=0, quote=0.0)
+        assert receipt.body.price == 0.0
+
+
+# -- unpaid work ----------------------------------------------------------------------------
+
+
+async def test_unpaid_work_is_remembered_refused_past_the_bound_and_cleared_by_paying(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Shards never countersigned stop being "owed" after OWED_MEMORY_SECONDS but are not
+    forgotten: past the bound the requester is refused (as a credit refusal, which the
+    scheduler treats as the requester's own fault), and countersigning late clears them."""
+    async with bench(price=1.0, unpaid_shards=3) as b:
+        mallory, alice = await b.requester("mallory"), await b.requester("alice")
+        operands = matmul_operands()
+        receipts = [await run(b, mallory, operands, shard=i, quote=1.0) for i in range(3)]
+        # Within the owed window nothing is unpaid yet: the countersign may be on its way.
+        assert b.worker.unpaid(mallory.peer_id) == (0, 0)
+        await run(b, mallory, operands, shard=3, quote=1.0)
+        await trio.sleep(OWED_MEMORY_SECONDS + HOUSEKEEPING_INTERVAL)
+        cost = cost_of(operands, 1.0)
+        assert b.worker.unpaid(mallory.peer_id) == (4, 4 * cost)
+        with pytest.raises(RemoteError, match="never countersigned") as refused:
+            await run(b, mallory, operands, shard=4, quote=1.0)
+        assert str(refused.value).startswith(CREDIT_REFUSED)
+        assert b.worker.stats.unpaid_refusals == 1
+        # Another requester is not affected.
+        await pay(b, alice, await run(b, alice, operands, shard=0, quote=1.0))
+        # Paying late clears what was paid; under the bound again, mallory is served.
+        await pay(b, mallory, receipts[0])
+        await pay(b, mallory, receipts[1])
+        assert b.worker.unpaid(mallory.peer_id) == (2, 2 * cost)
+        await pay(b, mallory, await run(b, mallory, operands, shard=5, quote=1.0))
+
+
+async def test_unpaid_work_past_the_nano_credit_bound_is_refused(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The bound holds in nano-credits too: one large unpaid shard is enough."""
+    operands = matmul_operands()
+    async with bench(price=1.0, unpaid_nano=cost_of(operands, 1.0)) as b:
+        mallory = await b.requester("mallory")
+        await run(b, mallory, operands, shard=0, quote=1.0)
+        await trio.sleep(OWED_MEMORY_SECONDS + HOUSEKEEPING_INTERVAL)
+        with pytest.raises(RemoteError, match="never countersigned"):
+            await run(b, mallory, operands, shard=1, quote=1.0)
+
+
+async def test_the_unpaid_table_tracks_a_bounded_number_of_requesters(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Past ``unpaid_requesters`` the requester owing least is forgotten first, so that a
+    crowd of identities each owing a little cannot flush out the one that owes most."""
+    async with bench(price=1.0, unpaid_requesters=2) as b:
+        operands = matmul_operands()
+        owing = {"small": 1, "big": 3, "medium": 2}
+        for label, shards in owing.items():
+            who = await b.requester(label)
+            for shard in range(shards):
+                await run(b, who, operands, shard=shard, quote=1.0)
+        await trio.sleep(OWED_MEMORY_SECONDS + HOUSEKEEPING_INTERVAL)
+        counts = {label: b.worker.unpaid(b.requesters[label].peer_id)[0] for label in owing}
+        assert counts == {"small": 0, "big": 3, "medium": 2}
+
+
+async def test_a_reservation_is_released_by_its_own_countersign(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Regression: ``_reserve_credit`` re-used its ``key`` parameter as a loop variable, so a
+    shard reserved just after an older reservation expired was stored under the old key, its
+    countersign released nothing, and the requester was refused credit it had."""
+    operands = matmul_operands()
+    cost = cost_of(operands, 1.0)
+    async with bench(price=1.0, credit=lambda requester: cost * 3 // 2) as b:
+        alice = await b.requester("alice")
+        await run(b, alice, operands, shard=0, quote=1.0)  # never countersigned
+        await trio.sleep(OWED_MEMORY_SECONDS + 1)
+        await pay(b, alice, await run(b, alice, operands, shard=1, quote=1.0))
+        # Shard 1 is paid: the requester owes nothing now and may spend its credit again.
+        await pay(b, alice, await run(b, alice, operands, shard=2, quote=1.0))
+        assert b.worker.stats.credit_refusals == 0
+
+
+async def test_a_cancelled_shard_is_not_counted_as_owed(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A run whose handler is cut off (deadline, requester gone) produced no receipt: its
+    reservation must not become unpaid work against the requester."""
+    async with bench(price=1.0) as b:
+        alice = await b.requester("alice")
+        operands = matmul_operands()
+        await client.ensure_operands(alice.network, b.worker_id, operands, timeout=10)
+
+        async def never_finish(*args: object, **kwargs: object) -> np.ndarray:
+            await trio.sleep_forever()
+            raise AssertionError
+
+        b.worker.executor.execute = never_finish  # type: ignore[method-assign]
+        described = {name: meta_of(a).to_json() for name, a in operands.items()}
+        request = {"job_id": JOB, "shard": 0, "kernel": "matmul", "operands": described}
+        with pytest.raises(NetworkError, match="timed out"):
+            await alice.network.request(
+                b.worker_id, PROTOCOL_RUN, pack({**request, "max_price": 1.0}), timeout=1
+            )
+        # The requester gave up; the handler's own deadline cuts it off later.
+        await trio.sleep(RUN_TIMEOUT + OWED_MEMORY_SECONDS + HOUSEKEEPING_INTERVAL)
+        assert b.worker.stats.active == 0
+        assert b.worker.unpaid(alice.peer_id) == (0, 0)
+
+
+async def test_a_countersign_for_another_requester_is_refused(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Mallory cannot clear alice's record (or its own) with a receipt that names alice."""
+    async with bench(price=1.0) as b:
+        alice, mallory = await b.requester("alice"), await b.requester("mallory")
+        receipt = await run(b, alice, matmul_operands(), shard=0, quote=1.0)
+        complete = countersign(alice.identity, receipt)
+        with pytest.raises(RemoteError, match="other peers"):
+            await mallory.network.request(
+                b.worker_id,
+                PROTOCOL_COUNTERSIGN,
+                pack({"receipt": base64.b64encode(complete.encode()).decode()}),
+            )
+
+
+# -- uploads --------------------------------------------------------------------------------
+
+#: An operand of 64 MiB as announced; the attacker sends none of its bytes.
+BIG = 64 << 20
+
+
+def announced(index: int, nbytes: int = BIG) -> dict[str, object]:
+    """The description of an array the attacker never sends (a made-up hash)."""
+    return {"hash": f"{index:064x}", "dtype": "float32", "shape": [nbytes // 4]}
+
+
+async def start_empty_upload(network: MemNetwork, worker: str, index: int) -> None:
+    """Announce an array of BIG bytes with an empty first chunk."""
+    await network.request(
+        worker, PROTOCOL_UPLOAD, pack({"array": announced(index), "offset": 0}, b"")
+    )
+
+
+async def test_many_uploads_that_start_empty_cannot_pass_the_cap(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The attack that took a worker from 145 MiB to 2.5 GiB: many uploads announce large
+    arrays and start empty. The worker reserves what each announces, one peer gets at most
+    its share, all peers together at most the total; the idle uploads expire on the worker's
+    timer (no request needed), and an honest upload then goes through."""
+    async with bench() as b:
+        mallory, trudy, alice = (
+            await b.requester("mallory"),
+            await b.requester("trudy"),
+            await b.requester("alice"),
+        )
+        per_peer = MAX_PENDING_UPLOAD_BYTES_PER_PEER // BIG
+        for index in range(per_peer):
+            await start_empty_upload(mallory.network, b.worker_id, index)
+        assert b.worker.reserved_upload_bytes == per_peer * BIG
+        with pytest.raises(RemoteError, match="busy"):
+            await start_empty_upload(mallory.network, b.worker_id, per_peer)
+        # A second attacker may take the rest of the total, never more.
+        rest = (MAX_PENDING_UPLOAD_BYTES - per_peer * BIG) // BIG
+        for index in range(rest):
+            await start_empty_upload(trudy.network, b.worker_id, 1000 + index)
+        with pytest.raises(RemoteError, match="busy"):
+            await start_empty_upload(trudy.network, b.worker_id, 2000)
+        assert b.worker.reserved_upload_bytes <= MAX_PENDING_UPLOAD_BYTES
+        honest = RNG.standard_normal((512, 512)).astype("float32")
+        with pytest.raises(RemoteError, match="busy"):
+            await client.upload(alice.network, b.worker_id, honest, timeout=5)
+        refused = b.worker.stats.uploads_refused
+        # Nobody sends anything: the worker's own timer frees the reservations.
+        await trio.sleep(UPLOAD_IDLE_TIMEOUT + HOUSEKEEPING_INTERVAL)
+        assert b.worker.reserved_upload_bytes == 0
+        assert b.worker.stats.uploads_expired == per_peer + rest
+        await client.upload(alice.network, b.worker_id, honest, timeout=5)
+        assert meta_of(honest).digest in b.worker.operands
+        assert b.worker.stats.uploads_refused == refused
+
+
+async def test_upload_reservations_are_released_when_uploads_end(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Completed, corrupted and out-of-order uploads all give their reservation back."""
+    async with bench() as b:
+        alice = await b.requester("alice")
+        array = RNG.standard_normal((1536, 1024)).astype("float32")  # 6 MiB: two chunks
+        meta = meta_of(array)
+        await client.upload(alice.network, b.worker_id, array, timeout=5)
+        assert b.worker.reserved_upload_bytes == 0
+        # Bytes whose hash does not match.
+        wrong = np.ones((4, 4), dtype="float32")
+        fake = {**meta_of(wrong).to_json(), "hash": "0" * 64}
+        with pytest.raises(RemoteError, match="hash mismatch"):
+            await alice.network.request(
+                b.worker_id, PROTOCOL_UPLOAD, pack({"array": fake, "offset": 0}, wrong.tobytes())
+            )
+        assert b.worker.reserved_upload_bytes == 0
+        # A chunk out of order after a good start.
+        other = RNG.standard_normal((1536, 1024)).astype("float32")
+        described = meta_of(other).to_json()
+        data = other.tobytes()
+        await alice.network.request(
+            b.worker_id, PROTOCOL_UPLOAD, pack({"array": described, "offset": 0}, data[:1024])
+        )
+        assert b.worker.reserved_upload_bytes == other.nbytes
+        with pytest.raises(RemoteError, match="in order"):
+            await alice.network.request(
+                b.worker_id, PROTOCOL_UPLOAD, pack({"array": described, "offset": 4096}, b"x")
+            )
+        assert b.worker.reserved_upload_bytes == 0
+        assert meta.digest in b.worker.operands

@@ -1,0 +1,135 @@
+"""The control API under attack and on errors: a real ControlServer on 127.0.0.1, real sockets,
+and the real ControlClient (urllib, in a thread)."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from mtor_p2p.control import (
+    INFO_FILE_NAME,
+    ControlClient,
+    ControlError,
+    ControlServer,
+    Route,
+    write_control_info,
+)
+
+TOKEN = "test-token"
+
+
+async def status(query: dict[str, str], body: Any) -> tuple[int, Any]:
+    return 200, {"ok": True}
+
+
+async def missing_file(query: dict[str, str], body: Any) -> tuple[int, Any]:
+    # What a job route does when the operand path it was given does not exist.
+    await trio.Path("/nonexistent/mtor/operand.npy").read_bytes()
+    return 200, {}
+
+
+async def bug(query: dict[str, str], body: Any) -> tuple[int, Any]:
+    raise ZeroDivisionError("a bug in a route")
+
+
+ROUTES: dict[tuple[str, str], Route] = {
+    ("GET", "/v1/status"): status,
+    ("POST", "/v1/jobs"): missing_file,
+    ("GET", "/v1/bug"): bug,
+}
+
+
+@asynccontextmanager
+async def running(server: ControlServer) -> AsyncIterator[ControlClient]:
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(server.serve)
+        yield ControlClient(url=f"http://127.0.0.1:{port}", token=TOKEN, timeout=10)
+        nursery.cancel_scope.cancel()
+
+
+async def call(client: ControlClient, method: str, path: str, payload: Any = None) -> Any:
+    return await trio.to_thread.run_sync(client.call, method, path, payload)
+
+
+async def test_a_route_raising_a_file_error_is_a_400_with_its_message() -> None:
+    """Before: ``except OSError: pass`` closed the connection without an answer, and the CLI
+    reported "no node running"."""
+    async with running(ControlServer(TOKEN, ROUTES)) as client:
+        with pytest.raises(ControlError, match=r"^400: .*No such file.*operand\.npy"):
+            await call(client, "POST", "/v1/jobs", {"a": "/nonexistent/mtor/operand.npy"})
+        with pytest.raises(ControlError, match=r"^500: .*ZeroDivisionError"):
+            await call(client, "GET", "/v1/bug")
+        assert await call(client, "GET", "/v1/status") == {"ok": True}
+
+
+async def test_status_answers_during_a_flood_of_idle_connections() -> None:
+    """Hundreds of connections that never finish their request head neither starve an
+    authenticated request nor stay open: beyond the cap the oldest still-reading connection
+    is dropped, and every one is closed once the head deadline passes."""
+    server = ControlServer(TOKEN, ROUTES, max_connections=32, head_timeout=1.5)
+    async with running(server) as client:
+        port = int(client.url.rsplit(":", 1)[1])
+        idle = []
+        for _ in range(500):
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            await stream.send_all(b"GET /v1/status HTTP/1.1\r\nHost: x\r\n")  # never ends
+            idle.append(stream)
+        start = time.monotonic()
+        with trio.fail_after(5):
+            assert await call(client, "GET", "/v1/status") == {"ok": True}
+        assert time.monotonic() - start < 5
+        assert server.stats.open <= 32 + 1
+        assert server.stats.dropped_idle >= 400
+        # Everyone left is cut at the head deadline, not after the 10 s connection deadline.
+        with trio.fail_after(5):
+            for stream in idle:
+                while await stream.receive_some(4096):
+                    pass
+        for stream in idle:
+            await stream.aclose()
+        assert server.stats.open == 0
+
+
+async def test_a_slowloris_client_is_cut_at_the_head_deadline() -> None:
+    server = ControlServer(TOKEN, ROUTES, head_timeout=1.0)
+    async with running(server) as client:
+        port = int(client.url.rsplit(":", 1)[1])
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        start = time.monotonic()
+        with trio.fail_after(5):
+            try:
+                for byte in b"GET /v1/status HTTP/1.1\r\nHost: x\r\n":
+                    await stream.send_all(bytes([byte]))
+                    await trio.sleep(0.2)
+            except trio.BrokenResourceError:
+                pass
+            while await stream.receive_some(4096):
+                pass
+        assert time.monotonic() - start < 5
+        assert server.stats.head_timeouts == 1
+        await stream.aclose()
+
+
+def test_write_control_info_is_atomic_and_private(tmp_path: Path) -> None:
+    old_umask = os.umask(0o022)  # the usual umask: a plain write would be world-readable
+    try:
+        path = write_control_info(tmp_path, {"url": "http://127.0.0.1:1", "pid": 1})
+        assert path == tmp_path / INFO_FILE_NAME
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        assert json.loads(path.read_text())["url"] == "http://127.0.0.1:1"
+        path.chmod(0o644)  # a file left by an older version is tightened on rewrite
+        write_control_info(tmp_path, {"url": "http://127.0.0.1:2", "pid": 2})
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        assert json.loads(path.read_text())["pid"] == 2
+        assert [p.name for p in tmp_path.iterdir()] == [INFO_FILE_NAME]
+    finally:
+        os.umask(old_umask)

@@ -40,6 +40,7 @@ from mtor_p2p.ledger.genesis import GENESIS_FILE_NAME, Genesis, load_genesis, na
 from mtor_p2p.ledger.pricing import next_price
 from mtor_p2p.ledger.service import LedgerService
 from mtor_p2p.ledger.store import LEDGER_FILE_NAME, Ledger, LedgerError
+from mtor_p2p.mesh import Candidate, MeshKeeper, MeshSettings
 from mtor_p2p.network import Network, NetworkError
 from mtor_p2p.records.arrays import OperandStore
 from mtor_p2p.runtime import Runtime
@@ -314,8 +315,7 @@ class Node:
         async with trio.open_nursery() as nursery:
             self.jobs.nursery = nursery
             await nursery.start(self.capacity.run)
-            nursery.start_soon(self._bootstrap_loop)
-            nursery.start_soon(self._mesh_loop)
+            nursery.start_soon(self._mesh_loop)  # also dials the bootstrap list
             if probe:
                 nursery.start_soon(self._probe_loop)
             nursery.start_soon(self.scheduler.courier)
@@ -358,39 +358,27 @@ class Node:
         network.add_announce_addr(tunnel.multiaddr(self.peer_id))
         return manager
 
-    async def _bootstrap_loop(self) -> None:
-        """Dial the bootstrap peers until connected; watch for isolation afterwards."""
-        peers = [a for a in self.config.all_bootstrap_peers() if not a.endswith(self.peer_id)]
-        while peers:
-            if not self.network.connected_peers():
-                for addr in peers:
-                    try:
-                        await self.network.connect(addr, timeout=5.0)
-                        log.info("connected to bootstrap peer %s", addr)
-                    except NetworkError as exc:
-                        log.warning("bootstrap peer unreachable: %s", exc)
-            await trio.sleep(self.timing.bootstrap_retry)
-
     async def _mesh_loop(self) -> None:
-        """Dial peers learned from capacity records until TARGET_CONNECTIONS are open."""
-        while True:
-            await trio.sleep(self.timing.mesh_interval)
-            connected = set(self.network.connected_peers())
-            if len(connected) >= TARGET_CONNECTIONS:
-                continue
-            candidates = [
-                r
-                for r in self.capacity.view.live(self.clock.now())
-                if r.peer_id != self.peer_id and r.peer_id not in connected and r.addrs
-            ]
-            self.runtime.random.shuffle(candidates)
-            for record in candidates[: TARGET_CONNECTIONS - len(connected)]:
-                for addr in record.addrs:
-                    try:
-                        await self.network.connect(addr, timeout=3.0)
-                        break
-                    except NetworkError:
-                        continue
+        """Keep TARGET_CONNECTIONS open: re-dial known peers, peers from capacity records and
+        the bootstrap list whenever below it, backing off from addresses that fail
+        (:mod:`mtor_p2p.mesh`)."""
+
+        def candidates() -> list[Candidate]:
+            return [(r.peer_id, r.addrs) for r in self.capacity.view.live(self.clock.now())]
+
+        keeper = MeshKeeper(
+            self.network,
+            candidates=candidates,
+            bootstrap=self.config.all_bootstrap_peers(),
+            rng=self.runtime.random,
+            settings=MeshSettings(
+                target=TARGET_CONNECTIONS,
+                interval=self.timing.mesh_interval,
+                isolated_interval=self.timing.bootstrap_retry,
+                backoff_base=self.timing.bootstrap_retry,
+            ),
+        )
+        await keeper.run()
 
     # -- control API -----------------------------------------------------------------------
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import trio
+import trio.testing
 
 from mtor_p2p.clock import NetClock
 from mtor_p2p.identity import Identity
@@ -156,3 +159,59 @@ async def test_a_restarted_peer_resumes_sync_from_its_saved_cursor(tmp_path):
         a.ledger.ingest([receipt(A, C, shard=99)])
         assert await again.sync_from(net_a.peer_id) == 1
         assert asked == [0, 10]  # the second pull started where the first had stopped
+
+
+async def test_a_sync_peer_serving_only_invalid_entries_is_backed_off(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """On memnet and virtual time: a sync peer whose every answer holds only forged entries is
+    pulled with doubling gaps (not every sync interval), counted in stats; once it answers
+    valid entries the back-off is gone and it is pulled at the ordinary pace again."""
+    from mtor_p2p.memnet import LatencyModel, MemWorld
+    from mtor_p2p.runtime import Runtime
+
+    gen = genesis()
+    good, victim = receipt(A, C), receipt(A, D, price=1.0)
+    forged = victim.replace(b'"price":1.0', b'"price":0.0')  # signatures no longer match
+    pulls: list[float] = []
+    honest = False
+
+    async def peer(sender: str, request: bytes) -> bytes:
+        pulls.append(trio.current_time())
+        entries = [good] if honest else [forged, forged]
+        header = {"instance": "liar", "next": 1, "more": False, "sizes": [len(e) for e in entries]}
+        return pack(header, b"".join(entries))
+
+    world = MemWorld(latency=LatencyModel(default_rtt_ms=10.0))
+    liar_net, my_net = world.add_peer(Identity.generate()), world.add_peer(Identity.generate())
+    liar_net.handle(SYNC_PROTOCOL, peer)
+    await my_net.connect(liar_net.addrs()[0])
+    me = LedgerService(
+        my_net,
+        Identity.generate(),
+        NetClock(),
+        Ledger(":memory:", gen),
+        sync_interval=1.0,
+        runtime=Runtime.simulated(1),
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(me.run)
+        await trio.sleep(300)
+        # Every second before the fix (about 300 pulls); now 1, 3, 7, 15, ... seconds in.
+        assert 5 <= len(pulls) <= 10, pulls
+        gaps = [b - a for a, b in itertools.pairwise(pulls)]
+        assert all(later >= 1.8 * earlier for earlier, later in itertools.pairwise(gaps))
+        assert me.stats["sync_faults"] == len(pulls)
+        assert me.stats["sync_backoff_peers"] == 1
+        assert me.ledger.count() == 0
+        honest = True
+        before = len(pulls)
+        with trio.fail_after(gaps[-1] * 2 + 5):
+            while len(pulls) == before:
+                await trio.sleep(1)
+        await trio.sleep(20)
+        assert len(pulls) - before >= 10  # about one a second again
+        assert me.stats["sync_backoff_peers"] == 0
+        assert me.ledger.count() == 1
+        nursery.cancel_scope.cancel()
+    me.ledger.close()

@@ -7,7 +7,10 @@
   a cursor, in the remote's own arrival order, a few MiB per request, and remembers the cursor
   (with the remote's ledger instance) on disk. Every connected peer is pulled once when it is
   first seen, and a random one every ``sync_interval``; so anything one peer holds reaches
-  every peer connected to it, whatever gossip dropped, and sets converge.
+  every peer connected to it, whatever gossip dropped, and sets converge. A peer whose answer
+  is malformed, refused, or holds only invalid entries is backed off: its next pull waits
+  ``sync_interval * 2**faults`` (at most ``SYNC_BACKOFF_MAX``); an answer with a valid entry
+  (or none invalid) clears it. Network failures neither add nor clear a fault.
 * **Checkpoints**: once an epoch is ``checkpoint_delay`` old, each staked peer signs the Merkle
   root of the entries it holds for that epoch (a vote, BLS); a peer holding the same set that
   sees votes on it from signers with the quorum of weight aggregates them into a checkpoint.
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import trio
@@ -55,6 +59,20 @@ SYNC_BATCH_BYTES = 4 << 20
 SYNC_BATCH_COUNT = 2000
 #: One response holds at least one entry, however large (a fault proof, a checkpoint).
 MAX_SYNC_RESPONSE = MAX_ENTRY_BYTES + SYNC_BATCH_BYTES + (64 << 10)
+#: Longest wait (seconds) before a faulty sync peer is pulled again.
+SYNC_BACKOFF_MAX = 900.0
+#: Peers with a back-off remembered at once; beyond it the longest-expired are forgotten.
+SYNC_BACKOFF_PEERS = 4096
+
+
+@dataclass
+class _Pull:
+    """What one :meth:`LedgerService.sync_from` brought: new entries, entries that passed the
+    checks (new, already held or parked), and entries refused as invalid."""
+
+    new: int = 0
+    valid: int = 0
+    invalid: int = 0
 
 
 def ledger_topic(genesis_hash: str) -> str:
@@ -87,6 +105,8 @@ class LedgerService:
         self.sync_interval = sync_interval
         self.checkpoint_tick = checkpoint_tick
         self._synced: set[str] = set()
+        #: peer -> (faults in a row, trio time before which it is not pulled).
+        self._backoff: dict[str, tuple[int, float]] = {}
         self._voted: dict[int, list[str]] = {}  # epoch -> roots we signed
         self._buckets: dict[str, tuple[float, float]] = {}  # sender -> (tokens, updated)
         self.stats: dict[str, int] = {
@@ -94,6 +114,10 @@ class LedgerService:
             "gossip_rejected": 0,
             "synced_entries": 0,
             "sync_failures": 0,
+            # Sync answers that were malformed, refused, or held only invalid entries.
+            "sync_faults": 0,
+            # Peers backed off now (not pulled until their back-off has passed).
+            "sync_backoff_peers": 0,
             "votes": 0,
             "checkpoints_made": 0,
         }
@@ -271,7 +295,11 @@ class LedgerService:
 
     async def sync_from(self, peer: str, *, timeout: float = 30.0) -> int:
         """Pull every entry ``peer`` holds that we lack; the number of new entries."""
-        new = 0
+        return (await self._pull(peer, timeout=timeout)).new
+
+    async def _pull(self, peer: str, *, timeout: float = 30.0) -> _Pull:
+        """:meth:`sync_from`, with the counts the back-off needs."""
+        pulled = _Pull()
         changes = 0
         while True:
             # The cursor survives restarts, so a restarted node resumes where it stopped.
@@ -316,32 +344,74 @@ class LedgerService:
                 result = await self._store(wires)
             except Exception as exc:  # whatever remote data causes is its error
                 raise RecordError(f"entries from {peer[-8:]} broke ingest: {exc!r}") from exc
-            new += result.new
+            pulled.new += result.new
+            pulled.valid += result.new + result.duplicate + result.parked
+            pulled.invalid += len(result.invalid)
             self.stats["synced_entries"] += result.new
             if result.invalid:
                 log.info("sync from %s: %d invalid entries", peer[-8:], len(result.invalid))
             await self._blocking(self.ledger.set_cursor, peer, remote_instance, next_seq)
             if not more:
-                return new
+                return pulled
+
+    def _backed_off(self, peer: str, now: float) -> bool:
+        entry = self._backoff.get(peer)
+        return entry is not None and now < entry[1]
+
+    def _sync_fault(self, peer: str) -> None:
+        """Count a faulty answer of ``peer`` and push its next pull back (doubling)."""
+        self.stats["sync_faults"] += 1
+        faults = self._backoff.get(peer, (0, 0.0))[0] + 1
+        delay = min(SYNC_BACKOFF_MAX, self.sync_interval * 2.0**faults)
+        self._backoff[peer] = (faults, trio.current_time() + delay)
+        if len(self._backoff) > SYNC_BACKOFF_PEERS:
+            # Forget the peers whose back-off ends first: at worst one more pull each.
+            for forgotten, _ in sorted(self._backoff.items(), key=lambda kv: kv[1][1])[
+                : len(self._backoff) - SYNC_BACKOFF_PEERS
+            ]:
+                del self._backoff[forgotten]
+        self._count_backoff()
+
+    def _sync_ok(self, peer: str) -> None:
+        if self._backoff.pop(peer, None) is not None:
+            self._count_backoff()
+
+    def _count_backoff(self) -> None:
+        now = trio.current_time()
+        self.stats["sync_backoff_peers"] = sum(1 for _, t in self._backoff.values() if now < t)
 
     async def _sync_loop(self) -> None:
         last_random = trio.current_time()
         while True:
             await trio.sleep(1.0)
-            peers = self._network.connected_peers()
+            now = trio.current_time()
+            if self._backoff:
+                self._count_backoff()
+            peers = [p for p in self._network.connected_peers() if not self._backed_off(p, now)]
             targets = [p for p in peers if p not in self._synced]
-            if peers and trio.current_time() - last_random >= self.sync_interval:
+            if peers and now - last_random >= self.sync_interval:
                 targets.append(self._runtime.random.choice(peers))
-                last_random = trio.current_time()
+                last_random = now
             for peer in dict.fromkeys(targets):
                 try:
                     with trio.fail_after(120):
-                        await self.sync_from(peer)
+                        pulled = await self._pull(peer)
                     self._synced.add(peer)
-                except (NetworkError, RemoteError, RecordError, trio.TooSlowError) as exc:
+                except (RemoteError, RecordError) as exc:
+                    # The peer answered, wrongly (malformed, looping) or refused: its fault.
+                    self.stats["sync_failures"] += 1
+                    self._synced.add(peer)
+                    self._sync_fault(peer)
+                    log.info("ledger sync from %s failed: %s", peer[-8:], exc)
+                except (NetworkError, trio.TooSlowError) as exc:
                     self.stats["sync_failures"] += 1
                     self._synced.add(peer)  # retried by the periodic pull, not every second
                     log.info("ledger sync from %s failed: %s", peer[-8:], exc)
+                else:
+                    if pulled.invalid and not pulled.valid:
+                        self._sync_fault(peer)
+                    else:
+                        self._sync_ok(peer)
 
     # -- checkpoints -----------------------------------------------------------------------
 

@@ -202,6 +202,12 @@ class Kernel(ABC):
     def output_shape(self, operands: Operands) -> tuple[int, ...]:
         """Shape of the float32 output."""
 
+    def output_dtype(self, operands: Operands) -> np.dtype:
+        """dtype of the output: float32 for float32 and float16 operands alike (float16
+        products accumulate and return in float32). A requester checks a worker's answer
+        against it, as against :meth:`output_shape`."""
+        return np.dtype(np.float32)
+
     def n_rows(self, operands: Operands) -> int:
         """Number of rows (axis 0 of ``split_operand``, and of the output)."""
         return int(operands[self.split_operand].shape[0])

@@ -48,6 +48,23 @@ class RemoteError(Exception):
     """
 
 
+class PeerMisbehaved(Exception):
+    """A remote peer's reply was malformed or inconsistent: it does not unpack, a field is
+    missing or of the wrong type, a signature or hash does not hold, an array does not match
+    what was asked. Unlike :class:`NetworkError` (nothing arrived) or :class:`RemoteError`
+    (the peer declined, in words), this is the peer's fault, and callers count it against
+    that peer. Every reply from a remote peer is decoded inside a boundary that raises this
+    (and nothing else) for whatever is wrong with it.
+
+    ``peer`` is the peer's ID when known; ``reason`` the one-line description.
+    """
+
+    def __init__(self, reason: str, *, peer: str | None = None) -> None:
+        super().__init__(reason if peer is None else f"peer {peer} misbehaved: {reason}")
+        self.reason = reason
+        self.peer = peer
+
+
 @dataclass
 class HostStats:
     """Counters that show an adapter's guards at work (exposed through the control API)."""

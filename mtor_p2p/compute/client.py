@@ -2,18 +2,28 @@
 
 The scheduler composes these: make sure a worker holds the operands (uploading in chunks only
 what it lacks), run a shard, fetch its output, send the countersigned receipt.
+
+Every reply is decoded inside one peer-fault boundary (:func:`peer_fault_boundary`): whatever
+is wrong with it (bytes that do not unpack, a header that is not an object, a field missing or
+of the wrong type, a receipt that does not verify or is for another shard, an output of the
+wrong dtype or shape or whose bytes do not match its hash) leaves these functions as
+:class:`WorkerMisbehaved` naming the worker, never as another exception. Network failures stay
+:class:`NetworkError`, refusals :class:`RemoteError`.
 """
 
 from __future__ import annotations
 
 import base64
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import trio
 
+from mtor_kernels import get_kernel
 from mtor_p2p.compute.protocol import (
     CHUNK_BYTES,
     MAX_ARRAY_BYTES,
@@ -24,14 +34,50 @@ from mtor_p2p.compute.protocol import (
     PROTOCOL_RUN,
     PROTOCOL_UPLOAD,
 )
-from mtor_p2p.network import Network, NetworkError
+from mtor_p2p.network import Network, NetworkError, PeerMisbehaved, RemoteError
 from mtor_p2p.records.arrays import ArrayMeta, array_from_bytes, meta_of, pack, unpack
 from mtor_p2p.records.receipts import Receipt, decode_receipt
-from mtor_p2p.wire import RecordError
+
+log = logging.getLogger(__name__)
+
+#: A reason longer than this is cut (it may quote what the peer sent).
+MAX_REASON_CHARS = 300
 
 
-class WorkerMisbehaved(Exception):
-    """The worker answered with something malformed or inconsistent (not just an error)."""
+class WorkerMisbehaved(PeerMisbehaved):
+    """The worker answered with something malformed or inconsistent (not just an error): the
+    compute protocols' :class:`~mtor_p2p.network.PeerMisbehaved`."""
+
+
+@contextmanager
+def peer_fault_boundary(peer: str, what: str) -> Iterator[None]:
+    """Decode a reply of ``peer`` inside this block: any exception raised in it becomes a
+    :class:`WorkerMisbehaved` naming ``peer`` and saying what was wrong with ``what``.
+
+    Only decoding belongs inside, never a request: a :class:`NetworkError` or
+    :class:`RemoteError` passes through unchanged, and cancellation is not an exception here.
+    """
+    try:
+        yield
+    except (NetworkError, RemoteError):
+        raise
+    except PeerMisbehaved as exc:
+        if exc.peer == peer:
+            raise
+        raise WorkerMisbehaved(f"{what}: {exc.reason}"[:MAX_REASON_CHARS], peer=peer) from exc
+    except Exception as exc:
+        # Anything else (RecordError, KeyError, TypeError, binascii.Error, MemoryError...) is
+        # the reply's fault: nothing but the reply is decoded in here.
+        reason = f"{what}: {type(exc).__name__}: {exc}"[:MAX_REASON_CHARS]
+        raise WorkerMisbehaved(reason, peer=peer) from exc
+
+
+def _field(header: dict[str, Any], name: str, kind: type) -> Any:
+    """``header[name]`` if it is a ``kind`` (a bool is not an int), else WorkerMisbehaved."""
+    value = header.get(name)
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        raise WorkerMisbehaved(f"field {name!r} missing or not a {kind.__name__}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -49,9 +95,13 @@ async def missing_operands(
     reply = await network.request(
         worker, PROTOCOL_HAS, pack({"hashes": [m.digest for m in metas]}), timeout=timeout
     )
-    header, _ = unpack(reply)
-    have = set(header.get("have", []))
-    return [m for m in metas if m.digest not in have]
+    with peer_fault_boundary(worker, "has reply"):
+        header, _ = unpack(reply)
+        have = _field(header, "have", list)
+        if not all(isinstance(digest, str) for digest in have):
+            raise WorkerMisbehaved("'have' lists something other than hashes")
+    held = set(have)
+    return [m for m in metas if m.digest not in held]
 
 
 async def upload(network: Network, worker: str, array: np.ndarray, *, timeout: float) -> None:
@@ -67,12 +117,14 @@ async def upload(network: Network, worker: str, array: np.ndarray, *, timeout: f
             pack({"array": meta.to_json(), "offset": offset}, chunk),
             timeout=timeout,
         )
-        header, _ = unpack(reply)
-        if header.get("complete"):
-            return
         offset += len(chunk)
-        if offset >= meta.nbytes or header.get("received") != offset:
-            raise WorkerMisbehaved("worker lost track of the upload")
+        with peer_fault_boundary(worker, "upload reply"):
+            header, _ = unpack(reply)
+            if _field(header, "complete", bool):
+                return
+            received = _field(header, "received", int)
+            if offset >= meta.nbytes or received != offset:
+                raise WorkerMisbehaved("worker lost track of the upload")
 
 
 async def ensure_operands(
@@ -111,7 +163,8 @@ async def ensure_operands(
 
 
 async def download(network: Network, worker: str, meta: ArrayMeta, *, timeout: float) -> np.ndarray:
-    """Fetch an array by hash in chunks; its hash is checked."""
+    """Fetch an array by hash in chunks; every chunk must be exactly what was asked for, and
+    the whole must match ``meta`` (size and hash)."""
     parts: list[bytes] = []
     received = 0
     while received < meta.nbytes:
@@ -123,15 +176,21 @@ async def download(network: Network, worker: str, meta: ArrayMeta, *, timeout: f
             timeout=timeout,
             max_response_bytes=MAX_MESSAGE_BYTES,
         )
-        _, body = unpack(reply)
-        if not body:
-            raise WorkerMisbehaved("worker sent an empty chunk")
+        with peer_fault_boundary(worker, "download reply"):
+            header, body = unpack(reply)
+            total = _field(header, "total", int)
+            if total != meta.nbytes:
+                raise WorkerMisbehaved(f"its array has {total} bytes, {meta.nbytes} expected")
+            if not body:
+                raise WorkerMisbehaved("worker sent an empty chunk")
+            if len(body) != length:
+                # The worker slices exactly what is asked; anything else is padding or a
+                # trickle of tiny chunks.
+                raise WorkerMisbehaved(f"chunk of {len(body)} bytes, {length} asked for")
         parts.append(body)
         received += len(body)
-    try:
+    with peer_fault_boundary(worker, "downloaded output"):
         return array_from_bytes(meta, b"".join(parts))
-    except RecordError as exc:
-        raise WorkerMisbehaved(f"downloaded output: {exc}") from exc
 
 
 #: How far apart two peers' clocks may be before a receipt's times look wrong (seconds).
@@ -178,6 +237,12 @@ async def run_shard(
     With ``terms``, the worker's signed receipt must keep to them (price, FLOPs, requester,
     times): the requester countersigns whatever it accepts here, so it checks first.
     """
+    # What an honest answer looks like is known before asking: the output's shape and dtype
+    # follow from the kernel and the operands. A declared output of any other size is refused
+    # before a byte of it is downloaded.
+    spec = get_kernel(kernel)
+    expected_shape = tuple(spec.output_shape(operands))
+    expected_dtype = spec.output_dtype(operands)
     described = {name: meta_of(array).to_json() for name, array in operands.items()}
     header: dict[str, Any] = {
         "job_id": job_id,
@@ -190,30 +255,29 @@ async def run_shard(
     reply = await network.request(
         worker, PROTOCOL_RUN, pack(header), timeout=timeout, max_response_bytes=MAX_MESSAGE_BYTES
     )
-    try:
+    with peer_fault_boundary(worker, "run answer"):
         answer, body = unpack(reply)
         meta = ArrayMeta.from_json(answer.get("output"), max_bytes=MAX_ARRAY_BYTES)
-        receipt = decode_receipt(base64.b64decode(answer["receipt"]), require_complete=False)
-    except (RecordError, KeyError, ValueError, TypeError) as exc:
-        raise WorkerMisbehaved(f"malformed run answer: {exc}") from exc
-    if receipt.body.worker != worker or receipt.body.output != meta.digest:
-        raise WorkerMisbehaved("receipt does not match the worker or its output")
-    if (
-        receipt.body.job_id != job_id
-        or receipt.body.shard != shard
-        or receipt.body.kernel != kernel
-    ):
-        raise WorkerMisbehaved("receipt is for another shard")
-    if receipt.body.inputs != {name: d["hash"] for name, d in described.items()}:
-        raise WorkerMisbehaved("receipt names other inputs")
-    if terms is not None:
-        terms.check(receipt)
-    if body:
-        try:
-            output = array_from_bytes(meta, body)
-        except RecordError as exc:
-            raise WorkerMisbehaved(f"output: {exc}") from exc
-    else:
+        encoded = _field(answer, "receipt", str)
+        receipt = decode_receipt(base64.b64decode(encoded, validate=True), require_complete=False)
+        if receipt.body.worker != worker or receipt.body.output != meta.digest:
+            raise WorkerMisbehaved("receipt does not match the worker or its output")
+        if (
+            receipt.body.job_id != job_id
+            or receipt.body.shard != shard
+            or receipt.body.kernel != kernel
+        ):
+            raise WorkerMisbehaved("receipt is for another shard")
+        if receipt.body.inputs != {name: d["hash"] for name, d in described.items()}:
+            raise WorkerMisbehaved("receipt names other inputs")
+        if meta.dtype != expected_dtype.name:
+            raise WorkerMisbehaved(f"output dtype {meta.dtype}, expected {expected_dtype.name}")
+        if meta.shape != expected_shape:
+            raise WorkerMisbehaved(f"output shape {meta.shape}, expected {expected_shape}")
+        if terms is not None:
+            terms.check(receipt)
+        output = array_from_bytes(meta, body) if body else None
+    if output is None:
         output = await download(network, worker, meta, timeout=transfer_timeout)
     return ShardAnswer(output, receipt)
 
@@ -221,7 +285,13 @@ async def run_shard(
 async def send_countersigned(
     network: Network, worker: str, receipt: Receipt, *, timeout: float
 ) -> bool:
-    """Give the worker its countersigned receipt; False if it could not be delivered."""
+    """Give the worker its countersigned receipt; False if it could not be delivered, or if
+    the worker's acknowledgement is malformed.
+
+    A malformed acknowledgement is logged, not raised: the receipt is already countersigned
+    and kept here, so nothing is lost, and the caller (the scheduler's courier, in the node's
+    nursery) must not be stopped by a hostile worker. A refusal is still RemoteError.
+    """
     try:
         reply = await network.request(
             worker,
@@ -231,5 +301,13 @@ async def send_countersigned(
         )
     except NetworkError:
         return False
-    header, _ = unpack(reply)
-    return bool(header.get("stored", True))
+    try:
+        with peer_fault_boundary(worker, "countersign reply"):
+            header, _ = unpack(reply)
+            stored = header.get("stored", True)
+            if not isinstance(stored, bool):
+                raise WorkerMisbehaved("field 'stored' is not a bool")
+    except PeerMisbehaved as exc:
+        log.info("%s", exc)
+        return False
+    return stored

@@ -27,9 +27,11 @@ from mtor_p2p.capacity.record import CapacityRecord, Device
 from mtor_p2p.capacity.service import CapacityService, CapacityTiming, Offer
 from mtor_p2p.capacity.view import GIB, CapacityQuery
 from mtor_p2p.clock import NetClock
+from mtor_p2p.compute.challenge import Challenger
 from mtor_p2p.compute.executor import ShardExecutor
 from mtor_p2p.compute.jobs import JobBoard
 from mtor_p2p.compute.receipt_store import ReceiptStore
+from mtor_p2p.compute.reputation import PeerBook
 from mtor_p2p.compute.scheduler import JobResult, JobSpec, Scheduler
 from mtor_p2p.compute.worker import WorkerService
 from mtor_p2p.config import NodeConfig
@@ -48,6 +50,8 @@ from mtor_p2p.wire import RecordError
 
 log = logging.getLogger(__name__)
 
+#: The peer book's file in the data directory (see :mod:`mtor_p2p.compute.reputation`).
+PEER_BOOK_FILE_NAME = "peers.sqlite"
 #: Keep dialing peers from the capacity view until this many connections are open, so the
 #: overlay does not hang off the bootstrap peers alone.
 TARGET_CONNECTIONS = 8
@@ -65,6 +69,10 @@ class NodeTiming:
     ledger_sync_interval: float | None = None
     checkpoint_tick: float = 2.0
     capacity: CapacityTiming | None = None  # None: from the config's TTL and announce interval
+    #: Challenge a few unmeasured workers this often while we submit jobs; None: never.
+    challenge_interval: float | None = 30.0
+    #: Write the peer book's changes to its file this often.
+    book_flush_interval: float = 10.0
 
 
 def record_to_json(record: CapacityRecord, now: float) -> dict[str, Any]:
@@ -101,6 +109,7 @@ class Node:
         timing: NodeTiming | None = None,
         serve: bool = True,
         ledger_light: bool = False,
+        peers: PeerBook | None = None,
     ) -> None:
         self.config = config
         self.timing = timing or NodeTiming()
@@ -158,6 +167,8 @@ class Node:
             timing=self.timing.capacity
             or CapacityTiming(ttl=config.record_ttl, announce_interval=config.announce_interval),
         )
+        #: What this node measured of every worker it used (kept across restarts by open()).
+        self.peers = peers if peers is not None else PeerBook()
         self.scheduler = Scheduler(
             network,
             identity,
@@ -166,6 +177,15 @@ class Node:
             self.receipts,
             runtime=self.runtime,
             region=config.region,
+            book=self.peers,
+        )
+        self.challenger = Challenger(
+            self.scheduler,
+            self.capacity.view,
+            identity,
+            clock,
+            runtime=self.runtime,
+            interval=self.timing.challenge_interval or 30.0,
         )
         self.scheduler.on_settled = self.ledger_service.record_receipt
         self.scheduler.on_fault = self._record_fault
@@ -255,6 +275,12 @@ class Node:
             self.price = next_price(self.price, utilisation, rule)
             self.capacity.request_announce()
 
+    async def _book_loop(self) -> None:
+        """Keep the peer book's file current (a crash loses one interval of measurements)."""
+        while True:
+            await trio.sleep(self.timing.book_flush_interval)
+            await self.runtime.run_blocking(self.peers.flush)
+
     async def _probe_loop(self) -> None:
         while True:
             await trio.sleep(self.timing.probe_interval)
@@ -281,8 +307,10 @@ class Node:
         )
         tunnels = None
         ledger = open_ledger(config)
+        peers = PeerBook(config.data_dir / PEER_BOOK_FILE_NAME)
         async with AsyncExitStack() as stack:
             stack.callback(ledger.close)
+            stack.callback(peers.close)
             network = await stack.enter_async_context(Libp2pNetwork.open(identity, settings))
             node = cls(
                 config,
@@ -293,6 +321,7 @@ class Node:
                 runtime=runtime,
                 devices=tuple(devices),
                 tflops=tflops,
+                peers=peers,
             )
             try:
                 if config.ngrok.enabled:
@@ -319,6 +348,11 @@ class Node:
             if probe:
                 nursery.start_soon(self._probe_loop)
             nursery.start_soon(self.scheduler.courier)
+            nursery.start_soon(self.worker.run)  # expires idle uploads, unpaid work on a timer
+            if self.timing.challenge_interval is not None:
+                await nursery.start(self.challenger.run)
+            if self.peers.path is not None:
+                nursery.start_soon(self._book_loop)
             if not self.ledger_light:
                 await nursery.start(self.ledger_service.run)
             if self.config.dynamic_price:
@@ -406,6 +440,7 @@ class Node:
                 **self.worker.stats.__dict__,
             },
             "receipts": self.receipts.count(),
+            "reputation": self.reputation_summary(),
             "ledger": ledger if ledger is not None else self.ledger_summary(),
             "pid": os.getpid(),
         }
@@ -413,6 +448,27 @@ class Node:
     async def _route_status(self, query: dict[str, str], body: Any) -> tuple[int, Any]:
         ledger = await self.runtime.run_blocking(self.ledger_summary)
         return 200, self.status(ledger)
+
+    def reputation_summary(self) -> dict[str, Any]:
+        """Counts of the peer book (for ``status``)."""
+        now = self.clock.now()
+        known = self.peers.known()
+        return {
+            "known": len(known),
+            "measured": sum(1 for s in known if s.measured),
+            "demoted": sum(1 for s in known if self.peers.excluded(s.peer_id, now)),
+            "challenges": dict(self.challenger.stats),
+        }
+
+    async def _route_reputation(self, query: dict[str, str], body: Any) -> tuple[int, Any]:
+        now = self.clock.now()
+        peers = []
+        for standing in sorted(self.peers.known(), key=lambda s: s.peer_id):
+            entry = standing.to_json()
+            entry["excluded"] = self.peers.excluded(standing.peer_id, now)
+            entry["demoted_for_s"] = round(max(0.0, standing.demoted_until - now), 1)
+            peers.append(entry)
+        return 200, {"peers": peers, "challenger": self.challenger.to_json()}
 
     async def _route_peers(self, query: dict[str, str], body: Any) -> tuple[int, Any]:
         capacity_query = CapacityQuery(
@@ -494,6 +550,7 @@ class Node:
             {
                 ("GET", "/v1/status"): self._route_status,
                 ("GET", "/v1/peers"): self._route_peers,
+                ("GET", "/v1/reputation"): self._route_reputation,
                 ("POST", "/v1/shutdown"): self._route_shutdown,
                 ("POST", "/v1/jobs"): self.jobs.route_submit,
                 ("GET", "/v1/jobs"): self.jobs.route_status,

@@ -438,8 +438,9 @@ class Cluster:
             {i.peer_id: 1000 * NANO for i in self.identities.values()},
             params or LedgerParams(),
         )
+        # No challenges (tests/test_trust.py has them): these tests count every shard.
         self.timing = timing or NodeTiming(
-            capacity=CapacityTiming(ttl=60.0, announce_interval=20.0)
+            challenge_interval=None, capacity=CapacityTiming(ttl=60.0, announce_interval=20.0)
         )
         self.runtime = Runtime.simulated("virtual time")
         self.peers: dict[str, Peer] = {}
@@ -596,7 +597,9 @@ async def test_idle_prices_fall_and_busy_prices_rise_every_interval_and_views_fo
 
 #: No mesh loop: the scheduler dials workers itself, so who is connected stays known.
 NO_MESH = NodeTiming(
-    mesh_interval=3600.0, capacity=CapacityTiming(ttl=60.0, announce_interval=20.0)
+    mesh_interval=3600.0,
+    challenge_interval=None,
+    capacity=CapacityTiming(ttl=60.0, announce_interval=20.0),
 )
 
 

@@ -28,6 +28,7 @@ from mtor_p2p.capacity.view import CapacityQuery, CapacityView
 from mtor_p2p.clock import NetClock
 from mtor_p2p.compute import client
 from mtor_p2p.compute.receipt_store import ReceiptStore
+from mtor_p2p.compute.reputation import PeerBook
 from mtor_p2p.compute.worker import CREDIT_REFUSED
 from mtor_p2p.identity import Identity
 from mtor_p2p.network import Network, NetworkError, RemoteError
@@ -69,6 +70,9 @@ class JobSpec:
     #: expected to be slower, by their measured round trips or by region, are passed over
     #: while faster ones exist. None: rank by value alone.
     latency_target: float | None = None
+    #: Run only on these workers (a challenge of one worker, or a requester's own machines).
+    #: Such a job does not count as this peer's activity as a requester.
+    only: tuple[str, ...] | None = None
 
 
 @dataclass
@@ -137,24 +141,13 @@ class JobResult:
         }
 
 
-@dataclass
-class WorkerScore:
-    """What this requester has seen of a worker (its "past behaviour")."""
+@dataclass(frozen=True)
+class WorkerPlan:
+    """Who a job starts with, who replaces those that leave, and who is out and why."""
 
-    accepted: int = 0
-    failed: int = 0
-    rejected: int = 0
-    seconds: list[float] = field(default_factory=list)
-    delivered: list[float] = field(default_factory=list)  # TFLOP/s of accepted shards, recent
-
-    def delivered_tflops(self) -> float | None:
-        """Median TFLOP/s this worker delivered on our shards (network and queueing included);
-        None before its first accepted shard."""
-        return statistics.median(self.delivered) if self.delivered else None
-
-    def penalty(self) -> float:
-        """Multiplier on the price per TFLOP/s: failures cost, cheating costs a lot."""
-        return (1 + self.failed) * (1 + 100 * self.rejected)
+    chosen: list[CapacityRecord]
+    reserve: list[CapacityRecord]
+    excluded: dict[str, str]
 
 
 @dataclass(frozen=True)
@@ -194,14 +187,20 @@ class _JobRun:
     """The state of one job while it runs."""
 
     def __init__(
-        self, scheduler: Scheduler, spec: JobSpec, kernel: Kernel, workers: list[CapacityRecord]
+        self, scheduler: Scheduler, spec: JobSpec, kernel: Kernel, plan: WorkerPlan
     ) -> None:
         self.s = scheduler
         self.spec = spec
         self.kernel = kernel
-        self.workers = workers
+        #: Workers taking part now; ``reserve`` replaces those that leave, best first.
+        self.workers = list(plan.chosen)
+        self.reserve = list(plan.reserve)
+        #: Why each worker left the job (or was never eligible): the failure's explanation.
+        self.left: dict[str, str] = dict(plan.excluded)
+        workers = self.workers
         # The price each worker advertised when chosen: what we accept to pay it for this job.
         self.quotes = {r.peer_id: r.price for r in workers}
+        self.nursery: trio.Nursery | None = None
         self.nonce = scheduler.runtime.token_hex(16)
         inputs = {name: meta_of(a).digest for name, a in spec.operands.items()}
         self.job_id = blake3.blake3(
@@ -214,11 +213,12 @@ class _JobRun:
                 }
             )
         ).hexdigest()
-        self.method = _choose_method(spec.verify, kernel, len(workers))
+        self.method = _choose_method(spec.verify, kernel, len(workers) + len(self.reserve))
         # compare() needs the job's input dtype: float16 inputs allow more honest difference.
         self.input_dtype = spec.operands[kernel.split_operand].dtype
         rows = spec.operands[kernel.split_operand].shape[0]
-        self.ranges = kernel.shard_rows(spec.operands, _shard_count(spec, workers, rows))
+        speeds = [scheduler.speed_of(r) for r in workers]
+        self.ranges = kernel.shard_rows(spec.operands, _shard_count(spec, speeds, rows))
         self.pending: list[int] = list(range(len(self.ranges)))
         self.accepted: dict[int, ShardResult] = {}
         self.outputs: dict[int, np.ndarray] = {}
@@ -226,6 +226,8 @@ class _JobRun:
         self.attempt_counts: dict[int, int] = {}
         self.redundant_answers: dict[int, list[tuple[str, np.ndarray, Receipt]]] = {}
         self.banned: set[str] = set()
+        #: Wrong results proven against each worker in this job.
+        self.rejected_by: dict[str, int] = {}
         #: Workers whose attempt was cancelled before their shard was accepted elsewhere.
         self.cut_off: set[str] = set()
         #: shard -> workers whose attempt at it failed (error, broken connection, timeout).
@@ -256,7 +258,6 @@ class _JobRun:
         # Nothing queued: hedge the slowest straggler that this worker is not already running.
         if self.pending or not self.running:
             return None
-        typical = statistics.median(self.durations) if self.durations else None
         now = trio.current_time()
         stragglers = []
         for index, attempts in self.running.items():
@@ -267,11 +268,18 @@ class _JobRun:
             ):
                 continue
             elapsed = now - min(a.started for a in attempts)
-            if typical is not None and elapsed > max(3 * typical, typical + 0.5):
+            if self._straggled(elapsed):
                 stragglers.append((elapsed, index))
         if not stragglers:
             return None
         return max(stragglers)[1], True
+
+    def _straggled(self, elapsed: float) -> bool:
+        """True if an attempt running ``elapsed`` seconds is a straggler (what hedging uses)."""
+        if not self.durations:
+            return False
+        typical = statistics.median(self.durations)
+        return elapsed > max(3 * typical, typical + 0.5)
 
     def _leave_to_others(self, index: int, worker: str) -> bool:
         """True if ``worker`` failed this shard before and another worker of the job, not
@@ -304,7 +312,38 @@ class _JobRun:
 
     # -- one attempt -----------------------------------------------------------------------
 
-    async def attempt(self, worker: str, index: int, hedge: bool) -> None:
+    def _leave(self, worker: str, reason: str) -> None:
+        """Take ``worker`` out of this job for ``reason`` and bring in a replacement."""
+        self.banned.add(worker)
+        self.left.setdefault(worker, reason)
+        self.refill()
+        self._wake()
+
+    def refill(self) -> None:
+        """Start replacements from the reserve until as many workers take part as the job
+        began with (or the reserve is empty). Replacements the peer book demoted since the
+        job was planned are skipped."""
+        if self.nursery is None:
+            return
+        now = self.s.clock.now()
+        wanted = max(1, min(self.spec.max_workers, len(self.ranges)))
+        while self.reserve and len(self.active()) < wanted:
+            record = self.reserve.pop(0)
+            why = self.s.book.excluded(record.peer_id, now)
+            if why is not None:
+                self.left.setdefault(record.peer_id, why)
+                continue
+            self.workers.append(record)
+            self.quotes[record.peer_id] = record.price
+            self.nursery.start_soon(self.worker_loop, record)
+
+    def active(self) -> list[str]:
+        """Workers of this job not (yet) given up on."""
+        return [w.peer_id for w in self.workers if w.peer_id not in self.banned]
+
+    async def attempt(self, worker: str, index: int, hedge: bool) -> str:
+        """Run one attempt at shard ``index`` on ``worker``; return its outcome (see
+        :class:`ShardAttempt`). Every outcome is entered in the peer book."""
         start, stop = self.ranges[index]
         operands = self.kernel.shard_operands(self.spec.operands, start, stop)
         scope = trio.CancelScope()
@@ -313,18 +352,18 @@ class _JobRun:
         self.attempt_counts[index] = self.attempt_counts.get(index, 0) + 1
         if hedge:
             self.hedged += 1
-        score = self.s.scores.setdefault(worker, WorkerScore())
-        rejected_before = score.rejected
+        rejected_before = self.rejected_by.get(worker, 0)
         outcome = "cancelled"
+        book = self.s.book
         try:
             with scope:
                 answer = await self._compute(worker, index, operands)
                 if answer is None:
-                    return
+                    return outcome
                 seconds = trio.current_time() - record.started
                 await self._judge(worker, index, operands, answer, seconds)
                 accepted = self.accepted.get(index)
-                if score.rejected > rejected_before:
+                if self.rejected_by.get(worker, 0) > rejected_before:
                     outcome = "rejected"
                 elif accepted is not None and accepted.worker == worker:
                     outcome = "accepted"
@@ -337,21 +376,23 @@ class _JobRun:
                 outcome = "refused"
                 self.credit_refusal = str(exc)
                 self.banned.add(worker)
+                self.left.setdefault(worker, "refused: our credit")
                 self.requeue(index, reissue=False)
             else:
                 outcome = "failed"
-                score.failed += 1
+                book.failed(worker, outcome, self.s.clock.now(), str(exc))
                 self.failed_on.setdefault(index, set()).add(worker)
                 log.info("shard %d on %s failed: %s", index, worker[-8:], exc)
                 self.requeue(index)
         except (NetworkError, client.WorkerMisbehaved, trio.TooSlowError) as exc:
             outcome = "timeout" if _timed_out(exc) else "failed"
-            score.failed += 1
-            self.failed_on.setdefault(index, set()).add(worker)
-            log.info("shard %d on %s failed: %s", index, worker[-8:], exc)
             if isinstance(exc, client.WorkerMisbehaved):
                 outcome = "misbehaved"
-                self.banned.add(worker)
+            book.failed(worker, outcome, self.s.clock.now(), str(exc))
+            self.failed_on.setdefault(index, set()).add(worker)
+            log.info("shard %d on %s failed: %s", index, worker[-8:], exc)
+            if outcome == "misbehaved":
+                self._leave(worker, f"malformed answer: {exc}")
             self.requeue(index)
         finally:
             attempts = self.running.get(index, [])
@@ -363,6 +404,10 @@ class _JobRun:
                 self.requeue(index)
             if outcome == "cancelled" and index not in self.accepted:
                 self.cut_off.add(worker)
+            elif outcome == "cancelled" and self._straggled(trio.current_time() - record.started):
+                # Its shard was answered elsewhere long after it should have answered itself:
+                # slow (or stalling), which every later job should know.
+                book.failed(worker, "timeout", self.s.clock.now(), "straggler cut off")
             self._wake()
             if self.s.observer is not None:
                 self.s.observer(
@@ -377,6 +422,7 @@ class _JobRun:
                         hedge=hedge,
                     )
                 )
+        return outcome
 
     async def _compute(
         self, worker: str, index: int, operands: dict[str, np.ndarray]
@@ -531,10 +577,10 @@ class _JobRun:
         )
         self.outputs[index] = output
         self.durations.append(seconds)
-        score = self.s.scores[worker]
-        score.seconds = [*score.seconds[-31:], seconds]
-        flops = receipt.body.flops
-        score.delivered = [*score.delivered[-31:], flops / max(seconds, 1e-9) / 1e12]
+        # What this worker delivered, verified: the measurement every later job ranks it by.
+        self.s.book.accepted(
+            worker, flops=receipt.body.flops, seconds=seconds, now=self.s.clock.now()
+        )
         for other in self.running.get(index, []):
             if other.worker != worker:
                 other.scope.cancel()  # the hedged twin is no longer needed
@@ -554,8 +600,9 @@ class _JobRun:
         requeue: bool = True,
     ) -> None:
         self.rejected += 1
-        self.banned.add(worker)
-        self.s.scores.setdefault(worker, WorkerScore()).rejected += 1
+        self.rejected_by[worker] = self.rejected_by.get(worker, 0) + 1
+        self.s.book.failed(worker, "rejected", self.s.clock.now())
+        self._leave(worker, "returned a wrong result")
         proof = make_fault_proof(
             self.s.identity,
             kernel=self.kernel,
@@ -576,20 +623,27 @@ class _JobRun:
     # -- per-worker loop -------------------------------------------------------------------
 
     async def worker_loop(self, record: CapacityRecord) -> None:
+        """Feed ``record``'s worker shards until the job is done or gives up on it."""
         worker = record.peer_id
         if not await self.s.ensure_connected(record):
-            # Unreachable: leave its share to the others, and remember it for later jobs.
-            self.s.scores.setdefault(worker, WorkerScore()).failed += 1
-            self.banned.add(worker)
-            self._wake()
+            # Unreachable: a replacement takes its share, and later jobs skip it for a while.
+            self.s.book.failed(worker, "unreachable", self.s.clock.now())
+            self._leave(worker, "unreachable")
             return
         async with trio.open_nursery() as nursery:
-            for _ in range(self.s.max_in_flight):
-                nursery.start_soon(self._slot, worker)
+            for slot in range(self.s.max_in_flight):
+                nursery.start_soon(self._slot, worker, slot)
 
-    async def _slot(self, worker: str) -> None:
+    async def _slot(self, worker: str, slot: int) -> None:
         failures_in_a_row = 0
         while not self.done.is_set() and worker not in self.banned:
+            if slot > 0 and not self.s.book.get(worker).measured:
+                # A worker never verified here gets one shard at a time (its trial): a liar
+                # or a staller holds at most one shard of the job hostage.
+                wakeup = self.wakeup
+                with trio.move_on_after(0.1):
+                    await wakeup.wait()
+                continue
             choice = self.next_shard(worker)
             if choice is None:
                 wakeup = self.wakeup
@@ -597,12 +651,16 @@ class _JobRun:
                     await wakeup.wait()
                 continue
             index, hedge = choice
-            before = self.s.scores.get(worker, WorkerScore()).failed
-            await self.attempt(worker, index, hedge)
-            if self.s.scores[worker].failed > before:
+            outcome = await self.attempt(worker, index, hedge)
+            if outcome in ("failed", "timeout", "misbehaved"):
                 failures_in_a_row += 1
+                if not self.s.book.get(worker).measured:
+                    self._leave(worker, f"failed its trial ({outcome})")
+                    return
                 if failures_in_a_row >= 3:
-                    self.banned.add(worker)  # give up on a worker that keeps failing
+                    # Give up on a worker that keeps failing; a replacement takes over.
+                    self._leave(worker, f"failed {failures_in_a_row} shards in a row")
+                    return
                 await trio.sleep(min(2.0, 0.1 * 2**failures_in_a_row))
             else:
                 failures_in_a_row = 0
@@ -622,8 +680,11 @@ class Scheduler:
         max_in_flight: int = 2,
         runtime: Runtime | None = None,
         region: str | None = None,
+        book: PeerBook | None = None,
     ) -> None:
         self.region = region
+        #: What this peer measured of every worker; shared by all jobs, kept across restarts.
+        self.book = book if book is not None else PeerBook()
         #: Bytes on the wire per byte of operand here: 1, except in the simulator, whose
         #: small operands stand for larger ones (deadlines must allow for the real transfer).
         self.byte_scale = 1.0
@@ -634,37 +695,53 @@ class Scheduler:
         self.view = view
         self.receipts = receipts
         self.max_in_flight = max_in_flight
-        self.scores: dict[str, WorkerScore] = {}
         #: Called with each countersigned receipt and each fault proof (the ledger's intake).
         self.on_settled: Callable[[Receipt], Awaitable[None]] | None = None
         self.on_fault: Callable[[bytes], Awaitable[None]] | None = None
         self.uploads: dict[tuple[str, str], trio.Event] = {}  # (worker, operand) being sent
         #: Called with every :class:`ShardAttempt` as it ends (metrics, simulation, dashboards).
         self.observer: Callable[[ShardAttempt], None] | None = None
+        #: trio time of the last job submitted here (challenges aside); None before the first.
+        self.last_job_at: float | None = None
         # Countersigned receipts travel to their workers off the job's critical path: a dead
         # worker must not delay the result by a delivery timeout.
         self._outbox_send, self._outbox = trio.open_memory_channel[tuple[str, Receipt]](10_000)
 
-    def choose_workers(self, spec: JobSpec) -> list[CapacityRecord]:
-        """Workers able to run ``spec.kernel`` within its price, best value first.
+    def speed_of(self, record: CapacityRecord) -> float:
+        """TFLOP/s to plan with for ``record``'s worker: measured here, else its claim capped
+        (see :meth:`PeerBook.effective_tflops`)."""
+        return self.book.effective_tflops(record.peer_id, record.tflops)
 
-        Value is price per delivered TFLOP/s (measured on our own past shards; the advertised
-        benchmark figure until there are some), weighted by what this requester has seen of
-        the worker (failures and rejected results); peers caught cheating are left out.
+    def plan_workers(self, spec: JobSpec) -> WorkerPlan:
+        """Who runs ``spec``: up to ``max_workers`` chosen now, the rest of the acceptable
+        workers in reserve (best first), and why the others are out.
+
+        Measured workers are ranked by value: price per TFLOP/s delivered on our own verified
+        shards, weighted by their failures and the load they report. Workers never measured
+        here are not ranked by what they claim (a liar claims the most): they come in a seeded
+        random order, and at most a quarter of the places (at least one) go to them while
+        measured workers can fill the rest. Workers the peer book demoted (unreachable,
+        failing, caught cheating) are left out until their back-off ends.
         """
+        now = self.clock.now()
         query = CapacityQuery(kernel=spec.kernel, max_price=spec.max_price)
-        candidates = [
-            r
-            for r in self.view.query(query, self.clock.now())
-            if r.peer_id != self.identity.peer_id
-            and self.scores.get(r.peer_id, WorkerScore()).rejected == 0
-        ]
+        excluded: dict[str, str] = {}
+        candidates = []
+        for record in self.view.query(query, now):
+            if record.peer_id == self.identity.peer_id:
+                continue
+            if spec.only is not None and record.peer_id not in spec.only:
+                continue
+            why = self.book.excluded(record.peer_id, now)
+            if why is None:
+                candidates.append(record)
+            else:
+                excluded[record.peer_id] = why
 
         def value(record: CapacityRecord) -> float:
-            score = self.scores.get(record.peer_id, WorkerScore())
-            speed = score.delivered_tflops() or record.tflops
-            price_per_speed = (record.price + 1e-6) / max(speed, 1e-6)
-            return price_per_speed * score.penalty() * (1 + record.load)
+            standing = self.book.get(record.peer_id)
+            price_per_speed = (record.price + 1e-6) / max(self.speed_of(record), 1e-6)
+            return price_per_speed * standing.penalty() * (1 + record.load)
 
         if spec.latency_target is not None and candidates:
             flops = float(get_kernel(spec.kernel).flops(spec.operands))
@@ -672,17 +749,31 @@ class Scheduler:
             fast = [r for r in candidates if expected[r.peer_id] <= spec.latency_target]
             # None fast enough: the quickest few still beat the cheapest far away.
             candidates = fast or sorted(candidates, key=lambda r: expected[r.peer_id])[:8]
-        return sorted(candidates, key=value)[: spec.max_workers]
+        measured = sorted((r for r in candidates if self.book.get(r.peer_id).measured), key=value)
+        unmeasured = [r for r in candidates if not self.book.get(r.peer_id).measured]
+        self.runtime.random.shuffle(unmeasured)
+        places = max(1, spec.max_workers)
+        trial = max(1, places // 4)
+        take_unmeasured = min(len(unmeasured), max(trial, places - len(measured)))
+        chosen = measured[: places - take_unmeasured] + unmeasured[:take_unmeasured]
+        reserve = measured[places - take_unmeasured :] + unmeasured[take_unmeasured:]
+        return WorkerPlan(chosen=chosen, reserve=reserve, excluded=excluded)
+
+    def choose_workers(self, spec: JobSpec) -> list[CapacityRecord]:
+        """The workers a job of ``spec`` would start with (see :meth:`plan_workers`)."""
+        return self.plan_workers(spec).chosen
 
     def expected_seconds(self, record: CapacityRecord, flops: float) -> float:
         """How long a shard of ``flops`` should take on ``record``'s worker: the median of
-        its recent round trips with us, else a prior from its region and advertised speed."""
-        score = self.scores.get(record.peer_id)
-        if score is not None and score.seconds:
-            return statistics.median(score.seconds) * (1 + record.load)
+        its recent round trips with us, else a prior from its region and planning speed.
+        The region is the record's claim too; a far worker lying about it is measured, and
+        ranked by its round trips, after its first shard."""
+        standing = self.book.get(record.peer_id)
+        if standing.seconds:
+            return statistics.median(standing.seconds) * (1 + record.load)
         near = self.region is not None and record.region == self.region
         network = NEAR_ROUND_TRIPS if near else FAR_ROUND_TRIPS
-        return network + flops / max(record.tflops * 1e12, 1.0)
+        return network + flops / max(self.speed_of(record) * 1e12, 1.0)
 
     async def ensure_connected(self, record: CapacityRecord) -> bool:
         """Dial a worker known only from its capacity record; False if no address answers."""
@@ -700,7 +791,7 @@ class Scheduler:
         """Deadline of one attempt: ten times the expected compute time, at least 10 s, plus
         the time its bytes (operands up, result down) take on a slow home link."""
         record = self.view.get(worker, self.clock.now())
-        tflops = record.tflops if record is not None and record.tflops > 0 else 0.01
+        tflops = self.speed_of(record) if record is not None else 0.01
         transfer = nbytes * self.byte_scale / SLOW_LINK_BYTES_PER_S
         return max(10.0, 10 * flops / (tflops * 1e12)) + transfer
 
@@ -712,17 +803,21 @@ class Scheduler:
             raise ValueError(f"verify must be one of {VERIFY_METHODS}")
         kernel = get_kernel(spec.kernel)
         kernel.check_operands(spec.operands)
-        workers = self.choose_workers(spec)
-        if not workers:
+        if spec.only is None:
+            self.last_job_at = trio.current_time()
+        plan = self.plan_workers(spec)
+        if not plan.chosen:
             raise JobFailed(
                 f"no worker in the capacity view serves {spec.kernel!r} within the price"
+                + _why_not(plan.excluded)
             )
-        job = _JobRun(self, spec, kernel, workers)
+        job = _JobRun(self, spec, kernel, plan)
         job.progress = progress
         started = trio.current_time()
         with trio.move_on_after(spec.deadline) as deadline:
             async with trio.open_nursery() as nursery:
-                for record in workers:
+                job.nursery = nursery
+                for record in job.workers:
                     nursery.start_soon(job.worker_loop, record)
                 nursery.start_soon(self._watch, job, nursery.cancel_scope)
                 await job.done.wait()
@@ -731,12 +826,15 @@ class Scheduler:
             # Workers still holding unfinished shards when time ran out count as failed:
             # a staller must not be chosen again and again.
             for worker in job.cut_off:
-                self.scores.setdefault(worker, WorkerScore()).failed += 1
-            raise JobFailed(f"job did not finish within {spec.deadline:.0f} s")
+                self.book.failed(worker, "timeout", self.clock.now(), "held a shard past the job")
+            raise JobFailed(f"job did not finish within {spec.deadline:.0f} s" + _why_not(job.left))
         if not job.done.is_set():
             if job.credit_refusal is not None:
                 raise JobFailed(f"workers refused the job: {job.credit_refusal}")
-            raise JobFailed("every worker failed or was caught cheating before the job finished")
+            raise JobFailed(
+                f"no acceptable worker left with {len(job.ranges) - len(job.accepted)} of "
+                f"{len(job.ranges)} shards to go" + _why_not(job.left)
+            )
         output = kernel.assemble([job.outputs[i] for i in range(len(job.ranges))])
         return JobResult(
             job_id=job.job_id,
@@ -757,10 +855,11 @@ class Scheduler:
         """End the job early when no worker is left to run what remains."""
         while True:
             await trio.sleep(0.2)
-            alive = [w.peer_id for w in job.workers if w.peer_id not in job.banned]
-            if not alive and not job.running:
-                scope.cancel()
-                return
+            if not job.active() and not job.running:
+                job.refill()
+                if not job.active():
+                    scope.cancel()
+                    return
 
     async def settle(self, worker: str, receipt: Receipt) -> Receipt:
         """Countersign an accepted shard's receipt, store it, queue it for its worker."""
@@ -768,7 +867,6 @@ class Scheduler:
         await self.runtime.run_blocking(self.receipts.add, complete)
         if self.on_settled is not None:
             await self.on_settled(complete)
-        self.scores.setdefault(worker, WorkerScore()).accepted += 1
         try:
             self._outbox_send.send_nowait((worker, complete))
         except trio.WouldBlock:
@@ -793,6 +891,18 @@ class Scheduler:
             log.info("countersigned receipt not delivered to %s: %s", worker[-8:], exc)
 
 
+def _why_not(reasons: dict[str, str]) -> str:
+    """``reasons`` (worker -> why it is out) summed up for an error message."""
+    if not reasons:
+        return ""
+    counts: dict[str, int] = {}
+    for reason in reasons.values():
+        key = reason.split(":")[0]
+        counts[key] = counts.get(key, 0) + 1
+    parts = [f"{n} {why}" for why, n in sorted(counts.items(), key=lambda kv: -kv[1])]
+    return "; workers out: " + ", ".join(parts)
+
+
 def _choose_method(requested: str, kernel: Kernel, workers: int) -> str:
     if requested == "auto":
         return kernel.check
@@ -803,11 +913,12 @@ def _choose_method(requested: str, kernel: Kernel, workers: int) -> str:
     return requested
 
 
-def _shard_count(spec: JobSpec, workers: list[CapacityRecord], rows: int) -> int:
-    """Shards sized from the workers' capacity: the slowest gets at least one, the fastest
-    proportionally more, and never more than four per worker or one per row."""
+def _shard_count(spec: JobSpec, speeds: list[float], rows: int) -> int:
+    """Shards sized from the workers' planning speeds (measured, or capped claims): the
+    slowest gets at least one, the fastest proportionally more, and never more than four per
+    worker or one per row."""
     if spec.shards is not None:
         return max(1, min(spec.shards, rows))
-    speeds = [max(w.tflops, 1e-6) for w in workers]
+    speeds = [max(s, 1e-6) for s in speeds]
     wanted = math.ceil(sum(speeds) / min(speeds))
-    return max(1, min(rows, max(len(workers), min(wanted, 4 * len(workers)))))
+    return max(1, min(rows, max(len(speeds), min(wanted, 4 * len(speeds)))))

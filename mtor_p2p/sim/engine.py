@@ -300,6 +300,8 @@ class Simulation:
             bootstrap_retry=t.get("bootstrap_retry", 10.0),
             ledger_sync_interval=t.get("ledger_sync_interval", 30.0),
             checkpoint_tick=t.get("checkpoint_tick", 20.0),
+            # Off unless a scenario asks: challenges add traffic every peer would pay for.
+            challenge_interval=t.get("challenge_interval"),
             capacity=CapacityTiming(
                 ttl=ttl,
                 announce_interval=t.get("announce_interval", ttl / 2.5),

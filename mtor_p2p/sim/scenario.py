@@ -329,7 +329,7 @@ TIMING_KEYS = frozenset(
         "warmup", "cooldown", "record_ttl", "announce_interval", "capacity_scope",
         "capacity_receive_rate", "sweep_interval", "change_check_interval", "prune_interval",
         "mesh_interval", "bootstrap_retry", "ledger_sync_interval", "checkpoint_tick",
-        "epoch_seconds", "price_interval",
+        "epoch_seconds", "price_interval", "challenge_interval",
     }
 )  # fmt: skip
 SCHEMA: dict[str, Any] = {

@@ -1,0 +1,389 @@
+"""Capacity is a claim until measured: Sybils, liars, stallers and cheaters against the
+scheduler, the peer book and the challenger (issue 8, items 1 and 2).
+
+The attacks run whole nodes on memnet under ``MockClock`` (the cluster of
+``tests/test_virtual_time.py``), so that timeouts and back-offs are exact and the runs replay.
+The peer book's file is a real SQLite file.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import trio
+import trio.testing
+
+from mtor_p2p.capacity.service import CapacityTiming
+from mtor_p2p.compute.challenge import Attestation, decode_attestation
+from mtor_p2p.compute.reputation import (
+    FAILURE_BACKOFF,
+    UNMEASURED_TFLOPS_CAP,
+    UNREACHABLE_BACKOFF,
+    PeerBook,
+)
+from mtor_p2p.compute.scheduler import JobFailed, JobSpec, ShardAttempt
+from mtor_p2p.node import Node, NodeTiming
+from mtor_p2p.wire import RecordError
+from tests.conftest import make_record
+from tests.test_virtual_time import (  # noqa: F401  (trio_seed: deterministic scheduling)
+    Cluster,
+    cluster,
+    ident,
+    shard_operands,
+    trio_seed,
+)
+
+#: No mesh loop and no challenges unless a test asks: the scheduler alone meets the attack.
+QUIET = NodeTiming(
+    mesh_interval=3600.0,
+    challenge_interval=None,
+    capacity=CapacityTiming(ttl=3000.0, announce_interval=600.0),
+)
+LIAR_TFLOPS = 10_000.0
+
+
+def attempts_of(node: Node) -> list[ShardAttempt]:
+    """Every shard attempt of ``node``'s scheduler, as it ends."""
+    log: list[ShardAttempt] = []
+    node.scheduler.observer = log.append
+    return log
+
+
+async def start_liars(c: Cluster, names: list[str], behaviour: str = "honest") -> list[Node]:
+    """Start nodes that advertise LIAR_TFLOPS at price 0; ``behaviour``: ``honest`` (only
+    the claim is a lie), ``stall`` (takes shards, never answers) or ``cheat`` (wrong results)."""
+    nodes = []
+    for name in names:
+        device = "stall" if behaviour == "stall" else "honest"
+        node = await c.start(name, "WEU", price=0.0, behaviour=device)
+        if behaviour == "cheat":
+            node.worker.fault_rate = 1.0
+        node.tflops = LIAR_TFLOPS
+        node.capacity.request_announce()
+        nodes.append(node)
+    return nodes
+
+
+async def wait_for_claims(requester: Node, liars: list[Node]) -> None:
+    """Until the requester's view holds every liar's inflated claim."""
+    with trio.fail_after(120):
+        while True:
+            now = requester.clock.now()
+            records = [requester.capacity.view.get(n.peer_id, now) for n in liars]
+            if all(r is not None and r.tflops == LIAR_TFLOPS for r in records):
+                return
+            await trio.sleep(0.5)
+
+
+def correct(result_output: np.ndarray, operands: dict[str, np.ndarray]) -> bool:
+    return bool(np.allclose(result_output, operands["a"] @ operands["b"], rtol=1e-4, atol=1e-3))
+
+
+# -- Sybil records with unreachable addresses ----------------------------------------------
+
+
+async def test_sybil_claims_of_unreachable_peers_stop_no_job(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Eight Sybils claim 10,000 TFLOP/s at price 0 and cannot be reached (their records
+    outlive them by an hour). Before: the scheduler chose the eight "best" workers once per
+    job, all Sybils, and every job failed. Now every job completes with a correct result;
+    Sybils cost the first job failed dials, then the peer book keeps them out."""
+    honest = ["w1", "w2", "w3"]
+    sybils = [f"sybil{i}" for i in range(8)]
+    async with cluster(["requester", *honest, *sybils], timing=QUIET) as c:
+        for name in honest:
+            await c.start(name, "WEU", price=1.0)
+        requester = await c.start("requester", "WEU", serve=False)
+        liars = await start_liars(c, sybils)
+        await c.settle()
+        await wait_for_claims(requester, liars)
+        for name in sybils:
+            c.crash(name)  # gone: their records still claim an hour of life
+        attempts = attempts_of(requester)
+        dials_before = {n: 0 for n in sybils}
+        for job in range(6):
+            operands = shard_operands()
+            result = await requester.submit("matmul", operands, shards=4)
+            assert correct(result.output, operands), job
+            assert set(result.workers) <= {c.peers[n].node.peer_id for n in honest}
+            if job == 0:
+                dials_before = {
+                    n: requester.peers.get(c.peers[n].node.peer_id).unreachable for n in sybils
+                }
+    # Each Sybil chosen in the first job was dialled once there; later jobs (within its
+    # back-off) never chose it again.
+    sybil_ids = {c.peers[n].node.peer_id: n for n in sybils}
+    for peer_id, name in sybil_ids.items():
+        standing = requester.peers.get(peer_id)
+        assert standing.unreachable == dials_before[name] <= 1
+        assert standing.accepted == 0
+    assert not [a for a in attempts if a.worker in sybil_ids]
+
+
+async def test_sybils_are_demoted_for_every_later_job_and_come_back_on_probation(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A failed dial keeps a Sybil out for UNREACHABLE_BACKOFF, doubling on each new failure;
+    a job planned after the back-off may try it once more (bounded), never more often."""
+    async with cluster(["requester", "w1", "sybil"], timing=QUIET) as c:
+        await c.start("w1", "WEU", price=1.0)
+        requester = await c.start("requester", "WEU", serve=False)
+        (liar,) = await start_liars(c, ["sybil"])
+        await c.settle()
+        await wait_for_claims(requester, [liar])
+        c.crash("sybil")
+        book = requester.peers
+        result = await requester.submit("matmul", shard_operands(), shards=2)
+        assert result.workers == [c.peers["w1"].node.peer_id]
+        first = book.get(liar.peer_id)
+        assert first.unreachable == 1
+        assert first.demoted_until - requester.clock.now() <= UNREACHABLE_BACKOFF
+        assert book.excluded(liar.peer_id, requester.clock.now()) == "unreachable"
+        await requester.submit("matmul", shard_operands(), shards=2)
+        assert book.get(liar.peer_id).unreachable == 1  # still demoted: not dialled again
+        await trio.sleep(UNREACHABLE_BACKOFF)
+        await requester.submit("matmul", shard_operands(), shards=2)
+        second = book.get(liar.peer_id)
+        assert second.unreachable == 2
+        assert second.demoted_until - requester.clock.now() > 1.5 * UNREACHABLE_BACKOFF
+
+
+# -- reachable liars: stallers and cheaters ------------------------------------------------
+
+
+@pytest.mark.parametrize("trio_seed", [0, 3], indirect=True)
+async def test_eight_live_liars_cannot_stop_or_corrupt_jobs(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Eight reachable Sybils claim 10,000 TFLOP/s at price 0: four take shards and never
+    answer, four return wrong results. Every job completes with a correct result; cheaters
+    are excluded after their first wrong answer (a fault proof), stallers after their failed
+    trial, and the liars' share of attempts falls to nothing."""
+    honest = ["w1", "w2", "w3"]
+    stallers = [f"staller{i}" for i in range(4)]
+    cheaters = [f"cheater{i}" for i in range(4)]
+    async with cluster(["requester", *honest, *stallers, *cheaters], timing=QUIET) as c:
+        for name in honest:
+            await c.start(name, "WEU", price=1.0)
+        requester = await c.start("requester", "WEU", serve=False)
+        liars = await start_liars(c, stallers, behaviour="stall")
+        liars += await start_liars(c, cheaters, behaviour="cheat")
+        await c.settle()
+        await wait_for_claims(requester, liars)
+        attempts = attempts_of(requester)
+        liar_ids = {n.peer_id for n in liars}
+        per_job: list[int] = []
+        started = trio.current_time()
+        for job in range(8):
+            operands = shard_operands()
+            seen = len(attempts)
+            result = await requester.submit("matmul", operands, shards=4)
+            assert correct(result.output, operands), job
+            assert not set(result.workers) & liar_ids
+            per_job.append(sum(1 for a in attempts[seen:] if a.worker in liar_ids))
+    elapsed = trio.current_time() - started
+    # A liar gets one trial shard, then stays out for a back-off that doubles with each
+    # failed trial: over the whole run each staller was tried at most 1 + log2(elapsed /
+    # FAILURE_BACKOFF) times, each cheater once.
+    trials = 1 + max(0, math.floor(math.log2(max(1.0, elapsed / FAILURE_BACKOFF))))
+    assert sum(per_job) <= len(stallers) * trials + len(cheaters), (per_job, elapsed)
+    for node in liars:
+        standing = requester.peers.get(node.peer_id)
+        assert standing.accepted == 0
+        assert standing.timeouts + standing.rejected <= trials
+    cheater_ids = {c.peers[n].node.peer_id for n in cheaters}
+    rejected = [a for a in attempts if a.outcome == "rejected"]
+    assert {a.worker for a in rejected} <= cheater_ids
+    for peer in {a.worker for a in rejected}:
+        reason = requester.peers.excluded(peer, requester.clock.now())
+        assert reason is not None and "wrong result" in reason
+
+
+async def test_a_job_with_no_acceptable_worker_left_fails_and_says_why(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with cluster(["requester", "cheater", "gone"], timing=QUIET) as c:
+        requester = await c.start("requester", "WEU", serve=False)
+        await start_liars(c, ["cheater"], behaviour="cheat")
+        gone = (await start_liars(c, ["gone"]))[0]
+        await c.settle()
+        c.crash("gone")
+        with pytest.raises(JobFailed) as failure:
+            await requester.submit("matmul", shard_operands(), shards=2)
+        message = str(failure.value)
+        assert "no acceptable worker left" in message
+        assert "1 unreachable" in message and "1 returned a wrong result" in message
+        # The next job is refused at once, with the peer book's reasons.
+        with pytest.raises(JobFailed, match=r"workers out: .*unreachable"):
+            await requester.submit("matmul", shard_operands(), shards=2)
+        assert requester.peers.excluded(gone.peer_id, requester.clock.now()) == "unreachable"
+
+
+# -- planning: measured first, a bounded trial for the rest --------------------------------
+
+
+def test_unmeasured_workers_get_a_bounded_trial_share_and_no_rank_for_their_claims() -> None:
+    from mtor_p2p.capacity.view import CapacityView
+    from mtor_p2p.clock import NetClock
+    from mtor_p2p.compute.scheduler import Scheduler
+    from mtor_p2p.runtime import Runtime
+
+    now = 1_800_000_000.0
+    me = ident("planner")
+    view = CapacityView()
+    measured = [ident(f"measured{i}") for i in range(8)]
+    claimers = [ident(f"claimer{i}") for i in range(8)]
+    book = PeerBook()
+    for i, worker in enumerate(measured):
+        view.offer(make_record(worker, now=now, tflops=20.0, price=1.0, kernels=("matmul",)), now)
+        book.accepted(worker.peer_id, flops=int(1e12), seconds=1.0 + i, now=now)
+    for worker in claimers:
+        view.offer(
+            make_record(worker, now=now, tflops=LIAR_TFLOPS, price=0.0, kernels=("matmul",)), now
+        )
+
+    class FixedClock(NetClock):
+        def now(self) -> float:
+            return now
+
+    scheduler = Scheduler(
+        None,  # type: ignore[arg-type]  (planning touches no network)
+        me,
+        FixedClock(epoch_offset=0.0),
+        view,
+        None,  # type: ignore[arg-type]
+        runtime=Runtime.simulated(1),
+        book=book,
+    )
+    spec = JobSpec(kernel="matmul", operands={}, max_workers=8)
+    plan = scheduler.plan_workers(spec)
+    chosen = [r.peer_id for r in plan.chosen]
+    claimer_ids = {w.peer_id for w in claimers}
+    assert len(chosen) == 8
+    assert sum(1 for p in chosen if p in claimer_ids) == 2  # a quarter of the places
+    # Measured workers in order of measured value: the fastest (1 s per TFLOP) first.
+    assert chosen[:6] == [w.peer_id for w in measured[:6]]
+    assert {r.peer_id for r in plan.reserve} == {w.peer_id for w in measured[6:]} | (
+        claimer_ids - set(chosen)
+    )
+    # A claim counts as at most UNMEASURED_TFLOPS_CAP until measured.
+    record = view.get(claimers[0].peer_id, now)
+    assert record is not None
+    assert scheduler.speed_of(record) == UNMEASURED_TFLOPS_CAP
+    # With nobody measured, every place may go to a newcomer.
+    fresh = Scheduler(
+        None,  # type: ignore[arg-type]
+        me,
+        FixedClock(epoch_offset=0.0),
+        view,
+        None,  # type: ignore[arg-type]
+        runtime=Runtime.simulated(1),
+    )
+    assert len(fresh.plan_workers(spec).chosen) == 8
+
+
+# -- the peer book survives restarts -------------------------------------------------------
+
+
+def test_peer_book_keeps_measurements_and_demotions_across_restarts(tmp_path) -> None:
+    path = tmp_path / "peers.sqlite"
+    now = 1_800_000_000.0
+    book = PeerBook(path)
+    book.accepted("fast", flops=int(4e12), seconds=2.0, now=now)
+    book.failed("cheat", "rejected", now)
+    for _ in range(3):
+        book.accepted("flaky", flops=int(1e12), seconds=1.0, now=now)
+    for _ in range(3):
+        book.failed("flaky", "timeout", now)
+    book.close()
+
+    again = PeerBook(path)
+    assert again.get("fast").measured_tflops() == pytest.approx(2.0)
+    assert "wrong result" in (again.excluded("cheat", now + 3600) or "")
+    assert again.excluded("flaky", now + 1) == "3 failures in a row"
+    assert again.excluded("flaky", now + FAILURE_BACKOFF + 1) is None
+    assert again.get("flaky").reliability() < again.get("fast").reliability()
+    assert again.forget("cheat") and again.excluded("cheat", now) is None
+    again.close()
+    assert PeerBook(path).excluded("cheat", now) is None
+
+
+def test_peer_book_stays_bounded() -> None:
+    book = PeerBook(max_peers=100)
+    for i in range(1000):
+        book.failed(f"sybil{i}", "unreachable", float(i))
+    assert len(book.known()) <= 100
+
+
+# -- challenges ----------------------------------------------------------------------------
+
+
+async def test_challenges_measure_newcomers_and_catch_a_cheater_before_real_work(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """While its owner submits jobs, the challenger measures every unmeasured worker with a
+    small verified product: an honest worker gets a measured rate (and a signed attestation),
+    a cheater is excluded by a fault proof before any real shard of the owner's goes to it.
+    To the worker a challenge is an ordinary shard: it runs it and signs a receipt."""
+    timing = NodeTiming(
+        mesh_interval=3600.0,
+        challenge_interval=5.0,
+        capacity=CapacityTiming(ttl=3000.0, announce_interval=600.0),
+    )
+    async with cluster(["requester", "w1", "newcomer", "cheater"], timing=timing) as c:
+        w1 = await c.start("w1", "WEU", price=1.0)
+        requester = await c.start("requester", "WEU", serve=False)
+        # The test card computes 16 MFLOP/s: challenges of a one-second size.
+        requester.challenger.shapes = ((128, 250, 250),)
+        await c.settle()
+        # One job makes the requester an active one (and measures w1 on the way).
+        await requester.submit("matmul", shard_operands(), shards=1)
+        newcomer = await c.start("newcomer", "WEU", price=1.0)
+        (cheater,) = await start_liars(c, ["cheater"], behaviour="cheat")
+        await c.settle()
+        await wait_for_claims(requester, [cheater])
+        with trio.fail_after(300):
+            while not (
+                requester.peers.get(newcomer.peer_id).measured
+                and requester.peers.excluded(cheater.peer_id, requester.clock.now())
+            ):
+                await trio.sleep(1.0)
+        assert newcomer.worker.stats.shards_run == 1
+        assert requester.peers.get(cheater.peer_id).rejected == 1
+        stored = newcomer.receipts.receipts()
+        assert len(stored) == 1 and len(stored[0].body.job_id) == 64
+        attestations = [decode_attestation(a) for a in requester.challenger.attestations]
+        subjects = {a.subject for a in attestations}
+        assert newcomer.peer_id in subjects and cheater.peer_id not in subjects
+        attestation = next(a for a in attestations if a.subject == newcomer.peer_id)
+        assert attestation.measurer == requester.peer_id and attestation.tflops > 0
+        # A real job now avoids the cheater without ever giving it a shard.
+        attempts = attempts_of(requester)
+        await requester.submit("matmul", shard_operands(), shards=3)
+        assert cheater.peer_id not in {a.worker for a in attempts}
+        assert w1.peer_id in {a.worker for a in attempts} or newcomer.peer_id in {
+            a.worker for a in attempts
+        }
+
+
+def test_attestations_are_signed_by_their_measurer() -> None:
+    measurer, other = ident("measurer"), ident("other")
+    attestation = Attestation(
+        subject=other.peer_id,
+        measurer=measurer.peer_id,
+        kernel="matmul",
+        flops=10**9,
+        seconds=0.5,
+        at=1.0,
+        receipt="ab:0",
+    )
+    assert decode_attestation(attestation.sign(measurer)) == attestation
+    with pytest.raises(RecordError):
+        attestation.sign(other)
+    forged = Attestation(**{**attestation.__dict__, "measurer": other.peer_id})
+    tampered = forged.sign(other).replace(b'"flops":1000000000', b'"flops":9000000000')
+    with pytest.raises(RecordError):
+        decode_attestation(tampered)

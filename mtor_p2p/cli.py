@@ -430,6 +430,36 @@ def cmd_peers(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_reputation(args: argparse.Namespace) -> int:
+    """Show what this node measured of every worker it used: verified speed, reliability,
+    and who is demoted (unreachable, failing, caught cheating) and for how long. A worker's
+    advertised TFLOP/s counts for nothing here until one of its results was verified."""
+    answer = _client(args).call("GET", "/v1/reputation")
+    if args.json:
+        print(json.dumps(answer, indent=2, sort_keys=True))
+        return EXIT_OK
+    print(
+        f"{'PEER':<14} {'TFLOP/S':>9} {'OK':>5} {'FAIL':>5} {'WRONG':>5} {'RELIAB':>6}  STATE"
+    )
+    for peer in answer["peers"]:
+        measured = peer["measured_tflops"]
+        fails = peer["failed"] + peer["timeouts"] + peer["unreachable"] + peer["misbehaved"]
+        state = (
+            f"out {peer['demoted_for_s']:.0f} s: {peer['excluded']}" if peer["excluded"] else "ok"
+        )
+        print(
+            f"{'…' + peer['peer_id'][-12:]:<14} "
+            f"{'-' if measured is None else f'{measured:.3f}':>9} {peer['accepted']:>5} "
+            f"{fails:>5} {peer['rejected']:>5} {peer['reliability']:>6.2f}  {state}"
+        )
+    stats = answer["challenger"]["stats"]
+    print(
+        f"{len(answer['peers'])} worker(s); challenges {stats['challenges']} "
+        f"({stats['verified']} verified, {stats['failed']} failed)"
+    )
+    return EXIT_OK
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
     """Run a matmul job through the local node and report how it went."""
     import time
@@ -611,6 +641,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--region", help="only peers in this region")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_peers)
+
+    p = sub.add_parser(
+        "reputation",
+        help="show measured speed, reliability and demotions of workers",
+        description=cmd_reputation.__doc__,
+    )
+    _add_data_dir(p)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_reputation)
 
     p = sub.add_parser(
         "submit",

@@ -22,7 +22,7 @@ FAKE_AGENT = Path(__file__).with_name("fake_ngrok_agent.py")
 def test_help_explains_every_command():
     result = mtor("--help")
     assert result.returncode == 0
-    for command in ("id", "run", "status", "peers", "devnet"):
+    for command in ("id", "run", "status", "peers", "reputation", "devnet"):
         assert command in result.stdout
         sub = mtor(command, "--help")
         assert sub.returncode == 0, sub.stderr
@@ -269,6 +269,12 @@ def test_submit_and_receipts_against_a_devnet_as_a_new_user_would(tmp_path):
         assert theirs >= mine["count"]
         table = mtor("receipts", "--data-dir", requester).stdout
         assert "requester" in table and "both" in table
+        # The workers it used are measured now: verified speed, no failures.
+        reputation = json.loads(mtor("reputation", "--json", "--data-dir", requester).stdout)
+        measured = {p["peer_id"]: p for p in reputation["peers"] if p["measured_tflops"]}
+        assert set(summary["workers"]) <= set(measured)
+        assert all(p["rejected"] == 0 and p["excluded"] is None for p in measured.values())
+        assert "TFLOP/S" in mtor("reputation", "--data-dir", requester).stdout
         # Nobody is that cheap: a clear failure, exit 1.
         tiny = ["--m", "8", "--n", "8", "--k", "8"]
         cheap = mtor("submit", "matmul", *tiny, "--max-price", "0.0001", "--data-dir", requester)

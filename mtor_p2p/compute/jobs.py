@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -81,6 +82,24 @@ def load_matmul_operands(body: dict[str, Any]) -> dict[str, np.ndarray]:
     }
 
 
+def check_out_path(out: Any) -> Path:
+    """The ``out`` path of a job if its result can plausibly be written there (ValueError
+    otherwise): a non-empty string, not a directory, in an existing directory this process may
+    write. Checked at submission, so that a typo fails at once rather than after the job;
+    the save itself is still guarded (the directory may go away meanwhile)."""
+    if not isinstance(out, str) or not out:
+        raise ValueError("out must be a non-empty path")
+    path = Path(out).expanduser()
+    if path.is_dir():
+        raise ValueError(f"out {out!r} is a directory")
+    parent = path.parent
+    if not parent.is_dir():
+        raise ValueError(f"out {out!r}: directory {str(parent)!r} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"out {out!r}: directory {str(parent)!r} is not writable")
+    return path
+
+
 class JobBoard:
     """Runs API-submitted jobs in the background and remembers the last few."""
 
@@ -108,6 +127,8 @@ class JobBoard:
         if shards is not None:
             shards = _positive_int(body, "shards", 4096)
         out = body.get("out")
+        if out is not None:
+            out = str(await self._runtime.run_blocking(check_out_path, out))
         operands = await self._runtime.run_blocking(load_matmul_operands, body)
         job = JobState(id=f"job-{next(self._ids)}")
         self._jobs[job.id] = job
@@ -155,8 +176,14 @@ class JobBoard:
             log.exception("job %s failed", job.id)
             job.state, job.error = "failed", f"{type(exc).__name__}: {exc}"
             return
-        if out:
-            await self._runtime.run_blocking(np.save, Path(out), result.output)
         job.result = result.summary()
         job.done = job.total = len(result.shards)
+        if out:
+            try:
+                await self._runtime.run_blocking(np.save, Path(out), result.output)
+            except Exception as exc:  # a full disk, a removed directory: not the node's end
+                # The job ran and was paid for; its summary stays, the result is not saved.
+                log.warning("job %s: result not saved to %s: %s", job.id, out, exc)
+                job.state, job.error = "failed", f"result not saved to {out}: {exc}"
+                return
         job.state = "done"

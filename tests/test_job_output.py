@@ -1,0 +1,113 @@
+"""A job's ``--out`` path (issue 8, review defect): a path that cannot be written fails the
+job with a clear error, or is refused at submission; it never takes the node down."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import trio
+
+from mtor_p2p.compute.jobs import JobBoard
+from mtor_p2p.runtime import Runtime
+
+RESULT = np.arange(12, dtype=np.float32).reshape(3, 4)
+
+
+class FakeResult:
+    """What the board reads of a :class:`~mtor_p2p.compute.scheduler.JobResult`."""
+
+    output = RESULT
+    shards = (object(), object())
+
+    def summary(self) -> dict[str, Any]:
+        return {"shards": 2}
+
+
+@asynccontextmanager
+async def board(release: trio.Event | None = None) -> AsyncIterator[JobBoard]:
+    """A job board whose jobs finish at once (or when ``release`` is set), in a nursery that
+    fails the test if anything escapes it."""
+
+    async def submit(*args: object, **kwargs: object) -> FakeResult:
+        if release is not None:
+            await release.wait()
+        return FakeResult()
+
+    jobs = JobBoard(submit, Runtime.simulated("jobs"))
+    async with trio.open_nursery() as nursery:
+        jobs.nursery = nursery
+        yield jobs
+        nursery.cancel_scope.cancel()
+
+
+async def wait_done(jobs: JobBoard, job_id: str) -> dict[str, Any]:
+    with trio.fail_after(5):
+        while True:
+            _, state = await jobs.route_status({"id": job_id}, None)
+            if state["state"] != "running":
+                return state
+            await trio.sleep(0.01)
+
+
+BODY = {"m": 3, "n": 4, "k": 2, "seed": 1}
+
+
+async def test_a_result_is_saved_to_a_writable_out_path(tmp_path: Path) -> None:
+    async with board() as jobs:
+        out = tmp_path / "c.npy"
+        _, reply = await jobs.route_submit({}, {**BODY, "out": str(out)})
+        state = await wait_done(jobs, reply["id"])
+        assert state["state"] == "done", state
+        np.testing.assert_array_equal(np.load(out), RESULT)
+
+
+@pytest.mark.parametrize("where", ["missing-dir", "is-a-dir", "parent-is-a-file", "empty"])
+async def test_an_out_path_that_cannot_be_written_is_refused_at_submission(
+    tmp_path: Path, where: str
+) -> None:
+    out = {
+        "missing-dir": str(tmp_path / "no" / "such" / "dir" / "c.npy"),
+        "is-a-dir": str(tmp_path),
+        "parent-is-a-file": str(tmp_path / "file" / "c.npy"),
+        "empty": "",
+    }[where]
+    (tmp_path / "file").write_text("x")
+    async with board() as jobs:
+        with pytest.raises(ValueError, match="out"):
+            await jobs.route_submit({}, {**BODY, "out": out})
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
+async def test_an_out_path_in_a_read_only_directory_is_refused(tmp_path: Path) -> None:
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    async with board() as jobs:
+        with pytest.raises(ValueError, match="out"):
+            await jobs.route_submit({}, {**BODY, "out": str(locked / "c.npy")})
+
+
+async def test_a_save_that_fails_after_the_job_fails_the_job_not_the_node(
+    tmp_path: Path,
+) -> None:
+    """The directory is there at submission and gone when the result is saved: the job ends
+    ``failed`` naming the path (its summary kept), and the board goes on serving."""
+    directory = tmp_path / "results"
+    directory.mkdir()
+    release = trio.Event()
+    async with board(release) as jobs:
+        _, reply = await jobs.route_submit({}, {**BODY, "out": str(directory / "c.npy")})
+        directory.rmdir()
+        release.set()
+        state = await wait_done(jobs, reply["id"])
+        assert state["state"] == "failed"
+        assert str(directory / "c.npy") in state["error"]
+        assert state["result"] == {"shards": 2}
+        # The node (the board's nursery) is still running jobs.
+        _, again = await jobs.route_submit({}, {**BODY, "out": str(tmp_path / "d.npy")})
+        assert (await wait_done(jobs, again["id"]))["state"] == "done"

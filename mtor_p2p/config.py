@@ -20,7 +20,9 @@ Example ``mtor.toml``::
 
 from __future__ import annotations
 
+import logging
 import os
+import stat
 import tomllib
 from dataclasses import dataclass, field, fields
 from importlib import resources
@@ -28,6 +30,15 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_DATA_DIR = "~/.mtor"
+
+log = logging.getLogger(__name__)
+
+#: The data directory holds the identity key, the ledger, receipts and the control API's token:
+#: nobody but its owner may list or read it.
+PRIVATE_DIR_MODE = 0o700
+PRIVATE_FILE_MODE = 0o600
+#: Files SQLite keeps beside a database (they hold the same data).
+SQLITE_SIDE_FILES = ("-wal", "-shm", "-journal")
 DEFAULT_LISTEN = "/ip4/127.0.0.1/tcp/4001"
 DEFAULT_REGION = "local"
 
@@ -171,3 +182,107 @@ def load_config(path: Path | None) -> NodeConfig:
         else:
             raise ConfigError(f"unknown setting {key!r} in {path}")
     return config
+
+
+# -- data directory permissions ----------------------------------------------------------------
+#
+# Modes are set explicitly on what we create (never left to the process umask): a node may run
+# embedded in a process whose umask is 022, and changing the umask would change it for the
+# embedding application as well. The directory's 0700 is what keeps other local users out;
+# 0600 on each file also holds when a file is copied or the directory is opened up later.
+
+
+def private_dir(path: Path) -> Path:
+    """Create the directory ``path`` (and its parents) if missing and make it 0700.
+
+    An existing directory with a wider mode is tightened, with a log line. A sticky directory
+    (``/tmp`` given as the data directory) or one we do not own is left as it is, with a
+    warning: changing it would break other users' files.
+    """
+    path.mkdir(parents=True, exist_ok=True, mode=PRIVATE_DIR_MODE)
+    info = path.stat()
+    mode = stat.S_IMODE(info.st_mode)
+    if mode == PRIVATE_DIR_MODE:
+        return path
+    if info.st_mode & stat.S_ISVTX or info.st_uid != os.getuid():
+        log.warning("data directory %s is shared (mode %o): not tightening it", path, mode)
+        return path
+    os.chmod(path, PRIVATE_DIR_MODE)
+    if mode & 0o077:
+        log.warning("data directory %s was mode %o; tightened to 700", path, mode)
+    return path
+
+
+def private_file(path: Path) -> Path:
+    """Create ``path`` empty with mode 0600 if it is missing, else tighten it to 0600.
+
+    Used on an SQLite database before it is opened: SQLite creates the ``-wal``, ``-shm``
+    and ``-journal`` files with the mode of the database file itself (and sets it on them
+    whatever the umask), so a 0600 database keeps its side files 0600 too.
+    """
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, PRIVATE_FILE_MODE)
+    try:
+        # os.open's mode is narrowed by the umask only; an existing file keeps its own mode.
+        if stat.S_IMODE(os.fstat(fd).st_mode) != PRIVATE_FILE_MODE:
+            os.fchmod(fd, PRIVATE_FILE_MODE)
+    finally:
+        os.close(fd)
+    return path
+
+
+def private_sqlite(path: Path | str) -> None:
+    """Make the SQLite database ``path`` 0600 before it is opened (creating it empty) and
+    tighten side files left by an older version; ``:memory:`` is left alone."""
+    if str(path) == ":memory:" or str(path).startswith("file:"):
+        return
+    path = Path(path)
+    private_file(path)
+    for suffix in SQLITE_SIDE_FILES:
+        side = path.with_name(path.name + suffix)
+        try:
+            if stat.S_IMODE(side.lstat().st_mode) != PRIVATE_FILE_MODE:
+                os.chmod(side, PRIVATE_FILE_MODE)
+        except FileNotFoundError:
+            pass
+
+
+def write_private(path: Path, data: str | bytes) -> None:
+    """Write ``data`` to ``path`` atomically (a 0600 temporary file renamed over it)."""
+    raw = data.encode() if isinstance(data, str) else data
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, PRIVATE_FILE_MODE)
+    try:
+        try:
+            os.fchmod(fd, PRIVATE_FILE_MODE)
+            os.write(fd, raw)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def secure_data_dir(path: Path, *, skip: tuple[str, ...] = ()) -> list[str]:
+    """Make ``path`` 0700 (creating it) and every regular file directly in it 0600, except
+    the names in ``skip``; return the names of the files that were tightened (logged).
+
+    Repairs data directories written by older versions, and files that other code wrote with
+    the umask's mode. Symbolic links and subdirectories are left alone.
+    """
+    private_dir(path)
+    tightened = []
+    for entry in os.scandir(path):
+        if entry.name in skip or not entry.is_file(follow_symlinks=False):
+            continue
+        mode = stat.S_IMODE(entry.stat(follow_symlinks=False).st_mode)
+        if mode != PRIVATE_FILE_MODE:
+            try:
+                os.chmod(entry.path, PRIVATE_FILE_MODE, follow_symlinks=False)
+            except OSError as exc:  # another user's file, or a vanished temporary file
+                log.warning("cannot make %s private: %s", entry.path, exc)
+                continue
+            tightened.append(entry.name)
+    if tightened:
+        log.warning("made files in %s private (0600): %s", path, ", ".join(sorted(tightened)))
+    return tightened

@@ -21,6 +21,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from mtor_p2p.config import secure_data_dir
+
 KEY_FILE_NAME = "identity.key"
 SEED_SIZE = 32
 PUBLIC_KEY_SIZE = 32
@@ -138,7 +140,10 @@ def load_or_create_identity(data_dir: Path) -> Identity:
     Refuses a key file that other users can read, as ssh does, rather than silently using a
     key that may have leaked.
     """
-    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    # Every command starts here: make the directory 0700 and its other files 0600 (repairing
+    # directories written by older versions). The key itself is not tightened silently: a
+    # key others could read may have leaked, and is refused below.
+    secure_data_dir(data_dir, skip=(KEY_FILE_NAME,))
     path = data_dir / KEY_FILE_NAME
     if path.exists():
         mode = path.stat().st_mode & 0o777

@@ -9,6 +9,7 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
+from mtor_p2p.config import private_sqlite
 from mtor_p2p.records.receipts import Receipt, decode_receipt, verify_receipt
 
 SCHEMA = """
@@ -35,6 +36,8 @@ class ReceiptStore:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        # 0600 before SQLite opens it: its -wal and -shm files then get the same mode.
+        private_sqlite(path)
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")  # an acknowledged receipt survives a crash

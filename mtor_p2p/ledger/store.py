@@ -24,6 +24,7 @@ from typing import Any
 
 import blake3
 
+from mtor_p2p.config import private_sqlite
 from mtor_p2p.ledger import bls
 from mtor_p2p.ledger.entries import (
     Entry,
@@ -148,6 +149,8 @@ class Ledger:
         self.genesis_hash = genesis.hash
         self.bls = backend or bls.default_backend()
         self._lock = threading.RLock()
+        # 0600 before SQLite opens it: its -wal and -shm files then get the same mode.
+        private_sqlite(path)
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")  # acknowledged means on disk

@@ -1,4 +1,4 @@
-"""``python -m benchmarks NAME [options]``; names: peer, compute, ledger, sim."""
+"""``python -m benchmarks NAME [options]``; names: peer, compute, ledger, sim, attacks."""
 
 from __future__ import annotations
 
@@ -25,7 +25,13 @@ def main() -> int:
         from benchmarks.bench_sim import main as run
 
         return run(args[1:])
-    print(f"unknown benchmark {name!r}; known: peer, compute, ledger, sim", file=sys.stderr)
+    if name == "attacks":
+        from benchmarks.bench_attacks import main as run
+
+        return run(args[1:])
+    print(
+        f"unknown benchmark {name!r}; known: peer, compute, ledger, sim, attacks", file=sys.stderr
+    )
     return 2
 
 

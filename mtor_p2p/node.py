@@ -188,6 +188,7 @@ class Node:
             interval=self.timing.challenge_interval or 30.0,
         )
         self.scheduler.on_settled = self.ledger_service.record_receipt
+        self.scheduler.stakes = lambda: dict(self.ledger.state().stakes)
         self.scheduler.on_fault = self._record_fault
         self.jobs = JobBoard(self.submit, self.runtime)
 

@@ -387,3 +387,50 @@ def test_attestations_are_signed_by_their_measurer() -> None:
     tampered = forged.sign(other).replace(b'"flops":1000000000', b'"flops":9000000000')
     with pytest.raises(RecordError):
         decode_attestation(tampered)
+
+
+def test_stake_weights_the_draw_of_unmeasured_workers() -> None:
+    """Among workers nobody measured yet, one with 1,000 credits at stake is drawn as if it
+    were 1,001 of them: it gets one of the two trial places nearly every time, while any one
+    of 20 stakeless Sybils rarely does."""
+    from mtor_p2p.capacity.view import CapacityView
+    from mtor_p2p.clock import NetClock
+    from mtor_p2p.compute.scheduler import Scheduler
+    from mtor_p2p.ledger.genesis import NANO
+    from mtor_p2p.runtime import Runtime
+
+    now = 1_800_000_000.0
+
+    class FixedClock(NetClock):
+        def now(self) -> float:
+            return now
+
+    view = CapacityView()
+    book = PeerBook()
+    for i in range(8):
+        worker = ident(f"measured{i}")
+        view.offer(make_record(worker, now=now, kernels=("matmul",)), now)
+        book.accepted(worker.peer_id, flops=int(1e12), seconds=1.0, now=now)
+    staked = ident("staked")
+    sybils = [ident(f"stakeless{i}") for i in range(20)]
+    for worker in [staked, *sybils]:
+        view.offer(make_record(worker, now=now, price=0.0, kernels=("matmul",)), now)
+    spec = JobSpec(kernel="matmul", operands={}, max_workers=8)
+    chosen_staked = chosen_first_sybil = 0
+    for seed in range(40):
+        scheduler = Scheduler(
+            None,  # type: ignore[arg-type]
+            ident("planner"),
+            FixedClock(epoch_offset=0.0),
+            view,
+            None,  # type: ignore[arg-type]
+            runtime=Runtime.simulated(seed),
+            book=book,
+        )
+        chosen = {
+            r.peer_id for r in scheduler.plan_workers(spec, {staked.peer_id: 1000 * NANO}).chosen
+        }
+        chosen_staked += staked.peer_id in chosen
+        chosen_first_sybil += sybils[0].peer_id in chosen
+    assert chosen_staked >= 38
+    assert chosen_first_sybil <= 8

@@ -31,6 +31,7 @@ from mtor_p2p.compute.receipt_store import ReceiptStore
 from mtor_p2p.compute.reputation import PeerBook
 from mtor_p2p.compute.worker import CREDIT_REFUSED
 from mtor_p2p.identity import Identity
+from mtor_p2p.ledger.genesis import NANO
 from mtor_p2p.network import Network, NetworkError, RemoteError
 from mtor_p2p.records.arrays import meta_of
 from mtor_p2p.records.faults import make_fault_proof
@@ -701,6 +702,8 @@ class Scheduler:
         self.uploads: dict[tuple[str, str], trio.Event] = {}  # (worker, operand) being sent
         #: Called with every :class:`ShardAttempt` as it ends (metrics, simulation, dashboards).
         self.observer: Callable[[ShardAttempt], None] | None = None
+        #: Returns every peer's stake (nano-credits) from the ledger; None: no ledger.
+        self.stakes: Callable[[], dict[str, int]] | None = None
         #: trio time of the last job submitted here (challenges aside); None before the first.
         self.last_job_at: float | None = None
         # Countersigned receipts travel to their workers off the job's critical path: a dead
@@ -712,7 +715,7 @@ class Scheduler:
         (see :meth:`PeerBook.effective_tflops`)."""
         return self.book.effective_tflops(record.peer_id, record.tflops)
 
-    def plan_workers(self, spec: JobSpec) -> WorkerPlan:
+    def plan_workers(self, spec: JobSpec, stakes: dict[str, int] | None = None) -> WorkerPlan:
         """Who runs ``spec``: up to ``max_workers`` chosen now, the rest of the acceptable
         workers in reserve (best first), and why the others are out.
 
@@ -720,7 +723,10 @@ class Scheduler:
         shards, weighted by their failures and the load they report. Workers never measured
         here are not ranked by what they claim (a liar claims the most): they come in a seeded
         random order, and at most a quarter of the places (at least one) go to them while
-        measured workers can fill the rest. Workers the peer book demoted (unreachable,
+        measured workers can fill the rest. ``stakes`` (peer -> nano-credits staked, from
+        the ledger) weight that random order: a worker with S credits at stake is drawn as
+        if it were 1 + S workers, since stake is what a proven wrong result costs it and
+        what a swarm of fresh Sybils lacks. Workers the peer book demoted (unreachable,
         failing, caught cheating) are left out until their back-off ends.
         """
         now = self.clock.now()
@@ -752,6 +758,14 @@ class Scheduler:
         measured = sorted((r for r in candidates if self.book.get(r.peer_id).measured), key=value)
         unmeasured = [r for r in candidates if not self.book.get(r.peer_id).measured]
         self.runtime.random.shuffle(unmeasured)
+        if stakes:
+            # A weighted random order (Efraimidis-Spirakis): key u^(1/w), largest first.
+            draw = self.runtime.random.random
+            keys = {
+                r.peer_id: draw() ** (1.0 / (1.0 + stakes.get(r.peer_id, 0) / NANO))
+                for r in unmeasured
+            }
+            unmeasured.sort(key=lambda r: -keys[r.peer_id])
         places = max(1, spec.max_workers)
         trial = max(1, places // 4)
         take_unmeasured = min(len(unmeasured), max(trial, places - len(measured)))
@@ -805,7 +819,11 @@ class Scheduler:
         kernel.check_operands(spec.operands)
         if spec.only is None:
             self.last_job_at = trio.current_time()
-        plan = self.plan_workers(spec)
+        stakes = None
+        if self.stakes is not None:
+            # A ledger read may wait for a write: off the event loop.
+            stakes = await self.runtime.run_blocking(self.stakes)
+        plan = self.plan_workers(spec, stakes)
         if not plan.chosen:
             raise JobFailed(
                 f"no worker in the capacity view serves {spec.kernel!r} within the price"

@@ -228,19 +228,42 @@ async def test_a_recently_advertised_price_is_honoured_then_forgotten(
         assert receipt.body.price == 1.25
 
 
-async def test_a_shard_that_costs_nothing_is_refused(
+async def test_a_shard_that_costs_nothing_is_refused_to_a_requester_without_credit(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    """At one credit per TFLOP, a 1x1 product (2 FLOPs) costs 0 nano-credits: the receipt would
-    move nothing while the shard holds the worker's slot, so the worker refuses it."""
-    async with bench(price=1.0) as b:
+    """At one credit per TFLOP, a 1x1 product (2 FLOPs) costs 0 nano-credits: its receipt
+    moves nothing. A requester that cannot spend even one nano-credit is refused it (before
+    this, such shards passed every credit check); one that can is served and the shard is held
+    against it as one nano-credit until countersigned."""
+    tiny = matmul_operands(1, 1, 1)
+    assert cost_of(tiny, 1.0) == 0
+    async with bench(price=1.0, credit=lambda requester: 0) as b:
         alice = await b.requester("alice")
-        tiny = matmul_operands(1, 1, 1)
-        assert cost_of(tiny, 1.0) == 0
-        with pytest.raises(RemoteError, match="costs 0 nano-credits"):
+        with pytest.raises(RemoteError, match="credit refused: this shard costs 1 nano-credits"):
             await run(b, alice, tiny, shard=0, quote=1.0)
         assert b.worker.stats.shards_run == 0
-        await run(b, alice, matmul_operands(), shard=1, quote=1.0)
+    async with bench(price=1.0, credit=lambda requester: 1) as b:
+        alice = await b.requester("alice")
+        receipt = await run(b, alice, tiny, shard=0, quote=1.0)
+        with pytest.raises(RemoteError, match="credit refused"):  # the one nano-credit is held
+            await run(b, alice, tiny, shard=1, quote=1.0)
+        await pay(b, alice, receipt)
+        await run(b, alice, tiny, shard=1, quote=1.0)
+
+
+async def test_unpaid_tiny_shards_reach_the_unpaid_bound(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Without a ledger, free shards are still bounded by the unpaid record."""
+    async with bench(price=1.0, unpaid_shards=2) as b:
+        mallory = await b.requester("mallory")
+        tiny = matmul_operands(1, 1, 1)
+        for shard in range(2):
+            await run(b, mallory, tiny, shard=shard, quote=1.0)
+        await trio.sleep(OWED_MEMORY_SECONDS + HOUSEKEEPING_INTERVAL)
+        assert b.worker.unpaid(mallory.peer_id) == (2, 2)
+        with pytest.raises(RemoteError, match="never countersigned"):
+            await run(b, mallory, tiny, shard=2, quote=1.0)
 
 
 async def test_a_volunteer_worker_asking_nothing_serves_free_shards(

@@ -8,9 +8,12 @@ What a requester could take without paying is bounded too (issue 8):
 
 * **Price floor.** A run request quotes ``max_price``; the worker refuses a quote below the
   lowest price it has itself asked in the last :data:`PRICE_MEMORY_SECONDS` (less a rounding
-  tolerance), and any shard that would cost 0 nano-credits. Honouring a *recent* price, not
-  only the current one, is deliberate: the requester quotes the price it read in our capacity
-  record, which may be one price step old, and keeps that quote for a whole job.
+  tolerance). Honouring a *recent* price, not only the current one, is deliberate: the
+  requester quotes the price it read in our capacity record, which may be one price step old,
+  and keeps that quote for a whole job. A shard that costs 0 nano-credits at the agreed price
+  counts as one nano-credit against the requester (credit check, unpaid bound), so that a
+  requester without credit gets no work for free, while paying requesters still get small
+  shards (an inference step can cost less than a nano-credit at market prices).
 * **Unpaid work.** Work done but never countersigned is owed for :data:`OWED_MEMORY_SECONDS`,
   then remembered as unpaid per requester (for :data:`UNPAID_MEMORY_SECONDS`, in a table of
   bounded size); a requester past the bound is refused until it countersigns.
@@ -372,13 +375,13 @@ class WorkerService:
         price = self._agreed_price(header.get("max_price"))
         cost = shard_cost_nano(price, flops)
         if cost == 0 and price > 0:
-            # The receipt would move nothing while the shard holds a compute slot. A worker
-            # asking 0 (a volunteer) gives its work away by its own choice.
-            self.stats.price_refusals += 1
-            raise RemoteError(
-                f"shard too small: {flops} FLOPs at {price:.9g} credits per TFLOP costs 0 "
-                "nano-credits"
-            )
+            # Its receipt moves nothing, yet the shard holds a compute slot: without this, a
+            # requester with no credit at all gets any amount of work in small enough pieces.
+            # Refusing every such shard would refuse real work, though: at market prices one
+            # 16-token inference step costs under a nano-credit. So it is held against the
+            # requester as one nano-credit, in the credit check and in the unpaid bound; a
+            # worker asking 0 (a volunteer) gives its work away by its own choice.
+            cost = 1
         self._refuse_unpaid(sender)
         reservation = (job_id, shard)
         available = None

@@ -9,13 +9,11 @@ Embedders start one with::
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import trio
@@ -35,7 +33,12 @@ from mtor_p2p.compute.reputation import PeerBook
 from mtor_p2p.compute.scheduler import JobResult, JobSpec, Scheduler
 from mtor_p2p.compute.worker import WorkerService
 from mtor_p2p.config import NodeConfig
-from mtor_p2p.control import INFO_FILE_NAME, ControlServer, load_or_create_token
+from mtor_p2p.control import (
+    INFO_FILE_NAME,
+    ControlServer,
+    load_or_create_token,
+    write_control_info,
+)
 from mtor_p2p.identity import Identity, load_or_create_identity
 from mtor_p2p.ledger.entries import receipt_entry_id
 from mtor_p2p.ledger.genesis import GENESIS_FILE_NAME, Genesis, load_genesis, nano_to_credits
@@ -566,19 +569,15 @@ class Node:
         await server.serve(self.config.api_port, task_status=task_status)
 
     def _write_control_info(self, port: int) -> None:
-        path: Path = self.config.data_dir / INFO_FILE_NAME
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(
-            json.dumps(
-                {
-                    "url": f"http://127.0.0.1:{port}",
-                    "pid": os.getpid(),
-                    "peer_id": self.peer_id,
-                    "addrs": self.addrs(),
-                }
-            )
+        write_control_info(
+            self.config.data_dir,
+            {
+                "url": f"http://127.0.0.1:{port}",
+                "pid": os.getpid(),
+                "peer_id": self.peer_id,
+                "addrs": self.addrs(),
+            },
         )
-        tmp.replace(path)
 
     def _remove_control_info(self) -> None:
         try:

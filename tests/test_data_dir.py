@@ -139,13 +139,6 @@ def test_a_shared_sticky_directory_is_not_changed(
     assert "shared" in caplog.text
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="files written outside the stores still take the umask's 0644: the genesis copy "
-    "(Genesis.save), capacity-bench.json (capacity/bench.py), control.json (node.py) and "
-    "peers.sqlite (peer book); each must use config.write_private / private_sqlite. Remove "
-    "this mark once they do (strict: the test then fails here as an unexpected pass).",
-)
 async def test_a_running_node_keeps_its_data_directory_private(
     tmp_path: Path, umask_022: None
 ) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from mtor_p2p.capacity.record import Device
+from mtor_p2p.config import write_private
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +101,5 @@ def measure_tflops(devices: list[Device], data_dir: Path | None, *, refresh: boo
     if result is None:
         result = bench_numpy()
     if cache is not None:
-        tmp = cache.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"key": key, **asdict(result)}))
-        tmp.replace(cache)
+        write_private(cache, json.dumps({"key": key, **asdict(result)}))
     return result.tflops

@@ -21,6 +21,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mtor_p2p.config import private_sqlite
+
 log = logging.getLogger(__name__)
 
 #: Recent measurements kept per worker (shard round trips and delivered TFLOP/s).
@@ -117,6 +119,7 @@ class PeerBook:
         self._gone: set[str] = set()
         self._db: sqlite3.Connection | None = None
         if path is not None:
+            private_sqlite(path)  # data directory files are 0600 (and so its WAL files)
             self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute(

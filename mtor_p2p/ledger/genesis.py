@@ -24,6 +24,7 @@ from typing import Any
 
 import blake3
 
+from mtor_p2p.config import write_private
 from mtor_p2p.identity import public_key_from_peer_id
 from mtor_p2p.ledger.pricing import PriceRule
 from mtor_p2p.wire import RecordError, canonical_json
@@ -194,7 +195,8 @@ class Genesis:
 
     def save(self, path: Path) -> None:
         """Write the genesis as readable JSON."""
-        path.write_text(json.dumps(self.to_json(), indent=2, sort_keys=True) + "\n")
+        # Data directory files are private (0600), the genesis copy included.
+        write_private(path, json.dumps(self.to_json(), indent=2, sort_keys=True) + "\n")
 
 
 def load_genesis(path: Path | None = None) -> Genesis:

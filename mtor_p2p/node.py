@@ -194,6 +194,9 @@ class Node:
         self.scheduler.stakes = lambda: dict(self.ledger.state().stakes)
         self.scheduler.on_fault = self._record_fault
         self.jobs = JobBoard(self.submit, self.runtime)
+        #: Set when their loops start (status shows their guards' counters).
+        self.mesh: MeshKeeper | None = None
+        self.control_server: ControlServer | None = None
 
     async def _worker_receipt(self, receipt: Any) -> None:
         # The requester gossips it; the worker only enters its copy (sync repairs gaps).
@@ -404,7 +407,7 @@ class Node:
         def candidates() -> list[Candidate]:
             return [(r.peer_id, r.addrs) for r in self.capacity.view.live(self.clock.now())]
 
-        keeper = MeshKeeper(
+        keeper = self.mesh = MeshKeeper(
             self.network,
             candidates=candidates,
             bootstrap=self.config.all_bootstrap_peers(),
@@ -438,6 +441,10 @@ class Node:
             "record": None if own is None else record_to_json(own, now),
             "tunnel": self.tunnel_url,
             "guards": self.network.stats.__dict__,
+            "mesh": None if self.mesh is None else self.mesh.stats.__dict__,
+            "control_api": None
+            if self.control_server is None
+            else self.control_server.stats.__dict__,
             "worker": {
                 "kernels": list(self.worker.kernels),
                 "backend": self.worker.executor.name,
@@ -566,6 +573,7 @@ class Node:
                 ("GET", "/v1/ledger/prove"): self._route_ledger_prove,
             },
         )
+        self.control_server = server
         await server.serve(self.config.api_port, task_status=task_status)
 
     def _write_control_info(self, port: int) -> None:

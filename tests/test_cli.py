@@ -84,6 +84,9 @@ def test_run_serves_status_and_peers_then_stops_cleanly_on_sigterm(tmp_path):
         body = json.loads(status.stdout)
         assert body["peer_id"] == ready["peer_id"]
         assert body["record"]["peer_id"] == ready["peer_id"]
+        # The guards' counters an operator watches: mesh, control API, peer book.
+        assert body["mesh"]["rounds"] >= 0 and body["control_api"]["accepted"] >= 1
+        assert body["reputation"]["known"] == 0
         peers = json.loads(mtor("peers", "--json", "--data-dir", str(tmp_path)).stdout)
         assert [p["peer_id"] for p in peers] == [ready["peer_id"]]
         table = mtor("peers", "--data-dir", str(tmp_path)).stdout

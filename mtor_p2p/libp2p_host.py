@@ -37,8 +37,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import struct
-from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -72,6 +72,8 @@ from mtor_p2p.network import (
     DEFAULT_MAX_RESPONSE_BYTES,
     DEFAULT_MAX_STREAMS_PER_PEER,
     MAX_ERROR_BYTES,
+    MIN_REQUEST_BYTES_PER_S,
+    REQUEST_GRACE_S,
     DhtValidator,
     HostStats,
     Message,
@@ -459,7 +461,8 @@ class Libp2pNetwork:
                 peers.close_stream(sender)
 
         async def serve_admitted(stream: INetStream, sender: str) -> None:
-            (length,) = _LENGTH.unpack(await _read_exactly(stream, _LENGTH.size))
+            with self._cut_if_slow(REQUEST_GRACE_S):
+                (length,) = _LENGTH.unpack(await _read_exactly(stream, _LENGTH.size))
             if length > max_request_bytes:
                 self.stats.requests_refused_size += 1
                 await self._respond(stream, _STATUS_ERROR, b"request too large")
@@ -476,8 +479,9 @@ class Libp2pNetwork:
                 return
             peers.admit(sender, length)
             try:
-                # Drain the whole request before any work (pitfall 4).
-                payload = await _read_exactly(stream, length)
+                # Drain the whole request before any work (pitfall 4), at a minimum rate.
+                with self._cut_if_slow(REQUEST_GRACE_S + length / MIN_REQUEST_BYTES_PER_S):
+                    payload = await _read_exactly(stream, length)
                 try:
                     response = await handler(sender, payload)
                 except RemoteError as exc:
@@ -494,6 +498,16 @@ class Libp2pNetwork:
             await self._respond(stream, _STATUS_OK, response)
 
         self._host.set_stream_handler(TProtocol(protocol), self._guard(protocol, serve))
+
+    @contextmanager
+    def _cut_if_slow(self, seconds: float) -> Iterator[None]:
+        """Raise NetworkError (the guard resets the stream) if the block takes ``seconds``."""
+        try:
+            with trio.fail_after(seconds):
+                yield
+        except trio.TooSlowError:
+            self.stats.requests_cut_slow += 1
+            raise NetworkError(f"request not received within {seconds:.1f} s") from None
 
     @staticmethod
     async def _respond(stream: INetStream, status: int, payload: bytes) -> None:

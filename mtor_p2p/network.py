@@ -27,6 +27,12 @@ import trio
 #: Default size limits for one request and one response.
 DEFAULT_MAX_REQUEST_BYTES = 1 << 20
 DEFAULT_MAX_RESPONSE_BYTES = 1 << 20
+#: A request's length prefix must arrive within REQUEST_GRACE_S of its stream opening, and its
+#: body within REQUEST_GRACE_S plus its size at MIN_REQUEST_BYTES_PER_S (a quarter of the
+#: slowest home uplink the scheduler plans for): a peer that trickles bytes is cut instead of
+#: holding a busy permit until the handler's deadline.
+REQUEST_GRACE_S = 5.0
+MIN_REQUEST_BYTES_PER_S = 256 * 1024
 #: A handler's error reason reaches the requester cut to this many bytes.
 MAX_ERROR_BYTES = 1024
 #: Inbound requests one remote peer may have open at once (being read or handled), across
@@ -80,6 +86,9 @@ class HostStats:
     #: most there ever were: what the host may hold in request buffers.
     request_bytes_pending: int = 0
     request_bytes_pending_peak: int = 0
+    #: Requests whose sender was too slow with its length prefix or body (see
+    #: :data:`MIN_REQUEST_BYTES_PER_S`): cut, so that trickling bodies cannot hold permits.
+    requests_cut_slow: int = 0
     gossip_dropped: int = 0
     gossip_rejected: int = 0
 

@@ -6,6 +6,7 @@ py-libp2p hosts on loopback.
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import struct
 import time
@@ -399,3 +400,40 @@ async def test_one_peer_flooding_streams_is_refused_while_another_is_served():
                     break
                 except RemoteError:
                     await trio.sleep(0.1)
+
+
+async def test_a_request_trickled_below_the_minimum_rate_is_cut_and_frees_its_permit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A peer that announces a request and then sends its body a byte at a time would hold
+    the busy permit until the handler's deadline (60 s for uploads): two such peers could
+    lock honest requesters out. The body must arrive within a grace period plus its size at
+    a minimum rate; the trickler is cut, its permit freed, and an honest request is served.
+    (The limits are shortened here so the test runs in about a second.)"""
+    from mtor_p2p import libp2p_host
+
+    monkeypatch.setattr(libp2p_host, "REQUEST_GRACE_S", 0.5)
+    monkeypatch.setattr(libp2p_host, "MIN_REQUEST_BYTES_PER_S", 1 << 20)
+    async with open_networks(2, max_concurrent_requests=1) as (server, client):
+        server.handle(ECHO, echo, max_request_bytes=1 << 20, timeout=60)
+        stream = await _raw_stream(client, server, ECHO)
+        await stream.write(struct.pack(">I", 64 << 10) + b"x")
+
+        async def trickle() -> None:
+            with contextlib.suppress(Exception):
+                for _ in range(100):
+                    await trio.sleep(0.1)
+                    await stream.write(b"x")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trickle)
+            with trio.fail_after(5):
+                while server.stats.request_bytes_pending == 0:
+                    await trio.sleep(0.02)
+            with pytest.raises(RemoteError, match="busy"):
+                await client.request(server.peer_id, ECHO, b"honest")
+            with trio.fail_after(10):
+                while server.stats.requests_cut_slow == 0:
+                    await trio.sleep(0.05)
+            assert await client.request(server.peer_id, ECHO, b"honest") == b"honest"
+            nursery.cancel_scope.cancel()

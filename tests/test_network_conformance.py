@@ -133,6 +133,7 @@ async def test_adapter_implements_the_port(open_nets: OpenNets) -> None:
             "requests_refused_peer_bytes",
             "request_bytes_pending",
             "request_bytes_pending_peak",
+            "requests_cut_slow",
             "gossip_dropped",
             "gossip_rejected",
         }

@@ -231,12 +231,13 @@ async def test_a_recently_advertised_price_is_honoured_then_forgotten(
 async def test_a_shard_that_costs_nothing_is_refused_to_a_requester_without_credit(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    """At one credit per TFLOP, a 1x1 product (2 FLOPs) costs 0 nano-credits: its receipt
-    moves nothing. A requester that cannot spend even one nano-credit is refused it (before
-    this, such shards passed every credit check); one that can is served and the shard is held
-    against it as one nano-credit until countersigned."""
+    """At one credit per TFLOP, a 1x1 product (2 FLOPs) is worth 2e-12 credits, which used to
+    round to 0 nano-credits: its receipt moved nothing (the ledger refuses such receipts) and
+    the shard passed every credit check. Any paid shard now costs at least one nano-credit:
+    a requester that cannot spend it is refused; one that can is served, the shard is held
+    against it until countersigned, and its receipt moves one nano-credit."""
     tiny = matmul_operands(1, 1, 1)
-    assert cost_of(tiny, 1.0) == 0
+    assert cost_of(tiny, 1.0) == 1
     async with bench(price=1.0, credit=lambda requester: 0) as b:
         alice = await b.requester("alice")
         with pytest.raises(RemoteError, match="credit refused: this shard costs 1 nano-credits"):
@@ -245,6 +246,7 @@ async def test_a_shard_that_costs_nothing_is_refused_to_a_requester_without_cred
     async with bench(price=1.0, credit=lambda requester: 1) as b:
         alice = await b.requester("alice")
         receipt = await run(b, alice, tiny, shard=0, quote=1.0)
+        assert receipt.body.cost_nano == 1
         with pytest.raises(RemoteError, match="credit refused"):  # the one nano-credit is held
             await run(b, alice, tiny, shard=1, quote=1.0)
         await pay(b, alice, receipt)

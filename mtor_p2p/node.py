@@ -14,6 +14,7 @@ import os
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -32,7 +33,7 @@ from mtor_p2p.compute.receipt_store import ReceiptStore
 from mtor_p2p.compute.reputation import PeerBook
 from mtor_p2p.compute.scheduler import JobResult, JobSpec, Scheduler
 from mtor_p2p.compute.worker import WorkerService
-from mtor_p2p.config import NodeConfig
+from mtor_p2p.config import NodeConfig, private_dir
 from mtor_p2p.control import (
     INFO_FILE_NAME,
     ControlServer,
@@ -53,6 +54,8 @@ from mtor_p2p.wire import RecordError
 
 log = logging.getLogger(__name__)
 
+#: Where a worker spools multi-chunk uploads in progress (unnamed files, gone when closed).
+UPLOAD_SPOOL_DIR_NAME = "uploads"
 #: The peer book's file in the data directory (see :mod:`mtor_p2p.compute.reputation`).
 PEER_BOOK_FILE_NAME = "peers.sqlite"
 #: Keep dialing peers from the capacity view until this many connections are open, so the
@@ -113,6 +116,7 @@ class Node:
         serve: bool = True,
         ledger_light: bool = False,
         peers: PeerBook | None = None,
+        upload_spool: Path | None = None,
     ) -> None:
         self.config = config
         self.timing = timing or NodeTiming()
@@ -158,6 +162,7 @@ class Node:
             fault_rate=config.fault_rate,
             credit=self.ledger_service.available_credit,
             on_receipt=self._worker_receipt,
+            spool_dir=upload_spool,
         )
         if serve:
             self.worker.register()
@@ -329,6 +334,8 @@ class Node:
                 devices=tuple(devices),
                 tflops=tflops,
                 peers=peers,
+                # Uploads in progress wait on disk, not in memory (private, emptied on start).
+                upload_spool=private_dir(config.data_dir / UPLOAD_SPOOL_DIR_NAME),
             )
             try:
                 if config.ngrok.enabled:

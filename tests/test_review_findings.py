@@ -24,12 +24,6 @@ from tests.test_worker_attacks import RNG, bench, cost_of, matmul_operands, run
 # -- unpaid work: one (job_id, shard) key reused for ever -----------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review finding: worker.py keys owed/unpaid work by (job_id, shard), both chosen by "
-    "the requester; re-running the same key overwrites the entry (_reserve_credit, "
-    "_expire_owed), so unpaid work never passes MAX_UNPAID_SHARDS",
-)
 async def test_reusing_one_job_and_shard_does_not_escape_the_unpaid_bound(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
@@ -48,12 +42,6 @@ async def test_reusing_one_job_and_shard_does_not_escape_the_unpaid_bound(
         assert served <= 2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review finding: worker.py _reserve_credit excludes the reservation's own key from "
-    "what is owed, so a requester re-using one (job_id, shard) key passes the credit check "
-    "with credit for a single shard, again and again",
-)
 async def test_reusing_one_job_and_shard_does_not_escape_the_credit_check(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
@@ -75,12 +63,6 @@ async def test_reusing_one_job_and_shard_does_not_escape_the_credit_check(
 # -- uploads: a trickle holds a reservation for ever ----------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review finding: worker.py _expire_uploads expires an upload only when idle for "
-    "UPLOAD_IDLE_TIMEOUT; one byte per minute keeps a 1 GiB reservation alive for ever, and "
-    "two identities hold the whole MAX_PENDING_UPLOAD_BYTES",
-)
 async def test_trickled_uploads_cannot_lock_honest_requesters_out(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
@@ -95,17 +77,24 @@ async def test_trickled_uploads_cannot_lock_honest_requesters_out(
             {"hash": f"{i + 1:064x}", "dtype": "float32", "shape": shape} for i in range(2)
         ]
 
-        async def trickle(offset: int) -> None:
-            for who, array in zip(attackers, described, strict=True):
-                await who.network.request(
-                    b.worker_id, PROTOCOL_UPLOAD, pack({"array": array, "offset": offset}, b"x")
-                )
+        offsets = [0, 0]
 
-        for offset in range(72):
-            await trickle(offset)
+        async def trickle() -> None:
+            # Whenever the worker drops its upload, the attacker starts it again.
+            for i, (who, array) in enumerate(zip(attackers, described, strict=True)):
+                request = pack({"array": array, "offset": offsets[i]}, b"x")
+                try:
+                    await who.network.request(b.worker_id, PROTOCOL_UPLOAD, request)
+                    offsets[i] += 1
+                except RemoteError:
+                    offsets[i] = 0
+
+        for _ in range(72):
+            await trickle()
             await trio.sleep(UPLOAD_IDLE_TIMEOUT - 10)
         honest = RNG.standard_normal((512, 512)).astype("float32")
         await client.upload(alice.network, b.worker_id, honest, timeout=5)
+        assert b.worker.stats.uploads_expired + b.worker.stats.uploads_evicted >= 2
 
 
 # -- prices: the challenger pays whatever a newcomer asks -----------------------------------

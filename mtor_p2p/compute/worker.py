@@ -27,9 +27,11 @@ from __future__ import annotations
 import base64
 import logging
 import re
+import tempfile
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -101,6 +103,10 @@ PRICE_ROUNDING = 1e-6
 #: Prices remembered at most (changes only); dropping the oldest only raises the floor.
 MAX_PRICE_HISTORY = 1024
 UPLOAD_IDLE_TIMEOUT = 60.0
+#: An upload must average this rate after a grace period (a quarter of the slowest home link
+#: the scheduler plans for), or it is dropped and its reservation given back.
+UPLOAD_GRACE_SECONDS = 30.0
+UPLOAD_MIN_BYTES_PER_S = 256 * 1024
 RUN_TIMEOUT = 600.0
 #: How often the worker's own loop expires idle uploads, moves expired owed work to unpaid and
 #: notes its price. A simulation with thousands of workers pays one wake-up per worker per
@@ -108,12 +114,57 @@ RUN_TIMEOUT = 600.0
 HOUSEKEEPING_INTERVAL = 15.0
 
 
+class _UploadBuffer:
+    """The bytes of one upload in progress: in memory when the upload fits one chunk, else
+    spooled to an unnamed file in ``spool_dir`` (0600, gone when closed), so that uploads in
+    progress (whose total a peer may announce up to the reservation cap) cost disk, not RAM.
+    ``spool_dir`` None keeps everything in memory (simulation, tests)."""
+
+    def __init__(self, nbytes: int, spool_dir: Path | None) -> None:
+        self.size = 0
+        self._memory: bytearray | None = None
+        self._file: Any = None
+        if spool_dir is None or nbytes <= CHUNK_BYTES:
+            self._memory = bytearray()
+        else:
+            self._file = tempfile.TemporaryFile(dir=spool_dir)
+
+    def append(self, chunk: bytes) -> None:
+        """Add a chunk (a blocking call when spooled)."""
+        if self._memory is not None:
+            self._memory += chunk
+        else:
+            self._file.write(chunk)
+
+    def read_all(self) -> bytes | bytearray:
+        """Everything received (a blocking call when spooled)."""
+        if self._memory is not None:
+            return self._memory
+        self._file.flush()
+        self._file.seek(0)
+        data = bytearray(self.size)
+        self._file.readinto(data)
+        return data
+
+    def close(self) -> None:
+        """Give back the memory or the file."""
+        self._memory = None
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+#: One run of a shard for a requester, owed until countersigned: (job_id, shard, started).
+Reservation = tuple[str, int, float]
+
+
 @dataclass
 class _PendingUpload:
     sender: str
     meta: ArrayMeta  # meta.nbytes is reserved while the upload is pending
-    buffer: bytearray
+    buffer: _UploadBuffer
     last_progress: float
+    started: float
 
 
 @dataclass
@@ -124,6 +175,7 @@ class WorkerStats:
     shards_failed: int = 0
     uploads_refused: int = 0
     uploads_expired: int = 0
+    uploads_evicted: int = 0
     bytes_received: int = 0
     corrupted_on_purpose: int = 0
     credit_refusals: int = 0
@@ -172,6 +224,7 @@ class WorkerService:
         unpaid_nano: int = MAX_UNPAID_NANO,
         unpaid_requesters: int = MAX_UNPAID_REQUESTERS,
         housekeeping_interval: float = HOUSEKEEPING_INTERVAL,
+        spool_dir: Path | None = None,
     ) -> None:
         self._network = network
         self._identity = identity
@@ -187,6 +240,8 @@ class WorkerService:
         self._rng = self._runtime.random
         self.slots = self.executor.slots
         self._pending: dict[tuple[str, str], _PendingUpload] = {}
+        #: Where multi-chunk uploads in progress are spooled (None: in memory).
+        self.spool_dir = spool_dir
         self._reserved_total = 0
         self._reserved_by_sender: dict[str, int] = {}
         self.stats = WorkerStats()
@@ -198,9 +253,9 @@ class WorkerService:
         self._on_receipt = on_receipt
         # requester -> (job_id, shard) -> (signed at, nano-credits): receipts handed out and
         # not yet countersigned; after OWED_MEMORY_SECONDS they move to ``_unpaid``.
-        self._owed: dict[str, dict[tuple[str, int], tuple[float, int]]] = {}
+        self._owed: dict[str, dict[Reservation, tuple[float, int]]] = {}
         # requester -> (job_id, shard) -> (expired at, nano-credits), oldest first.
-        self._unpaid: dict[str, dict[tuple[str, int], tuple[float, int]]] = {}
+        self._unpaid: dict[str, dict[Reservation, tuple[float, int]]] = {}
         self._unpaid_shards = unpaid_shards
         self._unpaid_nano = unpaid_nano
         self._unpaid_requesters = unpaid_requesters
@@ -265,18 +320,50 @@ class WorkerService:
             raise RemoteError(f"malformed message: {exc}") from exc
 
     def _expire_uploads(self) -> None:
+        """Drop uploads idle for UPLOAD_IDLE_TIMEOUT, and uploads that, past
+        UPLOAD_GRACE_SECONDS, have averaged under UPLOAD_MIN_BYTES_PER_S: a byte now and then
+        is progress, but must not hold a reservation forever."""
         now = trio.current_time()
-        for key in [
-            k for k, p in self._pending.items() if now - p.last_progress >= UPLOAD_IDLE_TIMEOUT
-        ]:
+
+        def stale(p: _PendingUpload) -> bool:
+            if now - p.last_progress >= UPLOAD_IDLE_TIMEOUT:
+                return True
+            owed = (now - p.started - UPLOAD_GRACE_SECONDS) * UPLOAD_MIN_BYTES_PER_S
+            return p.buffer.size < owed
+
+        for key in [k for k, p in self._pending.items() if stale(p)]:
             self._drop_upload(key)
             self.stats.uploads_expired += 1
+
+    def _make_room(self, nbytes: int) -> None:
+        """Evict uploads in progress that average under UPLOAD_MIN_BYTES_PER_S (slowest
+        first) until ``nbytes`` more fit under the total cap: a sender that trickles (and
+        restarts whenever its upload expires) must not hold reservations an honest upload
+        needs. Uploads moving at an honest rate are never evicted."""
+        now = trio.current_time()
+
+        def rate(p: _PendingUpload) -> float:
+            return p.buffer.size / max(now - p.started, 1.0)
+
+        slow = sorted(
+            (rate(p), key) for key, p in self._pending.items() if rate(p) < UPLOAD_MIN_BYTES_PER_S
+        )
+        for _, key in slow:
+            if self._reserved_total + nbytes <= MAX_PENDING_UPLOAD_BYTES:
+                return
+            self._drop_upload(key)
+            self.stats.uploads_evicted += 1
 
     def _drop_upload(self, key: tuple[str, str]) -> None:
         """Forget a pending upload and give back what it reserved."""
         pending = self._pending.pop(key, None)
         if pending is None:
             return
+        self._release_upload(pending)
+
+    def _release_upload(self, pending: _PendingUpload) -> None:
+        """Close an upload's buffer and give back what it reserved."""
+        pending.buffer.close()
         self._reserved_total -= pending.meta.nbytes
         left = self._reserved_by_sender.get(pending.sender, 0) - pending.meta.nbytes
         if left > 0:
@@ -306,29 +393,48 @@ class WorkerService:
                 self.stats.uploads_refused += 1
                 raise RemoteError("busy: this peer has too many uploads in progress")
             if self._reserved_total + meta.nbytes > MAX_PENDING_UPLOAD_BYTES:
+                self._make_room(meta.nbytes)
+            if self._reserved_total + meta.nbytes > MAX_PENDING_UPLOAD_BYTES:
                 self.stats.uploads_refused += 1
                 raise RemoteError("busy: too many uploads in progress")
-            pending = _PendingUpload(sender, meta, bytearray(), trio.current_time())
+            buffer = _UploadBuffer(meta.nbytes, self.spool_dir)
+            now = trio.current_time()
+            pending = _PendingUpload(sender, meta, buffer, now, now)
             self._pending[key] = pending
             self._reserved_total += meta.nbytes
             self._reserved_by_sender[sender] = sender_reserved + meta.nbytes
-        if pending.meta != meta or offset != len(pending.buffer):
+        if pending.meta != meta or offset != pending.buffer.size:
             self._drop_upload(key)
             raise RemoteError("upload chunks must arrive in order with the same description")
         if len(chunk) > CHUNK_BYTES or offset + len(chunk) > meta.nbytes:
             self._drop_upload(key)
             raise RemoteError("chunk overruns the announced array")
-        pending.buffer += chunk
+        # The offset is taken before the write: a second request for the same offset while
+        # this one writes is out of order, not a double write.
+        pending.buffer.size += len(chunk)
+        try:
+            await self._runtime.run_blocking(pending.buffer.append, chunk)
+        except OSError as exc:  # a full disk: our fault, not the sender's
+            self._drop_upload(key)
+            log.warning("upload spool failed: %s", exc)
+            raise RemoteError("busy: cannot store the upload now") from exc
         pending.last_progress = trio.current_time()
         self.stats.bytes_received += len(chunk)
-        if len(pending.buffer) < meta.nbytes:
-            return pack({"complete": False, "received": len(pending.buffer)})
-        self._drop_upload(key)
+        if pending.buffer.size < meta.nbytes:
+            return pack({"complete": False, "received": pending.buffer.size})
+        if self._pending.get(key) is not pending:
+            raise RemoteError("upload was dropped while its last chunk arrived")
+        # Out of the table (no other request can touch it) but still reserved while its
+        # bytes are read back and checked.
+        del self._pending[key]
         try:
-            array = array_from_bytes(meta, bytes(pending.buffer))
+            data = await self._runtime.run_blocking(pending.buffer.read_all)
+            array = array_from_bytes(meta, data)
         except RecordError as exc:
             self.stats.uploads_refused += 1
             raise RemoteError(str(exc)) from exc
+        finally:
+            self._release_upload(pending)
         self.operands.put(array, meta.digest)
         return pack({"complete": True, "received": meta.nbytes})
 
@@ -378,13 +484,16 @@ class WorkerService:
         # with no credit gets no work, however small the pieces; a worker asking 0 (a
         # volunteer) gives its work away by its own choice.
         self._refuse_unpaid(sender)
-        reservation = (job_id, shard)
         available = None
         if self._credit is not None:
             # A ledger read may wait for a write in progress: never on the event loop.
             available = await self._runtime.run_blocking(self._credit, sender)
-        self._reserve_credit(sender, reservation, cost, available)
+        # Each run is owed on its own, keyed like its receipt will be (job, shard, start):
+        # a requester re-running one (job_id, shard), which it chooses, must not have all
+        # its runs counted (and cleared by one countersign) as one.
         started = self._clock.now()
+        reservation = (job_id, shard, started)
+        self._reserve_credit(sender, reservation, cost, available)
         self.stats.active += 1
         signed = False
         try:
@@ -474,7 +583,7 @@ class WorkerService:
             raise RemoteError(f"max_price must be a number between 0 and {MAX_PRICE:g}")
         lowest = min(price for _, price in self._prices)
         floor = lowest * (1 - PRICE_TOLERANCE) - PRICE_ROUNDING
-        if quoted < floor:
+        if quoted < floor or (lowest > 0 and quoted <= 0):
             self.stats.price_refusals += 1
             raise RemoteError(
                 f"max_price {quoted:.9g} is below this worker's price {own:.9g} "
@@ -495,14 +604,16 @@ class WorkerService:
             )
 
     def _reserve_credit(
-        self, requester: str, reservation: tuple[str, int], cost: int, credit: int | None
+        self, requester: str, reservation: Reservation, cost: int, credit: int | None
     ) -> None:
         """Count the shard as owed at once, so that concurrent requests cannot all pass the
         same check. With ``credit`` (what the ledger lets the requester spend), first refuse
         a shard it cannot cover less the work not yet countersigned (raises RemoteError)."""
         owed = self._owed.get(requester, {})
+        if reservation in owed or reservation in self._unpaid.get(requester, {}):
+            raise RemoteError("this shard is already being run for you")
         if credit is not None:
-            available = credit - sum(c for k, (_, c) in owed.items() if k != reservation)
+            available = credit - sum(c for _, c in owed.values())
             if cost > available:
                 self.stats.credit_refusals += 1
                 raise RemoteError(
@@ -511,7 +622,7 @@ class WorkerService:
                 )
         self._owed.setdefault(requester, {})[reservation] = (trio.current_time(), cost)
 
-    def _release(self, requester: str, reservation: tuple[str, int]) -> None:
+    def _release(self, requester: str, reservation: Reservation) -> None:
         owed = self._owed.get(requester)
         if owed is not None:
             owed.pop(reservation, None)
@@ -584,7 +695,7 @@ class WorkerService:
         if receipt.body.worker != self._identity.peer_id or receipt.body.requester != sender:
             raise RemoteError("receipt names other peers")
         stored = await self._runtime.run_blocking(self.receipts.add, receipt)
-        reservation = (receipt.body.job_id, receipt.body.shard)
+        reservation = (receipt.body.job_id, receipt.body.shard, receipt.body.started)
         self._release(sender, reservation)
         unpaid = self._unpaid.get(sender)
         if unpaid is not None:

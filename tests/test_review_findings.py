@@ -100,13 +100,6 @@ async def test_trickled_uploads_cannot_lock_honest_requesters_out(
 # -- prices: the challenger pays whatever a newcomer asks -----------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review finding: challenge.py Challenger.challenge builds its JobSpec without "
-    "max_price and targets() ignores price; a newcomer advertising 1e6 credits/TFLOP is "
-    "challenged and paid at that price (~270 credits per 512^3 challenge), although the "
-    "owner only ever asked for work at max_price 10",
-)
 async def test_the_challenger_pays_no_more_than_its_owner_would(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
@@ -140,12 +133,6 @@ async def test_the_challenger_pays_no_more_than_its_owner_would(
         assert gouged == 0, f"the challenger paid the gouger {gouged:.1f} credits"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review finding: scheduler.py plan_workers draws unmeasured workers at random "
-    "whatever their price; with max_price None (the CLI's default) a newcomer asking 1e6 "
-    "credits/TFLOP takes a trial place beside measured workers asking 1",
-)
 def test_a_trial_place_does_not_go_to_a_worker_priced_far_above_the_market() -> None:
     from mtor_p2p.capacity.view import CapacityView
     from mtor_p2p.clock import NetClock
@@ -184,13 +171,6 @@ def test_a_trial_place_does_not_go_to_a_worker_priced_far_above_the_market() -> 
 # -- demotions: an honest but slower newcomer fails its trial by being hedged ---------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review finding: scheduler.py attempt() (finally: 'straggler cut off') records a "
-    "timeout for any attempt cancelled after the straggler threshold (3x the median shard); "
-    "an honest worker 6x slower than the others is hedged, cut off and, unmeasured, demoted "
-    "for 'failed its trial' (60 s doubling to 1 h): it can never be measured in real jobs",
-)
 async def test_an_honest_slower_worker_is_not_demoted_for_being_hedged(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
@@ -214,12 +194,6 @@ async def test_an_honest_slower_worker_is_not_demoted_for_being_hedged(
 # -- the peer book: Sybil churn evicts what was measured ------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review finding: reputation.py PeerBook._evict forgets the stalest entries first "
-    "(key: rejected > 0, updated), so a stream of fresh Sybil failures pushes out honest "
-    "workers measured earlier (and the demotions of earlier Sybils) before any Sybil entry",
-)
 def test_sybil_churn_does_not_evict_measured_workers_from_the_peer_book() -> None:
     from mtor_p2p.compute.reputation import PeerBook
 
@@ -235,13 +209,6 @@ def test_sybil_churn_does_not_evict_measured_workers_from_the_peer_book() -> Non
 # -- Sybils whose addresses swallow dials ---------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review finding: scheduler.py Scheduler.ensure_connected dials a record's addresses "
-    "one after another, 5 s each (16 addresses allowed: 80 s), inside the job's place; "
-    "replacements are drawn at random from the reserve one place at a time, so a fresh "
-    "requester facing many silent Sybil records runs out of its 600 s deadline",
-)
 async def test_silent_sybil_addresses_do_not_outlast_a_fresh_requesters_job(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

@@ -19,6 +19,7 @@ from mtor_p2p.capacity.service import CapacityTiming
 from mtor_p2p.compute.challenge import Attestation, decode_attestation
 from mtor_p2p.compute.reputation import (
     FAILURE_BACKOFF,
+    SLOW_TRIALS_BEFORE_DEMOTION,
     UNMEASURED_TFLOPS_CAP,
     UNREACHABLE_BACKOFF,
     PeerBook,
@@ -185,15 +186,18 @@ async def test_eight_live_liars_cannot_stop_or_corrupt_jobs(
             assert not set(result.workers) & liar_ids
             per_job.append(sum(1 for a in attempts[seen:] if a.worker in liar_ids))
     elapsed = trio.current_time() - started
-    # A liar gets one trial shard, then stays out for a back-off that doubles with each
-    # failed trial: over the whole run each staller was tried at most 1 + log2(elapsed /
-    # FAILURE_BACKOFF) times, each cheater once.
-    trials = 1 + max(0, math.floor(math.log2(max(1.0, elapsed / FAILURE_BACKOFF))))
+    # A liar gets one trial shard per job. A cheater is out after its first (a fault proof);
+    # a staller, cut off as a straggler each time a hedged twin answers, after
+    # SLOW_TRIALS_BEFORE_DEMOTION of them, then for a back-off that doubles: over the run
+    # each staller was tried at most that many times per back-off period.
+    periods = 1 + max(0, math.floor(math.log2(max(1.0, elapsed / FAILURE_BACKOFF))))
+    trials = SLOW_TRIALS_BEFORE_DEMOTION * periods
     assert sum(per_job) <= len(stallers) * trials + len(cheaters), (per_job, elapsed)
     for node in liars:
         standing = requester.peers.get(node.peer_id)
         assert standing.accepted == 0
-        assert standing.timeouts + standing.rejected <= trials
+        assert standing.timeouts + standing.slow + standing.rejected <= trials
+    assert per_job[-1] == 0
     cheater_ids = {c.peers[n].node.peer_id for n in cheaters}
     rejected = [a for a in attempts if a.outcome == "rejected"]
     assert {a.worker for a in rejected} <= cheater_ids

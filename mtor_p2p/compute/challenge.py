@@ -19,6 +19,7 @@ for one another, is not done yet: every peer measures for itself.
 from __future__ import annotations
 
 import logging
+import statistics
 from collections import deque
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -29,7 +30,7 @@ from mtor_p2p.capacity.record import CapacityRecord
 from mtor_p2p.capacity.view import CapacityQuery, CapacityView
 from mtor_p2p.clock import NetClock
 from mtor_p2p.compute.reputation import PeerBook
-from mtor_p2p.compute.scheduler import JobFailed, JobSpec, Scheduler
+from mtor_p2p.compute.scheduler import TRIAL_PRICE_MULTIPLE, JobFailed, JobSpec, Scheduler
 from mtor_p2p.identity import Identity
 from mtor_p2p.runtime import Runtime
 from mtor_p2p.wire import RecordError, open_envelope, seal
@@ -48,6 +49,8 @@ RECHALLENGE_AFTER = 600.0
 #: Challenges run only while this peer has submitted a job within this many seconds: it
 #: measures the workers it is about to pay, not the whole network for nothing.
 ACTIVE_REQUESTER_WINDOW = 3600.0
+#: At most this many challenges per hour, whatever the view holds (a spending bound).
+MAX_CHALLENGES_PER_HOUR = 60
 
 
 @dataclass(frozen=True)
@@ -126,6 +129,7 @@ class Challenger:
         self.shapes = shapes
         self.book: PeerBook = scheduler.book
         self._tried: dict[str, float] = {}  # worker -> network time of its last challenge
+        self._recent: deque[float] = deque()  # trio times of the last hour's challenges
         self.attestations: deque[bytes] = deque(maxlen=256)
         self.stats = {"challenges": 0, "verified": 0, "failed": 0}
 
@@ -137,8 +141,15 @@ class Challenger:
         for peer, at in list(self._tried.items()):
             if now - at > RECHALLENGE_AFTER:
                 del self._tried[peer]
+        hour_ago = trio.current_time() - 3600.0
+        while self._recent and self._recent[0] < hour_ago:
+            self._recent.popleft()
+        budget = MAX_CHALLENGES_PER_HOUR - len(self._recent)
+        if budget <= 0:
+            return []
+        limit = self.price_limit()
         due = []
-        for record in self.view.query(CapacityQuery(kernel="matmul"), now):
+        for record in self.view.query(CapacityQuery(kernel="matmul", max_price=limit), now):
             peer = record.peer_id
             if peer == self.identity.peer_id or peer in self._tried:
                 continue
@@ -149,12 +160,27 @@ class Challenger:
                 continue
             due.append(record)
         self.runtime.random.shuffle(due)
-        return due[: self.per_round]
+        return due[: min(self.per_round, budget)]
+
+    def price_limit(self) -> float | None:
+        """The most a challenge pays per TFLOP: what the owner's last job allowed, and never
+        more than TRIAL_PRICE_MULTIPLE times the median asking price of the view (a worker
+        asking far above the market is not measured at our expense)."""
+        prices = [
+            r.price
+            for r in self.view.query(CapacityQuery(kernel="matmul"), self.clock.now())
+            if r.peer_id != self.identity.peer_id
+        ]
+        limits = [] if not prices else [TRIAL_PRICE_MULTIPLE * statistics.median(prices)]
+        if self.scheduler.last_max_price is not None:
+            limits.append(self.scheduler.last_max_price)
+        return min(limits) if limits else None
 
     async def challenge(self, record: CapacityRecord) -> Attestation | None:
         """Challenge one worker; the signed attestation if it delivered a verified result."""
         peer = record.peer_id
         self._tried[peer] = self.clock.now()
+        self._recent.append(trio.current_time())
         self.stats["challenges"] += 1
         m, k, n = self.runtime.random.choice(self.shapes)
         rng = self.runtime.numpy_rng()
@@ -170,6 +196,7 @@ class Challenger:
             max_workers=1,
             deadline=self.deadline,
             only=(peer,),
+            max_price=self.price_limit(),
         )
         try:
             result = await self.scheduler.run(spec)

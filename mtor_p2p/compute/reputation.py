@@ -43,7 +43,10 @@ MAX_BACKOFF = 3600.0
 #: A proven wrong result (a fault proof was made) excludes a worker for this long.
 REJECTED_EXCLUSION = 7 * 24 * 3600.0
 
-OUTCOMES = ("accepted", "failed", "timeout", "unreachable", "misbehaved", "rejected")
+OUTCOMES = ("accepted", "failed", "timeout", "unreachable", "misbehaved", "rejected", "slow")
+#: Trials cut off as a straggler (a hedged twin answered first) before an unmeasured worker
+#: is demoted: once may be bad luck or a slow honest card, twice in a row is a pattern.
+SLOW_TRIALS_BEFORE_DEMOTION = 2
 
 
 @dataclass
@@ -57,6 +60,8 @@ class Standing:
     unreachable: int = 0
     misbehaved: int = 0
     rejected: int = 0
+    #: Attempts cut off as a straggler: still running long after a twin answered.
+    slow: int = 0
     #: Failures of any kind since the last accepted shard (drives the back-off).
     in_a_row: int = 0
     #: Recent shard round trips (seconds) and delivered TFLOP/s, verified shards only.
@@ -80,11 +85,11 @@ class Standing:
     def reliability(self) -> float:
         """Share of its attempts that ended in a verified result (Laplace-smoothed)."""
         bad = self.failed + self.timeouts + self.unreachable + self.misbehaved + self.rejected
-        return (self.accepted + 1) / (self.accepted + bad + 2)
+        return (self.accepted + 1) / (self.accepted + bad + self.slow + 2)
 
     def penalty(self) -> float:
         """Multiplier on the price per TFLOP/s: failures cost, proven cheating costs a lot."""
-        bad = self.failed + self.timeouts + self.unreachable + self.misbehaved
+        bad = self.failed + self.timeouts + self.unreachable + self.misbehaved + self.slow / 2
         return (1 + bad / (1 + self.accepted)) * (1 + 100 * self.rejected)
 
     def to_json(self) -> dict[str, Any]:
@@ -169,8 +174,14 @@ class PeerBook:
         return standing
 
     def _evict(self) -> None:
-        # Forget the stalest tenth, sparing workers caught cheating while others remain.
-        order = sorted(self._peers.values(), key=lambda s: (s.rejected > 0, s.updated))
+        # Forget a tenth: first workers never measured (what Sybil churn adds), those no
+        # longer demoted before those still serving a back-off; then measured workers, the
+        # stalest first; workers caught cheating last of all.
+        now = max((s.updated for s in self._peers.values()), default=0.0)
+        order = sorted(
+            self._peers.values(),
+            key=lambda s: (s.rejected > 0, s.measured, s.demoted_until > now, s.updated),
+        )
         for standing in order[: max(1, len(order) // 10)]:
             del self._peers[standing.peer_id]
             self._dirty.discard(standing.peer_id)
@@ -189,7 +200,7 @@ class PeerBook:
 
     def failed(self, peer_id: str, outcome: str, now: float, detail: str = "") -> None:
         """A failed attempt: ``outcome`` is one of failed, timeout, unreachable, misbehaved,
-        rejected. Demotes the worker as the module's constants say."""
+        rejected, slow. Demotes the worker as the module's constants say."""
         if outcome not in OUTCOMES or outcome == "accepted":
             raise ValueError(f"unknown failure outcome {outcome!r}")
         standing = self._entry(peer_id, now)
@@ -206,6 +217,13 @@ class PeerBook:
         elif outcome == "misbehaved":
             until = now + min(MAX_BACKOFF, MISBEHAVED_BACKOFF * 2 ** (k - 1))
             reason = "malformed answers"
+        elif outcome == "slow":
+            limit = (
+                FAILURES_BEFORE_DEMOTION if standing.measured else SLOW_TRIALS_BEFORE_DEMOTION
+            )
+            if k >= limit:
+                until = now + min(MAX_BACKOFF, FAILURE_BACKOFF * 2 ** (k - limit))
+                reason = f"cut off as a straggler {k} times in a row"
         elif not standing.measured:
             # A failed trial: nothing verified speaks for this worker yet.
             until = now + min(MAX_BACKOFF, FAILURE_BACKOFF * 2 ** (k - 1))

@@ -29,7 +29,7 @@ from mtor_p2p.clock import NetClock
 from mtor_p2p.compute import client
 from mtor_p2p.compute.receipt_store import ReceiptStore
 from mtor_p2p.compute.reputation import PeerBook
-from mtor_p2p.compute.worker import CREDIT_REFUSED
+from mtor_p2p.compute.worker import CREDIT_REFUSED, PRICE_REFUSED
 from mtor_p2p.identity import Identity
 from mtor_p2p.ledger.genesis import NANO
 from mtor_p2p.network import Network, NetworkError, RemoteError
@@ -48,6 +48,14 @@ NEAR_ROUND_TRIPS = 0.03
 #: A slow home link (8 Mbit/s): shard deadlines allow this long for the bytes to move.
 SLOW_LINK_BYTES_PER_S = 1 << 20
 FAR_ROUND_TRIPS = 0.3
+#: A worker's addresses dialled at once, and the deadline of that dial (seconds).
+MAX_DIAL_ADDRS = 4
+DIAL_TIMEOUT = 5.0
+#: With no max_price, an unmeasured worker asking more than this many times the median
+#: price of the acceptable workers gets no trial place (it waits at the end of the reserve).
+TRIAL_PRICE_MULTIPLE = 4.0
+#: How a refusal for overload starts (the host's "busy", the worker's "busy: ...").
+BUSY = "busy"
 
 
 class JobFailed(Exception):
@@ -379,6 +387,17 @@ class _JobRun:
                 self.banned.add(worker)
                 self.left.setdefault(worker, "refused: our credit")
                 self.requeue(index, reissue=False)
+            elif str(exc).startswith(PRICE_REFUSED):
+                # Our quote is stale (its price rose since we read its record): not a fault,
+                # but this job cannot pay it.
+                outcome = "refused"
+                self._leave(worker, "refused: its price rose above our quote")
+                self.requeue(index, reissue=False)
+            elif str(exc).startswith(BUSY):
+                # Overloaded (perhaps by someone else's flood): not a fault. The shard goes
+                # back to the queue and this slot waits a moment before asking again.
+                outcome = "busy"
+                self.requeue(index, reissue=False)
             else:
                 outcome = "failed"
                 book.failed(worker, outcome, self.s.clock.now(), str(exc))
@@ -407,8 +426,9 @@ class _JobRun:
                 self.cut_off.add(worker)
             elif outcome == "cancelled" and self._straggled(trio.current_time() - record.started):
                 # Its shard was answered elsewhere long after it should have answered itself:
-                # slow (or stalling), which every later job should know.
-                book.failed(worker, "timeout", self.s.clock.now(), "straggler cut off")
+                # slow, or stalling. Not a timeout (it had time left), but every later job
+                # should know: a worker cut off like this again and again is demoted.
+                book.failed(worker, "slow", self.s.clock.now(), "cut off as a straggler")
             self._wake()
             if self.s.observer is not None:
                 self.s.observer(
@@ -636,7 +656,7 @@ class _JobRun:
                 nursery.start_soon(self._slot, worker, slot)
 
     async def _slot(self, worker: str, slot: int) -> None:
-        failures_in_a_row = 0
+        failures_in_a_row = busy_in_a_row = 0
         while not self.done.is_set() and worker not in self.banned:
             if slot > 0 and not self.s.book.get(worker).measured:
                 # A worker never verified here gets one shard at a time (its trial): a liar
@@ -653,6 +673,11 @@ class _JobRun:
                 continue
             index, hedge = choice
             outcome = await self.attempt(worker, index, hedge)
+            if outcome == "busy":
+                busy_in_a_row += 1
+                await trio.sleep(min(5.0, 0.2 * 2**busy_in_a_row))
+                continue
+            busy_in_a_row = 0
             if outcome in ("failed", "timeout", "misbehaved"):
                 failures_in_a_row += 1
                 if not self.s.book.get(worker).measured:
@@ -705,6 +730,8 @@ class Scheduler:
         #: Returns every peer's stake (nano-credits) from the ledger; None: no ledger.
         self.stakes: Callable[[], dict[str, int]] | None = None
         #: trio time of the last job submitted here (challenges aside); None before the first.
+        #: Its price limit too: challenges never pay more than the owner was willing to.
+        self.last_max_price: float | None = None
         self.last_job_at: float | None = None
         # Countersigned receipts travel to their workers off the job's critical path: a dead
         # worker must not delay the result by a delivery timeout.
@@ -733,6 +760,7 @@ class Scheduler:
         query = CapacityQuery(kernel=spec.kernel, max_price=spec.max_price)
         excluded: dict[str, str] = {}
         candidates = []
+        demoted = []
         for record in self.view.query(query, now):
             if record.peer_id == self.identity.peer_id:
                 continue
@@ -743,6 +771,16 @@ class Scheduler:
                 candidates.append(record)
             else:
                 excluded[record.peer_id] = why
+                if self.book.get(record.peer_id).rejected == 0:
+                    demoted.append(record)
+        if not candidates and demoted:
+            # Nobody else: a demotion (unreachable, failing, slow) ranks a worker last, it
+            # does not forbid it. Those whose back-off ends first go first; workers caught
+            # returning wrong results stay out.
+            demoted.sort(key=lambda r: self.book.get(r.peer_id).demoted_until)
+            candidates = demoted
+            for record in demoted:
+                excluded.pop(record.peer_id, None)
 
         def value(record: CapacityRecord) -> float:
             standing = self.book.get(record.peer_id)
@@ -758,6 +796,10 @@ class Scheduler:
         measured = sorted((r for r in candidates if self.book.get(r.peer_id).measured), key=value)
         unmeasured = [r for r in candidates if not self.book.get(r.peer_id).measured]
         self.runtime.random.shuffle(unmeasured)
+        # Newcomers we are already connected to first: a record's addresses are a claim too,
+        # and those of Sybils may swallow every dial.
+        connected = set(self.network.connected_peers()) if self.network is not None else set()
+        unmeasured.sort(key=lambda r: r.peer_id not in connected)
         if stakes:
             # A weighted random order (Efraimidis-Spirakis): key u^(1/w), largest first.
             draw = self.runtime.random.random
@@ -766,12 +808,33 @@ class Scheduler:
                 for r in unmeasured
             }
             unmeasured.sort(key=lambda r: -keys[r.peer_id])
+        overpriced: list[CapacityRecord] = []
+        if spec.max_price is None and unmeasured:
+            # No price limit given: a newcomer asking far above the market gets no trial
+            # (the requester would pay it before knowing what it delivers).
+            median = statistics.median(r.price for r in candidates)
+            ceiling = TRIAL_PRICE_MULTIPLE * median
+            overpriced = [r for r in unmeasured if r.price > ceiling and measured]
+            unmeasured = [r for r in unmeasured if r not in overpriced]
         places = max(1, spec.max_workers)
         trial = max(1, places // 4)
         take_unmeasured = min(len(unmeasured), max(trial, places - len(measured)))
         chosen = measured[: places - take_unmeasured] + unmeasured[:take_unmeasured]
-        reserve = measured[places - take_unmeasured :] + unmeasured[take_unmeasured:]
+        reserve = measured[places - take_unmeasured :] + unmeasured[take_unmeasured:] + overpriced
         return WorkerPlan(chosen=chosen, reserve=reserve, excluded=excluded)
+
+    def _cheapest(self, spec: JobSpec) -> str:
+        """", the cheapest asks P (N workers)" when a price limit left workers out."""
+        if spec.max_price is None:
+            return ""
+        prices = [
+            r.price
+            for r in self.view.query(CapacityQuery(kernel=spec.kernel), self.clock.now())
+            if r.peer_id != self.identity.peer_id
+        ]
+        if not prices:
+            return ""
+        return f" (the cheapest of {len(prices)} asks {min(prices):g}; raise the price limit)"
 
     def choose_workers(self, spec: JobSpec) -> list[CapacityRecord]:
         """The workers a job of ``spec`` would start with (see :meth:`plan_workers`)."""
@@ -790,16 +853,30 @@ class Scheduler:
         return network + flops / max(self.speed_of(record) * 1e12, 1.0)
 
     async def ensure_connected(self, record: CapacityRecord) -> bool:
-        """Dial a worker known only from its capacity record; False if no address answers."""
+        """Dial a worker known only from its capacity record; False if no address answers.
+
+        Its first MAX_DIAL_ADDRS addresses are dialled at once under one deadline: a record
+        full of addresses that swallow packets costs one dial timeout, not one per address.
+        """
         if record.peer_id in self.network.connected_peers():
             return True
-        for addr in record.addrs:
+        connected = False
+
+        async def dial(addr: str, cancel: trio.CancelScope) -> None:
+            nonlocal connected
             try:
-                await self.network.connect(addr, timeout=5.0)
-                return True
+                await self.network.connect(addr, timeout=DIAL_TIMEOUT)
             except NetworkError as exc:
                 log.info("cannot reach worker at %s: %s", addr, exc)
-        return False
+                return
+            connected = True
+            cancel.cancel()
+
+        with trio.move_on_after(DIAL_TIMEOUT + 1.0):
+            async with trio.open_nursery() as nursery:
+                for addr in record.addrs[:MAX_DIAL_ADDRS]:
+                    nursery.start_soon(dial, addr, nursery.cancel_scope)
+        return connected
 
     def shard_timeout(self, worker: str, flops: int, nbytes: int = 0) -> float:
         """Deadline of one attempt: ten times the expected compute time, at least 10 s, plus
@@ -819,14 +896,17 @@ class Scheduler:
         kernel.check_operands(spec.operands)
         if spec.only is None:
             self.last_job_at = trio.current_time()
+            self.last_max_price = spec.max_price
         stakes = None
         if self.stakes is not None:
             # A ledger read may wait for a write: off the event loop.
             stakes = await self.runtime.run_blocking(self.stakes)
         plan = self.plan_workers(spec, stakes)
         if not plan.chosen:
+            within = "" if spec.max_price is None else f" at up to {spec.max_price:g}/TFLOP"
             raise JobFailed(
-                f"no worker in the capacity view serves {spec.kernel!r} within the price"
+                f"no worker in the capacity view serves {spec.kernel!r}{within}"
+                + self._cheapest(spec)
                 + _why_not(plan.excluded)
             )
         job = _JobRun(self, spec, kernel, plan)

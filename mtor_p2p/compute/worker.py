@@ -79,6 +79,8 @@ from mtor_p2p.wire import RecordError
 log = logging.getLogger(__name__)
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
+#: How a refusal of a quote below the worker's price starts (a stale quote is not a fault).
+PRICE_REFUSED = "price refused"
 #: How a refusal for lack of credit starts, so that requesters can tell it apart.
 CREDIT_REFUSED = "credit refused"
 #: Work done but never countersigned stops counting against a requester's credit after this
@@ -586,7 +588,7 @@ class WorkerService:
         if quoted < floor or (lowest > 0 and quoted <= 0):
             self.stats.price_refusals += 1
             raise RemoteError(
-                f"max_price {quoted:.9g} is below this worker's price {own:.9g} "
+                f"{PRICE_REFUSED}: max_price {quoted:.9g} is below this worker's price {own:.9g} "
                 f"(lowest asked in the last {PRICE_MEMORY_SECONDS:g} s: {lowest:.9g})"
             )
         return min(own, float(quoted))

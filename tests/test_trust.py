@@ -438,3 +438,60 @@ def test_stake_weights_the_draw_of_unmeasured_workers() -> None:
         chosen_first_sybil += sybils[0].peer_id in chosen
     assert chosen_staked >= 38
     assert chosen_first_sybil <= 8
+
+
+# -- transient refusals and last resorts ---------------------------------------------------
+
+
+async def test_busy_answers_are_waited_out_and_not_held_against_the_worker(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A worker flooded by someone else answers "busy". Before, that counted as a failed
+    trial: the only worker was demoted and every job failed ("no worker ... serves") even
+    after the flood. Now the shard waits for it, and its standing is untouched."""
+    from mtor_p2p.compute.protocol import PROTOCOL_RUN
+    from mtor_p2p.network import RemoteError
+
+    async with cluster(["requester", "w1"], timing=QUIET) as c:
+        w1 = await c.start("w1", "WEU")
+        requester = await c.start("requester", "WEU", serve=False)
+        await c.settle()
+        refusals = [3]
+        real = w1.worker._on_run
+
+        async def busy_first(sender: str, request: bytes) -> bytes:
+            if refusals[0]:
+                refusals[0] -= 1
+                raise RemoteError("busy: too many uploads in progress")
+            return await real(sender, request)
+
+        w1.network.handle(PROTOCOL_RUN, busy_first, max_request_bytes=64 * 1024, timeout=600)
+        operands = shard_operands()
+        result = await requester.submit("matmul", operands, shards=2)
+        assert correct(result.output, operands) and result.workers == [w1.peer_id]
+        assert refusals == [0]
+        standing = requester.peers.get(w1.peer_id)
+        assert standing.failed == 0 and standing.accepted == 2
+        assert requester.peers.excluded(w1.peer_id, requester.clock.now()) is None
+
+
+async def test_a_demoted_worker_is_a_last_resort_not_forbidden(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A demotion ranks a worker last: when nobody else can run the job, a demoted (but
+    never cheating) worker is used rather than failing the job at once; a worker proven to
+    return wrong results stays out."""
+    async with cluster(["requester", "w1", "cheater"], timing=QUIET) as c:
+        w1 = await c.start("w1", "WEU")
+        requester = await c.start("requester", "WEU", serve=False)
+        (cheater,) = await start_liars(c, ["cheater"], behaviour="cheat")
+        await c.settle()
+        now = requester.clock.now()
+        requester.peers.failed(cheater.peer_id, "rejected", now)
+        for _ in range(3):
+            requester.peers.failed(w1.peer_id, "timeout", now, "a bad afternoon")
+        assert requester.peers.excluded(w1.peer_id, now) is not None
+        operands = shard_operands()
+        result = await requester.submit("matmul", operands, shards=2)
+        assert correct(result.output, operands) and result.workers == [w1.peer_id]
+        assert requester.peers.excluded(w1.peer_id, requester.clock.now()) is None

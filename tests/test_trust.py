@@ -8,6 +8,7 @@ The peer book's file is a real SQLite file.
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -177,6 +178,7 @@ async def test_eight_live_liars_cannot_stop_or_corrupt_jobs(
         attempts = attempts_of(requester)
         liar_ids = {n.peer_id for n in liars}
         per_job: list[int] = []
+        out_reasons: set[str] = set()
         started = trio.current_time()
         for job in range(8):
             operands = shard_operands()
@@ -184,6 +186,10 @@ async def test_eight_live_liars_cannot_stop_or_corrupt_jobs(
             result = await requester.submit("matmul", operands, shards=4)
             assert correct(result.output, operands), job
             assert not set(result.workers) & liar_ids
+            summary = json.loads(json.dumps(result.summary()))  # what `submit --json` prints
+            assert set(summary["workers_out"]) <= liar_ids
+            assert set(summary["rejected_by"]) <= liar_ids
+            out_reasons.update(summary["workers_out"].values())
             per_job.append(sum(1 for a in attempts[seen:] if a.worker in liar_ids))
     elapsed = trio.current_time() - started
     # A liar gets one trial shard per job. A cheater is out after its first (a fault proof);
@@ -198,6 +204,8 @@ async def test_eight_live_liars_cannot_stop_or_corrupt_jobs(
         assert standing.accepted == 0
         assert standing.timeouts + standing.slow + standing.rejected <= trials
     assert per_job[-1] == 0
+    # Each job's summary said which liars were out and why.
+    assert "returned a wrong result" in out_reasons
     cheater_ids = {c.peers[n].node.peer_id for n in cheaters}
     rejected = [a for a in attempts if a.outcome == "rejected"]
     assert {a.worker for a in rejected} <= cheater_ids

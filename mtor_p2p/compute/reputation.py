@@ -70,6 +70,8 @@ class Standing:
     #: Network time until which the worker is not chosen, and why.
     demoted_until: float = 0.0
     reason: str = ""
+    #: What the last failure was ("timeout: request ... timed out"), demoted or not.
+    last_error: str = ""
     updated: float = 0.0
 
     @property
@@ -207,6 +209,7 @@ class PeerBook:
         attribute = {"timeout": "timeouts"}.get(outcome, outcome)
         setattr(standing, attribute, getattr(standing, attribute) + 1)
         standing.in_a_row += 1
+        standing.last_error = f"{outcome}: {detail[:160]}" if detail else outcome
         k = standing.in_a_row
         until, reason = 0.0, ""
         if outcome == "rejected":

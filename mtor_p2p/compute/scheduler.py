@@ -48,6 +48,8 @@ NEAR_ROUND_TRIPS = 0.03
 #: A slow home link (8 Mbit/s): shard deadlines allow this long for the bytes to move.
 SLOW_LINK_BYTES_PER_S = 1 << 20
 FAR_ROUND_TRIPS = 0.3
+#: Workers out of a job listed in its summary (the count is always given).
+MAX_REPORTED_OUT = 20
 #: A worker's addresses dialled at once, and the deadline of that dial (seconds).
 MAX_DIAL_ADDRS = 4
 DIAL_TIMEOUT = 5.0
@@ -112,6 +114,10 @@ class JobResult:
     reissued: int
     hedged: int
     fault_proofs: list[bytes] = field(default_factory=list)
+    #: Workers that left the job or were never eligible for it, and why (peer -> reason).
+    workers_out: dict[str, str] = field(default_factory=dict)
+    #: Wrong results proven against each worker in this job (peer -> count).
+    rejected_by: dict[str, int] = field(default_factory=dict)
 
     @property
     def tflops(self) -> float:
@@ -147,6 +153,10 @@ class JobResult:
             "cost": round(self.cost, 9),
             "receipts": len(self.shards),
             "output_shape": list(self.output.shape),
+            # The first 20, so that 200 Sybils do not flood a script's output.
+            "workers_out": dict(sorted(self.workers_out.items())[:MAX_REPORTED_OUT]),
+            "workers_out_count": len(self.workers_out),
+            "rejected_by": dict(self.rejected_by),
         }
 
 
@@ -947,6 +957,8 @@ class Scheduler:
             reissued=job.reissued,
             hedged=job.hedged,
             fault_proofs=job.fault_proofs,
+            workers_out=dict(job.left),
+            rejected_by=dict(job.rejected_by),
         )
 
     async def _watch(self, job: _JobRun, scope: trio.CancelScope) -> None:

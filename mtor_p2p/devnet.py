@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from mtor_p2p.config import PRIVATE_FILE_MODE, private_dir
 from mtor_p2p.control import INFO_FILE_NAME, ControlClient, ControlError, NodeNotRunning
 
 #: Region codes of ``simulations/regions``: peers are spread over them round-robin.
@@ -83,8 +84,7 @@ class Devnet:
             return path
         allocations = {}
         for index in range(peers):
-            data_dir = self.base_dir / f"peer-{index}"
-            data_dir.mkdir(parents=True, exist_ok=True)
+            data_dir = private_dir(self.base_dir / f"peer-{index}")
             allocations[load_or_create_identity(data_dir).peer_id] = DEVNET_ALLOCATION * NANO
         params = LedgerParams(epoch_seconds=30.0, checkpoint_delay=5.0, price_interval=10.0)
         Genesis("mtor-devnet", allocations, params).save(path)
@@ -92,8 +92,9 @@ class Devnet:
 
     def start_peer(self, index: int, bootstrap: str | None) -> DevnetPeer:
         """Start peer ``index`` and wait until its control API is up."""
-        data_dir = self.base_dir / f"peer-{index}"
-        data_dir.mkdir(parents=True, exist_ok=True)
+        # A data directory is 0700 and its files 0600 from the start (the node would tighten
+        # them, with a warning, otherwise).
+        data_dir = private_dir(self.base_dir / f"peer-{index}")
         (data_dir / INFO_FILE_NAME).unlink(missing_ok=True)
         region = REGIONS[index % len(REGIONS)]
         command = [
@@ -110,7 +111,7 @@ class Devnet:
         ]  # fmt: skip
         if bootstrap:
             command += ["--bootstrap", bootstrap]
-        log = open(data_dir / "peer.log", "ab")
+        log = open_private_log(data_dir / "peer.log")
         process = subprocess.Popen(
             command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True,  # Ctrl-C reaches the devnet, which then stops peers in order
@@ -172,6 +173,18 @@ class Devnet:
                 process.wait()
 
 
+def open_private_log(path: Path) -> Any:
+    """``path`` opened for appending, created 0600 (an existing one is tightened to 0600)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, PRIVATE_FILE_MODE)
+    try:
+        if os.fstat(fd).st_mode & 0o777 != PRIVATE_FILE_MODE:
+            os.fchmod(fd, PRIVATE_FILE_MODE)
+        return os.fdopen(fd, "ab")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def _progress(message: str) -> None:
     print(f"\r{message}", end="", file=sys.stderr, flush=True)
 
@@ -213,7 +226,7 @@ def run_devnet(
     started = time.monotonic()
     code = EXIT_OK
     try:
-        root.mkdir(parents=True, exist_ok=True)
+        root.mkdir(parents=True, exist_ok=True, mode=0o700)
         devnet.write_genesis(peers)
         first = devnet.start_peer(0, None)
         devnet.wait_started(first, time.monotonic() + START_TIMEOUT)
@@ -256,14 +269,17 @@ def run_devnet(
             print(f"audit:           mtor-peer ledger verify --data-dir {data_dir}")
             print("                 (from a checkout: ./mtor peers ..., ./mtor submit ...)")
             print("Ctrl-C stops every peer", flush=True)
+        reported: set[int] = set()  # peers whose exit was reported (once each)
         while not stop_requested:
             for peer, process in zip(devnet.peers, devnet.processes, strict=True):
-                if process.poll() is not None and process.returncode is not None:
+                if peer.index not in reported and process.poll() is not None:
+                    reported.add(peer.index)
                     print(
-                        f"mtor-peer: devnet peer {peer.index} exited ({process.returncode})",
+                        f"mtor-peer: devnet peer {peer.index} exited ({process.returncode}); "
+                        f"see {peer.data_dir}/peer.log",
                         file=sys.stderr,
+                        flush=True,
                     )
-                    process.returncode = None  # report once
             time.sleep(0.2)
     except (RuntimeError, TimeoutError, OSError) as exc:
         print(f"\nmtor-peer: devnet failed: {exc}", file=sys.stderr)

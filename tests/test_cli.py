@@ -157,10 +157,22 @@ def test_devnet_of_8_converges_a_killed_peer_ages_out_and_ctrl_c_stops_all(tmp_p
         else:
             pytest.fail("the killed peer is still in some views")
         assert all(v == everyone - {victim["peer_id"]} for v in views)
+        time.sleep(1.5)  # the devnet polls its peers 5 times a second: room to repeat itself
+        # Data directories are private from the start: the nodes had nothing to tighten.
+        for peer in peers:
+            data_dir = Path(peer["data_dir"])
+            assert stat.S_IMODE(data_dir.stat().st_mode) == 0o700
+            assert stat.S_IMODE((data_dir / "peer.log").stat().st_mode) == 0o600
+            assert "tightened" not in (data_dir / "peer.log").read_text()
     finally:
         devnet.send_signal(signal.SIGINT)
         code = devnet.wait(timeout=30)
     assert code == 0
+    # The crash is reported once, with its signal, and the peers stopped on Ctrl-C are not.
+    assert devnet.stderr is not None
+    exits = [line for line in devnet.stderr.read().splitlines() if "exited" in line]
+    assert len(exits) == 1, exits
+    assert f"devnet peer {victim['index']} exited (-9)" in exits[0]
     time.sleep(0.5)
     assert not any(pid_alive(p["pid"]) for p in peers)
 

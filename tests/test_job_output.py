@@ -111,3 +111,56 @@ async def test_a_save_that_fails_after_the_job_fails_the_job_not_the_node(
         # The node (the board's nursery) is still running jobs.
         _, again = await jobs.route_submit({}, {**BODY, "out": str(tmp_path / "d.npy")})
         assert (await wait_done(jobs, again["id"]))["state"] == "done"
+
+
+async def test_an_out_path_where_no_file_can_be_created_is_refused_even_for_root() -> None:
+    """Permission bits do not tell (root passes ``os.access`` everywhere): the board tries to
+    create a file. ``/proc`` refuses everyone."""
+    async with board() as jobs:
+        with pytest.raises(ValueError, match="not writable"):
+            await jobs.route_submit({}, {**BODY, "out": "/proc/c.npy"})
+
+
+async def test_the_result_is_saved_at_exactly_the_out_path(tmp_path: Path) -> None:
+    """``np.save`` given a name without ``.npy`` appends it; the board writes the given path,
+    and its writability probe leaves nothing behind."""
+    async with board() as jobs:
+        out = tmp_path / "result"
+        _, reply = await jobs.route_submit({}, {**BODY, "out": str(out)})
+        assert (await wait_done(jobs, reply["id"]))["state"] == "done"
+        np.testing.assert_array_equal(np.load(out), RESULT)
+        assert os.listdir(tmp_path) == ["result"]
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("text", "is not a .npy array file"),
+        ("npz", "is not a .npy array file"),
+        ("objects", "not numbers"),
+        ("missing", "no such file"),
+    ],
+)
+async def test_operand_files_that_are_not_npy_arrays_are_refused_clearly(
+    tmp_path: Path, content: str, message: str
+) -> None:
+    good = tmp_path / "b.npy"
+    np.save(good, np.ones((2, 3), np.float32))
+    bad = tmp_path / "a.npy"
+    if content == "text":
+        bad.write_text("1 2 3\n4 5 6\n")
+    elif content == "npz":
+        np.savez(tmp_path / "a", a=np.ones(3))
+        (tmp_path / "a.npz").rename(bad)
+    elif content == "objects":
+        np.save(bad, np.array([{}], dtype=object), allow_pickle=True)
+    async with board() as jobs:
+        with pytest.raises(ValueError, match=message) as excinfo:
+            await jobs.route_submit({}, {"a": str(bad), "b": str(good)})
+        assert "pickle" not in str(excinfo.value)
+
+
+async def test_a_negative_max_price_is_refused(tmp_path: Path) -> None:
+    async with board() as jobs:
+        with pytest.raises(ValueError, match="max_price"):
+            await jobs.route_submit({}, {**BODY, "max_price": -1})

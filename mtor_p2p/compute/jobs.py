@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import tempfile
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -65,9 +66,9 @@ def _positive_int(body: dict[str, Any], name: str, limit: int = 1 << 20) -> int:
 def load_matmul_operands(body: dict[str, Any]) -> dict[str, np.ndarray]:
     """Operands from ``.npy`` paths, or random ones of the requested shape and dtype."""
     if "a" in body or "b" in body:
-        a = np.load(Path(body["a"]), allow_pickle=False)
-        b = np.load(Path(body["b"]), allow_pickle=False)
-        return {"a": a, "b": b}
+        if not (isinstance(body.get("a"), str) and isinstance(body.get("b"), str)):
+            raise ValueError("a and b go together, as paths of .npy files")
+        return {"a": load_npy(body["a"], "a"), "b": load_npy(body["b"], "b")}
     m, n, k = (_positive_int(body, name) for name in ("m", "n", "k"))
     dtype = body.get("dtype", "float32")
     if dtype not in DTYPES:
@@ -82,11 +83,56 @@ def load_matmul_operands(body: dict[str, Any]) -> dict[str, np.ndarray]:
     }
 
 
+NPY_MAGIC = b"\x93NUMPY"
+
+
+def npy_header(path: str | Path, name: str = "file") -> tuple[tuple[int, ...], np.dtype[Any]]:
+    """The shape and dtype of the ``.npy`` array file ``path``, read from its header only;
+    ValueError with one clear line (naming ``name``, e.g. ``a``) if it is missing, not a
+    ``.npy`` array file (a text file, an ``.npz`` archive, pickled objects) or not numeric."""
+    path = Path(path).expanduser()
+    try:
+        with open(path, "rb") as file:
+            if file.read(len(NPY_MAGIC)) != NPY_MAGIC:
+                raise ValueError(f"{name} {path} is not a .npy array file")
+            file.seek(0)
+            version = np.lib.format.read_magic(file)
+            if version == (1, 0):
+                shape, _fortran, dtype = np.lib.format.read_array_header_1_0(file)
+            else:
+                shape, _fortran, dtype = np.lib.format.read_array_header_2_0(file)
+    except FileNotFoundError:
+        raise ValueError(f"{name} {path}: no such file") from None
+    except IsADirectoryError:
+        raise ValueError(f"{name} {path} is a directory, not a .npy file") from None
+    except OSError as exc:
+        raise ValueError(f"{name} {path}: cannot read it: {exc.strerror or exc}") from None
+    except ValueError as exc:
+        if str(exc).startswith(name):
+            raise
+        raise ValueError(f"{name} {path} is not a valid .npy array file: {exc}") from None
+    if dtype.hasobject or dtype.kind not in "biuf":
+        raise ValueError(f"{name} {path} holds {dtype} values, not numbers")
+    return shape, dtype
+
+
+def load_npy(path: str | Path, name: str = "file") -> np.ndarray:
+    """The array in the ``.npy`` file ``path`` (ValueError with one clear line otherwise; see
+    :func:`npy_header`). Pickled data is never loaded."""
+    npy_header(path, name)
+    try:
+        return np.load(Path(path).expanduser(), allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:  # truncated, changed meanwhile
+        raise ValueError(f"{name} {path} is not a readable .npy array file: {exc}") from None
+
+
 def check_out_path(out: Any) -> Path:
-    """The ``out`` path of a job if its result can plausibly be written there (ValueError
-    otherwise): a non-empty string, not a directory, in an existing directory this process may
-    write. Checked at submission, so that a typo fails at once rather than after the job;
-    the save itself is still guarded (the directory may go away meanwhile)."""
+    """The ``out`` path of a job if its result can be written there (ValueError otherwise): a
+    non-empty string, not a directory, in an existing directory where this process can create
+    a file (tried: a temporary file is created and removed, since permission bits do not tell
+    for root, read-only mounts or ``/proc``). Checked at submission, so that a typo fails at
+    once rather than after the job is paid for; the save itself is still guarded (the
+    directory may go away meanwhile)."""
     if not isinstance(out, str) or not out:
         raise ValueError("out must be a non-empty path")
     path = Path(out).expanduser()
@@ -95,9 +141,23 @@ def check_out_path(out: Any) -> Path:
     parent = path.parent
     if not parent.is_dir():
         raise ValueError(f"out {out!r}: directory {str(parent)!r} does not exist")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(f"out {out!r}: directory {str(parent)!r} is not writable")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise ValueError(f"out {out!r}: the file exists and is not writable")
+    try:
+        fd, probe = tempfile.mkstemp(dir=parent, prefix=f".{path.name}.", suffix=".probe")
+    except OSError as exc:
+        raise ValueError(
+            f"out {out!r}: directory {str(parent)!r} is not writable ({exc.strerror or exc})"
+        ) from None
+    os.close(fd)
+    os.unlink(probe)
     return path
+
+
+def save_npy(path: str | Path, array: np.ndarray) -> None:
+    """Write ``array`` to exactly ``path`` (``np.save`` given a name appends ``.npy``)."""
+    with open(path, "wb") as file:
+        np.save(file, array, allow_pickle=False)
 
 
 class JobBoard:
@@ -122,8 +182,12 @@ class JobBoard:
         verify = body.get("verify", "auto")
         max_price = body.get("max_price")
         shards = body.get("shards")
-        if max_price is not None and not isinstance(max_price, int | float):
-            raise ValueError("max_price must be a number")
+        if max_price is not None and (
+            isinstance(max_price, bool)
+            or not isinstance(max_price, int | float)
+            or not 0 <= max_price < float("inf")
+        ):
+            raise ValueError("max_price must be a number, 0 or more")
         if shards is not None:
             shards = _positive_int(body, "shards", 4096)
         out = body.get("out")
@@ -180,7 +244,7 @@ class JobBoard:
         job.done = job.total = len(result.shards)
         if out:
             try:
-                await self._runtime.run_blocking(np.save, Path(out), result.output)
+                await self._runtime.run_blocking(save_npy, out, result.output)
             except Exception as exc:  # a full disk, a removed directory: not the node's end
                 # The job ran and was paid for; its summary stays, the result is not saved.
                 log.warning("job %s: result not saved to %s: %s", job.id, out, exc)

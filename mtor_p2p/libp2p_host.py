@@ -68,6 +68,7 @@ from libp2p.tools.anyio_service import background_trio_service
 from mtor_p2p.identity import Identity
 from mtor_p2p.network import (
     DEFAULT_MAX_PENDING_BYTES_PER_PEER,
+    DEFAULT_MAX_PENDING_BYTES_TOTAL,
     DEFAULT_MAX_REQUEST_BYTES,
     DEFAULT_MAX_RESPONSE_BYTES,
     DEFAULT_MAX_STREAMS_PER_PEER,
@@ -110,6 +111,8 @@ class HostSettings:
     max_streams_per_peer: int = DEFAULT_MAX_STREAMS_PER_PEER
     #: Announced bytes of one peer's admitted requests (being read or handled) at once.
     max_pending_bytes_per_peer: int = DEFAULT_MAX_PENDING_BYTES_PER_PEER
+    #: Announced request bytes admitted from all peers together.
+    max_pending_bytes_total: int = DEFAULT_MAX_PENDING_BYTES_TOTAL
     gossip_heartbeat_seconds: int = 1
     routing_table_fill_interval: float = 1.0
 
@@ -163,9 +166,12 @@ async def _discard(stream: INetStream, size: int) -> None:
 class _PeerRequests:
     """Inbound requests per remote peer: open streams and admitted (announced) bytes."""
 
-    def __init__(self, max_streams: int, max_bytes: int, stats: HostStats) -> None:
+    def __init__(
+        self, max_streams: int, max_bytes: int, max_total: int, stats: HostStats
+    ) -> None:
         self._max_streams = max_streams
         self._max_bytes = max_bytes
+        self._max_total = max_total
         self._stats = stats
         #: peer -> [open streams, admitted bytes]; a peer leaves when both are zero, so the
         #: table never holds more peers than there are streams open.
@@ -187,6 +193,10 @@ class _PeerRequests:
     def fits(self, peer: str, size: int) -> bool:
         """Whether ``size`` more bytes stay within the peer's budget."""
         return self._open[peer][1] + size <= self._max_bytes
+
+    def fits_total(self, size: int) -> bool:
+        """Whether ``size`` more bytes stay within the budget of all peers together."""
+        return self._stats.request_bytes_pending + size <= self._max_total
 
     def admit(self, peer: str, size: int) -> None:
         """Count ``size`` bytes of the peer's as held (see :meth:`fits`)."""
@@ -241,7 +251,10 @@ class Libp2pNetwork:
         self._subscriptions: dict[str, list[trio.MemorySendChannel[Message]]] = {}
         self.stats = HostStats()
         self._peer_requests = _PeerRequests(
-            settings.max_streams_per_peer, settings.max_pending_bytes_per_peer, self.stats
+            settings.max_streams_per_peer,
+            settings.max_pending_bytes_per_peer,
+            settings.max_pending_bytes_total,
+            self.stats,
         )
 
     # -- construction ----------------------------------------------------------------------
@@ -469,6 +482,10 @@ class Libp2pNetwork:
                 return
             if not peers.fits(sender, length):
                 self.stats.requests_refused_peer_bytes += 1
+                await refuse_body(stream, length)
+                return
+            if not peers.fits_total(length):
+                self.stats.requests_refused_total_bytes += 1
                 await refuse_body(stream, length)
                 return
             try:

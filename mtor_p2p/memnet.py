@@ -90,6 +90,7 @@ import trio
 from mtor_p2p.identity import Identity
 from mtor_p2p.network import (
     DEFAULT_MAX_PENDING_BYTES_PER_PEER,
+    DEFAULT_MAX_PENDING_BYTES_TOTAL,
     DEFAULT_MAX_REQUEST_BYTES,
     DEFAULT_MAX_RESPONSE_BYTES,
     DEFAULT_MAX_STREAMS_PER_PEER,
@@ -335,6 +336,7 @@ class MemWorld:
         byte_scale: dict[str, float] | None = None,
         max_streams_per_peer: int = DEFAULT_MAX_STREAMS_PER_PEER,
         max_pending_bytes_per_peer: int = DEFAULT_MAX_PENDING_BYTES_PER_PEER,
+        max_pending_bytes_total: int = DEFAULT_MAX_PENDING_BYTES_TOTAL,
     ) -> None:
         """Build an empty world.
 
@@ -368,6 +370,7 @@ class MemWorld:
             raise ValueError("per-peer limits must be positive")
         self.max_streams_per_peer = max_streams_per_peer
         self.max_pending_bytes_per_peer = max_pending_bytes_per_peer
+        self.max_pending_bytes_total = max_pending_bytes_total
         self.seed = seed
         self.latency = latency or LatencyModel()
         self.jitter = jitter
@@ -959,6 +962,10 @@ class MemNetwork:
             return
         if inbound[1] + size > world.max_pending_bytes_per_peer:
             self.stats.requests_refused_peer_bytes += 1
+            self._answer(reply, requester, "error", b"busy")
+            return
+        if self.stats.request_bytes_pending + size > world.max_pending_bytes_total:
+            self.stats.requests_refused_total_bytes += 1
             self._answer(reply, requester, "error", b"busy")
             return
         if handler.active >= world.max_concurrent_requests:

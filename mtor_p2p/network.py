@@ -41,6 +41,9 @@ DEFAULT_MAX_STREAMS_PER_PEER = 32
 #: Announced bytes of one remote peer's requests admitted at once (being read or handled);
 #: a request that would go beyond is refused "busy" before its body is read.
 DEFAULT_MAX_PENDING_BYTES_PER_PEER = 64 << 20
+#: Announced request bytes admitted from all peers together: what a host may hold in request
+#: buffers whatever many identities send (many peers each within their own budget).
+DEFAULT_MAX_PENDING_BYTES_TOTAL = 96 << 20
 
 
 class NetworkError(Exception):
@@ -82,6 +85,8 @@ class HostStats:
     requests_refused_peer_streams: int = 0
     #: Requests refused because their peer already had its most request bytes admitted.
     requests_refused_peer_bytes: int = 0
+    #: Requests refused because all peers together had the most request bytes admitted.
+    requests_refused_total_bytes: int = 0
     #: Announced bytes of the requests admitted now (body being read or handled), and the
     #: most there ever were: what the host may hold in request buffers.
     request_bytes_pending: int = 0

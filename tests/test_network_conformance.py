@@ -131,6 +131,7 @@ async def test_adapter_implements_the_port(open_nets: OpenNets) -> None:
             "requests_refused_size",
             "requests_refused_peer_streams",
             "requests_refused_peer_bytes",
+            "requests_refused_total_bytes",
             "request_bytes_pending",
             "request_bytes_pending_peak",
             "requests_cut_slow",
@@ -372,6 +373,37 @@ async def test_one_peer_cannot_have_more_request_bytes_admitted_than_its_share(
         assert stats.request_bytes_pending == 0
         assert stats.request_bytes_pending_peak == 1200
         assert stats.requests_refused_busy == 0
+
+
+async def test_many_peers_cannot_have_more_request_bytes_admitted_than_the_host_holds(
+    open_nets: OpenNets,
+) -> None:
+    """Each peer within its own budget, several identities together still meet a host-wide
+    budget: what the host buffers does not grow with the number of attackers."""
+    async with open_nets(
+        4, max_pending_bytes_per_peer=1000, max_pending_bytes_total=1500
+    ) as (server, a, b, c):
+        release = trio.Event()
+        entered = 0
+
+        async def hold(sender: str, data: bytes) -> bytes:
+            nonlocal entered
+            entered += 1
+            await release.wait()
+            return b"done"
+
+        server.handle("/mtor/test/hold/1", hold)
+        stats = server.stats  # type: ignore[attr-defined]
+        async with trio.open_nursery() as nursery:
+            for peer in (a, b):
+                nursery.start_soon(peer.request, server.peer_id, "/mtor/test/hold/1", b"x" * 700)
+            await until(lambda: entered == 2)
+            with pytest.raises(RemoteError, match=r"^busy$"):
+                await c.request(server.peer_id, "/mtor/test/hold/1", b"x" * 700)
+            assert stats.requests_refused_total_bytes == 1
+            assert stats.request_bytes_pending == 1400
+            release.set()
+        assert await c.request(server.peer_id, "/mtor/test/hold/1", b"x" * 700) == b"done"
 
 
 # -- pubsub ---------------------------------------------------------------------------------

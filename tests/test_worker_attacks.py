@@ -534,3 +534,32 @@ async def test_uploads_in_progress_are_spooled_to_disk_not_held_in_memory(
         assert meta.digest in b.worker.operands
         np.testing.assert_array_equal(b.worker.operands.get(meta.digest), array)
         assert b.worker.reserved_upload_bytes == 0
+
+
+async def test_identities_uploading_at_an_honest_rate_keep_only_their_share(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Two identities fill the whole upload cap with uploads that move at an honest rate (so
+    none is evicted as stalled). A newcomer still gets in: it may take room up to an equal
+    share of the cap, from the sender holding the most, that sender's newest upload first."""
+    async with bench() as b:
+        mallory, trudy, alice = (
+            await b.requester("mallory"),
+            await b.requester("trudy"),
+            await b.requester("alice"),
+        )
+        chunk = b"x" * CHUNK_BYTES
+        per_peer = MAX_PENDING_UPLOAD_BYTES_PER_PEER // BIG
+        for offset, who in ((0, mallory), (1000, trudy)):
+            for index in range(per_peer):
+                message = pack({"array": announced(offset + index), "offset": 0}, chunk)
+                await who.network.request(b.worker_id, PROTOCOL_UPLOAD, message)
+        assert b.worker.reserved_upload_bytes == MAX_PENDING_UPLOAD_BYTES
+        honest = RNG.standard_normal((512, 512)).astype("float32")
+        await client.upload(alice.network, b.worker_id, honest, timeout=5)
+        assert meta_of(honest).digest in b.worker.operands
+        assert b.worker.stats.uploads_evicted == 1
+        # The newest upload of one of the two was the one to go; the other keeps all of its.
+        held = sorted(len([p for p in b.worker._pending.values() if p.sender == w.peer_id])
+                      for w in (mallory, trudy))  # fmt: skip
+        assert held == [per_peer - 1, per_peer]

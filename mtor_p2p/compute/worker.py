@@ -337,11 +337,16 @@ class WorkerService:
             self._drop_upload(key)
             self.stats.uploads_expired += 1
 
-    def _make_room(self, nbytes: int) -> None:
-        """Evict uploads in progress that average under UPLOAD_MIN_BYTES_PER_S (slowest
-        first) until ``nbytes`` more fit under the total cap: a sender that trickles (and
-        restarts whenever its upload expires) must not hold reservations an honest upload
-        needs. Uploads moving at an honest rate are never evicted."""
+    def _make_room(self, nbytes: int, sender: str) -> None:
+        """Make room for ``nbytes`` more under the total cap, for ``sender``.
+
+        First evict uploads in progress that average under UPLOAD_MIN_BYTES_PER_S (slowest
+        first): a sender that trickles (and restarts whenever its upload expires) must not
+        hold reservations an honest upload needs. Then, if ``sender`` holds less than an
+        equal share of the cap among the senders with uploads in progress, take room from
+        the sender holding the most, its newest uploads first: many identities uploading at
+        an honest rate cannot lock a newcomer out, they can only have their share.
+        """
         now = trio.current_time()
 
         def rate(p: _PendingUpload) -> float:
@@ -354,6 +359,20 @@ class WorkerService:
             if self._reserved_total + nbytes <= MAX_PENDING_UPLOAD_BYTES:
                 return
             self._drop_upload(key)
+            self.stats.uploads_evicted += 1
+        senders = set(self._reserved_by_sender) | {sender}
+        share = MAX_PENDING_UPLOAD_BYTES // len(senders)
+        while (
+            self._reserved_total + nbytes > MAX_PENDING_UPLOAD_BYTES
+            and self._reserved_by_sender.get(sender, 0) + nbytes <= share
+        ):
+            richest = max(self._reserved_by_sender, key=self._reserved_by_sender.__getitem__)
+            if richest == sender or self._reserved_by_sender[richest] <= share:
+                return
+            newest = max(
+                (p.started, key) for key, p in self._pending.items() if p.sender == richest
+            )[1]
+            self._drop_upload(newest)
             self.stats.uploads_evicted += 1
 
     def _drop_upload(self, key: tuple[str, str]) -> None:
@@ -395,7 +414,7 @@ class WorkerService:
                 self.stats.uploads_refused += 1
                 raise RemoteError("busy: this peer has too many uploads in progress")
             if self._reserved_total + meta.nbytes > MAX_PENDING_UPLOAD_BYTES:
-                self._make_room(meta.nbytes)
+                self._make_room(meta.nbytes, sender)
             if self._reserved_total + meta.nbytes > MAX_PENDING_UPLOAD_BYTES:
                 self.stats.uploads_refused += 1
                 raise RemoteError("busy: too many uploads in progress")

@@ -40,10 +40,10 @@ MAX_ERROR_BYTES = 1024
 DEFAULT_MAX_STREAMS_PER_PEER = 32
 #: Announced bytes of one remote peer's requests admitted at once (being read or handled);
 #: a request that would go beyond is refused "busy" before its body is read.
-DEFAULT_MAX_PENDING_BYTES_PER_PEER = 64 << 20
+DEFAULT_MAX_PENDING_BYTES_PER_PEER = 32 << 20
 #: Announced request bytes admitted from all peers together: what a host may hold in request
 #: buffers whatever many identities send (many peers each within their own budget).
-DEFAULT_MAX_PENDING_BYTES_TOTAL = 96 << 20
+DEFAULT_MAX_PENDING_BYTES_TOTAL = 64 << 20
 
 
 class NetworkError(Exception):

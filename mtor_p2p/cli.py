@@ -35,7 +35,9 @@ from mtor_p2p.console import (
     EXIT_OK,
     EXIT_USAGE,
     GIB,
+    format_duration,
     format_peers_table,
+    format_rate,
 )
 from mtor_p2p.control import ControlClient, ControlError, NodeNotRunning
 from mtor_p2p.identity import IdentityError, load_or_create_identity
@@ -51,15 +53,51 @@ class CliError(Exception):
         self.code = code
 
 
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class _LevelFloor(logging.Filter):
+    """Drops records of the loggers under ``prefix`` below ``level``, whatever level those
+    loggers set for themselves (some py-libp2p modules set INFO at import)."""
+
+    def __init__(self, prefix: str, level: int) -> None:
+        super().__init__()
+        self.prefix, self.level = prefix, level
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        name = record.name
+        if name == self.prefix or name.startswith(self.prefix + "."):
+            return record.levelno >= self.level
+        return True
+
+
 def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.WARNING),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    # py-libp2p logs routine network noise (peers going away) at ERROR; keep it for debugging.
-    if level.lower() != "debug":
-        logging.getLogger("libp2p").setLevel(logging.CRITICAL)
+    """One format (time, level, logger) for every line, ours and py-libp2p's, on stderr.
+
+    py-libp2p configures its ``libp2p`` logger when it is imported: no handler, level
+    WARNING, no propagation, so its warnings went to Python's bare last-resort handler (no
+    time, no level) whatever ``--log-level`` said, and an import after this set-up undid it.
+    It is imported first here, then its loggers propagate to our handler at ``--log-level``
+    but never below WARNING (its INFO is per-stream chatter), except with ``--log-level
+    debug``. ``LIBP2P_DEBUG`` (py-libp2p's own switch) leaves its logging as it set it up.
+    """
+    numeric = getattr(logging, level.upper(), logging.WARNING)
+    logging.basicConfig(level=numeric, format=LOG_FORMAT, stream=sys.stderr, force=True)
+    try:
+        import libp2p  # noqa: F401  (runs py-libp2p's own logging set-up now, not later)
+    except ImportError:  # pragma: no cover - a dependency; only the library may lack it
+        return
+    import os
+
+    if os.environ.get("LIBP2P_DEBUG"):
+        return
+    libp2p_level = numeric if level.lower() == "debug" else max(numeric, logging.WARNING)
+    libp2p_logger = logging.getLogger("libp2p")
+    libp2p_logger.handlers.clear()
+    libp2p_logger.propagate = True
+    libp2p_logger.setLevel(libp2p_level)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_LevelFloor("libp2p", libp2p_level))
 
 
 def _leaves(exc: BaseException) -> list[BaseException]:
@@ -71,19 +109,26 @@ def _leaves(exc: BaseException) -> list[BaseException]:
 # -- configuration ----------------------------------------------------------------------------
 
 
+def _path(text: str) -> Path:
+    """A path argument, made absolute against the current directory (``~`` expanded) before
+    it reaches a node or a child process that runs elsewhere."""
+    return Path(text).expanduser().absolute()
+
+
 def _add_data_dir(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--data-dir",
-        type=Path,
+        type=_path,
         help="node data directory (identity, ledger, caches); default ~/.mtor",
     )
-    parser.add_argument("--config", type=Path, help="TOML configuration file")
+    parser.add_argument("--config", type=_path, help="TOML configuration file")
 
 
 def _config_from(args: argparse.Namespace) -> NodeConfig:
     config = load_config(args.config)
     if args.data_dir is not None:
-        config.data_dir = args.data_dir.expanduser()
+        config.data_dir = args.data_dir
+    config.data_dir = config.data_dir.expanduser().absolute()
     for name in (
         "region",
         "gpu",
@@ -109,7 +154,7 @@ def _config_from(args: argparse.Namespace) -> NodeConfig:
     if getattr(args, "ngrok", False):
         config.ngrok.enabled = True
     if getattr(args, "genesis", None) is not None:
-        config.genesis = args.genesis.expanduser()
+        config.genesis = args.genesis
     if getattr(args, "fixed_price", False):
         config.dynamic_price = False
     config.validate()
@@ -405,13 +450,74 @@ def cmd_status(args: argparse.Namespace) -> int:
         f"network    {status['connected_peers']} connected, "
         f"{status['routing_table_size']} in routing table, {status['view_size']} in capacity view"
     )
-    print(f"compute    {status['tflops']:.3f} TFLOP/s measured")
+    print(f"compute    {format_rate(status['tflops'])} measured")
     for device in status["devices"]:
         print(
             f"device     {device['kind']}: {device['name']} "
             f"({device['mem_free'] / GIB:.1f} GiB free)"
         )
+    for line in _status_guard_lines(status):
+        print(line)
     return EXIT_OK
+
+
+def _status_guard_lines(status: dict[str, Any]) -> list[str]:
+    """One line each for the peer book, the host's guards, the mesh, the control API and the
+    worker (``--json`` has every counter); a part the node does not report is left out."""
+    lines = []
+    reputation = status.get("reputation")
+    if reputation:
+        challenges = reputation.get("challenges") or {}
+        lines.append(
+            f"reputation {reputation.get('known', 0)} known, {reputation.get('measured', 0)} "
+            f"measured, {reputation.get('demoted', 0)} demoted; challenges "
+            f"{challenges.get('challenges', 0)} ({challenges.get('verified', 0)} verified)"
+        )
+    guards = status.get("guards")
+    if guards:
+        refused_peer = guards.get("requests_refused_peer_bytes", 0) + guards.get(
+            "requests_refused_peer_streams", 0
+        )
+        lines.append(
+            f"guards     requests refused: {guards.get('requests_refused_busy', 0)} busy, "
+            f"{guards.get('requests_refused_size', 0)} size, {refused_peer} per-peer limit; "
+            f"{guards.get('requests_cut_slow', 0)} cut slow, "
+            f"{guards.get('handler_errors', 0)} handler errors"
+        )
+    mesh = status.get("mesh")
+    if mesh:
+        target = mesh.get("target")
+        if target is None:
+            from mtor_p2p.node import TARGET_CONNECTIONS as target
+        lines.append(
+            f"mesh       {status.get('connected_peers', 0)}/{target} connected, "
+            f"{mesh.get('dials', 0)} dials, {mesh.get('dial_failures', 0)} failed, "
+            f"{mesh.get('backed_off', 0)} backed off"
+        )
+    api = status.get("control_api")
+    if api:
+        dropped = sum(api.get(k, 0) for k in ("dropped_idle", "head_timeouts", "refused_busy"))
+        lines.append(
+            f"control    {api.get('open', 0)} open, {api.get('accepted', 0)} accepted, "
+            f"{dropped} dropped ({api.get('dropped_idle', 0)} idle, "
+            f"{api.get('head_timeouts', 0)} slow, {api.get('refused_busy', 0)} busy), "
+            f"{api.get('route_errors', 0)} errors"
+        )
+    worker = status.get("worker")
+    if worker:
+        refused = sum(
+            worker.get(k, 0)
+            for k in ("price_refusals", "credit_refusals", "unpaid_refusals", "uploads_refused")
+        )
+        lines.append(
+            f"worker     {worker.get('backend', '?')}: {worker.get('shards_run', 0)} shards run, "
+            f"{worker.get('shards_failed', 0)} failed, {worker.get('active', 0)} active; "
+            f"{refused} refused (price {worker.get('price_refusals', 0)}, "
+            f"credit {worker.get('credit_refusals', 0)}, "
+            f"unpaid {worker.get('unpaid_refusals', 0)}, "
+            f"uploads {worker.get('uploads_refused', 0)})"
+        )
+    return lines
 
 
 def cmd_peers(args: argparse.Namespace) -> int:
@@ -430,47 +536,164 @@ def cmd_peers(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+REPUTATION_HELP = (
+    "Show what this node measured of every worker it used: verified speed, reliability, and "
+    "who is demoted (unreachable, failing, slow, caught cheating), why and for how long. A "
+    "worker's advertised TFLOP/s counts for nothing here until one of its results was "
+    "verified. Columns: SPEED is the median speed its verified shards delivered (network and "
+    "queueing included); OK verified shards; FAIL errors, timeouts, failed dials and malformed "
+    "answers; SLOW attempts cut off as a straggler; WRONG results proven wrong; RELIAB the "
+    "Laplace-smoothed share of verified attempts, (OK + 1) / (attempts + 2), so a worker never "
+    "tried has 0.50 and one verified shard out of one has 0.67; STATE 'ok' or how long it stays "
+    "demoted and why. With no node running, the peer book is read from the data directory's "
+    "peers.sqlite (as last saved)."
+)
+
+
+def _offline_reputation(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The stopped node's peer book, read-only from ``<data-dir>/peers.sqlite``, in the
+    control API's shape; None if there is no such file."""
+    import sqlite3
+    import time
+
+    from mtor_p2p.compute.reputation import Standing
+    from mtor_p2p.node import PEER_BOOK_FILE_NAME
+
+    path = _config_from(args).data_dir / PEER_BOOK_FILE_NAME
+    if not path.is_file():
+        return None
+    # Read-only: a WAL database opened with mode=ro still creates its -wal and -shm files, so
+    # a cleanly closed book (no -wal left) is opened as immutable; after a crash, the -wal
+    # holds the last changes and is read as it is.
+    wal = path.with_name(path.name + "-wal").exists()
+    try:
+        db = sqlite3.connect(f"{path.as_uri()}?mode=ro{'' if wal else '&immutable=1'}", uri=True)
+        try:
+            rows = db.execute("SELECT peer_id, standing FROM peers").fetchall()
+        finally:
+            db.close()
+    except sqlite3.Error as exc:
+        raise CliError(f"cannot read the peer book {path}: {exc}") from None
+    now = time.time()  # the node keeps network time; close enough to say how long is left
+    peers = []
+    for _peer_id, text in sorted(rows):
+        try:
+            standing = Standing.from_json(json.loads(text))
+        except (ValueError, TypeError):
+            continue
+        entry = standing.to_json()
+        demoted = standing.demoted_until > now
+        entry["excluded"] = (standing.reason or "demoted") if demoted else None
+        entry["demoted_for_s"] = round(max(0.0, standing.demoted_until - now), 1)
+        peers.append(entry)
+    return {"peers": peers, "challenger": None, "source": str(path)}
+
+
 def cmd_reputation(args: argparse.Namespace) -> int:
-    """Show what this node measured of every worker it used: verified speed, reliability,
-    and who is demoted (unreachable, failing, caught cheating) and for how long. A worker's
-    advertised TFLOP/s counts for nothing here until one of its results was verified."""
-    answer = _client(args).call("GET", "/v1/reputation")
+    """Show the workers' measured speed, reliability and demotions."""
+    try:
+        answer = _client(args).call("GET", "/v1/reputation")
+        answer.setdefault("source", "running node")
+    except NodeNotRunning as exc:
+        answer = _offline_reputation(args)
+        if answer is None:
+            raise
+        print(
+            f"mtor-peer: {exc}; showing the peer book as last saved ({answer['source']})",
+            file=sys.stderr,
+        )
     if args.json:
         print(json.dumps(answer, indent=2, sort_keys=True))
         return EXIT_OK
     print(
-        f"{'PEER':<14} {'TFLOP/S':>9} {'OK':>5} {'FAIL':>5} {'WRONG':>5} {'RELIAB':>6}  STATE"
+        f"{'PEER':<14} {'SPEED':>13} {'OK':>5} {'FAIL':>5} {'SLOW':>5} {'WRONG':>5} "
+        f"{'RELIAB':>6}  STATE"
     )
     for peer in answer["peers"]:
-        measured = peer["measured_tflops"]
-        fails = peer["failed"] + peer["timeouts"] + peer["unreachable"] + peer["misbehaved"]
-        state = (
-            f"out {peer['demoted_for_s']:.0f} s: {peer['excluded']}" if peer["excluded"] else "ok"
-        )
+        measured = peer.get("measured_tflops")
+        fails = sum(peer.get(k, 0) for k in ("failed", "timeouts", "unreachable", "misbehaved"))
+        if peer.get("excluded"):
+            state = f"out {format_duration(peer.get('demoted_for_s', 0))}: {peer['excluded']}"
+        else:
+            state = "ok"
         print(
             f"{'…' + peer['peer_id'][-12:]:<14} "
-            f"{'-' if measured is None else f'{measured:.3f}':>9} {peer['accepted']:>5} "
-            f"{fails:>5} {peer['rejected']:>5} {peer['reliability']:>6.2f}  {state}"
+            f"{'-' if measured is None else format_rate(measured):>13} {peer['accepted']:>5} "
+            f"{fails:>5} {peer.get('slow', 0):>5} {peer['rejected']:>5} "
+            f"{peer['reliability']:>6.2f}  {state}"
         )
-    stats = answer["challenger"]["stats"]
-    print(
-        f"{len(answer['peers'])} worker(s); challenges {stats['challenges']} "
-        f"({stats['verified']} verified, {stats['failed']} failed)"
-    )
+        if peer.get("last_error"):
+            print(f"{'':<14} last error: {peer['last_error']}")
+    summary = f"{len(answer['peers'])} worker(s)"
+    challenger = answer.get("challenger")
+    if challenger:
+        stats = challenger["stats"]
+        summary += (
+            f"; challenges {stats['challenges']} "
+            f"({stats['verified']} verified, {stats['failed']} failed)"
+        )
+    print(summary)
     return EXIT_OK
+
+
+DEFAULT_MATMUL_SIZE = 512
+
+
+def _check_submit_inputs(args: argparse.Namespace) -> None:
+    """Refuse, with exit 2 and one line naming the flag, what the job would trip over after
+    it was sent (or, for ``--out``, after it ran and was paid): operand files that are missing
+    or not ``.npy`` arrays, shapes that do not multiply, an output that cannot be written, and
+    ``--m/--n/--k`` given with files (they would be ignored)."""
+    from mtor_p2p.compute.jobs import check_out_path, npy_header
+
+    if args.a or args.b:
+        if not (args.a and args.b):
+            raise CliError("--a and --b go together", EXIT_USAGE)
+        given = [f"--{name}" for name in ("m", "n", "k") if getattr(args, name) is not None]
+        if given:
+            raise CliError(
+                f"{'/'.join(given)} cannot be given with --a/--b (the shapes come from the files)",
+                EXIT_USAGE,
+            )
+        shapes = {}
+        for flag, path in (("--a", args.a), ("--b", args.b)):
+            try:
+                shapes[flag], _dtype = npy_header(path, flag)
+            except ValueError as exc:
+                raise CliError(str(exc), EXIT_USAGE) from None
+            if len(shapes[flag]) != 2:
+                raise CliError(
+                    f"{flag} {path} holds an array of shape {shapes[flag]}, not a matrix",
+                    EXIT_USAGE,
+                )
+        (m, k), (k_b, n) = shapes["--a"], shapes["--b"]
+        if k != k_b:
+            raise CliError(
+                f"--a is {m}x{k} but --b is {k_b}x{n}: A's columns must equal B's rows",
+                EXIT_USAGE,
+            )
+    if args.out:
+        try:
+            check_out_path(str(args.out))
+        except ValueError as exc:
+            message = str(exc).replace(f"out {str(args.out)!r}", f"--out {args.out}", 1)
+            raise CliError(message, EXIT_USAGE) from None
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
     """Run a matmul job through the local node and report how it went."""
     import time
 
+    _check_submit_inputs(args)
     body: dict[str, Any] = {"kernel": "matmul", "verify": args.verify, "dtype": args.dtype}
-    if args.a or args.b:
-        if not (args.a and args.b):
-            raise CliError("--a and --b go together", EXIT_USAGE)
+    # The node runs elsewhere: it gets absolute paths.
+    if args.a:
         body["a"], body["b"] = str(args.a.resolve()), str(args.b.resolve())
     else:
-        body.update(m=args.m, n=args.n, k=args.k, seed=args.seed)
+        body.update(
+            {name: getattr(args, name) or DEFAULT_MATMUL_SIZE for name in ("m", "n", "k")},
+            seed=args.seed,
+        )
     if args.out:
         body["out"] = str(args.out.resolve())
     if args.max_price is not None:
@@ -480,38 +703,49 @@ def cmd_submit(args: argparse.Namespace) -> int:
     client = _client(args)
     job_id = client.call("POST", "/v1/jobs", body)["id"]
     started = time.monotonic()
+    show_progress = (not args.json and sys.stderr.isatty()) or args.progress
     while True:
         job = client.call("GET", f"/v1/jobs?id={job_id}")
         if job["state"] != "running":
             break
-        if (not args.json and sys.stderr.isatty()) or args.progress:
-            total = job["total"] or "?"
+        if show_progress:
             elapsed = time.monotonic() - started
-            line = f"\r{job_id}: {job['done']}/{total} shards verified, {elapsed:.1f} s"
-            print(line, end="", file=sys.stderr, flush=True)
+            if job["total"]:
+                done = f"{job['done']}/{job['total']} shards verified"
+            else:
+                done = "starting (choosing workers)"
+            print(f"\r{job_id}: {done}, {elapsed:.1f} s\033[K", end="", file=sys.stderr, flush=True)
         time.sleep(0.1)
-    if (not args.json and sys.stderr.isatty()) or args.progress:
+    if show_progress:
         print(file=sys.stderr)
     if job["state"] == "failed":
         if args.json:
             print(json.dumps(job))
-        raise CliError(f"job failed: {job['error']}")
+        raise CliError(f"{job_id} failed: {job['error']}")
     result = job["result"]
     if args.json:
         print(json.dumps(result, indent=2, sort_keys=True))
         return EXIT_OK
     shape = result["output_shape"]
-    print(f"job        {result['job_id'][:16]}…  ({result['kernel']}, output {shape})")
+    print(f"job        {job_id} ({result['job_id'][:16]}…)  {result['kernel']}, output {shape}")
     print(f"shards     {result['shards']} on {len(result['workers'])} worker(s)")
     for worker in result["workers"]:
         print(f"worker     {worker}")
-    print(f"time       {result['seconds']:.3f} s   ({result['tflops']:.4f} TFLOP/s achieved)")
+    out = result.get("workers_out") or {}
+    if out:
+        count = result.get("workers_out_count", len(out))
+        print(f"not used   {count} worker(s) (see mtor-peer reputation):")
+        for peer, reason in out.items():
+            print(f"           …{peer[-12:]}: {reason}")
+    print(f"time       {result['seconds']:.3f} s   ({format_rate(result['tflops'])} achieved)")
     print(
         f"verified   {result['verification']}: {result['checks_passed']} passed, "
         f"{result['rejected']} rejected, {result['reissued']} re-issued, "
         f"{result['hedged']} hedged, {result['fault_proofs']} fault proof(s)"
     )
     print(f"cost       {result['cost']:.6f} credits   receipts {result['receipts']}")
+    if args.out:
+        print(f"output     {args.out}")
     return EXIT_OK
 
 
@@ -555,6 +789,34 @@ def cmd_devnet(args: argparse.Namespace) -> int:
 
 
 # -- parser -----------------------------------------------------------------------------------
+
+
+def _positive_int(limit: int) -> Any:
+    """An argparse type: an integer in [1, limit] (argparse names the flag and exits 2)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if not 1 <= value <= limit:
+            raise argparse.ArgumentTypeError(f"must be between 1 and {limit}, got {value}")
+        return value
+
+    return parse
+
+
+def _non_negative_float(text: str) -> float:
+    """An argparse type: a finite number, 0 or more."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a number, 0 or more, got {text}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -602,7 +864,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--genesis",
-        type=Path,
+        type=_path,
         help="the network's genesis file (default: the data dir's copy, else the shipped one)",
     )
     p.add_argument("--ngrok", action="store_true", help="open an ngrok TCP tunnel and announce it")
@@ -645,7 +907,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "reputation",
         help="show measured speed, reliability and demotions of workers",
-        description=cmd_reputation.__doc__,
+        description=REPUTATION_HELP,
     )
     _add_data_dir(p)
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -662,21 +924,40 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_data_dir(p)
     p.add_argument("kernel", choices=["matmul"], help="the kernel to run")
-    p.add_argument("--m", type=int, default=512, help="rows of A (default 512)")
-    p.add_argument("--n", type=int, default=512, help="columns of B (default 512)")
-    p.add_argument("--k", type=int, default=512, help="columns of A / rows of B (default 512)")
-    p.add_argument("--dtype", choices=["float32", "float16"], default="float32")
-    p.add_argument("--verify", choices=["auto", "freivalds", "sample", "redundant"], default="auto")
+    size = "(default 512; not with --a/--b)"
+    p.add_argument("--m", type=_positive_int(1 << 20), help=f"rows of A {size}")
+    p.add_argument("--n", type=_positive_int(1 << 20), help=f"columns of B {size}")
+    p.add_argument("--k", type=_positive_int(1 << 20), help=f"columns of A / rows of B {size}")
     p.add_argument(
-        "--max-price", type=float, help="only workers asking at most this (credits per TFLOP)"
+        "--dtype",
+        choices=["float32", "float16"],
+        default="float32",
+        help="element type of the random inputs (default float32); --a/--b keep their own",
     )
     p.add_argument(
-        "--shards", type=int, help="number of shards (default: sized from the workers' capacity)"
+        "--verify",
+        choices=["auto", "freivalds", "sample", "redundant"],
+        default="auto",
+        help="how every shard's result is checked: auto (default) picks the kernel's own "
+        "check, Freivalds' for matmul; freivalds (a random-vector product, O(n^2)); sample "
+        "(recompute random rows); redundant (two workers must agree)",
+    )
+    p.add_argument(
+        "--max-price",
+        type=_non_negative_float,
+        help="only workers asking at most this (credits per TFLOP; 0 or more)",
+    )
+    p.add_argument(
+        "--shards",
+        type=_positive_int(4096),
+        help="number of shards (default: sized from the workers' capacity)",
     )
     p.add_argument("--seed", type=int, help="seed for the random inputs")
     p.add_argument("--a", type=Path, help="A as a .npy file")
     p.add_argument("--b", type=Path, help="B as a .npy file")
-    p.add_argument("--out", type=Path, help="write C to this .npy file")
+    p.add_argument(
+        "--out", type=Path, help="write C to this .npy file (checked before the job runs)"
+    )
     p.add_argument(
         "--progress", action="store_true", help="show progress even when not on a terminal"
     )
@@ -762,7 +1043,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peers", type=int, default=4, help="number of peers (default 4)")
     p.add_argument(
         "--dir",
-        type=Path,
+        type=_path,
         help="keep the peers' data directories here (default: a temporary directory)",
     )
     p.add_argument(

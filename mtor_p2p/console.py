@@ -35,3 +35,28 @@ def format_peers_table(peers: list[dict[str, Any]]) -> str:
         )
     lines.append(f"{len(peers)} peer(s)")
     return "\n".join(lines)
+
+
+def format_duration(seconds: float) -> str:
+    """A duration as people say it: ``29 s``, ``12 min``, ``5 h``, ``7 d`` (rounded)."""
+    seconds = max(0.0, seconds)
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 120 * 60:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 48 * 3600:
+        return f"{seconds / 3600:.0f} h"
+    return f"{seconds / 86400:.0f} d"
+
+
+def format_rate(tflops: float) -> str:
+    """A speed given in TFLOP/s, with 3 significant figures in a unit that suits it:
+    ``61.2 MFLOP/s`` on a CPU devnet, ``512 TFLOP/s`` on a big GPU."""
+    flops = tflops * 1e12
+    unit, value = "", flops
+    for prefix, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(flops) >= scale * 0.9995:
+            unit, value = prefix, flops / scale
+            break
+    digits = 0 if abs(value) >= 99.95 else 1 if abs(value) >= 9.995 else 2
+    return f"{value:.{digits}f} {unit}FLOP/s"

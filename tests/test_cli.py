@@ -87,6 +87,14 @@ def test_run_serves_status_and_peers_then_stops_cleanly_on_sigterm(tmp_path):
         # The guards' counters an operator watches: mesh, control API, peer book.
         assert body["mesh"]["rounds"] >= 0 and body["control_api"]["accepted"] >= 1
         assert body["reputation"]["known"] == 0
+        # The text form sums the same counters up, one line each.
+        text = mtor("status", "--data-dir", str(tmp_path)).stdout
+        assert "reputation 0 known, 0 measured, 0 demoted; challenges 0 (0 verified)" in text
+        assert "guards     requests refused: 0 busy, 0 size, 0 per-peer limit" in text
+        assert "mesh       0/8 connected" in text
+        assert "control    1 open" in text
+        assert "worker     numpy: 0 shards run" in text
+        assert "FLOP/s measured" in text
         peers = json.loads(mtor("peers", "--json", "--data-dir", str(tmp_path)).stdout)
         assert [p["peer_id"] for p in peers] == [ready["peer_id"]]
         table = mtor("peers", "--data-dir", str(tmp_path)).stdout
@@ -263,10 +271,16 @@ def test_submit_and_receipts_against_a_devnet_as_a_new_user_would(tmp_path):
         files = ["--a", str(tmp_path / "a.npy"), "--b", str(tmp_path / "b.npy")]
         out = ["--out", str(tmp_path / "c.npy")]
         human = mtor(
-            "submit", "matmul", *files, *out, "--verify", "sample", "--data-dir", requester
-        )
+            "submit", "matmul", *files, *out, "--verify", "sample", "--progress",
+            "--data-dir", requester,
+        )  # fmt: skip
         assert human.returncode == 0, human.stderr
         assert "verified   sample" in human.stdout and "receipts" in human.stdout
+        # One job ID in the progress and the summary; no "0/?" before the shards are known.
+        assert "/?" not in human.stderr
+        progress_id = human.stderr.strip().split("\r")[-1].split(":")[0]
+        assert progress_id.startswith("job-")
+        assert f"job        {progress_id} (" in human.stdout
         np.testing.assert_allclose(np.load(tmp_path / "c.npy"), a @ b, rtol=1e-4, atol=1e-4)
         # Both sides hold the receipts, countersigned.
         mine = json.loads(mtor("receipts", "--json", "--data-dir", requester).stdout)
@@ -289,7 +303,8 @@ def test_submit_and_receipts_against_a_devnet_as_a_new_user_would(tmp_path):
         measured = {p["peer_id"]: p for p in reputation["peers"] if p["measured_tflops"]}
         assert set(summary["workers"]) <= set(measured)
         assert all(p["rejected"] == 0 and p["excluded"] is None for p in measured.values())
-        assert "TFLOP/S" in mtor("reputation", "--data-dir", requester).stdout
+        table = mtor("reputation", "--data-dir", requester).stdout
+        assert "SPEED" in table and "FLOP/s" in table and "0.000" not in table
         # Nobody is that cheap: a clear failure, exit 1.
         tiny = ["--m", "8", "--n", "8", "--k", "8"]
         cheap = mtor("submit", "matmul", *tiny, "--max-price", "0.0001", "--data-dir", requester)

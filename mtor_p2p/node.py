@@ -448,7 +448,9 @@ class Node:
             "record": None if own is None else record_to_json(own, now),
             "tunnel": self.tunnel_url,
             "guards": self.network.stats.__dict__,
-            "mesh": None if self.mesh is None else self.mesh.stats.__dict__,
+            "mesh": None
+            if self.mesh is None
+            else {**self.mesh.stats.__dict__, "target": TARGET_CONNECTIONS},
             "control_api": None
             if self.control_server is None
             else self.control_server.stats.__dict__,

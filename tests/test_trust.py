@@ -503,3 +503,22 @@ async def test_a_demoted_worker_is_a_last_resort_not_forbidden(
         result = await requester.submit("matmul", operands, shards=2)
         assert correct(result.output, operands) and result.workers == [w1.peer_id]
         assert requester.peers.excluded(w1.peer_id, requester.clock.now()) is None
+
+
+async def test_workers_beyond_the_latency_target_are_the_last_reserve(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """An interactive job prefers workers expected within its latency target. When every one
+    of them fails it (here: both near workers cheat), a slower, farther worker still answers,
+    late, instead of the job failing (the adversarial simulation lost 46 requests so)."""
+    async with cluster(["requester", "near1", "near2", "far"], timing=QUIET) as c:
+        requester = await c.start("requester", "WEU", serve=False)
+        await start_liars(c, ["near1", "near2"], behaviour="cheat")
+        far = await c.start("far", "JPE")
+        await c.settle()
+        operands = shard_operands()
+        result = await requester.submit(
+            "matmul", operands, shards=1, max_workers=2, latency_target=2.1
+        )
+        assert correct(result.output, operands) and result.workers == [far.peer_id]
+        assert result.rejected >= 1

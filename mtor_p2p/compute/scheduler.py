@@ -48,6 +48,8 @@ NEAR_ROUND_TRIPS = 0.03
 #: A slow home link (8 Mbit/s): shard deadlines allow this long for the bytes to move.
 SLOW_LINK_BYTES_PER_S = 1 << 20
 FAR_ROUND_TRIPS = 0.3
+#: Workers beyond a latency target kept at the end of a job's reserve (quickest first).
+MAX_SLOWER_RESERVE = 8
 #: Workers out of a job listed in its summary (the count is always given).
 MAX_REPORTED_OUT = 20
 #: A worker's addresses dialled at once, and the deadline of that dial (seconds).
@@ -797,12 +799,18 @@ class Scheduler:
             price_per_speed = (record.price + 1e-6) / max(self.speed_of(record), 1e-6)
             return price_per_speed * standing.penalty() * (1 + record.load)
 
+        slower: list[CapacityRecord] = []
         if spec.latency_target is not None and candidates:
             flops = float(get_kernel(spec.kernel).flops(spec.operands))
             expected = {r.peer_id: self.expected_seconds(r, flops) for r in candidates}
-            fast = [r for r in candidates if expected[r.peer_id] <= spec.latency_target]
+            by_speed = sorted(candidates, key=lambda r: expected[r.peer_id])
+            fast = [r for r in by_speed if expected[r.peer_id] <= spec.latency_target]
             # None fast enough: the quickest few still beat the cheapest far away.
-            candidates = fast or sorted(candidates, key=lambda r: expected[r.peer_id])[:8]
+            candidates = fast or by_speed[:8]
+            # The others wait at the end of the reserve: a late answer beats no answer when
+            # every fast worker failed or cheated.
+            chosen_ids = {r.peer_id for r in candidates}
+            slower = [r for r in by_speed if r.peer_id not in chosen_ids][:MAX_SLOWER_RESERVE]
         measured = sorted((r for r in candidates if self.book.get(r.peer_id).measured), key=value)
         unmeasured = [r for r in candidates if not self.book.get(r.peer_id).measured]
         self.runtime.random.shuffle(unmeasured)
@@ -830,11 +838,16 @@ class Scheduler:
         trial = max(1, places // 4)
         take_unmeasured = min(len(unmeasured), max(trial, places - len(measured)))
         chosen = measured[: places - take_unmeasured] + unmeasured[:take_unmeasured]
-        reserve = measured[places - take_unmeasured :] + unmeasured[take_unmeasured:] + overpriced
+        reserve = (
+            measured[places - take_unmeasured :]
+            + unmeasured[take_unmeasured:]
+            + overpriced
+            + slower
+        )
         return WorkerPlan(chosen=chosen, reserve=reserve, excluded=excluded)
 
     def _cheapest(self, spec: JobSpec) -> str:
-        """", the cheapest asks P (N workers)" when a price limit left workers out."""
+        """A note on the cheapest ask, for a failure when a price limit left workers out."""
         if spec.max_price is None:
             return ""
         prices = [

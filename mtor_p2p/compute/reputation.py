@@ -43,7 +43,12 @@ MAX_BACKOFF = 3600.0
 #: A proven wrong result (a fault proof was made) excludes a worker for this long.
 REJECTED_EXCLUSION = 7 * 24 * 3600.0
 
-OUTCOMES = ("accepted", "failed", "timeout", "unreachable", "misbehaved", "rejected", "slow")
+OUTCOMES = (
+    "accepted", "failed", "timeout", "unreachable", "misbehaved", "rejected", "slow", "busy"
+)  # fmt: skip
+#: A worker that stayed busy through a job's patience is skipped this long (not growing: it
+#: is overloaded, perhaps by someone else's flood, not at fault).
+BUSY_BACKOFF = 30.0
 #: Trials cut off as a straggler (a hedged twin answered first) before an unmeasured worker
 #: is demoted: once may be bad luck or a slow honest card, twice in a row is a pattern.
 SLOW_TRIALS_BEFORE_DEMOTION = 2
@@ -62,6 +67,8 @@ class Standing:
     rejected: int = 0
     #: Attempts cut off as a straggler: still running long after a twin answered.
     slow: int = 0
+    #: Jobs it left for answering "busy" again and again.
+    busy: int = 0
     #: Failures of any kind since the last accepted shard (drives the back-off).
     in_a_row: int = 0
     #: Recent shard round trips (seconds) and delivered TFLOP/s, verified shards only.
@@ -208,6 +215,12 @@ class PeerBook:
         standing = self._entry(peer_id, now)
         attribute = {"timeout": "timeouts"}.get(outcome, outcome)
         setattr(standing, attribute, getattr(standing, attribute) + 1)
+        if outcome == "busy":
+            # Not a failure: no streak, no doubling; a short pause for every later job.
+            if now + BUSY_BACKOFF > standing.demoted_until:
+                standing.demoted_until, standing.reason = now + BUSY_BACKOFF, "busy"
+            standing.last_error = "busy"
+            return
         standing.in_a_row += 1
         standing.last_error = f"{outcome}: {detail[:160]}" if detail else outcome
         k = standing.in_a_row
@@ -221,9 +234,7 @@ class PeerBook:
             until = now + min(MAX_BACKOFF, MISBEHAVED_BACKOFF * 2 ** (k - 1))
             reason = "malformed answers"
         elif outcome == "slow":
-            limit = (
-                FAILURES_BEFORE_DEMOTION if standing.measured else SLOW_TRIALS_BEFORE_DEMOTION
-            )
+            limit = FAILURES_BEFORE_DEMOTION if standing.measured else SLOW_TRIALS_BEFORE_DEMOTION
             if k >= limit:
                 until = now + min(MAX_BACKOFF, FAILURE_BACKOFF * 2 ** (k - limit))
                 reason = f"cut off as a straggler {k} times in a row"

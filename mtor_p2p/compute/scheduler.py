@@ -60,6 +60,9 @@ DIAL_TIMEOUT = 5.0
 TRIAL_PRICE_MULTIPLE = 4.0
 #: How a refusal for overload starts (the host's "busy", the worker's "busy: ...").
 BUSY = "busy"
+#: "busy" answers in a row (backing off 0.4 s ... 5 s, about 25 s in all) before a worker's
+#: place in a job goes to another.
+BUSY_ANSWERS_BEFORE_LEAVING = 8
 
 
 class JobFailed(Exception):
@@ -400,10 +403,19 @@ class _JobRun:
                 self.left.setdefault(worker, "refused: our credit")
                 self.requeue(index, reissue=False)
             elif str(exc).startswith(PRICE_REFUSED):
-                # Our quote is stale (its price rose since we read its record): not a fault,
-                # but this job cannot pay it.
                 outcome = "refused"
-                self._leave(worker, "refused: its price rose above our quote")
+                record = self.s.view.get(worker, self.s.clock.now())
+                if record is not None and self.quotes[worker] >= record.price * (1 - 1e-9):
+                    # We quoted what it advertises now: not a stale quote but a worker that
+                    # will not work at its own price (and was fed our operands first).
+                    book.failed(
+                        worker, "failed", self.s.clock.now(), f"refused its own price: {exc}"
+                    )
+                    self._leave(worker, "refused its own advertised price")
+                else:
+                    # Our quote is stale (its price rose since we read its record): not a
+                    # fault, but this job cannot pay it.
+                    self._leave(worker, "refused: its price rose above our quote")
                 self.requeue(index, reissue=False)
             elif str(exc).startswith(BUSY):
                 # Overloaded (perhaps by someone else's flood): not a fault. The shard goes
@@ -687,6 +699,12 @@ class _JobRun:
             outcome = await self.attempt(worker, index, hedge)
             if outcome == "busy":
                 busy_in_a_row += 1
+                if busy_in_a_row >= BUSY_ANSWERS_BEFORE_LEAVING:
+                    # Overloaded for long (or pretending to be): its place goes to someone
+                    # else, and later jobs skip it for a short, non-growing while.
+                    self.s.book.failed(worker, "busy", self.s.clock.now())
+                    self._leave(worker, f"busy {busy_in_a_row} times in a row")
+                    return
                 await trio.sleep(min(5.0, 0.2 * 2**busy_in_a_row))
                 continue
             busy_in_a_row = 0

@@ -105,10 +105,13 @@ PRICE_ROUNDING = 1e-6
 #: Prices remembered at most (changes only); dropping the oldest only raises the floor.
 MAX_PRICE_HISTORY = 1024
 UPLOAD_IDLE_TIMEOUT = 60.0
-#: An upload must average this rate after a grace period (a quarter of the slowest home link
-#: the scheduler plans for), or it is dropped and its reservation given back.
+#: An upload must average this rate after a grace period (a sixteenth of the slowest home link
+#: the scheduler plans for: a requester on it may feed several workers at once), or it is
+#: dropped and its reservation given back.
 UPLOAD_GRACE_SECONDS = 30.0
-UPLOAD_MIN_BYTES_PER_S = 256 * 1024
+UPLOAD_MIN_BYTES_PER_S = 64 * 1024
+#: Shortest window over which an upload's rate is judged (seconds).
+RATE_WINDOW = 10.0
 RUN_TIMEOUT = 600.0
 #: How often the worker's own loop expires idle uploads, moves expired owed work to unpaid and
 #: notes its price. A simulation with thousands of workers pays one wake-up per worker per
@@ -344,13 +347,17 @@ class WorkerService:
         first): a sender that trickles (and restarts whenever its upload expires) must not
         hold reservations an honest upload needs. Then, if ``sender`` holds less than an
         equal share of the cap among the senders with uploads in progress, take room from
-        the sender holding the most, its newest uploads first: many identities uploading at
-        an honest rate cannot lock a newcomer out, they can only have their share.
+        senders holding more than their share, their slowest uploads first (bytes per second
+        since they started): many identities uploading at an honest rate cannot lock a
+        newcomer out, they can only have their share; and an attacker cannot use this to
+        evict a large honest upload moving faster than its own.
         """
         now = trio.current_time()
 
         def rate(p: _PendingUpload) -> float:
-            return p.buffer.size / max(now - p.started, 1.0)
+            # Over at least RATE_WINDOW seconds: one quick chunk does not make a fresh
+            # upload look faster than one that has kept its pace for a while.
+            return p.buffer.size / max(now - p.started, RATE_WINDOW)
 
         slow = sorted(
             (rate(p), key) for key, p in self._pending.items() if rate(p) < UPLOAD_MIN_BYTES_PER_S
@@ -366,13 +373,14 @@ class WorkerService:
             self._reserved_total + nbytes > MAX_PENDING_UPLOAD_BYTES
             and self._reserved_by_sender.get(sender, 0) + nbytes <= share
         ):
-            richest = max(self._reserved_by_sender, key=self._reserved_by_sender.__getitem__)
-            if richest == sender or self._reserved_by_sender[richest] <= share:
+            over = [
+                (rate(p), key)
+                for key, p in self._pending.items()
+                if p.sender != sender and self._reserved_by_sender[p.sender] > share
+            ]
+            if not over:
                 return
-            newest = max(
-                (p.started, key) for key, p in self._pending.items() if p.sender == richest
-            )[1]
-            self._drop_upload(newest)
+            self._drop_upload(min(over)[1])
             self.stats.uploads_evicted += 1
 
     def _drop_upload(self, key: tuple[str, str]) -> None:
@@ -439,6 +447,10 @@ class WorkerService:
             self._drop_upload(key)
             log.warning("upload spool failed: %s", exc)
             raise RemoteError("busy: cannot store the upload now") from exc
+        except (ValueError, AttributeError) as exc:
+            # The upload was expired or evicted (its buffer closed) while this chunk was being
+            # written on a worker thread.
+            raise RemoteError("upload was dropped; start again at offset 0") from exc
         pending.last_progress = trio.current_time()
         self.stats.bytes_received += len(chunk)
         if pending.buffer.size < meta.nbytes:

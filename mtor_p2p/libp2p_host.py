@@ -81,7 +81,6 @@ from mtor_p2p.network import (
     NetworkError,
     RemoteError,
     RequestHandler,
-    RequestMemory,
     TopicValidator,
 )
 
@@ -167,9 +166,12 @@ async def _discard(stream: INetStream, size: int) -> None:
 class _PeerRequests:
     """Inbound requests per remote peer: open streams and admitted (announced) bytes."""
 
-    def __init__(self, max_streams: int, max_bytes: int, stats: HostStats) -> None:
+    def __init__(
+        self, max_streams: int, max_bytes: int, max_total: int, stats: HostStats
+    ) -> None:
         self._max_streams = max_streams
         self._max_bytes = max_bytes
+        self._max_total = max_total
         self._stats = stats
         #: peer -> [open streams, admitted bytes]; a peer leaves when both are zero, so the
         #: table never holds more peers than there are streams open.
@@ -191,6 +193,10 @@ class _PeerRequests:
     def fits(self, peer: str, size: int) -> bool:
         """Whether ``size`` more bytes stay within the peer's budget."""
         return self._open[peer][1] + size <= self._max_bytes
+
+    def fits_total(self, size: int) -> bool:
+        """Whether ``size`` more bytes stay within the budget of all peers together."""
+        return self._stats.request_bytes_pending + size <= self._max_total
 
     def admit(self, peer: str, size: int) -> None:
         """Count ``size`` bytes of the peer's as held (see :meth:`fits`)."""
@@ -244,10 +250,10 @@ class Libp2pNetwork:
         self._nursery: trio.Nursery | None = None
         self._subscriptions: dict[str, list[trio.MemorySendChannel[Message]]] = {}
         self.stats = HostStats()
-        self._memory = RequestMemory(settings.max_pending_bytes_total, self.stats)
         self._peer_requests = _PeerRequests(
             settings.max_streams_per_peer,
             settings.max_pending_bytes_per_peer,
+            settings.max_pending_bytes_total,
             self.stats,
         )
 
@@ -478,6 +484,10 @@ class Libp2pNetwork:
                 self.stats.requests_refused_peer_bytes += 1
                 await refuse_body(stream, length)
                 return
+            if not peers.fits_total(length):
+                self.stats.requests_refused_total_bytes += 1
+                await refuse_body(stream, length)
+                return
             try:
                 busy.acquire_nowait()
             except trio.WouldBlock:
@@ -485,11 +495,10 @@ class Libp2pNetwork:
                 await refuse_body(stream, length)
                 return
             peers.admit(sender, length)
-            held = [0]  # body bytes charged to the host-wide budget, given back below
             try:
                 # Drain the whole request before any work (pitfall 4), at a minimum rate.
                 with self._cut_if_slow(REQUEST_GRACE_S + length / MIN_REQUEST_BYTES_PER_S):
-                    payload = await self._read_body(stream, length, held)
+                    payload = await _read_exactly(stream, length)
                 try:
                     response = await handler(sender, payload)
                 except RemoteError as exc:
@@ -503,30 +512,9 @@ class Libp2pNetwork:
             finally:
                 busy.release()
                 peers.release(sender, length)
-                self._memory.release(held[0])
             await self._respond(stream, _STATUS_OK, response)
 
         self._host.set_stream_handler(TProtocol(protocol), self._guard(protocol, serve))
-
-    async def _read_body(self, stream: INetStream, length: int, held: list[int]) -> bytes:
-        """Read ``length`` bytes, charging each chunk to the host-wide budget as it arrives
-        and waiting while the budget is full (the sender's window fills and it stops);
-        ``held[0]`` counts what was charged, for the caller to give back."""
-        chunks: list[bytes] = []
-        remaining = length
-        while remaining:
-            await self._memory.wait_for_room()
-            try:
-                chunk = await stream.read(min(remaining, _READ_CHUNK))
-            except StreamEOF as exc:
-                raise NetworkError(f"stream ended {remaining} bytes early") from exc
-            if not chunk:
-                raise NetworkError(f"stream ended {remaining} bytes early")
-            self._memory.charge(len(chunk))
-            held[0] += len(chunk)
-            chunks.append(chunk)
-            remaining -= len(chunk)
-        return b"".join(chunks)
 
     @contextmanager
     def _cut_if_slow(self, seconds: float) -> Iterator[None]:

@@ -101,7 +101,6 @@ from mtor_p2p.network import (
     NetworkError,
     RemoteError,
     RequestHandler,
-    RequestMemory,
     TopicValidator,
 )
 
@@ -719,7 +718,6 @@ class MemNetwork:
         self._peer_id = identity.peer_id  # derived from the key: compute it once
         self.link = link
         self.stats = HostStats()
-        self._memory = RequestMemory(world.max_pending_bytes_total, self.stats)
         self._alive = True
         self._addrs = [
             f"/dns4/{self._peer_id[-16:].lower()}.memnet/tcp/{MEMNET_PORT}/p2p/{self._peer_id}"
@@ -966,6 +964,10 @@ class MemNetwork:
             self.stats.requests_refused_peer_bytes += 1
             self._answer(reply, requester, "error", b"busy")
             return
+        if self.stats.request_bytes_pending + size > world.max_pending_bytes_total:
+            self.stats.requests_refused_total_bytes += 1
+            self._answer(reply, requester, "error", b"busy")
+            return
         if handler.active >= world.max_concurrent_requests:
             self.stats.requests_refused_busy += 1
             self._answer(reply, requester, "error", b"busy")
@@ -994,17 +996,11 @@ class MemNetwork:
     ) -> None:
         """Run one handler call under its deadline; nothing it raises leaves this task."""
         kind, body = "reset", b"stream reset"
-        held = 0
         scope = trio.CancelScope()
         self._serving[scope] = None
         try:
             with scope:
                 with trio.move_on_after(handler.timeout) as deadline:
-                    # The body is held from here: it counts against the host-wide budget
-                    # (in memnet a body arrives whole, so it waits whole for room).
-                    await self._memory.wait_for_room()
-                    self._memory.charge(len(payload))
-                    held = len(payload)
                     try:
                         response = await handler.fn(requester._peer_id, payload)
                     except RemoteError as exc:
@@ -1027,7 +1023,6 @@ class MemNetwork:
             handler.active -= 1
             self._serving.pop(scope, None)
             self._release(requester._peer_id, len(payload))
-            self._memory.release(held)
         if scope.cancelled_caught:
             kind, body = "reset", b"connection reset by peer"
         if kind == "reset":

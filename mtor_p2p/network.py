@@ -41,9 +41,8 @@ DEFAULT_MAX_STREAMS_PER_PEER = 32
 #: Announced bytes of one remote peer's requests admitted at once (being read or handled);
 #: a request that would go beyond is refused "busy" before its body is read.
 DEFAULT_MAX_PENDING_BYTES_PER_PEER = 32 << 20
-#: Request body bytes a host holds from all peers together, counted as they arrive: what it
-#: may buffer whatever many identities send. A body that does not fit waits (its sender's
-#: window fills and it stops sending), under the body's own deadline.
+#: Announced request bytes admitted from all peers together: what a host may hold in request
+#: buffers whatever many identities send (many peers each within their own budget).
 DEFAULT_MAX_PENDING_BYTES_TOTAL = 64 << 20
 
 
@@ -86,13 +85,8 @@ class HostStats:
     requests_refused_peer_streams: int = 0
     #: Requests refused because their peer already had its most request bytes admitted.
     requests_refused_peer_bytes: int = 0
-    #: Request body bytes actually received and held (all peers), and the most ever: bounded
-    #: by the host-wide budget, which counts bytes as they arrive, not as announced (an
-    #: announcement costs nothing to make).
-    request_bytes_buffered: int = 0
-    request_bytes_buffered_peak: int = 0
-    #: Requests whose body waited for room in that budget (back-pressure, not refusal).
-    requests_waited_for_memory: int = 0
+    #: Requests refused because all peers together had the most request bytes admitted.
+    requests_refused_total_bytes: int = 0
     #: Announced bytes of the requests admitted now (body being read or handled), and the
     #: most there ever were: what the host may hold in request buffers.
     request_bytes_pending: int = 0
@@ -102,42 +96,6 @@ class HostStats:
     requests_cut_slow: int = 0
     gossip_dropped: int = 0
     gossip_rejected: int = 0
-
-
-class RequestMemory:
-    """Bytes of request bodies held by the host, all peers together, counted as they arrive
-    (an announcement that is never sent holds nothing). A reader waits while the budget is
-    full (back-pressure: the sender's window fills and it stops) and charges what it reads;
-    the handler's end gives it back. Each reader may overshoot by one read (64 KiB). Both
-    adapters use it."""
-
-    def __init__(self, capacity: int, stats: HostStats) -> None:
-        self._capacity = capacity
-        self._stats = stats
-        self._freed = trio.Event()
-
-    async def wait_for_room(self) -> None:
-        """Return once the budget is not full (at once if it is not)."""
-        stats = self._stats
-        if stats.request_bytes_buffered >= self._capacity:
-            stats.requests_waited_for_memory += 1
-            while stats.request_bytes_buffered >= self._capacity:
-                await self._freed.wait()
-
-    def charge(self, size: int) -> None:
-        """Count ``size`` bytes received."""
-        stats = self._stats
-        stats.request_bytes_buffered += size
-        stats.request_bytes_buffered_peak = max(
-            stats.request_bytes_buffered_peak, stats.request_bytes_buffered
-        )
-
-    def release(self, size: int) -> None:
-        """Give back ``size`` bytes."""
-        if size:
-            self._stats.request_bytes_buffered -= size
-            self._freed.set()
-            self._freed = trio.Event()
 
 
 @dataclass(frozen=True)

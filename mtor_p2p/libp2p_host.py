@@ -72,8 +72,11 @@ from mtor_p2p.network import (
     DEFAULT_MAX_REQUEST_BYTES,
     DEFAULT_MAX_RESPONSE_BYTES,
     DEFAULT_MAX_STREAMS_PER_PEER,
+    FIRST_BODY_BYTES_S,
     MAX_ERROR_BYTES,
     MIN_REQUEST_BYTES_PER_S,
+    PENALTY_BASE_S,
+    PENALTY_MAX_S,
     REQUEST_GRACE_S,
     DhtValidator,
     HostStats,
@@ -91,6 +94,8 @@ _LENGTH = struct.Struct(">I")
 _STATUS_OK = 0
 _STATUS_ERROR = 1
 _READ_CHUNK = 64 * 1024
+#: Peers remembered under a slowness back-off (the oldest forgotten first).
+MAX_PENALISED_PEERS = 4096
 
 
 @dataclass
@@ -166,16 +171,30 @@ async def _discard(stream: INetStream, size: int) -> None:
 class _PeerRequests:
     """Inbound requests per remote peer: open streams and admitted (announced) bytes."""
 
-    def __init__(
-        self, max_streams: int, max_bytes: int, max_total: int, stats: HostStats
-    ) -> None:
+    def __init__(self, max_streams: int, max_bytes: int, max_total: int, stats: HostStats) -> None:
         self._max_streams = max_streams
         self._max_bytes = max_bytes
         self._max_total = max_total
+        #: peer -> (trio time its back-off ends, cuts so far); bounded, oldest dropped.
+        self._penalties: dict[str, tuple[float, int]] = {}
         self._stats = stats
         #: peer -> [open streams, admitted bytes]; a peer leaves when both are zero, so the
         #: table never holds more peers than there are streams open.
         self._open: dict[str, list[int]] = {}
+
+    def penalised(self, peer: str) -> bool:
+        """True while ``peer`` serves the back-off of a cut for slowness."""
+        entry = self._penalties.get(peer)
+        return entry is not None and trio.current_time() < entry[0]
+
+    def penalise(self, peer: str) -> None:
+        """``peer`` was cut for slowness: refuse it for a back-off that doubles per cut."""
+        _, cuts = self._penalties.pop(peer, (0.0, 0))
+        cuts += 1
+        seconds = min(PENALTY_MAX_S, PENALTY_BASE_S * 2 ** (cuts - 1))
+        self._penalties[peer] = (trio.current_time() + seconds, cuts)
+        while len(self._penalties) > MAX_PENALISED_PEERS:
+            del self._penalties[next(iter(self._penalties))]
 
     def open_stream(self, peer: str) -> bool:
         counts = self._open.setdefault(peer, [0, 0])
@@ -447,10 +466,10 @@ class Libp2pNetwork:
         peers = self._peer_requests
 
         async def refuse_stream(stream: INetStream) -> None:
-            # Over the peer's stream limit: answer, then read and drop whatever it sent
-            # for a moment (an honest requester reads the answer after writing its request),
-            # and reset: a stream left half-open would keep Yamux's buffer for it.
-            self.stats.requests_refused_peer_streams += 1
+            # Over the peer's stream limit, or the peer is under a back-off: answer, then read
+            # and drop whatever it sent for a moment (an honest requester reads the answer
+            # after writing its request), and reset: a stream left half-open would keep
+            # Yamux's buffer for it.
             with trio.move_on_after(1):
                 await self._respond(stream, _STATUS_ERROR, b"busy")
                 await _discard(stream, max_request_bytes + _LENGTH.size)
@@ -464,7 +483,12 @@ class Libp2pNetwork:
 
         async def serve(stream: INetStream) -> None:
             sender = str(stream.muxed_conn.peer_id)
+            if peers.penalised(sender):
+                self.stats.requests_refused_penalised += 1
+                await refuse_stream(stream)
+                return
             if not peers.open_stream(sender):
+                self.stats.requests_refused_peer_streams += 1
                 await refuse_stream(stream)
                 return
             try:
@@ -474,7 +498,7 @@ class Libp2pNetwork:
                 peers.close_stream(sender)
 
         async def serve_admitted(stream: INetStream, sender: str) -> None:
-            with self._cut_if_slow(REQUEST_GRACE_S):
+            with self._cut_if_slow(REQUEST_GRACE_S, sender):
                 (length,) = _LENGTH.unpack(await _read_exactly(stream, _LENGTH.size))
             if length > max_request_bytes:
                 self.stats.requests_refused_size += 1
@@ -497,8 +521,12 @@ class Libp2pNetwork:
             peers.admit(sender, length)
             try:
                 # Drain the whole request before any work (pitfall 4), at a minimum rate.
-                with self._cut_if_slow(REQUEST_GRACE_S + length / MIN_REQUEST_BYTES_PER_S):
-                    payload = await _read_exactly(stream, length)
+                first = min(length, _READ_CHUNK)
+                with self._cut_if_slow(FIRST_BODY_BYTES_S, sender):
+                    head = await _read_exactly(stream, first)
+                rest = length - first
+                with self._cut_if_slow(REQUEST_GRACE_S + rest / MIN_REQUEST_BYTES_PER_S, sender):
+                    payload = head + await _read_exactly(stream, rest) if rest else head
                 try:
                     response = await handler(sender, payload)
                 except RemoteError as exc:
@@ -517,13 +545,15 @@ class Libp2pNetwork:
         self._host.set_stream_handler(TProtocol(protocol), self._guard(protocol, serve))
 
     @contextmanager
-    def _cut_if_slow(self, seconds: float) -> Iterator[None]:
-        """Raise NetworkError (the guard resets the stream) if the block takes ``seconds``."""
+    def _cut_if_slow(self, seconds: float, sender: str) -> Iterator[None]:
+        """Raise NetworkError (the guard resets the stream) if the block takes ``seconds``,
+        and put ``sender`` under a back-off for it."""
         try:
             with trio.fail_after(seconds):
                 yield
         except trio.TooSlowError:
             self.stats.requests_cut_slow += 1
+            self._peer_requests.penalise(sender)
             raise NetworkError(f"request not received within {seconds:.1f} s") from None
 
     @staticmethod

@@ -32,6 +32,14 @@ DEFAULT_MAX_RESPONSE_BYTES = 1 << 20
 #: slowest home uplink the scheduler plans for): a peer that trickles bytes is cut instead of
 #: holding a busy permit until the handler's deadline.
 REQUEST_GRACE_S = 5.0
+#: The first bytes of a body (64 KiB, or all of a smaller one) must follow the length prefix
+#: within this many seconds: an honest requester writes both at once, and an announcement
+#: with nothing behind it must not hold the host's request budget for long.
+FIRST_BODY_BYTES_S = 1.0
+#: A peer cut for slowness has its requests refused for this long, doubling per cut (at most
+#: PENALTY_MAX_S): reopening at once after a cut gains it nothing.
+PENALTY_BASE_S = 10.0
+PENALTY_MAX_S = 300.0
 MIN_REQUEST_BYTES_PER_S = 256 * 1024
 #: A handler's error reason reaches the requester cut to this many bytes.
 MAX_ERROR_BYTES = 1024
@@ -94,6 +102,8 @@ class HostStats:
     #: Requests whose sender was too slow with its length prefix or body (see
     #: :data:`MIN_REQUEST_BYTES_PER_S`): cut, so that trickling bodies cannot hold permits.
     requests_cut_slow: int = 0
+    #: Requests refused because their peer was recently cut for slowness (its back-off).
+    requests_refused_penalised: int = 0
     gossip_dropped: int = 0
     gossip_rejected: int = 0
 

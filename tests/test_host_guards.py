@@ -414,7 +414,7 @@ async def test_a_request_trickled_below_the_minimum_rate_is_cut_and_frees_its_pe
 
     monkeypatch.setattr(libp2p_host, "REQUEST_GRACE_S", 0.5)
     monkeypatch.setattr(libp2p_host, "MIN_REQUEST_BYTES_PER_S", 1 << 20)
-    async with open_networks(2, max_concurrent_requests=1) as (server, client):
+    async with open_networks(3, max_concurrent_requests=1) as (server, client, honest):
         server.handle(ECHO, echo, max_request_bytes=1 << 20, timeout=60)
         stream = await _raw_stream(client, server, ECHO)
         await stream.write(struct.pack(">I", 64 << 10) + b"x")
@@ -431,9 +431,13 @@ async def test_a_request_trickled_below_the_minimum_rate_is_cut_and_frees_its_pe
                 while server.stats.request_bytes_pending == 0:
                     await trio.sleep(0.02)
             with pytest.raises(RemoteError, match="busy"):
-                await client.request(server.peer_id, ECHO, b"honest")
+                await honest.request(server.peer_id, ECHO, b"honest")
             with trio.fail_after(10):
                 while server.stats.requests_cut_slow == 0:
                     await trio.sleep(0.05)
-            assert await client.request(server.peer_id, ECHO, b"honest") == b"honest"
+            assert await honest.request(server.peer_id, ECHO, b"honest") == b"honest"
+            # The trickler is refused for a while: reopening at once gains it nothing.
+            with pytest.raises(RemoteError, match="busy"):
+                await client.request(server.peer_id, ECHO, b"again")
+            assert server.stats.requests_refused_penalised == 1
             nursery.cancel_scope.cancel()

@@ -135,6 +135,7 @@ async def test_adapter_implements_the_port(open_nets: OpenNets) -> None:
             "request_bytes_pending",
             "request_bytes_pending_peak",
             "requests_cut_slow",
+            "requests_refused_penalised",
             "gossip_dropped",
             "gossip_rejected",
         }

@@ -189,16 +189,6 @@ async def test_a_worker_refusing_its_own_advertised_price_is_not_fed_every_job(
 # -- the host: two identities hold the whole request-byte budget -----------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review 2, finding 2: the host-wide request-byte budget is exactly two peers' "
-    "budgets (64 MiB = 2 x 32 MiB), admitted on the length prefix alone: two identities "
-    "that announce 32 MiB each (8 upload-sized streams) and send nothing hold it until each "
-    "stream is cut (5 s + 4 MiB at 256 KiB/s, ~21 s), re-open at once, and every other "
-    "peer's request on every "
-    "protocol is refused 'busy' (libp2p_host.py serve_admitted: peers.fits_total before the "
-    "body; network.py DEFAULT_MAX_PENDING_BYTES_TOTAL)",
-)
 async def test_two_identities_announcing_and_sending_nothing_do_not_lock_out_the_host(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -35,7 +35,7 @@ REQUEST_GRACE_S = 5.0
 #: The first bytes of a body (64 KiB, or all of a smaller one) must follow the length prefix
 #: within this many seconds: an honest requester writes both at once, and an announcement
 #: with nothing behind it must not hold the host's request budget for long.
-FIRST_BODY_BYTES_S = 1.0
+FIRST_BODY_BYTES_S = 2.0
 #: A peer cut for slowness has its requests refused for this long, doubling per cut (at most
 #: PENALTY_MAX_S): reopening at once after a cut gains it nothing.
 PENALTY_BASE_S = 10.0

@@ -193,7 +193,8 @@ async def test_two_identities_announcing_and_sending_nothing_do_not_lock_out_the
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Real py-libp2p hosts on loopback; budgets scaled down (64 KiB per peer, 128 KiB in
-    all, 0.5 s grace, 1 MiB/s minimum rate) so that the test runs in seconds. Two attackers
+    all, 0.5 s grace and first-bytes deadline, 1 MiB/s minimum rate) so that the test runs in
+    seconds. Two attackers
     announce a request of exactly their per-peer budget, send no byte of its body, and open
     the next one as soon as the host cuts the stream. An honest peer asking ten times over
     two seconds should be served most of the time; it is refused "busy" every time but in
@@ -205,6 +206,7 @@ async def test_two_identities_announcing_and_sending_nothing_do_not_lock_out_the
     from tests.conftest import open_networks
 
     monkeypatch.setattr(libp2p_host, "REQUEST_GRACE_S", 0.5)
+    monkeypatch.setattr(libp2p_host, "FIRST_BODY_BYTES_S", 0.5)
     monkeypatch.setattr(libp2p_host, "MIN_REQUEST_BYTES_PER_S", 1 << 20)
     echo_protocol = "/mtor/test/echo/1"
 

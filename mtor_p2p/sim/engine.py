@@ -465,8 +465,12 @@ class Simulation:
     async def _arrivals(self, workload: Workload, nursery: trio.Nursery) -> None:
         if workload.rate <= 0:
             return
+        # Each workload's arrival times come from a stream of their own: the same seed gives
+        # the same requests whatever the peers' code does with the shared stream meanwhile,
+        # so runs of two versions of the peer compare like for like.
+        arrivals = random.Random(f"mtor-sim:{self.s.seed}:arrivals:{workload.name}")
         while True:
-            await trio.sleep(self.rng.expovariate(workload.rate))
+            await trio.sleep(arrivals.expovariate(workload.rate))
             if trio.current_time() >= self.end:
                 return
             requester = self._requester()

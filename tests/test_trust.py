@@ -522,3 +522,33 @@ async def test_workers_beyond_the_latency_target_are_the_last_reserve(
         )
         assert correct(result.output, operands) and result.workers == [far.peer_id]
         assert result.rejected >= 1
+
+
+async def test_a_price_refusal_ends_the_attempt_cleanly(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A worker refusing our quote (its price rose, or it lies) ends that attempt like any
+    other: the observer sees it, no attempt is left behind as running, the job completes on
+    another worker. (A variable shadowing the attempt's record crashed the job here.)"""
+    from mtor_p2p.compute.protocol import PROTOCOL_RUN
+    from mtor_p2p.compute.worker import PRICE_REFUSED
+    from mtor_p2p.network import RemoteError
+
+    async with cluster(["requester", "w1", "w2"], timing=QUIET) as c:
+        w1 = await c.start("w1", "WEU", price=0.5)
+        w2 = await c.start("w2", "WEU", price=1.0)
+        requester = await c.start("requester", "WEU", serve=False)
+        await c.settle()
+
+        async def refuse(sender: str, request: bytes) -> bytes:
+            raise RemoteError(f"{PRICE_REFUSED}: max_price 0.5 is below this worker's price 9")
+
+        w1.network.handle(PROTOCOL_RUN, refuse, max_request_bytes=64 * 1024, timeout=600)
+        attempts = attempts_of(requester)
+        operands = shard_operands()
+        result = await requester.submit("matmul", operands, shards=2)
+        assert correct(result.output, operands) and result.workers == [w2.peer_id]
+        refused = [a for a in attempts if a.worker == w1.peer_id]
+        assert refused and all(a.outcome == "refused" for a in refused)
+        # It refused the very price it advertises: that is held against it.
+        assert requester.peers.get(w1.peer_id).failed == 1

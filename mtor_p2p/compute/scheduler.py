@@ -404,8 +404,8 @@ class _JobRun:
                 self.requeue(index, reissue=False)
             elif str(exc).startswith(PRICE_REFUSED):
                 outcome = "refused"
-                record = self.s.view.get(worker, self.s.clock.now())
-                if record is not None and self.quotes[worker] >= record.price * (1 - 1e-9):
+                advertised = self.s.view.get(worker, self.s.clock.now())
+                if advertised is not None and self.quotes[worker] >= advertised.price * (1 - 1e-9):
                     # We quoted what it advertises now: not a stale quote but a worker that
                     # will not work at its own price (and was fed our operands first).
                     book.failed(

@@ -772,24 +772,33 @@ def code_version() -> str:
 def main(argv: list[str]) -> int:
     """``python -m benchmarks attacks [--only NAME[,NAME]] [--quick] [--label TEXT]
     [--out PATH]``."""
-    quick = "--quick" in argv
-    label = argv[argv.index("--label") + 1] if "--label" in argv[:-1] else None
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="./mtor bench attacks",
+        description="Run the attacks of issue 8 against fresh loopback devnets of real "
+        "mtor-peer processes and report each figure beside a baseline measured in the same "
+        f"run. Attacks: {', '.join(ATTACKS)}. Exit 1 if the harness itself broke (a missed "
+        "goal is a figure, not an error), 2 for bad arguments.",
+    )
+    parser.add_argument("--only", help="comma-separated attacks to run (default: all)")
+    parser.add_argument("--quick", action="store_true", help="short runs (under a minute each)")
+    parser.add_argument("--label", help="a note stored with each attack's figures")
+    parser.add_argument(
+        "--out", type=Path, help="results file (default: benchmarks/results/attacks.json)"
+    )
+    args = parser.parse_args(argv)
+    quick, label = args.quick, args.label
     names = list(ATTACKS)
-    if "--only" in argv:
-        try:
-            names = argv[argv.index("--only") + 1].split(",")
-        except IndexError:
-            print("--only needs a name", file=sys.stderr)
-            return 2
+    if args.only:
+        names = args.only.split(",")
         unknown = [n for n in names if n not in PLAN]
         if unknown:
             print(f"unknown attack(s) {unknown}; known: {', '.join(ATTACKS)}", file=sys.stderr)
             return 2
     settings = Settings(quick)
     RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / "attacks.json"
-    if "--out" in argv[:-1]:
-        path = Path(argv[argv.index("--out") + 1])
+    path = args.out or RESULTS / "attacks.json"
     report: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
     report["machine"] = machine()
     broken = []

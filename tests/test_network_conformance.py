@@ -60,6 +60,20 @@ async def echo(sender: str, data: bytes) -> bytes:
     return data
 
 
+class Holder:
+    """A request handler that holds every request until ``release`` is set, counting how
+    many have entered, then answers ``done``."""
+
+    def __init__(self) -> None:
+        self.release = trio.Event()
+        self.entered = 0
+
+    async def __call__(self, sender: str, data: bytes) -> bytes:
+        self.entered += 1
+        await self.release.wait()
+        return b"done"
+
+
 async def until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
     """Poll ``predicate`` until it holds (fail after ``timeout`` seconds)."""
     with trio.fail_after(timeout):
@@ -272,14 +286,7 @@ async def test_unknown_protocol_is_a_network_error(open_nets: OpenNets) -> None:
 
 async def test_concurrency_limit_answers_busy(open_nets: OpenNets) -> None:
     async with open_nets(2) as (server, client):
-        release = trio.Event()
-        entered = 0
-
-        async def hold(sender: str, data: bytes) -> bytes:
-            nonlocal entered
-            entered += 1
-            await release.wait()
-            return b"done"
+        hold = Holder()
 
         server.handle("/mtor/test/hold/1", hold)
         results: list[bytes] = []
@@ -290,10 +297,10 @@ async def test_concurrency_limit_answers_busy(open_nets: OpenNets) -> None:
         async with trio.open_nursery() as nursery:
             for _ in range(LIMIT):
                 nursery.start_soon(call)
-            await until(lambda: entered == LIMIT)
+            await until(lambda: hold.entered == LIMIT)
             with pytest.raises(RemoteError, match=r"^busy$"):
                 await client.request(server.peer_id, "/mtor/test/hold/1", b"")
-            release.set()
+            hold.release.set()
         assert results == [b"done"] * LIMIT
         assert server.stats.requests_refused_busy == 1  # type: ignore[attr-defined]
         assert await client.request(server.peer_id, "/mtor/test/hold/1", b"") == b"done"
@@ -303,14 +310,7 @@ async def test_one_peer_cannot_hold_more_streams_than_its_share(open_nets: OpenN
     """A peer with ``max_streams_per_peer`` requests open, across protocols, is refused "busy";
     another peer is still served on the same protocol."""
     async with open_nets(3, max_streams_per_peer=3) as (server, greedy, other):
-        release = trio.Event()
-        entered = 0
-
-        async def hold(sender: str, data: bytes) -> bytes:
-            nonlocal entered
-            entered += 1
-            await release.wait()
-            return b"done"
+        hold = Holder()
 
         server.handle("/mtor/test/hold/1", hold)
         server.handle("/mtor/test/hold/2", hold)
@@ -324,12 +324,12 @@ async def test_one_peer_cannot_hold_more_streams_than_its_share(open_nets: OpenN
             nursery.start_soon(call, greedy, "/mtor/test/hold/1")
             nursery.start_soon(call, greedy, "/mtor/test/hold/1")
             nursery.start_soon(call, greedy, "/mtor/test/hold/2")
-            await until(lambda: entered == 3)
+            await until(lambda: hold.entered == 3)
             with pytest.raises(RemoteError, match=r"^busy$"):
                 await greedy.request(server.peer_id, "/mtor/test/hold/2", b"")
             nursery.start_soon(call, other, "/mtor/test/hold/2")
-            await until(lambda: entered == 4)
-            release.set()
+            await until(lambda: hold.entered == 4)
+            hold.release.set()
         assert results == [b"done"] * 4
         stats = server.stats  # type: ignore[attr-defined]
         assert (stats.requests_refused_peer_streams, stats.requests_refused_busy) == (1, 0)
@@ -341,14 +341,7 @@ async def test_one_peer_cannot_have_more_request_bytes_admitted_than_its_share(
     open_nets: OpenNets,
 ) -> None:
     async with open_nets(3, max_pending_bytes_per_peer=1000) as (server, greedy, other):
-        release = trio.Event()
-        entered = 0
-
-        async def hold(sender: str, data: bytes) -> bytes:
-            nonlocal entered
-            entered += 1
-            await release.wait()
-            return b"done"
+        hold = Holder()
 
         server.handle("/mtor/test/hold/1", hold)
         async with trio.open_nursery() as nursery:
@@ -357,7 +350,7 @@ async def test_one_peer_cannot_have_more_request_bytes_admitted_than_its_share(
                 assert await greedy.request(server.peer_id, "/mtor/test/hold/1", b"x" * 600)
 
             nursery.start_soon(first)
-            await until(lambda: entered == 1)
+            await until(lambda: hold.entered == 1)
             stats = server.stats  # type: ignore[attr-defined]
             assert stats.request_bytes_pending == 600
             with pytest.raises(RemoteError, match=r"^busy$"):
@@ -368,9 +361,9 @@ async def test_one_peer_cannot_have_more_request_bytes_admitted_than_its_share(
                 assert await other.request(server.peer_id, "/mtor/test/hold/1", b"y" * 600)
 
             nursery.start_soon(second)
-            await until(lambda: entered == 2)
+            await until(lambda: hold.entered == 2)
             assert stats.request_bytes_pending == 1200
-            release.set()
+            hold.release.set()
         assert stats.request_bytes_pending == 0
         assert stats.request_bytes_pending_peak == 1200
         assert stats.requests_refused_busy == 0
@@ -384,26 +377,19 @@ async def test_many_peers_cannot_have_more_request_bytes_admitted_than_the_host_
     async with open_nets(
         4, max_pending_bytes_per_peer=1000, max_pending_bytes_total=1500
     ) as (server, a, b, c):
-        release = trio.Event()
-        entered = 0
-
-        async def hold(sender: str, data: bytes) -> bytes:
-            nonlocal entered
-            entered += 1
-            await release.wait()
-            return b"done"
+        hold = Holder()
 
         server.handle("/mtor/test/hold/1", hold)
         stats = server.stats  # type: ignore[attr-defined]
         async with trio.open_nursery() as nursery:
             for peer in (a, b):
                 nursery.start_soon(peer.request, server.peer_id, "/mtor/test/hold/1", b"x" * 700)
-            await until(lambda: entered == 2)
+            await until(lambda: hold.entered == 2)
             with pytest.raises(RemoteError, match=r"^busy$"):
                 await c.request(server.peer_id, "/mtor/test/hold/1", b"x" * 700)
             assert stats.requests_refused_total_bytes == 1
             assert stats.request_bytes_pending == 1400
-            release.set()
+            hold.release.set()
         assert await c.request(server.peer_id, "/mtor/test/hold/1", b"x" * 700) == b"done"
 
 

@@ -19,7 +19,6 @@ import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,8 +27,6 @@ import trio
 import trio.testing
 
 from mtor_kernels import get_kernel
-from mtor_p2p.capacity.record import Device
-from mtor_p2p.capacity.service import CapacityTiming
 from mtor_p2p.clock import NetClock
 from mtor_p2p.compute import client
 from mtor_p2p.compute.protocol import (
@@ -39,20 +36,14 @@ from mtor_p2p.compute.protocol import (
     PROTOCOL_RUN,
     PROTOCOL_UPLOAD,
 )
-from mtor_p2p.compute.receipt_store import ReceiptStore
-from mtor_p2p.config import NodeConfig
 from mtor_p2p.identity import Identity
-from mtor_p2p.ledger.genesis import NANO, Genesis, LedgerParams
-from mtor_p2p.ledger.store import Ledger
 from mtor_p2p.memnet import MemNetwork, MemWorld
 from mtor_p2p.network import PeerMisbehaved
-from mtor_p2p.node import Node, NodeTiming
+from mtor_p2p.node import Node
 from mtor_p2p.records.arrays import ArrayMeta, array_from_bytes, meta_of, pack, unpack
 from mtor_p2p.records.receipts import ReceiptBody, countersign, decode_receipt, sign_as_worker
-from mtor_p2p.runtime import Runtime
-from mtor_p2p.sim.device import SimulatedDevice
-from mtor_p2p.sim.scenario import GpuModel
 from mtor_p2p.wire import canonical_json
+from tests.test_virtual_time import cluster
 
 EPOCH = 1_800_000_000.0
 JOB = "cd" * 32
@@ -511,79 +502,7 @@ async def test_a_malformed_countersign_reply_is_not_a_crash(
         )
 
 
-# -- a whole job ----------------------------------------------------------------------------
-
-TFLOPS = 0.000016
-CARD = GpuModel("test card", "consumer", TFLOPS, 2 * TFLOPS, 300.0, 30.0, 24.0, 1.0)
-
-
-class Cluster:
-    """Whole nodes on one memnet world, wired as ``mtor_p2p.sim.engine`` wires them."""
-
-    def __init__(self, names: list[str], nursery: trio.Nursery) -> None:
-        self.world = MemWorld(seed=3)
-        self.nursery = nursery
-        self.identities = {name: ident(name) for name in names}
-        self.genesis = Genesis(
-            "mtor-hostile-replies",
-            {i.peer_id: 1000 * NANO for i in self.identities.values()},
-            LedgerParams(),
-        )
-        self.runtime = Runtime.simulated("hostile replies")
-        self.bootstrap: list[str] = []
-        self.nodes: dict[str, Node] = {}
-
-    async def start(self, name: str, *, price: float = 1.0, serve: bool = True) -> Node:
-        identity = self.identities[name]
-        runtime = self.runtime.child(name)
-        network = self.world.add_peer(identity)
-        config = NodeConfig(
-            data_dir=Path("/nonexistent/mtor-hostile-replies"),
-            region="WEU",
-            price=price,
-            dynamic_price=False,
-            bootstrap=list(self.bootstrap),
-            use_default_bootstrap=False,
-        )
-        node = Node(
-            config,
-            identity,
-            network,
-            NetClock(epoch_offset=EPOCH),
-            Ledger(":memory:", self.genesis, instance=runtime.token_hex(8)),
-            receipts=ReceiptStore(Path(":memory:")),
-            runtime=runtime,
-            devices=(Device(kind="gpu", name=CARD.model, mem_total=24 << 30, mem_free=20 << 30),),
-            tflops=TFLOPS,
-            executor=SimulatedDevice(CARD, flop_scale=1.0),
-            timing=NodeTiming(capacity=CapacityTiming(ttl=60.0, announce_interval=20.0)),
-            serve=serve,
-        )
-
-        async def run(task_status: trio.TaskStatus[None]) -> None:
-            async with node.running():
-                task_status.started()
-                await trio.sleep_forever()
-
-        await self.nursery.start(run)
-        self.nodes[name] = node
-        if not self.bootstrap:
-            self.bootstrap.append(node.addrs()[0])
-        return node
-
-    async def settle(self) -> None:
-        nodes = list(self.nodes.values())
-        with trio.fail_after(60):
-            while any(len(n.capacity.view.live(n.clock.now())) < len(nodes) for n in nodes):
-                await trio.sleep(0.1)
-
-
-@asynccontextmanager
-async def cluster(names: list[str]) -> AsyncIterator[Cluster]:
-    async with trio.open_nursery() as nursery:
-        yield Cluster(names, nursery)
-        nursery.cancel_scope.cancel()
-
+# -- a whole job (the nodes of tests/test_virtual_time.py's cluster) ------------------------
 
 def wrong_dtype_run(node: Node) -> Handler:
     """The node's own run handler, its output widened to float64 and the receipt re-signed:
@@ -617,9 +536,9 @@ async def test_a_job_with_one_hostile_worker_completes_on_the_honest_one(
     as misbehaviour (not an ExceptionGroup out of the job), and the honest worker's correct
     float32 result is what the job returns."""
     async with cluster(["requester", "hostile", "honest"]) as c:
-        hostile = await c.start("hostile", price=0.5)
-        requester = await c.start("requester", serve=False)
-        honest = await c.start("honest", price=2.0)
+        hostile = await c.start("hostile", "WEU", price=0.5)
+        requester = await c.start("requester", "WEU", serve=False)
+        honest = await c.start("honest", "WEU", price=2.0)
         await c.settle()
         calls = 0
         hostile_network = c.world.network(hostile.peer_id)

@@ -556,37 +556,18 @@ def _offline_reputation(args: argparse.Namespace) -> dict[str, Any] | None:
     import sqlite3
     import time
 
-    from mtor_p2p.compute.reputation import Standing
+    from mtor_p2p.compute.reputation import PeerBook
     from mtor_p2p.node import PEER_BOOK_FILE_NAME
 
     path = _config_from(args).data_dir / PEER_BOOK_FILE_NAME
     if not path.is_file():
         return None
-    # Read-only: a WAL database opened with mode=ro still creates its -wal and -shm files, so
-    # a cleanly closed book (no -wal left) is opened as immutable; after a crash, the -wal
-    # holds the last changes and is read as it is.
-    wal = path.with_name(path.name + "-wal").exists()
     try:
-        db = sqlite3.connect(f"{path.as_uri()}?mode=ro{'' if wal else '&immutable=1'}", uri=True)
-        try:
-            rows = db.execute("SELECT peer_id, standing FROM peers").fetchall()
-        finally:
-            db.close()
+        book = PeerBook.read_only(path)
     except sqlite3.Error as exc:
         raise CliError(f"cannot read the peer book {path}: {exc}") from None
-    now = time.time()  # the node keeps network time; close enough to say how long is left
-    peers = []
-    for _peer_id, text in sorted(rows):
-        try:
-            standing = Standing.from_json(json.loads(text))
-        except (ValueError, TypeError):
-            continue
-        entry = standing.to_json()
-        demoted = standing.demoted_until > now
-        entry["excluded"] = (standing.reason or "demoted") if demoted else None
-        entry["demoted_for_s"] = round(max(0.0, standing.demoted_until - now), 1)
-        peers.append(entry)
-    return {"peers": peers, "challenger": None, "source": str(path)}
+    # The node keeps network time; the wall clock is close enough to say how long is left.
+    return {"peers": book.report(time.time()), "challenger": None, "source": str(path)}
 
 
 def cmd_reputation(args: argparse.Namespace) -> int:

@@ -481,13 +481,7 @@ class Node:
         }
 
     async def _route_reputation(self, query: dict[str, str], body: Any) -> tuple[int, Any]:
-        now = self.clock.now()
-        peers = []
-        for standing in sorted(self.peers.known(), key=lambda s: s.peer_id):
-            entry = standing.to_json()
-            entry["excluded"] = self.peers.excluded(standing.peer_id, now)
-            entry["demoted_for_s"] = round(max(0.0, standing.demoted_until - now), 1)
-            peers.append(entry)
+        peers = self.peers.report(self.clock.now())
         return 200, {"peers": peers, "challenger": self.challenger.to_json()}
 
     async def _route_peers(self, query: dict[str, str], body: Any) -> tuple[int, Any]:

@@ -145,6 +145,30 @@ class PeerBook:
                 except (ValueError, TypeError) as exc:
                     log.warning("peer book: dropping unreadable entry %s: %s", peer_id, exc)
 
+    @classmethod
+    def read_only(cls, path: Path) -> PeerBook:
+        """The book saved at ``path``, loaded without writing anything there (for reading a
+        stopped node's book); raises ``sqlite3.Error`` if the file cannot be read.
+
+        A WAL database opened with ``mode=ro`` still creates its ``-wal`` and ``-shm``
+        files, so a cleanly closed book (no ``-wal`` left) is opened as immutable; after a
+        crash, the ``-wal`` holds the last changes and is read as it is.
+        """
+        book = cls()
+        wal = path.with_name(path.name + "-wal").exists()
+        uri = f"{path.as_uri()}?mode=ro{'' if wal else '&immutable=1'}"
+        db = sqlite3.connect(uri, uri=True)
+        try:
+            rows = db.execute("SELECT peer_id, standing FROM peers").fetchall()
+        finally:
+            db.close()
+        for peer_id, text in rows:
+            try:
+                book._peers[peer_id] = Standing.from_json(json.loads(text))
+            except (ValueError, TypeError):
+                continue
+        return book
+
     # -- reading ----------------------------------------------------------------------------
 
     def get(self, peer_id: str) -> Standing:
@@ -154,6 +178,17 @@ class PeerBook:
     def known(self) -> list[Standing]:
         """Every remembered worker."""
         return list(self._peers.values())
+
+    def report(self, now: float) -> list[dict[str, Any]]:
+        """Every worker's standing as the control API shows it (with whether it is out now,
+        and for how many more seconds), by peer ID."""
+        entries = []
+        for standing in sorted(self._peers.values(), key=lambda s: s.peer_id):
+            entry = standing.to_json()
+            entry["excluded"] = self.excluded(standing.peer_id, now)
+            entry["demoted_for_s"] = round(max(0.0, standing.demoted_until - now), 1)
+            entries.append(entry)
+        return entries
 
     def excluded(self, peer_id: str, now: float) -> str | None:
         """Why the worker must not be chosen now, or None if it may be."""

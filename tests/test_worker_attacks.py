@@ -496,11 +496,11 @@ async def test_upload_reservations_are_released_when_uploads_end(
 async def test_a_node_runs_the_worker_timer(autojump_clock: trio.testing.MockClock) -> None:
     """``Node.running`` starts the worker's own loop: an idle upload to a node expires with no
     further request."""
-    from tests.test_hostile_replies import cluster
+    from tests.test_virtual_time import cluster
 
     async with cluster(["requester", "worker"]) as c:
-        worker = await c.start("worker")
-        requester = await c.start("requester", serve=False)
+        worker = await c.start("worker", "WEU")
+        requester = await c.start("requester", "WEU", serve=False)
         await c.settle()
         await start_empty_upload(c.world.network(requester.peer_id), worker.peer_id, 0)
         assert worker.worker.reserved_upload_bytes == BIG

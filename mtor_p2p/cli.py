@@ -139,6 +139,8 @@ def _config_from(args: argparse.Namespace) -> NodeConfig:
         "log_level",
         "max_connections",
         "fault_rate",
+        "lanes",
+        "lane_port",
     ):
         value = getattr(args, name, None)
         if value is not None:
@@ -855,6 +857,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve as a bootstrap node (higher connection limits)",
     )
     p.add_argument("--max-connections", type=int, help="connection limit")
+    p.add_argument(
+        "--lanes",
+        choices=["auto", "eager", "off"],
+        help="carry requests over fast sealed TCP lanes (auto: opened on a peer's first "
+        "request; eager: the first request waits for it; off: libp2p streams only)",
+    )
+    p.add_argument("--lane-port", type=int, help="TCP port for lanes (0: any free port)")
     p.add_argument("--api-port", type=int, help="control API port on 127.0.0.1 (0: any)")
     p.add_argument("--record-ttl", type=float, help="capacity record lifetime in seconds")
     p.add_argument("--announce-interval", type=float, help="seconds between capacity renewals")

@@ -11,6 +11,8 @@ Example ``mtor.toml``::
     dynamic_price = true    # move the price with utilisation (the genesis's rule)
     genesis = "genesis.json"  # default: the data dir's copy, else bootstrap/genesis.json
     bootstrap_node = false  # raise connection limits when serving as a bootstrap peer
+    lanes = "auto"          # fast sealed TCP lanes for requests: "auto", "eager" or "off"
+    lane_port = 0           # TCP port of the lane listener (0: any; open it in a firewall)
 
     [ngrok]
     enabled = false
@@ -74,6 +76,11 @@ class NodeConfig:
     genesis: Path | None = None
     bootstrap_node: bool = False
     max_connections: int = 300
+    #: Requests to a peer travel over a lane (one sealed TCP connection, mtor_p2p/lane.py)
+    #: once it is open: "auto" opens one in the background on the first request, "eager"
+    #: makes the first request wait for it, "off" keeps every request on libp2p streams.
+    lanes: str = "auto"
+    lane_port: int = 0  # 0: any free port (peers learn it with their lane ticket)
     api_port: int = 0  # 0: any free port, written to <data_dir>/control.json
     record_ttl: float = 60.0
     announce_interval: float = 20.0
@@ -94,6 +101,10 @@ class NodeConfig:
             raise ConfigError("price must not be negative")
         if not 0 <= self.api_port <= 65535:
             raise ConfigError("api_port must be a TCP port number")
+        if self.lanes not in ("auto", "eager", "off"):
+            raise ConfigError("lanes must be 'auto', 'eager' or 'off'")
+        if not 0 <= self.lane_port <= 65535:
+            raise ConfigError("lane_port must be a TCP port number")
         if not 0 < self.announce_interval < self.record_ttl / 2:
             raise ConfigError("announce_interval must be positive and under half of record_ttl")
         if not 0.0 <= self.fault_rate <= 1.0:
@@ -131,6 +142,8 @@ _SIMPLE_TYPES: dict[str, type] = {
     "dynamic_price": bool,
     "bootstrap_node": bool,
     "max_connections": int,
+    "lanes": str,
+    "lane_port": int,
     "api_port": int,
     "record_ttl": float,
     "announce_interval": float,

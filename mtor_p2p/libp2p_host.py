@@ -34,7 +34,9 @@ This is the only module that imports ``libp2p``. It works around the pitfalls of
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import json
 import logging
 import struct
 from collections.abc import AsyncIterator, Iterator
@@ -66,6 +68,20 @@ from libp2p.stream_muxer.yamux.yamux import Yamux
 from libp2p.tools.anyio_service import background_trio_service
 
 from mtor_p2p.identity import Identity
+from mtor_p2p.lane import (
+    LANE_PROTOCOL,
+    SECRET_BYTES,
+    STATUS_ERROR,
+    STATUS_OK,
+    STATUS_RESET,
+    STATUS_UNSUPPORTED,
+    TICKET_BYTES,
+    LaneClient,
+    LaneError,
+    LaneServer,
+    ServerLane,
+    read_deadline,
+)
 from mtor_p2p.network import (
     DEFAULT_MAX_PENDING_BYTES_PER_PEER,
     DEFAULT_MAX_PENDING_BYTES_TOTAL,
@@ -82,6 +98,7 @@ from mtor_p2p.network import (
     HostStats,
     Message,
     NetworkError,
+    PeerMisbehaved,
     RemoteError,
     RequestHandler,
     TopicValidator,
@@ -91,11 +108,27 @@ log = logging.getLogger(__name__)
 
 GOSSIPSUB_PROTOCOLS = [TProtocol("/meshsub/1.1.0"), TProtocol("/meshsub/1.2.0")]
 _LENGTH = struct.Struct(">I")
-_STATUS_OK = 0
-_STATUS_ERROR = 1
+# Streams and lanes share the status byte's meanings.
+_STATUS_OK = STATUS_OK
+_STATUS_ERROR = STATUS_ERROR
 _READ_CHUNK = 64 * 1024
 #: Peers remembered under a slowness back-off (the oldest forgotten first).
 MAX_PENALISED_PEERS = 4096
+#: A refused lane request's body is read and dropped (not decrypted) up to this size; a
+#: larger one closes the lane. Honest requests are at most a compute chunk (4 MiB).
+MAX_SKIPPED_BODY_BYTES = 64 << 20
+LANE_MODES = ("auto", "eager", "off")
+
+
+@dataclass
+class _Service:
+    """One protocol's handler and limits, served on streams and lanes alike."""
+
+    handler: RequestHandler
+    max_request_bytes: int
+    timeout: float
+    #: Requests of this protocol handled at once; more are refused "busy".
+    busy: trio.Semaphore
 
 
 @dataclass
@@ -120,6 +153,13 @@ class HostSettings:
     max_pending_bytes_total: int = DEFAULT_MAX_PENDING_BYTES_TOTAL
     gossip_heartbeat_seconds: int = 1
     routing_table_fill_interval: float = 1.0
+    #: Lanes (mtor_p2p/lane.py): requests to a peer travel over one sealed TCP connection
+    #: once it is open, at socket speed, instead of a Yamux stream each. "auto": the first
+    #: request to a peer goes on a stream while its lane opens in the background; "eager":
+    #: the first request waits for the lane (streams if it fails); "off": streams only.
+    lanes: str = "auto"
+    #: TCP port of the lane listener (0: any free port; peers learn it with their ticket).
+    lane_port: int = 0
 
     def effective_max_connections(self) -> int:
         """Connection limit in force: bootstrap nodes get at least 4096."""
@@ -269,6 +309,9 @@ class Libp2pNetwork:
         self._nursery: trio.Nursery | None = None
         self._subscriptions: dict[str, list[trio.MemorySendChannel[Message]]] = {}
         self.stats = HostStats()
+        self._services: dict[str, _Service] = {}
+        self._lane_server: LaneServer | None = None
+        self._lane_client: LaneClient | None = None
         self._peer_requests = _PeerRequests(
             settings.max_streams_per_peer,
             settings.max_pending_bytes_per_peer,
@@ -341,6 +384,10 @@ class Libp2pNetwork:
             async with trio.open_nursery() as nursery:
                 network._nursery = nursery
                 nursery.start_soon(network._fill_routing_table)
+                if settings.lanes not in LANE_MODES:
+                    raise ValueError(f"lanes must be one of {LANE_MODES}, not {settings.lanes!r}")
+                if settings.lanes != "off":
+                    await network._start_lanes(nursery, listen)
                 try:
                     yield network
                 finally:
@@ -348,6 +395,30 @@ class Libp2pNetwork:
                     for channels in network._subscriptions.values():
                         for channel in channels:
                             channel.close()
+
+    async def _start_lanes(self, nursery: trio.Nursery, listen: list[multiaddr.Multiaddr]) -> None:
+        """Listen for lanes on the IP addresses the host listens on, and serve tickets."""
+        hosts = []
+        for addr in listen:
+            for proto in ("ip4", "ip6"):
+                try:
+                    hosts.append(addr.value_for_protocol(proto))
+                except Exception:
+                    continue
+        hosts = list(dict.fromkeys(h for h in hosts if h))
+        if not hosts:
+            return
+        server = LaneServer(self.peer_id, self._serve_lane_request, self.stats)
+        await server.listen(hosts, self._settings.lane_port)
+        await server.serve(nursery)
+        self._lane_server = server
+        self.handle(LANE_PROTOCOL, self._issue_ticket, max_request_bytes=64, timeout=5.0)
+        self._lane_client = LaneClient(self.peer_id, self._fetch_ticket, self.stats)
+        self._lane_client.attach(nursery)
+
+    def lane_port(self) -> int | None:
+        """The port lanes are served on (None: lanes are off)."""
+        return self._lane_server.port if self._lane_server is not None else None
 
     # -- guards ----------------------------------------------------------------------------
 
@@ -457,12 +528,19 @@ class Libp2pNetwork:
     ) -> None:
         """Serve ``protocol``: read a length-prefixed request, answer with status + payload.
 
-        Admission happens before the body is read: the peer's stream slot on arrival, then,
-        after the length prefix, the size limit, the peer's byte budget and the protocol's
-        busy permit. A refused request costs the host no buffer: the answer goes out at
-        once and the body, if any, is read and dropped.
+        The same service answers on streams and on lanes (:meth:`_serve_lane_request`), with
+        the same admission. Admission happens before the body is read: the peer's stream slot
+        on arrival, then, after the length prefix, the size limit, the peer's byte budget and
+        the protocol's busy permit. A refused request costs the host no buffer: the answer
+        goes out at once and the body, if any, is read and dropped.
         """
-        busy = trio.Semaphore(self._settings.max_concurrent_requests)
+        service = _Service(
+            handler,
+            max_request_bytes,
+            timeout,
+            trio.Semaphore(self._settings.max_concurrent_requests),
+        )
+        self._services[protocol] = service
         peers = self._peer_requests
 
         async def refuse_stream(stream: INetStream) -> None:
@@ -474,12 +552,6 @@ class Libp2pNetwork:
                 await self._respond(stream, _STATUS_ERROR, b"busy")
                 await _discard(stream, max_request_bytes + _LENGTH.size)
             await _reset_quietly(stream)
-
-        async def refuse_body(stream: INetStream, length: int) -> None:
-            # Answer first, then read the body and drop it, chunk by chunk: nothing is
-            # buffered, and an honest requester (which reads only after writing) gets "busy".
-            await self._respond(stream, _STATUS_ERROR, b"busy")
-            await _discard(stream, length)
 
         async def serve(stream: INetStream) -> None:
             sender = str(stream.muxed_conn.peer_id)
@@ -500,25 +572,14 @@ class Libp2pNetwork:
         async def serve_admitted(stream: INetStream, sender: str) -> None:
             with self._cut_if_slow(REQUEST_GRACE_S, sender):
                 (length,) = _LENGTH.unpack(await _read_exactly(stream, _LENGTH.size))
-            if length > max_request_bytes:
-                self.stats.requests_refused_size += 1
-                await self._respond(stream, _STATUS_ERROR, b"request too large")
+            refusal = self._admit(service, sender, length)
+            if refusal is not None:
+                # Answer first, then read the body and drop it, chunk by chunk: nothing is
+                # buffered, and an honest requester (which reads only after writing) gets it.
+                await self._respond(stream, _STATUS_ERROR, refusal)
+                if refusal == b"busy":
+                    await _discard(stream, length)
                 return
-            if not peers.fits(sender, length):
-                self.stats.requests_refused_peer_bytes += 1
-                await refuse_body(stream, length)
-                return
-            if not peers.fits_total(length):
-                self.stats.requests_refused_total_bytes += 1
-                await refuse_body(stream, length)
-                return
-            try:
-                busy.acquire_nowait()
-            except trio.WouldBlock:
-                self.stats.requests_refused_busy += 1
-                await refuse_body(stream, length)
-                return
-            peers.admit(sender, length)
             try:
                 # Drain the whole request before any work (pitfall 4), at a minimum rate.
                 first = min(length, _READ_CHUNK)
@@ -527,22 +588,124 @@ class Libp2pNetwork:
                 rest = length - first
                 with self._cut_if_slow(REQUEST_GRACE_S + rest / MIN_REQUEST_BYTES_PER_S, sender):
                     payload = head + await _read_exactly(stream, rest) if rest else head
-                try:
-                    response = await handler(sender, payload)
-                except RemoteError as exc:
-                    await self._respond(stream, _STATUS_ERROR, str(exc).encode())
-                    return
-                except Exception as exc:
-                    self.stats.handler_errors += 1
-                    log.warning("handler for %s raised %s: %s", protocol, type(exc), exc)
-                    await self._respond(stream, _STATUS_ERROR, b"internal error")
-                    return
+                status, response = await self._call(protocol, service, sender, payload)
             finally:
-                busy.release()
-                peers.release(sender, length)
-            await self._respond(stream, _STATUS_OK, response)
+                self._release(service, sender, length)
+            await self._respond(stream, status, response)
 
         self._host.set_stream_handler(TProtocol(protocol), self._guard(protocol, serve))
+
+    def _admit(self, service: _Service, sender: str, length: int) -> bytes | None:
+        """Take the permits of a request of ``length`` bytes (the peer's stream slot is
+        already taken); the refusal to send instead, if any."""
+        peers = self._peer_requests
+        if length > service.max_request_bytes:
+            self.stats.requests_refused_size += 1
+            return b"request too large"
+        if not peers.fits(sender, length):
+            self.stats.requests_refused_peer_bytes += 1
+            return b"busy"
+        if not peers.fits_total(length):
+            self.stats.requests_refused_total_bytes += 1
+            return b"busy"
+        try:
+            service.busy.acquire_nowait()
+        except trio.WouldBlock:
+            self.stats.requests_refused_busy += 1
+            return b"busy"
+        peers.admit(sender, length)
+        return None
+
+    def _release(self, service: _Service, sender: str, length: int) -> None:
+        service.busy.release()
+        self._peer_requests.release(sender, length)
+
+    async def _call(
+        self, protocol: str, service: _Service, sender: str, payload: bytes
+    ) -> tuple[int, bytes]:
+        """Run the handler; its answer as (status, payload)."""
+        try:
+            return _STATUS_OK, await service.handler(sender, payload)
+        except RemoteError as exc:
+            return _STATUS_ERROR, str(exc).encode()[:MAX_ERROR_BYTES]
+        except Exception as exc:
+            self.stats.handler_errors += 1
+            log.warning("handler for %s raised %s: %s", protocol, type(exc), exc)
+            return _STATUS_ERROR, b"internal error"
+
+    async def _serve_lane_request(
+        self, sender: str, request_id: int, protocol: str, length: int, lane: ServerLane
+    ) -> None:
+        """A request that arrived on a lane: the stream path's admission, limits and
+        deadlines, with the body read here and the handler run in the lane's nursery."""
+        peers = self._peer_requests
+        service = self._services.get(protocol)
+        if service is None or protocol == LANE_PROTOCOL:
+            await self._refuse_on_lane(lane, request_id, length, STATUS_UNSUPPORTED, b"")
+            return
+        if peers.penalised(sender):
+            # Its requests are refused on streams too; its lane is closed, not read.
+            self.stats.requests_refused_penalised += 1
+            raise LaneError("peer is under a slowness back-off")
+        if not peers.open_stream(sender):
+            self.stats.requests_refused_peer_streams += 1
+            await self._refuse_on_lane(lane, request_id, length, _STATUS_ERROR, b"busy")
+            return
+        try:
+            refusal = self._admit(service, sender, length)
+            if refusal is not None:
+                await self._refuse_on_lane(lane, request_id, length, _STATUS_ERROR, refusal)
+                peers.close_stream(sender)
+                return
+        except BaseException:
+            peers.close_stream(sender)
+            raise
+        try:
+            with self._cut_if_slow(REQUEST_GRACE_S + length / MIN_REQUEST_BYTES_PER_S, sender):
+                payload = await lane.lane.read_body(length)
+        except BaseException:
+            self._release(service, sender, length)
+            peers.close_stream(sender)
+            raise
+        lane.nursery.start_soon(
+            self._answer_on_lane, protocol, service, sender, request_id, payload, lane
+        )
+
+    async def _answer_on_lane(
+        self,
+        protocol: str,
+        service: _Service,
+        sender: str,
+        request_id: int,
+        payload: bytes,
+        lane: ServerLane,
+    ) -> None:
+        length = len(payload)
+        try:
+            try:
+                with trio.move_on_after(service.timeout) as deadline:
+                    status, response = await self._call(protocol, service, sender, payload)
+            finally:
+                del payload
+                self._release(service, sender, length)
+            if deadline.cancelled_caught:
+                # As on a stream past its deadline: the request is reset, not answered, and
+                # counted as a handler error.
+                self.stats.handler_errors += 1
+                status, response = STATUS_RESET, b""
+            await lane.respond(request_id, status, response)
+        finally:
+            self._peer_requests.close_stream(sender)
+
+    async def _refuse_on_lane(
+        self, lane: ServerLane, request_id: int, length: int, status: int, reason: bytes
+    ) -> None:
+        """Answer a refused lane request, then read and drop its body (bounded)."""
+        if length > MAX_SKIPPED_BODY_BYTES:
+            raise LaneError(f"refused request of {length} bytes is too large to skip")
+        await lane.respond(request_id, status, reason)
+        with trio.fail_after(read_deadline(length)):
+            await lane.lane.skip_body(length)
 
     @contextmanager
     def _cut_if_slow(self, seconds: float, sender: str) -> Iterator[None]:
@@ -564,6 +727,69 @@ class Libp2pNetwork:
         await stream.close()
 
     async def request(
+        self,
+        peer_id: str,
+        protocol: str,
+        payload: bytes,
+        *,
+        timeout: float = 10.0,
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
+    ) -> bytes:
+        """Send one request, return the response (or raise): over the lane to ``peer_id``
+        when one is open, else on a new stream (and a lane starts opening for next time)."""
+        lane = None
+        if self._lane_client is not None:
+            lane = self._lane_client.get(peer_id)
+            if lane is None and self._settings.lanes == "eager":
+                lane = await self._lane_client.wait_open(peer_id, timeout=min(timeout, 5.0))
+        if lane is not None:
+            return await lane.request(
+                protocol, payload, timeout=timeout, max_response_bytes=max_response_bytes
+            )
+        return await self._stream_request(
+            peer_id, protocol, payload, timeout=timeout, max_response_bytes=max_response_bytes
+        )
+
+    async def open_lane(self, peer_id: str, *, timeout: float = 10.0) -> bool:
+        """Open the lane to ``peer_id`` now and wait for it (tests and benchmarks; requests
+        open lanes by themselves); whether one is open."""
+        if self._lane_client is None:
+            return False
+        return await self._lane_client.wait_open(peer_id, timeout) is not None
+
+    async def _fetch_ticket(self, peer_id: str) -> tuple[str, int, bytes, bytes]:
+        """Ask ``peer_id`` for a lane ticket over the overlay (Noise: both ends authenticated)."""
+        conn = self._host.get_network().get_connection(ID.from_base58(peer_id))
+        remote = conn.muxed_conn.get_remote_address() if conn is not None else None
+        if remote is None:
+            raise NetworkError("no direct connection to take the lane's address from")
+        reply = await self._stream_request(peer_id, LANE_PROTOCOL, b"", timeout=5.0)
+        try:
+            answer = json.loads(reply)
+            port = int(answer["port"])
+            ticket = base64.b64decode(answer["ticket"], validate=True)
+            secret = base64.b64decode(answer["secret"], validate=True)
+        except Exception as exc:
+            raise PeerMisbehaved(f"malformed lane ticket: {exc}", peer=peer_id) from exc
+        if not 0 < port < 65536 or len(ticket) != TICKET_BYTES or len(secret) != SECRET_BYTES:
+            raise PeerMisbehaved("malformed lane ticket", peer=peer_id)
+        return str(remote[0]), port, ticket, secret
+
+    async def _issue_ticket(self, sender: str, payload: bytes) -> bytes:
+        assert self._lane_server is not None
+        issued = self._lane_server.issue_ticket(sender)
+        if issued is None:
+            raise RemoteError("busy")
+        ticket, secret = issued
+        return json.dumps(
+            {
+                "port": self._lane_server.port,
+                "ticket": base64.b64encode(ticket).decode(),
+                "secret": base64.b64encode(secret).decode(),
+            }
+        ).encode()
+
+    async def _stream_request(
         self,
         peer_id: str,
         protocol: str,

@@ -106,6 +106,18 @@ class HostStats:
     requests_refused_penalised: int = 0
     gossip_dropped: int = 0
     gossip_rejected: int = 0
+    #: Lanes (mtor_p2p/lane.py; the libp2p adapter only): opened, failed and open now, out
+    #: (we dial) and in (we serve); inbound attempts refused (no or spent ticket, over the
+    #: limits) and records that did not authenticate; requests carried each way.
+    lanes_opened_out: int = 0
+    lanes_failed_out: int = 0
+    lanes_open_out: int = 0
+    lanes_opened_in: int = 0
+    lanes_refused_in: int = 0
+    lanes_open_in: int = 0
+    lane_auth_failures: int = 0
+    lane_requests_out: int = 0
+    lane_requests_in: int = 0
 
 
 @dataclass(frozen=True)

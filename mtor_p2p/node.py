@@ -316,6 +316,8 @@ class Node:
             listen_addrs=list(config.listen),
             bootstrap_node=config.bootstrap_node,
             max_connections=config.max_connections,
+            lanes=config.lanes,
+            lane_port=config.lane_port,
         )
         tunnels = None
         ledger = open_ledger(config)

@@ -48,11 +48,14 @@ async def open_memnet(count: int, **limits: int) -> AsyncIterator[list[Network]]
             network.close()
 
 
-@pytest.fixture(params=["libp2p", "memnet"])
+@pytest.fixture(params=["libp2p", "libp2p-lanes", "memnet"])
 def open_nets(request: pytest.FixtureRequest) -> OpenNets:
-    """A factory of connected networks of one adapter."""
+    """A factory of connected networks of one adapter: py-libp2p with requests on streams
+    only, py-libp2p with every request on a lane (mtor_p2p/lane.py), or memnet."""
     if request.param == "libp2p":
-        return partial(open_networks, max_concurrent_requests=LIMIT)  # type: ignore[return-value]
+        return partial(open_networks, max_concurrent_requests=LIMIT, lanes="off")  # type: ignore[return-value]
+    if request.param == "libp2p-lanes":
+        return partial(open_networks, max_concurrent_requests=LIMIT, lanes="eager")  # type: ignore[return-value]
     return open_memnet
 
 
@@ -152,6 +155,15 @@ async def test_adapter_implements_the_port(open_nets: OpenNets) -> None:
             "requests_refused_penalised",
             "gossip_dropped",
             "gossip_rejected",
+            "lanes_opened_out",
+            "lanes_failed_out",
+            "lanes_open_out",
+            "lanes_opened_in",
+            "lanes_refused_in",
+            "lanes_open_in",
+            "lane_auth_failures",
+            "lane_requests_out",
+            "lane_requests_in",
         }
         await until(lambda: bool(b.peer_addrs(a.peer_id)))  # type: ignore[attr-defined]
 
@@ -374,9 +386,12 @@ async def test_many_peers_cannot_have_more_request_bytes_admitted_than_the_host_
 ) -> None:
     """Each peer within its own budget, several identities together still meet a host-wide
     budget: what the host buffers does not grow with the number of attackers."""
-    async with open_nets(
-        4, max_pending_bytes_per_peer=1000, max_pending_bytes_total=1500
-    ) as (server, a, b, c):
+    async with open_nets(4, max_pending_bytes_per_peer=1000, max_pending_bytes_total=1500) as (
+        server,
+        a,
+        b,
+        c,
+    ):
         hold = Holder()
 
         server.handle("/mtor/test/hold/1", hold)

@@ -104,9 +104,17 @@ async def missing_operands(
     return [m for m in metas if m.digest not in held]
 
 
-async def upload(network: Network, worker: str, array: np.ndarray, *, timeout: float) -> None:
-    """Send ``array`` to ``worker`` in chunks of at most CHUNK_BYTES."""
-    meta = meta_of(array)
+async def upload(
+    network: Network,
+    worker: str,
+    array: np.ndarray,
+    *,
+    timeout: float,
+    meta: ArrayMeta | None = None,
+) -> None:
+    """Send ``array`` to ``worker`` in chunks of at most CHUNK_BYTES (``meta``: its
+    description, if the caller already hashed it)."""
+    meta = meta if meta is not None else meta_of(array)
     data = memoryview(np.ascontiguousarray(array)).cast("B")
     offset = 0
     while True:
@@ -134,13 +142,16 @@ async def ensure_operands(
     *,
     timeout: float,
     in_flight: dict[tuple[str, str], trio.Event] | None = None,
+    metas: dict[str, ArrayMeta] | None = None,
 ) -> int:
     """Upload every operand the worker lacks; return how many bytes were sent.
 
     ``in_flight`` (shared by concurrent callers) makes a second caller wait for an upload of
     the same operand to the same worker instead of interleaving its chunks with the first.
+    ``metas`` are the operands' descriptions if the caller already hashed them (each operand
+    is hashed once per requester: the scheduler passes them to every call that needs them).
     """
-    metas = {name: meta_of(a) for name, a in operands.items()}
+    metas = metas if metas is not None else {name: meta_of(a) for name, a in operands.items()}
     by_digest = {metas[name].digest: operands[name] for name in operands}
     lacking = await missing_operands(network, worker, list(metas.values()), timeout=timeout)
     in_flight = {} if in_flight is None else in_flight
@@ -154,7 +165,7 @@ async def ensure_operands(
             continue
         finished = in_flight[key] = trio.Event()
         try:
-            await upload(network, worker, by_digest[meta.digest], timeout=timeout)
+            await upload(network, worker, by_digest[meta.digest], timeout=timeout, meta=meta)
         finally:
             finished.set()
             del in_flight[key]
@@ -231,11 +242,13 @@ async def run_shard(
     timeout: float,
     transfer_timeout: float,
     terms: ShardTerms | None = None,
+    metas: dict[str, ArrayMeta] | None = None,
 ) -> ShardAnswer:
     """Run one shard on ``worker`` (operands must already be there) and fetch its output.
 
     With ``terms``, the worker's signed receipt must keep to them (price, FLOPs, requester,
     times): the requester countersigns whatever it accepts here, so it checks first.
+    ``metas``: the operands' descriptions, if the caller already hashed them.
     """
     # What an honest answer looks like is known before asking: the output's shape and dtype
     # follow from the kernel and the operands. A declared output of any other size is refused
@@ -243,7 +256,9 @@ async def run_shard(
     spec = get_kernel(kernel)
     expected_shape = tuple(spec.output_shape(operands))
     expected_dtype = spec.output_dtype(operands)
-    described = {name: meta_of(array).to_json() for name, array in operands.items()}
+    if metas is None:
+        metas = {name: meta_of(array) for name, array in operands.items()}
+    described = {name: metas[name].to_json() for name in operands}
     header: dict[str, Any] = {
         "job_id": job_id,
         "shard": shard,

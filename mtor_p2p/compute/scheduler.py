@@ -33,7 +33,7 @@ from mtor_p2p.compute.worker import CREDIT_REFUSED, PRICE_REFUSED
 from mtor_p2p.identity import Identity
 from mtor_p2p.ledger.genesis import NANO
 from mtor_p2p.network import Network, NetworkError, RemoteError
-from mtor_p2p.records.arrays import meta_of
+from mtor_p2p.records.arrays import HASH_OFF_LOOP_BYTES, ArrayMeta, meta_of
 from mtor_p2p.records.faults import make_fault_proof
 from mtor_p2p.records.receipts import Receipt, countersign
 from mtor_p2p.runtime import Runtime
@@ -211,7 +211,12 @@ class _JobRun:
     """The state of one job while it runs."""
 
     def __init__(
-        self, scheduler: Scheduler, spec: JobSpec, kernel: Kernel, plan: WorkerPlan
+        self,
+        scheduler: Scheduler,
+        spec: JobSpec,
+        kernel: Kernel,
+        plan: WorkerPlan,
+        metas: dict[str, ArrayMeta],
     ) -> None:
         self.s = scheduler
         self.spec = spec
@@ -226,7 +231,13 @@ class _JobRun:
         self.quotes = {r.peer_id: r.price for r in workers}
         self.nursery: trio.Nursery | None = None
         self.nonce = scheduler.runtime.token_hex(16)
-        inputs = {name: meta_of(a).digest for name, a in spec.operands.items()}
+        #: Each whole operand's description, hashed once for the whole job: the job ID, the
+        #: uploads and the run requests all use these (and shards that span a whole operand).
+        self.metas = metas
+        #: shard -> its operands' descriptions (a slice of a split operand is hashed once,
+        #: however many attempts the shard takes).
+        self.shard_metas: dict[int, dict[str, ArrayMeta]] = {}
+        inputs = {name: metas[name].digest for name in spec.operands}
         self.job_id = blake3.blake3(
             canonical_json(
                 {
@@ -381,7 +392,8 @@ class _JobRun:
         book = self.s.book
         try:
             with scope:
-                answer = await self._compute(worker, index, operands)
+                metas = await self.describe_shard(index, operands)
+                answer = await self._compute(worker, index, operands, metas)
                 if answer is None:
                     return outcome
                 seconds = trio.current_time() - record.started
@@ -469,8 +481,33 @@ class _JobRun:
                 )
         return outcome
 
+    async def describe_shard(
+        self, index: int, operands: dict[str, np.ndarray]
+    ) -> dict[str, ArrayMeta]:
+        """The descriptions of shard ``index``'s operands: the job's own for whole operands,
+        a slice's hashed once (on the shard's first attempt) and kept for its retries."""
+        known = self.shard_metas.get(index)
+        if known is not None:
+            return known
+        metas: dict[str, ArrayMeta] = {}
+        slices: dict[str, np.ndarray] = {}
+        for name, array in operands.items():
+            whole = self.spec.operands[name]
+            if array is whole or array.shape == whole.shape:
+                metas[name] = self.metas[name]  # the shard spans the whole operand
+            else:
+                slices[name] = array
+        if slices:
+            metas.update(await self.s.describe(slices))
+        self.shard_metas[index] = metas
+        return metas
+
     async def _compute(
-        self, worker: str, index: int, operands: dict[str, np.ndarray]
+        self,
+        worker: str,
+        index: int,
+        operands: dict[str, np.ndarray],
+        metas: dict[str, ArrayMeta],
     ) -> client.ShardAnswer | None:
         # Two deadlines: the upload's allows for every operand's bytes (the worker may lack
         # them all); the run's for the compute and the result's bytes only, so that a shard
@@ -481,7 +518,12 @@ class _JobRun:
         upload_timeout = self.s.shard_timeout(worker, 0, upload_bytes)
         with trio.fail_after(upload_timeout):
             await client.ensure_operands(
-                self.s.network, worker, operands, timeout=upload_timeout, in_flight=self.s.uploads
+                self.s.network,
+                worker,
+                operands,
+                timeout=upload_timeout,
+                in_flight=self.s.uploads,
+                metas=metas,
             )
         timeout = self.s.shard_timeout(worker, flops, result_bytes)
         with trio.fail_after(timeout):
@@ -502,6 +544,7 @@ class _JobRun:
                 timeout=timeout,
                 transfer_timeout=timeout,
                 terms=terms,
+                metas=metas,
             )
 
     async def _judge(
@@ -950,7 +993,8 @@ class Scheduler:
                 + self._cheapest(spec)
                 + _why_not(plan.excluded)
             )
-        job = _JobRun(self, spec, kernel, plan)
+        metas = await self.describe(spec.operands)
+        job = _JobRun(self, spec, kernel, plan, metas)
         job.progress = progress
         started = trio.current_time()
         with trio.move_on_after(spec.deadline) as deadline:
@@ -991,6 +1035,16 @@ class Scheduler:
             workers_out=dict(job.left),
             rejected_by=dict(job.rejected_by),
         )
+
+    async def describe(self, arrays: dict[str, np.ndarray]) -> dict[str, ArrayMeta]:
+        """Hash ``arrays`` (their wire descriptions): off the event loop when they are large."""
+
+        def hash_all() -> dict[str, ArrayMeta]:
+            return {name: meta_of(array) for name, array in arrays.items()}
+
+        if sum(a.nbytes for a in arrays.values()) < HASH_OFF_LOOP_BYTES:
+            return hash_all()
+        return await self.runtime.run_blocking(hash_all)
 
     async def _watch(self, job: _JobRun, scope: trio.CancelScope) -> None:
         """End the job early when no worker is left to run what remains."""

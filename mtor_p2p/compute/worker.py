@@ -58,9 +58,11 @@ from mtor_p2p.identity import Identity
 from mtor_p2p.ledger.genesis import NANO
 from mtor_p2p.network import Network, RemoteError
 from mtor_p2p.records.arrays import (
+    HASH_OFF_LOOP_BYTES,
     ArrayMeta,
     OperandStore,
-    array_from_bytes,
+    array_from_hashed_bytes,
+    content_hasher,
     meta_of,
     pack,
     unpack,
@@ -123,26 +125,50 @@ class _UploadBuffer:
     """The bytes of one upload in progress: in memory when the upload fits one chunk, else
     spooled to an unnamed file in ``spool_dir`` (0600, gone when closed), so that uploads in
     progress (whose total a peer may announce up to the reservation cap) cost disk, not RAM.
-    ``spool_dir`` None keeps everything in memory (simulation, tests)."""
+    ``spool_dir`` None keeps everything in memory (simulation, tests).
 
-    def __init__(self, nbytes: int, spool_dir: Path | None) -> None:
+    Chunks are hashed as they arrive (in the same blocking call that stores them), so the
+    completed upload is checked against its announced hash without reading it all again."""
+
+    def __init__(self, meta: ArrayMeta, spool_dir: Path | None) -> None:
         self.size = 0
         self._memory: bytearray | None = None
         self._file: Any = None
-        if spool_dir is None or nbytes <= CHUNK_BYTES:
+        self._nbytes = meta.nbytes
+        self._hasher = content_hasher(meta.dtype, meta.shape)
+        #: An upload that arrives in one message is kept as that message's bytes (no copy).
+        self._whole: bytes | None = None
+        if spool_dir is None or meta.nbytes <= CHUNK_BYTES:
             self._memory = bytearray()
         else:
             self._file = tempfile.TemporaryFile(dir=spool_dir)
 
+    @property
+    def spooled(self) -> bool:
+        """True when the bytes are in a file (reading them back is a blocking call)."""
+        return self._file is not None
+
     def append(self, chunk: bytes) -> None:
-        """Add a chunk (a blocking call when spooled)."""
+        """Hash and add a chunk (a blocking call: hashing, and writing when spooled)."""
+        self._hasher.update(chunk)
         if self._memory is not None:
-            self._memory += chunk
-        else:
+            if not self._memory and self._whole is None and len(chunk) == self._nbytes:
+                self._whole = chunk
+            else:
+                self._memory += chunk
+        elif self._file is not None:
             self._file.write(chunk)
+        else:
+            raise ValueError("upload buffer is closed")
+
+    def digest(self) -> str:
+        """The content hash of everything appended so far."""
+        return str(self._hasher.hexdigest())
 
     def read_all(self) -> bytes | bytearray:
         """Everything received (a blocking call when spooled)."""
+        if self._whole is not None:
+            return self._whole
         if self._memory is not None:
             return self._memory
         self._file.flush()
@@ -154,6 +180,7 @@ class _UploadBuffer:
     def close(self) -> None:
         """Give back the memory or the file."""
         self._memory = None
+        self._whole = None
         if self._file is not None:
             self._file.close()
             self._file = None
@@ -170,6 +197,9 @@ class _PendingUpload:
     buffer: _UploadBuffer
     last_progress: float
     started: float
+    #: One chunk is stored and hashed at a time: chunks sent without waiting for the previous
+    #: answer must not reach the hasher out of order (or from two threads at once).
+    lock: trio.Lock = field(default_factory=trio.Lock)
 
 
 @dataclass
@@ -426,7 +456,7 @@ class WorkerService:
             if self._reserved_total + meta.nbytes > MAX_PENDING_UPLOAD_BYTES:
                 self.stats.uploads_refused += 1
                 raise RemoteError("busy: too many uploads in progress")
-            buffer = _UploadBuffer(meta.nbytes, self.spool_dir)
+            buffer = _UploadBuffer(meta, self.spool_dir)
             now = trio.current_time()
             pending = _PendingUpload(sender, meta, buffer, now, now)
             self._pending[key] = pending
@@ -442,7 +472,8 @@ class WorkerService:
         # this one writes is out of order, not a double write.
         pending.buffer.size += len(chunk)
         try:
-            await self._runtime.run_blocking(pending.buffer.append, chunk)
+            async with pending.lock:
+                await self._runtime.run_blocking(pending.buffer.append, chunk)
         except OSError as exc:  # a full disk: our fault, not the sender's
             self._drop_upload(key)
             log.warning("upload spool failed: %s", exc)
@@ -461,8 +492,12 @@ class WorkerService:
         # bytes are read back and checked.
         del self._pending[key]
         try:
-            data = await self._runtime.run_blocking(pending.buffer.read_all)
-            array = array_from_bytes(meta, data)
+            if pending.buffer.spooled:
+                data = await self._runtime.run_blocking(pending.buffer.read_all)
+            else:
+                data = pending.buffer.read_all()
+            # Hashed chunk by chunk as they arrived: checked here without a second pass.
+            array = array_from_hashed_bytes(meta, data, pending.buffer.digest())
         except RecordError as exc:
             self.stats.uploads_refused += 1
             raise RemoteError(str(exc)) from exc
@@ -537,7 +572,11 @@ class WorkerService:
             if self.fault_rate and self._rng.random() < self.fault_rate:
                 output = self._corrupt(output)
             output = np.ascontiguousarray(output)
-            output_meta = meta_of(output)
+            # The output is hashed once, here (its receipt names the hash).
+            if output.nbytes >= HASH_OFF_LOOP_BYTES:
+                output_meta = await self._runtime.run_blocking(meta_of, output)
+            else:
+                output_meta = meta_of(output)
             body = ReceiptBody(
                 job_id=job_id,
                 shard=shard,

@@ -52,6 +52,11 @@ LANE_PROTOCOL = "/mtor/lane/1"
 RECORD_BYTES = 1 << 20
 _TAG = 16
 _RECORD_LENGTH = struct.Struct(">I")
+#: Buffers of an idle lane; a busy one uses up to _LARGE_BUFFER each way, given back after
+#: LARGE_BUFFER_KEEP_S without traffic.
+SMALL_BUFFER_BYTES = 64 * 1024
+_LARGE_BUFFER = 2 * (_RECORD_LENGTH.size + RECORD_BYTES + _TAG)
+LARGE_BUFFER_KEEP_S = 1.0
 #: Largest header record (a request's protocol name is at most MAX_PROTOCOL_BYTES).
 MAX_HEADER_BYTES = 512
 MAX_PROTOCOL_BYTES = 256
@@ -156,9 +161,10 @@ class LaneSocket:
         self._sealer = _Sealer(send_key)
         self._opener = _Sealer(receive_key)
         self._send_lock = trio.Lock()
-        capacity = _RECORD_LENGTH.size + RECORD_BYTES + _TAG
-        self._out = bytearray(2 * capacity)
-        self._in = bytearray(2 * capacity)
+        # Idle lanes hold small buffers (a host may serve hundreds); a large message gets a
+        # large one for as long as it takes (send) or while the lane stays busy (receive).
+        self._out = bytearray(SMALL_BUFFER_BYTES)
+        self._in = bytearray(SMALL_BUFFER_BYTES)
         self._start = 0  # unread bytes are self._in[self._start:self._end]
         self._end = 0
         self._sent_of_message = 0
@@ -172,18 +178,21 @@ class LaneSocket:
             if self.closed:
                 raise LaneError("lane closed")
             self._sent_of_message = 0
+            view = memoryview(body).cast("B")
+            records = 1 + -(-len(view) // RECORD_BYTES)
+            total = len(header) + len(view) + records * (_RECORD_LENGTH.size + _TAG)
+            out = self._out if total <= len(self._out) else bytearray(min(total, _LARGE_BUFFER))
             try:
-                used = self._seal(header, 0)
-                view = memoryview(body).cast("B")
+                used = self._seal(out, header, 0)
                 offset = 0
                 while offset < len(view):
                     piece = view[offset : offset + RECORD_BYTES]
-                    if used + _RECORD_LENGTH.size + len(piece) + _TAG > len(self._out):
-                        await self._flush(used)
+                    if used + _RECORD_LENGTH.size + len(piece) + _TAG > len(out):
+                        await self._flush(out, used)
                         used = 0
-                    used = self._seal(piece, used)
+                    used = self._seal(out, piece, used)
                     offset += len(piece)
-                await self._flush(used)
+                await self._flush(out, used)
             except BaseException:
                 # A message cut in the middle leaves the peer's reader out of step: the lane
                 # cannot carry another message. (Cancelled before a byte left, it still can.)
@@ -191,16 +200,16 @@ class LaneSocket:
                     self.close()
                 raise
 
-    def _seal(self, plaintext: bytes | memoryview, at: int) -> int:
+    def _seal(self, out: bytearray, plaintext: bytes | memoryview, at: int) -> int:
         size = len(plaintext) + _TAG
         prefix = _RECORD_LENGTH.pack(size)
-        self._out[at : at + _RECORD_LENGTH.size] = prefix
+        out[at : at + _RECORD_LENGTH.size] = prefix
         start = at + _RECORD_LENGTH.size
-        self._sealer.seal_into(plaintext, memoryview(self._out)[start : start + size], prefix)
+        self._sealer.seal_into(plaintext, memoryview(out)[start : start + size], prefix)
         return start + size
 
-    async def _flush(self, used: int) -> None:
-        view = memoryview(self._out)[:used]
+    async def _flush(self, out: bytearray, used: int) -> None:
+        view = memoryview(out)[:used]
         while view:
             try:
                 sent = await self._sock.send(view)
@@ -215,8 +224,12 @@ class LaneSocket:
         """Make at least ``size`` unread bytes available in the buffer."""
         if self._end - self._start >= size:
             return
-        if self._start + size > len(self._in):  # compact: move the unread bytes to the front
-            unread = self._end - self._start
+        unread = self._end - self._start
+        if size > len(self._in):  # a large record (already admitted): a buffer to hold it
+            grown = bytearray(max(size, min(2 * size, _LARGE_BUFFER)))
+            grown[:unread] = self._in[self._start : self._end]
+            self._in, self._start, self._end = grown, 0, unread
+        elif self._start + size > len(self._in):  # compact: unread bytes to the front
             self._in[:unread] = self._in[self._start : self._end]
             self._start, self._end = 0, unread
         while self._end - self._start < size:
@@ -288,7 +301,15 @@ class LaneSocket:
             offset += want
 
     async def wait_readable(self) -> None:
-        """Return once a byte is buffered (the next message has begun)."""
+        """Return once a byte is buffered (the next message has begun). A large receive
+        buffer is given back when the lane has been quiet for a moment."""
+        if self._end > self._start:
+            return
+        if len(self._in) > SMALL_BUFFER_BYTES:
+            with trio.move_on_after(LARGE_BUFFER_KEEP_S):
+                await self._fill(1)
+                return
+            self._in, self._start, self._end = bytearray(SMALL_BUFFER_BYTES), 0, 0
         await self._fill(1)
 
     def close(self) -> None:

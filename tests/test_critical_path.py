@@ -77,3 +77,119 @@ async def test_a_shard_slice_is_hashed_once_however_many_attempts(
         assert counts["whole"] == 2 + 4 + 4 + 4
         # worker: b once (resident afterwards) and each slice once.
         assert counts["upload"] == 1 + 4
+
+
+# -- Freivalds in float32 ---------------------------------------------------------------------
+
+
+def sequential_product(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """float32 product accumulated one term at a time (the honest order with the largest
+    error: every rounding of a constant-sign sum goes the same way)."""
+    out = np.zeros((a.shape[0], b.shape[1]), np.float32)
+    for t in range(a.shape[1]):
+        out = (out + np.outer(a[:, t], b[t]).astype(np.float32)).astype(np.float32)
+    return out
+
+
+def honest_inputs(kind: str, m: int, k: int, n: int, rng: np.random.Generator) -> tuple:
+    if kind == "normal":
+        a, b = rng.standard_normal((m, k)), rng.standard_normal((k, n))
+    elif kind == "uniform":  # all positive: rounding drifts one way
+        a, b = rng.random((m, k)), rng.random((k, n))
+    elif kind == "rank-one constant":
+        a = np.outer(rng.uniform(0.05, 1, m), np.ones(k))
+        b = np.outer(np.ones(k), rng.uniform(0.05, 1, n))
+    elif kind == "ill-conditioned":  # rows and columns scaled over 12 orders of magnitude
+        a = rng.standard_normal((m, k)) * np.logspace(-6, 6, m)[:, None]
+        b = rng.standard_normal((k, n)) * np.logspace(6, -6, n)[None, :]
+    elif kind == "large":  # squares overflow float32: norms fall back to float64
+        a, b = rng.standard_normal((m, k)) * 1e15, rng.standard_normal((k, n)) * 1e12
+    elif kind == "small":  # squares underflow float32
+        a, b = rng.standard_normal((m, k)) * 1e-14, rng.standard_normal((k, n)) * 1e-3
+    else:
+        raise AssertionError(kind)
+    return a.astype(np.float32), b.astype(np.float32)
+
+
+KINDS = ["normal", "uniform", "rank-one constant", "ill-conditioned", "large", "small"]
+SHAPES = [(1, 1, 1), (7, 300, 5), (64, 256, 48), (128, 1024, 96), (9, 4096, 11)]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_honest_float32_products_pass_the_float32_check(
+    kind: str, shape: tuple[int, int, int]
+) -> None:
+    """BLAS's product and the sequential one (the worst honest order) pass, with margin."""
+    from mtor_kernels.verify import freivalds
+
+    m, k, n = shape
+    for seed in range(3):
+        rng = np.random.default_rng([seed, *shape, KINDS.index(kind)])
+        a, b = honest_inputs(kind, m, k, n, rng)
+        products = [a @ b]
+        if k <= 1024:
+            products.append(sequential_product(a, b))
+        for c in products:
+            result = freivalds(a, b, c, rng=rng)
+            assert result.ok and result.max_error < 0.5, (kind, shape, seed, result.max_error)
+
+
+@pytest.mark.parametrize("shape", SHAPES[1:], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("kind", ["normal", "uniform", "ill-conditioned", "large"])
+def test_one_wrong_element_of_typical_size_is_caught_in_every_round(
+    kind: str, shape: tuple[int, int, int]
+) -> None:
+    """One element off by a quarter of its row's typical entry (rms): caught with one round,
+    for every seed, and the row reported is the wrong one."""
+    from mtor_kernels.verify import freivalds
+
+    m, k, n = shape
+    for seed in range(8):
+        rng = np.random.default_rng([100 + seed, *shape])
+        a, b = honest_inputs(kind, m, k, n, rng)
+        c = a @ b
+        i, j = int(rng.integers(m)), int(rng.integers(n))
+        row_rms = float(np.sqrt(np.mean(c[i].astype(np.float64) ** 2)))
+        c[i, j] += np.float32(0.25 * row_rms)
+        result = freivalds(a, b, c, rounds=1, rng=rng)
+        assert not result.ok and result.row == i, (kind, shape, seed, result.max_error)
+
+
+def test_the_float32_check_is_used_unless_values_leave_float32s_range() -> None:
+    """Float32 throughout for ordinary data; NaN and products beyond float32's range go to
+    the float64 check, whose verdicts they keep."""
+    import mtor_kernels.verify as verify
+
+    rng = np.random.default_rng(1)
+    a, b = honest_inputs("normal", 32, 64, 16, rng)
+    signs = np.ones((16, 2), np.int8)
+    assert verify._residual_ratios32(a, b, a @ b, signs, 3.0) is not None
+    # Entries of 1e19: every element of C is 2e38 (finite), the sums of a row are not.
+    huge_a, huge_b = np.full((4, 2), 1e19, np.float32), np.full((2, 16), 1e19, np.float32)
+    huge_c = huge_a @ huge_b
+    assert np.isfinite(huge_c).all()
+    assert verify._residual_ratios32(huge_a, huge_b, huge_c, signs, 3.0) is None
+    assert verify.freivalds(huge_a, huge_b, huge_c, rng=rng).ok  # float64 path: accepted
+    with_nan = a.copy()
+    with_nan[3, 4] = np.nan
+    assert verify._residual_ratios32(with_nan, b, with_nan @ b, signs, 3.0) is None
+
+
+def test_float32_check_tolerance_is_a_few_times_the_float64_one() -> None:
+    """What the cheaper check gives up: its tolerance, the smallest error it is sure to see,
+    stays within 4x of the float64 check's for square N(0, 1) data."""
+    import mtor_kernels.verify as verify
+
+    rng = np.random.default_rng(2)
+    for size in (64, 256, 512):
+        a, b = honest_inputs("normal", size, size, size, rng)
+        c = a @ b
+        wrong = c.copy()
+        wrong[5, 7] += 1.0
+        signs = (rng.integers(0, 2, (size, 4), dtype=np.int8) * 2 - 1).astype(np.int8)
+        r32 = verify._residual_ratios32(a, b, wrong, signs, 3.0)
+        r64 = verify._residual_ratios(a, b, wrong, signs, 3.0)
+        assert r32 is not None
+        # Row 5's residual is the same error seen against each tolerance.
+        assert 1.0 < r64[5].max() / r32[5].max() < 4.0, size

@@ -1,46 +1,176 @@
-"""Compute figures for issue 3 on loopback, to set beside Ray and Dask measured in the same run.
+"""The goals table of issue 9, each row the same workload on MTOR and on its baseline.
 
-* round trip of one 512x512 float32 matmul shard (a one-shard job, verification included),
-  with B already resident on the worker ("warm") and with both operands sent ("cold", as the
-  Ray and Dask baselines do), beside the same product computed locally;
-* shards per second with 2 worker processes (one job of 200 shards of 512x512x512);
-* time from SIGKILLing a worker mid-shard to that shard's accepted result;
-* verification cost as a share of the compute (Freivalds, 20 rounds; sampled rows for mlp);
-* peak RSS of a worker process.
+Every row runs its sides interleaved (MTOR, baseline, MTOR, baseline, ...) for ``--rounds``
+rounds; each figure carries the load average and the CPU that other processes on the machine
+used while it was measured ("foreign cores"); ratios MTOR/baseline are taken per round (the
+two sides measured minutes apart) and summarised by their median. Each side of a round starts
+its own processes and stops them after, so no side runs beside another's idle cluster.
 
-Workers are real ``mtor-peer run`` processes; the requester is an in-process node.
-Run: ``./mtor bench compute``; writes ``benchmarks/results/compute.json``.
+Rows (``--only 1,3``):
+
+1. a 512x512 float32 matmul shard round trip on loopback, both operands sent (fresh values
+   each time), one worker process: MTOR's ``Node.submit`` (one-shard job, verification and
+   receipt included) from an in-process requester, against Ray and Dask (one task each);
+2. shards per second with 2 worker processes: 512x512x512 shards, B shared (MTOR: one job of
+   row shards; Ray ``ray.put``, Dask ``scatter``: the same bytes move) and both operands per
+   shard (MTOR: one-shard jobs, 4 in flight; Ray and Dask: every task submitted at once);
+3. bulk bytes over one authenticated connection between two processes: MTOR
+   ``Libp2pNetwork.request`` carrying 64 MiB each way, against one TCP socket and one TLS 1.3
+   connection (Python ``ssl``) moving the same bytes the same way;
+4. a worker SIGKILLed mid-shard to the accepted result, the same 2048x2048x2048 float32 shard
+   on every side, 2 workers, the kill 0.1 s after the shard starts computing;
+5. DHT get with 20 peers, each in its own process (p50/p99), beside a request on an open
+   connection among the same processes; hivemind is quoted from the notes (not run: it needs
+   PyTorch);
+6. an 8192x8192 float32 product over 1, 2 and 4 local MTOR worker processes against one NumPy
+   process on the same cores, in GFLOP/s (``--quick``: 2048);
+7. worker memory after row 2's workload, the same readings on every side: RSS once idle,
+   peak RSS (VmHWM), USS (``--only 7`` runs row 2's sessions).
+
+Every worker process on every side gets 1 BLAS thread (``OPENBLAS_NUM_THREADS`` and friends in
+its environment), except in row 6, where MTOR workers get ``cores / workers`` (at least 1) and
+NumPy gets ``cores``. Ray and Dask are installed on first use into venvs under
+``$MTOR_BASELINES_WORK`` (default ``~/.cache/mtor/baselines``; see ``benchmarks/baselines.py``);
+if they cannot be installed, their columns say "baseline unavailable" and the run still exits 0.
+
+Writes ``benchmarks/results/compute.json`` after every row; a summary goes to stderr.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import logging
+import os
+import random
+import shutil
 import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import traceback
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import psutil
 import trio
 
-from benchmarks.bench_peer import RESULTS, summary_ms
+from benchmarks import baselines, procstats
 from benchmarks.machine import machine
-from mtor_kernels import get_kernel
-from mtor_kernels import verify as checks
-from mtor_kernels.backend import NumpyBackend
-from mtor_p2p.config import NodeConfig
-from mtor_p2p.control import ControlClient
-from mtor_p2p.node import Node
+
+RESULTS = Path(__file__).with_name("results")
+ROOT = Path(__file__).resolve().parent.parent
+BASELINE_SIDES = ("ray", "dask")
+ROW_NAMES = {
+    1: "roundtrip_512",
+    2: "shards_per_s_2_workers",
+    3: "bulk_bytes",
+    4: "kill_to_result",
+    5: "dht_get_20_procs",
+    6: "product_scaling",
+    7: "memory",
+}
+#: hivemind 1.1.12, 8 DHT nodes on loopback, each a process with its own go daemon
+#: (../shared/notes/peer-baselines.md, measured 2026-11 on a project machine; not this run).
+HIVEMIND_NOTES = {
+    "get_p50_ms": "3-5.5",
+    "get_p99_ms": "4-9",
+    "store_p50_ms": "4-7",
+    "nodes": 8,
+    "source": "../shared/notes/peer-baselines.md (quoted, not measured in this run: hivemind "
+    "needs PyTorch, a multi-GB install)",
+}
+GOALS = {
+    1: "MTOR p50 at most 1.0x Ray's (0.7x stretch)",
+    2: "MTOR shards/s at least 1.2x Dask's",
+    3: "MTOR at least 500 MiB/s",
+    4: "MTOR kill-to-result at most 1.0x Ray's",
+    5: "MTOR get p50 at most 50 ms",
+    6: "MTOR at 2 and 4 workers at least 0.8x NumPy's GFLOP/s",
+    7: "(no goal: the same readings on every side)",
+}
 
 
-def start_worker(
-    data_dir: Path, bootstrap: str | None
-) -> tuple[subprocess.Popen[str], dict[str, Any]]:
+@dataclass
+class Settings:
+    quick: bool
+    rounds: int
+    rt_samples: int
+    rt_warmup: int
+    shards: int
+    bulk_size: int
+    bulk_count: int
+    kill_trials: int
+    kill_n: int
+    kill_delay: float
+    dht_peers: int
+    dht_owners: int
+    echo_count: int
+    product_n: int
+    product_workers: tuple[int, ...]
+
+    @classmethod
+    def make(cls, quick: bool, rounds: int) -> Settings:
+        if quick:
+            return cls(quick, rounds, 15, 3, 40, 64 << 20, 2, 1, 2048, 0.1, 8, 2, 10, 2048,
+                       (1, 2, 4))  # fmt: skip
+        return cls(quick, rounds, 60, 10, 200, 64 << 20, 8, 3, 2048, 0.1, 20, 5, 20, 8192,
+                   (1, 2, 4))  # fmt: skip
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')} load {procstats.loadavg1():.2f}] {message}",
+          file=sys.stderr, flush=True)  # fmt: skip
+
+
+def git_commit() -> dict[str, Any]:
+    def git(*args: str) -> str:
+        done = subprocess.run(
+            ["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=30, check=False
+        )
+        return done.stdout.strip()
+
+    dirty = git("status", "--porcelain", "--untracked-files=no")
+    return {
+        "commit": git("rev-parse", "HEAD"),
+        "dirty_files": dirty.splitlines()[:20],
+    }
+
+
+def summary_ms(values: list[float]) -> dict[str, Any]:
+    ordered = sorted(values)
+
+    def pct(q: float) -> float:
+        k = (len(ordered) - 1) * q
+        lo = int(k)
+        hi = min(lo + 1, len(ordered) - 1)
+        return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+
+    return {
+        "n": len(values),
+        "p50_ms": round(statistics.median(values) * 1e3, 3),
+        "p99_ms": round(pct(0.99) * 1e3, 3),
+        "mean_ms": round(statistics.fmean(values) * 1e3, 3),
+        "min_ms": round(ordered[0] * 1e3, 3),
+    }
+
+
+def load_of(section: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "load1": round((section["load1_start"] + section["load1_end"]) / 2, 2),
+        "foreign_cores": section["foreign_cores"],
+    }
+
+
+# -- MTOR clusters ---------------------------------------------------------------------------
+
+
+def start_worker(data_dir: Path, bootstrap: str | None, blas_threads: int) -> subprocess.Popen[str]:
     command = [
         sys.executable, "-m", "mtor_p2p", "run", "--data-dir", str(data_dir),
         "--listen", "/ip4/127.0.0.1/tcp/0", "--no-default-bootstrap", "--gpu", "none", "--json",
@@ -48,232 +178,1026 @@ def start_worker(
     ]  # fmt: skip
     if bootstrap:
         command += ["--bootstrap", bootstrap]
-    process = subprocess.Popen(
+    data_dir.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, **baselines.blas_env(blas_threads)}
+    return subprocess.Popen(
         command,
         stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
+        stderr=open(data_dir.parent / f"{data_dir.name}.log", "w"),
         stdin=subprocess.DEVNULL,
         text=True,
+        env=env,
+        cwd=str(ROOT),
     )
+
+
+def ready_line(process: subprocess.Popen[str]) -> dict[str, Any]:
     assert process.stdout is not None
-    return process, json.loads(process.stdout.readline())
+    line = process.stdout.readline()
+    if not line:
+        raise RuntimeError(f"worker process exited with {process.wait()} before it was ready")
+    return json.loads(line)
 
 
-def peak_rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+def stop(processes: list[subprocess.Popen[str]]) -> None:
+    for process in processes:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+    for process in processes:
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
-async def wait_for_workers(node: Node, count: int, timeout: float = 60) -> None:
-    with trio.fail_after(timeout):
-        while (
-            len([r for r in node.capacity.view.live(node.clock.now()) if r.peer_id != node.peer_id])
-            < count
-        ):
-            await trio.sleep(0.1)
+@dataclass
+class MtorCluster:
+    node: Any
+    processes: list[subprocess.Popen[str]]
+    data_dirs: list[Path]
 
 
-def open_requester(root: Path, bootstrap: str) -> Any:
-    config = NodeConfig(
-        data_dir=root / "requester",
-        listen=["/ip4/127.0.0.1/tcp/0"],
-        bootstrap=[bootstrap],
-        use_default_bootstrap=False,
-        gpu="none",
-        record_ttl=30,
-        announce_interval=2,
-    )
-    return Node.open(config)
+@asynccontextmanager
+async def mtor_cluster(root: Path, workers: int, blas_threads: int) -> AsyncIterator[MtorCluster]:
+    """``workers`` fresh ``mtor-peer run`` processes and an in-process requester node."""
+    from mtor_p2p.config import NodeConfig
+    from mtor_p2p.node import Node
+
+    processes: list[subprocess.Popen[str]] = []
+    data_dirs = [root / f"w{i}" for i in range(workers)]
+    try:
+        processes.append(start_worker(data_dirs[0], None, blas_threads))
+        first = await trio.to_thread.run_sync(ready_line, processes[0])
+        bootstrap = first["addrs"][0]
+        for data_dir in data_dirs[1:]:
+            processes.append(start_worker(data_dir, bootstrap, blas_threads))
+        for process in processes[1:]:
+            await trio.to_thread.run_sync(ready_line, process)
+        config = NodeConfig(
+            data_dir=root / "requester",
+            listen=["/ip4/127.0.0.1/tcp/0"],
+            bootstrap=[bootstrap],
+            use_default_bootstrap=False,
+            gpu="none",
+            record_ttl=30,
+            announce_interval=2,
+        )
+        async with Node.open(config) as node:
+            with trio.fail_after(120):
+                while True:
+                    live = node.capacity.view.live(node.clock.now())
+                    if len([r for r in live if r.peer_id != node.peer_id]) >= workers:
+                        break
+                    await trio.sleep(0.1)
+            yield MtorCluster(node, processes, data_dirs)
+    finally:
+        stop(processes)
+        shutil.rmtree(root, ignore_errors=True)
 
 
-async def bench_round_trips(node: Node, samples: int) -> dict[str, Any]:
+def mtor_memory(processes: list[subprocess.Popen[str]]) -> dict[str, Any]:
+    summary = procstats.memory_summary([p.pid for p in processes], [])
+    summary["note"] = "the requester runs inside the harness process and is not counted"
+    return summary
+
+
+# -- MTOR sides of rows 1, 2, 4, 6 -----------------------------------------------------------
+
+
+async def mtor_roundtrip(root: Path, s: Settings) -> dict[str, Any]:
     rng = np.random.default_rng(0)
     a = rng.standard_normal((512, 512), dtype=np.float32)
     b = rng.standard_normal((512, 512), dtype=np.float32)
-    local = []
-    for _ in range(samples):
-        start = time.perf_counter()
-        a @ b
-        local.append(time.perf_counter() - start)
-    await node.submit("matmul", {"a": a, "b": b}, shards=1, max_workers=1)  # warm-up: b resident
-    warm = []
-    for _ in range(samples):
-        a = rng.standard_normal((512, 512), dtype=np.float32)
-        start = time.perf_counter()
-        result = await node.submit("matmul", {"a": a, "b": b}, shards=1, max_workers=1)
-        warm.append(time.perf_counter() - start)
-    np.testing.assert_allclose(result.output, a @ b, rtol=1e-4, atol=1e-3)
-    cold = []
-    for _ in range(samples // 2):
-        a = rng.standard_normal((512, 512), dtype=np.float32)
-        b = rng.standard_normal((512, 512), dtype=np.float32)
-        start = time.perf_counter()
-        await node.submit("matmul", {"a": a, "b": b}, shards=1, max_workers=1)
-        cold.append(time.perf_counter() - start)
-    warm_s, cold_s, local_s = summary_ms(warm), summary_ms(cold), summary_ms(local)
-    return {
-        "shard_round_trip_warm_b_resident": warm_s,
-        "shard_round_trip_cold_both_sent": cold_s,
-        "baseline_local_matmul": local_s,
-        "overhead_ratio_p50_cold_vs_local": round(cold_s["p50_ms"] / local_s["p50_ms"], 1),
-    }
+    async with mtor_cluster(root, 1, 1) as cluster:
+        node = cluster.node
+        for i in range(s.rt_warmup):
+            a[0, 0] = b[0, 0] = i
+            await node.submit("matmul", {"a": a, "b": b}, shards=1, max_workers=1)
+        samples = []
+        with procstats.Section() as section:
+            for i in range(s.rt_samples):
+                a[0, 0] = b[0, 0] = 1000 + i  # new content: nothing resident, both sent
+                start = time.perf_counter()
+                result = await node.submit("matmul", {"a": a, "b": b}, shards=1, max_workers=1)
+                samples.append(time.perf_counter() - start)
+        ok = bool(np.allclose(result.output, a @ b, rtol=1e-3, atol=1e-2))
+        await trio.sleep(2)
+        return {
+            "samples_s": samples,
+            "section": section.result,
+            "matches_numpy": ok,
+            "memory": mtor_memory(cluster.processes),
+            "blas_env": baselines.blas_env(1)["OPENBLAS_NUM_THREADS"],
+        }
 
 
-async def bench_throughput(node: Node, shards: int = 200) -> dict[str, Any]:
+async def mtor_throughput(root: Path, s: Settings) -> dict[str, Any]:
     rng = np.random.default_rng(1)
-    a = rng.standard_normal((512 * shards, 512), dtype=np.float32)
-    b = rng.standard_normal((512, 512), dtype=np.float32)
-    start = time.perf_counter()
-    result = await node.submit("matmul", {"a": a, "b": b}, shards=shards)
-    seconds = time.perf_counter() - start
-    ok, _ = checks.compare(a @ b, result.output, np.float32)
-    return {
-        "shards": shards,
-        "workers": len(result.workers),
-        "seconds": round(seconds, 3),
-        "shards_per_s": round(shards / seconds, 1),
-        "matches_numpy": ok,
-        "hedged": result.hedged,
-    }
+    n, shards = 512, s.shards
+    a_all = rng.standard_normal((n * shards, n), dtype=np.float32)
+    b = rng.standard_normal((n, n), dtype=np.float32)
+    out: dict[str, Any] = {"blas_env": "1"}
+    async with mtor_cluster(root, 2, 1) as cluster:
+        node = cluster.node
+        # Warm-up: both workers measured, imports and allocations done.
+        warm = rng.standard_normal((n * 8, n), dtype=np.float32)
+        await node.submit("matmul", {"a": warm, "b": warm[:n].copy()}, shards=8)
 
+        # B shared: one job of row shards; B travels once to each worker.
+        with procstats.Section() as section:
+            start = time.perf_counter()
+            result = await node.submit("matmul", {"a": a_all, "b": b}, shards=shards)
+            seconds = time.perf_counter() - start
+        check = int(rng.integers(shards))
+        rows = slice(check * n, (check + 1) * n)
+        out["b_shared"] = {
+            "seconds": seconds,
+            "shards": shards,
+            "workers_used": len(result.workers),
+            "matches_numpy": bool(np.allclose(result.output[rows], a_all[rows] @ b, 1e-3, 1e-2)),
+            "hedged": result.hedged,
+            "section": section.result,
+        }
+        del result
+        log(f"  mtor: b_shared {shards / seconds:.1f} shards/s; both_shipped ...")
 
-def verification_share(samples: int = 30) -> dict[str, Any]:
-    rng = np.random.default_rng(2)
-    backend = NumpyBackend()
-    matmul = get_kernel("matmul")
-    out: dict[str, Any] = {}
-    for n in (512, 2048):
-        ops = {
-            "a": rng.standard_normal((n, n), dtype=np.float32),
-            "b": rng.standard_normal((n, n), dtype=np.float32),
-        }
-        compute, check = [], []
-        for _ in range(max(3, samples // (n // 512))):
+        # Both operands per shard: one-shard jobs with a distinct B each, 2 per worker in flight.
+        pairs = []
+        for i in range(shards):
+            b_i = b.copy()
+            b_i[0, 0] = i
+            pairs.append((a_all[i * n : (i + 1) * n], b_i))
+        outputs: list[Any] = [None] * shards
+        used: dict[str, int] = {}
+        limiter = trio.CapacityLimiter(4)
+
+        async def one(i: int) -> None:
+            async with limiter:
+                r = await node.submit(
+                    "matmul", {"a": pairs[i][0], "b": pairs[i][1]}, shards=1, max_workers=2
+                )
+            outputs[i] = r.output
+            for w in r.workers:
+                used[w] = used.get(w, 0) + 1
+
+        with procstats.Section() as section:
             start = time.perf_counter()
-            c = matmul.run(ops, backend)
-            compute.append(time.perf_counter() - start)
-            start = time.perf_counter()
-            assert checks.freivalds(ops["a"], ops["b"], c, rounds=20, rng=rng).ok
-            check.append(time.perf_counter() - start)
-        out[f"freivalds20_matmul_{n}"] = {
-            "compute_p50_ms": round(statistics.median(compute) * 1e3, 3),
-            "check_p50_ms": round(statistics.median(check) * 1e3, 3),
-            "share": round(statistics.median(check) / statistics.median(compute), 3),
+            async with trio.open_nursery() as nursery:
+                for i in range(shards):
+                    nursery.start_soon(one, i)
+            seconds = time.perf_counter() - start
+        out["both_shipped"] = {
+            "seconds": seconds,
+            "shards": shards,
+            "shards_per_worker": sorted(used.values()),
+            "matches_numpy": bool(
+                np.allclose(outputs[check], pairs[check][0] @ pairs[check][1], 1e-3, 1e-2)
+            ),
+            "section": section.result,
         }
-    mlp = get_kernel("mlp")
-    ops = {
-        "x": rng.standard_normal((1024, 512), dtype=np.float32),
-        "w1": rng.standard_normal((512, 2048), dtype=np.float32) / 20,
-        "b1": rng.standard_normal(2048, dtype=np.float32),
-        "w2": rng.standard_normal((2048, 512), dtype=np.float32) / 40,
-        "b2": rng.standard_normal(512, dtype=np.float32),
-    }
-    compute, check = [], []
-    for _ in range(5):
-        start = time.perf_counter()
-        y = mlp.run(ops, backend)
-        compute.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        assert checks.sample_rows(mlp, ops, y, samples=4, rng=rng).ok
-        check.append(time.perf_counter() - start)
-    out["sample4_mlp_1024x512x2048"] = {
-        "compute_p50_ms": round(statistics.median(compute) * 1e3, 3),
-        "check_p50_ms": round(statistics.median(check) * 1e3, 3),
-        "share": round(statistics.median(check) / statistics.median(compute), 3),
-    }
+        await trio.sleep(2)
+        out["memory"] = mtor_memory(cluster.processes)
     return out
 
 
 async def kill_when_busy(
-    workers: list[tuple[Path, subprocess.Popen[str]]], killed_at: list[float]
+    cluster: MtorCluster, delay: float, killed: list[tuple[float, float, int]]
 ) -> None:
-    """SIGKILL the first worker that reports a shard in progress."""
-    clients = [(ControlClient.for_data_dir(d, timeout=2), p) for d, p in workers]
+    """SIGKILL the first worker seen computing a shard, ``delay`` seconds after seeing it."""
+    from mtor_p2p.control import ControlClient
+
+    clients = [ControlClient.for_data_dir(d, timeout=2) for d in cluster.data_dirs]
     while True:
-        for client, process in clients:
+        for client, process in zip(clients, cluster.processes, strict=True):
             status = await trio.to_thread.run_sync(client.call, "GET", "/v1/status")
             if status["worker"]["active"]:
+                seen = time.perf_counter()
+                await trio.sleep(delay)
                 process.send_signal(signal.SIGKILL)
-                killed_at.append(time.perf_counter())
+                killed.append((seen, time.perf_counter(), process.pid))
                 return
-        await trio.sleep(0.005)
+        await trio.sleep(0.002)
 
 
-async def bench_kill_recovery(root: Path, iterations: int = 5) -> dict[str, Any]:
-    """Two fresh workers per iteration; SIGKILL the first one seen computing a shard."""
+async def mtor_kill(root: Path, s: Settings) -> dict[str, Any]:
     rng = np.random.default_rng(3)
-    records = []
-    for iteration in range(iterations):
-        base = root / f"kill-{iteration}"
-        first, first_info = start_worker(base / "w0", None)
-        second, _ = start_worker(base / "w1", first_info["addrs"][0])
-        try:
-            async with open_requester(base, first_info["addrs"][0]) as node:
-                await wait_for_workers(node, 2)
-                a = rng.standard_normal((4096, 2048), dtype=np.float32)
-                b = rng.standard_normal((2048, 2048), dtype=np.float32)
-                killed_at: list[float] = []
+    n = s.kill_n
+    a = rng.standard_normal((n, n), dtype=np.float32)
+    b = rng.standard_normal((n, n), dtype=np.float32)
+    trials = []
+    for trial in range(s.kill_trials):
+        # A fresh pair of workers per trial: the killed one's record would linger in views.
+        async with mtor_cluster(root / f"t{trial}", 2, 1) as cluster:
+            node = cluster.node
+            warm = np.vstack([a, a])
+            await node.submit("matmul", {"a": warm, "b": b}, shards=2)  # both workers, warm
+            a[0, 0] = b[0, 0] = trial + 1
+            killed: list[tuple[float, float, int]] = []
+            with procstats.Section() as section:
+                submitted = time.perf_counter()
                 async with trio.open_nursery() as nursery:
-                    workers = [(base / "w0", first), (base / "w1", second)]
-                    nursery.start_soon(kill_when_busy, workers, killed_at)
-                    result = await node.submit("matmul", {"a": a, "b": b}, shards=2)
+                    nursery.start_soon(kill_when_busy, cluster, s.kill_delay, killed)
+                    result = await node.submit("matmul", {"a": a, "b": b}, shards=1, max_workers=2)
                     done = time.perf_counter()
                     nursery.cancel_scope.cancel()
-                if killed_at:
-                    records.append(
-                        {
-                            "kill_to_result_s": round(done - killed_at[0], 3),
-                            "reissued": result.reissued,
-                            "hedged": result.hedged,
-                            "workers": len(result.workers),
-                        }
-                    )
-        finally:
-            for process in (first, second):
-                if process.poll() is None:
-                    process.send_signal(signal.SIGTERM)
-                    process.wait(timeout=20)
-    times = [r["kill_to_result_s"] for r in records]
-    return {
-        "iterations": records,
-        "kill_to_result_p50_s": round(statistics.median(times), 3) if times else None,
-        "note": "shards of 2048x2048x2048 float32 (~17 GFLOP, ~0.3 s on this CPU); the killed "
-        "shard is re-run by the surviving worker (which may still be busy with its own)",
+            if not killed:
+                raise RuntimeError("the shard finished before any worker was seen computing")
+            seen, at, pid = killed[0]
+            trials.append(
+                {
+                    "kill_to_result_s": done - at,
+                    "submit_to_start_s": seen - submitted,
+                    "killed_pid": pid,
+                    "reissued": result.reissued,
+                    "hedged": result.hedged,
+                    "matches_numpy": bool(
+                        np.allclose(result.output[:4], a[:4] @ b, rtol=1e-3, atol=1e-2)
+                    ),
+                    "section": section.result,
+                }
+            )
+            log(f"  mtor: kill {trial + 1}/{s.kill_trials}: {done - at:.3f} s")
+    return {"trials": trials}
+
+
+async def mtor_product(root: Path, s: Settings, workers: int, cores: int) -> dict[str, Any]:
+    n = s.product_n
+    rng = np.random.default_rng(6)
+    a = rng.standard_normal((n, n), dtype=np.float32)
+    b = rng.standard_normal((n, n), dtype=np.float32)
+    threads = max(1, cores // workers)
+    shards = 4 * workers
+    async with mtor_cluster(root, workers, threads) as cluster:
+        node = cluster.node
+        warm = rng.standard_normal((512 * 2 * workers, 512), dtype=np.float32)
+        await node.submit("matmul", {"a": warm, "b": warm[:512].copy()}, shards=2 * workers)
+        with procstats.Section() as section:
+            start = time.perf_counter()
+            result = await node.submit(
+                "matmul", {"a": a, "b": b}, shards=shards, max_workers=workers, deadline=3600
+            )
+            seconds = time.perf_counter() - start
+        rows = slice(0, 64)
+        ok = bool(np.allclose(result.output[rows], a[rows] @ b, rtol=1e-3, atol=1e-1))
+        return {
+            "seconds": seconds,
+            "gflops": 2 * n**3 / seconds / 1e9,
+            "workers": workers,
+            "workers_used": len(result.workers),
+            "shards": shards,
+            "blas_threads_per_worker": threads,
+            "matches_numpy": ok,
+            "hedged": result.hedged,
+            "section": section.result,
+        }
+
+
+def run_mtor(fn: Callable[..., Any], *args: Any, timeout: float = 3600) -> dict[str, Any]:
+    """Run one MTOR session in its own event loop, bounded by ``timeout``."""
+
+    async def bounded() -> dict[str, Any]:
+        with trio.fail_after(timeout):
+            return await fn(*args)
+
+    return trio.run(bounded)
+
+
+# -- interleaving ----------------------------------------------------------------------------
+
+
+class Runner:
+    """Runs sides in rounds, keeps every answer or error, and writes the report as it goes."""
+
+    def __init__(self, s: Settings, out: Path) -> None:
+        self.s = s
+        self.out = out
+        self.scratch = Path(tempfile.mkdtemp(prefix="mtor-bench-compute-"))
+        self.report: dict[str, Any] = {
+            "benchmark": "compute (issue 9 goals table)",
+            "machine": machine(),
+            "git": git_commit(),
+            "when": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "settings": {k: v for k, v in s.__dict__.items()},
+            "load_series": [],
+            "baselines": {},
+            "rows": {},
+        }
+        self.failures: list[str] = []
+        self._pythons: dict[str, Path | None] = {}
+
+    def note_load(self, label: str) -> None:
+        self.report["load_series"].append(
+            {"t": time.strftime("%H:%M:%S"), "what": label, "loadavg": os.getloadavg()}
+        )
+
+    def save(self) -> None:
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.out.write_text(json.dumps(self.report, indent=1, default=str))
+
+    def baseline_python(self, name: str) -> Path | None:
+        if name not in self._pythons:
+            try:
+                self._pythons[name] = baselines.ensure(name, log=log)
+                self.report["baselines"][name] = baselines.versions(name)
+            except baselines.BaselineUnavailable as exc:
+                log(f"{name}: baseline unavailable: {exc}")
+                self._pythons[name] = None
+                self.report["baselines"][name] = {"unavailable": str(exc)}
+        return self._pythons[name]
+
+    def interleave(
+        self, row: int, sides: list[tuple[str, Callable[[int], dict[str, Any]]]]
+    ) -> list[dict[str, Any]]:
+        """``rounds`` times each side in order; a side's answer or {"error"|"unavailable"}."""
+        rounds: list[dict[str, Any]] = []
+        for r in range(self.s.rounds):
+            answers: dict[str, Any] = {}
+            for name, fn in sides:
+                label = f"row {row} round {r + 1}/{self.s.rounds}: {name}"
+                log(label + " ...")
+                self.note_load(label)
+                try:
+                    answers[name] = fn(r)
+                except baselines.BaselineUnavailable as exc:
+                    answers[name] = {"unavailable": str(exc)}
+                except Exception as exc:
+                    log(f"{label} FAILED: {type(exc).__name__}: {exc}")
+                    answers[name] = {"error": f"{type(exc).__name__}: {exc}",
+                                     "traceback": traceback.format_exc()[-3000:]}  # fmt: skip
+                    self.failures.append(f"row {row} {name}: {exc}")
+            rounds.append(answers)
+        return rounds
+
+    def baseline_side(
+        self, name: str, task: str, params: dict[str, Any], timeout: float = 1200
+    ) -> Callable[[int], dict[str, Any]]:
+        def run(r: int) -> dict[str, Any]:
+            python = self.baseline_python(name)
+            if python is None:
+                raise baselines.BaselineUnavailable(self.report["baselines"][name]["unavailable"])
+            return baselines.run_side(
+                python, name, task, {**params, "seed": r}, env=baselines.blas_env(1),
+                timeout=timeout, log=log,
+            )  # fmt: skip
+
+        return run
+
+
+# -- figures and ratios ----------------------------------------------------------------------
+
+
+def figure(answer: dict[str, Any], extract: Callable[[dict[str, Any]], dict[str, Any]]) -> Any:
+    """The side's figures for one round (with its load), or why there are none."""
+    if "unavailable" in answer:
+        return {"unavailable": "baseline unavailable"}
+    if "error" in answer:
+        return {"error": answer["error"]}
+    return extract(answer)
+
+
+def ratio_table(
+    rounds: list[dict[str, Any]], metric: str, num: str, den: str
+) -> dict[str, Any] | None:
+    per_round = []
+    for figures in rounds:
+        a, b = figures.get(num, {}), figures.get(den, {})
+        if metric in a and metric in b and b[metric]:
+            per_round.append(round(a[metric] / b[metric], 3))
+        else:
+            per_round.append(None)
+    valid = [x for x in per_round if x is not None]
+    if not valid:
+        return None
+    return {"per_round": per_round, "median": round(statistics.median(valid), 3)}
+
+
+def finish_row(
+    runner: Runner,
+    row: int,
+    what: str,
+    equal: list[str],
+    differs: list[str],
+    figures: list[dict[str, Any]],
+    ratios: list[tuple[str, str, str]],
+    raw: Any,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    table = {}
+    for metric, num, den in ratios:
+        found = ratio_table(figures, metric, num, den)
+        table[f"{num}/{den} {metric}"] = found if found else "baseline unavailable or failed"
+    entry = {
+        "what": what,
+        "goal": GOALS[row],
+        "same_on_both_sides": equal,
+        "still_differs": differs,
+        "rounds": figures,
+        "ratios_median_of_rounds": table,
+        **(extra or {}),
+        "raw": raw,
     }
+    runner.report["rows"][f"{row}_{ROW_NAMES[row]}"] = entry
+    runner.save()
+    print_row(row, entry)
+    return entry
 
 
-async def run_all(root: Path) -> dict[str, Any]:
-    report: dict[str, Any] = {"machine": machine(), "when": time.strftime("%Y-%m-%d %H:%M:%S")}
-    first, first_info = start_worker(root / "w0", None)
-    second, _ = start_worker(root / "w1", first_info["addrs"][0])
+def fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
+    return str(value)
+
+
+def print_row(row: int, entry: dict[str, Any]) -> None:
+    lines = [f"\n== row {row}: {entry['what']}", f"   goal: {entry['goal']}"]
+    for index, figures in enumerate(entry["rounds"], start=1):
+        parts = []
+        for side, values in figures.items():
+            if not isinstance(values, dict):
+                continue
+            if "unavailable" in values or "error" in values:
+                parts.append(f"{side}: {values.get('unavailable') or 'FAILED'}")
+                continue
+            shown = ", ".join(
+                f"{k} {fmt(v)}" for k, v in values.items() if k not in ("load1", "foreign_cores")
+            )
+            parts.append(
+                f"{side}: {shown} (load {values.get('load1')}, foreign "
+                f"{values.get('foreign_cores')})"
+            )
+        lines.append(f"   round {index}: " + " | ".join(parts))
+    if "hivemind_quoted" in entry:
+        quoted = entry["hivemind_quoted"]
+        lines.append(
+            f"   hivemind ({quoted['nodes']} nodes, quoted, not run): get p50 "
+            f"{quoted['get_p50_ms']} ms, p99 {quoted['get_p99_ms']} ms; {quoted['source']}"
+        )
+    for name, value in entry["ratios_median_of_rounds"].items():
+        if isinstance(value, dict):
+            rounds = ", ".join("-" if x is None else f"{x:.3g}" for x in value["per_round"])
+            lines.append(f"   ratio {name}: median {value['median']:.3g}x (rounds: {rounds})")
+        else:
+            lines.append(f"   ratio {name}: {value}")
+    print("\n".join(lines), file=sys.stderr, flush=True)
+
+
+# -- rows ------------------------------------------------------------------------------------
+
+
+def row_roundtrip(runner: Runner) -> None:
+    s = runner.s
+    params = {"samples": s.rt_samples, "warmup": s.rt_warmup, "workers": 1, "n": 512}
+    sides = [
+        ("mtor", lambda r: run_mtor(mtor_roundtrip, runner.scratch / f"rt{r}", s)),
+        ("ray", runner.baseline_side("ray", "roundtrip", params)),
+        ("dask", runner.baseline_side("dask", "roundtrip", params)),
+    ]
+    raw = runner.interleave(1, sides)
+
+    def extract(answer: dict[str, Any]) -> dict[str, Any]:
+        stats = summary_ms(answer["samples_s"])
+        return {"p50_ms": stats["p50_ms"], "p99_ms": stats["p99_ms"],
+                "matches_numpy": answer["matches_numpy"], **load_of(answer["section"])}  # fmt: skip
+
+    figures = [{side: figure(a, extract) for side, a in answers.items()} for answers in raw]
+    finish_row(
+        runner,
+        1,
+        "512x512 float32 matmul shard round trip on loopback, both operands sent, 1 worker",
+        [
+            "shapes, dtype, fresh operand values every sample (one element changed: nothing "
+            "cached by content), both operands shipped per task, product returned to the driver",
+            "one worker process, 1 BLAS thread in it (OPENBLAS_NUM_THREADS=1 etc.; Ray/Dask "
+            "report threadpoolctl's count in 'blas')",
+            f"{s.rt_warmup} warm-up tasks, then {s.rt_samples} sequential samples, same percentile "
+            "code",
+        ],
+        [
+            "MTOR verifies every result (Freivalds on the requester), signs and countersigns a "
+            "receipt and stores it durably; Ray and Dask check nothing",
+            "MTOR's operands cross an authenticated, encrypted libp2p connection; Ray's go "
+            "through its shared-memory object store, Dask's over plain TCP",
+            "the MTOR requester runs in the harness process; Ray's and Dask's drivers are their "
+            "own processes",
+        ],
+        figures,
+        [
+            ("p50_ms", "mtor", "ray"),
+            ("p50_ms", "mtor", "dask"),
+            ("p99_ms", "mtor", "ray"),
+            ("p99_ms", "mtor", "dask"),
+        ],
+        raw,
+    )
+
+
+def row_throughput(runner: Runner) -> None:
+    s = runner.s
+    params = {"shards": s.shards, "workers": 2, "n": 512,
+              "variants": ["b_shared", "both_shipped"]}  # fmt: skip
+    sides = [
+        ("mtor", lambda r: run_mtor(mtor_throughput, runner.scratch / f"tp{r}", s)),
+        ("ray", runner.baseline_side("ray", "throughput", params)),
+        ("dask", runner.baseline_side("dask", "throughput", params)),
+    ]
+    raw = runner.interleave(2, sides)
+
+    def extract(answer: dict[str, Any]) -> dict[str, Any]:
+        shared, both = answer["b_shared"], answer["both_shipped"]
+        return {
+            "b_shared_shards_per_s": round(shared["shards"] / shared["seconds"], 2),
+            "both_shipped_shards_per_s": round(both["shards"] / both["seconds"], 2),
+            "matches_numpy": shared["matches_numpy"] and both["matches_numpy"],
+            **load_of(shared["section"]),
+        }
+
+    figures = [{side: figure(a, extract) for side, a in answers.items()} for answers in raw]
+    finish_row(
+        runner,
+        2,
+        f"shards/s with 2 worker processes, {s.shards} shards of 512x512x512 float32",
+        [
+            "b_shared: the same bytes move on every side: each 512x512 A block per shard, B "
+            "once per worker (MTOR: one job of row shards, B resident; Ray: ray.put(B) once; "
+            "Dask: client.scatter(B, broadcast=True)), every product back to the driver, the "
+            "put/scatter inside the timing",
+            "both_shipped: a distinct A and B per shard on every side (MTOR: one-shard jobs, at "
+            "most 4 in flight; Ray/Dask: all tasks submitted at once)",
+            "2 worker processes with 1 BLAS thread each; a warm-up before timing",
+        ],
+        [
+            "MTOR verifies, signs and stores a receipt for every shard",
+            "MTOR's both_shipped runs one job per shard (job set-up each time) with 4 in "
+            "flight; the baselines queue every task at once",
+            "load and foreign cores shown are those of the b_shared measurement",
+        ],
+        figures,
+        [
+            ("b_shared_shards_per_s", "mtor", "dask"),
+            ("b_shared_shards_per_s", "mtor", "ray"),
+            ("both_shipped_shards_per_s", "mtor", "dask"),
+            ("both_shipped_shards_per_s", "mtor", "ray"),
+        ],
+        raw,
+    )
+    runner.row2_raw = raw  # type: ignore[attr-defined]
+
+
+def row_memory(runner: Runner) -> None:
+    raw = getattr(runner, "row2_raw", None)
+    if raw is None:
+        row_throughput(runner)
+        raw = runner.row2_raw  # type: ignore[attr-defined]
+
+    def extract(answer: dict[str, Any]) -> dict[str, Any]:
+        memory = answer["memory"]
+        workers = [w for w in memory["workers"] if "rss_mib" in w]
+        others = [w for w in memory["other_processes"] if "rss_mib" in w]
+        return {
+            "worker_idle_rss_mib_max": max(w["rss_mib"] for w in workers),
+            "worker_peak_rss_mib_max": max(w["peak_rss_mib"] for w in workers),
+            "worker_uss_mib_max": max(w.get("uss_mib", 0) for w in workers),
+            "worker_processes": len(workers),
+            "other_processes_rss_mib": round(sum(w["rss_mib"] for w in others), 1),
+            "all_processes_rss_mib": memory["all_processes_rss_mib"],
+            **load_of(answer["b_shared"]["section"]),
+        }
+
+    figures = [{side: figure(a, extract) for side, a in answers.items()} for answers in raw]
+    finish_row(
+        runner,
+        7,
+        "worker memory after row 2's workload (2 workers, both variants), readings from "
+        "/proc on every side",
+        [
+            "the same kernel counters on every side: VmRSS 2 s after the last task (idle), "
+            "VmHWM (peak over the session), USS from smaps_rollup",
+            "the same workload before the reading (row 2, both variants)",
+        ],
+        [
+            "Ray's worker RSS includes pages of its shared-memory object store (USS excludes "
+            "them); Ray also runs services (GCS, raylet, agents: other_processes); Dask's "
+            "scheduler and nannies live in its driver process (not counted); MTOR's requester "
+            "lives in the harness (not counted)",
+            "an MTOR worker is a whole peer (libp2p host, DHT, gossip, ledger), a Ray or Dask "
+            "worker only executes tasks",
+        ],
+        figures,
+        [
+            ("worker_idle_rss_mib_max", "mtor", "ray"),
+            ("worker_idle_rss_mib_max", "mtor", "dask"),
+            ("worker_peak_rss_mib_max", "mtor", "ray"),
+            ("worker_peak_rss_mib_max", "mtor", "dask"),
+            ("worker_uss_mib_max", "mtor", "ray"),
+            ("worker_uss_mib_max", "mtor", "dask"),
+        ],
+        {"from": "row 2's sessions (see its raw answers)"},
+    )
+
+
+def bulk_side(runner: Runner, kind: str) -> Callable[[int], dict[str, Any]]:
+    s = runner.s
+
+    def run(r: int) -> dict[str, Any]:
+        certs = runner.scratch / "certs"
+        if kind == "tls" and not certs.exists():
+            from benchmarks.bulk_procs import make_certs
+
+            make_certs(certs)
+        base = [sys.executable, "-m", "benchmarks.bulk_procs"]
+        opts = ["--size", str(s.bulk_size), "--certs", str(certs)]
+        server = subprocess.Popen(
+            [*base, "server", kind, *opts], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL, text=True, cwd=str(ROOT),
+        )  # fmt: skip
+        try:
+            addr = ready_line(server)["addr"]
+            with procstats.Section() as section:
+                done = subprocess.run(
+                    [*base, "client", kind, addr, *opts, "--count", str(s.bulk_count)],
+                    capture_output=True, text=True, cwd=str(ROOT), timeout=1200, check=False,
+                )  # fmt: skip
+            if done.returncode != 0:
+                raise RuntimeError(f"{kind} client exited {done.returncode}: {done.stderr[-800:]}")
+            answer = json.loads(done.stdout.strip().splitlines()[-1])
+            answer["section"] = section.result
+            answer["server_memory"] = procstats.memory(server.pid)
+            return answer
+        finally:
+            if server.stdin:
+                server.stdin.close()
+            stop([server])
+
+    return run
+
+
+def row_bulk(runner: Runner) -> None:
+    s = runner.s
+    sides = [(kind, bulk_side(runner, kind)) for kind in ("mtor", "tcp", "tls")]
+    raw = runner.interleave(3, sides)
+    mib = s.bulk_size / 2**20
+
+    def extract(answer: dict[str, Any]) -> dict[str, Any]:
+        up, down = answer["up_s"], answer["down_s"]
+        return {
+            "up_MiB_s": round(mib * len(up) / sum(up), 1),
+            "down_MiB_s": round(mib * len(down) / sum(down), 1),
+            "both_MiB_s": round(mib * (len(up) + len(down)) / (sum(up) + sum(down)), 1),
+            **load_of(answer["section"]),
+        }
+
+    figures = [{side: figure(a, extract) for side, a in answers.items()} for answers in raw]
+    total = s.bulk_count * s.bulk_size * 2 / 2**20
+    finish_row(
+        runner,
+        3,
+        f"bulk bytes over one authenticated connection between two processes: "
+        f"{s.bulk_count} requests of {mib:.0f} MiB up, then {s.bulk_count} down "
+        f"({total:.0f} MiB per side per round)",
+        [
+            "two processes (server and client) per side, one connection, the same sizes and "
+            "count, request then response, every request timed in the client",
+            "random payloads prepared before timing; the client keeps every downloaded byte "
+            "until the request ends",
+        ],
+        [
+            "MTOR: libp2p (Noise or the lead's transport, Yamux) with a stream per request and "
+            "MTOR's admission guards; tls: TLS 1.3 via OpenSSL with pinned self-signed P-256 "
+            "certificates; tcp: no authentication or encryption at all (the floor)",
+        ],
+        figures,
+        [
+            ("both_MiB_s", "mtor", "tcp"),
+            ("both_MiB_s", "mtor", "tls"),
+            ("up_MiB_s", "mtor", "tls"),
+            ("down_MiB_s", "mtor", "tls"),
+        ],
+        raw,
+    )
+
+
+def row_kill(runner: Runner) -> None:
+    s = runner.s
+    params = {"trials": s.kill_trials, "n": s.kill_n, "delay": s.kill_delay, "workers": 2}
+    sides = [
+        ("mtor", lambda r: run_mtor(mtor_kill, runner.scratch / f"kill{r}", s)),
+        ("ray", runner.baseline_side("ray", "kill", params)),
+        ("dask", runner.baseline_side("dask", "kill", params)),
+    ]
+    raw = runner.interleave(4, sides)
+
+    def extract(answer: dict[str, Any]) -> dict[str, Any]:
+        times = [t["kill_to_result_s"] for t in answer["trials"]]
+        sections = [t["section"] for t in answer["trials"]]
+        return {
+            "kill_to_result_p50_s": round(statistics.median(times), 3),
+            "kill_to_result_max_s": round(max(times), 3),
+            "trials": len(times),
+            "matches_numpy": all(t["matches_numpy"] for t in answer["trials"]),
+            "load1": round(statistics.fmean(x["load1_end"] for x in sections), 2),
+            "foreign_cores": round(statistics.fmean(x["foreign_cores"] for x in sections), 2),
+        }
+
+    figures = [{side: figure(a, extract) for side, a in answers.items()} for answers in raw]
+    finish_row(
+        runner,
+        4,
+        f"worker SIGKILLed {s.kill_delay} s into a {s.kill_n}x{s.kill_n}x{s.kill_n} float32 "
+        "shard, to the accepted result",
+        [
+            f"the same shard ({s.kill_n}^3 float32 matmul, fresh values), 2 worker processes with "
+            "1 BLAS thread each, both warmed up, the other worker idle",
+            "SIGKILL from outside the worker, the delay after the shard is seen computing, the "
+            "time from the kill to the result in the driver/requester",
+            "the retry is each system's own (MTOR re-issue, Ray task retry, Dask rescheduling)",
+        ],
+        [
+            "'seen computing': MTOR's control API reports the shard active (polled, operands "
+            "already received); Ray/Dask tasks write their PID to a file when they start",
+            "MTOR starts 2 fresh workers per trial (a killed worker's capacity record would "
+            "linger); Ray and Dask keep their cluster and wait for it to recover between trials",
+            "MTOR verifies the re-run result before accepting it; Ray/Dask accept it as is",
+        ],
+        figures,
+        [("kill_to_result_p50_s", "mtor", "ray"), ("kill_to_result_p50_s", "mtor", "dask")],
+        raw,
+    )
+
+
+def row_dht(runner: Runner) -> None:
+    from benchmarks.dht_procs import DhtHosts
+
+    s = runner.s
+    peers = s.dht_peers
+    rng = random.Random(peers)
+    log(f"row 5: starting {peers} host processes ...")
+    env = {**os.environ, **baselines.blas_env(1)}
+    rounds_raw: list[dict[str, Any]] = []
+    with DhtHosts(peers, env=env) as hosts:
+        for index in range(1, peers):
+            earlier = rng.sample(range(index), min(4, index))
+            answer = hosts.call(index, op="connect", addrs=[hosts.info[j]["addr"] for j in earlier])
+            if "error" in answer:
+                raise RuntimeError(f"host {index} could not connect: {answer['error']}")
+        # Routing tables fill from connections (and random walks): wait until they reach
+        # min(peers - 1, 8) on average or stop growing for 3 s (at most 30 s).
+        started, best, best_at = time.monotonic(), -1.0, time.monotonic()
+        while True:
+            rt_mean = statistics.fmean(hosts.call(i, op="rt")["rt"] for i in range(peers))
+            now = time.monotonic()
+            if rt_mean > best:
+                best, best_at = rt_mean, now
+            if rt_mean >= min(peers - 1, 8) or now - best_at > 3 or now - started > 30:
+                break
+            time.sleep(0.5)
+        log(f"row 5: routing tables hold {rt_mean:.1f} peers on average")
+        owners = rng.sample(range(peers), s.dht_owners)
+        puts = []
+        for owner in owners:
+            answer = hosts.call(owner, op="put", key=f"/mtor/bench/{owner}", size=200)
+            if "error" in answer:
+                raise RuntimeError(f"put from host {owner} failed: {answer['error']}")
+            puts.append(answer["seconds"])
+        # The floor: a request on an open connection between two of the same processes.
+        pairs = []
+        for index in range(peers):
+            connected = hosts.call(index, op="peers")["peers"]
+            if connected:
+                pairs.append((index, rng.choice(connected)))
+        for r in range(s.rounds):
+            label = f"row 5 round {r + 1}/{s.rounds}"
+            runner.note_load(label)
+            log(f"{label}: mtor DHT gets ({len(owners)} keys x {peers - 1} readers) ...")
+            gets, misses = [], 0
+            with procstats.Section() as get_section:
+                for owner in owners:
+                    for reader in range(peers):
+                        if reader == owner:
+                            continue
+                        answer = hosts.call(reader, op="get", key=f"/mtor/bench/{owner}")
+                        if "seconds" in answer:
+                            gets.append(answer["seconds"])
+                        misses += int(not answer.get("ok"))
+            log(f"{label}: request on an open connection (floor) ...")
+            echoes, failures = [], 0
+            with procstats.Section() as echo_section:
+                for requester, peer in rng.sample(pairs, min(len(pairs), 5)):
+                    answer = hosts.call(requester, op="echo", peer=peer, count=s.echo_count)
+                    echoes += answer.get("seconds", [])
+                    failures += answer.get("failures", 0)
+            rounds_raw.append(
+                {
+                    "mtor_get": {
+                        "samples_s": gets,
+                        "misses": misses,
+                        "section": get_section.result,
+                    },
+                    "floor_request": {
+                        "samples_s": echoes,
+                        "failures": failures,
+                        "section": echo_section.result,
+                    },
+                }
+            )
+        memory = [hosts.call(i, op="memory") for i in range(peers)]
+
+    def extract(answer: dict[str, Any]) -> dict[str, Any]:
+        if not answer["samples_s"]:
+            return {"error": "no successful samples"}
+        stats = summary_ms(answer["samples_s"])
+        return {"p50_ms": stats["p50_ms"], "p99_ms": stats["p99_ms"], "n": stats["n"],
+                "misses": answer.get("misses", answer.get("failures", 0)),
+                **load_of(answer["section"])}  # fmt: skip
+
+    figures = [{side: extract(a) for side, a in answers.items()} for answers in rounds_raw]
+    all_gets = [x for answers in rounds_raw for x in answers["mtor_get"]["samples_s"]]
+    finish_row(
+        runner,
+        5,
+        f"DHT get among {peers} peers, each a separate process (forced network lookups)",
+        [
+            "baseline in this run: a 200-byte request/response on an already open connection "
+            "between the same processes (the floor one DHT hop cannot beat)",
+        ],
+        [
+            "hivemind is not run here: " + HIVEMIND_NOTES["source"] + f"; its figures (8 nodes): "
+            f"get p50 {HIVEMIND_NOTES['get_p50_ms']} ms, p99 {HIVEMIND_NOTES['get_p99_ms']} ms",
+            "each reader drops its own replica before the get, so every get is a lookup",
+        ],
+        figures,
+        [("p50_ms", "mtor_get", "floor_request")],
+        rounds_raw,
+        {
+            "all_rounds_get": summary_ms(all_gets) if all_gets else None,
+            "put": summary_ms(puts),
+            "routing_table_mean": round(rt_mean, 1),
+            "host_rss_mib_median": statistics.median(m.get("rss_mib", 0) for m in memory),
+            "host_peak_rss_mib_max": max(m.get("peak_rss_mib", 0) for m in memory),
+            "hivemind_quoted": HIVEMIND_NOTES,
+        },
+    )
+
+
+def row_scaling(runner: Runner) -> None:
+    s = runner.s
+    cores = os.cpu_count() or 1
+    n = s.product_n
+
+    def numpy_side(r: int) -> dict[str, Any]:
+        return baselines.run_side(
+            sys.executable, "numpy", "product", {"n": n, "reps": 1 if n >= 4096 else 3},
+            env=baselines.blas_env(cores), timeout=1800, log=log,
+        )  # fmt: skip
+
+    sides: list[tuple[str, Callable[[int], dict[str, Any]]]] = [("numpy", numpy_side)]
+    for workers in s.product_workers:
+        sides.append(
+            (
+                f"mtor_{workers}w",
+                lambda r, w=workers: run_mtor(
+                    mtor_product, runner.scratch / f"p{r}-{w}", s, w, cores
+                ),
+            )
+        )
+    raw = runner.interleave(6, sides)
+
+    def extract(answer: dict[str, Any]) -> dict[str, Any]:
+        if "samples_s" in answer:
+            seconds = statistics.median(answer["samples_s"])
+            extra = {"blas_threads": answer["blas"]["OPENBLAS_NUM_THREADS"]}
+        else:
+            seconds = answer["seconds"]
+            extra = {"workers_used": answer["workers_used"],
+                     "blas_threads_per_worker": answer["blas_threads_per_worker"]}  # fmt: skip
+        return {"gflops": round(2 * n**3 / seconds / 1e9, 1), "seconds": round(seconds, 2),
+                **extra, **load_of(answer["section"])}  # fmt: skip
+
+    figures = [{side: figure(a, extract) for side, a in answers.items()} for answers in raw]
+    finish_row(
+        runner,
+        6,
+        f"{n}x{n} float32 product: MTOR over 1, 2, 4 local worker processes vs one NumPy "
+        f"process, GFLOP/s (2 n^3 / wall time)",
+        [
+            f"the same product ({n}^3, float32, same operands) on the same {cores} cores",
+            f"NumPy: {cores} BLAS threads in one process; MTOR: {cores} BLAS threads in total "
+            "at 1 and 2 workers (cores // workers each, at least 1)",
+        ],
+        [
+            "at 4 workers MTOR has 4 BLAS threads on the cores (1 each: no fewer is possible)",
+            "MTOR's time includes sending A and B to the workers, the results back and "
+            "Freivalds' check on the requester; NumPy's operands are already in its memory",
+            "MTOR splits the job into 4 row shards per worker (max_workers = workers)",
+        ],
+        figures,
+        [("gflops", f"mtor_{w}w", "numpy") for w in s.product_workers],
+        raw,
+    )
+
+
+ROWS: dict[int, Callable[[Runner], None]] = {
+    1: row_roundtrip,
+    2: row_throughput,
+    3: row_bulk,
+    4: row_kill,
+    5: row_dht,
+    6: row_scaling,
+    7: row_memory,
+}
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="./mtor bench compute",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=__doc__.split("Writes ``benchmarks")[0].replace("``", "'"),
+        epilog="Figures carry the 1-minute load average and the CPU cores used by processes "
+        "outside the benchmark while they were measured. Output: benchmarks/results/"
+        "compute.json (machine, git commit, load series, every raw sample) and a summary on "
+        "stderr. Exit status 0 unless an MTOR or baseline side failed (an uninstallable "
+        "baseline is reported as unavailable, not a failure).",
+    )
+    parser.add_argument(
+        "--quick", action="store_true",
+        help="small settings for development: 15 round trips, 40 shards, 2 requests of 64 MiB, "
+        "1 kill per round, 8 DHT peers, n = 2048 for row 6",
+    )  # fmt: skip
+    parser.add_argument(
+        "--only", type=str, default="",
+        help="comma-separated rows to run, e.g. 1,3 (default: all, in order 1 2 7 3 4 5 6)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--rounds", type=int, default=3,
+        help="interleaved rounds per row (each side once per round; default 3)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--out", type=Path, default=RESULTS / "compute.json", help="where to write the JSON"
+    )
+    args = parser.parse_args(argv)
     try:
-        async with open_requester(root, first_info["addrs"][0]) as node:
-            await wait_for_workers(node, 2)
-            print("round trips ...", file=sys.stderr)
-            report["round_trip"] = await bench_round_trips(node, samples=60)
-            print("throughput ...", file=sys.stderr)
-            report["throughput_2_workers"] = await bench_throughput(node)
-        report["worker_peak_rss_mib"] = [round(peak_rss_mib(p.pid), 1) for p in (first, second)]
-        report["worker_rss_mib_idle_after"] = [
-            round(psutil.Process(p.pid).memory_info().rss / 2**20, 1) for p in (first, second)
-        ]
-    finally:
-        for process in (first, second):
-            process.send_signal(signal.SIGTERM)
-            process.wait(timeout=20)
-    print("verification share ...", file=sys.stderr)
-    report["verification"] = await trio.to_thread.run_sync(verification_share)
-    print("kill recovery ...", file=sys.stderr)
-    report["kill_recovery"] = await bench_kill_recovery(root)
-    return report
+        args.rows = [int(x) for x in args.only.split(",") if x.strip()] or [1, 2, 7, 3, 4, 5, 6]
+    except ValueError:
+        parser.error("--only takes row numbers, e.g. 1,3")
+    unknown = [r for r in args.rows if r not in ROWS]
+    if unknown:
+        parser.error(f"unknown rows {unknown}; rows are 1-7")
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
+    return args
+
+
+def quiet_libp2p() -> None:
+    """Our warnings on stderr, py-libp2p's (a busy DHT logs many) dropped."""
+    import mtor_p2p.node  # noqa: F401  (py-libp2p sets up its loggers on import)
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+    handler.addFilter(lambda record: not record.name.startswith("libp2p"))
+    logging.basicConfig(level=logging.WARNING, handlers=[handler], force=True)
+    # py-libp2p resets its top logger's level when it sets itself up again; levels set on its
+    # children stay.
+    children = {
+        "libp2p.kad_dht",
+        "libp2p.pubsub",
+        "libp2p.network",
+        "libp2p.host",
+        "libp2p.transport",
+        "libp2p.stream_muxer",
+        "libp2p.security",
+        "libp2p.tools",
+    }
+    children |= {name for name in logging.root.manager.loggerDict if name.startswith("libp2p")}
+    for name in children | {"libp2p"}:
+        logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
 def main(argv: list[str]) -> int:
-    root = Path(tempfile.mkdtemp(prefix="mtor-bench-compute-"))
-    report = trio.run(run_all, root)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "compute.json").write_text(json.dumps(report, indent=2))
-    print(json.dumps(report, indent=2))
-    return 0
+    args = parse_args(argv)
+    quiet_libp2p()
+    os.environ["MTOR_BENCH_ROOT_PID"] = str(os.getpid())
+    settings = Settings.make(args.quick, args.rounds)
+    runner = Runner(settings, args.out)
+    log(f"compute benchmark: rows {args.rows}, {args.rounds} rounds"
+        f"{' (quick)' if args.quick else ''}; writing {args.out}")  # fmt: skip
+    try:
+        for row in args.rows:
+            started = time.perf_counter()
+            try:
+                ROWS[row](runner)
+            except Exception as exc:
+                log(f"row {row} FAILED: {type(exc).__name__}: {exc}")
+                runner.failures.append(f"row {row}: {exc}")
+                runner.report["rows"][f"{row}_{ROW_NAMES[row]}"] = {
+                    "error": f"{type(exc).__name__}: {exc}",
+                    "traceback": traceback.format_exc()[-3000:],
+                }
+            log(f"row {row} took {time.perf_counter() - started:.0f} s")
+            runner.save()
+    finally:
+        runner.report["failures"] = runner.failures
+        runner.note_load("end")
+        runner.save()
+        shutil.rmtree(runner.scratch, ignore_errors=True)
+    log(f"wrote {args.out}" + (f"; {len(runner.failures)} failures" if runner.failures else ""))
+    return 1 if runner.failures else 0

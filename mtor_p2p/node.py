@@ -26,6 +26,7 @@ from mtor_p2p.capacity.record import CapacityRecord, Device
 from mtor_p2p.capacity.service import CapacityService, CapacityTiming, Offer
 from mtor_p2p.capacity.view import GIB, CapacityQuery
 from mtor_p2p.clock import NetClock
+from mtor_p2p.compute.blas import limit_blas_threads
 from mtor_p2p.compute.challenge import Challenger
 from mtor_p2p.compute.executor import ShardExecutor
 from mtor_p2p.compute.jobs import JobBoard
@@ -308,6 +309,11 @@ class Node:
         from mtor_p2p.libp2p_host import HostSettings, Libp2pNetwork
 
         config.validate()
+        # Kernels and the requester's checks run on threads: BLAS gets one core fewer than
+        # the process may use, so that the event loop keeps one (issue 9).
+        blas_threads = limit_blas_threads()
+        if blas_threads is not None:
+            log.info("BLAS capped at %d thread(s)", blas_threads)
         runtime = Runtime.production()
         identity = load_or_create_identity(config.data_dir)
         devices = await runtime.run_blocking(probe_devices, config.gpu)

@@ -193,3 +193,45 @@ def test_float32_check_tolerance_is_a_few_times_the_float64_one() -> None:
         assert r32 is not None
         # Row 5's residual is the same error seen against each tolerance.
         assert 1.0 < r64[5].max() / r32[5].max() < 4.0, size
+
+
+# -- BLAS threads -------------------------------------------------------------------------------
+
+
+def test_blas_keeps_a_core_for_the_event_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mtor_p2p.compute import blas
+
+    for name in (*blas.USER_SETTINGS, blas.OVERRIDE):
+        monkeypatch.delenv(name, raising=False)
+    assert blas.default_blas_threads(2) == 1
+    assert blas.default_blas_threads(1) == 1
+    assert blas.default_blas_threads(16) == 15
+    monkeypatch.setenv(blas.OVERRIDE, "3")
+    assert blas.default_blas_threads(2) == 3
+    monkeypatch.delenv(blas.OVERRIDE)
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "2")
+    assert blas.limit_blas_threads() is None  # the user's choice stands
+
+
+def test_blas_cap_reaches_numpys_openblas() -> None:
+    import ctypes
+
+    from mtor_p2p.compute import blas
+
+    libraries = blas._loaded_libraries("openblas")
+    if not libraries:
+        pytest.skip("NumPy is not linked against OpenBLAS here")
+    library = ctypes.CDLL(libraries[0])
+    getter = next(
+        (getattr(library, n) for n in ("scipy_openblas_get_num_threads64_",
+                                       "openblas_get_num_threads") if hasattr(library, n)),
+        None,
+    )  # fmt: skip
+    if getter is None:
+        pytest.skip("this OpenBLAS does not report its thread count")
+    before = getter()
+    try:
+        assert blas.limit_blas_threads(1) == 1
+        assert getter() == 1
+    finally:
+        blas.limit_blas_threads(before)

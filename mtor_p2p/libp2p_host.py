@@ -38,6 +38,7 @@ import base64
 import hashlib
 import json
 import logging
+import math
 import struct
 from collections.abc import AsyncIterator, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
@@ -52,6 +53,7 @@ from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
 from libp2p.custom_types import TProtocol
 from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
+from libp2p.kad_dht.utils import sort_peer_ids_by_distance
 from libp2p.network.config import ConnectionConfig
 from libp2p.network.stream.exceptions import StreamEOF, StreamError
 from libp2p.peer.id import ID
@@ -118,6 +120,14 @@ MAX_PENALISED_PEERS = 4096
 #: larger one closes the lane. Honest requests are at most a compute chunk (4 MiB).
 MAX_SKIPPED_BODY_BYTES = 64 << 20
 LANE_MODES = ("auto", "eager", "off")
+#: DHT gets (see Libp2pNetwork._get_value): valid values that decide, queries in flight at
+#: once, queries at most, and each query's deadline.
+DHT_GET_QUORUM = 3
+DHT_GET_PARALLEL = 4
+DHT_BUCKET_SIZE = 20
+DHT_GET_MAX_QUERIES = 3 * DHT_BUCKET_SIZE
+DHT_QUERY_TIMEOUT_S = 3.0
+DHT_QUORUM_GRACE_S = 0.025
 
 
 @dataclass
@@ -904,11 +914,96 @@ class Libp2pNetwork:
         """The best valid value for ``key``, or None."""
         with trio.move_on_after(timeout):
             try:
-                return await self._dht.get_value(key)
+                return await self._get_value(key)
             except Exception as exc:
                 log.debug("DHT get of %s failed: %s", key, exc)
                 return None
         return None
+
+    async def _get_value(self, key: str) -> bytes | None:
+        """A Kademlia GET_VALUE lookup that returns as soon as it can.
+
+        py-libp2p's ``get_value`` first runs a whole FIND_NODE lookup, then asks the closest
+        peers for the value, then stores it at stale peers, and only then returns; every RPC
+        is a new stream. Here the GET_VALUE queries are the lookup (each answer names closer
+        peers, as the spec allows), already-connected peers are asked first, the best (by the
+        namespace's ``select``) of :data:`DHT_GET_QUORUM` valid values, or of those that
+        arrive within :data:`DHT_QUORUM_GRACE_S` of the first, is the answer, and nothing
+        waits for corrections: the writer re-announces. Same messages on the wire, so other
+        implementations answer it.
+        """
+        dht = self._dht
+        key_bytes = key.encode("utf-8")
+        local = dht.value_store.get(key_bytes)
+        if local is not None:
+            return bytes(local.value)
+        me = self._host.get_id()
+        # Among the closest peers known, those already connected first: a new dial costs a
+        # Noise handshake and identify (tens of ms), and any holder of the value will do.
+        connected = set(self._host.get_connected_peers())
+        closest = dht.routing_table.find_local_closest_peers(key_bytes, DHT_BUCKET_SIZE)
+        candidates = [p for p in closest if p in connected] + [
+            p for p in closest if p not in connected
+        ]
+        queried: set[ID] = set()
+        values: list[bytes] = []
+        answers_in, answers_out = trio.open_memory_channel[tuple[bytes | None, list[ID]]](
+            DHT_GET_MAX_QUERIES
+        )
+
+        async def ask(peer: ID) -> None:
+            value: bytes | None = None
+            closer: list[ID] = []
+            with trio.move_on_after(DHT_QUERY_TIMEOUT_S):
+                try:
+                    record, closer = await dht.value_store._get_from_peer(
+                        peer, key_bytes, return_record=True, return_closer_peers=True
+                    )
+                    if record is not None:
+                        dht.validator.validate(key, record.value)
+                        value = bytes(record.value)
+                except Exception as exc:  # a peer that fails or lies is skipped
+                    log.debug("DHT GET_VALUE from %s failed: %s", peer, exc)
+            answers_in.send_nowait((value, list(closer or [])))
+
+        in_flight = 0
+        grace_ends = math.inf
+        async with trio.open_nursery() as nursery:
+            while True:
+                while (
+                    candidates
+                    and in_flight < DHT_GET_PARALLEL
+                    and len(queried) < DHT_GET_MAX_QUERIES
+                ):
+                    peer = candidates.pop(0)
+                    if peer in queried or peer == me:
+                        continue
+                    queried.add(peer)
+                    in_flight += 1
+                    nursery.start_soon(ask, peer)
+                if in_flight == 0:
+                    break
+                with trio.move_on_at(grace_ends) as grace:
+                    value, closer = await answers_out.receive()
+                if grace.cancelled_caught:
+                    break
+                in_flight -= 1
+                if value is not None:
+                    values.append(value)
+                    if len(values) >= DHT_GET_QUORUM:
+                        break
+                    if len(values) == 1:
+                        # Others get a short grace to confirm or better the first value (an
+                        # older record replayed loses to a newer one in ``select``), not a
+                        # wait for dials to more peers.
+                        grace_ends = trio.current_time() + DHT_QUORUM_GRACE_S
+                fresh = [p for p in closer if p not in queried and p != me and p not in candidates]
+                if fresh:
+                    candidates = sort_peer_ids_by_distance(key_bytes, candidates + fresh)
+            nursery.cancel_scope.cancel()
+        if not values:
+            return None
+        return values[dht.validator.select(key, values)]
 
     async def provide(self, key: str) -> None:
         """Announce that this node provides ``key``."""

@@ -226,18 +226,13 @@ class Kernel(ABC):
         ``keys`` maps resident operand names to content keys (see
         :func:`~.backend.content_key`); those operands are served from / stored in the
         backend's resident cache. Keys of non-resident operands are ignored.
+
+        The backend moves the data (:meth:`~.backend.Backend.run`): on a GPU it may cut the rows
+        into chunks and overlap their copies with :meth:`forward` on earlier chunks, which is
+        sound because output row ``i`` depends only on row ``i`` of the split operands.
         """
         self.check_operands(operands)
-        keys = keys or {}
-        with backend.activate():
-            on_backend = {
-                operand_name: backend.put(
-                    array, key=keys.get(operand_name) if operand_name in self.resident else None
-                )
-                for operand_name, array in operands.items()
-            }
-            result = self.forward(backend, on_backend)
-            return backend.get(result)
+        return backend.run(self, operands, keys or {})
 
     @abstractmethod
     def forward(self, backend: Backend, operands: Mapping[str, Any]) -> Any:

@@ -1,30 +1,40 @@
-"""Shared helpers: real py-libp2p hosts on loopback, and capacity records to feed them."""
+"""Shared helpers: real py-libp2p hosts on loopback, and capacity records to feed them.
+
+The peer's dependencies (py-libp2p, cryptography...) are imported only where they are
+installed: a machine lent a GPU runs ``tests/gpu`` with nothing but NumPy, pytest and CuPy
+(``benchmarks/gpu_check.sh``), and this file is loaded there too.
+"""
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 
 import pytest
 
-from mtor_p2p.capacity.record import CapacityRecord, Device
-from mtor_p2p.identity import Identity
-from mtor_p2p.libp2p_host import HostSettings, Libp2pNetwork
+#: Whether the peer's network stack is installed (False on a bare GPU test machine).
+HAVE_NETWORK_STACK = importlib.util.find_spec("libp2p") is not None
+
+if HAVE_NETWORK_STACK:
+    from mtor_p2p.capacity.record import CapacityRecord, Device
+    from mtor_p2p.identity import Identity
+    from mtor_p2p.libp2p_host import HostSettings, Libp2pNetwork
+
+    CPU = Device(kind="cpu", name="test cpu", mem_total=16 << 30, mem_free=8 << 30, cores=4)
+    GPU = Device(
+        kind="gpu",
+        name="Test GPU 24GB",
+        mem_total=24 << 30,
+        mem_free=20 << 30,
+        utilization=5.0,
+        compute_capability="8.9",
+        driver="550.0",
+    )
 
 # py-libp2p logs every peer that goes away at ERROR; tests assert on behaviour, not on its logs.
 logging.getLogger("libp2p").setLevel(logging.CRITICAL)
-
-CPU = Device(kind="cpu", name="test cpu", mem_total=16 << 30, mem_free=8 << 30, cores=4)
-GPU = Device(
-    kind="gpu",
-    name="Test GPU 24GB",
-    mem_total=24 << 30,
-    mem_free=20 << 30,
-    utilization=5.0,
-    compute_capability="8.9",
-    driver="550.0",
-)
 
 
 def make_record(identity: Identity, *, now: float, **changes: object) -> CapacityRecord:

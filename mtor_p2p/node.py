@@ -19,6 +19,7 @@ from typing import Any
 
 import trio
 
+from mtor_kernels.backend import NumpyBackend
 from mtor_p2p import __version__
 from mtor_p2p.capacity.bench import measure_tflops
 from mtor_p2p.capacity.probe import probe_devices
@@ -159,6 +160,9 @@ class Node:
             self.receipts,
             price=lambda: self.price,
             executor=executor,
+            # --gpu none lends only the CPU: the worker computes with NumPy too, not only the
+            # probe leaving the GPU out of the record.
+            backend=NumpyBackend() if config.gpu == "none" else None,
             runtime=self.runtime,
             fault_rate=config.fault_rate,
             credit=self.ledger_service.available_credit,

@@ -25,7 +25,8 @@ Rows (``--only 1,3``):
 6. an 8192x8192 float32 product over 1, 2 and 4 local MTOR worker processes against one NumPy
    process on the same cores, in GFLOP/s (``--quick``: 2048);
 7. worker memory after row 2's workload, the same readings on every side: RSS once idle,
-   peak RSS (VmHWM), USS (``--only 7`` runs row 2's sessions).
+   peak RSS (VmHWM), USS (``--only 7`` runs row 2's sessions);
+8. (not a goal) Freivalds' check and sampled rows timed alone beside the product they check.
 
 Every worker process on every side gets 1 BLAS thread (``OPENBLAS_NUM_THREADS`` and friends in
 its environment), except in row 6, where MTOR workers get ``cores / workers`` (at least 1) and
@@ -74,6 +75,7 @@ ROW_NAMES = {
     5: "dht_get_20_procs",
     6: "product_scaling",
     7: "memory",
+    8: "verification_alone",
 }
 #: hivemind 1.1.12, 8 DHT nodes on loopback, each a process with its own go daemon
 #: (../shared/notes/peer-baselines.md, measured 2026-11 on a project machine; not this run).
@@ -93,6 +95,7 @@ GOALS = {
     5: "MTOR get p50 at most 50 ms",
     6: "MTOR at 2 and 4 workers at least 0.8x NumPy's GFLOP/s",
     7: "(no goal: the same readings on every side)",
+    8: "(no goal: what the requester's checks cost beside the product, measured alone)",
 }
 
 
@@ -126,6 +129,19 @@ class Settings:
 def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')} load {procstats.loadavg1():.2f}] {message}",
           file=sys.stderr, flush=True)  # fmt: skip
+
+
+def progress_log(label: str) -> Callable[[int, int], None]:
+    """A ``Node.submit`` progress callback that logs at each quarter of the shards."""
+    marks: set[int] = set()
+
+    def report(done: int, total: int) -> None:
+        quarter = done * 4 // max(total, 1)
+        if quarter and quarter not in marks:
+            marks.add(quarter)
+            log(f"  {label}: {done}/{total} shards accepted")
+
+    return report
 
 
 def git_commit() -> dict[str, Any]:
@@ -180,22 +196,29 @@ def start_worker(data_dir: Path, bootstrap: str | None, blas_threads: int) -> su
         command += ["--bootstrap", bootstrap]
     data_dir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, **baselines.blas_env(blas_threads)}
-    return subprocess.Popen(
-        command,
-        stdout=subprocess.PIPE,
-        stderr=open(data_dir.parent / f"{data_dir.name}.log", "w"),
-        stdin=subprocess.DEVNULL,
-        text=True,
-        env=env,
-        cwd=str(ROOT),
-    )
+    log_path = data_dir.parent / f"{data_dir.name}.log"
+    with open(log_path, "w") as stderr:
+        process = subprocess.Popen(
+            command,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            env=env,
+            cwd=str(ROOT),
+        )
+    process.log_path = log_path  # type: ignore[attr-defined]
+    return process
 
 
 def ready_line(process: subprocess.Popen[str]) -> dict[str, Any]:
     assert process.stdout is not None
     line = process.stdout.readline()
     if not line:
-        raise RuntimeError(f"worker process exited with {process.wait()} before it was ready")
+        code = process.wait()
+        log_path = getattr(process, "log_path", None)
+        tail = log_path.read_text()[-1200:] if log_path and log_path.exists() else ""
+        raise RuntimeError(f"process exited with {code} before it was ready: {tail}")
     return json.loads(line)
 
 
@@ -307,7 +330,9 @@ async def mtor_throughput(root: Path, s: Settings) -> dict[str, Any]:
         # B shared: one job of row shards; B travels once to each worker.
         with procstats.Section() as section:
             start = time.perf_counter()
-            result = await node.submit("matmul", {"a": a_all, "b": b}, shards=shards)
+            result = await node.submit(
+                "matmul", {"a": a_all, "b": b}, shards=shards, progress=progress_log("mtor")
+            )
             seconds = time.perf_counter() - start
         check = int(rng.integers(shards))
         rows = slice(check * n, (check + 1) * n)
@@ -435,7 +460,12 @@ async def mtor_product(root: Path, s: Settings, workers: int, cores: int) -> dic
         with procstats.Section() as section:
             start = time.perf_counter()
             result = await node.submit(
-                "matmul", {"a": a, "b": b}, shards=shards, max_workers=workers, deadline=3600
+                "matmul",
+                {"a": a, "b": b},
+                shards=shards,
+                max_workers=workers,
+                deadline=3600,
+                progress=progress_log(f"mtor {workers} workers"),
             )
             seconds = time.perf_counter() - start
         rows = slice(0, 64)
@@ -1096,6 +1126,91 @@ def row_scaling(runner: Runner) -> None:
     )
 
 
+def verification_share(s: Settings) -> dict[str, Any]:
+    """Freivalds (20 rounds) and sampled rows timed alone against the product they check."""
+    from mtor_kernels import get_kernel
+    from mtor_kernels import verify as checks
+    from mtor_kernels.backend import NumpyBackend
+
+    rng = np.random.default_rng(2)
+    backend = NumpyBackend()
+    matmul = get_kernel("matmul")
+    out: dict[str, Any] = {}
+
+    def timed(compute: Callable[[], Any], check: Callable[[Any], Any], reps: int) -> Any:
+        computes, checks_ = [], []
+        with procstats.Section() as section:
+            for _ in range(reps):
+                start = time.perf_counter()
+                result = compute()
+                computes.append(time.perf_counter() - start)
+                start = time.perf_counter()
+                assert check(result).ok
+                checks_.append(time.perf_counter() - start)
+        return {
+            "compute_p50_ms": round(statistics.median(computes) * 1e3, 3),
+            "check_p50_ms": round(statistics.median(checks_) * 1e3, 3),
+            "share": round(statistics.median(checks_) / statistics.median(computes), 3),
+            **load_of(section.result),
+        }
+
+    for n in (512, 2048):
+        ops = {
+            "a": rng.standard_normal((n, n), dtype=np.float32),
+            "b": rng.standard_normal((n, n), dtype=np.float32),
+        }
+        out[f"freivalds20_matmul_{n}"] = timed(
+            lambda ops=ops: matmul.run(ops, backend),
+            lambda c, ops=ops: checks.freivalds(ops["a"], ops["b"], c, rounds=20, rng=rng),
+            10 if s.quick else (30 if n == 512 else 8),
+        )
+    mlp = get_kernel("mlp")
+    ops = {
+        "x": rng.standard_normal((1024, 512), dtype=np.float32),
+        "w1": rng.standard_normal((512, 2048), dtype=np.float32) / 20,
+        "b1": rng.standard_normal(2048, dtype=np.float32),
+        "w2": rng.standard_normal((2048, 512), dtype=np.float32) / 40,
+        "b2": rng.standard_normal(512, dtype=np.float32),
+    }
+    out["sample4_mlp_1024x512x2048"] = timed(
+        lambda: mlp.run(ops, backend),
+        lambda y: checks.sample_rows(mlp, ops, y, samples=4, rng=rng),
+        5,
+    )
+    return out
+
+
+def row_verification(runner: Runner) -> None:
+    s = runner.s
+    raw = []
+    for r in range(s.rounds):
+        log(f"row 8 round {r + 1}/{s.rounds}: verification alone ...")
+        runner.note_load(f"row 8 round {r + 1}/{s.rounds}")
+        raw.append({"alone": verification_share(s)})
+    figures = []
+    for answers in raw:
+        checks = answers["alone"]
+        shares: dict[str, Any] = {f"{name} share": v["share"] for name, v in checks.items()}
+        first = next(iter(checks.values()))
+        shares.update(load1=first["load1"], foreign_cores=first["foreign_cores"])
+        figures.append({"alone": shares})
+    finish_row(
+        runner,
+        8,
+        "cost of the requester's checks against the product they check (NumPy, this process)",
+        ["check and product timed back to back in one process, same operands"],
+        [
+            "timed alone, on the main thread with nothing else running: inside a requester "
+            "the check shares the cores with the event loop (rows 1 and 2 include it)",
+            f"BLAS threads: whatever this process has ({os.environ.get('OPENBLAS_NUM_THREADS')} "
+            "from the environment, else MTOR's own cap once a Node has opened here)",
+        ],
+        figures,
+        [],
+        raw,
+    )
+
+
 ROWS: dict[int, Callable[[Runner], None]] = {
     1: row_roundtrip,
     2: row_throughput,
@@ -1104,6 +1219,7 @@ ROWS: dict[int, Callable[[Runner], None]] = {
     5: row_dht,
     6: row_scaling,
     7: row_memory,
+    8: row_verification,
 }
 
 
@@ -1125,7 +1241,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )  # fmt: skip
     parser.add_argument(
         "--only", type=str, default="",
-        help="comma-separated rows to run, e.g. 1,3 (default: all, in order 1 2 7 3 4 5 6)",
+        help="comma-separated rows to run, e.g. 1,3 (default: all, in order 1 2 7 3 4 5 6 8)",
     )  # fmt: skip
     parser.add_argument(
         "--rounds", type=int, default=3,
@@ -1136,12 +1252,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     args = parser.parse_args(argv)
     try:
-        args.rows = [int(x) for x in args.only.split(",") if x.strip()] or [1, 2, 7, 3, 4, 5, 6]
+        args.rows = [int(x) for x in args.only.split(",") if x.strip()] or [1, 2, 7, 3, 4, 5, 6, 8]
     except ValueError:
         parser.error("--only takes row numbers, e.g. 1,3")
     unknown = [r for r in args.rows if r not in ROWS]
     if unknown:
-        parser.error(f"unknown rows {unknown}; rows are 1-7")
+        parser.error(f"unknown rows {unknown}; rows are 1-8")
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
     return args

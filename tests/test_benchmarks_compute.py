@@ -1,0 +1,130 @@
+"""Smoke tests of the compute benchmark's harness (seconds; no cluster, no baseline install)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks import baselines, bench_compute, procstats
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_help_explains_the_rows_and_starts_nothing() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "compute", "--help"],
+        capture_output=True, text=True, cwd=ROOT, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    for words in ("--quick", "--only", "--rounds", "interleaved", "Ray", "Dask", "DHT"):
+        assert words in done.stdout
+    assert "row 1 round" not in done.stderr  # nothing measured
+
+
+def test_only_and_rounds_are_checked() -> None:
+    args = bench_compute.parse_args(["--only", "3,1", "--rounds", "4"])
+    assert args.rows == [3, 1] and args.rounds == 4
+    assert bench_compute.parse_args([]).rows == [1, 2, 7, 3, 4, 5, 6, 8]
+    for bad in (["--only", "9"], ["--only", "x"], ["--rounds", "0"]):
+        with pytest.raises(SystemExit):
+            bench_compute.parse_args(bad)
+
+
+def test_section_records_load_and_foreign_cpu() -> None:
+    with procstats.Section() as section:
+        sum(i * i for i in range(20000))
+    for key in ("wall_s", "load1_start", "load1_end", "foreign_cores", "machine_busy_cores"):
+        assert key in section.result
+    assert section.result["foreign_cores"] >= 0
+    memory = procstats.memory(os.getpid())
+    assert memory["rss_mib"] > 0 and memory["peak_rss_mib"] >= memory["rss_mib"] - 1
+
+
+def test_ratios_are_per_round_and_skip_missing_sides() -> None:
+    rounds = [
+        {"mtor": {"p50_ms": 20.0}, "ray": {"p50_ms": 10.0}},
+        {"mtor": {"p50_ms": 30.0}, "ray": {"unavailable": "baseline unavailable"}},
+        {"mtor": {"p50_ms": 12.0}, "ray": {"p50_ms": 12.0}},
+    ]
+    table = bench_compute.ratio_table(rounds, "p50_ms", "mtor", "ray")
+    assert table == {"per_round": [2.0, None, 1.0], "median": 1.5}
+    assert bench_compute.ratio_table(rounds[1:2], "p50_ms", "mtor", "ray") is None
+
+
+def test_an_uninstallable_baseline_is_reported_not_failed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refuse(name: str, *, log: object = None) -> Path:
+        raise baselines.BaselineUnavailable(f"{name}: no registry here")
+
+    monkeypatch.setattr(baselines, "ensure", refuse)
+    settings = bench_compute.Settings.make(True, 2)
+    runner = bench_compute.Runner(settings, tmp_path / "compute.json")
+    shutil.rmtree(runner.scratch)
+    mtor = {"samples_s": [0.02, 0.03], "matches_numpy": True,
+            "section": {"load1_start": 1.0, "load1_end": 1.2, "foreign_cores": 0.1}}  # fmt: skip
+    raw = runner.interleave(
+        1, [("mtor", lambda r: mtor), ("ray", runner.baseline_side("ray", "roundtrip", {}))]
+    )
+    assert raw[0]["ray"]["unavailable"].startswith("ray: no registry")
+    figures = [
+        {
+            side: bench_compute.figure(
+                a, lambda x: {"p50_ms": 25.0, **bench_compute.load_of(x["section"])}
+            )
+            for side, a in answers.items()
+        }
+        for answers in raw
+    ]
+    entry = bench_compute.finish_row(
+        runner, 1, "test row", [], [], figures, [("p50_ms", "mtor", "ray")], raw
+    )
+    assert entry["ratios_median_of_rounds"]["mtor/ray p50_ms"] == "baseline unavailable or failed"
+    assert entry["rounds"][0]["mtor"]["load1"] == 1.1
+    assert runner.failures == []
+    saved = json.loads((tmp_path / "compute.json").read_text())
+    assert saved["rows"]["1_roundtrip_512"]["rounds"][1]["ray"] == {
+        "unavailable": "baseline unavailable"
+    }
+    assert saved["baselines"]["ray"]["unavailable"].startswith("ray:")
+
+
+def test_a_side_session_returns_json(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MTOR_BASELINES_WORK", str(tmp_path))
+    answer = baselines.run_side(
+        sys.executable, "numpy", "product", {"n": 128, "reps": 2}, env=baselines.blas_env(1)
+    )
+    assert len(answer["samples_s"]) == 2
+    assert answer["blas"]["OPENBLAS_NUM_THREADS"] == "1"
+    assert "foreign_cores" in answer["section"]
+
+
+@pytest.mark.parametrize("kind", ["tcp", "tls"])
+def test_bulk_socket_baselines_move_the_bytes(tmp_path: Path, kind: str) -> None:
+    from benchmarks.bulk_procs import make_certs
+
+    make_certs(tmp_path)
+    base = [sys.executable, "-m", "benchmarks.bulk_procs"]
+    opts = ["--size", str(1 << 20), "--certs", str(tmp_path)]
+    server = subprocess.Popen(
+        [*base, "server", kind, *opts], stdout=subprocess.PIPE, stdin=subprocess.PIPE,
+        text=True, cwd=ROOT,
+    )  # fmt: skip
+    try:
+        addr = bench_compute.ready_line(server)["addr"]
+        done = subprocess.run(
+            [*base, "client", kind, addr, *opts, "--count", "2"],
+            capture_output=True, text=True, cwd=ROOT, timeout=60, check=True,
+        )  # fmt: skip
+        answer = json.loads(done.stdout.strip().splitlines()[-1])
+        assert len(answer["up_s"]) == 2 and len(answer["down_s"]) == 2
+        if kind == "tls":
+            assert answer["cipher"][1] == "TLSv1.3"
+    finally:
+        bench_compute.stop([server])

@@ -176,6 +176,16 @@ def summary_ms(values: list[float]) -> dict[str, Any]:
     }
 
 
+def pooled(raw: list[dict[str, Any]], samples: Callable[[dict[str, Any]], list[float]]) -> Any:
+    """Every round's samples of each side together: p50/p99 over the whole run."""
+    sides: dict[str, list[float]] = {}
+    for answers in raw:
+        for side, answer in answers.items():
+            if "error" not in answer and "unavailable" not in answer:
+                sides.setdefault(side, []).extend(samples(answer))
+    return {side: summary_ms(values) for side, values in sides.items() if values}
+
+
 def load_of(section: dict[str, Any]) -> dict[str, Any]:
     return {
         "load1": round((section["load1_start"] + section["load1_end"]) / 2, 2),
@@ -657,6 +667,11 @@ def print_row(row: int, entry: dict[str, Any]) -> None:
                 f"{values.get('foreign_cores')})"
             )
         lines.append(f"   round {index}: " + " | ".join(parts))
+    for side, stats in (entry.get("pooled_all_rounds") or {}).items():
+        lines.append(
+            f"   all rounds pooled, {side}: p50 {stats['p50_ms']:.4g} ms, p99 "
+            f"{stats['p99_ms']:.4g} ms (n {stats['n']})"
+        )
     if "hivemind_quoted" in entry:
         quoted = entry["hivemind_quoted"]
         lines.append(
@@ -719,6 +734,7 @@ def row_roundtrip(runner: Runner) -> None:
             ("p99_ms", "mtor", "dask"),
         ],
         raw,
+        {"pooled_all_rounds": pooled(raw, lambda a: a["samples_s"])},
     )
 
 
@@ -952,6 +968,7 @@ def row_kill(runner: Runner) -> None:
         figures,
         [("kill_to_result_p50_s", "mtor", "ray"), ("kill_to_result_p50_s", "mtor", "dask")],
         raw,
+        {"pooled_all_rounds": pooled(raw, lambda a: [t["kill_to_result_s"] for t in a["trials"]])},
     )
 
 
@@ -999,7 +1016,7 @@ def row_dht(runner: Runner) -> None:
             label = f"row 5 round {r + 1}/{s.rounds}"
             runner.note_load(label)
             log(f"{label}: mtor DHT gets ({len(owners)} keys x {peers - 1} readers) ...")
-            gets, misses = [], 0
+            gets, misses, not_dropped = [], 0, 0
             with procstats.Section() as get_section:
                 for owner in owners:
                     for reader in range(peers):
@@ -1009,6 +1026,8 @@ def row_dht(runner: Runner) -> None:
                         if "seconds" in answer:
                             gets.append(answer["seconds"])
                         misses += int(not answer.get("ok"))
+                        # A replica the reader could not drop answers without a lookup.
+                        not_dropped += int("forget_error" in answer)
             log(f"{label}: request on an open connection (floor) ...")
             echoes, failures = [], 0
             with procstats.Section() as echo_section:
@@ -1021,6 +1040,7 @@ def row_dht(runner: Runner) -> None:
                     "mtor_get": {
                         "samples_s": gets,
                         "misses": misses,
+                        "replica_not_dropped": not_dropped,
                         "section": get_section.result,
                     },
                     "floor_request": {
@@ -1038,6 +1058,8 @@ def row_dht(runner: Runner) -> None:
         stats = summary_ms(answer["samples_s"])
         return {"p50_ms": stats["p50_ms"], "p99_ms": stats["p99_ms"], "n": stats["n"],
                 "misses": answer.get("misses", answer.get("failures", 0)),
+                **({"replica_not_dropped": answer["replica_not_dropped"]}
+                   if answer.get("replica_not_dropped") else {}),
                 **load_of(answer["section"])}  # fmt: skip
 
     figures = [{side: extract(a) for side, a in answers.items()} for answers in rounds_raw]

@@ -127,7 +127,8 @@ DHT_GET_PARALLEL = 4
 DHT_BUCKET_SIZE = 20
 DHT_GET_MAX_QUERIES = 3 * DHT_BUCKET_SIZE
 DHT_QUERY_TIMEOUT_S = 3.0
-DHT_QUORUM_GRACE_S = 0.025
+DHT_QUORUM_GRACE_MIN_S = 0.002
+DHT_QUORUM_GRACE_MAX_S = 0.025
 
 
 @dataclass
@@ -928,7 +929,7 @@ class Libp2pNetwork:
         is a new stream. Here the GET_VALUE queries are the lookup (each answer names closer
         peers, as the spec allows), already-connected peers are asked first, the best (by the
         namespace's ``select``) of :data:`DHT_GET_QUORUM` valid values, or of those that
-        arrive within :data:`DHT_QUORUM_GRACE_S` of the first, is the answer, and nothing
+        arrive soon after the first (half its time again, 2-25 ms), is the answer, and nothing
         waits for corrections: the writer re-announces. Same messages on the wire, so other
         implementations answer it.
         """
@@ -968,6 +969,7 @@ class Libp2pNetwork:
 
         in_flight = 0
         grace_ends = math.inf
+        started = trio.current_time()
         async with trio.open_nursery() as nursery:
             while True:
                 while (
@@ -993,10 +995,14 @@ class Libp2pNetwork:
                     if len(values) >= DHT_GET_QUORUM:
                         break
                     if len(values) == 1:
-                        # Others get a short grace to confirm or better the first value (an
-                        # older record replayed loses to a newer one in ``select``), not a
-                        # wait for dials to more peers.
-                        grace_ends = trio.current_time() + DHT_QUORUM_GRACE_S
+                        # Queries started together answer at about the same time: the
+                        # others get half as long again as the first took to confirm or
+                        # better it (an older record replayed loses to a newer one in
+                        # ``select``), not a wait for dials to more peers.
+                        took = trio.current_time() - started
+                        grace_ends = trio.current_time() + min(
+                            DHT_QUORUM_GRACE_MAX_S, max(DHT_QUORUM_GRACE_MIN_S, took / 2)
+                        )
                 fresh = [p for p in closer if p not in queried and p != me and p not in candidates]
                 if fresh:
                     candidates = sort_peer_ids_by_distance(key_bytes, candidates + fresh)

@@ -670,7 +670,8 @@ class CupyBackend(Backend):
         #: What the capacity probe advertises for this backend's device.
         self.status = status
         with self.device:
-            force_float32_math()
+            #: What had asked for TF32 float32 products and was overridden (None: nothing).
+            self.tf32_forced_off = force_float32_math()
             free_bytes, _total = cupy.cuda.runtime.memGetInfo()
             self.stream = cupy.cuda.Stream(non_blocking=True)
             self._main = _Lane(cupy, self.stream)

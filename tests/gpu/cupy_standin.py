@@ -44,6 +44,7 @@ import ctypes
 import os
 import sys
 import threading
+import time
 import types
 import weakref
 from collections.abc import Callable
@@ -156,14 +157,19 @@ class MemoryPointer:
         stream = stream if stream is not None else standin.current_stream()
         if size <= 0:
             return
-        destination = self.ptr
+        destination, mem = self.ptr, self.mem
+        # The queued copy holds the allocation: CuPy's pool orders a freed block's reuse after
+        # the work already queued on the stream, so dropping the array here is legal.
         if standin.is_pinned(source, size):
-            stream._enqueue(lambda: ctypes.memmove(destination, source, size))
+            pinned = standin._pinned_buffer(source)
+            stream._enqueue(
+                lambda: (mem, pinned, standin._pinned_dma(destination, source, size, source))
+            )
         else:
             # CUDA stages pageable memory before returning: the source may change afterwards.
             standin.pageable_async_copies += 1
             staged = _bytes_at(source, size).copy()
-            stream._enqueue(lambda: ctypes.memmove(destination, staged.ctypes.data, size))
+            stream._enqueue(lambda: (mem, ctypes.memmove(destination, staged.ctypes.data, size)))
 
     def copy_to_host_async(self, mem: Any, size: int, stream: Any = None) -> None:
         """Queue device -> host on ``stream``; completes before returning for pageable memory."""
@@ -173,11 +179,16 @@ class MemoryPointer:
         stream = stream if stream is not None else standin.current_stream()
         if size <= 0:
             return
-        source = self.ptr
-        stream._enqueue(lambda: ctypes.memmove(target, source, size))
-        if not standin.is_pinned(target, size):
-            standin.pageable_async_copies += 1
-            stream.synchronize()
+        source, mem = self.ptr, self.mem
+        if standin.is_pinned(target, size):
+            pinned = standin._pinned_buffer(target)
+            stream._enqueue(
+                lambda: (mem, pinned, standin._pinned_dma(target, source, size, target))
+            )
+            return
+        stream._enqueue(lambda: (mem, ctypes.memmove(target, source, size)))
+        standin.pageable_async_copies += 1
+        stream.synchronize()
 
     def _check(self, size: int) -> None:
         if not self.mem.ptr <= self.ptr <= self.ptr + size <= self.mem.ptr + self.mem.nbytes:
@@ -274,10 +285,17 @@ class Event:
     ) -> None:
         self._stream: Stream | None = None
         self._position = 0
+        self._time = 0.0
 
     def record(self, stream: Stream | None = None) -> None:
         stream = stream if stream is not None else _current_standin().current_stream()
         self._stream, self._position = stream, stream._enqueued
+        # Timing (for a smoke test of the benchmark only): when the stream gets here.
+        stream._enqueue(self._stamp)
+        self._position = stream._enqueued
+
+    def _stamp(self) -> None:
+        self._time = time.perf_counter()
 
     @property
     def done(self) -> bool:
@@ -549,6 +567,15 @@ class CupyStandin:
     def _device_range(self, ptr: int, nbytes: int) -> bool:
         return any(p <= ptr and ptr + nbytes <= p + n for p, n in self._allocations.items())
 
+    def _pinned_dma(self, destination: int, source: int, size: int, host: int) -> None:
+        # The queued copy holds the buffer (no crash), and freeing it first is reported.
+        if not self.is_pinned(host, size):
+            raise AssertionError("page-locked memory was freed before its queued DMA ran")
+        ctypes.memmove(destination, source, size)
+
+    def _pinned_buffer(self, ptr: int) -> np.ndarray | None:
+        return next((b for p, b in self._pinned.items() if p <= ptr < p + b.nbytes), None)
+
     def is_pinned(self, ptr: int, nbytes: int) -> bool:
         return any(p <= ptr and ptr + nbytes <= p + b.nbytes for p, b in self._pinned.items())
 
@@ -777,6 +804,7 @@ class CupyStandin:
             device=device_module,
             is_available=lambda: standin.driver_error is None and bool(standin.visible()),
             get_current_stream=lambda device_id=-1: standin.current_stream(),
+            get_elapsed_time=lambda start, end: (end._time - start._time) * 1e3,
         )
         linalg = module(
             "cupy._core._routines_linalg",
@@ -860,6 +888,7 @@ class CupyStandin:
             ndarray=ndarray,
             cuda=cuda,
             _core=core,
+            uint8=np.uint8,
             float16=np.float16,
             float32=np.float32,
             float64=np.float64,

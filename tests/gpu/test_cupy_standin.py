@@ -13,6 +13,7 @@ from __future__ import annotations
 import gc
 import importlib
 import inspect
+import json
 import logging
 import sys
 import threading
@@ -602,3 +603,33 @@ def test_standin_signatures_match_the_installed_cupy(monkeypatch: pytest.MonkeyP
         fake["cupy_backends.cuda.libs.cublas"].gemmStridedBatchedEx
     )
     assert cublas.CUBLAS_COMPUTE_32F == 68 and cublas.CUBLAS_GEMM_DEFAULT_TENSOR_OP == 99
+
+
+# -- the benchmark script, smoke-tested on the stand-in ---------------------------------------
+
+
+def test_gpu_benchmark_runs_end_to_end_on_the_standin(
+    standin: CupyStandin, tmp_path: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from benchmarks import gpu_kernels
+
+    out = tmp_path / "gpu.json"
+    assert gpu_kernels.main(["--quick", "--json", str(out)]) == 0
+    document = json.loads(out.read_text())
+    whats = {record["what"] for record in document["records"]}
+    assert {"device", "correct", "bus", "gemm", "shard_e2e", "memory", "freivalds"} <= whats
+    summary = document["summary"]
+    assert summary["failures"] == [] and summary["device"] == FakeGpu().name
+    assert summary["gemm_float16_n128_vs_cupy"] > 0
+    assert summary["shard_float32_n512_vs_pinned_bus"] > 0
+    assert '"summary"' in capsys.readouterr().out  # the JSON document goes to stdout too
+
+
+def test_gpu_benchmark_without_a_gpu_exits_3(
+    make_standin: Callable[..., Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from benchmarks import gpu_kernels
+
+    make_standin(driver_error=100)
+    assert gpu_kernels.main(["--quick"]) == gpu_kernels.EXIT_NO_GPU == 3
+    assert "no usable GPU: " in capsys.readouterr().err

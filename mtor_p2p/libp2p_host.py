@@ -127,6 +127,10 @@ DHT_GET_PARALLEL = 4
 DHT_BUCKET_SIZE = 20
 DHT_GET_MAX_QUERIES = 3 * DHT_BUCKET_SIZE
 DHT_QUERY_TIMEOUT_S = 3.0
+#: MTOR's own GET_VALUE, served on lanes (see Libp2pNetwork._ask_for_value).
+DHT_GET_PROTOCOL = "/mtor/dht/get/1"
+DHT_GET_MAX_KEY_BYTES = 1024
+DHT_GET_MAX_REPLY_BYTES = 256 * 1024
 DHT_QUORUM_GRACE_MIN_S = 0.002
 DHT_QUORUM_GRACE_MAX_S = 0.025
 
@@ -301,6 +305,18 @@ def _disable_auto_connector(host: IHost) -> None:
         auto_connector.maybe_connect = no_auto_connect
 
 
+def _parse_dht_reply(reply: bytes) -> tuple[bytes | None, list[ID]]:
+    """Decode a :data:`DHT_GET_PROTOCOL` answer (the caller validates the value)."""
+    try:
+        answer = json.loads(reply)
+        encoded = answer["value"]
+        value = None if encoded is None else base64.b64decode(encoded, validate=True)
+        closer = [ID.from_base58(p) for p in answer["closer"][:DHT_BUCKET_SIZE]]
+    except Exception as exc:
+        raise PeerMisbehaved(f"malformed DHT answer: {type(exc).__name__}") from exc
+    return value, closer
+
+
 def _key_to_provider_key(key: str) -> str:
     # py-libp2p accepts a hex multihash for provider keys; use sha2-256 of our key.
     return "1220" + hashlib.sha256(key.encode()).hexdigest()
@@ -321,6 +337,8 @@ class Libp2pNetwork:
         self._subscriptions: dict[str, list[trio.MemorySendChannel[Message]]] = {}
         self.stats = HostStats()
         self._services: dict[str, _Service] = {}
+        #: Peers that do not serve DHT_GET_PROTOCOL (asked with Kademlia); oldest forgotten.
+        self._kademlia_only: dict[str, None] = {}
         self._lane_server: LaneServer | None = None
         self._lane_client: LaneClient | None = None
         self._peer_requests = _PeerRequests(
@@ -392,6 +410,12 @@ class Libp2pNetwork:
                 await pubsub.wait_until_ready()
             network = cls(host, dht, pubsub, settings, identity)
             network._guard_existing_handlers()
+            network.handle(
+                DHT_GET_PROTOCOL,
+                network._serve_dht_get,
+                max_request_bytes=DHT_GET_MAX_KEY_BYTES,
+                timeout=5.0,
+            )
             async with trio.open_nursery() as nursery:
                 network._nursery = nursery
                 nursery.start_soon(network._fill_routing_table)
@@ -957,15 +981,13 @@ class Libp2pNetwork:
             closer: list[ID] = []
             with trio.move_on_after(DHT_QUERY_TIMEOUT_S):
                 try:
-                    record, closer = await dht.value_store._get_from_peer(
-                        peer, key_bytes, return_record=True, return_closer_peers=True
-                    )
-                    if record is not None:
-                        dht.validator.validate(key, record.value)
-                        value = bytes(record.value)
+                    found, closer = await self._ask_for_value(peer, key_bytes)
+                    if found is not None:
+                        dht.validator.validate(key, found)
+                        value = found
                 except Exception as exc:  # a peer that fails or lies is skipped
                     log.debug("DHT GET_VALUE from %s failed: %s", peer, exc)
-            answers_in.send_nowait((value, list(closer or [])))
+            answers_in.send_nowait((value, closer))
 
         in_flight = 0
         grace_ends = math.inf
@@ -1010,6 +1032,47 @@ class Libp2pNetwork:
         if not values:
             return None
         return values[dht.validator.select(key, values)]
+
+    async def _ask_for_value(self, peer: ID, key: bytes) -> tuple[bytes | None, list[ID]]:
+        """One peer's value for ``key`` (unvalidated) and the closer peers it knows.
+
+        An MTOR peer answers :data:`DHT_GET_PROTOCOL` over its lane (a fraction of a
+        millisecond once the lane is open, where a Kademlia RPC opens and negotiates a new
+        stream); any other peer (or one that fails to) is asked with Kademlia's GET_VALUE.
+        """
+        name = str(peer)
+        if name not in self._kademlia_only:
+            try:
+                reply = await self.request(
+                    name,
+                    DHT_GET_PROTOCOL,
+                    key,
+                    timeout=DHT_QUERY_TIMEOUT_S,
+                    max_response_bytes=DHT_GET_MAX_REPLY_BYTES,
+                )
+            except NetworkError:
+                self._kademlia_only[name] = None
+                while len(self._kademlia_only) > MAX_PENALISED_PEERS:
+                    del self._kademlia_only[next(iter(self._kademlia_only))]
+            else:
+                return _parse_dht_reply(reply)
+        record, closer = await self._dht.value_store._get_from_peer(
+            peer, key, return_record=True, return_closer_peers=True
+        )
+        value = bytes(record.value) if record is not None else None
+        return value, list(closer or [])
+
+    async def _serve_dht_get(self, sender: str, payload: bytes) -> bytes:
+        """Answer :data:`DHT_GET_PROTOCOL`: the value this host stores for the key (as its
+        Kademlia handler would) and the closest peers its routing table knows."""
+        record = self._dht.value_store.get(payload)
+        closer = [
+            str(p)
+            for p in self._dht.routing_table.find_local_closest_peers(payload, DHT_BUCKET_SIZE)
+            if str(p) != sender
+        ]
+        value = base64.b64encode(record.value).decode() if record is not None else None
+        return json.dumps({"value": value, "closer": closer}).encode()
 
     async def provide(self, key: str) -> None:
         """Announce that this node provides ``key``."""

@@ -131,6 +131,7 @@ DHT_QUERY_TIMEOUT_S = 3.0
 DHT_GET_PROTOCOL = "/mtor/dht/get/1"
 DHT_GET_MAX_KEY_BYTES = 1024
 DHT_GET_MAX_REPLY_BYTES = 256 * 1024
+KADEMLIA_ONLY_S = 600.0
 DHT_QUORUM_GRACE_MIN_S = 0.002
 DHT_QUORUM_GRACE_MAX_S = 0.025
 
@@ -337,8 +338,9 @@ class Libp2pNetwork:
         self._subscriptions: dict[str, list[trio.MemorySendChannel[Message]]] = {}
         self.stats = HostStats()
         self._services: dict[str, _Service] = {}
-        #: Peers that do not serve DHT_GET_PROTOCOL (asked with Kademlia); oldest forgotten.
-        self._kademlia_only: dict[str, None] = {}
+        #: Peers that failed DHT_GET_PROTOCOL -> until when they are asked with Kademlia
+        #: instead (the oldest forgotten first).
+        self._kademlia_only: dict[str, float] = {}
         self._lane_server: LaneServer | None = None
         self._lane_client: LaneClient | None = None
         self._peer_requests = _PeerRequests(
@@ -1041,7 +1043,7 @@ class Libp2pNetwork:
         stream); any other peer (or one that fails to) is asked with Kademlia's GET_VALUE.
         """
         name = str(peer)
-        if name not in self._kademlia_only:
+        if self._kademlia_only.get(name, -math.inf) <= trio.current_time():
             try:
                 reply = await self.request(
                     name,
@@ -1051,7 +1053,9 @@ class Libp2pNetwork:
                     max_response_bytes=DHT_GET_MAX_REPLY_BYTES,
                 )
             except NetworkError:
-                self._kademlia_only[name] = None
+                # It does not serve the protocol, or the request failed: Kademlia for a while.
+                self._kademlia_only.pop(name, None)
+                self._kademlia_only[name] = trio.current_time() + KADEMLIA_ONLY_S
                 while len(self._kademlia_only) > MAX_PENALISED_PEERS:
                     del self._kademlia_only[next(iter(self._kademlia_only))]
             else:

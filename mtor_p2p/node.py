@@ -60,6 +60,9 @@ log = logging.getLogger(__name__)
 UPLOAD_SPOOL_DIR_NAME = "uploads"
 #: The peer book's file in the data directory (see :mod:`mtor_p2p.compute.reputation`).
 PEER_BOOK_FILE_NAME = "peers.sqlite"
+#: On a clean exit, how long the node waits for receipts still settling (stored, entered into
+#: the ledger) before it stops.
+SETTLE_ON_EXIT_SECONDS = 5.0
 #: Keep dialing peers from the capacity view until this many connections are open, so the
 #: overlay does not hang off the bootstrap peers alone.
 TARGET_CONNECTIONS = 8
@@ -391,6 +394,10 @@ class Node:
             finally:
                 if self.withdraw_on_exit:
                     with trio.CancelScope(shield=True):
+                        # Receipts of jobs that already returned are settled after their
+                        # result (scheduler.settle): store them before the courier stops.
+                        with trio.move_on_after(SETTLE_ON_EXIT_SECONDS):
+                            await self.scheduler.settled()
                         await self.capacity.withdraw(timeout=3.0)
                 if control:
                     self._remove_control_info()

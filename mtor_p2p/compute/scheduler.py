@@ -809,6 +809,12 @@ class Scheduler:
         # Countersigned receipts travel to their workers off the job's critical path: a dead
         # worker must not delay the result by a delivery timeout.
         self._outbox_send, self._outbox = trio.open_memory_channel[tuple[str, Receipt]](10_000)
+        # Receipts countersigned and not yet stored and entered into the ledger: the courier
+        # settles them after their job has its result (see settle()).
+        self._settle_send, self._settle_recv = trio.open_memory_channel[tuple[str, Receipt]](10_000)
+        self._settling = False
+        self._unsettled = 0
+        self._settled_changed = trio.Event()
 
     def speed_of(self, record: CapacityRecord) -> float:
         """TFLOP/s to plan with for ``record``'s worker: measured here, else its claim capped
@@ -1057,27 +1063,71 @@ class Scheduler:
                     return
 
     async def settle(self, worker: str, receipt: Receipt) -> Receipt:
-        """Countersign an accepted shard's receipt, store it, queue it for its worker."""
+        """Countersign an accepted shard's receipt and settle it: store it, enter it into the
+        ledger (which gossips it), deliver it to its worker. Returns the complete receipt.
+
+        While :meth:`courier` runs (a node runs it), only the countersignature (an Ed25519
+        signature) happens here and the rest follows in the courier's tasks, after the job
+        has its result: a shard's answer does not wait for SQLite commits or gossip (issue 9).
+        :meth:`settled` waits for it. Without a courier, everything happens here.
+        """
         complete = countersign(self.identity, receipt)
-        await self.runtime.run_blocking(self.receipts.add, complete)
+        if self._settling:
+            try:
+                self._settle_send.send_nowait((worker, complete))
+            except trio.WouldBlock:
+                pass  # a backlog of 10,000: settle this one here
+            else:
+                self._unsettled += 1
+                return complete
+        await self._settle_now(worker, complete)
+        return complete
+
+    async def _settle_now(self, worker: str, complete: Receipt) -> None:
+        # Group-committed with the other receipts settling meanwhile.
+        await self.receipts.add_async(complete, self.runtime.run_blocking)
         if self.on_settled is not None:
             await self.on_settled(complete)
         try:
             self._outbox_send.send_nowait((worker, complete))
         except trio.WouldBlock:
             log.warning("countersign outbox full: receipt kept locally only")
-        return complete
 
-    async def courier(self, deliverers: int = 8) -> None:
-        """Deliver countersigned receipts to their workers, a few at a time (run by the node)."""
+    async def settled(self) -> None:
+        """Return once every receipt countersigned so far is stored and in the ledger (its
+        delivery to the worker may still be under way)."""
+        while self._unsettled > 0:
+            await self._settled_changed.wait()
+
+    async def courier(self, deliverers: int = 8, settlers: int = 8) -> None:
+        """Settle countersigned receipts (store, ledger, gossip) and deliver them to their
+        workers, a few at a time (run by the node). Several settlers at once let the receipt
+        store's group commit put the receipts of a burst of shards in one commit."""
+
+        async def settle_forever() -> None:
+            async for worker, receipt in self._settle_recv:
+                try:
+                    await self._settle_now(worker, receipt)
+                except Exception:
+                    log.exception("settling receipt %s failed", receipt.receipt_id)
+                finally:
+                    self._unsettled -= 1
+                    self._settled_changed.set()
+                    self._settled_changed = trio.Event()
 
         async def deliver_forever() -> None:
             async for worker, receipt in self._outbox:
                 await self._deliver(worker, receipt)
 
-        async with trio.open_nursery() as nursery:
-            for _ in range(deliverers):
-                nursery.start_soon(deliver_forever)
+        self._settling = True
+        try:
+            async with trio.open_nursery() as nursery:
+                for _ in range(settlers):
+                    nursery.start_soon(settle_forever)
+                for _ in range(deliverers):
+                    nursery.start_soon(deliver_forever)
+        finally:
+            self._settling = False
 
     async def _deliver(self, worker: str, receipt: Receipt) -> None:
         try:

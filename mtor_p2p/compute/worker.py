@@ -766,7 +766,9 @@ class WorkerService:
             raise RemoteError(f"receipt rejected: {exc}") from exc
         if receipt.body.worker != self._identity.peer_id or receipt.body.requester != sender:
             raise RemoteError("receipt names other peers")
-        stored = await self._runtime.run_blocking(self.receipts.add, receipt)
+        # Group-committed with other receipts arriving meanwhile; "stored" is answered only
+        # once the commit holding this one is on disk.
+        stored = await self.receipts.add_async(receipt, self._runtime.run_blocking)
         reservation = (receipt.body.job_id, receipt.body.shard, receipt.body.started)
         self._release(sender, reservation)
         unpaid = self._unpaid.get(sender)

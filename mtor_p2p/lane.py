@@ -79,8 +79,16 @@ IDLE_TIMEOUT_S = 120.0
 SERVER_IDLE_TIMEOUT_S = 2.5 * IDLE_TIMEOUT_S
 #: Given-up requests whose late responses are still read and dropped (oldest forgotten first).
 MAX_ABANDONED = 1024
-#: A client that failed to open a lane to a peer does not try again for this long.
+#: A client that failed to open a lane to a peer does not try again for this long (a peer
+#: whose ticket request was refused, "busy", for RETRY_BUSY_S).
 RETRY_AFTER_S = 300.0
+RETRY_BUSY_S = 30.0
+#: Inbound connections that have not yet shown a ticket, in all and per source address.
+MAX_PENDING_HELLOS = 64
+MAX_PENDING_HELLOS_PER_SOURCE = 8
+#: A response over its requester's limit is skipped up to this size (only that request
+#: fails); a larger one closes the lane.
+MAX_SKIPPED_RESPONSE_BYTES = 64 << 20
 #: Records sealed under one key before the lane is closed (a new one takes its place).
 MAX_RECORDS_PER_KEY = 1 << 40
 #: Reads of a record already announced by its length must keep at least this rate.
@@ -167,38 +175,45 @@ class LaneSocket:
         self._in = bytearray(SMALL_BUFFER_BYTES)
         self._start = 0  # unread bytes are self._in[self._start:self._end]
         self._end = 0
-        self._sent_of_message = 0
         self.closed = False
 
     # -- writing ---------------------------------------------------------------------------
 
     async def send_message(self, header: bytes, body: bytes | memoryview) -> None:
-        """Seal and send ``header`` and ``body`` as one message (callers set the deadline)."""
+        """Seal and send ``header`` and ``body`` as one message.
+
+        Waiting for the lane (behind other messages) can be cancelled; once this message is
+        taken, it goes out whole, shielded from the caller's cancellation, within its own
+        deadline (:func:`read_deadline` of its size: the peer must read at the minimum rate).
+        A message cut short would leave the peer's reader (and the record counter) out of
+        step, so a send that fails or overruns closes the lane (:class:`LaneError`).
+        """
         async with self._send_lock:
             if self.closed:
                 raise LaneError("lane closed")
-            self._sent_of_message = 0
             view = memoryview(body).cast("B")
             records = 1 + -(-len(view) // RECORD_BYTES)
             total = len(header) + len(view) + records * (_RECORD_LENGTH.size + _TAG)
             out = self._out if total <= len(self._out) else bytearray(min(total, _LARGE_BUFFER))
-            try:
-                used = self._seal(out, header, 0)
-                offset = 0
-                while offset < len(view):
-                    piece = view[offset : offset + RECORD_BYTES]
-                    if used + _RECORD_LENGTH.size + len(piece) + _TAG > len(out):
-                        await self._flush(out, used)
-                        used = 0
-                    used = self._seal(out, piece, used)
-                    offset += len(piece)
-                await self._flush(out, used)
-            except BaseException:
-                # A message cut in the middle leaves the peer's reader out of step: the lane
-                # cannot carry another message. (Cancelled before a byte left, it still can.)
-                if self._sent_of_message:
+            with trio.CancelScope(shield=True) as scope:
+                scope.deadline = trio.current_time() + read_deadline(total)
+                try:
+                    used = self._seal(out, header, 0)
+                    offset = 0
+                    while offset < len(view):
+                        piece = view[offset : offset + RECORD_BYTES]
+                        if used + _RECORD_LENGTH.size + len(piece) + _TAG > len(out):
+                            await self._flush(out, used)
+                            used = 0
+                        used = self._seal(out, piece, used)
+                        offset += len(piece)
+                    await self._flush(out, used)
+                except BaseException:
                     self.close()
-                raise
+                    raise
+            if scope.cancelled_caught:
+                self.close()
+                raise LaneError("the peer did not read a message in time")
 
     def _seal(self, out: bytearray, plaintext: bytes | memoryview, at: int) -> int:
         size = len(plaintext) + _TAG
@@ -215,7 +230,6 @@ class LaneSocket:
                 sent = await self._sock.send(view)
             except (OSError, trio.ClosedResourceError) as exc:
                 raise LaneError(f"lane send failed: {exc}") from exc
-            self._sent_of_message += sent
             view = view[sent:]
 
     # -- reading ---------------------------------------------------------------------------
@@ -295,10 +309,21 @@ class LaneSocket:
             (size,) = _RECORD_LENGTH.unpack_from(self._in, self._start)
             if size != want + _TAG:
                 raise LaneError("body record of the wrong size")
-            await self._fill(_RECORD_LENGTH.size + size)
-            self._start += _RECORD_LENGTH.size + size
+            self._start += _RECORD_LENGTH.size
+            await self._drop(size)
             self._opener.skip()
             offset += want
+
+    async def _drop(self, size: int) -> None:
+        """Read and forget ``size`` bytes through the buffer as it is (never growing it: a
+        refused body is not admitted, so it must not cost memory)."""
+        while size:
+            if self._end == self._start:
+                self._start = self._end = 0
+                await self._fill(1)
+            take = min(size, self._end - self._start)
+            self._start += take
+            size -= take
 
     async def wait_readable(self) -> None:
         """Return once a byte is buffered (the next message has begun). A large receive
@@ -355,12 +380,7 @@ class ServerLane:
     async def respond(self, request_id: int, status: int, payload: bytes) -> None:
         """Send one response; a client that does not read it in time loses its lane."""
         head = _RESPONSE_HEAD.pack(_RESPONSE, request_id, status, len(payload))
-        try:
-            with trio.fail_after(read_deadline(len(payload))):
-                await self.lane.send_message(head, payload)
-        except trio.TooSlowError:
-            self.lane.close()
-            raise LaneError("client did not read its response in time") from None
+        await self.lane.send_message(head, payload)
         self.last_active = trio.current_time()
 
 
@@ -375,6 +395,8 @@ class LaneServer:
     lanes: dict[str, int] = field(default_factory=dict)  # client peer -> open inbound lanes
     port: int = 0
     _listeners: list[trio.socket.SocketType] = field(default_factory=list)
+    _hellos_pending: int = 0
+    _hellos_by_source: dict[str, int] = field(default_factory=dict)
 
     async def listen(self, hosts: list[str], port: int = 0) -> int:
         """Listen on ``hosts`` (one port for all); return the port."""
@@ -405,7 +427,19 @@ class LaneServer:
                     log.warning("lane listener: accept failed: %s", exc)
                     await trio.sleep(0.1)
                     continue
-                nursery.start_soon(self._serve_connection, sock)
+                # Connections that have not shown a ticket yet cost a descriptor each and
+                # need no identity: bounded in all and per source address.
+                source = _source_of(sock)
+                if (
+                    self._hellos_pending >= MAX_PENDING_HELLOS
+                    or self._hellos_by_source.get(source, 0) >= MAX_PENDING_HELLOS_PER_SOURCE
+                ):
+                    self.stats.lanes_refused_in += 1
+                    sock.close()
+                    continue
+                self._hellos_pending += 1
+                self._hellos_by_source[source] = self._hellos_by_source.get(source, 0) + 1
+                nursery.start_soon(self._serve_connection, sock, source)
 
     def issue_ticket(self, client: str) -> tuple[bytes, bytes] | None:
         """A new ticket ID and secret for ``client``, or None if it holds too many."""
@@ -415,22 +449,30 @@ class LaneServer:
         mine = sum(1 for t in self.tickets.values() if t.client == client)
         if mine >= MAX_TICKETS_PER_PEER or len(self.tickets) >= MAX_TICKETS:
             return None
-        if self.lanes.get(client, 0) >= MAX_LANES_PER_PEER:
+        if (
+            self.lanes.get(client, 0) >= MAX_LANES_PER_PEER
+            or sum(self.lanes.values()) >= MAX_INBOUND_LANES
+        ):
             return None
         ticket, secret = os.urandom(TICKET_BYTES), os.urandom(SECRET_BYTES)
         self.tickets[ticket] = Ticket(client, secret, now + TICKET_TTL_S)
         return ticket, secret
 
-    async def _serve_connection(self, sock: trio.socket.SocketType) -> None:
+    async def _serve_connection(self, sock: trio.socket.SocketType, source: str) -> None:
         with sock:
-            sock.setsockopt(trio.socket.IPPROTO_TCP, trio.socket.TCP_NODELAY, 1)
             hello = bytearray(TICKET_BYTES + NONCE_BYTES)
             try:
+                sock.setsockopt(trio.socket.IPPROTO_TCP, trio.socket.TCP_NODELAY, 1)
                 with trio.fail_after(HELLO_TIMEOUT_S):
                     await _recv_exactly(sock, memoryview(hello))
-            except (trio.TooSlowError, LaneError):
+            except (trio.TooSlowError, LaneError, OSError):
                 self.stats.lanes_refused_in += 1
                 return
+            finally:
+                self._hellos_pending -= 1
+                self._hellos_by_source[source] -= 1
+                if not self._hellos_by_source[source]:
+                    del self._hellos_by_source[source]
             ticket = self.tickets.pop(bytes(hello[:TICKET_BYTES]), None)
             if ticket is None or ticket.expires <= trio.current_time():
                 self.stats.lanes_refused_in += 1
@@ -440,54 +482,65 @@ class LaneServer:
             ):
                 self.stats.lanes_refused_in += 1
                 return
-            server_nonce = os.urandom(NONCE_BYTES)
-            try:
-                with trio.fail_after(HELLO_TIMEOUT_S):
-                    await _send_all(sock, server_nonce)
-            except (trio.TooSlowError, LaneError):
-                return
-            to_server, to_client = derive_keys(
-                ticket.secret,
-                bytes(hello[TICKET_BYTES:]),
-                server_nonce,
-                ticket.client,
-                self.peer_id,
-            )
-            lane = LaneSocket(sock, send_key=to_client, receive_key=to_server)
+            # Counted before the next wait, so that tickets used at once cannot race past
+            # the limits.
             self.lanes[ticket.client] = self.lanes.get(ticket.client, 0) + 1
-            self.stats.lanes_opened_in += 1
-            self.stats.lanes_open_in += 1
-            ended: BaseException | None = None
             try:
-                async with trio.open_nursery() as nursery:
-                    server_lane = ServerLane(lane, ticket.client, nursery)
-                    try:
-                        await self._read_requests(server_lane)
-                    except Exception as exc:  # whatever the client causes ends its lane
-                        ended = exc
-                    nursery.cancel_scope.cancel()
-            except Exception as exc:  # a handler's answer that could not be sent, say
-                ended = exc
+                server_nonce = os.urandom(NONCE_BYTES)
+                try:
+                    with trio.fail_after(HELLO_TIMEOUT_S):
+                        await _send_all(sock, server_nonce)
+                except (trio.TooSlowError, LaneError):
+                    return
+                await self._run_lane(sock, ticket, bytes(hello[TICKET_BYTES:]), server_nonce)
             finally:
-                lane.close()
-                self.stats.lanes_open_in -= 1
                 self.lanes[ticket.client] -= 1
                 if not self.lanes[ticket.client]:
                     del self.lanes[ticket.client]
-            if isinstance(ended, LaneError) and "authenticate" in str(ended):
-                self.stats.lane_auth_failures += 1
-            if ended is not None:
-                log.debug("inbound lane from %s ended: %r", ticket.client, ended)
+
+    async def _run_lane(
+        self, sock: trio.socket.SocketType, ticket: Ticket, client_nonce: bytes, server_nonce: bytes
+    ) -> None:
+        to_server, to_client = derive_keys(
+            ticket.secret, client_nonce, server_nonce, ticket.client, self.peer_id
+        )
+        lane = LaneSocket(sock, send_key=to_client, receive_key=to_server)
+        self.stats.lanes_opened_in += 1
+        self.stats.lanes_open_in += 1
+        ended: BaseException | None = None
+        try:
+            async with trio.open_nursery() as nursery:
+                server_lane = ServerLane(lane, ticket.client, nursery)
+                try:
+                    await self._read_requests(server_lane)
+                except Exception as exc:  # whatever the client causes ends its lane
+                    ended = exc
+                nursery.cancel_scope.cancel()
+        except Exception as exc:  # a handler's answer that could not be sent, say
+            ended = exc
+        finally:
+            lane.close()
+            self.stats.lanes_open_in -= 1
+        if isinstance(ended, LaneError) and "authenticate" in str(ended):
+            self.stats.lane_auth_failures += 1
+        if ended is not None:
+            log.debug("inbound lane from %s ended: %r", ticket.client, ended)
 
     async def _read_requests(self, server_lane: ServerLane) -> None:
         lane = server_lane.lane
         while True:
             # A lane with nothing in flight and nothing arriving is closed after a while.
-            with trio.move_on_after(SERVER_IDLE_TIMEOUT_S) as idle:
+            # Idle counts from the last request or answer, whichever is later.
+            quiet_until = server_lane.last_active + SERVER_IDLE_TIMEOUT_S
+            with trio.move_on_at(quiet_until) as idle:
                 await lane.wait_readable()
             if idle.cancelled_caught:
-                if len(server_lane.nursery.child_tasks) == 0:
+                quiet = trio.current_time() - server_lane.last_active >= SERVER_IDLE_TIMEOUT_S
+                if quiet and len(server_lane.nursery.child_tasks) == 0:
                     return
+                if not quiet:
+                    continue
+                await trio.sleep(min(1.0, SERVER_IDLE_TIMEOUT_S))  # handlers still running
                 continue
             try:
                 with trio.fail_after(READ_GRACE_S):
@@ -507,6 +560,13 @@ class LaneServer:
             self.stats.lane_requests_in += 1
             server_lane.last_active = trio.current_time()
             await self.dispatch(server_lane.client, request_id, protocol, length, server_lane)
+
+
+def _source_of(sock: trio.socket.SocketType) -> str:
+    try:
+        return str(sock.getpeername()[0])
+    except OSError:
+        return "?"
 
 
 async def _recv_exactly(sock: trio.socket.SocketType, out: memoryview) -> None:
@@ -573,7 +633,10 @@ class ClientLane:
         self, protocol: str, payload: bytes, *, timeout: float, max_response_bytes: int
     ) -> bytes:
         """One request; raise RemoteError for the server's refusal, NetworkError otherwise."""
-        encoded = protocol.encode("ascii")
+        try:
+            encoded = protocol.encode("ascii")
+        except UnicodeEncodeError:
+            raise NetworkError("a lane carries only ASCII protocol names") from None
         if len(encoded) > MAX_PROTOCOL_BYTES:
             raise NetworkError("protocol name too long for a lane")
         request_id = self._next_id
@@ -581,22 +644,29 @@ class ClientLane:
         pending = self._pending[request_id] = _Pending(max_response_bytes)
         self.last_active = trio.current_time()
         self._stats.lane_requests_out += 1
+        sent = False
         try:
             with trio.fail_after(timeout):
                 await self.lane.send_message(
                     _REQUEST_HEAD.pack(_REQUEST, request_id, len(payload)) + encoded, payload
                 )
+                sent = True
                 await pending.done.wait()
         except trio.TooSlowError:
-            if self._pending.pop(request_id, None) is not None:
-                self._abandoned[request_id] = max_response_bytes
-                while len(self._abandoned) > MAX_ABANDONED:
-                    del self._abandoned[next(iter(self._abandoned))]
             raise NetworkError(
                 f"request {protocol} to {self.server} timed out after {timeout} s"
             ) from None
         finally:
-            self._pending.pop(request_id, None)
+            # Given up (deadline, or the caller's own cancellation) after it was sent: its
+            # answer may still come, and is then read and dropped, not taken as a violation.
+            if (
+                self._pending.pop(request_id, None) is not None
+                and sent
+                and not pending.done.is_set()
+            ):
+                self._abandoned[request_id] = max_response_bytes
+                while len(self._abandoned) > MAX_ABANDONED:
+                    del self._abandoned[next(iter(self._abandoned))]
         self.last_active = trio.current_time()
         if pending.error is not None:
             raise pending.error
@@ -647,7 +717,18 @@ class ClientLane:
         if status != STATUS_OK:
             limit = min(limit, 4096)
         if length > limit:
-            raise LaneError(f"response of {length} bytes exceeds limit {limit}")
+            # Only that request fails (as on a stream); the body is skipped, not kept.
+            if length > MAX_SKIPPED_RESPONSE_BYTES:
+                raise LaneError(f"response of {length} bytes exceeds limit {limit}")
+            try:
+                with trio.fail_after(read_deadline(length)):
+                    await self.lane.skip_body(length)
+            except trio.TooSlowError:
+                raise LaneError("response body too slow") from None
+            if pending is not None and request_id in self._pending:
+                pending.error = NetworkError(f"response of {length} bytes exceeds limit {limit}")
+                pending.done.set()
+            return
         try:
             with trio.fail_after(read_deadline(length)):
                 body = await self.lane.read_body(length)
@@ -697,8 +778,11 @@ class LaneClient:
             return
         if self._failed_until.get(peer, float("-inf")) > trio.current_time():
             return
+        try:
+            self._nursery.start_soon(self._open_lane, peer)
+        except RuntimeError:  # the host is stopping: no new lanes
+            return
         self._opening[peer] = trio.Event()
-        self._nursery.start_soon(self._open_lane, peer)
 
     async def wait_open(self, peer: str, timeout: float = 10.0) -> ClientLane | None:
         """Open a lane to ``peer`` and wait for it (tests, benchmarks); None if it failed."""
@@ -715,7 +799,10 @@ class LaneClient:
             lane = await self._connect(peer)
         except Exception as exc:  # no lane: requests keep using streams
             self._stats.lanes_failed_out += 1
-            self._failed_until[peer] = trio.current_time() + RETRY_AFTER_S
+            # Refused for now ("busy"): try again soon. Unreachable: not for a while.
+            wait = RETRY_BUSY_S if isinstance(exc, RemoteError) else RETRY_AFTER_S
+            self._failed_until.pop(peer, None)
+            self._failed_until[peer] = trio.current_time() + wait
             if len(self._failed_until) > 4096:
                 del self._failed_until[next(iter(self._failed_until))]
             log.info("no lane to %s (requests use streams): %s", peer, exc)
@@ -760,9 +847,13 @@ class LaneClient:
                 del self._lanes[peer]
 
     def _evict_idle(self) -> None:
-        """Above the lane cap, close the lane idle longest."""
+        """At the lane cap, close the lane idle longest among those with nothing in flight
+        (the cap is soft: lanes carrying requests are never closed for it)."""
         while len(self._lanes) >= self._max_lanes:
-            peer, lane = min(self._lanes.items(), key=lambda item: item[1].last_active)
+            idle = [item for item in self._lanes.items() if item[1].in_flight == 0]
+            if not idle:
+                return
+            peer, lane = min(idle, key=lambda item: item[1].last_active)
             lane.lane.close()
             del self._lanes[peer]
 

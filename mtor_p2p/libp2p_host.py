@@ -120,6 +120,7 @@ MAX_PENALISED_PEERS = 4096
 #: larger one closes the lane. Honest requests are at most a compute chunk (4 MiB).
 MAX_SKIPPED_BODY_BYTES = 64 << 20
 LANE_MODES = ("auto", "eager", "off")
+MAX_TICKET_REPLY_BYTES = 512
 #: DHT gets (see Libp2pNetwork._get_value): valid values that decide, queries in flight at
 #: once, queries at most, and each query's deadline.
 DHT_GET_QUORUM = 3
@@ -778,7 +779,10 @@ class Libp2pNetwork:
         if self._lane_client is not None:
             lane = self._lane_client.get(peer_id)
             if lane is None and self._settings.lanes == "eager":
+                # The wait for the lane comes out of the request's own deadline.
+                began = trio.current_time()
                 lane = await self._lane_client.wait_open(peer_id, timeout=min(timeout, 5.0))
+                timeout = max(0.0, timeout - (trio.current_time() - began))
         if lane is not None:
             return await lane.request(
                 protocol, payload, timeout=timeout, max_response_bytes=max_response_bytes
@@ -796,11 +800,14 @@ class Libp2pNetwork:
 
     async def _fetch_ticket(self, peer_id: str) -> tuple[str, int, bytes, bytes]:
         """Ask ``peer_id`` for a lane ticket over the overlay (Noise: both ends authenticated)."""
+        # The ticket request dials if need be; the lane then goes where that connection goes.
+        reply = await self._stream_request(
+            peer_id, LANE_PROTOCOL, b"", timeout=5.0, max_response_bytes=MAX_TICKET_REPLY_BYTES
+        )
         conn = self._host.get_network().get_connection(ID.from_base58(peer_id))
         remote = conn.muxed_conn.get_remote_address() if conn is not None else None
         if remote is None:
             raise NetworkError("no direct connection to take the lane's address from")
-        reply = await self._stream_request(peer_id, LANE_PROTOCOL, b"", timeout=5.0)
         try:
             answer = json.loads(reply)
             port = int(answer["port"])

@@ -77,11 +77,23 @@ mk = load_kernels()
 class Report:
     """Collects records, prints them as they come, and remembers failed checks."""
 
-    def __init__(self, budget_s: float) -> None:
+    def __init__(self, budget_s: float, json_path: Path | None = None) -> None:
         self.records: list[dict[str, Any]] = []
         self.failures: list[str] = []
         self.started = time.perf_counter()
         self.budget_s = budget_s
+        self.json_path = json_path
+        self.summarize: Callable[[], dict[str, Any]] = dict
+
+    def document(self) -> str:
+        """``{"summary": ..., "records": [...]}`` as JSON text."""
+        document = {"summary": self.summarize(), "records": self.records}
+        return json.dumps(document, indent=1, default=_json_default)
+
+    def save(self) -> None:
+        """Rewrite ``--json`` with what is known so far (a run killed midway keeps it)."""
+        if self.json_path is not None:
+            self.json_path.write_text(self.document() + "\n")
 
     def add(self, what: str, **fields: Any) -> dict[str, Any]:
         record = {"what": what, **fields}
@@ -117,6 +129,7 @@ class Report:
             traceback.print_exc()
             self.failures.append(f"{title}: {type(exc).__name__}: {exc}")
             self.add("error", section=title, error=f"{type(exc).__name__}: {exc}")
+        self.save()
 
 
 def _fmt(value: Any) -> str:
@@ -637,7 +650,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test")
     args = parser.parse_args(argv)
     sizes = QUICK if args.quick else Sizes()
-    report = Report(args.budget)
+    report = Report(args.budget, args.json)
+    report.summarize = lambda: summarize(report, sizes)
     ANCHORS_CACHE[:] = load_anchors()
     print(f"kernels from {Path(mk.__file__).parent}; anchors: {ANCHORS if ANCHORS_CACHE else '-'}")
 
@@ -658,13 +672,10 @@ def main(argv: list[str] | None = None) -> int:
     report.section("mlp shard end to end", lambda: mlp_shard_end_to_end(report, backend, sizes))
     report.section("freivalds", lambda: freivalds_cost(report, backend, sizes))
     report.section("mlp and attention", lambda: model_timing(report, backend, sizes))
-    summary = summarize(report, sizes)
-    document = {"summary": summary, "records": report.records}
-    text = json.dumps(document, indent=1, default=_json_default)
     print("\n== JSON")
-    print(text)
+    print(report.document())
+    report.save()
     if args.json is not None:
-        args.json.write_text(text + "\n")
         print(f"wrote {len(report.records)} records to {args.json}", file=sys.stderr)
     for failure in report.failures:
         print(f"FAILED: {failure}", file=sys.stderr)

@@ -208,9 +208,18 @@ class MemoryPool:
     def __init__(self, standin: CupyStandin) -> None:
         self._standin = standin
         self.free_all_blocks_calls = 0
+        self.limit = 0  # bytes; 0: none
 
     def free_all_blocks(self, stream: Any = None) -> None:
         self.free_all_blocks_calls += 1
+
+    def set_limit(self, size: int | None = None, fraction: float | None = None) -> None:
+        if fraction is not None:
+            size = int(fraction * self._standin._capacity())
+        self.limit = int(size or 0)
+
+    def get_limit(self) -> int:
+        return self.limit
 
     def used_bytes(self) -> int:
         return self._standin.device_bytes
@@ -551,8 +560,11 @@ class CupyStandin:
 
     def _allocate(self, nbytes: int) -> _Allocation:
         self._maybe_fail("alloc")
+        limit = self.memory_pool.limit
         if self.device_bytes + nbytes > self._capacity():
             raise OutOfMemoryError(nbytes, self.device_bytes)
+        if limit and self.device_bytes + nbytes > limit:
+            raise OutOfMemoryError(nbytes, self.device_bytes, limit)
         return _Allocation(self, nbytes)
 
     def _register(self, allocation: _Allocation) -> None:

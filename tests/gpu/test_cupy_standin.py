@@ -595,6 +595,9 @@ def test_standin_signatures_match_the_installed_cupy(monkeypatch: pytest.MonkeyP
         assert getattr(real_linalg, constant) == getattr(
             fake["cupy._core._routines_linalg"], constant
         )
+    # The C ABI constants the backend spells out, where this CuPy exposes them.
+    runtime = real.cuda.runtime
+    assert (runtime.memoryTypeHost, runtime.CUDA_R_16F, runtime.CUDA_R_32F) == (1, 2, 0)
     try:
         cublas = importlib.import_module("cupy_backends.cuda.libs.cublas")
     except ImportError:  # the wheel loads libcublas lazily; absent without a CUDA install
@@ -602,7 +605,14 @@ def test_standin_signatures_match_the_installed_cupy(monkeypatch: pytest.MonkeyP
     assert _real_parameters(cublas.gemmStridedBatchedEx) == _standin_parameters(
         fake["cupy_backends.cuda.libs.cublas"].gemmStridedBatchedEx
     )
-    assert cublas.CUBLAS_COMPUTE_32F == 68 and cublas.CUBLAS_GEMM_DEFAULT_TENSOR_OP == 99
+    for name in ("getMathMode", "setMathMode"):
+        assert _real_parameters(getattr(cublas, name)) == _standin_parameters(
+            getattr(fake["cupy_backends.cuda.libs.cublas"], name)
+        )
+    expected = {"CUBLAS_COMPUTE_32F": 68, "CUBLAS_GEMM_DEFAULT_TENSOR_OP": 99, "CUBLAS_OP_T": 1}
+    for name, value in expected.items():
+        if hasattr(cublas, name):
+            assert getattr(cublas, name) == value, name
 
 
 # -- the benchmark script, smoke-tested on the stand-in ---------------------------------------

@@ -106,8 +106,9 @@ class Settings:
     rt_samples: int
     rt_warmup: int
     shards: int
-    bulk_size: int
-    bulk_count: int
+    #: (request size, requests each way): the compute protocols' chunk (4 MiB, what an upload
+    #: or download moves per request) and a large request, the same bytes in all.
+    bulk: tuple[tuple[int, int], ...]
     kill_trials: int
     kill_n: int
     kill_delay: float
@@ -120,10 +121,10 @@ class Settings:
     @classmethod
     def make(cls, quick: bool, rounds: int) -> Settings:
         if quick:
-            return cls(quick, rounds, 15, 3, 40, 64 << 20, 2, 1, 2048, 0.1, 8, 2, 10, 2048,
-                       (1, 2, 4))  # fmt: skip
-        return cls(quick, rounds, 60, 10, 200, 64 << 20, 8, 3, 2048, 0.1, 20, 5, 20, 8192,
-                   (1, 2, 4))  # fmt: skip
+            return cls(quick, rounds, 15, 3, 40, ((4 << 20, 32), (64 << 20, 2)), 1, 2048, 0.1,
+                       8, 2, 10, 2048, (1, 2, 4))  # fmt: skip
+        return cls(quick, rounds, 60, 10, 200, ((4 << 20, 128), (64 << 20, 8)), 3, 2048, 0.1,
+                   20, 5, 20, 8192, (1, 2, 4))  # fmt: skip
 
 
 def log(message: str) -> None:
@@ -842,9 +843,7 @@ def row_memory(runner: Runner) -> None:
     )
 
 
-def bulk_side(runner: Runner, kind: str) -> Callable[[int], dict[str, Any]]:
-    s = runner.s
-
+def bulk_side(runner: Runner, kind: str, size: int, count: int) -> Callable[[int], dict[str, Any]]:
     def run(r: int) -> dict[str, Any]:
         certs = runner.scratch / "certs"
         if kind == "tls" and not certs.exists():
@@ -852,7 +851,7 @@ def bulk_side(runner: Runner, kind: str) -> Callable[[int], dict[str, Any]]:
 
             make_certs(certs)
         base = [sys.executable, "-m", "benchmarks.bulk_procs"]
-        opts = ["--size", str(s.bulk_size), "--certs", str(certs)]
+        opts = ["--size", str(size), "--certs", str(certs)]
         server = subprocess.Popen(
             [*base, "server", kind, *opts], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL, text=True, cwd=str(ROOT),
@@ -861,7 +860,7 @@ def bulk_side(runner: Runner, kind: str) -> Callable[[int], dict[str, Any]]:
             addr = ready_line(server)["addr"]
             with procstats.Section() as section:
                 done = subprocess.run(
-                    [*base, "client", kind, addr, *opts, "--count", str(s.bulk_count)],
+                    [*base, "client", kind, addr, *opts, "--count", str(count)],
                     capture_output=True, text=True, cwd=str(ROOT), timeout=1200, check=False,
                 )  # fmt: skip
             if done.returncode != 0:
@@ -880,45 +879,62 @@ def bulk_side(runner: Runner, kind: str) -> Callable[[int], dict[str, Any]]:
 
 def row_bulk(runner: Runner) -> None:
     s = runner.s
-    sides = [(kind, bulk_side(runner, kind)) for kind in ("mtor", "tcp", "tls")]
+    sides = [
+        (f"{kind}_{size >> 20}MiB", bulk_side(runner, kind, size, count))
+        for size, count in s.bulk
+        for kind in ("mtor", "tcp", "tls")
+    ]
     raw = runner.interleave(3, sides)
-    mib = s.bulk_size / 2**20
+    sizes = {f"{size >> 20}MiB": size for size, _ in s.bulk}
 
-    def extract(answer: dict[str, Any]) -> dict[str, Any]:
-        up, down = answer["up_s"], answer["down_s"]
-        return {
-            "up_MiB_s": round(mib * len(up) / sum(up), 1),
-            "down_MiB_s": round(mib * len(down) / sum(down), 1),
-            "both_MiB_s": round(mib * (len(up) + len(down)) / (sum(up) + sum(down)), 1),
-            **load_of(answer["section"]),
+    def extract_for(mib: float) -> Callable[[dict[str, Any]], dict[str, Any]]:
+        def extract(answer: dict[str, Any]) -> dict[str, Any]:
+            up, down = answer["up_s"], answer["down_s"]
+            return {
+                "up_MiB_s": round(mib * len(up) / sum(up), 1),
+                "down_MiB_s": round(mib * len(down) / sum(down), 1),
+                "both_MiB_s": round(mib * (len(up) + len(down)) / (sum(up) + sum(down)), 1),
+                **load_of(answer["section"]),
+            }
+
+        return extract
+
+    figures = [
+        {
+            side: figure(a, extract_for(sizes[side.split("_", 1)[1]] / 2**20))
+            for side, a in answers.items()
         }
-
-    figures = [{side: figure(a, extract) for side, a in answers.items()} for answers in raw]
-    total = s.bulk_count * s.bulk_size * 2 / 2**20
+        for answers in raw
+    ]
+    described = ", ".join(
+        f"{count} requests of {size >> 20} MiB up then {count} down" for size, count in s.bulk
+    )
+    ratios = []
+    for label in sizes:
+        ratios += [
+            ("both_MiB_s", f"mtor_{label}", f"tcp_{label}"),
+            ("both_MiB_s", f"mtor_{label}", f"tls_{label}"),
+        ]
     finish_row(
         runner,
         3,
-        f"bulk bytes over one authenticated connection between two processes: "
-        f"{s.bulk_count} requests of {mib:.0f} MiB up, then {s.bulk_count} down "
-        f"({total:.0f} MiB per side per round)",
+        f"bulk bytes over one authenticated connection between two processes: {described}",
         [
             "two processes (server and client) per side, one connection, the same sizes and "
             "count, request then response, every request timed in the client",
             "random payloads prepared before timing; the client keeps every downloaded byte "
             "until the request ends",
+            "4 MiB is the compute protocols' chunk (an upload or download moves one per "
+            "request); 64 MiB requests show the cost of a fresh 64 MiB buffer per message",
         ],
         [
-            "MTOR: libp2p (Noise or the lead's transport, Yamux) with a stream per request and "
-            "MTOR's admission guards; tls: TLS 1.3 via OpenSSL with pinned self-signed P-256 "
-            "certificates; tcp: no authentication or encryption at all (the floor)",
+            "MTOR: a lane (AES-256-GCM over TCP, keys bound to the peer IDs through Noise) "
+            "with MTOR's admission guards, each message a new bytes object; tls: TLS 1.3 via "
+            "OpenSSL with pinned self-signed P-256 certificates into a reused buffer; tcp: no "
+            "authentication or encryption at all (the floor)",
         ],
         figures,
-        [
-            ("both_MiB_s", "mtor", "tcp"),
-            ("both_MiB_s", "mtor", "tls"),
-            ("up_MiB_s", "mtor", "tls"),
-            ("down_MiB_s", "mtor", "tls"),
-        ],
+        ratios,
         raw,
     )
 

@@ -84,6 +84,7 @@ from mtor_p2p.lane import (
     ServerLane,
     read_deadline,
 )
+from mtor_p2p.memory import keep_freed_memory_for_reuse
 from mtor_p2p.network import (
     DEFAULT_MAX_PENDING_BYTES_PER_PEER,
     DEFAULT_MAX_PENDING_BYTES_TOTAL,
@@ -360,6 +361,9 @@ class Libp2pNetwork:
     ) -> AsyncIterator[Libp2pNetwork]:
         """Start a host listening on ``settings.listen_addrs``; stop it on exit."""
         settings = settings or HostSettings()
+        # Messages of megabytes arrive as new bytes objects: keep freed memory for reuse
+        # rather than faulting in fresh pages for each one (mtor_p2p/memory.py).
+        keep_freed_memory_for_reuse()
         key_pair = create_new_key_pair(identity.seed)
         max_conns = settings.effective_max_connections()
         host = new_host(

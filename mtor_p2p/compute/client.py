@@ -156,13 +156,15 @@ async def ensure_operands(
     lacking = await missing_operands(network, worker, list(metas.values()), timeout=timeout)
     in_flight = {} if in_flight is None else in_flight
     sent = 0
-    for meta in lacking:
+
+    async def send(meta: ArrayMeta) -> None:
+        nonlocal sent
         key = (worker, meta.digest)
         if key in in_flight:
             # If that upload fails, the run request reports the operand missing and the
             # shard is retried: no need to second-guess it here.
             await in_flight[key].wait()
-            continue
+            return
         finished = in_flight[key] = trio.Event()
         try:
             await upload(network, worker, by_digest[meta.digest], timeout=timeout, meta=meta)
@@ -170,7 +172,40 @@ async def ensure_operands(
             finished.set()
             del in_flight[key]
         sent += meta.nbytes
+
+    if len(lacking) == 1:
+        await send(lacking[0])
+    elif lacking:
+        # The operands travel side by side (requests to one peer share its connection): the
+        # worker hashes one while the next arrives. The first failure ends the others and is
+        # raised as itself, not as an exception group.
+        failures: list[Exception] = []
+
+        async def send_or_stop(meta: ArrayMeta, cancel: trio.CancelScope) -> None:
+            try:
+                await send(meta)
+            except Exception as exc:
+                failures.append(exc)
+                cancel.cancel()
+
+        async with trio.open_nursery() as nursery:
+            for meta in lacking:
+                nursery.start_soon(send_or_stop, meta, nursery.cancel_scope)
+        if failures:
+            raise failures[0]
     return sent
+
+
+#: How a worker's refusal to run a shard whose operands it lacks starts.
+MISSING_OPERANDS = "missing operands: "
+
+
+def missing_in(exc: BaseException) -> list[str]:
+    """The operand hashes a run refusal says the worker lacks ([] for any other error)."""
+    text = str(exc)
+    if not isinstance(exc, RemoteError) or not text.startswith(MISSING_OPERANDS):
+        return []
+    return [d for d in text[len(MISSING_OPERANDS) :].split(",") if d]
 
 
 async def download(network: Network, worker: str, meta: ArrayMeta, *, timeout: float) -> np.ndarray:
@@ -243,12 +278,15 @@ async def run_shard(
     transfer_timeout: float,
     terms: ShardTerms | None = None,
     metas: dict[str, ArrayMeta] | None = None,
+    wait_operands: bool = False,
 ) -> ShardAnswer:
     """Run one shard on ``worker`` (operands must already be there) and fetch its output.
 
     With ``terms``, the worker's signed receipt must keep to them (price, FLOPs, requester,
     times): the requester countersigns whatever it accepts here, so it checks first.
     ``metas``: the operands' descriptions, if the caller already hashed them.
+    ``wait_operands``: the operands' uploads are under way beside this request; the worker
+    waits for them (see ``WorkerService._await_operands``) instead of refusing at once.
     """
     # What an honest answer looks like is known before asking: the output's shape and dtype
     # follow from the kernel and the operands. A declared output of any other size is refused
@@ -267,6 +305,8 @@ async def run_shard(
     }
     if terms is not None:
         header["max_price"] = terms.max_price
+    if wait_operands:
+        header["wait_operands"] = True
     reply = await network.request(
         worker, PROTOCOL_RUN, pack(header), timeout=timeout, max_response_bytes=MAX_MESSAGE_BYTES
     )

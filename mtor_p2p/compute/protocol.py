@@ -5,9 +5,14 @@ Every message is ``arrays.pack(header, body)``. Operands travel in chunks of at 
 
 ``/mtor/compute/upload/1``   header {array, offset}; body: a chunk.   → {complete, received}
 ``/mtor/compute/has/1``      header {hashes: [...]}                   → {have: [...]}
-``/mtor/compute/run/1``      header {job_id, shard, kernel, operands: {name: array}, max_price}
+``/mtor/compute/run/1``      header {job_id, shard, kernel, operands: {name: array}, max_price,
+                             wait_operands}
                              → header {output: array, receipt: b64 worker-signed receipt}
-                               and, if the output fits one chunk, the output bytes as body
+                               and, if the output fits one chunk, the output bytes as body.
+                             With ``wait_operands: true`` the request may travel beside the
+                             uploads of its operands: the worker waits for operands being
+                             uploaded by the sender (and 10 s for an upload to start) instead
+                             of answering "missing operands" at once.
 ``/mtor/compute/download/1`` header {hash, offset, length}            → body: a chunk
 ``/mtor/compute/countersign/1`` header {receipt: b64 complete receipt} → {stored}
 """

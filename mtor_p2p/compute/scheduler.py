@@ -1,7 +1,9 @@
 """The requester's scheduler: split a job, spread its shards, verify, re-issue, hedge, pay.
 
 One task per chosen worker pulls shards from a shared queue, at most ``max_in_flight`` at a
-time, so faster workers take more shards. A shard whose worker fails, times out or returns a
+time, so faster workers take more shards. A shard's uploads and its run request leave together
+(the worker waits for operands on their way), so with two in flight the next shard's operands
+travel while the current one computes, and each answer comes back as soon as it is done. A shard whose worker fails, times out or returns a
 result that verification rejects goes back to the queue for another worker; a worker caught
 returning a wrong result is dropped for the rest of the job and a fault proof is made. When
 the queue is empty, idle workers hedge stragglers: a shard running well past the typical shard
@@ -509,31 +511,26 @@ class _JobRun:
         operands: dict[str, np.ndarray],
         metas: dict[str, ArrayMeta],
     ) -> client.ShardAnswer | None:
-        # Two deadlines: the upload's allows for every operand's bytes (the worker may lack
-        # them all); the run's for the compute and the result's bytes only, so that a shard
+        # The uploads and the run request leave together (the worker waits for operands on
+        # their way: one round trip per shard, and a worker pair's next shard uploads while
+        # the previous computes). Two deadlines all the same: the uploads' allows for every
+        # operand's bytes (the worker may lack them all); the run's, counted from when the
+        # uploads are done, for the compute and the result's bytes only, so that a shard
         # whose large operands are already resident is not given minutes to answer.
         flops = int(self.kernel.flops(operands))
         upload_bytes = sum(a.nbytes for a in operands.values())
         result_bytes = int(np.prod(self.kernel.output_shape(operands))) * 4
         upload_timeout = self.s.shard_timeout(worker, 0, upload_bytes)
-        with trio.fail_after(upload_timeout):
-            await client.ensure_operands(
-                self.s.network,
-                worker,
-                operands,
-                timeout=upload_timeout,
-                in_flight=self.s.uploads,
-                metas=metas,
-            )
-        timeout = self.s.shard_timeout(worker, flops, result_bytes)
-        with trio.fail_after(timeout):
-            terms = client.ShardTerms(
-                requester=self.s.identity.peer_id,
-                max_price=self.quotes[worker],
-                flops=flops,
-                sent_at=self.s.clock.now(),
-                now=self.s.clock.now,
-            )
+        run_timeout = self.s.shard_timeout(worker, flops, result_bytes)
+        terms = client.ShardTerms(
+            requester=self.s.identity.peer_id,
+            max_price=self.quotes[worker],
+            flops=flops,
+            sent_at=self.s.clock.now(),
+            now=self.s.clock.now,
+        )
+
+        async def run(timeout: float, *, wait: bool) -> client.ShardAnswer:
             return await client.run_shard(
                 self.s.network,
                 worker,
@@ -545,7 +542,58 @@ class _JobRun:
                 transfer_timeout=timeout,
                 terms=terms,
                 metas=metas,
+                wait_operands=wait,
             )
+
+        answer: client.ShardAnswer | None = None
+        upload_error: Exception | None = None
+        run_error: Exception | None = None
+        run_scope = trio.CancelScope(deadline=trio.current_time() + upload_timeout + run_timeout)
+
+        async def send(nursery: trio.Nursery) -> None:
+            nonlocal upload_error
+            try:
+                with trio.fail_after(upload_timeout):
+                    await client.ensure_operands(
+                        self.s.network,
+                        worker,
+                        operands,
+                        timeout=upload_timeout,
+                        in_flight=self.s.uploads,
+                        metas=metas,
+                    )
+            except Exception as exc:  # the run cannot succeed without its operands
+                upload_error = exc
+                nursery.cancel_scope.cancel()
+                return
+            # Everything is there: from now on the run has its own deadline only.
+            run_scope.deadline = trio.current_time() + self.s.shard_timeout(
+                worker, flops, result_bytes
+            )
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(send, nursery)
+            with run_scope:
+                try:
+                    answer = await run(upload_timeout + run_timeout, wait=True)
+                except Exception as exc:
+                    run_error = exc
+            if run_scope.cancelled_caught:
+                run_error = trio.TooSlowError()
+            if answer is not None or not client.missing_in(run_error or Exception()):
+                nursery.cancel_scope.cancel()  # nothing left to upload for
+        if answer is not None:
+            return answer
+        if upload_error is not None:
+            raise upload_error  # it explains the run's failure (cancelled, or missing operands)
+        assert run_error is not None
+        if not client.missing_in(run_error):
+            raise run_error
+        # The worker did not wait (an older version), or gave up before the uploads ended:
+        # they are done now, so ask once more.
+        timeout = self.s.shard_timeout(worker, flops, result_bytes)
+        with trio.fail_after(timeout):
+            return await run(timeout, wait=False)
 
     async def _judge(
         self,

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import math
 import re
 import tempfile
 from collections import deque
@@ -115,6 +116,9 @@ UPLOAD_MIN_BYTES_PER_S = 64 * 1024
 #: Shortest window over which an upload's rate is judged (seconds).
 RATE_WINDOW = 10.0
 RUN_TIMEOUT = 600.0
+#: A run request sent beside its uploads waits this long for an upload of each missing operand
+#: to start (the first chunk, up to 4 MiB, may arrive after the request on a slow link).
+OPERAND_WAIT_GRACE = 10.0
 #: How often the worker's own loop expires idle uploads, moves expired owed work to unpaid and
 #: notes its price. A simulation with thousands of workers pays one wake-up per worker per
 #: interval, so it is not shorter than it needs to be for a 60 s upload timeout.
@@ -298,6 +302,7 @@ class WorkerService:
         # (since, price) for each price this worker asked recently, oldest first.
         self._prices: deque[tuple[float, float]] = deque(maxlen=MAX_PRICE_HISTORY)
         self._registered = False
+        self._operands_event = trio.Event()
 
     @property
     def kernels(self) -> tuple[str, ...]:
@@ -422,6 +427,7 @@ class WorkerService:
 
     def _release_upload(self, pending: _PendingUpload) -> None:
         """Close an upload's buffer and give back what it reserved."""
+        self._operands_changed()
         pending.buffer.close()
         self._reserved_total -= pending.meta.nbytes
         left = self._reserved_by_sender.get(pending.sender, 0) - pending.meta.nbytes
@@ -460,6 +466,7 @@ class WorkerService:
             now = trio.current_time()
             pending = _PendingUpload(sender, meta, buffer, now, now)
             self._pending[key] = pending
+            self._operands_changed()
             self._reserved_total += meta.nbytes
             self._reserved_by_sender[sender] = sender_reserved + meta.nbytes
         if pending.meta != meta or offset != pending.buffer.size:
@@ -504,6 +511,7 @@ class WorkerService:
         finally:
             self._release_upload(pending)
         self.operands.put(array, meta.digest)
+        self._operands_changed()
         return pack({"complete": True, "received": meta.nbytes})
 
     async def _on_has(self, sender: str, request: bytes) -> bytes:
@@ -527,18 +535,24 @@ class WorkerService:
         described = _header_field(header, "operands", dict)
         arrays: dict[str, np.ndarray] = {}
         inputs: dict[str, str] = {}
-        missing = []
+        digests: dict[str, str] = {}
         for name, meta_json in list(described.items())[:16]:
             try:
                 meta = ArrayMeta.from_json(meta_json, max_bytes=MAX_ARRAY_BYTES)
             except RecordError as exc:
                 raise RemoteError(f"operand {name!r}: {exc}") from exc
-            array = self.operands.get(meta.digest)
+            digests[str(name)] = meta.digest
+        if header.get("wait_operands") is True:
+            # Pipelined: the requester sent this run together with the uploads it needs.
+            await self._await_operands(sender, set(digests.values()))
+        missing = []
+        for name, digest in digests.items():
+            array = self.operands.get(digest)
             if array is None:
-                missing.append(meta.digest)
+                missing.append(digest)
                 continue
-            arrays[str(name)] = array
-            inputs[str(name)] = meta.digest
+            arrays[name] = array
+            inputs[name] = digest
         if missing:
             raise RemoteError("missing operands: " + ",".join(missing))
         try:
@@ -622,6 +636,33 @@ class WorkerService:
             },
             payload,
         )
+
+    def _operands_changed(self) -> None:
+        """Wake the run requests waiting for operands (an upload started, ended or failed)."""
+        self._operands_event.set()
+        self._operands_event = trio.Event()
+
+    async def _await_operands(self, sender: str, digests: set[str]) -> None:
+        """Wait until every operand in ``digests`` is held, or until waiting is pointless.
+
+        A run request may travel beside the uploads of its operands (``wait_operands``), so
+        that a shard costs one round trip instead of two: an operand is waited for while an
+        upload of it from ``sender`` is in progress (that upload's idle timeout and minimum
+        rate bound the wait), and for OPERAND_WAIT_GRACE seconds otherwise (its first chunk
+        may arrive after the run request). What a requester can hold this way is one idle
+        handler per run request, which the host's per-peer stream limit bounds.
+        """
+        grace_ends = trio.current_time() + OPERAND_WAIT_GRACE
+        while True:
+            waiting = [d for d in digests if d not in self.operands]
+            if not waiting:
+                return
+            uploading = any((sender, d) in self._pending for d in waiting)
+            if not uploading and trio.current_time() >= grace_ends:
+                return
+            changed = self._operands_event
+            with trio.move_on_at(math.inf if uploading else grace_ends):
+                await changed.wait()
 
     # -- what a requester may take -----------------------------------------------------------
 

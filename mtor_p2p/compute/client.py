@@ -35,7 +35,14 @@ from mtor_p2p.compute.protocol import (
     PROTOCOL_UPLOAD,
 )
 from mtor_p2p.network import Network, NetworkError, PeerMisbehaved, RemoteError
-from mtor_p2p.records.arrays import ArrayMeta, array_from_bytes, meta_of, pack, unpack
+from mtor_p2p.records.arrays import (
+    ArrayMeta,
+    array_from_bytes,
+    meta_of,
+    pack,
+    unpack,
+    unpack_view,
+)
 from mtor_p2p.records.receipts import Receipt, decode_receipt
 
 log = logging.getLogger(__name__)
@@ -118,7 +125,7 @@ async def upload(
     data = memoryview(np.ascontiguousarray(array)).cast("B")
     offset = 0
     while True:
-        chunk = bytes(data[offset : offset + CHUNK_BYTES])
+        chunk = data[offset : offset + CHUNK_BYTES]  # a view: pack() copies it once
         reply = await network.request(
             worker,
             PROTOCOL_UPLOAD,
@@ -311,7 +318,7 @@ async def run_shard(
         worker, PROTOCOL_RUN, pack(header), timeout=timeout, max_response_bytes=MAX_MESSAGE_BYTES
     )
     with peer_fault_boundary(worker, "run answer"):
-        answer, body = unpack(reply)
+        answer, body = unpack_view(reply)
         meta = ArrayMeta.from_json(answer.get("output"), max_bytes=MAX_ARRAY_BYTES)
         encoded = _field(answer, "receipt", str)
         receipt = decode_receipt(base64.b64decode(encoded, validate=True), require_complete=False)

@@ -3,8 +3,10 @@
 One task per chosen worker pulls shards from a shared queue, at most ``max_in_flight`` at a
 time, so faster workers take more shards. A shard's uploads and its run request leave together
 (the worker waits for operands on their way), so with two in flight the next shard's operands
-travel while the current one computes, and each answer comes back as soon as it is done. A shard whose worker fails, times out or returns a
-result that verification rejects goes back to the queue for another worker; a worker caught
+travel while the current one computes, and each answer comes back as soon as it is done.
+
+A shard whose worker fails, times out or returns a result that verification rejects goes back
+to the queue for another worker; a worker caught
 returning a wrong result is dropped for the rest of the job and a fault proof is made. When
 the queue is empty, idle workers hedge stragglers: a shard running well past the typical shard
 time gets a second copy, and the first verified answer wins.
@@ -961,6 +963,16 @@ class Scheduler:
         )
         return WorkerPlan(chosen=chosen, reserve=reserve, excluded=excluded)
 
+    def _newcomers_for(self, spec: JobSpec) -> bool:
+        """True if a worker never measured here is among ``spec``'s candidates."""
+        query = CapacityQuery(kernel=spec.kernel, max_price=spec.max_price)
+        return any(
+            r.peer_id != self.identity.peer_id
+            and (spec.only is None or r.peer_id in spec.only)
+            and not self.book.get(r.peer_id).measured
+            for r in self.view.query(query, self.clock.now())
+        )
+
     def _cheapest(self, spec: JobSpec) -> str:
         """A note on the cheapest ask, for a failure when a price limit left workers out."""
         if spec.max_price is None:
@@ -1036,8 +1048,10 @@ class Scheduler:
             self.last_job_at = trio.current_time()
             self.last_max_price = spec.max_price
         stakes = None
-        if self.stakes is not None:
-            # A ledger read may wait for a write: off the event loop.
+        if self.stakes is not None and self._newcomers_for(spec):
+            # A ledger read may wait for a write: off the event loop. Stakes only order the
+            # workers never measured here: with none among the candidates (a requester
+            # working with workers it knows) the job starts without this thread hop.
             stakes = await self.runtime.run_blocking(self.stakes)
         plan = self.plan_workers(spec, stakes)
         if not plan.chosen:

@@ -67,6 +67,7 @@ from mtor_p2p.records.arrays import (
     meta_of,
     pack,
     unpack,
+    unpack_view,
 )
 from mtor_p2p.records.receipts import (
     MAX_PRICE,
@@ -116,6 +117,10 @@ UPLOAD_MIN_BYTES_PER_S = 64 * 1024
 #: Shortest window over which an upload's rate is judged (seconds).
 RATE_WINDOW = 10.0
 RUN_TIMEOUT = 600.0
+#: An upload chunk kept in memory and at most this large is hashed on the event loop (about
+#: 0.3 ms for 1 MiB): handing it to a thread and back costs more than that on a busy machine
+#: (measured: a 1 MiB upload over memnet 2.4 ms with the hop, see below).
+INLINE_CHUNK_BYTES = 1 << 20
 #: A run request sent beside its uploads waits this long for an upload of each missing operand
 #: to start (the first chunk, up to 4 MiB, may arrive after the request on a slow link).
 OPERAND_WAIT_GRACE = 10.0
@@ -141,7 +146,7 @@ class _UploadBuffer:
         self._nbytes = meta.nbytes
         self._hasher = content_hasher(meta.dtype, meta.shape)
         #: An upload that arrives in one message is kept as that message's bytes (no copy).
-        self._whole: bytes | None = None
+        self._whole: bytes | memoryview | None = None
         if spool_dir is None or meta.nbytes <= CHUNK_BYTES:
             self._memory = bytearray()
         else:
@@ -152,7 +157,7 @@ class _UploadBuffer:
         """True when the bytes are in a file (reading them back is a blocking call)."""
         return self._file is not None
 
-    def append(self, chunk: bytes) -> None:
+    def append(self, chunk: bytes | memoryview) -> None:
         """Hash and add a chunk (a blocking call: hashing, and writing when spooled)."""
         self._hasher.update(chunk)
         if self._memory is not None:
@@ -169,7 +174,7 @@ class _UploadBuffer:
         """The content hash of everything appended so far."""
         return str(self._hasher.hexdigest())
 
-    def read_all(self) -> bytes | bytearray:
+    def read_all(self) -> bytes | bytearray | memoryview:
         """Everything received (a blocking call when spooled)."""
         if self._whole is not None:
             return self._whole
@@ -437,7 +442,10 @@ class WorkerService:
             self._reserved_by_sender.pop(pending.sender, None)
 
     async def _on_upload(self, sender: str, request: bytes) -> bytes:
-        header, chunk = self._parse(request)
+        try:
+            header, chunk = unpack_view(request)  # the chunk is not copied out of the message
+        except RecordError as exc:
+            raise RemoteError(f"malformed message: {exc}") from exc
         try:
             meta = ArrayMeta.from_json(header.get("array"), max_bytes=MAX_ARRAY_BYTES)
         except RecordError as exc:
@@ -480,7 +488,11 @@ class WorkerService:
         pending.buffer.size += len(chunk)
         try:
             async with pending.lock:
-                await self._runtime.run_blocking(pending.buffer.append, chunk)
+                if pending.buffer.spooled or len(chunk) > INLINE_CHUNK_BYTES:
+                    await self._runtime.run_blocking(pending.buffer.append, chunk)
+                else:
+                    # Hashing a chunk this small takes less than a thread hop costs.
+                    pending.buffer.append(chunk)
         except OSError as exc:  # a full disk: our fault, not the sender's
             self._drop_upload(key)
             log.warning("upload spool failed: %s", exc)
@@ -542,7 +554,15 @@ class WorkerService:
             except RecordError as exc:
                 raise RemoteError(f"operand {name!r}: {exc}") from exc
             digests[str(name)] = meta.digest
-        if header.get("wait_operands") is True:
+        wait = header.get("wait_operands") is True
+        available = None
+        if self._credit is not None and wait:
+            # Read while the operands are still on their way, not after they arrived (a
+            # thread hop less on the shard's path). The balance may be as old as the upload:
+            # shards of this requester countersigned meanwhile leave the owed table and the
+            # balance together, so it can overstate the credit by at most their cost.
+            available = await self._runtime.run_blocking(self._credit, sender)
+        if wait:
             # Pipelined: the requester sent this run together with the uploads it needs.
             await self._await_operands(sender, set(digests.values()))
         missing = []
@@ -566,8 +586,7 @@ class WorkerService:
         # with no credit gets no work, however small the pieces; a worker asking 0 (a
         # volunteer) gives its work away by its own choice.
         self._refuse_unpaid(sender)
-        available = None
-        if self._credit is not None:
+        if self._credit is not None and not wait:
             # A ledger read may wait for a write in progress: never on the event loop.
             available = await self._runtime.run_blocking(self._credit, sender)
         # Each run is owed on its own, keyed like its receipt will be (job, shard, start):
@@ -628,7 +647,8 @@ class WorkerService:
         self.stats.shards_run += 1
         self.stats.compute_seconds += ended - started
         self.stats.by_kernel[kernel_name] = self.stats.by_kernel.get(kernel_name, 0) + 1
-        payload = output.tobytes() if output.nbytes <= CHUNK_BYTES else b""
+        # A view of the (contiguous) output: pack() copies it once, into the reply.
+        payload = memoryview(output).cast("B") if output.nbytes <= CHUNK_BYTES else b""
         return pack(
             {
                 "output": output_meta.to_json(),

@@ -118,14 +118,22 @@ def _array_view(meta: ArrayMeta, data: bytes | bytearray | memoryview) -> np.nda
     return np.frombuffer(data, dtype=meta.dtype).reshape(meta.shape)
 
 
-def pack(header: dict[str, Any], body: bytes = b"") -> bytes:
-    """Frame a canonical JSON header and a binary body."""
+def pack(header: dict[str, Any], body: bytes | bytearray | memoryview = b"") -> bytes:
+    """Frame a canonical JSON header and a binary body (any bytes-like object: a memoryview
+    of an array is copied once, into the message, and nowhere else)."""
     head = canonical_json(header)
-    return _HEADER_LENGTH.pack(len(head)) + head + body
+    return b"".join((_HEADER_LENGTH.pack(len(head)), head, body))
 
 
 def unpack(data: bytes) -> tuple[dict[str, Any], bytes]:
     """Split a framed message into its header (validated JSON object) and body."""
+    header, body = unpack_view(data)
+    return header, bytes(body)
+
+
+def unpack_view(data: bytes) -> tuple[dict[str, Any], memoryview]:
+    """:func:`unpack` with the body as a view of ``data``, not a copy (operand chunks and
+    shard outputs of megabytes: each copy of a fresh buffer costs its page faults too)."""
     if len(data) < _HEADER_LENGTH.size:
         raise RecordError("message too short")
     (length,) = _HEADER_LENGTH.unpack_from(data)
@@ -134,7 +142,7 @@ def unpack(data: bytes) -> tuple[dict[str, Any], bytes]:
     header = parse_canonical(data[4 : 4 + length], max_bytes=MAX_HEADER_BYTES)
     if not isinstance(header, dict):
         raise RecordError("header must be a JSON object")
-    return header, data[4 + length :]
+    return header, memoryview(data)[4 + length :]
 
 
 class OperandStore:

@@ -402,3 +402,42 @@ async def test_a_worker_pair_keeps_its_device_busy_and_admits_the_pipeline(
     assert worker.worker.stats.uploads_refused == 0
     # 16 shards of 0.5 s: sequential upload-then-compute would take 16 s or more.
     assert busy >= 0.85 * elapsed, (busy, elapsed)
+
+
+async def test_receipts_settling_together_share_one_ledger_ingest(tmp_path: Any) -> None:
+    """Twenty receipt entries recorded at once: one or two ingests (commits), each new entry
+    in the ledger, a repeated one reported as not new (so it is not gossiped again)."""
+    import blake3
+
+    from mtor_p2p.clock import NetClock
+    from mtor_p2p.identity import Identity
+    from mtor_p2p.ledger.service import LedgerService
+    from mtor_p2p.ledger.store import Ledger
+    from mtor_p2p.memnet import MemWorld
+    from tests.ledger_data import PEERS, genesis, receipt
+
+    world = MemWorld()
+    identity = Identity.generate()
+    ledger = Ledger(tmp_path / "ledger.sqlite", genesis())
+    service = LedgerService(world.add_peer(identity), identity, NetClock(), ledger)
+    ingests: list[int] = []
+    ingest = ledger.ingest
+
+    def counted(wires: list[bytes]) -> Any:
+        ingests.append(len(wires))
+        return ingest(wires)
+
+    ledger.ingest = counted  # type: ignore[method-assign]
+    wires = [receipt(PEERS[0], PEERS[2], shard=i, price=0.5) for i in range(20)]
+    results: list[bool] = []
+
+    async def record(wire: bytes) -> None:
+        results.append(await service._receipts.submit(wire))
+
+    async with trio.open_nursery() as nursery:
+        for wire in wires:
+            nursery.start_soon(record, wire)
+    assert results == [True] * 20 and sum(ingests) == 20 and len(ingests) <= 2
+    assert len(ledger.held([blake3.blake3(w).hexdigest() for w in wires])) == 20
+    assert await service._receipts.submit(wires[0]) is False
+    ledger.close()

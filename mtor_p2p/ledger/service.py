@@ -23,9 +23,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import blake3
 import trio
 
 from mtor_p2p.clock import NetClock
+from mtor_p2p.compute.group_commit import GroupCommit
 from mtor_p2p.identity import Identity
 from mtor_p2p.ledger.entries import (
     KINDS,
@@ -121,6 +123,8 @@ class LedgerService:
             "votes": 0,
             "checkpoints_made": 0,
         }
+        #: Receipt entries of shards settling together share one ingest (one commit).
+        self._receipts = GroupCommit(self._ingest_receipts, self._blocking)
         network.handle(SYNC_PROTOCOL, self._serve_sync, max_request_bytes=4096, timeout=30)
         network.set_topic_validator(self.topic, self._accept_gossip)
 
@@ -141,17 +145,33 @@ class LedgerService:
         return result
 
     async def record_receipt(self, receipt: Receipt, *, announce: bool = True) -> None:
-        """Enter a countersigned receipt (and gossip it when ``announce``)."""
-        wire = receipt_entry(receipt)
+        """Enter a countersigned receipt (and gossip it when ``announce``).
+
+        Group-committed: the receipts of shards settling at the same time share one
+        :meth:`Ledger.ingest` (one commit); this returns once the receipt is durable.
+        """
         try:
-            if announce:
-                await self._store_and_announce(wire)
-            else:
-                await self._store([wire])
+            wire = receipt_entry(receipt)
         except RecordError as exc:
-            # The receipt stays in the receipt store; the ledger only takes receipts that
-            # move credits (a shard priced below one nano-credit does not).
             log.info("receipt not entered into the ledger: %s", exc)
+            return
+        if not await self._receipts.submit(wire):
+            return
+        if announce and len(wire) <= MAX_GOSSIP_ENTRY:
+            try:
+                await self._network.publish(self.topic, wire)
+            except NetworkError as exc:  # sync will carry it
+                log.info("ledger gossip failed: %s", exc)
+
+    def _ingest_receipts(self, wires: list[bytes]) -> list[bool]:
+        """One ingest (one commit) for a batch of receipt entries: for each, True if it was
+        new here. Refusals are logged: the receipt stays in the receipt store, and the ledger
+        only takes receipts that move credits (a shard priced below one nano-credit does not)."""
+        result = self.ledger.ingest(wires)
+        for reason in result.invalid:
+            log.info("receipt not entered into the ledger: %s", reason)
+        new = {entry.entry_id for entry in result.new_entries}
+        return [blake3.blake3(wire).hexdigest() in new for wire in wires]
 
     async def record_fault(self, proof: bytes) -> bool:
         """Enter a fault proof (peers fetch it by sync); False if the ledger refused it."""

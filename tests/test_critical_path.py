@@ -317,7 +317,8 @@ async def test_a_shard_costs_two_round_trips_the_uploads_travel_beside_the_run(
 ) -> None:
     """Requester in West Europe, worker in Japan (241 ms): a one-shard job, both operands
     sent, takes the compute and two round trips (which operands do you hold; uploads and the
-    run request together), where it took three (has, upload, run)."""
+    run request together), where it took four; with B resident, one round trip (A's upload,
+    the question about B and the run request all together)."""
     from tests.test_virtual_time import ACCESS, TABLE
 
     async with cluster(["requester", "worker"]) as c:
@@ -332,9 +333,17 @@ async def test_a_shard_costs_two_round_trips_the_uploads_travel_beside_the_run(
         result = await requester.submit("matmul", operands, shards=1, max_workers=1)
         elapsed = trio.current_time() - started
         compute = worker.worker.stats.compute_seconds
+        # B is resident now: a new A goes beside the question about B and the run request.
+        warm = {"a": RNG.standard_normal((16, 250)).astype("float32"), "b": operands["b"]}
+        started = trio.current_time()
+        again = await requester.submit("matmul", warm, shards=1, max_workers=1)
+        warm_elapsed = trio.current_time() - started
+        warm_compute = worker.worker.stats.compute_seconds - compute
     np.testing.assert_allclose(result.output, operands["a"] @ operands["b"], rtol=1e-4)
+    np.testing.assert_allclose(again.output, warm["a"] @ warm["b"], rtol=1e-4)
     rtt = 2 * (TABLE.one_way("WEU", "JPE") + 2 * ACCESS)
     assert compute + 1.5 * rtt < elapsed < compute + 2.5 * rtt, (elapsed, compute, rtt)
+    assert warm_compute + rtt < warm_elapsed < warm_compute + 1.5 * rtt, (warm_elapsed, rtt)
 
 
 async def test_a_worker_that_does_not_wait_for_operands_gets_the_run_again(

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import base64
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -150,8 +150,14 @@ async def ensure_operands(
     timeout: float,
     in_flight: dict[tuple[str, str], trio.Event] | None = None,
     metas: dict[str, ArrayMeta] | None = None,
+    unheld: Collection[str] = (),
 ) -> int:
     """Upload every operand the worker lacks; return how many bytes were sent.
+
+    ``unheld`` names operands the caller knows the worker does not hold (a shard's slice: a
+    worker drops those after running them): they are uploaded without asking first, beside
+    the question about the others, which saves that round trip when the rest is resident (a
+    worker that holds one anyway answers the upload's first chunk "complete").
 
     ``in_flight`` (shared by concurrent callers) makes a second caller wait for an upload of
     the same operand to the same worker instead of interleaving its chunks with the first.
@@ -160,7 +166,6 @@ async def ensure_operands(
     """
     metas = metas if metas is not None else {name: meta_of(a) for name, a in operands.items()}
     by_digest = {metas[name].digest: operands[name] for name in operands}
-    lacking = await missing_operands(network, worker, list(metas.values()), timeout=timeout)
     in_flight = {} if in_flight is None else in_flight
     sent = 0
 
@@ -180,26 +185,39 @@ async def ensure_operands(
             del in_flight[key]
         sent += meta.nbytes
 
-    if len(lacking) == 1:
-        await send(lacking[0])
-    elif lacking:
-        # The operands travel side by side (requests to one peer share its connection): the
-        # worker hashes one while the next arrives. The first failure ends the others and is
-        # raised as itself, not as an exception group.
-        failures: list[Exception] = []
+    async def ask_then_send() -> None:
+        asked = [metas[name] for name in operands if name not in unheld]
+        if asked:
+            for meta in await missing_operands(network, worker, asked, timeout=timeout):
+                nursery.start_soon(send_or_stop, meta)
 
-        async def send_or_stop(meta: ArrayMeta, cancel: trio.CancelScope) -> None:
-            try:
-                await send(meta)
-            except Exception as exc:
-                failures.append(exc)
-                cancel.cancel()
+    # The operands travel side by side (requests to one peer share its connection): the
+    # worker hashes one while the next arrives; those in ``unheld`` go at once, beside the
+    # question about the others. The first failure ends the rest and is raised as itself,
+    # not as an exception group.
+    failures: list[Exception] = []
 
-        async with trio.open_nursery() as nursery:
-            for meta in lacking:
-                nursery.start_soon(send_or_stop, meta, nursery.cancel_scope)
-        if failures:
-            raise failures[0]
+    async def send_or_stop(meta: ArrayMeta) -> None:
+        try:
+            await send(meta)
+        except Exception as exc:
+            failures.append(exc)
+            nursery.cancel_scope.cancel()
+
+    async def ask_or_stop() -> None:
+        try:
+            await ask_then_send()
+        except Exception as exc:
+            failures.append(exc)
+            nursery.cancel_scope.cancel()
+
+    async with trio.open_nursery() as nursery:
+        for name in operands:
+            if name in unheld:
+                nursery.start_soon(send_or_stop, metas[name])
+        nursery.start_soon(ask_or_stop)
+    if failures:
+        raise failures[0]
     return sent
 
 

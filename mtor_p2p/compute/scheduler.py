@@ -563,6 +563,9 @@ class _JobRun:
                         timeout=upload_timeout,
                         in_flight=self.s.uploads,
                         metas=metas,
+                        # A shard's own slice is never resident (workers drop it after the
+                        # run): no need to ask before sending it.
+                        unheld=self.kernel.split_operands,
                     )
             except Exception as exc:  # the run cannot succeed without its operands
                 upload_error = exc

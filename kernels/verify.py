@@ -223,17 +223,54 @@ def _row_norms(matrix: np.ndarray) -> np.ndarray:
     return _row_norms64(matrix)
 
 
+@dataclass(frozen=True)
+class FreivaldsSketch:
+    """What Freivalds' check needs of B alone, for checking many row blocks of ``A @ B``
+    (a job's shards) against the same B: the ±1 vectors R (n x rounds), ``z = B R`` in
+    float64, its column norms and B's Frobenius norm. Making it costs a pass over B in
+    float64 (for n = k = 8192, more than the rest of a shard's check); each shard's check
+    then costs O((m k + m n) rounds). R must stay secret from the workers (it is never sent),
+    and should be drawn anew once a failed check has exposed one of its columns as a
+    fault proof's witness."""
+
+    signs: np.ndarray
+    z: np.ndarray
+    z_norms: np.ndarray
+    b_frobenius: float
+
+
+def freivalds_sketch(b: np.ndarray, *, rounds: int, rng: np.random.Generator) -> FreivaldsSketch:
+    """Draw R and compute the :class:`FreivaldsSketch` of ``b``."""
+    if rounds < 1:
+        raise KernelError("freivalds: rounds must be >= 1")
+    if b.ndim != 2:
+        raise KernelError("freivalds: b must be a matrix")
+    signs = (rng.integers(0, 2, size=(b.shape[1], rounds), dtype=np.int8) * 2 - 1).astype(np.int8)
+    return _sketch_of(b, signs)
+
+
+def _sketch_of(b: np.ndarray, signs: np.ndarray) -> FreivaldsSketch:
+    # z = B R in float64 (exact to 2**-53), then rounded to float32 once: term (d).
+    z = _matmul64(b, signs.astype(np.float64))
+    z_norms = np.sqrt(np.einsum("ij,ij->j", z, z))  # per round, float64
+    return FreivaldsSketch(signs, z, z_norms, float(np.linalg.norm(_row_norms(b))))
+
+
 def _residual_ratios32(
-    a: np.ndarray, b: np.ndarray, c: np.ndarray, signs: np.ndarray, safety: float
+    a: np.ndarray,
+    b: np.ndarray,
+    c: np.ndarray,
+    signs: np.ndarray,
+    safety: float,
+    sketch: FreivaldsSketch | None = None,
 ) -> np.ndarray | None:
     """Like :func:`_residual_ratios` with the float32 products and tolerance of the module
     docstring; None when float32 cannot be used (non-finite values, overflow), for the caller
     to fall back to the float64 check."""
     k, n = b.shape
-    # z = B R in float64 (exact to 2**-53), then rounded to float32 once: term (d).
-    z = _matmul64(b, signs.astype(np.float64))
-    z_norms = np.sqrt(np.einsum("ij,ij->j", z, z))  # per round, float64
-    b_frobenius = float(np.linalg.norm(_row_norms(b)))
+    if sketch is None:
+        sketch = _sketch_of(b, signs)
+    z, z_norms, b_frobenius = sketch.z, sketch.z_norms, sketch.b_frobenius
     a32 = a if a.dtype == np.float32 else a.astype(np.float32)
     c32 = c if c.dtype == np.float32 else c.astype(np.float32)
     with np.errstate(over="ignore", invalid="ignore"):
@@ -269,8 +306,13 @@ def freivalds(
     rounds: int = 20,
     rng: np.random.Generator,
     safety: float = FREIVALDS_SAFETY,
+    sketch: FreivaldsSketch | None = None,
 ) -> FreivaldsResult:
     """Check ``c ≈ a @ b`` with ``rounds`` random ±1 vectors (Freivalds' algorithm).
+
+    With ``sketch`` (:func:`freivalds_sketch` of this ``b``, with ``rounds`` vectors), its
+    vectors and ``B R`` are used instead of drawing and computing them: the shards of one
+    job share the pass over B.
 
     Each round draws r in {-1, +1}^n and compares ``C r`` with ``A (B r)`` row by row, in
     float32 on the host (``B r`` in float64), against the tolerance of the module docstring;
@@ -303,8 +345,13 @@ def freivalds(
     if rounds < 1:
         raise KernelError("freivalds: rounds must be >= 1")
     n = b.shape[1]
-    signs = (rng.integers(0, 2, size=(n, rounds), dtype=np.int8) * 2 - 1).astype(np.int8)
-    ratios = _residual_ratios32(a, b, c, signs, safety)
+    if sketch is not None:
+        if sketch.signs.shape != (n, rounds) or sketch.z.shape != (b.shape[0], rounds):
+            raise KernelError("freivalds: the sketch is of another B or another round count")
+        signs = sketch.signs
+    else:
+        signs = (rng.integers(0, 2, size=(n, rounds), dtype=np.int8) * 2 - 1).astype(np.int8)
+    ratios = _residual_ratios32(a, b, c, signs, safety, sketch)
     if ratios is None:
         ratios = _residual_ratios(a, b, c, signs, safety)
     max_error = float(ratios.max()) if ratios.size else 0.0

@@ -196,7 +196,10 @@ async def test_eight_live_liars_cannot_stop_or_corrupt_jobs(
     # a staller, cut off as a straggler each time a hedged twin answers, after
     # SLOW_TRIALS_BEFORE_DEMOTION of them, then for a back-off that doubles: over the run
     # each staller was tried at most that many times per back-off period.
-    periods = 1 + max(0, math.floor(math.log2(max(1.0, elapsed / FAILURE_BACKOFF))))
+    # The k-th back-off (FAILURE_BACKOFF * 2**(k-1)) ends at least FAILURE_BACKOFF * (2**k - 1)
+    # after the first demotion: by `elapsed`, at most log2(1 + elapsed / FAILURE_BACKOFF) of
+    # them have ended, each opening one more period of trials.
+    periods = 1 + math.floor(math.log2(1 + elapsed / FAILURE_BACKOFF))
     trials = SLOW_TRIALS_BEFORE_DEMOTION * periods
     assert sum(per_job) <= len(stallers) * trials + len(cheaters), (per_job, elapsed)
     for node in liars:

@@ -235,6 +235,10 @@ class _JobRun:
         self.quotes = {r.peer_id: r.price for r in workers}
         self.nursery: trio.Nursery | None = None
         self.nonce = scheduler.runtime.token_hex(16)
+        #: Freivalds' vectors and B R, shared by this job's shards (all of one B): made by
+        #: the first check, dropped after a rejection (its witness shows one of the vectors).
+        self._sketch: checks.FreivaldsSketch | None = None
+        self._sketch_lock = trio.Lock()
         #: Each whole operand's description, hashed once for the whole job: the job ID, the
         #: uploads and the run requests all use these (and shards that span a whole operand).
         self.metas = metas
@@ -625,8 +629,9 @@ class _JobRun:
         # The generator is made here, on the event loop: a seeded runtime's draws then happen
         # in a fixed order, and the check itself may run on a thread.
         rng = self.s.runtime.numpy_rng()
+        sketch = await self._freivalds_sketch(operands, rng)
         ok, witness = await self.s.runtime.run_blocking(
-            self._check, operands, answer.output, rng, flops=self._check_flops(operands)
+            self._check, operands, answer.output, rng, sketch, flops=self._check_flops(operands)
         )
         if ok:
             self.checks_passed += 1
@@ -644,8 +649,31 @@ class _JobRun:
         share = min(1.0, self.spec.sample_rows / max(rows, 1))
         return float(self.kernel.flops(operands)) * share
 
+    async def _freivalds_sketch(
+        self, operands: dict[str, np.ndarray], rng: np.random.Generator
+    ) -> checks.FreivaldsSketch | None:
+        """The job's sketch of B (made once, on the blocking hook, with the vectors of the
+        check that needs it first: ``rng``), or None when the check is not Freivalds' or this
+        shard's B is not the job's."""
+        if self.method != "freivalds" or operands.get("b") is not self.spec.operands.get("b"):
+            return None
+        async with self._sketch_lock:
+            if self._sketch is None:
+                b = operands["b"]
+                rounds = self.spec.freivalds_rounds
+                n, k = b.shape[1], b.shape[0]
+                self._sketch = await self.s.runtime.run_blocking(
+                    lambda: checks.freivalds_sketch(b, rounds=rounds, rng=rng),
+                    flops=2.0 * rounds * n * k,
+                )
+            return self._sketch
+
     def _check(
-        self, operands: dict[str, np.ndarray], output: np.ndarray, rng: np.random.Generator
+        self,
+        operands: dict[str, np.ndarray],
+        output: np.ndarray,
+        rng: np.random.Generator,
+        sketch: checks.FreivaldsSketch | None = None,
     ) -> tuple[bool, Any]:
         # May run in a worker thread: a fresh generator per check (Generators are not
         # thread-safe), from the runtime (the OS in production, so that a worker cannot
@@ -657,6 +685,7 @@ class _JobRun:
                 output,
                 rounds=self.spec.freivalds_rounds,
                 rng=rng,
+                sketch=sketch,
             )
             return result.ok, None if result.ok else [result.row]
         result = checks.sample_rows(
@@ -742,6 +771,7 @@ class _JobRun:
     ) -> None:
         self.rejected += 1
         self.rejected_by[worker] = self.rejected_by.get(worker, 0) + 1
+        self._sketch = None  # fresh vectors for the checks after a failed one
         self.s.book.failed(worker, "rejected", self.s.clock.now())
         self._leave(worker, "returned a wrong result")
         proof = make_fault_proof(

@@ -67,6 +67,9 @@ import numpy as np
 
 from .base import ACCUMULATION_UNIT_ROUNDOFF, Kernel, KernelError, Operands
 
+#: An honest row's norm may exceed ||a_i|| ||B||_F by its rounding: 1% covers that.
+HONEST_NORM_SLACK = 1.01
+
 __all__ = [
     "CHECK_UNIT_ROUNDOFF",
     "COMPARE_RTOL",
@@ -173,7 +176,21 @@ def freivalds_row_tolerance(
     residual ``~||D||`` that D itself adds. Works on NumPy or CuPy arrays alike.
     """
     u = ACCUMULATION_UNIT_ROUNDOFF
+    c_row_norms = honest_row_norms(c_row_norms, a_row_norms, b_frobenius)
     return safety * u * ((math.sqrt(k) + 1.0) * a_row_norms * b_frobenius + (k + 1.0) * c_row_norms)
+
+
+def honest_row_norms(
+    c_row_norms: np.ndarray, a_row_norms: np.ndarray, b_frobenius: float
+) -> np.ndarray:
+    """The claimed C's row norms, capped at what an honest row can have.
+
+    ``||c_i|| = ||a_i B|| <= ||a_i|| ||B||_F`` for the exact product (1% over for rounding).
+    A tolerance that grew with the claimed ``||c_i||`` without this cap would grow with the
+    error itself: a wrong element large enough (over a wide enough row) would raise its own
+    tolerance faster than its residual, and pass.
+    """
+    return np.minimum(c_row_norms, HONEST_NORM_SLACK * a_row_norms * b_frobenius)
 
 
 def _check_product_shapes(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> None:
@@ -279,12 +296,15 @@ def _residual_ratios32(
     if not (np.isfinite(y).all() and np.isfinite(w).all() and np.isfinite(z_norms).all()):
         return None
     a_norms = _row_norms(a32)[:, None]
-    c_norms = _row_norms(c32)[:, None]
+    # Only quantities the worker cannot inflate: C's row norms capped at an honest row's, and
+    # |(C r)_i| at sqrt(n) times that (Cauchy-Schwarz with r = ±1).
+    c_norms = honest_row_norms(_row_norms(c32)[:, None], a_norms, b_frobenius)
     u = CHECK_UNIT_ROUNDOFF
     y64, w64 = y.astype(np.float64), w.astype(np.float64)
+    y_bound = np.minimum(np.abs(y64), math.sqrt(n) * c_norms)
     tolerance = (
         freivalds_row_tolerance(a_norms, b_frobenius, c_norms, k, safety=safety)  # (a)
-        + safety * u * ((n + math.sqrt(n)) * c_norms + (n + 1.0) * np.abs(y64))  # (b)
+        + safety * u * ((n + math.sqrt(n)) * c_norms + (n + 1.0) * y_bound)  # (b)
         + safety * u * ((math.sqrt(k) + 1.0) * a_norms * z_norms + (k + 1.0) * np.abs(w64))  # (c)
         + 2.0 * u * a_norms * z_norms  # (d)
     )

@@ -398,6 +398,7 @@ class Node:
                         # result (scheduler.settle): store them before the courier stops.
                         with trio.move_on_after(SETTLE_ON_EXIT_SECONDS):
                             await self.scheduler.settled()
+                        await self.scheduler.store_backlog()
                         await self.capacity.withdraw(timeout=3.0)
                 if control:
                     self._remove_control_info()

@@ -1191,8 +1191,30 @@ class Scheduler:
     async def settled(self) -> None:
         """Return once every receipt countersigned so far is stored and in the ledger (its
         delivery to the worker may still be under way)."""
-        while self._unsettled > 0:
+        while self._unsettled > 0 and self._settling:
             await self._settled_changed.wait()
+
+    async def store_backlog(self) -> int:
+        """At exit: store the receipts still queued for the courier (one group commit), so
+        that none countersigned is lost; their ledger entries, gossip and delivery need the
+        running node and are left (logged). Returns how many were stored here."""
+        backlog: list[Receipt] = []
+        while True:
+            try:
+                backlog.append(self._settle_recv.receive_nowait()[1])
+            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                break
+        if backlog:
+            await self.runtime.run_blocking(self.receipts.add_many, backlog)
+            self._unsettled -= len(backlog)
+            self._settled_changed.set()
+            self._settled_changed = trio.Event()
+            log.warning(
+                "stopping: %d countersigned receipts stored without their ledger entries or "
+                "delivery to their workers",
+                len(backlog),
+            )
+        return len(backlog)
 
     async def courier(self, deliverers: int = 8, settlers: int = 8) -> None:
         """Settle countersigned receipts (store, ledger, gossip) and deliver them to their
@@ -1223,6 +1245,7 @@ class Scheduler:
                     nursery.start_soon(deliver_forever)
         finally:
             self._settling = False
+            self._settled_changed.set()  # settled() returns: nothing settles any more
 
     async def _deliver(self, worker: str, receipt: Receipt) -> None:
         try:

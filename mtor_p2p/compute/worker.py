@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import base64
 import logging
-import math
 import re
 import tempfile
 from collections import deque
@@ -123,7 +122,13 @@ RUN_TIMEOUT = 600.0
 INLINE_CHUNK_BYTES = 1 << 20
 #: A run request sent beside its uploads waits this long for an upload of each missing operand
 #: to start (the first chunk, up to 4 MiB, may arrive after the request on a slow link).
-OPERAND_WAIT_GRACE = 10.0
+OPERAND_WAIT_GRACE = 2.0
+#: A waiting run gives up after the grace plus its operands' bytes at this rate.
+OPERAND_WAIT_MIN_RATE = 1 << 20
+#: Runs waiting for their operands at once, per sender and from all senders (a quarter of
+#: the host's run permits): idle handlers a requester can hold.
+MAX_WAITING_RUNS_PER_SENDER = 4
+MAX_WAITING_RUNS = 16
 #: How often the worker's own loop expires idle uploads, moves expired owed work to unpaid and
 #: notes its price. A simulation with thousands of workers pays one wake-up per worker per
 #: interval, so it is not shorter than it needs to be for a 60 s upload timeout.
@@ -294,6 +299,8 @@ class WorkerService:
         # counts against that too. None: no credit check (no ledger); unpaid work is bounded
         # either way.
         self._credit = credit
+        #: sender -> its runs waiting for operands now (see _may_wait).
+        self._waiting_runs: dict[str, int] = {}
         self._on_receipt = on_receipt
         # requester -> (job_id, shard) -> (signed at, nano-credits): receipts handed out and
         # not yet countersigned; after OWED_MEMORY_SECONDS they move to ``_unpaid``.
@@ -548,23 +555,28 @@ class WorkerService:
         arrays: dict[str, np.ndarray] = {}
         inputs: dict[str, str] = {}
         digests: dict[str, str] = {}
+        announced = 0
         for name, meta_json in list(described.items())[:16]:
             try:
                 meta = ArrayMeta.from_json(meta_json, max_bytes=MAX_ARRAY_BYTES)
             except RecordError as exc:
                 raise RemoteError(f"operand {name!r}: {exc}") from exc
             digests[str(name)] = meta.digest
-        wait = header.get("wait_operands") is True
-        available = None
-        if self._credit is not None and wait:
-            # Read while the operands are still on their way, not after they arrived (a
-            # thread hop less on the shard's path). The balance may be as old as the upload:
-            # shards of this requester countersigned meanwhile leave the owed table and the
-            # balance together, so it can overstate the credit by at most their cost.
-            available = await self._runtime.run_blocking(self._credit, sender)
-        if wait:
-            # Pipelined: the requester sent this run together with the uploads it needs.
-            await self._await_operands(sender, set(digests.values()))
+            announced += meta.nbytes
+        if header.get("wait_operands") is True and self._may_wait(sender):
+            # Pipelined: the requester sent this run together with the uploads it needs. A
+            # run this worker would refuse is refused before it waits, and waiting runs are
+            # bounded per sender and in all (beyond, the run is answered at once and the
+            # requester asks again when its uploads are done).
+            self._agreed_price(header.get("max_price"))
+            self._refuse_unpaid(sender)
+            self._waiting_runs[sender] = self._waiting_runs.get(sender, 0) + 1
+            try:
+                await self._await_operands(sender, set(digests.values()), announced)
+            finally:
+                self._waiting_runs[sender] -= 1
+                if not self._waiting_runs[sender]:
+                    del self._waiting_runs[sender]
         missing = []
         for name, digest in digests.items():
             array = self.operands.get(digest)
@@ -586,8 +598,11 @@ class WorkerService:
         # with no credit gets no work, however small the pieces; a worker asking 0 (a
         # volunteer) gives its work away by its own choice.
         self._refuse_unpaid(sender)
-        if self._credit is not None and not wait:
-            # A ledger read may wait for a write in progress: never on the event loop.
+        available = None
+        if self._credit is not None:
+            # A ledger read may wait for a write in progress: never on the event loop. Read
+            # after any wait for operands, so that shards countersigned meanwhile are not
+            # counted twice (once in the balance, once more as owed).
             available = await self._runtime.run_blocking(self._credit, sender)
         # Each run is owed on its own, keyed like its receipt will be (job, shard, start):
         # a requester re-running one (job_id, shard), which it chooses, must not have all
@@ -662,26 +677,36 @@ class WorkerService:
         self._operands_event.set()
         self._operands_event = trio.Event()
 
-    async def _await_operands(self, sender: str, digests: set[str]) -> None:
+    def _may_wait(self, sender: str) -> bool:
+        """Whether another run of ``sender`` may wait for its operands (see _on_run)."""
+        return (
+            self._waiting_runs.get(sender, 0) < MAX_WAITING_RUNS_PER_SENDER
+            and sum(self._waiting_runs.values()) < MAX_WAITING_RUNS
+        )
+
+    async def _await_operands(self, sender: str, digests: set[str], announced: int) -> None:
         """Wait until every operand in ``digests`` is held, or until waiting is pointless.
 
         A run request may travel beside the uploads of its operands (``wait_operands``), so
         that a shard costs one round trip instead of two: an operand is waited for while an
         upload of it from ``sender`` is in progress (that upload's idle timeout and minimum
         rate bound the wait), and for OPERAND_WAIT_GRACE seconds otherwise (its first chunk
-        may arrive after the run request). What a requester can hold this way is one idle
-        handler per run request, which the host's per-peer stream limit bounds.
+        may arrive after the run request); never longer than OPERAND_WAIT_GRACE plus the
+        ``announced`` bytes at OPERAND_WAIT_MIN_RATE. What a requester can hold this way is
+        MAX_WAITING_RUNS_PER_SENDER idle handlers (MAX_WAITING_RUNS from all).
         """
         grace_ends = trio.current_time() + OPERAND_WAIT_GRACE
+        hard_end = grace_ends + announced / OPERAND_WAIT_MIN_RATE
         while True:
             waiting = [d for d in digests if d not in self.operands]
             if not waiting:
                 return
             uploading = any((sender, d) in self._pending for d in waiting)
-            if not uploading and trio.current_time() >= grace_ends:
+            now = trio.current_time()
+            if now >= hard_end or (not uploading and now >= grace_ends):
                 return
             changed = self._operands_event
-            with trio.move_on_at(math.inf if uploading else grace_ends):
+            with trio.move_on_at(hard_end if uploading else grace_ends):
                 await changed.wait()
 
     # -- what a requester may take -----------------------------------------------------------

@@ -49,6 +49,8 @@ log = logging.getLogger(__name__)
 
 #: A reason longer than this is cut (it may quote what the peer sent).
 MAX_REASON_CHARS = 300
+#: Chunk requests of one download in flight at once.
+DOWNLOAD_CHUNKS_IN_FLIGHT = 4
 
 
 class WorkerMisbehaved(PeerMisbehaved):
@@ -234,34 +236,50 @@ def missing_in(exc: BaseException) -> list[str]:
 
 
 async def download(network: Network, worker: str, meta: ArrayMeta, *, timeout: float) -> np.ndarray:
-    """Fetch an array by hash in chunks; every chunk must be exactly what was asked for, and
-    the whole must match ``meta`` (size and hash)."""
-    parts: list[bytes] = []
-    received = 0
-    while received < meta.nbytes:
-        length = min(CHUNK_BYTES, meta.nbytes - received)
-        reply = await network.request(
-            worker,
-            PROTOCOL_DOWNLOAD,
-            pack({"hash": meta.digest, "offset": received, "length": length}),
-            timeout=timeout,
-            max_response_bytes=MAX_MESSAGE_BYTES,
-        )
-        with peer_fault_boundary(worker, "download reply"):
-            header, body = unpack(reply)
-            total = _field(header, "total", int)
-            if total != meta.nbytes:
-                raise WorkerMisbehaved(f"its array has {total} bytes, {meta.nbytes} expected")
-            if not body:
-                raise WorkerMisbehaved("worker sent an empty chunk")
-            if len(body) != length:
-                # The worker slices exactly what is asked; anything else is padding or a
-                # trickle of tiny chunks.
-                raise WorkerMisbehaved(f"chunk of {len(body)} bytes, {length} asked for")
-        parts.append(body)
-        received += len(body)
+    """Fetch an array by hash in chunks, :data:`DOWNLOAD_CHUNKS_IN_FLIGHT` at a time (on a
+    lane they share one connection; each lands in place in the result); every chunk must be
+    exactly what was asked for, and the whole must match ``meta`` (size and hash)."""
+    out = bytearray(meta.nbytes)
+    view = memoryview(out)
+    failure: list[BaseException] = []
+    limiter = trio.CapacityLimiter(DOWNLOAD_CHUNKS_IN_FLIGHT)
+
+    async def fetch(offset: int, nursery: trio.Nursery) -> None:
+        length = min(CHUNK_BYTES, meta.nbytes - offset)
+        try:
+            async with limiter:
+                reply = await network.request(
+                    worker,
+                    PROTOCOL_DOWNLOAD,
+                    pack({"hash": meta.digest, "offset": offset, "length": length}),
+                    timeout=timeout,
+                    max_response_bytes=MAX_MESSAGE_BYTES,
+                )
+            with peer_fault_boundary(worker, "download reply"):
+                header, body = unpack(reply)
+                total = _field(header, "total", int)
+                if total != meta.nbytes:
+                    raise WorkerMisbehaved(f"its array has {total} bytes, {meta.nbytes} expected")
+                if not body:
+                    raise WorkerMisbehaved("worker sent an empty chunk")
+                if len(body) != length:
+                    # The worker slices exactly what is asked; anything else is padding or a
+                    # trickle of tiny chunks.
+                    raise WorkerMisbehaved(f"chunk of {len(body)} bytes, {length} asked for")
+            view[offset : offset + length] = body
+        except (NetworkError, RemoteError, PeerMisbehaved) as exc:
+            # The first failure is the download's; the other chunks stop.
+            if not failure:
+                failure.append(exc)
+            nursery.cancel_scope.cancel()
+
+    async with trio.open_nursery() as nursery:
+        for offset in range(0, meta.nbytes, CHUNK_BYTES):
+            nursery.start_soon(fetch, offset, nursery)
+    if failure:
+        raise failure[0]
     with peer_fault_boundary(worker, "downloaded output"):
-        return array_from_bytes(meta, b"".join(parts))
+        return array_from_bytes(meta, out)
 
 
 #: How far apart two peers' clocks may be before a receipt's times look wrong (seconds).

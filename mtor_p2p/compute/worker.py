@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import mmap
 import re
 import tempfile
 from collections import deque
@@ -185,11 +186,13 @@ class _UploadBuffer:
             return self._whole
         if self._memory is not None:
             return self._memory
+        # Mapped, not read: the operand is used straight from the spool file's pages (no
+        # second copy, no fresh anonymous pages to fault in; the kernel may page it out).
+        # The mapping outlives the file's descriptor and goes with the last array using it.
         self._file.flush()
-        self._file.seek(0)
-        data = bytearray(self.size)
-        self._file.readinto(data)
-        return data
+        if self.size == 0:
+            return b""
+        return memoryview(mmap.mmap(self._file.fileno(), self.size, access=mmap.ACCESS_READ))
 
     def close(self) -> None:
         """Give back the memory or the file."""

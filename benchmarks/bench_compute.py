@@ -15,8 +15,9 @@ Rows (``--only 1,3``):
    row shards; Ray ``ray.put``, Dask ``scatter``: the same bytes move) and both operands per
    shard (MTOR: one-shard jobs, 4 in flight; Ray and Dask: every task submitted at once);
 3. bulk bytes over one authenticated connection between two processes: MTOR
-   ``Libp2pNetwork.request`` carrying 64 MiB each way, against one TCP socket and one TLS 1.3
-   connection (Python ``ssl``) moving the same bytes the same way;
+   ``Libp2pNetwork.request`` (its lane) carrying 4 MiB requests (the compute protocols' chunk)
+   and 64 MiB requests each way, against one TCP socket and one TLS 1.3 connection (Python
+   ``ssl``) moving the same bytes the same way;
 4. a worker SIGKILLed mid-shard to the accepted result, the same 2048x2048x2048 float32 shard
    on every side, 2 workers, the kill 0.1 s after the shard starts computing;
 5. DHT get with 20 peers, each in its own process (p50/p99), beside a request on an open
@@ -1274,7 +1275,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument(
         "--quick", action="store_true",
-        help="small settings for development: 15 round trips, 40 shards, 2 requests of 64 MiB, "
+        help="small settings for development: 15 round trips, 40 shards, 32 requests of 4 MiB "
+        "and 2 of 64 MiB each way, "
         "1 kill per round, 8 DHT peers, n = 2048 for row 6",
     )  # fmt: skip
     parser.add_argument(
@@ -1286,9 +1288,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="interleaved rounds per row (each side once per round; default 3)",
     )  # fmt: skip
     parser.add_argument(
-        "--out", type=Path, default=RESULTS / "compute.json", help="where to write the JSON"
-    )
+        "--out", type=Path, default=None,
+        help="where to write the JSON (default: benchmarks/results/compute.json for a full run, "
+        "benchmarks/results/compute-partial.json (not tracked) with --quick or --only)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    if args.out is None:
+        partial = args.quick or bool(args.only.strip())
+        args.out = RESULTS / ("compute-partial.json" if partial else "compute.json")
     try:
         args.rows = [int(x) for x in args.only.split(",") if x.strip()] or [1, 2, 7, 3, 4, 5, 6, 8]
     except ValueError:

@@ -16,7 +16,8 @@
 #      stand-in's CuPy signatures with this real CuPy (and cuBLAS);
 #   4. benchmarks/gpu_kernels.py: kernel vs CuPy's GEMM at n=4096, shard vs pinned bus.
 # Everything goes to stdout and to $OUT (gpu_check.log, pytest-*.xml, gpu_kernels.json).
-# Exit status: 0 all passed, 3 no usable GPU, else the number of failed steps.
+# Exit status: 0 all passed, 2 the interpreter cannot run or lacks numpy/pytest, 3 no usable
+# GPU, else the number of failed steps.
 
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -27,6 +28,11 @@ export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 exec > >(tee -a "$OUT/gpu_check.log") 2>&1
 
 echo "== 1. environment ($(date -u +%FT%TZ), results in $OUT)"
+# A broken interpreter is a set-up problem, not "no GPU": say so and exit 2.
+if ! "$PYTHON" -c "import numpy, pytest" 2>&1; then
+    echo "set-up problem: '$PYTHON' cannot run or lacks numpy/pytest (PYTHON=... picks another): exit 2"
+    exit 2
+fi
 if ! "$PYTHON" - <<'EOF'
 import sys
 

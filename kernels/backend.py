@@ -1263,7 +1263,8 @@ def gpu_status(device_id: int = 0) -> GpuStatus:
     except ImportError as exc:
         return GpuStatus(
             False,
-            f"CuPy is not installed ({exc}); install the gpu-cuda12 or gpu-cuda13 extra",
+            f"CuPy is not installed ({exc}); on a machine with an NVIDIA GPU and driver, "
+            "install the gpu-cuda12 or gpu-cuda13 extra",
             device_id,
         )
     except Exception as exc:  # a broken install: say so rather than crash the probe

@@ -193,13 +193,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     async def main() -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with Node.open(config) as node:
-                ready = {"peer_id": node.peer_id, "addrs": node.addrs(), "tunnel": node.tunnel_url}
+                ready = {
+                    "peer_id": node.peer_id,
+                    "addrs": node.addrs(),
+                    "tunnel": node.tunnel_url,
+                    "lane_port": node.lane_port(),
+                }
                 if args.json:
                     print(json.dumps(ready), flush=True)
                 else:
                     print(f"mtor-peer {__version__} running as {node.peer_id}", flush=True)
                     for addr in node.addrs():
                         print(f"  listening on {addr}", flush=True)
+                    if node.lane_port() is not None:
+                        print(f"  lanes on TCP port {node.lane_port()}", flush=True)
                     print("  Ctrl-C to stop", flush=True)
                 async with trio.open_nursery() as nursery:
 
@@ -485,6 +492,14 @@ def _status_guard_lines(status: dict[str, Any]) -> list[str]:
             f"{guards.get('requests_refused_size', 0)} size, {refused_peer} per-peer limit; "
             f"{guards.get('requests_cut_slow', 0)} cut slow, "
             f"{guards.get('handler_errors', 0)} handler errors"
+        )
+    if guards and status.get("lane_port") is not None:
+        lines.append(
+            f"lanes      port {status['lane_port']}; open {guards.get('lanes_open_out', 0)} out, "
+            f"{guards.get('lanes_open_in', 0)} in; requests {guards.get('lane_requests_out', 0)}"
+            f" out, {guards.get('lane_requests_in', 0)} in; peers without a lane (streams used) "
+            f"{guards.get('lanes_failed_out', 0)}; refused {guards.get('lanes_refused_in', 0)}, "
+            f"records that did not authenticate {guards.get('lane_auth_failures', 0)}"
         )
     mesh = status.get("mesh")
     if mesh:
@@ -840,7 +855,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-default-bootstrap", action="store_true", help="do not dial the shipped bootstrap list"
     )
     p.add_argument("--region", help="region code shown in the capacity record (e.g. WEU)")
-    p.add_argument("--gpu", choices=["auto", "none"], help="use GPUs found through NVML, or none")
+    p.add_argument(
+        "--gpu",
+        choices=["auto", "none"],
+        help="auto: compute on the GPU CuPy can use (else NumPy); none: NumPy, advertise the CPU",
+    )
     p.add_argument("--price", type=float, help="starting asking price, credits per TFLOP delivered")
     p.add_argument(
         "--fixed-price", action="store_true", help="keep the price fixed (no utilisation rule)"

@@ -102,9 +102,9 @@ class NodeConfig:
         if not 0 <= self.api_port <= 65535:
             raise ConfigError("api_port must be a TCP port number")
         if self.lanes not in ("auto", "eager", "off"):
-            raise ConfigError("lanes must be 'auto', 'eager' or 'off'")
+            raise ConfigError(f"lanes must be 'auto', 'eager' or 'off', not {self.lanes!r}")
         if not 0 <= self.lane_port <= 65535:
-            raise ConfigError("lane_port must be a TCP port number")
+            raise ConfigError(f"lane_port must be 0-65535 (0: any free port), not {self.lane_port}")
         if not 0 < self.announce_interval < self.record_ttl / 2:
             raise ConfigError("announce_interval must be positive and under half of record_ttl")
         if not 0.0 <= self.fault_rate <= 1.0:

@@ -426,7 +426,13 @@ class LaneServer:
             family = trio.socket.AF_INET6 if ":" in host else trio.socket.AF_INET
             sock = trio.socket.socket(family, trio.socket.SOCK_STREAM)
             sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEADDR, 1)
-            await sock.bind((host, port))
+            try:
+                await sock.bind((host, port))
+            except OSError as exc:
+                sock.close()
+                raise OSError(
+                    exc.errno, f"lane port {port} on {host}: {exc.strerror} (see --lane-port)"
+                ) from None
             sock.listen(128)
             port = sock.getsockname()[1]
             self._listeners.append(sock)

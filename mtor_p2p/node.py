@@ -223,6 +223,12 @@ class Node:
         """This node's peer ID."""
         return self.identity.peer_id
 
+    def lane_port(self) -> int | None:
+        """The TCP port this node serves lanes on (None: lanes are off, or the network has
+        none, as memnet)."""
+        port = getattr(self.network, "lane_port", None)
+        return port() if callable(port) else None
+
     def addrs(self) -> list[str]:
         """Addresses at which other peers can dial this node."""
         return self.network.addrs()
@@ -467,6 +473,7 @@ class Node:
             "devices": [d.__dict__ for d in self.devices],
             "record": None if own is None else record_to_json(own, now),
             "tunnel": self.tunnel_url,
+            "lane_port": self.lane_port(),
             "guards": self.network.stats.__dict__,
             "mesh": None
             if self.mesh is None

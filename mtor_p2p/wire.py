@@ -79,6 +79,10 @@ def b64_field(value: Any, what: str, length: int | None = None) -> bytes:
         raw = base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError) as exc:
         raise RecordError(f"{what} is not base64") from exc
+    # One encoding per value: unused bits in the last character must be zero, or a signed
+    # record would have several byte forms (found by tests/test_records.py's fuzzing).
+    if base64.b64encode(raw).decode("ascii") != value:
+        raise RecordError(f"{what} is not canonical base64")
     if length is not None and len(raw) != length:
         raise RecordError(f"{what} must be {length} bytes")
     return raw

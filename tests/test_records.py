@@ -142,7 +142,7 @@ def test_dht_validator_checks_key_and_prefers_the_newest(identity):
     new = make_record(identity, now=NOW, seq=9).sign(identity)
     key = capacity_key(identity.peer_id)
     validator.validate(key, new)
-    with pytest.raises(RecordError, match="different peer"):
+    with pytest.raises(RecordError, match="another peer"):
         validator.validate(capacity_key(Identity.generate().peer_id), new)
     with pytest.raises(RecordError):
         validator.validate("/mtor/other/x", new)
@@ -166,6 +166,18 @@ def test_any_single_byte_change_is_rejected_or_harmless(position, byte):
     # The only accepted change is no change at all.
     assert bytes(raw) == record.sign(identity)
     assert decoded == record
+
+
+def test_a_signature_in_non_canonical_base64_is_rejected() -> None:
+    """The last base64 character of a 64-byte signature carries 4 unused bits: changing them
+    ('g' to 'h') decodes to the same signature. A record has one byte form only."""
+    identity = Identity(b"\x07" * 32)
+    raw = bytearray(make_record(identity, now=NOW).sign(identity))
+    end = raw.index(b'==","t"')
+    assert raw[end - 1 : end] == b"g"
+    raw[end - 1] = ord("h")
+    with pytest.raises(RecordError, match="canonical"):
+        decode_capacity_record(bytes(raw), now=NOW)
 
 
 @settings(max_examples=50, deadline=None)

@@ -37,8 +37,12 @@ _MAX_TEXT = 128
 
 
 def capacity_key(peer_id: str) -> str:
-    """The DHT key under which ``peer_id`` publishes its capacity record."""
-    return DHT_KEY_PREFIX + peer_id
+    """The DHT key under which ``peer_id`` publishes its capacity record: the prefix and the
+    first 128 bits of SHA-256 of the peer ID, 42 bytes in all. Not the peer ID itself (62
+    bytes): py-libp2p 0.8.1 refuses FIND_NODE for keys longer than 50 bytes that are not
+    multihashes, so puts under such keys were routed only as far as the putter's own table,
+    and every peer asked logged a warning."""
+    return DHT_KEY_PREFIX + hashlib.sha256(peer_id.encode()).hexdigest()[:32]
 
 
 @dataclass(frozen=True)
@@ -266,17 +270,19 @@ class CapacityRecordValidator:
         """Raise RecordError unless ``value`` is a valid, live record for ``key``."""
         if not key.startswith(DHT_KEY_PREFIX):
             raise RecordError(f"unknown key in the mtor namespace: {key[:80]!r}")
-        decode_capacity_record(value, now=self._now(), expected_peer=key[len(DHT_KEY_PREFIX) :])
+        record = decode_capacity_record(value, now=self._now())
+        if capacity_key(record.peer_id) != key:
+            raise RecordError("the record describes another peer than its key names")
 
     def select(self, key: str, values: list[bytes]) -> int:
         """Index of the best value: the valid record with the highest sequence number."""
         best_index, best_seq = 0, -1
         for index, value in enumerate(values):
             try:
-                record = decode_capacity_record(
-                    value, now=self._now(), expected_peer=key[len(DHT_KEY_PREFIX) :]
-                )
+                record = decode_capacity_record(value, now=self._now())
             except RecordError:
+                continue
+            if capacity_key(record.peer_id) != key:
                 continue
             if record.seq > best_seq:
                 best_index, best_seq = index, record.seq

@@ -71,6 +71,20 @@ class _LevelFloor(logging.Filter):
         return True
 
 
+class _CleanEofQuiet(logging.Filter):
+    """Drops py-libp2p 0.8.1's WARNING for a DHT stream its peer closed cleanly: its reader
+    raises ``StreamEOF`` (pitfall 1) where the DHT handler expects an empty read, so every
+    finished PUT_VALUE logged "Failed to read DHT message from stream: " (an empty reason)
+    on the receiving peer, each announce interval. Other read failures still show."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name != "libp2p.kad_dht.kad_dht" or not record.msg.startswith(
+            "Failed to read DHT message from stream"
+        ):
+            return True
+        return not (record.args and type(record.args[0]).__name__ == "StreamEOF")
+
+
 def _setup_logging(level: str) -> None:
     """One format (time, level, logger) for every line, ours and py-libp2p's, on stderr.
 
@@ -98,6 +112,7 @@ def _setup_logging(level: str) -> None:
     libp2p_logger.setLevel(libp2p_level)
     for handler in logging.getLogger().handlers:
         handler.addFilter(_LevelFloor("libp2p", libp2p_level))
+        handler.addFilter(_CleanEofQuiet())
 
 
 def _leaves(exc: BaseException) -> list[BaseException]:

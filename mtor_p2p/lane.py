@@ -261,8 +261,9 @@ class LaneSocket:
                 raise LaneError("lane closed by the peer")
             self._end += got
 
-    async def _open_record(self, out: memoryview, most: int) -> int:
-        """Read one record of at most ``most`` plaintext bytes into ``out``; its length."""
+    async def _next_record(self, most: int) -> tuple[bytes, memoryview]:
+        """Buffer the next record of at most ``most`` plaintext bytes and consume it: its
+        length prefix and its ciphertext (a view valid until the next read)."""
         await self._fill(_RECORD_LENGTH.size)
         prefix = bytes(self._in[self._start : self._start + _RECORD_LENGTH.size])
         (size,) = _RECORD_LENGTH.unpack(prefix)
@@ -270,24 +271,20 @@ class LaneSocket:
             raise LaneError(f"record of {size} bytes where at most {most + _TAG} fit")
         await self._fill(_RECORD_LENGTH.size + size)
         start = self._start + _RECORD_LENGTH.size
-        self._opener.open_into(
-            memoryview(self._in)[start : start + size], out[: size - _TAG], prefix
-        )
         self._start = start + size
-        return size - _TAG
+        return prefix, memoryview(self._in)[start : start + size]
+
+    async def _open_record(self, out: memoryview, most: int) -> int:
+        """Read one record of at most ``most`` plaintext bytes into ``out``; its length."""
+        prefix, ciphertext = await self._next_record(most)
+        length = len(ciphertext) - _TAG
+        self._opener.open_into(ciphertext, out[:length], prefix)
+        return length
 
     async def _open_record_bytes(self, most: int) -> bytes:
         """Read one record of at most ``most`` plaintext bytes; its plaintext."""
-        await self._fill(_RECORD_LENGTH.size)
-        prefix = bytes(self._in[self._start : self._start + _RECORD_LENGTH.size])
-        (size,) = _RECORD_LENGTH.unpack(prefix)
-        if size < _TAG or size - _TAG > most:
-            raise LaneError(f"record of {size} bytes where at most {most + _TAG} fit")
-        await self._fill(_RECORD_LENGTH.size + size)
-        start = self._start + _RECORD_LENGTH.size
-        plaintext = self._opener.open(memoryview(self._in)[start : start + size], prefix)
-        self._start = start + size
-        return plaintext
+        prefix, ciphertext = await self._next_record(most)
+        return self._opener.open(ciphertext, prefix)
 
     async def read_header(self) -> bytes:
         """The next message's header record."""

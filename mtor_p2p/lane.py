@@ -43,7 +43,13 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from mtor_p2p.network import HostStats, NetworkError, RemoteError
+from mtor_p2p.network import (
+    MIN_REQUEST_BYTES_PER_S,
+    REQUEST_GRACE_S,
+    HostStats,
+    NetworkError,
+    RemoteError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -91,9 +97,10 @@ MAX_PENDING_HELLOS_PER_SOURCE = 8
 MAX_SKIPPED_RESPONSE_BYTES = 64 << 20
 #: Records sealed under one key before the lane is closed (a new one takes its place).
 MAX_RECORDS_PER_KEY = 1 << 40
-#: Reads of a record already announced by its length must keep at least this rate.
-MIN_BYTES_PER_S = 256 * 1024
-READ_GRACE_S = 5.0
+#: Bytes already announced must keep at least this rate after a grace: the same rule as for
+#: a request's body on a stream (mtor_p2p/network.py).
+MIN_BYTES_PER_S = MIN_REQUEST_BYTES_PER_S
+READ_GRACE_S = REQUEST_GRACE_S
 
 _REQUEST = ord("Q")
 _RESPONSE = ord("R")
@@ -230,13 +237,7 @@ class LaneSocket:
         return start + size
 
     async def _flush(self, out: bytearray, used: int) -> None:
-        view = memoryview(out)[:used]
-        while view:
-            try:
-                sent = await self._sock.send(view)
-            except (OSError, trio.ClosedResourceError) as exc:
-                raise LaneError(f"lane send failed: {exc}") from exc
-            view = view[sent:]
+        await _send_all(self._sock, memoryview(out)[:used])
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -606,7 +607,7 @@ async def _recv_exactly(sock: trio.socket.SocketType, out: memoryview) -> None:
         got += n
 
 
-async def _send_all(sock: trio.socket.SocketType, data: bytes) -> None:
+async def _send_all(sock: trio.socket.SocketType, data: bytes | memoryview) -> None:
     view = memoryview(data)
     while view:
         try:

@@ -117,7 +117,11 @@ async def real_devnet(root: Path) -> dict[str, object]:
         tflops = statistics.median(n.tflops for n, _ in nodes[1:])
         before = (await trio.to_thread.run_sync(requester.ledger_summary))["balance"]
         latencies, receipts = await run_jobs(requester)
-        with trio.fail_after(10):  # the ledger takes the last receipts off the critical path
+        with trio.fail_after(10):
+            # Receipts are stored and entered into the ledger after each job returns (its
+            # courier): wait for both, not for the store alone (a busy machine showed the
+            # balance read between the two).
+            await requester.scheduler.settled()
             while requester.receipts.count() < receipts:
                 await trio.sleep(0.05)
         after = (await trio.to_thread.run_sync(requester.ledger_summary))["balance"]

@@ -1,4 +1,4 @@
-"""``python -m benchmarks NAME [options]``; names: peer, compute, ledger, sim, attacks."""
+"""``python -m benchmarks NAME [options]``; names: peer, compute, ledger, sim, attacks, control."""
 
 from __future__ import annotations
 
@@ -29,8 +29,13 @@ def main() -> int:
         from benchmarks.bench_attacks import main as run
 
         return run(args[1:])
+    if name == "control":
+        from benchmarks.bench_control import main as run
+
+        return run(args[1:])
     print(
-        f"unknown benchmark {name!r}; known: peer, compute, ledger, sim, attacks", file=sys.stderr
+        f"unknown benchmark {name!r}; known: peer, compute, ledger, sim, attacks, control",
+        file=sys.stderr,
     )
     return 2
 

@@ -238,6 +238,18 @@ def test_symmetric_nat_changes_the_source_port_and_the_lab_goes_away() -> None:
         observed_ip, observed_port = json.loads(seen_b["reply"])
         assert observed_ip == lab.wan("b")
         assert observed_port != 40100
+        # The same simultaneous open as through two port-preserving NATs now misses: b's SYN
+        # leaves from another port than the one a aims at, and neither router lets it in.
+        port = 7300
+        a = _start(lab, "a", "simopen", port, lab.wan("b"), port, 2)
+        b = _start(lab, "b", "simopen", port, lab.wan("a"), port, 2)
+        try:
+            from_a, from_b = _json_line(a, timeout=10), _json_line(b, timeout=10)
+        finally:
+            for process in (a, b):
+                process.kill()
+                process.wait(timeout=5)
+        assert not from_a["ok"] and not from_b["ok"], (from_a, from_b)
         names = [lab.ns(node) for node in ("pub", "relay", "fw", "ra", "rb", "a", "b")]
         assert all(os.path.exists(f"/run/netns/{name}") for name in names)
     assert not any(os.path.exists(f"/run/netns/{name}") for name in names)

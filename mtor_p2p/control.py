@@ -4,21 +4,31 @@ The node writes ``control.json`` (its URL and PID) and keeps ``control.token`` (
 the data directory; the CLI, and later a dashboard, read both to talk to a running node. Only
 a user who can read the data directory can control the node.
 
-The server is deliberately tiny (one request per connection, bounded headers and body, a
-deadline per connection) so that it needs no web framework and cannot be held open by a slow
-client. Against a flood of connections (any local user can open them, token or not):
+HTTP is spoken by well-kept libraries that run on trio: hypercorn parses requests and writes
+answers (h11; its trio worker), Starlette routes them (through anyio). This module keeps only
+what they do not do, around each connection and in an ASGI layer in front of Starlette:
 
-* the request head and body must arrive within ``head_timeout`` (2 s) of the connection,
-  so a slowloris client is dropped quickly; a request then has the whole
-  ``_CONNECTION_DEADLINE`` (10 s) for its work;
-* at most ``max_connections`` are open at once; a new connection beyond that makes room by
+* the bearer token, compared in constant time, before a request's body is read;
+* bounded request heads (16 KiB, hypercorn's h11 limit: 431) and bodies (64 KiB: 413, from the
+  ``Content-Length`` before any byte of the body is read, or as a chunked body grows);
+* deadlines: the request head and body must arrive within ``head_timeout`` (2 s) of the
+  connection, so a slowloris client is dropped quickly; a request then has the whole
+  ``_CONNECTION_DEADLINE`` (10 s) for its work, and a connection still open a second after
+  that (a client that does not read its answer) has its socket closed under it;
+* one request per connection (every answer says ``Connection: close``), as the CLI sends;
+* at most ``max_connections`` open at once: a new connection beyond that makes room by
   dropping the oldest one still sending its request (an honest client sends its request at
   once, so it is the flood that is dropped), or is answered 503 when every open connection
-  is doing real work.
+  is doing real work. hypercorn has no such cap, so this module runs its per-connection
+  server (``hypercorn.trio.tcp_server.TCPServer``) from its own accept loop.
 
-A route's exceptions become JSON answers: 400 with the message for bad input and file errors
-(``ValueError``, ``KeyError``, ``TypeError``, ``OSError``), 500 for anything else (a bug). Only
-the client going away is ignored.
+Every answer of the API is JSON: a route's exceptions become 400 with the message for bad
+input and file errors (``ValueError``, ``KeyError``, ``TypeError``, ``OSError``), 500 for
+anything else (a bug); unknown paths 404, wrong methods 405, a wrong token 401. Only a request
+that HTTP cannot parse is answered by hypercorn itself (an empty 400 or 431).
+
+The same server, without a token and with only ``GET /metrics``, is the operator's opt-in
+metrics listener (``--metrics-listen``, see :mod:`mtor_p2p.metrics`).
 """
 
 from __future__ import annotations
@@ -34,9 +44,19 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs
 
 import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.trio.worker_context import WorkerContext
+from hypercorn.typing import ConnectionState
+from hypercorn.utils import wrap_app
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route as StarletteRoute
 
 log = logging.getLogger(__name__)
 
@@ -45,25 +65,24 @@ INFO_FILE_NAME = "control.json"
 _MAX_HEAD_BYTES = 16 * 1024
 _MAX_BODY_BYTES = 64 * 1024
 _CONNECTION_DEADLINE = 10.0
+#: After the connection deadline, how long a connection may still take to close (its answer
+#: being written to a client that does not read) before its socket is closed under it.
+_CLOSE_GRACE = 1.0
 #: Seconds a connection has to send its whole request (head and body).
 HEAD_TIMEOUT = 2.0
 #: Connections served at once.
 MAX_CONNECTIONS = 64
 
-#: ``route(query, body) -> (status, json_object)``
+#: ``route(query, body) -> (status, json_object)``; the object may be a :class:`TextBody`
+#: to answer something other than JSON (the metrics' text format).
 Route = Callable[[dict[str, str], Any], Awaitable[tuple[int, Any]]]
 
-_REASONS = {
-    200: "OK",
-    400: "Bad Request",
-    401: "Unauthorized",
-    404: "Not Found",
-    405: "Method Not Allowed",
-    413: "Payload Too Large",
-    431: "Request Header Fields Too Large",
-    500: "Internal Server Error",
-    503: "Service Unavailable",
-}
+#: The answer to a connection beyond the cap when no open one can be dropped: written before
+#: the request is read (there is no room to read it), so not through hypercorn.
+_BUSY_REPLY = (
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+    b'Content-Length: 29\r\nConnection: close\r\n\r\n{"error": "control API busy"}'
+)
 
 
 class NodeNotRunning(Exception):
@@ -126,71 +145,117 @@ class ControlStats:
     refused_busy: int = 0
     #: Routes that raised something other than a bad-input or file error (answered 500).
     route_errors: int = 0
+    #: Requests answered 401 (no token, or a wrong one).
+    unauthorized: int = 0
+    #: Requests answered, whatever their status.
+    requests: int = 0
+
+
+@dataclass(frozen=True)
+class TextBody:
+    """A route's answer that is not JSON (the metrics' text format)."""
+
+    content: bytes
+    content_type: str
 
 
 @dataclass
-class _Reading:
-    """A connection still sending its request: the scope that can drop it."""
+class _Connection:
+    """One open connection: the scope that bounds it, and whether it still reads its request."""
 
     scope: trio.CancelScope
+    started: float
+    reading: bool = True
     dropped: bool = field(default=False)
 
 
-def _response(status: int, payload: Any) -> bytes:
-    body = json.dumps(payload, indent=None, sort_keys=True).encode()
-    head = (
-        f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\n"
-        "Content-Type: application/json\r\n"
-        f"Content-Length: {len(body)}\r\n"
-        "Connection: close\r\n\r\n"
-    )
-    return head.encode() + body
+class _Json(JSONResponse):
+    """JSON as the hand-written server wrote it (sorted keys; NaN and infinities allowed, as
+    Python's ``json`` reads them), not Starlette's stricter default."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, indent=None, sort_keys=True).encode()
+
+
+def _error(status: int, message: str) -> Response:
+    return _Json({"error": message}, status_code=status)
 
 
 class ControlServer:
     """Serves ``routes`` (keyed by ``(METHOD, path)``) to holders of ``token``.
 
     ``max_connections`` and ``head_timeout`` bound what a flood of connections can hold (see
-    the module docstring); ``stats`` counts what the guards did.
+    the module docstring); ``stats`` counts what the guards did. ``host`` is 127.0.0.1 for the
+    control API; ``token=None`` serves without a token, which only the operator's opt-in
+    metrics listener does.
     """
 
     def __init__(
         self,
-        token: str,
+        token: str | None,
         routes: dict[tuple[str, str], Route],
         *,
         max_connections: int = MAX_CONNECTIONS,
         head_timeout: float = HEAD_TIMEOUT,
+        host: str = "127.0.0.1",
     ) -> None:
         if max_connections < 1 or head_timeout <= 0:
             raise ValueError("max_connections and head_timeout must be positive")
-        self._token = token
+        self._expected = None if token is None else f"Bearer {token}".encode()
         self._routes = routes
         self._max_connections = max_connections
         self._head_timeout = head_timeout
+        self._host = host
+        #: Open connections by the client's (host, port): hypercorn hands the same address to
+        #: the application as ``scope["client"]``, which ties a request to its connection.
+        self._connections: dict[tuple[Any, ...], _Connection] = {}
         #: Connections still sending their request, oldest first (dicts keep order).
-        self._reading: dict[int, _Reading] = {}
-        self._next_id = 0
+        self._reading: dict[tuple[Any, ...], _Connection] = {}
         self.stats = ControlStats()
+        self._config = HypercornConfig()
+        self._config.h11_max_incomplete_size = _MAX_HEAD_BYTES
+        self._config.h2_max_header_list_size = _MAX_HEAD_BYTES
+        # HTTP/2 (prior knowledge) is still spoken; keep what one connection may run small.
+        self._config.h2_max_concurrent_streams = 4
+        # Our own head deadline (shorter) and connection deadline bound idle connections.
+        self._config.keep_alive_timeout = _CONNECTION_DEADLINE
+        self._config.include_server_header = False
+        self._config.accesslog = None  # requests carry the token: nothing of them is logged
+        self._config.errorlog = log
+        self._context = WorkerContext(None)
+        paths: dict[str, list[str]] = {}
+        for method, path in routes:
+            paths.setdefault(path, []).append(method)
+        starlette = Starlette(
+            routes=[
+                StarletteRoute(path, self._endpoint, methods=methods)
+                for path, methods in paths.items()
+            ],
+            exception_handlers={HTTPException: self._http_error},
+        )
+        self._starlette = starlette
+        self._app = wrap_app(self._asgi, 0, "asgi")
 
     async def serve(
         self, port: int = 0, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        """Listen on 127.0.0.1:``port`` (0: any) and report the bound port to ``task_status``."""
-        listeners = await trio.open_tcp_listeners(port, host="127.0.0.1")
+        """Listen on ``host``:``port`` (0: any) and report the bound port to ``task_status``."""
+        listeners = await trio.open_tcp_listeners(port, host=self._host)
         bound = listeners[0].socket.getsockname()[1]
         async with trio.open_nursery() as nursery:
             await nursery.start(trio.serve_listeners, self._handle_connection, listeners)
             task_status.started(bound)
+
+    # -- connections -----------------------------------------------------------------------
 
     def _make_room(self) -> bool:
         """Drop the oldest connection still sending its request; False if there is none."""
         if not self._reading:
             return False
         oldest = next(iter(self._reading))
-        reading = self._reading.pop(oldest)
-        reading.dropped = True
-        reading.scope.cancel()
+        connection = self._reading.pop(oldest)
+        connection.dropped = True
+        connection.scope.cancel()
         self.stats.dropped_idle += 1
         return True
 
@@ -203,16 +268,28 @@ class ControlServer:
             if stats.open >= self._max_connections and not self._make_room():
                 stats.refused_busy += 1
                 with trio.move_on_after(1):
-                    await stream.send_all(_response(503, {"error": "control API busy"}))
+                    await stream.send_all(_BUSY_REPLY)
                 return
+            now = trio.current_time()
+            connection = _Connection(trio.CancelScope(deadline=now + self._head_timeout), now)
+            key = tuple(stream.socket.getpeername()[:2])
+            self._connections[key] = connection
+            self._reading[key] = connection
             stats.open += 1
             try:
-                with trio.move_on_after(_CONNECTION_DEADLINE):
-                    reply = await self._handle_request(stream)
-                    if reply:
-                        await stream.send_all(reply)
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._watchdog, stream, now)
+                    with connection.scope:
+                        await TCPServer(
+                            self._app, self._config, self._context, ConnectionState({}), stream
+                        )
+                    nursery.cancel_scope.cancel()
             finally:
                 stats.open -= 1
+                self._connections.pop(key, None)
+                self._reading.pop(key, None)
+            if connection.scope.cancelled_caught and connection.reading and not connection.dropped:
+                stats.head_timeouts += 1
         except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError):
             pass  # the client went away
         except Exception:  # a bug here must not take the node down
@@ -220,82 +297,132 @@ class ControlServer:
         finally:
             await stream.aclose()
 
-    async def _read_request(self, stream: trio.SocketStream) -> tuple[bytes, bytes] | bytes:
-        """The request's head and body, or the error reply to send instead (b"": none)."""
-        data = b""
-        while b"\r\n\r\n" not in data:
-            chunk = await stream.receive_some(4096)
-            if not chunk:
-                return b""
-            data += chunk
-            if len(data) > _MAX_HEAD_BYTES:
-                return _response(431, {"error": "request head too large"})
-        head, body = data.split(b"\r\n\r\n", 1)
-        return head, body
+    async def _watchdog(self, stream: trio.SocketStream, started: float) -> None:
+        # hypercorn writes answers in a shielded scope: a client that does not read would hold
+        # the connection past any cancellation. Closing the socket ends that write.
+        await trio.sleep_until(started + _CONNECTION_DEADLINE + _CLOSE_GRACE)
+        stream.socket.close()
 
-    async def _handle_request(self, stream: trio.SocketStream) -> bytes:
-        # The request must arrive within the head deadline; a connection still sending it
-        # can be dropped to make room for a new one (see _make_room).
-        self._next_id += 1
-        key = self._next_id
-        reading = _Reading(trio.CancelScope(deadline=trio.current_time() + self._head_timeout))
-        self._reading[key] = reading
+    # -- requests (ASGI, in front of Starlette) --------------------------------------------
+
+    async def _asgi(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            if scope["type"] == "websocket":
+                await send({"type": "websocket.close", "code": 1008})
+            return
+        client = scope.get("client")
+        connection = self._connections.get(tuple(client[:2])) if client else None
+        if connection is None:  # cannot happen: every connection is registered first
+            connection = _Connection(trio.CancelScope(), trio.current_time())
+        send = _closing(send, self.stats)
+        # h11 bounds a head only while it is incomplete; one that arrives whole in a read (up
+        # to 64 KiB) is parsed, and refused here.
+        head_bytes = len(scope.get("raw_path") or b"") + len(scope.get("query_string", b""))
+        head_bytes += sum(len(name) + len(value) + 4 for name, value in scope["headers"])
+        if head_bytes > _MAX_HEAD_BYTES:
+            self._working(connection)
+            await _error(431, "request head too large")(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        if self._expected is not None and not hmac.compare_digest(
+            headers.get(b"authorization", b""), self._expected
+        ):
+            self._working(connection)
+            self.stats.unauthorized += 1
+            await _error(401, "missing or wrong control token")(scope, receive, send)
+            return
+        length = headers.get(b"content-length")
         try:
-            with reading.scope:
-                read = await self._read_request(stream)
-                if isinstance(read, bytes):
-                    return read
-                head, body = read
-                try:
-                    request_line, *header_lines = head.decode("latin-1").split("\r\n")
-                    method, target, _version = request_line.split(" ", 2)
-                    headers = {}
-                    for line in header_lines:
-                        name, _, value = line.partition(":")
-                        headers[name.strip().lower()] = value.strip()
-                    length = int(headers.get("content-length", "0"))
-                except ValueError:
-                    return _response(400, {"error": "malformed request"})
-                if length < 0 or length > _MAX_BODY_BYTES:
-                    return _response(413, {"error": "body too large"})
-                while len(body) < length:
-                    chunk = await stream.receive_some(length - len(body))
-                    if not chunk:
-                        return _response(400, {"error": "body ended early"})
-                    body += chunk
-        finally:
-            self._reading.pop(key, None)
-        if reading.scope.cancelled_caught:
-            if not reading.dropped:
-                self.stats.head_timeouts += 1
-            return b""
-        if not hmac.compare_digest(headers.get("authorization", ""), f"Bearer {self._token}"):
-            return _response(401, {"error": "missing or wrong control token"})
-        return await self._dispatch(method, target, body)
+            declared = None if length is None else int(length)
+        except ValueError:
+            declared = -1
+        if declared is not None and declared < 0:
+            self._working(connection)
+            await _error(400, "malformed request")(scope, receive, send)
+            return
+        if declared is not None and declared > _MAX_BODY_BYTES:
+            self._working(connection)
+            await _error(413, "body too large")(scope, receive, send)
+            return
+        body = bytearray()
+        # The body must arrive by the head deadline too: past it, the connection's own scope
+        # (the same deadline) cancels this read and the connection closes without an answer.
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            if len(body) > _MAX_BODY_BYTES:
+                self._working(connection)
+                await _error(413, "body too large")(scope, receive, send)
+                return
+            if not message.get("more_body", False):
+                break
+        self._working(connection)
+        replayed = False
 
-    async def _dispatch(self, method: str, target: str, body: bytes) -> bytes:
-        url = urlsplit(target)
-        route = self._routes.get((method, url.path))
-        if route is None:
-            known = {path for (_m, path) in self._routes}
-            status = 405 if url.path in known else 404
-            return _response(status, {"error": f"no route {method} {url.path}"})
-        query = {k: v[-1] for k, v in parse_qs(url.query).items()}
+        async def replay() -> dict[str, Any]:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": bytes(body), "more_body": False}
+            return await receive()
+
+        await self._starlette(scope, replay, send)
+
+    def _working(self, connection: _Connection) -> None:
+        """The request has arrived: the connection does real work now, under the longer
+        connection deadline, and can no longer be dropped to make room."""
+        connection.reading = False
+        for key, other in list(self._reading.items()):
+            if other is connection:
+                del self._reading[key]
+        connection.scope.deadline = connection.started + _CONNECTION_DEADLINE
+
+    async def _endpoint(self, request: Request) -> Response:
+        method, path = request.method, request.url.path
+        route = self._routes.get((method, path))
+        if route is None:  # HEAD, which Starlette adds to every GET route
+            return _error(405, f"no route {method} {path}")
+        query = {k: v[-1] for k, v in parse_qs(request.scope["query_string"].decode()).items()}
+        body = await request.body()
         try:
             payload = json.loads(body) if body else None
         except ValueError:
-            return _response(400, {"error": "body is not JSON"})
+            return _error(400, "body is not JSON")
         try:
             status, result = await route(query, payload)
         except (ValueError, KeyError, TypeError, OSError) as exc:
             # Bad input, or a file the request named that cannot be read or written: the
             # caller's to fix, so it gets the message (a FileNotFoundError names the path).
-            return _response(400, {"error": str(exc) or type(exc).__name__})
+            return _error(400, str(exc) or type(exc).__name__)
         except Exception as exc:
             self.stats.route_errors += 1
-            log.exception("control route %s %s failed", method, url.path)
-            return _response(500, {"error": f"internal error: {type(exc).__name__}: {exc}"})
-        return _response(status, result)
+            log.exception("control route %s %s failed", method, path)
+            return _error(500, f"internal error: {type(exc).__name__}: {exc}")
+        if isinstance(result, TextBody):
+            return Response(result.content, status_code=status, media_type=result.content_type)
+        return _Json(result, status_code=status)
+
+    async def _http_error(self, request: Request, exc: Exception) -> Response:
+        status = exc.status_code if isinstance(exc, HTTPException) else 500
+        return _error(status, f"no route {request.method} {request.url.path}")
+
+
+def _closing(send: Any, stats: ControlStats) -> Any:
+    """``send``, with ``Connection: close`` on every answer: one request per connection, so
+    that the connection deadline bounds each request and no idle keep-alive is held."""
+
+    async def wrapped(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            stats.requests += 1
+            message = {
+                **message,
+                "headers": [*message.get("headers", []), (b"connection", b"close")],
+            }
+        await send(message)
+
+    return wrapped
 
 
 @dataclass(frozen=True)

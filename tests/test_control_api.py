@@ -133,3 +133,120 @@ def test_write_control_info_is_atomic_and_private(tmp_path: Path) -> None:
         assert [p.name for p in tmp_path.iterdir()] == [INFO_FILE_NAME]
     finally:
         os.umask(old_umask)
+
+
+async def raw(port: int, request: bytes) -> tuple[int, dict[str, str], Any]:
+    """Send ``request`` as it is on a new connection; the answer's status, headers and JSON."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    with trio.fail_after(5):
+        await stream.send_all(request)
+        data = b""
+        while chunk := await stream.receive_some(65536):
+            data += chunk
+    await stream.aclose()
+    head, _, body = data.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
+    return int(status_line.split(" ")[1]), headers, json.loads(body) if body else None
+
+
+async def test_every_refusal_is_a_json_answer_and_closes_the_connection() -> None:
+    """The token, unknown routes and methods, the head and body bounds: each answered in
+    JSON with ``Connection: close`` (one request per connection)."""
+    auth = f"Authorization: Bearer {TOKEN}\r\n"
+    get = f"GET /v1/status HTTP/1.1\r\nHost: x\r\n{auth}"
+    post = f"POST /v1/jobs HTTP/1.1\r\nHost: x\r\n{auth}"
+    async with running(ControlServer(TOKEN, ROUTES)) as client:
+        port = int(client.url.rsplit(":", 1)[1])
+        cases: list[tuple[bytes, int, str]] = [
+            (b"GET /v1/status HTTP/1.1\r\nHost: x\r\n\r\n", 401, "missing or wrong"),
+            (
+                b"GET /v1/status HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer t\xe9st\r\n\r\n",
+                401,
+                "missing or wrong",
+            ),
+            (f"GET /v1/nope HTTP/1.1\r\nHost: x\r\n{auth}\r\n".encode(), 404, "no route"),
+            (f"DELETE /v1/status HTTP/1.1\r\nHost: x\r\n{auth}\r\n".encode(), 405, "no route"),
+            (
+                f"{post}Content-Length: 999999\r\n\r\n".encode(),
+                413,
+                "body too large",
+            ),
+            (
+                f"{get}X-Pad: {'a' * 20_000}\r\n\r\n".encode(),
+                431,
+                "head too large",
+            ),
+            (
+                f"{post}Content-Length: 3\r\n\r\n{{x}}".encode(),
+                400,
+                "not JSON",
+            ),
+        ]
+        for request, want_status, want_error in cases:
+            status, headers, payload = await raw(port, request)
+            assert status == want_status, (request[:40], status, payload)
+            assert headers["content-type"] == "application/json"
+            assert headers["connection"] == "close"
+            assert want_error in payload["error"]
+        # A chunked body is counted as it arrives: refused once past the bound.
+        chunk = b"a" * 30_000
+        chunked = b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(3)) + b"0\r\n\r\n"
+        request = (
+            f"POST /v1/jobs HTTP/1.1\r\nHost: x\r\n{auth}Transfer-Encoding: chunked\r\n\r\n"
+        ).encode()
+        status, _headers, payload = await raw(port, request + chunked)
+        assert (status, payload) == (413, {"error": "body too large"})
+        assert await call(client, "GET", "/v1/status") == {"ok": True}
+
+
+async def test_a_body_trickling_past_the_head_deadline_is_cut() -> None:
+    """The body counts against the head deadline too: a client that sends its head at once
+    and then its body a byte at a time is cut without an answer."""
+    server = ControlServer(TOKEN, ROUTES, head_timeout=1.0)
+    async with running(server) as client:
+        port = int(client.url.rsplit(":", 1)[1])
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        head = f"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+        await stream.send_all((head + "Content-Length: 100\r\n\r\n").encode())
+        start = time.monotonic()
+        received = b""
+        with trio.fail_after(5):
+            try:
+                for _ in range(100):
+                    await stream.send_all(b" ")
+                    await trio.sleep(0.2)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+            while chunk := await stream.receive_some(4096):
+                received += chunk
+        assert time.monotonic() - start < 3
+        assert received == b""
+        assert server.stats.head_timeouts == 1
+        await stream.aclose()
+
+
+async def test_a_busy_server_answers_503_in_json() -> None:
+    """When every open connection does real work, a new one is answered 503, in JSON."""
+    release = trio.Event()
+
+    async def slow(query: dict[str, str], body: Any) -> tuple[int, Any]:
+        await release.wait()
+        return 200, {"slow": True}
+
+    server = ControlServer(TOKEN, {**ROUTES, ("GET", "/v1/slow"): slow}, max_connections=2)
+    async with running(server) as client:
+        port = int(client.url.rsplit(":", 1)[1])
+        request = f"GET /v1/slow HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n\r\n"
+        async with trio.open_nursery() as nursery:
+            for _ in range(2):
+                nursery.start_soon(raw, port, request.encode())
+            with trio.fail_after(5):
+                while server.stats.open < 2:
+                    await trio.sleep(0.01)
+            await trio.sleep(0.3)  # both requests are read and waiting in their route
+            status, headers, payload = await raw(port, request.encode())
+            assert (status, payload) == (503, {"error": "control API busy"})
+            assert headers["content-type"] == "application/json"
+            release.set()
+        assert server.stats.refused_busy == 1

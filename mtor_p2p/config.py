@@ -82,6 +82,9 @@ class NodeConfig:
     lanes: str = "auto"
     lane_port: int = 0  # 0: any free port (peers learn it with their lane ticket)
     api_port: int = 0  # 0: any free port, written to <data_dir>/control.json
+    #: Opt-in: also serve /metrics without the token on this HOST:PORT (None: only through
+    #: the control API, with the token: the metrics reveal the node's business).
+    metrics_listen: str | None = None
     record_ttl: float = 60.0
     announce_interval: float = 20.0
     log_level: str = "warning"
@@ -101,6 +104,8 @@ class NodeConfig:
             raise ConfigError("price must not be negative")
         if not 0 <= self.api_port <= 65535:
             raise ConfigError("api_port must be a TCP port number")
+        if self.metrics_listen is not None:
+            split_host_port(self.metrics_listen)
         if self.lanes not in ("auto", "eager", "off"):
             raise ConfigError(f"lanes must be 'auto', 'eager' or 'off', not {self.lanes!r}")
         if not 0 <= self.lane_port <= 65535:
@@ -120,6 +125,16 @@ class NodeConfig:
         if self.use_default_bootstrap:
             peers += default_bootstrap_peers()
         return list(dict.fromkeys(peers))
+
+
+def split_host_port(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:9100`` for IPv6; port 0: any free one) as ``(host, port)``;
+    ConfigError if it is not one."""
+    host, sep, port = text.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"metrics_listen must be HOST:PORT (as 127.0.0.1:9100), not {text!r}")
+    return host, int(port)
 
 
 def default_bootstrap_peers() -> list[str]:
@@ -145,6 +160,7 @@ _SIMPLE_TYPES: dict[str, type] = {
     "lanes": str,
     "lane_port": int,
     "api_port": int,
+    "metrics_listen": str,
     "record_ttl": float,
     "announce_interval": float,
     "log_level": str,

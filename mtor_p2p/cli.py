@@ -149,6 +149,7 @@ def _config_from(args: argparse.Namespace) -> NodeConfig:
         "gpu",
         "price",
         "api_port",
+        "metrics_listen",
         "record_ttl",
         "announce_interval",
         "log_level",
@@ -899,6 +900,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--lane-port", type=int, help="TCP port for lanes (0: any free port)")
     p.add_argument("--api-port", type=int, help="control API port on 127.0.0.1 (0: any)")
+    p.add_argument(
+        "--metrics-listen",
+        metavar="HOST:PORT",
+        help="also serve Prometheus /metrics here without the control token (opt-in: they "
+        "reveal the node's business; default: only at the control API, with the token)",
+    )
     p.add_argument("--record-ttl", type=float, help="capacity record lifetime in seconds")
     p.add_argument("--announce-interval", type=float, help="seconds between capacity renewals")
     p.add_argument(

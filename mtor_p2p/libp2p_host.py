@@ -41,7 +41,7 @@ import logging
 import math
 import struct
 from collections.abc import AsyncIterator, Iterator
-from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
+from contextlib import AsyncExitStack, asynccontextmanager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -83,6 +83,12 @@ from mtor_p2p.lane import (
     LaneServer,
     ServerLane,
     read_deadline,
+)
+from mtor_p2p.libp2p_nat import (
+    DIRECT_WAIT_S,
+    RELAYED_MAX_REQUEST_BYTES,
+    NatSettings,
+    NatTraversal,
 )
 from mtor_p2p.memory import keep_freed_memory_for_reuse
 from mtor_p2p.network import (
@@ -178,6 +184,11 @@ class HostSettings:
     lanes: str = "auto"
     #: TCP port of the lane listener (0: any free port; peers learn it with their ticket).
     lane_port: int = 0
+    #: NAT traversal (mtor_p2p/libp2p_nat.py): reachability checks, relays, hole punching.
+    #: None: off (in-process test hosts); real nodes turn it on.
+    nat: NatSettings | None = None
+    #: Peer IDs of the bootstrap list: the first relays a private node tries.
+    bootstrap_peer_ids: list[str] = field(default_factory=list)
 
     def effective_max_connections(self) -> int:
         """Connection limit in force: bootstrap nodes get at least 4096."""
@@ -344,6 +355,8 @@ class Libp2pNetwork:
         #: instead (the oldest forgotten first).
         self._kademlia_only: dict[str, float] = {}
         self._lane_server: LaneServer | None = None
+        #: NAT traversal, when settings.nat is set (started by :meth:`open`).
+        self.nat: NatTraversal | None = None
         self._lane_client: LaneClient | None = None
         self._peer_requests = _PeerRequests(
             settings.max_streams_per_peer,
@@ -365,6 +378,9 @@ class Libp2pNetwork:
         # rather than faulting in fresh pages for each one (mtor_p2p/memory.py).
         keep_freed_memory_for_reuse()
         key_pair = create_new_key_pair(identity.seed)
+        # Our circuit addresses (through relays we reserved on; NAT traversal keeps the list)
+        # join the announced ones in identify and in our records.
+        circuit_addrs: list[str] = []
         max_conns = settings.effective_max_connections()
         host = new_host(
             key_pair=key_pair,
@@ -390,6 +406,15 @@ class Libp2pNetwork:
                 found + [multiaddr.Multiaddr(a) for a in settings.announce_addrs]
             ),
         )
+        # Circuit addresses bypass the factory: get_addrs() cuts an address at its first
+        # /p2p/ part, which in a circuit address is the relay's (the result would send
+        # dialers to the relay's address expecting us). They are complete already.
+        factory_addrs = host.get_addrs
+
+        def addrs_with_circuits() -> list[multiaddr.Multiaddr]:
+            return factory_addrs() + [multiaddr.Multiaddr(a) for a in circuit_addrs]
+
+        host.get_addrs = addrs_with_circuits  # type: ignore[method-assign]
         _disable_auto_connector(host)
         if str(host.get_id()) != identity.peer_id:
             raise RuntimeError("libp2p derived a different peer ID from our key")
@@ -430,13 +455,24 @@ class Libp2pNetwork:
                     raise ValueError(f"lanes must be one of {LANE_MODES}, not {settings.lanes!r}")
                 if settings.lanes != "off":
                     await network._start_lanes(nursery, listen)
-                try:
-                    yield network
-                finally:
-                    nursery.cancel_scope.cancel()
-                    for channels in network._subscriptions.values():
-                        for channel in channels:
-                            channel.close()
+                nat: Any = nullcontext(None)
+                if settings.nat is not None:
+                    nat = NatTraversal(
+                        host,
+                        network,
+                        settings.nat,
+                        bootstrap_node=settings.bootstrap_node,
+                        bootstrap_peers=lambda: list(settings.bootstrap_peer_ids),
+                        circuit_addrs=circuit_addrs,
+                    ).running()
+                async with nat as network.nat:
+                    try:
+                        yield network
+                    finally:
+                        nursery.cancel_scope.cancel()
+                        for channels in network._subscriptions.values():
+                            for channel in channels:
+                                channel.close()
 
     async def _start_lanes(self, nursery: trio.Nursery, listen: list[multiaddr.Multiaddr]) -> None:
         """Listen for lanes on the IP addresses the host listens on, and serve tickets."""
@@ -542,14 +578,27 @@ class Libp2pNetwork:
     async def connect(self, addr: str, *, timeout: float = 5.0) -> str:
         """Dial a multiaddr with ``/p2p/<id>``; add the peer to the routing table."""
         try:
-            info = info_from_p2p_addr(multiaddr.Multiaddr(addr))
+            maddr = multiaddr.Multiaddr(addr)
+            info = info_from_p2p_addr(maddr)
         except Exception as exc:
             raise NetworkError(f"not a dialable multiaddr with /p2p/: {addr!r}") from exc
+        relayed = "/p2p-circuit" in addr
         try:
             with trio.fail_after(timeout):
-                await self._host.connect(info)
+                if relayed:
+                    # Pitfall 2: the host's dialer drops relayed addresses.
+                    if self.nat is None:
+                        raise NetworkError("relayed addresses need NAT traversal (off here)")
+                    if self._host.get_network().connections.get(info.peer_id):
+                        return str(info.peer_id)
+                    self._host.get_peerstore().add_addrs(info.peer_id, [maddr], 600)
+                    await self.nat.dial_circuit(maddr)
+                else:
+                    await self._host.connect(info)
         except trio.TooSlowError as exc:
             raise NetworkError(f"dial to {addr} timed out after {timeout} s") from exc
+        except NetworkError:
+            raise
         except Exception as exc:
             raise NetworkError(f"dial to {addr} failed: {exc}") from exc
         try:
@@ -779,6 +828,19 @@ class Libp2pNetwork:
     ) -> bytes:
         """Send one request, return the response (or raise): over the lane to ``peer_id``
         when one is open, else on a new stream (and a lane starts opening for next time)."""
+        if (
+            self.nat is not None
+            and len(payload) > RELAYED_MAX_REQUEST_BYTES
+            and self.nat.relay_only(peer_id)
+        ):
+            # Operands and results never cross a relay: wait a moment for the hole punch.
+            began = trio.current_time()
+            if not await self.nat.wait_direct(peer_id, min(timeout, DIRECT_WAIT_S)):
+                raise NetworkError(
+                    f"{peer_id} is reachable only through a relay, and requests over "
+                    f"{RELAYED_MAX_REQUEST_BYTES} bytes need a direct connection"
+                )
+            timeout = max(0.0, timeout - (trio.current_time() - began))
         lane = None
         if self._lane_client is not None:
             lane = self._lane_client.get(peer_id)
@@ -850,6 +912,8 @@ class Libp2pNetwork:
         stream: INetStream | None = None
         try:
             with trio.fail_after(timeout):
+                if self.nat is not None:
+                    await self._dial_relayed_if_needed(peer_id)
                 stream = await self._host.new_stream(ID.from_base58(peer_id), [TProtocol(protocol)])
                 await stream.write(_LENGTH.pack(len(payload)) + payload)
                 header = await _read_exactly(stream, 1 + _LENGTH.size)
@@ -883,6 +947,23 @@ class Libp2pNetwork:
         if status == _STATUS_ERROR:
             raise RemoteError(body.decode("utf-8", errors="replace"))
         raise NetworkError(f"peer answered with unknown status {status}")
+
+    async def _dial_relayed_if_needed(self, peer_id: str) -> None:
+        """A peer we are not connected to and know only by relayed addresses: dial one of
+        them (the host's own dialer would drop them all, pitfall 2)."""
+        pid = ID.from_base58(peer_id)
+        if self._host.get_network().connections.get(pid) or self.nat is None:
+            return
+        addrs = [str(a) for a in self._host.get_peerstore().addrs(pid)]
+        if any("/p2p-circuit" not in a for a in addrs):
+            return  # the host dials direct addresses itself
+        for addr in addrs:
+            full = addr if addr.endswith(f"/p2p/{peer_id}") else f"{addr}/p2p/{peer_id}"
+            try:
+                await self.nat.dial_circuit(multiaddr.Multiaddr(full))
+                return
+            except Exception as exc:
+                log.debug("relayed dial %s failed: %s", full, exc)
 
     # -- pubsub ----------------------------------------------------------------------------
 

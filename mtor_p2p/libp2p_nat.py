@@ -1,0 +1,766 @@
+"""NAT traversal for the py-libp2p adapter: reachability, Circuit Relay v2, hole punching.
+
+This is the libp2p adapter's second module (with :mod:`mtor_p2p.libp2p_host`, the only two
+that import ``libp2p``). Services never see it: ``Network.connect`` takes relayed addresses,
+requests go over whatever connection exists, and ``status`` reports what this module learnt.
+
+* **Reachability** (``/mtor/dialback/1``): a node asks the peers it is directly connected to
+  to open a *new* TCP connection to its address and check that a libp2p listener answers.
+  py-libp2p's AutoNAT v1 server answers over the connection the request came on, so a
+  firewalled host was told it is public (``../shared/notes/nat-traversal.md``, pitfall 3).
+  A helper dials only the IP it sees the request come from (no reflection at third
+  parties), at most :data:`DIALBACK_MAX_ADDRS` addresses. Two agreeing answers decide; the
+  answers also say which address and port each helper saw, from which the NAT's behaviour
+  follows (port kept: hole punching can work; port changed per destination: it cannot).
+* **Relays** (Circuit Relay v2): public and bootstrap nodes serve ``hop`` with limits sized
+  for coordination traffic (:class:`RelayLimitsConfig`) and provide :data:`RELAY_DHT_KEY` in
+  the DHT. A node that is not public reserves on :attr:`NatSettings.relays_wanted` relays
+  (bootstrap peers first, then relays found in the DHT), refreshes each reservation before
+  it expires, replaces a relay that goes away, and advertises
+  ``/<relay addr>/p2p/<relay>/p2p-circuit/p2p/<self>`` in identify and in its records.
+* **Hole punching** (DCUtR): the side that *accepted* a relayed connection drives the
+  upgrade (so the two sides do not start crossing sessions); once a direct connection
+  verifies, the relayed one is closed after :data:`RELAY_CLOSE_GRACE_S`. Requests larger
+  than :data:`RELAYED_MAX_REQUEST_BYTES` (operands, results) never go over a relay: they
+  wait briefly for the punch and otherwise fail with a clear error.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import multiaddr
+import trio
+from libp2p.abc import IHost, INetConn, INetStream
+from libp2p.peer.id import ID
+from libp2p.relay.circuit_v2.config import RelayConfig, RelayRole
+from libp2p.relay.circuit_v2.dcutr import DCUtRProtocol
+from libp2p.relay.circuit_v2.pb.circuit_pb2 import HopMessage
+from libp2p.relay.circuit_v2.pb.circuit_pb2 import PeerId as CircuitPeerId
+from libp2p.relay.circuit_v2.protocol import PROTOCOL_ID as HOP_PROTOCOL_ID
+from libp2p.relay.circuit_v2.protocol import CircuitV2Protocol
+from libp2p.relay.circuit_v2.protocol_buffer import StatusCode
+from libp2p.relay.circuit_v2.resources import RelayLimits
+from libp2p.relay.circuit_v2.transport import CircuitV2Transport
+from libp2p.relay.circuit_v2.utils import read_delimited_msg, write_delimited_msg
+from libp2p.tools.anyio_service import background_trio_service
+
+from mtor_p2p.network import NetworkError, RemoteError
+
+log = logging.getLogger(__name__)
+
+DIALBACK_PROTOCOL = "/mtor/dialback/1"
+#: DHT provider key under which relays announce themselves.
+RELAY_DHT_KEY = "/mtor/relay/1"
+#: Addresses one dial-back request may name; the request's size limit follows from it.
+DIALBACK_MAX_ADDRS = 4
+DIALBACK_MAX_REQUEST_BYTES = 2048
+DIALBACK_MAX_REPLY_BYTES = 4096
+#: How long a helper waits for the requester's listener to answer.
+DIALBACK_TIMEOUT_S = 3.0
+#: Agreeing answers needed to call this node public or private.
+REACHABILITY_CONFIRMATIONS = 2
+#: Helpers asked per check (connected peers, direct connections only).
+REACHABILITY_HELPERS = 4
+#: Requests over a relay-only connection may carry at most this many bytes: coordination
+#: (records, DHT, ledger gossip) fits, operands and results do not.
+RELAYED_MAX_REQUEST_BYTES = 64 * 1024
+#: How long a large request to a relay-only peer waits for the hole punch to finish.
+DIRECT_WAIT_S = 5.0
+#: After a direct connection verifies, the relayed one stays this long for streams in flight.
+RELAY_CLOSE_GRACE_S = 5.0
+#: multistream-select's header: what any libp2p TCP listener answers with.
+_MULTISTREAM = b"/multistream/1.0.0\n"
+_MULTISTREAM_MSG = bytes([len(_MULTISTREAM)]) + _MULTISTREAM
+REACHABILITY_STATES = ("unknown", "public", "private")
+
+
+@dataclass
+class RelayLimitsConfig:
+    """What a relay grants. Sized for coordination traffic, not for operands: a circuit
+    carries records, DHT queries and small requests while two private peers punch a hole or
+    when they cannot (about 20 KB/min per peer pair in a devnet)."""
+
+    max_reservations: int = 128
+    #: Circuits open at once to one reserved peer.
+    max_circuits_per_peer: int = 8
+    #: A circuit's life and bytes (both directions together); the peers redial after.
+    circuit_seconds: int = 600
+    circuit_bytes: int = 8 << 20
+    #: How long a reservation lasts; clients refresh at 3/4 of it.
+    reservation_ttl: int = 900
+
+    def to_libp2p(self) -> RelayLimits:
+        """The same limits as py-libp2p's ``RelayLimits``."""
+        return RelayLimits(
+            duration=self.circuit_seconds,
+            data=self.circuit_bytes,
+            max_circuit_conns=self.max_circuits_per_peer,
+            max_reservations=self.max_reservations,
+            reservation_ttl=self.reservation_ttl,
+        )
+
+
+@dataclass
+class NatSettings:
+    """How a node deals with NATs. Defaults suit a home node and a public node alike."""
+
+    #: Serve as a relay: "auto" (when found public, or a bootstrap node), "on", "off".
+    relay_service: str = "auto"
+    relay_limits: RelayLimitsConfig = field(default_factory=RelayLimitsConfig)
+    #: Relays to hold reservations on while not public (0: never reserve).
+    relays_wanted: int = 2
+    hole_punching: bool = True
+    #: Seconds between reachability checks (also re-checked when the observed IP changes).
+    reachability_interval: float = 600.0
+    #: Seconds between checks while the answer is still unknown.
+    reachability_retry: float = 10.0
+    #: How often the relay keeper looks at its reservations and relays.
+    relay_check_interval: float = 5.0
+
+
+@dataclass
+class Reservation:
+    """A reservation we hold on a relay."""
+
+    relay: str
+    #: trio time at which to refresh (3/4 of the granted TTL).
+    refresh_at: float
+    expires_at: float
+    #: Our circuit addresses through this relay.
+    circuit_addrs: list[str]
+
+
+@dataclass
+class DialbackAnswer:
+    """One helper's answer to a dial-back request."""
+
+    helper: str
+    observed: tuple[str, int] | None
+    #: addr -> "ok" | a reason it failed.
+    results: dict[str, str]
+    #: Our end of the connection the helper saw, (ip, port) (None: unknown).
+    local: tuple[str, int] | None
+
+
+class _Relay(CircuitV2Protocol):
+    """py-libp2p's relay with one fix: a reservation is always for the peer that asks for
+    it (the library takes the peer named in the message, so anyone could reserve slots in
+    the names of others)."""
+
+    async def _handle_reserve(self, stream: INetStream, msg: HopMessage) -> None:
+        msg.peer.CopyFrom(CircuitPeerId(id=stream.muxed_conn.peer_id.to_bytes()))
+        await super()._handle_reserve(stream, msg)
+
+
+class _HolePuncher(DCUtRProtocol):
+    """DCUtR with MTOR's choices: only the side that accepted the relayed connection drives
+    (both driving starts crossing sessions), dials time out fast (pitfall 5), and the
+    relayed connection closes soon after the direct one verifies."""
+
+    def __init__(self, host: IHost, on_result: Callable[[str, bool, float], None]) -> None:
+        super().__init__(host, dial_timeout=3)
+        self._on_result = on_result
+
+    async def _auto_drive_loop(self) -> None:
+        me = self.host.get_id()
+        #: peer -> when we first saw its relayed connection: a punch's time counts from it.
+        first_seen: dict[ID, float] = {}
+        while True:
+            await trio.sleep(0.2)
+            connections = self.host.get_network().connections
+            for peer_id in [p for p in first_seen if not connections.get(p)]:
+                del first_seen[peer_id]
+            for peer_id, conns in list(connections.items()):
+                if peer_id == me or peer_id in self._in_progress:
+                    continue
+                if not _relayed_in(conns, me) or _has_direct(conns):
+                    continue
+                seen = first_seen.setdefault(peer_id, trio.current_time())
+                if self._hole_punch_attempts.get(peer_id, 0) >= 3:
+                    continue
+                ok = await self.initiate_hole_punch(peer_id)
+                if not ok:
+                    # The library may report failure while its punch lands a moment later
+                    # (pitfall 4): look again before saying so.
+                    with trio.move_on_after(2.0):
+                        while not _has_direct(connections.get(peer_id)):  # noqa: ASYNC110
+                            await trio.sleep(0.1)
+                    ok = _has_direct(connections.get(peer_id))
+                if ok or self._hole_punch_attempts.get(peer_id, 0) >= 3:
+                    self._on_result(str(peer_id), ok, trio.current_time() - seen)
+
+    def _schedule_relay_close(self, peer_id: ID) -> None:
+        if self._nursery is not None:
+            self._nursery.start_soon(
+                self._close_relayed_conns_after_grace, peer_id, RELAY_CLOSE_GRACE_S
+            )
+
+
+def _conn_list(conns: Any) -> list[INetConn]:
+    if not conns:
+        return []
+    return list(conns) if isinstance(conns, list) else [conns]
+
+
+def _is_relayed(conn: INetConn) -> bool:
+    try:
+        addrs = conn.get_transport_addresses()
+    except Exception:
+        return False
+    return bool(addrs) and all("/p2p-circuit" in str(a) for a in addrs)
+
+
+def _has_direct(conns: Any) -> bool:
+    return any(not _is_relayed(c) and not c.is_closed for c in _conn_list(conns))
+
+
+def _relayed_in(conns: Any, me: ID) -> bool:
+    """Whether one of ``conns`` is a relayed connection we accepted: py-libp2p labels those
+    ``/p2p/<our own id>/p2p-circuit/...`` (pitfall 7), the ones we dialled name the relay."""
+    mine = f"/p2p/{me}/p2p-circuit"
+    for conn in _conn_list(conns):
+        try:
+            if any(str(a).startswith(mine) for a in conn.get_transport_addresses()):
+                return True
+        except Exception:
+            continue
+    return False
+
+
+def _socket_of(conn: INetConn) -> Any:
+    """The TCP socket under a direct connection, or None. Walks py-libp2p's wrappers
+    (Yamux -> SecureSession -> Noise read-writer -> RawConnection -> TrioTCPStream ->
+    trio SocketStream -> socket)."""
+    obj: Any = getattr(conn, "muxed_conn", None)
+    for _ in range(8):
+        if obj is None or hasattr(obj, "getsockname"):
+            return obj
+        obj = next(
+            (
+                getattr(obj, a)
+                for a in ("secured_conn", "conn", "stream", "socket")
+                if hasattr(obj, a)
+            ),
+            None,
+        )
+    return None
+
+
+def _remote_of(conn: INetConn) -> tuple[str, int] | None:
+    try:
+        remote = conn.muxed_conn.get_remote_address()  # type: ignore[attr-defined]
+    except Exception:
+        return None
+    if not remote:
+        return None
+    return str(remote[0]), int(remote[1])
+
+
+def _tcp_target(addr: str) -> tuple[str, int] | None:
+    """(ip, port) of a plain ``/ip4|ip6/../tcp/..`` address; None for anything else."""
+    try:
+        ma = multiaddr.Multiaddr(addr)
+        protos = [p.name for p in ma.protocols()]
+        if "p2p-circuit" in protos or "tcp" not in protos:
+            return None
+        ip = ma.value_for_protocol("ip4") if "ip4" in protos else ma.value_for_protocol("ip6")
+        return str(ip), int(ma.value_for_protocol("tcp"))
+    except Exception:
+        return None
+
+
+async def probe_libp2p_listener(ip: str, port: int, timeout: float = DIALBACK_TIMEOUT_S) -> str:
+    """Open a new TCP connection to ``ip:port`` and check that a libp2p listener answers
+    multistream-select there: "ok", or why not."""
+    try:
+        with trio.fail_after(timeout):
+            stream = await trio.open_tcp_stream(ip, port)
+            async with stream:
+                await stream.send_all(_MULTISTREAM_MSG)
+                got = b""
+                while len(got) < len(_MULTISTREAM_MSG):
+                    chunk = await stream.receive_some(len(_MULTISTREAM_MSG) - len(got))
+                    if not chunk:
+                        return "closed without answering"
+                    got += chunk
+    except trio.TooSlowError:
+        return f"no answer in {timeout:g} s (dropped by a NAT or firewall?)"
+    except OSError as exc:
+        return f"refused: {exc.strerror or exc}"
+    return "ok" if got == _MULTISTREAM_MSG else "not a libp2p listener"
+
+
+class NatTraversal:
+    """Reachability, relays and hole punching for one py-libp2p host (see module doc).
+
+    ``network`` is the :class:`~mtor_p2p.libp2p_host.Libp2pNetwork` it belongs to: the
+    dial-back protocol is served and asked through its request/response plumbing, so it
+    gets the same admission, limits and peer-fault handling as every other protocol.
+    """
+
+    def __init__(
+        self,
+        host: IHost,
+        network: Any,
+        settings: NatSettings,
+        *,
+        bootstrap_node: bool,
+        bootstrap_peers: Callable[[], list[str]],
+        circuit_addrs: list[str],
+    ) -> None:
+        self._host = host
+        self._network = network
+        self.settings = settings
+        self._bootstrap_node = bootstrap_node
+        self._bootstrap_peers = bootstrap_peers
+        #: The host's list of announced circuit addresses, kept equal to our reservations'.
+        self._circuit_addrs = circuit_addrs
+        self.reachability = "unknown"
+        self.nat = "unknown"
+        self.reachability_reason = "not checked yet"
+        self.observed_ip: str | None = None
+        self.last_check: float | None = None
+        self.reservations: dict[str, Reservation] = {}
+        self.relay_refusals: dict[str, str] = {}
+        self.hop_enabled = False
+        #: peer -> (direct?, seconds from first relayed contact, when)
+        self.punches: dict[str, tuple[bool, float, float]] = {}
+        self._relay: _Relay | None = None
+        self._transport: CircuitV2Transport | None = None
+        self._puncher: _HolePuncher | None = None
+        self._check_now = trio.Event()
+
+    # -- life ---------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[NatTraversal]:
+        """Serve the relay's stop (and maybe hop) side, DCUtR and the dial-back protocol,
+        and run the reachability and relay-keeper loops while open."""
+        limits = self.settings.relay_limits.to_libp2p()
+        relay = self._relay = _Relay(self._host, limits=limits, allow_hop=False)
+        self._transport = CircuitV2Transport(
+            self._host, relay, RelayConfig(roles=RelayRole.STOP, limits=limits)
+        )
+        self._network.handle(
+            DIALBACK_PROTOCOL,
+            self._serve_dialback,
+            max_request_bytes=DIALBACK_MAX_REQUEST_BYTES,
+            timeout=DIALBACK_TIMEOUT_S * DIALBACK_MAX_ADDRS + 5.0,
+        )
+        async with AsyncExitStack() as stack:
+            await stack.enter_async_context(background_trio_service(relay))
+            if self.settings.hole_punching:
+                self._puncher = _HolePuncher(self._host, self._punch_result)
+                await stack.enter_async_context(background_trio_service(self._puncher))
+            if self.settings.relay_service == "on" or (
+                self.settings.relay_service == "auto" and self._bootstrap_node
+            ):
+                self._enable_hop()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._reachability_loop)
+                if self.settings.relays_wanted > 0:
+                    nursery.start_soon(self._relay_keeper_loop)
+                try:
+                    yield self
+                finally:
+                    nursery.cancel_scope.cancel()
+
+    def _enable_hop(self) -> None:
+        if self.hop_enabled or self._relay is None:
+            return
+        self.hop_enabled = True
+        self._host.set_stream_handler(
+            HOP_PROTOCOL_ID,
+            self._network._guard(str(HOP_PROTOCOL_ID), self._relay._handle_hop_stream),
+        )
+        log.info("serving as a relay (circuit relay v2 hop)")
+
+    # -- what the rest of the adapter asks -------------------------------------------------
+
+    def circuit_addrs(self) -> list[str]:
+        """Our addresses through the relays we hold reservations on."""
+        return [a for r in self.reservations.values() for a in r.circuit_addrs]
+
+    def _publish_circuit_addrs(self) -> None:
+        self._circuit_addrs[:] = self.circuit_addrs()
+
+    def relay_only(self, peer_id: str) -> bool:
+        """Whether every open connection to ``peer_id`` goes through a relay."""
+        conns = _conn_list(self._host.get_network().connections.get(ID.from_base58(peer_id)))
+        return bool(conns) and not _has_direct(conns)
+
+    def connection_kind(self, peer_id: str) -> str:
+        """ "direct", "relayed" or "none"."""
+        conns = _conn_list(self._host.get_network().connections.get(ID.from_base58(peer_id)))
+        if not conns:
+            return "none"
+        return "direct" if _has_direct(conns) else "relayed"
+
+    async def wait_direct(self, peer_id: str, timeout: float) -> bool:
+        """Wait up to ``timeout`` for a direct connection to ``peer_id``."""
+        with trio.move_on_after(timeout):
+            while self.relay_only(peer_id):  # noqa: ASYNC110 (py-libp2p has no event for it)
+                await trio.sleep(0.05)
+        return not self.relay_only(peer_id)
+
+    async def dial_circuit(self, addr: multiaddr.Multiaddr) -> None:
+        """Connect through the relay named in a ``/p2p-circuit`` address (pitfall 2: the
+        host's own dialer drops such addresses)."""
+        if self._transport is None:
+            raise NetworkError("relayed addresses need NAT traversal, which is off")
+        await self._transport.dial(addr)
+
+    def status(self) -> dict[str, Any]:
+        """What ``mtor-peer status`` shows under ``reachability``."""
+        relays = sorted(self.reservations)
+        if self.reachability == "private":
+            summary = (
+                "private, via relays " + ", ".join(r[:16] for r in relays)
+                if relays
+                else ("private, no relay reserved yet")
+            )
+        else:
+            summary = self.reachability
+        return {
+            "summary": summary,
+            "reachability": self.reachability,
+            "reason": self.reachability_reason,
+            "nat": self.nat,
+            "observed_ip": self.observed_ip,
+            "relays": [
+                {"relay": r.relay, "addrs": r.circuit_addrs} for r in self.reservations.values()
+            ],
+            "relay_refusals": dict(self.relay_refusals),
+            "relay_service": self.hop_enabled,
+            "hole_punches": [
+                {"peer": p, "direct": ok, "seconds": round(s, 3)}
+                for p, (ok, s, _) in sorted(self.punches.items(), key=lambda i: -i[1][2])[:16]
+            ],
+        }
+
+    def _punch_result(self, peer: str, ok: bool, seconds: float) -> None:
+        self.punches[peer] = (ok, seconds, trio.current_time())
+        while len(self.punches) > 256:
+            del self.punches[min(self.punches, key=lambda p: self.punches[p][2])]
+        if ok:
+            log.info("hole punch to %s: direct after %.2f s", peer, seconds)
+        else:
+            why = (
+                "; our NAT changes ports per destination, which defeats hole punching"
+                if self.nat == "port-changing"
+                else ""
+            )
+            log.warning("hole punch to %s failed: staying relayed%s", peer, why)
+
+    # -- reachability --------------------------------------------------------------------
+
+    async def _serve_dialback(self, sender: str, payload: bytes) -> bytes:
+        """Dial the requester back on new connections, at the IP its request came from."""
+        try:
+            request = json.loads(payload)
+            addrs = request["addrs"]
+            if request.get("v") != 1 or not isinstance(addrs, list):
+                raise ValueError("version or addrs")
+            if len(addrs) > DIALBACK_MAX_ADDRS or not all(isinstance(a, str) for a in addrs):
+                raise ValueError("too many addrs")
+        except (ValueError, KeyError, TypeError) as exc:
+            raise RemoteError(f"malformed dial-back request: {exc}") from exc
+        observed = None
+        for conn in _conn_list(self._host.get_network().connections.get(ID.from_base58(sender))):
+            if not _is_relayed(conn):
+                observed = _remote_of(conn)
+                if observed is not None:
+                    break
+        results: dict[str, str] = {}
+        if observed is None:
+            for addr in addrs:
+                results[addr] = "not dialled: no direct connection to the requester"
+        else:
+            for addr in addrs:
+                target = _tcp_target(addr)
+                if target is None:
+                    results[addr] = "not dialled: not a TCP address"
+                elif target[0] != observed[0]:
+                    # Only the requester's own IP: a dial-back must not be a way to make
+                    # this node connect to third parties.
+                    results[addr] = "not dialled: not the IP the request came from"
+                else:
+                    results[addr] = await probe_libp2p_listener(*target)
+        reply = {"v": 1, "observed": list(observed) if observed else None, "results": results}
+        return json.dumps(reply).encode()
+
+    def _candidate_addrs(self, observed_ip: str | None) -> list[str]:
+        """Addresses to have dialled back: the observed IP with each listen port (what a
+        port-preserving NAT or a plain public host would expose), and announced addresses."""
+        addrs: list[str] = []
+        ports = self._network.listen_ports()
+        if observed_ip is not None:
+            proto = "ip6" if ":" in observed_ip else "ip4"
+            addrs += [f"/{proto}/{observed_ip}/tcp/{p}" for p in ports]
+        for a in self._network._settings.announce_addrs:
+            if _tcp_target(a) is not None:
+                addrs.append(a.split("/p2p/")[0])
+        return list(dict.fromkeys(addrs))[:DIALBACK_MAX_ADDRS]
+
+    def _helpers(self) -> list[tuple[str, INetConn]]:
+        me = self._host.get_id()
+        found = []
+        for peer_id, conns in list(self._host.get_network().connections.items()):
+            if peer_id == me:
+                continue
+            for conn in _conn_list(conns):
+                if not _is_relayed(conn) and not conn.is_closed:
+                    found.append((str(peer_id), conn))
+                    break
+        return found
+
+    async def _ask(self, helper: str, conn: INetConn, addrs: list[str]) -> DialbackAnswer | None:
+        sock = _socket_of(conn)
+        local = None
+        if sock is not None:
+            try:
+                name = sock.getsockname()
+                local = (str(name[0]), int(name[1]))
+            except OSError:
+                local = None
+        payload = json.dumps({"v": 1, "addrs": addrs}).encode()
+        try:
+            raw = await self._network.request(
+                helper,
+                DIALBACK_PROTOCOL,
+                payload,
+                timeout=DIALBACK_TIMEOUT_S * DIALBACK_MAX_ADDRS + 5.0,
+                max_response_bytes=DIALBACK_MAX_REPLY_BYTES,
+            )
+            reply = json.loads(raw)
+            observed = reply.get("observed")
+            results = reply.get("results")
+            if not isinstance(results, dict):
+                raise ValueError("no results")
+            obs = (str(observed[0]), int(observed[1])) if observed else None
+        except (NetworkError, RemoteError) as exc:
+            log.debug("dial-back via %s failed: %s", helper, exc)
+            return None
+        except (ValueError, TypeError, IndexError, KeyError) as exc:
+            log.info("dial-back reply from %s is malformed: %s", helper, exc)
+            return None
+        results = {str(k): str(v)[:200] for k, v in list(results.items())[:DIALBACK_MAX_ADDRS]}
+        return DialbackAnswer(helper, obs, results, local)
+
+    async def check_reachability(self) -> str:
+        """Ask up to :data:`REACHABILITY_HELPERS` directly connected peers to dial us back;
+        update and return :attr:`reachability`."""
+        helpers = self._helpers()[:REACHABILITY_HELPERS]
+        if not helpers:
+            self.reachability_reason = "no directly connected peer to ask"
+            return self.reachability
+        # First learn the IP they see (one question), then have every helper dial it.
+        first = await self._ask(helpers[0][0], helpers[0][1], [])
+        observed_ip = first.observed[0] if first and first.observed else self.observed_ip
+        addrs = self._candidate_addrs(observed_ip)
+        if not addrs:
+            self.reachability_reason = "no TCP address to check"
+            return self.reachability
+        answers: list[DialbackAnswer] = []
+
+        async def ask(helper: str, conn: INetConn) -> None:
+            answer = await self._ask(helper, conn, addrs)
+            if answer is not None:
+                answers.append(answer)
+
+        async with trio.open_nursery() as nursery:
+            for helper, conn in helpers:
+                nursery.start_soon(ask, helper, conn)
+        self._conclude(answers)
+        self.last_check = trio.current_time()
+        return self.reachability
+
+    def _conclude(self, answers: list[DialbackAnswer]) -> None:
+        reached = [a for a in answers if "ok" in a.results.values()]
+        # Answers where the helper dialled (same IP) and failed: real evidence of a NAT or
+        # firewall. "not dialled" answers count for nothing.
+        failed = [
+            a
+            for a in answers
+            if a.results
+            and "ok" not in a.results.values()
+            and any(not v.startswith("not dialled") for v in a.results.values())
+        ]
+        ips = [a.observed[0] for a in answers if a.observed]
+        if ips:
+            self.observed_ip = max(set(ips), key=ips.count)
+        self.nat = self._nat_behaviour(answers)
+        previous = self.reachability
+        if len(reached) >= REACHABILITY_CONFIRMATIONS:
+            self.reachability = "public"
+            self.reachability_reason = f"{len(reached)} peers dialled us back"
+        elif len(failed) >= REACHABILITY_CONFIRMATIONS and not reached:
+            self.reachability = "private"
+            example = next(iter(failed[0].results.values()))
+            self.reachability_reason = f"{len(failed)} peers could not dial us back ({example})"
+        else:
+            self.reachability_reason = (
+                f"{len(reached)} dialled us back, {len(failed)} could not: "
+                f"{REACHABILITY_CONFIRMATIONS} agreeing answers needed"
+            )
+        if self.reachability != previous:
+            log.info("reachability: %s (%s)", self.reachability, self.reachability_reason)
+        if (
+            self.reachability == "public"
+            and self.settings.relay_service == "auto"
+            and not self.hop_enabled
+        ):
+            self._enable_hop()
+
+    def _nat_behaviour(self, answers: list[DialbackAnswer]) -> str:
+        seen = [(a.observed, a.local) for a in answers if a.observed and a.local]
+        if not seen:
+            return self.nat
+        if all(observed == local for observed, local in seen):
+            return "none"
+        if all(observed[1] == local[1] for observed, local in seen):
+            return "port-preserving"
+        return "port-changing"
+
+    async def _reachability_loop(self) -> None:
+        last_ip = None
+        while True:
+            try:
+                await self.check_reachability()
+            except Exception as exc:  # one failed round must not end the loop
+                log.info("reachability check failed: %s: %s", type(exc).__name__, exc)
+            wait = (
+                self.settings.reachability_retry
+                if self.reachability == "unknown" or self.observed_ip != last_ip
+                else self.settings.reachability_interval
+            )
+            last_ip = self.observed_ip
+            with trio.move_on_after(wait):
+                await self._check_now.wait()
+            self._check_now = trio.Event()
+
+    def request_check(self) -> None:
+        """Check reachability again soon (addresses changed, a tunnel opened or closed)."""
+        self._check_now.set()
+
+    # -- relays --------------------------------------------------------------------------
+
+    async def _relay_keeper_loop(self) -> None:
+        provided_at: float | None = None
+        while True:
+            try:
+                if self.hop_enabled and (
+                    provided_at is None or trio.current_time() - provided_at > 600
+                ):
+                    with trio.move_on_after(10):
+                        await self._network.provide(RELAY_DHT_KEY)
+                        provided_at = trio.current_time()
+                await self._keep_reservations()
+            except Exception as exc:  # a relay's misbehaviour must not end the loop
+                log.info("relay keeper: %s: %s", type(exc).__name__, exc)
+            await trio.sleep(self.settings.relay_check_interval)
+
+    async def _keep_reservations(self) -> None:
+        try:
+            await self._keep_reservations_once()
+        finally:
+            self._publish_circuit_addrs()
+
+    async def _keep_reservations_once(self) -> None:
+        now = trio.current_time()
+        connected = set(self._network.connected_peers())
+        for relay, res in list(self.reservations.items()):
+            if relay not in connected or now >= res.expires_at:
+                log.info("relay %s went away: its reservation is dropped", relay)
+                del self.reservations[relay]
+            elif now >= res.refresh_at and not await self._reserve(relay):
+                del self.reservations[relay]
+        if self.reachability == "public":
+            self.reservations.clear()
+            return
+        if len(self.reservations) >= self.settings.relays_wanted:
+            return
+        for relay in await self._relay_candidates():
+            if len(self.reservations) >= self.settings.relays_wanted:
+                break
+            if relay not in self.reservations:
+                await self._reserve(relay)
+
+    async def _relay_candidates(self) -> list[str]:
+        me = self._network.peer_id
+        found = [p for p in self._bootstrap_peers() if p != me]
+        try:
+            found += await self._network.find_providers(RELAY_DHT_KEY, timeout=5.0)
+        except NetworkError:
+            pass
+        # Peers we are connected to first: reserving needs a direct connection anyway.
+        connected = set(self._network.connected_peers())
+        unique = [p for p in dict.fromkeys(found) if p != me]
+        return sorted(unique, key=lambda p: p not in connected)
+
+    async def _reserve(self, relay: str) -> bool:
+        """Reserve (or refresh) a slot on ``relay``; whether it was granted."""
+        relay_id = ID.from_base58(relay)
+        conn = next(
+            (
+                c
+                for c in _conn_list(self._host.get_network().connections.get(relay_id))
+                if not _is_relayed(c)
+            ),
+            None,
+        )
+        if conn is None:
+            return False
+        remote = _remote_of(conn)
+        try:
+            with trio.fail_after(10):
+                stream = await self._host.new_stream(relay_id, [HOP_PROTOCOL_ID])
+                try:
+                    await write_delimited_msg(stream, HopMessage(type=HopMessage.RESERVE))
+                    reply = await read_delimited_msg(stream, HopMessage)
+                finally:
+                    await stream.close()
+        except Exception as exc:
+            self.relay_refusals[relay] = f"{type(exc).__name__}: {exc}"[:200]
+            log.debug("reservation on %s failed: %s", relay, exc)
+            return False
+        status = StatusCode(reply.status) if reply.HasField("status") else StatusCode.OK
+        if status != StatusCode.OK:
+            why = (
+                "the relay is at its reservation limit"
+                if status == StatusCode.RESOURCE_LIMIT_EXCEEDED
+                else f"refused with {status.name}"
+            )
+            self.relay_refusals[relay] = why
+            log.warning("relay %s refused a reservation: %s", relay, why)
+            return False
+        # The relay's expiry is wall-clock seconds (the wire format); converted to a TTL once.
+        ttl = float(reply.reservation.expire) - time.time() if reply.HasField("reservation") else 0
+        ttl = max(30.0, min(ttl, 24 * 3600.0))
+        addrs = []
+        if remote is not None:
+            proto = "ip6" if ":" in remote[0] else "ip4"
+            addrs.append(f"/{proto}/{remote[0]}/tcp/{remote[1]}")
+        for raw in reply.reservation.addrs[:8]:
+            try:
+                bare = str(multiaddr.Multiaddr(raw)).split("/p2p/")[0]
+            except Exception:
+                continue
+            if _tcp_target(bare) is not None:
+                addrs.append(bare)
+        me = self._network.peer_id
+        circuit = [f"{a}/p2p/{relay}/p2p-circuit/p2p/{me}" for a in dict.fromkeys(addrs)][:4]
+        now = trio.current_time()
+        fresh = relay not in self.reservations
+        self.reservations[relay] = Reservation(relay, now + 0.75 * ttl, now + ttl, circuit)
+        self.relay_refusals.pop(relay, None)
+        if fresh:
+            log.info("reserved on relay %s for %.0f s: reachable at %s", relay, ttl, circuit[:1])
+        return True

@@ -1,0 +1,229 @@
+"""NAT traversal on loopback (mtor_p2p/libp2p_nat.py), with real py-libp2p hosts.
+
+Loopback has no NAT: these tests check the parts that do not need one (reservations, relayed
+connections, their upgrade to direct ones, the dial-back protocol's rules, the relay's
+limits, the refusal of bulk traffic over relays) and what a hostile peer can send. The
+same code through real NATs is tested in tests/test_nat_peers.py.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import trio
+
+from mtor_p2p.identity import Identity
+from mtor_p2p.libp2p_host import HostSettings, Libp2pNetwork
+from mtor_p2p.libp2p_nat import (
+    DIALBACK_PROTOCOL,
+    RELAYED_MAX_REQUEST_BYTES,
+    NatSettings,
+    RelayLimitsConfig,
+    probe_libp2p_listener,
+)
+from mtor_p2p.network import NetworkError, RemoteError
+
+pytestmark = pytest.mark.skipif(
+    __import__("importlib").util.find_spec("libp2p") is None, reason="needs py-libp2p"
+)
+
+
+def nat_settings(**overrides: object) -> NatSettings:
+    """Checks and keepers slowed down: each test drives what it looks at."""
+    base: dict[str, object] = {
+        "reachability_interval": 3600.0,
+        "reachability_retry": 3600.0,
+        "relays_wanted": 0,
+    }
+    base.update(overrides)
+    return NatSettings(**base)  # type: ignore[arg-type]
+
+
+def host(**nat: object) -> Libp2pNetwork:
+    return Libp2pNetwork.open(Identity.generate(), HostSettings(nat=nat_settings(**nat)))
+
+
+async def echo(sender: str, payload: bytes) -> bytes:
+    return payload
+
+
+async def wait_until(predicate, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
+    with trio.fail_after(timeout):
+        while not predicate():
+            await trio.sleep(0.05)
+
+
+async def test_a_reserved_peer_is_reached_through_the_relay_and_then_directly() -> None:
+    async with (
+        host(relay_service="on") as relay,
+        host() as private,
+        host() as dialer,
+    ):
+        await private.connect(relay.addrs()[0])
+        assert await private.nat._reserve(relay.peer_id)
+        private.nat._publish_circuit_addrs()
+        circuit = private.nat.circuit_addrs()[0]
+        assert f"/p2p/{relay.peer_id}/p2p-circuit/p2p/{private.peer_id}" in circuit
+        # Announced as it is (py-libp2p's get_addrs would cut it at the relay's /p2p/).
+        assert circuit in private.addrs()
+
+        await dialer.connect(circuit)
+        assert dialer.nat.connection_kind(private.peer_id) in ("relayed", "direct")
+        # The side that accepted the relayed connection punches; on loopback the direct
+        # dial simply works, and the relayed connection is closed after a grace period.
+        await wait_until(lambda: dialer.nat.connection_kind(private.peer_id) == "direct")
+        await wait_until(lambda: dialer.peer_id in private.nat.punches)
+        direct, seconds, _ = private.nat.punches[dialer.peer_id]
+        assert direct and 0 <= seconds < 5
+        private.handle("/echo", echo)
+        assert await dialer.request(private.peer_id, "/echo", b"x" * 300_000) == b"x" * 300_000
+        assert relay.nat.hop_enabled
+        assert relay.nat.status()["relay_service"] is True
+
+
+async def test_bulk_requests_never_cross_a_relay() -> None:
+    async with (
+        host(relay_service="on") as relay,
+        host(hole_punching=False) as private,
+        host(hole_punching=False) as dialer,
+    ):
+        # The private peer's direct address must not work for the dialer: it learns only
+        # the circuit address, and punching is off on both sides.
+        await private.connect(relay.addrs()[0])
+        assert await private.nat._reserve(relay.peer_id)
+        private.nat._publish_circuit_addrs()
+        private.handle("/echo", echo)
+        await dialer.connect(private.nat.circuit_addrs()[0])
+        assert dialer.nat.connection_kind(private.peer_id) == "relayed"
+
+        small = b"s" * 1000
+        assert await dialer.request(private.peer_id, "/echo", small) == small
+        began = trio.current_time()
+        with pytest.raises(NetworkError, match="only through a relay"):
+            await dialer.request(
+                private.peer_id, "/echo", b"b" * (RELAYED_MAX_REQUEST_BYTES + 1), timeout=1.0
+            )
+        # It waited for a punch no longer than the request's own deadline.
+        assert trio.current_time() - began < 3.0
+
+
+async def test_a_relay_at_its_reservation_limit_refuses_clearly() -> None:
+    limits = RelayLimitsConfig(max_reservations=1)
+    async with (
+        host(relay_service="on", relay_limits=limits) as relay,
+        host() as first,
+        host() as second,
+    ):
+        await first.connect(relay.addrs()[0])
+        await second.connect(relay.addrs()[0])
+        assert await first.nat._reserve(relay.peer_id)
+        assert not await second.nat._reserve(relay.peer_id)
+        assert second.nat.relay_refusals[relay.peer_id] == "the relay is at its reservation limit"
+        assert second.nat.status()["relay_refusals"] == {
+            relay.peer_id: "the relay is at its reservation limit"
+        }
+        # The holder refreshes its own reservation without counting twice.
+        assert await first.nat._reserve(relay.peer_id)
+
+
+async def test_a_reservation_is_for_the_peer_that_asks_whatever_the_message_says() -> None:
+    from libp2p.peer.id import ID
+    from libp2p.relay.circuit_v2.pb.circuit_pb2 import HopMessage
+    from libp2p.relay.circuit_v2.pb.circuit_pb2 import PeerId as CircuitPeerId
+    from libp2p.relay.circuit_v2.protocol import PROTOCOL_ID
+    from libp2p.relay.circuit_v2.utils import read_delimited_msg, write_delimited_msg
+
+    async with (
+        host(relay_service="on") as relay,
+        host() as hostile,
+        host() as victim,
+    ):
+        await hostile.connect(relay.addrs()[0])
+        stream = await hostile._host.new_stream(ID.from_base58(relay.peer_id), [PROTOCOL_ID])
+        spoofed = CircuitPeerId(id=ID.from_base58(victim.peer_id).to_bytes())
+        await write_delimited_msg(stream, HopMessage(type=HopMessage.RESERVE, peer=spoofed))
+        await read_delimited_msg(stream, HopMessage)
+        await stream.close()
+        manager = relay.nat._relay.resource_manager  # type: ignore[union-attr]
+        assert manager.get_reservation(ID.from_base58(victim.peer_id)) is None
+        assert manager.get_reservation(ID.from_base58(hostile.peer_id)) is not None
+
+
+async def test_dial_back_dials_only_the_requesters_ip_and_reports_what_it_saw() -> None:
+    async with host() as helper, host() as asker:
+        await asker.connect(helper.addrs()[0])
+        port = asker.listen_ports()[0]
+        request = {
+            "v": 1,
+            "addrs": [
+                f"/ip4/127.0.0.1/tcp/{port}",
+                "/ip4/192.0.2.1/tcp/4001",  # a third party: never dialled
+                "/ip4/127.0.0.1/tcp/9/p2p-circuit",
+            ],
+        }
+        reply = json.loads(
+            await asker.request(helper.peer_id, DIALBACK_PROTOCOL, json.dumps(request).encode())
+        )
+        assert reply["observed"][0] == "127.0.0.1"
+        results = reply["results"]
+        assert results[f"/ip4/127.0.0.1/tcp/{port}"] == "ok"
+        assert results["/ip4/192.0.2.1/tcp/4001"].startswith("not dialled")
+        assert results["/ip4/127.0.0.1/tcp/9/p2p-circuit"].startswith("not dialled")
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"not json",
+        b"{}",
+        json.dumps({"v": 2, "addrs": []}).encode(),
+        json.dumps({"v": 1, "addrs": ["/ip4/127.0.0.1/tcp/1"] * 5}).encode(),
+        json.dumps({"v": 1, "addrs": [1, 2]}).encode(),
+        b"x" * 4096,  # over the protocol's size limit
+    ],
+)
+async def test_malformed_dial_back_requests_cost_the_sender_an_error(payload: bytes) -> None:
+    async with host() as helper, host() as hostile:
+        await hostile.connect(helper.addrs()[0])
+        with pytest.raises(RemoteError):
+            await hostile.request(helper.peer_id, DIALBACK_PROTOCOL, payload)
+        # The helper is fine and still answers a proper request.
+        good = json.dumps({"v": 1, "addrs": []}).encode()
+        assert json.loads(await hostile.request(helper.peer_id, DIALBACK_PROTOCOL, good))
+
+
+async def test_two_helpers_that_dial_back_make_a_node_public() -> None:
+    async with host() as one, host() as two, host() as node:
+        await node.connect(one.addrs()[0])
+        await node.connect(two.addrs()[0])
+        assert await node.nat.check_reachability() == "public"
+        status = node.nat.status()
+        assert status["nat"] == "none"
+        assert "dialled us back" in status["reason"]
+
+
+async def test_one_helper_is_not_enough_to_decide() -> None:
+    async with host() as one, host() as node:
+        await node.connect(one.addrs()[0])
+        assert await node.nat.check_reachability() == "unknown"
+        assert "2 agreeing answers needed" in node.nat.status()["reason"]
+
+
+async def test_the_probe_tells_a_libp2p_listener_from_other_things() -> None:
+    async with host() as node:
+        assert await probe_libp2p_listener("127.0.0.1", node.listen_ports()[0]) == "ok"
+
+    async def not_libp2p(stream: trio.SocketStream) -> None:
+        await stream.send_all(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(trio.serve_tcp, not_libp2p, 0)
+        port = listeners[0].socket.getsockname()[1]
+        assert await probe_libp2p_listener("127.0.0.1", port) != "ok"
+        nursery.cancel_scope.cancel()
+    closed = trio.socket.socket()
+    await closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()
+    assert (await probe_libp2p_listener("127.0.0.1", port)).startswith("refused")

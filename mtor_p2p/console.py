@@ -15,6 +15,23 @@ EXIT_NOT_RUNNING = 3
 EXIT_NGROK = 4
 EXIT_NOT_CONVERGED = 5
 EXIT_LEDGER_BAD = 6
+#: ``run`` on a data directory another running node holds (see :mod:`mtor_p2p.datadir`).
+EXIT_IN_USE = 7
+#: Interrupted by Ctrl-C (128 + SIGINT, as shells report it); ``submit`` cancels its job.
+EXIT_INTERRUPTED = 130
+
+#: One line per exit code, for ``mtor-peer --help`` (the README has the same table).
+EXIT_CODES = (
+    (EXIT_OK, "ok"),
+    (EXIT_FAILURE, "failure (the node or the job failed, a port is in use, ...)"),
+    (EXIT_USAGE, "usage or configuration error (a flag, a file, the data directory)"),
+    (EXIT_NOT_RUNNING, "no node running on the data directory"),
+    (EXIT_NGROK, "ngrok tunnel failed"),
+    (EXIT_NOT_CONVERGED, "devnet did not converge"),
+    (EXIT_LEDGER_BAD, "ledger check failed"),
+    (EXIT_IN_USE, "the data directory is in use by another running node"),
+    (EXIT_INTERRUPTED, "interrupted (Ctrl-C; submit cancels its job)"),
+)
 
 GIB = 1 << 30
 

@@ -13,6 +13,11 @@ Example ``mtor.toml``::
     bootstrap_node = false  # raise connection limits when serving as a bootstrap peer
     lanes = "auto"          # fast sealed TCP lanes for requests: "auto", "eager" or "off"
     lane_port = 0           # TCP port of the lane listener (0: any; open it in a firewall)
+    nat = true              # find out whether we are reachable; relays and hole punching
+    relay = "auto"          # serve as a circuit relay: "auto" (when public), "on", "off"
+    relays_wanted = 2       # relays to reserve on while not publicly reachable
+    relay_max_reservations = 128  # as a relay: peers holding a reservation at once
+    announce = []           # extra public addresses (a port forward): /ip4/IP/tcp/PORT
 
     [ngrok]
     enabled = false
@@ -81,6 +86,18 @@ class NodeConfig:
     #: makes the first request wait for it, "off" keeps every request on libp2p streams.
     lanes: str = "auto"
     lane_port: int = 0  # 0: any free port (peers learn it with their lane ticket)
+    #: NAT traversal (mtor_p2p/libp2p_nat.py): reachability checks by dial-back, circuit
+    #: relays and hole punching. false: none of them (a node on a LAN or a test).
+    nat: bool = True
+    #: Serve as a circuit relay for private peers: "auto" (once found publicly reachable, or
+    #: as a bootstrap node), "on" or "off".
+    relay: str = "auto"
+    #: Relays to hold reservations on while not publicly reachable (0: never reserve).
+    relays_wanted: int = 2
+    #: As a relay: peers that may hold a reservation at once (more are refused).
+    relay_max_reservations: int = 128
+    #: Extra addresses to advertise, e.g. a router's port forward to our listen port.
+    announce: list[str] = field(default_factory=list)
     api_port: int = 0  # 0: any free port, written to <data_dir>/control.json
     #: Opt-in: also serve /metrics without the token on this HOST:PORT (None: only through
     #: the control API, with the token: the metrics reveal the node's business).
@@ -110,6 +127,16 @@ class NodeConfig:
             raise ConfigError(f"lanes must be 'auto', 'eager' or 'off', not {self.lanes!r}")
         if not 0 <= self.lane_port <= 65535:
             raise ConfigError(f"lane_port must be 0-65535 (0: any free port), not {self.lane_port}")
+        if self.relay not in ("auto", "on", "off"):
+            raise ConfigError(f"relay must be 'auto', 'on' or 'off', not {self.relay!r}")
+        if not 0 <= self.relays_wanted <= 8:
+            raise ConfigError(f"relays_wanted must be 0-8, not {self.relays_wanted}")
+        if not 1 <= self.relay_max_reservations <= 100_000:
+            raise ConfigError(
+                f"relay_max_reservations must be 1-100000, not {self.relay_max_reservations}"
+            )
+        for addr in self.announce:
+            check_listen_addr(addr)
         if not 0 < self.announce_interval < self.record_ttl / 2:
             raise ConfigError("announce_interval must be positive and under half of record_ttl")
         if not 0.0 <= self.fault_rate <= 1.0:
@@ -159,6 +186,11 @@ _SIMPLE_TYPES: dict[str, type] = {
     "max_connections": int,
     "lanes": str,
     "lane_port": int,
+    "nat": bool,
+    "relay": str,
+    "relays_wanted": int,
+    "relay_max_reservations": int,
+    "announce": list,
     "api_port": int,
     "metrics_listen": str,
     "record_ttl": float,

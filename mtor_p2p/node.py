@@ -223,6 +223,12 @@ class Node:
         """This node's peer ID."""
         return self.identity.peer_id
 
+    def reachability(self) -> dict[str, Any] | None:
+        """What NAT traversal found (reachability, NAT behaviour, relays, hole punches);
+        None where the network has none (memnet, or ``nat = false``)."""
+        nat = getattr(self.network, "nat", None)
+        return nat.status() if nat is not None else None
+
     def lane_port(self) -> int | None:
         """The TCP port this node serves lanes on (None: lanes are off, or the network has
         none, as memnet)."""
@@ -320,6 +326,7 @@ class Node:
         """Start a production node from ``config``: py-libp2p host, SQLite files in the data
         directory, probed devices, the control API; on exit withdraw its record and stop."""
         from mtor_p2p.libp2p_host import HostSettings, Libp2pNetwork
+        from mtor_p2p.libp2p_nat import NatSettings, RelayLimitsConfig
 
         config.validate()
         # Kernels and the requester's checks run on threads: BLAS gets one core fewer than
@@ -337,6 +344,19 @@ class Node:
             max_connections=config.max_connections,
             lanes=config.lanes,
             lane_port=config.lane_port,
+            announce_addrs=list(config.announce),
+            nat=(
+                NatSettings(
+                    relay_service=config.relay,
+                    relays_wanted=config.relays_wanted,
+                    relay_limits=RelayLimitsConfig(max_reservations=config.relay_max_reservations),
+                )
+                if config.nat
+                else None
+            ),
+            bootstrap_peer_ids=[
+                a.rsplit("/p2p/", 1)[-1] for a in config.all_bootstrap_peers() if "/p2p/" in a
+            ],
         )
         tunnels = None
         ledger = open_ledger(config)
@@ -474,6 +494,7 @@ class Node:
             "record": None if own is None else record_to_json(own, now),
             "tunnel": self.tunnel_url,
             "lane_port": self.lane_port(),
+            "reachability": self.reachability(),
             "guards": self.network.stats.__dict__,
             "mesh": None
             if self.mesh is None

@@ -28,6 +28,7 @@ Example ``mtor.toml``::
 from __future__ import annotations
 
 import logging
+import math
 import os
 import stat
 import tomllib
@@ -117,8 +118,19 @@ class NodeConfig:
             raise ConfigError("gpu must be 'auto' or 'none'")
         if not self.listen:
             raise ConfigError("listen needs at least one multiaddr")
+        for addr in self.listen:
+            check_listen_addr(addr)
+        for addr in self.bootstrap:
+            check_peer_addr(addr)
+        for name in ("price", "record_ttl", "announce_interval", "fault_rate"):
+            if not math.isfinite(getattr(self, name)):
+                raise ConfigError(f"{name} must be a finite number, not {getattr(self, name)}")
         if self.price < 0:
             raise ConfigError("price must not be negative")
+        if not 1 <= self.max_connections <= 1_000_000:
+            raise ConfigError(
+                f"max_connections must be at least 1 (default 300), not {self.max_connections}"
+            )
         if not 0 <= self.api_port <= 65535:
             raise ConfigError("api_port must be a TCP port number")
         if self.metrics_listen is not None:
@@ -152,6 +164,71 @@ class NodeConfig:
         if self.use_default_bootstrap:
             peers += default_bootstrap_peers()
         return list(dict.fromkeys(peers))
+
+
+LISTEN_EXAMPLE = "/ip4/0.0.0.0/tcp/4001"
+PEER_EXAMPLE = "/ip4/203.0.113.7/tcp/4001/p2p/12D3KooW..."
+
+
+def _parse_multiaddr(addr: str, what: str, example: str) -> list[tuple[str, str]]:
+    """``addr``'s (protocol, value) pairs; ConfigError naming ``what`` if it does not parse."""
+    import multiaddr  # py-libp2p's dependency; imported here to keep config light
+
+    if not isinstance(addr, str) or not addr.startswith("/"):
+        raise ConfigError(f"{what} {addr!r} is not a multiaddr: write it like {example}")
+    try:
+        parsed = multiaddr.Multiaddr(addr)
+        return [(p.name, parsed.value_for_protocol(p.code) or "") for p in parsed.protocols()]
+    except Exception as exc:  # the library raises several kinds for a malformed address
+        reason = str(exc).split(" (string:")[0]
+        if reason.startswith("Invalid MultiAddr"):
+            reason = reason.split("': ", 1)[-1]
+        raise ConfigError(
+            f"{what} {addr!r} is not a valid multiaddr ({reason}): write it like {example}"
+        ) from None
+
+
+def check_listen_addr(addr: str) -> tuple[str, int]:
+    """The host and TCP port of the listen multiaddr ``addr`` (``/ip4|ip6/HOST/tcp/PORT``);
+    ConfigError with one line saying how to write it otherwise."""
+    parts = _parse_multiaddr(addr, "listen address", LISTEN_EXAMPLE)
+    names = [name for name, _ in parts]
+    if names[:2] not in (["ip4", "tcp"], ["ip6", "tcp"]) or len(parts) != 2:
+        raise ConfigError(
+            f"listen address {addr!r} must be /ip4/HOST/tcp/PORT or /ip6/HOST/tcp/PORT, "
+            f"e.g. {LISTEN_EXAMPLE} (all interfaces) or /ip4/127.0.0.1/tcp/0 (any free port)"
+        )
+    return parts[0][1], int(parts[1][1])
+
+
+def check_peer_addr(addr: str) -> str:
+    """The peer ID of the bootstrap multiaddr ``addr`` (a transport address ending in
+    ``/p2p/<MTOR peer ID>``); ConfigError with one line saying how to write it otherwise.
+    Checked at start: a malformed bootstrap address was only ever skipped, quietly or with a
+    warning at every re-dial."""
+    from mtor_p2p.identity import public_key_from_peer_id
+
+    if "/p2p/" not in str(addr):
+        raise ConfigError(
+            f"bootstrap address {addr!r} has no /p2p/<peer ID> at its end: write it like "
+            f"{PEER_EXAMPLE} (the peer ID is what `mtor-peer id` prints on that peer)"
+        )
+    parts = _parse_multiaddr(addr, "bootstrap address", PEER_EXAMPLE)
+    names = [name for name, _ in parts]
+    if names[-1] != "p2p" or "tcp" not in names:
+        raise ConfigError(
+            f"bootstrap address {addr!r} must be a TCP address ending in /p2p/<peer ID>, "
+            f"like {PEER_EXAMPLE}"
+        )
+    peer_id = parts[-1][1]
+    try:
+        public_key_from_peer_id(peer_id)
+    except ValueError as exc:
+        raise ConfigError(
+            f"bootstrap address {addr!r}: {peer_id} is not an MTOR peer ID ({exc}); "
+            "it starts with 12D3KooW (see `mtor-peer id` on that peer)"
+        ) from None
+    return peer_id
 
 
 def split_host_port(text: str) -> tuple[str, int]:

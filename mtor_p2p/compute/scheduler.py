@@ -36,6 +36,7 @@ from mtor_p2p.compute.reputation import PeerBook
 from mtor_p2p.compute.worker import CREDIT_REFUSED, PRICE_REFUSED
 from mtor_p2p.identity import Identity
 from mtor_p2p.ledger.genesis import NANO
+from mtor_p2p.metrics import LatencyBuckets
 from mtor_p2p.network import Network, NetworkError, RemoteError
 from mtor_p2p.records.arrays import HASH_OFF_LOOP_BYTES, ArrayMeta, meta_of
 from mtor_p2p.records.faults import make_fault_proof
@@ -197,6 +198,21 @@ class ShardAttempt:
     outcome: str
     flops: int
     hedge: bool
+
+
+@dataclass
+class SchedulerStats:
+    """What this requester's jobs did (read by the metrics, mtor_p2p/metrics.py)."""
+
+    #: Shard attempts by outcome (see :class:`ShardAttempt`).
+    attempts: dict[str, int] = field(default_factory=dict)
+    #: Durations of accepted attempts: from sending the shard to accepting its result.
+    shard_seconds: LatencyBuckets = field(default_factory=LatencyBuckets)
+    jobs_ok: int = 0
+    jobs_failed: int = 0
+    #: Results that failed verification, and the fault proofs made of them.
+    rejected: int = 0
+    fault_proofs: int = 0
 
 
 def _timed_out(exc: BaseException) -> bool:
@@ -474,6 +490,10 @@ class _JobRun:
                 # should know: a worker cut off like this again and again is demoted.
                 book.failed(worker, "slow", self.s.clock.now(), "cut off as a straggler")
             self._wake()
+            stats = self.s.stats
+            stats.attempts[outcome] = stats.attempts.get(outcome, 0) + 1
+            if outcome == "accepted":
+                stats.shard_seconds.observe(trio.current_time() - record.started)
             if self.s.observer is not None:
                 self.s.observer(
                     ShardAttempt(
@@ -783,6 +803,8 @@ class _JobRun:
             rows=witness,
         )
         self.fault_proofs.append(proof)
+        self.s.stats.rejected += 1
+        self.s.stats.fault_proofs += 1
         proof_id = f"{self.job_id}:{index}:{worker}"
         await self.s.runtime.run_blocking(self.s.receipts.add_fault_proof, proof_id, worker, proof)
         if self.s.on_fault is not None:
@@ -898,6 +920,8 @@ class Scheduler:
         self._settling = False
         self._unsettled = 0
         self._settled_changed = trio.Event()
+        #: Counters of this requester's jobs and shards (the metrics read them).
+        self.stats = SchedulerStats()
 
     def speed_of(self, record: CapacityRecord) -> float:
         """TFLOP/s to plan with for ``record``'s worker: measured here, else its claim capped
@@ -1073,6 +1097,15 @@ class Scheduler:
         self, spec: JobSpec, *, progress: Callable[[int, int], None] | None = None
     ) -> JobResult:
         """Run a job to completion; raise JobFailed if it cannot finish."""
+        try:
+            result = await self._run(spec, progress)
+        except JobFailed:
+            self.stats.jobs_failed += 1
+            raise
+        self.stats.jobs_ok += 1
+        return result
+
+    async def _run(self, spec: JobSpec, progress: Callable[[int, int], None] | None) -> JobResult:
         if spec.verify not in VERIFY_METHODS:
             raise ValueError(f"verify must be one of {VERIFY_METHODS}")
         kernel = get_kernel(spec.kernel)

@@ -57,6 +57,7 @@ from mtor_p2p.compute.protocol import (
 from mtor_p2p.compute.receipt_store import ReceiptStore
 from mtor_p2p.identity import Identity
 from mtor_p2p.ledger.genesis import NANO
+from mtor_p2p.metrics import LatencyBuckets
 from mtor_p2p.network import Network, RemoteError
 from mtor_p2p.records.arrays import (
     HASH_OFF_LOOP_BYTES,
@@ -297,6 +298,8 @@ class WorkerService:
         self._reserved_total = 0
         self._reserved_by_sender: dict[str, int] = {}
         self.stats = WorkerStats()
+        #: Compute time of each shard run (the metrics' histogram, mtor_p2p/metrics.py).
+        self.shard_seconds = LatencyBuckets()
         # Credit control: ``credit(requester)`` is what the ledger lets that requester still
         # spend (nano-credits); work this worker did for it that is not yet countersigned
         # counts against that too. None: no credit check (no ledger); unpaid work is bounded
@@ -664,6 +667,7 @@ class WorkerService:
             self.operands.put(output, output_meta.digest)
         self.stats.shards_run += 1
         self.stats.compute_seconds += ended - started
+        self.shard_seconds.observe(max(0.0, ended - started))
         self.stats.by_kernel[kernel_name] = self.stats.by_kernel.get(kernel_name, 0) + 1
         # A view of the (contiguous) output: pack() copies it once, into the reply.
         payload = memoryview(output).cast("B") if output.nbytes <= CHUNK_BYTES else b""

@@ -49,6 +49,7 @@ from mtor_p2p.ledger.pricing import next_price
 from mtor_p2p.ledger.service import LedgerService
 from mtor_p2p.ledger.store import LEDGER_FILE_NAME, Ledger, LedgerError
 from mtor_p2p.mesh import Candidate, MeshKeeper, MeshSettings
+from mtor_p2p.metrics import NetworkMeter, NodeMetrics
 from mtor_p2p.network import Network, NetworkError
 from mtor_p2p.records.arrays import OperandStore
 from mtor_p2p.runtime import Runtime
@@ -210,6 +211,10 @@ class Node:
         #: Set when their loops start (status shows their guards' counters).
         self.mesh: MeshKeeper | None = None
         self.control_server: ControlServer | None = None
+        #: What passes through the network port (Node.open installs it) and the metrics the
+        #: control API serves at /metrics (mtor_p2p/metrics.py).
+        self.network_meter: NetworkMeter | None = None
+        self.metrics: NodeMetrics | None = None
 
     async def _worker_receipt(self, receipt: Any) -> None:
         # The requester gossips it; the worker only enters its copy (sync repairs gaps).
@@ -365,6 +370,8 @@ class Node:
             stack.callback(ledger.close)
             stack.callback(peers.close)
             network = await stack.enter_async_context(Libp2pNetwork.open(identity, settings))
+            # Metered before the services register their handlers and topic validators.
+            meter = NetworkMeter.install(network)
             node = cls(
                 config,
                 identity,
@@ -378,6 +385,7 @@ class Node:
                 # Uploads in progress wait on disk, not in memory (private, emptied on start).
                 upload_spool=private_dir(config.data_dir / UPLOAD_SPOOL_DIR_NAME),
             )
+            node.network_meter = meter
             try:
                 if config.ngrok.enabled:
                     tunnels = await node._open_tunnel(network)
@@ -607,6 +615,7 @@ class Node:
 
     async def _serve_control(self, *, task_status: trio.TaskStatus[int]) -> None:
         token = load_or_create_token(self.config.data_dir)
+        metrics = self.metrics = NodeMetrics(self)
         server = ControlServer(
             token,
             {
@@ -622,10 +631,14 @@ class Node:
                 ("POST", "/v1/ledger/transfer"): self._route_transfer,
                 ("GET", "/v1/ledger/verify"): self._route_ledger_verify,
                 ("GET", "/v1/ledger/prove"): self._route_ledger_prove,
+                ("GET", "/metrics"): metrics.route,
             },
         )
         self.control_server = server
-        await server.serve(self.config.api_port, task_status=task_status)
+        async with trio.open_nursery() as nursery:
+            if self.config.metrics_listen is not None:
+                await nursery.start(metrics.serve_listener, self.config.metrics_listen)
+            await server.serve(self.config.api_port, task_status=task_status)
 
     def _write_control_info(self, port: int) -> None:
         write_control_info(

@@ -5,30 +5,41 @@ Exit codes (stable, for scripts):
 ====  ======================================================================
 0     success
 1     runtime failure (the node stopped with an error, a port was taken, ...)
-2     usage or configuration error
+2     usage or configuration error (a flag, a file, the data directory)
 3     no running node answers on the data directory
 4     the ngrok tunnel could not be opened
 5     the devnet did not converge before its timeout
 6     ``ledger verify`` found a problem (a record, a balance or a checkpoint)
+7     ``run``: another running node holds the data directory
+130   interrupted by Ctrl-C (``submit`` cancels its job first)
 ====  ======================================================================
+
+No input shows a Python traceback: every error is one line that says what to do
+(``MTOR_DEBUG=1`` shows the traceback of an unexpected one, for a bug report).
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
+import os
 import signal
+import socket
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
 from mtor_p2p import __version__
-from mtor_p2p.config import ConfigError, NodeConfig, load_config
+from mtor_p2p.config import ConfigError, NodeConfig, check_listen_addr, load_config
 from mtor_p2p.console import (
+    EXIT_CODES,
     EXIT_FAILURE,
+    EXIT_IN_USE,
+    EXIT_INTERRUPTED,
     EXIT_LEDGER_BAD,
     EXIT_NGROK,
     EXIT_NOT_RUNNING,
@@ -39,7 +50,14 @@ from mtor_p2p.console import (
     format_peers_table,
     format_rate,
 )
-from mtor_p2p.control import ControlClient, ControlError, NodeNotRunning
+from mtor_p2p.control import INFO_FILE_NAME, ControlClient, ControlError, NodeNotRunning
+from mtor_p2p.datadir import (
+    DataDirError,
+    DataDirInUse,
+    DataDirLock,
+    lock_owner,
+    prepare_data_dir,
+)
 from mtor_p2p.identity import IdentityError, load_or_create_identity
 from mtor_p2p.ledger.store import LedgerError
 from mtor_p2p.wire import RecordError
@@ -130,20 +148,55 @@ def _path(text: str) -> Path:
     return Path(text).expanduser().absolute()
 
 
+#: Environment variables read by every command (flags win over them, they win over the file).
+ENV_DATA_DIR = "MTOR_DATA_DIR"
+ENV_CONFIG = "MTOR_CONFIG"
+ENVIRONMENT_HELP = (
+    f"Environment: {ENV_DATA_DIR} (the data directory when --data-dir is not given, as "
+    f"IPFS_PATH is for kubo), {ENV_CONFIG} (the config file when --config is not given), "
+    "NGROK_AUTHTOKEN (for --ngrok), MTOR_NGROK_PATH (the ngrok agent), MTOR_BOOTSTRAP_FILE "
+    "(replaces the shipped bootstrap list), MTOR_DEBUG=1 (show the traceback of an "
+    "unexpected error), LIBP2P_DEBUG (py-libp2p's own logging)."
+)
+
+
 def _add_data_dir(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--data-dir",
         type=_path,
-        help="node data directory (identity, ledger, caches); default ~/.mtor",
+        help=f"node data directory (identity, ledger, caches); default ${ENV_DATA_DIR}, "
+        "else the config file's data_dir, else ~/.mtor",
     )
-    parser.add_argument("--config", type=_path, help="TOML configuration file")
+    parser.add_argument(
+        "--config", type=_path, help=f"TOML configuration file (default ${ENV_CONFIG})"
+    )
 
 
-def _config_from(args: argparse.Namespace) -> NodeConfig:
-    config = load_config(args.config)
+def _env_path(name: str) -> Path | None:
+    value = os.environ.get(name, "").strip()
+    return _path(value) if value else None
+
+
+def _config_from(args: argparse.Namespace, *, write: bool = False) -> NodeConfig:
+    """The configuration: defaults, the file (``--config``, else ``$MTOR_CONFIG``), then
+    ``$MTOR_DATA_DIR``, then flags. ``write``: the command writes in the data directory, which
+    is created (0700) and checked to be writable; otherwise a file given as the data directory
+    is still refused (DataDirError, exit 2)."""
+    config_path = args.config if getattr(args, "config", None) else _env_path(ENV_CONFIG)
+    config = load_config(config_path)
+    from_env = _env_path(ENV_DATA_DIR)
     if args.data_dir is not None:
         config.data_dir = args.data_dir
+    elif from_env is not None:
+        config.data_dir = from_env
     config.data_dir = config.data_dir.expanduser().absolute()
+    if write:
+        prepare_data_dir(config.data_dir)
+    elif config.data_dir.exists() and not config.data_dir.is_dir():
+        raise DataDirError(
+            f"--data-dir {config.data_dir} is a file, not a directory: give the node's data "
+            "directory"
+        )
     for name in (
         "region",
         "gpu",
@@ -188,7 +241,7 @@ def _client(args: argparse.Namespace) -> ControlClient:
 
 def cmd_id(args: argparse.Namespace) -> int:
     """Print this node's peer ID (creating the identity on first use)."""
-    config = _config_from(args)
+    config = _config_from(args, write=True)
     identity = load_or_create_identity(config.data_dir)
     if args.json:
         print(json.dumps({"peer_id": identity.peer_id, "data_dir": str(config.data_dir)}))
@@ -198,13 +251,77 @@ def cmd_id(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    """Run a node until SIGINT or SIGTERM."""
+    """Run a node until SIGINT or SIGTERM, holding the data directory's lock."""
+    config = _config_from(args, write=True)
+    # The lock first: a second node on this directory must stop before it touches anything
+    # (it shares the identity and the stores, and would delete the first one's control.json).
+    lock = DataDirLock(config.data_dir)
+    lock.acquire()
+    try:
+        _probe_ports(config)
+        _setup_logging(config.log_level)
+        return _run_node(args, config)
+    finally:
+        lock.release()
+
+
+def _probe_bind(host: str, port: int) -> OSError | None:
+    """Bind ``host:port`` and let go; the error, if binding fails.
+
+    py-libp2p's listener sets SO_REUSEPORT, so a second node could share its port without a
+    word; this probe does not set it, so it fails with EADDRINUSE wherever a node listens.
+    SO_REUSEADDR keeps a port whose old connections linger in TIME_WAIT usable (on Linux it
+    does not let a second socket bind a port that is listening)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            return exc
+    return None
+
+
+def _probe_ports(config: NodeConfig) -> None:
+    """Refuse, before the node starts, listen addresses this host does not have (the node
+    reported "running" and listened nowhere) and ports already in use (a second node shared
+    the first one's port through SO_REUSEPORT), for --listen, --lane-port and --api-port."""
+    probes = []
+    for addr in config.listen:
+        host, port = check_listen_addr(addr)
+        probes.append((f"--listen {addr}", host, port))
+        if config.lanes != "off" and config.lane_port:
+            probes.append((f"--lane-port {config.lane_port}", host, config.lane_port))
+    if config.api_port:
+        probes.append((f"--api-port {config.api_port}", "127.0.0.1", config.api_port))
+    for flag, host, port in probes:
+        error = _probe_bind(host, port)
+        if error is None:
+            continue
+        if error.errno == errno.EADDRINUSE:
+            raise CliError(
+                f"{flag}: port {port} on {host} is already in use (another mtor-peer? see "
+                "mtor-peer status); pick another port, or 0 for any free one",
+                EXIT_FAILURE,
+            )
+        if error.errno == errno.EADDRNOTAVAIL:
+            raise CliError(
+                f"{flag}: this host has no address {host}; listen on one of its own "
+                "addresses, or on 0.0.0.0 for all of them",
+                EXIT_USAGE,
+            )
+        if error.errno == errno.EACCES:
+            raise CliError(
+                f"{flag}: port {port} needs privileges; use a port above 1023", EXIT_USAGE
+            )
+        raise CliError(f"{flag}: cannot listen on {host}:{port}: {error.strerror}", EXIT_USAGE)
+
+
+def _run_node(args: argparse.Namespace, config: NodeConfig) -> int:
+    """Run the node of ``config`` until SIGINT or SIGTERM; the exit code."""
     import trio
 
     from mtor_p2p.node import Node
-
-    config = _config_from(args)
-    _setup_logging(config.log_level)
 
     async def main() -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -255,10 +372,29 @@ def _exit_for(exc: BaseException) -> int:
             print(f"mtor-peer: error: {leaf}", file=sys.stderr)
             return EXIT_USAGE
         if isinstance(leaf, OSError):
-            print(f"mtor-peer: error: {leaf.strerror or leaf}", file=sys.stderr)
+            if leaf.errno == errno.EADDRINUSE:  # taken between the probe and the bind
+                print(
+                    f"mtor-peer: error: an address is already in use ({leaf.strerror}); "
+                    "pick other ports (--listen, --lane-port, --api-port)",
+                    file=sys.stderr,
+                )
+            else:
+                print(f"mtor-peer: error: {leaf.strerror or leaf}", file=sys.stderr)
             return EXIT_FAILURE
-    logging.getLogger(__name__).error("node failed", exc_info=exc)
-    print(f"mtor-peer: error: {_leaves(exc)[0]!r}", file=sys.stderr)
+    return _unexpected(_leaves(exc)[0])
+
+
+def _unexpected(exc: BaseException) -> int:
+    """One line for an error nobody foresaw (a bug): what it was and how to see more."""
+    if os.environ.get("MTOR_DEBUG"):
+        import traceback
+
+        traceback.print_exception(exc, file=sys.stderr)
+    print(
+        f"mtor-peer: unexpected error: {type(exc).__name__}: {exc} (a bug: rerun with "
+        "MTOR_DEBUG=1 for the traceback and report it)",
+        file=sys.stderr,
+    )
     return EXIT_FAILURE
 
 
@@ -279,7 +415,16 @@ def _offline_ledger(args: argparse.Namespace) -> Iterator[tuple[Any, Any]]:
     stopped."""
     from mtor_p2p.node import open_ledger
 
-    config = _config_from(args)
+    config = _config_from(args, write=True)
+    owner = lock_owner(config.data_dir)
+    if owner is not None:
+        # A node runs but its control API did not answer: writing its stores under it would
+        # race with it.
+        raise CliError(
+            f"the node{f' (pid {owner})' if owner else ''} on {config.data_dir} runs but its "
+            "control API does not answer; try again, or stop it (mtor-peer stop)",
+            EXIT_FAILURE,
+        )
     identity = load_or_create_identity(config.data_dir)
     ledger = open_ledger(config)
     try:
@@ -326,16 +471,48 @@ def cmd_balance(args: argparse.Namespace) -> int:
 
 
 def _credits_argument(text: str) -> int:
-    """A positive amount of credits from the command line, in nano-credits."""
-    from mtor_p2p.ledger.genesis import credits_to_nano
+    """A positive, finite amount of credits from the command line, in nano-credits (exit 2
+    with one line otherwise: ``inf`` and ``nan`` are refused as what they are)."""
+    from decimal import Decimal, InvalidOperation
 
+    from mtor_p2p.ledger.genesis import MAX_AMOUNT, credits_to_nano, nano_to_credits
+
+    example = "give a number of credits like 10 or 2.5"
     try:
-        amount = credits_to_nano(text)
-    except ValueError as exc:
-        raise CliError(str(exc), EXIT_USAGE) from exc
-    if amount <= 0:
-        raise CliError("the amount must be positive", EXIT_USAGE)
-    return amount
+        value = Decimal(text.strip())
+    except InvalidOperation:
+        raise CliError(f"AMOUNT {text!r} is not a number: {example}", EXIT_USAGE) from None
+    if not value.is_finite():
+        raise CliError(f"AMOUNT must be a finite number, not {text!r}: {example}", EXIT_USAGE)
+    if value <= 0:
+        raise CliError(f"AMOUNT must be positive, not {text}: {example}", EXIT_USAGE)
+    if value > Decimal(MAX_AMOUNT) / 10**9:
+        raise CliError(
+            f"AMOUNT {text} is more than any account can hold ({nano_to_credits(MAX_AMOUNT)})",
+            EXIT_USAGE,
+        )
+    try:
+        return credits_to_nano(text.strip())
+    except ValueError as exc:  # more than 9 decimal places
+        raise CliError(f"AMOUNT {text}: {exc}", EXIT_USAGE) from None
+
+
+def _refusal_in_credits(kind: str, message: str) -> str:
+    """The ledger's refusal, with its nano-credit amounts said in credits (the unit of every
+    human-readable line; nano-credits are for --json)."""
+    import re
+
+    from mtor_p2p.ledger.genesis import nano_to_credits
+
+    message = re.sub(r"^\d{3}: ", "", message)
+    return re.sub(
+        r"(\d+) nano-credits(, cannot (?:send|stake) )?(\d+)?",
+        lambda m: (
+            f"{nano_to_credits(int(m[1]))} credits"
+            + (f", cannot {kind} {nano_to_credits(int(m[3]))}" if m[3] else "")
+        ),
+        message,
+    )
 
 
 def _debit(args: argparse.Namespace, kind: str, amount: int, to: str | None) -> dict[str, Any]:
@@ -345,8 +522,42 @@ def _debit(args: argparse.Namespace, kind: str, amount: int, to: str | None) -> 
     try:
         result = _ledger_call(args, "POST", f"/v1/ledger/{kind}", body)
     except ControlError as exc:
-        raise CliError(f"{kind} refused: {exc}") from exc
+        raise CliError(f"{kind} refused: {_refusal_in_credits(kind, str(exc))}") from exc
     return result if result is not None else _sign_offline(args, kind, amount, to)
+
+
+def _check_recipient(args: argparse.Namespace, peer: str) -> None:
+    """Refuse what is not a peer ID (exit 2); warn, on stderr, about a valid peer ID that
+    neither the ledger nor the capacity view knows: credits sent to a mistyped ID are lost."""
+    from mtor_p2p.identity import public_key_from_peer_id
+
+    try:
+        public_key_from_peer_id(peer)
+    except ValueError as exc:
+        raise CliError(
+            f"PEER {peer!r} is not a peer ID ({exc}); it starts with 12D3KooW "
+            "(see mtor-peer peers, or mtor-peer id on that peer)",
+            EXIT_USAGE,
+        ) from None
+    known: set[str] = set()
+    summary = _ledger_call(args, "GET", "/v1/ledger/balance?all=1")
+    if summary is not None:
+        known |= set(summary.get("accounts", {}))
+        try:
+            known |= {p["peer_id"] for p in _client(args).call("GET", "/v1/peers")["peers"]}
+        except (NodeNotRunning, ControlError):
+            pass
+    else:
+        from mtor_p2p.node import all_accounts
+
+        with _offline_ledger(args) as (ledger, _identity):
+            known |= set(all_accounts(ledger))
+    if peer not in known:
+        print(
+            f"mtor-peer: warning: {peer} has no account in this node's ledger and is not in "
+            "its capacity view; check the ID (credits sent to a wrong one are lost)",
+            file=sys.stderr,
+        )
 
 
 def cmd_stake(args: argparse.Namespace) -> int:
@@ -370,6 +581,7 @@ def cmd_transfer(args: argparse.Namespace) -> int:
     from mtor_p2p.ledger.genesis import nano_to_credits
 
     amount = _credits_argument(args.amount)
+    _check_recipient(args, args.peer)
     result = _debit(args, "transfer", amount, args.peer)
     if args.json:
         print(json.dumps(result, indent=2, sort_keys=True))
@@ -390,11 +602,15 @@ def _sign_offline(
     import time
 
     from mtor_p2p.ledger.entries import decode_entry, make_stake, make_transfer
+    from mtor_p2p.ledger.genesis import nano_to_credits
 
     with _offline_ledger(args) as (ledger, identity):
         balance = ledger.account(identity.peer_id)["balance"]
         if amount > balance:
-            raise CliError(f"{kind} refused: balance is {balance} nano-credits")
+            raise CliError(
+                f"{kind} refused: the balance is {nano_to_credits(balance)} credits, "
+                f"less than {nano_to_credits(amount)}"
+            )
         at, nonce = round(time.time(), 3), os.urandom(8).hex()
         if to is None:
             wire = make_stake(identity, amount, at, ledger.genesis_hash, nonce)
@@ -415,6 +631,8 @@ def _sign_offline(
 
 def cmd_ledger(args: argparse.Namespace) -> int:
     """Audit the ledger (verify) or prove that a receipt is in a checkpoint (prove)."""
+    from mtor_p2p.ledger.genesis import nano_to_credits
+
     if args.action == "verify":
         report = _ledger_call(args, "GET", "/v1/ledger/verify")
         if report is None:
@@ -425,7 +643,11 @@ def cmd_ledger(args: argparse.Namespace) -> int:
         else:
             counts = ", ".join(f"{n} {k}" for k, n in sorted(report["entries"].items()))
             print(f"entries      {counts or 'none'}: every signature re-checked")
-            print(f"supply       {report['supply']} nc, balances+stakes+burned {report['total']}")
+            c = nano_to_credits
+            print(
+                f"supply       {c(report['supply'])} credits, balances+stakes+burned "
+                f"{c(report['total'])}"
+            )
             for cp in report["checkpoints"]:
                 print(
                     f"checkpoint   epoch {cp['epoch']}{' FINAL' if cp['final'] else ''}: "
@@ -669,12 +891,19 @@ def _check_submit_inputs(args: argparse.Namespace) -> None:
                 f"{'/'.join(given)} cannot be given with --a/--b (the shapes come from the files)",
                 EXIT_USAGE,
             )
-        shapes = {}
+        shapes, dtypes = {}, {}
         for flag, path in (("--a", args.a), ("--b", args.b)):
             try:
-                shapes[flag], _dtype = npy_header(path, flag)
+                shapes[flag], dtypes[flag] = npy_header(path, flag)
             except ValueError as exc:
                 raise CliError(str(exc), EXIT_USAGE) from None
+            if dtypes[flag].kind != "f":
+                raise CliError(
+                    f"{flag} {path} holds {dtypes[flag]} values; matmul multiplies float32 or "
+                    f"float16 matrices: convert it first (numpy: np.save(path, "
+                    "a.astype(np.float32)))",
+                    EXIT_USAGE,
+                )
             if len(shapes[flag]) != 2:
                 raise CliError(
                     f"{flag} {path} holds an array of shape {shapes[flag]}, not a matrix",
@@ -694,15 +923,112 @@ def _check_submit_inputs(args: argparse.Namespace) -> None:
             raise CliError(message, EXIT_USAGE) from None
 
 
-def cmd_submit(args: argparse.Namespace) -> int:
-    """Run a matmul job through the local node and report how it went."""
+KERNEL_DTYPES = ("float32", "float16")
+
+
+def _converted_operands(
+    args: argparse.Namespace, data_dir: Path, stack: ExitStack
+) -> tuple[str, str]:
+    """The paths to send for ``--a``/``--b``: the files themselves when they hold the same
+    kernel dtype (float32 or float16), else float32 copies, with a notice on stderr (float64
+    and other float types, or float16 beside float32). The copies are private files in the
+    data directory, removed once the node has read them (``stack`` closes after the POST)."""
+    import tempfile
+
+    import numpy as np
+
+    from mtor_p2p.compute.jobs import load_npy, npy_header, save_npy
+
+    paths = {"--a": args.a, "--b": args.b}
+    dtypes = {flag: npy_header(path, flag)[1] for flag, path in paths.items()}
+    names = {str(d) for d in dtypes.values()}
+    if len(names) == 1 and names <= set(KERNEL_DTYPES):
+        return str(args.a.resolve()), str(args.b.resolve())
+    target = np.dtype("float32")
+    sent = {}
+    for flag, path in paths.items():
+        if dtypes[flag] == target:
+            sent[flag] = str(path.resolve())
+            continue
+        print(
+            f"mtor-peer: {flag} {path} is {dtypes[flag]}: sending it as float32 (kernels "
+            "compute in float32 or float16, and both operands must match)",
+            file=sys.stderr,
+        )
+        try:
+            array = load_npy(path, flag).astype(target)
+        except ValueError as exc:
+            raise CliError(str(exc), EXIT_USAGE) from None
+        fd, name = tempfile.mkstemp(dir=data_dir, prefix=".submit-", suffix=".npy")
+        os.close(fd)
+        stack.callback(Path(name).unlink, missing_ok=True)
+        save_npy(name, array)
+        sent[flag] = name
+    return sent["--a"], sent["--b"]
+
+
+def _cancel(client: ControlClient, job_id: str) -> None:
+    """Ask the node to cancel ``job_id`` (Ctrl-C on submit); say what happened."""
+    try:
+        client.call("POST", "/v1/jobs/cancel", {"id": job_id})
+    except ControlError as exc:
+        if str(exc).startswith(("404: no route", "405")):
+            message = "this node cannot cancel jobs: it runs on (see mtor-peer status)"
+        else:
+            message = f"the node did not cancel it: {exc}"
+        print(f"\nmtor-peer: interrupted; {job_id}: {message}", file=sys.stderr)
+    except NodeNotRunning:
+        print(f"\nmtor-peer: interrupted; the node no longer answers ({job_id})", file=sys.stderr)
+    else:
+        print(f"\nmtor-peer: interrupted; {job_id} cancelled", file=sys.stderr)
+
+
+def _paid_receipts(client: ControlClient, result: dict[str, Any]) -> None:
+    """Count every receipt this node paid for the job into ``result`` (``receipts``,
+    ``cost``): a redundant job pays both workers of a shard, and the job's own summary counts
+    one receipt per shard. Receipts are stored just after the result, so this waits up to 3 s
+    for them."""
     import time
 
+    me = client.call("GET", "/v1/status")["peer_id"]
+    limit = min(10_000, max(100, 4 * int(result.get("shards", 0))))
+    deadline = time.monotonic() + 3.0
+    while True:
+        receipts = [
+            r
+            for r in client.call("GET", f"/v1/receipts?limit={limit}")["receipts"]
+            if r.get("job_id") == result["job_id"] and r.get("requester") == me
+        ]
+        expected = 2 * result["shards"] if result.get("verification") == "redundant" else 0
+        if len(receipts) >= expected or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    if len(receipts) > result.get("receipts", 0):
+        result["receipts"] = len(receipts)
+        result["cost"] = round(sum(r["cost"] for r in receipts), 9)
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    """Run a matmul job through the local node and report how it went."""
     _check_submit_inputs(args)
+    config = _config_from(args)
+    client = ControlClient.for_data_dir(config.data_dir)
+    with ExitStack() as stack:
+        body = _submit_body(args, config.data_dir, stack)
+        job_id = client.call("POST", "/v1/jobs", body)["id"]
+    try:
+        return _follow_job(args, client, job_id)
+    except KeyboardInterrupt:
+        _cancel(client, job_id)
+        return EXIT_INTERRUPTED
+
+
+def _submit_body(args: argparse.Namespace, data_dir: Path, stack: ExitStack) -> dict[str, Any]:
+    """The ``POST /v1/jobs`` body for the submit flags."""
     body: dict[str, Any] = {"kernel": "matmul", "verify": args.verify, "dtype": args.dtype}
     # The node runs elsewhere: it gets absolute paths.
     if args.a:
-        body["a"], body["b"] = str(args.a.resolve()), str(args.b.resolve())
+        body["a"], body["b"] = _converted_operands(args, data_dir, stack)
     else:
         body.update(
             {name: getattr(args, name) or DEFAULT_MATMUL_SIZE for name in ("m", "n", "k")},
@@ -714,8 +1040,13 @@ def cmd_submit(args: argparse.Namespace) -> int:
         body["max_price"] = args.max_price
     if args.shards is not None:
         body["shards"] = args.shards
-    client = _client(args)
-    job_id = client.call("POST", "/v1/jobs", body)["id"]
+    return body
+
+
+def _follow_job(args: argparse.Namespace, client: ControlClient, job_id: str) -> int:
+    """Show the job's progress until it ends, then its summary."""
+    import time
+
     started = time.monotonic()
     show_progress = (not args.json and sys.stderr.isatty()) or args.progress
     while True:
@@ -737,6 +1068,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
             print(json.dumps(job))
         raise CliError(f"{job_id} failed: {job['error']}")
     result = job["result"]
+    try:
+        _paid_receipts(client, result)
+    except (NodeNotRunning, ControlError, KeyError, TypeError):
+        pass  # the job's own counts stand
     if args.json:
         print(json.dumps(result, indent=2, sort_keys=True))
         return EXIT_OK
@@ -757,7 +1092,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
         f"{result['rejected']} rejected, {result['reissued']} re-issued, "
         f"{result['hedged']} hedged, {result['fault_proofs']} fault proof(s)"
     )
-    print(f"cost       {result['cost']:.6f} credits   receipts {result['receipts']}")
+    extra = result["receipts"] - result["shards"]
+    copies = f" ({extra} for redundant copies)" if extra > 0 else ""
+    print(f"cost       {result['cost']:.6f} credits   receipts {result['receipts']}{copies}")
     if args.out:
         print(f"output     {args.out}")
     return EXIT_OK
@@ -787,13 +1124,73 @@ def cmd_receipts(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+STOP_TIMEOUT = 30.0
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs (an exited one its parent has not reaped does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive, and not ours to signal
+        return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    """Stop the node running on the data directory: through its control API
+    (``POST /v1/shutdown``), else SIGTERM to the PID in its lock file; wait until it is gone.
+    Either way the node withdraws its capacity record and closes cleanly."""
+    import time
+
+    data_dir = _config_from(args).data_dir
+    owner = lock_owner(data_dir)
+    pid = owner or None
+    try:
+        pid = pid or json.loads((data_dir / INFO_FILE_NAME).read_text()).get("pid")
+    except (OSError, ValueError, AttributeError):
+        pass
+    try:
+        ControlClient.for_data_dir(data_dir, timeout=5).call("POST", "/v1/shutdown")
+        how = "asked it through its control API"
+    except (NodeNotRunning, ControlError):
+        if not owner:  # no lock held: whatever control.json says is stale
+            raise NodeNotRunning(f"no running node found in {data_dir}") from None
+        try:
+            os.kill(owner, signal.SIGTERM)
+        except ProcessLookupError:
+            raise NodeNotRunning(f"no running node found in {data_dir}") from None
+        except PermissionError:
+            raise CliError(
+                f"the node on {data_dir} (pid {owner}) belongs to another user", EXIT_FAILURE
+            ) from None
+        how = f"sent SIGTERM to pid {owner}"
+    deadline = time.monotonic() + args.timeout
+    while time.monotonic() < deadline:
+        # The lock goes with the process; a node without one (an older version) by its PID.
+        gone = lock_owner(data_dir) is None if owner else not (pid and _pid_alive(pid))
+        if gone:
+            print(f"stopped the node on {data_dir} ({how})")
+            return EXIT_OK
+        time.sleep(0.1)
+    raise CliError(
+        f"the node on {data_dir}{f' (pid {pid})' if pid else ''} is still running "
+        f"{args.timeout:.0f} s after being asked to stop; try again, or kill it",
+        EXIT_FAILURE,
+    )
+
+
 def cmd_devnet(args: argparse.Namespace) -> int:
     """Run a local devnet of N peer processes on loopback."""
     from mtor_p2p.devnet import run_devnet
 
     return run_devnet(
         peers=args.peers,
-        base_dir=args.dir,
+        base_dir=args.data_dir,
         json_output=args.json,
         timeout=args.timeout,
         record_ttl=args.record_ttl,
@@ -833,6 +1230,44 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
+def _port(text: str) -> int:
+    """An argparse type: a TCP port, 0 (any free port) to 65535."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be 0-65535 (0: any free port), got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    """An argparse type: a finite number above 0."""
+    value = _non_negative_float(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    """An argparse type: a number from 0 to 1."""
+    value = _non_negative_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
+
+
+def _epilog() -> str:
+    import textwrap
+
+    codes = "\n".join(f"  {code:>3}  {meaning}" for code, meaning in EXIT_CODES)
+    env = textwrap.fill(ENVIRONMENT_HELP, width=88)
+    return (
+        f"Exit codes:\n{codes}\n\n{env}\n\n"
+        "Start with: mtor-peer devnet --peers 4 (a local network, no GPU needed)."
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``mtor-peer``."""
     parser = argparse.ArgumentParser(
@@ -841,8 +1276,8 @@ def build_parser() -> argparse.ArgumentParser:
             "Run a peer of the MTOR compute network: it joins the libp2p overlay, finds peers "
             "through the Kademlia DHT and gossips its signed GPU capacity."
         ),
-        epilog="Exit codes: 0 ok, 1 failure, 2 usage/config, 3 node not running, 4 ngrok, "
-        "5 devnet not converged, 6 ledger check failed. Start with: mtor-peer devnet --peers 4",
+        epilog=_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"mtor-peer {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -855,7 +1290,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "run",
         help="run a node until Ctrl-C",
-        description="Run a node until SIGINT/SIGTERM; flags override the config file.",
+        description=(
+            "Run a node until SIGINT/SIGTERM (or mtor-peer stop); flags override the "
+            "environment, which overrides the config file. The data directory is locked while "
+            "the node runs: a second node on it exits 7. A listen address this host does not "
+            "have exits 2, a port in use exits 1."
+        ),
+        epilog=ENVIRONMENT_HELP,
     )
     _add_data_dir(p)
     p.add_argument(
@@ -876,7 +1317,11 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["auto", "none"],
         help="auto: compute on the GPU CuPy can use (else NumPy); none: NumPy, advertise the CPU",
     )
-    p.add_argument("--price", type=float, help="starting asking price, credits per TFLOP delivered")
+    p.add_argument(
+        "--price",
+        type=_non_negative_float,
+        help="starting asking price, credits per TFLOP delivered",
+    )
     p.add_argument(
         "--fixed-price", action="store_true", help="keep the price fixed (no utilisation rule)"
     )
@@ -891,31 +1336,51 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="serve as a bootstrap node (higher connection limits)",
     )
-    p.add_argument("--max-connections", type=int, help="connection limit")
+    p.add_argument(
+        "--max-connections",
+        type=_positive_int(1_000_000),
+        help="connection limit, at least 1 (default 300)",
+    )
     p.add_argument(
         "--lanes",
         choices=["auto", "eager", "off"],
         help="carry requests over fast sealed TCP lanes (auto: opened on a peer's first "
         "request; eager: the first request waits for it; off: libp2p streams only)",
     )
-    p.add_argument("--lane-port", type=int, help="TCP port for lanes (0: any free port)")
-    p.add_argument("--api-port", type=int, help="control API port on 127.0.0.1 (0: any)")
+    p.add_argument("--lane-port", type=_port, help="TCP port for lanes (0: any free port)")
+    p.add_argument("--api-port", type=_port, help="control API port on 127.0.0.1 (0: any)")
     p.add_argument(
         "--metrics-listen",
         metavar="HOST:PORT",
         help="also serve Prometheus /metrics here without the control token (opt-in: they "
         "reveal the node's business; default: only at the control API, with the token)",
     )
-    p.add_argument("--record-ttl", type=float, help="capacity record lifetime in seconds")
-    p.add_argument("--announce-interval", type=float, help="seconds between capacity renewals")
+    p.add_argument("--record-ttl", type=_positive_float, help="capacity record lifetime in seconds")
+    p.add_argument(
+        "--announce-interval", type=_positive_float, help="seconds between capacity renewals"
+    )
     p.add_argument(
         "--fault-rate",
-        type=float,
+        type=_fraction,
         help="testing only: return wrong results for this fraction of shards",
     )
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     p.add_argument("--json", action="store_true", help="print one JSON line when ready")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser(
+        "stop",
+        help="stop the node running on the data directory",
+        description=cmd_stop.__doc__,
+    )
+    _add_data_dir(p)
+    p.add_argument(
+        "--timeout",
+        type=_positive_float,
+        default=STOP_TIMEOUT,
+        help=f"seconds to wait for it to stop (default {STOP_TIMEOUT:.0f})",
+    )
+    p.set_defaults(func=cmd_stop)
 
     p = sub.add_parser(
         "status", help="show the running node's status", description=cmd_status.__doc__
@@ -927,10 +1392,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("peers", help="show the capacity view", description=cmd_peers.__doc__)
     _add_data_dir(p)
     p.add_argument(
-        "--min-mem-gib", type=float, help="only peers with at least this much free memory"
+        "--min-mem-gib",
+        type=_non_negative_float,
+        help="only peers with at least this much free memory",
     )
-    p.add_argument("--min-tflops", type=float, help="only peers at least this fast")
-    p.add_argument("--max-price", type=float, help="only peers at most this expensive")
+    p.add_argument("--min-tflops", type=_non_negative_float, help="only peers at least this fast")
+    p.add_argument(
+        "--max-price", type=_non_negative_float, help="only peers at most this expensive"
+    )
     p.add_argument("--region", help="only peers in this region")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_peers)
@@ -999,7 +1468,12 @@ def build_parser() -> argparse.ArgumentParser:
         "receipts", help="list contribution receipts", description=cmd_receipts.__doc__
     )
     _add_data_dir(p)
-    p.add_argument("--limit", type=int, default=100, help="at most this many, newest first")
+    p.add_argument(
+        "--limit",
+        type=_positive_int(10_000),
+        default=100,
+        help="at most this many, newest first",
+    )
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_receipts)
 
@@ -1071,20 +1545,34 @@ def build_parser() -> argparse.ArgumentParser:
             "Needs no GPU, no ngrok account and no internet."
         ),
     )
-    p.add_argument("--peers", type=int, default=4, help="number of peers (default 4)")
     p.add_argument(
+        "--peers", type=_positive_int(200), default=4, help="number of peers, 1-200 (default 4)"
+    )
+    p.add_argument(
+        "--data-dir",
         "--dir",
+        dest="data_dir",
         type=_path,
-        help="keep the peers' data directories here (default: a temporary directory)",
+        help="keep the peers' data directories here, as peer-0, peer-1, ... (default: a "
+        "temporary directory, removed at the end); --dir is the older name",
     )
     p.add_argument(
-        "--timeout", type=float, default=120.0, help="seconds to wait for convergence (default 120)"
+        "--timeout",
+        type=_positive_float,
+        default=120.0,
+        help="seconds to wait for convergence (default 120)",
     )
     p.add_argument(
-        "--record-ttl", type=float, default=30.0, help="capacity record lifetime (default 30 s)"
+        "--record-ttl",
+        type=_positive_float,
+        default=30.0,
+        help="capacity record lifetime (default 30 s)",
     )
     p.add_argument(
-        "--announce-interval", type=float, default=5.0, help="renewal interval (default 5 s)"
+        "--announce-interval",
+        type=_positive_float,
+        default=5.0,
+        help="renewal interval (default 5 s)",
     )
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     p.add_argument(
@@ -1101,7 +1589,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (ConfigError, IdentityError, LedgerError, RecordError) as exc:
+    except DataDirInUse as exc:
+        print(f"mtor-peer: {exc}", file=sys.stderr)
+        return EXIT_IN_USE
+    except (ConfigError, IdentityError, LedgerError, RecordError, DataDirError) as exc:
         print(f"mtor-peer: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except NodeNotRunning as exc:
@@ -1114,7 +1605,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mtor-peer: {exc}", file=sys.stderr)
         return exc.code
     except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:  # `mtor-peer peers | head`: the reader left; nothing to say
         return EXIT_OK
+    except OSError as exc:  # a file or directory the command needed
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"mtor-peer: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return EXIT_FAILURE
+    except Exception as exc:
+        return _unexpected(exc)
 
 
 if __name__ == "__main__":

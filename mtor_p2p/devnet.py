@@ -4,6 +4,10 @@ Peer 0 starts first and every other peer bootstraps from it; the peers then find
 through gossip, the DHT and the addresses in capacity records. The devnet is ready when every
 peer's capacity view holds every peer's record. It needs no GPU, no ngrok account and no
 internet, and is the README's first command.
+
+A peer that exits while the devnet runs is reported once, with its exit status, and restarted
+on its data directory (same identity, bootstrapping from a live peer), up to
+``MAX_RESTARTS`` times; a peer that keeps exiting stops the devnet with exit 1.
 """
 
 from __future__ import annotations
@@ -44,6 +48,8 @@ START_TIMEOUT = 60.0
 STOP_TIMEOUT = 10.0
 #: Credits each devnet peer starts with, so that it can pay for jobs and stake.
 DEVNET_ALLOCATION = 1000
+#: Restarts of one peer before the devnet gives up on it and stops.
+MAX_RESTARTS = 3
 
 
 @dataclass
@@ -91,10 +97,31 @@ class Devnet:
         return path
 
     def start_peer(self, index: int, bootstrap: str | None) -> DevnetPeer:
-        """Start peer ``index`` and wait until its control API is up."""
+        """Start peer ``index`` (:meth:`wait_started` waits for its control API)."""
+        process, data_dir, region = self._spawn(index, bootstrap)
+        self.processes.append(process)
+        peer = DevnetPeer(index=index, data_dir=str(data_dir), pid=process.pid, region=region)
+        self.peers.append(peer)
+        return peer
+
+    def restart_peer(self, index: int) -> None:
+        """Start peer ``index`` again on its data directory, bootstrapping from a live peer."""
+        live = [
+            p.addrs[0]
+            for p, process in zip(self.peers, self.processes, strict=True)
+            if p.index != index and p.addrs and process.poll() is None
+        ]
+        process, _data_dir, _region = self._spawn(index, live[0] if live else None)
+        self.processes[index] = process
+        self.peers[index].pid = process.pid
+
+    def _spawn(
+        self, index: int, bootstrap: str | None
+    ) -> tuple[subprocess.Popen[bytes], Path, str]:
         # A data directory is 0700 and its files 0600 from the start (the node would tighten
         # them, with a warning, otherwise).
         data_dir = private_dir(self.base_dir / f"peer-{index}")
+        # Stale after a crash (the node removes it when it stops cleanly).
         (data_dir / INFO_FILE_NAME).unlink(missing_ok=True)
         region = REGIONS[index % len(REGIONS)]
         command = [
@@ -117,10 +144,7 @@ class Devnet:
             start_new_session=True,  # Ctrl-C reaches the devnet, which then stops peers in order
         )  # fmt: skip
         log.close()
-        self.processes.append(process)
-        peer = DevnetPeer(index=index, data_dir=str(data_dir), pid=process.pid, region=region)
-        self.peers.append(peer)
-        return peer
+        return process, data_dir, region
 
     def wait_started(self, peer: DevnetPeer, deadline: float) -> None:
         """Block until ``peer`` has written its control file and answers."""
@@ -183,6 +207,17 @@ def open_private_log(path: Path) -> Any:
     except BaseException:
         os.close(fd)
         raise
+
+
+def describe_exit(returncode: int) -> str:
+    """A process's exit status as people read it: ``exit code 1``, ``killed by SIGKILL``."""
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        return f"{returncode}: killed by {name}"
+    return f"exit code {returncode}"
 
 
 def _progress(message: str) -> None:
@@ -269,17 +304,31 @@ def run_devnet(
             print(f"audit:           mtor-peer ledger verify --data-dir {data_dir}")
             print("                 (from a checkout: ./mtor peers ..., ./mtor submit ...)")
             print("Ctrl-C stops every peer", flush=True)
-        reported: set[int] = set()  # peers whose exit was reported (once each)
+        restarts = dict.fromkeys(range(peers), 0)
         while not stop_requested:
             for peer, process in zip(devnet.peers, devnet.processes, strict=True):
-                if peer.index not in reported and process.poll() is not None:
-                    reported.add(peer.index)
+                if process.poll() is None:
+                    continue
+                # Each exit is said once: the process is replaced (or the devnet stops).
+                why = describe_exit(process.returncode)
+                log_path = f"{peer.data_dir}/peer.log"
+                if restarts[peer.index] >= MAX_RESTARTS:
                     print(
-                        f"mtor-peer: devnet peer {peer.index} exited ({process.returncode}); "
-                        f"see {peer.data_dir}/peer.log",
+                        f"mtor-peer: devnet peer {peer.index} exited ({why}) after "
+                        f"{MAX_RESTARTS} restarts; stopping the devnet (see {log_path})",
                         file=sys.stderr,
                         flush=True,
                     )
+                    code = EXIT_FAILURE  # the finally stops the rest and keeps the logs
+                    return code
+                restarts[peer.index] += 1
+                print(
+                    f"mtor-peer: devnet peer {peer.index} exited ({why}); restarting it "
+                    f"(restart {restarts[peer.index]} of {MAX_RESTARTS}; see {log_path})",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                devnet.restart_peer(peer.index)
             time.sleep(0.2)
     except (RuntimeError, TimeoutError, OSError) as exc:
         print(f"\nmtor-peer: devnet failed: {exc}", file=sys.stderr)

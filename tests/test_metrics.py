@@ -4,6 +4,7 @@ read over HTTP and parsed with prometheus-client's own parser (issue 11, item 4)
 from __future__ import annotations
 
 import json
+import re
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator
@@ -18,6 +19,8 @@ from mtor_p2p.config import NodeConfig
 from mtor_p2p.control import INFO_FILE_NAME, TOKEN_FILE_NAME
 from mtor_p2p.metrics import LatencyBuckets
 from mtor_p2p.node import Node
+
+GRAFANA_DASHBOARD = Path(__file__).resolve().parent.parent / "bootstrap" / "grafana-mtor.json"
 
 
 def node_config(root: Path, index: int, bootstrap: list[str], **changes: object) -> NodeConfig:
@@ -106,6 +109,16 @@ async def scrape(node: Node) -> dict[tuple[str, tuple[tuple[str, str], ...]], fl
     return samples(body)
 
 
+def dashboard_metrics() -> set[str]:
+    """The metric names bootstrap/grafana-mtor.json queries."""
+    dashboard = json.loads(GRAFANA_DASHBOARD.read_text())
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    exprs += [v["definition"] for v in dashboard["templating"]["list"]]
+    names = {n for expr in exprs for n in re.findall(r"\b((?:mtor|process)_[a-z_]+)", expr)}
+    assert len(names) > 30
+    return names
+
+
 def value(metrics: dict, metric: str, /, **labels: str) -> float:
     return metrics[(metric, tuple(sorted(labels.items())))]
 
@@ -136,6 +149,10 @@ async def test_metrics_count_a_job_on_both_sides(tmp_path: Path) -> None:
         assert value(asked, "mtor_verification_failures_total") == 0
         assert value(asked, "mtor_fault_proofs_total") == 0
         assert value(asked, "mtor_credits_balance") < value(served, "mtor_credits_balance")
+
+        # Every series the shipped Grafana dashboard draws exists.
+        names = {name for name, _labels in served} | {name for name, _labels in asked}
+        assert dashboard_metrics() - names == set()
 
         for metrics, node in ((served, worker), (asked, requester)):
             assert value(metrics, "mtor_view_peers") == 2

@@ -210,6 +210,9 @@ def _config_from(args: argparse.Namespace, *, write: bool = False) -> NodeConfig
         "fault_rate",
         "lanes",
         "lane_port",
+        "relay",
+        "relays_wanted",
+        "relay_max_reservations",
     ):
         value = getattr(args, name, None)
         if value is not None:
@@ -222,6 +225,10 @@ def _config_from(args: argparse.Namespace, *, write: bool = False) -> NodeConfig
         config.use_default_bootstrap = False
     if getattr(args, "bootstrap_node", False):
         config.bootstrap_node = True
+    if getattr(args, "nat", None) is not None:
+        config.nat = args.nat == "on"
+    if getattr(args, "announce", None):
+        config.announce = config.announce + args.announce
     if getattr(args, "ngrok", False):
         config.ngrok.enabled = True
     if getattr(args, "genesis", None) is not None:
@@ -708,6 +715,30 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _reachability_line(nat: dict[str, Any]) -> str:
+    """``reachability public|private via relays R1, R2|unknown; NAT ...; punches ...``."""
+    nat_words = {
+        "none": "no NAT",
+        "port-preserving": "NAT keeps ports (hole punching can work)",
+        "port-changing": "NAT changes ports per destination (hole punching cannot work)",
+        "unknown": "NAT behaviour unknown",
+    }
+    state = nat.get("reachability", "unknown")
+    relays = [r.get("relay", "")[-8:] for r in nat.get("relays") or []]
+    if state == "private":
+        head = "private via relays " + ", ".join(relays) if relays else "private, no relay yet"
+    else:
+        head = state
+    punches = nat.get("hole_punches") or []
+    direct = sum(1 for p in punches if p.get("direct"))
+    tail = f"; hole punches {direct}/{len(punches)} direct" if punches else ""
+    relay = "; serving as a relay" if nat.get("relay_service") else ""
+    return (
+        f"reachable  {head} ({nat.get('reason', '')}); "
+        f"{nat_words.get(nat.get('nat', 'unknown'), nat.get('nat'))}{relay}{tail}"
+    )
+
+
 def _status_guard_lines(status: dict[str, Any]) -> list[str]:
     """One line each for the peer book, the host's guards, the mesh, the control API and the
     worker (``--json`` has every counter); a part the node does not report is left out."""
@@ -731,6 +762,9 @@ def _status_guard_lines(status: dict[str, Any]) -> list[str]:
             f"{guards.get('requests_cut_slow', 0)} cut slow, "
             f"{guards.get('handler_errors', 0)} handler errors"
         )
+    nat = status.get("reachability")
+    if nat:
+        lines.append(_reachability_line(nat))
     if guards and status.get("lane_port") is not None:
         lines.append(
             f"lanes      port {status['lane_port']}; open {guards.get('lanes_open_out', 0)} out, "
@@ -1348,6 +1382,34 @@ def build_parser() -> argparse.ArgumentParser:
         "request; eager: the first request waits for it; off: libp2p streams only)",
     )
     p.add_argument("--lane-port", type=_port, help="TCP port for lanes (0: any free port)")
+    p.add_argument(
+        "--nat",
+        choices=["on", "off"],
+        help="NAT traversal: reachability checks, circuit relays, hole punching (default on)",
+    )
+    p.add_argument(
+        "--relay",
+        choices=["auto", "on", "off"],
+        help="serve as a circuit relay for private peers (auto: once found publicly "
+        "reachable, or with --bootstrap-node)",
+    )
+    p.add_argument(
+        "--relays-wanted",
+        type=int,
+        help="relays to reserve on while not publicly reachable (default 2; 0: none)",
+    )
+    p.add_argument(
+        "--relay-max-reservations",
+        type=int,
+        help="as a relay: peers that may hold a reservation at once (default 128)",
+    )
+    p.add_argument(
+        "--announce",
+        action="append",
+        metavar="MULTIADDR",
+        help="also advertise this address, e.g. a router's port forward: /ip4/IP/tcp/PORT "
+        "(repeatable)",
+    )
     p.add_argument("--api-port", type=_port, help="control API port on 127.0.0.1 (0: any)")
     p.add_argument(
         "--metrics-listen",

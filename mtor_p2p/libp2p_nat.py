@@ -404,11 +404,31 @@ class NatTraversal:
         return "direct" if _has_direct(conns) else "relayed"
 
     async def wait_direct(self, peer_id: str, timeout: float) -> bool:
-        """Wait up to ``timeout`` for a direct connection to ``peer_id``."""
+        """Wait up to ``timeout`` for a direct connection to ``peer_id``, dialling its
+        direct addresses meanwhile (a tunnel or port forward it announced works even when
+        hole punching cannot, and only the punching side tries them by itself)."""
         with trio.move_on_after(timeout):
-            while self.relay_only(peer_id):  # noqa: ASYNC110 (py-libp2p has no event for it)
-                await trio.sleep(0.05)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._dial_direct, peer_id)
+                while self.relay_only(peer_id):  # noqa: ASYNC110 (py-libp2p has no event)
+                    await trio.sleep(0.05)
+                nursery.cancel_scope.cancel()
         return not self.relay_only(peer_id)
+
+    async def _dial_direct(self, peer_id: str) -> None:
+        pid = ID.from_base58(peer_id)
+        addrs = [a for a in self._host.get_peerstore().addrs(pid) if "/p2p-circuit" not in str(a)]
+
+        async def dial(addr: multiaddr.Multiaddr) -> None:
+            try:
+                with trio.fail_after(DIRECT_WAIT_S):
+                    await self._host.get_network().dial_addr(addr, pid)
+            except Exception as exc:  # unreachable addresses are the expected case
+                log.debug("direct dial %s to %s failed: %s", addr, peer_id, exc)
+
+        async with trio.open_nursery() as nursery:
+            for addr in addrs[:8]:
+                nursery.start_soon(dial, addr)
 
     async def dial_circuit(self, addr: multiaddr.Multiaddr) -> None:
         """Connect through the relay named in a ``/p2p-circuit`` address (pitfall 2: the

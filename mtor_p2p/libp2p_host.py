@@ -558,6 +558,12 @@ class Libp2pNetwork:
         if bare not in self._settings.announce_addrs:
             self._settings.announce_addrs.append(bare)
 
+    def remove_announce_addr(self, addr: str) -> None:
+        """Stop advertising ``addr`` (a tunnel that was closed)."""
+        bare = addr.split("/p2p/")[0]
+        if bare in self._settings.announce_addrs:
+            self._settings.announce_addrs.remove(bare)
+
     def connected_peers(self) -> list[str]:
         """Peer IDs with an open connection."""
         return [str(p) for p in self._host.get_connected_peers()]

@@ -149,6 +149,19 @@ class DialbackAnswer:
     local: tuple[str, int] | None
 
 
+def tunnel_needed(reachability: dict[str, Any] | None) -> bool:
+    """Whether a node that has an ngrok tunnel still needs it (the bootstrap of last
+    resort), from :meth:`NatTraversal.status`: not when it is publicly reachable, nor when
+    it holds a relay reservation and its NAT lets hole punching work (peers then reach it
+    through the relay and punch to a direct connection)."""
+    if reachability is None:
+        return True
+    if reachability.get("reachability") == "public":
+        return False
+    has_relay = bool(reachability.get("relays"))
+    return not has_relay or reachability.get("nat") == "port-changing"
+
+
 class _Relay(CircuitV2Protocol):
     """py-libp2p's relay with one fix: a reservation is always for the peer that asks for
     it (the library takes the peer named in the message, so anyone could reserve slots in

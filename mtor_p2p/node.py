@@ -64,6 +64,10 @@ PEER_BOOK_FILE_NAME = "peers.sqlite"
 #: On a clean exit, how long the node waits for receipts still settling (stored, entered into
 #: the ledger) before it stops.
 SETTLE_ON_EXIT_SECONDS = 5.0
+#: How often a node with an ngrok tunnel checks whether it still needs it, and how long it
+#: must be unneeded before it is closed (hysteresis: reachability answers can flap).
+TUNNEL_CHECK_SECONDS = 10.0
+TUNNEL_IDLE_SECONDS = 60.0
 #: Keep dialing peers from the capacity view until this many connections are open, so the
 #: overlay does not hang off the bootstrap peers alone.
 TARGET_CONNECTIONS = 8
@@ -389,8 +393,11 @@ class Node:
             try:
                 if config.ngrok.enabled:
                     tunnels = await node._open_tunnel(network)
-                async with node.running(probe=True, control=True):
+                async with node.running(probe=True, control=True), trio.open_nursery() as extra:
+                    if tunnels is not None:
+                        extra.start_soon(node._tunnel_keeper, tunnels, network)
                     yield node
+                    extra.cancel_scope.cancel()
             finally:
                 node.receipts.close()
                 if tunnels is not None:
@@ -459,6 +466,41 @@ class Node:
         self.tunnel_url = tunnel.public_url
         network.add_announce_addr(tunnel.multiaddr(self.peer_id))
         return manager
+
+    async def _tunnel_keeper(self, manager: Any, network: Any) -> None:
+        """ngrok is the bootstrap of last resort: close the tunnel once NAT traversal makes
+        it unneeded for a while (public, or a relay and a NAT that hole punching gets
+        through), open it again when it is needed again (libp2p_nat.tunnel_needed)."""
+        from mtor_p2p.libp2p_nat import tunnel_needed
+
+        unneeded_since: float | None = None
+        while True:
+            await trio.sleep(TUNNEL_CHECK_SECONDS)
+            needed = tunnel_needed(self.reachability())
+            now = self.clock.now()
+            if needed or self.tunnel_url is None:
+                unneeded_since = None
+            if self.tunnel_url is not None and not needed:
+                unneeded_since = unneeded_since if unneeded_since is not None else now
+                if now - unneeded_since >= TUNNEL_IDLE_SECONDS:
+                    log.info("ngrok tunnel %s no longer needed: closing it", self.tunnel_url)
+                    for tunnel in manager.tunnels:
+                        network.remove_announce_addr(tunnel.multiaddr(self.peer_id))
+                    await self.runtime.run_blocking(manager.close)
+                    self.tunnel_url = None
+                    self.capacity.request_announce()
+            elif self.tunnel_url is None and needed:
+                log.info("no relay or direct reachability: opening the ngrok tunnel again")
+                try:
+                    tunnel = await self.runtime.run_blocking(
+                        manager.open_tcp, network.listen_ports()[0]
+                    )
+                except Exception as exc:  # the agent may be unreachable now: try later
+                    log.warning("ngrok tunnel could not be opened again: %s", exc)
+                    continue
+                self.tunnel_url = tunnel.public_url
+                network.add_announce_addr(tunnel.multiaddr(self.peer_id))
+                self.capacity.request_announce()
 
     async def _mesh_loop(self) -> None:
         """Keep TARGET_CONNECTIONS open: re-dial known peers, peers from capacity records and

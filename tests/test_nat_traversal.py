@@ -227,3 +227,84 @@ async def test_the_probe_tells_a_libp2p_listener_from_other_things() -> None:
     port = closed.getsockname()[1]
     closed.close()
     assert (await probe_libp2p_listener("127.0.0.1", port)).startswith("refused")
+
+
+def test_the_tunnel_is_needed_only_without_a_better_way_in() -> None:
+    from mtor_p2p.libp2p_nat import tunnel_needed
+
+    relay = [{"relay": "R", "addrs": []}]
+    assert tunnel_needed(None)
+    assert tunnel_needed({"reachability": "unknown", "relays": [], "nat": "unknown"})
+    assert not tunnel_needed({"reachability": "public", "relays": [], "nat": "none"})
+    assert not tunnel_needed({"reachability": "private", "relays": relay, "nat": "port-preserving"})
+    # Punching cannot get through a NAT that changes ports: bulk traffic needs the tunnel.
+    assert tunnel_needed({"reachability": "private", "relays": relay, "nat": "port-changing"})
+
+
+class _RecordingTunnels:
+    """Stands in for NgrokTunnelManager (the ngrok service cannot be reached from tests):
+    records what the node asks of it."""
+
+    def __init__(self) -> None:
+        from mtor_p2p.ngrok_tunnel import Tunnel
+
+        self.calls: list[str] = []
+        self._tunnel = Tunnel.from_public_url("tcp://0.tcp.ngrok.io:12345")
+        self.tunnels: tuple[object, ...] = (self._tunnel,)
+
+    def close(self) -> None:
+        self.calls.append("close")
+        self.tunnels = ()
+
+    def open_tcp(self, port: int) -> object:
+        self.calls.append(f"open {port}")
+        self.tunnels = (self._tunnel,)
+        return self._tunnel
+
+
+class _AnnouncingNetwork:
+    def __init__(self) -> None:
+        self.announced: list[str] = []
+
+    def listen_ports(self) -> list[int]:
+        return [4001]
+
+    def add_announce_addr(self, addr: str) -> None:
+        self.announced.append(addr)
+
+    def remove_announce_addr(self, addr: str) -> None:
+        self.announced.remove(addr)
+
+
+async def test_the_tunnel_closes_when_unneeded_and_opens_again_when_needed(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    from mtor_p2p.node import TUNNEL_CHECK_SECONDS, TUNNEL_IDLE_SECONDS
+    from tests.test_virtual_time import cluster
+
+    async with cluster(["node", "other"]) as c:
+        node = await c.start("node", "WEU")
+        tunnels, network = _RecordingTunnels(), _AnnouncingNetwork()
+        url = tunnels.tunnels[0].public_url  # type: ignore[attr-defined]
+        node.tunnel_url = url
+        network.add_announce_addr(tunnels.tunnels[0].multiaddr(node.peer_id))  # type: ignore[attr-defined]
+        state = {"reachability": "unknown", "relays": [], "nat": "unknown"}
+        node.reachability = lambda: state  # type: ignore[method-assign]
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(node._tunnel_keeper, tunnels, network)
+            await trio.sleep(5 * TUNNEL_CHECK_SECONDS)
+            assert tunnels.calls == []  # needed: kept open
+            state = {"reachability": "public", "relays": [], "nat": "none"}
+            began = trio.current_time()
+            while node.tunnel_url is not None:
+                await trio.sleep(1.0)
+            # Closed only after it stayed unneeded for TUNNEL_IDLE_SECONDS (hysteresis).
+            assert TUNNEL_IDLE_SECONDS <= trio.current_time() - began
+            assert trio.current_time() - began <= TUNNEL_IDLE_SECONDS + 2 * TUNNEL_CHECK_SECONDS
+            assert tunnels.calls == ["close"] and network.announced == []
+            state = {"reachability": "private", "relays": [], "nat": "port-changing"}
+            while node.tunnel_url is None:
+                await trio.sleep(1.0)
+            assert tunnels.calls == ["close", "open 4001"]
+            assert node.tunnel_url == url and len(network.announced) == 1
+            nursery.cancel_scope.cancel()

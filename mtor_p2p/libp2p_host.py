@@ -465,14 +465,17 @@ class Libp2pNetwork:
                         bootstrap_peers=lambda: list(settings.bootstrap_peer_ids),
                         circuit_addrs=circuit_addrs,
                     ).running()
-                async with nat as network.nat:
-                    try:
+                try:
+                    # NAT traversal stops before the nursery is cancelled: its clean-up
+                    # awaits, and a Cancelled there would replace the exception leaving the
+                    # body (the caller would see its error vanish).
+                    async with nat as network.nat:
                         yield network
-                    finally:
-                        nursery.cancel_scope.cancel()
-                        for channels in network._subscriptions.values():
-                            for channel in channels:
-                                channel.close()
+                finally:
+                    nursery.cancel_scope.cancel()
+                    for channels in network._subscriptions.values():
+                        for channel in channels:
+                            channel.close()
 
     async def _start_lanes(self, nursery: trio.Nursery, listen: list[multiaddr.Multiaddr]) -> None:
         """Listen for lanes on the IP addresses the host listens on, and serve tickets."""

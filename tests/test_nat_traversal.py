@@ -97,6 +97,13 @@ async def test_bulk_requests_never_cross_a_relay() -> None:
         await dialer.connect(private.nat.circuit_addrs()[0])
         assert dialer.nat.connection_kind(private.peer_id) == "relayed"
 
+        # On loopback every address answers: keep the dialer from dialling the private
+        # peer's direct addresses (what a NAT does; tests/test_nat_peers.py has real ones).
+        async def no_direct_dial(peer_id: str) -> None:
+            await trio.sleep_forever()
+
+        dialer.nat._dial_direct = no_direct_dial  # type: ignore[method-assign]
+
         small = b"s" * 1000
         assert await dialer.request(private.peer_id, "/echo", small) == small
         began = trio.current_time()
@@ -308,3 +315,20 @@ async def test_the_tunnel_closes_when_unneeded_and_opens_again_when_needed(
             assert tunnels.calls == ["close", "open 4001"]
             assert node.tunnel_url == url and len(network.announced) == 1
             nursery.cancel_scope.cancel()
+
+
+async def test_an_error_in_the_body_leaves_a_host_with_nat_traversal() -> None:
+    """Regression: NAT traversal's clean-up ran after the host's nursery was cancelled, and
+    the Cancelled it met replaced the body's exception (`run --ngrok` without a token then
+    failed with "generator didn't yield" instead of the token's error)."""
+
+    class Boom(Exception):
+        pass
+
+    with pytest.raises(BaseException) as caught:
+        async with host(hole_punching=True, relays_wanted=2):
+            raise Boom("from the body")
+    leaves = [caught.value]
+    while leaves and isinstance(leaves[0], BaseExceptionGroup):
+        leaves = list(leaves[0].exceptions) + leaves[1:]
+    assert any(isinstance(leaf, Boom) for leaf in leaves), caught.value

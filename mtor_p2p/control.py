@@ -83,6 +83,61 @@ _BUSY_REPLY = (
     b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
     b'Content-Length: 29\r\nConnection: close\r\n\r\n{"error": "control API busy"}'
 )
+#: The answer to a connection whose head passes the bound before it ends (see _read_head).
+_HEAD_TOO_LARGE_REPLY = (
+    b"HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Type: application/json\r\n"
+    b'Content-Length: 35\r\nConnection: close\r\n\r\n{"error": "request head too large"}'
+)
+
+
+async def _read_head(stream: trio.SocketStream) -> bytes | None:
+    """The bytes received up to the end of the request head (``\\r\\n\\r\\n``, perhaps
+    with some of the body): hypercorn gets a connection only once its head has arrived, so a
+    flood of connections that never finish theirs costs a read each, not an HTTP server's
+    set-up. None: the client closed first; b"": the head passed its bound. Nothing is parsed
+    here: hypercorn reads these bytes again (:class:`_Replayed`)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = await stream.receive_some(4096)
+        if not chunk:
+            return None
+        data += chunk
+        if len(data) > _MAX_HEAD_BYTES and b"\r\n\r\n" not in data:
+            return b""
+    return data
+
+
+class _Replayed(trio.abc.HalfCloseableStream):
+    """A connection whose first bytes, already read by :func:`_read_head`, are received again."""
+
+    def __init__(self, stream: trio.SocketStream, first: bytes) -> None:
+        self._stream = stream
+        self._first = first
+        #: hypercorn reads the peer's and our address from it.
+        self.socket = stream.socket
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        """The replayed bytes first, then the connection's."""
+        if self._first:
+            data, self._first = self._first, b""
+            return data
+        return await self._stream.receive_some(max_bytes)
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        """Send on the connection."""
+        await self._stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        """As the connection's."""
+        await self._stream.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        """Shut the connection's sending side."""
+        await self._stream.send_eof()
+
+    async def aclose(self) -> None:
+        """Close the connection."""
+        await self._stream.aclose()
 
 
 class NodeNotRunning(Exception):
@@ -276,14 +331,26 @@ class ControlServer:
             self._connections[key] = connection
             self._reading[key] = connection
             stats.open += 1
+            head: bytes | None = None
             try:
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._watchdog, stream, now)
                     with connection.scope:
-                        await TCPServer(
-                            self._app, self._config, self._context, ConnectionState({}), stream
-                        )
+                        head = await _read_head(stream)
+                        if head:
+                            # The watchdog runs outside the connection's scope: it must
+                            # outlive that scope's cancellation to end a shielded write.
+                            nursery.start_soon(self._watchdog, stream, now)
+                            await TCPServer(
+                                self._app,
+                                self._config,
+                                self._context,
+                                ConnectionState({}),
+                                _Replayed(stream, head),
+                            )
                     nursery.cancel_scope.cancel()
+                if head == b"" and not connection.scope.cancelled_caught:
+                    with trio.move_on_after(1):
+                        await stream.send_all(_HEAD_TOO_LARGE_REPLY)
             finally:
                 stats.open -= 1
                 self._connections.pop(key, None)
@@ -297,7 +364,7 @@ class ControlServer:
         finally:
             await stream.aclose()
 
-    async def _watchdog(self, stream: trio.SocketStream, started: float) -> None:
+    async def _watchdog(self, stream: trio.abc.Stream, started: float) -> None:
         # hypercorn writes answers in a shielded scope: a client that does not read would hold
         # the connection past any cancellation. Closing the socket ends that write.
         await trio.sleep_until(started + _CONNECTION_DEADLINE + _CLOSE_GRACE)

@@ -206,8 +206,8 @@ class _HolePuncher(DCUtRProtocol):
                         while not _has_direct(connections.get(peer_id)):  # noqa: ASYNC110
                             await trio.sleep(0.1)
                     ok = _has_direct(connections.get(peer_id))
-                if ok or self._hole_punch_attempts.get(peer_id, 0) >= 3:
-                    self._on_result(str(peer_id), ok, trio.current_time() - seen)
+                # Every attempt is reported (a later success replaces an earlier failure).
+                self._on_result(str(peer_id), ok, trio.current_time() - seen)
 
     def _schedule_relay_close(self, peer_id: ID) -> None:
         if self._nursery is not None:
@@ -490,7 +490,7 @@ class NatTraversal:
                 if self.nat == "port-changing"
                 else ""
             )
-            log.warning("hole punch to %s failed: staying relayed%s", peer, why)
+            log.info("hole punch to %s failed: relayed for now%s", peer, why)
 
     # -- reachability --------------------------------------------------------------------
 

@@ -180,8 +180,11 @@ def test_port_preserving_nats_relay_punch_limit_and_relay_restart(
     # (a) b reaches a through the relay (or the other way round), the side that accepted
     # the relayed connection punches, and they end up directly connected.
     punch = peers.wait_for(
-        "a hole punch between a and b",
-        lambda: peers.punch_to("a", "b") or peers.punch_to("b", "a"),
+        "a direct connection between a and b",
+        lambda: next(
+            (p for p in (peers.punch_to("a", "b"), peers.punch_to("b", "a")) if p and p["direct"]),
+            None,
+        ),
         timeout=90,
     )
     assert punch["direct"] is True, punch

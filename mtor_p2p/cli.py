@@ -733,9 +733,15 @@ def _reachability_line(nat: dict[str, Any]) -> str:
     direct = sum(1 for p in punches if p.get("direct"))
     tail = f"; hole punches {direct}/{len(punches)} direct" if punches else ""
     relay = "; serving as a relay" if nat.get("relay_service") else ""
+    kinds = list((nat.get("connections") or {}).values())
+    links = (
+        f"; connections {kinds.count('direct')} direct, {kinds.count('relayed')} relayed"
+        if kinds
+        else ""
+    )
     return (
         f"reachable  {head} ({nat.get('reason', '')}); "
-        f"{nat_words.get(nat.get('nat', 'unknown'), nat.get('nat'))}{relay}{tail}"
+        f"{nat_words.get(nat.get('nat', 'unknown'), nat.get('nat'))}{relay}{links}{tail}"
     )
 
 

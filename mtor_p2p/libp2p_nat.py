@@ -416,6 +416,14 @@ class NatTraversal:
             return "none"
         return "direct" if _has_direct(conns) else "relayed"
 
+    def connection_kinds(self, limit: int = 64) -> dict[str, str]:
+        """peer -> "direct" or "relayed", for (at most ``limit``) connected peers."""
+        kinds = {}
+        for peer_id, conns in list(self._host.get_network().connections.items())[:limit]:
+            if _conn_list(conns):
+                kinds[str(peer_id)] = "direct" if _has_direct(conns) else "relayed"
+        return kinds
+
     async def wait_direct(self, peer_id: str, timeout: float) -> bool:
         """Wait up to ``timeout`` for a direct connection to ``peer_id``, dialling its
         direct addresses meanwhile (a tunnel or port forward it announced works even when
@@ -472,6 +480,7 @@ class NatTraversal:
             ],
             "relay_refusals": dict(self.relay_refusals),
             "relay_service": self.hop_enabled,
+            "connections": self.connection_kinds(),
             "hole_punches": [
                 {"peer": p, "direct": ok, "seconds": round(s, 3)}
                 for p, (ok, s, _) in sorted(self.punches.items(), key=lambda i: -i[1][2])[:16]

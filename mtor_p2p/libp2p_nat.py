@@ -27,9 +27,11 @@ requests go over whatever connection exists, and ``status`` reports what this mo
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
@@ -64,6 +66,14 @@ DIALBACK_MAX_REQUEST_BYTES = 2048
 DIALBACK_MAX_REPLY_BYTES = 4096
 #: How long a helper waits for the requester's listener to answer.
 DIALBACK_TIMEOUT_S = 3.0
+#: A helper serves one peer's dial-back at most this often, and this many peers' at once:
+#: each request costs it up to DIALBACK_MAX_ADDRS outbound connection attempts.
+DIALBACK_MIN_INTERVAL_S = 5.0
+DIALBACK_CONCURRENT = 8
+#: Peers whose last dial-back time is remembered (the oldest forgotten first).
+DIALBACK_MEMORY = 4096
+#: Addresses from a peer's DCUtR message that we dial (the message may hold hundreds).
+PUNCH_MAX_ADDRS = 4
 #: Agreeing answers needed to call this node public or private.
 REACHABILITY_CONFIRMATIONS = 2
 #: Helpers asked per check (connected peers, direct connections only).
@@ -147,6 +157,9 @@ class DialbackAnswer:
     results: dict[str, str]
     #: Our end of the connection the helper saw, (ip, port) (None: unknown).
     local: tuple[str, int] | None
+    #: The helper's IP as we see it: confirmations count distinct helper IPs, so Sybils on
+    #: one machine are one vote.
+    helper_ip: str | None = None
 
 
 def tunnel_needed(reachability: dict[str, Any] | None) -> bool:
@@ -208,6 +221,17 @@ class _HolePuncher(DCUtRProtocol):
                     ok = _has_direct(connections.get(peer_id))
                 # Every attempt is reported (a later success replaces an earlier failure).
                 self._on_result(str(peer_id), ok, trio.current_time() - seen)
+
+    def _decode_observed_addrs(self, addr_bytes: list[bytes]) -> list[multiaddr.Multiaddr]:
+        # A peer's CONNECT message names the addresses we dial: keep a few plain TCP ones,
+        # so that a hostile peer cannot turn us into a dialler of hundreds of third parties.
+        kept = []
+        for addr in super()._decode_observed_addrs(addr_bytes[: 4 * PUNCH_MAX_ADDRS]):
+            if _tcp_target(str(addr)) is not None:
+                kept.append(addr)
+            if len(kept) >= PUNCH_MAX_ADDRS:
+                break
+        return kept
 
     def _schedule_relay_close(self, peer_id: ID) -> None:
         if self._nursery is not None:
@@ -274,6 +298,27 @@ def _remote_of(conn: INetConn) -> tuple[str, int] | None:
     if not remote:
         return None
     return str(remote[0]), int(remote[1])
+
+
+def _same_ip(a: str, b: str) -> bool:
+    """Whether two IP strings name one address (an IPv4-mapped IPv6 form included)."""
+    try:
+        x, y = ipaddress.ip_address(a), ipaddress.ip_address(b)
+    except ValueError:
+        return False
+    x = x.ipv4_mapped or x if isinstance(x, ipaddress.IPv6Address) else x
+    y = y.ipv4_mapped or y if isinstance(y, ipaddress.IPv6Address) else y
+    return x == y
+
+
+def _is_loopback(ip: str) -> bool:
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped.is_loopback
+    return address.is_loopback
 
 
 def _tcp_target(addr: str) -> tuple[str, int] | None:
@@ -349,6 +394,9 @@ class NatTraversal:
         self._transport: CircuitV2Transport | None = None
         self._puncher: _HolePuncher | None = None
         self._check_now = trio.Event()
+        self._dialback_slots = trio.Semaphore(DIALBACK_CONCURRENT)
+        #: peer -> when we last served its dial-back (oldest first).
+        self._dialback_served: OrderedDict[str, float] = OrderedDict()
 
     # -- life ---------------------------------------------------------------------------
 
@@ -514,6 +562,34 @@ class NatTraversal:
                 raise ValueError("too many addrs")
         except (ValueError, KeyError, TypeError) as exc:
             raise RemoteError(f"malformed dial-back request: {exc}") from exc
+        if not addrs:
+            # "Which address do you see?" costs no dial: answered at once, not rate-limited.
+            observed, results = await self._dial_back(sender, [])
+            return json.dumps({"v": 1, "observed": observed, "results": results}).encode()
+        now = trio.current_time()
+        last = self._dialback_served.get(sender)
+        if last is not None and now - last < DIALBACK_MIN_INTERVAL_S:
+            raise RemoteError(
+                f"dial-back asked again too soon (once per {DIALBACK_MIN_INTERVAL_S:g} s)"
+            )
+        try:
+            self._dialback_slots.acquire_nowait()
+        except trio.WouldBlock:
+            raise RemoteError("busy") from None
+        try:
+            self._dialback_served[sender] = now
+            self._dialback_served.move_to_end(sender)
+            while len(self._dialback_served) > DIALBACK_MEMORY:
+                self._dialback_served.popitem(last=False)
+            observed, results = await self._dial_back(sender, list(dict.fromkeys(addrs)))
+        finally:
+            self._dialback_slots.release()
+        reply = {"v": 1, "observed": list(observed) if observed else None, "results": results}
+        return json.dumps(reply).encode()
+
+    async def _dial_back(
+        self, sender: str, addrs: list[str]
+    ) -> tuple[tuple[str, int] | None, dict[str, str]]:
         observed = None
         for conn in _conn_list(self._host.get_network().connections.get(ID.from_base58(sender))):
             if not _is_relayed(conn):
@@ -521,22 +597,27 @@ class NatTraversal:
                 if observed is not None:
                     break
         results: dict[str, str] = {}
-        if observed is None:
-            for addr in addrs:
+        targets: dict[str, tuple[str, int]] = {}
+        for addr in addrs:
+            target = _tcp_target(addr)
+            if observed is None:
                 results[addr] = "not dialled: no direct connection to the requester"
-        else:
-            for addr in addrs:
-                target = _tcp_target(addr)
-                if target is None:
-                    results[addr] = "not dialled: not a TCP address"
-                elif target[0] != observed[0]:
-                    # Only the requester's own IP: a dial-back must not be a way to make
-                    # this node connect to third parties.
-                    results[addr] = "not dialled: not the IP the request came from"
-                else:
-                    results[addr] = await probe_libp2p_listener(*target)
-        reply = {"v": 1, "observed": list(observed) if observed else None, "results": results}
-        return json.dumps(reply).encode()
+            elif target is None:
+                results[addr] = "not dialled: not a TCP address"
+            elif not _same_ip(target[0], observed[0]):
+                # Only the requester's own IP: a dial-back must not be a way to make this
+                # node connect to third parties.
+                results[addr] = "not dialled: not the IP the request came from"
+            else:
+                targets[addr] = target
+
+        async def probe(addr: str, target: tuple[str, int]) -> None:
+            results[addr] = await probe_libp2p_listener(*target)
+
+        async with trio.open_nursery() as nursery:
+            for addr, target in targets.items():
+                nursery.start_soon(probe, addr, target)
+        return observed, {a: results[a] for a in addrs}
 
     def _candidate_addrs(self, observed_ip: str | None) -> list[str]:
         """Addresses to have dialled back: the observed IP with each listen port (what a
@@ -594,7 +675,8 @@ class NatTraversal:
             log.info("dial-back reply from %s is malformed: %s", helper, exc)
             return None
         results = {str(k): str(v)[:200] for k, v in list(results.items())[:DIALBACK_MAX_ADDRS]}
-        return DialbackAnswer(helper, obs, results, local)
+        remote = _remote_of(conn)
+        return DialbackAnswer(helper, obs, results, local, remote[0] if remote else None)
 
     async def check_reachability(self) -> str:
         """Ask up to :data:`REACHABILITY_HELPERS` directly connected peers to dial us back;
@@ -625,12 +707,19 @@ class NatTraversal:
         return self.reachability
 
     def _conclude(self, answers: list[DialbackAnswer]) -> None:
-        reached = [a for a in answers if "ok" in a.results.values()]
+        # One vote per helper IP: Sybils on one machine cannot outvote honest helpers. On
+        # loopback (a devnet: every peer on this machine) each helper is a vote.
+        by_ip: dict[str, DialbackAnswer] = {}
+        for answer in answers:
+            ip = answer.helper_ip
+            by_ip.setdefault(answer.helper if ip is None or _is_loopback(ip) else ip, answer)
+        votes = list(by_ip.values())
+        reached = [a for a in votes if "ok" in a.results.values()]
         # Answers where the helper dialled (same IP) and failed: real evidence of a NAT or
         # firewall. "not dialled" answers count for nothing.
         failed = [
             a
-            for a in answers
+            for a in votes
             if a.results
             and "ok" not in a.results.values()
             and any(not v.startswith("not dialled") for v in a.results.values())

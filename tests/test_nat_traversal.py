@@ -332,3 +332,37 @@ async def test_an_error_in_the_body_leaves_a_host_with_nat_traversal() -> None:
     while leaves and isinstance(leaves[0], BaseExceptionGroup):
         leaves = list(leaves[0].exceptions) + leaves[1:]
     assert any(isinstance(leaf, Boom) for leaf in leaves), caught.value
+
+
+def test_confirmations_count_helper_ips_not_helpers() -> None:
+    """Two Sybil helpers on one (non-loopback) IP are one vote; on loopback each helper is."""
+    from mtor_p2p.libp2p_nat import DialbackAnswer, NatTraversal
+
+    nat = NatTraversal.__new__(NatTraversal)
+    nat.settings = nat_settings()
+    nat.reachability, nat.nat, nat.observed_ip = "unknown", "unknown", None
+    nat.hop_enabled = True  # no hop to enable in this unit test
+    nat._network = type("N", (), {"addrs": lambda self: []})()
+
+    def answer(helper: str, ip: str, result: str) -> DialbackAnswer:
+        return DialbackAnswer(helper, ("198.51.100.7", 4001), {"/ip4/x": result}, None, ip)
+
+    nat._conclude([answer("s1", "192.0.2.66", "ok"), answer("s2", "192.0.2.66", "ok")])
+    assert nat.reachability == "unknown"
+    nat._conclude([answer("h1", "192.0.2.1", "ok"), answer("h2", "192.0.2.2", "ok")])
+    assert nat.reachability == "public"
+    nat._conclude([answer("l1", "127.0.0.1", "refused"), answer("l2", "127.0.0.1", "refused")])
+    assert nat.reachability == "private"
+
+
+async def test_a_helper_serves_one_peer_at_most_every_few_seconds() -> None:
+    async with host() as helper, host() as asker:
+        await asker.connect(helper.addrs()[0])
+        # Asking which address the helper sees costs no dial: not limited.
+        free = json.dumps({"v": 1, "addrs": []}).encode()
+        for _ in range(3):
+            await asker.request(helper.peer_id, DIALBACK_PROTOCOL, free)
+        dial = json.dumps({"v": 1, "addrs": [f"/ip4/127.0.0.1/tcp/{asker.listen_ports()[0]}"]})
+        await asker.request(helper.peer_id, DIALBACK_PROTOCOL, dial.encode())
+        with pytest.raises(RemoteError, match="too soon"):
+            await asker.request(helper.peer_id, DIALBACK_PROTOCOL, dial.encode())

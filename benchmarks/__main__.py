@@ -1,4 +1,5 @@
-"""``python -m benchmarks NAME [options]``; names: peer, compute, ledger, sim, attacks, control."""
+"""``python -m benchmarks NAME [options]``; names: peer, compute, ledger, sim, attacks,
+control, nat."""
 
 from __future__ import annotations
 
@@ -29,12 +30,16 @@ def main() -> int:
         from benchmarks.bench_attacks import main as run
 
         return run(args[1:])
+    if name == "nat":
+        from benchmarks.bench_nat import main as run
+
+        return run(args[1:])
     if name == "control":
         from benchmarks.bench_control import main as run
 
         return run(args[1:])
     print(
-        f"unknown benchmark {name!r}; known: peer, compute, ledger, sim, attacks, control",
+        f"unknown benchmark {name!r}; known: peer, compute, ledger, sim, attacks, control, nat",
         file=sys.stderr,
     )
     return 2

@@ -83,6 +83,76 @@ class LatencyBuckets:
         return out
 
 
+@dataclass(frozen=True)
+class GpuSensors:
+    """What NVML reads of one card at a scrape (None: the card does not report it)."""
+
+    index: int
+    name: str
+    pci_bus_id: str
+    temperature_c: float | None
+    power_w: float | None
+    utilisation: float | None
+    memory_used: int | None
+
+
+def read_gpu_sensors() -> list[GpuSensors]:
+    """Temperature, power, utilisation and memory of every card NVML sees; empty without
+    NVML, a driver or a card. Blocking (NVML calls): run it off the event loop."""
+    try:
+        import pynvml
+    except ImportError:
+        return []
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError:
+        return []
+
+    def read(call: Callable[[], Any]) -> Any:
+        try:
+            return call()
+        except pynvml.NVMLError:
+            return None
+
+    cards = []
+    try:
+        for index in range(pynvml.nvmlDeviceGetCount()):
+            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            name = read(lambda h=handle: pynvml.nvmlDeviceGetName(h))
+            bus = read(lambda h=handle: pynvml.nvmlDeviceGetPciInfo(h).busId)
+            temperature = read(
+                lambda h=handle: pynvml.nvmlDeviceGetTemperature(h, pynvml.NVML_TEMPERATURE_GPU)
+            )
+            milliwatts = read(lambda h=handle: pynvml.nvmlDeviceGetPowerUsage(h))
+            rates = read(lambda h=handle: pynvml.nvmlDeviceGetUtilizationRates(h))
+            memory = read(lambda h=handle: pynvml.nvmlDeviceGetMemoryInfo(h))
+            cards.append(
+                GpuSensors(
+                    index=index,
+                    name=_text(name),
+                    pci_bus_id=_text(bus),
+                    temperature_c=None if temperature is None else float(temperature),
+                    power_w=None if milliwatts is None else milliwatts / 1000,
+                    utilisation=None if rates is None else rates.gpu / 100,
+                    memory_used=None if memory is None else int(memory.used),
+                )
+            )
+    except pynvml.NVMLError:
+        pass  # a card that vanished mid-read: report the others
+    finally:
+        try:
+            pynvml.nvmlShutdown()
+        except pynvml.NVMLError:
+            pass
+    return cards
+
+
+def _text(value: Any) -> str:
+    if value is None:
+        return ""
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+
 def _nbytes(data: Any) -> int:
     try:
         return memoryview(data).nbytes
@@ -198,6 +268,8 @@ class NodeCollector(Collector):
     def __init__(self, node: Node) -> None:
         self.node = node
         self.ledger: dict[str, Any] | None = None
+        #: NVML's readings of the cards, read off the event loop just before a scrape.
+        self.gpus: list[GpuSensors] = []
 
     def collect(self) -> Iterator[Any]:
         """Every metric of the node (the registry calls this at each scrape)."""
@@ -484,6 +556,28 @@ class NodeCollector(Collector):
             if device.utilization is not None:
                 util.add_metric(values, device.utilization / 100)
         yield from (info, total, free, util)
+        labels = ["gpu", "name", "pci_bus_id"]
+        sensors = {
+            "temperature_c": GaugeMetricFamily(
+                "mtor_gpu_temperature_celsius", "GPU temperature (NVML).", labels=labels
+            ),
+            "power_w": GaugeMetricFamily(
+                "mtor_gpu_power_watts", "GPU power draw (NVML).", labels=labels
+            ),
+            "utilisation": GaugeMetricFamily(
+                "mtor_gpu_utilisation_ratio", "GPU utilisation (0-1, NVML).", labels=labels
+            ),
+            "memory_used": GaugeMetricFamily(
+                "mtor_gpu_memory_used_bytes", "GPU memory in use (NVML).", labels=labels
+            ),
+        }
+        for card in self.gpus:
+            values = [str(card.index), card.name, card.pci_bus_id]
+            for field_name, family in sensors.items():
+                reading = getattr(card, field_name)
+                if reading is not None:
+                    family.add_metric(values, reading)
+        yield from sensors.values()
 
     def _control(self) -> Iterator[Any]:
         server = self.node.control_server
@@ -528,6 +622,8 @@ class NodeMetrics:
     async def render(self) -> bytes:
         """The text exposition of every metric now (the ledger read off the event loop)."""
         self.collector.ledger = await self.node.runtime.run_blocking(self.node.ledger_summary)
+        if any(device.kind == "gpu" for device in self.node.devices):
+            self.collector.gpus = await self.node.runtime.run_blocking(read_gpu_sensors)
         return generate_latest(self.registry)
 
     async def route(self, query: dict[str, str], body: Any) -> tuple[int, Any]:

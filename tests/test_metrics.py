@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import re
+import sys
+import types
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator
@@ -12,12 +14,13 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import numpy as np
+import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
 from mtor_p2p.config import NodeConfig
 from mtor_p2p.control import INFO_FILE_NAME, TOKEN_FILE_NAME
-from mtor_p2p.metrics import LatencyBuckets
+from mtor_p2p.metrics import GpuSensors, LatencyBuckets, read_gpu_sensors
 from mtor_p2p.node import Node
 
 GRAFANA_DASHBOARD = Path(__file__).resolve().parent.parent / "bootstrap" / "grafana-mtor.json"
@@ -95,6 +98,7 @@ def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     """Every sample of a text exposition, parsed by prometheus-client: ``(name, labels)``."""
     out = {}
     for family in text_string_to_metric_families(text):
+        out[(family.name, ("family",))] = 0.0  # a family with no samples (no GPU) still counts
         for sample in family.samples:
             out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
     return out
@@ -128,8 +132,18 @@ async def test_metrics_count_a_job_on_both_sides(tmp_path: Path) -> None:
         requester,
         worker,
     ):
+        # NVML's readings as a GPU machine would give them (this machine has no GPU: see
+        # test_gpu_sensors_are_read_through_nvml for the reading itself).
+        assert worker.metrics is not None
+        worker.metrics.collector.gpus = [
+            GpuSensors(0, "NVIDIA H200", "00000000:19:00.0", 41.0, 93.5, 0.25, 5 << 30)
+        ]
         served = await scrape(worker)
         asked = await scrape(requester)
+        gpu = {"gpu": "0", "name": "NVIDIA H200", "pci_bus_id": "00000000:19:00.0"}
+        assert value(served, "mtor_gpu_temperature_celsius", **gpu) == 41.0
+        assert value(served, "mtor_gpu_power_watts", **gpu) == 93.5
+        assert value(served, "mtor_gpu_memory_used_bytes", **gpu) == 5 << 30
 
         # The worker: the shards it served, their compute time, the bytes it moved.
         assert value(served, "mtor_shards_served_total", outcome="ok") == 4
@@ -216,3 +230,57 @@ def test_latency_buckets_are_cumulative_as_prometheus_wants() -> None:
         buckets.observe(seconds)
     assert buckets.cumulative() == [("0.1", 2), ("1.0", 3), ("+Inf", 4)]
     assert buckets.count == 4 and abs(buckets.total - 3.65) < 1e-9
+
+
+class _StandInNvml(types.ModuleType):
+    """pynvml's calls that read_gpu_sensors makes, answering as one H200 would, except that
+    it reports no power reading (as some boards do)."""
+
+    NVML_TEMPERATURE_GPU = 0
+
+    class NVMLError(Exception):
+        pass
+
+    def __init__(self) -> None:
+        super().__init__("pynvml")
+        self.shutdown = False
+
+    def nvmlInit(self) -> None:
+        pass
+
+    def nvmlShutdown(self) -> None:
+        self.shutdown = True
+
+    def nvmlDeviceGetCount(self) -> int:
+        return 1
+
+    def nvmlDeviceGetHandleByIndex(self, index: int) -> object:
+        return ("card", index)
+
+    def nvmlDeviceGetName(self, handle: object) -> bytes:
+        return b"NVIDIA H200"
+
+    def nvmlDeviceGetPciInfo(self, handle: object) -> types.SimpleNamespace:
+        return types.SimpleNamespace(busId=b"00000000:19:00.0")
+
+    def nvmlDeviceGetTemperature(self, handle: object, sensor: int) -> int:
+        return 38
+
+    def nvmlDeviceGetPowerUsage(self, handle: object) -> int:
+        raise self.NVMLError("not supported")
+
+    def nvmlDeviceGetUtilizationRates(self, handle: object) -> types.SimpleNamespace:
+        return types.SimpleNamespace(gpu=75, memory=10)
+
+    def nvmlDeviceGetMemoryInfo(self, handle: object) -> types.SimpleNamespace:
+        return types.SimpleNamespace(total=141 << 30, free=140 << 30, used=1 << 30)
+
+
+def test_gpu_sensors_are_read_through_nvml(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No GPU here: a stand-in for nvidia-ml-py's module checks the calls and the units
+    (milliwatts to watts, percent to a ratio); a reading the card refuses is left out."""
+    nvml = _StandInNvml()
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    [card] = read_gpu_sensors()
+    assert card == GpuSensors(0, "NVIDIA H200", "00000000:19:00.0", 38.0, None, 0.75, 1 << 30)
+    assert nvml.shutdown

@@ -325,6 +325,7 @@ def punch_trial(lab: Lab, i: int, rtt_n: int) -> dict[str, Any]:
             k: [after(t) for t in v] for k, v in events.items() if k.startswith("result")
         },
         "b_reported": punch,
+        "b_knows_a_at": got.get("peer_addrs", {}).get(a_id, []),
         "a_punch_dials_s": [after(t) for t in a_side["log"].get(b_id, {}).get("dials_start", [])],
         "rtt_a_relay_libp2p_s": [round(s, 5) for s in rtt["seconds"]],
         "rtt_a_relay_tcp_s": [round(s, 6) for s in tcp["rtt_seconds"]],
@@ -513,7 +514,7 @@ def part_throughput(transfers: int) -> dict[str, Any]:
     return out
 
 
-def part_relay(window: float, circuits_side: int = 10) -> dict[str, Any]:
+def part_relay(window: float, circuits_side: int = 10, settle: float = 3.0) -> dict[str, Any]:
     """The relay's CPU and memory per 100 circuits, on loopback (see the module doc)."""
     logs = Path(tempfile.mkdtemp(prefix="mtor-nat-relay-"))
     relay = Peer("relay", [], logs)
@@ -552,7 +553,7 @@ def part_relay(window: float, circuits_side: int = 10) -> dict[str, Any]:
         ]
         for p in pending:
             dialers.recv(p)
-        time.sleep(3.0)
+        time.sleep(settle)
 
         def window_cpu(label: str) -> dict[str, Any]:
             c0, t0 = relay.cpu_seconds(), time.monotonic()
@@ -578,7 +579,7 @@ def part_relay(window: float, circuits_side: int = 10) -> dict[str, Any]:
         dialled = [dialers.recv(p, wait=300) for p in pending]
         kinds = [k for d in dialled for k in d["kinds"]]
         errors = [e for d in dialled for e in d["errors"]]
-        time.sleep(3.0)
+        time.sleep(settle)
         out["circuits"] = {
             "dialled": len(kinds),
             "relayed": kinds.count("relayed"),

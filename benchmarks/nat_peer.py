@@ -97,14 +97,14 @@ class Worker:
             bootstrap_node=bool(cmd.get("relay")),
         )
         async with Libp2pNetwork.open(Identity.generate(), settings) as net:
-            self._instrument(name, net)
+            await self._instrument(name, net)
             self.hosts[name] = net
             closed = self.closers[name] = trio.Event()
             task_status.started(net)
             await closed.wait()
         self.hosts.pop(name, None)
 
-    def _instrument(self, name: str, net: Libp2pNetwork) -> None:
+    async def _instrument(self, name: str, net: Libp2pNetwork) -> None:
         async def echo(sender: str, payload: bytes) -> bytes:
             return payload
 
@@ -136,6 +136,10 @@ class Worker:
         def mark(peer: Any, event: str) -> None:
             log.setdefault(str(peer), {}).setdefault(event, []).append(now())
 
+        # The service registers its handler when it starts running, which may be after the
+        # host opened: replace it only after that.
+        with trio.fail_after(10):
+            await puncher.event_started.wait()
         original_inbound = puncher._handle_dcutr_stream
 
         async def on_dcutr_stream(stream: Any) -> None:
@@ -246,6 +250,7 @@ class Worker:
             "punches": {
                 p: {"direct": ok, "seconds": s} for p, (ok, s, _) in net.nat.punches.items()
             },
+            "peer_addrs": {p: net.peer_addrs(p) for p in self.punch_log.get(cmd["name"], {})},
             "attempts": {
                 str(p): n
                 for p, n in (

@@ -5,12 +5,16 @@ the data directory; the CLI, and later a dashboard, read both to talk to a runni
 a user who can read the data directory can control the node.
 
 HTTP is spoken by well-kept libraries that run on trio: hypercorn parses requests and writes
-answers (h11; its trio worker), Starlette routes them (through anyio). This module keeps only
-what they do not do, around each connection and in an ASGI layer in front of Starlette:
+answers (h11; its trio worker), Starlette's router dispatches them (through anyio). This module
+keeps only what they do not do, around each connection and in an ASGI layer in front of the
+router:
 
 * the bearer token, compared in constant time, before a request's body is read;
-* bounded request heads (16 KiB, hypercorn's h11 limit: 431) and bodies (64 KiB: 413, from the
-  ``Content-Length`` before any byte of the body is read, or as a chunked body grows);
+* bounded request heads (16 KiB: 431) and bodies (64 KiB: 413, from the ``Content-Length``
+  before any byte of the body is read, or as a chunked body grows);
+* a connection reaches hypercorn only once its request head has arrived (the accept loop reads
+  up to the blank line that ends it, parsing nothing; hypercorn reads those bytes again), so a
+  flood of connections that never finish their head costs a read each, not an HTTP server;
 * deadlines: the request head and body must arrive within ``head_timeout`` (2 s) of the
   connection, so a slowloris client is dropped quickly; a request then has the whole
   ``_CONNECTION_DEADLINE`` (10 s) for its work, and a connection still open a second after
@@ -24,8 +28,8 @@ what they do not do, around each connection and in an ASGI layer in front of Sta
 
 Every answer of the API is JSON: a route's exceptions become 400 with the message for bad
 input and file errors (``ValueError``, ``KeyError``, ``TypeError``, ``OSError``), 500 for
-anything else (a bug); unknown paths 404, wrong methods 405, a wrong token 401. Only a request
-that HTTP cannot parse is answered by hypercorn itself (an empty 400 or 431).
+anything else (a bug); unknown paths 404, wrong methods 405, a wrong token 401, a full server
+503. Only a request that HTTP cannot parse is answered by hypercorn itself (an empty 400).
 
 The same server, without a token and with only ``GET /metrics``, is the operator's opt-in
 metrics listener (``--metrics-listen``, see :mod:`mtor_p2p.metrics`).
@@ -375,7 +379,7 @@ class ControlServer:
         finally:
             await stream.aclose()
 
-    async def _watchdog(self, stream: trio.abc.Stream, started: float) -> None:
+    async def _watchdog(self, stream: trio.SocketStream, started: float) -> None:
         # hypercorn writes answers in a shielded scope: a client that does not read would hold
         # the connection past any cancellation. Closing the socket ends that write.
         await trio.sleep_until(started + _CONNECTION_DEADLINE + _CLOSE_GRACE)
@@ -389,7 +393,8 @@ class ControlServer:
                 await send({"type": "websocket.close", "code": 1008})
             return
         client = scope.get("client")
-        connection = self._connections.get(tuple(client[:2])) if client else None
+        key = tuple(client[:2]) if client else ()
+        connection = self._connections.get(key)
         if connection is None:  # cannot happen: every connection is registered first
             connection = _Connection(trio.CancelScope(), trio.current_time())
         send = _closing(send, self.stats)
@@ -398,14 +403,14 @@ class ControlServer:
         head_bytes = len(scope.get("raw_path") or b"") + len(scope.get("query_string", b""))
         head_bytes += sum(len(name) + len(value) + 4 for name, value in scope["headers"])
         if head_bytes > _MAX_HEAD_BYTES:
-            self._working(connection)
+            self._working(connection, key)
             await _error(431, "request head too large")(scope, receive, send)
             return
         headers = dict(scope["headers"])
         if self._expected is not None and not hmac.compare_digest(
             headers.get(b"authorization", b""), self._expected
         ):
-            self._working(connection)
+            self._working(connection, key)
             self.stats.unauthorized += 1
             await _error(401, "missing or wrong control token")(scope, receive, send)
             return
@@ -415,11 +420,11 @@ class ControlServer:
         except ValueError:
             declared = -1
         if declared is not None and declared < 0:
-            self._working(connection)
+            self._working(connection, key)
             await _error(400, "malformed request")(scope, receive, send)
             return
         if declared is not None and declared > _MAX_BODY_BYTES:
-            self._working(connection)
+            self._working(connection, key)
             await _error(413, "body too large")(scope, receive, send)
             return
         body = bytearray()
@@ -431,12 +436,12 @@ class ControlServer:
                 return
             body += message.get("body", b"")
             if len(body) > _MAX_BODY_BYTES:
-                self._working(connection)
+                self._working(connection, key)
                 await _error(413, "body too large")(scope, receive, send)
                 return
             if not message.get("more_body", False):
                 break
-        self._working(connection)
+        self._working(connection, key)
         replayed = False
 
         async def replay() -> dict[str, Any]:
@@ -448,21 +453,21 @@ class ControlServer:
 
         await self._starlette(scope, replay, send)
 
-    def _working(self, connection: _Connection) -> None:
+    def _working(self, connection: _Connection, key: tuple[Any, ...]) -> None:
         """The request has arrived: the connection does real work now, under the longer
         connection deadline, and can no longer be dropped to make room."""
         connection.reading = False
-        for key, other in list(self._reading.items()):
-            if other is connection:
-                del self._reading[key]
+        self._reading.pop(key, None)
         connection.scope.deadline = connection.started + _CONNECTION_DEADLINE
 
     async def _endpoint(self, request: Request) -> Response:
-        method, path = request.method, request.url.path
+        method, path = request.method, request.scope["path"]
         route = self._routes.get((method, path))
         if route is None:  # the path is served, not with this method
             return _error(405, f"no route {method} {path}")
-        query = {k: v[-1] for k, v in parse_qs(request.scope["query_string"].decode()).items()}
+        # As the hand-written server read it: the target as latin-1, escapes as UTF-8.
+        query_string = request.scope["query_string"].decode("latin-1")
+        query = {k: v[-1] for k, v in parse_qs(query_string).items()}
         body = await request.body()
         try:
             payload = json.loads(body) if body else None

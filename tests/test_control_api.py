@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import trio
 
+from mtor_p2p import control
 from mtor_p2p.control import (
     INFO_FILE_NAME,
     ControlClient,
@@ -250,3 +251,47 @@ async def test_a_busy_server_answers_503_in_json() -> None:
             assert headers["content-type"] == "application/json"
             release.set()
         assert server.stats.refused_busy == 1
+
+
+async def test_a_client_that_never_reads_its_answer_is_cut_at_the_deadline(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """hypercorn writes answers in a shielded scope; the connection deadline still holds for
+    a client that never reads a large answer (its socket is closed under the write)."""
+    monkeypatch.setattr(control, "_CONNECTION_DEADLINE", 1.0)
+
+    async def large(query: dict[str, str], body: Any) -> tuple[int, Any]:
+        return 200, {"pad": "x" * (32 << 20)}  # far more than the socket buffers hold
+
+    server = ControlServer(TOKEN, {("GET", "/v1/large"): large})
+    async with running(server) as client:
+        port = int(client.url.rsplit(":", 1)[1])
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        request = f"GET /v1/large HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n\r\n"
+        await stream.send_all(request.encode())
+        with trio.fail_after(5):
+            while server.stats.open == 0:
+                await trio.sleep(0.05)
+            while server.stats.open:  # never reads; the server gives up within 1 + 1 s
+                await trio.sleep(0.05)
+        await stream.aclose()
+
+
+async def test_query_strings_are_read_as_before() -> None:
+    """Last value wins, blank values are dropped, escapes are UTF-8 (a raw non-ASCII byte in
+    the target, which the hand-written server took as latin-1, is now refused by h11: 400)."""
+    async with running(ControlServer(TOKEN, {("GET", "/v1/echo"): echo})) as client:
+        port = int(client.url.rsplit(":", 1)[1])
+        target = "/v1/echo?a=1&a=2&b=&c=%C3%A9"
+        request = f"GET {target} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n\r\n"
+        status, _headers, payload = await raw(port, request.encode("latin-1"))
+        assert status == 200
+        assert payload == {"a": "2", "c": "é"}
+        status, _headers, _payload = await raw(
+            port, request.replace("c=", "d=\xe9&c=").encode("latin-1")
+        )
+        assert status == 400
+
+
+async def echo(query: dict[str, str], body: Any) -> tuple[int, Any]:
+    return 200, query

@@ -636,6 +636,8 @@ def part_relay(window: float, circuits_side: int = 10, settle: float = 3.0) -> d
                     (out["idle"]["cpu"]["cores"] - out["before"]["cpu"]["cores"]) * scale, 4
                 ),
                 "traffic_cores": round((busy["cores"] - out["before"]["cpu"]["cores"]) * scale, 4),
+                "offered_requests_per_s": traffic["senders"],
+                "achieved_requests_per_s": round(traffic["requests_per_s"], 1),
                 "traffic_cpu_ms_per_request": round(
                     (busy["cores"] - out["before"]["cpu"]["cores"])
                     / max(traffic["requests_per_s"], 1e-9)
@@ -643,6 +645,11 @@ def part_relay(window: float, circuits_side: int = 10, settle: float = 3.0) -> d
                     3,
                 ),
             }
+            # Where the machine could not carry the offered rate: CPU per request times it.
+            per_100 = out["per_100_circuits"]
+            per_100["traffic_cores_at_offered_rate_linear"] = round(
+                per_100["traffic_cpu_ms_per_request"] * traffic["senders"] * scale / 1e3, 3
+            )
     finally:
         for peer in (dialers, dests, relay):
             peer.stop()

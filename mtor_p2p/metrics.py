@@ -478,7 +478,9 @@ class NodeCollector(Collector):
             "Time from sending a shard to accepting its verified result, as a requester.",
             stats.shard_seconds,
         )
-        jobs = CounterMetricFamily("mtor_jobs", "Jobs run here, by outcome.", labels=["outcome"])
+        jobs = CounterMetricFamily(
+            "mtor_jobs", "Jobs run here (challenge jobs included), by outcome.", labels=["outcome"]
+        )
         jobs.add_metric(["ok"], stats.jobs_ok)
         jobs.add_metric(["failed"], stats.jobs_failed)
         yield jobs

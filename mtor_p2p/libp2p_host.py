@@ -602,8 +602,13 @@ class Libp2pNetwork:
                         return str(info.peer_id)
                     self._host.get_peerstore().add_addrs(info.peer_id, [maddr], 600)
                     await self.nat.dial_circuit(maddr)
-                else:
-                    await self._host.connect(info)
+                elif not self._host.get_network().connections.get(info.peer_id):
+                    # This address, not every address the peerstore holds: the host's own
+                    # connect() dials the peer's known addresses one after another (and makes
+                    # concurrent callers wait for it), so a private address that swallows
+                    # packets held up the tunnel address a caller dialled beside it.
+                    self._host.get_peerstore().add_addrs(info.peer_id, [maddr], 120)
+                    await self._host.get_network().dial_addr(maddr, info.peer_id)
         except trio.TooSlowError as exc:
             raise NetworkError(f"dial to {addr} timed out after {timeout} s") from exc
         except NetworkError:

@@ -334,6 +334,12 @@ def punch_trial(lab: Lab, i: int, rtt_n: int) -> dict[str, Any]:
     }
 
 
+def _slow(trial: dict[str, Any]) -> bool:
+    """Whether b's unilateral dial (DCUtR's step 0) took over a second in this trial."""
+    start, end = trial["b_unilateral_dial_s"]
+    return start is not None and end is not None and end - start > 1.0
+
+
 def summarise_trials(trials: list[dict[str, Any]]) -> dict[str, Any]:
     ok = [t for t in trials if t["direct"]]
     out: dict[str, Any] = {
@@ -350,12 +356,15 @@ def summarise_trials(trials: list[dict[str, Any]]) -> dict[str, Any]:
         # DCUtR first dials the peer's known addresses (its private ones, unreachable here)
         # with a 3 s timeout; when identify has told b a's addresses before b's DCUtR starts,
         # that costs up to 3 s before the exchange.
-        "unilateral_dial_over_1s": sum(
-            1
-            for t in trials
-            if None not in t["b_unilateral_dial_s"]
-            and t["b_unilateral_dial_s"][1] - t["b_unilateral_dial_s"][0] > 1.0
+        "unilateral_dial_over_1s": sum(1 for t in trials if _slow(t)),
+        # From a seeing b's DCUtR stream (the exchange starting) to the direct connection.
+        "exchange_to_direct": summary_ms(
+            [t["to_direct_s"] - t["a_dcutr_stream_s"] for t in ok if t["a_dcutr_stream_s"]]
         ),
+        # The two modes: b's unilateral dial returned at once (it knew no address of a yet)
+        # or waited out its 3 s timeout on a's unreachable addresses.
+        "to_direct_unilateral_fast": summary_ms([t["to_direct_s"] for t in ok if not _slow(t)]),
+        "to_direct_unilateral_3s": summary_ms([t["to_direct_s"] for t in ok if _slow(t)]),
         "baseline_rtt_a_relay_libp2p": summary_ms(
             [s for t in trials for s in t["rtt_a_relay_libp2p_s"]]
         ),

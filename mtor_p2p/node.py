@@ -262,6 +262,7 @@ class Node:
             load=round(load, 3),
             price=round(self.price, 6),
             kernels=self.worker.kernels if self.serve else (),
+            relay=bool((self.reachability() or {}).get("relay_service")),
         )
 
     async def submit(

@@ -107,7 +107,9 @@ def test_unknown_or_missing_fields_are_rejected(identity):
         ("seq", -1),
         ("seq", True),
         ("price", "free"),
-        ("schema", 2),
+        ("schema", 3),
+        ("schema", True),
+        ("relay", "yes"),
         ("addrs", "not a list"),
         ("devices", [{"kind": "tpu"}]),
     ],
@@ -170,12 +172,19 @@ def test_any_single_byte_change_is_rejected_or_harmless(position, byte):
 
 def test_a_signature_in_non_canonical_base64_is_rejected() -> None:
     """The last base64 character of a 64-byte signature carries 4 unused bits: changing them
-    ('g' to 'h') decodes to the same signature. A record has one byte form only."""
+    (the character next to it in the alphabet, e.g. 'g' to 'h') decodes to the same
+    signature. A record has one byte form only."""
+    import base64
+    import string
+
+    alphabet = (string.ascii_uppercase + string.ascii_lowercase + string.digits + "+/").encode()
     identity = Identity(b"\x07" * 32)
     raw = bytearray(make_record(identity, now=NOW).sign(identity))
     end = raw.index(b'==","t"')
-    assert raw[end - 1 : end] == b"g"
-    raw[end - 1] = ord("h")
+    start = raw.rindex(b'"', 0, end) + 1
+    original = bytes(raw[start : end + 2])
+    raw[end - 1] = alphabet[alphabet.index(raw[end - 1]) ^ 1]
+    assert base64.b64decode(bytes(raw[start : end + 2])) == base64.b64decode(original)
     with pytest.raises(RecordError, match="canonical"):
         decode_capacity_record(bytes(raw), now=NOW)
 
@@ -205,3 +214,14 @@ def test_signature_field_must_be_base64(identity):
     envelope["s"] = base64.b64encode(b"\x00" * 64).decode()
     with pytest.raises(RecordError, match="signature"):
         decode_capacity_record(canonical_json(envelope), now=NOW)
+
+
+def test_schema_1_records_without_relay_are_still_read(identity):
+    body = make_record(identity, now=NOW).to_body()
+    del body["relay"]
+    body["schema"] = 1
+    record = decode_capacity_record(seal(identity, RECORD_TYPE, body), now=NOW)
+    assert record.relay is False
+    body["relay"] = True  # schema 1 has no such field
+    with pytest.raises(RecordError, match="unexpected"):
+        decode_capacity_record(seal(identity, RECORD_TYPE, body), now=NOW)

@@ -21,7 +21,9 @@ from mtor_p2p.identity import Identity
 from mtor_p2p.wire import RecordError, open_envelope, seal
 
 RECORD_TYPE = "mtor/capacity"
-SCHEMA_VERSION = 1
+#: Schema 2 added ``relay``; schema-1 records (without it) are still accepted, as relay=False.
+SCHEMA_VERSION = 2
+_SCHEMA_1_FIELDS_MISSING = {"relay"}
 MAX_CAPACITY_RECORD_BYTES = 8 * 1024
 #: A record may not claim to live longer than this; a peer re-announces well before expiry.
 MAX_TTL_SECONDS = 3600.0
@@ -76,6 +78,9 @@ class CapacityRecord:
     expires: float
     kernels: tuple[str, ...] = ()
     withdrawn: bool = False
+    #: The peer serves as a circuit relay for peers behind NATs (issue 10). A claim: a node
+    #: that tries to reserve on it finds out.
+    relay: bool = False
     schema: int = field(default=SCHEMA_VERSION)
 
     def to_body(self) -> dict[str, Any]:
@@ -162,12 +167,17 @@ def _device_from_body(item: Any) -> Device:
 
 def record_from_body(body: dict[str, Any]) -> CapacityRecord:
     """Validate a decoded body field by field and build the record (raises RecordError)."""
-    if set(body) != _RECORD_FIELDS:
-        missing = sorted(_RECORD_FIELDS - set(body))
-        extra = sorted(set(body) - _RECORD_FIELDS)
+    schema = body.get("schema")
+    if schema not in (1, SCHEMA_VERSION) or isinstance(schema, bool):
+        raise RecordError(f"unsupported capacity schema {schema!r}")
+    expected = _RECORD_FIELDS - _SCHEMA_1_FIELDS_MISSING if schema == 1 else _RECORD_FIELDS
+    if set(body) != expected:
+        missing = sorted(expected - set(body))
+        extra = sorted(set(body) - expected)
         raise RecordError(f"capacity record fields differ: missing {missing}, unexpected {extra}")
-    if body["schema"] != SCHEMA_VERSION:
-        raise RecordError(f"unsupported capacity schema {body['schema']!r}")
+    relay = body.get("relay", False)
+    if not isinstance(relay, bool):
+        raise RecordError("relay must be a boolean")
     issued = _number(body["issued"], "issued", 0, 1e11)
     expires = _number(body["expires"], "expires", 0, 1e11)
     if not 0 < expires - issued <= MAX_TTL_SECONDS:
@@ -193,6 +203,7 @@ def record_from_body(body: dict[str, Any]) -> CapacityRecord:
             _text(k, "kernel", limit=64) for k in _list(body["kernels"], "kernels", _MAX_KERNELS)
         ),
         withdrawn=withdrawn,
+        relay=relay,
         schema=SCHEMA_VERSION,
     )
 

@@ -62,6 +62,8 @@ class Offer:
     load: float
     price: float
     kernels: tuple[str, ...] = ()
+    #: This peer serves as a circuit relay (said in its record).
+    relay: bool = False
 
 
 @dataclass(frozen=True)
@@ -168,6 +170,7 @@ class CapacityService:
             expires=now + self.record_ttl(),
             kernels=offer.kernels,
             withdrawn=withdrawn,
+            relay=offer.relay,
         )
 
     def _differs(self, offer: Offer) -> bool:
@@ -183,6 +186,7 @@ class CapacityService:
             or tuple(self._network.addrs()[:16]) != own.addrs
             or offer.price != own.price
             or offer.kernels != own.kernels
+            or offer.relay != own.relay
             or abs(offer.load - own.load) >= 0.1
             or abs(offer.mem_free - own.mem_free) > max(own.mem_free, 1) * 0.1
         )

@@ -267,7 +267,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         _probe_ports(config)
         _setup_logging(config.log_level)
-        return _run_node(args, config)
+        return _run_node(args, config, lock)
     finally:
         lock.release()
 
@@ -324,7 +324,7 @@ def _probe_ports(config: NodeConfig) -> None:
         raise CliError(f"{flag}: cannot listen on {host}:{port}: {error.strerror}", EXIT_USAGE)
 
 
-def _run_node(args: argparse.Namespace, config: NodeConfig) -> int:
+def _run_node(args: argparse.Namespace, config: NodeConfig, lock: DataDirLock) -> int:
     """Run the node of ``config`` until SIGINT or SIGTERM; the exit code."""
     import trio
 
@@ -332,7 +332,7 @@ def _run_node(args: argparse.Namespace, config: NodeConfig) -> int:
 
     async def main() -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async with Node.open(config) as node:
+            async with Node.open(config, lock=lock) as node:
                 ready = {
                     "peer_id": node.peer_id,
                     "addrs": node.addrs(),

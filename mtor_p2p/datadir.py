@@ -3,9 +3,10 @@ runs on it.
 
 A node owns its data directory: the identity key, the SQLite stores and ``control.json``. Two
 nodes on one directory would share an identity and write the same files, and the second one to
-stop would delete the first one's ``control.json``. ``mtor-peer run`` therefore holds an
-exclusive ``flock`` on ``<data-dir>/node.lock`` for as long as it runs; a second ``run`` on the
-same directory is refused before it touches anything. The lock is the kernel's: it goes away
+stop would delete the first one's ``control.json``. A running node therefore holds an
+exclusive ``flock`` on ``<data-dir>/node.lock`` for as long as it runs (``Node.open`` takes it,
+or uses the one ``mtor-peer run`` took first, before it set anything up); a second node on the
+same directory, in this process or another, is refused before it touches anything. The lock is the kernel's: it goes away
 with the process however it ends (a crash or SIGKILL leaves no stale lock), and the file, which
 holds the owner's PID for ``mtor-peer stop`` and for error messages, is never deleted (deleting
 it would let a third process lock a new file while the first still holds the old one).
@@ -95,6 +96,11 @@ class DataDirLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd = fd
+
+    @property
+    def held(self) -> bool:
+        """True while this object holds the lock."""
+        return self._fd is not None
 
     def release(self) -> None:
         """Let go of the lock (the file stays; see the module docstring)."""

@@ -9,6 +9,7 @@ Embedders start one with::
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import AsyncIterator, Awaitable
@@ -42,6 +43,7 @@ from mtor_p2p.control import (
     load_or_create_token,
     write_control_info,
 )
+from mtor_p2p.datadir import DataDirLock
 from mtor_p2p.identity import Identity, load_or_create_identity
 from mtor_p2p.ledger.entries import receipt_entry_id
 from mtor_p2p.ledger.genesis import GENESIS_FILE_NAME, Genesis, load_genesis, nano_to_credits
@@ -212,6 +214,8 @@ class Node:
         self.scheduler.stakes = lambda: dict(self.ledger.state().stakes)
         self.scheduler.on_fault = self._record_fault
         self.jobs = JobBoard(self.submit, self.runtime)
+        #: The control API's URL once it serves (control.json is ours only if it names it).
+        self._control_url: str | None = None
         #: Set when their loops start (status shows their guards' counters).
         self.mesh: MeshKeeper | None = None
         self.control_server: ControlServer | None = None
@@ -332,13 +336,36 @@ class Node:
 
     @classmethod
     @asynccontextmanager
-    async def open(cls, config: NodeConfig) -> AsyncIterator[Node]:
+    async def open(
+        cls, config: NodeConfig, *, lock: DataDirLock | None = None
+    ) -> AsyncIterator[Node]:
         """Start a production node from ``config``: py-libp2p host, SQLite files in the data
-        directory, probed devices, the control API; on exit withdraw its record and stop."""
+        directory, probed devices, the control API; on exit withdraw its record and stop.
+
+        The node holds the data directory's lock (:class:`~mtor_p2p.datadir.DataDirLock`)
+        while it runs: a second node on the same directory, in this process or another, gets
+        :class:`~mtor_p2p.datadir.DataDirInUse` before anything is touched. ``lock``: one the
+        caller already holds (``mtor-peer run`` takes it before it sets anything up); it is
+        left to the caller to release.
+        """
+        config.validate()
+        if lock is None:
+            private_dir(config.data_dir)
+            with DataDirLock(config.data_dir):
+                async with cls._open(config) as node:
+                    yield node
+            return
+        if not lock.held or lock.data_dir != config.data_dir:
+            raise ValueError(f"the lock given to Node.open must be held on {config.data_dir}")
+        async with cls._open(config) as node:
+            yield node
+
+    @classmethod
+    @asynccontextmanager
+    async def _open(cls, config: NodeConfig) -> AsyncIterator[Node]:
         from mtor_p2p.libp2p_host import HostSettings, Libp2pNetwork
         from mtor_p2p.libp2p_nat import NatSettings, RelayLimitsConfig
 
-        config.validate()
         # Kernels and the requester's checks run on threads: BLAS gets one core fewer than
         # the process may use, so that the event loop keeps one (issue 9).
         blas_threads = limit_blas_threads()
@@ -684,10 +711,11 @@ class Node:
             await server.serve(self.config.api_port, task_status=task_status)
 
     def _write_control_info(self, port: int) -> None:
+        self._control_url = f"http://127.0.0.1:{port}"
         write_control_info(
             self.config.data_dir,
             {
-                "url": f"http://127.0.0.1:{port}",
+                "url": self._control_url,
                 "pid": os.getpid(),
                 "peer_id": self.peer_id,
                 "addrs": self.addrs(),
@@ -695,10 +723,28 @@ class Node:
         )
 
     def _remove_control_info(self) -> None:
+        """Delete ``control.json`` if it is still ours (our PID and our API's URL): a node
+        started on the directory since (the lock keeps others out, but a file copied in, or a
+        node of an older version, may name another) keeps its own."""
+        path = self.config.data_dir / INFO_FILE_NAME
         try:
-            (self.config.data_dir / INFO_FILE_NAME).unlink()
+            info = json.loads(path.read_text())
         except FileNotFoundError:
-            pass
+            return
+        except (OSError, ValueError) as exc:
+            log.warning("%s not removed: cannot read it (%s)", path, exc)
+            return
+        if not isinstance(info, dict) or info.get("pid") != os.getpid():
+            log.warning(
+                "%s names another process (pid %s): left in place",
+                path,
+                info.get("pid") if isinstance(info, dict) else None,
+            )
+            return
+        if self._control_url is not None and info.get("url") != self._control_url:
+            log.warning("%s names another control API (%s): left in place", path, info.get("url"))
+            return
+        path.unlink(missing_ok=True)
 
 
 def _positive_amount(body: Any) -> int | None:

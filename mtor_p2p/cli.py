@@ -24,6 +24,7 @@ import argparse
 import errno
 import json
 import logging
+import logging.handlers
 import os
 import signal
 import socket
@@ -72,6 +73,63 @@ class CliError(Exception):
 
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+#: ``run`` logs to ``<data_dir>/logs/mtor-peer.log`` too (0600 in a 0700 directory), rotated
+#: at ``log_max_bytes`` with ``log_backups`` old files kept (see NodeConfig).
+LOG_DIR_NAME = "logs"
+LOG_FILE_NAME = "mtor-peer.log"
+#: What every LogRecord has: anything else on a record is a structured extra
+#: (``log.info(..., extra={"peer_id": ...})``), which the JSON format writes as a field.
+_RECORD_FIELDS = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+
+
+class JsonLineFormatter(logging.Formatter):
+    """One JSON object a line: ``time`` (ISO 8601, UTC, milliseconds), ``level``, ``logger``,
+    ``message``, then the record's structured extras; an exception as the string field
+    ``exception`` (its traceback), a stack as ``stack``. A value JSON cannot hold is written
+    as its ``str()``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        import datetime
+
+        when = datetime.datetime.fromtimestamp(record.created, datetime.UTC)
+        body: dict[str, Any] = {
+            "time": when.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for key, value in vars(record).items():
+            if key not in _RECORD_FIELDS and not key.startswith("_") and key not in body:
+                body[key] = value
+        if record.exc_info:
+            body["exception"] = self.formatException(record.exc_info)
+        elif record.exc_text:
+            body["exception"] = record.exc_text
+        if record.stack_info:
+            body["stack"] = self.formatStack(record.stack_info)
+        return json.dumps(body, default=str, ensure_ascii=False)
+
+
+class _PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):
+    """A RotatingFileHandler whose files are 0600 whatever the umask (logs name peers, jobs
+    and addresses: the node's business), never opened through a symbolic link."""
+
+    def _open(self) -> Any:
+        from mtor_p2p.config import PRIVATE_FILE_MODE
+
+        fd = os.open(
+            self.baseFilename,
+            os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW,
+            PRIVATE_FILE_MODE,
+        )
+        if os.fstat(fd).st_mode & 0o777 != PRIVATE_FILE_MODE:
+            os.fchmod(fd, PRIVATE_FILE_MODE)
+        return os.fdopen(fd, "a", encoding=self.encoding, errors=self.errors)
+
+
+def log_file_path(data_dir: Path) -> Path:
+    """Where ``mtor-peer run`` writes its log."""
+    return data_dir / LOG_DIR_NAME / LOG_FILE_NAME
 
 
 class _LevelFloor(logging.Filter):
@@ -96,41 +154,66 @@ class _CleanEofQuiet(logging.Filter):
     on the receiving peer, each announce interval. Other read failures still show."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.name != "libp2p.kad_dht.kad_dht" or not record.msg.startswith(
+        if record.name != "libp2p.kad_dht.kad_dht" or not str(record.msg).startswith(
             "Failed to read DHT message from stream"
         ):
             return True
         return not (record.args and type(record.args[0]).__name__ == "StreamEOF")
 
 
-def _setup_logging(level: str) -> None:
-    """One format (time, level, logger) for every line, ours and py-libp2p's, on stderr.
+def _setup_logging(
+    level: str, *, log_format: str = "text", config: NodeConfig | None = None
+) -> Path | None:
+    """One format for every line, ours and py-libp2p's, on stderr and, given the node's
+    ``config``, in its rotating log file (:func:`log_file_path`); the file's path.
 
-    py-libp2p configures its ``libp2p`` logger when it is imported: no handler, level
-    WARNING, no propagation, so its warnings went to Python's bare last-resort handler (no
-    time, no level) whatever ``--log-level`` said, and an import after this set-up undid it.
-    It is imported first here, then its loggers propagate to our handler at ``--log-level``
-    but never below WARNING (its INFO is per-stream chatter), except with ``--log-level
-    debug``. ``LIBP2P_DEBUG`` (py-libp2p's own switch) leaves its logging as it set it up.
+    ``log_format``: ``text`` (time, level, logger, message) or ``json``
+    (:class:`JsonLineFormatter`), for both. py-libp2p configures its ``libp2p`` logger when it
+    is imported: no handler, level WARNING, no propagation, so its warnings went to Python's
+    bare last-resort handler (no time, no level) whatever ``--log-level`` said, and an import
+    after this set-up undid it. It is imported first here, then its loggers propagate to our
+    handlers at ``--log-level`` but never below WARNING (its INFO is per-stream chatter),
+    except with ``--log-level debug``. ``LIBP2P_DEBUG`` (py-libp2p's own switch) leaves its
+    logging as it set it up. The filters (:class:`_LevelFloor`, :class:`_CleanEofQuiet`) sit
+    on every handler.
     """
+    from mtor_p2p.config import private_dir
+
     numeric = getattr(logging, level.upper(), logging.WARNING)
-    logging.basicConfig(level=numeric, format=LOG_FORMAT, stream=sys.stderr, force=True)
+    formatter: logging.Formatter = (
+        JsonLineFormatter() if log_format == "json" else logging.Formatter(LOG_FORMAT)
+    )
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    path = None
+    if config is not None:
+        path = log_file_path(config.data_dir)
+        private_dir(path.parent)
+        handlers.append(
+            _PrivateRotatingFileHandler(
+                path,
+                maxBytes=config.log_max_bytes,
+                backupCount=config.log_backups,
+                encoding="utf-8",
+            )
+        )
+    for handler in handlers:
+        handler.setFormatter(formatter)
+        handler.addFilter(_CleanEofQuiet())
+    logging.basicConfig(level=numeric, handlers=handlers, force=True)
     try:
         import libp2p  # noqa: F401  (runs py-libp2p's own logging set-up now, not later)
     except ImportError:  # pragma: no cover - a dependency; only the library may lack it
-        return
-    import os
-
+        return path
     if os.environ.get("LIBP2P_DEBUG"):
-        return
+        return path
     libp2p_level = numeric if level.lower() == "debug" else max(numeric, logging.WARNING)
     libp2p_logger = logging.getLogger("libp2p")
     libp2p_logger.handlers.clear()
     libp2p_logger.propagate = True
     libp2p_logger.setLevel(libp2p_level)
-    for handler in logging.getLogger().handlers:
+    for handler in handlers:
         handler.addFilter(_LevelFloor("libp2p", libp2p_level))
-        handler.addFilter(_CleanEofQuiet())
+    return path
 
 
 def _leaves(exc: BaseException) -> list[BaseException]:
@@ -206,6 +289,7 @@ def _config_from(args: argparse.Namespace, *, write: bool = False) -> NodeConfig
         "record_ttl",
         "announce_interval",
         "log_level",
+        "log_format",
         "max_connections",
         "fault_rate",
         "lanes",
@@ -266,7 +350,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     lock.acquire()
     try:
         _probe_ports(config)
-        _setup_logging(config.log_level)
+        _setup_logging(config.log_level, log_format=config.log_format, config=config)
         return _run_node(args, config, lock)
     finally:
         lock.release()
@@ -330,9 +414,17 @@ def _run_node(args: argparse.Namespace, config: NodeConfig, lock: DataDirLock) -
 
     from mtor_p2p.node import Node
 
+    log = logging.getLogger("mtor_p2p.cli")
+
     async def main() -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with Node.open(config, lock=lock) as node:
+                log.info(
+                    "mtor-peer %s running as %s",
+                    __version__,
+                    node.peer_id,
+                    extra={"peer_id": node.peer_id, "addrs": node.addrs(), "pid": os.getpid()},
+                )
                 ready = {
                     "peer_id": node.peer_id,
                     "addrs": node.addrs(),
@@ -357,6 +449,7 @@ def _run_node(args: argparse.Namespace, config: NodeConfig, lock: DataDirLock) -
 
                     nursery.start_soon(stop_on_signal)
                     await node.stopped.wait()
+                    log.info("stopping")
                     nursery.cancel_scope.cancel()
 
     try:
@@ -1433,6 +1526,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="testing only: return wrong results for this fraction of shards",
     )
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    p.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        help="log lines as text (default) or JSON objects, one a line; on stderr and in "
+        f"<data-dir>/{LOG_DIR_NAME}/{LOG_FILE_NAME} (rotated at log_max_bytes, 10 MiB; "
+        "log_backups, 5, kept)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON line when ready")
     p.set_defaults(func=cmd_run)
 

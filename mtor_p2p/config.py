@@ -17,6 +17,9 @@ Example ``mtor.toml``::
     relay = "auto"          # serve as a circuit relay: "auto" (when public), "on", "off"
     relays_wanted = 2       # relays to reserve on while not publicly reachable
     relay_max_reservations = 128  # as a relay: peers holding a reservation at once
+    log_format = "text"     # or "json": one JSON object a line (stderr and the log file)
+    log_max_bytes = 10485760  # rotate <data_dir>/logs/mtor-peer.log at this size
+    log_backups = 5         # rotated files kept (mtor-peer.log.1 ... .5)
     announce = []           # extra public addresses (a port forward): /ip4/IP/tcp/PORT
 
     [ngrok]
@@ -49,6 +52,7 @@ PRIVATE_FILE_MODE = 0o600
 SQLITE_SIDE_FILES = ("-wal", "-shm", "-journal")
 DEFAULT_LISTEN = "/ip4/127.0.0.1/tcp/4001"
 DEFAULT_REGION = "local"
+LOG_FORMATS = ("text", "json")
 
 
 class ConfigError(ValueError):
@@ -106,6 +110,13 @@ class NodeConfig:
     record_ttl: float = 60.0
     announce_interval: float = 20.0
     log_level: str = "warning"
+    #: How log lines are written, to stderr and to ``<data_dir>/logs/mtor-peer.log``:
+    #: "text" (one human-readable line each) or "json" (one JSON object a line).
+    log_format: str = "text"
+    #: The log file is rotated at this size and this many old files are kept
+    #: (``mtor-peer.log.1`` ... ``.N``): 10 MiB x 5 by default, at most 60 MiB on disk.
+    log_max_bytes: int = 10 << 20
+    log_backups: int = 5
     operand_cache_mib: int = 2048  # operands (weights) a worker keeps between shards
     #: Testing only: return a wrong result for this fraction of shards, to exercise the
     #: network's defences (verification, fault proofs, re-issue). Honest nodes keep 0.
@@ -153,6 +164,12 @@ class NodeConfig:
             raise ConfigError("announce_interval must be positive and under half of record_ttl")
         if not 0.0 <= self.fault_rate <= 1.0:
             raise ConfigError("fault_rate must be between 0 and 1")
+        if self.log_format not in LOG_FORMATS:
+            raise ConfigError(f"log_format must be 'text' or 'json', not {self.log_format!r}")
+        if not 1024 <= self.log_max_bytes <= 1 << 40:
+            raise ConfigError(f"log_max_bytes must be at least 1024, not {self.log_max_bytes}")
+        if not 1 <= self.log_backups <= 1000:
+            raise ConfigError(f"log_backups must be 1-1000, not {self.log_backups}")
         if self.operand_cache_mib < 1:
             raise ConfigError("operand_cache_mib must be at least 1")
         if len(self.region) > 32:
@@ -273,6 +290,9 @@ _SIMPLE_TYPES: dict[str, type] = {
     "record_ttl": float,
     "announce_interval": float,
     "log_level": str,
+    "log_format": str,
+    "log_max_bytes": int,
+    "log_backups": int,
     "operand_cache_mib": int,
     "fault_rate": float,
 }

@@ -1180,26 +1180,29 @@ def _follow_job(args: argparse.Namespace, client: ControlClient, job_id: str) ->
     """Show the job's progress until it ends, then its summary."""
     import time
 
-    started = time.monotonic()
-    show_progress = (not args.json and sys.stderr.isatty()) or args.progress
+    tty = sys.stderr.isatty()
+    show_progress = (not args.json and tty) or args.progress
+    last_key = None
     while True:
         job = client.call("GET", f"/v1/jobs?id={job_id}")
         if job["state"] != "running":
             break
         if show_progress:
-            elapsed = time.monotonic() - started
-            if job["total"]:
-                done = f"{job['done']}/{job['total']} shards verified"
-            else:
-                done = "starting (choosing workers)"
-            print(f"\r{job_id}: {done}, {elapsed:.1f} s\033[K", end="", file=sys.stderr, flush=True)
+            # On a terminal one line redrawn in place; otherwise a plain line at each change.
+            if tty:
+                line = format_job_line(job)
+                print(f"\r{line}\033[K", end="", file=sys.stderr, flush=True)
+            elif _job_key(job) != last_key:
+                print(format_job_line(job), file=sys.stderr, flush=True)
+            last_key = _job_key(job)
         time.sleep(0.1)
-    if show_progress:
-        print(file=sys.stderr)
-    if job["state"] == "failed":
+    if show_progress:  # the final state, in place of the last progress line
+        line = format_job_line(job)
+        print(f"\r{line}\033[K" if tty else line, file=sys.stderr)
+    if job["state"] in ("failed", "cancelled"):
         if args.json:
             print(json.dumps(job))
-        raise CliError(f"{job_id} failed: {job['error']}")
+        raise CliError(f"{job_id} {job['state']}: {job['error']}")
     result = job["result"]
     try:
         _paid_receipts(client, result)
@@ -1231,6 +1234,125 @@ def _follow_job(args: argparse.Namespace, client: ControlClient, job_id: str) ->
     if args.out:
         print(f"output     {args.out}")
     return EXIT_OK
+
+
+# -- jobs -------------------------------------------------------------------------------------
+
+#: Characters in a job's progress bar.
+JOB_BAR_WIDTH = 24
+#: ``jobs --watch``: seconds between redraws (default), and how often a plain-line watch
+#: repeats a running job's line that did not change (a heartbeat for a log reader).
+WATCH_INTERVAL = 1.0
+WATCH_HEARTBEAT = 10.0
+
+
+def format_job_line(job: dict[str, Any]) -> str:
+    """One line for a job of ``GET /v1/jobs``: its ID, a progress bar, shards done/total,
+    workers, verification outcomes, re-issues, state and elapsed time. What ``jobs`` lists and
+    ``submit`` shows while its job runs."""
+    total, done, state = job.get("total") or 0, job.get("done") or 0, job["state"]
+    if total:
+        filled = min(JOB_BAR_WIDTH, round(JOB_BAR_WIDTH * done / total))
+        bar = "#" * filled + "." * (JOB_BAR_WIDTH - filled)
+        shards = f"{done}/{total} shards"
+    else:
+        bar = "." * JOB_BAR_WIDTH
+        shards = "starting (choosing workers)" if state == "running" else "no shard done"
+    workers = job.get("workers")
+    if workers is None and job.get("result"):
+        workers = job["result"].get("workers")
+    return (
+        f"{job['id']}: [{bar}] {shards}, {len(workers or ())} worker(s), "
+        f"{job.get('verified', 0)} verified, {job.get('rejected', 0)} rejected, "
+        f"{job.get('reissued', 0)} re-issued, {state}, {job.get('elapsed_s', 0.0):.1f} s"
+    )
+
+
+def _job_key(job: dict[str, Any]) -> tuple[Any, ...]:
+    """What a plain-line display prints again when it changes (not the elapsed time)."""
+    names = ("state", "done", "total", "verified", "rejected", "reissued")
+    return (*(job.get(name) for name in names), len(job.get("workers") or ()))
+
+
+def _job_detail(job: dict[str, Any]) -> str:
+    """The second line of a job in the ``jobs`` list: what it runs and how it ended."""
+    shape = job.get("shape")
+    what = job.get("kernel", "?")
+    if shape:
+        what += " m={} n={} k={}".format(*shape)
+    if job.get("dtype"):
+        what += f" {job['dtype']}"
+    verify = (job.get("result") or {}).get("verification") or job.get("verify")
+    if verify:
+        what += f", verify {verify}"
+    result = job.get("result")
+    if result:
+        what += (
+            f"; {result.get('seconds', 0):.2f} s, {format_rate(result.get('tflops', 0.0))}, "
+            f"cost {result.get('cost', 0.0):.6f} credits"
+        )
+    if job.get("error"):
+        what += f"; {job['error']}"
+    return f"    {what}"
+
+
+def _jobs_text(answer: dict[str, Any]) -> list[str]:
+    jobs = answer.get("jobs", [])
+    if not jobs:
+        return ["no jobs yet (run one: mtor-peer submit matmul)"]
+    lines = []
+    for job in jobs:
+        lines += [format_job_line(job), _job_detail(job)]
+    running = answer.get("running", sum(1 for j in jobs if j["state"] == "running"))
+    remembered = answer.get("remembered", len(jobs))
+    lines.append(f"{len(jobs)} of {remembered} remembered job(s) shown, {running} running")
+    return lines
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    """List this node's jobs, running and recent, with a progress bar each."""
+    import time
+
+    client = _client(args)
+    path = f"/v1/jobs?limit={args.limit}" + ("&shards=1" if args.json else "")
+    if not args.watch:
+        answer = client.call("GET", path)
+        if args.json:
+            print(json.dumps(answer, indent=2, sort_keys=True))
+        else:
+            print("\n".join(_jobs_text(answer)))
+        return EXIT_OK
+    tty = sys.stdout.isatty() and not args.json
+    printed: dict[str, tuple[tuple[Any, ...], float]] = {}
+    last_json = None
+    try:
+        while True:
+            answer = client.call("GET", path)
+            now = time.monotonic()
+            if tty:  # redraw the whole list in place
+                lines = _jobs_text(answer)
+                lines.append(f"every {args.interval:g} s; Ctrl-C to stop")
+                print("\033[H\033[J" + "\n".join(lines), flush=True)
+            elif args.json:  # one JSON object a line, when something changed
+                key = [_job_key(j) for j in answer.get("jobs", [])]
+                if key != last_json:
+                    print(json.dumps(answer, sort_keys=True), flush=True)
+                    last_json = key
+            else:  # plain lines: a job's line when it changes (running ones now and then)
+                for job in reversed(answer.get("jobs", [])):
+                    key = _job_key(job)
+                    seen = printed.get(job["id"])
+                    stale = job["state"] == "running" and (
+                        seen is None or now - seen[1] >= WATCH_HEARTBEAT
+                    )
+                    if seen is None or seen[0] != key or stale:
+                        print(format_job_line(job), flush=True)
+                        printed[job["id"]] = (key, now)
+            time.sleep(args.interval)
+    except KeyboardInterrupt:
+        if tty:
+            print()
+        return EXIT_INTERRUPTED
 
 
 def cmd_receipts(args: argparse.Namespace) -> int:
@@ -1631,6 +1753,40 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser(
+        "jobs",
+        help="list this node's jobs with their progress",
+        description=(
+            "List the jobs submitted through this node (running ones and the last finished "
+            "ones, newest first), each with a progress bar: shards verified out of the total, "
+            "workers, verification outcomes (verified, rejected), re-issued shards, state "
+            "(running, done, failed, cancelled) and elapsed time. Works from any terminal "
+            "while the node runs; --watch redraws until Ctrl-C (plain lines, one per change, "
+            "when the output is not a terminal)."
+        ),
+    )
+    _add_data_dir(p)
+    p.add_argument("--watch", action="store_true", help="keep showing progress until Ctrl-C")
+    p.add_argument(
+        "--interval",
+        type=_positive_float,
+        default=WATCH_INTERVAL,
+        help=f"--watch: seconds between updates (default {WATCH_INTERVAL:g})",
+    )
+    p.add_argument(
+        "--limit",
+        type=_positive_int(100),
+        default=20,
+        help="the last N jobs (default 20; the node remembers 100)",
+    )
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print the control API's answer, with each job's accepted shards "
+        "(--watch: one JSON object a line)",
+    )
+    p.set_defaults(func=cmd_jobs)
 
     p = sub.add_parser(
         "receipts", help="list contribution receipts", description=cmd_receipts.__doc__

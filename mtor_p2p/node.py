@@ -31,7 +31,7 @@ from mtor_p2p.clock import NetClock
 from mtor_p2p.compute.blas import limit_blas_threads
 from mtor_p2p.compute.challenge import Challenger
 from mtor_p2p.compute.executor import ShardExecutor
-from mtor_p2p.compute.jobs import JobBoard
+from mtor_p2p.compute.jobs import JobBoard, observe_attempt
 from mtor_p2p.compute.receipt_store import ReceiptStore
 from mtor_p2p.compute.reputation import PeerBook
 from mtor_p2p.compute.scheduler import JobResult, JobSpec, Scheduler
@@ -214,6 +214,9 @@ class Node:
         self.scheduler.stakes = lambda: dict(self.ledger.state().stakes)
         self.scheduler.on_fault = self._record_fault
         self.jobs = JobBoard(self.submit, self.runtime)
+        # Shard attempts of the board's jobs count in their progress (the simulator and tests
+        # may put their own observer here instead).
+        self.scheduler.observer = observe_attempt
         #: The control API's URL once it serves (control.json is ours only if it names it).
         self._control_url: str | None = None
         #: Set when their loops start (status shows their guards' counters).
@@ -695,6 +698,7 @@ class Node:
                 ("POST", "/v1/shutdown"): self._route_shutdown,
                 ("POST", "/v1/jobs"): self.jobs.route_submit,
                 ("GET", "/v1/jobs"): self.jobs.route_status,
+                ("POST", "/v1/jobs/cancel"): self.jobs.route_cancel,
                 ("GET", "/v1/receipts"): self._route_receipts,
                 ("GET", "/v1/ledger/balance"): self._route_balance,
                 ("POST", "/v1/ledger/stake"): self._route_stake,

@@ -3,15 +3,26 @@
 ``POST /v1/jobs`` takes ``{"kernel": "matmul", "m", "n", "k", "dtype", "verify", "max_price",
 "shards", "seed"}`` (random operands) or ``{"a": path, "b": path, "out": path}`` (``.npy``
 files on this machine; the API is local), starts the job and answers ``{"id": ...}``.
-``GET /v1/jobs?id=...`` answers its state, progress and, once done, its summary.
+``GET /v1/jobs?id=...`` answers its state, progress and, once done, its summary;
+``GET /v1/jobs?limit=N`` lists the last N jobs (20 by default, at most
+:data:`MAX_REMEMBERED_JOBS`), newest first; ``shards=1`` adds each job's accepted shards.
+``POST /v1/jobs/cancel {"id": ...}`` cancels a running job: its shards in flight are
+abandoned, it ends in state ``cancelled``, and the receipts of shards already accepted stay
+countersigned and paid (the scheduler settles them as they are accepted).
+
+Progress comes from the scheduler's observer (every shard attempt as it ends), matched to the
+board's job through a context variable that the job's tasks inherit: workers, attempts by
+outcome, re-issues and each accepted shard, while the job runs.
 """
 
 from __future__ import annotations
 
+import contextvars
 import itertools
 import logging
 import os
 import tempfile
+import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -21,14 +32,24 @@ from typing import Any
 import numpy as np
 import trio
 
-from mtor_p2p.compute.scheduler import JobFailed, JobResult
+from mtor_p2p.compute.scheduler import JobFailed, JobResult, ShardAttempt, ShardResult
 from mtor_p2p.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
 MAX_REMEMBERED_JOBS = 100
+#: Jobs listed by ``GET /v1/jobs`` without ``limit``.
+DEFAULT_LISTED_JOBS = 20
+#: The most recent jobs that keep their per-shard detail (older ones keep their counts).
+MAX_JOBS_WITH_SHARDS = 20
 MAX_RANDOM_ELEMENTS = 1 << 26  # per operand, for jobs on random inputs
 DTYPES = ("float32", "float16")
+#: Attempt outcomes after which the scheduler puts the shard back in the queue.
+REISSUING_OUTCOMES = ("rejected", "failed", "timeout", "misbehaved", "refused")
+#: Job states; every one but ``running`` is final.
+STATES = ("running", "done", "failed", "cancelled")
+#: How long ``POST /v1/jobs/cancel`` waits for the job to stop before it answers.
+CANCEL_WAIT_SECONDS = 5.0
 
 
 @dataclass
@@ -36,24 +57,102 @@ class JobState:
     """What the control API reports about one submitted job."""
 
     id: str
-    state: str = "running"  # running, done, failed
+    state: str = "running"  # one of STATES
     done: int = 0
     total: int = 0
     result: dict[str, Any] | None = None
     error: str | None = None
     started: float = field(default_factory=trio.current_time)
+    #: What was asked: kernel, shape, verification (shown by ``mtor-peer jobs``).
+    request: dict[str, Any] = field(default_factory=dict)
+    created_at: float = field(default_factory=time.time)  # wall clock, for people
+    ended: float | None = None  # trio's clock
+    #: The scheduler's ID of the job (its receipts name it), from its first attempt.
+    job_id: str | None = None
+    #: Shard attempts that ended, by outcome (see scheduler.ShardAttempt).
+    attempts: dict[str, int] = field(default_factory=dict)
+    #: Accepted shards per worker.
+    workers: dict[str, int] = field(default_factory=dict)
+    #: Workers that ran an attempt of this job.
+    tried: set[str] = field(default_factory=set)
+    #: Accepted shards: index -> (worker, seconds of the accepted attempt, attempts so far).
+    shards: dict[int, tuple[str, float, int]] | None = field(default_factory=dict)
+    _tries: dict[int, int] = field(default_factory=dict)
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    finished: trio.Event = field(default_factory=trio.Event)
 
-    def to_json(self) -> dict[str, Any]:
-        """JSON-ready form."""
-        return {
+    def observe(self, attempt: ShardAttempt) -> None:
+        """Count one shard attempt that ended (the scheduler's observer, for this job)."""
+        self.job_id = attempt.job_id
+        self.attempts[attempt.outcome] = self.attempts.get(attempt.outcome, 0) + 1
+        self.tried.add(attempt.worker)
+        tries = self._tries[attempt.index] = self._tries.get(attempt.index, 0) + 1
+        if attempt.outcome == "accepted":
+            self.workers[attempt.worker] = self.workers.get(attempt.worker, 0) + 1
+            if self.shards is not None:
+                seconds = round(attempt.ended - attempt.started, 3)
+                self.shards[attempt.index] = (attempt.worker, seconds, tries)
+
+    def finish(self, state: str, error: str | None = None) -> None:
+        """End the job in ``state`` (done, failed or cancelled)."""
+        self.state, self.error, self.ended = state, error, trio.current_time()
+        self._tries.clear()
+
+    def drop_shards(self) -> None:
+        """Forget the per-shard detail (an old job keeps its counts)."""
+        if self.state != "running":
+            self.shards = None
+
+    def to_json(self, *, shards: bool = False) -> dict[str, Any]:
+        """JSON-ready form; ``shards``: with each accepted shard (index, worker, seconds,
+        attempts), when this job still keeps them."""
+        end = self.ended if self.ended is not None else trio.current_time()
+        result = self.result or {}
+        reissued = sum(self.attempts.get(outcome, 0) for outcome in REISSUING_OUTCOMES)
+        body: dict[str, Any] = {
             "id": self.id,
             "state": self.state,
             "done": self.done,
             "total": self.total,
-            "elapsed_s": round(trio.current_time() - self.started, 3),
+            "elapsed_s": round(end - self.started, 3),
+            "created_at": round(self.created_at, 3),
+            "job_id": result.get("job_id", self.job_id),
+            **self.request,
+            "workers": dict(sorted(self.workers.items())),
+            "workers_tried": len(self.tried),
+            "attempts": dict(sorted(self.attempts.items())),
+            "verified": result.get("checks_passed", self.attempts.get("accepted", 0)),
+            "rejected": result.get("rejected", self.attempts.get("rejected", 0)),
+            # While the job runs: attempts that put their shard back in the queue; once done,
+            # the scheduler's own count.
+            "reissued": result.get("reissued", reissued),
             "result": self.result,
             "error": self.error,
         }
+        if shards:
+            body["shards"] = (
+                None
+                if self.shards is None
+                else [
+                    {"index": i, "worker": w, "seconds": s, "attempts": n}
+                    for i, (w, s, n) in sorted(self.shards.items())
+                ]
+            )
+        return body
+
+
+#: The board's job that the current task works for (inherited by the scheduler's tasks).
+_current_job: contextvars.ContextVar[JobState | None] = contextvars.ContextVar(
+    "mtor_board_job", default=None
+)
+
+
+def observe_attempt(attempt: ShardAttempt) -> None:
+    """The scheduler's observer (``Node`` installs it): the attempt counts for the board's
+    job whose task runs it, if any."""
+    job = _current_job.get()
+    if job is not None:
+        job.observe(attempt)
 
 
 def _positive_int(body: dict[str, Any], name: str, limit: int = 1 << 20) -> int:
@@ -194,22 +293,67 @@ class JobBoard:
         if out is not None:
             out = str(await self._runtime.run_blocking(check_out_path, out))
         operands = await self._runtime.run_blocking(load_matmul_operands, body)
-        job = JobState(id=f"job-{next(self._ids)}")
+        (m, k), n = operands["a"].shape, operands["b"].shape[1]
+        request = {"kernel": kernel, "shape": [m, n, k], "dtype": str(operands["a"].dtype)}
+        job = JobState(id=f"job-{next(self._ids)}", request=request | {"verify": verify})
         self._jobs[job.id] = job
         while len(self._jobs) > MAX_REMEMBERED_JOBS:
             self._jobs.popitem(last=False)
+        for old in list(self._jobs.values())[:-MAX_JOBS_WITH_SHARDS]:
+            old.drop_shards()
         assert self.nursery is not None
         self.nursery.start_soon(self._run, job, kernel, operands, verify, max_price, shards, out)
         return 200, {"id": job.id}
 
+    def get(self, job_id: str) -> JobState | None:
+        """The remembered job ``job_id``, if any."""
+        return self._jobs.get(job_id)
+
+    def jobs(self, limit: int = DEFAULT_LISTED_JOBS) -> list[JobState]:
+        """The last ``limit`` jobs, newest first."""
+        return list(reversed(self._jobs.values()))[:limit]
+
     async def route_status(self, query: dict[str, str], body: Any) -> tuple[int, Any]:
-        """``GET /v1/jobs?id=...`` (without ``id``: every remembered job)."""
+        """``GET /v1/jobs?id=...``, or without ``id`` the last ``limit`` jobs (newest
+        first); ``shards=1``: with each job's accepted shards."""
+        shards = query.get("shards", "") not in ("", "0", "false")
         if "id" not in query:
-            return 200, {"jobs": [j.to_json() for j in self._jobs.values()]}
+            limit = query.get("limit", str(DEFAULT_LISTED_JOBS))
+            if not limit.isdigit() or not 1 <= int(limit) <= MAX_REMEMBERED_JOBS:
+                raise ValueError(f"limit must be an integer in [1, {MAX_REMEMBERED_JOBS}]")
+            jobs = self.jobs(int(limit))
+            return 200, {
+                "jobs": [j.to_json(shards=shards) for j in jobs],
+                "remembered": len(self._jobs),
+                "running": sum(1 for j in self._jobs.values() if j.state == "running"),
+            }
         job = self._jobs.get(query["id"])
         if job is None:
             return 404, {"error": f"no job {query['id']!r}"}
+        return 200, job.to_json(shards=shards)
+
+    async def route_cancel(self, query: dict[str, str], body: Any) -> tuple[int, Any]:
+        """``POST /v1/jobs/cancel {"id": ...}``: cancel a running job; answers the job once
+        it has stopped (within :data:`CANCEL_WAIT_SECONDS`; its state says if it has not)."""
+        job_id = body.get("id") if isinstance(body, dict) else None
+        if not isinstance(job_id, str):
+            raise ValueError('body must be {"id": "<job ID>"}')
+        job = self._jobs.get(job_id)
+        if job is None:
+            return 404, {"error": f"no job {job_id!r}"}
+        if not self.cancel(job):
+            return 409, {"error": f"{job_id} is not running: it is {job.state}"}
+        with trio.move_on_after(CANCEL_WAIT_SECONDS):
+            await job.finished.wait()
         return 200, job.to_json()
+
+    def cancel(self, job: JobState) -> bool:
+        """Cancel ``job`` if it is running (False if it already ended)."""
+        if job.state != "running":
+            return False
+        log.info("cancelling %s", job.id)
+        job.scope.cancel()
+        return True
 
     async def _run(
         self,
@@ -224,30 +368,67 @@ class JobBoard:
         def progress(done: int, total: int) -> None:
             job.done, job.total = done, total
 
+        # The scheduler's tasks for this job inherit the variable: their attempts count here.
+        token = _current_job.set(job)
         try:
-            result = await self._submit(
-                kernel,
-                operands,
-                verify=verify,
-                max_price=max_price,
-                shards=shards,
-                progress=progress,
-            )
+            await self._run_job(job, kernel, operands, verify, max_price, shards, out, progress)
+        finally:
+            _current_job.reset(token)
+            if job.state == "running":  # the node stops under the job
+                job.finish("cancelled", "the node stopped")
+            job.finished.set()
+
+    async def _run_job(
+        self,
+        job: JobState,
+        kernel: str,
+        operands: dict[str, np.ndarray],
+        verify: str,
+        max_price: float | None,
+        shards: int | None,
+        out: str | None,
+        progress: Callable[[int, int], None],
+    ) -> None:
+        result: JobResult | None = None
+        try:
+            with job.scope:
+                result = await self._submit(
+                    kernel,
+                    operands,
+                    verify=verify,
+                    max_price=max_price,
+                    shards=shards,
+                    progress=progress,
+                )
         except (JobFailed, ValueError) as exc:
-            job.state, job.error = "failed", str(exc)
-            return
+            if not job.scope.cancel_called:
+                job.finish("failed", str(exc))
+                return
         except Exception as exc:  # a job's failure must not take the node down
             log.exception("job %s failed", job.id)
-            job.state, job.error = "failed", f"{type(exc).__name__}: {exc}"
+            job.finish("failed", f"{type(exc).__name__}: {exc}")
+            return
+        if result is None or job.scope.cancel_called:
+            # Shards accepted before the cancel stay accepted: their receipts were
+            # countersigned as they came and are settled (paid) like any other.
+            job.finish("cancelled", "cancelled on request")
+            log.info("%s cancelled: %d of %d shards were done", job.id, job.done, job.total)
             return
         job.result = result.summary()
         job.done = job.total = len(result.shards)
+        if job.shards is not None:
+            # The scheduler's own account replaces what the observer saw.
+            job.shards = {
+                s.index: (s.worker, round(s.seconds, 3), s.attempts)
+                for s in result.shards
+                if isinstance(s, ShardResult)
+            }
         if out:
             try:
                 await self._runtime.run_blocking(save_npy, out, result.output)
             except Exception as exc:  # a full disk, a removed directory: not the node's end
                 # The job ran and was paid for; its summary stays, the result is not saved.
                 log.warning("job %s: result not saved to %s: %s", job.id, out, exc)
-                job.state, job.error = "failed", f"result not saved to {out}: {exc}"
+                job.finish("failed", f"result not saved to {out}: {exc}")
                 return
-        job.state = "done"
+        job.finish("done")

@@ -1,0 +1,261 @@
+"""Jobs from any terminal (issue 11, item 5): ``mtor-peer jobs [--watch] [--json]``, the
+progress ``submit`` shows, and ``POST /v1/jobs/cancel`` behind Ctrl-C on ``submit``.
+
+The job board on its own first (a stand-in for the scheduler), then real subprocesses
+against a 2-peer devnet."""
+
+from __future__ import annotations
+
+import json
+import selectors
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+import trio
+
+from mtor_p2p.cli import format_job_line
+from mtor_p2p.compute.jobs import (
+    MAX_JOBS_WITH_SHARDS,
+    MAX_REMEMBERED_JOBS,
+    JobBoard,
+    observe_attempt,
+)
+from mtor_p2p.compute.scheduler import ShardAttempt
+from mtor_p2p.runtime import Runtime
+from tests.processes import mtor, read_json_line
+
+BODY = {"m": 8, "n": 4, "k": 2, "seed": 1}
+
+
+def attempt(index: int, worker: str, outcome: str) -> ShardAttempt:
+    now = trio.current_time()
+    return ShardAttempt(
+        job_id="abc",
+        index=index,
+        worker=worker,
+        started=now - 0.25,
+        ended=now,
+        outcome=outcome,
+        flops=64,
+        hedge=False,
+    )
+
+
+@asynccontextmanager
+async def board(release: trio.Event) -> AsyncIterator[JobBoard]:
+    """A board whose jobs report a rejected attempt and one accepted shard of four from
+    tasks of their own (as the scheduler's attempts run), then wait for ``release``."""
+
+    async def submit(*args: Any, progress: Any, **kwargs: Any) -> Any:
+        async def worker() -> None:  # a task of the job, as the scheduler's attempts are
+            observe_attempt(attempt(2, "peer-b", "rejected"))
+            observe_attempt(attempt(0, "peer-a", "accepted"))
+            progress(1, 4)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(worker)
+        await release.wait()
+        raise AssertionError("the stand-in job never finishes")
+
+    jobs = JobBoard(submit, Runtime.simulated("jobs"))
+    async with trio.open_nursery() as nursery:
+        jobs.nursery = nursery
+        yield jobs
+        nursery.cancel_scope.cancel()
+
+
+async def test_progress_comes_from_the_jobs_own_attempts_and_cancel_stops_it() -> None:
+    release = trio.Event()
+    async with board(release) as jobs:
+        _, first = await jobs.route_submit({}, BODY)
+        _, second = await jobs.route_submit({}, BODY)
+        await trio.sleep(0.01)
+        # Attempts outside a job's tasks count nowhere.
+        observe_attempt(attempt(1, "peer-z", "accepted"))
+        _, state = await jobs.route_status({"id": first["id"], "shards": "1"}, None)
+        assert state["state"] == "running" and (state["done"], state["total"]) == (1, 4)
+        assert state["workers"] == {"peer-a": 1} and state["workers_tried"] == 2
+        assert state["attempts"] == {"accepted": 1, "rejected": 1}
+        assert state["verified"] == 1 and state["rejected"] == 1 and state["reissued"] == 1
+        assert state["shards"] == [{"index": 0, "worker": "peer-a", "seconds": 0.25, "attempts": 1}]
+        assert state["shape"] == [8, 4, 2] and state["kernel"] == "matmul"
+        line = format_job_line(state)
+        assert line.startswith(f"{first['id']}: [######..................] 1/4 shards, ")
+        assert "1 worker(s), 1 verified, 1 rejected, 1 re-issued, running" in line
+
+        code, cancelled = await jobs.route_cancel({}, {"id": first["id"]})
+        assert code == 200 and cancelled["state"] == "cancelled"
+        assert cancelled["done"] == 1 and cancelled["error"] == "cancelled on request"
+        # The other job runs on; a job can be cancelled once.
+        _, other = await jobs.route_status({"id": second["id"]}, None)
+        assert other["state"] == "running"
+        code, again = await jobs.route_cancel({}, {"id": first["id"]})
+        assert code == 409 and "is not running: it is cancelled" in again["error"]
+        code, _ = await jobs.route_cancel({}, {"id": "job-99"})
+        assert code == 404
+        with pytest.raises(ValueError):
+            await jobs.route_cancel({}, {"job": first["id"]})
+        # Listed newest first, bounded.
+        _, listed = await jobs.route_status({"limit": "1"}, None)
+        assert [j["id"] for j in listed["jobs"]] == [second["id"]]
+        assert listed["remembered"] == 2 and listed["running"] == 1
+        assert "shards" not in listed["jobs"][0]
+        for limit in ("0", str(MAX_REMEMBERED_JOBS + 1), "x"):
+            with pytest.raises(ValueError):
+                await jobs.route_status({"limit": limit}, None)
+
+
+async def test_only_the_recent_jobs_keep_their_shards_and_the_board_is_bounded() -> None:
+    release = trio.Event()
+    async with board(release) as jobs:
+        ids = []
+        for _ in range(MAX_REMEMBERED_JOBS + 5):
+            _, reply = await jobs.route_submit({}, BODY)
+            ids.append(reply["id"])
+            await jobs.route_cancel({}, reply)
+        _, listed = await jobs.route_status(
+            {"limit": str(MAX_REMEMBERED_JOBS), "shards": "1"}, None
+        )
+        assert listed["remembered"] == MAX_REMEMBERED_JOBS
+        assert [j["id"] for j in listed["jobs"]] == ids[::-1][:MAX_REMEMBERED_JOBS]
+        kept = [j for j in listed["jobs"] if j["shards"] is not None]
+        assert len(kept) == MAX_JOBS_WITH_SHARDS
+        assert all(j["state"] == "cancelled" for j in listed["jobs"])
+
+
+# -- against a devnet ---------------------------------------------------------------------------
+
+
+def popen(*args: str) -> subprocess.Popen[str]:
+    """``mtor-peer ARGS`` with Ctrl-C delivered as Python's default (even where the test
+    runner's parent ignores SIGINT)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "mtor_p2p", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+
+
+def read_line(stream: Any, process: subprocess.Popen[str], want: Any, timeout: float) -> str:
+    """The first line of ``stream`` for which ``want(line)`` is true (fails on timeout or
+    exit)."""
+    selector = selectors.DefaultSelector()
+    selector.register(stream, selectors.EVENT_READ)
+    deadline = time.monotonic() + timeout
+    seen = []
+    while time.monotonic() < deadline:
+        if selector.select(timeout=0.2):
+            line = stream.readline()
+            if line:
+                seen.append(line)
+                if want(line):
+                    return line
+                continue
+        if process.poll() is not None:
+            pytest.fail(f"exited {process.returncode}; lines: {seen[-5:]}")
+    pytest.fail(f"no such line in {timeout} s; lines: {seen[-5:]}")
+
+
+@pytest.fixture(scope="module")
+def devnet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[dict[str, Any]]]:
+    """A devnet of 2 peers: peer 0 submits, peer 1 works."""
+    root = tmp_path_factory.mktemp("jobs")
+    process = popen("devnet", "--peers", "2", "--json", "--data-dir", str(root / "net"))
+    try:
+        yield read_json_line(process, timeout=120)["peers"]
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=30)
+
+
+def jobs_json(data_dir: str) -> dict[str, Any]:
+    result = mtor("jobs", "--json", "--data-dir", data_dir)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_jobs_lists_a_finished_job_with_its_shards_and_watch_stops_on_ctrl_c(devnet):
+    requester, worker = devnet[0]["data_dir"], devnet[1]["peer_id"]
+    empty = mtor("jobs", "--data-dir", requester)
+    assert empty.returncode == 0 and "no jobs yet" in empty.stdout
+    submit = mtor("submit", "matmul", "--m", "256", "--n", "64", "--k", "64", "--shards", "4",
+                  "--progress", "--json", "--data-dir", requester)  # fmt: skip
+    assert submit.returncode == 0, submit.stderr
+    summary = json.loads(submit.stdout)
+    # submit's progress is the jobs line (plain lines: stderr is not a terminal).
+    final = submit.stderr.strip().splitlines()[-1]
+    assert final.startswith("job-") and "[########################] 4/4 shards" in final
+    assert ", done, " in final
+
+    listed = jobs_json(requester)
+    job = listed["jobs"][0]
+    assert job["state"] == "done" and job["done"] == job["total"] == 4
+    assert job["result"]["job_id"] == summary["job_id"]
+    assert job["workers"] == {worker: 4} and job["verified"] == summary["checks_passed"]
+    assert [s["index"] for s in job["shards"]] == [0, 1, 2, 3]
+    assert all(s["worker"] == worker and s["attempts"] >= 1 for s in job["shards"])
+    text = mtor("jobs", "--data-dir", requester).stdout
+    assert f"{job['id']}: [########################] 4/4 shards, 1 worker(s)" in text
+    assert "matmul m=256 n=64 k=64 float32, verify freivalds" in text
+
+    # --watch without a terminal: plain lines; Ctrl-C ends it with 130.
+    watch = popen("jobs", "--watch", "--interval", "0.2", "--data-dir", requester)
+    try:
+        line = read_line(watch.stdout, watch, lambda s: s.startswith(job["id"]), timeout=30)
+        assert "4/4 shards" in line and "\033" not in line
+        watch.send_signal(signal.SIGINT)
+        assert watch.wait(timeout=10) == 130
+        assert "Traceback" not in watch.stderr.read()
+    finally:
+        watch.kill()
+        watch.wait()
+
+
+def test_ctrl_c_on_submit_cancels_the_job_and_the_node_runs_on(devnet):
+    requester = devnet[0]["data_dir"]
+    # Many small shards: a job that runs for many seconds on a 2-core machine.
+    submit = popen("submit", "matmul", "--m", "8192", "--n", "512", "--k", "512",
+                   "--shards", "2000", "--progress", "--data-dir", requester)  # fmt: skip
+    try:
+        line = read_line(submit.stderr, submit, lambda s: " 0/" not in s and "/" in s, 60)
+        assert line.startswith("job-")
+        job_id = line.split(":")[0]
+        submit.send_signal(signal.SIGINT)
+        assert submit.wait(timeout=30) == 130
+        rest = submit.stderr.read()
+        assert f"interrupted; {job_id} cancelled" in rest and "Traceback" not in rest
+    finally:
+        submit.kill()
+        submit.wait()
+    job = next(j for j in jobs_json(requester)["jobs"] if j["id"] == job_id)
+    assert job["state"] == "cancelled", job
+    assert 0 < job["done"] < job["total"] == 2000
+    accepted = len(job["shards"])
+    assert accepted >= job["done"]
+    # The shards accepted before the cancel stay paid: their receipts are countersigned.
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        receipts = json.loads(
+            mtor("receipts", "--json", "--limit", "10000", "--data-dir", requester).stdout
+        )["receipts"]
+        paid = [r for r in receipts if r["job_id"] == job["job_id"] and r["complete"]]
+        if len(paid) >= accepted:
+            break
+        time.sleep(0.3)
+    assert len(paid) >= accepted
+    # Nothing more of it runs: the count stays put, and the node takes the next job.
+    time.sleep(1.0)
+    assert next(j for j in jobs_json(requester)["jobs"] if j["id"] == job_id)["done"] == job["done"]
+    after = mtor("submit", "matmul", "--m", "128", "--n", "32", "--k", "32", "--json",
+                 "--data-dir", requester)  # fmt: skip
+    assert after.returncode == 0, after.stderr
+    assert jobs_json(requester)["jobs"][0]["state"] == "done"

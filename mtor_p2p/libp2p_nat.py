@@ -30,6 +30,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
+import math
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
@@ -47,11 +48,12 @@ from libp2p.relay.circuit_v2.pb.circuit_pb2 import HopMessage
 from libp2p.relay.circuit_v2.pb.circuit_pb2 import PeerId as CircuitPeerId
 from libp2p.relay.circuit_v2.protocol import PROTOCOL_ID as HOP_PROTOCOL_ID
 from libp2p.relay.circuit_v2.protocol import CircuitV2Protocol
-from libp2p.relay.circuit_v2.protocol_buffer import StatusCode
+from libp2p.relay.circuit_v2.protocol_buffer import StatusCode, to_proto_status
 from libp2p.relay.circuit_v2.resources import RelayLimits
 from libp2p.relay.circuit_v2.transport import CircuitV2Transport
 from libp2p.relay.circuit_v2.utils import read_delimited_msg, write_delimited_msg
 from libp2p.tools.anyio_service import background_trio_service
+from libp2p.tools.constants import MAX_READ_LEN
 
 from mtor_p2p.network import NetworkError, RemoteError
 
@@ -73,12 +75,27 @@ DIALBACK_CONCURRENT = 8
 #: Peers whose last dial-back time is remembered (the oldest forgotten first).
 DIALBACK_MEMORY = 4096
 #: Addresses from a peer's DCUtR message that we dial (the message may hold hundreds).
-PUNCH_MAX_ADDRS = 4
+PUNCH_MAX_ADDRS = 2
 #: How long the plain dial before a hole punch may take (a reachable peer answers within a
 #: round trip; behind a NAT it never answers).
 UNILATERAL_DIAL_S = 1.0
 #: How long the punching side waits for identify to name the peer's addresses.
 IDENTIFY_WAIT_S = 2.0
+#: Punches run at once, and how long one attempt may take (its own exchange included).
+PUNCHES_AT_ONCE = 4
+PUNCH_ATTEMPT_S = 20.0
+#: DCUtR sessions a peer may start with us per window (each makes us dial), and how many
+#: peers' session times are remembered.
+PUNCH_SESSIONS_PER_WINDOW = 3
+PUNCH_SESSION_WINDOW_S = 300.0
+PUNCH_SESSION_MEMORY = 4096
+#: Relay: reservations one IP may hold (loopback exempt: a devnet), circuits one source IP
+#: may hold to one destination, a circuit's allowance for its set-up, and how long a
+#: circuit may carry nothing either way before it ends.
+RESERVATIONS_PER_IP = 8
+CIRCUITS_PER_SOURCE_IP = 2
+STREAM_SETUP_S = 15.0
+CIRCUIT_IDLE_S = 120.0
 #: Agreeing answers needed to call this node public or private.
 REACHABILITY_CONFIRMATIONS = 2
 #: Helpers asked per check (connected peers, direct connections only).
@@ -181,23 +198,185 @@ def tunnel_needed(reachability: dict[str, Any] | None) -> bool:
 
 
 class _Relay(CircuitV2Protocol):
-    """py-libp2p's relay with one fix: a reservation is always for the peer that asks for
-    it (the library takes the peer named in the message, so anyone could reserve slots in
-    the names of others)."""
+    """py-libp2p's relay (hop and stop) with MTOR's fixes:
+
+    * a reservation is always for the peer that asks (the library takes the peer named in
+      the message: anyone could reserve slots in others' names); reservations of peers no
+      longer connected are dropped before counting, and one IP holds at most
+      :data:`RESERVATIONS_PER_IP` (throwaway identities cannot fill the relay);
+    * a circuit ends after its duration even when no byte moves (the library checks it only
+      after a read returns), after :data:`CIRCUIT_IDLE_S` without a byte either way, and
+      closes only its own two streams (the library keyed circuits by peer, so one circuit
+      ending closed another to the same peer); one source IP holds at most
+      :data:`CIRCUITS_PER_SOURCE_IP` circuits to one destination;
+    * as the destination (stop), a circuit is accepted only from a relay we hold a
+      reservation on (any directly connected peer could otherwise play relay for itself and
+      open a DCUtR session), and its handshake has a deadline.
+    """
+
+    def __init__(
+        self, host: IHost, limits: RelayLimits, accept_stop_from: Callable[[str], bool]
+    ) -> None:
+        super().__init__(host, limits=limits, allow_hop=False)
+        self._accept_stop_from = accept_stop_from
+        #: (source IP, destination) -> circuits open now.
+        self._circuits: dict[tuple[str, ID], int] = {}
+
+    def _remote_ip(self, stream: INetStream) -> str:
+        try:
+            remote = stream.muxed_conn.get_remote_address()  # type: ignore[attr-defined]
+        except Exception:
+            remote = None
+        return str(remote[0]) if remote else "?"
 
     async def _handle_reserve(self, stream: INetStream, msg: HopMessage) -> None:
-        msg.peer.CopyFrom(CircuitPeerId(id=stream.muxed_conn.peer_id.to_bytes()))
+        peer = stream.muxed_conn.peer_id
+        msg.peer.CopyFrom(CircuitPeerId(id=peer.to_bytes()))
+        manager = self.resource_manager
+        connected = self.host.get_network().connections
+        for holder in [p for p in manager._reservations if not connected.get(p)]:
+            del manager._reservations[holder]
+        if manager.get_reservation(peer) is None:
+            ip = self._remote_ip(stream)
+            same_ip = 0
+            for holder in manager._reservations:
+                conns = _conn_list(connected.get(holder))
+                if any((_remote_of(c) or ("", 0))[0] == ip for c in conns):
+                    same_ip += 1
+            if same_ip >= RESERVATIONS_PER_IP and not _is_loopback(ip):
+                await write_delimited_msg(
+                    stream,
+                    HopMessage(
+                        type=HopMessage.STATUS,
+                        status=to_proto_status(StatusCode.RESOURCE_LIMIT_EXCEEDED),
+                    ),
+                )
+                return
         await super()._handle_reserve(stream, msg)
+
+    async def _handle_connect(self, stream: INetStream, msg: HopMessage) -> None:
+        try:
+            destination = ID(msg.peer.id)
+        except Exception:
+            await self._send_status(stream, StatusCode.MALFORMED_MESSAGE, "bad peer")
+            await stream.reset()
+            return
+        key = (self._remote_ip(stream), destination)
+        if self._circuits.get(key, 0) >= CIRCUITS_PER_SOURCE_IP:
+            await self._send_status(
+                stream, StatusCode.RESOURCE_LIMIT_EXCEEDED, "too many circuits from one IP"
+            )
+            await stream.reset()
+            return
+        self._circuits[key] = self._circuits.get(key, 0) + 1
+        try:
+            # The whole circuit, handshake included, ends with its duration.
+            with trio.move_on_after(self.limits.duration + STREAM_SETUP_S):
+                await super()._handle_connect(stream, msg)
+        finally:
+            self._circuits[key] -= 1
+            if not self._circuits[key]:
+                del self._circuits[key]
+            with trio.CancelScope(shield=True), trio.move_on_after(1):
+                await self._close_stream(stream)
+
+    async def _relay_data(
+        self,
+        src_stream: INetStream,
+        dst_stream: INetStream,
+        peer_id: ID,
+        deadline: float | None = None,
+        circuit_data_limit: list[int] | None = None,
+    ) -> None:
+        # One direction of a circuit. The two directions share the byte budget (as in the
+        # library) and a last-activity time, kept per circuit (keyed by its stream pair).
+        key = tuple(sorted((id(src_stream), id(dst_stream))))
+        activity = self._activity.setdefault(key, [trio.current_time()])
+        # The circuit's duration (monotonic, from the library) ends it even with no traffic.
+        left = deadline - time.monotonic() if deadline is not None else math.inf
+        try:
+            with trio.move_on_after(max(0.0, left)):
+                await self._pump(src_stream, dst_stream, activity, circuit_data_limit)
+        except (trio.TooSlowError, Exception) as exc:
+            log.debug("circuit for %s ends: %s: %s", peer_id, type(exc).__name__, exc)
+        finally:
+            self._activity.pop(key, None)
+            with trio.CancelScope(shield=True), trio.move_on_after(1):
+                for s in (src_stream, dst_stream):
+                    try:
+                        await s.reset()
+                    except Exception:
+                        pass
+            # The library's table of circuits by peer: drop only entries of this circuit.
+            for peer, pair in list(self._active_relays.items()):
+                if src_stream in pair or dst_stream in pair:
+                    del self._active_relays[peer]
+
+    async def _pump(
+        self,
+        src_stream: INetStream,
+        dst_stream: INetStream,
+        activity: list[float],
+        circuit_data_limit: list[int] | None,
+    ) -> None:
+        while True:
+            with trio.move_on_after(CIRCUIT_IDLE_S) as idle:
+                data = await src_stream.read(MAX_READ_LEN)
+            if idle.cancelled_caught:
+                if trio.current_time() - activity[0] >= CIRCUIT_IDLE_S:
+                    return  # idle both ways: the circuit ends
+                continue
+            if not data:
+                return
+            activity[0] = trio.current_time()
+            if circuit_data_limit is not None:
+                if len(data) > circuit_data_limit[0]:
+                    await self._send_status(
+                        src_stream,
+                        StatusCode.RESOURCE_LIMIT_EXCEEDED,
+                        "Data transfer limit exceeded",
+                    )
+                    return
+                circuit_data_limit[0] -= len(data)
+            with trio.fail_after(self.write_timeout):
+                await dst_stream.write(data)
+
+    @property
+    def _activity(self) -> dict[tuple[int, ...], list[float]]:
+        table = self.__dict__.get("_activity_table")
+        if table is None:
+            table = self.__dict__["_activity_table"] = {}
+        return table
+
+    async def _handle_stop_stream(self, stream: INetStream) -> None:
+        relay = str(stream.muxed_conn.peer_id)
+        if not self._accept_stop_from(relay):
+            await self._send_stop_status(
+                stream, StatusCode.PERMISSION_DENIED, "not a relay we reserved on"
+            )
+            await self._close_stream(stream)
+            return
+        with trio.move_on_after(STREAM_SETUP_S) as scope:
+            await super()._handle_stop_stream(stream)
+        if scope.cancelled_caught:
+            await self._close_stream(stream)
 
 
 class _HolePuncher(DCUtRProtocol):
     """DCUtR with MTOR's choices: only the side that accepted the relayed connection drives
-    (both driving starts crossing sessions), dials time out fast (pitfall 5), and the
-    relayed connection closes soon after the direct one verifies."""
+    (both driving starts crossing sessions), each punch in its own task with a deadline
+    (a peer that never answers must not hold up the others), dials time out fast
+    (pitfall 5), a peer's own sessions are accepted only over a relayed connection, one at
+    a time and a few per :data:`PUNCH_SESSION_WINDOW_S`, and the relayed connection closes
+    soon after the direct one verifies."""
 
     def __init__(self, host: IHost, on_result: Callable[[str, bool, float], None]) -> None:
-        super().__init__(host, dial_timeout=3)
+        super().__init__(host, read_timeout=5, write_timeout=5, dial_timeout=3)
         self._on_result = on_result
+        self._punching: set[ID] = set()
+        self._slots = trio.Semaphore(PUNCHES_AT_ONCE)
+        #: peer -> when its recent sessions with us started (oldest peers forgotten first).
+        self._sessions: OrderedDict[ID, list[float]] = OrderedDict()
 
     async def _auto_drive_loop(self) -> None:
         me = self.host.get_id()
@@ -209,7 +388,7 @@ class _HolePuncher(DCUtRProtocol):
             for peer_id in [p for p in first_seen if not connections.get(p)]:
                 del first_seen[peer_id]
             for peer_id, conns in list(connections.items()):
-                if peer_id == me or peer_id in self._in_progress:
+                if peer_id == me or peer_id in self._punching or peer_id in self._in_progress:
                     continue
                 if not _relayed_in(conns, me) or _has_direct(conns):
                     continue
@@ -220,20 +399,54 @@ class _HolePuncher(DCUtRProtocol):
                     # Identify has not told us the peer's addresses yet: the plain dial that
                     # comes first would have nothing to dial.
                     continue
+                if self._nursery is not None and _try_acquire(self._slots):
+                    self._punching.add(peer_id)
+                    self._nursery.start_soon(self._punch, peer_id, seen)
+
+    async def _punch(self, peer_id: ID, seen: float) -> None:
+        try:
+            ok = False
+            with trio.move_on_after(PUNCH_ATTEMPT_S):
                 try:
                     ok = await self.initiate_hole_punch(peer_id)
                 except Exception as exc:  # a peer's state must never end the loop (or host)
-                    log.debug("hole punch to %s raised %s: %s", peer_id, type(exc).__name__, exc)
-                    ok = False
+                    log.debug("hole punch to %s: %s: %s", peer_id, type(exc).__name__, exc)
                 if not ok:
                     # The library may report failure while its punch lands a moment later
                     # (pitfall 4): look again before saying so.
                     with trio.move_on_after(2.0):
+                        connections = self.host.get_network().connections
                         while not _has_direct(connections.get(peer_id)):  # noqa: ASYNC110
                             await trio.sleep(0.1)
-                    ok = _has_direct(connections.get(peer_id))
-                # Every attempt is reported (a later success replaces an earlier failure).
-                self._on_result(str(peer_id), ok, trio.current_time() - seen)
+                    ok = _has_direct(self.host.get_network().connections.get(peer_id))
+            # Every attempt is reported (a later success replaces an earlier failure).
+            self._on_result(str(peer_id), ok, trio.current_time() - seen)
+        finally:
+            self._punching.discard(peer_id)
+            self._slots.release()
+
+    async def _handle_dcutr_stream(self, stream: INetStream) -> None:
+        peer = stream.muxed_conn.peer_id
+        conns = self.host.get_network().connections.get(peer)
+        now = trio.current_time()
+        recent = [t for t in self._sessions.get(peer, []) if now - t < PUNCH_SESSION_WINDOW_S]
+        if (
+            not _conn_list(conns)
+            or _has_direct(conns)
+            or _relayed_in(conns, self.host.get_id())
+            or peer in self._in_progress
+            or len(recent) >= PUNCH_SESSIONS_PER_WINDOW
+        ):
+            # Not relayed (nothing to upgrade), relayed to us (then we drive: a peer that
+            # dialled us has no session to start), already punching with it, or too often:
+            # a session makes us dial the addresses the peer names.
+            await stream.close()
+            return
+        self._sessions[peer] = [*recent, now]
+        self._sessions.move_to_end(peer)
+        while len(self._sessions) > PUNCH_SESSION_MEMORY:
+            self._sessions.popitem(last=False)
+        await super()._handle_dcutr_stream(stream)
 
     def _direct_addrs(self, peer_id: ID) -> list[multiaddr.Multiaddr]:
         try:
@@ -259,10 +472,13 @@ class _HolePuncher(DCUtRProtocol):
     def _decode_observed_addrs(self, addr_bytes: list[bytes]) -> list[multiaddr.Multiaddr]:
         # A peer's CONNECT message names the addresses we dial: keep a few plain TCP ones,
         # so that a hostile peer cannot turn us into a dialler of hundreds of third parties.
-        kept = []
+        # One IP (where the peer's NAT is: its ports may differ), plain TCP, a few ports.
+        kept: list[multiaddr.Multiaddr] = []
         for addr in super()._decode_observed_addrs(addr_bytes[: 4 * PUNCH_MAX_ADDRS]):
-            if _tcp_target(str(addr)) is not None:
-                kept.append(addr)
+            target = _tcp_target(str(addr))
+            if target is None or (kept and not _same_ip(target[0], _tcp_target(str(kept[0]))[0])):  # type: ignore[index]
+                continue
+            kept.append(addr)
             if len(kept) >= PUNCH_MAX_ADDRS:
                 break
         return kept
@@ -272,6 +488,14 @@ class _HolePuncher(DCUtRProtocol):
             self._nursery.start_soon(
                 self._close_relayed_conns_after_grace, peer_id, RELAY_CLOSE_GRACE_S
             )
+
+
+def _try_acquire(semaphore: trio.Semaphore) -> bool:
+    try:
+        semaphore.acquire_nowait()
+    except trio.WouldBlock:
+        return False
+    return True
 
 
 def _conn_list(conns: Any) -> list[INetConn]:
@@ -439,7 +663,9 @@ class NatTraversal:
         """Serve the relay's stop (and maybe hop) side, DCUtR and the dial-back protocol,
         and run the reachability and relay-keeper loops while open."""
         limits = self.settings.relay_limits.to_libp2p()
-        relay = self._relay = _Relay(self._host, limits=limits, allow_hop=False)
+        relay = self._relay = _Relay(
+            self._host, limits, accept_stop_from=lambda relay: relay in self.reservations
+        )
         self._transport = CircuitV2Transport(
             self._host, relay, RelayConfig(roles=RelayRole.STOP, limits=limits)
         )

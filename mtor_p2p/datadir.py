@@ -3,13 +3,14 @@ runs on it.
 
 A node owns its data directory: the identity key, the SQLite stores and ``control.json``. Two
 nodes on one directory would share an identity and write the same files, and the second one to
-stop would delete the first one's ``control.json``. A running node therefore holds an
-exclusive ``flock`` on ``<data-dir>/node.lock`` for as long as it runs (``Node.open`` takes it,
-or uses the one ``mtor-peer run`` took first, before it set anything up); a second node on the
-same directory, in this process or another, is refused before it touches anything. The lock is the kernel's: it goes away
-with the process however it ends (a crash or SIGKILL leaves no stale lock), and the file, which
-holds the owner's PID for ``mtor-peer stop`` and for error messages, is never deleted (deleting
-it would let a third process lock a new file while the first still holds the old one).
+stop would delete the first one's ``control.json``. A running node therefore holds an exclusive
+``flock`` on ``<data-dir>/node.lock`` for as long as it runs (``Node.open`` takes it, or uses
+the one ``mtor-peer run`` took first, before it set anything up); a second node on the same
+directory, in this process or another, is refused before it touches anything. The lock is the
+kernel's: it goes away with the process however it ends (a crash or SIGKILL leaves no stale
+lock), and the file, which holds the owner's PID for ``mtor-peer stop`` and for error messages,
+is never deleted (deleting it would let a third process lock a new file while the first still
+holds the old one).
 """
 
 from __future__ import annotations

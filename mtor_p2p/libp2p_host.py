@@ -87,6 +87,7 @@ from mtor_p2p.lane import (
 from mtor_p2p.libp2p_nat import (
     DIRECT_WAIT_S,
     RELAYED_MAX_REQUEST_BYTES,
+    RELAYED_MAX_RESPONSE_BYTES,
     NatSettings,
     NatTraversal,
 )
@@ -696,6 +697,11 @@ class Libp2pNetwork:
             with self._cut_if_slow(REQUEST_GRACE_S, sender):
                 (length,) = _LENGTH.unpack(await _read_exactly(stream, _LENGTH.size))
             refusal = self._admit(service, sender, length)
+            relayed = self._on_relayed_connection(stream)
+            if refusal is None and relayed and length > RELAYED_MAX_REQUEST_BYTES:
+                # Bulk bytes do not cross relays, whichever side would send them.
+                self._release(service, sender, length)
+                refusal = b"request too large for a relayed connection"
             if refusal is not None:
                 # Answer first, then read the body and drop it, chunk by chunk: nothing is
                 # buffered, and an honest requester (which reads only after writing) gets it.
@@ -714,9 +720,26 @@ class Libp2pNetwork:
                 status, response = await self._call(protocol, service, sender, payload)
             finally:
                 self._release(service, sender, length)
+            if relayed and len(response) > RELAYED_MAX_RESPONSE_BYTES:
+                status, response = _STATUS_ERROR, b"response too large for a relayed connection"
             await self._respond(stream, status, response)
 
         self._host.set_stream_handler(TProtocol(protocol), self._guard(protocol, serve))
+
+    def _on_relayed_connection(self, stream: INetStream) -> bool:
+        """Whether ``stream`` runs on a relayed connection."""
+        if self.nat is None:
+            return False
+        muxed = stream.muxed_conn
+        conns = self._host.get_network().connections.get(muxed.peer_id) or []
+        for conn in conns if isinstance(conns, list) else [conns]:
+            if getattr(conn, "muxed_conn", None) is muxed:
+                try:
+                    addrs = conn.get_transport_addresses()
+                except Exception:
+                    return False
+                return bool(addrs) and all("/p2p-circuit" in str(a) for a in addrs)
+        return False
 
     def _admit(self, service: _Service, sender: str, length: int) -> bytes | None:
         """Take the permits of a request of ``length`` bytes (the peer's stream slot is
@@ -873,6 +896,9 @@ class Libp2pNetwork:
                     f"{RELAYED_MAX_REQUEST_BYTES} bytes need a direct connection"
                 )
             timeout = max(0.0, timeout - (trio.current_time() - began))
+        if self.nat is not None and self.nat.relay_only(peer_id):
+            # Results do not cross a relay either: a large answer is refused as it arrives.
+            max_response_bytes = min(max_response_bytes, RELAYED_MAX_RESPONSE_BYTES)
         lane = None
         if self._lane_client is not None:
             lane = self._lane_client.get(peer_id)
@@ -902,8 +928,19 @@ class Libp2pNetwork:
         reply = await self._stream_request(
             peer_id, LANE_PROTOCOL, b"", timeout=5.0, max_response_bytes=MAX_TICKET_REPLY_BYTES
         )
-        conn = self._host.get_network().get_connection(ID.from_base58(peer_id))
-        remote = conn.muxed_conn.get_remote_address() if conn is not None else None
+        # Only a direct connection says where the peer is: a relayed one's remote address is
+        # the relay's (a lane there would go to the relay, at a port the peer chose).
+        remote = None
+        conns = self._host.get_network().connections.get(ID.from_base58(peer_id)) or []
+        for conn in conns if isinstance(conns, list) else [conns]:
+            try:
+                if any("/p2p-circuit" in str(a) for a in conn.get_transport_addresses()):
+                    continue
+                remote = conn.muxed_conn.get_remote_address()
+            except Exception:
+                continue
+            if remote is not None:
+                break
         if remote is None:
             raise NetworkError("no direct connection to take the lane's address from")
         try:

@@ -98,19 +98,22 @@ STREAM_SETUP_S = 15.0
 CIRCUIT_IDLE_S = 120.0
 #: Agreeing answers needed to call this node public or private.
 REACHABILITY_CONFIRMATIONS = 2
+#: How long a helper's verdict counts, and how many are kept.
+VOTE_MEMORY_S = 300.0
+MAX_VOTES = 64
 #: Helpers asked per check (connected peers, direct connections only).
 REACHABILITY_HELPERS = 4
 #: Requests over a relay-only connection may carry at most this many bytes: coordination
 #: (records, DHT, ledger gossip) fits, operands and results do not.
 RELAYED_MAX_REQUEST_BYTES = 64 * 1024
+#: Answers read over a relay-only connection may be at most this large (a DHT reply or a
+#: ledger sync fits; a result does not).
+RELAYED_MAX_RESPONSE_BYTES = 256 * 1024
 #: How long a large request to a relay-only peer waits for the hole punch to finish.
 DIRECT_WAIT_S = 5.0
 #: After a direct connection verifies, the relayed one stays this long for streams in flight.
 RELAY_CLOSE_GRACE_S = 5.0
-#: multistream-select's header: what any libp2p TCP listener answers with.
-_MULTISTREAM = b"/multistream/1.0.0\n"
-_MULTISTREAM_MSG = bytes([len(_MULTISTREAM)]) + _MULTISTREAM
-REACHABILITY_STATES = ("unknown", "public", "private")
+REACHABILITY_STATES = ("unknown", "public", "private", "local")
 
 
 @dataclass
@@ -155,6 +158,11 @@ class NatSettings:
     reachability_retry: float = 10.0
     #: How often the relay keeper looks at its reservations and relays.
     relay_check_interval: float = 5.0
+    #: Treat loopback as a network: check reachability of a loopback-only node and dial
+    #: loopback addresses back (tests). Off, a loopback-only node is "local" (a devnet) and a
+    #: helper never dials loopback: a peer arriving through an ngrok agent is seen at
+    #: 127.0.0.1, and "dial me back" would be "connect to any port of your own machine".
+    loopback: bool = False
 
 
 @dataclass
@@ -592,27 +600,6 @@ def _tcp_target(addr: str) -> tuple[str, int] | None:
         return None
 
 
-async def probe_libp2p_listener(ip: str, port: int, timeout: float = DIALBACK_TIMEOUT_S) -> str:
-    """Open a new TCP connection to ``ip:port`` and check that a libp2p listener answers
-    multistream-select there: "ok", or why not."""
-    try:
-        with trio.fail_after(timeout):
-            stream = await trio.open_tcp_stream(ip, port)
-            async with stream:
-                await stream.send_all(_MULTISTREAM_MSG)
-                got = b""
-                while len(got) < len(_MULTISTREAM_MSG):
-                    chunk = await stream.receive_some(len(_MULTISTREAM_MSG) - len(got))
-                    if not chunk:
-                        return "closed without answering"
-                    got += chunk
-    except trio.TooSlowError:
-        return f"no answer in {timeout:g} s (dropped by a NAT or firewall?)"
-    except OSError as exc:
-        return f"refused: {exc.strerror or exc}"
-    return "ok" if got == _MULTISTREAM_MSG else "not a libp2p listener"
-
-
 class NatTraversal:
     """Reachability, relays and hole punching for one py-libp2p host (see module doc).
 
@@ -653,6 +640,8 @@ class NatTraversal:
         self._puncher: _HolePuncher | None = None
         self._check_now = trio.Event()
         self._dialback_slots = trio.Semaphore(DIALBACK_CONCURRENT)
+        #: helper IP (or peer, on loopback) -> (when, "reached"|"failed", its answer).
+        self._votes: OrderedDict[str, tuple[float, str, DialbackAnswer]] = OrderedDict()
         #: peer -> when we last served its dial-back (oldest first).
         self._dialback_served: OrderedDict[str, float] = OrderedDict()
 
@@ -868,16 +857,41 @@ class NatTraversal:
                 # Only the requester's own IP: a dial-back must not be a way to make this
                 # node connect to third parties.
                 results[addr] = "not dialled: not the IP the request came from"
+            elif _is_loopback(target[0]) and not self.settings.loopback:
+                results[addr] = "not dialled: loopback"
             else:
                 targets[addr] = target
 
         async def probe(addr: str, target: tuple[str, int]) -> None:
-            results[addr] = await probe_libp2p_listener(*target)
+            results[addr] = await self._probe_peer(*target, sender)
 
         async with trio.open_nursery() as nursery:
             for addr, target in targets.items():
                 nursery.start_soon(probe, addr, target)
         return observed, {a: results[a] for a in addrs}
+
+    async def _probe_peer(self, ip: str, port: int, peer: str) -> str:
+        """Open a new TCP connection to ``ip:port`` and run the security handshake expecting
+        ``peer``: "ok" only if that peer answers there (not just any listener). One reason
+        for every failure, so that the answers say nothing about other ports."""
+        proto = "ip6" if ":" in ip else "ip4"
+        maddr = multiaddr.Multiaddr(f"/{proto}/{ip}/tcp/{port}/p2p/{peer}")
+        swarm = self._host.get_network()
+        try:
+            with trio.fail_after(DIALBACK_TIMEOUT_S):
+                transport = swarm.transport_manager.transport_for_dialing(maddr)
+                if transport is None:
+                    raise NetworkError("no transport")
+                raw = await transport.dial(maddr)
+                try:
+                    await swarm.upgrader.upgrade_security(raw, True, ID.from_base58(peer))
+                finally:
+                    with trio.CancelScope(shield=True), trio.move_on_after(1):
+                        await raw.close()
+        except Exception as exc:  # refused, dropped, timed out, or someone else answered
+            log.debug("dial-back of %s at %s:%d failed: %s", peer, ip, port, exc)
+            return "failed: the requester did not answer there"
+        return "ok"
 
     def _candidate_addrs(self, observed_ip: str | None) -> list[str]:
         """Addresses to have dialled back: the observed IP with each listen port (what a
@@ -919,35 +933,67 @@ class NatTraversal:
                 helper,
                 DIALBACK_PROTOCOL,
                 payload,
-                timeout=DIALBACK_TIMEOUT_S * DIALBACK_MAX_ADDRS + 5.0,
+                timeout=DIALBACK_TIMEOUT_S + 5.0,
                 max_response_bytes=DIALBACK_MAX_REPLY_BYTES,
             )
-            reply = json.loads(raw)
-            observed = reply.get("observed")
-            results = reply.get("results")
-            if not isinstance(results, dict):
-                raise ValueError("no results")
-            obs = (str(observed[0]), int(observed[1])) if observed else None
         except (NetworkError, RemoteError) as exc:
             log.debug("dial-back via %s failed: %s", helper, exc)
             return None
-        except (ValueError, TypeError, IndexError, KeyError) as exc:
+        try:
+            reply = json.loads(raw)
+            if not isinstance(reply, dict) or not isinstance(reply.get("results"), dict):
+                raise ValueError("not an object with results")
+            observed = reply.get("observed")
+            obs = None
+            if observed is not None:
+                if not isinstance(observed, list) or len(observed) != 2:
+                    raise ValueError("observed is not [ip, port]")
+                ip, port = str(observed[0]), int(observed[1])
+                ipaddress.ip_address(ip)
+                if not 0 < port < 65536:
+                    raise ValueError("observed port out of range")
+                obs = (ip, port)
+            # Only answers about what we asked count: a result for another address is noise.
+            results = {a: str(reply["results"][a])[:200] for a in addrs if a in reply["results"]}
+        except Exception as exc:  # whatever a helper sends costs only its own answer
             log.info("dial-back reply from %s is malformed: %s", helper, exc)
             return None
-        results = {str(k): str(v)[:200] for k, v in list(results.items())[:DIALBACK_MAX_ADDRS]}
         remote = _remote_of(conn)
         return DialbackAnswer(helper, obs, results, local, remote[0] if remote else None)
+
+    def _loopback_only(self) -> bool:
+        """Whether every address we listen on or announce is loopback (a devnet on one
+        machine): no NAT between us and anyone, nothing to find out."""
+        addrs = [str(a) for a in self._host.get_transport_addrs()]
+        addrs += list(self._network._settings.announce_addrs)
+        targets = [t for a in addrs if (t := _tcp_target(a))]
+        return bool(targets) and all(_is_loopback(ip) for ip, _ in targets)
 
     async def check_reachability(self) -> str:
         """Ask up to :data:`REACHABILITY_HELPERS` directly connected peers to dial us back;
         update and return :attr:`reachability`."""
+        if self._loopback_only() and not self.settings.loopback:
+            self.reachability = "local"
+            self.reachability_reason = "listening on loopback only: no NAT to traverse"
+            return self.reachability
         helpers = self._helpers()[:REACHABILITY_HELPERS]
         if not helpers:
             self.reachability_reason = "no directly connected peer to ask"
             return self.reachability
-        # First learn the IP they see (one question), then have every helper dial it.
-        first = await self._ask(helpers[0][0], helpers[0][1], [])
-        observed_ip = first.observed[0] if first and first.observed else self.observed_ip
+        # Which IP do they see? Every helper is asked (it costs them no dial) and the
+        # most common answer is checked: one helper alone cannot steer the round.
+        seen: list[DialbackAnswer] = []
+
+        async def observe(helper: str, conn: INetConn) -> None:
+            answer = await self._ask(helper, conn, [])
+            if answer is not None and answer.observed is not None:
+                seen.append(answer)
+
+        async with trio.open_nursery() as nursery:
+            for helper, conn in helpers:
+                nursery.start_soon(observe, helper, conn)
+        ips = [a.observed[0] for a in seen if a.observed]
+        observed_ip = max(set(ips), key=ips.count) if ips else self.observed_ip
         addrs = self._candidate_addrs(observed_ip)
         if not addrs:
             self.reachability_reason = "no TCP address to check"
@@ -969,27 +1015,41 @@ class NatTraversal:
     def _conclude(self, answers: list[DialbackAnswer]) -> None:
         # One vote per helper IP: Sybils on one machine cannot outvote honest helpers. On
         # loopback (a devnet: every peer on this machine) each helper is a vote.
-        by_ip: dict[str, DialbackAnswer] = {}
+        # Votes are remembered for VOTE_MEMORY_S: a helper that cannot answer this round
+        # (busy, asked too soon) still counts with its last answer, so that fresh Sybils
+        # cannot speak alone.
+        now = trio.current_time()
         for answer in answers:
             ip = answer.helper_ip
-            by_ip.setdefault(answer.helper if ip is None or _is_loopback(ip) else ip, answer)
-        votes = list(by_ip.values())
-        reached = [a for a in votes if "ok" in a.results.values()]
-        # Answers where the helper dialled (same IP) and failed: real evidence of a NAT or
-        # firewall. "not dialled" answers count for nothing.
-        failed = [
-            a
-            for a in votes
-            if a.results
-            and "ok" not in a.results.values()
-            and any(not v.startswith("not dialled") for v in a.results.values())
-        ]
+            key = answer.helper if ip is None or _is_loopback(ip) else ip
+            if "ok" in answer.results.values():
+                verdict = "reached"
+            elif any(not v.startswith("not dialled") for v in answer.results.values()):
+                # The helper dialled (same IP) and failed: evidence of a NAT or firewall.
+                verdict = "failed"
+            else:
+                continue  # "not dialled" answers count for nothing
+            self._votes[key] = (now, verdict, answer)
+            self._votes.move_to_end(key)
+        for key in [k for k, (t, _, _) in self._votes.items() if now - t > VOTE_MEMORY_S]:
+            del self._votes[key]
+        while len(self._votes) > MAX_VOTES:
+            self._votes.popitem(last=False)
+        reached = [a for _, v, a in self._votes.values() if v == "reached"]
+        failed = [a for _, v, a in self._votes.values() if v == "failed"]
         ips = [a.observed[0] for a in answers if a.observed]
         if ips:
             self.observed_ip = max(set(ips), key=ips.count)
         self.nat = self._nat_behaviour(answers)
         previous = self.reachability
-        if len(reached) >= REACHABILITY_CONFIRMATIONS:
+        if reached and failed:
+            # Helpers disagree: a firewall that lets some in, or someone lying. Neither way
+            # is it safe to drop relays (a lie of "public") or to claim we are private.
+            self.reachability = "unknown"
+            self.reachability_reason = (
+                f"helpers disagree: {len(reached)} dialled us back, {len(failed)} could not"
+            )
+        elif len(reached) >= REACHABILITY_CONFIRMATIONS:
             self.reachability = "public"
             self.reachability_reason = f"{len(reached)} peers dialled us back"
         elif len(failed) >= REACHABILITY_CONFIRMATIONS and not reached:
@@ -1073,7 +1133,7 @@ class NatTraversal:
                 del self.reservations[relay]
             elif now >= res.refresh_at and not await self._reserve(relay):
                 del self.reservations[relay]
-        if self.reachability == "public":
+        if self.reachability in ("public", "local"):
             self.reservations.clear()
             return
         if len(self.reservations) >= self.settings.relays_wanted:
@@ -1135,17 +1195,12 @@ class NatTraversal:
         # The relay's expiry is wall-clock seconds (the wire format); converted to a TTL once.
         ttl = float(reply.reservation.expire) - time.time() if reply.HasField("reservation") else 0
         ttl = max(30.0, min(ttl, 24 * 3600.0))
+        # Where we reached the relay is where others can: the addresses its reply lists are
+        # its own claim (a hostile relay would have us advertise third parties).
         addrs = []
         if remote is not None:
             proto = "ip6" if ":" in remote[0] else "ip4"
             addrs.append(f"/{proto}/{remote[0]}/tcp/{remote[1]}")
-        for raw in reply.reservation.addrs[:8]:
-            try:
-                bare = str(multiaddr.Multiaddr(raw)).split("/p2p/")[0]
-            except Exception:
-                continue
-            if _tcp_target(bare) is not None:
-                addrs.append(bare)
         me = self._network.peer_id
         circuit = [f"{a}/p2p/{relay}/p2p-circuit/p2p/{me}" for a in dict.fromkeys(addrs)][:4]
         now = trio.current_time()

@@ -20,7 +20,6 @@ from mtor_p2p.libp2p_nat import (
     RELAYED_MAX_REQUEST_BYTES,
     NatSettings,
     RelayLimitsConfig,
-    probe_libp2p_listener,
 )
 from mtor_p2p.network import NetworkError, RemoteError
 
@@ -35,6 +34,8 @@ def nat_settings(**overrides: object) -> NatSettings:
         "reachability_interval": 3600.0,
         "reachability_retry": 3600.0,
         "relays_wanted": 0,
+        # Loopback stands for a network here (production nodes treat it as "local").
+        "loopback": True,
     }
     base.update(overrides)
     return NatSettings(**base)  # type: ignore[arg-type]
@@ -217,23 +218,23 @@ async def test_one_helper_is_not_enough_to_decide() -> None:
         assert "2 agreeing answers needed" in node.nat.status()["reason"]
 
 
-async def test_the_probe_tells_a_libp2p_listener_from_other_things() -> None:
-    async with host() as node:
-        assert await probe_libp2p_listener("127.0.0.1", node.listen_ports()[0]) == "ok"
-
-    async def not_libp2p(stream: trio.SocketStream) -> None:
-        await stream.send_all(b"HTTP/1.1 400 Bad Request\r\n\r\n")
-
-    async with trio.open_nursery() as nursery:
-        listeners = await nursery.start(trio.serve_tcp, not_libp2p, 0)
-        port = listeners[0].socket.getsockname()[1]
-        assert await probe_libp2p_listener("127.0.0.1", port) != "ok"
-        nursery.cancel_scope.cancel()
-    closed = trio.socket.socket()
-    await closed.bind(("127.0.0.1", 0))
-    port = closed.getsockname()[1]
-    closed.close()
-    assert (await probe_libp2p_listener("127.0.0.1", port)).startswith("refused")
+async def test_a_loopback_only_node_is_local_and_a_helper_never_dials_loopback() -> None:
+    """Production settings: a devnet on one machine has no NAT to traverse, and a helper
+    does not dial its own machine's ports for a peer it sees at 127.0.0.1 (every peer
+    arriving through an ngrok agent is)."""
+    production = NatSettings(reachability_interval=3600, reachability_retry=3600)
+    async with (
+        Libp2pNetwork.open(Identity.generate(), HostSettings(nat=production)) as helper,
+        Libp2pNetwork.open(Identity.generate(), HostSettings(nat=production)) as node,
+    ):
+        await node.connect(helper.addrs()[0])
+        assert await node.nat.check_reachability() == "local"
+        await node.nat._keep_reservations()
+        assert node.nat.reservations == {}
+        addr = f"/ip4/127.0.0.1/tcp/{node.listen_ports()[0]}"
+        request = json.dumps({"v": 1, "addrs": [addr]}).encode()
+        reply = json.loads(await node.request(helper.peer_id, DIALBACK_PROTOCOL, request))
+        assert reply["results"][addr] == "not dialled: loopback"
 
 
 def test_the_tunnel_is_needed_only_without_a_better_way_in() -> None:
@@ -334,24 +335,33 @@ async def test_an_error_in_the_body_leaves_a_host_with_nat_traversal() -> None:
     assert any(isinstance(leaf, Boom) for leaf in leaves), caught.value
 
 
-def test_confirmations_count_helper_ips_not_helpers() -> None:
-    """Two Sybil helpers on one (non-loopback) IP are one vote; on loopback each helper is."""
+async def test_confirmations_count_helper_ips_not_helpers() -> None:
+    """Two Sybil helpers on one (non-loopback) IP are one vote; on loopback each helper is;
+    helpers that disagree leave the answer unknown (votes are remembered a while)."""
+    from collections import OrderedDict
+
     from mtor_p2p.libp2p_nat import DialbackAnswer, NatTraversal
 
-    nat = NatTraversal.__new__(NatTraversal)
-    nat.settings = nat_settings()
-    nat.reachability, nat.nat, nat.observed_ip = "unknown", "unknown", None
-    nat.hop_enabled = True  # no hop to enable in this unit test
-    nat._network = type("N", (), {"addrs": lambda self: []})()
+    def fresh() -> NatTraversal:
+        nat = NatTraversal.__new__(NatTraversal)
+        nat.settings = nat_settings()
+        nat.reachability, nat.nat, nat.observed_ip = "unknown", "unknown", None
+        nat.hop_enabled = True  # no hop to enable in this unit test
+        nat._votes = OrderedDict()
+        return nat
 
     def answer(helper: str, ip: str, result: str) -> DialbackAnswer:
         return DialbackAnswer(helper, ("198.51.100.7", 4001), {"/ip4/x": result}, None, ip)
 
+    nat = fresh()
     nat._conclude([answer("s1", "192.0.2.66", "ok"), answer("s2", "192.0.2.66", "ok")])
     assert nat.reachability == "unknown"
     nat._conclude([answer("h1", "192.0.2.1", "ok"), answer("h2", "192.0.2.2", "ok")])
     assert nat.reachability == "public"
-    nat._conclude([answer("l1", "127.0.0.1", "refused"), answer("l2", "127.0.0.1", "refused")])
+    nat._conclude([answer("f1", "192.0.2.3", "failed: x"), answer("f2", "192.0.2.4", "failed")])
+    assert nat.reachability == "unknown" and "disagree" in nat.reachability_reason
+    nat = fresh()
+    nat._conclude([answer("l1", "127.0.0.1", "failed"), answer("l2", "127.0.0.1", "failed")])
     assert nat.reachability == "private"
 
 

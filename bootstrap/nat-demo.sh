@@ -19,12 +19,18 @@ NAT_B=port-preserving
 KEEP=0
 while [ $# -gt 0 ]; do
   case "$1" in
-    --nat-b) NAT_B=$2; shift 2 ;;
+    --nat-b)
+      [ $# -ge 2 ] || { echo "nat-demo: --nat-b needs port-preserving or symmetric" >&2; exit 2; }
+      NAT_B=$2; shift 2 ;;
     --keep) KEEP=1; shift ;;
-    -h|--help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "nat-demo: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
+case "$NAT_B" in
+  port-preserving|symmetric) ;;
+  *) echo "nat-demo: --nat-b $NAT_B: give port-preserving or symmetric" >&2; exit 2 ;;
+esac
 if [ -x "$ROOT/.venv/bin/python" ]; then PY=$ROOT/.venv/bin/python; else PY=python3; fi
 if ! "$PY" -c "import mtor_p2p" 2>/dev/null; then
   echo "nat-demo: mtor_p2p is not installed: run $ROOT/mtor devnet --help once (it installs it)" >&2
@@ -79,23 +85,43 @@ peer a 1 10.0.1.2 --bootstrap "$RELAY_ADDR" --relay off
 peer b 2 10.0.2.2 --bootstrap "$RELAY_ADDR" --relay off
 echo "   logs and data: $DIR"
 
-link() {  # how a sees b: direct, relayed or none
-  cli a 1 status --json 2>/dev/null | "$PY" -c '
+watch() {  # one line from one status of each private peer: "<a->b link> | <a's reachability>"
+  local a_json b_json
+  a_json=$(cli a 1 status --json 2>/dev/null || echo '{}')
+  b_json=$(cli b 2 status --json 2>/dev/null || echo '{}')
+  "$PY" - "$A_ID" "$B_ID" "$a_json" "$b_json" <<'PYEOF'
 import json, sys
-s = json.load(sys.stdin); r = s.get("reachability") or {}
-print((r.get("connections") or {}).get(sys.argv[1], "none"))' "$B_ID" 2>/dev/null || echo "starting"
+a_id, b_id, a_raw, b_raw = sys.argv[1:5]
+def load(raw):
+    try:
+        return json.loads(raw).get("reachability") or {}
+    except ValueError:
+        return {}
+a, b = load(a_raw), load(b_raw)
+if not a:
+    print("starting"); sys.exit()
+punches = [p for p in a.get("hole_punches") or [] if p["peer"] == b_id]
+punches += [p for p in b.get("hole_punches") or [] if p["peer"] == a_id]
+punch = ""
+if any(p["direct"] for p in punches):
+    punch = " (punched in %.2f s)" % min(p["seconds"] for p in punches if p["direct"])
+elif punches:
+    punch = " (hole punch failed)"
+kind = (a.get("connections") or {}).get(b_id, "none")
+print("a->b %s%s | a: %s (%s); NAT %s" % (kind, punch, a.get("summary"), a.get("reason"), a.get("nat")))
+PYEOF
 }
-echo "== watching a's status (every 2 s; Ctrl-C stops the demo)"
-last=""
+echo "== watching a's status (every 2 s, up to 90 s; Ctrl-C stops the demo)"
+last="" quiet=0
 for _ in $(seq 1 45); do
   sleep 2
-  line=$(cli a 1 status 2>/dev/null | grep '^reachable' || true)
-  now="a->b $(link) | ${line:-a is starting}"
-  if [ "$now" != "$last" ]; then echo "   $now"; last=$now; fi
-  case "$now" in "a->b direct"*private*) break ;; esac
-  if [ "$NAT_B" = symmetric ] && cli a 1 status --json 2>/dev/null | grep -q '"direct": false'; then
-    break
-  fi
+  now=$(watch)
+  if [ "$now" != "$last" ]; then echo "   $now"; last=$now; quiet=0; else quiet=$((quiet + 1)); fi
+  if [ "$quiet" -ge 10 ]; then echo "   (no change for 20 s: still waiting)"; quiet=0; fi
+  case "$now" in
+    "a->b direct"*"a: private"*) break ;;
+    *"hole punch failed"*"a: private"*|*"hole punch failed"*"a: unknown"*) break ;;
+  esac
 done
 echo "== b's view of itself"
 cli b 2 status | grep '^reachable' || true

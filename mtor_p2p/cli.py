@@ -161,6 +161,31 @@ class _CleanEofQuiet(logging.Filter):
         return not (record.args and type(record.args[0]).__name__ == "StreamEOF")
 
 
+class _PeerFailureNoise(logging.Filter):
+    """Drops py-libp2p's ERROR and WARNING lines for failures that peers cause and MTOR
+    handles (a dial to an unreachable address, a protocol a peer lacks, a relay's stream
+    closed by its peer, a hole punch that did not land), below ``level`` INFO: behind a NAT
+    they come by the dozen a minute and say nothing is wrong. Our own modules report what
+    matters (``reachable`` in status, a failed punch, a refused reservation)."""
+
+    NOISY = (
+        "libp2p.relay.circuit_v2",
+        "libp2p.transport.tcp",
+        "libp2p.host.basic_host",
+        "libp2p.kad_dht.utils",
+        "libp2p.network.swarm",
+    )
+
+    def __init__(self, level: int) -> None:
+        super().__init__()
+        self.quiet = level > logging.INFO
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not self.quiet or record.levelno >= logging.CRITICAL:
+            return True
+        return not record.name.startswith(self.NOISY)
+
+
 def _setup_logging(
     level: str, *, log_format: str = "text", config: NodeConfig | None = None
 ) -> Path | None:
@@ -213,6 +238,7 @@ def _setup_logging(
     libp2p_logger.setLevel(libp2p_level)
     for handler in handlers:
         handler.addFilter(_LevelFloor("libp2p", libp2p_level))
+        handler.addFilter(_PeerFailureNoise(numeric))
     return path
 
 
@@ -435,8 +461,13 @@ def _run_node(args: argparse.Namespace, config: NodeConfig, lock: DataDirLock) -
                     print(json.dumps(ready), flush=True)
                 else:
                     print(f"mtor-peer {__version__} running as {node.peer_id}", flush=True)
+                    listening = {str(a).split("/p2p/")[0] for a in config.listen}
                     for addr in node.addrs():
-                        print(f"  listening on {addr}", flush=True)
+                        # Announced addresses (a tunnel, a port forward, a relay circuit)
+                        # are where peers reach us, not where we listen.
+                        bare = addr.split("/p2p/")[0]
+                        word = "listening on" if bare in listening else "reachable at"
+                        print(f"  {word} {addr}", flush=True)
                     if node.lane_port() is not None:
                         print(f"  lanes on TCP port {node.lane_port()}", flush=True)
                     print("  Ctrl-C to stop", flush=True)
@@ -816,12 +847,7 @@ def _reachability_line(nat: dict[str, Any]) -> str:
         "port-changing": "NAT changes ports per destination (hole punching cannot work)",
         "unknown": "NAT behaviour unknown",
     }
-    state = nat.get("reachability", "unknown")
-    relays = [r.get("relay", "")[-8:] for r in nat.get("relays") or []]
-    if state == "private":
-        head = "private via relays " + ", ".join(relays) if relays else "private, no relay yet"
-    else:
-        head = state
+    head = nat.get("summary") or nat.get("reachability", "unknown")
     punches = nat.get("hole_punches") or []
     direct = sum(1 for p in punches if p.get("direct"))
     tail = f"; hole punches {direct}/{len(punches)} direct" if punches else ""

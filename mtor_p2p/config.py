@@ -152,6 +152,8 @@ class NodeConfig:
             raise ConfigError(f"lane_port must be 0-65535 (0: any free port), not {self.lane_port}")
         if self.relay not in ("auto", "on", "off"):
             raise ConfigError(f"relay must be 'auto', 'on' or 'off', not {self.relay!r}")
+        if self.relay == "on" and not self.nat:
+            raise ConfigError("relay 'on' needs NAT traversal: drop --nat off (nat = false)")
         if not 0 <= self.relays_wanted <= 8:
             raise ConfigError(f"relays_wanted must be 0-8, not {self.relays_wanted}")
         if not 1 <= self.relay_max_reservations <= 100_000:
@@ -159,7 +161,7 @@ class NodeConfig:
                 f"relay_max_reservations must be 1-100000, not {self.relay_max_reservations}"
             )
         for addr in self.announce:
-            check_listen_addr(addr)
+            check_announce_addr(addr)
         if not 0 < self.announce_interval < self.record_ttl / 2:
             raise ConfigError("announce_interval must be positive and under half of record_ttl")
         if not 0.0 <= self.fault_rate <= 1.0:
@@ -216,6 +218,32 @@ def check_listen_addr(addr: str) -> tuple[str, int]:
             f"e.g. {LISTEN_EXAMPLE} (all interfaces) or /ip4/127.0.0.1/tcp/0 (any free port)"
         )
     return parts[0][1], int(parts[1][1])
+
+
+ANNOUNCE_EXAMPLE = "/ip4/198.51.100.7/tcp/4001"
+
+
+def check_announce_addr(addr: str) -> tuple[str, int]:
+    """The host and port of an address to advertise (``/ip4|ip6|dns4|dns6/HOST/tcp/PORT``,
+    a public address that reaches our listen port); ConfigError with one line otherwise.
+    Unspecified hosts (0.0.0.0, ::) and port 0 reach nothing and are refused."""
+    import ipaddress
+
+    parts = _parse_multiaddr(addr, "announce address", ANNOUNCE_EXAMPLE)
+    names = [name for name, _ in parts]
+    if len(parts) != 2 or names[0] not in ("ip4", "ip6", "dns4", "dns6") or names[1] != "tcp":
+        raise ConfigError(
+            f"announce address {addr!r} must be /ip4/HOST/tcp/PORT (or ip6, dns4, dns6): "
+            f"a public address that reaches this node's port, e.g. {ANNOUNCE_EXAMPLE}"
+        )
+    host, port = parts[0][1], int(parts[1][1])
+    unspecified = names[0] in ("ip4", "ip6") and ipaddress.ip_address(host).is_unspecified
+    if unspecified or port == 0:
+        raise ConfigError(
+            f"announce address {addr!r} names no reachable place (0.0.0.0, :: or port 0): "
+            f"give the public address and port peers should dial, e.g. {ANNOUNCE_EXAMPLE}"
+        )
+    return host, port
 
 
 def check_peer_addr(addr: str) -> str:
@@ -306,7 +334,14 @@ def _checked(name: str, value: Any, kind: type) -> Any:
             raise ConfigError(f"{name} must be a list of strings")
         return list(value)
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise ConfigError(f"{name} must be of type {kind.__name__}")
+        # Say it the way TOML writes it: `nat = "off"` needs `nat = false`.
+        spelled = {
+            bool: "true or false (no quotes)",
+            int: "a whole number (no quotes)",
+            float: "a number (no quotes)",
+            str: "a quoted string",
+        }.get(kind, kind.__name__)
+        raise ConfigError(f"{name} must be {spelled}, not {value!r}")
     return value
 
 

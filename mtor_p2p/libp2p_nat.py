@@ -758,12 +758,13 @@ class NatTraversal:
     def status(self) -> dict[str, Any]:
         """What ``mtor-peer status`` shows under ``reachability``."""
         relays = sorted(self.reservations)
+        names = ", ".join("…" + r[-8:] for r in relays)
         if self.reachability == "private":
-            summary = (
-                "private, via relays " + ", ".join(r[:16] for r in relays)
-                if relays
-                else ("private, no relay reserved yet")
-            )
+            summary = f"private via relays {names}" if relays else "private, no relay yet"
+        elif relays:
+            # Not confirmed private (a single helper, or helpers that disagree), but reachable
+            # through these relays all the same.
+            summary = f"{self.reachability}, reserved on relays {names}"
         else:
             summary = self.reachability
         return {

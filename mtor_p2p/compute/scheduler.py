@@ -859,7 +859,10 @@ class _JobRun:
             if outcome in ("failed", "timeout", "misbehaved"):
                 failures_in_a_row += 1
                 if not self.s.book.get(worker).measured:
-                    self._leave(worker, f"failed its trial ({outcome})")
+                    # Say why (its last error: "reachable only through a relay", a timeout):
+                    # the job's error is what a user reads.
+                    why = self.s.book.get(worker).last_error or outcome
+                    self._leave(worker, f"failed its trial ({why})")
                     return
                 if failures_in_a_row >= 3:
                     # Give up on a worker that keeps failing; a replacement takes over.

@@ -61,6 +61,11 @@ def one_line(result: subprocess.CompletedProcess[str]) -> str:
             2,
             "this host has no address 203.0.113.5",
         ),
+        (["run", "--announce", "bogus", *QUIET], 2, "announce address 'bogus' is not"),
+        (["run", "--announce", "/ip4/0.0.0.0/tcp/4001", *QUIET], 2, "names no reachable"),
+        (["run", "--announce", "/ip4/1.2.3.4/tcp/0", *QUIET], 2, "names no reachable"),
+        (["run", "--nat", "off", "--relay", "on", *QUIET], 2, "relay 'on' needs NAT"),
+        (["run", "--relays-wanted", "-1", *QUIET], 2, "relays_wanted must be 0-8"),
         (["stake", "inf"], 2, "AMOUNT must be a finite number, not 'inf'"),
         (["stake", "nan"], 2, "AMOUNT must be a finite number, not 'nan'"),
         (["stake", "-3"], 2, "AMOUNT must be positive"),
@@ -244,3 +249,20 @@ def test_stop_stops_the_node_and_a_second_stop_exits_3(node):
     again = mtor("stop", "--data-dir", data_dir)
     assert again.returncode == 3
     assert "no running node found" in one_line(again)
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ('nat = "off"', "nat must be true or false (no quotes), not 'off'"),
+        ("relay = 3", "relay must be a quoted string, not 3"),
+        ('relays_wanted = "2"', "relays_wanted must be a whole number (no quotes)"),
+        ('announce = ["/ip4/0.0.0.0/tcp/1"]', "announce address '/ip4/0.0.0.0/tcp/1' names no"),
+    ],
+)
+def test_a_mistyped_nat_setting_in_the_config_file_says_how_to_write_it(tmp_path, line, message):
+    config = tmp_path / "mtor.toml"
+    config.write_text(line + "\n")
+    result = mtor("run", "--config", str(config), "--data-dir", str(tmp_path / "node"), *QUIET)
+    assert result.returncode == 2, result.stderr
+    assert message in one_line(result)

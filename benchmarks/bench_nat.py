@@ -542,6 +542,9 @@ def part_relay(window: float, circuits_side: int = 10, settle: float = 3.0) -> d
             hole_punching=False,
             max_circuits_per_peer=16,
             max_reservations=64,
+            # Every dialer here comes from 127.0.0.1: the per-IP cap (2 circuits from one IP
+            # to one destination) would hold it to 20 circuits.
+            circuits_per_source_ip=16,
         )
         relay_addr = opened["addrs"][0]
         pending = [

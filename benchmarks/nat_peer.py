@@ -81,6 +81,7 @@ class Worker:
             circuit_bytes=int(cmd.get("circuit_bytes", 8 << 20)),
             max_circuits_per_peer=int(cmd.get("max_circuits_per_peer", 8)),
             max_reservations=int(cmd.get("max_reservations", 128)),
+            circuits_per_source_ip=int(cmd.get("circuits_per_source_ip", 2)),
         )
         nat = NatSettings(
             relay_service="on" if cmd.get("relay") else "off",

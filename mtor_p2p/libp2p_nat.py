@@ -89,11 +89,8 @@ PUNCH_ATTEMPT_S = 20.0
 PUNCH_SESSIONS_PER_WINDOW = 3
 PUNCH_SESSION_WINDOW_S = 300.0
 PUNCH_SESSION_MEMORY = 4096
-#: Relay: reservations one IP may hold (loopback exempt: a devnet), circuits one source IP
-#: may hold to one destination, a circuit's allowance for its set-up, and how long a
-#: circuit may carry nothing either way before it ends.
-RESERVATIONS_PER_IP = 8
-CIRCUITS_PER_SOURCE_IP = 2
+#: Relay: a circuit's allowance for its set-up, and how long a circuit may carry nothing
+#: either way before it ends (the per-IP caps are in RelayLimitsConfig).
 STREAM_SETUP_S = 15.0
 CIRCUIT_IDLE_S = 120.0
 #: Agreeing answers needed to call this node public or private.
@@ -130,6 +127,10 @@ class RelayLimitsConfig:
     circuit_bytes: int = 8 << 20
     #: How long a reservation lasts; clients refresh at 3/4 of it.
     reservation_ttl: int = 900
+    #: Reservations one IP may hold (loopback exempt: a devnet), and circuits one source IP
+    #: may hold to one destination: throwaway identities on one machine count as one.
+    reservations_per_ip: int = 8
+    circuits_per_source_ip: int = 2
 
     def to_libp2p(self) -> RelayLimits:
         """The same limits as py-libp2p's ``RelayLimits``."""
@@ -211,21 +212,22 @@ class _Relay(CircuitV2Protocol):
     * a reservation is always for the peer that asks (the library takes the peer named in
       the message: anyone could reserve slots in others' names); reservations of peers no
       longer connected are dropped before counting, and one IP holds at most
-      :data:`RESERVATIONS_PER_IP` (throwaway identities cannot fill the relay);
+      ``reservations_per_ip`` (throwaway identities cannot fill the relay);
     * a circuit ends after its duration even when no byte moves (the library checks it only
       after a read returns), after :data:`CIRCUIT_IDLE_S` without a byte either way, and
       closes only its own two streams (the library keyed circuits by peer, so one circuit
       ending closed another to the same peer); one source IP holds at most
-      :data:`CIRCUITS_PER_SOURCE_IP` circuits to one destination;
+      ``circuits_per_source_ip`` circuits to one destination;
     * as the destination (stop), a circuit is accepted only from a relay we hold a
       reservation on (any directly connected peer could otherwise play relay for itself and
       open a DCUtR session), and its handshake has a deadline.
     """
 
     def __init__(
-        self, host: IHost, limits: RelayLimits, accept_stop_from: Callable[[str], bool]
+        self, host: IHost, config: RelayLimitsConfig, accept_stop_from: Callable[[str], bool]
     ) -> None:
-        super().__init__(host, limits=limits, allow_hop=False)
+        super().__init__(host, limits=config.to_libp2p(), allow_hop=False)
+        self._config = config
         self._accept_stop_from = accept_stop_from
         #: (source IP, destination) -> circuits open now.
         self._circuits: dict[tuple[str, ID], int] = {}
@@ -251,7 +253,7 @@ class _Relay(CircuitV2Protocol):
                 conns = _conn_list(connected.get(holder))
                 if any((_remote_of(c) or ("", 0))[0] == ip for c in conns):
                     same_ip += 1
-            if same_ip >= RESERVATIONS_PER_IP and not _is_loopback(ip):
+            if same_ip >= self._config.reservations_per_ip and not _is_loopback(ip):
                 await write_delimited_msg(
                     stream,
                     HopMessage(
@@ -270,7 +272,7 @@ class _Relay(CircuitV2Protocol):
             await stream.reset()
             return
         key = (self._remote_ip(stream), destination)
-        if self._circuits.get(key, 0) >= CIRCUITS_PER_SOURCE_IP:
+        if self._circuits.get(key, 0) >= self._config.circuits_per_source_ip:
             await self._send_status(
                 stream, StatusCode.RESOURCE_LIMIT_EXCEEDED, "too many circuits from one IP"
             )
@@ -653,7 +655,9 @@ class NatTraversal:
         and run the reachability and relay-keeper loops while open."""
         limits = self.settings.relay_limits.to_libp2p()
         relay = self._relay = _Relay(
-            self._host, limits, accept_stop_from=lambda relay: relay in self.reservations
+            self._host,
+            self.settings.relay_limits,
+            accept_stop_from=lambda relay: relay in self.reservations,
         )
         self._transport = CircuitV2Transport(
             self._host, relay, RelayConfig(roles=RelayRole.STOP, limits=limits)

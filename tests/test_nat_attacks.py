@@ -25,7 +25,6 @@ import trio
 from mtor_p2p.identity import Identity
 from mtor_p2p.libp2p_host import HostSettings, Libp2pNetwork
 from mtor_p2p.libp2p_nat import (
-    CIRCUITS_PER_SOURCE_IP,
     DIALBACK_PROTOCOL,
     RELAYED_MAX_REQUEST_BYTES,
     NatSettings,
@@ -306,7 +305,7 @@ async def test_idle_circuits_do_not_lock_a_peer_out_of_its_relay() -> None:
         await attacker.connect(relay.addrs()[0])
         held = []
         # One attacker identity, one connection, raw CONNECTs that never carry a byte: the
-        # relay grants CIRCUITS_PER_SOURCE_IP of them (then refuses or resets), and ends
+        # relay grants circuits_per_source_ip of them (then refuses or resets), and ends
         # them after the circuit's duration although no byte moved.
         for _ in range(limits.max_circuits_per_peer):
             try:
@@ -316,7 +315,7 @@ async def test_idle_circuits_do_not_lock_a_peer_out_of_its_relay() -> None:
             if status != StatusCode.OK:
                 break
             held.append(stream)
-        assert len(held) <= CIRCUITS_PER_SOURCE_IP
+        assert len(held) <= limits.circuits_per_source_ip
         await trio.sleep(3 * limits.circuit_seconds)  # well past the circuit's duration
         # Measured: still refused (status 204, NO_RESERVATION) 35 s later.
         await honest.connect(circuit, timeout=10)

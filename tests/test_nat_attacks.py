@@ -23,15 +23,15 @@ import pytest
 import trio
 
 from mtor_p2p.identity import Identity
-from mtor_p2p.libp2p_host import HostSettings, Libp2pNetwork
+from mtor_p2p.libp2p_host import Libp2pNetwork
 from mtor_p2p.libp2p_nat import (
     DIALBACK_PROTOCOL,
     RELAYED_MAX_REQUEST_BYTES,
-    NatSettings,
     RelayLimitsConfig,
     tunnel_needed,
 )
 from mtor_p2p.network import NetworkError, RemoteError
+from tests.nat_hosts import echo, host, wait_until
 
 pytestmark = pytest.mark.skipif(
     __import__("importlib").util.find_spec("libp2p") is None, reason="needs py-libp2p"
@@ -39,34 +39,6 @@ pytestmark = pytest.mark.skipif(
 
 
 # -- helpers -------------------------------------------------------------------------------
-
-
-def nat_settings(**overrides: object) -> NatSettings:
-    """Checks and keepers slowed down: each test drives what it looks at."""
-    base: dict[str, object] = {
-        "reachability_interval": 3600.0,
-        "reachability_retry": 3600.0,
-        "relays_wanted": 0,
-        # Loopback stands for a network here (production nodes treat it as "local").
-        "loopback": True,
-    }
-    base.update(overrides)
-    return NatSettings(**base)  # type: ignore[arg-type]
-
-
-def host(listen: str = "/ip4/127.0.0.1/tcp/0", **nat: object) -> Any:
-    settings = HostSettings(listen_addrs=[listen] if listen else [], nat=nat_settings(**nat))
-    return Libp2pNetwork.open(Identity.generate(), settings)
-
-
-async def echo(sender: str, payload: bytes) -> bytes:
-    return payload
-
-
-async def wait_until(predicate: Any, timeout: float = 10.0) -> None:
-    with trio.fail_after(timeout):
-        while not predicate():
-            await trio.sleep(0.05)
 
 
 def pid(peer: str) -> Any:

@@ -22,37 +22,11 @@ from mtor_p2p.libp2p_nat import (
     RelayLimitsConfig,
 )
 from mtor_p2p.network import NetworkError, RemoteError
+from tests.nat_hosts import echo, host, nat_settings, wait_until
 
 pytestmark = pytest.mark.skipif(
     __import__("importlib").util.find_spec("libp2p") is None, reason="needs py-libp2p"
 )
-
-
-def nat_settings(**overrides: object) -> NatSettings:
-    """Checks and keepers slowed down: each test drives what it looks at."""
-    base: dict[str, object] = {
-        "reachability_interval": 3600.0,
-        "reachability_retry": 3600.0,
-        "relays_wanted": 0,
-        # Loopback stands for a network here (production nodes treat it as "local").
-        "loopback": True,
-    }
-    base.update(overrides)
-    return NatSettings(**base)  # type: ignore[arg-type]
-
-
-def host(**nat: object) -> Libp2pNetwork:
-    return Libp2pNetwork.open(Identity.generate(), HostSettings(nat=nat_settings(**nat)))
-
-
-async def echo(sender: str, payload: bytes) -> bytes:
-    return payload
-
-
-async def wait_until(predicate, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
-    with trio.fail_after(timeout):
-        while not predicate():
-            await trio.sleep(0.05)
 
 
 async def test_a_reserved_peer_is_reached_through_the_relay_and_then_directly() -> None:

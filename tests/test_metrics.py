@@ -18,28 +18,12 @@ import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from mtor_p2p.config import NodeConfig
 from mtor_p2p.control import INFO_FILE_NAME, TOKEN_FILE_NAME
 from mtor_p2p.metrics import GpuSensors, LatencyBuckets, read_gpu_sensors
 from mtor_p2p.node import Node
+from tests.test_compute import config, run_node
 
 GRAFANA_DASHBOARD = Path(__file__).resolve().parent.parent / "bootstrap" / "grafana-mtor.json"
-
-
-def node_config(root: Path, index: int, bootstrap: list[str], **changes: object) -> NodeConfig:
-    """A loopback node that computes with NumPy and announces often."""
-    config = NodeConfig(
-        data_dir=root / f"peer-{index}",
-        listen=["/ip4/127.0.0.1/tcp/0"],
-        bootstrap=bootstrap,
-        use_default_bootstrap=False,
-        gpu="none",
-        record_ttl=20.0,
-        announce_interval=2.0,
-    )
-    for name, value in changes.items():
-        setattr(config, name, value)
-    return config
 
 
 @asynccontextmanager
@@ -49,16 +33,11 @@ async def devnet_after_a_job(
     """A requester and a worker (``worker_changes`` to its config) that have run one matmul
     of 4 shards, verified (the requester's price limit keeps every shard on the worker)."""
 
-    async def run(config: NodeConfig, *, task_status: trio.TaskStatus[Node]) -> None:
-        async with Node.open(config) as node:
-            task_status.started(node)
-            await trio.sleep_forever()
-
     async with trio.open_nursery() as nursery:
-        requester: Node = await nursery.start(run, node_config(root, 0, [], price=50.0))
+        requester: Node = await nursery.start(run_node, config(root, 0, [], price=50.0))
         bootstrap = [requester.addrs()[0]]
         worker: Node = await nursery.start(
-            run, node_config(root, 1, bootstrap, price=1.0, **(worker_changes or {}))
+            run_node, config(root, 1, bootstrap, price=1.0, **(worker_changes or {}))
         )
         with trio.fail_after(30):
             while any(len(n.capacity.view.live(n.clock.now())) < 2 for n in (requester, worker)):

@@ -268,12 +268,12 @@ class Worker:
     async def cmd_conn_kinds(self, cmd: dict[str, Any]) -> dict[str, Any]:
         from libp2p.peer.id import ID
 
-        from mtor_p2p.libp2p_nat import _is_relayed
+        from mtor_p2p.libp2p_nat import is_relayed
 
         net = self.net(cmd)
         conns = _conns(net._host.get_network().connections.get(ID.from_base58(cmd["peer"])))
         return {
-            "kinds": ["relayed" if _is_relayed(c) else "direct" for c in conns if not c.is_closed]
+            "kinds": ["relayed" if is_relayed(c) else "direct" for c in conns if not c.is_closed]
         }
 
     async def cmd_relay_stats(self, cmd: dict[str, Any]) -> dict[str, Any]:

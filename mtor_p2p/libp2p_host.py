@@ -90,6 +90,9 @@ from mtor_p2p.libp2p_nat import (
     RELAYED_MAX_RESPONSE_BYTES,
     NatSettings,
     NatTraversal,
+    conn_list,
+    is_relayed,
+    remote_of,
 )
 from mtor_p2p.memory import keep_freed_memory_for_reuse
 from mtor_p2p.network import (
@@ -731,14 +734,9 @@ class Libp2pNetwork:
         if self.nat is None:
             return False
         muxed = stream.muxed_conn
-        conns = self._host.get_network().connections.get(muxed.peer_id) or []
-        for conn in conns if isinstance(conns, list) else [conns]:
+        for conn in conn_list(self._host.get_network().connections.get(muxed.peer_id)):
             if getattr(conn, "muxed_conn", None) is muxed:
-                try:
-                    addrs = conn.get_transport_addresses()
-                except Exception:
-                    return False
-                return bool(addrs) and all("/p2p-circuit" in str(a) for a in addrs)
+                return is_relayed(conn)
         return False
 
     def _admit(self, service: _Service, sender: str, length: int) -> bytes | None:
@@ -930,17 +928,8 @@ class Libp2pNetwork:
         )
         # Only a direct connection says where the peer is: a relayed one's remote address is
         # the relay's (a lane there would go to the relay, at a port the peer chose).
-        remote = None
-        conns = self._host.get_network().connections.get(ID.from_base58(peer_id)) or []
-        for conn in conns if isinstance(conns, list) else [conns]:
-            try:
-                if any("/p2p-circuit" in str(a) for a in conn.get_transport_addresses()):
-                    continue
-                remote = conn.muxed_conn.get_remote_address()
-            except Exception:
-                continue
-            if remote is not None:
-                break
+        conns = conn_list(self._host.get_network().connections.get(ID.from_base58(peer_id)))
+        remote = next((r for c in conns if not is_relayed(c) and (r := remote_of(c))), None)
         if remote is None:
             raise NetworkError("no direct connection to take the lane's address from")
         try:

@@ -231,6 +231,8 @@ class _Relay(CircuitV2Protocol):
         self._accept_stop_from = accept_stop_from
         #: (source IP, destination) -> circuits open now.
         self._circuits: dict[tuple[str, ID], int] = {}
+        #: A circuit's (its stream pair's) last byte either way, shared by both directions.
+        self._activity: dict[tuple[int, ...], list[float]] = {}
 
     def _remote_ip(self, stream: INetStream) -> str:
         try:
@@ -250,8 +252,8 @@ class _Relay(CircuitV2Protocol):
             ip = self._remote_ip(stream)
             same_ip = 0
             for holder in manager._reservations:
-                conns = _conn_list(connected.get(holder))
-                if any((_remote_of(c) or ("", 0))[0] == ip for c in conns):
+                conns = conn_list(connected.get(holder))
+                if any((remote_of(c) or ("", 0))[0] == ip for c in conns):
                     same_ip += 1
             if same_ip >= self._config.reservations_per_ip and not _is_loopback(ip):
                 await write_delimited_msg(
@@ -351,13 +353,6 @@ class _Relay(CircuitV2Protocol):
             with trio.fail_after(self.write_timeout):
                 await dst_stream.write(data)
 
-    @property
-    def _activity(self) -> dict[tuple[int, ...], list[float]]:
-        table = self.__dict__.get("_activity_table")
-        if table is None:
-            table = self.__dict__["_activity_table"] = {}
-        return table
-
     async def _handle_stop_stream(self, stream: INetStream) -> None:
         relay = str(stream.muxed_conn.peer_id)
         if not self._accept_stop_from(relay):
@@ -405,7 +400,8 @@ class _HolePuncher(DCUtRProtocol):
                 seen = first_seen.setdefault(peer_id, trio.current_time())
                 if self._hole_punch_attempts.get(peer_id, 0) >= 3:
                     continue
-                if not self._direct_addrs(peer_id) and trio.current_time() - seen < IDENTIFY_WAIT_S:
+                waited = trio.current_time() - seen
+                if not _direct_addrs(self.host, peer_id) and waited < IDENTIFY_WAIT_S:
                     # Identify has not told us the peer's addresses yet: the plain dial that
                     # comes first would have nothing to dial.
                     continue
@@ -441,7 +437,7 @@ class _HolePuncher(DCUtRProtocol):
         now = trio.current_time()
         recent = [t for t in self._sessions.get(peer, []) if now - t < PUNCH_SESSION_WINDOW_S]
         if (
-            not _conn_list(conns)
+            not conn_list(conns)
             or _has_direct(conns)
             or _relayed_in(conns, self.host.get_id())
             or peer in self._in_progress
@@ -458,20 +454,13 @@ class _HolePuncher(DCUtRProtocol):
             self._sessions.popitem(last=False)
         await super()._handle_dcutr_stream(stream)
 
-    def _direct_addrs(self, peer_id: ID) -> list[multiaddr.Multiaddr]:
-        try:
-            known = self.host.get_peerstore().addrs(peer_id)
-        except Exception:  # PeerStoreError: no address known (yet)
-            return []
-        return [a for a in known if "/p2p-circuit" not in str(a)]
-
     async def _try_unilateral_upgrade(self, peer_id: ID) -> bool:
         # DCUtR's step 0, a plain dial of the peer's known direct addresses, with a short
         # deadline of its own: behind a NAT those are a private LAN address and a router
         # that drops unsolicited SYNs, and the library's dial timeout (3 s) put that long
         # before every punch (p50 3.2 s to direct in the NAT lab); a reachable peer answers
         # within a round trip.
-        addrs = self._direct_addrs(peer_id)
+        addrs = _direct_addrs(self.host, peer_id)
         if addrs:
             with trio.move_on_after(UNILATERAL_DIAL_S):
                 async with trio.open_nursery() as nursery:
@@ -500,6 +489,16 @@ class _HolePuncher(DCUtRProtocol):
             )
 
 
+def _direct_addrs(host: IHost, peer_id: ID) -> list[multiaddr.Multiaddr]:
+    """The peer's known addresses that are not relayed (none if the peerstore has none:
+    py-libp2p raises PeerStoreError for a peer it holds nothing about)."""
+    try:
+        known = host.get_peerstore().addrs(peer_id)
+    except Exception:
+        return []
+    return [a for a in known if "/p2p-circuit" not in str(a)]
+
+
 def _try_acquire(semaphore: trio.Semaphore) -> bool:
     try:
         semaphore.acquire_nowait()
@@ -508,13 +507,15 @@ def _try_acquire(semaphore: trio.Semaphore) -> bool:
     return True
 
 
-def _conn_list(conns: Any) -> list[INetConn]:
+def conn_list(conns: Any) -> list[INetConn]:
+    """A swarm's entry for one peer (None, a connection, or a list) as a list."""
     if not conns:
         return []
     return list(conns) if isinstance(conns, list) else [conns]
 
 
-def _is_relayed(conn: INetConn) -> bool:
+def is_relayed(conn: INetConn) -> bool:
+    """Whether a connection goes through a relay (all its addresses are circuits)."""
     try:
         addrs = conn.get_transport_addresses()
     except Exception:
@@ -523,14 +524,14 @@ def _is_relayed(conn: INetConn) -> bool:
 
 
 def _has_direct(conns: Any) -> bool:
-    return any(not _is_relayed(c) and not c.is_closed for c in _conn_list(conns))
+    return any(not is_relayed(c) and not c.is_closed for c in conn_list(conns))
 
 
 def _relayed_in(conns: Any, me: ID) -> bool:
     """Whether one of ``conns`` is a relayed connection we accepted: py-libp2p labels those
     ``/p2p/<our own id>/p2p-circuit/...`` (pitfall 7), the ones we dialled name the relay."""
     mine = f"/p2p/{me}/p2p-circuit"
-    for conn in _conn_list(conns):
+    for conn in conn_list(conns):
         try:
             if any(str(a).startswith(mine) for a in conn.get_transport_addresses()):
                 return True
@@ -558,7 +559,8 @@ def _socket_of(conn: INetConn) -> Any:
     return None
 
 
-def _remote_of(conn: INetConn) -> tuple[str, int] | None:
+def remote_of(conn: INetConn) -> tuple[str, int] | None:
+    """The (ip, port) a connection's other end has, as we see it (None: unknown)."""
     try:
         remote = conn.muxed_conn.get_remote_address()  # type: ignore[attr-defined]
     except Exception:
@@ -568,25 +570,26 @@ def _remote_of(conn: INetConn) -> tuple[str, int] | None:
     return str(remote[0]), int(remote[1])
 
 
+def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """An IP address, an IPv4-mapped IPv6 form read as the IPv4 one; None if not an IP."""
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
 def _same_ip(a: str, b: str) -> bool:
     """Whether two IP strings name one address (an IPv4-mapped IPv6 form included)."""
-    try:
-        x, y = ipaddress.ip_address(a), ipaddress.ip_address(b)
-    except ValueError:
-        return False
-    x = x.ipv4_mapped or x if isinstance(x, ipaddress.IPv6Address) else x
-    y = y.ipv4_mapped or y if isinstance(y, ipaddress.IPv6Address) else y
-    return x == y
+    x = _ip(a)
+    return x is not None and x == _ip(b)
 
 
 def _is_loopback(ip: str) -> bool:
-    try:
-        address = ipaddress.ip_address(ip)
-    except ValueError:
-        return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped.is_loopback
-    return address.is_loopback
+    address = _ip(ip)
+    return address is not None and address.is_loopback
 
 
 def _tcp_target(addr: str) -> tuple[str, int] | None:
@@ -707,12 +710,12 @@ class NatTraversal:
 
     def relay_only(self, peer_id: str) -> bool:
         """Whether every open connection to ``peer_id`` goes through a relay."""
-        conns = _conn_list(self._host.get_network().connections.get(ID.from_base58(peer_id)))
+        conns = conn_list(self._host.get_network().connections.get(ID.from_base58(peer_id)))
         return bool(conns) and not _has_direct(conns)
 
     def connection_kind(self, peer_id: str) -> str:
         """ "direct", "relayed" or "none"."""
-        conns = _conn_list(self._host.get_network().connections.get(ID.from_base58(peer_id)))
+        conns = conn_list(self._host.get_network().connections.get(ID.from_base58(peer_id)))
         if not conns:
             return "none"
         return "direct" if _has_direct(conns) else "relayed"
@@ -721,7 +724,7 @@ class NatTraversal:
         """peer -> "direct" or "relayed", for (at most ``limit``) connected peers."""
         kinds = {}
         for peer_id, conns in list(self._host.get_network().connections.items())[:limit]:
-            if _conn_list(conns):
+            if conn_list(conns):
                 kinds[str(peer_id)] = "direct" if _has_direct(conns) else "relayed"
         return kinds
 
@@ -739,7 +742,7 @@ class NatTraversal:
 
     async def _dial_direct(self, peer_id: str) -> None:
         pid = ID.from_base58(peer_id)
-        addrs = [a for a in self._host.get_peerstore().addrs(pid) if "/p2p-circuit" not in str(a)]
+        addrs = _direct_addrs(self._host, pid)
 
         async def dial(addr: multiaddr.Multiaddr) -> None:
             try:
@@ -845,9 +848,9 @@ class NatTraversal:
         self, sender: str, addrs: list[str]
     ) -> tuple[tuple[str, int] | None, dict[str, str]]:
         observed = None
-        for conn in _conn_list(self._host.get_network().connections.get(ID.from_base58(sender))):
-            if not _is_relayed(conn):
-                observed = _remote_of(conn)
+        for conn in conn_list(self._host.get_network().connections.get(ID.from_base58(sender))):
+            if not is_relayed(conn):
+                observed = remote_of(conn)
                 if observed is not None:
                     break
         results: dict[str, str] = {}
@@ -917,8 +920,8 @@ class NatTraversal:
         for peer_id, conns in list(self._host.get_network().connections.items()):
             if peer_id == me:
                 continue
-            for conn in _conn_list(conns):
-                if not _is_relayed(conn) and not conn.is_closed:
+            for conn in conn_list(conns):
+                if not is_relayed(conn) and not conn.is_closed:
                     found.append((str(peer_id), conn))
                     break
         return found
@@ -963,7 +966,7 @@ class NatTraversal:
         except Exception as exc:  # whatever a helper sends costs only its own answer
             log.info("dial-back reply from %s is malformed: %s", helper, exc)
             return None
-        remote = _remote_of(conn)
+        remote = remote_of(conn)
         return DialbackAnswer(helper, obs, results, local, remote[0] if remote else None)
 
     def _loopback_only(self) -> bool:
@@ -1167,14 +1170,14 @@ class NatTraversal:
         conn = next(
             (
                 c
-                for c in _conn_list(self._host.get_network().connections.get(relay_id))
-                if not _is_relayed(c)
+                for c in conn_list(self._host.get_network().connections.get(relay_id))
+                if not is_relayed(c)
             ),
             None,
         )
         if conn is None:
             return False
-        remote = _remote_of(conn)
+        remote = remote_of(conn)
         try:
             with trio.fail_after(10):
                 stream = await self._host.new_stream(relay_id, [HOP_PROTOCOL_ID])

@@ -395,7 +395,7 @@ class _HolePuncher(DCUtRProtocol):
             for peer_id, conns in list(connections.items()):
                 if peer_id == me or peer_id in self._punching or peer_id in self._in_progress:
                     continue
-                if not _relayed_in(conns, me) or _has_direct(conns):
+                if not _we_drive(conns, me, peer_id) or _has_direct(conns):
                     continue
                 seen = first_seen.setdefault(peer_id, trio.current_time())
                 if self._hole_punch_attempts.get(peer_id, 0) >= 3:
@@ -439,7 +439,7 @@ class _HolePuncher(DCUtRProtocol):
         if (
             not conn_list(conns)
             or _has_direct(conns)
-            or _relayed_in(conns, self.host.get_id())
+            or _we_drive(conns, self.host.get_id(), peer)
             or peer in self._in_progress
             or len(recent) >= PUNCH_SESSIONS_PER_WINDOW
         ):
@@ -538,6 +538,25 @@ def _relayed_in(conns: Any, me: ID) -> bool:
         except Exception:
             continue
     return False
+
+
+def _we_drive(conns: Any, me: ID, peer: ID) -> bool:
+    """Whether we drive the hole punch with ``peer``: we accepted its relayed connection.
+    When each side dialled the other through a relay at once (both hold an accepted and a
+    dialled circuit), the smaller peer ID drives: otherwise both would drive and each refuse
+    the other's session, and no punch could ever succeed."""
+    if not _relayed_in(conns, me):
+        return False
+    mine = f"/p2p/{me}/p2p-circuit"
+    dialled = False
+    for conn in conn_list(conns):
+        try:
+            addrs = [str(a) for a in conn.get_transport_addresses()]
+        except Exception:
+            continue
+        if addrs and all("/p2p-circuit" in a and not a.startswith(mine) for a in addrs):
+            dialled = True
+    return not dialled or str(me) < str(peer)
 
 
 def _socket_of(conn: INetConn) -> Any:

@@ -29,12 +29,13 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
 from mtor_p2p import __version__
+from mtor_p2p.compute.inputs import KERNEL_INPUTS, KernelInputs
 from mtor_p2p.config import ConfigError, NodeConfig, check_listen_addr, load_config
 from mtor_p2p.console import (
     EXIT_CODES,
@@ -1031,49 +1032,106 @@ def cmd_reputation(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-DEFAULT_MATMUL_SIZE = 512
+def _flags(names: Iterable[str]) -> str:
+    """``--a and --b``, ``--x, --w1 and --b1``: flags named in a message."""
+    flags = [f"--{name.replace('_', '-')}" for name in names]
+    return flags[0] if len(flags) == 1 else f"{', '.join(flags[:-1])} and {flags[-1]}"
+
+
+def _dims(shape: tuple[int, ...]) -> str:
+    """A shape as people write it: ``4x3``."""
+    return "x".join(map(str, shape))
+
+
+def _submit_sizes(args: argparse.Namespace, spec: KernelInputs) -> dict[str, int]:
+    """Every size of a random-input job: the flags, else the size it follows
+    (``--seq-k`` = ``--seq-q``), else the kernel's default."""
+    sizes: dict[str, int] = {}
+    for size in spec.sizes:
+        value = getattr(args, f"size_{size}")
+        if value is None:
+            value = sizes[spec.same_as[size]] if size in spec.same_as else spec.defaults[size]
+        sizes[size] = value
+    return sizes
+
+
+def _submit_files(args: argparse.Namespace, spec: KernelInputs) -> dict[str, Path]:
+    """The operand files given (``--a``, ``--x``, ...), by operand name."""
+    files = {name: getattr(args, f"file_{name}") for name in spec.operands}
+    return {name: path for name, path in files.items() if path is not None}
 
 
 def _check_submit_inputs(args: argparse.Namespace) -> None:
     """Refuse, with exit 2 and one line naming the flag, what the job would trip over after
     it was sent (or, for ``--out``, after it ran and was paid): operand files that are missing
-    or not ``.npy`` arrays, shapes that do not multiply, an output that cannot be written, and
-    ``--m/--n/--k`` given with files (they would be ignored)."""
+    or not ``.npy`` arrays, shapes that do not fit together, sizes above the kernel's limits,
+    an output that cannot be written, and sizes given with files (they would be ignored)."""
+    from mtor_kernels import KernelError
+    from mtor_p2p.compute.inputs import check_shapes
     from mtor_p2p.compute.jobs import check_out_path, npy_header
 
-    if args.a or args.b:
-        if not (args.a and args.b):
-            raise CliError("--a and --b go together", EXIT_USAGE)
-        given = [f"--{name}" for name in ("m", "n", "k") if getattr(args, name) is not None]
-        if given:
+    spec = KERNEL_INPUTS[args.kernel]
+    files = _submit_files(args, spec)
+    if files:
+        if len(files) < len(spec.operands):
+            missing = [name for name in spec.operands if name not in files]
             raise CliError(
-                f"{'/'.join(given)} cannot be given with --a/--b (the shapes come from the files)",
+                f"{_flags(spec.operands)} go together ({_flags(missing)} missing; or give "
+                "none of them for random inputs)",
                 EXIT_USAGE,
             )
-        shapes, dtypes = {}, {}
-        for flag, path in (("--a", args.a), ("--b", args.b)):
+        sizes = [size for size in spec.sizes if getattr(args, f"size_{size}") is not None]
+        if sizes:
+            raise CliError(
+                f"{'/'.join(_flags([s]) for s in sizes)} cannot be given with "
+                f"{'/'.join(_flags([n]) for n in spec.operands)} (the shapes come from the files)",
+                EXIT_USAGE,
+            )
+        shapes = {}
+        for name, path in files.items():
+            flag = _flags([name])
             try:
-                shapes[flag], dtypes[flag] = npy_header(path, flag)
+                shape, dtype = npy_header(path, flag)
             except ValueError as exc:
                 raise CliError(str(exc), EXIT_USAGE) from None
-            if dtypes[flag].kind != "f":
+            if dtype.kind != "f":
+                what = "computes on float32 or float16 arrays"
+                if spec.kernel == "matmul":
+                    what = "multiplies float32 or float16 matrices"
                 raise CliError(
-                    f"{flag} {path} holds {dtypes[flag]} values; matmul multiplies float32 or "
-                    f"float16 matrices: convert it first (numpy: np.save(path, "
-                    "a.astype(np.float32)))",
+                    f"{flag} {path} holds {dtype} values; {spec.kernel} {what}: convert it first "
+                    "(numpy: np.save(path, a.astype(np.float32)))",
                     EXIT_USAGE,
                 )
-            if len(shapes[flag]) != 2:
+            axes = spec.operands[name]
+            if len(shape) != len(axes):
+                kind = {1: "a vector", 2: "a matrix"}.get(len(axes), f"a {len(axes)}-D array")
                 raise CliError(
-                    f"{flag} {path} holds an array of shape {shapes[flag]}, not a matrix",
+                    f"{flag} {path} holds an array of shape {shape}, not {kind} "
+                    f"({', '.join(axes)})",
                     EXIT_USAGE,
                 )
-        (m, k), (k_b, n) = shapes["--a"], shapes["--b"]
-        if k != k_b:
+            shapes[name] = shape
+        mismatch = spec.mismatch(shapes)
+        if mismatch:
+            size, first, other = mismatch
+            where = (
+                f"axis {spec.operands[first].index(size)} of {_flags([first])}, "
+                f"axis {spec.operands[other].index(size)} of {_flags([other])}"
+            )
             raise CliError(
-                f"--a is {m}x{k} but --b is {k_b}x{n}: A's columns must equal B's rows",
+                f"{_flags([first])} is {_dims(shapes[first])} but {_flags([other])} is "
+                f"{_dims(shapes[other])}: they disagree on {size} ({where})",
                 EXIT_USAGE,
             )
+        dtype_name = "float32"  # the limits do not depend on it
+    else:
+        shapes = spec.shapes(_submit_sizes(args, spec))
+        dtype_name = args.dtype
+    try:
+        check_shapes(spec.kernel, shapes, dtype_name)  # the kernel's limits, before sending
+    except KernelError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
     if args.out:
         try:
             check_out_path(str(args.out))
@@ -1087,43 +1145,45 @@ KERNEL_DTYPES = ("float32", "float16")
 
 def _converted_operands(
     args: argparse.Namespace, data_dir: Path, stack: ExitStack
-) -> tuple[str, str]:
-    """The paths to send for ``--a``/``--b``: the files themselves when they hold the same
-    kernel dtype (float32 or float16), else float32 copies, with a notice on stderr (float64
-    and other float types, or float16 beside float32). The copies are private files in the
-    data directory, removed once the node has read them (``stack`` closes after the POST)."""
+) -> dict[str, str]:
+    """The paths to send for the operand files, by operand name: the files themselves when
+    they hold the same kernel dtype (float32 or float16), else float32 copies, with a notice on
+    stderr (float64 and other float types, or float16 beside float32). The copies are private
+    files in the data directory, removed once the node has read them (``stack`` closes after
+    the POST)."""
     import tempfile
 
     import numpy as np
 
     from mtor_p2p.compute.jobs import load_npy, npy_header, save_npy
 
-    paths = {"--a": args.a, "--b": args.b}
-    dtypes = {flag: npy_header(path, flag)[1] for flag, path in paths.items()}
+    paths = _submit_files(args, KERNEL_INPUTS[args.kernel])
+    dtypes = {name: npy_header(path, _flags([name]))[1] for name, path in paths.items()}
     names = {str(d) for d in dtypes.values()}
     if len(names) == 1 and names <= set(KERNEL_DTYPES):
-        return str(args.a.resolve()), str(args.b.resolve())
+        return {name: str(path.resolve()) for name, path in paths.items()}
     target = np.dtype("float32")
     sent = {}
-    for flag, path in paths.items():
-        if dtypes[flag] == target:
-            sent[flag] = str(path.resolve())
+    for name, path in paths.items():
+        flag = _flags([name])
+        if dtypes[name] == target:
+            sent[name] = str(path.resolve())
             continue
         print(
-            f"mtor-peer: {flag} {path} is {dtypes[flag]}: sending it as float32 (kernels "
-            "compute in float32 or float16, and both operands must match)",
+            f"mtor-peer: {flag} {path} is {dtypes[name]}: sending it as float32 (kernels "
+            "compute in float32 or float16, and all operands must match)",
             file=sys.stderr,
         )
         try:
             array = load_npy(path, flag).astype(target)
         except ValueError as exc:
             raise CliError(str(exc), EXIT_USAGE) from None
-        fd, name = tempfile.mkstemp(dir=data_dir, prefix=".submit-", suffix=".npy")
+        fd, temporary = tempfile.mkstemp(dir=data_dir, prefix=".submit-", suffix=".npy")
         os.close(fd)
-        stack.callback(Path(name).unlink, missing_ok=True)
-        save_npy(name, array)
-        sent[flag] = name
-    return sent["--a"], sent["--b"]
+        stack.callback(Path(temporary).unlink, missing_ok=True)
+        save_npy(temporary, array)
+        sent[name] = temporary
+    return sent
 
 
 def _cancel(client: ControlClient, job_id: str) -> None:
@@ -1168,7 +1228,7 @@ def _paid_receipts(client: ControlClient, result: dict[str, Any]) -> None:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    """Run a matmul job through the local node and report how it went."""
+    """Run a job (matmul, mlp, attention) through the local node and report how it went."""
     _check_submit_inputs(args)
     config = _config_from(args)
     client = ControlClient.for_data_dir(config.data_dir)
@@ -1184,15 +1244,13 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 def _submit_body(args: argparse.Namespace, data_dir: Path, stack: ExitStack) -> dict[str, Any]:
     """The ``POST /v1/jobs`` body for the submit flags."""
-    body: dict[str, Any] = {"kernel": "matmul", "verify": args.verify, "dtype": args.dtype}
-    # The node runs elsewhere: it gets absolute paths.
-    if args.a:
-        body["a"], body["b"] = _converted_operands(args, data_dir, stack)
+    spec = KERNEL_INPUTS[args.kernel]
+    body: dict[str, Any] = {"kernel": spec.kernel, "verify": args.verify, "dtype": args.dtype}
+    if _submit_files(args, spec):
+        # The node runs elsewhere: it gets absolute paths.
+        body.update(_converted_operands(args, data_dir, stack))
     else:
-        body.update(
-            {name: getattr(args, name) or DEFAULT_MATMUL_SIZE for name in ("m", "n", "k")},
-            seed=args.seed,
-        )
+        body.update(_submit_sizes(args, spec), seed=args.seed)
     if args.out:
         body["out"] = str(args.out.resolve())
     if args.max_price is not None:
@@ -1302,10 +1360,11 @@ def _job_key(job: dict[str, Any]) -> tuple[Any, ...]:
 
 def _job_detail(job: dict[str, Any]) -> str:
     """The second line of a job in the ``jobs`` list: what it runs and how it ended."""
-    shape = job.get("shape")
     what = job.get("kernel", "?")
-    if shape:
-        what += " m={} n={} k={}".format(*shape)
+    spec = KERNEL_INPUTS.get(what)
+    if spec and job.get("shape"):
+        # ``shape`` holds the sizes in the kernel's order (``sizes``, a JSON object, may not).
+        what += "".join(f" {n}={v}" for n, v in zip(spec.sizes, job["shape"], strict=False))
     if job.get("dtype"):
         what += f" {job['dtype']}"
     verify = (job.get("result") or {}).get("verification") or job.get("verify")
@@ -1549,6 +1608,130 @@ def _epilog() -> str:
     )
 
 
+#: ``submit KERNEL``: (help line, what it computes, its result, the check ``auto`` picks).
+SUBMIT_KERNELS = {
+    "matmul": (
+        "C = A @ B",
+        "Run C = A @ B across the network: random inputs of the given sizes, or --a/--b .npy "
+        "files. Shards are row blocks of A; every worker gets B whole.",
+        "C",
+        "Freivalds' for matmul",
+    ),
+    "mlp": (
+        "y = gelu(x @ W1 + b1) @ W2 + b2",
+        "Run a two-layer perceptron y = gelu(x @ W1 + b1) @ W2 + b2 (tanh GELU) across the "
+        "network: random inputs of the given sizes (weights scaled by 1/sqrt(fan-in)), or "
+        "--x/--w1/--b1/--w2/--b2 .npy files. Shards are row blocks of x; every worker gets the "
+        "weights whole.",
+        "y (batch, d_out)",
+        "sample for mlp",
+    ),
+    "attention": (
+        "softmax(q k^T / sqrt(head_dim)) v",
+        "Run non-causal scaled dot-product attention softmax(q k^T / sqrt(head_dim)) v per "
+        "batch entry and head across the network: random inputs of the given sizes, or "
+        "--q/--k/--v .npy files. Shards are slices of the batch.",
+        "the output (batch, heads, seq_q, head_dim_v)",
+        "sample for attention",
+    ),
+}
+#: What each size of ``submit KERNEL`` is, for its --help.
+SUBMIT_SIZE_HELP = {
+    "matmul": {"m": "rows of A", "n": "columns of B", "k": "columns of A / rows of B"},
+    "mlp": {
+        "batch": "rows of x",
+        "d_in": "features in: columns of x, rows of w1",
+        "d_hidden": "hidden units: columns of w1, rows of w2, entries of b1",
+        "d_out": "features out: columns of w2, entries of b2",
+    },
+    "attention": {
+        "batch": "batch entries, which shards cut",
+        "heads": "heads per batch entry",
+        "seq_q": "query positions",
+        "seq_k": "key and value positions",
+        "head_dim": "width of q and k per head",
+        "head_dim_v": "width of v per head",
+    },
+}
+
+
+def _add_submit_parser(kernels: Any, spec: KernelInputs) -> None:
+    """``submit KERNEL`` and its flags: the kernel's sizes (random inputs) or operand files,
+    and what every kernel takes (verification, price, shards, output, progress, JSON)."""
+    short, description, result, auto = SUBMIT_KERNELS[spec.kernel]
+    operand_flags = "/".join(f"--{name}" for name in spec.operands)
+    p = kernels.add_parser(
+        spec.kernel,
+        help=short,
+        description=(
+            f"{description} Shows progress (as mtor-peer jobs does), then the shards, workers, "
+            "time, achieved TFLOP/s, verification outcome, cost and receipt count. Exit 2 for "
+            "bad input (a flag, a file, shapes that do not fit together), 1 if the job fails, "
+            "3 if no node runs, 130 on Ctrl-C (the job is cancelled on the node)."
+        ),
+    )
+    _add_data_dir(p)
+    for size in spec.sizes:
+        if size in spec.same_as:
+            default = f"default: --{spec.same_as[size].replace('_', '-')}"
+        else:
+            default = f"default {spec.defaults[size]}"
+        p.add_argument(
+            f"--{size.replace('_', '-')}",
+            dest=f"size_{size}",
+            metavar="N",
+            type=_positive_int(1 << 20),
+            help=f"{SUBMIT_SIZE_HELP[spec.kernel][size]} ({default}; not with {operand_flags})",
+        )
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "float16"],
+        default="float32",
+        help="element type of the random inputs (default float32); files keep their own",
+    )
+    p.add_argument("--seed", type=int, help="seed for the random inputs")
+    for name, axes in spec.operands.items():
+        p.add_argument(
+            f"--{name}",
+            dest=f"file_{name}",
+            metavar="FILE",
+            type=Path,
+            help=f"{name} as a .npy file of shape ({', '.join(axes)}{',' * (len(axes) == 1)})",
+        )
+    checks = ["auto", "sample", "redundant"]
+    if spec.kernel == "matmul":
+        checks.insert(1, "freivalds")
+    p.add_argument(
+        "--verify",
+        choices=checks,
+        default="auto",
+        help=f"how every shard's result is checked: auto (default) picks the kernel's own "
+        f"check, {auto};"
+        + (" freivalds (a random-vector product, O(n^2));" if "freivalds" in checks else "")
+        + " sample (recompute random rows); redundant (two workers must agree)",
+    )
+    p.add_argument(
+        "--max-price",
+        type=_non_negative_float,
+        help="only workers asking at most this (credits per TFLOP; 0 or more)",
+    )
+    p.add_argument(
+        "--shards",
+        type=_positive_int(4096),
+        help="number of shards (default: sized from the workers' capacity)",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        help=f"write {result} to this .npy file (checked before the job runs)",
+    )
+    p.add_argument(
+        "--progress", action="store_true", help="show progress even when not on a terminal"
+    )
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=cmd_submit)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``mtor-peer``."""
     parser = argparse.ArgumentParser(
@@ -1731,54 +1914,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "submit",
-        help="run a matmul job on the network through the local node",
+        help="run a job (matmul, mlp, attention) on the network through the local node",
         description=(
-            "Run C = A @ B across the network through the running node: random inputs of the "
-            "given shape, or --a/--b .npy files. Shows progress, then the shards, workers, "
-            "time, achieved TFLOP/s, verification outcome, cost and receipt count."
+            "Run a job across the network through the running node: random inputs of the "
+            "given sizes, or .npy files. Shows progress, then the shards, workers, time, "
+            "achieved TFLOP/s, verification outcome, cost and receipt count. "
+            "mtor-peer submit KERNEL --help lists a kernel's flags."
         ),
     )
-    _add_data_dir(p)
-    p.add_argument("kernel", choices=["matmul"], help="the kernel to run")
-    size = "(default 512; not with --a/--b)"
-    p.add_argument("--m", type=_positive_int(1 << 20), help=f"rows of A {size}")
-    p.add_argument("--n", type=_positive_int(1 << 20), help=f"columns of B {size}")
-    p.add_argument("--k", type=_positive_int(1 << 20), help=f"columns of A / rows of B {size}")
-    p.add_argument(
-        "--dtype",
-        choices=["float32", "float16"],
-        default="float32",
-        help="element type of the random inputs (default float32); --a/--b keep their own",
-    )
-    p.add_argument(
-        "--verify",
-        choices=["auto", "freivalds", "sample", "redundant"],
-        default="auto",
-        help="how every shard's result is checked: auto (default) picks the kernel's own "
-        "check, Freivalds' for matmul; freivalds (a random-vector product, O(n^2)); sample "
-        "(recompute random rows); redundant (two workers must agree)",
-    )
-    p.add_argument(
-        "--max-price",
-        type=_non_negative_float,
-        help="only workers asking at most this (credits per TFLOP; 0 or more)",
-    )
-    p.add_argument(
-        "--shards",
-        type=_positive_int(4096),
-        help="number of shards (default: sized from the workers' capacity)",
-    )
-    p.add_argument("--seed", type=int, help="seed for the random inputs")
-    p.add_argument("--a", type=Path, help="A as a .npy file")
-    p.add_argument("--b", type=Path, help="B as a .npy file")
-    p.add_argument(
-        "--out", type=Path, help="write C to this .npy file (checked before the job runs)"
-    )
-    p.add_argument(
-        "--progress", action="store_true", help="show progress even when not on a terminal"
-    )
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
-    p.set_defaults(func=cmd_submit)
+    kernels = p.add_subparsers(dest="kernel", required=True, metavar="KERNEL")
+    for spec in KERNEL_INPUTS.values():
+        _add_submit_parser(kernels, spec)
 
     p = sub.add_parser(
         "jobs",

@@ -80,10 +80,81 @@ def test_files_are_checked_before_the_job_is_sent(files, flags, message):
     assert "pickle" not in result.stderr
 
 
-def test_submit_help_explains_dtype_and_verify():
-    text = " ".join(mtor("submit", "--help").stdout.split())
-    assert "auto (default) picks the kernel's own check" in text
-    assert "element type of the random inputs" in text
+@pytest.fixture
+def layer_files(tmp_path: Path) -> Path:
+    """Operand files of a small mlp and an attention, and some that do not fit them."""
+    shapes = {
+        "x": (4, 3), "w1": (3, 8), "b1": (8,), "w2": (8, 2), "b2": (2,), "b1_2d": (8, 1),
+        "q": (2, 2, 5, 4), "k": (2, 2, 6, 4), "v": (2, 2, 6, 3), "v_short": (2, 2, 7, 3),
+    }  # fmt: skip
+    for name, shape in shapes.items():
+        np.save(tmp_path / f"{name}.npy", np.ones(shape, np.float32))
+    np.save(tmp_path / "k_int.npy", np.ones((2, 2, 6, 4), np.int8))
+    return tmp_path
+
+
+MLP = ["--x", "x.npy", "--w1", "w1.npy", "--b1", "b1.npy", "--w2", "w2.npy", "--b2", "b2.npy"]
+ATTENTION = ["--q", "q.npy", "--k", "k.npy", "--v", "v.npy"]
+
+
+@pytest.mark.parametrize(
+    ("kernel", "flags", "message"),
+    [
+        (
+            "mlp",
+            [*MLP[:-1], "b1.npy"],
+            "--w2 is 8x2 but --b2 is 8: they disagree on d_out (axis 1 of --w2, axis 0 of --b2)",
+        ),
+        (
+            "mlp",
+            [*MLP[:5], "b1_2d.npy", *MLP[6:]],
+            "--b1 b1_2d.npy holds an array of shape (8, 1), not a vector (d_hidden)",
+        ),
+        ("mlp", MLP[:4], "--x, --w1, --b1, --w2 and --b2 go together (--b1, --w2 and --b2 missing"),
+        ("mlp", [*MLP, "--d-in", "3"], "--d-in cannot be given with --x/--w1/--b1/--w2/--b2"),
+        (
+            "attention",
+            [*ATTENTION[:5], "v_short.npy"],
+            "--k is 2x2x6x4 but --v is 2x2x7x3: they disagree on seq_k (axis 2 of --k, axis 2",
+        ),
+        ("attention", [*ATTENTION[:3], "k_int.npy", *ATTENTION[4:]], "holds int8 values; atten"),
+        (
+            "attention",
+            ["--seq-q", "65536"],
+            "attention: attention scores has 274877906944 elements, above the limit of 268435456",
+        ),
+    ],
+)
+def test_mlp_and_attention_inputs_are_checked_before_the_job_is_sent(
+    layer_files, kernel, flags, message
+):
+    result = subprocess.run(
+        [sys.executable, "-m", "mtor_p2p", "submit", kernel, *flags, "--data-dir", "node"],
+        cwd=layer_files,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_submit_help_explains_each_kernel_its_inputs_dtype_and_verify():
+    listing = " ".join(mtor("submit", "--help").stdout.split())
+    for kernel, files, auto in (
+        ("matmul", "--a FILE a as a .npy file of shape (m, k)", "Freivalds' for matmul"),
+        ("mlp", "--b1 FILE b1 as a .npy file of shape (d_hidden,)", "sample for mlp"),
+        ("attention", "--seq-k N key and value positions (default: --seq-q;", "sample for"),
+    ):
+        assert kernel in listing
+        result = mtor("submit", kernel, "--help")
+        assert result.returncode == 0, result.stderr
+        text = " ".join(result.stdout.split())
+        assert f"auto (default) picks the kernel's own check, {auto}" in text
+        assert "element type of the random inputs" in text
+        assert files in text
+        assert "Exit 2 for bad input" in text
 
 
 NAMES = ("fast", "flaky", "cheat")

@@ -1,5 +1,6 @@
 """Jobs from any terminal (issue 11, item 5): ``mtor-peer jobs [--watch] [--json]``, the
-progress ``submit`` shows, and ``POST /v1/jobs/cancel`` behind Ctrl-C on ``submit``.
+progress ``submit`` shows, and ``POST /v1/jobs/cancel`` behind Ctrl-C on ``submit``; jobs of
+every kernel from the command line (``submit mlp``, ``submit attention``; issue 11).
 
 The job board on its own first (a stand-in for the scheduler), then real subprocesses
 against a 2-peer devnet."""
@@ -16,10 +17,13 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import numpy as np
 import pytest
 import trio
 
-from mtor_p2p.cli import format_job_line
+from mtor_kernels import get_kernel
+from mtor_p2p.cli import _job_detail, format_job_line
+from mtor_p2p.compute.inputs import random_operands
 from mtor_p2p.compute.jobs import (
     MAX_JOBS_WITH_SHARDS,
     MAX_REMEMBERED_JOBS,
@@ -127,6 +131,43 @@ async def test_only_the_recent_jobs_keep_their_shards_and_the_board_is_bounded()
         kept = [j for j in listed["jobs"] if j["shards"] is not None]
         assert len(kept) == MAX_JOBS_WITH_SHARDS
         assert all(j["state"] == "cancelled" for j in listed["jobs"])
+
+
+async def test_the_board_takes_every_kernel_by_its_sizes_or_its_files(tmp_path) -> None:
+    rng = np.random.default_rng(0)
+    files = {
+        "x": (5, 3), "w1": (3, 4), "b1": (4,), "w2": (4, 2), "b2": (2,), "bad_w1": (6, 4),
+    }  # fmt: skip
+    for name, shape in files.items():
+        np.save(tmp_path / f"{name}.npy", rng.standard_normal(shape, dtype=np.float32))
+    paths = {name: str(tmp_path / f"{name}.npy") for name in files}
+    release = trio.Event()
+    async with board(release) as jobs:
+        sizes = {"batch": 2, "heads": 3, "seq_q": 4, "head_dim": 5}
+        _, reply = await jobs.route_submit({}, {"kernel": "attention", **sizes, "seed": 1})
+        _, job = await jobs.route_status(reply, None)
+        # Self-attention unless told otherwise: seq_k = seq_q, head_dim_v = head_dim.
+        assert job["sizes"] == sizes | {"seq_k": 4, "head_dim_v": 5}
+        assert job["shape"] == [2, 3, 4, 4, 5, 5] and job["kernel"] == "attention"
+        mlp = {name: paths[name] for name in ("x", "w1", "b1", "w2", "b2")}
+        _, reply = await jobs.route_submit({}, {"kernel": "mlp", **mlp})
+        _, job = await jobs.route_status(reply, None)
+        assert job["sizes"] == {"batch": 5, "d_in": 3, "d_hidden": 4, "d_out": 2}
+        assert job["dtype"] == "float32"
+        assert "mlp batch=5 d_in=3 d_hidden=4 d_out=2 float32" in _job_detail(job)
+        # Refused before a job exists, with the kernel's one line.
+        refusals = [
+            ({**mlp, "w1": paths["bad_w1"]}, "mlp: shape mismatch: x has 3 features but w1 has 6"),
+            ({"x": paths["x"]}, "x, w1, b1, w2 and b2 go together"),
+            ({"batch": 2, "d_in": 3, "d_hidden": 4}, "d_out must be an integer"),
+        ]
+        for body, message in refusals:
+            with pytest.raises(ValueError, match=message):
+                await jobs.route_submit({}, {"kernel": "mlp", **body})
+        with pytest.raises(ValueError, match="kernel must be one of matmul, mlp, attention"):
+            await jobs.route_submit({}, {"kernel": "conv", "m": 1})
+        _, listed = await jobs.route_status({}, None)
+        assert listed["remembered"] == 2
 
 
 # -- against a devnet ---------------------------------------------------------------------------
@@ -259,3 +300,62 @@ def test_ctrl_c_on_submit_cancels_the_job_and_the_node_runs_on(devnet):
                  "--data-dir", requester)  # fmt: skip
     assert after.returncode == 0, after.stderr
     assert jobs_json(requester)["jobs"][0]["state"] == "done"
+
+
+def test_submit_mlp_from_files_returns_the_numpy_reference(devnet, tmp_path):
+    requester = devnet[0]["data_dir"]
+    rng = np.random.default_rng(11)
+    shapes = {"x": (96, 32), "w1": (32, 48), "b1": (48,), "w2": (48, 16), "b2": (16,)}
+    operands = {n: rng.standard_normal(s, dtype=np.float32) for n, s in shapes.items()}
+    flags = []
+    for name, array in operands.items():
+        np.save(tmp_path / f"{name}.npy", array)
+        flags += [f"--{name}", str(tmp_path / f"{name}.npy")]
+    out = tmp_path / "y.npy"
+    submit = mtor("submit", "mlp", *flags, "--out", str(out), "--shards", "4", "--progress",
+                  "--json", "--data-dir", requester)  # fmt: skip
+    assert submit.returncode == 0, submit.stderr
+    summary = json.loads(submit.stdout)
+    assert summary["kernel"] == "mlp" and summary["output_shape"] == [96, 16]
+    assert summary["verification"] == "sample" and summary["rejected"] == 0
+    assert summary["shards"] == summary["receipts"] == 4
+    # The same progress line as matmul's, ending done.
+    final = submit.stderr.strip().splitlines()[-1]
+    assert "[########################] 4/4 shards" in final and ", done, " in final
+    np.testing.assert_allclose(
+        np.load(out), get_kernel("mlp").reference(operands), rtol=1e-5, atol=1e-5
+    )
+    text = mtor("jobs", "--data-dir", requester).stdout
+    assert "mlp batch=96 d_in=32 d_hidden=48 d_out=16 float32, verify sample" in text
+    # A shape that does not fit: one line naming it, exit 2, and no job is sent.
+    before = jobs_json(requester)["remembered"]
+    np.save(tmp_path / "b2.npy", np.ones(15, np.float32))
+    wrong = mtor("submit", "mlp", *flags, "--data-dir", requester)
+    assert wrong.returncode == 2
+    assert wrong.stderr.strip() == (
+        "mtor-peer: --w2 is 48x16 but --b2 is 15: they disagree on d_out "
+        "(axis 1 of --w2, axis 0 of --b2)"
+    )
+    assert jobs_json(requester)["remembered"] == before
+
+
+def test_submit_attention_on_random_inputs_returns_the_numpy_reference(devnet, tmp_path):
+    requester = devnet[0]["data_dir"]
+    sizes = {"batch": 6, "heads": 2, "seq_q": 16, "seq_k": 24, "head_dim": 8}
+    flags = []
+    for name, value in sizes.items():
+        flags += [f"--{name.replace('_', '-')}", str(value)]
+    out = tmp_path / "o.npy"
+    submit = mtor("submit", "attention", *flags, "--seed", "7", "--out", str(out),
+                  "--data-dir", requester)  # fmt: skip
+    assert submit.returncode == 0, submit.stderr
+    assert "attention, output [6, 2, 16, 8]" in submit.stdout
+    assert "verified   sample:" in submit.stdout and "receipts" in submit.stdout
+    # The node drew the operands from the seed; so does the reference.
+    operands = random_operands("attention", sizes | {"head_dim_v": 8}, "float32", 7)
+    np.testing.assert_allclose(
+        np.load(out), get_kernel("attention").reference(operands), rtol=1e-5, atol=1e-5
+    )
+    job = jobs_json(requester)["jobs"][0]
+    assert job["kernel"] == "attention" and job["state"] == "done"
+    assert job["sizes"] == sizes | {"head_dim_v": 8}

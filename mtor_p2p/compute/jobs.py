@@ -2,7 +2,11 @@
 
 ``POST /v1/jobs`` takes ``{"kernel": "matmul", "m", "n", "k", "dtype", "verify", "max_price",
 "shards", "seed"}`` (random operands) or ``{"a": path, "b": path, "out": path}`` (``.npy``
-files on this machine; the API is local), starts the job and answers ``{"id": ...}``.
+files on this machine; the API is local), starts the job and answers ``{"id": ...}``. The
+other kernels take their own sizes or operand names (:data:`KERNEL_INPUTS`): ``mlp`` the sizes
+``batch, d_in, d_hidden, d_out`` or the files ``x, w1, b1, w2, b2``; ``attention`` the sizes
+``batch, heads, seq_q, seq_k, head_dim, head_dim_v`` (the last two default to ``seq_q`` and
+``head_dim``) or the files ``q, k, v``.
 ``GET /v1/jobs?id=...`` answers its state, progress and, once done, its summary;
 ``GET /v1/jobs?limit=N`` lists the last N jobs (20 by default, at most
 :data:`MAX_REMEMBERED_JOBS`), newest first; ``shards=1`` adds each job's accepted shards.
@@ -20,6 +24,7 @@ from __future__ import annotations
 import contextvars
 import itertools
 import logging
+import math
 import os
 import tempfile
 import time
@@ -32,6 +37,13 @@ from typing import Any
 import numpy as np
 import trio
 
+from mtor_kernels import get_kernel
+from mtor_p2p.compute.inputs import (
+    KERNEL_INPUTS,
+    check_shapes,
+    kernel_inputs,
+    random_operands,
+)
 from mtor_p2p.compute.scheduler import JobFailed, JobResult, ShardAttempt, ShardResult
 from mtor_p2p.runtime import Runtime
 
@@ -162,24 +174,31 @@ def _positive_int(body: dict[str, Any], name: str, limit: int = 1 << 20) -> int:
     return value
 
 
-def load_matmul_operands(body: dict[str, Any]) -> dict[str, np.ndarray]:
-    """Operands from ``.npy`` paths, or random ones of the requested shape and dtype."""
-    if "a" in body or "b" in body:
-        if not (isinstance(body.get("a"), str) and isinstance(body.get("b"), str)):
-            raise ValueError("a and b go together, as paths of .npy files")
-        return {"a": load_npy(body["a"], "a"), "b": load_npy(body["b"], "b")}
-    m, n, k = (_positive_int(body, name) for name in ("m", "n", "k"))
+def load_operands(body: dict[str, Any]) -> dict[str, np.ndarray]:
+    """The operands of ``body["kernel"]`` (matmul when absent) from ``.npy`` paths, one per
+    operand name, or random ones of the requested sizes, dtype and seed."""
+    spec = kernel_inputs(body.get("kernel", "matmul"))
+    names = list(spec.operands)
+    if any(name in body for name in names):
+        if not all(isinstance(body.get(name), str) for name in names):
+            together = " and ".join([", ".join(names[:-1]), names[-1]])
+            raise ValueError(f"{together} go together, as paths of .npy files")
+        return {name: load_npy(body[name], name) for name in names}
+    sizes = {}
+    for size in spec.sizes:
+        if size in spec.same_as and body.get(size) is None:
+            sizes[size] = sizes[spec.same_as[size]]
+        else:
+            sizes[size] = _positive_int(body, size)
     dtype = body.get("dtype", "float32")
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}")
-    if max(m * k, k * n) > MAX_RANDOM_ELEMENTS:
+    shapes = spec.shapes(sizes)
+    if max(math.prod(shape) for shape in shapes.values()) > MAX_RANDOM_ELEMENTS:
         raise ValueError("operands too large for a random-input job")
+    check_shapes(spec.kernel, shapes, dtype)  # the kernel's limits, before allocating
     seed = body.get("seed")
-    rng = np.random.default_rng(seed if isinstance(seed, int) else None)
-    return {
-        "a": rng.standard_normal((m, k), dtype=np.float32).astype(dtype),
-        "b": rng.standard_normal((k, n), dtype=np.float32).astype(dtype),
-    }
+    return random_operands(spec.kernel, sizes, dtype, seed if isinstance(seed, int) else None)
 
 
 NPY_MAGIC = b"\x93NUMPY"
@@ -275,9 +294,7 @@ class JobBoard:
         """``POST /v1/jobs``."""
         if not isinstance(body, dict):
             raise ValueError("body must be a JSON object")
-        kernel = body.get("kernel", "matmul")
-        if kernel != "matmul":
-            raise ValueError("the control API submits matmul jobs; use the library for others")
+        kernel = kernel_inputs(body.get("kernel", "matmul")).kernel
         verify = body.get("verify", "auto")
         max_price = body.get("max_price")
         shards = body.get("shards")
@@ -292,9 +309,17 @@ class JobBoard:
         out = body.get("out")
         if out is not None:
             out = str(await self._runtime.run_blocking(check_out_path, out))
-        operands = await self._runtime.run_blocking(load_matmul_operands, body)
-        (m, k), n = operands["a"].shape, operands["b"].shape[1]
-        request = {"kernel": kernel, "shape": [m, n, k], "dtype": str(operands["a"].dtype)}
+        operands = await self._runtime.run_blocking(load_operands, body)
+        # Refused here, with the kernel's one line (a shape mismatch between files), rather
+        # than as a job that fails.
+        get_kernel(kernel).check_operands(operands)
+        sizes = KERNEL_INPUTS[kernel].sizes_of({n: a.shape for n, a in operands.items()})
+        request = {
+            "kernel": kernel,
+            "shape": list(sizes.values()),
+            "sizes": sizes,
+            "dtype": str(next(iter(operands.values())).dtype),
+        }
         job = JobState(id=f"job-{next(self._ids)}", request=request | {"verify": verify})
         self._jobs[job.id] = job
         while len(self._jobs) > MAX_REMEMBERED_JOBS:

@@ -31,6 +31,14 @@ input and file errors (``ValueError``, ``KeyError``, ``TypeError``, ``OSError``)
 anything else (a bug); unknown paths 404, wrong methods 405, a wrong token 401, a full server
 503. Only a request that HTTP cannot parse is answered by hypercorn itself (an empty 400).
 
+Beside the operator's routes (the bearer token), a route may be *public* (no token: the
+dashboard's page and assets, which hold no data, and its login) or for *viewers* (the token,
+or a dashboard session that :mod:`mtor_p2p.dashboard` issued, read-only). A route may answer
+a :class:`StreamBody` (server-sent events): its connection then lives up to
+``STREAM_LIFETIME`` instead of the connection deadline, and at most ``MAX_STREAMS`` are open
+at once. Requests whose ``Host`` names anything but this machine's loopback are refused (a
+web page that rebinds its own domain name to 127.0.0.1 must not reach the API).
+
 The same server, without a token and with only ``GET /metrics``, is the operator's opt-in
 metrics listener (``--metrics-listen``, see :mod:`mtor_p2p.metrics`).
 """
@@ -44,7 +52,7 @@ import os
 import secrets
 import urllib.error
 import urllib.request
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,7 +65,7 @@ from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ConnectionState
 from hypercorn.utils import wrap_app
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route as StarletteRoute
 from starlette.routing import Router, request_response
 
@@ -75,10 +83,21 @@ _CLOSE_GRACE = 1.0
 HEAD_TIMEOUT = 2.0
 #: Connections served at once.
 MAX_CONNECTIONS = 64
+#: Event streams open at once (each holds a connection for up to STREAM_LIFETIME).
+MAX_STREAMS = 8
+#: Seconds an event stream stays open; the dashboard then opens a new one.
+STREAM_LIFETIME = 300.0
+#: ``Host`` names the API answers (any port): loopback only (see the module docstring).
+_LOOPBACK_HOSTS = frozenset({b"127.0.0.1", b"localhost", b"[::1]"})
 
 #: ``route(query, body) -> (status, json_object)``; the object may be a :class:`TextBody`
-#: to answer something other than JSON (the metrics' text format).
+#: to answer something other than JSON (the metrics' text format, the dashboard's page) or
+#: a :class:`StreamBody` (server-sent events).
 Route = Callable[[dict[str, str], Any], Awaitable[tuple[int, Any]]]
+
+#: Who may call a route: the operator (the bearer token; the default), a viewer (the token
+#: or a dashboard session; read-only routes) or anyone (routes that reveal nothing).
+OPERATOR, VIEWER, PUBLIC = "operator", "viewer", "public"
 
 #: The answer to a connection beyond the cap when no open one can be dropped: written before
 #: the request is read (there is no room to read it), so not through hypercorn.
@@ -219,14 +238,30 @@ class ControlStats:
     unauthorized: int = 0
     #: Requests answered, whatever their status.
     requests: int = 0
+    #: Event streams open now, and those refused because MAX_STREAMS were.
+    streams: int = 0
+    streams_refused: int = 0
+    #: Requests refused for a ``Host`` that is not loopback.
+    foreign_host: int = 0
 
 
 @dataclass(frozen=True)
 class TextBody:
-    """A route's answer that is not JSON (the metrics' text format)."""
+    """A route's answer that is not JSON (the metrics' text format, a page)."""
 
     content: bytes
     content_type: str
+    #: Extra response headers (a page's Content-Security-Policy).
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class StreamBody:
+    """A route's answer sent as it is produced (server-sent events): ``chunks`` yields the
+    bytes; the server ends it at ``STREAM_LIFETIME``, or when the client goes away."""
+
+    chunks: Callable[[], AsyncIterator[bytes]]
+    content_type: str = "text/event-stream"
 
 
 @dataclass
@@ -257,7 +292,9 @@ class ControlServer:
     ``max_connections`` and ``head_timeout`` bound what a flood of connections can hold (see
     the module docstring); ``stats`` counts what the guards did. ``host`` is 127.0.0.1 for the
     control API; ``token=None`` serves without a token, which only the operator's opt-in
-    metrics listener does.
+    metrics listener does. ``access`` marks routes :data:`PUBLIC` or :data:`VIEWER` (the
+    others are the operator's); ``viewer(bearer)`` says whether a bearer that is not the
+    token may view (a dashboard session).
     """
 
     def __init__(
@@ -268,10 +305,18 @@ class ControlServer:
         max_connections: int = MAX_CONNECTIONS,
         head_timeout: float = HEAD_TIMEOUT,
         host: str = "127.0.0.1",
+        access: dict[tuple[str, str], str] | None = None,
+        viewer: Callable[[str], bool] | None = None,
     ) -> None:
         if max_connections < 1 or head_timeout <= 0:
             raise ValueError("max_connections and head_timeout must be positive")
         self._expected = None if token is None else f"Bearer {token}".encode()
+        self._access = dict(access or {})
+        unknown = set(self._access.values()) - {OPERATOR, VIEWER, PUBLIC}
+        if unknown:
+            raise ValueError(f"unknown access levels {sorted(unknown)}")
+        self._viewer = viewer
+        self._loopback_only = host == "127.0.0.1"
         self._routes = routes
         self._max_connections = max_connections
         self._head_timeout = head_timeout
@@ -355,7 +400,7 @@ class ControlServer:
                         if head:
                             # The watchdog runs outside the connection's scope: it must
                             # outlive that scope's cancellation to end a shielded write.
-                            nursery.start_soon(self._watchdog, stream, now)
+                            nursery.start_soon(self._watchdog, stream, connection)
                             await TCPServer(
                                 self._app,
                                 self._config,
@@ -379,10 +424,14 @@ class ControlServer:
         finally:
             await stream.aclose()
 
-    async def _watchdog(self, stream: trio.SocketStream, started: float) -> None:
+    async def _watchdog(self, stream: trio.SocketStream, connection: _Connection) -> None:
         # hypercorn writes answers in a shielded scope: a client that does not read would hold
-        # the connection past any cancellation. Closing the socket ends that write.
-        await trio.sleep_until(started + _CONNECTION_DEADLINE + _CLOSE_GRACE)
+        # the connection past any cancellation. Closing the socket ends that write. The
+        # deadline is read again after each sleep: an event stream moves it later.
+        deadline = max(connection.scope.deadline, connection.started + _CONNECTION_DEADLINE)
+        while trio.current_time() < deadline + _CLOSE_GRACE:
+            await trio.sleep_until(deadline + _CLOSE_GRACE)
+            deadline = max(connection.scope.deadline, connection.started + _CONNECTION_DEADLINE)
         stream.socket.close()
 
     # -- requests (ASGI, in front of Starlette) --------------------------------------------
@@ -407,9 +456,14 @@ class ControlServer:
             await _error(431, "request head too large")(scope, receive, send)
             return
         headers = dict(scope["headers"])
-        if self._expected is not None and not hmac.compare_digest(
-            headers.get(b"authorization", b""), self._expected
-        ):
+        if self._loopback_only and not _loopback_host(headers.get(b"host")):
+            self._working(connection, key)
+            self.stats.foreign_host += 1
+            await _error(403, "the control API answers only to Host 127.0.0.1 or localhost")(
+                scope, receive, send
+            )
+            return
+        if not self._authorized(scope["method"], scope["path"], headers):
             self._working(connection, key)
             self.stats.unauthorized += 1
             await _error(401, "missing or wrong control token")(scope, receive, send)
@@ -453,6 +507,20 @@ class ControlServer:
 
         await self._starlette(scope, replay, send)
 
+    def _authorized(self, method: str, path: str, headers: dict[bytes, bytes]) -> bool:
+        """Whether the request's bearer may call ``method path`` (see :data:`Route`)."""
+        if self._expected is None:
+            return True
+        access = self._access.get((method, path), OPERATOR)
+        if access == PUBLIC:
+            return True
+        bearer = headers.get(b"authorization", b"")
+        if hmac.compare_digest(bearer, self._expected):
+            return True
+        if access != VIEWER or self._viewer is None or not bearer.startswith(b"Bearer "):
+            return False
+        return self._viewer(bearer[7:].decode("latin-1"))
+
     def _working(self, connection: _Connection, key: tuple[Any, ...]) -> None:
         """The request has arrived: the connection does real work now, under the longer
         connection deadline, and can no longer be dropped to make room."""
@@ -484,12 +552,51 @@ class ControlServer:
             log.exception("control route %s %s failed", method, path)
             return _error(500, f"internal error: {type(exc).__name__}: {exc}")
         if isinstance(result, TextBody):
-            return Response(result.content, status_code=status, media_type=result.content_type)
+            return Response(
+                result.content,
+                status_code=status,
+                media_type=result.content_type,
+                headers=dict(result.headers),
+            )
+        if isinstance(result, StreamBody):
+            return self._stream(request, result)
         return _Json(result, status_code=status)
+
+    def _stream(self, request: Request, body: StreamBody) -> Response:
+        """Answer with ``body``'s chunks as they come, on a connection that may now live
+        ``STREAM_LIFETIME`` (at most ``MAX_STREAMS`` at once)."""
+        if self.stats.streams >= MAX_STREAMS:
+            self.stats.streams_refused += 1
+            return _error(503, f"{MAX_STREAMS} event streams are open already")
+        client = request.scope.get("client")
+        connection = self._connections.get(tuple(client[:2]) if client else ())
+        if connection is not None:
+            connection.scope.deadline = trio.current_time() + STREAM_LIFETIME
+        stats = self.stats
+        stats.streams += 1
+
+        async def chunks() -> AsyncIterator[bytes]:
+            try:
+                async for chunk in body.chunks():
+                    yield chunk
+            finally:
+                stats.streams -= 1
+
+        # no-transform: no proxy may buffer the events.
+        headers = {"Cache-Control": "no-store, no-transform", "X-Accel-Buffering": "no"}
+        return StreamingResponse(chunks(), media_type=body.content_type, headers=headers)
 
     async def _not_found(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         message = f"no route {scope['method']} {scope['path']}"
         await _error(404, message)(scope, receive, send)
+
+
+def _loopback_host(host: bytes | None) -> bool:
+    """Whether a ``Host`` header names this machine's loopback (any port)."""
+    if not host:
+        return False
+    name = host.rsplit(b":", 1)[0] if not host.endswith(b"]") else host
+    return name.lower() in _LOOPBACK_HOSTS
 
 
 class _AnyMethod:

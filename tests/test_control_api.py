@@ -82,7 +82,7 @@ async def test_status_answers_during_a_flood_of_idle_connections() -> None:
         idle = []
         for _ in range(500):
             stream = await trio.open_tcp_stream("127.0.0.1", port)
-            await stream.send_all(b"GET /v1/status HTTP/1.1\r\nHost: x\r\n")  # never ends
+            await stream.send_all(b"GET /v1/status HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # never ends
             idle.append(stream)
         start = time.monotonic()
         with trio.fail_after(5):
@@ -108,7 +108,7 @@ async def test_a_slowloris_client_is_cut_at_the_head_deadline() -> None:
         start = time.monotonic()
         with trio.fail_after(5):
             try:
-                for byte in b"GET /v1/status HTTP/1.1\r\nHost: x\r\n":
+                for byte in b"GET /v1/status HTTP/1.1\r\nHost: 127.0.0.1\r\n":
                     await stream.send_all(bytes([byte]))
                     await trio.sleep(0.2)
             except trio.BrokenResourceError:
@@ -155,19 +155,19 @@ async def test_every_refusal_is_a_json_answer_and_closes_the_connection() -> Non
     """The token, unknown routes and methods, the head and body bounds: each answered in
     JSON with ``Connection: close`` (one request per connection)."""
     auth = f"Authorization: Bearer {TOKEN}\r\n"
-    get = f"GET /v1/status HTTP/1.1\r\nHost: x\r\n{auth}"
-    post = f"POST /v1/jobs HTTP/1.1\r\nHost: x\r\n{auth}"
+    get = f"GET /v1/status HTTP/1.1\r\nHost: 127.0.0.1\r\n{auth}"
+    post = f"POST /v1/jobs HTTP/1.1\r\nHost: 127.0.0.1\r\n{auth}"
     async with running(ControlServer(TOKEN, ROUTES)) as client:
         port = int(client.url.rsplit(":", 1)[1])
         cases: list[tuple[bytes, int, str]] = [
-            (b"GET /v1/status HTTP/1.1\r\nHost: x\r\n\r\n", 401, "missing or wrong"),
+            (b"GET /v1/status HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", 401, "missing or wrong"),
             (
-                b"GET /v1/status HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer t\xe9st\r\n\r\n",
+                b"GET /v1/status HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer t\xe9st\r\n\r\n",
                 401,
                 "missing or wrong",
             ),
-            (f"GET /v1/nope HTTP/1.1\r\nHost: x\r\n{auth}\r\n".encode(), 404, "no route"),
-            (f"DELETE /v1/status HTTP/1.1\r\nHost: x\r\n{auth}\r\n".encode(), 405, "no route"),
+            (f"GET /v1/nope HTTP/1.1\r\nHost: 127.0.0.1\r\n{auth}\r\n".encode(), 404, "no route"),
+            (f"DELETE /v1/status HTTP/1.1\r\nHost: 127.0.0.1\r\n{auth}\r\n".encode(), 405, "no route"),
             (
                 f"{post}Content-Length: 999999\r\n\r\n".encode(),
                 413,
@@ -194,7 +194,7 @@ async def test_every_refusal_is_a_json_answer_and_closes_the_connection() -> Non
         chunk = b"a" * 30_000
         chunked = b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(3)) + b"0\r\n\r\n"
         request = (
-            f"POST /v1/jobs HTTP/1.1\r\nHost: x\r\n{auth}Transfer-Encoding: chunked\r\n\r\n"
+            f"POST /v1/jobs HTTP/1.1\r\nHost: 127.0.0.1\r\n{auth}Transfer-Encoding: chunked\r\n\r\n"
         ).encode()
         status, _headers, payload = await raw(port, request + chunked)
         assert (status, payload) == (413, {"error": "body too large"})
@@ -208,7 +208,7 @@ async def test_a_body_trickling_past_the_head_deadline_is_cut() -> None:
     async with running(server) as client:
         port = int(client.url.rsplit(":", 1)[1])
         stream = await trio.open_tcp_stream("127.0.0.1", port)
-        head = f"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+        head = f"POST /v1/jobs HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {TOKEN}\r\n"
         await stream.send_all((head + "Content-Length: 100\r\n\r\n").encode())
         start = time.monotonic()
         received = b""
@@ -238,7 +238,7 @@ async def test_a_busy_server_answers_503_in_json() -> None:
     server = ControlServer(TOKEN, {**ROUTES, ("GET", "/v1/slow"): slow}, max_connections=2)
     async with running(server) as client:
         port = int(client.url.rsplit(":", 1)[1])
-        request = f"GET /v1/slow HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n\r\n"
+        request = f"GET /v1/slow HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {TOKEN}\r\n\r\n"
         async with trio.open_nursery() as nursery:
             for _ in range(2):
                 nursery.start_soon(raw, port, request.encode())
@@ -267,7 +267,7 @@ async def test_a_client_that_never_reads_its_answer_is_cut_at_the_deadline(
     async with running(server) as client:
         port = int(client.url.rsplit(":", 1)[1])
         stream = await trio.open_tcp_stream("127.0.0.1", port)
-        request = f"GET /v1/large HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n\r\n"
+        request = f"GET /v1/large HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {TOKEN}\r\n\r\n"
         await stream.send_all(request.encode())
         with trio.fail_after(5):
             while server.stats.open == 0:
@@ -283,7 +283,7 @@ async def test_query_strings_are_read_as_before() -> None:
     async with running(ControlServer(TOKEN, {("GET", "/v1/echo"): echo})) as client:
         port = int(client.url.rsplit(":", 1)[1])
         target = "/v1/echo?a=1&a=2&b=&c=%C3%A9"
-        request = f"GET {target} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n\r\n"
+        request = f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {TOKEN}\r\n\r\n"
         status, _headers, payload = await raw(port, request.encode("latin-1"))
         assert status == 200
         assert payload == {"a": "2", "c": "é"}

@@ -1536,6 +1536,7 @@ def cmd_devnet(args: argparse.Namespace) -> int:
         record_ttl=args.record_ttl,
         announce_interval=args.announce_interval,
         log_level=args.log_level or "warning",
+        log_format=args.log_format,
     )
 
 
@@ -2070,7 +2071,17 @@ def build_parser() -> argparse.ArgumentParser:
         default=5.0,
         help="renewal interval (default 5 s)",
     )
-    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    p.add_argument(
+        "--log-level",
+        choices=["debug", "info", "warning", "error"],
+        help="every peer's log level (default warning)",
+    )
+    p.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        help="every peer's log lines as text (default) or JSON objects, one a line: in "
+        f"<data-dir>/peer-N/peer.log and <data-dir>/peer-N/{LOG_DIR_NAME}/{LOG_FILE_NAME}",
+    )
     p.add_argument(
         "--json",
         action="store_true",

@@ -5,6 +5,9 @@ through gossip, the DHT and the addresses in capacity records. The devnet is rea
 peer's capacity view holds every peer's record. It needs no GPU, no ngrok account and no
 internet, and is the README's first command.
 
+Every peer logs at the devnet's ``--log-level`` and ``--log-format`` to its ``peer.log`` (its
+stderr) and to its own ``logs/mtor-peer.log``.
+
 A peer that exits while the devnet runs is reported once, with its exit status, and restarted
 on its data directory (same identity, bootstrapping from a live peer), up to
 ``MAX_RESTARTS`` times; a peer that keeps exiting stops the devnet with exit 1.
@@ -69,12 +72,20 @@ class Devnet:
     """Starts, watches and stops the peer processes."""
 
     def __init__(
-        self, base_dir: Path, *, record_ttl: float, announce_interval: float, log_level: str
+        self,
+        base_dir: Path,
+        *,
+        record_ttl: float,
+        announce_interval: float,
+        log_level: str,
+        log_format: str | None = None,
     ) -> None:
         self.base_dir = base_dir
         self.record_ttl = record_ttl
         self.announce_interval = announce_interval
         self.log_level = log_level
+        #: ``--log-format`` of every peer (``text`` or ``json``); None: the peers' default.
+        self.log_format = log_format
         self.processes: list[subprocess.Popen[bytes]] = []
         self.peers: list[DevnetPeer] = []
 
@@ -136,6 +147,8 @@ class Devnet:
             "--log-level", self.log_level,
             "--genesis", str(self.base_dir / "genesis.json"),
         ]  # fmt: skip
+        if self.log_format:
+            command += ["--log-format", self.log_format]
         if bootstrap:
             command += ["--bootstrap", bootstrap]
         log = open_private_log(data_dir / "peer.log")
@@ -233,8 +246,10 @@ def run_devnet(
     record_ttl: float,
     announce_interval: float,
     log_level: str,
+    log_format: str | None = None,
 ) -> int:
-    """Run the devnet until SIGINT/SIGTERM; return the exit code."""
+    """Run the devnet until SIGINT/SIGTERM; return the exit code. ``log_level`` and
+    ``log_format`` (``text`` or ``json``; None: the peers' default) are every peer's."""
     from mtor_p2p.console import (
         EXIT_FAILURE,
         EXIT_NOT_CONVERGED,
@@ -249,7 +264,11 @@ def run_devnet(
     temporary = base_dir is None
     root = Path(tempfile.mkdtemp(prefix="mtor-devnet-")) if base_dir is None else base_dir
     devnet = Devnet(
-        root, record_ttl=record_ttl, announce_interval=announce_interval, log_level=log_level
+        root,
+        record_ttl=record_ttl,
+        announce_interval=announce_interval,
+        log_level=log_level,
+        log_format=log_format,
     )
     stop_requested = False
 

@@ -150,3 +150,22 @@ def test_exceptions_are_a_string_field_and_the_filters_hold_on_both_handlers(tmp
         assert isinstance(broke["exception"], str)
         assert "ZeroDivisionError: division by zero" in broke["exception"]
         assert "Traceback" in broke["exception"]
+
+
+def test_devnet_gives_every_peer_its_log_format_and_level(tmp_path):
+    devnet = start("devnet", "--peers", "2", "--json", "--data-dir", str(tmp_path),
+                   "--log-level", "info", "--log-format", "json")  # fmt: skip
+    try:
+        peers = read_json_line(devnet, timeout=120)["peers"]
+    finally:
+        devnet.send_signal(signal.SIGINT)
+        assert devnet.wait(timeout=30) == 0
+    for peer in peers:
+        data_dir = Path(peer["data_dir"])
+        # The log file holds JSON objects only, from the first line (the start line, at info).
+        records = [json.loads(line) for line in (data_dir / "logs" / "mtor-peer.log").open()]
+        started = [r for r in records if "running as" in r["message"]]
+        assert started and started[0]["peer_id"] == peer["peer_id"], records[:3]
+        # peer.log is the peer's stdout (its banner) and stderr (the same JSON lines).
+        stderr = [line for line in (data_dir / "peer.log").open() if line.startswith("{")]
+        assert any(json.loads(line)["message"] == started[0]["message"] for line in stderr)

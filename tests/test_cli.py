@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import re
 import signal
 import stat
 import subprocess
@@ -13,21 +15,35 @@ from pathlib import Path
 
 import pytest
 
+from mtor_p2p.cli import build_parser
 from mtor_p2p.control import INFO_FILE_NAME
 from tests.processes import mtor, pid_alive, read_json_line, run_flags, start
 
 FAKE_AGENT = Path(__file__).with_name("fake_ngrok_agent.py")
 
 
+#: A flag each command's --help must show (``--json`` for those not named).
+HELP_FLAGS = {"run": "--ngrok", "stop": "--timeout", "jobs": "--watch", "submit": "KERNEL"}
+
+
 def test_help_explains_every_command():
+    """Every subcommand the parser has (taken from it, so a new one is covered too) is listed
+    by ``mtor-peer --help`` and answers ``--help`` with its own flags."""
     result = mtor("--help")
     assert result.returncode == 0
-    for command in ("id", "run", "status", "peers", "reputation", "devnet"):
-        assert command in result.stdout
+    assert "Exit codes" in result.stdout
+    (commands,) = [
+        action.choices
+        for action in build_parser()._actions
+        if isinstance(action, argparse._SubParsersAction)
+    ]
+    assert {"run", "stop", "status", "jobs", "submit", "devnet"} <= set(commands)
+    for command in commands:
+        assert re.search(rf"^    {command}\b", result.stdout, re.MULTILINE), command
         sub = mtor(command, "--help")
         assert sub.returncode == 0, sub.stderr
-        assert "--json" in sub.stdout or (command == "run" and "--ngrok" in sub.stdout)
-    assert "Exit codes" in result.stdout
+        assert sub.stdout.startswith(f"usage: mtor-peer {command} "), sub.stdout
+        assert HELP_FLAGS.get(command, "--json") in sub.stdout, (command, sub.stdout)
 
 
 def test_id_is_stable_and_the_key_is_private(tmp_path):

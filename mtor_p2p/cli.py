@@ -36,7 +36,13 @@ from typing import Any
 
 from mtor_p2p import __version__
 from mtor_p2p.compute.inputs import KERNEL_INPUTS, KernelInputs
-from mtor_p2p.config import ConfigError, NodeConfig, check_listen_addr, load_config
+from mtor_p2p.config import (
+    ConfigError,
+    NodeConfig,
+    check_listen_addr,
+    load_config,
+    split_host_port,
+)
 from mtor_p2p.console import (
     EXIT_CODES,
     EXIT_FAILURE,
@@ -403,7 +409,8 @@ def _probe_bind(host: str, port: int) -> OSError | None:
 def _probe_ports(config: NodeConfig) -> None:
     """Refuse, before the node starts, listen addresses this host does not have (the node
     reported "running" and listened nowhere) and ports already in use (a second node shared
-    the first one's port through SO_REUSEPORT), for --listen, --lane-port and --api-port."""
+    the first one's port through SO_REUSEPORT), for --listen, --lane-port, --api-port and
+    --metrics-listen (which failed only once the node had started, naming the wrong flags)."""
     probes = []
     for addr in config.listen:
         host, port = check_listen_addr(addr)
@@ -412,6 +419,10 @@ def _probe_ports(config: NodeConfig) -> None:
             probes.append((f"--lane-port {config.lane_port}", host, config.lane_port))
     if config.api_port:
         probes.append((f"--api-port {config.api_port}", "127.0.0.1", config.api_port))
+    if config.metrics_listen is not None:
+        host, port = split_host_port(config.metrics_listen)
+        if port:  # 0: any free port
+            probes.append((f"--metrics-listen {config.metrics_listen}", host, port))
     for flag, host, port in probes:
         error = _probe_bind(host, port)
         if error is None:
@@ -507,7 +518,7 @@ def _exit_for(exc: BaseException) -> int:
             if leaf.errno == errno.EADDRINUSE:  # taken between the probe and the bind
                 print(
                     f"mtor-peer: error: an address is already in use ({leaf.strerror}); "
-                    "pick other ports (--listen, --lane-port, --api-port)",
+                    "pick other ports (--listen, --lane-port, --api-port, --metrics-listen)",
                     file=sys.stderr,
                 )
             else:

@@ -61,6 +61,12 @@ def one_line(result: subprocess.CompletedProcess[str]) -> str:
             2,
             "this host has no address 203.0.113.5",
         ),
+        (
+            ["run", "--metrics-listen", "203.0.113.5:9100", *QUIET],
+            2,
+            "--metrics-listen 203.0.113.5:9100: this host has no address 203.0.113.5",
+        ),
+        (["run", "--metrics-listen", "9100", *QUIET], 2, "metrics_listen must be HOST:PORT"),
         (["run", "--announce", "bogus", *QUIET], 2, "announce address 'bogus' is not"),
         (["run", "--announce", "/ip4/0.0.0.0/tcp/4001", *QUIET], 2, "names no reachable"),
         (["run", "--announce", "/ip4/1.2.3.4/tcp/0", *QUIET], 2, "names no reachable"),
@@ -203,6 +209,21 @@ def test_a_port_in_use_is_an_address_in_use_error(node, tmp_path):
         result = mtor("run", "--data-dir", str(tmp_path / host), "--listen", listen, *QUIET)
         assert result.returncode == 1, result.stderr
         assert f"port {port} on {host} is already in use" in one_line(result)
+
+
+def test_a_metrics_port_in_use_is_refused_before_the_node_starts(node, tmp_path):
+    """--metrics-listen is probed as --listen and --api-port are: the running node's control
+    API holds the port (before, the second node started and then failed, naming the wrong
+    flags)."""
+    api = json.loads((node["data_dir"] / "control.json").read_text())["url"]
+    port = api.rsplit(":", 1)[1].rstrip("/")
+    result = mtor(*run_flags(tmp_path / "second"), "--metrics-listen", f"127.0.0.1:{port}")
+    assert result.returncode == 1, result.stderr
+    assert one_line(result) == (
+        f"mtor-peer: --metrics-listen 127.0.0.1:{port}: port {port} on 127.0.0.1 is already in "
+        "use (another mtor-peer? see mtor-peer status); pick another port, or 0 for any free one"
+    )
+    assert result.stdout == ""  # it never said "running"
 
 
 def test_npy_inputs_of_another_float_dtype_are_converted_with_a_notice(node, tmp_path):

@@ -162,12 +162,17 @@ async def test_every_refusal_is_a_json_answer_and_closes_the_connection() -> Non
         cases: list[tuple[bytes, int, str]] = [
             (b"GET /v1/status HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", 401, "missing or wrong"),
             (
-                b"GET /v1/status HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer t\xe9st\r\n\r\n",
+                b"GET /v1/status HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                b"Authorization: Bearer t\xe9st\r\n\r\n",
                 401,
                 "missing or wrong",
             ),
             (f"GET /v1/nope HTTP/1.1\r\nHost: 127.0.0.1\r\n{auth}\r\n".encode(), 404, "no route"),
-            (f"DELETE /v1/status HTTP/1.1\r\nHost: 127.0.0.1\r\n{auth}\r\n".encode(), 405, "no route"),
+            (
+                f"DELETE /v1/status HTTP/1.1\r\nHost: 127.0.0.1\r\n{auth}\r\n".encode(),
+                405,
+                "no route",
+            ),
             (
                 f"{post}Content-Length: 999999\r\n\r\n".encode(),
                 413,
@@ -238,7 +243,9 @@ async def test_a_busy_server_answers_503_in_json() -> None:
     server = ControlServer(TOKEN, {**ROUTES, ("GET", "/v1/slow"): slow}, max_connections=2)
     async with running(server) as client:
         port = int(client.url.rsplit(":", 1)[1])
-        request = f"GET /v1/slow HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {TOKEN}\r\n\r\n"
+        request = (
+            f"GET /v1/slow HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {TOKEN}\r\n\r\n"
+        )
         async with trio.open_nursery() as nursery:
             for _ in range(2):
                 nursery.start_soon(raw, port, request.encode())
@@ -267,7 +274,9 @@ async def test_a_client_that_never_reads_its_answer_is_cut_at_the_deadline(
     async with running(server) as client:
         port = int(client.url.rsplit(":", 1)[1])
         stream = await trio.open_tcp_stream("127.0.0.1", port)
-        request = f"GET /v1/large HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {TOKEN}\r\n\r\n"
+        request = (
+            f"GET /v1/large HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {TOKEN}\r\n\r\n"
+        )
         await stream.send_all(request.encode())
         with trio.fail_after(5):
             while server.stats.open == 0:
@@ -283,7 +292,9 @@ async def test_query_strings_are_read_as_before() -> None:
     async with running(ControlServer(TOKEN, {("GET", "/v1/echo"): echo})) as client:
         port = int(client.url.rsplit(":", 1)[1])
         target = "/v1/echo?a=1&a=2&b=&c=%C3%A9"
-        request = f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {TOKEN}\r\n\r\n"
+        request = (
+            f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {TOKEN}\r\n\r\n"
+        )
         status, _headers, payload = await raw(port, request.encode("latin-1"))
         assert status == 200
         assert payload == {"a": "2", "c": "é"}

@@ -91,6 +91,7 @@ from mtor_p2p.libp2p_nat import (
     NatSettings,
     NatTraversal,
     conn_list,
+    connection_kind_of,
     is_relayed,
     remote_of,
 )
@@ -114,6 +115,7 @@ from mtor_p2p.network import (
     PeerMisbehaved,
     RemoteError,
     RequestHandler,
+    RoundTrips,
     TopicValidator,
 )
 
@@ -368,6 +370,8 @@ class Libp2pNetwork:
             settings.max_pending_bytes_total,
             self.stats,
         )
+        #: Our small requests' round trips, per peer (see round_trip).
+        self.round_trips = RoundTrips()
 
     # -- construction ----------------------------------------------------------------------
 
@@ -599,6 +603,21 @@ class Libp2pNetwork:
             return [str(a) for a in self._host.get_peerstore().addrs(ID.from_base58(peer_id))]
         except Exception:
             return []
+
+    def connection_kind(self, peer_id: str) -> str:
+        """``"direct"``, ``"relayed"`` (every open connection to ``peer_id`` goes through a
+        circuit relay) or ``"none"`` (:class:`~mtor_p2p.network.PeerLinks`)."""
+        try:
+            pid = ID.from_base58(peer_id)
+        except Exception:  # not a peer ID: nothing is connected under it
+            return "none"
+        return connection_kind_of(self._host.get_network().connections.get(pid))
+
+    def round_trip(self, peer_id: str) -> float | None:
+        """The lowest recent small request round trip to ``peer_id`` in seconds, None if none
+        was measured (:class:`~mtor_p2p.network.RoundTrips`; the remote handler's time is in
+        it, so it is an upper bound on the network round trip)."""
+        return self.round_trips.lowest(peer_id)
 
     def routing_table_size(self) -> int:
         """Peers in the DHT routing table."""
@@ -880,7 +899,32 @@ class Libp2pNetwork:
         max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
     ) -> bytes:
         """Send one request, return the response (or raise): over the lane to ``peer_id``
-        when one is open, else on a new stream (and a lane starts opening for next time)."""
+        when one is open, else on a new stream (and a lane starts opening for next time).
+        A small exchange on a connection already open is timed (:meth:`round_trip`)."""
+        connected, began = self.connection_kind(peer_id) != "none", trio.current_time()
+        try:
+            response = await self._request(
+                peer_id, protocol, payload, timeout=timeout, max_response_bytes=max_response_bytes
+            )
+        except RemoteError as exc:  # an answer all the same: a round trip
+            if connected:
+                elapsed = trio.current_time() - began
+                self.round_trips.observe(peer_id, elapsed, len(payload), len(str(exc)))
+            raise
+        if connected:
+            elapsed = trio.current_time() - began
+            self.round_trips.observe(peer_id, elapsed, len(payload), len(response))
+        return response
+
+    async def _request(
+        self,
+        peer_id: str,
+        protocol: str,
+        payload: bytes,
+        *,
+        timeout: float,
+        max_response_bytes: int,
+    ) -> bytes:
         if (
             self.nat is not None
             and len(payload) > RELAYED_MAX_REQUEST_BYTES

@@ -527,6 +527,15 @@ def _has_direct(conns: Any) -> bool:
     return any(not is_relayed(c) and not c.is_closed for c in conn_list(conns))
 
 
+def connection_kind_of(conns: Any) -> str:
+    """A swarm's entry for one peer as ``"direct"`` (an open direct connection),
+    ``"relayed"`` (open connections, all through relays) or ``"none"``."""
+    open_conns = [c for c in conn_list(conns) if not c.is_closed]
+    if not open_conns:
+        return "none"
+    return "relayed" if all(is_relayed(c) for c in open_conns) else "direct"
+
+
 def _relayed_in(conns: Any, me: ID) -> bool:
     """Whether one of ``conns`` is a relayed connection we accepted: py-libp2p labels those
     ``/p2p/<our own id>/p2p-circuit/...`` (pitfall 7), the ones we dialled name the relay."""
@@ -733,18 +742,16 @@ class NatTraversal:
         return bool(conns) and not _has_direct(conns)
 
     def connection_kind(self, peer_id: str) -> str:
-        """ "direct", "relayed" or "none"."""
-        conns = conn_list(self._host.get_network().connections.get(ID.from_base58(peer_id)))
-        if not conns:
-            return "none"
-        return "direct" if _has_direct(conns) else "relayed"
+        """ "direct", "relayed" or "none" (see :func:`connection_kind_of`)."""
+        return connection_kind_of(self._host.get_network().connections.get(ID.from_base58(peer_id)))
 
     def connection_kinds(self, limit: int = 64) -> dict[str, str]:
         """peer -> "direct" or "relayed", for (at most ``limit``) connected peers."""
         kinds = {}
         for peer_id, conns in list(self._host.get_network().connections.items())[:limit]:
-            if conn_list(conns):
-                kinds[str(peer_id)] = "direct" if _has_direct(conns) else "relayed"
+            kind = connection_kind_of(conns)
+            if kind != "none":
+                kinds[str(peer_id)] = kind
         return kinds
 
     async def wait_direct(self, peer_id: str, timeout: float) -> bool:

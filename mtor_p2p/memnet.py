@@ -101,6 +101,7 @@ from mtor_p2p.network import (
     NetworkError,
     RemoteError,
     RequestHandler,
+    RoundTrips,
     TopicValidator,
 )
 
@@ -741,6 +742,8 @@ class MemNetwork:
         self._gossip_heap: list[tuple[float, int, MemNetwork, Message]] = []
         self._gossip_walking = False
         self._gossip_wake: trio.CancelScope | None = None
+        #: Our small requests' round trips, per peer (see connection_kind and round_trip).
+        self.round_trips = RoundTrips()
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -827,6 +830,16 @@ class MemNetwork:
             raise NetworkError(f"dial to {addr} timed out after {timeout} s") from None
         return peer_id
 
+    def connection_kind(self, peer_id: str) -> str:
+        """``"direct"`` while connected to ``peer_id``, else ``"none"``: memnet has no NATs,
+        so no relayed connections (:class:`~mtor_p2p.network.PeerLinks`)."""
+        return "direct" if self._alive and peer_id in self._conns else "none"
+
+    def round_trip(self, peer_id: str) -> float | None:
+        """The lowest recent small request round trip to ``peer_id`` in seconds of virtual
+        time, None if none was measured (:class:`~mtor_p2p.network.RoundTrips`)."""
+        return self.round_trips.lowest(peer_id)
+
     def disconnect(self, peer_id: str) -> None:
         """Close the connection to ``peer_id`` on both ends (if there is one)."""
         self._conns.pop(peer_id, None)
@@ -893,6 +906,8 @@ class MemNetwork:
         RemoteError on failure, exactly as the libp2p adapter does."""
         self._check_open()
         payload = bytes(payload)
+        # Only an exchange on an open connection measures a round trip (a dial adds one).
+        connected, began = peer_id in self._conns, trio.current_time()
         try:
             with trio.fail_after(timeout):
                 reply = await self._exchange(peer_id, protocol, payload)
@@ -913,6 +928,10 @@ class MemNetwork:
                 f"request {protocol} to {peer_id} timed out after {timeout} s"
             ) from None
         self._check_open()
+        if connected:
+            self.round_trips.observe(
+                peer_id, trio.current_time() - began, len(payload), len(reply.body)
+            )
         if reply.kind == "ok":
             return reply.body
         raise RemoteError(reply.body.decode("utf-8", errors="replace"))

@@ -14,10 +14,15 @@ Semantics every adapter keeps:
   acknowledgement or a periodic re-announcement.
 * Subscriptions deliver into bounded buffers: when a consumer falls behind, messages are
   dropped and counted, never queued without bound.
+
+Beyond the port, both adapters answer :class:`PeerLinks` (what this node knows of its link to
+one peer: direct or relayed, and the round trip it measured). Callers read those methods with
+``getattr``, since a test's fake network may lack them.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
@@ -214,3 +219,56 @@ class Network(Protocol):
 
     async def find_providers(self, key: str, *, timeout: float = 10.0) -> list[str]:
         """Peer IDs that announced they provide ``key``."""
+
+
+#: A request and its response both at most this many bytes count as a small exchange, whose
+#: time is mostly the round trip (a DHT get, an operand query, a countersign), not transfer.
+SMALL_EXCHANGE_BYTES = 4096
+
+
+class PeerLinks(Protocol):
+    """Optional: what an adapter knows of its link to one peer (both adapters have these;
+    a fake network may not, so callers use ``getattr``)."""
+
+    def connection_kind(self, peer_id: str) -> str:
+        """``"direct"``, ``"relayed"`` (every open connection to the peer goes through a
+        circuit relay) or ``"none"`` (no open connection)."""
+
+    def round_trip(self, peer_id: str) -> float | None:
+        """Seconds: the lowest of the recent small request round trips to ``peer_id`` over a
+        connection already open (see :class:`RoundTrips`); None if none was measured."""
+
+
+class RoundTrips:
+    """Recent round trips of small requests, per peer: a passive latency measure.
+
+    Neither adapter pings; what a node does measure is how long its own requests take. A
+    request whose payload and response are both small (:data:`SMALL_EXCHANGE_BYTES`), sent
+    on a connection that was already open (no dial in it), takes one network round trip plus
+    the remote handler's time, so the lowest of the last few is an upper bound on the round
+    trip, close to it as soon as one of them was a quick handler. Bounded: ``keep`` per peer,
+    ``max_peers`` peers (the least recently measured are forgotten first).
+    """
+
+    def __init__(self, *, keep: int = 8, max_peers: int = 4096) -> None:
+        self._keep = keep
+        self._max_peers = max_peers
+        self._peers: OrderedDict[str, deque[float]] = OrderedDict()
+
+    def observe(self, peer_id: str, seconds: float, sent: int, received: int) -> None:
+        """Note one exchange with ``peer_id`` (``sent`` and ``received`` bytes) if small."""
+        if sent > SMALL_EXCHANGE_BYTES or received > SMALL_EXCHANGE_BYTES or seconds < 0:
+            return
+        recent = self._peers.get(peer_id)
+        if recent is None:
+            if len(self._peers) >= self._max_peers:
+                self._peers.popitem(last=False)
+            recent = self._peers[peer_id] = deque(maxlen=self._keep)
+        else:
+            self._peers.move_to_end(peer_id)
+        recent.append(seconds)
+
+    def lowest(self, peer_id: str) -> float | None:
+        """The lowest recent small round trip to ``peer_id`` (seconds), or None."""
+        recent = self._peers.get(peer_id)
+        return min(recent) if recent else None

@@ -71,6 +71,8 @@ async def test_bulk_requests_never_cross_a_relay() -> None:
         private.handle("/echo", echo)
         await dialer.connect(private.nat.circuit_addrs()[0])
         assert dialer.nat.connection_kind(private.peer_id) == "relayed"
+        # The network port says the same (network.PeerLinks, what mtor_p2p/insight.py reads).
+        assert dialer.connection_kind(private.peer_id) == "relayed"
 
         # On loopback every address answers: keep the dialer from dialling the private
         # peer's direct addresses (what a NAT does; tests/test_nat_peers.py has real ones).
@@ -80,7 +82,11 @@ async def test_bulk_requests_never_cross_a_relay() -> None:
         dialer.nat._dial_direct = no_direct_dial  # type: ignore[method-assign]
 
         small = b"s" * 1000
+        began = trio.current_time()
         assert await dialer.request(private.peer_id, "/echo", small) == small
+        # A small exchange on the open (relayed) connection is timed: its round trip.
+        rtt = dialer.round_trip(private.peer_id)
+        assert rtt is not None and 0 < rtt <= trio.current_time() - began
         began = trio.current_time()
         with pytest.raises(NetworkError, match="only through a relay"):
             await dialer.request(

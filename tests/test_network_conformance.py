@@ -20,7 +20,7 @@ import trio
 
 from mtor_p2p.identity import Identity
 from mtor_p2p.memnet import LatencyModel, MemWorld
-from mtor_p2p.network import Message, Network, NetworkError, RemoteError
+from mtor_p2p.network import SMALL_EXCHANGE_BYTES, Message, Network, NetworkError, RemoteError
 from tests.conftest import open_networks
 
 LIMIT = 2
@@ -199,6 +199,27 @@ async def test_binary_round_trip(open_nets: OpenNets) -> None:
         payload = random.Random(7).randbytes(384 * 1024)
         assert await client.request(server.peer_id, ECHO, payload, timeout=20) == payload
         assert await client.request(server.peer_id, ECHO, b"") == b""
+
+
+async def test_peer_links_say_direct_and_time_small_requests(open_nets: OpenNets) -> None:
+    """network.PeerLinks: a connected peer is "direct", any other "none"; a small request on
+    the open connection is timed (the lowest is kept), a large one or a dial is not."""
+    async with open_nets(2) as (server, client):
+        server.handle(ECHO, echo)
+        stranger = Identity.generate().peer_id
+        assert client.connection_kind(server.peer_id) == "direct"  # type: ignore[attr-defined]
+        assert client.connection_kind(stranger) == "none"  # type: ignore[attr-defined]
+        assert client.round_trip(server.peer_id) is None  # type: ignore[attr-defined]
+        large = bytes(SMALL_EXCHANGE_BYTES + 1)
+        assert await client.request(server.peer_id, ECHO, large) == large
+        assert client.round_trip(server.peer_id) is None  # type: ignore[attr-defined]
+        quickest = float("inf")
+        for _ in range(3):
+            began = trio.current_time()
+            assert await client.request(server.peer_id, ECHO, b"ping") == b"ping"
+            quickest = min(quickest, trio.current_time() - began)
+        rtt = client.round_trip(server.peer_id)  # type: ignore[attr-defined]
+        assert rtt is not None and 0 < rtt <= quickest
 
 
 async def test_remote_error_passes_through_truncated(open_nets: OpenNets) -> None:

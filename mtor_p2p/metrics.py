@@ -83,6 +83,46 @@ class LatencyBuckets:
         return out
 
 
+@dataclass
+class EventWindow:
+    """Recent events counted per key in fixed time buckets: "how many in the last ten
+    minutes" (mtor_p2p/insight.py's demand figures) in memory bounded by the span kept, not
+    by the rate (a busy worker's thousands of shard requests are a few integers per bucket).
+
+    Times are whatever clock the caller passes (network time in the node); a count covers
+    the buckets that start within the window, so it may include up to one bucket's worth of
+    events older than the window.
+    """
+
+    bucket_seconds: float = 10.0
+    #: Buckets older than this are dropped as new ones open.
+    span_seconds: float = 3600.0
+    #: (bucket number, {key: count}), oldest first.
+    buckets: list[tuple[int, dict[str, int]]] = field(default_factory=list)
+
+    def add(self, now: float, key: str = "", count: int = 1) -> None:
+        """Count ``count`` events of ``key`` at ``now``."""
+        number = int(now // self.bucket_seconds)
+        if not self.buckets or self.buckets[-1][0] != number:
+            self.buckets.append((number, {}))
+            oldest = number - int(self.span_seconds // self.bucket_seconds)
+            while self.buckets[0][0] < oldest:
+                del self.buckets[0]
+        counts = self.buckets[-1][1]
+        counts[key] = counts.get(key, 0) + count
+
+    def count(self, now: float, window: float, key: str | None = None) -> int:
+        """Events (of ``key``, or of every key) in the buckets that start within ``window``
+        seconds before ``now``."""
+        first = int((now - window) // self.bucket_seconds)
+        total = 0
+        for number, counts in reversed(self.buckets):
+            if number < first:
+                break
+            total += sum(counts.values()) if key is None else counts.get(key, 0)
+        return total
+
+
 @dataclass(frozen=True)
 class GpuSensors:
     """What NVML reads of one card at a scrape (None: the card does not report it)."""

@@ -105,6 +105,21 @@ class CapacityRecord:
         return not self.withdrawn and now < self.expires
 
 
+#: The class of a peer that advertises no GPU (it computes on its CPU).
+CPU_CLASS = "cpu"
+
+
+def gpu_class(devices: tuple[Device, ...] | list[Device]) -> str:
+    """The class a peer competes in: its best GPU's model name (the one with the most
+    memory; ties by name), or :data:`CPU_CLASS` for a peer with no GPU. A class is what an
+    operator compares prices and demand within ("NVIDIA H100 80GB HBM3"), so it is the
+    model name as NVML reports it, not a coarser family."""
+    gpus = [d for d in devices if d.kind == "gpu"]
+    if not gpus:
+        return CPU_CLASS
+    return max(gpus, key=lambda d: (d.mem_total, d.name)).name
+
+
 # -- validation -------------------------------------------------------------------------------
 
 

@@ -57,7 +57,7 @@ from mtor_p2p.compute.protocol import (
 from mtor_p2p.compute.receipt_store import ReceiptStore
 from mtor_p2p.identity import Identity
 from mtor_p2p.ledger.genesis import NANO
-from mtor_p2p.metrics import LatencyBuckets
+from mtor_p2p.metrics import EventWindow, LatencyBuckets
 from mtor_p2p.network import Network, RemoteError
 from mtor_p2p.records.arrays import (
     HASH_OFF_LOOP_BYTES,
@@ -300,6 +300,10 @@ class WorkerService:
         self.stats = WorkerStats()
         #: Compute time of each shard run (the metrics' histogram, mtor_p2p/metrics.py).
         self.shard_seconds = LatencyBuckets()
+        #: Run requests received, by network time, refused ones and retries included: the
+        #: demand this worker sees (mtor_p2p/insight.py). Not in ``stats``: status shows
+        #: those as they are.
+        self.run_requests = EventWindow()
         # Credit control: ``credit(requester)`` is what the ledger lets that requester still
         # spend (nano-credits); work this worker did for it that is not yet countersigned
         # counts against that too. None: no credit check (no ledger); unpaid work is bounded
@@ -547,6 +551,7 @@ class WorkerService:
         return pack({"have": [h for h in hashes if isinstance(h, str) and h in self.operands]})
 
     async def _on_run(self, sender: str, request: bytes) -> bytes:
+        self.run_requests.add(self._clock.now())
         header, _ = self._parse(request)
         job_id = _header_field(header, "job_id", str)
         if not _HEX64.match(job_id):

@@ -19,7 +19,6 @@ for one another, is not done yet: every peer measures for itself.
 from __future__ import annotations
 
 import logging
-import statistics
 from collections import deque
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -30,7 +29,7 @@ from mtor_p2p.capacity.record import CapacityRecord
 from mtor_p2p.capacity.view import CapacityQuery, CapacityView
 from mtor_p2p.clock import NetClock
 from mtor_p2p.compute.reputation import PeerBook
-from mtor_p2p.compute.scheduler import TRIAL_PRICE_MULTIPLE, JobFailed, JobSpec, Scheduler
+from mtor_p2p.compute.scheduler import JobFailed, JobSpec, Scheduler, trial_price_ceiling
 from mtor_p2p.identity import Identity
 from mtor_p2p.runtime import Runtime
 from mtor_p2p.wire import RecordError, open_envelope, seal
@@ -171,7 +170,8 @@ class Challenger:
             for r in self.view.query(CapacityQuery(kernel="matmul"), self.clock.now())
             if r.peer_id != self.identity.peer_id
         ]
-        limits = [] if not prices else [TRIAL_PRICE_MULTIPLE * statistics.median(prices)]
+        ceiling = trial_price_ceiling(prices)
+        limits = [] if ceiling is None else [ceiling]
         if self.scheduler.last_max_price is not None:
             limits.append(self.scheduler.last_max_price)
         return min(limits) if limits else None

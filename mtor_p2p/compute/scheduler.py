@@ -17,7 +17,8 @@ from __future__ import annotations
 import logging
 import math
 import statistics
-from collections.abc import Awaitable, Callable
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,16 +28,16 @@ import trio
 
 from mtor_kernels import Kernel, get_kernel
 from mtor_kernels import verify as checks
-from mtor_p2p.capacity.record import CapacityRecord
+from mtor_p2p.capacity.record import CapacityRecord, gpu_class
 from mtor_p2p.capacity.view import CapacityQuery, CapacityView
 from mtor_p2p.clock import NetClock
 from mtor_p2p.compute import client
 from mtor_p2p.compute.receipt_store import ReceiptStore
-from mtor_p2p.compute.reputation import PeerBook
+from mtor_p2p.compute.reputation import PeerBook, Standing
 from mtor_p2p.compute.worker import CREDIT_REFUSED, PRICE_REFUSED
 from mtor_p2p.identity import Identity
 from mtor_p2p.ledger.genesis import NANO
-from mtor_p2p.metrics import LatencyBuckets
+from mtor_p2p.metrics import EventWindow, LatencyBuckets
 from mtor_p2p.network import Network, NetworkError, RemoteError
 from mtor_p2p.records.arrays import HASH_OFF_LOOP_BYTES, ArrayMeta, meta_of
 from mtor_p2p.records.faults import make_fault_proof
@@ -68,6 +69,44 @@ BUSY = "busy"
 #: "busy" answers in a row (backing off 0.4 s ... 5 s, about 25 s in all) before a worker's
 #: place in a job goes to another.
 BUSY_ANSWERS_BEFORE_LEAVING = 8
+#: Jobs whose plan (who was chosen, who was passed over and why) the scheduler remembers.
+PLAN_NOTES = 50
+#: Workers passed over whose reason one job's note keeps (the count is always kept): in a
+#: network of thousands, fifty notes of every worker would cost megabytes.
+MAX_NOTED_PER_JOB = 256
+
+
+def trial_price_ceiling(prices: Iterable[float]) -> float | None:
+    """The most a worker never measured here may ask and still get a trial place in a job
+    without a price limit: :data:`TRIAL_PRICE_MULTIPLE` times the median of ``prices`` (the
+    asking prices of the job's acceptable workers). None when there are no prices."""
+    asked = list(prices)
+    return TRIAL_PRICE_MULTIPLE * statistics.median(asked) if asked else None
+
+
+def trial_places(max_workers: int) -> int:
+    """How many of a job's ``max_workers`` places go at most to workers never measured here
+    while measured workers could fill them: a quarter, at least one."""
+    return max(1, max(1, max_workers) // 4)
+
+
+def worker_value(record: CapacityRecord, standing: Standing, speed: float) -> float:
+    """How a measured worker ranks, lower first: its price per TFLOP/s of ``speed`` (what we
+    measured), times its failure penalty, times one plus the load it reports."""
+    price_per_speed = (record.price + 1e-6) / max(speed, 1e-6)
+    return price_per_speed * standing.penalty() * (1 + record.load)
+
+
+def value_factors(record: CapacityRecord, standing: Standing, speed: float) -> dict[str, float]:
+    """The factors whose product is :func:`worker_value`, by name: ``price``, ``speed`` (one
+    over it), ``failures`` (the standing's penalty) and ``load`` (one plus it). Comparing two
+    workers factor by factor says why one ranked below the other."""
+    return {
+        "price": record.price + 1e-6,
+        "speed": 1 / max(speed, 1e-6),
+        "failures": standing.penalty(),
+        "load": 1 + record.load,
+    }
 
 
 class JobFailed(Exception):
@@ -177,6 +216,25 @@ class WorkerPlan:
     chosen: list[CapacityRecord]
     reserve: list[CapacityRecord]
     excluded: dict[str, str]
+    #: Every candidate not chosen (reserve and excluded): peer -> (category, detail), the
+    #: category one of ``price``, ``measured speed``, ``failures``, ``load``, ``newcomer``,
+    #: ``latency``, ``reachability``, ``demoted``.
+    passed_over: dict[str, tuple[str, str]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PlanNote:
+    """One job of this requester as planned: who it started with and why each other worker
+    of the capacity view was passed over (peer -> (category, detail); the plan's categories,
+    and ``kernel`` or ``price`` for workers the job's terms left out). At most
+    :data:`MAX_NOTED_PER_JOB` reasons are kept; ``passed_over_count`` counts them all."""
+
+    job_id: str | None
+    at: float
+    kernel: str
+    chosen: tuple[str, ...]
+    passed_over: dict[str, tuple[str, str]]
+    passed_over_count: int
 
 
 @dataclass(frozen=True)
@@ -408,6 +466,7 @@ class _JobRun:
         scope = trio.CancelScope()
         record = _Attempt(index, worker, trio.current_time(), scope)
         self.running.setdefault(index, []).append(record)
+        self.s.note_sent(worker)
         self.attempt_counts[index] = self.attempt_counts.get(index, 0) + 1
         if hedge:
             self.hedged += 1
@@ -925,6 +984,17 @@ class Scheduler:
         self._settled_changed = trio.Event()
         #: Counters of this requester's jobs and shards (the metrics read them).
         self.stats = SchedulerStats()
+        #: Shard attempts sent, by the worker's GPU class (mtor_p2p/insight.py's demand).
+        self.shards_sent = EventWindow()
+        #: The last PLAN_NOTES jobs' plans (challenges aside), oldest first.
+        self.plans: deque[PlanNote] = deque(maxlen=PLAN_NOTES)
+
+    def note_sent(self, worker: str) -> None:
+        """Count one shard attempt sent to ``worker`` under its GPU class ("unknown" if its
+        record is gone)."""
+        now = self.clock.now()
+        record = self.view.get(worker, now)
+        self.shards_sent.add(now, gpu_class(record.devices) if record is not None else "unknown")
 
     def speed_of(self, record: CapacityRecord) -> float:
         """TFLOP/s to plan with for ``record``'s worker: measured here, else its claim capped
@@ -972,9 +1042,7 @@ class Scheduler:
                 excluded.pop(record.peer_id, None)
 
         def value(record: CapacityRecord) -> float:
-            standing = self.book.get(record.peer_id)
-            price_per_speed = (record.price + 1e-6) / max(self.speed_of(record), 1e-6)
-            return price_per_speed * standing.penalty() * (1 + record.load)
+            return worker_value(record, self.book.get(record.peer_id), self.speed_of(record))
 
         slower: list[CapacityRecord] = []
         if spec.latency_target is not None and candidates:
@@ -1007,12 +1075,12 @@ class Scheduler:
         if spec.max_price is None and unmeasured:
             # No price limit given: a newcomer asking far above the market gets no trial
             # (the requester would pay it before knowing what it delivers).
-            median = statistics.median(r.price for r in candidates)
-            ceiling = TRIAL_PRICE_MULTIPLE * median
+            ceiling = trial_price_ceiling(r.price for r in candidates)
+            assert ceiling is not None  # unmeasured workers are candidates
             overpriced = [r for r in unmeasured if r.price > ceiling and measured]
             unmeasured = [r for r in unmeasured if r not in overpriced]
         places = max(1, spec.max_workers)
-        trial = max(1, places // 4)
+        trial = trial_places(places)
         take_unmeasured = min(len(unmeasured), max(trial, places - len(measured)))
         chosen = measured[: places - take_unmeasured] + unmeasured[:take_unmeasured]
         reserve = (
@@ -1021,7 +1089,83 @@ class Scheduler:
             + overpriced
             + slower
         )
-        return WorkerPlan(chosen=chosen, reserve=reserve, excluded=excluded)
+        # Why each candidate not chosen was passed over (PlanNote; mtor_p2p/insight.py).
+        passed: dict[str, tuple[str, str]] = {}
+        for peer, why in excluded.items():
+            unreachable = why.startswith("unreachable")
+            passed[peer] = ("reachability" if unreachable else "demoted", why)
+        chosen_measured = measured[: places - take_unmeasured]
+        last_measured = chosen_measured[-1] if chosen_measured else None
+        for record in measured[places - take_unmeasured :]:
+            passed[record.peer_id] = self._ranked_below(record, last_measured)
+        for record in unmeasured[take_unmeasured:]:
+            passed[record.peer_id] = (
+                "newcomer",
+                f"never measured here: workers never measured get at most {trial} of a job's "
+                f"{places} places while measured ones can fill them",
+            )
+        median = statistics.median(r.price for r in candidates) if candidates else 0.0
+        for record in overpriced:
+            passed[record.peer_id] = (
+                "price",
+                f"never measured here and asks {record.price:g}, over "
+                f"{TRIAL_PRICE_MULTIPLE:g}x the median {median:g} of the job's workers: no "
+                "trial for a job without a price limit",
+            )
+        for record in slower:
+            passed[record.peer_id] = (
+                "latency",
+                f"expected to answer a shard in over the job's latency target of "
+                f"{spec.latency_target:g} s",
+            )
+        return WorkerPlan(chosen=chosen, reserve=reserve, excluded=excluded, passed_over=passed)
+
+    def _ranked_below(self, record: CapacityRecord, last: CapacityRecord | None) -> tuple[str, str]:
+        """Why measured ``record`` ranked below ``last``, the last measured worker chosen:
+        the factor of :func:`worker_value` in which it compares worst."""
+        if last is None:
+            return "places", "every place of the job went to workers never measured here"
+        mine = value_factors(record, self.book.get(record.peer_id), self.speed_of(record))
+        theirs = value_factors(last, self.book.get(last.peer_id), self.speed_of(last))
+        factor = max(("price", "speed", "failures", "load"), key=lambda f: mine[f] / theirs[f])
+        category = "measured speed" if factor == "speed" else factor
+        return category, (
+            f"ranked below the last worker chosen ({last.peer_id[-8:]}): asks {record.price:g} "
+            f"vs {last.price:g}, measured {self.speed_of(record):.3g} vs "
+            f"{self.speed_of(last):.3g} TFLOP/s, failure penalty "
+            f"{mine['failures']:.2f} vs {theirs['failures']:.2f}, load {record.load:g} vs "
+            f"{last.load:g}"
+        )
+
+    def _note_plan(self, spec: JobSpec, plan: WorkerPlan, job_id: str | None) -> None:
+        """Remember who ``spec``'s job was planned with and why every other worker of the
+        view was passed over: the plan's reasons, and the job's terms for the rest."""
+        now = self.clock.now()
+        chosen = {r.peer_id for r in plan.chosen}
+        passed = dict(plan.passed_over)
+        for record in self.view.live(now):
+            peer = record.peer_id
+            if peer == self.identity.peer_id or peer in chosen or peer in passed:
+                continue
+            if spec.kernel not in record.kernels:
+                served = ", ".join(record.kernels) or "none"
+                passed[peer] = ("kernel", f"does not serve {spec.kernel} (serves {served})")
+            elif spec.max_price is not None and record.price > spec.max_price:
+                passed[peer] = (
+                    "price",
+                    f"asks {record.price:g}, over the job's price limit of {spec.max_price:g}",
+                )
+        noted = dict(list(passed.items())[:MAX_NOTED_PER_JOB])
+        self.plans.append(
+            PlanNote(
+                job_id=job_id,
+                at=now,
+                kernel=spec.kernel,
+                chosen=tuple(r.peer_id for r in plan.chosen),
+                passed_over=noted,
+                passed_over_count=len(passed),
+            )
+        )
 
     def _newcomers_for(self, spec: JobSpec) -> bool:
         """True if a worker never measured here is among ``spec``'s candidates."""
@@ -1124,6 +1268,8 @@ class Scheduler:
             stakes = await self.runtime.run_blocking(self.stakes)
         plan = self.plan_workers(spec, stakes)
         if not plan.chosen:
+            if spec.only is None:
+                self._note_plan(spec, plan, None)
             within = "" if spec.max_price is None else f" at up to {spec.max_price:g}/TFLOP"
             raise JobFailed(
                 f"no worker in the capacity view serves {spec.kernel!r}{within}"
@@ -1132,6 +1278,8 @@ class Scheduler:
             )
         metas = await self.describe(spec.operands)
         job = _JobRun(self, spec, kernel, plan, metas)
+        if spec.only is None:  # challenges measure one worker: not a choice among workers
+            self._note_plan(spec, plan, job.job_id)
         job.progress = progress
         started = trio.current_time()
         with trio.move_on_after(spec.deadline) as deadline:

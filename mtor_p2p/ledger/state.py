@@ -77,6 +77,9 @@ class LedgerState:
     stakes: dict[str, int] = field(default_factory=dict)
     burned: int = 0
     slashed: dict[str, int] = field(default_factory=dict)  # peer -> total slashed
+    #: peer -> reporter rewards received for fault proofs (what an account's reconciliation
+    #: needs: the entries carry no amount, the fold computes it)
+    rewards: dict[str, int] = field(default_factory=dict)
     slashed_claims: set[str] = field(default_factory=set)
     ineffective: list[str] = field(default_factory=list)  # entry IDs with no effect
     receipts: int = 0
@@ -130,6 +133,7 @@ class LedgerState:
                 self.stakes[event.payer] = stake - slash
                 if event.payee:
                     balances[event.payee] = balances.get(event.payee, 0) + reward
+                    self.rewards[event.payee] = self.rewards.get(event.payee, 0) + reward
                 self.burned += slash - reward
                 self.slashed[event.payer] = self.slashed.get(event.payer, 0) + slash
         self.last = (event.at, event.rank, event.entry_id)
@@ -166,6 +170,7 @@ class LedgerState:
             stakes=dict(self.stakes),
             burned=self.burned,
             slashed=dict(self.slashed),
+            rewards=dict(self.rewards),
             slashed_claims=set(self.slashed_claims),
             ineffective=list(self.ineffective),
             receipts=self.receipts,

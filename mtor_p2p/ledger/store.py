@@ -291,6 +291,19 @@ class Ledger:
             self._parked.pop(blake3.blake3(wire).hexdigest(), None)
         return ready
 
+    def flows(self, peer: str) -> list[tuple[str, str, str, str, int]]:
+        """Every balance-moving entry that names ``peer`` (receipts, transfers and faults as
+        payer or payee, stakes as staker) as (kind, entry ID, payer, payee, amount), in fold
+        order. Whether each took effect is the state's to say (``state().ineffective``)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT kind, id, payer, payee, amount FROM entries "
+                "WHERE (payer = ? OR payee = ?) "
+                "AND kind IN ('receipt', 'transfer', 'stake', 'fault') ORDER BY at, rank, id",
+                (peer, peer),
+            ).fetchall()
+        return [(str(k), str(i), str(a), str(b), int(n)) for k, i, a, b, n in rows]
+
     def held(self, ids: Sequence[str]) -> set[str]:
         """Which of ``ids`` this ledger holds."""
         with self._lock:

@@ -472,7 +472,7 @@ def earnings(node: Node, limit: int = 200) -> dict[str, Any]:
     entries = [receipt_entry_id(r) if r.complete else None for r in receipts]
     ledger = node.ledger
     in_ledger = ledger.held([e for e in entries if e is not None])
-    state = ledger.state()
+    state, rows = ledger.state_and_flows(me)
     ineffective = set(state.ineffective)
     lines = []
     totals = {"earned_nano": 0, "paid_nano": 0, "earned_pending_nano": 0, "paid_pending_nano": 0}
@@ -505,7 +505,7 @@ def earnings(node: Node, limit: int = 200) -> dict[str, Any]:
             }
         )
     truncated = held_count > len(receipts)
-    flows = _ledger_flows(ledger.flows(me), me, ineffective)
+    flows = _ledger_flows(rows, me, ineffective)
     flows["fault_rewards_nano"] = state.rewards.get(me, 0)
     flows["slashed_nano"] = state.slashed.get(me, 0)
     receipt_ids = flows.pop("receipt_ids")

@@ -304,6 +304,14 @@ class Ledger:
             ).fetchall()
         return [(str(k), str(i), str(a), str(b), int(n)) for k, i, a, b, n in rows]
 
+    def state_and_flows(
+        self, peer: str
+    ) -> tuple[LedgerState, list[tuple[str, str, str, str, int]]]:
+        """:meth:`state` and :meth:`flows` of ``peer`` read together, so that no entry lands
+        between the two (an account reconciled against its flows must see the same entries)."""
+        with self._lock:
+            return self.state(), self.flows(peer)
+
     def held(self, ids: Sequence[str]) -> set[str]:
         """Which of ``ids`` this ledger holds."""
         with self._lock:

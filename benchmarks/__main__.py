@@ -1,5 +1,5 @@
 """``python -m benchmarks NAME [options]``; names: peer, compute, ledger, sim, attacks,
-control, nat."""
+control, nat, dashboard."""
 
 from __future__ import annotations
 
@@ -34,12 +34,17 @@ def main() -> int:
         from benchmarks.bench_nat import main as run
 
         return run(args[1:])
+    if name == "dashboard":
+        from benchmarks.bench_dashboard import main as run
+
+        return run(args[1:])
     if name == "control":
         from benchmarks.bench_control import main as run
 
         return run(args[1:])
     print(
-        f"unknown benchmark {name!r}; known: peer, compute, ledger, sim, attacks, control, nat",
+        f"unknown benchmark {name!r}; known: peer, compute, ledger, sim, attacks, control, "
+        "nat, dashboard",
         file=sys.stderr,
     )
     return 2

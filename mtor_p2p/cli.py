@@ -846,6 +846,9 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"device     {device['kind']}: {device['name']} "
             f"({device['mem_free'] / GIB:.1f} GiB free)"
         )
+    why = (status.get("insight") or {}).get("why_no_work")
+    if why:
+        print(f"work       {why['summary']}")
     for line in _status_guard_lines(status):
         print(line)
     return EXIT_OK
@@ -1475,6 +1478,34 @@ def cmd_receipts(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    """Print a link that opens the running node's web dashboard (and with --open, open it).
+
+    The link carries a one-use ticket in its fragment (after ``#``), which browsers never
+    send to a server, so it appears in no log; the page trades it for a read-only session.
+    Each link works once, within two minutes: run this again for another browser or tab."""
+    client = _client(args)
+    answer = client.call("POST", "/v1/dashboard/ticket")
+    url = f"{client.url}/dashboard#ticket={answer['ticket']}"
+    if args.json:
+        print(json.dumps({"url": url, "expires_in": answer["expires_in"]}, indent=2))
+    else:
+        print(url)
+        print(
+            f"(works once, within {answer['expires_in']:.0f} s; "
+            "the page updates live while it is open)",
+            file=sys.stderr,
+        )
+    if args.open:
+        import webbrowser
+
+        if not webbrowser.open(url):
+            raise CliError(
+                "no browser found to open it: open the link above yourself", EXIT_FAILURE
+            )
+    return EXIT_OK
+
+
 STOP_TIMEOUT = 30.0
 
 
@@ -1984,6 +2015,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_receipts)
+
+    p = sub.add_parser(
+        "dashboard",
+        help="print a link to the running node's web dashboard",
+        description=cmd_dashboard.__doc__,
+    )
+    _add_data_dir(p)
+    p.add_argument("--open", action="store_true", help="also open it in the default browser")
+    p.add_argument("--json", action="store_true", help="print JSON ({url, expires_in})")
+    p.set_defaults(func=cmd_dashboard)
 
     p = sub.add_parser(
         "balance",

@@ -43,8 +43,10 @@ from mtor_p2p.control import (
     load_or_create_token,
     write_control_info,
 )
+from mtor_p2p.dashboard import Dashboard
 from mtor_p2p.datadir import DataDirLock
 from mtor_p2p.identity import Identity, load_or_create_identity
+from mtor_p2p.insight import earnings, peers_view, why_no_work
 from mtor_p2p.ledger.entries import receipt_entry_id
 from mtor_p2p.ledger.genesis import GENESIS_FILE_NAME, Genesis, load_genesis, nano_to_credits
 from mtor_p2p.ledger.pricing import next_price
@@ -226,6 +228,8 @@ class Node:
         #: control API serves at /metrics (mtor_p2p/metrics.py).
         self.network_meter: NetworkMeter | None = None
         self.metrics: NodeMetrics | None = None
+        #: The web dashboard, once the control API serves (mtor_p2p/dashboard).
+        self.dashboard: Dashboard | None = None
 
     async def _worker_receipt(self, receipt: Any) -> None:
         # The requester gossips it; the worker only enters its copy (sync repairs gaps).
@@ -591,8 +595,28 @@ class Node:
             "receipts": self.receipts.count(),
             "reputation": self.reputation_summary(),
             "ledger": ledger if ledger is not None else self.ledger_summary(),
+            "insight": self.insight(),
+            "dashboard": None
+            if self.dashboard is None
+            else {
+                "sessions": self.dashboard.sessions.live,
+                "snapshots_built": self.dashboard.snapshots_built,
+                "last_build_s": round(self.dashboard.last_build_seconds, 4),
+            },
             "pid": os.getpid(),
         }
+
+    def insight(self) -> dict[str, Any]:
+        """The network as this node sees it, and why work does or does not come
+        (:mod:`mtor_p2p.insight`)."""
+        return {"why_no_work": why_no_work(self), "peers": peers_view(self)}
+
+    async def _route_insight(self, query: dict[str, str], body: Any) -> tuple[int, Any]:
+        return 200, self.insight()
+
+    async def _route_earnings(self, query: dict[str, str], body: Any) -> tuple[int, Any]:
+        limit = max(1, min(10_000, int(query.get("limit", 200))))
+        return 200, await self.runtime.run_blocking(earnings, self, limit)
 
     async def _route_status(self, query: dict[str, str], body: Any) -> tuple[int, Any]:
         ledger = await self.runtime.run_blocking(self.ledger_summary)
@@ -689,9 +713,12 @@ class Node:
     async def _serve_control(self, *, task_status: trio.TaskStatus[int]) -> None:
         token = load_or_create_token(self.config.data_dir)
         metrics = self.metrics = NodeMetrics(self)
+        dashboard = self.dashboard = Dashboard(self)
+        dashboard_routes, access = dashboard.routes()
         server = ControlServer(
             token,
-            {
+            dashboard_routes
+            | {
                 ("GET", "/v1/status"): self._route_status,
                 ("GET", "/v1/peers"): self._route_peers,
                 ("GET", "/v1/reputation"): self._route_reputation,
@@ -700,6 +727,8 @@ class Node:
                 ("GET", "/v1/jobs"): self.jobs.route_status,
                 ("POST", "/v1/jobs/cancel"): self.jobs.route_cancel,
                 ("GET", "/v1/receipts"): self._route_receipts,
+                ("GET", "/v1/insight"): self._route_insight,
+                ("GET", "/v1/earnings"): self._route_earnings,
                 ("GET", "/v1/ledger/balance"): self._route_balance,
                 ("POST", "/v1/ledger/stake"): self._route_stake,
                 ("POST", "/v1/ledger/transfer"): self._route_transfer,
@@ -707,9 +736,12 @@ class Node:
                 ("GET", "/v1/ledger/prove"): self._route_ledger_prove,
                 ("GET", "/metrics"): metrics.route,
             },
+            access=access,
+            viewer=dashboard.sessions.valid,
         )
         self.control_server = server
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(dashboard.run)
             if self.config.metrics_listen is not None:
                 await nursery.start(metrics.serve_listener, self.config.metrics_listen)
             await server.serve(self.config.api_port, task_status=task_status)

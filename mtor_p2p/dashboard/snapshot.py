@@ -1,0 +1,182 @@
+"""What the dashboard page shows, as one JSON object (a *snapshot*) built from a running node.
+
+Everything here reads what the node already holds; the SQLite and NVML reads arrive in
+``slow`` (:meth:`Dashboard._read_blocking`, run in a thread). Amounts are in credits (the
+ledger's nano-credits divided by 10^9) as the CLI shows them.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import TYPE_CHECKING, Any
+
+from mtor_p2p import __version__
+from mtor_p2p.insight import peers_view, why_no_work
+
+if TYPE_CHECKING:
+    from mtor_p2p.dashboard import Dashboard
+    from mtor_p2p.node import Node
+
+NANO = 1_000_000_000
+#: Jobs and receipt lines a snapshot carries.
+SNAPSHOT_JOBS = 10
+SNAPSHOT_RECEIPTS = 30
+
+
+def snapshot(node: Node, slow: dict[str, Any], dashboard: Dashboard) -> dict[str, Any]:
+    """The page's snapshot of ``node`` (see the module docstring)."""
+    now = node.clock.now()
+    peers = peers_view(node)
+    return {
+        "sent_at": round(time.time() * 1000, 1),  # wall clock, for the page's latency figure
+        "tick": dashboard.tick,
+        "node": _node(node, now),
+        "devices": _devices(node, slow),
+        "peers": peers,
+        "regions": _regions(peers, node),
+        "jobs": _jobs(node),
+        "receipts": _receipts(node, slow),
+        "ledger": _ledger(slow["ledger"]),
+        "history": _history(dashboard),
+        "warnings": list(dashboard.warnings.records)[-20:][::-1],
+        "why_no_work": why_no_work(node),
+    }
+
+
+def _node(node: Node, now: float) -> dict[str, Any]:
+    reachability = node.reachability()
+    return {
+        "peer_id": node.peer_id,
+        "version": __version__,
+        "region": node.config.region,
+        "uptime_s": round(now - node.started_at, 1),
+        "addrs": node.addrs(),
+        "reachability": None if reachability is None else reachability.get("summary"),
+        "tunnel": node.tunnel_url,
+        "connected_peers": len(node.network.connected_peers()),
+        "view_size": len(node.capacity.view.live(now)),
+        "serving": node.serve,
+        "kernels": list(node.worker.kernels) if node.serve else [],
+        "backend": node.worker.executor.name,
+        "tflops": round(node.tflops, 3),
+        "price": node.price,
+        "shards_run": node.worker.stats.shards_run,
+        "shards_failed": node.worker.stats.shards_failed,
+    }
+
+
+def _devices(node: Node, slow: dict[str, Any]) -> list[dict[str, Any]]:
+    sensors = {s.index: s for s in slow.get("sensors", [])}
+    out = []
+    gpu_index = 0
+    for device in node.devices:
+        row: dict[str, Any] = {
+            "kind": device.kind,
+            "name": device.name,
+            "mem_total": device.mem_total,
+            "mem_free": device.mem_free,
+            "utilization": device.utilization,
+            "cores": device.cores,
+            "temperature_c": None,
+            "power_w": None,
+        }
+        if device.kind == "gpu":
+            card = sensors.get(gpu_index)
+            gpu_index += 1
+            if card is not None:
+                row["temperature_c"] = card.temperature_c
+                row["power_w"] = card.power_w
+                if card.utilisation is not None:
+                    row["utilization"] = round(card.utilisation * 100, 1)
+        elif slow.get("cpu_percent") is not None:
+            row["utilization"] = slow["cpu_percent"]
+        out.append(row)
+    return out
+
+
+def _regions(peers: list[dict[str, Any]], node: Node) -> dict[str, dict[str, Any]]:
+    """Peers in view by region: how many, their TFLOP/s (measured where we have it, else
+    claimed) and their median price; this node counts in its own region."""
+    table: dict[str, dict[str, Any]] = {}
+    me = {
+        "region": node.config.region,
+        "tflops_advertised": node.tflops,
+        "tflops_measured": None,
+        "price": node.price,
+        "self": True,
+    }
+    for peer in [*peers, me]:
+        region = str(peer.get("region") or "?")
+        entry = table.setdefault(region, {"peers": 0, "tflops": 0.0, "prices": [], "self": False})
+        entry["peers"] += 1
+        speed = peer.get("tflops_measured")
+        entry["tflops"] += float(speed if speed is not None else peer.get("tflops_advertised") or 0)
+        entry["prices"].append(float(peer.get("price") or 0))
+        entry["self"] = entry["self"] or bool(peer.get("self"))
+    for entry in table.values():
+        prices = entry.pop("prices")
+        entry["price_median"] = statistics.median(prices) if prices else None
+        entry["tflops"] = round(entry["tflops"], 3)
+    return table
+
+
+def _jobs(node: Node) -> dict[str, Any]:
+    jobs = node.jobs.jobs(SNAPSHOT_JOBS)
+    return {
+        "running": sum(1 for j in jobs if j.state == "running"),
+        "list": [j.to_json(shards=True) for j in jobs],
+    }
+
+
+def _receipts(node: Node, slow: dict[str, Any]) -> dict[str, Any]:
+    """The receipts behind the balance, line by line (:func:`insight.earnings`), with how
+    they reconcile with the ledger's account."""
+    earned = slow["earnings"]
+    me = node.peer_id
+    lines = [
+        {
+            "job_id": line["job_id"],
+            "shard": line["shard"],
+            "kernel": line["kernel"],
+            "role": "earned" if line["role"] == "worker" else "paid",
+            "peer": line["requester"] if line["worker"] == me else line["worker"],
+            "credits": line["cost_nano"] / NANO,
+            "ended": line["ended"],
+            "countersigned": line["countersigned"],
+            "entry": line["entry"],
+            "in_ledger": line["in_ledger"],
+        }
+        for line in earned["lines"]
+    ]
+    reconciliation = earned["reconciliation"]
+    return {
+        "count": earned["receipts_held"],
+        "recent": lines,
+        "terms": [
+            {"item": t["item"], "credits": t["nano"] / NANO} for t in reconciliation["terms"]
+        ],
+        "unexplained": reconciliation["unexplained_nano"] / NANO,
+    }
+
+
+def _ledger(summary: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "balance": summary.get("balance", 0) / NANO,
+        "stake": summary.get("stake", 0) / NANO,
+        "slashed": summary.get("slashed", 0) / NANO,
+        "spendable": summary.get("spendable", 0) / NANO,
+        "receipts": summary.get("receipts"),
+        "entries": summary.get("entries"),
+        "network": summary.get("network"),
+    }
+
+
+def _history(dashboard: Dashboard) -> dict[str, list[float]]:
+    points = list(dashboard.history)
+    return {
+        "t": [p[0] for p in points],
+        "balance": [p[1] for p in points],
+        "stake": [p[2] for p in points],
+        "price": [p[3] for p in points],
+    }

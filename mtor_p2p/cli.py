@@ -357,7 +357,19 @@ def _config_from(args: argparse.Namespace, *, write: bool = False) -> NodeConfig
 
 
 def _client(args: argparse.Namespace) -> ControlClient:
-    return ControlClient.for_data_dir(_config_from(args).data_dir)
+    data_dir = _config_from(args).data_dir
+    try:
+        return ControlClient.for_data_dir(data_dir)
+    except NodeNotRunning:
+        # Two slips a newcomer makes: a devnet's own directory, and a directory that is not.
+        if (data_dir / "peer-0").is_dir():
+            raise NodeNotRunning(
+                f"{data_dir} is a devnet's directory; its peers run in "
+                f"{data_dir / 'peer-0'}, {data_dir / 'peer-1'}, ... (--data-dir one of them)"
+            ) from None
+        if not data_dir.exists():
+            raise NodeNotRunning(f"no running node found: {data_dir} does not exist") from None
+        raise
 
 
 # -- commands ---------------------------------------------------------------------------------
@@ -849,6 +861,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     why = (status.get("insight") or {}).get("why_no_work")
     if why:
         print(f"work       {why['summary']}")
+    if status.get("metrics_listen"):
+        print(f"metrics    {status['metrics_listen']} (no token)")
     for line in _status_guard_lines(status):
         print(line)
     return EXIT_OK
@@ -1485,7 +1499,16 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     send to a server, so it appears in no log; the page trades it for a read-only session.
     Each link works once, within two minutes: run this again for another browser or tab."""
     client = _client(args)
-    answer = client.call("POST", "/v1/dashboard/ticket")
+    try:
+        answer = client.call("POST", "/v1/dashboard/ticket")
+    except ControlError as exc:
+        if str(exc).startswith("404"):  # a node of a version before the dashboard
+            raise CliError(
+                f"the node at {client.url} serves no dashboard: it runs an older version "
+                "of mtor-peer than this command; restart it",
+                EXIT_FAILURE,
+            ) from None
+        raise
     url = f"{client.url}/dashboard#ticket={answer['ticket']}"
     if args.json:
         print(json.dumps({"url": url, "expires_in": answer["expires_in"]}, indent=2))

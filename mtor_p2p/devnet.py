@@ -135,8 +135,10 @@ class Devnet:
         # Stale after a crash (the node removes it when it stops cleanly).
         (data_dir / INFO_FILE_NAME).unlink(missing_ok=True)
         region = REGIONS[index % len(REGIONS)]
+        # -P: not the calling directory first on sys.path, so that a peer runs the same
+        # mtor_p2p as this devnet, not a checkout that happens to sit where it was called.
         command = [
-            sys.executable, "-m", "mtor_p2p", "run",
+            sys.executable, "-P", "-m", "mtor_p2p", "run",
             "--data-dir", str(data_dir),
             "--listen", "/ip4/127.0.0.1/tcp/0",
             "--no-default-bootstrap",
@@ -321,6 +323,8 @@ def run_devnet(
             print(f"see credits:     mtor-peer balance --all --data-dir {data_dir}")
             print(f"stake some:      mtor-peer stake 10 --data-dir {data_dir}")
             print(f"audit:           mtor-peer ledger verify --data-dir {data_dir}")
+            print(f"watch it:        mtor-peer dashboard --open --data-dir {data_dir}")
+            print(f"follow jobs:     mtor-peer jobs --watch --data-dir {data_dir}")
             print("                 (from a checkout: ./mtor peers ..., ./mtor submit ...)")
             print("Ctrl-C stops every peer", flush=True)
         restarts = dict.fromkeys(range(peers), 0)

@@ -70,7 +70,10 @@ def _num(value: float | None) -> float | None:
 
 def _span(seconds: float) -> str:
     """A stretch of time as an operator reads it: "45 s", "10 min"."""
-    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.3g} min"
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    minutes = round(seconds / 60)
+    return f"{minutes} min" if minutes < 90 else f"{minutes // 60} h {minutes % 60} min"
 
 
 def _size(nbytes: int) -> str:
@@ -257,9 +260,9 @@ def why_no_work(node: Node) -> dict[str, Any]:
                 (
                     "load",
                     f"reported load {_text(offer.load)}",
-                    f"reports load {_text(offer.load)}: requesters rank the workers they "
+                    f"this node is {offer.load:.0%} busy: requesters rank the workers they "
                     "measured by price per TFLOP/s times (1 + load)"
-                    + ("" if mean is None else f" (its class reports {_text(mean)} on average)"),
+                    + ("" if mean is None else f" (its class averages {mean:.0%})"),
                 )
             )
     if node.serve and demand["requests_received"] == 0:

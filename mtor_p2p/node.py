@@ -596,6 +596,10 @@ class Node:
             "reputation": self.reputation_summary(),
             "ledger": ledger if ledger is not None else self.ledger_summary(),
             "insight": self.insight(),
+            "metrics_listen": None
+            if self.metrics is None or self.metrics.listen_port is None
+            else f"http://{self.config.metrics_listen.rsplit(':', 1)[0]}:"
+            f"{self.metrics.listen_port}/metrics",
             "dashboard": None
             if self.dashboard is None
             else {

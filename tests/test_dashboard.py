@@ -247,3 +247,32 @@ def test_assets_ship_with_the_package(path: str) -> None:
 
     name = ASSETS[path][0]
     assert (resources.files("mtor_p2p.dashboard") / "static" / name).read_bytes()
+
+
+def test_warnings_repeated_in_a_burst_are_counted_not_listed() -> None:
+    """A burst of one complaint (seen: 155 copies of a gossip queue warning in a second) must
+    not push every other warning off the page; the kept set stays bounded."""
+    import logging
+
+    from mtor_p2p.dashboard import MAX_WARNINGS, WarningLog
+
+    handler = WarningLog()
+    logger = logging.getLogger("mtor_p2p.test_dashboard_burst")
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        logger.warning("first complaint")
+        for _ in range(155):
+            logger.warning("queue for peer %s exceeded", "X")
+        logger.info("not a warning")
+        records = handler.records
+        assert [(r["message"], r["count"]) for r in records] == [
+            ("first complaint", 1),
+            ("queue for peer X exceeded", 155),
+        ]
+        for index in range(MAX_WARNINGS + 10):
+            logger.error("distinct %d", index)
+        assert len(handler.records) == MAX_WARNINGS
+        assert handler.records[-1]["message"] == f"distinct {MAX_WARNINGS + 9}"
+    finally:
+        logger.removeHandler(handler)

@@ -197,7 +197,7 @@ async def test_insight_of_a_cluster_after_jobs(autojump_clock: trio.testing.Mock
     details = {r["reason"]: r["detail"] for r in strained["reasons"]}
     assert set(details) == {"memory", "load"}
     assert details["memory"].startswith("64 MiB free for shards, under the 192 MiB")
-    assert details["load"].startswith("reports load 0.95")
+    assert details["load"].startswith("this node is 95% busy")
     assert strained["summary"].endswith("; held back by memory, load")
     assert not {"memory", "load"} & {r["reason"] for r in why["w3"]["reasons"]}
     # The private node without a relay is told so.

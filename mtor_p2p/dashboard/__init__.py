@@ -133,25 +133,35 @@ class Sessions:
 
 
 class WarningLog(logging.Handler):
-    """Keeps the last ``MAX_WARNINGS`` warnings and errors the process logs (for the page)."""
+    """Keeps the last ``MAX_WARNINGS`` distinct warnings and errors the process logs (for the
+    page): a line logged again (a burst of the same complaint) counts on its first entry,
+    which moves to the end, rather than pushing every other line out."""
 
     def __init__(self) -> None:
         super().__init__(logging.WARNING)
-        self.records: deque[dict[str, Any]] = deque(maxlen=MAX_WARNINGS)
+        self._records: OrderedDict[tuple[str, str, str], dict[str, Any]] = OrderedDict()
+
+    @property
+    def records(self) -> list[dict[str, Any]]:
+        """The kept warnings, oldest first: ``at`` (the last time), ``level``, ``logger``,
+        ``message``, ``count``."""
+        return list(self._records.values())
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
             message = record.getMessage()
         except Exception:  # a bad format string in someone's log call: keep the template
             message = str(record.msg)
-        self.records.append(
-            {
-                "at": round(record.created, 3),
-                "level": record.levelname.lower(),
-                "logger": record.name,
-                "message": message[:500],
-            }
-        )
+        level = record.levelname.lower()
+        key = (level, record.name, message[:500])
+        entry = self._records.pop(key, None)
+        if entry is None:
+            entry = {"level": level, "logger": record.name, "message": key[2], "count": 0}
+        entry["count"] += 1
+        entry["at"] = round(record.created, 3)
+        self._records[key] = entry
+        while len(self._records) > MAX_WARNINGS:
+            self._records.popitem(last=False)
 
 
 class Dashboard:

@@ -39,7 +39,7 @@ def snapshot(node: Node, slow: dict[str, Any], dashboard: Dashboard) -> dict[str
         "receipts": _receipts(node, slow),
         "ledger": _ledger(slow["ledger"]),
         "history": _history(dashboard),
-        "warnings": list(dashboard.warnings.records)[-20:][::-1],
+        "warnings": dashboard.warnings.records[-20:][::-1],
         "why_no_work": why_no_work(node),
     }
 

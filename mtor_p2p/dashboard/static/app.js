@@ -47,12 +47,28 @@ const short = (id) => (id ? `…${String(id).slice(-8)}` : "–");
 const num = (x, digits = 2) => (x === null || x === undefined ? "–" : Number(x).toFixed(digits));
 const pct = (x) => (x === null || x === undefined ? "–" : `${Math.round(x * 100)}%`);
 const gib = (bytes) => `${(bytes / 2 ** 30).toFixed(1)} GiB`;
-// Credits: shards on a devnet cost millionths of a credit; three significant digits there.
+// Credits, one way everywhere: shards on a devnet cost millionths of a credit, so small
+// amounts keep three significant digits instead of rounding to 0.0000.
 function credits(x) {
   if (x === null || x === undefined) return "–";
   const a = Math.abs(x);
-  return a === 0 || a >= 0.001 ? a.toFixed(4) : a.toPrecision(3);
+  if (a === 0 || a >= 1) return a.toFixed(4);
+  if (a >= 0.001) return a.toFixed(6);
+  return a.toPrecision(3);
 }
+// A speed given in TFLOP/s, in the unit that shows it (a CPU shard is MFLOP/s-GFLOP/s).
+function speed(tflops) {
+  if (tflops === null || tflops === undefined) return "–";
+  const units = [[1, "TFLOP/s"], [1e-3, "GFLOP/s"], [1e-6, "MFLOP/s"]];
+  for (const [scale, unit] of units) {
+    if (Math.abs(tflops) >= scale || scale === 1e-6) return `${(tflops / scale).toPrecision(3)} ${unit}`;
+  }
+  return "–";
+}
+// The scheduler's job IDs as the CLI prints them (the first 16 hex digits).
+const jobShort = (id) => (id ? `${String(id).slice(0, 16)}…` : "–");
+// Label offsets (dx, dy) for regions whose circles sit close together.
+const LABEL_AT = { UKS: [-22, -3], WEU: [4, -4], GWC: [4, 5], CUS: [-4, -6], EUS: [4, 5], WUS: [-22, 2], EAS: [4, 5], JPE: [4, -2] };
 
 function duration(seconds) {
   const s = Math.floor(seconds);
@@ -81,8 +97,14 @@ function showLogin(message) {
   setLive(false, "logged out");
 }
 
+function notice(message) {
+  $("notice").textContent = message || "";
+  $("notice").hidden = !message;
+}
+
 async function login() {
-  const match = /(?:^#|&)ticket=([A-Za-z0-9_-]+)/.exec(location.hash);
+  notice(null);
+  const match = /(?:^#|&)ticket=([^&]*)/.exec(location.hash);
   if (match) {
     // The ticket leaves the address bar (and the history) at once; it works only once anyway.
     history.replaceState(null, "", location.pathname);
@@ -99,15 +121,20 @@ async function login() {
       return null;
     }
     if (!answer.ok) {
-      sessionStorage.removeItem(SESSION_KEY);
-      showLogin(answer.body.error || `login refused (${answer.status})`);
+      const message = answer.body.error || `login refused (${answer.status})`;
+      if (sessionStorage.getItem(SESSION_KEY)) {
+        // A used link pasted again into a tab that is logged in: keep the session.
+        notice(`${message.replaceAll("`", "")}. Still showing this tab's session.`);
+        return sessionStorage.getItem(SESSION_KEY);
+      }
+      showLogin(message.replaceAll("`", ""));
       return null;
     }
     sessionStorage.setItem(SESSION_KEY, answer.body.session);
   }
   const session = sessionStorage.getItem(SESSION_KEY);
   if (!session) {
-    showLogin("This page needs the link that `mtor-peer dashboard` prints.");
+    showLogin("This page needs the link that mtor-peer dashboard prints.");
     return null;
   }
   return session;
@@ -131,7 +158,7 @@ async function get(path, session) {
 function loggedOut(err) {
   if (err && err.status === 401) {
     sessionStorage.removeItem(SESSION_KEY);
-    showLogin("The dashboard session has expired or the node restarted: run `mtor-peer dashboard` again.");
+    showLogin("The dashboard session has expired or the node restarted: run mtor-peer dashboard again.");
     return true;
   }
   return false;
@@ -198,7 +225,7 @@ function render(s) {
   renderJobs(s.jobs);
   renderMap(s.regions);
   renderPeers(s.peers);
-  renderReceipts(s.receipts);
+  renderReceipts(s.receipts, s.jobs);
   renderWarnings(s.warnings);
   $("updated").textContent = new Date().toLocaleTimeString();
   stats.snapshots += 1;
@@ -236,14 +263,15 @@ function renderDevices(devices) {
     util.firstChild.style.width = `${Math.round(d.utilization || 0)}%`;
     return h("div", { class: "card" },
       h("strong", {}, d.name), h("div", { class: "small" }, d.kind === "cpu" ? `CPU, ${d.cores} cores` : "GPU"),
-      h("div", {}, `memory ${gib(d.mem_total - d.mem_free)} of ${gib(d.mem_total)}`), bar,
+      h("div", {}, `memory ${gib(d.mem_total - d.mem_free)} used of ${gib(d.mem_total)}`), bar,
       h("div", {}, `utilisation ${d.utilization === null ? "–" : `${Math.round(d.utilization)}%`}`), util,
       d.kind === "gpu" ? h("div", {}, `${num(d.temperature_c, 0)} °C · ${num(d.power_w, 0)} W`) : null);
   }));
 }
 
-function chart(el, t, ys) {
+function chart(el, range, t, ys, format) {
   el.replaceChildren();
+  range.textContent = "";
   if (!ys.length) return;
   const lo = Math.min(...ys), hi = Math.max(...ys);
   const t0 = t[0], t1 = t[t.length - 1];
@@ -252,18 +280,23 @@ function chart(el, t, ys) {
   const points = ys.map((v, i) => `${x(t[i]).toFixed(1)},${y(v).toFixed(1)}`).join(" ");
   el.append(svg("polyline", { points: ys.length === 1 ? `0,${y(ys[0])} ${points}` : points }));
   const label = svg("title", {});
-  label.textContent = `${lo.toFixed(3)} … ${hi.toFixed(3)} over ${duration(Math.max(0, t1 - t0))}`;
+  label.textContent = `${format(lo)} … ${format(hi)} over ${duration(Math.max(0, t1 - t0))}`;
   el.append(label);
+  // The scale in words: a fall of a millionth must not look like a crash.
+  range.textContent = hi > lo
+    ? `${format(lo)} – ${format(hi)} over ${duration(Math.max(0, t1 - t0))}`
+    : `flat at ${format(lo)}`;
 }
 
 function renderMoney(s) {
-  $("balance").textContent = num(s.ledger.balance, 4);
-  $("stake").textContent = num(s.ledger.stake, 4);
+  $("balance").textContent = credits(s.ledger.balance);
+  $("stake").textContent = credits(s.ledger.stake);
   $("price").textContent = num(s.node.price, 4);
   $("receipt-count").textContent = s.receipts.count;
-  chart($("chart-balance"), s.history.t, s.history.balance);
-  chart($("chart-stake"), s.history.t, s.history.stake);
-  chart($("chart-price"), s.history.t, s.history.price);
+  const price = (x) => x.toFixed(4);
+  chart($("chart-balance"), $("range-balance"), s.history.t, s.history.balance, credits);
+  chart($("chart-stake"), $("range-stake"), s.history.t, s.history.stake, credits);
+  chart($("chart-price"), $("range-price"), s.history.t, s.history.price, price);
 }
 
 function facts(el, pairs) {
@@ -277,18 +310,18 @@ function renderWhy(w) {
   facts($("why-price"), [
     ["GPU class", w.gpu_class],
     ["this node asks", num(p.own, 4)],
-    ["serving peers of the class", p.peers ?? 0],
-    ["their prices", p.peers ? `${num(p.min, 4)} · median ${num(p.median, 4)} · ${num(p.max, 4)}` : "–"],
-    ["rank (1 = cheapest)", p.rank ? `${p.rank} of ${p.of}` : "–"],
-    ["no trial above", p.trial_ceiling === null ? "–" : `${num(p.trial_ceiling, 4)} (${p.trial_multiple}× the median of ${p.market_peers} sellers)`],
+    ["other serving peers of the class", p.peers ?? 0],
+    ["their prices", p.peers ? `lowest ${num(p.min, 4)}, median ${num(p.median, 4)}, highest ${num(p.max, 4)}` : "–"],
+    ["this node's rank", p.rank ? `${p.rank} of ${p.of} (1 = cheapest; this node included)` : "–"],
+    ["newcomers are not tried above", p.trial_ceiling === null ? "–" : `${num(p.trial_ceiling, 4)} (${p.trial_multiple}× the median ask of ${p.market_peers} sellers, when the requester sets no price limit)`],
   ]);
   const d = w.demand || {};
   const seen = w.seen_here || {};
   facts($("why-demand"), [
-    ["shards asked of this node", `${num(d.requests_per_min, 1)} / min (${d.requests_received ?? 0} in ${duration(d.observed_s || 0)})`],
-    ["shards this node's jobs sent to the class", `${num(d.sent_per_min, 1)} / min`],
+    ["shards asked of this node", `${num(d.requests_per_min, 1)} / min (${d.requests_received ?? 0} in the last ${duration(d.observed_s || 0)})`],
+    ["shards this node's own jobs sent to the class", `${num(d.sent_per_min, 1)} / min`],
     ["mean load the class reports", pct(d.class_mean_load)],
-    ["this node's own jobs", seen.jobs ? `${seen.jobs} job(s): class chosen ${seen.chosen}×, passed over ${seen.passed_over}×` : "none yet"],
+    ["jobs submitted here", seen.jobs ? `${seen.jobs}: a peer of this class was chosen ${seen.chosen} times and passed over ${seen.passed_over} times` : "none yet"],
   ]);
   const reasons = (w.reasons || []).map((r) => h("li", { "data-reason": r.reason }, h("strong", {}, r.reason), ` ${r.detail}`));
   fill($("why-reasons"), ...(reasons.length ? reasons : [h("li", {}, "nothing seen here holds it back")]));
@@ -311,38 +344,47 @@ function renderJob(j) {
     if (shard) cell.style.background = hue(shard.worker);
     cells.push(cell);
   }
-  const workers = Object.entries(j.workers || {}).map(([w, n]) => `${short(w)} ×${n}`).join(", ");
+  const legend = Object.entries(j.workers || {}).map(([w, n]) => {
+    const swatch = h("span", { class: "swatch" });
+    swatch.style.background = hue(w);
+    return h("span", { title: w }, swatch, `${short(w)} ×${n}`);
+  });
   return h("div", { class: "job", "data-job": j.id, "data-done": j.done, "data-total": total, "data-state": j.state },
     h("div", { class: "head" },
-      h("strong", {}, j.id), h("span", {}, `${j.kernel || ""} ${(j.shape || []).join("×")}`),
+      h("strong", {}, j.id), h("span", { class: "mono small", title: j.job_id || "" }, jobShort(j.job_id)),
+      h("span", {}, `${j.kernel || ""} ${(j.shape || []).join("×")}`),
       h("span", { class: `state-${j.state}` }, j.state),
       h("span", { class: "job-progress" }, `${j.done}/${total} shards`),
       h("span", {}, `${num(j.elapsed_s, 1)} s`),
       h("span", { class: "small" }, `verify ${j.verify || "auto"}: ${j.verified} passed, ${j.rejected} rejected, ${j.reissued} re-issued`)),
     bar, h("div", { class: "shards" }, ...cells),
-    h("div", { class: "small" }, workers ? `workers: ${workers}` : "no shard accepted yet"),
+    legend.length ? h("div", { class: "legend small" }, "workers:", ...legend) : h("div", { class: "small" }, "no shard accepted yet"),
     j.error ? h("div", { class: "state-failed" }, j.error) : null);
 }
 
 function renderMap(regions) {
   const map = $("map");
   const parts = [];
-  for (let lon = -150; lon <= 150; lon += 30) parts.push(svg("line", { x1: lon, y1: -90, x2: lon, y2: 90, class: "grid" }));
-  for (let lat = -60; lat <= 60; lat += 30) parts.push(svg("line", { x1: -180, y1: lat, x2: 180, y2: lat, class: "grid" }));
+  for (let lon = -150; lon <= 150; lon += 30) parts.push(svg("line", { x1: lon, y1: -62, x2: lon, y2: 80, class: "grid" }));
+  for (let lat = -60; lat <= 60; lat += 30) parts.push(svg("line", { x1: -180, y1: -lat, x2: 180, y2: -lat, class: "grid" }));
   for (const [code, [lat, lon, name]] of Object.entries(REGIONS)) {
     const r = regions[code];
     const peers = r ? r.peers : 0;
-    const circle = svg("circle", { cx: lon, cy: -lat, r: peers ? 2 + 2.5 * Math.sqrt(peers) : 1.2, class: r && r.self ? "self" : "" });
+    const circle = svg("circle", { cx: lon, cy: -lat, r: peers ? 2 + 2 * Math.sqrt(peers) : 1.2, class: r && r.self ? "self" : "" });
     const title = svg("title", {});
     title.textContent = r
-      ? `${name}: ${peers} peer(s), ${num(r.tflops, 1)} TFLOP/s, median price ${num(r.price_median, 3)}`
+      ? `${name}: ${peers} peer(s), ${speed(r.tflops)}, median price ${num(r.price_median, 4)}`
       : `${name}: no peers`;
     circle.append(title);
-    const label = svg("text", { x: lon + 4, y: -lat + 2 });
+    const [dx, dy] = LABEL_AT[code] || [4, 2];
+    const label = svg("text", { x: lon + dx, y: -lat + dy });
     label.textContent = peers ? `${code} ${peers}` : code;
     parts.push(circle, label);
   }
   map.replaceChildren(...parts);
+  const elsewhere = Object.entries(regions).filter(([code]) => !REGIONS[code]);
+  $("map-legend").textContent = "Circles: peers in view per region (the label gives the count); green: this node's region." +
+    (elsewhere.length ? ` Elsewhere (regions not on the map): ${elsewhere.map(([c, r]) => `${c} ${r.peers}`).join(", ")}.` : "");
 }
 
 function standing(p) {
@@ -360,17 +402,19 @@ function renderPeers(peers) {
     h("td", {}, p.region), h("td", {}, p.gpu_class),
     h("td", {}, p.connection === null ? "–" : p.connection),
     h("td", { class: "num", title: p.rtt_source || "" }, num(p.rtt_ms, 1)),
-    h("td", { class: "num" }, num(p.tflops_advertised, 3)), h("td", { class: "num" }, num(p.tflops_measured, 3)),
+    h("td", { class: "num" }, speed(p.tflops_advertised)), h("td", { class: "num" }, speed(p.tflops_measured)),
     h("td", { class: "num", title: `${p.accepted} passed, ${p.rejected} failed` }, pct(p.verified_share)),
     h("td", { class: "num" }, num(p.price, 4)),
     h("td", { class: "num" }, pct(p.load)), h("td", {}, standing(p))));
   fill($("peer-table").tBodies[0], ...rows);
 }
 
-function renderReceipts(r) {
+function renderReceipts(r, jobs) {
+  // The board's name of a job (job-N) where this node submitted it.
+  const names = new Map(jobs.list.filter((j) => j.job_id).map((j) => [j.job_id, j.id]));
   const rows = r.recent.map((x) => h("tr", {},
     h("td", {}, new Date(x.ended * 1000).toLocaleTimeString()),
-    h("td", {}, x.role), h("td", { class: "mono", title: x.job_id }, short(x.job_id)),
+    h("td", {}, x.role), h("td", { class: "mono", title: x.job_id }, names.get(x.job_id) || jobShort(x.job_id)),
     h("td", { class: "num" }, x.shard), h("td", { class: "mono", title: x.peer }, short(x.peer)),
     h("td", { class: "num" }, `${x.role === "earned" ? "+" : "−"}${credits(x.credits)}`),
     h("td", { class: "mono", title: x.entry || "" },
@@ -383,7 +427,7 @@ function renderReceipts(r) {
 
 function renderWarnings(warnings) {
   fill($("warning-list"), ...(warnings.length ? warnings.map((w) => h("li", { class: `warn-${w.level}` },
-    `${new Date(w.at * 1000).toLocaleTimeString()} ${w.level} ${w.logger}: ${w.message}`)) : [h("li", {}, "none")]));
+    `${new Date(w.at * 1000).toLocaleTimeString()} ${w.level} ${w.logger}: ${w.message}${w.count > 1 ? ` (×${w.count}, last at this time)` : ""}`)) : [h("li", {}, "none")]));
 }
 
 // -- start ---------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import html
 import json
 import logging
 import logging.handlers
@@ -1492,6 +1493,10 @@ def cmd_receipts(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+#: The page ``dashboard --open`` writes in the data directory (0600) and opens.
+DASHBOARD_OPENER = "dashboard-open.html"
+
+
 def cmd_dashboard(args: argparse.Namespace) -> int:
     """Print a link that opens the running node's web dashboard (and with --open, open it).
 
@@ -1522,7 +1527,20 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     if args.open:
         import webbrowser
 
-        if not webbrowser.open(url):
+        # Not the link itself: a browser's arguments are in /proc/PID/cmdline, which other
+        # local users can read. A 0600 page in the data directory redirects to it instead.
+        data_dir = _config_from(args).data_dir
+        opener = data_dir / DASHBOARD_OPENER
+        tmp = data_dir / f".{DASHBOARD_OPENER}.{os.getpid()}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(
+                '<!doctype html><meta charset="utf-8"><meta name="referrer" content="no-referrer">'
+                f'<meta http-equiv="refresh" content="0;url={html.escape(url, quote=True)}">'
+                "<title>MTOR dashboard</title>"
+            )
+        os.replace(tmp, opener)
+        if not webbrowser.open(opener.resolve().as_uri()):
             raise CliError(
                 "no browser found to open it: open the link above yourself", EXIT_FAILURE
             )

@@ -388,7 +388,10 @@ class ControlServer:
                 return
             now = trio.current_time()
             connection = _Connection(trio.CancelScope(deadline=now + self._head_timeout), now)
-            key = tuple(stream.socket.getpeername()[:2])
+            try:
+                key = tuple(stream.socket.getpeername()[:2])
+            except OSError:  # reset before we looked: the client went away
+                return
             self._connections[key] = connection
             self._reading[key] = connection
             stats.open += 1
@@ -572,23 +575,36 @@ class ControlServer:
         connection = self._connections.get(tuple(client[:2]) if client else ())
         if connection is not None:
             connection.scope.deadline = trio.current_time() + STREAM_LIFETIME
-        stats = self.stats
-        stats.streams += 1
-
-        async def chunks() -> AsyncIterator[bytes]:
-            try:
-                async for chunk in body.chunks():
-                    yield chunk
-            finally:
-                stats.streams -= 1
-
         # no-transform: no proxy may buffer the events.
         headers = {"Cache-Control": "no-store, no-transform", "X-Accel-Buffering": "no"}
-        return StreamingResponse(chunks(), media_type=body.content_type, headers=headers)
+        return _CountedStream(self.stats, body.chunks(), body.content_type, headers)
 
     async def _not_found(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         message = f"no route {scope['method']} {scope['path']}"
         await _error(404, message)(scope, receive, send)
+
+
+class _CountedStream(StreamingResponse):
+    """A stream that holds one of the ``MAX_STREAMS`` places from its creation until its
+    response ends, however it ends: counted around the whole response, not in its body's
+    generator, which never starts (so never releases) when the client hangs up at once."""
+
+    def __init__(
+        self,
+        stats: ControlStats,
+        chunks: AsyncIterator[bytes],
+        media_type: str,
+        headers: dict[str, str],
+    ) -> None:
+        super().__init__(chunks, media_type=media_type, headers=headers)
+        self._stats = stats
+        stats.streams += 1
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._stats.streams -= 1
 
 
 def _loopback_host(host: bytes | None) -> bool:

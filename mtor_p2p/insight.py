@@ -31,6 +31,7 @@ What the figures are, and are not:
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections import Counter
 from typing import TYPE_CHECKING, Any
@@ -64,8 +65,11 @@ RTT_SOURCE = "lowest recent small request round trip (an upper bound)"
 
 
 def _num(value: float | None) -> float | None:
-    """A figure rounded for display (6 significant places), None kept."""
-    return None if value is None else float(f"{value:.6g}")
+    """A figure rounded for display (6 significant places); None for None and for what is
+    not finite (a ratio over a peer's denormal price overflows: JSON has no infinity)."""
+    if value is None or not math.isfinite(value):
+        return None
+    return float(f"{value:.6g}")
 
 
 def _span(seconds: float) -> str:
@@ -117,7 +121,51 @@ def plan_history(scheduler: Scheduler) -> dict[str, Any]:
 # -- 1. the peers ----------------------------------------------------------------------------
 
 
-def peers_view(node: Node) -> list[dict[str, Any]]:
+#: Peers :func:`peers_view` describes at most (records cost their senders nothing: the view
+#: holds up to 100,000); :func:`peers_in_view` counts them all.
+MAX_PEERS_SHOWN = 200
+
+
+def _shown_first(node: Node, records: list[CapacityRecord]) -> list[CapacityRecord]:
+    """The records worth showing first: peers connected now, then those measured here, then
+    those of this node's GPU class, then the rest; by peer ID within each."""
+    connected = set(node.network.connected_peers())
+    book = node.peers
+    mine = gpu_class(node.devices)
+
+    def key(record: CapacityRecord) -> tuple[bool, bool, bool, str]:
+        peer = record.peer_id
+        return (
+            peer not in connected,
+            not book.get(peer).measured,
+            gpu_class(record.devices) != mine,
+            peer,
+        )
+
+    return sorted(records, key=key)
+
+
+def peers_in_view(node: Node) -> dict[str, Any]:
+    """Every live record but this node's, counted: ``total`` and ``by_region`` (``peers``,
+    ``tflops`` claimed, ``price_median``), cheap enough for 100,000 records."""
+    by_region: dict[str, dict[str, Any]] = {}
+    prices: dict[str, list[float]] = {}
+    total = 0
+    for record in node.capacity.view.live(node.clock.now()):
+        if record.peer_id == node.peer_id:
+            continue
+        total += 1
+        entry = by_region.setdefault(record.region, {"peers": 0, "tflops": 0.0})
+        entry["peers"] += 1
+        entry["tflops"] += record.tflops
+        prices.setdefault(record.region, []).append(record.price)
+    for region, entry in by_region.items():
+        entry["tflops"] = _num(entry["tflops"])
+        entry["price_median"] = _num(statistics.median(prices[region]))
+    return {"total": total, "by_region": by_region}
+
+
+def peers_view(node: Node, limit: int = MAX_PEERS_SHOWN) -> list[dict[str, Any]]:
     """Every peer with a live record in this node's capacity view (not this node), by peer
     ID, as this node sees it. Keys:
 
@@ -131,6 +179,10 @@ def peers_view(node: Node) -> list[dict[str, Any]]:
     ``demoted_for_s`` (the peer book's reason and time left; None, 0 if not demoted), and
     ``jobs_here``: what this node's last jobs did with it (``{"jobs", "chosen",
     "passed_over", "reasons", "last"}``, see :func:`plan_history`).
+
+    At most ``limit`` peers: those connected now, measured here or of this node's GPU class
+    first (a swarm of Sybil records must not make every status call and dashboard snapshot
+    megabytes long); :func:`peers_in_view` counts them all.
     """
     now = node.clock.now()
     kind_of = getattr(node.network, "connection_kind", None)
@@ -138,10 +190,9 @@ def peers_view(node: Node) -> list[dict[str, Any]]:
     history = plan_history(node.scheduler)
     book = node.peers
     out = []
-    for record in node.capacity.view.live(now):
+    others = [r for r in node.capacity.view.live(now) if r.peer_id != node.peer_id]
+    for record in _shown_first(node, others)[: max(0, limit)]:
         peer = record.peer_id
-        if peer == node.peer_id:
-            continue
         standing = book.get(peer)
         judged = standing.accepted + standing.rejected
         seconds = round_trip(peer) if callable(round_trip) else None
@@ -333,9 +384,12 @@ def _price_reasons(own: float, mine: str, price: dict[str, Any]) -> list[tuple[s
     ceiling, median, peers = price["trial_ceiling"], price["median"], price["peers"]
     if median is None:
         return []
+    multiple = price["multiple_of_median"]
+    # Free peers (a median of 0) or a ratio past what a float holds: no "Nx the median".
+    compared = f"{multiple:.3g}x the median" if multiple is not None else "above the median"
     headline = (
-        f"price {_text(own)} is {price['multiple_of_median']:.3g}x the median of {peers} "
-        f"peers with the same GPU ({mine})"
+        f"price {_text(own)} is {compared} ({_text(median)}) of {peers} peers with the same "
+        f"GPU ({mine})"
     )
     if ceiling is not None and own > ceiling:
         return [

@@ -46,7 +46,7 @@ from mtor_p2p.control import (
 from mtor_p2p.dashboard import Dashboard
 from mtor_p2p.datadir import DataDirLock
 from mtor_p2p.identity import Identity, load_or_create_identity
-from mtor_p2p.insight import earnings, peers_view, why_no_work
+from mtor_p2p.insight import earnings, peers_in_view, peers_view, why_no_work
 from mtor_p2p.ledger.entries import receipt_entry_id
 from mtor_p2p.ledger.genesis import GENESIS_FILE_NAME, Genesis, load_genesis, nano_to_credits
 from mtor_p2p.ledger.pricing import next_price
@@ -613,7 +613,13 @@ class Node:
     def insight(self) -> dict[str, Any]:
         """The network as this node sees it, and why work does or does not come
         (:mod:`mtor_p2p.insight`)."""
-        return {"why_no_work": why_no_work(self), "peers": peers_view(self)}
+        peers = peers_view(self)
+        return {
+            "why_no_work": why_no_work(self),
+            "peers": peers,
+            # peers_view shows the first MAX_PEERS_SHOWN (connected, measured, same GPU)
+            "peers_total": peers_in_view(self)["total"],
+        }
 
     async def _route_insight(self, query: dict[str, str], body: Any) -> tuple[int, Any]:
         return 200, self.insight()

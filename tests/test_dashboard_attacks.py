@@ -1,6 +1,5 @@
-"""Attacks on the node's web dashboard (issue 11, item 2), each a failing test of a weakness
-found in review, marked ``xfail(strict=True)`` until the product is fixed: real nodes on
-loopback (test_metrics' ``devnet_after_a_job``), the real control API over real HTTP.
+"""Attacks on the node's web dashboard (issue 11, item 2): each test reproduces a weakness
+found in review, and failed before its fix. Real nodes on loopback (test_metrics' ``devnet_after_a_job``), the real control API over real HTTP.
 
 Hostile capacity records reach the node through ``CapacityService.offer_raw``: the very call
 the gossip receive loop (``_receive_loop``, with the sender as ``expected_peer``) and the
@@ -83,13 +82,6 @@ async def events(url: str, session: str, wanted: int, timeout: float = 20) -> li
 # -- (a) a hostile remote peer --------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="insight._price_reasons formats multiple_of_median (None when the class's median "
-    "price is 0) with :.3g: TypeError in why_no_work; /v1/status and the dashboard answer "
-    "400, and once a viewer opens the event stream Dashboard.run raises out of the control "
-    "API's nursery and takes the whole node down",
-)
 async def test_free_peers_of_the_same_gpu_class_do_not_break_status_or_crash_the_node(
     tmp_path: Path,
 ) -> None:
@@ -111,14 +103,6 @@ async def test_free_peers_of_the_same_gpu_class_do_not_break_status_or_crash_the
         assert (await acall(url + "/v1/status", bearer=token))[0] == 200
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a price of 5e-324 passes the record validator (finite, >= 0): the class median "
-    "is denormal, own/median overflows to inf and why_no_work's multiple_of_median is "
-    "Infinity: the event stream's json.dumps(allow_nan=False) raises on every snapshot "
-    "(the page never updates, reconnecting each second) and /v1/dashboard/state answers "
-    "'Infinity', which the page's JSON.parse refuses",
-)
 async def test_a_tiny_price_keeps_every_snapshot_valid_json(tmp_path: Path) -> None:
     async with devnet_after_a_job(tmp_path) as (requester, _worker):
         url, token = control_url(requester)
@@ -131,14 +115,6 @@ async def test_a_tiny_price_keeps_every_snapshot_valid_json(tmp_path: Path) -> N
         assert snapshot["node"]["peer_id"] == requester.peer_id
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the snapshot lists every live record of the capacity view (up to 100,000, and "
-    "peer IDs are free): about 520 bytes a peer, built on the event loop each second and "
-    "json-encoded once per viewer; 3000 Sybil records make it 1.5 MB a second (100,000: "
-    "~50 MB and seconds of blocked event loop a tick), and the page rebuilds a 3000-row "
-    "table every second",
-)
 async def test_many_sybil_records_do_not_blow_up_the_snapshot(tmp_path: Path) -> None:
     async with devnet_after_a_job(tmp_path) as (requester, _worker):
         url, token = control_url(requester)
@@ -155,14 +131,6 @@ async def test_many_sybil_records_do_not_blow_up_the_snapshot(tmp_path: Path) ->
 # -- (d) viewers that hang up ---------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ControlServer._stream counts the stream (stats.streams += 1) before Starlette "
-    "runs the response, but uncounts it in the body generator's finally: a client that "
-    "hangs up before the first chunk (a reload, a closed tab) cancels StreamingResponse "
-    "before the generator starts, its finally never runs, and the slot leaks for good: "
-    "after MAX_STREAMS such hang-ups every event stream is refused 503 until restart",
-)
 async def test_viewers_that_hang_up_at_once_do_not_use_up_the_event_streams(
     tmp_path: Path,
 ) -> None:
@@ -194,13 +162,6 @@ async def test_viewers_that_hang_up_at_once_do_not_use_up_the_event_streams(
 # -- (c) another local user -----------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="'mtor-peer dashboard --open' hands the whole link, ticket included, to "
-    "webbrowser.open, which passes it as a command-line argument (xdg-open, the browser): "
-    "any local user reads /proc/PID/cmdline (ps), trades the ticket first and holds a "
-    "12-hour session; the operator's tab then says 'used, expired or wrong'",
-)
 async def test_open_does_not_show_the_ticket_to_other_local_users(tmp_path: Path) -> None:
     async with devnet_after_a_job(tmp_path) as (requester, _worker):
         url, _token = control_url(requester)
@@ -252,14 +213,6 @@ def _ticket_in_some_cmdline() -> str | None:
     return None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ControlServer._handle_connection calls stream.socket.getpeername() outside its "
-    "'client went away' handling: a connection reset before that raises OSError(ENOTCONN), "
-    "logged at ERROR with a traceback ('control API connection failed', as for a bug); any "
-    "local user, with no token, makes the node write hundreds a second (the log rotates its "
-    "history away) and puts an error line on the operator's dashboard",
-)
 async def test_connections_reset_at_once_are_not_logged_as_errors(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -179,11 +179,11 @@ async def test_insight_of_a_cluster_after_jobs(autojump_clock: trio.testing.Mock
     assert price["trial_ceiling"] == TRIAL_PRICE_MULTIPLE * 1.0
     reasons = {r["reason"]: r["detail"] for r in greedy_why["reasons"]}
     assert (
-        "price 10.0 is 10x the median of 5 peers with the same GPU (test card)"
+        "price 10.0 is 10x the median (1.0) of 5 peers with the same GPU (test card)"
         in (reasons["price"])
     )
     assert greedy_why["summary"] == (
-        "no work: price 10.0 is 10x the median of 5 peers with the same GPU (test card)"
+        "no work: price 10.0 is 10x the median (1.0) of 5 peers with the same GPU (test card)"
     )
     assert greedy_why["demand"]["requests_received"] == 0
     assert greedy_why["seen_here"]["jobs"] == 0  # greedy submitted nothing itself

@@ -189,6 +189,8 @@ class Dashboard:
         self._fresh = trio.Event()  # set (and replaced) at each new snapshot
         self._earnings: dict[str, Any] | None = None
         self._earnings_at = 0.0
+        #: Snapshots that could not be built (logged once a minute).
+        self.snapshot_errors = 0
         #: Snapshots built, and the seconds the last one took (status, benchmarks).
         self.snapshots_built = 0
         self.last_build_seconds = 0.0
@@ -273,7 +275,16 @@ class Dashboard:
                 nursery.start_soon(self._history_loop)
                 while True:
                     await self._watched.wait()
-                    await self.snapshot()
+                    try:
+                        await self.snapshot()
+                    except Exception:
+                        # A snapshot that cannot be built (a bug, or something a peer sent
+                        # that nobody foresaw) must cost the page an update, never the node.
+                        self.snapshot_errors += 1
+                        if self.snapshot_errors % 60 == 1:
+                            log.exception(
+                                "dashboard snapshot failed (%d so far)", self.snapshot_errors
+                            )
                     await trio.sleep(self.tick)
         finally:
             root.removeHandler(self.warnings)

@@ -7,12 +7,12 @@ ledger's nano-credits divided by 10^9) as the CLI shows them.
 
 from __future__ import annotations
 
-import statistics
+import math
 import time
 from typing import TYPE_CHECKING, Any
 
 from mtor_p2p import __version__
-from mtor_p2p.insight import peers_view, why_no_work
+from mtor_p2p.insight import peers_in_view, peers_view, why_no_work
 
 if TYPE_CHECKING:
     from mtor_p2p.dashboard import Dashboard
@@ -28,20 +28,37 @@ def snapshot(node: Node, slow: dict[str, Any], dashboard: Dashboard) -> dict[str
     """The page's snapshot of ``node`` (see the module docstring)."""
     now = node.clock.now()
     peers = peers_view(node)
-    return {
-        "sent_at": round(time.time() * 1000, 1),  # wall clock, for the page's latency figure
-        "tick": dashboard.tick,
-        "node": _node(node, now),
-        "devices": _devices(node, slow),
-        "peers": peers,
-        "regions": _regions(peers, node),
-        "jobs": _jobs(node),
-        "receipts": _receipts(node, slow),
-        "ledger": _ledger(slow["ledger"]),
-        "history": _history(dashboard),
-        "warnings": dashboard.warnings.records[-20:][::-1],
-        "why_no_work": why_no_work(node),
-    }
+    counted = peers_in_view(node)
+    return finite(
+        {
+            "sent_at": round(time.time() * 1000, 1),  # wall clock, for the page's latency figure
+            "tick": dashboard.tick,
+            "node": _node(node, now),
+            "devices": _devices(node, slow),
+            "peers": peers,
+            "peers_total": counted["total"],
+            "regions": _regions(counted["by_region"], node),
+            "jobs": _jobs(node),
+            "receipts": _receipts(node, slow),
+            "ledger": _ledger(slow["ledger"]),
+            "history": _history(dashboard),
+            "warnings": dashboard.warnings.records[-20:][::-1],
+            "why_no_work": why_no_work(node),
+        }
+    )
+
+
+def finite(value: Any) -> Any:
+    """``value`` with every float that is not finite replaced by None: JSON has no NaN or
+    infinity (the page's ``JSON.parse`` refuses them), and a figure computed from what a
+    peer claims must not blank the page."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite(v) for v in value]
+    return value
 
 
 def _node(node: Node, now: float) -> dict[str, Any]:
@@ -95,29 +112,16 @@ def _devices(node: Node, slow: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
-def _regions(peers: list[dict[str, Any]], node: Node) -> dict[str, dict[str, Any]]:
-    """Peers in view by region: how many, their TFLOP/s (measured where we have it, else
-    claimed) and their median price; this node counts in its own region."""
-    table: dict[str, dict[str, Any]] = {}
-    me = {
-        "region": node.config.region,
-        "tflops_advertised": node.tflops,
-        "tflops_measured": None,
-        "price": node.price,
-        "self": True,
-    }
-    for peer in [*peers, me]:
-        region = str(peer.get("region") or "?")
-        entry = table.setdefault(region, {"peers": 0, "tflops": 0.0, "prices": [], "self": False})
-        entry["peers"] += 1
-        speed = peer.get("tflops_measured")
-        entry["tflops"] += float(speed if speed is not None else peer.get("tflops_advertised") or 0)
-        entry["prices"].append(float(peer.get("price") or 0))
-        entry["self"] = entry["self"] or bool(peer.get("self"))
-    for entry in table.values():
-        prices = entry.pop("prices")
-        entry["price_median"] = statistics.median(prices) if prices else None
-        entry["tflops"] = round(entry["tflops"], 3)
+def _regions(by_region: dict[str, dict[str, Any]], node: Node) -> dict[str, dict[str, Any]]:
+    """Peers in view by region (every live record, counted by :func:`peers_in_view`: their
+    number, claimed TFLOP/s and median price), this node's region marked."""
+    table = {region: {**entry, "self": False} for region, entry in by_region.items()}
+    own = table.setdefault(
+        node.config.region, {"peers": 0, "tflops": 0.0, "price_median": node.price}
+    )
+    own["self"] = True
+    own["peers"] += 1
+    own["tflops"] = (own["tflops"] or 0.0) + node.tflops
     return table
 
 

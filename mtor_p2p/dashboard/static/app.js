@@ -225,6 +225,9 @@ function render(s) {
   renderJobs(s.jobs);
   renderMap(s.regions);
   renderPeers(s.peers);
+  $("peers-shown").textContent = s.peers_total > s.peers.length
+    ? `${s.peers.length} of ${s.peers_total} peers shown: those connected, measured here or with this node's GPU first (the map counts them all).`
+    : "";
   renderReceipts(s.receipts, s.jobs);
   renderWarnings(s.warnings);
   $("updated").textContent = new Date().toLocaleTimeString();

@@ -12,8 +12,8 @@ It starts a devnet of 3 peer processes (``mtor-peer devnet``) and a headless Chr
   drawn it, for every snapshot during a job of many shards; the node sends one per ``tick``
   (1 s), so a change reaches the page within a tick plus this. Baseline in the same run:
   the wall time of ``mtor-peer jobs --json``, the way to follow a job without the page.
-* **the node's cost**: peer 0's RSS and CPU seconds over ``--seconds`` while it runs the same
-  job, once with no page open and once with the page open.
+* **the node's cost**: peer 0's RSS and CPU share over ``--seconds`` while it runs the same
+  job, with no page open and with the page open, interleaved ``--rounds`` times.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -90,7 +91,18 @@ def _job_under_watch(data_dir: str, node: psutil.Process, seconds: float) -> dic
     }
 
 
-def run(loads: int, seconds: float) -> dict[str, Any]:
+def _snapshot_bytes(data_dir: Path) -> int:
+    """The size of the JSON snapshot the page gets each second, after the jobs."""
+    info = json.loads((data_dir / "control.json").read_text())
+    token = (data_dir / "control.token").read_text().strip()
+    request = urllib.request.Request(
+        info["url"] + "/v1/dashboard/state", headers={"Authorization": f"Bearer {token}"}
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return len(response.read())
+
+
+def run(loads: int, seconds: float, rounds: int) -> dict[str, Any]:
     """Start the devnet and the browser; measure (see the module docstring)."""
     sys.path.insert(0, str(ROOT))
     from tests.browser import chrome, skip_reason, wait_for
@@ -111,19 +123,26 @@ def run(loads: int, seconds: float) -> dict[str, Any]:
             time.sleep(3)
             status_ms = [_timed("status", "--json", "--data-dir", data_dir) for _ in range(loads)]
             jobs_ms = [_timed("jobs", "--json", "--data-dir", data_dir) for _ in range(loads)]
-            closed = _job_under_watch(data_dir, node, seconds)
-            first_paint = []
+            first_paint: list[float] = []
+            closed, open_page, latencies, errors = [], [], [], []
             with chrome() as browser:
-                for _ in range(loads):
+                # Interleaved (without, with, without, with): the node's memory grows with
+                # the receipts of every job, so one side run after the other would charge
+                # that growth to the page.
+                for _ in range(rounds):
                     browser.get("about:blank")
-                    browser.get(_link(data_dir))
-                    wait_for(browser, "return window.mtorDashboard.firstPaint !== null")
-                    first_paint.append(browser.execute_script(
-                        "return window.mtorDashboard.firstPaint"))  # fmt: skip
-                browser.execute_script("window.mtorDashboard.latencies.length = 0")
-                open_page = _job_under_watch(data_dir, node, seconds)
-                latencies = browser.execute_script("return window.mtorDashboard.latencies")
-                errors = browser.execute_script("return window.mtorDashboard.errors")
+                    closed.append(_job_under_watch(data_dir, node, seconds))
+                    for _ in range(loads):
+                        browser.get("about:blank")
+                        browser.get(_link(data_dir))
+                        wait_for(browser, "return window.mtorDashboard.firstPaint !== null")
+                        first_paint.append(browser.execute_script(
+                            "return window.mtorDashboard.firstPaint"))  # fmt: skip
+                    browser.execute_script("window.mtorDashboard.latencies.length = 0")
+                    open_page.append(_job_under_watch(data_dir, node, seconds))
+                    latencies += browser.execute_script("return window.mtorDashboard.latencies")
+                    errors += browser.execute_script("return window.mtorDashboard.errors")
+            snapshot_bytes = _snapshot_bytes(Path(data_dir))
         finally:
             devnet.send_signal(signal.SIGINT)
             devnet.wait(timeout=60)
@@ -150,6 +169,7 @@ def run(loads: int, seconds: float) -> dict[str, Any]:
         },
         "node_without_page": closed,
         "node_with_page": open_page,
+        "snapshot_bytes_after_jobs": snapshot_bytes,
         "page_errors": errors,
     }
 
@@ -159,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks dashboard", description=__doc__)
     parser.add_argument("--loads", type=int, default=5, help="fresh page loads to time")
     parser.add_argument("--seconds", type=float, default=30.0, help="job time per side")
+    parser.add_argument("--rounds", type=int, default=2, help="without/with rounds")
     parser.add_argument("--json", type=Path, default=None, help="also write the result here")
     args = parser.parse_args(argv)
     commit = subprocess.run(
@@ -166,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         capture_output=True, text=True, check=False,
     ).stdout.strip()  # fmt: skip
     out = {"benchmark": "dashboard", "commit": commit, "machine": machine()}
-    out |= run(args.loads, args.seconds)
+    out |= run(args.loads, args.seconds, args.rounds)
     text = json.dumps(out, indent=2)
     print(text)
     if args.json:

@@ -21,6 +21,8 @@ if TYPE_CHECKING:
 NANO = 1_000_000_000
 #: Jobs and receipt lines a snapshot carries.
 SNAPSHOT_JOBS = 10
+#: Jobs whose accepted shards a snapshot lists (running ones always).
+SNAPSHOT_JOBS_WITH_SHARDS = 2
 SNAPSHOT_RECEIPTS = 30
 
 
@@ -126,11 +128,14 @@ def _regions(by_region: dict[str, dict[str, Any]], node: Node) -> dict[str, dict
 
 
 def _jobs(node: Node) -> dict[str, Any]:
+    """The latest jobs; the shard by shard detail for the newest few only (a 1,024-shard job
+    is 80 KB of it, and the page draws the running jobs' grids)."""
     jobs = node.jobs.jobs(SNAPSHOT_JOBS)
-    return {
-        "running": sum(1 for j in jobs if j.state == "running"),
-        "list": [j.to_json(shards=True) for j in jobs],
-    }
+    listed = []
+    for index, job in enumerate(jobs):
+        body = job.to_json(shards=index < SNAPSHOT_JOBS_WITH_SHARDS or job.state == "running")
+        listed.append(body)
+    return {"running": sum(1 for j in jobs if j.state == "running"), "list": listed}
 
 
 def _receipts(node: Node, slow: dict[str, Any]) -> dict[str, Any]:

@@ -341,7 +341,8 @@ function renderJob(j) {
   bar.firstChild.style.width = `${total ? Math.round((j.done / total) * 100) : 0}%`;
   const accepted = new Map((j.shards || []).map((s) => [s.index, s]));
   const cells = [];
-  for (let i = 0; i < total; i += 1) {
+  // Older jobs come without their shards (null): their progress bar says it all.
+  for (let i = 0; j.shards && i < total; i += 1) {
     const shard = accepted.get(i);
     const cell = h("span", { class: "shard", title: shard ? `shard ${i}: ${short(shard.worker)}, ${shard.seconds} s, ${shard.attempts} attempt(s)` : `shard ${i}: waiting` });
     if (shard) cell.style.background = hue(shard.worker);

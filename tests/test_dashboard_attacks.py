@@ -1,5 +1,6 @@
 """Attacks on the node's web dashboard (issue 11, item 2): each test reproduces a weakness
-found in review, and failed before its fix. Real nodes on loopback (test_metrics' ``devnet_after_a_job``), the real control API over real HTTP.
+found in review, and failed before its fix. Real nodes on loopback (test_metrics'
+``devnet_after_a_job``), the real control API over real HTTP.
 
 Hostile capacity records reach the node through ``CapacityService.offer_raw``: the very call
 the gossip receive loop (``_receive_loop``, with the sender as ``expected_peer``) and the

@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 import os
 import selectors
+import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +57,20 @@ def read_json_line(process: subprocess.Popen[str], timeout: float = 90) -> dict[
             pytest.fail(f"process exited {process.returncode}: {process.stderr.read()[-2000:]}")
     process.kill()
     pytest.fail("no JSON line in time")
+
+
+@contextmanager
+def devnet(
+    root: Path, peers: int, *, launch: Callable[..., subprocess.Popen[str]] = start
+) -> Iterator[list[dict[str, Any]]]:
+    """``mtor-peer devnet --peers N --json`` in ``root/net``, started with ``launch``: its
+    peers as it prints them (data_dir, peer_id, pid, api, ...); stopped with Ctrl-C."""
+    process = launch("devnet", "--peers", str(peers), "--json", "--data-dir", str(root / "net"))
+    try:
+        yield read_json_line(process, timeout=120)["peers"]
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=30)
 
 
 def pid_alive(pid: int) -> bool:

@@ -10,7 +10,6 @@ a baseline, by ``python -m benchmarks dashboard`` (BENCHMARKS.md), not asserted 
 from __future__ import annotations
 
 import json
-import signal
 import statistics
 import time
 from collections.abc import Iterator
@@ -19,8 +18,9 @@ from typing import Any
 
 import pytest
 
+from tests import processes
 from tests.browser import chrome, skip_reason, wait_for
-from tests.processes import mtor, read_json_line, start
+from tests.processes import mtor, start
 
 pytestmark = [
     pytest.mark.slow,
@@ -31,13 +31,8 @@ pytestmark = [
 @pytest.fixture(scope="module")
 def devnet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[dict[str, Any]]]:
     """A devnet of 3 peers: peer 0 submits and is watched, 1 and 2 work."""
-    root = tmp_path_factory.mktemp("dashboard")
-    process = start("devnet", "--peers", "3", "--json", "--data-dir", str(root / "net"))
-    try:
-        yield read_json_line(process, timeout=120)["peers"]
-    finally:
-        process.send_signal(signal.SIGINT)
-        process.wait(timeout=30)
+    with processes.devnet(tmp_path_factory.mktemp("dashboard"), 3) as peers:
+        yield peers
 
 
 def dashboard_link(data_dir: str) -> str:

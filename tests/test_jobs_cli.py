@@ -32,7 +32,8 @@ from mtor_p2p.compute.jobs import (
 )
 from mtor_p2p.compute.scheduler import ShardAttempt
 from mtor_p2p.runtime import Runtime
-from tests.processes import mtor, read_json_line
+from tests import processes
+from tests.processes import mtor
 
 BODY = {"m": 8, "n": 4, "k": 2, "seed": 1}
 
@@ -209,13 +210,8 @@ def read_line(stream: Any, process: subprocess.Popen[str], want: Any, timeout: f
 @pytest.fixture(scope="module")
 def devnet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[dict[str, Any]]]:
     """A devnet of 2 peers: peer 0 submits, peer 1 works."""
-    root = tmp_path_factory.mktemp("jobs")
-    process = popen("devnet", "--peers", "2", "--json", "--data-dir", str(root / "net"))
-    try:
-        yield read_json_line(process, timeout=120)["peers"]
-    finally:
-        process.send_signal(signal.SIGINT)
-        process.wait(timeout=30)
+    with processes.devnet(tmp_path_factory.mktemp("jobs"), 2, launch=popen) as peers:
+        yield peers
 
 
 def jobs_json(data_dir: str) -> dict[str, Any]:

@@ -24,6 +24,24 @@ from tests.processes import mtor
 REPO = Path(__file__).resolve().parent.parent
 
 
+def submit_refused(
+    cwd: Path, kernel: str, flags: list[str], message: str
+) -> subprocess.CompletedProcess[str]:
+    """``mtor-peer submit KERNEL FLAGS`` run in ``cwd`` (relative paths are the caller's),
+    refused before any job is sent: exit 2 and one line holding ``message``."""
+    result = subprocess.run(
+        [sys.executable, "-m", "mtor_p2p", "submit", kernel, *flags, "--data-dir", "node"],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    return result
+
+
 @pytest.mark.parametrize(
     ("flags", "named"),
     [
@@ -67,16 +85,7 @@ def files(tmp_path: Path) -> Path:
     ],
 )
 def test_files_are_checked_before_the_job_is_sent(files, flags, message):
-    result = subprocess.run(
-        [sys.executable, "-m", "mtor_p2p", "submit", "matmul", *flags, "--data-dir", "node"],
-        cwd=files,  # relative paths are the caller's
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert result.returncode == 2, result.stderr
-    assert message in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    result = submit_refused(files, "matmul", flags, message)
     assert "pickle" not in result.stderr
 
 
@@ -128,16 +137,7 @@ ATTENTION = ["--q", "q.npy", "--k", "k.npy", "--v", "v.npy"]
 def test_mlp_and_attention_inputs_are_checked_before_the_job_is_sent(
     layer_files, kernel, flags, message
 ):
-    result = subprocess.run(
-        [sys.executable, "-m", "mtor_p2p", "submit", kernel, *flags, "--data-dir", "node"],
-        cwd=layer_files,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert result.returncode == 2, result.stderr
-    assert message in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    submit_refused(layer_files, kernel, flags, message)
 
 
 def test_submit_help_explains_each_kernel_its_inputs_dtype_and_verify():

@@ -55,6 +55,7 @@ from mtor_p2p.console import (
     EXIT_OK,
     EXIT_USAGE,
     GIB,
+    format_credits,
     format_duration,
     format_peers_table,
     format_rate,
@@ -1343,7 +1344,8 @@ def _follow_job(args: argparse.Namespace, client: ControlClient, job_id: str) ->
     )
     extra = result["receipts"] - result["shards"]
     copies = f" ({extra} for redundant copies)" if extra > 0 else ""
-    print(f"cost       {result['cost']:.6f} credits   receipts {result['receipts']}{copies}")
+    cost = format_credits(result["cost"])
+    print(f"cost       {cost} credits   receipts {result['receipts']}{copies}")
     if args.out:
         print(f"output     {args.out}")
     return EXIT_OK
@@ -1403,7 +1405,7 @@ def _job_detail(job: dict[str, Any]) -> str:
     if result:
         what += (
             f"; {result.get('seconds', 0):.2f} s, {format_rate(result.get('tflops', 0.0))}, "
-            f"cost {result.get('cost', 0.0):.6f} credits"
+            f"cost {format_credits(result.get('cost', 0.0))} credits"
         )
     if job.get("error"):
         what += f"; {job['error']}"

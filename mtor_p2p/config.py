@@ -282,7 +282,9 @@ def split_host_port(text: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
     host = host.removeprefix("[").removesuffix("]")
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ConfigError(f"metrics_listen must be HOST:PORT (as 127.0.0.1:9100), not {text!r}")
+        raise ConfigError(
+            f"--metrics-listen (metrics_listen) must be HOST:PORT, as 127.0.0.1:9100, not {text!r}"
+        )
     return host, int(port)
 
 

@@ -77,3 +77,14 @@ def format_rate(tflops: float) -> str:
             break
     digits = 0 if abs(value) >= 99.95 else 1 if abs(value) >= 9.995 else 2
     return f"{value:.{digits}f} {unit}FLOP/s"
+
+
+def format_credits(amount: float) -> str:
+    """Credits as the dashboard shows them: 4 decimals from 1 up, 6 below, and 3 significant
+    figures under a thousandth (a devnet shard costs ~1e-7, which ``.6f`` showed as 0)."""
+    size = abs(amount)
+    if size == 0 or size >= 1:
+        return f"{amount:.4f}"
+    if size >= 0.001:
+        return f"{amount:.6f}"
+    return f"{amount:.3g}"

@@ -66,7 +66,7 @@ def one_line(result: subprocess.CompletedProcess[str]) -> str:
             2,
             "--metrics-listen 203.0.113.5:9100: this host has no address 203.0.113.5",
         ),
-        (["run", "--metrics-listen", "9100", *QUIET], 2, "metrics_listen must be HOST:PORT"),
+        (["run", "--metrics-listen", "9100", *QUIET], 2, "--metrics-listen (metrics_listen) must"),
         (["run", "--announce", "bogus", *QUIET], 2, "announce address 'bogus' is not"),
         (["run", "--announce", "/ip4/0.0.0.0/tcp/4001", *QUIET], 2, "names no reachable"),
         (["run", "--announce", "/ip4/1.2.3.4/tcp/0", *QUIET], 2, "names no reachable"),

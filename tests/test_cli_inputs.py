@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from mtor_p2p.compute.reputation import PeerBook
-from mtor_p2p.console import format_duration, format_rate
+from mtor_p2p.console import format_credits, format_duration, format_rate
 from tests.processes import mtor
 
 REPO = Path(__file__).resolve().parent.parent
@@ -194,6 +194,14 @@ def test_reputation_reads_the_peer_book_of_a_stopped_node(tmp_path):
 def test_reputation_help_explains_reliability():
     text = " ".join(mtor("reputation", "--help").stdout.split())
     assert "(OK + 1) / (attempts + 2)" in text and "Laplace" in text
+
+
+def test_credits_read_the_same_in_the_cli_as_on_the_dashboard():
+    # A devnet shard costs ~1e-7 credits: ".6f" printed "cost 0.000000 credits".
+    assert format_credits(8.6e-08) == "8.6e-08"
+    assert format_credits(0.000153) == "0.000153"
+    assert format_credits(1.5) == "1.5000"
+    assert format_credits(0) == "0.0000"
 
 
 def test_rates_and_durations_read_as_people_say_them():

@@ -14,7 +14,7 @@ import trio
 
 from mtor_kernels import get_kernel
 from mtor_p2p.compute import client
-from mtor_p2p.compute.protocol import PROTOCOL_RUN, PROTOCOL_UPLOAD
+from mtor_p2p.compute.protocol import CHUNK_BYTES, PROTOCOL_RUN, PROTOCOL_UPLOAD
 from mtor_p2p.compute.scheduler import JobFailed
 from mtor_p2p.config import NodeConfig
 from mtor_p2p.network import RemoteError
@@ -160,6 +160,32 @@ async def test_cheating_worker_is_caught_every_time_and_its_shards_recomputed(tm
         corrupted = cheater.worker.stats.corrupted_on_purpose
         assert corrupted >= 1
         assert caught == corrupted  # every wrong result was caught, none slipped through
+
+
+async def test_large_outputs_land_in_place_and_a_rejected_download_is_overwritten(tmp_path):
+    """Shard outputs above one chunk are downloaded straight into their rows of the job's
+    output. A cheater's wrong rows land there first; they are rejected and the shard's next
+    attempt overwrites them whole, so the result is the product, every wrong answer caught."""
+    async with devnet(tmp_path, **{"1": {"fault_rate": 1.0}}) as nodes:
+        requester, cheater = nodes[0][0], nodes[1][0]
+        rows = 2 * (CHUNK_BYTES // (1024 * 4) + 64)  # two shards of more than 4 MiB each
+        operands = {
+            "a": RNG.standard_normal((rows, 64)).astype("float32"),
+            "b": RNG.standard_normal((64, 1024)).astype("float32"),
+        }
+        caught = 0
+        for _ in range(8):  # until the cheater has been given a shard (it may be given none)
+            result = await requester.submit("matmul", operands, verify="freivalds", shards=2)
+            np.testing.assert_allclose(
+                result.output, operands["a"] @ operands["b"], rtol=1e-4, atol=1e-3
+            )
+            caught += result.rejected
+            for proof in result.fault_proofs:
+                assert verify_fault_proof(proof).worker == cheater.peer_id
+            if cheater.worker.stats.corrupted_on_purpose:
+                break
+        assert cheater.worker.stats.corrupted_on_purpose >= 1
+        assert caught == cheater.worker.stats.corrupted_on_purpose
 
 
 async def test_sampled_verification_catches_a_cheating_mlp_worker(tmp_path):

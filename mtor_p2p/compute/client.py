@@ -235,12 +235,28 @@ def missing_in(exc: BaseException) -> list[str]:
     return [d for d in text[len(MISSING_OPERANDS) :].split(",") if d]
 
 
-async def download(network: Network, worker: str, meta: ArrayMeta, *, timeout: float) -> np.ndarray:
+async def download(
+    network: Network,
+    worker: str,
+    meta: ArrayMeta,
+    *,
+    timeout: float,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
     """Fetch an array by hash in chunks, :data:`DOWNLOAD_CHUNKS_IN_FLIGHT` at a time (on a
     lane they share one connection; each lands in place in the result); every chunk must be
-    exactly what was asked for, and the whole must match ``meta`` (size and hash)."""
-    out = bytearray(meta.nbytes)
-    view = memoryview(out)
+    exactly what was asked for, and the whole must match ``meta`` (size and hash).
+
+    ``out``: a C-contiguous array of ``meta``'s size to fetch into (the caller's place for
+    it, such as a job's output rows), returned as a view; else a new buffer is allocated.
+    Until the hash matches, its contents are the worker's claim only."""
+    if out is None:
+        target: bytearray | memoryview = bytearray(meta.nbytes)
+    else:
+        if not out.flags.c_contiguous or out.nbytes != meta.nbytes:
+            raise ValueError("out must be C-contiguous and of the downloaded array's size")
+        target = memoryview(out).cast("B")
+    view = memoryview(target)
     failure: list[BaseException] = []
     limiter = trio.CapacityLimiter(DOWNLOAD_CHUNKS_IN_FLIGHT)
 
@@ -279,7 +295,7 @@ async def download(network: Network, worker: str, meta: ArrayMeta, *, timeout: f
     if failure:
         raise failure[0]
     with peer_fault_boundary(worker, "downloaded output"):
-        return array_from_bytes(meta, out)
+        return array_from_bytes(meta, target)
 
 
 #: How far apart two peers' clocks may be before a receipt's times look wrong (seconds).
@@ -322,6 +338,7 @@ async def run_shard(
     terms: ShardTerms | None = None,
     metas: dict[str, ArrayMeta] | None = None,
     wait_operands: bool = False,
+    out: np.ndarray | None = None,
 ) -> ShardAnswer:
     """Run one shard on ``worker`` (operands must already be there) and fetch its output.
 
@@ -330,6 +347,8 @@ async def run_shard(
     ``metas``: the operands' descriptions, if the caller already hashed them.
     ``wait_operands``: the operands' uploads are under way beside this request; the worker
     waits for them (see ``WorkerService._await_operands``) instead of refusing at once.
+    ``out``: where to download an output too large for the answer (see :func:`download`);
+    an output that came in the answer is returned as a view of the answer instead.
     """
     # What an honest answer looks like is known before asking: the output's shape and dtype
     # follow from the kernel and the operands. A declared output of any other size is refused
@@ -376,7 +395,7 @@ async def run_shard(
             terms.check(receipt)
         output = array_from_bytes(meta, body) if body else None
     if output is None:
-        output = await download(network, worker, meta, timeout=transfer_timeout)
+        output = await download(network, worker, meta, timeout=transfer_timeout, out=out)
     return ShardAnswer(output, receipt)
 
 

@@ -58,7 +58,10 @@ def test_without_a_valid_ticket_the_page_shows_a_login_error_and_no_data(devnet)
                 " && m"
             )  # fmt: skip
             assert expected in message, message
-            assert browser.execute_script("return document.getElementById('main').hidden")
+            # Not shown, not merely marked hidden (a CSS display rule once beat the attribute
+            # and left the empty dashboard, or a stale one, under the error).
+            shown = "return getComputedStyle(document.getElementById('main')).display"
+            assert browser.execute_script(shown) == "none"
             assert peer["peer_id"] not in browser.page_source
             assert browser.execute_script("return window.mtorDashboard.snapshots") == 0
         # A link works once: the second browser to use it is refused.

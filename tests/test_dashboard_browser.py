@@ -69,6 +69,16 @@ def test_without_a_valid_ticket_the_page_shows_a_login_error_and_no_data(devnet)
         browser.get(link)
         wait_for(browser, "return window.mtorDashboard.snapshots > 0")
         assert "ticket" not in browser.current_url  # the ticket left the address bar
+        # The same, used link pasted again into this tab: it keeps its session (and says so).
+        before = browser.execute_script("return window.mtorDashboard.snapshots")
+        browser.get(link)
+        notice = wait_for(
+            browser,
+            "const n = document.getElementById('notice'); return !n.hidden && n.textContent",
+        )
+        assert "Still showing this tab's session" in notice
+        assert browser.execute_script(shown) != "none"
+        wait_for(browser, f"return window.mtorDashboard.snapshots > {before}")
     with chrome() as other:
         other.get(link)
         message = wait_for(other, "return document.getElementById('login-message').textContent")

@@ -339,7 +339,10 @@ function renderJob(j) {
   const total = j.total || 0;
   const bar = h("div", { class: "bar" }, h("span"));
   bar.firstChild.style.width = `${total ? Math.round((j.done / total) * 100) : 0}%`;
-  const accepted = new Map((j.shards || []).map((s) => [s.index, s]));
+  // Shards come as [index, worker number, seconds, attempts], the workers listed once.
+  const ids = j.shard_workers || [];
+  const accepted = new Map((j.shards || []).map(([index, w, seconds, attempts]) =>
+    [index, { worker: ids[w], seconds, attempts }]));
   const cells = [];
   // Older jobs come without their shards (null): their progress bar says it all.
   for (let i = 0; j.shards && i < total; i += 1) {

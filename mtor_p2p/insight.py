@@ -45,6 +45,7 @@ from mtor_p2p.compute.scheduler import (
     trial_places,
     trial_price_ceiling,
 )
+from mtor_p2p.console import format_duration
 from mtor_p2p.ledger.entries import receipt_entry_id
 
 if TYPE_CHECKING:
@@ -70,14 +71,6 @@ def _num(value: float | None) -> float | None:
     if value is None or not math.isfinite(value):
         return None
     return float(f"{value:.6g}")
-
-
-def _span(seconds: float) -> str:
-    """A stretch of time as an operator reads it: "45 s", "10 min"."""
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    minutes = round(seconds / 60)
-    return f"{minutes} min" if minutes < 90 else f"{minutes // 60} h {minutes % 60} min"
 
 
 def _size(nbytes: int) -> str:
@@ -317,7 +310,7 @@ def why_no_work(node: Node) -> dict[str, Any]:
                 )
             )
     if node.serve and demand["requests_received"] == 0:
-        span = _span(demand["observed_s"])
+        span = format_duration(demand["observed_s"])
         reasons.append(
             (
                 "demand",
@@ -334,7 +327,7 @@ def why_no_work(node: Node) -> dict[str, Any]:
     if demand["requests_received"] and node.serve:
         summary = (
             f"working: {demand['requests_received']} shard requests in the last "
-            f"{_span(demand['observed_s'])}"
+            f"{format_duration(demand['observed_s'])}"
         )
         held = [c for c, _, _ in reasons if c != "newcomer"]
         if held:

@@ -182,7 +182,9 @@ class Dashboard:
         self.warnings = WarningLog()
         #: (wall-clock seconds, balance, stake, price) samples, oldest first.
         self.history: deque[tuple[float, float, float, float]] = deque(maxlen=history_points)
-        self._snapshot: dict[str, Any] | None = None
+        #: The latest snapshot's sequence number and its server-sent event, encoded once
+        #: for every viewer.
+        self._event: tuple[int, bytes] | None = None
         self._seq = 0
         self._watchers = 0
         self._watched = trio.Event()  # set when the first viewer arrives
@@ -247,13 +249,12 @@ class Dashboard:
             yield b"retry: 1000\n\n"
             seen = -1
             while True:
-                snapshot = self._snapshot
-                if snapshot is None or snapshot["seq"] == seen:
+                event = self._event
+                if event is None or event[0] == seen:
                     await self._fresh.wait()
                     continue
-                seen = snapshot["seq"]
-                data = json.dumps(snapshot, separators=(",", ":"), allow_nan=False, default=str)
-                yield b"event: snapshot\ndata: " + data.encode() + b"\n\n"
+                seen = event[0]
+                yield event[1]
         finally:
             self._watchers -= 1
             if self._watchers == 0:
@@ -325,7 +326,8 @@ class Dashboard:
         self._seq += 1
         snapshot = build(node, slow, self)
         snapshot["seq"] = self._seq
-        self._snapshot = snapshot
+        data = json.dumps(snapshot, separators=(",", ":"), allow_nan=False, default=str)
+        self._event = (self._seq, b"event: snapshot\ndata: " + data.encode() + b"\n\n")
         self.snapshots_built += 1
         self.last_build_seconds = trio.current_time() - started
         fresh, self._fresh = self._fresh, trio.Event()

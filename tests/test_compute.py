@@ -79,6 +79,27 @@ async def devnet(
         nursery.cancel_scope.cancel()
 
 
+def keep_in_play(requester: Node, cheater: Node) -> None:
+    """Pardon ``cheater`` at ``requester`` unless it was demoted for a proven wrong result.
+
+    The cheating tests are about catching wrong results, but all four nodes share this one
+    event loop: on a loaded machine the cheater's first shards can lag behind its twins by
+    over half a second, and two straggler cut-offs in a row demote a new worker for a minute
+    (the scheduler's rule, tested on virtual time), so later jobs would never reach it."""
+    standing = requester.scheduler.book.get(cheater.peer_id)
+    if standing.rejected == 0 and standing.demoted_until > 0:
+        requester.scheduler.book.forget(cheater.peer_id)
+
+
+def plans_of(requester: Node) -> str:
+    """The requester's last plans, for an assertion message."""
+    return "\n".join(
+        f"chosen {[c[-6:] for c in n.chosen]}; passed over "
+        f"{ {k[-6:]: v for k, v in n.passed_over.items()} }"
+        for n in requester.scheduler.plans
+    )
+
+
 def random_operands(kernel: str, dtype: str = "float32") -> dict[str, np.ndarray]:
     if kernel == "matmul":
         return {
@@ -147,6 +168,7 @@ async def test_cheating_worker_is_caught_every_time_and_its_shards_recomputed(tm
         for round_ in range(16):
             if round_ >= 4 and cheater.worker.stats.corrupted_on_purpose:
                 break
+            keep_in_play(requester, cheater)
             operands = random_operands("matmul")
             result = await requester.submit("matmul", operands, verify="freivalds", shards=8)
             np.testing.assert_allclose(
@@ -158,7 +180,7 @@ async def test_cheating_worker_is_caught_every_time_and_its_shards_recomputed(tm
                 assert checked.worker == cheater.peer_id
                 assert checked.reporter == requester.peer_id
         corrupted = cheater.worker.stats.corrupted_on_purpose
-        assert corrupted >= 1
+        assert corrupted >= 1, f"{cheater.worker.stats}\n{plans_of(requester)}"
         assert caught == corrupted  # every wrong result was caught, none slipped through
 
 
@@ -175,6 +197,7 @@ async def test_large_outputs_land_in_place_and_a_rejected_download_is_overwritte
         }
         caught = 0
         for _ in range(8):  # until the cheater has been given a shard (it may be given none)
+            keep_in_play(requester, cheater)
             result = await requester.submit("matmul", operands, verify="freivalds", shards=2)
             np.testing.assert_allclose(
                 result.output, operands["a"] @ operands["b"], rtol=1e-4, atol=1e-3
@@ -184,7 +207,7 @@ async def test_large_outputs_land_in_place_and_a_rejected_download_is_overwritte
                 assert verify_fault_proof(proof).worker == cheater.peer_id
             if cheater.worker.stats.corrupted_on_purpose:
                 break
-        assert cheater.worker.stats.corrupted_on_purpose >= 1
+        assert cheater.worker.stats.corrupted_on_purpose >= 1, plans_of(requester)
         assert caught == cheater.worker.stats.corrupted_on_purpose
 
 
@@ -193,6 +216,7 @@ async def test_sampled_verification_catches_a_cheating_mlp_worker(tmp_path):
         requester, cheater = nodes[0][0], nodes[1][0]
         rejected = 0
         for _ in range(6):  # until the cheater has served a shard (see the test below)
+            keep_in_play(requester, cheater)
             operands = random_operands("mlp")
             # Corruption touches one element; sample every row so the check cannot miss it.
             result = await requester.submit(
@@ -205,23 +229,24 @@ async def test_sampled_verification_catches_a_cheating_mlp_worker(tmp_path):
             rejected += result.rejected
             if rejected:
                 break
-        assert rejected == cheater.worker.stats.corrupted_on_purpose >= 1
+        assert rejected == cheater.worker.stats.corrupted_on_purpose >= 1, plans_of(requester)
 
 
 async def test_altered_fault_proof_does_not_verify(tmp_path):
     async with devnet(tmp_path, **{"1": {"fault_rate": 1.0}}) as nodes:
-        requester = nodes[0][0]
+        requester, cheater = nodes[0][0], nodes[1][0]
         # The scheduler may hand every shard of one job to the honest workers (they are free
         # sooner), so run jobs until the cheater has served one; each of its answers is wrong.
         proofs: list[bytes] = []
         for _ in range(6):
+            keep_in_play(requester, cheater)
             result = await requester.submit(
                 "matmul", random_operands("matmul"), verify="freivalds", shards=8
             )
             proofs += result.fault_proofs
             if proofs:
                 break
-        assert proofs, "the cheating worker never served a shard in 6 jobs"
+        assert proofs, f"the cheating worker never served a shard in 6 jobs\n{plans_of(requester)}"
         proof = proofs[0]
         verify_fault_proof(proof)
         tampered = bytearray(proof)

@@ -13,7 +13,7 @@ from mtor_p2p.identity import load_or_create_identity
 from mtor_p2p.ledger.genesis import NANO, Genesis, LedgerParams
 from mtor_p2p.ledger.merkle import InclusionProof, merkle_root, verify_inclusion
 from mtor_p2p.ledger.pricing import PriceRule
-from tests.test_compute import devnet
+from tests.test_compute import devnet, keep_in_play
 
 RNG = np.random.default_rng(11)
 
@@ -65,6 +65,7 @@ async def test_a_proven_cheater_is_slashed_on_every_peer_and_checkpoints_prove_r
         await trio.sleep(2.1)
         proofs = []
         for _ in range(6):  # until the cheater has served (and been caught on) a shard
+            keep_in_play(requester, cheater)
             operands = {
                 "a": RNG.standard_normal((64, 32)).astype("float32"),
                 "b": RNG.standard_normal((32, 16)).astype("float32"),

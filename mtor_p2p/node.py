@@ -178,6 +178,7 @@ class Node:
             runtime=self.runtime,
             fault_rate=config.fault_rate,
             credit=self.ledger_service.available_credit,
+            credit_now=self.ledger_service.available_credit_now,
             on_receipt=self._worker_receipt,
             spool_dir=upload_spool,
         )

@@ -505,3 +505,34 @@ def test_stake_bought_with_debt_carries_no_checkpoint_weight(tmp_path):
     assert sum(state.stakes.values()) == 300 * NANO  # stake entries took effect ...
     assert state.total_weight() == 100 * NANO  # ... but only the genesis supply has weight
     assert state.weight(C.peer_id) == 100 * NANO and state.weight(A.peer_id) == 0
+
+
+def test_spendable_if_ready_reads_at_once_or_says_it_cannot(tmp_path):
+    """The worker's credit check reads the ledger on its event loop when it can: the same
+    figure as ``state().spendable``, or None (never a wait) while a write holds the ledger
+    or the state must be refolded."""
+    import threading
+
+    ledger = open_ledger(tmp_path, genesis())
+    ledger.ingest([receipt(A, C, price=2.0, flops=3 * 10**12)])
+    assert ledger.spendable_if_ready(A.peer_id) in (None, ledger.state().spendable(A.peer_id))
+    ledger.state()  # the snapshot is made: now it must be read at once
+    assert ledger.spendable_if_ready(A.peer_id) == ledger.state().spendable(A.peer_id)
+    held, release = threading.Event(), threading.Event()
+
+    def writer() -> None:  # a write in progress on another thread
+        with ledger._lock:
+            held.set()
+            release.wait(10)
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        assert held.wait(10)
+        assert ledger.spendable_if_ready(A.peer_id) is None
+    finally:
+        release.set()
+        thread.join()
+    reopened = open_ledger(tmp_path, genesis())  # nothing folded yet: a refold is a thread's job
+    assert reopened.spendable_if_ready(A.peer_id) is None
+    assert reopened.state().spendable(A.peer_id) == ledger.state().spendable(A.peer_id)

@@ -272,6 +272,7 @@ class WorkerService:
         fault_rate: float = 0.0,
         slots: int = 1,
         credit: Callable[[str], int] | None = None,
+        credit_now: Callable[[str], int | None] | None = None,
         on_receipt: Callable[[Receipt], Awaitable[None]] | None = None,
         unpaid_shards: int = MAX_UNPAID_SHARDS,
         unpaid_nano: int = MAX_UNPAID_NANO,
@@ -309,6 +310,10 @@ class WorkerService:
         # counts against that too. None: no credit check (no ledger); unpaid work is bounded
         # either way.
         self._credit = credit
+        # The same figure read without waiting, or None when only a thread can read it (a
+        # write holds the ledger): most runs then skip the thread hop (0.6-2.5 ms measured
+        # on a 512³ shard's critical path, mostly the GIL behind the event loop).
+        self._credit_now = credit_now
         #: sender -> its runs waiting for operands now (see _may_wait).
         self._waiting_runs: dict[str, int] = {}
         self._on_receipt = on_receipt
@@ -614,7 +619,9 @@ class WorkerService:
             # A ledger read may wait for a write in progress: never on the event loop. Read
             # after any wait for operands, so that shards countersigned meanwhile are not
             # counted twice (once in the balance, once more as owed).
-            available = await self._runtime.run_blocking(self._credit, sender)
+            available = self._credit_now(sender) if self._credit_now is not None else None
+            if available is None:
+                available = await self._runtime.run_blocking(self._credit, sender)
         # Each run is owed on its own, keyed like its receipt will be (job, shard, start):
         # a requester re-running one (job_id, shard), which it chooses, must not have all
         # its runs counted (and cleared by one countersign) as one.
@@ -868,12 +875,16 @@ class WorkerService:
         # once the commit holding this one is on disk.
         stored = await self.receipts.add_async(receipt, self._runtime.run_blocking)
         reservation = (receipt.body.job_id, receipt.body.shard, receipt.body.started)
-        self._release(sender, reservation)
-        unpaid = self._unpaid.get(sender)
-        if unpaid is not None:
-            unpaid.pop(reservation, None)  # paid late: no longer held against the requester
-            if not unpaid:
-                del self._unpaid[sender]
-        if self._on_receipt is not None:
-            await self._on_receipt(receipt)
+        try:
+            if self._on_receipt is not None:
+                await self._on_receipt(receipt)
+        finally:
+            # Released once the ledger holds the payment, not before: a credit check in
+            # between would otherwise count the shard neither as owed nor as spent.
+            self._release(sender, reservation)
+            unpaid = self._unpaid.get(sender)
+            if unpaid is not None:
+                unpaid.pop(reservation, None)  # paid late: no longer held against it
+                if not unpaid:
+                    del self._unpaid[sender]
         return pack({"stored": stored})

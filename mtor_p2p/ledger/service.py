@@ -219,6 +219,11 @@ class LedgerService:
         worker thread: a ledger read may wait for a write)."""
         return self.ledger.state().spendable(peer)
 
+    def available_credit_now(self, peer: str) -> int | None:
+        """:meth:`available_credit` without waiting (safe on the event loop), or None when
+        that would mean waiting for a write or refolding the ledger."""
+        return self.ledger.spendable_if_ready(peer)
+
     # -- gossip ----------------------------------------------------------------------------
 
     def _within_budget(self, sender: str) -> bool:

@@ -472,6 +472,23 @@ class Ledger:
                 self._finished = walk.finished() if walk.pending else walk.copy()
             return self._finished
 
+    def spendable_if_ready(self, peer: str) -> int | None:
+        """``state().spendable(peer)`` if it can be read at once, else None: never waits for
+        a write in progress and never refolds, so an event loop may call it (and read the
+        ledger from a thread only when it returns None)."""
+        if not self._lock.acquire(blocking=False):
+            return None
+        try:
+            state = self._finished
+            if state is None:
+                walk = self._state
+                if walk is None or walk.pending:
+                    return None  # a refold, or late entries to apply: work for a thread
+                state = walk  # current and complete: read in place, under the lock
+            return state.spendable(peer)
+        finally:
+            self._lock.release()
+
     def _refold(self) -> LedgerState:
         if self._base is None:
             self._base = self._fold_from(LedgerState(self.genesis), until=self._horizon or -1.0)

@@ -560,6 +560,11 @@ async def test_a_job_with_one_hostile_worker_completes_on_the_honest_one(
             "a": RNG.standard_normal((256, 250)).astype("float32"),
             "b": RNG.standard_normal((250, 250)).astype("float32"),
         }
+        if attack == "has-garbage":
+            # Operands a requester never uploaded to a worker are sent without asking: make
+            # it believe both workers hold B, so that it asks them.
+            for worker in (hostile, honest):
+                requester.scheduler.note_uploaded(worker.peer_id, [meta_of(ops["b"])])
         result = await requester.submit("matmul", ops, shards=4)
         assert calls >= 1, "the hostile worker was never tried"
         assert result.output.dtype == np.float32

@@ -401,6 +401,7 @@ async def test_workers_refuse_a_requester_beyond_its_credit_limit(tmp_path):
                 await requester.submit("matmul", operands, verify="freivalds", shards=2)
         refusals = sum(n.worker.stats.credit_refusals for n, _ in nodes[1:])
         assert refusals >= 1
+        await requester.scheduler.settled()  # receipts enter the ledger after the result
         spent = -requester.ledger.account(requester.peer_id)["balance"]
         # The ledger never lets the debt pass the limit (receipts beyond it move nothing).
         assert 0 < spent <= genesis.params.credit_limit

@@ -376,6 +376,9 @@ async def test_challenges_measure_newcomers_and_catch_a_cheater_before_real_work
                 await trio.sleep(1.0)
         assert newcomer.worker.stats.shards_run == 1
         assert requester.peers.get(cheater.peer_id).rejected == 1
+        with trio.fail_after(10):  # its countersigned receipt follows, batched (courier)
+            while not newcomer.receipts.receipts():
+                await trio.sleep(0.05)
         stored = newcomer.receipts.receipts()
         assert len(stored) == 1 and len(stored[0].body.job_id) == 64
         attestations = [decode_attestation(a) for a in requester.challenger.attestations]

@@ -198,6 +198,23 @@ def test_float32_check_tolerance_is_a_few_times_the_float64_one() -> None:
 # -- BLAS threads -------------------------------------------------------------------------------
 
 
+def test_a_check_runs_on_the_event_loop_only_while_blas_runs_one_thread() -> None:
+    """OpenBLAS serialises its multi-threaded calls within a process: a small check on the
+    event loop could wait out another thread's large product. ``single_threaded`` says when
+    the loop may run one (the scheduler's ``cheap`` path), read from OpenBLAS itself."""
+    from mtor_p2p.compute import blas
+
+    if not blas._loaded_libraries("openblas"):
+        pytest.skip("NumPy here does not use OpenBLAS")
+    try:
+        assert blas._set_openblas_threads(2)
+        assert not blas.single_threaded()
+        assert blas._set_openblas_threads(1)
+        assert blas.single_threaded()
+    finally:
+        blas._set_openblas_threads(blas.default_blas_threads())
+
+
 def test_blas_keeps_a_core_for_the_event_loop(monkeypatch: pytest.MonkeyPatch) -> None:
     from mtor_p2p.compute import blas
 

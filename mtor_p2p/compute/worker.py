@@ -110,6 +110,8 @@ PRICE_ROUNDING = 1e-6
 #: Prices remembered at most (changes only); dropping the oldest only raises the floor.
 MAX_PRICE_HISTORY = 1024
 UPLOAD_IDLE_TIMEOUT = 60.0
+#: How long a countersign waits, shielded, for its receipt's ledger write (see _on_countersign).
+LEDGER_WRITE_WAIT = 10.0
 #: An upload must average this rate after a grace period (a sixteenth of the slowest home link
 #: the scheduler plans for: a requester on it may feed several workers at once), or it is
 #: dropped and its reservation given back.
@@ -877,10 +879,13 @@ class WorkerService:
         reservation = (receipt.body.job_id, receipt.body.shard, receipt.body.started)
         try:
             if self._on_receipt is not None:
-                await self._on_receipt(receipt)
+                # Shielded, within a bound: a handler cancelled (its stream cut, its deadline)
+                # must not release the reservation while the ledger write is still queued.
+                with trio.CancelScope(shield=True), trio.move_on_after(LEDGER_WRITE_WAIT):
+                    await self._on_receipt(receipt)
         finally:
-            # Released once the ledger holds the payment, not before: a credit check in
-            # between would otherwise count the shard neither as owed nor as spent.
+            # Released once the receipt's ledger entry is stored (or refused), not before: a
+            # credit check in between would count the shard neither as owed nor as spent.
             self._release(sender, reservation)
             unpaid = self._unpaid.get(sender)
             if unpaid is not None:

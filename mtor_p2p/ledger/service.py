@@ -644,7 +644,8 @@ class LedgerService:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run gossip, sync and checkpoint loops until cancelled."""
         messages = await self._network.subscribe(self.topic, buffer=4096)
-        bundles = await self._network.subscribe(self.bundle_topic, buffer=1024)
+        # 64 bundles of at most 256 KiB: the 16 MiB that 4096 single receipts of 4 KiB take.
+        bundles = await self._network.subscribe(self.bundle_topic, buffer=64)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._receive_loop, messages)
             nursery.start_soon(functools.partial(self._receive_loop, bundles, bundles=True))

@@ -54,17 +54,20 @@ def test_a_malformed_bundle_is_refused(data: bytes) -> None:
         decode_bundle(data)
 
 
-def receiver() -> tuple[MemWorld, LedgerService]:
-    world = MemWorld(latency=LatencyModel(default_rtt_ms=50.0), gossip_hops=1.0, quantum=0.0)
-    me = ident("bundle receiver")
-    service = LedgerService(
+def ledger_peer(world: MemWorld, name: str) -> LedgerService:
+    me = ident(name)
+    return LedgerService(
         world.add_peer(me),
         me,
         NetClock(epoch_offset=EPOCH),
-        Ledger(":memory:", genesis(), instance="receiver"),
-        runtime=Runtime.simulated(1),
+        Ledger(":memory:", genesis(), instance=name),
+        runtime=Runtime.simulated(name),
     )
-    return world, service
+
+
+def receiver() -> tuple[MemWorld, LedgerService]:
+    world = MemWorld(latency=LatencyModel(default_rtt_ms=50.0), gossip_hops=1.0, quantum=0.0)
+    return world, ledger_peer(world, "bundle receiver")
 
 
 async def test_a_bundle_passes_only_if_every_entry_would_and_the_budget_covers_all(
@@ -97,14 +100,7 @@ async def test_receipts_recorded_together_travel_as_one_bundle_and_are_stored(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     world, service = receiver()
-    me = ident("requester")
-    publisher = LedgerService(
-        world.add_peer(me),
-        me,
-        NetClock(epoch_offset=EPOCH),
-        Ledger(":memory:", genesis(), instance="requester"),
-        runtime=Runtime.simulated(2),
-    )
+    publisher = ledger_peer(world, "requester")
     published: list[str] = []
     network = publisher._network
     publish = network.publish

@@ -87,42 +87,37 @@ def single_threaded() -> bool:
     product with 2 BLAS threads, under 1 ms with one). Unknown libraries count as not."""
     global _getters
     if _getters is None:
-        found = []
-        for path in _loaded_libraries("openblas"):
-            try:
-                library = ctypes.CDLL(path)
-            except OSError:
-                continue
-            for name in _OPENBLAS_GETTERS:
-                getter = getattr(library, name, None)
-                if getter is not None:
-                    getter.argtypes = []
-                    getter.restype = ctypes.c_int
-                    found.append(getter)
-                    break
-        _getters = found
+        _getters = _openblas_functions(_OPENBLAS_GETTERS, [], ctypes.c_int)
     return bool(_getters) and all(getter() == 1 for getter in _getters)
 
 
 def _set_openblas_threads(threads: int) -> bool:
     """Set the thread count of every OpenBLAS loaded in this process; True if one was."""
-    done = False
+    setters = _openblas_functions(_OPENBLAS_SETTERS, [ctypes.c_int], None)
+    for setter in setters:
+        setter(threads)
+    done = bool(setters)
+    if not done:
+        log.info("no BLAS thread control found; set OPENBLAS_NUM_THREADS to cap BLAS threads")
+    return done
+
+
+def _openblas_functions(names: tuple[str, ...], argtypes: list[Any], restype: Any) -> list[Any]:
+    """For every OpenBLAS loaded in this process, the first of ``names`` it exports."""
+    found = []
     for path in _loaded_libraries("openblas"):
         try:
             library = ctypes.CDLL(path)
         except OSError:
             continue
-        for name in _OPENBLAS_SETTERS:
-            setter = getattr(library, name, None)
-            if setter is not None:
-                setter.argtypes = [ctypes.c_int]
-                setter.restype = None
-                setter(threads)
-                done = True
+        for name in names:
+            function = getattr(library, name, None)
+            if function is not None:
+                function.argtypes = argtypes
+                function.restype = restype
+                found.append(function)
                 break
-    if not done:
-        log.info("no BLAS thread control found; set OPENBLAS_NUM_THREADS to cap BLAS threads")
-    return done
+    return found
 
 
 def _loaded_libraries(fragment: str) -> list[str]:

@@ -57,8 +57,9 @@ CHEAP_CHECK_FLOPS = 64e6
 SETTLE_DELAY = 0.1
 MAX_SETTLE_BATCH = 256
 #: Settle at once, without waiting out SETTLE_DELAY, when this many receipts are queued: a
-#: crash loses what is held, and a worker counts lost receipts as unpaid after 600 s.
-SETTLE_EARLY_AT = 32
+#: crash loses what is held, and a worker counts lost receipts as unpaid after 600 s (and
+#: refuses a requester past worker.MAX_UNPAID_SHARDS, also 16, of them).
+SETTLE_EARLY_AT = 16
 #: The sketch of a B needing at most this much arithmetic (2 x rounds x its size: a 2048²
 #: B at 20 rounds) is made ahead of the first answer (_JobRun.prepare_checks).
 PREPARE_SKETCH_MAX_FLOPS = 2.0 * 20 * 2048 * 2048

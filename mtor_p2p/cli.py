@@ -27,6 +27,7 @@ import json
 import logging
 import logging.handlers
 import os
+import re
 import signal
 import socket
 import sys
@@ -826,15 +827,28 @@ def cmd_ledger(args: argparse.Namespace) -> int:
     try:
         proof = _ledger_call(args, "GET", f"/v1/ledger/prove?id={args.entry}")
     except ControlError as exc:
-        raise CliError(str(exc)) from exc
+        raise CliError(_not_provable_yet(str(exc))) from exc
     if proof is None:
         with _offline_ledger(args) as (ledger, _):
             try:
                 proof = ledger.prove(args.entry)
             except LedgerError as exc:
-                raise CliError(str(exc)) from exc
+                raise CliError(_not_provable_yet(str(exc))) from exc
     print(json.dumps(proof, indent=2, sort_keys=True))
     return EXIT_OK
+
+
+def _not_provable_yet(reason: str) -> str:
+    """The ledger's refusal to prove an entry, without the API's status code, and with
+    what to do when the entry is simply not in a signed checkpoint yet."""
+    reason = re.sub(r"^\d{3}: ", "", reason)
+    if "no checkpoint of epoch" in reason:
+        reason += (
+            ": an epoch is provable once it has ended and staked peers have signed its "
+            "checkpoint (on a devnet about 35 s after the entry; it needs a staked peer, "
+            "mtor-peer stake); try again then"
+        )
+    return reason
 
 
 def cmd_status(args: argparse.Namespace) -> int:

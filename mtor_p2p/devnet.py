@@ -235,8 +235,17 @@ def describe_exit(returncode: int) -> str:
     return f"exit code {returncode}"
 
 
+_last_progress = ""
+
+
 def _progress(message: str) -> None:
-    print(f"\r{message}", end="", file=sys.stderr, flush=True)
+    """One line rewritten in place on a terminal; elsewhere (a log) a line per change."""
+    global _last_progress
+    if sys.stderr.isatty():
+        print(f"\r{message}", end="", file=sys.stderr, flush=True)
+    elif message != _last_progress:
+        print(message, file=sys.stderr, flush=True)
+    _last_progress = message
 
 
 def run_devnet(

@@ -287,3 +287,20 @@ def test_a_mistyped_nat_setting_in_the_config_file_says_how_to_write_it(tmp_path
     result = mtor("run", "--config", str(config), "--data-dir", str(tmp_path / "node"), *QUIET)
     assert result.returncode == 2, result.stderr
     assert message in one_line(result)
+
+
+def test_an_entry_not_checkpointed_yet_says_when_to_try_again() -> None:
+    from mtor_p2p.cli import _not_provable_yet
+
+    said = _not_provable_yet("404: no checkpoint of epoch 59876550 lists 4f8bc7f13c519418 (yet)")
+    assert not said.startswith("404")
+    assert said.startswith("no checkpoint of epoch 59876550") and "try again" in said
+    assert _not_provable_yet("400: bad entry ID") == "bad entry ID"
+
+
+def test_devnet_progress_is_plain_lines_in_a_log(capsys) -> None:
+    from mtor_p2p import devnet
+
+    for message in ("devnet: 0/4 ready", "devnet: 0/4 ready", "devnet: 4/4 ready"):
+        devnet._progress(message)
+    assert capsys.readouterr().err.splitlines() == ["devnet: 0/4 ready", "devnet: 4/4 ready"]

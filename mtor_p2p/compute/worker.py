@@ -512,11 +512,9 @@ class WorkerService:
         pending.buffer.size += len(chunk)
         try:
             async with pending.lock:
-                if pending.buffer.spooled or len(chunk) > INLINE_CHUNK_BYTES:
-                    await self._runtime.run_blocking(pending.buffer.append, chunk)
-                else:
-                    # Hashing a chunk this small takes less than a thread hop costs.
-                    pending.buffer.append(chunk)
+                # Hashing a small chunk kept in memory takes less than a thread hop costs.
+                small = not pending.buffer.spooled and len(chunk) <= INLINE_CHUNK_BYTES
+                await self._runtime.run_blocking(pending.buffer.append, chunk, cheap=small)
         except OSError as exc:  # a full disk: our fault, not the sender's
             self._drop_upload(key)
             log.warning("upload spool failed: %s", exc)
@@ -641,10 +639,9 @@ class WorkerService:
                 output = self._corrupt(output)
             output = np.ascontiguousarray(output)
             # The output is hashed once, here (its receipt names the hash).
-            if output.nbytes >= HASH_OFF_LOOP_BYTES:
-                output_meta = await self._runtime.run_blocking(meta_of, output)
-            else:
-                output_meta = meta_of(output)
+            output_meta = await self._runtime.run_blocking(
+                meta_of, output, cheap=output.nbytes < HASH_OFF_LOOP_BYTES
+            )
             body = ReceiptBody(
                 job_id=job_id,
                 shard=shard,

@@ -509,3 +509,33 @@ async def test_the_freivalds_sketch_is_made_while_the_worker_computes(
     kinds = [kind for kind, _ in events]
     assert kinds.count("sketch") == 1  # one per job, shared by its shards
     assert kinds.index("sketch") < kinds.index("answer"), events
+
+
+async def test_answers_in_run_replies_are_placed_as_they_are_accepted(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An answer that came in its run reply is copied into the job's output when it is
+    accepted, while other shards compute: nothing is left to copy once the last shard is in
+    (issue 9: 200 MiB of 512² answers copied at the end took 0.5 s of a 2.8 s job)."""
+    from mtor_p2p.compute import scheduler
+
+    left_at_end: list[int] = []
+    place = scheduler._JobRun.place_outputs
+
+    def counted(self: Any) -> np.ndarray:
+        left_at_end.append(len(self.outputs))
+        return place(self)
+
+    monkeypatch.setattr(scheduler._JobRun, "place_outputs", counted)
+    async with cluster(["requester", "w1", "w2"]) as c:
+        await c.start("w1", "WEU")
+        await c.start("w2", "WEU")
+        requester = await c.start("requester", "WEU", serve=False)
+        await c.settle()
+        operands = {
+            "a": RNG.standard_normal((96, 48)).astype("float32"),
+            "b": RNG.standard_normal((48, 32)).astype("float32"),
+        }
+        result = await requester.submit("matmul", operands, shards=6)
+    np.testing.assert_allclose(result.output, operands["a"] @ operands["b"], rtol=1e-5)
+    assert left_at_end == [0]

@@ -513,6 +513,10 @@ class _JobRun:
                 answer = await self._compute(worker, index, operands, metas, out)
                 if answer is None:
                     return outcome
+                if out is not None and not np.may_share_memory(answer.output, out):
+                    # The answer came in its run reply: this attempt writes no rows, so
+                    # acceptance may copy it into them now rather than at the job's end.
+                    self._release_rows(index, record)
                 seconds = trio.current_time() - record.started
                 await self._judge(worker, index, operands, answer, seconds)
                 accepted = self.accepted.get(index)
@@ -570,8 +574,8 @@ class _JobRun:
         finally:
             # Every write of this attempt's download is done (download() returns only once its
             # chunk tasks have): the rows may go to the next attempt unless they are accepted.
-            if self.row_owner.get(index) is record and index not in self.placed:
-                del self.row_owner[index]
+            if index not in self.placed:
+                self._release_rows(index, record)
             attempts = self.running.get(index, [])
             if record in attempts:
                 attempts.remove(record)
@@ -615,6 +619,10 @@ class _JobRun:
         self.row_owner[index] = attempt
         start, stop = self.ranges[index]
         return self.output[start:stop]
+
+    def _release_rows(self, index: int, attempt: _Attempt) -> None:
+        if self.row_owner.get(index) is attempt:
+            del self.row_owner[index]
 
     def place_outputs(self) -> np.ndarray:
         """The job's output once every shard is accepted: accepted answers that arrived

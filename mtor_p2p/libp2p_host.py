@@ -95,7 +95,7 @@ from mtor_p2p.libp2p_nat import (
     is_relayed,
     remote_of,
 )
-from mtor_p2p.memory import keep_freed_memory_for_reuse
+from mtor_p2p.memory import tune_for_large_messages
 from mtor_p2p.network import (
     DEFAULT_MAX_PENDING_BYTES_PER_PEER,
     DEFAULT_MAX_PENDING_BYTES_TOTAL,
@@ -382,9 +382,10 @@ class Libp2pNetwork:
     ) -> AsyncIterator[Libp2pNetwork]:
         """Start a host listening on ``settings.listen_addrs``; stop it on exit."""
         settings = settings or HostSettings()
-        # Messages of megabytes arrive as new bytes objects: keep freed memory for reuse
-        # rather than faulting in fresh pages for each one (mtor_p2p/memory.py).
-        keep_freed_memory_for_reuse()
+        # Messages of megabytes arrive as new bytes objects and jobs allocate large outputs:
+        # keep freed memory for reuse, and fault fresh pages in without on-the-spot
+        # compaction (mtor_p2p/memory.py).
+        tune_for_large_messages()
         key_pair = create_new_key_pair(identity.seed)
         # Our circuit addresses (through relays we reserved on; NAT traversal keeps the list)
         # join the announced ones in identify and in our records.
@@ -901,7 +902,10 @@ class Libp2pNetwork:
         """Send one request, return the response (or raise): over the lane to ``peer_id``
         when one is open, else on a new stream (and a lane starts opening for next time).
         A small exchange on a connection already open is timed (:meth:`round_trip`)."""
-        connected, began = self.connection_kind(peer_id) != "none", trio.current_time()
+        # An open lane is a direct connection (no need to look through the swarm's).
+        lane_open = self._lane_client is not None and self._lane_client.get(peer_id) is not None
+        connected = lane_open or self.connection_kind(peer_id) != "none"
+        began = trio.current_time()
         try:
             response = await self._request(
                 peer_id, protocol, payload, timeout=timeout, max_response_bytes=max_response_bytes
@@ -925,6 +929,12 @@ class Libp2pNetwork:
         timeout: float,
         max_response_bytes: int,
     ) -> bytes:
+        lane = self._lane_client.get(peer_id) if self._lane_client is not None else None
+        if lane is not None:
+            # A lane is a direct TCP connection: no relay limits to apply.
+            return await lane.request(
+                protocol, payload, timeout=timeout, max_response_bytes=max_response_bytes
+            )
         if (
             self.nat is not None
             and len(payload) > RELAYED_MAX_REQUEST_BYTES
@@ -941,14 +951,11 @@ class Libp2pNetwork:
         if self.nat is not None and self.nat.relay_only(peer_id):
             # Results do not cross a relay either: a large answer is refused as it arrives.
             max_response_bytes = min(max_response_bytes, RELAYED_MAX_RESPONSE_BYTES)
-        lane = None
-        if self._lane_client is not None:
-            lane = self._lane_client.get(peer_id)
-            if lane is None and self._settings.lanes == "eager":
-                # The wait for the lane comes out of the request's own deadline.
-                began = trio.current_time()
-                lane = await self._lane_client.wait_open(peer_id, timeout=min(timeout, 5.0))
-                timeout = max(0.0, timeout - (trio.current_time() - began))
+        if self._lane_client is not None and self._settings.lanes == "eager":
+            # The wait for the lane comes out of the request's own deadline.
+            began = trio.current_time()
+            lane = await self._lane_client.wait_open(peer_id, timeout=min(timeout, 5.0))
+            timeout = max(0.0, timeout - (trio.current_time() - began))
         if lane is not None:
             return await lane.request(
                 protocol, payload, timeout=timeout, max_response_bytes=max_response_bytes

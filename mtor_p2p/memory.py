@@ -11,6 +11,13 @@ message went from about 820 to 1,240 MiB/s with the settings below).
 64-bit glibc) and keeps up to :data:`TRIM_THRESHOLD_BYTES` of freed heap for reuse. The cost:
 a process may hold that much freed memory (counted in its RSS) after a burst of traffic.
 On other C libraries it does nothing.
+
+:func:`fault_in_small_pages` stops NumPy from advising transparent huge pages for its large
+arrays (a job's output, an 8192² operand). With the kernel's usual ``defrag=madvise``, a
+fault in an advised region compacts memory on the spot when no huge page is free: measured
+on the project's VM, writing a fresh 200 MiB array cost 1.8-2.4 ms per MiB that way, against
+0.6 ms per MiB in small pages (and 0.13 ms when huge pages happened to be free). The requester
+of a 200-shard 512² job spent 1.7-1.9 CPU-s instead of 1.9-2.7, interleaved runs.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import os
 import sys
 
 log = logging.getLogger(__name__)
@@ -54,3 +62,25 @@ def keep_freed_memory_for_reuse() -> bool:
         log.debug("mallopt refused the large-message settings")
     _done = ok
     return ok
+
+
+def fault_in_small_pages() -> bool:
+    """Stop NumPy advising huge pages for large arrays in this process (see the module's
+    docstring); whether it did. A user's own ``NUMPY_MADVISE_HUGEPAGE`` setting wins."""
+    if "NUMPY_MADVISE_HUGEPAGE" in os.environ or not sys.platform.startswith("linux"):
+        return False
+    try:
+        from numpy._core.multiarray import _set_madvise_hugepage
+    except ImportError:  # NumPy < 2: the same switch under its old name
+        try:
+            from numpy.core.multiarray import _set_madvise_hugepage  # type: ignore[no-redef]
+        except ImportError:
+            return False
+    _set_madvise_hugepage(False)
+    return True
+
+
+def tune_for_large_messages() -> None:
+    """Both settings, once per process: what a peer that moves large arrays wants."""
+    keep_freed_memory_for_reuse()
+    fault_in_small_pages()

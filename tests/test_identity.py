@@ -67,3 +67,30 @@ def test_signatures_verify_only_for_the_signed_message():
     assert not verify_signature(identity.public_key, signature, b"messagf")
     assert not verify_signature(Identity.generate().public_key, signature, b"message")
     assert not verify_signature(b"\x00" * 31, signature, b"message")
+
+
+def test_our_own_signatures_are_not_checked_again(monkeypatch):
+    """A record we signed comes back to us (stored, ingested, gossiped back): its check is
+    answered from memory; another key's signature is still checked, and a changed message
+    still fails."""
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    import mtor_p2p.identity as identity_module
+
+    ours, theirs = Identity.generate(), Identity.generate()
+    their_signature = theirs.sign(b"their record")
+    signature = ours.sign(b"our record")
+    checks = []
+    real = ed25519.Ed25519PublicKey.from_public_bytes
+
+    def counted(data):
+        checks.append(data)
+        return real(data)
+
+    monkeypatch.setattr(identity_module.Ed25519PublicKey, "from_public_bytes", counted)
+    identity_module._VERIFIED.clear()
+    assert verify_signature(ours.public_key, ours.sign(b"our record"), b"our record")
+    assert checks == []
+    assert verify_signature(theirs.public_key, their_signature, b"their record")
+    assert not verify_signature(ours.public_key, signature, b"our record, changed")
+    assert checks == [theirs.public_key, ours.public_key]

@@ -61,7 +61,7 @@ non-finite values is documented at :func:`freivalds`.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -254,6 +254,13 @@ class FreivaldsSketch:
     z: np.ndarray
     z_norms: np.ndarray
     b_frobenius: float
+    #: R and z rounded to float32 once, for every shard's float32 products.
+    signs32: np.ndarray = field(init=False, repr=False, compare=False)
+    z32: np.ndarray = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "signs32", self.signs.astype(np.float32))
+        object.__setattr__(self, "z32", self.z.astype(np.float32))
 
 
 def freivalds_sketch(b: np.ndarray, *, rounds: int, rng: np.random.Generator) -> FreivaldsSketch:
@@ -287,12 +294,12 @@ def _residual_ratios32(
     k, n = b.shape
     if sketch is None:
         sketch = _sketch_of(b, signs)
-    z, z_norms, b_frobenius = sketch.z, sketch.z_norms, sketch.b_frobenius
+    z_norms, b_frobenius = sketch.z_norms, sketch.b_frobenius
     a32 = a if a.dtype == np.float32 else a.astype(np.float32)
     c32 = c if c.dtype == np.float32 else c.astype(np.float32)
     with np.errstate(over="ignore", invalid="ignore"):
-        y = c32 @ signs.astype(np.float32)  # (m, rounds)
-        w = a32 @ z.astype(np.float32)
+        y = c32 @ sketch.signs32  # (m, rounds)
+        w = a32 @ sketch.z32
     if not (np.isfinite(y).all() and np.isfinite(w).all() and np.isfinite(z_norms).all()):
         return None
     a_norms = _row_norms(a32)[:, None]

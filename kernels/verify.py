@@ -261,6 +261,10 @@ class FreivaldsSketch:
     def __post_init__(self) -> None:
         object.__setattr__(self, "signs32", self.signs.astype(np.float32))
         object.__setattr__(self, "z32", self.z.astype(np.float32))
+        # Shared by every check of the job (and read on threads): read-only, so that no
+        # caller can put R and its float32 copy, or z and its copy, out of step.
+        for array in (self.signs, self.z, self.z_norms, self.signs32, self.z32):
+            array.setflags(write=False)
 
 
 def freivalds_sketch(b: np.ndarray, *, rounds: int, rng: np.random.Generator) -> FreivaldsSketch:

@@ -27,6 +27,7 @@ import ctypes.util
 import logging
 import os
 import sys
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +65,32 @@ def keep_freed_memory_for_reuse() -> bool:
     return ok
 
 
+#: The kernel's THP defrag modes in which a fault in an madvised region compacts on the spot
+#: (Documentation/admin-guide/mm/transhuge.rst): the bracketed word of the file below.
+_STALLING_DEFRAG_MODES = {"always", "madvise", "defer+madvise"}
+_DEFRAG_SETTING = "/sys/kernel/mm/transparent_hugepage/defrag"
+
+
+def _advised_faults_stall(setting: str = _DEFRAG_SETTING) -> bool:
+    try:
+        text = Path(setting).read_text(encoding="ascii")
+    except OSError:
+        return False
+    chosen = text[text.find("[") + 1 : text.find("]")] if "[" in text else ""
+    return chosen in _STALLING_DEFRAG_MODES
+
+
 def fault_in_small_pages() -> bool:
     """Stop NumPy advising huge pages for large arrays in this process (see the module's
-    docstring); whether it did. A user's own ``NUMPY_MADVISE_HUGEPAGE`` setting wins."""
+    docstring), where the kernel compacts memory on the spot for advised regions; whether it
+    did. A user's own ``NUMPY_MADVISE_HUGEPAGE`` setting wins.
+
+    Process-wide and not undone (NumPy has one switch): a program embedding ``mtor_p2p``
+    that wants huge pages for its own arrays sets ``NUMPY_MADVISE_HUGEPAGE=1``.
+    """
     if "NUMPY_MADVISE_HUGEPAGE" in os.environ or not sys.platform.startswith("linux"):
+        return False
+    if not _advised_faults_stall():
         return False
     try:
         from numpy._core.multiarray import _set_madvise_hugepage
@@ -76,7 +99,11 @@ def fault_in_small_pages() -> bool:
             from numpy.core.multiarray import _set_madvise_hugepage  # type: ignore[no-redef]
         except ImportError:
             return False
-    _set_madvise_hugepage(False)
+    try:
+        _set_madvise_hugepage(False)
+    except Exception as exc:  # a private switch: never worth failing a host's start for
+        log.debug("could not stop NumPy advising huge pages: %s", exc)
+        return False
     return True
 
 

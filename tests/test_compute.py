@@ -14,7 +14,12 @@ import trio
 
 from mtor_kernels import get_kernel
 from mtor_p2p.compute import client
-from mtor_p2p.compute.protocol import CHUNK_BYTES, PROTOCOL_RUN, PROTOCOL_UPLOAD
+from mtor_p2p.compute.protocol import (
+    CHUNK_BYTES,
+    MAX_RUN_REQUEST_BYTES,
+    PROTOCOL_RUN,
+    PROTOCOL_UPLOAD,
+)
 from mtor_p2p.compute.scheduler import JobFailed
 from mtor_p2p.config import NodeConfig
 from mtor_p2p.network import RemoteError
@@ -343,9 +348,31 @@ async def test_hostile_requests_get_errors_and_the_worker_keeps_serving(tmp_path
                 PROTOCOL_RUN,
                 pack({**run, "kernel": "matmul", "operands": mismatched}),
             )
+        # Operands carried in the run request (``inline``) that are not what they claim.
+        inline_run = {**run, "kernel": "matmul", "operands": missing, "inline": ["a"]}
+        with pytest.raises(RemoteError, match="hash mismatch"):
+            await net.request(worker.peer_id, PROTOCOL_RUN, pack(inline_run, wrong))
+        with pytest.raises(RemoteError, match="not the inline operands"):
+            await net.request(worker.peer_id, PROTOCOL_RUN, pack(inline_run, wrong[:-4]))
+        with pytest.raises(RemoteError, match="not the inline operands"):
+            await net.request(
+                worker.peer_id, PROTOCOL_RUN, pack({**inline_run, "inline": []}, wrong)
+            )
+        for names in (["c"], ["a", "a"], "a", [1]):
+            with pytest.raises(RemoteError, match="inline"):
+                await net.request(
+                    worker.peer_id, PROTOCOL_RUN, pack({**inline_run, "inline": names}, wrong)
+                )
+        big = {"hash": "0" * 64, "dtype": "float32", "shape": [1025, 1024]}  # 4 MiB + 4 KiB
+        with pytest.raises(RemoteError, match="inline operands over"):
+            await net.request(
+                worker.peer_id,
+                PROTOCOL_RUN,
+                pack({**inline_run, "operands": {"a": big, "b": meta.to_json()}}),
+            )
         # Oversized request frame: refused by the host before the handler runs.
         with pytest.raises(RemoteError, match="too large"):
-            await net.request(worker.peer_id, PROTOCOL_RUN, b"x" * (200 * 1024))
+            await net.request(worker.peer_id, PROTOCOL_RUN, b"x" * (MAX_RUN_REQUEST_BYTES + 1))
         # And after all that, an honest job still runs.
         operands = random_operands("matmul")
         result = await requester.submit("matmul", operands, verify="freivalds", shards=2)

@@ -41,9 +41,10 @@ def count_hashing(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
 async def test_each_operand_is_hashed_once_per_side(
     autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A one-shard job with both operands sent: the requester hashes A and B once (job ID,
-    uploads and run request share the descriptions) and the output once (its check against
-    the receipt); the worker hashes each upload once as it arrives and its output once."""
+    """A one-shard job with both operands sent: the requester hashes A and B once (job ID
+    and run request share the descriptions) and the output once (its check against the
+    receipt); the worker hashes each operand once (they travel in the run request: small)
+    and its output once."""
     async with cluster(["requester", "worker"]) as c:
         await c.start("worker", "WEU")
         requester = await c.start("requester", "WEU", serve=False)
@@ -55,8 +56,8 @@ async def test_each_operand_is_hashed_once_per_side(
         }
         result = await requester.submit("matmul", operands, shards=1, max_workers=1)
         np.testing.assert_allclose(result.output, operands["a"] @ operands["b"], rtol=1e-5)
-        # requester: a, b, output; worker: output (its uploads hash incrementally).
-        assert counts == {"whole": 4, "upload": 2}
+        # requester: a, b, output; worker: a and b (carried in the run request), output.
+        assert counts == {"whole": 6}
 
 
 async def test_a_shard_slice_is_hashed_once_however_many_attempts(
@@ -73,10 +74,11 @@ async def test_a_shard_slice_is_hashed_once_however_many_attempts(
             "b": RNG.standard_normal((48, 32)).astype("float32"),
         }
         await requester.submit("matmul", operands, shards=4, max_workers=1)
-        # requester: a and b for the job ID, 4 slices, 4 outputs; worker: 4 outputs.
-        assert counts["whole"] == 2 + 4 + 4 + 4
-        # worker: b once (resident afterwards) and each slice once.
-        assert counts["upload"] == 1 + 4
+        # requester: a and b for the job ID, 4 slices, 4 outputs; worker: b once (carried by
+        # a run request, resident afterwards), each slice once (each carried by its run
+        # request), 4 outputs.
+        assert counts["whole"] == (2 + 4 + 4) + (1 + 4 + 4)
+        assert counts["upload"] == 0
 
 
 # -- Freivalds in float32 ---------------------------------------------------------------------
@@ -370,10 +372,12 @@ async def test_a_shard_costs_one_round_trip_the_uploads_travel_beside_the_run(
 async def test_a_worker_that_does_not_wait_for_operands_gets_the_run_again(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    """A worker of an earlier version ignores ``wait_operands`` and refuses a run whose
-    operands are still on their way: the requester asks again once its uploads are done, and
-    the shard is not counted as a failure."""
+    """A worker of an earlier version refuses a run request carrying operands (too large for
+    it) and ignores ``wait_operands``: the requester uploads them instead (and from then on),
+    the worker refuses the run while the uploads are on their way, the requester asks again
+    once they are done, and the shard is not counted as a failure."""
     from mtor_p2p.compute.protocol import PROTOCOL_RUN
+    from mtor_p2p.network import RemoteError
     from mtor_p2p.records.arrays import pack, unpack
 
     async with cluster(["requester", "worker"]) as c:
@@ -383,6 +387,8 @@ async def test_a_worker_that_does_not_wait_for_operands_gets_the_run_again(
         runs: list[bool] = []
 
         async def older(sender: str, request: bytes) -> bytes:
+            if len(request) > 64 * 1024:  # that version's limit, as its host refused it
+                raise RemoteError("request too large")
             header, body = unpack(request)
             runs.append(bool(header.pop("wait_operands", False)))
             return await worker.worker._on_run(sender, pack(header, body))
@@ -397,6 +403,7 @@ async def test_a_worker_that_does_not_wait_for_operands_gets_the_run_again(
         assert runs == [True, False]  # refused while the uploads ran, then asked again
         assert result.shards[0].attempts == 1
         assert requester.peers.get(worker.peer_id).failed == 0
+        assert worker.peer_id in requester.scheduler.no_inline
 
 
 async def test_a_worker_pair_keeps_its_device_busy_and_admits_the_pipeline(
@@ -539,3 +546,81 @@ async def test_answers_in_run_replies_are_placed_as_they_are_accepted(
         result = await requester.submit("matmul", operands, shards=6)
     np.testing.assert_allclose(result.output, operands["a"] @ operands["b"], rtol=1e-5)
     assert left_at_end == [0]
+
+
+async def test_a_cold_shard_travels_as_one_message_and_b_stays_resident(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Operands the worker lacks that fit INLINE_OPERAND_BYTES travel in the run request: no
+    upload request at all; B is kept resident, so the next job's shards carry only A; an
+    operand over the limit is uploaded beside the run as before."""
+    from mtor_p2p.compute import client
+    from mtor_p2p.compute.protocol import INLINE_OPERAND_BYTES
+
+    uploads: list[int] = []
+    upload = client.upload
+
+    async def counted(network: Any, worker: str, array: np.ndarray, **kwargs: Any) -> Any:
+        uploads.append(array.nbytes)
+        return await upload(network, worker, array, **kwargs)
+
+    monkeypatch.setattr(client, "upload", counted)
+    async with cluster(["requester", "worker"]) as c:
+        worker = await c.start("worker", "WEU")
+        requester = await c.start("requester", "WEU", serve=False)
+        await c.settle()
+        b = RNG.standard_normal((48, 32)).astype("float32")
+        first = {"a": RNG.standard_normal((64, 48)).astype("float32"), "b": b}
+        result = await requester.submit("matmul", first, shards=1, max_workers=1)
+        np.testing.assert_allclose(result.output, first["a"] @ b, rtol=1e-5)
+        assert uploads == []
+        received = worker.worker.stats.bytes_received
+        second = {"a": RNG.standard_normal((64, 48)).astype("float32"), "b": b}
+        result = await requester.submit("matmul", second, shards=2, max_workers=1)
+        np.testing.assert_allclose(result.output, second["a"] @ b, rtol=1e-5)
+        assert uploads == []
+        assert worker.worker.stats.bytes_received - received == second["a"].nbytes
+        # B over the limit: uploaded; A's slice still carried.
+        big_b = RNG.standard_normal((1040, 1024)).astype("float32")
+        assert big_b.nbytes > INLINE_OPERAND_BYTES
+        third = {"a": RNG.standard_normal((4, 1040)).astype("float32"), "b": big_b}
+        result = await requester.submit("matmul", third, shards=1, max_workers=1)
+        np.testing.assert_allclose(result.output, third["a"] @ big_b, rtol=1e-4, atol=1e-3)
+        assert uploads == [big_b.nbytes]
+
+
+async def test_only_a_small_sketch_is_made_on_the_event_loop(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sketch's cost is mostly B's conversion and norms, whatever the rounds: it runs on
+    the event loop only for a B of at most CHEAP_SKETCH_ELEMENTS (a 1024x600 B, within the
+    check's flop bound at 20 rounds, still goes to a thread)."""
+    from mtor_p2p.compute import blas, scheduler
+
+    monkeypatch.setattr(blas, "single_threaded", lambda: True)
+    seen: list[bool] = []
+    async with cluster(["requester", "worker"]) as c:
+        await c.start("worker", "WEU")
+        requester = await c.start("requester", "WEU", serve=False)
+        await c.settle()
+        runtime = requester.scheduler.runtime
+        original = runtime.run_blocking
+
+        async def spy(fn: Any, *args: Any, cheap: bool = False, **kwargs: Any) -> Any:
+            if "_freivalds_sketch" in getattr(fn, "__qualname__", ""):
+                seen.append(cheap)
+            return await original(fn, *args, cheap=cheap, **kwargs)
+
+        monkeypatch.setattr(runtime, "run_blocking", spy)
+        for k, n in ((48, 32), (1024, 600)):
+            assert (k * n <= scheduler.CHEAP_SKETCH_ELEMENTS) is (k == 48)
+            assert 2 * 20 * k * n <= scheduler.CHEAP_CHECK_FLOPS
+            operands = {
+                "a": RNG.standard_normal((8, k)).astype("float32"),
+                "b": RNG.standard_normal((k, n)).astype("float32"),
+            }
+            result = await requester.submit("matmul", operands, shards=1, max_workers=1)
+            np.testing.assert_allclose(
+                result.output, operands["a"] @ operands["b"], rtol=1e-4, atol=1e-4
+            )
+    assert seen == [True, False]

@@ -38,8 +38,10 @@ from mtor_p2p.network import Network, NetworkError, PeerMisbehaved, RemoteError
 from mtor_p2p.records.arrays import (
     ArrayMeta,
     array_from_bytes,
+    as_bytes,
     meta_of,
     pack,
+    pack_parts,
     unpack,
     unpack_view,
 )
@@ -225,6 +227,8 @@ async def ensure_operands(
 
 #: How a worker's refusal to run a shard whose operands it lacks starts.
 MISSING_OPERANDS = "missing operands: "
+#: How every host refuses a request over a protocol's size limit (before reading it).
+REQUEST_TOO_LARGE = "request too large"
 
 
 def missing_in(exc: BaseException) -> list[str]:
@@ -339,8 +343,10 @@ async def run_shard(
     metas: dict[str, ArrayMeta] | None = None,
     wait_operands: bool = False,
     out: np.ndarray | None = None,
+    inline: Collection[str] = (),
 ) -> ShardAnswer:
-    """Run one shard on ``worker`` (operands must already be there) and fetch its output.
+    """Run one shard on ``worker`` (operands must already be there, or be named in
+    ``inline``) and fetch its output.
 
     With ``terms``, the worker's signed receipt must keep to them (price, FLOPs, requester,
     times): the requester countersigns whatever it accepts here, so it checks first.
@@ -349,6 +355,8 @@ async def run_shard(
     waits for them (see ``WorkerService._await_operands``) instead of refusing at once.
     ``out``: where to download an output too large for the answer (see :func:`download`);
     an output that came in the answer is returned as a view of the answer instead.
+    ``inline``: operands whose bytes travel in the request itself (at most
+    ``INLINE_OPERAND_BYTES`` in all; see ``protocol.py``), for a worker that lacks them.
     """
     # What an honest answer looks like is known before asking: the output's shape and dtype
     # follow from the kernel and the operands. A declared output of any other size is refused
@@ -369,8 +377,12 @@ async def run_shard(
         header["max_price"] = terms.max_price
     if wait_operands:
         header["wait_operands"] = True
+    carried = [name for name in operands if name in inline]
+    if carried:
+        header["inline"] = carried
+    request = pack_parts(header, [as_bytes(operands[name]) for name in carried])
     reply = await network.request(
-        worker, PROTOCOL_RUN, pack(header), timeout=timeout, max_response_bytes=MAX_MESSAGE_BYTES
+        worker, PROTOCOL_RUN, request, timeout=timeout, max_response_bytes=MAX_MESSAGE_BYTES
     )
     with peer_fault_boundary(worker, "run answer"):
         answer, body = unpack_view(reply)

@@ -11,8 +11,15 @@ Every message is ``arrays.pack(header, body)``. Operands travel in chunks of at 
                                and, if the output fits one chunk, the output bytes as body.
                              With ``wait_operands: true`` the request may travel beside the
                              uploads of its operands: the worker waits for operands being
-                             uploaded by the sender (and 10 s for an upload to start) instead
+                             uploaded by the sender (and 2 s for an upload to start) instead
                              of answering "missing operands" at once.
+                             ``inline: [name, ...]`` (optional): those operands' bytes follow
+                             the header as the body, in that order, each exactly as long as
+                             its description says, at most INLINE_OPERAND_BYTES in all; the
+                             worker checks each against its hash and keeps the ones its kernel
+                             keeps resident, as if uploaded. A body without ``inline`` is
+                             refused. (Workers before this field refuse such a request as
+                             "request too large": the requester then uploads instead.)
 ``/mtor/compute/download/1`` header {hash, offset, length}            → body: a chunk
 ``/mtor/compute/countersign/1`` header {receipt: b64 complete receipt} → {stored}
 """
@@ -27,6 +34,12 @@ PROTOCOL_COUNTERSIGN = "/mtor/compute/countersign/1"
 
 CHUNK_BYTES = 4 << 20
 MAX_MESSAGE_BYTES = CHUNK_BYTES + 64 * 1024
+#: Operand bytes a run request may carry (``inline``): a shard whose missing operands fit
+#: travels as one message instead of a run request and an upload per operand (each a request
+#: and an answer on both peers' event loops).
+INLINE_OPERAND_BYTES = CHUNK_BYTES
+#: Largest run request: its header and its inline operands.
+MAX_RUN_REQUEST_BYTES = MAX_MESSAGE_BYTES
 #: Largest single operand or output a worker accepts.
 MAX_ARRAY_BYTES = 1 << 30
 #: Uploads in progress per worker, all peers together: the bytes their first chunks announced

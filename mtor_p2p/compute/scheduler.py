@@ -32,6 +32,7 @@ from mtor_p2p.capacity.record import CapacityRecord, gpu_class
 from mtor_p2p.capacity.view import CapacityQuery, CapacityView
 from mtor_p2p.clock import NetClock
 from mtor_p2p.compute import blas, client
+from mtor_p2p.compute.protocol import INLINE_OPERAND_BYTES
 from mtor_p2p.compute.receipt_store import ReceiptStore
 from mtor_p2p.compute.reputation import PeerBook, Standing
 from mtor_p2p.compute.worker import CREDIT_REFUSED, PRICE_REFUSED
@@ -47,11 +48,14 @@ from mtor_p2p.wire import canonical_json
 
 log = logging.getLogger(__name__)
 
-#: A Freivalds check with its sketch made, or a sketch, of at most this much arithmetic runs
-#: on the event loop (a 512³ shard's check, 42 MFLOP: 0.6 ms here) rather than on a thread
+#: A Freivalds check with its sketch made of at most this much arithmetic runs on the event
+#: loop (a 512³ shard's check, 42 MFLOP: 0.6 ms here) rather than on a thread
 #: (see runtime.py), when BLAS runs one thread (blas.single_threaded: else it may queue
 #: behind another thread's product).
 CHEAP_CHECK_FLOPS = 64e6
+#: A job's Freivalds sketch of a B of at most this many elements (and CHEAP_CHECK_FLOPS) is
+#: made on the event loop: 512² took 0.6-1.1 ms here; 1264² 4.8 ms, 2000² 9.1 ms (measured).
+CHEAP_SKETCH_ELEMENTS = 1 << 19
 #: A countersigned receipt waits this long (seconds) for others to be settled with (see
 #: Scheduler.courier); at most MAX_SETTLE_BATCH are settled at once.
 SETTLE_DELAY = 0.1
@@ -662,17 +666,71 @@ class _JobRun:
         metas: dict[str, ArrayMeta],
         out: np.ndarray | None = None,
     ) -> client.ShardAnswer | None:
+        unheld = self._unheld(worker, metas)
+        inline = self._inline(worker, operands, metas, unheld)
+        try:
+            return await self._compute_with(worker, index, operands, metas, out, unheld, inline)
+        except RemoteError as exc:
+            if not inline or not str(exc).startswith(client.REQUEST_TOO_LARGE):
+                raise
+        # A worker of a version before inline operands: upload them, now and from now on.
+        self.s.no_inline[worker] = None
+        while len(self.s.no_inline) > SENT_OPERANDS_KEPT:
+            self.s.no_inline.popitem(last=False)
+        return await self._compute_with(worker, index, operands, metas, out, unheld, set())
+
+    def _inline(
+        self,
+        worker: str,
+        operands: dict[str, np.ndarray],
+        metas: dict[str, ArrayMeta],
+        unheld: set[str],
+    ) -> set[str]:
+        """Operands to carry in the run request itself: of those sent unasked (``unheld``),
+        the shard's own slices first, as many as fit INLINE_OPERAND_BYTES, none being
+        uploaded to that worker already. One message instead of the run request and an
+        upload per operand, each a request and an answer on both peers' event loops."""
+        if worker in self.s.no_inline:
+            return set()
+        chosen: set[str] = set()
+        room = INLINE_OPERAND_BYTES
+        split = self.kernel.split_operands
+        for name in sorted(unheld, key=lambda n: (n not in split, n)):
+            nbytes, key = operands[name].nbytes, (worker, metas[name].digest)
+            # Not what it holds already (a slice equal to a resident operand: its upload
+            # stops at the first chunk), nor what is on its way there.
+            if nbytes <= room and key not in self.s.sent_operands and key not in self.s.uploads:
+                chosen.add(name)
+                room -= nbytes
+        return chosen
+
+    async def _compute_with(
+        self,
+        worker: str,
+        index: int,
+        operands: dict[str, np.ndarray],
+        metas: dict[str, ArrayMeta],
+        out: np.ndarray | None,
+        unheld: set[str],
+        inline: set[str],
+    ) -> client.ShardAnswer | None:
         # The uploads and the run request leave together (the worker waits for operands on
         # their way: one round trip per shard, and a worker pair's next shard uploads while
         # the previous computes). Two deadlines all the same: the uploads' allows for every
         # operand's bytes (the worker may lack them all); the run's, counted from when the
         # uploads are done, for the compute and the result's bytes only, so that a shard
         # whose large operands are already resident is not given minutes to answer.
+        # Operands carried in the run request count with the run's bytes; with none left to
+        # upload, the run's own deadline is the only one.
         flops = int(self.kernel.flops(operands))
-        upload_bytes = sum(a.nbytes for a in operands.values())
+        uploaded = {name: array for name, array in operands.items() if name not in inline}
         result_bytes = int(np.prod(self.kernel.output_shape(operands))) * 4
-        upload_timeout = self.s.shard_timeout(worker, 0, upload_bytes)
-        run_timeout = self.s.shard_timeout(worker, flops, result_bytes)
+        run_bytes = result_bytes + sum(operands[name].nbytes for name in inline)
+        upload_timeout = 0.0
+        if uploaded:
+            upload_bytes = sum(a.nbytes for a in uploaded.values())
+            upload_timeout = self.s.shard_timeout(worker, 0, upload_bytes)
+        run_timeout = self.s.shard_timeout(worker, flops, run_bytes)
         terms = client.ShardTerms(
             requester=self.s.identity.peer_id,
             max_price=self.quotes[worker],
@@ -695,12 +753,15 @@ class _JobRun:
                 metas=metas,
                 wait_operands=wait,
                 out=out,
+                inline=inline,
             )
 
         answer: client.ShardAnswer | None = None
         upload_error: Exception | None = None
         run_error: Exception | None = None
         run_scope = trio.CancelScope(deadline=trio.current_time() + upload_timeout + run_timeout)
+
+        kept = [m for n, m in metas.items() if n not in self.kernel.split_operands]
 
         async def send(nursery: trio.Nursery) -> None:
             nonlocal upload_error
@@ -709,47 +770,63 @@ class _JobRun:
                     await client.ensure_operands(
                         self.s.network,
                         worker,
-                        operands,
+                        uploaded,
                         timeout=upload_timeout,
                         in_flight=self.s.uploads,
                         metas=metas,
-                        unheld=self._unheld(worker, metas),
+                        unheld=unheld - inline,
                     )
-                self.s.note_uploaded(
-                    worker, [m for n, m in metas.items() if n not in self.kernel.split_operands]
-                )
+                if not inline:
+                    self.s.note_uploaded(worker, kept)
             except Exception as exc:  # the run cannot succeed without its operands
                 upload_error = exc
                 nursery.cancel_scope.cancel()
                 return
             # Everything is there: from now on the run has its own deadline only.
             run_scope.deadline = trio.current_time() + self.s.shard_timeout(
-                worker, flops, result_bytes
+                worker, flops, run_bytes
             )
 
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(send, nursery)
-            with run_scope:
-                try:
-                    answer = await run(upload_timeout + run_timeout, wait=True)
-                except Exception as exc:
-                    run_error = exc
-            if run_scope.cancelled_caught:
-                run_error = trio.TooSlowError()
-            if answer is not None or not client.missing_in(run_error or Exception()):
-                nursery.cancel_scope.cancel()  # nothing left to upload for
-        if answer is not None:
-            return answer
-        if upload_error is not None:
-            raise upload_error  # it explains the run's failure (cancelled, or missing operands)
-        assert run_error is not None
-        if not client.missing_in(run_error):
-            raise run_error
-        # The worker did not wait (an older version), or gave up before the uploads ended:
-        # they are done now, so ask once more.
-        timeout = self.s.shard_timeout(worker, flops, result_bytes)
-        with trio.fail_after(timeout):
-            return await run(timeout, wait=False)
+        # Operands kept resident that travel in this run are "being uploaded" until it ends:
+        # a concurrent shard for the same worker waits for them instead of sending them too.
+        carrying = {
+            (worker, metas[name].digest): trio.Event()
+            for name in inline
+            if name not in self.kernel.split_operands
+        }
+        self.s.uploads.update(carrying)
+        try:
+            async with trio.open_nursery() as nursery:
+                if uploaded:
+                    nursery.start_soon(send, nursery)
+                with run_scope:
+                    try:
+                        answer = await run(upload_timeout + run_timeout, wait=True)
+                    except Exception as exc:
+                        run_error = exc
+                if run_scope.cancelled_caught:
+                    run_error = trio.TooSlowError()
+                if answer is not None or not client.missing_in(run_error or Exception()):
+                    nursery.cancel_scope.cancel()  # nothing left to upload for
+            if answer is None:
+                if upload_error is not None:
+                    raise upload_error  # it explains the run's failure (cancelled, missing)
+                assert run_error is not None
+                if not client.missing_in(run_error):
+                    raise run_error
+                # The worker did not wait (an older version), or gave up before the uploads
+                # ended: they are done now, so ask once more.
+                timeout = self.s.shard_timeout(worker, flops, run_bytes)
+                with trio.fail_after(timeout):
+                    answer = await run(timeout, wait=False)
+        finally:
+            for key, event in carrying.items():
+                event.set()
+                if self.s.uploads.get(key) is event:
+                    del self.s.uploads[key]
+        if inline:
+            self.s.note_uploaded(worker, kept)
+        return answer
 
     def _unheld(self, worker: str, metas: dict[str, ArrayMeta]) -> set[str]:
         """Operands to send ``worker`` without asking first whether it holds them.
@@ -855,10 +932,14 @@ class _JobRun:
                 # A small sketch is made on the event loop, as a small check is: on a thread
                 # it raced the uploads for the GIL and the cores (512²: 3.5 ms there against
                 # 1.1 ms alone; the round trip's p50 fell 1.4 ms with it inline, measured).
+                # Gated on B's size, not on the flops: most of its cost is B's conversion to
+                # float64 and its norms, whatever the rounds.
                 self._sketch = await self.s.runtime.run_blocking(
                     lambda: checks.freivalds_sketch(b, rounds=rounds, rng=rng),
                     flops=flops,
-                    cheap=flops <= CHEAP_CHECK_FLOPS and blas.single_threaded(),
+                    cheap=b.size <= CHEAP_SKETCH_ELEMENTS
+                    and flops <= CHEAP_CHECK_FLOPS
+                    and blas.single_threaded(),
                 )
             return self._sketch
 
@@ -1096,6 +1177,9 @@ class Scheduler:
         #: SENT_OPERANDS_KEPT): only these are asked about before a run; the rest are sent
         #: at once (see _JobRun._compute).
         self.sent_operands: OrderedDict[tuple[str, str], None] = OrderedDict()
+        #: Workers that refused a run request carrying operands as too large (a version
+        #: before ``inline``): their operands are uploaded (bounded like sent_operands).
+        self.no_inline: OrderedDict[str, None] = OrderedDict()
         #: Called with every :class:`ShardAttempt` as it ends (metrics, simulation, dashboards).
         self.observer: Callable[[ShardAttempt], None] | None = None
         #: Returns every peer's stake (nano-credits) from the ledger; None: no ledger.

@@ -44,10 +44,12 @@ from mtor_p2p.clock import NetClock
 from mtor_p2p.compute.executor import BackendExecutor, ShardExecutor
 from mtor_p2p.compute.protocol import (
     CHUNK_BYTES,
+    INLINE_OPERAND_BYTES,
     MAX_ARRAY_BYTES,
     MAX_MESSAGE_BYTES,
     MAX_PENDING_UPLOAD_BYTES,
     MAX_PENDING_UPLOAD_BYTES_PER_PEER,
+    MAX_RUN_REQUEST_BYTES,
     PROTOCOL_COUNTERSIGN,
     PROTOCOL_DOWNLOAD,
     PROTOCOL_HAS,
@@ -63,6 +65,7 @@ from mtor_p2p.records.arrays import (
     HASH_OFF_LOOP_BYTES,
     ArrayMeta,
     OperandStore,
+    array_from_bytes,
     array_from_hashed_bytes,
     content_hasher,
     meta_of,
@@ -348,7 +351,12 @@ class WorkerService:
         handle = self._network.handle
         handle(PROTOCOL_UPLOAD, self._on_upload, max_request_bytes=MAX_MESSAGE_BYTES, timeout=60)
         handle(PROTOCOL_HAS, self._on_has, max_request_bytes=64 * 1024, timeout=10)
-        handle(PROTOCOL_RUN, self._on_run, max_request_bytes=64 * 1024, timeout=RUN_TIMEOUT)
+        # A run request may carry its shard's missing operands (``inline``): its bytes are
+        # admitted, and held while it waits and computes, under the host's per-peer and total
+        # budgets of request bytes in progress, like an upload's.
+        handle(
+            PROTOCOL_RUN, self._on_run, max_request_bytes=MAX_RUN_REQUEST_BYTES, timeout=RUN_TIMEOUT
+        )
         handle(PROTOCOL_DOWNLOAD, self._on_download, max_request_bytes=64 * 1024, timeout=60)
         handle(PROTOCOL_COUNTERSIGN, self._on_countersign, max_request_bytes=64 * 1024, timeout=10)
         self._registered = True
@@ -557,7 +565,10 @@ class WorkerService:
 
     async def _on_run(self, sender: str, request: bytes) -> bytes:
         self.run_requests.add(self._clock.now())
-        header, _ = self._parse(request)
+        try:
+            header, body = unpack_view(request)  # inline operands are not copied out of it
+        except RecordError as exc:
+            raise RemoteError(f"malformed message: {exc}") from exc
         job_id = _header_field(header, "job_id", str)
         if not _HEX64.match(job_id):
             raise RemoteError("job_id must be 64 hex characters")
@@ -571,6 +582,7 @@ class WorkerService:
         arrays: dict[str, np.ndarray] = {}
         inputs: dict[str, str] = {}
         digests: dict[str, str] = {}
+        metas: dict[str, ArrayMeta] = {}
         announced = 0
         for name, meta_json in list(described.items())[:16]:
             try:
@@ -578,7 +590,17 @@ class WorkerService:
             except RecordError as exc:
                 raise RemoteError(f"operand {name!r}: {exc}") from exc
             digests[str(name)] = meta.digest
+            metas[str(name)] = meta
             announced += meta.nbytes
+        # Checked against their hashes before anything else is done with them.
+        carried = await self._inline_operands(header, body, metas)
+        kept = [name for name in carried if name in kernel.resident]
+        for name in kept:
+            # Kept as if uploaded, in a buffer of its own: a view would hold the whole
+            # request (its other operands too) for as long as the store keeps it.
+            self.operands.put(carried[name].copy(), metas[name].digest)
+        if kept:
+            self._operands_changed()
         if header.get("wait_operands") is True and self._may_wait(sender):
             # Pipelined: the requester sent this run together with the uploads it needs. A
             # run this worker would refuse is refused before it waits, and waiting runs are
@@ -588,14 +610,17 @@ class WorkerService:
             self._refuse_unpaid(sender)
             self._waiting_runs[sender] = self._waiting_runs.get(sender, 0) + 1
             try:
-                await self._await_operands(sender, set(digests.values()), announced)
+                awaited = {d for name, d in digests.items() if name not in carried}
+                await self._await_operands(sender, awaited, announced)
             finally:
                 self._waiting_runs[sender] -= 1
                 if not self._waiting_runs[sender]:
                     del self._waiting_runs[sender]
         missing = []
         for name, digest in digests.items():
-            array = self.operands.get(digest)
+            array = carried.get(name)
+            if array is None:
+                array = self.operands.get(digest)
             if array is None:
                 missing.append(digest)
                 continue
@@ -689,6 +714,36 @@ class WorkerService:
             },
             payload,
         )
+
+    async def _inline_operands(
+        self, header: dict[str, Any], body: memoryview, metas: dict[str, ArrayMeta]
+    ) -> dict[str, np.ndarray]:
+        """The operands a run request carries (its ``inline`` field and body), each a view of
+        the request checked against its description's hash; RemoteError for anything else
+        (names not described or repeated, a body of another length, a hash that differs)."""
+        names = header.get("inline", [])
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise RemoteError("field 'inline' must be a list of operand names")
+        if len(set(names)) != len(names) or any(n not in metas for n in names):
+            raise RemoteError("field 'inline' names an operand twice or one not described")
+        sizes = [metas[name].nbytes for name in names]
+        if sum(sizes) > INLINE_OPERAND_BYTES:
+            raise RemoteError(f"inline operands over {INLINE_OPERAND_BYTES} bytes")
+        if sum(sizes) != len(body):
+            raise RemoteError("the body is not the inline operands' bytes")
+        carried: dict[str, np.ndarray] = {}
+        offset = 0
+        for name, size in zip(names, sizes, strict=True):
+            view = body[offset : offset + size]
+            offset += size
+            try:
+                carried[name] = await self._runtime.run_blocking(
+                    array_from_bytes, metas[name], view, cheap=size <= INLINE_CHUNK_BYTES
+                )
+            except RecordError as exc:
+                raise RemoteError(f"operand {name!r}: {exc}") from exc
+        self.stats.bytes_received += len(body)
+        return carried
 
     def _operands_changed(self) -> None:
         """Wake the run requests waiting for operands (an upload started, ended or failed)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import struct
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -123,6 +124,17 @@ def pack(header: dict[str, Any], body: bytes | bytearray | memoryview = b"") -> 
     of an array is copied once, into the message, and nowhere else)."""
     head = canonical_json(header)
     return b"".join((_HEADER_LENGTH.pack(len(head)), head, body))
+
+
+def pack_parts(header: dict[str, Any], parts: Sequence[bytes | bytearray | memoryview]) -> bytes:
+    """:func:`pack` with a body made of ``parts`` one after another (each copied once)."""
+    head = canonical_json(header)
+    return b"".join((_HEADER_LENGTH.pack(len(head)), head, *parts))
+
+
+def as_bytes(array: np.ndarray) -> memoryview:
+    """A C-contiguous array's bytes as a flat view (a non-contiguous one is copied first)."""
+    return memoryview(np.ascontiguousarray(array)).cast("B")
 
 
 def unpack(data: bytes) -> tuple[dict[str, Any], bytes]:

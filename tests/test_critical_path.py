@@ -624,3 +624,40 @@ async def test_only_a_small_sketch_is_made_on_the_event_loop(
                 result.output, operands["a"] @ operands["b"], rtol=1e-4, atol=1e-4
             )
     assert seen == [True, False]
+
+
+async def test_a_twin_judged_while_the_first_answer_settles_is_not_accepted_again(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without a courier, settling an accepted answer waits for its commits: a hedged twin's
+    answer judged meanwhile is not accepted (nor paid) a second time."""
+    from mtor_p2p.compute import scheduler
+
+    settled: list[str] = []
+    settle, accept = scheduler.Scheduler.settle, scheduler._JobRun._accept
+
+    async def slow_settle(self: Any, worker: str, receipt: Any) -> Any:
+        settled.append(worker)
+        await trio.sleep(1.0)  # commits on a slow disk
+        return await settle(self, worker, receipt)
+
+    async def with_twin(self: Any, worker: str, index: int, *args: Any) -> None:
+        # The same answer judged twice at once, as a hedged twin's would be.
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(accept, self, worker, index, *args)
+            await trio.sleep(0.1)
+            nursery.start_soon(accept, self, "twin", index, *args)
+
+    monkeypatch.setattr(scheduler.Scheduler, "settle", slow_settle)
+    monkeypatch.setattr(scheduler._JobRun, "_accept", with_twin)
+    async with cluster(["requester", "worker"]) as c:
+        await c.start("worker", "WEU")
+        requester = await c.start("requester", "WEU", serve=False)
+        await c.settle()
+        operands = {
+            "a": RNG.standard_normal((16, 8)).astype("float32"),
+            "b": RNG.standard_normal((8, 4)).astype("float32"),
+        }
+        result = await requester.submit("matmul", operands, shards=1, max_workers=1)
+    assert result.workers != ["twin"]
+    assert "twin" not in settled and len(settled) == 1

@@ -361,6 +361,7 @@ class _JobRun:
         self.ranges = kernel.shard_rows(spec.operands, _shard_count(spec, speeds, rows))
         self.pending: list[int] = list(range(len(self.ranges)))
         self.accepted: dict[int, ShardResult] = {}
+        self._accepting: set[int] = set()  # being settled, about to be accepted
         self.outputs: dict[int, np.ndarray] = {}
         #: The job's output, allocated once (its pages are committed as rows arrive): each
         #: shard's rows are downloaded straight into their place by one attempt at a time, so
@@ -1013,9 +1014,15 @@ class _JobRun:
     async def _accept(
         self, worker: str, index: int, output: np.ndarray, receipt: Receipt, seconds: float
     ) -> None:
-        if index in self.accepted:
+        if index in self.accepted or index in self._accepting:
             return
-        complete = await self.s.settle(worker, receipt)
+        # Settling may wait (no courier: the commits happen here): a hedged twin judged
+        # meanwhile must not be accepted, and paid, a second time.
+        self._accepting.add(index)
+        try:
+            complete = await self.s.settle(worker, receipt)
+        finally:
+            self._accepting.discard(index)
         start, stop = self.ranges[index]
         self.accepted[index] = ShardResult(
             index, (start, stop), worker, seconds, self.attempt_counts[index], complete

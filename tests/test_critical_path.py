@@ -552,8 +552,8 @@ async def test_a_cold_shard_travels_as_one_message_and_b_stays_resident(
     autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Operands the worker lacks that fit INLINE_OPERAND_BYTES travel in the run request: no
-    upload request at all; B is kept resident, so the next job's shards carry only A; an
-    operand over the limit is uploaded beside the run as before."""
+    upload request at all; B is kept resident, so the next job's shards carry only A; when
+    they do not all fit, they are all uploaded beside the run as before."""
     from mtor_p2p.compute import client
     from mtor_p2p.compute.protocol import INLINE_OPERAND_BYTES
 
@@ -580,13 +580,13 @@ async def test_a_cold_shard_travels_as_one_message_and_b_stays_resident(
         np.testing.assert_allclose(result.output, second["a"] @ b, rtol=1e-5)
         assert uploads == []
         assert worker.worker.stats.bytes_received - received == second["a"].nbytes
-        # B over the limit: uploaded; A's slice still carried.
+        # B over the limit: both uploaded (a run carrying operands waits for no upload).
         big_b = RNG.standard_normal((1040, 1024)).astype("float32")
         assert big_b.nbytes > INLINE_OPERAND_BYTES
         third = {"a": RNG.standard_normal((4, 1040)).astype("float32"), "b": big_b}
         result = await requester.submit("matmul", third, shards=1, max_workers=1)
         np.testing.assert_allclose(result.output, third["a"] @ big_b, rtol=1e-4, atol=1e-3)
-        assert uploads == [big_b.nbytes]
+        assert sorted(uploads) == [third["a"].nbytes, big_b.nbytes]
 
 
 async def test_only_a_small_sketch_is_made_on_the_event_loop(
@@ -661,3 +661,68 @@ async def test_a_twin_judged_while_the_first_answer_settles_is_not_accepted_agai
         result = await requester.submit("matmul", operands, shards=1, max_workers=1)
     assert result.workers != ["twin"]
     assert "twin" not in settled and len(settled) == 1
+
+
+async def test_a_worker_over_its_cap_of_carried_bytes_gets_uploads_instead(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Runs carrying operands hold their bytes while queued and computing: past the worker's
+    cap it refuses the next at once (INLINE_REFUSED), and the requester uploads that shard's
+    operands instead, without counting it against the worker."""
+    from mtor_p2p.compute import client
+
+    monkeypatch.setattr(worker_module, "SMALL_RUN_REQUEST_BYTES", 64)
+    monkeypatch.setattr(worker_module, "MAX_INLINE_HELD_BYTES_PER_SENDER", 1000)
+    uploads: list[int] = []
+    upload = client.upload
+
+    async def counted(network: Any, worker: str, array: np.ndarray, **kwargs: Any) -> Any:
+        uploads.append(array.nbytes)
+        return await upload(network, worker, array, **kwargs)
+
+    monkeypatch.setattr(client, "upload", counted)
+    async with cluster(["requester", "worker"]) as c:
+        worker = await c.start("worker", "WEU")
+        requester = await c.start("requester", "WEU", serve=False)
+        await c.settle()
+        operands = {
+            "a": RNG.standard_normal((64, 48)).astype("float32"),
+            "b": RNG.standard_normal((48, 32)).astype("float32"),
+        }
+        result = await requester.submit("matmul", operands, shards=2, max_workers=1)
+        np.testing.assert_allclose(result.output, operands["a"] @ operands["b"], rtol=1e-5)
+        assert uploads  # refused inline, uploaded
+        assert requester.peers.get(worker.peer_id).failed == 0
+        assert worker.peer_id not in requester.scheduler.no_inline
+        assert worker.worker._inline_held == {} and worker.worker._inline_held_total == 0
+
+
+async def test_a_run_carrying_operands_does_not_wait_for_the_others(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A run request that carries some operands and lacks another is answered "missing
+    operands" at once, even with ``wait_operands``: it would hold its bytes meanwhile."""
+    from mtor_p2p.compute.protocol import PROTOCOL_RUN
+    from mtor_p2p.network import RemoteError
+    from mtor_p2p.records.arrays import as_bytes, meta_of, pack
+
+    async with cluster(["requester", "worker"]) as c:
+        worker = await c.start("worker", "WEU")
+        requester = await c.start("requester", "WEU", serve=False)
+        await c.settle()
+        a = RNG.standard_normal((16, 8)).astype("float32")
+        b = RNG.standard_normal((8, 4)).astype("float32")
+        header = {
+            "job_id": "ab" * 32,
+            "shard": 0,
+            "kernel": "matmul",
+            "operands": {"a": meta_of(a).to_json(), "b": meta_of(b).to_json()},
+            "wait_operands": True,
+            "inline": ["a"],
+        }
+        began = trio.current_time()
+        with pytest.raises(RemoteError, match="missing operands"):
+            await requester.network.request(
+                worker.peer_id, PROTOCOL_RUN, pack(header, as_bytes(a)), timeout=30
+            )
+        assert trio.current_time() - began < 1.0  # not the 2 s grace for an upload to start

@@ -18,8 +18,11 @@ Every message is ``arrays.pack(header, body)``. Operands travel in chunks of at 
                              its description says, at most INLINE_OPERAND_BYTES in all; the
                              worker checks each against its hash and keeps the ones its kernel
                              keeps resident, as if uploaded. A body without ``inline`` is
-                             refused. (Workers before this field refuse such a request as
-                             "request too large": the requester then uploads instead.)
+                             refused. A run carrying operands never waits for others: what
+                             it lacks is "missing operands" at once. Over the worker's cap of
+                             carried bytes in runs under way, the answer is INLINE_REFUSED.
+                             (Workers before this field refuse such a request as "request
+                             too large": the requester then uploads instead.)
 ``/mtor/compute/download/1`` header {hash, offset, length}            → body: a chunk
 ``/mtor/compute/countersign/1`` header {receipt: b64 complete receipt} → {stored}
 """
@@ -40,6 +43,9 @@ MAX_MESSAGE_BYTES = CHUNK_BYTES + 64 * 1024
 INLINE_OPERAND_BYTES = CHUNK_BYTES
 #: Largest run request: its header and its inline operands.
 MAX_RUN_REQUEST_BYTES = MAX_MESSAGE_BYTES
+#: How a worker refuses a run request's inline operands it will not hold now (over its cap of
+#: bytes held by runs in progress): not a fault; the requester uploads them instead.
+INLINE_REFUSED = "inline operands refused"
 #: Largest single operand or output a worker accepts.
 MAX_ARRAY_BYTES = 1 << 30
 #: Uploads in progress per worker, all peers together: the bytes their first chunks announced

@@ -32,7 +32,7 @@ from mtor_p2p.capacity.record import CapacityRecord, gpu_class
 from mtor_p2p.capacity.view import CapacityQuery, CapacityView
 from mtor_p2p.clock import NetClock
 from mtor_p2p.compute import blas, client
-from mtor_p2p.compute.protocol import INLINE_OPERAND_BYTES
+from mtor_p2p.compute.protocol import INLINE_OPERAND_BYTES, INLINE_REFUSED
 from mtor_p2p.compute.receipt_store import ReceiptStore
 from mtor_p2p.compute.reputation import PeerBook, Standing
 from mtor_p2p.compute.worker import CREDIT_REFUSED, PRICE_REFUSED
@@ -669,15 +669,25 @@ class _JobRun:
     ) -> client.ShardAnswer | None:
         unheld = self._unheld(worker, metas)
         inline = self._inline(worker, operands, metas, unheld)
+        began = trio.current_time()
         try:
             return await self._compute_with(worker, index, operands, metas, out, unheld, inline)
         except RemoteError as exc:
-            if not inline or not str(exc).startswith(client.REQUEST_TOO_LARGE):
+            # Refusals of the carried operands come at once (a host refuses a request over its
+            # limit after its length prefix; a worker over its cap before parsing): one that
+            # took longer than the bytes' upload allowance is the worker's failure.
+            inline_bytes = sum(operands[name].nbytes for name in inline)
+            quick = trio.current_time() - began <= self.s.shard_timeout(worker, 0, inline_bytes)
+            text = str(exc)
+            if not inline or not quick:
                 raise
-        # A worker of a version before inline operands: upload them, now and from now on.
-        self.s.no_inline[worker] = None
-        while len(self.s.no_inline) > SENT_OPERANDS_KEPT:
-            self.s.no_inline.popitem(last=False)
+            if text == client.REQUEST_TOO_LARGE:
+                # A worker of a version before inline operands: uploads from now on.
+                self.s.no_inline[worker] = None
+                while len(self.s.no_inline) > SENT_OPERANDS_KEPT:
+                    self.s.no_inline.popitem(last=False)
+            elif not text.startswith(INLINE_REFUSED):
+                raise
         return await self._compute_with(worker, index, operands, metas, out, unheld, set())
 
     def _inline(
@@ -687,10 +697,14 @@ class _JobRun:
         metas: dict[str, ArrayMeta],
         unheld: set[str],
     ) -> set[str]:
-        """Operands to carry in the run request itself: of those sent unasked (``unheld``),
-        the shard's own slices first, as many as fit INLINE_OPERAND_BYTES, none being
-        uploaded to that worker already. One message instead of the run request and an
-        upload per operand, each a request and an answer on both peers' event loops."""
+        """Operands to carry in the run request itself: every operand sent unasked
+        (``unheld``: the shard's own slices, operands never sent to that worker), when they
+        fit INLINE_OPERAND_BYTES together and none is being uploaded there already; else none
+        (a run carrying operands does not wait for uploads). One message instead of the run
+        request and an upload per operand, each a request and an answer on both peers' event
+        loops. Two shards starting together may both carry a new B: at most one extra copy
+        of 4 MiB per worker and job, where waiting for another shard's run would tie one
+        shard's fate to the other's."""
         if worker in self.s.no_inline:
             return set()
         chosen: set[str] = set()
@@ -703,7 +717,7 @@ class _JobRun:
             if nbytes <= room and key not in self.s.sent_operands and key not in self.s.uploads:
                 chosen.add(name)
                 room -= nbytes
-        return chosen
+        return chosen if chosen == unheld else set()
 
     async def _compute_with(
         self,
@@ -788,43 +802,29 @@ class _JobRun:
                 worker, flops, run_bytes
             )
 
-        # Operands kept resident that travel in this run are "being uploaded" until it ends:
-        # a concurrent shard for the same worker waits for them instead of sending them too.
-        carrying = {
-            (worker, metas[name].digest): trio.Event()
-            for name in inline
-            if name not in self.kernel.split_operands
-        }
-        self.s.uploads.update(carrying)
-        try:
-            async with trio.open_nursery() as nursery:
-                if uploaded:
-                    nursery.start_soon(send, nursery)
-                with run_scope:
-                    try:
-                        answer = await run(upload_timeout + run_timeout, wait=True)
-                    except Exception as exc:
-                        run_error = exc
-                if run_scope.cancelled_caught:
-                    run_error = trio.TooSlowError()
-                if answer is not None or not client.missing_in(run_error or Exception()):
-                    nursery.cancel_scope.cancel()  # nothing left to upload for
-            if answer is None:
-                if upload_error is not None:
-                    raise upload_error  # it explains the run's failure (cancelled, missing)
-                assert run_error is not None
-                if not client.missing_in(run_error):
-                    raise run_error
-                # The worker did not wait (an older version), or gave up before the uploads
-                # ended: they are done now, so ask once more.
-                timeout = self.s.shard_timeout(worker, flops, run_bytes)
-                with trio.fail_after(timeout):
-                    answer = await run(timeout, wait=False)
-        finally:
-            for key, event in carrying.items():
-                event.set()
-                if self.s.uploads.get(key) is event:
-                    del self.s.uploads[key]
+        async with trio.open_nursery() as nursery:
+            if uploaded:
+                nursery.start_soon(send, nursery)
+            with run_scope:
+                try:
+                    answer = await run(upload_timeout + run_timeout, wait=True)
+                except Exception as exc:
+                    run_error = exc
+            if run_scope.cancelled_caught:
+                run_error = trio.TooSlowError()
+            if answer is not None or not client.missing_in(run_error or Exception()):
+                nursery.cancel_scope.cancel()  # nothing left to upload for
+        if answer is None:
+            if upload_error is not None:
+                raise upload_error  # it explains the run's failure (cancelled, missing)
+            assert run_error is not None
+            if not client.missing_in(run_error):
+                raise run_error
+            # The worker did not wait (an older version), or gave up before the uploads
+            # ended: they are done now, so ask once more.
+            timeout = self.s.shard_timeout(worker, flops, run_bytes)
+            with trio.fail_after(timeout):
+                answer = await run(timeout, wait=False)
         if inline:
             self.s.note_uploaded(worker, kept)
         return answer

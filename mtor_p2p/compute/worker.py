@@ -45,6 +45,7 @@ from mtor_p2p.compute.executor import BackendExecutor, ShardExecutor
 from mtor_p2p.compute.protocol import (
     CHUNK_BYTES,
     INLINE_OPERAND_BYTES,
+    INLINE_REFUSED,
     MAX_ARRAY_BYTES,
     MAX_MESSAGE_BYTES,
     MAX_PENDING_UPLOAD_BYTES,
@@ -136,6 +137,15 @@ OPERAND_WAIT_MIN_RATE = 1 << 20
 #: the host's run permits): idle handlers a requester can hold.
 MAX_WAITING_RUNS_PER_SENDER = 4
 MAX_WAITING_RUNS = 16
+#: Bytes of run requests carrying operands (``inline``) that may be under way at once, from
+#: all senders and from one: such a run holds its bytes under the host's budgets of request
+#: bytes in progress (64 MiB in all by default) while it is queued and computes, so these
+#: leave most of that budget to uploads and to other peers. A request past them is refused at
+#: once (INLINE_REFUSED) and its requester uploads instead.
+MAX_INLINE_HELD_BYTES = 16 << 20
+MAX_INLINE_HELD_BYTES_PER_SENDER = 8 << 20
+#: A run request up to this size carries no operands worth accounting (its header only).
+SMALL_RUN_REQUEST_BYTES = 64 * 1024
 #: How often the worker's own loop expires idle uploads, moves expired owed work to unpaid and
 #: notes its price. A simulation with thousands of workers pays one wake-up per worker per
 #: interval, so it is not shorter than it needs to be for a 60 s upload timeout.
@@ -321,6 +331,9 @@ class WorkerService:
         self._credit_now = credit_now
         #: sender -> its runs waiting for operands now (see _may_wait).
         self._waiting_runs: dict[str, int] = {}
+        #: Bytes of run requests carrying operands under way, per sender and in all.
+        self._inline_held: dict[str, int] = {}
+        self._inline_held_total = 0
         self._on_receipt = on_receipt
         # requester -> (job_id, shard) -> (signed at, nano-credits): receipts handed out and
         # not yet countersigned; after OWED_MEMORY_SECONDS they move to ``_unpaid``.
@@ -565,6 +578,30 @@ class WorkerService:
 
     async def _on_run(self, sender: str, request: bytes) -> bytes:
         self.run_requests.add(self._clock.now())
+        held = len(request)
+        if held <= SMALL_RUN_REQUEST_BYTES:
+            return await self._serve_run(sender, request)
+        # Operands carried in the request: bounded in bytes held by runs under way (see
+        # MAX_INLINE_HELD_BYTES), refused at once beyond, before anything is parsed.
+        mine = self._inline_held.get(sender, 0)
+        if (
+            self._inline_held_total + held > MAX_INLINE_HELD_BYTES
+            or mine + held > MAX_INLINE_HELD_BYTES_PER_SENDER
+        ):
+            raise RemoteError(f"{INLINE_REFUSED}: too many carried bytes under way; upload them")
+        self._inline_held[sender] = mine + held
+        self._inline_held_total += held
+        try:
+            return await self._serve_run(sender, request)
+        finally:
+            self._inline_held_total -= held
+            left = self._inline_held[sender] - held
+            if left:
+                self._inline_held[sender] = left
+            else:
+                del self._inline_held[sender]
+
+    async def _serve_run(self, sender: str, request: bytes) -> bytes:
         try:
             header, body = unpack_view(request)  # inline operands are not copied out of it
         except RecordError as exc:
@@ -594,14 +631,20 @@ class WorkerService:
             announced += meta.nbytes
         # Checked against their hashes before anything else is done with them.
         carried = await self._inline_operands(header, body, metas)
-        kept = [name for name in carried if name in kernel.resident]
+        kept = [
+            name
+            for name in carried
+            if name in kernel.resident and metas[name].digest not in self.operands
+        ]
         for name in kept:
             # Kept as if uploaded, in a buffer of its own: a view would hold the whole
             # request (its other operands too) for as long as the store keeps it.
             self.operands.put(carried[name].copy(), metas[name].digest)
         if kept:
             self._operands_changed()
-        if header.get("wait_operands") is True and self._may_wait(sender):
+        # A run carrying operands never waits for others (it would hold its bytes meanwhile):
+        # what it lacks is "missing operands" at once.
+        if not carried and header.get("wait_operands") is True and self._may_wait(sender):
             # Pipelined: the requester sent this run together with the uploads it needs. A
             # run this worker would refuse is refused before it waits, and waiting runs are
             # bounded per sender and in all (beyond, the run is answered at once and the
@@ -610,8 +653,7 @@ class WorkerService:
             self._refuse_unpaid(sender)
             self._waiting_runs[sender] = self._waiting_runs.get(sender, 0) + 1
             try:
-                awaited = {d for name, d in digests.items() if name not in carried}
-                await self._await_operands(sender, awaited, announced)
+                await self._await_operands(sender, set(digests.values()), announced)
             finally:
                 self._waiting_runs[sender] -= 1
                 if not self._waiting_runs[sender]:

@@ -10,6 +10,13 @@ def main() -> int:
     """Dispatch to one benchmark module."""
     args = sys.argv[1:]
     name = args[0] if args else "peer"
+    if name in ("-h", "--help", "help"):
+        print(
+            "usage: ./mtor bench NAME [options]   (or: python -m benchmarks NAME [options])\n"
+            "NAME: peer (the default), compute, ledger, sim, attacks, control, nat, dashboard;\n"
+            "'./mtor bench NAME --help' explains each one. Results and baselines: BENCHMARKS.md"
+        )
+        return 0
     if name == "peer":
         from benchmarks.bench_peer import main as run
 

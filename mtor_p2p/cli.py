@@ -275,7 +275,10 @@ ENVIRONMENT_HELP = (
     f"IPFS_PATH is for kubo), {ENV_CONFIG} (the config file when --config is not given), "
     "NGROK_AUTHTOKEN (for --ngrok), MTOR_NGROK_PATH (the ngrok agent), MTOR_BOOTSTRAP_FILE "
     "(replaces the shipped bootstrap list), MTOR_DEBUG=1 (show the traceback of an "
-    "unexpected error), LIBP2P_DEBUG (py-libp2p's own logging)."
+    "unexpected error), LIBP2P_DEBUG (py-libp2p's own logging), MTOR_BLAS_THREADS (BLAS "
+    "threads for kernels and checks; default: cores - 1), NUMPY_MADVISE_HUGEPAGE=1 (keep "
+    "NumPy's transparent huge pages, which a peer otherwise stops where faults compact "
+    "memory)."
 )
 
 

@@ -369,13 +369,16 @@ async def test_a_shard_costs_one_round_trip_the_uploads_travel_beside_the_run(
     assert warm_compute + rtt < warm_elapsed < warm_compute + 1.5 * rtt, (warm_elapsed, rtt)
 
 
+@pytest.mark.parametrize(("k", "seen"), [(250, [True, False]), (8, [True, True, False])])
 async def test_a_worker_that_does_not_wait_for_operands_gets_the_run_again(
-    autojump_clock: trio.testing.MockClock,
+    autojump_clock: trio.testing.MockClock, k: int, seen: list[bool]
 ) -> None:
-    """A worker of an earlier version refuses a run request carrying operands (too large for
-    it) and ignores ``wait_operands``: the requester uploads them instead (and from then on),
-    the worker refuses the run while the uploads are on their way, the requester asks again
-    once they are done, and the shard is not counted as a failure."""
+    """A worker of an earlier version refuses a run request carrying operands as too large
+    (over its 64 KiB limit; k=250), or takes a small one and ignores its body (k=8: it
+    lacks what the request carried); and it ignores ``wait_operands``. The requester uploads
+    the operands instead (and from then on), the worker refuses the run while the uploads
+    are on their way, the requester asks again once they are done, and the shard is not
+    counted as a failure."""
     from mtor_p2p.compute.protocol import PROTOCOL_RUN
     from mtor_p2p.network import RemoteError
     from mtor_p2p.records.arrays import pack, unpack
@@ -389,18 +392,21 @@ async def test_a_worker_that_does_not_wait_for_operands_gets_the_run_again(
         async def older(sender: str, request: bytes) -> bytes:
             if len(request) > 64 * 1024:  # that version's limit, as its host refused it
                 raise RemoteError("request too large")
-            header, body = unpack(request)
+            header, _ = unpack(request)  # the body and "inline" mean nothing to it
+            header.pop("inline", None)
             runs.append(bool(header.pop("wait_operands", False)))
-            return await worker.worker._on_run(sender, pack(header, body))
+            return await worker.worker._on_run(sender, pack(header))
 
         c.world.network(worker.peer_id).handle(PROTOCOL_RUN, older)
         operands = {
-            "a": RNG.standard_normal((16, 250)).astype("float32"),
-            "b": RNG.standard_normal((250, 250)).astype("float32"),
+            "a": RNG.standard_normal((16, k)).astype("float32"),
+            "b": RNG.standard_normal((k, 250)).astype("float32"),
         }
         result = await requester.submit("matmul", operands, shards=1, max_workers=1)
         np.testing.assert_allclose(result.output, operands["a"] @ operands["b"], rtol=1e-4)
-        assert runs == [True, False]  # refused while the uploads ran, then asked again
+        # (k=8: first the small request carrying them, "missing"); refused while the uploads
+        # ran, then asked again.
+        assert runs == seen
         assert result.shards[0].attempts == 1
         assert requester.peers.get(worker.peer_id).failed == 0
         assert worker.peer_id in requester.scheduler.no_inline

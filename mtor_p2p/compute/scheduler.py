@@ -132,6 +132,11 @@ def value_factors(record: CapacityRecord, standing: Standing, speed: float) -> d
     }
 
 
+class _InlineIgnored(RemoteError):
+    """A worker answered "missing operands" for operands its run request carried: a version
+    before ``inline`` (it ignores the request's body)."""
+
+
 class JobFailed(Exception):
     """The job could not be completed (no workers left, or its deadline passed)."""
 
@@ -681,7 +686,7 @@ class _JobRun:
             text = str(exc)
             if not inline or not quick:
                 raise
-            if text == client.REQUEST_TOO_LARGE:
+            if text == client.REQUEST_TOO_LARGE or isinstance(exc, _InlineIgnored):
                 # A worker of a version before inline operands: uploads from now on.
                 self.s.no_inline[worker] = None
                 while len(self.s.no_inline) > SENT_OPERANDS_KEPT:
@@ -818,8 +823,13 @@ class _JobRun:
             if upload_error is not None:
                 raise upload_error  # it explains the run's failure (cancelled, missing)
             assert run_error is not None
-            if not client.missing_in(run_error):
+            missing = client.missing_in(run_error)
+            if not missing:
                 raise run_error
+            if any(metas[name].digest in missing for name in inline):
+                # It lacks what this very request carried: a worker before ``inline`` that
+                # took the (small) request and ignored its body.
+                raise _InlineIgnored(str(run_error))
             # The worker did not wait (an older version), or gave up before the uploads
             # ended: they are done now, so ask once more.
             timeout = self.s.shard_timeout(worker, flops, run_bytes)

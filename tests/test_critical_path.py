@@ -38,6 +38,21 @@ def count_hashing(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
     return counts
 
 
+def count_uploads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The sizes of the operands uploaded (``client.upload``), in order."""
+    from mtor_p2p.compute import client
+
+    uploads: list[int] = []
+    upload = client.upload
+
+    async def counted(network: Any, worker: str, array: np.ndarray, **kwargs: Any) -> Any:
+        uploads.append(array.nbytes)
+        return await upload(network, worker, array, **kwargs)
+
+    monkeypatch.setattr(client, "upload", counted)
+    return uploads
+
+
 async def test_each_operand_is_hashed_once_per_side(
     autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -560,17 +575,9 @@ async def test_a_cold_shard_travels_as_one_message_and_b_stays_resident(
     """Operands the worker lacks that fit INLINE_OPERAND_BYTES travel in the run request: no
     upload request at all; B is kept resident, so the next job's shards carry only A; when
     they do not all fit, they are all uploaded beside the run as before."""
-    from mtor_p2p.compute import client
     from mtor_p2p.compute.protocol import INLINE_OPERAND_BYTES
 
-    uploads: list[int] = []
-    upload = client.upload
-
-    async def counted(network: Any, worker: str, array: np.ndarray, **kwargs: Any) -> Any:
-        uploads.append(array.nbytes)
-        return await upload(network, worker, array, **kwargs)
-
-    monkeypatch.setattr(client, "upload", counted)
+    uploads = count_uploads(monkeypatch)
     async with cluster(["requester", "worker"]) as c:
         worker = await c.start("worker", "WEU")
         requester = await c.start("requester", "WEU", serve=False)
@@ -675,18 +682,9 @@ async def test_a_worker_over_its_cap_of_carried_bytes_gets_uploads_instead(
     """Runs carrying operands hold their bytes while queued and computing: past the worker's
     cap it refuses the next at once (INLINE_REFUSED), and the requester uploads that shard's
     operands instead, without counting it against the worker."""
-    from mtor_p2p.compute import client
-
     monkeypatch.setattr(worker_module, "SMALL_RUN_REQUEST_BYTES", 64)
     monkeypatch.setattr(worker_module, "MAX_INLINE_HELD_BYTES_PER_SENDER", 1000)
-    uploads: list[int] = []
-    upload = client.upload
-
-    async def counted(network: Any, worker: str, array: np.ndarray, **kwargs: Any) -> Any:
-        uploads.append(array.nbytes)
-        return await upload(network, worker, array, **kwargs)
-
-    monkeypatch.setattr(client, "upload", counted)
+    uploads = count_uploads(monkeypatch)
     async with cluster(["requester", "worker"]) as c:
         worker = await c.start("worker", "WEU")
         requester = await c.start("requester", "WEU", serve=False)

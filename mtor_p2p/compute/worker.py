@@ -365,8 +365,9 @@ class WorkerService:
         handle(PROTOCOL_UPLOAD, self._on_upload, max_request_bytes=MAX_MESSAGE_BYTES, timeout=60)
         handle(PROTOCOL_HAS, self._on_has, max_request_bytes=64 * 1024, timeout=10)
         # A run request may carry its shard's missing operands (``inline``): its bytes are
-        # admitted, and held while it waits and computes, under the host's per-peer and total
-        # budgets of request bytes in progress, like an upload's.
+        # admitted under the host's per-peer and total budgets of request bytes in progress,
+        # and held while it is queued and computes, within MAX_INLINE_HELD_BYTES (such a run
+        # never waits for other operands: see _serve_run).
         handle(
             PROTOCOL_RUN, self._on_run, max_request_bytes=MAX_RUN_REQUEST_BYTES, timeout=RUN_TIMEOUT
         )

@@ -291,3 +291,14 @@ logging.getLogger("mtor_p2p.node").warning("our warning")
     quiet = run("error")
     assert len(quiet) == 1 and "a libp2p error" in quiet[0]
     assert any("chatter" in x for x in run("debug"))
+
+
+@needs_wrapper
+def test_the_wrappers_help_names_its_own_commands_then_mtor_peers(tmp_path):
+    result = _wrapper(tmp_path, "--help")
+    assert result.returncode == 0, result.stderr
+    for command in ("./mtor devnet", "./mtor test", "./mtor bench", "./mtor sim run"):
+        assert command in result.stdout
+    assert "usage: mtor-peer" in result.stdout
+    bench = _wrapper(tmp_path, "bench", "--help")
+    assert bench.returncode == 0 and "compute" in bench.stdout, bench.stderr

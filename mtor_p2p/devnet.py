@@ -327,14 +327,17 @@ def run_devnet(
             print(format_peers_table(devnet.table()))
             print(f"\ndevnet of {peers} peers converged in {converged:.1f} s; data in {root}")
             data_dir = devnet.peers[0].data_dir
-            print(f"inspect a peer:  mtor-peer peers --data-dir {data_dir}")
-            print(f"run a job:       mtor-peer submit matmul --m 1024 --data-dir {data_dir}")
-            print(f"see credits:     mtor-peer balance --all --data-dir {data_dir}")
-            print(f"stake some:      mtor-peer stake 10 --data-dir {data_dir}")
-            print(f"audit:           mtor-peer ledger verify --data-dir {data_dir}")
-            print(f"watch it:        mtor-peer dashboard --open --data-dir {data_dir}")
-            print(f"follow jobs:     mtor-peer jobs --watch --data-dir {data_dir}")
-            print("                 (from a checkout: ./mtor peers ..., ./mtor submit ...)")
+            # The checkout's wrapper says how it was called (./mtor): hints the user can paste.
+            cmd = os.environ.get("MTOR_INVOKED_AS") or "mtor-peer"
+            print(f"inspect a peer:  {cmd} peers --data-dir {data_dir}")
+            print(f"run a job:       {cmd} submit matmul --m 1024 --data-dir {data_dir}")
+            print(f"see credits:     {cmd} balance --all --data-dir {data_dir}")
+            print(f"stake some:      {cmd} stake 10 --data-dir {data_dir}")
+            print(f"audit:           {cmd} ledger verify --data-dir {data_dir}")
+            print(f"watch it:        {cmd} dashboard --open --data-dir {data_dir}")
+            print(f"follow jobs:     {cmd} jobs --watch --data-dir {data_dir}")
+            if cmd == "mtor-peer":
+                print("                 (from a checkout: ./mtor peers ..., ./mtor submit ...)")
             print("Ctrl-C stops every peer", flush=True)
         restarts = dict.fromkeys(range(peers), 0)
         while not stop_requested:

@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
 import time
@@ -88,12 +89,26 @@ def fresh_pair(rng: Any, n: int, m: int | None = None) -> tuple[Any, Any]:
 # -- clusters ------------------------------------------------------------------------------
 
 
+def _prune_ray_sessions(root: Path, older_than_s: float = 600.0) -> None:
+    """Remove Ray's session directories (logs, sockets) of earlier runs: Ray never does, and
+    each run left about 0.2 MB (a new user found 104 of them). Recent ones may belong to a
+    run still going, and stay."""
+    cutoff = time.time() - older_than_s
+    for session in root.glob("session_2*"):
+        try:
+            if session.is_dir() and not session.is_symlink() and session.stat().st_mtime < cutoff:
+                shutil.rmtree(session, ignore_errors=True)
+        except OSError:
+            continue
+
+
 class RayCluster:
     name = "ray"
 
     def __init__(self, workers: int) -> None:
         os.environ["HOME"] = str(WORK / "home")  # Ray writes ~/.ray/auth_token
         (WORK / "home").mkdir(parents=True, exist_ok=True)
+        _prune_ray_sessions(WORK / "raytmp")
         import ray
 
         self.ray = ray

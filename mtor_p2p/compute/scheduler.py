@@ -132,6 +132,14 @@ def value_factors(record: CapacityRecord, standing: Standing, speed: float) -> d
     }
 
 
+def _remember(table: OrderedDict[Any, None], key: Any) -> None:
+    """Put ``key`` last in ``table``, forgetting the oldest beyond SENT_OPERANDS_KEPT."""
+    table[key] = None
+    table.move_to_end(key)
+    while len(table) > SENT_OPERANDS_KEPT:
+        table.popitem(last=False)
+
+
 class _InlineIgnored(RemoteError):
     """A worker answered "missing operands" for operands its run request carried: a version
     before ``inline`` (it ignores the request's body)."""
@@ -688,9 +696,7 @@ class _JobRun:
                 raise
             if text == client.REQUEST_TOO_LARGE or isinstance(exc, _InlineIgnored):
                 # A worker of a version before inline operands: uploads from now on.
-                self.s.no_inline[worker] = None
-                while len(self.s.no_inline) > SENT_OPERANDS_KEPT:
-                    self.s.no_inline.popitem(last=False)
+                _remember(self.s.no_inline, worker)
             elif not text.startswith(INLINE_REFUSED):
                 raise
         return await self._compute_with(worker, index, operands, metas, out, unheld, set())
@@ -1561,13 +1567,8 @@ class Scheduler:
     def note_uploaded(self, worker: str, metas: Iterable[ArrayMeta]) -> None:
         """Remember that ``worker`` holds these operands (they were just uploaded or found
         there), for :meth:`_JobRun._unheld`."""
-        sent = self.sent_operands
         for meta in metas:
-            key = (worker, meta.digest)
-            sent[key] = None
-            sent.move_to_end(key)
-        while len(sent) > SENT_OPERANDS_KEPT:
-            sent.popitem(last=False)
+            _remember(self.sent_operands, (worker, meta.digest))
 
     async def describe(self, arrays: dict[str, np.ndarray]) -> dict[str, ArrayMeta]:
         """Hash ``arrays`` (their wire descriptions): off the event loop when they are large."""

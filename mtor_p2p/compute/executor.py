@@ -10,14 +10,28 @@ models (``mtor_p2p.sim.device``). The worker's protocol logic is the same either
 from __future__ import annotations
 
 import functools
+import time
 from typing import Protocol
 
 import numpy as np
 import trio
 
 from mtor_kernels import Kernel
-from mtor_kernels.backend import Backend, select_backend
+from mtor_kernels.backend import Backend, NumpyBackend, select_backend
+from mtor_p2p.compute import blas
 from mtor_p2p.runtime import Runtime
+
+#: A host kernel expected to take at most this long (seconds, from the speed measured on the
+#: shards before it) runs on the event loop instead of a thread. The hop to a thread and back
+#: cost 1.1-1.5 ms of a 3 ms 512³ product inside a worker (the way back waits for the event
+#: loop to be woken, on this project's 2-core VM up to a millisecond); interleaved one-shard
+#: jobs on one cluster: p50 14.2 -> 13.1 ms (issue 9). The loop is held no longer than a
+#: small Freivalds check holds the requester's.
+INLINE_KERNEL_SECONDS = 0.008
+#: Shards smaller than this (FLOPs) say little about the host's speed: not measured.
+MIN_TIMED_FLOPS = 1e6
+#: How far each faster shard moves the speed estimate back (a slower one counts whole).
+SPEED_RECOVERY = 0.1
 
 
 class ShardExecutor(Protocol):
@@ -44,12 +58,49 @@ class BackendExecutor:
         self.slots = slots
         self._runtime = runtime
         self._limiter = trio.CapacityLimiter(slots)
+        #: The host's speed on the last shard large enough to tell (seconds per FLOP); None
+        #: until one has run.
+        self.seconds_per_flop: float | None = None
 
     async def execute(
         self, kernel: Kernel, operands: dict[str, np.ndarray], keys: dict[str, str]
     ) -> np.ndarray:
-        """Run the kernel off the event loop, at most ``slots`` shards at a time."""
+        """Run the kernel, at most ``slots`` shards at a time: off the event loop, or on it
+        when it is a host kernel expected to take at most INLINE_KERNEL_SECONDS."""
+        flops = float(kernel.flops(operands))
         # Resident operands (weights, B) are keyed by content hash so that a GPU backend keeps
         # them on the device between shards of the same job.
-        run = functools.partial(kernel.run, operands, self.backend, keys=keys)
-        return await self._runtime.run_blocking(run, limiter=self._limiter)
+        run = functools.partial(self._timed, kernel, operands, keys, flops)
+        return await self._runtime.run_blocking(
+            run, limiter=self._limiter, cheap=self._fits_on_loop(flops)
+        )
+
+    def _fits_on_loop(self, flops: float) -> bool:
+        # Only NumPy on one BLAS thread: a GPU call would wait for the device, and OpenBLAS
+        # with more threads serialises calls across threads (see blas.single_threaded). The
+        # first shard, with no speed measured, goes to a thread.
+        return (
+            isinstance(self.backend, NumpyBackend)
+            and self.seconds_per_flop is not None
+            and flops * self.seconds_per_flop <= INLINE_KERNEL_SECONDS
+            and blas.single_threaded()
+        )
+
+    def _timed(
+        self, kernel: Kernel, operands: dict[str, np.ndarray], keys: dict[str, str], flops: float
+    ) -> np.ndarray:
+        # The host's compute speed is measured as the capacity probe measures it, with the
+        # process's clock (not protocol time), inside the call: a queue for the limiter or a
+        # slow hop does not count. A slower shard (a busy host, operands that take BLAS's
+        # slow paths) counts at once and is forgotten slowly: a requester alternating fast
+        # and slow shards holds the loop once per few dozen shards, not every other one.
+        began = time.perf_counter()
+        output = kernel.run(operands, self.backend, keys=keys)
+        if flops >= MIN_TIMED_FLOPS:
+            measured = (time.perf_counter() - began) / flops
+            known = self.seconds_per_flop
+            if known is None or measured >= known:
+                self.seconds_per_flop = measured
+            else:
+                self.seconds_per_flop = known + (measured - known) * SPEED_RECOVERY
+        return output

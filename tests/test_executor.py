@@ -1,0 +1,134 @@
+"""Where a worker's host kernels run: on a thread, or on the event loop when they are small.
+
+Real threads (the production runtime) and real NumPy products; nothing here asserts how long
+anything took, only where it ran and what the executor concluded from the clock.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import numpy as np
+import pytest
+import trio
+
+from mtor_kernels.backend import NumpyBackend
+from mtor_kernels.matmul import MatmulKernel
+from mtor_p2p.compute import blas, executor
+from mtor_p2p.compute.executor import BackendExecutor
+from mtor_p2p.runtime import Runtime
+
+RNG = np.random.default_rng(7)
+
+
+def _operands(n: int) -> dict[str, np.ndarray]:
+    return {
+        "a": RNG.standard_normal((n, n), dtype=np.float32),
+        "b": RNG.standard_normal((n, n), dtype=np.float32),
+    }
+
+
+def _recording(monkeypatch: pytest.MonkeyPatch) -> tuple[MatmulKernel, list[bool]]:
+    """A matmul kernel that notes, for each run, whether it ran on the event loop's thread."""
+    kernel = MatmulKernel()
+    loop_thread = threading.get_ident()
+    on_loop: list[bool] = []
+    original = kernel.run
+
+    def run(*args: Any, **kwargs: Any) -> np.ndarray:
+        on_loop.append(threading.get_ident() == loop_thread)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(kernel, "run", run)
+    return kernel, on_loop
+
+
+def test_small_host_shards_run_on_the_event_loop_once_the_speed_is_known(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(blas, "single_threaded", lambda: True)
+    kernel, on_loop = _recording(monkeypatch)
+    operands = _operands(128)
+    flops = kernel.flops(operands)
+
+    async def main() -> None:
+        ex = BackendExecutor(NumpyBackend(), Runtime.production())
+        first = await ex.execute(kernel, operands, {})  # no speed known yet: a thread
+        assert ex.seconds_per_flop is not None and ex.seconds_per_flop > 0
+        np.testing.assert_allclose(first, operands["a"] @ operands["b"], rtol=1e-5)
+        # Known fast enough: on the loop.
+        ex.seconds_per_flop = executor.INLINE_KERNEL_SECONDS / flops / 4
+        await ex.execute(kernel, operands, {})
+        # Known too slow for this shard: a thread.
+        ex.seconds_per_flop = executor.INLINE_KERNEL_SECONDS / flops * 4
+        await ex.execute(kernel, operands, {})
+
+    trio.run(main)
+    assert on_loop == [False, True, False]
+
+
+def test_shards_stay_on_threads_while_blas_runs_several(monkeypatch: pytest.MonkeyPatch) -> None:
+    """OpenBLAS serialises calls from several threads: a product on the loop could wait out
+    a large one elsewhere in the process."""
+    monkeypatch.setattr(blas, "single_threaded", lambda: False)
+    kernel, on_loop = _recording(monkeypatch)
+    operands = _operands(64)
+
+    async def main() -> None:
+        ex = BackendExecutor(NumpyBackend(), Runtime.production())
+        ex.seconds_per_flop = 1e-15
+        await ex.execute(kernel, operands, {})
+
+    trio.run(main)
+    assert on_loop == [False]
+
+
+def test_a_slow_shard_counts_at_once_and_is_forgotten_slowly(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A requester that alternates fast shards with slow ones (values on BLAS's slow paths)
+    must not get every other one onto the worker's event loop."""
+    monkeypatch.setattr(blas, "single_threaded", lambda: True)
+    kernel = MatmulKernel()
+    operands = _operands(128)
+    flops = kernel.flops(operands)
+    original = kernel.run
+    slow = [True]
+
+    def run(*args: Any, **kwargs: Any) -> np.ndarray:
+        if slow[0]:
+            time.sleep(0.05)  # at least 50 ms: a lower bound, not a timing assertion
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(kernel, "run", run)
+
+    async def main() -> None:
+        ex = BackendExecutor(NumpyBackend(), Runtime.production())
+        ex.seconds_per_flop = 1e-15
+        await ex.execute(kernel, operands, {})
+        after_slow = ex.seconds_per_flop
+        assert after_slow is not None and after_slow >= 0.05 / flops
+        slow[0] = False
+        await ex.execute(kernel, operands, {})
+        # One fast shard moves the estimate back by SPEED_RECOVERY of the gap, no more.
+        assert ex.seconds_per_flop is not None
+        assert ex.seconds_per_flop >= after_slow * (1 - executor.SPEED_RECOVERY)
+        assert not ex._fits_on_loop(flops)
+
+    trio.run(main)
+
+
+def test_simulated_runtime_ignores_the_choice(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In a simulation every blocking call is inline anyway; the executor still computes."""
+    monkeypatch.setattr(blas, "single_threaded", lambda: True)
+    kernel = MatmulKernel()
+    operands = _operands(32)
+
+    async def main() -> None:
+        ex = BackendExecutor(NumpyBackend(), Runtime.simulated(seed=1))
+        out = await ex.execute(kernel, operands, {})
+        np.testing.assert_allclose(out, operands["a"] @ operands["b"], rtol=1e-5)
+
+    trio.run(main)

@@ -656,9 +656,16 @@ class ClientLane:
         return len(self._pending)
 
     async def request(
-        self, protocol: str, payload: bytes, *, timeout: float, max_response_bytes: int
+        self,
+        protocol: str,
+        payload: bytes,
+        *,
+        timeout: float,
+        max_response_bytes: int,
+        sent: trio.Event | None = None,
     ) -> bytes:
-        """One request; raise RemoteError for the server's refusal, NetworkError otherwise."""
+        """One request; raise RemoteError for the server's refusal, NetworkError otherwise
+        (``sent``: set once the request is written to the socket in full)."""
         try:
             encoded = protocol.encode("ascii")
         except UnicodeEncodeError:
@@ -670,13 +677,15 @@ class ClientLane:
         pending = self._pending[request_id] = _Pending(max_response_bytes)
         self.last_active = trio.current_time()
         self._stats.lane_requests_out += 1
-        sent = False
+        written = False
         try:
             with trio.fail_after(timeout):
                 await self.lane.send_message(
                     _REQUEST_HEAD.pack(_REQUEST, request_id, len(payload)) + encoded, payload
                 )
-                sent = True
+                written = True
+                if sent is not None:
+                    sent.set()
                 await pending.done.wait()
         except trio.TooSlowError:
             raise NetworkError(
@@ -687,7 +696,7 @@ class ClientLane:
             # answer may still come, and is then read and dropped, not taken as a violation.
             if (
                 self._pending.pop(request_id, None) is not None
-                and sent
+                and written
                 and not pending.done.is_set()
             ):
                 self._abandoned[request_id] = max_response_bytes

@@ -898,17 +898,24 @@ class Libp2pNetwork:
         *,
         timeout: float = 10.0,
         max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
+        sent: trio.Event | None = None,
     ) -> bytes:
         """Send one request, return the response (or raise): over the lane to ``peer_id``
         when one is open, else on a new stream (and a lane starts opening for next time).
-        A small exchange on a connection already open is timed (:meth:`round_trip`)."""
+        A small exchange on a connection already open is timed (:meth:`round_trip`).
+        ``sent`` is set once the request is written in full."""
         # An open lane is a direct connection (no need to look through the swarm's).
         lane_open = self._lane_client is not None and self._lane_client.get(peer_id) is not None
         connected = lane_open or self.connection_kind(peer_id) != "none"
         began = trio.current_time()
         try:
             response = await self._request(
-                peer_id, protocol, payload, timeout=timeout, max_response_bytes=max_response_bytes
+                peer_id,
+                protocol,
+                payload,
+                timeout=timeout,
+                max_response_bytes=max_response_bytes,
+                sent=sent,
             )
         except RemoteError as exc:  # an answer all the same: a round trip
             if connected:
@@ -928,12 +935,17 @@ class Libp2pNetwork:
         *,
         timeout: float,
         max_response_bytes: int,
+        sent: trio.Event | None = None,
     ) -> bytes:
         lane = self._lane_client.get(peer_id) if self._lane_client is not None else None
         if lane is not None:
             # A lane is a direct TCP connection: no relay limits to apply.
             return await lane.request(
-                protocol, payload, timeout=timeout, max_response_bytes=max_response_bytes
+                protocol,
+                payload,
+                timeout=timeout,
+                max_response_bytes=max_response_bytes,
+                sent=sent,
             )
         if (
             self.nat is not None
@@ -958,10 +970,19 @@ class Libp2pNetwork:
             timeout = max(0.0, timeout - (trio.current_time() - began))
         if lane is not None:
             return await lane.request(
-                protocol, payload, timeout=timeout, max_response_bytes=max_response_bytes
+                protocol,
+                payload,
+                timeout=timeout,
+                max_response_bytes=max_response_bytes,
+                sent=sent,
             )
         return await self._stream_request(
-            peer_id, protocol, payload, timeout=timeout, max_response_bytes=max_response_bytes
+            peer_id,
+            protocol,
+            payload,
+            timeout=timeout,
+            max_response_bytes=max_response_bytes,
+            sent=sent,
         )
 
     async def open_lane(self, peer_id: str, *, timeout: float = 10.0) -> bool:
@@ -1016,6 +1037,7 @@ class Libp2pNetwork:
         *,
         timeout: float = 10.0,
         max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
+        sent: trio.Event | None = None,
     ) -> bytes:
         """Open a stream, send one request, return the response (or raise)."""
         stream: INetStream | None = None
@@ -1025,6 +1047,8 @@ class Libp2pNetwork:
                     await self._dial_relayed_if_needed(peer_id)
                 stream = await self._host.new_stream(ID.from_base58(peer_id), [TProtocol(protocol)])
                 await stream.write(_LENGTH.pack(len(payload)) + payload)
+                if sent is not None:
+                    sent.set()
                 header = await _read_exactly(stream, 1 + _LENGTH.size)
                 status = header[0]
                 (length,) = _LENGTH.unpack(header[1:])

@@ -901,16 +901,18 @@ class MemNetwork:
         *,
         timeout: float = 10.0,
         max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
+        sent: trio.Event | None = None,
     ) -> bytes:
         """Send one request (dialling first if not connected); raise NetworkError or
-        RemoteError on failure, exactly as the libp2p adapter does."""
+        RemoteError on failure, exactly as the libp2p adapter does (``sent``: set once the
+        request's last byte is on the link)."""
         self._check_open()
         payload = bytes(payload)
         # Only an exchange on an open connection measures a round trip (a dial adds one).
         connected, began = peer_id in self._conns, trio.current_time()
         try:
             with trio.fail_after(timeout):
-                reply = await self._exchange(peer_id, protocol, payload)
+                reply = await self._exchange(peer_id, protocol, payload, sent)
                 if reply.kind == "silent":
                     await trio.sleep_forever()
                 if reply.kind == "reset":
@@ -936,7 +938,9 @@ class MemNetwork:
             return reply.body
         raise RemoteError(reply.body.decode("utf-8", errors="replace"))
 
-    async def _exchange(self, peer_id: str, protocol: str, payload: bytes) -> _Reply:
+    async def _exchange(
+        self, peer_id: str, protocol: str, payload: bytes, sent: trio.Event | None = None
+    ) -> _Reply:
         """Dial if needed, carry the request to the server and wait for it to answer."""
         world = self._world
         if peer_id not in self._conns:
@@ -949,6 +953,8 @@ class MemNetwork:
         if times is None:
             return reply  # silent
         await trio.sleep_until(times[1] + world.request_overhead)
+        if sent is not None:
+            sent.set()
         self._check_open()
         if not server._alive:
             server._reset(reply, self, "connection reset by peer")

@@ -191,8 +191,11 @@ class Network(Protocol):
         *,
         timeout: float = 10.0,
         max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
+        sent: trio.Event | None = None,
     ) -> bytes:
-        """Send one request; raise NetworkError or RemoteError on failure."""
+        """Send one request; raise NetworkError or RemoteError on failure. ``sent`` is set
+        once the whole request has been handed to the transport (the caller may then start
+        work that would have competed with sending it)."""
 
     async def publish(self, topic: str, data: bytes) -> None:
         """Gossip ``data`` on ``topic`` (best effort)."""

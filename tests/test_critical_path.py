@@ -504,14 +504,23 @@ async def test_receipts_settling_together_share_one_ledger_ingest(tmp_path: Any)
 async def test_the_freivalds_sketch_is_made_while_the_worker_computes(
     autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The job's sketch of B needs no answer: it is made when the job starts, beside the
-    shards (on a simulated host, its charged time overlaps the worker's), so that the check
-    on an answer's arrival is only the products with A and C."""
+    """The job's sketch of B needs no answer: it is made once a shard's operands have left
+    (not before: it would compete with sending them), beside the worker's compute (on a
+    simulated host, its charged time overlaps the worker's), so that the check on an
+    answer's arrival is only the products with A and C."""
     from mtor_kernels import verify as checks
     from mtor_p2p.compute import client
+    from mtor_p2p.compute.worker import WorkerService
 
     events: list[tuple[str, float]] = []
     sketch, run_shard = checks.freivalds_sketch, client.run_shard
+    on_run = WorkerService._on_run
+
+    async def arrived(self: Any, sender: str, request: bytes) -> bytes:
+        events.append(("run arrived", trio.current_time()))
+        return await on_run(self, sender, request)
+
+    monkeypatch.setattr(WorkerService, "_on_run", arrived)
 
     def timed_sketch(*args: Any, **kwargs: Any) -> Any:
         events.append(("sketch", trio.current_time()))
@@ -537,6 +546,8 @@ async def test_the_freivalds_sketch_is_made_while_the_worker_computes(
     kinds = [kind for kind, _ in events]
     assert kinds.count("sketch") == 1  # one per job, shared by its shards
     assert kinds.index("sketch") < kinds.index("answer"), events
+    # Memnet sets ``sent`` as the request's last byte reaches the worker (JPE to WEU: far).
+    assert events[kinds.index("run arrived")][1] <= events[kinds.index("sketch")][1], events
 
 
 async def test_answers_in_run_replies_are_placed_as_they_are_accepted(

@@ -201,6 +201,29 @@ async def test_binary_round_trip(open_nets: OpenNets) -> None:
         assert await client.request(server.peer_id, ECHO, b"") == b""
 
 
+async def test_sent_is_set_once_the_request_has_left_before_the_answer(
+    open_nets: OpenNets,
+) -> None:
+    """``sent`` tells the caller the request is written in full while its answer is still to
+    come: this handler answers only once the caller's event is set (it would time out if
+    the adapter set it late or never)."""
+    async with open_nets(2) as (server, client):
+        sent = trio.Event()
+
+        async def answer_once_sent(sender: str, payload: bytes) -> bytes:
+            with trio.fail_after(5):
+                await sent.wait()
+            return payload[:4]
+
+        server.handle(ECHO, answer_once_sent)
+        payload = random.Random(8).randbytes(256 * 1024)
+        assert await client.request(server.peer_id, ECHO, payload, timeout=10, sent=sent) == (
+            payload[:4]
+        )
+        # Without the event, requests are as before.
+        assert await client.request(server.peer_id, ECHO, b"abcdef") == b"abcd"
+
+
 async def test_peer_links_say_direct_and_time_small_requests(open_nets: OpenNets) -> None:
     """network.PeerLinks: a connected peer is "direct", any other "none"; a small request on
     the open connection is timed (the lowest is kept), a large one or a dial is not."""

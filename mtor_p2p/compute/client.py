@@ -344,6 +344,7 @@ async def run_shard(
     wait_operands: bool = False,
     out: np.ndarray | None = None,
     inline: Collection[str] = (),
+    sent: trio.Event | None = None,
 ) -> ShardAnswer:
     """Run one shard on ``worker`` (operands must already be there, or be named in
     ``inline``) and fetch its output.
@@ -357,6 +358,7 @@ async def run_shard(
     an output that came in the answer is returned as a view of the answer instead.
     ``inline``: operands whose bytes travel in the request itself (at most
     ``INLINE_OPERAND_BYTES`` in all; see ``protocol.py``), for a worker that lacks them.
+    ``sent``: set once the request (with any inline operands) is written in full.
     """
     # What an honest answer looks like is known before asking: the output's shape and dtype
     # follow from the kernel and the operands. A declared output of any other size is refused
@@ -382,7 +384,12 @@ async def run_shard(
         header["inline"] = carried
     request = pack_parts(header, [as_bytes(operands[name]) for name in carried])
     reply = await network.request(
-        worker, PROTOCOL_RUN, request, timeout=timeout, max_response_bytes=MAX_MESSAGE_BYTES
+        worker,
+        PROTOCOL_RUN,
+        request,
+        timeout=timeout,
+        max_response_bytes=MAX_MESSAGE_BYTES,
+        sent=sent,
     )
     with peer_fault_boundary(worker, "run answer"):
         answer, body = unpack_view(reply)

@@ -613,6 +613,44 @@ async def test_a_cold_shard_travels_as_one_message_and_b_stays_resident(
         assert sorted(uploads) == [third["a"].nbytes, big_b.nbytes]
 
 
+async def test_a_resident_b_is_not_asked_about_and_is_sent_again_once_dropped(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Shards carrying their slice inline do not ask whether the worker still holds the B
+    sent to it before (a "has" request each); a worker that dropped it says so in its answer,
+    gets B uploaded, and the shard is run again, with no fault recorded."""
+    from mtor_p2p.compute import client
+
+    asked: list[int] = []
+    missing_operands = client.missing_operands
+
+    async def counted(network: Any, worker: str, metas: Any, **kwargs: Any) -> Any:
+        asked.append(len(metas))
+        return await missing_operands(network, worker, metas, **kwargs)
+
+    monkeypatch.setattr(client, "missing_operands", counted)
+    uploads = count_uploads(monkeypatch)
+    async with cluster(["requester", "worker"]) as c:
+        worker = await c.start("worker", "WEU")
+        requester = await c.start("requester", "WEU", serve=False)
+        await c.settle()
+        b = RNG.standard_normal((48, 32)).astype("float32")
+        for shards in (1, 3):
+            operands = {"a": RNG.standard_normal((60, 48)).astype("float32"), "b": b}
+            result = await requester.submit("matmul", operands, shards=shards, max_workers=1)
+            np.testing.assert_allclose(result.output, operands["a"] @ b, rtol=1e-5)
+        assert asked == [] and uploads == []
+        # The worker drops B (its store's eviction, a restart): the next shard's answer
+        # names it, B is uploaded, and the run is asked again.
+        worker.worker.operands.discard(arrays.meta_of(b).digest)
+        operands = {"a": RNG.standard_normal((60, 48)).astype("float32"), "b": b}
+        result = await requester.submit("matmul", operands, shards=1, max_workers=1)
+        np.testing.assert_allclose(result.output, operands["a"] @ b, rtol=1e-5)
+        assert uploads == [b.nbytes]
+        assert arrays.meta_of(b).digest in worker.worker.operands
+        assert requester.peers.get(worker.peer_id).failed == 0
+
+
 async def test_only_a_small_sketch_is_made_on_the_event_loop(
     autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -753,6 +753,11 @@ class _JobRun:
         # upload, the run's own deadline is the only one.
         flops = int(self.kernel.flops(operands))
         uploaded = {name: array for name, array in operands.items() if name not in inline}
+        # A run carrying operands carries every one the worker is not known to hold: the
+        # rest were sent to it before, and are not asked about (a "has" request per shard,
+        # answered on both event loops). If it dropped one since, its answer names it, and
+        # that one is uploaded before the run is asked again (below).
+        trusted = set(uploaded) if inline else set()
         result_bytes = int(np.prod(self.kernel.output_shape(operands))) * 4
         run_bytes = result_bytes + sum(operands[name].nbytes for name in inline)
         upload_timeout = 0.0
@@ -784,13 +789,17 @@ class _JobRun:
                 out=out,
                 inline=inline,
                 # With uploads, the operands have left when they are done (send() below).
-                sent=None if uploaded else self.operands_out,
+                sent=None if set(uploaded) - trusted else self.operands_out,
             )
 
         answer: client.ShardAnswer | None = None
         upload_error: Exception | None = None
         run_error: Exception | None = None
-        run_scope = trio.CancelScope(deadline=trio.current_time() + upload_timeout + run_timeout)
+        if trusted:
+            first_timeout = run_timeout  # nothing is uploaded beside this run
+        else:
+            first_timeout = upload_timeout + run_timeout
+        run_scope = trio.CancelScope(deadline=trio.current_time() + first_timeout)
 
         kept = [m for n, m in metas.items() if n not in self.kernel.split_operands]
 
@@ -820,11 +829,11 @@ class _JobRun:
             )
 
         async with trio.open_nursery() as nursery:
-            if uploaded:
+            if uploaded and not trusted:
                 nursery.start_soon(send, nursery)
             with run_scope:
                 try:
-                    answer = await run(upload_timeout + run_timeout, wait=True)
+                    answer = await run(first_timeout, wait=True)
                 except Exception as exc:
                     run_error = exc
             if run_scope.cancelled_caught:
@@ -842,6 +851,19 @@ class _JobRun:
                 # It lacks what this very request carried: a worker before ``inline`` that
                 # took the (small) request and ignored its body.
                 raise _InlineIgnored(str(run_error))
+            lacking = {n: a for n, a in uploaded.items() if metas[n].digest in missing}
+            if trusted and lacking:
+                # It dropped an operand sent to it before: send that one, then ask again.
+                with trio.fail_after(upload_timeout):
+                    await client.ensure_operands(
+                        self.s.network,
+                        worker,
+                        lacking,
+                        timeout=upload_timeout,
+                        in_flight=self.s.uploads,
+                        metas=metas,
+                        unheld=set(lacking),
+                    )
             # The worker did not wait (an older version), or gave up before the uploads
             # ended: they are done now, so ask once more.
             timeout = self.s.shard_timeout(worker, flops, run_bytes)

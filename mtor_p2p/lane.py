@@ -207,7 +207,11 @@ class LaneSocket:
             view = memoryview(body).cast("B")
             records = 1 + -(-len(view) // RECORD_BYTES)
             total = len(header) + len(view) + records * (_RECORD_LENGTH.size + _TAG)
-            out = self._out if total <= len(self._out) else bytearray(min(total, _LARGE_BUFFER))
+            if total > len(self._out):
+                # Kept while the lane is busy (wait_readable gives it back): a fresh, zeroed
+                # 2 MiB buffer per message cost its page faults on every 512² shard.
+                self._out = bytearray(min(total, _LARGE_BUFFER))
+            out = self._out
             with trio.CancelScope(shield=True) as scope:
                 scope.deadline = trio.current_time() + read_deadline(total)
                 try:
@@ -298,12 +302,12 @@ class LaneSocket:
         if length == 0:
             return b""
         if length <= RECORD_BYTES:
-            # One record: open it straight into the bytes object handed to the caller.
-            out = bytearray(length)
-            got = await self._open_record(memoryview(out), length)
-            if got != length:
+            # One record: opened into the bytes object handed to the caller (one allocation;
+            # a zeroed buffer and then its copy cost two of fresh pages).
+            body = await self._open_record_bytes(length)
+            if len(body) != length:
                 raise LaneError("body record shorter than announced")
-            return bytes(out)
+            return body
         # Several records: each opened into its own bytes, then joined. One large allocation
         # (the result) instead of two (a zeroed buffer, then its copy): at 64 MiB, fresh
         # pages cost more than the decryption itself.
@@ -346,15 +350,17 @@ class LaneSocket:
             size -= take
 
     async def wait_readable(self) -> None:
-        """Return once a byte is buffered (the next message has begun). A large receive
-        buffer is given back when the lane has been quiet for a moment."""
+        """Return once a byte is buffered (the next message has begun). Large buffers (to
+        receive, to send) are given back when the lane has been quiet for a moment."""
         if self._end > self._start:
             return
-        if len(self._in) > SMALL_BUFFER_BYTES:
+        if len(self._in) > SMALL_BUFFER_BYTES or len(self._out) > SMALL_BUFFER_BYTES:
             with trio.move_on_after(LARGE_BUFFER_KEEP_S):
                 await self._fill(1)
                 return
             self._in, self._start, self._end = bytearray(SMALL_BUFFER_BYTES), 0, 0
+            if not self._send_lock.locked():  # a send under way keeps its own reference
+                self._out = bytearray(SMALL_BUFFER_BYTES)
         await self._fill(1)
 
     def close(self) -> None:

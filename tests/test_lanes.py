@@ -256,3 +256,40 @@ async def _ticket(client: Libp2pNetwork, server: Libp2pNetwork) -> tuple[int, by
     host, port, ticket, secret = await client._fetch_ticket(server.peer_id)
     assert host == "127.0.0.1" and port == server.lane_port()
     return port, ticket, secret
+
+
+def test_a_busy_lane_keeps_its_send_buffer_and_an_idle_one_gives_it_back() -> None:
+    """A 512² shard's messages each needed a fresh, zeroed 2 MiB buffer to seal into; the lane
+    now keeps one while it is busy and gives it back after LARGE_BUFFER_KEEP_S of quiet
+    (virtual time: the clock jumps while both ends wait)."""
+    import trio.testing
+
+    body = os.urandom(1_500_000)
+
+    async def main() -> None:
+        a, b = trio.socket.socketpair()
+        k1, k2 = os.urandom(32), os.urandom(32)
+        sender = lanes.LaneSocket(a, send_key=k1, receive_key=k2)
+        receiver = lanes.LaneSocket(b, send_key=k2, receive_key=k1)
+        received: list[bytes] = []
+
+        async def read_two() -> None:
+            for _ in range(2):
+                assert await receiver.read_header() == b"head"
+                received.append(await receiver.read_body(len(body)))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read_two)
+            await sender.send_message(b"head", body)
+            kept = sender._out
+            assert len(kept) > lanes.SMALL_BUFFER_BYTES
+            await sender.send_message(b"head", body)
+            assert sender._out is kept  # the second message reused it
+        assert received == [body, body]
+        with trio.move_on_after(2 * lanes.LARGE_BUFFER_KEEP_S):
+            await sender.wait_readable()  # nothing comes: the lane is idle
+        assert len(sender._out) == lanes.SMALL_BUFFER_BYTES
+        sender.close()
+        receiver.close()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))

@@ -217,9 +217,8 @@ async def test_sent_is_set_once_the_request_has_left_before_the_answer(
 
         server.handle(ECHO, answer_once_sent)
         payload = random.Random(8).randbytes(256 * 1024)
-        assert await client.request(server.peer_id, ECHO, payload, timeout=10, sent=sent) == (
-            payload[:4]
-        )
+        reply = await client.request(server.peer_id, ECHO, payload, timeout=10, sent=sent)
+        assert reply == payload[:4]
         # Without the event, requests are as before.
         assert await client.request(server.peer_id, ECHO, b"abcdef") == b"abcd"
 

@@ -803,19 +803,22 @@ class _JobRun:
 
         kept = [m for n, m in metas.items() if n not in self.kernel.split_operands]
 
+        async def upload(arrays: dict[str, np.ndarray], unasked: set[str]) -> None:
+            with trio.fail_after(upload_timeout):
+                await client.ensure_operands(
+                    self.s.network,
+                    worker,
+                    arrays,
+                    timeout=upload_timeout,
+                    in_flight=self.s.uploads,
+                    metas=metas,
+                    unheld=unasked,
+                )
+
         async def send(nursery: trio.Nursery) -> None:
             nonlocal upload_error
             try:
-                with trio.fail_after(upload_timeout):
-                    await client.ensure_operands(
-                        self.s.network,
-                        worker,
-                        uploaded,
-                        timeout=upload_timeout,
-                        in_flight=self.s.uploads,
-                        metas=metas,
-                        unheld=unheld - inline,
-                    )
+                await upload(uploaded, unheld - inline)
                 if not inline:
                     self.s.note_uploaded(worker, kept)
                 self.operands_out.set()
@@ -854,16 +857,7 @@ class _JobRun:
             lacking = {n: a for n, a in uploaded.items() if metas[n].digest in missing}
             if trusted and lacking:
                 # It dropped an operand sent to it before: send that one, then ask again.
-                with trio.fail_after(upload_timeout):
-                    await client.ensure_operands(
-                        self.s.network,
-                        worker,
-                        lacking,
-                        timeout=upload_timeout,
-                        in_flight=self.s.uploads,
-                        metas=metas,
-                        unheld=set(lacking),
-                    )
+                await upload(lacking, set(lacking))
             # The worker did not wait (an older version), or gave up before the uploads
             # ended: they are done now, so ask once more.
             timeout = self.s.shard_timeout(worker, flops, run_bytes)

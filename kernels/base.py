@@ -103,7 +103,11 @@ class Kernel(ABC):
     * ``split_operands``: every operand cut along axis 0 with it (attention cuts q, k and v);
     * ``resident``: operands every shard needs whole (weights, the ``B`` of a matmul); a worker
       keeps them cached on its device across shards of the same job;
-    * ``check``: the default verification, ``"freivalds"`` or ``"sample"`` (see ``verify``).
+    * ``check``: the default verification, ``"freivalds"`` or ``"sample"`` (see ``verify``);
+    * ``cost_is_flops``: True when the kernel's time is its :meth:`flops` in BLAS and nothing
+      else of note (no element-wise work its FLOP count leaves out): only then can a worker
+      predict a shard's time from the speed of the shards before it (a small one may then
+      run on its event loop, see ``mtor_p2p.compute.executor``).
 
     Subclasses implement the shape rules (:meth:`_check_shapes`), :meth:`flops`,
     :meth:`output_shape`, the backend-generic computation (:meth:`forward`) and
@@ -116,6 +120,7 @@ class Kernel(ABC):
     split_operands: ClassVar[tuple[str, ...]]
     resident: ClassVar[frozenset[str]]
     check: ClassVar[str]
+    cost_is_flops: ClassVar[bool] = False
 
     def __init__(self, *, max_elements: int = DEFAULT_MAX_ELEMENTS) -> None:
         self.max_elements = int(max_elements)

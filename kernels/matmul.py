@@ -25,6 +25,7 @@ class MatmulKernel(Kernel):
     split_operands = ("a",)
     resident = frozenset({"b"})
     check = "freivalds"
+    cost_is_flops = True
 
     def _check_shapes(self, operands: Operands) -> None:
         self._check_ndim(operands, {"a": 2, "b": 2})

@@ -56,13 +56,13 @@ def test_small_host_shards_run_on_the_event_loop_once_the_speed_is_known(
     async def main() -> None:
         ex = BackendExecutor(NumpyBackend(), Runtime.production())
         first = await ex.execute(kernel, operands, {})  # no speed known yet: a thread
-        assert ex.seconds_per_flop is not None and ex.seconds_per_flop > 0
+        assert ex.seconds_per_flop["matmul"] > 0
         np.testing.assert_allclose(first, operands["a"] @ operands["b"], rtol=1e-5)
         # Known fast enough: on the loop.
-        ex.seconds_per_flop = executor.INLINE_KERNEL_SECONDS / flops / 4
+        ex.seconds_per_flop["matmul"] = executor.INLINE_KERNEL_SECONDS / flops / 4
         await ex.execute(kernel, operands, {})
         # Known too slow for this shard: a thread.
-        ex.seconds_per_flop = executor.INLINE_KERNEL_SECONDS / flops * 4
+        ex.seconds_per_flop["matmul"] = executor.INLINE_KERNEL_SECONDS / flops * 4
         await ex.execute(kernel, operands, {})
 
     trio.run(main)
@@ -78,7 +78,7 @@ def test_shards_stay_on_threads_while_blas_runs_several(monkeypatch: pytest.Monk
 
     async def main() -> None:
         ex = BackendExecutor(NumpyBackend(), Runtime.production())
-        ex.seconds_per_flop = 1e-15
+        ex.seconds_per_flop["matmul"] = 1e-15
         await ex.execute(kernel, operands, {})
 
     trio.run(main)
@@ -106,18 +106,44 @@ def test_a_slow_shard_counts_at_once_and_is_forgotten_slowly(
 
     async def main() -> None:
         ex = BackendExecutor(NumpyBackend(), Runtime.production())
-        ex.seconds_per_flop = 1e-15
+        ex.seconds_per_flop["matmul"] = 1e-15
         await ex.execute(kernel, operands, {})
-        after_slow = ex.seconds_per_flop
-        assert after_slow is not None and after_slow >= 0.05 / flops
+        after_slow = ex.seconds_per_flop["matmul"]
+        assert after_slow >= 0.05 / flops
         slow[0] = False
         await ex.execute(kernel, operands, {})
         # One fast shard moves the estimate back by SPEED_RECOVERY of the gap, no more.
-        assert ex.seconds_per_flop is not None
-        assert ex.seconds_per_flop >= after_slow * (1 - executor.SPEED_RECOVERY)
-        assert not ex._fits_on_loop(flops)
+        assert ex.seconds_per_flop["matmul"] >= after_slow * (1 - executor.SPEED_RECOVERY)
+        assert not ex._fits_on_loop(kernel, operands, flops)
 
     trio.run(main)
+
+
+def test_only_kernels_whose_time_is_their_flops_run_on_the_loop_and_only_small_ones(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An MLP's FLOP count leaves out its GELU (a review's shard with d_in = d_out = 1 counted
+    2.75e8 FLOPs and held a loop 2.2 s): such kernels always go to a thread, and so does a
+    matmul over INLINE_KERNEL_ELEMENTS, however fast the host; speeds are kept per kernel."""
+    from mtor_kernels import get_kernel
+
+    monkeypatch.setattr(blas, "single_threaded", lambda: True)
+    mlp = get_kernel("mlp")
+    assert not mlp.cost_is_flops and MatmulKernel.cost_is_flops
+    kernel = MatmulKernel()
+    big = {
+        "a": np.ones((1024, 512), dtype=np.float32),
+        "b": np.ones((512, 1024), dtype=np.float32),
+    }
+    elements = sum(a.size for a in big.values()) + 1024 * 1024
+    assert elements > executor.INLINE_KERNEL_ELEMENTS
+    ex = BackendExecutor(NumpyBackend(), Runtime.production())
+    ex.seconds_per_flop["matmul"] = 1e-18
+    assert not ex._fits_on_loop(kernel, big, float(kernel.flops(big)))
+    small = _operands(64)
+    assert ex._fits_on_loop(kernel, small, float(kernel.flops(small)))
+    ex.seconds_per_flop["mlp"] = 1e-18  # even a speed known for it: never on the loop
+    assert not ex._fits_on_loop(mlp, {}, 1.0)
 
 
 def test_simulated_runtime_ignores_the_choice(monkeypatch: pytest.MonkeyPatch) -> None:

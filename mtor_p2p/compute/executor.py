@@ -10,6 +10,7 @@ models (``mtor_p2p.sim.device``). The worker's protocol logic is the same either
 from __future__ import annotations
 
 import functools
+import math
 import time
 from typing import Protocol
 
@@ -21,13 +22,16 @@ from mtor_kernels.backend import Backend, NumpyBackend, select_backend
 from mtor_p2p.compute import blas
 from mtor_p2p.runtime import Runtime
 
-#: A host kernel expected to take at most this long (seconds, from the speed measured on the
-#: shards before it) runs on the event loop instead of a thread. The hop to a thread and back
-#: cost 1.1-1.5 ms of a 3 ms 512³ product inside a worker (the way back waits for the event
-#: loop to be woken, on this project's 2-core VM up to a millisecond); interleaved one-shard
-#: jobs on one cluster: p50 14.2 -> 13.1 ms (issue 9). The loop is held no longer than a
-#: small Freivalds check holds the requester's.
+#: A host kernel whose time is its FLOPs (``Kernel.cost_is_flops``: matmul) expected to take at
+#: most this long (seconds, from the speed measured on that kernel's shards before it) runs on
+#: the event loop instead of a thread. The hop to a thread and back cost ~1.1 ms of a 3 ms 512³
+#: product inside a worker; interleaved one-shard jobs on one cluster: p50 14.2 -> 13.1 ms
+#: (issue 9).
 INLINE_KERNEL_SECONDS = 0.008
+#: ... and whose operands and output hold at most this many elements in all (512³: 786,432),
+#: whatever its FLOPs: what a shard may make the loop touch is bounded even before its
+#: kernel's speed is known well.
+INLINE_KERNEL_ELEMENTS = 1 << 20
 #: Shards smaller than this (FLOPs) say little about the host's speed: not measured.
 MIN_TIMED_FLOPS = 1e6
 #: How far each faster shard moves the speed estimate back (a slower one counts whole).
@@ -58,9 +62,10 @@ class BackendExecutor:
         self.slots = slots
         self._runtime = runtime
         self._limiter = trio.CapacityLimiter(slots)
-        #: The host's speed on the last shard large enough to tell (seconds per FLOP); None
-        #: until one has run.
-        self.seconds_per_flop: float | None = None
+        #: The host's speed per kernel (seconds per FLOP, see _timed), for the kernels whose
+        #: time is their FLOPs; a kernel absent until one of its shards large enough to tell
+        #: has run.
+        self.seconds_per_flop: dict[str, float] = {}
 
     async def execute(
         self, kernel: Kernel, operands: dict[str, np.ndarray], keys: dict[str, str]
@@ -72,17 +77,23 @@ class BackendExecutor:
         # them on the device between shards of the same job.
         run = functools.partial(self._timed, kernel, operands, keys, flops)
         return await self._runtime.run_blocking(
-            run, limiter=self._limiter, cheap=self._fits_on_loop(flops)
+            run, limiter=self._limiter, cheap=self._fits_on_loop(kernel, operands, flops)
         )
 
-    def _fits_on_loop(self, flops: float) -> bool:
+    def _fits_on_loop(self, kernel: Kernel, operands: dict[str, np.ndarray], flops: float) -> bool:
         # Only NumPy on one BLAS thread: a GPU call would wait for the device, and OpenBLAS
-        # with more threads serialises calls across threads (see blas.single_threaded). The
-        # first shard, with no speed measured, goes to a thread.
+        # with more threads serialises calls across threads (see blas.single_threaded). Only
+        # a kernel whose time its FLOPs predict (an MLP's GELU or attention's softmax are
+        # element-wise work its FLOP count leaves out: 300x slower per counted FLOP, measured
+        # in review). The first shard of a kernel, with no speed measured, goes to a thread.
+        speed = self.seconds_per_flop.get(kernel.name)
+        if speed is None or not kernel.cost_is_flops or not isinstance(self.backend, NumpyBackend):
+            return False
+        elements = sum(a.size for a in operands.values())
+        elements += math.prod(kernel.output_shape(operands))
         return (
-            isinstance(self.backend, NumpyBackend)
-            and self.seconds_per_flop is not None
-            and flops * self.seconds_per_flop <= INLINE_KERNEL_SECONDS
+            elements <= INLINE_KERNEL_ELEMENTS
+            and flops * speed <= INLINE_KERNEL_SECONDS
             and blas.single_threaded()
         )
 
@@ -96,11 +107,11 @@ class BackendExecutor:
         # and slow shards holds the loop once per few dozen shards, not every other one.
         began = time.perf_counter()
         output = kernel.run(operands, self.backend, keys=keys)
-        if flops >= MIN_TIMED_FLOPS:
+        if flops >= MIN_TIMED_FLOPS and kernel.cost_is_flops:
             measured = (time.perf_counter() - began) / flops
-            known = self.seconds_per_flop
+            known = self.seconds_per_flop.get(kernel.name)
             if known is None or measured >= known:
-                self.seconds_per_flop = measured
+                self.seconds_per_flop[kernel.name] = measured
             else:
-                self.seconds_per_flop = known + (measured - known) * SPEED_RECOVERY
+                self.seconds_per_flop[kernel.name] = known + (measured - known) * SPEED_RECOVERY
         return output

@@ -183,8 +183,9 @@ class LaneSocket:
         self._opener = _Sealer(receive_key)
         self._send_lock = trio.Lock()
         # Idle lanes hold small buffers (a host may serve hundreds); a large message gets a
-        # large one for as long as it takes (send) or while the lane stays busy (receive).
+        # large one, kept while the lane stays busy (see wait_readable).
         self._out = bytearray(SMALL_BUFFER_BYTES)
+        self._out_used_at = 0.0  # when a message last went out through self._out
         self._in = bytearray(SMALL_BUFFER_BYTES)
         self._start = 0  # unread bytes are self._in[self._start:self._end]
         self._end = 0
@@ -212,6 +213,7 @@ class LaneSocket:
                 # 2 MiB buffer per message cost its page faults on every 512² shard.
                 self._out = bytearray(min(total, _LARGE_BUFFER))
             out = self._out
+            self._out_used_at = trio.current_time()
             with trio.CancelScope(shield=True) as scope:
                 scope.deadline = trio.current_time() + read_deadline(total)
                 try:
@@ -231,6 +233,7 @@ class LaneSocket:
             if scope.cancelled_caught:
                 self.close()
                 raise LaneError("the peer did not read a message in time")
+            self._out_used_at = trio.current_time()
 
     def _seal(self, out: bytearray, plaintext: bytes | memoryview, at: int) -> int:
         size = len(plaintext) + _TAG
@@ -350,18 +353,21 @@ class LaneSocket:
             size -= take
 
     async def wait_readable(self) -> None:
-        """Return once a byte is buffered (the next message has begun). Large buffers (to
-        receive, to send) are given back when the lane has been quiet for a moment."""
-        if self._end > self._start:
-            return
-        if len(self._in) > SMALL_BUFFER_BYTES or len(self._out) > SMALL_BUFFER_BYTES:
+        """Return once a byte is buffered (the next message has begun). Large buffers are
+        given back once the lane has been quiet for LARGE_BUFFER_KEEP_S: the receive buffer
+        after that long without a byte in, the send buffer that long after its last message
+        out. The wait wakes every LARGE_BUFFER_KEEP_S to look: a large answer may be sent
+        (from a handler) while this reader already waits."""
+        while self._end <= self._start:
             with trio.move_on_after(LARGE_BUFFER_KEEP_S):
                 await self._fill(1)
                 return
-            self._in, self._start, self._end = bytearray(SMALL_BUFFER_BYTES), 0, 0
-            if not self._send_lock.locked():  # a send under way keeps its own reference
+            if len(self._in) > SMALL_BUFFER_BYTES:
+                self._in, self._start, self._end = bytearray(SMALL_BUFFER_BYTES), 0, 0
+            quiet = trio.current_time() - self._out_used_at >= LARGE_BUFFER_KEEP_S
+            # A send under way keeps its own reference (and sets _out_used_at).
+            if len(self._out) > SMALL_BUFFER_BYTES and quiet and not self._send_lock.locked():
                 self._out = bytearray(SMALL_BUFFER_BYTES)
-        await self._fill(1)
 
     def close(self) -> None:
         """Close the socket; readers and writers get LaneError."""

@@ -561,10 +561,12 @@ async def test_a_job_with_one_hostile_worker_completes_on_the_honest_one(
             "b": RNG.standard_normal((250, 250)).astype("float32"),
         }
         if attack == "has-garbage":
-            # Operands a requester never uploaded to a worker are sent without asking: make
-            # it believe both workers hold B, so that it asks them.
+            # Operands a requester never uploaded to a worker are sent without asking, and a
+            # run carrying the rest inline does not ask about those it did upload: make it
+            # believe both workers hold B, and upload (not carry) the slices, so that it asks.
             for worker in (hostile, honest):
                 requester.scheduler.note_uploaded(worker.peer_id, [meta_of(ops["b"])])
+                requester.scheduler.no_inline[worker.peer_id] = None
         result = await requester.submit("matmul", ops, shards=4)
         assert calls >= 1, "the hostile worker was never tried"
         assert result.output.dtype == np.float32

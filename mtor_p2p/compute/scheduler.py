@@ -795,10 +795,11 @@ class _JobRun:
         answer: client.ShardAnswer | None = None
         upload_error: Exception | None = None
         run_error: Exception | None = None
-        if trusted:
-            first_timeout = run_timeout  # nothing is uploaded beside this run
-        else:
-            first_timeout = upload_timeout + run_timeout
+        # The allowance for the uploaded operands' bytes stays in the run's deadline even
+        # when none is uploaded beside it (``trusted``): it is also the slack for a run queued
+        # behind the worker's other shards (without it, honest workers timed out in a test of
+        # eight Sybils and the liars got more trials).
+        first_timeout = upload_timeout + run_timeout
         run_scope = trio.CancelScope(deadline=trio.current_time() + first_timeout)
 
         kept = [m for n, m in metas.items() if n not in self.kernel.split_operands]
@@ -1146,7 +1147,15 @@ class _JobRun:
 
     async def _slot(self, worker: str, slot: int) -> None:
         failures_in_a_row = busy_in_a_row = 0
+        # A worker the peer book demotes while this job runs (a straggler cut off again and
+        # again) takes none of its shards from then on, as later jobs will not plan it: a
+        # staller cut off on one shard went on to take another (a test of eight Sybils).
+        demoted_before = self.s.book.excluded(worker, self.s.clock.now()) is not None
         while not self.done.is_set() and worker not in self.banned:
+            reason = None if demoted_before else self.s.book.excluded(worker, self.s.clock.now())
+            if reason is not None:
+                self._leave(worker, f"demoted during the job ({reason})")
+                return
             if slot > 0 and not self.s.book.get(worker).measured:
                 # A worker never verified here gets one shard at a time (its trial): a liar
                 # or a staller holds at most one shard of the job hostage.

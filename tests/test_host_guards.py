@@ -327,9 +327,10 @@ async def test_unfinished_large_requests_are_refused_before_their_bodies_are_rea
     requests and send only part of them hold at most the permits, and the others are told
     "busy" at once, without the host buffering their bodies."""
     announced = 4 << 20
-    async with open_networks(
-        2, max_concurrent_requests=2, max_streams_per_peer=64
-    ) as (server, client):
+    async with open_networks(2, max_concurrent_requests=2, max_streams_per_peer=64) as (
+        server,
+        client,
+    ):
         server.handle(ECHO, echo, max_request_bytes=8 << 20, timeout=20)
         streams = []
         for _ in range(10):

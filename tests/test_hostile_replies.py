@@ -504,6 +504,7 @@ async def test_a_malformed_countersign_reply_is_not_a_crash(
 
 # -- a whole job (the nodes of tests/test_virtual_time.py's cluster) ------------------------
 
+
 def wrong_dtype_run(node: Node) -> Handler:
     """The node's own run handler, its output widened to float64 and the receipt re-signed:
     the right values in the wrong dtype (the attack that was accepted)."""

@@ -60,6 +60,7 @@ from mtor_p2p.console import (
     format_duration,
     format_peers_table,
     format_rate,
+    invoked_as,
 )
 from mtor_p2p.control import INFO_FILE_NAME, ControlClient, ControlError, NodeNotRunning
 from mtor_p2p.datadir import (
@@ -1707,7 +1708,7 @@ def _epilog() -> str:
     env = textwrap.fill(ENVIRONMENT_HELP, width=88)
     return (
         f"Exit codes:\n{codes}\n\n{env}\n\n"
-        "Start with: mtor-peer devnet --peers 4 (a local network, no GPU needed)."
+        f"Start with: {invoked_as()} devnet --peers 4 (a local network, no GPU needed)."
     )
 
 
@@ -2215,7 +2216,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mtor-peer: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except NodeNotRunning as exc:
-        print(f"mtor-peer: {exc} (start one with: mtor-peer run)", file=sys.stderr)
+        print(f"mtor-peer: {exc} (start one with: {invoked_as()} run)", file=sys.stderr)
         return EXIT_NOT_RUNNING
     except ControlError as exc:
         print(f"mtor-peer: the node refused: {exc}", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""What the command-line tools share: exit codes and the capacity table.
+"""What the command-line tools share: exit codes, the capacity table, how to name the tool.
 
 Kept apart from :mod:`mtor_p2p.cli` so that the devnet runner (which ``cli`` starts) can use
 them without importing ``cli`` back.
@@ -6,6 +6,7 @@ them without importing ``cli`` back.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 EXIT_OK = 0
@@ -88,3 +89,9 @@ def format_credits(amount: float) -> str:
     if size >= 0.001:
         return f"{amount:.6f}"
     return f"{amount:.3g}"
+
+
+def invoked_as() -> str:
+    """The command to print in hints the user may paste: the checkout's wrapper sets
+    ``MTOR_INVOKED_AS`` (``./mtor``); installed, it is ``mtor-peer``."""
+    return os.environ.get("MTOR_INVOKED_AS") or "mtor-peer"

@@ -267,6 +267,7 @@ def run_devnet(
         EXIT_OK,
         EXIT_USAGE,
         format_peers_table,
+        invoked_as,
     )
 
     if not 1 <= peers <= 200:
@@ -328,7 +329,7 @@ def run_devnet(
             print(f"\ndevnet of {peers} peers converged in {converged:.1f} s; data in {root}")
             data_dir = devnet.peers[0].data_dir
             # The checkout's wrapper says how it was called (./mtor): hints the user can paste.
-            cmd = os.environ.get("MTOR_INVOKED_AS") or "mtor-peer"
+            cmd = invoked_as()
             print(f"inspect a peer:  {cmd} peers --data-dir {data_dir}")
             print(f"run a job:       {cmd} submit matmul --m 1024 --data-dir {data_dir}")
             print(f"see credits:     {cmd} balance --all --data-dir {data_dir}")

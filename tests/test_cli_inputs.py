@@ -302,3 +302,9 @@ def test_the_wrappers_help_names_its_own_commands_then_mtor_peers(tmp_path):
     assert "usage: mtor-peer" in result.stdout
     bench = _wrapper(tmp_path, "bench", "--help")
     assert bench.returncode == 0 and "compute" in bench.stdout, bench.stderr
+    # Hints name the wrapper as it was called (mtor-peer is not on PATH from a checkout).
+    assert "Start with: " in result.stdout and "mtor devnet --peers 4" in result.stdout
+    assert "Start with: mtor-peer" not in result.stdout
+    missing = _wrapper(tmp_path, "peers", "--data-dir", str(tmp_path / "no-node"))
+    assert missing.returncode == 3, missing.stderr
+    assert "start one with: mtor-peer" not in missing.stderr and "mtor run)" in missing.stderr

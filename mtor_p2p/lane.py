@@ -186,6 +186,9 @@ class LaneSocket:
         # large one, kept while the lane stays busy (see wait_readable).
         self._out = bytearray(SMALL_BUFFER_BYTES)
         self._out_used_at = 0.0  # when a message last went out through self._out
+        # The reader's untimed wait (small buffers), cancelled when a send makes _out large
+        # so that the wait is timed again and gives it back once quiet.
+        self._untimed_wait: trio.CancelScope | None = None
         self._in = bytearray(SMALL_BUFFER_BYTES)
         self._start = 0  # unread bytes are self._in[self._start:self._end]
         self._end = 0
@@ -212,6 +215,8 @@ class LaneSocket:
                 # Kept while the lane is busy (wait_readable gives it back): a fresh, zeroed
                 # 2 MiB buffer per message cost its page faults on every 512² shard.
                 self._out = bytearray(min(total, _LARGE_BUFFER))
+                if self._untimed_wait is not None:
+                    self._untimed_wait.cancel()
             out = self._out
             self._out_used_at = trio.current_time()
             with trio.CancelScope(shield=True) as scope:
@@ -356,9 +361,20 @@ class LaneSocket:
         """Return once a byte is buffered (the next message has begun). Large buffers are
         given back once the lane has been quiet for LARGE_BUFFER_KEEP_S: the receive buffer
         after that long without a byte in, the send buffer that long after its last message
-        out. The wait wakes every LARGE_BUFFER_KEEP_S to look: a large answer may be sent
-        (from a handler) while this reader already waits."""
+        out. With both buffers small the wait has no timer (an idle lane costs nothing); a
+        send that makes the send buffer large (a handler's answer, while this reader already
+        waits) interrupts it, and the wait goes on timed."""
         while self._end <= self._start:
+            if len(self._in) <= SMALL_BUFFER_BYTES and len(self._out) <= SMALL_BUFFER_BYTES:
+                self._untimed_wait = scope = trio.CancelScope()
+                try:
+                    with scope:
+                        await self._fill(1)  # trio's recv loses no bytes when cancelled
+                finally:
+                    self._untimed_wait = None
+                if self._end > self._start:
+                    return
+                continue
             with trio.move_on_after(LARGE_BUFFER_KEEP_S):
                 await self._fill(1)
                 return

@@ -26,8 +26,7 @@ T = TypeVar("T")
 #: return its result. ``flops`` estimates the host arithmetic the call does: production
 #: ignores it; a simulation may charge the virtual time that work would take on the machine it
 #: models. ``cheap``: the caller knows the call takes a few milliseconds at most; production
-#: then runs it on the event loop (see :func:`_in_thread`; with ``limiter``, holding one of
-#: its slots), a simulation as any other.
+#: then runs it on the event loop (see :func:`_in_thread`), a simulation as any other.
 BlockingRunner = Callable[..., Awaitable[Any]]
 
 
@@ -38,15 +37,12 @@ async def _in_thread(
     flops: float = 0.0,
     cheap: bool = False,
 ) -> T:
-    if cheap:
+    if cheap and limiter is None:
         # A thread costs more than such a call: the hop itself, and then the GIL, which a
         # busy event loop hands over only every sys.getswitchinterval() (5 ms). A 0.6 ms
         # Freivalds check of a 512³ shard took 1.5-2.3 ms on a thread inside a job.
-        if limiter is None:
-            await trio.lowlevel.checkpoint()
-            return fn(*args)
-        async with limiter:  # still one of the limiter's slots, as on a thread
-            return fn(*args)
+        await trio.lowlevel.checkpoint()
+        return fn(*args)
     return await trio.to_thread.run_sync(fn, *args, limiter=limiter)
 
 

@@ -566,3 +566,54 @@ async def test_a_price_refusal_ends_the_attempt_cleanly(
         assert refused and all(a.outcome == "refused" for a in refused)
         # It refused the very price it advertises: that is held against it.
         assert requester.peers.get(w1.peer_id).failed == 1
+
+
+# -- demotions while a job runs --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("verify", ["auto", "redundant"])
+async def test_a_worker_failing_a_few_shards_is_not_dropped_from_a_job_that_needs_it(
+    autojump_clock: trio.testing.MockClock, verify: str
+) -> None:
+    """Three transient failures spread over a worker's two slots demote it in the peer book
+    ('failures in a row'); the job it serves keeps it (each slot retries) and finishes. Only a
+    straggler demotion ends a worker's part in a running job, and never one the job's check
+    needs (a hostile review: the one-worker job failed, the redundant one waited out its
+    deadline)."""
+    from mtor_p2p.compute.protocol import MAX_RUN_REQUEST_BYTES, PROTOCOL_RUN
+    from mtor_p2p.network import RemoteError
+
+    rng = np.random.default_rng(5)
+
+    def ops(rows: int) -> dict[str, np.ndarray]:
+        return {
+            "a": rng.standard_normal((rows, 250)).astype("float32"),
+            "b": rng.standard_normal((250, 250)).astype("float32"),
+        }
+
+    names = ["w1"] if verify == "auto" else ["w1", "w2"]
+    async with cluster(["requester", *names], timing=QUIET) as c:
+        workers = [await c.start(name, "WEU") for name in names]
+        requester = await c.start("requester", "WEU", serve=False)
+        await c.settle()
+        await requester.submit("matmul", ops(512), shards=2, verify=verify)
+        flaky_worker = workers[-1]
+        real = flaky_worker.worker._on_run
+        failures = [3]
+
+        async def flaky(sender: str, request: bytes) -> bytes:
+            if failures[0]:
+                failures[0] -= 1
+                await trio.sleep(0.5)
+                raise RemoteError("internal error: device reset")
+            return await real(sender, request)
+
+        flaky_worker.network.handle(
+            PROTOCOL_RUN, flaky, max_request_bytes=MAX_RUN_REQUEST_BYTES, timeout=600
+        )
+        operands = ops(256 * 6)
+        started = trio.current_time()
+        result = await requester.submit("matmul", operands, shards=6, verify=verify, deadline=300)
+        assert correct(result.output, operands)
+        assert failures == [0]  # the failures did happen
+        assert trio.current_time() - started < 100

@@ -76,9 +76,12 @@ class BackendExecutor:
         # Resident operands (weights, B) are keyed by content hash so that a GPU backend keeps
         # them on the device between shards of the same job.
         run = functools.partial(self._timed, kernel, operands, keys, flops)
-        return await self._runtime.run_blocking(
-            run, limiter=self._limiter, cheap=self._fits_on_loop(kernel, operands, flops)
-        )
+        async with self._limiter:
+            # Decided once the slot is ours, with the speed the shards before it measured: a
+            # burst queued behind a slow shard sees what that shard took (a review: decided
+            # on arrival, eight slow shards in a burst were all judged cheap).
+            cheap = self._fits_on_loop(kernel, operands, flops)
+            return await self._runtime.run_blocking(run, cheap=cheap)
 
     def _fits_on_loop(self, kernel: Kernel, operands: dict[str, np.ndarray], flops: float) -> bool:
         # Only NumPy on one BLAS thread: a GPU call would wait for the device, and OpenBLAS

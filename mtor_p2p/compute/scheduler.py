@@ -483,6 +483,15 @@ class _JobRun:
 
     # -- one attempt -----------------------------------------------------------------------
 
+    def _straggler_out(self, worker: str) -> bool:
+        """True if the peer book has just demoted ``worker`` as a straggler and the job keeps
+        enough other workers without it (two for redundant verification, else one)."""
+        reason = self.s.book.excluded(worker, self.s.clock.now())
+        if reason is None or not reason.startswith("cut off as a straggler"):
+            return False
+        others = [w for w in self.active() if w != worker]
+        return len(others) >= (2 if self.method == "redundant" else 1)
+
     def _leave(self, worker: str, reason: str) -> None:
         """Take ``worker`` out of this job for ``reason`` and bring in a replacement."""
         self.banned.add(worker)
@@ -795,11 +804,10 @@ class _JobRun:
         answer: client.ShardAnswer | None = None
         upload_error: Exception | None = None
         run_error: Exception | None = None
-        # The allowance for the uploaded operands' bytes stays in the run's deadline even
-        # when none is uploaded beside it (``trusted``): it is also the slack for a run queued
-        # behind the worker's other shards (without it, honest workers timed out in a test of
-        # eight Sybils and the liars got more trials).
-        first_timeout = upload_timeout + run_timeout
+        # Nothing is uploaded beside a run that trusts the worker to hold the rest: its own
+        # allowance only (the uploads', |B| at the minimum rate, would hold a stalled attempt
+        # 50 s for a 32 MiB B, found in review).
+        first_timeout = run_timeout if trusted else upload_timeout + run_timeout
         run_scope = trio.CancelScope(deadline=trio.current_time() + first_timeout)
 
         kept = [m for n, m in metas.items() if n not in self.kernel.split_operands]
@@ -1147,14 +1155,16 @@ class _JobRun:
 
     async def _slot(self, worker: str, slot: int) -> None:
         failures_in_a_row = busy_in_a_row = 0
-        # A worker the peer book demotes while this job runs (a straggler cut off again and
-        # again) takes none of its shards from then on, as later jobs will not plan it: a
-        # staller cut off on one shard went on to take another (a test of eight Sybils).
+        # A worker the peer book demotes as a straggler while this job runs takes none of its
+        # shards from then on, as later jobs will not plan it: a staller cut off on one shard
+        # went on to take another (a test of eight Sybils). Other demotions (failures that a
+        # retry may cure) do not end its part, nor does one that would leave the job short of
+        # the workers its check needs (a review: a one-worker job failed, and a redundant
+        # job waited out its deadline).
         demoted_before = self.s.book.excluded(worker, self.s.clock.now()) is not None
         while not self.done.is_set() and worker not in self.banned:
-            reason = None if demoted_before else self.s.book.excluded(worker, self.s.clock.now())
-            if reason is not None:
-                self._leave(worker, f"demoted during the job ({reason})")
+            if not demoted_before and self._straggler_out(worker):
+                self._leave(worker, "demoted during the job: cut off as a straggler")
                 return
             if slot > 0 and not self.s.book.get(worker).measured:
                 # A worker never verified here gets one shard at a time (its trial): a liar

@@ -6,6 +6,8 @@ shards. Whole jobs run on tests/test_virtual_time.py's memnet cluster under the 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import numpy as np
@@ -15,9 +17,23 @@ import trio.testing
 
 import mtor_p2p.compute.worker as worker_module
 import mtor_p2p.records.arrays as arrays
+from mtor_p2p.node import Node
 from tests.test_virtual_time import cluster
 
 RNG = np.random.default_rng(9)
+
+
+@asynccontextmanager
+async def one_worker(
+    worker_region: str = "WEU", requester_region: str = "WEU"
+) -> AsyncIterator[tuple[Node, Node]]:
+    """A settled memnet cluster of a requester (not serving) and one worker: (requester,
+    worker)."""
+    async with cluster(["requester", "worker"]) as c:
+        worker = await c.start("worker", worker_region)
+        requester = await c.start("requester", requester_region, serve=False)
+        await c.settle()
+        yield requester, worker
 
 
 def count_hashing(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
@@ -60,10 +76,7 @@ async def test_each_operand_is_hashed_once_per_side(
     and run request share the descriptions) and the output once (its check against the
     receipt); the worker hashes each operand once (they travel in the run request: small)
     and its output once."""
-    async with cluster(["requester", "worker"]) as c:
-        await c.start("worker", "WEU")
-        requester = await c.start("requester", "WEU", serve=False)
-        await c.settle()
+    async with one_worker() as (requester, _):
         counts = count_hashing(monkeypatch)
         operands = {
             "a": RNG.standard_normal((64, 48)).astype("float32"),
@@ -79,10 +92,7 @@ async def test_a_shard_slice_is_hashed_once_however_many_attempts(
     autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Four shards: each slice of A is hashed once by the requester, B once for the job."""
-    async with cluster(["requester", "worker"]) as c:
-        await c.start("worker", "WEU")
-        requester = await c.start("requester", "WEU", serve=False)
-        await c.settle()
+    async with one_worker() as (requester, _):
         counts = count_hashing(monkeypatch)
         operands = {
             "a": RNG.standard_normal((64, 48)).astype("float32"),
@@ -356,10 +366,7 @@ async def test_a_shard_costs_one_round_trip_the_uploads_travel_beside_the_run(
     and the run request all together)."""
     from tests.test_virtual_time import ACCESS, TABLE
 
-    async with cluster(["requester", "worker"]) as c:
-        worker = await c.start("worker", "JPE")
-        requester = await c.start("requester", "WEU", serve=False)
-        await c.settle()
+    async with one_worker(worker_region="JPE") as (requester, worker):
         operands = {
             "a": RNG.standard_normal((16, 250)).astype("float32"),
             "b": RNG.standard_normal((250, 250)).astype("float32"),
@@ -533,10 +540,7 @@ async def test_the_freivalds_sketch_is_made_while_the_worker_computes(
 
     monkeypatch.setattr(checks, "freivalds_sketch", timed_sketch)
     monkeypatch.setattr(client, "run_shard", timed_run)
-    async with cluster(["requester", "worker"]) as c:
-        await c.start("worker", "JPE")
-        requester = await c.start("requester", "WEU", serve=False)
-        await c.settle()
+    async with one_worker(worker_region="JPE") as (requester, _):
         operands = {
             "a": RNG.standard_normal((64, 48)).astype("float32"),
             "b": RNG.standard_normal((48, 32)).astype("float32"),
@@ -589,10 +593,7 @@ async def test_a_cold_shard_travels_as_one_message_and_b_stays_resident(
     from mtor_p2p.compute.protocol import INLINE_OPERAND_BYTES
 
     uploads = count_uploads(monkeypatch)
-    async with cluster(["requester", "worker"]) as c:
-        worker = await c.start("worker", "WEU")
-        requester = await c.start("requester", "WEU", serve=False)
-        await c.settle()
+    async with one_worker() as (requester, worker):
         b = RNG.standard_normal((48, 32)).astype("float32")
         first = {"a": RNG.standard_normal((64, 48)).astype("float32"), "b": b}
         result = await requester.submit("matmul", first, shards=1, max_workers=1)
@@ -630,10 +631,7 @@ async def test_a_resident_b_is_not_asked_about_and_is_sent_again_once_dropped(
 
     monkeypatch.setattr(client, "missing_operands", counted)
     uploads = count_uploads(monkeypatch)
-    async with cluster(["requester", "worker"]) as c:
-        worker = await c.start("worker", "WEU")
-        requester = await c.start("requester", "WEU", serve=False)
-        await c.settle()
+    async with one_worker() as (requester, worker):
         b = RNG.standard_normal((48, 32)).astype("float32")
         for shards in (1, 3):
             operands = {"a": RNG.standard_normal((60, 48)).astype("float32"), "b": b}
@@ -661,10 +659,7 @@ async def test_only_a_small_sketch_is_made_on_the_event_loop(
 
     monkeypatch.setattr(blas, "single_threaded", lambda: True)
     seen: list[bool] = []
-    async with cluster(["requester", "worker"]) as c:
-        await c.start("worker", "WEU")
-        requester = await c.start("requester", "WEU", serve=False)
-        await c.settle()
+    async with one_worker() as (requester, _):
         runtime = requester.scheduler.runtime
         original = runtime.run_blocking
 
@@ -712,10 +707,7 @@ async def test_a_twin_judged_while_the_first_answer_settles_is_not_accepted_agai
 
     monkeypatch.setattr(scheduler.Scheduler, "settle", slow_settle)
     monkeypatch.setattr(scheduler._JobRun, "_accept", with_twin)
-    async with cluster(["requester", "worker"]) as c:
-        await c.start("worker", "WEU")
-        requester = await c.start("requester", "WEU", serve=False)
-        await c.settle()
+    async with one_worker() as (requester, _):
         operands = {
             "a": RNG.standard_normal((16, 8)).astype("float32"),
             "b": RNG.standard_normal((8, 4)).astype("float32"),
@@ -734,10 +726,7 @@ async def test_a_worker_over_its_cap_of_carried_bytes_gets_uploads_instead(
     monkeypatch.setattr(worker_module, "SMALL_RUN_REQUEST_BYTES", 64)
     monkeypatch.setattr(worker_module, "MAX_INLINE_HELD_BYTES_PER_SENDER", 1000)
     uploads = count_uploads(monkeypatch)
-    async with cluster(["requester", "worker"]) as c:
-        worker = await c.start("worker", "WEU")
-        requester = await c.start("requester", "WEU", serve=False)
-        await c.settle()
+    async with one_worker() as (requester, worker):
         operands = {
             "a": RNG.standard_normal((64, 48)).astype("float32"),
             "b": RNG.standard_normal((48, 32)).astype("float32"),
@@ -759,10 +748,7 @@ async def test_a_run_carrying_operands_does_not_wait_for_the_others(
     from mtor_p2p.network import RemoteError
     from mtor_p2p.records.arrays import as_bytes, meta_of, pack
 
-    async with cluster(["requester", "worker"]) as c:
-        worker = await c.start("worker", "WEU")
-        requester = await c.start("requester", "WEU", serve=False)
-        await c.settle()
+    async with one_worker() as (requester, worker):
         a = RNG.standard_normal((16, 8)).astype("float32")
         b = RNG.standard_normal((8, 4)).astype("float32")
         header = {

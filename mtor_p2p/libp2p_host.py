@@ -78,6 +78,7 @@ from mtor_p2p.lane import (
     STATUS_RESET,
     STATUS_UNSUPPORTED,
     TICKET_BYTES,
+    ClientLane,
     LaneClient,
     LaneError,
     LaneServer,
@@ -938,8 +939,9 @@ class Libp2pNetwork:
         sent: trio.Event | None = None,
     ) -> bytes:
         lane = self._lane_client.get(peer_id) if self._lane_client is not None else None
-        if lane is not None:
-            # A lane is a direct TCP connection: no relay limits to apply.
+
+        async def on_lane(lane: ClientLane) -> bytes:
+            # The deadline and the response limit as they stand when it is called.
             return await lane.request(
                 protocol,
                 payload,
@@ -947,6 +949,10 @@ class Libp2pNetwork:
                 max_response_bytes=max_response_bytes,
                 sent=sent,
             )
+
+        if lane is not None:
+            # A lane is a direct TCP connection: no relay limits to apply.
+            return await on_lane(lane)
         if (
             self.nat is not None
             and len(payload) > RELAYED_MAX_REQUEST_BYTES
@@ -969,13 +975,7 @@ class Libp2pNetwork:
             lane = await self._lane_client.wait_open(peer_id, timeout=min(timeout, 5.0))
             timeout = max(0.0, timeout - (trio.current_time() - began))
         if lane is not None:
-            return await lane.request(
-                protocol,
-                payload,
-                timeout=timeout,
-                max_response_bytes=max_response_bytes,
-                sent=sent,
-            )
+            return await on_lane(lane)
         return await self._stream_request(
             peer_id,
             protocol,

@@ -49,6 +49,8 @@ OUTCOMES = (
 #: A worker that stayed busy through a job's patience is skipped this long (not growing: it
 #: is overloaded, perhaps by someone else's flood, not at fault).
 BUSY_BACKOFF = 30.0
+#: How a straggler demotion's reason starts (the scheduler tells it from other demotions).
+STRAGGLER = "cut off as a straggler"
 #: Trials cut off as a straggler (a hedged twin answered first) before an unmeasured worker
 #: is demoted: once may be bad luck or a slow honest card, twice in a row is a pattern.
 SLOW_TRIALS_BEFORE_DEMOTION = 2
@@ -272,7 +274,7 @@ class PeerBook:
             limit = FAILURES_BEFORE_DEMOTION if standing.measured else SLOW_TRIALS_BEFORE_DEMOTION
             if k >= limit:
                 until = now + min(MAX_BACKOFF, FAILURE_BACKOFF * 2 ** (k - limit))
-                reason = f"cut off as a straggler {k} times in a row"
+                reason = f"{STRAGGLER} {k} times in a row"
         elif not standing.measured:
             # A failed trial: nothing verified speaks for this worker yet.
             until = now + min(MAX_BACKOFF, FAILURE_BACKOFF * 2 ** (k - 1))

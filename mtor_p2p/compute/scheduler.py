@@ -34,7 +34,7 @@ from mtor_p2p.clock import NetClock
 from mtor_p2p.compute import blas, client
 from mtor_p2p.compute.protocol import INLINE_OPERAND_BYTES, INLINE_REFUSED
 from mtor_p2p.compute.receipt_store import ReceiptStore
-from mtor_p2p.compute.reputation import PeerBook, Standing
+from mtor_p2p.compute.reputation import STRAGGLER, PeerBook, Standing
 from mtor_p2p.compute.worker import CREDIT_REFUSED, PRICE_REFUSED
 from mtor_p2p.identity import Identity
 from mtor_p2p.ledger.genesis import NANO
@@ -487,7 +487,7 @@ class _JobRun:
         """True if the peer book has just demoted ``worker`` as a straggler and the job keeps
         enough other workers without it (two for redundant verification, else one)."""
         reason = self.s.book.excluded(worker, self.s.clock.now())
-        if reason is None or not reason.startswith("cut off as a straggler"):
+        if reason is None or not reason.startswith(STRAGGLER):
             return False
         others = [w for w in self.active() if w != worker]
         return len(others) >= (2 if self.method == "redundant" else 1)
@@ -619,7 +619,7 @@ class _JobRun:
                 # Its shard was answered elsewhere long after it should have answered itself:
                 # slow, or stalling. Not a timeout (it had time left), but every later job
                 # should know: a worker cut off like this again and again is demoted.
-                book.failed(worker, "slow", self.s.clock.now(), "cut off as a straggler")
+                book.failed(worker, "slow", self.s.clock.now(), STRAGGLER)
             self._wake()
             stats = self.s.stats
             stats.attempts[outcome] = stats.attempts.get(outcome, 0) + 1
@@ -767,6 +767,7 @@ class _JobRun:
         # answered on both event loops). If it dropped one since, its answer names it, and
         # that one is uploaded before the run is asked again (below).
         trusted = set(uploaded) if inline else set()
+        uploads_beside = bool(uploaded) and not trusted
         result_bytes = int(np.prod(self.kernel.output_shape(operands))) * 4
         run_bytes = result_bytes + sum(operands[name].nbytes for name in inline)
         upload_timeout = 0.0
@@ -798,7 +799,7 @@ class _JobRun:
                 out=out,
                 inline=inline,
                 # With uploads, the operands have left when they are done (send() below).
-                sent=None if set(uploaded) - trusted else self.operands_out,
+                sent=None if uploads_beside else self.operands_out,
             )
 
         answer: client.ShardAnswer | None = None
@@ -841,7 +842,7 @@ class _JobRun:
             )
 
         async with trio.open_nursery() as nursery:
-            if uploaded and not trusted:
+            if uploads_beside:
                 nursery.start_soon(send, nursery)
             with run_scope:
                 try:
@@ -1164,7 +1165,7 @@ class _JobRun:
         demoted_before = self.s.book.excluded(worker, self.s.clock.now()) is not None
         while not self.done.is_set() and worker not in self.banned:
             if not demoted_before and self._straggler_out(worker):
-                self._leave(worker, "demoted during the job: cut off as a straggler")
+                self._leave(worker, f"demoted during the job: {STRAGGLER}")
                 return
             if slot > 0 and not self.s.book.get(worker).measured:
                 # A worker never verified here gets one shard at a time (its trial): a liar

@@ -122,8 +122,7 @@ def _array_view(meta: ArrayMeta, data: bytes | bytearray | memoryview) -> np.nda
 def pack(header: dict[str, Any], body: bytes | bytearray | memoryview = b"") -> bytes:
     """Frame a canonical JSON header and a binary body (any bytes-like object: a memoryview
     of an array is copied once, into the message, and nowhere else)."""
-    head = canonical_json(header)
-    return b"".join((_HEADER_LENGTH.pack(len(head)), head, body))
+    return pack_parts(header, (body,))
 
 
 def pack_parts(header: dict[str, Any], parts: Sequence[bytes | bytearray | memoryview]) -> bytes:

@@ -218,7 +218,6 @@ class LaneSocket:
                 if self._untimed_wait is not None:
                     self._untimed_wait.cancel()
             out = self._out
-            self._out_used_at = trio.current_time()
             with trio.CancelScope(shield=True) as scope:
                 scope.deadline = trio.current_time() + read_deadline(total)
                 try:

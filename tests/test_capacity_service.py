@@ -108,7 +108,15 @@ async def test_dht_refuses_forged_records_and_serves_genuine_ones():
         with pytest.raises(Exception):  # noqa: B017 - the local validator refuses before sending
             await networks[1].dht_put(capacity_key(victim.peer_id), raw)
         assert await networks[3].dht_get(capacity_key(victim.peer_id), timeout=3) is None
-        genuine = await networks[3].dht_get(capacity_key(networks[1].peer_id), timeout=5)
+        # The genuine record is stored once its service has published it: on a loaded machine
+        # that may come after the first look (a suite beside a devnet and a benchmark, load
+        # 5-11, failed here once), so look again within a generous deadline.
+        genuine = None
+        with trio.move_on_after(60):
+            while genuine is None:
+                genuine = await networks[3].dht_get(capacity_key(networks[1].peer_id), timeout=5)
+                if genuine is None:
+                    await trio.sleep(0.5)
         assert genuine is not None and services[3].offer_raw(genuine) in (True, False)
 
 

@@ -171,6 +171,50 @@ async def run(
     return answer.receipt
 
 
+@pytest.mark.parametrize("runtime", ["production", "simulated"])
+async def test_a_carried_resident_operand_is_kept_in_memory_of_its_own(
+    autojump_clock: trio.testing.MockClock, runtime: str
+) -> None:
+    """A run carrying B keeps it for the next shards: first as a view of the request, then
+    (copied while the kernel runs, on a thread in production) in memory of its own, so that
+    the store does not hold the request's other bytes; also when the kernel fails."""
+    async with bench() as b:
+        if runtime == "production":
+            # Real threads: the clock jumps only once nothing has happened for a while (a
+            # thread at work is idleness to trio).
+            autojump_clock.autojump_threshold = 0.2
+            b.worker._runtime = Runtime.production()
+            b.worker.executor._runtime = b.worker._runtime
+        alice = await b.requester("alice")
+        operands = matmul_operands()
+        digest = meta_of(operands["b"]).digest
+
+        async def carry(job: str) -> client.ShardAnswer:
+            return await client.run_shard(
+                alice.network, b.worker_id, job_id=job, shard=0, kernel="matmul",
+                operands=operands, timeout=10, transfer_timeout=10, inline=("a", "b"),
+            )  # fmt: skip
+
+        answer = await carry(job_of(alice))
+        np.testing.assert_allclose(answer.output, operands["a"] @ operands["b"], rtol=1e-4)
+        kept = b.worker.operands.get(digest)
+        assert kept is not None and kept.flags.owndata and not kept.flags.writeable
+        np.testing.assert_array_equal(kept, operands["b"])
+
+        b.worker.operands.discard(digest)
+
+        async def broken(*args: object) -> np.ndarray:
+            raise MemoryError("out of memory")
+
+        b.worker.executor.execute = broken  # type: ignore[method-assign]
+        with pytest.raises(RemoteError, match="kernel failed: MemoryError"):
+            await carry("cd" * 32)
+        # The copy may have been made before the kernel failed: then it is kept, never the
+        # view of the request.
+        left = b.worker.operands.get(digest)
+        assert left is None or left.flags.owndata
+
+
 async def pay(b: Bench, who: Requester, receipt: Receipt) -> None:
     """Countersign ``receipt`` and give it to the worker."""
     assert await client.send_countersigned(
@@ -512,12 +556,14 @@ async def test_a_node_runs_the_worker_timer(autojump_clock: trio.testing.MockClo
 async def test_uploads_in_progress_are_spooled_to_disk_not_held_in_memory(
     autojump_clock: trio.testing.MockClock, tmp_path: Path
 ) -> None:
-    """With a spool directory (a production node's ``uploads/``), a multi-chunk upload in
-    progress is written to an unnamed file there, not kept in memory: what peers announce
-    (up to the reservation cap) costs disk, while the worker's memory holds one chunk at a
-    time. The finished array is read back, checked against its hash and stored."""
+    """With a spool directory (a production node's ``uploads/``) and its memory share for
+    uploads used up (here: none at all), a multi-chunk upload in progress is written to an
+    unnamed file there, not kept in memory: what peers announce (up to the reservation cap)
+    costs disk, while the worker's memory holds one chunk at a time. The finished array is
+    read back, checked against its hash and stored."""
     async with bench() as b:
         b.worker.spool_dir = tmp_path
+        b.worker.upload_memory_bytes = 0
         alice = await b.requester("alice")
         array = RNG.standard_normal((3 * CHUNK_BYTES // 4 // 1024 + 1, 1024)).astype("float32")
         meta = meta_of(array)
@@ -534,6 +580,48 @@ async def test_uploads_in_progress_are_spooled_to_disk_not_held_in_memory(
         assert meta.digest in b.worker.operands
         np.testing.assert_array_equal(b.worker.operands.get(meta.digest), array)
         assert b.worker.reserved_upload_bytes == 0
+
+
+async def test_uploads_wait_in_memory_within_the_workers_share_and_spool_beyond_it(
+    autojump_clock: trio.testing.MockClock, tmp_path: Path
+) -> None:
+    """Spooling costs about ten times the CPU of a copy, so uploads in progress wait in memory
+    while they fit the worker's memory share for them (reserved when an upload starts, at the
+    size it announces), one sender at most half of it; the rest spool. Finishing an upload
+    gives its share back."""
+    array = RNG.standard_normal((2 * CHUNK_BYTES // 4 // 1024 + 1, 1024)).astype("float32")
+    meta = meta_of(array)
+    data = memoryview(array).cast("B")
+
+    def first_chunk(of: np.ndarray) -> bytes:
+        return pack({"array": meta_of(of).to_json(), "offset": 0},
+                    bytes(memoryview(of).cast("B")[:CHUNK_BYTES]))  # fmt: skip
+
+    async with bench() as b:
+        b.worker.spool_dir = tmp_path
+        b.worker.upload_memory_bytes = 2 * meta.nbytes + 1
+        alice, mallory = await b.requester("alice"), await b.requester("mallory")
+        # Mallory's first upload fits her half; her second does not, and goes to disk.
+        other = array + 1
+        for upload in (array, other):
+            await mallory.network.request(b.worker_id, PROTOCOL_UPLOAD, first_chunk(upload))
+        spooled = {p.meta.digest: p.buffer.spooled for p in b.worker._pending.values()}
+        assert spooled == {meta.digest: False, meta_of(other).digest: True}
+        # Alice's upload still waits in memory, and completes from there.
+        await alice.network.request(b.worker_id, PROTOCOL_UPLOAD, first_chunk(array))
+        mine = b.worker._pending[(alice.peer_id, meta.digest)]
+        assert not mine.buffer.spooled and mine.memory == meta.nbytes
+        for offset in range(CHUNK_BYTES, meta.nbytes, CHUNK_BYTES):
+            chunk = bytes(data[offset : offset + CHUNK_BYTES])
+            message = pack({"array": meta.to_json(), "offset": offset}, chunk)
+            await alice.network.request(b.worker_id, PROTOCOL_UPLOAD, message)
+        np.testing.assert_array_equal(b.worker.operands.get(meta.digest), array)
+        # Its share is back: a third sender's upload fits in memory again.
+        assert b.worker._memory_total == meta.nbytes
+        trudy = await b.requester("trudy")
+        await trudy.network.request(b.worker_id, PROTOCOL_UPLOAD, first_chunk(other))
+        assert not b.worker._pending[(trudy.peer_id, meta_of(other).digest)].buffer.spooled
+        assert b.worker._memory_total == 2 * meta.nbytes
 
 
 async def test_identities_uploading_at_an_honest_rate_keep_only_their_share(

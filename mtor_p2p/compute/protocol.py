@@ -54,3 +54,6 @@ MAX_PENDING_UPLOAD_BYTES = 2 << 30
 #: One sender's share of that reservation: enough for the largest operand, and never all of
 #: it, so that one peer alone cannot lock every other requester out ("busy").
 MAX_PENDING_UPLOAD_BYTES_PER_PEER = MAX_PENDING_UPLOAD_BYTES // 2
+#: Of those, the bytes a worker keeps in memory rather than spooling them to disk (all peers
+#: together; one peer at most half): spooling costs about ten times the CPU of a copy.
+MAX_UPLOAD_MEMORY_BYTES = 1 << 30

@@ -193,6 +193,19 @@ class OperandStore:
         self._arrays.move_to_end(digest)
         return array
 
+    def replace(self, digest: str, old: np.ndarray, new: np.ndarray | None) -> None:
+        """Put ``new`` (an array of the same bytes) in the place of ``old`` if ``digest`` still
+        holds ``old``; drop it if ``new`` is None. Nothing otherwise (evicted meanwhile)."""
+        if self._arrays.get(digest) is not old:
+            return
+        if new is None:
+            self.discard(digest)
+            return
+        if new.nbytes != old.nbytes or not new.flags.c_contiguous:
+            raise ValueError("a replacement must be a contiguous array of the same size")
+        new.flags.writeable = False
+        self._arrays[digest] = new
+
     def discard(self, digest: str) -> None:
         """Forget an array (no error if absent)."""
         array = self._arrays.pop(digest, None)

@@ -61,6 +61,7 @@ non-finite values is documented at :func:`freivalds`.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -135,22 +136,35 @@ class SampleResult:
     bad_rows: np.ndarray
 
 
+def _float64_blocks(matrix: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
+    """``(start, rows)``: ``matrix`` converted to float64 a block of rows at a time, into one
+    buffer reused for every block (a view of it: use each block before taking the next).
+
+    One buffer, not one per block: a block is 32 MiB, which the allocator maps fresh each
+    time, and fresh pages are what costs on the VMs measured (a balloon's free page
+    reporting gives freed pages back to the host). A 8192² B's float64 pass: 0.44 -> 0.14 s
+    wall, 0.63 -> 0.29 CPU-s."""
+    step = max(1, _BLOCK_ELEMENTS // max(1, matrix.shape[1]))
+    buffer = np.empty((min(step, matrix.shape[0]), matrix.shape[1]), np.float64)
+    for start in range(0, matrix.shape[0], step):
+        block = buffer[: min(step, matrix.shape[0] - start)]
+        block[...] = matrix[start : start + len(block)]
+        yield start, block
+
+
 def _matmul64(matrix: np.ndarray, vectors: np.ndarray) -> np.ndarray:
     """``matrix @ vectors`` in float64, converting ``matrix`` a block of rows at a time."""
     out = np.empty((matrix.shape[0], vectors.shape[1]), np.float64)
-    step = max(1, _BLOCK_ELEMENTS // max(1, matrix.shape[1]))
-    for start in range(0, matrix.shape[0], step):
-        out[start : start + step] = matrix[start : start + step].astype(np.float64) @ vectors
+    for start, block in _float64_blocks(matrix):
+        np.matmul(block, vectors, out=out[start : start + len(block)])
     return out
 
 
 def _row_norms64(matrix: np.ndarray) -> np.ndarray:
     """Euclidean norm of each row, accumulated in float64 a block of rows at a time."""
     out = np.empty(matrix.shape[0], np.float64)
-    step = max(1, _BLOCK_ELEMENTS // max(1, matrix.shape[1]))
-    for start in range(0, matrix.shape[0], step):
-        block = matrix[start : start + step].astype(np.float64)
-        out[start : start + step] = np.sqrt(np.einsum("ij,ij->i", block, block))
+    for start, block in _float64_blocks(matrix):
+        out[start : start + len(block)] = np.sqrt(np.einsum("ij,ij->i", block, block))
     return out
 
 

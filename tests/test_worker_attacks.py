@@ -585,7 +585,7 @@ async def test_uploads_in_progress_are_spooled_to_disk_not_held_in_memory(
 async def test_uploads_wait_in_memory_within_the_workers_share_and_spool_beyond_it(
     autojump_clock: trio.testing.MockClock, tmp_path: Path
 ) -> None:
-    """Spooling costs about ten times the CPU of a copy, so uploads in progress wait in memory
+    """Spooling costs 3-5 times the CPU of memory, so uploads in progress wait in memory
     while they fit the worker's memory share for them (reserved when an upload starts, at the
     size it announces), one sender at most half of it; the rest spool. Finishing an upload
     gives its share back."""

@@ -55,5 +55,5 @@ MAX_PENDING_UPLOAD_BYTES = 2 << 30
 #: it, so that one peer alone cannot lock every other requester out ("busy").
 MAX_PENDING_UPLOAD_BYTES_PER_PEER = MAX_PENDING_UPLOAD_BYTES // 2
 #: Of those, the bytes a worker keeps in memory rather than spooling them to disk (all peers
-#: together; one peer at most half): spooling costs about ten times the CPU of a copy.
+#: together; one peer at most half): spooling cost 3-5 times the CPU (see _UploadBuffer).
 MAX_UPLOAD_MEMORY_BYTES = 1 << 30

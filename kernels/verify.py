@@ -140,10 +140,10 @@ def _float64_blocks(matrix: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
     """``(start, rows)``: ``matrix`` converted to float64 a block of rows at a time, into one
     buffer reused for every block (a view of it: use each block before taking the next).
 
-    One buffer, not one per block: a block is 32 MiB, which the allocator maps fresh each
-    time, and fresh pages are what costs on the VMs measured (a balloon's free page
-    reporting gives freed pages back to the host). A 8192² B's float64 pass: 0.44 -> 0.14 s
-    wall, 0.63 -> 0.29 CPU-s."""
+    One buffer, not one per block: a block is 32 MiB, which glibc maps afresh each time (it
+    is at its largest mmap threshold), to be faulted in page by page. A 8192² B's float64
+    pass, 2 BLAS threads, with a peer's memory settings (mtor_p2p/memory.py): 0.30-0.35 ->
+    0.12-0.19 s wall, 0.59-0.68 -> 0.25-0.35 CPU-s."""
     step = max(1, _BLOCK_ELEMENTS // max(1, matrix.shape[1]))
     buffer = np.empty((min(step, matrix.shape[0]), matrix.shape[1]), np.float64)
     for start in range(0, matrix.shape[0], step):
@@ -298,6 +298,55 @@ def _sketch_of(b: np.ndarray, signs: np.ndarray) -> FreivaldsSketch:
     return FreivaldsSketch(signs, z, z_norms, float(np.linalg.norm(_row_norms(b))))
 
 
+@dataclass(frozen=True)
+class FreivaldsRows:
+    """What Freivalds' check needs of A's rows alone, given a sketch of B: ``w = A z``
+    (float32 products, held as float64), A's row norms, and the tolerance's terms (c) and (d)
+    of the module docstring, which depend on nothing else. None of it needs an answer, so a
+    requester makes it while the workers compute; each shard's check takes its rows
+    (:meth:`rows`) and is left with C's side (512³: 0.77 ms -> about 0.4 ms)."""
+
+    sketch: FreivaldsSketch
+    safety: float
+    w64: np.ndarray  # (m, rounds)
+    a_norms: np.ndarray  # (m, 1)
+    a_terms: np.ndarray  # (m, rounds): (c) + (d)
+
+    def rows(self, start: int, stop: int) -> FreivaldsRows:
+        """The same for rows ``start:stop`` of A (a shard's slice)."""
+        return FreivaldsRows(
+            self.sketch,
+            self.safety,
+            self.w64[start:stop],
+            self.a_norms[start:stop],
+            self.a_terms[start:stop],
+        )
+
+
+def freivalds_rows(
+    a: np.ndarray, sketch: FreivaldsSketch, *, safety: float = FREIVALDS_SAFETY
+) -> FreivaldsRows | None:
+    """:class:`FreivaldsRows` of ``a`` against ``sketch``; None when float32 cannot be used
+    (non-finite values, overflow): the check then takes its float64 path."""
+    k = a.shape[1]
+    if a.ndim != 2 or sketch.z.shape[0] != k:
+        raise KernelError("freivalds: A's columns are not the sketch's B's rows")
+    a32 = a if a.dtype == np.float32 else a.astype(np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        w = a32 @ sketch.z32  # (m, rounds)
+    if not (np.isfinite(w).all() and np.isfinite(sketch.z_norms).all()):
+        return None
+    a_norms = _row_norms(a32)[:, None]
+    w64 = w.astype(np.float64)
+    u = CHECK_UNIT_ROUNDOFF
+    z_norms = sketch.z_norms
+    a_terms = (
+        safety * u * ((math.sqrt(k) + 1.0) * a_norms * z_norms + (k + 1.0) * np.abs(w64))  # (c)
+        + 2.0 * u * a_norms * z_norms  # (d)
+    )
+    return FreivaldsRows(sketch, safety, w64, a_norms, a_terms)
+
+
 def _residual_ratios32(
     a: np.ndarray,
     b: np.ndarray,
@@ -305,33 +354,37 @@ def _residual_ratios32(
     signs: np.ndarray,
     safety: float,
     sketch: FreivaldsSketch | None = None,
+    rows: FreivaldsRows | None = None,
 ) -> np.ndarray | None:
     """Like :func:`_residual_ratios` with the float32 products and tolerance of the module
     docstring; None when float32 cannot be used (non-finite values, overflow), for the caller
-    to fall back to the float64 check."""
+    to fall back to the float64 check. ``rows``: A's side, made ahead from this ``sketch``."""
     k, n = b.shape
     if sketch is None:
         sketch = _sketch_of(b, signs)
-    z_norms, b_frobenius = sketch.z_norms, sketch.b_frobenius
-    a32 = a if a.dtype == np.float32 else a.astype(np.float32)
+    if rows is None or rows.sketch is not sketch or rows.safety != safety:
+        rows = freivalds_rows(a, sketch, safety=safety)
+        if rows is None:
+            return None
+    if rows.w64.shape != (a.shape[0], signs.shape[1]):
+        raise KernelError("freivalds: A's side made ahead is of other rows")
+    b_frobenius = sketch.b_frobenius
+    a_norms, w64 = rows.a_norms, rows.w64
     c32 = c if c.dtype == np.float32 else c.astype(np.float32)
     with np.errstate(over="ignore", invalid="ignore"):
         y = c32 @ sketch.signs32  # (m, rounds)
-        w = a32 @ sketch.z32
-    if not (np.isfinite(y).all() and np.isfinite(w).all() and np.isfinite(z_norms).all()):
+    if not np.isfinite(y).all():
         return None
-    a_norms = _row_norms(a32)[:, None]
     # Only quantities the worker cannot inflate: C's row norms capped at an honest row's, and
     # |(C r)_i| at sqrt(n) times that (Cauchy-Schwarz with r = ±1).
     c_norms = honest_row_norms(_row_norms(c32)[:, None], a_norms, b_frobenius)
     u = CHECK_UNIT_ROUNDOFF
-    y64, w64 = y.astype(np.float64), w.astype(np.float64)
+    y64 = y.astype(np.float64)
     y_bound = np.minimum(np.abs(y64), math.sqrt(n) * c_norms)
     tolerance = (
         freivalds_row_tolerance(a_norms, b_frobenius, c_norms, k, safety=safety)  # (a)
         + safety * u * ((n + math.sqrt(n)) * c_norms + (n + 1.0) * y_bound)  # (b)
-        + safety * u * ((math.sqrt(k) + 1.0) * a_norms * z_norms + (k + 1.0) * np.abs(w64))  # (c)
-        + 2.0 * u * a_norms * z_norms  # (d)
+        + rows.a_terms  # (c) + (d)
     )
     if not np.isfinite(tolerance).all():
         return None
@@ -352,12 +405,14 @@ def freivalds(
     rng: np.random.Generator,
     safety: float = FREIVALDS_SAFETY,
     sketch: FreivaldsSketch | None = None,
+    rows: FreivaldsRows | None = None,
 ) -> FreivaldsResult:
     """Check ``c ≈ a @ b`` with ``rounds`` random ±1 vectors (Freivalds' algorithm).
 
     With ``sketch`` (:func:`freivalds_sketch` of this ``b``, with ``rounds`` vectors), its
     vectors and ``B R`` are used instead of drawing and computing them: the shards of one
-    job share the pass over B.
+    job share the pass over B. With ``rows`` (:func:`freivalds_rows` of this ``a`` and that
+    sketch), A's side of the check is not computed again.
 
     Each round draws r in {-1, +1}^n and compares ``C r`` with ``A (B r)`` row by row, in
     float32 on the host (``B r`` in float64), against the tolerance of the module docstring;
@@ -396,7 +451,7 @@ def freivalds(
         signs = sketch.signs
     else:
         signs = (rng.integers(0, 2, size=(n, rounds), dtype=np.int8) * 2 - 1).astype(np.int8)
-    ratios = _residual_ratios32(a, b, c, signs, safety, sketch)
+    ratios = _residual_ratios32(a, b, c, signs, safety, sketch, rows)
     if ratios is None:
         ratios = _residual_ratios(a, b, c, signs, safety)
     max_error = float(ratios.max()) if ratios.size else 0.0

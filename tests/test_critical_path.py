@@ -513,14 +513,16 @@ async def test_the_freivalds_sketch_is_made_while_the_worker_computes(
 ) -> None:
     """The job's sketch of B needs no answer: it is made once a shard's operands have left
     (not before: it would compete with sending them), beside the worker's compute (on a
-    simulated host, its charged time overlaps the worker's), so that the check on an
-    answer's arrival is only the products with A and C."""
+    simulated host, its charged time overlaps the worker's); A's side of every shard's check
+    (A z, A's row norms) right after it, so that the check on an answer's arrival is only
+    the products with C."""
     from mtor_kernels import verify as checks
     from mtor_p2p.compute import client
     from mtor_p2p.compute.worker import WorkerService
 
     events: list[tuple[str, float]] = []
     sketch, run_shard = checks.freivalds_sketch, client.run_shard
+    a_side, check = checks.freivalds_rows, checks.freivalds
     on_run = WorkerService._on_run
 
     async def arrived(self: Any, sender: str, request: bytes) -> bytes:
@@ -538,7 +540,19 @@ async def test_the_freivalds_sketch_is_made_while_the_worker_computes(
         events.append(("answer", trio.current_time()))
         return answer
 
+    def timed_a_side(*args: Any, **kwargs: Any) -> Any:
+        events.append(("a side", trio.current_time()))
+        return a_side(*args, **kwargs)
+
+    def checked(*args: Any, **kwargs: Any) -> Any:
+        rows = kwargs.get("rows")
+        events.append(("check with a side" if rows is not None else "check", 0.0))
+        assert rows is None or rows.w64.shape[0] == args[0].shape[0]
+        return check(*args, **kwargs)
+
     monkeypatch.setattr(checks, "freivalds_sketch", timed_sketch)
+    monkeypatch.setattr(checks, "freivalds_rows", timed_a_side)
+    monkeypatch.setattr(checks, "freivalds", checked)
     monkeypatch.setattr(client, "run_shard", timed_run)
     async with one_worker(worker_region="JPE") as (requester, _):
         operands = {
@@ -550,6 +564,8 @@ async def test_the_freivalds_sketch_is_made_while_the_worker_computes(
     kinds = [kind for kind, _ in events]
     assert kinds.count("sketch") == 1  # one per job, shared by its shards
     assert kinds.index("sketch") < kinds.index("answer"), events
+    assert kinds.count("a side") == 1 and kinds.index("a side") < kinds.index("answer"), events
+    assert kinds.count("check with a side") == 2 and "check" not in kinds, events
     # Memnet sets ``sent`` as the request's last byte reaches the worker (JPE to WEU: far).
     assert events[kinds.index("run arrived")][1] <= events[kinds.index("sketch")][1], events
 

@@ -63,3 +63,46 @@ def test_a_sketch_cannot_be_changed_in_place() -> None:
     for array in (sketch.signs, sketch.z, sketch.z_norms, sketch.signs32, sketch.z32):
         with pytest.raises(ValueError, match="read-only"):
             array[0] = 0
+
+
+def test_a_side_made_ahead_for_all_rows_gives_each_block_the_same_verdict_and_margin() -> None:
+    """A's side of the check (``freivalds_rows``) made once for the whole A, before any answer,
+    then cut to each shard's rows: the same verdicts and margins as the check making it
+    itself, a wrong element still caught, and rows of another size refused."""
+    b, row_blocks = blocks(5)
+    a = np.concatenate(row_blocks)
+    sketch = checks.freivalds_sketch(b, rounds=20, rng=np.random.default_rng(1))
+    ahead = checks.freivalds_rows(a, sketch)
+    assert ahead is not None
+    for index, block in enumerate(row_blocks):
+        rows = ahead.rows(64 * index, 64 * (index + 1))
+        c = block @ b
+        kw = {"rounds": 20, "rng": np.random.default_rng(2), "sketch": sketch}
+        made_here = checks.freivalds(block, b, c, **kw)
+        with_rows = checks.freivalds(block, b, c, rows=rows, **kw)
+        assert made_here.ok and with_rows.ok
+        assert with_rows.max_error == pytest.approx(made_here.max_error, rel=1e-3)
+        wrong = c.copy()
+        wrong[9, 3] += 0.25 * float(np.sqrt(np.mean(wrong[9] ** 2)))
+        caught = checks.freivalds(block, b, wrong, rows=rows, **kw)
+        assert not caught.ok and caught.row == 9
+    with pytest.raises(KernelError):
+        checks.freivalds(
+            row_blocks[0], b, row_blocks[0] @ b, rounds=20, rng=np.random.default_rng(2),
+            sketch=sketch, rows=ahead.rows(0, 32),
+        )  # fmt: skip
+    # Rows made against another sketch (vectors redrawn after a failed check) are not used.
+    other = checks.freivalds_sketch(b, rounds=20, rng=np.random.default_rng(7))
+    stale = checks.freivalds(
+        row_blocks[0], b, row_blocks[0] @ b, rounds=20, rng=np.random.default_rng(2),
+        sketch=other, rows=ahead.rows(0, 64),
+    )  # fmt: skip
+    assert stale.ok
+
+
+def test_a_side_of_non_finite_rows_is_left_to_the_float64_check() -> None:
+    b, row_blocks = blocks(6)
+    a = row_blocks[0].copy()
+    a[3, 0] = np.inf
+    sketch = checks.freivalds_sketch(b, rounds=8, rng=np.random.default_rng(1))
+    assert checks.freivalds_rows(a, sketch) is None

@@ -403,7 +403,9 @@ async def test_split_operand_equal_to_the_resident_one_stays_cached(tmp_path):
     async with devnet(tmp_path, count=2) as nodes:
         requester, worker = nodes[0][0], nodes[1][0]
         square = RNG.standard_normal((64, 64)).astype("float32")
-        await requester.submit("matmul", {"a": square, "b": square}, shards=1)
+        # Carried a second time, a one-shard job's B is kept (see _JobRun._keep).
+        for _ in range(2):
+            await requester.submit("matmul", {"a": square, "b": square}, shards=1)
         received = worker.worker.stats.bytes_received
         again = await requester.submit("matmul", {"a": square, "b": square}, shards=1)
         np.testing.assert_allclose(again.output, square @ square, rtol=1e-4, atol=1e-4)

@@ -375,13 +375,17 @@ async def test_a_shard_costs_one_round_trip_the_uploads_travel_beside_the_run(
         result = await requester.submit("matmul", operands, shards=1, max_workers=1)
         elapsed = trio.current_time() - started
         compute = worker.worker.stats.compute_seconds
+        # Carried a second time, a one-shard job's B is kept (see _JobRun._keep).
+        fresh_a = {"a": RNG.standard_normal((16, 250)).astype("float32"), "b": operands["b"]}
+        await requester.submit("matmul", fresh_a, shards=1, max_workers=1)
+        computed = worker.worker.stats.compute_seconds
         # B is resident now: a new A goes beside the question about B and the run request.
         warm = {"a": RNG.standard_normal((16, 250)).astype("float32"), "b": operands["b"]}
         received = worker.worker.stats.bytes_received
         started = trio.current_time()
         again = await requester.submit("matmul", warm, shards=1, max_workers=1)
         warm_elapsed = trio.current_time() - started
-        warm_compute = worker.worker.stats.compute_seconds - compute
+        warm_compute = worker.worker.stats.compute_seconds - computed
         # Asked about, not sent again: only the new A crossed.
         assert worker.worker.stats.bytes_received - received == warm["a"].nbytes
     np.testing.assert_allclose(result.output, operands["a"] @ operands["b"], rtol=1e-4)
@@ -449,8 +453,8 @@ async def test_a_worker_pair_keeps_its_device_busy_and_admits_the_pipeline(
         await c.settle()
         b = RNG.standard_normal((250, 250)).astype("float32")
         # A first job measures the worker (a newcomer gets one shard at a time) and leaves B
-        # resident there.
-        await requester.submit("matmul", {"a": b[:16], "b": b}, shards=1, max_workers=1)
+        # resident there (two shards: a one-shard job's B is not kept).
+        await requester.submit("matmul", {"a": b[:32], "b": b}, shards=2, max_workers=1)
         # 64 KB per slice at 128 KB/s: 0.5 s, as long as its 8 MFLOP compute.
         network = c.world.network(requester.peer_id)
         network.link = LinkProfile("WEU", access_delay=ACCESS, uplink_bps=128 * 1024)
@@ -570,6 +574,28 @@ async def test_the_freivalds_sketch_is_made_while_the_worker_computes(
     assert events[kinds.index("run arrived")][1] <= events[kinds.index("sketch")][1], events
 
 
+async def test_a_one_shard_jobs_b_is_kept_from_its_second_use_on(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A one-shard job's B is carried without asking the worker to keep it (most such Bs
+    are used once: keeping cost a copy into fresh pages per job); carried there a second
+    time, it is kept, and a third job sends only its A."""
+    async with one_worker() as (requester, worker):
+        b = RNG.standard_normal((48, 32)).astype("float32")
+        digest = arrays.meta_of(b).digest
+        received = []
+        for _ in range(3):
+            a = RNG.standard_normal((16, 48)).astype("float32")
+            before = worker.worker.stats.bytes_received
+            result = await requester.submit("matmul", {"a": a, "b": b}, shards=1)
+            np.testing.assert_allclose(result.output, a @ b, rtol=1e-5)
+            received.append(worker.worker.stats.bytes_received - before)
+            if len(received) == 1:
+                assert digest not in worker.worker.operands
+        assert digest in worker.worker.operands
+        assert received == [a.nbytes + b.nbytes, a.nbytes + b.nbytes, a.nbytes]
+
+
 async def test_answers_in_run_replies_are_placed_as_they_are_accepted(
     autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -604,15 +630,16 @@ async def test_a_cold_shard_travels_as_one_message_and_b_stays_resident(
     autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Operands the worker lacks that fit INLINE_OPERAND_BYTES travel in the run request: no
-    upload request at all; B is kept resident, so the next job's shards carry only A; when
-    they do not all fit, they are all uploaded beside the run as before."""
+    upload request at all; B is kept resident (a job of more than one shard), so the next
+    job's shards carry only A; when they do not all fit, they are all uploaded beside the run
+    as before."""
     from mtor_p2p.compute.protocol import INLINE_OPERAND_BYTES
 
     uploads = count_uploads(monkeypatch)
     async with one_worker() as (requester, worker):
         b = RNG.standard_normal((48, 32)).astype("float32")
         first = {"a": RNG.standard_normal((64, 48)).astype("float32"), "b": b}
-        result = await requester.submit("matmul", first, shards=1, max_workers=1)
+        result = await requester.submit("matmul", first, shards=2, max_workers=1)
         np.testing.assert_allclose(result.output, first["a"] @ b, rtol=1e-5)
         assert uploads == []
         received = worker.worker.stats.bytes_received

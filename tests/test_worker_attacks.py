@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -48,7 +49,7 @@ from mtor_p2p.compute.worker import (
 from mtor_p2p.identity import Identity
 from mtor_p2p.memnet import MemNetwork, MemWorld
 from mtor_p2p.network import NetworkError, RemoteError
-from mtor_p2p.records.arrays import OperandStore, meta_of, pack
+from mtor_p2p.records.arrays import OperandStore, meta_of, pack, pack_parts
 from mtor_p2p.records.receipts import Receipt, countersign, shard_cost_nano
 from mtor_p2p.runtime import Runtime
 
@@ -213,6 +214,37 @@ async def test_a_carried_resident_operand_is_kept_in_memory_of_its_own(
         # view of the request.
         left = b.worker.operands.get(digest)
         assert left is None or left.flags.owndata
+
+
+async def test_a_carried_b_is_kept_only_when_its_requester_asks(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """``keep`` names the carried operands to keep for later shards; without the field every
+    carried B is kept (requesters before it); a malformed one is the sender's error."""
+    async with bench() as b:
+        alice = await b.requester("alice")
+
+        async def carry(job: str, keep: Any) -> str:
+            operands = matmul_operands()
+            await client.run_shard(
+                alice.network, b.worker_id, job_id=job, shard=0, kernel="matmul",
+                operands=operands, timeout=10, transfer_timeout=10, inline=("a", "b"),
+                keep=keep,
+            )  # fmt: skip
+            return meta_of(operands["b"]).digest
+
+        assert await carry("a1" * 32, ()) not in b.worker.operands
+        assert await carry("a2" * 32, ("b",)) in b.worker.operands
+        assert await carry("a3" * 32, None) in b.worker.operands
+        operands = matmul_operands()
+        header = {
+            "job_id": "a4" * 32, "shard": 0, "kernel": "matmul", "inline": ["a", "b"],
+            "operands": {name: meta_of(x).to_json() for name, x in operands.items()},
+            "keep": "b",
+        }  # fmt: skip
+        body = [memoryview(operands[name]).cast("B") for name in ("a", "b")]
+        with pytest.raises(RemoteError, match="field 'keep'"):
+            await alice.network.request(b.worker_id, PROTOCOL_RUN, pack_parts(header, body))
 
 
 async def pay(b: Bench, who: Requester, receipt: Receipt) -> None:

@@ -344,6 +344,7 @@ async def run_shard(
     wait_operands: bool = False,
     out: np.ndarray | None = None,
     inline: Collection[str] = (),
+    keep: Collection[str] | None = None,
     sent: trio.Event | None = None,
 ) -> ShardAnswer:
     """Run one shard on ``worker`` (operands must already be there, or be named in
@@ -358,6 +359,8 @@ async def run_shard(
     an output that came in the answer is returned as a view of the answer instead.
     ``inline``: operands whose bytes travel in the request itself (at most
     ``INLINE_OPERAND_BYTES`` in all; see ``protocol.py``), for a worker that lacks them.
+    ``keep``: of the carried operands, those the worker should keep for later shards (it
+    keeps every carried weight or B when this is None, as workers did before ``keep``).
     ``sent``: set once the request (with any inline operands) is written in full.
     """
     # What an honest answer looks like is known before asking: the output's shape and dtype
@@ -382,6 +385,8 @@ async def run_shard(
     carried = [name for name in operands if name in inline]
     if carried:
         header["inline"] = carried
+        if keep is not None:
+            header["keep"] = [name for name in carried if name in keep]
     request = pack_parts(header, [as_bytes(operands[name]) for name in carried])
     reply = await network.request(
         worker,

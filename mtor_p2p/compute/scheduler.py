@@ -769,6 +769,7 @@ class _JobRun:
         # answered on both event loops). If it dropped one since, its answer names it, and
         # that one is uploaded before the run is asked again (below).
         trusted = set(uploaded) if inline else set()
+        keep = self._keep(worker, metas, inline)
         uploads_beside = bool(uploaded) and not trusted
         result_bytes = int(np.prod(self.kernel.output_shape(operands))) * 4
         run_bytes = result_bytes + sum(operands[name].nbytes for name in inline)
@@ -800,6 +801,7 @@ class _JobRun:
                 wait_operands=wait,
                 out=out,
                 inline=inline,
+                keep=keep,
                 # With uploads, the operands have left when they are done (send() below).
                 sent=None if uploads_beside else self.operands_out,
             )
@@ -876,8 +878,23 @@ class _JobRun:
             with trio.fail_after(timeout):
                 answer = await run(timeout, wait=False)
         if inline:
-            self.s.note_uploaded(worker, kept)
+            self.s.note_uploaded(worker, [metas[name] for name in keep])
+            for name in inline - keep - set(self.kernel.split_operands):
+                _remember(self.s.carried_unkept, (worker, metas[name].digest))
         return answer
+
+    def _keep(self, worker: str, metas: dict[str, ArrayMeta], inline: set[str]) -> set[str]:
+        """The carried operands ``worker`` should keep: a whole operand (B, weights) when this
+        job has other shards it may run, or when this requester carried it there once before
+        (the same weights for job after job). A one-shard job's B is otherwise used once:
+        keeping it cost the worker a copy into fresh pages per job, and memory until evicted."""
+        split = self.kernel.split_operands
+        return {
+            name
+            for name in inline
+            if name not in split
+            and (len(self.ranges) > 1 or (worker, metas[name].digest) in self.s.carried_unkept)
+        }
 
     def _unheld(self, worker: str, metas: dict[str, ArrayMeta]) -> set[str]:
         """Operands to send ``worker`` without asking first whether it holds them.
@@ -1272,6 +1289,9 @@ class Scheduler:
         #: SENT_OPERANDS_KEPT): only these are asked about before a run; the rest are sent
         #: at once (see _JobRun._compute).
         self.sent_operands: OrderedDict[tuple[str, str], None] = OrderedDict()
+        #: (worker, operand hash) carried in a run request without asking the worker to keep
+        #: it (bounded like sent_operands): carried there again, it is kept (see _keep).
+        self.carried_unkept: OrderedDict[tuple[str, str], None] = OrderedDict()
         #: Workers that refused a run request carrying operands as too large (a version
         #: before ``inline``): their operands are uploaded (bounded like sent_operands).
         self.no_inline: OrderedDict[str, None] = OrderedDict()

@@ -30,7 +30,7 @@ import mmap
 import re
 import tempfile
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -683,10 +683,13 @@ class WorkerService:
             announced += meta.nbytes
         # Checked against their hashes before anything else is done with them.
         carried = await self._inline_operands(header, body, metas)
+        wanted = self._keep_field(header, carried)
         kept = [
             name
             for name in carried
-            if name in kernel.resident and metas[name].digest not in self.operands
+            if name in kernel.resident
+            and name in wanted
+            and metas[name].digest not in self.operands
         ]
         # Kept as if uploaded, once this run computes (see _compute_keeping).
         keeping = {metas[name].digest: carried[name] for name in kept}
@@ -804,6 +807,18 @@ class WorkerService:
             },
             payload,
         )
+
+    @staticmethod
+    def _keep_field(header: dict[str, Any], carried: dict[str, np.ndarray]) -> Collection[str]:
+        """The carried operands the requester wants kept for its later shards (``keep``):
+        all of them when it does not say (requesters before ``keep``). A B used by one shard
+        only is not worth its copy (fresh pages, on this worker's loop or a core)."""
+        keep = header.get("keep")
+        if keep is None:
+            return carried.keys()
+        if not isinstance(keep, list) or not all(isinstance(name, str) for name in keep):
+            raise RemoteError("field 'keep' must be a list of operand names")
+        return set(keep)
 
     async def _compute_keeping(
         self,

@@ -344,6 +344,8 @@ def freivalds_rows(
         safety * u * ((math.sqrt(k) + 1.0) * a_norms * z_norms + (k + 1.0) * np.abs(w64))  # (c)
         + 2.0 * u * a_norms * z_norms  # (d)
     )
+    for array in (w64, a_norms, a_terms):
+        array.setflags(write=False)  # shared by every shard's check, read on threads too
     return FreivaldsRows(sketch, safety, w64, a_norms, a_terms)
 
 

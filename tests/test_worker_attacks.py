@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -245,6 +246,37 @@ async def test_a_carried_b_is_kept_only_when_its_requester_asks(
         body = [memoryview(operands[name]).cast("B") for name in ("a", "b")]
         with pytest.raises(RemoteError, match="field 'keep'"):
             await alice.network.request(b.worker_id, PROTOCOL_RUN, pack_parts(header, body))
+
+
+async def test_no_view_of_a_run_request_stays_in_a_small_operand_store(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A worker with a small operand store (``operand_cache_mib`` may be 1) gets runs carrying
+    small resident operands first and one larger than the whole store last (a review's
+    attack: that last put failed, leaving the views stored before it, each pinning its whole
+    request). The large one is not kept, the others are kept as copies, never as views."""
+    async with bench() as b:
+        b.worker.operands.max_bytes = 1 << 20
+        mallory = await b.requester("mallory")
+        for i in range(10):
+            rng = np.random.default_rng(i)
+            operands = {
+                "w1": rng.standard_normal((1, 1024)).astype("float32"),
+                "b1": rng.standard_normal(1024).astype("float32"),
+                "b2": rng.standard_normal(300).astype("float32"),
+                "w2": rng.standard_normal((1024, 300)).astype("float32"),  # 1.2 MiB
+                "x": rng.standard_normal((2, 1)).astype("float32"),
+            }
+            order = ["w1", "b1", "b2", "w2", "x"]
+            header = {
+                "job_id": f"{i:064x}", "shard": 0, "kernel": "mlp", "inline": order,
+                "operands": {name: meta_of(x).to_json() for name, x in operands.items()},
+            }  # fmt: skip
+            body = [memoryview(operands[name]).cast("B") for name in order]
+            await mallory.network.request(b.worker_id, PROTOCOL_RUN, pack_parts(header, body))
+            assert meta_of(operands["w2"]).digest not in b.worker.operands
+        held = list(b.worker.operands._arrays.values())
+        assert held and all(array.flags.owndata for array in held)
 
 
 async def pay(b: Bench, who: Requester, receipt: Receipt) -> None:
@@ -654,6 +686,48 @@ async def test_uploads_wait_in_memory_within_the_workers_share_and_spool_beyond_
         await trudy.network.request(b.worker_id, PROTOCOL_UPLOAD, first_chunk(other))
         assert not b.worker._pending[(trudy.peer_id, meta_of(other).digest)].buffer.spooled
         assert b.worker._memory_total == 2 * meta.nbytes
+        # An upload of one chunk or less stays in memory, share or no share (its bytes come
+        # as one message, which the host's budgets bound), as before the share existed.
+        b.worker.upload_memory_bytes = 0
+        small = RNG.standard_normal((CHUNK_BYTES // 8, 1)).astype("float32")  # half a chunk
+        half = memoryview(small).cast("B")[: small.nbytes // 2]
+        message = pack({"array": meta_of(small).to_json(), "offset": 0}, bytes(half))
+        await trudy.network.request(b.worker_id, PROTOCOL_UPLOAD, message)
+        assert not b.worker._pending[(trudy.peer_id, meta_of(small).digest)].buffer.spooled
+
+
+def test_an_upload_buffer_closed_during_an_append_waits_for_it() -> None:
+    """An eviction or an expiry (on the event loop) closing an upload while its chunk is being
+    hashed and stored on a thread waits for that chunk: a review found a close landing
+    mid-append re-allocating the whole buffer, or an error the handler did not expect."""
+    from mtor_p2p.compute.worker import _UploadBuffer
+    from mtor_p2p.records.arrays import ArrayMeta
+
+    buffer = _UploadBuffer(ArrayMeta("0" * 64, "float32", (4 * CHUNK_BYTES // 4,)), None,
+                           in_memory=True)  # fmt: skip
+    hashing, go_on = threading.Event(), threading.Event()
+    hasher = buffer._hasher
+
+    class Slow:
+        def update(self, chunk: bytes) -> None:
+            hashing.set()
+            go_on.wait(5)
+            hasher.update(chunk)
+
+    buffer._hasher = Slow()
+    appending = threading.Thread(target=buffer.append, args=(b"\1" * CHUNK_BYTES,))
+    appending.start()
+    assert hashing.wait(5)
+    closing = threading.Thread(target=buffer.close)
+    closing.start()
+    closing.join(0.2)
+    assert closing.is_alive()  # waits for the append in progress
+    go_on.set()
+    appending.join(5)
+    closing.join(5)
+    assert buffer._memory is None and buffer._whole is None
+    with pytest.raises(ValueError):
+        buffer.append(b"x")
 
 
 async def test_identities_uploading_at_an_honest_rate_keep_only_their_share(

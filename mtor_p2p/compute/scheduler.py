@@ -993,6 +993,8 @@ class _JobRun:
             a = self.spec.operands.get("a")
             if sketch is None or a is None or self.kernel.split_operands != ("a",):
                 return
+            if 2.0 * self.spec.freivalds_rounds * a.size > PREPARE_SKETCH_MAX_FLOPS:
+                return  # as for B: a job ending first would wait for it (a review)
             # A's side of the checks too (A z and A's row norms, for all shards at once): a
             # one-shard 512³ job's check after its answer went from 0.77 to about 0.4 ms.
             flops = 2.0 * self.spec.freivalds_rounds * a.size

@@ -29,6 +29,7 @@ import logging
 import mmap
 import re
 import tempfile
+import threading
 from collections import deque
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
@@ -180,6 +181,9 @@ class _UploadBuffer:
         #: An upload that arrives in one message is kept as that message's bytes (no copy).
         self._whole: bytes | memoryview | None = None
         self._open = True
+        # append runs on a thread, close on the event loop (an eviction, an expiry): never
+        # both at once (a review found a close landing mid-append re-allocating the buffer).
+        self._lock = threading.Lock()
         if spool_dir is not None and not in_memory:
             self._file = tempfile.TemporaryFile(dir=spool_dir)
 
@@ -190,6 +194,10 @@ class _UploadBuffer:
 
     def append(self, chunk: bytes | memoryview) -> None:
         """Hash and add a chunk (a blocking call: hashing, and writing when spooled)."""
+        with self._lock:
+            self._append(chunk)
+
+    def _append(self, chunk: bytes | memoryview) -> None:
         if not self._open:
             raise ValueError("upload buffer is closed")
         self._hasher.update(chunk)
@@ -226,13 +234,14 @@ class _UploadBuffer:
         return memoryview(mmap.mmap(self._file.fileno(), self._written, access=mmap.ACCESS_READ))
 
     def close(self) -> None:
-        """Give back the memory or the file."""
-        self._open = False
-        self._memory = None
-        self._whole = None
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        """Give back the memory or the file (after an append in progress)."""
+        with self._lock:
+            self._open = False
+            self._memory = None
+            self._whole = None
+            if self._file is not None:
+                self._file.close()
+                self._file = None
 
 
 #: One run of a shard for a requester, owed until countersigned: (job_id, shard, started).
@@ -524,8 +533,15 @@ class WorkerService:
         (0: it is spooled): when it fits what is left of ``upload_memory_bytes``, and the
         sender's uploads in memory stay within half of it (so that one peer alone cannot push
         everyone else's uploads to disk). Without a spool directory everything is in memory
-        and nothing is counted here."""
-        if self.spool_dir is None:
+        and nothing is counted here, nor for an upload of one chunk or less (its bytes arrive
+        as one message, which the host's request budgets bound: it is kept in memory
+        whatever the share, as before the share existed).
+
+        The share is reserved at the size an upload announces: peers that announce large
+        uploads and send slowly can hold all of it, and honest large uploads then spool, as
+        they all did before (measured in review: two identities, 64 KiB sent of 512 MiB
+        each). Spilling slow uploads to disk to give their share back is not built."""
+        if self.spool_dir is None or nbytes <= CHUNK_BYTES:
             return 0
         mine = self._memory_by_sender.get(sender, 0)
         if (
@@ -567,7 +583,8 @@ class WorkerService:
                 self.stats.uploads_refused += 1
                 raise RemoteError("busy: too many uploads in progress")
             memory = self._memory_share(sender, meta.nbytes)
-            buffer = _UploadBuffer(meta, self.spool_dir, in_memory=memory > 0)
+            in_memory = memory > 0 or meta.nbytes <= CHUNK_BYTES
+            buffer = _UploadBuffer(meta, self.spool_dir, in_memory=in_memory)
             now = trio.current_time()
             pending = _PendingUpload(sender, meta, buffer, now, now, memory=memory)
             self._pending[key] = pending
@@ -836,10 +853,18 @@ class WorkerService:
         Why beside the kernel: the copy lands in fresh pages (the store keeps it), 0.78 ms per
         MiB measured against 0.22 ms into reused ones, and it was on a one-shard job's
         critical path."""
+        # One larger than the whole store is not kept (its put would fail half-way, a review
+        # found, leaving the views stored before it behind).
+        keeping = {d: v for d, v in keeping.items() if v.nbytes <= self.operands.max_bytes}
         if not keeping:
             return await self.executor.execute(kernel, arrays, inputs)
-        for digest, view in keeping.items():
-            self.operands.put(view, digest)
+        try:
+            for digest, view in keeping.items():
+                self.operands.put(view, digest)
+        except BaseException:
+            for digest, view in keeping.items():
+                self.operands.replace(digest, view, None)
+            raise
         self._operands_changed()
         try:
             async with trio.open_nursery() as nursery:

@@ -197,3 +197,26 @@ def test_the_command_line_repeats_a_run_exactly_in_fresh_processes(tmp_path: Pat
         records.append(json.loads((out / "mtor" / "run.json").read_text()))
     assert records[0]["requests"], "the run must have done something"
     assert without_wall_clock(records[0]) == without_wall_clock(records[1])
+
+
+def test_the_progress_bar_writes_plain_lines_at_each_tenth_when_not_on_a_terminal() -> None:
+    """On a terminal the bar redraws one line; in a log file or a pipe it writes a plain line
+    at each tenth of the run (a new user found one line of thousands of carriage returns)."""
+    import io
+
+    from mtor_p2p.sim.runner import ProgressBar
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    log, terminal = io.StringIO(), Terminal()
+    for stream in (log, terminal):
+        bar = ProgressBar(100.0, stream=stream)
+        for now in range(0, 101):
+            bar(float(now), {"online": 3})
+        bar.close()
+    lines = log.getvalue().splitlines()
+    assert len(lines) == 11 and "\r" not in log.getvalue()
+    assert lines[0].startswith("[") and " 100% " in lines[-1]
+    assert terminal.getvalue().count("\r") == 101 and terminal.getvalue().endswith("\n")

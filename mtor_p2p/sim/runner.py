@@ -74,13 +74,18 @@ def write_run(record: dict[str, Any], out: Path) -> Path:
 
 
 class ProgressBar:
-    """One stderr line: simulated time, wall time, events/s, requests."""
+    """One stderr line: simulated time, wall time, events/s, requests. Redrawn in place on a
+    terminal; elsewhere (a log file, a pipe) a plain line at each tenth of the run, so that
+    a log does not get one line of thousands of carriage returns."""
 
     def __init__(self, total: float, *, enabled: bool = True, stream: Any = None) -> None:
         self.total = total
         self.enabled = enabled
         self.stream = stream or sys.stderr
         self.started = time.perf_counter()
+        isatty = getattr(self.stream, "isatty", None)
+        self._terminal = bool(isatty and isatty())
+        self._next_tenth = 0
 
     def __call__(self, now: float, sample: dict[str, Any]) -> None:
         """Show progress at ``now`` simulated seconds into the run."""
@@ -91,15 +96,22 @@ class ProgressBar:
         bar = "#" * int(done * width) + "." * (width - int(done * width))
         wall = time.perf_counter() - self.started
         line = (
-            f"\r[{bar}] {done:4.0%} sim {_hms(now)}/{_hms(self.total)} "
+            f"[{bar}] {done:4.0%} sim {_hms(now)}/{_hms(self.total)} "
             f"wall {wall:6.0f} s  online {sample.get('online', 0)}  "
             f"requests {sample.get('requests', 0)}  busy {sample.get('busy_fraction', 0):.0%}"
         )
-        print(line, end="", file=self.stream, flush=True)
+        if self._terminal:
+            print("\r" + line, end="", file=self.stream, flush=True)
+            return
+        tenth = int(done * 10 + 1e-9)
+        if tenth < self._next_tenth:
+            return
+        self._next_tenth = tenth + 1
+        print(line, file=self.stream, flush=True)
 
     def close(self) -> None:
         """End the progress line."""
-        if self.enabled:
+        if self.enabled and self._terminal:
             print(file=self.stream, flush=True)
 
 

@@ -1791,7 +1791,8 @@ def _add_submit_parser(kernels: Any, spec: KernelInputs) -> None:
         "--dtype",
         choices=["float32", "float16"],
         default="float32",
-        help="element type of the random inputs (default float32); files keep their own",
+        help="element type of the random inputs (default float32); float16 files stay float16, "
+        "other float files are sent as float32",
     )
     p.add_argument("--seed", type=int, help="seed for the random inputs")
     for name, axes in spec.operands.items():

@@ -2205,9 +2205,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_command_line(parser: argparse.ArgumentParser, argv: list[str] | None) -> Any:
+    """``parser.parse_args``, except that an argument no command knows is reported with the
+    usage of the command it was given to (``mtor-peer peers --bogus`` showed the top-level
+    usage, which lists no flag of ``peers``: a new user's review)."""
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        _innermost(parser, args).error("unrecognized arguments: " + " ".join(extras))
+    return args
+
+
+def _innermost(parser: argparse.ArgumentParser, args: Any) -> argparse.ArgumentParser:
+    """The (sub)command parser that ``args`` were last parsed by."""
+    current = parser
+    while True:
+        commands = [
+            action
+            for action in current._actions  # argparse keeps its subcommands nowhere public
+            if isinstance(action, argparse._SubParsersAction)
+        ]
+        chosen = getattr(args, commands[0].dest, None) if commands else None
+        if chosen not in (commands[0].choices if commands else {}):
+            return current
+        current = commands[0].choices[chosen]
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``mtor-peer`` console script."""
-    args = build_parser().parse_args(argv)
+    args = parse_command_line(build_parser(), argv)
     try:
         return int(args.func(args))
     except DataDirInUse as exc:

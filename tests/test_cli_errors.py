@@ -84,6 +84,9 @@ def one_line(result: subprocess.CompletedProcess[str]) -> str:
         (["receipts", "--limit", "0"], 2, "argument --limit"),
         (["devnet", "--peers", "0"], 2, "argument --peers"),
         (["ledger", "prove"], 2, "ledger prove needs a receipt entry ID"),
+        (["peers", "--bogus"], 2, "mtor-peer peers: error: unrecognized arguments: --bogus"),
+        (["submit", "matmul", "--bogus"], 2, "mtor-peer submit matmul: error: unrecognized"),
+        (["--bogus", "peers"], 2, "error: unrecognized arguments: --bogus"),
     ],
 )
 def test_bad_input_is_one_line_and_its_exit_code(tmp_path, args, code, message):

@@ -437,3 +437,12 @@ async def test_workers_refuse_a_requester_beyond_its_credit_limit(tmp_path):
         spent = -requester.ledger.account(requester.peer_id)["balance"]
         # The ledger never lets the debt pass the limit (receipts beyond it move nothing).
         assert 0 < spent <= genesis.params.credit_limit
+
+
+def test_redundant_verification_with_one_worker_says_how_many_are_in_view():
+    from mtor_kernels import get_kernel
+    from mtor_p2p.compute.scheduler import _choose_method
+
+    with pytest.raises(JobFailed, match="at least two workers; 1 in view"):
+        _choose_method("redundant", get_kernel("matmul"), 1)
+    assert _choose_method("redundant", get_kernel("matmul"), 2) == "redundant"

@@ -1839,7 +1839,7 @@ def _choose_method(requested: str, kernel: Kernel, workers: int) -> str:
     if requested == "freivalds" and kernel.name != "matmul":
         raise ValueError("Freivalds' check applies to matmul only")
     if requested == "redundant" and workers < 2:
-        raise JobFailed("redundant verification needs at least two workers")
+        raise JobFailed(f"redundant verification needs at least two workers; {workers} in view")
     return requested
 
 

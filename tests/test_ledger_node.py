@@ -75,6 +75,7 @@ async def test_a_proven_cheater_is_slashed_on_every_peer_and_checkpoints_prove_r
             if proofs:
                 break
         assert proofs
+        await requester.scheduler.settled()  # receipts enter the ledger after the result
         # The proofs reach every ledger by sync; each (one per wrong result) slashes half of
         # what the cheater has staked at that point, 20% of it to the reporter, 80% burned.
         await wait_for(

@@ -68,10 +68,10 @@ MAX_SETTLE_BATCH = 256
 #: Settle at once, without waiting out SETTLE_DELAY, when this many receipts are queued. A
 #: crash loses what is held: about this many at most, at most SETTLE_DELAY old (more queue
 #: while a batch commits, up to the queue's 10,000, beyond which receipts settle one by one
-#: at once), as "about 16" before. A worker counts
-#: lost receipts as unpaid after 600 s, and refuses a requester with worker.MAX_UNPAID_SHARDS
-#: (16) of them until they are countersigned, which they no longer can be, as with 16 here
-#: before; its exposure stays bounded by the requester's credit (owed work counts against it).
+#: at once), as "about 16" before. A worker counts lost receipts as unpaid after 600 s, and
+#: refuses a requester with worker.MAX_UNPAID_SHARDS (16) of them until they are
+#: countersigned, which they no longer can be, as with 16 here before; its exposure stays
+#: bounded by the requester's credit (owed work counts against it).
 SETTLE_EARLY_AT = 64
 #: The sketch of a B needing at most this much arithmetic (2 x rounds x its size: a 2048²
 #: B at 20 rounds) is made ahead of the first answer (_JobRun.prepare_checks).

@@ -244,6 +244,16 @@ class _UploadBuffer:
                 self._file = None
 
 
+def _take_back(held: dict[str, int], sender: str, amount: int) -> None:
+    """Give back ``amount`` of what ``sender`` holds in ``held``, forgetting a sender left
+    holding nothing (these tables stay as small as the senders with something held)."""
+    left = held.get(sender, 0) - amount
+    if left > 0:
+        held[sender] = left
+    else:
+        held.pop(sender, None)
+
+
 #: One run of a shard for a requester, owed until countersigned: (job_id, shard, started).
 Reservation = tuple[str, int, float]
 
@@ -514,18 +524,10 @@ class WorkerService:
         self._operands_changed()
         pending.buffer.close()
         self._reserved_total -= pending.meta.nbytes
-        left = self._reserved_by_sender.get(pending.sender, 0) - pending.meta.nbytes
-        if left > 0:
-            self._reserved_by_sender[pending.sender] = left
-        else:
-            self._reserved_by_sender.pop(pending.sender, None)
+        _take_back(self._reserved_by_sender, pending.sender, pending.meta.nbytes)
         if pending.memory:
             self._memory_total -= pending.memory
-            left = self._memory_by_sender.get(pending.sender, 0) - pending.memory
-            if left > 0:
-                self._memory_by_sender[pending.sender] = left
-            else:
-                self._memory_by_sender.pop(pending.sender, None)
+            _take_back(self._memory_by_sender, pending.sender, pending.memory)
             pending.memory = 0
 
     def _memory_share(self, sender: str, nbytes: int) -> int:
@@ -664,11 +666,7 @@ class WorkerService:
             return await self._serve_run(sender, request)
         finally:
             self._inline_held_total -= held
-            left = self._inline_held[sender] - held
-            if left:
-                self._inline_held[sender] = left
-            else:
-                del self._inline_held[sender]
+            _take_back(self._inline_held, sender, held)
 
     async def _serve_run(self, sender: str, request: bytes) -> bytes:
         try:

@@ -34,20 +34,23 @@ from __future__ import annotations
 import logging
 import os
 import struct
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 
 import trio
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from mtor_p2p.network import (
     MIN_REQUEST_BYTES_PER_S,
     REQUEST_GRACE_S,
+    Gathered,
     HostStats,
     NetworkError,
+    Payload,
     RemoteError,
 )
 
@@ -137,6 +140,7 @@ class _Sealer:
     """AES-256-GCM with a counter nonce: one per direction of a lane."""
 
     def __init__(self, key: bytes) -> None:
+        self._key = key
         self._aead = AESGCM(key)
         self._counter = 0
 
@@ -152,6 +156,19 @@ class _Sealer:
     ) -> None:
         # The record's length prefix is associated data: a changed length does not open.
         self._aead.encrypt_into(self._nonce(), plaintext, length_prefix, out)
+
+    def seal_parts_into(
+        self, parts: list[memoryview], out: memoryview, length_prefix: bytes
+    ) -> None:
+        """:meth:`seal_into` of the parts' concatenation, without joining them: the same
+        record (GCM is GCM, one call or several), through the incremental interface."""
+        encryptor = Cipher(algorithms.AES(self._key), modes.GCM(self._nonce())).encryptor()
+        encryptor.authenticate_additional_data(length_prefix)
+        at = 0
+        for part in parts:
+            at += encryptor.update_into(part, out[at:])
+        encryptor.finalize()
+        out[at : at + _TAG] = encryptor.tag
 
     def skip(self) -> None:
         """Pass over one record without opening it."""
@@ -196,8 +213,9 @@ class LaneSocket:
 
     # -- writing ---------------------------------------------------------------------------
 
-    async def send_message(self, header: bytes, body: bytes | memoryview) -> None:
-        """Seal and send ``header`` and ``body`` as one message.
+    async def send_message(self, header: bytes, body: bytes | memoryview | Gathered) -> None:
+        """Seal and send ``header`` and ``body`` as one message (a :class:`Gathered` body is
+        sealed from its parts, never joined).
 
         Waiting for the lane (behind other messages) can be cancelled; once this message is
         taken, it goes out whole, shielded from the caller's cancellation, within its own
@@ -208,9 +226,10 @@ class LaneSocket:
         async with self._send_lock:
             if self.closed:
                 raise LaneError("lane closed")
-            view = memoryview(body).cast("B")
-            records = 1 + -(-len(view) // RECORD_BYTES)
-            total = len(header) + len(view) + records * (_RECORD_LENGTH.size + _TAG)
+            parts = body.parts if isinstance(body, Gathered) else (memoryview(body).cast("B"),)
+            length = sum(len(part) for part in parts)
+            records = 1 + -(-length // RECORD_BYTES)
+            total = len(header) + length + records * (_RECORD_LENGTH.size + _TAG)
             if total > len(self._out):
                 # Kept while the lane is busy (wait_readable gives it back): a fresh, zeroed
                 # 2 MiB buffer per message cost its page faults on every 512² shard.
@@ -221,15 +240,12 @@ class LaneSocket:
             with trio.CancelScope(shield=True) as scope:
                 scope.deadline = trio.current_time() + read_deadline(total)
                 try:
-                    used = self._seal(out, header, 0)
-                    offset = 0
-                    while offset < len(view):
-                        piece = view[offset : offset + RECORD_BYTES]
-                        if used + _RECORD_LENGTH.size + len(piece) + _TAG > len(out):
+                    used = self._seal(out, [memoryview(header)], 0)
+                    for pieces, size in _records_of(parts):
+                        if used + _RECORD_LENGTH.size + size + _TAG > len(out):
                             await self._flush(out, used)
                             used = 0
-                        used = self._seal(out, piece, used)
-                        offset += len(piece)
+                        used = self._seal(out, pieces, used, size)
                     await self._flush(out, used)
                 except BaseException:
                     self.close()
@@ -239,12 +255,20 @@ class LaneSocket:
                 raise LaneError("the peer did not read a message in time")
             self._out_used_at = trio.current_time()
 
-    def _seal(self, out: bytearray, plaintext: bytes | memoryview, at: int) -> int:
-        size = len(plaintext) + _TAG
+    def _seal(
+        self, out: bytearray, pieces: list[memoryview], at: int, length: int | None = None
+    ) -> int:
+        """Seal one record whose plaintext is ``pieces`` (``length`` bytes in all) into
+        ``out`` at ``at``; where it ends."""
+        size = (len(pieces[0]) if length is None else length) + _TAG
         prefix = _RECORD_LENGTH.pack(size)
         out[at : at + _RECORD_LENGTH.size] = prefix
         start = at + _RECORD_LENGTH.size
-        self._sealer.seal_into(plaintext, memoryview(out)[start : start + size], prefix)
+        dest = memoryview(out)[start : start + size]
+        if len(pieces) == 1:
+            self._sealer.seal_into(pieces[0], dest, prefix)
+        else:
+            self._sealer.seal_parts_into(pieces, dest, prefix)
         return start + size
 
     async def _flush(self, out: bytearray, used: int) -> None:
@@ -424,7 +448,7 @@ class ServerLane:
         self.nursery = nursery
         self.last_active = trio.current_time()
 
-    async def respond(self, request_id: int, status: int, payload: bytes) -> None:
+    async def respond(self, request_id: int, status: int, payload: Payload) -> None:
         """Send one response; a client that does not read it in time loses its lane."""
         head = _RESPONSE_HEAD.pack(_RESPONSE, request_id, status, len(payload))
         await self.lane.send_message(head, payload)
@@ -622,6 +646,25 @@ def _source_of(sock: trio.socket.SocketType) -> str:
         return "?"
 
 
+def _records_of(parts: tuple[memoryview, ...]) -> Iterator[tuple[list[memoryview], int]]:
+    """The body's records: for each, the pieces of ``parts`` it is made of and its length
+    (:data:`RECORD_BYTES`, the last one shorter), as if the parts were one buffer."""
+    pieces: list[memoryview] = []
+    size = 0
+    for part in parts:
+        offset = 0
+        while offset < len(part):
+            piece = part[offset : offset + RECORD_BYTES - size]
+            pieces.append(piece)
+            size += len(piece)
+            offset += len(piece)
+            if size == RECORD_BYTES:
+                yield pieces, size
+                pieces, size = [], 0
+    if size:
+        yield pieces, size
+
+
 async def _recv_exactly(sock: trio.socket.SocketType, out: memoryview) -> None:
     got = 0
     while got < len(out):
@@ -685,7 +728,7 @@ class ClientLane:
     async def request(
         self,
         protocol: str,
-        payload: bytes,
+        payload: Payload,
         *,
         timeout: float,
         max_response_bytes: int,

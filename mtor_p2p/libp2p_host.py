@@ -113,6 +113,7 @@ from mtor_p2p.network import (
     HostStats,
     Message,
     NetworkError,
+    Payload,
     PeerMisbehaved,
     RemoteError,
     RequestHandler,
@@ -787,7 +788,7 @@ class Libp2pNetwork:
 
     async def _call(
         self, protocol: str, service: _Service, sender: str, payload: bytes
-    ) -> tuple[int, bytes]:
+    ) -> tuple[int, Payload]:
         """Run the handler; its answer as (status, payload)."""
         try:
             return _STATUS_OK, await service.handler(sender, payload)
@@ -885,17 +886,18 @@ class Libp2pNetwork:
             raise NetworkError(f"request not received within {seconds:.1f} s") from None
 
     @staticmethod
-    async def _respond(stream: INetStream, status: int, payload: bytes) -> None:
+    async def _respond(stream: INetStream, status: int, payload: Payload) -> None:
+        data = bytes(payload)  # a stream takes one buffer (Gathered parts are joined here)
         if status == _STATUS_ERROR:
-            payload = payload[:MAX_ERROR_BYTES]
-        await stream.write(bytes([status]) + _LENGTH.pack(len(payload)) + payload)
+            data = data[:MAX_ERROR_BYTES]
+        await stream.write(bytes([status]) + _LENGTH.pack(len(data)) + data)
         await stream.close()
 
     async def request(
         self,
         peer_id: str,
         protocol: str,
-        payload: bytes,
+        payload: Payload,
         *,
         timeout: float = 10.0,
         max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
@@ -932,7 +934,7 @@ class Libp2pNetwork:
         self,
         peer_id: str,
         protocol: str,
-        payload: bytes,
+        payload: Payload,
         *,
         timeout: float,
         max_response_bytes: int,
@@ -1033,7 +1035,7 @@ class Libp2pNetwork:
         self,
         peer_id: str,
         protocol: str,
-        payload: bytes,
+        payload: Payload,
         *,
         timeout: float = 10.0,
         max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
@@ -1046,7 +1048,7 @@ class Libp2pNetwork:
                 if self.nat is not None:
                     await self._dial_relayed_if_needed(peer_id)
                 stream = await self._host.new_stream(ID.from_base58(peer_id), [TProtocol(protocol)])
-                await stream.write(_LENGTH.pack(len(payload)) + payload)
+                await stream.write(_LENGTH.pack(len(payload)) + bytes(payload))
                 if sent is not None:
                     sent.set()
                 header = await _read_exactly(stream, 1 + _LENGTH.size)

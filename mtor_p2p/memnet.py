@@ -96,9 +96,11 @@ from mtor_p2p.network import (
     DEFAULT_MAX_STREAMS_PER_PEER,
     MAX_ERROR_BYTES,
     DhtValidator,
+    Gathered,
     HostStats,
     Message,
     NetworkError,
+    Payload,
     RemoteError,
     RequestHandler,
     RoundTrips,
@@ -897,7 +899,7 @@ class MemNetwork:
         self,
         peer_id: str,
         protocol: str,
-        payload: bytes,
+        payload: Payload,
         *,
         timeout: float = 10.0,
         max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
@@ -1035,7 +1037,7 @@ class MemNetwork:
                         log.warning("handler raised %s: %s", type(exc), exc)
                         kind, body = "error", b"internal error"
                     else:
-                        if isinstance(response, bytes | bytearray | memoryview):
+                        if isinstance(response, bytes | bytearray | memoryview | Gathered):
                             kind, body = "ok", bytes(response)
                         else:  # libp2p fails writing it and resets the stream
                             self.stats.handler_errors += 1

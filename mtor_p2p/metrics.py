@@ -37,6 +37,8 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from mtor_p2p.network import Gathered
+
 if TYPE_CHECKING:
     from mtor_p2p.node import Node
 
@@ -194,6 +196,8 @@ def _text(value: Any) -> str:
 
 
 def _nbytes(data: Any) -> int:
+    if isinstance(data, Gathered):
+        return len(data)
     try:
         return memoryview(data).nbytes
     except TypeError:

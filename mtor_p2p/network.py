@@ -23,7 +23,7 @@ one peer: direct or relayed, and the round trip it measured). Callers read those
 from __future__ import annotations
 
 from collections import OrderedDict, deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -134,8 +134,34 @@ class Message:
     data: bytes
 
 
-#: ``handler(sender_peer_id, request_bytes) -> response_bytes``
-RequestHandler = Callable[[str, bytes], Awaitable[bytes]]
+class Gathered:
+    """A request or response made of several buffers, sent one after another without being
+    joined first: a run request's operands after its header, a shard's output after its
+    answer. A lane seals its records straight from them (a 512² run request's 2 MiB join cost
+    about 0.3 ms on both operands' path, and a shard's output another copy); ``bytes()``
+    joins them where a transport needs one buffer (streams, memnet).
+
+    The buffers are referenced, not copied: they must not change until the message is sent.
+    """
+
+    __slots__ = ("_length", "parts")
+
+    def __init__(self, parts: Iterable[bytes | bytearray | memoryview]) -> None:
+        self.parts: tuple[memoryview, ...] = tuple(memoryview(p).cast("B") for p in parts)
+        self._length = sum(len(p) for p in self.parts)
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __bytes__(self) -> bytes:
+        return b"".join(self.parts)
+
+
+#: What a request or response may be: one buffer, or several sent as one (:class:`Gathered`).
+Payload = bytes | Gathered
+
+#: ``handler(sender_peer_id, request_bytes) -> response`` (bytes, or :class:`Gathered`)
+RequestHandler = Callable[[str, bytes], Awaitable[Payload]]
 #: ``validator(sender_peer_id, data) -> accept?``; runs before a message is forwarded.
 TopicValidator = Callable[[str, bytes], bool]
 
@@ -187,7 +213,7 @@ class Network(Protocol):
         self,
         peer_id: str,
         protocol: str,
-        payload: bytes,
+        payload: Payload,
         *,
         timeout: float = 10.0,
         max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,

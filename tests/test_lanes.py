@@ -299,3 +299,43 @@ def test_a_busy_lane_keeps_its_send_buffer_and_an_idle_one_gives_it_back() -> No
         receiver.close()
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        [lanes.RECORD_BYTES],
+        [700, lanes.RECORD_BYTES, lanes.RECORD_BYTES],
+        [0, 3, 0, 2 * lanes.RECORD_BYTES + 5],
+        [lanes.RECORD_BYTES - 1, 1, 1],
+    ],
+)
+def test_gathered_parts_are_cut_into_the_records_of_their_concatenation(
+    layout: list[int],
+) -> None:
+    """Records are RECORD_BYTES of the parts as if joined (the last one shorter), whatever
+    the parts' boundaries: a reader cannot tell a gathered message from a joined one."""
+    parts = tuple(memoryview(os.urandom(size)) for size in layout)
+    joined = b"".join(parts)
+    records = list(lanes._records_of(parts))
+    assert [size for _, size in records] == [
+        min(lanes.RECORD_BYTES, len(joined) - at)
+        for at in range(0, len(joined), lanes.RECORD_BYTES)
+    ]
+    assert b"".join(b"".join(pieces) for pieces, _ in records) == joined
+    for pieces, size in records:
+        assert sum(len(p) for p in pieces) == size and all(len(p) for p in pieces)
+
+
+def test_a_record_sealed_from_parts_is_the_record_sealed_from_their_join() -> None:
+    """The incremental GCM interface seals exactly what one call does, under the same nonce
+    counter: the peer opens it with its ordinary opener."""
+    key = os.urandom(32)
+    parts = [memoryview(os.urandom(n)) for n in (5, 100_000, 17)]
+    joined = b"".join(parts)
+    prefix = struct.pack(">I", len(joined) + 16)
+    one, many = bytearray(len(joined) + 16), bytearray(len(joined) + 16)
+    lanes._Sealer(key).seal_into(joined, memoryview(one), prefix)
+    lanes._Sealer(key).seal_parts_into(parts, memoryview(many), prefix)
+    assert one == many
+    assert lanes._Sealer(key).open(memoryview(many), prefix) == joined

@@ -263,3 +263,12 @@ def test_gpu_sensors_are_read_through_nvml(monkeypatch: pytest.MonkeyPatch) -> N
     [card] = read_gpu_sensors()
     assert card == GpuSensors(0, "NVIDIA H200", "00000000:19:00.0", 38.0, None, 0.75, 1 << 30)
     assert nvml.shutdown
+
+
+def test_gathered_messages_count_their_bytes() -> None:
+    """A request or answer sent as several buffers (Gathered) counts all of them."""
+    from mtor_p2p.metrics import _nbytes
+    from mtor_p2p.network import Gathered
+
+    assert _nbytes(Gathered([b"ab", memoryview(b"cde"), b""])) == 5
+    assert _nbytes(b"abc") == 3

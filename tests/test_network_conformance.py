@@ -20,7 +20,14 @@ import trio
 
 from mtor_p2p.identity import Identity
 from mtor_p2p.memnet import LatencyModel, MemWorld
-from mtor_p2p.network import SMALL_EXCHANGE_BYTES, Message, Network, NetworkError, RemoteError
+from mtor_p2p.network import (
+    SMALL_EXCHANGE_BYTES,
+    Gathered,
+    Message,
+    Network,
+    NetworkError,
+    RemoteError,
+)
 from tests.conftest import open_networks
 
 LIMIT = 2
@@ -199,6 +206,36 @@ async def test_binary_round_trip(open_nets: OpenNets) -> None:
         payload = random.Random(7).randbytes(384 * 1024)
         assert await client.request(server.peer_id, ECHO, payload, timeout=20) == payload
         assert await client.request(server.peer_id, ECHO, b"") == b""
+
+
+async def test_gathered_requests_and_answers_arrive_as_their_parts_joined(
+    open_nets: OpenNets,
+) -> None:
+    """A request or an answer made of several buffers (:class:`Gathered`: a run request's
+    header and operands, never joined by the sender) arrives as one, byte for byte, on every
+    adapter: parts that straddle a lane's records, empty parts, one part only."""
+    rng = random.Random(11)
+    layouts = [
+        [700, 1 << 20, 1 << 20],  # a run request: header, A, B (records straddle every part)
+        [0, 5, 0, (1 << 20) + 3, 1],
+        [3 << 20],
+        [],
+    ]
+
+    async def gather_back(sender: str, data: bytes) -> Gathered:
+        # Answered in two parts, split where the request's first part ended.
+        cut = min(len(data), 700)
+        return Gathered([memoryview(data)[:cut], memoryview(data)[cut:]])
+
+    async with open_nets(2, max_pending_bytes_per_peer=32 << 20) as (server, client):
+        server.handle(ECHO, gather_back, max_request_bytes=8 << 20)
+        for layout in layouts:
+            parts = [rng.randbytes(size) for size in layout]
+            joined = b"".join(parts)
+            answer = await client.request(
+                server.peer_id, ECHO, Gathered(parts), timeout=30, max_response_bytes=8 << 20
+            )
+            assert answer == joined
 
 
 async def test_sent_is_set_once_the_request_has_left_before_the_answer(

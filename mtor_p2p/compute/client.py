@@ -41,7 +41,7 @@ from mtor_p2p.records.arrays import (
     as_bytes,
     meta_of,
     pack,
-    pack_parts,
+    pack_gathered,
     unpack,
     unpack_view,
 )
@@ -129,11 +129,11 @@ async def upload(
     data = memoryview(np.ascontiguousarray(array)).cast("B")
     offset = 0
     while True:
-        chunk = data[offset : offset + CHUNK_BYTES]  # a view: pack() copies it once
+        chunk = data[offset : offset + CHUNK_BYTES]  # a view, sealed from where it lies
         reply = await network.request(
             worker,
             PROTOCOL_UPLOAD,
-            pack({"array": meta.to_json(), "offset": offset}, chunk),
+            pack_gathered({"array": meta.to_json(), "offset": offset}, [chunk]),
             timeout=timeout,
         )
         offset += len(chunk)
@@ -276,7 +276,7 @@ async def download(
                     max_response_bytes=MAX_MESSAGE_BYTES,
                 )
             with peer_fault_boundary(worker, "download reply"):
-                header, body = unpack(reply)
+                header, body = unpack_view(reply)  # copied once, into place below
                 total = _field(header, "total", int)
                 if total != meta.nbytes:
                     raise WorkerMisbehaved(f"its array has {total} bytes, {meta.nbytes} expected")
@@ -387,7 +387,7 @@ async def run_shard(
         header["inline"] = carried
         if keep is not None:
             header["keep"] = [name for name in carried if name in keep]
-    request = pack_parts(header, [as_bytes(operands[name]) for name in carried])
+    request = pack_gathered(header, [as_bytes(operands[name]) for name in carried])
     reply = await network.request(
         worker,
         PROTOCOL_RUN,

@@ -63,7 +63,7 @@ from mtor_p2p.compute.receipt_store import ReceiptStore
 from mtor_p2p.identity import Identity
 from mtor_p2p.ledger.genesis import NANO
 from mtor_p2p.metrics import EventWindow, LatencyBuckets
-from mtor_p2p.network import Network, RemoteError
+from mtor_p2p.network import Network, Payload, RemoteError
 from mtor_p2p.records.arrays import (
     HASH_OFF_LOOP_BYTES,
     ArrayMeta,
@@ -73,6 +73,7 @@ from mtor_p2p.records.arrays import (
     content_hasher,
     meta_of,
     pack,
+    pack_gathered,
     unpack,
     unpack_view,
 )
@@ -647,7 +648,7 @@ class WorkerService:
             raise RemoteError("ask about at most 64 hashes at once")
         return pack({"have": [h for h in hashes if isinstance(h, str) and h in self.operands]})
 
-    async def _on_run(self, sender: str, request: bytes) -> bytes:
+    async def _on_run(self, sender: str, request: bytes) -> Payload:
         self.run_requests.add(self._clock.now())
         held = len(request)
         if held <= SMALL_RUN_REQUEST_BYTES:
@@ -668,7 +669,7 @@ class WorkerService:
             self._inline_held_total -= held
             _take_back(self._inline_held, sender, held)
 
-    async def _serve_run(self, sender: str, request: bytes) -> bytes:
+    async def _serve_run(self, sender: str, request: bytes) -> Payload:
         try:
             header, body = unpack_view(request)  # inline operands are not copied out of it
         except RecordError as exc:
@@ -813,14 +814,14 @@ class WorkerService:
         self.stats.compute_seconds += ended - started
         self.shard_seconds.observe(max(0.0, ended - started))
         self.stats.by_kernel[kernel_name] = self.stats.by_kernel.get(kernel_name, 0) + 1
-        # A view of the (contiguous) output: pack() copies it once, into the reply.
+        # A view of the (contiguous) output, sealed from where it lies (no copy into a reply).
         payload = memoryview(output).cast("B") if output.nbytes <= CHUNK_BYTES else b""
-        return pack(
+        return pack_gathered(
             {
                 "output": output_meta.to_json(),
                 "receipt": base64.b64encode(receipt.encode()).decode("ascii"),
             },
-            payload,
+            [payload],
         )
 
     @staticmethod
@@ -1073,7 +1074,7 @@ class WorkerService:
         flat[index] = flat[index] + 1.0 + abs(flat[index])
         return wrong
 
-    async def _on_download(self, sender: str, request: bytes) -> bytes:
+    async def _on_download(self, sender: str, request: bytes) -> Payload:
         header, _ = self._parse(request)
         digest = _header_field(header, "hash", str)
         offset = _header_field(header, "offset", int)
@@ -1084,7 +1085,8 @@ class WorkerService:
         if offset < 0 or length <= 0 or length > CHUNK_BYTES:
             raise RemoteError(f"length must be in (0, {CHUNK_BYTES}] and offset non-negative")
         data = memoryview(array).cast("B")
-        return pack({"total": array.nbytes}, bytes(data[offset : offset + length]))
+        # A view of the stored (read-only) array: it stays alive until the chunk is sent.
+        return pack_gathered({"total": array.nbytes}, [data[offset : offset + length]])
 
     async def _on_countersign(self, sender: str, request: bytes) -> bytes:
         header, _ = self._parse(request)

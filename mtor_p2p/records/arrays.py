@@ -16,6 +16,7 @@ from typing import Any
 import blake3
 import numpy as np
 
+from mtor_p2p.network import Gathered
 from mtor_p2p.wire import RecordError, canonical_json, parse_canonical
 
 #: dtypes accepted on the wire; anything else is refused before it is allocated.
@@ -129,6 +130,15 @@ def pack_parts(header: dict[str, Any], parts: Sequence[bytes | bytearray | memor
     """:func:`pack` with a body made of ``parts`` one after another (each copied once)."""
     head = canonical_json(header)
     return b"".join((_HEADER_LENGTH.pack(len(head)), head, *parts))
+
+
+def pack_gathered(
+    header: dict[str, Any], parts: Sequence[bytes | bytearray | memoryview]
+) -> Gathered:
+    """:func:`pack_parts` without the join: the framed header, then ``parts`` as they are
+    (referenced, not copied; see :class:`~mtor_p2p.network.Gathered`)."""
+    head = canonical_json(header)
+    return Gathered((_HEADER_LENGTH.pack(len(head)) + head, *parts))
 
 
 def as_bytes(array: np.ndarray) -> memoryview:

@@ -214,6 +214,25 @@ async def test_a_lane_socket_cancelled_before_sending_keeps_its_nonces_in_step()
     receiver.close()
 
 
+@pytest.mark.parametrize("first", [100, lanes.RECORD_BYTES - 1])
+async def test_a_body_of_several_records_must_come_as_whole_records(first: int) -> None:
+    """A body of RECORD_BYTES + 10 bytes comes as one full record then 10 bytes: a short first
+    record is refused (LaneError), never taken for part of the body or padded."""
+    a, b = trio.socket.socketpair()
+    k1, k2 = os.urandom(32), os.urandom(32)
+    sender = lanes.LaneSocket(a, send_key=k1, receive_key=k2)
+    receiver = lanes.LaneSocket(b, send_key=k2, receive_key=k1)
+    out = bytearray(first + 64)
+    used = sender._seal(out, [memoryview(os.urandom(first))], 0)
+    used = sender._seal(out, [memoryview(b"y" * 10)], used)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(sender._flush, out, used)
+        with trio.fail_after(5), pytest.raises(lanes.LaneError, match="shorter"):
+            await receiver.read_body(lanes.RECORD_BYTES + 10)
+    sender.close()
+    receiver.close()
+
+
 # -- finding 3: a response's deadline runs while it waits behind the others -----------------
 
 

@@ -17,6 +17,7 @@ import trio.testing
 
 import mtor_p2p.compute.worker as worker_module
 import mtor_p2p.records.arrays as arrays
+from mtor_p2p.network import RemoteError
 from mtor_p2p.node import Node
 from tests.test_virtual_time import cluster
 
@@ -808,3 +809,45 @@ async def test_a_run_carrying_operands_does_not_wait_for_the_others(
                 worker.peer_id, PROTOCOL_RUN, pack(header, as_bytes(a)), timeout=30
             )
         assert trio.current_time() - began < 1.0  # not the 2 s grace for an upload to start
+
+
+async def delivered(worker: Node, count: int) -> list[Any]:
+    """Wait (virtual time) until ``worker`` holds ``count`` countersigned receipts."""
+    with trio.fail_after(60):
+        while True:
+            held = [r for r in worker.worker.receipts.receipts() if r.requester_signature]
+            if len(held) >= count:
+                return held
+            await trio.sleep(0.5)
+
+
+@pytest.mark.parametrize("takes_batches", [True, False])
+async def test_countersigned_receipts_reach_their_worker_in_batches(
+    autojump_clock: trio.testing.MockClock, takes_batches: bool
+) -> None:
+    """A job's receipts settle together and reach their worker in a few requests, not one
+    each (each cost both peers a request's handling); a worker from before batches refuses
+    the first batch and gets every receipt one by one from then on."""
+    async with one_worker() as (requester, worker):
+        batches: list[int] = []
+        take_batch = worker.worker._on_countersigned_batch
+
+        async def counted(sender: str, header: dict[str, Any], body: bytes) -> bytes:
+            batches.append(len(header["receipts"]))
+            if not takes_batches:  # as a worker before batches answers them
+                raise RemoteError("header field 'receipt' missing or of the wrong type")
+            return await take_batch(sender, header, body)
+
+        worker.worker._on_countersigned_batch = counted  # type: ignore[method-assign]
+        a = RNG.standard_normal((16 * 8, 32)).astype("float32")
+        b = RNG.standard_normal((32, 24)).astype("float32")
+        result = await requester.submit("matmul", {"a": a, "b": b}, shards=16)
+        await requester.scheduler.settled()
+        held = await delivered(worker, 16)
+        assert {r.receipt_id for r in held} >= {s.receipt.receipt_id for s in result.shards}
+        if takes_batches:
+            assert sum(batches) == 16 and len(batches) <= 4
+            assert worker.peer_id not in requester.scheduler._unbatched
+        else:
+            assert len(batches) == 1  # refused once, then one by one
+            assert worker.peer_id in requester.scheduler._unbatched

@@ -50,7 +50,7 @@ from mtor_p2p.compute.worker import (
 from mtor_p2p.identity import Identity
 from mtor_p2p.memnet import MemNetwork, MemWorld
 from mtor_p2p.network import NetworkError, RemoteError
-from mtor_p2p.records.arrays import OperandStore, meta_of, pack, pack_parts
+from mtor_p2p.records.arrays import OperandStore, meta_of, pack, pack_parts, unpack
 from mtor_p2p.records.receipts import Receipt, countersign, shard_cost_nano
 from mtor_p2p.runtime import Runtime
 
@@ -509,6 +509,64 @@ async def test_a_countersign_for_another_requester_is_refused(
                 PROTOCOL_COUNTERSIGN,
                 pack({"receipt": base64.b64encode(complete.encode()).decode()}),
             )
+
+
+def countersign_batch(receipts: list[Receipt]) -> bytes:
+    """A batched countersign request (``protocol.py``): sizes in the header, receipts after."""
+    encoded = [receipt.encode() for receipt in receipts]
+    return pack({"receipts": [len(data) for data in encoded]}, b"".join(encoded))
+
+
+async def test_countersigned_receipts_delivered_together_are_each_taken(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A batch of countersigned receipts clears each shard it pays, as one by one would, and
+    says which were new; delivered again, none is."""
+    async with bench(price=1.0, unpaid_shards=3) as b:
+        alice = await b.requester("alice")
+        operands = matmul_operands()
+        receipts = [await run(b, alice, operands, shard=i, quote=1.0) for i in range(3)]
+        await trio.sleep(OWED_MEMORY_SECONDS + HOUSEKEEPING_INTERVAL)
+        assert b.worker.unpaid(alice.peer_id)[0] == 3
+        complete = [countersign(alice.identity, r) for r in receipts]
+        reply = await alice.network.request(
+            b.worker_id, PROTOCOL_COUNTERSIGN, countersign_batch(complete)
+        )
+        assert unpack(reply)[0] == {"stored": [True, True, True]}
+        assert b.worker.unpaid(alice.peer_id) == (0, 0)
+        held = {r.receipt_id for r in b.worker.receipts.receipts()}
+        assert {r.receipt_id for r in complete} <= held
+        stored = await client.send_countersigned_batch(
+            alice.network, b.worker_id, complete, timeout=10
+        )
+        assert stored == [False, False, False]
+
+
+async def test_a_batch_with_one_bad_receipt_is_refused_whole(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Every receipt of a batch is checked before any is taken: one naming another requester,
+    or sizes that do not cut the body into receipts, or too many, refuse the request."""
+    async with bench(price=1.0) as b:
+        alice, mallory = await b.requester("alice"), await b.requester("mallory")
+        mine = countersign(
+            mallory.identity, await run(b, mallory, matmul_operands(), shard=0, quote=1.0)
+        )
+        theirs = countersign(
+            alice.identity, await run(b, alice, matmul_operands(), shard=0, quote=1.0)
+        )
+        with pytest.raises(RemoteError, match="other peers"):
+            await mallory.network.request(
+                b.worker_id, PROTOCOL_COUNTERSIGN, countersign_batch([mine, theirs])
+            )
+        assert not b.worker.receipts.receipts()
+        data = mine.encode()
+        for sizes in ([len(data) + 1], [len(data) - 1], [], [True], [len(data)] * 33, "x"):
+            with pytest.raises(RemoteError, match="field 'receipts'"):
+                await mallory.network.request(
+                    b.worker_id, PROTOCOL_COUNTERSIGN, pack({"receipts": sizes}, data)
+                )
+        assert not b.worker.receipts.receipts()
 
 
 # -- uploads --------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from mtor_kernels import get_kernel
 from mtor_p2p.compute.protocol import (
     CHUNK_BYTES,
     MAX_ARRAY_BYTES,
+    MAX_COUNTERSIGN_BATCH,
     MAX_MESSAGE_BYTES,
     PROTOCOL_COUNTERSIGN,
     PROTOCOL_DOWNLOAD,
@@ -451,4 +452,40 @@ async def send_countersigned(
     except PeerMisbehaved as exc:
         log.info("%s", exc)
         return False
+    return stored
+
+
+async def send_countersigned_batch(
+    network: Network, worker: str, receipts: list[Receipt], *, timeout: float
+) -> list[bool]:
+    """Give the worker several countersigned receipts in one request (at most
+    MAX_COUNTERSIGN_BATCH; see ``protocol.py``): whether each was stored, all False if they
+    could not be delivered or the acknowledgement is malformed (logged, as in
+    :func:`send_countersigned`). RemoteError when the worker refuses, as one before
+    batches does."""
+    if not 0 < len(receipts) <= MAX_COUNTERSIGN_BATCH:
+        raise ValueError(f"a batch has 1-{MAX_COUNTERSIGN_BATCH} receipts")
+    encoded = [receipt.encode() for receipt in receipts]
+    try:
+        reply = await network.request(
+            worker,
+            PROTOCOL_COUNTERSIGN,
+            pack({"receipts": [len(data) for data in encoded]}, b"".join(encoded)),
+            timeout=timeout,
+        )
+    except NetworkError:
+        return [False] * len(receipts)
+    try:
+        with peer_fault_boundary(worker, "countersign reply"):
+            header, _ = unpack(reply)
+            stored = header.get("stored")
+            if (
+                not isinstance(stored, list)
+                or len(stored) != len(receipts)
+                or not all(isinstance(flag, bool) for flag in stored)
+            ):
+                raise WorkerMisbehaved("field 'stored' is not one bool per receipt")
+    except PeerMisbehaved as exc:
+        log.info("%s", exc)
+        return [False] * len(receipts)
     return stored

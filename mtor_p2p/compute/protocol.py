@@ -25,6 +25,11 @@ Every message is ``arrays.pack(header, body)``. Operands travel in chunks of at 
                              too large": the requester then uploads instead.)
 ``/mtor/compute/download/1`` header {hash, offset, length}            → body: a chunk
 ``/mtor/compute/countersign/1`` header {receipt: b64 complete receipt} → {stored}
+                             or header {receipts: [byte sizes]} + body: up to
+                             MAX_COUNTERSIGN_BATCH complete receipts one after another
+                             → {stored: [one bool each]}. (A worker before batches
+                             refuses the second form: "header field 'receipt' missing";
+                             the requester then delivers to it one by one.)
 """
 
 from __future__ import annotations
@@ -36,6 +41,9 @@ PROTOCOL_DOWNLOAD = "/mtor/compute/download/1"
 PROTOCOL_COUNTERSIGN = "/mtor/compute/countersign/1"
 
 CHUNK_BYTES = 4 << 20
+#: Countersigned receipts delivered to a worker in one request, at most (about 700 bytes
+#: each: 32 fit the worker's 64 KiB request limit with room to spare).
+MAX_COUNTERSIGN_BATCH = 32
 MAX_MESSAGE_BYTES = CHUNK_BYTES + 64 * 1024
 #: Operand bytes a run request may carry (``inline``): a shard whose missing operands fit
 #: travels as one message instead of a run request and an upload per operand (each a request

@@ -32,7 +32,7 @@ from mtor_p2p.capacity.record import CapacityRecord, gpu_class
 from mtor_p2p.capacity.view import CapacityQuery, CapacityView
 from mtor_p2p.clock import NetClock
 from mtor_p2p.compute import blas, client
-from mtor_p2p.compute.protocol import INLINE_OPERAND_BYTES, INLINE_REFUSED
+from mtor_p2p.compute.protocol import INLINE_OPERAND_BYTES, INLINE_REFUSED, MAX_COUNTERSIGN_BATCH
 from mtor_p2p.compute.receipt_store import ReceiptStore
 from mtor_p2p.compute.reputation import STRAGGLER, PeerBook, Standing
 from mtor_p2p.compute.worker import CREDIT_REFUSED, PRICE_REFUSED
@@ -1300,6 +1300,8 @@ class Scheduler:
         #: SENT_OPERANDS_KEPT): only these are asked about before a run; the rest are sent
         #: at once (see _JobRun._compute).
         self.sent_operands: OrderedDict[tuple[str, str], None] = OrderedDict()
+        #: Workers that refused a batch of countersigned receipts (before batches).
+        self._unbatched: OrderedDict[str, None] = OrderedDict()
         #: (worker, operand hash) carried in a run request without asking the worker to keep
         #: it (bounded like sent_operands): carried there again, it is kept (see _keep).
         self.carried_unkept: OrderedDict[tuple[str, str], None] = OrderedDict()
@@ -1316,7 +1318,10 @@ class Scheduler:
         self.last_job_at: float | None = None
         # Countersigned receipts travel to their workers off the job's critical path: a dead
         # worker must not delay the result by a delivery timeout.
-        self._outbox_send, self._outbox = trio.open_memory_channel[tuple[str, Receipt]](10_000)
+        # (worker, its receipts): what one settlement gave it, delivered in one request.
+        self._outbox_send, self._outbox = trio.open_memory_channel[tuple[str, list[Receipt]]](
+            10_000
+        )
         # Receipts countersigned and not yet stored and entered into the ledger: the courier
         # settles them after their job has its result (see settle()).
         self._settle_send, self._settle_recv = trio.open_memory_channel[tuple[str, Receipt]](10_000)
@@ -1715,15 +1720,19 @@ class Scheduler:
         await self._settle_now(worker, complete)
         return complete
 
-    async def _settle_now(self, worker: str, complete: Receipt) -> None:
+    async def _settle_now(self, worker: str, complete: Receipt, *, deliver: bool = True) -> None:
         # Group-committed with the other receipts settling meanwhile.
         await self.receipts.add_async(complete, self.runtime.run_blocking)
         if self.on_settled is not None:
             await self.on_settled(complete)
+        if deliver:
+            self._to_outbox(worker, [complete])
+
+    def _to_outbox(self, worker: str, receipts: list[Receipt]) -> None:
         try:
-            self._outbox_send.send_nowait((worker, complete))
+            self._outbox_send.send_nowait((worker, receipts))
         except trio.WouldBlock:
-            log.warning("countersign outbox full: receipt kept locally only")
+            log.warning("countersign outbox full: %d receipts kept locally only", len(receipts))
 
     async def settled(self) -> None:
         """Return once every receipt countersigned so far is stored and in the ledger (its
@@ -1773,9 +1782,10 @@ class Scheduler:
         on disk; a stop stores it (:meth:`store_backlog`), a crash loses it here, as before
         for the milliseconds it took, and its worker keeps it as owed."""
 
-        async def settle_one(worker: str, receipt: Receipt) -> None:
+        async def settle_one(worker: str, receipt: Receipt, settled: list[Receipt]) -> None:
             try:
-                await self._settle_now(worker, receipt)
+                await self._settle_now(worker, receipt, deliver=False)
+                settled.append(receipt)
             except Exception:
                 log.exception("settling receipt %s failed", receipt.receipt_id)
             finally:
@@ -1796,13 +1806,21 @@ class Scheduler:
                     except trio.WouldBlock:
                         break
                 batch, self._held = self._held, []
+                by_worker: dict[str, list[Receipt]] = {}
                 async with trio.open_nursery() as batch_nursery:
                     for worker, receipt in batch:
-                        batch_nursery.start_soon(settle_one, worker, receipt)
+                        settled = by_worker.setdefault(worker, [])
+                        batch_nursery.start_soon(settle_one, worker, receipt, settled)
+                # Each worker's receipts of the batch go together: one request (up to
+                # MAX_COUNTERSIGN_BATCH receipts), not one per receipt.
+                for worker, settled in by_worker.items():
+                    if settled:
+                        self._to_outbox(worker, settled)
 
         async def deliver_forever() -> None:
-            async for worker, receipt in self._outbox:
-                await self._deliver(worker, receipt)
+            async for worker, receipts in self._outbox:
+                for start in range(0, len(receipts), MAX_COUNTERSIGN_BATCH):
+                    await self._deliver(worker, receipts[start : start + MAX_COUNTERSIGN_BATCH])
 
         self._settling = True
         try:
@@ -1814,7 +1832,21 @@ class Scheduler:
             self._settling = False
             self._settled_changed.set()  # settled() returns: nothing settles any more
 
-    async def _deliver(self, worker: str, receipt: Receipt) -> None:
+    async def _deliver(self, worker: str, receipts: list[Receipt]) -> None:
+        """Give ``worker`` its countersigned receipts: together where it takes batches (one
+        refusal of a batch, as from a worker before them, sends it one at a time from then
+        on), else one by one."""
+        if len(receipts) > 1 and worker not in self._unbatched:
+            try:
+                await client.send_countersigned_batch(self.network, worker, receipts, timeout=5)
+                return
+            except RemoteError as exc:
+                log.info("worker %s takes receipts one at a time: %s", worker[-8:], exc)
+                _remember(self._unbatched, worker)
+        for receipt in receipts:
+            await self._deliver_one(worker, receipt)
+
+    async def _deliver_one(self, worker: str, receipt: Receipt) -> None:
         try:
             await client.send_countersigned(self.network, worker, receipt, timeout=5)
         except (RemoteError, NetworkError) as exc:

@@ -48,6 +48,7 @@ from mtor_p2p.compute.protocol import (
     INLINE_OPERAND_BYTES,
     INLINE_REFUSED,
     MAX_ARRAY_BYTES,
+    MAX_COUNTERSIGN_BATCH,
     MAX_MESSAGE_BYTES,
     MAX_PENDING_UPLOAD_BYTES,
     MAX_PENDING_UPLOAD_BYTES_PER_PEER,
@@ -1089,14 +1090,63 @@ class WorkerService:
         return pack_gathered({"total": array.nbytes}, [data[offset : offset + length]])
 
     async def _on_countersign(self, sender: str, request: bytes) -> bytes:
-        header, _ = self._parse(request)
+        header, body = self._parse(request)
+        if "receipts" in header:
+            return await self._on_countersigned_batch(sender, header, body)
         encoded = _header_field(header, "receipt", str)
+        receipt = self._countersigned_receipt(
+            sender, lambda: base64.b64decode(encoded, validate=True)
+        )
+        return pack({"stored": await self._take_countersigned(sender, receipt)})
+
+    async def _on_countersigned_batch(
+        self, sender: str, header: dict[str, Any], body: bytes
+    ) -> bytes:
+        """Several countersigned receipts in one request (the requester's courier delivers
+        what one settlement batch gave each worker together: one request per receipt cost
+        both peers a request's handling each, about a fifth of a 200-shard job's rate here).
+        Every receipt is checked before any is taken; one that fails refuses the request."""
+        sizes = header.get("receipts")
+        if (
+            not isinstance(sizes, list)
+            or not 0 < len(sizes) <= MAX_COUNTERSIGN_BATCH
+            or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in sizes)
+            or sum(sizes) != len(body)
+        ):
+            raise RemoteError(
+                f"field 'receipts' must list 1-{MAX_COUNTERSIGN_BATCH} sizes of the body's receipts"
+            )
+        receipts: list[Receipt] = []
+        offset = 0
+        for size in sizes:
+            data = body[offset : offset + size]
+            offset += size
+            receipts.append(self._countersigned_receipt(sender, lambda data=data: data))
+        stored: list[bool] = [False] * len(receipts)
+
+        async def take(index: int) -> None:
+            stored[index] = await self._take_countersigned(sender, receipts[index])
+
+        # Together: they share the receipt store's group commit and the ledger's.
+        async with trio.open_nursery() as nursery:
+            for index in range(len(receipts)):
+                nursery.start_soon(take, index)
+        return pack({"stored": stored})
+
+    def _countersigned_receipt(self, sender: str, data: Callable[[], bytes]) -> Receipt:
+        """A complete receipt ``sender`` countersigned for this worker, decoded and verified;
+        RemoteError for anything else."""
         try:
-            receipt = decode_receipt(base64.b64decode(encoded, validate=True))
+            receipt = decode_receipt(data())
         except (RecordError, ValueError) as exc:
             raise RemoteError(f"receipt rejected: {exc}") from exc
         if receipt.body.worker != self._identity.peer_id or receipt.body.requester != sender:
             raise RemoteError("receipt names other peers")
+        return receipt
+
+    async def _take_countersigned(self, sender: str, receipt: Receipt) -> bool:
+        """Store a countersigned receipt, enter it into the ledger and clear what it pays;
+        whether it was new here."""
         # Group-committed with other receipts arriving meanwhile; "stored" is answered only
         # once the commit holding this one is on disk.
         stored = await self.receipts.add_async(receipt, self._runtime.run_blocking)
@@ -1116,4 +1166,4 @@ class WorkerService:
                 unpaid.pop(reservation, None)  # paid late: no longer held against it
                 if not unpaid:
                     del self._unpaid[sender]
-        return pack({"stored": stored})
+        return stored

@@ -225,3 +225,18 @@ def test_schema_1_records_without_relay_are_still_read(identity):
     body["relay"] = True  # schema 1 has no such field
     with pytest.raises(RecordError, match="unexpected"):
         decode_capacity_record(seal(identity, RECORD_TYPE, body), now=NOW)
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [[65536, 65536, 65536, 65536], [2**31 - 1] * 6, [2**16, 2**16, 2**16, 2**16, 4, 4]],
+)
+def test_an_array_description_whose_size_overflows_int64_is_refused(shape: list[int]) -> None:
+    """Sizes are exact: a shape whose element count wraps an int64 (2^64 -> 0) must not pass
+    the size limit as a small, or empty, array."""
+    from mtor_p2p.records.arrays import ArrayMeta
+
+    with pytest.raises(RecordError, match="exceeds the limit"):
+        ArrayMeta.from_json(
+            {"hash": "ab" * 32, "dtype": "float32", "shape": shape}, max_bytes=1 << 30
+        )

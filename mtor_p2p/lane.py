@@ -66,6 +66,9 @@ _RECORD_LENGTH = struct.Struct(">I")
 SMALL_BUFFER_BYTES = 64 * 1024
 _LARGE_BUFFER = 2 * (_RECORD_LENGTH.size + RECORD_BYTES + _TAG)
 LARGE_BUFFER_KEEP_S = 1.0
+#: Bodies of several records up to this size are opened in place into one buffer (taken
+#: when the body starts); larger ones record by record, then joined (see read_body).
+IN_PLACE_BODY_BYTES = 8 << 20
 #: Largest header record (a request's protocol name is at most MAX_PROTOCOL_BYTES).
 MAX_HEADER_BYTES = 512
 MAX_PROTOCOL_BYTES = 256
@@ -330,7 +333,8 @@ class LaneSocket:
 
     async def read_body(self, length: int) -> bytes | bytearray:
         """The body records of a message whose header announced ``length`` bytes: ``bytes``
-        for one record, a ``bytearray`` (nobody else's) for several."""
+        for one record or more than IN_PLACE_BODY_BYTES, else a ``bytearray`` (nobody
+        else's)."""
         if length == 0:
             return b""
         if length <= RECORD_BYTES:
@@ -340,10 +344,24 @@ class LaneSocket:
             if len(body) != length:
                 raise LaneError("body record shorter than announced")
             return body
-        # Several records: each opened in place into the one buffer handed to the caller. A
-        # run request with A and B (2 MiB), a shard's answer (1 MiB and its header) were
-        # opened into a bytes object per record and then joined: a copy of each on the path.
-        # (At 64 MiB the buffer is fresh zero pages, faulted in as they are written.)
+        if length > IN_PLACE_BODY_BYTES:
+            # Large: each record opened into its own bytes as it arrives, then joined, so that
+            # memory is taken as the bytes come (a zeroed buffer of the announced size would
+            # be taken at once, before a byte of it is in: a review).
+            parts: list[bytes] = []
+            offset = 0
+            while offset < length:
+                want = min(RECORD_BYTES, length - offset)
+                part = await self._open_record_bytes(want)
+                if len(part) != want:
+                    raise LaneError("body record shorter than announced")
+                parts.append(part)
+                offset += want
+            return b"".join(parts)
+        # Several records, a few MiB: each opened in place into the one buffer handed to
+        # the caller. A run request with A and B (2 MiB), a shard's answer (1 MiB and its
+        # header) were opened into a bytes object per record and then joined: a copy of
+        # each on the shard's path.
         body = bytearray(length)
         view = memoryview(body)
         offset = 0

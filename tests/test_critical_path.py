@@ -821,33 +821,88 @@ async def delivered(worker: Node, count: int) -> list[Any]:
             await trio.sleep(0.5)
 
 
-@pytest.mark.parametrize("takes_batches", [True, False])
+@pytest.mark.parametrize("worker_kind", ["batches", "before batches", "busy"])
 async def test_countersigned_receipts_reach_their_worker_in_batches(
-    autojump_clock: trio.testing.MockClock, takes_batches: bool
+    autojump_clock: trio.testing.MockClock, worker_kind: str
 ) -> None:
     """A job's receipts settle together and reach their worker in a few requests, not one
-    each (each cost both peers a request's handling); a worker from before batches refuses
-    the first batch and gets every receipt one by one from then on."""
+    each (each cost both peers a request's handling). A worker from before batches refuses
+    the first and gets every receipt one by one from then on; a batch refused for another
+    reason (busy) goes one by one, and the next batch is tried again."""
     async with one_worker() as (requester, worker):
         batches: list[int] = []
         take_batch = worker.worker._on_countersigned_batch
 
         async def counted(sender: str, header: dict[str, Any], body: bytes) -> bytes:
             batches.append(len(header["receipts"]))
-            if not takes_batches:  # as a worker before batches answers them
+            if worker_kind == "before batches":  # as such a worker answers the batch form
                 raise RemoteError("header field 'receipt' missing or of the wrong type")
+            if worker_kind == "busy" and len(batches) == 1:
+                raise RemoteError("busy: too many requests in progress")
             return await take_batch(sender, header, body)
 
         worker.worker._on_countersigned_batch = counted  # type: ignore[method-assign]
-        a = RNG.standard_normal((16 * 8, 32)).astype("float32")
         b = RNG.standard_normal((32, 24)).astype("float32")
-        result = await requester.submit("matmul", {"a": a, "b": b}, shards=16)
-        await requester.scheduler.settled()
-        held = await delivered(worker, 16)
-        assert {r.receipt_id for r in held} >= {s.receipt.receipt_id for s in result.shards}
-        if takes_batches:
-            assert sum(batches) == 16 and len(batches) <= 4
-            assert worker.peer_id not in requester.scheduler._unbatched
-        else:
+        shards = []
+        for _ in range(2):  # two jobs, two settlement batches
+            a = RNG.standard_normal((16 * 8, 32)).astype("float32")
+            result = await requester.submit("matmul", {"a": a, "b": b}, shards=16)
+            await requester.scheduler.settled()
+            shards += result.shards
+            held = await delivered(worker, len(shards))
+        assert {r.receipt_id for r in held} >= {s.receipt.receipt_id for s in shards}
+        if worker_kind == "batches":
+            assert sum(batches) == 32 and len(batches) <= 8
+        elif worker_kind == "before batches":
             assert len(batches) == 1  # refused once, then one by one
-            assert worker.peer_id in requester.scheduler._unbatched
+        else:
+            assert len(batches) >= 2  # tried again after the refusal
+        assert (worker.peer_id in requester.scheduler._unbatched) == (
+            worker_kind == "before batches"
+        )
+
+
+async def test_a_worker_that_cannot_be_reached_holds_up_no_more_than_one_request(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Delivering one by one to a worker that does not answer stops at its first timeout:
+    its other receipts would each wait as long, holding up the courier (a review: 32 such
+    receipts held a deliverer 160 s). They stay stored here, and in the ledger."""
+    from mtor_p2p.compute import client
+
+    async with one_worker() as (requester, worker):
+        a = RNG.standard_normal((16 * 4, 32)).astype("float32")
+        b = RNG.standard_normal((32, 24)).astype("float32")
+        result = await requester.submit("matmul", {"a": a, "b": b}, shards=4)
+        receipts = [s.receipt for s in result.shards]
+        calls: list[int] = []
+
+        async def silent(*args: Any, **kwargs: Any) -> None:
+            calls.append(len(args[2]))
+            return None  # as for a NetworkError: not reached
+
+        monkeypatch.setattr(client, "deliver_countersigned", silent)
+        requester.scheduler._unbatched[worker.peer_id] = None
+        assert await requester.scheduler._deliver(worker.peer_id, receipts) is False
+        assert calls == [1]
+
+
+def test_countersign_batches_keep_to_the_count_and_the_bytes() -> None:
+    """Batches hold at most MAX_COUNTERSIGN_BATCH receipts and MAX_COUNTERSIGN_BATCH_BYTES of
+    them (a receipt may have up to 4 KiB: 32 of those would pass the worker's request limit)."""
+    from mtor_p2p.compute import client
+    from mtor_p2p.compute.protocol import MAX_COUNTERSIGN_BATCH, MAX_COUNTERSIGN_BATCH_BYTES
+
+    class Sized:
+        def __init__(self, size: int) -> None:
+            self.size = size
+
+        def encode(self) -> bytes:
+            return bytes(self.size)
+
+    small = [Sized(700) for _ in range(70)]
+    assert [len(b) for b in client.countersign_batches(small)] == [32, 32, 6]  # type: ignore[arg-type]
+    large = [Sized(4000) for _ in range(30)]
+    sizes = [sum(r.size for r in b) for b in client.countersign_batches(large)]  # type: ignore[arg-type]
+    assert all(size <= MAX_COUNTERSIGN_BATCH_BYTES for size in sizes) and sum(sizes) == 120_000
+    assert MAX_COUNTERSIGN_BATCH == 32

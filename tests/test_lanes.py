@@ -339,3 +339,30 @@ def test_a_record_sealed_from_parts_is_the_record_sealed_from_their_join() -> No
     lanes._Sealer(key).seal_parts_into(parts, memoryview(many), prefix)
     assert one == many
     assert lanes._Sealer(key).open(memoryview(many), prefix) == joined
+
+
+@pytest.mark.parametrize("size", [2 * lanes.RECORD_BYTES + 3, lanes.IN_PLACE_BODY_BYTES + 5])
+async def test_bodies_opened_in_place_or_record_by_record_arrive_whole(size: int) -> None:
+    """A body of a few records opens in place into one buffer; a larger one record by record
+    (memory taken as its bytes arrive, not all at the announcement): both arrive whole, and
+    the next message opens in step."""
+    a, b = trio.socket.socketpair()
+    k1, k2 = os.urandom(32), os.urandom(32)
+    sender = lanes.LaneSocket(a, send_key=k1, receive_key=k2)
+    receiver = lanes.LaneSocket(b, send_key=k2, receive_key=k1)
+    body = os.urandom(size)
+
+    async def send_both() -> None:
+        await sender.send_message(b"head", body)
+        await sender.send_message(b"next", b"")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(send_both)
+        with trio.fail_after(20):
+            assert await receiver.read_header() == b"head"
+            got = await receiver.read_body(size)
+            assert got == body
+            assert isinstance(got, bytearray) == (size <= lanes.IN_PLACE_BODY_BYTES)
+            assert await receiver.read_header() == b"next"
+    sender.close()
+    receiver.close()

@@ -569,6 +569,72 @@ async def test_a_batch_with_one_bad_receipt_is_refused_whole(
         assert not b.worker.receipts.receipts()
 
 
+async def test_a_receipt_enters_the_ledger_once_however_often_it_is_delivered(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Only a receipt new to this worker goes on to its ledger: delivered again (alone or in
+    a batch), or countersigned again with other bytes, it is not another payment (a review:
+    re-signed copies of one shard each became a ledger entry)."""
+    async with bench(price=1.0) as b:
+        alice = await b.requester("alice")
+        entered: list[str] = []
+
+        async def on_receipt(receipt: Receipt) -> None:
+            entered.append(receipt.receipt_id)
+
+        b.worker._on_receipt = on_receipt
+        complete = countersign(
+            alice.identity, await run(b, alice, matmul_operands(), shard=0, quote=1.0)
+        )
+        assert await client.send_countersigned(alice.network, b.worker_id, complete, timeout=5)
+        assert not await client.send_countersigned(alice.network, b.worker_id, complete, timeout=5)
+        assert await client.send_countersigned_batch(
+            alice.network, b.worker_id, [complete, complete], timeout=5
+        ) == [False, False]
+        assert entered == [complete.receipt_id]
+
+
+async def test_a_countersign_cut_off_while_storing_still_releases_what_it_pays(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A countersign whose handler is cut off (its deadline) while the store's commit is slow
+    releases the shard's reservation once that wait ends: nothing stays owed, to count as
+    unpaid work later (a review: stored, yet still owed)."""
+    async with bench(price=1.0) as b:
+        alice = await b.requester("alice")
+        receipts = [await run(b, alice, matmul_operands(), shard=i, quote=1.0) for i in range(2)]
+        assert len(b.worker._owed.get(alice.peer_id, {})) == 2
+        add_async = b.worker.receipts.add_async
+
+        async def slow_add(receipt: Receipt, run_blocking: Any) -> bool:
+            await trio.sleep(30)  # past the handler's 10 s deadline
+            return await add_async(receipt, run_blocking)
+
+        b.worker.receipts.add_async = slow_add  # type: ignore[method-assign]
+        complete = [countersign(alice.identity, r) for r in receipts]
+        # Answered or reset, whichever: what matters is what the worker still holds after.
+        await client.deliver_countersigned(
+            alice.network, b.worker_id, complete, timeout=60, batch=True
+        )
+        await trio.sleep(60)
+        assert not b.worker._owed.get(alice.peer_id)
+
+
+async def test_a_download_chunk_does_not_keep_the_stored_array_alive(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A download answer holds a copy of its chunk, not a view of the stored array: an answer
+    waiting behind others on a slow reader's lane would otherwise keep the whole array (up to
+    1 GiB) alive after the store dropped it (a review)."""
+    async with bench(price=1.0) as b:
+        array = RNG.standard_normal((256, 1024)).astype("float32")
+        digest = b.worker.operands.put(array)
+        request = pack({"hash": digest, "offset": 0, "length": 1})
+        answer = await b.worker._on_download("peer", request)
+        parts = answer.parts if hasattr(answer, "parts") else [memoryview(answer)]
+        assert not any(isinstance(part.obj, np.ndarray) for part in parts)
+
+
 # -- uploads --------------------------------------------------------------------------------
 
 #: An operand of 64 MiB as announced; the attacker sends none of its bytes.

@@ -28,6 +28,7 @@ from mtor_p2p.compute.protocol import (
     CHUNK_BYTES,
     MAX_ARRAY_BYTES,
     MAX_COUNTERSIGN_BATCH,
+    MAX_COUNTERSIGN_BATCH_BYTES,
     MAX_MESSAGE_BYTES,
     PROTOCOL_COUNTERSIGN,
     PROTOCOL_DOWNLOAD,
@@ -434,58 +435,72 @@ async def send_countersigned(
     and kept here, so nothing is lost, and the caller (the scheduler's courier, in the node's
     nursery) must not be stopped by a hostile worker. A refusal is still RemoteError.
     """
-    try:
-        reply = await network.request(
-            worker,
-            PROTOCOL_COUNTERSIGN,
-            pack({"receipt": base64.b64encode(receipt.encode()).decode("ascii")}),
-            timeout=timeout,
-        )
-    except NetworkError:
-        return False
-    try:
-        with peer_fault_boundary(worker, "countersign reply"):
-            header, _ = unpack(reply)
-            stored = header.get("stored", True)
-            if not isinstance(stored, bool):
-                raise WorkerMisbehaved("field 'stored' is not a bool")
-    except PeerMisbehaved as exc:
-        log.info("%s", exc)
-        return False
-    return stored
+    stored = await deliver_countersigned(network, worker, [receipt], timeout=timeout, batch=False)
+    return bool(stored and stored[0])
 
 
 async def send_countersigned_batch(
     network: Network, worker: str, receipts: list[Receipt], *, timeout: float
 ) -> list[bool]:
-    """Give the worker several countersigned receipts in one request (at most
-    MAX_COUNTERSIGN_BATCH; see ``protocol.py``): whether each was stored, all False if they
-    could not be delivered or the acknowledgement is malformed (logged, as in
-    :func:`send_countersigned`). RemoteError when the worker refuses, as one before
-    batches does."""
-    if not 0 < len(receipts) <= MAX_COUNTERSIGN_BATCH:
-        raise ValueError(f"a batch has 1-{MAX_COUNTERSIGN_BATCH} receipts")
-    encoded = [receipt.encode() for receipt in receipts]
+    """Give the worker several countersigned receipts in one request (see
+    :func:`countersign_batches` and ``protocol.py``): whether each was stored, all False if
+    they could not be delivered or the acknowledgement is malformed (logged, as in
+    :func:`send_countersigned`). RemoteError when the worker refuses, as one before batches
+    does (:data:`OLD_COUNTERSIGN_REFUSAL`)."""
+    stored = await deliver_countersigned(network, worker, receipts, timeout=timeout, batch=True)
+    return stored if stored is not None else [False] * len(receipts)
+
+
+def countersign_batches(receipts: list[Receipt]) -> Iterator[list[Receipt]]:
+    """``receipts`` in batches a worker takes in one countersign request: at most
+    MAX_COUNTERSIGN_BATCH receipts and MAX_COUNTERSIGN_BATCH_BYTES of them each."""
+    batch: list[Receipt] = []
+    size = 0
+    for receipt in receipts:
+        length = len(receipt.encode())
+        if batch and (
+            len(batch) == MAX_COUNTERSIGN_BATCH or size + length > MAX_COUNTERSIGN_BATCH_BYTES
+        ):
+            yield batch
+            batch, size = [], 0
+        batch.append(receipt)
+        size += length
+    if batch:
+        yield batch
+
+
+async def deliver_countersigned(
+    network: Network, worker: str, receipts: list[Receipt], *, timeout: float, batch: bool
+) -> list[bool] | None:
+    """One countersign request: the single form for one receipt (``batch`` False), else the
+    batch form; whether each receipt was stored (all False for a malformed acknowledgement,
+    logged), None if the worker could not be reached. RemoteError when it refuses."""
+    if batch:
+        if not 0 < len(receipts) <= MAX_COUNTERSIGN_BATCH:
+            raise ValueError(f"a batch has 1-{MAX_COUNTERSIGN_BATCH} receipts")
+        encoded = [receipt.encode() for receipt in receipts]
+        payload = pack({"receipts": [len(data) for data in encoded]}, b"".join(encoded))
+    else:
+        if len(receipts) != 1:
+            raise ValueError("the single form carries one receipt")
+        encoded_one = base64.b64encode(receipts[0].encode()).decode("ascii")
+        payload = pack({"receipt": encoded_one})
     try:
-        reply = await network.request(
-            worker,
-            PROTOCOL_COUNTERSIGN,
-            pack({"receipts": [len(data) for data in encoded]}, b"".join(encoded)),
-            timeout=timeout,
-        )
+        reply = await network.request(worker, PROTOCOL_COUNTERSIGN, payload, timeout=timeout)
     except NetworkError:
-        return [False] * len(receipts)
+        return None
     try:
         with peer_fault_boundary(worker, "countersign reply"):
             header, _ = unpack(reply)
-            stored = header.get("stored")
+            stored = header.get("stored", True)
+            flags = stored if batch else [stored]
             if (
-                not isinstance(stored, list)
-                or len(stored) != len(receipts)
-                or not all(isinstance(flag, bool) for flag in stored)
+                not isinstance(flags, list)
+                or len(flags) != len(receipts)
+                or not all(isinstance(flag, bool) for flag in flags)
             ):
                 raise WorkerMisbehaved("field 'stored' is not one bool per receipt")
     except PeerMisbehaved as exc:
         log.info("%s", exc)
         return [False] * len(receipts)
-    return stored
+    return flags

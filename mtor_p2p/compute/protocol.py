@@ -44,6 +44,10 @@ CHUNK_BYTES = 4 << 20
 #: Countersigned receipts delivered to a worker in one request, at most (about 700 bytes
 #: each: 32 fit the worker's 64 KiB request limit with room to spare).
 MAX_COUNTERSIGN_BATCH = 32
+#: And at most this many bytes of receipts (a receipt may have up to 4 KiB).
+MAX_COUNTERSIGN_BATCH_BYTES = 48 * 1024
+#: How a worker from before batches refuses one: it looks for the single form's field.
+OLD_COUNTERSIGN_REFUSAL = "header field 'receipt'"
 MAX_MESSAGE_BYTES = CHUNK_BYTES + 64 * 1024
 #: Operand bytes a run request may carry (``inline``): a shard whose missing operands fit
 #: travels as one message instead of a run request and an upload per operand (each a request

@@ -32,7 +32,11 @@ from mtor_p2p.capacity.record import CapacityRecord, gpu_class
 from mtor_p2p.capacity.view import CapacityQuery, CapacityView
 from mtor_p2p.clock import NetClock
 from mtor_p2p.compute import blas, client
-from mtor_p2p.compute.protocol import INLINE_OPERAND_BYTES, INLINE_REFUSED, MAX_COUNTERSIGN_BATCH
+from mtor_p2p.compute.protocol import (
+    INLINE_OPERAND_BYTES,
+    INLINE_REFUSED,
+    OLD_COUNTERSIGN_REFUSAL,
+)
 from mtor_p2p.compute.receipt_store import ReceiptStore
 from mtor_p2p.compute.reputation import STRAGGLER, PeerBook, Standing
 from mtor_p2p.compute.worker import CREDIT_REFUSED, PRICE_REFUSED
@@ -1819,8 +1823,9 @@ class Scheduler:
 
         async def deliver_forever() -> None:
             async for worker, receipts in self._outbox:
-                for start in range(0, len(receipts), MAX_COUNTERSIGN_BATCH):
-                    await self._deliver(worker, receipts[start : start + MAX_COUNTERSIGN_BATCH])
+                for batch in client.countersign_batches(receipts):
+                    if not await self._deliver(worker, batch):
+                        break  # unreachable or stalling: the rest would wait as long each
 
         self._settling = True
         try:
@@ -1832,25 +1837,42 @@ class Scheduler:
             self._settling = False
             self._settled_changed.set()  # settled() returns: nothing settles any more
 
-    async def _deliver(self, worker: str, receipts: list[Receipt]) -> None:
-        """Give ``worker`` its countersigned receipts: together where it takes batches (one
-        refusal of a batch, as from a worker before them, sends it one at a time from then
-        on), else one by one."""
+    async def _deliver(self, worker: str, receipts: list[Receipt]) -> bool:
+        """Give ``worker`` its countersigned receipts: together where it takes batches, else
+        one by one; False when the worker could not be reached (the rest of its receipts
+        are not tried now: each would wait its deadline; they are kept here and in the
+        ledger, which the worker also follows).
+
+        A worker from before batches refuses one ("header field 'receipt' missing"): it
+        gets its receipts one by one from then on. Any other refusal (busy, say) sends
+        that batch one by one, and the next batch is tried again."""
         if len(receipts) > 1 and worker not in self._unbatched:
             try:
-                await client.send_countersigned_batch(self.network, worker, receipts, timeout=5)
-                return
+                return await self._countersign_request(worker, receipts, batch=True)
             except RemoteError as exc:
-                log.info("worker %s takes receipts one at a time: %s", worker[-8:], exc)
-                _remember(self._unbatched, worker)
+                if OLD_COUNTERSIGN_REFUSAL in str(exc):
+                    log.info("worker %s takes receipts one at a time", worker[-8:])
+                    _remember(self._unbatched, worker)
+                else:
+                    log.info("batch of receipts refused by %s: %s", worker[-8:], exc)
         for receipt in receipts:
-            await self._deliver_one(worker, receipt)
+            try:
+                if not await self._countersign_request(worker, [receipt], batch=False):
+                    return False
+            except RemoteError as exc:
+                log.info("countersigned receipt refused by %s: %s", worker[-8:], exc)
+        return True
 
-    async def _deliver_one(self, worker: str, receipt: Receipt) -> None:
-        try:
-            await client.send_countersigned(self.network, worker, receipt, timeout=5)
-        except (RemoteError, NetworkError) as exc:
-            log.info("countersigned receipt not delivered to %s: %s", worker[-8:], exc)
+    async def _countersign_request(
+        self, worker: str, receipts: list[Receipt], *, batch: bool
+    ) -> bool:
+        """One countersign request; whether the worker could be reached."""
+        stored = await client.deliver_countersigned(
+            self.network, worker, receipts, timeout=5, batch=batch
+        )
+        if stored is None:
+            log.info("%d countersigned receipts not delivered to %s", len(receipts), worker[-8:])
+        return stored is not None
 
 
 def _why_not(reasons: dict[str, str]) -> str:

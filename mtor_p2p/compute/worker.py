@@ -1086,8 +1086,10 @@ class WorkerService:
         if offset < 0 or length <= 0 or length > CHUNK_BYTES:
             raise RemoteError(f"length must be in (0, {CHUNK_BYTES}] and offset non-negative")
         data = memoryview(array).cast("B")
-        # A view of the stored (read-only) array: it stays alive until the chunk is sent.
-        return pack_gathered({"total": array.nbytes}, [data[offset : offset + length]])
+        # Copied once (not joined again after): a view would keep the whole stored array
+        # alive, evicted or not, for as long as the answer waits behind others on a slow
+        # reader's lane (a review: 64 MiB held per 1-byte download).
+        return pack_gathered({"total": array.nbytes}, [bytes(data[offset : offset + length])])
 
     async def _on_countersign(self, sender: str, request: bytes) -> bytes:
         header, body = self._parse(request)
@@ -1147,15 +1149,20 @@ class WorkerService:
     async def _take_countersigned(self, sender: str, receipt: Receipt) -> bool:
         """Store a countersigned receipt, enter it into the ledger and clear what it pays;
         whether it was new here."""
-        # Group-committed with other receipts arriving meanwhile; "stored" is answered only
-        # once the commit holding this one is on disk.
-        stored = await self.receipts.add_async(receipt, self._runtime.run_blocking)
         reservation = (receipt.body.job_id, receipt.body.shard, receipt.body.started)
+        stored = False
         try:
-            if self._on_receipt is not None:
-                # Shielded, within a bound: a handler cancelled (its stream cut, its deadline)
-                # must not release the reservation while the ledger write is still queued.
-                with trio.CancelScope(shield=True), trio.move_on_after(LEDGER_WRITE_WAIT):
+            # Shielded, within a bound: a handler cancelled (its stream cut, its deadline)
+            # must not release the reservation while the store's or the ledger's write is
+            # still queued (a review: a batch cut off mid-commit left its receipts stored
+            # and their reservations held, to count as unpaid later).
+            with trio.CancelScope(shield=True), trio.move_on_after(LEDGER_WRITE_WAIT):
+                # Group-committed with other receipts arriving meanwhile; "stored" is
+                # answered only once the commit holding this one is on disk.
+                stored = await self.receipts.add_async(receipt, self._runtime.run_blocking)
+                # Into the ledger only when new here: the same shard's receipt countersigned
+                # again (a fresh signature, other bytes) is not another payment.
+                if stored and self._on_receipt is not None:
                     await self._on_receipt(receipt)
         finally:
             # Released once the receipt's ledger entry is stored (or refused), not before: a

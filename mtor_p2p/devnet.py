@@ -29,6 +29,7 @@ from typing import Any
 
 from mtor_p2p.config import PRIVATE_FILE_MODE, private_dir
 from mtor_p2p.control import INFO_FILE_NAME, ControlClient, ControlError, NodeNotRunning
+from mtor_p2p.datadir import lock_owner
 
 #: Region codes of ``simulations/regions``: peers are spread over them round-robin.
 REGIONS = (
@@ -132,8 +133,10 @@ class Devnet:
         # A data directory is 0700 and its files 0600 from the start (the node would tighten
         # them, with a warning, otherwise).
         data_dir = private_dir(self.base_dir / f"peer-{index}")
-        # Stale after a crash (the node removes it when it stops cleanly).
-        (data_dir / INFO_FILE_NAME).unlink(missing_ok=True)
+        if lock_owner(data_dir) is None:
+            # Stale after a crash (the node removes it when it stops cleanly); a running
+            # node's is its own (a second devnet on the same directory removed it: review).
+            (data_dir / INFO_FILE_NAME).unlink(missing_ok=True)
         region = REGIONS[index % len(REGIONS)]
         # -P: not the calling directory first on sys.path, so that a peer runs the same
         # mtor_p2p as this devnet, not a checkout that happens to sit where it was called.
@@ -263,6 +266,7 @@ def run_devnet(
     ``log_format`` (``text`` or ``json``; None: the peers' default) are every peer's."""
     from mtor_p2p.console import (
         EXIT_FAILURE,
+        EXIT_IN_USE,
         EXIT_NOT_CONVERGED,
         EXIT_OK,
         EXIT_USAGE,
@@ -273,6 +277,19 @@ def run_devnet(
     if not 1 <= peers <= 200:
         print("mtor-peer: devnet --peers must be between 1 and 200", file=sys.stderr)
         return EXIT_USAGE
+    if base_dir is not None:
+        # Before anything is written there (its genesis, a peer's files): a devnet already
+        # running on this directory keeps running untouched.
+        for index in range(peers):
+            owner = lock_owner(base_dir / f"peer-{index}")
+            if owner is not None:
+                who = f"pid {owner}" if owner else "another process"
+                print(
+                    f"mtor-peer: {base_dir / f'peer-{index}'} is in use by {who} (another "
+                    "devnet?): stop it, or give another --data-dir",
+                    file=sys.stderr,
+                )
+                return EXIT_IN_USE
     temporary = base_dir is None
     root = Path(tempfile.mkdtemp(prefix="mtor-devnet-")) if base_dir is None else base_dir
     devnet = Devnet(

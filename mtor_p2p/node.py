@@ -216,7 +216,7 @@ class Node:
         self.scheduler.on_settled = self.ledger_service.record_receipt
         self.scheduler.stakes = lambda: dict(self.ledger.state().stakes)
         self.scheduler.on_fault = self._record_fault
-        self.jobs = JobBoard(self.submit, self.runtime)
+        self.jobs = JobBoard(self.submit, self.runtime, self.scheduler.settled)
         # Shard attempts of the board's jobs count in their progress (the simulator and tests
         # may put their own observer here instead).
         self.scheduler.observer = observe_attempt

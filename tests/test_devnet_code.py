@@ -37,3 +37,28 @@ def test_peers_do_not_import_a_checkout_in_the_calling_directory(tmp_path: Path)
     finally:
         process.send_signal(signal.SIGINT)
         process.wait(timeout=30)
+
+
+def test_a_second_devnet_on_a_directory_in_use_leaves_the_running_one_alone(
+    tmp_path: Path,
+) -> None:
+    """A devnet on a directory whose peer is running (its lock held) exits 7 at once, before
+    writing a thing there: it had removed the running peer's control.json (a new user then
+    could not reach that peer)."""
+    from mtor_p2p.control import INFO_FILE_NAME
+    from mtor_p2p.datadir import DataDirLock
+
+    peer = tmp_path / "net" / "peer-0"
+    peer.mkdir(parents=True, mode=0o700)
+    info = peer / INFO_FILE_NAME
+    info.write_text("{}")
+    with DataDirLock(peer):  # as the running peer holds it
+        result = subprocess.run(
+            [sys.executable, "-P", "-m", "mtor_p2p", "devnet", "--peers", "2",
+             "--data-dir", str(tmp_path / "net")],
+            env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+            timeout=120,
+        )  # fmt: skip
+    assert result.returncode == 7, result.stderr
+    assert "is in use by pid" in result.stderr and "another devnet?" in result.stderr
+    assert info.exists() and not (tmp_path / "net" / "genesis.json").exists()

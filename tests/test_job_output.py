@@ -164,3 +164,29 @@ async def test_a_negative_max_price_is_refused(tmp_path: Path) -> None:
     async with board() as jobs:
         with pytest.raises(ValueError, match="max_price"):
             await jobs.route_submit({}, {**BODY, "max_price": -1})
+
+
+async def test_a_job_is_reported_done_once_its_receipts_are_settled() -> None:
+    """``submit`` prints a summary that counts the job's receipts: a ``receipts`` or
+    ``balance`` right after must show them, so a job is done only once they are settled (a
+    new user's ``receipts`` lagged ``submit`` by about 1.4 s, and a CLI test read it early)."""
+    settle = trio.Event()
+    asked: list[bool] = []
+
+    async def submit(*args: object, **kwargs: object) -> FakeResult:
+        return FakeResult()
+
+    async def settled() -> None:
+        asked.append(True)
+        await settle.wait()
+
+    jobs = JobBoard(submit, Runtime.simulated("jobs"), settled)
+    async with trio.open_nursery() as nursery:
+        jobs.nursery = nursery
+        _, job = await jobs.route_submit({}, BODY)
+        await trio.sleep(0.05)
+        _, state = await jobs.route_status({"id": job["id"]}, None)
+        assert asked and state["state"] == "running"
+        settle.set()
+        assert (await wait_done(jobs, job["id"]))["state"] == "done"
+        nursery.cancel_scope.cancel()

@@ -60,6 +60,8 @@ DTYPES = ("float32", "float16")
 REISSUING_OUTCOMES = ("rejected", "failed", "timeout", "misbehaved", "refused")
 #: Job states; every one but ``running`` is final.
 STATES = ("running", "done", "failed", "cancelled")
+#: Longest a finished job waits for its receipts' settlement before it is reported done.
+SETTLED_WAIT = 5.0
 #: How long ``POST /v1/jobs/cancel`` waits for the job to stop before it answers.
 CANCEL_WAIT_SECONDS = 5.0
 
@@ -281,11 +283,18 @@ def save_npy(path: str | Path, array: np.ndarray) -> None:
 class JobBoard:
     """Runs API-submitted jobs in the background and remembers the last few."""
 
-    def __init__(self, submit: Callable[..., Awaitable[JobResult]], runtime: Runtime) -> None:
+    def __init__(
+        self,
+        submit: Callable[..., Awaitable[JobResult]],
+        runtime: Runtime,
+        settled: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
         # ``submit`` is the node's job entry point (``Node.submit``): the board runs jobs, it
-        # does not know how.
+        # does not know how. ``settled`` (``Scheduler.settled``) returns once the receipts
+        # countersigned so far are stored and in the ledger.
         self._submit = submit
         self._runtime = runtime
+        self._settled = settled
         self._jobs: OrderedDict[str, JobState] = OrderedDict()
         self._ids = itertools.count(1)
         self.nursery: trio.Nursery | None = None
@@ -456,4 +465,12 @@ class JobBoard:
                 log.warning("job %s: result not saved to %s: %s", job.id, out, exc)
                 job.finish("failed", f"result not saved to {out}: {exc}")
                 return
+        if self._settled is not None:
+            # Reported done once its receipts are stored and in the ledger (the batch is
+            # settled at once, not after its 1 s wait for company): a user's `receipts` or
+            # `balance` right after `submit` shows what the summary counted (a new user's
+            # `receipts` lagged `submit` by about 1.4 s). Bounded: a slow disk delays the
+            # report, it does not hold the job.
+            with trio.move_on_after(SETTLED_WAIT):
+                await self._settled()
         job.finish("done")

@@ -2230,6 +2230,20 @@ def _innermost(parser: argparse.ArgumentParser, args: Any) -> argparse.ArgumentP
         current = commands[0].choices[chosen]
 
 
+def _start_hint(args: argparse.Namespace) -> str:
+    """How to start the node a command found not running: a devnet's peer (``peer-N`` beside
+    the devnet's genesis) is started by its devnet, any other by ``run``."""
+    data_dir = getattr(args, "data_dir", None)
+    if data_dir is not None:
+        peer = Path(data_dir)
+        if peer.name.startswith("peer-") and (peer.parent / "genesis.json").exists():
+            return (
+                f"a devnet's peer: start its devnet with: {invoked_as()} devnet --data-dir "
+                f"{peer.parent}"
+            )
+    return f"start one with: {invoked_as()} run"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``mtor-peer`` console script."""
     args = parse_command_line(build_parser(), argv)
@@ -2242,7 +2256,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mtor-peer: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except NodeNotRunning as exc:
-        print(f"mtor-peer: {exc} (start one with: {invoked_as()} run)", file=sys.stderr)
+        print(f"mtor-peer: {exc} ({_start_hint(args)})", file=sys.stderr)
         return EXIT_NOT_RUNNING
     except ControlError as exc:
         print(f"mtor-peer: the node refused: {exc}", file=sys.stderr)

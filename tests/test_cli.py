@@ -65,6 +65,18 @@ def test_status_without_a_node_exits_3(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+def test_a_devnet_peer_not_running_is_told_to_start_its_devnet(tmp_path):
+    """A devnet's peer (peer-N beside the devnet's genesis) is started by its devnet, not by
+    `run` on its own (a new user was told to `run` it)."""
+    (tmp_path / "genesis.json").write_text("{}")
+    (tmp_path / "peer-0").mkdir(mode=0o700)
+    result = mtor("status", "--data-dir", str(tmp_path / "peer-0"))
+    assert result.returncode == 3
+    assert f"devnet --data-dir {tmp_path}" in result.stderr
+    plain = mtor("status", "--data-dir", str(tmp_path))
+    assert plain.returncode == 3 and " run)" in plain.stderr
+
+
 def test_bad_config_exits_2_with_one_line(tmp_path):
     config = tmp_path / "mtor.toml"
     config.write_text('regoin = "WEU"\n')

@@ -130,8 +130,7 @@ def pack(header: dict[str, Any], body: bytes | bytearray | memoryview = b"") -> 
 
 def pack_parts(header: dict[str, Any], parts: Sequence[bytes | bytearray | memoryview]) -> bytes:
     """:func:`pack` with a body made of ``parts`` one after another (each copied once)."""
-    head = canonical_json(header)
-    return b"".join((_HEADER_LENGTH.pack(len(head)), head, *parts))
+    return b"".join((_framed_header(header), *parts))
 
 
 def pack_gathered(
@@ -139,8 +138,13 @@ def pack_gathered(
 ) -> Gathered:
     """:func:`pack_parts` without the join: the framed header, then ``parts`` as they are
     (referenced, not copied; see :class:`~mtor_p2p.network.Gathered`)."""
+    return Gathered((_framed_header(header), *parts))
+
+
+def _framed_header(header: dict[str, Any]) -> bytes:
+    """A message's header as it leads the message: its length, then its canonical JSON."""
     head = canonical_json(header)
-    return Gathered((_HEADER_LENGTH.pack(len(head)) + head, *parts))
+    return _HEADER_LENGTH.pack(len(head)) + head
 
 
 def as_bytes(array: np.ndarray) -> memoryview:

@@ -1096,17 +1096,19 @@ class WorkerService:
         if "receipts" in header:
             return await self._on_countersigned_batch(sender, header, body)
         encoded = _header_field(header, "receipt", str)
-        receipt = self._countersigned_receipt(
-            sender, lambda: base64.b64decode(encoded, validate=True)
-        )
+        try:
+            data = base64.b64decode(encoded, validate=True)
+        except ValueError as exc:
+            raise RemoteError(f"receipt rejected: {exc}") from exc
+        receipt = self._countersigned_receipt(sender, data)
         return pack({"stored": await self._take_countersigned(sender, receipt)})
 
     async def _on_countersigned_batch(
         self, sender: str, header: dict[str, Any], body: bytes
     ) -> bytes:
         """Several countersigned receipts in one request (the requester's courier delivers
-        what one settlement batch gave each worker together: one request per receipt cost
-        both peers a request's handling each, about a fifth of a 200-shard job's rate here).
+        what one settlement batch gave each worker together: a request per receipt cost both
+        peers its handling; batched, a 200-shard job ran 10-16% faster here).
         Every receipt is checked before any is taken; one that fails refuses the request."""
         sizes = header.get("receipts")
         if (
@@ -1123,7 +1125,7 @@ class WorkerService:
         for size in sizes:
             data = body[offset : offset + size]
             offset += size
-            receipts.append(self._countersigned_receipt(sender, lambda data=data: data))
+            receipts.append(self._countersigned_receipt(sender, data))
         stored: list[bool] = [False] * len(receipts)
 
         async def take(index: int) -> None:
@@ -1135,11 +1137,11 @@ class WorkerService:
                 nursery.start_soon(take, index)
         return pack({"stored": stored})
 
-    def _countersigned_receipt(self, sender: str, data: Callable[[], bytes]) -> Receipt:
+    def _countersigned_receipt(self, sender: str, data: bytes) -> Receipt:
         """A complete receipt ``sender`` countersigned for this worker, decoded and verified;
         RemoteError for anything else."""
         try:
-            receipt = decode_receipt(data())
+            receipt = decode_receipt(data)
         except (RecordError, ValueError) as exc:
             raise RemoteError(f"receipt rejected: {exc}") from exc
         if receipt.body.worker != self._identity.peer_id or receipt.body.requester != sender:

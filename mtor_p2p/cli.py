@@ -2233,10 +2233,12 @@ def _innermost(parser: argparse.ArgumentParser, args: Any) -> argparse.ArgumentP
 def _start_hint(args: argparse.Namespace) -> str:
     """How to start the node a command found not running: a devnet's peer (``peer-N`` beside
     the devnet's genesis) is started by its devnet, any other by ``run``."""
+    from mtor_p2p.ledger.genesis import GENESIS_FILE_NAME
+
     data_dir = getattr(args, "data_dir", None)
     if data_dir is not None:
         peer = Path(data_dir)
-        if peer.name.startswith("peer-") and (peer.parent / "genesis.json").exists():
+        if peer.name.startswith("peer-") and (peer.parent / GENESIS_FILE_NAME).exists():
             return (
                 f"a devnet's peer: start its devnet with: {invoked_as()} devnet --data-dir "
                 f"{peer.parent}"

@@ -55,6 +55,8 @@ log = logging.getLogger(__name__)
 MAX_REASON_CHARS = 300
 #: Chunk requests of one download in flight at once.
 DOWNLOAD_CHUNKS_IN_FLIGHT = 4
+#: Chunks of one upload in flight at once, at most (the worker's ``window`` may say fewer).
+UPLOAD_CHUNKS_IN_FLIGHT = 2
 
 
 class WorkerMisbehaved(PeerMisbehaved):
@@ -126,26 +128,102 @@ async def upload(
     meta: ArrayMeta | None = None,
 ) -> None:
     """Send ``array`` to ``worker`` in chunks of at most CHUNK_BYTES (``meta``: its
-    description, if the caller already hashed it)."""
+    description, if the caller already hashed it).
+
+    The first chunk goes alone; its reply says how many chunks the worker takes in flight
+    (``window``; a worker from before windows says nothing, and gets one at a time). Up to
+    the smaller of that and UPLOAD_CHUNKS_IN_FLIGHT then travel at once, each handed to the
+    transport before the next is sent, so that they reach a lane in order (a worker holds a
+    chunk that overtook another on its own stream until its turn)."""
     meta = meta if meta is not None else meta_of(array)
     data = memoryview(np.ascontiguousarray(array)).cast("B")
-    offset = 0
-    while True:
-        chunk = data[offset : offset + CHUNK_BYTES]  # a view, sealed from where it lies
-        reply = await network.request(
-            worker,
-            PROTOCOL_UPLOAD,
-            pack_gathered({"array": meta.to_json(), "offset": offset}, [chunk]),
-            timeout=timeout,
-        )
-        offset += len(chunk)
-        with peer_fault_boundary(worker, "upload reply"):
-            header, _ = unpack(reply)
-            if _field(header, "complete", bool):
+    first = data[:CHUNK_BYTES]
+    reply = await _send_chunk(network, worker, meta, 0, first, timeout=timeout)
+    complete, window = _chunk_reply(worker, reply, meta, len(first))
+    if complete:
+        return
+    window = max(1, min(window, UPLOAD_CHUNKS_IN_FLIGHT))
+    offsets = range(len(first), meta.nbytes, CHUNK_BYTES)
+    if window == 1:
+        for offset in offsets:
+            chunk = data[offset : offset + CHUNK_BYTES]
+            reply = await _send_chunk(network, worker, meta, offset, chunk, timeout=timeout)
+            complete, _ = _chunk_reply(worker, reply, meta, offset + len(chunk))
+            if complete:
                 return
-            received = _field(header, "received", int)
-            if offset >= meta.nbytes or received != offset:
-                raise WorkerMisbehaved("worker lost track of the upload")
+        raise WorkerMisbehaved("worker lost track of the upload", peer=worker)
+    done = False
+    failure: list[BaseException] = []
+    slots = trio.Semaphore(window)
+
+    async def send(offset: int, handed: trio.Event, nursery: trio.Nursery) -> None:
+        nonlocal done
+        chunk = data[offset : offset + CHUNK_BYTES]
+        try:
+            try:
+                reply = await _send_chunk(
+                    network, worker, meta, offset, chunk, timeout=timeout, sent=handed
+                )
+            finally:
+                handed.set()  # failed before it was handed over: the next need not wait
+                slots.release()
+            if _chunk_reply(worker, reply, meta, offset + len(chunk))[0]:
+                done = True
+                nursery.cancel_scope.cancel()  # the worker has it all: stop sending
+        except Exception as exc:
+            # The first failure is the upload's (raised as itself, not in a group); the other
+            # chunks stop.
+            if not failure:
+                failure.append(exc)
+            nursery.cancel_scope.cancel()
+
+    async with trio.open_nursery() as nursery:
+        for offset in offsets:
+            await slots.acquire()
+            handed = trio.Event()
+            nursery.start_soon(send, offset, handed, nursery)
+            await handed.wait()
+    if done:
+        return  # the worker has it all, whatever happened to a reply before the last
+    if failure:
+        raise failure[0]
+    raise WorkerMisbehaved("worker lost track of the upload", peer=worker)
+
+
+async def _send_chunk(
+    network: Network,
+    worker: str,
+    meta: ArrayMeta,
+    offset: int,
+    chunk: memoryview,
+    *,
+    timeout: float,
+    sent: trio.Event | None = None,
+) -> bytes:
+    # The chunk is a view of the operand, sealed from where it lies.
+    return await network.request(
+        worker,
+        PROTOCOL_UPLOAD,
+        pack_gathered({"array": meta.to_json(), "offset": offset}, [chunk]),
+        timeout=timeout,
+        sent=sent,
+    )
+
+
+def _chunk_reply(worker: str, reply: bytes, meta: ArrayMeta, end: int) -> tuple[bool, int]:
+    """Whether the upload is complete, and the worker's window, from its reply to the chunk
+    that ends at ``end``."""
+    with peer_fault_boundary(worker, "upload reply"):
+        header, _ = unpack(reply)
+        if _field(header, "complete", bool):
+            return True, 1
+        received = _field(header, "received", int)
+        if end >= meta.nbytes or received != end:
+            raise WorkerMisbehaved("worker lost track of the upload")
+        window = header.get("window", 1)
+        if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+            raise WorkerMisbehaved("field 'window' is not a positive integer")
+        return False, window
 
 
 async def ensure_operands(

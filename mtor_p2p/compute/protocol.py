@@ -3,7 +3,13 @@
 Every message is ``arrays.pack(header, body)``. Operands travel in chunks of at most
 :data:`CHUNK_BYTES`; one request or response never exceeds :data:`MAX_MESSAGE_BYTES`.
 
-``/mtor/compute/upload/1``   header {array, offset}; body: a chunk.   → {complete, received}
+``/mtor/compute/upload/1``   header {array, offset}; body: a chunk.   → {complete, received,
+                             window}: ``received`` is where this chunk ends; ``window`` how
+                             many chunks of one upload the sender may have in flight (a
+                             chunk ahead of its turn waits for the ones before it, within the
+                             window). Workers before windows send no ``window`` and refuse a
+                             chunk that is not at the offset they expect: they get one chunk
+                             at a time.
 ``/mtor/compute/has/1``      header {hashes: [...]}                   → {have: [...]}
 ``/mtor/compute/run/1``      header {job_id, shard, kernel, operands: {name: array}, max_price,
                              wait_operands}

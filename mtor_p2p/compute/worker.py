@@ -118,6 +118,18 @@ PRICE_ROUNDING = 1e-6
 #: Prices remembered at most (changes only); dropping the oldest only raises the floor.
 MAX_PRICE_HISTORY = 1024
 UPLOAD_IDLE_TIMEOUT = 60.0
+#: Chunks of one upload a sender may have in flight at once, told in every reply to a chunk
+#: (``window``): a chunk that arrives ahead of its turn (at most this many minus one, by at
+#: most that many chunks' bytes) waits for the chunks before it, at most UPLOAD_AHEAD_WAIT
+#: seconds, instead of being refused. Sent one at a time, each 4 MiB chunk's trip (sealing,
+#: sending, opening, hashing and storing it here, the reply) left one side idle while the
+#: other worked: an 8192² job's B took most of its first second that way.
+UPLOAD_WINDOW_CHUNKS = 2
+#: On one lane (or one muxed connection) chunks arrive in order, and the wait covers only
+#: the scheduling of their handlers: a held chunk is refused after this long.
+UPLOAD_AHEAD_WAIT = 2.0
+#: Chunks of one sender held for their turn at once, all its uploads together.
+MAX_AHEAD_CHUNKS_PER_SENDER = 4
 #: How long a countersign waits, shielded, for its receipt's ledger write (see _on_countersign).
 LEDGER_WRITE_WAIT = 10.0
 #: An upload must average this rate after a grace period (a sixteenth of the slowest home link
@@ -215,6 +227,11 @@ class _UploadBuffer:
             )
         self._written += len(chunk)
 
+    @property
+    def written(self) -> int:
+        """Bytes appended so far (``size`` also counts chunks taken but not yet written)."""
+        return self._written
+
     def digest(self) -> str:
         """The content hash of everything appended so far."""
         return str(self._hasher.hexdigest())
@@ -272,6 +289,22 @@ class _PendingUpload:
     #: One chunk is stored and hashed at a time: chunks sent without waiting for the previous
     #: answer must not reach the hasher out of order (or from two threads at once).
     lock: trio.Lock = field(default_factory=trio.Lock)
+    #: Set (and replaced) whenever ``buffer.size`` moves or the upload ends: chunks that came
+    #: ahead of their turn wait on it.
+    moved: trio.Event = field(default_factory=trio.Event)
+    #: Offsets of the chunks waiting for their turn (at most UPLOAD_WINDOW_CHUNKS - 1).
+    ahead: set[int] = field(default_factory=set)
+
+    def take(self, nbytes: int) -> None:
+        """Count ``nbytes`` more as taken (before they are written) and wake the chunks
+        waiting for their turn."""
+        self.buffer.size += nbytes
+        self.wake()
+
+    def wake(self) -> None:
+        """Wake the chunks waiting for their turn (to look again at where the upload is)."""
+        self.moved.set()
+        self.moved = trio.Event()
 
 
 @dataclass
@@ -358,6 +391,8 @@ class WorkerService:
         self.upload_memory_bytes = upload_memory_bytes
         self._memory_total = 0
         self._memory_by_sender: dict[str, int] = {}
+        #: Upload chunks of each sender held for their turn now (see _wait_for_turn).
+        self._ahead_by_sender: dict[str, int] = {}
         self.stats = WorkerStats()
         #: Compute time of each shard run (the metrics' histogram, mtor_p2p/metrics.py).
         self.shard_seconds = LatencyBuckets()
@@ -525,6 +560,7 @@ class WorkerService:
         """Close an upload's buffer and give back what it reserved."""
         self._operands_changed()
         pending.buffer.close()
+        pending.wake()  # chunks waiting for their turn: it will not come
         self._reserved_total -= pending.meta.nbytes
         _take_back(self._reserved_by_sender, pending.sender, pending.meta.nbytes)
         if pending.memory:
@@ -572,6 +608,11 @@ class WorkerService:
         self._expire_uploads()
         key = (sender, meta.digest)
         pending = self._pending.get(key)
+        if pending is not None and offset == 0 and pending.meta == meta:
+            # The sender starts again (an earlier try failed midway, refused "busy" or cut
+            # off): a fresh upload, not a chunk out of order.
+            self._drop_upload(key)
+            pending = None
         if pending is None:
             if offset != 0:
                 raise RemoteError("upload must start at offset 0")
@@ -595,32 +636,56 @@ class WorkerService:
             self._operands_changed()
             self._reserved_total += meta.nbytes
             self._reserved_by_sender[sender] = sender_reserved + meta.nbytes
-        if pending.meta != meta or offset != pending.buffer.size:
+        if pending.meta != meta:
             self._drop_upload(key)
             raise RemoteError("upload chunks must arrive in order with the same description")
         if len(chunk) > CHUNK_BYTES or offset + len(chunk) > meta.nbytes:
             self._drop_upload(key)
             raise RemoteError("chunk overruns the announced array")
+        if offset != pending.buffer.size:
+            await self._wait_for_turn(key, pending, offset, len(chunk))
         # The offset is taken before the write: a second request for the same offset while
-        # this one writes is out of order, not a double write.
-        pending.buffer.size += len(chunk)
+        # this one writes is out of order, not a double write. Taking it lets the next chunk,
+        # if it came early, queue for the lock behind this one (the lock is FIFO).
+        pending.take(len(chunk))
+        written = False
         try:
             async with pending.lock:
+                if pending.buffer.written != offset:
+                    # A chunk before this one was taken and never written (its handler was
+                    # cancelled): these bytes would land in its place.
+                    raise RemoteError("upload was dropped; start again at offset 0")
                 # Hashing a small chunk kept in memory takes less than a thread hop costs.
                 small = not pending.buffer.spooled and len(chunk) <= INLINE_CHUNK_BYTES
                 await self._runtime.run_blocking(pending.buffer.append, chunk, cheap=small)
+                written = True
+                # Decided under the lock: with chunks in flight, the size counts chunks
+                # taken but not yet written, and only the one that wrote the last byte ends
+                # the upload.
+                finished = pending.buffer.written >= meta.nbytes
         except OSError as exc:  # a full disk: our fault, not the sender's
-            self._drop_upload(key)
             log.warning("upload spool failed: %s", exc)
             raise RemoteError("busy: cannot store the upload now") from exc
         except (ValueError, AttributeError) as exc:
             # The upload was expired or evicted (its buffer closed) while this chunk was being
             # written on a worker thread.
             raise RemoteError("upload was dropped; start again at offset 0") from exc
+        finally:
+            if not written and self._pending.get(key) is pending:
+                # Taken and not written (refused, failed, cancelled): the upload cannot go on.
+                self._drop_upload(key)
         pending.last_progress = trio.current_time()
         self.stats.bytes_received += len(chunk)
-        if pending.buffer.size < meta.nbytes:
-            return pack({"complete": False, "received": pending.buffer.size})
+        if not finished:
+            # ``received``: where this chunk ends (what a sender of one chunk at a time
+            # checks); ``window``: how many chunks it may have in flight.
+            return pack(
+                {
+                    "complete": False,
+                    "received": offset + len(chunk),
+                    "window": UPLOAD_WINDOW_CHUNKS,
+                }
+            )
         if self._pending.get(key) is not pending:
             raise RemoteError("upload was dropped while its last chunk arrived")
         # Out of the table (no other request can touch it) but still reserved while its
@@ -641,6 +706,47 @@ class WorkerService:
         self.operands.put(array, meta.digest)
         self._operands_changed()
         return pack({"complete": True, "received": meta.nbytes})
+
+    async def _wait_for_turn(
+        self, key: tuple[str, str], pending: _PendingUpload, offset: int, length: int
+    ) -> None:
+        """Hold a chunk that came ahead of the chunks before it (sent without waiting for
+        their replies, or overtaking them on another stream) until they are taken: a whole
+        chunk (or the array's last), whole chunks ahead and within the window, one waiting
+        per offset and at most MAX_AHEAD_CHUNKS_PER_SENDER per sender, for at most
+        UPLOAD_AHEAD_WAIT seconds. Anything else (behind, too far ahead, a duplicate, a
+        turn that never comes) ends the upload, as a chunk out of order always did."""
+        size = pending.buffer.size
+        ahead = offset - size
+        sender = pending.sender
+        if (
+            ahead <= 0
+            or ahead % CHUNK_BYTES
+            or ahead > (UPLOAD_WINDOW_CHUNKS - 1) * CHUNK_BYTES
+            or length != min(CHUNK_BYTES, pending.meta.nbytes - offset)
+            or offset in pending.ahead
+            or len(pending.ahead) >= UPLOAD_WINDOW_CHUNKS - 1
+            or self._ahead_by_sender.get(sender, 0) >= MAX_AHEAD_CHUNKS_PER_SENDER
+        ):
+            self._drop_upload(key)
+            raise RemoteError("upload chunks must arrive in order with the same description")
+        pending.ahead.add(offset)
+        self._ahead_by_sender[sender] = self._ahead_by_sender.get(sender, 0) + 1
+        try:
+            with trio.move_on_after(UPLOAD_AHEAD_WAIT):
+                while pending.buffer.size < offset and self._pending.get(key) is pending:
+                    await pending.moved.wait()
+        finally:
+            pending.ahead.discard(offset)
+            _take_back(self._ahead_by_sender, sender, 1)
+        if self._pending.get(key) is not pending:
+            raise RemoteError("upload was dropped; start again at offset 0")
+        if pending.buffer.size != offset:
+            self._drop_upload(key)
+            raise RemoteError(
+                f"upload chunks must arrive in order: the bytes before offset {offset} did "
+                f"not come within {UPLOAD_AHEAD_WAIT:.0f} s"
+            )
 
     async def _on_has(self, sender: str, request: bytes) -> bytes:
         header, _ = self._parse(request)

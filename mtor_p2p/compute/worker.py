@@ -604,13 +604,19 @@ class WorkerService:
             raise RemoteError(str(exc)) from exc
         offset = _header_field(header, "offset", int)
         if meta.digest in self.operands:
+            # Held already (carried by a run, or uploaded by another sender): an upload of it
+            # in progress from this sender gives its reservation back now, not when it expires.
+            self._drop_upload((sender, meta.digest))
             return pack({"complete": True, "received": meta.nbytes})
         self._expire_uploads()
         key = (sender, meta.digest)
         pending = self._pending.get(key)
+        started_before: float | None = None
         if pending is not None and offset == 0 and pending.meta == meta:
             # The sender starts again (an earlier try failed midway, refused "busy" or cut
-            # off): a fresh upload, not a chunk out of order.
+            # off): a fresh upload, not a chunk out of order. Its rate is still judged from
+            # the first start, so that starting again cannot hold a reservation for ever.
+            started_before = pending.started
             self._drop_upload(key)
             pending = None
         if pending is None:
@@ -631,7 +637,8 @@ class WorkerService:
             in_memory = memory > 0 or meta.nbytes <= CHUNK_BYTES
             buffer = _UploadBuffer(meta, self.spool_dir, in_memory=in_memory)
             now = trio.current_time()
-            pending = _PendingUpload(sender, meta, buffer, now, now, memory=memory)
+            started = now if started_before is None else started_before
+            pending = _PendingUpload(sender, meta, buffer, now, started, memory=memory)
             self._pending[key] = pending
             self._operands_changed()
             self._reserved_total += meta.nbytes
@@ -726,10 +733,14 @@ class WorkerService:
             or length != min(CHUNK_BYTES, pending.meta.nbytes - offset)
             or offset in pending.ahead
             or len(pending.ahead) >= UPLOAD_WINDOW_CHUNKS - 1
-            or self._ahead_by_sender.get(sender, 0) >= MAX_AHEAD_CHUNKS_PER_SENDER
         ):
             self._drop_upload(key)
             raise RemoteError("upload chunks must arrive in order with the same description")
+        if self._ahead_by_sender.get(sender, 0) >= MAX_AHEAD_CHUNKS_PER_SENDER:
+            # The sender's own concurrency, not a fault: "busy" (the upload cannot go on
+            # without this chunk, so it ends; the sender starts it again).
+            self._drop_upload(key)
+            raise RemoteError("busy: too many upload chunks waiting for their turn")
         pending.ahead.add(offset)
         self._ahead_by_sender[sender] = self._ahead_by_sender.get(sender, 0) + 1
         try:
@@ -742,10 +753,12 @@ class WorkerService:
         if self._pending.get(key) is not pending:
             raise RemoteError("upload was dropped; start again at offset 0")
         if pending.buffer.size != offset:
+            # A chunk before it lost or late on its way: not this worker's fault ("busy"), but
+            # the upload cannot go on.
             self._drop_upload(key)
             raise RemoteError(
-                f"upload chunks must arrive in order: the bytes before offset {offset} did "
-                f"not come within {UPLOAD_AHEAD_WAIT:.0f} s"
+                f"busy: the upload's bytes before offset {offset} did not come within "
+                f"{UPLOAD_AHEAD_WAIT:.0f} s; start again at offset 0"
             )
 
     async def _on_has(self, sender: str, request: bytes) -> bytes:

@@ -142,19 +142,10 @@ async def upload(
     complete, window = _chunk_reply(worker, reply, meta, len(first))
     if complete:
         return
-    window = max(1, min(window, UPLOAD_CHUNKS_IN_FLIGHT))
-    offsets = range(len(first), meta.nbytes, CHUNK_BYTES)
-    if window == 1:
-        for offset in offsets:
-            chunk = data[offset : offset + CHUNK_BYTES]
-            reply = await _send_chunk(network, worker, meta, offset, chunk, timeout=timeout)
-            complete, _ = _chunk_reply(worker, reply, meta, offset + len(chunk))
-            if complete:
-                return
-        raise WorkerMisbehaved("worker lost track of the upload", peer=worker)
     done = False
     failure: list[BaseException] = []
-    slots = trio.Semaphore(window)
+    # A slot comes back when its chunk's reply is in: with one slot, one chunk at a time.
+    slots = trio.Semaphore(max(1, min(window, UPLOAD_CHUNKS_IN_FLIGHT)))
 
     async def send(offset: int, handed: trio.Event, nursery: trio.Nursery) -> None:
         nonlocal done
@@ -178,7 +169,7 @@ async def upload(
             nursery.cancel_scope.cancel()
 
     async with trio.open_nursery() as nursery:
-        for offset in offsets:
+        for offset in range(len(first), meta.nbytes, CHUNK_BYTES):
             await slots.acquire()
             handed = trio.Event()
             nursery.start_soon(send, offset, handed, nursery)

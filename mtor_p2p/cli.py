@@ -31,6 +31,7 @@ import re
 import signal
 import socket
 import sys
+import urllib.parse
 from collections.abc import Iterable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -829,7 +830,9 @@ def cmd_ledger(args: argparse.Namespace) -> int:
     if not args.entry:
         raise CliError("ledger prove needs a receipt entry ID", EXIT_USAGE)
     try:
-        proof = _ledger_call(args, "GET", f"/v1/ledger/prove?id={args.entry}")
+        proof = _ledger_call(
+            args, "GET", f"/v1/ledger/prove?id={urllib.parse.quote(args.entry, safe='')}"
+        )
     except ControlError as exc:
         raise CliError(_not_provable_yet(str(exc))) from exc
     if proof is None:
@@ -838,8 +841,44 @@ def cmd_ledger(args: argparse.Namespace) -> int:
                 proof = ledger.prove(args.entry)
             except LedgerError as exc:
                 raise CliError(_not_provable_yet(str(exc))) from exc
-    print(json.dumps(proof, indent=2, sort_keys=True))
-    return EXIT_OK
+    # Checked here too: the node's answer is a claim until its path leads to the root.
+    holds = _proof_holds(proof)
+    if args.json:
+        print(json.dumps(proof, indent=2, sort_keys=True))
+    else:
+        _print_proof(proof, holds)
+    return EXIT_OK if holds else EXIT_LEDGER_BAD
+
+
+def _proof_holds(proof: dict[str, Any]) -> bool:
+    """Whether an inclusion proof's path leads from its entry to its checkpoint's root."""
+    from mtor_p2p.ledger.merkle import InclusionProof, verify_inclusion
+
+    try:
+        path = InclusionProof.from_json(proof["proof"])
+        root = bytes.fromhex(proof["checkpoint"]["root"])
+        return path.leaf.hex() == proof["entry"] and verify_inclusion(path, root)
+    except (KeyError, TypeError, ValueError):
+        return False
+
+
+def _print_proof(proof: dict[str, Any], holds: bool) -> None:
+    checkpoint, path = proof["checkpoint"], proof["proof"]
+    print(f"entry        {proof['entry']}  ({proof['kind']}, epoch {proof['epoch']})")
+    print(
+        f"checkpoint   {proof['checkpoint_entry'][:16]}…  "
+        f"{'final' if checkpoint['final'] else 'not final yet'}: {checkpoint['signers']} "
+        f"signer(s), {checkpoint['weight_bps'] / 100:.1f}% of staked weight, "
+        f"{checkpoint['count']} entries, "
+        f"{'matches' if checkpoint['matches_local'] else 'differs from'} the local set"
+    )
+    print(f"root         {checkpoint['root']}")
+    print(
+        f"path         {len(path['path'])} hash(es) from leaf {path['index'] + 1} of "
+        f"{path['count']}: "
+        + ("checked here, it leads to the root" if holds else "does NOT lead to the root")
+    )
+    print("(--json prints the proof itself, for a verifier elsewhere)", file=sys.stderr)
 
 
 def _not_provable_yet(reason: str) -> str:
@@ -1496,20 +1535,24 @@ def cmd_receipts(args: argparse.Namespace) -> int:
         print(json.dumps(answer, indent=2, sort_keys=True))
         return EXIT_OK
     me = _client(args).call("GET", "/v1/status")["peer_id"]
+    # ENTRY: the ledger entry's ID, as far as `ledger prove` takes it (a unique prefix);
+    # a receipt only the worker signed has none yet.
     print(
         f"{'JOB':<18} {'SHARD':>5} {'KERNEL':<9} {'ROLE':<9} {'PEER':<14} "
-        f"{'GFLOP':>9} {'COST':>10} {'SIGNED':<6}"
+        f"{'GFLOP':>9} {'COST':>10} {'SIGNED':<6} {'ENTRY':<12}"
     )
     for r in answer["receipts"]:
         role, other = (
             ("worker", r["requester"]) if r["worker"] == me else ("requester", r["worker"])
         )
+        entry = (r.get("entry") or "-")[:12]
         print(
             f"{r['job_id'][:16] + '…':<18} {r['shard']:>5} {r['kernel']:<9} {role:<9} "
-            f"{'…' + other[-12:]:<14} {r['flops'] / 1e9:>9.3f} {r['cost']:>10.6f} "
-            f"{'both' if r['complete'] else 'worker':<6}"
+            f"{'…' + other[-12:]:<14} {r['flops'] / 1e9:>9.3f} "
+            f"{format_credits(r['cost']):>10} {'both' if r['complete'] else 'worker':<6} "
+            f"{entry:<12}"
         )
-    print(f"{answer['count']} receipt(s)")
+    print(f"{answer['count']} receipt(s); credits in COST; `ledger prove ENTRY` proves one")
     return EXIT_OK
 
 
@@ -2138,12 +2181,18 @@ def build_parser() -> argparse.ArgumentParser:
             "verify: re-check every stored record's signatures (and fault proofs), recompute "
             "every balance from the records, check that the supply is conserved and that every "
             "checkpoint's aggregate BLS signature verifies; exit 6 on any problem. "
-            "prove ENTRY: a Merkle path from a receipt to its epoch's signed checkpoint."
+            "prove ENTRY: a Merkle path from a receipt to its epoch's signed checkpoint, "
+            "checked here against the checkpoint's root (exit 6 when it does not lead there)."
         ),
     )
     _add_data_dir(p)
     p.add_argument("action", choices=["verify", "prove"])
-    p.add_argument("entry", nargs="?", help="prove: the receipt's entry ID (blake3 hex)")
+    p.add_argument(
+        "entry",
+        nargs="?",
+        help="prove: the entry's ID (blake3 hex) or a prefix of 8+ digits that only it starts "
+        "with (the ENTRY column of `receipts`)",
+    )
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_ledger)
 

@@ -9,8 +9,17 @@ import numpy as np
 
 from mtor_kernels import get_kernel
 from mtor_p2p.identity import Identity
-from mtor_p2p.ledger.entries import fault_entry, make_stake, make_transfer, receipt_entry
+from mtor_p2p.ledger.entries import (
+    decode_entry,
+    fault_entry,
+    make_checkpoint,
+    make_stake,
+    make_transfer,
+    make_vote,
+    receipt_entry,
+)
 from mtor_p2p.ledger.genesis import NANO, Genesis, LedgerParams
+from mtor_p2p.ledger.store import Ledger
 from mtor_p2p.records.arrays import meta_of
 from mtor_p2p.records.faults import make_fault_proof
 from mtor_p2p.records.receipts import ReceiptBody, countersign, sign_as_worker
@@ -106,3 +115,21 @@ def fault(
         rows=[1],
     )  # fmt: skip
     return fault_entry(proof)
+
+
+def checkpointed_epoch(ledger: Ledger, gen: Genesis, at: float) -> list[str]:
+    """Six receipts (PEERS[0] paying PEERS[3]) in ``at``'s epoch, stakes for PEERS[0:3], their
+    votes and the final checkpoint over the receipts; the epoch's leaves (entry IDs). ``gen``
+    must give PEERS[0:3] at least 100 credits each."""
+    epoch = int(at // gen.params.epoch_seconds)
+    signers = PEERS[:3]
+    ledger.ingest([receipt(PEERS[0], PEERS[3], ended=at + n) for n in range(6)])
+    ledger.ingest([stake(p, 100, gen, at=at - 3600) for p in signers])
+    root, count = ledger.epoch_root(epoch)
+    votes = [make_vote(p, gen.hash, epoch, root, count) for p in signers]
+    ledger.ingest(votes)
+    signatures = {e.payer: e.signature for e in (decode_entry(v, gen.hash) for v in votes)}
+    leaves = ledger.epoch_leaves(epoch)
+    if ledger.ingest([make_checkpoint(gen.hash, epoch, leaves, signatures)]).new != 1:
+        raise AssertionError("the checkpoint was not stored")
+    return leaves

@@ -39,6 +39,11 @@ def test_balances_agree_on_every_peer_and_the_supply_is_conserved(tmp_path):
             job = mtor("submit", "matmul", "--m", "256", "--n", "256", "--k", "256", "--json",
                        "--data-dir", requester)  # fmt: skip
             assert job.returncode == 0, job.stderr
+        # The receipts table names each receipt's ledger entry, as `ledger prove` takes it.
+        table = mtor("receipts", "--data-dir", dirs[0])
+        held = json.loads(mtor("receipts", "--json", "--data-dir", dirs[0]).stdout)["receipts"]
+        assert table.returncode == 0 and "ENTRY" in table.stdout.splitlines()[0], table.stderr
+        assert held and all(r["entry"][:12] in table.stdout for r in held if r["complete"])
         # Gossip and sync bring every peer to the same ledger.
         deadline = time.monotonic() + 60
         while True:
@@ -153,3 +158,40 @@ def test_a_peer_killed_mid_sync_restarts_consistent_and_loses_nothing_acknowledg
             if process is not None and process.poll() is None:
                 process.send_signal(signal.SIGTERM)
                 process.wait(timeout=30)
+
+
+def test_ledger_prove_takes_a_prefix_and_checks_the_path_itself(tmp_path):
+    """Offline (no node on the data directory): the human lines, --json, a unique prefix, and
+    the usage errors; then a tampered answer is caught by the CLI's own check."""
+    from mtor_p2p.cli import _proof_holds
+    from mtor_p2p.ledger.genesis import GENESIS_FILE_NAME
+    from mtor_p2p.ledger.store import LEDGER_FILE_NAME, Ledger
+    from tests.ledger_data import checkpointed_epoch, genesis
+
+    data_dir = tmp_path / "peer"
+    data_dir.mkdir(mode=0o700)
+    gen = genesis([1000, 1000, 1000, 0])
+    gen.save(data_dir / GENESIS_FILE_NAME)
+    ledger = Ledger(data_dir / LEDGER_FILE_NAME, gen)
+    leaves = checkpointed_epoch(ledger, gen, 1_800_000_000.0)
+    ledger.close()
+    entry = leaves[2]
+    human = mtor("ledger", "prove", entry[:12], "--data-dir", str(data_dir))
+    assert human.returncode == 0, human.stderr
+    assert f"entry        {entry}  (receipt, epoch " in human.stdout
+    assert "final: 3 signer(s), 100.0% of staked weight, 6 entries" in human.stdout
+    assert "checked here, it leads to the root" in human.stdout
+    as_json = mtor("ledger", "prove", entry, "--json", "--data-dir", str(data_dir))
+    assert as_json.returncode == 0, as_json.stderr
+    proof = json.loads(as_json.stdout)
+    assert proof["entry"] == entry and _proof_holds(proof)
+    short = mtor("ledger", "prove", entry[:7], "--data-dir", str(data_dir))
+    assert short.returncode == 1 and "8-64 hex digits" in short.stderr
+    # A path that does not lead to the root (a node's answer is only a claim).
+    lying = json.loads(json.dumps(proof))
+    lying["proof"]["path"][0] = "00" * 32
+    assert not _proof_holds(lying)
+    other = json.loads(json.dumps(proof))
+    other["entry"] = leaves[3]  # a proof of another entry
+    assert not _proof_holds(other)
+    assert not _proof_holds({"entry": entry})

@@ -16,7 +16,15 @@ from mtor_p2p.ledger.genesis import NANO, Genesis, credits_to_nano, load_genesis
 from mtor_p2p.ledger.state import fold
 from mtor_p2p.ledger.store import Ledger, LedgerError
 from mtor_p2p.wire import RecordError
-from tests.ledger_data import PEERS, fault, genesis, receipt, stake, transfer
+from tests.ledger_data import (
+    PEERS,
+    checkpointed_epoch,
+    fault,
+    genesis,
+    receipt,
+    stake,
+    transfer,
+)
 
 A, B, C, D = PEERS
 
@@ -536,3 +544,65 @@ def test_spendable_if_ready_reads_at_once_or_says_it_cannot(tmp_path):
     reopened = open_ledger(tmp_path, genesis())  # nothing folded yet: a refold is a thread's job
     assert reopened.spendable_if_ready(A.peer_id) is None
     assert reopened.state().spendable(A.peer_id) == ledger.state().spendable(A.peer_id)
+
+
+def test_an_entry_is_proved_by_a_unique_prefix_and_refused_by_an_ambiguous_one(tmp_path):
+    gen = genesis([1000, 1000, 1000, 0])
+    ledger = open_ledger(tmp_path, gen)
+    leaves = checkpointed_epoch(ledger, gen, 1_800_000_000.0)
+    whole = ledger.prove(leaves[0])
+    # The shortest prefix that names it alone (8 digits at least) gives the same proof.
+    size = next(n for n in range(8, 65) if sum(x.startswith(leaves[0][:n]) for x in leaves) == 1)
+    assert ledger.prove(leaves[0][:size]) == whole
+    assert ledger.prove(leaves[0][:size].upper()) == whole
+    assert whole["entry"] == leaves[0] and whole["proof"]["leaf"] == leaves[0]
+    with pytest.raises(LedgerError, match="8-64 hex digits"):
+        ledger.prove(leaves[0][:7])
+    with pytest.raises(LedgerError, match="8-64 hex digits"):
+        ledger.prove("zz" + leaves[0][2:])
+    with pytest.raises(LedgerError, match="no entry"):
+        ledger.prove("0" * 64 if not leaves[0].startswith("0" * 8) else "f" * 64)
+    # Two entries sharing a prefix: a stand-in row, since blake3 IDs sharing 8 digits are
+    # too rare to make.
+    twin = leaves[0][:-1] + ("0" if leaves[0][-1] != "0" else "1")
+    ledger._db.execute(
+        "INSERT INTO entries (id, kind, at, rank, payer, payee, amount, claim, epoch, bls, wire) "
+        "SELECT ?, kind, at, rank, payer, payee, amount, claim, epoch, bls, wire FROM entries "
+        "WHERE id = ?",
+        (twin, leaves[0]),
+    )
+    with pytest.raises(LedgerError, match="more than one entry"):
+        ledger.prove(leaves[0][:size])
+    # The whole ID still names one (the stand-in row changed the epoch's local set).
+    again = ledger.prove(leaves[0])
+    assert (again["entry"], again["proof"]) == (whole["entry"], whole["proof"])
+
+
+def test_an_inclusion_proof_survives_json_and_malformed_ones_are_refused():
+    from mtor_p2p.ledger.merkle import (
+        InclusionProof,
+        inclusion_proof,
+        merkle_root,
+        verify_inclusion,
+    )
+
+    leaves = [bytes([n]) * 32 for n in range(5)]
+    proof = inclusion_proof(leaves, leaves[3])
+    again = InclusionProof.from_json(proof.to_json())
+    assert again == proof and verify_inclusion(again, merkle_root(leaves))
+    good = proof.to_json()
+    for bad in (
+        None,
+        [],
+        {**good, "extra": 1},
+        {k: v for k, v in good.items() if k != "path"},
+        {**good, "index": "3"},
+        {**good, "index": True},
+        {**good, "path": "ab"},
+        {**good, "path": ["ab"]},
+        {**good, "path": [1]},
+        {**good, "leaf": "zz" * 32},
+        {**good, "path": ["00" * 32] * 65},
+    ):
+        with pytest.raises(ValueError):
+            InclusionProof.from_json(bad)

@@ -61,6 +61,25 @@ class InclusionProof:
             "path": [h.hex() for h in self.path],
         }
 
+    @classmethod
+    def from_json(cls, data: object) -> InclusionProof:
+        """The inverse of :meth:`to_json`; ValueError on anything malformed (a proof may come
+        from a node's API, or a file: it is checked, not trusted)."""
+        if not isinstance(data, dict) or set(data) != {"leaf", "index", "count", "path"}:
+            raise ValueError("an inclusion proof has exactly leaf, index, count and path")
+        index, count, path = data["index"], data["count"], data["path"]
+        if not all(type(v) is int for v in (index, count)) or not isinstance(path, list):
+            raise ValueError("an inclusion proof's index and count are integers, path a list")
+        if len(path) > 64:  # a tree of 2**64 leaves is deeper than any ledger's
+            raise ValueError("an inclusion proof's path is longer than any tree's")
+
+        def digest(value: object) -> bytes:
+            if not isinstance(value, str) or len(value) != 64:
+                raise ValueError("an inclusion proof's hashes are 64 hex digits")
+            return bytes.fromhex(value)
+
+        return cls(digest(data["leaf"]), index, count, tuple(digest(h) for h in path))
+
 
 def inclusion_proof(leaves: list[bytes], leaf: bytes) -> InclusionProof:
     """The proof that ``leaf`` is in the tree over ``leaves`` (raises KeyError if not)."""

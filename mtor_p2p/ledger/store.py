@@ -75,6 +75,14 @@ CREATE TABLE IF NOT EXISTS peer_cursors (
 """
 
 
+#: The fewest hex digits of an entry ID :meth:`Ledger.prove` accepts as a prefix.
+MIN_ENTRY_PREFIX = 8
+
+
+def _is_hex(text: str) -> bool:
+    return all(c in "0123456789abcdef" for c in text)
+
+
 class LedgerError(Exception):
     """The ledger cannot be used as asked (another network's file, a closed ledger...)."""
 
@@ -606,17 +614,29 @@ class Ledger:
         """A Merkle path from an entry (a receipt, say) to a checkpoint that lists it: the final
         checkpoint of its epoch if that lists it, else the heaviest that does.
 
-        Raises LedgerError when the entry is unknown or no checkpoint lists it.
+        ``entry_id`` may be a prefix of at least :data:`MIN_ENTRY_PREFIX` hex digits (as
+        tables print them) that names one provable entry. Raises LedgerError when the entry
+        is unknown or ambiguous, or no checkpoint lists it.
         """
+        entry_id = entry_id.strip().lower()
+        if not (MIN_ENTRY_PREFIX <= len(entry_id) <= 64) or not _is_hex(entry_id):
+            raise LedgerError(
+                f"an entry ID is {MIN_ENTRY_PREFIX}-64 hex digits (a prefix names the entry "
+                f"it alone starts), not {entry_id[:70]!r}"
+            )
+        # A prefix as a key range (hex IDs are lower case): the ID column's index, no scan.
+        upper = entry_id + "g"
         with self._lock:
-            row = self._db.execute(
-                "SELECT epoch, kind FROM entries WHERE id = ? "
-                "AND kind IN ('receipt', 'transfer', 'stake', 'fault')",
-                (entry_id,),
-            ).fetchone()
-        if row is None:
+            rows = self._db.execute(
+                "SELECT id, epoch, kind FROM entries WHERE id >= ? AND id < ? "
+                "AND kind IN ('receipt', 'transfer', 'stake', 'fault') LIMIT 2",
+                (entry_id, upper),
+            ).fetchall()
+        if not rows:
             raise LedgerError(f"no entry {entry_id} in this ledger")
-        epoch = int(row[0])
+        if len(rows) > 1:
+            raise LedgerError(f"more than one entry starts with {entry_id}: give more digits")
+        entry_id, epoch, kind = rows[0][0], int(rows[0][1]), str(rows[0][2])
         listing = [c for c in self.checkpoints(epoch) if entry_id in c.entry.leaves]
         if not listing:
             raise LedgerError(f"no checkpoint of epoch {epoch} lists {entry_id[:16]} (yet)")
@@ -626,7 +646,7 @@ class Ledger:
         assert verify_inclusion(proof, bytes.fromhex(checkpoint.entry.claim))
         return {
             "entry": entry_id,
-            "kind": row[1],
+            "kind": kind,
             "epoch": epoch,
             "proof": proof.to_json(),
             "checkpoint": checkpoint.to_json(),

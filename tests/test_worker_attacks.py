@@ -820,15 +820,17 @@ async def test_uploads_wait_in_memory_within_the_workers_share_and_spool_beyond_
         assert not b.worker._pending[(trudy.peer_id, meta_of(small).digest)].buffer.spooled
 
 
-def test_an_upload_buffer_closed_during_an_append_waits_for_it() -> None:
+def test_an_upload_buffer_closed_during_an_append_is_released_when_it_ends() -> None:
     """An eviction or an expiry (on the event loop) closing an upload while its chunk is being
-    hashed and stored on a thread waits for that chunk: a review found a close landing
-    mid-append re-allocating the whole buffer, or an error the handler did not expect."""
+    hashed and stored on a thread neither waits for that chunk (the event loop would stall)
+    nor pulls the buffer from under it (a review found a close landing mid-append
+    re-allocating the whole buffer): the append finishes and then gives the memory back."""
     from mtor_p2p.compute.worker import _UploadBuffer
     from mtor_p2p.records.arrays import ArrayMeta
 
     buffer = _UploadBuffer(ArrayMeta("0" * 64, "float32", (4 * CHUNK_BYTES // 4,)), None,
                            in_memory=True)  # fmt: skip
+    buffer.append(b"\0" * CHUNK_BYTES)  # the buffer is allocated
     hashing, go_on = threading.Event(), threading.Event()
     hasher = buffer._hasher
 
@@ -844,12 +846,29 @@ def test_an_upload_buffer_closed_during_an_append_waits_for_it() -> None:
     assert hashing.wait(5)
     closing = threading.Thread(target=buffer.close)
     closing.start()
-    closing.join(0.2)
-    assert closing.is_alive()  # waits for the append in progress
+    closing.join(2)
+    assert not closing.is_alive()  # returned at once, the append still in progress
+    assert buffer._memory is not None  # still the append's to write into
+    with pytest.raises(ValueError):
+        buffer.append(b"x")  # nothing new starts on a closed buffer
     go_on.set()
     appending.join(5)
-    closing.join(5)
-    assert buffer._memory is None and buffer._whole is None
+    assert not appending.is_alive()
+    assert buffer.written == 2 * CHUNK_BYTES  # the append in progress completed whole
+    assert buffer._memory is None and buffer._whole is None  # and then gave it all back
+    buffer.close()  # closing again is harmless
+
+
+def test_an_upload_buffer_closed_between_appends_is_released_at_once(tmp_path) -> None:
+    from mtor_p2p.compute.worker import _UploadBuffer
+    from mtor_p2p.records.arrays import ArrayMeta
+
+    buffer = _UploadBuffer(ArrayMeta("0" * 64, "float32", (4 * CHUNK_BYTES // 4,)), tmp_path,
+                           in_memory=False)  # fmt: skip
+    buffer.append(b"\0" * CHUNK_BYTES)
+    assert buffer.spooled
+    buffer.close()
+    assert buffer._file is None
     with pytest.raises(ValueError):
         buffer.append(b"x")
 

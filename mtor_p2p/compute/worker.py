@@ -197,7 +197,12 @@ class _UploadBuffer:
         self._open = True
         # append runs on a thread, close on the event loop (an eviction, an expiry): never
         # both at once (a review found a close landing mid-append re-allocating the buffer).
-        self._lock = threading.Lock()
+        # Nor does close wait for an append (a 4 MiB hash and store, longer when spooled):
+        # the event loop would stall on it. Closed mid-append, the append gives the memory
+        # back when it ends. _state guards the two flags only, never held for long.
+        self._append_lock = threading.Lock()
+        self._state = threading.Lock()
+        self._appending = False
         if spool_dir is not None and not in_memory:
             self._file = tempfile.TemporaryFile(dir=spool_dir)
 
@@ -207,13 +212,23 @@ class _UploadBuffer:
         return self._file is not None
 
     def append(self, chunk: bytes | memoryview) -> None:
-        """Hash and add a chunk (a blocking call: hashing, and writing when spooled)."""
-        with self._lock:
-            self._append(chunk)
+        """Hash and add a chunk (a blocking call: hashing, and writing when spooled);
+        ValueError once the buffer is closed."""
+        with self._append_lock:
+            with self._state:
+                if not self._open:
+                    raise ValueError("upload buffer is closed")
+                self._appending = True
+            try:
+                self._append(chunk)
+            finally:
+                with self._state:
+                    self._appending = False
+                    closed_meanwhile = not self._open
+                if closed_meanwhile:
+                    self._release()
 
     def _append(self, chunk: bytes | memoryview) -> None:
-        if not self._open:
-            raise ValueError("upload buffer is closed")
         self._hasher.update(chunk)
         if self._file is not None:
             self._file.write(chunk)
@@ -253,14 +268,21 @@ class _UploadBuffer:
         return memoryview(mmap.mmap(self._file.fileno(), self._written, access=mmap.ACCESS_READ))
 
     def close(self) -> None:
-        """Give back the memory or the file (after an append in progress)."""
-        with self._lock:
+        """Give back the memory or the file: now, or when an append in progress ends (never
+        waiting for it). Appends after this raise ValueError."""
+        with self._state:
             self._open = False
-            self._memory = None
-            self._whole = None
-            if self._file is not None:
-                self._file.close()
-                self._file = None
+            if self._appending:
+                return  # that append releases everything when it ends
+        self._release()
+
+    def _release(self) -> None:
+        # Only once no append runs and none can start (closed, checked under _state).
+        self._memory = None
+        self._whole = None
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
 
 def _take_back(held: dict[str, int], sender: str, amount: int) -> None:

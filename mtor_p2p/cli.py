@@ -842,23 +842,32 @@ def cmd_ledger(args: argparse.Namespace) -> int:
             except LedgerError as exc:
                 raise CliError(_not_provable_yet(str(exc))) from exc
     # Checked here too: the node's answer is a claim until its path leads to the root.
-    holds = _proof_holds(proof)
+    holds = _proof_holds(proof, args.entry)
     if args.json:
         print(json.dumps(proof, indent=2, sort_keys=True))
     else:
-        _print_proof(proof, holds)
+        try:
+            _print_proof(proof, holds)
+        except (KeyError, TypeError, ValueError, AttributeError):
+            raise CliError("the node's answer is not an inclusion proof", EXIT_LEDGER_BAD) from None
     return EXIT_OK if holds else EXIT_LEDGER_BAD
 
 
-def _proof_holds(proof: dict[str, Any]) -> bool:
-    """Whether an inclusion proof's path leads from its entry to its checkpoint's root."""
+def _proof_holds(proof: Any, asked: str) -> bool:
+    """Whether ``proof`` is of the entry ``asked`` for (its ID or a prefix) and its path leads
+    from that entry to its checkpoint's root."""
     from mtor_p2p.ledger.merkle import InclusionProof, verify_inclusion
 
     try:
         path = InclusionProof.from_json(proof["proof"])
         root = bytes.fromhex(proof["checkpoint"]["root"])
-        return path.leaf.hex() == proof["entry"] and verify_inclusion(path, root)
-    except (KeyError, TypeError, ValueError):
+        entry = path.leaf.hex()
+        return (
+            entry == proof["entry"]
+            and entry.startswith(asked.strip().lower())
+            and verify_inclusion(path, root)
+        )
+    except (KeyError, TypeError, ValueError, AttributeError):
         return False
 
 

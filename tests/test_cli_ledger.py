@@ -184,14 +184,16 @@ def test_ledger_prove_takes_a_prefix_and_checks_the_path_itself(tmp_path):
     as_json = mtor("ledger", "prove", entry, "--json", "--data-dir", str(data_dir))
     assert as_json.returncode == 0, as_json.stderr
     proof = json.loads(as_json.stdout)
-    assert proof["entry"] == entry and _proof_holds(proof)
+    assert proof["entry"] == entry and _proof_holds(proof, entry[:12])
     short = mtor("ledger", "prove", entry[:7], "--data-dir", str(data_dir))
     assert short.returncode == 1 and "8-64 hex digits" in short.stderr
     # A path that does not lead to the root (a node's answer is only a claim).
     lying = json.loads(json.dumps(proof))
     lying["proof"]["path"][0] = "00" * 32
-    assert not _proof_holds(lying)
+    assert not _proof_holds(lying, entry)
     other = json.loads(json.dumps(proof))
-    other["entry"] = leaves[3]  # a proof of another entry
-    assert not _proof_holds(other)
-    assert not _proof_holds({"entry": entry})
+    other["entry"] = leaves[3]  # claims another entry than its path's
+    assert not _proof_holds(other, entry)
+    assert not _proof_holds(proof, leaves[3][:12])  # a good proof, of another entry
+    assert not _proof_holds({"entry": entry}, entry)
+    assert not _proof_holds(["not", "a", "proof"], entry)

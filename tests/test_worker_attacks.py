@@ -849,8 +849,18 @@ def test_an_upload_buffer_closed_during_an_append_is_released_when_it_ends() -> 
     closing.join(2)
     assert not closing.is_alive()  # returned at once, the append still in progress
     assert buffer._memory is not None  # still the append's to write into
-    with pytest.raises(ValueError):
-        buffer.append(b"x")  # nothing new starts on a closed buffer
+    refused: list[Exception] = []
+
+    def late_append() -> None:
+        try:
+            buffer.append(b"x")
+        except ValueError as exc:
+            refused.append(exc)
+
+    late = threading.Thread(target=late_append)
+    late.start()
+    late.join(2)
+    assert not late.is_alive() and refused  # refused at once, not after the append running
     go_on.set()
     appending.join(5)
     assert not appending.is_alive()
@@ -871,6 +881,81 @@ def test_an_upload_buffer_closed_between_appends_is_released_at_once(tmp_path) -
     assert buffer._file is None
     with pytest.raises(ValueError):
         buffer.append(b"x")
+
+
+def _spool_onto_a_full_disk(buffer: Any) -> None:
+    """Point a spool file's descriptor at /dev/full: every later write fails with ENOSPC."""
+    full = os.open("/dev/full", os.O_WRONLY)
+    try:
+        os.dup2(full, buffer._file.fileno())
+    finally:
+        os.close(full)
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+async def test_a_dropped_upload_on_a_full_disk_gives_its_reservation_back(tmp_path) -> None:
+    """A sender's tiny chunks spooled to disk, then the disk fills and the sender breaks the
+    order: the drop neither raises on the worker's event loop nor keeps the reservation (a
+    review found buffered bytes made closing the file fail, leaking it for good)."""
+    array = RNG.standard_normal((2 * CHUNK_BYTES // 4 + 1024,)).astype("float32")
+    meta, data = meta_of(array), bytes(memoryview(array).cast("B"))
+    async with bench() as b:
+        b.worker.spool_dir = tmp_path
+        b.worker.upload_memory_bytes = 0  # everything spools
+        mallory = await b.requester("mallory")
+        for offset in range(20):  # 1-byte chunks, in order
+            message = pack({"array": meta.to_json(), "offset": offset}, data[offset : offset + 1])
+            await mallory.network.request(b.worker_id, PROTOCOL_UPLOAD, message)
+        key = (mallory.peer_id, meta.digest)
+        assert b.worker._pending[key].buffer.spooled
+        assert b.worker.reserved_upload_bytes == meta.nbytes
+        _spool_onto_a_full_disk(b.worker._pending[key].buffer)
+        with pytest.raises(RemoteError, match="order"):
+            message = pack({"array": meta.to_json(), "offset": 5}, b"x")
+            await mallory.network.request(b.worker_id, PROTOCOL_UPLOAD, message)
+        assert key not in b.worker._pending
+        assert b.worker.reserved_upload_bytes == 0
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+async def test_an_upload_expiring_on_a_full_disk_does_not_stop_the_worker(
+    tmp_path, autojump_clock: trio.testing.MockClock
+) -> None:
+    array = RNG.standard_normal((2 * CHUNK_BYTES // 4 + 1024,)).astype("float32")
+    meta, data = meta_of(array), bytes(memoryview(array).cast("B"))
+    async with bench() as b:
+        b.worker.spool_dir = tmp_path
+        b.worker.upload_memory_bytes = 0
+        mallory = await b.requester("mallory")
+        for offset in range(10):
+            message = pack({"array": meta.to_json(), "offset": offset}, data[offset : offset + 1])
+            await mallory.network.request(b.worker_id, PROTOCOL_UPLOAD, message)
+        _spool_onto_a_full_disk(b.worker._pending[(mallory.peer_id, meta.digest)].buffer)
+        await trio.sleep(2 * UPLOAD_IDLE_TIMEOUT)  # idle: the worker's own loop expires it
+        assert b.worker.reserved_upload_bytes == 0 and not b.worker._pending
+        # And it still serves: a fresh upload from another sender goes through.
+        alice = await b.requester("alice")
+        small = RNG.standard_normal((64,)).astype("float32")
+        message = pack({"array": meta_of(small).to_json(), "offset": 0}, small.tobytes())
+        assert unpack(await alice.network.request(b.worker_id, PROTOCOL_UPLOAD, message))
+
+
+def test_an_upload_buffer_tolerates_a_file_that_fails_to_close(tmp_path) -> None:
+    from mtor_p2p.compute.worker import _UploadBuffer
+    from mtor_p2p.records.arrays import ArrayMeta
+
+    buffer = _UploadBuffer(ArrayMeta("0" * 64, "float32", (4 * CHUNK_BYTES // 4,)), tmp_path,
+                           in_memory=False)  # fmt: skip
+    buffer.append(b"\0" * 10)
+
+    class Failing:
+        def close(self) -> None:
+            raise OSError(28, "No space left on device")
+
+    real, buffer._file = buffer._file, Failing()
+    buffer.close()  # logged, not raised
+    real.close()
+    assert buffer._file is None
 
 
 async def test_identities_uploading_at_an_honest_rate_keep_only_their_share(

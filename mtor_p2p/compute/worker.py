@@ -204,7 +204,10 @@ class _UploadBuffer:
         self._state = threading.Lock()
         self._appending = False
         if spool_dir is not None and not in_memory:
-            self._file = tempfile.TemporaryFile(dir=spool_dir)
+            # Unbuffered: every byte is in the file when append returns, so closing has
+            # nothing left to write and cannot fail on a full disk (a review found a sender's
+            # small chunks sitting in a write buffer made a drop raise on the event loop).
+            self._file = tempfile.TemporaryFile(dir=spool_dir, buffering=0)
 
     @property
     def spooled(self) -> bool:
@@ -214,6 +217,9 @@ class _UploadBuffer:
     def append(self, chunk: bytes | memoryview) -> None:
         """Hash and add a chunk (a blocking call: hashing, and writing when spooled);
         ValueError once the buffer is closed."""
+        with self._state:  # closed: refused at once, not after an append in progress
+            if not self._open:
+                raise ValueError("upload buffer is closed")
         with self._append_lock:
             with self._state:
                 if not self._open:
@@ -231,7 +237,9 @@ class _UploadBuffer:
     def _append(self, chunk: bytes | memoryview) -> None:
         self._hasher.update(chunk)
         if self._file is not None:
-            self._file.write(chunk)
+            view = memoryview(chunk).cast("B")
+            while view:  # a raw file may write less than it is given
+                view = view[self._file.write(view) :]
         elif self._written == 0 and len(chunk) == self._nbytes:
             self._whole = chunk
         else:
@@ -277,12 +285,17 @@ class _UploadBuffer:
         self._release()
 
     def _release(self) -> None:
-        # Only once no append runs and none can start (closed, checked under _state).
-        self._memory = None
-        self._whole = None
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        # Only once no append runs and none can start (closed, checked under _state). The
+        # file is taken under the lock: a second close may race the append's own release.
+        with self._state:
+            file, self._file = self._file, None
+            self._memory = None
+            self._whole = None
+        if file is not None:
+            try:
+                file.close()
+            except OSError as exc:  # nothing is buffered; never worth failing a drop for
+                log.warning("closing an upload's spool file failed: %s", exc)
 
 
 def _take_back(held: dict[str, int], sender: str, amount: int) -> None:
@@ -581,14 +594,19 @@ class WorkerService:
     def _release_upload(self, pending: _PendingUpload) -> None:
         """Close an upload's buffer and give back what it reserved."""
         self._operands_changed()
-        pending.buffer.close()
-        pending.wake()  # chunks waiting for their turn: it will not come
-        self._reserved_total -= pending.meta.nbytes
-        _take_back(self._reserved_by_sender, pending.sender, pending.meta.nbytes)
-        if pending.memory:
-            self._memory_total -= pending.memory
-            _take_back(self._memory_by_sender, pending.sender, pending.memory)
-            pending.memory = 0
+        try:
+            pending.buffer.close()
+        finally:  # whatever closing does, the reservation is given back
+            pending.wake()  # chunks waiting for their turn: it will not come
+            self._reserved_total -= pending.meta.nbytes
+            _take_back(self._reserved_by_sender, pending.sender, pending.meta.nbytes)
+            if pending.memory:
+                # Given back at once even when an append in progress holds the buffer's
+                # memory a little longer (until it ends: one chunk's hash and copy): a short
+                # overcommit of at most one upload per chunk being written, bounded.
+                self._memory_total -= pending.memory
+                _take_back(self._memory_by_sender, pending.sender, pending.memory)
+                pending.memory = 0
 
     def _memory_share(self, sender: str, nbytes: int) -> int:
         """Reserve memory for a new upload of ``nbytes`` from ``sender`` and return how much

@@ -797,6 +797,8 @@ def cmd_ledger(args: argparse.Namespace) -> int:
     from mtor_p2p.ledger.genesis import nano_to_credits
 
     if args.action == "verify":
+        if args.entry:
+            raise CliError(f"ledger verify takes no ENTRY (got {args.entry!r})", EXIT_USAGE)
         report = _ledger_call(args, "GET", "/v1/ledger/verify")
         if report is None:
             with _offline_ledger(args) as (ledger, _):
@@ -829,6 +831,12 @@ def cmd_ledger(args: argparse.Namespace) -> int:
         return EXIT_OK if report["ok"] else EXIT_LEDGER_BAD
     if not args.entry:
         raise CliError("ledger prove needs a receipt entry ID", EXIT_USAGE)
+    if not re.fullmatch(r"[0-9a-fA-F]{8,64}", args.entry.strip()):
+        raise CliError(
+            f"ENTRY is an entry's ID or a prefix of 8-64 hex digits that only it starts with "
+            f"(the ENTRY column of `receipts`), not {args.entry[:70]!r}",
+            EXIT_USAGE,
+        )
     try:
         proof = _ledger_call(
             args, "GET", f"/v1/ledger/prove?id={urllib.parse.quote(args.entry, safe='')}"
@@ -843,6 +851,9 @@ def cmd_ledger(args: argparse.Namespace) -> int:
                 raise CliError(_not_provable_yet(str(exc))) from exc
     # Checked here too: the node's answer is a claim until its path leads to the root.
     holds = _proof_holds(proof, args.entry)
+    if holds and len(args.entry.strip()) < 64:
+        # A prefix names whichever entry starts with it here: say which one that was.
+        print(f"(ENTRY {args.entry.strip()} is {proof['entry']})", file=sys.stderr)
     if args.json:
         print(json.dumps(proof, indent=2, sort_keys=True))
     else:
@@ -865,6 +876,7 @@ def _proof_holds(proof: Any, asked: str) -> bool:
         return (
             entry == proof["entry"]
             and entry.startswith(asked.strip().lower())
+            and path.count == proof["checkpoint"]["count"]
             and verify_inclusion(path, root)
         )
     except (KeyError, TypeError, ValueError, AttributeError):
@@ -873,27 +885,41 @@ def _proof_holds(proof: Any, asked: str) -> bool:
 
 def _print_proof(proof: dict[str, Any], holds: bool) -> None:
     checkpoint, path = proof["checkpoint"], proof["proof"]
+    if checkpoint["final"]:
+        finality = "final"
+    else:
+        # Finality is judged on the signers' weight when the epoch began (stake counts from
+        # the epoch after it is placed), not their weight now, shown below.
+        finality = (
+            "not final: its signers held under the quorum when the epoch began (more "
+            "signatures may come; an epoch in which the first stakes were placed never is)"
+        )
     print(f"entry        {proof['entry']}  ({proof['kind']}, epoch {proof['epoch']})")
+    print(f"checkpoint   {proof['checkpoint_entry'][:16]}…  {finality}")
     print(
-        f"checkpoint   {proof['checkpoint_entry'][:16]}…  "
-        f"{'final' if checkpoint['final'] else 'not final yet'}: {checkpoint['signers']} "
-        f"signer(s), {checkpoint['weight_bps'] / 100:.1f}% of staked weight, "
+        f"             {checkpoint['signers']} signer(s) holding "
+        f"{checkpoint['weight_bps'] / 100:.1f}% of the staked weight now; "
         f"{checkpoint['count']} entries, "
-        f"{'matches' if checkpoint['matches_local'] else 'differs from'} the local set"
+        f"{'matching' if checkpoint['matches_local'] else 'differing from'} the local set"
     )
     print(f"root         {checkpoint['root']}")
     print(
-        f"path         {len(path['path'])} hash(es) from leaf {path['index'] + 1} of "
-        f"{path['count']}: "
-        + ("checked here, it leads to the root" if holds else "does NOT lead to the root")
+        f"path         {len(path['path'])} hash(es) from leaf index {path['index']} of "
+        f"{path['count']} leaves, "
+        + ("leading to that root (checked here)" if holds else "NOT leading to that root")
     )
-    print("(--json prints the proof itself, for a verifier elsewhere)", file=sys.stderr)
+    print(
+        "(the checkpoint's signature: `ledger verify`; --json prints the proof)",
+        file=sys.stderr,
+    )
 
 
 def _not_provable_yet(reason: str) -> str:
     """The ledger's refusal to prove an entry, without the API's status code, and with
     what to do when the entry is simply not in a signed checkpoint yet."""
     reason = re.sub(r"^\d{3}: ", "", reason)
+    if reason.startswith("no entry "):
+        reason += " (ENTRY is the last column of `receipts`, not the JOB column)"
     if "no checkpoint of epoch" in reason:
         reason += (
             ": an epoch is provable once it has ended and staked peers have signed its "
@@ -1538,14 +1564,26 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
 
 def cmd_receipts(args: argparse.Namespace) -> int:
-    """List the contribution receipts this node holds."""
-    answer = _client(args).call("GET", f"/v1/receipts?limit={args.limit}")
+    """List the contribution receipts this node holds, newest first: as a worker (paid) or
+    as a requester (paying). Columns: the job and shard, the kernel, this node's role, the
+    other peer, the work done (GFLOP), what it cost in credits, who signed it (``both``: the
+    worker and the requester, so the ledger holds it; ``worker``: the requester has not
+    countersigned it yet) and its ledger ENTRY (the ID's first 12 hex digits, which
+    ``ledger prove ENTRY`` takes). With the node stopped it reads <data-dir>/receipts.sqlite."""
+    try:
+        client = _client(args)
+        answer = client.call("GET", f"/v1/receipts?limit={args.limit}")
+        answer.setdefault("source", "running node")
+        me = client.call("GET", "/v1/status")["peer_id"]
+    except NodeNotRunning as exc:
+        answer = _offline_receipts(args)
+        if answer is None:
+            raise
+        me = load_or_create_identity(_config_from(args).data_dir).peer_id
+        print(f"mtor-peer: {exc}; showing the receipts as stored", file=sys.stderr)
     if args.json:
         print(json.dumps(answer, indent=2, sort_keys=True))
         return EXIT_OK
-    me = _client(args).call("GET", "/v1/status")["peer_id"]
-    # ENTRY: the ledger entry's ID, as far as `ledger prove` takes it (a unique prefix);
-    # a receipt only the worker signed has none yet.
     print(
         f"{'JOB':<18} {'SHARD':>5} {'KERNEL':<9} {'ROLE':<9} {'PEER':<14} "
         f"{'GFLOP':>9} {'COST':>10} {'SIGNED':<6} {'ENTRY':<12}"
@@ -1555,14 +1593,39 @@ def cmd_receipts(args: argparse.Namespace) -> int:
             ("worker", r["requester"]) if r["worker"] == me else ("requester", r["worker"])
         )
         entry = (r.get("entry") or "-")[:12]
+        gflop = r["flops"] / 1e9
+        work = f"{gflop:.3f}" if gflop >= 0.01 or gflop == 0 else f"{gflop:.2g}"  # not 0.000
         print(
             f"{r['job_id'][:16] + '…':<18} {r['shard']:>5} {r['kernel']:<9} {role:<9} "
-            f"{'…' + other[-12:]:<14} {r['flops'] / 1e9:>9.3f} "
+            f"{'…' + other[-12:]:<14} {work:>9} "
             f"{format_credits(r['cost']):>10} {'both' if r['complete'] else 'worker':<6} "
             f"{entry:<12}"
         )
-    print(f"{answer['count']} receipt(s); credits in COST; `ledger prove ENTRY` proves one")
+    shown, held = len(answer["receipts"]), answer["count"]
+    of = (
+        f"{shown} of {held} receipt(s), newest first (--limit)"
+        if shown < held
+        else (f"{held} receipt(s)")
+    )
+    print(f"{of}; COST in credits; `ledger prove ENTRY` proves one is in the ledger")
     return EXIT_OK
+
+
+def _offline_receipts(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The stopped node's receipts, read-only from its data directory, in the control API's
+    shape; None if there is no receipt store there."""
+    import sqlite3
+
+    from mtor_p2p.compute.receipt_store import RECEIPTS_FILE_NAME, ReceiptStore
+
+    path = _config_from(args).data_dir / RECEIPTS_FILE_NAME
+    if not path.is_file():
+        return None
+    try:
+        answer = ReceiptStore.read_only_report(path, limit=args.limit)
+    except (sqlite3.Error, RecordError) as exc:
+        raise CliError(f"cannot read the receipts in {path}: {exc}") from None
+    return answer | {"source": str(path)}
 
 
 #: The page ``dashboard --open`` writes in the data directory (0600) and opens.
@@ -2125,7 +2188,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--limit",
         type=_positive_int(10_000),
         default=100,
-        help="at most this many, newest first",
+        help="at most this many, newest first (default 100)",
     )
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_receipts)
@@ -2195,7 +2258,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     _add_data_dir(p)
-    p.add_argument("action", choices=["verify", "prove"])
+    p.add_argument("action", choices=["verify", "prove"], metavar="{verify,prove}")
     p.add_argument(
         "entry",
         nargs="?",

@@ -351,7 +351,12 @@ def run_devnet(
             print(f"run a job:       {cmd} submit matmul --m 1024 --data-dir {data_dir}")
             print(f"see credits:     {cmd} balance --all --data-dir {data_dir}")
             print(f"stake some:      {cmd} stake 10 --data-dir {data_dir}")
+            print(f"what it paid:    {cmd} receipts --data-dir {data_dir}")
             print(f"audit:           {cmd} ledger verify --data-dir {data_dir}")
+            print(
+                f"prove a receipt: {cmd} ledger prove ENTRY --data-dir {data_dir}   "
+                "(ENTRY: from receipts; once staked peers checkpoint its epoch)"
+            )
             print(f"watch it:        {cmd} dashboard --open --data-dir {data_dir}")
             print(f"follow jobs:     {cmd} jobs --watch --data-dir {data_dir}")
             if cmd == "mtor-peer":

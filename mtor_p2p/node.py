@@ -32,7 +32,7 @@ from mtor_p2p.compute.blas import limit_blas_threads
 from mtor_p2p.compute.challenge import Challenger
 from mtor_p2p.compute.executor import ShardExecutor
 from mtor_p2p.compute.jobs import JobBoard, observe_attempt
-from mtor_p2p.compute.receipt_store import ReceiptStore
+from mtor_p2p.compute.receipt_store import RECEIPTS_FILE_NAME, ReceiptStore
 from mtor_p2p.compute.reputation import PeerBook
 from mtor_p2p.compute.scheduler import JobResult, JobSpec, Scheduler
 from mtor_p2p.compute.worker import WorkerService
@@ -47,7 +47,6 @@ from mtor_p2p.dashboard import Dashboard
 from mtor_p2p.datadir import DataDirLock
 from mtor_p2p.identity import Identity, load_or_create_identity
 from mtor_p2p.insight import earnings, peers_in_view, peers_view, why_no_work
-from mtor_p2p.ledger.entries import receipt_entry_id
 from mtor_p2p.ledger.genesis import GENESIS_FILE_NAME, Genesis, load_genesis, nano_to_credits
 from mtor_p2p.ledger.pricing import next_price
 from mtor_p2p.ledger.service import LedgerService
@@ -152,7 +151,7 @@ class Node:
         self.tunnel_url: str | None = None
         self.stopped = trio.Event()  # set when someone asks the node to stop
         self.operands = OperandStore(max_bytes=config.operand_cache_mib << 20)
-        self.receipts = receipts or ReceiptStore(config.data_dir / "receipts.sqlite")
+        self.receipts = receipts or ReceiptStore(config.data_dir / RECEIPTS_FILE_NAME)
         self.ledger = ledger
         self.ledger_service = LedgerService(
             network,
@@ -662,20 +661,7 @@ class Node:
 
     async def _route_receipts(self, query: dict[str, str], body: Any) -> tuple[int, Any]:
         limit = max(1, min(10_000, int(query.get("limit", 100))))
-        receipts = await self.runtime.run_blocking(lambda: self.receipts.receipts(limit=limit))
-        return 200, {
-            "count": self.receipts.count(),
-            "receipts": [
-                {
-                    **r.body.to_json(),
-                    "cost": r.body.cost,
-                    "complete": r.complete,
-                    # the ledger's ID of the receipt (for `mtor-peer ledger prove`)
-                    "entry": receipt_entry_id(r) if r.complete else None,
-                }
-                for r in receipts
-            ],
-        }
+        return 200, await self.runtime.run_blocking(lambda: self.receipts.report(limit=limit))
 
     def ledger_summary(self) -> dict[str, Any]:
         """Our account and the ledger's totals (amounts in nano-credits)."""

@@ -72,6 +72,18 @@ def test_balances_agree_on_every_peer_and_the_supply_is_conserved(tmp_path):
     assert offline["source"].startswith("data directory")
     assert offline["accounts"] == view["accounts"]
     assert mtor("ledger", "verify", "--data-dir", dirs[0]).returncode == 0
+    # The receipts too, from the store on disk: the same ones, and the table says so.
+    stored = mtor("receipts", "--json", "--data-dir", dirs[0])
+    assert stored.returncode == 0, stored.stderr
+    offline_held = json.loads(stored.stdout)["receipts"]
+
+    def paid_by_0(receipts: list) -> list:  # complete when submit returned: they cannot change
+        return [r for r in receipts if r["requester"] == peers[0]["peer_id"]]
+
+    assert paid_by_0(offline_held) == paid_by_0(held) and paid_by_0(held)
+    table = mtor("receipts", "--limit", "1", "--data-dir", dirs[0])
+    assert table.returncode == 0 and "showing the receipts as stored" in table.stderr
+    assert f"1 of {len(offline_held)} receipt(s)" in table.stdout
     staked_offline = mtor("stake", "1", "--json", "--data-dir", dirs[2])
     assert staked_offline.returncode == 0, staked_offline.stderr
     assert json.loads(staked_offline.stdout)["stake"] == 10**9
@@ -179,14 +191,21 @@ def test_ledger_prove_takes_a_prefix_and_checks_the_path_itself(tmp_path):
     human = mtor("ledger", "prove", entry[:12], "--data-dir", str(data_dir))
     assert human.returncode == 0, human.stderr
     assert f"entry        {entry}  (receipt, epoch " in human.stdout
-    assert "final: 3 signer(s), 100.0% of staked weight, 6 entries" in human.stdout
-    assert "checked here, it leads to the root" in human.stdout
+    assert "…  final\n" in human.stdout
+    assert "3 signer(s) holding 100.0% of the staked weight now; 6 entries" in human.stdout
+    assert "leaves, leading to that root (checked here)" in human.stdout
+    assert f"(ENTRY {entry[:12]} is {entry})" in human.stderr  # the prefix, expanded
     as_json = mtor("ledger", "prove", entry, "--json", "--data-dir", str(data_dir))
     assert as_json.returncode == 0, as_json.stderr
     proof = json.loads(as_json.stdout)
     assert proof["entry"] == entry and _proof_holds(proof, entry[:12])
-    short = mtor("ledger", "prove", entry[:7], "--data-dir", str(data_dir))
-    assert short.returncode == 1 and "8-64 hex digits" in short.stderr
+    for wrong in (entry[:7], "z" * 12, entry + "00"):  # usage errors: exit 2
+        refused = mtor("ledger", "prove", wrong, "--data-dir", str(data_dir))
+        assert refused.returncode == 2 and "8-64 hex digits" in refused.stderr, wrong
+    unknown = mtor("ledger", "prove", "0" * 16, "--data-dir", str(data_dir))
+    assert unknown.returncode == 1 and "not the JOB column" in unknown.stderr
+    extra = mtor("ledger", "verify", entry, "--data-dir", str(data_dir))
+    assert extra.returncode == 2 and "takes no ENTRY" in extra.stderr
     # A path that does not lead to the root (a node's answer is only a claim).
     lying = json.loads(json.dumps(proof))
     lying["proof"]["path"][0] = "00" * 32

@@ -16,6 +16,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 from pathlib import Path
+from typing import Any
 
 from mtor_p2p.compute.group_commit import GroupCommit
 from mtor_p2p.config import private_sqlite
@@ -39,6 +40,10 @@ CREATE TABLE IF NOT EXISTS fault_proofs (
     encoded    BLOB NOT NULL
 );
 """
+
+
+#: The receipt store's file in a node's data directory.
+RECEIPTS_FILE_NAME = "receipts.sqlite"
 
 
 class ReceiptStore:
@@ -142,7 +147,52 @@ class ReceiptStore:
         """Number of stored receipts."""
         return int(self._db.execute("SELECT COUNT(*) FROM receipts").fetchone()[0])
 
+    def report(self, *, limit: int) -> dict[str, Any]:
+        """The newest ``limit`` receipts and the count, as the control API returns them."""
+        return receipts_report(self.receipts(limit=limit), self.count())
+
+    @staticmethod
+    def read_only_report(path: Path, *, limit: int) -> dict[str, Any]:
+        """:meth:`report` of the store saved at ``path``, written nothing to (a stopped
+        node's receipts); raises ``sqlite3.Error`` if the file cannot be read.
+
+        A WAL database opened with ``mode=ro`` still creates its ``-wal`` and ``-shm``
+        files, so a cleanly closed store (no ``-wal`` left) is opened as immutable; after a
+        crash, the ``-wal`` holds the last commits and is read as it is."""
+        wal = path.with_name(path.name + "-wal").exists()
+        uri = f"{path.as_uri()}?mode=ro{'' if wal else '&immutable=1'}"
+        db = sqlite3.connect(uri, uri=True)
+        try:
+            rows = db.execute(
+                "SELECT encoded FROM receipts ORDER BY ended DESC LIMIT ?", (limit,)
+            ).fetchall()
+            count = int(db.execute("SELECT COUNT(*) FROM receipts").fetchone()[0])
+        finally:
+            db.close()
+        held = [decode_receipt(bytes(row[0]), require_complete=False) for row in rows]
+        return receipts_report(held, count)
+
     def close(self) -> None:
         """Close the database (after any write in progress)."""
         with self._lock:
             self._db.close()
+
+
+def receipts_report(receipts: list[Receipt], count: int) -> dict[str, Any]:
+    """Receipts in the control API's shape: each body, its cost in credits, whether both
+    sides signed, and its ledger entry ID (``mtor-peer ledger prove`` takes it) once they
+    have; ``count``: all receipts held."""
+    from mtor_p2p.ledger.entries import receipt_entry_id
+
+    return {
+        "count": count,
+        "receipts": [
+            {
+                **r.body.to_json(),
+                "cost": r.body.cost,
+                "complete": r.complete,
+                "entry": receipt_entry_id(r) if r.complete else None,
+            }
+            for r in receipts
+        ],
+    }

@@ -753,14 +753,8 @@ def row_throughput(runner: Runner) -> None:
 
     def extract(answer: dict[str, Any]) -> dict[str, Any]:
         shared, both = answer["b_shared"], answer["both_shipped"]
-        gathered = shared.get("seconds_gathered")  # baselines: before assembling C
         return {
             "b_shared_shards_per_s": round(shared["shards"] / shared["seconds"], 2),
-            **(
-                {"b_shared_gathered_shards_per_s": round(shared["shards"] / gathered, 2)}
-                if gathered
-                else {}
-            ),
             "both_shipped_shards_per_s": round(both["shards"] / both["seconds"], 2),
             "matches_numpy": shared["matches_numpy"] and both["matches_numpy"],
             **load_of(shared["section"]),
@@ -775,9 +769,8 @@ def row_throughput(runner: Runner) -> None:
             "b_shared: the same bytes move on every side: each 512x512 A block per shard, B "
             "once per worker (MTOR: one job of row shards, B resident; Ray: ray.put(B) once; "
             "Dask: client.scatter(B, broadcast=True)), every product back to the driver and "
-            "assembled into the one C (MTOR's job returns C; the baselines np.concatenate "
-            "their blocks, inside the timing; b_shared_gathered_shards_per_s: the baselines' "
-            "rate before that), the put/scatter inside the timing",
+            "copied into the one C as it completes (MTOR's job returns C; the baselines "
+            "place each block on ray.wait / as_completed), the put/scatter inside the timing",
             "both_shipped: a distinct A and B per shard on every side (MTOR: one-shard jobs, at "
             "most 4 in flight; Ray/Dask: all tasks submitted at once)",
             "2 worker processes with 1 BLAS thread each; a warm-up before timing",

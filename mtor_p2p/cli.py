@@ -578,7 +578,15 @@ def _offline_ledger(args: argparse.Namespace) -> Iterator[tuple[Any, Any]]:
     stopped."""
     from mtor_p2p.node import open_ledger
 
-    config = _config_from(args, write=True)
+    config = _config_from(args)
+    if not config.data_dir.exists():
+        # A mistyped --data-dir would otherwise become a new node's directory, with a new
+        # identity and an empty ledger, and the answer would be about that node.
+        raise CliError(
+            f"no data directory {config.data_dir}: no node has run there (check --data-dir)",
+            EXIT_NOT_RUNNING,
+        )
+    prepare_data_dir(config.data_dir)
     owner = lock_owner(config.data_dir)
     if owner is not None:
         # A node runs but its control API did not answer: writing its stores under it would
@@ -906,10 +914,11 @@ def _print_proof(proof: dict[str, Any], holds: bool) -> None:
     print(
         f"path         {len(path['path'])} hash(es) from leaf index {path['index']} of "
         f"{path['count']} leaves, "
-        + ("leading to that root (checked here)" if holds else "NOT leading to that root")
+        + ("leading to that root" if holds else "NOT leading to that root")
     )
     print(
-        "(the checkpoint's signature: `ledger verify`; --json prints the proof)",
+        "(this command checks the path against the root in the answer; `ledger verify` "
+        "checks the checkpoints' signatures; --json prints the proof)",
         file=sys.stderr,
     )
 
@@ -1579,7 +1588,7 @@ def cmd_receipts(args: argparse.Namespace) -> int:
         answer = _offline_receipts(args)
         if answer is None:
             raise
-        me = load_or_create_identity(_config_from(args).data_dir).peer_id
+        me = _stored_peer_id(_config_from(args).data_dir)
         print(f"mtor-peer: {exc}; showing the receipts as stored", file=sys.stderr)
     if args.json:
         print(json.dumps(answer, indent=2, sort_keys=True))
@@ -1589,9 +1598,12 @@ def cmd_receipts(args: argparse.Namespace) -> int:
         f"{'GFLOP':>9} {'COST':>10} {'SIGNED':<6} {'ENTRY':<12}"
     )
     for r in answer["receipts"]:
-        role, other = (
-            ("worker", r["requester"]) if r["worker"] == me else ("requester", r["worker"])
-        )
+        if r["worker"] == me:
+            role, other = "worker", r["requester"]
+        elif r["requester"] == me:
+            role, other = "requester", r["worker"]
+        else:  # no identity to tell by (a data directory without its key)
+            role, other = "?", r["worker"]
         entry = (r.get("entry") or "-")[:12]
         gflop = r["flops"] / 1e9
         work = f"{gflop:.3f}" if gflop >= 0.01 or gflop == 0 else f"{gflop:.2g}"  # not 0.000
@@ -1609,6 +1621,18 @@ def cmd_receipts(args: argparse.Namespace) -> int:
     )
     print(f"{of}; COST in credits; `ledger prove ENTRY` proves one is in the ledger")
     return EXIT_OK
+
+
+def _stored_peer_id(data_dir: Path) -> str | None:
+    """The peer ID of the identity kept in ``data_dir``, read without creating one or
+    touching any file's mode; None if there is none (a read-only command must not make one)."""
+    from mtor_p2p.identity import KEY_FILE_NAME, SEED_SIZE, Identity
+
+    try:
+        seed = (data_dir / KEY_FILE_NAME).read_bytes()
+    except OSError:
+        return None
+    return Identity(seed).peer_id if len(seed) == SEED_SIZE else None
 
 
 def _offline_receipts(args: argparse.Namespace) -> dict[str, Any] | None:

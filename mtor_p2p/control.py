@@ -655,9 +655,13 @@ class ControlClient:
         try:
             info = json.loads((data_dir / INFO_FILE_NAME).read_text())
             token = (data_dir / TOKEN_FILE_NAME).read_text().strip()
-        except (OSError, ValueError) as exc:
+            url = info["url"]
+            if not isinstance(url, str):
+                raise ValueError("url is not a string")
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            # A damaged info file is no running node either (the CLI falls back to the files).
             raise NodeNotRunning(f"no running node found in {data_dir}") from exc
-        return cls(url=info["url"], token=token, timeout=timeout)
+        return cls(url=url, token=token, timeout=timeout)
 
     def call(self, method: str, path: str, payload: Any = None) -> Any:
         """Send one request; return the decoded JSON answer."""

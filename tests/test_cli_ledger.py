@@ -193,7 +193,7 @@ def test_ledger_prove_takes_a_prefix_and_checks_the_path_itself(tmp_path):
     assert f"entry        {entry}  (receipt, epoch " in human.stdout
     assert "…  final\n" in human.stdout
     assert "3 signer(s) holding 100.0% of the staked weight now; 6 entries" in human.stdout
-    assert "leaves, leading to that root (checked here)" in human.stdout
+    assert "leaves, leading to that root\n" in human.stdout
     assert f"(ENTRY {entry[:12]} is {entry})" in human.stderr  # the prefix, expanded
     as_json = mtor("ledger", "prove", entry, "--json", "--data-dir", str(data_dir))
     assert as_json.returncode == 0, as_json.stderr
@@ -216,3 +216,40 @@ def test_ledger_prove_takes_a_prefix_and_checks_the_path_itself(tmp_path):
     assert not _proof_holds(proof, leaves[3][:12])  # a good proof, of another entry
     assert not _proof_holds({"entry": entry}, entry)
     assert not _proof_holds(["not", "a", "proof"], entry)
+
+
+def test_read_only_commands_on_a_stopped_or_missing_node_create_nothing(tmp_path):
+    """Offline receipts need no identity (and make none); a damaged store is one line, not a
+    traceback; a damaged control.json is no running node; a mistyped --data-dir is not made
+    into a new node's directory by balance or ledger."""
+    import sqlite3
+
+    from mtor_p2p.compute.receipt_store import RECEIPTS_FILE_NAME, ReceiptStore
+    from mtor_p2p.control import INFO_FILE_NAME
+    from mtor_p2p.records.receipts import decode_receipt
+    from tests.ledger_data import PEERS, receipt
+
+    data_dir = tmp_path / "peer"
+    data_dir.mkdir(mode=0o700)
+    store = ReceiptStore(data_dir / RECEIPTS_FILE_NAME)
+    store.add(decode_receipt(receipt(PEERS[0], PEERS[1])[1:]))
+    store.close()
+    (data_dir / INFO_FILE_NAME).write_text('{"pid": 1}')  # damaged: no url
+    listed = mtor("receipts", "--data-dir", str(data_dir))
+    assert listed.returncode == 0, listed.stderr
+    assert "showing the receipts as stored" in listed.stderr
+    assert " ?  " in listed.stdout and "1 receipt(s)" in listed.stdout  # no key: role unknown
+    assert not (data_dir / "identity.key").exists()
+    # A store from elsewhere whose receipt column holds text.
+    db = sqlite3.connect(data_dir / RECEIPTS_FILE_NAME)
+    db.execute("UPDATE receipts SET encoded = 'not bytes'")
+    db.commit()
+    db.close()
+    damaged = mtor("receipts", "--data-dir", str(data_dir))
+    assert damaged.returncode == 1 and "cannot read the receipts" in damaged.stderr
+    assert "Traceback" not in damaged.stderr
+    typo = tmp_path / "pear"
+    for command in (["balance"], ["ledger", "verify"], ["ledger", "prove", "ab" * 6]):
+        missing = mtor(*command, "--data-dir", str(typo))
+        assert missing.returncode == 3 and "no data directory" in missing.stderr, command
+    assert not typo.exists()

@@ -22,6 +22,7 @@ from mtor_p2p.compute.group_commit import GroupCommit
 from mtor_p2p.config import private_sqlite
 from mtor_p2p.records.receipts import Receipt, decode_receipt, verify_receipt
 from mtor_p2p.runtime import BlockingRunner
+from mtor_p2p.wire import RecordError
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS receipts (
@@ -169,7 +170,11 @@ class ReceiptStore:
             count = int(db.execute("SELECT COUNT(*) FROM receipts").fetchone()[0])
         finally:
             db.close()
-        held = [decode_receipt(bytes(row[0]), require_complete=False) for row in rows]
+        held = []
+        for (encoded,) in rows:
+            if not isinstance(encoded, bytes):  # a file from elsewhere: refused, not trusted
+                raise RecordError(f"a stored receipt is {type(encoded).__name__}, not bytes")
+            held.append(decode_receipt(encoded, require_complete=False))
         return receipts_report(held, count)
 
     def close(self) -> None:

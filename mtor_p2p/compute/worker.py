@@ -239,7 +239,10 @@ class _UploadBuffer:
         if self._file is not None:
             view = memoryview(chunk).cast("B")
             while view:  # a raw file may write less than it is given
-                view = view[self._file.write(view) :]
+                written = self._file.write(view)
+                if not written:  # None (would block) or 0: never for a regular file
+                    raise OSError("upload spool file took no bytes")
+                view = view[written:]
         elif self._written == 0 and len(chunk) == self._nbytes:
             self._whole = chunk
         else:

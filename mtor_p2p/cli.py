@@ -72,7 +72,7 @@ from mtor_p2p.datadir import (
     prepare_data_dir,
 )
 from mtor_p2p.identity import IdentityError, load_or_create_identity
-from mtor_p2p.ledger.store import LedgerError
+from mtor_p2p.ledger.store import MIN_ENTRY_PREFIX, LedgerError, is_entry_prefix
 from mtor_p2p.wire import RecordError
 
 
@@ -839,10 +839,10 @@ def cmd_ledger(args: argparse.Namespace) -> int:
         return EXIT_OK if report["ok"] else EXIT_LEDGER_BAD
     if not args.entry:
         raise CliError("ledger prove needs a receipt entry ID", EXIT_USAGE)
-    if not re.fullmatch(r"[0-9a-fA-F]{8,64}", args.entry.strip()):
+    if not is_entry_prefix(args.entry):
         raise CliError(
-            f"ENTRY is an entry's ID or a prefix of 8-64 hex digits that only it starts with "
-            f"(the ENTRY column of `receipts`), not {args.entry[:70]!r}",
+            f"ENTRY is an entry's ID or a prefix of {MIN_ENTRY_PREFIX}-64 hex digits that only "
+            f"it starts with (the ENTRY column of `receipts`), not {args.entry[:70]!r}",
             EXIT_USAGE,
         )
     try:
@@ -1614,12 +1614,11 @@ def cmd_receipts(args: argparse.Namespace) -> int:
             f"{entry:<12}"
         )
     shown, held = len(answer["receipts"]), answer["count"]
-    of = (
-        f"{shown} of {held} receipt(s), newest first (--limit)"
-        if shown < held
-        else (f"{held} receipt(s)")
-    )
-    print(f"{of}; COST in credits; `ledger prove ENTRY` proves one is in the ledger")
+    if shown < held:
+        count = f"{shown} of {held} receipt(s), newest first (--limit)"
+    else:
+        count = f"{held} receipt(s)"
+    print(f"{count}; COST in credits; `ledger prove ENTRY` proves one is in the ledger")
     return EXIT_OK
 
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sqlite3
 import stat
 import tomllib
 from dataclasses import dataclass, field, fields
@@ -439,6 +440,16 @@ def private_sqlite(path: Path | str) -> None:
                 os.chmod(side, PRIVATE_FILE_MODE)
         except FileNotFoundError:
             pass
+
+
+def read_only_sqlite(path: Path) -> sqlite3.Connection:
+    """Open the SQLite database ``path`` to read a stopped node's data, writing nothing there.
+
+    A WAL database opened with ``mode=ro`` still creates its ``-wal`` and ``-shm`` files, so
+    a cleanly closed database (no ``-wal`` left) is opened as immutable; after a crash, the
+    ``-wal`` holds the last commits and is read as it is. Raises ``sqlite3.Error``."""
+    wal = path.with_name(path.name + "-wal").exists()
+    return sqlite3.connect(f"{path.as_uri()}?mode=ro{'' if wal else '&immutable=1'}", uri=True)
 
 
 def write_private(path: Path, data: str | bytes) -> None:

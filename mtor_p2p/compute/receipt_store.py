@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from mtor_p2p.compute.group_commit import GroupCommit
-from mtor_p2p.config import private_sqlite
+from mtor_p2p.config import private_sqlite, read_only_sqlite
 from mtor_p2p.records.receipts import Receipt, decode_receipt, verify_receipt
 from mtor_p2p.runtime import BlockingRunner
 from mtor_p2p.wire import RecordError
@@ -155,14 +155,9 @@ class ReceiptStore:
     @staticmethod
     def read_only_report(path: Path, *, limit: int) -> dict[str, Any]:
         """:meth:`report` of the store saved at ``path``, written nothing to (a stopped
-        node's receipts); raises ``sqlite3.Error`` if the file cannot be read.
-
-        A WAL database opened with ``mode=ro`` still creates its ``-wal`` and ``-shm``
-        files, so a cleanly closed store (no ``-wal`` left) is opened as immutable; after a
-        crash, the ``-wal`` holds the last commits and is read as it is."""
-        wal = path.with_name(path.name + "-wal").exists()
-        uri = f"{path.as_uri()}?mode=ro{'' if wal else '&immutable=1'}"
-        db = sqlite3.connect(uri, uri=True)
+        node's receipts, through :func:`~mtor_p2p.config.read_only_sqlite`); raises
+        ``sqlite3.Error`` if the file cannot be read."""
+        db = read_only_sqlite(path)
         try:
             rows = db.execute(
                 "SELECT encoded FROM receipts ORDER BY ended DESC LIMIT ?", (limit,)

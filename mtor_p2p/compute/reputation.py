@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mtor_p2p.config import private_sqlite
+from mtor_p2p.config import private_sqlite, read_only_sqlite
 
 log = logging.getLogger(__name__)
 
@@ -152,14 +152,11 @@ class PeerBook:
         """The book saved at ``path``, loaded without writing anything there (for reading a
         stopped node's book); raises ``sqlite3.Error`` if the file cannot be read.
 
-        A WAL database opened with ``mode=ro`` still creates its ``-wal`` and ``-shm``
-        files, so a cleanly closed book (no ``-wal`` left) is opened as immutable; after a
-        crash, the ``-wal`` holds the last changes and is read as it is.
+        Opened by :func:`~mtor_p2p.config.read_only_sqlite` (after a crash its ``-wal``
+        is read as it is).
         """
         book = cls()
-        wal = path.with_name(path.name + "-wal").exists()
-        uri = f"{path.as_uri()}?mode=ro{'' if wal else '&immutable=1'}"
-        db = sqlite3.connect(uri, uri=True)
+        db = read_only_sqlite(path)
         try:
             rows = db.execute("SELECT peer_id, standing FROM peers").fetchall()
         finally:

@@ -79,8 +79,11 @@ CREATE TABLE IF NOT EXISTS peer_cursors (
 MIN_ENTRY_PREFIX = 8
 
 
-def _is_hex(text: str) -> bool:
-    return all(c in "0123456789abcdef" for c in text)
+def is_entry_prefix(text: str) -> bool:
+    """Whether ``text`` (any case, surrounding spaces ignored) is an entry ID or a prefix of
+    one that :meth:`Ledger.prove` takes: :data:`MIN_ENTRY_PREFIX` to 64 hex digits."""
+    text = text.strip().lower()
+    return MIN_ENTRY_PREFIX <= len(text) <= 64 and all(c in "0123456789abcdef" for c in text)
 
 
 class LedgerError(Exception):
@@ -619,7 +622,7 @@ class Ledger:
         is unknown or ambiguous, or no checkpoint lists it.
         """
         entry_id = entry_id.strip().lower()
-        if not (MIN_ENTRY_PREFIX <= len(entry_id) <= 64) or not _is_hex(entry_id):
+        if not is_entry_prefix(entry_id):
             raise LedgerError(
                 f"an entry ID is {MIN_ENTRY_PREFIX}-64 hex digits (a prefix names the entry "
                 f"it alone starts), not {entry_id[:70]!r}"

@@ -36,6 +36,8 @@ import os
 import sqlite3
 import stat
 import tomllib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from importlib import resources
 from pathlib import Path
@@ -450,6 +452,24 @@ def read_only_sqlite(path: Path) -> sqlite3.Connection:
     ``-wal`` holds the last commits and is read as it is. Raises ``sqlite3.Error``."""
     wal = path.with_name(path.name + "-wal").exists()
     return sqlite3.connect(f"{path.as_uri()}?mode=ro{'' if wal else '&immutable=1'}", uri=True)
+
+
+@contextmanager
+def sqlite_transaction(db: sqlite3.Connection) -> Iterator[None]:
+    """Run the block as one transaction of ``db`` (opened with ``isolation_level=None``, which
+    leaves transactions to us): committed when it ends, rolled back if it raises.
+
+    Without it every statement commits on its own, and under ``synchronous=FULL`` each commit
+    is an fsync: a receipt store writing a group-committed batch of 64 receipts made 64
+    fdatasyncs (27-40 ms on the project's VM) where one was promised (found 2026-12-04)."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        if db.in_transaction:  # SQLite may have rolled back already (a full disk)
+            db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
 
 
 def write_private(path: Path, data: str | bytes) -> None:

@@ -5,6 +5,7 @@ shards. Whole jobs run on tests/test_virtual_time.py's memnet cluster under the 
 
 from __future__ import annotations
 
+import sqlite3
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -336,6 +337,11 @@ async def test_a_burst_of_receipts_takes_few_commits(tmp_path: Any) -> None:
     store = ReceiptStore(tmp_path / "receipts.sqlite")
     runtime = Runtime.production()
     results: list[bool] = []
+    # What SQLite is asked, in order: every INSERT must fall inside a BEGIN ... COMMIT (the
+    # connection runs without implicit transactions, so an INSERT outside one commits, and
+    # fsyncs, on its own: a batch of 64 had made 64 commits while `batches` said 1).
+    statements: list[str] = []
+    store._db.set_trace_callback(statements.append)
 
     async def add(number: int) -> None:
         results.append(await store.add_async(make_receipt(7, number), runtime.run_blocking))  # type: ignore[arg-type]
@@ -346,12 +352,70 @@ async def test_a_burst_of_receipts_takes_few_commits(tmp_path: Any) -> None:
     writer = store.group_commit(runtime.run_blocking)
     assert results == [True] * 64 and store.count() == 64
     assert writer.items == 64 and writer.batches <= 8, writer.batches
+    in_transaction, inserts, commits = False, 0, 0
+    for statement in statements:
+        verb = statement.split()[0].upper()
+        if verb == "BEGIN":
+            assert not in_transaction
+            in_transaction = True
+        elif verb == "COMMIT":
+            in_transaction, commits = False, commits + 1
+        elif verb == "INSERT":
+            assert in_transaction, "an INSERT committed on its own"
+            inserts += 1
+    assert inserts == 64 and commits == writer.batches
+    store._db.set_trace_callback(None)
     # A receipt that does not verify is refused alone; the others of its batch are stored.
     bad = make_receipt(7, 100)
     bad = type(bad)(bad.body, b"\x00" * 64, None)  # type: ignore[attr-defined, call-arg]
     with pytest.raises(Exception, match="signature"):
         await store.add_async(bad, runtime.run_blocking)  # type: ignore[arg-type]
     store.close()
+
+
+def test_a_receipt_batch_is_stored_whole_or_not_at_all(tmp_path: Any) -> None:
+    """A batch is one transaction: a write failing midway (a full disk) leaves none of it, so
+    that no caller of the group commit is told "failed" about a receipt that is stored."""
+    from mtor_p2p.compute.receipt_store import ReceiptStore
+    from tests.receipt_writer import make_receipt
+
+    store = ReceiptStore(tmp_path / "receipts.sqlite")
+    insert = store._insert
+    calls = 0
+
+    def insert_then_fail(receipt: Any) -> bool:
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            raise sqlite3.OperationalError("database or disk is full")
+        return insert(receipt)
+
+    store._insert = insert_then_fail  # type: ignore[method-assign]
+    with pytest.raises(sqlite3.OperationalError):
+        store.add_many([make_receipt(8, number) for number in range(5)])  # type: ignore[misc]
+    assert calls == 3 and store.count() == 0
+    store._insert = insert  # type: ignore[method-assign]
+    assert store.add_many([make_receipt(8, number) for number in range(5)]) == [True] * 5  # type: ignore[misc]
+    assert store.count() == 5
+    store.close()
+
+
+def test_the_peer_book_writes_its_changes_in_one_commit(tmp_path: Any) -> None:
+    from mtor_p2p.compute.reputation import PeerBook
+
+    book = PeerBook(tmp_path / "peers.sqlite")
+    for number in range(20):
+        book.accepted(f"peer-{number}", flops=10**9, seconds=0.1, now=1.0)
+    statements: list[str] = []
+    assert book._db is not None
+    book._db.set_trace_callback(statements.append)
+    assert book.flush() == 20
+    verbs = [statement.split()[0].upper() for statement in statements]
+    assert verbs[0] == "BEGIN" and verbs[-1] == "COMMIT" and verbs.count("COMMIT") == 1, verbs
+    assert book.flush() == 0  # nothing changed: nothing written, no empty transaction
+    assert len(statements) == len(verbs)
+    book.close()
+    assert len(PeerBook(tmp_path / "peers.sqlite").known()) == 20
 
 
 # -- pipelining -------------------------------------------------------------------------------

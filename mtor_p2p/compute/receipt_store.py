@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from mtor_p2p.compute.group_commit import GroupCommit
-from mtor_p2p.config import private_sqlite, read_only_sqlite
+from mtor_p2p.config import private_sqlite, read_only_sqlite, sqlite_transaction
 from mtor_p2p.records.receipts import Receipt, decode_receipt, verify_receipt
 from mtor_p2p.runtime import BlockingRunner
 from mtor_p2p.wire import RecordError
@@ -75,7 +75,7 @@ class ReceiptStore:
         """Verify and store ``receipts`` in one transaction (one commit); for each, True if it
         changed the store, False if not, or the exception that refused it (it alone)."""
         results: list[bool | Exception] = []
-        with self._lock, self._db:
+        with self._lock, sqlite_transaction(self._db):
             for receipt in receipts:
                 try:
                     verify_receipt(receipt, require_complete=False)

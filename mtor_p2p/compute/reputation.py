@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mtor_p2p.config import private_sqlite, read_only_sqlite
+from mtor_p2p.config import private_sqlite, read_only_sqlite, sqlite_transaction
 
 log = logging.getLogger(__name__)
 
@@ -308,7 +308,9 @@ class PeerBook:
         gone = sorted(self._gone)
         self._dirty.clear()
         self._gone.clear()
-        with self._db:
+        if not rows and not gone:
+            return 0
+        with sqlite_transaction(self._db):  # one commit (and fsync) for all of them
             self._db.executemany("INSERT OR REPLACE INTO peers VALUES (?, ?)", rows)
             self._db.executemany("DELETE FROM peers WHERE peer_id = ?", [(g,) for g in gone])
         return len(rows)

@@ -24,7 +24,7 @@ from typing import Any
 
 import blake3
 
-from mtor_p2p.config import private_sqlite
+from mtor_p2p.config import private_sqlite, sqlite_transaction
 from mtor_p2p.ledger import bls
 from mtor_p2p.ledger.entries import (
     Entry,
@@ -239,11 +239,9 @@ class Ledger:
             else:
                 result.invalid.append(outcome)
         with self._lock:
-            # One transaction (one fsync) per batch: isolation_level=None leaves transactions
-            # to us, and without BEGIN every INSERT would commit (and fsync) on its own.
-            self._db.execute("BEGIN IMMEDIATE")
             batch_keys: dict[str, tuple[tuple[float, str], bytes]] = {}
-            try:
+            # One transaction (one fsync) per batch (config.sqlite_transaction).
+            with sqlite_transaction(self._db):
                 for entry in decoded:
                     reason = self._check_stateful(entry, batch_keys)
                     if reason == _NOT_STAKED:
@@ -260,10 +258,6 @@ class Ledger:
                                 batch_keys[entry.payer] = (order, entry.bls_key)
                     else:
                         result.duplicate += 1  # another ingest stored it meanwhile
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
             for entry in result.new_entries:
                 if entry.kind == "stake":
                     self._register(entry.payer, (entry.at, entry.entry_id), entry.bls_key)

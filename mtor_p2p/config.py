@@ -465,11 +465,18 @@ def sqlite_transaction(db: sqlite3.Connection) -> Iterator[None]:
     db.execute("BEGIN IMMEDIATE")
     try:
         yield
+        db.execute("COMMIT")
     except BaseException:
-        if db.in_transaction:  # SQLite may have rolled back already (a full disk)
-            db.execute("ROLLBACK")
+        # A COMMIT refused (SQLITE_BUSY: a reader holds the file in rollback-journal mode)
+        # leaves the transaction open: rolled back here, or every later BEGIN would fail, and
+        # the next commit on the connection would write the batch its callers were told had
+        # failed (found in review). After a full disk, SQLite has rolled back by itself.
+        if db.in_transaction:
+            try:
+                db.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass  # the first error is the one to report
         raise
-    db.execute("COMMIT")
 
 
 def write_private(path: Path, data: str | bytes) -> None:

@@ -418,6 +418,47 @@ def test_the_peer_book_writes_its_changes_in_one_commit(tmp_path: Any) -> None:
     assert len(PeerBook(tmp_path / "peers.sqlite").known()) == 20
 
 
+def test_a_refused_commit_is_rolled_back_and_the_connection_goes_on(tmp_path: Any) -> None:
+    """A COMMIT refused as busy (a reader holds a rollback-journal file) leaves SQLite's
+    transaction open: sqlite_transaction rolls it back, so the batch is not written by a later
+    commit and the next transaction can begin."""
+    from mtor_p2p.config import sqlite_transaction
+
+    path = tmp_path / "t.sqlite"
+    writer = sqlite3.connect(path, isolation_level=None, timeout=0.05)
+    writer.execute("PRAGMA journal_mode=DELETE")
+    writer.execute("CREATE TABLE t (x INTEGER)")
+    reader = sqlite3.connect(path, isolation_level=None)
+    reader.execute("BEGIN")
+    reader.execute("SELECT COUNT(*) FROM t").fetchone()  # holds a shared lock
+    with pytest.raises(sqlite3.OperationalError, match="locked"):
+        with sqlite_transaction(writer):
+            writer.execute("INSERT INTO t VALUES (1)")
+    assert not writer.in_transaction
+    reader.execute("COMMIT")
+    with sqlite_transaction(writer):
+        writer.execute("INSERT INTO t VALUES (2)")
+    assert [row[0] for row in reader.execute("SELECT x FROM t")] == [2]
+    writer.close()
+    reader.close()
+
+
+def test_a_peer_book_write_that_fails_is_tried_again(tmp_path: Any) -> None:
+    from mtor_p2p.compute.reputation import PeerBook
+
+    book = PeerBook(tmp_path / "peers.sqlite")
+    for number in range(5):
+        book.accepted(f"peer-{number}", flops=10**9, seconds=0.1, now=1.0)
+    assert book._db is not None
+    book._db.execute("PRAGMA query_only=1")  # every write refused, as by a failing disk
+    with pytest.raises(sqlite3.OperationalError):
+        book.flush()
+    book._db.execute("PRAGMA query_only=0")
+    assert book.flush() == 5  # still marked: nothing was lost with the failed write
+    book.close()
+    assert len(PeerBook(tmp_path / "peers.sqlite").known()) == 5
+
+
 # -- pipelining -------------------------------------------------------------------------------
 
 

@@ -128,25 +128,30 @@ class ReceiptStore:
 
     def receipts(self, *, limit: int = 1000, job_id: str | None = None) -> list[Receipt]:
         """Stored receipts, newest first."""
-        if job_id is None:
-            rows = self._db.execute(
-                "SELECT encoded FROM receipts ORDER BY ended DESC LIMIT ?", (limit,)
-            )
-        else:
-            rows = self._db.execute(
-                "SELECT encoded FROM receipts WHERE job_id = ? ORDER BY ended DESC LIMIT ?",
-                (job_id, limit),
-            )
+        # Reads take the lock too: on the one connection, a batch being written is visible
+        # before its commit (and may yet be rolled back).
+        with self._lock:
+            if job_id is None:
+                rows = self._db.execute(
+                    "SELECT encoded FROM receipts ORDER BY ended DESC LIMIT ?", (limit,)
+                ).fetchall()
+            else:
+                rows = self._db.execute(
+                    "SELECT encoded FROM receipts WHERE job_id = ? ORDER BY ended DESC LIMIT ?",
+                    (job_id, limit),
+                ).fetchall()
         return [decode_receipt(bytes(row[0]), require_complete=False) for row in rows]
 
     def fault_proofs(self) -> list[tuple[str, str, bytes]]:
         """Stored fault proofs as (proof_id, worker, encoded)."""
-        rows = self._db.execute("SELECT proof_id, worker, encoded FROM fault_proofs")
+        with self._lock:
+            rows = self._db.execute("SELECT proof_id, worker, encoded FROM fault_proofs").fetchall()
         return [(r[0], r[1], bytes(r[2])) for r in rows]
 
     def count(self) -> int:
         """Number of stored receipts."""
-        return int(self._db.execute("SELECT COUNT(*) FROM receipts").fetchone()[0])
+        with self._lock:
+            return int(self._db.execute("SELECT COUNT(*) FROM receipts").fetchone()[0])
 
     def report(self, *, limit: int) -> dict[str, Any]:
         """The newest ``limit`` receipts and the count, as the control API returns them."""

@@ -295,24 +295,33 @@ class PeerBook:
     # -- persistence ------------------------------------------------------------------------
 
     def flush(self) -> int:
-        """Write changed entries to the file (a blocking call); the number written."""
+        """Write changed entries to the file (a blocking call, on a thread while the event
+        loop goes on changing entries); the number written."""
+        # Copies (one C call each, atomic under the GIL), not iterations of sets the loop may
+        # grow meanwhile; an entry changed after the copy stays marked for the next flush.
+        dirty = self._dirty.copy()
+        gone = self._gone.copy()
+        self._dirty -= dirty
+        self._gone -= gone
         if self._db is None:
-            self._dirty.clear()
-            self._gone.clear()
             return 0
-        rows = [
-            (pid, json.dumps(self._peers[pid].to_json()))
-            for pid in sorted(self._dirty)
-            if pid in self._peers
-        ]
-        gone = sorted(self._gone)
-        self._dirty.clear()
-        self._gone.clear()
+        rows = []
+        for pid in sorted(dirty):
+            standing = self._peers.get(pid)
+            if standing is not None:
+                rows.append((pid, json.dumps(standing.to_json())))
         if not rows and not gone:
             return 0
-        with sqlite_transaction(self._db):  # one commit (and fsync) for all of them
-            self._db.executemany("INSERT OR REPLACE INTO peers VALUES (?, ?)", rows)
-            self._db.executemany("DELETE FROM peers WHERE peer_id = ?", [(g,) for g in gone])
+        try:
+            with sqlite_transaction(self._db):  # one commit (and fsync) for all of them
+                self._db.executemany("INSERT OR REPLACE INTO peers VALUES (?, ?)", rows)
+                self._db.executemany(
+                    "DELETE FROM peers WHERE peer_id = ?", [(g,) for g in sorted(gone)]
+                )
+        except BaseException:
+            self._dirty |= dirty  # not written: the next flush tries again
+            self._gone |= gone
+            raise
         return len(rows)
 
     def close(self) -> None:

@@ -166,7 +166,7 @@ class Ledger:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")  # acknowledged means on disk
         self._db.executescript(SCHEMA)
-        with self._db:
+        with sqlite_transaction(self._db):  # both rows or neither (a crash between them)
             held = self._meta("genesis")
             if held is None:
                 self._db.execute("INSERT INTO meta VALUES ('genesis', ?)", (self.genesis_hash,))

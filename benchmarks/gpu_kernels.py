@@ -47,6 +47,9 @@ ANCHORS = REPO.parent / "shared" / "data" / "gpu-anchors-h100.jsonl"
 EXIT_NO_GPU = 3
 GEMM_GOAL = 0.9
 SHARD_GOAL = 0.5
+#: The size of the upload chunks a worker receives (mtor_p2p.compute.protocol.CHUNK_BYTES;
+#: not imported: this script needs no peer installed).
+WIRE_CHUNK_BYTES = 4 << 20
 
 
 def load_kernels() -> ModuleType:
@@ -480,7 +483,30 @@ def shard_end_to_end(report: Report, backend: Any, sizes: Sizes) -> None:
             chosen.cache.discard(key["b"])
             kernel.run(ops, chosen, keys=key)
 
+        def as_worker(
+            receive: Callable[[int], np.ndarray],
+            ops: dict = operands,
+            key: dict = key,
+        ) -> None:
+            # A worker's upload: the bytes arrive in 4 MiB chunks (the wire's CHUNK_BYTES) and
+            # are copied into the buffer its upload path allocates, then the shard runs on it.
+            source = memoryview(ops["a"]).cast("B")
+            buffer = receive(len(source))
+            for offset in range(0, len(source), WIRE_CHUNK_BYTES):
+                end = min(len(source), offset + WIRE_CHUNK_BYTES)
+                buffer[offset:end] = np.frombuffer(source[offset:end], np.uint8)
+            a = np.frombuffer(buffer, ops["a"].dtype).reshape(ops["a"].shape)
+            kernel.run({"a": a, "b": ops["b"]}, backend, keys=key)
+
         cases = {
+            "worker: a received into receive_buffer (pinned), b resident": (
+                lambda: as_worker(backend.receive_buffer),
+                False,
+            ),
+            "worker before: a received into ordinary memory, b resident": (
+                lambda: as_worker(lambda nbytes: np.empty(nbytes, np.uint8)),
+                False,
+            ),
             "pinned a, b resident, pipelined": (
                 lambda ops=pinned_operands, key=key: kernel.run(ops, backend, keys=key),
                 True,

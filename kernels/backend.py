@@ -502,6 +502,12 @@ class Backend(ABC):
         Receive shard bytes straight into it to skip one host copy.
         """
 
+    def receive_buffer(self, nbytes: int) -> np.ndarray:
+        """A flat uninitialised ``uint8`` array of ``nbytes`` for an operand arriving from
+        the network (a worker's upload buffer): ordinary memory here; pinned on CuPy while
+        such buffers leave room for results (see ``CupyBackend.receive_buffer``)."""
+        return np.empty(int(nbytes), np.uint8)
+
     @abstractmethod
     def matmul(self, a: Any, b: Any, *, transpose_b: bool = False, scale: float = 1.0) -> Any:
         """``scale * (a @ b)`` (or ``a @ b.T`` on the last two axes) as float32.
@@ -754,6 +760,22 @@ class CupyBackend(Backend):
         Its page-locked buffer returns to the pool when the array is garbage.
         """
         return self._host_array(tuple(shape), np.dtype(dtype))
+
+    def receive_buffer(self, nbytes: int) -> np.ndarray:
+        """A flat ``uint8`` array for an operand arriving from the network: pinned while the
+        pinned pool, this buffer included, stays within half its budget, else ordinary
+        memory. Received into pinned memory, a shard's rows go to the device by DMA at bus
+        speed: on an H200, a 4096² float16 shard took 1.54 ms end to end with A pinned and
+        5.22 ms with A pageable (BENCHMARKS.md). Half, because a worker may hold several
+        uploads (and a resident operand's host copy) for a while, and results and staging
+        need the rest; past it, uploads go to pageable memory and are staged (slower, never
+        wrong). The block returns to the pool when the last view of the array is garbage."""
+        nbytes = int(nbytes)
+        if nbytes <= 0:
+            return np.empty(max(0, nbytes), np.uint8)
+        keep = max(self._staging_reserve, self.pinned.max_bytes // 2)
+        leased = self.pinned.lease_array((nbytes,), np.uint8, reserve=keep)
+        return leased if leased is not None else np.empty(nbytes, np.uint8)
 
     def synchronize(self) -> None:
         """Wait for every copy and kernel queued on :attr:`stream`."""

@@ -632,6 +632,8 @@ def test_gpu_benchmark_runs_end_to_end_on_the_standin(
     assert summary["failures"] == [] and summary["device"] == FakeGpu().name
     assert summary["gemm_float16_n128_vs_cupy"] > 0
     assert summary["shard_float32_n512_vs_pinned_bus"] > 0
+    cases = {r["case"] for r in document["records"] if r["what"] == "shard_e2e"}
+    assert "worker: a received into receive_buffer (pinned), b resident" in cases
     assert '"summary"' in capsys.readouterr().out  # the JSON document goes to stdout too
 
 

@@ -120,6 +120,33 @@ def test_copies_pinned_and_staged(backend: CupyBackend, pipelined: CupyBackend) 
     assert backend.pinned.owns(out.ctypes.data, out.nbytes)
 
 
+def test_a_receive_buffer_made_on_a_thread_is_pinned_and_a_shard_runs_from_it(
+    backend: CupyBackend,
+) -> None:
+    """A worker allocates its upload buffers on a thread (the runtime's blocking hook): the
+    buffer must be page-locked as CUDA sees it, and a shard read from it must be right."""
+    import threading
+
+    import cupy
+
+    kernel = get_kernel("matmul")
+    operands = operands_of("matmul", np.float32, rows=512, seed=6)
+    made: list[np.ndarray] = []
+    thread = threading.Thread(
+        target=lambda: made.append(backend.receive_buffer(operands["a"].nbytes))
+    )
+    thread.start()
+    thread.join()
+    (buffer,) = made
+    assert backend.pinned.owns(buffer.ctypes.data, buffer.nbytes)
+    attributes = cupy.cuda.runtime.pointerGetAttributes(buffer.ctypes.data)
+    assert attributes.type == 1  # cudaMemoryTypeHost: page-locked
+    buffer[...] = np.frombuffer(memoryview(operands["a"]).cast("B"), np.uint8)
+    a = np.frombuffer(buffer, np.float32).reshape(operands["a"].shape)
+    result = kernel.run({"a": a, "b": operands["b"]}, backend)
+    assert excess_over_bound("matmul", operands, result) <= 0
+
+
 def test_pinned_memory_does_not_grow_with_shards(backend: CupyBackend) -> None:
     kernel = get_kernel("matmul")
     operands = operands_of("matmul", np.float32, rows=512, seed=4)

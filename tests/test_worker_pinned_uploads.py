@@ -8,7 +8,9 @@ was measured on an H200 (BENCHMARKS.md, "GPU").
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -92,3 +94,20 @@ async def test_a_numpy_worker_receives_into_ordinary_memory(
         assert stored is not None and np.array_equal(stored, array)
     buffer = NumpyBackend().receive_buffer(3)
     assert buffer.dtype == np.uint8 and buffer.shape == (3,)
+
+
+def test_the_gpu_worker_benchmark_runs_end_to_end_on_the_standin(
+    gpu_backend: CupyBackend, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``benchmarks/gpu_worker_e2e.py`` (the real worker and client on memnet, CuPy against
+    NumPy) smoke-tested on the stand-in: every shard's output passes Freivalds."""
+    from benchmarks import gpu_worker_e2e
+
+    out = tmp_path / "e2e.json"
+    argv = ["--n", "256", "--shards", "2", "--rounds", "1", "--json", str(out)]
+    assert gpu_worker_e2e.main(argv) == 0
+    document = json.loads(out.read_text())
+    assert document["summary"]["failed_checks"] == 0
+    assert {r["backend"] for r in document["records"]} == {"cupy", "numpy"}
+    assert all(r["shards_run"] == 4 for r in document["records"])  # cold and warm jobs
+    assert '"summary"' in capsys.readouterr().out

@@ -489,7 +489,7 @@ def shard_end_to_end(report: Report, backend: Any, sizes: Sizes) -> None:
             key: dict = key,
         ) -> None:
             # A worker's upload: the bytes arrive in 4 MiB chunks (the wire's CHUNK_BYTES) and
-            # are copied into the buffer its upload path allocates, then the shard runs on it.
+            # are copied into one buffer (the worker's is ordinary memory), then the shard runs.
             source = memoryview(ops["a"]).cast("B")
             buffer = receive(len(source))
             for offset in range(0, len(source), WIRE_CHUNK_BYTES):
@@ -499,12 +499,12 @@ def shard_end_to_end(report: Report, backend: Any, sizes: Sizes) -> None:
             kernel.run({"a": a, "b": ops["b"]}, backend, keys=key)
 
         cases = {
-            "worker: a received into receive_buffer (pinned), b resident": (
-                lambda: as_worker(backend.receive_buffer),
+            "worker: a received into ordinary memory, b resident": (
+                lambda: as_worker(lambda nbytes: np.empty(nbytes, np.uint8)),
                 False,
             ),
-            "worker before: a received into ordinary memory, b resident": (
-                lambda: as_worker(lambda nbytes: np.empty(nbytes, np.uint8)),
+            "worker, if it received into pinned memory (empty_host), b resident": (
+                lambda: as_worker(lambda nbytes: backend.empty_host((nbytes,), np.uint8)),
                 False,
             ),
             "pinned a, b resident, pipelined": (

@@ -321,22 +321,9 @@ class PinnedHostPool:
 
     # -- leasing ---------------------------------------------------------------------------
 
-    def acquire(
-        self,
-        nbytes: int,
-        *,
-        reserve: int = 0,
-        leased_limit: int | None = None,
-        free_idle: bool = True,
-    ) -> _PinnedBlock | None:
+    def acquire(self, nbytes: int, *, reserve: int = 0) -> _PinnedBlock | None:
         """A pinned block of at least ``nbytes``, or None when the budget (less ``reserve``
-        bytes kept for others) or the system refuses. Give it back with :meth:`release`.
-
-        ``leased_limit``: refuse when the bytes leased, this block included, would pass it
-        (idle blocks reused count too). ``free_idle=False``: never free idle buffers to make
-        room (only reuse one or allocate within the budget), so that a caller driven by
-        remote peers cannot make the pool free and page-lock memory over and over
-        (``cudaFreeHost`` may wait for the whole device)."""
+        bytes kept for others) or the system refuses. Give it back with :meth:`release`."""
         if nbytes <= 0:
             raise ValueError("nbytes must be > 0")
         with self._lock:
@@ -345,22 +332,15 @@ class PinnedHostPool:
             fitting = [
                 b for b in self._idle if nbytes <= b.nbytes <= max(2 * nbytes, nbytes + (4 << 20))
             ]
-            leased = sum(b.nbytes for b in self._leased.values())
             if fitting:
                 block = min(fitting, key=lambda b: b.nbytes)
-                if leased_limit is not None and leased + block.nbytes > leased_limit:
-                    self._refusals += 1
-                    return None
                 self._idle.remove(block)
                 self._leased[block.ptr] = block
                 self._reuses += 1
                 return block
             size = self._rounded(nbytes)
-            if leased_limit is not None and leased + size > leased_limit:
-                self._refusals += 1
-                return None
             limit = self.max_bytes - max(0, reserve)
-            while free_idle and self._bytes + size > limit and self._idle:
+            while self._bytes + size > limit and self._idle:
                 self._free_locked(self._idle.pop(0))
             if self._bytes + size > limit:
                 self._refusals += 1
@@ -393,24 +373,15 @@ class PinnedHostPool:
             self._trim_locked(self._clock(), self.idle_seconds)
 
     def lease_array(
-        self,
-        shape: tuple[int, ...],
-        dtype: Any,
-        *,
-        reserve: int = 0,
-        leased_limit: int | None = None,
-        free_idle: bool = True,
+        self, shape: tuple[int, ...], dtype: Any, *, reserve: int = 0
     ) -> np.ndarray | None:
         """An uninitialised pinned NumPy array whose block returns to the pool when the array
-        (and every view of it) is garbage; None when :meth:`acquire` (same keywords)
-        refuses."""
+        (and every view of it) is garbage; None when :meth:`acquire` refuses."""
         dtype = np.dtype(dtype)
         nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
         if nbytes == 0:
             return None
-        block = self.acquire(
-            nbytes, reserve=reserve, leased_limit=leased_limit, free_idle=free_idle
-        )
+        block = self.acquire(nbytes, reserve=reserve)
         if block is None:
             return None
         lease = _HostLease(block, tuple(int(d) for d in shape), dtype)
@@ -530,12 +501,6 @@ class Backend(ABC):
 
         Receive shard bytes straight into it to skip one host copy.
         """
-
-    def receive_buffer(self, nbytes: int) -> np.ndarray:
-        """A flat uninitialised ``uint8`` array of ``nbytes`` for an operand arriving from
-        the network (a worker's upload buffer): ordinary memory here; pinned on CuPy while
-        such buffers leave room for results (see ``CupyBackend.receive_buffer``)."""
-        return np.empty(int(nbytes), np.uint8)
 
     @abstractmethod
     def matmul(self, a: Any, b: Any, *, transpose_b: bool = False, scale: float = 1.0) -> Any:
@@ -789,32 +754,6 @@ class CupyBackend(Backend):
         Its page-locked buffer returns to the pool when the array is garbage.
         """
         return self._host_array(tuple(shape), np.dtype(dtype))
-
-    def receive_buffer(self, nbytes: int) -> np.ndarray:
-        """A flat ``uint8`` array for an operand arriving from the network: pinned while the
-        pinned memory leased, this buffer included, stays within half the pool's budget and
-        the pool can reuse an idle buffer or allocate one without freeing others; else
-        ordinary memory. Received into pinned memory, a shard's rows go to the device by DMA
-        at bus speed: on an H200, a 4096² float16 shard took 1.52 ms from pinned A and 4.06
-        ms from pageable A (BENCHMARKS.md). Half, because a worker may hold several uploads
-        (and a resident operand's host copy) for a while, and results and staging need the
-        rest. Never freeing idle buffers for it, because remote peers choose when uploads
-        start and how large they are: they must not be able to make the pool free and
-        page-lock memory over and over. Past these limits uploads go to pageable memory and
-        are staged (slower, never wrong). The block returns to the pool when the last view of
-        the array is garbage."""
-        nbytes = int(nbytes)
-        if nbytes <= 0:
-            return np.empty(max(0, nbytes), np.uint8)
-        half = self.pinned.max_bytes // 2
-        leased = self.pinned.lease_array(
-            (nbytes,),
-            np.uint8,
-            reserve=max(self._staging_reserve, half),
-            leased_limit=half,
-            free_idle=False,
-        )
-        return leased if leased is not None else np.empty(nbytes, np.uint8)
 
     def synchronize(self) -> None:
         """Wait for every copy and kernel queued on :attr:`stream`."""

@@ -25,7 +25,7 @@ import trio
 import trio.testing
 
 from mtor_kernels import get_kernel
-from mtor_kernels.backend import Backend, NumpyBackend
+from mtor_kernels.backend import NumpyBackend
 from mtor_p2p.clock import NetClock
 from mtor_p2p.compute import client
 from mtor_p2p.compute.protocol import (
@@ -98,14 +98,9 @@ class Bench:
 
 @asynccontextmanager
 async def bench(
-    *,
-    price: float = 1.0,
-    credit: Callable[[str], int] | None = None,
-    backend: Backend | None = None,
-    **limits: int,
+    *, price: float = 1.0, credit: Callable[[str], int] | None = None, **limits: int
 ) -> AsyncIterator[Bench]:
-    """A worker serving on memnet with its housekeeping loop running (NumPy unless
-    ``backend`` says otherwise)."""
+    """A worker serving on memnet with its housekeeping loop running."""
     world = MemWorld(seed=1)
     identity = ident("worker")
     network = world.add_peer(identity)
@@ -118,7 +113,7 @@ async def bench(
         OperandStore(),
         ReceiptStore(Path(":memory:")),
         price=lambda: box[0],
-        backend=backend or NumpyBackend(),
+        backend=NumpyBackend(),
         runtime=Runtime.simulated("worker attacks"),
         credit=credit,
         **limits,  # type: ignore[arg-type]

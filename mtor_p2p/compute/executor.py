@@ -52,11 +52,6 @@ class ShardExecutor(Protocol):
         """Compute ``kernel`` on ``operands`` (``keys``: content hashes of resident operands)."""
         ...
 
-    def receive_buffer(self, nbytes: int) -> np.ndarray:
-        """A flat ``uint8`` array to receive an operand's bytes into (an upload in memory):
-        memory that this executor's device reads fastest (pinned on a GPU)."""
-        ...
-
 
 class BackendExecutor:
     """A local backend (NumPy or CuPy) behind the runtime's blocking hook."""
@@ -71,10 +66,6 @@ class BackendExecutor:
         #: time is their FLOPs; a kernel absent until one of its shards large enough to tell
         #: has run.
         self.seconds_per_flop: dict[str, float] = {}
-
-    def receive_buffer(self, nbytes: int) -> np.ndarray:
-        """The backend's :meth:`~mtor_kernels.backend.Backend.receive_buffer`."""
-        return self.backend.receive_buffer(nbytes)
 
     async def execute(
         self, kernel: Kernel, operands: dict[str, np.ndarray], keys: dict[str, str]

@@ -168,10 +168,6 @@ SMALL_RUN_REQUEST_BYTES = 64 * 1024
 HOUSEKEEPING_INTERVAL = 15.0
 
 
-def _pageable_buffer(nbytes: int) -> np.ndarray:
-    return np.empty(nbytes, np.uint8)
-
-
 class _UploadBuffer:
     """The bytes of one upload in progress: in memory, or spooled to an unnamed file in
     ``spool_dir`` (0600, gone when closed). The worker keeps an upload in memory when it fits
@@ -185,24 +181,12 @@ class _UploadBuffer:
     with the peer's memory settings), and a large job's operands all pass through here.
 
     In memory, the bytes go into one buffer of the announced size, allocated at once but
-    committed page by page as chunks land (no growing and copying as they arrive); on a GPU
-    worker the buffer is pinned while the backend's pinned budget allows (committed and
-    page-locked at once, reused from its pool), so the kernel's upload is one DMA. Chunks
+    committed page by page as chunks land (no growing and copying as they arrive). Chunks
     are hashed as they arrive (in the same blocking call that stores them), so the completed
     upload is checked against its announced hash without reading it all again."""
 
-    def __init__(
-        self,
-        meta: ArrayMeta,
-        spool_dir: Path | None,
-        *,
-        in_memory: bool,
-        allocate: Callable[[int], np.ndarray] | None = None,
-    ) -> None:
+    def __init__(self, meta: ArrayMeta, spool_dir: Path | None, *, in_memory: bool) -> None:
         self.size = 0
-        #: Makes the in-memory buffer (the executor's ``receive_buffer``: pinned on a GPU, so
-        #: that the shard's rows go to the device by DMA without a staging copy).
-        self._allocate = allocate or _pageable_buffer
         self._written = 0
         self._memory: np.ndarray | None = None
         self._file: Any = None
@@ -263,7 +247,7 @@ class _UploadBuffer:
             self._whole = chunk
         else:
             if self._memory is None:
-                self._memory = self._allocate(self._nbytes)
+                self._memory = np.empty(self._nbytes, np.uint8)
             self._memory[self._written : self._written + len(chunk)] = np.frombuffer(
                 chunk, np.uint8
             )
@@ -694,9 +678,7 @@ class WorkerService:
                 raise RemoteError("busy: too many uploads in progress")
             memory = self._memory_share(sender, meta.nbytes)
             in_memory = memory > 0 or meta.nbytes <= CHUNK_BYTES
-            buffer = _UploadBuffer(
-                meta, self.spool_dir, in_memory=in_memory, allocate=self.executor.receive_buffer
-            )
+            buffer = _UploadBuffer(meta, self.spool_dir, in_memory=in_memory)
             now = trio.current_time()
             started = now if started_before is None else started_before
             pending = _PendingUpload(sender, meta, buffer, now, started, memory=memory)

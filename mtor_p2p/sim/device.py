@@ -40,10 +40,6 @@ class SimulatedDevice:
         """Virtual seconds for ``flops`` real FLOPs (scaled to the declared size)."""
         return flops * self.flop_scale / (self.gpu.effective_tflops(dtype) * 1e12)
 
-    def receive_buffer(self, nbytes: int) -> np.ndarray:
-        """Ordinary memory (the modelled card's transfers are not simulated)."""
-        return np.empty(int(nbytes), np.uint8)
-
     async def execute(
         self, kernel: Kernel, operands: dict[str, np.ndarray], keys: dict[str, str]
     ) -> np.ndarray:

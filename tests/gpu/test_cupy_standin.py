@@ -286,52 +286,6 @@ def test_pinned_pool_reuses_trims_and_refuses() -> None:
     assert sum(allocated.values()) == pool.stats().bytes == 5 * MiB + 4096
 
 
-def test_pinned_pool_leased_limit_and_no_freeing_for_remote_driven_callers() -> None:
-    """What ``receive_buffer`` asks of the pool: the bytes leased, a reused idle block
-    included, stay within ``leased_limit``; and with ``free_idle=False`` an allocation that
-    does not fit is refused rather than freeing idle buffers (a peer choosing upload sizes
-    must not make the pool free and page-lock memory over and over)."""
-    allocated: dict[int, int] = {}
-    next_ptr = [4096]
-
-    def alloc(nbytes: int) -> int:
-        ptr = next_ptr[0]
-        next_ptr[0] += nbytes + 4096
-        allocated[ptr] = nbytes
-        return ptr
-
-    pool = PinnedHostPool(alloc, lambda ptr: allocated.pop(ptr), max_bytes=8 * MiB)
-    big = pool.acquire(4 * MiB)
-    other = pool.acquire(3 * MiB)
-    assert big is not None and other is not None
-    pool.release(big)  # idle 4 MiB; 3 MiB leased
-    # Reusing the idle 4 MiB block would lease 7 MiB: over a 5 MiB limit, refused.
-    assert pool.acquire(4 * MiB, leased_limit=5 * MiB) is None
-    assert pool.acquire(4 * MiB, leased_limit=7 * MiB) is big  # within it: reused
-    pool.release(big)
-    # 5 MiB does not fit 8 (4 idle + 3 leased + 5) nor the idle block: refused without
-    # freeing the idle one.
-    frees = pool.stats().frees
-    assert pool.acquire(5 * MiB, free_idle=False) is None
-    assert pool.stats().frees == frees and pool.stats().idle_bytes == 4 * MiB
-    assert pool.acquire(5 * MiB) is not None  # the default frees the idle block for it
-    assert pool.stats().frees == frees + 1
-
-
-def test_receive_buffer_is_pinned_within_half_the_pool_then_ordinary(
-    standin: CupyStandin,
-) -> None:
-    backend = CupyBackend(max_pinned_bytes=16 * MiB, staging_chunk_bytes=MiB)
-    first = backend.receive_buffer(5 * MiB)
-    second = backend.receive_buffer(3 * MiB)
-    assert backend.pinned.owns(first.ctypes.data, first.nbytes)
-    assert backend.pinned.owns(second.ctypes.data, second.nbytes)
-    third = backend.receive_buffer(MiB)  # 5 + 3 + 1 > 8: ordinary memory
-    assert not backend.pinned.owns(third.ctypes.data, third.nbytes)
-    assert third.dtype == np.uint8 and third.shape == (MiB,)
-    assert backend.receive_buffer(0).shape == (0,)
-
-
 # -- the resident cache and running out of memory -------------------------------------------------
 
 
@@ -679,7 +633,7 @@ def test_gpu_benchmark_runs_end_to_end_on_the_standin(
     assert summary["gemm_float16_n128_vs_cupy"] > 0
     assert summary["shard_float32_n512_vs_pinned_bus"] > 0
     cases = {r["case"] for r in document["records"] if r["what"] == "shard_e2e"}
-    assert "worker: a received into receive_buffer (pinned), b resident" in cases
+    assert "worker: a received into ordinary memory, b resident" in cases
     assert '"summary"' in capsys.readouterr().out  # the JSON document goes to stdout too
 
 

@@ -120,11 +120,12 @@ def test_copies_pinned_and_staged(backend: CupyBackend, pipelined: CupyBackend) 
     assert backend.pinned.owns(out.ctypes.data, out.nbytes)
 
 
-def test_a_receive_buffer_made_on_a_thread_is_pinned_and_a_shard_runs_from_it(
+def test_a_host_array_made_on_a_thread_is_pinned_and_a_shard_runs_from_it(
     backend: CupyBackend,
 ) -> None:
-    """A worker allocates its upload buffers on a thread (the runtime's blocking hook): the
-    buffer must be page-locked as CUDA sees it, and a shard read from it must be right."""
+    """``empty_host`` called on another thread than the backend's (as a caller receiving
+    bytes on a thread would) gives memory CUDA sees as page-locked, and a shard from it is
+    right."""
     import threading
 
     import cupy
@@ -133,16 +134,15 @@ def test_a_receive_buffer_made_on_a_thread_is_pinned_and_a_shard_runs_from_it(
     operands = operands_of("matmul", np.float32, rows=512, seed=6)
     made: list[np.ndarray] = []
     thread = threading.Thread(
-        target=lambda: made.append(backend.receive_buffer(operands["a"].nbytes))
+        target=lambda: made.append(backend.empty_host(operands["a"].shape, np.float32))
     )
     thread.start()
     thread.join()
-    (buffer,) = made
-    assert backend.pinned.owns(buffer.ctypes.data, buffer.nbytes)
-    attributes = cupy.cuda.runtime.pointerGetAttributes(buffer.ctypes.data)
+    (a,) = made
+    assert backend.pinned.owns(a.ctypes.data, a.nbytes)
+    attributes = cupy.cuda.runtime.pointerGetAttributes(a.ctypes.data)
     assert attributes.type == 1  # cudaMemoryTypeHost: page-locked
-    buffer[...] = np.frombuffer(memoryview(operands["a"]).cast("B"), np.uint8)
-    a = np.frombuffer(buffer, np.float32).reshape(operands["a"].shape)
+    a[...] = operands["a"]
     result = kernel.run({"a": a, "b": operands["b"]}, backend)
     assert excess_over_bound("matmul", operands, result) <= 0
 

@@ -40,7 +40,14 @@ from mtor_p2p.identity import Identity
 from mtor_p2p.memnet import MemNetwork, MemWorld
 from mtor_p2p.network import PeerMisbehaved
 from mtor_p2p.node import Node
-from mtor_p2p.records.arrays import ArrayMeta, array_from_bytes, meta_of, pack, unpack
+from mtor_p2p.records.arrays import (
+    HASH_OFF_LOOP_BYTES,
+    ArrayMeta,
+    array_from_bytes,
+    meta_of,
+    pack,
+    unpack,
+)
 from mtor_p2p.records.receipts import ReceiptBody, countersign, decode_receipt, sign_as_worker
 from mtor_p2p.wire import canonical_json
 from tests.test_virtual_time import cluster
@@ -471,6 +478,62 @@ async def test_an_honest_download_passes_the_boundary(
         p.serve(PROTOCOL_DOWNLOAD, honest)
         answer = await run_shard(p, ops)
         np.testing.assert_array_equal(answer.output, output)
+
+
+@pytest.mark.parametrize("tampered", [False, True], ids=["honest", "tampered"])
+async def test_a_large_download_is_hashed_through_the_runtime_hook(
+    autojump_clock: trio.testing.MockClock, tampered: bool
+) -> None:
+    """An output of HASH_OFF_LOOP_BYTES or more is hashed through the caller's blocking hook
+    (a thread in production: ~10 ms for 32 MiB during which the event loop moves nothing
+    else), and a hash that does not match is still the worker's fault."""
+    output = np.random.default_rng(3).standard_normal((1024, 1025)).astype(np.float32)
+    assert output.nbytes >= HASH_OFF_LOOP_BYTES
+    served = bytearray(output.tobytes())
+    if tampered:
+        served[-1] ^= 1
+    hooked: list[Any] = []
+
+    async def hook(fn: Any, *args: Any, **kwargs: Any) -> Any:
+        hooked.append(fn)
+        return fn(*args)
+
+    async with pair() as p:
+
+        async def serve(sender: str, request: bytes) -> bytes:
+            header, _ = unpack(request)
+            offset, length = header["offset"], header["length"]
+            return pack({"total": output.nbytes}, bytes(served[offset : offset + length]))
+
+        p.serve(PROTOCOL_DOWNLOAD, serve)
+        meta = meta_of(output)
+        if tampered:
+            with misbehaved(p, match="hash mismatch") as info:
+                await client.download(p.requester, p.worker_id, meta, timeout=5, run_blocking=hook)
+            check_names_peer(p, info)
+        else:
+            got = await client.download(
+                p.requester, p.worker_id, meta, timeout=5, run_blocking=hook
+            )
+            np.testing.assert_array_equal(got, output)
+        assert hooked == [array_from_bytes]
+        # A small one stays on the loop: a thread hop costs more than its hash.
+        hooked.clear()
+        small = output[:8]
+        p.serve(
+            PROTOCOL_DOWNLOAD,
+            lambda sender, request: _answer_chunk(request, small),
+        )
+        await client.download(
+            p.requester, p.worker_id, meta_of(small), timeout=5, run_blocking=hook
+        )
+        assert hooked == []
+
+
+async def _answer_chunk(request: bytes, array: np.ndarray) -> bytes:
+    header, _ = unpack(request)
+    offset, length = header["offset"], header["length"]
+    return pack({"total": array.nbytes}, array.tobytes()[offset : offset + length])
 
 
 # -- countersign ----------------------------------------------------------------------------

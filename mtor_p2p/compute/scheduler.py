@@ -815,6 +815,7 @@ class _JobRun:
                 out=out,
                 inline=inline,
                 keep=keep,
+                run_blocking=self.s.runtime.run_blocking,
                 # With uploads, the operands have left when they are done (send() below).
                 sent=None if uploads_beside else self.operands_out,
             )

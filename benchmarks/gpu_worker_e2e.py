@@ -155,11 +155,16 @@ def check(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> tuple[bool, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="Exit status: 0 every output passed Freivalds, 1 a check failed, 3 the CuPy "
+        "backend was asked for and no GPU is usable (--backends numpy runs without one). "
+        "Progress: one JSON record per job as it ends; the summary last.",
+    )
     parser.add_argument("--n", type=int, default=8192, help="m = k = n of the product")
     parser.add_argument("--shards", type=int, default=8, help="row blocks of the job")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
-    parser.add_argument("--dtypes", default="float16,float32")
+    parser.add_argument("--dtypes", default="float16,float32", help="comma-separated")
     parser.add_argument("--backends", default="cupy,numpy", help="cupy, numpy, or both")
     parser.add_argument("--json", type=Path, help="write the records here too")
     args = parser.parse_args(argv)
@@ -169,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 backends[name] = CupyBackend()
             except BackendUnavailable as exc:
-                print(f"no usable GPU: {exc}", file=sys.stderr)
+                print(f"no usable GPU: {exc} (--backends numpy runs without one)", file=sys.stderr)
                 return EXIT_NO_GPU
         elif name == "numpy":
             backends[name] = NumpyBackend()

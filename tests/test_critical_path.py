@@ -90,6 +90,32 @@ async def test_each_operand_is_hashed_once_per_side(
         assert counts == {"whole": 6}
 
 
+async def test_the_scheduler_hashes_a_large_downloaded_output_through_its_runtime(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An output too large for the run answer is downloaded, and the scheduler hands the
+    download its runtime's blocking hook, so that the output's hash (4 MiB or more) runs
+    off the event loop in production."""
+    from mtor_p2p.compute import client
+
+    hooks: list[Any] = []
+    download = client.download
+
+    async def recorded(*args: Any, **kwargs: Any) -> Any:
+        hooks.append(kwargs.get("run_blocking"))
+        return await download(*args, **kwargs)
+
+    monkeypatch.setattr(client, "download", recorded)
+    async with one_worker() as (requester, _):
+        operands = {
+            "a": RNG.standard_normal((1025, 16)).astype("float32"),
+            "b": RNG.standard_normal((16, 1024)).astype("float32"),  # output: 4.004 MiB
+        }
+        result = await requester.submit("matmul", operands, shards=1, max_workers=1)
+        np.testing.assert_allclose(result.output, operands["a"] @ operands["b"], rtol=1e-5)
+    assert hooks and all(hook is not None for hook in hooks)
+
+
 async def test_a_shard_slice_is_hashed_once_however_many_attempts(
     autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:

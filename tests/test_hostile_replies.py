@@ -516,7 +516,7 @@ async def test_a_large_download_is_hashed_through_the_runtime_hook(
                 p.requester, p.worker_id, meta, timeout=5, run_blocking=hook
             )
             np.testing.assert_array_equal(got, output)
-        assert hooked == [array_from_bytes]
+        assert hooked == [client._checked_array]
         # A small one stays on the loop: a thread hop costs more than its hash.
         hooked.clear()
         small = output[:8]
@@ -528,6 +528,33 @@ async def test_a_large_download_is_hashed_through_the_runtime_hook(
             p.requester, p.worker_id, meta_of(small), timeout=5, run_blocking=hook
         )
         assert hooked == []
+
+
+async def test_a_large_downloads_hash_is_ours_not_the_workers(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Once every byte has arrived the worker has answered: waiting for a thread (here: a
+    hook that takes a second) does not count against its deadline, and a hook that fails by
+    itself (no thread could start) is a local error, not the worker's fault."""
+    output = np.random.default_rng(4).standard_normal((1024, 1025)).astype(np.float32)
+
+    async def slow(fn: Any, *args: Any, **kwargs: Any) -> Any:
+        await trio.sleep(1.0)  # a thread slot comes free late
+        return fn(*args)
+
+    async def broken(fn: Any, *args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("can't start new thread")
+
+    async with pair() as p:
+        p.serve(PROTOCOL_DOWNLOAD, lambda sender, request: _answer_chunk(request, output))
+        meta = meta_of(output)
+        with trio.move_on_after(0.5):
+            got = await client.download(
+                p.requester, p.worker_id, meta, timeout=5, run_blocking=slow
+            )
+        np.testing.assert_array_equal(got, output)
+        with pytest.raises(RuntimeError, match="start new thread"):
+            await client.download(p.requester, p.worker_id, meta, timeout=5, run_blocking=broken)
 
 
 async def _answer_chunk(request: bytes, array: np.ndarray) -> bytes:

@@ -375,11 +375,32 @@ async def download(
             nursery.start_soon(fetch, offset, nursery)
     if failure:
         raise failure[0]
+    if run_blocking is not None and meta.nbytes >= HASH_OFF_LOOP_BYTES:
+        # Shielded: every byte has arrived, so neither waiting for a thread nor our own hash
+        # may count against the worker's deadline (a review found a full thread limiter made
+        # an honest answer time out); bounded by the size of the output we asked for.
+        with trio.CancelScope(shield=True):
+            array, error = await run_blocking(_checked_array, meta, target)
+    else:
+        array, error = _checked_array(meta, target)
+    # Only what the bytes themselves caused is the worker's fault: a thread that could not
+    # start raises above, outside the boundary (a review found it blamed on the worker).
     with peer_fault_boundary(worker, "downloaded output"):
-        if run_blocking is not None and meta.nbytes >= HASH_OFF_LOOP_BYTES:
-            array: np.ndarray = await run_blocking(array_from_bytes, meta, target)
-            return array
-        return array_from_bytes(meta, target)
+        if error is not None:
+            raise error
+        assert array is not None
+        return array
+
+
+def _checked_array(
+    meta: ArrayMeta, data: bytearray | memoryview
+) -> tuple[np.ndarray | None, Exception | None]:
+    """``array_from_bytes(meta, data)``, or the exception it raised (to be judged on the
+    caller's side of the peer-fault boundary)."""
+    try:
+        return array_from_bytes(meta, data), None
+    except Exception as exc:
+        return None, exc
 
 
 #: How far apart two peers' clocks may be before a receipt's times look wrong (seconds).

@@ -106,3 +106,34 @@ def test_a_side_of_non_finite_rows_is_left_to_the_float64_check() -> None:
     a[3, 0] = np.inf
     sketch = checks.freivalds_sketch(b, rounds=8, rng=np.random.default_rng(1))
     assert checks.freivalds_rows(a, sketch) is None
+
+
+def test_a_float16_a_is_widened_block_by_block_with_the_same_result(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A's side of the check for a float16 A is computed a block of rows at a time (no whole
+    float32 copy of A): the same products and norms as from the whole copy, and across block
+    boundaries an honest product passes and one wrong element in the last block is caught."""
+    rng = np.random.default_rng(9)
+    a = rng.standard_normal((300, 64)).astype(np.float16)
+    b = rng.standard_normal((64, 48)).astype(np.float16)
+    sketch = checks.freivalds_sketch(b, rounds=20, rng=np.random.default_rng(1))
+    whole = checks.freivalds_rows(a, sketch)
+    monkeypatch.setattr(checks, "_BLOCK_ELEMENTS", 64 * 7)  # blocks of 7 rows: 43 of them
+    blocked = checks.freivalds_rows(a, sketch)
+    assert whole is not None and blocked is not None
+    np.testing.assert_array_equal(blocked.w64, whole.w64)
+    np.testing.assert_array_equal(blocked.a_norms, whole.a_norms)
+    a32 = a.astype(np.float32)  # what the check used before: one whole copy
+    np.testing.assert_array_equal(blocked.w64, (a32 @ sketch.z32).astype(np.float64))
+    np.testing.assert_array_equal(blocked.a_norms[:, 0], checks._row_norms(a32))
+    np.testing.assert_allclose(
+        blocked.a_norms[:, 0], np.linalg.norm(a.astype(np.float64), axis=1), rtol=1e-6
+    )
+    c = a.astype(np.float32) @ b.astype(np.float32)
+    ok = checks.freivalds(a, b, c, rng=None, sketch=sketch, rows=blocked)
+    assert ok.ok
+    wrong = c.copy()
+    wrong[-1, 5] += 1.0
+    caught = checks.freivalds(a, b, wrong, rng=None, sketch=sketch, rows=blocked)
+    assert not caught.ok and caught.row == 299

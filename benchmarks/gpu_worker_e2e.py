@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import functools
 import hashlib
-import importlib.util
 import json
 import statistics
 import sys
@@ -37,24 +36,13 @@ REPO = Path(__file__).resolve().parents[1]
 EXIT_NO_GPU = 3
 
 
-def _import_checkout() -> None:
-    """Make ``mtor_kernels`` (the ``kernels/`` folder) and ``mtor_p2p`` importable from this
-    checkout when the package is not installed (a bare machine lent a GPU)."""
-    if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))
-    if importlib.util.find_spec("mtor_kernels") is None:
-        spec = importlib.util.spec_from_file_location(
-            "mtor_kernels",
-            REPO / "kernels" / "__init__.py",
-            submodule_search_locations=[str(REPO / "kernels")],
-        )
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["mtor_kernels"] = module
-        spec.loader.exec_module(module)
+# This checkout's mtor_p2p and benchmarks, and its kernels/ as mtor_kernels (loaded by
+# gpu_kernels.load_kernels when the package is not installed: a bare machine lent a GPU).
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+from benchmarks.gpu_kernels import load_kernels  # noqa: E402
 
-
-_import_checkout()
+load_kernels()
 
 import trio  # noqa: E402
 

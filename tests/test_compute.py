@@ -20,7 +20,7 @@ from mtor_p2p.compute.protocol import (
     PROTOCOL_RUN,
     PROTOCOL_UPLOAD,
 )
-from mtor_p2p.compute.scheduler import JobFailed
+from mtor_p2p.compute.scheduler import JobFailed, JobSpec
 from mtor_p2p.config import NodeConfig
 from mtor_p2p.network import RemoteError
 from mtor_p2p.node import Node
@@ -200,10 +200,23 @@ async def test_large_outputs_land_in_place_and_a_rejected_download_is_overwritte
             "a": RNG.standard_normal((rows, 64)).astype("float32"),
             "b": RNG.standard_normal((64, 1024)).astype("float32"),
         }
+        honest = nodes[2][0]
         caught = 0
-        for _ in range(8):  # until the cheater has been given a shard (it may be given none)
-            keep_in_play(requester, cheater)
-            result = await requester.submit("matmul", operands, verify="freivalds", shards=2)
+        for _ in range(8):  # until the cheater has run a shard (see below)
+            # Two shards on exactly two workers, both new to the requester (so each takes one
+            # shard at a time): each is given one. With all three workers in play, those
+            # measured on the first job take two shards at a time and, ranked first, pulled
+            # both shards of every later job (CI: the cheater was given none in 8 jobs).
+            for worker in (cheater, honest):
+                requester.scheduler.book.forget(worker.peer_id)
+            spec = JobSpec(
+                kernel="matmul",
+                operands=operands,
+                verify="freivalds",
+                shards=2,
+                only=(cheater.peer_id, honest.peer_id),
+            )
+            result = await requester.scheduler.run(spec)
             np.testing.assert_allclose(
                 result.output, operands["a"] @ operands["b"], rtol=1e-4, atol=1e-3
             )
@@ -212,7 +225,7 @@ async def test_large_outputs_land_in_place_and_a_rejected_download_is_overwritte
                 assert verify_fault_proof(proof).worker == cheater.peer_id
             if cheater.worker.stats.corrupted_on_purpose:
                 break
-        assert cheater.worker.stats.corrupted_on_purpose >= 1, plans_of(requester)
+        assert cheater.worker.stats.corrupted_on_purpose >= 1, cheater.worker.stats
         assert caught == cheater.worker.stats.corrupted_on_purpose
 
 

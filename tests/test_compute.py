@@ -20,7 +20,7 @@ from mtor_p2p.compute.protocol import (
     PROTOCOL_RUN,
     PROTOCOL_UPLOAD,
 )
-from mtor_p2p.compute.scheduler import JobFailed, JobSpec
+from mtor_p2p.compute.scheduler import JobFailed, JobSpec, _JobRun
 from mtor_p2p.config import NodeConfig
 from mtor_p2p.network import RemoteError
 from mtor_p2p.node import Node
@@ -96,6 +96,20 @@ def keep_in_play(requester: Node, cheater: Node) -> None:
         requester.scheduler.book.forget(cheater.peer_id)
 
 
+def count_every_wrong_answer(monkeypatch: pytest.MonkeyPatch, requester: Node) -> None:
+    """Make every answer the cheater computes one the requester judges, for tests that
+    count wrong answers caught against wrong answers made (``caught == corrupted``).
+
+    Two honest paths make a wrong answer that is never judged, and so never caught: a hedge
+    (on a loaded machine one attempt lags the others by over 0.5 s and an idle slot runs the
+    shard twice; the twin that answers first wins and the other is cancelled after the
+    worker has computed it), and the requester's challenger testing workers never measured
+    (a paid job of its own, outside the test's jobs). Hedging and challenges have tests of
+    their own; here the output check still fails on any wrong answer accepted."""
+    monkeypatch.setattr(_JobRun, "_straggled", lambda self, elapsed: False)
+    requester.challenger.per_round = 0
+
+
 def plans_of(requester: Node) -> str:
     """The requester's last plans, for an assertion message."""
     return "\n".join(
@@ -162,9 +176,12 @@ async def test_every_kernel_matches_its_reference_across_the_devnet(
                 await trio.sleep(0.05)
 
 
-async def test_cheating_worker_is_caught_every_time_and_its_shards_recomputed(tmp_path):
+async def test_cheating_worker_is_caught_every_time_and_its_shards_recomputed(
+    tmp_path, monkeypatch
+):
     async with devnet(tmp_path, **{"2": {"fault_rate": 0.5}}) as nodes:
         requester, cheater = nodes[0][0], nodes[2][0]
+        count_every_wrong_answer(monkeypatch, requester)
         caught = 0
         # At least 4 jobs, and more until the cheater has corrupted a shard: on a loaded
         # machine the scheduler may give the (slower) cheater few shards, and each is wrong
@@ -189,12 +206,15 @@ async def test_cheating_worker_is_caught_every_time_and_its_shards_recomputed(tm
         assert caught == corrupted  # every wrong result was caught, none slipped through
 
 
-async def test_large_outputs_land_in_place_and_a_rejected_download_is_overwritten(tmp_path):
+async def test_large_outputs_land_in_place_and_a_rejected_download_is_overwritten(
+    tmp_path, monkeypatch
+):
     """Shard outputs above one chunk are downloaded straight into their rows of the job's
     output. A cheater's wrong rows land there first; they are rejected and the shard's next
     attempt overwrites them whole, so the result is the product, every wrong answer caught."""
     async with devnet(tmp_path, **{"1": {"fault_rate": 1.0}}) as nodes:
         requester, cheater = nodes[0][0], nodes[1][0]
+        count_every_wrong_answer(monkeypatch, requester)
         rows = 2 * (CHUNK_BYTES // (1024 * 4) + 64)  # two shards of more than 4 MiB each
         operands = {
             "a": RNG.standard_normal((rows, 64)).astype("float32"),
@@ -229,9 +249,10 @@ async def test_large_outputs_land_in_place_and_a_rejected_download_is_overwritte
         assert caught == cheater.worker.stats.corrupted_on_purpose
 
 
-async def test_sampled_verification_catches_a_cheating_mlp_worker(tmp_path):
+async def test_sampled_verification_catches_a_cheating_mlp_worker(tmp_path, monkeypatch):
     async with devnet(tmp_path, **{"1": {"fault_rate": 1.0}}) as nodes:
         requester, cheater = nodes[0][0], nodes[1][0]
+        count_every_wrong_answer(monkeypatch, requester)
         rejected = 0
         for _ in range(6):  # until the cheater has served a shard (see the test below)
             keep_in_play(requester, cheater)

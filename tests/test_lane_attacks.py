@@ -446,7 +446,10 @@ async def test_a_stalled_ticket_does_not_extend_the_request_deadline() -> None:
         except NetworkError as exc:
             outcome.append(exc)
         elapsed = time.perf_counter() - start
-    assert elapsed < 1.5, (elapsed, outcome)
+    # Wall-clock time on real hosts: a bound far from both the 1 s deadline and the 30 s
+    # stall, so that a loaded machine cannot fail it and the bug (waiting out the stall)
+    # still does.
+    assert elapsed < 5.0, (elapsed, outcome)
 
 
 # -- finding 11: "auto" gives up on lanes for 5 minutes when the first request dials --------

@@ -25,13 +25,9 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
-import mmap
 import os
 import sys
 from pathlib import Path
-from typing import Any
-
-import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -107,54 +103,6 @@ def fault_in_small_pages() -> bool:
         _set_madvise_hugepage(False)
     except Exception as exc:  # a private switch: never worth failing a host's start for
         log.debug("could not stop NumPy advising huge pages: %s", exc)
-        return False
-    return True
-
-
-#: madvise(2) advice that faults a range in, writable, without writing it (Linux 5.14).
-_MADV_POPULATE_WRITE = 23
-_madvise: Any = None
-
-
-def _libc_madvise() -> Any:
-    """libc's ``madvise`` through ctypes (which releases the GIL for the call), or None."""
-    global _madvise
-    if _madvise is None:
-        _madvise = False
-        if sys.platform.startswith("linux"):
-            try:
-                libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-                function = libc.madvise
-            except (OSError, AttributeError):
-                return None
-            function.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-            function.restype = ctypes.c_int
-            _madvise = function
-    return _madvise or None
-
-
-def populate_for_writing(array: np.ndarray) -> bool:
-    """Fault in every whole page of ``array``'s memory now, as a write would, without
-    changing a byte of it; whether the kernel did (Linux 5.14+, else nothing happens).
-
-    For a large array that the event loop will fill piece by piece (a job's output, filled
-    by downloads): run on a thread at the start, it takes the page faults off the loop. On
-    the project's VM, writing 200 MiB of fresh small pages in 1 MiB pieces cost the writing
-    thread 0.10 s, and 0.012 s once populated; populating took another thread 0.08 s. Blocks
-    for that long and releases the GIL while it does. The caller holds ``array`` meanwhile,
-    so its memory cannot be unmapped underneath; other threads may write it at the same time.
-    """
-    madvise = _libc_madvise()
-    if madvise is None or array.nbytes == 0 or not array.flags.contiguous:
-        return False
-    page = mmap.PAGESIZE
-    start = array.__array_interface__["data"][0]
-    first = -(-start // page) * page  # whole pages only: the rest may belong to others
-    last = (start + array.nbytes) // page * page
-    if last <= first:
-        return False
-    if madvise(first, last - first, _MADV_POPULATE_WRITE) != 0:
-        log.debug("madvise(MADV_POPULATE_WRITE): %s", os.strerror(ctypes.get_errno()))
         return False
     return True
 

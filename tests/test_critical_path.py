@@ -116,38 +116,6 @@ async def test_the_scheduler_hashes_a_large_downloaded_output_through_its_runtim
     assert hooks and all(hook is not None for hook in hooks)
 
 
-async def test_a_large_job_output_is_populated_through_the_runtime(
-    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A job output of 32 MiB or more has its pages faulted in through the runtime's
-    blocking hook (a thread in production) as the job starts, not by the event loop as
-    downloads land; a smaller one is left to the heap."""
-    import mtor_p2p.compute.scheduler as scheduler_module
-
-    populated: list[np.ndarray] = []
-    populate = scheduler_module.populate_for_writing
-
-    def recorded(array: np.ndarray) -> bool:
-        populated.append(array)
-        return populate(array)
-
-    monkeypatch.setattr(scheduler_module, "populate_for_writing", recorded)
-    async with one_worker() as (requester, _):
-        small = {
-            "a": RNG.standard_normal((64, 8)).astype("float32"),
-            "b": RNG.standard_normal((8, 64)).astype("float32"),
-        }
-        await requester.submit("matmul", small, shards=1, max_workers=1)
-        assert populated == []
-        large = {
-            "a": RNG.standard_normal((4096, 8)).astype("float32"),
-            "b": RNG.standard_normal((8, 2048)).astype("float32"),  # output: 32 MiB
-        }
-        result = await requester.submit("matmul", large, shards=2, max_workers=1)
-        np.testing.assert_allclose(result.output, large["a"] @ large["b"], rtol=1e-5)
-    assert len(populated) == 1 and populated[0] is result.output
-
-
 async def test_a_shard_slice_is_hashed_once_however_many_attempts(
     autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:

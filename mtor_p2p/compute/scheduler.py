@@ -42,7 +42,6 @@ from mtor_p2p.compute.reputation import STRAGGLER, PeerBook, Standing
 from mtor_p2p.compute.worker import CREDIT_REFUSED, PRICE_REFUSED
 from mtor_p2p.identity import Identity
 from mtor_p2p.ledger.genesis import NANO
-from mtor_p2p.memory import MMAP_THRESHOLD_BYTES, populate_for_writing
 from mtor_p2p.metrics import EventWindow, LatencyBuckets
 from mtor_p2p.network import Network, NetworkError, RemoteError
 from mtor_p2p.records.arrays import HASH_OFF_LOOP_BYTES, ArrayMeta, meta_of
@@ -1643,10 +1642,6 @@ class Scheduler:
                 job.nursery = nursery
                 for record in job.workers:
                     nursery.start_soon(job.worker_loop, record)
-                if job.output.nbytes >= MMAP_THRESHOLD_BYTES:
-                    # Fresh pages of the output, faulted in on a thread while the first
-                    # shards travel, not by the loop as downloads land (populate_for_writing).
-                    nursery.start_soon(self.runtime.run_blocking, populate_for_writing, job.output)
                 nursery.start_soon(job.prepare_checks)
                 nursery.start_soon(self._watch, job, nursery.cancel_scope)
                 await job.done.wait()

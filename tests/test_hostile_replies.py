@@ -415,6 +415,13 @@ async def test_a_huge_declared_output_is_refused_before_any_download(
 # -- download -------------------------------------------------------------------------------
 
 
+async def chunk_reply(request: bytes, data: bytes) -> bytes:
+    """A download reply with the chunk of ``data`` that ``request`` asks for."""
+    header, _ = unpack(request)
+    offset, length = header["offset"], header["length"]
+    return pack({"total": len(data)}, data[offset : offset + length])
+
+
 def download_cases() -> dict[str, Callable[[bytes, np.ndarray], bytes]]:
     """How a hostile worker answers a download request for ``output``, by name."""
 
@@ -469,13 +476,8 @@ async def test_an_honest_download_passes_the_boundary(
         async def run_without_body(sender: str, request: bytes) -> bytes:
             return answer_run(p, request, output, body=b"")
 
-        async def honest(sender: str, request: bytes) -> bytes:
-            header, _ = unpack(request)
-            offset, length = header["offset"], header["length"]
-            return pack({"total": output.nbytes}, output.tobytes()[offset : offset + length])
-
         p.serve(PROTOCOL_RUN, run_without_body)
-        p.serve(PROTOCOL_DOWNLOAD, honest)
+        p.serve(PROTOCOL_DOWNLOAD, lambda sender, request: chunk_reply(request, output.tobytes()))
         answer = await run_shard(p, ops)
         np.testing.assert_array_equal(answer.output, output)
 
@@ -499,13 +501,7 @@ async def test_a_large_download_is_hashed_through_the_runtime_hook(
         return fn(*args)
 
     async with pair() as p:
-
-        async def serve(sender: str, request: bytes) -> bytes:
-            header, _ = unpack(request)
-            offset, length = header["offset"], header["length"]
-            return pack({"total": output.nbytes}, bytes(served[offset : offset + length]))
-
-        p.serve(PROTOCOL_DOWNLOAD, serve)
+        p.serve(PROTOCOL_DOWNLOAD, lambda sender, request: chunk_reply(request, bytes(served)))
         meta = meta_of(output)
         if tampered:
             with misbehaved(p, match="hash mismatch") as info:
@@ -522,7 +518,7 @@ async def test_a_large_download_is_hashed_through_the_runtime_hook(
         small = output[:8]
         p.serve(
             PROTOCOL_DOWNLOAD,
-            lambda sender, request: _answer_chunk(request, small),
+            lambda sender, request: chunk_reply(request, small.tobytes()),
         )
         await client.download(
             p.requester, p.worker_id, meta_of(small), timeout=5, run_blocking=hook
@@ -546,7 +542,7 @@ async def test_a_large_downloads_hash_is_ours_not_the_workers(
         raise RuntimeError("can't start new thread")
 
     async with pair() as p:
-        p.serve(PROTOCOL_DOWNLOAD, lambda sender, request: _answer_chunk(request, output))
+        p.serve(PROTOCOL_DOWNLOAD, lambda sender, request: chunk_reply(request, output.tobytes()))
         meta = meta_of(output)
         with trio.move_on_after(0.5):
             got = await client.download(
@@ -555,12 +551,6 @@ async def test_a_large_downloads_hash_is_ours_not_the_workers(
         np.testing.assert_array_equal(got, output)
         with pytest.raises(RuntimeError, match="start new thread"):
             await client.download(p.requester, p.worker_id, meta, timeout=5, run_blocking=broken)
-
-
-async def _answer_chunk(request: bytes, array: np.ndarray) -> bytes:
-    header, _ = unpack(request)
-    offset, length = header["offset"], header["length"]
-    return pack({"total": array.nbytes}, array.tobytes()[offset : offset + length])
 
 
 # -- countersign ----------------------------------------------------------------------------

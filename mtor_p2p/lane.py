@@ -31,6 +31,7 @@ This module knows nothing of libp2p: it is given a ticket fetcher and a request 
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import struct
@@ -213,6 +214,8 @@ class LaneSocket:
         self._start = 0  # unread bytes are self._in[self._start:self._end]
         self._end = 0
         self.closed = False
+        #: Whether the peer's end is a loopback address (the peer is on this machine).
+        self.loopback = _is_loopback(sock)
 
     # -- writing ---------------------------------------------------------------------------
 
@@ -658,6 +661,13 @@ class LaneServer:
             await self.dispatch(server_lane.client, request_id, protocol, length, server_lane)
 
 
+def _is_loopback(sock: trio.socket.SocketType) -> bool:
+    try:
+        return ipaddress.ip_address(sock.getpeername()[0]).is_loopback
+    except (OSError, ValueError, TypeError, IndexError):
+        return False
+
+
 def _source_of(sock: trio.socket.SocketType) -> str:
     try:
         return str(sock.getpeername()[0])
@@ -895,6 +905,11 @@ class LaneClient:
             del self._lanes[peer]
         self.start_opening(peer)
         return None
+
+    def peek(self, peer: str) -> ClientLane | None:
+        """The open lane to ``peer``, if any (opening none)."""
+        lane = self._lanes.get(peer)
+        return lane if lane is not None and lane.open else None
 
     def start_opening(self, peer: str) -> None:
         """Open a lane to ``peer`` in the background unless one is opening or failed lately."""

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import ipaddress
 import json
 import logging
 import math
@@ -615,6 +616,27 @@ class Libp2pNetwork:
         except Exception:  # not a peer ID: nothing is connected under it
             return "none"
         return connection_kind_of(self._host.get_network().connections.get(pid))
+
+    def same_host(self, peer_id: str) -> bool:
+        """Whether ``peer_id`` is on this machine, as far as this node can tell: its open lane,
+        else a direct connection to it, is on a loopback address
+        (:class:`~mtor_p2p.network.PeerLinks`). A peer may claim anything; callers use this
+        only to try a path that checks for itself (mtor_p2p/compute/local_share.py)."""
+        lane = self._lane_client.peek(peer_id) if self._lane_client is not None else None
+        if lane is not None:
+            return lane.lane.loopback
+        try:
+            conns = conn_list(self._host.get_network().connections.get(ID.from_base58(peer_id)))
+        except Exception:  # not a peer ID
+            return False
+        for conn in conns:
+            remote = None if conn.is_closed or is_relayed(conn) else remote_of(conn)
+            if remote is not None:
+                try:
+                    return ipaddress.ip_address(remote[0]).is_loopback
+                except ValueError:
+                    return False
+        return False
 
     def round_trip(self, peer_id: str) -> float | None:
         """The lowest recent small request round trip to ``peer_id`` in seconds, None if none

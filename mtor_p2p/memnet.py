@@ -837,6 +837,11 @@ class MemNetwork:
         so no relayed connections (:class:`~mtor_p2p.network.PeerLinks`)."""
         return "direct" if self._alive and peer_id in self._conns else "none"
 
+    def same_host(self, peer_id: str) -> bool:
+        """Never: memnet's peers stand for machines of their own, though they share this
+        process (:class:`~mtor_p2p.network.PeerLinks`)."""
+        return False
+
     def round_trip(self, peer_id: str) -> float | None:
         """The lowest recent small request round trip to ``peer_id`` in seconds of virtual
         time, None if none was measured (:class:`~mtor_p2p.network.RoundTrips`)."""

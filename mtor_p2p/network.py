@@ -263,6 +263,9 @@ class PeerLinks(Protocol):
         """``"direct"``, ``"relayed"`` (every open connection to the peer goes through a
         circuit relay) or ``"none"`` (no open connection)."""
 
+    def same_host(self, peer_id: str) -> bool:
+        """Whether ``peer_id`` seems to be on this machine (memnet: never)."""
+
     def round_trip(self, peer_id: str) -> float | None:
         """Seconds: the lowest of the recent small request round trips to ``peer_id`` over a
         connection already open (see :class:`RoundTrips`); None if none was measured."""

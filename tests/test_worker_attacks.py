@@ -98,9 +98,14 @@ class Bench:
 
 @asynccontextmanager
 async def bench(
-    *, price: float = 1.0, credit: Callable[[str], int] | None = None, **limits: int
+    *,
+    price: float = 1.0,
+    credit: Callable[[str], int] | None = None,
+    runtime: Runtime | None = None,
+    **limits: int,
 ) -> AsyncIterator[Bench]:
-    """A worker serving on memnet with its housekeeping loop running."""
+    """A worker serving on memnet with its housekeeping loop running (``runtime``: its
+    blocking hook and randomness, inline and seeded unless given)."""
     world = MemWorld(seed=1)
     identity = ident("worker")
     network = world.add_peer(identity)
@@ -114,7 +119,7 @@ async def bench(
         ReceiptStore(Path(":memory:")),
         price=lambda: box[0],
         backend=NumpyBackend(),
-        runtime=Runtime.simulated("worker attacks"),
+        runtime=runtime or Runtime.simulated("worker attacks"),
         credit=credit,
         **limits,  # type: ignore[arg-type]
     )

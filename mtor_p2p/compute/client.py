@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import os
 from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ import numpy as np
 import trio
 
 from mtor_kernels import get_kernel
+from mtor_p2p.compute import local_share
 from mtor_p2p.compute.protocol import (
     CHUNK_BYTES,
     MAX_ARRAY_BYTES,
@@ -35,6 +37,7 @@ from mtor_p2p.compute.protocol import (
     PROTOCOL_HAS,
     PROTOCOL_RUN,
     PROTOCOL_UPLOAD,
+    PROTOCOL_UPLOAD_LOCAL,
 )
 from mtor_p2p.network import Network, NetworkError, PeerMisbehaved, RemoteError
 from mtor_p2p.records.arrays import (
@@ -128,9 +131,15 @@ async def upload(
     *,
     timeout: float,
     meta: ArrayMeta | None = None,
+    local: local_share.LocalShares | None = None,
+    holder: str = "",
 ) -> None:
     """Send ``array`` to ``worker`` in chunks of at most CHUNK_BYTES (``meta``: its
     description, if the caller already hashed it).
+
+    With ``local`` (the requester's sealed copies), a large operand goes to a worker on this
+    machine through shared memory instead, for job ``holder`` (see
+    :mod:`mtor_p2p.compute.local_share`); when the worker cannot take it that way, in chunks.
 
     The first chunk goes alone; its reply says how many chunks the worker takes in flight
     (``window``; a worker from before windows says nothing, and gets one at a time). Up to
@@ -138,6 +147,10 @@ async def upload(
     transport before the next is sent, so that they reach a lane in order (a worker holds a
     chunk that overtook another on its own stream until its turn)."""
     meta = meta if meta is not None else meta_of(array)
+    if local is not None and await _upload_shared(
+        network, worker, array, meta, timeout=timeout, local=local, holder=holder
+    ):
+        return
     data = memoryview(np.ascontiguousarray(array)).cast("B")
     first = data[:CHUNK_BYTES]
     reply = await _send_chunk(network, worker, meta, 0, first, timeout=timeout)
@@ -181,6 +194,50 @@ async def upload(
     if failure:
         raise failure[0]
     raise WorkerMisbehaved("worker lost track of the upload", peer=worker)
+
+
+async def _upload_shared(
+    network: Network,
+    worker: str,
+    array: np.ndarray,
+    meta: ArrayMeta,
+    *,
+    timeout: float,
+    local: local_share.LocalShares,
+    holder: str,
+) -> bool:
+    """Hand ``array`` to ``worker`` through shared memory if both are on this machine;
+    whether it now holds it (False: upload it in chunks)."""
+    same_host = getattr(network, "same_host", None)  # an adapter's PeerLinks, if it has it
+    if not local.wanted(worker, meta) or same_host is None or not same_host(worker):
+        return False
+    fd = await local.descriptor(meta, array, holder)
+    if fd is None:
+        return False
+    request = {
+        "array": meta.to_json(),
+        "host": local_share.HOST_TOKEN,
+        "pid": os.getpid(),
+        "fd": fd,
+    }
+    try:
+        reply = await network.request(worker, PROTOCOL_UPLOAD_LOCAL, pack(request), timeout=timeout)
+    except RemoteError as exc:
+        if str(exc).startswith(local_share.NOT_LOCAL):
+            local.refused.add(worker)
+        log.debug("worker %s took no shared operand (%s): uploading it", worker, exc)
+        return False
+    except NetworkError as exc:
+        # A worker from before shared operands does not serve the protocol (a broken
+        # connection fails the chunks that follow, too).
+        local.refused.add(worker)
+        log.debug("worker %s took no shared operand (%s): uploading it", worker, exc)
+        return False
+    with peer_fault_boundary(worker, "shared upload reply"):
+        header, _ = unpack(reply)
+        if not _field(header, "complete", bool):
+            raise WorkerMisbehaved("a shared operand's reply is not complete")
+    return True
 
 
 async def _send_chunk(
@@ -228,6 +285,8 @@ async def ensure_operands(
     in_flight: dict[tuple[str, str], trio.Event] | None = None,
     metas: dict[str, ArrayMeta] | None = None,
     unheld: Collection[str] = (),
+    local: local_share.LocalShares | None = None,
+    holder: str = "",
 ) -> int:
     """Upload every operand the worker lacks; return how many bytes were sent.
 
@@ -240,6 +299,7 @@ async def ensure_operands(
     the same operand to the same worker instead of interleaving its chunks with the first.
     ``metas`` are the operands' descriptions if the caller already hashed them (each operand
     is hashed once per requester: the scheduler passes them to every call that needs them).
+    ``local`` and ``holder``: as for :func:`upload`.
     """
     metas = metas if metas is not None else {name: meta_of(a) for name, a in operands.items()}
     by_digest = {metas[name].digest: operands[name] for name in operands}
@@ -256,7 +316,15 @@ async def ensure_operands(
             return
         finished = in_flight[key] = trio.Event()
         try:
-            await upload(network, worker, by_digest[meta.digest], timeout=timeout, meta=meta)
+            await upload(
+                network,
+                worker,
+                by_digest[meta.digest],
+                timeout=timeout,
+                meta=meta,
+                local=local,
+                holder=holder,
+            )
         finally:
             finished.set()
             del in_flight[key]
@@ -524,7 +592,12 @@ async def run_shard(
         output = array_from_bytes(meta, body) if body else None
     if output is None:
         output = await download(
-            network, worker, meta, timeout=transfer_timeout, out=out, run_blocking=run_blocking
+            network,
+            worker,
+            meta,
+            timeout=transfer_timeout,
+            out=out,
+            run_blocking=run_blocking,
         )
     return ShardAnswer(output, receipt)
 

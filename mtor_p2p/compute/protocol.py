@@ -10,6 +10,13 @@ Every message is ``arrays.pack(header, body)``. Operands travel in chunks of at 
                              window). Workers before windows send no ``window`` and refuse a
                              chunk that is not at the offset they expect: they get one chunk
                              at a time.
+``/mtor/compute/upload-local/1`` header {array, host, pid, fd}     → {complete, received}: the
+                             operand is in the requester's sealed memfd ``fd`` of process
+                             ``pid`` on the worker's own machine (``host``: its boot ID and
+                             PID namespace); the worker maps and hashes it instead of taking
+                             chunks (mtor_p2p/compute/local_share.py). A worker on another
+                             machine answers NOT_LOCAL and gets chunks from then on; one that
+                             cannot use it answers another error and gets chunks this time.
 ``/mtor/compute/has/1``      header {hashes: [...]}                   → {have: [...]}
 ``/mtor/compute/run/1``      header {job_id, shard, kernel, operands: {name: array}, max_price,
                              wait_operands}
@@ -41,6 +48,7 @@ Every message is ``arrays.pack(header, body)``. Operands travel in chunks of at 
 from __future__ import annotations
 
 PROTOCOL_UPLOAD = "/mtor/compute/upload/1"
+PROTOCOL_UPLOAD_LOCAL = "/mtor/compute/upload-local/1"
 PROTOCOL_HAS = "/mtor/compute/has/1"
 PROTOCOL_RUN = "/mtor/compute/run/1"
 PROTOCOL_DOWNLOAD = "/mtor/compute/download/1"

@@ -32,6 +32,7 @@ from mtor_p2p.capacity.record import CapacityRecord, gpu_class
 from mtor_p2p.capacity.view import CapacityQuery, CapacityView
 from mtor_p2p.clock import NetClock
 from mtor_p2p.compute import blas, client
+from mtor_p2p.compute.local_share import LocalShares
 from mtor_p2p.compute.protocol import (
     INLINE_OPERAND_BYTES,
     INLINE_REFUSED,
@@ -841,6 +842,8 @@ class _JobRun:
                     in_flight=self.s.uploads,
                     metas=metas,
                     unheld=unasked,
+                    local=self.s.local_shares,
+                    holder=self.job_id,
                 )
 
         async def send(nursery: trio.Nursery) -> None:
@@ -1301,6 +1304,8 @@ class Scheduler:
         self.on_settled: Callable[[Receipt], Awaitable[None]] | None = None
         self.on_fault: Callable[[bytes], Awaitable[None]] | None = None
         self.uploads: dict[tuple[str, str], trio.Event] = {}  # (worker, operand) being sent
+        #: Sealed copies of large operands for workers on this machine (see local_share).
+        self.local_shares = LocalShares(self.runtime.run_blocking)
         #: (worker, operand hash) this requester has uploaded, most recent last (at most
         #: SENT_OPERANDS_KEPT): only these are asked about before a run; the rest are sent
         #: at once (see _JobRun._compute).
@@ -1637,15 +1642,18 @@ class Scheduler:
             self._note_plan(spec, plan, job.job_id)
         job.progress = progress
         started = trio.current_time()
-        with trio.move_on_after(spec.deadline) as deadline:
-            async with trio.open_nursery() as nursery:
-                job.nursery = nursery
-                for record in job.workers:
-                    nursery.start_soon(job.worker_loop, record)
-                nursery.start_soon(job.prepare_checks)
-                nursery.start_soon(self._watch, job, nursery.cancel_scope)
-                await job.done.wait()
-                nursery.cancel_scope.cancel()
+        try:
+            with trio.move_on_after(spec.deadline) as deadline:
+                async with trio.open_nursery() as nursery:
+                    job.nursery = nursery
+                    for record in job.workers:
+                        nursery.start_soon(job.worker_loop, record)
+                    nursery.start_soon(job.prepare_checks)
+                    nursery.start_soon(self._watch, job, nursery.cancel_scope)
+                    await job.done.wait()
+                    nursery.cancel_scope.cancel()
+        finally:
+            self.local_shares.release(job.job_id)  # its operands' sealed copies, if any
         if deadline.cancelled_caught:
             # Workers still holding unfinished shards when time ran out count as failed:
             # a staller must not be chosen again and again.

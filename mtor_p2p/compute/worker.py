@@ -42,6 +42,7 @@ import trio
 from mtor_kernels import KERNELS, KernelError, get_kernel
 from mtor_kernels.backend import Backend
 from mtor_p2p.clock import NetClock
+from mtor_p2p.compute import local_share
 from mtor_p2p.compute.executor import BackendExecutor, ShardExecutor
 from mtor_p2p.compute.protocol import (
     CHUNK_BYTES,
@@ -59,6 +60,7 @@ from mtor_p2p.compute.protocol import (
     PROTOCOL_HAS,
     PROTOCOL_RUN,
     PROTOCOL_UPLOAD,
+    PROTOCOL_UPLOAD_LOCAL,
 )
 from mtor_p2p.compute.receipt_store import ReceiptStore
 from mtor_p2p.identity import Identity
@@ -153,6 +155,10 @@ OPERAND_WAIT_MIN_RATE = 1 << 20
 #: the host's run permits): idle handlers a requester can hold.
 MAX_WAITING_RUNS_PER_SENDER = 4
 MAX_WAITING_RUNS = 16
+#: Operands in shared memory being mapped and hashed at once, per sender and in all (each a
+#: thread hashing up to MAX_ARRAY_BYTES); more are refused "busy" (the sender uploads).
+MAX_LOCAL_UPLOADS_PER_SENDER = 2
+MAX_LOCAL_UPLOADS = 4
 #: Bytes of run requests carrying operands (``inline``) that may be under way at once, from
 #: all senders and from one: such a run holds its bytes under the host's budgets of request
 #: bytes in progress (64 MiB in all by default) while it is queued and computes, so these
@@ -301,6 +307,14 @@ class _UploadBuffer:
                 log.warning("closing an upload's spool file failed: %s", exc)
 
 
+def _map_and_hash(pid: int, fd: int, meta: ArrayMeta) -> tuple[memoryview, str]:
+    """A requester's shared operand mapped, and its content hash (a blocking call)."""
+    data = local_share.map_shared(pid, fd, meta.nbytes)
+    hasher = content_hasher(meta.dtype, meta.shape)
+    hasher.update(data)
+    return data, str(hasher.hexdigest())
+
+
 def _take_back(held: dict[str, int], sender: str, amount: int) -> None:
     """Give back ``amount`` of what ``sender`` holds in ``held``, forgetting a sender left
     holding nothing (these tables stay as small as the senders with something held)."""
@@ -355,6 +369,9 @@ class WorkerStats:
     uploads_expired: int = 0
     uploads_evicted: int = 0
     bytes_received: int = 0
+    #: Of operands taken from a requester's shared memory (on this machine): how many, bytes.
+    local_uploads: int = 0
+    bytes_shared: int = 0
     corrupted_on_purpose: int = 0
     credit_refusals: int = 0
     price_refusals: int = 0
@@ -405,6 +422,7 @@ class WorkerService:
         housekeeping_interval: float = HOUSEKEEPING_INTERVAL,
         spool_dir: Path | None = None,
         upload_memory_bytes: int = MAX_UPLOAD_MEMORY_BYTES,
+        local_uploads: bool = True,
     ) -> None:
         self._network = network
         self._identity = identity
@@ -429,6 +447,10 @@ class WorkerService:
         self.upload_memory_bytes = upload_memory_bytes
         self._memory_total = 0
         self._memory_by_sender: dict[str, int] = {}
+        #: Whether operands may come through a requester's shared memory on this machine,
+        #: and the ones being mapped and hashed now: (sender, hash).
+        self.local_uploads = local_uploads and local_share.usable()
+        self._local_in_progress: set[tuple[str, str]] = set()
         #: Upload chunks of each sender held for their turn now (see _wait_for_turn).
         self._ahead_by_sender: dict[str, int] = {}
         self.stats = WorkerStats()
@@ -481,6 +503,7 @@ class WorkerService:
         """Install the protocol handlers on the network."""
         handle = self._network.handle
         handle(PROTOCOL_UPLOAD, self._on_upload, max_request_bytes=MAX_MESSAGE_BYTES, timeout=60)
+        handle(PROTOCOL_UPLOAD_LOCAL, self._on_upload_local, max_request_bytes=4096, timeout=60)
         handle(PROTOCOL_HAS, self._on_has, max_request_bytes=64 * 1024, timeout=10)
         # A run request may carry its shard's missing operands (``inline``): its bytes are
         # admitted under the host's per-peer and total budgets of request bytes in progress,
@@ -756,6 +779,48 @@ class WorkerService:
         self.operands.put(array, meta.digest)
         self._operands_changed()
         return pack({"complete": True, "received": meta.nbytes})
+
+    async def _on_upload_local(self, sender: str, request: bytes) -> bytes:
+        """An operand in the sender's sealed shared memory on this machine: map it, hash it,
+        hold it as if uploaded (see mtor_p2p/compute/local_share.py)."""
+        header, _ = self._parse(request)
+        try:
+            meta = ArrayMeta.from_json(header.get("array"), max_bytes=MAX_ARRAY_BYTES)
+        except RecordError as exc:
+            raise RemoteError(str(exc)) from exc
+        host = _header_field(header, "host", str)
+        pid = _header_field(header, "pid", int)
+        fd = _header_field(header, "fd", int)
+        done = pack({"complete": True, "received": meta.nbytes})
+        if meta.digest in self.operands:
+            return done
+        if not self.local_uploads or host != local_share.HOST_TOKEN:
+            raise RemoteError(local_share.NOT_LOCAL + "this worker is on another machine")
+        key = (sender, meta.digest)
+        mine = sum(1 for s, _ in self._local_in_progress if s == sender)
+        if (
+            key in self._local_in_progress
+            or mine >= MAX_LOCAL_UPLOADS_PER_SENDER
+            or len(self._local_in_progress) >= MAX_LOCAL_UPLOADS
+        ):
+            self.stats.uploads_refused += 1
+            raise RemoteError("busy: too many shared operands being checked")
+        self._local_in_progress.add(key)
+        self._operands_changed()
+        try:
+            data, digest = await self._runtime.run_blocking(_map_and_hash, pid, fd, meta)
+            array = array_from_hashed_bytes(meta, data, digest)
+        except (local_share.LocalShareError, RecordError) as exc:
+            self.stats.uploads_refused += 1
+            raise RemoteError(f"shared operand refused: {exc}") from exc
+        finally:
+            self._local_in_progress.discard(key)
+            self._operands_changed()
+        self.operands.put(array, meta.digest)
+        self._operands_changed()
+        self.stats.local_uploads += 1
+        self.stats.bytes_shared += meta.nbytes
+        return done
 
     async def _wait_for_turn(
         self, key: tuple[str, str], pending: _PendingUpload, offset: int, length: int
@@ -1108,7 +1173,10 @@ class WorkerService:
             waiting = [d for d in digests if d not in self.operands]
             if not waiting:
                 return
-            uploading = any((sender, d) in self._pending for d in waiting)
+            uploading = any(
+                (sender, d) in self._pending or (sender, d) in self._local_in_progress
+                for d in waiting
+            )
             now = trio.current_time()
             if now >= hard_end or (not uploading and now >= grace_ends):
                 return

@@ -1,0 +1,359 @@
+"""Operands handed to a worker on the same machine through sealed shared memory (issue 9).
+
+Real memfds, real ``/proc``, a real second process for the cross-process case; the worker's
+handler runs unmodified on memnet (its peers share this process, so the requester's
+descriptors are this process's), and whole jobs run between real py-libp2p hosts on
+loopback, whose lanes say the peers are on one machine.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import random
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import trio
+
+from mtor_p2p.compute import local_share
+from mtor_p2p.compute.local_share import (
+    HOST_TOKEN,
+    MIN_LOCAL_BYTES,
+    NOT_LOCAL,
+    LocalShareError,
+    LocalShares,
+    map_shared,
+    sealed_copy,
+)
+from mtor_p2p.compute.protocol import PROTOCOL_UPLOAD_LOCAL
+from mtor_p2p.network import RemoteError
+from mtor_p2p.records.arrays import meta_of, pack, unpack
+from mtor_p2p.runtime import Runtime
+from tests.test_compute import devnet
+from tests.test_worker_attacks import Bench, bench
+
+pytestmark = pytest.mark.skipif(not local_share.usable(), reason="needs Linux memfds")
+
+RNG = np.random.default_rng(23)
+
+
+def view_of(array: np.ndarray) -> memoryview:
+    return memoryview(array).cast("B")
+
+
+def expect_refusal(pid: int, fd: int, nbytes: int, reason: str) -> None:
+    with pytest.raises(LocalShareError, match=reason):
+        map_shared(pid, fd, nbytes)
+
+
+# -- mapping another process's sealed copy -------------------------------------------------
+
+
+def test_a_sealed_copy_made_in_another_process_maps_read_only_with_its_bytes() -> None:
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from mtor_p2p.compute.local_share import sealed_copy\n"
+            "fd = sealed_copy(memoryview(bytes(range(256)) * 4096))\n"
+            "print(fd, flush=True); sys.stdin.read()",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=str(Path(__file__).resolve().parents[1]),
+    )
+    try:
+        assert child.stdout is not None
+        fd = int(child.stdout.readline())
+        mapped = map_shared(child.pid, fd, 1 << 20)
+        assert bytes(mapped) == bytes(range(256)) * 4096
+        assert mapped.readonly
+        expect_refusal(child.pid, fd, (1 << 20) + 1, "bytes where")
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_a_copy_cannot_change_or_shrink_once_sealed() -> None:
+    fd = sealed_copy(memoryview(b"x" * 4096))
+    try:
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+        assert seals & local_share.REQUIRED_SEALS == local_share.REQUIRED_SEALS
+        with pytest.raises(PermissionError):
+            os.pwrite(fd, b"y", 0)
+        with pytest.raises(PermissionError):
+            os.ftruncate(fd, 1)
+    finally:
+        os.close(fd)
+
+
+def test_an_unsealed_or_half_sealed_memfd_is_refused() -> None:
+    unsealed = os.memfd_create("t", os.MFD_ALLOW_SEALING)
+    half = os.memfd_create("t", os.MFD_ALLOW_SEALING)
+    try:
+        for fd in (unsealed, half):
+            os.ftruncate(fd, 4096)
+        # Sealed against resizing only: its bytes could still change after they are hashed.
+        fcntl.fcntl(half, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
+        expect_refusal(os.getpid(), unsealed, 4096, "not sealed")
+        expect_refusal(os.getpid(), half, 4096, "not sealed")
+    finally:
+        os.close(unsealed)
+        os.close(half)
+
+
+def test_what_is_not_a_sealed_memfd_is_refused_without_blocking(tmp_path: Path) -> None:
+    regular = tmp_path / "operand"
+    regular.write_bytes(b"z" * 4096)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    opened = {
+        "file": os.open(regular, os.O_RDONLY),
+        # Held open non-blocking by this process: opening it again for reading would block
+        # a worker's thread if the worker did not check first.
+        "fifo": os.open(fifo, os.O_RDONLY | os.O_NONBLOCK),
+        "null": os.open("/dev/null", os.O_RDONLY),
+    }
+    read_end, write_end = os.pipe()
+    me = os.getpid()
+    cases = [
+        (opened["file"], "not a sealed memfd"),
+        (opened["fifo"], "not a regular file"),
+        (opened["null"], "not a regular file"),
+        (read_end, "not a regular file"),
+    ]
+    try:
+        # On a thread with a deadline: a refusal that blocked would fail here, not hang.
+        with ThreadPoolExecutor(1) as pool:
+            for fd, reason in cases:
+                pool.submit(expect_refusal, me, fd, 4096, reason).result(timeout=5)
+    finally:
+        for fd in (*opened.values(), read_end, write_end):
+            os.close(fd)
+
+
+def test_names_that_point_nowhere_are_refused() -> None:
+    fd = sealed_copy(memoryview(b"q" * 4096))
+    try:
+        closed = os.dup(fd)
+        os.close(closed)
+        expect_refusal(os.getpid(), closed, 4096, "cannot open it")
+        expect_refusal(2**22 + 7, fd, 4096, "cannot open it")  # no such process
+        expect_refusal(0, fd, 4096, "out of range")
+        expect_refusal(os.getpid(), -1, 4096, "out of range")
+        expect_refusal(os.getpid(), fd, 0, "out of range")
+    finally:
+        os.close(fd)
+
+
+# -- the requester's copies ----------------------------------------------------------------
+
+
+async def counting_runner() -> tuple[Callable[..., Any], list[str]]:
+    calls: list[str] = []
+
+    async def run_blocking(fn: Callable[..., Any], *args: Any, **_: Any) -> Any:
+        calls.append(fn.__name__)
+        await trio.sleep(0.01)  # a thread hop: a second caller arrives meanwhile
+        return fn(*args)
+
+    return run_blocking, calls
+
+
+async def test_one_copy_per_operand_shared_by_callers_and_closed_with_its_last_job() -> None:
+    run_blocking, calls = await counting_runner()
+    shares = LocalShares(run_blocking)
+    array = RNG.standard_normal((1024, 1024)).astype("float32")
+    meta = meta_of(array)
+    got: list[int | None] = []
+
+    async def take(holder: str) -> None:
+        got.append(await shares.descriptor(meta, array, holder))
+
+    async with trio.open_nursery() as nursery:
+        for holder in ("job 1", "job 2", "job 1"):
+            nursery.start_soon(take, holder)
+    assert calls == ["sealed_copy"]
+    assert len(set(got)) == 1 and got[0] is not None
+    fd = got[0]
+    assert bytes(map_shared(os.getpid(), fd, meta.nbytes)) == array.tobytes()
+    assert shares.nbytes == meta.nbytes
+    shares.release("job 1")
+    os.fstat(fd)  # job 2 still uses it
+    shares.release("job 2")
+    assert shares.nbytes == 0
+    with pytest.raises(OSError):
+        os.fstat(fd)
+
+
+async def test_copies_stop_at_their_byte_cap() -> None:
+    run_blocking, _ = await counting_runner()
+    array = RNG.standard_normal((512, 512)).astype("float32")
+    shares = LocalShares(run_blocking, max_bytes=array.nbytes)
+    assert await shares.descriptor(meta_of(array), array, "job") is not None
+    other = array + 1
+    assert await shares.descriptor(meta_of(other), other, "job") is None
+    shares.close()
+    assert shares.nbytes == 0
+
+
+# -- the worker's handler, as a hostile or honest requester sees it --------------------------
+
+
+async def share_request(b: Bench, label: str, header: dict[str, Any]) -> dict[str, Any]:
+    requester = b.requesters.get(label) or await b.requester(label)
+    reply = await requester.network.request(
+        b.worker_id, PROTOCOL_UPLOAD_LOCAL, pack(header), timeout=10
+    )
+    return unpack(reply)[0]
+
+
+def shared_header(meta: Any, fd: int, **changes: Any) -> dict[str, Any]:
+    header = {"array": meta.to_json(), "host": HOST_TOKEN, "pid": os.getpid(), "fd": fd}
+    header.update(changes)
+    return header
+
+
+@asynccontextmanager
+async def sealed(data: bytes | memoryview) -> AsyncIterator[int]:
+    fd = sealed_copy(memoryview(data))
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+async def test_a_worker_holds_a_shared_operand_it_hashed_and_refuses_one_that_lies() -> None:
+    array = RNG.standard_normal((2048, 1024)).astype("float32")
+    meta = meta_of(array)
+    async with bench() as b:
+        other = array.copy()
+        other[5, 5] += 1
+        async with sealed(view_of(other)) as fd:
+            with pytest.raises(RemoteError, match="shared operand refused: hash mismatch"):
+                await share_request(b, "liar", shared_header(meta, fd))
+        assert meta.digest not in b.worker.operands
+        async with sealed(view_of(array)) as fd:
+            with pytest.raises(RemoteError, match=f"^{NOT_LOCAL}"):
+                await share_request(b, "far", shared_header(meta, fd, host="another/1"))
+            with pytest.raises(RemoteError, match=r"shared operand refused: .*bytes where"):
+                wrong_size = meta_of(array[:1024])
+                await share_request(b, "honest", shared_header(wrong_size, fd))
+            assert await share_request(b, "honest", shared_header(meta, fd)) == {
+                "complete": True,
+                "received": meta.nbytes,
+            }
+        held = b.worker.operands.get(meta.digest)
+        assert held is not None and np.array_equal(held, array)
+        assert not held.flags.writeable
+        assert b.worker.stats.local_uploads == 1
+        assert b.worker.stats.uploads_refused == 2
+
+
+async def test_malformed_shared_upload_requests_cost_the_sender_a_clear_error() -> None:
+    array = RNG.standard_normal((8, 8)).astype("float32")
+    meta = meta_of(array)
+    async with bench() as b:
+        for header, reason in [
+            ({"array": meta.to_json(), "host": HOST_TOKEN, "pid": "1", "fd": 3}, "pid"),
+            ({"array": meta.to_json(), "host": HOST_TOKEN, "pid": 1}, "fd"),
+            ({"array": {"dtype": "object"}, "host": HOST_TOKEN, "pid": 1, "fd": 3}, "described by"),
+            (shared_header(meta, 10**9), "out of range"),
+            (shared_header(meta, 3, pid=-5), "out of range"),
+        ]:
+            with pytest.raises(RemoteError, match=reason):
+                await share_request(b, "garbage", header)
+        assert b.worker.operands.nbytes == 0
+
+
+async def test_shared_operands_checked_at_once_are_bounded_per_sender() -> None:
+    gate = trio.Event()
+
+    async def gated(fn: Callable[..., Any], *args: Any, **_: Any) -> Any:
+        await gate.wait()  # every check in progress waits here until the test lets it go
+        return fn(*args)
+
+    runtime = Runtime(run_blocking=gated, random=random.Random(1), seeded=True)
+    arrays = [RNG.standard_normal((16, 16)).astype("float32") for _ in range(3)]
+    fds = [sealed_copy(view_of(a)) for a in arrays]
+    outcomes: list[str] = []
+    try:
+        async with bench(runtime=runtime) as b:
+
+            async def send(array: np.ndarray, fd: int) -> None:
+                try:
+                    await share_request(b, "eager", shared_header(meta_of(array), fd))
+                    outcomes.append("held")
+                except RemoteError as exc:
+                    outcomes.append(str(exc))
+
+            await b.requester("eager")
+            async with trio.open_nursery() as nursery:
+                for array, fd in zip(arrays, fds, strict=True):
+                    nursery.start_soon(send, array, fd)
+                    await trio.sleep(0.01)
+                with trio.fail_after(5):
+                    while not outcomes:
+                        await trio.sleep(0.01)
+                # Two checks wait at the gate; the third was refused without waiting.
+                assert outcomes == ["busy: too many shared operands being checked"]
+                gate.set()
+            assert (
+                sorted(outcomes) == ["busy: too many shared operands being checked"] + ["held"] * 2
+            )
+            assert b.worker.operands.nbytes == 2 * arrays[0].nbytes
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+# -- whole jobs between real hosts on loopback --------------------------------------------
+
+
+def worker_of(nodes: list[Any]) -> Any:
+    return nodes[1][0]
+
+
+async def test_a_job_between_hosts_on_one_machine_shares_its_large_operand(
+    tmp_path: Path,
+) -> None:
+    a = RNG.standard_normal((64, 2048)).astype("float32")
+    b = RNG.standard_normal((2048, 1280)).astype("float32")  # 10 MiB: over MIN_LOCAL_BYTES
+    assert b.nbytes >= MIN_LOCAL_BYTES
+    async with devnet(tmp_path, count=2) as nodes:
+        requester, worker = nodes[0][0], worker_of(nodes)
+        result = await requester.submit("matmul", {"a": a, "b": b}, shards=1, max_workers=1)
+        np.testing.assert_allclose(result.output, a @ b, rtol=1e-4, atol=1e-3)
+        assert worker.worker.stats.local_uploads == 1
+        assert worker.worker.stats.bytes_shared == b.nbytes
+        assert worker.peer_id not in requester.scheduler.local_shares.refused
+        # The job is over: its sealed copy is closed, the worker still holds the operand.
+        assert requester.scheduler.local_shares.nbytes == 0
+        assert meta_of(b).digest in worker.worker.operands
+
+
+async def test_a_worker_that_takes_no_shared_memory_gets_chunks(tmp_path: Path) -> None:
+    a = RNG.standard_normal((64, 2048)).astype("float32")
+    b = RNG.standard_normal((2048, 1280)).astype("float32")
+    async with devnet(tmp_path, count=2) as nodes:
+        requester, worker = nodes[0][0], worker_of(nodes)
+        worker.worker.local_uploads = False  # as a worker on another machine answers
+        result = await requester.submit("matmul", {"a": a, "b": b}, shards=1, max_workers=1)
+        np.testing.assert_allclose(result.output, a @ b, rtol=1e-4, atol=1e-3)
+        assert worker.worker.stats.local_uploads == 0
+        assert worker.worker.stats.bytes_received >= b.nbytes
+        assert worker.peer_id in requester.scheduler.local_shares.refused
+        # Never asked again: the next large operand goes in chunks at once.
+        before = worker.worker.stats.uploads_refused
+        c = RNG.standard_normal((2048, 1280)).astype("float32")
+        await requester.submit("matmul", {"a": a, "b": c}, shards=1, max_workers=1)
+        assert worker.worker.stats.uploads_refused == before

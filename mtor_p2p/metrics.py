@@ -495,6 +495,11 @@ class NodeCollector(Collector):
             "Operand bytes uploaded to this worker.",
             stats.bytes_received,
         )
+        yield _counter(
+            "mtor_worker_shared_operand_bytes",
+            "Operand bytes taken from a requester's shared memory on this machine.",
+            stats.bytes_shared,
+        )
         uploads = CounterMetricFamily(
             "mtor_worker_uploads_discarded",
             "Operand uploads refused, expired or evicted.",

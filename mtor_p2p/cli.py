@@ -352,6 +352,8 @@ def _config_from(args: argparse.Namespace, *, write: bool = False) -> NodeConfig
         config.bootstrap_node = True
     if getattr(args, "nat", None) is not None:
         config.nat = args.nat == "on"
+    if getattr(args, "shared_memory", None) is not None:
+        config.shared_memory = args.shared_memory == "on"
     if getattr(args, "announce", None):
         config.announce = config.announce + args.announce
     if getattr(args, "ngrok", False):
@@ -1061,7 +1063,9 @@ def _status_guard_lines(status: dict[str, Any]) -> list[str]:
             f"{refused} refused (price {worker.get('price_refusals', 0)}, "
             f"credit {worker.get('credit_refusals', 0)}, "
             f"unpaid {worker.get('unpaid_refusals', 0)}, "
-            f"uploads {worker.get('uploads_refused', 0)})"
+            f"uploads {worker.get('uploads_refused', 0)}); "
+            f"{worker.get('local_uploads', 0)} operands from shared memory "
+            f"({worker.get('bytes_shared', 0) / (1 << 20):.0f} MiB)"
         )
     return lines
 
@@ -2055,6 +2059,12 @@ def build_parser() -> argparse.ArgumentParser:
         "request; eager: the first request waits for it; off: libp2p streams only)",
     )
     p.add_argument("--lane-port", type=_port, help="TCP port for lanes (0: any free port)")
+    p.add_argument(
+        "--shared-memory",
+        choices=["on", "off"],
+        help="hand operands of 8 MiB or more to workers on this machine (same user) through "
+        "sealed shared memory instead of the lane, and take them that way (default on)",
+    )
     p.add_argument(
         "--nat",
         choices=["on", "off"],

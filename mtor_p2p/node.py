@@ -180,6 +180,7 @@ class Node:
             credit_now=self.ledger_service.available_credit_now,
             on_receipt=self._worker_receipt,
             spool_dir=upload_spool,
+            local_uploads=config.shared_memory,
         )
         if serve:
             self.worker.register()
@@ -204,6 +205,7 @@ class Node:
             region=config.region,
             book=self.peers,
         )
+        self.scheduler.local_shares.enabled &= config.shared_memory
         self.challenger = Challenger(
             self.scheduler,
             self.capacity.view,

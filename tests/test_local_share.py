@@ -342,11 +342,15 @@ async def test_a_job_between_hosts_on_one_machine_shares_its_large_operand(
 
 
 async def test_a_worker_that_takes_no_shared_memory_gets_chunks(tmp_path: Path) -> None:
+    """A worker elsewhere, or one whose operator turned the path off, answers NOT_LOCAL: the
+    requester uploads in chunks and never asks that worker again."""
     a = RNG.standard_normal((64, 2048)).astype("float32")
     b = RNG.standard_normal((2048, 1280)).astype("float32")
-    async with devnet(tmp_path, count=2) as nodes:
+    # The worker's operator turned the path off (its config's shared_memory): it answers as
+    # a worker on another machine does.
+    async with devnet(tmp_path, count=2, **{"1": {"shared_memory": False}}) as nodes:
         requester, worker = nodes[0][0], worker_of(nodes)
-        worker.worker.local_uploads = False  # as a worker on another machine answers
+        assert not worker.worker.local_uploads
         result = await requester.submit("matmul", {"a": a, "b": b}, shards=1, max_workers=1)
         np.testing.assert_allclose(result.output, a @ b, rtol=1e-4, atol=1e-3)
         assert worker.worker.stats.local_uploads == 0

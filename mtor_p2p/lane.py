@@ -661,10 +661,21 @@ class LaneServer:
             await self.dispatch(server_lane.client, request_id, protocol, length, server_lane)
 
 
+def is_loopback_ip(text: str) -> bool:
+    """Whether ``text`` is a loopback address (an IPv4-mapped IPv6 one read as IPv4)."""
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped.is_loopback
+    return address.is_loopback
+
+
 def _is_loopback(sock: trio.socket.SocketType) -> bool:
     try:
-        return ipaddress.ip_address(sock.getpeername()[0]).is_loopback
-    except (OSError, ValueError, TypeError, IndexError):
+        return is_loopback_ip(str(sock.getpeername()[0]))
+    except (OSError, TypeError, IndexError):
         return False
 
 

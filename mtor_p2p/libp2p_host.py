@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import ipaddress
 import json
 import logging
 import math
@@ -84,6 +83,7 @@ from mtor_p2p.lane import (
     LaneError,
     LaneServer,
     ServerLane,
+    is_loopback_ip,
     read_deadline,
 )
 from mtor_p2p.libp2p_nat import (
@@ -619,9 +619,11 @@ class Libp2pNetwork:
 
     def same_host(self, peer_id: str) -> bool:
         """Whether ``peer_id`` is on this machine, as far as this node can tell: its open lane,
-        else a direct connection to it, is on a loopback address
-        (:class:`~mtor_p2p.network.PeerLinks`). A peer may claim anything; callers use this
-        only to try a path that checks for itself (mtor_p2p/compute/local_share.py)."""
+        else a direct connection this node dialled, is on a loopback address
+        (:class:`~mtor_p2p.network.PeerLinks`). Only connections we made count: a peer
+        reaching us through an ngrok agent arrives from 127.0.0.1 without being here. A
+        peer may claim anything; callers use this only to try a path that checks for itself
+        (mtor_p2p/compute/local_share.py)."""
         lane = self._lane_client.peek(peer_id) if self._lane_client is not None else None
         if lane is not None:
             return lane.lane.loopback
@@ -630,12 +632,10 @@ class Libp2pNetwork:
         except Exception:  # not a peer ID
             return False
         for conn in conns:
+            dialled = getattr(getattr(conn, "muxed_conn", None), "is_initiator", False)
             remote = None if conn.is_closed or is_relayed(conn) else remote_of(conn)
-            if remote is not None:
-                try:
-                    return ipaddress.ip_address(remote[0]).is_loopback
-                except ValueError:
-                    return False
+            if remote is not None and dialled is True:
+                return is_loopback_ip(remote[0])
         return False
 
     def round_trip(self, peer_id: str) -> float | None:

@@ -22,23 +22,26 @@ from typing import Any
 import numpy as np
 import pytest
 import trio
+import trio.testing
 
 from mtor_p2p.compute import local_share
 from mtor_p2p.compute.local_share import (
-    HOST_TOKEN,
     MIN_LOCAL_BYTES,
     NOT_LOCAL,
     LocalShareError,
     LocalShares,
+    host_token,
     map_shared,
+    memfd_name,
     sealed_copy,
 )
 from mtor_p2p.compute.protocol import PROTOCOL_UPLOAD_LOCAL
 from mtor_p2p.network import RemoteError
 from mtor_p2p.records.arrays import meta_of, pack, unpack
 from mtor_p2p.runtime import Runtime
+from tests.conftest import open_networks
 from tests.test_compute import devnet
-from tests.test_worker_attacks import Bench, bench
+from tests.test_worker_attacks import Bench, bench, ident
 
 pytestmark = pytest.mark.skipif(not local_share.usable(), reason="needs Linux memfds")
 
@@ -49,9 +52,19 @@ def view_of(array: np.ndarray) -> memoryview:
     return memoryview(array).cast("B")
 
 
-def expect_refusal(pid: int, fd: int, nbytes: int, reason: str) -> None:
+DIGEST = "ab" * 32  # the content hash the unit tests' copies are named for
+
+
+def expect_refusal(pid: int, fd: int, nbytes: int, reason: str, digest: str = DIGEST) -> None:
     with pytest.raises(LocalShareError, match=reason):
-        map_shared(pid, fd, nbytes)
+        map_shared(pid, fd, nbytes, digest)
+
+
+def named_memfd(size: int = 4096, *, digest: str = DIGEST, flags: int = 0) -> int:
+    """A memfd named as a sealed copy of ``digest`` is, written in full, not yet sealed."""
+    fd = os.memfd_create(memfd_name(digest), os.MFD_ALLOW_SEALING | flags)
+    os.pwrite(fd, b"w" * size, 0)
+    return fd
 
 
 # -- mapping another process's sealed copy -------------------------------------------------
@@ -63,7 +76,7 @@ def test_a_sealed_copy_made_in_another_process_maps_read_only_with_its_bytes() -
             sys.executable,
             "-c",
             "import sys; from mtor_p2p.compute.local_share import sealed_copy\n"
-            "fd = sealed_copy(memoryview(bytes(range(256)) * 4096))\n"
+            f"fd = sealed_copy(memoryview(bytes(range(256)) * 4096), {DIGEST!r})\n"
             "print(fd, flush=True); sys.stdin.read()",
         ],
         stdin=subprocess.PIPE,
@@ -74,17 +87,19 @@ def test_a_sealed_copy_made_in_another_process_maps_read_only_with_its_bytes() -
     try:
         assert child.stdout is not None
         fd = int(child.stdout.readline())
-        mapped = map_shared(child.pid, fd, 1 << 20)
+        mapped = map_shared(child.pid, fd, 1 << 20, DIGEST)
         assert bytes(mapped) == bytes(range(256)) * 4096
         assert mapped.readonly
         expect_refusal(child.pid, fd, (1 << 20) + 1, "bytes where")
+        # Named for another operand: not the copy this request is about.
+        expect_refusal(child.pid, fd, 1 << 20, "not this operand's sealed copy", "cd" * 32)
     finally:
         child.kill()
         child.wait()
 
 
 def test_a_copy_cannot_change_or_shrink_once_sealed() -> None:
-    fd = sealed_copy(memoryview(b"x" * 4096))
+    fd = sealed_copy(memoryview(b"x" * 4096), DIGEST)
     try:
         seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
         assert seals & local_share.REQUIRED_SEALS == local_share.REQUIRED_SEALS
@@ -96,22 +111,27 @@ def test_a_copy_cannot_change_or_shrink_once_sealed() -> None:
         os.close(fd)
 
 
-def test_an_unsealed_or_half_sealed_memfd_is_refused() -> None:
-    unsealed = os.memfd_create("t", os.MFD_ALLOW_SEALING)
-    half = os.memfd_create("t", os.MFD_ALLOW_SEALING)
+def test_an_unsealed_half_sealed_or_sparse_memfd_is_refused() -> None:
+    unsealed = named_memfd()
+    half = named_memfd()
+    # Sealed, but never written: reading its holes would fill them with the worker's memory.
+    sparse = os.memfd_create(memfd_name(DIGEST), os.MFD_ALLOW_SEALING)
     try:
-        for fd in (unsealed, half):
-            os.ftruncate(fd, 4096)
+        os.ftruncate(sparse, 64 << 20)
+        fcntl.fcntl(sparse, fcntl.F_ADD_SEALS, local_share.REQUIRED_SEALS)
         # Sealed against resizing only: its bytes could still change after they are hashed.
         fcntl.fcntl(half, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
         expect_refusal(os.getpid(), unsealed, 4096, "not sealed")
         expect_refusal(os.getpid(), half, 4096, "not sealed")
+        expect_refusal(os.getpid(), sparse, 64 << 20, "not every byte")
     finally:
-        os.close(unsealed)
-        os.close(half)
+        for fd in (unsealed, half, sparse):
+            os.close(fd)
 
 
-def test_what_is_not_a_sealed_memfd_is_refused_without_blocking(tmp_path: Path) -> None:
+def test_what_is_not_a_named_memfd_is_refused_before_anything_is_opened(
+    tmp_path: Path,
+) -> None:
     regular = tmp_path / "operand"
     regular.write_bytes(b"z" * 4096)
     fifo = tmp_path / "fifo"
@@ -122,27 +142,25 @@ def test_what_is_not_a_sealed_memfd_is_refused_without_blocking(tmp_path: Path) 
         # a worker's thread if the worker did not check first.
         "fifo": os.open(fifo, os.O_RDONLY | os.O_NONBLOCK),
         "null": os.open("/dev/null", os.O_RDONLY),
+        # A memfd, but not one named for this operand (another process's memory).
+        "memfd": os.memfd_create("someone-else", os.MFD_ALLOW_SEALING),
     }
     read_end, write_end = os.pipe()
     me = os.getpid()
-    cases = [
-        (opened["file"], "not a sealed memfd"),
-        (opened["fifo"], "not a regular file"),
-        (opened["null"], "not a regular file"),
-        (read_end, "not a regular file"),
-    ]
     try:
         # On a thread with a deadline: a refusal that blocked would fail here, not hang.
+        # Every refusal is the same words: the worker's own descriptors are no oracle.
         with ThreadPoolExecutor(1) as pool:
-            for fd, reason in cases:
-                pool.submit(expect_refusal, me, fd, 4096, reason).result(timeout=5)
+            for fd in (*opened.values(), read_end):
+                check = pool.submit(expect_refusal, me, fd, 4096, "not this operand's sealed")
+                check.result(timeout=5)
     finally:
         for fd in (*opened.values(), read_end, write_end):
             os.close(fd)
 
 
 def test_names_that_point_nowhere_are_refused() -> None:
-    fd = sealed_copy(memoryview(b"q" * 4096))
+    fd = sealed_copy(memoryview(b"q" * 4096), DIGEST)
     try:
         closed = os.dup(fd)
         os.close(closed)
@@ -153,6 +171,14 @@ def test_names_that_point_nowhere_are_refused() -> None:
         expect_refusal(os.getpid(), fd, 0, "out of range")
     finally:
         os.close(fd)
+
+
+def test_the_host_token_binds_both_peers_and_names_neither_the_machine() -> None:
+    token = host_token("requester", "worker")
+    assert token == host_token("requester", "worker")
+    assert token not in {host_token("worker", "requester"), host_token("requester", "other")}
+    boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    assert boot not in token and len(token) == 64
 
 
 # -- the requester's copies ----------------------------------------------------------------
@@ -185,7 +211,7 @@ async def test_one_copy_per_operand_shared_by_callers_and_closed_with_its_last_j
     assert calls == ["sealed_copy"]
     assert len(set(got)) == 1 and got[0] is not None
     fd = got[0]
-    assert bytes(map_shared(os.getpid(), fd, meta.nbytes)) == array.tobytes()
+    assert bytes(map_shared(os.getpid(), fd, meta.nbytes, meta.digest)) == array.tobytes()
     assert shares.nbytes == meta.nbytes
     shares.release("job 1")
     os.fstat(fd)  # job 2 still uses it
@@ -217,38 +243,50 @@ async def share_request(b: Bench, label: str, header: dict[str, Any]) -> dict[st
     return unpack(reply)[0]
 
 
-def shared_header(meta: Any, fd: int, **changes: Any) -> dict[str, Any]:
-    header = {"array": meta.to_json(), "host": HOST_TOKEN, "pid": os.getpid(), "fd": fd}
+def shared_header(b: Bench, label: str, meta: Any, fd: int, **changes: Any) -> dict[str, Any]:
+    """The request an honest requester ``label`` on this machine sends for ``meta``."""
+    token = host_token(ident(label).peer_id, b.worker_id)
+    header = {"array": meta.to_json(), "host": token, "pid": os.getpid(), "fd": fd}
     header.update(changes)
     return header
 
 
 @asynccontextmanager
-async def sealed(data: bytes | memoryview) -> AsyncIterator[int]:
-    fd = sealed_copy(memoryview(data))
+async def sealed(data: bytes | memoryview, digest: str) -> AsyncIterator[int]:
+    fd = sealed_copy(memoryview(data), digest)
     try:
         yield fd
     finally:
         os.close(fd)
 
 
+def big(value: float, rows: int = 2048) -> np.ndarray:
+    """An operand of ``rows`` x 1024 float32 (8 MiB at 2048 rows: the smallest shared)."""
+    return np.full((rows, 1024), value, dtype="float32")
+
+
 async def test_a_worker_holds_a_shared_operand_it_hashed_and_refuses_one_that_lies() -> None:
-    array = RNG.standard_normal((2048, 1024)).astype("float32")
+    array = RNG.standard_normal((3072, 1024)).astype("float32")
     meta = meta_of(array)
     async with bench() as b:
         other = array.copy()
         other[5, 5] += 1
-        async with sealed(view_of(other)) as fd:
+        # Named for the operand, holding other bytes: the hash says so.
+        async with sealed(view_of(other), meta.digest) as fd:
             with pytest.raises(RemoteError, match="shared operand refused: hash mismatch"):
-                await share_request(b, "liar", shared_header(meta, fd))
+                await share_request(b, "liar", shared_header(b, "liar", meta, fd))
         assert meta.digest not in b.worker.operands
-        async with sealed(view_of(array)) as fd:
+        async with sealed(view_of(array), meta.digest) as fd:
             with pytest.raises(RemoteError, match=f"^{NOT_LOCAL}"):
-                await share_request(b, "far", shared_header(meta, fd, host="another/1"))
-            with pytest.raises(RemoteError, match=r"shared operand refused: .*bytes where"):
-                wrong_size = meta_of(array[:1024])
-                await share_request(b, "honest", shared_header(wrong_size, fd))
-            assert await share_request(b, "honest", shared_header(meta, fd)) == {
+                # A token made for another pair of peers (or another machine).
+                header = shared_header(b, "far", meta, fd, host=host_token("x", b.worker_id))
+                await share_request(b, "far", header)
+            shorter = meta_of(array[:2048])
+            async with sealed(view_of(array), shorter.digest) as wrong_size:
+                with pytest.raises(RemoteError, match=r"shared operand refused: .*bytes where"):
+                    header = shared_header(b, "honest", shorter, wrong_size)
+                    await share_request(b, "honest", header)
+            assert await share_request(b, "honest", shared_header(b, "honest", meta, fd)) == {
                 "complete": True,
                 "received": meta.nbytes,
             }
@@ -257,21 +295,29 @@ async def test_a_worker_holds_a_shared_operand_it_hashed_and_refuses_one_that_li
         assert not held.flags.writeable
         assert b.worker.stats.local_uploads == 1
         assert b.worker.stats.uploads_refused == 2
+        assert b.worker.reserved_upload_bytes == 0  # reserved while checked, then given back
 
 
-async def test_malformed_shared_upload_requests_cost_the_sender_a_clear_error() -> None:
-    array = RNG.standard_normal((8, 8)).astype("float32")
+async def test_malformed_or_unfit_shared_upload_requests_cost_the_sender_a_clear_error() -> None:
+    small = RNG.standard_normal((8, 8)).astype("float32")
+    array = big(1.0)
     meta = meta_of(array)
     async with bench() as b:
-        for header, reason in [
-            ({"array": meta.to_json(), "host": HOST_TOKEN, "pid": "1", "fd": 3}, "pid"),
-            ({"array": meta.to_json(), "host": HOST_TOKEN, "pid": 1}, "fd"),
-            ({"array": {"dtype": "object"}, "host": HOST_TOKEN, "pid": 1, "fd": 3}, "described by"),
-            (shared_header(meta, 10**9), "out of range"),
-            (shared_header(meta, 3, pid=-5), "out of range"),
-        ]:
-            with pytest.raises(RemoteError, match=reason):
-                await share_request(b, "garbage", header)
+        token = host_token(ident("garbage").peer_id, b.worker_id)
+        async with sealed(view_of(array), meta.digest) as fd:
+            for header, reason in [
+                ({"array": meta.to_json(), "host": token, "pid": "1", "fd": 3}, "pid"),
+                ({"array": meta.to_json(), "host": token, "pid": 1}, "fd"),
+                ({"array": {"dtype": "object"}, "host": token, "pid": 1, "fd": 3}, "described by"),
+                (shared_header(b, "garbage", meta, 10**9), "out of range"),
+                (shared_header(b, "garbage", meta, fd, pid=-5), "out of range"),
+                (shared_header(b, "garbage", meta_of(small), fd), "too small to share"),
+            ]:
+                with pytest.raises(RemoteError, match=reason):
+                    await share_request(b, "garbage", header)
+            b.worker.operands.max_bytes = meta.nbytes - 1
+            with pytest.raises(RemoteError, match="larger than this worker's operand cache"):
+                await share_request(b, "garbage", shared_header(b, "garbage", meta, fd))
         assert b.worker.operands.nbytes == 0
 
 
@@ -283,15 +329,15 @@ async def test_shared_operands_checked_at_once_are_bounded_per_sender() -> None:
         return fn(*args)
 
     runtime = Runtime(run_blocking=gated, random=random.Random(1), seeded=True)
-    arrays = [RNG.standard_normal((16, 16)).astype("float32") for _ in range(3)]
-    fds = [sealed_copy(view_of(a)) for a in arrays]
+    arrays = [big(float(i)) for i in range(3)]
+    fds = [sealed_copy(view_of(a), meta_of(a).digest) for a in arrays]
     outcomes: list[str] = []
     try:
         async with bench(runtime=runtime) as b:
 
             async def send(array: np.ndarray, fd: int) -> None:
                 try:
-                    await share_request(b, "eager", shared_header(meta_of(array), fd))
+                    await share_request(b, "eager", shared_header(b, "eager", meta_of(array), fd))
                     outcomes.append("held")
                 except RemoteError as exc:
                     outcomes.append(str(exc))
@@ -304,13 +350,16 @@ async def test_shared_operands_checked_at_once_are_bounded_per_sender() -> None:
                 with trio.fail_after(5):
                     while not outcomes:
                         await trio.sleep(0.01)
-                # Two checks wait at the gate; the third was refused without waiting.
+                # Two checks wait at the gate; the third was refused without waiting. The
+                # two in progress are reserved as uploads are.
                 assert outcomes == ["busy: too many shared operands being checked"]
+                assert b.worker.reserved_upload_bytes == 2 * arrays[0].nbytes
                 gate.set()
             assert (
                 sorted(outcomes) == ["busy: too many shared operands being checked"] + ["held"] * 2
             )
             assert b.worker.operands.nbytes == 2 * arrays[0].nbytes
+            assert b.worker.reserved_upload_bytes == 0
     finally:
         for fd in fds:
             os.close(fd)
@@ -319,8 +368,10 @@ async def test_shared_operands_checked_at_once_are_bounded_per_sender() -> None:
 # -- whole jobs between real hosts on loopback --------------------------------------------
 
 
-def worker_of(nodes: list[Any]) -> Any:
-    return nodes[1][0]
+def requester_and_worker(nodes: list[Any]) -> tuple[Any, Any]:
+    """The devnet's second node dialled the first: it is the requester (a requester counts
+    only connections it made as being on this machine, until its lane is open)."""
+    return nodes[1][0], nodes[0][0]
 
 
 async def test_a_job_between_hosts_on_one_machine_shares_its_large_operand(
@@ -330,7 +381,7 @@ async def test_a_job_between_hosts_on_one_machine_shares_its_large_operand(
     b = RNG.standard_normal((2048, 1280)).astype("float32")  # 10 MiB: over MIN_LOCAL_BYTES
     assert b.nbytes >= MIN_LOCAL_BYTES
     async with devnet(tmp_path, count=2) as nodes:
-        requester, worker = nodes[0][0], worker_of(nodes)
+        requester, worker = requester_and_worker(nodes)
         result = await requester.submit("matmul", {"a": a, "b": b}, shards=1, max_workers=1)
         np.testing.assert_allclose(result.output, a @ b, rtol=1e-4, atol=1e-3)
         assert worker.worker.stats.local_uploads == 1
@@ -348,8 +399,8 @@ async def test_a_worker_that_takes_no_shared_memory_gets_chunks(tmp_path: Path) 
     b = RNG.standard_normal((2048, 1280)).astype("float32")
     # The worker's operator turned the path off (its config's shared_memory): it answers as
     # a worker on another machine does.
-    async with devnet(tmp_path, count=2, **{"1": {"shared_memory": False}}) as nodes:
-        requester, worker = nodes[0][0], worker_of(nodes)
+    async with devnet(tmp_path, count=2, **{"0": {"shared_memory": False}}) as nodes:
+        requester, worker = requester_and_worker(nodes)
         assert not worker.worker.local_uploads
         result = await requester.submit("matmul", {"a": a, "b": b}, shards=1, max_workers=1)
         np.testing.assert_allclose(result.output, a @ b, rtol=1e-4, atol=1e-3)
@@ -361,3 +412,26 @@ async def test_a_worker_that_takes_no_shared_memory_gets_chunks(tmp_path: Path) 
         c = RNG.standard_normal((2048, 1280)).astype("float32")
         await requester.submit("matmul", {"a": a, "b": c}, shards=1, max_workers=1)
         assert worker.worker.stats.uploads_refused == before
+
+
+async def test_only_connections_a_peer_dialled_say_the_other_is_on_this_machine() -> None:
+    # A peer reaching us through an ngrok agent arrives from 127.0.0.1 too: an inbound
+    # connection proves nothing, so only the side that dialled counts it (until a lane opens).
+    async with open_networks(2) as (first, second):
+        assert second.same_host(first.peer_id)  # second dialled first, on loopback
+        assert not first.same_host(second.peer_id)
+        assert not first.same_host("not a peer id")
+
+
+async def test_a_worker_that_failed_to_answer_is_asked_again_later(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    run_blocking, _ = await counting_runner()
+    shares = LocalShares(run_blocking)
+    meta = meta_of(big(2.0))
+    shares.refuse("old worker", for_good=False)
+    shares.refuse("elsewhere", for_good=True)
+    assert not shares.wanted("old worker", meta) and not shares.wanted("elsewhere", meta)
+    await trio.sleep(local_share.RETRY_AFTER_S)
+    assert shares.wanted("old worker", meta)
+    assert not shares.wanted("elsewhere", meta)

@@ -216,21 +216,23 @@ async def _upload_shared(
         return False
     request = {
         "array": meta.to_json(),
-        "host": local_share.HOST_TOKEN,
+        "host": local_share.host_token(network.peer_id, worker),
         "pid": os.getpid(),
         "fd": fd,
     }
     try:
         reply = await network.request(worker, PROTOCOL_UPLOAD_LOCAL, pack(request), timeout=timeout)
     except RemoteError as exc:
+        # "not local": never again with that worker; anything else ("busy", a refusal of
+        # this copy): chunks this time only.
         if str(exc).startswith(local_share.NOT_LOCAL):
-            local.refused.add(worker)
+            local.refuse(worker, for_good=True)
         log.debug("worker %s took no shared operand (%s): uploading it", worker, exc)
         return False
     except NetworkError as exc:
         # A worker from before shared operands does not serve the protocol (a broken
-        # connection fails the chunks that follow, too).
-        local.refused.add(worker)
+        # connection fails the chunks that follow, too): not asked again for a while.
+        local.refuse(worker, for_good=False)
         log.debug("worker %s took no shared operand (%s): uploading it", worker, exc)
         return False
     with peer_fault_boundary(worker, "shared upload reply"):

@@ -9,23 +9,28 @@ workers on one multi-GPU box), the requester instead copies the operand once int
 through ``/proc/<pid>/fd/<fd>``, maps it read-only and hashes it, and holds it as it would an
 upload. Every local worker of a job maps the same pages.
 
-What holds it safe (see ``docs/threat-model.md``):
+What holds it safe (see ``docs/threat-model.md``; a hostile review's findings shaped it):
 
 * The request names the operand's content hash, and the worker hashes what it mapped: it
   holds exactly the bytes the authenticated requester described, or refuses them. Nothing
   crosses a network; only a process of the same user (which can already read both peers'
   memory) can open the descriptor.
-* The worker maps only a memfd sealed against writing, shrinking and growing, so that its
+* The worker maps only a memfd named for that hash (:func:`memfd_name`), so a request cannot
+  point it at the worker's own key, database or sockets, nor make it hash another process's
+  memory that is not an operand: the name is read from the process table before anything is
+  opened (no file system is asked, so a hung FUSE or NFS file cannot hold the thread), and
+  the descriptor is taken as a path first (no device is ever opened, even one swapped in
+  meanwhile). The memfd must be sealed against writing, shrinking and growing, so that its
   bytes cannot change after they are hashed and a read of the mapping cannot fault
-  (``SIGBUS``) on a truncated file. It refuses anything else: a descriptor that is not a
-  regular file (checked before opening, so that no device is opened; opened non-blocking, so
-  that a FIFO swapped in meanwhile cannot hold it), a file or a process of another user, a
-  size that is not the operand's. Running as root changes none of this: the process and the
-  file must still be root's, and a sealed memfd that hashes to the announced content tells
-  the requester nothing it did not know.
+  (``SIGBUS``); in small pages; fully written (no holes that reading would fill with the
+  worker's memory); of this user; exactly the operand's size. The worker reserves the bytes
+  under its budget of uploads in progress before mapping them, and refuses operands under
+  :data:`MIN_LOCAL_BYTES` or over its cache.
 * Only when both peers say they are on one machine: the requester when its lane to the
-  worker is on a loopback address, the worker when the request's host token (boot ID and PID
-  namespace) is its own. Anything else falls back to the upload in chunks.
+  worker (or a connection it dialled) is on a loopback address, the worker when the
+  request's host token is its own (:func:`host_token`: the boot ID and PID namespace hashed
+  with both peer IDs, so that the token names neither the machine nor its other peers).
+  Anything else falls back to the upload in chunks. Running as root changes none of this.
 """
 
 from __future__ import annotations
@@ -33,11 +38,13 @@ from __future__ import annotations
 import errno
 import fcntl
 import logging
+import math
 import mmap
 import os
 import stat
 from dataclasses import dataclass, field
 
+import blake3
 import numpy as np
 import trio
 
@@ -52,18 +59,18 @@ MIN_LOCAL_BYTES = 8 << 20
 #: Bytes the requester keeps in sealed copies at once (beside its own operands); an operand
 #: that does not fit is uploaded in chunks.
 MAX_SHARED_BYTES = 2 << 30
-#: The seals a shared operand must carry: no write, no shrinking, no growing.
-REQUIRED_SEALS = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
-#: How a worker refuses an operand it cannot take from shared memory (not a fault: the
-#: requester uploads it in chunks, and stops asking that worker).
-NOT_LOCAL = "not local: "
 
 
 class LocalShareError(Exception):
     """A shared operand that cannot be used; ``str(exc)`` says why."""
 
 
-def _read_host_token() -> str | None:
+class NotLocal(LocalShareError):
+    """A shared operand that this worker can never take from that requester (another user's
+    process, one it may not open): the requester uploads in chunks from then on."""
+
+
+def _read_host() -> str | None:
     try:
         with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
             boot = f.read().strip()
@@ -75,18 +82,43 @@ def _read_host_token() -> str | None:
     return f"{boot}/{namespace}"
 
 
-#: This machine and PID namespace, as the peers compare it (None: no shared memory here).
-HOST_TOKEN = _read_host_token()
+#: This machine and PID namespace (None: no shared memory here). Never sent as it is: any
+#: local user can read it, and it would tie together every peer ID run on this machine.
+_HOST = _read_host()
+#: The seals a shared operand must carry: no write, no shrinking, no growing.
+REQUIRED_SEALS = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
+#: How a worker refuses an operand it can never take from that requester (not a fault: the
+#: requester uploads it in chunks, and stops asking that worker).
+NOT_LOCAL = "not local: "
+#: A refused sharing attempt that may succeed later (a network failure, an old worker that
+#: does not serve the protocol) is not tried again with that worker for this long.
+RETRY_AFTER_S = 600.0
 
 
 def usable() -> bool:
     """Whether this process can share operands (Linux, with memfds)."""
-    return HOST_TOKEN is not None
+    return _HOST is not None
 
 
-def sealed_copy(data: memoryview) -> int:
-    """A new memfd holding ``data``, sealed (a blocking call: one copy of ``data``)."""
-    fd = os.memfd_create("mtor-operand", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+def host_token(requester: str, worker: str) -> str:
+    """What a requester and a worker on one machine both compute for each other: a hash of
+    the machine's boot ID and PID namespace with both peer IDs (so that it names neither
+    the machine nor the other peers run on it to anyone else). Empty where unusable."""
+    if _HOST is None:
+        return ""
+    return blake3.blake3(f"mtor-host/{_HOST}/{requester}/{worker}".encode()).hexdigest()
+
+
+def memfd_name(digest: str) -> str:
+    """The name a sealed copy of the operand with content hash ``digest`` is created under:
+    a worker maps only a memfd so named, so a request cannot point it at anything else."""
+    return f"mtor-{digest}"
+
+
+def sealed_copy(data: memoryview, digest: str) -> int:
+    """A new memfd holding ``data``, named for ``digest`` and sealed (a blocking call: one
+    copy of ``data``)."""
+    fd = os.memfd_create(memfd_name(digest), os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:
         os.ftruncate(fd, len(data))
         offset = 0
@@ -99,34 +131,57 @@ def sealed_copy(data: memoryview) -> int:
     return fd
 
 
-def map_shared(pid: int, fd: int, nbytes: int) -> memoryview:
-    """Map another process's sealed memfd read-only (a blocking call); LocalShareError for
-    anything that is not one of this user's sealed memfds of exactly ``nbytes``."""
-    if not usable():
-        raise LocalShareError("shared memory is not available here")
+def map_shared(pid: int, fd: int, nbytes: int, digest: str) -> memoryview:
+    """Map another process's sealed copy of the operand ``digest`` read-only (a blocking
+    call); LocalShareError for anything else.
+
+    Nothing is opened, nor any file system asked, before the descriptor is known to be a
+    memfd of that name: its link in ``/proc`` (read from the process table, never from a
+    file system: a hung FUSE or NFS file cannot hold the thread) must name it; it is then
+    taken as a path only (``O_PATH``: no device is opened), its link checked again (the
+    descriptor may have been replaced meanwhile), and only that is opened for reading. It
+    must belong to this user, be in small pages (a huge-page memfd can fault when its pool
+    runs out), have every byte written (no holes that reading would fill with this worker's
+    memory), be sealed against writes, shrinking and growing, and be exactly ``nbytes``.
+    """
+    if _HOST is None:
+        raise NotLocal("shared memory is not available here")
     if not (0 < pid < 1 << 31 and 0 <= fd < 1 << 20 and nbytes > 0):
         raise LocalShareError("pid, descriptor or size out of range")
     me = os.geteuid()
+    expected = f"/memfd:{memfd_name(digest)} (deleted)"
+    link = f"/proc/{pid}/fd/{fd}"
     try:
         if os.stat(f"/proc/{pid}").st_uid != me:
-            raise LocalShareError("the process is another user's")
-        path = f"/proc/{pid}/fd/{fd}"
-        # Checked before opening: opening a device may do something; a FIFO may block (and
-        # is opened non-blocking all the same, in case it was swapped in meanwhile).
-        if not stat.S_ISREG(os.stat(path).st_mode):
-            raise LocalShareError("not a regular file")
-        opened = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
+            raise NotLocal("the process is another user's")
+        if os.readlink(link) != expected:
+            raise LocalShareError("not this operand's sealed copy")
+        path_only = os.open(link, os.O_PATH | os.O_CLOEXEC)
+    except PermissionError as exc:
+        raise NotLocal("this worker may not open the requester's memory") from exc
     except OSError as exc:
         raise LocalShareError(f"cannot open it: {os.strerror(exc.errno or errno.EIO)}") from exc
     try:
+        if os.readlink(f"/proc/self/fd/{path_only}") != expected:
+            raise LocalShareError("not this operand's sealed copy")
+        opened = os.open(f"/proc/self/fd/{path_only}", os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError as exc:
+        raise LocalShareError(f"cannot open it: {os.strerror(exc.errno or errno.EIO)}") from exc
+    finally:
+        os.close(path_only)
+    try:
         info = os.fstat(opened)
         if not stat.S_ISREG(info.st_mode) or info.st_uid != me:
-            raise LocalShareError("not a regular file of this user")
+            raise NotLocal("not a file of this user")
         if info.st_size != nbytes:
             raise LocalShareError(f"{info.st_size} bytes where {nbytes} were announced")
+        if info.st_blksize != mmap.PAGESIZE:
+            raise LocalShareError("not in small pages")
+        if info.st_blocks * 512 < nbytes:
+            raise LocalShareError("not every byte of it is written")
         try:
             seals = fcntl.fcntl(opened, fcntl.F_GET_SEALS)
-        except OSError as exc:  # not shared memory at all
+        except OSError as exc:
             raise LocalShareError("not a sealed memfd") from exc
         if seals & REQUIRED_SEALS != REQUIRED_SEALS:
             raise LocalShareError("not sealed against writes and resizing")
@@ -162,8 +217,8 @@ class LocalShares:
         self.max_bytes = max_bytes
         self._shares: dict[str, _Share] = {}
         self._bytes = 0
-        #: Workers that answered NOT_LOCAL: never asked again.
-        self.refused: set[str] = set()
+        #: worker -> until when it is not asked (inf: it answered NOT_LOCAL).
+        self.refused: dict[str, float] = {}
         self.enabled = usable()
 
     @property
@@ -174,7 +229,18 @@ class LocalShares:
     def wanted(self, worker: str, meta: ArrayMeta) -> bool:
         """Whether ``meta`` should go to ``worker`` through shared memory (the caller checks
         that the two are on one machine)."""
-        return self.enabled and meta.nbytes >= MIN_LOCAL_BYTES and worker not in self.refused
+        if not self.enabled or meta.nbytes < MIN_LOCAL_BYTES:
+            return False
+        until = self.refused.get(worker)
+        if until is not None and until <= trio.current_time():
+            del self.refused[worker]
+            until = None
+        return until is None
+
+    def refuse(self, worker: str, *, for_good: bool) -> None:
+        """Stop asking ``worker``: for good (it is not on this machine, or may never map
+        this process's memory), else for RETRY_AFTER_S."""
+        self.refused[worker] = math.inf if for_good else trio.current_time() + RETRY_AFTER_S
 
     async def descriptor(self, meta: ArrayMeta, array: np.ndarray, holder: str) -> int | None:
         """The descriptor of the sealed copy of ``array`` for job ``holder`` (made now if
@@ -190,7 +256,7 @@ class LocalShares:
         self._bytes += meta.nbytes
         try:
             data = memoryview(np.ascontiguousarray(array)).cast("B")
-            share.fd = await self._run_blocking(sealed_copy, data)
+            share.fd = await self._run_blocking(sealed_copy, data, meta.digest)
         except OSError as exc:
             log.info("cannot share an operand through memory: %s", exc)
         finally:

@@ -13,8 +13,9 @@ Every message is ``arrays.pack(header, body)``. Operands travel in chunks of at 
 ``/mtor/compute/upload-local/1`` header {array, host, pid, fd}     → {complete, received}: the
                              operand is in the requester's sealed memfd ``fd`` of process
                              ``pid`` on the worker's own machine (``host``: its boot ID and
-                             PID namespace); the worker maps and hashes it instead of taking
-                             chunks (mtor_p2p/compute/local_share.py). A worker on another
+                             PID namespace hashed with both peer IDs; the memfd is named for
+                             the array's hash); the worker maps and hashes it instead of
+                             taking chunks (mtor_p2p/compute/local_share.py). A worker on another
                              machine answers NOT_LOCAL and gets chunks from then on; one that
                              cannot use it answers another error and gets chunks this time.
 ``/mtor/compute/has/1``      header {hashes: [...]}                   → {have: [...]}

@@ -309,7 +309,7 @@ class _UploadBuffer:
 
 def _map_and_hash(pid: int, fd: int, meta: ArrayMeta) -> tuple[memoryview, str]:
     """A requester's shared operand mapped, and its content hash (a blocking call)."""
-    data = local_share.map_shared(pid, fd, meta.nbytes)
+    data = local_share.map_shared(pid, fd, meta.nbytes, meta.digest)
     hasher = content_hasher(meta.dtype, meta.shape)
     hasher.update(data)
     return data, str(hasher.hexdigest())
@@ -771,12 +771,13 @@ class WorkerService:
                 data = pending.buffer.read_all()
             # Hashed chunk by chunk as they arrived: checked here without a second pass.
             array = array_from_hashed_bytes(meta, data, pending.buffer.digest())
+            # An operand larger than the whole cache: refused in words, not "internal error".
+            self.operands.put(array, meta.digest)
         except RecordError as exc:
             self.stats.uploads_refused += 1
             raise RemoteError(str(exc)) from exc
         finally:
             self._release_upload(pending)
-        self.operands.put(array, meta.digest)
         self._operands_changed()
         return pack({"complete": True, "received": meta.nbytes})
 
@@ -794,30 +795,45 @@ class WorkerService:
         done = pack({"complete": True, "received": meta.nbytes})
         if meta.digest in self.operands:
             return done
-        if not self.local_uploads or host != local_share.HOST_TOKEN:
+        if not self.local_uploads or host != local_share.host_token(sender, self._identity.peer_id):
             raise RemoteError(local_share.NOT_LOCAL + "this worker is on another machine")
+        if meta.nbytes < local_share.MIN_LOCAL_BYTES:
+            raise RemoteError("shared operand refused: too small to share; upload it")
+        if meta.nbytes > self.operands.max_bytes:
+            raise RemoteError("shared operand refused: larger than this worker's operand cache")
         key = (sender, meta.digest)
         mine = sum(1 for s, _ in self._local_in_progress if s == sender)
+        sender_reserved = self._reserved_by_sender.get(sender, 0)
         if (
             key in self._local_in_progress
             or mine >= MAX_LOCAL_UPLOADS_PER_SENDER
             or len(self._local_in_progress) >= MAX_LOCAL_UPLOADS
+            or sender_reserved + meta.nbytes > MAX_PENDING_UPLOAD_BYTES_PER_PEER
+            or self._reserved_total + meta.nbytes > MAX_PENDING_UPLOAD_BYTES
         ):
             self.stats.uploads_refused += 1
             raise RemoteError("busy: too many shared operands being checked")
+        # Reserved as an upload in progress before a byte is mapped: the pages are the
+        # requester's, but reading them makes them this process's to keep.
         self._local_in_progress.add(key)
+        self._reserved_total += meta.nbytes
+        self._reserved_by_sender[sender] = sender_reserved + meta.nbytes
         self._operands_changed()
         try:
             data, digest = await self._runtime.run_blocking(_map_and_hash, pid, fd, meta)
             array = array_from_hashed_bytes(meta, data, digest)
+            self.operands.put(array, meta.digest)
+        except local_share.NotLocal as exc:
+            self.stats.uploads_refused += 1
+            raise RemoteError(f"{local_share.NOT_LOCAL}{exc}") from exc
         except (local_share.LocalShareError, RecordError) as exc:
             self.stats.uploads_refused += 1
             raise RemoteError(f"shared operand refused: {exc}") from exc
         finally:
             self._local_in_progress.discard(key)
+            self._reserved_total -= meta.nbytes
+            _take_back(self._reserved_by_sender, sender, meta.nbytes)
             self._operands_changed()
-        self.operands.put(array, meta.digest)
-        self._operands_changed()
         self.stats.local_uploads += 1
         self.stats.bytes_shared += meta.nbytes
         return done

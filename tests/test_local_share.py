@@ -53,16 +53,19 @@ def view_of(array: np.ndarray) -> memoryview:
 
 
 DIGEST = "ab" * 32  # the content hash the unit tests' copies are named for
+OWNER = "12D3KooWRequester"  # and the requester that made them
 
 
-def expect_refusal(pid: int, fd: int, nbytes: int, reason: str, digest: str = DIGEST) -> None:
+def expect_refusal(
+    pid: int, fd: int, nbytes: int, reason: str, digest: str = DIGEST, owner: str = OWNER
+) -> None:
     with pytest.raises(LocalShareError, match=reason):
-        map_shared(pid, fd, nbytes, digest)
+        map_shared(pid, fd, nbytes, digest, owner)
 
 
 def named_memfd(size: int = 4096, *, digest: str = DIGEST, flags: int = 0) -> int:
     """A memfd named as a sealed copy of ``digest`` is, written in full, not yet sealed."""
-    fd = os.memfd_create(memfd_name(digest), os.MFD_ALLOW_SEALING | flags)
+    fd = os.memfd_create(memfd_name(digest, OWNER), os.MFD_ALLOW_SEALING | flags)
     os.pwrite(fd, b"w" * size, 0)
     return fd
 
@@ -76,7 +79,7 @@ def test_a_sealed_copy_made_in_another_process_maps_read_only_with_its_bytes() -
             sys.executable,
             "-c",
             "import sys; from mtor_p2p.compute.local_share import sealed_copy\n"
-            f"fd = sealed_copy(memoryview(bytes(range(256)) * 4096), {DIGEST!r})\n"
+            f"fd = sealed_copy(memoryview(bytes(range(256)) * 4096), {DIGEST!r}, {OWNER!r})\n"
             "print(fd, flush=True); sys.stdin.read()",
         ],
         stdin=subprocess.PIPE,
@@ -87,19 +90,21 @@ def test_a_sealed_copy_made_in_another_process_maps_read_only_with_its_bytes() -
     try:
         assert child.stdout is not None
         fd = int(child.stdout.readline())
-        mapped = map_shared(child.pid, fd, 1 << 20, DIGEST)
+        mapped = map_shared(child.pid, fd, 1 << 20, DIGEST, OWNER)
         assert bytes(mapped) == bytes(range(256)) * 4096
         assert mapped.readonly
         expect_refusal(child.pid, fd, (1 << 20) + 1, "bytes where")
-        # Named for another operand: not the copy this request is about.
+        # Named for another operand, or made by another requester: not the copy this
+        # request is about.
         expect_refusal(child.pid, fd, 1 << 20, "not this operand's sealed copy", "cd" * 32)
+        expect_refusal(child.pid, fd, 1 << 20, "not this operand's sealed copy", owner="x")
     finally:
         child.kill()
         child.wait()
 
 
 def test_a_copy_cannot_change_or_shrink_once_sealed() -> None:
-    fd = sealed_copy(memoryview(b"x" * 4096), DIGEST)
+    fd = sealed_copy(memoryview(b"x" * 4096), DIGEST, OWNER)
     try:
         seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
         assert seals & local_share.REQUIRED_SEALS == local_share.REQUIRED_SEALS
@@ -115,7 +120,7 @@ def test_an_unsealed_half_sealed_or_sparse_memfd_is_refused() -> None:
     unsealed = named_memfd()
     half = named_memfd()
     # Sealed, but never written: reading its holes would fill them with the worker's memory.
-    sparse = os.memfd_create(memfd_name(DIGEST), os.MFD_ALLOW_SEALING)
+    sparse = os.memfd_create(memfd_name(DIGEST, OWNER), os.MFD_ALLOW_SEALING)
     try:
         os.ftruncate(sparse, 64 << 20)
         fcntl.fcntl(sparse, fcntl.F_ADD_SEALS, local_share.REQUIRED_SEALS)
@@ -160,12 +165,13 @@ def test_what_is_not_a_named_memfd_is_refused_before_anything_is_opened(
 
 
 def test_names_that_point_nowhere_are_refused() -> None:
-    fd = sealed_copy(memoryview(b"q" * 4096), DIGEST)
+    fd = sealed_copy(memoryview(b"q" * 4096), DIGEST, OWNER)
     try:
         closed = os.dup(fd)
         os.close(closed)
-        expect_refusal(os.getpid(), closed, 4096, "cannot open it")
-        expect_refusal(2**22 + 7, fd, 4096, "cannot open it")  # no such process
+        # The same answer as any descriptor that is not the copy: no oracle.
+        expect_refusal(os.getpid(), closed, 4096, "not this operand's sealed copy")
+        expect_refusal(2**22 + 7, fd, 4096, "not this operand's sealed copy")  # no process
         expect_refusal(0, fd, 4096, "out of range")
         expect_refusal(os.getpid(), -1, 4096, "out of range")
         expect_refusal(os.getpid(), fd, 0, "out of range")
@@ -197,7 +203,7 @@ async def counting_runner() -> tuple[Callable[..., Any], list[str]]:
 
 async def test_one_copy_per_operand_shared_by_callers_and_closed_with_its_last_job() -> None:
     run_blocking, calls = await counting_runner()
-    shares = LocalShares(run_blocking)
+    shares = LocalShares(run_blocking, OWNER)
     array = RNG.standard_normal((1024, 1024)).astype("float32")
     meta = meta_of(array)
     got: list[int | None] = []
@@ -211,7 +217,7 @@ async def test_one_copy_per_operand_shared_by_callers_and_closed_with_its_last_j
     assert calls == ["sealed_copy"]
     assert len(set(got)) == 1 and got[0] is not None
     fd = got[0]
-    assert bytes(map_shared(os.getpid(), fd, meta.nbytes, meta.digest)) == array.tobytes()
+    assert bytes(map_shared(os.getpid(), fd, meta.nbytes, meta.digest, OWNER)) == array.tobytes()
     assert shares.nbytes == meta.nbytes
     shares.release("job 1")
     os.fstat(fd)  # job 2 still uses it
@@ -224,7 +230,7 @@ async def test_one_copy_per_operand_shared_by_callers_and_closed_with_its_last_j
 async def test_copies_stop_at_their_byte_cap() -> None:
     run_blocking, _ = await counting_runner()
     array = RNG.standard_normal((512, 512)).astype("float32")
-    shares = LocalShares(run_blocking, max_bytes=array.nbytes)
+    shares = LocalShares(run_blocking, OWNER, max_bytes=array.nbytes)
     assert await shares.descriptor(meta_of(array), array, "job") is not None
     other = array + 1
     assert await shares.descriptor(meta_of(other), other, "job") is None
@@ -252,8 +258,9 @@ def shared_header(b: Bench, label: str, meta: Any, fd: int, **changes: Any) -> d
 
 
 @asynccontextmanager
-async def sealed(data: bytes | memoryview, digest: str) -> AsyncIterator[int]:
-    fd = sealed_copy(memoryview(data), digest)
+async def sealed(data: bytes | memoryview, digest: str, label: str) -> AsyncIterator[int]:
+    """A sealed copy as requester ``label`` makes it."""
+    fd = sealed_copy(memoryview(data), digest, ident(label).peer_id)
     try:
         yield fd
     finally:
@@ -272,17 +279,20 @@ async def test_a_worker_holds_a_shared_operand_it_hashed_and_refuses_one_that_li
         other = array.copy()
         other[5, 5] += 1
         # Named for the operand, holding other bytes: the hash says so.
-        async with sealed(view_of(other), meta.digest) as fd:
+        async with sealed(view_of(other), meta.digest, "liar") as fd:
             with pytest.raises(RemoteError, match="shared operand refused: hash mismatch"):
                 await share_request(b, "liar", shared_header(b, "liar", meta, fd))
         assert meta.digest not in b.worker.operands
-        async with sealed(view_of(array), meta.digest) as fd:
+        async with sealed(view_of(array), meta.digest, "honest") as fd:
+            # Another requester naming the honest one's copy: not its copy to name.
+            with pytest.raises(RemoteError, match="not this operand's sealed copy"):
+                await share_request(b, "thief", shared_header(b, "thief", meta, fd))
             with pytest.raises(RemoteError, match=f"^{NOT_LOCAL}"):
                 # A token made for another pair of peers (or another machine).
                 header = shared_header(b, "far", meta, fd, host=host_token("x", b.worker_id))
                 await share_request(b, "far", header)
             shorter = meta_of(array[:2048])
-            async with sealed(view_of(array), shorter.digest) as wrong_size:
+            async with sealed(view_of(array), shorter.digest, "honest") as wrong_size:
                 with pytest.raises(RemoteError, match=r"shared operand refused: .*bytes where"):
                     header = shared_header(b, "honest", shorter, wrong_size)
                     await share_request(b, "honest", header)
@@ -294,7 +304,7 @@ async def test_a_worker_holds_a_shared_operand_it_hashed_and_refuses_one_that_li
         assert held is not None and np.array_equal(held, array)
         assert not held.flags.writeable
         assert b.worker.stats.local_uploads == 1
-        assert b.worker.stats.uploads_refused == 2
+        assert b.worker.stats.uploads_refused == 3
         assert b.worker.reserved_upload_bytes == 0  # reserved while checked, then given back
 
 
@@ -304,7 +314,7 @@ async def test_malformed_or_unfit_shared_upload_requests_cost_the_sender_a_clear
     meta = meta_of(array)
     async with bench() as b:
         token = host_token(ident("garbage").peer_id, b.worker_id)
-        async with sealed(view_of(array), meta.digest) as fd:
+        async with sealed(view_of(array), meta.digest, "garbage") as fd:
             for header, reason in [
                 ({"array": meta.to_json(), "host": token, "pid": "1", "fd": 3}, "pid"),
                 ({"array": meta.to_json(), "host": token, "pid": 1}, "fd"),
@@ -330,7 +340,7 @@ async def test_shared_operands_checked_at_once_are_bounded_per_sender() -> None:
 
     runtime = Runtime(run_blocking=gated, random=random.Random(1), seeded=True)
     arrays = [big(float(i)) for i in range(3)]
-    fds = [sealed_copy(view_of(a), meta_of(a).digest) for a in arrays]
+    fds = [sealed_copy(view_of(a), meta_of(a).digest, ident("eager").peer_id) for a in arrays]
     outcomes: list[str] = []
     try:
         async with bench(runtime=runtime) as b:
@@ -427,7 +437,7 @@ async def test_a_worker_that_failed_to_answer_is_asked_again_later(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     run_blocking, _ = await counting_runner()
-    shares = LocalShares(run_blocking)
+    shares = LocalShares(run_blocking, OWNER)
     meta = meta_of(big(2.0))
     shares.refuse("old worker", for_good=False)
     shares.refuse("elsewhere", for_good=True)
@@ -435,3 +445,26 @@ async def test_a_worker_that_failed_to_answer_is_asked_again_later(
     await trio.sleep(local_share.RETRY_AFTER_S)
     assert shares.wanted("old worker", meta)
     assert not shares.wanted("elsewhere", meta)
+
+
+def test_only_plain_memfds_are_on_the_memfd_mount(tmp_path: Path) -> None:
+    # What lets the worker refuse a file that only reads like a memfd (one named
+    # "memfd:mtor-..." on a lazily unmounted file system) without asking its file system.
+    memfd = os.memfd_create("any", 0)
+    regular = os.open(tmp_path / "file", os.O_CREAT | os.O_RDWR)
+    try:
+        assert local_share._mount_id(memfd) == local_share._MEMFD_MOUNT is not None
+        assert local_share._mount_id(regular) != local_share._MEMFD_MOUNT
+    finally:
+        os.close(memfd)
+        os.close(regular)
+
+
+async def test_the_workers_remembered_as_refusing_are_bounded() -> None:
+    run_blocking, _ = await counting_runner()
+    shares = LocalShares(run_blocking, OWNER)
+    for index in range(local_share.MAX_REFUSED + 10):
+        shares.refuse(f"worker {index}", for_good=True)
+    assert len(shares.refused) == local_share.MAX_REFUSED
+    assert f"worker {local_share.MAX_REFUSED + 9}" in shares.refused
+    assert "worker 0" not in shares.refused  # the oldest went first

@@ -15,16 +15,19 @@ What holds it safe (see ``docs/threat-model.md``; a hostile review's findings sh
   holds exactly the bytes the authenticated requester described, or refuses them. Nothing
   crosses a network; only a process of the same user (which can already read both peers'
   memory) can open the descriptor.
-* The worker maps only a memfd named for that hash (:func:`memfd_name`), so a request cannot
-  point it at the worker's own key, database or sockets, nor make it hash another process's
-  memory that is not an operand: the name is read from the process table before anything is
-  opened (no file system is asked, so a hung FUSE or NFS file cannot hold the thread), and
-  the descriptor is taken as a path first (no device is ever opened, even one swapped in
-  meanwhile). The memfd must be sealed against writing, shrinking and growing, so that its
-  bytes cannot change after they are hashed and a read of the mapping cannot fault
-  (``SIGBUS``); in small pages; fully written (no holes that reading would fill with the
-  worker's memory); of this user; exactly the operand's size. The worker reserves the bytes
-  under its budget of uploads in progress before mapping them, and refuses operands under
+* The worker maps only a memfd named for that hash and that requester (:func:`memfd_name`),
+  so a request cannot point it at the worker's own key, database or sockets, nor at another
+  requester's copy, nor make it hash memory that is not an operand: the name is read from the
+  process table before anything is opened, the descriptor is taken as a path first (no device
+  is ever opened, even one swapped in meanwhile) and must be on the kernel's mount of plain
+  memfds (a file that only reads like one, on a file system whose server may never answer,
+  cannot hold the thread). Everything that fails these gets the same answer, so the worker's
+  descriptors are no oracle. The memfd must be sealed against writing, shrinking and
+  growing, so that its bytes cannot change after they are hashed and a read of the mapping
+  cannot fault (``SIGBUS``; huge-page memfds, which can fault when their pool runs out, are on
+  another mount); have no holes (reading them would fill them with the worker's memory); be
+  of this user and exactly the operand's size. The worker reserves the bytes under its budget
+  of uploads in progress before mapping them, and refuses operands under
   :data:`MIN_LOCAL_BYTES` or over its cache.
 * Only when both peers say they are on one machine: the requester when its lane to the
   worker (or a connection it dialled) is on a loopback address, the worker when the
@@ -35,7 +38,6 @@ What holds it safe (see ``docs/threat-model.md``; a hostile review's findings sh
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import logging
 import math
@@ -93,6 +95,8 @@ NOT_LOCAL = "not local: "
 #: A refused sharing attempt that may succeed later (a network failure, an old worker that
 #: does not serve the protocol) is not tried again with that worker for this long.
 RETRY_AFTER_S = 600.0
+#: Workers remembered as refusing (only peers on loopback can be among them).
+MAX_REFUSED = 4096
 
 
 def usable() -> bool:
@@ -109,16 +113,17 @@ def host_token(requester: str, worker: str) -> str:
     return blake3.blake3(f"mtor-host/{_HOST}/{requester}/{worker}".encode()).hexdigest()
 
 
-def memfd_name(digest: str) -> str:
-    """The name a sealed copy of the operand with content hash ``digest`` is created under:
-    a worker maps only a memfd so named, so a request cannot point it at anything else."""
-    return f"mtor-{digest}"
+def memfd_name(digest: str, owner: str) -> str:
+    """The name the sealed copy of the operand with content hash ``digest`` made by peer
+    ``owner`` is created under: a worker maps only a memfd so named, so a request can point
+    it at nothing else (not even another requester's copy)."""
+    return f"mtor-{digest}-{blake3.blake3(owner.encode()).hexdigest()[:16]}"
 
 
-def sealed_copy(data: memoryview, digest: str) -> int:
-    """A new memfd holding ``data``, named for ``digest`` and sealed (a blocking call: one
-    copy of ``data``)."""
-    fd = os.memfd_create(memfd_name(digest), os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+def sealed_copy(data: memoryview, digest: str, owner: str) -> int:
+    """A new memfd holding ``data``, named for ``digest`` and ``owner`` and sealed (a
+    blocking call: one copy of ``data``)."""
+    fd = os.memfd_create(memfd_name(digest, owner), os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:
         os.ftruncate(fd, len(data))
         offset = 0
@@ -131,42 +136,75 @@ def sealed_copy(data: memoryview, digest: str) -> int:
     return fd
 
 
-def map_shared(pid: int, fd: int, nbytes: int, digest: str) -> memoryview:
-    """Map another process's sealed copy of the operand ``digest`` read-only (a blocking
-    call); LocalShareError for anything else.
+def _mount_id(fd: int) -> int | None:
+    """The mount a descriptor's file is on, from the process table (asks no file system)."""
+    try:
+        with open(f"/proc/self/fdinfo/{fd}", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("mnt_id:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        return None
+    return None
 
-    Nothing is opened, nor any file system asked, before the descriptor is known to be a
-    memfd of that name: its link in ``/proc`` (read from the process table, never from a
-    file system: a hung FUSE or NFS file cannot hold the thread) must name it; it is then
-    taken as a path only (``O_PATH``: no device is opened), its link checked again (the
-    descriptor may have been replaced meanwhile), and only that is opened for reading. It
-    must belong to this user, be in small pages (a huge-page memfd can fault when its pool
-    runs out), have every byte written (no holes that reading would fill with this worker's
-    memory), be sealed against writes, shrinking and growing, and be exactly ``nbytes``.
+
+def _memfd_mount() -> int | None:
+    """The kernel's internal mount of plain memfds (huge-page memfds are on another)."""
+    try:
+        fd = os.memfd_create("mtor-probe", os.MFD_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        return _mount_id(fd)
+    finally:
+        os.close(fd)
+
+
+_MEMFD_MOUNT = _memfd_mount() if _HOST is not None else None
+#: How anything that is not the named, sealed copy is refused: one answer for all, so that
+#: the worker's own descriptors (which exist, which are files, how large) are no oracle.
+NOT_THE_COPY = "not this operand's sealed copy"
+
+
+def map_shared(pid: int, fd: int, nbytes: int, digest: str, owner: str) -> memoryview:
+    """Map the sealed copy of the operand ``digest`` that peer ``owner`` made in process
+    ``pid`` read-only (a blocking call); LocalShareError for anything else.
+
+    Nothing is opened, nor any file system asked, before the descriptor is known to be that
+    memfd: its link in ``/proc`` (read from the process table) must name it; it is then
+    taken as a path only (``O_PATH``: no device is opened), and must be on the kernel's mount
+    of memfds (a file that merely reads like one, on a lazily unmounted file system whose
+    server may never answer, is not) with its link unchanged; only then is it opened for
+    reading. It must belong to this user, have no holes (reading them would fill them with
+    this worker's memory), be sealed against writes, shrinking and growing, and be exactly
+    ``nbytes``.
     """
-    if _HOST is None:
+    if _HOST is None or _MEMFD_MOUNT is None:
         raise NotLocal("shared memory is not available here")
     if not (0 < pid < 1 << 31 and 0 <= fd < 1 << 20 and nbytes > 0):
         raise LocalShareError("pid, descriptor or size out of range")
     me = os.geteuid()
-    expected = f"/memfd:{memfd_name(digest)} (deleted)"
+    expected = f"/memfd:{memfd_name(digest, owner)} (deleted)"
     link = f"/proc/{pid}/fd/{fd}"
     try:
         if os.stat(f"/proc/{pid}").st_uid != me:
             raise NotLocal("the process is another user's")
         if os.readlink(link) != expected:
-            raise LocalShareError("not this operand's sealed copy")
+            raise LocalShareError(NOT_THE_COPY)
         path_only = os.open(link, os.O_PATH | os.O_CLOEXEC)
     except PermissionError as exc:
         raise NotLocal("this worker may not open the requester's memory") from exc
-    except OSError as exc:
-        raise LocalShareError(f"cannot open it: {os.strerror(exc.errno or errno.EIO)}") from exc
+    except OSError as exc:  # no such process or descriptor: the same answer as any other
+        raise LocalShareError(NOT_THE_COPY) from exc
     try:
-        if os.readlink(f"/proc/self/fd/{path_only}") != expected:
-            raise LocalShareError("not this operand's sealed copy")
+        if (
+            _mount_id(path_only) != _MEMFD_MOUNT
+            or os.readlink(f"/proc/self/fd/{path_only}") != expected
+        ):
+            raise LocalShareError(NOT_THE_COPY)
         opened = os.open(f"/proc/self/fd/{path_only}", os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError as exc:
-        raise LocalShareError(f"cannot open it: {os.strerror(exc.errno or errno.EIO)}") from exc
+        raise LocalShareError(NOT_THE_COPY) from exc
     finally:
         os.close(path_only)
     try:
@@ -175,14 +213,16 @@ def map_shared(pid: int, fd: int, nbytes: int, digest: str) -> memoryview:
             raise NotLocal("not a file of this user")
         if info.st_size != nbytes:
             raise LocalShareError(f"{info.st_size} bytes where {nbytes} were announced")
-        if info.st_blksize != mmap.PAGESIZE:
-            raise LocalShareError("not in small pages")
-        if info.st_blocks * 512 < nbytes:
+        try:
+            hole = os.lseek(opened, 0, os.SEEK_HOLE)
+        except OSError as exc:
+            raise LocalShareError(NOT_THE_COPY) from exc
+        if hole < nbytes:
             raise LocalShareError("not every byte of it is written")
         try:
             seals = fcntl.fcntl(opened, fcntl.F_GET_SEALS)
         except OSError as exc:
-            raise LocalShareError("not a sealed memfd") from exc
+            raise LocalShareError(NOT_THE_COPY) from exc
         if seals & REQUIRED_SEALS != REQUIRED_SEALS:
             raise LocalShareError("not sealed against writes and resizing")
         try:
@@ -212,8 +252,12 @@ class LocalShares:
     Workers that answered they are not on this machine get chunks from then on.
     """
 
-    def __init__(self, run_blocking: BlockingRunner, *, max_bytes: int = MAX_SHARED_BYTES) -> None:
+    def __init__(
+        self, run_blocking: BlockingRunner, owner: str, *, max_bytes: int = MAX_SHARED_BYTES
+    ) -> None:
         self._run_blocking = run_blocking
+        #: This requester's peer ID: its copies are named for it (see memfd_name).
+        self.owner = owner
         self.max_bytes = max_bytes
         self._shares: dict[str, _Share] = {}
         self._bytes = 0
@@ -239,7 +283,14 @@ class LocalShares:
 
     def refuse(self, worker: str, *, for_good: bool) -> None:
         """Stop asking ``worker``: for good (it is not on this machine, or may never map
-        this process's memory), else for RETRY_AFTER_S."""
+        this process's memory), else for RETRY_AFTER_S. At most MAX_REFUSED are remembered
+        (the lapsed first, then the oldest): a forgotten one is only asked once more."""
+        if len(self.refused) >= MAX_REFUSED and worker not in self.refused:
+            now = trio.current_time()
+            for lapsed in [w for w, until in self.refused.items() if until <= now]:
+                del self.refused[lapsed]
+            while len(self.refused) >= MAX_REFUSED:
+                del self.refused[next(iter(self.refused))]
         self.refused[worker] = math.inf if for_good else trio.current_time() + RETRY_AFTER_S
 
     async def descriptor(self, meta: ArrayMeta, array: np.ndarray, holder: str) -> int | None:
@@ -256,7 +307,7 @@ class LocalShares:
         self._bytes += meta.nbytes
         try:
             data = memoryview(np.ascontiguousarray(array)).cast("B")
-            share.fd = await self._run_blocking(sealed_copy, data, meta.digest)
+            share.fd = await self._run_blocking(sealed_copy, data, meta.digest, self.owner)
         except OSError as exc:
             log.info("cannot share an operand through memory: %s", exc)
         finally:

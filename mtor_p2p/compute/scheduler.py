@@ -1305,7 +1305,7 @@ class Scheduler:
         self.on_fault: Callable[[bytes], Awaitable[None]] | None = None
         self.uploads: dict[tuple[str, str], trio.Event] = {}  # (worker, operand) being sent
         #: Sealed copies of large operands for workers on this machine (see local_share).
-        self.local_shares = LocalShares(self.runtime.run_blocking)
+        self.local_shares = LocalShares(self.runtime.run_blocking, identity.peer_id)
         #: (worker, operand hash) this requester has uploaded, most recent last (at most
         #: SENT_OPERANDS_KEPT): only these are asked about before a run; the rest are sent
         #: at once (see _JobRun._compute).

@@ -307,9 +307,9 @@ class _UploadBuffer:
                 log.warning("closing an upload's spool file failed: %s", exc)
 
 
-def _map_and_hash(pid: int, fd: int, meta: ArrayMeta) -> tuple[memoryview, str]:
+def _map_and_hash(pid: int, fd: int, meta: ArrayMeta, sender: str) -> tuple[memoryview, str]:
     """A requester's shared operand mapped, and its content hash (a blocking call)."""
-    data = local_share.map_shared(pid, fd, meta.nbytes, meta.digest)
+    data = local_share.map_shared(pid, fd, meta.nbytes, meta.digest, sender)
     hasher = content_hasher(meta.dtype, meta.shape)
     hasher.update(data)
     return data, str(hasher.hexdigest())
@@ -820,7 +820,7 @@ class WorkerService:
         self._reserved_by_sender[sender] = sender_reserved + meta.nbytes
         self._operands_changed()
         try:
-            data, digest = await self._runtime.run_blocking(_map_and_hash, pid, fd, meta)
+            data, digest = await self._runtime.run_blocking(_map_and_hash, pid, fd, meta, sender)
             array = array_from_hashed_bytes(meta, data, digest)
             self.operands.put(array, meta.digest)
         except local_share.NotLocal as exc:

@@ -331,7 +331,9 @@ async def test_malformed_or_unfit_shared_upload_requests_cost_the_sender_a_clear
         assert b.worker.operands.nbytes == 0
 
 
-async def test_shared_operands_checked_at_once_are_bounded_per_sender() -> None:
+async def test_shared_operands_checked_at_once_are_bounded_per_sender(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     gate = trio.Event()
 
     async def gated(fn: Callable[..., Any], *args: Any, **_: Any) -> Any:

@@ -100,8 +100,9 @@ MAX_REFUSED = 4096
 
 
 def usable() -> bool:
-    """Whether this process can share operands (Linux, with memfds)."""
-    return _HOST is not None
+    """Whether this process can share operands (Linux, with memfds whose mount the process
+    table shows)."""
+    return _HOST is not None and _MEMFD_MOUNT is not None
 
 
 def host_token(requester: str, worker: str) -> str:

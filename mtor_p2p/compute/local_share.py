@@ -79,16 +79,21 @@ def _read_host() -> str | None:
         namespace = os.stat("/proc/self/ns/pid").st_ino
     except OSError:
         return None
-    if not hasattr(os, "memfd_create"):
-        return None
+    if not hasattr(os, "memfd_create") or not hasattr(fcntl, "F_ADD_SEALS"):
+        return None  # not Linux (or too old a Python): operands go in chunks
     return f"{boot}/{namespace}"
 
 
 #: This machine and PID namespace (None: no shared memory here). Never sent as it is: any
 #: local user can read it, and it would tie together every peer ID run on this machine.
 _HOST = _read_host()
-#: The seals a shared operand must carry: no write, no shrinking, no growing.
-REQUIRED_SEALS = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
+#: The seals a shared operand must carry: no write, no shrinking, no growing (0 where the
+#: platform has no seals: then nothing is shared, see usable()).
+REQUIRED_SEALS = (
+    getattr(fcntl, "F_SEAL_WRITE", 0)
+    | getattr(fcntl, "F_SEAL_SHRINK", 0)
+    | getattr(fcntl, "F_SEAL_GROW", 0)
+)
 #: How a worker refuses an operand it can never take from that requester (not a fault: the
 #: requester uploads it in chunks, and stops asking that worker).
 NOT_LOCAL = "not local: "

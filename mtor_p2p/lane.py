@@ -31,7 +31,6 @@ This module knows nothing of libp2p: it is given a ticket fetcher and a request 
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import os
 import struct
@@ -53,6 +52,7 @@ from mtor_p2p.network import (
     NetworkError,
     Payload,
     RemoteError,
+    ip_address_of,
 )
 
 log = logging.getLogger(__name__)
@@ -663,13 +663,8 @@ class LaneServer:
 
 def is_loopback_ip(text: str) -> bool:
     """Whether ``text`` is a loopback address (an IPv4-mapped IPv6 one read as IPv4)."""
-    try:
-        address = ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped.is_loopback
-    return address.is_loopback
+    address = ip_address_of(text)
+    return address is not None and address.is_loopback
 
 
 def _is_loopback(sock: trio.socket.SocketType) -> bool:

@@ -55,7 +55,7 @@ from libp2p.relay.circuit_v2.utils import read_delimited_msg, write_delimited_ms
 from libp2p.tools.anyio_service import background_trio_service
 from libp2p.tools.constants import MAX_READ_LEN
 
-from mtor_p2p.network import NetworkError, RemoteError
+from mtor_p2p.network import NetworkError, RemoteError, ip_address_of
 
 log = logging.getLogger(__name__)
 
@@ -598,15 +598,7 @@ def remote_of(conn: INetConn) -> tuple[str, int] | None:
     return str(remote[0]), int(remote[1])
 
 
-def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    """An IP address, an IPv4-mapped IPv6 form read as the IPv4 one; None if not an IP."""
-    try:
-        address = ipaddress.ip_address(text)
-    except ValueError:
-        return None
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped
-    return address
+_ip = ip_address_of
 
 
 def _same_ip(a: str, b: str) -> bool:

@@ -22,6 +22,7 @@ one peer: direct or relayed, and the round trip it measured). Callers read those
 
 from __future__ import annotations
 
+import ipaddress
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
@@ -57,6 +58,17 @@ DEFAULT_MAX_PENDING_BYTES_PER_PEER = 32 << 20
 #: Announced request bytes admitted from all peers together: what a host may hold in request
 #: buffers whatever many identities send (many peers each within their own budget).
 DEFAULT_MAX_PENDING_BYTES_TOTAL = 64 << 20
+
+
+def ip_address_of(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """An IP address, an IPv4-mapped IPv6 form read as the IPv4 one; None if not an IP."""
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
 
 
 class NetworkError(Exception):

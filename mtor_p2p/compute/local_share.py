@@ -142,6 +142,12 @@ def sealed_copy(data: memoryview, digest: str, owner: str) -> int:
     return fd
 
 
+def _sealed_copy_of(array: np.ndarray, digest: str, owner: str) -> int:
+    # On the blocking hook with the copy itself: an operand that is not C-contiguous is made
+    # so here, not on the event loop.
+    return sealed_copy(memoryview(np.ascontiguousarray(array)).cast("B"), digest, owner)
+
+
 def _mount_id(fd: int) -> int | None:
     """The mount a descriptor's file is on, from the process table (asks no file system)."""
     try:
@@ -312,8 +318,7 @@ class LocalShares:
         share = self._shares[meta.digest] = _Share(-1, meta.nbytes, {holder})
         self._bytes += meta.nbytes
         try:
-            data = memoryview(np.ascontiguousarray(array)).cast("B")
-            share.fd = await self._run_blocking(sealed_copy, data, meta.digest, self.owner)
+            share.fd = await self._run_blocking(_sealed_copy_of, array, meta.digest, self.owner)
         except OSError as exc:
             log.info("cannot share an operand through memory: %s", exc)
         finally:

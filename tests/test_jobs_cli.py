@@ -27,6 +27,7 @@ from mtor_p2p.compute.inputs import random_operands
 from mtor_p2p.compute.jobs import (
     MAX_JOBS_WITH_SHARDS,
     MAX_REMEMBERED_JOBS,
+    MAX_RUNNING_JOBS,
     JobBoard,
     observe_attempt,
 )
@@ -132,6 +133,50 @@ async def test_only_the_recent_jobs_keep_their_shards_and_the_board_is_bounded()
         kept = [j for j in listed["jobs"] if j["shards"] is not None]
         assert len(kept) == MAX_JOBS_WITH_SHARDS
         assert all(j["state"] == "cancelled" for j in listed["jobs"])
+
+
+async def test_running_jobs_are_capped_before_their_operands_are_read(tmp_path) -> None:
+    release = trio.Event()
+    missing = {"a": str(tmp_path / "no-a.npy"), "b": str(tmp_path / "no-b.npy")}
+    async with board(release) as jobs:
+        # A submission refused while reading its operands holds no place.
+        with pytest.raises(ValueError, match="no such file"):
+            await jobs.route_submit({}, missing)
+        ids = []
+        for _ in range(MAX_RUNNING_JOBS):
+            code, reply = await jobs.route_submit({}, BODY)
+            assert code == 200
+            ids.append(reply["id"])
+        # Full: answered before the operands are looked at (these files do not exist).
+        code, refused = await jobs.route_submit({}, missing)
+        assert code == 429 and f"{MAX_RUNNING_JOBS} jobs are running already" in refused["error"]
+        code, _ = await jobs.route_submit({}, BODY)
+        assert code == 429
+        _, listed = await jobs.route_status({}, None)
+        assert listed["running"] == MAX_RUNNING_JOBS
+        # A job that ends gives its place back.
+        code, _ = await jobs.route_cancel({}, {"id": ids[0]})
+        assert code == 200
+        code, reply = await jobs.route_submit({}, BODY)
+        assert code == 200
+        code, _ = await jobs.route_submit({}, BODY)
+        assert code == 429
+
+
+async def test_a_running_job_is_not_forgotten_behind_many_ended_ones() -> None:
+    release = trio.Event()
+    async with board(release) as jobs:
+        _, first = await jobs.route_submit({}, BODY)
+        for _ in range(MAX_REMEMBERED_JOBS + 5):
+            _, reply = await jobs.route_submit({}, BODY)
+            await jobs.route_cancel({}, reply)
+        _, listed = await jobs.route_status({"limit": str(MAX_REMEMBERED_JOBS)}, None)
+        assert listed["remembered"] == MAX_REMEMBERED_JOBS and listed["running"] == 1
+        # Still listed, and so still cancellable.
+        _, state = await jobs.route_status({"id": first["id"]}, None)
+        assert state["state"] == "running"
+        code, cancelled = await jobs.route_cancel({}, first)
+        assert code == 200 and cancelled["state"] == "cancelled"
 
 
 async def test_the_board_takes_every_kernel_by_its_sizes_or_its_files(tmp_path) -> None:

@@ -14,6 +14,12 @@ other kernels take their own sizes or operand names (:data:`KERNEL_INPUTS`): ``m
 abandoned, it ends in state ``cancelled``, and the receipts of shards already accepted stay
 countersigned and paid (the scheduler settles them as they are accepted).
 
+At most :data:`MAX_RUNNING_JOBS` jobs run at once: a submission beyond that is answered 429
+before its operands are read or made (each job holds its operands and its output in the
+node's memory, so a script submitting in a loop without waiting would otherwise grow the
+node until the system kills it). A running job is never forgotten to make room in the list:
+only ended ones are, oldest first.
+
 Progress comes from the scheduler's observer (every shard attempt as it ends), matched to the
 board's job through a context variable that the job's tasks inherit: workers, attempts by
 outcome, re-issues and each accepted shard, while the job runs.
@@ -50,6 +56,8 @@ from mtor_p2p.runtime import Runtime
 log = logging.getLogger(__name__)
 
 MAX_REMEMBERED_JOBS = 100
+#: Jobs running at once (their operands being read or made included); beyond it, 429.
+MAX_RUNNING_JOBS = 16
 #: Jobs listed by ``GET /v1/jobs`` without ``limit``.
 DEFAULT_LISTED_JOBS = 20
 #: The most recent jobs that keep their per-shard detail (older ones keep their counts).
@@ -297,6 +305,9 @@ class JobBoard:
         self._settled = settled
         self._jobs: OrderedDict[str, JobState] = OrderedDict()
         self._ids = itertools.count(1)
+        #: Jobs admitted and not ended: counted from before their operands are read (the
+        #: reading awaits, so concurrent submissions cannot all pass one check) to their end.
+        self._admitted = 0
         self.nursery: trio.Nursery | None = None
 
     async def route_submit(self, query: dict[str, str], body: Any) -> tuple[int, Any]:
@@ -315,6 +326,30 @@ class JobBoard:
             raise ValueError("max_price must be a number, 0 or more")
         if shards is not None:
             shards = _positive_int(body, "shards", 4096)
+        if self._admitted >= MAX_RUNNING_JOBS:
+            return 429, {
+                "error": f"{MAX_RUNNING_JOBS} jobs are running already: wait for one to end "
+                "('mtor-peer jobs') or cancel one, then submit again"
+            }
+        self._admitted += 1
+        job_id: str | None = None
+        try:
+            job_id = await self._admit(kernel, body, verify, max_price, shards)
+        finally:
+            if job_id is None:  # refused or failed before the job started: not running
+                self._admitted -= 1
+        return 200, {"id": job_id}
+
+    async def _admit(
+        self,
+        kernel: str,
+        body: dict[str, Any],
+        verify: Any,
+        max_price: float | None,
+        shards: int | None,
+    ) -> str:
+        """Read or make the operands, check them, and start the job; its ID. The job's task
+        gives back its admission when it ends (nothing here may fail once it is started)."""
         out = body.get("out")
         if out is not None:
             out = str(await self._runtime.run_blocking(check_out_path, out))
@@ -330,14 +365,20 @@ class JobBoard:
             "dtype": str(next(iter(operands.values())).dtype),
         }
         job = JobState(id=f"job-{next(self._ids)}", request=request | {"verify": verify})
-        self._jobs[job.id] = job
-        while len(self._jobs) > MAX_REMEMBERED_JOBS:
-            self._jobs.popitem(last=False)
-        for old in list(self._jobs.values())[:-MAX_JOBS_WITH_SHARDS]:
-            old.drop_shards()
         assert self.nursery is not None
         self.nursery.start_soon(self._run, job, kernel, operands, verify, max_price, shards, out)
-        return 200, {"id": job.id}
+        self._jobs[job.id] = job
+        self._forget_old_jobs()
+        return job.id
+
+    def _forget_old_jobs(self) -> None:
+        # Ended jobs go first, oldest first; running ones stay (at most MAX_RUNNING_JOBS of
+        # them), so that a long job stays in the list, and cancellable, behind many short ones.
+        excess = len(self._jobs) - MAX_REMEMBERED_JOBS
+        for job_id in [i for i, j in self._jobs.items() if j.state != "running"][: max(0, excess)]:
+            del self._jobs[job_id]
+        for old in list(self._jobs.values())[:-MAX_JOBS_WITH_SHARDS]:
+            old.drop_shards()
 
     def get(self, job_id: str) -> JobState | None:
         """The remembered job ``job_id``, if any."""
@@ -407,6 +448,7 @@ class JobBoard:
         try:
             await self._run_job(job, kernel, operands, verify, max_price, shards, out, progress)
         finally:
+            self._admitted -= 1
             _current_job.reset(token)
             if job.state == "running":  # the node stops under the job
                 job.finish("cancelled", "the node stopped")

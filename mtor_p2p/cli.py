@@ -1519,14 +1519,18 @@ def _job_detail(job: dict[str, Any]) -> str:
 
 def _jobs_text(answer: dict[str, Any]) -> list[str]:
     jobs = answer.get("jobs", [])
+    # Submissions still reading their operands hold a place among the running jobs (the
+    # node's cap) without being jobs yet: said, so that a 429 is not a mystery.
+    reading = answer.get("reading", 0)
+    still = f"; {reading} submission(s) still reading their operands" if reading else ""
     if not jobs:
-        return ["no jobs yet (run one: mtor-peer submit matmul)"]
+        return [f"no jobs yet (run one: mtor-peer submit matmul){still}"]
     lines = []
     for job in jobs:
         lines += [format_job_line(job), _job_detail(job)]
     running = answer.get("running", sum(1 for j in jobs if j["state"] == "running"))
     remembered = answer.get("remembered", len(jobs))
-    lines.append(f"{len(jobs)} of {remembered} remembered job(s) shown, {running} running")
+    lines.append(f"{len(jobs)} of {remembered} remembered job(s) shown, {running} running{still}")
     return lines
 
 

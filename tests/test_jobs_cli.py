@@ -7,6 +7,7 @@ against a 2-peer devnet."""
 
 from __future__ import annotations
 
+import io
 import json
 import selectors
 import signal
@@ -22,7 +23,7 @@ import pytest
 import trio
 
 from mtor_kernels import get_kernel
-from mtor_p2p.cli import _job_detail, format_job_line
+from mtor_p2p.cli import _job_detail, _jobs_text, format_job_line
 from mtor_p2p.compute.inputs import random_operands
 from mtor_p2p.compute.jobs import (
     MAX_JOBS_WITH_SHARDS,
@@ -149,11 +150,11 @@ async def test_running_jobs_are_capped_before_their_operands_are_read(tmp_path) 
             ids.append(reply["id"])
         # Full: answered before the operands are looked at (these files do not exist).
         code, refused = await jobs.route_submit({}, missing)
-        assert code == 429 and f"{MAX_RUNNING_JOBS} jobs are running already" in refused["error"]
+        assert code == 429 and f"{MAX_RUNNING_JOBS} jobs are running" in refused["error"]
         code, _ = await jobs.route_submit({}, BODY)
         assert code == 429
         _, listed = await jobs.route_status({}, None)
-        assert listed["running"] == MAX_RUNNING_JOBS
+        assert (listed["running"], listed["reading"]) == (MAX_RUNNING_JOBS, 0)
         # A job that ends gives its place back.
         code, _ = await jobs.route_cancel({}, {"id": ids[0]})
         assert code == 200
@@ -161,6 +162,74 @@ async def test_running_jobs_are_capped_before_their_operands_are_read(tmp_path) 
         assert code == 200
         code, _ = await jobs.route_submit({}, BODY)
         assert code == 429
+
+
+async def test_a_submission_whose_request_ended_while_reading_starts_no_job(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Threads, as in production: a read on a thread runs to its end whatever happens to the
+    # request meanwhile (the control server cancels a request at its deadline).
+    from mtor_p2p.compute import jobs as jobs_module
+
+    def slow_read(body: dict[str, Any]) -> dict[str, np.ndarray]:
+        time.sleep(0.3)
+        return random_operands("matmul", {"m": 8, "n": 4, "k": 2}, "float32", 1)
+
+    monkeypatch.setattr(jobs_module, "load_operands", slow_read)
+
+    async def submit(*args: Any, **kwargs: Any) -> Any:
+        await trio.sleep_forever()
+
+    jobs = JobBoard(submit, Runtime.production())
+    async with trio.open_nursery() as nursery:
+        jobs.nursery = nursery
+        with trio.move_on_after(0.05) as scope:
+            await jobs.route_submit({}, BODY)
+        assert scope.cancelled_caught
+        _, listed = await jobs.route_status({}, None)
+        assert (listed["remembered"], listed["running"], listed["reading"]) == (0, 0, 0)
+        code, reply = await jobs.route_submit({}, BODY)  # the place was given back
+        assert code == 200 and reply["id"] == "job-1"  # the first job made
+        nursery.cancel_scope.cancel()
+
+
+async def test_file_operands_are_checked_from_their_headers_and_never_block(tmp_path) -> None:
+    import os
+
+    from mtor_p2p.compute.jobs import load_npy, npy_header
+
+    # A header promising more than the kernel takes: refused with the kernel's line, before
+    # the (absent) data is read.
+    huge = tmp_path / "huge.npy"
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        header, {"descr": "<f4", "fortran_order": False, "shape": (70000, 70000)}
+    )
+    huge.write_bytes(header.getvalue())
+    with pytest.raises(ValueError, match="above the limit"):
+        await JobBoard(None, Runtime.simulated("jobs")).route_submit(  # type: ignore[arg-type]
+            {}, {"a": str(huge), "b": str(huge)}
+        )
+    # A FIFO with no writer would block an open forever: refused at once instead.
+    fifo = tmp_path / "fifo.npy"
+    os.mkfifo(fifo)
+    with trio.fail_after(5):
+        with pytest.raises(ValueError, match="is not a regular file"):
+            await trio.to_thread.run_sync(npy_header, fifo, "a", abandon_on_cancel=True)
+    # A file whose header changed since it was checked is not read.
+    small = tmp_path / "small.npy"
+    np.save(small, np.ones((3, 3), np.float32))
+    assert load_npy(small, "a", ((3, 3), np.dtype(np.float32))).shape == (3, 3)
+    with pytest.raises(ValueError, match="changed while it was being read"):
+        load_npy(small, "a", ((2, 2), np.dtype(np.float32)))
+
+
+def test_the_jobs_list_says_how_many_submissions_are_still_reading() -> None:
+    assert _jobs_text({"jobs": [], "reading": 3}) == [
+        "no jobs yet (run one: mtor-peer submit matmul); 3 submission(s) still reading their "
+        "operands"
+    ]
+    assert _jobs_text({"jobs": []}) == ["no jobs yet (run one: mtor-peer submit matmul)"]
 
 
 async def test_a_running_job_is_not_forgotten_behind_many_ended_ones() -> None:

@@ -27,18 +27,20 @@ outcome, re-issues and each accepted shard, while the job runs.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import itertools
 import logging
 import math
 import os
+import stat
 import tempfile
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import trio
@@ -193,7 +195,16 @@ def load_operands(body: dict[str, Any]) -> dict[str, np.ndarray]:
         if not all(isinstance(body.get(name), str) for name in names):
             together = " and ".join([", ".join(names[:-1]), names[-1]])
             raise ValueError(f"{together} go together, as paths of .npy files")
-        return {name: load_npy(body[name], name) for name in names}
+        headers = {name: npy_header(body[name], name) for name in names}
+        # The kernel's limits (an output or an intermediate too large) from the headers alone,
+        # before any file is read whole, as for random operands below.
+        get_kernel(spec.kernel).check_operands(
+            {
+                n: np.broadcast_to(np.zeros((), dtype), shape)
+                for n, (shape, dtype) in headers.items()
+            }
+        )
+        return {name: load_npy(body[name], name, headers[name]) for name in names}
     sizes = {}
     for size in spec.sizes:
         if size in spec.same_as and body.get(size) is None:
@@ -214,44 +225,103 @@ def load_operands(body: dict[str, Any]) -> dict[str, np.ndarray]:
 NPY_MAGIC = b"\x93NUMPY"
 
 
-def npy_header(path: str | Path, name: str = "file") -> tuple[tuple[int, ...], np.dtype[Any]]:
-    """The shape and dtype of the ``.npy`` array file ``path``, read from its header only;
-    ValueError with one clear line (naming ``name``, e.g. ``a``) if it is missing, not a
-    ``.npy`` array file (a text file, an ``.npz`` archive, pickled objects) or not numeric."""
-    path = Path(path).expanduser()
+def _open_regular(path: Path) -> BinaryIO:
+    """``path`` opened for reading, if it is a regular file (``IsADirectoryError`` for a
+    directory, ``_NotAFile`` for anything else). Opened without blocking and checked on the
+    open descriptor: opening a FIFO that has no writer waits forever (a review held every
+    submission place that way), and a path checked first could be swapped before the open."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
-        with open(path, "rb") as file:
-            if file.read(len(NPY_MAGIC)) != NPY_MAGIC:
-                raise ValueError(f"{name} {path} is not a .npy array file")
-            file.seek(0)
-            version = np.lib.format.read_magic(file)
-            if version == (1, 0):
-                shape, _fortran, dtype = np.lib.format.read_array_header_1_0(file)
-            else:
-                shape, _fortran, dtype = np.lib.format.read_array_header_2_0(file)
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(path)
+        if not stat.S_ISREG(mode):
+            raise _NotAFile(path)
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+class _NotAFile(OSError):
+    """A path that names a FIFO, a device or a socket, not a file."""
+
+
+class _NotNpy(ValueError):
+    """A file that does not start as a ``.npy`` file does."""
+
+
+def _read_npy_header(file: BinaryIO) -> tuple[tuple[int, ...], np.dtype[Any], bool]:
+    if file.read(len(NPY_MAGIC)) != NPY_MAGIC:
+        raise _NotNpy()
+    file.seek(0)
+    version = np.lib.format.read_magic(file)
+    if version == (1, 0):
+        return np.lib.format.read_array_header_1_0(file)
+    return np.lib.format.read_array_header_2_0(file)
+
+
+@contextlib.contextmanager
+def _npy_errors(path: Path, name: str) -> Iterator[None]:
+    """Turn what opening and reading ``path`` raises into one clear ValueError line."""
+    try:
+        yield
     except FileNotFoundError:
         raise ValueError(f"{name} {path}: no such file") from None
     except IsADirectoryError:
         raise ValueError(f"{name} {path} is a directory, not a .npy file") from None
+    except _NotAFile:
+        raise ValueError(f"{name} {path} is not a regular file (a FIFO, a device?)") from None
+    except _NotNpy:
+        raise ValueError(f"{name} {path} is not a .npy array file") from None
     except OSError as exc:
         raise ValueError(f"{name} {path}: cannot read it: {exc.strerror or exc}") from None
     except ValueError as exc:
         if str(exc).startswith(name):
             raise
         raise ValueError(f"{name} {path} is not a valid .npy array file: {exc}") from None
+
+
+def _checked_header(
+    header: tuple[tuple[int, ...], np.dtype[Any], bool], path: Path, name: str
+) -> tuple[tuple[int, ...], np.dtype[Any]]:
+    shape, _fortran, dtype = header
     if dtype.hasobject or dtype.kind not in "biuf":
         raise ValueError(f"{name} {path} holds {dtype} values, not numbers")
     return shape, dtype
 
 
-def load_npy(path: str | Path, name: str = "file") -> np.ndarray:
+def npy_header(path: str | Path, name: str = "file") -> tuple[tuple[int, ...], np.dtype[Any]]:
+    """The shape and dtype of the ``.npy`` array file ``path``, read from its header only;
+    ValueError with one clear line (naming ``name``, e.g. ``a``) if it is missing, not a
+    regular file, not a ``.npy`` array file (a text file, an ``.npz`` archive, pickled
+    objects) or not numeric."""
+    path = Path(path).expanduser()
+    with _npy_errors(path, name), _open_regular(path) as file:
+        header = _read_npy_header(file)
+    return _checked_header(header, path, name)
+
+
+def load_npy(
+    path: str | Path,
+    name: str = "file",
+    expect: tuple[tuple[int, ...], np.dtype[Any]] | None = None,
+) -> np.ndarray:
     """The array in the ``.npy`` file ``path`` (ValueError with one clear line otherwise; see
-    :func:`npy_header`). Pickled data is never loaded."""
-    npy_header(path, name)
-    try:
-        return np.load(Path(path).expanduser(), allow_pickle=False)
-    except (OSError, ValueError, EOFError) as exc:  # truncated, changed meanwhile
-        raise ValueError(f"{name} {path} is not a readable .npy array file: {exc}") from None
+    :func:`npy_header`). Pickled data is never loaded. ``expect``: the shape and dtype the
+    caller read from the header and checked before; a file whose header says otherwise now
+    (changed meanwhile) is refused before its data is read."""
+    path = Path(path).expanduser()
+    with _npy_errors(path, name), _open_regular(path) as file:
+        found = _checked_header(_read_npy_header(file), path, name)
+        if expect is not None and (tuple(found[0]), found[1]) != (tuple(expect[0]), expect[1]):
+            raise ValueError(f"{name} {path} changed while it was being read")
+        file.seek(0)
+        try:
+            return np.load(file, allow_pickle=False)
+        except (OSError, ValueError, EOFError) as exc:  # truncated, changed meanwhile
+            raise ValueError(f"{name} {path} is not a readable .npy array file: {exc}") from None
 
 
 def check_out_path(out: Any) -> Path:
@@ -308,6 +378,8 @@ class JobBoard:
         #: Jobs admitted and not ended: counted from before their operands are read (the
         #: reading awaits, so concurrent submissions cannot all pass one check) to their end.
         self._admitted = 0
+        #: Of those, the submissions still reading or making their operands (no job yet).
+        self._reading = 0
         self.nursery: trio.Nursery | None = None
 
     async def route_submit(self, query: dict[str, str], body: Any) -> tuple[int, Any]:
@@ -328,14 +400,17 @@ class JobBoard:
             shards = _positive_int(body, "shards", 4096)
         if self._admitted >= MAX_RUNNING_JOBS:
             return 429, {
-                "error": f"{MAX_RUNNING_JOBS} jobs are running already: wait for one to end "
-                "('mtor-peer jobs') or cancel one, then submit again"
+                "error": f"{MAX_RUNNING_JOBS} jobs are running or having their operands read "
+                "already: wait for one to end ('mtor-peer jobs' lists them), or cancel one "
+                '(Ctrl-C on its submit, or POST /v1/jobs/cancel {"id": ...}), then submit again'
             }
         self._admitted += 1
+        self._reading += 1
         job_id: str | None = None
         try:
             job_id = await self._admit(kernel, body, verify, max_price, shards)
         finally:
+            self._reading -= 1
             if job_id is None:  # refused or failed before the job started: not running
                 self._admitted -= 1
         return 200, {"id": job_id}
@@ -354,6 +429,10 @@ class JobBoard:
         if out is not None:
             out = str(await self._runtime.run_blocking(check_out_path, out))
         operands = await self._runtime.run_blocking(load_operands, body)
+        # A read on a thread cannot be interrupted: a request that timed out meanwhile (the
+        # control server's deadline) starts no job its client was told nothing of (a review:
+        # the client saw "does not answer" while the job ran, and a retry ran it twice).
+        await trio.lowlevel.checkpoint_if_cancelled()
         # Refused here, with the kernel's one line (a shape mismatch between files), rather
         # than as a job that fails.
         get_kernel(kernel).check_operands(operands)
@@ -401,6 +480,9 @@ class JobBoard:
                 "jobs": [j.to_json(shards=shards) for j in jobs],
                 "remembered": len(self._jobs),
                 "running": sum(1 for j in self._jobs.values() if j.state == "running"),
+                # Submissions whose operands are still being read or made: they count
+                # against MAX_RUNNING_JOBS too, and are not jobs yet.
+                "reading": self._reading,
             }
         job = self._jobs.get(query["id"])
         if job is None:

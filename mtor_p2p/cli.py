@@ -1447,6 +1447,12 @@ def _follow_job(args: argparse.Namespace, client: ControlClient, job_id: str) ->
         f"{result['rejected']} rejected, {result['reissued']} re-issued, "
         f"{result['hedged']} hedged, {result['fault_proofs']} fault proof(s)"
     )
+    shared = result.get("shared_memory") or {}
+    if shared.get("operands"):
+        print(
+            f"operands   {shared['operands']} to workers on this machine through shared "
+            f"memory ({shared['bytes'] / (1 << 20):.0f} MiB), the rest over the network"
+        )
     extra = result["receipts"] - result["shards"]
     copies = f" ({extra} for redundant copies)" if extra > 0 else ""
     cost = format_credits(result["cost"])

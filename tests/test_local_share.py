@@ -398,6 +398,9 @@ async def test_a_job_between_hosts_on_one_machine_shares_its_large_operand(
         np.testing.assert_allclose(result.output, a @ b, rtol=1e-4, atol=1e-3)
         assert worker.worker.stats.local_uploads == 1
         assert worker.worker.stats.bytes_shared == b.nbytes
+        # The job says so too (what `submit` prints): B only, A is under the threshold.
+        assert (result.shared_operands, result.shared_bytes) == (1, b.nbytes)
+        assert result.summary()["shared_memory"] == {"operands": 1, "bytes": b.nbytes}
         assert worker.peer_id not in requester.scheduler.local_shares.refused
         # The job is over: its sealed copy is closed, the worker still holds the operand.
         assert requester.scheduler.local_shares.nbytes == 0
@@ -418,6 +421,7 @@ async def test_a_worker_that_takes_no_shared_memory_gets_chunks(tmp_path: Path) 
         np.testing.assert_allclose(result.output, a @ b, rtol=1e-4, atol=1e-3)
         assert worker.worker.stats.local_uploads == 0
         assert worker.worker.stats.bytes_received >= b.nbytes
+        assert result.summary()["shared_memory"] == {"operands": 0, "bytes": 0}
         assert worker.peer_id in requester.scheduler.local_shares.refused
         # Never asked again: the next large operand goes in chunks at once.
         before = worker.worker.stats.uploads_refused

@@ -239,6 +239,7 @@ async def _upload_shared(
         header, _ = unpack(reply)
         if not _field(header, "complete", bool):
             raise WorkerMisbehaved("a shared operand's reply is not complete")
+    local.note_handed(holder, meta.nbytes)
     return True
 
 

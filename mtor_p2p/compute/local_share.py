@@ -276,6 +276,8 @@ class LocalShares:
         #: worker -> until when it is not asked (inf: it answered NOT_LOCAL).
         self.refused: dict[str, float] = {}
         self.enabled = usable()
+        #: job -> (operands, bytes) that workers took through shared memory, until it ends.
+        self._handed: dict[str, tuple[int, int]] = {}
 
     @property
     def nbytes(self) -> int:
@@ -327,8 +329,19 @@ class LocalShares:
                 self._drop(meta.digest, share)
         return share.fd if share.fd >= 0 else None
 
+    def note_handed(self, holder: str, nbytes: int) -> None:
+        """A worker took an operand of ``nbytes`` for job ``holder`` through shared memory."""
+        count, total = self._handed.get(holder, (0, 0))
+        self._handed[holder] = (count + 1, total + nbytes)
+
+    def handed(self, holder: str) -> tuple[int, int]:
+        """How many operands, and how many bytes, went to job ``holder``'s workers through
+        shared memory so far (one operand counts once per worker that took it)."""
+        return self._handed.get(holder, (0, 0))
+
     def release(self, holder: str) -> None:
         """Job ``holder`` ended: close the sealed copies no other job uses."""
+        self._handed.pop(holder, None)
         for digest, share in list(self._shares.items()):
             share.holders.discard(holder)
             if not share.holders and share.ready.is_set():

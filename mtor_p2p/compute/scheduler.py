@@ -217,6 +217,10 @@ class JobResult:
     workers_out: dict[str, str] = field(default_factory=dict)
     #: Wrong results proven against each worker in this job (peer -> count).
     rejected_by: dict[str, int] = field(default_factory=dict)
+    #: Operands that workers on this machine took through shared memory (counted once per
+    #: worker), and their bytes: the rest went over the network.
+    shared_operands: int = 0
+    shared_bytes: int = 0
 
     @property
     def tflops(self) -> float:
@@ -256,6 +260,7 @@ class JobResult:
             "workers_out": dict(sorted(self.workers_out.items())[:MAX_REPORTED_OUT]),
             "workers_out_count": len(self.workers_out),
             "rejected_by": dict(self.rejected_by),
+            "shared_memory": {"operands": self.shared_operands, "bytes": self.shared_bytes},
         }
 
 
@@ -1653,6 +1658,7 @@ class Scheduler:
                     await job.done.wait()
                     nursery.cancel_scope.cancel()
         finally:
+            shared_operands, shared_bytes = self.local_shares.handed(job.job_id)
             self.local_shares.release(job.job_id)  # its operands' sealed copies, if any
         if deadline.cancelled_caught:
             # Workers still holding unfinished shards when time ran out count as failed:
@@ -1683,6 +1689,8 @@ class Scheduler:
             fault_proofs=job.fault_proofs,
             workers_out=dict(job.left),
             rejected_by=dict(job.rejected_by),
+            shared_operands=shared_operands,
+            shared_bytes=shared_bytes,
         )
 
     def note_uploaded(self, worker: str, metas: Iterable[ArrayMeta]) -> None:

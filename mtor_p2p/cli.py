@@ -1922,8 +1922,9 @@ def _add_submit_parser(kernels: Any, spec: KernelInputs) -> None:
         description=(
             f"{description} Shows progress (as mtor-peer jobs does), then the shards, workers, "
             "time, achieved TFLOP/s, verification outcome, cost and receipt count. Exit 2 for "
-            "bad input (a flag, a file, shapes that do not fit together), 1 if the job fails, "
-            "3 if no node runs, 130 on Ctrl-C (the job is cancelled on the node)."
+            "bad input (a flag, a file, shapes that do not fit together), 1 if the job fails "
+            "or the node refuses it (a node runs at most 16 jobs at once), 3 if no node runs, "
+            "130 on Ctrl-C (the job is cancelled on the node)."
         ),
     )
     _add_data_dir(p)

@@ -121,6 +121,25 @@ async def test_an_out_path_where_no_file_can_be_created_is_refused_even_for_root
             await jobs.route_submit({}, {**BODY, "out": "/proc/c.npy"})
 
 
+async def test_an_out_path_that_is_a_fifo_is_refused_and_a_save_never_opens_it(
+    tmp_path: Path,
+) -> None:
+    """A FIFO at ``out`` would block the save's open forever (a new user's job hung there,
+    uncancellable, holding its place and the node's shutdown)."""
+    from mtor_p2p.compute.jobs import save_npy
+
+    fifo = tmp_path / "c.npy"
+    os.mkfifo(fifo)
+    async with board() as jobs:
+        with pytest.raises(ValueError, match="is not a regular file"):
+            await jobs.route_submit({}, {**BODY, "out": str(fifo)})
+    # One that appears after the check: the result goes into a new file renamed over it.
+    with trio.fail_after(5):
+        await trio.to_thread.run_sync(save_npy, fifo, RESULT, abandon_on_cancel=True)
+    np.testing.assert_array_equal(np.load(fifo), RESULT)
+    assert os.listdir(tmp_path) == ["c.npy"]
+
+
 async def test_the_result_is_saved_at_exactly_the_out_path(tmp_path: Path) -> None:
     """``np.save`` given a name without ``.npy`` appends it; the board writes the given path,
     and its writability probe leaves nothing behind."""
@@ -139,6 +158,7 @@ async def test_the_result_is_saved_at_exactly_the_out_path(tmp_path: Path) -> No
         ("npz", "is not a .npy array file"),
         ("objects", "not numbers"),
         ("missing", "no such file"),
+        ("truncated", "is cut short: 144 bytes, where its header needs 152"),
     ],
 )
 async def test_operand_files_that_are_not_npy_arrays_are_refused_clearly(
@@ -154,6 +174,9 @@ async def test_operand_files_that_are_not_npy_arrays_are_refused_clearly(
         (tmp_path / "a.npz").rename(bad)
     elif content == "objects":
         np.save(bad, np.array([{}], dtype=object), allow_pickle=True)
+    elif content == "truncated":  # a header promising 6 floats, with 4 of them
+        np.save(bad, np.ones((2, 3), np.float32))
+        bad.write_bytes(bad.read_bytes()[:-8])
     async with board() as jobs:
         with pytest.raises(ValueError, match=message) as excinfo:
             await jobs.route_submit({}, {"a": str(bad), "b": str(good)})

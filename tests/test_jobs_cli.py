@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import selectors
 import signal
 import subprocess
@@ -194,8 +195,6 @@ async def test_a_submission_whose_request_ended_while_reading_starts_no_job(
 
 
 async def test_file_operands_are_checked_from_their_headers_and_never_block(tmp_path) -> None:
-    import os
-
     from mtor_p2p.compute.jobs import load_npy, npy_header
 
     # A header promising more than the kernel takes: refused with the kernel's line, before
@@ -206,6 +205,7 @@ async def test_file_operands_are_checked_from_their_headers_and_never_block(tmp_
         header, {"descr": "<f4", "fortran_order": False, "shape": (70000, 70000)}
     )
     huge.write_bytes(header.getvalue())
+    os.truncate(huge, len(header.getvalue()) + 70000 * 70000 * 4)  # sparse: no disk used
     with pytest.raises(ValueError, match="above the limit"):
         await JobBoard(None, Runtime.simulated("jobs")).route_submit(  # type: ignore[arg-type]
             {}, {"a": str(huge), "b": str(huge)}

@@ -300,7 +300,14 @@ def npy_header(path: str | Path, name: str = "file") -> tuple[tuple[int, ...], n
     path = Path(path).expanduser()
     with _npy_errors(path, name), _open_regular(path) as file:
         header = _read_npy_header(file)
-    return _checked_header(header, path, name)
+        shape, dtype = _checked_header(header, path, name)
+        needed = file.tell() + math.prod(shape) * dtype.itemsize
+        size = os.fstat(file.fileno()).st_size
+    if size < needed:
+        raise ValueError(
+            f"{name} {path} is cut short: {size} bytes, where its header needs {needed}"
+        )
+    return shape, dtype
 
 
 def load_npy(
@@ -336,6 +343,10 @@ def check_out_path(out: Any) -> Path:
     path = Path(out).expanduser()
     if path.is_dir():
         raise ValueError(f"out {out!r} is a directory")
+    if path.exists() and not path.is_file():
+        # A FIFO would block the save forever (a new user's job hung there, holding its
+        # place and the node's shutdown); a device is not where a result goes.
+        raise ValueError(f"out {out!r} is not a regular file (a FIFO, a device?)")
     parent = path.parent
     if not parent.is_dir():
         raise ValueError(f"out {out!r}: directory {str(parent)!r} does not exist")
@@ -353,9 +364,26 @@ def check_out_path(out: Any) -> Path:
 
 
 def save_npy(path: str | Path, array: np.ndarray) -> None:
-    """Write ``array`` to exactly ``path`` (``np.save`` given a name appends ``.npy``)."""
-    with open(path, "wb") as file:
-        np.save(file, array, allow_pickle=False)
+    """Write ``array`` to exactly ``path`` (``np.save`` given a name appends ``.npy``): into a
+    new file beside it, renamed over it once complete, so that a reader never sees half a
+    result and ``path`` itself is never opened (whatever it has become since it was
+    checked: a FIFO there would block an open for writing forever)."""
+    path = Path(path)
+    for attempt in itertools.count():
+        temporary = path.with_name(f".{path.name}.{os.getpid()}.{attempt}.part")
+        try:
+            # Created with the usual mode (0666 less the umask), as open(path, "wb") would.
+            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+        except FileExistsError:
+            continue
+        break
+    try:
+        with os.fdopen(fd, "wb") as file:
+            np.save(file, array, allow_pickle=False)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
 
 
 class JobBoard:

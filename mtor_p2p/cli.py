@@ -1540,11 +1540,31 @@ def _jobs_text(answer: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _cancel_job(args: argparse.Namespace, client: ControlClient, job_id: str) -> int:
+    """``jobs --cancel ID``: cancel a running job (its submit may be gone: a script's
+    background job, another terminal); the job once it stopped, or why it could not be."""
+    try:
+        job = client.call("POST", "/v1/jobs/cancel", {"id": job_id})
+    except ControlError as exc:
+        # 404: no such job (or a node from before cancelling); 409: it is not running.
+        raise CliError(f"{job_id} was not cancelled: {exc}", EXIT_FAILURE) from None
+    if args.json:
+        print(json.dumps(job, indent=2, sort_keys=True))
+    else:
+        print(format_job_line(job))
+    if job.get("state") != "cancelled":
+        print(f"mtor-peer: {job_id} is still {job.get('state')}", file=sys.stderr)
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
 def cmd_jobs(args: argparse.Namespace) -> int:
     """List this node's jobs, running and recent, with a progress bar each."""
     import time
 
     client = _client(args)
+    if args.cancel is not None:
+        return _cancel_job(args, client, args.cancel)
     path = f"/v1/jobs?limit={args.limit}" + ("&shards=1" if args.json else "")
     if not args.watch:
         answer = client.call("GET", path)
@@ -2199,11 +2219,18 @@ def build_parser() -> argparse.ArgumentParser:
             "workers, verification outcomes (verified, rejected), re-issued shards, state "
             "(running, done, failed, cancelled) and elapsed time. Works from any terminal "
             "while the node runs; --watch redraws until Ctrl-C (plain lines, one per change, "
-            "when the output is not a terminal)."
+            "when the output is not a terminal). --cancel ID cancels a running job (shards "
+            "already accepted stay paid): exit 0 once it stopped, 1 if it is unknown, not "
+            "running or did not stop, 3 if no node runs."
         ),
     )
     _add_data_dir(p)
     p.add_argument("--watch", action="store_true", help="keep showing progress until Ctrl-C")
+    p.add_argument(
+        "--cancel",
+        metavar="ID",
+        help="cancel the running job ID (job-N, as listed) and show it once it stopped",
+    )
     p.add_argument(
         "--interval",
         type=_positive_float,

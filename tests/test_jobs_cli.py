@@ -412,6 +412,28 @@ def test_ctrl_c_on_submit_cancels_the_job_and_the_node_runs_on(devnet):
     assert jobs_json(requester)["jobs"][0]["state"] == "done"
 
 
+def test_jobs_cancel_stops_a_job_whose_submit_is_elsewhere(devnet):
+    requester = devnet[0]["data_dir"]
+    submit = popen("submit", "matmul", "--m", "8192", "--n", "512", "--k", "512",
+                   "--shards", "2000", "--progress", "--data-dir", requester)  # fmt: skip
+    try:
+        line = read_line(submit.stderr, submit, lambda s: " 0/" not in s and "/" in s, 60)
+        job_id = line.split(":")[0]
+        cancel = mtor("jobs", "--cancel", job_id, "--data-dir", requester)
+        assert cancel.returncode == 0, cancel.stderr
+        assert cancel.stdout.startswith(f"{job_id}: [") and "cancelled" in cancel.stdout
+        # The submit that followed it says so and fails.
+        assert submit.wait(timeout=30) == 1
+        assert "cancelled" in submit.stderr.read()
+    finally:
+        submit.kill()
+        submit.wait()
+    again = mtor("jobs", "--cancel", job_id, "--data-dir", requester)
+    assert again.returncode == 1 and "is not running: it is cancelled" in again.stderr
+    unknown = mtor("jobs", "--cancel", "job-999", "--data-dir", requester)
+    assert unknown.returncode == 1 and "job-999 was not cancelled: 404" in unknown.stderr
+
+
 def test_submit_mlp_from_files_returns_the_numpy_reference(devnet, tmp_path):
     requester = devnet[0]["data_dir"]
     rng = np.random.default_rng(11)

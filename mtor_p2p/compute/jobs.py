@@ -430,7 +430,7 @@ class JobBoard:
             return 429, {
                 "error": f"{MAX_RUNNING_JOBS} jobs are running or having their operands read "
                 "already: wait for one to end ('mtor-peer jobs' lists them), or cancel one "
-                '(Ctrl-C on its submit, or POST /v1/jobs/cancel {"id": ...}), then submit again'
+                "('mtor-peer jobs --cancel ID', or Ctrl-C on its submit), then submit again"
             }
         self._admitted += 1
         self._reading += 1

@@ -6,7 +6,13 @@ silently) and the DHT alone is slow to notice change:
 * GossipSub topic :data:`CAPACITY_TOPIC`: every peer publishes its record when it changes and
   at least every ``announce_interval``; each message is validated before it is forwarded.
 * The DHT key ``/mtor/cap/<peer-id>``: a periodic sweep fetches the records of connected peers
-  that the view lacks or holds close to expiry.
+  that the view lacks or holds close to expiry. A record goes there when it is renewed and
+  when what peers plan by changes (addresses, price, kernels, relay service, a new peer);
+  a change of load or free memory alone is gossiped only. Each DHT put is a lookup and a
+  store on every close peer (a dozen stream openings in a small network, dozens in a large
+  one), and a busy worker's load moves every second: a worker whose load changed every
+  second put its record 54 times a minute, now 3 (`tests/test_capacity_dht_puts.py`). A
+  reader of the DHT gets a record at most one renewal old, whose load is a claim anyway.
 
 Sequence numbers are milliseconds of network time (at least one more than the last), so they
 keep increasing across restarts without any stored state.
@@ -175,24 +181,36 @@ class CapacityService:
 
     def _differs(self, offer: Offer) -> bool:
         """Has the offer changed enough to be worth announcing before the next renewal?"""
+        return self._change(offer) is not None
+
+    def _change(self, offer: Offer) -> str | None:
+        """What changed enough to announce before the next renewal: ``"record"`` (what peers
+        plan by, or a newly connected peer: gossip and the DHT), ``"load"`` (load or free
+        memory only: gossip), or None."""
         own = self._own
         if own is None:
-            return True
+            return "record"
         connected = set(self._network.connected_peers())
         newcomers = connected - self._announced_to
         self._announced_to = connected
-        return (
-            bool(newcomers)  # a newly connected peer should hear from us without waiting
+        if (
+            newcomers  # a newly connected peer should hear from us without waiting
             or tuple(self._network.addrs()[:16]) != own.addrs
             or offer.price != own.price
             or offer.kernels != own.kernels
             or offer.relay != own.relay
-            or abs(offer.load - own.load) >= 0.1
+        ):
+            return "record"
+        if (
+            abs(offer.load - own.load) >= 0.1
             or abs(offer.mem_free - own.mem_free) > max(own.mem_free, 1) * 0.1
-        )
+        ):
+            return "load"
+        return None
 
-    async def announce(self, *, withdrawn: bool = False) -> CapacityRecord:
-        """Sign a fresh record, store it in the DHT and gossip it; return it."""
+    async def announce(self, *, withdrawn: bool = False, to_dht: bool = True) -> CapacityRecord:
+        """Sign a fresh record, gossip it and (unless ``to_dht`` is false: a change of load
+        alone) store it in the DHT; return it."""
         record = self._build(self._offer(), withdrawn=withdrawn)
         raw = record.sign(self._identity)
         self._own, self._own_raw = record, raw
@@ -201,6 +219,8 @@ class CapacityService:
             await self._network.publish(self.topic, raw)
         except Exception as exc:  # gossip is best effort; the DHT and renewal cover a miss
             log.info("capacity gossip failed: %s", exc)
+        if not to_dht:
+            return record
         try:
             with trio.move_on_after(self.timing.ttl / 4):
                 await self._network.dht_put(capacity_key(record.peer_id), raw)
@@ -268,7 +288,10 @@ class CapacityService:
             task_status.started()
 
     async def _announce_loop(self) -> None:
-        last = trio.current_time()
+        # ``last``: the last announcement; ``stored``: the last one that went to the DHT too.
+        # Renewals run from ``stored``, so that gossiped load changes never keep the DHT's
+        # copy from being renewed before it expires.
+        last = stored = trio.current_time()
         while True:
             with trio.move_on_after(self.timing.change_check_interval):
                 await self._announce_now.wait()
@@ -276,13 +299,21 @@ class CapacityService:
             self._announce_now = trio.Event()
             if self._own is not None and self._own.withdrawn:
                 continue  # we said goodbye: a renewal now would put us back in every view
-            since = trio.current_time() - last
-            due = since >= self.renewal_interval()
+            now = trio.current_time()
+            due = now - stored >= self.renewal_interval()
             # With a receive budget, changes (price moves included) wait half the interval
             # between announcements: at most twice the budget, however busy the market.
-            spaced = self.timing.max_receive_rate is None or since >= self.renewal_interval() / 2
-            if due or (spaced and (forced or self._differs(self._offer()))):
+            spaced = (
+                self.timing.max_receive_rate is None or now - last >= self.renewal_interval() / 2
+            )
+            if not (due or spaced):
+                continue
+            change = self._change(self._offer())
+            if due or forced or change == "record":
                 await self.announce()
+                last = stored = trio.current_time()
+            elif change == "load":
+                await self.announce(to_dht=False)  # gossip only (module docstring)
                 last = trio.current_time()
 
     async def _receive_loop(self, messages: trio.MemoryReceiveChannel[Message]) -> None:

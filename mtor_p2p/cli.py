@@ -1552,8 +1552,12 @@ def _cancel_job(args: argparse.Namespace, client: ControlClient, job_id: str) ->
         print(json.dumps(job, indent=2, sort_keys=True))
     else:
         print(format_job_line(job))
-    if job.get("state") != "cancelled":
-        print(f"mtor-peer: {job_id} is still {job.get('state')}", file=sys.stderr)
+    state = job.get("state")
+    if state == "running":
+        print(f"mtor-peer: {job_id} did not stop within the node's wait", file=sys.stderr)
+        return EXIT_FAILURE
+    if state != "cancelled":
+        print(f"mtor-peer: {job_id} ended ({state}) before it could be cancelled", file=sys.stderr)
         return EXIT_FAILURE
     return EXIT_OK
 
@@ -1562,6 +1566,9 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     """List this node's jobs, running and recent, with a progress bar each."""
     import time
 
+    if args.cancel is not None and not re.fullmatch(r"job-[0-9]{1,12}", args.cancel):
+        # Checked here: an ID of another form names no job, and would only be echoed back.
+        raise CliError(f"--cancel takes a job ID as listed (job-N), not {args.cancel[:40]!r}", 2)
     client = _client(args)
     if args.cancel is not None:
         return _cancel_job(args, client, args.cancel)
@@ -2221,7 +2228,9 @@ def build_parser() -> argparse.ArgumentParser:
             "while the node runs; --watch redraws until Ctrl-C (plain lines, one per change, "
             "when the output is not a terminal). --cancel ID cancels a running job (shards "
             "already accepted stay paid): exit 0 once it stopped, 1 if it is unknown, not "
-            "running or did not stop, 3 if no node runs."
+            "running or did not stop, 2 for an ID not of the form job-N, 3 if no node runs. "
+            "Job IDs count from 1 each time the node starts: cancel what 'mtor-peer jobs' "
+            "lists now."
         ),
     )
     _add_data_dir(p)

@@ -432,6 +432,9 @@ def test_jobs_cancel_stops_a_job_whose_submit_is_elsewhere(devnet):
     assert again.returncode == 1 and "is not running: it is cancelled" in again.stderr
     unknown = mtor("jobs", "--cancel", "job-999", "--data-dir", requester)
     assert unknown.returncode == 1 and "job-999 was not cancelled: 404" in unknown.stderr
+    odd = mtor("jobs", "--cancel", "job-1; x" + "y" * 5000, "--data-dir", requester)
+    assert odd.returncode == 2 and "takes a job ID as listed (job-N)" in odd.stderr
+    assert len(odd.stderr) < 300
 
 
 def test_submit_mlp_from_files_returns_the_numpy_reference(devnet, tmp_path):

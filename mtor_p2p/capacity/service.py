@@ -6,9 +6,11 @@ silently) and the DHT alone is slow to notice change:
 * GossipSub topic :data:`CAPACITY_TOPIC`: every peer publishes its record when it changes and
   at least every ``announce_interval``; each message is validated before it is forwarded.
 * The DHT key ``/mtor/cap/<peer-id>``: a periodic sweep fetches the records of connected peers
-  that the view lacks or holds close to expiry. A record goes there when it is renewed and
-  when what peers plan by changes (addresses, price, kernels, relay service, a new peer);
-  a change of load or free memory alone is gossiped only. Each DHT put is a lookup and a
+  that the view lacks or holds close to expiry. A record goes there when it is renewed (one
+  renewal interval after the last put that completed, or at half the stored copy's lifetime
+  if sooner; a failed put is retried a quarter interval later) and when what peers plan by
+  changes (addresses, price, kernels, relay service); a change of load or free memory, a
+  newly connected peer or a request to announce is gossiped only. Each DHT put is a lookup and a
   store on every close peer (a dozen stream openings in a small network, dozens in a large
   one), and a busy worker's load moves every second: a worker whose load changed every
   second put its record 54 times a minute, now 3 (`tests/test_capacity_dht_puts.py`). A
@@ -21,6 +23,7 @@ keep increasing across restarts without any stored state.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -121,6 +124,10 @@ class CapacityService:
         self._region = region
         self._offer = offer
         self.timing = timing or CapacityTiming()
+        #: The last record stored in the DHT (a put that completed), and when a failed put
+        #: may be tried again (trio time).
+        self._stored: CapacityRecord | None = None
+        self._dht_retry_at = -math.inf
         self.view = CapacityView()
         self.validator = CapacityRecordValidator(clock.now)
         self._own: CapacityRecord | None = None
@@ -179,14 +186,11 @@ class CapacityService:
             relay=offer.relay,
         )
 
-    def _differs(self, offer: Offer) -> bool:
-        """Has the offer changed enough to be worth announcing before the next renewal?"""
-        return self._change(offer) is not None
-
     def _change(self, offer: Offer) -> str | None:
         """What changed enough to announce before the next renewal: ``"record"`` (what peers
-        plan by, or a newly connected peer: gossip and the DHT), ``"load"`` (load or free
-        memory only: gossip), or None."""
+        plan by: gossip and the DHT), ``"gossip"`` (load or free memory only, or a newly
+        connected peer, which gossip reaches: the DHT's copy does not depend on who is
+        connected), or None."""
         own = self._own
         if own is None:
             return "record"
@@ -194,18 +198,18 @@ class CapacityService:
         newcomers = connected - self._announced_to
         self._announced_to = connected
         if (
-            newcomers  # a newly connected peer should hear from us without waiting
-            or tuple(self._network.addrs()[:16]) != own.addrs
+            tuple(self._network.addrs()[:16]) != own.addrs
             or offer.price != own.price
             or offer.kernels != own.kernels
             or offer.relay != own.relay
         ):
             return "record"
         if (
-            abs(offer.load - own.load) >= 0.1
+            newcomers  # a newly connected peer should hear from us without waiting
+            or abs(offer.load - own.load) >= 0.1
             or abs(offer.mem_free - own.mem_free) > max(own.mem_free, 1) * 0.1
         ):
-            return "load"
+            return "gossip"
         return None
 
     async def announce(self, *, withdrawn: bool = False, to_dht: bool = True) -> CapacityRecord:
@@ -221,12 +225,34 @@ class CapacityService:
             log.info("capacity gossip failed: %s", exc)
         if not to_dht:
             return record
+        stored = False
         try:
             with trio.move_on_after(self.timing.ttl / 4):
                 await self._network.dht_put(capacity_key(record.peer_id), raw)
+                stored = True
         except NetworkError as exc:
             log.info("capacity DHT put failed: %s", exc)
+        if stored:
+            self._stored = record
+        else:
+            # Tried again, not at once (a failing DHT would be asked every second), yet well
+            # before the copy there expires: its TTL is at least 2.5 renewal intervals.
+            self._dht_retry_at = trio.current_time() + self.renewal_interval() / 4
         return record
+
+    def _dht_due(self) -> bool:
+        """Whether our record should go to the DHT now: none is there, or the copy there is
+        one renewal interval old, or half its lifetime has passed (the interval may have
+        grown with the view since it was signed: a review found a busy peer's copy lapsing);
+        not before a failed put's retry time."""
+        if trio.current_time() < self._dht_retry_at:
+            return False
+        stored = self._stored
+        if stored is None:
+            return True
+        now = self._clock.now()
+        half_life = (stored.expires - stored.issued) / 2
+        return now - stored.issued >= min(self.renewal_interval(), half_life)
 
     async def withdraw(self, *, timeout: float = 3.0) -> None:
         """Tell the network we are leaving: a withdrawn record with a higher ``seq``."""
@@ -288,10 +314,7 @@ class CapacityService:
             task_status.started()
 
     async def _announce_loop(self) -> None:
-        # ``last``: the last announcement; ``stored``: the last one that went to the DHT too.
-        # Renewals run from ``stored``, so that gossiped load changes never keep the DHT's
-        # copy from being renewed before it expires.
-        last = stored = trio.current_time()
+        last = trio.current_time()  # the last announcement (gossip), for the spacing below
         while True:
             with trio.move_on_after(self.timing.change_check_interval):
                 await self._announce_now.wait()
@@ -299,21 +322,23 @@ class CapacityService:
             self._announce_now = trio.Event()
             if self._own is not None and self._own.withdrawn:
                 continue  # we said goodbye: a renewal now would put us back in every view
-            now = trio.current_time()
-            due = now - stored >= self.renewal_interval()
+            due = self._dht_due()
             # With a receive budget, changes (price moves included) wait half the interval
             # between announcements: at most twice the budget, however busy the market.
             spaced = (
-                self.timing.max_receive_rate is None or now - last >= self.renewal_interval() / 2
+                self.timing.max_receive_rate is None
+                or trio.current_time() - last >= self.renewal_interval() / 2
             )
             if not (due or spaced):
                 continue
             change = self._change(self._offer())
-            if due or forced or change == "record":
+            if due or change == "record":
                 await self.announce()
-                last = stored = trio.current_time()
-            elif change == "load":
-                await self.announce(to_dht=False)  # gossip only (module docstring)
+                last = trio.current_time()
+            elif forced or change == "gossip":
+                # Gossip only (module docstring); a request to announce (the price loop asks
+                # every price interval) reaches the DHT only if what it holds must change.
+                await self.announce(to_dht=False)
                 last = trio.current_time()
 
     async def _receive_loop(self, messages: trio.MemoryReceiveChannel[Message]) -> None:

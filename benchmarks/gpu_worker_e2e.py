@@ -58,6 +58,8 @@ from mtor_p2p.records.arrays import OperandStore, meta_of  # noqa: E402
 from mtor_p2p.runtime import Runtime  # noqa: E402
 
 IN_FLIGHT = 2
+#: The requester's runtime (threads for blocking work, as in production).
+REQUESTER_RUNTIME = Runtime.production()
 
 
 def identity(label: str) -> Identity:
@@ -120,9 +122,12 @@ async def run_job(
                 in_flight=in_flight,
             )  # fmt: skip
             target = output[starts[index] : starts[index + 1]]
+            # The blocking hook, as a requester's scheduler passes it: a downloaded output is
+            # hashed on a thread, not on the event loop between the other shard's transfers.
             answer = await client.run_shard(
                 requester, worker, job_id=job_id, shard=index, kernel="matmul",
                 operands=operands, timeout=600, transfer_timeout=600, metas=metas, out=target,
+                run_blocking=REQUESTER_RUNTIME.run_blocking,
             )  # fmt: skip
             # An output small enough to come in the answer is not downloaded into ``out``:
             # it is a view of the answer (copied, as a requester's job does).

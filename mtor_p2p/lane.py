@@ -52,7 +52,7 @@ from mtor_p2p.network import (
     NetworkError,
     Payload,
     RemoteError,
-    ip_address_of,
+    is_loopback_ip,
 )
 
 log = logging.getLogger(__name__)
@@ -659,12 +659,6 @@ class LaneServer:
             self.stats.lane_requests_in += 1
             server_lane.last_active = trio.current_time()
             await self.dispatch(server_lane.client, request_id, protocol, length, server_lane)
-
-
-def is_loopback_ip(text: str) -> bool:
-    """Whether ``text`` is a loopback address (an IPv4-mapped IPv6 one read as IPv4)."""
-    address = ip_address_of(text)
-    return address is not None and address.is_loopback
 
 
 def _is_loopback(sock: trio.socket.SocketType) -> bool:

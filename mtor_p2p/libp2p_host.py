@@ -83,7 +83,6 @@ from mtor_p2p.lane import (
     LaneError,
     LaneServer,
     ServerLane,
-    is_loopback_ip,
     read_deadline,
 )
 from mtor_p2p.libp2p_nat import (
@@ -120,6 +119,7 @@ from mtor_p2p.network import (
     RequestHandler,
     RoundTrips,
     TopicValidator,
+    is_loopback_ip,
 )
 
 log = logging.getLogger(__name__)

@@ -55,7 +55,7 @@ from libp2p.relay.circuit_v2.utils import read_delimited_msg, write_delimited_ms
 from libp2p.tools.anyio_service import background_trio_service
 from libp2p.tools.constants import MAX_READ_LEN
 
-from mtor_p2p.network import NetworkError, RemoteError, ip_address_of
+from mtor_p2p.network import NetworkError, RemoteError, ip_address_of, is_loopback_ip
 
 log = logging.getLogger(__name__)
 
@@ -255,7 +255,7 @@ class _Relay(CircuitV2Protocol):
                 conns = conn_list(connected.get(holder))
                 if any((remote_of(c) or ("", 0))[0] == ip for c in conns):
                     same_ip += 1
-            if same_ip >= self._config.reservations_per_ip and not _is_loopback(ip):
+            if same_ip >= self._config.reservations_per_ip and not is_loopback_ip(ip):
                 await write_delimited_msg(
                     stream,
                     HopMessage(
@@ -598,18 +598,10 @@ def remote_of(conn: INetConn) -> tuple[str, int] | None:
     return str(remote[0]), int(remote[1])
 
 
-_ip = ip_address_of
-
-
 def _same_ip(a: str, b: str) -> bool:
     """Whether two IP strings name one address (an IPv4-mapped IPv6 form included)."""
-    x = _ip(a)
-    return x is not None and x == _ip(b)
-
-
-def _is_loopback(ip: str) -> bool:
-    address = _ip(ip)
-    return address is not None and address.is_loopback
+    x = ip_address_of(a)
+    return x is not None and x == ip_address_of(b)
 
 
 def _tcp_target(addr: str) -> tuple[str, int] | None:
@@ -883,7 +875,7 @@ class NatTraversal:
                 # Only the requester's own IP: a dial-back must not be a way to make this
                 # node connect to third parties.
                 results[addr] = "not dialled: not the IP the request came from"
-            elif _is_loopback(target[0]) and not self.settings.loopback:
+            elif is_loopback_ip(target[0]) and not self.settings.loopback:
                 results[addr] = "not dialled: loopback"
             else:
                 targets[addr] = target
@@ -993,7 +985,7 @@ class NatTraversal:
         addrs = [str(a) for a in self._host.get_transport_addrs()]
         addrs += list(self._network._settings.announce_addrs)
         targets = [t for a in addrs if (t := _tcp_target(a))]
-        return bool(targets) and all(_is_loopback(ip) for ip, _ in targets)
+        return bool(targets) and all(is_loopback_ip(ip) for ip, _ in targets)
 
     async def check_reachability(self) -> str:
         """Ask up to :data:`REACHABILITY_HELPERS` directly connected peers to dial us back;
@@ -1047,7 +1039,7 @@ class NatTraversal:
         now = trio.current_time()
         for answer in answers:
             ip = answer.helper_ip
-            key = answer.helper if ip is None or _is_loopback(ip) else ip
+            key = answer.helper if ip is None or is_loopback_ip(ip) else ip
             if "ok" in answer.results.values():
                 verdict = "reached"
             elif any(not v.startswith("not dialled") for v in answer.results.values()):

@@ -71,6 +71,12 @@ def ip_address_of(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | 
     return address
 
 
+def is_loopback_ip(text: str) -> bool:
+    """Whether ``text`` is a loopback address (an IPv4-mapped IPv6 one read as IPv4)."""
+    address = ip_address_of(text)
+    return address is not None and address.is_loopback
+
+
 class NetworkError(Exception):
     """A local failure to reach a peer: dial failed, deadline passed, stream broke."""
 

@@ -595,12 +595,7 @@ async def run_shard(
         output = array_from_bytes(meta, body) if body else None
     if output is None:
         output = await download(
-            network,
-            worker,
-            meta,
-            timeout=transfer_timeout,
-            out=out,
-            run_blocking=run_blocking,
+            network, worker, meta, timeout=transfer_timeout, out=out, run_blocking=run_blocking
         )
     return ShardAnswer(output, receipt)
 

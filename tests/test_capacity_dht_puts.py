@@ -63,6 +63,15 @@ async def stored_expiry(other: MemNetwork, peer_id: str, now: float) -> float:
     return decode_capacity_record(raw, now=now).expires
 
 
+async def keeps_a_live_copy(other: MemNetwork, service: CapacityService, seconds: int) -> None:
+    """For ``seconds``, check each second that the DHT holds an unexpired copy of
+    ``service``'s record."""
+    for _ in range(seconds):
+        await trio.sleep(1.0)
+        now = service._clock.now()
+        assert await stored_expiry(other, service._identity.peer_id, now) > now
+
+
 def drain(channel: Any) -> int:
     count = 0
     while True:
@@ -116,10 +125,7 @@ async def test_a_failed_put_is_retried_before_the_copy_expires(
         # 0 s lives 60 s.
         await trio.sleep(45.0)
         failing["on"] = False
-        for _ in range(20):
-            await trio.sleep(1.0)
-            now = service._clock.now()
-            assert await stored_expiry(other, service._identity.peer_id, now) > now
+        await keeps_a_live_copy(other, service, 20)
         # Retried a quarter interval apart (not every second), and stored once it worked.
         assert 5 <= len(tries) <= 8
         assert all(b - a >= 4.9 for a, b in itertools.pairwise(tries))
@@ -135,8 +141,5 @@ async def test_the_copy_is_renewed_at_half_its_life_when_the_interval_outgrows_i
         # As a receive budget does when the view grows: the interval stretches past the
         # lifetime of the copy already stored (60 s).
         monkeypatch.setattr(service, "renewal_interval", lambda: 100.0)
-        for _ in range(40):
-            await trio.sleep(1.0)
-            now = service._clock.now()
-            assert await stored_expiry(other, service._identity.peer_id, now) > now
+        await keeps_a_live_copy(other, service, 40)
         assert world.stats.dht_puts - puts == 1  # at 30 s, half of the first copy's 60

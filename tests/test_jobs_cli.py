@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 import numpy as np
@@ -328,6 +328,20 @@ def devnet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[dict[str, 
         yield peers
 
 
+@contextmanager
+def long_job(requester: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """``submit`` of a job of many small shards (it runs for many seconds on a 2-core
+    machine), with progress: the process and its first progress line past 0 shards. Killed
+    at the end, whatever happened."""
+    submit = popen("submit", "matmul", "--m", "8192", "--n", "512", "--k", "512",
+                   "--shards", "2000", "--progress", "--data-dir", requester)  # fmt: skip
+    try:
+        yield submit, read_line(submit.stderr, submit, lambda s: " 0/" not in s and "/" in s, 60)
+    finally:
+        submit.kill()
+        submit.wait()
+
+
 def jobs_json(data_dir: str) -> dict[str, Any]:
     result = mtor("jobs", "--json", "--data-dir", data_dir)
     assert result.returncode == 0, result.stderr
@@ -373,20 +387,13 @@ def test_jobs_lists_a_finished_job_with_its_shards_and_watch_stops_on_ctrl_c(dev
 
 def test_ctrl_c_on_submit_cancels_the_job_and_the_node_runs_on(devnet):
     requester = devnet[0]["data_dir"]
-    # Many small shards: a job that runs for many seconds on a 2-core machine.
-    submit = popen("submit", "matmul", "--m", "8192", "--n", "512", "--k", "512",
-                   "--shards", "2000", "--progress", "--data-dir", requester)  # fmt: skip
-    try:
-        line = read_line(submit.stderr, submit, lambda s: " 0/" not in s and "/" in s, 60)
+    with long_job(requester) as (submit, line):
         assert line.startswith("job-")
         job_id = line.split(":")[0]
         submit.send_signal(signal.SIGINT)
         assert submit.wait(timeout=30) == 130
         rest = submit.stderr.read()
         assert f"interrupted; {job_id} cancelled" in rest and "Traceback" not in rest
-    finally:
-        submit.kill()
-        submit.wait()
     job = next(j for j in jobs_json(requester)["jobs"] if j["id"] == job_id)
     assert job["state"] == "cancelled", job
     assert 0 < job["done"] < job["total"] == 2000
@@ -414,10 +421,7 @@ def test_ctrl_c_on_submit_cancels_the_job_and_the_node_runs_on(devnet):
 
 def test_jobs_cancel_stops_a_job_whose_submit_is_elsewhere(devnet):
     requester = devnet[0]["data_dir"]
-    submit = popen("submit", "matmul", "--m", "8192", "--n", "512", "--k", "512",
-                   "--shards", "2000", "--progress", "--data-dir", requester)  # fmt: skip
-    try:
-        line = read_line(submit.stderr, submit, lambda s: " 0/" not in s and "/" in s, 60)
+    with long_job(requester) as (submit, line):
         job_id = line.split(":")[0]
         cancel = mtor("jobs", "--cancel", job_id, "--data-dir", requester)
         assert cancel.returncode == 0, cancel.stderr
@@ -425,9 +429,6 @@ def test_jobs_cancel_stops_a_job_whose_submit_is_elsewhere(devnet):
         # The submit that followed it says so and fails.
         assert submit.wait(timeout=30) == 1
         assert "cancelled" in submit.stderr.read()
-    finally:
-        submit.kill()
-        submit.wait()
     again = mtor("jobs", "--cancel", job_id, "--data-dir", requester)
     assert again.returncode == 1 and "is not running: it is cancelled" in again.stderr
     unknown = mtor("jobs", "--cancel", "job-999", "--data-dir", requester)

@@ -2229,8 +2229,7 @@ def build_parser() -> argparse.ArgumentParser:
             "when the output is not a terminal). --cancel ID cancels a running job (shards "
             "already accepted stay paid): exit 0 once it stopped, 1 if it is unknown, not "
             "running or did not stop, 2 for an ID not of the form job-N, 3 if no node runs. "
-            "Job IDs count from 1 each time the node starts: cancel what 'mtor-peer jobs' "
-            "lists now."
+            "Job IDs are never reused on one data directory, restarts included."
         ),
     )
     _add_data_dir(p)

@@ -31,7 +31,7 @@ from mtor_p2p.clock import NetClock
 from mtor_p2p.compute.blas import limit_blas_threads
 from mtor_p2p.compute.challenge import Challenger
 from mtor_p2p.compute.executor import ShardExecutor
-from mtor_p2p.compute.jobs import JobBoard, observe_attempt
+from mtor_p2p.compute.jobs import JOB_IDS_FILE_NAME, JobBoard, JobIds, observe_attempt
 from mtor_p2p.compute.receipt_store import RECEIPTS_FILE_NAME, ReceiptStore
 from mtor_p2p.compute.reputation import PeerBook
 from mtor_p2p.compute.scheduler import JobResult, JobSpec, Scheduler
@@ -217,7 +217,13 @@ class Node:
         self.scheduler.on_settled = self.ledger_service.record_receipt
         self.scheduler.stakes = lambda: dict(self.ledger.state().stakes)
         self.scheduler.on_fault = self._record_fault
-        self.jobs = JobBoard(self.submit, self.runtime, self.scheduler.settled)
+        # Job numbers continue across restarts of this data directory (never reused).
+        self.jobs = JobBoard(
+            self.submit,
+            self.runtime,
+            self.scheduler.settled,
+            JobIds(config.data_dir / JOB_IDS_FILE_NAME),
+        )
         # Shard attempts of the board's jobs count in their progress (the simulator and tests
         # may put their own observer here instead).
         self.scheduler.observer = observe_attempt

@@ -74,6 +74,10 @@ STATES = ("running", "done", "failed", "cancelled")
 SETTLED_WAIT = 5.0
 #: How long ``POST /v1/jobs/cancel`` waits for the job to stop before it answers.
 CANCEL_WAIT_SECONDS = 5.0
+#: The data directory's file of the next unreserved job number (see :class:`JobIds`).
+JOB_IDS_FILE_NAME = "job-ids"
+#: Job numbers reserved per write of that file: a node that crashes skips at most this many.
+JOB_ID_BLOCK = 64
 
 
 @dataclass
@@ -386,6 +390,83 @@ def save_npy(path: str | Path, array: np.ndarray) -> None:
         raise
 
 
+class JobIds:
+    """Job numbers that never repeat on one data directory, across restarts and crashes.
+
+    ``mtor-peer jobs --cancel job-N`` names a job by number; numbers that started again at 1
+    with each run would let an ID read before a restart cancel another job after it. The
+    file ``path`` holds the first number not yet reserved; numbers are reserved
+    :data:`JOB_ID_BLOCK` at a time, and each reservation is on disk (fsynced, renamed into
+    place) before any of its numbers is handed out, so a crash only skips numbers.
+    ``path`` None: numbers from 1, kept in memory (tests, the simulator).
+    """
+
+    def __init__(self, path: Path | None = None) -> None:
+        self._path = path
+        self._next = 1
+        self._reserved_to = 1 if path is not None else math.inf
+        self._loaded = path is None
+
+    def needs_reserve(self) -> bool:
+        """Whether :meth:`take` must be preceded by :meth:`reserve` (file I/O, blocking)."""
+        return self._next >= self._reserved_to
+
+    def reserve(self) -> None:
+        """Reserve the next block of numbers on disk (blocking: run it on a thread)."""
+        assert self._path is not None
+        if not self._loaded:
+            self._next = _read_next_job_number(self._path)
+            self._loaded = True
+        end = self._next + JOB_ID_BLOCK
+        _write_private_atomically(self._path, f"{end}\n".encode())
+        self._reserved_to = end
+
+    def take(self) -> str:
+        """The next job ID (``job-N``); only once :meth:`needs_reserve` is False."""
+        if self.needs_reserve():
+            raise RuntimeError("no job numbers reserved")
+        number = self._next
+        self._next += 1
+        return f"job-{number}"
+
+
+def _read_next_job_number(path: Path) -> int:
+    """The number stored in ``path``; 1 if there is no file. A file that does not hold a
+    positive number is reported and replaced (IDs of earlier runs may then come again)."""
+    try:
+        text = path.read_text(encoding="ascii").strip()
+    except FileNotFoundError:
+        return 1
+    except (OSError, UnicodeDecodeError) as exc:
+        log.warning("cannot read %s (%s): job IDs start again from job-1", path, exc)
+        return 1
+    if text.isdigit() and 0 < int(text) < 2**62:
+        return int(text)
+    log.warning("%s does not hold a job number: job IDs start again from job-1", path)
+    return 1
+
+
+def _write_private_atomically(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` (mode 0600) durably: a new file, fsynced, renamed over it,
+    and the directory fsynced so that the rename itself survives a crash."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
 class JobBoard:
     """Runs API-submitted jobs in the background and remembers the last few."""
 
@@ -394,15 +475,18 @@ class JobBoard:
         submit: Callable[..., Awaitable[JobResult]],
         runtime: Runtime,
         settled: Callable[[], Awaitable[None]] | None = None,
+        ids: JobIds | None = None,
     ) -> None:
         # ``submit`` is the node's job entry point (``Node.submit``): the board runs jobs, it
         # does not know how. ``settled`` (``Scheduler.settled``) returns once the receipts
-        # countersigned so far are stored and in the ledger.
+        # countersigned so far are stored and in the ledger. ``ids``: where job numbers come
+        # from (a node's are kept in its data directory, so they never repeat).
         self._submit = submit
         self._runtime = runtime
         self._settled = settled
         self._jobs: OrderedDict[str, JobState] = OrderedDict()
-        self._ids = itertools.count(1)
+        self._ids = ids or JobIds()
+        self._ids_lock = trio.Lock()
         #: Jobs admitted and not ended: counted from before their operands are read (the
         #: reading awaits, so concurrent submissions cannot all pass one check) to their end.
         self._admitted = 0
@@ -443,6 +527,14 @@ class JobBoard:
                 self._admitted -= 1
         return 200, {"id": job_id}
 
+    async def _next_id(self) -> str:
+        """A job ID never used on this data directory (a reservation on disk, on a thread,
+        once every :data:`JOB_ID_BLOCK` jobs)."""
+        async with self._ids_lock:
+            if self._ids.needs_reserve():
+                await self._runtime.run_blocking(self._ids.reserve)
+            return self._ids.take()
+
     async def _admit(
         self,
         kernel: str,
@@ -471,7 +563,7 @@ class JobBoard:
             "sizes": sizes,
             "dtype": str(next(iter(operands.values())).dtype),
         }
-        job = JobState(id=f"job-{next(self._ids)}", request=request | {"verify": verify})
+        job = JobState(id=await self._next_id(), request=request | {"verify": verify})
         assert self.nursery is not None
         self.nursery.start_soon(self._run, job, kernel, operands, verify, max_price, shards, out)
         self._jobs[job.id] = job

@@ -102,6 +102,11 @@ async def test_sessions_read_the_dashboard_and_nothing_else(tmp_path: Path) -> N
         assert status == 200
         state = json.loads(body)
         assert state["node"]["peer_id"] == requester.peer_id
+        stats = requester.worker.stats
+        assert (state["node"]["operands_shared"], state["node"]["bytes_shared"]) == (
+            stats.local_uploads,
+            stats.bytes_shared,
+        )
         # A session is read-only: the operator's routes refuse it.
         for method, path, payload in (
             ("GET", "/v1/status", None),

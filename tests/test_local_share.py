@@ -36,6 +36,7 @@ from mtor_p2p.compute.local_share import (
     sealed_copy,
 )
 from mtor_p2p.compute.protocol import PROTOCOL_UPLOAD_LOCAL
+from mtor_p2p.dashboard.snapshot import node_summary as dashboard_node
 from mtor_p2p.network import RemoteError
 from mtor_p2p.records.arrays import meta_of, pack, unpack
 from mtor_p2p.runtime import Runtime
@@ -401,6 +402,9 @@ async def test_a_job_between_hosts_on_one_machine_shares_its_large_operand(
         # The job says so too (what `submit` prints): B only, A is under the threshold.
         assert (result.shared_operands, result.shared_bytes) == (1, b.nbytes)
         assert result.summary()["shared_memory"] == {"operands": 1, "bytes": b.nbytes}
+        # And the worker's dashboard.
+        shown = dashboard_node(worker, worker.clock.now())
+        assert (shown["operands_shared"], shown["bytes_shared"]) == (1, b.nbytes)
         assert worker.peer_id not in requester.scheduler.local_shares.refused
         # The job is over: its sealed copy is closed, the worker still holds the operand.
         assert requester.scheduler.local_shares.nbytes == 0

@@ -35,7 +35,7 @@ def snapshot(node: Node, slow: dict[str, Any], dashboard: Dashboard) -> dict[str
         {
             "sent_at": round(time.time() * 1000, 1),  # wall clock, for the page's latency figure
             "tick": dashboard.tick,
-            "node": _node(node, now),
+            "node": node_summary(node, now),
             "devices": _devices(node, slow),
             "peers": peers,
             "peers_total": counted["total"],
@@ -63,7 +63,8 @@ def finite(value: Any) -> Any:
     return value
 
 
-def _node(node: Node, now: float) -> dict[str, Any]:
+def node_summary(node: Node, now: float) -> dict[str, Any]:
+    """The dashboard's "this node" panel: identity, reachability, what it serves and has run."""
     reachability = node.reachability()
     return {
         "peer_id": node.peer_id,
@@ -82,6 +83,9 @@ def _node(node: Node, now: float) -> dict[str, Any]:
         "price": node.price,
         "shards_run": node.worker.stats.shards_run,
         "shards_failed": node.worker.stats.shards_failed,
+        # Operands requesters on this machine handed over in shared memory, not uploaded.
+        "operands_shared": node.worker.stats.local_uploads,
+        "bytes_shared": node.worker.stats.bytes_shared,
     }
 
 

@@ -251,7 +251,10 @@ function renderNode(n) {
   $("node-connected").textContent = n.connected_peers;
   $("peer-count").textContent = n.view_size;
   $("node-serving").textContent = n.serving
-    ? `${n.kernels.join(", ")} on ${n.backend}; ${n.shards_run} shards run, ${n.shards_failed} failed`
+    ? `${n.kernels.join(", ")} on ${n.backend}; ${n.shards_run} shards run, ${n.shards_failed} failed` +
+      (n.operands_shared
+        ? `; ${n.operands_shared} operands from shared memory (${(n.bytes_shared / 1048576).toFixed(0)} MiB)`
+        : "")
     : "no (requester only)";
   $("node-addr-count").textContent = `${n.addrs.length} address${n.addrs.length === 1 ? "" : "es"}`;
   fill($("node-addrs"), ...n.addrs.map((a) => h("li", {}, a)));

@@ -4,6 +4,8 @@ job with a clear error, or is refused at submission; it never takes the node dow
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -213,3 +215,29 @@ async def test_a_job_is_reported_done_once_its_receipts_are_settled() -> None:
         settle.set()
         assert (await wait_done(jobs, job["id"]))["state"] == "done"
         nursery.cancel_scope.cancel()
+
+
+def test_a_save_removes_partial_files_a_killed_save_left_and_nothing_else(
+    tmp_path: Path,
+) -> None:
+    from mtor_p2p.compute.jobs import save_npy
+
+    # A process killed mid-save leaves its partial file; its PID is then not running.
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        abandoned = tmp_path / f".c.npy.{gone.pid}.0.part"
+        in_progress = tmp_path / f".c.npy.{alive.pid}.0.part"  # a save still under way
+        other_output = tmp_path / f".d.npy.{gone.pid}.0.part"  # another path's
+        not_ours = tmp_path / ".c.npy.notes.part"
+        for path in (abandoned, in_progress, other_output, not_ours):
+            path.write_bytes(b"half a result")
+        save_npy(tmp_path / "c.npy", RESULT)
+        assert sorted(os.listdir(tmp_path)) == sorted(
+            ["c.npy", in_progress.name, other_output.name, not_ours.name]
+        )
+        np.testing.assert_array_equal(np.load(tmp_path / "c.npy"), RESULT)
+    finally:
+        alive.kill()
+        alive.wait()

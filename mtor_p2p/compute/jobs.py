@@ -371,8 +371,10 @@ def save_npy(path: str | Path, array: np.ndarray) -> None:
     """Write ``array`` to exactly ``path`` (``np.save`` given a name appends ``.npy``): into a
     new file beside it, renamed over it once complete, so that a reader never sees half a
     result and ``path`` itself is never opened (whatever it has become since it was
-    checked: a FIFO there would block an open for writing forever)."""
+    checked: a FIFO there would block an open for writing forever). The partial files of
+    earlier saves to ``path`` whose process is gone (killed mid-save) are removed first."""
     path = Path(path)
+    _remove_abandoned_parts(path)
     for attempt in itertools.count():
         temporary = path.with_name(f".{path.name}.{os.getpid()}.{attempt}.part")
         try:
@@ -388,6 +390,37 @@ def save_npy(path: str | Path, array: np.ndarray) -> None:
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
+
+
+def _remove_abandoned_parts(path: Path) -> None:
+    """Remove ``.NAME.PID.N.part`` files beside ``path`` (what :func:`save_npy` writes) whose
+    PID is not a running process: a node killed mid-save leaves one, and the next save to the
+    same path is where a user would notice it. A live PID (a save under way, or a reused
+    PID) keeps its file; so does any name not exactly of that form."""
+    prefix = f".{path.name}."
+    try:
+        entries = list(os.scandir(path.parent))
+    except OSError:
+        return
+    for entry in entries:
+        if not (entry.name.startswith(prefix) and entry.name.endswith(".part")):
+            continue
+        pid, _, attempt = entry.name[len(prefix) : -len(".part")].partition(".")
+        if not (pid.isdigit() and attempt.isdigit()) or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            pass  # gone: its file is abandoned
+        except (PermissionError, OverflowError):
+            continue  # alive (another user's), or no such PID can exist
+        else:
+            continue
+        try:
+            if entry.is_file(follow_symlinks=False):
+                os.unlink(entry.path)
+        except OSError as exc:
+            log.debug("could not remove %s: %s", entry.path, exc)
 
 
 class JobIds:

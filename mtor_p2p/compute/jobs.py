@@ -483,7 +483,9 @@ def _write_private_atomically(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` (mode 0600) durably: a new file, fsynced, renamed over it,
     and the directory fsynced so that the rename itself survives a crash."""
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    # O_NOFOLLOW: a link planted under the temporary name is refused, never written through.
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW
+    fd = os.open(temporary, flags, 0o600)
     try:
         with os.fdopen(fd, "wb") as file:
             file.write(data)
@@ -582,6 +584,9 @@ class JobBoard:
         if out is not None:
             out = str(await self._runtime.run_blocking(check_out_path, out))
         operands = await self._runtime.run_blocking(load_operands, body)
+        # Taken before the check below: a reservation on disk (a thread) is not interrupted
+        # either, and a number taken for a job that then does not start is only skipped.
+        job_id = await self._next_id()
         # A read on a thread cannot be interrupted: a request that timed out meanwhile (the
         # control server's deadline) starts no job its client was told nothing of (a review:
         # the client saw "does not answer" while the job ran, and a retry ran it twice).
@@ -596,7 +601,7 @@ class JobBoard:
             "sizes": sizes,
             "dtype": str(next(iter(operands.values())).dtype),
         }
-        job = JobState(id=await self._next_id(), request=request | {"verify": verify})
+        job = JobState(id=job_id, request=request | {"verify": verify})
         assert self.nursery is not None
         self.nursery.start_soon(self._run, job, kernel, operands, verify, max_price, shards, out)
         self._jobs[job.id] = job

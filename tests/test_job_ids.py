@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import stat
+import time
 from pathlib import Path
 from typing import Any
 
@@ -78,3 +79,33 @@ async def test_boards_on_one_data_directory_never_give_an_id_twice(tmp_path: Pat
             nursery.cancel_scope.cancel()
     assert len(seen) == 10 and len(set(seen)) == 10
     assert sorted(int(i.removeprefix("job-")) for i in seen)[:5] == [1, 2, 3, 4, 5]
+
+
+async def test_a_request_that_times_out_during_a_reservation_starts_no_job(
+    tmp_path: Path,
+) -> None:
+    # The reservation runs on a thread that cannot be interrupted (as a read of operands):
+    # a request cut off meanwhile (the control server's deadline) must not start its job.
+    class SlowDisk(JobIds):
+        def reserve(self) -> None:
+            time.sleep(0.3)
+            super().reserve()
+
+    started: list[object] = []
+
+    async def submit(*args: Any, **kwargs: Any) -> Any:
+        started.append(args)
+        await trio.sleep_forever()
+
+    board = JobBoard(submit, Runtime.production(), ids=SlowDisk(tmp_path / JOB_IDS_FILE_NAME))
+    async with trio.open_nursery() as nursery:
+        board.nursery = nursery
+        with trio.move_on_after(0.05) as scope:
+            await board.route_submit({}, BODY)
+        assert scope.cancelled_caught
+        await trio.sleep(0.1)
+        _, listed = await board.route_status({}, None)
+        assert (listed["remembered"], listed["running"], started) == (0, 0, [])
+        code, reply = await board.route_submit({}, BODY)  # the next one runs, number 2
+        assert (code, reply["id"]) == (200, "job-2")
+        nursery.cancel_scope.cancel()

@@ -1547,7 +1547,7 @@ def _cancel_job(args: argparse.Namespace, client: ControlClient, job_id: str) ->
         job = client.call("POST", "/v1/jobs/cancel", {"id": job_id})
     except ControlError as exc:
         # 404: no such job (or a node from before cancelling); 409: it is not running.
-        raise CliError(f"{job_id} was not cancelled: {exc}", EXIT_FAILURE) from None
+        raise CliError(f"{job_id} was not cancelled: {exc.reason}", EXIT_FAILURE) from None
     if args.json:
         print(json.dumps(job, indent=2, sort_keys=True))
     else:
@@ -1699,7 +1699,7 @@ DASHBOARD_OPENER = "dashboard-open.html"
 def cmd_dashboard(args: argparse.Namespace) -> int:
     """Print a link that opens the running node's web dashboard (and with --open, open it).
 
-    The link carries a one-use ticket in its fragment (after ``#``), which browsers never
+    The link carries a one-use ticket in its fragment (after '#'), which browsers never
     send to a server, so it appears in no log; the page trades it for a read-only session.
     Each link works once, within two minutes: run this again for another browser or tab."""
     client = _client(args)
@@ -2210,6 +2210,9 @@ def build_parser() -> argparse.ArgumentParser:
             "Run a job across the network through the running node: random inputs of the "
             "given sizes, or .npy files. Shows progress, then the shards, workers, time, "
             "achieved TFLOP/s, verification outcome, cost and receipt count. "
+            "The job is listed by 'mtor-peer jobs' (ID job-N, never reused on a data "
+            "directory) and can be cancelled from any terminal with 'mtor-peer jobs --cancel "
+            "job-N' (this command then exits 1), or here with Ctrl-C. "
             "mtor-peer submit KERNEL --help lists a kernel's flags."
         ),
     )
@@ -2279,7 +2282,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_data_dir(p)
     p.add_argument("--open", action="store_true", help="also open it in the default browser")
-    p.add_argument("--json", action="store_true", help="print JSON ({url, expires_in})")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print JSON: the link (url) and the seconds it stays valid (expires_in)",
+    )
     p.set_defaults(func=cmd_dashboard)
 
     p = sub.add_parser(

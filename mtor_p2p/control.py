@@ -179,7 +179,13 @@ class NodeNotRunning(Exception):
 
 
 class ControlError(Exception):
-    """The node answered the control request with an error."""
+    """The node answered the control request with an error: ``str()`` is ``"CODE: reason"``;
+    ``status`` the HTTP status and ``reason`` the node's message alone."""
+
+    def __init__(self, message: str, status: int | None = None, reason: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.reason = message if reason is None else reason
 
 
 def load_or_create_token(data_dir: Path) -> str:
@@ -680,6 +686,6 @@ class ControlClient:
                 reason = json.loads(exc.read()).get("error", exc.reason)
             except ValueError:
                 reason = exc.reason
-            raise ControlError(f"{exc.code}: {reason}") from exc
+            raise ControlError(f"{exc.code}: {reason}", exc.code, str(reason)) from exc
         except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
             raise NodeNotRunning(f"the node at {self.url} does not answer: {exc}") from exc

@@ -443,6 +443,10 @@ class Node:
                     extra.cancel_scope.cancel()
             finally:
                 node.receipts.close()
+                try:
+                    node.jobs.close()  # the numbers it did not use, for the next run
+                except OSError as exc:  # the next run only skips them
+                    log.warning("could not give back unused job numbers: %s", exc)
                 if tunnels is not None:
                     await runtime.run_blocking(tunnels.close)
 

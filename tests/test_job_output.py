@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -222,22 +223,42 @@ def test_a_save_removes_partial_files_a_killed_save_left_and_nothing_else(
 ) -> None:
     from mtor_p2p.compute.jobs import save_npy
 
-    # A process killed mid-save leaves its partial file; its PID is then not running.
-    gone = subprocess.Popen([sys.executable, "-c", "pass"])
-    gone.wait()
-    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    def part(name: str, *, age_s: float = 60.0) -> Path:
+        path = tmp_path / name
+        path.write_bytes(b"half a result")
+        then = time.time() - age_s
+        os.utime(path, (then, then))
+        return path
+
+    abandoned = part(".c.npy.4000001.0.part")  # its save was killed: unlocked, a minute old
+    in_progress = part(".c.npy.4000002.0.part")  # a save in another process (or container)
+    young = part(".c.npy.4000003.0.part", age_s=1.0)  # a save that has not locked it yet
+    other_output = part(".d.npy.4000001.0.part")
+    not_ours = [part(".c.npy.notes.part"), part(".c.npy.²³.0.part"), part(".c.npy.1.0.part.x")]
+    (tmp_path / ".c.npy.4000004.0.part").symlink_to(other_output)
+    # The other save holds its file locked while it writes, as save_npy does.
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, os, sys, time\n"
+            f"fd = os.open({str(in_progress)!r}, os.O_RDONLY)\n"
+            "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+            "print('locked', flush=True)\n"
+            "time.sleep(60)\n",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
-        abandoned = tmp_path / f".c.npy.{gone.pid}.0.part"
-        in_progress = tmp_path / f".c.npy.{alive.pid}.0.part"  # a save still under way
-        other_output = tmp_path / f".d.npy.{gone.pid}.0.part"  # another path's
-        not_ours = tmp_path / ".c.npy.notes.part"
-        for path in (abandoned, in_progress, other_output, not_ours):
-            path.write_bytes(b"half a result")
+        assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
         save_npy(tmp_path / "c.npy", RESULT)
+        kept = {in_progress, young, other_output, *not_ours}
         assert sorted(os.listdir(tmp_path)) == sorted(
-            ["c.npy", in_progress.name, other_output.name, not_ours.name]
+            ["c.npy", ".c.npy.4000004.0.part", *(p.name for p in kept)]
         )
+        assert not abandoned.exists()
         np.testing.assert_array_equal(np.load(tmp_path / "c.npy"), RESULT)
     finally:
-        alive.kill()
-        alive.wait()
+        holder.kill()
+        holder.wait()

@@ -29,10 +29,12 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import fcntl
 import itertools
 import logging
 import math
 import os
+import re
 import stat
 import tempfile
 import time
@@ -382,6 +384,10 @@ def save_npy(path: str | Path, array: np.ndarray) -> None:
             fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
         except FileExistsError:
             continue
+        # Held while the file is written (the kernel drops it if this process dies): what
+        # tells another save's clean-up that this file is not abandoned, whatever PID
+        # namespace or host it runs in.
+        fcntl.flock(fd, fcntl.LOCK_EX)
         break
     try:
         with os.fdopen(fd, "wb") as file:
@@ -392,35 +398,65 @@ def save_npy(path: str | Path, array: np.ndarray) -> None:
         raise
 
 
+#: A partial file younger than this is never taken for abandoned (its save may have only
+#: just created it, not yet locked it).
+ABANDONED_PART_AGE_S = 10.0
+#: Partial files of one output looked at per save, at most.
+MAX_PARTS_EXAMINED = 1000
+_PART_SUFFIX = re.compile(r"\.[0-9]{1,10}\.[0-9]{1,6}\.part")
+
+
 def _remove_abandoned_parts(path: Path) -> None:
-    """Remove ``.NAME.PID.N.part`` files beside ``path`` (what :func:`save_npy` writes) whose
-    PID is not a running process: a node killed mid-save leaves one, and the next save to the
-    same path is where a user would notice it. A live PID (a save under way, or a reused
-    PID) keeps its file; so does any name not exactly of that form."""
-    prefix = f".{path.name}."
+    """Remove ``.NAME.PID.N.part`` files beside ``path`` (what :func:`save_npy` writes) that
+    no save is writing: a node killed mid-save leaves one, and the next save to the same path
+    is where a user would notice it. A file goes only if it is a regular file of this user,
+    older than :data:`ABANDONED_PART_AGE_S`, and not locked (a save holds its file locked
+    until it is renamed, in any process, container or host that shares the directory). Best
+    effort: nothing here can fail the save."""
+    prefix = f".{path.name}"
+    examined = 0
     try:
-        entries = list(os.scandir(path.parent))
+        with os.scandir(path.parent) as entries:
+            for entry in entries:
+                name = entry.name
+                if not (name.startswith(prefix) and _PART_SUFFIX.fullmatch(name, len(prefix))):
+                    continue
+                examined += 1
+                if examined > MAX_PARTS_EXAMINED:
+                    break
+                _remove_if_abandoned(entry.path)
+    except Exception as exc:  # a clean-up never costs the result its save
+        log.debug("clean-up of partial files beside %s stopped: %s", path, exc)
+
+
+def _remove_if_abandoned(part: str) -> None:
+    """Unlink ``part`` if it is abandoned (see :func:`_remove_abandoned_parts`)."""
+    try:
+        fd = os.open(part, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
-        return
-    for entry in entries:
-        if not (entry.name.startswith(prefix) and entry.name.endswith(".part")):
-            continue
-        pid, _, attempt = entry.name[len(prefix) : -len(".part")].partition(".")
-        if not (pid.isdigit() and attempt.isdigit()) or int(pid) == os.getpid():
-            continue
+        return  # a link, gone meanwhile, or not ours to read
+    try:
+        info = os.fstat(fd)
+        if (
+            not stat.S_ISREG(info.st_mode)
+            or info.st_uid != os.geteuid()
+            or time.time() - info.st_mtime < ABANDONED_PART_AGE_S
+        ):
+            return
         try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            pass  # gone: its file is abandoned
-        except (PermissionError, OverflowError):
-            continue  # alive (another user's), or no such PID can exist
-        else:
-            continue
-        try:
-            if entry.is_file(follow_symlinks=False):
-                os.unlink(entry.path)
-        except OSError as exc:
-            log.debug("could not remove %s: %s", entry.path, exc)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return  # a save holds it
+        # Still the same file under that name (not swapped since it was opened).
+        now = os.stat(part, follow_symlinks=False)
+        if (now.st_dev, now.st_ino) == (info.st_dev, info.st_ino):
+            os.unlink(part)
+    finally:
+        os.close(fd)
+
+
+class JobNumbersUnavailable(RuntimeError):
+    """No job number could be reserved on disk (the data directory's fault: answered 503)."""
 
 
 class JobIds:
@@ -430,15 +466,25 @@ class JobIds:
     with each run would let an ID read before a restart cancel another job after it. The
     file ``path`` holds the first number not yet reserved; numbers are reserved
     :data:`JOB_ID_BLOCK` at a time, and each reservation is on disk (fsynced, renamed into
-    place) before any of its numbers is handed out, so a crash only skips numbers.
-    ``path`` None: numbers from 1, kept in memory (tests, the simulator).
+    place) before any of its numbers is handed out. A node that stops cleanly gives back the
+    numbers it did not use (:meth:`release`), so the next run goes on from its last job; one
+    that crashes skips them. ``path`` None: numbers from 1, kept in memory (tests, the
+    simulator). The file is read here, once (a few bytes, as the node opens).
     """
 
     def __init__(self, path: Path | None = None) -> None:
         self._path = path
-        self._next = 1
-        self._reserved_to = 1 if path is not None else math.inf
-        self._loaded = path is None
+        #: The file (None: in memory).
+        self.path = path
+        self._next = 1 if path is None else _read_next_job_number(path)
+        #: The number of this run's first job (numbers below it are earlier runs').
+        self.first = self._next
+        self._reserved_to = self._next if path is not None else math.inf
+
+    @property
+    def next_number(self) -> int:
+        """The number the next job will get."""
+        return self._next
 
     def needs_reserve(self) -> bool:
         """Whether :meth:`take` must be preceded by :meth:`reserve` (file I/O, blocking)."""
@@ -447,9 +493,6 @@ class JobIds:
     def reserve(self) -> None:
         """Reserve the next block of numbers on disk (blocking: run it on a thread)."""
         assert self._path is not None
-        if not self._loaded:
-            self._next = _read_next_job_number(self._path)
-            self._loaded = True
         end = self._next + JOB_ID_BLOCK
         _write_private_atomically(self._path, f"{end}\n".encode())
         self._reserved_to = end
@@ -462,30 +505,64 @@ class JobIds:
         self._next += 1
         return f"job-{number}"
 
+    def release(self) -> None:
+        """Give back the reserved numbers not used (blocking; at a clean stop, once no job
+        can be submitted any more): the file then names the next unused number."""
+        if self._path is not None and self._reserved_to > self._next:
+            _write_private_atomically(self._path, f"{self._next}\n".encode())
+            self._reserved_to = self._next
+
+
+#: Job numbers stay below this (``jobs --cancel`` takes at most 12 digits).
+MAX_JOB_NUMBER = 10**12 - 2 * JOB_ID_BLOCK
+
 
 def _read_next_job_number(path: Path) -> int:
-    """The number stored in ``path``; 1 if there is no file. A file that does not hold a
-    positive number is reported and replaced (IDs of earlier runs may then come again)."""
+    """The number stored in ``path``; 1 if there is no file. A file that cannot be read or
+    does not hold a number (a FIFO or a device there is not read) is reported, and numbers
+    go on from the current time in seconds, above any this directory can have given out."""
     try:
-        text = path.read_text(encoding="ascii").strip()
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         return 1
-    except (OSError, UnicodeDecodeError) as exc:
-        log.warning("cannot read %s (%s): job IDs start again from job-1", path, exc)
-        return 1
-    if text.isdigit() and 0 < int(text) < 2**62:
-        return int(text)
-    log.warning("%s does not hold a job number: job IDs start again from job-1", path)
-    return 1
+    except OSError as exc:
+        return _job_numbers_from_the_clock(path, str(exc))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return _job_numbers_from_the_clock(path, "not a regular file")
+        text = os.read(fd, 32)
+    except OSError as exc:
+        return _job_numbers_from_the_clock(path, str(exc))
+    finally:
+        os.close(fd)
+    value = text.strip()
+    if value.isdigit() and value.isascii() and 0 < int(value) < MAX_JOB_NUMBER:
+        return int(value)
+    return _job_numbers_from_the_clock(path, "no job number in it")
+
+
+def _job_numbers_from_the_clock(path: Path, why: str) -> int:
+    # The wall clock only here: a number no earlier run can have reached (that would take
+    # a job a second since 1970), so that IDs still never repeat.
+    number = min(max(1, int(time.time())), MAX_JOB_NUMBER - 1)
+    log.warning(
+        "cannot use %s (%s): job IDs go on from job-%d (the time in seconds), so that none "
+        "repeats; the file is replaced at the next job",
+        path,
+        why,
+        number,
+    )
+    return number
 
 
 def _write_private_atomically(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` (mode 0600) durably: a new file, fsynced, renamed over it,
     and the directory fsynced so that the rename itself survives a crash."""
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    # O_NOFOLLOW: a link planted under the temporary name is refused, never written through.
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW
-    fd = os.open(temporary, flags, 0o600)
+    # A fresh file only: whatever lies under the temporary name (a stale one, a link, hard or
+    # symbolic) is removed, never written through.
+    temporary.unlink(missing_ok=True)
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
         with os.fdopen(fd, "wb") as file:
             file.write(data)
@@ -556,6 +633,8 @@ class JobBoard:
         job_id: str | None = None
         try:
             job_id = await self._admit(kernel, body, verify, max_price, shards)
+        except JobNumbersUnavailable as exc:  # the node's fault, not the request's
+            return 503, {"error": str(exc)}
         finally:
             self._reading -= 1
             if job_id is None:  # refused or failed before the job started: not running
@@ -567,7 +646,12 @@ class JobBoard:
         once every :data:`JOB_ID_BLOCK` jobs)."""
         async with self._ids_lock:
             if self._ids.needs_reserve():
-                await self._runtime.run_blocking(self._ids.reserve)
+                try:
+                    await self._runtime.run_blocking(self._ids.reserve)
+                except OSError as exc:
+                    raise JobNumbersUnavailable(
+                        f"cannot reserve job numbers in {self._ids.path}: {exc}"
+                    ) from exc
             return self._ids.take()
 
     async def _admit(
@@ -644,7 +728,7 @@ class JobBoard:
             }
         job = self._jobs.get(query["id"])
         if job is None:
-            return 404, {"error": f"no job {query['id']!r}"}
+            return 404, {"error": self._no_job(query["id"])}
         return 200, job.to_json(shards=shards)
 
     async def route_cancel(self, query: dict[str, str], body: Any) -> tuple[int, Any]:
@@ -655,12 +739,34 @@ class JobBoard:
             raise ValueError('body must be {"id": "<job ID>"}')
         job = self._jobs.get(job_id)
         if job is None:
-            return 404, {"error": f"no job {job_id!r}"}
+            return 404, {"error": self._no_job(job_id)}
         if not self.cancel(job):
             return 409, {"error": f"{job_id} is not running: it is {job.state}"}
         with trio.move_on_after(CANCEL_WAIT_SECONDS):
             await job.finished.wait()
         return 200, job.to_json()
+
+    def _no_job(self, job_id: str) -> str:
+        """Why ``job_id`` is not listed, as far as its number tells."""
+        number = job_id.removeprefix("job-")
+        if job_id.startswith("job-") and number.isdigit() and len(number) <= 18:
+            if int(number) < self._ids.first:
+                return (
+                    f"no job {job_id!r} in this run of the node: it was submitted before the "
+                    "node last started (a job ends with the node that ran it, and only this "
+                    "run's jobs are listed)"
+                )
+            if int(number) < self._ids.next_number:
+                return (
+                    f"no job {job_id!r} any more: it ended and was forgotten (the node "
+                    f"remembers its last {MAX_REMEMBERED_JOBS} jobs)"
+                )
+        return f"no job {job_id!r}"
+
+    def close(self) -> None:
+        """At a clean stop, once nothing can be submitted: give back the job numbers
+        reserved and not used (blocking, a few bytes)."""
+        self._ids.release()
 
     def cancel(self, job: JobState) -> bool:
         """Cancel ``job`` if it is running (False if it already ended)."""

@@ -79,16 +79,34 @@ def test_a_file_that_cannot_be_used_is_reported_and_numbers_never_repeat(
         path.mkdir()
     else:
         path.symlink_to("/dev/zero")  # not followed, never read without end
-    before = int(time.time())
+    before = int(time.time() * 10)
     with caplog.at_level(logging.WARNING):
         ids = JobIds(path)
     assert "job IDs go on from" in caplog.text
-    # Above anything a directory can have given out (a job a second since 1970).
-    assert before <= ids.first <= int(time.time())
+    # Above anything a directory can have given out (ten jobs a second since 1970).
+    assert before <= ids.first <= int(time.time() * 10)
     if plant != "directory":
         number = _take(ids, 1)[0]
         assert number == ids.first and len(str(number)) <= 12
         assert int(path.read_text()) == number + JOB_ID_BLOCK
+
+
+async def test_numbers_stop_at_what_jobs_cancel_can_name(tmp_path: Path) -> None:
+    path = tmp_path / JOB_IDS_FILE_NAME
+    path.write_text(f"{MAX_JOB_NUMBER - 1}\n")
+
+    async def submit(*args: Any, **kwargs: Any) -> Any:
+        await trio.sleep_forever()
+
+    board = JobBoard(submit, Runtime.production(), ids=JobIds(path))
+    async with trio.open_nursery() as nursery:
+        board.nursery = nursery
+        code, reply = await board.route_submit({}, BODY)
+        assert (code, reply["id"]) == (200, f"job-{MAX_JOB_NUMBER - 1}")
+        assert len(reply["id"]) <= len("job-") + 12
+        code, reply = await board.route_submit({}, BODY)
+        assert code == 503 and "have reached" in reply["error"]
+        nursery.cancel_scope.cancel()
 
 
 async def test_a_reservation_that_cannot_be_written_is_a_clear_503(tmp_path: Path) -> None:

@@ -262,3 +262,33 @@ def test_a_save_removes_partial_files_a_killed_save_left_and_nothing_else(
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_a_save_holds_its_lock_until_renamed_and_needs_no_lock_support(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mtor_p2p.compute import jobs
+
+    # A clean-up arriving between the last write and the rename, when the file already
+    # looks old (a save stopped there for a while), must find it still locked.
+    real_replace = os.replace
+
+    def stalled_replace(source: Any, target: Any) -> None:
+        then = time.time() - 60
+        os.utime(source, (then, then))
+        jobs._remove_abandoned_parts(Path(target))
+        real_replace(source, target)
+
+    monkeypatch.setattr(jobs.os, "replace", stalled_replace)
+    jobs.save_npy(tmp_path / "c.npy", RESULT)
+    np.testing.assert_array_equal(np.load(tmp_path / "c.npy"), RESULT)
+    monkeypatch.setattr(jobs.os, "replace", real_replace)
+
+    # A file system without locks (flock fails): the save still works and leaves nothing.
+    def no_locks(fd: int, operation: int) -> None:
+        raise OSError(38, "Function not implemented")
+
+    monkeypatch.setattr(jobs.fcntl, "flock", no_locks)
+    jobs.save_npy(tmp_path / "d.npy", RESULT)
+    np.testing.assert_array_equal(np.load(tmp_path / "d.npy"), RESULT)
+    assert sorted(os.listdir(tmp_path)) == ["c.npy", "d.npy"]

@@ -386,13 +386,18 @@ def save_npy(path: str | Path, array: np.ndarray) -> None:
             continue
         # Held while the file is written (the kernel drops it if this process dies): what
         # tells another save's clean-up that this file is not abandoned, whatever PID
-        # namespace or host it runs in.
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        # namespace or host it runs in. A file system without locks: no lock, and no
+        # clean-up there either (its flock fails the same way).
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_EX)
         break
     try:
         with os.fdopen(fd, "wb") as file:
             np.save(file, array, allow_pickle=False)
-        os.replace(temporary, path)
+            file.flush()
+            # Renamed while still open, so still locked: a save stalled between its last
+            # write and the rename (stopped, swapped out) is never taken for abandoned.
+            os.replace(temporary, path)
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
@@ -501,6 +506,11 @@ class JobIds:
         """The next job ID (``job-N``); only once :meth:`needs_reserve` is False."""
         if self.needs_reserve():
             raise RuntimeError("no job numbers reserved")
+        if self._next >= MAX_JOB_NUMBER:  # what 'jobs --cancel' could not name
+            raise JobNumbersUnavailable(
+                f"job numbers in {self.path} have reached {MAX_JOB_NUMBER}: move the file "
+                "away to start again (from the time in tenths of a second)"
+            )
         number = self._next
         self._next += 1
         return f"job-{number}"
@@ -520,7 +530,8 @@ MAX_JOB_NUMBER = 10**12 - 2 * JOB_ID_BLOCK
 def _read_next_job_number(path: Path) -> int:
     """The number stored in ``path``; 1 if there is no file. A file that cannot be read or
     does not hold a number (a FIFO or a device there is not read) is reported, and numbers
-    go on from the current time in seconds, above any this directory can have given out."""
+    go on from the current time in tenths of a second, above any this directory can have
+    given out."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
@@ -543,11 +554,12 @@ def _read_next_job_number(path: Path) -> int:
 
 def _job_numbers_from_the_clock(path: Path, why: str) -> int:
     # The wall clock only here: a number no earlier run can have reached (that would take
-    # a job a second since 1970), so that IDs still never repeat.
-    number = min(max(1, int(time.time())), MAX_JOB_NUMBER - 1)
+    # ten jobs a second since 1970), so that IDs still do not repeat. Not proof against a
+    # clock set back between two such failures of the file.
+    number = min(max(1, int(time.time() * 10)), MAX_JOB_NUMBER - 1)
     log.warning(
-        "cannot use %s (%s): job IDs go on from job-%d (the time in seconds), so that none "
-        "repeats; the file is replaced at the next job",
+        "cannot use %s (%s): job IDs go on from job-%d (the time in tenths of a second), "
+        "so that none repeats; the file is replaced at the next job",
         path,
         why,
         number,

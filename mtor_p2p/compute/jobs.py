@@ -478,7 +478,6 @@ class JobIds:
     """
 
     def __init__(self, path: Path | None = None) -> None:
-        self._path = path
         #: The file (None: in memory).
         self.path = path
         self._next = 1 if path is None else _read_next_job_number(path)
@@ -497,9 +496,9 @@ class JobIds:
 
     def reserve(self) -> None:
         """Reserve the next block of numbers on disk (blocking: run it on a thread)."""
-        assert self._path is not None
+        assert self.path is not None
         end = self._next + JOB_ID_BLOCK
-        _write_private_atomically(self._path, f"{end}\n".encode())
+        _write_private_atomically(self.path, f"{end}\n".encode())
         self._reserved_to = end
 
     def take(self) -> str:
@@ -518,8 +517,8 @@ class JobIds:
     def release(self) -> None:
         """Give back the reserved numbers not used (blocking; at a clean stop, once no job
         can be submitted any more): the file then names the next unused number."""
-        if self._path is not None and self._reserved_to > self._next:
-            _write_private_atomically(self._path, f"{self._next}\n".encode())
+        if self.path is not None and self._reserved_to > self._next:
+            _write_private_atomically(self.path, f"{self._next}\n".encode())
             self._reserved_to = self._next
 
 

@@ -484,21 +484,35 @@ def sqlite_transaction(db: sqlite3.Connection) -> Iterator[None]:
         raise
 
 
-def write_private(path: Path, data: str | bytes) -> None:
-    """Write ``data`` to ``path`` atomically (a 0600 temporary file renamed over it)."""
+def write_private(path: Path, data: str | bytes, *, durable: bool = False) -> None:
+    """Write ``data`` to ``path`` atomically (a 0600 temporary file renamed over it).
+
+    The temporary file is always a new one: whatever lies under its name (a stale one, a
+    link, symbolic or hard) is removed, never written through. ``durable``: the file is
+    fsynced before the rename and the directory after it, so that the new content survives
+    a crash once this returns."""
     raw = data.encode() if isinstance(data, str) else data
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, PRIVATE_FILE_MODE)
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, PRIVATE_FILE_MODE)
     try:
         try:
             os.fchmod(fd, PRIVATE_FILE_MODE)
             os.write(fd, raw)
+            if durable:
+                os.fsync(fd)
         finally:
             os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    if durable:
+        directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
 
 
 def secure_data_dir(path: Path, *, skip: tuple[str, ...] = ()) -> list[str]:

@@ -7,6 +7,8 @@ import logging
 import os
 import stat
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +34,21 @@ def _take(ids: JobIds, count: int) -> list[int]:
             ids.reserve()
         numbers.append(int(ids.take().removeprefix("job-")))
     return numbers
+
+
+async def _never_ends(*args: Any, **kwargs: Any) -> Any:
+    """A job that runs until cancelled: what it computes does not matter here."""
+    await trio.sleep_forever()
+
+
+@asynccontextmanager
+async def running_board(ids: JobIds, submit: Any = _never_ends) -> AsyncIterator[JobBoard]:
+    """A board on ``ids`` with threads as in production, its jobs cancelled at the end."""
+    board = JobBoard(submit, Runtime.production(), ids=ids)
+    async with trio.open_nursery() as nursery:
+        board.nursery = nursery
+        yield board
+        nursery.cancel_scope.cancel()
 
 
 def test_numbers_go_on_across_restarts_and_a_crash_only_skips_some(tmp_path: Path) -> None:
@@ -95,30 +112,19 @@ async def test_numbers_stop_at_what_jobs_cancel_can_name(tmp_path: Path) -> None
     path = tmp_path / JOB_IDS_FILE_NAME
     path.write_text(f"{MAX_JOB_NUMBER - 1}\n")
 
-    async def submit(*args: Any, **kwargs: Any) -> Any:
-        await trio.sleep_forever()
-
-    board = JobBoard(submit, Runtime.production(), ids=JobIds(path))
-    async with trio.open_nursery() as nursery:
-        board.nursery = nursery
+    async with running_board(JobIds(path)) as board:
         code, reply = await board.route_submit({}, BODY)
         assert (code, reply["id"]) == (200, f"job-{MAX_JOB_NUMBER - 1}")
         assert len(reply["id"]) <= len("job-") + 12
         code, reply = await board.route_submit({}, BODY)
         assert code == 503 and "have reached" in reply["error"]
-        nursery.cancel_scope.cancel()
 
 
 async def test_a_reservation_that_cannot_be_written_is_a_clear_503(tmp_path: Path) -> None:
     path = tmp_path / JOB_IDS_FILE_NAME
     path.mkdir()  # the rename over it fails
 
-    async def submit(*args: Any, **kwargs: Any) -> Any:
-        await trio.sleep_forever()
-
-    board = JobBoard(submit, Runtime.production(), ids=JobIds(path))
-    async with trio.open_nursery() as nursery:
-        board.nursery = nursery
+    async with running_board(JobIds(path)) as board:
         code, reply = await board.route_submit({}, BODY)
         assert code == 503 and "cannot reserve job numbers in" in reply["error"]
         _, listed = await board.route_status({}, None)
@@ -126,7 +132,6 @@ async def test_a_reservation_that_cannot_be_written_is_a_clear_503(tmp_path: Pat
         path.rmdir()  # fixed: the next submission goes through
         code, reply = await board.route_submit({}, BODY)
         assert code == 200
-        nursery.cancel_scope.cancel()
 
 
 def test_a_link_or_stale_file_at_the_temporary_name_is_never_written_through(
@@ -155,24 +160,18 @@ def test_in_memory_ids_start_at_one_and_write_nothing(tmp_path: Path) -> None:
 async def test_boards_on_one_data_directory_never_give_an_id_twice(tmp_path: Path) -> None:
     # Two node runs one after the other on the same data directory, each with submissions
     # racing for the board's first reservation (threads, as in production).
-    async def submit(*args: Any, **kwargs: Any) -> Any:
-        await trio.sleep_forever()
-
     seen: list[str] = []
+
+    async def one(board: JobBoard) -> None:
+        code, reply = await board.route_submit({}, BODY)
+        assert code == 200
+        seen.append(reply["id"])
+
     for _ in range(2):
-        board = JobBoard(submit, Runtime.production(), ids=JobIds(tmp_path / JOB_IDS_FILE_NAME))
-        async with trio.open_nursery() as nursery:
-            board.nursery = nursery
-
-            async def one(board: JobBoard) -> None:
-                code, reply = await board.route_submit({}, BODY)
-                assert code == 200
-                seen.append(reply["id"])
-
+        async with running_board(JobIds(tmp_path / JOB_IDS_FILE_NAME)) as board:
             async with trio.open_nursery() as submissions:
                 for _ in range(5):
                     submissions.start_soon(one, board)
-            nursery.cancel_scope.cancel()
     assert len(seen) == 10 and len(set(seen)) == 10
     assert sorted(int(i.removeprefix("job-")) for i in seen)[:5] == [1, 2, 3, 4, 5]
 
@@ -193,9 +192,7 @@ async def test_a_request_that_times_out_during_a_reservation_starts_no_job(
         started.append(args)
         await trio.sleep_forever()
 
-    board = JobBoard(submit, Runtime.production(), ids=SlowDisk(tmp_path / JOB_IDS_FILE_NAME))
-    async with trio.open_nursery() as nursery:
-        board.nursery = nursery
+    async with running_board(SlowDisk(tmp_path / JOB_IDS_FILE_NAME), submit) as board:
         with trio.move_on_after(0.05) as scope:
             await board.route_submit({}, BODY)
         assert scope.cancelled_caught
@@ -204,7 +201,6 @@ async def test_a_request_that_times_out_during_a_reservation_starts_no_job(
         assert (listed["remembered"], listed["running"], started) == (0, 0, [])
         code, reply = await board.route_submit({}, BODY)  # the next one runs, number 2
         assert (code, reply["id"]) == (200, "job-2")
-        nursery.cancel_scope.cancel()
 
 
 async def test_an_unknown_id_says_whether_it_is_from_an_earlier_run(tmp_path: Path) -> None:
@@ -213,12 +209,7 @@ async def test_an_unknown_id_says_whether_it_is_from_an_earlier_run(tmp_path: Pa
     _take(earlier, 3)
     earlier.release()
 
-    async def submit(*args: Any, **kwargs: Any) -> Any:
-        await trio.sleep_forever()
-
-    board = JobBoard(submit, Runtime.production(), ids=JobIds(path))
-    async with trio.open_nursery() as nursery:
-        board.nursery = nursery
+    async with running_board(JobIds(path)) as board:
         code, reply = await board.route_submit({}, BODY)
         assert (code, reply["id"]) == (200, "job-4")
         code, answer = await board.route_cancel({}, {"id": "job-2"})
@@ -227,7 +218,6 @@ async def test_an_unknown_id_says_whether_it_is_from_an_earlier_run(tmp_path: Pa
         assert (code, answer["error"]) == (404, "no job 'job-9'")
         code, answer = await board.route_cancel({}, {"id": "job-4"})
         assert (code, answer["state"]) == (200, "cancelled")
-        nursery.cancel_scope.cancel()
 
 
 async def test_a_node_goes_on_from_its_last_job_after_a_clean_restart(tmp_path: Path) -> None:

@@ -55,6 +55,7 @@ from mtor_p2p.compute.inputs import (
     random_operands,
 )
 from mtor_p2p.compute.scheduler import JobFailed, JobResult, ShardAttempt, ShardResult
+from mtor_p2p.config import write_private
 from mtor_p2p.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -498,7 +499,7 @@ class JobIds:
         """Reserve the next block of numbers on disk (blocking: run it on a thread)."""
         assert self.path is not None
         end = self._next + JOB_ID_BLOCK
-        _write_private_atomically(self.path, f"{end}\n".encode())
+        write_private(self.path, f"{end}\n", durable=True)
         self._reserved_to = end
 
     def take(self) -> str:
@@ -518,7 +519,7 @@ class JobIds:
         """Give back the reserved numbers not used (blocking; at a clean stop, once no job
         can be submitted any more): the file then names the next unused number."""
         if self.path is not None and self._reserved_to > self._next:
-            _write_private_atomically(self.path, f"{self._next}\n".encode())
+            write_private(self.path, f"{self._next}\n", durable=True)
             self._reserved_to = self._next
 
 
@@ -532,19 +533,14 @@ def _read_next_job_number(path: Path) -> int:
     go on from the current time in tenths of a second, above any this directory can have
     given out."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        with _open_regular(path) as file:  # a FIFO or a device is refused, not read
+            text = file.read(32)
     except FileNotFoundError:
         return 1
-    except OSError as exc:
-        return _job_numbers_from_the_clock(path, str(exc))
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return _job_numbers_from_the_clock(path, "not a regular file")
-        text = os.read(fd, 32)
-    except OSError as exc:
-        return _job_numbers_from_the_clock(path, str(exc))
-    finally:
-        os.close(fd)
+    except _NotAFile:
+        return _job_numbers_from_the_clock(path, "not a regular file")
+    except OSError as exc:  # a directory, unreadable
+        return _job_numbers_from_the_clock(path, str(exc) or type(exc).__name__)
     value = text.strip()
     if value.isdigit() and value.isascii() and 0 < int(value) < MAX_JOB_NUMBER:
         return int(value)
@@ -564,30 +560,6 @@ def _job_numbers_from_the_clock(path: Path, why: str) -> int:
         number,
     )
     return number
-
-
-def _write_private_atomically(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` (mode 0600) durably: a new file, fsynced, renamed over it,
-    and the directory fsynced so that the rename itself survives a crash."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    # A fresh file only: whatever lies under the temporary name (a stale one, a link, hard or
-    # symbolic) is removed, never written through.
-    temporary.unlink(missing_ok=True)
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
 
 
 class JobBoard:

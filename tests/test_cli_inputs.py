@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from mtor_p2p.compute.jobs import MAX_RUNNING_JOBS
 from mtor_p2p.compute.reputation import PeerBook
 from mtor_p2p.console import format_credits, format_duration, format_rate
 from tests.processes import mtor
@@ -155,6 +156,8 @@ def test_submit_help_explains_each_kernel_its_inputs_dtype_and_verify():
         assert "element type of the random inputs" in text
         assert files in text
         assert "Exit 2 for bad input" in text
+        # The limit it names is the node's own, not a number copied into the text.
+        assert f"a node runs at most {MAX_RUNNING_JOBS} jobs at once" in text
 
 
 NAMES = ("fast", "flaky", "cheat")

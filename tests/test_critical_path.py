@@ -119,7 +119,8 @@ async def test_the_scheduler_hashes_a_large_downloaded_output_through_its_runtim
 async def test_a_shard_slice_is_hashed_once_however_many_attempts(
     autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Four shards: each slice of A is hashed once by the requester, B once for the job."""
+    """Four shards: each slice of A is hashed once by the requester, B once for the job, and
+    A never whole (its slices' hashes are what every request and receipt names)."""
     async with one_worker() as (requester, _):
         counts = count_hashing(monkeypatch)
         operands = {
@@ -127,10 +128,10 @@ async def test_a_shard_slice_is_hashed_once_however_many_attempts(
             "b": RNG.standard_normal((48, 32)).astype("float32"),
         }
         await requester.submit("matmul", operands, shards=4, max_workers=1)
-        # requester: a and b for the job ID, 4 slices, 4 outputs; worker: b once (carried by
-        # a run request, resident afterwards), each slice once (each carried by its run
-        # request), 4 outputs.
-        assert counts["whole"] == (2 + 4 + 4) + (1 + 4 + 4)
+        # requester: b for the job, 4 slices, 4 outputs; worker: b once (carried by a run
+        # request, resident afterwards), each slice once (each carried by its run request),
+        # 4 outputs.
+        assert counts["whole"] == (1 + 4 + 4) + (1 + 4 + 4)
         assert counts["upload"] == 0
 
 

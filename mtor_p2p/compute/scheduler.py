@@ -379,12 +379,22 @@ class _JobRun:
         #: shard -> its operands' descriptions (a slice of a split operand is hashed once,
         #: however many attempts the shard takes).
         self.shard_metas: dict[int, dict[str, ArrayMeta]] = {}
-        inputs = {name: metas[name].digest for name in spec.operands}
+        # The job's description: the whole operands by content, the split ones (hashed slice
+        # by slice, never whole) by shape and element type. The ID is opaque to every other
+        # peer (receipts name each shard's own inputs by content), and the nonce makes it
+        # unique.
+        inputs = {name: metas[name].digest for name in spec.operands if name in metas}
+        split = {
+            name: [*array.shape, str(array.dtype)]
+            for name, array in spec.operands.items()
+            if name not in metas
+        }
         self.job_id = blake3.blake3(
             canonical_json(
                 {
                     "kernel": spec.kernel,
                     "inputs": inputs,
+                    "split": split,
                     "requester": scheduler.identity.peer_id,
                     "nonce": self.nonce,
                 }
@@ -695,11 +705,10 @@ class _JobRun:
         metas: dict[str, ArrayMeta] = {}
         slices: dict[str, np.ndarray] = {}
         for name, array in operands.items():
-            whole = self.spec.operands[name]
-            if array is whole or array.shape == whole.shape:
-                metas[name] = self.metas[name]  # the shard spans the whole operand
+            if name not in self.kernel.split_operands:
+                metas[name] = self.metas[name]  # taken whole by every shard
             else:
-                slices[name] = array
+                slices[name] = array  # a split operand's rows (all of them in a 1-shard job)
         if slices:
             metas.update(await self.s.describe(slices))
         self.shard_metas[index] = metas
@@ -1641,7 +1650,12 @@ class Scheduler:
                 + self._cheapest(spec)
                 + _why_not(plan.excluded)
             )
-        metas = await self.describe(spec.operands)
+        # Only the operands every shard takes whole are hashed now: a split operand is hashed
+        # slice by slice as its shards are first sent (describe_shard), so hashing it whole
+        # here as well would hash it twice, and before any shard could leave.
+        metas = await self.describe(
+            {n: a for n, a in spec.operands.items() if n not in kernel.split_operands}
+        )
         job = _JobRun(self, spec, kernel, plan, metas)
         if spec.only is None:  # challenges measure one worker: not a choice among workers
             self._note_plan(spec, plan, job.job_id)

@@ -135,6 +135,33 @@ async def test_a_shard_slice_is_hashed_once_however_many_attempts(
         assert counts["upload"] == 0
 
 
+async def test_hashing_a_shards_operands_is_not_counted_as_the_workers_time(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The requester's own hashing of a shard's slice (made slow here: 5 s of virtual time
+    per call) is not the worker's time: a shard's measured seconds, which rank the worker in
+    every later job and go into a challenge's attestation, start once its operands are
+    described."""
+    from mtor_p2p.compute.scheduler import Scheduler
+
+    describe = Scheduler.describe
+
+    async def slow(self: Scheduler, arrays: dict[str, np.ndarray]) -> Any:
+        await trio.sleep(5)
+        return await describe(self, arrays)
+
+    monkeypatch.setattr(Scheduler, "describe", slow)
+    async with one_worker() as (requester, _):
+        operands = {
+            "a": RNG.standard_normal((64, 48)).astype("float32"),
+            "b": RNG.standard_normal((48, 32)).astype("float32"),
+        }
+        result = await requester.submit("matmul", operands, shards=2, max_workers=1)
+        np.testing.assert_allclose(result.output, operands["a"] @ operands["b"], rtol=1e-5)
+        assert len(result.shards) == 2
+        assert all(0 < shard.seconds < 5 for shard in result.shards), result.shards
+
+
 # -- Freivalds in float32 ---------------------------------------------------------------------
 
 

@@ -571,6 +571,9 @@ class _JobRun:
         try:
             with scope:
                 metas = await self.describe_shard(index, operands)
+                # The worker's time starts once its operands are ready to go: hashing them is
+                # this requester's work, not to be counted against the worker's speed.
+                sent = trio.current_time()
                 answer = await self._compute(worker, index, operands, metas, out)
                 if answer is None:
                     return outcome
@@ -578,7 +581,7 @@ class _JobRun:
                     # The answer came in its run reply: this attempt writes no rows, so
                     # acceptance may copy it into them now rather than at the job's end.
                     self._release_rows(index, record)
-                seconds = trio.current_time() - record.started
+                seconds = trio.current_time() - sent
                 await self._judge(worker, index, operands, answer, seconds)
                 accepted = self.accepted.get(index)
                 if self.rejected_by.get(worker, 0) > rejected_before:

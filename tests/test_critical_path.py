@@ -25,6 +25,14 @@ from tests.test_virtual_time import cluster
 RNG = np.random.default_rng(9)
 
 
+def small_operands() -> dict[str, np.ndarray]:
+    """A 64x48 by 48x32 float32 product's operands, drawn from RNG (a then b)."""
+    return {
+        "a": RNG.standard_normal((64, 48)).astype("float32"),
+        "b": RNG.standard_normal((48, 32)).astype("float32"),
+    }
+
+
 @asynccontextmanager
 async def one_worker(
     worker_region: str = "WEU", requester_region: str = "WEU"
@@ -80,10 +88,7 @@ async def test_each_operand_is_hashed_once_per_side(
     and its output once."""
     async with one_worker() as (requester, _):
         counts = count_hashing(monkeypatch)
-        operands = {
-            "a": RNG.standard_normal((64, 48)).astype("float32"),
-            "b": RNG.standard_normal((48, 32)).astype("float32"),
-        }
+        operands = small_operands()
         result = await requester.submit("matmul", operands, shards=1, max_workers=1)
         np.testing.assert_allclose(result.output, operands["a"] @ operands["b"], rtol=1e-5)
         # requester: a, b, output; worker: a and b (carried in the run request), output.
@@ -123,10 +128,7 @@ async def test_a_shard_slice_is_hashed_once_however_many_attempts(
     A never whole (its slices' hashes are what every request and receipt names)."""
     async with one_worker() as (requester, _):
         counts = count_hashing(monkeypatch)
-        operands = {
-            "a": RNG.standard_normal((64, 48)).astype("float32"),
-            "b": RNG.standard_normal((48, 32)).astype("float32"),
-        }
+        operands = small_operands()
         await requester.submit("matmul", operands, shards=4, max_workers=1)
         # requester: b for the job, 4 slices, 4 outputs; worker: b once (carried by a run
         # request, resident afterwards), each slice once (each carried by its run request),
@@ -152,10 +154,7 @@ async def test_hashing_a_shards_operands_is_not_counted_as_the_workers_time(
 
     monkeypatch.setattr(Scheduler, "describe", slow)
     async with one_worker() as (requester, _):
-        operands = {
-            "a": RNG.standard_normal((64, 48)).astype("float32"),
-            "b": RNG.standard_normal((48, 32)).astype("float32"),
-        }
+        operands = small_operands()
         result = await requester.submit("matmul", operands, shards=2, max_workers=1)
         np.testing.assert_allclose(result.output, operands["a"] @ operands["b"], rtol=1e-5)
         assert len(result.shards) == 2
@@ -719,10 +718,7 @@ async def test_the_freivalds_sketch_is_made_while_the_worker_computes(
     monkeypatch.setattr(checks, "freivalds", checked)
     monkeypatch.setattr(client, "run_shard", timed_run)
     async with one_worker(worker_region="JPE") as (requester, _):
-        operands = {
-            "a": RNG.standard_normal((64, 48)).astype("float32"),
-            "b": RNG.standard_normal((48, 32)).astype("float32"),
-        }
+        operands = small_operands()
         result = await requester.submit("matmul", operands, shards=2, max_workers=1)
     np.testing.assert_allclose(result.output, operands["a"] @ operands["b"], rtol=1e-5)
     kinds = [kind for kind, _ in events]
@@ -930,10 +926,7 @@ async def test_a_worker_over_its_cap_of_carried_bytes_gets_uploads_instead(
     monkeypatch.setattr(worker_module, "MAX_INLINE_HELD_BYTES_PER_SENDER", 1000)
     uploads = count_uploads(monkeypatch)
     async with one_worker() as (requester, worker):
-        operands = {
-            "a": RNG.standard_normal((64, 48)).astype("float32"),
-            "b": RNG.standard_normal((48, 32)).astype("float32"),
-        }
+        operands = small_operands()
         result = await requester.submit("matmul", operands, shards=2, max_workers=1)
         np.testing.assert_allclose(result.output, operands["a"] @ operands["b"], rtol=1e-5)
         assert uploads  # refused inline, uploaded

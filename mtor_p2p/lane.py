@@ -45,6 +45,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from mtor_p2p.network import (
+    MAX_ERROR_BYTES,
     MIN_REQUEST_BYTES_PER_S,
     REQUEST_GRACE_S,
     Gathered,
@@ -849,7 +850,9 @@ class ClientLane:
         if limit < 0:
             raise LaneError("response to no request")
         if status != STATUS_OK:
-            limit = min(limit, 4096)
+            # A refusal's reason may be longer than the caller's limit for an answer (a
+            # review found "stored"-sized limits turned refusals into failures): as on streams.
+            limit = MAX_ERROR_BYTES
         if length > limit:
             # Only that request fails (as on a stream); the body is skipped, not kept.
             if length > MAX_SKIPPED_RESPONSE_BYTES:

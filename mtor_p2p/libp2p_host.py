@@ -52,9 +52,7 @@ from libp2p.abc import IHost, INetStream
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
 from libp2p.custom_types import TProtocol
-from libp2p.kad_dht.common import format_time_rfc3339
 from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
-from libp2p.kad_dht.pb.kademlia_pb2 import Record
 from libp2p.kad_dht.utils import sort_peer_ids_by_distance
 from libp2p.network.config import ConnectionConfig
 from libp2p.network.stream.exceptions import StreamEOF, StreamError
@@ -123,7 +121,6 @@ from mtor_p2p.network import (
     TopicValidator,
     is_loopback_ip,
 )
-from mtor_p2p.wire import ABSOLUTE_MAX_RECORD_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -154,23 +151,6 @@ DHT_GET_MAX_REPLY_BYTES = 256 * 1024
 KADEMLIA_ONLY_S = 600.0
 DHT_QUORUM_GRACE_MIN_S = 0.002
 DHT_QUORUM_GRACE_MAX_S = 0.025
-#: MTOR's own PUT_VALUE, served on lanes (see Libp2pNetwork._put_value): the key's length
-#: (2 bytes, big-endian), the key, then the value.
-DHT_PUT_PROTOCOL = "/mtor/dht/put/1"
-#: Addresses a DHT answer gives per closer peer (so that the asker can dial it, as
-#: FIND_NODE's answers allow), at most, and the longest one taken; kept as long as
-#: Kademlia's lookups keep theirs (seconds).
-DHT_ADDRS_PER_PEER = 8
-DHT_ADDR_MAX_CHARS = 256
-DHT_ADDRS_TTL_S = 3600
-#: How long a put's lookup may take at most; the value then goes to the closest peers that
-#: answered (see Libp2pNetwork._closest_peers).
-DHT_PUT_LOOKUP_S = 2.0
-DHT_PUT_MAX_VALUE_BYTES = ABSOLUTE_MAX_RECORD_BYTES
-_DHT_KEY_LENGTH = struct.Struct(">H")
-#: A DHT put's answers: the value is now held, or the one held already is as new or newer.
-DHT_PUT_STORED = b"stored"
-DHT_PUT_KEPT = b"kept"
 
 
 @dataclass
@@ -348,38 +328,16 @@ def _disable_auto_connector(host: IHost) -> None:
         auto_connector.maybe_connect = no_auto_connect
 
 
-def _parse_dht_reply(
-    reply: bytes,
-) -> tuple[bytes | None, list[ID], dict[ID, list[multiaddr.Multiaddr]]]:
-    """Decode a :data:`DHT_GET_PROTOCOL` answer (the caller validates the value): the value,
-    the closer peers, and the addresses it gave for them (peers before addresses gave none).
-    At most DHT_ADDRS_PER_PEER addresses per closer peer are taken; one that does not parse
-    is skipped, as Kademlia's own lookups skip it."""
+def _parse_dht_reply(reply: bytes) -> tuple[bytes | None, list[ID]]:
+    """Decode a :data:`DHT_GET_PROTOCOL` answer (the caller validates the value)."""
     try:
         answer = json.loads(reply)
         encoded = answer["value"]
         value = None if encoded is None else base64.b64decode(encoded, validate=True)
         closer = [ID.from_base58(p) for p in answer["closer"][:DHT_BUCKET_SIZE]]
-        given = answer.get("addrs", {})
-        if not isinstance(given, dict):
-            raise TypeError("addrs is not an object")
     except Exception as exc:
         raise PeerMisbehaved(f"malformed DHT answer: {type(exc).__name__}") from exc
-    addrs: dict[ID, list[multiaddr.Multiaddr]] = {}
-    for peer in closer:
-        texts = given.get(str(peer))
-        if not isinstance(texts, list):
-            continue
-        parsed = []
-        for text in texts[:DHT_ADDRS_PER_PEER]:
-            if isinstance(text, str) and len(text) <= DHT_ADDR_MAX_CHARS:
-                try:
-                    parsed.append(multiaddr.Multiaddr(text))
-                except Exception:
-                    continue
-        if parsed:
-            addrs[peer] = parsed
-    return value, closer, addrs
+    return value, closer
 
 
 def _key_to_provider_key(key: str) -> str:
@@ -405,8 +363,6 @@ class Libp2pNetwork:
         #: Peers that failed DHT_GET_PROTOCOL -> until when they are asked with Kademlia
         #: instead (the oldest forgotten first).
         self._kademlia_only: dict[str, float] = {}
-        #: A peer that sent a DHT request is being added to the routing table.
-        self._learning_dht_peer = False
         self._lane_server: LaneServer | None = None
         #: NAT traversal, when settings.nat is set (started by :meth:`open`).
         self.nat: NatTraversal | None = None
@@ -502,14 +458,6 @@ class Libp2pNetwork:
                 DHT_GET_PROTOCOL,
                 network._serve_dht_get,
                 max_request_bytes=DHT_GET_MAX_KEY_BYTES,
-                timeout=5.0,
-            )
-            network.handle(
-                DHT_PUT_PROTOCOL,
-                network._serve_dht_put,
-                max_request_bytes=_DHT_KEY_LENGTH.size
-                + DHT_GET_MAX_KEY_BYTES
-                + DHT_PUT_MAX_VALUE_BYTES,
                 timeout=5.0,
             )
             async with trio.open_nursery() as nursery:
@@ -1234,148 +1182,9 @@ class Libp2pNetwork:
     async def dht_put(self, key: str, value: bytes) -> None:
         """Store ``value`` locally and on the closest peers."""
         try:
-            await self._put_value(key, value)
+            await self._dht.put_value(key, value)
         except Exception as exc:
             raise NetworkError(f"DHT put of {key} failed: {exc}") from exc
-
-    async def _put_value(self, key: str, value: bytes) -> None:
-        """A Kademlia put that travels on lanes where it can.
-
-        py-libp2p's ``put_value`` opens and negotiates a new stream for every RPC of its
-        lookup and of every store, and each carries a signed peer record that the other end
-        verifies: one capacity announcement cost five peers on loopback 73 ms of CPU in all
-        that way, 25 ms this way (gossip included; docs/peer.md). Here the lookup asks with
-        :meth:`_ask_for_value` (whose answers name closer peers, as FIND_NODE's would) and the
-        stores go over :data:`DHT_PUT_PROTOCOL`; peers that serve neither get Kademlia's own
-        RPCs. Same checks as py-libp2p's: the value is validated, and a value older than the
-        one held here is refused.
-        """
-        dht = self._dht
-        if dht.validator is None:
-            raise ValueError("no record validator")
-        dht.validator.validate(key, value)
-        key_bytes = key.encode("utf-8")
-        held = dht.value_store.get(key_bytes)
-        if held is not None and held.value != value:
-            if dht.validator.select(key, [value, held.value]) != 0:
-                raise ValueError("refusing to replace a newer value with an older one")
-        dht.value_store.put(key_bytes, value)
-        peers = await self._closest_peers(key_bytes, deadline=DHT_PUT_LOOKUP_S)
-
-        async def store(peer: ID) -> None:
-            with trio.move_on_after(DHT_QUERY_TIMEOUT_S):
-                try:
-                    await self._store_at(peer, key_bytes, value)
-                except Exception as exc:  # a peer that fails is one copy fewer
-                    log.debug("DHT store at %s failed: %s", peer, exc)
-
-        # Every store at once (at most DHT_BUCKET_SIZE, each to a peer that just answered the
-        # lookup): a put takes at most DHT_PUT_LOOKUP_S + DHT_QUERY_TIMEOUT_S.
-        async with trio.open_nursery() as nursery:
-            for peer in peers:
-                nursery.start_soon(store, peer)
-
-    async def _closest_peers(self, key: bytes, *, deadline: float) -> list[ID]:
-        """The (at most DHT_BUCKET_SIZE) closest peers to ``key`` that answered an iterative
-        lookup: the closest known ones are asked, DHT_GET_PARALLEL at a time (those already
-        connected first), until every one of the closest known has been asked, or for
-        ``deadline`` seconds at most; peers that fail are dropped.
-
-        The deadline is what bounds a hostile answer: one that names 20 made-up peers at
-        addresses that never answer cost the lookup 15 s before it (a review), and a chain
-        of them up to DHT_GET_MAX_QUERIES queries; now the put goes to the closest of those
-        that answered in time, which the connected ones, asked first, do in milliseconds."""
-        me = self._host.get_id()
-        connected = set(self._host.get_connected_peers())
-        known = [
-            p
-            for p in self._dht.routing_table.find_local_closest_peers(key, DHT_BUCKET_SIZE)
-            if p != me
-        ]
-        queried: set[ID] = set()
-        answered: set[ID] = set()
-        failed: set[ID] = set()
-        answers_in, answers_out = trio.open_memory_channel[tuple[ID, list[ID] | None]](
-            DHT_GET_MAX_QUERIES
-        )
-
-        async def ask(peer: ID) -> None:
-            closer: list[ID] | None = None
-            with trio.move_on_after(DHT_QUERY_TIMEOUT_S):
-                try:
-                    closer = (await self._ask_for_value(peer, key))[1]
-                except Exception as exc:  # a peer that fails or lies is left out
-                    log.debug("DHT lookup at %s failed: %s", peer, exc)
-            answers_in.send_nowait((peer, closer))
-
-        in_flight = 0
-        async with trio.open_nursery() as nursery:
-            nursery.cancel_scope.deadline = trio.current_time() + deadline
-            while True:
-                # Stable: by distance within each group.
-                for peer in sorted(known[:DHT_BUCKET_SIZE], key=lambda p: p not in connected):
-                    if in_flight >= DHT_GET_PARALLEL or len(queried) >= DHT_GET_MAX_QUERIES:
-                        break
-                    if peer not in queried:
-                        queried.add(peer)
-                        in_flight += 1
-                        nursery.start_soon(ask, peer)
-                if in_flight == 0:
-                    break
-                peer, closer = await answers_out.receive()
-                in_flight -= 1
-                if closer is None:
-                    failed.add(peer)
-                    known.remove(peer)
-                    continue
-                answered.add(peer)
-                fresh = {p for p in closer if p != me and p not in failed and p not in known}
-                if fresh:
-                    known = sort_peer_ids_by_distance(key, known + sorted(fresh, key=str))
-            nursery.cancel_scope.cancel()  # done before the deadline: no query left to wait for
-        return [p for p in known if p in answered][:DHT_BUCKET_SIZE]
-
-    async def _store_at(self, peer: ID, key: bytes, value: bytes) -> bool:
-        """Store ``value`` at ``peer``: over :data:`DHT_PUT_PROTOCOL` (on its lane once open),
-        or with Kademlia's PUT_VALUE for a peer that does not serve it. Whether it now holds
-        this value (False: it refused it, or holds one as new or newer)."""
-        name = str(peer)
-        if self._kademlia_only.get(name, -math.inf) <= trio.current_time():
-            request = _DHT_KEY_LENGTH.pack(len(key)) + key + value
-            try:
-                reply = await self.request(
-                    name,
-                    DHT_PUT_PROTOCOL,
-                    request,
-                    timeout=DHT_QUERY_TIMEOUT_S,
-                    max_response_bytes=max(len(DHT_PUT_STORED), len(DHT_PUT_KEPT)),
-                )
-            except RemoteError as exc:
-                log.debug("peer %s refused a DHT value: %s", name, exc)
-                return False
-            except NetworkError:
-                if not self._dialable(peer):
-                    raise  # neither protocol reaches it
-                self._prefer_kademlia(name)
-            else:
-                return bytes(reply) == DHT_PUT_STORED
-        return bool(await self._dht.value_store._store_at_peer(peer, key, value))
-
-    def _dialable(self, peer: ID) -> bool:
-        """Whether this host is connected to ``peer`` or holds an address for it."""
-        if peer in self._host.get_connected_peers():
-            return True
-        try:
-            return bool(self._host.get_peerstore().addrs(peer))
-        except Exception:
-            return False
-
-    def _prefer_kademlia(self, name: str) -> None:
-        # It does not serve MTOR's DHT protocols, or a request failed: Kademlia for a while.
-        self._kademlia_only.pop(name, None)
-        self._kademlia_only[name] = trio.current_time() + KADEMLIA_ONLY_S
-        while len(self._kademlia_only) > MAX_PENALISED_PEERS:
-            del self._kademlia_only[next(iter(self._kademlia_only))]
 
     async def dht_get(self, key: str, *, timeout: float = 10.0) -> bytes | None:
         """The best valid value for ``key``, or None."""
@@ -1493,16 +1302,13 @@ class Libp2pNetwork:
                     max_response_bytes=DHT_GET_MAX_REPLY_BYTES,
                 )
             except NetworkError:
-                if not self._dialable(peer):
-                    raise  # neither protocol reaches it
-                self._prefer_kademlia(name)
+                # It does not serve the protocol, or the request failed: Kademlia for a while.
+                self._kademlia_only.pop(name, None)
+                self._kademlia_only[name] = trio.current_time() + KADEMLIA_ONLY_S
+                while len(self._kademlia_only) > MAX_PENALISED_PEERS:
+                    del self._kademlia_only[next(iter(self._kademlia_only))]
             else:
-                value, closer, addrs = _parse_dht_reply(reply)
-                peerstore = self._host.get_peerstore()
-                for known, given in addrs.items():
-                    if known != self._host.get_id():
-                        peerstore.add_addrs(known, given, DHT_ADDRS_TTL_S)
-                return value, closer
+                return _parse_dht_reply(reply)
         record, closer = await self._dht.value_store._get_from_peer(
             peer, key, return_record=True, return_closer_peers=True
         )
@@ -1511,94 +1317,15 @@ class Libp2pNetwork:
 
     async def _serve_dht_get(self, sender: str, payload: bytes) -> bytes:
         """Answer :data:`DHT_GET_PROTOCOL`: the value this host stores for the key (as its
-        Kademlia handler would), the closest peers its routing table knows, and up to
-        DHT_ADDRS_PER_PEER of their addresses (as FIND_NODE's answers carry them, so that a
-        lookup can dial the peers it learns of)."""
-        self._learn_dht_peer(sender)
+        Kademlia handler would) and the closest peers its routing table knows."""
         record = self._dht.value_store.get(payload)
         closer = [
-            p
+            str(p)
             for p in self._dht.routing_table.find_local_closest_peers(payload, DHT_BUCKET_SIZE)
             if str(p) != sender
         ]
-        peerstore = self._host.get_peerstore()
-        addrs: dict[str, list[str]] = {}
-        for peer in closer:
-            try:
-                known = [str(a) for a in peerstore.addrs(peer)]
-            except Exception:  # none known
-                continue
-            given = [a for a in known if len(a) <= DHT_ADDR_MAX_CHARS][:DHT_ADDRS_PER_PEER]
-            if given:
-                addrs[str(peer)] = given
         value = base64.b64encode(record.value).decode() if record is not None else None
-        answer = {"value": value, "closer": [str(p) for p in closer], "addrs": addrs}
-        return json.dumps(answer).encode()
-
-    async def _serve_dht_put(self, sender: str, payload: bytes) -> bytes:
-        """Answer :data:`DHT_PUT_PROTOCOL` as the Kademlia handler answers PUT_VALUE: a value
-        that the key's namespace validates, and that is newer than the one held (by the
-        namespace's ``select``), is stored (:data:`DHT_PUT_STORED`); a valid value no newer
-        is not (:data:`DHT_PUT_KEPT`); anything else is refused, saying why."""
-        self._learn_dht_peer(sender)
-        if len(payload) <= _DHT_KEY_LENGTH.size:
-            raise RemoteError("malformed DHT put")
-        (length,) = _DHT_KEY_LENGTH.unpack_from(payload)
-        key_bytes = bytes(payload[_DHT_KEY_LENGTH.size : _DHT_KEY_LENGTH.size + length])
-        value = bytes(payload[_DHT_KEY_LENGTH.size + length :])
-        if not 0 < length <= DHT_GET_MAX_KEY_BYTES or len(key_bytes) != length or not value:
-            raise RemoteError("malformed DHT put")
-        if len(value) > DHT_PUT_MAX_VALUE_BYTES:
-            raise RemoteError("DHT value too large")
-        try:
-            key = key_bytes.decode("utf-8")
-        except UnicodeDecodeError:
-            raise RemoteError("DHT key is not UTF-8") from None
-        validator = self._dht.validator
-        if validator is None:
-            raise RemoteError("this peer stores no DHT values")
-        try:
-            validator.validate(key, value)
-            held = self._dht.value_store.get(key_bytes)
-            if held is not None and (
-                held.value == value or validator.select(key, [held.value, value]) == 0
-            ):
-                return DHT_PUT_KEPT
-        except Exception as exc:
-            raise RemoteError(f"invalid DHT value: {exc}") from None
-        record = Record()
-        record.key = key_bytes
-        record.value = value
-        record.timeReceived = format_time_rfc3339()
-        self._dht.value_store.put_record(key_bytes, record)
-        return DHT_PUT_STORED
-
-    def _learn_dht_peer(self, sender: str) -> None:
-        """As Kademlia's handler does, a peer that asks is a DHT server and goes in the
-        routing table; but never on the answer's path: adding to a full bucket pings its
-        oldest peer while holding the bucket's lock (over 45 s for a peer that accepts TCP
-        and never speaks), which made a review's GETs time out. So the add runs in the
-        background, one at a time (a request while one runs adds nothing), within
-        DHT_QUERY_TIMEOUT_S; a peer already in the table is left as it is."""
-        if self._learning_dht_peer or self._nursery is None:
-            return
-        try:
-            peer = ID.from_base58(sender)
-            if self._dht.routing_table.peer_in_table(peer):
-                return
-        except Exception:
-            return
-        self._learning_dht_peer = True
-        self._nursery.start_soon(self._add_dht_peer, peer)
-
-    async def _add_dht_peer(self, peer: ID) -> None:
-        try:
-            with trio.move_on_after(DHT_QUERY_TIMEOUT_S):
-                await self._dht.add_peer(peer, skip_server_mode_check=True)
-        except Exception as exc:  # a full bucket, a peer gone meanwhile
-            log.debug("routing table add failed for %s: %s", peer, exc)
-        finally:
-            self._learning_dht_peer = False
+        return json.dumps({"value": value, "closer": closer}).encode()
 
     async def provide(self, key: str) -> None:
         """Announce that this node provides ``key``."""

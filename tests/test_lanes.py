@@ -109,6 +109,23 @@ async def test_refusals_and_errors_cross_a_lane_as_on_a_stream() -> None:
         assert client.stats.lane_requests_out >= 4
 
 
+async def test_a_refusal_longer_than_the_answers_limit_is_still_a_refusal() -> None:
+    """A caller that expects a short answer ("stored") still gets the peer's reason when it
+    refuses, as on a stream: a review found that on a lane the reason was held to the
+    answer's limit, so the refusal arrived as a failed request."""
+    async with open_networks(2, lanes="eager") as (server, client):
+        reason = "refused: " + "x" * 200
+
+        async def refuse(sender: str, data: bytes) -> bytes:
+            raise RemoteError(reason)
+
+        server.handle("/mtor/test/refuse/1", refuse)
+        before = client.stats.lane_requests_out
+        with pytest.raises(RemoteError, match=reason):
+            await client.request(server.peer_id, "/mtor/test/refuse/1", b"", max_response_bytes=6)
+        assert client.stats.lane_requests_out == before + 1
+
+
 async def test_a_crashed_server_fails_pending_requests_at_once_not_at_their_deadline() -> None:
     """A worker killed mid-request: its lane's socket closes, and the requester learns it
     in milliseconds (what makes re-issuing a killed worker's shard fast)."""

@@ -850,8 +850,8 @@ class ClientLane:
         if limit < 0:
             raise LaneError("response to no request")
         if status != STATUS_OK:
-            # A refusal's reason may be longer than the caller's limit for an answer (a
-            # review found "stored"-sized limits turned refusals into failures): as on streams.
+            # As on streams: a refusal's reason may be longer than the caller's limit for an
+            # answer, and must still arrive as the peer's refusal, not as a failed request.
             limit = MAX_ERROR_BYTES
         if length > limit:
             # Only that request fails (as on a stream); the body is skipped, not kept.

@@ -262,12 +262,6 @@ SETTLE_WINDOW_S = 1.0
 SETTLE_MAX_S = 20.0
 
 
-def _cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 async def settle(pids: list[int]) -> float:
     """Wait until the processes ``pids`` and this one are near idle (see SETTLE_BUSY_SHARE);
     the seconds waited.
@@ -282,10 +276,10 @@ async def settle(pids: list[int]) -> float:
     phase, and a peer serving jobs has long passed it."""
     started = time.monotonic()
     while time.monotonic() - started < SETTLE_MAX_S:
-        before = sum(_cpu_seconds(pid) for pid in pids) + time.process_time()
+        before = sum(procstats.cpu_seconds(pid) for pid in pids) + time.process_time()
         window_start = time.monotonic()
         await trio.sleep(SETTLE_WINDOW_S)
-        used = sum(_cpu_seconds(pid) for pid in pids) + time.process_time() - before
+        used = sum(procstats.cpu_seconds(pid) for pid in pids) + time.process_time() - before
         if used / (time.monotonic() - window_start) <= SETTLE_BUSY_SHARE * (len(pids) + 1):
             break
     return time.monotonic() - started

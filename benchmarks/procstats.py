@@ -34,6 +34,19 @@ def _busy_jiffies() -> int:
     return sum(values) - values[3] - values[4]  # less idle and iowait
 
 
+def _stat_fields(pid: int | str) -> list[str]:
+    """The fields of ``/proc/<pid>/stat`` after the command name (field 3 of proc(5) first)."""
+    with open(f"/proc/{pid}/stat") as f:
+        stat = f.read()
+    return stat[stat.rindex(")") + 2 :].split()
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) process ``pid`` has used so far."""
+    fields = _stat_fields(pid)
+    return (int(fields[11]) + int(fields[12])) / _HZ
+
+
 def _processes() -> dict[tuple[int, int], tuple[int, int]]:
     """(pid, start time) -> (utime + stime jiffies, ppid) for every process."""
     out = {}
@@ -41,9 +54,7 @@ def _processes() -> dict[tuple[int, int], tuple[int, int]]:
         if not name.isdigit():
             continue
         try:
-            with open(f"/proc/{name}/stat") as f:
-                stat = f.read()
-            fields = stat[stat.rindex(")") + 2 :].split()
+            fields = _stat_fields(name)
             out[(int(name), int(fields[19]))] = (int(fields[11]) + int(fields[12]), int(fields[1]))
         except (OSError, ValueError, IndexError):
             pass

@@ -52,7 +52,9 @@ from libp2p.abc import IHost, INetStream
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
 from libp2p.custom_types import TProtocol
+from libp2p.kad_dht.common import format_time_rfc3339
 from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
+from libp2p.kad_dht.pb.kademlia_pb2 import Record
 from libp2p.kad_dht.utils import sort_peer_ids_by_distance
 from libp2p.network.config import ConnectionConfig
 from libp2p.network.stream.exceptions import StreamEOF, StreamError
@@ -121,6 +123,7 @@ from mtor_p2p.network import (
     TopicValidator,
     is_loopback_ip,
 )
+from mtor_p2p.wire import ABSOLUTE_MAX_RECORD_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +154,26 @@ DHT_GET_MAX_REPLY_BYTES = 256 * 1024
 KADEMLIA_ONLY_S = 600.0
 DHT_QUORUM_GRACE_MIN_S = 0.002
 DHT_QUORUM_GRACE_MAX_S = 0.025
+#: MTOR's own PUT_VALUE, served on lanes (see Libp2pNetwork._put_value): the key's length
+#: (2 bytes, big-endian), the key, then the value. Answered DHT_PUT_STORED or DHT_PUT_KEPT.
+DHT_PUT_PROTOCOL = "/mtor/dht/put/1"
+DHT_PUT_STORED = b"stored"
+DHT_PUT_KEPT = b"kept"
+DHT_PUT_MAX_VALUE_BYTES = ABSOLUTE_MAX_RECORD_BYTES
+_DHT_KEY_LENGTH = struct.Struct(">H")
+#: A put's lookup step, served on lanes (see Libp2pNetwork._ask_closest): the closest peers a
+#: host knows to a key, with up to DHT_ADDRS_PER_PEER addresses each (of at most
+#: DHT_ADDR_MAX_CHARS), so that the lookup can dial the peers it learns of, as FIND_NODE's
+#: answers allow. A request of its own: gets keep DHT_GET_PROTOCOL's answers without
+#: addresses, which cost them time (docs/peer.md, "DHT puts").
+DHT_CLOSEST_PROTOCOL = "/mtor/dht/closest/1"
+DHT_ADDRS_PER_PEER = 8
+DHT_ADDR_MAX_CHARS = 256
+#: How long a lookup keeps an address it was given for a peer it then asks (seconds).
+DHT_ADDRS_TTL_S = 600
+#: How long a put's lookup may take at most; the value then goes to the closest peers that
+#: answered (see Libp2pNetwork._closest_peers).
+DHT_PUT_LOOKUP_S = 2.0
 
 
 @dataclass
@@ -340,6 +363,44 @@ def _parse_dht_reply(reply: bytes) -> tuple[bytes | None, list[ID]]:
     return value, closer
 
 
+def _parse_closest_reply(reply: bytes) -> tuple[list[ID], dict[ID, list[multiaddr.Multiaddr]]]:
+    """Decode a :data:`DHT_CLOSEST_PROTOCOL` answer: the closer peers (at most
+    DHT_BUCKET_SIZE) and the addresses it gave for them (at most DHT_ADDRS_PER_PEER each; one
+    that is too long or does not parse is skipped, as Kademlia's own lookups skip it)."""
+    try:
+        answer = json.loads(reply)
+        closer = [ID.from_base58(p) for p in answer["closer"][:DHT_BUCKET_SIZE]]
+        given = answer["addrs"]
+        if not isinstance(given, dict):
+            raise TypeError("addrs is not an object")
+    except Exception as exc:
+        raise PeerMisbehaved(f"malformed DHT answer: {type(exc).__name__}") from exc
+    addrs: dict[ID, list[multiaddr.Multiaddr]] = {}
+    for peer in closer:
+        texts = given.get(str(peer))
+        if not isinstance(texts, list):
+            continue
+        parsed = []
+        for text in texts[:DHT_ADDRS_PER_PEER]:
+            if isinstance(text, str) and len(text) <= DHT_ADDR_MAX_CHARS:
+                try:
+                    parsed.append(multiaddr.Multiaddr(text))
+                except Exception:
+                    continue
+        if parsed:
+            addrs[peer] = parsed
+    return closer, addrs
+
+
+def _penalise(until: dict[str, float], name: str, seconds: float) -> None:
+    """Mark ``name`` in ``until`` for ``seconds`` from now (the oldest mark forgotten first,
+    past MAX_PENALISED_PEERS)."""
+    until.pop(name, None)
+    until[name] = trio.current_time() + seconds
+    while len(until) > MAX_PENALISED_PEERS:
+        del until[next(iter(until))]
+
+
 def _key_to_provider_key(key: str) -> str:
     # py-libp2p accepts a hex multihash for provider keys; use sha2-256 of our key.
     return "1220" + hashlib.sha256(key.encode()).hexdigest()
@@ -363,6 +424,11 @@ class Libp2pNetwork:
         #: Peers that failed DHT_GET_PROTOCOL -> until when they are asked with Kademlia
         #: instead (the oldest forgotten first).
         self._kademlia_only: dict[str, float] = {}
+        #: Peers that serve neither DHT_CLOSEST_PROTOCOL nor DHT_PUT_PROTOCOL (MTOR before
+        #: them, other implementations) -> until when puts use DHT_GET_PROTOCOL and Kademlia.
+        self._no_mtor_put: dict[str, float] = {}
+        #: A peer that sent a DHT put or lookup is being added to the routing table.
+        self._learning_dht_peer = False
         self._lane_server: LaneServer | None = None
         #: NAT traversal, when settings.nat is set (started by :meth:`open`).
         self.nat: NatTraversal | None = None
@@ -458,6 +524,20 @@ class Libp2pNetwork:
                 DHT_GET_PROTOCOL,
                 network._serve_dht_get,
                 max_request_bytes=DHT_GET_MAX_KEY_BYTES,
+                timeout=5.0,
+            )
+            network.handle(
+                DHT_CLOSEST_PROTOCOL,
+                network._serve_dht_closest,
+                max_request_bytes=DHT_GET_MAX_KEY_BYTES,
+                timeout=5.0,
+            )
+            network.handle(
+                DHT_PUT_PROTOCOL,
+                network._serve_dht_put,
+                max_request_bytes=_DHT_KEY_LENGTH.size
+                + DHT_GET_MAX_KEY_BYTES
+                + DHT_PUT_MAX_VALUE_BYTES,
                 timeout=5.0,
             )
             async with trio.open_nursery() as nursery:
@@ -1182,9 +1262,178 @@ class Libp2pNetwork:
     async def dht_put(self, key: str, value: bytes) -> None:
         """Store ``value`` locally and on the closest peers."""
         try:
-            await self._dht.put_value(key, value)
+            await self._put_value(key, value)
         except Exception as exc:
             raise NetworkError(f"DHT put of {key} failed: {exc}") from exc
+
+    async def _put_value(self, key: str, value: bytes) -> None:
+        """A Kademlia put that travels on lanes where it can.
+
+        py-libp2p's ``put_value`` opens and negotiates a new stream for every RPC of its
+        FIND_NODE lookup and of every store, and each carries a signed peer record that the
+        other end verifies: one capacity announcement cost five peers on loopback 73 ms of
+        CPU in all that way (docs/peer.md, "DHT puts"). Here the lookup asks
+        :data:`DHT_CLOSEST_PROTOCOL` and the stores go over :data:`DHT_PUT_PROTOCOL`; peers
+        that serve neither are asked with :data:`DHT_GET_PROTOCOL` (whose answers name closer
+        peers) or Kademlia's GET_VALUE, and stored at with Kademlia's PUT_VALUE. The same
+        checks as py-libp2p's: the value is validated, and one older than the value held
+        here is refused.
+        """
+        dht = self._dht
+        if dht.validator is None:
+            raise ValueError("no record validator")
+        dht.validator.validate(key, value)
+        key_bytes = key.encode("utf-8")
+        held = dht.value_store.get(key_bytes)
+        if held is not None and held.value != value:
+            if dht.validator.select(key, [value, held.value]) != 0:
+                raise ValueError("refusing to replace a newer value with an older one")
+        dht.value_store.put(key_bytes, value)
+        peers = await self._closest_peers(key_bytes, deadline=DHT_PUT_LOOKUP_S)
+
+        async def store(peer: ID) -> None:
+            with trio.move_on_after(DHT_QUERY_TIMEOUT_S):
+                try:
+                    await self._store_at(peer, key_bytes, value)
+                except Exception as exc:  # a peer that fails is one copy fewer
+                    log.debug("DHT store at %s failed: %s", peer, exc)
+
+        # Every store at once (at most DHT_BUCKET_SIZE, each to a peer that just answered the
+        # lookup): a put takes at most DHT_PUT_LOOKUP_S + DHT_QUERY_TIMEOUT_S.
+        async with trio.open_nursery() as nursery:
+            for peer in peers:
+                nursery.start_soon(store, peer)
+
+    async def _closest_peers(self, key: bytes, *, deadline: float) -> list[ID]:
+        """The (at most DHT_BUCKET_SIZE) closest peers to ``key`` that answered an iterative
+        lookup: the closest known ones are asked, DHT_GET_PARALLEL at a time (those already
+        connected first), until every one of the closest known has answered or failed, or for
+        ``deadline`` seconds at most; peers that fail are dropped.
+
+        The deadline is what bounds a hostile answer: one naming 20 made-up peers at
+        addresses that never answer held a put 15 s before it (a review of the first
+        version), and a chain of them up to DHT_GET_MAX_QUERIES queries; now the put goes to
+        the closest of those that answered in time, which the connected ones, asked first,
+        do in milliseconds. An address an answer gives is kept only for a peer the lookup
+        then asks (DHT_ADDRS_TTL_S), so answers cannot fill the peer store."""
+        me = self._host.get_id()
+        connected = set(self._host.get_connected_peers())
+        known = [
+            p
+            for p in self._dht.routing_table.find_local_closest_peers(key, DHT_BUCKET_SIZE)
+            if p != me
+        ]
+        given: dict[ID, list[multiaddr.Multiaddr]] = {}
+        queried: set[ID] = set()
+        answered: set[ID] = set()
+        failed: set[ID] = set()
+        answers_in, answers_out = trio.open_memory_channel[tuple[ID, list[ID] | None]](
+            DHT_GET_MAX_QUERIES
+        )
+
+        async def ask(peer: ID) -> None:
+            closer: list[ID] | None = None
+            with trio.move_on_after(DHT_QUERY_TIMEOUT_S):
+                try:
+                    closer = await self._ask_closest(peer, key, given)
+                except Exception as exc:  # a peer that fails or lies is left out
+                    log.debug("DHT lookup at %s failed: %s", peer, exc)
+            answers_in.send_nowait((peer, closer))
+
+        in_flight = 0
+        async with trio.open_nursery() as nursery:
+            nursery.cancel_scope.deadline = trio.current_time() + deadline
+            while True:
+                # Stable: by distance within each group.
+                for peer in sorted(known[:DHT_BUCKET_SIZE], key=lambda p: p not in connected):
+                    if in_flight >= DHT_GET_PARALLEL or len(queried) >= DHT_GET_MAX_QUERIES:
+                        break
+                    if peer not in queried:
+                        queried.add(peer)
+                        in_flight += 1
+                        if peer in given and peer not in connected:
+                            self._host.get_peerstore().add_addrs(
+                                peer, given.pop(peer), DHT_ADDRS_TTL_S
+                            )
+                        nursery.start_soon(ask, peer)
+                if in_flight == 0:
+                    break
+                peer, closer = await answers_out.receive()
+                in_flight -= 1
+                if closer is None:
+                    failed.add(peer)
+                    known.remove(peer)
+                    continue
+                answered.add(peer)
+                fresh = {p for p in closer if p != me and p not in failed and p not in known}
+                if fresh:
+                    known = sort_peer_ids_by_distance(key, known + sorted(fresh, key=str))
+            nursery.cancel_scope.cancel()  # done before the deadline: no query left to wait for
+        return [p for p in known if p in answered][:DHT_BUCKET_SIZE]
+
+    async def _ask_closest(
+        self, peer: ID, key: bytes, given: dict[ID, list[multiaddr.Multiaddr]]
+    ) -> list[ID]:
+        """The closer peers ``peer`` knows to ``key``; addresses its answer gives for them
+        are added to ``given`` (at most DHT_BUCKET_SIZE peers, none already there). An MTOR
+        peer answers :data:`DHT_CLOSEST_PROTOCOL` over its lane; any other is asked as a get
+        asks it (:meth:`_ask_for_value`)."""
+        name = str(peer)
+        if self._no_mtor_put.get(name, -math.inf) <= trio.current_time():
+            try:
+                reply = await self.request(
+                    name,
+                    DHT_CLOSEST_PROTOCOL,
+                    key,
+                    timeout=DHT_QUERY_TIMEOUT_S,
+                    max_response_bytes=DHT_GET_MAX_REPLY_BYTES,
+                )
+            except NetworkError:
+                if not self._dialable(peer):
+                    raise  # no protocol reaches it
+                _penalise(self._no_mtor_put, name, KADEMLIA_ONLY_S)
+            else:
+                closer, addrs = _parse_closest_reply(reply)
+                for other, addresses in addrs.items():
+                    if other not in given and len(given) < DHT_GET_MAX_QUERIES:
+                        given[other] = addresses
+                return closer
+        return (await self._ask_for_value(peer, key))[1]
+
+    async def _store_at(self, peer: ID, key: bytes, value: bytes) -> bool:
+        """Store ``value`` at ``peer``: over :data:`DHT_PUT_PROTOCOL` (on its lane once
+        open), or with Kademlia's PUT_VALUE for a peer that does not serve it. Whether it now
+        holds this value (False: it refused it, or holds one as new or newer)."""
+        name = str(peer)
+        if self._no_mtor_put.get(name, -math.inf) <= trio.current_time():
+            request = _DHT_KEY_LENGTH.pack(len(key)) + key + value
+            try:
+                reply = await self.request(
+                    name,
+                    DHT_PUT_PROTOCOL,
+                    request,
+                    timeout=DHT_QUERY_TIMEOUT_S,
+                    max_response_bytes=max(len(DHT_PUT_STORED), len(DHT_PUT_KEPT)),
+                )
+            except RemoteError as exc:
+                log.debug("peer %s refused a DHT value: %s", name, exc)
+                return False
+            except NetworkError:
+                if not self._dialable(peer):
+                    raise  # no protocol reaches it
+                _penalise(self._no_mtor_put, name, KADEMLIA_ONLY_S)
+            else:
+                return bytes(reply) == DHT_PUT_STORED
+        return bool(await self._dht.value_store._store_at_peer(peer, key, value))
+
+    def _dialable(self, peer: ID) -> bool:
+        """Whether this host is connected to ``peer`` or holds an address for it."""
+        if peer in self._host.get_connected_peers():
+            return True
+        try:
+            return bool(self._host.get_peerstore().addrs(peer))
+        except Exception:  # none known
+            return False
 
     async def dht_get(self, key: str, *, timeout: float = 10.0) -> bytes | None:
         """The best valid value for ``key``, or None."""
@@ -1302,11 +1551,11 @@ class Libp2pNetwork:
                     max_response_bytes=DHT_GET_MAX_REPLY_BYTES,
                 )
             except NetworkError:
-                # It does not serve the protocol, or the request failed: Kademlia for a while.
-                self._kademlia_only.pop(name, None)
-                self._kademlia_only[name] = trio.current_time() + KADEMLIA_ONLY_S
-                while len(self._kademlia_only) > MAX_PENALISED_PEERS:
-                    del self._kademlia_only[next(iter(self._kademlia_only))]
+                # It does not serve the protocol, or the request failed: Kademlia for a while
+                # (a peer that nothing reaches is not marked: Kademlia fails for it too).
+                if not self._dialable(peer):
+                    raise
+                _penalise(self._kademlia_only, name, KADEMLIA_ONLY_S)
             else:
                 return _parse_dht_reply(reply)
         record, closer = await self._dht.value_store._get_from_peer(
@@ -1326,6 +1575,94 @@ class Libp2pNetwork:
         ]
         value = base64.b64encode(record.value).decode() if record is not None else None
         return json.dumps({"value": value, "closer": closer}).encode()
+
+    async def _serve_dht_closest(self, sender: str, payload: bytes) -> bytes:
+        """Answer :data:`DHT_CLOSEST_PROTOCOL`: the closest peers this host's routing table
+        knows to the key (the sender left out) and up to DHT_ADDRS_PER_PEER of each one's
+        addresses, as a FIND_NODE answer carries them."""
+        self._learn_dht_peer(sender)
+        closer = [
+            p
+            for p in self._dht.routing_table.find_local_closest_peers(payload, DHT_BUCKET_SIZE)
+            if str(p) != sender
+        ]
+        peerstore = self._host.get_peerstore()
+        addrs: dict[str, list[str]] = {}
+        for peer in closer:
+            try:
+                known = [str(a) for a in peerstore.addrs(peer)]
+            except Exception:  # none known
+                continue
+            given = [a for a in known if len(a) <= DHT_ADDR_MAX_CHARS][:DHT_ADDRS_PER_PEER]
+            if given:
+                addrs[str(peer)] = given
+        return json.dumps({"closer": [str(p) for p in closer], "addrs": addrs}).encode()
+
+    async def _serve_dht_put(self, sender: str, payload: bytes) -> bytes:
+        """Answer :data:`DHT_PUT_PROTOCOL` as Kademlia's handler answers PUT_VALUE: a value
+        that the key's namespace validates, and that is newer than the one held (by the
+        namespace's ``select``), is stored (:data:`DHT_PUT_STORED`); a valid value no newer is
+        not (:data:`DHT_PUT_KEPT`); anything else is refused, saying why."""
+        self._learn_dht_peer(sender)
+        if len(payload) <= _DHT_KEY_LENGTH.size:
+            raise RemoteError("malformed DHT put")
+        (length,) = _DHT_KEY_LENGTH.unpack_from(payload)
+        key_bytes = bytes(payload[_DHT_KEY_LENGTH.size : _DHT_KEY_LENGTH.size + length])
+        value = bytes(payload[_DHT_KEY_LENGTH.size + length :])
+        if not 0 < length <= DHT_GET_MAX_KEY_BYTES or len(key_bytes) != length or not value:
+            raise RemoteError("malformed DHT put")
+        if len(value) > DHT_PUT_MAX_VALUE_BYTES:
+            raise RemoteError("DHT value too large")
+        try:
+            key = key_bytes.decode("utf-8")
+        except UnicodeDecodeError:
+            raise RemoteError("DHT key is not UTF-8") from None
+        validator = self._dht.validator
+        if validator is None:
+            raise RemoteError("this peer stores no DHT values")
+        try:
+            validator.validate(key, value)
+            held = self._dht.value_store.get(key_bytes)
+            if held is not None and (
+                held.value == value or validator.select(key, [held.value, value]) == 0
+            ):
+                return DHT_PUT_KEPT
+        except Exception as exc:
+            raise RemoteError(f"invalid DHT value: {exc}") from None
+        record = Record()
+        record.key = key_bytes
+        record.value = value
+        record.timeReceived = format_time_rfc3339()
+        self._dht.value_store.put_record(key_bytes, record)
+        return DHT_PUT_STORED
+
+    def _learn_dht_peer(self, sender: str) -> None:
+        """As Kademlia's handler does, a peer that puts or looks up is a DHT server and goes
+        in the routing table; but never on the answer's path: adding to a full bucket pings
+        its oldest peer while holding the bucket's lock (over 45 s for a peer that accepts
+        TCP and never speaks), which made a review's requests time out. So the add runs in
+        the background, one at a time (a request while one runs adds nothing), within
+        DHT_QUERY_TIMEOUT_S; a peer already in the table is left as it is. (Gets do not add
+        the asker, as before: DHT_GET_PROTOCOL's answers are kept as they were.)"""
+        if self._learning_dht_peer or self._nursery is None:
+            return
+        try:
+            peer = ID.from_base58(sender)
+            if self._dht.routing_table.peer_in_table(peer):
+                return
+        except Exception:
+            return
+        self._learning_dht_peer = True
+        self._nursery.start_soon(self._add_dht_peer, peer)
+
+    async def _add_dht_peer(self, peer: ID) -> None:
+        try:
+            with trio.move_on_after(DHT_QUERY_TIMEOUT_S):
+                await self._dht.add_peer(peer, skip_server_mode_check=True)
+        except Exception as exc:  # a full bucket, a peer gone meanwhile
+            log.debug("routing table add failed for %s: %s", peer, exc)
+        finally:
+            self._learning_dht_peer = False
 
     async def provide(self, key: str) -> None:
         """Announce that this node provides ``key``."""

@@ -5,7 +5,9 @@
 * DHT get p50/p99 among 20 and 100 hosts in one process, beside a raw request/response round
   trip over an already open libp2p connection (the floor one DHT hop cannot beat);
 * memory per peer: marginal RSS per in-process host, and RSS of each devnet peer process;
-* time until a new peer's capacity reaches every view of a 20-peer devnet.
+* time until a new peer's capacity reaches every view of a 20-peer devnet;
+* ``--announce-only``: CPU of one capacity announcement (DHT put and gossip) across five
+  peers on loopback, MTOR's put on lanes beside py-libp2p's ``put_value``, alternating.
 
 Run: ``./mtor bench peer`` (or ``python -m benchmarks peer``); writes
 ``benchmarks/results/peer.json`` and prints a Markdown summary.
@@ -278,7 +280,97 @@ def dht_only(sizes: list[int]) -> int:
     return 0
 
 
+#: Announcements per measured window, and the pause between two (a peer's own loop announces
+#: every 20 s; back to back they would overlap and queue).
+ANNOUNCEMENTS = 40
+ANNOUNCE_GAP_S = 0.1
+
+
+async def bench_announce(rounds: int) -> dict[str, Any]:
+    """CPU per capacity announcement across a requester and four ``mtor-peer run`` workers.
+
+    One announcement is a signed capacity record gossiped to the four and put in the DHT.
+    Each round measures, on one cluster, ANNOUNCEMENTS announcements by the in-process node
+    with MTOR's put (lookup and stores on lanes) and as many with py-libp2p's ``put_value``
+    (a stream per RPC), in alternating order; CPU is that of all five processes over each
+    window, less what they used idle over a window as long just after it."""
+    from benchmarks import procstats
+    from benchmarks.bench_compute import mtor_cluster
+
+    def cpu(pids: list[int]) -> float:
+        return sum(procstats.cpu_seconds(pid) for pid in pids) + time.process_time()
+
+    out: dict[str, Any] = {"announcements": ANNOUNCEMENTS, "gap_s": ANNOUNCE_GAP_S, "rounds": []}
+    with tempfile.TemporaryDirectory() as root:
+        async with mtor_cluster(Path(root), 4, 1) as cluster:
+            node = cluster.node
+            network = node.network  # the py-libp2p adapter (metered in place)
+            lanes_put = network._put_value
+
+            async def kademlia_put(key: str, value: bytes) -> None:
+                await network._dht.put_value(key, value)
+
+            pids = [p.pid for p in cluster.processes]
+            out["settled_s"] = cluster.settled_s
+            for index in range(rounds):
+                order = ["lanes", "py-libp2p"] if index % 2 == 0 else ["py-libp2p", "lanes"]
+                row: dict[str, Any] = {}
+                for kind in order:
+                    network._put_value = lanes_put if kind == "lanes" else kademlia_put
+                    took = []
+                    start, started = cpu(pids), time.perf_counter()
+                    for _ in range(ANNOUNCEMENTS):
+                        began = time.perf_counter()
+                        await node.capacity.announce()
+                        took.append(time.perf_counter() - began)
+                        await trio.sleep(ANNOUNCE_GAP_S)
+                    window = time.perf_counter() - started
+                    used = cpu(pids) - start
+                    idle_start = cpu(pids)
+                    await trio.sleep(window)
+                    idle = cpu(pids) - idle_start
+                    row[kind] = {
+                        "cpu_ms_per_announcement": round((used - idle) / ANNOUNCEMENTS * 1e3, 1),
+                        "cpu_ms_raw": round(used / ANNOUNCEMENTS * 1e3, 1),
+                        "idle_cpu_ms_per_s": round(idle / window * 1e3, 1),
+                        "announce_p50_ms": round(statistics.median(took) * 1e3, 1),
+                        "announce_max_ms": round(max(took) * 1e3, 1),
+                    }
+                    print(f"  round {index + 1} {kind}: {row[kind]}", file=sys.stderr)
+                out["rounds"].append(row)
+            network._put_value = lanes_put
+    for kind in ("lanes", "py-libp2p"):
+        values = [r[kind]["cpu_ms_per_announcement"] for r in out["rounds"]]
+        out[f"{kind}_cpu_ms_median"] = statistics.median(values)
+    ratios = [
+        r["lanes"]["cpu_ms_per_announcement"] / r["py-libp2p"]["cpu_ms_per_announcement"]
+        for r in out["rounds"]
+    ]
+    out["ratio_lanes_over_py_libp2p_median"] = round(statistics.median(ratios), 2)
+    return out
+
+
+def announce_only(argv: list[str]) -> int:
+    """Measure the announcement section alone, updating results/peer.json in place."""
+    rounds = int(argv[argv.index("--rounds") + 1]) if "--rounds" in argv else 4
+    path = RESULTS / "peer.json"
+    report = json.loads(path.read_text()) if path.exists() else {}
+    print(f"capacity announcement CPU, {rounds} rounds ...", file=sys.stderr)
+    report["announce"] = trio.run(bench_announce, rounds)
+    report["announce"]["machine"] = machine()
+    report["announce"]["when"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    RESULTS.mkdir(exist_ok=True)
+    path.write_text(json.dumps(report, indent=2))
+    print(json.dumps(report["announce"], indent=2))
+    return 0
+
+
 def main(argv: list[str]) -> int:
+    if "--help" in argv or "-h" in argv:
+        print(__doc__)
+        return 0
+    if "--announce-only" in argv:
+        return announce_only(argv)
     sizes = [8, 20, 100]
     if "--quick" in argv:
         sizes = [8]

@@ -174,6 +174,8 @@ DHT_ADDRS_TTL_S = 600
 #: How long a put's lookup may take at most; the value then goes to the closest peers that
 #: answered (see Libp2pNetwork._closest_peers).
 DHT_PUT_LOOKUP_S = 2.0
+#: A lookup query unanswered this long no longer holds one of its DHT_GET_PARALLEL slots.
+DHT_LOOKUP_SLOW_S = DHT_PUT_LOOKUP_S / 8
 
 
 @dataclass
@@ -1314,8 +1316,11 @@ class Libp2pNetwork:
         addresses that never answer held a put 15 s before it (a review of the first
         version), and a chain of them up to DHT_GET_MAX_QUERIES queries; now the put goes to
         the closest of those that answered in time, which the connected ones, asked first,
-        do in milliseconds. An address an answer gives is kept only for a peer the lookup
-        then asks (DHT_ADDRS_TTL_S), so answers cannot fill the peer store."""
+        do in milliseconds. A query unanswered for DHT_LOOKUP_SLOW_S gives up its slot and
+        its place among the closest to ask (a review: 20 made-up peers closer than everyone,
+        never answering, held every slot to the deadline, and the value went only to the peers
+        asked before). An address an answer gives is kept only for a peer the lookup then asks
+        and knows no address of (DHT_ADDRS_TTL_S), so answers cannot fill the peer store."""
         me = self._host.get_id()
         connected = set(self._host.get_connected_peers())
         known = [
@@ -1340,26 +1345,43 @@ class Libp2pNetwork:
                     log.debug("DHT lookup at %s failed: %s", peer, exc)
             answers_in.send_nowait((peer, closer))
 
-        in_flight = 0
+        # Asked, not answered yet -> when. One unanswered for DHT_LOOKUP_SLOW_S frees its
+        # slot and its place in the window (it may still answer and be stored at): made-up
+        # peers that never answer cannot hold the lookup until its deadline.
+        pending: dict[ID, float] = {}
         async with trio.open_nursery() as nursery:
             nursery.cancel_scope.deadline = trio.current_time() + deadline
             while True:
+                now = trio.current_time()
+                slow = {p for p, asked in pending.items() if now - asked >= DHT_LOOKUP_SLOW_S}
+                window = [p for p in known if p not in slow][:DHT_BUCKET_SIZE]
                 # Stable: by distance within each group.
-                for peer in sorted(known[:DHT_BUCKET_SIZE], key=lambda p: p not in connected):
-                    if in_flight >= DHT_GET_PARALLEL or len(queried) >= DHT_GET_MAX_QUERIES:
+                for peer in sorted(window, key=lambda p: p not in connected):
+                    if (
+                        len(pending) - len(slow) >= DHT_GET_PARALLEL
+                        or len(queried) >= DHT_GET_MAX_QUERIES
+                    ):
                         break
                     if peer not in queried:
                         queried.add(peer)
-                        in_flight += 1
-                        if peer in given and peer not in connected:
+                        pending[peer] = now
+                        # Not for a peer with addresses already: py-libp2p keeps one
+                        # lifetime per peer, and a made-up address would cut its real ones'.
+                        if peer in given and not self._dialable(peer):
                             self._host.get_peerstore().add_addrs(
                                 peer, given.pop(peer), DHT_ADDRS_TTL_S
                             )
                         nursery.start_soon(ask, peer)
-                if in_flight == 0:
+                if not pending:
                     break
-                peer, closer = await answers_out.receive()
-                in_flight -= 1
+                timely = [asked for p, asked in pending.items() if p not in slow]
+                with trio.move_on_at(
+                    min(timely) + DHT_LOOKUP_SLOW_S if timely else math.inf
+                ) as wait:
+                    peer, closer = await answers_out.receive()
+                if wait.cancelled_caught:
+                    continue  # a query turned slow: ask the next peer
+                del pending[peer]
                 if closer is None:
                     failed.add(peer)
                     known.remove(peer)
@@ -1389,7 +1411,7 @@ class Libp2pNetwork:
                     max_response_bytes=DHT_GET_MAX_REPLY_BYTES,
                 )
             except NetworkError:
-                if not self._dialable(peer):
+                if not self._reached(peer):
                     raise  # no protocol reaches it
                 _penalise(self._no_mtor_put, name, KADEMLIA_ONLY_S)
             else:
@@ -1419,7 +1441,7 @@ class Libp2pNetwork:
                 log.debug("peer %s refused a DHT value: %s", name, exc)
                 return False
             except NetworkError:
-                if not self._dialable(peer):
+                if not self._reached(peer):
                     raise  # no protocol reaches it
                 _penalise(self._no_mtor_put, name, KADEMLIA_ONLY_S)
             else:
@@ -1434,6 +1456,14 @@ class Libp2pNetwork:
             return bool(self._host.get_peerstore().addrs(peer))
         except Exception:  # none known
             return False
+
+    def _reached(self, peer: ID) -> bool:
+        """Whether a connection to ``peer`` is open: only then does a failed request say that
+        it lacks the protocol (an address, which any lookup answer may give, says nothing)."""
+        name = str(peer)
+        if self._lane_client is not None and self._lane_client.get(name) is not None:
+            return True
+        return peer in self._host.get_connected_peers()
 
     async def dht_get(self, key: str, *, timeout: float = 10.0) -> bytes | None:
         """The best valid value for ``key``, or None."""
@@ -1553,7 +1583,7 @@ class Libp2pNetwork:
             except NetworkError:
                 # It does not serve the protocol, or the request failed: Kademlia for a while
                 # (a peer that nothing reaches is not marked: Kademlia fails for it too).
-                if not self._dialable(peer):
+                if not self._reached(peer):
                     raise
                 _penalise(self._kademlia_only, name, KADEMLIA_ONLY_S)
             else:

@@ -15,6 +15,7 @@ import json
 import pytest
 import trio
 from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.kad_dht.utils import sort_peer_ids_by_distance
 from libp2p.peer.id import ID
 
 from mtor_p2p.libp2p_host import (
@@ -328,3 +329,77 @@ async def test_a_dht_request_is_answered_without_waiting_to_add_its_sender_to_th
             await asker.request(holder.peer_id, DHT_PUT_PROTOCOL, put, timeout=2) == DHT_PUT_STORED
         )
         assert adds == [ID.from_base58(asker.peer_id)]  # one add at a time: the second waits none
+
+
+def fakes_closer_than(key: bytes, real: list[str], count: int = 20) -> list[str]:
+    """``count`` made-up peer IDs closer to ``key`` than every peer in ``real``."""
+    reals = [ID.from_base58(p) for p in real]
+    pool: list[ID] = []
+    while True:
+        pool += [ID.from_pubkey(create_new_key_pair().public_key) for _ in range(1000)]
+        ranked = sort_peer_ids_by_distance(key, pool + reals)
+        if min(ranked.index(r) for r in reals) >= count:
+            break
+    return [str(p) for p in ranked[:count]]
+
+
+@pytest.mark.parametrize("lying", [False, True])
+async def test_one_lying_answer_does_not_stop_the_lookup_short_of_the_honest_closest_peers(
+    lying: bool,
+) -> None:
+    """(A review's finding.) A hostile peer answers the put's lookup at once with 20 made-up
+    peers closer than everyone, at an address that accepts TCP and never speaks. They pushed the
+    honest peers out of the lookup's window of 20 and held its 4 slots past DHT_PUT_LOOKUP_S:
+    the value went
+    only to the peers asked before the lie arrived. A query unanswered for DHT_LOOKUP_SLOW_S
+    now gives up its slot and its place in the window."""
+
+    async def tarpit(stream: trio.SocketStream) -> None:
+        await trio.sleep_forever()
+
+    async with trio.open_nursery() as outer:
+        listeners = await outer.start(
+            functools.partial(trio.serve_tcp, tarpit, 0, host="127.0.0.1")
+        )
+        port = listeners[0].socket.getsockname()[1]
+        async with open_networks(8) as networks:
+            await ready(networks)
+            hub, hostile, putter, *honest = networks
+            fakes = fakes_closer_than(KEY.encode(), [n.peer_id for n in networks])
+
+            async def lie(sender: str, payload: bytes) -> bytes:
+                addrs = {f: [f"/ip4/127.0.0.1/tcp/{port}"] for f in fakes}
+                return json.dumps({"closer": fakes, "addrs": addrs}).encode()
+
+            if lying:
+                hostile._services[DHT_CLOSEST_PROTOCOL].handler = lie
+            await putter.connect(hostile.addrs()[0])
+            with trio.fail_after(10):
+                while putter.routing_table_size() < 2:
+                    await trio.sleep(0.05)
+            await putter.dht_put(KEY, b"v1")
+            # An honest lookup stores at all 6 honest peers (see test_dht_put's first test).
+            assert [held(n) for n in [hub, *honest]] == [b"v1"] * 6
+        outer.cancel_scope.cancel()
+
+
+async def test_a_lying_address_does_not_send_an_honest_peers_gets_to_kademlia() -> None:
+    """(A review's finding.) A hostile answer names honest peer X (which the putter is not
+    connected to) at an address that refuses at once. The dial fails: that says nothing about
+    which protocols X serves, yet X was marked _no_mtor_put and _kademlia_only, so the
+    putter's gets from X left MTOR's GET for 10 minutes, even once connected. Only a failure
+    over an open connection marks a peer now."""
+    async with open_networks(3, lanes="eager") as networks:
+        await ready(networks)
+        hostile, x, putter = networks
+        assert x.peer_id not in putter.connected_peers()
+
+        async def lie(sender: str, payload: bytes) -> bytes:
+            return json.dumps(
+                {"closer": [x.peer_id], "addrs": {x.peer_id: ["/ip4/0.0.0.0/tcp/1"]}}
+            ).encode()
+
+        hostile._services[DHT_CLOSEST_PROTOCOL].handler = lie
+        await putter.dht_put(KEY, b"v1")
+        assert x.peer_id not in putter._no_mtor_put
+        assert x.peer_id not in putter._kademlia_only

@@ -429,6 +429,9 @@ class Libp2pNetwork:
         #: Peers that serve neither DHT_CLOSEST_PROTOCOL nor DHT_PUT_PROTOCOL (MTOR before
         #: them, other implementations) -> until when puts use DHT_GET_PROTOCOL and Kademlia.
         self._no_mtor_put: dict[str, float] = {}
+        #: Peers whose DHT answer did not parse -> until when lookups leave them out (the
+        #: cost of a malformed answer to its sender; the oldest forgotten first).
+        self._dht_misbehaved: dict[str, float] = {}
         #: A peer that sent a DHT put or lookup is being added to the routing table.
         self._learning_dht_peer = False
         self._lane_server: LaneServer | None = None
@@ -1326,7 +1329,7 @@ class Libp2pNetwork:
         known = [
             p
             for p in self._dht.routing_table.find_local_closest_peers(key, DHT_BUCKET_SIZE)
-            if p != me
+            if p != me and self._dht_trusted(p)
         ]
         given: dict[ID, list[multiaddr.Multiaddr]] = {}
         queried: set[ID] = set()
@@ -1387,7 +1390,11 @@ class Libp2pNetwork:
                     known.remove(peer)
                     continue
                 answered.add(peer)
-                fresh = {p for p in closer if p != me and p not in failed and p not in known}
+                fresh = {
+                    p
+                    for p in closer
+                    if p != me and p not in failed and p not in known and self._dht_trusted(p)
+                }
                 if fresh:
                     known = sort_peer_ids_by_distance(key, known + sorted(fresh, key=str))
             nursery.cancel_scope.cancel()  # done before the deadline: no query left to wait for
@@ -1415,7 +1422,11 @@ class Libp2pNetwork:
                     raise  # no protocol reaches it
                 _penalise(self._no_mtor_put, name, KADEMLIA_ONLY_S)
             else:
-                closer, addrs = _parse_closest_reply(reply)
+                try:
+                    closer, addrs = _parse_closest_reply(reply)
+                except PeerMisbehaved as exc:
+                    self._dht_answer_malformed(name, exc)
+                    raise
                 for other, addresses in addrs.items():
                     if other not in given and len(given) < DHT_GET_MAX_QUERIES:
                         given[other] = addresses
@@ -1457,6 +1468,19 @@ class Libp2pNetwork:
         except Exception:  # none known
             return False
 
+    def _dht_trusted(self, peer: ID) -> bool:
+        """False while ``peer`` is left out of DHT lookups for a malformed answer."""
+        return self._dht_misbehaved.get(str(peer), -math.inf) <= trio.current_time()
+
+    def _dht_answer_malformed(self, name: str, exc: PeerMisbehaved) -> None:
+        log.info(
+            "DHT: %s sent a malformed answer (%s); left out of lookups for %.0f s",
+            name[-8:],
+            exc,
+            KADEMLIA_ONLY_S,
+        )
+        _penalise(self._dht_misbehaved, name, KADEMLIA_ONLY_S)
+
     def _reached(self, peer: ID) -> bool:
         """Whether a connection to ``peer`` is open: only then does a failed request say that
         it lacks the protocol (an address, which any lookup answer may give, says nothing)."""
@@ -1497,6 +1521,7 @@ class Libp2pNetwork:
         # Noise handshake and identify (tens of ms), and any holder of the value will do.
         connected = set(self._host.get_connected_peers())
         closest = dht.routing_table.find_local_closest_peers(key_bytes, DHT_BUCKET_SIZE)
+        closest = [p for p in closest if self._dht_trusted(p)]
         candidates = [p for p in closest if p in connected] + [
             p for p in closest if p not in connected
         ]
@@ -1555,7 +1580,11 @@ class Libp2pNetwork:
                         grace_ends = trio.current_time() + min(
                             DHT_QUORUM_GRACE_MAX_S, max(DHT_QUORUM_GRACE_MIN_S, took / 2)
                         )
-                fresh = [p for p in closer if p not in queried and p != me and p not in candidates]
+                fresh = [
+                    p
+                    for p in closer
+                    if p not in queried and p != me and p not in candidates and self._dht_trusted(p)
+                ]
                 if fresh:
                     candidates = sort_peer_ids_by_distance(key_bytes, candidates + fresh)
             nursery.cancel_scope.cancel()
@@ -1587,7 +1616,11 @@ class Libp2pNetwork:
                     raise
                 _penalise(self._kademlia_only, name, KADEMLIA_ONLY_S)
             else:
-                return _parse_dht_reply(reply)
+                try:
+                    return _parse_dht_reply(reply)
+                except PeerMisbehaved as exc:
+                    self._dht_answer_malformed(name, exc)
+                    raise
         record, closer = await self._dht.value_store._get_from_peer(
             peer, key, return_record=True, return_closer_peers=True
         )

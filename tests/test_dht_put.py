@@ -403,3 +403,43 @@ async def test_a_lying_address_does_not_send_an_honest_peers_gets_to_kademlia() 
         await putter.dht_put(KEY, b"v1")
         assert x.peer_id not in putter._no_mtor_put
         assert x.peer_id not in putter._kademlia_only
+
+
+@pytest.mark.parametrize("protocol", [DHT_CLOSEST_PROTOCOL, DHT_GET_PROTOCOL])
+async def test_a_malformed_dht_answer_costs_its_sender_its_place_in_lookups(protocol: str) -> None:
+    """A peer whose lookup (or get) answer does not parse is left out of this host's DHT
+    lookups for a while, puts and gets alike, instead of being asked again every time; the
+    put or get still reaches the honest peers."""
+    async with open_networks(3, lanes="eager") as networks:
+        await ready(networks)
+        liar, honest, asker = networks
+        asked: list[str] = []
+
+        async def garbage(sender: str, payload: bytes) -> bytes:
+            asked.append(sender)
+            return b"{not json"
+
+        liar._services[protocol].handler = garbage
+        await asker.connect(liar.addrs()[0])
+        await asker.connect(honest.addrs()[0])
+        with trio.fail_after(10):
+            while asker.routing_table_size() < 2:
+                await trio.sleep(0.05)
+        if protocol == DHT_CLOSEST_PROTOCOL:
+            await asker.dht_put(KEY, b"v1")
+            assert held(honest) == b"v1"
+        else:
+            await honest.dht_put(KEY, b"v1")
+            liar._dht.value_store.store.clear()  # the liar holds nothing of its own to give
+            asker._dht.value_store.store.clear()
+            assert await asker.dht_get(KEY) == b"v1"
+        assert asked == [asker.peer_id]
+        assert not asker._dht_trusted(ID.from_base58(liar.peer_id))
+        assert asker._dht_trusted(ID.from_base58(honest.peer_id))
+        # Asked no more while its penalty lasts.
+        if protocol == DHT_CLOSEST_PROTOCOL:
+            await asker.dht_put(KEY, b"v2")
+        else:
+            asker._dht.value_store.store.clear()
+            assert await asker.dht_get(KEY) == b"v1"
+        assert asked == [asker.peer_id]

@@ -1404,7 +1404,8 @@ class Libp2pNetwork:
         self, peer: ID, key: bytes, given: dict[ID, list[multiaddr.Multiaddr]]
     ) -> list[ID]:
         """The closer peers ``peer`` knows to ``key``; addresses its answer gives for them
-        are added to ``given`` (at most DHT_BUCKET_SIZE peers, none already there). An MTOR
+        are added to ``given`` (for peers not there yet, while it holds fewer than
+        DHT_GET_MAX_QUERIES: one lookup asks no more peers than that). An MTOR
         peer answers :data:`DHT_CLOSEST_PROTOCOL` over its lane; any other is asked as a get
         asks it (:meth:`_ask_for_value`)."""
         name = str(peer)
@@ -1610,8 +1611,9 @@ class Libp2pNetwork:
                     max_response_bytes=DHT_GET_MAX_REPLY_BYTES,
                 )
             except NetworkError:
-                # It does not serve the protocol, or the request failed: Kademlia for a while
-                # (a peer that nothing reaches is not marked: Kademlia fails for it too).
+                # It does not serve the protocol, or the request failed: Kademlia for a while.
+                # Only over an open connection: a dial that fails (perhaps to an address a
+                # hostile lookup answer gave) says nothing of the protocols the peer serves.
                 if not self._reached(peer):
                     raise
                 _penalise(self._kademlia_only, name, KADEMLIA_ONLY_S)

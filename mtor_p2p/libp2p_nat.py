@@ -27,11 +27,13 @@ requests go over whatever connection exists, and ``status`` reports what this mo
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
 import logging
 import math
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -395,7 +397,8 @@ class _HolePuncher(DCUtRProtocol):
             for peer_id, conns in list(connections.items()):
                 if peer_id == me or peer_id in self._punching or peer_id in self._in_progress:
                     continue
-                if not _we_drive(conns, me, peer_id) or _has_direct(conns):
+                # The cheap test first: nearly every peer has a direct connection.
+                if _has_direct(conns) or not _we_drive(conns, me, peer_id):
                     continue
                 seen = first_seen.setdefault(peer_id, trio.current_time())
                 if self._hole_punch_attempts.get(peer_id, 0) >= 3:
@@ -514,13 +517,41 @@ def conn_list(conns: Any) -> list[INetConn]:
     return list(conns) if isinstance(conns, list) else [conns]
 
 
+#: The text of each connection's transport addresses, made once per connection: they do not
+#: change, and the hole-punch loop classifies every connection five times a second. Turning
+#: multiaddrs into text there was the largest single part of an idle peer's CPU (22% of it,
+#: profiled, four workers and a requester on loopback).
+_ADDRESS_TEXTS: weakref.WeakKeyDictionary[Any, tuple[str, ...]] = weakref.WeakKeyDictionary()
+
+
+def _address_texts(conn: INetConn) -> tuple[str, ...]:
+    """``conn``'s transport addresses as text (raises as ``get_transport_addresses`` does)."""
+    try:
+        return _ADDRESS_TEXTS[conn]
+    except (KeyError, TypeError):
+        pass
+    texts = tuple(str(a) for a in conn.get_transport_addresses())
+    if texts:  # none yet may mean not set up yet: asked again next time
+        try:
+            _ADDRESS_TEXTS[conn] = texts
+        except TypeError:  # an object that takes no weak reference: not kept
+            pass
+    return texts
+
+
+@functools.lru_cache(maxsize=16)
+def _accepted_circuit_prefix(me: ID) -> str:
+    """How py-libp2p labels the relayed connections we accepted (pitfall 7)."""
+    return f"/p2p/{me}/p2p-circuit"
+
+
 def is_relayed(conn: INetConn) -> bool:
     """Whether a connection goes through a relay (all its addresses are circuits)."""
     try:
-        addrs = conn.get_transport_addresses()
+        addrs = _address_texts(conn)
     except Exception:
         return False
-    return bool(addrs) and all("/p2p-circuit" in str(a) for a in addrs)
+    return bool(addrs) and all("/p2p-circuit" in a for a in addrs)
 
 
 def _has_direct(conns: Any) -> bool:
@@ -539,10 +570,10 @@ def connection_kind_of(conns: Any) -> str:
 def _relayed_in(conns: Any, me: ID) -> bool:
     """Whether one of ``conns`` is a relayed connection we accepted: py-libp2p labels those
     ``/p2p/<our own id>/p2p-circuit/...`` (pitfall 7), the ones we dialled name the relay."""
-    mine = f"/p2p/{me}/p2p-circuit"
+    mine = _accepted_circuit_prefix(me)
     for conn in conn_list(conns):
         try:
-            if any(str(a).startswith(mine) for a in conn.get_transport_addresses()):
+            if any(a.startswith(mine) for a in _address_texts(conn)):
                 return True
         except Exception:
             continue
@@ -556,11 +587,11 @@ def _we_drive(conns: Any, me: ID, peer: ID) -> bool:
     the other's session, and no punch could ever succeed."""
     if not _relayed_in(conns, me):
         return False
-    mine = f"/p2p/{me}/p2p-circuit"
+    mine = _accepted_circuit_prefix(me)
     dialled = False
     for conn in conn_list(conns):
         try:
-            addrs = [str(a) for a in conn.get_transport_addresses()]
+            addrs = _address_texts(conn)
         except Exception:
             continue
         if addrs and all("/p2p-circuit" in a and not a.startswith(mine) for a in addrs):

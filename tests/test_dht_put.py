@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import functools
 import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import pytest
 import trio
@@ -248,6 +250,24 @@ async def test_a_lookup_keeps_addresses_for_a_bounded_number_of_peers() -> None:
         assert not asker._dialable(ID.from_base58(fakes[-1]))  # not in the peer store
 
 
+@asynccontextmanager
+async def tarpit() -> AsyncIterator[tuple[int, list[trio.SocketStream]]]:
+    """A loopback TCP port that accepts connections and never speaks, and the connections it
+    took (a made-up peer's address that holds whoever dials it)."""
+    taken: list[trio.SocketStream] = []
+
+    async def hold(stream: trio.SocketStream) -> None:
+        taken.append(stream)
+        await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(
+            functools.partial(trio.serve_tcp, hold, 0, host="127.0.0.1")
+        )
+        yield listeners[0].socket.getsockname()[1], taken
+        nursery.cancel_scope.cancel()
+
+
 class RefuseAll(Newest):
     def validate(self, key: str, value: bytes) -> None:
         raise ValueError("expired")
@@ -271,38 +291,26 @@ async def test_dead_peers_named_in_a_lookup_answer_delay_a_put_by_its_deadline_o
     TCP and never speaks. Before the lookup had a deadline, the put waited 3 s for each of
     them, 4 at a time (15 s, as long as the capacity service gives a put: the record reached
     no one); now it stores at the peers that answered once DHT_PUT_LOOKUP_S is up."""
-    silent: list[trio.SocketStream] = []
+    async with tarpit() as (port, silent), open_networks(3) as networks:
+        await ready(networks)
+        hub, hostile, putter = networks
+        fakes = [str(ID.from_pubkey(create_new_key_pair().public_key)) for _ in range(20)]
 
-    async def tarpit(stream: trio.SocketStream) -> None:
-        silent.append(stream)
-        await trio.sleep_forever()
+        async def lie(sender: str, payload: bytes) -> bytes:
+            addrs = {fake: [f"/ip4/127.0.0.1/tcp/{port}"] for fake in fakes}
+            return json.dumps({"closer": fakes, "addrs": addrs}).encode()
 
-    async with trio.open_nursery() as outer:
-        listeners = await outer.start(
-            functools.partial(trio.serve_tcp, tarpit, 0, host="127.0.0.1")
-        )
-        port = listeners[0].socket.getsockname()[1]
-        async with open_networks(3) as networks:
-            await ready(networks)
-            hub, hostile, putter = networks
-            fakes = [str(ID.from_pubkey(create_new_key_pair().public_key)) for _ in range(20)]
-
-            async def lie(sender: str, payload: bytes) -> bytes:
-                addrs = {fake: [f"/ip4/127.0.0.1/tcp/{port}"] for fake in fakes}
-                return json.dumps({"closer": fakes, "addrs": addrs}).encode()
-
-            hostile._services[DHT_CLOSEST_PROTOCOL].handler = lie
-            await putter.connect(hostile.addrs()[0])
-            with trio.fail_after(10):
-                while putter.routing_table_size() < 2:
-                    await trio.sleep(0.05)
-            started = trio.current_time()
-            await putter.dht_put(KEY, b"v1")
-            took = trio.current_time() - started
-            assert silent  # the made-up peers were dialled
-            assert held(hub) == b"v1"
-            assert took < DHT_PUT_LOOKUP_S + DHT_QUERY_TIMEOUT_S  # 15 s before the deadline
-        outer.cancel_scope.cancel()
+        hostile._services[DHT_CLOSEST_PROTOCOL].handler = lie
+        await putter.connect(hostile.addrs()[0])
+        with trio.fail_after(10):
+            while putter.routing_table_size() < 2:
+                await trio.sleep(0.05)
+        started = trio.current_time()
+        await putter.dht_put(KEY, b"v1")
+        took = trio.current_time() - started
+        assert silent  # the made-up peers were dialled
+        assert held(hub) == b"v1"
+        assert took < DHT_PUT_LOOKUP_S + DHT_QUERY_TIMEOUT_S  # 15 s before the deadline
 
 
 async def test_a_dht_request_is_answered_without_waiting_to_add_its_sender_to_the_table() -> None:
@@ -350,37 +358,26 @@ async def test_one_lying_answer_does_not_stop_the_lookup_short_of_the_honest_clo
     """(A review's finding.) A hostile peer answers the put's lookup at once with 20 made-up
     peers closer than everyone, at an address that accepts TCP and never speaks. They pushed the
     honest peers out of the lookup's window of 20 and held its 4 slots past DHT_PUT_LOOKUP_S:
-    the value went
-    only to the peers asked before the lie arrived. A query unanswered for DHT_LOOKUP_SLOW_S
-    now gives up its slot and its place in the window."""
+    the value went only to the peers asked before the lie arrived. A query unanswered for
+    DHT_LOOKUP_SLOW_S now gives up its slot and its place in the window."""
+    async with tarpit() as (port, _), open_networks(8) as networks:
+        await ready(networks)
+        hub, hostile, putter, *honest = networks
+        fakes = fakes_closer_than(KEY.encode(), [n.peer_id for n in networks])
 
-    async def tarpit(stream: trio.SocketStream) -> None:
-        await trio.sleep_forever()
+        async def lie(sender: str, payload: bytes) -> bytes:
+            addrs = {f: [f"/ip4/127.0.0.1/tcp/{port}"] for f in fakes}
+            return json.dumps({"closer": fakes, "addrs": addrs}).encode()
 
-    async with trio.open_nursery() as outer:
-        listeners = await outer.start(
-            functools.partial(trio.serve_tcp, tarpit, 0, host="127.0.0.1")
-        )
-        port = listeners[0].socket.getsockname()[1]
-        async with open_networks(8) as networks:
-            await ready(networks)
-            hub, hostile, putter, *honest = networks
-            fakes = fakes_closer_than(KEY.encode(), [n.peer_id for n in networks])
-
-            async def lie(sender: str, payload: bytes) -> bytes:
-                addrs = {f: [f"/ip4/127.0.0.1/tcp/{port}"] for f in fakes}
-                return json.dumps({"closer": fakes, "addrs": addrs}).encode()
-
-            if lying:
-                hostile._services[DHT_CLOSEST_PROTOCOL].handler = lie
-            await putter.connect(hostile.addrs()[0])
-            with trio.fail_after(10):
-                while putter.routing_table_size() < 2:
-                    await trio.sleep(0.05)
-            await putter.dht_put(KEY, b"v1")
-            # An honest lookup stores at all 6 honest peers (see test_dht_put's first test).
-            assert [held(n) for n in [hub, *honest]] == [b"v1"] * 6
-        outer.cancel_scope.cancel()
+        if lying:
+            hostile._services[DHT_CLOSEST_PROTOCOL].handler = lie
+        await putter.connect(hostile.addrs()[0])
+        with trio.fail_after(10):
+            while putter.routing_table_size() < 2:
+                await trio.sleep(0.05)
+        await putter.dht_put(KEY, b"v1")
+        # An honest lookup stores at all 6 honest peers (see test_dht_put's first test).
+        assert [held(n) for n in [hub, *honest]] == [b"v1"] * 6
 
 
 async def test_a_lying_address_does_not_send_an_honest_peers_gets_to_kademlia() -> None:

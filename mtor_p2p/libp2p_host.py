@@ -1408,56 +1408,71 @@ class Libp2pNetwork:
         DHT_GET_MAX_QUERIES: one lookup asks no more peers than that). An MTOR
         peer answers :data:`DHT_CLOSEST_PROTOCOL` over its lane; any other is asked as a get
         asks it (:meth:`_ask_for_value`)."""
+        reply = await self._mtor_dht_request(
+            peer, DHT_CLOSEST_PROTOCOL, key, self._no_mtor_put, DHT_GET_MAX_REPLY_BYTES
+        )
+        if reply is None:
+            return (await self._ask_for_value(peer, key))[1]
+        try:
+            closer, addrs = _parse_closest_reply(reply)
+        except PeerMisbehaved as exc:
+            self._dht_answer_malformed(str(peer), exc)
+            raise
+        for other, addresses in addrs.items():
+            if other not in given and len(given) < DHT_GET_MAX_QUERIES:
+                given[other] = addresses
+        return closer
+
+    async def _mtor_dht_request(
+        self,
+        peer: ID,
+        protocol: str,
+        payload: bytes,
+        fallback: dict[str, float],
+        max_response_bytes: int,
+    ) -> bytes | None:
+        """``peer``'s answer to one of MTOR's DHT requests (on its lane once open), or None
+        when the caller should use the Kademlia way instead: the peer is marked in
+        ``fallback``, or has just failed the request over an open connection (it does not
+        serve the protocol, or the request failed), and is marked there for KADEMLIA_ONLY_S.
+        A failure with no open connection (a dial to an address some lookup answer gave) says
+        nothing of the protocols the peer serves: it is raised, unmarked. A refusal
+        (RemoteError) is raised as it is."""
         name = str(peer)
-        if self._no_mtor_put.get(name, -math.inf) <= trio.current_time():
-            try:
-                reply = await self.request(
-                    name,
-                    DHT_CLOSEST_PROTOCOL,
-                    key,
-                    timeout=DHT_QUERY_TIMEOUT_S,
-                    max_response_bytes=DHT_GET_MAX_REPLY_BYTES,
-                )
-            except NetworkError:
-                if not self._reached(peer):
-                    raise  # no protocol reaches it
-                _penalise(self._no_mtor_put, name, KADEMLIA_ONLY_S)
-            else:
-                try:
-                    closer, addrs = _parse_closest_reply(reply)
-                except PeerMisbehaved as exc:
-                    self._dht_answer_malformed(name, exc)
-                    raise
-                for other, addresses in addrs.items():
-                    if other not in given and len(given) < DHT_GET_MAX_QUERIES:
-                        given[other] = addresses
-                return closer
-        return (await self._ask_for_value(peer, key))[1]
+        if fallback.get(name, -math.inf) > trio.current_time():
+            return None
+        try:
+            return await self.request(
+                name,
+                protocol,
+                payload,
+                timeout=DHT_QUERY_TIMEOUT_S,
+                max_response_bytes=max_response_bytes,
+            )
+        except NetworkError:
+            if not self._reached(peer):
+                raise
+            _penalise(fallback, name, KADEMLIA_ONLY_S)
+            return None
 
     async def _store_at(self, peer: ID, key: bytes, value: bytes) -> bool:
         """Store ``value`` at ``peer``: over :data:`DHT_PUT_PROTOCOL` (on its lane once
         open), or with Kademlia's PUT_VALUE for a peer that does not serve it. Whether it now
         holds this value (False: it refused it, or holds one as new or newer)."""
-        name = str(peer)
-        if self._no_mtor_put.get(name, -math.inf) <= trio.current_time():
-            request = _DHT_KEY_LENGTH.pack(len(key)) + key + value
-            try:
-                reply = await self.request(
-                    name,
-                    DHT_PUT_PROTOCOL,
-                    request,
-                    timeout=DHT_QUERY_TIMEOUT_S,
-                    max_response_bytes=max(len(DHT_PUT_STORED), len(DHT_PUT_KEPT)),
-                )
-            except RemoteError as exc:
-                log.debug("peer %s refused a DHT value: %s", name, exc)
-                return False
-            except NetworkError:
-                if not self._reached(peer):
-                    raise  # no protocol reaches it
-                _penalise(self._no_mtor_put, name, KADEMLIA_ONLY_S)
-            else:
-                return bytes(reply) == DHT_PUT_STORED
+        request = _DHT_KEY_LENGTH.pack(len(key)) + key + value
+        try:
+            reply = await self._mtor_dht_request(
+                peer,
+                DHT_PUT_PROTOCOL,
+                request,
+                self._no_mtor_put,
+                max(len(DHT_PUT_STORED), len(DHT_PUT_KEPT)),
+            )
+        except RemoteError as exc:
+            log.debug("peer %s refused a DHT value: %s", peer, exc)
+            return False
+        if reply is not None:
+            return bytes(reply) == DHT_PUT_STORED
         return bool(await self._dht.value_store._store_at_peer(peer, key, value))
 
     def _dialable(self, peer: ID) -> bool:
@@ -1600,29 +1615,15 @@ class Libp2pNetwork:
         millisecond once the lane is open, where a Kademlia RPC opens and negotiates a new
         stream); any other peer (or one that fails to) is asked with Kademlia's GET_VALUE.
         """
-        name = str(peer)
-        if self._kademlia_only.get(name, -math.inf) <= trio.current_time():
+        reply = await self._mtor_dht_request(
+            peer, DHT_GET_PROTOCOL, key, self._kademlia_only, DHT_GET_MAX_REPLY_BYTES
+        )
+        if reply is not None:
             try:
-                reply = await self.request(
-                    name,
-                    DHT_GET_PROTOCOL,
-                    key,
-                    timeout=DHT_QUERY_TIMEOUT_S,
-                    max_response_bytes=DHT_GET_MAX_REPLY_BYTES,
-                )
-            except NetworkError:
-                # It does not serve the protocol, or the request failed: Kademlia for a while.
-                # Only over an open connection: a dial that fails (perhaps to an address a
-                # hostile lookup answer gave) says nothing of the protocols the peer serves.
-                if not self._reached(peer):
-                    raise
-                _penalise(self._kademlia_only, name, KADEMLIA_ONLY_S)
-            else:
-                try:
-                    return _parse_dht_reply(reply)
-                except PeerMisbehaved as exc:
-                    self._dht_answer_malformed(name, exc)
-                    raise
+                return _parse_dht_reply(reply)
+            except PeerMisbehaved as exc:
+                self._dht_answer_malformed(str(peer), exc)
+                raise
         record, closer = await self._dht.value_store._get_from_peer(
             peer, key, return_record=True, return_closer_peers=True
         )

@@ -518,9 +518,8 @@ def conn_list(conns: Any) -> list[INetConn]:
 
 
 #: The text of each connection's transport addresses, made once per connection: they do not
-#: change, and the hole-punch loop classifies every connection five times a second. Turning
-#: multiaddrs into text there was the largest single part of an idle peer's CPU (22% of it,
-#: profiled, four workers and a requester on loopback).
+#: change, and the hole-punch loop classifies every connection five times a second (its body,
+#: one host with four connections: 28.1 -> 6.6 us per tick; it grows with the connections).
 _ADDRESS_TEXTS: weakref.WeakKeyDictionary[Any, tuple[str, ...]] = weakref.WeakKeyDictionary()
 
 

@@ -1398,12 +1398,13 @@ class Libp2pNetwork:
                 if fresh:
                     known = sort_peer_ids_by_distance(key, known + sorted(fresh, key=str))
             nursery.cancel_scope.cancel()  # done before the deadline: no query left to wait for
-        # A peer this host was already connected to that has not answered by the deadline is
-        # slow (a busy machine), not made up: it gets the value too. Without it, a loaded
-        # host's put reached only the peers that answered in 2 s, and a replayed older value
-        # won the rest (a suite run under load). Made-up peers from answers are never
-        # connected, so they cannot take these places.
-        late = {p for p in pending if p in connected}
+        # A peer asked and connected to (before or during the lookup) that has not answered
+        # by the deadline is slow (a busy machine), not made up: it gets the value too.
+        # Without it, a loaded host's put reached only the peers that answered in 2 s, and a
+        # replayed older value won the rest (a suite run under load). A made-up peer named in
+        # an answer completes no handshake, so it cannot take these places.
+        now_connected = set(self._host.get_connected_peers())
+        late = {p for p in pending if p in now_connected}
         return [p for p in known if p in answered or p in late][:DHT_BUCKET_SIZE]
 
     async def _ask_closest(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import traceback
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 
@@ -35,6 +36,33 @@ if HAVE_NETWORK_STACK:
 
 # py-libp2p logs every peer that goes away at ERROR; tests assert on behaviour, not on its logs.
 logging.getLogger("libp2p").setLevel(logging.CRITICAL)
+
+
+def _leaf_exceptions(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in _leaf_exceptions(inner)]
+    return [exc]
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
+    """Name the leaf exceptions of a failure wrapped in exception groups.
+
+    Trio wraps a test's exception in one group per nursery it passes through; a failure
+    inside a few hosts is nested deeper than Python prints (ten levels), so the report
+    ended in "..." and hid the assertion that failed (a test that failed only under load).
+    """
+    outcome = yield
+    report = outcome.get_result()
+    excinfo = call.excinfo
+    if report.failed and excinfo is not None and isinstance(excinfo.value, BaseExceptionGroup):
+        lines = []
+        for leaf in _leaf_exceptions(excinfo.value):
+            lines.append(f"{type(leaf).__name__}: {leaf}")
+            lines.extend(
+                "    " + line.rstrip() for line in traceback.format_tb(leaf.__traceback__)[-4:]
+            )
+        report.sections.append(("leaf exceptions", "\n".join(lines)))
 
 
 def make_record(identity: Identity, *, now: float, **changes: object) -> CapacityRecord:

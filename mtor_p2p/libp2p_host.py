@@ -40,7 +40,7 @@ import json
 import logging
 import math
 import struct
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
@@ -1294,7 +1294,7 @@ class Libp2pNetwork:
             if dht.validator.select(key, [value, held.value]) != 0:
                 raise ValueError("refusing to replace a newer value with an older one")
         dht.value_store.put(key_bytes, value)
-        peers = await self._closest_peers(key_bytes, deadline=DHT_PUT_LOOKUP_S)
+        sent_to: set[ID] = set()
 
         async def store(peer: ID) -> None:
             with trio.move_on_after(DHT_QUERY_TIMEOUT_S):
@@ -1303,13 +1303,30 @@ class Libp2pNetwork:
                 except Exception as exc:  # a peer that fails is one copy fewer
                     log.debug("DHT store at %s failed: %s", peer, exc)
 
-        # Every store at once (at most DHT_BUCKET_SIZE, each to a peer that just answered the
-        # lookup): a put takes at most DHT_PUT_LOOKUP_S + DHT_QUERY_TIMEOUT_S.
+        # Stores go out at once to the closest peers that answered the lookup in time, and to
+        # each peer that answers it later (at most DHT_BUCKET_SIZE stores in all). A put takes
+        # at most DHT_PUT_LOOKUP_S + 2 * DHT_QUERY_TIMEOUT_S: a query asked by the deadline
+        # answers within DHT_QUERY_TIMEOUT_S, and its store takes as long again.
         async with trio.open_nursery() as nursery:
-            for peer in peers:
-                nursery.start_soon(store, peer)
 
-    async def _closest_peers(self, key: bytes, *, deadline: float) -> list[ID]:
+            def send(peer: ID) -> None:
+                if peer not in sent_to and len(sent_to) < DHT_BUCKET_SIZE:
+                    sent_to.add(peer)
+                    nursery.start_soon(store, peer)
+
+            for peer in await self._closest_peers(
+                key_bytes, deadline=DHT_PUT_LOOKUP_S, queries=nursery, answered_late=send
+            ):
+                send(peer)
+
+    async def _closest_peers(
+        self,
+        key: bytes,
+        *,
+        deadline: float,
+        queries: trio.Nursery,
+        answered_late: Callable[[ID], None],
+    ) -> list[ID]:
         """The (at most DHT_BUCKET_SIZE) closest peers to ``key`` that answered an iterative
         lookup: the closest known ones are asked, DHT_GET_PARALLEL at a time (those already
         connected first), until every one of the closest known has answered or failed, or for
@@ -1323,7 +1340,13 @@ class Libp2pNetwork:
         its place among the closest to ask (a review: 20 made-up peers closer than everyone,
         never answering, held every slot to the deadline, and the value went only to the peers
         asked before). An address an answer gives is kept only for a peer the lookup then asks
-        and knows no address of (DHT_ADDRS_TTL_S), so answers cannot fill the peer store."""
+        and knows no address of (DHT_ADDRS_TTL_S), so answers cannot fill the peer store.
+
+        The queries run in ``queries`` and each keeps its own DHT_QUERY_TIMEOUT_S past the
+        deadline: a peer that answers after it is passed to ``answered_late``. A busy machine
+        may take longer than the deadline to dial a peer an answer named (a Noise handshake and
+        identify), and with the value on only the peers answering in time, a replayed older
+        value won at the others (a suite run under load)."""
         me = self._host.get_id()
         connected = set(self._host.get_connected_peers())
         known = [
@@ -1339,6 +1362,8 @@ class Libp2pNetwork:
             DHT_GET_MAX_QUERIES
         )
 
+        lookup_over = False
+
         async def ask(peer: ID) -> None:
             closer: list[ID] | None = None
             with trio.move_on_after(DHT_QUERY_TIMEOUT_S):
@@ -1346,14 +1371,16 @@ class Libp2pNetwork:
                     closer = await self._ask_closest(peer, key, given)
                 except Exception as exc:  # a peer that fails or lies is left out
                     log.debug("DHT lookup at %s failed: %s", peer, exc)
-            answers_in.send_nowait((peer, closer))
+            if not lookup_over:
+                answers_in.send_nowait((peer, closer))
+            elif closer is not None:
+                answered_late(peer)
 
         # Asked, not answered yet -> when. One unanswered for DHT_LOOKUP_SLOW_S frees its
         # slot and its place in the window (it may still answer and be stored at): made-up
         # peers that never answer cannot hold the lookup until its deadline.
         pending: dict[ID, float] = {}
-        async with trio.open_nursery() as nursery:
-            nursery.cancel_scope.deadline = trio.current_time() + deadline
+        with trio.move_on_after(deadline):
             while True:
                 now = trio.current_time()
                 slow = {p for p, asked in pending.items() if now - asked >= DHT_LOOKUP_SLOW_S}
@@ -1374,7 +1401,7 @@ class Libp2pNetwork:
                             self._host.get_peerstore().add_addrs(
                                 peer, given.pop(peer), DHT_ADDRS_TTL_S
                             )
-                        nursery.start_soon(ask, peer)
+                        queries.start_soon(ask, peer)
                 if not pending:
                     break
                 timely = [asked for p, asked in pending.items() if p not in slow]
@@ -1397,15 +1424,16 @@ class Libp2pNetwork:
                 }
                 if fresh:
                     known = sort_peer_ids_by_distance(key, known + sorted(fresh, key=str))
-            nursery.cancel_scope.cancel()  # done before the deadline: no query left to wait for
-        # A peer asked and connected to (before or during the lookup) that has not answered
-        # by the deadline is slow (a busy machine), not made up: it gets the value too.
-        # Without it, a loaded host's put reached only the peers that answered in 2 s, and a
-        # replayed older value won the rest (a suite run under load). A made-up peer named in
-        # an answer completes no handshake, so it cannot take these places.
-        now_connected = set(self._host.get_connected_peers())
-        late = {p for p in pending if p in now_connected}
-        return [p for p in known if p in answered or p in late][:DHT_BUCKET_SIZE]
+        # Answers already in the channel count as in time; any later one is passed on.
+        while True:
+            try:
+                peer, closer = answers_out.receive_nowait()
+            except trio.WouldBlock:
+                break
+            if closer is not None and peer in known:
+                answered.add(peer)
+        lookup_over = True
+        return [p for p in known if p in answered][:DHT_BUCKET_SIZE]
 
     async def _ask_closest(
         self, peer: ID, key: bytes, given: dict[ID, list[multiaddr.Multiaddr]]

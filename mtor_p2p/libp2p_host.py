@@ -190,6 +190,16 @@ class _Service:
 
 
 @dataclass
+class _Lookup:
+    """What a put's lookup (:meth:`Libp2pNetwork._closest_peers`) found by its deadline."""
+
+    #: The peers to store at now, closest first.
+    closest: list[ID]
+    #: The queries still open, by peer: a late answer is passed on unless cancelled.
+    still_asking: dict[ID, trio.CancelScope]
+
+
+@dataclass
 class HostSettings:
     """How to build a host. Defaults suit an ordinary peer on loopback or a LAN."""
 
@@ -1303,21 +1313,29 @@ class Libp2pNetwork:
                 except Exception as exc:  # a peer that fails is one copy fewer
                     log.debug("DHT store at %s failed: %s", peer, exc)
 
-        # Stores go out at once to the closest peers that answered the lookup in time, and to
-        # each peer that answers it later (at most DHT_BUCKET_SIZE stores in all). A put takes
-        # at most DHT_PUT_LOOKUP_S + 2 * DHT_QUERY_TIMEOUT_S: a query asked by the deadline
-        # answers within DHT_QUERY_TIMEOUT_S, and its store takes as long again.
-        async with trio.open_nursery() as nursery:
+        # Stores go out at once to the closest of the peers that answered the lookup in time
+        # or are connected and still to answer, then to each other peer that answers later,
+        # as it answers, while fewer than DHT_BUCKET_SIZE have gone out. A put takes at most
+        # DHT_PUT_LOOKUP_S + 2 * DHT_QUERY_TIMEOUT_S (a query asked by the deadline answers
+        # within DHT_QUERY_TIMEOUT_S, and its store takes as long again), and about
+        # DHT_PUT_LOOKUP_S + one store once every store has gone out.
+        async with trio.open_nursery() as stores, trio.open_nursery() as queries:
 
             def send(peer: ID) -> None:
                 if peer not in sent_to and len(sent_to) < DHT_BUCKET_SIZE:
                     sent_to.add(peer)
-                    nursery.start_soon(store, peer)
+                    stores.start_soon(store, peer)
+                if len(sent_to) >= DHT_BUCKET_SIZE:
+                    queries.cancel_scope.cancel()  # no late answer can add a store
 
-            for peer in await self._closest_peers(
-                key_bytes, deadline=DHT_PUT_LOOKUP_S, queries=nursery, answered_late=send
-            ):
+            lookup = await self._closest_peers(
+                key_bytes, deadline=DHT_PUT_LOOKUP_S, queries=queries, answered_late=send
+            )
+            for peer in lookup.closest:
                 send(peer)
+            for peer, query in list(lookup.still_asking.items()):
+                if peer in sent_to:
+                    query.cancel()  # its answer would add nothing
 
     async def _closest_peers(
         self,
@@ -1326,7 +1344,7 @@ class Libp2pNetwork:
         deadline: float,
         queries: trio.Nursery,
         answered_late: Callable[[ID], None],
-    ) -> list[ID]:
+    ) -> _Lookup:
         """The (at most DHT_BUCKET_SIZE) closest peers to ``key`` that answered an iterative
         lookup: the closest known ones are asked, DHT_GET_PARALLEL at a time (those already
         connected first), until every one of the closest known has answered or failed, or for
@@ -1342,11 +1360,14 @@ class Libp2pNetwork:
         asked before). An address an answer gives is kept only for a peer the lookup then asks
         and knows no address of (DHT_ADDRS_TTL_S), so answers cannot fill the peer store.
 
+        The answer's ``closest`` are the closest that answered or are connected (a completed
+        handshake: slow on a busy machine, not made up) and still to answer at the deadline.
         The queries run in ``queries`` and each keeps its own DHT_QUERY_TIMEOUT_S past the
-        deadline: a peer that answers after it is passed to ``answered_late``. A busy machine
-        may take longer than the deadline to dial a peer an answer named (a Noise handshake and
-        identify), and with the value on only the peers answering in time, a replayed older
-        value won at the others (a suite run under load)."""
+        deadline (``still_asking``, to cancel those no longer needed): a peer that answers
+        after it is passed to ``answered_late``. A busy machine may take longer than the
+        deadline to dial a peer an answer named (TCP, Noise, identify), and with the value only
+        at the peers answering in time, a replayed older value won at the others (a suite run
+        under load)."""
         me = self._host.get_id()
         connected = set(self._host.get_connected_peers())
         known = [
@@ -1363,14 +1384,20 @@ class Libp2pNetwork:
         )
 
         lookup_over = False
+        still_asking: dict[ID, trio.CancelScope] = {}
 
         async def ask(peer: ID) -> None:
             closer: list[ID] | None = None
-            with trio.move_on_after(DHT_QUERY_TIMEOUT_S):
+            with trio.move_on_after(DHT_QUERY_TIMEOUT_S) as query:
+                still_asking[peer] = query
                 try:
                     closer = await self._ask_closest(peer, key, given)
                 except Exception as exc:  # a peer that fails or lies is left out
                     log.debug("DHT lookup at %s failed: %s", peer, exc)
+                finally:
+                    del still_asking[peer]
+            if query.cancelled_caught and lookup_over:
+                return  # timed out, or no longer needed
             if not lookup_over:
                 answers_in.send_nowait((peer, closer))
             elif closer is not None:
@@ -1383,7 +1410,9 @@ class Libp2pNetwork:
         with trio.move_on_after(deadline):
             while True:
                 now = trio.current_time()
-                slow = {p for p, asked in pending.items() if now - asked >= DHT_LOOKUP_SLOW_S}
+                # As the wait below reckons it: now - asked can round below the limit when
+                # now >= asked + limit, and the loop would spin without a checkpoint.
+                slow = {p for p, asked in pending.items() if now >= asked + DHT_LOOKUP_SLOW_S}
                 window = [p for p in known if p not in slow][:DHT_BUCKET_SIZE]
                 # Stable: by distance within each group.
                 for peer in sorted(window, key=lambda p: p not in connected):
@@ -1430,10 +1459,15 @@ class Libp2pNetwork:
                 peer, closer = answers_out.receive_nowait()
             except trio.WouldBlock:
                 break
-            if closer is not None and peer in known:
+            del pending[peer]
+            if closer is not None:
                 answered.add(peer)
+            elif peer in known:
+                known.remove(peer)
         lookup_over = True
-        return [p for p in known if p in answered][:DHT_BUCKET_SIZE]
+        now_connected = set(self._host.get_connected_peers())
+        closest = [p for p in known if p in answered or (p in pending and p in now_connected)]
+        return _Lookup(closest[:DHT_BUCKET_SIZE], still_asking)
 
     async def _ask_closest(
         self, peer: ID, key: bytes, given: dict[ID, list[multiaddr.Multiaddr]]

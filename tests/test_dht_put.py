@@ -507,3 +507,107 @@ async def test_a_peer_whose_dial_outlasts_the_lookups_deadline_still_gets_the_va
         assert trio.current_time() - started >= 1.0
         assert held(hub) == b"v1"
         assert held(far) == b"v1"
+
+
+async def test_a_put_whose_stores_have_all_gone_out_does_not_wait_for_open_queries(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Once a put has sent its DHT_BUCKET_SIZE stores, no query still open can change where
+    the value goes: the put does not wait for them (a review: made-up peers at a tarpit held
+    every put DHT_PUT_LOOKUP_S + DHT_QUERY_TIMEOUT_S). The bucket is 2 here so that 2 hosts
+    fill it, as 20 honest peers answering in time do in a real network."""
+    monkeypatch.setattr(libp2p_host, "DHT_BUCKET_SIZE", 2)
+    async with tarpit() as (port, silent), open_networks(3) as networks:
+        await ready(networks)
+        hub, hostile, putter = networks
+        fakes = [str(ID.from_pubkey(create_new_key_pair().public_key)) for _ in range(20)]
+
+        async def lie(sender: str, payload: bytes) -> bytes:
+            addrs = {fake: [f"/ip4/127.0.0.1/tcp/{port}"] for fake in fakes}
+            return json.dumps({"closer": fakes, "addrs": addrs}).encode()
+
+        hostile._services[DHT_CLOSEST_PROTOCOL].handler = lie
+        await putter.connect(hostile.addrs()[0])
+        with trio.fail_after(10):
+            while putter.routing_table_size() < 2:
+                await trio.sleep(0.05)
+        started = trio.current_time()
+        await putter.dht_put(KEY, b"v1")
+        took = trio.current_time() - started
+        assert silent  # the made-up peers were dialled
+        assert held(hub) == b"v1"
+        assert held(hostile) == b"v1"  # both slots taken by the deadline
+        assert took < libp2p_host.DHT_PUT_LOOKUP_S + 1.0, took
+
+
+async def test_a_late_answer_does_not_take_a_closer_connected_peers_place(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """At the deadline the value goes to the closest of the peers that answered and of those
+    connected and still to answer; only the places left go to later answers as they come. (A
+    review: with first come, first served, hostile Y, farthest, answering just after the
+    deadline took the place of honest S, the closest, connected and busy.)"""
+    monkeypatch.setattr(libp2p_host, "DHT_BUCKET_SIZE", 2)
+    lookup = libp2p_host.DHT_PUT_LOOKUP_S
+    async with open_networks(4) as networks:
+        await ready(networks)
+        *three, putter = networks
+        for i, a in enumerate(three):  # everyone knows everyone
+            for b in [*three[i + 1 :], putter]:
+                await b.connect(a.addrs()[0])
+        key = KEY
+        by_distance = sort_peer_ids_by_distance(
+            key.encode(), [ID.from_base58(n.peer_id) for n in three]
+        )
+        # S closest (honest, busy), hub in between (answers at once), Y farthest (hostile).
+        s, hub, y = sorted(three, key=lambda n: by_distance.index(ID.from_base58(n.peer_id)))
+        with trio.fail_after(10):
+            while any(n.routing_table_size() < 3 for n in networks):
+                await trio.sleep(0.05)
+        started = trio.current_time()
+
+        def answer_at(network, at: float) -> None:  # type: ignore[no-untyped-def]
+            serve = network._services[DHT_CLOSEST_PROTOCOL].handler
+
+            async def late(sender: str, payload: bytes) -> bytes:
+                await trio.sleep_until(started + at)
+                return await serve(sender, payload)
+
+            network._services[DHT_CLOSEST_PROTOCOL].handler = late
+
+        async def name_y(sender: str, payload: bytes) -> bytes:
+            # The hub names Y (its real table's peer; with the bucket of 2 it might not).
+            return json.dumps({"closer": [y.peer_id], "addrs": {y.peer_id: y.addrs()[:1]}}).encode()
+
+        hub._services[DHT_CLOSEST_PROTOCOL].handler = name_y
+        answer_at(y, lookup + 0.2)  # hostile: just past the deadline
+        answer_at(s, lookup + 0.8)  # honest, busy: later, within its query's 3 s
+        stores = {n.peer_id: count_puts(n) for n in three}
+        names = {hub.peer_id: "hub", s.peer_id: "S", y.peer_id: "Y"}
+        await putter.dht_put(key, b"v1")
+        got = sorted(names[p] for p, senders in stores.items() if senders)
+        assert held(hub, key) == b"v1"
+        assert "S" in got, f"stored at {got}: S (closest) left out, Y (farthest) in"
+
+
+async def test_a_connected_peer_slower_than_its_query_still_gets_the_value() -> None:
+    """A connected peer (its handshake done: busy, not made up) still to answer at the
+    deadline gets the value then, however late its answer would come."""
+    async with open_networks(3, lanes="eager") as networks:
+        await ready(networks)
+        slow, other, putter = networks
+        await putter.connect(slow.addrs()[0])
+        await putter.connect(other.addrs()[0])
+        with trio.fail_after(10):
+            while putter.routing_table_size() < 2:
+                await trio.sleep(0.05)
+        serve = slow._services[DHT_CLOSEST_PROTOCOL].handler
+
+        async def later(sender: str, payload: bytes) -> bytes:
+            await trio.sleep(libp2p_host.DHT_QUERY_TIMEOUT_S + 0.5)
+            return await serve(sender, payload)
+
+        slow._services[DHT_CLOSEST_PROTOCOL].handler = later
+        await putter.dht_put(KEY, b"v1")
+        assert held(other) == b"v1"
+        assert held(slow) == b"v1"

@@ -287,6 +287,26 @@ async def test_a_refusal_on_a_lane_is_a_refusal_not_a_missing_protocol() -> None
         assert holder.peer_id not in putter._no_mtor_put
 
 
+async def put_past_made_up_peers(
+    hostile: Libp2pNetwork, putter: Libp2pNetwork, fakes: list[str], port: int
+) -> float:
+    """``putter`` (connected to the hub) connects to ``hostile``, whose lookup answers name
+    ``fakes`` at the tarpit's ``port``, and puts KEY: how long the put took."""
+
+    async def lie(sender: str, payload: bytes) -> bytes:
+        addrs = {fake: [f"/ip4/127.0.0.1/tcp/{port}"] for fake in fakes}
+        return json.dumps({"closer": fakes, "addrs": addrs}).encode()
+
+    hostile._services[DHT_CLOSEST_PROTOCOL].handler = lie
+    await putter.connect(hostile.addrs()[0])
+    with trio.fail_after(10):
+        while putter.routing_table_size() < 2:
+            await trio.sleep(0.05)
+    started = trio.current_time()
+    await putter.dht_put(KEY, b"v1")
+    return trio.current_time() - started
+
+
 async def test_dead_peers_named_in_a_lookup_answer_delay_a_put_by_its_deadline_only() -> None:
     """A hostile peer answers the lookup with 20 made-up "closer" peers whose address accepts
     TCP and never speaks. Before the lookup had a deadline, the put waited 3 s for each of
@@ -298,19 +318,7 @@ async def test_dead_peers_named_in_a_lookup_answer_delay_a_put_by_its_deadline_o
         await ready(networks)
         hub, hostile, putter = networks
         fakes = [str(ID.from_pubkey(create_new_key_pair().public_key)) for _ in range(20)]
-
-        async def lie(sender: str, payload: bytes) -> bytes:
-            addrs = {fake: [f"/ip4/127.0.0.1/tcp/{port}"] for fake in fakes}
-            return json.dumps({"closer": fakes, "addrs": addrs}).encode()
-
-        hostile._services[DHT_CLOSEST_PROTOCOL].handler = lie
-        await putter.connect(hostile.addrs()[0])
-        with trio.fail_after(10):
-            while putter.routing_table_size() < 2:
-                await trio.sleep(0.05)
-        started = trio.current_time()
-        await putter.dht_put(KEY, b"v1")
-        took = trio.current_time() - started
+        took = await put_past_made_up_peers(hostile, putter, fakes, port)
         assert silent  # the made-up peers were dialled
         assert held(hub) == b"v1"
         assert took < DHT_PUT_LOOKUP_S + 2 * DHT_QUERY_TIMEOUT_S  # 15 s before the deadline
@@ -528,19 +536,7 @@ async def test_a_put_whose_stores_have_all_gone_out_does_not_wait_for_open_queri
             fake = ID.from_pubkey(create_new_key_pair().public_key)
             if sort_peer_ids_by_distance(KEY.encode(), [*real, fake])[0] == fake:
                 fakes.append(str(fake))
-
-        async def lie(sender: str, payload: bytes) -> bytes:
-            addrs = {fake: [f"/ip4/127.0.0.1/tcp/{port}"] for fake in fakes}
-            return json.dumps({"closer": fakes, "addrs": addrs}).encode()
-
-        hostile._services[DHT_CLOSEST_PROTOCOL].handler = lie
-        await putter.connect(hostile.addrs()[0])
-        with trio.fail_after(10):
-            while putter.routing_table_size() < 2:
-                await trio.sleep(0.05)
-        started = trio.current_time()
-        await putter.dht_put(KEY, b"v1")
-        took = trio.current_time() - started
+        took = await put_past_made_up_peers(hostile, putter, fakes, port)
         assert silent  # the made-up peers were dialled
         assert held(hub) == b"v1"
         assert held(hostile) == b"v1"  # both slots taken by the deadline

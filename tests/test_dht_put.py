@@ -539,12 +539,8 @@ async def test_a_put_whose_stores_have_all_gone_out_does_not_wait_for_open_queri
     async with tarpit() as (port, silent), open_networks(3) as networks:
         await ready(networks)
         hub, hostile, putter = networks
-        real = [ID.from_base58(hub.peer_id), ID.from_base58(hostile.peer_id)]
-        fakes: list[str] = []
-        while len(fakes) < 20:  # closer to the key than both real peers: asked before them
-            fake = ID.from_pubkey(create_new_key_pair().public_key)
-            if sort_peer_ids_by_distance(KEY.encode(), [*real, fake])[0] == fake:
-                fakes.append(str(fake))
+        # Closer to the key than both real peers: asked once their answers name them.
+        fakes = fakes_closer_than(KEY.encode(), [hub.peer_id, hostile.peer_id])
         took = await put_past_made_up_peers(hostile, putter, fakes, port)
         assert silent  # the made-up peers were dialled
         assert held(hub) == b"v1"
@@ -567,9 +563,8 @@ async def test_a_late_answer_does_not_take_a_closer_connected_peers_place(
         for i, a in enumerate(three):  # everyone knows everyone
             for b in [*three[i + 1 :], putter]:
                 await b.connect(a.addrs()[0])
-        key = KEY
         by_distance = sort_peer_ids_by_distance(
-            key.encode(), [ID.from_base58(n.peer_id) for n in three]
+            KEY.encode(), [ID.from_base58(n.peer_id) for n in three]
         )
         # S closest (honest, busy), hub in between (answers at once), Y farthest (hostile).
         s, hub, y = sorted(three, key=lambda n: by_distance.index(ID.from_base58(n.peer_id)))
@@ -596,7 +591,7 @@ async def test_a_late_answer_does_not_take_a_closer_connected_peers_place(
         answer_at(s, lookup + 0.8)  # honest, busy: later, within its query's 3 s
         stores = {n.peer_id: count_puts(n) for n in three}
         names = {hub.peer_id: "hub", s.peer_id: "S", y.peer_id: "Y"}
-        await putter.dht_put(key, b"v1")
+        await putter.dht_put(KEY, b"v1")
         got = sorted(names[p] for p, senders in stores.items() if senders)
-        assert held(hub, key) == b"v1"
+        assert held(hub) == b"v1"
         assert "S" in got, f"stored at {got}: S (closest) left out, Y (farthest) in"

@@ -8,6 +8,10 @@
   ``/mtor/ledger/sync/1`` (two real py-libp2p hosts on loopback, one process), verified and
   stored. Baselines: the same bytes through a plain trio TCP stream on loopback, and local
   ingest of the same entries without any network.
+* **Late entries**: one receipt entered and the balances read after it, with 1,000 and
+  20,000 receipts held, when the receipt sorts a few entries before the newest (as receipts of
+  several workers arrive) against one that sorts after every entry (the baseline: the walk
+  goes on in place). Medians of 100 of each, alternating.
 * **Checkpoint**: verification of one aggregate BLS signature by 100 signers with py-ecc and
   with blspy (from ``benchmarks.bench_bls``).
 
@@ -20,6 +24,7 @@ import argparse
 import json
 import os
 import sqlite3
+import statistics
 import sys
 import tempfile
 import time
@@ -91,6 +96,40 @@ def measure_ingest(wires: list[bytes], root: Path) -> dict[str, Any]:
         "baseline_store_only_per_s": round(n / store_only),
         "serial_verify_seconds_over_ingest_seconds": round(verify_only / full, 2),
     }
+
+
+def measure_late_entries(held_counts: tuple[int, ...], root: Path) -> dict[str, Any]:
+    """Entering one receipt and reading the balances after it: a receipt that sorts a few
+    entries before the newest (late), against one that sorts after every entry (in order)."""
+    gen = genesis([10**6, 10**6, 0, 0])
+    start = 1_800_000_000.0
+    out: dict[str, Any] = {}
+    for held in held_counts:
+        ledger = Ledger(root / f"late-{held}.sqlite", gen)
+        history = [
+            receipt(PEERS[0], PEERS[2], price=0.001, flops=10**9, ended=start + i)
+            for i in range(held)
+        ]
+        for i in range(0, held, 500):
+            ledger.ingest(history[i : i + 500])
+        ledger.state()
+        timings: dict[str, list[float]] = {"in_order": [], "late": []}
+        tail = start + held
+        for j in range(100):
+            for kind, ended in (("in_order", tail + j), ("late", tail + j - 3.5)):
+                wire = receipt(PEERS[0], PEERS[3], price=0.001, flops=10**9, ended=ended)
+                began = time.perf_counter()
+                ledger.ingest([wire])
+                ledger.state().spendable(PEERS[0].peer_id)
+                timings[kind].append(time.perf_counter() - began)
+        ledger.close()
+        late, in_order = (statistics.median(timings[k]) * 1e3 for k in ("late", "in_order"))
+        out[str(held)] = {
+            "late_entry_and_read_ms": round(late, 3),
+            "baseline_in_order_entry_and_read_ms": round(in_order, 3),
+            "ratio": round(late / in_order, 2),
+        }
+    return out
 
 
 async def _raw_tcp_copy(payload: bytes) -> float:
@@ -177,6 +216,8 @@ def main(argv: list[str]) -> int:
         wires = make_receipts(max(args.receipts, args.ingest))
         _progress("ingest...                     ")
         report["ingest"] = measure_ingest(wires[: args.ingest], root)
+        _progress("late entries...               ")
+        report["late_entries"] = measure_late_entries((1_000, 20_000), root)
         _progress(f"sync of {args.receipts} receipts...")
         report["sync"] = trio.run(measure_sync, wires[: args.receipts], root)
     _progress(f"checkpoint verify, {args.signers} signers (py-ecc takes a minute)...")
@@ -197,6 +238,11 @@ def main(argv: list[str]) -> int:
         f" (local ingest {sync['baseline_local_ingest_s']} s, raw TCP copy "
         f"{sync['baseline_raw_tcp_copy_s']} s)"
     )
+    for held, late in report["late_entries"].items():
+        print(
+            f"late    entry + read with {held} held: {late['late_entry_and_read_ms']} ms (in order "
+            f"{late['baseline_in_order_entry_and_read_ms']} ms, {late['ratio']}x)"
+        )
     print(json.dumps(report["checkpoint"].get("backends", report["checkpoint"]))[:400])
     print(f"written to {args.json}")
     return 0

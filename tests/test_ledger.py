@@ -6,6 +6,7 @@ import os
 import random
 import tempfile
 from pathlib import Path
+from unittest.mock import patch
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -404,6 +405,84 @@ def test_any_order_of_arrival_gives_the_same_balances_and_conserves_supply(
         assert second.verify()["ok"]
         first.close()
         second.close()
+
+
+@settings(
+    max_examples=int(os.environ.get("MTOR_PROPERTY_EXAMPLES", "60")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(
+    allocations=st.lists(st.integers(0, 500), min_size=4, max_size=4),
+    actions=st.lists(_action, min_size=1, max_size=30),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_refolds_from_marks_give_what_a_fold_from_scratch_gives_at_every_read(
+    allocations, actions, seed
+):
+    """The walk is marked every few events, and an entry arriving out of order refolds from
+    the last mark before it: with marks every 2 events (3 kept), every read after every
+    batch, in any order of arrival, equals a fold from scratch of what has arrived."""
+    from mtor_p2p.ledger import store
+    from mtor_p2p.ledger.store import _event
+
+    gen = genesis(allocations)
+    wires = _build(gen, actions)
+    random.Random(seed).shuffle(wires)
+    rng = random.Random(seed + 1)
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        patch.object(store, "MARK_EVERY", 2),
+        patch.object(store, "MAX_MARKS", 3),
+    ):
+        ledger = Ledger(Path(tmp) / "a.sqlite", gen)
+        arrived: list[bytes] = []
+        position = 0
+        while position < len(wires):
+            batch = wires[position : position + rng.randint(1, 3)]
+            position += len(batch)
+            ledger.ingest(batch)
+            arrived += batch
+            if rng.random() < 0.1:
+                ledger.set_horizon(T0 + rng.randint(0, 100))
+            events = [_event(decode_entry(w, gen.hash)) for w in arrived]
+            scratch = fold(gen, events)
+            state = ledger.state()
+            assert state.balances == scratch.balances
+            assert state.stakes == scratch.stakes
+            assert state.burned == scratch.burned
+            assert sorted(state.ineffective) == sorted(scratch.ineffective)
+        ledger.close()
+
+
+def test_an_entry_a_little_out_of_order_refolds_from_a_recent_mark_not_the_snapshot(tmp_path):
+    """Receipts of several workers arrive a little out of order all the time: one such
+    entry, with thousands held, walks about MARK_EVERY events again, not every entry since
+    the horizon's snapshot (10 minutes: every entry here)."""
+    from mtor_p2p.ledger import state as state_module
+    from mtor_p2p.ledger.store import MARK_EVERY, _event
+
+    gen = genesis([10**6, 10**6, 0, 0])
+    ledger = open_ledger(tmp_path, gen)
+    held = 20 * MARK_EVERY
+    wires = [receipt(A, C, price=0.001, flops=10**9, ended=T0 + i) for i in range(held)]
+    ledger.ingest(wires)
+    assert ledger.state().receipts == held
+    walked = 0
+    real_walk = state_module.LedgerState.walk
+
+    def counting_walk(self, event, checkpoints):
+        nonlocal walked
+        walked += 1
+        return real_walk(self, event, checkpoints)
+
+    late = [*wires, receipt(A, D, price=0.001, flops=10**9, ended=T0 + held - 3.5)]
+    with patch.object(state_module.LedgerState, "walk", counting_walk):
+        ledger.ingest(late[-1:])
+        after = ledger.state()
+    assert after.receipts == held + 1
+    assert walked <= MARK_EVERY + 4, walked
+    assert after.balances == fold(gen, [_event(decode_entry(w, gen.hash)) for w in late]).balances
 
 
 # -- hostile entries (found in review) --------------------------------------------------------

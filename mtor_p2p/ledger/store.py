@@ -48,6 +48,15 @@ MAX_VOTES_PER_EPOCH = 3
 MAX_PARKED = 4096
 _NOT_STAKED = "signed by a peer that has not staked"
 _FOLD_KINDS = ("receipt", "transfer", "stake", "fault")
+#: The walk is copied every this many events (a *mark*), and the newest MAX_MARKS marks are
+#: kept, so that an entry arriving out of order refolds from the last mark before it rather
+#: than from the horizon's snapshot. Receipts of several workers arrive a little out of order
+#: all the time, and a refold from a snapshot 10 minutes old walks every entry since: 63 ms
+#: per late entry (and read) with 20,000 entries held, against 0.4-0.7 ms with marks, on the
+#: project's VM. 32 x 64 events cover about 14 s of a requester paying 150 shards/s; an entry
+#: later than that refolds from the snapshot, as before.
+MARK_EVERY = 64
+MAX_MARKS = 32
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -193,6 +202,10 @@ class Ledger:
         self._base: LedgerState | None = None
         self._finished: LedgerState | None = None
         self._horizon: float | None = None
+        #: Copies of the walk (oldest first), each of every stored entry up to its ``last``
+        #: (see MARK_EVERY); an entry sorting before a mark's ``last`` drops that mark.
+        self._marks: list[LedgerState] = []
+        self._unmarked = 0  # events walked since the newest mark
         self._checkpoints: dict[int, list[CheckpointLeaves]] = {}
         self._parked: dict[str, bytes] = {}  # entry ID -> wire, oldest first
         for (wire,) in self._db.execute("SELECT wire FROM entries WHERE kind = 'checkpoint'"):
@@ -265,6 +278,7 @@ class Ledger:
                     # It may finalise an epoch already walked: walk everything again.
                     self._remember_checkpoint(entry)
                     self._state = self._base = self._finished = None
+                    self._marks.clear()
             result.new = len(result.new_entries)
             self._advance(result.new_entries)
             retry = self._unpark() if any(e.kind == "stake" for e in result.new_entries) else []
@@ -409,10 +423,15 @@ class Ledger:
             event = _event(entry)
             if self._base is not None and not self._base.follows(event):
                 self._base = None  # older than the snapshot: the next read refolds it all
+            while self._marks and not self._marks[-1].follows(event):
+                self._marks.pop()  # it lacks this entry
             if self._state is not None and self._state.follows(event):
                 self._state.walk(event, self._checkpoints)
+                self._walked_one(self._state)
             else:
-                self._state = None  # out of order: walk again from the snapshot on next read
+                # Out of order: the next read walks again from the last mark before it (or
+                # from the snapshot).
+                self._state = None
             self._finished = None
 
     def set_horizon(self, at: float) -> None:
@@ -430,11 +449,24 @@ class Ledger:
             if self._base is not None:
                 self._base = self._fold_from(self._base.copy(), until=at)
 
-    def _fold_from(self, state: LedgerState, *, until: float | None = None) -> LedgerState:
-        """Apply to ``state`` the stored events after ``state.last`` (up to time ``until``)."""
+    def _walked_one(self, walk: LedgerState) -> None:
+        """Note one more event walked into ``walk`` (the live walk): mark it when due."""
+        self._unmarked += 1
+        if self._unmarked >= MARK_EVERY:
+            self._marks.append(walk.copy())
+            del self._marks[:-MAX_MARKS]
+            self._unmarked = 0
+
+    def _fold_from(
+        self, state: LedgerState, *, until: float | None = None, marking: bool = False
+    ) -> LedgerState:
+        """Apply to ``state`` the stored events after ``state.last`` (up to time ``until``);
+        ``marking``: ``state`` is to be the live walk, marked as it goes."""
+        # "+kind": the kind index must not be used here (SQLite prefers it, then reads every
+        # balance-moving entry and sorts them); the order index finds where ``last`` ends.
         sql = (
             "SELECT at, rank, id, kind, payer, payee, amount, claim FROM entries "
-            "WHERE kind IN ('receipt', 'transfer', 'stake', 'fault')"
+            "WHERE +kind IN ('receipt', 'transfer', 'stake', 'fault')"
         )
         params: list[object] = []
         if state.last is not None:
@@ -445,6 +477,8 @@ class Ledger:
             params.append(until)
         for row in self._db.execute(sql + " ORDER BY at, rank, id", params):
             state.walk(Event(*row), self._checkpoints)
+            if marking:
+                self._walked_one(state)
         return state
 
     def set_cursor(self, peer: str, instance: str, seq: int) -> None:
@@ -497,7 +531,11 @@ class Ledger:
     def _refold(self) -> LedgerState:
         if self._base is None:
             self._base = self._fold_from(LedgerState(self.genesis), until=self._horizon or -1.0)
-        return self._fold_from(self._base.copy())
+        start = self._base
+        if self._marks and (start.last is None or self._marks[-1].last > start.last):
+            start = self._marks[-1]
+        self._unmarked = 0
+        return self._fold_from(start.copy(), marking=True)
 
     def account(self, peer: str) -> dict[str, int]:
         """A peer's balance, stake and slashed total (nano-credits)."""

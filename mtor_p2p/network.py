@@ -268,6 +268,13 @@ class Network(Protocol):
         """Peer IDs that announced they provide ``key``."""
 
 
+#: The longest :meth:`Network.dht_put` takes in any adapter, with a second to spare
+#: (py-libp2p's: 2 s for its lookup, 3 s more for a query asked by then, 3 s for that peer's
+#: store). A caller that bounds a put gives it at least this: cut off sooner, a put whose late
+#: stores are still going out counts as failed.
+DHT_PUT_MAX_S = 9.0
+
+
 #: A request and its response both at most this many bytes count as a small exchange, whose
 #: time is mostly the round trip (a DHT get, an operand query, a countersign), not transfer.
 SMALL_EXCHANGE_BYTES = 4096

@@ -41,7 +41,7 @@ from mtor_p2p.capacity.record import (
 from mtor_p2p.capacity.view import CapacityView
 from mtor_p2p.clock import NetClock
 from mtor_p2p.identity import Identity
-from mtor_p2p.network import Message, Network, NetworkError
+from mtor_p2p.network import DHT_PUT_MAX_S, Message, Network, NetworkError
 from mtor_p2p.wire import RecordError
 
 log = logging.getLogger(__name__)
@@ -227,7 +227,9 @@ class CapacityService:
             return record
         stored = False
         try:
-            with trio.move_on_after(self.timing.ttl / 4):
+            # A quarter of the copy's life, and never less than a put may take (a put cut
+            # off while its late stores go out would count as failed and be made again).
+            with trio.move_on_after(max(self.timing.ttl / 4, DHT_PUT_MAX_S)):
                 await self._network.dht_put(capacity_key(record.peer_id), raw)
                 stored = True
         except NetworkError as exc:

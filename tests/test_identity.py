@@ -13,6 +13,7 @@ from mtor_p2p.identity import (
     KEY_FILE_NAME,
     Identity,
     IdentityError,
+    ed25519_verify,
     load_or_create_identity,
     peer_id_from_public_key,
     public_key_from_peer_id,
@@ -73,24 +74,59 @@ def test_our_own_signatures_are_not_checked_again(monkeypatch):
     """A record we signed comes back to us (stored, ingested, gossiped back): its check is
     answered from memory; another key's signature is still checked, and a changed message
     still fails."""
-    from cryptography.hazmat.primitives.asymmetric import ed25519
-
     import mtor_p2p.identity as identity_module
 
     ours, theirs = Identity.generate(), Identity.generate()
     their_signature = theirs.sign(b"their record")
     signature = ours.sign(b"our record")
     checks = []
-    real = ed25519.Ed25519PublicKey.from_public_bytes
+    real = identity_module.ed25519_verify
 
-    def counted(data):
-        checks.append(data)
-        return real(data)
+    def counted(public_key, signature, message):
+        checks.append(public_key)
+        return real(public_key, signature, message)
 
-    monkeypatch.setattr(identity_module.Ed25519PublicKey, "from_public_bytes", counted)
+    monkeypatch.setattr(identity_module, "ed25519_verify", counted)
     identity_module._VERIFIED.clear()
     assert verify_signature(ours.public_key, ours.sign(b"our record"), b"our record")
     assert checks == []
     assert verify_signature(theirs.public_key, their_signature, b"their record")
     assert not verify_signature(ours.public_key, signature, b"our record, changed")
     assert checks == [theirs.public_key, ours.public_key]
+
+
+def test_signatures_are_those_of_rfc_8032_and_of_libp2p():
+    """Ed25519 signatures are deterministic: libsodium's here, OpenSSL's and libp2p's agree
+    byte for byte, and each verifies the others'."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    identity = Identity(bytes(range(32)))
+    openssl = Ed25519PrivateKey.from_private_bytes(identity.seed)
+    libp2p_key = create_new_key_pair(identity.seed).private_key
+    for message in (b"", b"a receipt", os.urandom(1000)):
+        signature = identity.sign(message)
+        assert signature == openssl.sign(message) == libp2p_key.sign(message)
+        openssl.public_key().verify(signature, message)
+        assert ed25519_verify(identity.public_key, signature, message)
+
+
+def test_a_short_signature_cannot_borrow_the_messages_bytes():
+    """libsodium checks signature || message: a 63-byte "signature" whose message starts with
+    the missing byte would make the same bytes as a valid pair, and is refused."""
+    identity = Identity.generate()
+    signature = identity.sign(b"pay 1 credit")
+    assert ed25519_verify(identity.public_key, signature, b"pay 1 credit")
+    assert not ed25519_verify(identity.public_key, signature[:63], signature[63:] + b"pay 1 credit")
+    assert not ed25519_verify(identity.public_key, signature + b"p", b"ay 1 credit")
+    assert not ed25519_verify(identity.public_key[:31], identity.public_key[31:] + signature, b"")
+
+
+def test_a_key_anyone_can_sign_for_is_refused():
+    """The neutral point as a public key, with R the neutral point and S = 0, satisfies
+    Ed25519's equation for every message: anyone could sign as such a "peer". libsodium
+    refuses small-order keys (OpenSSL's check accepts this one)."""
+    neutral = bytes([1]) + bytes(31)
+    forged = neutral + bytes(32)
+    for message in (b"", b"pay me everything"):
+        assert not ed25519_verify(neutral, forged, message)
+        assert not verify_signature(neutral, forged, message)

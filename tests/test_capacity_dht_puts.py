@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import pytest
 import trio
 import trio.testing
 
@@ -158,6 +159,36 @@ async def test_a_put_as_slow_as_a_put_may_be_is_not_cut_off_by_a_short_ttl(
         assert [round(t - started) for t in tries] == [14]
         assert service._stored is service._own
         await keeps_a_live_copy(other, service, 10)
+
+
+@pytest.mark.parametrize("ttl, interval", [(8.0, 3.0), (20.0, 2.0), (30.0, 10.0)])
+async def test_a_put_held_open_never_lets_the_gossiped_record_lapse(
+    autojump_clock: trio.testing.MockClock, monkeypatch: Any, ttl: float, interval: float
+) -> None:
+    """A hostile DHT peer holds every put open. The next renewal waits for the put, so the
+    put is given at most half a record's life: renewals still come before each record lapses
+    (a review found records of an 8 s TTL lapsing once puts were given DHT_PUT_MAX_S)."""
+    offer = {"load": 0.0, "price": 1.0}
+    timing = CapacityTiming(ttl=ttl, announce_interval=interval)
+    async with one_peer_and_a_listener(offer, timing) as (_world, service, _other, _heard):
+        network = service._network
+        published: list[tuple[float, float]] = []
+        real_publish = network.publish
+
+        async def publish(topic: str, raw: bytes) -> None:
+            own = service._own
+            published.append((trio.current_time(), own.expires - own.issued))
+            await real_publish(topic, raw)
+
+        async def held_open(key: str, value: bytes) -> None:
+            await trio.sleep(3600.0)
+
+        monkeypatch.setattr(network, "publish", publish)
+        monkeypatch.setattr(network, "dht_put", held_open)
+        await trio.sleep(120.0)
+        assert len(published) >= 120 / (interval + service.record_ttl() / 2)
+        for (sent, life), (following, _) in itertools.pairwise(published):
+            assert following - sent < life
 
 
 async def test_the_copy_is_renewed_at_half_its_life_when_the_interval_outgrows_it(

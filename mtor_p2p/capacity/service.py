@@ -227,9 +227,13 @@ class CapacityService:
             return record
         stored = False
         try:
-            # A quarter of the copy's life, and never less than a put may take (a put cut
-            # off while its late stores go out would count as failed and be made again).
-            with trio.move_on_after(max(self.timing.ttl / 4, DHT_PUT_MAX_S)):
+            # A quarter of the copy's life, and not less than a put may take (a put cut off
+            # while its late stores go out would count as failed and be made again), but at
+            # most half the life of the record it stores: the next renewal (gossip included)
+            # waits for this put, and must come before the record lapses (an interval plus
+            # half a life is under a life, which is at least 2.5 intervals).
+            budget = min(max(self.timing.ttl / 4, DHT_PUT_MAX_S), self.record_ttl() / 2)
+            with trio.move_on_after(budget):
                 await self._network.dht_put(capacity_key(record.peer_id), raw)
                 stored = True
         except NetworkError as exc:

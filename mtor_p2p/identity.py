@@ -89,8 +89,18 @@ def _remember(key: bytes, ok: bool) -> None:
             _VERIFIED.popitem(last=False)
 
 
+_BYTES_LIKE = (bytes, bytearray, memoryview)
+
+
 def verify_signature(public_key: bytes, signature: bytes, message: bytes) -> bool:
     """Check an Ed25519 signature; any malformed input is simply a failed check."""
+    if not all(isinstance(part, _BYTES_LIKE) for part in (public_key, signature, message)):
+        return False
+    # As bytes before anything else: the remembered outcome of some bytes must not depend
+    # on the type they came in (a review cached a bytearray's refusal for its bytes).
+    public_key, signature, message = bytes(public_key), bytes(signature), bytes(message)
+    if len(public_key) != PUBLIC_KEY_SIZE or len(signature) != SIGNATURE_SIZE:
+        return False
     key = _check_key(public_key, signature, message)
     with _verified_lock:
         known = _VERIFIED.get(key)

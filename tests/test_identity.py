@@ -130,3 +130,19 @@ def test_a_key_anyone_can_sign_for_is_refused():
     for message in (b"", b"pay me everything"):
         assert not ed25519_verify(neutral, forged, message)
         assert not verify_signature(neutral, forged, message)
+
+
+def test_the_type_bytes_come_in_changes_no_outcome():
+    """A signature's outcome is remembered by its bytes: handed first as a bytearray (or a
+    memoryview), then as bytes, it verifies both times; anything else is a failed check."""
+    import mtor_p2p.identity as identity_module
+
+    identity = Identity.generate()
+    message = b"a record from elsewhere"
+    signature = Identity(identity.seed).sign(message)
+    identity_module._VERIFIED.clear()
+    assert verify_signature(identity.public_key, bytearray(signature), memoryview(message))
+    assert verify_signature(identity.public_key, signature, message)
+    for wrong in (None, "text", 5, signature[:63], signature + b"x"):
+        assert not verify_signature(identity.public_key, wrong, message)
+    assert not verify_signature(identity.public_key.hex(), signature, message)

@@ -486,6 +486,33 @@ def test_an_entry_a_little_out_of_order_refolds_from_a_recent_mark_not_the_snaps
     assert after.balances == fold(gen, [_event(decode_entry(w, gen.hash)) for w in late]).balances
 
 
+def test_marks_grow_apart_and_fewer_as_the_state_grows(tmp_path):
+    """A mark copies the whole state, which anyone can grow (peers, entries without effect):
+    with 10,000 peers in the state, marks come at least one per 32 of its items apart, and
+    no more are kept than the budget of items allows (2 at least)."""
+    from mtor_p2p.ledger import store
+
+    gen = genesis([10**6, 10**6, 0, 0])
+    ledger = open_ledger(tmp_path, gen)
+    ledger.ingest([receipt(A, C, price=0.001, flops=10**9, ended=T0 + i) for i in range(100)])
+    ledger.state()
+    walk = ledger._state
+    assert walk is not None and len(ledger._marks) == 1  # 100 events walked, a mark at 64
+    for i in range(10_000):  # as if the ledger had heard of 10,000 peers
+        walk.balances[f"peer-{i}"] = 1
+    size = walk.size()
+    with patch.object(store, "MARK_BUDGET_ITEMS", 3 * size):
+        more = [receipt(A, C, price=0.001, flops=10**9, ended=T0 + 100 + i) for i in range(2000)]
+        ledger.ingest(more)
+    spacing = size // store.MARK_COPY_SHARE
+    assert ledger._mark_spacing >= spacing
+    # 2,000 events make 6 marks at that spacing; the budget holds 3 of them.
+    assert len(ledger._marks) == 3
+    assert [m.receipts for m in ledger._marks] == sorted(m.receipts for m in ledger._marks)
+    assert ledger._marks[-1].receipts - ledger._marks[-2].receipts >= spacing
+    assert ledger.state().receipts == 2100
+
+
 # -- hostile entries (found in review) --------------------------------------------------------
 
 

@@ -162,6 +162,19 @@ class LedgerState:
         """The sum of every peer's :meth:`weight`."""
         return sum(self.weight(peer) for peer in self.stakes)
 
+    def size(self) -> int:
+        """How many items :meth:`copy` duplicates (what a copy costs, in time and memory)."""
+        return (
+            len(self.balances)
+            + len(self.stakes)
+            + len(self.slashed)
+            + len(self.rewards)
+            + len(self.slashed_claims)
+            + len(self.ineffective)
+            + len(self.pending)
+            + len(self.final_epochs)
+        )
+
     def copy(self) -> LedgerState:
         """An independent copy (the ledger keeps one as a snapshot)."""
         return LedgerState(

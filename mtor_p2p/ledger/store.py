@@ -55,8 +55,16 @@ _FOLD_KINDS = ("receipt", "transfer", "stake", "fault")
 #: per late entry (and read) with 20,000 entries held, against 0.4-0.7 ms with marks, on the
 #: project's VM. 32 x 64 events cover about 14 s of a requester paying 150 shards/s; an entry
 #: later than that refolds from the snapshot, as before.
+#:
+#: A mark is a full copy of the state, which grows with the peers and the entries without
+#: effect that the ledger holds, and anyone can add to those. So marks are spaced at least
+#: one event per MARK_COPY_SHARE items of state (copying costs each event walked at most
+#: that share of an item's copy), and kept only while all of them together hold at most
+#: MARK_BUDGET_ITEMS items (about 40 MB), 2 at least.
 MARK_EVERY = 64
 MAX_MARKS = 32
+MARK_COPY_SHARE = 32
+MARK_BUDGET_ITEMS = 1_000_000
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -206,6 +214,8 @@ class Ledger:
         #: (see MARK_EVERY); an entry sorting before a mark's ``last`` drops that mark.
         self._marks: list[LedgerState] = []
         self._unmarked = 0  # events walked since the newest mark
+        self._mark_spacing = MARK_EVERY  # events between marks (see MARK_COPY_SHARE)
+        self._max_marks = MAX_MARKS  # marks kept (see MARK_BUDGET_ITEMS)
         self._checkpoints: dict[int, list[CheckpointLeaves]] = {}
         self._parked: dict[str, bytes] = {}  # entry ID -> wire, oldest first
         for (wire,) in self._db.execute("SELECT wire FROM entries WHERE kind = 'checkpoint'"):
@@ -452,10 +462,13 @@ class Ledger:
     def _walked_one(self, walk: LedgerState) -> None:
         """Note one more event walked into ``walk`` (the live walk): mark it when due."""
         self._unmarked += 1
-        if self._unmarked >= MARK_EVERY:
-            self._marks.append(walk.copy())
-            del self._marks[:-MAX_MARKS]
+        if self._unmarked >= self._mark_spacing:
             self._unmarked = 0
+            size = walk.size()
+            self._mark_spacing = max(MARK_EVERY, size // MARK_COPY_SHARE)
+            self._max_marks = max(2, min(MAX_MARKS, MARK_BUDGET_ITEMS // max(1, size)))
+            self._marks.append(walk.copy())
+            del self._marks[: -self._max_marks]
 
     def _fold_from(
         self, state: LedgerState, *, until: float | None = None, marking: bool = False
@@ -475,9 +488,19 @@ class Ledger:
         if until is not None:
             sql += " AND at <= ?"
             params.append(until)
+        # Marks only where they can be kept: among the newest events of a long refold.
+        unmarked = 0
+        if marking:
+            count_sql = "SELECT COUNT(*) FROM entries" + sql[sql.index(" WHERE") :]
+            (total,) = self._db.execute(count_sql, params).fetchone()
+            unmarked = max(0, total - self._max_marks * self._mark_spacing)
         for row in self._db.execute(sql + " ORDER BY at, rank, id", params):
             state.walk(Event(*row), self._checkpoints)
-            if marking:
+            if not marking:
+                continue
+            if unmarked:
+                unmarked -= 1
+            else:
                 self._walked_one(state)
         return state
 

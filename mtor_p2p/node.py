@@ -76,6 +76,13 @@ TUNNEL_IDLE_SECONDS = 60.0
 TARGET_CONNECTIONS = 8
 
 
+def _leaf_errors(error: BaseException) -> list[BaseException]:
+    """The exceptions inside ``error``'s groups (``error`` itself if it is none)."""
+    if isinstance(error, BaseExceptionGroup):
+        return [leaf for inner in error.exceptions for leaf in _leaf_errors(inner)]
+    return [error]
+
+
 @dataclass(frozen=True)
 class NodeTiming:
     """How often the node's own loops run (seconds). Production uses the defaults; a large
@@ -364,16 +371,29 @@ class Node:
         left to the caller to release.
         """
         config.validate()
-        if lock is None:
-            private_dir(config.data_dir)
-            with DataDirLock(config.data_dir):
+        if lock is not None and (not lock.held or lock.data_dir != config.data_dir):
+            raise ValueError(f"the lock given to Node.open must be held on {config.data_dir}")
+        lone: Exception | None = None
+        try:
+            if lock is None:
+                private_dir(config.data_dir)
+                with DataDirLock(config.data_dir):
+                    async with cls._open(config) as node:
+                        yield node
+            else:
                 async with cls._open(config) as node:
                     yield node
-            return
-        if not lock.held or lock.data_dir != config.data_dir:
-            raise ValueError(f"the lock given to Node.open must be held on {config.data_dir}")
-        async with cls._open(config) as node:
-            yield node
+        except BaseExceptionGroup as group:
+            # An error of the caller's own code (a JobFailed from submit) crosses the node's
+            # nurseries, and each wraps it in a group: ten levels deep, Python's traceback
+            # never reached it. One error alone is raised as itself (below, outside this
+            # handler, so that its own cause and context are what it carries).
+            leaves = _leaf_errors(group)
+            if len(leaves) != 1 or not isinstance(leaves[0], Exception):
+                raise
+            lone = leaves[0]
+        if lone is not None:
+            raise lone
 
     @classmethod
     @asynccontextmanager

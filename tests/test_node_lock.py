@@ -100,3 +100,20 @@ def test_run_refuses_a_directory_a_library_node_holds(tmp_path: Path) -> None:
     finally:
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=30) == 0
+
+
+async def test_an_error_of_the_callers_own_code_comes_out_as_itself(tmp_path: Path) -> None:
+    """A library user's error inside ``async with Node.open(...)`` (a job that failed)
+    crosses the node's nurseries: it comes out as itself, with its cause, not ten levels of
+    exception groups deep (a new user's first failed submit showed only the groups)."""
+
+    class JobGoneWrong(Exception):
+        pass
+
+    with pytest.raises(JobGoneWrong, match="no worker") as caught:
+        async with Node.open(config(tmp_path / "node")):
+            try:
+                raise KeyError("the cause")
+            except KeyError as cause:
+                raise JobGoneWrong("no worker serves it") from cause
+    assert isinstance(caught.value.__cause__, KeyError)

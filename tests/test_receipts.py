@@ -53,6 +53,10 @@ def test_complete_receipt_round_trips_and_verifies():
     assert decoded == receipt
     assert decoded.complete
     assert decoded.body.cost == pytest.approx(1.5 * 2 * 512**3 / 1e12)
+    # What the ledger moves, in credits: a tiny paid shard still costs one nano-credit.
+    assert decoded.body.cost == decoded.body.cost_nano / 1e9
+    tiny = dataclasses.replace(decoded.body, flops=2 * 64 * 32 * 8, price=0.01)
+    assert tiny.cost_nano == 1 and tiny.cost == 1e-9
     assert decoded.encode() == receipt.encode()  # one encoding per receipt
 
 

@@ -60,8 +60,10 @@ class ReceiptBody:
 
     @property
     def cost(self) -> float:
-        """Credits owed by the requester to the worker for this shard."""
-        return self.price * self.flops / 1e12
+        """Credits the ledger moves from the requester to the worker for this shard:
+        :attr:`cost_nano` in credits (so at least one nano-credit for a paid shard; a new
+        user saw "cost 0.0000" for tiny shards that each cost 1 nano-credit)."""
+        return self.cost_nano / 1e9  # nano-credits per credit (ledger.genesis.NANO)
 
     @property
     def cost_nano(self) -> int:

@@ -193,7 +193,10 @@ class NodeConfig:
 
 
 LISTEN_EXAMPLE = "/ip4/0.0.0.0/tcp/4001"
-PEER_EXAMPLE = "/ip4/203.0.113.7/tcp/4001/p2p/12D3KooW..."
+PEER_EXAMPLE = "/ip4/203.0.113.7/tcp/4001/p2p/<peer ID>"
+#: Said with PEER_EXAMPLE: examples elsewhere shorten a peer ID to "12D3KooW...", which a new
+#: user pasted as it stands.
+PEER_ID_HINT = "(the peer ID is what `mtor-peer id` prints on that peer, 12D3KooW and 44 more)"
 
 
 def _parse_multiaddr(addr: str, what: str, example: str) -> list[tuple[str, str]]:
@@ -263,9 +266,9 @@ def check_peer_addr(addr: str) -> str:
     if "/p2p/" not in str(addr):
         raise ConfigError(
             f"bootstrap address {addr!r} has no /p2p/<peer ID> at its end: write it like "
-            f"{PEER_EXAMPLE} (the peer ID is what `mtor-peer id` prints on that peer)"
+            f"{PEER_EXAMPLE} {PEER_ID_HINT}"
         )
-    parts = _parse_multiaddr(addr, "bootstrap address", PEER_EXAMPLE)
+    parts = _parse_multiaddr(addr, "bootstrap address", f"{PEER_EXAMPLE} {PEER_ID_HINT}")
     names = [name for name, _ in parts]
     if names[-1] != "p2p" or "tcp" not in names:
         raise ConfigError(

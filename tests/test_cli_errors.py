@@ -47,6 +47,12 @@ def one_line(result: subprocess.CompletedProcess[str]) -> str:
             2,
             "is not a valid multiaddr (Invalid CID",
         ),
+        (  # the README's example, pasted as it stands: the hint says what goes there
+            ["run", "--bootstrap", "/ip4/203.0.113.7/tcp/4001/p2p/12D3KooW..."],
+            2,
+            "write it like /ip4/203.0.113.7/tcp/4001/p2p/<peer ID> (the peer ID is what "
+            "`mtor-peer id` prints on that peer",
+        ),
         (
             [
                 "run",

@@ -407,6 +407,14 @@ class Node:
         if blas_threads is not None:
             log.info("BLAS capped at %d thread(s)", blas_threads)
         runtime = Runtime.production()
+        if config.use_default_bootstrap and not config.bootstrap_node:
+            if not config.all_bootstrap_peers():
+                # A new user's first `run` otherwise starts alone and says nothing of it.
+                log.warning(
+                    "no bootstrap peers: none given (--bootstrap ADDR, or bootstrap = [...] "
+                    "in the config file) and the shipped list is empty; this node meets only "
+                    "the peers that dial it"
+                )
         identity = load_or_create_identity(config.data_dir)
         devices = await runtime.run_blocking(probe_devices, config.gpu)
         tflops = await runtime.run_blocking(measure_tflops, devices, config.data_dir)

@@ -117,3 +117,19 @@ async def test_an_error_of_the_callers_own_code_comes_out_as_itself(tmp_path: Pa
             except KeyError as cause:
                 raise JobGoneWrong("no worker serves it") from cause
     assert isinstance(caught.value.__cause__, KeyError)
+
+
+def test_a_node_with_no_bootstrap_peer_at_all_says_so(tmp_path: Path) -> None:
+    """``mtor-peer run`` with the shipped list (empty here, as it ships until the public
+    network opens) and no --bootstrap: it starts, and warns that it meets only the peers that
+    dial it (a new user's node started alone without a word)."""
+    empty = tmp_path / "peers.txt"
+    empty.write_text("# no peers yet\n")
+    flags = [f for f in run_flags(tmp_path / "node") if f != "--no-default-bootstrap"]
+    process = start(*flags, env={**os.environ, "MTOR_BOOTSTRAP_FILE": str(empty)})
+    try:
+        read_json_line(process)
+    finally:
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=30)
+    assert "no bootstrap peers" in stderr and "--bootstrap ADDR" in stderr

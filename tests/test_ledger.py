@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 import random
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 from unittest.mock import patch
 
 import pytest
@@ -355,17 +357,25 @@ def _build(gen: Genesis, actions: list[tuple]) -> list[bytes]:
     return wires
 
 
-@settings(
-    # MTOR_PROPERTY_EXAMPLES=1000 for a deeper search than the suite's default.
+#: MTOR_PROPERTY_EXAMPLES=1000 for a deeper search than the suite's default.
+_PROPERTY_SETTINGS = settings(
     max_examples=int(os.environ.get("MTOR_PROPERTY_EXAMPLES", "60")),
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
-@given(
-    allocations=st.lists(st.integers(0, 500), min_size=4, max_size=4),
-    actions=st.lists(_action, min_size=1, max_size=14),
-    seed=st.integers(0, 2**32 - 1),
-)
+
+
+def _entry_sets(max_actions: int) -> Callable[..., Any]:
+    """Random allocations, up to ``max_actions`` entries, and a seed for their order."""
+    return given(
+        allocations=st.lists(st.integers(0, 500), min_size=4, max_size=4),
+        actions=st.lists(_action, min_size=1, max_size=max_actions),
+        seed=st.integers(0, 2**32 - 1),
+    )
+
+
+@_PROPERTY_SETTINGS
+@_entry_sets(max_actions=14)
 def test_any_order_of_arrival_gives_the_same_balances_and_conserves_supply(
     allocations, actions, seed
 ):
@@ -407,16 +417,8 @@ def test_any_order_of_arrival_gives_the_same_balances_and_conserves_supply(
         second.close()
 
 
-@settings(
-    max_examples=int(os.environ.get("MTOR_PROPERTY_EXAMPLES", "60")),
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
-@given(
-    allocations=st.lists(st.integers(0, 500), min_size=4, max_size=4),
-    actions=st.lists(_action, min_size=1, max_size=30),
-    seed=st.integers(0, 2**32 - 1),
-)
+@_PROPERTY_SETTINGS
+@_entry_sets(max_actions=30)
 def test_refolds_from_marks_give_what_a_fold_from_scratch_gives_at_every_read(
     allocations, actions, seed
 ):

@@ -17,7 +17,10 @@ arrays (a job's output, an 8192² operand). With the kernel's usual ``defrag=mad
 fault in an advised region compacts memory on the spot when no huge page is free: measured
 on the project's VM, writing a fresh 200 MiB array cost 1.8-2.4 ms per MiB that way, against
 0.6 ms per MiB in small pages (and 0.13 ms when huge pages happened to be free). The requester
-of a 200-shard 512² job spent 1.7-1.9 CPU-s instead of 1.9-2.7, interleaved runs.
+of a 200-shard 512² job spent 1.7-1.9 CPU-s instead of 1.9-2.7, interleaved runs. On the AMD
+EPYC VM (2026-12-05), ``compact_stall`` in ``/proc/vmstat`` stayed 0 through such runs: there
+the slow part is a huge page's first touch, not compaction, and small pages still won
+(requester 4.6 against 5.5 ms of CPU per 512² shard, ``BENCHMARKS.md``).
 """
 
 from __future__ import annotations

@@ -595,7 +595,8 @@ def _offline_ledger(args: argparse.Namespace) -> Iterator[tuple[Any, Any]]:
         # race with it.
         raise CliError(
             f"the node{f' (pid {owner})' if owner else ''} on {config.data_dir} runs but its "
-            "control API does not answer; try again, or stop it (mtor-peer stop)",
+            f"control API does not answer; try again, or stop it ({invoked_as()} stop "
+            f"--data-dir {config.data_dir})",
             EXIT_FAILURE,
         )
     identity = load_or_create_identity(config.data_dir)

@@ -21,6 +21,7 @@ import os
 from pathlib import Path
 
 from mtor_p2p.config import PRIVATE_FILE_MODE, private_dir
+from mtor_p2p.console import invoked_as
 
 LOCK_FILE_NAME = "node.lock"
 
@@ -91,7 +92,8 @@ class DataDirLock:
             owner = f" (pid {pid})" if pid else ""
             raise DataDirInUse(
                 f"another node{owner} already runs on the data directory {self.data_dir}: "
-                f"stop it (mtor-peer stop --data-dir {self.data_dir}) or give another --data-dir",
+                f"stop it ({invoked_as()} stop --data-dir {self.data_dir}) or give another "
+                "--data-dir",
                 pid,
             ) from None
         os.ftruncate(fd, 0)

@@ -206,6 +206,9 @@ def test_a_second_node_on_a_data_directory_in_use_exits_7_and_leaves_the_first_a
     line = one_line(second)
     assert f"another node (pid {node['process'].pid}) already runs on the data directory" in line
     assert "mtor-peer stop --data-dir" in line
+    # From a checkout, the hint names the command the user typed (the wrapper says which).
+    wrapped = mtor(*run_flags(data_dir), env={**os.environ, "MTOR_INVOKED_AS": "./mtor"})
+    assert wrapped.returncode == 7 and "(./mtor stop --data-dir" in one_line(wrapped)
     # The first node's control file is untouched and it still answers.
     assert (data_dir / "control.json").read_text() == info
     assert mtor("status", "--data-dir", str(data_dir)).returncode == 0

@@ -73,6 +73,7 @@ from mtor_p2p.datadir import (
 )
 from mtor_p2p.identity import IdentityError, load_or_create_identity
 from mtor_p2p.ledger.store import MIN_ENTRY_PREFIX, LedgerError, is_entry_prefix
+from mtor_p2p.runtime import leaf_exceptions
 from mtor_p2p.wire import RecordError
 
 
@@ -252,12 +253,6 @@ def _setup_logging(
         handler.addFilter(_LevelFloor("libp2p", libp2p_level))
         handler.addFilter(_PeerFailureNoise(numeric))
     return path
-
-
-def _leaves(exc: BaseException) -> list[BaseException]:
-    if isinstance(exc, BaseExceptionGroup):
-        return [leaf for sub in exc.exceptions for leaf in _leaves(sub)]
-    return [exc]
 
 
 # -- configuration ----------------------------------------------------------------------------
@@ -527,7 +522,7 @@ def _run_node(args: argparse.Namespace, config: NodeConfig, lock: DataDirLock) -
 def _exit_for(exc: BaseException) -> int:
     from mtor_p2p.ngrok_tunnel import NgrokError
 
-    for leaf in _leaves(exc):
+    for leaf in leaf_exceptions(exc):
         if isinstance(leaf, KeyboardInterrupt):
             return EXIT_OK
         if isinstance(leaf, NgrokError):
@@ -546,7 +541,7 @@ def _exit_for(exc: BaseException) -> int:
             else:
                 print(f"mtor-peer: error: {leaf.strerror or leaf}", file=sys.stderr)
             return EXIT_FAILURE
-    return _unexpected(_leaves(exc)[0])
+    return _unexpected(leaf_exceptions(exc)[0])
 
 
 def _unexpected(exc: BaseException) -> int:

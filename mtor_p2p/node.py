@@ -55,7 +55,7 @@ from mtor_p2p.mesh import Candidate, MeshKeeper, MeshSettings
 from mtor_p2p.metrics import NetworkMeter, NodeMetrics
 from mtor_p2p.network import Network, NetworkError
 from mtor_p2p.records.arrays import OperandStore
-from mtor_p2p.runtime import Runtime
+from mtor_p2p.runtime import Runtime, leaf_exceptions
 from mtor_p2p.wire import RecordError
 
 log = logging.getLogger(__name__)
@@ -74,13 +74,6 @@ TUNNEL_IDLE_SECONDS = 60.0
 #: Keep dialing peers from the capacity view until this many connections are open, so the
 #: overlay does not hang off the bootstrap peers alone.
 TARGET_CONNECTIONS = 8
-
-
-def _leaf_errors(error: BaseException) -> list[BaseException]:
-    """The exceptions inside ``error``'s groups (``error`` itself if it is none)."""
-    if isinstance(error, BaseExceptionGroup):
-        return [leaf for inner in error.exceptions for leaf in _leaf_errors(inner)]
-    return [error]
 
 
 @dataclass(frozen=True)
@@ -388,7 +381,7 @@ class Node:
             # nurseries, and each wraps it in a group: ten levels deep, Python's traceback
             # never reached it. One error alone is raised as itself (below, outside this
             # handler, so that its own cause and context are what it carries).
-            leaves = _leaf_errors(group)
+            leaves = leaf_exceptions(group)
             if len(leaves) != 1 or not isinstance(leaves[0], Exception):
                 raise
             lone = leaves[0]

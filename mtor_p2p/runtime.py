@@ -151,3 +151,11 @@ class Runtime:
         if not self.seeded:
             return np.random.default_rng()
         return np.random.default_rng(self.random.getrandbits(64))
+
+
+def leaf_exceptions(error: BaseException) -> list[BaseException]:
+    """The exceptions inside ``error``'s groups, in order (``error`` itself if it is none):
+    trio's nurseries wrap what crosses them in one group each."""
+    if isinstance(error, BaseExceptionGroup):
+        return [leaf for inner in error.exceptions for leaf in leaf_exceptions(inner)]
+    return [error]

@@ -38,6 +38,8 @@ if HAVE_NETWORK_STACK:
 logging.getLogger("libp2p").setLevel(logging.CRITICAL)
 
 
+# mtor_p2p.runtime.leaf_exceptions does this too; kept here so that this file still loads on
+# a GPU machine with only CuPy, NumPy and the kernels (no trio).
 def _leaf_exceptions(exc: BaseException) -> list[BaseException]:
     if isinstance(exc, BaseExceptionGroup):
         return [leaf for inner in exc.exceptions for leaf in _leaf_exceptions(inner)]

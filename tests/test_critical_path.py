@@ -882,6 +882,81 @@ async def test_only_a_small_sketch_is_made_on_the_event_loop(
     assert seen == [True, False]
 
 
+async def test_checks_beside_other_shards_go_to_a_thread_a_lone_one_stays_inline(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A check with no other shard of its job under way runs on the event loop (the round
+    trip's latency); beside others it goes to a thread, off the loop that sends and receives
+    for them (B-shared 512² jobs: the loop was runnable 95% of the job, BENCHMARKS.md)."""
+    from mtor_p2p.compute import blas
+
+    monkeypatch.setattr(blas, "single_threaded", lambda: True)
+    inline: list[bool] = []
+    async with one_worker() as (requester, _):
+        runtime = requester.scheduler.runtime
+        original = runtime.run_blocking
+
+        async def spy(fn: Any, *args: Any, cheap: bool = False, **kwargs: Any) -> Any:
+            if getattr(fn, "__name__", "") == "_check":
+                inline.append(cheap)
+            return await original(fn, *args, cheap=cheap, **kwargs)
+
+        monkeypatch.setattr(runtime, "run_blocking", spy)
+        operands = small_operands()
+        await requester.submit("matmul", operands, shards=1, max_workers=1)
+        assert inline == [True]
+        # The worker is measured now: two shards at a time, and their checks beside others.
+        result = await requester.submit("matmul", operands, shards=8, max_workers=1)
+    np.testing.assert_allclose(result.output, operands["a"] @ operands["b"], rtol=1e-5)
+    assert len(inline) == 9
+    assert inline[1:].count(False) >= 4, inline
+
+
+async def test_the_next_shard_leaves_while_an_answer_is_judged(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An answer being judged no longer holds its place at the worker: with one shard in
+    flight and checks that take 0.5 s, the next shard computes while the last is checked,
+    and the worker never holds more than the one."""
+    async with one_worker() as (requester, worker):
+        requester.scheduler.max_in_flight = 1
+        await requester.submit("matmul", small_operands(), shards=1, max_workers=1)  # trial
+        runtime = requester.scheduler.runtime
+        original = runtime.run_blocking
+
+        async def slow_checks(fn: Any, *args: Any, **kwargs: Any) -> Any:
+            if getattr(fn, "__name__", "") == "_check":
+                await trio.sleep(0.5)
+            return await original(fn, *args, **kwargs)
+
+        monkeypatch.setattr(runtime, "run_blocking", slow_checks)
+        held = most = 0
+        serve = worker.worker._on_run
+
+        async def counted(sender: str, request: bytes) -> Any:
+            nonlocal held, most
+            held += 1
+            most = max(most, held)
+            try:
+                return await serve(sender, request)
+            finally:
+                held -= 1
+
+        monkeypatch.setattr(worker.worker, "_on_run", counted)
+        worker.network.handle(
+            worker_module.PROTOCOL_RUN, counted, max_request_bytes=1 << 30, timeout=60.0
+        )
+        started = trio.current_time()
+        operands = small_operands()
+        result = await requester.submit("matmul", operands, shards=6, max_workers=1)
+        elapsed = trio.current_time() - started
+    np.testing.assert_allclose(result.output, operands["a"] @ operands["b"], rtol=1e-5)
+    assert most == 1
+    # Each check holding the worker's one place, the job takes over 3 s (3.14 measured, the
+    # six checks one after the other); with the next shard computing meanwhile, 1.59 s.
+    assert elapsed < 2.5, elapsed
+
+
 async def test_a_twin_judged_while_the_first_answer_settles_is_not_accepted_again(
     autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:

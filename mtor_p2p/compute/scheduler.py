@@ -1,9 +1,11 @@
 """The requester's scheduler: split a job, spread its shards, verify, re-issue, hedge, pay.
 
-One task per chosen worker pulls shards from a shared queue, at most ``max_in_flight`` at a
-time, so faster workers take more shards. A shard's uploads and its run request leave together
-(the worker waits for operands on their way), so with two in flight the next shard's operands
-travel while the current one computes, and each answer comes back as soon as it is done.
+One task per chosen worker pulls shards from a shared queue, at most ``max_in_flight`` at
+the worker at a time, so faster workers take more shards. A shard's uploads and its run
+request leave together (the worker waits for operands on their way), so with two in flight the
+next shard's operands travel while the current one computes, and each answer comes back as
+soon as it is done. An answer being judged no longer counts as in flight: the worker's next
+shard leaves while it is checked.
 
 A shard whose worker fails, times out or returns a result that verification rejects goes back
 to the queue for another worker; a worker caught
@@ -552,9 +554,15 @@ class _JobRun:
         """Workers of this job not (yet) given up on."""
         return [w.peer_id for w in self.workers if w.peer_id not in self.banned]
 
-    async def attempt(self, worker: str, index: int, hedge: bool) -> str:
+    async def attempt(
+        self, worker: str, index: int, hedge: bool, at_worker: trio.Semaphore | None = None
+    ) -> str:
         """Run one attempt at shard ``index`` on ``worker``; return its outcome (see
-        :class:`ShardAttempt`). Every outcome is entered in the peer book."""
+        :class:`ShardAttempt`). Every outcome is entered in the peer book.
+
+        ``at_worker``: a token of the worker's shards in flight, held by the caller; it is
+        released as soon as the answer is in (or the attempt ends), before the answer is
+        judged, so that the worker's next shard travels while this one is checked."""
         start, stop = self.ranges[index]
         operands = self.kernel.shard_operands(self.spec.operands, start, stop)
         scope = trio.CancelScope()
@@ -575,6 +583,9 @@ class _JobRun:
                 # this requester's work, not to be counted against the worker's speed.
                 sent = trio.current_time()
                 answer = await self._compute(worker, index, operands, metas, out)
+                if at_worker is not None:
+                    at_worker.release()
+                    at_worker = None
                 if answer is None:
                     return outcome
                 if out is not None and not np.may_share_memory(answer.output, out):
@@ -636,6 +647,8 @@ class _JobRun:
                 self._leave(worker, f"malformed answer: {exc}")
             self.requeue(index)
         finally:
+            if at_worker is not None:
+                at_worker.release()
             # Every write of this attempt's download is done (download() returns only once its
             # chunk tasks have): the rows may go to the next attempt unless they are accepted.
             if index not in self.placed:
@@ -982,7 +995,12 @@ class _JobRun:
             sketch,
             rows,
             flops=flops,
-            cheap=sketch is not None and flops <= CHEAP_CHECK_FLOPS and blas.single_threaded(),
+            cheap=sketch is not None
+            and flops <= CHEAP_CHECK_FLOPS
+            and blas.single_threaded()
+            # Beside other shards of the job the event loop is what limits it (sending,
+            # receiving, hashing for them), and a thread's check runs on the other core.
+            and not any(other != index for other in self.running),
         )
         if ok:
             self.checks_passed += 1
@@ -1228,11 +1246,15 @@ class _JobRun:
             self.s.book.failed(worker, "unreachable", self.s.clock.now())
             self._leave(worker, "unreachable")
             return
+        # One slot more than the shards the worker may hold: while an answer is judged here
+        # (Freivalds' check on a thread takes longer than on the event loop), the next shard
+        # is already on its way to the worker, which thus keeps max_in_flight in hand.
+        at_worker = trio.Semaphore(self.s.max_in_flight)
         async with trio.open_nursery() as nursery:
-            for slot in range(self.s.max_in_flight):
-                nursery.start_soon(self._slot, worker, slot)
+            for slot in range(self.s.max_in_flight + 1):
+                nursery.start_soon(self._slot, worker, slot, at_worker)
 
-    async def _slot(self, worker: str, slot: int) -> None:
+    async def _slot(self, worker: str, slot: int, at_worker: trio.Semaphore) -> None:
         failures_in_a_row = busy_in_a_row = 0
         # A worker the peer book demotes as a straggler while this job runs takes none of its
         # shards from then on, as later jobs will not plan it: a staller cut off on one shard
@@ -1252,14 +1274,19 @@ class _JobRun:
                 with trio.move_on_after(0.1):
                     await wakeup.wait()
                 continue
+            await at_worker.acquire()
+            if self.done.is_set() or worker in self.banned:
+                at_worker.release()
+                break
             choice = self.next_shard(worker)
             if choice is None:
+                at_worker.release()
                 wakeup = self.wakeup
                 with trio.move_on_after(0.1):
                     await wakeup.wait()
                 continue
             index, hedge = choice
-            outcome = await self.attempt(worker, index, hedge)
+            outcome = await self.attempt(worker, index, hedge, at_worker)
             if outcome == "busy":
                 busy_in_a_row += 1
                 if busy_in_a_row >= BUSY_ANSWERS_BEFORE_LEAVING:

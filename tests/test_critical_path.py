@@ -957,6 +957,31 @@ async def test_the_next_shard_leaves_while_an_answer_is_judged(
     assert elapsed < 2.5, elapsed
 
 
+async def test_a_jobs_output_reuses_the_memory_of_an_output_dropped_before(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job's output is made on memory.RECYCLED: once the caller drops a result, the next
+    job of that size writes its answers into the same, already mapped memory."""
+    from mtor_p2p import memory
+
+    arrays = memory.RecycledArrays(min_bytes=4096)  # the 8 KiB outputs here qualify
+    monkeypatch.setattr(memory, "RECYCLED", arrays)
+    operands = small_operands()
+    expected = operands["a"] @ operands["b"]
+    async with one_worker() as (requester, _):
+        first = await requester.submit("matmul", operands, shards=2, max_workers=1)
+        np.testing.assert_allclose(first.output, expected, rtol=1e-5)
+        address = first.output.ctypes.data
+        kept = await requester.submit("matmul", operands, shards=2, max_workers=1)
+        assert kept.output.ctypes.data != address  # the first is still held
+        del first
+        again = await requester.submit("matmul", operands, shards=2, max_workers=1)
+    assert again.output.ctypes.data == address
+    np.testing.assert_allclose(again.output, expected, rtol=1e-5)
+    np.testing.assert_allclose(kept.output, expected, rtol=1e-5)
+    assert (arrays.fresh, arrays.reused) == (2, 1)
+
+
 async def test_a_twin_judged_while_the_first_answer_settles_is_not_accepted_again(
     autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -58,3 +58,61 @@ def test_numpy_stops_advising_huge_pages_unless_the_user_chose(monkeypatch) -> N
     assert _madvise_after(env, stalls=True) == "False"
     assert _madvise_after(env, stalls=False) == "True"
     assert _madvise_after({**env, "NUMPY_MADVISE_HUGEPAGE": "1"}, stalls=True) == "True"
+
+
+def test_a_dropped_large_array_lends_its_memory_to_the_next() -> None:
+    """Once the last array or view on a recycled region is gone, the next array of a fitting
+    size is made on it (no fresh pages); while a view lives, it is not."""
+    import numpy as np
+
+    arrays = memory.RecycledArrays(min_bytes=1 << 20)
+    first = arrays.empty((512, 1024), np.float32)  # 2 MiB
+    first[...] = 1.0
+    address = first.ctypes.data
+    view = first[100:110]
+    del first
+    second = arrays.empty((512, 1024), np.float32)
+    assert second.ctypes.data != address  # the view still holds the first region
+    assert float(view.sum()) == 10 * 1024.0
+    del view
+    third = arrays.empty((256, 1024), np.float32)  # half the size: the region fits
+    assert third.ctypes.data == address
+    assert third.flags.c_contiguous and third.flags.writeable and third.shape == (256, 1024)
+    third[...] = 2.0  # advised MADV_FREE while unused: still its own, writable memory
+    assert float(third.sum()) == 2.0 * 256 * 1024
+    assert (arrays.fresh, arrays.reused) == (2, 1)
+    del second, third
+    assert arrays.free_bytes() == 4 << 20
+
+
+def test_recycled_arrays_keep_few_free_regions_and_leave_small_ones_to_numpy() -> None:
+    import numpy as np
+
+    arrays = memory.RecycledArrays(min_bytes=1 << 20, max_free=2, max_free_bytes=5 << 20)
+    small = arrays.empty((16, 16), np.float64)
+    assert small.flags.owndata and (arrays.fresh, arrays.reused) == (0, 0)
+    held = [arrays.empty((1 << 20,), np.uint8) for _ in range(3)]  # 1 MiB each
+    held.append(arrays.empty((4 << 20,), np.uint8))
+    while held:
+        held.pop(0)  # given back in this order: 1, 1, 1, 4 MiB
+    # The last two given back stay (at most 2 regions, 5 MiB); the others are unmapped.
+    assert arrays.free_bytes() == 5 << 20
+    big = arrays.empty((3 << 20,), np.uint8)  # the 4 MiB region fits (at most twice the size)
+    tiny = arrays.empty((1 << 20,), np.uint8)
+    assert arrays.reused == 2 and arrays.free_bytes() == 0
+    too_small = arrays.empty((1 << 19,), np.uint8)  # below min_bytes
+    assert too_small.flags.owndata
+    assert arrays.empty((3 << 20,), object).dtype == object  # never on raw memory
+    del big, tiny
+
+
+def test_a_region_given_back_while_the_lock_is_held_is_unmapped_not_waited_for() -> None:
+    """A weak reference's callback may run inside any allocation, on any thread: giving a
+    region back never waits for the lock (it would deadlock on the thread holding it)."""
+    import numpy as np
+
+    arrays = memory.RecycledArrays(min_bytes=1 << 20)
+    region = arrays.empty((1 << 20,), np.uint8)
+    with arrays._lock:
+        del region  # the callback runs here, on the lock's own thread
+    assert arrays.free_bytes() == 0

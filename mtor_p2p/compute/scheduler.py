@@ -30,6 +30,7 @@ import trio
 
 from mtor_kernels import Kernel, get_kernel
 from mtor_kernels import verify as checks
+from mtor_p2p import memory
 from mtor_p2p.capacity.record import CapacityRecord, gpu_class
 from mtor_p2p.capacity.view import CapacityQuery, CapacityView
 from mtor_p2p.clock import NetClock
@@ -418,7 +419,9 @@ class _JobRun:
         #: into a concatenation after (issue 9: 0.55 s of the requester's CPU, and fresh
         #: memory costs about 3 ms per MiB on the project's VM). Redundant verification keeps
         #: two answers of a shard side by side, so it downloads into buffers of their own.
-        self.output = np.empty(
+        #: Its memory is an earlier job's output where one was dropped (memory.RECYCLED: a
+        #: large array's fresh pages cost 4-5 times a write to mapped ones here).
+        self.output = memory.RECYCLED.empty(
             kernel.output_shape(spec.operands), kernel.output_dtype(spec.operands)
         )
         self._in_place = self.method != "redundant"

@@ -579,6 +579,7 @@ class _JobRun:
         outcome = "cancelled"
         book = self.s.book
         out = self._claim_rows(index, record)
+        self.s.attempts_under_way += 1  # undone in the finally clause below
         try:
             with scope:
                 metas = await self.describe_shard(index, operands)
@@ -656,6 +657,7 @@ class _JobRun:
             # chunk tasks have): the rows may go to the next attempt unless they are accepted.
             if index not in self.placed:
                 self._release_rows(index, record)
+            self.s.attempts_under_way -= 1
             attempts = self.running.get(index, [])
             if record in attempts:
                 attempts.remove(record)
@@ -1001,9 +1003,7 @@ class _JobRun:
             cheap=sketch is not None
             and flops <= CHEAP_CHECK_FLOPS
             and blas.single_threaded()
-            # Beside other shards of the job the event loop is what limits it (sending,
-            # receiving, hashing for them), and a thread's check runs on the other core.
-            and not any(other != index for other in self.running),
+            and self._alone_on_the_loop(),
         )
         if ok:
             self.checks_passed += 1
@@ -1060,7 +1060,8 @@ class _JobRun:
                 flops=flops,
                 cheap=a.size <= CHEAP_SKETCH_ELEMENTS
                 and flops <= CHEAP_CHECK_FLOPS
-                and blas.single_threaded(),
+                and blas.single_threaded()
+                and self._alone_on_the_loop(),
             )
             if self._sketch is sketch:  # not redrawn meanwhile (a failed check)
                 self._rows = rows
@@ -1090,9 +1091,18 @@ class _JobRun:
                     flops=flops,
                     cheap=b.size <= CHEAP_SKETCH_ELEMENTS
                     and flops <= CHEAP_CHECK_FLOPS
-                    and blas.single_threaded(),
+                    and blas.single_threaded()
+                    and self._alone_on_the_loop(),
                 )
             return self._sketch
+
+    def _alone_on_the_loop(self) -> bool:
+        """Whether at most one shard attempt (this job's) is under way in this scheduler: a
+        small check or sketch then runs on the event loop, where it costs least (the round
+        trip's latency). Beside other attempts, of this job or another, the event loop is what
+        limits them (sending, receiving, hashing for each: it was runnable 95% of a B-shared
+        512² job), and the same work on a thread runs on another core."""
+        return self.s.attempts_under_way <= 1
 
     def _check(
         self,
@@ -1391,6 +1401,8 @@ class Scheduler:
         self._settled_changed = trio.Event()
         #: Counters of this requester's jobs and shards (the metrics read them).
         self.stats = SchedulerStats()
+        #: Shard attempts of all jobs begun and not yet ended (answers being judged included).
+        self.attempts_under_way = 0
         #: Shard attempts sent, by the worker's GPU class (mtor_p2p/insight.py's demand).
         self.shards_sent = EventWindow()
         #: The last PLAN_NOTES jobs' plans (challenges aside), oldest first.

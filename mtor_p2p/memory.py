@@ -149,7 +149,8 @@ class RecycledArrays:
 
     Why: an array above glibc's largest mmap threshold (32 MiB) is a fresh mapping each
     time, faulted in a page at a time as it is first written: 0.43-0.51 ms per MiB of small
-    pages on the project's VM (2026-12-05), against 0.10 ms to write memory already mapped.
+    pages on the project's VM (Intel Xeon, 2026-12-05), against 0.10 ms to write memory
+    already mapped.
     In a requester's B-shared 512² job, copying each answer into the job's output was 11-14%
     of its event loop's samples, nearly all of it those faults.
 

@@ -7,7 +7,8 @@ Each variant is ``IN_FLIGHT:VERIFY``: shards in flight per worker (the scheduler
 The variants run in turn on one settled 2-worker cluster (the requester in this process, as in
 ``./mtor bench compute``), each job with a fresh B, and every job prints shards/s, CPU per shard
 of the requester and of each worker (from ``/proc``), the cores busy, and the seconds each
-process was runnable but waiting for a core (``/proc/<pid>/task/*/schedstat``). The medians of
+process was runnable but waiting for a core (``/proc/<pid>/task/*/schedstat``), and the same two
+for the requester's event loop (its main thread) per shard. The medians of
 each variant close the run. A tool for finding costs, not a goal's benchmark: no baseline."""
 
 from __future__ import annotations
@@ -40,6 +41,15 @@ def run_and_wait(pid: int) -> tuple[float, float]:
     return ran / 1e9, waited / 1e9
 
 
+def main_thread(pid: int) -> tuple[float, float]:
+    """Seconds process ``pid``'s main thread (a trio program's event loop) has run, and
+    waited runnable for a core: when their sum is near the job's wall time, the loop is what
+    bounds the job."""
+    with open(f"/proc/{pid}/task/{pid}/schedstat") as f:
+        fields = f.read().split()
+    return int(fields[0]) / 1e9, int(fields[1]) / 1e9
+
+
 async def probe(variants: list[tuple[int, str]], pairs: int, shards: int) -> None:
     rng = np.random.default_rng(1)
     n = 512
@@ -63,6 +73,7 @@ async def probe(variants: list[tuple[int, str]], pairs: int, shards: int) -> Non
                     cpu0 = [procstats.cpu_seconds(p) for p in pids]
                     mine0 = time.process_time()
                     sched0 = [run_and_wait(p) for p in [me, *pids]]
+                    loop0 = main_thread(me)
                     started = time.perf_counter()
                     await node.submit(
                         "matmul", {"a": a, "b": fresh_b}, shards=shards, verify=verify
@@ -76,6 +87,8 @@ async def probe(variants: list[tuple[int, str]], pairs: int, shards: int) -> Non
                         round(run_and_wait(p)[1] - s[1], 2)
                         for p, s in zip([me, *pids], sched0, strict=True)
                     ]
+                    loop1 = main_thread(me)
+                    loop = [(b - a) * 1e3 / shards for a, b in zip(loop0, loop1, strict=True)]
                     busy = (mine + sum(workers)) / seconds
                     results[(in_flight, verify)].append(
                         (shards / seconds, mine * 1e3 / shards, sum(workers) * 1e3 / shards, busy)
@@ -85,7 +98,8 @@ async def probe(variants: list[tuple[int, str]], pairs: int, shards: int) -> Non
                         f" requester {mine * 1e3 / shards:.2f} ms, workers "
                         f"{' + '.join(f'{w * 1e3 / shards:.2f}' for w in workers)} ms; "
                         f"{busy:.2f} cores busy; waited for a core (s): requester {waits[0]}, "
-                        f"workers {waits[1:]}",
+                        f"workers {waits[1:]}; the requester's event loop ran {loop[0]:.2f} and "
+                        f"waited {loop[1]:.2f} ms per shard",
                         flush=True,
                     )
                     await trio.sleep(1.5)

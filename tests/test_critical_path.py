@@ -137,6 +137,39 @@ async def test_a_shard_slice_is_hashed_once_however_many_attempts(
         assert counts["upload"] == 0
 
 
+async def test_slices_are_hashed_ahead_on_the_blocking_hook_each_once(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once a job's first shard has left, the slices of the shards not yet sent are hashed
+    on the blocking hook (a thread in production), a batch a call, so that sending each
+    finds its description made; every slice is still hashed once."""
+    from mtor_p2p.compute import scheduler
+
+    monkeypatch.setattr(scheduler, "HASH_AHEAD_BYTES", 3 * 16 * 48 * 4)  # 3 slices a call
+    async with one_worker() as (requester, _):
+        operands = small_operands()
+        await requester.submit("matmul", operands, shards=2, max_workers=1)  # its trial
+        runtime = requester.scheduler.runtime
+        original = runtime.run_blocking
+        batches: list[int] = []
+
+        async def spy(fn: Any, *args: Any, **kwargs: Any) -> Any:
+            result = await original(fn, *args, **kwargs)
+            if getattr(fn, "__name__", "") == "hash_slices":
+                batches.append(len(result))
+            return result
+
+        monkeypatch.setattr(runtime, "run_blocking", spy)
+        counts = count_hashing(monkeypatch)
+        result = await requester.submit("matmul", operands, shards=4, max_workers=1)
+    np.testing.assert_allclose(result.output, operands["a"] @ operands["b"], rtol=1e-5)
+    # The first shards' slices are hashed as they are sent; the rest ahead, at most 3 a call.
+    assert batches and sum(batches) >= 1 and max(batches) <= 3, batches
+    # requester: b, 4 slices, 4 outputs; worker: 4 slices, 4 outputs (b is resident there
+    # since the trial job).
+    assert counts["whole"] == (1 + 4 + 4) + (4 + 4)
+
+
 async def test_hashing_a_shards_operands_is_not_counted_as_the_workers_time(
     autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -64,6 +64,9 @@ CHEAP_CHECK_FLOPS = 64e6
 #: A job's Freivalds sketch of a B of at most this many elements (and CHEAP_CHECK_FLOPS) is
 #: made on the event loop: 512² took 0.6-1.1 ms here; 1264² 4.8 ms, 2000² 9.1 ms (measured).
 CHEAP_SKETCH_ELEMENTS = 1 << 19
+#: Bytes of a job's split operand hashed per call of the blocking hook ahead of its shards
+#: (_JobRun.describe_ahead): 16 MiB, about 5 ms of blake3 here.
+HASH_AHEAD_BYTES = 16 << 20
 #: A countersigned receipt waits this long (seconds) for others to be settled with (see
 #: Scheduler.courier); at most MAX_SETTLE_BATCH are settled at once.
 #:
@@ -714,6 +717,53 @@ class _JobRun:
             if index not in self.placed:
                 self.output[start:stop] = self.outputs.pop(index)
         return self.output
+
+    async def describe_ahead(self) -> None:
+        """Hash the split operand's slices of the shards not yet sent, on the blocking hook,
+        once the first shard's operands have left, so that the event loop finds each shard's
+        description made when it sends it. In B-shared 512² jobs hashing each 1 MiB slice as
+        it was sent was 9% of the event loop, the requester's bottleneck (BENCHMARKS.md);
+        blake3 releases the GIL, so the hashing runs on another core. A few slices a call
+        (HASH_AHEAD_BYTES), so that a job that ends early waits for one call at most. A slice
+        that its shard's first attempt reaches first is hashed there as before."""
+        if len(self.ranges) <= 1 or not self.kernel.split_operands:
+            return
+        await self.operands_out.wait()
+        batch: list[int] = []
+        batch_bytes = 0
+        for index in range(len(self.ranges)):
+            if index in self.shard_metas:
+                continue
+            start, stop = self.ranges[index]
+            operands = self.kernel.shard_operands(self.spec.operands, start, stop)
+            batch.append(index)
+            batch_bytes += sum(operands[n].nbytes for n in self.kernel.split_operands)
+            if batch_bytes >= HASH_AHEAD_BYTES or index == len(self.ranges) - 1:
+                await self._describe_batch(batch)
+                batch, batch_bytes = [], 0
+
+    async def _describe_batch(self, indices: list[int]) -> None:
+        split = self.kernel.split_operands
+        shards = {}
+        for index in indices:
+            if index not in self.shard_metas:  # described meanwhile by its first attempt
+                start, stop = self.ranges[index]
+                shards[index] = self.kernel.shard_operands(self.spec.operands, start, stop)
+
+        def hash_slices() -> dict[int, dict[str, ArrayMeta]]:
+            return {
+                index: {name: meta_of(operands[name]) for name in split}
+                for index, operands in shards.items()
+            }
+
+        described = await self.s.runtime.run_blocking(hash_slices)
+        for index, operands in shards.items():
+            if index not in self.shard_metas:
+                # As describe_shard makes it: the job's own for whole operands.
+                self.shard_metas[index] = {
+                    name: described[index][name] if name in split else self.metas[name]
+                    for name in operands
+                }
 
     async def describe_shard(
         self, index: int, operands: dict[str, np.ndarray]
@@ -1713,6 +1763,7 @@ class Scheduler:
                     for record in job.workers:
                         nursery.start_soon(job.worker_loop, record)
                     nursery.start_soon(job.prepare_checks)
+                    nursery.start_soon(job.describe_ahead)
                     nursery.start_soon(self._watch, job, nursery.cancel_scope)
                     await job.done.wait()
                     nursery.cancel_scope.cancel()

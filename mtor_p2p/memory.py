@@ -124,23 +124,22 @@ def tune_for_large_messages() -> None:
     fault_in_small_pages()
 
 
-#: madvise(2) advice: the pages' contents may be discarded when memory runs short; written
-#: again before that, they stay (Linux 4.5 and later, private anonymous memory).
-_MADV_FREE = 8
+#: Recycling needs private anonymous mappings and madvise(2)'s MADV_FREE (the pages' contents
+#: may be discarded when memory runs short; written again before that, they stay: Linux 4.5
+#: and later, the BSDs, macOS). Elsewhere arrays come from np.empty as before.
+_CAN_RECYCLE = all(hasattr(mmap, name) for name in ("MAP_PRIVATE", "MAP_ANONYMOUS", "MADV_FREE"))
 #: Recycled arrays keep at most this many bytes of freed regions, and at most this many.
 RECYCLED_FREE_BYTES = 1 << 30
 RECYCLED_FREE_REGIONS = 4
 
 
-def _libc_madvise() -> Any:
+def _advise_free(region: mmap.mmap) -> bool:
+    """Advise ``region`` MADV_FREE; whether the kernel took the advice."""
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        function = libc.madvise
-    except (OSError, AttributeError):
-        return None
-    function.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    function.restype = ctypes.c_int
-    return function
+        region.madvise(mmap.MADV_FREE)
+    except (OSError, ValueError):  # an old kernel, a sandbox that refuses it
+        return False
+    return True
 
 
 class RecycledArrays:
@@ -155,9 +154,12 @@ class RecycledArrays:
     of its event loop's samples, nearly all of it those faults.
 
     A region comes back once the last array or view on it is gone (a weak reference to the
-    buffer NumPy holds). It is then advised ``MADV_FREE``: the kernel may take its pages back
-    if memory runs short (the next write then faults in fresh ones), and otherwise leaves
-    them mapped (a write costs 0.21-0.24 ms per MiB there). At most
+    buffer NumPy holds). It is then advised ``MADV_FREE``, before anyone may take it: the
+    kernel may take its pages back if memory runs short (the next write then faults in fresh
+    ones), and otherwise leaves them mapped (a write costs 0.21-0.24 ms per MiB there); a
+    region the kernel refuses that advice for is unmapped, not kept. They count in the
+    process's RSS until taken back. Where there is no MADV_FREE, arrays come from
+    ``np.empty``. At most
     :data:`RECYCLED_FREE_REGIONS` regions and :data:`RECYCLED_FREE_BYTES` wait for reuse; a
     region is reused for an array of at least half its size. Thread-safe; a region given
     back while another thread holds the lock is unmapped instead of waited for (a weak
@@ -176,7 +178,6 @@ class RecycledArrays:
         self.max_free = max_free
         self._free: list[mmap.mmap] = []  # oldest first
         self._lock = threading.Lock()
-        self._madvise = _libc_madvise() if sys.platform.startswith("linux") else None
         #: Arrays made on a recycled region, and on a fresh one (for tests and benchmarks).
         self.reused = self.fresh = 0
 
@@ -186,7 +187,7 @@ class RecycledArrays:
         dtype = np.dtype(dtype)
         count = math.prod(shape)
         nbytes = count * dtype.itemsize
-        if nbytes < self.min_bytes or not hasattr(mmap, "MAP_PRIVATE") or dtype.hasobject:
+        if nbytes < self.min_bytes or not _CAN_RECYCLE or dtype.hasobject:
             return np.empty(shape, dtype)
         region = self._take(nbytes)
         if region is None:
@@ -197,6 +198,7 @@ class RecycledArrays:
         flat = np.frombuffer(region, dtype, count=count)
         # flat.base is the buffer NumPy took from the region: every array or view on this
         # memory leads to it, so it is gone only when they all are.
+        assert isinstance(flat.base, memoryview), type(flat.base)
         weakref.finalize(flat.base, self._give_back, region).atexit = False
         return flat.reshape(shape)
 
@@ -210,34 +212,28 @@ class RecycledArrays:
             return region
 
     def _give_back(self, region: mmap.mmap) -> None:
+        # Advised before it is listed: once listed, another thread may take it and write an
+        # output into it, which a late MADV_FREE would let the kernel discard (a review
+        # found that race). A region the kernel will not take back when memory runs short is
+        # not kept at all.
+        if len(region) > self.max_free_bytes or not _advise_free(region):
+            self._close(region)
+            return
         if not self._lock.acquire(blocking=False):
             self._close(region)
             return
         try:
-            if len(region) > self.max_free_bytes:
-                dropped = [region]
-            else:
-                self._free.append(region)
-                dropped = []
-                while (
-                    len(self._free) > self.max_free
-                    or sum(len(r) for r in self._free) > self.max_free_bytes
-                ):
-                    dropped.append(self._free.pop(0))
+            self._free.append(region)
+            dropped = []
+            while (
+                len(self._free) > self.max_free
+                or sum(len(r) for r in self._free) > self.max_free_bytes
+            ):
+                dropped.append(self._free.pop(0))
         finally:
             self._lock.release()
         for old in dropped:
             self._close(old)
-        if region not in dropped:
-            self._advise_free(region)
-
-    def _advise_free(self, region: mmap.mmap) -> None:
-        if self._madvise is None:
-            return
-        probe = np.frombuffer(region, np.uint8, count=1)
-        address = probe.ctypes.data
-        del probe  # its export of the region must end before the region can be closed
-        self._madvise(address, len(region), _MADV_FREE)
 
     @staticmethod
     def _close(region: mmap.mmap) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -116,3 +117,40 @@ def test_a_region_given_back_while_the_lock_is_held_is_unmapped_not_waited_for()
     with arrays._lock:
         del region  # the callback runs here, on the lock's own thread
     assert arrays.free_bytes() == 0
+
+
+def test_a_region_is_advised_free_before_another_thread_can_take_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """MADV_FREE comes before the region is listed for reuse: advised after, it could land
+    on an output another thread had already written there, whose pages the kernel may then
+    discard (a review's race, with the last reference dropped on a thread)."""
+    import numpy as np
+
+    arrays = memory.RecycledArrays(min_bytes=1 << 20)
+    listed_when_advised: list[bool] = []
+    advise = memory._advise_free
+
+    def watched(region: Any) -> bool:
+        listed_when_advised.append(any(region is r for r in arrays._free))
+        return advise(region)
+
+    monkeypatch.setattr(memory, "_advise_free", watched)
+    region = arrays.empty((1 << 20,), np.uint8)
+    del region
+    assert listed_when_advised == [False] and arrays.free_bytes() == 1 << 20
+
+
+def test_a_region_the_kernel_will_not_free_under_pressure_is_not_kept(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import numpy as np
+
+    arrays = memory.RecycledArrays(min_bytes=1 << 20)
+    monkeypatch.setattr(memory, "_advise_free", lambda region: False)
+    region = arrays.empty((1 << 20,), np.uint8)
+    del region
+    assert arrays.free_bytes() == 0
+    again = arrays.empty((1 << 20,), np.uint8)
+    assert (arrays.fresh, arrays.reused) == (2, 0)
+    del again

@@ -21,6 +21,7 @@ from mtor_p2p.compute.challenge import Attestation, decode_attestation
 from mtor_p2p.compute.reputation import (
     FAILURE_BACKOFF,
     SLOW_TRIALS_BEFORE_DEMOTION,
+    STRAGGLER,
     UNMEASURED_TFLOPS_CAP,
     UNREACHABLE_BACKOFF,
     PeerBook,
@@ -617,3 +618,60 @@ async def test_a_worker_failing_a_few_shards_is_not_dropped_from_a_job_that_need
         assert correct(result.output, operands)
         assert failures == [0]  # the failures did happen
         assert trio.current_time() - started < 100
+
+
+async def test_a_straggler_demoted_while_a_slot_waits_gets_no_more_shards(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A slot waiting for the worker's token asks the trust rules again once it has one: a
+    measured worker demoted as a straggler (here by "another job") while it holds two shards
+    answers one "busy"; the token comes back, and the waiting slot must not send it another
+    shard (found in review: it did, where a slot's own next turn takes the worker out)."""
+    from mtor_p2p.compute.protocol import MAX_RUN_REQUEST_BYTES, PROTOCOL_RUN
+    from mtor_p2p.network import RemoteError
+
+    rng = np.random.default_rng(1)
+
+    def operands(rows: int) -> dict[str, np.ndarray]:
+        return {
+            "a": rng.standard_normal((rows, 250)).astype("float32"),
+            "b": rng.standard_normal((250, 250)).astype("float32"),
+        }
+
+    async with cluster(["requester", "flip", "good"], timing=QUIET) as c:
+        flip = await c.start("flip", "WEU", price=0.5)
+        await c.start("good", "WEU", price=1.0)
+        requester = await c.start("requester", "WEU", serve=False)
+        await c.settle()
+        await requester.submit("matmul", operands(256 * 4), shards=4, max_workers=2)
+        assert requester.peers.get(flip.peer_id).measured
+        attempts = attempts_of(requester)
+        demoted = trio.Event()
+        demoted_at: list[float] = []
+        serve = flip.worker._on_run
+        calls = 0
+
+        async def run_or_busy(sender: str, request: bytes) -> bytes:
+            nonlocal calls
+            calls += 1
+            if calls == 2:  # its second shard of the job: answered "busy" once demoted
+                await demoted.wait()
+                await trio.sleep(0.05)
+                raise RemoteError("busy: queue full")
+            return await serve(sender, request)
+
+        flip.network.handle(
+            PROTOCOL_RUN, run_or_busy, max_request_bytes=MAX_RUN_REQUEST_BYTES, timeout=600
+        )
+
+        async def another_job_cuts_it_off() -> None:
+            await trio.sleep(0.5)
+            for _ in range(3):
+                requester.peers.failed(flip.peer_id, "slow", requester.clock.now(), STRAGGLER)
+            demoted_at.append(trio.current_time())
+            demoted.set()
+
+        c.nursery.start_soon(another_job_cuts_it_off)
+        await requester.submit("matmul", operands(256 * 24), shards=24, max_workers=2, deadline=600)
+    after = [a.outcome for a in attempts if a.worker == flip.peer_id and a.started > demoted_at[0]]
+    assert after == [], after

@@ -436,6 +436,8 @@ class _JobRun:
         self.attempt_counts: dict[int, int] = {}
         self.redundant_answers: dict[int, list[tuple[str, np.ndarray, Receipt]]] = {}
         self.banned: set[str] = set()
+        #: worker -> when its slots may send again after a busy or failed answer.
+        self._resume_at: dict[str, float] = {}
         #: Wrong results proven against each worker in this job.
         self.rejected_by: dict[str, int] = {}
         #: Workers whose attempt was cancelled before their shard was accepted elsewhere.
@@ -1326,6 +1328,18 @@ class _JobRun:
         # the workers its check needs (a review: a one-worker job failed, and a redundant
         # job waited out its deadline).
         demoted_before = self.s.book.excluded(worker, self.s.clock.now()) is not None
+
+        def held_back() -> bool:
+            # Asked again once a token is in hand: the worker's standing may have changed
+            # while this slot waited for it (a review: a slot waiting beside a straggler's
+            # last shard sent it another after its demotion, and one beside a "busy" answer
+            # sent at once what the answered slot was backing off from).
+            return (
+                (not demoted_before and self._straggler_out(worker))
+                or (slot > 0 and not self.s.book.get(worker).measured)
+                or self._resume_at.get(worker, 0.0) > trio.current_time()
+            )
+
         while not self.done.is_set() and worker not in self.banned:
             if not demoted_before and self._straggler_out(worker):
                 self._leave(worker, f"demoted during the job: {STRAGGLER}")
@@ -1337,10 +1351,14 @@ class _JobRun:
                 with trio.move_on_after(0.1):
                     await wakeup.wait()
                 continue
+            pause = self._resume_at.get(worker, 0.0) - trio.current_time()
+            if pause > 0:
+                await trio.sleep(pause)  # a busy or failed answer: every slot backs off
+                continue
             await at_worker.acquire()
-            if self.done.is_set() or worker in self.banned:
+            if self.done.is_set() or worker in self.banned or held_back():
                 at_worker.release()
-                break
+                continue  # the loop's own checks say what comes next
             choice = self.next_shard(worker)
             if choice is None:
                 at_worker.release()
@@ -1358,7 +1376,7 @@ class _JobRun:
                     self.s.book.failed(worker, "busy", self.s.clock.now())
                     self._leave(worker, f"busy {busy_in_a_row} times in a row")
                     return
-                await trio.sleep(min(5.0, 0.2 * 2**busy_in_a_row))
+                self._back_off(worker, min(5.0, 0.2 * 2**busy_in_a_row))
                 continue
             busy_in_a_row = 0
             if outcome in ("failed", "timeout", "misbehaved"):
@@ -1373,9 +1391,14 @@ class _JobRun:
                     # Give up on a worker that keeps failing; a replacement takes over.
                     self._leave(worker, f"failed {failures_in_a_row} shards in a row")
                     return
-                await trio.sleep(min(2.0, 0.1 * 2**failures_in_a_row))
+                self._back_off(worker, min(2.0, 0.1 * 2**failures_in_a_row))
             else:
                 failures_in_a_row = 0
+
+    def _back_off(self, worker: str, seconds: float) -> None:
+        """Send ``worker`` nothing more of this job for ``seconds`` (from any slot)."""
+        until = trio.current_time() + seconds
+        self._resume_at[worker] = max(self._resume_at.get(worker, 0.0), until)
 
 
 class Scheduler:

@@ -675,3 +675,42 @@ async def test_a_straggler_demoted_while_a_slot_waits_gets_no_more_shards(
         await requester.submit("matmul", operands(256 * 24), shards=24, max_workers=2, deadline=600)
     after = [a.outcome for a in attempts if a.worker == flip.peer_id and a.started > demoted_at[0]]
     assert after == [], after
+
+
+async def test_a_stalling_straggler_stays_out_after_its_stalled_shards_time_out(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A worker demoted as a straggler takes no more shards of a running job, even once the
+    shards it stalls on time out: their failures extend the demotion and must keep its
+    reason (found in review: "2 failures in a row" replaced it, and the job sent two more)."""
+    rng = np.random.default_rng(1)
+
+    def operands(rows: int) -> dict[str, np.ndarray]:
+        return {
+            "a": rng.standard_normal((rows, 250)).astype("float32"),
+            "b": rng.standard_normal((250, 250)).astype("float32"),
+        }
+
+    async with cluster(["requester", "flip", "good"], timing=QUIET) as c:
+        flip = await c.start("flip", "WEU", price=0.5)
+        await c.start("good", "WEU", price=1.0)
+        requester = await c.start("requester", "WEU", serve=False)
+        await c.settle()
+        await requester.submit("matmul", operands(256 * 4), shards=4, max_workers=2)
+        assert requester.peers.get(flip.peer_id).measured
+        c.peers["flip"].device.behaviour = "stall"  # from now on it takes shards and stalls
+        attempts = attempts_of(requester)
+        demoted_at: list[float] = []
+
+        async def another_job_cuts_it_off() -> None:
+            await trio.sleep(1.0)
+            for _ in range(3):  # what three cut-offs in other jobs record
+                requester.peers.failed(flip.peer_id, "slow", requester.clock.now(), STRAGGLER)
+            demoted_at.append(trio.current_time())
+
+        c.nursery.start_soon(another_job_cuts_it_off)
+        await requester.submit("matmul", operands(256 * 24), shards=24, max_workers=2, deadline=600)
+        reason = requester.peers.excluded(flip.peer_id, requester.clock.now())
+    assert reason is not None and reason.startswith(STRAGGLER), reason
+    after = [a.outcome for a in attempts if a.worker == flip.peer_id and a.started > demoted_at[0]]
+    assert after == [], after

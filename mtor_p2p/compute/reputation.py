@@ -282,6 +282,11 @@ class PeerBook:
         if detail and reason:
             reason = f"{reason}: {detail[:120]}"
         if until > standing.demoted_until:
+            if standing.reason.startswith(STRAGGLER) and standing.demoted_until > now:
+                # Still a straggler, now failing too: a running job reads the reason's first
+                # word to take it out (a review: two timeouts of its stalled shards renamed
+                # the demotion, and the job sent it two more).
+                reason = f"{STRAGGLER}, then {reason}"
             standing.demoted_until, standing.reason = until, reason
 
     def forget(self, peer_id: str) -> bool:

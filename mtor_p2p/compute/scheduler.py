@@ -584,7 +584,6 @@ class _JobRun:
         outcome = "cancelled"
         book = self.s.book
         out = self._claim_rows(index, record)
-        self.s.attempts_under_way += 1  # undone in the finally clause below
         try:
             with scope:
                 metas = await self.describe_shard(index, operands)
@@ -662,7 +661,6 @@ class _JobRun:
             # chunk tasks have): the rows may go to the next attempt unless they are accepted.
             if index not in self.placed:
                 self._release_rows(index, record)
-            self.s.attempts_under_way -= 1
             attempts = self.running.get(index, [])
             if record in attempts:
                 attempts.remove(record)
@@ -1054,7 +1052,7 @@ class _JobRun:
             flops=flops,
             cheap=sketch is not None
             and flops <= CHEAP_CHECK_FLOPS
-            and self._alone_on_the_loop()
+            and self._alone_in_the_job(index)
             and blas.single_threaded(),  # ctypes calls: 2% of a busy loop, asked last
         )
         if ok:
@@ -1112,7 +1110,6 @@ class _JobRun:
                 flops=flops,
                 cheap=a.size <= CHEAP_SKETCH_ELEMENTS
                 and flops <= CHEAP_CHECK_FLOPS
-                and self._alone_on_the_loop()
                 and blas.single_threaded(),
             )
             if self._sketch is sketch:  # not redrawn meanwhile (a failed check)
@@ -1143,18 +1140,18 @@ class _JobRun:
                     flops=flops,
                     cheap=b.size <= CHEAP_SKETCH_ELEMENTS
                     and flops <= CHEAP_CHECK_FLOPS
-                    and self._alone_on_the_loop()
                     and blas.single_threaded(),
                 )
             return self._sketch
 
-    def _alone_on_the_loop(self) -> bool:
-        """Whether at most one shard attempt (this job's) is under way in this scheduler: a
-        small check or sketch then runs on the event loop, where it costs least (the round
-        trip's latency). Beside other attempts, of this job or another, the event loop is what
-        limits them (sending, receiving, hashing for each: it was runnable 95% of a B-shared
-        512² job), and the same work on a thread runs on another core."""
-        return self.s.attempts_under_way <= 1
+    def _alone_in_the_job(self, index: int) -> bool:
+        """Whether no other shard of this job is under way: a small check then runs on the
+        event loop, where it costs least (the round trip's latency). Beside other shards the
+        event loop is what limits them (sending, receiving, hashing for each: it was runnable
+        95% of a B-shared 512² job), and the check on a thread runs on another core. Not
+        across jobs: with four one-shard jobs at once, each job's sketch, A's side and check
+        on threads gave 106.7 -> 102.5 shards/s on two cores (BENCHMARKS.md)."""
+        return not any(other != index for other in self.running)
 
     def _check(
         self,
@@ -1474,8 +1471,6 @@ class Scheduler:
         self._settled_changed = trio.Event()
         #: Counters of this requester's jobs and shards (the metrics read them).
         self.stats = SchedulerStats()
-        #: Shard attempts of all jobs begun and not yet ended (answers being judged included).
-        self.attempts_under_way = 0
         #: Shard attempts sent, by the worker's GPU class (mtor_p2p/insight.py's demand).
         self.shards_sent = EventWindow()
         #: The last PLAN_NOTES jobs' plans (challenges aside), oldest first.

@@ -149,21 +149,20 @@ class RecycledArrays:
     Why: an array above glibc's largest mmap threshold (32 MiB) is a fresh mapping each
     time, faulted in a page at a time as it is first written: 0.43-0.51 ms per MiB of small
     pages on the project's VM (Intel Xeon, 2026-12-05), against 0.10 ms to write memory
-    already mapped.
-    In a requester's B-shared 512² job, copying each answer into the job's output was 11-14%
-    of its event loop's samples, nearly all of it those faults.
+    already mapped. In a requester's B-shared 512² job, copying each answer into the job's
+    output was 11-14% of its event loop's samples, nearly all of it those faults.
 
     A region comes back once the last array or view on it is gone (a weak reference to the
     buffer NumPy holds). It is then advised ``MADV_FREE``, before anyone may take it: the
     kernel may take its pages back if memory runs short (the next write then faults in fresh
     ones), and otherwise leaves them mapped (a write costs 0.21-0.24 ms per MiB there); a
-    region the kernel refuses that advice for is unmapped, not kept. They count in the
+    region the kernel refuses that advice for is unmapped, not kept. Such pages count in the
     process's RSS until taken back. Where there is no MADV_FREE, arrays come from
-    ``np.empty``. At most
-    :data:`RECYCLED_FREE_REGIONS` regions and :data:`RECYCLED_FREE_BYTES` wait for reuse; a
-    region is reused for an array of at least half its size. Thread-safe; a region given
-    back while another thread holds the lock is unmapped instead of waited for (a weak
-    reference's callback may run inside any allocation).
+    ``np.empty``. At most :data:`RECYCLED_FREE_REGIONS` regions and
+    :data:`RECYCLED_FREE_BYTES` wait for reuse; a region is reused for an array of at least
+    half its size. Thread-safe; a region given back while another thread holds the lock is
+    unmapped instead of waited for (a weak reference's callback may run inside any
+    allocation).
     """
 
     def __init__(

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import numpy as np
 import pytest
@@ -620,6 +622,33 @@ async def test_a_worker_failing_a_few_shards_is_not_dropped_from_a_job_that_need
         assert trio.current_time() - started < 100
 
 
+def _straggler_operands(rng: np.random.Generator, rows: int) -> dict[str, np.ndarray]:
+    return {
+        "a": rng.standard_normal((rows, 250)).astype("float32"),
+        "b": rng.standard_normal((250, 250)).astype("float32"),
+    }
+
+
+@asynccontextmanager
+async def _measured_flip_beside_a_good_worker() -> AsyncIterator[tuple[Cluster, Node, Node]]:
+    """A memnet cluster of a requester and two workers, "flip" (the cheaper) measured by a
+    first job: (cluster, flip, requester)."""
+    async with cluster(["requester", "flip", "good"], timing=QUIET) as c:
+        flip = await c.start("flip", "WEU", price=0.5)
+        await c.start("good", "WEU", price=1.0)
+        requester = await c.start("requester", "WEU", serve=False)
+        await c.settle()
+        operands = _straggler_operands(np.random.default_rng(0), 256 * 4)
+        await requester.submit("matmul", operands, shards=4, max_workers=2)
+        assert requester.peers.get(flip.peer_id).measured
+        yield c, flip, requester
+
+
+def _demote_as_straggler(requester: Node, worker: Node) -> None:
+    for _ in range(3):  # what three cut-offs in other jobs record
+        requester.peers.failed(worker.peer_id, "slow", requester.clock.now(), STRAGGLER)
+
+
 async def test_a_straggler_demoted_while_a_slot_waits_gets_no_more_shards(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
@@ -630,21 +659,7 @@ async def test_a_straggler_demoted_while_a_slot_waits_gets_no_more_shards(
     from mtor_p2p.compute.protocol import MAX_RUN_REQUEST_BYTES, PROTOCOL_RUN
     from mtor_p2p.network import RemoteError
 
-    rng = np.random.default_rng(1)
-
-    def operands(rows: int) -> dict[str, np.ndarray]:
-        return {
-            "a": rng.standard_normal((rows, 250)).astype("float32"),
-            "b": rng.standard_normal((250, 250)).astype("float32"),
-        }
-
-    async with cluster(["requester", "flip", "good"], timing=QUIET) as c:
-        flip = await c.start("flip", "WEU", price=0.5)
-        await c.start("good", "WEU", price=1.0)
-        requester = await c.start("requester", "WEU", serve=False)
-        await c.settle()
-        await requester.submit("matmul", operands(256 * 4), shards=4, max_workers=2)
-        assert requester.peers.get(flip.peer_id).measured
+    async with _measured_flip_beside_a_good_worker() as (c, flip, requester):
         attempts = attempts_of(requester)
         demoted = trio.Event()
         demoted_at: list[float] = []
@@ -666,13 +681,13 @@ async def test_a_straggler_demoted_while_a_slot_waits_gets_no_more_shards(
 
         async def another_job_cuts_it_off() -> None:
             await trio.sleep(0.5)
-            for _ in range(3):
-                requester.peers.failed(flip.peer_id, "slow", requester.clock.now(), STRAGGLER)
+            _demote_as_straggler(requester, flip)
             demoted_at.append(trio.current_time())
             demoted.set()
 
         c.nursery.start_soon(another_job_cuts_it_off)
-        await requester.submit("matmul", operands(256 * 24), shards=24, max_workers=2, deadline=600)
+        operands = _straggler_operands(np.random.default_rng(1), 256 * 24)
+        await requester.submit("matmul", operands, shards=24, max_workers=2, deadline=600)
     after = [a.outcome for a in attempts if a.worker == flip.peer_id and a.started > demoted_at[0]]
     assert after == [], after
 
@@ -683,33 +698,19 @@ async def test_a_stalling_straggler_stays_out_after_its_stalled_shards_time_out(
     """A worker demoted as a straggler takes no more shards of a running job, even once the
     shards it stalls on time out: their failures extend the demotion and must keep its
     reason (found in review: "2 failures in a row" replaced it, and the job sent two more)."""
-    rng = np.random.default_rng(1)
-
-    def operands(rows: int) -> dict[str, np.ndarray]:
-        return {
-            "a": rng.standard_normal((rows, 250)).astype("float32"),
-            "b": rng.standard_normal((250, 250)).astype("float32"),
-        }
-
-    async with cluster(["requester", "flip", "good"], timing=QUIET) as c:
-        flip = await c.start("flip", "WEU", price=0.5)
-        await c.start("good", "WEU", price=1.0)
-        requester = await c.start("requester", "WEU", serve=False)
-        await c.settle()
-        await requester.submit("matmul", operands(256 * 4), shards=4, max_workers=2)
-        assert requester.peers.get(flip.peer_id).measured
+    async with _measured_flip_beside_a_good_worker() as (c, flip, requester):
         c.peers["flip"].device.behaviour = "stall"  # from now on it takes shards and stalls
         attempts = attempts_of(requester)
         demoted_at: list[float] = []
 
         async def another_job_cuts_it_off() -> None:
             await trio.sleep(1.0)
-            for _ in range(3):  # what three cut-offs in other jobs record
-                requester.peers.failed(flip.peer_id, "slow", requester.clock.now(), STRAGGLER)
+            _demote_as_straggler(requester, flip)
             demoted_at.append(trio.current_time())
 
         c.nursery.start_soon(another_job_cuts_it_off)
-        await requester.submit("matmul", operands(256 * 24), shards=24, max_workers=2, deadline=600)
+        operands = _straggler_operands(np.random.default_rng(1), 256 * 24)
+        await requester.submit("matmul", operands, shards=24, max_workers=2, deadline=600)
         reason = requester.peers.excluded(flip.peer_id, requester.clock.now())
     assert reason is not None and reason.startswith(STRAGGLER), reason
     after = [a.outcome for a in attempts if a.worker == flip.peer_id and a.started > demoted_at[0]]

@@ -209,6 +209,9 @@ class JobResult:
 
     job_id: str
     kernel: str
+    #: The job's result. Above 32 MiB it lies in memory that the next job's output reuses
+    #: once this array and every view of it are gone (``memory.RECYCLED``): an ordinary
+    #: writable array, though one that does not own its data (``ndarray.resize`` refuses it).
     output: np.ndarray
     shards: list[ShardResult]
     seconds: float

@@ -162,12 +162,27 @@ async def test_slices_are_hashed_ahead_on_the_blocking_hook_each_once(
         monkeypatch.setattr(runtime, "run_blocking", spy)
         counts = count_hashing(monkeypatch)
         result = await requester.submit("matmul", operands, shards=4, max_workers=1)
-    np.testing.assert_allclose(result.output, operands["a"] @ operands["b"], rtol=1e-5)
-    # The first shards' slices are hashed as they are sent; the rest ahead, at most 3 a call.
-    assert batches and sum(batches) >= 1 and max(batches) <= 3, batches
-    # requester: b, 4 slices, 4 outputs; worker: 4 slices, 4 outputs (b is resident there
-    # since the trial job).
-    assert counts["whole"] == (1 + 4 + 4) + (4 + 4)
+        np.testing.assert_allclose(result.output, operands["a"] @ operands["b"], rtol=1e-5)
+        # The first shards' slices are hashed as they are sent; the rest ahead, at most 3 a
+        # call.
+        assert batches and sum(batches) >= 1 and max(batches) <= 3, batches
+        # requester: b, 4 slices, 4 outputs; worker: 4 slices, 4 outputs (b is resident
+        # there since the trial job).
+        assert counts["whole"] == (1 + 4 + 4) + (4 + 4)
+        # A shard that reaches the hashing ahead waits for it, and the other way round: with
+        # slow hashing on the blocking hook both meet, and still each slice is hashed once.
+        counts.clear()
+
+        async def slow_hashing(fn: Any, *args: Any, **kwargs: Any) -> Any:
+            if getattr(fn, "__name__", "") in ("hash_slices", "hash_all"):
+                await trio.sleep(0.05)
+            return await original(fn, *args, **kwargs)
+
+        monkeypatch.setattr(runtime, "run_blocking", slow_hashing)
+        a = RNG.standard_normal((16 * 8, 48)).astype("float32")
+        result = await requester.submit("matmul", {**operands, "a": a}, shards=8, max_workers=1)
+    np.testing.assert_allclose(result.output, a @ operands["b"], rtol=1e-5)
+    assert counts["whole"] == (1 + 8 + 8) + (8 + 8), counts
 
 
 async def test_hashing_a_shards_operands_is_not_counted_as_the_workers_time(

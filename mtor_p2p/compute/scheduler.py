@@ -388,6 +388,9 @@ class _JobRun:
         #: shard -> its operands' descriptions (a slice of a split operand is hashed once,
         #: however many attempts the shard takes).
         self.shard_metas: dict[int, dict[str, ArrayMeta]] = {}
+        #: Shards whose slices are being hashed now (by describe_shard or describe_ahead):
+        #: the other waits for that rather than hashing them again.
+        self._describing: dict[int, trio.Event] = {}
         # The job's description: the whole operands by content, the split ones (hashed slice
         # by slice, never whole) by shape and element type. The ID is opaque to every other
         # peer (receipts name each shard's own inputs by content), and the nonce makes it
@@ -732,10 +735,16 @@ class _JobRun:
         if len(self.ranges) <= 1 or not self.kernel.split_operands:
             return
         await self.operands_out.wait()
+        try:
+            await self._describe_rest()
+        except Exception as exc:  # out of memory, say: each shard then hashes its own
+            log.debug("job %s: hashing slices ahead failed: %s", self.job_id[:12], exc)
+
+    async def _describe_rest(self) -> None:
         batch: list[int] = []
         batch_bytes = 0
         for index in range(len(self.ranges)):
-            if index in self.shard_metas:
+            if index in self.shard_metas or index in self._describing:
                 continue
             start, stop = self.ranges[index]
             operands = self.kernel.shard_operands(self.spec.operands, start, stop)
@@ -749,9 +758,13 @@ class _JobRun:
         split = self.kernel.split_operands
         shards = {}
         for index in indices:
-            if index not in self.shard_metas:  # described meanwhile by its first attempt
+            # Not one described meanwhile, or being described, by its first attempt.
+            if index not in self.shard_metas and index not in self._describing:
                 start, stop = self.ranges[index]
                 shards[index] = self.kernel.shard_operands(self.spec.operands, start, stop)
+        hashing = trio.Event()
+        for index in shards:
+            self._describing[index] = hashing
 
         def hash_slices() -> dict[int, dict[str, ArrayMeta]]:
             return {
@@ -759,23 +772,40 @@ class _JobRun:
                 for index, operands in shards.items()
             }
 
-        described = await self.s.runtime.run_blocking(hash_slices)
-        for index, operands in shards.items():
-            if index not in self.shard_metas:
+        try:
+            described = await self.s.runtime.run_blocking(hash_slices)
+            for index, operands in shards.items():
                 # As describe_shard makes it: the job's own for whole operands.
                 self.shard_metas[index] = {
                     name: described[index][name] if name in split else self.metas[name]
                     for name in operands
                 }
+        finally:
+            for index in shards:
+                del self._describing[index]
+            hashing.set()
 
     async def describe_shard(
         self, index: int, operands: dict[str, np.ndarray]
     ) -> dict[str, ArrayMeta]:
         """The descriptions of shard ``index``'s operands: the job's own for whole operands,
         a slice's hashed once (on the shard's first attempt) and kept for its retries."""
+        hashing = self._describing.get(index)
+        if hashing is not None:
+            await hashing.wait()  # describe_ahead has it in hand
         known = self.shard_metas.get(index)
         if known is not None:
             return known
+        self._describing[index] = hashing = trio.Event()
+        try:
+            return await self._describe_now(index, operands)
+        finally:
+            del self._describing[index]
+            hashing.set()
+
+    async def _describe_now(
+        self, index: int, operands: dict[str, np.ndarray]
+    ) -> dict[str, ArrayMeta]:
         metas: dict[str, ArrayMeta] = {}
         slices: dict[str, np.ndarray] = {}
         for name, array in operands.items():

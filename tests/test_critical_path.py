@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -62,6 +62,24 @@ def count_hashing(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
     monkeypatch.setattr(arrays, "content_hash", counted_whole)
     monkeypatch.setattr(worker_module, "content_hasher", counted_incremental)
     return counts
+
+
+def cheap_flags(
+    monkeypatch: pytest.MonkeyPatch, node: Node, picks: Callable[[str], bool]
+) -> list[bool]:
+    """The ``cheap`` argument (on the event loop or not) of each blocking call of ``node``'s
+    scheduler whose function's qualified name ``picks`` chooses, in order."""
+    runtime = node.scheduler.runtime
+    original = runtime.run_blocking
+    flags: list[bool] = []
+
+    async def spy(fn: Any, *args: Any, cheap: bool = False, **kwargs: Any) -> Any:
+        if picks(getattr(fn, "__qualname__", "")):
+            flags.append(cheap)
+        return await original(fn, *args, cheap=cheap, **kwargs)
+
+    monkeypatch.setattr(runtime, "run_blocking", spy)
+    return flags
 
 
 def count_uploads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
@@ -905,17 +923,8 @@ async def test_only_a_small_sketch_is_made_on_the_event_loop(
     from mtor_p2p.compute import blas, scheduler
 
     monkeypatch.setattr(blas, "single_threaded", lambda: True)
-    seen: list[bool] = []
     async with one_worker() as (requester, _):
-        runtime = requester.scheduler.runtime
-        original = runtime.run_blocking
-
-        async def spy(fn: Any, *args: Any, cheap: bool = False, **kwargs: Any) -> Any:
-            if "_freivalds_sketch" in getattr(fn, "__qualname__", ""):
-                seen.append(cheap)
-            return await original(fn, *args, cheap=cheap, **kwargs)
-
-        monkeypatch.setattr(runtime, "run_blocking", spy)
+        seen = cheap_flags(monkeypatch, requester, lambda name: "_freivalds_sketch" in name)
         for k, n in ((48, 32), (1024, 600)):
             assert (k * n <= scheduler.CHEAP_SKETCH_ELEMENTS) is (k == 48)
             assert 2 * 20 * k * n <= scheduler.CHEAP_CHECK_FLOPS
@@ -940,17 +949,8 @@ async def test_checks_beside_other_shards_go_to_a_thread_a_lone_one_stays_inline
     from mtor_p2p.compute import blas
 
     monkeypatch.setattr(blas, "single_threaded", lambda: True)
-    inline: list[bool] = []
     async with one_worker() as (requester, _):
-        runtime = requester.scheduler.runtime
-        original = runtime.run_blocking
-
-        async def spy(fn: Any, *args: Any, cheap: bool = False, **kwargs: Any) -> Any:
-            if getattr(fn, "__name__", "") == "_check":
-                inline.append(cheap)
-            return await original(fn, *args, cheap=cheap, **kwargs)
-
-        monkeypatch.setattr(runtime, "run_blocking", spy)
+        inline = cheap_flags(monkeypatch, requester, lambda name: name == "_JobRun._check")
         operands = small_operands()
         await requester.submit("matmul", operands, shards=1, max_workers=1)
         assert inline == [True]

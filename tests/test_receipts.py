@@ -16,6 +16,7 @@ from mtor_p2p.records.receipts import (
     ReceiptBody,
     countersign,
     decode_receipt,
+    parse_receipt,
     sign_as_worker,
     verify_receipt,
 )
@@ -193,3 +194,43 @@ def test_receipt_numbers_out_of_range_are_rejected(field):
     bad = complete_receipt(**{field: 1e300})
     with pytest.raises(RecordError, match="between"):
         decode_receipt(bad.encode())
+
+
+def test_a_worker_signature_is_verified_once_per_receipt_and_never_skipped_unverified(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Countersigning a receipt whose worker signature was verified in this process does not
+    verify it again (its object is immutable); one parsed but not verified, or built with a
+    forged signature, is verified, and refused."""
+    import mtor_p2p.records.receipts as receipts
+
+    calls: list[bytes] = []
+    real = receipts.verify_signature
+
+    def counted(key: object, signature: bytes, message: bytes) -> bool:
+        calls.append(signature)
+        return real(key, signature, message)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(receipts, "verify_signature", counted)
+    # A shard no other test signs: decode_receipt's cache has not seen these bytes.
+    worker_half = sign_as_worker(WORKER, body(shard=987_654)).encode()
+    received = decode_receipt(worker_half, require_complete=False)
+    assert len(calls) == 1
+    countersigned = countersign(REQUESTER, received)
+    assert len(calls) == 1  # not again
+    verify_receipt(countersigned)
+    assert len(calls) == 2  # the requester's signature only
+
+    parsed = parse_receipt(worker_half)  # fields only: no signature verified yet
+    assert len(calls) == 2
+    countersign(REQUESTER, parsed)
+    assert len(calls) == 3
+
+    forged = dataclasses.replace(received, worker_signature=bytes(64))
+    with pytest.raises(RecordError, match="worker signature does not verify"):
+        countersign(REQUESTER, forged)
+    unverified = parse_receipt(forged.encode())
+    with pytest.raises(RecordError, match="worker signature does not verify"):
+        verify_receipt(unverified, require_complete=False)
+    with pytest.raises(RecordError, match="worker signature does not verify"):
+        verify_receipt(unverified, require_complete=False)  # and again: nothing was cached

@@ -24,7 +24,7 @@ import hashlib
 import re
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from mtor_p2p.identity import Identity, public_key_from_peer_id, verify_signature
@@ -57,6 +57,16 @@ class ReceiptBody:
     worker: str  # peer ID
     requester: str  # peer ID
     price: float  # credits per TFLOP
+    #: canonical(body), made once: the body is signed, verified, countersigned and encoded,
+    #: each over these bytes (not part of the body's value).
+    _canonical: bytes | None = field(default=None, init=False, compare=False, repr=False)
+
+    def canonical(self) -> bytes:
+        """The body's canonical JSON bytes (what both signatures cover)."""
+        if self._canonical is None:
+            object.__setattr__(self, "_canonical", canonical_json(self.to_json()))
+        assert self._canonical is not None
+        return self._canonical
 
     @property
     def cost(self) -> float:
@@ -89,7 +99,7 @@ class ReceiptBody:
         }
 
 
-_BODY_FIELDS = set(ReceiptBody.__dataclass_fields__)
+_BODY_FIELDS = {name for name in ReceiptBody.__dataclass_fields__ if not name.startswith("_")}
 
 
 def shard_cost_nano(price: float, flops: int) -> int:
@@ -159,6 +169,11 @@ class Receipt:
     body: ReceiptBody
     worker_signature: bytes
     requester_signature: bytes | None = None
+    #: Set by :func:`verify_receipt` once the worker's signature has verified in this process
+    #: (the object is immutable, so it stays so): countersigning it need not verify it again.
+    #: Never part of the receipt's value, and no constructor sets it.
+    _worker_verified: bool = field(default=False, init=False, compare=False, repr=False)
+    _encoded: bytes | None = field(default=None, init=False, compare=False, repr=False)
 
     @property
     def complete(self) -> bool:
@@ -166,7 +181,10 @@ class Receipt:
         return self.requester_signature is not None
 
     def encode(self) -> bytes:
-        """The canonical bytes of this receipt."""
+        """The canonical bytes of this receipt (made once: a countersigned receipt is encoded
+        for its batch's size, its request, the receipt store and the ledger)."""
+        if self._encoded is not None:
+            return self._encoded
         data = canonical_json(
             {
                 "b": self.body.to_json(),
@@ -180,6 +198,7 @@ class Receipt:
         )
         if len(data) > MAX_RECEIPT_BYTES:
             raise RecordError(f"receipt is {len(data)} bytes, limit is {MAX_RECEIPT_BYTES}")
+        object.__setattr__(self, "_encoded", data)
         return data
 
     @property
@@ -188,14 +207,12 @@ class Receipt:
         return f"{self.body.job_id}:{self.body.shard}"
 
 
-def _worker_message(body: ReceiptBody, canonical: bytes | None = None) -> bytes:
-    return _WORKER_DOMAIN + (canonical or canonical_json(body.to_json()))
+def _worker_message(body: ReceiptBody) -> bytes:
+    return _WORKER_DOMAIN + body.canonical()
 
 
-def _requester_message(
-    body: ReceiptBody, worker_signature: bytes, canonical: bytes | None = None
-) -> bytes:
-    return _REQUESTER_DOMAIN + (canonical or canonical_json(body.to_json())) + worker_signature
+def _requester_message(body: ReceiptBody, worker_signature: bytes) -> bytes:
+    return _REQUESTER_DOMAIN + body.canonical() + worker_signature
 
 
 def sign_as_worker(identity: Identity, body: ReceiptBody) -> Receipt:
@@ -209,24 +226,30 @@ def countersign(identity: Identity, receipt: Receipt) -> Receipt:
     """The requester's half, after verification (the identity must be the body's requester)."""
     if identity.peer_id != receipt.body.requester:
         raise RecordError("only the receipt's requester can countersign it")
-    verify_receipt(receipt, require_complete=False)
+    verify_receipt(receipt, require_complete=False)  # at once if verified here before
     signature = identity.sign(_requester_message(receipt.body, receipt.worker_signature))
-    return Receipt(receipt.body, receipt.worker_signature, signature)
+    countersigned = Receipt(receipt.body, receipt.worker_signature, signature)
+    object.__setattr__(countersigned, "_worker_verified", True)
+    return countersigned
 
 
 def verify_receipt(receipt: Receipt, *, require_complete: bool = True) -> None:
-    """Raise RecordError unless the worker's (and, if required, requester's) signature holds."""
+    """Raise RecordError unless the worker's (and, if required, requester's) signature holds.
+
+    The worker's signature is verified once per receipt object: a receipt verified before in
+    this process (it is immutable) is not verified again."""
     body = receipt.body
-    canonical = canonical_json(body.to_json())
-    worker_key = public_key_from_peer_id(body.worker)
-    if not verify_signature(worker_key, receipt.worker_signature, _worker_message(body, canonical)):
-        raise RecordError("worker signature does not verify")
+    if not receipt._worker_verified:
+        worker_key = public_key_from_peer_id(body.worker)
+        if not verify_signature(worker_key, receipt.worker_signature, _worker_message(body)):
+            raise RecordError("worker signature does not verify")
+        object.__setattr__(receipt, "_worker_verified", True)
     if receipt.requester_signature is None:
         if require_complete:
             raise RecordError("receipt is not countersigned")
         return
     requester_key = public_key_from_peer_id(body.requester)
-    message = _requester_message(body, receipt.worker_signature, canonical)
+    message = _requester_message(body, receipt.worker_signature)
     if not verify_signature(requester_key, receipt.requester_signature, message):
         raise RecordError("requester signature does not verify")
 
@@ -259,7 +282,23 @@ def decode_receipt(data: bytes, *, require_complete: bool = True) -> Receipt:
     return receipt
 
 
+def parse_receipt(data: bytes) -> Receipt:
+    """Parse and validate a receipt's canonical bytes without verifying its signatures
+    (raises RecordError): its fields may be compared with what was asked, but nothing in it
+    is the worker's word until :func:`verify_receipt` has passed (a requester verifies an
+    answer's receipt beside its check, off the event loop)."""
+    if len(data) > MAX_RECEIPT_BYTES:
+        raise RecordError(f"receipt of {len(data)} bytes exceeds the limit of {MAX_RECEIPT_BYTES}")
+    return _parse_receipt(data)
+
+
 def _decode_receipt(data: bytes, *, require_complete: bool) -> Receipt:
+    receipt = _parse_receipt(data)
+    verify_receipt(receipt, require_complete=require_complete)
+    return receipt
+
+
+def _parse_receipt(data: bytes) -> Receipt:
     obj = parse_canonical(data, max_bytes=MAX_RECEIPT_BYTES)
     if not isinstance(obj, dict) or set(obj) != {"b", "r", "t", "v", "w"}:
         raise RecordError("receipt must have exactly the fields b, r, t, v, w")
@@ -272,5 +311,4 @@ def _decode_receipt(data: bytes, *, require_complete: bool) -> Receipt:
         if obj["r"] is None
         else b64_field(obj["r"], "requester signature", 64),
     )
-    verify_receipt(receipt, require_complete=require_complete)
     return receipt

@@ -950,7 +950,7 @@ async def test_checks_beside_other_shards_go_to_a_thread_a_lone_one_stays_inline
 
     monkeypatch.setattr(blas, "single_threaded", lambda: True)
     async with one_worker() as (requester, _):
-        inline = cheap_flags(monkeypatch, requester, lambda name: name == "_JobRun._check")
+        inline = cheap_flags(monkeypatch, requester, lambda name: name == "_JobRun._verified_check")
         operands = small_operands()
         await requester.submit("matmul", operands, shards=1, max_workers=1)
         assert inline == [True]
@@ -1218,3 +1218,60 @@ def test_countersign_batches_keep_to_the_count_and_the_bytes() -> None:
     sizes = [sum(r.size for r in b) for b in client.countersign_batches(large)]  # type: ignore[arg-type]
     assert all(size <= MAX_COUNTERSIGN_BATCH_BYTES for size in sizes) and sum(sizes) == 120_000
     assert MAX_COUNTERSIGN_BATCH == 32
+
+
+def tampered_answer(reply: bytes, how: str) -> bytes:
+    """A worker's run answer with its inline output's first byte flipped (``how`` =
+    "output") or its receipt's worker signature changed (``"signature"``); both still parse."""
+    import base64
+    import json
+
+    header, body = arrays.unpack_view(reply)
+    data = bytearray(body)
+    if how == "output":
+        data[0] ^= 0x40
+    else:
+        receipt = json.loads(base64.b64decode(header["receipt"]))
+        signature = bytearray(base64.b64decode(receipt["w"]))
+        signature[5] ^= 0x01
+        receipt["w"] = base64.b64encode(bytes(signature)).decode("ascii")
+        encoded = json.dumps(receipt, sort_keys=True, separators=(",", ":")).encode()
+        header["receipt"] = base64.b64encode(encoded).decode("ascii")
+    return arrays.pack(header, bytes(data))
+
+
+@pytest.mark.parametrize("how", ["output", "signature"])
+async def test_an_answer_whose_hash_or_signature_fails_beside_other_shards_is_the_workers_fault(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    """An answer's output hash and receipt signature are verified with its check (on the
+    check's thread beside other shards of the job, not on the event loop): a worker whose
+    answer fails either is out of the job as malformed, its shards are done elsewhere, and
+    nothing of its answers is paid for or kept."""
+    from mtor_p2p.compute import blas
+
+    monkeypatch.setattr(blas, "single_threaded", lambda: True)
+    async with cluster(["requester", "honest", "liar"]) as c:
+        honest = await c.start("honest", "WEU")
+        liar = await c.start("liar", "WEU")
+        requester = await c.start("requester", "WEU", serve=False)
+        await c.settle()
+        serve = liar.worker._on_run
+
+        async def lying(sender: str, request: bytes) -> Any:
+            return tampered_answer(bytes(await serve(sender, request)), how)
+
+        liar.network.handle(
+            worker_module.PROTOCOL_RUN, lying, max_request_bytes=1 << 30, timeout=60.0
+        )
+        threaded = cheap_flags(
+            monkeypatch, requester, lambda name: name == "_JobRun._verified_check"
+        )
+        operands = small_operands()
+        result = await requester.submit("matmul", operands, shards=8, max_workers=2)
+    np.testing.assert_allclose(result.output, operands["a"] @ operands["b"], rtol=1e-5)
+    assert result.workers == [honest.peer_id], result.workers
+    reason = result.workers_out[liar.peer_id]
+    expected = "hash mismatch" if how == "output" else "worker signature does not verify"
+    assert "malformed answer" in reason and expected in reason, reason
+    assert False in threaded  # at least one answer was verified off the event loop

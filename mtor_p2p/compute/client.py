@@ -44,14 +44,16 @@ from mtor_p2p.records.arrays import (
     HASH_OFF_LOOP_BYTES,
     ArrayMeta,
     array_from_bytes,
+    array_view_unhashed,
     as_bytes,
+    check_hash,
     meta_of,
     pack,
     pack_gathered,
     unpack,
     unpack_view,
 )
-from mtor_p2p.records.receipts import Receipt, decode_receipt
+from mtor_p2p.records.receipts import Receipt, decode_receipt, parse_receipt, verify_receipt
 from mtor_p2p.runtime import BlockingRunner
 
 log = logging.getLogger(__name__)
@@ -102,10 +104,29 @@ def _field(header: dict[str, Any], name: str, kind: type) -> Any:
 
 @dataclass(frozen=True)
 class ShardAnswer:
-    """A worker's answer to a run request: its output and the receipt it signed."""
+    """A worker's answer to a run request: its output and the receipt it signed.
+
+    From ``run_shard(defer_verification=True)``, ``pending`` holds the answer's checks not yet
+    made (the output's hash when it came in the answer, the receipt's signature): until
+    :meth:`verify` has passed, neither is the worker's word."""
 
     output: np.ndarray
     receipt: Receipt
+    pending: Callable[[], None] | None = None
+
+    def verify(self) -> None:
+        """Make the checks left pending, if any (a blocking call; fit for a thread): raises
+        RecordError when the output is not the one the receipt names, or the receipt's
+        signature does not hold."""
+        if self.pending is not None:
+            self.pending()
+
+
+def _verify_later(meta: ArrayMeta, output: np.ndarray | None, receipt: Receipt) -> None:
+    # What run_shard(defer_verification=True) leaves for the caller's thread.
+    if output is not None:
+        check_hash(meta, output)
+    verify_receipt(receipt, require_complete=False)
 
 
 async def missing_operands(
@@ -519,6 +540,7 @@ async def run_shard(
     keep: Collection[str] | None = None,
     sent: trio.Event | None = None,
     run_blocking: BlockingRunner | None = None,
+    defer_verification: bool = False,
 ) -> ShardAnswer:
     """Run one shard on ``worker`` (operands must already be there, or be named in
     ``inline``) and fetch its output.
@@ -537,6 +559,10 @@ async def run_shard(
     ``sent``: set once the request (with any inline operands) is written in full.
     ``run_blocking``: the runtime hook a downloaded output is hashed through (see
     :func:`download`).
+    ``defer_verification``: leave the hash of an output that came in the answer and the
+    receipt's signature to :meth:`ShardAnswer.verify`, for the caller to run beside its own
+    check of the output (the scheduler: on the check's thread, off the event loop). Every
+    field of the receipt is still compared with the request here.
     """
     # What an honest answer looks like is known before asking: the output's shape and dtype
     # follow from the kernel and the operands. A declared output of any other size is refused
@@ -574,8 +600,11 @@ async def run_shard(
     with peer_fault_boundary(worker, "run answer"):
         answer, body = unpack_view(reply)
         meta = ArrayMeta.from_json(answer.get("output"), max_bytes=MAX_ARRAY_BYTES)
-        encoded = _field(answer, "receipt", str)
-        receipt = decode_receipt(base64.b64decode(encoded, validate=True), require_complete=False)
+        encoded = base64.b64decode(_field(answer, "receipt", str), validate=True)
+        if defer_verification:
+            receipt = parse_receipt(encoded)
+        else:
+            receipt = decode_receipt(encoded, require_complete=False)
         if receipt.body.worker != worker or receipt.body.output != meta.digest:
             raise WorkerMisbehaved("receipt does not match the worker or its output")
         if (
@@ -592,12 +621,21 @@ async def run_shard(
             raise WorkerMisbehaved(f"output shape {meta.shape}, expected {expected_shape}")
         if terms is not None:
             terms.check(receipt)
-        output = array_from_bytes(meta, body) if body else None
+        output = None
+        if body and defer_verification:
+            output = array_view_unhashed(meta, body)
+        elif body:
+            output = array_from_bytes(meta, body)
+    inline_output = output is not None
     if output is None:
         output = await download(
             network, worker, meta, timeout=transfer_timeout, out=out, run_blocking=run_blocking
         )
-    return ShardAnswer(output, receipt)
+    if not defer_verification:
+        return ShardAnswer(output, receipt)
+    # A downloaded output is hashed by download(); one in the answer, not yet.
+    unhashed = output if inline_output else None
+    return ShardAnswer(output, receipt, lambda: _verify_later(meta, unhashed, receipt))
 
 
 async def send_countersigned(

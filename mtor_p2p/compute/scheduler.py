@@ -937,6 +937,9 @@ class _JobRun:
                 run_blocking=self.s.runtime.run_blocking,
                 # With uploads, the operands have left when they are done (send() below).
                 sent=None if uploads_beside else self.operands_out,
+                # The answer's hash and receipt signature are checked in _judge, with the
+                # output's own check (on its thread when that runs on one).
+                defer_verification=True,
             )
 
         answer: client.ShardAnswer | None = None
@@ -1060,6 +1063,11 @@ class _JobRun:
             raise client.WorkerMisbehaved(
                 f"output shape {answer.output.shape}, expected {expected_shape}"
             )
+        if self.method in ("redundant", "none"):
+            # The answer's hash and receipt, before anything uses them (a checked answer's
+            # are verified with its check, below).
+            with client.peer_fault_boundary(worker, "run answer"):
+                answer.verify()
         if self.method == "redundant":
             await self._judge_redundant(worker, index, operands, answer, seconds)
             return
@@ -1075,10 +1083,10 @@ class _JobRun:
         if self._rows is not None and sketch is self._rows.sketch:
             rows = self._rows.rows(*self.ranges[index])
         flops = self._check_flops(operands)
-        ok, witness = await self.s.runtime.run_blocking(
-            self._check,
+        verdict, malformed = await self.s.runtime.run_blocking(
+            self._verified_check,
+            answer,
             operands,
-            answer.output,
             rng,
             sketch,
             rows,
@@ -1088,6 +1096,11 @@ class _JobRun:
             and self._alone_in_the_job(index)
             and blas.single_threaded(),  # ctypes calls: 2% of a busy loop, asked last
         )
+        if malformed is not None:
+            with client.peer_fault_boundary(worker, "run answer"):
+                raise malformed
+        assert verdict is not None
+        ok, witness = verdict
         if ok:
             self.checks_passed += 1
             await self._accept(worker, index, answer.output, answer.receipt, seconds)
@@ -1185,6 +1198,26 @@ class _JobRun:
         across jobs: with four one-shard jobs at once, each job's sketch, A's side and check
         on threads gave 106.7 -> 102.5 shards/s on two cores (BENCHMARKS.md)."""
         return not any(other != index for other in self.running)
+
+    def _verified_check(
+        self,
+        answer: client.ShardAnswer,
+        operands: dict[str, np.ndarray],
+        rng: np.random.Generator,
+        sketch: checks.FreivaldsSketch | None,
+        rows: checks.FreivaldsRows | None,
+    ) -> tuple[tuple[bool, Any] | None, Exception | None]:
+        """The answer's own checks left pending (its output's hash, its receipt's signature:
+        ``answer.verify()``), then :meth:`_check`, in one call of the blocking hook: beside
+        other shards of the job, all of it on one thread, off the event loop (B-shared 512²
+        jobs: the hash and the signature took 11% of the loop's busy time there, py-spy).
+        Returns the check's verdict, or the exception the answer itself caused (for the
+        caller to judge on its side of the peer-fault boundary) and no verdict."""
+        try:
+            answer.verify()
+        except Exception as exc:  # only the worker's bytes were looked at
+            return None, exc
+        return self._check(operands, answer.output, rng, sketch, rows), None
 
     def _check(
         self,

@@ -100,10 +100,22 @@ def array_from_bytes(meta: ArrayMeta, data: bytes | bytearray | memoryview) -> n
 
     No copy: the array is a view of ``data`` (read-only when ``data`` is ``bytes``)."""
     array = _array_view(meta, data)
+    check_hash(meta, array)
+    return array
+
+
+def array_view_unhashed(meta: ArrayMeta, data: bytes | bytearray | memoryview) -> np.ndarray:
+    """The array ``meta`` describes, a view of ``data`` with its size checked but not its
+    hash: nothing in it may be trusted until :func:`check_hash` has passed (a requester
+    hashes an answer beside its check, on a thread)."""
+    return _array_view(meta, data)
+
+
+def check_hash(meta: ArrayMeta, array: np.ndarray) -> None:
+    """Raise RecordError unless ``array`` hashes to ``meta``'s digest."""
     digest = content_hash(array)
     if digest != meta.digest:
         raise RecordError(f"hash mismatch: announced {meta.digest[:16]}…, got {digest[:16]}…")
-    return array
 
 
 def array_from_hashed_bytes(

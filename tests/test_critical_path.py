@@ -1275,3 +1275,58 @@ async def test_an_answer_whose_hash_or_signature_fails_beside_other_shards_is_th
     expected = "hash mismatch" if how == "output" else "worker signature does not verify"
     assert "malformed answer" in reason and expected in reason, reason
     assert False in threaded  # at least one answer was verified off the event loop
+
+
+async def test_a_hedged_twins_late_answer_is_still_checked_as_the_workers_word() -> None:
+    """(A hostile review's finding.) An answer that comes after its shard was accepted from
+    a hedged twin is dropped, but not unchecked: a twin whose bytes or receipt do not hold
+    is blamed (malformed), not counted as a good answer."""
+    from types import SimpleNamespace
+
+    from mtor_p2p.compute import client
+    from mtor_p2p.compute.scheduler import _JobRun
+    from mtor_p2p.wire import RecordError
+
+    verified: list[str] = []
+
+    def forged() -> None:
+        verified.append("forged")
+        raise RecordError("worker signature does not verify")
+
+    late = client.ShardAnswer(np.zeros((2, 2), np.float32), None, forged)  # type: ignore[arg-type]
+    run = SimpleNamespace(accepted={0: object()})
+    with pytest.raises(client.WorkerMisbehaved, match="worker signature does not verify"):
+        await _JobRun._judge(run, "liar", 0, {}, late, 0.1)  # type: ignore[arg-type]
+    assert verified == ["forged"]
+    honest = client.ShardAnswer(np.zeros((2, 2), np.float32), None, lambda: None)  # type: ignore[arg-type]
+    await _JobRun._judge(run, "honest", 0, {}, honest, 0.1)  # type: ignore[arg-type]
+
+
+async def test_the_requesters_own_failure_while_verifying_an_answer_is_not_the_workers(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """(A hostile review's finding.) Only bytes that do not hold (RecordError) make an
+    answer malformed: the requester running out of memory while hashing one is its own
+    failure, raised to the caller, and the honest worker keeps its standing."""
+    from mtor_p2p.compute import client
+
+    real = client.check_hash
+    failures = [MemoryError()]
+
+    def failing(meta: Any, array: np.ndarray) -> None:
+        if failures:
+            raise failures.pop()
+        real(meta, array)
+
+    monkeypatch.setattr(client, "check_hash", failing)
+    async with one_worker() as (requester, worker):
+        raised: list[BaseException] = []
+        try:
+            await requester.submit("matmul", small_operands(), shards=1, max_workers=1)
+        except* MemoryError as group:  # the job's nursery carries it
+            raised.extend(group.exceptions)
+        assert len(raised) == 1
+        standing = requester.scheduler.book.get(worker.peer_id)
+        assert standing.misbehaved == 0 and standing.failed == 0, standing
+        result = await requester.submit("matmul", small_operands(), shards=1, max_workers=1)
+        assert result.workers == [worker.peer_id]

@@ -234,3 +234,14 @@ def test_a_worker_signature_is_verified_once_per_receipt_and_never_skipped_unver
         verify_receipt(unverified, require_complete=False)
     with pytest.raises(RecordError, match="worker signature does not verify"):
         verify_receipt(unverified, require_complete=False)  # and again: nothing was cached
+
+
+def test_a_bodys_inputs_cannot_change_under_its_signatures() -> None:
+    """(A hostile review's finding.) A body's canonical bytes are made once and both
+    signatures cover them: its inputs are read-only, so a verified receipt cannot be
+    countersigned over bytes that no longer say what its fields say."""
+    receipt = sign_as_worker(WORKER, body())
+    with pytest.raises(TypeError):
+        receipt.body.inputs["a"] = "ff" * 32  # type: ignore[index]
+    assert dict(receipt.body.inputs) == {"a": "01" * 32, "b": "02" * 32}
+    assert dataclasses.replace(receipt.body, shard=4).inputs == receipt.body.inputs

@@ -1057,7 +1057,12 @@ class _JobRun:
         seconds: float,
     ) -> None:
         if index in self.accepted:
-            return  # a hedged twin already won
+            # A hedged twin already won. This answer is still checked as the worker's word
+            # (hash and signature, not the product): a twin that sent bytes or a receipt
+            # that do not hold is blamed as before, not counted as a good answer.
+            with client.peer_fault_boundary(worker, "run answer"):
+                answer.verify()
+            return
         expected_shape = self.kernel.output_shape(operands)
         if answer.output.shape != expected_shape:
             raise client.WorkerMisbehaved(
@@ -1212,10 +1217,12 @@ class _JobRun:
         other shards of the job, all of it on one thread, off the event loop (B-shared 512²
         jobs: the hash and the signature took 11% of the loop's busy time there, py-spy).
         Returns the check's verdict, or the exception the answer itself caused (for the
-        caller to judge on its side of the peer-fault boundary) and no verdict."""
+        caller to judge on its side of the peer-fault boundary) and no verdict. Anything else
+        raised here (MemoryError) is this requester's failure, not the worker's: it is raised
+        as the check's own failures are."""
         try:
             answer.verify()
-        except Exception as exc:  # only the worker's bytes were looked at
+        except ValueError as exc:  # RecordError: the worker's bytes do not hold
             return None, exc
         return self._check(operands, answer.output, rng, sketch, rows), None
 

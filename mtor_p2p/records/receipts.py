@@ -24,7 +24,9 @@ import hashlib
 import re
 import threading
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 from mtor_p2p.identity import Identity, public_key_from_peer_id, verify_signature
@@ -49,7 +51,7 @@ class ReceiptBody:
     job_id: str  # 64 hex chars (blake3 of the job description)
     shard: int  # shard index within the job
     kernel: str
-    inputs: dict[str, str]  # operand name -> blake3 hex of its bytes
+    inputs: Mapping[str, str]  # operand name -> blake3 hex of its bytes (read-only)
     output: str  # blake3 hex of the output bytes
     flops: int
     started: float  # network time, seconds since the epoch
@@ -60,6 +62,12 @@ class ReceiptBody:
     #: canonical(body), made once: the body is signed, verified, countersigned and encoded,
     #: each over these bytes (not part of the body's value).
     _canonical: bytes | None = field(default=None, init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        # Read-only: the canonical bytes are made once and both signatures cover them, so the
+        # body must not change under them (a hostile review found that a mutated ``inputs``
+        # would be countersigned over the old bytes).
+        object.__setattr__(self, "inputs", MappingProxyType(dict(self.inputs)))
 
     def canonical(self) -> bytes:
         """The body's canonical JSON bytes (what both signatures cover)."""

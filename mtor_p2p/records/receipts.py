@@ -271,8 +271,7 @@ _decoded_lock = threading.Lock()
 
 def decode_receipt(data: bytes, *, require_complete: bool = True) -> Receipt:
     """Parse, validate and verify a receipt's canonical bytes (raises RecordError)."""
-    if len(data) > MAX_RECEIPT_BYTES:
-        raise RecordError(f"receipt of {len(data)} bytes exceeds the limit of {MAX_RECEIPT_BYTES}")
+    _check_size(data)
     key = hashlib.blake2b(data, digest_size=32).digest()
     with _decoded_lock:
         known = _DECODED.get(key)
@@ -295,9 +294,14 @@ def parse_receipt(data: bytes) -> Receipt:
     (raises RecordError): its fields may be compared with what was asked, but nothing in it
     is the worker's word until :func:`verify_receipt` has passed (a requester verifies an
     answer's receipt beside its check, off the event loop)."""
+    _check_size(data)
+    return _parse_receipt(data)
+
+
+def _check_size(data: bytes) -> None:
+    # Before anything else is done with bytes a peer sent.
     if len(data) > MAX_RECEIPT_BYTES:
         raise RecordError(f"receipt of {len(data)} bytes exceeds the limit of {MAX_RECEIPT_BYTES}")
-    return _parse_receipt(data)
 
 
 def _decode_receipt(data: bytes, *, require_complete: bool) -> Receipt:

@@ -1330,3 +1330,39 @@ async def test_the_requesters_own_failure_while_verifying_an_answer_is_not_the_w
         assert standing.misbehaved == 0 and standing.failed == 0, standing
         result = await requester.submit("matmul", small_operands(), shards=1, max_workers=1)
         assert result.workers == [worker.peer_id]
+
+
+@pytest.mark.parametrize("rows", [64, 61, 9])
+async def test_operands_and_outputs_viewed_in_received_messages_are_aligned(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch, rows: int
+) -> None:
+    """A run request's inline operands and a shard's inline output are viewed in place in
+    the message that carried them: its header is padded so that they start 16-byte aligned
+    (unaligned, NumPy copied them for every product and every check)."""
+    from mtor_kernels.backend import NumpyBackend
+    from mtor_p2p.compute import scheduler
+
+    multiplied: list[bool] = []
+    checked: list[bool] = []
+    product, freivalds = NumpyBackend.matmul, scheduler.checks.freivalds
+
+    def spied_product(self: Any, a: np.ndarray, b: np.ndarray, **kwargs: Any) -> Any:
+        multiplied.append(a.ctypes.data % 16 == 0 and b.ctypes.data % 16 == 0)
+        return product(self, a, b, **kwargs)
+
+    def spied_check(a: np.ndarray, b: np.ndarray, c: np.ndarray, **kwargs: Any) -> Any:
+        checked.append(c.ctypes.data % 16 == 0 and c.flags.aligned)
+        return freivalds(a, b, c, **kwargs)
+
+    monkeypatch.setattr(NumpyBackend, "matmul", spied_product)
+    monkeypatch.setattr(scheduler.checks, "freivalds", spied_check)
+    async with one_worker() as (requester, _):
+        for shards in (1, 3):
+            operands = {
+                "a": RNG.standard_normal((rows, 48)).astype("float32"),
+                "b": RNG.standard_normal((48, 32)).astype("float32"),
+            }
+            result = await requester.submit("matmul", operands, shards=shards, max_workers=1)
+            np.testing.assert_allclose(result.output, operands["a"] @ operands["b"], rtol=1e-5)
+    assert multiplied and all(multiplied), multiplied
+    assert checked and all(checked), checked

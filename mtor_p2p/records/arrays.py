@@ -25,6 +25,14 @@ WIRE_DTYPES = ("float16", "float32", "float64", "int8", "int32", "int64")
 MAX_HEADER_BYTES = 16 * 1024
 MAX_DIMS = 6
 _HEADER_LENGTH = struct.Struct(">I")
+#: The body of a message made by :func:`pack_gathered` (a run request's operands, a shard's
+#: output) starts this many bytes into the message, or a multiple of it: Python allocates
+#: ``bytes`` and ``bytearray`` data 16-byte aligned, so arrays viewed in place in a received
+#: message are aligned. Unaligned, three messages in four, NumPy copied them for every product
+#: (a 512² product 2.94 -> 3.16-3.26 ms, the check's row norms 0.06 -> 0.12 ms, measured).
+BODY_ALIGNMENT = 16
+#: The header field that pads it there (sorted last; receivers ignore fields they do not read).
+PAD_FIELD = "~pad"
 
 
 @dataclass(frozen=True)
@@ -149,13 +157,20 @@ def pack_gathered(
     header: dict[str, Any], parts: Sequence[bytes | bytearray | memoryview]
 ) -> Gathered:
     """:func:`pack_parts` without the join: the framed header, then ``parts`` as they are
-    (referenced, not copied; see :class:`~mtor_p2p.network.Gathered`)."""
-    return Gathered((_framed_header(header), *parts))
+    (referenced, not copied; see :class:`~mtor_p2p.network.Gathered`). The body starts at a
+    multiple of :data:`BODY_ALIGNMENT` (the header padded by :data:`PAD_FIELD`)."""
+    return Gathered((_framed_header(header, aligned=True), *parts))
 
 
-def _framed_header(header: dict[str, Any]) -> bytes:
-    """A message's header as it leads the message: its length, then its canonical JSON."""
+def _framed_header(header: dict[str, Any], *, aligned: bool = False) -> bytes:
+    """A message's header as it leads the message: its length, then its canonical JSON;
+    ``aligned``: padded so that what follows starts at a multiple of BODY_ALIGNMENT."""
     head = canonical_json(header)
+    if aligned and (_HEADER_LENGTH.size + len(head)) % BODY_ALIGNMENT:
+        padded = {**header, PAD_FIELD: ""}
+        short = -(_HEADER_LENGTH.size + len(canonical_json(padded))) % BODY_ALIGNMENT
+        padded[PAD_FIELD] = " " * short  # one byte each, in canonical JSON too
+        head = canonical_json(padded)
     return _HEADER_LENGTH.pack(len(head)) + head
 
 

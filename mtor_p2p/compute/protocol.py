@@ -2,6 +2,10 @@
 
 Every message is ``arrays.pack(header, body)``. Operands travel in chunks of at most
 :data:`CHUNK_BYTES`; one request or response never exceeds :data:`MAX_MESSAGE_BYTES`.
+Messages with array bytes in their body (upload chunks, run requests carrying operands, run
+answers, download chunks) may carry a header field ``~pad`` of spaces, which places the body
+at a multiple of 16 bytes in the message (``arrays.pack_gathered``); receivers ignore it, as
+they ignore every field they do not read.
 
 ``/mtor/compute/upload/1``   header {array, offset}; body: a chunk.   → {complete, received,
                              window}: ``received`` is where this chunk ends; ``window`` how

@@ -1366,3 +1366,21 @@ async def test_operands_and_outputs_viewed_in_received_messages_are_aligned(
             np.testing.assert_allclose(result.output, operands["a"] @ operands["b"], rtol=1e-5)
     assert multiplied and all(multiplied), multiplied
     assert checked and all(checked), checked
+
+
+def test_a_header_padded_for_alignment_parses_the_same_and_stays_within_the_limit() -> None:
+    """Padding (``~pad``) places every body at a multiple of BODY_ALIGNMENT and changes no
+    field a receiver reads; a header that padding would push past MAX_HEADER_BYTES is sent
+    unpadded rather than refused at the other end."""
+    from mtor_p2p.records.arrays import BODY_ALIGNMENT, MAX_HEADER_BYTES, PAD_FIELD
+
+    for width in range(40):
+        header = {"job_id": "f" * width, "shard": width}
+        data = bytes(arrays.pack_gathered(header, [b"\x00" * 8]))
+        parsed, body = arrays.unpack_view(data)
+        assert (len(data) - len(body)) % BODY_ALIGNMENT == 0
+        assert {k: v for k, v in parsed.items() if k != PAD_FIELD} == header
+        assert set(parsed.get(PAD_FIELD, "")) <= {" "}
+    near = {"x": "a" * (MAX_HEADER_BYTES - 10)}
+    parsed, body = arrays.unpack_view(bytes(arrays.pack_gathered(near, [b"body"])))
+    assert parsed == near and bytes(body) == b"body"

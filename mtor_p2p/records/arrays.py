@@ -170,7 +170,9 @@ def _framed_header(header: dict[str, Any], *, aligned: bool = False) -> bytes:
         padded = {**header, PAD_FIELD: ""}
         short = -(_HEADER_LENGTH.size + len(canonical_json(padded))) % BODY_ALIGNMENT
         padded[PAD_FIELD] = " " * short  # one byte each, in canonical JSON too
-        head = canonical_json(padded)
+        aligned_head = canonical_json(padded)
+        if len(aligned_head) <= MAX_HEADER_BYTES:  # else unpadded: still a valid message
+            head = aligned_head
     return _HEADER_LENGTH.pack(len(head)) + head
 
 

@@ -591,7 +591,10 @@ def wrong_dtype_run(node: Node) -> Handler:
     honest = node.worker._on_run
 
     async def hostile(sender: str, request: bytes) -> bytes:
-        header, body = unpack(await honest(sender, request))
+        # The handler answers with a Gathered (header and output unjoined): bytes() joins it.
+        # Until 2026-12-05 unpack() got the Gathered itself and raised TypeError, so the
+        # attack was never sent and the test passed on the honest worker alone (a review).
+        header, body = unpack(bytes(await honest(sender, request)))
         meta = ArrayMeta.from_json(header["output"], max_bytes=1 << 30)
         output = array_from_bytes(meta, body).astype("float64")
         receipt = decode_receipt(base64.b64decode(header["receipt"]), require_complete=False)
@@ -653,3 +656,6 @@ async def test_a_job_with_one_hostile_worker_completes_on_the_honest_one(
         assert result.output.dtype == np.float32
         np.testing.assert_allclose(result.output, ops["a"] @ ops["b"], rtol=1e-4, atol=1e-4)
         assert set(result.workers) == {honest.peer_id}
+        if attack == "run-wrong-dtype":  # refused for what it sent, not for a crash
+            reason = result.workers_out.get(hostile.peer_id, "")
+            assert "dtype float64, expected float32" in reason, result.workers_out

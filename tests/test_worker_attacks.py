@@ -990,3 +990,26 @@ async def test_identities_uploading_at_an_honest_rate_keep_only_their_share(
         held = sorted(len([p for p in b.worker._pending.values() if p.sender == w.peer_id])
                       for w in (mallory, trudy))  # fmt: skip
         assert held == [per_peer - 1, per_peer]
+
+
+@pytest.mark.parametrize("header_pad", range(4))
+async def test_a_one_chunk_upload_from_a_sender_that_does_not_pad_is_held_aligned(
+    autojump_clock: trio.testing.MockClock, header_pad: int
+) -> None:
+    """(A review's finding.) A one-chunk upload is held as a view of its message: from a
+    sender that does not pad its header (an older peer, or one that will not), it would be
+    held unaligned and copied by NumPy for every product on it, by every requester whose
+    operand has that hash. It is copied once, aligned, instead."""
+    array = RNG.standard_normal((64, 32)).astype("float32")
+    meta = meta_of(array)
+    async with bench() as b:
+        mallory = await b.requester("mallory")
+        # pack() does not pad: the body lands wherever the header ends ("x" moves it).
+        header = {"array": meta.to_json(), "offset": 0, "x": "x" * header_pad}
+        reply = await mallory.network.request(
+            b.worker_id, PROTOCOL_UPLOAD, pack(header, array.tobytes())
+        )
+        assert unpack(reply)[0]["complete"] is True
+        held = b.worker.operands.get(meta.digest)
+        assert held is not None and held.ctypes.data % 16 == 0 and held.flags.aligned
+        np.testing.assert_array_equal(held, array)

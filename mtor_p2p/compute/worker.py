@@ -68,6 +68,7 @@ from mtor_p2p.ledger.genesis import NANO
 from mtor_p2p.metrics import EventWindow, LatencyBuckets
 from mtor_p2p.network import Network, Payload, RemoteError
 from mtor_p2p.records.arrays import (
+    BODY_ALIGNMENT,
     HASH_OFF_LOOP_BYTES,
     ArrayMeta,
     OperandStore,
@@ -271,6 +272,13 @@ class _UploadBuffer:
     def read_all(self) -> bytes | bytearray | memoryview:
         """Everything received (a blocking call when spooled)."""
         if self._whole is not None:
+            if np.frombuffer(self._whole, np.uint8).ctypes.data % BODY_ALIGNMENT:
+                # One chunk, kept as a view of its message, from a sender that did not pad
+                # its header (an older peer, or one that will not): held as it is, every
+                # product on it would copy it first (arrays.BODY_ALIGNMENT).
+                aligned = np.empty(len(self._whole), np.uint8)
+                aligned[:] = np.frombuffer(self._whole, np.uint8)
+                self._whole = memoryview(aligned)
             return self._whole
         if self._memory is not None:
             return memoryview(self._memory)[: self._written]

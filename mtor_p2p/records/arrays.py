@@ -26,10 +26,12 @@ MAX_HEADER_BYTES = 16 * 1024
 MAX_DIMS = 6
 _HEADER_LENGTH = struct.Struct(">I")
 #: The body of a message made by :func:`pack_gathered` (a run request's operands, a shard's
-#: output) starts this many bytes into the message, or a multiple of it: Python allocates
-#: ``bytes`` and ``bytearray`` data 16-byte aligned, so arrays viewed in place in a received
-#: message are aligned. Unaligned, three messages in four, NumPy copied them for every product
-#: (a 512² product 2.94 -> 3.16-3.26 ms, the check's row norms 0.06 -> 0.12 ms, measured).
+#: output) starts this many bytes into the message, or a multiple of it: CPython allocates
+#: ``bytes`` and ``bytearray`` data 16-byte aligned, so the body starts 16-byte aligned and the
+#: arrays viewed in place in it are aligned for their dtype (operands after the first follow
+#: at whole elements: aligned, though not always to 16). Unaligned, three messages in four,
+#: NumPy copied them for every product (a 512² product 2.94 -> 3.16-3.26 ms, the check's row
+#: norms 0.06 -> 0.12 ms, measured).
 BODY_ALIGNMENT = 16
 #: The header field that pads it there (sorted last; receivers ignore fields they do not read).
 PAD_FIELD = "~pad"
@@ -158,7 +160,8 @@ def pack_gathered(
 ) -> Gathered:
     """:func:`pack_parts` without the join: the framed header, then ``parts`` as they are
     (referenced, not copied; see :class:`~mtor_p2p.network.Gathered`). The body starts at a
-    multiple of :data:`BODY_ALIGNMENT` (the header padded by :data:`PAD_FIELD`)."""
+    multiple of :data:`BODY_ALIGNMENT` (the header padded by :data:`PAD_FIELD`), unless the
+    padding would take the header past MAX_HEADER_BYTES."""
     return Gathered((_framed_header(header, aligned=True), *parts))
 
 

@@ -170,12 +170,12 @@ def _framed_header(header: dict[str, Any], *, aligned: bool = False) -> bytes:
     ``aligned``: padded so that what follows starts at a multiple of BODY_ALIGNMENT."""
     head = canonical_json(header)
     if aligned and (_HEADER_LENGTH.size + len(head)) % BODY_ALIGNMENT:
-        padded = {**header, PAD_FIELD: ""}
-        short = -(_HEADER_LENGTH.size + len(canonical_json(padded))) % BODY_ALIGNMENT
-        padded[PAD_FIELD] = " " * short  # one byte each, in canonical JSON too
-        aligned_head = canonical_json(padded)
-        if len(aligned_head) <= MAX_HEADER_BYTES:  # else unpadded: still a valid message
-            head = aligned_head
+        # The field adds '"~pad":"' and '"' (9 bytes), a comma unless the header is empty,
+        # and one byte per space: its length is known before it is encoded, once.
+        field = len(PAD_FIELD) + 5 + (1 if header else 0)
+        short = -(_HEADER_LENGTH.size + len(head) + field) % BODY_ALIGNMENT
+        if len(head) + field + short <= MAX_HEADER_BYTES:  # else unpadded: still valid
+            head = canonical_json({**header, PAD_FIELD: " " * short})
     return _HEADER_LENGTH.pack(len(head)) + head
 
 

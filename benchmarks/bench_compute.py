@@ -24,7 +24,8 @@ Rows (``--only 1,3``):
    connection among the same processes; hivemind is quoted from the notes (not run: it needs
    PyTorch);
 6. an 8192x8192 float32 product over 1, 2 and 4 local MTOR worker processes against one NumPy
-   process on the same cores, in GFLOP/s (``--quick``: 2048);
+   process on the same cores, in GFLOP/s (``--quick``: 2048), each MTOR side against the
+   NumPy runs just before and just after it;
 7. worker memory after row 2's workload, the same readings on every side: RSS once idle,
    peak RSS (VmHWM), USS (``--only 7`` runs row 2's sessions);
 8. (not a goal) Freivalds' check and sampled rows timed alone beside the product they check.
@@ -706,6 +707,9 @@ def print_row(row: int, entry: dict[str, Any]) -> None:
             shown = ", ".join(
                 f"{k} {fmt(v)}" for k, v in values.items() if k not in ("load1", "foreign_cores")
             )
+            if "load1" not in values:  # derived from other sides (row 6's numpy_around)
+                parts.append(f"{side}: {shown}")
+                continue
             parts.append(
                 f"{side}: {shown} (load {values.get('load1')}, foreign "
                 f"{values.get('foreign_cores')})"
@@ -1162,7 +1166,14 @@ def row_scaling(runner: Runner) -> None:
             env=baselines.blas_env(cores), timeout=1800, log=log,
         )  # fmt: skip
 
+    # NumPy runs before every MTOR side and after the last: each MTOR figure is compared with
+    # the NumPy runs on either side of it (their mean time), as well as with the round's
+    # first (the only one before 2026-12-05). On the project's VM one NumPy product took 3.7
+    # s in one round and 5.3 s in the next, and an MTOR side ran up to a minute after the
+    # round's first NumPy run.
     sides: list[tuple[str, Callable[[int], dict[str, Any]]]] = [("numpy", numpy_side)]
+    before = "numpy"
+    around: dict[int, tuple[str, str]] = {}
     for workers in s.product_workers:
         sides.append(
             (
@@ -1172,6 +1183,10 @@ def row_scaling(runner: Runner) -> None:
                 ),
             )
         )
+        after = f"numpy_after_{workers}w"
+        sides.append((after, numpy_side))
+        around[workers] = (before, after)
+        before = after
     raw = runner.interleave(6, sides)
 
     def extract(answer: dict[str, Any]) -> dict[str, Any]:
@@ -1185,7 +1200,17 @@ def row_scaling(runner: Runner) -> None:
         return {"gflops": round(2 * n**3 / seconds / 1e9, 1), "seconds": round(seconds, 2),
                 **extra, **load_of(answer["section"])}  # fmt: skip
 
-    figures = [{side: figure(a, extract) for side, a in answers.items()} for answers in raw]
+    figures = []
+    for answers in raw:
+        sides_figures = {side: figure(a, extract) for side, a in answers.items()}
+        for workers, (first, second) in around.items():
+            pair = [sides_figures.get(first, {}), sides_figures.get(second, {})]
+            if all("seconds" in x for x in pair):
+                seconds = statistics.mean(x["seconds"] for x in pair)
+                sides_figures[f"numpy_around_{workers}w"] = {
+                    "gflops": round(2 * n**3 / seconds / 1e9, 1), "seconds": round(seconds, 2)
+                }  # fmt: skip
+        figures.append(sides_figures)
     finish_row(
         runner,
         6,
@@ -1201,9 +1226,12 @@ def row_scaling(runner: Runner) -> None:
             "MTOR's time includes sending A and B to the workers, the results back and "
             "Freivalds' check on the requester; NumPy's operands are already in its memory",
             "MTOR splits the job into 4 row shards per worker (max_workers = workers)",
+            "numpy_around_Nw: the mean time of the NumPy runs just before and just after "
+            "mtor_Nw (numpy: the round's first run)",
         ],
         figures,
-        [("gflops", f"mtor_{w}w", "numpy") for w in s.product_workers],
+        [("gflops", f"mtor_{w}w", f"numpy_around_{w}w") for w in s.product_workers]
+        + [("gflops", f"mtor_{w}w", "numpy") for w in s.product_workers],
         raw,
     )
 

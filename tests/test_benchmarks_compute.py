@@ -128,3 +128,38 @@ def test_bulk_socket_baselines_move_the_bytes(tmp_path: Path, kind: str) -> None
             assert answer["cipher"][1] == "TLSv1.3"
     finally:
         bench_compute.stop([server])
+
+
+def test_row_6_compares_each_mtor_side_with_the_numpy_runs_around_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """NumPy runs before every MTOR side and after the last; each MTOR side's ratio is
+    against the mean time of its two neighbours (and, as before, the round's first)."""
+    settings = bench_compute.Settings.make(True, 1)
+    runner = bench_compute.Runner(settings, tmp_path / "compute.json")
+    shutil.rmtree(runner.scratch)
+    section = {"load1_start": 1.0, "load1_end": 1.0, "foreign_cores": 0.0}
+    numpy_seconds = iter([1.0, 3.0, 2.0, 2.0])
+    order: list[str] = []
+
+    def interleave(row: int, sides: list[tuple[str, object]]) -> list[dict[str, object]]:
+        answers: dict[str, object] = {}
+        for name, _ in sides:
+            order.append(name)
+            if name.startswith("numpy"):
+                answers[name] = {"samples_s": [next(numpy_seconds)], "section": section,
+                                 "blas": {"OPENBLAS_NUM_THREADS": "2"}}  # fmt: skip
+            else:
+                answers[name] = {"seconds": 4.0, "workers_used": 1, "section": section,
+                                 "blas_threads_per_worker": 1}  # fmt: skip
+        return [answers]
+
+    monkeypatch.setattr(runner, "interleave", interleave)
+    bench_compute.row_scaling(runner)
+    assert order == ["numpy", "mtor_1w", "numpy_after_1w", "mtor_2w", "numpy_after_2w",
+                     "mtor_4w", "numpy_after_4w"]  # fmt: skip
+    ratios = runner.report["rows"]["6_product_scaling"]["ratios_median_of_rounds"]
+    assert ratios["mtor_1w/numpy_around_1w gflops"]["median"] == pytest.approx(0.5, rel=0.01)
+    assert ratios["mtor_2w/numpy_around_2w gflops"]["median"] == pytest.approx(0.625, rel=0.01)
+    assert ratios["mtor_4w/numpy_around_4w gflops"]["median"] == pytest.approx(0.5, rel=0.01)
+    assert ratios["mtor_4w/numpy gflops"]["median"] == pytest.approx(0.25, rel=0.01)

@@ -1420,3 +1420,35 @@ async def test_a_jobs_last_shards_wait_for_the_worker_that_runs_out_first(
     best = {1.4: 5.0, 2.5: 6.0}[slower]
     assert elapsed < best + 0.2, (elapsed, served)
     assert requester.scheduler.max_in_flight == 2
+
+
+async def test_a_worker_gets_no_more_slots_than_its_job_has_shards(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A one-shard job over two workers runs one slot on each (the second stays to hedge),
+    not max_in_flight + 1: idle slots wake with every attempt that ends (a one-shard job's
+    requester spent 25 task steps on six slots)."""
+
+    class SlotCount(trio.abc.Instrument):
+        def __init__(self) -> None:
+            self.slots = 0
+
+        def task_spawned(self, task: trio.lowlevel.Task) -> None:
+            self.slots += task.name.endswith("._slot")
+
+    async with cluster(["requester", "w1", "w2"]) as c:
+        await c.start("w1", "WEU")
+        await c.start("w2", "WEU")
+        requester = await c.start("requester", "WEU", serve=False)
+        await c.settle()
+        counted = SlotCount()
+        trio.lowlevel.add_instrument(counted)
+        operands = small_operands()
+        result = await requester.submit("matmul", operands, shards=1, max_workers=2)
+        one_shard = counted.slots
+        counted.slots = 0
+        await requester.submit("matmul", small_operands(), shards=8, max_workers=2)
+        trio.lowlevel.remove_instrument(counted)
+    np.testing.assert_allclose(result.output, operands["a"] @ operands["b"], rtol=1e-5)
+    assert one_shard == 2
+    assert counted.slots == 2 * (requester.scheduler.max_in_flight + 1)

@@ -1432,9 +1432,12 @@ class _JobRun:
         # One slot more than the shards the worker may hold: while an answer is judged here
         # (Freivalds' check on a thread takes longer than on the event loop), the next shard
         # is already on its way to the worker, which thus keeps max_in_flight in hand.
+        # No more slots than the job has shards: a worker never runs two attempts at one
+        # shard, and an idle slot wakes with every attempt of the job that ends (a one-shard
+        # job spent 25 task steps on six slots, four of which could never send anything).
         at_worker = trio.Semaphore(self.s.max_in_flight)
         async with trio.open_nursery() as nursery:
-            for slot in range(self.s.max_in_flight + 1):
+            for slot in range(min(self.s.max_in_flight + 1, len(self.ranges))):
                 nursery.start_soon(self._slot, worker, slot, at_worker)
 
     async def _slot(self, worker: str, slot: int, at_worker: trio.Semaphore) -> None:

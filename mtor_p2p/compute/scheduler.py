@@ -5,8 +5,7 @@ the worker at a time, so faster workers take more shards. A shard's uploads and 
 request leave together (the worker waits for operands on their way), so with two in flight the
 next shard's operands travel while the current one computes, and each answer comes back as
 soon as it is done. An answer being judged no longer counts as in flight: the worker's next
-shard leaves while it is checked. Near the end of the queue, a worker that holds a shard
-takes no second one while the other workers would run out first (``_JobRun._tail_held``).
+shard leaves while it is checked.
 
 A shard whose worker fails, times out or returns a result that verification rejects goes back
 to the queue for another worker; a worker caught
@@ -458,10 +457,6 @@ class _JobRun:
         self.fault_proofs: list[bytes] = []
         self.credit_refusal: str | None = None
         self.durations: list[float] = []
-        #: worker -> seconds it takes to serve one of this job's shards, and when it last
-        #: answered (see _timed_service; what _tail_held weighs).
-        self._service: dict[str, float] = {}
-        self._answered_at: dict[str, float] = {}
         self.done = trio.Event()
         self.wakeup = trio.Event()
         self.progress: Callable[[int, int], None] | None = None
@@ -472,15 +467,8 @@ class _JobRun:
         self.wakeup.set()
         self.wakeup = trio.Event()
 
-    def next_shard(self, worker: str, holding: int = 0) -> tuple[int, bool] | None:
-        """The next shard for ``worker``: (index, is_hedge), or None if nothing suits it now.
-
-        ``holding``: shards the worker has in hand and has not answered. Such a worker takes
-        a queued shard only while more are queued than the job has other workers: the last
-        ones wait for whichever worker runs out first, rather than queueing behind a shard at
-        a worker that may be the slowest (see :meth:`_tail_held`)."""
-        if holding and self._tail_held(worker):
-            return None
+    def next_shard(self, worker: str) -> tuple[int, bool] | None:
+        """The next shard for ``worker``: (index, is_hedge), or None if nothing suits it now."""
         for index in self.pending:
             if self._wants_worker(index, worker) and not self._leave_to_others(index, worker):
                 self.pending.remove(index)
@@ -503,40 +491,6 @@ class _JobRun:
         if not stragglers:
             return None
         return max(stragglers)[1], True
-
-    def _tail_held(self, worker: str) -> bool:
-        """True if the queue is down to the job's tail for ``worker``, which already holds a
-        shard. A shard queued behind that one would start only when it ends, up to one of
-        ``worker``'s shard times from now, and end one more later. In those two shard times
-        the job's other workers finish about 2 x (``worker``'s shard time ÷ theirs) shards
-        between them (:attr:`_service`; 1 each for a worker not timed yet). While no more
-        than that many are queued, the next one is left for whichever worker runs out first.
-
-        Why: with shards of a second or more, a shard queued behind a slow worker's current
-        one kept a faster worker idle at the end of the job. An 8192² product over two
-        workers (8 shards of 1.2-1.5 s) ended with one worker idle 0.5-1.2 s in 6 of 7
-        jobs, 0.0-0.4 s in 6 of 7 with this rule. Left out: the last shards' uploads no
-        longer overlap the computation before them (nothing for operands in shared memory;
-        about one upload per worker at the end of a job whose operands cross a network)."""
-        if not self.pending:
-            return False
-        own = self._service.get(worker)
-        others = 0.0
-        for peer in self.active():
-            if peer != worker:
-                theirs = self._service.get(peer)
-                others += own / theirs if own and theirs else 1.0
-        return len(self.pending) <= 2.0 * others
-
-    def _timed_service(self, worker: str, sent: float) -> None:
-        """Note an answer from ``worker`` to a request sent at ``sent``: the time it served
-        that shard is from the later of ``sent`` and its previous answer (a shard queued at
-        the worker started when the one before it ended), averaged with the earlier ones."""
-        now = trio.current_time()
-        served = now - max(sent, self._answered_at.get(worker, sent))
-        self._answered_at[worker] = now
-        before = self._service.get(worker)
-        self._service[worker] = served if before is None else (before + served) / 2
 
     def _straggled(self, elapsed: float) -> bool:
         """True if an attempt running ``elapsed`` seconds is a straggler (what hedging uses)."""
@@ -643,8 +597,6 @@ class _JobRun:
                 # this requester's work, not to be counted against the worker's speed.
                 sent = trio.current_time()
                 answer = await self._compute(worker, index, operands, metas, out)
-                if answer is not None:
-                    self._timed_service(worker, sent)
                 if at_worker is not None:
                     at_worker.release()
                     at_worker = None
@@ -1480,9 +1432,7 @@ class _JobRun:
             if self.done.is_set() or worker in self.banned or held_back():
                 at_worker.release()
                 continue  # the loop's own checks say what comes next
-            # Shards at the worker besides the one this token is for.
-            holding = self.s.max_in_flight - at_worker.value - 1
-            choice = self.next_shard(worker, holding)
+            choice = self.next_shard(worker)
             if choice is None:
                 at_worker.release()
                 wakeup = self.wakeup

@@ -63,7 +63,7 @@ from mtor_p2p.console import (
     format_rate,
     invoked_as,
 )
-from mtor_p2p.control import INFO_FILE_NAME, ControlClient, ControlError, NodeNotRunning
+from mtor_p2p.control_client import INFO_FILE_NAME, ControlClient, ControlError, NodeNotRunning
 from mtor_p2p.datadir import (
     DataDirError,
     DataDirInUse,
@@ -72,8 +72,7 @@ from mtor_p2p.datadir import (
     prepare_data_dir,
 )
 from mtor_p2p.identity import IdentityError, load_or_create_identity
-from mtor_p2p.ledger.store import MIN_ENTRY_PREFIX, LedgerError, is_entry_prefix
-from mtor_p2p.runtime import leaf_exceptions
+from mtor_p2p.ledger.names import MIN_ENTRY_PREFIX, LedgerError, is_entry_prefix
 from mtor_p2p.wire import RecordError
 
 
@@ -521,6 +520,7 @@ def _run_node(args: argparse.Namespace, config: NodeConfig, lock: DataDirLock) -
 
 def _exit_for(exc: BaseException) -> int:
     from mtor_p2p.ngrok_tunnel import NgrokError
+    from mtor_p2p.runtime import leaf_exceptions  # NumPy and trio: not for every command
 
     for leaf in leaf_exceptions(exc):
         if isinstance(leaf, KeyboardInterrupt):

@@ -50,8 +50,6 @@ import json
 import logging
 import os
 import secrets
-import urllib.error
-import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,10 +67,15 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route as StarletteRoute
 from starlette.routing import Router, request_response
 
+# The client's side lives apart, for the command line to load alone; re-exported here.
+from mtor_p2p.control_client import INFO_FILE_NAME as INFO_FILE_NAME
+from mtor_p2p.control_client import TOKEN_FILE_NAME as TOKEN_FILE_NAME
+from mtor_p2p.control_client import ControlClient as ControlClient
+from mtor_p2p.control_client import ControlError as ControlError
+from mtor_p2p.control_client import NodeNotRunning as NodeNotRunning
+
 log = logging.getLogger(__name__)
 
-TOKEN_FILE_NAME = "control.token"
-INFO_FILE_NAME = "control.json"
 _MAX_HEAD_BYTES = 16 * 1024
 _MAX_BODY_BYTES = 64 * 1024
 _CONNECTION_DEADLINE = 10.0
@@ -172,20 +175,6 @@ class _Replayed(trio.abc.HalfCloseableStream):
     async def aclose(self) -> None:
         """Close the connection."""
         await self._stream.aclose()
-
-
-class NodeNotRunning(Exception):
-    """No node answers on the data directory's control API."""
-
-
-class ControlError(Exception):
-    """The node answered the control request with an error: ``str()`` is ``"CODE: reason"``;
-    ``status`` the HTTP status and ``reason`` the node's message alone."""
-
-    def __init__(self, message: str, status: int | None = None, reason: str | None = None):
-        super().__init__(message)
-        self.status = status
-        self.reason = message if reason is None else reason
 
 
 def load_or_create_token(data_dir: Path) -> str:
@@ -645,47 +634,3 @@ def _closing(send: Any, stats: ControlStats) -> Any:
         await send(message)
 
     return wrapped
-
-
-@dataclass(frozen=True)
-class ControlClient:
-    """Talks to the node that owns ``data_dir``."""
-
-    url: str
-    token: str
-    timeout: float = 10.0
-
-    @classmethod
-    def for_data_dir(cls, data_dir: Path, *, timeout: float = 10.0) -> ControlClient:
-        """Find the running node's API through the files in ``data_dir``."""
-        try:
-            info = json.loads((data_dir / INFO_FILE_NAME).read_text())
-            token = (data_dir / TOKEN_FILE_NAME).read_text().strip()
-            url = info["url"]
-            if not isinstance(url, str):
-                raise ValueError("url is not a string")
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            # A damaged info file is no running node either (the CLI falls back to the files).
-            raise NodeNotRunning(f"no running node found in {data_dir}") from exc
-        return cls(url=url, token=token, timeout=timeout)
-
-    def call(self, method: str, path: str, payload: Any = None) -> Any:
-        """Send one request; return the decoded JSON answer."""
-        data = None if payload is None else json.dumps(payload).encode()
-        request = urllib.request.Request(
-            self.url + path,
-            data=data,
-            method=method,
-            headers={"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"},
-        )
-        try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                return json.loads(response.read())
-        except urllib.error.HTTPError as exc:
-            try:
-                reason = json.loads(exc.read()).get("error", exc.reason)
-            except ValueError:
-                reason = exc.reason
-            raise ControlError(f"{exc.code}: {reason}", exc.code, str(reason)) from exc
-        except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
-            raise NodeNotRunning(f"the node at {self.url} does not answer: {exc}") from exc

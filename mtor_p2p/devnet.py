@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from mtor_p2p.config import PRIVATE_FILE_MODE, private_dir
-from mtor_p2p.control import INFO_FILE_NAME, ControlClient, ControlError, NodeNotRunning
+from mtor_p2p.control_client import INFO_FILE_NAME, ControlClient, ControlError, NodeNotRunning
 from mtor_p2p.datadir import lock_owner
 
 #: Region codes of ``simulations/regions``: peers are spread over them round-robin.

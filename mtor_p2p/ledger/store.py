@@ -37,6 +37,9 @@ from mtor_p2p.ledger.merkle import (
     inclusion_proof,
     verify_inclusion,
 )
+from mtor_p2p.ledger.names import MIN_ENTRY_PREFIX as MIN_ENTRY_PREFIX
+from mtor_p2p.ledger.names import LedgerError as LedgerError
+from mtor_p2p.ledger.names import is_entry_prefix as is_entry_prefix
 from mtor_p2p.ledger.state import CheckpointLeaves, Event, LedgerState, fold
 from mtor_p2p.wire import RecordError
 
@@ -94,21 +97,6 @@ CREATE TABLE IF NOT EXISTS peer_cursors (
     seq      INTEGER NOT NULL         -- ... and how far we have pulled from it
 );
 """
-
-
-#: The fewest hex digits of an entry ID :meth:`Ledger.prove` accepts as a prefix.
-MIN_ENTRY_PREFIX = 8
-
-
-def is_entry_prefix(text: str) -> bool:
-    """Whether ``text`` (any case, surrounding spaces ignored) is an entry ID or a prefix of
-    one that :meth:`Ledger.prove` takes: :data:`MIN_ENTRY_PREFIX` to 64 hex digits."""
-    text = text.strip().lower()
-    return MIN_ENTRY_PREFIX <= len(text) <= 64 and all(c in "0123456789abcdef" for c in text)
-
-
-class LedgerError(Exception):
-    """The ledger cannot be used as asked (another network's file, a closed ledger...)."""
 
 
 @dataclass

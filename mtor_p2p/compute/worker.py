@@ -272,13 +272,13 @@ class _UploadBuffer:
     def read_all(self) -> bytes | bytearray | memoryview:
         """Everything received (a blocking call when spooled)."""
         if self._whole is not None:
-            if np.frombuffer(self._whole, np.uint8).ctypes.data % BODY_ALIGNMENT:
+            whole = np.frombuffer(self._whole, np.uint8)
+            if whole.ctypes.data % BODY_ALIGNMENT:
                 # One chunk, kept as a view of its message, from a sender that did not pad
                 # its header (an older peer, or one that will not): held as it is, every
-                # product on it would copy it first (arrays.BODY_ALIGNMENT).
-                aligned = np.empty(len(self._whole), np.uint8)
-                aligned[:] = np.frombuffer(self._whole, np.uint8)
-                self._whole = memoryview(aligned)
+                # product on it would copy it first (arrays.BODY_ALIGNMENT). NumPy's own
+                # buffers are aligned at least that far.
+                self._whole = memoryview(whole.copy())
             return self._whole
         if self._memory is not None:
             return memoryview(self._memory)[: self._written]

@@ -500,13 +500,33 @@ async def mtor_kill(root: Path, s: Settings) -> dict[str, Any]:
     return {"trials": trials}
 
 
+#: Rows below which a shard of the product pays noticeably more per FLOP (see product_shards).
+PRODUCT_SHARD_MIN_ROWS = 1024
+
+
+def product_shards(rows: int, workers: int) -> int:
+    """Row 6's shard count: two per worker, so that each worker has its next shard's operands
+    while it computes one, but no shard under :data:`PRODUCT_SHARD_MIN_ROWS` rows unless that
+    leaves a worker without one.
+
+    Why not more: BLAS packs the whole of B for every call, so a shard of m rows pays B's
+    packing once per m rows. On the Intel Xeon (2026-12-05, NumPy alone, one BLAS thread, an
+    8192² B, 2048 rows of product in slabs, interleaved, medians): 512-row slabs 1.96 CPU-s
+    against 1.80 for 1024-row ones (6 pairs); 2048-row slabs 1.73 against 1.74 (5 pairs). On
+    the product itself, one cluster, jobs alternating: 4 workers with 8 shards against 16
+    were faster in 9 of 10 pairs (5.05 against 5.23 s, medians of the last 6); 2 workers with
+    4 against 8 in 7 of 10 (4.46 against 4.54 s). Until 2026-12-05 the row used four shards
+    per worker."""
+    return max(workers, min(2 * workers, rows // PRODUCT_SHARD_MIN_ROWS))
+
+
 async def mtor_product(root: Path, s: Settings, workers: int, cores: int) -> dict[str, Any]:
     n = s.product_n
     rng = np.random.default_rng(6)
     a = rng.standard_normal((n, n), dtype=np.float32)
     b = rng.standard_normal((n, n), dtype=np.float32)
     threads = max(1, cores // workers)
-    shards = 4 * workers
+    shards = product_shards(n, workers)
     async with mtor_cluster(root, workers, threads) as cluster:
         node = cluster.node
         warm = rng.standard_normal((512 * 2 * workers, 512), dtype=np.float32)
@@ -1225,7 +1245,9 @@ def row_scaling(runner: Runner) -> None:
             "at 4 workers MTOR has 4 BLAS threads on the cores (1 each: no fewer is possible)",
             "MTOR's time includes sending A and B to the workers, the results back and "
             "Freivalds' check on the requester; NumPy's operands are already in its memory",
-            "MTOR splits the job into 4 row shards per worker (max_workers = workers)",
+            "MTOR splits the job into 2 row shards per worker, none under "
+            f"{PRODUCT_SHARD_MIN_ROWS} rows unless a worker would get none "
+            "(max_workers = workers)",
             "numpy_around_Nw: the mean time of the NumPy runs just before and just after "
             "mtor_Nw (numpy: the round's first run)",
         ],

@@ -163,3 +163,17 @@ def test_row_6_compares_each_mtor_side_with_the_numpy_runs_around_it(
     assert ratios["mtor_2w/numpy_around_2w gflops"]["median"] == pytest.approx(0.625, rel=0.01)
     assert ratios["mtor_4w/numpy_around_4w gflops"]["median"] == pytest.approx(0.5, rel=0.01)
     assert ratios["mtor_4w/numpy gflops"]["median"] == pytest.approx(0.25, rel=0.01)
+
+
+def test_row_6_gives_each_worker_two_shards_of_at_least_1024_rows() -> None:
+    """Two shards per worker for pipelining, none under 1024 rows (BLAS packs B once per
+    shard) unless a worker would otherwise get none."""
+    shards = bench_compute.product_shards
+    assert [shards(8192, w) for w in (1, 2, 4)] == [2, 4, 8]
+    assert [shards(2048, w) for w in (1, 2, 4)] == [2, 2, 4]  # 1024-row floor, then 1 each
+    assert shards(512, 2) == 2
+    for rows in (512, 2048, 8192):
+        for workers in (1, 2, 4):
+            count = shards(rows, workers)
+            assert workers <= count <= 2 * workers
+            assert count == workers or rows // count >= bench_compute.PRODUCT_SHARD_MIN_ROWS

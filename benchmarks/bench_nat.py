@@ -386,11 +386,23 @@ def run_trials(lab: Lab, n: int, label: str, rtt_n: int, first: int = 0) -> list
     return trials
 
 
-def part_punch(trials: int, rtt_n: int) -> dict[str, Any]:
+def logs_dir(root: Path | None, part: str) -> Path:
+    """Where ``part``'s peers write their logs: under ``root`` (``--logs``), else in a fresh
+    temporary directory, kept after the run for reading."""
+    if root is None:
+        path = Path(tempfile.mkdtemp(prefix=f"mtor-nat-{part}-"))
+    else:
+        path = root / part
+        path.mkdir(parents=True, exist_ok=True)
+    log(f"  {part}: peer logs in {path}")
+    return path
+
+
+def part_punch(trials: int, rtt_n: int, logs: Path | None = None) -> dict[str, Any]:
     from tests.natlab import nat_lab
 
     with nat_lab() as raw:
-        lab = Lab(raw, Path(tempfile.mkdtemp(prefix="mtor-nat-")))
+        lab = Lab(raw, logs_dir(logs, "punch"))
         try:
             done = run_trials(lab, trials, "port-preserving", rtt_n)
         finally:
@@ -403,11 +415,11 @@ def part_punch(trials: int, rtt_n: int) -> dict[str, Any]:
     }
 
 
-def part_symmetric(trials: int, rtt_n: int) -> dict[str, Any]:
+def part_symmetric(trials: int, rtt_n: int, logs: Path | None = None) -> dict[str, Any]:
     from tests.natlab import nat_lab
 
     with nat_lab(nat_b="symmetric") as raw:
-        lab = Lab(raw, Path(tempfile.mkdtemp(prefix="mtor-nat-")))
+        lab = Lab(raw, logs_dir(logs, "symmetric"))
         try:
             done = run_trials(lab, trials, "symmetric b", rtt_n)
         finally:
@@ -433,7 +445,7 @@ def wait_all_direct(lab: Lab, tag: str, peer: str, timeout: float = 20.0) -> lis
     return kinds
 
 
-def part_throughput(transfers: int) -> dict[str, Any]:
+def part_throughput(transfers: int, logs: Path | None = None) -> dict[str, Any]:
     from tests.natlab import nat_lab
 
     out: dict[str, Any] = {
@@ -447,7 +459,7 @@ def part_throughput(transfers: int) -> dict[str, Any]:
         ),
     }
     with nat_lab() as raw:
-        lab = Lab(raw, Path(tempfile.mkdtemp(prefix="mtor-nat-")))
+        lab = Lab(raw, logs_dir(logs, "throughput"))
         try:
             # Relayed: hole punching off on both hosts.
             _, b_id = open_pair(lab, "rel", 4300, hole_punching=False)
@@ -523,9 +535,11 @@ def part_throughput(transfers: int) -> dict[str, Any]:
     return out
 
 
-def part_relay(window: float, circuits_side: int = 10, settle: float = 3.0) -> dict[str, Any]:
+def part_relay(
+    window: float, circuits_side: int = 10, settle: float = 3.0, logs: Path | None = None
+) -> dict[str, Any]:
     """The relay's CPU and memory per 100 circuits, on loopback (see the module doc)."""
-    logs = Path(tempfile.mkdtemp(prefix="mtor-nat-relay-"))
+    logs = logs_dir(logs, "relay")
     relay = Peer("relay", [], logs)
     dests = Peer("dests", [], logs)
     dialers = Peer("dialers", [], logs)
@@ -694,6 +708,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--transfers", type=int, default=3, help="16 MiB transfers per path")
     parser.add_argument("--window", type=float, default=None, help="relay CPU window, seconds")
     parser.add_argument("--out", type=Path, default=RESULTS / "nat.json")
+    parser.add_argument(
+        "--logs",
+        type=Path,
+        default=None,
+        help="directory for the peers' logs, one subdirectory per part "
+        "(default: a new temporary directory per part, kept after the run)",
+    )
     args = parser.parse_args(argv)
     args.parts = [p.strip() for p in args.only.split(",") if p.strip()]
     for part in args.parts:
@@ -748,19 +769,19 @@ def main(argv: list[str] | None = None) -> int:
     rtt_n = 5
     if "punch" in args.parts and args.trials:
         log(f"punch: {args.trials} trials, both NATs port-preserving")
-        out["results"]["punch_port_preserving"] = part_punch(args.trials, rtt_n)
+        out["results"]["punch_port_preserving"] = part_punch(args.trials, rtt_n, args.logs)
         save()
     if "symmetric" in args.parts and args.sym_trials:
         log(f"symmetric: {args.sym_trials} trials, b behind a symmetric NAT (30 s per failure)")
-        out["results"]["punch_symmetric_b"] = part_symmetric(args.sym_trials, rtt_n)
+        out["results"]["punch_symmetric_b"] = part_symmetric(args.sym_trials, rtt_n, args.logs)
         save()
     if "throughput" in args.parts and args.transfers:
         log(f"throughput: {args.transfers} x 16 MiB relayed, direct, plain TCP")
-        out["results"]["throughput_16mib"] = part_throughput(args.transfers)
+        out["results"]["throughput_16mib"] = part_throughput(args.transfers, args.logs)
         save()
     if "relay" in args.parts:
         log(f"relay: 100 circuits on loopback, {args.window:g} s windows")
-        out["results"]["relay_100_circuits"] = part_relay(args.window)
+        out["results"]["relay_100_circuits"] = part_relay(args.window, logs=args.logs)
         save()
     out["load1_end"] = procstats.loadavg1()
     save()

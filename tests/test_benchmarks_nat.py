@@ -51,8 +51,10 @@ def test_without_the_lab_it_exits_3_and_says_why(
 @needs_libp2p
 @pytest.mark.skipif(skip_reason() is not None, reason=f"NAT lab: {skip_reason()}")
 def test_one_punch_trial_through_the_lab(tmp_path: Path) -> None:
-    out = tmp_path / "nat.json"
-    assert bench_nat.main(["--only", "punch", "--trials", "1", "--out", str(out)]) == 0
+    out, logs = tmp_path / "nat.json", tmp_path / "logs"
+    argv = ["--only", "punch", "--trials", "1", "--out", str(out), "--logs", str(logs)]
+    assert bench_nat.main(argv) == 0
+    assert list((logs / "punch").glob("*.log")), "the peers' logs go where --logs says"
     result = json.loads(out.read_text())
     punch = result["results"]["punch_port_preserving"]
     (trial,) = punch["trials"]
@@ -66,8 +68,13 @@ def test_one_punch_trial_through_the_lab(tmp_path: Path) -> None:
 
 
 @needs_libp2p
-def test_relay_load_on_a_few_circuits() -> None:
-    got = bench_nat.part_relay(window=1.0, circuits_side=2, settle=0.5)
+def test_relay_load_on_a_few_circuits(tmp_path: Path) -> None:
+    got = bench_nat.part_relay(window=1.0, circuits_side=2, settle=0.5, logs=tmp_path)
+    assert sorted(p.name for p in (tmp_path / "relay").glob("*.log")) == [
+        "dests.log",
+        "dialers.log",
+        "relay.log",
+    ]
     assert got["circuits"] == {"dialled": 4, "relayed": 4, "direct": 0, "errors": []}
     assert got["idle"]["relay_stats"]["active_circuits"] == 4
     assert got["traffic"]["requests"]["requests"] > 0

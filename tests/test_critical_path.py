@@ -1417,3 +1417,29 @@ async def test_a_worker_gets_no_more_slots_than_its_job_has_shards(
     np.testing.assert_allclose(result.output, operands["a"] @ operands["b"], rtol=1e-5)
     assert one_shard == 2
     assert counted.slots == 2 * (requester.scheduler.max_in_flight + 1)
+
+
+def test_a_large_job_gets_two_shards_per_worker_and_a_small_one_does_not() -> None:
+    """Without --shards, equal workers got one shard each, so nothing hid the upload before a
+    shard or the download and check after it. A large job now gets two per worker; one whose
+    shards would fall under the row or FLOP floor keeps the speed-based count."""
+    from types import SimpleNamespace
+
+    from mtor_p2p.compute.scheduler import (
+        PIPELINE_MIN_SHARD_FLOPS,
+        PIPELINE_MIN_SHARD_ROWS,
+        _shard_count,
+    )
+
+    default = SimpleNamespace(shards=None)
+    product_8192 = 2.0 * 8192**3
+    assert _shard_count(default, [1.0, 1.0], 8192, product_8192) == 4
+    assert _shard_count(default, [1.0] * 4, 8192, product_8192) == 8
+    assert _shard_count(default, [1.0], 8192, product_8192) == 2
+    # Small jobs: rows or FLOPs too few to split further than one per worker.
+    assert _shard_count(default, [1.0, 1.0], 4096, 2.0 * 4096 * 256 * 256) == 2
+    assert _shard_count(default, [1.0] * 4, 2 * PIPELINE_MIN_SHARD_ROWS, product_8192) == 4
+    assert _shard_count(default, [1.0] * 2, 8192, 3 * PIPELINE_MIN_SHARD_FLOPS) == 3
+    # Unequal speeds still plan by speed (up to four per worker), and --shards still wins.
+    assert _shard_count(default, [1.0, 5.0], 8192, 2.0 * 4096 * 256 * 256) == 6
+    assert _shard_count(SimpleNamespace(shards=3), [1.0] * 4, 8192, product_8192) == 3

@@ -20,7 +20,7 @@ import mtor_p2p.compute.worker as worker_module
 import mtor_p2p.records.arrays as arrays
 from mtor_p2p.network import RemoteError
 from mtor_p2p.node import Node
-from tests.test_virtual_time import cluster
+from tests.test_virtual_time import ORDERS, cluster, trio_seed  # noqa: F401 (a fixture)
 
 RNG = np.random.default_rng(9)
 
@@ -1443,3 +1443,26 @@ def test_a_large_job_gets_two_shards_per_worker_and_a_small_one_does_not() -> No
     # Unequal speeds still plan by speed (up to four per worker), and --shards still wins.
     assert _shard_count(default, [1.0, 5.0], 8192, 2.0 * 4096 * 256 * 256) == 6
     assert _shard_count(SimpleNamespace(shards=3), [1.0] * 4, 8192, product_8192) == 3
+
+
+@ORDERS
+async def test_a_two_shard_job_over_two_measured_workers_runs_one_shard_on_each(
+    autojump_clock: trio.testing.MockClock,
+    trio_seed: int,  # noqa: F811 (the fixture, imported above)
+) -> None:
+    """A worker's pipeline (max_in_flight shards) took both shards of a two-shard job while
+    the other worker idled; a worker running a shard now leaves the queue to an idle one."""
+    async with cluster(["requester", "w1", "w2"]) as c:
+        await c.start("w1", "WEU")
+        await c.start("w2", "WEU")
+        requester = await c.start("requester", "WEU", serve=False)
+        await c.settle()
+        # Measured workers only: an unmeasured one gets one shard at a time anyway.
+        await requester.submit("matmul", small_operands(), shards=8, max_workers=2)
+        spread = []
+        for _ in range(4):
+            operands = small_operands()
+            result = await requester.submit("matmul", operands, shards=2, max_workers=2)
+            np.testing.assert_allclose(result.output, operands["a"] @ operands["b"], rtol=1e-5)
+            spread.append(sorted(Counter(s.worker for s in result.shards).values()))
+    assert spread == [[1, 1]] * 4, spread

@@ -462,6 +462,10 @@ class _JobRun:
         self.done = trio.Event()
         self.wakeup = trio.Event()
         self.progress: Callable[[int, int], None] | None = None
+        #: Workers whose slots run (connected, not yet out of the job).
+        self._serving: set[str] = set()
+        #: A slot left a shard queued for an idle worker: wake the slots when one is taken.
+        self._left_for_idle = False
 
     # -- queue -----------------------------------------------------------------------------
 
@@ -470,10 +474,25 @@ class _JobRun:
         self.wakeup = trio.Event()
 
     def next_shard(self, worker: str) -> tuple[int, bool] | None:
-        """The next shard for ``worker``: (index, is_hedge), or None if nothing suits it now."""
+        """The next shard for ``worker``: (index, is_hedge), or None if nothing suits it now.
+
+        A worker already running a shard of the job takes no second one from the queue while
+        another worker of the job runs none and could take it: otherwise the first worker's
+        pipeline (max_in_flight shards) could take every shard of a small job while the
+        others idle (8192² over 2 workers in 2 shards: one worker ran both). Nothing here
+        depends on times a worker reports: a worker counts as idle only while it holds no
+        attempt, is not backing off after a busy or failed answer, and is still in the job,
+        so a worker cannot hold the others back by stalling (it then holds a shard) or by
+        answering "busy" (it then backs off)."""
+        if self.pending and self._holding(worker) and self._idle_besides(worker):
+            self._left_for_idle = True
+            return None
         for index in self.pending:
             if self._wants_worker(index, worker) and not self._leave_to_others(index, worker):
                 self.pending.remove(index)
+                if self._left_for_idle:
+                    self._left_for_idle = False
+                    self._wake()  # the slot that held back may take the next one now
                 return index, False
         # Nothing queued: hedge the slowest straggler that this worker is not already running.
         if self.pending or not self.running:
@@ -493,6 +512,29 @@ class _JobRun:
         if not stragglers:
             return None
         return max(stragglers)[1], True
+
+    def _holding(self, worker: str) -> int:
+        """Attempts of this job that ``worker`` runs now (answers being judged included)."""
+        return sum(a.worker == worker for attempts in self.running.values() for a in attempts)
+
+    def _idle_besides(self, worker: str) -> bool:
+        """True if a worker of the job other than ``worker`` runs no attempt, may be sent one
+        now, and would take a shard of the queue."""
+        now = trio.current_time()
+        for other in self._serving:
+            if (
+                other == worker
+                or other in self.banned
+                or self._resume_at.get(other, 0.0) > now
+                or self._holding(other)
+            ):
+                continue
+            if any(
+                self._wants_worker(index, other) and not self._leave_to_others(index, other)
+                for index in self.pending
+            ):
+                return True
+        return False
 
     def _straggled(self, elapsed: float) -> bool:
         """True if an attempt running ``elapsed`` seconds is a straggler (what hedging uses)."""
@@ -1390,9 +1432,14 @@ class _JobRun:
         # shard, and an idle slot wakes with every attempt of the job that ends (a one-shard
         # job spent 25 task steps on six slots, four of which could never send anything).
         at_worker = trio.Semaphore(self.s.max_in_flight)
-        async with trio.open_nursery() as nursery:
-            for slot in range(min(self.s.max_in_flight + 1, len(self.ranges))):
-                nursery.start_soon(self._slot, worker, slot, at_worker)
+        self._serving.add(worker)
+        try:
+            async with trio.open_nursery() as nursery:
+                for slot in range(min(self.s.max_in_flight + 1, len(self.ranges))):
+                    nursery.start_soon(self._slot, worker, slot, at_worker)
+        finally:
+            self._serving.discard(worker)
+            self._wake()  # a slot holding back for this worker takes the shard itself
 
     async def _slot(self, worker: str, slot: int, at_worker: trio.Semaphore) -> None:
         failures_in_a_row = busy_in_a_row = 0

@@ -483,7 +483,14 @@ class _JobRun:
         depends on times a worker reports: a worker counts as idle only while it holds no
         attempt, is not backing off after a busy or failed answer, and is still in the job,
         so a worker cannot hold the others back by stalling (it then holds a shard) or by
-        answering "busy" (it then backs off)."""
+        answering "busy" (it then backs off).
+
+        Speeds are not weighed: an idle worker much slower than the holder still gets the
+        shard. In a review's memnet runs, a 2-shard job over a worker and one 3x slower took
+        12.0 virtual s every time, where the fast one running both would take 8.0; without
+        the rule it took 8.0-24.0 (mean 14.4), 24 when the slow one's pipeline took both. A
+        speed-aware rule was tried and dropped: the measured speed of a small shard is its
+        latency (two equal memnet workers measured 16x apart), so it let the hoarding back."""
         if self.pending and self._holding(worker) and self._idle_besides(worker):
             self._left_for_idle = True
             return None

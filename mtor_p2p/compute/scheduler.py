@@ -2191,7 +2191,10 @@ def _shard_count(spec: JobSpec, speeds: list[float], rows: int, flops: float) ->
     (8192² over 2 workers: 8.33 s with 2 shards against 6.49 with 8, BENCHMARKS.md). Only
     where every shard keeps :data:`PIPELINE_MIN_SHARD_ROWS` rows (a GEMM packs all of B for
     every shard, which costs a 512-row slab of an 8192² product 9% more CPU than a 1024-row
-    one) and :data:`PIPELINE_MIN_SHARD_FLOPS` (a shard's fixed costs, a few ms, stay small)."""
+    one) and :data:`PIPELINE_MIN_SHARD_FLOPS` (a shard's fixed costs, a few ms, stay small).
+    This floor hides transfers; it does not balance unequal workers: with two shards in
+    flight each, every worker takes its share at the start. Balance comes from the
+    speed-based count and from hedging stragglers."""
     if spec.shards is not None:
         return max(1, min(spec.shards, rows))
     speeds = [max(s, 1e-6) for s in speeds]

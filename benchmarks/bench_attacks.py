@@ -58,6 +58,7 @@ from benchmarks.attackers import (
     zero_price_shard,
 )
 from benchmarks.machine import machine
+from benchmarks.paths import user_path
 from mtor_p2p.compute.protocol import MAX_MESSAGE_BYTES
 from mtor_p2p.control import ControlClient, ControlError, NodeNotRunning
 from mtor_p2p.devnet import Devnet
@@ -785,7 +786,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--quick", action="store_true", help="short runs (under a minute each)")
     parser.add_argument("--label", help="a note stored with each attack's figures")
     parser.add_argument(
-        "--out", type=Path, help="results file (default: benchmarks/results/attacks.json)"
+        "--out", type=user_path, help="results file (default: benchmarks/results/attacks.json)"
     )
     args = parser.parse_args(argv)
     quick, label = args.quick, args.label

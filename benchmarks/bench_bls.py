@@ -24,12 +24,12 @@ import sys
 import time
 from collections.abc import Callable
 from importlib import metadata
-from pathlib import Path
 from typing import Any
 
 import blake3
 
 from benchmarks.machine import machine
+from benchmarks.paths import user_path
 from mtor_p2p.ledger.bls import BlsBackend, backend_by_name, derive_secret
 
 BACKENDS = ("py-ecc", "blspy")
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--signers", type=int, default=100, help="keys signing the checkpoint")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per figure")
-    parser.add_argument("--json", type=Path, metavar="PATH", help="write the report here")
+    parser.add_argument("--json", type=user_path, metavar="PATH", help="write the report here")
     args = parser.parse_args(argv)
     if args.signers < 1 or args.repeats < 1:
         parser.error("--signers and --repeats must be at least 1")

@@ -65,6 +65,7 @@ import trio
 
 from benchmarks import baselines, procstats
 from benchmarks.machine import machine
+from benchmarks.paths import user_path
 
 RESULTS = Path(__file__).with_name("results")
 ROOT = Path(__file__).resolve().parent.parent
@@ -1381,7 +1382,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="interleaved rounds per row (each side once per round; default 3)",
     )  # fmt: skip
     parser.add_argument(
-        "--out", type=Path, default=None,
+        "--out", type=user_path, default=None,
         help="where to write the JSON (default: benchmarks/results/compute.json for a full run, "
         "benchmarks/results/compute-partial.json (not tracked) with --quick or --only)",
     )  # fmt: skip

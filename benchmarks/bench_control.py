@@ -31,6 +31,7 @@ from typing import Any
 import trio
 
 from benchmarks.machine import machine
+from benchmarks.paths import user_path
 
 ROOT = Path(__file__).resolve().parent.parent
 #: One request's deadline on the client side (the server's own per-connection deadline is 10 s).
@@ -143,11 +144,13 @@ async def load(url: str, token: str, clients: int, seconds: float) -> dict[str, 
 def main(argv: list[str] | None = None) -> int:
     """Parse the options, start the node, load it, print (and write) the figures."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks control", description=__doc__)
-    parser.add_argument("--source", type=Path, default=ROOT, help="checkout to run the node from")
+    parser.add_argument(
+        "--source", type=user_path, default=ROOT, help="checkout to run the node from"
+    )
     parser.add_argument("--clients", type=int, default=200)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--label", default=None, help="a name for this run in the output")
-    parser.add_argument("--json", type=Path, default=None, help="also write the result here")
+    parser.add_argument("--json", type=user_path, default=None, help="also write the result here")
     args = parser.parse_args(argv)
     source = args.source.resolve()
     commit = subprocess.run(

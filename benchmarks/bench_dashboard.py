@@ -33,6 +33,7 @@ from typing import Any
 import psutil
 
 from benchmarks.machine import machine
+from benchmarks.paths import user_path
 
 ROOT = Path(__file__).resolve().parent.parent
 JOB = ["--m", "4096", "--n", "256", "--k", "256", "--shards", "1024"]
@@ -180,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--loads", type=int, default=5, help="fresh page loads to time")
     parser.add_argument("--seconds", type=float, default=30.0, help="job time per side")
     parser.add_argument("--rounds", type=int, default=2, help="without/with rounds")
-    parser.add_argument("--json", type=Path, default=None, help="also write the result here")
+    parser.add_argument("--json", type=user_path, default=None, help="also write the result here")
     args = parser.parse_args(argv)
     commit = subprocess.run(
         ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],

@@ -35,6 +35,7 @@ from typing import Any
 import trio
 
 from benchmarks.machine import machine
+from benchmarks.paths import user_path
 from mtor_p2p.clock import NetClock
 from mtor_p2p.identity import Identity
 from mtor_p2p.ledger.service import LedgerService
@@ -223,7 +224,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--receipts", type=int, default=100_000, help="receipts to sync")
     parser.add_argument("--ingest", type=int, default=20_000, help="receipts to ingest")
     parser.add_argument("--signers", type=int, default=100, help="checkpoint signers")
-    parser.add_argument("--json", type=Path, default=RESULTS / "ledger.json")
+    parser.add_argument("--json", type=user_path, default=RESULTS / "ledger.json")
     args = parser.parse_args(argv)
     report: dict[str, Any] = {
         "machine": machine(),

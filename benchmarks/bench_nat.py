@@ -1,6 +1,7 @@
 """NAT traversal figures of issue 10, measured through the real NAT lab.
 
-``./mtor bench nat [--quick] [--only punch,symmetric,throughput,relay] [--out PATH]``
+``./mtor bench nat [--quick] [--only punch,symmetric,throughput,relay] [--out PATH]
+[--logs DIR]``
 
 The lab is ``bootstrap/nat-lab.sh`` driven by ``tests/natlab.py``: network namespaces, a relay
 on the "internet" (203.0.113.10) and private hosts a (10.0.1.2) and b (10.0.2.2) each behind
@@ -61,6 +62,7 @@ from typing import Any
 
 from benchmarks import procstats
 from benchmarks.machine import machine
+from benchmarks.paths import user_path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).with_name("results")
@@ -394,7 +396,7 @@ def logs_dir(root: Path | None, part: str) -> Path:
     else:
         path = root / part
         path.mkdir(parents=True, exist_ok=True)
-    log(f"  {part}: peer logs in {path}")
+    log(f"  {part}: peer logs in {path.resolve()}")
     return path
 
 
@@ -707,10 +709,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--sym-trials", type=int, default=None, help="symmetric-NAT trials")
     parser.add_argument("--transfers", type=int, default=3, help="16 MiB transfers per path")
     parser.add_argument("--window", type=float, default=None, help="relay CPU window, seconds")
-    parser.add_argument("--out", type=Path, default=RESULTS / "nat.json")
+    parser.add_argument(
+        "--out",
+        type=user_path,
+        default=RESULTS / "nat.json",
+        help="results file (default: benchmarks/results/nat.json in the checkout)",
+    )
     parser.add_argument(
         "--logs",
-        type=Path,
+        type=user_path,
         default=None,
         help="directory for the peers' logs, one subdirectory per part "
         "(default: a new temporary directory per part, kept after the run)",

@@ -146,7 +146,7 @@ def test_submit_help_explains_each_kernel_its_inputs_dtype_and_verify():
     for kernel, files, auto in (
         ("matmul", "--a FILE a as a .npy file of shape (m, k)", "Freivalds' for matmul"),
         ("mlp", "--b1 FILE b1 as a .npy file of shape (d_hidden,)", "sample for mlp"),
-        ("attention", "--seq-k N key and value positions (default: --seq-q;", "sample for"),
+        ("attention", "--seq-k SEQ_K key and value positions (default: --seq-q;", "sample for"),
     ):
         assert kernel in listing
         result = mtor("submit", kernel, "--help")
@@ -262,6 +262,29 @@ def test_the_wrapper_runs_the_readme_scenarios_from_anywhere(tmp_path):
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "out" / "report.md").is_file()  # --out is the caller's
+
+
+@needs_wrapper
+def test_the_wrappers_bench_writes_a_relative_out_where_it_was_called(tmp_path):
+    """`./mtor bench` runs from the checkout, but `--out rel.json` means the caller's
+    directory (before: the checkout's, where a user would not look)."""
+    result = _wrapper(
+        tmp_path, "bench", "compute", "--only", "8", "--rounds", "1", "--quick",
+        "--out", "rel.json",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "rel.json").is_file()
+    assert not (REPO / "rel.json").exists()
+
+
+def test_a_benchmark_path_is_the_callers_when_the_wrapper_names_it(tmp_path, monkeypatch):
+    from benchmarks.paths import CALLER_DIR_VARIABLE, user_path
+
+    monkeypatch.delenv(CALLER_DIR_VARIABLE, raising=False)
+    assert user_path("out.json") == Path("out.json")
+    monkeypatch.setenv(CALLER_DIR_VARIABLE, str(tmp_path))
+    assert user_path("out.json") == tmp_path / "out.json"
+    assert user_path("/abs/out.json") == Path("/abs/out.json")
 
 
 def test_py_libp2p_logs_in_our_format_at_our_level():

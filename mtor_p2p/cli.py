@@ -1424,7 +1424,10 @@ def _follow_job(args: argparse.Namespace, client: ControlClient, job_id: str) ->
     except (NodeNotRunning, ControlError, KeyError, TypeError):
         pass  # the job's own counts stand
     if args.json:
-        print(json.dumps(result, indent=2, sort_keys=True))
+        # The node's short ID (what `jobs --cancel` takes) and accepted shards per worker, as
+        # `jobs --json` names them; "workers" stays the list of workers that contributed.
+        extra = {"id": job_id, "shards_per_worker": job.get("workers", {})}
+        print(json.dumps({**result, **extra}, indent=2, sort_keys=True))
         return EXIT_OK
     shape = result["output_shape"]
     print(f"job        {job_id} ({result['job_id'][:16]}…)  {result['kernel']}, output {shape}")
@@ -1959,7 +1962,7 @@ def _add_submit_parser(kernels: Any, spec: KernelInputs) -> None:
         p.add_argument(
             f"--{size.replace('_', '-')}",
             dest=f"size_{size}",
-            metavar="N",
+            metavar=size.upper(),
             type=_positive_int(1 << 20),
             help=f"{SUBMIT_SIZE_HELP[spec.kernel][size]} ({default}; not with {operand_flags})",
         )
@@ -1999,7 +2002,8 @@ def _add_submit_parser(kernels: Any, spec: KernelInputs) -> None:
     p.add_argument(
         "--shards",
         type=_positive_int(4096),
-        help="number of shards (default: sized from the workers' capacity)",
+        help="number of shards (default: sized from the workers' capacity, and at least two "
+        "per worker for a job whose shards would keep 1,024 rows and 16 GFLOP each)",
     )
     p.add_argument(
         "--out",

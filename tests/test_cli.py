@@ -314,6 +314,10 @@ def test_submit_and_receipts_against_a_devnet_as_a_new_user_would(tmp_path):
         assert summary["shards"] >= 2 and summary["receipts"] == summary["shards"]
         assert summary["rejected"] == 0 and summary["cost"] > 0
         assert set(summary["workers"]) <= {p["peer_id"] for p in peers[1:]}
+        # The node's short ID and the shards per worker, as `jobs --json` gives them.
+        assert re.fullmatch(r"job-\d+", summary["id"]), summary["id"]
+        assert sum(summary["shards_per_worker"].values()) == summary["shards"]
+        assert set(summary["shards_per_worker"]) == set(summary["workers"])
         # Files in, file out: the product equals NumPy's.
         rng = np.random.default_rng(3)
         a, b = (

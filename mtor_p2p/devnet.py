@@ -392,11 +392,17 @@ def run_devnet(
         print(f"\nmtor-peer: devnet failed: {exc}", file=sys.stderr)
         code = EXIT_FAILURE
     finally:
+        if stop_requested:  # Ctrl-C or SIGTERM: say what happens, as every other exit does
+            plural = "" if peers == 1 else "s"
+            print(f"\nmtor-peer: stopping the devnet ({peers} peer{plural})", file=sys.stderr)
         devnet.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         if temporary and code == EXIT_OK:
             shutil.rmtree(root, ignore_errors=True)
+        if stop_requested:
+            kept = "removed" if temporary and code == EXIT_OK else f"kept in {root}"
+            print(f"mtor-peer: devnet stopped; its data {kept}", file=sys.stderr, flush=True)
     return code
 
 

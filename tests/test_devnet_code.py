@@ -37,6 +37,12 @@ def test_peers_do_not_import_a_checkout_in_the_calling_directory(tmp_path: Path)
     finally:
         process.send_signal(signal.SIGINT)
         process.wait(timeout=30)
+    # Ctrl-C's stop is said, with where the data stays (it said nothing: a new user's report).
+    assert process.returncode == 0
+    assert process.stderr is not None
+    said = process.stderr.read()
+    assert "stopping the devnet (1 peer)" in said
+    assert f"devnet stopped; its data kept in {tmp_path / 'net'}" in said
 
 
 def test_a_second_devnet_on_a_directory_in_use_leaves_the_running_one_alone(

@@ -1442,6 +1442,11 @@ def test_a_large_job_gets_two_shards_per_worker_and_a_small_one_does_not() -> No
     assert _shard_count(default, [1.0] * 2, 8192, 3 * PIPELINE_MIN_SHARD_FLOPS) == 3
     # Unequal speeds still plan by speed (up to four per worker), and --shards still wins.
     assert _shard_count(default, [1.0, 5.0], 8192, 2.0 * 4096 * 256 * 256) == 6
+    assert _shard_count(default, [1.0, 1.5], 8192, 2.0 * 4096 * 256 * 256) == 3
+    # Equal workers measured a few percent apart: one shard each, not a third for one of them
+    # (speeds a new user's devnet advertised; the job got 3 shards, split 1 and 2).
+    assert _shard_count(default, [0.200, 0.199], 2048, 2.0 * 2048 * 512 * 512) == 2
+    assert _shard_count(default, [1.0, 1.04, 0.98], 4096, 2.0 * 4096 * 256 * 256) == 3
     assert _shard_count(SimpleNamespace(shards=3), [1.0] * 4, 8192, product_8192) == 3
 
 

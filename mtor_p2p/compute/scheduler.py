@@ -2174,6 +2174,13 @@ def _choose_method(requested: str, kernel: Kernel, workers: int) -> str:
     return requested
 
 
+#: How far the fastest worker's speed must exceed a whole multiple of the slowest's before it
+#: is planned one more shard: measured speeds of equal workers differ by a few percent, and a
+#: ceiling of 2.005 gave one of two equal workers a second shard (the job ran 2/3 of its rows
+#: on that worker; a new user's walkthrough). Of two workers, a third shard only pays once
+#: one is 1/3 faster than the other.
+SPEED_RATIO_SLACK = 0.3
+
 #: A job large enough that each of its shards keeps this many rows of the split operand and
 #: this many FLOPs gets at least two shards per worker (see :func:`_shard_count`).
 PIPELINE_MIN_SHARD_ROWS = 1024
@@ -2182,8 +2189,8 @@ PIPELINE_MIN_SHARD_FLOPS = 16e9
 
 def _shard_count(spec: JobSpec, speeds: list[float], rows: int, flops: float) -> int:
     """Shards sized from the workers' planning speeds (measured, or capped claims): the
-    slowest gets at least one, the fastest proportionally more, and never more than four per
-    worker or one per row.
+    slowest gets at least one, the fastest proportionally more (once clearly more:
+    :data:`SPEED_RATIO_SLACK`), and never more than four per worker or one per row.
 
     A large job gets at least two per worker, so that each worker has its next shard's
     operands while it computes one and the requester checks one shard while the next runs;
@@ -2199,7 +2206,7 @@ def _shard_count(spec: JobSpec, speeds: list[float], rows: int, flops: float) ->
     if spec.shards is not None:
         return max(1, min(spec.shards, rows))
     speeds = [max(s, 1e-6) for s in speeds]
-    wanted = math.ceil(sum(speeds) / min(speeds))
+    wanted = math.ceil(sum(speeds) / min(speeds) - SPEED_RATIO_SLACK)
     count = max(len(speeds), min(wanted, 4 * len(speeds)))
     pipelined = min(
         2 * len(speeds), rows // PIPELINE_MIN_SHARD_ROWS, int(flops // PIPELINE_MIN_SHARD_FLOPS)

@@ -508,7 +508,9 @@ PRODUCT_SHARD_MIN_ROWS = 1024
 def product_shards(rows: int, workers: int) -> int:
     """Row 6's shard count: two per worker, so that each worker has its next shard's operands
     while it computes one, but no shard under :data:`PRODUCT_SHARD_MIN_ROWS` rows unless that
-    leaves a worker without one.
+    leaves a worker without one. It is what the scheduler's own default gives a large job
+    over equal workers (``PIPELINE_MIN_SHARD_ROWS`` in ``mtor_p2p.compute.scheduler``),
+    stated here so that the row's shards do not move with the workers' measured speeds.
 
     Why not more: BLAS packs the whole of B for every call, so a shard of m rows pays B's
     packing once per m rows. On the Intel Xeon (2026-12-05, NumPy alone, one BLAS thread, an

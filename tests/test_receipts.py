@@ -236,41 +236,6 @@ def test_a_worker_signature_is_verified_once_per_receipt_and_never_skipped_unver
         verify_receipt(unverified, require_complete=False)  # and again: nothing was cached
 
 
-def test_a_receipt_countersigned_here_is_not_verified_again_when_it_enters_the_ledger(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """The requester verified the worker's signature and made its own: entering the receipt
-    into its ledger (and the gossip that brings it back) decodes it without verifying
-    either again, to the same value a peer that never saw it decodes."""
-    import mtor_p2p.records.receipts as receipts
-    from mtor_p2p.ledger.entries import decode_entry, receipt_entry
-
-    calls: list[bytes] = []
-    real = receipts.verify_signature
-
-    def counted(key: object, signature: bytes, message: bytes) -> bool:
-        calls.append(signature)
-        return real(key, signature, message)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(receipts, "verify_signature", counted)
-    # A shard no other test signs (decode_receipt's cache has not seen these bytes).
-    worker_half = sign_as_worker(WORKER, body(shard=987_655)).encode()
-    received = decode_receipt(worker_half, require_complete=False)
-    countersigned = countersign(REQUESTER, received)
-    assert len(calls) == 1  # the worker's signature, once
-    entry = decode_entry(receipt_entry(countersigned), "00" * 32)
-    assert len(calls) == 1  # neither signature again
-    elsewhere = receipts._decode_receipt(countersigned.encode(), require_complete=True)
-    assert len(calls) == 3  # a peer without it verifies both
-    assert entry.at == elsewhere.body.ended and entry.amount == elsewhere.body.cost_nano
-    assert decode_receipt(countersigned.encode()) == elsewhere
-
-    # A body built here, not decoded from a peer's bytes, is decoded and checked as any.
-    built = countersign(REQUESTER, sign_as_worker(WORKER, body(shard=987_656, price=1e300)))
-    with pytest.raises(RecordError, match="between"):
-        decode_entry(receipt_entry(built), "00" * 32)
-
-
 def test_a_bodys_inputs_cannot_change_under_its_signatures() -> None:
     """(A hostile review's finding.) A body's canonical bytes are made once and both
     signatures cover them: its inputs are read-only, so a verified receipt cannot be

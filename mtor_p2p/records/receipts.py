@@ -62,9 +62,6 @@ class ReceiptBody:
     #: canonical(body), made once: the body is signed, verified, countersigned and encoded,
     #: each over these bytes (not part of the body's value).
     _canonical: bytes | None = field(default=None, init=False, compare=False, repr=False)
-    #: Set by :func:`body_from_json` only: the body passed every check a peer decoding it
-    #: makes (not part of the body's value).
-    _checked: bool = field(default=False, init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         # Read-only: the canonical bytes are made once and both signatures cover them, so the
@@ -158,7 +155,7 @@ def body_from_json(obj: Any) -> ReceiptBody:
             public_key_from_peer_id(obj[name])
         except ValueError as exc:
             raise RecordError(f"{name} is not an Ed25519 peer ID") from exc
-    body = ReceiptBody(
+    return ReceiptBody(
         job_id=_check_hex(obj["job_id"], "job_id"),
         shard=obj["shard"],
         kernel=obj["kernel"],
@@ -171,8 +168,6 @@ def body_from_json(obj: Any) -> ReceiptBody:
         requester=obj["requester"],
         price=float(obj["price"]),
     )
-    object.__setattr__(body, "_checked", True)
-    return body
 
 
 @dataclass(frozen=True)
@@ -243,32 +238,7 @@ def countersign(identity: Identity, receipt: Receipt) -> Receipt:
     signature = identity.sign(_requester_message(receipt.body, receipt.worker_signature))
     countersigned = Receipt(receipt.body, receipt.worker_signature, signature)
     object.__setattr__(countersigned, "_worker_verified", True)
-    _remember(countersigned)
     return countersigned
-
-
-def _remember(receipt: Receipt) -> None:
-    """Enter a complete receipt whose signatures hold (the worker's verified here, the
-    requester's made here) into the decoded receipts, so that entering it into this peer's
-    ledger, and the ledger gossip that carries it back, do not parse and verify it again (two
-    Ed25519 verifications per shard on the requester, measured in issue 9).
-
-    Only a body decoded from a peer's bytes (:func:`body_from_json`) qualifies: it passed
-    every check another peer makes and re-encodes to the bytes it came from, so this peer's
-    ledger gets the entry every other peer decodes. A body built here might not (a price out
-    of range would enter this ledger and no other)."""
-    if not receipt.body._checked:
-        return
-    try:
-        data = receipt.encode()
-    except RecordError:
-        return  # too large to be a ledger entry: nothing will decode it
-    key = hashlib.blake2b(data, digest_size=32).digest()
-    with _decoded_lock:
-        _DECODED[key] = receipt
-        _DECODED.move_to_end(key)
-        if len(_DECODED) > _DECODED_MAX:
-            _DECODED.popitem(last=False)
 
 
 def verify_receipt(receipt: Receipt, *, require_complete: bool = True) -> None:

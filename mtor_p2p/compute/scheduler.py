@@ -2194,9 +2194,12 @@ def _shard_count(spec: JobSpec, speeds: list[float], rows: int, flops: float) ->
 
     A large job gets at least two per worker, so that each worker has its next shard's
     operands while it computes one and the requester checks one shard while the next runs;
-    with one shard each, the upload before and the download and check after are not hidden
-    (8192² over 2 local workers, jobs alternating on one cluster, both workers used: 6.38
-    and 5.31 s with 2 shards against 5.58 and 4.65 with 4; BENCHMARKS.md). Only
+    with one shard each, the upload before and the download and check after are not hidden.
+    For workers on the requester's machine (operands through shared memory) that gain did
+    not hold up: 2 pairs first favoured 4 shards over 2 for 8192² over 2 workers, 11 jobs
+    of each later, in both orders, found no difference (5.83 s with 2 against 6.03 with 4;
+    BENCHMARKS.md, forty-ninth sitting). Where operands cross a network, an upload is not
+    hidden without it (argued, not measured here). Only
     where every shard keeps :data:`PIPELINE_MIN_SHARD_ROWS` rows (a GEMM packs all of B for
     every shard, which costs a 512-row slab of an 8192² product 9% more CPU than a 1024-row
     one) and :data:`PIPELINE_MIN_SHARD_FLOPS` (a shard's fixed costs, a few ms, stay small).

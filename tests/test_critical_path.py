@@ -1471,3 +1471,56 @@ async def test_a_two_shard_job_over_two_measured_workers_runs_one_shard_on_each(
             np.testing.assert_allclose(result.output, operands["a"] @ operands["b"], rtol=1e-5)
             spread.append(sorted(Counter(s.worker for s in result.shards).values()))
     assert spread == [[1, 1]] * 4, spread
+
+
+async def test_jobs_submitted_together_share_each_workers_shards_in_flight(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A worker's shards in flight from one requester are counted across its jobs: with 24
+    one-shard jobs submitted at once over two measured workers, neither is sent more than
+    ``max_in_flight`` of them ahead of the answers it gave (one more may be under way while
+    an answer is judged), and both run a fair share. Counted per job, the worker ranked
+    first took nearly every job (its slots ask first) while the other idled."""
+    async with cluster(["requester", "w1", "w2"]) as c:
+        await c.start("w1", "WEU")
+        await c.start("w2", "WEU")
+        requester = await c.start("requester", "WEU", serve=False)
+        await c.settle()
+        operands = small_operands()
+        # Both workers measured first (a newcomer takes one shard at a time, its trial).
+        await requester.submit("matmul", operands, shards=4, max_workers=2)
+        scheduler = requester.scheduler
+        held: Counter[str] = Counter()
+        most: Counter[str] = Counter()
+        ran: Counter[str] = Counter()
+        note_sent = scheduler.note_sent
+
+        def sent(worker: str) -> None:
+            held[worker] += 1
+            most[worker] = max(most[worker], held[worker])
+            note_sent(worker)
+
+        def ended(attempt: Any) -> None:
+            held[attempt.worker] -= 1
+            ran[attempt.worker] += attempt.outcome == "accepted"
+
+        scheduler.note_sent = sent  # type: ignore[method-assign]
+        scheduler.observer = ended
+        outputs: list[tuple[np.ndarray, np.ndarray]] = []
+        jobs = 24
+
+        async def one(i: int) -> None:
+            a = operands["a"] + i
+            result = await requester.submit(
+                "matmul", {"a": a, "b": operands["b"]}, shards=1, max_workers=2
+            )
+            outputs.append((result.output, a))
+
+        async with trio.open_nursery() as nursery:
+            for i in range(jobs):
+                nursery.start_soon(one, i)
+    for output, a in outputs:
+        np.testing.assert_allclose(output, a @ operands["b"], rtol=1e-4, atol=1e-4)
+    assert sum(ran.values()) == jobs, ran
+    assert min(ran.values()) >= jobs // 4, ran
+    assert max(most.values()) <= scheduler.max_in_flight + 1, most

@@ -16,11 +16,12 @@ time gets a second copy, and the first verified answer wins.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import statistics
 from collections import OrderedDict, deque
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -1438,12 +1439,12 @@ class _JobRun:
         # No more slots than the job has shards: a worker never runs two attempts at one
         # shard, and an idle slot wakes with every attempt of the job that ends (a one-shard
         # job spent 25 task steps on six slots, four of which could never send anything).
-        at_worker = trio.Semaphore(self.s.max_in_flight)
         self._serving.add(worker)
         try:
-            async with trio.open_nursery() as nursery:
-                for slot in range(min(self.s.max_in_flight + 1, len(self.ranges))):
-                    nursery.start_soon(self._slot, worker, slot, at_worker)
+            with self.s.worker_tokens(worker) as at_worker:
+                async with trio.open_nursery() as nursery:
+                    for slot in range(min(self.s.max_in_flight + 1, len(self.ranges))):
+                        nursery.start_soon(self._slot, worker, slot, at_worker)
         finally:
             self._serving.discard(worker)
             self._wake()  # a slot holding back for this worker takes the shard itself
@@ -1559,6 +1560,8 @@ class Scheduler:
         self.view = view
         self.receipts = receipts
         self.max_in_flight = max_in_flight
+        #: worker -> [its tokens of shards in flight, jobs using them] (see worker_tokens).
+        self._tokens: dict[str, list[Any]] = {}
         #: Called with each countersigned receipt and each fault proof (the ledger's intake).
         self.on_settled: Callable[[Receipt], Awaitable[None]] | None = None
         self.on_fault: Callable[[bytes], Awaitable[None]] | None = None
@@ -1607,6 +1610,27 @@ class Scheduler:
         self.shards_sent = EventWindow()
         #: The last PLAN_NOTES jobs' plans (challenges aside), oldest first.
         self.plans: deque[PlanNote] = deque(maxlen=PLAN_NOTES)
+
+    @contextlib.contextmanager
+    def worker_tokens(self, worker: str) -> Iterator[trio.Semaphore]:
+        """The tokens of ``worker``'s shards in flight from this requester, ``max_in_flight``
+        of them, shared by every job that runs on it now.
+
+        Per requester, not per job: with a token set per job, jobs submitted together each
+        sent a worker ``max_in_flight`` shards, and all of them went to the worker ranked
+        first, whose slots ask first (300 one-shard jobs at once over two workers: one ran
+        90%, the other idled). Shared, a worker holding its share waits while another takes
+        the shard. Dropped when no job uses the worker any longer."""
+        entry = self._tokens.get(worker)
+        if entry is None:
+            entry = self._tokens[worker] = [trio.Semaphore(self.max_in_flight), 0]
+        entry[1] += 1
+        try:
+            yield entry[0]
+        finally:
+            entry[1] -= 1
+            if entry[1] == 0:
+                del self._tokens[worker]
 
     def note_sent(self, worker: str) -> None:
         """Count one shard attempt sent to ``worker`` under its GPU class ("unknown" if its

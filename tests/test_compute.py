@@ -253,6 +253,43 @@ async def test_large_outputs_land_in_place_and_a_rejected_download_is_overwritte
         assert caught == cheater.worker.stats.corrupted_on_purpose
 
 
+async def test_a_one_shard_jobs_answer_becomes_its_output_unless_another_job_shape(
+    tmp_path, monkeypatch
+):
+    """A one-shard job's accepted answer, read from its run reply into a buffer of its own,
+    is the job's output as it is (no copy into a second array); the output is writable like
+    any other. Jobs of several shards still gather their answers into one array."""
+    adopted: list[bool] = []
+    adoptable = _JobRun._adoptable
+
+    def spy(self: _JobRun, output: np.ndarray) -> bool:
+        adopted.append(adoptable(self, output))
+        return adopted[-1]
+
+    monkeypatch.setattr(_JobRun, "_adoptable", spy)
+    async with devnet(tmp_path, count=2) as nodes:
+        requester, worker = nodes[0][0], nodes[1][0]
+        # Over the worker's lane (with lanes "auto", as configured here, the first requests
+        # go over a libp2p stream while it opens; their answers are bytes, not adopted).
+        assert await requester.network.open_lane(worker.peer_id)  # type: ignore[attr-defined]
+        # A 1.2 MiB answer: over one lane record, so read into a bytearray (a smaller one
+        # is one record's bytes: read-only, and copied into the output).
+        operands = {
+            "a": RNG.standard_normal((300, 64)).astype("float32"),
+            "b": RNG.standard_normal((64, 1024)).astype("float32"),
+        }
+        expected = operands["a"] @ operands["b"]
+        one = await requester.submit("matmul", operands, shards=1)
+        assert adopted == [True]
+        np.testing.assert_allclose(one.output, expected, rtol=1e-4, atol=1e-3)
+        assert one.output.flags.writeable and one.output.flags.c_contiguous
+        one.output[0, 0] = 7.0
+        several = await requester.submit("matmul", operands, shards=3)
+        assert adopted[1:] == [False] * 3
+        np.testing.assert_allclose(several.output, expected, rtol=1e-4, atol=1e-3)
+        assert several.output.flags.writeable
+
+
 async def test_sampled_verification_catches_a_cheating_mlp_worker(tmp_path, monkeypatch):
     async with devnet(tmp_path, **{"1": {"fault_rate": 1.0}}) as nodes:
         requester, cheater = nodes[0][0], nodes[1][0]

@@ -13,7 +13,7 @@ Rows (``--only 1,3``):
    receipt included) from an in-process requester, against Ray and Dask (one task each);
 2. shards per second with 2 worker processes: 512x512x512 shards, B shared (MTOR: one job of
    row shards; Ray ``ray.put``, Dask ``scatter``: the same bytes move) and both operands per
-   shard (MTOR: one-shard jobs, 4 in flight; Ray and Dask: every task submitted at once);
+   shard (MTOR: one-shard jobs, Ray and Dask: one task each; every one submitted at once);
 3. bulk bytes over one authenticated connection between two processes: MTOR
    ``Libp2pNetwork.request`` (its lane) carrying 4 MiB requests (the compute protocols' chunk)
    and 64 MiB requests each way, against one TCP socket and one TLS 1.3 connection (Python
@@ -402,7 +402,11 @@ async def mtor_throughput(root: Path, s: Settings) -> dict[str, Any]:
         del result
         log(f"  mtor: b_shared {shards / seconds:.1f} shards/s; both_shipped ...")
 
-        # Both operands per shard: one-shard jobs with a distinct B each, 2 per worker in flight.
+        # Both operands per shard: one-shard jobs with a distinct B each, all submitted at
+        # once, as the baselines queue every task at once. The scheduler keeps each worker's
+        # shards in flight to max_in_flight across the jobs (Scheduler.worker_tokens). Until
+        # 2026-12-05 this side ran 4 jobs at a time (2 per worker): with 300 jobs at once the
+        # worker ranked first then took 90% of them.
         pairs = []
         for i in range(shards):
             b_i = b.copy()
@@ -410,13 +414,11 @@ async def mtor_throughput(root: Path, s: Settings) -> dict[str, Any]:
             pairs.append((a_all[i * n : (i + 1) * n], b_i))
         outputs: list[Any] = [None] * shards
         used: dict[str, int] = {}
-        limiter = trio.CapacityLimiter(4)
 
         async def one(i: int) -> None:
-            async with limiter:
-                r = await node.submit(
-                    "matmul", {"a": pairs[i][0], "b": pairs[i][1]}, shards=1, max_workers=2
-                )
+            r = await node.submit(
+                "matmul", {"a": pairs[i][0], "b": pairs[i][1]}, shards=1, max_workers=2
+            )
             outputs[i] = r.output
             for w in r.workers:
                 used[w] = used.get(w, 0) + 1
@@ -842,14 +844,14 @@ def row_throughput(runner: Runner) -> None:
             "Dask: client.scatter(B, broadcast=True)), every product back to the driver and "
             "copied into the one C as it completes (MTOR's job returns C; the baselines "
             "place each block on ray.wait / as_completed), the put/scatter inside the timing",
-            "both_shipped: a distinct A and B per shard on every side (MTOR: one-shard jobs, at "
-            "most 4 in flight; Ray/Dask: all tasks submitted at once)",
+            "both_shipped: a distinct A and B per shard on every side, every shard submitted at "
+            "once (MTOR: one one-shard job each; Ray/Dask: one task each)",
             "2 worker processes with 1 BLAS thread each; a warm-up before timing",
         ],
         [
             "MTOR verifies, signs and stores a receipt for every shard",
-            "MTOR's both_shipped runs one job per shard (job set-up each time) with 4 in "
-            "flight; the baselines queue every task at once",
+            "MTOR's both_shipped runs one job per shard (job set-up each time); until "
+            "2026-12-05 it ran 4 jobs at a time while the baselines queued every task",
             "load and foreign cores shown are those of the b_shared measurement",
         ],
         figures,

@@ -290,6 +290,36 @@ async def test_a_one_shard_jobs_answer_becomes_its_output_unless_another_job_sha
         assert several.output.flags.writeable
 
 
+async def test_a_misaligned_answer_is_copied_into_an_aligned_output(tmp_path, monkeypatch):
+    """Where an answer's body starts in its reply depends on the header the worker wrote: a
+    worker that does not pad it (an older one, or a hostile one) can put a float32 answer at
+    an address 2 bytes past a multiple of 4. Such an answer is copied into the job's output,
+    never handed to the caller misaligned (a review)."""
+    import mtor_p2p.compute.worker as worker_module
+    from mtor_p2p.network import Gathered
+    from mtor_p2p.records.arrays import _HEADER_LENGTH, PAD_FIELD
+    from mtor_p2p.wire import canonical_json
+
+    def misaligned(header: dict, parts: list) -> Gathered:
+        for extra in range(32):
+            head = canonical_json({**header, PAD_FIELD: " " * extra})
+            if (_HEADER_LENGTH.size + len(head)) % 16 == 2:
+                break
+        return Gathered((_HEADER_LENGTH.pack(len(head)) + head, *parts))
+
+    monkeypatch.setattr(worker_module, "pack_gathered", misaligned)
+    async with devnet(tmp_path, count=2) as nodes:
+        requester, worker = nodes[0][0], nodes[1][0]
+        assert await requester.network.open_lane(worker.peer_id)  # type: ignore[attr-defined]
+        operands = {
+            "a": RNG.standard_normal((300, 64)).astype("float32"),
+            "b": RNG.standard_normal((64, 1024)).astype("float32"),
+        }
+        one = await requester.submit("matmul", operands, shards=1)
+    np.testing.assert_allclose(one.output, operands["a"] @ operands["b"], rtol=1e-4, atol=1e-3)
+    assert one.output.flags.aligned and one.output.flags.writeable
+
+
 async def test_sampled_verification_catches_a_cheating_mlp_worker(tmp_path, monkeypatch):
     async with devnet(tmp_path, **{"1": {"fault_rate": 1.0}}) as nodes:
         requester, cheater = nodes[0][0], nodes[1][0]

@@ -535,6 +535,7 @@ class _JobRun:
                 or other in self.banned
                 or self._resume_at.get(other, 0.0) > now
                 or self._holding(other)
+                or not self.s.has_tokens(other)
             ):
                 continue
             if any(
@@ -769,14 +770,17 @@ class _JobRun:
 
     def _adoptable(self, output: np.ndarray) -> bool:
         """True if ``output``, an accepted answer to the job's only shard, can be the job's
-        output as it is: the same shape and dtype, C-contiguous and writable (a caller may
-        write into a job's output; an answer read into ``bytes`` is read-only)."""
+        output as it is: the same shape and dtype, C-contiguous, aligned and writable (a
+        caller may write into a job's output; an answer read into ``bytes`` is read-only)."""
         return (
             len(self.ranges) == 1
             and output.shape == self.output.shape
             and output.dtype == self.output.dtype
             and output.flags.c_contiguous
             and output.flags.writeable
+            # Where the body starts in a reply depends on the header the worker wrote: a
+            # misaligned answer is copied into the output, which realigns it (a review).
+            and output.flags.aligned
         )
 
     def place_outputs(self) -> np.ndarray:
@@ -1651,6 +1655,14 @@ class Scheduler:
             entry[1] -= 1
             if entry[1] == 0:
                 del self._tokens[worker]
+
+    def has_tokens(self, worker: str) -> bool:
+        """True unless every token of ``worker``'s shards in flight is held now, by any job:
+        a worker busy with other jobs is not idle for the one asking (a review: it was, and
+        the job's other workers were then held to one shard at a time for a worker that could
+        send nothing, also when it stalled the other job's shards)."""
+        entry = self._tokens.get(worker)
+        return entry is None or entry[0].value > 0
 
     def note_sent(self, worker: str) -> None:
         """Count one shard attempt sent to ``worker`` under its GPU class ("unknown" if its

@@ -20,7 +20,7 @@ import contextlib
 import logging
 import math
 import statistics
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -350,6 +350,51 @@ class _Attempt:
     scope: trio.CancelScope
 
 
+class WorkerTokens:
+    """A worker's tokens of shards in flight from this requester (``count`` of them), shared
+    by every job that runs on it, with how many each job holds (see
+    :meth:`Scheduler.worker_tokens`)."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self._free = trio.Semaphore(count)
+        self._held: Counter[int] = Counter()  # id of the holding job -> its tokens
+        self.users = 0
+
+    async def acquire(self, holder: int) -> None:
+        await self._free.acquire()
+        self._held[holder] += 1  # no checkpoint between: a cancelled acquire takes nothing
+
+    def release(self, holder: int) -> None:
+        self._held[holder] -= 1
+        if not self._held[holder]:
+            del self._held[holder]
+        self._free.release()
+
+    def all_held_by_others(self, holder: int) -> bool:
+        """True if jobs other than ``holder`` hold every token."""
+        return self._held.total() - self._held[holder] >= self.count
+
+
+class JobTokens:
+    """One job's hand on a worker's :class:`WorkerTokens` (what its slots acquire and its
+    attempts release)."""
+
+    def __init__(self, tokens: WorkerTokens, holder: int) -> None:
+        self.tokens = tokens
+        self.holder = holder
+
+    async def acquire(self) -> None:
+        await self.tokens.acquire(self.holder)
+
+    def release(self) -> None:
+        self.tokens.release(self.holder)
+
+    def busy_elsewhere(self) -> bool:
+        """True if the requester's other jobs hold every token of the worker."""
+        return self.tokens.all_held_by_others(self.holder)
+
+
 class _JobRun:
     """The state of one job while it runs."""
 
@@ -465,6 +510,8 @@ class _JobRun:
         self.progress: Callable[[int, int], None] | None = None
         #: Workers whose slots run (connected, not yet out of the job).
         self._serving: set[str] = set()
+        #: This job's hand on each serving worker's tokens of shards in flight.
+        self._tokens: dict[str, JobTokens] = {}
         #: A slot left a shard queued for an idle worker: wake the slots when one is taken.
         self._left_for_idle = False
 
@@ -535,7 +582,7 @@ class _JobRun:
                 or other in self.banned
                 or self._resume_at.get(other, 0.0) > now
                 or self._holding(other)
-                or not self.s.has_tokens(other)
+                or self._busy_elsewhere(other)
             ):
                 continue
             if any(
@@ -544,6 +591,14 @@ class _JobRun:
             ):
                 return True
         return False
+
+    def _busy_elsewhere(self, worker: str) -> bool:
+        """True if the requester's other jobs hold every token of ``worker``'s shards in
+        flight: it is not idle for this job, though it holds none of its attempts (a review:
+        it counted as idle, and the job's other workers were held to one shard at a time for
+        a worker that could send nothing, also when it stalled the other job's shards)."""
+        tokens = self._tokens.get(worker)
+        return tokens is not None and tokens.busy_elsewhere()
 
     def _straggled(self, elapsed: float) -> bool:
         """True if an attempt running ``elapsed`` seconds is a straggler (what hedging uses)."""
@@ -622,7 +677,7 @@ class _JobRun:
         return [w.peer_id for w in self.workers if w.peer_id not in self.banned]
 
     async def attempt(
-        self, worker: str, index: int, hedge: bool, at_worker: trio.Semaphore | None = None
+        self, worker: str, index: int, hedge: bool, at_worker: JobTokens | None = None
     ) -> str:
         """Run one attempt at shard ``index`` on ``worker``; return its outcome (see
         :class:`ShardAttempt`). Every outcome is entered in the peer book.
@@ -1465,15 +1520,17 @@ class _JobRun:
         # job spent 25 task steps on six slots, four of which could never send anything).
         self._serving.add(worker)
         try:
-            with self.s.worker_tokens(worker) as at_worker:
+            with self.s.worker_tokens(worker, id(self)) as at_worker:
+                self._tokens[worker] = at_worker
                 async with trio.open_nursery() as nursery:
                     for slot in range(min(self.s.max_in_flight + 1, len(self.ranges))):
                         nursery.start_soon(self._slot, worker, slot, at_worker)
         finally:
             self._serving.discard(worker)
+            self._tokens.pop(worker, None)
             self._wake()  # a slot holding back for this worker takes the shard itself
 
-    async def _slot(self, worker: str, slot: int, at_worker: trio.Semaphore) -> None:
+    async def _slot(self, worker: str, slot: int, at_worker: JobTokens) -> None:
         failures_in_a_row = busy_in_a_row = 0
         # A worker the peer book demotes as a straggler while this job runs takes none of its
         # shards from then on, as later jobs will not plan it: a staller cut off on one shard
@@ -1584,8 +1641,8 @@ class Scheduler:
         self.view = view
         self.receipts = receipts
         self.max_in_flight = max_in_flight
-        #: worker -> [its tokens of shards in flight, jobs using them] (see worker_tokens).
-        self._tokens: dict[str, list[Any]] = {}
+        #: worker -> its tokens of shards in flight, while a job uses them (worker_tokens).
+        self._tokens: dict[str, WorkerTokens] = {}
         #: Called with each countersigned receipt and each fault proof (the ledger's intake).
         self.on_settled: Callable[[Receipt], Awaitable[None]] | None = None
         self.on_fault: Callable[[bytes], Awaitable[None]] | None = None
@@ -1636,33 +1693,25 @@ class Scheduler:
         self.plans: deque[PlanNote] = deque(maxlen=PLAN_NOTES)
 
     @contextlib.contextmanager
-    def worker_tokens(self, worker: str) -> Iterator[trio.Semaphore]:
-        """The tokens of ``worker``'s shards in flight from this requester, ``max_in_flight``
-        of them, shared by every job that runs on it now.
+    def worker_tokens(self, worker: str, holder: int) -> Iterator[JobTokens]:
+        """Job ``holder``'s hand on the tokens of ``worker``'s shards in flight from this
+        requester, ``max_in_flight`` of them, shared by every job that runs on it now.
 
         Per requester, not per job: with a token set per job, jobs submitted together each
         sent a worker ``max_in_flight`` shards, and all of them went to the worker ranked
         first, whose slots ask first (300 one-shard jobs at once over two workers: one ran
         90%, the other idled). Shared, a worker holding its share waits while another takes
         the shard. Dropped when no job uses the worker any longer."""
-        entry = self._tokens.get(worker)
-        if entry is None:
-            entry = self._tokens[worker] = [trio.Semaphore(self.max_in_flight), 0]
-        entry[1] += 1
+        tokens = self._tokens.get(worker)
+        if tokens is None:
+            tokens = self._tokens[worker] = WorkerTokens(self.max_in_flight)
+        tokens.users += 1
         try:
-            yield entry[0]
+            yield JobTokens(tokens, holder)
         finally:
-            entry[1] -= 1
-            if entry[1] == 0:
+            tokens.users -= 1
+            if tokens.users == 0:
                 del self._tokens[worker]
-
-    def has_tokens(self, worker: str) -> bool:
-        """True unless every token of ``worker``'s shards in flight is held now, by any job:
-        a worker busy with other jobs is not idle for the one asking (a review: it was, and
-        the job's other workers were then held to one shard at a time for a worker that could
-        send nothing, also when it stalled the other job's shards)."""
-        entry = self._tokens.get(worker)
-        return entry is None or entry[0].value > 0
 
     def note_sent(self, worker: str) -> None:
         """Count one shard attempt sent to ``worker`` under its GPU class ("unknown" if its

@@ -462,19 +462,31 @@ async def kill_when_busy(
         await trio.sleep(0.002)
 
 
+#: Tries per kill trial wanted: a try whose kill came too late is tried again (see mtor_kill).
+KILL_TRIES_PER_TRIAL = 3
+
+
 async def mtor_kill(root: Path, s: Settings) -> dict[str, Any]:
+    """Row 4's MTOR side. A try counts only if the kill hit the attempt computing the shard
+    (the job reissued it): on the Xeon a 2048³ product takes about 0.12 s on one thread, so
+    a kill 0.1 s after the shard is seen computing sometimes lands after the answer has left,
+    or the shard is never seen computing at all; such tries measured nothing (a "kill to
+    result" of 1-10 ms) and are tried again, as on the baselines' side (``task_kill``)."""
     rng = np.random.default_rng(3)
     n = s.kill_n
     a = rng.standard_normal((n, n), dtype=np.float32)
     b = rng.standard_normal((n, n), dtype=np.float32)
-    trials = []
-    for trial in range(s.kill_trials):
-        # A fresh pair of workers per trial: the killed one's record would linger in views.
-        async with mtor_cluster(root / f"t{trial}", 2, 1) as cluster:
+    trials: list[dict[str, Any]] = []
+    discarded: list[str] = []
+    for attempt in range(KILL_TRIES_PER_TRIAL * s.kill_trials):
+        if len(trials) == s.kill_trials:
+            break
+        # A fresh pair of workers per try: the killed one's record would linger in views.
+        async with mtor_cluster(root / f"t{attempt}", 2, 1) as cluster:
             node = cluster.node
             warm = np.vstack([a, a])
             await node.submit("matmul", {"a": warm, "b": b}, shards=2)  # both workers, warm
-            a[0, 0] = b[0, 0] = trial + 1
+            a[0, 0] = b[0, 0] = attempt + 1
             killed: list[tuple[float, float, int]] = []
             with procstats.Section() as section:
                 submitted = time.perf_counter()
@@ -483,24 +495,35 @@ async def mtor_kill(root: Path, s: Settings) -> dict[str, Any]:
                     result = await node.submit("matmul", {"a": a, "b": b}, shards=1, max_workers=2)
                     done = time.perf_counter()
                     nursery.cancel_scope.cancel()
-            if not killed:
-                raise RuntimeError("the shard finished before any worker was seen computing")
-            seen, at, pid = killed[0]
-            trials.append(
-                {
-                    "kill_to_result_s": done - at,
-                    "submit_to_start_s": seen - submitted,
-                    "killed_pid": pid,
-                    "reissued": result.reissued,
-                    "hedged": result.hedged,
-                    "matches_numpy": bool(
-                        np.allclose(result.output[:4], a[:4] @ b, rtol=1e-3, atol=1e-2)
-                    ),
-                    "section": section.result,
-                }
-            )
-            log(f"  mtor: kill {trial + 1}/{s.kill_trials}: {done - at:.3f} s")
-    return {"trials": trials}
+        if not killed:
+            discarded.append("the shard finished before any worker was seen computing")
+            log("  mtor: kill try discarded: the shard was never seen computing")
+            continue
+        seen, at, pid = killed[0]
+        if result.reissued == 0:
+            discarded.append(f"the kill came after the answer ({done - at:.3f} s to the result)")
+            log("  mtor: kill try discarded: the kill came after the answer")
+            continue
+        trials.append(
+            {
+                "kill_to_result_s": done - at,
+                "submit_to_start_s": seen - submitted,
+                "killed_pid": pid,
+                "reissued": result.reissued,
+                "hedged": result.hedged,
+                "matches_numpy": bool(
+                    np.allclose(result.output[:4], a[:4] @ b, rtol=1e-3, atol=1e-2)
+                ),
+                "section": section.result,
+            }
+        )
+        log(f"  mtor: kill {len(trials)}/{s.kill_trials}: {done - at:.3f} s")
+    if len(trials) < s.kill_trials:
+        raise RuntimeError(
+            f"{len(trials)} of {s.kill_trials} kills hit a computing shard in "
+            f"{KILL_TRIES_PER_TRIAL * s.kill_trials} tries: {discarded}"
+        )
+    return {"trials": trials, "tries_discarded": discarded}
 
 
 #: Rows below which a shard of the product pays noticeably more per FLOP (see product_shards).
@@ -1048,6 +1071,9 @@ def row_kill(runner: Runner) -> None:
             "SIGKILL from outside the worker, the delay after the shard is seen computing, the "
             "time from the kill to the result in the driver/requester",
             "the retry is each system's own (MTOR re-issue, Ray task retry, Dask rescheduling)",
+            "a trial counts only if the kill hit the shard while it computed (MTOR: the job "
+            "reissued it; Ray/Dask: the task started twice); a try whose kill came after the "
+            "answer is tried again, up to 3 tries per trial, and listed in 'tries_discarded'",
         ],
         [
             "'seen computing': MTOR's control API reports the shard active (polled, operands "

@@ -823,21 +823,6 @@ class _JobRun:
         if self.row_owner.get(index) is attempt:
             del self.row_owner[index]
 
-    def _adoptable(self, output: np.ndarray) -> bool:
-        """True if ``output``, an accepted answer to the job's only shard, can be the job's
-        output as it is: the same shape and dtype, C-contiguous, aligned and writable (a
-        caller may write into a job's output; an answer read into ``bytes`` is read-only)."""
-        return (
-            len(self.ranges) == 1
-            and output.shape == self.output.shape
-            and output.dtype == self.output.dtype
-            and output.flags.c_contiguous
-            and output.flags.writeable
-            # Where the body starts in a reply depends on the header the worker wrote: a
-            # misaligned answer is copied into the output, which realigns it (a review).
-            and output.flags.aligned
-        )
-
     def place_outputs(self) -> np.ndarray:
         """The job's output once every shard is accepted: accepted answers that arrived
         elsewhere than in their rows (in a run answer, from a hedged twin) copied there. Call
@@ -1443,15 +1428,7 @@ class _JobRun:
             # may start now that the shard is accepted): copied in now, while other shards
             # compute, rather than all at the end (200 MiB of 512² outputs took 0.69 s of a
             # 5.4 s job there, measured) and without keeping the reply until then.
-            if self._adoptable(output):
-                # The job's only shard: its answer becomes the output, not copied into it
-                # (a 1 MiB write per one-shard job). Its memory stays the caller's, so the
-                # next reply is read into fresh pages instead: the page faults move, the copy
-                # goes (300 one-shard jobs in flight: the copy took 0.47 ms a job, median,
-                # nearly all of it faults on the outputs' fresh pages).
-                self.output = output
-            else:
-                self.output[start:stop] = output
+            self.output[start:stop] = output
             self.placed.add(index)
         else:
             self.outputs[index] = output

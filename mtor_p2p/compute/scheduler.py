@@ -1,7 +1,8 @@
 """The requester's scheduler: split a job, spread its shards, verify, re-issue, hedge, pay.
 
 One task per chosen worker pulls shards from a shared queue, at most ``max_in_flight`` at
-the worker at a time, so faster workers take more shards. A shard's uploads and its run
+the worker at a time (counted across every job of this requester that runs on it), so faster
+workers take more shards. A shard's uploads and its run
 request leave together (the worker waits for operands on their way), so with two in flight the
 next shard's operands travel while the current one computes, and each answer comes back as
 soon as it is done. An answer being judged no longer counts as in flight: the worker's next

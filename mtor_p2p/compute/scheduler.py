@@ -1,8 +1,8 @@
 """The requester's scheduler: split a job, spread its shards, verify, re-issue, hedge, pay.
 
 One task per chosen worker pulls shards from a shared queue, at most ``max_in_flight`` at
-the worker at a time (counted across every job of this requester that runs on it), so faster
-workers take more shards. A shard's uploads and its run
+the worker at a time (and ``SHARED_IN_FLIGHT`` times that across every job of this requester
+that runs on it), so faster workers take more shards. A shard's uploads and its run
 request leave together (the worker waits for operands on their way), so with two in flight the
 next shard's operands travel while the current one computes, and each answer comes back as
 soon as it is done. An answer being judged no longer counts as in flight: the worker's next
@@ -114,6 +114,12 @@ BUSY = "busy"
 #: "busy" answers in a row (backing off 0.4 s ... 5 s, about 25 s in all) before a worker's
 #: place in a job goes to another.
 BUSY_ANSWERS_BEFORE_LEAVING = 8
+#: A worker's shards in flight from this requester, across all its jobs, in units of
+#: max_in_flight (each job still has at most max_in_flight there). One unit held a job
+#: beside others to part of its pipeline: simulations/smoke.toml's batch jobs, sharing
+#: workers with interactive ones, took a p50 of 54-139 s over seeds 1-5, against 49-84 s
+#: with per-job counts only and 56-90 s with two units.
+SHARED_IN_FLIGHT = 2
 #: Jobs whose plan (who was chosen, who was passed over and why) the scheduler remembers.
 PLAN_NOTES = 50
 #: Workers passed over whose reason one job's note keeps (the count is always kept): in a
@@ -379,17 +385,25 @@ class WorkerTokens:
 
 class JobTokens:
     """One job's hand on a worker's :class:`WorkerTokens` (what its slots acquire and its
-    attempts release)."""
+    attempts release): a token of the job's own (``per_job`` of them) and one of the
+    requester's, both held while a shard is in flight."""
 
-    def __init__(self, tokens: WorkerTokens, holder: int) -> None:
+    def __init__(self, tokens: WorkerTokens, holder: int, per_job: int) -> None:
         self.tokens = tokens
         self.holder = holder
+        self._own = trio.Semaphore(per_job)
 
     async def acquire(self) -> None:
-        await self.tokens.acquire(self.holder)
+        await self._own.acquire()
+        try:
+            await self.tokens.acquire(self.holder)
+        except BaseException:
+            self._own.release()
+            raise
 
     def release(self) -> None:
         self.tokens.release(self.holder)
+        self._own.release()
 
     def busy_elsewhere(self) -> bool:
         """True if the requester's other jobs hold every token of the worker."""
@@ -1673,19 +1687,20 @@ class Scheduler:
     @contextlib.contextmanager
     def worker_tokens(self, worker: str, holder: int) -> Iterator[JobTokens]:
         """Job ``holder``'s hand on the tokens of ``worker``'s shards in flight from this
-        requester, ``max_in_flight`` of them, shared by every job that runs on it now.
+        requester: ``SHARED_IN_FLIGHT x max_in_flight`` shared by every job that runs on it
+        now, and ``max_in_flight`` of the job's own.
 
-        Per requester, not per job: with a token set per job, jobs submitted together each
-        sent a worker ``max_in_flight`` shards, and all of them went to the worker ranked
-        first, whose slots ask first (300 one-shard jobs at once over two workers: one ran
-        90%, the other idled). Shared, a worker holding its share waits while another takes
-        the shard. Dropped when no job uses the worker any longer."""
+        Not per job alone: with a token set per job, jobs submitted together each sent a
+        worker ``max_in_flight`` shards, and all of them went to the worker ranked first,
+        whose slots ask first (300 one-shard jobs at once over two workers: one ran 90%, the
+        other idled). Shared, a worker holding the requester's share waits while another
+        takes the shard. The shared tokens are dropped when no job uses the worker."""
         tokens = self._tokens.get(worker)
         if tokens is None:
-            tokens = self._tokens[worker] = WorkerTokens(self.max_in_flight)
+            tokens = self._tokens[worker] = WorkerTokens(SHARED_IN_FLIGHT * self.max_in_flight)
         tokens.users += 1
         try:
-            yield JobTokens(tokens, holder)
+            yield JobTokens(tokens, holder, self.max_in_flight)
         finally:
             tokens.users -= 1
             if tokens.users == 0:

@@ -379,8 +379,10 @@ class WorkerTokens:
         self._free.release()
 
     def all_held_by_others(self, holder: int) -> bool:
-        """True if jobs other than ``holder`` hold every token."""
-        return self._held.total() - self._held[holder] >= self.count
+        """True if jobs other than ``holder`` hold every token. Read from the semaphore, not
+        from the hold counts alone: a task handed a token counts it only when it next runs
+        (a review: for two task steps a full worker read as free)."""
+        return self._free.value == 0 and self._held[holder] == 0
 
 
 class JobTokens:

@@ -47,6 +47,18 @@ async def one_worker(
         yield requester, worker
 
 
+@asynccontextmanager
+async def two_workers() -> AsyncIterator[Node]:
+    """A settled memnet cluster of a requester (not serving) and two workers, w1 and w2, all
+    in WEU: the requester."""
+    async with cluster(["requester", "w1", "w2"]) as c:
+        await c.start("w1", "WEU")
+        await c.start("w2", "WEU")
+        requester = await c.start("requester", "WEU", serve=False)
+        await c.settle()
+        yield requester
+
+
 def count_hashing(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
     """Count whole-array hashes (``content_hash``) and incremental upload hashers."""
     counts: Counter[str] = Counter()
@@ -835,11 +847,7 @@ async def test_answers_in_run_replies_are_placed_as_they_are_accepted(
         return place(self)
 
     monkeypatch.setattr(scheduler._JobRun, "place_outputs", counted)
-    async with cluster(["requester", "w1", "w2"]) as c:
-        await c.start("w1", "WEU")
-        await c.start("w2", "WEU")
-        requester = await c.start("requester", "WEU", serve=False)
-        await c.settle()
+    async with two_workers() as requester:
         operands = {
             "a": RNG.standard_normal((96, 48)).astype("float32"),
             "b": RNG.standard_normal((48, 32)).astype("float32"),
@@ -1402,11 +1410,7 @@ async def test_a_worker_gets_no_more_slots_than_its_job_has_shards(
         def task_spawned(self, task: trio.lowlevel.Task) -> None:
             self.slots += task.name.endswith("._slot")
 
-    async with cluster(["requester", "w1", "w2"]) as c:
-        await c.start("w1", "WEU")
-        await c.start("w2", "WEU")
-        requester = await c.start("requester", "WEU", serve=False)
-        await c.settle()
+    async with two_workers() as requester:
         counted = SlotCount()
         trio.lowlevel.add_instrument(counted)
         operands = small_operands()
@@ -1458,11 +1462,7 @@ async def test_a_two_shard_job_over_two_measured_workers_runs_one_shard_on_each(
 ) -> None:
     """A worker's pipeline (max_in_flight shards) took both shards of a two-shard job while
     the other worker idled; a worker running a shard now leaves the queue to an idle one."""
-    async with cluster(["requester", "w1", "w2"]) as c:
-        await c.start("w1", "WEU")
-        await c.start("w2", "WEU")
-        requester = await c.start("requester", "WEU", serve=False)
-        await c.settle()
+    async with two_workers() as requester:
         # Measured workers only: an unmeasured one gets one shard at a time anyway.
         await requester.submit("matmul", small_operands(), shards=8, max_workers=2)
         spread = []
@@ -1483,11 +1483,7 @@ async def test_jobs_submitted_together_share_each_workers_shards_in_flight(
     be under way while an answer is judged), and both run a fair share. Counted per job
     only, the worker ranked first took nearly every job (its slots ask first) while the
     other idled."""
-    async with cluster(["requester", "w1", "w2"]) as c:
-        await c.start("w1", "WEU")
-        await c.start("w2", "WEU")
-        requester = await c.start("requester", "WEU", serve=False)
-        await c.settle()
+    async with two_workers() as requester:
         operands = small_operands()
         # Both workers measured first (a newcomer takes one shard at a time, its trial).
         await requester.submit("matmul", operands, shards=4, max_workers=2)

@@ -409,8 +409,8 @@ async def mtor_throughput(root: Path, s: Settings) -> dict[str, Any]:
         log(f"  mtor: b_shared {shards / seconds:.1f} shards/s; both_shipped ...")
 
         # Both operands per shard: one-shard jobs with a distinct B each, all submitted at
-        # once, as the baselines queue every task at once. The scheduler keeps each worker's
-        # shards in flight to max_in_flight across the jobs (Scheduler.worker_tokens). Until
+        # once, as the baselines queue every task at once. The scheduler caps each worker's
+        # shards in flight across the jobs too (Scheduler.worker_tokens). Until
         # 2026-12-05 this side ran 4 jobs at a time (2 per worker): with 300 jobs at once the
         # worker ranked first then took 90% of them.
         pairs = []

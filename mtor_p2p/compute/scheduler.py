@@ -363,7 +363,6 @@ class WorkerTokens:
     :meth:`Scheduler.worker_tokens`)."""
 
     def __init__(self, count: int) -> None:
-        self.count = count
         self._free = trio.Semaphore(count)
         self._held: Counter[int] = Counter()  # id of the holding job -> its tokens
         self.users = 0

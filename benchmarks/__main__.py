@@ -1,5 +1,5 @@
 """``python -m benchmarks NAME [options]``; names: peer, compute, ledger, sim, attacks,
-control, nat, dashboard."""
+control, nat, dashboard, trace."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ def main() -> int:
     if name in ("-h", "--help", "help"):
         print(
             "usage: ./mtor bench NAME [options]   (or: python -m benchmarks NAME [options])\n"
-            "NAME: peer (the default), compute, ledger, sim, attacks, control, nat, dashboard;\n"
+            "NAME: peer (the default), compute, ledger, sim, attacks, control, nat, dashboard,\n"
+            "trace;\n"
             "'./mtor bench NAME --help' explains each one. Results and baselines: BENCHMARKS.md"
         )
         return 0
@@ -45,13 +46,17 @@ def main() -> int:
         from benchmarks.bench_dashboard import main as run
 
         return run(args[1:])
+    if name == "trace":
+        from benchmarks.bench_trace import main as run
+
+        return run(args[1:])
     if name == "control":
         from benchmarks.bench_control import main as run
 
         return run(args[1:])
     print(
         f"unknown benchmark {name!r}; known: peer, compute, ledger, sim, attacks, control, "
-        "nat, dashboard",
+        "nat, dashboard, trace",
         file=sys.stderr,
     )
     return 2

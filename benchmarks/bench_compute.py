@@ -206,9 +206,13 @@ def load_of(section: dict[str, Any]) -> dict[str, Any]:
 # -- MTOR clusters ---------------------------------------------------------------------------
 
 
-def start_worker(data_dir: Path, bootstrap: str | None, blas_threads: int) -> subprocess.Popen[str]:
+def start_worker(
+    data_dir: Path, bootstrap: str | None, blas_threads: int, module: str = "mtor_p2p"
+) -> subprocess.Popen[str]:
+    """An ``mtor-peer run`` process (``module``: another entry point that runs the same CLI,
+    such as ``benchmarks.steptrace``, which times a worker's steps)."""
     command = [
-        sys.executable, "-m", "mtor_p2p", "run", "--data-dir", str(data_dir),
+        sys.executable, "-m", module, "run", "--data-dir", str(data_dir),
         "--listen", "/ip4/127.0.0.1/tcp/0", "--no-default-bootstrap", "--gpu", "none", "--json",
     ]  # fmt: skip
     if bootstrap:
@@ -294,7 +298,9 @@ async def settle(pids: list[int]) -> float:
 
 
 @asynccontextmanager
-async def mtor_cluster(root: Path, workers: int, blas_threads: int) -> AsyncIterator[MtorCluster]:
+async def mtor_cluster(
+    root: Path, workers: int, blas_threads: int, worker_module: str = "mtor_p2p"
+) -> AsyncIterator[MtorCluster]:
     """``workers`` fresh ``mtor-peer run`` processes and an in-process requester node.
 
     Every peer runs with the defaults an operator gets (a capacity record every 20 s, live
@@ -310,11 +316,11 @@ async def mtor_cluster(root: Path, workers: int, blas_threads: int) -> AsyncIter
     processes: list[subprocess.Popen[str]] = []
     data_dirs = [root / f"w{i}" for i in range(workers)]
     try:
-        processes.append(start_worker(data_dirs[0], None, blas_threads))
+        processes.append(start_worker(data_dirs[0], None, blas_threads, worker_module))
         first = await trio.to_thread.run_sync(ready_line, processes[0])
         bootstrap = first["addrs"][0]
         for data_dir in data_dirs[1:]:
-            processes.append(start_worker(data_dir, bootstrap, blas_threads))
+            processes.append(start_worker(data_dir, bootstrap, blas_threads, worker_module))
         for process in processes[1:]:
             await trio.to_thread.run_sync(ready_line, process)
         config = NodeConfig(

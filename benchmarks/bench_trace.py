@@ -95,6 +95,22 @@ def _job_of(starts: list[float], when: float) -> int | None:
     return job if job >= 0 else None
 
 
+async def _worker_stamps(pid: int, path: Path) -> list[steptrace.Event]:
+    """Ask the traced worker for its stamps (which empties its list) and read them."""
+    stamps = trio.Path(path)
+    await stamps.unlink(missing_ok=True)
+    os.kill(pid, signal.SIGUSR1)
+    with trio.fail_after(10):
+        while not await stamps.exists():  # renamed into place whole by the worker
+            await trio.sleep(0.05)
+    return [
+        (label, float(start), float(end))
+        for label, start, end in (
+            line.split("\t") for line in (await stamps.read_text()).splitlines()
+        )
+    ]
+
+
 async def trace(jobs: int) -> dict[str, Any]:
     quiet_libp2p()
     requester_events = steptrace.install(steptrace.REQUESTER_STEPS)
@@ -110,8 +126,7 @@ async def trace(jobs: int) -> dict[str, Any]:
             a[0, 0] = b[0, 0] = i
             await node.submit("matmul", {"a": a, "b": b}, shards=1, max_workers=1)
         requester_events.clear()
-        os.kill(c.processes[0].pid, signal.SIGUSR1)  # empties the worker's list
-        await trio.sleep(0.5)
+        await _worker_stamps(c.processes[0].pid, worker_out)  # the warm-up's: dropped
         starts: list[float] = []
         seconds: list[float] = []
         for i in range(jobs):
@@ -123,16 +138,7 @@ async def trace(jobs: int) -> dict[str, Any]:
                 print(f"\r{i + 1}/{jobs} jobs", end="", file=sys.stderr, flush=True)
         if sys.stderr.isatty():
             print(file=sys.stderr)
-        os.kill(c.processes[0].pid, signal.SIGUSR1)
-        with trio.fail_after(10):
-            while not worker_out.exists() or worker_out.stat().st_size == 0:
-                await trio.sleep(0.1)
-            await trio.sleep(0.2)  # the handler writes the file in one go; let it finish
-    with worker_out.open() as lines:
-        worker_events = [
-            (label, float(start), float(end))
-            for label, start, end in (line.rstrip("\n").split("\t") for line in lines)
-        ]
+        worker_events = await _worker_stamps(c.processes[0].pid, worker_out)
     shutil.rmtree(work, ignore_errors=True)
     rows = timeline(starts, {"requester": requester_events, "worker": worker_events}, jobs)
     seconds.sort()

@@ -6,7 +6,8 @@ every process on the machine, so a worker's stamps and the requester's fall on o
 
 ``python -m benchmarks.steptrace run ...`` is ``mtor-peer run ...`` with the worker's steps
 (:data:`WORKER_STEPS`) wrapped; on SIGUSR1 it writes its stamps, one ``label start end`` line
-each, to the file ``$MTOR_STEPTRACE_OUT`` names, and empties its list. A measuring tool only:
+each, to the file ``$MTOR_STEPTRACE_OUT`` names (whole: written aside, then renamed), and
+empties its list. A measuring tool only:
 no peer runs it.
 """
 
@@ -101,8 +102,10 @@ def _traced_peer() -> int:
     def dump(*_: Any) -> None:
         taken = events[:]
         del events[: len(taken)]
-        with open(out, "w") as f:
+        # Written aside, then renamed: a reader sees the whole file or none.
+        with open(out + ".part", "w") as f:
             f.writelines(f"{label}\t{start!r}\t{end!r}\n" for label, start, end in taken)
+        os.replace(out + ".part", out)
 
     signal.signal(signal.SIGUSR1, dump)
     return main()

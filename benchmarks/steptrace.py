@@ -26,6 +26,7 @@ from typing import Any
 REQUESTER_STEPS = [
     ("mtor_p2p.compute.scheduler", "Scheduler.plan_workers", "plan the workers"),
     ("mtor_p2p.compute.scheduler", "Scheduler.describe", "hash operands (describe)"),
+    ("mtor_p2p.compute.scheduler", "_describe_arrays", "hash arrays (either thread)"),
     ("mtor_p2p.compute.scheduler", "_JobRun.__init__", "set up the job"),
     ("mtor_p2p.compute.scheduler", "_JobRun._compute_with", "run the shard (send to answer)"),
     ("mtor_p2p.compute.client", "pack_gathered", "build the run request"),
@@ -37,6 +38,7 @@ REQUESTER_STEPS = [
     ("mtor_p2p.compute.client", "parse_receipt", "parse the receipt"),
     ("mtor_p2p.compute.scheduler", "_JobRun._judge", "judge the answer"),
     ("mtor_p2p.compute.client", "ShardAnswer.verify", "hash output, verify receipt"),
+    ("mtor_p2p.compute.client", "_verify_later", "the same, where it runs"),
     ("mtor_p2p.compute.scheduler", "_JobRun._check", "Freivalds check"),
     ("mtor_p2p.compute.scheduler", "_JobRun._accept", "accept (settle, book)"),
     ("mtor_p2p.compute.scheduler", "_JobRun.place_outputs", "place the output"),

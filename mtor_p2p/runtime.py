@@ -7,15 +7,23 @@ NumPy generator directly; they ask the :class:`Runtime` they were given. Product
 lets ``trio.testing.MockClock`` jump ahead (0.3 s of thread work moved virtual time by 636 s in
 a probe), and every random choice comes from one seeded generator, so the same seed gives the
 same run.
+
+Blocking work has two forms, both through the runtime: ``run_blocking`` (awaited: a thread in
+production, inline in simulation) and ``beside`` (begun now, collected later with a blocking
+``result()``: on a helper thread in production, inline in simulation), for short calls that
+release the GIL (blake3, Ed25519) and that the event loop would otherwise make one after the
+other while a core stands idle.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import random
+import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 import trio
@@ -59,6 +67,71 @@ async def _inline(
         return fn(*args)
 
 
+class Begun(Generic[T]):
+    """A blocking call begun by :attr:`Runtime.beside`; :meth:`result` waits for it."""
+
+    def result(self) -> T:
+        """The call's value, or its exception raised here; blocks the calling thread until
+        the call has ended."""
+        raise NotImplementedError
+
+
+class _Finished(Begun[T]):
+    """A call made at once, inline (simulation, tests)."""
+
+    def __init__(self, fn: Callable[..., T], args: tuple[Any, ...]) -> None:
+        self._value: T | None = None
+        self._error: BaseException | None = None
+        try:
+            self._value = fn(*args)
+        except Exception as exc:  # raised again by result(), where the caller looks
+            self._error = exc
+
+    def result(self) -> T:
+        if self._error is not None:
+            raise self._error
+        return self._value  # type: ignore[return-value]
+
+
+class _OnHelper(Begun[T]):
+    def __init__(self, future: concurrent.futures.Future[T]) -> None:
+        self._future = future
+
+    def result(self) -> T:
+        return self._future.result()
+
+
+#: Helper threads of :func:`_begin_on_helper`: two, one per core of the machines this peer
+#: was measured on; created with the first call.
+HELPER_THREADS = 2
+_helpers: concurrent.futures.ThreadPoolExecutor | None = None
+_helpers_lock = threading.Lock()
+
+
+def _begin_on_helper(fn: Callable[..., T], *args: Any) -> Begun[T]:
+    """Production's ``beside``: ``fn(*args)`` on a kept helper thread. Collecting it blocks
+    the event loop without a wake-up through trio: a thread hop through ``trio.to_thread``
+    and back cost more than a 1 MiB hash (BENCHMARKS.md), a blocking wait on a kept thread
+    does not. Only for calls of a millisecond or so that release the GIL."""
+    global _helpers
+    if _helpers is None:
+        with _helpers_lock:
+            if _helpers is None:
+                _helpers = concurrent.futures.ThreadPoolExecutor(
+                    HELPER_THREADS, thread_name_prefix="mtor-beside"
+                )
+    return _OnHelper(_helpers.submit(fn, *args))
+
+
+def _begin_inline(fn: Callable[..., T], *args: Any) -> Begun[T]:
+    return _Finished(fn, args)
+
+
+#: ``beside(fn, *args)``: begin a short blocking call, returning a :class:`Begun` whose
+#: ``result()`` gives its value (see the module docstring).
+BesideRunner = Callable[..., Begun[Any]]
+
+
 def _charged(host_flops: float, flops_scale: float, totals: dict[str, float]) -> BlockingRunner:
     async def run(
         fn: Callable[..., T],
@@ -93,11 +166,19 @@ class Runtime:
     #: Host work charged so far (``seconds``, ``calls``) by a simulated runtime and its
     #: children; empty otherwise.
     host_work: dict[str, float] = field(default_factory=dict)
+    #: Short blocking calls begun now and collected later (:class:`Begun`): on a helper
+    #: thread in production, inline (at once, in order) everywhere else.
+    beside: BesideRunner = _begin_inline
 
     @classmethod
     def production(cls) -> Runtime:
         """Threads for blocking work, the OS's entropy for every random choice."""
-        return cls(run_blocking=_in_thread, random=random.SystemRandom(), seeded=False)
+        return cls(
+            run_blocking=_in_thread,
+            random=random.SystemRandom(),
+            seeded=False,
+            beside=_begin_on_helper,
+        )
 
     @classmethod
     def simulated(
@@ -130,6 +211,7 @@ class Runtime:
             random=random.Random(f"{self.random.getrandbits(64)}:{label}"),
             seeded=True,
             host_work=self.host_work,
+            beside=self.beside,
         )
 
     def token_bytes(self, size: int) -> bytes:

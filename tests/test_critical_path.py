@@ -1568,3 +1568,42 @@ async def test_a_worker_busy_with_other_jobs_does_not_hold_back_the_others(
         in_flight += step
         most = max(most, in_flight)
     assert most >= 2, spans
+
+
+def spy_beside(monkeypatch: pytest.MonkeyPatch, node: Node) -> list[str]:
+    """The names of the functions ``node``'s scheduler begins beside its event loop."""
+    runtime = node.scheduler.runtime
+    original = runtime.beside
+    names: list[str] = []
+
+    def spy(fn: Any, *args: Any) -> Any:
+        names.append(fn.__name__)
+        return original(fn, *args)
+
+    monkeypatch.setattr(runtime, "beside", spy)
+    return names
+
+
+async def test_a_lone_jobs_first_slice_and_answer_checks_are_begun_beside_the_loop(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The requester's only job: its first shard's slice of A is hashed beside the event
+    loop while the loop hashes B (once: the first attempt takes that description), and the
+    answer's hash and signature are begun as it is read. Two jobs at once: only the first
+    job's start, alone when it began; nothing of the second, and no answer's checks, since
+    both cores have work then."""
+    async with one_worker() as (requester, _):
+        counts = count_hashing(monkeypatch)
+        begun = spy_beside(monkeypatch, requester)
+        operands = small_operands()
+        result = await requester.submit("matmul", operands, shards=1, max_workers=1)
+        np.testing.assert_allclose(result.output, operands["a"] @ operands["b"], rtol=1e-5)
+        assert begun == ["_describe_arrays", "_verify_later"]
+        assert counts == {"whole": 6}  # as test_each_operand_is_hashed_once_per_side
+        begun.clear()
+        async with trio.open_nursery() as nursery:
+            for _ in range(2):
+                nursery.start_soon(
+                    lambda: requester.submit("matmul", small_operands(), shards=1, max_workers=1)
+                )
+        assert begun == ["_describe_arrays"]

@@ -48,7 +48,14 @@ from mtor_p2p.records.arrays import (
     pack,
     unpack,
 )
-from mtor_p2p.records.receipts import ReceiptBody, countersign, decode_receipt, sign_as_worker
+from mtor_p2p.records.receipts import (
+    Receipt,
+    ReceiptBody,
+    countersign,
+    decode_receipt,
+    sign_as_worker,
+)
+from mtor_p2p.runtime import _begin_on_helper
 from mtor_p2p.wire import canonical_json
 from tests.test_virtual_time import cluster
 
@@ -659,3 +666,64 @@ async def test_a_job_with_one_hostile_worker_completes_on_the_honest_one(
         if attack == "run-wrong-dtype":  # refused for what it sent, not for a crash
             reason = result.workers_out.get(hostile.peer_id, "")
             assert "dtype float64, expected float32" in reason, result.workers_out
+
+
+def tampered_run(node: Node, how: str) -> Handler:
+    """The node's own run handler, its answer spoilt after the fact in a way only the answer's
+    own checks see (Freivalds' check passes): ``output-bytes`` flips the lowest bit of the
+    output's last element (the receipt names the honest output's hash), ``signature`` puts
+    zeros where the worker's signature was."""
+    honest = node.worker._on_run
+
+    async def hostile(sender: str, request: bytes) -> bytes:
+        header, body = unpack(bytes(await honest(sender, request)))
+        if how == "output-bytes":
+            spoilt = bytearray(body)
+            spoilt[0] ^= 1  # little-endian: the first element's lowest mantissa bit
+            return pack(header, bytes(spoilt))
+        receipt = decode_receipt(base64.b64decode(header["receipt"]), require_complete=False)
+        unsigned = Receipt(receipt.body, bytes(len(receipt.worker_signature)))
+        header["receipt"] = base64.b64encode(unsigned.encode()).decode("ascii")
+        return pack(header, body)
+
+    return hostile
+
+
+@pytest.mark.parametrize("how", ["output-bytes", "signature"])
+async def test_an_answer_whose_own_checks_fail_on_a_helper_thread_is_the_workers_fault(
+    autojump_clock: trio.testing.MockClock, how: str
+) -> None:
+    """A one-shard job, the requester's only one: its answer's hash and signature are
+    checked on a helper thread (production's ``Runtime.beside``) while Freivalds' check runs
+    on the event loop, and the check comes first. An answer whose values pass the check but
+    whose bytes or signature do not hold must still end the hostile worker's part in the job
+    (named for its malformed answer, no receipt countersigned for it), and the job completes
+    on the honest worker."""
+    async with cluster(["requester", "hostile", "honest"]) as c:
+        hostile = await c.start("hostile", "WEU", price=0.5)
+        requester = await c.start("requester", "WEU", serve=False)
+        honest = await c.start("honest", "WEU", price=2.0)
+        await c.settle()
+        requester.scheduler.runtime.beside = _begin_on_helper  # a real helper thread
+        begun: list[str] = []
+        spy_of = requester.scheduler.runtime.beside
+
+        def spy(fn: Any, *args: Any) -> Any:
+            begun.append(fn.__name__)
+            return spy_of(fn, *args)
+
+        requester.scheduler.runtime.beside = spy
+        c.world.network(hostile.peer_id).handle(PROTOCOL_RUN, tampered_run(hostile, how))
+        ops = {
+            "a": RNG.standard_normal((64, 48)).astype("float32"),
+            "b": RNG.standard_normal((48, 32)).astype("float32"),
+        }
+        result = await requester.submit("matmul", ops, shards=1, max_workers=2)
+        np.testing.assert_allclose(result.output, ops["a"] @ ops["b"], rtol=1e-5)
+        assert set(result.workers) == {honest.peer_id}
+        assert "malformed answer" in result.workers_out.get(hostile.peer_id, ""), result
+        assert result.checks_passed == 1  # the honest answer's; the hostile one's is void
+        assert begun.count("_verify_later") == 2  # each answer's own checks, on the helper
+        await requester.scheduler.settled()
+        stored = [r.body.worker for r in requester.scheduler.receipts.receipts()]
+        assert stored == [honest.peer_id]

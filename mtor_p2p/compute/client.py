@@ -54,7 +54,7 @@ from mtor_p2p.records.arrays import (
     unpack_view,
 )
 from mtor_p2p.records.receipts import Receipt, decode_receipt, parse_receipt, verify_receipt
-from mtor_p2p.runtime import BlockingRunner
+from mtor_p2p.runtime import BesideRunner, BlockingRunner
 
 log = logging.getLogger(__name__)
 
@@ -541,6 +541,7 @@ async def run_shard(
     sent: trio.Event | None = None,
     run_blocking: BlockingRunner | None = None,
     defer_verification: bool = False,
+    beside: BesideRunner | None = None,
 ) -> ShardAnswer:
     """Run one shard on ``worker`` (operands must already be there, or be named in
     ``inline``) and fetch its output.
@@ -563,6 +564,9 @@ async def run_shard(
     receipt's signature to :meth:`ShardAnswer.verify`, for the caller to run beside its own
     check of the output (the scheduler: on the check's thread, off the event loop). Every
     field of the receipt is still compared with the request here.
+    ``beside``: with ``defer_verification``, begin those checks at once through this hook
+    (``Runtime.beside``: a helper thread), so that they run while the caller goes on to its
+    own check; :meth:`ShardAnswer.verify` then collects their outcome.
     """
     # What an honest answer looks like is known before asking: the output's shape and dtype
     # follow from the kernel and the operands. A declared output of any other size is refused
@@ -635,6 +639,8 @@ async def run_shard(
         return ShardAnswer(output, receipt)
     # A downloaded output is hashed by download(); one in the answer, not yet.
     unhashed = output if inline_output else None
+    if beside is not None:
+        return ShardAnswer(output, receipt, beside(_verify_later, meta, unhashed, receipt).result)
     return ShardAnswer(output, receipt, lambda: _verify_later(meta, unhashed, receipt))
 
 

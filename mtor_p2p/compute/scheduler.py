@@ -53,7 +53,7 @@ from mtor_p2p.network import Network, NetworkError, RemoteError
 from mtor_p2p.records.arrays import HASH_OFF_LOOP_BYTES, ArrayMeta, meta_of
 from mtor_p2p.records.faults import make_fault_proof
 from mtor_p2p.records.receipts import Receipt, countersign
-from mtor_p2p.runtime import Runtime
+from mtor_p2p.runtime import Begun, Runtime
 from mtor_p2p.wire import canonical_json
 
 log = logging.getLogger(__name__)
@@ -421,6 +421,7 @@ class _JobRun:
         kernel: Kernel,
         plan: WorkerPlan,
         metas: dict[str, ArrayMeta],
+        ranges: list[tuple[int, int]],
     ) -> None:
         self.s = scheduler
         self.spec = spec
@@ -477,11 +478,10 @@ class _JobRun:
         self.method = _choose_method(spec.verify, kernel, len(workers) + len(self.reserve))
         # compare() needs the job's input dtype: float16 inputs allow more honest difference.
         self.input_dtype = spec.operands[kernel.split_operand].dtype
-        rows = spec.operands[kernel.split_operand].shape[0]
-        speeds = [scheduler.speed_of(r) for r in workers]
-        self.ranges = kernel.shard_rows(
-            spec.operands, _shard_count(spec, speeds, rows, kernel.flops(spec.operands))
-        )
+        self.ranges = ranges
+        #: shard -> its split operands' descriptions, begun beside the event loop as the job
+        #: started (see Scheduler._begin_first_slices); taken by the shard's first attempt.
+        self.begun_slices: dict[int, Begun[dict[str, ArrayMeta]]] = {}
         self.pending: list[int] = list(range(len(self.ranges)))
         self.accepted: dict[int, ShardResult] = {}
         self._accepting: set[int] = set()  # being settled, about to be accepted
@@ -914,6 +914,12 @@ class _JobRun:
     ) -> dict[str, ArrayMeta]:
         """The descriptions of shard ``index``'s operands: the job's own for whole operands,
         a slice's hashed once (on the shard's first attempt) and kept for its retries."""
+        begun = self.begun_slices.pop(index, None)
+        if begun is not None:
+            metas = {n: self.metas[n] for n in operands if n not in self.kernel.split_operands}
+            metas.update(begun.result())  # hashed on a helper thread while the job started
+            self.shard_metas[index] = metas
+            return metas
         hashing = self._describing.get(index)
         if hashing is not None:
             await hashing.wait()  # describe_ahead has it in hand
@@ -1062,8 +1068,11 @@ class _JobRun:
                 # With uploads, the operands have left when they are done (send() below).
                 sent=None if uploads_beside else self.operands_out,
                 # The answer's hash and receipt signature are checked in _judge, with the
-                # output's own check (on its thread when that runs on one).
+                # output's own check (on its thread when that runs on one)...
                 defer_verification=True,
+                # ... and begun on a helper thread as the answer is read, when this shard is
+                # all this requester has under way: a core is then idle (its worker's).
+                beside=self.s.runtime.beside if self._only_work(index) else None,
             )
 
         answer: client.ShardAnswer | None = None
@@ -1319,6 +1328,13 @@ class _JobRun:
                 )
             return self._sketch
 
+    def _only_work(self, index: int) -> bool:
+        """Whether shard ``index`` is all this requester has under way (no other job, no
+        other shard of this one): short GIL-free work (hashes, signatures) then goes to a
+        helper thread beside the event loop (``Runtime.beside``). Beside other work both
+        cores are busy already, and the hand-over only adds to it."""
+        return self.s.jobs_in_flight == 1 and self._alone_in_the_job(index)
+
     def _alone_in_the_job(self, index: int) -> bool:
         """Whether no other shard of this job is under way: a small check then runs on the
         event loop, where it costs least (the round trip's latency). Beside other shards the
@@ -1336,19 +1352,30 @@ class _JobRun:
         sketch: checks.FreivaldsSketch | None,
         rows: checks.FreivaldsRows | None,
     ) -> tuple[tuple[bool, Any] | None, Exception | None]:
-        """The answer's own checks left pending (its output's hash, its receipt's signature:
-        ``answer.verify()``), then :meth:`_check`, in one call of the blocking hook: beside
+        """:meth:`_check`, and the answer's own checks left pending (its output's hash, its
+        receipt's signature: ``answer.verify()``), in one call of the blocking hook: beside
         other shards of the job, all of it on one thread, off the event loop (B-shared 512²
         jobs: the hash and the signature took 11% of the loop's busy time there, py-spy).
         Returns the check's verdict, or the exception the answer itself caused (for the
         caller to judge on its side of the peer-fault boundary) and no verdict. Anything else
         raised here (MemoryError) is this requester's failure, not the worker's: it is raised
         as the check's own failures are."""
+        # The check first: the answer's own checks may be under way on a helper thread
+        # (``run_shard(beside=...)``), and the check's products release the GIL to it. Its
+        # verdict counts only once they have passed.
+        verdict: tuple[bool, Any] | None = None
+        check_error: Exception | None = None
+        try:
+            verdict = self._check(operands, answer.output, rng, sketch, rows)
+        except Exception as exc:
+            check_error = exc
         try:
             answer.verify()
         except ValueError as exc:  # RecordError: the worker's bytes do not hold
             return None, exc
-        return self._check(operands, answer.output, rng, sketch, rows), None
+        if check_error is not None:
+            raise check_error
+        return verdict, None
 
     def _check(
         self,
@@ -1684,6 +1711,8 @@ class Scheduler:
         self.shards_sent = EventWindow()
         #: The last PLAN_NOTES jobs' plans (challenges aside), oldest first.
         self.plans: deque[PlanNote] = deque(maxlen=PLAN_NOTES)
+        #: Jobs running now (run() calls under way, challenges included).
+        self.jobs_in_flight = 0
 
     @contextlib.contextmanager
     def worker_tokens(self, worker: str, holder: int) -> Iterator[JobTokens]:
@@ -1962,11 +1991,14 @@ class Scheduler:
         self, spec: JobSpec, *, progress: Callable[[int, int], None] | None = None
     ) -> JobResult:
         """Run a job to completion; raise JobFailed if it cannot finish."""
+        self.jobs_in_flight += 1
         try:
             result = await self._run(spec, progress)
         except JobFailed:
             self.stats.jobs_failed += 1
             raise
+        finally:
+            self.jobs_in_flight -= 1
         self.stats.jobs_ok += 1
         return result
 
@@ -1994,13 +2026,21 @@ class Scheduler:
                 + self._cheapest(spec)
                 + _why_not(plan.excluded)
             )
+        speeds = [self.speed_of(r) for r in plan.chosen]
+        rows = spec.operands[kernel.split_operand].shape[0]
+        ranges = kernel.shard_rows(
+            spec.operands, _shard_count(spec, speeds, rows, kernel.flops(spec.operands))
+        )
+        first_slices = self._begin_first_slices(spec, kernel, ranges[0])
         # Only the operands every shard takes whole are hashed now: a split operand is hashed
         # slice by slice as its shards are first sent (describe_shard), so hashing it whole
         # here as well would hash it twice, and before any shard could leave.
         metas = await self.describe(
             {n: a for n, a in spec.operands.items() if n not in kernel.split_operands}
         )
-        job = _JobRun(self, spec, kernel, plan, metas)
+        job = _JobRun(self, spec, kernel, plan, metas, ranges)
+        if first_slices is not None:
+            job.begun_slices[0] = first_slices
         if spec.only is None:  # challenges measure one worker: not a choice among workers
             self._note_plan(spec, plan, job.job_id)
         job.progress = progress
@@ -2012,7 +2052,8 @@ class Scheduler:
                     for record in job.workers:
                         nursery.start_soon(job.worker_loop, record)
                     nursery.start_soon(job.prepare_checks)
-                    nursery.start_soon(job.describe_ahead)
+                    if len(job.ranges) > 1:  # nothing to hash ahead of a lone shard
+                        nursery.start_soon(job.describe_ahead)
                     nursery.start_soon(self._watch, job, nursery.cancel_scope)
                     await job.done.wait()
                     nursery.cancel_scope.cancel()
@@ -2052,6 +2093,26 @@ class Scheduler:
             shared_bytes=shared_bytes,
         )
 
+    def _begin_first_slices(
+        self, spec: JobSpec, kernel: Kernel, first: tuple[int, int]
+    ) -> Begun[dict[str, ArrayMeta]] | None:
+        """The first shard's slices of the split operands, hashed on a helper thread while
+        the event loop hashes the whole operands and starts the job, when this job is all
+        this requester runs (a core is then idle: a one-shard 512² job's A and B were hashed
+        one after the other, 0.3 ms each, with 0.3 ms of the job's start between them) and
+        the slices are small enough to hash on the event loop anyway. None otherwise: the
+        first attempt hashes them (describe_shard)."""
+        if self.jobs_in_flight != 1 or not kernel.split_operands:
+            return None
+        slices = {
+            name: array
+            for name, array in kernel.shard_operands(spec.operands, *first).items()
+            if name in kernel.split_operands
+        }
+        if sum(a.nbytes for a in slices.values()) >= HASH_OFF_LOOP_BYTES:
+            return None
+        return self.runtime.beside(_describe_arrays, slices)
+
     def note_uploaded(self, worker: str, metas: Iterable[ArrayMeta]) -> None:
         """Remember that ``worker`` holds these operands (they were just uploaded or found
         there), for :meth:`_JobRun._unheld`."""
@@ -2061,11 +2122,8 @@ class Scheduler:
     async def describe(self, arrays: dict[str, np.ndarray]) -> dict[str, ArrayMeta]:
         """Hash ``arrays`` (their wire descriptions): off the event loop when they are large."""
 
-        def hash_all() -> dict[str, ArrayMeta]:
-            return {name: meta_of(array) for name, array in arrays.items()}
-
         small = sum(a.nbytes for a in arrays.values()) < HASH_OFF_LOOP_BYTES
-        return await self.runtime.run_blocking(hash_all, cheap=small)
+        return await self.runtime.run_blocking(_describe_arrays, arrays, cheap=small)
 
     async def _watch(self, job: _JobRun, scope: trio.CancelScope) -> None:
         """End the job early when no worker is left to run what remains."""
@@ -2249,6 +2307,11 @@ class Scheduler:
         if stored is None:
             log.info("%d countersigned receipts not delivered to %s", len(receipts), worker[-8:])
         return stored is not None
+
+
+def _describe_arrays(arrays: dict[str, np.ndarray]) -> dict[str, ArrayMeta]:
+    """Each array's wire description (a blocking call: it hashes them)."""
+    return {name: meta_of(array) for name, array in arrays.items()}
 
 
 def _why_not(reasons: dict[str, str]) -> str:

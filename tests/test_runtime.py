@@ -1,0 +1,55 @@
+"""The runtime's second form of blocking work, ``beside``: begun now, collected later."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from mtor_p2p.runtime import Runtime
+
+
+def _thread_name() -> str:
+    return threading.current_thread().name
+
+
+def _fails() -> None:
+    raise ValueError("from the call")
+
+
+def test_production_begins_a_call_on_a_kept_helper_thread() -> None:
+    runtime = Runtime.production()
+    names = {runtime.beside(_thread_name).result() for _ in range(20)}
+    assert all(name.startswith("mtor-beside") for name in names), names
+    assert threading.current_thread().name not in names
+    assert len(names) <= 2  # kept threads (HELPER_THREADS), not one per call
+
+
+def test_a_begun_calls_exception_is_raised_where_it_is_collected() -> None:
+    for runtime in (Runtime.production(), Runtime.simulated(1)):
+        begun = runtime.beside(_fails)  # nothing raised here
+        with pytest.raises(ValueError, match="from the call"):
+            begun.result()
+
+
+def test_simulation_makes_the_call_at_once_on_the_calling_thread() -> None:
+    """Inline and in order, as a seeded simulation needs: the call has happened before
+    ``beside`` returns, and children of the runtime do the same."""
+    runtime = Runtime.simulated(7)
+    made: list[str] = []
+    begun = runtime.beside(made.append, "first")
+    assert made == ["first"]
+    assert begun.result() is None
+    child = runtime.child("worker")
+    assert child.beside(_thread_name).result() == threading.current_thread().name
+
+
+def test_a_runtime_built_by_hand_runs_beside_inline() -> None:
+    """Tests and tools that build a Runtime from its fields get the inline form."""
+    import random
+
+    async def unused(*args: object, **kwargs: object) -> None:
+        raise AssertionError
+
+    runtime = Runtime(run_blocking=unused, random=random.Random(1), seeded=True)
+    assert runtime.beside(_thread_name).result() == threading.current_thread().name

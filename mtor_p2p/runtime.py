@@ -84,7 +84,8 @@ class _Finished(Begun[T]):
         self._error: BaseException | None = None
         try:
             self._value = fn(*args)
-        except Exception as exc:  # raised again by result(), where the caller looks
+        except Exception as exc:  # raised again by result(), where the caller looks (the
+            # helper threads' futures keep a BaseException too; inline, it goes up at once)
             self._error = exc
 
     def result(self) -> T:
@@ -121,6 +122,15 @@ def _begin_on_helper(fn: Callable[..., T], *args: Any) -> Begun[T]:
                     HELPER_THREADS, thread_name_prefix="mtor-beside"
                 )
     return _OnHelper(_helpers.submit(fn, *args))
+
+
+def _forget_helpers() -> None:
+    # A forked child has the parent's pool object but none of its threads: it makes its own.
+    global _helpers
+    _helpers = None
+
+
+os.register_at_fork(after_in_child=_forget_helpers)
 
 
 def _begin_inline(fn: Callable[..., T], *args: Any) -> Begun[T]:

@@ -1013,3 +1013,65 @@ async def test_a_one_chunk_upload_from_a_sender_that_does_not_pad_is_held_aligne
         held = b.worker.operands.get(meta.digest)
         assert held is not None and held.ctypes.data % 16 == 0 and held.flags.aligned
         np.testing.assert_array_equal(held, array)
+
+
+# -- carried operands checked beside the kernel ---------------------------------------------
+
+
+@pytest.mark.parametrize("runtime", ["production", "simulated"])
+async def test_carried_bytes_that_do_not_match_their_hash_are_refused_and_their_sender_marked(
+    autojump_clock: trio.testing.MockClock, runtime: str
+) -> None:
+    """A run served alone has its carried operands hashed beside its kernel (on a helper
+    thread in production). One whose bytes do not match the hash it names is refused all the
+    same, once its kernel has run: nothing signed, owed, kept, or given to the backend under
+    the hash it named. From then on its sender's carried operands are checked before the
+    kernel runs, as they are for a run that asks the worker to keep one."""
+    async with bench() as b:
+        if runtime == "production":
+            autojump_clock.autojump_threshold = 0.2  # real threads: see the test above
+            b.worker._runtime = Runtime.production()
+            b.worker.executor._runtime = b.worker._runtime
+        kernels: list[dict[str, str]] = []
+        execute = b.worker.executor.execute
+
+        async def counted(kernel: Any, arrays: Any, keys: dict[str, str]) -> Any:
+            kernels.append(dict(keys))
+            return await execute(kernel, arrays, keys)
+
+        b.worker.executor.execute = counted  # type: ignore[method-assign]
+
+        async def carry(who: Requester, job: str, keep: list[str], *, lie: bool) -> bytes:
+            operands = matmul_operands()
+            sent = dict(operands)
+            if lie:
+                sent["b"] = operands["b"].copy()
+                sent["b"][0, 0] += 1.0  # the bytes sent are not the ones the hash names
+            header = {
+                "job_id": job, "shard": 0, "kernel": "matmul", "inline": ["a", "b"],
+                "operands": {name: meta_of(x).to_json() for name, x in operands.items()},
+                "keep": keep,
+            }  # fmt: skip
+            body = [memoryview(sent[name]).cast("B") for name in ("a", "b")]
+            return await who.network.request(b.worker_id, PROTOCOL_RUN, pack_parts(header, body))
+
+        honest, mallory, eve = [await b.requester(n) for n in ("honest", "mallory", "eve")]
+        await carry(honest, job_of(honest), [], lie=False)  # a lone run: checked beside
+        assert len(kernels) == 1 and kernels[0] == {}  # unchecked operands get no key
+        assert not b.worker._hash_liars
+
+        with pytest.raises(RemoteError, match="operand 'b': hash mismatch"):
+            await carry(mallory, job_of(mallory), [], lie=True)
+        assert len(kernels) == 2  # it ran, beside the check
+        assert list(b.worker._hash_liars) == [mallory.peer_id]
+        assert not b.worker._owed.get(mallory.peer_id)  # its reservation given back
+        assert b.worker.unpaid(mallory.peer_id) == (0, 0)
+        assert b.worker.stats.shards_run == 1 and b.worker.stats.shards_failed == 0
+
+        with pytest.raises(RemoteError, match="operand 'b': hash mismatch"):
+            await carry(mallory, "ee" * 32, [], lie=True)
+        assert len(kernels) == 2  # checked first this time: no kernel
+        with pytest.raises(RemoteError, match="operand 'b': hash mismatch"):
+            await carry(eve, job_of(eve), ["b"], lie=True)  # asks to keep B: checked first
+        assert len(kernels) == 2
+        assert not b.worker.operands._arrays

@@ -113,6 +113,9 @@ class ShardAnswer:
     output: np.ndarray
     receipt: Receipt
     pending: Callable[[], None] | None = None
+    #: Whether ``pending``'s checks were begun beside the caller (``run_shard(beside=...)``)
+    #: and are under way on another thread.
+    begun: bool = False
 
     def verify(self) -> None:
         """Make the checks left pending, if any (a blocking call; fit for a thread): raises
@@ -640,7 +643,8 @@ async def run_shard(
     # A downloaded output is hashed by download(); one in the answer, not yet.
     unhashed = output if inline_output else None
     if beside is not None:
-        return ShardAnswer(output, receipt, beside(_verify_later, meta, unhashed, receipt).result)
+        checks = beside(_verify_later, meta, unhashed, receipt)
+        return ShardAnswer(output, receipt, checks.result, begun=True)
     return ShardAnswer(output, receipt, lambda: _verify_later(meta, unhashed, receipt))
 
 

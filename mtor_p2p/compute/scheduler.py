@@ -868,7 +868,7 @@ class _JobRun:
         batch: list[int] = []
         batch_bytes = 0
         for index in range(len(self.ranges)):
-            if index in self.shard_metas or index in self._describing:
+            if index in self.shard_metas or index in self._describing or index in self.begun_slices:
                 continue
             start, stop = self.ranges[index]
             operands = self.kernel.shard_operands(self.spec.operands, start, stop)
@@ -1352,17 +1352,23 @@ class _JobRun:
         sketch: checks.FreivaldsSketch | None,
         rows: checks.FreivaldsRows | None,
     ) -> tuple[tuple[bool, Any] | None, Exception | None]:
-        """:meth:`_check`, and the answer's own checks left pending (its output's hash, its
-        receipt's signature: ``answer.verify()``), in one call of the blocking hook: beside
+        """The answer's own checks left pending (its output's hash, its receipt's signature:
+        ``answer.verify()``) and :meth:`_check`, in one call of the blocking hook: beside
         other shards of the job, all of it on one thread, off the event loop (B-shared 512²
         jobs: the hash and the signature took 11% of the loop's busy time there, py-spy).
         Returns the check's verdict, or the exception the answer itself caused (for the
         caller to judge on its side of the peer-fault boundary) and no verdict. Anything else
         raised here (MemoryError) is this requester's failure, not the worker's: it is raised
         as the check's own failures are."""
-        # The check first: the answer's own checks may be under way on a helper thread
-        # (``run_shard(beside=...)``), and the check's products release the GIL to it. Its
-        # verdict counts only once they have passed.
+        if not answer.begun:
+            try:
+                answer.verify()
+            except ValueError as exc:  # RecordError: the worker's bytes do not hold
+                return None, exc
+            return self._check(operands, answer.output, rng, sketch, rows), None
+        # The answer's own checks are under way on a helper thread (``run_shard(beside=...)``):
+        # the check first, whose products release the GIL to them. Its verdict counts only
+        # once they have passed.
         verdict: tuple[bool, Any] | None = None
         check_error: Exception | None = None
         try:
@@ -1371,7 +1377,7 @@ class _JobRun:
             check_error = exc
         try:
             answer.verify()
-        except ValueError as exc:  # RecordError: the worker's bytes do not hold
+        except ValueError as exc:
             return None, exc
         if check_error is not None:
             raise check_error

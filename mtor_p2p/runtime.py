@@ -109,6 +109,23 @@ _helpers: concurrent.futures.ThreadPoolExecutor | None = None
 _helpers_lock = threading.Lock()
 
 
+#: How much nicer than the rest of its process a helper thread runs (Linux ``nice``).
+HELPER_NICENESS = 10
+
+
+def _yield_cores() -> None:
+    """Run this helper thread at a lower priority than the event loops of this machine's
+    peers: work begun beside a loop is meant for a core that would idle, and must not take
+    one from a kernel or an event loop that has work (on Linux, a thread's nice value is
+    its own; raising it needs no privilege). Where that cannot be done, it runs as is."""
+    try:
+        thread = threading.get_native_id()  # a new thread starts at its process's value
+        nicer = min(19, os.getpriority(os.PRIO_PROCESS, thread) + HELPER_NICENESS)
+        os.setpriority(os.PRIO_PROCESS, thread, nicer)
+    except (AttributeError, OSError):
+        pass
+
+
 def _begin_on_helper(fn: Callable[..., T], *args: Any) -> Begun[T]:
     """Production's ``beside``: ``fn(*args)`` on a kept helper thread. Collecting it blocks
     the event loop without a wake-up through trio: a thread hop through ``trio.to_thread``
@@ -119,7 +136,7 @@ def _begin_on_helper(fn: Callable[..., T], *args: Any) -> Begun[T]:
         with _helpers_lock:
             if _helpers is None:
                 _helpers = concurrent.futures.ThreadPoolExecutor(
-                    HELPER_THREADS, thread_name_prefix="mtor-beside"
+                    HELPER_THREADS, thread_name_prefix="mtor-beside", initializer=_yield_cores
                 )
     return _OnHelper(_helpers.submit(fn, *args))
 

@@ -75,6 +75,10 @@ class Begun(Generic[T]):
         the call has ended."""
         raise NotImplementedError
 
+    def done(self) -> bool:
+        """Whether the call has ended (``result()`` would not block)."""
+        raise NotImplementedError
+
 
 class _Finished(Begun[T]):
     """A call made at once, inline (simulation, tests)."""
@@ -93,6 +97,9 @@ class _Finished(Begun[T]):
             raise self._error
         return self._value  # type: ignore[return-value]
 
+    def done(self) -> bool:
+        return True
+
 
 class _OnHelper(Begun[T]):
     def __init__(self, future: concurrent.futures.Future[T]) -> None:
@@ -100,6 +107,9 @@ class _OnHelper(Begun[T]):
 
     def result(self) -> T:
         return self._future.result()
+
+    def done(self) -> bool:
+        return self._future.done()
 
 
 #: Helper threads of :func:`_begin_on_helper`: two, one per core of the machines this peer

@@ -1075,3 +1075,50 @@ async def test_carried_bytes_that_do_not_match_their_hash_are_refused_and_their_
             await carry(eve, job_of(eve), ["b"], lie=True)  # asks to keep B: checked first
         assert len(kernels) == 2
         assert not b.worker.operands._arrays
+
+
+async def test_checks_beside_the_kernel_back_off_while_they_keep_the_loop_waiting(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A check beside a kernel that was not done with it, by more than
+    CHECK_BESIDE_MAX_WAIT, means the cores were busy: the next runs are checked first (none
+    of them runs its kernel on bytes that do not match), for a stretch that doubles while such
+    waits recur and halves back with each run that did not wait."""
+    from mtor_p2p.compute import worker as worker_module
+
+    async with bench() as b:
+        w = b.worker
+        first = worker_module.CHECK_FIRST_RUNS
+        w._note_wait(worker_module.CHECK_BESIDE_MAX_WAIT * 2)
+        assert (w._check_first_runs, w._check_first_backoff) == (first, 2 * first)
+        w._note_wait(worker_module.CHECK_BESIDE_MAX_WAIT * 2)
+        assert (w._check_first_runs, w._check_first_backoff) == (2 * first, 4 * first)
+        w._note_wait(0.0)
+        assert w._check_first_backoff == 2 * first
+        for _ in range(10):
+            w._note_wait(worker_module.CHECK_BESIDE_MAX_WAIT * 2)
+        assert w._check_first_backoff == worker_module.CHECK_FIRST_MAX_RUNS
+
+        w._check_first_runs = 1
+        kernels = 0
+        execute = w.executor.execute
+
+        async def counted(*args: Any) -> Any:
+            nonlocal kernels
+            kernels += 1
+            return await execute(*args)
+
+        w.executor.execute = counted  # type: ignore[method-assign]
+        mallory = await b.requester("mallory")
+        operands = matmul_operands()
+        header = {
+            "job_id": job_of(mallory), "shard": 0, "kernel": "matmul", "inline": ["a", "b"],
+            "operands": {name: meta_of(x).to_json() for name, x in operands.items()},
+            "keep": [],
+        }  # fmt: skip
+        wrong = operands["b"] + 1.0
+        body = [memoryview(operands["a"]).cast("B"), memoryview(wrong).cast("B")]
+        with pytest.raises(RemoteError, match="operand 'b': hash mismatch"):
+            await mallory.network.request(b.worker_id, PROTOCOL_RUN, pack_parts(header, body))
+        assert kernels == 0  # checked first: its kernel never ran
+        assert w._check_first_runs == 0 and not w._hash_liars  # caught before any kernel

@@ -2,14 +2,21 @@
 
 ``./mtor bench trace [--jobs 300] [--json] [--out FILE]``
 
-Row 1's workload of ``./mtor bench compute`` (a 512x512 float32 product, both operands sent,
-a fresh B each time, one worker process with 1 BLAS thread, the requester in this process),
-with the steps of both peers timed (:mod:`benchmarks.steptrace`: the requester's functions
-wrapped here, the worker run as ``python -m benchmarks.steptrace run``). Both processes read
-one clock (CLOCK_MONOTONIC), so each step is placed from the moment ``Node.submit`` was
-called. The table gives, per step, the median start and end over the jobs and the median
-duration, for the steps seen in most jobs (a step run twice in a job is numbered). Gaps
-between steps are the glue the wrappers do not name: task switches, bookkeeping, waiting.
+The workload of the round-trip row of ``./mtor bench compute`` (row 1: a 512x512 float32
+product, both operands sent, a fresh B each time, one worker process with 1 BLAS thread, the
+requester in this process), with the steps of both peers timed (``benchmarks/steptrace.py``:
+the requester's functions wrapped here, the worker run as ``python -m benchmarks.steptrace
+run``). Both processes read one clock (CLOCK_MONOTONIC), so each step is placed from the
+moment ``Node.submit`` was called. A cluster starts and 30 warm-up jobs run first; 300 jobs
+take about 15 s in all on a 2-core machine. Anything else running on the machine shows in the
+figures: the load average is printed with them.
+
+The table gives, per step, its median start and median end over the jobs (each a median of
+its own, so end - start may differ from the median duration, "takes"), for the steps seen in
+most jobs (a step run twice in a job is numbered). Steps nested in others are not indented:
+"run the shard" spans from the request's building to the answer's receipt. Gaps between steps
+are the glue the wrappers do not name: task switches, bookkeeping, waiting. Steps marked "any
+thread" or "helper thread" may run beside the event loop (``Runtime.beside``).
 
 A tool for finding costs, not a goal's benchmark: the wrappers add about a microsecond per
 step, and there is no baseline. The goal's figure is row 1 of ``./mtor bench compute``.
@@ -45,10 +52,12 @@ WARMUP_JOBS = 30
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="./mtor bench trace",
-        description=__doc__.split("\n\n", 2)[2],
+        description=__doc__.split("\n\n", 2)[2].replace("``", "'"),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--jobs", type=int, default=300, help="jobs timed (default 300)")
+    parser.add_argument(
+        "--jobs", type=int, default=300, help="jobs timed (default 300, at least 10)"
+    )
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.add_argument("--out", type=user_path, help="also write the JSON result to this file")
     return parser
@@ -148,6 +157,7 @@ async def trace(jobs: int) -> dict[str, Any]:
         "jobs": jobs,
         "p50_ms": round(1e3 * statistics.median(seconds), 3),
         "p90_ms": round(1e3 * seconds[int(0.9 * (len(seconds) - 1))], 3),
+        "load": os.getloadavg()[0],
         "steps": rows,
     }
 
@@ -157,6 +167,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.jobs < 10:
         print("--jobs: at least 10", file=sys.stderr)
         return 2
+    if args.out is not None and not os.access(args.out.parent, os.W_OK):
+        # Checked before a run whose result would be lost at the end.
+        print(f"--out: cannot write into {args.out.parent}", file=sys.stderr)
+        return 2
     result = trio.run(trace, args.jobs)
     if args.out:
         args.out.write_text(json.dumps(result, indent=1) + "\n")
@@ -165,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(
         f"{result['jobs']} one-shard 512³ jobs: p50 {result['p50_ms']:.2f} ms, "
-        f"p90 {result['p90_ms']:.2f} ms ({result['machine'].get('cpu', '?')})"
+        f"p90 {result['p90_ms']:.2f} ms ({result['machine'].get('cpu', '?')}, "
+        f"load {result['load']:.2f} at the end)"
     )
     print(f"{'start':>7} {'end':>7} {'takes':>6}  process    step (ms from submit, medians)")
     for row in result["steps"]:

@@ -90,3 +90,14 @@ def test_help_starts_nothing() -> None:
     assert done.returncode == 0, done.stderr
     for words in ("--jobs", "--json", "CLOCK_MONOTONIC", "not a goal"):
         assert words in done.stdout
+
+
+def test_an_out_path_that_cannot_be_written_is_refused_before_the_run(tmp_path) -> None:
+    """A new user's report: the whole run went by, then a traceback lost its result."""
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "trace", "--jobs", "10",
+         "--out", str(tmp_path / "missing" / "trace.json")],
+        capture_output=True, text=True, cwd=ROOT, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert "--out: cannot write into" in done.stderr and "Traceback" not in done.stderr

@@ -1020,13 +1020,16 @@ async def test_a_one_chunk_upload_from_a_sender_that_does_not_pad_is_held_aligne
 
 @pytest.mark.parametrize("runtime", ["production", "simulated"])
 async def test_carried_bytes_that_do_not_match_their_hash_are_refused_and_their_sender_marked(
-    autojump_clock: trio.testing.MockClock, runtime: str
+    autojump_clock: trio.testing.MockClock, runtime: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A run served alone has its carried operands hashed beside its kernel (on a helper
     thread in production). One whose bytes do not match the hash it names is refused all the
-    same, once its kernel has run: nothing signed, owed, kept, or given to the backend under
-    the hash it named. From then on its sender's carried operands are checked before the
-    kernel runs, as they are for a run that asks the worker to keep one."""
+    same, once its kernel has run: nothing signed, kept, or given to the backend under the
+    hash it named; the kernel it cost stays owed (unpaid work, as a shard never
+    countersigned). From then on its sender's carried operands are checked before the kernel
+    runs, as they are for a run that asks the worker to keep one."""
+    from mtor_p2p.compute import worker as worker_module
+
     async with bench() as b:
         if runtime == "production":
             autojump_clock.autojump_threshold = 0.2  # real threads: see the test above
@@ -1064,8 +1067,7 @@ async def test_carried_bytes_that_do_not_match_their_hash_are_refused_and_their_
             await carry(mallory, job_of(mallory), [], lie=True)
         assert len(kernels) == 2  # it ran, beside the check
         assert list(b.worker._hash_liars) == [mallory.peer_id]
-        assert not b.worker._owed.get(mallory.peer_id)  # its reservation given back
-        assert b.worker.unpaid(mallory.peer_id) == (0, 0)
+        assert len(b.worker._owed.get(mallory.peer_id, {})) == 1  # the kernel it cost
         assert b.worker.stats.shards_run == 1 and b.worker.stats.shards_failed == 0
 
         with pytest.raises(RemoteError, match="operand 'b': hash mismatch"):
@@ -1075,6 +1077,16 @@ async def test_carried_bytes_that_do_not_match_their_hash_are_refused_and_their_
             await carry(eve, job_of(eve), ["b"], lie=True)  # asks to keep B: checked first
         assert len(kernels) == 2
         assert not b.worker.operands._arrays
+        assert eve.peer_id in b.worker._hash_liars and not b.worker._owed.get(eve.peer_id)
+
+        # A run refused before its kernel (here: no credit for it) costs no hash at all.
+        checks: list[int] = []
+        check = worker_module._check_carried
+        monkeypatch.setattr(worker_module, "_check_carried", lambda c: checks.append(1) or check(c))
+        b.worker._credit = lambda peer: 0
+        with pytest.raises(RemoteError, match="credit"):
+            await carry(honest, "ab" * 32, [], lie=False)
+        assert checks == [] and len(kernels) == 2
 
 
 async def test_checks_beside_the_kernel_back_off_while_they_keep_the_loop_waiting(

@@ -1005,32 +1005,38 @@ class WorkerService:
             announced += meta.nbytes
         # Checked against their hashes before anything else is done with them, except in a
         # run served alone, whose hashes are checked on a helper thread while its kernel
-        # runs, and before anything is kept, signed or sent (``unverified``).
+        # runs, and before anything is kept, signed or sent (``unchecked``; nothing before
+        # the kernel reads their values).
         alone = self._runs_under_way == 1 and sender not in self._hash_liars
         if self._check_first_runs:
             self._check_first_runs -= 1
             alone = False
-        carried, unverified = await self._inline_operands(header, body, metas, beside=alone)
+        carried, unchecked = await self._inline_operands(header, body, metas, unchecked=alone)
+        return await self._run_carried(
+            sender,
+            header,
+            kernel,
+            kernel_name,
+            job_id,
+            shard,
+            metas,
+            digests,
+            announced,
+            carried,
+            unchecked,
+        )
+
+    async def _check_now(
+        self, sender: str, carried: dict[str, np.ndarray], metas: dict[str, ArrayMeta]
+    ) -> None:
+        """Check carried operands left unchecked, on the event loop, before anything uses
+        them; a mismatch marks the sender as for a check beside a kernel."""
+        items = [(name, metas[name], array) for name, array in carried.items()]
         try:
-            return await self._run_carried(
-                sender,
-                header,
-                kernel,
-                kernel_name,
-                job_id,
-                shard,
-                metas,
-                digests,
-                announced,
-                carried,
-                unverified,
-            )
-        finally:
-            if unverified is not None:
-                with contextlib.suppress(Exception):
-                    # The request's bytes (and their accounting) are given back only once
-                    # no thread reads them; what it found is moot by now.
-                    unverified.result()
+            await self._runtime.run_blocking(_check_carried, items, cheap=True)
+        except RecordError as exc:
+            _remember_peer(self._hash_liars, sender, HASH_LIARS_KEPT)
+            raise RemoteError(str(exc)) from exc
 
     def _verified(self, sender: str, unverified: Begun[None]) -> float:
         """Collect the check of a run's carried operands begun beside its kernel: a mismatch
@@ -1065,7 +1071,7 @@ class WorkerService:
         digests: dict[str, str],
         announced: int,
         carried: dict[str, np.ndarray],
-        unverified: Begun[None] | None,
+        unchecked: bool,
     ) -> Payload:
         arrays: dict[str, np.ndarray] = {}
         inputs: dict[str, str] = {}
@@ -1077,9 +1083,9 @@ class WorkerService:
             and name in wanted
             and metas[name].digest not in self.operands
         ]
-        if kept and unverified is not None:
-            self._verified(sender, unverified)  # nothing unchecked is kept for later runs
-            unverified = None
+        if kept and unchecked:
+            await self._check_now(sender, carried, metas)  # nothing unchecked is kept
+            unchecked = False
         # Kept as if uploaded, once this run computes (see _compute_keeping).
         keeping = {metas[name].digest: carried[name] for name in kept}
         # A run carrying operands never waits for others (it would hold its bytes meanwhile):
@@ -1136,7 +1142,14 @@ class WorkerService:
         reservation = (job_id, shard, started)
         self._reserve_credit(sender, reservation, cost, available)
         self.stats.active += 1
-        signed = False
+        signed = lied = False
+        # Begun only now, once nothing but the kernel stands between the run and its answer:
+        # a run refused before it (its price, its credit, a missing operand) costs no hash.
+        unverified = None
+        if unchecked:
+            unverified = self._runtime.beside(
+                _check_carried, [(name, metas[name], carried[name]) for name in carried]
+            )
         try:
             # Resident operands (weights, B) are keyed by content hash so that a GPU backend
             # keeps them on the device between shards of the same job.
@@ -1150,7 +1163,8 @@ class WorkerService:
             output = await self._compute_keeping(kernel, arrays, keys, keeping)
             ended = self._clock.now()
             if unverified is not None:
-                self._note_wait(self._verified(sender, unverified))
+                checked, unverified = unverified, None
+                self._note_wait(self._verified(sender, checked))
             if self.fault_rate and self._rng.random() < self.fault_rate:
                 output = self._corrupt(output)
             output = np.ascontiguousarray(output)
@@ -1174,14 +1188,22 @@ class WorkerService:
             receipt = sign_as_worker(self._identity, body)
             signed = True
         except _CarriedMismatch:
-            raise  # the requester's fault, not the kernel's
+            # The requester's fault, not the kernel's: the kernel it cost stays owed, and
+            # counts towards the sender's unpaid work like a shard never countersigned.
+            lied = True
+            raise
         except Exception as exc:
             self.stats.shards_failed += 1
             log.warning("kernel %s failed: %s", kernel_name, exc)
             raise RemoteError(f"kernel failed: {type(exc).__name__}") from exc
         finally:
+            if unverified is not None:
+                # The kernel failed or the run was cut off: the request's bytes (and their
+                # accounting) are given back only once no thread reads them.
+                with contextlib.suppress(Exception):
+                    unverified.result()
             self.stats.active -= 1
-            if not signed:
+            if not signed and not lied:
                 # No receipt left this worker (the kernel failed, or the handler was cut off
                 # by its deadline or a lost connection): nothing is owed for it.
                 self._release(sender, reservation)
@@ -1276,18 +1298,19 @@ class WorkerService:
         body: memoryview,
         metas: dict[str, ArrayMeta],
         *,
-        beside: bool = False,
-    ) -> tuple[dict[str, np.ndarray], Begun[None] | None]:
+        unchecked: bool = False,
+    ) -> tuple[dict[str, np.ndarray], bool]:
         """The operands a run request carries (its ``inline`` field and body), each a view of
         the request checked against its description's hash; RemoteError for anything else
         (names not described or repeated, a body of another length, a hash that differs).
+        Returns them and whether they are still unchecked.
 
-        ``beside``: the run is served alone, so a core is idle (its requester waits): when
-        every carried operand is small enough to hash on the event loop, their hashes are
-        begun on a helper thread (``Runtime.beside``) and returned unchecked with that check,
-        for the caller to collect before it keeps, signs or sends anything. The kernel's
-        products release the GIL to it: in one-shard 512³ jobs the worker's 0.5 ms of
-        hashing came off the round trip (BENCHMARKS.md)."""
+        ``unchecked``: the run is served alone, so a core is idle (its requester waits):
+        when every carried operand is small enough to hash on the event loop, they are
+        returned unchecked, for the caller to check beside the kernel on a helper thread
+        (``Runtime.beside``) and collect before it keeps, signs or sends anything. The
+        kernel's products release the GIL to it: in one-shard 512³ jobs the worker's 0.5 ms
+        of hashing came off the round trip (BENCHMARKS.md)."""
         names = header.get("inline", [])
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
             raise RemoteError("field 'inline' must be a list of operand names")
@@ -1304,12 +1327,8 @@ class WorkerService:
             views[name] = body[offset : offset + size]
             offset += size
         self.stats.bytes_received += len(body)
-        if beside and names and all(size <= INLINE_CHUNK_BYTES for size in sizes):
-            unchecked = {name: array_view_unhashed(metas[name], views[name]) for name in names}
-            check = self._runtime.beside(
-                _check_carried, [(name, metas[name], unchecked[name]) for name in names]
-            )
-            return unchecked, check
+        if unchecked and names and all(size <= INLINE_CHUNK_BYTES for size in sizes):
+            return {name: array_view_unhashed(metas[name], views[name]) for name in names}, True
         carried: dict[str, np.ndarray] = {}
         for name in names:
             try:
@@ -1321,7 +1340,7 @@ class WorkerService:
                 )
             except RecordError as exc:
                 raise RemoteError(f"operand {name!r}: {exc}") from exc
-        return carried, None
+        return carried, False
 
     def _operands_changed(self) -> None:
         """Wake the run requests waiting for operands (an upload started, ended or failed)."""

@@ -23,7 +23,7 @@ import random
 import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import trio
@@ -67,49 +67,10 @@ async def _inline(
         return fn(*args)
 
 
-class Begun(Generic[T]):
-    """A blocking call begun by :attr:`Runtime.beside`; :meth:`result` waits for it."""
-
-    def result(self) -> T:
-        """The call's value, or its exception raised here; blocks the calling thread until
-        the call has ended."""
-        raise NotImplementedError
-
-    def done(self) -> bool:
-        """Whether the call has ended (``result()`` would not block)."""
-        raise NotImplementedError
-
-
-class _Finished(Begun[T]):
-    """A call made at once, inline (simulation, tests)."""
-
-    def __init__(self, fn: Callable[..., T], args: tuple[Any, ...]) -> None:
-        self._value: T | None = None
-        self._error: BaseException | None = None
-        try:
-            self._value = fn(*args)
-        except Exception as exc:  # raised again by result(), where the caller looks (the
-            # helper threads' futures keep a BaseException too; inline, it goes up at once)
-            self._error = exc
-
-    def result(self) -> T:
-        if self._error is not None:
-            raise self._error
-        return self._value  # type: ignore[return-value]
-
-    def done(self) -> bool:
-        return True
-
-
-class _OnHelper(Begun[T]):
-    def __init__(self, future: concurrent.futures.Future[T]) -> None:
-        self._future = future
-
-    def result(self) -> T:
-        return self._future.result()
-
-    def done(self) -> bool:
-        return self._future.done()
+#: A blocking call begun by :attr:`Runtime.beside`: its ``result()`` waits for it and gives its
+#: value or raises its exception, ``done()`` says whether it has ended. The standard library's
+#: future, whichever way the call is made.
+Begun = concurrent.futures.Future
 
 
 #: Helper threads of :func:`_begin_on_helper`: two, one per core of the machines this peer
@@ -148,7 +109,7 @@ def _begin_on_helper(fn: Callable[..., T], *args: Any) -> Begun[T]:
                 _helpers = concurrent.futures.ThreadPoolExecutor(
                     HELPER_THREADS, thread_name_prefix="mtor-beside", initializer=_yield_cores
                 )
-    return _OnHelper(_helpers.submit(fn, *args))
+    return _helpers.submit(fn, *args)
 
 
 def _forget_helpers() -> None:
@@ -161,7 +122,14 @@ os.register_at_fork(after_in_child=_forget_helpers)
 
 
 def _begin_inline(fn: Callable[..., T], *args: Any) -> Begun[T]:
-    return _Finished(fn, args)
+    """Everywhere but production: the call made at once, inline, its outcome kept for
+    ``result()`` (an exception too, raised where the caller collects it)."""
+    begun: Begun[T] = Begun()
+    try:
+        begun.set_result(fn(*args))
+    except Exception as exc:
+        begun.set_exception(exc)
+    return begun
 
 
 #: ``beside(fn, *args)``: begin a short blocking call, returning a :class:`Begun` whose

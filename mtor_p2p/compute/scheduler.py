@@ -2134,7 +2134,7 @@ class Scheduler:
         """Return once the job is done, or early when no worker is left to run what remains
         (looked at every 0.2 s). In the job's own task rather than one of its own: a task
         more to start and to cancel was about 0.07 ms of a one-shard job's round trip."""
-        while not job.done.is_set():
+        while True:
             with trio.move_on_after(0.2):
                 await job.done.wait()
             if job.done.is_set():

@@ -198,13 +198,6 @@ class _CarriedMismatch(RemoteError):
     """A carried operand's bytes did not match its hash, found after the kernel ran."""
 
 
-def _remember_peer(table: OrderedDict[str, None], peer: str, most: int) -> None:
-    table[peer] = None
-    table.move_to_end(peer)
-    while len(table) > most:
-        table.popitem(last=False)
-
-
 def _check_carried(carried: list[tuple[str, ArrayMeta, np.ndarray]]) -> None:
     """Raise RecordError naming the first carried operand whose bytes do not match its
     description's hash (a blocking call: it hashes them)."""
@@ -1035,8 +1028,15 @@ class WorkerService:
         try:
             await self._runtime.run_blocking(_check_carried, items, cheap=True)
         except RecordError as exc:
-            _remember_peer(self._hash_liars, sender, HASH_LIARS_KEPT)
+            self._mark_liar(sender)
             raise RemoteError(str(exc)) from exc
+
+    def _mark_liar(self, sender: str) -> None:
+        """Check ``sender``'s carried operands first from now on (HASH_LIARS_KEPT)."""
+        self._hash_liars[sender] = None
+        self._hash_liars.move_to_end(sender)
+        while len(self._hash_liars) > HASH_LIARS_KEPT:
+            self._hash_liars.popitem(last=False)
 
     def _verified(self, sender: str, unverified: Begun[None]) -> float:
         """Collect the check of a run's carried operands begun beside its kernel: a mismatch
@@ -1046,7 +1046,7 @@ class WorkerService:
         try:
             unverified.result()
         except RecordError as exc:
-            _remember_peer(self._hash_liars, sender, HASH_LIARS_KEPT)
+            self._mark_liar(sender)
             raise _CarriedMismatch(str(exc)) from exc
         return trio.current_time() - began
 

@@ -435,6 +435,49 @@ async def test_resident_operand_is_sent_once_per_worker(tmp_path):
         assert second == 96 * 64 * 4
 
 
+async def test_a_one_shard_jobs_output_is_its_answer_uncopied_and_the_callers_to_write(
+    tmp_path,
+):
+    """Over real lanes a one-shard job's answer arrives in a reply buffer of its own; the job
+    hands that buffer over as its output instead of copying it (issue 9). It must still be an
+    ordinary array to its caller: right, C-contiguous and writable, shared with nothing the
+    next job reads."""
+    from mtor_p2p.compute.scheduler import _owns_its_buffer
+
+    async with devnet(tmp_path, count=2) as nodes:
+        requester = nodes[0][0]
+        # An answer over one record (1 MiB) is opened into a bytearray; a smaller one comes
+        # as bytes, read-only, and is copied.
+        a = RNG.standard_normal((512, 64)).astype("float32")
+        b = RNG.standard_normal((64, 520)).astype("float32")
+        # The first request travels on a stream while the lane opens beside it.
+        await requester.submit("matmul", {"a": a, "b": b}, shards=1)
+        first = await requester.submit("matmul", {"a": a, "b": b}, shards=1)
+        np.testing.assert_allclose(first.output, a @ b, rtol=1e-5)
+        assert _owns_its_buffer(first.output, first.output)  # adopted, not copied
+        first.output[:] = -1.0  # the caller's to write
+        second = await requester.submit("matmul", {"a": a, "b": b}, shards=1)
+        np.testing.assert_allclose(second.output, a @ b, rtol=1e-5)
+        assert not np.may_share_memory(first.output, second.output)
+        two = await requester.submit("matmul", {"a": a, "b": b}, shards=2)
+        np.testing.assert_allclose(two.output, a @ b, rtol=1e-5)
+        assert not _owns_its_buffer(two.output, two.output)  # several shards: one array
+
+
+def test_only_a_writable_reply_buffer_of_the_outputs_shape_stands_for_the_output() -> None:
+    from mtor_p2p.compute.scheduler import _owns_its_buffer
+
+    like = np.empty((4, 4), np.float32)
+    buffer = bytearray(16 + like.nbytes)
+    view = np.frombuffer(memoryview(buffer)[16:], np.float32).reshape(4, 4)
+    assert _owns_its_buffer(view, like)
+    assert not _owns_its_buffer(np.frombuffer(bytes(like.nbytes), np.float32).reshape(4, 4), like)
+    assert not _owns_its_buffer(view.reshape(2, 8), like)
+    assert not _owns_its_buffer(view.astype(np.float64), like)
+    assert not _owns_its_buffer(view.T, like)  # not C-contiguous
+    assert not _owns_its_buffer(np.empty((4, 4), np.float32), like)  # someone else's array
+
+
 async def test_split_operand_equal_to_the_resident_one_stays_cached(tmp_path):
     """A shard's slice is dropped after its run, but never when the same bytes are also the
     resident operand (A == B): the next job must find B on the worker, not send it again."""

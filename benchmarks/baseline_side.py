@@ -18,7 +18,11 @@ the same code. Tasks mirror what the MTOR side of the harness does:
   marker file), wait ``delay`` seconds, SIGKILL its worker process, and time the kill to the
   result in the driver (the framework's own retry);
 * ``product`` (numpy only): ``a @ b`` at size n in this process, with the BLAS threads its
-  environment sets.
+  environment sets;
+* ``product_split`` (numpy only): the same product cut into ``shards`` row shards, computed
+  by ``processes`` forked copies of this process (shard i by process i mod processes), with
+  the operands already in memory: what MTOR's row 6 would take over that many workers with
+  nothing to move, hash or check (its ceiling there).
 
 Workers get the BLAS thread count of ``OPENBLAS_NUM_THREADS`` etc. from the environment the
 harness sets for this process (inherited by Ray's raylet and Dask's nannies and workers; Dask
@@ -459,10 +463,58 @@ def task_product(p: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def task_product_split(p: dict[str, Any]) -> dict[str, Any]:
+    import numpy as np
+
+    rng = np.random.default_rng(p.get("seed", 6))
+    n, processes, shards = p["n"], p["processes"], p["shards"]
+    a = rng.standard_normal((n, n), dtype=np.float32)
+    b = rng.standard_normal((n, n), dtype=np.float32)
+    bounds = [n * i // shards for i in range(shards + 1)]
+    samples = []
+    with procstats.Section() as section:
+        for _ in range(p.get("reps", 1)):
+            ready_r, ready_w = os.pipe()
+            go_r, go_w = os.pipe()
+            children = []
+            for index in range(processes):
+                pid = os.fork()
+                if pid == 0:  # a child: its shards, then out (no cleanup of the parent's)
+                    code = 1
+                    try:
+                        small = a[:256, :256] @ b[:256, :256]  # BLAS threads started
+                        del small
+                        os.write(ready_w, b"r")
+                        os.read(go_r, 1)
+                        for shard in range(index, shards, processes):
+                            a[bounds[shard] : bounds[shard + 1]] @ b
+                        code = 0
+                    finally:
+                        os._exit(code)
+                children.append(pid)
+            for _ in children:
+                os.read(ready_r, 1)
+            start = time.perf_counter()
+            os.write(go_w, b"g" * len(children))
+            failed = [pid for pid in children if os.waitpid(pid, 0)[1] != 0]
+            samples.append(time.perf_counter() - start)
+            for fd in (ready_r, ready_w, go_r, go_w):
+                os.close(fd)
+            if failed:
+                raise RuntimeError(f"{len(failed)} of {processes} product processes failed")
+    return {
+        "samples_s": samples,
+        "section": section.result,
+        "blas": blas_report(),
+        "processes": processes,
+        "shards": shards,
+    }
+
+
 def main(argv: list[str]) -> int:
     system, task, params = argv[0], argv[1], json.loads(argv[2])
     if system == "numpy":
-        answer = task_product(params)
+        answer = (task_product_split if task == "product_split" else task_product)(params)
     else:
         answer = {"roundtrip": task_roundtrip, "throughput": task_throughput, "kill": task_kill}[
             task

@@ -1237,6 +1237,17 @@ def row_scaling(runner: Runner) -> None:
     # first (the only one before 2026-12-05). On the project's VM one NumPy product took 3.7
     # s in one round and 5.3 s in the next, and an MTOR side ran up to a minute after the
     # round's first NumPy run.
+    def split_side(workers: int) -> Callable[[int], dict[str, Any]]:
+        params = {"n": n, "processes": workers, "shards": product_shards(n, workers)}
+
+        def run(r: int) -> dict[str, Any]:
+            return baselines.run_side(
+                sys.executable, "numpy", "product_split", params,
+                env=baselines.blas_env(max(1, cores // workers)), timeout=1800, log=log,
+            )  # fmt: skip
+
+        return run
+
     sides: list[tuple[str, Callable[[int], dict[str, Any]]]] = [("numpy", numpy_side)]
     before = "numpy"
     around: dict[int, tuple[str, str]] = {}
@@ -1249,6 +1260,10 @@ def row_scaling(runner: Runner) -> None:
                 ),
             )
         )
+        if workers > 1:
+            # The same shards over as many plain NumPy processes, nothing moved or checked:
+            # MTOR's ceiling at that many workers on these cores (2026-12-06).
+            sides.append((f"split_{workers}w", split_side(workers)))
         after = f"numpy_after_{workers}w"
         sides.append((after, numpy_side))
         around[workers] = (before, after)
@@ -1259,6 +1274,8 @@ def row_scaling(runner: Runner) -> None:
         if "samples_s" in answer:
             seconds = statistics.median(answer["samples_s"])
             extra = {"blas_threads": answer["blas"]["OPENBLAS_NUM_THREADS"]}
+            if "processes" in answer:
+                extra["processes"] = answer["processes"]
         else:
             seconds = answer["seconds"]
             extra = {"workers_used": answer["workers_used"],
@@ -1294,12 +1311,17 @@ def row_scaling(runner: Runner) -> None:
             "MTOR splits the job into 2 row shards per worker, none under "
             f"{PRODUCT_SHARD_MIN_ROWS} rows unless a worker would get none "
             "(max_workers = workers)",
-            "numpy_around_Nw: the mean time of the NumPy runs just before and just after "
-            "mtor_Nw (numpy: the round's first run)",
+            "numpy_around_Nw: the mean time of the NumPy runs just before mtor_Nw and just "
+            "after it (and after split_Nw) (numpy: the round's first run)",
+            "split_Nw: the same shards over N plain NumPy processes (forked, operands in "
+            "memory, shard i on process i mod N, the workers' BLAS threads): the ceiling for "
+            "MTOR at N workers; mtor/split is what moving, hashing and checking cost",
         ],
         figures,
         [("gflops", f"mtor_{w}w", f"numpy_around_{w}w") for w in s.product_workers]
-        + [("gflops", f"mtor_{w}w", "numpy") for w in s.product_workers],
+        + [("gflops", f"mtor_{w}w", "numpy") for w in s.product_workers]
+        + [("gflops", f"split_{w}w", f"numpy_around_{w}w") for w in s.product_workers if w > 1]
+        + [("gflops", f"mtor_{w}w", f"split_{w}w") for w in s.product_workers if w > 1],
         raw,
     )
 

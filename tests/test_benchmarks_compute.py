@@ -149,6 +149,9 @@ def test_row_6_compares_each_mtor_side_with_the_numpy_runs_around_it(
             if name.startswith("numpy"):
                 answers[name] = {"samples_s": [next(numpy_seconds)], "section": section,
                                  "blas": {"OPENBLAS_NUM_THREADS": "2"}}  # fmt: skip
+            elif name.startswith("split"):
+                answers[name] = {"samples_s": [3.0], "section": section, "processes": 2,
+                                 "blas": {"OPENBLAS_NUM_THREADS": "1"}}  # fmt: skip
             else:
                 answers[name] = {"seconds": 4.0, "workers_used": 1, "section": section,
                                  "blas_threads_per_worker": 1}  # fmt: skip
@@ -156,13 +159,31 @@ def test_row_6_compares_each_mtor_side_with_the_numpy_runs_around_it(
 
     monkeypatch.setattr(runner, "interleave", interleave)
     bench_compute.row_scaling(runner)
-    assert order == ["numpy", "mtor_1w", "numpy_after_1w", "mtor_2w", "numpy_after_2w",
-                     "mtor_4w", "numpy_after_4w"]  # fmt: skip
+    assert order == ["numpy", "mtor_1w", "numpy_after_1w", "mtor_2w", "split_2w",
+                     "numpy_after_2w", "mtor_4w", "split_4w", "numpy_after_4w"]  # fmt: skip
     ratios = runner.report["rows"]["6_product_scaling"]["ratios_median_of_rounds"]
     assert ratios["mtor_1w/numpy_around_1w gflops"]["median"] == pytest.approx(0.5, rel=0.01)
     assert ratios["mtor_2w/numpy_around_2w gflops"]["median"] == pytest.approx(0.625, rel=0.01)
     assert ratios["mtor_4w/numpy_around_4w gflops"]["median"] == pytest.approx(0.5, rel=0.01)
     assert ratios["mtor_4w/numpy gflops"]["median"] == pytest.approx(0.25, rel=0.01)
+    # The plain split product (3 s) against NumPy around it (2.5 s), and MTOR (4 s) against it.
+    assert ratios["split_2w/numpy_around_2w gflops"]["median"] == pytest.approx(0.833, rel=0.01)
+    assert ratios["mtor_2w/split_2w gflops"]["median"] == pytest.approx(0.75, rel=0.01)
+    assert "split_1w/numpy_around_1w gflops" not in ratios  # one process: NumPy itself
+
+
+def test_the_split_product_runs_every_shard_on_forked_processes() -> None:
+    """``product_split`` (row 6's ceiling) computes in as many processes as asked and says so;
+    a tiny product, one BLAS thread."""
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "baseline_side.py"), "numpy",
+         "product_split", json.dumps({"n": 256, "processes": 3, "shards": 6, "reps": 2})],
+        capture_output=True, text=True, cwd=ROOT, timeout=120, check=True, env=env,
+    )  # fmt: skip
+    answer = json.loads(done.stdout.strip().splitlines()[-1])
+    assert answer["processes"] == 3 and answer["shards"] == 6
+    assert len(answer["samples_s"]) == 2 and all(x > 0 for x in answer["samples_s"])
 
 
 def test_row_6_gives_each_worker_two_shards_of_at_least_1024_rows() -> None:

@@ -25,7 +25,8 @@ Rows (``--only 1,3``):
    PyTorch);
 6. an 8192x8192 float32 product over 1, 2 and 4 local MTOR worker processes against one NumPy
    process on the same cores, in GFLOP/s (``--quick``: 2048), each MTOR side against the
-   NumPy runs just before and just after it;
+   NumPy runs just before and just after it, and against its ceiling: the same shards over
+   as many plain NumPy processes, nothing moved or checked;
 7. worker memory after row 2's workload, the same readings on every side: RSS once idle,
    peak RSS (VmHWM), USS (``--only 7`` runs row 2's sessions);
 8. (not a goal) Freivalds' check and sampled rows timed alone beside the product they check.

@@ -2236,7 +2236,13 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     _add_data_dir(p)
-    p.add_argument("--watch", action="store_true", help="keep showing progress until Ctrl-C")
+    p.add_argument(
+        "--watch",
+        action="store_true",
+        help="keep showing progress until Ctrl-C: on a terminal the list redrawn in place "
+        "(newest first); piped, a line each time a job changes, as a log (oldest first); "
+        "with --json, the whole list as one JSON object a line when anything changed",
+    )
     p.add_argument(
         "--cancel",
         metavar="ID",

@@ -239,7 +239,11 @@ class Network(Protocol):
     ) -> bytes:
         """Send one request; raise NetworkError or RemoteError on failure. ``sent`` is set
         once the whole request has been handed to the transport (the caller may then start
-        work that would have competed with sending it)."""
+        work that would have competed with sending it).
+
+        The answer is the caller's from then on: ``bytes``, or a ``bytearray`` that the
+        transport neither keeps nor writes again (the scheduler may hand one over to its own
+        caller as a job's output, uncopied)."""
 
     async def publish(self, topic: str, data: bytes) -> None:
         """Gossip ``data`` on ``topic`` (best effort)."""

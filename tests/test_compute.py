@@ -476,6 +476,10 @@ def test_only_a_writable_reply_buffer_of_the_outputs_shape_stands_for_the_output
     assert not _owns_its_buffer(view.astype(np.float64), like)
     assert not _owns_its_buffer(view.T, like)  # not C-contiguous
     assert not _owns_its_buffer(np.empty((4, 4), np.float32), like)  # someone else's array
+    # A worker's header padded to leave the body off the 16-byte line: copied, never handed
+    # to the caller misaligned (a review).
+    shifted = np.frombuffer(memoryview(buffer)[2 : 2 + like.nbytes], np.float32).reshape(4, 4)
+    assert not _owns_its_buffer(shifted, like)
 
 
 async def test_split_operand_equal_to_the_resident_one_stays_cached(tmp_path):

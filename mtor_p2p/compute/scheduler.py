@@ -50,7 +50,7 @@ from mtor_p2p.identity import Identity
 from mtor_p2p.ledger.genesis import NANO
 from mtor_p2p.metrics import EventWindow, LatencyBuckets
 from mtor_p2p.network import Network, NetworkError, RemoteError
-from mtor_p2p.records.arrays import HASH_OFF_LOOP_BYTES, ArrayMeta, meta_of
+from mtor_p2p.records.arrays import BODY_ALIGNMENT, HASH_OFF_LOOP_BYTES, ArrayMeta, meta_of
 from mtor_p2p.records.faults import make_fault_proof
 from mtor_p2p.records.receipts import Receipt, countersign
 from mtor_p2p.runtime import Begun, Runtime
@@ -2326,14 +2326,18 @@ class Scheduler:
 
 def _owns_its_buffer(answer: np.ndarray, like: np.ndarray) -> bool:
     """Whether ``answer`` may stand for ``like`` as a job's output: the same shape and dtype,
-    C-contiguous and writable (as an output the caller gets must be), and a view of a
-    ``bytearray``: the lane hands each reply body over in one of its own, which nothing
-    else holds (``bytes`` replies, of the streams and memnet, are read-only, so copied)."""
+    C-contiguous and writable (as an output the caller gets must be), starting at a multiple
+    of BODY_ALIGNMENT as an honest worker's padded header leaves it (a worker may pad its
+    header otherwise: its answer is then copied, so the caller never gets a misaligned array,
+    slower in every later use; a review), and a view of a ``bytearray``: the lane hands each
+    reply body over in one of its own, which nothing else holds (``Network.request``'s
+    contract; ``bytes`` replies, of the streams and memnet, are read-only, so copied)."""
     if (
         answer.shape != like.shape
         or answer.dtype != like.dtype
         or not answer.flags.c_contiguous
         or not answer.flags.writeable
+        or answer.ctypes.data % BODY_ALIGNMENT
     ):
         return False
     root: object = answer

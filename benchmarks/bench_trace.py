@@ -13,10 +13,12 @@ figures: the load average is printed with them.
 
 The table gives, per step, its median start and median end over the jobs (each a median of
 its own, so end - start may differ from the median duration, "takes"), for the steps seen in
-most jobs (a step run twice in a job is numbered). Steps nested in others are not indented:
-"run the shard" spans from the request's building to the answer's receipt. Gaps between steps
-are the glue the wrappers do not name: task switches, bookkeeping, waiting. Steps marked "any
-thread" or "helper thread" may run beside the event loop (``Runtime.beside``).
+most jobs (a step run twice in a job is numbered: "Freivalds sketch of B #2" is the check
+asking for the job's sketch, which returns the one made while the worker computed). Steps
+nested in others are not indented: "run the shard" spans from the request's building to the
+answer's receipt. Gaps between steps are the glue the wrappers do not name: task switches,
+bookkeeping, waiting. Steps marked "any thread" or "helper thread" may run beside the event
+loop (``Runtime.beside``).
 
 A tool for finding costs, not a goal's benchmark: the wrappers add about a microsecond per
 step, and there is no baseline. The goal's figure is row 1 of ``./mtor bench compute``.

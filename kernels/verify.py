@@ -262,7 +262,10 @@ def _row_norms(matrix: np.ndarray) -> np.ndarray:
     every row's sum of squares is finite and not so small that squares may have underflowed,
     else in float64 (:func:`_row_norms64`)."""
     if matrix.dtype == np.float32:
-        squares = _row_dots(matrix)
+        # Squares past float32's range are expected here (they send the rows to float64):
+        # vecdot warns of them where einsum did not.
+        with np.errstate(over="ignore", invalid="ignore"):
+            squares = _row_dots(matrix)
         if squares.size == 0 or (np.isfinite(squares).all() and squares.min() >= _TINY_SQUARES):
             return np.sqrt(squares.astype(np.float64))
     return _row_norms64(matrix)

@@ -326,12 +326,13 @@ def why_no_work(node: Node) -> dict[str, Any]:
         )
     if demand["requests_received"] and node.serve:
         summary = (
-            f"working: {demand['requests_received']} shard requests in the last "
+            f"{demand['requests_received']} shard requests in the last "
             f"{format_duration(demand['observed_s'])}"
         )
         held = [c for c, _, _ in reasons if c != "newcomer"]
         if held:
-            summary += "; held back by " + ", ".join(dict.fromkeys(held))
+            # Work comes, and these keep more from coming (the reasons list says how).
+            summary += "; more would come but for its " + ", ".join(dict.fromkeys(held))
     elif reasons:
         summary = "no work: " + reasons[0][1]
     else:

@@ -172,6 +172,49 @@ def test_row_6_compares_each_mtor_side_with_the_numpy_runs_around_it(
     assert "split_1w/numpy_around_1w gflops" not in ratios  # one process: NumPy itself
 
 
+def test_each_row_prints_what_its_sides_mean_and_whether_its_goal_was_met(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A new user read split_2w and numpy_around_2w with nothing saying what they were, and
+    no line saying whether the goal was met. NumPy around a side is the mean of the measured
+    times, not of the printed (rounded) ones: 0.0949 and 0.0945 s must not make 0.09."""
+    settings = bench_compute.Settings.make(True, 1)
+    runner = bench_compute.Runner(settings, tmp_path / "compute.json")
+    shutil.rmtree(runner.scratch)
+    section = {"load1_start": 1.0, "load1_end": 1.0, "foreign_cores": 0.0}
+    numpy_seconds = iter([0.0949, 0.0945, 0.0947, 0.0951])
+
+    def interleave(row: int, sides: list[tuple[str, object]]) -> list[dict[str, object]]:
+        answers: dict[str, object] = {}
+        for name, _ in sides:
+            if name.startswith(("numpy", "split")):
+                seconds = next(numpy_seconds) if name.startswith("numpy") else 0.1
+                answers[name] = {"samples_s": [seconds], "section": section,
+                                 "blas": {"OPENBLAS_NUM_THREADS": "2"}}  # fmt: skip
+            else:
+                answers[name] = {"seconds": 0.1, "workers_used": 1, "section": section,
+                                 "blas_threads_per_worker": 1}  # fmt: skip
+        return [answers]
+
+    monkeypatch.setattr(runner, "interleave", interleave)
+    bench_compute.row_scaling(runner)
+    ratios = runner.report["rows"]["6_product_scaling"]["ratios_median_of_rounds"]
+    # 0.1 s against the mean of 0.0949 and 0.0945 s: 0.947, where rounded seconds gave 0.9.
+    assert ratios["mtor_1w/numpy_around_1w gflops"]["median"] == pytest.approx(0.947, abs=0.002)
+    printed = capsys.readouterr().err
+    assert "still differs: split_Nw: the same shards over N plain NumPy processes" in printed
+    assert "numpy_around_Nw: the mean time" in printed
+    assert "verdict: mtor_2w/numpy_around_2w gflops 0.946x, goal >= 0.8x: met" in printed
+    verdicts = bench_compute.goal_verdicts(
+        1, {"mtor/ray p50_ms": {"per_round": [1.1, 1.2], "median": 1.15}}
+    )
+    assert verdicts == ["mtor/ray p50_ms 1.15x, goal <= 1x: short"]
+    assert bench_compute.goal_verdicts(2, {}) == [
+        "mtor/dask b_shared_shards_per_s: not measured",
+        "mtor/dask both_shipped_shards_per_s: not measured",
+    ]
+
+
 def test_the_split_product_runs_every_shard_on_forked_processes() -> None:
     """``product_split`` (row 6's ceiling) computes in as many processes as asked and says so;
     a tiny product, one BLAS thread."""

@@ -192,13 +192,13 @@ async def test_insight_of_a_cluster_after_jobs(autojump_clock: trio.testing.Mock
     assert "price" not in {r["reason"] for r in w1_why["reasons"]}
     to_w1 = sum(1 for a in attempts if a.worker == ids["w1"])
     assert w1_why["demand"]["requests_received"] == to_w1 >= 1
-    assert w1_why["summary"].startswith(f"working: {to_w1} shard requests")
+    assert w1_why["summary"].startswith(f"{to_w1} shard requests")
     # A nearly full, busy card is told both, with its figures; the others are not.
     details = {r["reason"]: r["detail"] for r in strained["reasons"]}
     assert set(details) == {"memory", "load"}
     assert details["memory"].startswith("64 MiB free for shards, under the 192 MiB")
     assert details["load"].startswith("this node is 95% busy")
-    assert strained["summary"].endswith("; held back by memory, load")
+    assert strained["summary"].endswith("; more would come but for its memory, load")
     assert not {"memory", "load"} & {r["reason"] for r in why["w3"]["reasons"]}
     # The private node without a relay is told so.
     assert "reachability" in {r["reason"] for r in why["hidden"]["reasons"]}

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -130,16 +131,20 @@ def test_bulk_socket_baselines_move_the_bytes(tmp_path: Path, kind: str) -> None
         bench_compute.stop([server])
 
 
-def test_row_6_compares_each_mtor_side_with_the_numpy_runs_around_it(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """NumPy runs before every MTOR side and after the last; each MTOR side's ratio is
-    against the mean time of its two neighbours (and, as before, the round's first)."""
+def run_row_6(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    numpy_seconds: list[float],
+    split_seconds: float,
+    mtor_seconds: float,
+) -> tuple[Any, list[str]]:
+    """Row 6 with every side faked: NumPy's runs take ``numpy_seconds`` in turn, each split
+    side ``split_seconds``, each MTOR side ``mtor_seconds``. The runner, and the sides' order."""
     settings = bench_compute.Settings.make(True, 1)
     runner = bench_compute.Runner(settings, tmp_path / "compute.json")
     shutil.rmtree(runner.scratch)
     section = {"load1_start": 1.0, "load1_end": 1.0, "foreign_cores": 0.0}
-    numpy_seconds = iter([1.0, 3.0, 2.0, 2.0])
+    numpy_times = iter(numpy_seconds)
     order: list[str] = []
 
     def interleave(row: int, sides: list[tuple[str, object]]) -> list[dict[str, object]]:
@@ -147,18 +152,27 @@ def test_row_6_compares_each_mtor_side_with_the_numpy_runs_around_it(
         for name, _ in sides:
             order.append(name)
             if name.startswith("numpy"):
-                answers[name] = {"samples_s": [next(numpy_seconds)], "section": section,
+                answers[name] = {"samples_s": [next(numpy_times)], "section": section,
                                  "blas": {"OPENBLAS_NUM_THREADS": "2"}}  # fmt: skip
             elif name.startswith("split"):
-                answers[name] = {"samples_s": [3.0], "section": section, "processes": 2,
-                                 "blas": {"OPENBLAS_NUM_THREADS": "1"}}  # fmt: skip
+                answers[name] = {"samples_s": [split_seconds], "section": section,
+                                 "processes": 2, "blas": {"OPENBLAS_NUM_THREADS": "1"}}  # fmt: skip
             else:
-                answers[name] = {"seconds": 4.0, "workers_used": 1, "section": section,
+                answers[name] = {"seconds": mtor_seconds, "workers_used": 1, "section": section,
                                  "blas_threads_per_worker": 1}  # fmt: skip
         return [answers]
 
     monkeypatch.setattr(runner, "interleave", interleave)
     bench_compute.row_scaling(runner)
+    return runner, order
+
+
+def test_row_6_compares_each_mtor_side_with_the_numpy_runs_around_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """NumPy runs before every MTOR side and after the last; each MTOR side's ratio is
+    against the mean time of its two neighbours (and, as before, the round's first)."""
+    runner, order = run_row_6(tmp_path, monkeypatch, [1.0, 3.0, 2.0, 2.0], 3.0, 4.0)
     assert order == ["numpy", "mtor_1w", "numpy_after_1w", "mtor_2w", "split_2w",
                      "numpy_after_2w", "mtor_4w", "split_4w", "numpy_after_4w"]  # fmt: skip
     ratios = runner.report["rows"]["6_product_scaling"]["ratios_median_of_rounds"]
@@ -178,26 +192,7 @@ def test_each_row_prints_what_its_sides_mean_and_whether_its_goal_was_met(
     """A new user read split_2w and numpy_around_2w with nothing saying what they were, and
     no line saying whether the goal was met. NumPy around a side is the mean of the measured
     times, not of the printed (rounded) ones: 0.0949 and 0.0945 s must not make 0.09."""
-    settings = bench_compute.Settings.make(True, 1)
-    runner = bench_compute.Runner(settings, tmp_path / "compute.json")
-    shutil.rmtree(runner.scratch)
-    section = {"load1_start": 1.0, "load1_end": 1.0, "foreign_cores": 0.0}
-    numpy_seconds = iter([0.0949, 0.0945, 0.0947, 0.0951])
-
-    def interleave(row: int, sides: list[tuple[str, object]]) -> list[dict[str, object]]:
-        answers: dict[str, object] = {}
-        for name, _ in sides:
-            if name.startswith(("numpy", "split")):
-                seconds = next(numpy_seconds) if name.startswith("numpy") else 0.1
-                answers[name] = {"samples_s": [seconds], "section": section,
-                                 "blas": {"OPENBLAS_NUM_THREADS": "2"}}  # fmt: skip
-            else:
-                answers[name] = {"seconds": 0.1, "workers_used": 1, "section": section,
-                                 "blas_threads_per_worker": 1}  # fmt: skip
-        return [answers]
-
-    monkeypatch.setattr(runner, "interleave", interleave)
-    bench_compute.row_scaling(runner)
+    runner, _ = run_row_6(tmp_path, monkeypatch, [0.0949, 0.0945, 0.0947, 0.0951], 0.1, 0.1)
     ratios = runner.report["rows"]["6_product_scaling"]["ratios_median_of_rounds"]
     # 0.1 s against the mean of 0.0949 and 0.0945 s: 0.947, where rounded seconds gave 0.9.
     assert ratios["mtor_1w/numpy_around_1w gflops"]["median"] == pytest.approx(0.947, abs=0.002)

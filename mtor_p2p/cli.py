@@ -1333,31 +1333,6 @@ def _cancel(client: ControlClient, job_id: str) -> None:
         print(f"\nmtor-peer: interrupted; {job_id} cancelled", file=sys.stderr)
 
 
-def _paid_receipts(client: ControlClient, result: dict[str, Any]) -> None:
-    """Count every receipt this node paid for the job into ``result`` (``receipts``,
-    ``cost``): a redundant job pays both workers of a shard, and the job's own summary counts
-    one receipt per shard. Receipts are stored just after the result, so this waits up to 3 s
-    for them."""
-    import time
-
-    me = client.call("GET", "/v1/status")["peer_id"]
-    limit = min(10_000, max(100, 4 * int(result.get("shards", 0))))
-    deadline = time.monotonic() + 3.0
-    while True:
-        receipts = [
-            r
-            for r in client.call("GET", f"/v1/receipts?limit={limit}")["receipts"]
-            if r.get("job_id") == result["job_id"] and r.get("requester") == me
-        ]
-        expected = 2 * result["shards"] if result.get("verification") == "redundant" else 0
-        if len(receipts) >= expected or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
-    if len(receipts) > result.get("receipts", 0):
-        result["receipts"] = len(receipts)
-        result["cost"] = round(sum(r["cost"] for r in receipts), 9)
-
-
 def cmd_submit(args: argparse.Namespace) -> int:
     """Run a job (matmul, mlp, attention) through the local node and report how it went."""
     _check_submit_inputs(args)
@@ -1418,11 +1393,7 @@ def _follow_job(args: argparse.Namespace, client: ControlClient, job_id: str) ->
         if args.json:
             print(json.dumps(job))
         raise CliError(f"{job_id} {job['state']}: {job['error']}")
-    result = job["result"]
-    try:
-        _paid_receipts(client, result)
-    except (NodeNotRunning, ControlError, KeyError, TypeError):
-        pass  # the job's own counts stand
+    result = job["result"]  # its receipts and cost count a redundant job's second workers
     if args.json:
         # The node's short ID (what `jobs --cancel` takes) and accepted shards per worker, as
         # `jobs --json` names them; "workers" stays the list of workers that contributed.

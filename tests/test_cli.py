@@ -363,6 +363,24 @@ def test_submit_and_receipts_against_a_devnet_as_a_new_user_would(tmp_path):
         assert all(p["rejected"] == 0 and p["excluded"] is None for p in measured.values())
         table = mtor("reputation", "--data-dir", requester).stdout
         assert "SPEED" in table and "FLOP/s" in table and "0.000" not in table
+        # A redundant job pays two workers for every shard: its summary counts both
+        # receipts and their cost, and the requester keeps both (they share job and shard).
+        redundant = mtor("submit", "matmul", "--m", "256", "--n", "64", "--k", "64",
+                         "--verify", "redundant", "--json", "--data-dir", requester)  # fmt: skip
+        assert redundant.returncode == 0, redundant.stderr
+        paid = json.loads(redundant.stdout)
+        assert paid["receipts"] == 2 * paid["shards"]
+        deadline = time.monotonic() + 10
+        while True:  # stored just after the result
+            listed = mtor("receipts", "--json", "--limit", "1000", "--data-dir", requester)
+            held = [r for r in json.loads(listed.stdout)["receipts"]
+                    if r["job_id"] == paid["job_id"]]  # fmt: skip
+            if len(held) >= paid["receipts"] or time.monotonic() > deadline:
+                break
+            time.sleep(0.3)
+        assert len(held) == paid["receipts"]
+        assert len({(r["shard"], r["worker"]) for r in held}) == paid["receipts"]
+        assert paid["cost"] == pytest.approx(sum(r["cost"] for r in held))
         # Nobody is that cheap: a clear failure, exit 1.
         tiny = ["--m", "8", "--n", "8", "--k", "8"]
         cheap = mtor("submit", "matmul", *tiny, "--max-price", "0.0001", "--data-dir", requester)

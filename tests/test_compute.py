@@ -170,12 +170,28 @@ async def test_every_kernel_matches_its_reference_across_the_devnet(
         assert result.rejected == 0
         for shard in result.shards:
             verify_receipt(shard.receipt)  # both signatures
-        # The requester stored every receipt (after the result: settlement is off the job's
-        # critical path); each worker received its countersigned copy.
+        # A redundant job pays both workers of every shard, and says so.
+        paid = 12 if verify == "redundant" else 6
+        assert result.summary()["receipts"] == paid == result.receipts_paid
+        if verify == "redundant":
+            assert len(result.extra_receipts) == 6
+            for receipt in result.extra_receipts:
+                verify_receipt(receipt)
+            # Each shard's copy came from a worker other than its accepted answer's.
+            accepted = {(s.index, s.worker) for s in result.shards}
+            copies = {(r.body.shard, r.body.worker) for r in result.extra_receipts}
+            assert len(copies) == 6 and not accepted & copies
+        expected_cost = sum(s.receipt.body.cost for s in result.shards) + sum(
+            r.body.cost for r in result.extra_receipts
+        )
+        assert result.cost == pytest.approx(expected_cost)
+        # The requester stored every receipt it paid (after the result: settlement is off the
+        # job's critical path); each worker received its countersigned copies.
         await requester.scheduler.settled()
-        assert requester.receipts.count() >= 6
+        mine = requester.receipts.receipts(job_id=result.job_id)
+        assert len(mine) == paid and all(r.complete for r in mine)
         with trio.fail_after(5):
-            while sum(n.receipts.count() for n, _ in nodes[1:]) < 6:
+            while sum(n.receipts.count() for n, _ in nodes[1:]) < paid:
                 await trio.sleep(0.05)
 
 

@@ -1,7 +1,10 @@
 """Receipts and fault proofs kept on disk (SQLite, WAL) in the node's data directory.
 
 Only verified records go in; inserting the same receipt twice changes nothing, and a complete
-(countersigned) receipt replaces the worker-only half of the same shard.
+(countersigned) receipt replaces the worker-only half of the same shard. Receipts are keyed by
+job, shard and worker: a ``redundant`` job pays two workers for every shard, and a requester
+keeps both receipts (keyed by job and shard alone until 2026-12-06, the second overwrote or
+was refused by the first; an older file's keys are rewritten when it is opened for writing).
 
 Receipts are group-committed (:class:`~mtor_p2p.compute.group_commit.GroupCommit`,
 :meth:`ReceiptStore.add_async`): each
@@ -26,7 +29,7 @@ from mtor_p2p.wire import RecordError
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS receipts (
-    receipt_id TEXT PRIMARY KEY,      -- job_id:shard
+    receipt_id TEXT PRIMARY KEY,      -- job_id:shard:worker (store_key)
     job_id     TEXT NOT NULL,
     worker     TEXT NOT NULL,
     requester  TEXT NOT NULL,
@@ -47,6 +50,20 @@ CREATE TABLE IF NOT EXISTS fault_proofs (
 RECEIPTS_FILE_NAME = "receipts.sqlite"
 
 
+def store_key(receipt: Receipt) -> str:
+    """A receipt's key in the store: its job, shard and worker (``job_id:shard:worker``)."""
+    return f"{receipt.receipt_id}:{receipt.body.worker}"
+
+
+#: The file's layout (SQLite's ``user_version``). 1: keys name the worker (store_key); a file
+#: of version 0 had ``job_id:shard`` keys (one colon: a job ID is hex, a shard a number),
+#: which get the worker appended once, when it is opened for writing.
+SCHEMA_VERSION = 1
+_MIGRATE_KEYS = (
+    "UPDATE receipts SET receipt_id = receipt_id || ':' || worker WHERE receipt_id NOT LIKE '%:%:%'"
+)
+
+
 class ReceiptStore:
     """A SQLite file of verified receipts and fault proofs."""
 
@@ -58,6 +75,10 @@ class ReceiptStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")  # an acknowledged receipt survives a crash
         self._db.executescript(SCHEMA)
+        with sqlite_transaction(self._db):
+            if self._db.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:
+                self._db.execute(_MIGRATE_KEYS)
+                self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         self._writers: dict[int, GroupCommit[Receipt, bool]] = {}
         # Writes run on worker threads, from a group-commit writer that outlives the node's
         # tasks: close() must wait for a write in progress (closing a connection in use
@@ -87,15 +108,16 @@ class ReceiptStore:
 
     def _insert(self, receipt: Receipt) -> bool:
         body = receipt.body
+        key = store_key(receipt)
         held = self._db.execute(
-            "SELECT complete FROM receipts WHERE receipt_id = ?", (receipt.receipt_id,)
+            "SELECT complete FROM receipts WHERE receipt_id = ?", (key,)
         ).fetchone()
         if held is not None and (held[0] or not receipt.complete):
             return False
         self._db.execute(
             "INSERT OR REPLACE INTO receipts VALUES (?, ?, ?, ?, ?, ?, ?)",
             (
-                receipt.receipt_id,
+                key,
                 body.job_id,
                 body.worker,
                 body.requester,

@@ -230,6 +230,9 @@ class JobResult:
     reissued: int
     hedged: int
     fault_proofs: list[bytes] = field(default_factory=list)
+    #: Receipts paid beside the accepted shards' own: ``redundant`` verification pays the
+    #: second worker of every shard too.
+    extra_receipts: list[Receipt] = field(default_factory=list)
     #: Workers that left the job or were never eligible for it, and why (peer -> reason).
     workers_out: dict[str, str] = field(default_factory=dict)
     #: Wrong results proven against each worker in this job (peer -> count).
@@ -246,8 +249,16 @@ class JobResult:
 
     @property
     def cost(self) -> float:
-        """Credits owed over all accepted shards."""
-        return sum(s.receipt.body.cost for s in self.shards)
+        """Credits owed for the job: every accepted shard's receipt and every redundant
+        copy's (:attr:`extra_receipts`)."""
+        return sum(s.receipt.body.cost for s in self.shards) + sum(
+            r.body.cost for r in self.extra_receipts
+        )
+
+    @property
+    def receipts_paid(self) -> int:
+        """Receipts this job paid: one per shard, two with ``redundant`` verification."""
+        return len(self.shards) + len(self.extra_receipts)
 
     @property
     def workers(self) -> list[str]:
@@ -271,7 +282,7 @@ class JobResult:
             "hedged": self.hedged,
             "fault_proofs": len(self.fault_proofs),
             "cost": round(self.cost, 9),
-            "receipts": len(self.shards),
+            "receipts": self.receipts_paid,
             "output_shape": list(self.output.shape),
             # The first 20, so that 200 Sybils do not flood a script's output.
             "workers_out": dict(sorted(self.workers_out.items())[:MAX_REPORTED_OUT]),
@@ -519,6 +530,9 @@ class _JobRun:
         self.reissued = 0
         self.hedged = 0
         self.fault_proofs: list[bytes] = []
+        #: The complete receipts of redundant copies also paid for (their shard's accepted
+        #: answer is another worker's): a redundant job pays both workers of every shard.
+        self.extra_receipts: list[Receipt] = []
         self.credit_refusal: str | None = None
         self.durations: list[float] = []
         self.done = trio.Event()
@@ -1449,8 +1463,9 @@ class _JobRun:
             self.requeue(index)
 
     async def _accept_extra(self, worker: str, receipt: Receipt) -> None:
-        # The redundant copy was honest work: it is paid for too.
-        await self.s.settle(worker, receipt)
+        # The redundant copy was honest work: it is paid for too, and counted in the job's
+        # receipts and cost.
+        self.extra_receipts.append(await self.s.settle(worker, receipt))
 
     async def _accept(
         self, worker: str, index: int, output: np.ndarray, receipt: Receipt, seconds: float
@@ -2098,6 +2113,7 @@ class Scheduler:
             reissued=job.reissued,
             hedged=job.hedged,
             fault_proofs=job.fault_proofs,
+            extra_receipts=list(job.extra_receipts),
             workers_out=dict(job.left),
             rejected_by=dict(job.rejected_by),
             shared_operands=shared_operands,

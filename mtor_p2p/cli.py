@@ -28,6 +28,7 @@ import logging
 import logging.handlers
 import os
 import re
+import shlex
 import signal
 import socket
 import sys
@@ -2427,6 +2428,8 @@ def _start_hint(args: argparse.Namespace) -> str:
                 f"a devnet's peer: start its devnet with: {invoked_as()} devnet --data-dir "
                 f"{peer.parent}"
             )
+        # The same directory, or `run` would start a node on the default one.
+        return f"start one with: {invoked_as()} run --data-dir {shlex.quote(str(data_dir))}"
     return f"start one with: {invoked_as()} run"
 
 

@@ -333,4 +333,6 @@ def test_the_wrappers_help_names_its_own_commands_then_mtor_peers(tmp_path):
     assert "Start with: mtor-peer" not in result.stdout
     missing = _wrapper(tmp_path, "peers", "--data-dir", str(tmp_path / "no-node"))
     assert missing.returncode == 3, missing.stderr
-    assert "start one with: mtor-peer" not in missing.stderr and "mtor run)" in missing.stderr
+    assert "start one with: mtor-peer" not in missing.stderr
+    # On the directory named: `run` alone would start a node on the default one.
+    assert f"mtor run --data-dir {tmp_path / 'no-node'})" in missing.stderr, missing.stderr

@@ -2,8 +2,9 @@
 
 Every row runs its sides interleaved (MTOR, baseline, MTOR, baseline, ...) for ``--rounds``
 rounds; each figure carries the load average and the CPU that other processes on the machine
-used while it was measured ("foreign cores"); ratios MTOR/baseline are taken per round (the
-two sides measured minutes apart) and summarised by their median. Each side of a round starts
+used while it was measured ("foreign cores"); ratios MTOR/baseline are taken within each
+round (its sides run one after the other; rounds, and so a side's runs, are minutes apart)
+and summarised by their median. Each side of a round starts
 its own processes and stops them after, so no side runs beside another's idle cluster.
 
 Rows (``--only 1,3``):
@@ -773,8 +774,18 @@ def finish_row(
     }
     runner.report["rows"][f"{row}_{ROW_NAMES[row]}"] = entry
     runner.save()
-    print_row(row, entry)
+    print_row(row, entry, caveat=verdict_caveat(runner.s))
     return entry
+
+
+def verdict_caveat(s: Settings) -> str:
+    """What to add to a verdict from small settings: a goal counts in a full run (3 rounds at
+    least, without ``--quick``), where every row has its samples."""
+    if s.quick:
+        return " (--quick: small settings, indicative only)"
+    if s.rounds < 3:
+        return f" ({s.rounds} round{'s' if s.rounds > 1 else ''}: indicative only)"
+    return ""
 
 
 def fmt(value: Any) -> str:
@@ -783,7 +794,7 @@ def fmt(value: Any) -> str:
     return str(value)
 
 
-def print_row(row: int, entry: dict[str, Any]) -> None:
+def print_row(row: int, entry: dict[str, Any], *, caveat: str = "") -> None:
     lines = [f"\n== row {row}: {entry['what']}", f"   goal: {entry['goal']}"]
     # What the sides' names and the comparison mean, as the results file has it.
     lines += [f"   same on every side: {text}" for text in entry.get("same_on_both_sides", [])]
@@ -825,7 +836,7 @@ def print_row(row: int, entry: dict[str, Any]) -> None:
         else:
             lines.append(f"   ratio {name}: {value}")
     verdicts = goal_verdicts(row, entry["ratios_median_of_rounds"])
-    lines += [f"   verdict: {text}" for text in verdicts]
+    lines += [f"   verdict: {text}{caveat}" for text in verdicts]
     print("\n".join(lines), file=sys.stderr, flush=True)
 
 

@@ -208,6 +208,15 @@ def test_each_row_prints_what_its_sides_mean_and_whether_its_goal_was_met(
         "mtor/dask b_shared_shards_per_s: not measured",
         "mtor/dask both_shipped_shards_per_s: not measured",
     ]
+    # A verdict from small settings says so: a goal counts in a full run.
+    quick, one_round, full = (
+        bench_compute.Settings.make(quick=True, rounds=3),
+        bench_compute.Settings.make(quick=False, rounds=1),
+        bench_compute.Settings.make(quick=False, rounds=3),
+    )
+    assert "indicative only" in bench_compute.verdict_caveat(quick)
+    assert bench_compute.verdict_caveat(one_round) == " (1 round: indicative only)"
+    assert bench_compute.verdict_caveat(full) == ""
 
 
 def test_the_split_product_runs_every_shard_on_forked_processes() -> None:

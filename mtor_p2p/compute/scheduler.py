@@ -589,6 +589,10 @@ class _JobRun:
                 index in self.accepted
                 or len(attempts) >= 2
                 or any(a.worker == worker for a in attempts)
+                # Redundancy needs two workers' answers: one that answered the shard already
+                # must not run it again (a hostile review: a liar hedging its own answer
+                # agreed with itself, and a wrong result was accepted and paid twice).
+                or not self._wants_worker(index, worker)
             ):
                 continue
             elapsed = now - min(a.started for a in attempts)
@@ -1433,6 +1437,11 @@ class _JobRun:
         seconds: float,
     ) -> None:
         answers = self.redundant_answers.setdefault(index, [])
+        # One answer per worker: a worker's second answer to the shard replaces its first, so
+        # that two answers compared always come from two workers (next_shard and
+        # _wants_worker keep a worker from running a shard it answered; this holds whatever
+        # path an answer took).
+        answers[:] = [a for a in answers if a[0] != worker]
         answers.append((worker, answer.output, answer.receipt))
         if len(answers) < 2:
             self.requeue(index, reissue=False)  # planned: a second, independent answer
@@ -1441,8 +1450,10 @@ class _JobRun:
         agree, _ = checks.compare(out1, out2, dtype=self.input_dtype)
         if agree:
             self.checks_passed += 1
-            await self._accept(w2, index, out2, r2, seconds)
-            await self._accept_extra(w1, r1)
+            # The copy is paid only beside an answer accepted now: a shard accepted meanwhile
+            # (a hedged twin's pair judged first) has paid its two workers already.
+            if await self._accept(w2, index, out2, r2, seconds) and w1 != w2:
+                await self._accept_extra(w1, r1)
             return
         # Disagreement: the requester recomputes the shard itself to tell who is wrong.
         reference = await self.s.runtime.run_blocking(
@@ -1469,9 +1480,11 @@ class _JobRun:
 
     async def _accept(
         self, worker: str, index: int, output: np.ndarray, receipt: Receipt, seconds: float
-    ) -> None:
+    ) -> bool:
+        """Accept ``worker``'s answer for shard ``index`` and settle its receipt; False if the
+        shard was accepted (or is being accepted) already, and nothing was done."""
         if index in self.accepted or index in self._accepting:
-            return
+            return False
         # Settling may wait (no courier: the commits happen here): a hedged twin judged
         # meanwhile must not be accepted, and paid, a second time.
         self._accepting.add(index)
@@ -1514,6 +1527,7 @@ class _JobRun:
             self.progress(len(self.accepted), len(self.ranges))
         if len(self.accepted) == len(self.ranges):
             self.done.set()
+        return True
 
     async def _reject(
         self,

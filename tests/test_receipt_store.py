@@ -6,7 +6,7 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-from mtor_p2p.compute.receipt_store import SCHEMA_VERSION, ReceiptStore, store_key
+from mtor_p2p.compute.receipt_store import ReceiptStore, store_key
 from mtor_p2p.identity import Identity
 from mtor_p2p.records.receipts import Receipt, countersign, sign_as_worker
 from tests.test_receipts import REQUESTER, WORKER, body
@@ -42,27 +42,65 @@ def test_a_complete_receipt_still_replaces_its_own_worker_half_only(tmp_path: Pa
     store.close()
 
 
-def test_a_file_keyed_by_job_and_shard_alone_is_rekeyed_when_opened(tmp_path: Path) -> None:
-    """A file written before the worker was part of the key (user_version 0, keys
-    ``job_id:shard``) is rewritten once: its receipts stay, and a complete receipt for a
-    worker-only half it holds replaces that half instead of sitting beside it."""
-    path = tmp_path / "receipts.sqlite"
-    store = ReceiptStore(path)
-    half = sign_as_worker(WORKER, body())
-    store.add(half)
-    store.close()
+def old_keyed(path: Path, *receipts: Receipt) -> None:
+    """Write ``receipts`` into the file at ``path`` under the keys of before 2026-12-06
+    (``job_id:shard``), as a version from then did (also into a file rekeyed since)."""
     db = sqlite3.connect(path)
     with db:
-        db.execute("UPDATE receipts SET receipt_id = ?", (half.receipt_id,))  # the old key
-        db.execute("PRAGMA user_version = 0")
+        for receipt in receipts:
+            body = receipt.body
+            db.execute(
+                "INSERT OR REPLACE INTO receipts VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (receipt.receipt_id, body.job_id, body.worker, body.requester,
+                 int(receipt.complete), body.ended, receipt.encode()),
+            )  # fmt: skip
     db.close()
 
+
+def keys_of(path: Path) -> list[str]:
+    db = sqlite3.connect(path)
+    keys = sorted(row[0] for row in db.execute("SELECT receipt_id FROM receipts"))
+    db.close()
+    return keys
+
+
+def test_a_file_keyed_by_job_and_shard_alone_is_rekeyed_when_opened(tmp_path: Path) -> None:
+    """A file with ``job_id:shard`` keys is rekeyed when opened: its receipts stay, and a
+    complete receipt for a worker-only half it holds replaces that half instead of sitting
+    beside it."""
+    path = tmp_path / "receipts.sqlite"
+    ReceiptStore(path).close()
+    half = sign_as_worker(WORKER, body())
+    old_keyed(path, half)
     store = ReceiptStore(path)
+    assert keys_of(path) == [store_key(half)]
     assert store.add(countersign(REQUESTER, half))
     assert store.count() == 1 and store.receipts()[0].complete
     store.close()
-    db = sqlite3.connect(path)
-    keys = [row[0] for row in db.execute("SELECT receipt_id FROM receipts")]
-    version = db.execute("PRAGMA user_version").fetchone()[0]
-    db.close()
-    assert keys == [store_key(half)] and version == SCHEMA_VERSION
+
+
+def test_a_receipt_held_under_both_keys_keeps_its_complete_copy_and_the_node_starts(
+    tmp_path: Path,
+) -> None:
+    """A file holding one receipt under its old and its new key (a version from before wrote
+    into a rekeyed file, or files were merged): opening it must not fail on the primary key;
+    the more complete copy stays, once."""
+    path = tmp_path / "receipts.sqlite"
+    half = sign_as_worker(WORKER, body())
+    complete = countersign(REQUESTER, half)
+    other_half = sign_as_worker(OTHER_WORKER, body(worker=OTHER_WORKER.peer_id, shard=4))
+    other_complete = countersign(REQUESTER, other_half)
+    store = ReceiptStore(path)
+    store.add(half)  # new key, worker half; its complete copy under the old key
+    store.add(other_complete)  # new key, complete; its worker half under the old key
+    store.close()
+    old_keyed(path, complete, other_half)
+    assert len(keys_of(path)) == 4
+
+    store = ReceiptStore(path)
+    assert keys_of(path) == sorted([store_key(half), store_key(other_half)])
+    held = {r.body.worker: r.complete for r in store.receipts()}
+    assert held == {WORKER.peer_id: True, OTHER_WORKER.peer_id: True}
+    store.close()
+    ReceiptStore(path).close()  # nothing left to rekey: opens as it is
+    assert keys_of(path) == sorted([store_key(half), store_key(other_half)])

@@ -4,7 +4,8 @@ Only verified records go in; inserting the same receipt twice changes nothing, a
 (countersigned) receipt replaces the worker-only half of the same shard. Receipts are keyed by
 job, shard and worker: a ``redundant`` job pays two workers for every shard, and a requester
 keeps both receipts (keyed by job and shard alone until 2026-12-06, the second overwrote or
-was refused by the first; an older file's keys are rewritten when it is opened for writing).
+was refused by the first; a file's keys of that form are rewritten when it is opened for
+writing).
 
 Receipts are group-committed (:class:`~mtor_p2p.compute.group_commit.GroupCommit`,
 :meth:`ReceiptStore.add_async`): each
@@ -55,12 +56,25 @@ def store_key(receipt: Receipt) -> str:
     return f"{receipt.receipt_id}:{receipt.body.worker}"
 
 
-#: The file's layout (SQLite's ``user_version``). 1: keys name the worker (store_key); a file
-#: of version 0 had ``job_id:shard`` keys (one colon: a job ID is hex, a shard a number),
-#: which get the worker appended once, when it is opened for writing.
-SCHEMA_VERSION = 1
-_MIGRATE_KEYS = (
-    "UPDATE receipts SET receipt_id = receipt_id || ':' || worker WHERE receipt_id NOT LIKE '%:%:%'"
+#: Rekeying a file whose keys are ``job_id:shard`` (before 2026-12-06; one colon: a job ID is
+#: hex and a shard a number), or that a version from before wrote such keys into since: each
+#: gets its worker appended. Where a receipt is held under both keys (a restored or
+#: hand-merged file), the more complete of the two is kept, so a rekey never fails on the
+#: primary key and a node starts.
+_OLD_KEYS_LEFT = "SELECT 1 FROM receipts WHERE receipt_id NOT LIKE '%:%:%' LIMIT 1"
+_REKEY = (
+    # An old row whose rekeyed twin is at least as complete goes.
+    """DELETE FROM receipts AS old WHERE old.receipt_id NOT LIKE '%:%:%' AND EXISTS (
+        SELECT 1 FROM receipts AS new
+        WHERE new.receipt_id = old.receipt_id || ':' || old.worker
+        AND new.complete >= old.complete)""",
+    # A rekeyed row whose old twin is more complete goes.
+    """DELETE FROM receipts AS new WHERE new.receipt_id LIKE '%:%:%' AND EXISTS (
+        SELECT 1 FROM receipts AS old
+        WHERE old.receipt_id NOT LIKE '%:%:%'
+        AND old.receipt_id || ':' || old.worker = new.receipt_id)""",
+    "UPDATE receipts SET receipt_id = receipt_id || ':' || worker"
+    " WHERE receipt_id NOT LIKE '%:%:%'",
 )
 
 
@@ -75,10 +89,10 @@ class ReceiptStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")  # an acknowledged receipt survives a crash
         self._db.executescript(SCHEMA)
-        with sqlite_transaction(self._db):
-            if self._db.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:
-                self._db.execute(_MIGRATE_KEYS)
-                self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        if self._db.execute(_OLD_KEYS_LEFT).fetchone() is not None:
+            with sqlite_transaction(self._db):
+                for statement in _REKEY:
+                    self._db.execute(statement)
         self._writers: dict[int, GroupCommit[Receipt, bool]] = {}
         # Writes run on worker threads, from a group-commit writer that outlives the node's
         # tasks: close() must wait for a write in progress (closing a connection in use

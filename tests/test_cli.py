@@ -90,7 +90,7 @@ def test_a_devnet_peer_not_running_is_told_to_start_its_devnet(tmp_path):
     assert result.returncode == 3
     assert f"devnet --data-dir {tmp_path}" in result.stderr
     plain = mtor("status", "--data-dir", str(tmp_path))
-    assert plain.returncode == 3 and " run)" in plain.stderr
+    assert plain.returncode == 3 and f" run --data-dir {tmp_path})" in plain.stderr
 
 
 def test_bad_config_exits_2_with_one_line(tmp_path):

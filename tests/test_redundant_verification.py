@@ -6,11 +6,13 @@ Whole nodes on memnet under MockClock (the cluster of ``tests/test_virtual_time.
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import trio
 import trio.testing
 
 from mtor_p2p.capacity.service import CapacityTiming
 from mtor_p2p.compute.protocol import MAX_RUN_REQUEST_BYTES, PROTOCOL_RUN
+from mtor_p2p.compute.scheduler import JobFailed
 from mtor_p2p.node import NodeTiming
 from mtor_p2p.records.arrays import unpack_view
 from tests.test_virtual_time import cluster, trio_seed  # noqa: F401  (trio_seed: a fixture)
@@ -96,3 +98,36 @@ async def test_a_straggling_shard_is_not_hedged_to_the_worker_that_answered_it(
         await requester.scheduler.settled()
         held = requester.receipts.receipts(job_id=result.job_id)
         assert sorted((r.body.shard, r.body.worker) for r in held) == sorted(paid)
+
+
+async def test_two_wrong_answers_that_disagree_are_both_rejected_and_neither_accepted(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Two liars, wrong in different ways: the requester's own product rejects both, and the
+    job fails for want of two agreeing workers rather than accept either (a hostile review
+    found the first liar's answer accepted after both were rejected)."""
+    rng = np.random.default_rng(1)
+    operands = {
+        "a": rng.standard_normal((256, 250)).astype("float32"),
+        "b": rng.standard_normal((250, 250)).astype("float32"),
+    }
+    async with cluster(["requester", "liar1", "liar2"], timing=QUIET) as c:
+        liars = [await c.start(name, "WEU", price=1.0) for name in ("liar1", "liar2")]
+        requester = await c.start("requester", "WEU", serve=False)
+        await c.settle()
+        for node, delta in zip(liars, (100.0, -100.0), strict=True):
+
+            def corrupt(output: np.ndarray, delta: float = delta) -> np.ndarray:
+                wrong = np.array(output, copy=True)
+                wrong.reshape(-1)[0] += delta
+                return wrong
+
+            node.worker._corrupt = corrupt  # type: ignore[method-assign]
+            node.worker.fault_rate = 1.0
+        with pytest.raises(JobFailed):
+            await requester.submit("matmul", operands, shards=1, verify="redundant", deadline=600)
+        await requester.scheduler.settled()
+        # Nothing of the job was paid, and both liars were caught.
+        assert requester.receipts.count() == 0
+        for liar in liars:
+            assert requester.scheduler.book.get(liar.peer_id).rejected == 1

@@ -1459,19 +1459,35 @@ class _JobRun:
         reference = await self.s.runtime.run_blocking(
             self.kernel.reference, operands, flops=float(self.kernel.flops(operands))
         )
+        confirmed = []
         for w, out, receipt in ((w1, out1, r1), (w2, out2, r2)):
-            good, _ = checks.compare(reference, out, dtype=self.input_dtype)
-            if not good:
-                wrong = client.ShardAnswer(out, receipt)
-                self.redundant_answers[index] = [a for a in answers if a[0] != w]
-                await self._reject(w, index, operands, wrong, None, requeue=False)
-        survivors = self.redundant_answers[index]
-        if survivors:
-            w, out, receipt = survivors[-1]
-            self.checks_passed += 1
-            await self._accept(w, index, out, receipt, seconds)
-        else:
+            matches, _ = checks.compare(reference, out, dtype=self.input_dtype)
+            if matches:
+                confirmed.append((w, receipt, out))
+                continue
+            # Out of the shard's answers, from the list as it is now (another answer may have
+            # come while the reference was computed): a hostile review found that rebuilding
+            # it from the list as it was let the first of two wrong answers back in, to be
+            # accepted.
+            self.redundant_answers[index] = [
+                a for a in self.redundant_answers.get(index, []) if a[0] != w
+            ]
+            await self._reject(
+                w, index, operands, client.ShardAnswer(out, receipt), None, requeue=False
+            )
+        if not confirmed:
             self.requeue(index)
+            return
+        # Only answers the requester's own product confirmed are accepted (never one that
+        # came meanwhile and was compared with nothing); each other confirmed answer was
+        # honest work too (the comparison is not transitive: two may differ, both right) and
+        # is paid as a copy.
+        w, receipt, out = confirmed[-1]
+        self.checks_passed += 1
+        if await self._accept(w, index, out, receipt, seconds):
+            for other, other_receipt, _ in confirmed[:-1]:
+                if other != w:
+                    await self._accept_extra(other, other_receipt)
 
     async def _accept_extra(self, worker: str, receipt: Receipt) -> None:
         # The redundant copy was honest work: it is paid for too, and counted in the job's

@@ -63,16 +63,17 @@ def store_key(receipt: Receipt) -> str:
 #: primary key and a node starts.
 _OLD_KEYS_LEFT = "SELECT 1 FROM receipts WHERE receipt_id NOT LIKE '%:%:%' LIMIT 1"
 _REKEY = (
-    # An old row whose rekeyed twin is at least as complete goes.
-    """DELETE FROM receipts AS old WHERE old.receipt_id NOT LIKE '%:%:%' AND EXISTS (
-        SELECT 1 FROM receipts AS new
-        WHERE new.receipt_id = old.receipt_id || ':' || old.worker
-        AND new.complete >= old.complete)""",
-    # A rekeyed row whose old twin is more complete goes.
-    """DELETE FROM receipts AS new WHERE new.receipt_id LIKE '%:%:%' AND EXISTS (
-        SELECT 1 FROM receipts AS old
-        WHERE old.receipt_id NOT LIKE '%:%:%'
-        AND old.receipt_id || ':' || old.worker = new.receipt_id)""",
+    # An old row whose rekeyed twin is at least as complete goes (the twin found through
+    # the primary key: few old rows, one lookup each).
+    """DELETE FROM receipts WHERE receipt_id NOT LIKE '%:%:%' AND EXISTS (
+        SELECT 1 FROM receipts AS twin
+        WHERE twin.receipt_id = receipts.receipt_id || ':' || receipts.worker
+        AND twin.complete >= receipts.complete)""",
+    # An old row left with a twin is the more complete copy: the twin goes. (Matching each
+    # rekeyed row against every old one instead took time growing with the square of the
+    # table: 4 s at 8,000 rows, a hostile review measured.)
+    """DELETE FROM receipts WHERE receipt_id IN (
+        SELECT receipt_id || ':' || worker FROM receipts WHERE receipt_id NOT LIKE '%:%:%')""",
     "UPDATE receipts SET receipt_id = receipt_id || ':' || worker"
     " WHERE receipt_id NOT LIKE '%:%:%'",
 )

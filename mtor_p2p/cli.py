@@ -1075,11 +1075,21 @@ def cmd_peers(args: argparse.Namespace) -> int:
         if value is not None:
             query.append(f"{name}={value}")
     path = "/v1/peers" + ("?" + "&".join(query) if query else "")
-    peers = _client(args).call("GET", path)["peers"]
+    client = _client(args)
+    peers = client.call("GET", path)["peers"]
     if args.json:
         print(json.dumps(peers, indent=2, sort_keys=True))
-    else:
-        print(format_peers_table(peers))
+        return EXIT_OK
+    print(format_peers_table(peers))
+    if not peers and args.region is not None:
+        # Region codes are whatever peers announce (case counts): name the ones in view, so
+        # that "eus" or a typo is not read as "nobody there".
+        regions = sorted({p["region"] for p in client.call("GET", "/v1/peers")["peers"]})
+        if regions:
+            print(
+                f"no peer in region {args.region!r}; regions in view: {', '.join(regions)}",
+                file=sys.stderr,
+            )
     return EXIT_OK
 
 

@@ -305,6 +305,10 @@ def test_submit_and_receipts_against_a_devnet_as_a_new_user_would(tmp_path):
     try:
         peers = read_json_line(devnet, timeout=120)["peers"]
         requester = peers[0]["data_dir"]
+        # A region nobody is in: the table is empty, and stderr names the regions in view.
+        nowhere = mtor("peers", "--region", "nowhere", "--data-dir", requester)
+        assert nowhere.returncode == 0, nowhere.stderr
+        assert "no peer in region 'nowhere'; regions in view: " in nowhere.stderr
         # Random inputs: the summary a script would read.
         result = mtor("submit", "matmul", "--m", "256", "--n", "128", "--k", "64", "--json",
                       "--data-dir", requester)  # fmt: skip

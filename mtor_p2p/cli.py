@@ -72,7 +72,7 @@ from mtor_p2p.datadir import (
     lock_owner,
     prepare_data_dir,
 )
-from mtor_p2p.identity import IdentityError, load_or_create_identity
+from mtor_p2p.identity import KEY_FILE_NAME, IdentityError, load_or_create_identity
 from mtor_p2p.ledger.names import MIN_ENTRY_PREFIX, LedgerError, is_entry_prefix
 from mtor_p2p.wire import RecordError
 
@@ -582,6 +582,18 @@ def _offline_ledger(args: argparse.Namespace) -> Iterator[tuple[Any, Any]]:
         # identity and an empty ledger, and the answer would be about that node.
         raise CliError(
             f"no data directory {config.data_dir}: no node has run there (check --data-dir)",
+            EXIT_NOT_RUNNING,
+        )
+    from mtor_p2p.ledger.store import LEDGER_FILE_NAME
+
+    if not any((config.data_dir / name).exists() for name in (KEY_FILE_NAME, LEDGER_FILE_NAME)):
+        # Nor should a directory no node ever used (no identity, no ledger: a ledger copied
+        # alone is still read) become one: a new user's `balance --data-dir` on an empty
+        # directory wrote a key and a ledger there, and tightened its mode.
+        where = shlex.quote(str(config.data_dir))
+        raise CliError(
+            f"no node has run on {config.data_dir} (no identity key or ledger there; check "
+            f"--data-dir, or start one with: {invoked_as()} run --data-dir {where})",
             EXIT_NOT_RUNNING,
         )
     prepare_data_dir(config.data_dir)

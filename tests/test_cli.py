@@ -81,6 +81,22 @@ def test_status_without_a_node_exits_3(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+def test_ledger_commands_on_a_directory_no_node_used_leave_it_untouched(tmp_path):
+    """`balance`, `ledger verify` and `stake` read a stopped node's ledger; on an empty
+    directory they say no node has run there (exit 3) and write nothing (a new user's
+    `balance` created an identity and a ledger there, and changed the directory's mode)."""
+    empty = tmp_path / "empty"
+    empty.mkdir(mode=0o755)
+    os.chmod(empty, 0o755)
+    for command in (["balance"], ["ledger", "verify"], ["stake", "1"]):
+        result = mtor(*command, "--data-dir", str(empty))
+        assert result.returncode == 3, (command, result.stderr)
+        assert f"no node has run on {empty}" in result.stderr
+        assert f"run --data-dir {empty}" in result.stderr
+    assert list(empty.iterdir()) == []
+    assert empty.stat().st_mode & 0o777 == 0o755
+
+
 def test_a_devnet_peer_not_running_is_told_to_start_its_devnet(tmp_path):
     """A devnet's peer (peer-N beside the devnet's genesis) is started by its devnet, not by
     `run` on its own (a new user was told to `run` it)."""

@@ -1451,8 +1451,9 @@ class _JobRun:
         if agree:
             self.checks_passed += 1
             # The copy is paid only beside an answer accepted now: a shard accepted meanwhile
-            # (a hedged twin's pair judged first) has paid its two workers already.
-            if await self._accept(w2, index, out2, r2, seconds) and w1 != w2:
+            # (a hedged twin's pair judged first) has paid its two workers already. (w1 and
+            # w2 differ: one answer per worker, above.)
+            if await self._accept(w2, index, out2, r2, seconds):
                 await self._accept_extra(w1, r1)
             return
         # Disagreement: the requester recomputes the shard itself to tell who is wrong.
@@ -1486,8 +1487,7 @@ class _JobRun:
         self.checks_passed += 1
         if await self._accept(w, index, out, receipt, seconds):
             for other, other_receipt, _ in confirmed[:-1]:
-                if other != w:
-                    await self._accept_extra(other, other_receipt)
+                await self._accept_extra(other, other_receipt)
 
     async def _accept_extra(self, worker: str, receipt: Receipt) -> None:
         # The redundant copy was honest work: it is paid for too, and counted in the job's

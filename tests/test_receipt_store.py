@@ -1,9 +1,11 @@
-"""The receipt store keeps one receipt per job, shard and worker: a ``redundant`` job pays two
-workers for each shard, and its requester keeps both receipts (real SQLite files)."""
+"""The receipt store keeps one receipt per job, shard, worker and requester: a ``redundant`` job
+pays two workers for each shard, and its requester keeps both receipts; a worker keeps two
+requesters' receipts apart even under one job ID (real SQLite files)."""
 
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
 
 from mtor_p2p.compute.receipt_store import ReceiptStore, store_key
@@ -12,6 +14,7 @@ from mtor_p2p.records.receipts import Receipt, countersign, sign_as_worker
 from tests.test_receipts import REQUESTER, WORKER, body
 
 OTHER_WORKER = Identity(b"\x03" * 32)
+OTHER_REQUESTER = Identity(b"\x04" * 32)
 
 
 def paid_by(worker: Identity, **changes: object) -> Receipt:
@@ -42,16 +45,28 @@ def test_a_complete_receipt_still_replaces_its_own_worker_half_only(tmp_path: Pa
     store.close()
 
 
-def old_keyed(path: Path, *receipts: Receipt) -> None:
-    """Write ``receipts`` into the file at ``path`` under the keys of before 2026-12-06
-    (``job_id:shard``), as a version from then did (also into a file rekeyed since)."""
+def job_and_shard(receipt: Receipt) -> str:
+    """The key of before 2026-12-06."""
+    return receipt.receipt_id
+
+
+def job_shard_and_worker(receipt: Receipt) -> str:
+    """The key of 2026-12-06 (one requester's receipt could stand in for another's)."""
+    return f"{receipt.receipt_id}:{receipt.body.worker}"
+
+
+def old_keyed(
+    path: Path, *receipts: Receipt, key: Callable[[Receipt], str] = job_and_shard
+) -> None:
+    """Write ``receipts`` into the file at ``path`` under an older form of key, as a version
+    from then did (also into a file rekeyed since)."""
     db = sqlite3.connect(path)
     with db:
         for receipt in receipts:
             body = receipt.body
             db.execute(
                 "INSERT OR REPLACE INTO receipts VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (receipt.receipt_id, body.job_id, body.worker, body.requester,
+                (key(receipt), body.job_id, body.worker, body.requester,
                  int(receipt.complete), body.ended, receipt.encode()),
             )  # fmt: skip
     db.close()
@@ -104,3 +119,63 @@ def test_a_receipt_held_under_both_keys_keeps_its_complete_copy_and_the_node_sta
     store.close()
     ReceiptStore(path).close()  # nothing left to rekey: opens as it is
     assert keys_of(path) == sorted([store_key(half), store_key(other_half)])
+
+
+def test_two_requesters_under_one_job_id_keep_their_own_receipts_at_a_worker(
+    tmp_path: Path,
+) -> None:
+    """A job ID is the requester's own hash, which a worker cannot check. Another requester
+    reusing one (seen in a receipt) and countersigning first must not make the worker refuse
+    the first requester's receipt as "not new": the worker would answer "stored: false" and
+    leave its payment out of the ledger (a hostile review, 2026-12-06)."""
+    store = ReceiptStore(tmp_path / "receipts.sqlite")
+    hostile = countersign(
+        OTHER_REQUESTER, sign_as_worker(WORKER, body(requester=OTHER_REQUESTER.peer_id))
+    )
+    honest = paid_by(WORKER)
+    assert hostile.receipt_id == honest.receipt_id  # the same job ID and shard
+    assert store.add(hostile)
+    assert store.add(honest)  # new here: stored, and entered into the ledger by the worker
+    assert {r.body.requester for r in store.receipts()} == {
+        REQUESTER.peer_id,
+        OTHER_REQUESTER.peer_id,
+    }
+    store.close()
+
+
+def test_a_file_keyed_by_job_shard_and_worker_is_rekeyed_with_twins_kept_once(
+    tmp_path: Path,
+) -> None:
+    """Keys of the form of 2026-12-06 (``job_id:shard:worker``) and of before (``job_id:shard``)
+    in one file, two of them one receipt's halves: each is rekeyed, the complete copy kept."""
+    path = tmp_path / "receipts.sqlite"
+    half = sign_as_worker(WORKER, body())
+    complete = countersign(REQUESTER, half)
+    other = paid_by(OTHER_WORKER, shard=5)
+    ReceiptStore(path).close()
+    old_keyed(path, half, other, key=job_shard_and_worker)
+    old_keyed(path, complete)
+    assert len(keys_of(path)) == 3
+
+    store = ReceiptStore(path)
+    assert keys_of(path) == sorted([store_key(complete), store_key(other)])
+    assert all(r.complete for r in store.receipts())
+    store.close()
+
+
+def test_a_row_that_names_no_receipt_does_not_stop_a_rekey(tmp_path: Path) -> None:
+    """A hand-made row (a key without colons, bytes that are no receipt) is left as it is;
+    the rows around it are rekeyed and the store opens."""
+    path = tmp_path / "receipts.sqlite"
+    ReceiptStore(path).close()
+    db = sqlite3.connect(path)
+    with db:
+        db.execute("INSERT INTO receipts VALUES ('handmade', 'x', 'y', 'z', 1, 0.0, X'00ff')")
+    db.close()
+    receipt = paid_by(WORKER)
+    old_keyed(path, receipt)
+
+    store = ReceiptStore(path)
+    assert keys_of(path) == sorted(["handmade", store_key(receipt)])
+    assert store.add(paid_by(WORKER, shard=9))
+    store.close()

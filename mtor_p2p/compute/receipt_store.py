@@ -2,10 +2,11 @@
 
 Only verified records go in; inserting the same receipt twice changes nothing, and a complete
 (countersigned) receipt replaces the worker-only half of the same shard. Receipts are keyed by
-job, shard and worker: a ``redundant`` job pays two workers for every shard, and a requester
-keeps both receipts (keyed by job and shard alone until 2026-12-06, the second overwrote or
-was refused by the first; a file's keys of that form are rewritten when it is opened for
-writing).
+job, shard, worker and requester (:func:`store_key`): a ``redundant`` job pays two workers for
+every shard, and a requester keeps both receipts; a worker keeps each requester's apart, job
+IDs being theirs to choose. (Keyed by job and shard alone until 2026-12-06, the second
+receipt overwrote or was refused by the first; a file's keys of an older form are rewritten
+when it is opened for writing.)
 
 Receipts are group-committed (:class:`~mtor_p2p.compute.group_commit.GroupCommit`,
 :meth:`ReceiptStore.add_async`): each
@@ -24,13 +25,13 @@ from typing import Any
 
 from mtor_p2p.compute.group_commit import GroupCommit
 from mtor_p2p.config import private_sqlite, read_only_sqlite, sqlite_transaction
-from mtor_p2p.records.receipts import Receipt, decode_receipt, verify_receipt
+from mtor_p2p.records.receipts import Receipt, decode_receipt, parse_receipt, verify_receipt
 from mtor_p2p.runtime import BlockingRunner
 from mtor_p2p.wire import RecordError
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS receipts (
-    receipt_id TEXT PRIMARY KEY,      -- job_id:shard:worker (store_key)
+    receipt_id TEXT PRIMARY KEY,      -- job_id:shard:worker:requester (store_key)
     job_id     TEXT NOT NULL,
     worker     TEXT NOT NULL,
     requester  TEXT NOT NULL,
@@ -52,31 +53,44 @@ RECEIPTS_FILE_NAME = "receipts.sqlite"
 
 
 def store_key(receipt: Receipt) -> str:
-    """A receipt's key in the store: its job, shard and worker (``job_id:shard:worker``)."""
-    return f"{receipt.receipt_id}:{receipt.body.worker}"
+    """A receipt's key in the store: its job, shard, worker and requester
+    (``job_id:shard:worker:requester``). The requester is part of it because a job ID is the
+    requester's own hash, which a worker cannot check: another requester reusing it must not
+    take the place of the first one's receipt (and of its ledger entry)."""
+    body = receipt.body
+    return f"{receipt.receipt_id}:{body.worker}:{body.requester}"
 
 
-#: Rekeying a file whose keys are ``job_id:shard`` (before 2026-12-06; one colon: a job ID is
-#: hex and a shard a number), or that a version from before wrote such keys into since: each
-#: gets its worker appended. Where a receipt is held under both keys (a restored or
-#: hand-merged file), the more complete of the two is kept, so a rekey never fails on the
-#: primary key and a node starts.
-_OLD_KEYS_LEFT = "SELECT 1 FROM receipts WHERE receipt_id NOT LIKE '%:%:%' LIMIT 1"
-_REKEY = (
-    # An old row whose rekeyed twin is at least as complete goes (the twin found through
-    # the primary key: few old rows, one lookup each).
-    """DELETE FROM receipts WHERE receipt_id NOT LIKE '%:%:%' AND EXISTS (
-        SELECT 1 FROM receipts AS twin
-        WHERE twin.receipt_id = receipts.receipt_id || ':' || receipts.worker
-        AND twin.complete >= receipts.complete)""",
-    # An old row left with a twin is the more complete copy: the twin goes. (Matching each
-    # rekeyed row against every old one instead took time growing with the square of the
-    # table: 4 s at 8,000 rows, a hostile review measured.)
-    """DELETE FROM receipts WHERE receipt_id IN (
-        SELECT receipt_id || ':' || worker FROM receipts WHERE receipt_id NOT LIKE '%:%:%')""",
-    "UPDATE receipts SET receipt_id = receipt_id || ':' || worker"
-    " WHERE receipt_id NOT LIKE '%:%:%'",
+#: Keys of an older form, which a file is rekeyed from when opened: ``job_id:shard`` (before
+#: 2026-12-06) and ``job_id:shard:worker`` (on 2026-12-06), also written by such a version
+#: into a file rekeyed since. Peer IDs and job IDs hold no colon, so a key of the current form
+#: has three.
+_OLD_KEYS = (
+    "SELECT rowid, receipt_id, complete, encoded FROM receipts WHERE receipt_id NOT LIKE '%:%:%:%'"
 )
+
+
+def _rekey(db: sqlite3.Connection) -> None:
+    """Give every row keyed in an older form its :func:`store_key`, read from the receipt's
+    own bytes. A receipt held under two keys (a restored or hand-merged file) is kept once,
+    its more complete copy, so a rekey never fails on the primary key and a node starts; a row
+    whose bytes do not parse is left as it is (it names no receipt to key it by)."""
+    for rowid, key, complete, encoded in db.execute(_OLD_KEYS).fetchall():
+        try:
+            new_key = store_key(parse_receipt(bytes(encoded)))
+        except (RecordError, TypeError, ValueError):
+            continue
+        if new_key == key:
+            continue
+        twin = db.execute(
+            "SELECT rowid, complete FROM receipts WHERE receipt_id = ?", (new_key,)
+        ).fetchone()
+        if twin is not None and twin[1] >= complete:
+            db.execute("DELETE FROM receipts WHERE rowid = ?", (rowid,))
+            continue
+        if twin is not None:
+            db.execute("DELETE FROM receipts WHERE rowid = ?", (twin[0],))
+        db.execute("UPDATE receipts SET receipt_id = ? WHERE rowid = ?", (new_key, rowid))
 
 
 class ReceiptStore:
@@ -90,10 +104,9 @@ class ReceiptStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")  # an acknowledged receipt survives a crash
         self._db.executescript(SCHEMA)
-        if self._db.execute(_OLD_KEYS_LEFT).fetchone() is not None:
+        if self._db.execute(_OLD_KEYS + " LIMIT 1").fetchone() is not None:
             with sqlite_transaction(self._db):
-                for statement in _REKEY:
-                    self._db.execute(statement)
+                _rekey(self._db)
         self._writers: dict[int, GroupCommit[Receipt, bool]] = {}
         # Writes run on worker threads, from a group-commit writer that outlives the node's
         # tasks: close() must wait for a write in progress (closing a connection in use

@@ -1513,6 +1513,8 @@ def _job_detail(job: dict[str, Any]) -> str:
         )
     if job.get("error"):
         what += f"; {job['error']}"
+    if job.get("job_id"):  # how receipts name it (their JOB column)
+        what += f"; receipts' job {job['job_id'][:16]}…"
     return f"    {what}"
 
 
@@ -1608,7 +1610,8 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
 def cmd_receipts(args: argparse.Namespace) -> int:
     """List the contribution receipts this node holds, newest first: as a worker (paid) or
-    as a requester (paying). Columns: the job and shard, the kernel, this node's role, the
+    as a requester (paying). Columns: the job (its ID's first 16 hex digits, which ``jobs``
+    and ``submit`` show beside job-N) and shard, the kernel, this node's role, the
     other peer, the work done (GFLOP), what it cost in credits, who signed it (``both``: the
     worker and the requester, so the ledger holds it; ``worker``: the requester has not
     countersigned it yet) and its ledger ENTRY (the ID's first 12 hex digits, which
@@ -2011,6 +2014,12 @@ def _add_submit_parser(kernels: Any, spec: KernelInputs) -> None:
     p.set_defaults(func=cmd_submit)
 
 
+def _described(command: Any) -> str:
+    """A command's docstring as its ``--help`` text: reStructuredText's literal marks become
+    plain quotes (a terminal shows them as typed)."""
+    return re.sub(r"``(.+?)``", r'"\1"', " ".join((command.__doc__ or "").split()))
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``mtor-peer``."""
     parser = argparse.ArgumentParser(
@@ -2025,7 +2034,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"mtor-peer {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("id", help="print this node's peer ID", description=cmd_id.__doc__)
+    p = sub.add_parser("id", help="print this node's peer ID", description=_described(cmd_id))
     _add_data_dir(p)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_id)
@@ -2155,7 +2164,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "stop",
         help="stop the node running on the data directory",
-        description=cmd_stop.__doc__,
+        description=_described(cmd_stop),
     )
     _add_data_dir(p)
     p.add_argument(
@@ -2167,13 +2176,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_stop)
 
     p = sub.add_parser(
-        "status", help="show the running node's status", description=cmd_status.__doc__
+        "status", help="show the running node's status", description=_described(cmd_status)
     )
     _add_data_dir(p)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_status)
 
-    p = sub.add_parser("peers", help="show the capacity view", description=cmd_peers.__doc__)
+    p = sub.add_parser("peers", help="show the capacity view", description=_described(cmd_peers))
     _add_data_dir(p)
     p.add_argument(
         "--min-mem-gib",
@@ -2263,7 +2272,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_jobs)
 
     p = sub.add_parser(
-        "receipts", help="list contribution receipts", description=cmd_receipts.__doc__
+        "receipts", help="list contribution receipts", description=_described(cmd_receipts)
     )
     _add_data_dir(p)
     p.add_argument(
@@ -2278,7 +2287,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "dashboard",
         help="print a link to the running node's web dashboard",
-        description=cmd_dashboard.__doc__,
+        description=_described(cmd_dashboard),
     )
     _add_data_dir(p)
     p.add_argument("--open", action="store_true", help="also open it in the default browser")

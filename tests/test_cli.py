@@ -44,6 +44,7 @@ def test_help_explains_every_command():
         assert sub.returncode == 0, sub.stderr
         assert sub.stdout.startswith(f"usage: mtor-peer {command} "), sub.stdout
         assert HELP_FLAGS.get(command, "--json") in sub.stdout, (command, sub.stdout)
+        assert "``" not in sub.stdout, (command, sub.stdout)  # docstring markup, not help
 
 
 def test_the_command_line_loads_no_server_numpy_or_trio_to_parse_its_arguments():

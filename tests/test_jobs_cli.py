@@ -371,6 +371,7 @@ def test_jobs_lists_a_finished_job_with_its_shards_and_watch_stops_on_ctrl_c(dev
     text = mtor("jobs", "--data-dir", requester).stdout
     assert f"{job['id']}: [########################] 4/4 shards, 1 worker(s)" in text
     assert "matmul m=256 n=64 k=64 float32, verify freivalds" in text
+    assert f"receipts' job {summary['job_id'][:16]}…" in text  # as receipts name it
 
     # --watch without a terminal: plain lines; Ctrl-C ends it with 130.
     watch = popen("jobs", "--watch", "--interval", "0.2", "--data-dir", requester)

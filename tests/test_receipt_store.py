@@ -1,6 +1,7 @@
-"""The receipt store keeps one receipt per job, shard, worker and requester: a ``redundant`` job
-pays two workers for each shard, and its requester keeps both receipts; a worker keeps two
-requesters' receipts apart even under one job ID (real SQLite files)."""
+"""The receipt store keeps one receipt per job, shard, worker, requester and run: a ``redundant``
+job pays two workers for each shard, and its requester keeps both receipts; a worker keeps two
+requesters' receipts apart even under one job ID, and each run of a shard apart (real SQLite
+files)."""
 
 from __future__ import annotations
 
@@ -51,8 +52,13 @@ def job_and_shard(receipt: Receipt) -> str:
 
 
 def job_shard_and_worker(receipt: Receipt) -> str:
-    """The key of 2026-12-06 (one requester's receipt could stand in for another's)."""
+    """A key of 2026-12-06 (one requester's receipt could stand in for another's)."""
     return f"{receipt.receipt_id}:{receipt.body.worker}"
+
+
+def job_shard_worker_and_requester(receipt: Receipt) -> str:
+    """A key of 2026-12-06 (a shard's second run could not be stored beside its first)."""
+    return f"{receipt.receipt_id}:{receipt.body.worker}:{receipt.body.requester}"
 
 
 def old_keyed(
@@ -143,22 +149,25 @@ def test_two_requesters_under_one_job_id_keep_their_own_receipts_at_a_worker(
     store.close()
 
 
-def test_a_file_keyed_by_job_shard_and_worker_is_rekeyed_with_twins_kept_once(
+def test_a_file_keyed_in_every_older_form_is_rekeyed_with_twins_kept_once(
     tmp_path: Path,
 ) -> None:
-    """Keys of the form of 2026-12-06 (``job_id:shard:worker``) and of before (``job_id:shard``)
-    in one file, two of them one receipt's halves: each is rekeyed, the complete copy kept."""
+    """Keys of the forms of 2026-12-06 (``job_id:shard:worker``, ``…:requester``) and of before
+    (``job_id:shard``) in one file, two of them one receipt's halves: each is rekeyed, the
+    complete copy kept."""
     path = tmp_path / "receipts.sqlite"
     half = sign_as_worker(WORKER, body())
     complete = countersign(REQUESTER, half)
     other = paid_by(OTHER_WORKER, shard=5)
+    third = paid_by(OTHER_WORKER, shard=6)
     ReceiptStore(path).close()
     old_keyed(path, half, other, key=job_shard_and_worker)
+    old_keyed(path, third, key=job_shard_worker_and_requester)
     old_keyed(path, complete)
-    assert len(keys_of(path)) == 3
+    assert len(keys_of(path)) == 4
 
     store = ReceiptStore(path)
-    assert keys_of(path) == sorted([store_key(complete), store_key(other)])
+    assert keys_of(path) == sorted([store_key(complete), store_key(other), store_key(third)])
     assert all(r.complete for r in store.receipts())
     store.close()
 
@@ -178,4 +187,62 @@ def test_a_row_that_names_no_receipt_does_not_stop_a_rekey(tmp_path: Path) -> No
     store = ReceiptStore(path)
     assert keys_of(path) == sorted(["handmade", store_key(receipt)])
     assert store.add(paid_by(WORKER, shard=9))
+    store.close()
+
+
+def test_each_run_of_a_shard_is_kept_and_a_run_signed_again_is_not(tmp_path: Path) -> None:
+    """Two runs of one shard by one worker for one requester are two receipts (each is paid);
+    one run's receipt countersigned again is the same receipt."""
+    store = ReceiptStore(tmp_path / "receipts.sqlite")
+    first = paid_by(WORKER, started=1_800_000_000.0, ended=1_800_000_000.5)
+    again = paid_by(WORKER, started=1_800_000_010.0, ended=1_800_000_010.5)
+    assert first.receipt_id == again.receipt_id
+    assert store.add(first) and store.add(again)
+    assert not store.add(paid_by(WORKER, started=1_800_000_000.0, ended=1_800_000_000.5))
+    assert store.count() == 2
+    store.close()
+
+
+def test_a_rekey_goes_by_what_the_bytes_say_not_the_columns(tmp_path: Path) -> None:
+    """An old row's columns are not trusted: a countersigned receipt whose row says
+    "incomplete" still wins over its worker half, and the rekeyed row's columns come from its
+    bytes (``receipts(job_id=…)`` filters on them)."""
+    path = tmp_path / "receipts.sqlite"
+    half = sign_as_worker(WORKER, body())
+    complete = countersign(REQUESTER, half)
+    store = ReceiptStore(path)
+    store.add(half)
+    store.close()
+    db = sqlite3.connect(path)
+    with db:
+        db.execute(
+            "INSERT INTO receipts VALUES (?, 'wrong-job', 'x', 'y', 0, 0.0, ?)",
+            (complete.receipt_id, complete.encode()),
+        )
+    db.close()
+
+    store = ReceiptStore(path)
+    [held] = store.receipts(job_id=complete.body.job_id)
+    assert held.complete
+    store.close()
+
+
+def test_rows_of_other_types_do_not_stop_a_store_opening(tmp_path: Path) -> None:
+    """A hand-edited file: an old row whose bytes are an integer, and an old twin whose
+    "complete" is text. The store opens; the receipt is kept once."""
+    path = tmp_path / "receipts.sqlite"
+    receipt = paid_by(WORKER)
+    ReceiptStore(path).close()
+    db = sqlite3.connect(path)
+    with db:
+        db.execute("INSERT INTO receipts VALUES ('a:1', 'j', 'w', 'r', 1, 0.0, ?)", (2**63 - 1,))
+        db.execute(
+            "INSERT INTO receipts VALUES (?, 'j', 'w', 'r', 'yes', 0.0, ?)",
+            (receipt.receipt_id, receipt.encode()),
+        )
+    db.close()
+    old_keyed(path, receipt, key=job_shard_and_worker)
+
+    store = ReceiptStore(path)
+    assert keys_of(path) == sorted(["a:1", store_key(receipt)])
     store.close()

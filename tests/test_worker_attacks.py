@@ -599,6 +599,36 @@ async def test_a_receipt_enters_the_ledger_once_however_often_it_is_delivered(
         assert entered == [complete.receipt_id]
 
 
+async def test_each_run_of_one_shard_is_paid_on_its_own(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A requester running one shard again and again on one worker pays for every run: each
+    run is reserved on its own (job, shard, start), so each countersigned receipt is new and
+    goes on to the ledger. (A hostile review, 2026-12-06: the store keyed receipts without the
+    run, so every run after the first answered "stored: false", never reached the ledger, and
+    still released its reservation: unlimited work for one payment.)"""
+    async with bench(price=1.0, unpaid_shards=2) as b:
+        mallory = await b.requester("mallory")
+        entered: list[Receipt] = []
+
+        async def on_receipt(receipt: Receipt) -> None:
+            entered.append(receipt)
+
+        b.worker._on_receipt = on_receipt
+        operands = matmul_operands()  # the same shard each time: only the run differs
+        answers = []
+        for _ in range(4):
+            receipt = await run(b, mallory, operands, shard=0, quote=1.0)
+            complete = countersign(mallory.identity, receipt)
+            answers.append(
+                await client.send_countersigned(mallory.network, b.worker_id, complete, timeout=5)
+            )
+            await trio.sleep(1)
+        assert answers == [True] * 4
+        assert len({r.body.started for r in entered}) == len(entered) == 4
+        assert b.worker.unpaid(mallory.peer_id) == (0, 0)
+
+
 async def test_a_countersign_cut_off_while_storing_still_releases_what_it_pays(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

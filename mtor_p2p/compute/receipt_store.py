@@ -1,12 +1,12 @@
 """Receipts and fault proofs kept on disk (SQLite, WAL) in the node's data directory.
 
 Only verified records go in; inserting the same receipt twice changes nothing, and a complete
-(countersigned) receipt replaces the worker-only half of the same shard. Receipts are keyed by
-job, shard, worker and requester (:func:`store_key`): a ``redundant`` job pays two workers for
-every shard, and a requester keeps both receipts; a worker keeps each requester's apart, job
-IDs being theirs to choose. (Keyed by job and shard alone until 2026-12-06, the second
-receipt overwrote or was refused by the first; a file's keys of an older form are rewritten
-when it is opened for writing.)
+(countersigned) receipt replaces its own worker-only half. Receipts are keyed by job, shard,
+worker, requester and body (:func:`store_key`): a ``redundant`` job pays two workers for every
+shard, and a requester keeps both receipts; a worker keeps each requester's apart, job IDs
+being theirs to choose, and each run of a shard apart, each being paid. (Keyed by job and
+shard alone until 2026-12-06, the second receipt overwrote or was refused by the first; a
+file's keys of an older form are rewritten when it is opened for writing.)
 
 Receipts are group-committed (:class:`~mtor_p2p.compute.group_commit.GroupCommit`,
 :meth:`ReceiptStore.add_async`): each
@@ -18,6 +18,7 @@ disk: a worker answers "stored" to a countersign only after that commit.
 
 from __future__ import annotations
 
+import hashlib
 import sqlite3
 import threading
 from pathlib import Path
@@ -31,7 +32,7 @@ from mtor_p2p.wire import RecordError
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS receipts (
-    receipt_id TEXT PRIMARY KEY,      -- job_id:shard:worker:requester (store_key)
+    receipt_id TEXT PRIMARY KEY,      -- job_id:shard:worker:requester:body (store_key)
     job_id     TEXT NOT NULL,
     worker     TEXT NOT NULL,
     requester  TEXT NOT NULL,
@@ -53,44 +54,70 @@ RECEIPTS_FILE_NAME = "receipts.sqlite"
 
 
 def store_key(receipt: Receipt) -> str:
-    """A receipt's key in the store: its job, shard, worker and requester
-    (``job_id:shard:worker:requester``). The requester is part of it because a job ID is the
-    requester's own hash, which a worker cannot check: another requester reusing it must not
-    take the place of the first one's receipt (and of its ledger entry)."""
+    """A receipt's key in the store: its job, shard, worker and requester, and a hash of its
+    body (``job_id:shard:worker:requester:body``).
+
+    - The requester is part of it because a job ID is the requester's own hash, which a
+      worker cannot check: another requester reusing it must not take the place of the first
+      one's receipt (and of its ledger entry).
+    - The body's hash is part of it because each run of a shard is owed and paid on its own
+      (the worker reserves it by job, shard and start): a requester running one shard again
+      on one worker must pay for every run, where a key without the run made every later
+      receipt "not new", left out of the worker's ledger while its reservation was released
+      (a hostile review, 2026-12-06). The same body countersigned again (other signature
+      bytes) keeps its key: not another payment.
+    """
     body = receipt.body
-    return f"{receipt.receipt_id}:{body.worker}:{body.requester}"
+    digest = hashlib.blake2b(body.canonical(), digest_size=16).hexdigest()
+    return f"{receipt.receipt_id}:{body.worker}:{body.requester}:{digest}"
 
 
-#: Keys of an older form, which a file is rekeyed from when opened: ``job_id:shard`` (before
-#: 2026-12-06) and ``job_id:shard:worker`` (on 2026-12-06), also written by such a version
-#: into a file rekeyed since. Peer IDs and job IDs hold no colon, so a key of the current form
-#: has three.
-_OLD_KEYS = (
-    "SELECT rowid, receipt_id, complete, encoded FROM receipts WHERE receipt_id NOT LIKE '%:%:%:%'"
-)
+#: Rows keyed in an older form, rekeyed when a file is opened: ``job_id:shard`` (before
+#: 2026-12-06), ``job_id:shard:worker`` and ``job_id:shard:worker:requester`` (on 2026-12-06),
+#: also when written by such a version into a file rekeyed since. Peer IDs, job IDs and
+#: digests hold no colon, so a key of the current form has four.
+_OLD_KEYS = "SELECT rowid FROM receipts WHERE receipt_id NOT LIKE '%:%:%:%:%'"
+
+
+def _stored_receipt(encoded: object) -> Receipt | None:
+    """The receipt a row's bytes hold (parsed, signatures unchecked: a local file), or None
+    for a row that holds none (hand-made, or another type than bytes)."""
+    if not isinstance(encoded, bytes):
+        return None
+    try:
+        return parse_receipt(encoded)
+    except (RecordError, ValueError, TypeError):
+        return None
 
 
 def _rekey(db: sqlite3.Connection) -> None:
-    """Give every row keyed in an older form its :func:`store_key`, read from the receipt's
-    own bytes. A receipt held under two keys (a restored or hand-merged file) is kept once,
-    its more complete copy, so a rekey never fails on the primary key and a node starts; a row
-    whose bytes do not parse is left as it is (it names no receipt to key it by)."""
-    for rowid, key, complete, encoded in db.execute(_OLD_KEYS).fetchall():
-        try:
-            new_key = store_key(parse_receipt(bytes(encoded)))
-        except (RecordError, TypeError, ValueError):
+    """Give every row keyed in an older form its :func:`store_key`, and its other columns,
+    from the receipt's own bytes. A receipt held under two keys (a restored or hand-merged
+    file) is kept once, its more complete copy as its bytes say, so a rekey never fails on
+    the primary key and a node starts; a row whose bytes hold no receipt is left as it is.
+    Row by row: a file's old rows are not all held in memory at once."""
+    for (rowid,) in db.execute(_OLD_KEYS).fetchall():
+        row = db.execute("SELECT encoded FROM receipts WHERE rowid = ?", (rowid,)).fetchone()
+        receipt = None if row is None else _stored_receipt(row[0])
+        if receipt is None:
             continue
-        if new_key == key:
-            continue
+        new_key = store_key(receipt)
         twin = db.execute(
-            "SELECT rowid, complete FROM receipts WHERE receipt_id = ?", (new_key,)
+            "SELECT rowid, encoded FROM receipts WHERE receipt_id = ?", (new_key,)
         ).fetchone()
-        if twin is not None and twin[1] >= complete:
-            db.execute("DELETE FROM receipts WHERE rowid = ?", (rowid,))
-            continue
         if twin is not None:
+            held = _stored_receipt(twin[1])
+            if held is not None and held.complete >= receipt.complete:
+                db.execute("DELETE FROM receipts WHERE rowid = ?", (rowid,))
+                continue
             db.execute("DELETE FROM receipts WHERE rowid = ?", (twin[0],))
-        db.execute("UPDATE receipts SET receipt_id = ? WHERE rowid = ?", (new_key, rowid))
+        body = receipt.body
+        db.execute(
+            "UPDATE receipts SET receipt_id = ?, job_id = ?, worker = ?, requester = ?,"
+            " complete = ?, ended = ? WHERE rowid = ?",
+            (new_key, body.job_id, body.worker, body.requester, int(receipt.complete),
+             body.ended, rowid),
+        )  # fmt: skip
 
 
 class ReceiptStore:

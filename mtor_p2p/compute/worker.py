@@ -525,10 +525,10 @@ class WorkerService:
         self._inline_held: dict[str, int] = {}
         self._inline_held_total = 0
         self._on_receipt = on_receipt
-        # requester -> (job_id, shard) -> (signed at, nano-credits): receipts handed out and
-        # not yet countersigned; after OWED_MEMORY_SECONDS they move to ``_unpaid``.
+        # requester -> (job_id, shard, started) -> (signed at, nano-credits): receipts handed
+        # out and not yet countersigned; after OWED_MEMORY_SECONDS they move to ``_unpaid``.
         self._owed: dict[str, dict[Reservation, tuple[float, int]]] = {}
-        # requester -> (job_id, shard) -> (expired at, nano-credits), oldest first.
+        # requester -> (job_id, shard, started) -> (expired at, nano-credits), oldest first.
         self._unpaid: dict[str, dict[Reservation, tuple[float, int]]] = {}
         self._unpaid_shards = unpaid_shards
         self._unpaid_nano = unpaid_nano
@@ -1590,8 +1590,9 @@ class WorkerService:
                 # Group-committed with other receipts arriving meanwhile; "stored" is
                 # answered only once the commit holding this one is on disk.
                 stored = await self.receipts.add_async(receipt, self._runtime.run_blocking)
-                # Into the ledger only when new here: the same shard's receipt countersigned
-                # again (a fresh signature, other bytes) is not another payment.
+                # Into the ledger only when new here: one run's receipt countersigned again is
+                # not another payment. Each run of a shard is its own receipt (the store keys
+                # by body, so by start too), paid on its own as it was reserved.
                 if stored and self._on_receipt is not None:
                     await self._on_receipt(receipt)
         finally:

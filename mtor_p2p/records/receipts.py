@@ -212,8 +212,8 @@ class Receipt:
     @property
     def receipt_id(self) -> str:
         """Its job and shard: one accepted answer's receipt per shard, and under ``redundant``
-        verification the second worker's too, with the same ID (stores key by worker and
-        requester as well: ``mtor_p2p.compute.receipt_store.store_key``)."""
+        verification the second worker's too, with the same ID (stores key by worker,
+        requester and run as well: ``mtor_p2p.compute.receipt_store.store_key``)."""
         return f"{self.body.job_id}:{self.body.shard}"
 
 

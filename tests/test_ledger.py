@@ -84,6 +84,25 @@ def test_inserting_the_same_entry_twice_changes_nothing(tmp_path):
     assert ledger.count() == 1
 
 
+def test_a_receipt_written_another_way_is_not_paid_again(tmp_path):
+    """The signatures cover a receipt's body as the peer encodes it (times and price as
+    floats), so its other JSON forms parsed to the same body and verified: the ledger, which
+    names an entry by its bytes' hash, paid each form (a hostile review, 2026-12-06: one
+    receipt in four forms, paid four times). Only the canonical form is an entry."""
+    ledger = open_ledger(tmp_path, genesis())
+    good = receipt(A, C, price=1.0, flops=10**12)
+    assert b'"price":1.0' in good and b'"ended":1800000000.0' in good
+    other_forms = [
+        good.replace(b'"price":1.0', b'"price":1'),
+        good.replace(b'"ended":1800000000.0', b'"ended":1800000000'),
+        good.replace(b'"price":1.0', b'"price":1.00'),
+        good.replace(b'"price":1.0', b'"price":1e0'),
+    ]
+    result = ledger.ingest([good, *other_forms])
+    assert result.new == 1 and len(result.invalid) == len(other_forms)
+    assert ledger.account(C.peer_id)["balance"] == NANO
+
+
 def test_forged_and_altered_entries_are_rejected(tmp_path):
     gen = genesis()
     ledger = open_ledger(tmp_path, gen)

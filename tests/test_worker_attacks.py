@@ -16,6 +16,7 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -627,6 +628,77 @@ async def test_each_run_of_one_shard_is_paid_on_its_own(
         assert answers == [True] * 4
         assert len({r.body.started for r in entered}) == len(entered) == 4
         assert b.worker.unpaid(mallory.peer_id) == (0, 0)
+
+
+@pytest.mark.parametrize("copies", ["twice in one batch", "in a batch and alone at once"])
+async def test_a_receipt_delivered_twice_at_once_buys_nothing_past_the_credit(
+    autojump_clock: trio.testing.MockClock, copies: str
+) -> None:
+    """One countersigned receipt delivered twice at once: the copy that finds it stored
+    waits for the delivery storing it, rather than release the run while that one's ledger
+    write is still queued. A shard asked for meanwhile is judged against the credit left once
+    the first is paid (a hostile review, 2026-12-06: the copy released the run at once, and a
+    requester with credit for one shard got a second)."""
+    operands = matmul_operands()
+    cost = cost_of(operands, 1.0)
+    spent: dict[str, int] = {}
+
+    def credit(peer: str) -> int:
+        return cost - spent.get(peer, 0)  # enough for one shard
+
+    async with bench(price=1.0, credit=credit) as b:
+
+        async def slow_ledger(receipt: Receipt) -> None:
+            await trio.sleep(0.5)  # the ledger's own commit
+            requester = receipt.body.requester
+            spent[requester] = spent.get(requester, 0) + receipt.body.cost_nano
+
+        b.worker._on_receipt = slow_ledger
+        mallory = await b.requester("mallory")
+        complete = countersign(
+            mallory.identity, await run(b, mallory, operands, shard=0, quote=1.0)
+        )
+        second: list[object] = []
+
+        async def deliver() -> None:
+            if copies == "twice in one batch":
+                answers = await client.send_countersigned_batch(
+                    mallory.network, b.worker_id, [complete, complete], timeout=5
+                )
+                assert sorted(answers) == [False, True]
+                return
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(
+                    partial(
+                        client.send_countersigned,
+                        mallory.network,
+                        b.worker_id,
+                        complete,
+                        timeout=5,
+                    )
+                )
+                nursery.start_soon(
+                    partial(
+                        client.send_countersigned_batch,
+                        mallory.network,
+                        b.worker_id,
+                        [complete],
+                        timeout=5,
+                    )
+                )
+
+        async def run_again() -> None:
+            await trio.sleep(0.1)  # while the first receipt's ledger write is queued
+            try:
+                second.append(await run(b, mallory, operands, shard=1, quote=1.0))
+            except RemoteError as exc:
+                second.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(deliver)
+            nursery.start_soon(run_again)
+        assert isinstance(second[0], RemoteError) and CREDIT_REFUSED in str(second[0])
+        assert spent == {mallory.peer_id: cost}
 
 
 async def test_a_countersign_cut_off_while_storing_still_releases_what_it_pays(

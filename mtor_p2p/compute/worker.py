@@ -530,6 +530,9 @@ class WorkerService:
         self._owed: dict[str, dict[Reservation, tuple[float, int]]] = {}
         # requester -> (job_id, shard, started) -> (expired at, nano-credits), oldest first.
         self._unpaid: dict[str, dict[Reservation, tuple[float, int]]] = {}
+        #: (requester, run) -> set once the countersign storing that run's receipt has ended:
+        #: a copy of it delivered meanwhile waits for that one (_take_countersigned).
+        self._countersigning: dict[tuple[str, Reservation], trio.Event] = {}
         self._unpaid_shards = unpaid_shards
         self._unpaid_nano = unpaid_nano
         self._unpaid_requesters = unpaid_requesters
@@ -1578,8 +1581,23 @@ class WorkerService:
 
     async def _take_countersigned(self, sender: str, receipt: Receipt) -> bool:
         """Store a countersigned receipt, enter it into the ledger and clear what it pays;
-        whether it was new here."""
+        whether it was new here.
+
+        Into the ledger only when new in the store: one run's receipt countersigned again is
+        not another payment, and each run of a shard is its own receipt (the store keys by
+        body, so by start too), paid on its own as it was reserved. A copy arriving while
+        another delivery of the same run is under way waits for that one and changes
+        nothing: it released the run at once before, so that a credit check while the other's
+        ledger write was still queued counted the shard neither as owed nor as spent (a
+        hostile review, 2026-12-06: a receipt sent twice in one batch bought a shard past the
+        requester's credit)."""
         reservation = (receipt.body.job_id, receipt.body.shard, receipt.body.started)
+        under_way = self._countersigning.get((sender, reservation))
+        if under_way is not None:
+            with trio.CancelScope(shield=True), trio.move_on_after(LEDGER_WRITE_WAIT):
+                await under_way.wait()
+            return False
+        done = self._countersigning[(sender, reservation)] = trio.Event()
         stored = False
         try:
             # Shielded, within a bound: a handler cancelled (its stream cut, its deadline)
@@ -1590,9 +1608,6 @@ class WorkerService:
                 # Group-committed with other receipts arriving meanwhile; "stored" is
                 # answered only once the commit holding this one is on disk.
                 stored = await self.receipts.add_async(receipt, self._runtime.run_blocking)
-                # Into the ledger only when new here: one run's receipt countersigned again is
-                # not another payment. Each run of a shard is its own receipt (the store keys
-                # by body, so by start too), paid on its own as it was reserved.
                 if stored and self._on_receipt is not None:
                     await self._on_receipt(receipt)
         finally:
@@ -1604,4 +1619,6 @@ class WorkerService:
                 unpaid.pop(reservation, None)  # paid late: no longer held against it
                 if not unpaid:
                     del self._unpaid[sender]
+            del self._countersigning[(sender, reservation)]
+            done.set()
         return stored

@@ -325,4 +325,10 @@ def _parse_receipt(data: bytes) -> Receipt:
         if obj["r"] is None
         else b64_field(obj["r"], "requester signature", 64),
     )
+    # One byte form per receipt: the signatures cover the body as this process encodes it
+    # (times and price as floats), so bytes that parse to the same body another way ("price":1
+    # for 1.0) would verify too, and the ledger, which names an entry by its bytes' hash, paid
+    # each form again (a hostile review, 2026-12-06: one receipt in four forms, paid four times).
+    if receipt.encode() != data:
+        raise RecordError("receipt is not in its canonical form")
     return receipt

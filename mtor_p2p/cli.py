@@ -825,20 +825,27 @@ def cmd_ledger(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(report, indent=2, sort_keys=True))
         else:
-            counts = ", ".join(f"{n} {k}" for k, n in sorted(report["entries"].items()))
+            counts = ", ".join(
+                f"{n} {k}{'' if n == 1 else 's'}" for k, n in sorted(report["entries"].items())
+            )
             print(f"entries      {counts or 'none'}: every signature re-checked")
             c = nano_to_credits
             print(
                 f"supply       {c(report['supply'])} credits, balances+stakes+burned "
                 f"{c(report['total'])}"
             )
+            final_epochs = {cp["epoch"] for cp in report["checkpoints"] if cp["final"]}
             for cp in report["checkpoints"]:
+                # An epoch can hold several checkpoints (signed as its entries arrived); once
+                # one is final, the others list sets that no longer count.
+                superseded = not cp["final"] and cp["epoch"] in final_epochs
                 print(
                     f"checkpoint   epoch {cp['epoch']}{' FINAL' if cp['final'] else ''}: "
                     f"{cp['count']} entries, {cp['signers']} signers "
                     f"({cp['weight_bps'] / 100:.1f}% of weight), "
                     f"signature {'ok' if cp['signature_ok'] else 'BAD'}, "
                     f"{'matches' if cp['matches_local'] else 'differs from'} the local set"
+                    + ("; an earlier one: the epoch's FINAL one counts" if superseded else "")
                 )
             print(
                 f"finality     {report['final_epochs']} final epoch(s); "
@@ -850,6 +857,9 @@ def cmd_ledger(args: argparse.Namespace) -> int:
         return EXIT_OK if report["ok"] else EXIT_LEDGER_BAD
     if not args.entry:
         raise CliError("ledger prove needs a receipt entry ID", EXIT_USAGE)
+    # A value pasted with a table's ellipsis (the JOB column's have one): the digits before
+    # it are what was meant, and the answer then says whether they name an entry.
+    args.entry = args.entry.removesuffix("…").removesuffix("...")
     if not is_entry_prefix(args.entry):
         raise CliError(
             f"ENTRY is an entry's ID or a prefix of {MIN_ENTRY_PREFIX}-64 hex digits that only "
@@ -910,14 +920,16 @@ def _print_proof(proof: dict[str, Any], holds: bool) -> None:
         # Finality is judged on the signers' weight when the epoch began (stake counts from
         # the epoch after it is placed), not their weight now, shown below.
         finality = (
-            "not final: its signers held under the quorum when the epoch began (more "
-            "signatures may come; an epoch in which the first stakes were placed never is)"
+            "not final: when its epoch began its signers' weight was under the quorum (weight: "
+            "stake net of debt, counted from the epoch after the stake; a staker in debt then "
+            "had none; more signatures may come, and an epoch in which the first stakes were "
+            "placed never is final)"
         )
     print(f"entry        {proof['entry']}  ({proof['kind']}, epoch {proof['epoch']})")
     print(f"checkpoint   {proof['checkpoint_entry'][:16]}…  {finality}")
     print(
         f"             {checkpoint['signers']} signer(s) holding "
-        f"{checkpoint['weight_bps'] / 100:.1f}% of the staked weight now; "
+        f"{checkpoint['weight_bps'] / 100:.1f}% of the weight now (stake net of debt); "
         f"{checkpoint['count']} entries, "
         f"{'matching' if checkpoint['matches_local'] else 'differing from'} the local set"
     )
@@ -1093,15 +1105,22 @@ def cmd_peers(args: argparse.Namespace) -> int:
         print(json.dumps(peers, indent=2, sort_keys=True))
         return EXIT_OK
     print(format_peers_table(peers))
-    if not peers and args.region is not None:
-        # Region codes are whatever peers announce (case counts): name the ones in view, so
-        # that "eus" or a typo is not read as "nobody there".
-        regions = sorted({p["region"] for p in client.call("GET", "/v1/peers")["peers"]})
-        if regions:
-            print(
-                f"no peer in region {args.region!r}; regions in view: {', '.join(regions)}",
-                file=sys.stderr,
-            )
+    if not peers and query:
+        # Say what the filters left out, so that an empty list is not read as "nobody there".
+        everyone = client.call("GET", "/v1/peers")["peers"]
+        if args.region is not None:
+            # Region codes are whatever peers announce (case counts): name the ones in view,
+            # so that "eus" or a typo is not read as "nobody there".
+            regions = sorted({p["region"] for p in everyone})
+            if regions:
+                print(
+                    f"no peer in region {args.region!r}; regions in view: {', '.join(regions)}",
+                    file=sys.stderr,
+                )
+        if everyone:
+            filters = " ".join(f"--{q.split('=')[0].replace('_', '-')} {q.split('=', 1)[1]}"
+                               for q in query)  # fmt: skip
+            print(f"{len(everyone)} peer(s) in view, none matching {filters}", file=sys.stderr)
     return EXIT_OK
 
 
@@ -1343,7 +1362,7 @@ def _converted_operands(
 def _cancel(client: ControlClient, job_id: str) -> None:
     """Ask the node to cancel ``job_id`` (Ctrl-C on submit); say what happened."""
     try:
-        client.call("POST", "/v1/jobs/cancel", {"id": job_id})
+        job = client.call("POST", "/v1/jobs/cancel", {"id": job_id})
     except ControlError as exc:
         if str(exc).startswith(("404: no route", "405")):
             message = "this node cannot cancel jobs: it runs on (see mtor-peer status)"
@@ -1353,7 +1372,18 @@ def _cancel(client: ControlClient, job_id: str) -> None:
     except NodeNotRunning:
         print(f"\nmtor-peer: interrupted; the node no longer answers ({job_id})", file=sys.stderr)
     else:
-        print(f"\nmtor-peer: interrupted; {job_id} cancelled", file=sys.stderr)
+        paid = _paid_before_the_end(job) if isinstance(job, dict) else ""
+        print(f"\nmtor-peer: interrupted; {job_id} cancelled{paid}", file=sys.stderr)
+
+
+def _paid_before_the_end(job: dict[str, Any]) -> str:
+    """What a job cancelled or failed part way still paid for: its accepted shards, whose
+    receipts were countersigned as they came (a new user saw a cancelled job's 1,690 paid
+    receipts in ``receipts`` and no word of them in ``submit`` or ``jobs``)."""
+    done = job.get("done") or 0
+    if job.get("state") not in ("cancelled", "failed") or not done:
+        return ""
+    return f"; the {done} shard(s) accepted before that stay paid (receipts lists them)"
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -1512,9 +1542,9 @@ def _job_detail(job: dict[str, Any]) -> str:
             f"cost {format_credits(result.get('cost', 0.0))} credits"
         )
     if job.get("error"):
-        what += f"; {job['error']}"
+        what += f"; {job['error']}{_paid_before_the_end(job)}"
     if job.get("job_id"):  # how receipts name it (their JOB column)
-        what += f"; receipts' job {job['job_id'][:16]}…"
+        what = f"{job['job_id'][:16]}…  {what}"
     return f"    {what}"
 
 
@@ -1525,7 +1555,9 @@ def _jobs_text(answer: dict[str, Any]) -> list[str]:
     reading = answer.get("reading", 0)
     still = f"; {reading} submission(s) still reading their operands" if reading else ""
     if not jobs:
-        return [f"no jobs yet (run one: mtor-peer submit matmul){still}"]
+        # "Since it started": the list is the running node's; receipts and the ledger keep
+        # the jobs of its earlier runs.
+        return [f"no jobs since this node started (run one: {invoked_as()} submit matmul){still}"]
     lines = []
     for job in jobs:
         lines += [format_job_line(job), _job_detail(job)]
@@ -1610,12 +1642,13 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
 def cmd_receipts(args: argparse.Namespace) -> int:
     """List the contribution receipts this node holds, newest first: as a worker (paid) or
-    as a requester (paying). Columns: the job (its ID's first 16 hex digits, which ``jobs``
-    and ``submit`` show beside job-N) and shard, the kernel, this node's role, the
-    other peer, the work done (GFLOP), what it cost in credits, who signed it (``both``: the
-    worker and the requester, so the ledger holds it; ``worker``: the requester has not
-    countersigned it yet) and its ledger ENTRY (the ID's first 12 hex digits, which
-    ``ledger prove ENTRY`` takes). With the node stopped it reads <data-dir>/receipts.sqlite."""
+    as a requester (paying). Columns: the job (its ID's first 16 hex digits, which
+    ``submit`` shows beside job-N and ``jobs`` at the start of each job's second line) and
+    shard, the kernel, this node's role, the other peer, the work done (GFLOP), what it cost
+    in credits, who signed it (``both``: the worker and the requester, so the ledger holds
+    it; ``worker``: the requester has not countersigned it yet) and its ledger ENTRY (the
+    ID's first 12 hex digits, which ``ledger prove ENTRY`` takes). With the node stopped it
+    reads <data-dir>/receipts.sqlite."""
     try:
         client = _client(args)
         answer = client.call("GET", f"/v1/receipts?limit={args.limit}")
@@ -2235,7 +2268,8 @@ def build_parser() -> argparse.ArgumentParser:
             "when the output is not a terminal). --cancel ID cancels a running job (shards "
             "already accepted stay paid): exit 0 once it stopped, 1 if it is unknown, not "
             "running or did not stop, 2 for an ID not of the form job-N, 3 if no node runs. "
-            "Job IDs are never reused on one data directory, restarts included."
+            "Job IDs are never reused on one data directory, restarts included. Each job's "
+            "second line starts with its ID's first 16 hex digits, as receipts name the job."
         ),
     )
     _add_data_dir(p)
@@ -2349,7 +2383,9 @@ def build_parser() -> argparse.ArgumentParser:
             "every balance from the records, check that the supply is conserved and that every "
             "checkpoint's aggregate BLS signature verifies; exit 6 on any problem. "
             "prove ENTRY: a Merkle path from a receipt to its epoch's signed checkpoint, "
-            "checked here against the checkpoint's root (exit 6 when it does not lead there)."
+            "checked here against the checkpoint's root (exit 6 when it does not lead there; "
+            "exit 1 for an entry this node's ledger lacks or one not yet in a checkpoint, "
+            "saying which; exit 2 for an ENTRY that is not 8-64 hex digits)."
         ),
     )
     _add_data_dir(p)

@@ -363,9 +363,23 @@ def run_devnet(
                 print("                 (from a checkout: ./mtor peers ..., ./mtor submit ...)")
             print("Ctrl-C stops every peer", flush=True)
         restarts = dict.fromkeys(range(peers), 0)
+        #: Peers stopped on purpose (``mtor-peer stop``: exit code 0), not restarted.
+        stopped: set[int] = set()
         while not stop_requested:
             for peer, process in zip(devnet.peers, devnet.processes, strict=True):
-                if process.poll() is None:
+                if peer.index in stopped or process.poll() is None:
+                    continue
+                if process.returncode == 0:
+                    # A peer exits 0 only when asked to stop (its control API or SIGTERM):
+                    # restarting it undid the user's `stop` (a new user's walkthrough).
+                    stopped.add(peer.index)
+                    left = peers - len(stopped)
+                    print(
+                        f"mtor-peer: devnet peer {peer.index} stopped (exit code 0); not "
+                        f"restarting it; {left} peer(s) left",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                     continue
                 # Each exit is said once: the process is replaced (or the devnet stops).
                 why = describe_exit(process.returncode)
@@ -387,6 +401,9 @@ def run_devnet(
                     flush=True,
                 )
                 devnet.restart_peer(peer.index)
+            if len(stopped) == peers:
+                print("mtor-peer: every devnet peer was stopped; the devnet ends", file=sys.stderr)
+                return code
             time.sleep(0.2)
     except (RuntimeError, TimeoutError, OSError) as exc:
         print(f"\nmtor-peer: devnet failed: {exc}", file=sys.stderr)

@@ -192,7 +192,9 @@ def test_control_api_refuses_a_wrong_token(tmp_path):
 
 
 @pytest.mark.slow
-def test_devnet_of_8_converges_restarts_a_killed_peer_and_ctrl_c_stops_all(tmp_path):
+def test_devnet_of_8_converges_restarts_a_killed_peer_keeps_a_stopped_one_and_ctrl_c_stops_all(
+    tmp_path,
+):
     devnet = start(
         "devnet", "--peers", "8", "--json", "--data-dir", str(tmp_path),
         "--record-ttl", "6", "--announce-interval", "1", "--timeout", "120",
@@ -236,7 +238,12 @@ def test_devnet_of_8_converges_restarts_a_killed_peer_and_ctrl_c_stops_all(tmp_p
             time.sleep(0.5)
         else:
             pytest.fail("the restarted peer did not rejoin every view")
+        # A peer stopped on purpose stays stopped: the devnet does not undo `stop`.
+        stopped = next(p for p in peers if p["index"] != victim["index"])
+        assert mtor("stop", "--data-dir", stopped["data_dir"]).returncode == 0
         time.sleep(1.5)  # the devnet polls its peers 5 times a second: room to repeat itself
+        assert not pid_alive(stopped["pid"])
+        assert not (Path(stopped["data_dir"]) / INFO_FILE_NAME).exists()
         # Data directories are private from the start: the nodes had nothing to tighten.
         for peer in peers:
             data_dir = Path(peer["data_dir"])
@@ -249,9 +256,11 @@ def test_devnet_of_8_converges_restarts_a_killed_peer_and_ctrl_c_stops_all(tmp_p
     assert code == 0
     # The crash is reported once, with its signal, and the peers stopped on Ctrl-C are not.
     assert devnet.stderr is not None
-    exits = [line for line in devnet.stderr.read().splitlines() if "exited" in line]
+    stderr = devnet.stderr.read()
+    exits = [line for line in stderr.splitlines() if "exited" in line]
     assert len(exits) == 1, exits
     assert f"devnet peer {victim['index']} exited (-9: killed by SIGKILL); restarting" in exits[0]
+    assert f"devnet peer {stopped['index']} stopped (exit code 0); not restarting it" in stderr
     time.sleep(0.5)
     assert not any(pid_alive(pid) for pid in [p["pid"] for p in peers] + [restarted_pid])
 
@@ -326,6 +335,10 @@ def test_submit_and_receipts_against_a_devnet_as_a_new_user_would(tmp_path):
         nowhere = mtor("peers", "--region", "nowhere", "--data-dir", requester)
         assert nowhere.returncode == 0, nowhere.stderr
         assert "no peer in region 'nowhere'; regions in view: " in nowhere.stderr
+        # Any other filter that leaves nobody says so too, with what it asked.
+        huge = mtor("peers", "--min-mem-gib", "100000", "--data-dir", requester)
+        assert huge.returncode == 0, huge.stderr
+        assert re.search(r"\d+ peer\(s\) in view, none matching --min-mem-gib 100000", huge.stderr)
         # Random inputs: the summary a script would read.
         result = mtor("submit", "matmul", "--m", "256", "--n", "128", "--k", "64", "--json",
                       "--data-dir", requester)  # fmt: skip

@@ -4,6 +4,7 @@ subprocesses: every peer ends up with the same balances, and the supply is conse
 from __future__ import annotations
 
 import json
+import re
 import signal
 import time
 from pathlib import Path
@@ -82,7 +83,9 @@ def test_balances_agree_on_every_peer_and_the_supply_is_conserved(tmp_path):
     offline = accounts(dirs[0])
     assert offline["source"].startswith("data directory")
     assert offline["accounts"] == view["accounts"]
-    assert mtor("ledger", "verify", "--data-dir", dirs[0]).returncode == 0
+    audit = mtor("ledger", "verify", "--data-dir", dirs[0])
+    assert audit.returncode == 0 and "ledger OK" in audit.stdout
+    assert re.search(r"^entries      \d+ receipts\b", audit.stdout, re.MULTILINE), audit.stdout
     # The receipts too, from the store on disk: the same ones, and the table says so.
     stored = mtor("receipts", "--json", "--data-dir", dirs[0])
     assert stored.returncode == 0, stored.stderr
@@ -203,7 +206,9 @@ def test_ledger_prove_takes_a_prefix_and_checks_the_path_itself(tmp_path):
     assert human.returncode == 0, human.stderr
     assert f"entry        {entry}  (receipt, epoch " in human.stdout
     assert "…  final\n" in human.stdout
-    assert "3 signer(s) holding 100.0% of the staked weight now; 6 entries" in human.stdout
+    assert "3 signer(s) holding 100.0% of the weight now (stake net of debt); 6 entries" in (
+        human.stdout
+    )
     assert "leaves, leading to that root\n" in human.stdout
     assert f"(ENTRY {entry[:12]} is {entry})" in human.stderr  # the prefix, expanded
     as_json = mtor("ledger", "prove", entry, "--json", "--data-dir", str(data_dir))

@@ -34,6 +34,7 @@ from mtor_p2p.compute.jobs import (
     observe_attempt,
 )
 from mtor_p2p.compute.scheduler import ShardAttempt
+from mtor_p2p.console import invoked_as
 from mtor_p2p.runtime import Runtime
 from tests import processes
 from tests.processes import mtor
@@ -100,6 +101,10 @@ async def test_progress_comes_from_the_jobs_own_attempts_and_cancel_stops_it() -
         code, cancelled = await jobs.route_cancel({}, {"id": first["id"]})
         assert code == 200 and cancelled["state"] == "cancelled"
         assert cancelled["done"] == 1 and cancelled["error"] == "cancelled on request"
+        # Its accepted shard stays paid, and the list says so.
+        assert "cancelled on request; the 1 shard(s) accepted before that stay paid" in (
+            _job_detail(cancelled)
+        )
         # The other job runs on; a job can be cancelled once.
         _, other = await jobs.route_status({"id": second["id"]}, None)
         assert other["state"] == "running"
@@ -226,10 +231,13 @@ async def test_file_operands_are_checked_from_their_headers_and_never_block(tmp_
 
 def test_the_jobs_list_says_how_many_submissions_are_still_reading() -> None:
     assert _jobs_text({"jobs": [], "reading": 3}) == [
-        "no jobs yet (run one: mtor-peer submit matmul); 3 submission(s) still reading their "
+        f"no jobs since this node started (run one: {invoked_as()} submit matmul); 3 "
+        "submission(s) still reading their "
         "operands"
     ]
-    assert _jobs_text({"jobs": []}) == ["no jobs yet (run one: mtor-peer submit matmul)"]
+    assert _jobs_text({"jobs": []}) == [
+        f"no jobs since this node started (run one: {invoked_as()} submit matmul)"
+    ]
 
 
 async def test_a_running_job_is_not_forgotten_behind_many_ended_ones() -> None:
@@ -351,7 +359,7 @@ def jobs_json(data_dir: str) -> dict[str, Any]:
 def test_jobs_lists_a_finished_job_with_its_shards_and_watch_stops_on_ctrl_c(devnet):
     requester, worker = devnet[0]["data_dir"], devnet[1]["peer_id"]
     empty = mtor("jobs", "--data-dir", requester)
-    assert empty.returncode == 0 and "no jobs yet" in empty.stdout
+    assert empty.returncode == 0 and "no jobs since this node started" in empty.stdout
     submit = mtor("submit", "matmul", "--m", "256", "--n", "64", "--k", "64", "--shards", "4",
                   "--progress", "--json", "--data-dir", requester)  # fmt: skip
     assert submit.returncode == 0, submit.stderr
@@ -371,7 +379,7 @@ def test_jobs_lists_a_finished_job_with_its_shards_and_watch_stops_on_ctrl_c(dev
     text = mtor("jobs", "--data-dir", requester).stdout
     assert f"{job['id']}: [########################] 4/4 shards, 1 worker(s)" in text
     assert "matmul m=256 n=64 k=64 float32, verify freivalds" in text
-    assert f"receipts' job {summary['job_id'][:16]}…" in text  # as receipts name it
+    assert f"    {summary['job_id'][:16]}…  matmul m=256" in text  # as receipts name it
 
     # --watch without a terminal: plain lines; Ctrl-C ends it with 130.
     watch = popen("jobs", "--watch", "--interval", "0.2", "--data-dir", requester)

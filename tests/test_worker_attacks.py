@@ -701,6 +701,54 @@ async def test_a_receipt_delivered_twice_at_once_buys_nothing_past_the_credit(
         assert spent == {mallory.peer_id: cost}
 
 
+async def test_a_copy_waiting_for_a_delivery_that_failed_stores_the_receipt_itself(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A copy of a receipt that waited for another delivery of it does not take that one's
+    outcome for its own: when the other's store failed (a disk error), the copy stores the
+    receipt and enters it into the ledger (a review: it answered "not new", and the receipt
+    reached neither)."""
+    async with bench(price=1.0) as b:
+        alice = await b.requester("alice")
+        entered: list[Receipt] = []
+
+        async def on_receipt(receipt: Receipt) -> None:
+            entered.append(receipt)
+
+        b.worker._on_receipt = on_receipt
+        complete = countersign(
+            alice.identity, await run(b, alice, matmul_operands(), shard=0, quote=1.0)
+        )
+        add_async = b.worker.receipts.add_async
+        calls = []
+
+        async def failing_once(receipt: Receipt, run_blocking: Any) -> bool:
+            calls.append(receipt)
+            if len(calls) == 1:
+                await trio.sleep(0.5)
+                raise OSError("disk I/O error")
+            return await add_async(receipt, run_blocking)
+
+        b.worker.receipts.add_async = failing_once  # type: ignore[method-assign]
+        answers: list[bool] = []
+
+        async def deliver(after: float) -> None:
+            await trio.sleep(after)
+            try:
+                answers.append(
+                    await client.send_countersigned(alice.network, b.worker_id, complete, timeout=5)
+                )
+            except RemoteError:  # the failed store: the worker's internal error
+                answers.append(False)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(deliver, 0.0)
+            nursery.start_soon(deliver, 0.1)  # while the first is storing
+        assert sorted(answers) == [False, True]
+        assert [r.receipt_id for r in entered] == [complete.receipt_id]
+        assert b.worker.receipts.count() == 1
+
+
 async def test_a_countersign_cut_off_while_storing_still_releases_what_it_pays(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

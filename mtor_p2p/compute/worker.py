@@ -1586,17 +1586,19 @@ class WorkerService:
         Into the ledger only when new in the store: one run's receipt countersigned again is
         not another payment, and each run of a shard is its own receipt (the store keys by
         body, so by start too), paid on its own as it was reserved. A copy arriving while
-        another delivery of the same run is under way waits for that one and changes
-        nothing: it released the run at once before, so that a credit check while the other's
-        ledger write was still queued counted the shard neither as owed nor as spent (a
-        hostile review, 2026-12-06: a receipt sent twice in one batch bought a shard past the
-        requester's credit)."""
+        another delivery of the same run is under way waits for that one, then goes on as its
+        own delivery (finding the receipt stored, it changes nothing). It released the run at
+        once before, so that a credit check while the other's ledger write was still queued
+        counted the shard neither as owed nor as spent (a hostile review, 2026-12-06: a
+        receipt sent twice in one batch bought a shard past the requester's credit)."""
         reservation = (receipt.body.job_id, receipt.body.shard, receipt.body.started)
-        under_way = self._countersigning.get((sender, reservation))
-        if under_way is not None:
-            with trio.CancelScope(shield=True), trio.move_on_after(LEDGER_WRITE_WAIT):
+        while (under_way := self._countersigning.get((sender, reservation))) is not None:
+            with trio.CancelScope(shield=True), trio.move_on_after(LEDGER_WRITE_WAIT) as late:
                 await under_way.wait()
-            return False
+            if late.cancelled_caught:
+                return False  # the other is still at it: this copy changes nothing
+            # The other has ended, stored or not (its store may have failed): this copy goes
+            # on as a delivery of its own, and answers what the store says.
         done = self._countersigning[(sender, reservation)] = trio.Event()
         stored = False
         try:

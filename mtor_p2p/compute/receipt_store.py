@@ -19,6 +19,7 @@ disk: a worker answers "stored" to a countersign only after that commit.
 from __future__ import annotations
 
 import hashlib
+import logging
 import sqlite3
 import threading
 from pathlib import Path
@@ -48,6 +49,8 @@ CREATE TABLE IF NOT EXISTS fault_proofs (
 );
 """
 
+
+log = logging.getLogger(__name__)
 
 #: The receipt store's file in a node's data directory.
 RECEIPTS_FILE_NAME = "receipts.sqlite"
@@ -217,7 +220,17 @@ class ReceiptStore:
                     "SELECT encoded FROM receipts WHERE job_id = ? ORDER BY ended DESC LIMIT ?",
                     (job_id, limit),
                 ).fetchall()
-        return [decode_receipt(bytes(row[0]), require_complete=False) for row in rows]
+        held = []
+        for (encoded,) in rows:
+            try:
+                if not isinstance(encoded, bytes):  # bytes(an integer) would allocate it
+                    raise RecordError(f"a stored receipt is {type(encoded).__name__}")
+                held.append(decode_receipt(encoded, require_complete=False))
+            except (RecordError, ValueError) as exc:
+                # Only a hand-edited or damaged file holds such a row: the node's listing, its
+                # earnings and its dashboard go on without it, and the log says so.
+                log.warning("receipt store %s: a row skipped, not a receipt: %s", self.path, exc)
+        return held
 
     def fault_proofs(self) -> list[tuple[str, str, bytes]]:
         """Stored fault proofs as (proof_id, worker, encoded)."""

@@ -14,6 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from mtor_p2p.identity import Identity
 from mtor_p2p.ledger.entries import decode_entry, make_checkpoint, make_vote
 from mtor_p2p.ledger.genesis import NANO, Genesis, credits_to_nano, load_genesis, nano_to_credits
 from mtor_p2p.ledger.state import fold
@@ -147,6 +148,66 @@ def test_stake_locks_credits_and_a_fault_proof_slashes_it(tmp_path):
     assert ledger.ingest([fault(B, C, requester=A)]).new == 1
     assert ledger.account(B.peer_id)["stake"] == 200 * NANO
     assert ledger.verify()["ok"]
+
+
+def test_a_bystanders_copy_of_a_fault_proof_cannot_burn_the_requesters_reward(tmp_path):
+    """Anyone may re-sign a gossiped proof as its reporter (the slash then burns). Proofs of
+    one answer share a time, and the lower entry ID used to win: a bystander trying reporter
+    keys (or witness rows) until its copy's ID sorted first turned the requester's reward
+    into a burn, after the fact (a hostile review, 2026-12-06). The requester's own proof now
+    ranks first, whatever the IDs."""
+    gen = genesis([1000, 1000, 0, 0], slash_bps=5000, reporter_bps=2000)
+    honest = fault(B, A)
+    honest_id = decode_entry(honest, gen.hash).entry_id
+    copies = (fault(B, Identity(bytes([40 + i]) * 32), requester=A) for i in range(64))
+    lower = next(c for c in copies if decode_entry(c, gen.hash).entry_id < honest_id)
+    for order in ([honest, lower], [lower, honest]):
+        ledger = open_ledger(tmp_path, gen, name=f"ledger-{len(order)}-{order[0] is lower}")
+        ledger.ingest([stake(B, 400, gen, at=1_700_000_000.0)])
+        for entry in order:
+            assert ledger.ingest([entry]).new == 1
+        assert ledger.account(A.peer_id)["balance"] == 1000 * NANO + 40 * NANO
+        assert ledger.account(B.peer_id)["slashed"] == 200 * NANO  # once
+        assert ledger.verify()["ok"]
+
+
+def test_a_workers_second_identity_cannot_take_the_reward_for_its_own_slash(tmp_path):
+    """A job ID is the requester's own choice: a cheating worker's second identity D reuses
+    the job ID of A, whom the worker cheated, gets its own wrong answer for the same shard
+    (dated earlier: the worker signs the times) and proves it. Each requester's proof is its
+    own claim now: A is rewarded, and the worker is slashed for both, so the second identity
+    recovers less than it loses (before 2026-12-06 D's came first, took the reporter's share
+    and A's did nothing)."""
+    gen = genesis([1000, 1000, 0, 0], slash_bps=5000, reporter_bps=2000)
+    ledger = open_ledger(tmp_path, gen)
+    ledger.ingest([stake(B, 400, gen, at=1_700_000_000.0)])
+    own = fault(B, D, ended=1_799_999_000.0)  # D's, same job ID and shard, earlier
+    cheated = fault(B, A)
+    assert not ledger.ingest([own, cheated]).invalid
+    # B slashed 200 for D's proof, then half of the 200 left for A's: A gets 20% of that.
+    assert ledger.account(B.peer_id)["slashed"] == 300 * NANO
+    assert ledger.account(A.peer_id)["balance"] == 1000 * NANO + 20 * NANO
+    assert ledger.verify()["ok"]
+
+
+def test_fault_proofs_stored_by_an_older_version_get_this_versions_columns(tmp_path):
+    """A ledger file written before 2026-12-06 holds fault proofs under the claim and rank of
+    then: they are rewritten from the proofs' bytes when the file opens, and the fold and
+    ``verify`` agree with a file written now."""
+    import sqlite3
+
+    gen = genesis([1000, 1000, 0, 0], slash_bps=5000, reporter_bps=2000)
+    ledger = open_ledger(tmp_path, gen)
+    ledger.ingest([stake(B, 400, gen, at=1_700_000_000.0), fault(B, A), fault(B, C, requester=A)])
+    ledger.close()
+    db = sqlite3.connect(tmp_path / "ledger.sqlite")
+    with db:
+        db.execute("UPDATE entries SET claim = 'old', rank = 3 WHERE kind = 'fault'")
+    db.close()
+    reopened = open_ledger(tmp_path, gen)
+    assert reopened.verify()["ok"]
+    assert reopened.account(A.peer_id)["balance"] == 1000 * NANO + 40 * NANO
+    assert reopened.account(B.peer_id)["slashed"] == 200 * NANO
 
 
 def test_a_stake_beyond_the_balance_has_no_effect(tmp_path):

@@ -79,6 +79,8 @@ LIMITS = {
 MAX_ENTRY_BYTES = max(LIMITS.values()) + 1
 #: Rank of each kind among entries at the same instant (the balance fold's tie-break).
 RANKS = {"receipt": 0, "transfer": 1, "stake": 2, "fault": 3, "vote": 4, "checkpoint": 4}
+#: A fault proof that rewards nobody: after every other entry of its time (Entry.rank).
+BURN_ONLY_FAULT_RANK = 5
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _CHECKPOINT_DOMAIN = b"mtor/checkpoint/v1\n"
 
@@ -115,7 +117,14 @@ class Entry:
 
     @property
     def rank(self) -> int:
-        """Tie-break among entries with the same ``at``."""
+        """Tie-break among entries with the same ``at``. A fault proof that rewards nobody
+        (its reporter is not the requester the worker answered) comes after everything else
+        at its time, so after the requester's own proof of the same answer: with one rank for
+        both, the lower entry ID won, and a bystander who re-signed a gossiped proof with
+        other witness rows until its ID sorted first turned the requester's reward into a burn
+        after the fact (a hostile review, 2026-12-06)."""
+        if self.kind == "fault" and not self.payee:
+            return BURN_ONLY_FAULT_RANK
         return RANKS[self.kind]
 
 
@@ -300,9 +309,20 @@ def decode_entry(wire: bytes, genesis_hash: str, *, check_bls: bool = True) -> E
         body = proof.claim.body
         # One slash per shard a worker answered wrongly, however the proof is dressed (with or
         # without the countersignature, another signature of the same claim, other witness
-        # rows): the key is what the worker is accountable for, not the proof's bytes.
+        # rows): the key is what the worker is accountable for, not the proof's bytes. The
+        # requester is part of it: a job ID is the requester's own choice, so a cheating
+        # worker's second identity could otherwise reuse a cheated requester's, have its own
+        # backdated wrong answer proved first and take the reporter's share of the one slash
+        # (a hostile review, 2026-12-06).
         claim = blake3.blake3(
-            canonical_json({"job": body.job_id, "shard": body.shard, "worker": body.worker})
+            canonical_json(
+                {
+                    "job": body.job_id,
+                    "requester": body.requester,
+                    "shard": body.shard,
+                    "worker": body.worker,
+                }
+            )
         ).hexdigest()
         # Only the requester the worker answered is rewarded; anyone else may still report
         # (the whole slash then burns), so copying someone's proof earns nothing.

@@ -18,9 +18,11 @@ state. The rules:
   at that point of the fold and the amount is at least ``min_stake``; otherwise the entry is kept
   but has no effect (``ineffective``). Stake is locked: this version has no unstaking.
 * **fault**: the first proof (in fold order) against a given shard answer (worker, job,
-  shard) slashes ``slash_bps`` of the accused worker's stake at that point; ``reporter_bps`` of
-  the slashed amount goes to the reporter if it was the requester the worker answered, the
-  rest is burned. Later proofs of the same answer do nothing.
+  shard, requester) slashes ``slash_bps`` of the accused worker's stake at that point;
+  ``reporter_bps`` of the slashed amount goes to the reporter if it was the requester the
+  worker answered, the rest is burned. Later proofs of the same answer do nothing. A proof
+  that rewards nobody ranks after every other entry of its time, so the requester's own proof
+  of an answer comes first whatever the entry IDs.
 
 **Finality.** Because every entry carries a time its signer chose, a spender could sign an
 entry dated before a payment it already made and so make that payment fail in the fold (a

@@ -189,6 +189,7 @@ class Ledger:
                 f"{self.genesis_hash[:16]}... (use that genesis or another data directory)"
             )
         self.instance = self._meta("instance") or ""
+        self._refresh_fault_columns()
         # A peer's BLS key is the one in its earliest stake entry, by (at, id): chosen from the
         # entry set, never from the order of arrival, so every peer agrees on it.
         self._keys: dict[str, tuple[tuple[float, str], bytes]] = {}
@@ -217,6 +218,26 @@ class Ledger:
         self._checkpoints.setdefault(entry.epoch, []).append(
             CheckpointLeaves(entry.entry_id, entry.epoch, entry.signers, frozenset(entry.leaves))
         )
+
+    def _refresh_fault_columns(self) -> None:
+        """Give stored fault proofs the claim and rank this version derives from their bytes
+        (since 2026-12-06 the claim names the requester, and a proof that rewards nobody ranks
+        after the others): the fold orders and deduplicates by these columns, and
+        ``verify`` compares them with the bytes. Fault proofs are few; a file whose columns
+        already agree is left untouched (no write)."""
+        stale = []
+        for entry_id, claim, rank, wire in self._db.execute(
+            "SELECT id, claim, rank, wire FROM entries WHERE kind = 'fault'"
+        ).fetchall():
+            try:
+                entry = decode_entry(bytes(wire), self.genesis_hash, check_bls=False)
+            except RecordError:
+                continue  # ``verify`` reports it; its columns stay as they were
+            if (entry.claim, entry.rank) != (claim, rank):
+                stale.append((entry.claim, entry.rank, entry_id))
+        if stale:
+            with sqlite_transaction(self._db):
+                self._db.executemany("UPDATE entries SET claim = ?, rank = ? WHERE id = ?", stale)
 
     def _register(self, peer: str, order: tuple[float, str], key: bytes) -> None:
         held = self._keys.get(peer)

@@ -201,8 +201,9 @@ def test_fault_proofs_stored_by_an_older_version_get_this_versions_columns(tmp_p
     ledger.ingest([stake(B, 400, gen, at=1_700_000_000.0), fault(B, A), fault(B, C, requester=A)])
     ledger.close()
     db = sqlite3.connect(tmp_path / "ledger.sqlite")
-    with db:
+    with db:  # as a version from before wrote it: old columns, no record of the new form
         db.execute("UPDATE entries SET claim = 'old', rank = 3 WHERE kind = 'fault'")
+        db.execute("DELETE FROM meta WHERE key = 'fault_columns'")
     db.close()
     reopened = open_ledger(tmp_path, gen)
     assert reopened.verify()["ok"]

@@ -44,6 +44,11 @@ from mtor_p2p.ledger.state import CheckpointLeaves, Event, LedgerState, fold
 from mtor_p2p.wire import RecordError
 
 LEDGER_FILE_NAME = "ledger.sqlite"
+
+#: The form of stored fault proofs' claim and rank columns (Ledger._refresh_fault_columns):
+#: "2" since 2026-12-06 (the claim names the requester; a proof rewarding nobody ranks 5).
+FAULT_COLUMNS_VERSION = "2"
+
 #: A peer may vote again on an epoch whose entry set grew after its vote (late entries), at
 #: most this many times: enough for stragglers, too few to flood the ledger.
 MAX_VOTES_PER_EPOCH = 3
@@ -180,6 +185,9 @@ class Ledger:
             if held is None:
                 self._db.execute("INSERT INTO meta VALUES ('genesis', ?)", (self.genesis_hash,))
                 self._db.execute(
+                    "INSERT INTO meta VALUES ('fault_columns', ?)", (FAULT_COLUMNS_VERSION,)
+                )
+                self._db.execute(
                     "INSERT INTO meta VALUES ('instance', ?)", (instance or os.urandom(8).hex(),)
                 )
         if held is not None and held != self.genesis_hash:
@@ -223,21 +231,31 @@ class Ledger:
         """Give stored fault proofs the claim and rank this version derives from their bytes
         (since 2026-12-06 the claim names the requester, and a proof that rewards nobody ranks
         after the others): the fold orders and deduplicates by these columns, and
-        ``verify`` compares them with the bytes. Fault proofs are few; a file whose columns
-        already agree is left untouched (no write)."""
+        ``verify`` compares them with the bytes. Once per file (``meta`` records it; a new
+        file needs none), one row at a time: a proof is re-checked in full to be decoded, and
+        a peer can hold many of up to 16 MiB each (a hostile review: every open re-checked
+        them all, all in memory at once)."""
+        if self._meta("fault_columns") == FAULT_COLUMNS_VERSION:
+            return
+        ids = [row[0] for row in self._db.execute("SELECT id FROM entries WHERE kind = 'fault'")]
         stale = []
-        for entry_id, claim, rank, wire in self._db.execute(
-            "SELECT id, claim, rank, wire FROM entries WHERE kind = 'fault'"
-        ).fetchall():
+        for entry_id in ids:
+            row = self._db.execute(
+                "SELECT claim, rank, wire FROM entries WHERE id = ?", (entry_id,)
+            ).fetchone()
+            if not isinstance(row[2], bytes):  # a damaged row: ``verify`` reports it
+                continue
             try:
-                entry = decode_entry(bytes(wire), self.genesis_hash, check_bls=False)
-            except RecordError:
-                continue  # ``verify`` reports it; its columns stay as they were
-            if (entry.claim, entry.rank) != (claim, rank):
+                entry = decode_entry(row[2], self.genesis_hash, check_bls=False)
+            except Exception:  # as damaged, whatever the decoder made of it
+                continue
+            if entry.kind == "fault" and (entry.claim, entry.rank) != (row[0], row[1]):
                 stale.append((entry.claim, entry.rank, entry_id))
-        if stale:
-            with sqlite_transaction(self._db):
-                self._db.executemany("UPDATE entries SET claim = ?, rank = ? WHERE id = ?", stale)
+        with sqlite_transaction(self._db):
+            self._db.executemany("UPDATE entries SET claim = ?, rank = ? WHERE id = ?", stale)
+            self._db.execute(
+                "INSERT OR REPLACE INTO meta VALUES ('fault_columns', ?)", (FAULT_COLUMNS_VERSION,)
+            )
 
     def _register(self, peer: str, order: tuple[float, str], key: bytes) -> None:
         held = self._keys.get(peer)

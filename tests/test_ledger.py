@@ -171,6 +171,34 @@ def test_a_bystanders_copy_of_a_fault_proof_cannot_burn_the_requesters_reward(tm
         assert ledger.verify()["ok"]
 
 
+def test_a_final_checkpoint_listing_only_a_bystanders_copy_does_not_burn_the_reward(tmp_path):
+    """The voters had only a bystander's copy of a fault proof when the epoch closed (the
+    cheating worker can publish one from a second key at once): the final checkpoint lists it
+    and not the requester's own proof. The copy, which rewards nobody, is folded late, so the
+    requester's proof still slashes first and pays the requester (a hostile review's probe,
+    2026-12-06: listed, the copy took effect in place and burned the whole slash)."""
+    gen = genesis([1000, 1000, 1000, 0], slash_bps=5000, reporter_bps=2000)
+    t = 1_800_000_000.0
+    epoch = int(t // gen.params.epoch_seconds)
+    honest = fault(B, A)
+    copy = fault(B, Identity(bytes([77]) * 32), requester=A)
+    stakes = [stake(p, 400, gen, at=t - 3600) for p in (B, C)]
+    voters = open_ledger(tmp_path, gen, name="voters.sqlite")
+    voters.ingest([*stakes, copy])
+    root, count = voters.epoch_root(epoch)
+    votes = {p.peer_id: make_vote(p, gen.hash, epoch, root, count) for p in (B, C)}
+    signatures = {k: decode_entry(v, gen.hash).signature for k, v in votes.items()}
+    checkpoint = make_checkpoint(gen.hash, epoch, voters.epoch_leaves(epoch), signatures)
+    ledger = open_ledger(tmp_path, gen)
+    assert not ledger.ingest([*stakes, copy, checkpoint, *votes.values(), honest]).invalid
+    state = ledger.state()
+    assert epoch in state.final_epochs
+    assert state.balances[A.peer_id] == 1000 * NANO + 40 * NANO
+    assert state.slashed[B.peer_id] == 200 * NANO  # once
+    assert state.burned == 160 * NANO
+    assert ledger.verify()["ok"]
+
+
 def test_a_workers_second_identity_cannot_take_the_reward_for_its_own_slash(tmp_path):
     """A job ID is the requester's own choice: a cheating worker's second identity D reuses
     the job ID of A, whom the worker cheated, gets its own wrong answer for the same shard

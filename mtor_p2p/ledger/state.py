@@ -21,8 +21,9 @@ state. The rules:
   shard, requester) slashes ``slash_bps`` of the accused worker's stake at that point;
   ``reporter_bps`` of the slashed amount goes to the reporter if it was the requester the
   worker answered, the rest is burned. Later proofs of the same answer do nothing. A proof
-  that rewards nobody ranks after every other entry of its time, so the requester's own proof
-  of an answer comes first whatever the entry IDs.
+  that rewards nobody ranks after every other entry of its time, and in a final epoch is
+  always late, so the requester's own proof of an answer comes first whatever the entry IDs
+  and whichever of them a checkpoint lists.
 
 **Finality.** Because every entry carries a time its signer chose, a spender could sign an
 entry dated before a payment it already made and so make that payment fail in the fold (a
@@ -211,7 +212,14 @@ class LedgerState:
             if final is not None:
                 self.final_epochs[epoch] = final.entry_id
         leaves = self.context[1]
-        if leaves is not None and event.entry_id not in leaves:
+        # In a final epoch a fault proof that rewards nobody is always late: were it listed
+        # and the requester's own proof of the same answer not, it took effect in place and
+        # left the requester's nothing to slash (its rank puts it after the requester's only
+        # in one class; a hostile review, 2026-12-06). Late, the requester's proof comes
+        # first, in place or late, and the other then finds the answer slashed.
+        if leaves is not None and (
+            event.entry_id not in leaves or (event.kind == "fault" and not event.payee)
+        ):
             self.pending.append(event)
             key = (event.at, event.rank, event.entry_id)
             self.last = key if self.last is None or key > self.last else self.last

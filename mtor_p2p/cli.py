@@ -1093,11 +1093,12 @@ def _status_guard_lines(status: dict[str, Any]) -> list[str]:
 
 def cmd_peers(args: argparse.Namespace) -> int:
     """Show the capacity view, optionally filtered."""
-    query = []
-    for name in ("min_mem_gib", "min_tflops", "max_price", "region"):
-        value = getattr(args, name)
-        if value is not None:
-            query.append(f"{name}={value}")
+    asked = {
+        name: getattr(args, name)
+        for name in ("min_mem_gib", "min_tflops", "max_price", "region")
+        if getattr(args, name) is not None
+    }
+    query = [f"{name}={value}" for name, value in asked.items()]
     path = "/v1/peers" + ("?" + "&".join(query) if query else "")
     client = _client(args)
     peers = client.call("GET", path)["peers"]
@@ -1118,8 +1119,7 @@ def cmd_peers(args: argparse.Namespace) -> int:
                     file=sys.stderr,
                 )
         if everyone:
-            filters = " ".join(f"--{q.split('=')[0].replace('_', '-')} {q.split('=', 1)[1]}"
-                               for q in query)  # fmt: skip
+            filters = " ".join(f"--{n.replace('_', '-')} {v}" for n, v in asked.items())
             print(f"{len(everyone)} peer(s) in view, none matching {filters}", file=sys.stderr)
     return EXIT_OK
 

@@ -89,7 +89,7 @@ def _stored_receipt(encoded: object) -> Receipt | None:
         return None
     try:
         return parse_receipt(encoded)
-    except (RecordError, ValueError, TypeError):
+    except (ValueError, TypeError):  # RecordError among the first
         return None
 
 
@@ -226,7 +226,7 @@ class ReceiptStore:
                 if not isinstance(encoded, bytes):  # bytes(an integer) would allocate it
                     raise RecordError(f"a stored receipt is {type(encoded).__name__}")
                 held.append(decode_receipt(encoded, require_complete=False))
-            except (RecordError, ValueError) as exc:
+            except ValueError as exc:  # RecordError among them
                 # Only a hand-edited or damaged file holds such a row: the node's listing, its
                 # earnings and its dashboard go on without it, and the log says so.
                 log.warning("receipt store %s: a row skipped, not a receipt: %s", self.path, exc)

@@ -316,3 +316,26 @@ def test_devnet_progress_is_plain_lines_in_a_log(capsys) -> None:
     for message in ("devnet: 0/4 ready", "devnet: 0/4 ready", "devnet: 4/4 ready"):
         devnet._progress(message)
     assert capsys.readouterr().err.splitlines() == ["devnet: 0/4 ready", "devnet: 4/4 ready"]
+
+
+def test_a_ledger_file_of_newer_rules_stops_every_command_that_opens_it(tmp_path):
+    """A data directory last used by a newer MTOR, whose ledger follows rules this version
+    does not know: one line saying so and exit code 2, the file left as it was."""
+    import sqlite3
+
+    node = str(tmp_path / "node")
+    assert mtor("id", "--data-dir", node).returncode == 0  # makes the data directory
+    assert mtor("balance", "--data-dir", node).returncode == 0  # and this, its ledger
+    db = sqlite3.connect(tmp_path / "node" / "ledger.sqlite")
+    with db:
+        db.execute("UPDATE meta SET value = '99' WHERE key = 'rules'")
+    db.close()
+    for command in (["balance"], ["run", *QUIET]):
+        result = mtor(*command, "--data-dir", node)
+        assert result.returncode == 2, (command, result.stderr)
+        assert "was written under ledger rules 99; this version of MTOR follows rules" in (
+            one_line(result)
+        )
+    db = sqlite3.connect(tmp_path / "node" / "ledger.sqlite")
+    assert db.execute("SELECT value FROM meta WHERE key = 'rules'").fetchone() == ("99",)
+    db.close()

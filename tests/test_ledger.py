@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from mtor_p2p.identity import Identity
 from mtor_p2p.ledger.entries import decode_entry, make_checkpoint, make_vote
 from mtor_p2p.ledger.genesis import NANO, Genesis, credits_to_nano, load_genesis, nano_to_credits
+from mtor_p2p.ledger.names import LEDGER_RULES
 from mtor_p2p.ledger.state import fold
 from mtor_p2p.ledger.store import Ledger, LedgerError
 from mtor_p2p.wire import RecordError
@@ -232,11 +233,48 @@ def test_fault_proofs_stored_by_an_older_version_get_this_versions_columns(tmp_p
     with db:  # as a version from before wrote it: old columns, no record of the new form
         db.execute("UPDATE entries SET claim = 'old', rank = 3 WHERE kind = 'fault'")
         db.execute("DELETE FROM meta WHERE key = 'fault_columns'")
+        db.execute("DELETE FROM meta WHERE key = 'rules'")
     db.close()
     reopened = open_ledger(tmp_path, gen)
     assert reopened.verify()["ok"]
     assert reopened.account(A.peer_id)["balance"] == 1000 * NANO + 40 * NANO
     assert reopened.account(B.peer_id)["slashed"] == 200 * NANO
+    reopened.close()
+    db = sqlite3.connect(tmp_path / "ledger.sqlite")
+    # Now a file of this version's rules (one that follows older rules must not open it).
+    assert db.execute("SELECT value FROM meta WHERE key = 'rules'").fetchone() == (
+        str(LEDGER_RULES),
+    )
+    db.close()
+
+
+@pytest.mark.parametrize("rules", [str(LEDGER_RULES + 1), "x"])
+def test_a_ledger_file_of_newer_rules_is_refused(tmp_path, rules):
+    """A file written under rules this version does not know is not folded under its own
+    (its entries could mean other balances), nor rewritten: the open fails, saying why, and
+    the file is left as it was."""
+    import sqlite3
+
+    gen = genesis([1000, 0, 0, 0])
+    open_ledger(tmp_path, gen).close()
+    db = sqlite3.connect(tmp_path / "ledger.sqlite")
+    with db:
+        db.execute("UPDATE meta SET value = ? WHERE key = 'rules'", (rules,))
+    db.close()
+    with pytest.raises(LedgerError, match=f"written under ledger rules {rules}; this version"):
+        open_ledger(tmp_path, gen)
+    db = sqlite3.connect(tmp_path / "ledger.sqlite")
+    assert db.execute("SELECT value FROM meta WHERE key = 'rules'").fetchone() == (rules,)
+    db.close()
+
+
+def test_the_ledgers_topics_and_sync_protocol_name_its_rules():
+    """Peers of other rules are not heard (rather than disagreed with): the version is in
+    every name by which ledger entries travel."""
+    from mtor_p2p.ledger.service import SYNC_PROTOCOL, bundle_topic, ledger_topic
+
+    names = [ledger_topic("ab" * 32), bundle_topic("ab" * 32), SYNC_PROTOCOL]
+    assert all(f"/{LEDGER_RULES}/" in name or name.endswith(f"/{LEDGER_RULES}") for name in names)
 
 
 def test_a_stake_beyond_the_balance_has_no_effect(tmp_path):

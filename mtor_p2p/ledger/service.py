@@ -1,9 +1,10 @@
 """The ledger on the network: gossip of new entries, pull sync of missed ones, checkpoints.
 
 * **Gossip**: new receipts, transfers, stakes, votes and checkpoints are published on
-  ``mtor/ledger/1/<genesis prefix>`` (one topic per network) and checked before they are
+  ``mtor/ledger/<rules>/<genesis prefix>`` (one topic per network and version of the ledger's
+  rules, :data:`~mtor_p2p.ledger.names.LEDGER_RULES`) and checked before they are
   forwarded. Fault proofs and large checkpoints travel by sync only.
-* **Pull sync** (``/mtor/ledger/sync/1``): a peer asks another for the entries it stored after
+* **Pull sync** (``/mtor/ledger/sync/<rules>``): a peer asks another for the entries it stored after
   a cursor, in the remote's own arrival order, a few MiB per request, and remembers the cursor
   (with the remote's ledger instance) on disk. Every connected peer is pulled once when it is
   first seen, and a random one every ``sync_interval``; so anything one peer holds reaches
@@ -43,6 +44,7 @@ from mtor_p2p.ledger.entries import (
     make_vote,
     receipt_entry,
 )
+from mtor_p2p.ledger.names import LEDGER_RULES
 from mtor_p2p.ledger.store import MAX_VOTES_PER_EPOCH, IngestResult, Ledger
 from mtor_p2p.network import Message, Network, NetworkError, RemoteError
 from mtor_p2p.records.arrays import pack, unpack
@@ -52,7 +54,7 @@ from mtor_p2p.wire import RecordError, canonical_json, parse_canonical
 
 log = logging.getLogger(__name__)
 
-SYNC_PROTOCOL = "/mtor/ledger/sync/1"
+SYNC_PROTOCOL = f"/mtor/ledger/sync/{LEDGER_RULES}"
 #: Balances are kept as a snapshot of entries older than this plus a fold of the rest.
 HORIZON_SECONDS = 600.0
 MAX_GOSSIP_ENTRY = 60 * 1024
@@ -86,13 +88,13 @@ class _Pull:
 
 
 def ledger_topic(genesis_hash: str) -> str:
-    """The gossip topic of one network's ledger."""
-    return f"mtor/ledger/1/{genesis_hash[:16]}"
+    """The gossip topic of one network's ledger, under this version's rules."""
+    return f"mtor/ledger/{LEDGER_RULES}/{genesis_hash[:16]}"
 
 
 def bundle_topic(genesis_hash: str) -> str:
     """The topic on which receipt entries travel in bundles (see :func:`encode_bundle`)."""
-    return f"mtor/ledger-bundle/1/{genesis_hash[:16]}"
+    return f"mtor/ledger-bundle/{LEDGER_RULES}/{genesis_hash[:16]}"
 
 
 def encode_bundle(wires: list[bytes]) -> bytes:

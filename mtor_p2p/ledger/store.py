@@ -37,6 +37,7 @@ from mtor_p2p.ledger.merkle import (
     inclusion_proof,
     verify_inclusion,
 )
+from mtor_p2p.ledger.names import LEDGER_RULES
 from mtor_p2p.ledger.names import MIN_ENTRY_PREFIX as MIN_ENTRY_PREFIX
 from mtor_p2p.ledger.names import LedgerError as LedgerError
 from mtor_p2p.ledger.names import is_entry_prefix as is_entry_prefix
@@ -190,14 +191,31 @@ class Ledger:
                 self._db.execute(
                     "INSERT INTO meta VALUES ('instance', ?)", (instance or os.urandom(8).hex(),)
                 )
+                self._db.execute("INSERT INTO meta VALUES ('rules', ?)", (str(LEDGER_RULES),))
         if held is not None and held != self.genesis_hash:
             self._db.close()
             raise LedgerError(
                 f"{self.path} belongs to the network with genesis {held[:16]}..., not "
                 f"{self.genesis_hash[:16]}... (use that genesis or another data directory)"
             )
+        rules = self._meta("rules")
+        if rules is not None and not (rules.isdecimal() and int(rules) <= LEDGER_RULES):
+            # Folded under this version's rules, its entries could mean other balances than
+            # the peers that wrote it agree on (and this version cannot hear those peers).
+            self._db.close()
+            raise LedgerError(
+                f"{self.path} was written under ledger rules {rules}; this version of MTOR "
+                f"follows rules {LEDGER_RULES} (upgrade MTOR, or use another data directory)"
+            )
         self.instance = self._meta("instance") or ""
         self._refresh_fault_columns()
+        if rules != str(LEDGER_RULES):
+            # A file of older rules (or of a version before the record): its stored fault
+            # proofs were just given this version's columns; from now on it is this one's.
+            with sqlite_transaction(self._db):
+                self._db.execute(
+                    "INSERT OR REPLACE INTO meta VALUES ('rules', ?)", (str(LEDGER_RULES),)
+                )
         # A peer's BLS key is the one in its earliest stake entry, by (at, id): chosen from the
         # entry set, never from the order of arrival, so every peer agrees on it.
         self._keys: dict[str, tuple[tuple[float, str], bytes]] = {}

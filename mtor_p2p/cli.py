@@ -1532,7 +1532,11 @@ def _job_detail(job: dict[str, Any]) -> str:
         what += "".join(f" {n}={v}" for n, v in zip(spec.sizes, job["shape"], strict=False))
     if job.get("dtype"):
         what += f" {job['dtype']}"
-    verify = (job.get("result") or {}).get("verification") or job.get("verify")
+    verify = (
+        (job.get("result") or {}).get("verification")
+        or job.get("verification")
+        or job.get("verify")
+    )
     if verify:
         what += f", verify {verify}"
     result = job.get("result")
@@ -1660,6 +1664,12 @@ def cmd_receipts(args: argparse.Namespace) -> int:
             raise
         me = _stored_peer_id(_config_from(args).data_dir)
         print(f"mtor-peer: {exc}; showing the receipts as stored", file=sys.stderr)
+    if answer.get("skipped"):
+        print(
+            f"mtor-peer: {answer['skipped']} stored row(s) hold no receipt (a damaged or "
+            "hand-edited receipts.sqlite) and are left out",
+            file=sys.stderr,
+        )
     if args.json:
         print(json.dumps(answer, indent=2, sort_keys=True))
         return EXIT_OK
@@ -1683,7 +1693,8 @@ def cmd_receipts(args: argparse.Namespace) -> int:
             f"{format_credits(r['cost']):>10} {'both' if r['complete'] else 'worker':<6} "
             f"{entry:<12}"
         )
-    shown, held = len(answer["receipts"]), answer["count"]
+    # Rows that hold no receipt are not counted as receipts (the note above names them).
+    shown, held = len(answer["receipts"]), answer["count"] - answer.get("skipped", 0)
     if shown < held:
         count = f"{shown} of {held} receipt(s), newest first (--limit)"
     else:

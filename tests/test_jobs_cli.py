@@ -97,6 +97,10 @@ async def test_progress_comes_from_the_jobs_own_attempts_and_cancel_stops_it() -
         line = format_job_line(state)
         assert line.startswith(f"{first['id']}: [######..................] 1/4 shards, ")
         assert "1 worker(s), 1 verified, 1 rejected, 1 re-issued, running" in line
+        # A running job asked for "auto" is named by the check it stands for, as it will be
+        # once done (it said "verify auto" while running, "verify freivalds" after).
+        assert state["verify"] == "auto" and state["verification"] == "freivalds"
+        assert "matmul m=8 n=4 k=2 float32, verify freivalds" in _job_detail(state)
 
         code, cancelled = await jobs.route_cancel({}, {"id": first["id"]})
         assert code == 200 and cancelled["state"] == "cancelled"

@@ -668,7 +668,10 @@ class JobBoard:
             "sizes": sizes,
             "dtype": str(next(iter(operands.values())).dtype),
         }
-        job = JobState(id=job_id, request=request | {"verify": verify})
+        # "auto" is named by the check it stands for, as the finished job's result names it
+        # (a new user saw "verify auto" while a job ran and "verify freivalds" once it ended).
+        check = get_kernel(kernel).check if verify == "auto" else verify
+        job = JobState(id=job_id, request=request | {"verify": verify, "verification": check})
         assert self.nursery is not None
         self.nursery.start_soon(self._run, job, kernel, operands, verify, max_price, shards, out)
         self._jobs[job.id] = job

@@ -220,17 +220,7 @@ class ReceiptStore:
                     "SELECT encoded FROM receipts WHERE job_id = ? ORDER BY ended DESC LIMIT ?",
                     (job_id, limit),
                 ).fetchall()
-        held = []
-        for (encoded,) in rows:
-            try:
-                if not isinstance(encoded, bytes):  # bytes(an integer) would allocate it
-                    raise RecordError(f"a stored receipt is {type(encoded).__name__}")
-                held.append(decode_receipt(encoded, require_complete=False))
-            except ValueError as exc:  # RecordError among them
-                # Only a hand-edited or damaged file holds such a row: the node's listing, its
-                # earnings and its dashboard go on without it, and the log says so.
-                log.warning("receipt store %s: a row skipped, not a receipt: %s", self.path, exc)
-        return held
+        return _decoded_rows(rows, self.path)[0]
 
     def fault_proofs(self) -> list[tuple[str, str, bytes]]:
         """Stored fault proofs as (proof_id, worker, encoded)."""
@@ -245,13 +235,19 @@ class ReceiptStore:
 
     def report(self, *, limit: int) -> dict[str, Any]:
         """The newest ``limit`` receipts and the count, as the control API returns them."""
-        return receipts_report(self.receipts(limit=limit), self.count())
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT encoded FROM receipts ORDER BY ended DESC LIMIT ?", (limit,)
+            ).fetchall()
+        held, skipped = _decoded_rows(rows, self.path)
+        return receipts_report(held, self.count(), skipped=skipped)
 
     @staticmethod
     def read_only_report(path: Path, *, limit: int) -> dict[str, Any]:
         """:meth:`report` of the store saved at ``path``, written nothing to (a stopped
         node's receipts, through :func:`~mtor_p2p.config.read_only_sqlite`); raises
-        ``sqlite3.Error`` if the file cannot be read."""
+        ``sqlite3.Error`` if the file cannot be read. Rows that hold no receipt are skipped
+        and counted, as the running node's listing does."""
         db = read_only_sqlite(path)
         try:
             rows = db.execute(
@@ -260,12 +256,8 @@ class ReceiptStore:
             count = int(db.execute("SELECT COUNT(*) FROM receipts").fetchone()[0])
         finally:
             db.close()
-        held = []
-        for (encoded,) in rows:
-            if not isinstance(encoded, bytes):  # a file from elsewhere: refused, not trusted
-                raise RecordError(f"a stored receipt is {type(encoded).__name__}, not bytes")
-            held.append(decode_receipt(encoded, require_complete=False))
-        return receipts_report(held, count)
+        held, skipped = _decoded_rows(rows, path)
+        return receipts_report(held, count, skipped=skipped)
 
     def close(self) -> None:
         """Close the database (after any write in progress)."""
@@ -273,14 +265,35 @@ class ReceiptStore:
             self._db.close()
 
 
-def receipts_report(receipts: list[Receipt], count: int) -> dict[str, Any]:
+def _decoded_rows(rows: list[tuple[Any, ...]], path: Path) -> tuple[list[Receipt], int]:
+    """The receipts in stored rows (each row's first column), and how many rows held none.
+
+    Only a hand-edited or damaged file holds such a row: the node's listing, its earnings, its
+    dashboard and the offline listing go on without it, and the log says so."""
+    held = []
+    skipped = 0
+    for row in rows:
+        encoded = row[0]
+        try:
+            if not isinstance(encoded, bytes):  # bytes(an integer) would allocate it
+                raise RecordError(f"a stored receipt is {type(encoded).__name__}")
+            held.append(decode_receipt(encoded, require_complete=False))
+        except ValueError as exc:  # RecordError among them
+            skipped += 1
+            log.warning("receipt store %s: a row skipped, not a receipt: %s", path, exc)
+    return held, skipped
+
+
+def receipts_report(receipts: list[Receipt], count: int, *, skipped: int = 0) -> dict[str, Any]:
     """Receipts in the control API's shape: each body, its cost in credits, whether both
     sides signed, and its ledger entry ID (``mtor-peer ledger prove`` takes it) once they
-    have; ``count``: all receipts held."""
+    have; ``count``: all rows held; ``skipped``: rows among those listed that hold no receipt
+    (a damaged or hand-edited file)."""
     from mtor_p2p.ledger.entries import receipt_entry_id
 
     return {
         "count": count,
+        "skipped": skipped,
         "receipts": [
             {
                 **r.body.to_json(),

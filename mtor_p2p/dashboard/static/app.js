@@ -366,7 +366,7 @@ function renderJob(j) {
       h("span", { class: `state-${j.state}` }, j.state),
       h("span", { class: "job-progress" }, `${j.done}/${total} shards`),
       h("span", {}, `${num(j.elapsed_s, 1)} s`),
-      h("span", { class: "small" }, `verify ${j.verify || "auto"}: ${j.verified} passed, ${j.rejected} rejected, ${j.reissued} re-issued`)),
+      h("span", { class: "small" }, `verify ${j.verification || j.verify || "auto"}: ${j.verified} passed, ${j.rejected} rejected, ${j.reissued} re-issued`)),
     bar, h("div", { class: "shards" }, ...cells),
     legend.length ? h("div", { class: "legend small" }, "workers:", ...legend) : h("div", { class: "small" }, "no shard accepted yet"),
     j.error ? h("div", { class: "state-failed" }, j.error) : null);

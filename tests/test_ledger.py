@@ -248,7 +248,7 @@ def test_fault_proofs_stored_by_an_older_version_get_this_versions_columns(tmp_p
     db.close()
 
 
-@pytest.mark.parametrize("rules", [str(LEDGER_RULES + 1), "x"])
+@pytest.mark.parametrize("rules", [str(LEDGER_RULES + 1), "x", "\u0663", "-1"])
 def test_a_ledger_file_of_newer_rules_is_refused(tmp_path, rules):
     """A file written under rules this version does not know is not folded under its own
     (its entries could mean other balances), nor rewritten: the open fails, saying why, and

@@ -199,7 +199,8 @@ class Ledger:
                 f"{self.genesis_hash[:16]}... (use that genesis or another data directory)"
             )
         rules = self._meta("rules")
-        if rules is not None and not (rules.isdecimal() and int(rules) <= LEDGER_RULES):
+        known = isinstance(rules, str) and rules.isascii() and rules.isdigit()
+        if rules is not None and not (known and int(rules) <= LEDGER_RULES):
             # Folded under this version's rules, its entries could mean other balances than
             # the peers that wrote it agree on (and this version cannot hear those peers).
             self._db.close()

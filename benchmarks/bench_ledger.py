@@ -5,7 +5,7 @@
   the same receipts decoded and verified without storing (the signature floor), and stored
   without verification (plain ``executemany`` into the same schema).
 * **Sync**: time for a peer with an empty ledger to pull 100,000 receipts from another over
-  ``/mtor/ledger/sync/1`` (two real py-libp2p hosts on loopback, one process), verified and
+  ``/mtor/ledger/sync/<rules>`` (two real py-libp2p hosts on loopback, one process), verified and
   stored. Baselines: the same bytes through a plain trio TCP stream on loopback, and local
   ingest of the same entries without any network.
 * **Late entries**: one receipt entered and the balances read after it, with 1,000 and

@@ -333,7 +333,7 @@ def test_a_ledger_file_of_newer_rules_stops_every_command_that_opens_it(tmp_path
     for command in (["balance"], ["run", *QUIET]):
         result = mtor(*command, "--data-dir", node)
         assert result.returncode == 2, (command, result.stderr)
-        assert "was written under ledger rules 99; this version of MTOR follows rules" in (
+        assert "was written under ledger rules '99'; this version of MTOR follows rules" in (
             one_line(result)
         )
     db = sqlite3.connect(tmp_path / "node" / "ledger.sqlite")

@@ -275,6 +275,11 @@ def test_read_only_commands_on_a_stopped_or_missing_node_create_nothing(tmp_path
     assert "1 receipt(s)" in damaged.stdout and "Traceback" not in damaged.stderr
     as_json = json.loads(mtor("receipts", "--json", "--data-dir", str(data_dir)).stdout)
     assert (as_json["count"], as_json["skipped"], len(as_json["receipts"])) == (3, 2, 1)
+    # The damaged rows do not use up --limit: the newest receipt is listed past them.
+    newest = json.loads(
+        mtor("receipts", "--json", "--limit", "1", "--data-dir", str(data_dir)).stdout
+    )
+    assert len(newest["receipts"]) == 1
     typo = tmp_path / "pear"
     for command in (["balance"], ["ledger", "verify"], ["ledger", "prove", "ab" * 6]):
         missing = mtor(*command, "--data-dir", str(typo))

@@ -22,6 +22,7 @@ import hashlib
 import logging
 import sqlite3
 import threading
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -236,10 +237,7 @@ class ReceiptStore:
     def report(self, *, limit: int) -> dict[str, Any]:
         """The newest ``limit`` receipts and the count, as the control API returns them."""
         with self._lock:
-            rows = self._db.execute(
-                "SELECT encoded FROM receipts ORDER BY ended DESC LIMIT ?", (limit,)
-            ).fetchall()
-        held, skipped = _decoded_rows(rows, self.path)
+            held, skipped = _newest_receipts(self._db, limit, self.path)
         return receipts_report(held, self.count(), skipped=skipped)
 
     @staticmethod
@@ -250,13 +248,10 @@ class ReceiptStore:
         and counted, as the running node's listing does."""
         db = read_only_sqlite(path)
         try:
-            rows = db.execute(
-                "SELECT encoded FROM receipts ORDER BY ended DESC LIMIT ?", (limit,)
-            ).fetchall()
+            held, skipped = _newest_receipts(db, limit, path)
             count = int(db.execute("SELECT COUNT(*) FROM receipts").fetchone()[0])
         finally:
             db.close()
-        held, skipped = _decoded_rows(rows, path)
         return receipts_report(held, count, skipped=skipped)
 
     def close(self) -> None:
@@ -265,14 +260,24 @@ class ReceiptStore:
             self._db.close()
 
 
-def _decoded_rows(rows: list[tuple[Any, ...]], path: Path) -> tuple[list[Receipt], int]:
-    """The receipts in stored rows (each row's first column), and how many rows held none.
+#: Rows that hold no receipt passed over by one listing at most (a damaged file's).
+MAX_SKIPPED_ROWS = 10_000
+
+
+def _decoded_rows(
+    rows: Iterable[tuple[Any, ...]], path: Path, limit: int | None = None
+) -> tuple[list[Receipt], int]:
+    """The receipts in stored rows (each row's first column; at most ``limit``), and how many
+    rows held none (at most MAX_SKIPPED_ROWS are passed over).
 
     Only a hand-edited or damaged file holds such a row: the node's listing, its earnings, its
-    dashboard and the offline listing go on without it, and the log says so."""
+    dashboard and the offline listing go on without it, and the log says so. They do not use
+    up ``limit``: a listing of the newest receipt shows one while there is one."""
     held = []
     skipped = 0
     for row in rows:
+        if (limit is not None and len(held) >= limit) or skipped >= MAX_SKIPPED_ROWS:
+            break
         encoded = row[0]
         try:
             if not isinstance(encoded, bytes):  # bytes(an integer) would allocate it
@@ -284,11 +289,21 @@ def _decoded_rows(rows: list[tuple[Any, ...]], path: Path) -> tuple[list[Receipt
     return held, skipped
 
 
+def _newest_receipts(db: sqlite3.Connection, limit: int, path: Path) -> tuple[list[Receipt], int]:
+    """The newest ``limit`` receipts in ``db`` and the rows passed over on the way (read one
+    at a time: no more rows in memory than it takes)."""
+    cursor = db.execute("SELECT encoded FROM receipts ORDER BY ended DESC")
+    try:
+        return _decoded_rows(cursor, path, limit)
+    finally:
+        cursor.close()
+
+
 def receipts_report(receipts: list[Receipt], count: int, *, skipped: int = 0) -> dict[str, Any]:
     """Receipts in the control API's shape: each body, its cost in credits, whether both
     sides signed, and its ledger entry ID (``mtor-peer ledger prove`` takes it) once they
-    have; ``count``: all rows held; ``skipped``: rows among those listed that hold no receipt
-    (a damaged or hand-edited file)."""
+    have; ``count``: all rows held; ``skipped``: rows passed over on the way to these because
+    they hold no receipt (a damaged or hand-edited file)."""
     from mtor_p2p.ledger.entries import receipt_entry_id
 
     return {

@@ -14,6 +14,7 @@ by ``seq`` so that a peer can resume where it stopped (see :mod:`mtor_p2p.ledger
 from __future__ import annotations
 
 import os
+import re
 import sqlite3
 import threading
 from collections.abc import Iterable, Sequence
@@ -24,7 +25,7 @@ from typing import Any
 
 import blake3
 
-from mtor_p2p.config import private_sqlite, sqlite_transaction
+from mtor_p2p.config import private_sqlite, read_only_sqlite, sqlite_transaction
 from mtor_p2p.ledger import bls
 from mtor_p2p.ledger.entries import (
     Entry,
@@ -154,6 +155,43 @@ class CheckpointInfo:
         }
 
 
+def _recorded_rules(path: Path) -> Any:
+    """The ledger rules recorded in the ledger file at ``path`` (see :data:`LEDGER_RULES`),
+    read without writing anything there; None for a file without the record (none yet, or
+    one of a version before it). Raises ``sqlite3.Error`` for a file that is no database."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return None
+    db = read_only_sqlite(path)
+    try:
+        has_meta = db.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
+        ).fetchone()
+        row = (
+            db.execute("SELECT value FROM meta WHERE key = 'rules'").fetchone()
+            if has_meta
+            else None
+        )
+    finally:
+        db.close()
+    return None if row is None else row[0]
+
+
+def _check_rules(path: Path, rules: Any) -> None:
+    """Raise LedgerError unless ``rules`` (a file's record, None for none) is this version's
+    or an older one: folded under this version's rules, the entries of a file of newer ones
+    could mean other balances than the peers that wrote it agree on (and this version cannot
+    hear those peers)."""
+    if rules is None:
+        return
+    if isinstance(rules, str) and re.fullmatch(r"[0-9]{1,9}", rules) and int(rules) <= LEDGER_RULES:
+        return
+    shown = str(rules)[:20] + ("..." if len(str(rules)) > 20 else "")
+    raise LedgerError(
+        f"{path} was written under ledger rules {shown!r}; this version of MTOR follows rules "
+        f"{LEDGER_RULES} (upgrade MTOR, or use another data directory)"
+    )
+
+
 class Ledger:
     """Verified ledger entries in one SQLite file, and the balances they imply."""
 
@@ -175,6 +213,10 @@ class Ledger:
         self.genesis_hash = genesis.hash
         self.bls = backend or bls.default_backend()
         self._lock = threading.RLock()
+        if str(path) != ":memory:":
+            # Before anything writes to it (its mode, the journal, the schema): a file this
+            # version refuses is left exactly as it was (a hostile review).
+            _check_rules(self.path, _recorded_rules(self.path))
         # 0600 before SQLite opens it: its -wal and -shm files then get the same mode.
         private_sqlite(path)
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
@@ -199,15 +241,11 @@ class Ledger:
                 f"{self.genesis_hash[:16]}... (use that genesis or another data directory)"
             )
         rules = self._meta("rules")
-        known = isinstance(rules, str) and rules.isascii() and rules.isdigit()
-        if rules is not None and not (known and int(rules) <= LEDGER_RULES):
-            # Folded under this version's rules, its entries could mean other balances than
-            # the peers that wrote it agree on (and this version cannot hear those peers).
+        try:  # again, on this connection: the file may have changed since it was read
+            _check_rules(self.path, rules)
+        except LedgerError:
             self._db.close()
-            raise LedgerError(
-                f"{self.path} was written under ledger rules {rules}; this version of MTOR "
-                f"follows rules {LEDGER_RULES} (upgrade MTOR, or use another data directory)"
-            )
+            raise
         self.instance = self._meta("instance") or ""
         self._refresh_fault_columns()
         if rules != str(LEDGER_RULES):

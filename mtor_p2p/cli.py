@@ -1512,7 +1512,9 @@ def format_job_line(job: dict[str, Any]) -> str:
         workers = job["result"].get("workers")
     return (
         f"{job['id']}: [{bar}] {shards}, {len(workers or ())} worker(s), "
-        f"{job.get('verified', 0)} verified, {job.get('rejected', 0)} rejected, "
+        # Checks, not shards: a hedged or redundant copy is checked too (a new user read
+        # "64/64 shards, 68 verified" as more shards verified than there were).
+        f"{job.get('verified', 0)} check(s) passed, {job.get('rejected', 0)} rejected, "
         f"{job.get('reissued', 0)} re-issued, {state}, {job.get('elapsed_s', 0.0):.1f} s"
     )
 
@@ -2502,10 +2504,16 @@ def _start_hint(args: argparse.Namespace) -> str:
     if data_dir is not None:
         peer = Path(data_dir)
         if peer.name.startswith("peer-") and (peer.parent / GENESIS_FILE_NAME).exists():
-            return (
-                f"a devnet's peer: start its devnet with: {invoked_as()} devnet --data-dir "
-                f"{peer.parent}"
-            )
+            from mtor_p2p.datadir import lock_owner
+
+            devnet = f"{invoked_as()} devnet --data-dir {shlex.quote(str(peer.parent))}"
+            if any(lock_owner(p) is not None for p in peer.parent.glob("peer-*") if p != peer):
+                # Its devnet still runs (a new user followed the hint below into exit 7).
+                return (
+                    "a devnet's peer, stopped while its devnet runs on: the devnet starts it "
+                    f"again when it starts (stop the devnet with Ctrl-C, then: {devnet})"
+                )
+            return f"a devnet's peer: start its devnet with: {devnet}"
         # The same directory, or `run` would start a node on the default one.
         return f"start one with: {invoked_as()} run --data-dir {shlex.quote(str(data_dir))}"
     return f"start one with: {invoked_as()} run"

@@ -56,6 +56,34 @@ DEVNET_ALLOCATION = 1000
 MAX_RESTARTS = 3
 
 
+class PeerFailed(RuntimeError):
+    """A devnet's peer exited while starting: its exit code and the error it logged."""
+
+    def __init__(self, index: int, code: int, log_path: Path) -> None:
+        self.code = code
+        why = _last_error(log_path)
+        super().__init__(
+            f"peer {index} exited with {code}" + (f": {why}" if why else "") + f" (see {log_path})"
+        )
+
+
+def _last_error(log_path: Path) -> str | None:
+    """The one-line error a peer's ``mtor-peer`` printed last to its log (``mtor-peer: ...``,
+    its prefix left out), or None: what a devnet repeats when the peer fails to start (a new
+    user had to open the log to read "...written under ledger rules 3...")."""
+    try:
+        with open(log_path, "rb") as log:
+            log.seek(max(0, os.fstat(log.fileno()).st_size - 8192))
+            lines = log.read().decode("utf-8", "replace").splitlines()
+    except OSError:
+        return None
+    for line in reversed(lines):
+        if line.startswith("mtor-peer: "):
+            text = line.removeprefix("mtor-peer: ").removeprefix("error: ")
+            return text[:300]
+    return None
+
+
 @dataclass
 class DevnetPeer:
     """One peer process of the devnet."""
@@ -170,10 +198,7 @@ class Devnet:
         info_path = Path(peer.data_dir) / INFO_FILE_NAME
         while time.monotonic() < deadline:
             if process.poll() is not None:
-                raise RuntimeError(
-                    f"peer {peer.index} exited with {process.returncode}; "
-                    f"see {peer.data_dir}/peer.log"
-                )
+                raise PeerFailed(peer.index, process.returncode, Path(peer.data_dir) / "peer.log")
             if info_path.exists():
                 try:
                     info = json.loads(info_path.read_text())
@@ -407,11 +432,15 @@ def run_devnet(
             time.sleep(0.2)
     except (RuntimeError, TimeoutError, OSError) as exc:
         print(f"\nmtor-peer: devnet failed: {exc}", file=sys.stderr)
-        code = EXIT_FAILURE
+        # A peer refusing its configuration or data (exit 2) is the devnet's too.
+        code = (
+            EXIT_USAGE if isinstance(exc, PeerFailed) and exc.code == EXIT_USAGE else EXIT_FAILURE
+        )
     finally:
         if stop_requested:  # Ctrl-C or SIGTERM: say what happens, as every other exit does
-            plural = "" if peers == 1 else "s"
-            print(f"\nmtor-peer: stopping the devnet ({peers} peer{plural})", file=sys.stderr)
+            running = sum(1 for process in devnet.processes if process.poll() is None)
+            plural = "" if running == 1 else "s"
+            print(f"\nmtor-peer: stopping the devnet ({running} peer{plural})", file=sys.stderr)
         devnet.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -418,6 +418,46 @@ def _key_to_provider_key(key: str) -> str:
     return "1220" + hashlib.sha256(key.encode()).hexdigest()
 
 
+#: py-libp2p's loggers whose WARNING and ERROR lines report failures that peers cause and
+#: MTOR handles (a dial to an address that no longer answers, a protocol a peer lacks, a
+#: relay's stream closed, a hole punch that did not land).
+PEER_FAILURE_LOGGERS = (
+    "libp2p.transport.tcp.tcp",
+    "libp2p.host.basic_host",
+    "libp2p.network.swarm",
+    "libp2p.kad_dht.utils",
+    *(
+        f"libp2p.relay.circuit_v2.{name}"
+        for name in ("dcutr", "discovery", "nat", "protocol", "resources", "transport", "utils")
+    ),
+)
+
+
+class _PeerFailuresAsDebug(logging.Filter):
+    """Reports a peer-caused failure (see PEER_FAILURE_LOGGERS) at DEBUG, below CRITICAL."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if logging.WARNING <= record.levelno < logging.CRITICAL:
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return True
+
+
+def quiet_peer_failures_when_embedded() -> None:
+    """In a program that embeds the library and left py-libp2p's logging as py-libp2p set it
+    up (no handler, no propagation), its warnings reach Python's bare last-resort handler: a
+    library example printed eight "Failed to open TCP stream: ..." lines, without a logger's
+    name, for a devnet peer that had been stopped, though the job went on and succeeded (a
+    new user's walkthrough). There, such lines are reported at DEBUG. ``mtor-peer`` sets up
+    py-libp2p's logging itself (and filters them below ``--log-level info``): left alone."""
+    libp2p_logger = logging.getLogger("libp2p")
+    if libp2p_logger.handlers or libp2p_logger.propagate:
+        return
+    for name in PEER_FAILURE_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _PeerFailuresAsDebug) for f in logger.filters):
+            logger.addFilter(_PeerFailuresAsDebug())
+
+
 class Libp2pNetwork:
     """A running py-libp2p host with DHT and GossipSub, behind the :class:`Network` port."""
 
@@ -466,6 +506,7 @@ class Libp2pNetwork:
     ) -> AsyncIterator[Libp2pNetwork]:
         """Start a host listening on ``settings.listen_addrs``; stop it on exit."""
         settings = settings or HostSettings()
+        quiet_peer_failures_when_embedded()
         # Messages of megabytes arrive as new bytes objects and jobs allocate large outputs:
         # keep freed memory for reuse, and fault fresh pages in without on-the-spot
         # compaction (mtor_p2p/memory.py).

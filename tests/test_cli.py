@@ -244,6 +244,10 @@ def test_devnet_of_8_converges_restarts_a_killed_peer_keeps_a_stopped_one_and_ct
         time.sleep(1.5)  # the devnet polls its peers 5 times a second: room to repeat itself
         assert not pid_alive(stopped["pid"])
         assert not (Path(stopped["data_dir"]) / INFO_FILE_NAME).exists()
+        # Its hint says how to bring it back (starting its devnet again while it runs fails).
+        asked = mtor("status", "--data-dir", stopped["data_dir"])
+        assert asked.returncode == 3
+        assert "stopped while its devnet runs on: the devnet starts it again" in asked.stderr
         # Data directories are private from the start: the nodes had nothing to tighten.
         for peer in peers:
             data_dir = Path(peer["data_dir"])

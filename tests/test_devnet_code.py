@@ -68,3 +68,24 @@ def test_a_second_devnet_on_a_directory_in_use_leaves_the_running_one_alone(
     assert result.returncode == 7, result.stderr
     assert "is in use by pid" in result.stderr and "another devnet?" in result.stderr
     assert info.exists() and not (tmp_path / "net" / "genesis.json").exists()
+
+
+def test_a_peer_that_fails_to_start_is_reported_with_the_error_it_logged(tmp_path):
+    """The devnet repeats the peer's own one-line error (a new user had to open peer.log to
+    read why), and only the last such line, without the log's noise around it."""
+    from mtor_p2p.devnet import PeerFailed
+
+    log = tmp_path / "peer.log"
+    log.write_text(
+        "2026-12-06 WARNING mtor_kernels.backend: no usable GPU\n"
+        "mtor-peer: error: an older complaint\n"
+        "mtor-peer: error: /x/ledger.sqlite was written under ledger rules '3'; upgrade\n"
+        "\n"
+    )
+    failed = PeerFailed(2, 2, log)
+    assert failed.code == 2
+    assert str(failed) == (
+        f"peer 2 exited with 2: /x/ledger.sqlite was written under ledger rules '3'; upgrade "
+        f"(see {log})"
+    )
+    assert str(PeerFailed(1, 1, tmp_path / "missing.log")).startswith("peer 1 exited with 1 (")

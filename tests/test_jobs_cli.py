@@ -96,7 +96,7 @@ async def test_progress_comes_from_the_jobs_own_attempts_and_cancel_stops_it() -
         assert state["shape"] == [8, 4, 2] and state["kernel"] == "matmul"
         line = format_job_line(state)
         assert line.startswith(f"{first['id']}: [######..................] 1/4 shards, ")
-        assert "1 worker(s), 1 verified, 1 rejected, 1 re-issued, running" in line
+        assert "1 worker(s), 1 check(s) passed, 1 rejected, 1 re-issued, running" in line
         # A running job asked for "auto" is named by the check it stands for, as it will be
         # once done (it said "verify auto" while running, "verify freivalds" after).
         assert state["verify"] == "auto" and state["verification"] == "freivalds"

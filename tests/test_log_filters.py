@@ -21,3 +21,31 @@ def test_a_dht_stream_closed_cleanly_is_not_a_warning_but_other_failures_are() -
     assert quiet.filter(record(dht, failed, ValueError("bad varint")))
     assert quiet.filter(record(dht, "DHT message too large (max %s bytes)", 1))
     assert quiet.filter(record("mtor_p2p.node", failed, StreamEOF()))
+
+
+def test_an_embedding_program_does_not_get_peer_failures_as_bare_warnings() -> None:
+    """A program that embeds the library and leaves py-libp2p's logging as py-libp2p set it up
+    gets a dial failure at DEBUG, not on stderr through Python's last-resort handler; its
+    CRITICAL lines, and warnings of other py-libp2p loggers, still show. A separate
+    interpreter: logging's set-up is global to a process."""
+    import subprocess
+    import sys
+
+    program = """
+import logging
+import libp2p  # its own logging set-up: no handler, no propagation
+from mtor_p2p.libp2p_host import quiet_peer_failures_when_embedded
+quiet_peer_failures_when_embedded()
+quiet_peer_failures_when_embedded()  # once per host; filters are not stacked
+tcp = logging.getLogger("libp2p.transport.tcp.tcp")
+assert len(tcp.filters) == 1
+tcp.error("Failed to open TCP stream: all attempts to connect to 127.0.0.1:1 failed")
+tcp.critical("critical stays")
+logging.getLogger("libp2p.pubsub.gossipsub").warning("other loggers stay")
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", program], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Failed to open TCP stream" not in result.stderr
+    assert "critical stays" in result.stderr and "other loggers stay" in result.stderr

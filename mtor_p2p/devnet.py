@@ -79,8 +79,10 @@ def _last_error(log_path: Path) -> str | None:
         return None
     for line in reversed(lines):
         if line.startswith("mtor-peer: "):
-            text = line.removeprefix("mtor-peer: ").removeprefix("error: ")
-            return text[:300]
+            text = line.removeprefix("mtor-peer: ").removeprefix("error: ")[:300]
+            # Printed to the user's terminal: no control characters from whatever the log
+            # held (a logged message may carry text a remote peer chose).
+            return "".join(ch if ch.isprintable() else "?" for ch in text)
     return None
 
 

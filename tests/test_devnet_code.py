@@ -89,3 +89,5 @@ def test_a_peer_that_fails_to_start_is_reported_with_the_error_it_logged(tmp_pat
         f"(see {log})"
     )
     assert str(PeerFailed(1, 1, tmp_path / "missing.log")).startswith("peer 1 exited with 1 (")
+    log.write_text("mtor-peer: error: \x1b]0;owned\x07 bad\n")
+    assert "\x1b" not in str(PeerFailed(3, 1, log)) and "? bad" in str(PeerFailed(3, 1, log))

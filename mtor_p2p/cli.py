@@ -399,6 +399,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     lock = DataDirLock(config.data_dir)
     lock.acquire()
     try:
+        from mtor_p2p.ledger.store import LEDGER_FILE_NAME, check_ledger_file
+
+        # Before the ports, the logging and the GPU probe: a ledger this version refuses is
+        # said first and alone (a new user saw two warnings before it).
+        check_ledger_file(config.data_dir / LEDGER_FILE_NAME)
         _probe_ports(config)
         _setup_logging(config.log_level, log_format=config.log_format, config=config)
         return _run_node(args, config, lock)
@@ -920,10 +925,10 @@ def _print_proof(proof: dict[str, Any], holds: bool) -> None:
         # Finality is judged on the signers' weight when the epoch began (stake counts from
         # the epoch after it is placed), not their weight now, shown below.
         finality = (
-            "not final: when its epoch began its signers' weight was under the quorum (weight: "
-            "stake net of debt, counted from the epoch after the stake; a staker in debt then "
-            "had none; more signatures may come, and an epoch in which the first stakes were "
-            "placed never is final)"
+            "not final yet: its signers did not hold enough stake when its epoch began. "
+            "Stake counts from the epoch after it is placed, less the staker's debt, and more "
+            "signatures may still come. The epoch in which a network's first stakes were "
+            "placed never becomes final: later ones can"
         )
     print(f"entry        {proof['entry']}  ({proof['kind']}, epoch {proof['epoch']})")
     print(f"checkpoint   {proof['checkpoint_entry'][:16]}…  {finality}")

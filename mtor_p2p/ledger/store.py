@@ -176,6 +176,13 @@ def _recorded_rules(path: Path) -> Any:
     return None if row is None else row[0]
 
 
+def check_ledger_file(path: Path) -> None:
+    """Raise LedgerError if the ledger file at ``path`` follows rules this version does not
+    know, reading it without writing anything (a missing file passes): what a node checks
+    before it starts anything, so that its refusal is its first and only line."""
+    _check_rules(path, _recorded_rules(path))
+
+
 def _check_rules(path: Path, rules: Any) -> None:
     """Raise LedgerError unless ``rules`` (a file's record, None for none) is this version's
     or an older one: folded under this version's rules, the entries of a file of newer ones
@@ -188,7 +195,7 @@ def _check_rules(path: Path, rules: Any) -> None:
     shown = str(rules)[:20] + ("..." if len(str(rules)) > 20 else "")
     raise LedgerError(
         f"{path} was written under ledger rules {shown!r}; this version of MTOR follows rules "
-        f"{LEDGER_RULES} (upgrade MTOR, or use another data directory)"
+        f"{LEDGER_RULES} (upgrade MTOR: git pull in its checkout; or use another data directory)"
     )
 
 

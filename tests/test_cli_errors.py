@@ -341,3 +341,19 @@ def test_a_ledger_file_of_newer_rules_stops_every_command_that_opens_it(tmp_path
     db = sqlite3.connect(tmp_path / "node" / "ledger.sqlite")
     assert db.execute("SELECT value FROM meta WHERE key = 'rules'").fetchone() == ("99",)
     db.close()
+
+
+def test_a_ledger_file_that_is_no_database_is_refused_as_data_not_as_a_bug(tmp_path):
+    """A damaged ledger.sqlite (here: text) was "unexpected error ... a bug" (exit 1); it is
+    the data's fault, said in one line with what to do (exit 2), and left as it was."""
+    node = tmp_path / "node"
+    assert mtor("id", "--data-dir", str(node)).returncode == 0
+    (node / "ledger.sqlite").write_bytes(b"not a database " * 40)
+    (node / "ledger.sqlite").chmod(0o600)  # as the node makes it (else it says it tightened it)
+    for command in (["balance"], ["run", "--listen", "/ip4/127.0.0.1/tcp/0"]):
+        result = mtor(*command, "--data-dir", str(node))
+        assert result.returncode == 2, (command, result.stderr)
+        assert "is not a readable ledger (file is not a database): move it aside" in one_line(
+            result
+        )
+    assert (node / "ledger.sqlite").read_bytes() == b"not a database " * 40

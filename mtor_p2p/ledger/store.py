@@ -171,6 +171,14 @@ def _recorded_rules(path: Path) -> Any:
             if has_meta
             else None
         )
+    except sqlite3.OperationalError:  # busy, out of memory...: not the file's fault
+        raise
+    except sqlite3.DatabaseError as exc:  # not a database, or a damaged one
+        # Said as the data's fault, with what to do (it was "unexpected error ... a bug").
+        raise LedgerError(
+            f"{path} is not a readable ledger ({exc}): move it aside, and the node starts "
+            "a new one, which its peers fill again by sync"
+        ) from None
     finally:
         db.close()
     return None if row is None else row[0]

@@ -2508,11 +2508,15 @@ def _start_hint(args: argparse.Namespace) -> str:
     data_dir = getattr(args, "data_dir", None)
     if data_dir is not None:
         peer = Path(data_dir)
-        if peer.name.startswith("peer-") and (peer.parent / GENESIS_FILE_NAME).exists():
+        devnet_peer = re.compile(r"peer-[0-9]+")  # the devnet's names, peer-0 to peer-N
+        if devnet_peer.fullmatch(peer.name) and (peer.parent / GENESIS_FILE_NAME).exists():
             from mtor_p2p.datadir import lock_owner
 
             devnet = f"{invoked_as()} devnet --data-dir {shlex.quote(str(peer.parent))}"
-            if any(lock_owner(p) is not None for p in peer.parent.glob("peer-*") if p != peer):
+            siblings = [
+                p for p in peer.parent.glob("peer-*") if p != peer and devnet_peer.fullmatch(p.name)
+            ]
+            if any(lock_owner(p) is not None for p in siblings):
                 # Its devnet still runs (a new user followed the hint below into exit 7).
                 return (
                     "a devnet's peer, stopped while its devnet runs on: the devnet starts it "

@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -59,22 +60,28 @@ MAX_RESTARTS = 3
 class PeerFailed(RuntimeError):
     """A devnet's peer exited while starting: its exit code and the error it logged."""
 
-    def __init__(self, index: int, code: int, log_path: Path) -> None:
+    def __init__(self, index: int, code: int, log_path: Path, log_start: int = 0) -> None:
         self.code = code
-        why = _last_error(log_path)
+        why = _last_error(log_path, log_start)
         super().__init__(
-            f"peer {index} exited with {code}" + (f": {why}" if why else "") + f" (see {log_path})"
+            f"peer {index} exited ({describe_exit(code)})"
+            + (f": {why}" if why else "")
+            + f" (see {log_path})"
         )
 
 
-def _last_error(log_path: Path) -> str | None:
+def _last_error(log_path: Path, start: int = 0) -> str | None:
     """The one-line error a peer's ``mtor-peer`` printed last to its log (``mtor-peer: ...``,
-    its prefix left out), or None: what a devnet repeats when the peer fails to start (a new
-    user had to open the log to read "...written under ledger rules 3...")."""
+    its prefix left out) after offset ``start`` (where this run of the peer began), or None:
+    what a devnet repeats when the peer fails to start (a new user had to open the log to
+    read "...written under ledger rules 3...")."""
     try:
-        with open(log_path, "rb") as log:
-            log.seek(max(0, os.fstat(log.fileno()).st_size - 8192))
-            lines = log.read().decode("utf-8", "replace").splitlines()
+        fd = os.open(log_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        with open(fd, "rb") as log:
+            if not stat.S_ISREG(os.fstat(log.fileno()).st_mode):
+                return None
+            log.seek(max(start, os.fstat(log.fileno()).st_size - 8192))
+            lines = log.read(8192).decode("utf-8", "replace").splitlines()
     except OSError:
         return None
     for line in reversed(lines):
@@ -119,6 +126,8 @@ class Devnet:
         self.log_format = log_format
         self.processes: list[subprocess.Popen[bytes]] = []
         self.peers: list[DevnetPeer] = []
+        #: Where each peer's log ended when its process was started: its errors are after.
+        self.log_starts: dict[int, int] = {}
 
     def write_genesis(self, peers: int) -> Path:
         """The devnet's genesis: credits for every peer and short epochs, so that a user sees
@@ -187,6 +196,10 @@ class Devnet:
         if bootstrap:
             command += ["--bootstrap", bootstrap]
         log = open_private_log(data_dir / "peer.log")
+        # The log is appended to across runs: an error left by an earlier one is not this
+        # run's (a hostile review: a peer killed without a word was reported with last
+        # week's refusal).
+        self.log_starts[index] = os.fstat(log.fileno()).st_size
         process = subprocess.Popen(
             command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True,  # Ctrl-C reaches the devnet, which then stops peers in order
@@ -200,7 +213,12 @@ class Devnet:
         info_path = Path(peer.data_dir) / INFO_FILE_NAME
         while time.monotonic() < deadline:
             if process.poll() is not None:
-                raise PeerFailed(peer.index, process.returncode, Path(peer.data_dir) / "peer.log")
+                raise PeerFailed(
+                    peer.index,
+                    process.returncode,
+                    Path(peer.data_dir) / "peer.log",
+                    self.log_starts.get(peer.index, 0),
+                )
             if info_path.exists():
                 try:
                     info = json.loads(info_path.read_text())

@@ -433,29 +433,37 @@ PEER_FAILURE_LOGGERS = (
 )
 
 
-class _PeerFailuresAsDebug(logging.Filter):
-    """Reports a peer-caused failure (see PEER_FAILURE_LOGGERS) at DEBUG, below CRITICAL."""
+class _PeerFailuresUnheard(logging.Filter):
+    """Drops a peer-caused failure's line (see PEER_FAILURE_LOGGERS, WARNING to ERROR) that
+    no handler would take but Python's last-resort one, which prints it bare on stderr; any
+    handler anywhere on its way (the program's, ``mtor-peer``'s) gets it unchanged. Decided
+    per line, so logging set up after the host started is honoured."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if logging.WARNING <= record.levelno < logging.CRITICAL:
-            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
-        return True
+        if not logging.WARNING <= record.levelno < logging.CRITICAL:
+            return True
+        logger: logging.Logger | None = logging.getLogger(record.name)
+        while logger is not None:  # as Logger.callHandlers walks it
+            if logger.handlers:
+                return True
+            if not logger.propagate:
+                return False
+            logger = logger.parent
+        return False
 
 
 def quiet_peer_failures_when_embedded() -> None:
-    """In a program that embeds the library and left py-libp2p's logging as py-libp2p set it
-    up (no handler, no propagation), its warnings reach Python's bare last-resort handler: a
+    """In a program that embeds the library and leaves py-libp2p's logging as py-libp2p set it
+    up (no handler, no propagation), its warnings reached Python's bare last-resort handler: a
     library example printed eight "Failed to open TCP stream: ..." lines, without a logger's
     name, for a devnet peer that had been stopped, though the job went on and succeeded (a
-    new user's walkthrough). There, such lines are reported at DEBUG. ``mtor-peer`` sets up
-    py-libp2p's logging itself (and filters them below ``--log-level info``): left alone."""
-    libp2p_logger = logging.getLogger("libp2p")
-    if libp2p_logger.handlers or libp2p_logger.propagate:
-        return
+    new user's walkthrough). Such lines are now dropped when nothing else would take them
+    (:class:`_PeerFailuresUnheard`); a program that sets up logging, and ``mtor-peer``, get
+    them as before. Idempotent."""
     for name in PEER_FAILURE_LOGGERS:
         logger = logging.getLogger(name)
-        if not any(isinstance(f, _PeerFailuresAsDebug) for f in logger.filters):
-            logger.addFilter(_PeerFailuresAsDebug())
+        if not any(isinstance(f, _PeerFailuresUnheard) for f in logger.filters):
+            logger.addFilter(_PeerFailuresUnheard())
 
 
 class Libp2pNetwork:

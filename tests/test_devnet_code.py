@@ -85,9 +85,17 @@ def test_a_peer_that_fails_to_start_is_reported_with_the_error_it_logged(tmp_pat
     failed = PeerFailed(2, 2, log)
     assert failed.code == 2
     assert str(failed) == (
-        f"peer 2 exited with 2: /x/ledger.sqlite was written under ledger rules '3'; upgrade "
-        f"(see {log})"
+        "peer 2 exited (exit code 2): /x/ledger.sqlite was written under ledger rules '3'; "
+        f"upgrade (see {log})"
     )
-    assert str(PeerFailed(1, 1, tmp_path / "missing.log")).startswith("peer 1 exited with 1 (")
-    log.write_text("mtor-peer: error: \x1b]0;owned\x07 bad\n")
+    missing = str(PeerFailed(1, 1, tmp_path / "missing.log"))
+    assert missing.startswith("peer 1 exited (exit code 1) (see ")
+    # Only this run's part of the log: a peer killed without a word, in a log holding an
+    # earlier run's refusal, is not reported with that refusal.
+    this_run = log.stat().st_size
+    with log.open("a") as more:
+        more.write("Traceback (most recent call last):\n")
+    killed = str(PeerFailed(0, -9, log, this_run))
+    assert killed == f"peer 0 exited (-9: killed by SIGKILL) (see {log})"
+    log.write_text("mtor-peer: error: \x1b]0;owned\x07 bad\n")  # from the start: offset 0
     assert "\x1b" not in str(PeerFailed(3, 1, log)) and "? bad" in str(PeerFailed(3, 1, log))

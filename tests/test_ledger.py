@@ -870,3 +870,34 @@ def test_an_inclusion_proof_survives_json_and_malformed_ones_are_refused():
     ):
         with pytest.raises(ValueError):
             InclusionProof.from_json(bad)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        "CREATE TABLE t (k, v); CREATE VIEW meta AS SELECT k AS key, v AS value FROM t",
+        "CREATE TABLE meta (a TEXT, b TEXT)",
+        "fifo",
+        "text",
+    ],
+)
+def test_a_file_that_is_no_ledger_is_refused_as_such_and_left_alone(tmp_path, make):
+    """A hand-made or damaged ledger.sqlite (a ``meta`` view, a ``meta`` without the ledger's
+    columns, a FIFO, text) is refused with LedgerError before anything writes to it: the CLI
+    says it in one line (exit 2) rather than "unexpected error ... a bug", and a FIFO does
+    not hold the open (a hostile review)."""
+    import sqlite3
+
+    path = tmp_path / "ledger.sqlite"
+    if make == "fifo":
+        os.mkfifo(path)
+    elif make == "text":
+        path.write_bytes(b"no database here " * 100)
+    else:
+        db = sqlite3.connect(path)
+        db.executescript(make)
+        db.close()
+    before = None if make == "fifo" else path.read_bytes()
+    with pytest.raises(LedgerError, match=r"not a (readable |regular |)(ledger|file)"):
+        open_ledger(tmp_path, genesis([1000, 0, 0, 0]))
+    assert before is None or path.read_bytes() == before

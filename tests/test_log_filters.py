@@ -25,27 +25,42 @@ def test_a_dht_stream_closed_cleanly_is_not_a_warning_but_other_failures_are() -
 
 def test_an_embedding_program_does_not_get_peer_failures_as_bare_warnings() -> None:
     """A program that embeds the library and leaves py-libp2p's logging as py-libp2p set it up
-    gets a dial failure at DEBUG, not on stderr through Python's last-resort handler; its
-    CRITICAL lines, and warnings of other py-libp2p loggers, still show. A separate
-    interpreter: logging's set-up is global to a process."""
+    does not get a dial failure on stderr through Python's last-resort handler; its CRITICAL
+    lines, and warnings of other py-libp2p loggers, still show. A handler of the program's
+    own gets the line unchanged, and so does logging set up after the host started (a hostile
+    review: the first version rewrote such lines to DEBUG for good). A separate interpreter:
+    logging's set-up is global to a process."""
     import subprocess
     import sys
 
     program = """
-import logging
+import logging, sys
 import libp2p  # its own logging set-up: no handler, no propagation
 from mtor_p2p.libp2p_host import quiet_peer_failures_when_embedded
 quiet_peer_failures_when_embedded()
 quiet_peer_failures_when_embedded()  # once per host; filters are not stacked
 tcp = logging.getLogger("libp2p.transport.tcp.tcp")
 assert len(tcp.filters) == 1
-tcp.error("Failed to open TCP stream: all attempts to connect to 127.0.0.1:1 failed")
+tcp.error("Failed to open TCP stream: unheard")
 tcp.critical("critical stays")
 logging.getLogger("libp2p.pubsub.gossipsub").warning("other loggers stay")
+seen = []
+class Keep(logging.Handler):
+    def emit(self, record):
+        seen.append((record.levelname, record.getMessage()))
+swarm = logging.getLogger("libp2p.network.swarm")
+swarm.addHandler(Keep(logging.WARNING))
+swarm.error("peer id mismatch")
+assert seen == [("ERROR", "peer id mismatch")], seen
+# Logging set up later: the program's handlers get the lines at their own level.
+logging.getLogger("libp2p").propagate = True
+logging.basicConfig(stream=sys.stdout, format="%(levelname)s %(name)s %(message)s")
+tcp.error("Failed to open TCP stream: heard")
 """
     result = subprocess.run(
         [sys.executable, "-c", program], capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stderr
-    assert "Failed to open TCP stream" not in result.stderr
+    assert "unheard" not in result.stderr + result.stdout
     assert "critical stays" in result.stderr and "other loggers stay" in result.stderr
+    assert "ERROR libp2p.transport.tcp.tcp Failed to open TCP stream: heard" in result.stdout

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import re
 import sqlite3
+import stat
 import threading
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -155,30 +156,62 @@ class CheckpointInfo:
         }
 
 
+#: SQLite's result codes that say nothing of the file itself: busy, locked, out of memory.
+_TRANSIENT_SQLITE_CODES = frozenset({5, 6, 7})
+
+
+def _not_the_files_fault(exc: sqlite3.Error) -> bool:
+    """Whether SQLite's error ``exc`` is the moment's (busy, locked, out of memory), not the
+    file's, so that it is raised as it is rather than as an unreadable ledger."""
+    return getattr(exc, "sqlite_errorcode", None) in _TRANSIENT_SQLITE_CODES
+
+
+def _unreadable(path: Path, exc: BaseException) -> LedgerError:
+    return LedgerError(
+        f"{path} is not a readable ledger ({exc}): move it aside, and the node starts a new "
+        "one, which its peers fill again by sync"
+    )
+
+
 def _recorded_rules(path: Path) -> Any:
     """The ledger rules recorded in the ledger file at ``path`` (see :data:`LEDGER_RULES`),
-    read without writing anything there; None for a file without the record (none yet, or
-    one of a version before it). Raises ``sqlite3.Error`` for a file that is no database."""
-    if not path.is_file() or path.stat().st_size == 0:
-        return None
-    db = read_only_sqlite(path)
+    read without writing anything to it (a WAL file's ``-shm`` may be made beside it, as any
+    reader makes it); None for a file without the record (none yet, or one of a version
+    before it), or a symbolic link (refused where the node opens it, as before). LedgerError
+    for something that is no ledger (not a regular file, not a database, a ``meta`` of
+    another shape); OSError (permission denied) as the system says it."""
     try:
-        has_meta = db.execute(
-            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
-        ).fetchone()
-        row = (
-            db.execute("SELECT value FROM meta WHERE key = 'rules'").fetchone()
-            if has_meta
-            else None
-        )
-    except sqlite3.OperationalError:  # busy, out of memory...: not the file's fault
-        raise
-    except sqlite3.DatabaseError as exc:  # not a database, or a damaged one
-        # Said as the data's fault, with what to do (it was "unexpected error ... a bug").
-        raise LedgerError(
-            f"{path} is not a readable ledger ({exc}): move it aside, and the node starts "
-            "a new one, which its peers fill again by sync"
-        ) from None
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    if stat.S_ISLNK(info.st_mode):
+        return None
+    if not stat.S_ISREG(info.st_mode):  # a FIFO would hold the open, a device be read
+        raise LedgerError(f"{path} is not a regular file: move it aside")
+    if info.st_size == 0:
+        return None
+    os.close(os.open(path, os.O_RDONLY | os.O_NOFOLLOW))  # unreadable: said as the OS says it
+    try:
+        db = read_only_sqlite(path)
+    except sqlite3.Error as exc:
+        if _not_the_files_fault(exc):
+            raise
+        raise _unreadable(path, exc) from None
+    try:
+        # Table names are case-blind in SQL: "META" is the table ``meta`` names.
+        kinds = [
+            kind
+            for (kind,) in db.execute("SELECT type FROM sqlite_master WHERE lower(name) = 'meta'")
+        ]
+        if not kinds:
+            return None
+        if kinds != ["table"]:
+            raise LedgerError(f"{path} is not a ledger: its meta is a {kinds[0]}, not a table")
+        row = db.execute("SELECT value FROM meta WHERE key = 'rules'").fetchone()
+    except sqlite3.Error as exc:  # not a database, a damaged one, a meta of another shape
+        if _not_the_files_fault(exc):
+            raise
+        raise _unreadable(path, exc) from None
     finally:
         db.close()
     return None if row is None else row[0]
@@ -235,41 +268,18 @@ class Ledger:
         # 0600 before SQLite opens it: its -wal and -shm files then get the same mode.
         private_sqlite(path)
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")  # acknowledged means on disk
-        self._db.executescript(SCHEMA)
-        with sqlite_transaction(self._db):  # both rows or neither (a crash between them)
-            held = self._meta("genesis")
-            if held is None:
-                self._db.execute("INSERT INTO meta VALUES ('genesis', ?)", (self.genesis_hash,))
-                self._db.execute(
-                    "INSERT INTO meta VALUES ('fault_columns', ?)", (FAULT_COLUMNS_VERSION,)
-                )
-                self._db.execute(
-                    "INSERT INTO meta VALUES ('instance', ?)", (instance or os.urandom(8).hex(),)
-                )
-                self._db.execute("INSERT INTO meta VALUES ('rules', ?)", (str(LEDGER_RULES),))
-        if held is not None and held != self.genesis_hash:
+        try:
+            self._prepare_file(instance)
+        except sqlite3.DatabaseError as exc:
             self._db.close()
-            raise LedgerError(
-                f"{self.path} belongs to the network with genesis {held[:16]}..., not "
-                f"{self.genesis_hash[:16]}... (use that genesis or another data directory)"
-            )
-        rules = self._meta("rules")
-        try:  # again, on this connection: the file may have changed since it was read
-            _check_rules(self.path, rules)
-        except LedgerError:
+            if _not_the_files_fault(exc):
+                raise
+            # A hand-made or damaged file (a ``meta`` of another shape...): the data's fault,
+            # said as such (a hostile review found "unexpected error ... a bug" for them).
+            raise _unreadable(self.path, exc) from None
+        except BaseException:
             self._db.close()
             raise
-        self.instance = self._meta("instance") or ""
-        self._refresh_fault_columns()
-        if rules != str(LEDGER_RULES):
-            # A file of older rules (or of a version before the record): its stored fault
-            # proofs were just given this version's columns; from now on it is this one's.
-            with sqlite_transaction(self._db):
-                self._db.execute(
-                    "INSERT OR REPLACE INTO meta VALUES ('rules', ?)", (str(LEDGER_RULES),)
-                )
         # A peer's BLS key is the one in its earliest stake entry, by (at, id): chosen from the
         # entry set, never from the order of arrival, so every peer agrees on it.
         self._keys: dict[str, tuple[tuple[float, str], bytes]] = {}
@@ -293,6 +303,41 @@ class Ledger:
         self._parked: dict[str, bytes] = {}  # entry ID -> wire, oldest first
         for (wire,) in self._db.execute("SELECT wire FROM entries WHERE kind = 'checkpoint'"):
             self._remember_checkpoint(decode_entry(bytes(wire), self.genesis_hash))
+
+    def _prepare_file(self, instance: str | None) -> None:
+        """Set the opened file up (journal, schema, its first rows) and check that it is this
+        network's, under rules this version knows (LedgerError otherwise)."""
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")  # acknowledged means on disk
+        self._db.executescript(SCHEMA)
+        with sqlite_transaction(self._db):  # both rows or neither (a crash between them)
+            held = self._meta("genesis")
+            if held is None:
+                self._db.execute("INSERT INTO meta VALUES ('genesis', ?)", (self.genesis_hash,))
+                self._db.execute(
+                    "INSERT INTO meta VALUES ('fault_columns', ?)", (FAULT_COLUMNS_VERSION,)
+                )
+                self._db.execute(
+                    "INSERT INTO meta VALUES ('instance', ?)", (instance or os.urandom(8).hex(),)
+                )
+                self._db.execute("INSERT INTO meta VALUES ('rules', ?)", (str(LEDGER_RULES),))
+        if held is not None and held != self.genesis_hash:
+            raise LedgerError(
+                f"{self.path} belongs to the network with genesis {held[:16]}..., not "
+                f"{self.genesis_hash[:16]}... (use that genesis or another data directory)"
+            )
+        rules = self._meta("rules")
+        # Again, on this connection: the file may have changed since it was read.
+        _check_rules(self.path, rules)
+        self.instance = self._meta("instance") or ""
+        self._refresh_fault_columns()
+        if rules != str(LEDGER_RULES):
+            # A file of older rules (or of a version before the record): its stored fault
+            # proofs were just given this version's columns; from now on it is this one's.
+            with sqlite_transaction(self._db):
+                self._db.execute(
+                    "INSERT OR REPLACE INTO meta VALUES ('rules', ?)", (str(LEDGER_RULES),)
+                )
 
     def _remember_checkpoint(self, entry: Entry) -> None:
         self._checkpoints.setdefault(entry.epoch, []).append(

@@ -179,24 +179,19 @@ class _PeerFailureNoise(logging.Filter):
     handles (a dial to an unreachable address, a protocol a peer lacks, a relay's stream
     closed by its peer, a hole punch that did not land), below ``level`` INFO: behind a NAT
     they come by the dozen a minute and say nothing is wrong. Our own modules report what
-    matters (``reachable`` in status, a failed punch, a refused reservation)."""
+    matters (``reachable`` in status, a failed punch, a refused reservation). ``noisy``: the
+    loggers (``mtor_p2p.libp2p_host.PEER_FAILURE_LOGGERS``, which an embedding program's
+    filter names too)."""
 
-    NOISY = (
-        "libp2p.relay.circuit_v2",
-        "libp2p.transport.tcp",
-        "libp2p.host.basic_host",
-        "libp2p.kad_dht.utils",
-        "libp2p.network.swarm",
-    )
-
-    def __init__(self, level: int) -> None:
+    def __init__(self, level: int, noisy: tuple[str, ...]) -> None:
         super().__init__()
         self.quiet = level > logging.INFO
+        self.noisy = frozenset(noisy)
 
     def filter(self, record: logging.LogRecord) -> bool:
         if not self.quiet or record.levelno >= logging.CRITICAL:
             return True
-        return not record.name.startswith(self.NOISY)
+        return record.name not in self.noisy
 
 
 def _setup_logging(
@@ -249,9 +244,11 @@ def _setup_logging(
     libp2p_logger.handlers.clear()
     libp2p_logger.propagate = True
     libp2p_logger.setLevel(libp2p_level)
+    from mtor_p2p.libp2p_host import PEER_FAILURE_LOGGERS  # py-libp2p is imported by now
+
     for handler in handlers:
         handler.addFilter(_LevelFloor("libp2p", libp2p_level))
-        handler.addFilter(_PeerFailureNoise(numeric))
+        handler.addFilter(_PeerFailureNoise(numeric, PEER_FAILURE_LOGGERS))
     return path
 
 

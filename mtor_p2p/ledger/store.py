@@ -48,10 +48,6 @@ from mtor_p2p.wire import RecordError
 
 LEDGER_FILE_NAME = "ledger.sqlite"
 
-#: The form of stored fault proofs' claim and rank columns (Ledger._refresh_fault_columns):
-#: "2" since 2026-12-06 (the claim names the requester; a proof rewarding nobody ranks 5).
-FAULT_COLUMNS_VERSION = "2"
-
 #: A peer may vote again on an epoch whose entry set grew after its vote (late entries), at
 #: most this many times: enough for stragglers, too few to flood the ledger.
 MAX_VOTES_PER_EPOCH = 3
@@ -264,7 +260,7 @@ class Ledger:
         if str(path) != ":memory:":
             # Before anything writes to it (its mode, the journal, the schema): a file this
             # version refuses is left exactly as it was (a hostile review).
-            _check_rules(self.path, _recorded_rules(self.path))
+            check_ledger_file(self.path)
         # 0600 before SQLite opens it: its -wal and -shm files then get the same mode.
         private_sqlite(path)
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
@@ -315,9 +311,6 @@ class Ledger:
             if held is None:
                 self._db.execute("INSERT INTO meta VALUES ('genesis', ?)", (self.genesis_hash,))
                 self._db.execute(
-                    "INSERT INTO meta VALUES ('fault_columns', ?)", (FAULT_COLUMNS_VERSION,)
-                )
-                self._db.execute(
                     "INSERT INTO meta VALUES ('instance', ?)", (instance or os.urandom(8).hex(),)
                 )
                 self._db.execute("INSERT INTO meta VALUES ('rules', ?)", (str(LEDGER_RULES),))
@@ -330,30 +323,23 @@ class Ledger:
         # Again, on this connection: the file may have changed since it was read.
         _check_rules(self.path, rules)
         self.instance = self._meta("instance") or ""
-        self._refresh_fault_columns()
         if rules != str(LEDGER_RULES):
-            # A file of older rules (or of a version before the record): its stored fault
-            # proofs were just given this version's columns; from now on it is this one's.
-            with sqlite_transaction(self._db):
-                self._db.execute(
-                    "INSERT OR REPLACE INTO meta VALUES ('rules', ?)", (str(LEDGER_RULES),)
-                )
+            self._adopt_rules()
 
     def _remember_checkpoint(self, entry: Entry) -> None:
         self._checkpoints.setdefault(entry.epoch, []).append(
             CheckpointLeaves(entry.entry_id, entry.epoch, entry.signers, frozenset(entry.leaves))
         )
 
-    def _refresh_fault_columns(self) -> None:
-        """Give stored fault proofs the claim and rank this version derives from their bytes
+    def _adopt_rules(self) -> None:
+        """Bring a file of older rules (or of a version before the record) to this version's:
+        its stored fault proofs get the claim and rank this version derives from their bytes
         (since 2026-12-06 the claim names the requester, and a proof that rewards nobody ranks
-        after the others): the fold orders and deduplicates by these columns, and
-        ``verify`` compares them with the bytes. Once per file (``meta`` records it; a new
-        file needs none), one row at a time: a proof is re-checked in full to be decoded, and
-        a peer can hold many of up to 16 MiB each (a hostile review: every open re-checked
-        them all, all in memory at once)."""
-        if self._meta("fault_columns") == FAULT_COLUMNS_VERSION:
-            return
+        after the others; the fold orders and deduplicates by these columns, and ``verify``
+        compares them with the bytes), and the file records this version's rules, in one
+        transaction. Once per file, one row at a time: a proof is re-checked in full to be
+        decoded, and a peer can hold many of up to 16 MiB each (a hostile review: every open
+        re-checked them all, all in memory at once)."""
         ids = [row[0] for row in self._db.execute("SELECT id FROM entries WHERE kind = 'fault'")]
         stale = []
         for entry_id in ids:
@@ -371,7 +357,7 @@ class Ledger:
         with sqlite_transaction(self._db):
             self._db.executemany("UPDATE entries SET claim = ?, rank = ? WHERE id = ?", stale)
             self._db.execute(
-                "INSERT OR REPLACE INTO meta VALUES ('fault_columns', ?)", (FAULT_COLUMNS_VERSION,)
+                "INSERT OR REPLACE INTO meta VALUES ('rules', ?)", (str(LEDGER_RULES),)
             )
 
     def _register(self, peer: str, order: tuple[float, str], key: bytes) -> None:

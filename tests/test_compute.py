@@ -22,6 +22,7 @@ from mtor_p2p.compute.protocol import (
 )
 from mtor_p2p.compute.scheduler import JobFailed, JobSpec, _JobRun
 from mtor_p2p.config import NodeConfig
+from mtor_p2p.ledger.names import LEDGER_RULES
 from mtor_p2p.network import RemoteError
 from mtor_p2p.node import Node
 from mtor_p2p.records.arrays import meta_of, pack
@@ -376,7 +377,13 @@ async def test_hostile_requests_get_errors_and_the_worker_keeps_serving(tmp_path
         # Not a message at all, an unknown kernel, an unknown dtype, a shard on missing operands.
         with pytest.raises(RemoteError, match="malformed"):
             await net.request(worker.peer_id, PROTOCOL_RUN, b"\x00\x01garbage")
-        run = {"job_id": "ab" * 32, "shard": 0, "kernel": "rm -rf", "operands": {}}
+        run = {
+            "ledger_rules": LEDGER_RULES,
+            "job_id": "ab" * 32,
+            "shard": 0,
+            "kernel": "rm -rf",
+            "operands": {},
+        }
         with pytest.raises(RemoteError, match="unknown kernel"):
             await net.request(worker.peer_id, PROTOCOL_RUN, pack(run))
         bad_dtype = {"a": {"hash": meta.digest, "dtype": "object", "shape": [8, 8]}}

@@ -19,6 +19,7 @@ import trio.testing
 import mtor_p2p.compute.worker as worker_module
 import mtor_p2p.records.arrays as arrays
 from mtor_p2p.compute.scheduler import SHARED_IN_FLIGHT
+from mtor_p2p.ledger.names import LEDGER_RULES
 from mtor_p2p.network import RemoteError
 from mtor_p2p.node import Node
 from tests.test_virtual_time import ORDERS, cluster, trio_seed  # noqa: F401 (a fixture)
@@ -1117,6 +1118,7 @@ async def test_a_run_carrying_operands_does_not_wait_for_the_others(
         a = RNG.standard_normal((16, 8)).astype("float32")
         b = RNG.standard_normal((8, 4)).astype("float32")
         header = {
+            "ledger_rules": LEDGER_RULES,
             "job_id": "ab" * 32,
             "shard": 0,
             "kernel": "matmul",

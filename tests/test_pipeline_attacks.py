@@ -18,6 +18,7 @@ import trio.testing
 from mtor_p2p.compute import client
 from mtor_p2p.compute.protocol import PROTOCOL_RUN
 from mtor_p2p.compute.worker import CREDIT_REFUSED, OPERAND_WAIT_GRACE
+from mtor_p2p.ledger.names import LEDGER_RULES
 from mtor_p2p.network import NetworkError, RemoteError
 from mtor_p2p.records.arrays import meta_of, pack
 from tests.test_worker_attacks import (
@@ -37,6 +38,7 @@ RNG = np.random.default_rng(77)
 def waiting_run(operands: dict[str, np.ndarray], *, shard: int, job: str) -> bytes:
     """A pipelined run request (``wait_operands``) for ``operands``, quoted at 1.0."""
     header = {
+        "ledger_rules": LEDGER_RULES,
         "job_id": job,
         "shard": shard,
         "kernel": "matmul",

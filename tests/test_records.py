@@ -18,6 +18,7 @@ from mtor_p2p.capacity.record import (
     decode_capacity_record,
 )
 from mtor_p2p.identity import Identity
+from mtor_p2p.ledger.names import LEDGER_RULES
 from mtor_p2p.wire import RecordError, canonical_json, seal
 from tests.conftest import make_record
 
@@ -107,8 +108,12 @@ def test_unknown_or_missing_fields_are_rejected(identity):
         ("seq", -1),
         ("seq", True),
         ("price", "free"),
-        ("schema", 3),
+        ("schema", 4),
         ("schema", True),
+        ("ledger_rules", 0),
+        ("ledger_rules", True),
+        ("ledger_rules", "2"),
+        ("ledger_rules", 10**9),
         ("relay", "yes"),
         ("addrs", "not a list"),
         ("devices", [{"kind": "tpu"}]),
@@ -218,11 +223,29 @@ def test_signature_field_must_be_base64(identity):
 
 def test_schema_1_records_without_relay_are_still_read(identity):
     body = make_record(identity, now=NOW).to_body()
-    del body["relay"]
+    del body["relay"], body["ledger_rules"]
     body["schema"] = 1
     record = decode_capacity_record(seal(identity, RECORD_TYPE, body), now=NOW)
-    assert record.relay is False
+    assert record.relay is False and record.ledger_rules == 1
     body["relay"] = True  # schema 1 has no such field
+    with pytest.raises(RecordError, match="unexpected"):
+        decode_capacity_record(seal(identity, RECORD_TYPE, body), now=NOW)
+
+
+def test_records_state_their_ledger_rules_and_older_schemas_read_as_rules_1(identity):
+    """Every version before schema 3 followed ledger rules 1 and wrote no such field: its
+    records read as rules 1, which a requester of other rules does not schedule
+    (tests/test_compute_rules.py). A schema-3 record must state its rules."""
+    record = make_record(identity, now=NOW)
+    assert record.ledger_rules == LEDGER_RULES and record.schema == 3
+    assert decode_capacity_record(record.sign(identity), now=NOW).ledger_rules == LEDGER_RULES
+    body = record.to_body()
+    del body["ledger_rules"]
+    with pytest.raises(RecordError, match="missing"):
+        decode_capacity_record(seal(identity, RECORD_TYPE, body), now=NOW)
+    body["schema"] = 2
+    assert decode_capacity_record(seal(identity, RECORD_TYPE, body), now=NOW).ledger_rules == 1
+    body["ledger_rules"] = LEDGER_RULES  # schema 2 has no such field
     with pytest.raises(RecordError, match="unexpected"):
         decode_capacity_record(seal(identity, RECORD_TYPE, body), now=NOW)
 

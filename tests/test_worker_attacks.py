@@ -44,11 +44,13 @@ from mtor_p2p.compute.worker import (
     OWED_MEMORY_SECONDS,
     PRICE_MEMORY_SECONDS,
     PRICE_TOLERANCE,
+    RULES_REFUSED,
     RUN_TIMEOUT,
     UPLOAD_IDLE_TIMEOUT,
     WorkerService,
 )
 from mtor_p2p.identity import Identity
+from mtor_p2p.ledger.names import LEDGER_RULES
 from mtor_p2p.memnet import MemNetwork, MemWorld
 from mtor_p2p.network import NetworkError, RemoteError
 from mtor_p2p.records.arrays import OperandStore, meta_of, pack, pack_parts, unpack
@@ -245,6 +247,7 @@ async def test_a_carried_b_is_kept_only_when_its_requester_asks(
         assert await carry("a3" * 32, None) in b.worker.operands
         operands = matmul_operands()
         header = {
+            "ledger_rules": LEDGER_RULES,
             "job_id": "a4" * 32, "shard": 0, "kernel": "matmul", "inline": ["a", "b"],
             "operands": {name: meta_of(x).to_json() for name, x in operands.items()},
             "keep": "b",
@@ -275,6 +278,7 @@ async def test_no_view_of_a_run_request_stays_in_a_small_operand_store(
             }
             order = ["w1", "b1", "b2", "w2", "x"]
             header = {
+                "ledger_rules": LEDGER_RULES,
                 "job_id": f"{i:064x}", "shard": 0, "kernel": "mlp", "inline": order,
                 "operands": {name: meta_of(x).to_json() for name, x in operands.items()},
             }  # fmt: skip
@@ -316,9 +320,51 @@ async def test_a_quote_below_the_workers_price_is_refused(
         # A missing quote is not a licence to charge anything: the worker's own price.
         await client.ensure_operands(alice.network, b.worker_id, operands, timeout=10)
         described = {name: meta_of(a).to_json() for name, a in operands.items()}
-        request = {"job_id": JOB, "shard": 3, "kernel": "matmul", "operands": described}
+        request = {
+            "ledger_rules": LEDGER_RULES,
+            "job_id": JOB,
+            "shard": 3,
+            "kernel": "matmul",
+            "operands": described,
+        }
         await alice.network.request(b.worker_id, PROTOCOL_RUN, pack(request))
         assert b.worker.stats.shards_run == 3
+
+
+async def test_a_requester_of_other_ledger_rules_is_refused(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A run request that states no ledger rules (a version before them: rules 1), other
+    rules, or a value that is no version is refused in one line naming both sides' rules,
+    before anything runs: its receipt would be paid in a ledger this worker never hears. A
+    request through the client states this version's rules and is served."""
+    async with bench(price=1.0) as b:
+        alice = await b.requester("alice")
+        operands = matmul_operands()
+        await client.ensure_operands(alice.network, b.worker_id, operands, timeout=10)
+        described = {name: meta_of(a).to_json() for name, a in operands.items()}
+        request = {
+            "job_id": JOB,
+            "shard": 0,
+            "kernel": "matmul",
+            "operands": described,
+            "max_price": 1.0,
+        }
+        cases: list[tuple[object, str]] = [
+            (None, "1"),
+            (LEDGER_RULES + 1, str(LEDGER_RULES + 1)),
+            (str(LEDGER_RULES), "unreadable"),
+            (True, "unreadable"),
+            (10**40, "unreadable"),
+        ]
+        for rules, stated in cases:
+            header = request if rules is None else {**request, "ledger_rules": rules}
+            with pytest.raises(RemoteError, match=RULES_REFUSED) as refused:
+                await alice.network.request(b.worker_id, PROTOCOL_RUN, pack(header))
+            assert f"rules {LEDGER_RULES}, the requester {stated};" in str(refused.value)
+        assert b.worker.stats.shards_run == 0
+        receipt = await run(b, alice, operands, shard=1, quote=1.0)
+        assert receipt.body.shard == 1 and b.worker.stats.shards_run == 1
 
 
 async def test_a_recently_advertised_price_is_honoured_then_forgotten(
@@ -490,7 +536,13 @@ async def test_a_cancelled_shard_is_not_counted_as_owed(
 
         b.worker.executor.execute = never_finish  # type: ignore[method-assign]
         described = {name: meta_of(a).to_json() for name, a in operands.items()}
-        request = {"job_id": JOB, "shard": 0, "kernel": "matmul", "operands": described}
+        request = {
+            "ledger_rules": LEDGER_RULES,
+            "job_id": JOB,
+            "shard": 0,
+            "kernel": "matmul",
+            "operands": described,
+        }
         with pytest.raises(NetworkError, match="timed out"):
             await alice.network.request(
                 b.worker_id, PROTOCOL_RUN, pack({**request, "max_price": 1.0}), timeout=1
@@ -1201,6 +1253,7 @@ async def test_carried_bytes_that_do_not_match_their_hash_are_refused_and_their_
                 sent["b"] = operands["b"].copy()
                 sent["b"][0, 0] += 1.0  # the bytes sent are not the ones the hash names
             header = {
+                "ledger_rules": LEDGER_RULES,
                 "job_id": job, "shard": 0, "kernel": "matmul", "inline": ["a", "b"],
                 "operands": {name: meta_of(x).to_json() for name, x in operands.items()},
                 "keep": keep,
@@ -1274,6 +1327,7 @@ async def test_checks_beside_the_kernel_back_off_while_they_keep_the_loop_waitin
         mallory = await b.requester("mallory")
         operands = matmul_operands()
         header = {
+            "ledger_rules": LEDGER_RULES,
             "job_id": job_of(mallory), "shard": 0, "kernel": "matmul", "inline": ["a", "b"],
             "operands": {name: meta_of(x).to_json() for name, x in operands.items()},
             "keep": [],

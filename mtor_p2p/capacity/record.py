@@ -18,12 +18,18 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from mtor_p2p.identity import Identity
+from mtor_p2p.ledger.names import LEDGER_RULES
 from mtor_p2p.wire import RecordError, open_envelope, seal
 
 RECORD_TYPE = "mtor/capacity"
-#: Schema 2 added ``relay``; schema-1 records (without it) are still accepted, as relay=False.
-SCHEMA_VERSION = 2
-_SCHEMA_1_FIELDS_MISSING = {"relay"}
+#: Schema 2 added ``relay``; schema 3 ``ledger_rules``. Records of older schemas are still
+#: read: as relay=False and ledger_rules=1 (every version before schema 3 followed rules 1).
+#: Versions before schema 3 refuse schema-3 records, so peers of those versions never
+#: schedule peers of rules 2 or later.
+SCHEMA_VERSION = 3
+_FIELDS_ADDED_AFTER = {1: {"relay", "ledger_rules"}, 2: {"ledger_rules"}, 3: set()}
+#: Largest ledger rules version a record may state (LEDGER_RULES is a small integer).
+_MAX_LEDGER_RULES = 10**9 - 1
 MAX_CAPACITY_RECORD_BYTES = 8 * 1024
 #: A record may not claim to live longer than this; a peer re-announces well before expiry.
 MAX_TTL_SECONDS = 3600.0
@@ -81,6 +87,10 @@ class CapacityRecord:
     #: The peer serves as a circuit relay for peers behind NATs (issue 10). A claim: a node
     #: that tries to reserve on it finds out.
     relay: bool = False
+    #: The ledger rules the peer follows (:data:`~mtor_p2p.ledger.names.LEDGER_RULES`): a
+    #: requester schedules only workers of its own rules, since a receipt between peers of
+    #: different rules would be paid in two ledgers that never hear each other.
+    ledger_rules: int = LEDGER_RULES
     schema: int = field(default=SCHEMA_VERSION)
 
     def to_body(self) -> dict[str, Any]:
@@ -183,9 +193,9 @@ def _device_from_body(item: Any) -> Device:
 def record_from_body(body: dict[str, Any]) -> CapacityRecord:
     """Validate a decoded body field by field and build the record (raises RecordError)."""
     schema = body.get("schema")
-    if schema not in (1, SCHEMA_VERSION) or isinstance(schema, bool):
+    if schema not in _FIELDS_ADDED_AFTER or isinstance(schema, bool):
         raise RecordError(f"unsupported capacity schema {schema!r}")
-    expected = _RECORD_FIELDS - _SCHEMA_1_FIELDS_MISSING if schema == 1 else _RECORD_FIELDS
+    expected = _RECORD_FIELDS - _FIELDS_ADDED_AFTER[schema]
     if set(body) != expected:
         missing = sorted(expected - set(body))
         extra = sorted(set(body) - expected)
@@ -200,6 +210,9 @@ def record_from_body(body: dict[str, Any]) -> CapacityRecord:
     withdrawn = body["withdrawn"]
     if not isinstance(withdrawn, bool):
         raise RecordError("withdrawn must be a boolean")
+    ledger_rules = 1
+    if "ledger_rules" in expected:
+        ledger_rules = _integer(body["ledger_rules"], "ledger_rules", 1, _MAX_LEDGER_RULES)
     return CapacityRecord(
         peer_id=_text(body["peer_id"], "peer_id", limit=64),
         addrs=tuple(_text(a, "addr", limit=256) for a in _list(body["addrs"], "addrs", _MAX_ADDRS)),
@@ -219,6 +232,7 @@ def record_from_body(body: dict[str, Any]) -> CapacityRecord:
         ),
         withdrawn=withdrawn,
         relay=relay,
+        ledger_rules=ledger_rules,
         schema=SCHEMA_VERSION,
     )
 

@@ -6,6 +6,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from mtor_p2p.capacity.record import CapacityRecord
+from mtor_p2p.ledger.names import LEDGER_RULES
 
 GIB = 1 << 30
 
@@ -20,6 +21,11 @@ class CapacityQuery:
     region: str | None = None
     kernel: str | None = None
     max_load: float | None = None
+    #: Only peers following these ledger rules (None: any). A receipt between peers of
+    #: different rules would enter two ledgers that never hear each other (see
+    #: :data:`~mtor_p2p.ledger.names.LEDGER_RULES`), so by default a query finds only the
+    #: peers this version can pay and be paid by.
+    ledger_rules: int | None = LEDGER_RULES
 
     def matches(self, record: CapacityRecord) -> bool:
         """True if ``record`` satisfies every bound of this query."""
@@ -30,6 +36,7 @@ class CapacityQuery:
             and (self.region is None or record.region == self.region)
             and (self.kernel is None or self.kernel in record.kernels)
             and (self.max_load is None or record.load <= self.max_load)
+            and (self.ledger_rules is None or record.ledger_rules == self.ledger_rules)
         )
 
 

@@ -39,6 +39,7 @@ from mtor_p2p.compute.protocol import (
     PROTOCOL_UPLOAD,
     PROTOCOL_UPLOAD_LOCAL,
 )
+from mtor_p2p.ledger.names import LEDGER_RULES
 from mtor_p2p.network import Network, NetworkError, PeerMisbehaved, RemoteError
 from mtor_p2p.records.arrays import (
     HASH_OFF_LOOP_BYTES,
@@ -585,6 +586,7 @@ async def run_shard(
         "shard": shard,
         "kernel": kernel,
         "operands": described,
+        "ledger_rules": LEDGER_RULES,
     }
     if terms is not None:
         header["max_price"] = terms.max_price

@@ -24,7 +24,14 @@ they ignore every field they do not read.
                              cannot use it answers another error and gets chunks this time.
 ``/mtor/compute/has/1``      header {hashes: [...]}                   → {have: [...]}
 ``/mtor/compute/run/1``      header {job_id, shard, kernel, operands: {name: array}, max_price,
-                             wait_operands}
+                             wait_operands, ledger_rules}
+                             ``ledger_rules``: the ledger rules the requester follows
+                             (mtor_p2p.ledger.names.LEDGER_RULES; absent: 1, as every
+                             version before the field). A worker of other rules answers
+                             RULES_REFUSED: the receipt would be paid in a ledger it never
+                             hears. (Workers before the field ignore it; requesters after it
+                             do not schedule them, since their capacity records, of schema
+                             2 or older, state rules 1.)
                              → header {output: array, receipt: b64 worker-signed receipt}
                                and, if the output fits one chunk, the output bytes as body.
                              With ``wait_operands: true`` the request may travel beside the

@@ -48,6 +48,7 @@ from mtor_p2p.compute.reputation import STRAGGLER, PeerBook, Standing
 from mtor_p2p.compute.worker import CREDIT_REFUSED, PRICE_REFUSED
 from mtor_p2p.identity import Identity
 from mtor_p2p.ledger.genesis import NANO
+from mtor_p2p.ledger.names import LEDGER_RULES
 from mtor_p2p.metrics import EventWindow, LatencyBuckets
 from mtor_p2p.network import Network, NetworkError, RemoteError
 from mtor_p2p.records.arrays import BODY_ALIGNMENT, HASH_OFF_LOOP_BYTES, ArrayMeta, meta_of
@@ -1951,7 +1952,13 @@ class Scheduler:
             peer = record.peer_id
             if peer == self.identity.peer_id or peer in chosen or peer in passed:
                 continue
-            if spec.kernel not in record.kernels:
+            if record.ledger_rules != LEDGER_RULES:
+                passed[peer] = (
+                    "ledger rules",
+                    f"follows ledger rules {record.ledger_rules}, this node {LEDGER_RULES} "
+                    "(another MTOR version): their receipts would enter another ledger",
+                )
+            elif spec.kernel not in record.kernels:
                 served = ", ".join(record.kernels) or "none"
                 passed[peer] = ("kernel", f"does not serve {spec.kernel} (serves {served})")
             elif spec.max_price is not None and record.price > spec.max_price:

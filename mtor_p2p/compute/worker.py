@@ -66,6 +66,7 @@ from mtor_p2p.compute.protocol import (
 from mtor_p2p.compute.receipt_store import ReceiptStore
 from mtor_p2p.identity import Identity
 from mtor_p2p.ledger.genesis import NANO
+from mtor_p2p.ledger.names import LEDGER_RULES
 from mtor_p2p.metrics import EventWindow, LatencyBuckets
 from mtor_p2p.network import Network, Payload, RemoteError
 from mtor_p2p.records.arrays import (
@@ -102,6 +103,8 @@ _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 PRICE_REFUSED = "price refused"
 #: How a refusal for lack of credit starts, so that requesters can tell it apart.
 CREDIT_REFUSED = "credit refused"
+#: How a refusal of a requester following other ledger rules starts (see _check_rules).
+RULES_REFUSED = "other ledger rules"
 #: Work done but never countersigned stops counting against a requester's credit after this
 #: and is remembered as unpaid instead.
 OWED_MEMORY_SECONDS = 600.0
@@ -427,6 +430,20 @@ def _header_field(header: dict[str, Any], name: str, kind: type) -> Any:
     if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
         raise RemoteError(f"header field {name!r} missing or of the wrong type")
     return value
+
+
+def _check_rules(header: dict[str, Any]) -> None:
+    """Refuse a run request from a requester following other ledger rules (a header without
+    ``ledger_rules``: a version before them, which followed rules 1). Its receipt would be
+    paid in a ledger this worker's never hears (see :data:`LEDGER_RULES`)."""
+    rules = header.get("ledger_rules", 1)
+    if rules == LEDGER_RULES and type(rules) is int:
+        return
+    stated = rules if type(rules) is int and 0 <= rules < 10**9 else "unreadable"
+    raise RemoteError(
+        f"{RULES_REFUSED}: this worker follows ledger rules {LEDGER_RULES}, the requester "
+        f"{stated}; one of them must upgrade MTOR"
+    )
 
 
 class WorkerService:
@@ -981,6 +998,7 @@ class WorkerService:
         job_id = _header_field(header, "job_id", str)
         if not _HEX64.match(job_id):
             raise RemoteError("job_id must be 64 hex characters")
+        _check_rules(header)
         shard = _header_field(header, "shard", int)
         kernel_name = _header_field(header, "kernel", str)
         try:

@@ -1553,6 +1553,9 @@ def _job_detail(job: dict[str, Any]) -> str:
         what += f"; {job['error']}{_paid_before_the_end(job)}"
     if job.get("job_id"):  # how receipts name it (their JOB column)
         what = f"{job['job_id'][:16]}…  {what}"
+    elif job.get("state") == "running":
+        # The scheduler names a job (the hash receipts carry) once its workers are chosen.
+        what = f"(no job ID yet)   {what}"
     return f"    {what}"
 
 

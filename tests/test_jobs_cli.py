@@ -509,3 +509,14 @@ def test_submit_attention_on_random_inputs_returns_the_numpy_reference(devnet, t
     job = jobs_json(requester)["jobs"][0]
     assert job["kernel"] == "attention" and job["state"] == "done"
     assert job["sizes"] == sizes | {"head_dim_v": 8}
+
+
+def test_a_running_job_without_its_id_yet_says_so_in_the_id_column() -> None:
+    """The scheduler names a job (the hash its receipts carry) once its workers are chosen:
+    until then the second line says so where the ID goes (a new user found it missing)."""
+    choosing = {"state": "running", "kernel": "matmul", "id": "job-1"}
+    assert _job_detail(choosing).startswith("    (no job ID yet)   matmul")
+    named = {**choosing, "job_id": "ab" * 32}
+    assert _job_detail(named).startswith(f"    {'ab' * 8}…  matmul")
+    failed = {"state": "failed", "kernel": "matmul", "id": "job-2", "error": "no workers"}
+    assert _job_detail(failed).startswith("    matmul")

@@ -47,6 +47,7 @@ from mtor_p2p.compute.scheduler import (
 )
 from mtor_p2p.console import format_duration
 from mtor_p2p.ledger.entries import receipt_entry_id
+from mtor_p2p.ledger.names import LEDGER_RULES
 
 if TYPE_CHECKING:
     from mtor_p2p.node import Node
@@ -139,15 +140,18 @@ def _shown_first(node: Node, records: list[CapacityRecord]) -> list[CapacityReco
 
 
 def peers_in_view(node: Node) -> dict[str, Any]:
-    """Every live record but this node's, counted: ``total`` and ``by_region`` (``peers``,
-    ``tflops`` claimed, ``price_median``), cheap enough for 100,000 records."""
+    """Every live record but this node's, counted: ``total``, ``other_ledger_rules`` (of
+    them, peers following other ledger rules: another MTOR version, never scheduled here)
+    and ``by_region`` (``peers``, ``tflops`` claimed, ``price_median``), cheap enough for
+    100,000 records."""
     by_region: dict[str, dict[str, Any]] = {}
     prices: dict[str, list[float]] = {}
-    total = 0
+    total = other_rules = 0
     for record in node.capacity.view.live(node.clock.now()):
         if record.peer_id == node.peer_id:
             continue
         total += 1
+        other_rules += record.ledger_rules != LEDGER_RULES
         entry = by_region.setdefault(record.region, {"peers": 0, "tflops": 0.0})
         entry["peers"] += 1
         entry["tflops"] += record.tflops
@@ -155,7 +159,7 @@ def peers_in_view(node: Node) -> dict[str, Any]:
     for region, entry in by_region.items():
         entry["tflops"] = _num(entry["tflops"])
         entry["price_median"] = _num(statistics.median(prices[region]))
-    return {"total": total, "by_region": by_region}
+    return {"total": total, "other_ledger_rules": other_rules, "by_region": by_region}
 
 
 def peers_view(node: Node, limit: int = MAX_PEERS_SHOWN) -> list[dict[str, Any]]:
@@ -168,7 +172,9 @@ def peers_view(node: Node, limit: int = MAX_PEERS_SHOWN) -> list[dict[str, Any]]
     ``tflops_advertised`` (the record's claim), ``tflops_measured`` (None if never measured),
     ``accepted``, ``rejected`` and ``verified_share`` (accepted / (accepted + rejected) of its
     results checked here; None if none), ``price``, ``load``, ``mem_free``, ``kernels``,
-    ``relay`` (it offers relay service), ``demoted`` (bool), ``demoted_why`` and
+    ``relay`` (it offers relay service), ``ledger_rules`` (the rules it follows) and
+    ``other_ledger_rules`` (they are not this node's: another MTOR version, never scheduled
+    here), ``demoted`` (bool), ``demoted_why`` and
     ``demoted_for_s`` (the peer book's reason and time left; None, 0 if not demoted), and
     ``jobs_here``: what this node's last jobs did with it (``{"jobs", "chosen",
     "passed_over", "reasons", "last"}``, see :func:`plan_history`).
@@ -209,6 +215,8 @@ def peers_view(node: Node, limit: int = MAX_PEERS_SHOWN) -> list[dict[str, Any]]
                 "mem_free": record.mem_free,
                 "kernels": list(record.kernels),
                 "relay": record.relay,
+                "ledger_rules": record.ledger_rules,
+                "other_ledger_rules": record.ledger_rules != LEDGER_RULES,
                 "demoted": why is not None,
                 "demoted_why": why,
                 "demoted_for_s": round(max(0.0, standing.demoted_until - now), 1) if why else 0.0,
@@ -228,8 +236,14 @@ def peers_view(node: Node, limit: int = MAX_PEERS_SHOWN) -> list[dict[str, Any]]
 
 
 def _sellers(node: Node, now: float) -> list[CapacityRecord]:
-    """Other peers that offer work (they serve kernels): requesters only do not sell."""
-    return [r for r in node.capacity.view.live(now) if r.peer_id != node.peer_id and r.kernels]
+    """Other peers that offer work (they serve kernels) to the requesters this node could
+    serve: requesters only do not sell, and workers of other ledger rules sell to other
+    requesters (see CapacityQuery.ledger_rules)."""
+    return [
+        r
+        for r in node.capacity.view.live(now)
+        if r.peer_id != node.peer_id and r.kernels and r.ledger_rules == LEDGER_RULES
+    ]
 
 
 def why_no_work(node: Node) -> dict[str, Any]:

@@ -13,12 +13,18 @@ import dataclasses
 from typing import Any
 
 import numpy as np
+import pytest
 import trio
 import trio.testing
 
 from mtor_p2p.capacity.record import CapacityRecord
 from mtor_p2p.capacity.view import CapacityQuery
+from mtor_p2p.compute.protocol import PROTOCOL_RUN
+from mtor_p2p.compute.scheduler import JobFailed
+from mtor_p2p.compute.worker import RULES_REFUSED
+from mtor_p2p.insight import peers_in_view, peers_view
 from mtor_p2p.ledger.names import LEDGER_RULES
+from mtor_p2p.network import RemoteError
 from tests.test_virtual_time import (  # noqa: F401 (trio_seed: a fixture, autouse there)
     cluster,
     shard_operands,
@@ -59,6 +65,9 @@ async def test_a_worker_of_other_ledger_rules_gets_no_shards(
         found = {r.peer_id for r in requester.capacity.view.query(CapacityQuery(), now)}
         everyone = CapacityQuery(ledger_rules=None)
         found_all = {r.peer_id for r in requester.capacity.view.query(everyone, now)}
+        # The operator's views show it, with its rules, and count it apart.
+        shown = {entry["peer_id"]: entry for entry in peers_view(requester)}
+        counted = peers_in_view(requester)
 
     note = requester.scheduler.plans[-1]
     assert note.chosen == (w1.peer_id,)
@@ -68,3 +77,61 @@ async def test_a_worker_of_other_ledger_rules_gets_no_shards(
     assert old.worker.stats.shards_run == 0 and w1.worker.stats.shards_run == 4
     assert old.peer_id not in found and w1.peer_id in found
     assert old.peer_id in found_all
+    assert shown[old.peer_id]["ledger_rules"] == 1 and shown[old.peer_id]["other_ledger_rules"]
+    assert not shown[w1.peer_id]["other_ledger_rules"]
+    assert shown[w1.peer_id]["ledger_rules"] == LEDGER_RULES
+    assert counted["total"] == 2 and counted["other_ledger_rules"] == 1
+
+
+async def test_a_job_with_only_workers_of_other_rules_fails_saying_so(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """What a node sees first after upgrading ahead of its network: the failure names the
+    workers of other rules, not only "no worker serves"."""
+    async with cluster(["old", "requester"]) as c:
+        old = await c.start("old", "WEU")
+        requester = await c.start("requester", "WEU", serve=False)
+        await c.settle()
+        build = old.capacity._build
+
+        def as_rules_1(*args: Any, **kwargs: Any) -> CapacityRecord:
+            return dataclasses.replace(build(*args, **kwargs), ledger_rules=1)
+
+        old.capacity._build = as_rules_1  # type: ignore[method-assign]
+        await old.capacity.announce()
+        await trio.sleep(5)
+        with pytest.raises(JobFailed) as failed:
+            await requester.submit("matmul", shard_operands(), shards=2)
+    message = str(failed.value)
+    assert "no worker in the capacity view serves 'matmul'" in message
+    assert f"1 worker(s) follow other ledger rules (1; this node {LEDGER_RULES})" in message
+
+
+async def test_a_worker_that_refuses_our_rules_is_left_without_blame(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A worker restarted as a version of newer rules: its new record (a schema this
+    version does not read) never replaced the old one here, so it is asked, and refuses. The
+    job leaves it and runs on the others; the refusal is not a failure on its record."""
+    async with cluster(["w1", "requester", "newer"]) as c:
+        w1 = await c.start("w1", "WEU")
+        requester = await c.start("requester", "WEU", serve=False)
+        newer = await c.start("newer", "WEU")
+        await c.settle()
+        asked: list[str] = []
+
+        async def refuse(sender: str, request: bytes) -> bytes:
+            asked.append(sender)
+            raise RemoteError(
+                f"{RULES_REFUSED}: this worker follows ledger rules {LEDGER_RULES + 1}, the "
+                f"requester {LEDGER_RULES}; one of them must upgrade MTOR"
+            )
+
+        c.world.network(newer.peer_id).handle(PROTOCOL_RUN, refuse)
+        operands = shard_operands()
+        result = await requester.submit("matmul", operands, shards=8)
+        np.testing.assert_allclose(result.output, operands["a"] @ operands["b"], rtol=1e-4)
+    assert asked and set(asked) == {requester.peer_id}
+    assert {shard.worker for shard in result.shards} == {w1.peer_id}
+    standing = requester.peers.get(newer.peer_id)
+    assert standing.failed == 0 and standing.in_a_row == 0

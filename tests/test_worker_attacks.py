@@ -356,6 +356,7 @@ async def test_a_requester_of_other_ledger_rules_is_refused(
             (str(LEDGER_RULES), "unreadable"),
             (True, "unreadable"),
             (10**40, "unreadable"),
+            (0, "unreadable"),
         ]
         for rules, stated in cases:
             header = request if rules is None else {**request, "ledger_rules": rules}

@@ -193,7 +193,7 @@ def _device_from_body(item: Any) -> Device:
 def record_from_body(body: dict[str, Any]) -> CapacityRecord:
     """Validate a decoded body field by field and build the record (raises RecordError)."""
     schema = body.get("schema")
-    if schema not in _FIELDS_ADDED_AFTER or isinstance(schema, bool):
+    if type(schema) is not int or schema not in _FIELDS_ADDED_AFTER:
         raise RecordError(f"unsupported capacity schema {schema!r}")
     expected = _RECORD_FIELDS - _FIELDS_ADDED_AFTER[schema]
     if set(body) != expected:

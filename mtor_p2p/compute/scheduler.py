@@ -45,7 +45,7 @@ from mtor_p2p.compute.protocol import (
 )
 from mtor_p2p.compute.receipt_store import ReceiptStore
 from mtor_p2p.compute.reputation import STRAGGLER, PeerBook, Standing
-from mtor_p2p.compute.worker import CREDIT_REFUSED, PRICE_REFUSED
+from mtor_p2p.compute.worker import CREDIT_REFUSED, PRICE_REFUSED, RULES_REFUSED
 from mtor_p2p.identity import Identity
 from mtor_p2p.ledger.genesis import NANO
 from mtor_p2p.ledger.names import LEDGER_RULES
@@ -310,7 +310,8 @@ class WorkerPlan:
 class PlanNote:
     """One job of this requester as planned: who it started with and why each other worker
     of the capacity view was passed over (peer -> (category, detail); the plan's categories,
-    and ``kernel`` or ``price`` for workers the job's terms left out). At most
+    ``kernel`` or ``price`` for workers the job's terms left out, and ``ledger rules`` for
+    workers of another version's rules). At most
     :data:`MAX_NOTED_PER_JOB` reasons are kept; ``passed_over_count`` counts them all."""
 
     job_id: str | None
@@ -781,6 +782,13 @@ class _JobRun:
                     # Our quote is stale (its price rose since we read its record): not a
                     # fault, but this job cannot pay it.
                     self._leave(worker, "refused: its price rose above our quote")
+                self.requeue(index, reissue=False)
+            elif str(exc).startswith(RULES_REFUSED):
+                # It follows other ledger rules than the record we hold says (restarted as
+                # another version: its new record, of a schema we do not read, never
+                # replaced the old one here). Not a fault; this job cannot pay it.
+                outcome = "refused"
+                self._leave(worker, "refused: it follows other ledger rules")
                 self.requeue(index, reissue=False)
             elif str(exc).startswith(BUSY):
                 # Overloaded (perhaps by someone else's flood): not a fault. The shard goes
@@ -2001,6 +2009,25 @@ class Scheduler:
             return ""
         return f" (the cheapest of {len(prices)} asks {min(prices):g}; raise the price limit)"
 
+    def _other_rules(self, spec: JobSpec) -> str:
+        """A note on the workers left out for following other ledger rules, for a failure
+        with none chosen (what a node sees first after upgrading ahead of its network)."""
+        query = CapacityQuery(kernel=spec.kernel, max_price=spec.max_price, ledger_rules=None)
+        other = [
+            r.ledger_rules
+            for r in self.view.query(query, self.clock.now())
+            if r.peer_id != self.identity.peer_id
+            and r.ledger_rules != LEDGER_RULES
+            and (spec.only is None or r.peer_id in spec.only)
+        ]
+        if not other:
+            return ""
+        rules = ", ".join(str(n) for n in sorted(set(other)))
+        return (
+            f"; {len(other)} worker(s) follow other ledger rules ({rules}; this node "
+            f"{LEDGER_RULES}): another MTOR version, whose receipts would enter another ledger"
+        )
+
     def choose_workers(self, spec: JobSpec) -> list[CapacityRecord]:
         """The workers a job of ``spec`` would start with (see :meth:`plan_workers`)."""
         return self.plan_workers(spec).chosen
@@ -2089,6 +2116,7 @@ class Scheduler:
                 f"no worker in the capacity view serves {spec.kernel!r}{within}"
                 + self._cheapest(spec)
                 + _why_not(plan.excluded)
+                + self._other_rules(spec)
             )
         speeds = [self.speed_of(r) for r in plan.chosen]
         rows = spec.operands[kernel.split_operand].shape[0]

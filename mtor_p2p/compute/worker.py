@@ -439,7 +439,7 @@ def _check_rules(header: dict[str, Any]) -> None:
     rules = header.get("ledger_rules", 1)
     if rules == LEDGER_RULES and type(rules) is int:
         return
-    stated = rules if type(rules) is int and 0 <= rules < 10**9 else "unreadable"
+    stated = rules if type(rules) is int and 1 <= rules < 10**9 else "unreadable"
     raise RemoteError(
         f"{RULES_REFUSED}: this worker follows ledger rules {LEDGER_RULES}, the requester "
         f"{stated}; one of them must upgrade MTOR"

@@ -398,6 +398,7 @@ function renderMap(regions) {
 }
 
 function standing(p) {
+  if (p.other_ledger_rules) return `follows ledger rules ${p.ledger_rules}: another MTOR version, never scheduled here`;
   if (p.demoted) return `demoted ${duration(p.demoted_for_s)}: ${p.demoted_why}`;
   const here = p.jobs_here || {};
   if (here.passed_over && here.last) {

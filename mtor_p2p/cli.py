@@ -1094,7 +1094,10 @@ def _status_guard_lines(status: dict[str, Any]) -> list[str]:
 
 
 def cmd_peers(args: argparse.Namespace) -> int:
-    """Show the capacity view, optionally filtered."""
+    """Show the capacity view (this node's own record among it), optionally filtered. Peers
+    following other ledger rules (another MTOR version, which this node never schedules:
+    their receipts would enter another ledger) are not listed; a line on stderr counts them,
+    and ``status --json`` shows them under ``insight.peers``."""
     asked = {
         name: getattr(args, name)
         for name in ("min_mem_gib", "min_tflops", "max_price", "region")
@@ -1103,11 +1106,21 @@ def cmd_peers(args: argparse.Namespace) -> int:
     query = [f"{name}={value}" for name, value in asked.items()]
     path = "/v1/peers" + ("?" + "&".join(query) if query else "")
     client = _client(args)
-    peers = client.call("GET", path)["peers"]
+    answer = client.call("GET", path)
+    peers = answer["peers"]
+    other_rules = answer.get("other_ledger_rules", 0)
     if args.json:
         print(json.dumps(peers, indent=2, sort_keys=True))
+    else:
+        print(format_peers_table(peers))
+    if other_rules:
+        print(
+            f"{other_rules} peer(s) of other ledger rules not shown (another MTOR version: "
+            f"never scheduled here; {invoked_as()} status --json lists them under insight.peers)",
+            file=sys.stderr,
+        )
+    if args.json:
         return EXIT_OK
-    print(format_peers_table(peers))
     if not peers and query:
         # Say what the filters left out, so that an empty list is not read as "nobody there".
         everyone = client.call("GET", "/v1/peers")["peers"]
@@ -2287,7 +2300,9 @@ def build_parser() -> argparse.ArgumentParser:
             "already accepted stay paid): exit 0 once it stopped, 1 if it is unknown, not "
             "running or did not stop, 2 for an ID not of the form job-N, 3 if no node runs. "
             "Job IDs are never reused on one data directory, restarts included. Each job's "
-            "second line starts with its ID's first 16 hex digits, as receipts name the job."
+            "second line starts with its ID's first 16 hex digits, as receipts name the job, "
+            "once its workers are chosen ('(no job ID yet)' before; --watch on a pipe prints "
+            "the first lines only)."
         ),
     )
     _add_data_dir(p)

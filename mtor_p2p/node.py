@@ -9,6 +9,7 @@ Embedders start one with::
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -48,6 +49,7 @@ from mtor_p2p.datadir import DataDirLock
 from mtor_p2p.identity import Identity, load_or_create_identity
 from mtor_p2p.insight import earnings, peers_in_view, peers_view, why_no_work
 from mtor_p2p.ledger.genesis import GENESIS_FILE_NAME, Genesis, load_genesis, nano_to_credits
+from mtor_p2p.ledger.names import LEDGER_RULES
 from mtor_p2p.ledger.pricing import next_price
 from mtor_p2p.ledger.service import LedgerService
 from mtor_p2p.ledger.store import LEDGER_FILE_NAME, Ledger, LedgerError
@@ -690,7 +692,18 @@ class Node:
         )
         now = self.clock.now()
         records = self.capacity.view.query(capacity_query, now)
-        return 200, {"peers": [record_to_json(r, now) for r in records]}
+        # Peers of other ledger rules the same filters would have matched: not listed (this
+        # node never schedules them), counted so that the list is not read as all there is.
+        anyone = dataclasses.replace(capacity_query, ledger_rules=None)
+        other_rules = sum(
+            1
+            for r in self.capacity.view.live(now)
+            if r.ledger_rules != LEDGER_RULES and anyone.matches(r)
+        )
+        return 200, {
+            "peers": [record_to_json(r, now) for r in records],
+            "other_ledger_rules": other_rules,
+        }
 
     async def _route_receipts(self, query: dict[str, str], body: Any) -> tuple[int, Any]:
         limit = max(1, min(10_000, int(query.get("limit", 100))))

@@ -68,6 +68,11 @@ async def test_a_worker_of_other_ledger_rules_gets_no_shards(
         # The operator's views show it, with its rules, and count it apart.
         shown = {entry["peer_id"]: entry for entry in peers_view(requester)}
         counted = peers_in_view(requester)
+        # `peers` (the control API's /v1/peers) lists only peers of this node's rules and
+        # counts the others, with the same filters.
+        _, listed = await requester._route_peers({}, None)
+        _, in_weu = await requester._route_peers({"region": "WEU"}, None)
+        _, elsewhere = await requester._route_peers({"region": "JPE"}, None)
 
     note = requester.scheduler.plans[-1]
     assert note.chosen == (w1.peer_id,)
@@ -76,11 +81,17 @@ async def test_a_worker_of_other_ledger_rules_gets_no_shards(
     assert f"follows ledger rules 1, this node {LEDGER_RULES}" in detail
     assert old.worker.stats.shards_run == 0 and w1.worker.stats.shards_run == 4
     assert old.peer_id not in found and w1.peer_id in found
+    # The job's summary names it among the workers out, as the README says a summary does.
+    assert result.workers_out[old.peer_id].startswith("ledger rules: follows ledger rules 1,")
     assert old.peer_id in found_all
     assert shown[old.peer_id]["ledger_rules"] == 1 and shown[old.peer_id]["other_ledger_rules"]
     assert not shown[w1.peer_id]["other_ledger_rules"]
     assert shown[w1.peer_id]["ledger_rules"] == LEDGER_RULES
     assert counted["total"] == 2 and counted["other_ledger_rules"] == 1
+    assert old.peer_id not in {p["peer_id"] for p in listed["peers"]}
+    assert w1.peer_id in {p["peer_id"] for p in listed["peers"]}
+    assert listed["other_ledger_rules"] == in_weu["other_ledger_rules"] == 1
+    assert elsewhere["other_ledger_rules"] == 0
 
 
 async def test_a_job_with_only_workers_of_other_rules_fails_saying_so(

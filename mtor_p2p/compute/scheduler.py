@@ -126,6 +126,9 @@ PLAN_NOTES = 50
 #: Workers passed over whose reason one job's note keeps (the count is always kept): in a
 #: network of thousands, fifty notes of every worker would cost megabytes.
 MAX_NOTED_PER_JOB = 256
+#: How a worker of other ledger rules is named among a job's workers out, and how many are.
+RULES_OUT = "ledger rules"
+MAX_RULES_OUT = 64
 
 
 def trial_price_ceiling(prices: Iterable[float]) -> float | None:
@@ -1826,17 +1829,27 @@ class Scheduler:
         the ledger) weight that random order: a worker with S credits at stake is drawn as
         if it were 1 + S workers, since stake is what a proven wrong result costs it and
         what a swarm of fresh Sybils lacks. Workers the peer book demoted (unreachable,
-        failing, caught cheating) are left out until their back-off ends.
+        failing, caught cheating) are left out until their back-off ends, and so are workers
+        of other ledger rules (another MTOR version: their receipts would enter another
+        ledger), the first MAX_RULES_OUT of them named in ``excluded``.
         """
         now = self.clock.now()
-        query = CapacityQuery(kernel=spec.kernel, max_price=spec.max_price)
+        query = CapacityQuery(kernel=spec.kernel, max_price=spec.max_price, ledger_rules=None)
         excluded: dict[str, str] = {}
         candidates = []
         demoted = []
+        other_rules = 0
         for record in self.view.query(query, now):
             if record.peer_id == self.identity.peer_id:
                 continue
             if spec.only is not None and record.peer_id not in spec.only:
+                continue
+            if record.ledger_rules != LEDGER_RULES:
+                # Named among the workers out (a job's summary lists them), up to a bound:
+                # records anyone can sign must not grow every job's list without end.
+                if other_rules < MAX_RULES_OUT:
+                    excluded[record.peer_id] = f"{RULES_OUT}: {_other_rules_detail(record)}"
+                other_rules += 1
                 continue
             why = self.book.excluded(record.peer_id, now)
             if why is None:
@@ -1905,6 +1918,9 @@ class Scheduler:
         # Why each candidate not chosen was passed over (PlanNote; mtor_p2p/insight.py).
         passed: dict[str, tuple[str, str]] = {}
         for peer, why in excluded.items():
+            if why.startswith(RULES_OUT):
+                passed[peer] = (RULES_OUT, why.removeprefix(f"{RULES_OUT}: "))
+                continue
             unreachable = why.startswith("unreachable")
             passed[peer] = ("reachability" if unreachable else "demoted", why)
         chosen_measured = measured[: places - take_unmeasured]
@@ -1961,11 +1977,7 @@ class Scheduler:
             if peer == self.identity.peer_id or peer in chosen or peer in passed:
                 continue
             if record.ledger_rules != LEDGER_RULES:
-                passed[peer] = (
-                    "ledger rules",
-                    f"follows ledger rules {record.ledger_rules}, this node {LEDGER_RULES} "
-                    "(another MTOR version): their receipts would enter another ledger",
-                )
+                passed[peer] = (RULES_OUT, _other_rules_detail(record))
             elif spec.kernel not in record.kernels:
                 served = ", ".join(record.kernels) or "none"
                 passed[peer] = ("kernel", f"does not serve {spec.kernel} (serves {served})")
@@ -2115,7 +2127,9 @@ class Scheduler:
             raise JobFailed(
                 f"no worker in the capacity view serves {spec.kernel!r}{within}"
                 + self._cheapest(spec)
-                + _why_not(plan.excluded)
+                + _why_not(
+                    {p: why for p, why in plan.excluded.items() if not why.startswith(RULES_OUT)}
+                )
                 + self._other_rules(spec)
             )
         speeds = [self.speed_of(r) for r in plan.chosen]
@@ -2432,6 +2446,14 @@ def _owns_its_buffer(answer: np.ndarray, like: np.ndarray) -> bool:
 def _describe_arrays(arrays: dict[str, np.ndarray]) -> dict[str, ArrayMeta]:
     """Each array's wire description (a blocking call: it hashes them)."""
     return {name: meta_of(array) for name, array in arrays.items()}
+
+
+def _other_rules_detail(record: CapacityRecord) -> str:
+    """Why a worker of other ledger rules is left out, for plan notes and a job's summary."""
+    return (
+        f"follows ledger rules {record.ledger_rules}, this node {LEDGER_RULES} (another MTOR "
+        "version): its receipts would enter another ledger"
+    )
 
 
 def _why_not(reasons: dict[str, str]) -> str:

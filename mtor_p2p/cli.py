@@ -970,7 +970,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(status, indent=2, sort_keys=True))
         return EXIT_OK
     print(f"peer       {status['peer_id']}")
-    print(f"version    {status['version']}   uptime {status['uptime_s']:.0f} s")
+    rules = f"   ledger rules {status['ledger_rules']}" if "ledger_rules" in status else ""
+    print(f"version    {status['version']}{rules}   uptime {status['uptime_s']:.0f} s")
     print(f"region     {status['region']}")
     for addr in status["addrs"]:
         print(f"address    {addr}")

@@ -602,6 +602,7 @@ class Node:
         own = self.capacity.own_record
         return {
             "version": __version__,
+            "ledger_rules": LEDGER_RULES,
             "peer_id": self.peer_id,
             "addrs": self.addrs(),
             "region": self.config.region,

@@ -17,6 +17,7 @@ import pytest
 
 from mtor_p2p.cli import build_parser
 from mtor_p2p.control import INFO_FILE_NAME
+from mtor_p2p.ledger.names import LEDGER_RULES
 from tests.processes import mtor, pid_alive, read_json_line, run_flags, start
 
 FAKE_AGENT = Path(__file__).with_name("fake_ngrok_agent.py")
@@ -156,8 +157,14 @@ def test_run_serves_status_and_peers_then_stops_cleanly_on_sigterm(tmp_path):
         assert "control    1 open" in text
         assert "worker     numpy: 0 shards run" in text
         assert "FLOP/s measured" in text
-        peers = json.loads(mtor("peers", "--json", "--data-dir", str(tmp_path)).stdout)
+        # The ledger rules it follows, which its record states and peers of other rules lack.
+        assert body["ledger_rules"] == LEDGER_RULES
+        assert f"ledger rules {LEDGER_RULES}   uptime" in text
+        listed = mtor("peers", "--json", "--data-dir", str(tmp_path))
+        peers = json.loads(listed.stdout)
         assert [p["peer_id"] for p in peers] == [ready["peer_id"]]
+        assert peers[0]["ledger_rules"] == LEDGER_RULES
+        assert "other ledger rules" not in listed.stderr
         table = mtor("peers", "--data-dir", str(tmp_path)).stdout
         assert "TFLOP/S" in table and "1 peer(s)" in table
         none = json.loads(

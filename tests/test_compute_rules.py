@@ -146,3 +146,25 @@ async def test_a_worker_that_refuses_our_rules_is_left_without_blame(
     assert {shard.worker for shard in result.shards} == {w1.peer_id}
     standing = requester.peers.get(newer.peer_id)
     assert standing.failed == 0 and standing.in_a_row == 0
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+def test_peers_says_how_many_peers_of_other_rules_it_does_not_list(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], as_json: bool
+) -> None:
+    """`peers` prints what the control API's /v1/peers counts (the route: the test above):
+    one line on stderr, so that `--json` output stays a list."""
+    from mtor_p2p import cli
+
+    class Answer:
+        def call(self, method: str, path: str) -> dict[str, Any]:
+            return {"peers": [], "other_ledger_rules": 3}
+
+    monkeypatch.setattr(cli, "_client", lambda args: Answer())
+    args = cli.build_parser().parse_args(["peers", *(["--json"] if as_json else [])])
+    assert cli.cmd_peers(args) == cli.EXIT_OK
+    out, err = capsys.readouterr()
+    assert "3 peer(s) of other ledger rules not shown" in err
+    assert "status --json lists them under insight.peers" in err
+    if as_json:
+        assert out.strip() == "[]"

@@ -1480,6 +1480,13 @@ def _follow_job(args: argparse.Namespace, client: ControlClient, job_id: str) ->
         print(f"not used   {count} worker(s) (see mtor-peer reputation):")
         for peer, reason in out.items():
             print(f"           …{peer[-12:]}: {reason}")
+    other = result.get("other_ledger_rules") or {}
+    if other.get("workers"):
+        rules = ", ".join(str(n) for n in other.get("rules", []))
+        print(
+            f"not used   {other['workers']} worker(s) of other ledger rules ({rules}): another "
+            "MTOR version, whose receipts would enter another ledger"
+        )
     print(f"time       {result['seconds']:.3f} s   ({format_rate(result['tflops'])} achieved)")
     print(
         f"verified   {result['verification']}: {result['checks_passed']} passed, "

@@ -10,6 +10,7 @@ under virtual time (tests/test_virtual_time.py's cluster).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from typing import Any
 
 import numpy as np
@@ -22,9 +23,11 @@ from mtor_p2p.capacity.view import CapacityQuery
 from mtor_p2p.compute.protocol import PROTOCOL_RUN
 from mtor_p2p.compute.scheduler import JobFailed
 from mtor_p2p.compute.worker import RULES_REFUSED
+from mtor_p2p.identity import Identity
 from mtor_p2p.insight import peers_in_view, peers_view
 from mtor_p2p.ledger.names import LEDGER_RULES
 from mtor_p2p.network import RemoteError
+from tests.conftest import make_record
 from tests.test_virtual_time import (  # noqa: F401 (trio_seed: a fixture, autouse there)
     cluster,
     shard_operands,
@@ -81,8 +84,10 @@ async def test_a_worker_of_other_ledger_rules_gets_no_shards(
     assert f"follows ledger rules 1, this node {LEDGER_RULES}" in detail
     assert old.worker.stats.shards_run == 0 and w1.worker.stats.shards_run == 4
     assert old.peer_id not in found and w1.peer_id in found
-    # The job's summary names it among the workers out, as the README says a summary does.
-    assert result.workers_out[old.peer_id].startswith("ledger rules: follows ledger rules 1,")
+    # The job's summary counts it apart from the workers that left the job (whose list a
+    # flood of records of other rules must not crowd).
+    assert old.peer_id not in result.workers_out
+    assert result.summary()["other_ledger_rules"] == {"workers": 1, "rules": [1]}
     assert old.peer_id in found_all
     assert shown[old.peer_id]["ledger_rules"] == 1 and shown[old.peer_id]["other_ledger_rules"]
     assert not shown[w1.peer_id]["other_ledger_rules"]
@@ -168,3 +173,28 @@ def test_peers_says_how_many_peers_of_other_rules_it_does_not_list(
     assert "status --json lists them under insight.peers" in err
     if as_json:
         assert out.strip() == "[]"
+
+
+async def test_a_flood_of_records_of_other_rules_is_counted_not_listed(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Records anyone can sign: 300 workers of other rules (each of its own) in the view
+    neither crowd the job's workers out (whose summary shows 20) nor its failure text; the
+    summary counts them and shows a few of their rules."""
+    async with cluster(["w1", "requester"]) as c:
+        w1 = await c.start("w1", "WEU")
+        requester = await c.start("requester", "WEU", serve=False)
+        await c.settle()
+        now = requester.clock.now()
+        for i in range(300):
+            sybil = Identity(hashlib.sha256(f"rules sybil {i}".encode()).digest())
+            record = make_record(
+                sybil, now=now, kernels=("matmul",), ledger_rules=LEDGER_RULES + 1 + i
+            )
+            assert requester.capacity.view.offer(record, now)
+        operands = shard_operands()
+        result = await requester.submit("matmul", operands, shards=4)
+    summary = result.summary()
+    assert summary["workers_out_count"] == 0 and summary["workers"] == [w1.peer_id]
+    other = summary["other_ledger_rules"]
+    assert other["workers"] == 300 and len(other["rules"]) == 4

@@ -126,9 +126,10 @@ PLAN_NOTES = 50
 #: Workers passed over whose reason one job's note keeps (the count is always kept): in a
 #: network of thousands, fifty notes of every worker would cost megabytes.
 MAX_NOTED_PER_JOB = 256
-#: How a worker of other ledger rules is named among a job's workers out, and how many are.
+#: The category of a worker of other ledger rules in plan notes.
 RULES_OUT = "ledger rules"
-MAX_RULES_OUT = 64
+#: Distinct ledger rules a job's count of workers of other rules keeps apart.
+MAX_OTHER_RULES_SHOWN = 4
 
 
 def trial_price_ceiling(prices: Iterable[float]) -> float | None:
@@ -241,6 +242,8 @@ class JobResult:
     workers_out: dict[str, str] = field(default_factory=dict)
     #: Wrong results proven against each worker in this job (peer -> count).
     rejected_by: dict[str, int] = field(default_factory=dict)
+    #: Workers in view that follow other ledger rules (another MTOR version), never used.
+    other_rules: OtherRules = field(default_factory=lambda: OtherRules())
     #: Operands that workers on this machine took through shared memory (counted once per
     #: worker), and their bytes: the rest went over the network.
     shared_operands: int = 0
@@ -292,8 +295,23 @@ class JobResult:
             "workers_out": dict(sorted(self.workers_out.items())[:MAX_REPORTED_OUT]),
             "workers_out_count": len(self.workers_out),
             "rejected_by": dict(self.rejected_by),
+            "other_ledger_rules": self.other_rules.to_json(),
             "shared_memory": {"operands": self.shared_operands, "bytes": self.shared_bytes},
         }
+
+
+@dataclass(frozen=True)
+class OtherRules:
+    """Workers in view a job could not use for their ledger rules (another MTOR version:
+    their receipts would enter another ledger): how many, and up to MAX_OTHER_RULES_SHOWN
+    of the rules they follow."""
+
+    workers: int = 0
+    rules: tuple[int, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        """``{"workers": N, "rules": [...]}``."""
+        return {"workers": self.workers, "rules": list(self.rules)}
 
 
 @dataclass(frozen=True)
@@ -307,6 +325,9 @@ class WorkerPlan:
     #: category one of ``price``, ``measured speed``, ``failures``, ``load``, ``newcomer``,
     #: ``latency``, ``reachability``, ``demoted``.
     passed_over: dict[str, tuple[str, str]] = field(default_factory=dict)
+    #: Workers the job's terms would take but for their ledger rules (another MTOR version,
+    #: never candidates).
+    other_rules: OtherRules = field(default_factory=lambda: OtherRules())
 
 
 @dataclass(frozen=True)
@@ -1829,27 +1850,18 @@ class Scheduler:
         the ledger) weight that random order: a worker with S credits at stake is drawn as
         if it were 1 + S workers, since stake is what a proven wrong result costs it and
         what a swarm of fresh Sybils lacks. Workers the peer book demoted (unreachable,
-        failing, caught cheating) are left out until their back-off ends, and so are workers
-        of other ledger rules (another MTOR version: their receipts would enter another
-        ledger), the first MAX_RULES_OUT of them named in ``excluded``.
+        failing, caught cheating) are left out until their back-off ends. Workers of other
+        ledger rules are never candidates (CapacityQuery.ledger_rules); the plan counts them.
         """
         now = self.clock.now()
-        query = CapacityQuery(kernel=spec.kernel, max_price=spec.max_price, ledger_rules=None)
+        query = CapacityQuery(kernel=spec.kernel, max_price=spec.max_price)
         excluded: dict[str, str] = {}
         candidates = []
         demoted = []
-        other_rules = 0
         for record in self.view.query(query, now):
             if record.peer_id == self.identity.peer_id:
                 continue
             if spec.only is not None and record.peer_id not in spec.only:
-                continue
-            if record.ledger_rules != LEDGER_RULES:
-                # Named among the workers out (a job's summary lists them), up to a bound:
-                # records anyone can sign must not grow every job's list without end.
-                if other_rules < MAX_RULES_OUT:
-                    excluded[record.peer_id] = f"{RULES_OUT}: {_other_rules_detail(record)}"
-                other_rules += 1
                 continue
             why = self.book.excluded(record.peer_id, now)
             if why is None:
@@ -1918,9 +1930,6 @@ class Scheduler:
         # Why each candidate not chosen was passed over (PlanNote; mtor_p2p/insight.py).
         passed: dict[str, tuple[str, str]] = {}
         for peer, why in excluded.items():
-            if why.startswith(RULES_OUT):
-                passed[peer] = (RULES_OUT, why.removeprefix(f"{RULES_OUT}: "))
-                continue
             unreachable = why.startswith("unreachable")
             passed[peer] = ("reachability" if unreachable else "demoted", why)
         chosen_measured = measured[: places - take_unmeasured]
@@ -1947,7 +1956,31 @@ class Scheduler:
                 f"expected to answer a shard in over the job's latency target of "
                 f"{spec.latency_target:g} s",
             )
-        return WorkerPlan(chosen=chosen, reserve=reserve, excluded=excluded, passed_over=passed)
+        return WorkerPlan(
+            chosen=chosen,
+            reserve=reserve,
+            excluded=excluded,
+            passed_over=passed,
+            other_rules=self._other_rules_in_view(spec, now),
+        )
+
+    def _other_rules_in_view(self, spec: JobSpec, now: float) -> OtherRules:
+        """Workers the job's terms would take but for their ledger rules. One pass, unsorted
+        (a flood of records anyone can sign costs a job little)."""
+        terms = CapacityQuery(kernel=spec.kernel, max_price=spec.max_price, ledger_rules=None)
+        workers, rules = 0, set()
+        for record in self.view.live_unsorted(now):
+            if (
+                record.ledger_rules == LEDGER_RULES
+                or record.peer_id == self.identity.peer_id
+                or (spec.only is not None and record.peer_id not in spec.only)
+                or not terms.matches(record)
+            ):
+                continue
+            workers += 1
+            if len(rules) < MAX_OTHER_RULES_SHOWN:
+                rules.add(record.ledger_rules)
+        return OtherRules(workers, tuple(sorted(rules)))
 
     def _ranked_below(self, record: CapacityRecord, last: CapacityRecord | None) -> tuple[str, str]:
         """Why measured ``record`` ranked below ``last``, the last measured worker chosen:
@@ -2020,25 +2053,6 @@ class Scheduler:
         if not prices:
             return ""
         return f" (the cheapest of {len(prices)} asks {min(prices):g}; raise the price limit)"
-
-    def _other_rules(self, spec: JobSpec) -> str:
-        """A note on the workers left out for following other ledger rules, for a failure
-        with none chosen (what a node sees first after upgrading ahead of its network)."""
-        query = CapacityQuery(kernel=spec.kernel, max_price=spec.max_price, ledger_rules=None)
-        other = [
-            r.ledger_rules
-            for r in self.view.query(query, self.clock.now())
-            if r.peer_id != self.identity.peer_id
-            and r.ledger_rules != LEDGER_RULES
-            and (spec.only is None or r.peer_id in spec.only)
-        ]
-        if not other:
-            return ""
-        rules = ", ".join(str(n) for n in sorted(set(other)))
-        return (
-            f"; {len(other)} worker(s) follow other ledger rules ({rules}; this node "
-            f"{LEDGER_RULES}): another MTOR version, whose receipts would enter another ledger"
-        )
 
     def choose_workers(self, spec: JobSpec) -> list[CapacityRecord]:
         """The workers a job of ``spec`` would start with (see :meth:`plan_workers`)."""
@@ -2127,10 +2141,8 @@ class Scheduler:
             raise JobFailed(
                 f"no worker in the capacity view serves {spec.kernel!r}{within}"
                 + self._cheapest(spec)
-                + _why_not(
-                    {p: why for p, why in plan.excluded.items() if not why.startswith(RULES_OUT)}
-                )
-                + self._other_rules(spec)
+                + _why_not(plan.excluded)
+                + _other_rules_note(plan.other_rules)
             )
         speeds = [self.speed_of(r) for r in plan.chosen]
         rows = spec.operands[kernel.split_operand].shape[0]
@@ -2195,6 +2207,7 @@ class Scheduler:
             extra_receipts=list(job.extra_receipts),
             workers_out=dict(job.left),
             rejected_by=dict(job.rejected_by),
+            other_rules=plan.other_rules,
             shared_operands=shared_operands,
             shared_bytes=shared_bytes,
         )
@@ -2453,6 +2466,18 @@ def _other_rules_detail(record: CapacityRecord) -> str:
     return (
         f"follows ledger rules {record.ledger_rules}, this node {LEDGER_RULES} (another MTOR "
         "version): its receipts would enter another ledger"
+    )
+
+
+def _other_rules_note(other: OtherRules) -> str:
+    """The workers of other ledger rules a job could not use, for its failure (what a node
+    sees first after upgrading ahead of its network)."""
+    if not other.workers:
+        return ""
+    rules = ", ".join(str(n) for n in other.rules)
+    return (
+        f"; {other.workers} worker(s) follow other ledger rules ({rules}; this node "
+        f"{LEDGER_RULES}): another MTOR version, whose receipts would enter another ledger"
     )
 
 

@@ -1110,10 +1110,7 @@ def cmd_peers(args: argparse.Namespace) -> int:
     answer = client.call("GET", path)
     peers = answer["peers"]
     other_rules = answer.get("other_ledger_rules", 0)
-    if args.json:
-        print(json.dumps(peers, indent=2, sort_keys=True))
-    else:
-        print(format_peers_table(peers))
+    print(json.dumps(peers, indent=2, sort_keys=True) if args.json else format_peers_table(peers))
     if other_rules:
         print(
             f"{other_rules} peer(s) of other ledger rules not shown (another MTOR version: "

@@ -27,12 +27,33 @@ from mtor_p2p.identity import Identity
 from mtor_p2p.insight import peers_in_view, peers_view
 from mtor_p2p.ledger.names import LEDGER_RULES
 from mtor_p2p.network import RemoteError
+from mtor_p2p.node import Node
 from tests.conftest import make_record
 from tests.test_virtual_time import (  # noqa: F401 (trio_seed: a fixture, autouse there)
     cluster,
     shard_operands,
     trio_seed,
 )
+
+
+async def follow_rules_1(node: Node, *, seen_by: Node) -> None:
+    """Make ``node`` announce records of rules 1 (as a version before rules 2 would state
+    them), and wait until ``seen_by`` holds one."""
+    build = node.capacity._build
+
+    def as_rules_1(*args: Any, **kwargs: Any) -> CapacityRecord:
+        return dataclasses.replace(build(*args, **kwargs), ledger_rules=1)
+
+    node.capacity._build = as_rules_1  # type: ignore[method-assign]
+    await node.capacity.announce()
+
+    def seen_rules() -> int:
+        live = seen_by.capacity.view.live(seen_by.clock.now())
+        return next(r.ledger_rules for r in live if r.peer_id == node.peer_id)
+
+    with trio.fail_after(30):
+        while seen_rules() != 1:
+            await trio.sleep(0.1)
 
 
 async def test_a_worker_of_other_ledger_rules_gets_no_shards(
@@ -46,21 +67,7 @@ async def test_a_worker_of_other_ledger_rules_gets_no_shards(
         requester = await c.start("requester", "WEU", serve=False)
         old = await c.start("old", "WEU")
         await c.settle()
-        build = old.capacity._build
-
-        def as_rules_1(*args: Any, **kwargs: Any) -> CapacityRecord:
-            return dataclasses.replace(build(*args, **kwargs), ledger_rules=1)
-
-        old.capacity._build = as_rules_1  # type: ignore[method-assign]
-        await old.capacity.announce()
-
-        def seen_rules() -> int:
-            live = requester.capacity.view.live(requester.clock.now())
-            return next(r.ledger_rules for r in live if r.peer_id == old.peer_id)
-
-        with trio.fail_after(30):
-            while seen_rules() != 1:
-                await trio.sleep(0.1)
+        await follow_rules_1(old, seen_by=requester)
         operands = shard_operands()
         result = await requester.submit("matmul", operands, shards=4)
         np.testing.assert_allclose(result.output, operands["a"] @ operands["b"], rtol=1e-4)
@@ -108,14 +115,7 @@ async def test_a_job_with_only_workers_of_other_rules_fails_saying_so(
         old = await c.start("old", "WEU")
         requester = await c.start("requester", "WEU", serve=False)
         await c.settle()
-        build = old.capacity._build
-
-        def as_rules_1(*args: Any, **kwargs: Any) -> CapacityRecord:
-            return dataclasses.replace(build(*args, **kwargs), ledger_rules=1)
-
-        old.capacity._build = as_rules_1  # type: ignore[method-assign]
-        await old.capacity.announce()
-        await trio.sleep(5)
+        await follow_rules_1(old, seen_by=requester)
         with pytest.raises(JobFailed) as failed:
             await requester.submit("matmul", shard_operands(), shards=2)
     message = str(failed.value)

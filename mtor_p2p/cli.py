@@ -403,9 +403,18 @@ def cmd_run(args: argparse.Namespace) -> int:
         check_ledger_file(config.data_dir / LEDGER_FILE_NAME)
         _probe_ports(config)
         _setup_logging(config.log_level, log_format=config.log_format, config=config)
-        return _run_node(args, config, lock)
+        code, stopped = _run_node(args, config, lock)
     finally:
         lock.release()
+    if stopped is not None:
+        # Only now (record withdrawn, ledger and receipts on disk, the directory unlocked):
+        # an operator or a script waiting on it knows the stop is complete, where a clean
+        # stop used to print nothing after the banner.
+        if args.json:
+            print(json.dumps({"stopped": True, "peer_id": stopped}), flush=True)
+        else:
+            print(f"mtor-peer stopped ({stopped})", flush=True)
+    return code
 
 
 def _probe_bind(host: str, port: int) -> OSError | None:
@@ -465,8 +474,11 @@ def _probe_ports(config: NodeConfig) -> None:
         raise CliError(f"{flag}: cannot listen on {host}:{port}: {error.strerror}", EXIT_USAGE)
 
 
-def _run_node(args: argparse.Namespace, config: NodeConfig, lock: DataDirLock) -> int:
-    """Run the node of ``config`` until SIGINT or SIGTERM; the exit code."""
+def _run_node(
+    args: argparse.Namespace, config: NodeConfig, lock: DataDirLock
+) -> tuple[int, str | None]:
+    """Run the node of ``config`` until SIGINT or SIGTERM; the exit code, and the node's peer
+    ID when it stopped cleanly."""
     import trio
 
     from mtor_p2p.node import Node
@@ -513,12 +525,14 @@ def _run_node(args: argparse.Namespace, config: NodeConfig, lock: DataDirLock) -
                     await node.stopped.wait()
                     log.info("stopping")
                     nursery.cancel_scope.cancel()
+            stopped.append(node.peer_id)
 
+    stopped: list[str] = []  # the peer ID, once the node has closed cleanly
     try:
         trio.run(main)
     except BaseException as exc:  # unwrap trio's exception groups into one clear line
-        return _exit_for(exc)
-    return EXIT_OK
+        return _exit_for(exc), None
+    return EXIT_OK, stopped[0] if stopped else None
 
 
 def _exit_for(exc: BaseException) -> int:

@@ -32,8 +32,10 @@ def run_briefly(data_dir: Path, *flags: str, seconds: float = 0.0) -> tuple[dict
         time.sleep(seconds)
     finally:
         process.send_signal(signal.SIGINT)
-        _, stderr = process.communicate(timeout=30)
+        stdout, stderr = process.communicate(timeout=30)
     assert process.returncode == 0, stderr[-2000:]
+    # The last line says the stop is complete (the data directory is unlocked by then).
+    assert json.loads(stdout.splitlines()[-1]) == {"stopped": True, "peer_id": ready["peer_id"]}
     return ready, stderr
 
 
@@ -52,6 +54,23 @@ def test_run_writes_human_readable_lines_to_stderr_and_a_private_log_file(tmp_pa
     # A second run appends to the same file.
     run_briefly(data_dir, "--log-level", "info")
     assert len(log_file.read_text().splitlines()) > len(lines)
+
+
+def test_run_in_text_says_when_its_stop_is_complete(tmp_path):
+    """Without ``--json``: the banner first, and after Ctrl-C a last line saying the node
+    stopped (a clean stop used to print nothing after the banner)."""
+    flags = [flag for flag in run_flags(tmp_path / "node") if flag != "--json"]
+    process = start(*flags)
+    try:
+        assert process.stdout is not None
+        banner = process.stdout.readline()
+        assert " running as " in banner, banner
+        peer_id = banner.split(" running as ")[1].strip()
+    finally:
+        process.send_signal(signal.SIGINT)
+        stdout, stderr = process.communicate(timeout=30)
+    assert process.returncode == 0, stderr[-2000:]
+    assert stdout.splitlines()[-1] == f"mtor-peer stopped ({peer_id})"
 
 
 def test_log_format_json_writes_one_object_a_line_with_structured_extras(tmp_path):

@@ -68,6 +68,9 @@ _RECORD_LENGTH = struct.Struct(">I")
 SMALL_BUFFER_BYTES = 64 * 1024
 _LARGE_BUFFER = 2 * (_RECORD_LENGTH.size + RECORD_BYTES + _TAG)
 LARGE_BUFFER_KEEP_S = 1.0
+#: A reader takes at most this many bytes beyond the record it waits for (small messages
+#: still arrive several to a receive call; little is left to move when a record follows).
+READ_AHEAD_BYTES = 64 * 1024
 #: Bodies of several records up to this size are opened in place into one buffer (taken
 #: when the body starts); larger ones record by record, then joined (see read_body).
 IN_PLACE_BODY_BYTES = 8 << 20
@@ -288,16 +291,26 @@ class LaneSocket:
         if self._end - self._start >= size:
             return
         unread = self._end - self._start
+        if unread == 0:  # nothing to keep: the next bytes go to the front, no move later
+            self._start = self._end = 0
         if size > len(self._in):  # a large record (already admitted): a buffer to hold it
             grown = bytearray(max(size, min(2 * size, _LARGE_BUFFER)))
-            grown[:unread] = self._in[self._start : self._end]
+            grown[:unread] = memoryview(self._in)[self._start : self._end]
             self._in, self._start, self._end = grown, 0, unread
         elif self._start + size > len(self._in):  # compact: unread bytes to the front
-            self._in[:unread] = self._in[self._start : self._end]
+            if unread <= self._start:  # apart: one copy, no temporary
+                self._in[:unread] = memoryview(self._in)[self._start : self._end]
+            else:
+                self._in[:unread] = self._in[self._start : self._end]
             self._start, self._end = 0, unread
         while self._end - self._start < size:
+            # Read what is needed and at most READ_AHEAD_BYTES more. Reading ahead to the
+            # buffer's end took in most of the next 1 MiB record, which the compaction above
+            # then moved to the front: 4.4% of a requester's CPU in a B-shared job, 2% of
+            # a worker's (perf, 2026-12-06).
+            stop = min(len(self._in), self._start + size + READ_AHEAD_BYTES)
             try:
-                got = await self._sock.recv_into(memoryview(self._in)[self._end :])
+                got = await self._sock.recv_into(memoryview(self._in)[self._end : stop])
             except (OSError, trio.ClosedResourceError) as exc:
                 raise LaneError(f"lane receive failed: {exc}") from exc
             if not got:

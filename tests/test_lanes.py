@@ -383,3 +383,43 @@ async def test_bodies_opened_in_place_or_record_by_record_arrive_whole(size: int
             assert await receiver.read_header() == b"next"
     sender.close()
     receiver.close()
+
+
+async def test_a_reader_takes_little_beyond_the_record_it_waits_for() -> None:
+    """Each receive asks for what the awaited record still lacks and at most READ_AHEAD_BYTES
+    more, and after a 1 MiB answer little of the next one is buffered. Reading ahead to the
+    buffer's end took in most of the next 1 MiB record, which was then moved to the buffer's
+    front before it could be opened: 4.4% of a requester's CPU in a B-shared job (perf)."""
+    a, b = trio.socket.socketpair()
+    asked: list[int] = []
+
+    class CountingSocket:
+        """The receiving socket, recording how many bytes each receive may take."""
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(b, name)
+
+        async def recv_into(self, buffer: memoryview) -> int:
+            asked.append(len(buffer))
+            return await b.recv_into(buffer)
+
+    k1, k2 = os.urandom(32), os.urandom(32)
+    sender = lanes.LaneSocket(a, send_key=k1, receive_key=k2)
+    receiver = lanes.LaneSocket(CountingSocket(), send_key=k2, receive_key=k1)  # type: ignore[arg-type]
+    bodies = [os.urandom(lanes.RECORD_BYTES) for _ in range(4)]
+
+    async def send_all() -> None:
+        for body in bodies:
+            await sender.send_message(b"head", body)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(send_all)
+        with trio.fail_after(20):
+            for body in bodies:
+                assert await receiver.read_header() == b"head"
+                assert await receiver.read_body(len(body)) == body
+                assert receiver._end - receiver._start <= lanes.READ_AHEAD_BYTES
+    record = lanes.RECORD_BYTES + 4 + 16
+    assert asked and max(asked) <= record + lanes.READ_AHEAD_BYTES, max(asked)
+    sender.close()
+    receiver.close()

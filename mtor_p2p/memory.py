@@ -13,9 +13,6 @@ message went from about 820 to 1,240 MiB/s with the settings below).
 a process may hold that much freed memory (counted in its RSS) after a burst of traffic.
 On other C libraries it does nothing.
 
-:func:`collect_cycles_less_often` raises the threshold of Python's cycle collector (its
-docstring has the measurements).
-
 :func:`fault_in_small_pages` stops NumPy from advising transparent huge pages for its large
 arrays (a job's output, an 8192² operand). With the kernel's usual ``defrag=madvise``, a
 fault in an advised region compacts memory on the spot when no huge page is free: measured
@@ -31,7 +28,6 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import gc
 import logging
 import math
 import mmap
@@ -122,39 +118,10 @@ def fault_in_small_pages() -> bool:
     return True
 
 
-#: Python's own threshold for collecting the youngest generation of objects.
-PYTHON_DEFAULT_GC_THRESHOLD = 700
-#: This module's: net allocations of container objects between young collections.
-GC_THRESHOLD = 10_000
-
-
-def collect_cycles_less_often() -> bool:
-    """Run Python's cycle collector on the youngest generation every :data:`GC_THRESHOLD`
-    net container allocations instead of every 700; whether it changed the setting (it keeps
-    a threshold the program set itself).
-
-    Why: a requester running many jobs at once (200 one-shard jobs, both operands shipped)
-    made enough short-lived objects (tasks, cancel scopes, job records) for 700 to promote
-    many of them before they died, so that older generations filled and the full collection
-    ran every few jobs: 82 ms each over 117,000 objects, most of them the modules' own. The
-    collector took 4.1% of that requester's CPU samples (perf, 2026-12-06), 1.0% with this
-    threshold, and its time per job fell from 10-100 ms to 8-22 ms (``gc.callbacks``). The
-    cost: objects in reference cycles (rare here; reference counting frees the rest at once)
-    live up to 10,000 allocations instead of 700, a few milliseconds of a busy peer.
-    """
-    threshold, *older = gc.get_threshold()
-    if threshold != PYTHON_DEFAULT_GC_THRESHOLD:
-        return False
-    gc.set_threshold(GC_THRESHOLD, *older)
-    return True
-
-
 def tune_for_large_messages() -> None:
-    """The settings of this module, once per process: what a peer that moves large arrays
-    and serves many requests wants."""
+    """Both settings, once per process: what a peer that moves large arrays wants."""
     keep_freed_memory_for_reuse()
     fault_in_small_pages()
-    collect_cycles_less_often()
 
 
 #: Recycling needs private anonymous mappings and madvise(2)'s MADV_FREE (the pages' contents

@@ -61,27 +61,6 @@ def test_numpy_stops_advising_huge_pages_unless_the_user_chose(monkeypatch) -> N
     assert _madvise_after({**env, "NUMPY_MADVISE_HUGEPAGE": "1"}, stalls=True) == "True"
 
 
-def test_a_peer_collects_cycles_less_often_unless_the_program_chose_its_own() -> None:
-    """A host raises the cycle collector's threshold from Python's 700 (fresh processes: the
-    setting is process-wide), and leaves a threshold the embedding program set alone."""
-    code = (
-        "import gc, sys\n"
-        "if len(sys.argv) > 1: gc.set_threshold(int(sys.argv[1]), 10, 10)\n"
-        "from mtor_p2p import memory\n"
-        "memory.tune_for_large_messages()\n"
-        "print(gc.get_threshold()[0])\n"
-    )
-
-    def threshold_after(*argv: str) -> int:
-        run = subprocess.run(
-            [sys.executable, "-c", code, *argv], capture_output=True, text=True, check=True
-        )
-        return int(run.stdout)
-
-    assert threshold_after() == memory.GC_THRESHOLD
-    assert threshold_after("2000") == 2000
-
-
 def test_a_dropped_large_array_lends_its_memory_to_the_next() -> None:
     """Once the last array or view on a recycled region is gone, the next array of a fitting
     size is made on it (no fresh pages); while a view lives, it is not."""

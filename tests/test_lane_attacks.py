@@ -545,3 +545,39 @@ async def test_requests_that_never_left_do_not_evict_ones_the_server_will_answer
             await trio.sleep(0.2)
             holder.release.set()
     assert results == [b"done"], results
+
+
+# -- a later review: a lane broken mid-body kept its buffers in a reference cycle ------------
+
+
+async def test_a_lane_broken_mid_body_is_freed_without_the_cycle_collector() -> None:
+    """A client announces a 4 MiB body, sends one good record, then a forged one. The server
+    ends the lane; its LaneSocket, read buffer and the half-read body must go as soon as
+    nothing refers to them. The server kept the error in a local of the frame its traceback
+    held: a cycle only the collector frees, while the peer's admission was already released
+    (a hostile review: 200 such lanes held 294 MB at Python's default threshold)."""
+    async with open_networks(2) as (server, client):
+        server.handle(ECHO, echo, max_request_bytes=8 * lanes.RECORD_BYTES)  # admitted, read
+        gc.collect()
+        gc.disable()
+        try:
+            mine = await hostile_client_lane(client, server)
+            await until(lambda: server.stats.lanes_open_in == 1)
+            await mine.send_message(request_head(1, ECHO, 4 * lanes.RECORD_BYTES), b"")
+            out = bytearray(lanes.RECORD_BYTES + 64)
+            used = mine._seal(out, [memoryview(os.urandom(lanes.RECORD_BYTES))], 0)
+            await mine._flush(out, used)
+            forged = os.urandom(lanes.RECORD_BYTES + 16)
+            await send_all(mine._sock, struct.pack(">I", len(forged)) + forged)
+            with trio.fail_after(10):  # the server closes the lane
+                while await mine._sock.recv(65536):
+                    pass
+            await until(lambda: server.stats.lanes_open_in == 0)
+            await trio.sleep(0.1)  # the server's lane task has ended
+            left = [
+                o for o in gc.get_objects() if isinstance(o, lanes.LaneSocket) and o is not mine
+            ]
+            assert all(not o.closed for o in left), "a closed server lane is still in memory"
+            mine.close()
+        finally:
+            gc.enable()

@@ -483,7 +483,10 @@ async def download(
     # start raises above, outside the boundary (a review found it blamed on the worker).
     with peer_fault_boundary(worker, "downloaded output"):
         if error is not None:
-            raise error
+            try:
+                raise error
+            finally:  # raised, the error's traceback holds this frame: not the reverse
+                error = None
         assert array is not None
         return array
 

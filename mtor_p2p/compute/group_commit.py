@@ -70,7 +70,10 @@ class GroupCommit(Generic[T, R]):
         # Cancelled here, the item is still written: only its acknowledgement is lost.
         await queued.done.wait()
         if queued.error is not None:
-            raise queued.error
+            try:
+                raise queued.error
+            finally:  # raised, the error's traceback holds this frame: not the reverse
+                queued = None  # type: ignore[assignment]
         return queued.result  # type: ignore[no-any-return]
 
     def _start_writer(self) -> None:

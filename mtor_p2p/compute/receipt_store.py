@@ -148,7 +148,10 @@ class ReceiptStore:
         """Verify and store ``receipt``; True if it changed the store."""
         result = self.add_many([receipt])[0]
         if isinstance(result, BaseException):
-            raise result
+            try:
+                raise result
+            finally:  # raised, the error's traceback holds this frame: not the reverse
+                result = False
         return result
 
     def add_many(self, receipts: list[Receipt]) -> list[bool | Exception]:

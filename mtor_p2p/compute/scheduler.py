@@ -1167,43 +1167,50 @@ class _JobRun:
                 worker, flops, run_bytes
             )
 
-        async with trio.open_nursery() as nursery:
-            if uploads_beside:
-                nursery.start_soon(send, nursery)
-            with run_scope:
-                try:
-                    answer = await run(first_timeout, wait=True)
-                except Exception as exc:
-                    run_error = exc
-            if run_scope.cancelled_caught:
-                run_error = trio.TooSlowError()
-            if answer is not None or not client.missing_in(run_error or Exception()):
-                nursery.cancel_scope.cancel()  # nothing left to upload for
-        if answer is None:
-            if upload_error is not None:
-                raise upload_error  # it explains the run's failure (cancelled, missing)
-            assert run_error is not None
-            missing = client.missing_in(run_error)
-            if not missing:
-                raise run_error
-            if any(metas[name].digest in missing for name in inline):
-                # It lacks what this very request carried: a worker before ``inline`` that
-                # took the (small) request and ignored its body.
-                raise _InlineIgnored(str(run_error))
-            lacking = {n: a for n, a in uploaded.items() if metas[n].digest in missing}
-            if trusted and lacking:
-                # It dropped an operand sent to it before: send that one, then ask again.
-                await upload(lacking, set(lacking))
-            # The worker did not wait (an older version), or gave up before the uploads
-            # ended: they are done now, so ask once more.
-            timeout = self.s.shard_timeout(worker, flops, run_bytes)
-            with trio.fail_after(timeout):
-                answer = await run(timeout, wait=False)
-        if inline:
-            self.s.note_uploaded(worker, [metas[name] for name in keep])
-            for name in inline - keep - set(self.kernel.split_operands):
-                _remember(self.s.carried_unkept, (worker, metas[name].digest))
-        return answer
+        # The errors caught here were caught in this frame: held in its locals when it ends,
+        # each would keep the frame (and whatever it refers to, an answer's output among
+        # them) alive through its traceback until the cycle collector runs. Cleared on the
+        # way out, whether the function returns or raises.
+        try:
+            async with trio.open_nursery() as nursery:
+                if uploads_beside:
+                    nursery.start_soon(send, nursery)
+                with run_scope:
+                    try:
+                        answer = await run(first_timeout, wait=True)
+                    except Exception as exc:
+                        run_error = exc
+                if run_scope.cancelled_caught:
+                    run_error = trio.TooSlowError()
+                if answer is not None or not client.missing_in(run_error or Exception()):
+                    nursery.cancel_scope.cancel()  # nothing left to upload for
+            if answer is None:
+                if upload_error is not None:
+                    raise upload_error  # it explains the run's failure (cancelled, missing)
+                assert run_error is not None
+                missing = client.missing_in(run_error)
+                if not missing:
+                    raise run_error
+                if any(metas[name].digest in missing for name in inline):
+                    # It lacks what this very request carried: a worker before ``inline`` that
+                    # took the (small) request and ignored its body.
+                    raise _InlineIgnored(str(run_error))
+                lacking = {n: a for n, a in uploaded.items() if metas[n].digest in missing}
+                if trusted and lacking:
+                    # It dropped an operand sent to it before: send that one, then ask again.
+                    await upload(lacking, set(lacking))
+                # The worker did not wait (an older version), or gave up before the uploads
+                # ended: they are done now, so ask once more.
+                timeout = self.s.shard_timeout(worker, flops, run_bytes)
+                with trio.fail_after(timeout):
+                    answer = await run(timeout, wait=False)
+            if inline:
+                self.s.note_uploaded(worker, [metas[name] for name in keep])
+                for name in inline - keep - set(self.kernel.split_operands):
+                    _remember(self.s.carried_unkept, (worker, metas[name].digest))
+            return answer
+        finally:
+            upload_error = run_error = None
 
     def _keep(self, worker: str, metas: dict[str, ArrayMeta], inline: set[str]) -> set[str]:
         """The carried operands ``worker`` should keep: a whole operand (B, weights) when this
@@ -1286,8 +1293,11 @@ class _JobRun:
             and blas.single_threaded(),  # ctypes calls: 2% of a busy loop, asked last
         )
         if malformed is not None:
-            with client.peer_fault_boundary(worker, "run answer"):
-                raise malformed
+            try:
+                with client.peer_fault_boundary(worker, "run answer"):
+                    raise malformed
+            finally:  # not kept in this frame once raised (see _compute_with)
+                malformed = None
         assert verdict is not None
         ok, witness = verdict
         if ok:
@@ -1431,7 +1441,10 @@ class _JobRun:
         except ValueError as exc:
             return None, exc
         if check_error is not None:
-            raise check_error
+            try:
+                raise check_error
+            finally:  # not kept in this frame once raised (see _compute_with)
+                check_error = None
         return verdict, None
 
     def _check(

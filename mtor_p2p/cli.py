@@ -652,11 +652,17 @@ def cmd_balance(args: argparse.Namespace) -> int:
     c = nano_to_credits
     print(f"peer       {summary['peer_id']}")
     print(f"network    {summary['network']} (genesis {summary['genesis'][:16]}…)")
+    others = summary.get("sync", {}).get("other_network_peers", 0)
+    if others:
+        print(
+            f"           {others} connected peer(s) follow another network and do not see "
+            "these credits (to join theirs: run with --genesis FILE)"
+        )
     print(f"balance    {c(summary['balance'])} credits (can spend {c(summary['spendable'])})")
     print(f"stake      {c(summary['stake'])} credits   slashed {c(summary['slashed'])}")
     print(
         f"ledger     {summary['entries']} entries, {summary['receipts']} receipts, "
-        f"{summary['checkpoints']} checkpoints; supply {c(summary['supply'])}, "
+        f"{summary['checkpoints']} checkpoint(s); supply {c(summary['supply'])}, "
         f"staked {c(summary['staked'])}, burned {c(summary['burned'])}"
     )
     print(f"source     {source}")
@@ -734,7 +740,8 @@ def _check_recipient(args: argparse.Namespace, peer: str) -> None:
     except ValueError as exc:
         raise CliError(
             f"PEER {peer!r} is not a peer ID ({exc}); it starts with 12D3KooW "
-            "(see mtor-peer peers, or mtor-peer id on that peer)",
+            "(see mtor-peer peers --json or balance --all --json, which show whole IDs, "
+            "or mtor-peer id on that peer)",
             EXIT_USAGE,
         ) from None
     known: set[str] = set()
@@ -936,10 +943,11 @@ def _print_proof(proof: dict[str, Any], holds: bool) -> None:
         # Finality is judged on the signers' weight when the epoch began (stake counts from
         # the epoch after it is placed), not their weight now, shown below.
         finality = (
-            "not final yet: its signers did not hold enough stake when its epoch began. "
-            "Stake counts from the epoch after it is placed, less the staker's debt, and more "
-            "signatures may still come. The epoch in which a network's first stakes were "
-            "placed never becomes final: later ones can"
+            "not final yet: its signers did not hold enough stake when its epoch began "
+            "(the weight below is now's). Stake counts from the epoch after it is placed, "
+            "less the staker's debt, and more signatures may still come. The epoch in which "
+            "a network's first stakes were placed can never be final; the epochs after it "
+            "can"
         )
     print(f"entry        {proof['entry']}  ({proof['kind']}, epoch {proof['epoch']})")
     print(f"checkpoint   {proof['checkpoint_entry'][:16]}…  {finality}")

@@ -99,3 +99,57 @@ def test_a_peer_that_fails_to_start_is_reported_with_the_error_it_logged(tmp_pat
     assert killed == f"peer 0 exited (-9: killed by SIGKILL) (see {log})"
     log.write_text("mtor-peer: error: \x1b]0;owned\x07 bad\n")  # from the start: offset 0
     assert "\x1b" not in str(PeerFailed(3, 1, log)) and "? bad" in str(PeerFailed(3, 1, log))
+
+
+def test_the_devnet_says_how_to_join_it_and_that_command_joins_its_network(
+    tmp_path: Path,
+) -> None:
+    """The devnet's banner ends with a ``join it:`` command, its genesis included: a new user
+    who joined with ``run --bootstrap`` alone followed a network of its own, and nothing said
+    so. The printed command, run as printed (another data directory), follows the devnet's
+    network: the same genesis as its peer."""
+    import shlex
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mtor_p2p", "devnet", "--peers", "1",
+         "--data-dir", str(tmp_path / "net")],
+        env={**os.environ, "PYTHONPATH": str(ROOT)}, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    joined = None
+    try:
+        assert process.stdout is not None
+        banner: list[str] = []
+        while not banner or not banner[-1].startswith("Ctrl-C stops every peer"):
+            banner.append(process.stdout.readline())  # the devnet's own timeout bounds it
+            assert banner[-1], f"the devnet ended before its banner: {banner}"
+        joins = [line for line in banner if line.startswith("join it:")]
+        assert len(joins) == 1, banner
+        argv = shlex.split(joins[0].removeprefix("join it:"))
+        assert "--genesis" in argv and "--bootstrap" in argv
+        argv[argv.index("--data-dir") + 1] = str(tmp_path / "mine")
+        joined = subprocess.Popen(
+            [sys.executable, "-m", "mtor_p2p", *argv[1:], "--json"],
+            env={**os.environ, "PYTHONPATH": str(ROOT)}, text=True,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+        read_json_line(joined, timeout=90)
+        mine, theirs = (
+            json.loads(
+                subprocess.run(
+                    [sys.executable, "-m", "mtor_p2p", "balance", "--json", "--data-dir", d],
+                    env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
+                    text=True, timeout=60, check=True,
+                ).stdout
+            )
+            for d in (str(tmp_path / "mine"), str(tmp_path / "net" / "peer-0"))
+        )  # fmt: skip
+        assert mine["genesis"] == theirs["genesis"]
+        assert mine["network"] == theirs["network"]
+    finally:
+        if joined is not None:
+            joined.send_signal(signal.SIGINT)
+            joined.wait(timeout=30)
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=30)
+    assert process.returncode == 0

@@ -215,3 +215,50 @@ async def test_a_sync_peer_serving_only_invalid_entries_is_backed_off(
         assert me.ledger.count() == 1
         nursery.cancel_scope.cancel()
     me.ledger.close()
+
+
+async def test_a_peer_of_another_network_is_named_once_and_counted(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A node started without the network's genesis beside peers that have it follows a
+    network of its own, and nothing told its operator (a new user's walkthrough). Each side
+    now warns once, naming its own network and the flag, and counts the other side's peers
+    (``balance`` shows the count); their sync refusals are not logged again as failures."""
+    import logging
+
+    from mtor_p2p.memnet import LatencyModel, MemWorld
+    from mtor_p2p.runtime import Runtime
+
+    world = MemWorld(latency=LatencyModel(default_rtt_ms=10.0))
+    nets = [world.add_peer(Identity.generate()) for _ in range(3)]
+    for net in nets[1:]:
+        await net.connect(nets[0].addrs()[0])
+    ours, theirs = genesis(), genesis([5, 5, 5, 5])
+    services = [
+        LedgerService(
+            net,
+            Identity.generate(),
+            NetClock(),
+            Ledger(":memory:", gen),
+            sync_interval=1.0,
+            runtime=Runtime.simulated(i),
+        )
+        for i, (net, gen) in enumerate(zip(nets, [ours, theirs, theirs], strict=True))
+    ]
+    caplog.set_level(logging.INFO, logger="mtor_p2p.ledger.service")
+    async with trio.open_nursery() as nursery:
+        for ledger_service in services:
+            await nursery.start(ledger_service.run)
+        await trio.sleep(60)
+        nursery.cancel_scope.cancel()
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    # The lone node: one warning though two peers refused it; each of the others: one.
+    assert len(warnings) == 3, [r.getMessage() for r in warnings]
+    for record in warnings:
+        text = record.getMessage()
+        assert "follows another network" in text and "--genesis" in text
+        assert "mtor-test" in text
+    assert services[0].stats["other_network_peers"] == 2
+    assert services[1].stats["other_network_peers"] == 1
+    failures = [r.getMessage() for r in caplog.records if "sync from" in r.getMessage()]
+    assert not any("differ" in text for text in failures), failures

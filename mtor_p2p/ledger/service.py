@@ -87,6 +87,12 @@ class _Pull:
     invalid: int = 0
 
 
+#: The start of a sync refusal for another genesis (matched by the puller).
+OTHER_NETWORK = "different network"
+#: Peers of other networks remembered for the count.
+OTHER_NETWORK_PEERS = 1024
+
+
 def ledger_topic(genesis_hash: str) -> str:
     """The gossip topic of one network's ledger, under this version's rules."""
     return f"mtor/ledger/{LEDGER_RULES}/{genesis_hash[:16]}"
@@ -158,6 +164,8 @@ class LedgerService:
         self.sync_interval = sync_interval
         self.checkpoint_tick = checkpoint_tick
         self._synced: set[str] = set()
+        #: Peers that refused our sync for another genesis (insertion-ordered, bounded).
+        self._other_network: dict[str, None] = {}
         #: peer -> (faults in a row, trio time before which it is not pulled).
         self._backoff: dict[str, tuple[int, float]] = {}
         self._voted: dict[int, list[str]] = {}  # epoch -> roots we signed
@@ -171,6 +179,9 @@ class LedgerService:
             "sync_faults": 0,
             # Peers backed off now (not pulled until their back-off has passed).
             "sync_backoff_peers": 0,
+            # Connected peers whose ledger is another network's (they refused our sync:
+            # their genesis differs), remembered up to OTHER_NETWORK_PEERS.
+            "other_network_peers": 0,
             "votes": 0,
             "checkpoints_made": 0,
         }
@@ -422,7 +433,7 @@ class LedgerService:
         if not isinstance(query, dict) or set(query) != {"after", "genesis", "instance", "max"}:
             raise RemoteError("sync request must have exactly after, genesis, instance, max")
         if query["genesis"] != self.ledger.genesis_hash:
-            raise RemoteError("different network: genesis hashes differ")
+            raise RemoteError(f"{OTHER_NETWORK}: genesis hashes differ")
         after, limit, instance = query["after"], query["max"], query["instance"]
         if not all(isinstance(v, int) and not isinstance(v, bool) for v in (after, limit)):
             raise RemoteError("after and max must be integers")
@@ -503,6 +514,27 @@ class LedgerService:
             if not more:
                 return pulled
 
+    def _note_other_network(self, peer: str) -> None:
+        """``peer`` keeps another network's ledger: said once as a warning (a node started
+        without the network's genesis beside peers that have it joins its own network, and
+        nothing else would tell; a new user's walkthrough), then counted."""
+        first = not self._other_network
+        self._other_network[peer] = None
+        while len(self._other_network) > OTHER_NETWORK_PEERS:
+            del self._other_network[next(iter(self._other_network))]
+        self.stats["other_network_peers"] = len(self._other_network)
+        if first:
+            log.warning(
+                "peer %s follows another network: its ledger's genesis is not this node's "
+                "(%s, genesis %s), so neither sees the other's credits; to join its network, "
+                "start this node with that network's genesis (--genesis FILE)",
+                peer[-12:],
+                self.genesis.network,
+                self.ledger.genesis_hash[:16],
+            )
+        else:
+            log.info("peer %s follows another network", peer[-12:])
+
     def _backed_off(self, peer: str, now: float) -> bool:
         entry = self._backoff.get(peer)
         return entry is not None and now < entry[1]
@@ -551,7 +583,10 @@ class LedgerService:
                     self.stats["sync_failures"] += 1
                     self._synced.add(peer)
                     self._sync_fault(peer)
-                    log.info("ledger sync from %s failed: %s", peer[-8:], exc)
+                    if isinstance(exc, RemoteError) and OTHER_NETWORK in str(exc):
+                        self._note_other_network(peer)
+                    else:
+                        log.info("ledger sync from %s failed: %s", peer[-8:], exc)
                 except (NetworkError, trio.TooSlowError) as exc:
                     self.stats["sync_failures"] += 1
                     self._synced.add(peer)  # retried by the periodic pull, not every second

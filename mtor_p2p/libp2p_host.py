@@ -426,6 +426,10 @@ PEER_FAILURE_LOGGERS = (
     "libp2p.host.basic_host",
     "libp2p.network.swarm",
     "libp2p.kad_dht.utils",
+    # "Failed to store value at peer X: " and "Failed to get value from peer X: ", often with
+    # an empty reason (a timeout's), for peers that left: 4-7 a devnet peer, and more for a
+    # peer stopped cleanly (a new user's walkthrough). MTOR's own puts and gets say what failed.
+    "libp2p.kad_dht.value_store",
     *(
         f"libp2p.relay.circuit_v2.{name}"
         for name in ("dcutr", "discovery", "nat", "protocol", "resources", "transport", "utils")

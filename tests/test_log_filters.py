@@ -6,7 +6,8 @@ import logging
 
 from libp2p.network.stream.exceptions import StreamEOF
 
-from mtor_p2p.cli import _CleanEofQuiet
+from mtor_p2p.cli import _CleanEofQuiet, _PeerFailureNoise
+from mtor_p2p.libp2p_host import PEER_FAILURE_LOGGERS
 
 
 def record(name: str, msg: str, arg: object) -> logging.LogRecord:
@@ -64,3 +65,15 @@ tcp.error("Failed to open TCP stream: heard")
     assert "unheard" not in result.stderr + result.stdout
     assert "critical stays" in result.stderr and "other loggers stay" in result.stderr
     assert "ERROR libp2p.transport.tcp.tcp Failed to open TCP stream: heard" in result.stdout
+
+
+def test_dht_value_failures_at_departed_peers_are_not_warnings_at_the_default_level() -> None:
+    """py-libp2p's "Failed to store value at peer X: " (often with an empty reason) came 4-7
+    times a devnet peer, and on for a peer stopped cleanly (a new user's walkthrough): dropped
+    below INFO, as the other peer-caused failures; kept at INFO and for other loggers."""
+    store = "libp2p.kad_dht.value_store"
+    line = record(store, "Failed to store value at peer %s: ", "12D3KooWgone")
+    assert not _PeerFailureNoise(logging.WARNING, PEER_FAILURE_LOGGERS).filter(line)
+    assert _PeerFailureNoise(logging.INFO, PEER_FAILURE_LOGGERS).filter(line)
+    other = record("libp2p.pubsub.gossipsub", "mesh trouble %s", 1)
+    assert _PeerFailureNoise(logging.WARNING, PEER_FAILURE_LOGGERS).filter(other)

@@ -655,8 +655,8 @@ def cmd_balance(args: argparse.Namespace) -> int:
     others = summary.get("sync", {}).get("other_network_peers", 0)
     if others:
         print(
-            f"           {others} connected peer(s) follow another network and do not see "
-            "these credits (to join theirs: run with --genesis FILE)"
+            f"           {others} connected peer(s) refused this ledger's sync as another "
+            "network's: they do not see these credits (a network's own genesis: --genesis FILE)"
         )
     print(f"balance    {c(summary['balance'])} credits (can spend {c(summary['spendable'])})")
     print(f"stake      {c(summary['stake'])} credits   slashed {c(summary['slashed'])}")

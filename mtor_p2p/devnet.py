@@ -406,13 +406,17 @@ def run_devnet(
             print(f"follow jobs:     {cmd} jobs --watch --data-dir {data_dir}")
             peer0_addrs = devnet.peers[0].addrs or []
             if peer0_addrs:
+                import shlex
+
                 from mtor_p2p.ledger.genesis import GENESIS_FILE_NAME
+
+                genesis_path = shlex.quote(str(devnet.base_dir / GENESIS_FILE_NAME))
 
                 # Its genesis too: without it a node follows a network of its own, whose
                 # ledger the devnet's peers never see (a new user's walkthrough).
                 print(
                     f"join it:         {cmd} run --data-dir /tmp/my-node --listen "
-                    f"/ip4/127.0.0.1/tcp/0 --genesis {devnet.base_dir / GENESIS_FILE_NAME} "
+                    f"/ip4/127.0.0.1/tcp/0 --genesis {genesis_path} "
                     f"--bootstrap {peer0_addrs[0]}"
                 )
             if cmd == "mtor-peer":

@@ -250,6 +250,11 @@ async def test_a_peer_of_another_network_is_named_once_and_counted(
         for ledger_service in services:
             await nursery.start(ledger_service.run)
         await trio.sleep(60)
+        assert services[0].stats["other_network_peers"] == 2
+        # Only connected peers count: one leaves, and the count follows.
+        nets[0].disconnect(nets[2].peer_id)
+        await trio.sleep(5)
+        assert services[0].stats["other_network_peers"] == 1
         nursery.cancel_scope.cancel()
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     # The lone node: one warning though two peers refused it; each of the others: one.
@@ -258,7 +263,6 @@ async def test_a_peer_of_another_network_is_named_once_and_counted(
         text = record.getMessage()
         assert "follows another network" in text and "--genesis" in text
         assert "mtor-test" in text
-    assert services[0].stats["other_network_peers"] == 2
     assert services[1].stats["other_network_peers"] == 1
     failures = [r.getMessage() for r in caplog.records if "sync from" in r.getMessage()]
     assert not any("differ" in text for text in failures), failures

@@ -217,7 +217,10 @@ async def upload(
     if done:
         return  # the worker has it all, whatever happened to a reply before the last
     if failure:
-        raise failure[0]
+        try:
+            raise failure[0]
+        finally:  # the list is in the error's frames: emptied, it no longer holds the error
+            failure.clear()
     raise WorkerMisbehaved("worker lost track of the upload", peer=worker)
 
 
@@ -390,7 +393,10 @@ async def ensure_operands(
                 nursery.start_soon(send_or_stop, metas[name])
         nursery.start_soon(ask_or_stop)
     if failures:
-        raise failures[0]
+        try:
+            raise failures[0]
+        finally:  # the list is in the error's frames: emptied, it no longer holds the error
+            failures.clear()
     return sent
 
 
@@ -470,7 +476,10 @@ async def download(
         for offset in range(0, meta.nbytes, CHUNK_BYTES):
             nursery.start_soon(fetch, offset, nursery)
     if failure:
-        raise failure[0]
+        try:
+            raise failure[0]
+        finally:  # the list is in the error's frames: emptied, it no longer holds the error
+            failure.clear()
     if run_blocking is not None and meta.nbytes >= HASH_OFF_LOOP_BYTES:
         # Shielded: every byte has arrived, so neither waiting for a thread nor our own hash
         # may count against the worker's deadline (a review found a full thread limiter made

@@ -163,7 +163,8 @@ class ReceiptStore:
                 try:
                     verify_receipt(receipt, require_complete=False)
                 except Exception as exc:
-                    results.append(exc)
+                    # Without its traceback, which holds this frame and so ``results``.
+                    results.append(exc.with_traceback(None))
                     continue
                 results.append(self._insert(receipt))
         return results

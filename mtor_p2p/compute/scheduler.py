@@ -1439,6 +1439,7 @@ class _JobRun:
         try:
             answer.verify()
         except ValueError as exc:
+            check_error = None  # not kept in this frame (see _compute_with)
             return None, exc
         if check_error is not None:
             try:

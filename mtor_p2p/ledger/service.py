@@ -87,7 +87,8 @@ class _Pull:
     invalid: int = 0
 
 
-#: The start of a sync refusal for another genesis (matched by the puller).
+#: The start of a sync refusal for another genesis (matched by the puller; a peer's word, so
+#: it only names and counts that peer, which any peer could truly be).
 OTHER_NETWORK = "different network"
 #: Peers of other networks remembered for the count.
 OTHER_NETWORK_PEERS = 1024
@@ -164,8 +165,10 @@ class LedgerService:
         self.sync_interval = sync_interval
         self.checkpoint_tick = checkpoint_tick
         self._synced: set[str] = set()
-        #: Peers that refused our sync for another genesis (insertion-ordered, bounded).
+        #: Connected peers that refused our sync for another genesis (insertion-ordered,
+        #: bounded; a peer leaves it when it disconnects or a later pull from it succeeds).
         self._other_network: dict[str, None] = {}
+        self._warned_other_network = False  # once per service: a peer cannot make it repeat
         #: peer -> (faults in a row, trio time before which it is not pulled).
         self._backoff: dict[str, tuple[int, float]] = {}
         self._voted: dict[int, list[str]] = {}  # epoch -> roots we signed
@@ -179,8 +182,8 @@ class LedgerService:
             "sync_faults": 0,
             # Peers backed off now (not pulled until their back-off has passed).
             "sync_backoff_peers": 0,
-            # Connected peers whose ledger is another network's (they refused our sync:
-            # their genesis differs), remembered up to OTHER_NETWORK_PEERS.
+            # Connected peers that refused our sync as another network's (their genesis
+            # differs, by their word), up to OTHER_NETWORK_PEERS.
             "other_network_peers": 0,
             "votes": 0,
             "checkpoints_made": 0,
@@ -518,12 +521,12 @@ class LedgerService:
         """``peer`` keeps another network's ledger: said once as a warning (a node started
         without the network's genesis beside peers that have it joins its own network, and
         nothing else would tell; a new user's walkthrough), then counted."""
-        first = not self._other_network
         self._other_network[peer] = None
         while len(self._other_network) > OTHER_NETWORK_PEERS:
             del self._other_network[next(iter(self._other_network))]
         self.stats["other_network_peers"] = len(self._other_network)
-        if first:
+        if not self._warned_other_network:
+            self._warned_other_network = True
             log.warning(
                 "peer %s follows another network: its ledger's genesis is not this node's "
                 "(%s, genesis %s), so neither sees the other's credits; to join its network, "
@@ -556,6 +559,8 @@ class LedgerService:
     def _sync_ok(self, peer: str) -> None:
         if self._backoff.pop(peer, None) is not None:
             self._count_backoff()
+        if self._other_network.pop(peer, None) is not None:
+            self.stats["other_network_peers"] = len(self._other_network)
 
     def _count_backoff(self) -> None:
         now = trio.current_time()
@@ -568,7 +573,13 @@ class LedgerService:
             now = trio.current_time()
             if self._backoff:
                 self._count_backoff()
-            peers = [p for p in self._network.connected_peers() if not self._backed_off(p, now)]
+            connected = self._network.connected_peers()
+            if self._other_network:  # only peers still connected count
+                here = set(connected)
+                for gone in [p for p in self._other_network if p not in here]:
+                    del self._other_network[gone]
+                self.stats["other_network_peers"] = len(self._other_network)
+            peers = [p for p in connected if not self._backed_off(p, now)]
             targets = [p for p in peers if p not in self._synced]
             if peers and now - last_random >= self.sync_interval:
                 targets.append(self._runtime.random.choice(peers))
@@ -583,7 +594,7 @@ class LedgerService:
                     self.stats["sync_failures"] += 1
                     self._synced.add(peer)
                     self._sync_fault(peer)
-                    if isinstance(exc, RemoteError) and OTHER_NETWORK in str(exc):
+                    if isinstance(exc, RemoteError) and str(exc).startswith(OTHER_NETWORK):
                         self._note_other_network(peer)
                     else:
                         log.info("ledger sync from %s failed: %s", peer[-8:], exc)

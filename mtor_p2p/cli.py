@@ -1144,6 +1144,7 @@ def cmd_peers(args: argparse.Namespace) -> int:
     if not peers and query:
         # Say what the filters left out, so that an empty list is not read as "nobody there".
         everyone = client.call("GET", "/v1/peers")["peers"]
+        said_region = False
         if args.region is not None:
             # Region codes are whatever peers announce (case counts): name the ones in view,
             # so that "eus" or a typo is not read as "nobody there".
@@ -1153,7 +1154,10 @@ def cmd_peers(args: argparse.Namespace) -> int:
                     f"no peer in region {args.region!r}; regions in view: {', '.join(regions)}",
                     file=sys.stderr,
                 )
-        if everyone:
+                said_region = True
+        # The count too, unless the region was the only filter (it said as much: a new user
+        # read the two lines as one thing said twice).
+        if everyone and not (said_region and len(asked) == 1):
             filters = " ".join(f"--{n.replace('_', '-')} {v}" for n, v in asked.items())
             print(f"{len(everyone)} peer(s) in view, none matching {filters}", file=sys.stderr)
     return EXIT_OK

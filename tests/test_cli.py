@@ -346,6 +346,7 @@ def test_submit_and_receipts_against_a_devnet_as_a_new_user_would(tmp_path):
         nowhere = mtor("peers", "--region", "nowhere", "--data-dir", requester)
         assert nowhere.returncode == 0, nowhere.stderr
         assert "no peer in region 'nowhere'; regions in view: " in nowhere.stderr
+        assert "none matching" not in nowhere.stderr  # one line says it, not two
         # Any other filter that leaves nobody says so too, with what it asked.
         huge = mtor("peers", "--min-mem-gib", "100000", "--data-dir", requester)
         assert huge.returncode == 0, huge.stderr

@@ -1429,7 +1429,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     """Run a job (matmul, mlp, attention) through the local node and report how it went."""
     _check_submit_inputs(args)
     config = _config_from(args)
-    client = ControlClient.for_data_dir(config.data_dir)
+    client = _client(args)  # as every command that needs the node: the same hints
     with ExitStack() as stack:
         body = _submit_body(args, config.data_dir, stack)
         job_id = client.call("POST", "/v1/jobs", body)["id"]

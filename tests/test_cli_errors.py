@@ -87,6 +87,9 @@ def one_line(result: subprocess.CompletedProcess[str]) -> str:
         (["transfer", STRANGER, "inf"], 2, "AMOUNT must be a finite number"),
         (["transfer", "bogus", "1"], 2, "PEER 'bogus' is not a peer ID"),
         (["stop"], 3, "no running node found"),
+        # The same words as status and jobs (it said "found in", a new user's walkthrough).
+        (["status"], 3, "does not exist (start one with: mtor-peer run"),
+        (["submit", "matmul", "--m", "64"], 3, "does not exist (start one with: mtor-peer run"),
         (["receipts", "--limit", "0"], 2, "argument --limit"),
         (["devnet", "--peers", "0"], 2, "argument --peers"),
         (["ledger", "prove"], 2, "ledger prove needs a receipt entry ID"),

@@ -217,6 +217,8 @@ class Node:
             interval=self.timing.challenge_interval or 30.0,
         )
         self.scheduler.on_settled = self.ledger_service.record_receipt
+        # Runs name this node's network; its worker refuses another network's requesters.
+        self.scheduler.network_id = self.worker.network_id = ledger.genesis_hash[:16]
         self.scheduler.stakes = lambda: dict(self.ledger.state().stakes)
         self.scheduler.on_fault = self._record_fault
         # Job numbers continue across restarts of this data directory (never reused).

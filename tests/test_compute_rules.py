@@ -153,6 +153,37 @@ async def test_a_worker_that_refuses_our_rules_is_left_without_blame(
     assert standing.failed == 0 and standing.in_a_row == 0
 
 
+async def test_workers_of_another_network_refuse_and_are_left_without_blame(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A worker whose ledger is another network's (here its network ID changed, as a node
+    started with another genesis has) refuses this requester's runs; the job leaves it
+    without blame and runs on the others. With only such workers the job fails naming the
+    network and the flag (a new user's walkthrough: a node without the devnet's genesis was
+    served by the devnet's workers, in debt in a ledger it never saw)."""
+    async with cluster(["w1", "requester", "other"]) as c:
+        w1 = await c.start("w1", "WEU")
+        requester = await c.start("requester", "WEU", serve=False)
+        other = await c.start("other", "WEU")
+        await c.settle()
+        assert requester.scheduler.network_id == other.worker.network_id  # one genesis
+        other.worker.network_id = "f" * 16
+        operands = shard_operands()
+        result = await requester.submit("matmul", operands, shards=8)
+        np.testing.assert_allclose(result.output, operands["a"] @ operands["b"], rtol=1e-4)
+        assert {shard.worker for shard in result.shards} == {w1.peer_id}
+        standing = requester.peers.get(other.peer_id)
+        assert standing.failed == 0 and standing.in_a_row == 0
+        w1.worker.network_id = "f" * 16
+        with pytest.raises(JobFailed) as failed:
+            await requester.submit("matmul", operands, shards=2)
+    message = str(failed.value)
+    assert "2 of another network" in message, message
+    assert f"a worker's ledger has genesis {'f' * 16}…" in message
+    assert f"this node's {requester.scheduler.network_id}…" in message
+    assert "--genesis FILE" in message
+
+
 @pytest.mark.parametrize("as_json", [False, True])
 def test_peers_says_how_many_peers_of_other_rules_it_does_not_list(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], as_json: bool

@@ -41,6 +41,7 @@ from mtor_p2p.compute.receipt_store import ReceiptStore
 from mtor_p2p.compute.worker import (
     CREDIT_REFUSED,
     HOUSEKEEPING_INTERVAL,
+    NETWORK_REFUSED,
     OWED_MEMORY_SECONDS,
     PRICE_MEMORY_SECONDS,
     PRICE_TOLERANCE,
@@ -366,6 +367,52 @@ async def test_a_requester_of_other_ledger_rules_is_refused(
         assert b.worker.stats.shards_run == 0
         receipt = await run(b, alice, operands, shard=1, quote=1.0)
         assert receipt.body.shard == 1 and b.worker.stats.shards_run == 1
+
+
+async def test_a_requester_of_another_network_is_refused(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A run request naming another network (genesis prefix), or a value that is none, is
+    refused in one line naming both, before anything runs: its receipt would be paid in a
+    ledger this worker never hears (a new user's walkthrough: a node started without the
+    devnet's genesis was served by the devnet's workers). The same network, and a request
+    that names none (a version before it), are served."""
+    mine, other = "0123456789abcdef", "fedcba9876543210"
+    async with bench(price=1.0) as b:
+        b.worker.network_id = mine
+        alice = await b.requester("alice")
+        operands = matmul_operands()
+        await client.ensure_operands(alice.network, b.worker_id, operands, timeout=10)
+        described = {name: meta_of(a).to_json() for name, a in operands.items()}
+        request = {
+            "job_id": JOB,
+            "shard": 0,
+            "kernel": "matmul",
+            "operands": described,
+            "max_price": 1.0,
+            "ledger_rules": LEDGER_RULES,
+        }
+        cases: list[tuple[object, str]] = [
+            (other, other),
+            (mine.upper(), "unreadable"),
+            (mine + "0", "unreadable"),
+            (16, "unreadable"),
+            (None, "unreadable"),
+            ("\x1b[31m", "unreadable"),
+        ]
+        for network, stated in cases:
+            with pytest.raises(RemoteError, match=NETWORK_REFUSED) as refused:
+                header = {**request, "network": network}
+                await alice.network.request(b.worker_id, PROTOCOL_RUN, pack(header))
+            assert f"genesis {mine}…, the requester's {stated};" in str(refused.value)
+        assert b.worker.stats.shards_run == 0
+        receipt = await run(b, alice, operands, shard=1, quote=1.0)  # names no network
+        assert receipt.body.shard == 1 and b.worker.stats.shards_run == 1
+        await client.ensure_operands(alice.network, b.worker_id, operands, timeout=10)
+        served = await alice.network.request(
+            b.worker_id, PROTOCOL_RUN, pack({**request, "shard": 2, "network": mine})
+        )
+        assert served and b.worker.stats.shards_run == 2
 
 
 async def test_a_recently_advertised_price_is_honoured_then_forgotten(

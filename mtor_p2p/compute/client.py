@@ -558,6 +558,7 @@ async def run_shard(
     run_blocking: BlockingRunner | None = None,
     defer_verification: bool = False,
     beside: BesideRunner | None = None,
+    network_id: str | None = None,
 ) -> ShardAnswer:
     """Run one shard on ``worker`` (operands must already be there, or be named in
     ``inline``) and fetch its output.
@@ -583,6 +584,8 @@ async def run_shard(
     ``beside``: with ``defer_verification``, begin those checks at once through this hook
     (``Runtime.beside``: a helper thread), so that they run while the caller goes on to its
     own check; :meth:`ShardAnswer.verify` then collects their outcome.
+    ``network_id``: this requester's network (its genesis hash's first 16 hex digits), for
+    the worker to refuse a requester of another network.
     """
     # What an honest answer looks like is known before asking: the output's shape and dtype
     # follow from the kernel and the operands. A declared output of any other size is refused
@@ -600,6 +603,8 @@ async def run_shard(
         "operands": described,
         "ledger_rules": LEDGER_RULES,
     }
+    if network_id is not None:  # this requester's network (a worker refuses another's)
+        header["network"] = network_id
     if terms is not None:
         header["max_price"] = terms.max_price
     if wait_operands:

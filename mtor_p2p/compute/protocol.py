@@ -24,7 +24,11 @@ they ignore every field they do not read.
                              cannot use it answers another error and gets chunks this time.
 ``/mtor/compute/has/1``      header {hashes: [...]}                   → {have: [...]}
 ``/mtor/compute/run/1``      header {job_id, shard, kernel, operands: {name: array}, max_price,
-                             wait_operands, ledger_rules}
+                             wait_operands, ledger_rules, network}
+                             ``network``: the requester's network, its genesis hash's first
+                             16 hex digits. A worker of another network answers
+                             NETWORK_REFUSED, naming both (absent: not checked, as every
+                             version before the field).
                              ``ledger_rules``: the ledger rules the requester follows
                              (mtor_p2p.ledger.names.LEDGER_RULES; absent: 1, as every
                              version before the field). A worker of other rules answers

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import re
 import statistics
 from collections import Counter, OrderedDict, deque
 from collections.abc import Awaitable, Callable, Iterable, Iterator
@@ -45,7 +46,12 @@ from mtor_p2p.compute.protocol import (
 )
 from mtor_p2p.compute.receipt_store import ReceiptStore
 from mtor_p2p.compute.reputation import STRAGGLER, PeerBook, Standing
-from mtor_p2p.compute.worker import CREDIT_REFUSED, PRICE_REFUSED, RULES_REFUSED
+from mtor_p2p.compute.worker import (
+    CREDIT_REFUSED,
+    NETWORK_REFUSED,
+    PRICE_REFUSED,
+    RULES_REFUSED,
+)
 from mtor_p2p.identity import Identity
 from mtor_p2p.ledger.genesis import NANO
 from mtor_p2p.ledger.names import LEDGER_RULES
@@ -814,6 +820,21 @@ class _JobRun:
                 outcome = "refused"
                 self._leave(worker, "refused: it follows other ledger rules")
                 self.requeue(index, reissue=False)
+            elif str(exc).startswith(NETWORK_REFUSED):
+                # Its ledger is another network's (a node started without its network's
+                # genesis, or a worker of another network in view). Not a fault; this job
+                # cannot pay it. The refusal says which, and how to join.
+                outcome = "refused"
+                # Said in our words: of the worker's, only its genesis prefix, if it is one.
+                theirs = _WORKER_GENESIS.search(str(exc))
+                self._leave(
+                    worker,
+                    f"{OTHER_NETWORK_OUT}: a worker's ledger has genesis "
+                    f"{theirs.group(1) if theirs else '(unreadable)'}…, this node's "
+                    f"{self.s.network_id}…; a node joins a network with that network's "
+                    "genesis (--genesis FILE)",
+                )
+                self.requeue(index, reissue=False)
             elif str(exc).startswith(BUSY):
                 # Overloaded (perhaps by someone else's flood): not a fault. The shard goes
                 # back to the queue and this slot waits a moment before asking again.
@@ -1124,6 +1145,7 @@ class _JobRun:
                 # ... and begun on a helper thread as the answer is read, when this shard is
                 # all this requester has under way: a core is then idle (its worker's).
                 beside=self.s.runtime.beside if self._only_work(index) else None,
+                network_id=self.s.network_id,
             )
 
         answer: client.ShardAnswer | None = None
@@ -1760,6 +1782,9 @@ class Scheduler:
         self.byte_scale = 1.0
         self.runtime = runtime or Runtime.production()
         self.network = network
+        #: This requester's network, sent with each run (workers refuse another's); None:
+        #: not sent (no ledger).
+        self.network_id: str | None = None
         self.identity = identity
         self.clock = clock
         self.view = view
@@ -2495,8 +2520,15 @@ def _other_rules_note(other: OtherRules) -> str:
     )
 
 
+#: Why a worker that refused this requester's network is out (the refusal follows).
+OTHER_NETWORK_OUT = "of another network"
+#: The worker's genesis prefix in its refusal (worker._check_network's wording).
+_WORKER_GENESIS = re.compile(r"this worker's ledger has genesis ([0-9a-f]{16})…")
+
+
 def _why_not(reasons: dict[str, str]) -> str:
-    """``reasons`` (worker -> why it is out) summed up for an error message."""
+    """``reasons`` (worker -> why it is out) summed up for an error message; one refusal of
+    this requester's network is quoted whole (it names both networks and how to join)."""
     if not reasons:
         return ""
     counts: dict[str, int] = {}
@@ -2504,7 +2536,9 @@ def _why_not(reasons: dict[str, str]) -> str:
         key = reason.split(":")[0]
         counts[key] = counts.get(key, 0) + 1
     parts = [f"{n} {why}" for why, n in sorted(counts.items(), key=lambda kv: -kv[1])]
-    return "; workers out: " + ", ".join(parts)
+    network = next((r for r in reasons.values() if r.startswith(OTHER_NETWORK_OUT + ":")), None)
+    quoted = f" ({network.partition(': ')[2]})" if network else ""
+    return "; workers out: " + ", ".join(parts) + quoted
 
 
 def _choose_method(requested: str, kernel: Kernel, workers: int) -> str:

@@ -99,12 +99,17 @@ from mtor_p2p.wire import RecordError
 log = logging.getLogger(__name__)
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
+#: A network's name on the wire: its genesis hash's first NETWORK_ID_CHARS hex digits.
+NETWORK_ID_CHARS = 16
+_NETWORK_ID = re.compile(r"^[0-9a-f]{16}$")
 #: How a refusal of a quote below the worker's price starts (a stale quote is not a fault).
 PRICE_REFUSED = "price refused"
 #: How a refusal for lack of credit starts, so that requesters can tell it apart.
 CREDIT_REFUSED = "credit refused"
 #: How a refusal of a requester following other ledger rules starts (see _check_rules).
 RULES_REFUSED = "other ledger rules"
+#: How a refusal of a requester of another network starts (see _check_network).
+NETWORK_REFUSED = "other network"
 #: Work done but never countersigned stops counting against a requester's credit after this
 #: and is remembered as unpaid instead.
 OWED_MEMORY_SECONDS = 600.0
@@ -446,6 +451,25 @@ def _check_rules(header: dict[str, Any]) -> None:
     )
 
 
+def _check_network(header: dict[str, Any], mine: str | None) -> None:
+    """Refuse a run request from a requester whose ledger is another network's: its
+    ``network`` (its genesis hash's first NETWORK_ID_CHARS hex digits) is not this worker's.
+    Its receipt would be paid in a ledger this worker's never hears; a node started without
+    its network's genesis beside a devnet was served and ran into debt in the devnet's ledger
+    (a new user's walkthrough). A request without ``network`` (a version before it) and a
+    worker without a ledger (``mine`` None) go on as before."""
+    if mine is None or "network" not in header:
+        return
+    theirs = header["network"]
+    if theirs == mine:
+        return
+    stated = theirs if isinstance(theirs, str) and _NETWORK_ID.match(theirs) else "unreadable"
+    raise RemoteError(
+        f"{NETWORK_REFUSED}: this worker's ledger has genesis {mine}…, the requester's "
+        f"{stated}; a node joins a network with that network's genesis (--genesis FILE)"
+    )
+
+
 class WorkerService:
     """Serves the compute protocols on ``network``.
 
@@ -483,6 +507,8 @@ class WorkerService:
         local_uploads: bool = True,
     ) -> None:
         self._network = network
+        #: This worker's network (see _check_network); None: requesters' are not checked.
+        self.network_id: str | None = None
         self._identity = identity
         self._clock = clock
         self.operands = operands
@@ -999,6 +1025,7 @@ class WorkerService:
         if not _HEX64.match(job_id):
             raise RemoteError("job_id must be 64 hex characters")
         _check_rules(header)
+        _check_network(header, self.network_id)
         shard = _header_field(header, "shard", int)
         kernel_name = _header_field(header, "kernel", str)
         try:

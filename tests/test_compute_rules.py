@@ -22,7 +22,7 @@ from mtor_p2p.capacity.record import CapacityRecord
 from mtor_p2p.capacity.view import CapacityQuery
 from mtor_p2p.compute.protocol import PROTOCOL_RUN
 from mtor_p2p.compute.scheduler import JobFailed
-from mtor_p2p.compute.worker import RULES_REFUSED
+from mtor_p2p.compute.worker import NETWORK_REFUSED, RULES_REFUSED
 from mtor_p2p.identity import Identity
 from mtor_p2p.insight import peers_in_view, peers_view
 from mtor_p2p.ledger.names import LEDGER_RULES
@@ -182,6 +182,33 @@ async def test_workers_of_another_network_refuse_and_are_left_without_blame(
     assert f"a worker's ledger has genesis {'f' * 16}…" in message
     assert f"this node's {requester.scheduler.network_id}…" in message
     assert "--genesis FILE" in message
+
+
+async def test_a_worker_claiming_our_own_network_as_another_is_blamed(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A refusal "of another network" that names this requester's own genesis, or none, is
+    no refusal a worker of another network makes: it counts as the failure it is (a review:
+    a worker could otherwise refuse every job without cost to its standing)."""
+    async with cluster(["w1", "requester", "liar"]) as c:
+        w1 = await c.start("w1", "WEU")
+        requester = await c.start("requester", "WEU", serve=False)
+        liar = await c.start("liar", "WEU")
+        await c.settle()
+        ours = requester.scheduler.network_id
+
+        async def refuse(sender: str, request: bytes) -> bytes:
+            raise RemoteError(
+                f"{NETWORK_REFUSED}: this worker's ledger has genesis {ours}…, the requester's "
+                f"{ours}; a node joins a network with that network's genesis (--genesis FILE)"
+            )
+
+        c.world.network(liar.peer_id).handle(PROTOCOL_RUN, refuse)
+        operands = shard_operands()
+        result = await requester.submit("matmul", operands, shards=8)
+        np.testing.assert_allclose(result.output, operands["a"] @ operands["b"], rtol=1e-4)
+    assert {shard.worker for shard in result.shards} == {w1.peer_id}
+    assert requester.peers.get(liar.peer_id).failed >= 1
 
 
 @pytest.mark.parametrize("as_json", [False, True])

@@ -396,6 +396,7 @@ async def test_a_requester_of_another_network_is_refused(
             (other, other),
             (mine.upper(), "unreadable"),
             (mine + "0", "unreadable"),
+            (other + "\n", "unreadable"),  # one line: "$" would have taken the newline
             (16, "unreadable"),
             (None, "unreadable"),
             ("\x1b[31m", "unreadable"),

@@ -713,6 +713,18 @@ class _JobRun:
         others = [w for w in self.active() if w != worker]
         return len(others) >= (2 if self.method == "redundant" else 1)
 
+    def _foreign_genesis(self, exc: Exception) -> str | None:
+        """The genesis prefix a refusal of this requester's network names, if the refusal can
+        be true: this requester sent its network, and the worker names another, well-formed.
+        Any other "other network" answer (naming ours, or none) is a failure like any other
+        (a review: a worker could otherwise refuse every job at no cost to its standing)."""
+        if not str(exc).startswith(NETWORK_REFUSED) or self.s.network_id is None:
+            return None
+        found = _WORKER_GENESIS.search(str(exc))
+        if found is None or found.group(1) == self.s.network_id:
+            return None
+        return found.group(1)
+
     def _leave(self, worker: str, reason: str) -> None:
         """Take ``worker`` out of this job for ``reason`` and bring in a replacement."""
         self.banned.add(worker)
@@ -820,19 +832,16 @@ class _JobRun:
                 outcome = "refused"
                 self._leave(worker, "refused: it follows other ledger rules")
                 self.requeue(index, reissue=False)
-            elif str(exc).startswith(NETWORK_REFUSED):
+            elif (theirs := self._foreign_genesis(exc)) is not None:
                 # Its ledger is another network's (a node started without its network's
                 # genesis, or a worker of another network in view). Not a fault; this job
-                # cannot pay it. The refusal says which, and how to join.
+                # cannot pay it. Said in our words: of the worker's, only its genesis prefix.
                 outcome = "refused"
-                # Said in our words: of the worker's, only its genesis prefix, if it is one.
-                theirs = _WORKER_GENESIS.search(str(exc))
                 self._leave(
                     worker,
-                    f"{OTHER_NETWORK_OUT}: a worker's ledger has genesis "
-                    f"{theirs.group(1) if theirs else '(unreadable)'}…, this node's "
-                    f"{self.s.network_id}…; a node joins a network with that network's "
-                    "genesis (--genesis FILE)",
+                    f"{OTHER_NETWORK_OUT}: a worker's ledger has genesis {theirs}…, this "
+                    f"node's {self.s.network_id}…; a node joins a network with that "
+                    "network's genesis (--genesis FILE)",
                 )
                 self.requeue(index, reissue=False)
             elif str(exc).startswith(BUSY):

@@ -101,7 +101,7 @@ log = logging.getLogger(__name__)
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 #: A network's name on the wire: its genesis hash's first NETWORK_ID_CHARS hex digits.
 NETWORK_ID_CHARS = 16
-_NETWORK_ID = re.compile(r"^[0-9a-f]{16}$")
+_NETWORK_ID = re.compile(r"[0-9a-f]{16}")  # fullmatch: "$" would take a final newline
 #: How a refusal of a quote below the worker's price starts (a stale quote is not a fault).
 PRICE_REFUSED = "price refused"
 #: How a refusal for lack of credit starts, so that requesters can tell it apart.
@@ -463,7 +463,7 @@ def _check_network(header: dict[str, Any], mine: str | None) -> None:
     theirs = header["network"]
     if theirs == mine:
         return
-    stated = theirs if isinstance(theirs, str) and _NETWORK_ID.match(theirs) else "unreadable"
+    stated = theirs if isinstance(theirs, str) and _NETWORK_ID.fullmatch(theirs) else "unreadable"
     raise RemoteError(
         f"{NETWORK_REFUSED}: this worker's ledger has genesis {mine}…, the requester's "
         f"{stated}; a node joins a network with that network's genesis (--genesis FILE)"

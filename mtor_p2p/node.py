@@ -36,7 +36,7 @@ from mtor_p2p.compute.jobs import JOB_IDS_FILE_NAME, JobBoard, JobIds, observe_a
 from mtor_p2p.compute.receipt_store import RECEIPTS_FILE_NAME, ReceiptStore
 from mtor_p2p.compute.reputation import PeerBook
 from mtor_p2p.compute.scheduler import JobResult, JobSpec, Scheduler
-from mtor_p2p.compute.worker import WorkerService
+from mtor_p2p.compute.worker import NETWORK_ID_CHARS, WorkerService
 from mtor_p2p.config import NodeConfig, private_dir
 from mtor_p2p.control import (
     INFO_FILE_NAME,
@@ -218,7 +218,8 @@ class Node:
         )
         self.scheduler.on_settled = self.ledger_service.record_receipt
         # Runs name this node's network; its worker refuses another network's requesters.
-        self.scheduler.network_id = self.worker.network_id = ledger.genesis_hash[:16]
+        network_id = ledger.genesis_hash[:NETWORK_ID_CHARS]
+        self.scheduler.network_id = self.worker.network_id = network_id
         self.scheduler.stakes = lambda: dict(self.ledger.state().stakes)
         self.scheduler.on_fault = self._record_fault
         # Job numbers continue across restarts of this data directory (never reused).

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -54,6 +55,31 @@ async def follow_rules_1(node: Node, *, seen_by: Node) -> None:
     with trio.fail_after(30):
         while seen_rules() != 1:
             await trio.sleep(0.1)
+
+
+async def job_beside_a_refuser(
+    refusal: Callable[[str | None], str],
+) -> tuple[Node, Node, Node, Any, list[str]]:
+    """An 8-shard job on w1 and a third worker that answers every run with
+    ``refusal(the requester's network)``: w1, the requester, the refuser, the job's result
+    (checked against NumPy) and who asked the refuser."""
+    asked: list[str] = []
+    async with cluster(["w1", "requester", "refuser"]) as c:
+        w1 = await c.start("w1", "WEU")
+        requester = await c.start("requester", "WEU", serve=False)
+        refuser = await c.start("refuser", "WEU")
+        await c.settle()
+        words = refusal(requester.scheduler.network_id)
+
+        async def refuse(sender: str, request: bytes) -> bytes:
+            asked.append(sender)
+            raise RemoteError(words)
+
+        c.world.network(refuser.peer_id).handle(PROTOCOL_RUN, refuse)
+        operands = shard_operands()
+        result = await requester.submit("matmul", operands, shards=8)
+        np.testing.assert_allclose(result.output, operands["a"] @ operands["b"], rtol=1e-4)
+    return w1, requester, refuser, result, asked
 
 
 async def test_a_worker_of_other_ledger_rules_gets_no_shards(
@@ -129,24 +155,11 @@ async def test_a_worker_that_refuses_our_rules_is_left_without_blame(
     """A worker restarted as a version of newer rules: its new record (a schema this
     version does not read) never replaced the old one here, so it is asked, and refuses. The
     job leaves it and runs on the others; the refusal is not a failure on its record."""
-    async with cluster(["w1", "requester", "newer"]) as c:
-        w1 = await c.start("w1", "WEU")
-        requester = await c.start("requester", "WEU", serve=False)
-        newer = await c.start("newer", "WEU")
-        await c.settle()
-        asked: list[str] = []
-
-        async def refuse(sender: str, request: bytes) -> bytes:
-            asked.append(sender)
-            raise RemoteError(
-                f"{RULES_REFUSED}: this worker follows ledger rules {LEDGER_RULES + 1}, the "
-                f"requester {LEDGER_RULES}; one of them must upgrade MTOR"
-            )
-
-        c.world.network(newer.peer_id).handle(PROTOCOL_RUN, refuse)
-        operands = shard_operands()
-        result = await requester.submit("matmul", operands, shards=8)
-        np.testing.assert_allclose(result.output, operands["a"] @ operands["b"], rtol=1e-4)
+    refusal = (
+        f"{RULES_REFUSED}: this worker follows ledger rules {LEDGER_RULES + 1}, the "
+        f"requester {LEDGER_RULES}; one of them must upgrade MTOR"
+    )
+    w1, requester, newer, result, asked = await job_beside_a_refuser(lambda ours: refusal)
     assert asked and set(asked) == {requester.peer_id}
     assert {shard.worker for shard in result.shards} == {w1.peer_id}
     standing = requester.peers.get(newer.peer_id)
@@ -190,23 +203,14 @@ async def test_a_worker_claiming_our_own_network_as_another_is_blamed(
     """A refusal "of another network" that names this requester's own genesis, or none, is
     no refusal a worker of another network makes: it counts as the failure it is (a review:
     a worker could otherwise refuse every job without cost to its standing)."""
-    async with cluster(["w1", "requester", "liar"]) as c:
-        w1 = await c.start("w1", "WEU")
-        requester = await c.start("requester", "WEU", serve=False)
-        liar = await c.start("liar", "WEU")
-        await c.settle()
-        ours = requester.scheduler.network_id
 
-        async def refuse(sender: str, request: bytes) -> bytes:
-            raise RemoteError(
-                f"{NETWORK_REFUSED}: this worker's ledger has genesis {ours}…, the requester's "
-                f"{ours}; a node joins a network with that network's genesis (--genesis FILE)"
-            )
+    def refusal(ours: str | None) -> str:
+        return (
+            f"{NETWORK_REFUSED}: this worker's ledger has genesis {ours}…, the requester's "
+            f"{ours}; a node joins a network with that network's genesis (--genesis FILE)"
+        )
 
-        c.world.network(liar.peer_id).handle(PROTOCOL_RUN, refuse)
-        operands = shard_operands()
-        result = await requester.submit("matmul", operands, shards=8)
-        np.testing.assert_allclose(result.output, operands["a"] @ operands["b"], rtol=1e-4)
+    w1, requester, liar, result, _ = await job_beside_a_refuser(refusal)
     assert {shard.worker for shard in result.shards} == {w1.peer_id}
     assert requester.peers.get(liar.peer_id).failed >= 1
 

@@ -141,6 +141,13 @@ def matmul_operands(rows: int = 16, inner: int = 64, cols: int = 48) -> dict[str
     }
 
 
+def hand_made_run(operands: dict[str, np.ndarray], **fields: object) -> dict[str, object]:
+    """The header of a run request of JOB written by hand, not by the client: shard 0 of a
+    matmul of ``operands``, with ``fields`` added or replaced."""
+    described = {name: meta_of(a).to_json() for name, a in operands.items()}
+    return {"job_id": JOB, "shard": 0, "kernel": "matmul", "operands": described, **fields}
+
+
 def job_of(who: Requester) -> str:
     """Each requester's own job (job IDs are content hashes: two requesters never share one)."""
     return hashlib.sha256(who.peer_id.encode()).hexdigest()
@@ -320,14 +327,7 @@ async def test_a_quote_below_the_workers_price_is_refused(
         assert receipt.body.price == 2.0  # the worker's own price, not the (higher) quote
         # A missing quote is not a licence to charge anything: the worker's own price.
         await client.ensure_operands(alice.network, b.worker_id, operands, timeout=10)
-        described = {name: meta_of(a).to_json() for name, a in operands.items()}
-        request = {
-            "ledger_rules": LEDGER_RULES,
-            "job_id": JOB,
-            "shard": 3,
-            "kernel": "matmul",
-            "operands": described,
-        }
+        request = hand_made_run(operands, shard=3, ledger_rules=LEDGER_RULES)
         await alice.network.request(b.worker_id, PROTOCOL_RUN, pack(request))
         assert b.worker.stats.shards_run == 3
 
@@ -343,14 +343,7 @@ async def test_a_requester_of_other_ledger_rules_is_refused(
         alice = await b.requester("alice")
         operands = matmul_operands()
         await client.ensure_operands(alice.network, b.worker_id, operands, timeout=10)
-        described = {name: meta_of(a).to_json() for name, a in operands.items()}
-        request = {
-            "job_id": JOB,
-            "shard": 0,
-            "kernel": "matmul",
-            "operands": described,
-            "max_price": 1.0,
-        }
+        request = hand_made_run(operands, max_price=1.0)
         cases: list[tuple[object, str]] = [
             (None, "1"),
             (LEDGER_RULES + 1, str(LEDGER_RULES + 1)),
@@ -383,15 +376,7 @@ async def test_a_requester_of_another_network_is_refused(
         alice = await b.requester("alice")
         operands = matmul_operands()
         await client.ensure_operands(alice.network, b.worker_id, operands, timeout=10)
-        described = {name: meta_of(a).to_json() for name, a in operands.items()}
-        request = {
-            "job_id": JOB,
-            "shard": 0,
-            "kernel": "matmul",
-            "operands": described,
-            "max_price": 1.0,
-            "ledger_rules": LEDGER_RULES,
-        }
+        request = hand_made_run(operands, max_price=1.0, ledger_rules=LEDGER_RULES)
         cases: list[tuple[object, str]] = [
             (other, other),
             (mine.upper(), "unreadable"),

@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import re
 import statistics
 from collections import Counter, OrderedDict, deque
 from collections.abc import Awaitable, Callable, Iterable, Iterator
@@ -48,9 +47,9 @@ from mtor_p2p.compute.receipt_store import ReceiptStore
 from mtor_p2p.compute.reputation import STRAGGLER, PeerBook, Standing
 from mtor_p2p.compute.worker import (
     CREDIT_REFUSED,
-    NETWORK_REFUSED,
     PRICE_REFUSED,
     RULES_REFUSED,
+    refusing_network,
 )
 from mtor_p2p.identity import Identity
 from mtor_p2p.ledger.genesis import NANO
@@ -718,12 +717,10 @@ class _JobRun:
         be true: this requester sent its network, and the worker names another, well-formed.
         Any other "other network" answer (naming ours, or none) is a failure like any other
         (a review: a worker could otherwise refuse every job at no cost to its standing)."""
-        if not str(exc).startswith(NETWORK_REFUSED) or self.s.network_id is None:
+        theirs = refusing_network(str(exc))
+        if theirs is None or self.s.network_id is None or theirs == self.s.network_id:
             return None
-        found = _WORKER_GENESIS.search(str(exc))
-        if found is None or found.group(1) == self.s.network_id:
-            return None
-        return found.group(1)
+        return theirs
 
     def _leave(self, worker: str, reason: str) -> None:
         """Take ``worker`` out of this job for ``reason`` and bring in a replacement."""
@@ -2531,8 +2528,6 @@ def _other_rules_note(other: OtherRules) -> str:
 
 #: Why a worker that refused this requester's network is out (the refusal follows).
 OTHER_NETWORK_OUT = "of another network"
-#: The worker's genesis prefix in its refusal (worker._check_network's wording).
-_WORKER_GENESIS = re.compile(r"this worker's ledger has genesis ([0-9a-f]{16})…")
 
 
 def _why_not(reasons: dict[str, str]) -> str:

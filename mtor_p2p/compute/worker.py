@@ -470,6 +470,19 @@ def _check_network(header: dict[str, Any], mine: str | None) -> None:
     )
 
 
+_REFUSING_NETWORK = re.compile(r"this worker's ledger has genesis ([0-9a-f]{16})…")
+
+
+def refusing_network(reason: str) -> str | None:
+    """The network a refusal made by :func:`_check_network` names as the worker's (its
+    genesis prefix), or None when ``reason`` is no such refusal (a requester reads only this
+    of a worker's words)."""
+    if not reason.startswith(NETWORK_REFUSED):
+        return None
+    found = _REFUSING_NETWORK.search(reason)
+    return found.group(1) if found else None
+
+
 class WorkerService:
     """Serves the compute protocols on ``network``.
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -21,8 +22,14 @@ import trio.testing
 
 from mtor_p2p.capacity.record import CapacityRecord
 from mtor_p2p.capacity.view import CapacityQuery
+from mtor_p2p.compute import worker as worker_module
 from mtor_p2p.compute.protocol import PROTOCOL_RUN
-from mtor_p2p.compute.scheduler import JobFailed
+from mtor_p2p.compute.scheduler import (
+    MAX_OTHER_NETWORK_PEERS,
+    OTHER_NETWORK_MEMORY_S,
+    JobFailed,
+    Scheduler,
+)
 from mtor_p2p.compute.worker import NETWORK_REFUSED, RULES_REFUSED
 from mtor_p2p.identity import Identity
 from mtor_p2p.insight import peers_in_view, peers_view
@@ -195,6 +202,87 @@ async def test_workers_of_another_network_refuse_and_are_left_without_blame(
     assert f"a worker's ledger has genesis {'f' * 16}…" in message
     assert f"this node's {requester.scheduler.network_id}…" in message
     assert "--genesis FILE" in message
+
+
+async def test_a_worker_of_another_network_is_not_asked_again_while_connected(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker that refused this requester's network is left out of later jobs' plans (a
+    plan note says why, in its own category) and is not asked again, nor sent operands: it
+    is asked again once its connection was lost (restarted, perhaps with this network's
+    genesis), or after OTHER_NETWORK_MEMORY_S."""
+    refusals: list[str] = []
+    check = worker_module._check_network
+
+    def counted(header: dict[str, Any], mine: str | None) -> None:
+        try:
+            check(header, mine)
+        except RemoteError:
+            refusals.append(str(mine))
+            raise
+
+    monkeypatch.setattr(worker_module, "_check_network", counted)
+    operands = shard_operands()
+    async with cluster(["w1", "requester", "other"]) as c:
+        w1 = await c.start("w1", "WEU")
+        requester = await c.start("requester", "WEU", serve=False)
+        other = await c.start("other", "WEU")
+        await c.settle()
+        other.worker.network_id = "f" * 16
+
+        async def job() -> set[str]:
+            result = await requester.submit("matmul", operands, shards=8)
+            np.testing.assert_allclose(result.output, operands["a"] @ operands["b"], rtol=1e-4)
+            return {shard.worker for shard in result.shards}
+
+        assert await job() == {w1.peer_id}
+        assert len(refusals) == 1
+        for _ in range(3):
+            assert await job() == {w1.peer_id}
+        assert len(refusals) == 1  # not asked again
+        category, detail = requester.scheduler.plans[-1].passed_over[other.peer_id]
+        assert category == "network"
+        assert f"a worker's ledger has genesis {'f' * 16}…" in detail
+        assert requester.peers.get(other.peer_id).failed == 0
+
+        # Its connection lost: asked again (and refuses again, still of another network).
+        requester.network.disconnect(other.peer_id)
+        assert other.peer_id not in requester.network.connected_peers()
+        assert await job() == {w1.peer_id}
+        assert len(refusals) == 2
+        assert await job() == {w1.peer_id}
+        assert len(refusals) == 2
+
+        # Still connected, but its time is up: asked again.
+        assert other.peer_id in requester.network.connected_peers()
+        await trio.sleep(OTHER_NETWORK_MEMORY_S)
+        assert await job() == {w1.peer_id}
+        assert len(refusals) == 3
+
+        # Back on this network (restarted with the genesis): it works again once its
+        # connection was renewed.
+        other.worker.network_id = w1.worker.network_id
+        requester.network.disconnect(other.peer_id)
+        assert await job() == {w1.peer_id, other.peer_id}
+        assert len(refusals) == 3
+
+
+def test_workers_of_another_network_remembered_are_bounded() -> None:
+    """Sybils that all refuse this requester's network fill the memory of such workers up
+    to MAX_OTHER_NETWORK_PEERS, the oldest forgotten first."""
+    scheduler = Scheduler.__new__(Scheduler)
+    scheduler.other_network = OrderedDict()
+    scheduler.clock = _FixedClock()
+    for i in range(MAX_OTHER_NETWORK_PEERS + 10):
+        scheduler.note_other_network(f"peer{i}", "of another network: x")
+    assert len(scheduler.other_network) == MAX_OTHER_NETWORK_PEERS
+    assert "peer0" not in scheduler.other_network
+    assert f"peer{MAX_OTHER_NETWORK_PEERS + 9}" in scheduler.other_network
+
+
+class _FixedClock:
+    def now(self) -> float:
+        return 0.0
 
 
 async def test_a_worker_claiming_our_own_network_as_another_is_blamed(

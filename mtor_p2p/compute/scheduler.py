@@ -135,6 +135,17 @@ MAX_NOTED_PER_JOB = 256
 RULES_OUT = "ledger rules"
 #: Distinct ledger rules a job's count of workers of other rules keeps apart.
 MAX_OTHER_RULES_SHOWN = 4
+#: The category, in plan notes, of a worker that refused this requester's network.
+NETWORK_OUT = "network"
+#: How long a worker that refused this requester's network stays out of later jobs' plans,
+#: at most: it is forgotten sooner once it is no longer connected (a worker restarted with
+#: this network's genesis comes back on a new connection), and asked again after this.
+#: Capacity records do not say a peer's network; without this every job asked such workers
+#: first, and uploaded them any operands it carries.
+OTHER_NETWORK_MEMORY_S = 600.0
+#: Workers of another network remembered at once (the oldest forgotten first): only a
+#: worker's own refusal enters it, but Sybils may refuse too.
+MAX_OTHER_NETWORK_PEERS = 1024
 
 
 def trial_price_ceiling(prices: Iterable[float]) -> float | None:
@@ -834,12 +845,13 @@ class _JobRun:
                 # genesis, or a worker of another network in view). Not a fault; this job
                 # cannot pay it. Said in our words: of the worker's, only its genesis prefix.
                 outcome = "refused"
-                self._leave(
-                    worker,
+                reason = (
                     f"{OTHER_NETWORK_OUT}: a worker's ledger has genesis {theirs}…, this "
                     f"node's {self.s.network_id}…; a node joins a network with that "
-                    "network's genesis (--genesis FILE)",
+                    "network's genesis (--genesis FILE)"
                 )
+                self._leave(worker, reason)
+                self.s.note_other_network(worker, reason)  # and later jobs do not ask it
                 self.requeue(index, reissue=False)
             elif str(exc).startswith(BUSY):
                 # Overloaded (perhaps by someone else's flood): not a fault. The shard goes
@@ -1816,6 +1828,9 @@ class Scheduler:
         #: Workers that refused a run request carrying operands as too large (a version
         #: before ``inline``): their operands are uploaded (bounded like sent_operands).
         self.no_inline: OrderedDict[str, None] = OrderedDict()
+        #: Workers that refused this requester's network: worker -> (why it is out, when it
+        #: may be asked again). See OTHER_NETWORK_MEMORY_S.
+        self.other_network: OrderedDict[str, tuple[str, float]] = OrderedDict()
         #: Called with every :class:`ShardAttempt` as it ends (metrics, simulation, dashboards).
         self.observer: Callable[[ShardAttempt], None] | None = None
         #: Returns every peer's stake (nano-credits) from the ledger; None: no ledger.
@@ -1878,6 +1893,26 @@ class Scheduler:
         record = self.view.get(worker, now)
         self.shards_sent.add(now, gpu_class(record.devices) if record is not None else "unknown")
 
+    def note_other_network(self, worker: str, reason: str) -> None:
+        """Leave ``worker``, which refused this requester's network for ``reason``, out of
+        later jobs' plans while its connection lasts (at most OTHER_NETWORK_MEMORY_S)."""
+        self.other_network.pop(worker, None)
+        self.other_network[worker] = (reason, self.clock.now() + OTHER_NETWORK_MEMORY_S)
+        while len(self.other_network) > MAX_OTHER_NETWORK_PEERS:
+            self.other_network.popitem(last=False)
+
+    def _of_other_network(self, worker: str, now: float, connected: set[str] | None) -> str | None:
+        """Why ``worker`` is out of plans as a worker of another network, or None (never
+        refused, or forgotten: disconnected since, or its time is up)."""
+        entry = self.other_network.get(worker)
+        if entry is None:
+            return None
+        reason, until = entry
+        if now >= until or (connected is not None and worker not in connected):
+            del self.other_network[worker]
+            return None
+        return reason
+
     def speed_of(self, record: CapacityRecord) -> float:
         """TFLOP/s to plan with for ``record``'s worker: measured here, else its claim capped
         (see :meth:`PeerBook.effective_tflops`)."""
@@ -1903,10 +1938,16 @@ class Scheduler:
         excluded: dict[str, str] = {}
         candidates = []
         demoted = []
+        connected = set(self.network.connected_peers()) if self.network is not None else None
         for record in self.view.query(query, now):
             if record.peer_id == self.identity.peer_id:
                 continue
             if spec.only is not None and record.peer_id not in spec.only:
+                continue
+            other_network = self._of_other_network(record.peer_id, now, connected)
+            if other_network is not None:
+                # Not a demotion: never a candidate, not even when nobody else is left.
+                excluded[record.peer_id] = other_network
                 continue
             why = self.book.excluded(record.peer_id, now)
             if why is None:
@@ -1944,8 +1985,7 @@ class Scheduler:
         self.runtime.random.shuffle(unmeasured)
         # Newcomers we are already connected to first: a record's addresses are a claim too,
         # and those of Sybils may swallow every dial.
-        connected = set(self.network.connected_peers()) if self.network is not None else set()
-        unmeasured.sort(key=lambda r: r.peer_id not in connected)
+        unmeasured.sort(key=lambda r: r.peer_id not in (connected or ()))
         if stakes:
             # A weighted random order (Efraimidis-Spirakis): key u^(1/w), largest first.
             draw = self.runtime.random.random
@@ -1975,8 +2015,11 @@ class Scheduler:
         # Why each candidate not chosen was passed over (PlanNote; mtor_p2p/insight.py).
         passed: dict[str, tuple[str, str]] = {}
         for peer, why in excluded.items():
-            unreachable = why.startswith("unreachable")
-            passed[peer] = ("reachability" if unreachable else "demoted", why)
+            if why.startswith(OTHER_NETWORK_OUT + ":"):
+                passed[peer] = (NETWORK_OUT, why)
+            else:
+                unreachable = why.startswith("unreachable")
+                passed[peer] = ("reachability" if unreachable else "demoted", why)
         chosen_measured = measured[: places - take_unmeasured]
         last_measured = chosen_measured[-1] if chosen_measured else None
         for record in measured[places - take_unmeasured :]:

@@ -34,6 +34,7 @@ from mtor_p2p.compute.worker import NETWORK_REFUSED, RULES_REFUSED
 from mtor_p2p.identity import Identity
 from mtor_p2p.insight import peers_in_view, peers_view
 from mtor_p2p.ledger.names import LEDGER_RULES
+from mtor_p2p.ledger.service import OTHER_NETWORK, SYNC_PROTOCOL
 from mtor_p2p.network import RemoteError
 from mtor_p2p.node import Node
 from tests.conftest import make_record
@@ -204,13 +205,19 @@ async def test_workers_of_another_network_refuse_and_are_left_without_blame(
     assert "--genesis FILE" in message
 
 
-async def test_a_worker_of_another_network_is_not_asked_again_while_connected(
-    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A worker that refused this requester's network is left out of later jobs' plans (a
-    plan note says why, in its own category) and is not asked again, nor sent operands: it
-    is asked again once its connection was lost (restarted, perhaps with this network's
-    genesis), or after OTHER_NETWORK_MEMORY_S."""
+def of_another_network_everywhere(c: Any, node: Node, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make ``node`` another network's peer as a requester sees one: its worker refuses runs
+    (another network ID) and its ledger refuses syncs (another genesis)."""
+    node.worker.network_id = "f" * 16
+
+    async def refuse_sync(sender: str, request: bytes) -> bytes:
+        raise RemoteError(f"{OTHER_NETWORK}: genesis hashes differ")
+
+    c.world.network(node.peer_id).handle(SYNC_PROTOCOL, refuse_sync)
+
+
+def counted_network_refusals(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every refusal of a run for another network, by any worker, from now on."""
     refusals: list[str] = []
     check = worker_module._check_network
 
@@ -222,13 +229,25 @@ async def test_a_worker_of_another_network_is_not_asked_again_while_connected(
             raise
 
     monkeypatch.setattr(worker_module, "_check_network", counted)
+    return refusals
+
+
+async def test_a_worker_of_another_network_is_not_asked_again_while_connected(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker that refused this requester's network is left out of later jobs' plans (a
+    plan note says why, in its own category) and is not asked again, nor sent operands: it
+    is asked again after OTHER_NETWORK_MEMORY_S, or once it was found disconnected (a worker
+    restarted with this network's genesis, and connected again before the next job: a
+    review found it left out until its time was up when only plans checked the connection)."""
+    refusals = counted_network_refusals(monkeypatch)
     operands = shard_operands()
     async with cluster(["w1", "requester", "other"]) as c:
         w1 = await c.start("w1", "WEU")
         requester = await c.start("requester", "WEU", serve=False)
         other = await c.start("other", "WEU")
         await c.settle()
-        other.worker.network_id = "f" * 16
+        of_another_network_everywhere(c, other, monkeypatch)
 
         async def job() -> set[str]:
             result = await requester.submit("matmul", operands, shards=8)
@@ -238,6 +257,7 @@ async def test_a_worker_of_another_network_is_not_asked_again_while_connected(
         assert await job() == {w1.peer_id}
         assert len(refusals) == 1
         for _ in range(3):
+            await trio.sleep(20)  # ledger syncs meanwhile (refused: another genesis)
             assert await job() == {w1.peer_id}
         assert len(refusals) == 1  # not asked again
         category, detail = requester.scheduler.plans[-1].passed_over[other.peer_id]
@@ -245,26 +265,62 @@ async def test_a_worker_of_another_network_is_not_asked_again_while_connected(
         assert f"a worker's ledger has genesis {'f' * 16}…" in detail
         assert requester.peers.get(other.peer_id).failed == 0
 
-        # Its connection lost: asked again (and refuses again, still of another network).
-        requester.network.disconnect(other.peer_id)
-        assert other.peer_id not in requester.network.connected_peers()
-        assert await job() == {w1.peer_id}
-        assert len(refusals) == 2
-        assert await job() == {w1.peer_id}
-        assert len(refusals) == 2
-
-        # Still connected, but its time is up: asked again.
-        assert other.peer_id in requester.network.connected_peers()
+        # Its time is up: asked again, though still connected.
         await trio.sleep(OTHER_NETWORK_MEMORY_S)
+        assert other.peer_id in requester.network.connected_peers()
         assert await job() == {w1.peer_id}
-        assert len(refusals) == 3
+        assert len(refusals) == 2
+        assert await job() == {w1.peer_id}
+        assert len(refusals) == 2
 
-        # Back on this network (restarted with the genesis): it works again once its
-        # connection was renewed.
-        other.worker.network_id = w1.worker.network_id
-        requester.network.disconnect(other.peer_id)
+        # Restarted with this network's genesis: down for a few seconds, and connected again
+        # before the next job. It is asked, and works.
+        c.crash("other")
+        await trio.sleep(3)
+        other = await c.start("other", "WEU", restart=True)
+        with trio.fail_after(30):
+            while other.peer_id not in requester.network.connected_peers():
+                await trio.sleep(0.1)
+        assert other.peer_id not in requester.scheduler.other_network
         assert await job() == {w1.peer_id, other.peer_id}
-        assert len(refusals) == 3
+        assert len(refusals) == 2
+
+
+async def test_a_worker_whose_ledger_syncs_with_ours_is_asked_again(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker left out for refusing this requester's network is asked again, on the same
+    connection, once a ledger sync with it succeeds: it follows this network after all."""
+    refusals = counted_network_refusals(monkeypatch)
+    operands = shard_operands()
+    async with cluster(["w1", "requester", "other"]) as c:
+        w1 = await c.start("w1", "WEU")
+        requester = await c.start("requester", "WEU", serve=False)
+        other = await c.start("other", "WEU")
+        await c.settle()
+        of_another_network_everywhere(c, other, monkeypatch)
+        await requester.submit("matmul", operands, shards=8)
+        assert len(refusals) == 1 and other.peer_id in requester.scheduler.other_network
+        proofs: list[str] = []
+        forget = requester.ledger_service.on_same_network
+        assert forget is not None and forget == requester.scheduler.forget_other_network
+
+        def proof(peer: str) -> None:
+            proofs.append(peer)
+            forget(peer)
+
+        requester.ledger_service.on_same_network = proof
+        # Its operator fixes it in place: its ledger syncs with ours, its worker agrees.
+        other.worker.network_id = w1.worker.network_id
+        c.world.network(other.peer_id).handle(SYNC_PROTOCOL, other.ledger_service._serve_sync)
+        with trio.fail_after(120):
+            while other.peer_id in requester.scheduler.other_network:
+                await trio.sleep(1)
+        assert other.peer_id in proofs
+        assert other.peer_id in requester.network.connected_peers()
+        result = await requester.submit("matmul", operands, shards=8)
+        assert {shard.worker for shard in result.shards} == {w1.peer_id, other.peer_id}
+        assert len(refusals) == 1
 
 
 def test_workers_of_another_network_remembered_are_bounded() -> None:
@@ -272,6 +328,7 @@ def test_workers_of_another_network_remembered_are_bounded() -> None:
     to MAX_OTHER_NETWORK_PEERS, the oldest forgotten first."""
     scheduler = Scheduler.__new__(Scheduler)
     scheduler.other_network = OrderedDict()
+    scheduler._other_network_noted = trio.Event()
     scheduler.clock = _FixedClock()
     for i in range(MAX_OTHER_NETWORK_PEERS + 10):
         scheduler.note_other_network(f"peer{i}", "of another network: x")

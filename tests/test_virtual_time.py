@@ -455,11 +455,16 @@ class Cluster:
         price: float = 1.0,
         dynamic_price: bool = False,
         serve: bool = True,
+        restart: bool = False,
     ) -> Node:
-        """Start one node; the first one started is everyone's bootstrap peer."""
+        """Start one node; the first one started is everyone's bootstrap peer. ``restart``:
+        start a crashed node again (same identity, a fresh process: empty stores)."""
         identity = self.identities[name]
         runtime = self.runtime.child(name)
-        network = self.world.add_peer(identity, LinkProfile(region, access_delay=ACCESS))
+        if restart:
+            network = self.world.restart(identity.peer_id)
+        else:
+            network = self.world.add_peer(identity, LinkProfile(region, access_delay=ACCESS))
         config = NodeConfig(
             data_dir=Path("/nonexistent/mtor-virtual-time"),
             region=region,

@@ -134,8 +134,8 @@ class Challenger:
 
     def targets(self) -> list[CapacityRecord]:
         """Workers to challenge this round: never measured (or measured long ago), not
-        demoted, not challenged recently; at most ``per_round``, chosen at random (a claim
-        of speed earns no priority)."""
+        demoted, not of another network by their word, not challenged recently; at most
+        ``per_round``, chosen at random (a claim of speed earns no priority)."""
         now = self.clock.now()
         for peer, at in list(self._tried.items()):
             if now - at > RECHALLENGE_AFTER:
@@ -153,6 +153,8 @@ class Challenger:
             if peer == self.identity.peer_id or peer in self._tried:
                 continue
             if self.book.excluded(peer, now) is not None:
+                continue
+            if peer in self.scheduler.other_network:  # it refused our network: no job of ours
                 continue
             standing = self.book.get(peer)
             if standing.measured and now - standing.updated < STALE_AFTER:

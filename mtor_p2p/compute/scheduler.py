@@ -138,11 +138,13 @@ MAX_OTHER_RULES_SHOWN = 4
 #: The category, in plan notes, of a worker that refused this requester's network.
 NETWORK_OUT = "network"
 #: How long a worker that refused this requester's network stays out of later jobs' plans,
-#: at most: it is forgotten sooner once it is no longer connected (a worker restarted with
-#: this network's genesis comes back on a new connection), and asked again after this.
-#: Capacity records do not say a peer's network; without this every job asked such workers
-#: first, and uploaded them any operands it carries.
+#: at most, and is asked again after. It is forgotten sooner when it is found disconnected
+#: (checked every OTHER_NETWORK_SWEEP_S: a worker restarted with this network's genesis is
+#: down for longer than that) or when a ledger sync with it succeeds (proof that it follows
+#: this network). Capacity records do not say a peer's network; without this every job
+#: asked such workers first, and uploaded them any operands it carries.
 OTHER_NETWORK_MEMORY_S = 600.0
+OTHER_NETWORK_SWEEP_S = 1.0
 #: Workers of another network remembered at once (the oldest forgotten first): only a
 #: worker's own refusal enters it, but Sybils may refuse too.
 MAX_OTHER_NETWORK_PEERS = 1024
@@ -339,7 +341,8 @@ class WorkerPlan:
     excluded: dict[str, str]
     #: Every candidate not chosen (reserve and excluded): peer -> (category, detail), the
     #: category one of ``price``, ``measured speed``, ``failures``, ``load``, ``newcomer``,
-    #: ``latency``, ``reachability``, ``demoted``.
+    #: ``latency``, ``places``, ``reachability``, ``demoted``, ``network`` (it refused this
+    #: requester's network, see OTHER_NETWORK_MEMORY_S).
     passed_over: dict[str, tuple[str, str]] = field(default_factory=dict)
     #: Workers the job's terms would take but for their ledger rules (another MTOR version,
     #: never candidates).
@@ -1831,6 +1834,7 @@ class Scheduler:
         #: Workers that refused this requester's network: worker -> (why it is out, when it
         #: may be asked again). See OTHER_NETWORK_MEMORY_S.
         self.other_network: OrderedDict[str, tuple[str, float]] = OrderedDict()
+        self._other_network_noted = trio.Event()  # set when one is remembered
         #: Called with every :class:`ShardAttempt` as it ends (metrics, simulation, dashboards).
         self.observer: Callable[[ShardAttempt], None] | None = None
         #: Returns every peer's stake (nano-credits) from the ledger; None: no ledger.
@@ -1900,6 +1904,27 @@ class Scheduler:
         self.other_network[worker] = (reason, self.clock.now() + OTHER_NETWORK_MEMORY_S)
         while len(self.other_network) > MAX_OTHER_NETWORK_PEERS:
             self.other_network.popitem(last=False)
+        self._other_network_noted.set()
+
+    def forget_other_network(self, worker: str) -> None:
+        """Ask ``worker`` again in later jobs: it has shown it follows this network (a
+        ledger sync with it succeeded)."""
+        self.other_network.pop(worker, None)
+
+    async def _forget_disconnected(self) -> None:
+        # While any worker of another network is remembered, those found disconnected are
+        # forgotten (a check at the next plan alone missed a worker restarted with this
+        # network's genesis and connected again by then: a review). No wake-ups otherwise
+        # (a simulation runs a thousand schedulers).
+        while True:
+            await self._other_network_noted.wait()
+            while self.other_network:
+                await trio.sleep(OTHER_NETWORK_SWEEP_S)
+                if self.network is not None:
+                    connected = set(self.network.connected_peers())
+                    for peer in [p for p in self.other_network if p not in connected]:
+                        del self.other_network[peer]
+            self._other_network_noted = trio.Event()
 
     def _of_other_network(self, worker: str, now: float, connected: set[str] | None) -> str | None:
         """Why ``worker`` is out of plans as a worker of another network, or None (never
@@ -2226,8 +2251,10 @@ class Scheduler:
             if spec.only is None:
                 self._note_plan(spec, plan, None)
             within = "" if spec.max_price is None else f" at up to {spec.max_price:g}/TFLOP"
+            # Some may serve it and be out (the reasons follow): not "no worker serves".
+            acceptable = " acceptable" if plan.excluded else ""
             raise JobFailed(
-                f"no worker in the capacity view serves {spec.kernel!r}{within}"
+                f"no{acceptable} worker in the capacity view serves {spec.kernel!r}{within}"
                 + self._cheapest(spec)
                 + _why_not(plan.excluded)
                 + _other_rules_note(plan.other_rules)
@@ -2476,6 +2503,7 @@ class Scheduler:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(settle_forever)
+                nursery.start_soon(self._forget_disconnected)
                 for _ in range(deliverers):
                     nursery.start_soon(deliver_forever)
         finally:

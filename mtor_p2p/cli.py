@@ -656,7 +656,8 @@ def cmd_balance(args: argparse.Namespace) -> int:
     if others:
         print(
             f"           {others} connected peer(s) refused this ledger's sync as another "
-            "network's: they do not see these credits (a network's own genesis: --genesis FILE)"
+            "network's: they do not see these credits (to join theirs: their genesis, in a new "
+            "data directory, --genesis FILE --data-dir DIR)"
         )
     print(f"balance    {c(summary['balance'])} credits (can spend {c(summary['spendable'])})")
     print(f"stake      {c(summary['stake'])} credits   slashed {c(summary['slashed'])}")
@@ -995,6 +996,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     rules = f"   ledger rules {status['ledger_rules']}" if "ledger_rules" in status else ""
     print(f"version    {status['version']}{rules}   uptime {status['uptime_s']:.0f} s")
     print(f"region     {status['region']}")
+    ledger_line = _ledger_line(status)
+    if ledger_line is not None:
+        print(ledger_line)
     for addr in status["addrs"]:
         print(f"address    {addr}")
     if status.get("tunnel"):
@@ -1017,6 +1021,36 @@ def cmd_status(args: argparse.Namespace) -> int:
     for line in _status_guard_lines(status):
         print(line)
     return EXIT_OK
+
+
+def _not_used_header(count: int, out: dict[str, str]) -> str:
+    """The first line of a job summary's workers not used (``out``: worker -> why). The peer
+    book explains demotions; refusals that are no fault (another network, other rules, a
+    quote gone stale, our credit) are said on the lines that follow, and the book has nothing
+    on them (a new user's walkthrough). The words are the scheduler's (OTHER_NETWORK_OUT and
+    its "refused: ..." reasons)."""
+    refusals = ("of another network", "refused:")
+    demoted = any(not str(why).startswith(refusals) for why in out.values())
+    where = " (see mtor-peer reputation)" if demoted else ""
+    return f"not used   {count} worker(s){where}:"
+
+
+def _ledger_line(status: dict[str, Any]) -> str | None:
+    """``ledger     network N (genesis G…)[; K connected peer(s) of another network...]``: the
+    network this node's credits and jobs belong to. Peers of another (a node joined without
+    its network's genesis) share neither, and the rest of ``status`` would not say so (a new
+    user's walkthrough)."""
+    ledger = status.get("ledger") or {}
+    if not ledger.get("network") or not ledger.get("genesis"):
+        return None
+    others = (ledger.get("sync") or {}).get("other_network_peers", 0)
+    extra = (
+        f"; {others} connected peer(s) of another network, whose workers refuse this node's "
+        "jobs (see balance)"
+        if others
+        else ""
+    )
+    return f"ledger     network {ledger['network']} (genesis {ledger['genesis'][:16]}…){extra}"
 
 
 def _reachability_line(nat: dict[str, Any]) -> str:
@@ -1499,8 +1533,7 @@ def _follow_job(args: argparse.Namespace, client: ControlClient, job_id: str) ->
         print(f"worker     {worker}")
     out = result.get("workers_out") or {}
     if out:
-        count = result.get("workers_out_count", len(out))
-        print(f"not used   {count} worker(s) (see mtor-peer reputation):")
+        print(_not_used_header(result.get("workers_out_count", len(out)), out))
         for peer, reason in out.items():
             print(f"           …{peer[-12:]}: {reason}")
     other = result.get("other_ledger_rules") or {}
@@ -2175,7 +2208,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--genesis",
         type=_path,
-        help="the network's genesis file (default: the data dir's copy, else the shipped one)",
+        help="the network's genesis file (default: the data dir's copy, else the shipped one); "
+        "a data directory keeps the network it began with: another network's genesis needs "
+        "another data directory",
     )
     p.add_argument("--ngrok", action="store_true", help="open an ngrok TCP tunnel and announce it")
     p.add_argument(

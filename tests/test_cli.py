@@ -160,6 +160,11 @@ def test_run_serves_status_and_peers_then_stops_cleanly_on_sigterm(tmp_path):
         # The ledger rules it follows, which its record states and peers of other rules lack.
         assert body["ledger_rules"] == LEDGER_RULES
         assert f"ledger rules {LEDGER_RULES}   uptime" in text
+        # The network its credits and jobs belong to.
+        ledger = body["ledger"]
+        assert (
+            f"ledger     network {ledger['network']} (genesis {ledger['genesis'][:16]}…)\n" in text
+        )
         listed = mtor("peers", "--json", "--data-dir", str(tmp_path))
         peers = json.loads(listed.stdout)
         assert [p["peer_id"] for p in peers] == [ready["peer_id"]]

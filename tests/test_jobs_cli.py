@@ -24,13 +24,20 @@ import pytest
 import trio
 
 from mtor_kernels import get_kernel
-from mtor_p2p.cli import _job_detail, _jobs_text, format_job_line
+from mtor_p2p.cli import (
+    _job_detail,
+    _jobs_text,
+    _ledger_line,
+    _not_used_header,
+    format_job_line,
+)
 from mtor_p2p.compute.inputs import random_operands
 from mtor_p2p.compute.jobs import (
     MAX_JOBS_WITH_SHARDS,
     MAX_REMEMBERED_JOBS,
     MAX_RUNNING_JOBS,
     JobBoard,
+    JobState,
     observe_attempt,
 )
 from mtor_p2p.compute.scheduler import ShardAttempt
@@ -520,3 +527,35 @@ def test_a_running_job_without_its_id_yet_says_so_in_the_id_column() -> None:
     assert _job_detail(named).startswith(f"    {'ab' * 8}…  matmul")
     failed = {"state": "failed", "kernel": "matmul", "id": "job-2", "error": "no workers"}
     assert _job_detail(failed).startswith("    matmul")
+
+
+def test_status_names_the_network_and_counts_peers_of_another() -> None:
+    """``status`` says which network the node follows, and how many connected peers follow
+    another (whose workers refuse its jobs): a new user's walkthrough joined without the
+    devnet's genesis and saw only a price in ``status``."""
+    status = {"ledger": {"network": "mtor-devnet", "genesis": "ab" * 32, "sync": {}}}
+    assert _ledger_line(status) == f"ledger     network mtor-devnet (genesis {'ab' * 8}…)"
+    status["ledger"]["sync"] = {"other_network_peers": 3}
+    line = _ledger_line(status)
+    assert line is not None and "; 3 connected peer(s) of another network" in line
+    assert _ledger_line({}) is None
+
+
+async def test_refusals_are_not_counted_as_re_issued_shards() -> None:
+    """A failed job whose workers all refused (another network, our credit) re-issued
+    nothing, as the scheduler counts it for a job that ends: ``jobs`` said "4 re-issued"
+    for four refusals (a new user's walkthrough)."""
+    job = JobState("job-1", state="failed", error="no acceptable worker left")
+    job.attempts = {"refused": 4}
+    assert job.to_json()["reissued"] == 0
+    job.attempts["failed"] = 1
+    assert job.to_json()["reissued"] == 1
+
+
+def test_workers_not_used_point_to_the_peer_book_only_for_demotions() -> None:
+    """Workers left out by a refusal that is no fault (another network) are not in the peer
+    book: the summary does not send the reader there for them."""
+    network = {"w1": "of another network: a worker's ledger has genesis ab…"}
+    assert _not_used_header(1, network) == "not used   1 worker(s):"
+    demoted = network | {"w2": "failing: 3 in a row"}
+    assert _not_used_header(2, demoted) == "not used   2 worker(s) (see mtor-peer reputation):"

@@ -69,8 +69,12 @@ DEFAULT_LISTED_JOBS = 20
 MAX_JOBS_WITH_SHARDS = 20
 MAX_RANDOM_ELEMENTS = 1 << 26  # per operand, for jobs on random inputs
 DTYPES = ("float32", "float16")
-#: Attempt outcomes after which the scheduler puts the shard back in the queue.
-REISSUING_OUTCOMES = ("rejected", "failed", "timeout", "misbehaved", "refused")
+#: Attempt outcomes after which the scheduler re-issues the shard, as its own count has it
+#: (shown once the job is done): a refusal (our credit, a price, other rules, another
+#: network) puts the shard back in the queue without counting it re-issued, and a failed job,
+#: which has no scheduler count to show, said "4 re-issued" for four refusals (a new user's
+#: walkthrough).
+REISSUING_OUTCOMES = ("rejected", "failed", "timeout", "misbehaved")
 #: Job states; every one but ``running`` is final.
 STATES = ("running", "done", "failed", "cancelled")
 #: Longest a finished job waits for its receipts' settlement before it is reported done.

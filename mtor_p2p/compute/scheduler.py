@@ -851,7 +851,8 @@ class _JobRun:
                 reason = (
                     f"{OTHER_NETWORK_OUT}: a worker's ledger has genesis {theirs}…, this "
                     f"node's {self.s.network_id}…; a node joins a network with that "
-                    "network's genesis (--genesis FILE)"
+                    "network's genesis, in a new data directory (--genesis FILE --data-dir "
+                    "DIR: a data directory keeps the network it began with)"
                 )
                 self._leave(worker, reason)
                 self.s.note_other_network(worker, reason)  # and later jobs do not ask it
@@ -2252,9 +2253,13 @@ class Scheduler:
                 self._note_plan(spec, plan, None)
             within = "" if spec.max_price is None else f" at up to {spec.max_price:g}/TFLOP"
             # Some may serve it and be out (the reasons follow): not "no worker serves".
-            acceptable = " acceptable" if plan.excluded else ""
+            lacking = (
+                f"no acceptable worker in the capacity view for {spec.kernel!r}{within}"
+                if plan.excluded
+                else f"no worker in the capacity view serves {spec.kernel!r}{within}"
+            )
             raise JobFailed(
-                f"no{acceptable} worker in the capacity view serves {spec.kernel!r}{within}"
+                lacking
                 + self._cheapest(spec)
                 + _why_not(plan.excluded)
                 + _other_rules_note(plan.other_rules)

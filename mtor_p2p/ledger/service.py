@@ -532,8 +532,10 @@ class LedgerService:
             self._warned_other_network = True
             log.warning(
                 "peer %s follows another network: its ledger's genesis is not this node's "
-                "(%s, genesis %s), so neither sees the other's credits; to join its network, "
-                "start this node with that network's genesis (--genesis FILE)",
+                "(%s, genesis %s), so neither sees the other's credits; if this node is to join "
+                "that network, start it with that network's genesis in a new data directory "
+                "(--genesis FILE --data-dir DIR: a data directory keeps the network it began "
+                "with)",
                 peer[-12:],
                 self.genesis.network,
                 self.ledger.genesis_hash[:16],

@@ -1045,8 +1045,8 @@ def _ledger_line(status: dict[str, Any]) -> str | None:
         return None
     others = (ledger.get("sync") or {}).get("other_network_peers", 0)
     extra = (
-        f"; {others} connected peer(s) of another network, whose workers refuse this node's "
-        "jobs (see balance)"
+        f"; {others} connected peer(s) of another network, by their ledgers' refusal of our "
+        "sync (see balance)"
         if others
         else ""
     )

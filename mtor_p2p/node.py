@@ -220,8 +220,6 @@ class Node:
         # Runs name this node's network; its worker refuses another network's requesters.
         network_id = ledger.genesis_hash[:NETWORK_ID_CHARS]
         self.scheduler.network_id = self.worker.network_id = network_id
-        # A peer whose ledger syncs with ours follows this network, whatever it said before.
-        self.ledger_service.on_same_network = self.scheduler.forget_other_network
         self.scheduler.stakes = lambda: dict(self.ledger.state().stakes)
         self.scheduler.on_fault = self._record_fault
         # Job numbers continue across restarts of this data directory (never reused).

@@ -154,7 +154,7 @@ class Challenger:
                 continue
             if self.book.excluded(peer, now) is not None:
                 continue
-            if peer in self.scheduler.other_network:  # it refused our network: no job of ours
+            if self.scheduler.is_other_network(peer):  # it refused our network: no job of ours
                 continue
             standing = self.book.get(peer)
             if standing.measured and now - standing.updated < STALE_AFTER:

@@ -137,12 +137,13 @@ RULES_OUT = "ledger rules"
 MAX_OTHER_RULES_SHOWN = 4
 #: The category, in plan notes, of a worker that refused this requester's network.
 NETWORK_OUT = "network"
-#: How long a worker that refused this requester's network stays out of later jobs' plans,
-#: at most, and is asked again after. It is forgotten sooner when it is found disconnected
-#: (checked every OTHER_NETWORK_SWEEP_S: a worker restarted with this network's genesis is
-#: down for longer than that) or when a ledger sync with it succeeds (proof that it follows
-#: this network). Capacity records do not say a peer's network; without this every job
-#: asked such workers first, and uploaded them any operands it carries.
+#: How long a worker that refused this requester's network stays out of later jobs' plans
+#: and challenges, at most, and is asked again after. It is forgotten sooner when it is found
+#: disconnected (checked every OTHER_NETWORK_SWEEP_S: a worker restarted with this network's
+#: genesis is down for longer than that). Capacity records do not say a peer's network;
+#: without this every job asked such workers first, and uploaded them any operands it
+#: carries. (A successful ledger sync is no proof of the network: any peer can answer one
+#: with nothing, a review found, and a node cannot change network without a restart.)
 OTHER_NETWORK_MEMORY_S = 600.0
 OTHER_NETWORK_SWEEP_S = 1.0
 #: Workers of another network remembered at once (the oldest forgotten first): only a
@@ -1907,24 +1908,27 @@ class Scheduler:
             self.other_network.popitem(last=False)
         self._other_network_noted.set()
 
-    def forget_other_network(self, worker: str) -> None:
-        """Ask ``worker`` again in later jobs: it has shown it follows this network (a
-        ledger sync with it succeeded)."""
-        self.other_network.pop(worker, None)
+    def is_other_network(self, worker: str) -> bool:
+        """Whether ``worker`` is left out as a worker of another network now (see
+        OTHER_NETWORK_MEMORY_S)."""
+        return self._of_other_network(worker, self.clock.now(), None) is not None
 
     async def _forget_disconnected(self) -> None:
-        # While any worker of another network is remembered, those found disconnected are
-        # forgotten (a check at the next plan alone missed a worker restarted with this
-        # network's genesis and connected again by then: a review). No wake-ups otherwise
-        # (a simulation runs a thousand schedulers).
+        # While any worker of another network is remembered, those found disconnected, and
+        # those whose time is up, are forgotten (a check at the next plan alone missed a
+        # worker restarted with this network's genesis and connected again by then, and kept
+        # a connected one from challenges for good: two reviews). No wake-ups otherwise (a
+        # simulation runs a thousand schedulers).
         while True:
             await self._other_network_noted.wait()
             while self.other_network:
                 await trio.sleep(OTHER_NETWORK_SWEEP_S)
-                if self.network is not None:
-                    connected = set(self.network.connected_peers())
-                    for peer in [p for p in self.other_network if p not in connected]:
-                        del self.other_network[peer]
+                now = self.clock.now()
+                connected = (
+                    set(self.network.connected_peers()) if self.network is not None else None
+                )
+                for peer in list(self.other_network):
+                    self._of_other_network(peer, now, connected)  # forgets it if it is time
             self._other_network_noted = trio.Event()
 
     def _of_other_network(self, worker: str, now: float, connected: set[str] | None) -> str | None:

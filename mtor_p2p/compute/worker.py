@@ -466,7 +466,8 @@ def _check_network(header: dict[str, Any], mine: str | None) -> None:
     stated = theirs if isinstance(theirs, str) and _NETWORK_ID.fullmatch(theirs) else "unreadable"
     raise RemoteError(
         f"{NETWORK_REFUSED}: this worker's ledger has genesis {mine}…, the requester's "
-        f"{stated}; a node joins a network with that network's genesis (--genesis FILE)"
+        f"{stated}; a node joins a network with that network's genesis, in a new data "
+        "directory (--genesis FILE --data-dir DIR)"
     )
 
 

@@ -169,9 +169,6 @@ class LedgerService:
         #: bounded; a peer leaves it when it disconnects or a later pull from it succeeds).
         self._other_network: dict[str, None] = {}
         self._warned_other_network = False  # once per service: a peer cannot make it repeat
-        #: Called with each peer a pull from succeeds: it follows this network (the node
-        #: tells its scheduler, which may have left it out as a worker of another network).
-        self.on_same_network: Callable[[str], None] | None = None
         #: peer -> (faults in a row, trio time before which it is not pulled).
         self._backoff: dict[str, tuple[int, float]] = {}
         self._voted: dict[int, list[str]] = {}  # epoch -> roots we signed
@@ -566,8 +563,6 @@ class LedgerService:
             self._count_backoff()
         if self._other_network.pop(peer, None) is not None:
             self.stats["other_network_peers"] = len(self._other_network)
-        if self.on_same_network is not None:
-            self.on_same_network(peer)
 
     def _count_backoff(self) -> None:
         now = trio.current_time()

@@ -318,8 +318,8 @@ class Ledger:
             raise LedgerError(
                 f"{self.path} belongs to the network with genesis {held[:16]}..., not "
                 f"{self.genesis_hash[:16]}... (use that genesis, or another data directory: a data "
-                "directory keeps the network it began with; to keep this node's peer ID there, "
-                "copy its identity.key)"
+                "directory keeps the network it began with; to keep this node's peer ID, move "
+                "its identity.key there and run only the new one)"
             )
         rules = self._meta("rules")
         # Again, on this connection: the file may have changed since it was read.

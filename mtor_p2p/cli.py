@@ -1154,7 +1154,8 @@ def cmd_peers(args: argparse.Namespace) -> int:
     """Show the capacity view (this node's own record among it), optionally filtered. Peers
     following other ledger rules (another MTOR version, which this node never schedules:
     their receipts would enter another ledger) are not listed; a line on stderr counts them,
-    and ``status --json`` shows them under ``insight.peers``."""
+    and ``status --json`` shows them under ``insight.peers``. Peers of another network by
+    their word are listed, marked ``other_network``, and counted on stderr."""
     asked = {
         name: getattr(args, name)
         for name in ("min_mem_gib", "min_tflops", "max_price", "region")
@@ -1167,6 +1168,14 @@ def cmd_peers(args: argparse.Namespace) -> int:
     peers = answer["peers"]
     other_rules = answer.get("other_ledger_rules", 0)
     print(json.dumps(peers, indent=2, sort_keys=True) if args.json else format_peers_table(peers))
+    elsewhere = answer.get("other_network", 0)
+    if elsewhere:
+        print(
+            f"{elsewhere} of these peer(s) follow another network (other_network in --json): "
+            "their ledgers refused this node's sync, or their workers its jobs; they share no "
+            f"credits with it and do not work for it (see {invoked_as()} balance)",
+            file=sys.stderr,
+        )
     if other_rules:
         print(
             f"{other_rules} peer(s) of other ledger rules not shown (another MTOR version: "

@@ -704,9 +704,22 @@ class Node:
             for r in self.capacity.view.live_unsorted(now)
             if r.ledger_rules != LEDGER_RULES and anyone.matches(r)
         )
+        # Peers of another network by their own word: their ledgers refused our sync, or
+        # their workers our runs. Listed (they are in the view and the same rules), marked:
+        # a node joined without its network's genesis saw them unmarked while every job
+        # failed (a new user's walkthrough).
+        elsewhere = self.ledger_service.other_network_peers()
+        peers = []
+        for record in records:
+            entry = record_to_json(record, now)
+            entry["other_network"] = record.peer_id in elsewhere or (
+                self.scheduler.is_other_network(record.peer_id)
+            )
+            peers.append(entry)
         return 200, {
-            "peers": [record_to_json(r, now) for r in records],
+            "peers": peers,
             "other_ledger_rules": other_rules,
+            "other_network": sum(1 for p in peers if p["other_network"]),
         }
 
     async def _route_receipts(self, query: dict[str, str], body: Any) -> tuple[int, Any]:

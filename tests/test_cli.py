@@ -170,6 +170,7 @@ def test_run_serves_status_and_peers_then_stops_cleanly_on_sigterm(tmp_path):
         assert [p["peer_id"] for p in peers] == [ready["peer_id"]]
         assert peers[0]["ledger_rules"] == LEDGER_RULES
         assert "other ledger rules" not in listed.stderr
+        assert "another network" not in listed.stderr and not peers[0]["other_network"]
         table = mtor("peers", "--data-dir", str(tmp_path)).stdout
         assert "TFLOP/S" in table and "1 peer(s)" in table
         none = json.loads(

@@ -260,6 +260,11 @@ async def test_a_worker_of_another_network_is_not_asked_again_while_connected(
             await trio.sleep(20)  # ledger syncs meanwhile (refused: another genesis)
             assert await job() == {w1.peer_id}
         assert len(refusals) == 1  # not asked again
+        # `peers` lists it, marked (a new user saw it unmarked while every job failed).
+        _, listed = await requester._route_peers({}, None)
+        marked = {p["peer_id"]: p["other_network"] for p in listed["peers"]}
+        assert marked[other.peer_id] and not marked[w1.peer_id]
+        assert listed["other_network"] == 1
         category, detail = requester.scheduler.plans[-1].passed_over[other.peer_id]
         assert category == "network"
         assert f"a worker's ledger has genesis {'f' * 16}…" in detail
@@ -309,6 +314,8 @@ async def test_a_refuser_that_answers_our_ledger_sync_is_still_left_out(
         assert len(refusals) == 1
         assert requester.scheduler.is_other_network(other.peer_id)
         assert other.peer_id not in {r.peer_id for r in requester.challenger.targets()}
+        _, listed = await requester._route_peers({}, None)  # marked by its refusal alone
+        assert [p["peer_id"] for p in listed["peers"] if p["other_network"]] == [other.peer_id]
         await trio.sleep(OTHER_NETWORK_MEMORY_S)
         assert other.peer_id in requester.network.connected_peers()
         assert other.peer_id not in requester.scheduler.other_network  # forgotten, no job

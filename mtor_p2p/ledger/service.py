@@ -558,6 +558,11 @@ class LedgerService:
                 del self._backoff[forgotten]
         self._count_backoff()
 
+    def other_network_peers(self) -> set[str]:
+        """Connected peers whose ledgers refused our sync as another network's (by their
+        word: see :meth:`_note_other_network`)."""
+        return set(self._other_network)
+
     def _sync_ok(self, peer: str) -> None:
         if self._backoff.pop(peer, None) is not None:
             self._count_backoff()

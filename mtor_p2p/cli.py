@@ -1023,14 +1023,18 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _not_used_header(count: int, out: dict[str, str]) -> str:
-    """The first line of a job summary's workers not used (``out``: worker -> why). The peer
-    book explains demotions; refusals that are no fault (another network, other rules, a
-    quote gone stale, our credit) are said on the lines that follow, and the book has nothing
-    on them (a new user's walkthrough). The words are the scheduler's (OTHER_NETWORK_OUT and
-    its "refused: ..." reasons)."""
+def _not_used_header(count: int, out: dict[str, str], demoted_count: int | None = None) -> str:
+    """The first line of a job summary's workers not used (``out``: worker -> why, the first
+    20; ``demoted_count``: how many of all of them are out for a fault or a demotion, when
+    the summary says). The peer book explains demotions; refusals that are no fault (another
+    network, other rules, a quote gone stale, our credit) are said on the lines that follow,
+    and the book has nothing on them (a new user's walkthrough). The words are the
+    scheduler's (its NO_FAULT_OUT)."""
     refusals = ("of another network", "refused:")
-    demoted = any(not str(why).startswith(refusals) for why in out.values())
+    if demoted_count is not None:
+        demoted = demoted_count > 0
+    else:
+        demoted = any(not str(why).startswith(refusals) for why in out.values())
     where = " (see mtor-peer reputation)" if demoted else ""
     return f"not used   {count} worker(s){where}:"
 
@@ -1542,7 +1546,8 @@ def _follow_job(args: argparse.Namespace, client: ControlClient, job_id: str) ->
         print(f"worker     {worker}")
     out = result.get("workers_out") or {}
     if out:
-        print(_not_used_header(result.get("workers_out_count", len(out)), out))
+        count = result.get("workers_out_count", len(out))
+        print(_not_used_header(count, out, result.get("workers_out_demoted")))
         for peer, reason in out.items():
             print(f"           …{peer[-12:]}: {reason}")
     other = result.get("other_ledger_rules") or {}

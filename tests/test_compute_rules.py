@@ -195,6 +195,8 @@ async def test_workers_of_another_network_refuse_and_are_left_without_blame(
         assert {shard.worker for shard in result.shards} == {w1.peer_id}
         standing = requester.peers.get(other.peer_id)
         assert standing.failed == 0 and standing.in_a_row == 0
+        summary = result.summary()
+        assert summary["workers_out_count"] == 1 and summary["workers_out_demoted"] == 0
         w1.worker.network_id = "f" * 16
         with pytest.raises(JobFailed) as failed:
             await requester.submit("matmul", operands, shards=2)

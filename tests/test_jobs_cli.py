@@ -559,3 +559,7 @@ def test_workers_not_used_point_to_the_peer_book_only_for_demotions() -> None:
     assert _not_used_header(1, network) == "not used   1 worker(s):"
     demoted = network | {"w2": "failing: 3 in a row"}
     assert _not_used_header(2, demoted) == "not used   2 worker(s) (see mtor-peer reputation):"
+    # Past the summary's first 20 workers out: the scheduler's count decides (a review).
+    pointed = "not used   21 worker(s) (see mtor-peer reputation):"
+    assert _not_used_header(21, network, demoted_count=1) == pointed
+    assert _not_used_header(21, network, demoted_count=0) == "not used   21 worker(s):"

@@ -313,6 +313,11 @@ class JobResult:
             # The first 20, so that 200 Sybils do not flood a script's output.
             "workers_out": dict(sorted(self.workers_out.items())[:MAX_REPORTED_OUT]),
             "workers_out_count": len(self.workers_out),
+            # Of them, those out for a fault or a demotion (the peer book says more), not for
+            # a refusal that is no fault (another network, a stale quote, our credit).
+            "workers_out_demoted": sum(
+                1 for why in self.workers_out.values() if not why.startswith(NO_FAULT_OUT)
+            ),
             "rejected_by": dict(self.rejected_by),
             "other_ledger_rules": self.other_rules.to_json(),
             "shared_memory": {"operands": self.shared_operands, "bytes": self.shared_bytes},
@@ -2608,6 +2613,10 @@ def _other_rules_note(other: OtherRules) -> str:
 
 #: Why a worker that refused this requester's network is out (the refusal follows).
 OTHER_NETWORK_OUT = "of another network"
+#: How the reasons of workers out for a refusal that is no fault begin (the peer book has
+#: nothing on them): another network, and "refused: ..." (our credit, a stale quote, other
+#: ledger rules).
+NO_FAULT_OUT = (OTHER_NETWORK_OUT, "refused:")
 
 
 def _why_not(reasons: dict[str, str]) -> str:

@@ -220,6 +220,7 @@ class Node:
         # Runs name this node's network; its worker refuses another network's requesters.
         network_id = ledger.genesis_hash[:NETWORK_ID_CHARS]
         self.scheduler.network_id = self.worker.network_id = network_id
+        self.scheduler.network_name = self.worker.network_name = ledger.genesis.network
         self.scheduler.stakes = lambda: dict(self.ledger.state().stakes)
         self.scheduler.on_fault = self._record_fault
         # Job numbers continue across restarts of this data directory (never reused).

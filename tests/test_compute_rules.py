@@ -203,7 +203,11 @@ async def test_workers_of_another_network_refuse_and_are_left_without_blame(
     message = str(failed.value)
     assert "2 of another network" in message, message
     assert f"a worker's ledger has genesis {'f' * 16}…" in message
-    assert f"this node's {requester.scheduler.network_id}…" in message
+    # Both networks' names too (the worker's by its word): a new user could not tell which
+    # network either side followed from genesis prefixes alone.
+    name = requester.scheduler.network_name
+    assert name and f"(network {name}, by its word)" in message
+    assert f"this node's {requester.scheduler.network_id}… ({name})" in message
     assert "--genesis FILE" in message
 
 
@@ -223,9 +227,9 @@ def counted_network_refusals(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     refusals: list[str] = []
     check = worker_module._check_network
 
-    def counted(header: dict[str, Any], mine: str | None) -> None:
+    def counted(header: dict[str, Any], mine: str | None, name: str | None = None) -> None:
         try:
-            check(header, mine)
+            check(header, mine, name)
         except RemoteError:
             refusals.append(str(mine))
             raise

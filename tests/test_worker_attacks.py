@@ -49,6 +49,8 @@ from mtor_p2p.compute.worker import (
     RUN_TIMEOUT,
     UPLOAD_IDLE_TIMEOUT,
     WorkerService,
+    refusing_network,
+    refusing_network_name,
 )
 from mtor_p2p.identity import Identity
 from mtor_p2p.ledger.names import LEDGER_RULES
@@ -391,6 +393,22 @@ async def test_a_requester_of_another_network_is_refused(
                 header = {**request, "network": network}
                 await alice.network.request(b.worker_id, PROTOCOL_RUN, pack(header))
             assert f"genesis {mine}…, the requester's {stated};" in str(refused.value)
+        # The worker's network name is said too when it is a plain name, and read back by
+        # the requester; anything else is left out of the refusal.
+        for name, said in [("mtor-devnet", "mtor-devnet"), ("a\nb", None), ("x" * 65, None)]:
+            b.worker.network_name = name
+            with pytest.raises(RemoteError, match=NETWORK_REFUSED) as refused:
+                await alice.network.request(
+                    b.worker_id, PROTOCOL_RUN, pack({**request, "network": other})
+                )
+            words = str(refused.value)
+            assert refusing_network(words) == mine
+            assert refusing_network_name(words) == said
+            if said is None:
+                assert f"genesis {mine}…, the requester's {other};" in words
+            else:
+                assert f"genesis {mine}… (network {said}), the requester's {other};" in words
+        b.worker.network_name = None
         assert b.worker.stats.shards_run == 0
         receipt = await run(b, alice, operands, shard=1, quote=1.0)  # names no network
         assert receipt.body.shard == 1 and b.worker.stats.shards_run == 1

@@ -50,6 +50,7 @@ from mtor_p2p.compute.worker import (
     PRICE_REFUSED,
     RULES_REFUSED,
     refusing_network,
+    refusing_network_name,
 )
 from mtor_p2p.identity import Identity
 from mtor_p2p.ledger.genesis import NANO
@@ -852,11 +853,16 @@ class _JobRun:
             elif (theirs := self._foreign_genesis(exc)) is not None:
                 # Its ledger is another network's (a node started without its network's
                 # genesis, or a worker of another network in view). Not a fault; this job
-                # cannot pay it. Said in our words: of the worker's, only its genesis prefix.
+                # cannot pay it. Said in our words: of the worker's, only its genesis prefix
+                # and its network's name (a plain one: refusing_network_name).
                 outcome = "refused"
+                named = refusing_network_name(str(exc))
+                theirs_named = f" (network {named}, by its word)" if named else ""
+                ours_named = f" ({self.s.network_name})" if self.s.network_name else ""
                 reason = (
-                    f"{OTHER_NETWORK_OUT}: a worker's ledger has genesis {theirs}…, this "
-                    f"node's {self.s.network_id}…; a node joins a network with that "
+                    f"{OTHER_NETWORK_OUT}: a worker's ledger has genesis {theirs}…"
+                    f"{theirs_named}, this node's {self.s.network_id}…{ours_named}; a node "
+                    "joins a network with that "
                     "network's genesis, in a new data directory (--genesis FILE --data-dir "
                     "DIR: a data directory keeps the network it began with)"
                 )
@@ -1813,6 +1819,8 @@ class Scheduler:
         #: This requester's network, sent with each run (workers refuse another's); None:
         #: not sent (no ledger).
         self.network_id: str | None = None
+        #: Its name (the genesis's ``network``), said when a worker of another refuses.
+        self.network_name: str | None = None
         self.identity = identity
         self.clock = clock
         self.view = view

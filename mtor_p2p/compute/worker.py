@@ -102,6 +102,9 @@ _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 #: A network's name on the wire: its genesis hash's first NETWORK_ID_CHARS hex digits.
 NETWORK_ID_CHARS = 16
 _NETWORK_ID = re.compile(r"[0-9a-f]{16}")  # fullmatch: "$" would take a final newline
+#: A network's name as a refusal may state it (a genesis file's ``network``): anything else
+#: is left out of the refusal, and a requester reads nothing else there.
+_NETWORK_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 #: How a refusal of a quote below the worker's price starts (a stale quote is not a fault).
 PRICE_REFUSED = "price refused"
 #: How a refusal for lack of credit starts, so that requesters can tell it apart.
@@ -451,37 +454,50 @@ def _check_rules(header: dict[str, Any]) -> None:
     )
 
 
-def _check_network(header: dict[str, Any], mine: str | None) -> None:
+def _check_network(header: dict[str, Any], mine: str | None, name: str | None = None) -> None:
     """Refuse a run request from a requester whose ledger is another network's: its
     ``network`` (its genesis hash's first NETWORK_ID_CHARS hex digits) is not this worker's.
     Its receipt would be paid in a ledger this worker's never hears; a node started without
     its network's genesis beside a devnet was served and ran into debt in the devnet's ledger
     (a new user's walkthrough). A request without ``network`` (a version before it) and a
-    worker without a ledger (``mine`` None) go on as before."""
+    worker without a ledger (``mine`` None) go on as before. ``name``: this worker's network
+    name (its genesis's ``network``), said too when it is a plain name."""
     if mine is None or "network" not in header:
         return
     theirs = header["network"]
     if theirs == mine:
         return
     stated = theirs if isinstance(theirs, str) and _NETWORK_ID.fullmatch(theirs) else "unreadable"
+    named = f" (network {name})" if name and _NETWORK_NAME.fullmatch(name) else ""
     raise RemoteError(
-        f"{NETWORK_REFUSED}: this worker's ledger has genesis {mine}…, the requester's "
+        f"{NETWORK_REFUSED}: this worker's ledger has genesis {mine}…{named}, the requester's "
         f"{stated}; a node joins a network with that network's genesis, in a new data "
         "directory (--genesis FILE --data-dir DIR)"
     )
 
 
-_REFUSING_NETWORK = re.compile(r"this worker's ledger has genesis ([0-9a-f]{16})…")
+_REFUSING_NETWORK = re.compile(
+    r"this worker's ledger has genesis ([0-9a-f]{16})…(?: \(network ([A-Za-z0-9._-]{1,64})\),)?"
+)
 
 
 def refusing_network(reason: str) -> str | None:
     """The network a refusal made by :func:`_check_network` names as the worker's (its
     genesis prefix), or None when ``reason`` is no such refusal (a requester reads only this
-    of a worker's words)."""
+    and :func:`refusing_network_name` of a worker's words)."""
     if not reason.startswith(NETWORK_REFUSED):
         return None
     found = _REFUSING_NETWORK.search(reason)
     return found.group(1) if found else None
+
+
+def refusing_network_name(reason: str) -> str | None:
+    """The network name such a refusal states for the worker's network (a plain name, at
+    most 64 characters), or None (none stated: a version before it, or not a plain name)."""
+    if not reason.startswith(NETWORK_REFUSED):
+        return None
+    found = _REFUSING_NETWORK.search(reason)
+    return found.group(2) if found else None
 
 
 class WorkerService:
@@ -523,6 +539,8 @@ class WorkerService:
         self._network = network
         #: This worker's network (see _check_network); None: requesters' are not checked.
         self.network_id: str | None = None
+        #: Its name (the genesis's ``network``), said in refusals of another network's runs.
+        self.network_name: str | None = None
         self._identity = identity
         self._clock = clock
         self.operands = operands
@@ -1039,7 +1057,7 @@ class WorkerService:
         if not _HEX64.match(job_id):
             raise RemoteError("job_id must be 64 hex characters")
         _check_rules(header)
-        _check_network(header, self.network_id)
+        _check_network(header, self.network_id, self.network_name)
         shard = _header_field(header, "shard", int)
         kernel_name = _header_field(header, "kernel", str)
         try:

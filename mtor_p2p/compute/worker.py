@@ -104,7 +104,7 @@ NETWORK_ID_CHARS = 16
 _NETWORK_ID = re.compile(r"[0-9a-f]{16}")  # fullmatch: "$" would take a final newline
 #: A network's name as a refusal may state it (a genesis file's ``network``): anything else
 #: is left out of the refusal, and a requester reads nothing else there.
-_NETWORK_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+PLAIN_NETWORK_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 #: How a refusal of a quote below the worker's price starts (a stale quote is not a fault).
 PRICE_REFUSED = "price refused"
 #: How a refusal for lack of credit starts, so that requesters can tell it apart.
@@ -468,7 +468,7 @@ def _check_network(header: dict[str, Any], mine: str | None, name: str | None = 
     if theirs == mine:
         return
     stated = theirs if isinstance(theirs, str) and _NETWORK_ID.fullmatch(theirs) else "unreadable"
-    named = f" (network {name})" if name and _NETWORK_NAME.fullmatch(name) else ""
+    named = f" (network {name})" if name and PLAIN_NETWORK_NAME.fullmatch(name) else ""
     raise RemoteError(
         f"{NETWORK_REFUSED}: this worker's ledger has genesis {mine}…{named}, the requester's "
         f"{stated}; a node joins a network with that network's genesis, in a new data "

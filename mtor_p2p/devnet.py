@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import stat
@@ -406,8 +407,6 @@ def run_devnet(
             print(f"follow jobs:     {cmd} jobs --watch --data-dir {data_dir}")
             peer0_addrs = devnet.peers[0].addrs or []
             if peer0_addrs:
-                import shlex
-
                 from mtor_p2p.ledger.genesis import GENESIS_FILE_NAME
 
                 genesis_path = shlex.quote(str(devnet.base_dir / GENESIS_FILE_NAME))

@@ -492,6 +492,7 @@ class Node:
             if probe:
                 nursery.start_soon(self._probe_loop)
             nursery.start_soon(self.scheduler.courier)
+            nursery.start_soon(self.scheduler.forget_other_networks)
             nursery.start_soon(self.worker.run)  # expires idle uploads, unpaid work on a timer
             if self.timing.challenge_interval is not None:
                 await nursery.start(self.challenger.run)

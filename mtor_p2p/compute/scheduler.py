@@ -1925,12 +1925,12 @@ class Scheduler:
         OTHER_NETWORK_MEMORY_S)."""
         return self._of_other_network(worker, self.clock.now(), None) is not None
 
-    async def _forget_disconnected(self) -> None:
-        # While any worker of another network is remembered, those found disconnected, and
-        # those whose time is up, are forgotten (a check at the next plan alone missed a
-        # worker restarted with this network's genesis and connected again by then, and kept
-        # a connected one from challenges for good: two reviews). No wake-ups otherwise (a
-        # simulation runs a thousand schedulers).
+    async def forget_other_networks(self) -> None:
+        """Run by the node: while any worker of another network is remembered, forget those
+        found disconnected and those whose time is up (a check at the next plan alone missed
+        a worker restarted with this network's genesis and connected again by then, and kept
+        a connected one from challenges for good: two reviews). No wake-ups otherwise (a
+        simulation runs a thousand schedulers)."""
         while True:
             await self._other_network_noted.wait()
             while self.other_network:
@@ -2524,7 +2524,6 @@ class Scheduler:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(settle_forever)
-                nursery.start_soon(self._forget_disconnected)
                 for _ in range(deliverers):
                     nursery.start_soon(deliver_forever)
         finally:

@@ -99,12 +99,14 @@ from mtor_p2p.wire import RecordError
 log = logging.getLogger(__name__)
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
-#: A network's name on the wire: its genesis hash's first NETWORK_ID_CHARS hex digits.
+#: A network's ID on the wire: its genesis hash's first NETWORK_ID_CHARS hex digits.
 NETWORK_ID_CHARS = 16
-_NETWORK_ID = re.compile(r"[0-9a-f]{16}")  # fullmatch: "$" would take a final newline
+_NETWORK_ID_PATTERN = f"[0-9a-f]{{{NETWORK_ID_CHARS}}}"
+_NETWORK_ID = re.compile(_NETWORK_ID_PATTERN)  # fullmatch: "$" would take a final newline
 #: A network's name as a refusal may state it (a genesis file's ``network``): anything else
 #: is left out of the refusal, and a requester reads nothing else there.
-PLAIN_NETWORK_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_PLAIN_NAME_PATTERN = r"[A-Za-z0-9._-]{1,64}"
+PLAIN_NETWORK_NAME = re.compile(_PLAIN_NAME_PATTERN)
 #: How a refusal of a quote below the worker's price starts (a stale quote is not a fault).
 PRICE_REFUSED = "price refused"
 #: How a refusal for lack of credit starts, so that requesters can tell it apart.
@@ -477,7 +479,8 @@ def _check_network(header: dict[str, Any], mine: str | None, name: str | None = 
 
 
 _REFUSING_NETWORK = re.compile(
-    r"this worker's ledger has genesis ([0-9a-f]{16})…(?: \(network ([A-Za-z0-9._-]{1,64})\),)?"
+    f"this worker's ledger has genesis ({_NETWORK_ID_PATTERN})…"
+    rf"(?: \(network ({_PLAIN_NAME_PATTERN})\),)?"
 )
 
 

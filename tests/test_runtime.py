@@ -1,10 +1,12 @@
-"""The runtime's second form of blocking work, ``beside``: begun now, collected later."""
+"""The runtime's second form of blocking work, ``beside``: begun now, collected later; and its
+NumPy generators."""
 
 from __future__ import annotations
 
 import os
 import threading
 
+import numpy as np
 import pytest
 
 from mtor_p2p.runtime import HELPER_NICENESS, Runtime
@@ -67,3 +69,44 @@ def test_helper_threads_run_nicer_than_the_event_loop() -> None:
         lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
     ).result()
     assert theirs == min(19, ours + HELPER_NICENESS)
+
+
+def _first_draws(runtime: Runtime, count: int) -> list[tuple[int, ...]]:
+    return [tuple(runtime.numpy_rng().integers(0, 2**62, size=4)) for _ in range(count)]
+
+
+def test_production_generators_are_all_different() -> None:
+    """Each check's vectors come from a generator of their own (a child of one OS-seeded
+    root, drawn without a system call): no two alike, across threads too."""
+    runtime = Runtime.production()
+    draws = _first_draws(runtime, 200)
+    on_helpers = [runtime.beside(_first_draws, runtime, 50) for _ in range(4)]
+    for begun in on_helpers:
+        draws += begun.result()
+    assert len(set(draws)) == len(draws) == 400
+
+
+def test_a_simulated_runtime_draws_the_same_generators_for_the_same_seed() -> None:
+    assert _first_draws(Runtime.simulated(7), 5) == _first_draws(Runtime.simulated(7), 5)
+    assert _first_draws(Runtime.simulated(7), 5) != _first_draws(Runtime.simulated(8), 5)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_does_not_draw_its_parents_generators() -> None:
+    """A forked child has its parent's memory: without a new root it would spawn the very
+    generators its parent spawns next, and draw the same vectors."""
+    runtime = Runtime.production()
+    runtime.numpy_rng()
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover (the child)
+        try:
+            os.write(write_end, repr(_first_draws(runtime, 3)).encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end) as pipe:
+        childs = pipe.read()
+    os.waitpid(child, 0)
+    assert childs and childs != repr(_first_draws(runtime, 3))
+    assert isinstance(runtime.numpy_rng(), np.random.Generator)

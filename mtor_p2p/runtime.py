@@ -18,6 +18,8 @@ other while a core stands idle.
 from __future__ import annotations
 
 import concurrent.futures
+import hashlib
+import itertools
 import os
 import random
 import threading
@@ -241,38 +243,46 @@ class Runtime:
         return np.random.default_rng(self.random.getrandbits(64))
 
 
-#: The root of production's NumPy generators: 128 bits of the OS's entropy, drawn once per
-#: process (again in a forked child, see _reseed_generators).
-_generator_root = np.random.SeedSequence()
+#: Production's NumPy generators are seeded by a keyed hash of a counter, keyed with 32 bytes
+#: of the OS's entropy drawn once per process (again in a forked child: _rekey_generators).
+_generator_key = os.urandom(32)
+_generator_count = itertools.count()
 _generator_lock = threading.Lock()
 
 
 def os_seeded_generator() -> np.random.Generator:
-    """A new generator, a child of this process's OS-seeded root (``SeedSequence.spawn``:
-    each child's state is a hash of the root's entropy and the child's own index, so no two
-    are alike and none says anything of another).
+    """A new generator whose seed is BLAKE2b, keyed with this process's secret, of a counter.
 
     Why not ``np.random.default_rng()`` each time: it asks the OS for entropy, a system call
     that gives up the GIL, and getting the GIL back from a thread busy in Python took the
-    event loop 176 µs (74 µs of CPU) against 11 µs for a child (2026-12-06, AMD EPYC). A
-    requester draws one per check; with 200 one-shard jobs under way, a child instead of
-    ``default_rng()`` gave 113 -> 120 shards/s and 7.43 -> 6.86 ms of requester CPU per shard
-    (medians of 10 jobs each, alternating; BENCHMARKS.md). The vectors stay as unpredictable
-    to a worker as before: they come from 128 bits of OS entropy that never leave this
-    process."""
-    with _generator_lock:  # spawn counts its children: not safe from two threads at once
-        child = _generator_root.spawn(1)[0]
-    return np.random.Generator(np.random.PCG64(child))
+    event loop 176 µs (74 µs of CPU) against about 12 µs here (2026-12-06, AMD EPYC). A
+    requester draws one per check (BENCHMARKS.md has what it saved).
+
+    Why a keyed hash and not ``SeedSequence.spawn`` of one OS-seeded root (eac84c6, found by a
+    hostile review): PCG64 is not a cryptographic generator. A challenge sends a worker
+    megabytes drawn from one of these generators, enough to recover that generator's state
+    (Bouillaguet, Martinez and Sauvage, 2020); SeedSequence's hashing can be run backwards, so
+    a spawned child's state gave its root and with it every later check's vectors. Here a
+    generator's state gives at most its own seed, one output of a keyed hash that says
+    nothing of the others without the key, which never leaves this process
+    (``tests/test_runtime.py`` runs that attack)."""
+    with _generator_lock:
+        index = next(_generator_count)
+    seed = hashlib.blake2b(index.to_bytes(16, "big"), key=_generator_key, digest_size=32)
+    return np.random.Generator(
+        np.random.PCG64(np.random.SeedSequence(int.from_bytes(seed.digest(), "big")))
+    )
 
 
-def _reseed_generators() -> None:
-    # A forked child would otherwise spawn the same children as its parent.
-    global _generator_root, _generator_lock
-    _generator_root = np.random.SeedSequence()
+def _rekey_generators() -> None:
+    # A forked child would otherwise draw the very generators its parent draws next.
+    global _generator_key, _generator_count, _generator_lock
+    _generator_key = os.urandom(32)
+    _generator_count = itertools.count()
     _generator_lock = threading.Lock()
 
 
-os.register_at_fork(after_in_child=_reseed_generators)
+os.register_at_fork(after_in_child=_rekey_generators)
 
 
 def leaf_exceptions(error: BaseException) -> list[BaseException]:

@@ -4,7 +4,10 @@ NumPy generators."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -110,3 +113,67 @@ def test_a_forked_child_does_not_draw_its_parents_generators() -> None:
     os.waitpid(child, 0)
     assert childs and childs != repr(_first_draws(runtime, 3))
     assert isinstance(runtime.numpy_rng(), np.random.Generator)
+
+
+def _first_words(generator: np.random.Generator) -> tuple[int, ...]:
+    return tuple(int(x) for x in generator.integers(0, 2**62, size=4))
+
+
+def test_the_inversion_recovers_the_root_of_a_spawned_generator() -> None:
+    """The attack below is sound: from a generator spawned off a root (as eac84c6 made them)
+    it finds the root, and from the root the next generator."""
+    from tests.seedseq_inversion import pools_from_increment, root_from_pool
+
+    root = np.random.SeedSequence()
+    children = root.spawn(8)
+    increment = np.random.PCG64(children[5]).state["state"]["inc"]
+    found = {root_from_pool(pool, 5) for pool in pools_from_increment(increment)}
+    assert root.entropy in found
+    predicted = np.random.SeedSequence(root.entropy, spawn_key=(6,))
+    assert _first_words(np.random.Generator(np.random.PCG64(predicted))) == _first_words(
+        np.random.Generator(np.random.PCG64(children[6]))
+    )
+
+
+_ATTACK = """
+import numpy as np
+from mtor_p2p.runtime import Runtime
+from tests.seedseq_inversion import pools_from_increment, root_from_pool
+
+runtime = Runtime.production()
+for _ in range(40):  # the requester's earlier checks
+    runtime.numpy_rng()
+challenge = runtime.numpy_rng()  # its operands go to the worker, who recovers its state
+increment = challenge.bit_generator.state["state"]["inc"]
+nxt = runtime.numpy_rng()  # the next check's vectors
+actual = tuple(int(x) for x in nxt.integers(0, 2**62, size=4))
+hits = 0
+for index in range(200):
+    for pool in pools_from_increment(increment):
+        root = root_from_pool(pool, index)
+        guess = np.random.Generator(
+            np.random.PCG64(np.random.SeedSequence(root, spawn_key=(index + 1,)))
+        )
+        hits += tuple(int(x) for x in guess.integers(0, 2**62, size=4)) == actual
+print(hits)
+"""
+
+
+def test_one_generators_state_does_not_give_the_next() -> None:
+    """A hostile review's attack on eac84c6: a challenged worker that recovers the state of
+    the generator its challenge's operands came from (PCG64 is not cryptographic) must not
+    be able to derive the next check's vectors from it. Against generators spawned off one
+    root it did (the root is found by running SeedSequence backwards, the spawn index by
+    trying the first 200); against keyed-hash seeds there is no root to find. In a fresh
+    process, so that the requester's count of earlier generators is known."""
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run(
+        [sys.executable, "-c", _ATTACK],
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    assert done.stdout.strip() == "0"

@@ -211,6 +211,8 @@ async def test_workers_of_another_network_refuse_and_are_left_without_blame(
     assert name and f'(its network also called "{name}", by its word: a network is its ' in message
     assert f'this node\'s {requester.scheduler.network_id}… ("{name}")' in message
     assert "--genesis FILE" in message
+    # And where to find that file (an open item of the walkthrough of joining without it).
+    assert "keeps its genesis as genesis.json in its data directory" in message
 
 
 def of_another_network_everywhere(c: Any, node: Node, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -263,6 +263,7 @@ async def test_a_peer_of_another_network_is_named_once_and_counted(
         text = record.getMessage()
         assert "follows another network" in text and "--genesis" in text
         assert "mtor-test" in text
+        assert "genesis.json in its data directory" in text  # where to find the other's
     assert services[1].stats["other_network_peers"] == 1
     failures = [r.getMessage() for r in caplog.records if "sync from" in r.getMessage()]
     assert not any("differ" in text for text in failures), failures

@@ -54,7 +54,7 @@ from mtor_p2p.compute.worker import (
     refusing_network_name,
 )
 from mtor_p2p.identity import Identity
-from mtor_p2p.ledger.genesis import NANO
+from mtor_p2p.ledger.genesis import GENESIS_WHERE, NANO
 from mtor_p2p.ledger.names import LEDGER_RULES
 from mtor_p2p.metrics import EventWindow, LatencyBuckets
 from mtor_p2p.network import Network, NetworkError, RemoteError
@@ -863,7 +863,8 @@ class _JobRun:
                     f"this node's {self.s.network_id}…{_our_network_name(self.s.network_name)}; "
                     "a node joins a network with that "
                     "network's genesis, in a new data directory (--genesis FILE --data-dir "
-                    "DIR: a data directory keeps the network it began with)"
+                    "DIR: a data directory keeps the network it began with; "
+                    f"{GENESIS_WHERE})"
                 )
                 self._leave(worker, reason)
                 self.s.note_other_network(worker, reason)  # and later jobs do not ask it

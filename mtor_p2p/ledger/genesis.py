@@ -34,6 +34,12 @@ GENESIS_VERSION = 1
 NANO = 10**9  # nano-credits per credit
 MAX_AMOUNT = 2**62  # any one amount or allocation, so that SQLite's INTEGER always holds it
 GENESIS_FILE_NAME = "genesis.json"
+#: Where a user finds another network's genesis, said wherever a node meets one: every node
+#: keeps a copy of its network's in its data directory (``open_ledger``).
+GENESIS_WHERE = (
+    f"each node of a network keeps its genesis as {GENESIS_FILE_NAME} in its data directory; "
+    "a devnet's `join it:` line names its file"
+)
 
 
 def credits_to_nano(text: str | float | int) -> int:

@@ -44,6 +44,7 @@ from mtor_p2p.ledger.entries import (
     make_vote,
     receipt_entry,
 )
+from mtor_p2p.ledger.genesis import GENESIS_WHERE
 from mtor_p2p.ledger.names import LEDGER_RULES
 from mtor_p2p.ledger.store import MAX_VOTES_PER_EPOCH, IngestResult, Ledger
 from mtor_p2p.network import Message, Network, NetworkError, RemoteError
@@ -532,7 +533,7 @@ class LedgerService:
                 "(%s, genesis %s), so neither sees the other's credits; if this node is to join "
                 "that network, start it with that network's genesis in a new data directory "
                 "(--genesis FILE --data-dir DIR: a data directory keeps the network it began "
-                "with)",
+                f"with; {GENESIS_WHERE})",
                 peer[-12:],
                 self.genesis.network,
                 self.ledger.genesis_hash[:16],

@@ -18,8 +18,6 @@ other while a core stands idle.
 from __future__ import annotations
 
 import concurrent.futures
-import hashlib
-import itertools
 import os
 import random
 import threading
@@ -232,57 +230,28 @@ class Runtime:
         return self.token_bytes(size).hex()
 
     def numpy_rng(self) -> np.random.Generator:
-        """A fresh NumPy generator: from the OS's entropy in production
-        (:func:`os_seeded_generator`), derived from the seed otherwise.
+        """A fresh NumPy generator: seeded from the OS's entropy in production, derived from
+        the seed otherwise.
 
         A fresh one per use, because Generators are not thread-safe and blocking work may run
-        on several threads at once.
+        on several threads at once. Each production generator takes its own entropy from the
+        OS, so that none says anything of another: PCG64 is not a cryptographic generator,
+        and a challenge sends a worker megabytes drawn from one, enough to recover its state.
+        Two other forms were tried on 2026-12-06 and are not used:
+
+        * children spawned off one OS-seeded ``SeedSequence`` (eac84c6): SeedSequence's
+          mixing runs backwards, so one generator's state gave the root and every later
+          check's vectors (a hostile review's attack, kept as a test in
+          ``tests/test_runtime.py``);
+        * seeds from a keyed hash of a counter (39642fc), safe, meant to spare the system
+          call, which gives up the GIL: 176-273 µs of the event loop beside a thread busy in
+          Python in a microbenchmark, but the same as the keyed hash inside a B-shared job
+          (about 110-150 µs either way), and no gain in shards/s over 20 alternating pairs
+          (BENCHMARKS.md).
         """
         if not self.seeded:
-            return os_seeded_generator()
+            return np.random.default_rng()
         return np.random.default_rng(self.random.getrandbits(64))
-
-
-#: Production's NumPy generators are seeded by a keyed hash of a counter, keyed with 32 bytes
-#: of the OS's entropy drawn once per process (again in a forked child: _rekey_generators).
-_generator_key = os.urandom(32)
-_generator_count = itertools.count()
-_generator_lock = threading.Lock()
-
-
-def os_seeded_generator() -> np.random.Generator:
-    """A new generator whose seed is BLAKE2b, keyed with this process's secret, of a counter.
-
-    Why not ``np.random.default_rng()`` each time: it asks the OS for entropy, a system call
-    that gives up the GIL, and getting the GIL back from a thread busy in Python took the
-    event loop 176 µs (74 µs of CPU) against about 12 µs here (2026-12-06, AMD EPYC). A
-    requester draws one per check (BENCHMARKS.md has what it saved).
-
-    Why a keyed hash and not ``SeedSequence.spawn`` of one OS-seeded root (eac84c6, found by a
-    hostile review): PCG64 is not a cryptographic generator. A challenge sends a worker
-    megabytes drawn from one of these generators, enough to recover that generator's state
-    (Bouillaguet, Martinez and Sauvage, 2020); SeedSequence's hashing can be run backwards, so
-    a spawned child's state gave its root and with it every later check's vectors. Here a
-    generator's state gives at most its own seed, one output of a keyed hash that says
-    nothing of the others without the key, which never leaves this process
-    (``tests/test_runtime.py`` runs that attack)."""
-    with _generator_lock:
-        index = next(_generator_count)
-    seed = hashlib.blake2b(index.to_bytes(16, "big"), key=_generator_key, digest_size=32)
-    return np.random.Generator(
-        np.random.PCG64(np.random.SeedSequence(int.from_bytes(seed.digest(), "big")))
-    )
-
-
-def _rekey_generators() -> None:
-    # A forked child would otherwise draw the very generators its parent draws next.
-    global _generator_key, _generator_count, _generator_lock
-    _generator_key = os.urandom(32)
-    _generator_count = itertools.count()
-    _generator_lock = threading.Lock()
-
-
-os.register_at_fork(after_in_child=_rekey_generators)
 
 
 def leaf_exceptions(error: BaseException) -> list[BaseException]:

@@ -79,8 +79,8 @@ def _first_draws(runtime: Runtime, count: int) -> list[tuple[int, ...]]:
 
 
 def test_production_generators_are_all_different() -> None:
-    """Each check's vectors come from a generator of their own (seeded by a keyed hash of a
-    counter, without a system call): no two alike, across threads too."""
+    """Each check's vectors come from a generator of their own, seeded from the OS's
+    entropy: no two alike, across threads too."""
     runtime = Runtime.production()
     draws = _first_draws(runtime, 200)
     on_helpers = [runtime.beside(_first_draws, runtime, 50) for _ in range(4)]
@@ -96,8 +96,9 @@ def test_a_simulated_runtime_draws_the_same_generators_for_the_same_seed() -> No
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 def test_a_forked_child_does_not_draw_its_parents_generators() -> None:
-    """A forked child has its parent's memory: without a new key it would seed the very
-    generators its parent seeds next, and draw the same vectors."""
+    """A forked child has its parent's memory: generators derived from anything in it
+    (a root, a key and a counter) would repeat its parent's unless drawn again; seeded from
+    the OS each time, they cannot."""
     runtime = Runtime.production()
     runtime.numpy_rng()
     read_end, write_end = os.pipe()
@@ -163,14 +164,14 @@ def test_one_generators_state_does_not_give_the_next() -> None:
     """A hostile review's attack on eac84c6: a challenged worker that recovers the state of
     the generator its challenge's operands came from (PCG64 is not cryptographic) must not
     be able to derive the next check's vectors from it. Against generators spawned off one
-    root it did (the root is found by running SeedSequence backwards, the spawn index by
-    trying the first 200); against keyed-hash seeds there is no root to find. In a fresh
-    process, so that the requester's count of earlier generators is known.
+    root (eac84c6) it did: the root is found by running SeedSequence backwards, the spawn
+    index by trying the first 200. Seeded from the OS each time, there is no root to find.
+    In a fresh process, so that the requester's count of earlier generators is known.
 
     This guards against a return to spawned generators, this one attack; it does not prove
     the seeds unpredictable in general (a seed of a secret plus a counter, say, could be
-    inverted from one generator's pool as directly, and would pass here): that rests on the
-    keyed hash (see ``os_seeded_generator``)."""
+    inverted from one generator's pool as directly, and would pass here): that rests on each
+    seed's being the OS's (see ``Runtime.numpy_rng``)."""
     root = Path(__file__).resolve().parent.parent
     done = subprocess.run(
         [sys.executable, "-c", _ATTACK],

@@ -1028,13 +1028,13 @@ def _not_used_header(count: int, out: dict[str, str], demoted_count: int | None 
     20; ``demoted_count``: how many of all of them are out for a fault or a demotion, when
     the summary says). The peer book explains demotions; refusals that are no fault (another
     network, other rules, a quote gone stale, our credit) are said on the lines that follow,
-    and the book has nothing on them (a new user's walkthrough). The words are the
-    scheduler's (its NO_FAULT_OUT)."""
-    refusals = ("of another network", "refused:")
+    and the book has nothing on them (a new user's walkthrough)."""
+    from mtor_p2p.compute.protocol import NO_FAULT_OUT
+
     if demoted_count is not None:
         demoted = demoted_count > 0
     else:
-        demoted = any(not str(why).startswith(refusals) for why in out.values())
+        demoted = any(not str(why).startswith(NO_FAULT_OUT) for why in out.values())
     where = " (see mtor-peer reputation)" if demoted else ""
     return f"not used   {count} worker(s){where}:"
 

@@ -99,3 +99,11 @@ MAX_PENDING_UPLOAD_BYTES_PER_PEER = MAX_PENDING_UPLOAD_BYTES // 2
 #: Of those, the bytes a worker keeps in memory rather than spooling them to disk (all peers
 #: together; one peer at most half): spooling cost 3-5 times the CPU (see _UploadBuffer).
 MAX_UPLOAD_MEMORY_BYTES = 1 << 30
+
+#: Why a worker that refused this requester's network is out of a job (the refusal follows),
+#: as a job summary's ``workers_out`` says it.
+OTHER_NETWORK_OUT = "of another network"
+#: How the reasons of workers out for a refusal that is no fault begin (the peer book has
+#: nothing on them): another network, and "refused: ..." (our credit, a stale quote, other
+#: ledger rules). The CLI reads summaries of nodes that do not count them by these.
+NO_FAULT_OUT = (OTHER_NETWORK_OUT, "refused:")

@@ -41,7 +41,9 @@ from mtor_p2p.compute.local_share import LocalShares
 from mtor_p2p.compute.protocol import (
     INLINE_OPERAND_BYTES,
     INLINE_REFUSED,
+    NO_FAULT_OUT,
     OLD_COUNTERSIGN_REFUSAL,
+    OTHER_NETWORK_OUT,
 )
 from mtor_p2p.compute.receipt_store import ReceiptStore
 from mtor_p2p.compute.reputation import STRAGGLER, PeerBook, Standing
@@ -2616,14 +2618,6 @@ def _other_rules_note(other: OtherRules) -> str:
         f"; {other.workers} worker(s) follow other ledger rules ({rules}; this node "
         f"{LEDGER_RULES}): another MTOR version, whose receipts would enter another ledger"
     )
-
-
-#: Why a worker that refused this requester's network is out (the refusal follows).
-OTHER_NETWORK_OUT = "of another network"
-#: How the reasons of workers out for a refusal that is no fault begin (the peer book has
-#: nothing on them): another network, and "refused: ..." (our credit, a stale quote, other
-#: ledger rules).
-NO_FAULT_OUT = (OTHER_NETWORK_OUT, "refused:")
 
 
 def _network_names(theirs: str | None, ours: str | None) -> str:

@@ -30,6 +30,8 @@ from .base import (
     Operands,
     RowExpectation,
     accumulation_error_bound,
+    flushable_products,
+    overflow_possible,
     round_to_dtype,
     rounding_spread,
 )
@@ -131,9 +133,17 @@ class AttentionKernel(Kernel):
 
         k_t = np.swapaxes(k, -1, -2)
         scores = (q @ k_t) * scale
+        score_magnitude = (np.abs(q) @ np.abs(k_t)) * scale
         score_error = accumulation_error_bound(
-            (np.abs(q) @ np.abs(k_t)) * scale, scores, head_dim + 1
+            score_magnitude,
+            scores,
+            head_dim + 1,
+            flushed=_scaled(flushable_products(q, k_t), scale),
         )
+        # A score out of float32's range makes its whole output row unjudgeable (softmax
+        # mixes every score of the row); its error is left out so that the rest stays finite.
+        scores_out = overflow_possible(score_magnitude, head_dim + 1).any(axis=-1, keepdims=True)
+        score_error = np.where(scores_out, 0.0, score_error)
         shifted = scores - scores.max(axis=-1, keepdims=True)
         probabilities = stable_softmax(np, scores.copy())
 
@@ -157,5 +167,15 @@ class AttentionKernel(Kernel):
 
         out = reference_probabilities @ v
         magnitude = (reference_probabilities + probability_spread) @ np.abs(v)
-        tolerance = probability_spread @ np.abs(v) + accumulation_error_bound(magnitude, out, seq_k)
-        return RowExpectation(values=out, tolerance=tolerance)
+        tolerance = probability_spread @ np.abs(v) + accumulation_error_bound(
+            magnitude,
+            out,
+            seq_k,
+            flushed=flushable_products(reference_probabilities + probability_spread, v),
+        )
+        unjudged = overflow_possible(magnitude, seq_k) | scores_out
+        return RowExpectation(values=out, tolerance=tolerance, unjudged=unjudged)
+
+
+def _scaled(products: np.ndarray | None, scale: float) -> np.ndarray | None:
+    return None if products is None else products * scale

@@ -41,6 +41,8 @@ from .backend import Backend, NumpyBackend
 __all__ = [
     "ACCUMULATION_UNIT_ROUNDOFF",
     "DEFAULT_MAX_ELEMENTS",
+    "FLOAT32_MAX",
+    "FLOAT32_TINY",
     "ROUNDING_SAFETY",
     "SUPPORTED_DTYPES",
     "Kernel",
@@ -48,6 +50,8 @@ __all__ = [
     "Operands",
     "RowExpectation",
     "accumulation_error_bound",
+    "flushable_products",
+    "overflow_possible",
 ]
 
 #: Unit roundoff of the float32 accumulator (half an ulp of 1.0).
@@ -56,6 +60,13 @@ ACCUMULATION_UNIT_ROUNDOFF = 2.0**-24
 ROUNDING_SAFETY = 3.0
 #: Default limit on the elements of any one operand, output or intermediate (1 GiB of float32).
 DEFAULT_MAX_ELEMENTS = 2**28
+#: Smallest positive normal float32. Below it, an honest device may flush products and partial
+#: sums to zero (FTZ) and read inputs as zero (DAZ): GPUs do so in fast modes, and gradual
+#: underflow alone loses up to half of 2**-149 per operation.
+FLOAT32_TINY = float(np.finfo(np.float32).tiny)
+#: Largest finite float32: a sum of products beyond it may overflow in an honest float32
+#: accumulation (to ±inf, or NaN where infinities of both signs meet), in any order.
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 #: Input dtypes every kernel accepts.
 SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
 
@@ -76,19 +87,74 @@ class RowExpectation:
 
     values: np.ndarray
     tolerance: np.ndarray
+    #: Elements no honest float32 result can be judged on (None: none): their sums of
+    #: products reach float32's range, so an honest result there may be ±inf or NaN, or
+    #: anything a partial sum's overflow left. Checks and fault proofs pass over them.
+    unjudged: np.ndarray | None = None
+
+    def judged(self) -> np.ndarray | bool:
+        """Elementwise: True where :attr:`tolerance` holds (see :attr:`unjudged`)."""
+        return True if self.unjudged is None else ~self.unjudged
 
 
 def accumulation_error_bound(
-    abs_products: np.ndarray, exact: np.ndarray, length: int, *, safety: float = ROUNDING_SAFETY
+    abs_products: np.ndarray,
+    exact: np.ndarray,
+    length: int,
+    *,
+    safety: float = ROUNDING_SAFETY,
+    flushed: np.ndarray | None = None,
 ) -> np.ndarray:
     """Elementwise bound on the error of float32-accumulated dot products (module docstring).
 
     ``abs_products`` is ``sum_l |x_l * y_l|`` per output element (e.g. ``|A| @ |B|``), ``exact``
     the float64 result, ``length`` the number of accumulated terms (a bias add counts as one).
-    The ``+ 1`` terms also cover rounding the result to float32.
-    """
+    The ``+ 1`` terms also cover rounding the result to float32. Below float32's normal range
+    the relative terms say nothing: each operation may also lose up to :data:`FLOAT32_TINY`
+    (flushed to zero), and ``flushed`` (:func:`flushable_products`) adds the products of
+    subnormal inputs, which a device reading them as zero loses whole. Where the sums reach
+    float32's range the bound means nothing (:func:`overflow_possible`)."""
     u = ACCUMULATION_UNIT_ROUNDOFF
-    return safety * u * ((np.sqrt(length) + 1.0) * abs_products + (length + 1.0) * np.abs(exact))
+    bound = safety * (
+        u * ((np.sqrt(length) + 1.0) * abs_products + (length + 1.0) * np.abs(exact))
+        + (length + 1.0) * FLOAT32_TINY
+    )
+    if flushed is not None:
+        bound = bound + safety * flushed
+    return bound
+
+
+def overflow_possible(abs_products: np.ndarray, length: int) -> np.ndarray:
+    """Elementwise: True where a float32 accumulation of these products may overflow in some
+    honest order (every partial sum and product is at most ``sum_l |x_l * y_l|``, rounding
+    included). NaN sums (NaN inputs) are not counted: NaN propagates in every order."""
+    margin = 1.0 + ROUNDING_SAFETY * ACCUMULATION_UNIT_ROUNDOFF * (length + 2.0)
+    with np.errstate(invalid="ignore", over="ignore"):
+        return abs_products * margin >= FLOAT32_MAX
+
+
+def flushable_products(x: np.ndarray, y: np.ndarray) -> np.ndarray | None:
+    """``sum_l |x_l y_l|`` over the terms with a subnormal float32 factor (``x @ y`` shapes,
+    float64 in), which a device reading subnormals as zero drops; None when neither has one
+    (the common case: no extra products)."""
+    x_small = _subnormal_part(x)
+    y_small = _subnormal_part(y)
+    if x_small is None and y_small is None:
+        return None
+    total = 0.0
+    if x_small is not None:
+        total = total + x_small @ np.abs(y)
+    if y_small is not None:
+        total = total + np.abs(x) @ y_small
+    return np.asarray(total)
+
+
+def _subnormal_part(x: np.ndarray) -> np.ndarray | None:
+    magnitude = np.abs(x)
+    small = (magnitude < FLOAT32_TINY) & (magnitude > 0)
+    if not small.any():
+        return None
+    return np.where(small, magnitude, 0.0)
 
 
 class Kernel(ABC):

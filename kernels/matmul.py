@@ -8,7 +8,14 @@ from typing import Any
 import numpy as np
 
 from .backend import Backend
-from .base import Kernel, Operands, RowExpectation, accumulation_error_bound
+from .base import (
+    Kernel,
+    Operands,
+    RowExpectation,
+    accumulation_error_bound,
+    flushable_products,
+    overflow_possible,
+)
 
 __all__ = ["MatmulKernel"]
 
@@ -53,5 +60,10 @@ class MatmulKernel(Kernel):
         a = operands["a"][rows].astype(np.float64)
         b = operands["b"].astype(np.float64)
         exact = a @ b
-        tolerance = accumulation_error_bound(np.abs(a) @ np.abs(b), exact, a.shape[1])
-        return RowExpectation(values=exact, tolerance=tolerance)
+        magnitude = np.abs(a) @ np.abs(b)
+        tolerance = accumulation_error_bound(
+            magnitude, exact, a.shape[1], flushed=flushable_products(a, b)
+        )
+        return RowExpectation(
+            values=exact, tolerance=tolerance, unjudged=overflow_possible(magnitude, a.shape[1])
+        )

@@ -27,6 +27,8 @@ from .base import (
     Operands,
     RowExpectation,
     accumulation_error_bound,
+    flushable_products,
+    overflow_possible,
     round_to_dtype,
     rounding_spread,
 )
@@ -132,9 +134,13 @@ class MlpKernel(Kernel):
         d_in, d_hidden = w1.shape
 
         hidden = x @ w1 + b1
+        hidden_magnitude = np.abs(x) @ np.abs(w1) + np.abs(b1)
         hidden_error = accumulation_error_bound(
-            np.abs(x) @ np.abs(w1) + np.abs(b1), hidden, d_in + 1
+            hidden_magnitude, hidden, d_in + 1, flushed=flushable_products(x, w1)
         )
+        # A hidden value out of float32's range makes its whole output row unjudgeable.
+        hidden_out = overflow_possible(hidden_magnitude, d_in + 1).any(axis=-1, keepdims=True)
+        hidden_error = np.where(hidden_out, 0.0, hidden_error)
         activation = gelu_tanh(np, hidden)
         activation_error = (
             GELU_LIPSCHITZ * hidden_error
@@ -152,6 +158,10 @@ class MlpKernel(Kernel):
         out = reference_activation @ w2 + b2
         magnitude = (np.abs(reference_activation) + activation_spread) @ np.abs(w2) + np.abs(b2)
         tolerance = activation_spread @ np.abs(w2) + accumulation_error_bound(
-            magnitude, out, d_hidden + 1
+            magnitude,
+            out,
+            d_hidden + 1,
+            flushed=flushable_products(np.abs(reference_activation) + activation_spread, w2),
         )
-        return RowExpectation(values=out, tolerance=tolerance)
+        unjudged = overflow_possible(magnitude, d_hidden + 1) | hidden_out
+        return RowExpectation(values=out, tolerance=tolerance, unjudged=unjudged)

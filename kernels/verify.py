@@ -61,12 +61,12 @@ non-finite values is documented at :func:`freivalds`.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from .base import ACCUMULATION_UNIT_ROUNDOFF, Kernel, KernelError, Operands
+from .base import ACCUMULATION_UNIT_ROUNDOFF, FLOAT32_TINY, Kernel, KernelError, Operands
 
 #: An honest row's norm may exceed ||a_i|| ||B||_F by its rounding: 1% covers that.
 HONEST_NORM_SLACK = 1.01
@@ -81,6 +81,7 @@ __all__ = [
     "compare",
     "freivalds",
     "freivalds_row_tolerance",
+    "judge_rows",
     "sample_rows",
 ]
 
@@ -189,6 +190,7 @@ def freivalds_row_tolerance(
     k: int,
     *,
     safety: float = FREIVALDS_SAFETY,
+    columns: int = 1,
 ) -> np.ndarray:
     """Per-row bound on ``|(C r - A (B r))_i|`` for an honest float32-accumulated ``C``.
 
@@ -202,10 +204,17 @@ def freivalds_row_tolerance(
     The ``||c_i||`` term uses the *claimed* C. That cannot hide a wrong result: inflating C by
     ``D`` raises the tolerance by ``safety * u * (k + 1) * ||D||``, a tiny fraction of the
     residual ``~||D||`` that D itself adds. Works on NumPy or CuPy arrays alike.
+
+    Below float32's normal range the relative terms say nothing: each of C's ``columns``
+    elements may also lose ``(k + 1)`` times :data:`~.base.FLOAT32_TINY` (flushed to zero),
+    and the projections theirs (``columns + k + 2`` more); negligible otherwise.
     """
     u = ACCUMULATION_UNIT_ROUNDOFF
     c_row_norms = honest_row_norms(c_row_norms, a_row_norms, b_frobenius)
-    return safety * u * ((math.sqrt(k) + 1.0) * a_row_norms * b_frobenius + (k + 1.0) * c_row_norms)
+    return safety * (
+        u * ((math.sqrt(k) + 1.0) * a_row_norms * b_frobenius + (k + 1.0) * c_row_norms)
+        + FLOAT32_TINY * ((k + 1.0) * columns + columns + k + 2.0)
+    )
 
 
 def honest_row_norms(
@@ -245,6 +254,7 @@ def _residual_ratios(
         _row_norms64(c),
         a.shape[1],
         safety=safety,
+        columns=c.shape[1],
     )[:, None]
     with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
         residual = np.abs(claimed - expected)
@@ -421,7 +431,7 @@ def _residual_ratios32(
     y64 = y.astype(np.float64)
     y_bound = np.minimum(np.abs(y64), math.sqrt(n) * c_norms)
     tolerance = (
-        freivalds_row_tolerance(a_norms, b_frobenius, c_norms, k, safety=safety)  # (a)
+        freivalds_row_tolerance(a_norms, b_frobenius, c_norms, k, safety=safety, columns=n)  # (a)
         + safety * u * ((n + math.sqrt(n)) * c_norms + (n + 1.0) * y_bound)  # (b)
         + rows.a_terms  # (c) + (d)
     )
@@ -563,10 +573,40 @@ def sample_rows(
         same_infinity = np.isinf(got) & (got == expected.values)
         ratios[both_nan | same_infinity] = 0.0
         ratios[np.isnan(ratios)] = np.inf
+        if expected.unjudged is not None:
+            ratios[expected.unjudged] = 0.0  # out of float32's range: see RowExpectation
     per_row = ratios.reshape(len(rows), -1).max(axis=1)
     max_error = float(per_row.max())
     bad_rows = rows[per_row > 1.0]
     return SampleResult(ok=bad_rows.size == 0, rows=rows, max_error=max_error, bad_rows=bad_rows)
+
+
+@dataclass(frozen=True)
+class RowsVerdict:
+    """Outcome of :func:`judge_rows`: ``proven`` when some judged element of the rows is beyond
+    the kernel's honest-error bound (or NaN where the exact value is not, or the other way);
+    ``out_of_range`` when some element of the rows could not be judged (its sums reach
+    float32's range, where an honest float32 result may be ±inf or NaN)."""
+
+    proven: bool
+    out_of_range: bool
+
+
+def judge_rows(
+    kernel: Kernel, operands: Operands, output: np.ndarray, rows: Sequence[int]
+) -> RowsVerdict:
+    """Recompute output ``rows`` in float64 and say whether they prove ``output`` wrong: what
+    a fault proof is checked by, and what a requester asks before it blames a worker whose
+    answer failed a cheaper check."""
+    index = np.asarray(rows, dtype=np.int64)
+    expected = kernel.expected_rows(operands, index)
+    claimed = np.asarray(output)[index].astype(np.float64)
+    with np.errstate(invalid="ignore", over="ignore"):
+        beyond = np.abs(claimed - expected.values) > expected.tolerance
+    mismatched_nan = np.isnan(claimed) != np.isnan(expected.values)
+    proven = (beyond | mismatched_nan) & expected.judged()
+    out_of_range = expected.unjudged is not None and bool(expected.unjudged.any())
+    return RowsVerdict(proven=bool(np.any(proven)), out_of_range=out_of_range)
 
 
 def compare(

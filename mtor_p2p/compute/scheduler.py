@@ -32,6 +32,7 @@ import trio
 
 from mtor_kernels import Kernel, get_kernel
 from mtor_kernels import verify as checks
+from mtor_kernels.base import FLOAT32_MAX
 from mtor_p2p import memory
 from mtor_p2p.capacity.record import CapacityRecord, gpu_class
 from mtor_p2p.capacity.view import CapacityQuery, CapacityView
@@ -589,6 +590,9 @@ class _JobRun:
         #: answer is another worker's): a redundant job pays both workers of every shard.
         self.extra_receipts: list[Receipt] = []
         self.credit_refusal: str | None = None
+        #: Why the job cannot be verified, once an answer's check failed out of float32's
+        #: range (_out_of_range): the job then ends with it.
+        self.unverifiable: str | None = None
         self.durations: list[float] = []
         self.done = trio.Event()
         self.wakeup = trio.Event()
@@ -1361,8 +1365,38 @@ class _JobRun:
         if ok:
             self.checks_passed += 1
             await self._accept(worker, index, answer.output, answer.receipt, seconds)
+        elif await self._out_of_range(operands, answer.output, witness):
+            self._unverifiable(index)
         else:
             await self._reject(worker, index, operands, answer, witness)
+
+    async def _out_of_range(
+        self, operands: dict[str, np.ndarray], output: np.ndarray, witness: Any
+    ) -> bool:
+        """True when a failed check's witness rows prove nothing because their sums reach
+        float32's range: an honest float32 answer there may be ±inf or NaN, so the check's
+        failure is the operands', not the worker's (a hostile review: such operands had
+        honest workers rejected, blamed and sent fault proofs against). Rows that prove a
+        fault elsewhere in range are still the worker's."""
+        if not isinstance(witness, list) or not witness:
+            return False
+        verdict = await self.s.runtime.run_blocking(
+            checks.judge_rows, self.kernel, operands, output, witness
+        )
+        return verdict.out_of_range and not verdict.proven
+
+    def _unverifiable(self, index: int) -> None:
+        """End the job: shard ``index``'s answer cannot be judged (see _out_of_range); no
+        worker is blamed, and none is paid for it (nothing was verified)."""
+        if self.unverifiable is None:
+            self.unverifiable = (
+                f"shard {index} cannot be verified: its products reach float32's range "
+                f"(about {FLOAT32_MAX:.1e}), where an honest float32 result may be inf or NaN; "
+                "scale the operands down"
+            )
+            log.warning("job %s: %s", self.job_id[:12], self.unverifiable)
+        if self.nursery is not None:
+            self.nursery.cancel_scope.cancel()
 
     def _check_flops(self, operands: dict[str, np.ndarray]) -> float:
         """Host arithmetic of one check (what a simulation charges as verification time)."""
@@ -2322,6 +2356,8 @@ class Scheduler:
             for worker in job.cut_off:
                 self.book.failed(worker, "timeout", self.clock.now(), "held a shard past the job")
             raise JobFailed(f"job did not finish within {spec.deadline:.0f} s" + _why_not(job.left))
+        if job.unverifiable is not None:
+            raise JobFailed(job.unverifiable)
         if not job.done.is_set():
             if job.credit_refusal is not None:
                 raise JobFailed(f"workers refused the job: {job.credit_refusal}")

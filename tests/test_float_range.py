@@ -1,0 +1,98 @@
+"""Operands whose products leave float32's normal range: honest answers are never a fault.
+
+A hostile review (2026-12-07) chose operands whose exact product overflows float32 (1e20 x
+1e20) or falls below its normal range (1e-22 x 1e-22): the honest float32 answer (inf, or
+subnormals) passed as a fault proof against its worker, slashing its stake, and an honest
+requester with such data rejected its honest workers and sent fault proofs against them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mtor_kernels import get_kernel
+from mtor_kernels import verify as checks
+from mtor_kernels.base import FLOAT32_TINY
+from mtor_p2p.compute.scheduler import JobFailed
+from tests.test_virtual_time import cluster
+
+MATMUL = get_kernel("matmul")
+
+
+def _operands(scale: float, seed: int = 1) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {
+        "a": (rng.uniform(1, 2, (64, 64)) * scale).astype(np.float32),
+        "b": (rng.uniform(1, 2, (64, 64)) * scale).astype(np.float32),
+    }
+
+
+def _honest(operands: dict[str, np.ndarray]) -> np.ndarray:
+    with np.errstate(all="ignore"):
+        return MATMUL.reference(operands)
+
+
+@pytest.mark.parametrize("scale", [1e20, 1e-22], ids=["overflow", "subnormal"])
+def test_an_honest_answer_out_of_range_proves_no_fault(scale):
+    operands = _operands(scale)
+    honest = _honest(operands)
+    verdict = checks.judge_rows(MATMUL, operands, honest, list(range(8)))
+    assert not verdict.proven
+    result = checks.sample_rows(MATMUL, operands, honest, samples=16, rng=np.random.default_rng(3))
+    assert result.ok, result.max_error
+
+
+def test_out_of_range_rows_are_marked_and_in_range_rows_still_prove_a_fault():
+    operands = _operands(1e20)
+    assert checks.judge_rows(MATMUL, operands, _honest(operands), [0]).out_of_range
+    normal = _operands(1.0)
+    wrong = _honest(normal)
+    wrong[3, 5] += 1.0
+    verdict = checks.judge_rows(MATMUL, normal, wrong, [3])
+    assert verdict.proven and not verdict.out_of_range
+    nan = _honest(normal)
+    nan[2, 0] = np.nan  # NaN where the exact value is finite: still a fault in range
+    assert checks.judge_rows(MATMUL, normal, nan, [2]).proven
+
+
+def test_freivalds_passes_an_honest_subnormal_answer():
+    operands = _operands(1e-22)
+    result = checks.freivalds(
+        operands["a"], operands["b"], _honest(operands), rounds=20, rng=np.random.default_rng(2)
+    )
+    assert result.ok, result.max_error
+
+
+def test_a_device_that_flushes_subnormal_inputs_is_not_proven_wrong():
+    # a holds subnormal entries, b large ones: their products are normal numbers, which a
+    # device reading subnormal inputs as zero (DAZ) loses whole.
+    rng = np.random.default_rng(4)
+    a = rng.uniform(1, 2, (16, 32)).astype(np.float32)
+    a[:8] = np.float32(FLOAT32_TINY / 8)  # rows 0-7 all subnormal: their products are lost
+    b = (rng.uniform(1, 2, (32, 16)) * 1e30).astype(np.float32)
+    flushed = np.where(np.abs(a) < FLOAT32_TINY, 0, a).astype(np.float32) @ b
+    operands = {"a": a, "b": b}
+    assert not checks.judge_rows(MATMUL, operands, flushed, list(range(16))).proven
+    # ... while an error of the size of those products elsewhere is a fault.
+    wrong = _honest(operands)
+    wrong[8, 0] *= 1.001
+    assert checks.judge_rows(MATMUL, operands, wrong, [8]).proven
+
+
+async def test_a_job_out_of_float32s_range_fails_without_blaming_its_workers():
+    async with cluster(["requester", "w1", "w2"]) as c:
+        w1 = await c.start("w1", "WEU")
+        w2 = await c.start("w2", "WEU")
+        requester = await c.start("requester", "WEU", serve=False)
+        await c.settle()
+        with np.errstate(all="ignore"), pytest.raises(JobFailed, match="cannot be verified"):
+            await requester.submit("matmul", _operands(1e20), shards=2)
+        assert requester.scheduler.stats.fault_proofs == 0
+        report = requester.scheduler.book.report(requester.clock.now())
+        for worker in (w1, w2):
+            row = next((r for r in report if r["peer_id"] == worker.peer_id), {})
+            assert not row.get("excluded"), row
+        # The same cluster still serves a job in range.
+        result = await requester.submit("matmul", _operands(1.0), shards=2)
+        np.testing.assert_allclose(result.output, _honest(_operands(1.0)), rtol=1e-5)

@@ -26,6 +26,7 @@ import numpy as np
 from .backend import Backend
 from .base import (
     ACCUMULATION_UNIT_ROUNDOFF,
+    RECOMPUTE_BLOCK_ELEMENTS,
     Kernel,
     Operands,
     RowExpectation,
@@ -110,6 +111,11 @@ class AttentionKernel(Kernel):
         out = backend.matmul(probabilities, v.reshape(batch * heads, seq_k, head_dim_v))
         return out.reshape(batch, heads, seq_q, head_dim_v)
 
+    def recompute_elements(self, operands: Operands, n_rows: int) -> int:
+        """The scores' elements (heads x seq_q x seq_k per batch entry) for ``n_rows`` entries."""
+        _, heads, seq_q, _ = operands["q"].shape
+        return n_rows * heads * seq_q * int(operands["k"].shape[2])
+
     def expected_rows(self, operands: Operands, row_indices: Sequence[int]) -> RowExpectation:
         """Batch entries ``row_indices`` in float64, with the bound propagated through softmax.
 
@@ -123,58 +129,89 @@ class AttentionKernel(Kernel):
         self.check_operands(operands)
         rows = self._row_index_array(operands, row_indices)
         dtype = operands["q"].dtype
-        u = ACCUMULATION_UNIT_ROUNDOFF
         q = operands["q"][rows].astype(np.float64)
         k = operands["k"][rows].astype(np.float64)
         v = operands["v"][rows].astype(np.float64)
-        head_dim = q.shape[-1]
-        seq_k = k.shape[2]
-        scale = 1.0 / math.sqrt(head_dim)
-
-        k_t = np.swapaxes(k, -1, -2)
-        scores = (q @ k_t) * scale
-        score_magnitude = (np.abs(q) @ np.abs(k_t)) * scale
-        score_error = accumulation_error_bound(
-            score_magnitude,
-            scores,
-            head_dim + 1,
-            flushed=_scaled(flushable_products(q, k_t), scale),
+        # Query rows are independent (softmax runs along the keys): cut them into blocks so
+        # that about ten float64 arrays of one block's scores stay within
+        # RECOMPUTE_BLOCK_ELEMENTS, whatever the sequence (a hostile review: one fault proof of
+        # a (1, 1, 8192, 1) attention made every peer verifying it allocate 4.6 GiB).
+        seq_q = q.shape[2]
+        per_query = max(1, q.shape[0] * q.shape[1] * k.shape[2])
+        block = max(1, RECOMPUTE_BLOCK_ELEMENTS // per_query)
+        parts = [
+            _expected_block(q[:, :, start : start + block], k, v, dtype)
+            for start in range(0, seq_q, block)
+        ]
+        if len(parts) == 1:
+            return parts[0]
+        unjudged = [p.unjudged for p in parts]
+        return RowExpectation(
+            values=np.concatenate([p.values for p in parts], axis=2),
+            tolerance=np.concatenate([p.tolerance for p in parts], axis=2),
+            unjudged=None
+            if all(u is None for u in unjudged)
+            else np.concatenate(
+                [
+                    np.zeros(p.values.shape, bool) if u is None else u
+                    for p, u in zip(parts, unjudged, strict=True)
+                ],
+                axis=2,
+            ),
         )
-        # A score out of float32's range makes its whole output row unjudgeable (softmax
-        # mixes every score of the row); its error is left out so that the rest stays finite.
-        scores_out = overflow_possible(score_magnitude, head_dim + 1).any(axis=-1, keepdims=True)
-        score_error = np.where(scores_out, 0.0, score_error)
-        shifted = scores - scores.max(axis=-1, keepdims=True)
-        probabilities = stable_softmax(np, scores.copy())
 
-        evaluation = u * (np.abs(shifted) + _SOFTMAX_EVALUATION_ULPS)
-        normaliser = (probabilities * evaluation).sum(axis=-1, keepdims=True) + seq_k * u
-        score_shift = score_error + score_error.max(axis=-1, keepdims=True)
-        with np.errstate(over="ignore"):
-            relative = np.expm1(score_shift) + (1.0 + np.expm1(score_shift)) * (
-                evaluation + normaliser
-            ) * (1.0 + 2.0 * u)
-        if dtype == np.float16:
-            reference_probabilities = round_to_dtype(probabilities, dtype)
-            probability_spread = rounding_spread(
-                probabilities * np.maximum(1.0 - relative, 0.0),
-                probabilities * (1.0 + relative),
-                dtype,
-            )
-        else:
-            reference_probabilities = probabilities
-            probability_spread = probabilities * relative
 
-        out = reference_probabilities @ v
-        magnitude = (reference_probabilities + probability_spread) @ np.abs(v)
-        tolerance = probability_spread @ np.abs(v) + accumulation_error_bound(
-            magnitude,
-            out,
-            seq_k,
-            flushed=flushable_products(reference_probabilities + probability_spread, v),
+def _expected_block(q: np.ndarray, k: np.ndarray, v: np.ndarray, dtype: np.dtype) -> RowExpectation:
+    """:meth:`AttentionKernel.expected_rows` for one block of query rows (float64 in)."""
+    u = ACCUMULATION_UNIT_ROUNDOFF
+    head_dim = q.shape[-1]
+    seq_k = k.shape[2]
+    scale = 1.0 / math.sqrt(head_dim)
+
+    k_t = np.swapaxes(k, -1, -2)
+    scores = (q @ k_t) * scale
+    score_magnitude = (np.abs(q) @ np.abs(k_t)) * scale
+    score_error = accumulation_error_bound(
+        score_magnitude,
+        scores,
+        head_dim + 1,
+        flushed=_scaled(flushable_products(q, k_t), scale),
+    )
+    # A score out of float32's range makes its whole output row unjudgeable (softmax
+    # mixes every score of the row); its error is left out so that the rest stays finite.
+    scores_out = overflow_possible(score_magnitude, head_dim + 1).any(axis=-1, keepdims=True)
+    score_error = np.where(scores_out, 0.0, score_error)
+    shifted = scores - scores.max(axis=-1, keepdims=True)
+    probabilities = stable_softmax(np, scores.copy())
+
+    evaluation = u * (np.abs(shifted) + _SOFTMAX_EVALUATION_ULPS)
+    normaliser = (probabilities * evaluation).sum(axis=-1, keepdims=True) + seq_k * u
+    score_shift = score_error + score_error.max(axis=-1, keepdims=True)
+    with np.errstate(over="ignore"):
+        relative = np.expm1(score_shift) + (1.0 + np.expm1(score_shift)) * (
+            evaluation + normaliser
+        ) * (1.0 + 2.0 * u)
+    if dtype == np.float16:
+        reference_probabilities = round_to_dtype(probabilities, dtype)
+        probability_spread = rounding_spread(
+            probabilities * np.maximum(1.0 - relative, 0.0),
+            probabilities * (1.0 + relative),
+            dtype,
         )
-        unjudged = overflow_possible(magnitude, seq_k) | scores_out
-        return RowExpectation(values=out, tolerance=tolerance, unjudged=unjudged)
+    else:
+        reference_probabilities = probabilities
+        probability_spread = probabilities * relative
+
+    out = reference_probabilities @ v
+    magnitude = (reference_probabilities + probability_spread) @ np.abs(v)
+    tolerance = probability_spread @ np.abs(v) + accumulation_error_bound(
+        magnitude,
+        out,
+        seq_k,
+        flushed=flushable_products(reference_probabilities + probability_spread, v),
+    )
+    unjudged = overflow_possible(magnitude, seq_k) | scores_out
+    return RowExpectation(values=out, tolerance=tolerance, unjudged=unjudged)
 
 
 def _scaled(products: np.ndarray | None, scale: float) -> np.ndarray | None:

@@ -43,6 +43,7 @@ __all__ = [
     "DEFAULT_MAX_ELEMENTS",
     "FLOAT32_MAX",
     "FLOAT32_TINY",
+    "RECOMPUTE_BLOCK_ELEMENTS",
     "ROUNDING_SAFETY",
     "SUPPORTED_DTYPES",
     "Kernel",
@@ -60,6 +61,9 @@ ACCUMULATION_UNIT_ROUNDOFF = 2.0**-24
 ROUNDING_SAFETY = 3.0
 #: Default limit on the elements of any one operand, output or intermediate (1 GiB of float32).
 DEFAULT_MAX_ELEMENTS = 2**28
+#: Elements of one block of a recomputation's largest intermediate (float64, about ten arrays
+#: of it alive at once: some 160 MiB): checks and fault proofs recompute rows in blocks of this.
+RECOMPUTE_BLOCK_ELEMENTS = 1 << 21
 #: Smallest positive normal float32. Below it, an honest device may flush products and partial
 #: sums to zero (FTZ) and read inputs as zero (DAZ): GPUs do so in fast modes, and gradual
 #: underflow alone loses up to half of 2**-149 per operation.
@@ -282,6 +286,13 @@ class Kernel(ABC):
     def n_rows(self, operands: Operands) -> int:
         """Number of rows (axis 0 of ``split_operand``, and of the output)."""
         return int(operands[self.split_operand].shape[0])
+
+    def recompute_elements(self, operands: Operands, n_rows: int) -> int:
+        """Elements of the largest intermediate :meth:`expected_rows` makes for ``n_rows`` rows
+        (float64 each, about ten of them at once): what recomputing them costs, in memory and,
+        in proportion, in time. By default one output row's elements."""
+        shape = self.output_shape(operands)
+        return n_rows * int(np.prod(shape[1:], dtype=np.int64))
 
     # -- computation -------------------------------------------------------------------------
 

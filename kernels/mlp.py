@@ -114,6 +114,10 @@ class MlpKernel(Kernel):
         out += operands["b2"].astype(xp.float32)
         return out
 
+    def recompute_elements(self, operands: Operands, n_rows: int) -> int:
+        """The hidden layer's elements (and the output's) for ``n_rows`` rows."""
+        return n_rows * (int(operands["w1"].shape[1]) + int(operands["w2"].shape[1]))
+
     def expected_rows(self, operands: Operands, row_indices: Sequence[int]) -> RowExpectation:
         """Rows of ``y`` in float64, with the bound propagated through both layers.
 

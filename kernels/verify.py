@@ -66,7 +66,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .base import ACCUMULATION_UNIT_ROUNDOFF, FLOAT32_TINY, Kernel, KernelError, Operands
+from .base import (
+    ACCUMULATION_UNIT_ROUNDOFF,
+    FLOAT32_TINY,
+    RECOMPUTE_BLOCK_ELEMENTS,
+    Kernel,
+    KernelError,
+    Operands,
+)
 
 #: An honest row's norm may exceed ||a_i|| ||B||_F by its rounding: 1% covers that.
 HONEST_NORM_SLACK = 1.01
@@ -598,15 +605,24 @@ def judge_rows(
     """Recompute output ``rows`` in float64 and say whether they prove ``output`` wrong: what
     a fault proof is checked by, and what a requester asks before it blames a worker whose
     answer failed a cheaper check."""
-    index = np.asarray(rows, dtype=np.int64)
-    expected = kernel.expected_rows(operands, index)
-    claimed = np.asarray(output)[index].astype(np.float64)
-    with np.errstate(invalid="ignore", over="ignore"):
-        beyond = np.abs(claimed - expected.values) > expected.tolerance
-    mismatched_nan = np.isnan(claimed) != np.isnan(expected.values)
-    proven = (beyond | mismatched_nan) & expected.judged()
-    out_of_range = expected.unjudged is not None and bool(expected.unjudged.any())
-    return RowsVerdict(proven=bool(np.any(proven)), out_of_range=out_of_range)
+    unique = np.unique(np.asarray(rows, dtype=np.int64))
+    # In blocks of rows, so that the recomputation's memory stays bounded however many rows
+    # are asked (a kernel may cut one row further: attention cuts its queries).
+    per_row = max(1, kernel.recompute_elements(operands, 1))
+    step = max(1, RECOMPUTE_BLOCK_ELEMENTS // per_row)
+    proven = out_of_range = False
+    for start in range(0, len(unique), step):
+        index = unique[start : start + step]
+        expected = kernel.expected_rows(operands, index)
+        claimed = np.asarray(output)[index].astype(np.float64)
+        with np.errstate(invalid="ignore", over="ignore"):
+            beyond = np.abs(claimed - expected.values) > expected.tolerance
+        mismatched_nan = np.isnan(claimed) != np.isnan(expected.values)
+        proven = proven or bool(np.any((beyond | mismatched_nan) & expected.judged()))
+        out_of_range = out_of_range or (
+            expected.unjudged is not None and bool(expected.unjudged.any())
+        )
+    return RowsVerdict(proven=proven, out_of_range=out_of_range)
 
 
 def compare(

@@ -37,6 +37,10 @@ from mtor_p2p.wire import RecordError, canonical_json
 FAULT_TYPE = "mtor/fault"
 FAULT_VERSION = 1
 MAX_PROOF_BYTES = 256 << 20
+#: Largest recomputation a fault proof may ask of each verifier, in elements of the kernel's
+#: largest intermediate (Kernel.recompute_elements): a batch entry of a 16-head attention over
+#: 2,048 tokens, or 64 Mi elements of matmul rows; a few seconds of NumPy here.
+MAX_PROOF_RECOMPUTE_ELEMENTS = 1 << 26
 _DOMAIN = b"mtor/fault/v1\n"
 
 
@@ -65,6 +69,10 @@ def make_fault_proof(
 ) -> bytes:
     """Build and sign a fault proof naming the output ``rows`` found wrong (None: all rows)."""
     witness = list(range(output.shape[0])) if rows is None else [int(r) for r in rows]
+    # One wrong row proves the fault: name no more rows than a verifier will recompute.
+    witness = list(dict.fromkeys(witness))
+    per_row = max(1, kernel.recompute_elements(operands, 1))
+    witness = witness[: max(1, MAX_PROOF_RECOMPUTE_ELEMENTS // per_row)]
     names = sorted(operands)
     header: dict[str, Any] = {
         "t": FAULT_TYPE,
@@ -147,6 +155,17 @@ def verify_fault_proof(data: bytes) -> FaultProof:
         or not all(isinstance(r, int) and 0 <= r < output.shape[0] for r in rows)
     ):
         raise RecordError("witness must list output rows")
+    if len(set(rows)) != len(rows):
+        raise RecordError("witness lists a row twice")
+    # Every peer that takes the proof into its ledger recomputes these rows: bounded before
+    # anything is computed (a hostile review: a 130 KiB proof of a (1, 1, 8192, 1) attention
+    # cost each verifier 4.6 GiB and 12 s; its memory is now bounded by blocks, its time here).
+    work = kernel.recompute_elements(operands, len(rows))
+    if work > MAX_PROOF_RECOMPUTE_ELEMENTS:
+        raise RecordError(
+            f"fault proof's recomputation of {work} elements exceeds the limit of "
+            f"{MAX_PROOF_RECOMPUTE_ELEMENTS}: name fewer witness rows"
+        )
     # Each recomputed element comes with the kernel's bound on honest rounding error: a
     # difference beyond it cannot be explained by another summation order or device. Elements
     # whose sums reach float32's range prove nothing: an honest float32 result there may be

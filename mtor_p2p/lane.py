@@ -54,6 +54,7 @@ from mtor_p2p.network import (
     Payload,
     RemoteError,
     is_loopback_ip,
+    remote_reason,
 )
 
 log = logging.getLogger(__name__)
@@ -831,7 +832,7 @@ class ClientLane:
                 pending = None  # type: ignore[assignment]
         if pending.status == STATUS_OK:
             return pending.body
-        reason = pending.body.decode("utf-8", errors="replace")
+        reason = remote_reason(pending.body)
         if pending.status == STATUS_ERROR:
             raise RemoteError(reason)
         if pending.status == STATUS_UNSUPPORTED:

@@ -122,6 +122,7 @@ from mtor_p2p.network import (
     RoundTrips,
     TopicValidator,
     is_loopback_ip,
+    remote_reason,
 )
 from mtor_p2p.wire import ABSOLUTE_MAX_RECORD_BYTES
 
@@ -1250,7 +1251,7 @@ class Libp2pNetwork:
         if status == _STATUS_OK:
             return body
         if status == _STATUS_ERROR:
-            raise RemoteError(body.decode("utf-8", errors="replace"))
+            raise RemoteError(remote_reason(body))
         raise NetworkError(f"peer answered with unknown status {status}")
 
     async def _dial_relayed_if_needed(self, peer_id: str) -> None:

@@ -105,6 +105,7 @@ from mtor_p2p.network import (
     RequestHandler,
     RoundTrips,
     TopicValidator,
+    remote_reason,
 )
 
 log = logging.getLogger(__name__)
@@ -943,7 +944,7 @@ class MemNetwork:
             )
         if reply.kind == "ok":
             return reply.body
-        raise RemoteError(reply.body.decode("utf-8", errors="replace"))
+        raise RemoteError(remote_reason(reply.body))
 
     async def _exchange(
         self, peer_id: str, protocol: str, payload: bytes, sent: trio.Event | None = None

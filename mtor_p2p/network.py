@@ -23,6 +23,7 @@ one peer: direct or relayed, and the round trip it measured). Callers read those
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
@@ -79,6 +80,32 @@ def is_loopback_ip(text: str) -> bool:
 
 class NetworkError(Exception):
     """A local failure to reach a peer: dial failed, deadline passed, stream broke."""
+
+
+#: A remote reason is cut at this many characters (the longest of ours, "missing operands"
+#: naming 16 hashes, is about 1,100).
+MAX_REMOTE_REASON_CHARS = 4000
+#: Characters a terminal or a log line would act on: C0 and C1 controls, DEL, line and
+#: paragraph separators, bidirectional overrides and isolates.
+_ACTIVE_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def remote_reason(body: bytes) -> str:
+    """A peer's error reply as one line of inert text: decoded as UTF-8 (invalid bytes
+    replaced), every control character written as its escape, cut at
+    :data:`MAX_REMOTE_REASON_CHARS`. A peer's words reach job errors, the peer book and the
+    operator's terminal (a hostile review: escape sequences in a refusal retitled the
+    terminal that ran ``mtor-peer reputation``)."""
+    text = bytes(body[: 4 * MAX_REMOTE_REASON_CHARS]).decode("utf-8", errors="replace")
+    text = _ACTIVE_CHARACTERS.sub(_escaped, text)
+    if len(text) > MAX_REMOTE_REASON_CHARS:
+        text = text[:MAX_REMOTE_REASON_CHARS] + "…"
+    return text
+
+
+def _escaped(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 
 
 class RemoteError(Exception):

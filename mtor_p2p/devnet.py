@@ -413,8 +413,11 @@ def run_devnet(
 
                 # Its genesis too: without it a node follows a network of its own, whose
                 # ledger the devnet's peers never see (a new user's walkthrough).
+                # A data directory of its own, named after this devnet's: one left by an
+                # earlier devnet keeps that devnet's network (a new user's walkthrough).
+                join_dir = shlex.quote(f"{devnet.base_dir}-node")
                 print(
-                    f"join it:         {cmd} run --data-dir /tmp/my-node --listen "
+                    f"join it:         {cmd} run --data-dir {join_dir} --listen "
                     f"/ip4/127.0.0.1/tcp/0 --genesis {genesis_path} "
                     f"--bootstrap {peer0_addrs[0]}"
                 )

@@ -127,6 +127,9 @@ def test_the_devnet_says_how_to_join_it_and_that_command_joins_its_network(
         assert len(joins) == 1, banner
         argv = shlex.split(joins[0].removeprefix("join it:"))
         assert "--genesis" in argv and "--bootstrap" in argv
+        # A data directory named after this devnet's: a fixed one (/tmp/my-node) kept the
+        # network of whichever devnet was joined first (a new user's walkthrough).
+        assert argv[argv.index("--data-dir") + 1] == f"{tmp_path / 'net'}-node"
         argv[argv.index("--data-dir") + 1] = str(tmp_path / "mine")
         joined = subprocess.Popen(
             [sys.executable, "-m", "mtor_p2p", *argv[1:], "--json"],

@@ -832,6 +832,33 @@ async def test_a_one_shard_jobs_b_is_kept_from_its_second_use_on(
         assert received == [a.nbytes + b.nbytes, a.nbytes + b.nbytes, a.nbytes]
 
 
+async def test_weights_every_worker_holds_are_never_carried(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A B the requester knows every worker holds (``resident_everywhere``: the simulator's
+    preloaded weights) is neither carried nor uploaded, from the first job on, although this
+    requester never sent it; a worker that lacks it after all says so, and gets it uploaded."""
+    uploads = count_uploads(monkeypatch)
+    async with one_worker() as (requester, worker):
+        b = RNG.standard_normal((48, 32)).astype("float32")
+        digest = arrays.meta_of(b).digest
+        worker.worker.operands.put(b, digest)
+        requester.scheduler.resident_everywhere = frozenset({digest})
+        received = []
+        for _ in range(2):
+            a = RNG.standard_normal((16, 48)).astype("float32")
+            before = worker.worker.stats.bytes_received
+            result = await requester.submit("matmul", {"a": a, "b": b}, shards=1)
+            np.testing.assert_allclose(result.output, a @ b, rtol=1e-5)
+            received.append(worker.worker.stats.bytes_received - before)
+        assert received == [a.nbytes, a.nbytes] and uploads == []
+        worker.worker.operands.discard(digest)
+        result = await requester.submit("matmul", {"a": a, "b": b}, shards=1)
+        np.testing.assert_allclose(result.output, a @ b, rtol=1e-5)
+        assert uploads == [b.nbytes]
+        assert requester.peers.get(worker.peer_id).failed == 0
+
+
 async def test_answers_in_run_replies_are_placed_as_they_are_accepted(
     autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:

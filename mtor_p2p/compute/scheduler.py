@@ -1296,9 +1296,11 @@ class _JobRun:
         can start (measured on a one-shard 512³ job: the second operand's upload began 4 ms
         after the first); sending costs at most one chunk when the worker does hold it: its
         answer to the first chunk says "complete" and the upload stops."""
-        sent = self.s.sent_operands
+        sent, resident = self.s.sent_operands, self.s.resident_everywhere
         return set(self.kernel.split_operands) | {
-            name for name, meta in metas.items() if (worker, meta.digest) not in sent
+            name
+            for name, meta in metas.items()
+            if (worker, meta.digest) not in sent and meta.digest not in resident
         }
 
     async def _judge(
@@ -1874,6 +1876,10 @@ class Scheduler:
         #: SENT_OPERANDS_KEPT): only these are asked about before a run; the rest are sent
         #: at once (see _JobRun._compute).
         self.sent_operands: OrderedDict[tuple[str, str], None] = OrderedDict()
+        #: Operand hashes that every worker holds before any job (the weights the simulator
+        #: preloads onto each worker, as model hosts hold theirs): treated as sent to every
+        #: worker, so never carried or uploaded unasked. Empty outside the simulator.
+        self.resident_everywhere: frozenset[str] = frozenset()
         #: Workers that refused a batch of countersigned receipts (before batches).
         self._unbatched: OrderedDict[str, None] = OrderedDict()
         #: (worker, operand hash) carried in a run request without asking the worker to keep

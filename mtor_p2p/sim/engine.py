@@ -356,6 +356,9 @@ class Simulation:
         node.price = peer.price
         node.scheduler.observer = self._observe
         node.scheduler.byte_scale = float(self.s.dim_scale**2)
+        # Every worker holds the preloaded weights: requesters run on them without carrying
+        # them (they never uploaded them, so would otherwise send them unasked).
+        node.scheduler.resident_everywhere = self._preloaded
         if peer.serve:
             self._preload(node)
         return node
@@ -494,6 +497,12 @@ class Simulation:
             w.name: [self._random(w.k // d, w.n // d, w.dtype) for _ in range(w.models)]
             for w in self.s.workloads
         }
+        self._preloaded = frozenset(
+            meta_of(b).digest
+            for w in self.s.workloads
+            if w.preload
+            for b in self._models.get(w.name, [])
+        )
 
     def _preload(self, node: Node) -> None:
         for workload in self.s.workloads:

@@ -106,6 +106,8 @@ from mtor_p2p.network import (
     DEFAULT_MAX_RESPONSE_BYTES,
     DEFAULT_MAX_STREAMS_PER_PEER,
     FIRST_BODY_BYTES_S,
+    MAX_ANSWER_BYTES_IN_HAND_PER_PEER,
+    MAX_ANSWER_BYTES_IN_HAND_TOTAL,
     MAX_ERROR_BYTES,
     MIN_REQUEST_BYTES_PER_S,
     PENALTY_BASE_S,
@@ -188,6 +190,9 @@ class _Service:
     timeout: float
     #: Requests of this protocol handled at once; more are refused "busy".
     busy: trio.Semaphore
+    #: The largest answer its handler makes, reserved before it runs (_take_answer_room);
+    #: 0: small answers, not counted.
+    max_answer_bytes: int = 0
 
 
 @dataclass
@@ -501,6 +506,8 @@ class Libp2pNetwork:
         #: NAT traversal, when settings.nat is set (started by :meth:`open`).
         self.nat: NatTraversal | None = None
         self._lane_client: LaneClient | None = None
+        #: Bytes of answers made and not yet sent, by peer (_in_hand).
+        self._answers_in_hand: dict[str, int] = {}
         self._peer_requests = _PeerRequests(
             settings.max_streams_per_peer,
             settings.max_pending_bytes_per_peer,
@@ -845,6 +852,7 @@ class Libp2pNetwork:
         *,
         max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
         timeout: float = 30.0,
+        max_answer_bytes: int = 0,
     ) -> None:
         """Serve ``protocol``: read a length-prefixed request, answer with status + payload.
 
@@ -852,13 +860,16 @@ class Libp2pNetwork:
         the same admission. Admission happens before the body is read: the peer's stream slot
         on arrival, then, after the length prefix, the size limit, the peer's byte budget and
         the protocol's busy permit. A refused request costs the host no buffer: the answer
-        goes out at once and the body, if any, is read and dropped.
+        goes out at once and the body, if any, is read and dropped. ``max_answer_bytes``
+        (large answers only) is reserved for the answer from before the handler runs until
+        it is sent, within the peer's and the host's allowance of answers in hand.
         """
         service = _Service(
             handler,
             max_request_bytes,
             timeout,
             trio.Semaphore(self._settings.max_concurrent_requests),
+            max_answer_bytes,
         )
         self._services[protocol] = service
         peers = self._peer_requests
@@ -905,20 +916,33 @@ class Libp2pNetwork:
                 if refusal == b"busy":
                     await _discard(stream, length)
                 return
+            reserved = 0
             try:
-                # Drain the whole request before any work (pitfall 4), at a minimum rate.
-                first = min(length, _READ_CHUNK)
-                with self._cut_if_slow(FIRST_BODY_BYTES_S, sender):
-                    head = await _read_exactly(stream, first)
-                rest = length - first
-                with self._cut_if_slow(REQUEST_GRACE_S + rest / MIN_REQUEST_BYTES_PER_S, sender):
-                    payload = head + await _read_exactly(stream, rest) if rest else head
-                status, response = await self._call(protocol, service, sender, payload)
+                try:
+                    # Drain the whole request before any work (pitfall 4), at a minimum rate.
+                    first = min(length, _READ_CHUNK)
+                    with self._cut_if_slow(FIRST_BODY_BYTES_S, sender):
+                        head = await _read_exactly(stream, first)
+                    rest = length - first
+                    with self._cut_if_slow(
+                        REQUEST_GRACE_S + rest / MIN_REQUEST_BYTES_PER_S, sender
+                    ):
+                        payload = head + await _read_exactly(stream, rest) if rest else head
+                    if self._take_answer_room(sender, service.max_answer_bytes):
+                        reserved = service.max_answer_bytes
+                        status, response = await self._call(protocol, service, sender, payload)
+                    else:
+                        status, response = _STATUS_ERROR, b"busy"
+                finally:
+                    self._release(service, sender, length)
+                if relayed and len(response) > RELAYED_MAX_RESPONSE_BYTES:
+                    status, response = (
+                        _STATUS_ERROR,
+                        b"response too large for a relayed connection",
+                    )
+                await self._respond(stream, status, response)
             finally:
-                self._release(service, sender, length)
-            if relayed and len(response) > RELAYED_MAX_RESPONSE_BYTES:
-                status, response = _STATUS_ERROR, b"response too large for a relayed connection"
-            await self._respond(stream, status, response)
+                self._give_answer_room(sender, reserved)
 
         self._host.set_stream_handler(TProtocol(protocol), self._guard(protocol, serve))
 
@@ -1018,21 +1042,58 @@ class Libp2pNetwork:
         lane: ServerLane,
     ) -> None:
         length = len(payload)
+        reserved = 0
         try:
             try:
-                with trio.move_on_after(service.timeout) as deadline:
-                    status, response = await self._call(protocol, service, sender, payload)
+                if self._take_answer_room(sender, service.max_answer_bytes):
+                    reserved = service.max_answer_bytes
+                    with trio.move_on_after(service.timeout) as deadline:
+                        status, response = await self._call(protocol, service, sender, payload)
+                    if deadline.cancelled_caught:
+                        # As on a stream past its deadline: the request is reset, not
+                        # answered, and counted as a handler error.
+                        self.stats.handler_errors += 1
+                        status, response = STATUS_RESET, b""
+                else:
+                    status, response = _STATUS_ERROR, b"busy"
             finally:
                 del payload
                 self._release(service, sender, length)
-            if deadline.cancelled_caught:
-                # As on a stream past its deadline: the request is reset, not answered, and
-                # counted as a handler error.
-                self.stats.handler_errors += 1
-                status, response = STATUS_RESET, b""
             await lane.respond(request_id, status, response)
         finally:
+            self._give_answer_room(sender, reserved)
             self._peer_requests.close_stream(sender)
+
+    def _take_answer_room(self, sender: str, size: int) -> bool:
+        """Reserve ``size`` bytes of answers in hand (made, not yet sent) for ``sender``
+        before its handler runs; False (answer "busy", run nothing) beyond the peer's or the
+        host's allowance. A service declares its largest answer (``max_answer_bytes``): a
+        hostile review had identities ask for 4 MiB downloads and read nothing, which held a
+        copy per request, 1 GiB from 8 identities, uncounted once the handler returned."""
+        if size <= 0:
+            return True
+        stats = self.stats
+        mine = self._answers_in_hand.get(sender, 0)
+        if (
+            mine + size > MAX_ANSWER_BYTES_IN_HAND_PER_PEER
+            or stats.answer_bytes_in_hand + size > MAX_ANSWER_BYTES_IN_HAND_TOTAL
+        ):
+            stats.answers_refused_in_hand += 1
+            return False
+        self._answers_in_hand[sender] = mine + size
+        stats.answer_bytes_in_hand += size
+        stats.answer_bytes_in_hand_peak = max(
+            stats.answer_bytes_in_hand_peak, stats.answer_bytes_in_hand
+        )
+        return True
+
+    def _give_answer_room(self, sender: str, size: int) -> None:
+        if size <= 0:
+            return
+        self.stats.answer_bytes_in_hand -= size
+        left = self._answers_in_hand.pop(sender) - size
+        if left:
+            self._answers_in_hand[sender] = left
 
     async def _refuse_on_lane(
         self, lane: ServerLane, request_id: int, length: int, status: int, reason: bytes

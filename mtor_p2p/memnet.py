@@ -896,9 +896,12 @@ class MemNetwork:
         *,
         max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
         timeout: float = 30.0,
+        max_answer_bytes: int = 0,
     ) -> None:
         """Serve ``protocol``; each call runs under ``timeout`` in a task of its own, in the
-        contextvars context current now, and at most ``max_concurrent_requests`` at once."""
+        contextvars context current now, and at most ``max_concurrent_requests`` at once.
+        ``max_answer_bytes`` is not enforced here: memnet's answers are handed over whole, no
+        client reads slowly (the libp2p adapter bounds answers in hand)."""
         self._handlers[protocol] = _Handler(handler, max_request_bytes, timeout)
 
     async def request(

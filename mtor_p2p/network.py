@@ -59,6 +59,13 @@ DEFAULT_MAX_PENDING_BYTES_PER_PEER = 32 << 20
 #: Announced request bytes admitted from all peers together: what a host may hold in request
 #: buffers whatever many identities send (many peers each within their own budget).
 DEFAULT_MAX_PENDING_BYTES_TOTAL = 64 << 20
+#: Answers a host has made and not yet sent (a client reads them at its own pace), in bytes:
+#: one peer's at most (its 32 requests of 4 MiB downloads would be 128 MiB), all peers' at
+#: most. An answer beyond either is replaced by "busy" and dropped at once. Answers up to
+#: SMALL_ANSWER_BYTES are never refused (refusals, receipts, small replies).
+MAX_ANSWER_BYTES_IN_HAND_PER_PEER = 64 << 20
+MAX_ANSWER_BYTES_IN_HAND_TOTAL = 256 << 20
+SMALL_ANSWER_BYTES = 64 * 1024
 
 
 def ip_address_of(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
@@ -145,6 +152,12 @@ class HostStats:
     requests_refused_peer_bytes: int = 0
     #: Requests refused because all peers together had the most request bytes admitted.
     requests_refused_total_bytes: int = 0
+    #: Answers replaced by "busy" because the answers made and not yet sent, the peer's or
+    #: everyone's, held too many bytes (a client reading slowly, or many of them).
+    answers_refused_in_hand: int = 0
+    #: Bytes of answers made and not yet sent now, and the most there ever were.
+    answer_bytes_in_hand: int = 0
+    answer_bytes_in_hand_peak: int = 0
     #: Announced bytes of the requests admitted now (body being read or handled), and the
     #: most there ever were: what the host may hold in request buffers.
     request_bytes_pending: int = 0
@@ -251,8 +264,12 @@ class Network(Protocol):
         *,
         max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
         timeout: float = 30.0,
+        max_answer_bytes: int = 0,
     ) -> None:
-        """Serve requests on ``protocol``; each handler call runs under ``timeout``."""
+        """Serve requests on ``protocol``; each handler call runs under ``timeout``.
+        ``max_answer_bytes``: the largest answer the handler makes, if large (reserved from
+        before it runs until the answer is sent, so that answers a slow reader leaves in hand
+        are bounded: beyond, the request is answered "busy")."""
 
     async def request(
         self,

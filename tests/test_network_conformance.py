@@ -156,6 +156,9 @@ async def test_adapter_implements_the_port(open_nets: OpenNets) -> None:
             "requests_refused_peer_streams",
             "requests_refused_peer_bytes",
             "requests_refused_total_bytes",
+            "answers_refused_in_hand",
+            "answer_bytes_in_hand",
+            "answer_bytes_in_hand_peak",
             "request_bytes_pending",
             "request_bytes_pending_peak",
             "requests_cut_slow",
@@ -486,6 +489,36 @@ async def test_many_peers_cannot_have_more_request_bytes_admitted_than_the_host_
             assert stats.request_bytes_pending == 1400
             hold.release.set()
         assert await c.request(server.peer_id, "/mtor/test/hold/1", b"x" * 700) == b"done"
+
+
+async def test_large_answers_in_hand_are_bounded_per_peer(
+    open_nets: OpenNets, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A service's declared largest answer is reserved before its handler runs, until the
+    answer is sent: a peer that keeps answers in hand (reading slowly) gets "busy" beyond its
+    allowance, not another answer made (a hostile review: 4 MiB downloads left unread held
+    1 GiB from 8 identities). memnet hands answers over whole and does not bound them."""
+    if not isinstance(open_nets, partial):
+        pytest.skip("memnet has no slow readers: answers in hand are the libp2p adapter's")
+    import mtor_p2p.libp2p_host as host_module
+
+    monkeypatch.setattr(host_module, "MAX_ANSWER_BYTES_IN_HAND_PER_PEER", 2500)
+    async with open_nets(2) as (server, client):
+        hold = Holder()
+        server.handle("/mtor/test/hold/1", hold, max_answer_bytes=1500)
+        server.handle("/mtor/test/echo/1", echo)  # small answers: not counted
+        stats = server.stats  # type: ignore[attr-defined]
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client.request, server.peer_id, "/mtor/test/hold/1", b"x")
+            await until(lambda: hold.entered == 1)
+            assert stats.answer_bytes_in_hand == 1500
+            with pytest.raises(RemoteError, match=r"^busy$"):
+                await client.request(server.peer_id, "/mtor/test/hold/1", b"x")
+            assert hold.entered == 1 and stats.answers_refused_in_hand == 1
+            assert await client.request(server.peer_id, "/mtor/test/echo/1", b"hi") == b"hi"
+            hold.release.set()
+        assert await client.request(server.peer_id, "/mtor/test/hold/1", b"x") == b"done"
+        assert stats.answer_bytes_in_hand == 0
 
 
 # -- pubsub ---------------------------------------------------------------------------------

@@ -656,10 +656,22 @@ class WorkerService:
         # admitted under the host's per-peer and total budgets of request bytes in progress,
         # and held while it is queued and computes, within MAX_INLINE_HELD_BYTES (such a run
         # never waits for other operands: see _serve_run).
+        # Their answers carry array bytes: reserved under the host's allowance of answers in
+        # hand (made, not yet read by a slow requester) before the handler runs.
         handle(
-            PROTOCOL_RUN, self._on_run, max_request_bytes=MAX_RUN_REQUEST_BYTES, timeout=RUN_TIMEOUT
+            PROTOCOL_RUN,
+            self._on_run,
+            max_request_bytes=MAX_RUN_REQUEST_BYTES,
+            timeout=RUN_TIMEOUT,
+            max_answer_bytes=MAX_MESSAGE_BYTES,
         )
-        handle(PROTOCOL_DOWNLOAD, self._on_download, max_request_bytes=64 * 1024, timeout=60)
+        handle(
+            PROTOCOL_DOWNLOAD,
+            self._on_download,
+            max_request_bytes=64 * 1024,
+            timeout=60,
+            max_answer_bytes=MAX_MESSAGE_BYTES,
+        )
         handle(PROTOCOL_COUNTERSIGN, self._on_countersign, max_request_bytes=64 * 1024, timeout=10)
         self._registered = True
 

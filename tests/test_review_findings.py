@@ -247,3 +247,32 @@ async def test_silent_sybil_addresses_do_not_outlast_a_fresh_requesters_job(
             await requester.submit("matmul", shard_operands(), shards=4)
         except JobFailed as exc:
             pytest.fail(f"job failed after {trio.current_time() - started:.0f} s: {exc}")
+
+
+# -- uploads: many tiny half-sent ones (hostile review, 2026-12-07) -------------------------
+
+
+async def test_uploads_in_progress_are_bounded_in_number(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Half-sent uploads of 8 bytes reserve almost nothing, yet each holds a buffer and a
+    record, and each new upload scans them all (8,000 held 33 MiB and made an honest upload
+    15-35 times slower): one sender has at most MAX_PENDING_UPLOADS_PER_SENDER at once, and
+    others are not locked out by it."""
+    from mtor_p2p.compute.worker import MAX_PENDING_UPLOADS_PER_SENDER
+
+    async with bench() as b:
+        mallory = await b.requester("mallory")
+        alice = await b.requester("alice")
+        refused = 0
+        for i in range(MAX_PENDING_UPLOADS_PER_SENDER + 10):
+            array = {"hash": f"{i + 1:064x}", "dtype": "float32", "shape": [4]}
+            request = pack({"array": array, "offset": 0}, b"x" * 8)  # 8 of 16 bytes
+            try:
+                await mallory.network.request(b.worker_id, PROTOCOL_UPLOAD, request)
+            except RemoteError as exc:
+                assert str(exc).startswith("busy")
+                refused += 1
+        assert refused == 10
+        honest = RNG.standard_normal((64, 64)).astype("float32")
+        await client.upload(alice.network, b.worker_id, honest, timeout=5)

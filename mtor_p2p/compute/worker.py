@@ -175,6 +175,11 @@ MAX_WAITING_RUNS = 16
 #: Operands in shared memory being mapped and hashed at once, per sender and in all (each a
 #: thread hashing up to MAX_ARRAY_BYTES); more are refused "busy" (the sender uploads).
 MAX_LOCAL_UPLOADS_PER_SENDER = 2
+#: Uploads in progress at once, one sender's and everyone's, whatever their size: each costs
+#: a buffer and a record, and every new one scans them all (a hostile review: 8,000 half-sent
+#: 8-byte uploads reserved 64 KB in all and held 33 MiB). A requester has a few at a time.
+MAX_PENDING_UPLOADS_PER_SENDER = 64
+MAX_PENDING_UPLOADS = 1024
 MAX_LOCAL_UPLOADS = 4
 #: Bytes of run requests carrying operands (``inline``) that may be under way at once, from
 #: all senders and from one: such a run holds its bytes under the host's budgets of request
@@ -577,6 +582,8 @@ class WorkerService:
         self.spool_dir = spool_dir
         self._reserved_total = 0
         self._reserved_by_sender: dict[str, int] = {}
+        #: Uploads in progress by sender (MAX_PENDING_UPLOADS_PER_SENDER).
+        self._uploads_by_sender: dict[str, int] = {}
         #: Of uploads in progress, the bytes that may wait in memory rather than be spooled
         #: (all senders together; one sender at most half), and what is held of it now.
         self.upload_memory_bytes = upload_memory_bytes
@@ -785,6 +792,7 @@ class WorkerService:
             pending.wake()  # chunks waiting for their turn: it will not come
             self._reserved_total -= pending.meta.nbytes
             _take_back(self._reserved_by_sender, pending.sender, pending.meta.nbytes)
+            _take_back(self._uploads_by_sender, pending.sender, 1)
             if pending.memory:
                 # Given back at once even when an append in progress holds the buffer's
                 # memory a little longer (until it ends: one chunk's hash and copy): a short
@@ -850,9 +858,15 @@ class WorkerService:
             # Reserve what the upload announces, not what has arrived: uploads that start
             # empty and grow later must not all fit under the cap at their start.
             sender_reserved = self._reserved_by_sender.get(sender, 0)
-            if sender_reserved + meta.nbytes > MAX_PENDING_UPLOAD_BYTES_PER_PEER:
+            if (
+                sender_reserved + meta.nbytes > MAX_PENDING_UPLOAD_BYTES_PER_PEER
+                or self._uploads_by_sender.get(sender, 0) >= MAX_PENDING_UPLOADS_PER_SENDER
+            ):
                 self.stats.uploads_refused += 1
                 raise RemoteError("busy: this peer has too many uploads in progress")
+            if len(self._pending) >= MAX_PENDING_UPLOADS:
+                self.stats.uploads_refused += 1
+                raise RemoteError("busy: too many uploads in progress")
             if self._reserved_total + meta.nbytes > MAX_PENDING_UPLOAD_BYTES:
                 self._make_room(meta.nbytes, sender)
             if self._reserved_total + meta.nbytes > MAX_PENDING_UPLOAD_BYTES:
@@ -865,6 +879,7 @@ class WorkerService:
             started = now if started_before is None else started_before
             pending = _PendingUpload(sender, meta, buffer, now, started, memory=memory)
             self._pending[key] = pending
+            self._uploads_by_sender[sender] = self._uploads_by_sender.get(sender, 0) + 1
             self._operands_changed()
             self._reserved_total += meta.nbytes
             self._reserved_by_sender[sender] = sender_reserved + meta.nbytes

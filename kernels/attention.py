@@ -177,10 +177,13 @@ def _expected_block(q: np.ndarray, k: np.ndarray, v: np.ndarray, dtype: np.dtype
         head_dim + 1,
         flushed=_scaled(flushable_products(q, k_t), scale),
     )
-    # A score out of float32's range makes its whole output row unjudgeable (softmax
-    # mixes every score of the row); its error is left out so that the rest stays finite.
-    scores_out = overflow_possible(score_magnitude, head_dim + 1).any(axis=-1, keepdims=True)
-    score_error = np.where(scores_out, 0.0, score_error)
+    # A score that may overflow float32 makes its row's honest output non-finite (softmax
+    # mixes every score of the row): checked on the unscaled products, since a backend may
+    # scale before or after the product (a review: NumPy's scales after, and framed an honest
+    # worker whose raw scores overflowed while the scaled ones did not).
+    scores_out = overflow_possible(score_magnitude / scale, head_dim + 1).any(
+        axis=-1, keepdims=True
+    )
     shifted = scores - scores.max(axis=-1, keepdims=True)
     probabilities = stable_softmax(np, scores.copy())
 

@@ -91,14 +91,18 @@ class RowExpectation:
 
     values: np.ndarray
     tolerance: np.ndarray
-    #: Elements no honest float32 result can be judged on (None: none): their sums of
-    #: products reach float32's range, so an honest result there may be ±inf or NaN, or
-    #: anything a partial sum's overflow left. Checks and fault proofs pass over them.
+    #: Elements whose sums may overflow float32 in an honest accumulation (None: none): an
+    #: honest result there may be ±inf or NaN instead of the value. Once a partial sum has
+    #: overflowed, IEEE arithmetic keeps it ±inf or NaN, so a *finite* result there is judged
+    #: by :attr:`tolerance` like any other; only a non-finite one is not (:meth:`judged`).
     unjudged: np.ndarray | None = None
 
-    def judged(self) -> np.ndarray | bool:
-        """Elementwise: True where :attr:`tolerance` holds (see :attr:`unjudged`)."""
-        return True if self.unjudged is None else ~self.unjudged
+    def judged(self, claimed: np.ndarray) -> np.ndarray | bool:
+        """Elementwise: True where ``claimed`` must lie within :attr:`tolerance` (everywhere
+        but the non-finite claims in :attr:`unjudged` elements)."""
+        if self.unjudged is None:
+            return True
+        return ~(self.unjudged & ~np.isfinite(claimed))
 
 
 def accumulation_error_bound(

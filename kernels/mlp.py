@@ -142,9 +142,8 @@ class MlpKernel(Kernel):
         hidden_error = accumulation_error_bound(
             hidden_magnitude, hidden, d_in + 1, flushed=flushable_products(x, w1)
         )
-        # A hidden value out of float32's range makes its whole output row unjudgeable.
+        # A hidden value that may overflow float32 makes its row's honest output non-finite.
         hidden_out = overflow_possible(hidden_magnitude, d_in + 1).any(axis=-1, keepdims=True)
-        hidden_error = np.where(hidden_out, 0.0, hidden_error)
         activation = gelu_tanh(np, hidden)
         activation_error = (
             GELU_LIPSCHITZ * hidden_error

@@ -581,7 +581,9 @@ def sample_rows(
         ratios[both_nan | same_infinity] = 0.0
         ratios[np.isnan(ratios)] = np.inf
         if expected.unjudged is not None:
-            ratios[expected.unjudged] = 0.0  # out of float32's range: see RowExpectation
+            # A non-finite claim where the sums may overflow: an honest result (see
+            # RowExpectation.unjudged); a finite one there is judged as any other.
+            ratios[~expected.judged(got)] = 0.0
     per_row = ratios.reshape(len(rows), -1).max(axis=1)
     max_error = float(per_row.max())
     bad_rows = rows[per_row > 1.0]
@@ -592,11 +594,13 @@ def sample_rows(
 class RowsVerdict:
     """Outcome of :func:`judge_rows`: ``proven`` when some judged element of the rows is beyond
     the kernel's honest-error bound (or NaN where the exact value is not, or the other way);
-    ``out_of_range`` when some element of the rows could not be judged (its sums reach
-    float32's range, where an honest float32 result may be ±inf or NaN)."""
+    ``out_of_range`` when some element of the rows could not be judged (a non-finite claim
+    where the sums may overflow float32, as an honest result may be there)."""
 
     proven: bool
     out_of_range: bool
+    #: The rows that prove it (empty unless ``proven``).
+    rows: list[int] = field(default_factory=list)
 
 
 def judge_rows(
@@ -610,7 +614,8 @@ def judge_rows(
     # are asked (a kernel may cut one row further: attention cuts its queries).
     per_row = max(1, kernel.recompute_elements(operands, 1))
     step = max(1, RECOMPUTE_BLOCK_ELEMENTS // per_row)
-    proven = out_of_range = False
+    out_of_range = False
+    proven_rows: list[int] = []
     for start in range(0, len(unique), step):
         index = unique[start : start + step]
         expected = kernel.expected_rows(operands, index)
@@ -618,11 +623,12 @@ def judge_rows(
         with np.errstate(invalid="ignore", over="ignore"):
             beyond = np.abs(claimed - expected.values) > expected.tolerance
         mismatched_nan = np.isnan(claimed) != np.isnan(expected.values)
-        proven = proven or bool(np.any((beyond | mismatched_nan) & expected.judged()))
-        out_of_range = out_of_range or (
-            expected.unjudged is not None and bool(expected.unjudged.any())
-        )
-    return RowsVerdict(proven=proven, out_of_range=out_of_range)
+        judged = expected.judged(claimed)
+        wrong = (beyond | mismatched_nan) & judged
+        if np.any(wrong):
+            proven_rows.extend(int(r) for r in index[wrong.reshape(len(index), -1).any(axis=1)])
+        out_of_range = out_of_range or not np.all(judged)
+    return RowsVerdict(proven=bool(proven_rows), out_of_range=out_of_range, rows=proven_rows)
 
 
 def compare(

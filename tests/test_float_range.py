@@ -96,3 +96,54 @@ async def test_a_job_out_of_float32s_range_fails_without_blaming_its_workers():
         # The same cluster still serves a job in range.
         result = await requester.submit("matmul", _operands(1.0), shards=2)
         np.testing.assert_allclose(result.output, _honest(_operands(1.0)), rtol=1e-5)
+
+
+def test_a_finite_wrong_value_where_the_sums_may_overflow_is_still_proven():
+    # A partial sum that overflowed stays ±inf or NaN: a finite answer there is judged by
+    # the usual bound (a second review: any finite value passed, 3e38 for -5.6e30).
+    operands = _operands(1.0)
+    operands["a"][:, :2] = 1e19  # |products| of 2e38 each: their sum reaches the range
+    operands["b"][0, :] = 2e19
+    operands["b"][1, :] = -2e19  # ... while the exact values stay finite
+    honest = _honest(operands)
+    assert np.isfinite(honest).all()
+    assert not checks.judge_rows(MATMUL, operands, honest, [0]).proven
+    wrong = honest.copy()
+    wrong[0, 3] = 3e38
+    assert checks.judge_rows(MATMUL, operands, wrong, [0]).proven
+
+
+def test_attention_scores_that_overflow_before_scaling_do_not_frame_an_honest_worker():
+    # NumPy's backend scales the scores after the product: raw scores of 1e39 overflow
+    # there although the scaled ones (1.25e38) would not (a second review).
+    attention = get_kernel("attention")
+    q = np.full((1, 1, 3, 64), 1e19, np.float32)
+    k = np.full((1, 1, 3, 64), 1e20 / 64, np.float32)
+    v = np.ones((1, 1, 3, 1), np.float32)
+    operands = {"q": q, "k": k, "v": v}
+    with np.errstate(all="ignore"):
+        honest = attention.reference(operands)
+    assert not checks.judge_rows(attention, operands, honest, [0]).proven
+
+
+async def test_a_cheater_cannot_hide_a_wrong_row_behind_an_overflowing_one():
+    async with cluster(["requester", "cheater"]) as c:
+        await c.start("cheater", "WEU")
+        requester = await c.start("requester", "WEU", serve=False)
+        await c.settle()
+        device = c.peers["cheater"].device
+        honest_execute = device.execute
+
+        async def execute(kernel, operands, keys):  # type: ignore[no-untyped-def]
+            out = np.array(await honest_execute(kernel, operands, keys), copy=True)
+            out[0, 0] = np.inf  # where overflow is possible: Freivalds' worst row
+            out[5, 2] += 1.0  # the fault it would hide
+            return out
+
+        device.execute = execute
+        operands = _operands(1.0)
+        operands["a"][0, :] = 3e18
+        operands["b"][:, 0] = np.where(np.arange(64) % 2, 3e18, -3e18).astype(np.float32)
+        with np.errstate(all="ignore"), pytest.raises(JobFailed, match="wrong result"):
+            await requester.submit("matmul", operands, shards=1)
+        assert requester.scheduler.stats.fault_proofs == 1

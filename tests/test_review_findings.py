@@ -276,3 +276,31 @@ async def test_uploads_in_progress_are_bounded_in_number(
         assert refused == 10
         honest = RNG.standard_normal((64, 64)).astype("float32")
         await client.upload(alice.network, b.worker_id, honest, timeout=5)
+
+
+async def test_identities_that_fill_the_uploads_in_progress_do_not_lock_others_out(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the table of uploads in progress full, a newcomer's upload makes room by dropping
+    the least recently moved upload of whoever holds the most beyond a fair share (a second
+    review: 16 identities x 64 tiny uploads refused every honest upload)."""
+    import mtor_p2p.compute.worker as worker_module
+
+    monkeypatch.setattr(worker_module, "MAX_PENDING_UPLOADS", 8)
+    async with bench() as b:
+        mallory = await b.requester("mallory")
+        alice = await b.requester("alice")
+        for i in range(8):
+            array = {"hash": f"{i + 1:064x}", "dtype": "float32", "shape": [4]}
+            await mallory.network.request(
+                b.worker_id, PROTOCOL_UPLOAD, pack({"array": array, "offset": 0}, b"x" * 8)
+            )
+        extra = {"hash": f"{99:064x}", "dtype": "float32", "shape": [4]}
+        with pytest.raises(RemoteError, match=r"^busy"):  # its own: no room made for it
+            await mallory.network.request(
+                b.worker_id, PROTOCOL_UPLOAD, pack({"array": extra, "offset": 0}, b"x" * 8)
+            )
+        evicted = b.worker.stats.uploads_evicted
+        honest = RNG.standard_normal((64, 64)).astype("float32")
+        await client.upload(alice.network, b.worker_id, honest, timeout=5)
+        assert b.worker.stats.uploads_evicted == evicted + 1

@@ -1367,33 +1367,41 @@ class _JobRun:
         if ok:
             self.checks_passed += 1
             await self._accept(worker, index, answer.output, answer.receipt, seconds)
-        elif await self._out_of_range(operands, answer.output, witness):
-            self._unverifiable(index)
         else:
-            await self._reject(worker, index, operands, answer, witness)
+            witness = await self._witness_rows(operands, answer.output, witness)
+            if witness is None:
+                self._unverifiable(index)
+            else:
+                await self._reject(worker, index, operands, answer, witness)
 
-    async def _out_of_range(
+    async def _witness_rows(
         self, operands: dict[str, np.ndarray], output: np.ndarray, witness: Any
-    ) -> bool:
-        """True when a failed check's witness rows prove nothing because their sums reach
-        float32's range: an honest float32 answer there may be ±inf or NaN, so the check's
-        failure is the operands', not the worker's (a hostile review: such operands had
-        honest workers rejected, blamed and sent fault proofs against). Rows that prove a
-        fault elsewhere in range are still the worker's."""
+    ) -> Any | None:
+        """The rows a failed check's answer is blamed by: the check's own witness, unless
+        those rows prove nothing because they hold non-finite values where the sums may
+        overflow float32 (as an honest answer may: a hostile review had honest workers
+        rejected, blamed and sent fault proofs against for such operands). Every row of the
+        shard is then judged (blocks of rows, on the blocking hook; a failure path): the
+        rows that prove a fault (a second review: a cheater put inf where overflow was
+        possible, so that the check's worst row was that one, and spoilt other rows), or
+        None when none does: the check's failure is then the operands', not the worker's."""
         if not isinstance(witness, list) or not witness:
-            return False
-        verdict = await self.s.runtime.run_blocking(
-            checks.judge_rows, self.kernel, operands, output, witness
-        )
-        return verdict.out_of_range and not verdict.proven
+            return witness
+        run = self.s.runtime.run_blocking
+        verdict = await run(checks.judge_rows, self.kernel, operands, output, witness)
+        if verdict.proven or not verdict.out_of_range:
+            return witness
+        every = list(range(output.shape[0]))
+        verdict = await run(checks.judge_rows, self.kernel, operands, output, every)
+        return verdict.rows if verdict.proven else None
 
     def _unverifiable(self, index: int) -> None:
-        """End the job: shard ``index``'s answer cannot be judged (see _out_of_range); no
+        """End the job: shard ``index``'s answer cannot be judged (see _witness_rows); no
         worker is blamed, and none is paid for it (nothing was verified)."""
         if self.unverifiable is None:
             self.unverifiable = (
-                f"shard {index} cannot be verified: its products reach float32's range "
-                f"(about {FLOAT32_MAX:.1e}), where an honest float32 result may be inf or NaN; "
+                f"shard {index} cannot be verified: its products may overflow float32 "
+                f"(about {FLOAT32_MAX:.1e}), where an honest float32 result is inf or NaN; "
                 "scale the operands down"
             )
             log.warning("job %s: %s", self.job_id[:12], self.unverifiable)

@@ -663,15 +663,14 @@ class WorkerService:
         # admitted under the host's per-peer and total budgets of request bytes in progress,
         # and held while it is queued and computes, within MAX_INLINE_HELD_BYTES (such a run
         # never waits for other operands: see _serve_run).
-        # Their answers carry array bytes: reserved under the host's allowance of answers in
-        # hand (made, not yet read by a slow requester) before the handler runs.
         handle(
-            PROTOCOL_RUN,
-            self._on_run,
-            max_request_bytes=MAX_RUN_REQUEST_BYTES,
-            timeout=RUN_TIMEOUT,
-            max_answer_bytes=MAX_MESSAGE_BYTES,
+            PROTOCOL_RUN, self._on_run, max_request_bytes=MAX_RUN_REQUEST_BYTES, timeout=RUN_TIMEOUT
         )
+        # A download's answer is a chunk of array bytes, asked for free (of an operand uploaded
+        # for free): reserved under the host's allowance of answers in hand (made, not yet
+        # read) before the handler copies it. Run answers are not: a run costs its requester
+        # credit, and holds its reservation while it waits and computes (a review: reserving
+        # for runs too let a few free identities' unread downloads turn runs away).
         handle(
             PROTOCOL_DOWNLOAD,
             self._on_download,
@@ -776,6 +775,24 @@ class WorkerService:
             self._drop_upload(min(over)[1])
             self.stats.uploads_evicted += 1
 
+    def _evict_for(self, sender: str) -> bool:
+        """Make room for one more upload in progress (MAX_PENDING_UPLOADS reached) by
+        dropping the least recently moved upload of the sender that holds the most, if it
+        holds more than a fair share and is not ``sender``: identities that fill the table
+        with tiny uploads cannot lock others out (a review)."""
+        if not self._uploads_by_sender:
+            return False
+        most = max(self._uploads_by_sender, key=self._uploads_by_sender.__getitem__)
+        fair = MAX_PENDING_UPLOADS // (len(self._uploads_by_sender) + 1)
+        if most == sender or self._uploads_by_sender[most] <= fair:
+            return False
+        keys = [k for k, p in self._pending.items() if p.sender == most]
+        if not keys:
+            return False
+        self._drop_upload(min(keys, key=lambda k: self._pending[k].last_progress))
+        self.stats.uploads_evicted += 1
+        return True
+
     def _drop_upload(self, key: tuple[str, str]) -> None:
         """Forget a pending upload and give back what it reserved."""
         pending = self._pending.pop(key, None)
@@ -864,7 +881,7 @@ class WorkerService:
             ):
                 self.stats.uploads_refused += 1
                 raise RemoteError("busy: this peer has too many uploads in progress")
-            if len(self._pending) >= MAX_PENDING_UPLOADS:
+            if len(self._pending) >= MAX_PENDING_UPLOADS and not self._evict_for(sender):
                 self.stats.uploads_refused += 1
                 raise RemoteError("busy: too many uploads in progress")
             if self._reserved_total + meta.nbytes > MAX_PENDING_UPLOAD_BYTES:

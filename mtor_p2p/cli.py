@@ -1575,6 +1575,10 @@ def _follow_job(args: argparse.Namespace, client: ControlClient, job_id: str) ->
     print(f"cost       {cost} credits   receipts {result['receipts']}{copies}")
     if args.out:
         print(f"output     {args.out}")
+    else:
+        # Said, so that a long job's product is not thrown away unnoticed (a new user's
+        # walkthrough: the job ran, was paid for, and nothing said where its output went).
+        print("output     not kept (give --out FILE.npy to save it)")
     return EXIT_OK
 
 

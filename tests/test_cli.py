@@ -392,6 +392,12 @@ def test_submit_and_receipts_against_a_devnet_as_a_new_user_would(tmp_path):
         assert progress_id.startswith("job-")
         assert f"job        {progress_id} (" in human.stdout
         np.testing.assert_allclose(np.load(tmp_path / "c.npy"), a @ b, rtol=1e-4, atol=1e-4)
+        assert f"output     {tmp_path / 'c.npy'}" in human.stdout
+        # Without --out the summary says the product was not kept (a new user's walkthrough).
+        unkept = mtor("submit", "matmul", "--m", "64", "--n", "64", "--k", "64",
+                      "--data-dir", requester)  # fmt: skip
+        assert unkept.returncode == 0, unkept.stderr
+        assert "output     not kept (give --out FILE.npy to save it)" in unkept.stdout
         # Both sides hold the receipts, countersigned.
         mine = json.loads(mtor("receipts", "--json", "--data-dir", requester).stdout)
         assert mine["count"] >= summary["shards"] + 1

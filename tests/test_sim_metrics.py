@@ -309,6 +309,7 @@ def test_counts_trust_ledger_simulator():
         "rejected": 0,
         "hedged": 0,
         "unfinished": 0,
+        "failure_reasons": {"no worker": 1},
     }
     assert m["shards"] == {
         "accepted": 5,
@@ -485,3 +486,20 @@ def test_write_report_single_empty_run(tmp_path):
     assert len(list(tmp_path.glob("*.png"))) == 4
     doc = json.loads((tmp_path / "metrics.json").read_text())
     assert doc["comparison"] == {} and doc["claims"][0]["verdict"] == NOT_COMPARABLE
+
+
+def test_failed_requests_are_counted_by_reason():
+    from mtor_p2p.sim.metrics import failure_reasons
+
+    requests = [
+        {"ok": True},
+        {"ok": False, "error": "job did not finish within 30 s; workers out: 2 failed"},
+        {"ok": False, "error": "job did not finish within 30 s; workers out: 1 unreachable"},
+        {"ok": False, "error": "no worker in the capacity view serves 'matmul' (3 in view)"},
+        {"ok": False},
+    ]
+    assert failure_reasons(requests) == {
+        "job did not finish within 30 s": 2,
+        "no worker in the capacity view serves 'matmul'": 1,
+        "no error recorded": 1,
+    }

@@ -11,6 +11,7 @@ multiplied by its ``flop_scale``).
 from __future__ import annotations
 
 import statistics
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -310,9 +311,30 @@ def _counts(run: Run) -> dict[str, Any]:
             # Still running when the window closed: censored, so left out of every latency
             # and success figure (a long tail would otherwise look shorter than it is).
             "unfinished": int(_num(run.get("unfinished_requests"))),
+            # Why the failed ones failed: their errors' first clauses, most common first.
+            "failure_reasons": failure_reasons(requests),
         },
         "shards": shards,
     }
+
+
+#: Failure reasons a report lists, at most, and the characters kept of each.
+FAILURE_REASONS_KEPT = 8
+FAILURE_REASON_CHARS = 120
+
+
+def failure_reasons(requests: Sequence[Mapping[str, Any]]) -> dict[str, int]:
+    """The failed requests counted by reason: each error's first clause (up to "; " or
+    " (", where the details of one job begin), so that the same failure counts once."""
+    counts: Counter[str] = Counter()
+    for request in requests:
+        if request.get("ok"):
+            continue
+        text = str(request.get("error") or "no error recorded")
+        for cut in ("; ", " ("):
+            text = text.split(cut, 1)[0]
+        counts[text[:FAILURE_REASON_CHARS]] += 1
+    return dict(counts.most_common(FAILURE_REASONS_KEPT))
 
 
 def _trust_and_ledger(run: Run) -> dict[str, Any]:

@@ -341,6 +341,19 @@ def _trust_section(metrics: Mapping[str, Mapping[str, Any]]) -> list[str]:
     return [*lines, ""]
 
 
+def _failures_section(metrics: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """Why requests failed, by reason (their full errors are in each run.json)."""
+    lines: list[str] = []
+    for kind in (k for k in KINDS if k in metrics):
+        reasons = metrics[kind]["requests"].get("failure_reasons") or {}
+        if reasons:
+            lines.append(f"- {LABELS[kind]}:")
+            lines += [f"  - {count} x {reason}" for reason, count in reasons.items()]
+    if not lines:
+        return []
+    return ["## Why requests failed", "", *lines, "", "The whole errors: `run.json`.", ""]
+
+
 def _spread(values: Sequence[float], spec: str = ".3g") -> str:
     if not values:
         return NA
@@ -506,6 +519,7 @@ def write_report(out_dir: Path, runs: Mapping[str, Run]) -> Path:
     lines += _all_metrics(metrics, ratios)
     lines += _regions_section(runs, metrics)
     lines += _trust_section(metrics)
+    lines += _failures_section(metrics)
     lines += _assumptions(runs)
     lines += _plots_section(plots, out_dir)
     report = out_dir / "report.md"

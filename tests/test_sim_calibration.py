@@ -100,10 +100,15 @@ def host_gflops() -> float:
     a, b = ops["a"][:256], ops["b"]
     c = a @ b
     rng = np.random.default_rng(1)
-    started = time.perf_counter()
-    for _ in range(5):
+    # The best of seven: the rate when the check has a core. An average let one busy moment
+    # of a test beside it (xdist) divide the rate by ten, and the simulated jobs, charged at
+    # that rate, took 31 ms against the real devnet's 9.7 (a flaky failure, 2026-12-07).
+    timings = []
+    for _ in range(7):
+        started = time.perf_counter()
         checks.freivalds(a, b, c, rounds=20, rng=rng)
-    seconds = (time.perf_counter() - started) / 5
+        timings.append(time.perf_counter() - started)
+    seconds = min(timings)
     m, k = a.shape
     n = b.shape[1]
     return 2.0 * 20 * (m * k + k * n + 2 * m * n) / seconds / 1e9

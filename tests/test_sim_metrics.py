@@ -479,6 +479,12 @@ def test_write_report(tmp_path):
         assert f"]({png.name})" in text
 
 
+def test_a_report_of_two_scenarios_names_both(tmp_path):
+    cloud = {**cloud_run(), "scenario": "unit-cloud"}
+    report = write_report(tmp_path, {"mtor": mtor_run(), "cloud": cloud})
+    assert "scenarios `unit`, `unit-cloud`, seed 7" in report.read_text()
+
+
 def test_write_report_single_empty_run(tmp_path):
     run = {"kind": "mtor", "scenario": "empty", "seed": 0, "peers": 0}
     report = write_report(tmp_path, {"mtor": run})

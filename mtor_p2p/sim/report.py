@@ -128,9 +128,14 @@ def _claimed_text(claim: Mapping[str, Any]) -> str:
 
 
 def _header(runs: Mapping[str, Run], metrics: Mapping[str, Mapping[str, Any]]) -> list[str]:
-    first = next(iter(runs.values()))
+    # Every run's own scenario: a thesis and its cloud baseline run into one directory are
+    # two scenarios (a new user's walkthrough: the title named only the one loaded first).
+    named = [runs[k] for k in KINDS if k in runs]
+    scenarios = ", ".join(dict.fromkeys(f"`{r.get('scenario')}`" for r in named))
+    seeds = ", ".join(dict.fromkeys(str(r.get("seed")) for r in named))
+    noun = "scenarios" if len({r.get("scenario") for r in named}) > 1 else "scenario"
     lines = [
-        f"# MTOR simulation report: scenario `{first.get('scenario')}`, seed {first.get('seed')}",
+        f"# MTOR simulation report: {noun} {scenarios}, seed {seeds}",
         "",
         "Every figure below is computed from the simulator's records (`run.json`) by "
         "`mtor_p2p.sim.metrics`; the same numbers are in `metrics.json`.",

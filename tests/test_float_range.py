@@ -147,3 +147,29 @@ async def test_a_cheater_cannot_hide_a_wrong_row_behind_an_overflowing_one():
         with np.errstate(all="ignore"), pytest.raises(JobFailed, match="wrong result"):
             await requester.submit("matmul", operands, shards=1)
         assert requester.scheduler.stats.fault_proofs == 1
+
+
+async def test_redundant_verification_does_not_blame_nan_where_the_sums_may_overflow():
+    # Two workers' honest orders may differ there: one inf, the other NaN. The requester's
+    # own product confirms the first; the second is neither accepted nor blamed.
+    async with cluster(["requester", "w1", "w2"]) as c:
+        await c.start("w1", "WEU")
+        await c.start("w2", "WEU")
+        requester = await c.start("requester", "WEU", serve=False)
+        await c.settle()
+        device = c.peers["w2"].device
+        honest_execute = device.execute
+
+        async def execute(kernel, operands, keys):  # type: ignore[no-untyped-def]
+            out = np.array(await honest_execute(kernel, operands, keys), copy=True)
+            out[~np.isfinite(out)] = np.nan
+            return out
+
+        device.execute = execute
+        operands = _operands(1e20)
+        with np.errstate(all="ignore"):
+            result = await requester.submit("matmul", operands, shards=1, verify="redundant")
+        assert np.array_equal(result.output, _honest(operands), equal_nan=True)
+        assert requester.scheduler.stats.fault_proofs == 0
+        report = requester.scheduler.book.report(requester.clock.now())
+        assert not any(row.get("excluded") for row in report)

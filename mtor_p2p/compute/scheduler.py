@@ -1610,6 +1610,7 @@ class _JobRun:
             self.kernel.reference, operands, flops=float(self.kernel.flops(operands))
         )
         confirmed = []
+        unjudged = False
         for w, out, receipt in ((w1, out1, r1), (w2, out2, r2)):
             matches, _ = checks.compare(reference, out, dtype=self.input_dtype)
             if matches:
@@ -1622,11 +1623,25 @@ class _JobRun:
             self.redundant_answers[index] = [
                 a for a in self.redundant_answers.get(index, []) if a[0] != w
             ]
+            # Non-finite values where the sums may overflow float32 are no fault (another
+            # honest order may give NaN where this one gave inf): not accepted, not blamed
+            # (a review: honest workers with such operands were rejected here). Only an answer
+            # with non-finite values can be such (judging every row costs a float64 product).
+            if not np.isfinite(out).all():
+                verdict = await self.s.runtime.run_blocking(
+                    checks.judge_rows, self.kernel, operands, out, list(range(out.shape[0]))
+                )
+                if verdict.out_of_range and not verdict.proven:
+                    unjudged = True
+                    continue
             await self._reject(
                 w, index, operands, client.ShardAnswer(out, receipt), None, requeue=False
             )
         if not confirmed:
-            self.requeue(index)
+            if unjudged:
+                self._unverifiable(index)
+            else:
+                self.requeue(index)
             return
         # Only answers the requester's own product confirmed are accepted (never one that
         # came meanwhile and was compared with nothing); each other confirmed answer was

@@ -145,19 +145,11 @@ class AttentionKernel(Kernel):
         ]
         if len(parts) == 1:
             return parts[0]
-        unjudged = [p.unjudged for p in parts]
         return RowExpectation(
             values=np.concatenate([p.values for p in parts], axis=2),
             tolerance=np.concatenate([p.tolerance for p in parts], axis=2),
-            unjudged=None
-            if all(u is None for u in unjudged)
-            else np.concatenate(
-                [
-                    np.zeros(p.values.shape, bool) if u is None else u
-                    for p, u in zip(parts, unjudged, strict=True)
-                ],
-                axis=2,
-            ),
+            # Every block marks its unjudged elements (an array, never None).
+            unjudged=np.concatenate([np.asarray(p.unjudged) for p in parts], axis=2),
         )
 
 
@@ -170,7 +162,8 @@ def _expected_block(q: np.ndarray, k: np.ndarray, v: np.ndarray, dtype: np.dtype
 
     k_t = np.swapaxes(k, -1, -2)
     scores = (q @ k_t) * scale
-    score_magnitude = (np.abs(q) @ np.abs(k_t)) * scale
+    raw_magnitude = np.abs(q) @ np.abs(k_t)
+    score_magnitude = raw_magnitude * scale
     score_error = accumulation_error_bound(
         score_magnitude,
         scores,
@@ -181,9 +174,7 @@ def _expected_block(q: np.ndarray, k: np.ndarray, v: np.ndarray, dtype: np.dtype
     # mixes every score of the row): checked on the unscaled products, since a backend may
     # scale before or after the product (a review: NumPy's scales after, and framed an honest
     # worker whose raw scores overflowed while the scaled ones did not).
-    scores_out = overflow_possible(score_magnitude / scale, head_dim + 1).any(
-        axis=-1, keepdims=True
-    )
+    scores_out = overflow_possible(raw_magnitude, head_dim + 1).any(axis=-1, keepdims=True)
     shifted = scores - scores.max(axis=-1, keepdims=True)
     probabilities = stable_softmax(np, scores.copy())
 

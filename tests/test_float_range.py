@@ -8,6 +8,9 @@ requester with such data rejected its honest workers and sent fault proofs again
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import numpy as np
 import pytest
 
@@ -26,6 +29,19 @@ def _operands(scale: float, seed: int = 1) -> dict[str, np.ndarray]:
         "a": (rng.uniform(1, 2, (64, 64)) * scale).astype(np.float32),
         "b": (rng.uniform(1, 2, (64, 64)) * scale).astype(np.float32),
     }
+
+
+def _answer_changed(device: Any, change: Callable[[np.ndarray], None]) -> None:
+    """Make a simulated worker's device ``change`` each honest answer (in place) before it
+    is returned: a cheater, or an honest worker of another summation order."""
+    honest_execute = device.execute
+
+    async def execute(kernel: Any, operands: Any, keys: Any) -> np.ndarray:
+        out = np.array(await honest_execute(kernel, operands, keys), copy=True)
+        change(out)
+        return out
+
+    device.execute = execute
 
 
 def _honest(operands: dict[str, np.ndarray]) -> np.ndarray:
@@ -131,16 +147,12 @@ async def test_a_cheater_cannot_hide_a_wrong_row_behind_an_overflowing_one():
         await c.start("cheater", "WEU")
         requester = await c.start("requester", "WEU", serve=False)
         await c.settle()
-        device = c.peers["cheater"].device
-        honest_execute = device.execute
 
-        async def execute(kernel, operands, keys):  # type: ignore[no-untyped-def]
-            out = np.array(await honest_execute(kernel, operands, keys), copy=True)
+        def hide(out: np.ndarray) -> None:
             out[0, 0] = np.inf  # where overflow is possible: Freivalds' worst row
             out[5, 2] += 1.0  # the fault it would hide
-            return out
 
-        device.execute = execute
+        _answer_changed(c.peers["cheater"].device, hide)
         operands = _operands(1.0)
         operands["a"][0, :] = 3e18
         operands["b"][:, 0] = np.where(np.arange(64) % 2, 3e18, -3e18).astype(np.float32)
@@ -157,15 +169,11 @@ async def test_redundant_verification_does_not_blame_nan_where_the_sums_may_over
         await c.start("w2", "WEU")
         requester = await c.start("requester", "WEU", serve=False)
         await c.settle()
-        device = c.peers["w2"].device
-        honest_execute = device.execute
 
-        async def execute(kernel, operands, keys):  # type: ignore[no-untyped-def]
-            out = np.array(await honest_execute(kernel, operands, keys), copy=True)
+        def nan_for_inf(out: np.ndarray) -> None:
             out[~np.isfinite(out)] = np.nan
-            return out
 
-        device.execute = execute
+        _answer_changed(c.peers["w2"].device, nan_for_inf)
         operands = _operands(1e20)
         with np.errstate(all="ignore"):
             result = await requester.submit("matmul", operands, shards=1, verify="redundant")

@@ -506,7 +506,7 @@ class Libp2pNetwork:
         #: NAT traversal, when settings.nat is set (started by :meth:`open`).
         self.nat: NatTraversal | None = None
         self._lane_client: LaneClient | None = None
-        #: Bytes of answers made and not yet sent, by peer (_in_hand).
+        #: Bytes of answers made and not yet sent, by peer (_take_answer_room).
         self._answers_in_hand: dict[str, int] = {}
         self._peer_requests = _PeerRequests(
             settings.max_streams_per_peer,

@@ -50,6 +50,13 @@ whole check takes about 0.45 ms with 1 round, 0.85 ms with 8 and 1.2 ms with 20,
 20 would save at most 0.8 ms while raising the chance that cancelling errors pass from 1e-6 to
 up to 0.5 per shard.
 
+Unevenly scaled operands (:class:`Balance`): the terms above bound sums by Cauchy-Schwarz,
+``||a_i|| ||B||_F``, which one huge column of B (or a huge column of A where B's row is small)
+makes loose for every other element. For any positive diagonal W (n) and D (k), the check with
+vectors ``v = W r`` has the same terms with ``||a_i D^-1||``, ``||D B W||_F``, ``||D z||`` and
+``||c_i W||`` in their places, so W brings B's columns to one binade (powers of two: ``v`` and
+``C v`` stay exact in float32) and each term takes the smaller of its bound with and without D.
+
 Norms are taken in float32 when that is exact enough: a row whose float32 sum of squares
 overflows or falls below ``2**-100`` (where squares of small entries underflow) has all norms
 of that matrix recomputed in float64. Products that overflow float32 (entries beyond ~1e19 in
@@ -79,11 +86,14 @@ from .base import (
 HONEST_NORM_SLACK = 1.01
 
 __all__ = [
+    "BALANCE_SPREAD_BINADES",
     "CHECK_UNIT_ROUNDOFF",
     "COMPARE_RTOL",
     "FREIVALDS_SAFETY",
+    "Balance",
     "FreivaldsResult",
     "SampleResult",
+    "balance_of",
     "check_freivalds_witness",
     "compare",
     "freivalds",
@@ -190,6 +200,152 @@ def _row_norms64(matrix: np.ndarray) -> np.ndarray:
     return out
 
 
+def _column_norms(matrix: np.ndarray) -> np.ndarray:
+    """Euclidean norm of each column, as float64: summed in float32 (no copy) when every sum
+    is finite and not so small that squares may have underflowed, else in float64 blocks.
+    They choose :class:`Balance`'s weights, where any positive value is sound: only their
+    binades matter."""
+    if matrix.dtype == np.float32:
+        with np.errstate(over="ignore", invalid="ignore", under="ignore"):
+            squares = np.einsum("ij,ij->j", matrix, matrix)
+        if squares.size == 0 or (np.isfinite(squares).all() and squares.min() >= _TINY_SQUARES):
+            return np.sqrt(squares.astype(np.float64))
+    out = np.zeros(matrix.shape[1], np.float64)
+    for _start, block in _float64_blocks(matrix):
+        out += np.einsum("ij,ij->j", block, block)
+    return np.sqrt(out)
+
+
+def _weighted_row_norms64(matrix: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """``||row_i diag(weights)||`` for each row, in float64 a block of rows at a time."""
+    out = np.empty(matrix.shape[0], np.float64)
+    squared = np.square(weights)
+    for start, block in _float64_blocks(matrix):
+        out[start : start + len(block)] = np.sqrt(np.square(block) @ squared)
+    return out
+
+
+@dataclass(frozen=True)
+class Balance:
+    """Diagonal scalings of ``A B`` that keep Freivalds' tolerance tight on unevenly scaled
+    operands, chosen from B alone (so anyone holding B chooses the same).
+
+    The tolerance bounds a row's honest error by Cauchy-Schwarz, ``||a_i|| ||B||_F``: one
+    column of B a million times larger than the rest made every row's tolerance a million
+    times what the other columns' elements could honestly be off by, and a wrong element
+    there 300 times its row's typical size passed (the hostile review of 2026-12-07); a
+    column of A large where B's row is zero did the same through the inner dimension. For
+    any positive diagonal ``W`` (n) and ``D`` (k), checking ``C v`` against ``A (B v)`` with
+    ``v = W r`` (r = ±1) has the honest residual ``sum_j E_ij w_j r_j``, bounded as before
+    with ``||a_i D^-1|| ||D B W||_F`` and ``||c_i W||`` in place of ``||a_i|| ||B||_F`` and
+    ``||c_i||`` (``|a_il b_lj| = |a_il / d_l| |d_l b_lj|``). So:
+
+    * ``column_weights`` (W): each column of B scaled up to the binade of the largest, by a
+      power of two (exact in float32, so ``v`` and ``C v`` lose nothing to it); a wrong
+      element then shows against its own column's scale. A zero column gets the largest
+      weight. None (all ones) when the columns' norms span at most
+      :data:`BALANCE_SPREAD_BINADES` binades: ordinary data costs nothing more.
+    * ``row_scales`` (1/D): each row's norm in ``B W`` (relative to the largest), so that
+      ``||a_i D^-1||`` counts A's entries by the size of the rows of B they multiply (a zero
+      row's, not at all). Each term of the tolerance takes the smaller of this bound and the
+      unscaled one (both hold), since for a product dominated by one rank-one term this one
+      can be the looser. None when the rows span at most that many binades and none is
+      zero.
+    """
+
+    #: W's diagonal (n,), powers of two >= 1; None: all ones.
+    column_weights: np.ndarray | None
+    #: D's inverse (k,), in [0, 1]; None: D is not used.
+    row_scales: np.ndarray | None
+    #: ``||B W||_F``.
+    b_frobenius: float
+    #: ``||D B W||_F``: the largest row's norm in ``B W`` times the square root of the count
+    #: of non-zero rows (0 without D).
+    scaled_frobenius: float
+
+    @property
+    def weight_max(self) -> float:
+        """The largest column weight (1 without weights)."""
+        return 1.0 if self.column_weights is None else float(self.column_weights.max())
+
+
+#: Column (or row) norms of B within this many binades of each other are left unscaled: the
+#: tolerance is then at most ``2**(this + 1)`` times looser for the smallest than weighting
+#: would make it, and nothing is spent on weighted norms.
+BALANCE_SPREAD_BINADES = 2
+#: Weights span at most this many binades, so that ``C W`` stays within float32's range for
+#: any C a check in float32 can use (columns further apart stay that much looser).
+_MAX_WEIGHT_BINADES = 64
+
+
+def _spread_binades(norms: np.ndarray) -> tuple[np.ndarray, int, int] | None:
+    """``(exponents, largest, smallest)`` of the non-zero ``norms``' binades, or None when
+    they are all zero or any is not finite (the check's float64 path judges those as they
+    are)."""
+    if norms.size == 0 or not np.isfinite(norms).all():
+        return None
+    nonzero = norms > 0
+    if not nonzero.any():
+        return None
+    _, exponents = np.frexp(norms)
+    return exponents, int(exponents[nonzero].max()), int(exponents[nonzero].min())
+
+
+def balance_of(b: np.ndarray) -> Balance:
+    """The :class:`Balance` of ``b``: one pass over B for its column norms (in float32 where
+    that is exact enough), and the row norms a check takes anyway."""
+    column_norms = _column_norms(b)
+    weights = None
+    spread = _spread_binades(column_norms)
+    if spread is not None and spread[1] - spread[2] > BALANCE_SPREAD_BINADES:
+        exponents, largest, smallest = spread
+        shift = np.where(column_norms > 0, largest - exponents, largest - smallest)
+        weights = np.ldexp(1.0, np.minimum(shift, _MAX_WEIGHT_BINADES)).astype(np.float64)
+    if weights is None:
+        row_norms = _row_norms(b)
+        b_frobenius = float(np.linalg.norm(row_norms))
+    else:
+        row_norms = _weighted_row_norms64(b, weights)
+        b_frobenius = float(np.sqrt(np.sum(np.square(column_norms * weights))))
+    row_scales = None
+    scaled_frobenius = 0.0
+    spread = _spread_binades(row_norms)
+    # A zero row of B is the lever as much as a small one: A's column there may be anything.
+    if spread is not None and (
+        spread[1] - spread[2] > BALANCE_SPREAD_BINADES or not np.all(row_norms > 0)
+    ):
+        largest_row = float(row_norms.max())
+        row_scales = row_norms / largest_row
+        # D B W's rows all have the largest row's norm (a zero row stays zero).
+        scaled_frobenius = largest_row * math.sqrt(float(np.count_nonzero(row_norms)))
+    for array in (weights, row_scales):
+        if array is not None:
+            array.setflags(write=False)
+    return Balance(weights, row_scales, b_frobenius, scaled_frobenius)
+
+
+def _scaled_norms(vectors: np.ndarray, row_scales: np.ndarray) -> np.ndarray:
+    """``||D x||`` for each column x of ``vectors`` (k, rounds), ``D = 1 / row_scales`` and a
+    zero row's entries not counted (B's zero rows give zeros there)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        scaled = np.where(row_scales[:, None] > 0, vectors / row_scales[:, None], 0.0)
+    return np.sqrt(np.einsum("ij,ij->j", scaled, scaled))
+
+
+def _effective_row_norms(
+    a: np.ndarray, a_norms: np.ndarray, balance: Balance
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """``(e, s)``: ``e_i`` with ``e_i ||B W||_F = min(||a_i|| ||B W||_F, ||a_i D^-1||
+    ||D B W||_F)``, and ``s = ||a_i D^-1||`` (None without D), each (m,) float64."""
+    if balance.row_scales is None:
+        return a_norms, None
+    scaled = _weighted_row_norms64(a, balance.row_scales)
+    if balance.b_frobenius > 0:
+        bound = scaled * (balance.scaled_frobenius / balance.b_frobenius)
+        return np.minimum(a_norms, bound), scaled
+    return a_norms, scaled
+
+
 def freivalds_row_tolerance(
     a_row_norms: np.ndarray,
     b_frobenius: float,
@@ -198,6 +354,7 @@ def freivalds_row_tolerance(
     *,
     safety: float = FREIVALDS_SAFETY,
     columns: int = 1,
+    weight_max: float = 1.0,
 ) -> np.ndarray:
     """Per-row bound on ``|(C r - A (B r))_i|`` for an honest float32-accumulated ``C``.
 
@@ -214,13 +371,15 @@ def freivalds_row_tolerance(
 
     Below float32's normal range the relative terms say nothing: each of C's ``columns``
     elements may also lose ``(k + 1)`` times :data:`~.base.FLOAT32_TINY` (flushed to zero),
-    and the projections theirs (``columns + k + 2`` more); negligible otherwise.
+    and the projections theirs (``columns + k + 2`` more); negligible otherwise. With column
+    weights (:class:`Balance`: ``b_frobenius`` is then ``||B W||_F``, ``c_row_norms``
+    ``||c_i W||``), C's own losses count ``weight_max`` times.
     """
     u = ACCUMULATION_UNIT_ROUNDOFF
     c_row_norms = honest_row_norms(c_row_norms, a_row_norms, b_frobenius)
     return safety * (
         u * ((math.sqrt(k) + 1.0) * a_row_norms * b_frobenius + (k + 1.0) * c_row_norms)
-        + FLOAT32_TINY * ((k + 1.0) * columns + columns + k + 2.0)
+        + FLOAT32_TINY * ((k + 1.0) * columns * weight_max + columns + k + 2.0)
     )
 
 
@@ -244,24 +403,43 @@ def _check_product_shapes(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> None:
         raise KernelError(f"freivalds: shapes {a.shape} @ {b.shape} != {c.shape}")
 
 
+def _weighted_vectors(signs: np.ndarray, balance: Balance) -> np.ndarray:
+    """``V = W R`` in float64: the ±1 columns of ``signs`` times the column weights."""
+    vectors = signs.astype(np.float64)
+    if balance.column_weights is not None:
+        vectors *= balance.column_weights[:, None]
+    return vectors
+
+
 def _residual_ratios(
-    a: np.ndarray, b: np.ndarray, c: np.ndarray, signs: np.ndarray, safety: float
+    a: np.ndarray,
+    b: np.ndarray,
+    c: np.ndarray,
+    signs: np.ndarray,
+    safety: float,
+    balance: Balance | None = None,
 ) -> np.ndarray:
-    """``|C R - A (B R)| / tolerance`` for the ±1 columns of ``signs`` (n, rounds), float64.
+    """``|C V - A (B V)| / tolerance`` for ``V = W R``, R the ±1 columns of ``signs``
+    (n, rounds) and W ``balance``'s weights (:func:`balance_of` B's when not given), float64.
 
     Rows where the exact projection is non-finite (NaN or inf in the inputs) count as matching
     when C's projection is non-finite the same way (same NaN, or the same infinity).
     """
-    vectors = signs.astype(np.float64)
+    if balance is None:
+        balance = balance_of(b)
+    vectors = _weighted_vectors(signs, balance)
     expected = _matmul64(a, _matmul64(b, vectors))
     claimed = _matmul64(c, vectors)
+    a_norms, _ = _effective_row_norms(a, _row_norms64(a), balance)
+    weights = balance.column_weights
     tolerance = freivalds_row_tolerance(
-        _row_norms64(a),
-        float(np.linalg.norm(_row_norms64(b))),
-        _row_norms64(c),
+        a_norms,
+        balance.b_frobenius,
+        _row_norms64(c) if weights is None else _weighted_row_norms64(c, weights),
         a.shape[1],
         safety=safety,
         columns=c.shape[1],
+        weight_max=balance.weight_max,
     )[:, None]
     with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
         residual = np.abs(claimed - expected)
@@ -291,28 +469,41 @@ def _row_norms(matrix: np.ndarray) -> np.ndarray:
 @dataclass(frozen=True)
 class FreivaldsSketch:
     """What Freivalds' check needs of B alone, for checking many row blocks of ``A @ B``
-    (a job's shards) against the same B: the ±1 vectors R (n x rounds), ``z = B R`` in
-    float64, its column norms and B's Frobenius norm. Making it costs a pass over B in
-    float64 (for n = k = 8192, more than the rest of a shard's check); each shard's check
-    then costs O((m k + m n) rounds). R must stay secret from the workers (it is never sent),
-    and should be drawn anew once a failed check has exposed one of its columns as a
-    fault proof's witness."""
+    (a job's shards) against the same B: the ±1 vectors R (n x rounds), B's
+    :class:`Balance`, ``z = B V`` in float64 (``V = W R``, the vectors weighted), its column
+    norms (and with D theirs of ``D z``). Making it costs a pass over B in float64 (for
+    n = k = 8192, more than the rest of a shard's check); each shard's check then costs
+    O((m k + m n) rounds). R must stay secret from the workers (it is never sent), and
+    should be drawn anew once a failed check has exposed one of its columns as a fault
+    proof's witness."""
 
     signs: np.ndarray
     z: np.ndarray
     z_norms: np.ndarray
-    b_frobenius: float
-    #: R and z rounded to float32 once, for every shard's float32 products.
-    signs32: np.ndarray = field(init=False, repr=False, compare=False)
+    balance: Balance
+    #: ``||D z||`` per round; None without D.
+    scaled_z_norms: np.ndarray | None = None
+    #: V and z rounded to float32 once, for every shard's float32 products (V exactly: its
+    #: entries are ± powers of two).
+    vectors32: np.ndarray = field(init=False, repr=False, compare=False)
     z32: np.ndarray = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "signs32", self.signs.astype(np.float32))
+        object.__setattr__(
+            self, "vectors32", _weighted_vectors(self.signs, self.balance).astype(np.float32)
+        )
         object.__setattr__(self, "z32", self.z.astype(np.float32))
         # Shared by every check of the job (and read on threads): read-only, so that no
         # caller can put R and its float32 copy, or z and its copy, out of step.
-        for array in (self.signs, self.z, self.z_norms, self.signs32, self.z32):
+        for array in (self.signs, self.z, self.z_norms, self.vectors32, self.z32):
             array.setflags(write=False)
+        if self.scaled_z_norms is not None:
+            self.scaled_z_norms.setflags(write=False)
+
+    @property
+    def b_frobenius(self) -> float:
+        """``||B W||_F`` (``||B||_F`` without column weights)."""
+        return self.balance.b_frobenius
 
 
 def freivalds_sketch(b: np.ndarray, *, rounds: int, rng: np.random.Generator) -> FreivaldsSketch:
@@ -326,10 +517,12 @@ def freivalds_sketch(b: np.ndarray, *, rounds: int, rng: np.random.Generator) ->
 
 
 def _sketch_of(b: np.ndarray, signs: np.ndarray) -> FreivaldsSketch:
-    # z = B R in float64 (exact to 2**-53), then rounded to float32 once: term (d).
-    z = _matmul64(b, signs.astype(np.float64))
+    balance = balance_of(b)
+    # z = B V in float64 (exact to 2**-53), then rounded to float32 once: term (d).
+    z = _matmul64(b, _weighted_vectors(signs, balance))
     z_norms = np.sqrt(_row_dots(np.ascontiguousarray(z.T)))  # per round, float64
-    return FreivaldsSketch(signs, z, z_norms, float(np.linalg.norm(_row_norms(b))))
+    scaled = None if balance.row_scales is None else _scaled_norms(z, balance.row_scales)
+    return FreivaldsSketch(signs, z, z_norms, balance, scaled)
 
 
 @dataclass(frozen=True)
@@ -390,13 +583,17 @@ def freivalds_rows(
         w, norms = _products_and_norms32(a, sketch.z32)
     if not (np.isfinite(w).all() and np.isfinite(sketch.z_norms).all()):
         return None
-    a_norms = norms[:, None]
+    effective, scaled = _effective_row_norms(a, norms, sketch.balance)
+    # sum_l |a_il z_l| <= ||a_i|| ||z||, and <= ||a_i D^-1|| ||D z|| with D: the smaller.
+    a_by_z = norms[:, None] * sketch.z_norms
+    if scaled is not None and sketch.scaled_z_norms is not None:
+        a_by_z = np.fmin(a_by_z, scaled[:, None] * sketch.scaled_z_norms)
+    a_norms = effective[:, None]
     w64 = w.astype(np.float64)
     u = CHECK_UNIT_ROUNDOFF
-    z_norms = sketch.z_norms
     a_terms = (
-        safety * u * ((math.sqrt(k) + 1.0) * a_norms * z_norms + (k + 1.0) * np.abs(w64))  # (c)
-        + 2.0 * u * a_norms * z_norms  # (d)
+        safety * u * ((math.sqrt(k) + 1.0) * a_by_z + (k + 1.0) * np.abs(w64))  # (c)
+        + 2.0 * u * a_by_z  # (d)
     )
     for array in (w64, a_norms, a_terms):
         array.setflags(write=False)  # shared by every shard's check, read on threads too
@@ -428,17 +625,30 @@ def _residual_ratios32(
     a_norms, w64 = rows.a_norms, rows.w64
     c32 = c if c.dtype == np.float32 else c.astype(np.float32)
     with np.errstate(over="ignore", invalid="ignore"):
-        y = c32 @ sketch.signs32  # (m, rounds)
+        y = c32 @ sketch.vectors32  # (m, rounds)
     if not np.isfinite(y).all():
         return None
-    # Only quantities the worker cannot inflate: C's row norms capped at an honest row's, and
-    # |(C r)_i| at sqrt(n) times that (Cauchy-Schwarz with r = ±1).
-    c_norms = honest_row_norms(_row_norms(c32)[:, None], a_norms, b_frobenius)
+    # Only quantities the worker cannot inflate: C's row norms (||c_i W||) capped at an
+    # honest row's, and |(C v)_i| at sqrt(n) times that (Cauchy-Schwarz with v = W r).
+    weights = sketch.balance.column_weights
+    c_norms = honest_row_norms(
+        (_row_norms(c32) if weights is None else _weighted_row_norms64(c32, weights))[:, None],
+        a_norms,
+        b_frobenius,
+    )
     u = CHECK_UNIT_ROUNDOFF
     y64 = y.astype(np.float64)
     y_bound = np.minimum(np.abs(y64), math.sqrt(n) * c_norms)
     tolerance = (
-        freivalds_row_tolerance(a_norms, b_frobenius, c_norms, k, safety=safety, columns=n)  # (a)
+        freivalds_row_tolerance(
+            a_norms,
+            b_frobenius,
+            c_norms,
+            k,
+            safety=safety,
+            columns=n,
+            weight_max=sketch.balance.weight_max,
+        )  # (a)
         + safety * u * ((n + math.sqrt(n)) * c_norms + (n + 1.0) * y_bound)  # (b)
         + rows.a_terms  # (c) + (d)
     )
@@ -509,7 +719,7 @@ def freivalds(
         signs = (rng.integers(0, 2, size=(n, rounds), dtype=np.int8) * 2 - 1).astype(np.int8)
     ratios = _residual_ratios32(a, b, c, signs, safety, sketch, rows)
     if ratios is None:
-        ratios = _residual_ratios(a, b, c, signs, safety)
+        ratios = _residual_ratios(a, b, c, signs, safety, sketch.balance if sketch else None)
     max_error = float(ratios.max()) if ratios.size else 0.0
     if max_error <= 1.0:
         return FreivaldsResult(ok=True, rounds=rounds, witness=None, max_error=max_error)
@@ -537,7 +747,8 @@ def check_freivalds_witness(
     length n; anything else proves nothing (False). The tolerance assumes the signs were not
     chosen to line up with the honest rounding errors: a fault proof must show ``witness`` came
     from randomness fixed after ``c`` was committed (e.g. a hash of the commitment), which is
-    the protocol's job, not this function's.
+    the protocol's job, not this function's. The vector is weighted by B's :class:`Balance`,
+    as the check's vectors were.
     """
     _check_product_shapes(a, b, c)
     signs = np.asarray(witness)

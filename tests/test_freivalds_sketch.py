@@ -60,7 +60,7 @@ def test_a_sketch_cannot_be_changed_in_place() -> None:
     so R and its float32 copy, or z and its copy, cannot drift apart."""
     b = np.random.default_rng(3).standard_normal((32, 24), dtype=np.float32)
     sketch = checks.freivalds_sketch(b, rounds=4, rng=np.random.default_rng(1))
-    for array in (sketch.signs, sketch.z, sketch.z_norms, sketch.signs32, sketch.z32):
+    for array in (sketch.signs, sketch.z, sketch.z_norms, sketch.vectors32, sketch.z32):
         with pytest.raises(ValueError, match="read-only"):
             array[0] = 0
 

@@ -145,13 +145,17 @@ class SampleResult:
     """Outcome of :func:`sample_rows`.
 
     ``rows`` are the sampled row indices; ``max_error`` is the largest deviation in units of
-    its elementwise tolerance (pass iff <= 1); ``bad_rows`` the sampled rows that failed.
+    its elementwise tolerance (pass iff <= 1); ``bad_rows`` the sampled rows that failed;
+    ``loose_rows`` the sampled rows whose bound is too wide to judge them
+    (:meth:`~.base.RowExpectation.loose`): the check does not pass with any, as it could not
+    have failed there.
     """
 
     ok: bool
     rows: np.ndarray
     max_error: float
     bad_rows: np.ndarray
+    loose_rows: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
 
 
 def _row_dots(matrix: np.ndarray) -> np.ndarray:
@@ -798,7 +802,14 @@ def sample_rows(
     per_row = ratios.reshape(len(rows), -1).max(axis=1)
     max_error = float(per_row.max())
     bad_rows = rows[per_row > 1.0]
-    return SampleResult(ok=bad_rows.size == 0, rows=rows, max_error=max_error, bad_rows=bad_rows)
+    loose_rows = rows[expected.loose().reshape(len(rows), -1).any(axis=1)]
+    return SampleResult(
+        ok=bad_rows.size == 0 and loose_rows.size == 0,
+        rows=rows,
+        max_error=max_error,
+        bad_rows=bad_rows,
+        loose_rows=loose_rows,
+    )
 
 
 @dataclass(frozen=True)
@@ -806,7 +817,8 @@ class RowsVerdict:
     """Outcome of :func:`judge_rows`: ``proven`` when some judged element of the rows is beyond
     the kernel's honest-error bound (or NaN where the exact value is not, or the other way);
     ``out_of_range`` when some element of the rows could not be judged (a non-finite claim
-    where the sums may overflow float32, as an honest result may be there)."""
+    where the sums may overflow float32, as an honest result may be there, or a bound too wide
+    to judge anything: :meth:`~.base.RowExpectation.loose`)."""
 
     proven: bool
     out_of_range: bool
@@ -838,7 +850,7 @@ def judge_rows(
         wrong = (beyond | mismatched_nan) & judged
         if np.any(wrong):
             proven_rows.extend(int(r) for r in index[wrong.reshape(len(index), -1).any(axis=1)])
-        out_of_range = out_of_range or not np.all(judged)
+        out_of_range = out_of_range or not np.all(judged) or bool(np.any(expected.loose()))
     return RowsVerdict(proven=bool(proven_rows), out_of_range=out_of_range, rows=proven_rows)
 
 

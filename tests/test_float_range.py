@@ -181,3 +181,57 @@ async def test_redundant_verification_does_not_blame_nan_where_the_sums_may_over
         assert requester.scheduler.stats.fault_proofs == 0
         report = requester.scheduler.book.report(requester.clock.now())
         assert not any(row.get("excluded") for row in report)
+
+
+def _mlp_with_a_hidden_unit_near_the_limit(seed: int = 0) -> dict[str, np.ndarray]:
+    """An MLP whose hidden unit 0 is about -1e38 on every row: GELU's float32 evaluation
+    cancels there (``h (1 + tanh(...)) / 2``), so an honest output may be off by ~1e31."""
+    rng = np.random.default_rng(seed)
+    b1 = np.zeros(4, np.float32)
+    b1[0] = -1e38
+    return {
+        "x": rng.standard_normal((8, 16)).astype(np.float32),
+        "w1": rng.standard_normal((16, 4)).astype(np.float32),
+        "b1": b1,
+        "w2": rng.standard_normal((4, 8)).astype(np.float32),
+        "b2": rng.standard_normal(8).astype(np.float32),
+    }
+
+
+def test_a_bound_too_wide_to_judge_is_not_a_pass():
+    # A second review (2026-12-07): any output passed the sampled check of such an MLP, and
+    # the requester was not told. Now the rows are loose: the check fails without proving
+    # anything, and judging them says they are out of range (the job cannot be verified).
+    mlp = get_kernel("mlp")
+    operands = _mlp_with_a_hidden_unit_near_the_limit()
+    expected = mlp.expected_rows(operands, list(range(8)))
+    assert expected.loose().all()
+    wrong = (expected.values + 1000.0).astype(np.float32)
+    result = checks.sample_rows(mlp, operands, wrong, samples=4, rng=np.random.default_rng(1))
+    assert not result.ok and result.bad_rows.size == 0 and result.loose_rows.size == 4
+    verdict = checks.judge_rows(mlp, operands, wrong, [0, 1])
+    assert verdict.out_of_range and not verdict.proven
+    # Ordinary operands of the same shapes are judged as before: not loose, a wrong row caught.
+    ordinary = _mlp_with_a_hidden_unit_near_the_limit()
+    ordinary["b1"][0] = 0.5
+    expected = mlp.expected_rows(ordinary, list(range(8)))
+    assert not expected.loose().any()
+    wrong = expected.values.astype(np.float32)
+    wrong[3, 1] += 1.0
+    verdict = checks.judge_rows(mlp, ordinary, wrong, [3])
+    assert verdict.proven and not verdict.out_of_range
+
+
+async def test_a_job_whose_bound_is_too_wide_fails_without_blaming_its_worker():
+    async with cluster(["requester", "w1"]) as c:
+        w1 = await c.start("w1", "WEU")
+        requester = await c.start("requester", "WEU", serve=False)
+        await c.settle()
+        with np.errstate(all="ignore"), pytest.raises(JobFailed, match="cannot be verified"):
+            await requester.submit(
+                "mlp", _mlp_with_a_hidden_unit_near_the_limit(), shards=1, verify="sample"
+            )
+        assert requester.scheduler.stats.fault_proofs == 0
+        report = requester.scheduler.book.report(requester.clock.now())
+        row = next((r for r in report if r["peer_id"] == w1.peer_id), {})
+        assert not row.get("excluded"), row

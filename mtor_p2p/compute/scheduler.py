@@ -1400,9 +1400,9 @@ class _JobRun:
         worker is blamed, and none is paid for it (nothing was verified)."""
         if self.unverifiable is None:
             self.unverifiable = (
-                f"shard {index} cannot be verified: its products may overflow float32 "
-                f"(about {FLOAT32_MAX:.1e}), where an honest float32 result is inf or NaN; "
-                "scale the operands down"
+                f"shard {index} cannot be verified: its values come so near float32's "
+                f"limit (about {FLOAT32_MAX:.1e}) that an honest float32 result may be inf, "
+                "NaN or anything near the value; scale the operands down"
             )
             log.warning("job %s: %s", self.job_id[:12], self.unverifiable)
         if self.nursery is not None:
@@ -1575,7 +1575,11 @@ class _JobRun:
         result = checks.sample_rows(
             self.kernel, operands, output, samples=self.spec.sample_rows, rng=rng
         )
-        return result.ok, None if result.ok else [int(r) for r in result.bad_rows]
+        if result.ok:
+            return True, None
+        # Rows too loose to judge are the witness too: judged again (_witness_rows), they
+        # prove nothing and end the job as one that cannot be verified.
+        return False, [int(r) for r in np.union1d(result.bad_rows, result.loose_rows)]
 
     async def _judge_redundant(
         self,

@@ -114,9 +114,10 @@ class RowExpectation:
         honest result from a wrong one: not finite, or above
         :data:`LOOSE_TOLERANCE_FRACTION` of the output's own scale (``|value|`` plus the root
         mean square of these rows' finite values, so that a value near zero in an ordinary
-        output is not loose) and above :data:`LOOSE_TOLERANCE_FLOOR`. It arises where an intermediate comes near float32's limit: an
-        MLP's hidden unit at -1e38 makes GELU's float32 cancellation bound ~1e31, and any
-        output passed (a hostile review of 2026-12-07)."""
+        output is not loose) and above :data:`LOOSE_TOLERANCE_FLOOR`. It arises where an
+        intermediate comes near float32's limit: an MLP's hidden unit at -1e38 makes GELU's
+        float32 cancellation bound ~1e31, and any output passed (a hostile review of
+        2026-12-07)."""
         values = np.abs(self.values)
         finite = np.isfinite(values)
         rms = float(np.sqrt(np.mean(np.square(values[finite])))) if finite.any() else 0.0

@@ -14,6 +14,8 @@ assembles the parts and verifies them with :mod:`.verify`.
 
 from __future__ import annotations
 
+import logging
+
 from .attention import AttentionKernel
 from .backend import (
     Backend,
@@ -56,6 +58,9 @@ from .verify import (
     freivalds_row_tolerance,
     sample_rows,
 )
+
+# The application decides what is shown (see mtor_p2p/__init__.py).
+logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __all__ = [
     "ACCUMULATION_UNIT_ROUNDOFF",

@@ -8,4 +8,11 @@
 * :class:`mtor_p2p.network.Network`, the port every service talks to
 """
 
+import logging
+
 __version__ = "0.1.0"
+
+# A library logs and its application decides what is shown: without this, Python's last-resort
+# handler printed the library's warnings ("no usable GPU: ...") on an embedder's stderr. The
+# CLIs configure logging and still show them.
+logging.getLogger(__name__).addHandler(logging.NullHandler())

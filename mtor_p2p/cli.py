@@ -66,6 +66,7 @@ from mtor_p2p.console import (
 )
 from mtor_p2p.control_client import INFO_FILE_NAME, ControlClient, ControlError, NodeNotRunning
 from mtor_p2p.datadir import (
+    LOCK_FILE_NAME,
     DataDirError,
     DataDirInUse,
     DataDirLock,
@@ -306,9 +307,7 @@ def _config_from(args: argparse.Namespace, *, write: bool = False) -> NodeConfig
     elif from_env is not None:
         config.data_dir = from_env
     config.data_dir = config.data_dir.expanduser().absolute()
-    if write:
-        prepare_data_dir(config.data_dir)
-    elif config.data_dir.exists() and not config.data_dir.is_dir():
+    if not write and config.data_dir.exists() and not config.data_dir.is_dir():
         raise DataDirError(
             f"--data-dir {config.data_dir} is a file, not a directory: give the node's data "
             "directory"
@@ -355,6 +354,8 @@ def _config_from(args: argparse.Namespace, *, write: bool = False) -> NodeConfig
     if getattr(args, "fixed_price", False):
         config.dynamic_price = False
     config.validate()
+    if write:  # only once the rest is valid: a refused command leaves no directory behind
+        prepare_data_dir(config.data_dir)
     return config
 
 
@@ -390,7 +391,9 @@ def cmd_id(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Run a node until SIGINT or SIGTERM, holding the data directory's lock."""
-    config = _config_from(args, write=True)
+    config = _config_from(args)
+    created = not config.data_dir.exists()
+    prepare_data_dir(config.data_dir)
     # The lock first: a second node on this directory must stop before it touches anything
     # (it shares the identity and the stores, and would delete the first one's control.json).
     lock = DataDirLock(config.data_dir)
@@ -405,6 +408,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         _setup_logging(config.log_level, log_format=config.log_format, config=config)
         code, stopped = _run_node(args, config, lock)
     finally:
+        if created:
+            _remove_if_unused(config.data_dir)
         lock.release()
     if stopped is not None:
         # Only now (record withdrawn, ledger and receipts on disk, the directory unlocked):
@@ -415,6 +420,20 @@ def cmd_run(args: argparse.Namespace) -> int:
         else:
             print(f"mtor-peer stopped ({stopped})", flush=True)
     return code
+
+
+def _remove_if_unused(data_dir: Path) -> None:
+    """Remove a data directory this run created and left holding nothing but its lock file (a
+    run refused before the node started: a port in use, an address this host lacks), so that
+    a mistyped flag leaves nothing behind. Called with the lock held: a process that opens the
+    lock file after it is unlinked finds no directory, and none can hold the old file."""
+    try:
+        if set(os.listdir(data_dir)) != {LOCK_FILE_NAME}:
+            return
+        os.unlink(data_dir / LOCK_FILE_NAME)
+        os.rmdir(data_dir)
+    except OSError:
+        pass  # left as it is: nothing depends on its removal
 
 
 def _probe_bind(host: str, port: int) -> OSError | None:
@@ -543,7 +562,7 @@ def _exit_for(exc: BaseException) -> int:
         if isinstance(leaf, KeyboardInterrupt):
             return EXIT_OK
         if isinstance(leaf, NgrokError):
-            print(f"mtor-peer: ngrok: {leaf}", file=sys.stderr)
+            print(f"mtor-peer: error: ngrok: {leaf}", file=sys.stderr)
             return EXIT_NGROK
         if isinstance(leaf, ConfigError | IdentityError | LedgerError | RecordError):
             print(f"mtor-peer: error: {leaf}", file=sys.stderr)
@@ -1687,10 +1706,13 @@ def _cancel_job(args: argparse.Namespace, client: ControlClient, job_id: str) ->
         print(format_job_line(job))
     state = job.get("state")
     if state == "running":
-        print(f"mtor-peer: {job_id} did not stop within the node's wait", file=sys.stderr)
+        print(f"mtor-peer: error: {job_id} did not stop within the node's wait", file=sys.stderr)
         return EXIT_FAILURE
     if state != "cancelled":
-        print(f"mtor-peer: {job_id} ended ({state}) before it could be cancelled", file=sys.stderr)
+        print(
+            f"mtor-peer: error: {job_id} ended ({state}) before it could be cancelled",
+            file=sys.stderr,
+        )
         return EXIT_FAILURE
     return EXIT_OK
 
@@ -2633,19 +2655,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except DataDirInUse as exc:
-        print(f"mtor-peer: {exc}", file=sys.stderr)
+        print(f"mtor-peer: error: {exc}", file=sys.stderr)
         return EXIT_IN_USE
     except (ConfigError, IdentityError, LedgerError, RecordError, DataDirError) as exc:
         print(f"mtor-peer: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except NodeNotRunning as exc:
-        print(f"mtor-peer: {exc} ({_start_hint(args)})", file=sys.stderr)
+        print(f"mtor-peer: error: {exc} ({_start_hint(args)})", file=sys.stderr)
         return EXIT_NOT_RUNNING
     except ControlError as exc:
-        print(f"mtor-peer: the node refused: {exc}", file=sys.stderr)
+        print(f"mtor-peer: error: the node refused: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     except CliError as exc:
-        print(f"mtor-peer: {exc}", file=sys.stderr)
+        print(f"mtor-peer: error: {exc}", file=sys.stderr)
         return exc.code
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED

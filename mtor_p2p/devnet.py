@@ -331,7 +331,7 @@ def run_devnet(
             if owner is not None:
                 who = f"pid {owner}" if owner else "another process"
                 print(
-                    f"mtor-peer: {base_dir / f'peer-{index}'} is in use by {who} (another "
+                    f"mtor-peer: error: {base_dir / f'peer-{index}'} is in use by {who} (another "
                     "devnet?): stop it, or give another --data-dir",
                     file=sys.stderr,
                 )

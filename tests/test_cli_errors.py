@@ -103,8 +103,13 @@ def test_bad_input_is_one_line_and_its_exit_code(tmp_path, args, code, message):
     assert result.returncode == code, result.stderr
     line = result.stderr.strip().splitlines()[-1]  # argparse prints its usage first
     assert message in line, result.stderr
-    assert line.startswith("mtor-peer"), result.stderr
+    # One form for every refusal (a walkthrough found "mtor-peer: error: ..." beside
+    # "mtor-peer: ..."), argparse's own included.
+    assert line.startswith("mtor-peer") and ": error: " in line, result.stderr
     assert "Traceback" not in result.stderr
+    # A refused command leaves no data directory behind (a refused `run` left one holding
+    # only its lock file).
+    assert not (tmp_path / "node").exists()
 
 
 def test_a_file_as_the_data_directory_is_refused_by_every_command(tmp_path):
@@ -235,8 +240,9 @@ def test_a_metrics_port_in_use_is_refused_before_the_node_starts(node, tmp_path)
     result = mtor(*run_flags(tmp_path / "second"), "--metrics-listen", f"127.0.0.1:{port}")
     assert result.returncode == 1, result.stderr
     assert one_line(result) == (
-        f"mtor-peer: --metrics-listen 127.0.0.1:{port}: port {port} on 127.0.0.1 is already in "
-        "use (another mtor-peer? see mtor-peer status); pick another port, or 0 for any free one"
+        f"mtor-peer: error: --metrics-listen 127.0.0.1:{port}: port {port} on 127.0.0.1 is "
+        "already in use (another mtor-peer? see mtor-peer status); pick another port, or 0 for "
+        "any free one"
     )
     assert result.stdout == ""  # it never said "running"
 

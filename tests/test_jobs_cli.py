@@ -490,7 +490,7 @@ def test_submit_mlp_from_files_returns_the_numpy_reference(devnet, tmp_path):
     wrong = mtor("submit", "mlp", *flags, "--data-dir", requester)
     assert wrong.returncode == 2
     assert wrong.stderr.strip() == (
-        "mtor-peer: --w2 is 48x16 but --b2 is 15: they disagree on d_out "
+        "mtor-peer: error: --w2 is 48x16 but --b2 is 15: they disagree on d_out "
         "(axis 1 of --w2, axis 0 of --b2)"
     )
     assert jobs_json(requester)["remembered"] == before

@@ -106,10 +106,10 @@ def cmd_report(args: argparse.Namespace) -> int:
     except FileNotFoundError:
         runs = {}
     except ValueError as exc:  # two runs of one kind: say which
-        print(f"mtor-sim: {exc}", file=sys.stderr)
+        print(f"mtor-sim: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     if not runs:
-        print(f"mtor-sim: no run.json under {out}", file=sys.stderr)
+        print(f"mtor-sim: error: no run.json under {out}", file=sys.stderr)
         return EXIT_NO_RUNS
     report = write_report(out, runs)
     if args.json:
@@ -320,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except ScenarioError as exc:
-        print(f"mtor-sim: {exc}", file=sys.stderr)
+        print(f"mtor-sim: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("mtor-sim: interrupted", file=sys.stderr)

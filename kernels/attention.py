@@ -116,7 +116,9 @@ class AttentionKernel(Kernel):
         _, heads, seq_q, _ = operands["q"].shape
         return n_rows * heads * seq_q * int(operands["k"].shape[2])
 
-    def expected_rows(self, operands: Operands, row_indices: Sequence[int]) -> RowExpectation:
+    def expected_rows(
+        self, operands: Operands, row_indices: Sequence[int], *, worst_case: bool = False
+    ) -> RowExpectation:
         """Batch entries ``row_indices`` in float64, with the bound propagated through softmax.
 
         A score error of at most ``e_j`` (row maximum ``E``) moves probability ``p_j`` by a
@@ -140,7 +142,7 @@ class AttentionKernel(Kernel):
         per_query = max(1, q.shape[0] * q.shape[1] * k.shape[2])
         block = max(1, RECOMPUTE_BLOCK_ELEMENTS // per_query)
         parts = [
-            _expected_block(q[:, :, start : start + block], k, v, dtype)
+            _expected_block(q[:, :, start : start + block], k, v, dtype, worst_case)
             for start in range(0, seq_q, block)
         ]
         if len(parts) == 1:
@@ -153,7 +155,9 @@ class AttentionKernel(Kernel):
         )
 
 
-def _expected_block(q: np.ndarray, k: np.ndarray, v: np.ndarray, dtype: np.dtype) -> RowExpectation:
+def _expected_block(
+    q: np.ndarray, k: np.ndarray, v: np.ndarray, dtype: np.dtype, worst_case: bool = False
+) -> RowExpectation:
     """:meth:`AttentionKernel.expected_rows` for one block of query rows (float64 in)."""
     u = ACCUMULATION_UNIT_ROUNDOFF
     head_dim = q.shape[-1]
@@ -169,6 +173,7 @@ def _expected_block(q: np.ndarray, k: np.ndarray, v: np.ndarray, dtype: np.dtype
         scores,
         head_dim + 1,
         flushed=_scaled(flushable_products(q, k_t), scale),
+        worst_case=worst_case,
     )
     # A score that may overflow float32 makes its row's honest output non-finite (softmax
     # mixes every score of the row): checked on the unscaled products, since a backend may
@@ -203,6 +208,7 @@ def _expected_block(q: np.ndarray, k: np.ndarray, v: np.ndarray, dtype: np.dtype
         out,
         seq_k,
         flushed=flushable_products(reference_probabilities + probability_spread, v),
+        worst_case=worst_case,
     )
     unjudged = overflow_possible(magnitude, seq_k) | scores_out
     return RowExpectation(values=out, tolerance=tolerance, unjudged=unjudged)

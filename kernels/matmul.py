@@ -53,7 +53,9 @@ class MatmulKernel(Kernel):
     def forward(self, backend: Backend, operands: Mapping[str, Any]) -> Any:
         return backend.matmul(operands["a"], operands["b"])
 
-    def expected_rows(self, operands: Operands, row_indices: Sequence[int]) -> RowExpectation:
+    def expected_rows(
+        self, operands: Operands, row_indices: Sequence[int], *, worst_case: bool = False
+    ) -> RowExpectation:
         """Rows of ``A @ B`` in float64, each element within the bound of a length-k product."""
         self.check_operands(operands)
         rows = self._row_index_array(operands, row_indices)
@@ -62,7 +64,7 @@ class MatmulKernel(Kernel):
         exact = a @ b
         magnitude = np.abs(a) @ np.abs(b)
         tolerance = accumulation_error_bound(
-            magnitude, exact, a.shape[1], flushed=flushable_products(a, b)
+            magnitude, exact, a.shape[1], flushed=flushable_products(a, b), worst_case=worst_case
         )
         return RowExpectation(
             values=exact, tolerance=tolerance, unjudged=overflow_possible(magnitude, a.shape[1])

@@ -118,7 +118,9 @@ class MlpKernel(Kernel):
         """The hidden layer's elements (and the output's) for ``n_rows`` rows."""
         return n_rows * (int(operands["w1"].shape[1]) + int(operands["w2"].shape[1]))
 
-    def expected_rows(self, operands: Operands, row_indices: Sequence[int]) -> RowExpectation:
+    def expected_rows(
+        self, operands: Operands, row_indices: Sequence[int], *, worst_case: bool = False
+    ) -> RowExpectation:
         """Rows of ``y`` in float64, with the bound propagated through both layers.
 
         Layer 1: accumulation bound of length d_in + 1 (bias), widened by GELU's slope plus its
@@ -140,7 +142,11 @@ class MlpKernel(Kernel):
         hidden = x @ w1 + b1
         hidden_magnitude = np.abs(x) @ np.abs(w1) + np.abs(b1)
         hidden_error = accumulation_error_bound(
-            hidden_magnitude, hidden, d_in + 1, flushed=flushable_products(x, w1)
+            hidden_magnitude,
+            hidden,
+            d_in + 1,
+            flushed=flushable_products(x, w1),
+            worst_case=worst_case,
         )
         # A hidden value that may overflow float32 makes its row's honest output non-finite.
         hidden_out = overflow_possible(hidden_magnitude, d_in + 1).any(axis=-1, keepdims=True)
@@ -165,6 +171,7 @@ class MlpKernel(Kernel):
             out,
             d_hidden + 1,
             flushed=flushable_products(np.abs(reference_activation) + activation_spread, w2),
+            worst_case=worst_case,
         )
         unjudged = overflow_possible(magnitude, d_hidden + 1) | hidden_out
         return RowExpectation(values=out, tolerance=tolerance, unjudged=unjudged)

@@ -20,11 +20,11 @@ from mtor_kernels import verify as checks
 def _unbalanced(monkeypatch: pytest.MonkeyPatch) -> None:
     """The check as it was: no column weights, no row scales."""
 
-    def no_balance(b: np.ndarray) -> checks.Balance:
+    def no_balance(b: np.ndarray) -> tuple[checks.Balance, ...]:
         frobenius = float(np.linalg.norm(checks._row_norms64(b)))
-        return checks.Balance(None, None, frobenius, 0.0)
+        return (checks.Balance(None, None, frobenius, 0.0),)
 
-    monkeypatch.setattr(checks, "balance_of", no_balance)
+    monkeypatch.setattr(checks, "balances_of", no_balance)
 
 
 def _huge_column(seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
@@ -188,3 +188,26 @@ def test_columns_further_apart_than_float32_can_weigh_stay_within_range() -> Non
     assert balance.column_weights is not None
     assert balance.weight_max == 2.0**64
     assert checks.freivalds(a, b, a @ b, rng=np.random.default_rng(1)).ok
+
+
+def test_a_wrong_element_in_the_large_column_of_a_small_row_is_caught() -> None:
+    """Lifting small columns lifts their honest flush-to-zero losses too (``weight_max``
+    times), which in the weighted view alone hid an error ten times an element's own size in
+    the large column of a row of small scale (the review of the balance); the plain view, which
+    every check also goes through, catches it."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((64, 128)).astype(np.float32)
+    a[5] *= np.float32(1e-16)  # one row of small (normal) values
+    b = (rng.standard_normal((128, 128)) * 2.0**-64).astype(np.float32)
+    b[:, 0] = rng.standard_normal(128).astype(np.float32)  # 2**64 times the other columns
+    assert len(checks.balances_of(b)) == 2
+    c = a @ b
+    assert checks.freivalds(a, b, c, rng=np.random.default_rng(1)).ok
+    wrong = c.copy()
+    wrong[5, 0] += np.float32(1e-14)  # about ten times the element's size
+    for seed in range(5):
+        assert not checks.freivalds(a, b, wrong, rng=np.random.default_rng(seed)).ok
+    sketch = checks.freivalds_sketch(b, rounds=20, rng=np.random.default_rng(7))
+    rows = checks.freivalds_rows(a, sketch)
+    assert sketch.plain is not None and rows is not None and rows.plain is not None
+    assert not checks.freivalds(a, b, wrong, rng=None, sketch=sketch, rows=rows.rows(0, 64)).ok

@@ -410,6 +410,9 @@ class SchedulerStats:
     #: Results that failed verification, and the fault proofs made of them.
     rejected: int = 0
     fault_proofs: int = 0
+    #: Answers that failed the cheaper check but whose every row lies within the worst-case
+    #: bound (judged whole): accepted, nobody blamed.
+    accepted_on_judgement: int = 0
 
 
 def _timed_out(exc: BaseException) -> bool:
@@ -1371,38 +1374,58 @@ class _JobRun:
             witness = await self._witness_rows(operands, answer.output, witness)
             if witness is None:
                 self._unverifiable(index)
+            elif witness == []:
+                # Every row within what an honest order may give: the check's alarm was its
+                # tighter bound's (a hostile review: numpy's own product of rows whose partial
+                # sums cancel failed it, and the worker was blamed).
+                self.s.stats.accepted_on_judgement += 1
+                log.info(
+                    "job %s: shard %d failed its check but every row is within the worst-case "
+                    "bound: accepted",
+                    self.job_id[:12],
+                    index,
+                )
+                self.checks_passed += 1
+                await self._accept(worker, index, answer.output, answer.receipt, seconds)
             else:
                 await self._reject(worker, index, operands, answer, witness)
 
     async def _witness_rows(
         self, operands: dict[str, np.ndarray], output: np.ndarray, witness: Any
     ) -> Any | None:
-        """The rows a failed check's answer is blamed by: the check's own witness, unless
-        those rows prove nothing because they hold non-finite values where the sums may
-        overflow float32 (as an honest answer may: a hostile review had honest workers
-        rejected, blamed and sent fault proofs against for such operands). Every row of the
-        shard is then judged (blocks of rows, on the blocking hook; a failure path): the
-        rows that prove a fault (a second review: a cheater put inf where overflow was
-        possible, so that the check's worst row was that one, and spoilt other rows), or
-        None when none does: the check's failure is then the operands', not the worker's."""
+        """The rows a failed check's answer is blamed by, judged by the worst-case bound
+        (:func:`~mtor_kernels.verify.judge_rows`), which is what a fault proof is checked by:
+        only rows that prove a fault blame a worker. The check's own witness first; when it
+        proves nothing, every row of the shard (blocks of rows, on the blocking hook; a
+        failure path): a cheater may have put inf where overflow was possible to make that
+        row the check's worst and spoilt others (a second review of 2026-12-07). Returns the
+        proving rows; None when none proves a fault and some cannot be judged (non-finite
+        values where the sums may overflow, a bound too wide: the operands' failure, not the
+        worker's); ``[]`` when every row lies within the bound: the answer is one an honest
+        order may give (the hostile reviews of 2026-12-07: a device reading subnormal inputs
+        as zero, and numpy's own product of rows whose partial sums cancel, failed the
+        cheaper checks, and their workers were blamed without a proof)."""
         if not isinstance(witness, list) or not witness:
             return witness
         run = self.s.runtime.run_blocking
         verdict = await run(checks.judge_rows, self.kernel, operands, output, witness)
-        if verdict.proven or not verdict.out_of_range:
-            return witness
+        if verdict.proven:
+            return verdict.rows
         every = list(range(output.shape[0]))
         verdict = await run(checks.judge_rows, self.kernel, operands, output, every)
-        return verdict.rows if verdict.proven else None
+        if verdict.proven:
+            return verdict.rows
+        return None if verdict.out_of_range else []
 
     def _unverifiable(self, index: int) -> None:
         """End the job: shard ``index``'s answer cannot be judged (see _witness_rows); no
         worker is blamed, and none is paid for it (nothing was verified)."""
         if self.unverifiable is None:
             self.unverifiable = (
-                f"shard {index} cannot be verified: its values come so near float32's "
-                f"limit (about {FLOAT32_MAX:.1e}) that an honest float32 result may be inf, "
-                "NaN or anything near the value; scale the operands down"
+                f"shard {index} cannot be verified: an honest float32 result may be inf, NaN "
+                "or off by more than the values themselves (values near float32's limit of "
+                f"about {FLOAT32_MAX:.1e}, or sums that cancel to almost nothing); rescale "
+                "or reformulate the operands"
             )
             log.warning("job %s: %s", self.job_id[:12], self.unverifiable)
         if self.nursery is not None:

@@ -1,0 +1,115 @@
+"""A worker is blamed only where the worst-case bound proves its answer wrong.
+
+The requester's cheap checks (Freivalds', sampled rows) use a tight, probabilistic bound on
+honest rounding; a fault proof, and the blame, must hold for every honest order of summation.
+The hostile review of 2026-12-07 found answers an honest worker may give that fail the cheap
+check: numpy's own ``a @ b`` on rows whose partial sums rise and then cancel (every rounding the
+same way, the result near zero), 1.2 times Freivalds' tolerance, and judged "proven wrong" by
+the probabilistic bound too; and a device that reads subnormal inputs as zero. Their workers
+were rejected, blamed and unpaid. Now ``judge_rows`` uses the worst-case bound: an answer that
+fails the cheap check with every row within it is accepted, unless the bound is wider than the
+values themselves (the cancelling sums: an honest answer may then be anything near zero), when
+the job ends as one that cannot be verified; either way nobody is blamed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+
+from mtor_kernels import get_kernel
+from mtor_kernels import verify as checks
+from mtor_p2p.compute.scheduler import JobFailed
+from tests.test_virtual_time import cluster
+
+MATMUL = get_kernel("matmul")
+
+
+def _cancelling_rows(m: int = 4, k: int = 1024, n: int = 64) -> dict[str, np.ndarray]:
+    """Rows of 570 times +1.71323 then 454 times -2.15097 (the review's search): the partial
+    sums rise to ~977 and cancel to ~0, every rounding of a sequential sum the same way."""
+    a = np.empty((m, k), np.float32)
+    a[:, :570] = np.float32(1.71323)
+    a[:, 570:] = np.float32(-2.15097)
+    return {"a": a, "b": np.ones((k, n), np.float32)}
+
+
+def _sequential(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Naive sequential float32 accumulation, one rounding per term: an honest order."""
+    c = np.zeros((a.shape[0], b.shape[1]), np.float32)
+    for index in range(a.shape[1]):
+        c += np.multiply.outer(a[:, index], b[index]).astype(np.float32)
+    return c
+
+
+def test_an_honest_sum_that_cancels_fails_the_cheap_check_but_proves_nothing() -> None:
+    operands = _cancelling_rows()
+    honest = _sequential(operands["a"], operands["b"])
+    # The tight bound's alarm (both checks): the reason judging must not use it.
+    assert not checks.freivalds(
+        operands["a"], operands["b"], honest, rng=np.random.default_rng(1)
+    ).ok
+    tight = MATMUL.expected_rows(operands, [0])
+    assert (np.abs(honest[0] - tight.values) > tight.tolerance).any()
+    verdict = checks.judge_rows(MATMUL, operands, honest, list(range(4)))
+    assert not verdict.proven
+    # Its bound (worst case: 0.36) is wider than the values (7e-4): no check can judge them.
+    assert verdict.out_of_range
+    # ... while an answer wrong beyond every honest order is still proven.
+    wrong = honest.copy()
+    wrong[2, 9] += 1.0
+    assert checks.judge_rows(MATMUL, operands, wrong, [2]).proven
+
+
+def _answer_changed(device: Any, change: Any) -> None:
+    honest_execute = device.execute
+
+    async def execute(kernel: Any, operands: Any, keys: Any) -> np.ndarray:
+        return change(operands, np.asarray(await honest_execute(kernel, operands, keys)))
+
+    device.execute = execute
+
+
+@pytest.mark.parametrize("kind", ["cancelling sums", "subnormal inputs read as zero"])
+async def test_an_honest_answer_the_cheap_check_fails_is_accepted_without_blame(kind) -> None:
+    if kind == "cancelling sums":
+        operands = _cancelling_rows()
+
+        def answer(ops: Any, out: np.ndarray) -> np.ndarray:
+            return _sequential(np.asarray(ops["a"]), np.asarray(ops["b"]))
+
+    else:
+        rng = np.random.default_rng(1)
+        a = (rng.standard_normal((64, 128)) * 1e6).astype(np.float32)
+        b = (rng.standard_normal((128, 64)) * 1e-20).astype(np.float32)
+        b[:, 3] = (rng.standard_normal(128) * 1e-39).astype(np.float32)  # subnormal
+        operands = {"a": a, "b": b}
+
+        def answer(ops: Any, out: np.ndarray) -> np.ndarray:
+            a, b = np.asarray(ops["a"]), np.asarray(ops["b"])
+            tiny = np.finfo(np.float32).tiny
+            return np.where(np.abs(a) < tiny, 0, a) @ np.where(np.abs(b) < tiny, 0, b)
+
+    async with cluster(["requester", "w1"]) as c:
+        worker = await c.start("w1", "WEU")
+        requester = await c.start("requester", "WEU", serve=False)
+        await c.settle()
+        _answer_changed(c.peers["w1"].device, answer)
+        stats = requester.scheduler.stats
+        if kind == "cancelling sums":
+            # Sampled rows: their elementwise tight bound fails whatever the draw (Freivalds'
+            # residual depends on the sum of the vector's signs, with an error alike in
+            # every column).
+            with np.errstate(all="ignore"), pytest.raises(JobFailed, match="sums that cancel"):
+                await requester.submit("matmul", operands, shards=1, verify="sample", sample_rows=4)
+        else:
+            with np.errstate(all="ignore"):
+                result = await requester.submit("matmul", operands, shards=1)
+            assert stats.accepted_on_judgement == 1  # the cheap check did fail
+            assert result.summary()["receipts"] == 1  # the worker is paid
+        assert stats.fault_proofs == 0 and stats.rejected == 0
+        report = requester.scheduler.book.report(requester.clock.now())
+        row = next((r for r in report if r["peer_id"] == worker.peer_id), {})
+        assert not row.get("excluded") and not row.get("demoted_until"), row

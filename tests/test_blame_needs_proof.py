@@ -113,3 +113,68 @@ async def test_an_honest_answer_the_cheap_check_fails_is_accepted_without_blame(
         report = requester.scheduler.book.report(requester.clock.now())
         row = next((r for r in report if r["peer_id"] == worker.peer_id), {})
         assert not row.get("excluded") and not row.get("demoted_until"), row
+
+
+async def test_an_answer_within_the_worst_case_bound_but_beyond_the_tight_one_is_not_paid():
+    """A cheater knowing A and B can move every element by nearly the worst-case bound: 0.95
+    of it at k = 2048 was 6,000 times honest rounding, and an acceptance by judgement would have
+    paid it (a hostile review of the first form of this fix). Such an answer is neither
+    accepted nor blamed: its worker leaves the job, and another runs the shard."""
+    rng = np.random.default_rng(0)
+    operands = {
+        "a": rng.standard_normal((32, 2048)).astype(np.float32),
+        "b": rng.standard_normal((2048, 128)).astype(np.float32),
+    }
+
+    def nearly_the_worst_case(ops: Any, out: np.ndarray) -> np.ndarray:
+        rows = range(np.asarray(ops["a"]).shape[0])
+        expected = MATMUL.expected_rows(ops, rows, worst_case=True)
+        signs = np.where(np.arange(out.size).reshape(out.shape) % 2, 1.0, -1.0)
+        return (expected.values + 0.95 * expected.tolerance * signs).astype(np.float32)
+
+    async with cluster(["requester", "cheater", "honest"]) as c:
+        cheater = await c.start("cheater", "WEU")
+        await c.start("honest", "WEU")
+        requester = await c.start("requester", "WEU", serve=False)
+        await c.settle()
+        _answer_changed(c.peers["cheater"].device, nearly_the_worst_case)
+        with np.errstate(all="ignore"):
+            result = await requester.submit("matmul", operands, shards=2)
+        np.testing.assert_allclose(
+            result.output, operands["a"] @ operands["b"], rtol=1e-4, atol=1e-3
+        )
+        stats = requester.scheduler.stats
+        assert stats.unconfirmed >= 1 and stats.accepted_on_judgement == 0
+        assert stats.fault_proofs == 0 and stats.rejected == 0
+        assert cheater.peer_id not in result.summary()["workers"]  # not paid
+        report = requester.scheduler.book.report(requester.clock.now())
+        row = next(r for r in report if r["peer_id"] == cheater.peer_id)
+        assert "neither confirm nor prove wrong" in (row.get("last_error") or ""), row
+
+
+async def test_redundant_verification_blames_only_by_proof():
+    """Two honest orders of rows whose partial sums cancel disagree; the requester's own
+    product confirms one, and the other, which no bound proves wrong, is not blamed (the
+    review: it was rejected with a fault proof that did not verify)."""
+    rng = np.random.default_rng(0)
+    m, k, n, rising = 4, 2048, 16, 1100
+    a = np.empty((m, k), np.float32)
+    a[:, :rising] = 1.7 + rng.standard_normal((m, rising)) * 1e-3
+    a[:, rising:] = -1.7 * rising / (k - rising) + rng.standard_normal((m, k - rising)) * 1e-3
+    operands = {"a": a, "b": (1 + rng.standard_normal((k, n)) * 1e-4).astype(np.float32)}
+    honest = _sequential(operands["a"], operands["b"])
+    assert not checks.compare(operands["a"] @ operands["b"], honest, np.float32)[0]
+    assert not checks.judge_rows(MATMUL, operands, honest, list(range(m))).proven
+    async with cluster(["requester", "w1", "w2"]) as c:
+        await c.start("w1", "WEU")
+        await c.start("w2", "WEU")
+        requester = await c.start("requester", "WEU", serve=False)
+        await c.settle()
+        _answer_changed(
+            c.peers["w2"].device,
+            lambda ops, out: _sequential(np.asarray(ops["a"]), np.asarray(ops["b"])),
+        )
+        with np.errstate(all="ignore"):
+            await requester.submit("matmul", operands, shards=1, verify="redundant")
+        stats = requester.scheduler.stats
+        assert stats.fault_proofs == 0 and stats.rejected == 0

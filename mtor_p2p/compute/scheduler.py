@@ -18,6 +18,7 @@ time gets a second copy, and the first verified answer wins.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import statistics
@@ -410,9 +411,12 @@ class SchedulerStats:
     #: Results that failed verification, and the fault proofs made of them.
     rejected: int = 0
     fault_proofs: int = 0
-    #: Answers that failed the cheaper check but whose every row lies within the worst-case
-    #: bound (judged whole): accepted, nobody blamed.
+    #: Answers that failed the cheap check but whose every row lies within its tight bound
+    #: once judged whole (its alarm came from its own slack): accepted, nobody blamed.
     accepted_on_judgement: int = 0
+    #: Answers that failed the cheap check, beyond its tight bound but within the worst-case
+    #: one: neither accepted nor blamed (not paid; the worker leaves the job).
+    unconfirmed: int = 0
 
 
 def _timed_out(exc: BaseException) -> bool:
@@ -584,6 +588,9 @@ class _JobRun:
         self.cut_off: set[str] = set()
         #: shard -> workers whose attempt at it failed (error, broken connection, timeout).
         self.failed_on: dict[int, set[str]] = {}
+        #: Workers whose answer to a shard was neither confirmed nor proven wrong
+        #: (_unconfirmed).
+        self.unconfirmed_by: dict[int, set[str]] = {}
         self.checks_passed = 0
         self.rejected = 0
         self.reissued = 0
@@ -1371,57 +1378,85 @@ class _JobRun:
             self.checks_passed += 1
             await self._accept(worker, index, answer.output, answer.receipt, seconds)
         else:
-            witness = await self._witness_rows(operands, answer.output, witness)
-            if witness is None:
+            judged = await self._judge_failed(operands, answer.output, witness)
+            if judged.proven:
+                await self._reject(worker, index, operands, answer, judged.rows)
+            elif judged.out_of_range:
                 self._unverifiable(index)
-            elif witness == []:
-                # Every row within what an honest order may give: the check's alarm was its
-                # tighter bound's (a hostile review: numpy's own product of rows whose partial
-                # sums cancel failed it, and the worker was blamed).
+            elif judged.beyond_tight:
+                self._unconfirmed(worker, index)
+            else:
+                # Every element within the tight bound once judged whole: the check's alarm
+                # came from its own slack (a device reading subnormal inputs as zero failed the
+                # weighted Freivalds check, a review of 2026-12-07, and was blamed).
                 self.s.stats.accepted_on_judgement += 1
                 log.info(
-                    "job %s: shard %d failed its check but every row is within the worst-case "
-                    "bound: accepted",
+                    "job %s: shard %d failed its check, but every element is within the "
+                    "honest bound: accepted",
                     self.job_id[:12],
                     index,
                 )
                 self.checks_passed += 1
                 await self._accept(worker, index, answer.output, answer.receipt, seconds)
-            else:
-                await self._reject(worker, index, operands, answer, witness)
 
-    async def _witness_rows(
+    async def _judge_failed(
         self, operands: dict[str, np.ndarray], output: np.ndarray, witness: Any
-    ) -> Any | None:
-        """The rows a failed check's answer is blamed by, judged by the worst-case bound
+    ) -> checks.RowsVerdict:
+        """Judge an answer that failed the cheap check, by the worst-case bound
         (:func:`~mtor_kernels.verify.judge_rows`), which is what a fault proof is checked by:
-        only rows that prove a fault blame a worker. The check's own witness first; when it
-        proves nothing, every row of the shard (blocks of rows, on the blocking hook; a
-        failure path): a cheater may have put inf where overflow was possible to make that
-        row the check's worst and spoilt others (a second review of 2026-12-07). Returns the
-        proving rows; None when none proves a fault and some cannot be judged (non-finite
-        values where the sums may overflow, a bound too wide: the operands' failure, not the
-        worker's); ``[]`` when every row lies within the bound: the answer is one an honest
-        order may give (the hostile reviews of 2026-12-07: a device reading subnormal inputs
-        as zero, and numpy's own product of rows whose partial sums cancel, failed the
-        cheaper checks, and their workers were blamed without a proof)."""
-        if not isinstance(witness, list) or not witness:
-            return witness
+        only rows it proves wrong blame a worker (the hostile reviews of 2026-12-07: numpy's
+        own product of rows whose partial sums cancel, and a device reading subnormal inputs
+        as zero, failed the cheap checks and were blamed without a proof). The check's own
+        witness rows first; when they prove nothing, every row of the shard (blocks of rows,
+        on the blocking hook; a failure path), also against the tight bound: a cheater may
+        have put inf where overflow was possible to make that row the check's worst and
+        spoilt others. The verdict's ``proven``: blame its rows; ``out_of_range``: some rows
+        cannot be judged (values near float32's limit, sums that cancel to almost nothing:
+        the operands' failure); ``beyond_tight``: not proven, not confirmed; else every
+        element is within the tight bound, and the answer is accepted."""
         run = self.s.runtime.run_blocking
-        verdict = await run(checks.judge_rows, self.kernel, operands, output, witness)
-        if verdict.proven:
-            return verdict.rows
+        if isinstance(witness, list) and witness:
+            verdict = await run(checks.judge_rows, self.kernel, operands, output, witness)
+            if verdict.proven:
+                return verdict
         every = list(range(output.shape[0]))
-        verdict = await run(checks.judge_rows, self.kernel, operands, output, every)
-        if verdict.proven:
-            return verdict.rows
-        return None if verdict.out_of_range else []
+        return await run(
+            functools.partial(checks.judge_rows, tight=True), self.kernel, operands, output, every
+        )
 
-    def _unverifiable(self, index: int) -> None:
-        """End the job: shard ``index``'s answer cannot be judged (see _witness_rows); no
+    def _unconfirmed(self, worker: str, index: int) -> None:
+        """``worker``'s answer to shard ``index`` failed its check and is beyond the tight
+        bound, yet within the worst-case one: nothing proves it wrong, nothing confirms it.
+        It is not accepted (nor paid) and nobody is blamed by a fault proof; the worker leaves
+        the job with a failure on its record (so one worker costs a job one such judgement:
+        it recomputes the shard in float64, several times the shard's own work), and another
+        runs the shard. A second such answer to the shard, from another worker, ends the job
+        as one that cannot be verified: the operands make honest answers that far apart (a
+        hostile review: accepting every answer within the worst-case bound paid a cheater's
+        errors of 1,000-20,000 times honest rounding)."""
+        self.s.stats.unconfirmed += 1
+        why = "an answer its check could neither confirm nor prove wrong"
+        self.s.book.failed(worker, "failed", self.s.clock.now(), why)
+        log.warning("job %s: shard %d from %s: %s", self.job_id[:12], index, worker[-8:], why)
+        doubted = self.unconfirmed_by.setdefault(index, set())
+        doubted.add(worker)
+        self.failed_on.setdefault(index, set()).add(worker)
+        self._leave(worker, why)
+        if len(doubted) >= 2:
+            self._unverifiable(
+                index,
+                f"shard {index} cannot be verified: two workers' answers were beyond the "
+                "check's bound and within what an honest float32 order may give; rescale or "
+                "reformulate the operands",
+            )
+        else:
+            self.requeue(index)
+
+    def _unverifiable(self, index: int, why: str | None = None) -> None:
+        """End the job: shard ``index``'s answer cannot be judged (see _judge_failed); no
         worker is blamed, and none is paid for it (nothing was verified)."""
         if self.unverifiable is None:
-            self.unverifiable = (
+            self.unverifiable = why or (
                 f"shard {index} cannot be verified: an honest float32 result may be inf, NaN "
                 "or off by more than the values themselves (values near float32's limit of "
                 f"about {FLOAT32_MAX:.1e}, or sums that cancel to almost nothing); rescale "
@@ -1650,20 +1685,30 @@ class _JobRun:
             self.redundant_answers[index] = [
                 a for a in self.redundant_answers.get(index, []) if a[0] != w
             ]
-            # Non-finite values where the sums may overflow float32 are no fault (another
-            # honest order may give NaN where this one gave inf): not accepted, not blamed
-            # (a review: honest workers with such operands were rejected here). Only an answer
-            # with non-finite values can be such (judging every row costs a float64 product).
-            if not np.isfinite(out).all():
-                verdict = await self.s.runtime.run_blocking(
-                    checks.judge_rows, self.kernel, operands, out, list(range(out.shape[0]))
-                )
-                if verdict.out_of_range and not verdict.proven:
-                    unjudged = True
-                    continue
-            await self._reject(
-                w, index, operands, client.ShardAnswer(out, receipt), None, requeue=False
+            # Blamed only by the rows the worst-case bound proves wrong, as after a failed
+            # check (a review: rows whose partial sums cancel made two honest orders disagree,
+            # and the sequential one was rejected with a fault proof that did not verify).
+            # Not proven: not accepted, not blamed; non-finite values where the sums may
+            # overflow, or a bound too wide, make the shard one that cannot be verified.
+            verdict = await self.s.runtime.run_blocking(
+                checks.judge_rows, self.kernel, operands, out, list(range(out.shape[0]))
             )
+            if verdict.proven:
+                await self._reject(
+                    w,
+                    index,
+                    operands,
+                    client.ShardAnswer(out, receipt),
+                    verdict.rows,
+                    requeue=False,
+                )
+            elif verdict.out_of_range:
+                unjudged = True
+            else:
+                self.s.stats.unconfirmed += 1
+                self.s.book.failed(
+                    w, "failed", self.s.clock.now(), "an answer its own product did not confirm"
+                )
         if not confirmed:
             if unjudged:
                 self._unverifiable(index)

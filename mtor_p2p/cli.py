@@ -392,7 +392,11 @@ def cmd_id(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     """Run a node until SIGINT or SIGTERM, holding the data directory's lock."""
     config = _config_from(args)
-    created = not config.data_dir.exists()
+    # The highest directory this run creates (None: the data directory exists already).
+    created = next(
+        (d for d in reversed([config.data_dir, *config.data_dir.parents]) if not d.exists()),
+        None,
+    )
     prepare_data_dir(config.data_dir)
     # The lock first: a second node on this directory must stop before it touches anything
     # (it shares the identity and the stores, and would delete the first one's control.json).
@@ -408,8 +412,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         _setup_logging(config.log_level, log_format=config.log_format, config=config)
         code, stopped = _run_node(args, config, lock)
     finally:
-        if created:
-            _remove_if_unused(config.data_dir)
+        if created is not None:
+            _remove_if_unused(config.data_dir, created)
         lock.release()
     if stopped is not None:
         # Only now (record withdrawn, ledger and receipts on disk, the directory unlocked):
@@ -422,16 +426,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     return code
 
 
-def _remove_if_unused(data_dir: Path) -> None:
+def _remove_if_unused(data_dir: Path, created: Path) -> None:
     """Remove a data directory this run created and left holding nothing but its lock file (a
-    run refused before the node started: a port in use, an address this host lacks), so that
-    a mistyped flag leaves nothing behind. Called with the lock held: a process that opens the
-    lock file after it is unlinked finds no directory, and none can hold the old file."""
+    run refused before the node started: a port in use, an address this host lacks), and the
+    empty parents it created up to ``created``, so that a mistyped flag leaves nothing behind.
+    Called with the lock held: a process that opens the lock file after it is unlinked finds
+    no directory, and none can hold the old file."""
     try:
         if set(os.listdir(data_dir)) != {LOCK_FILE_NAME}:
             return
         os.unlink(data_dir / LOCK_FILE_NAME)
-        os.rmdir(data_dir)
+        directory = data_dir
+        while True:
+            os.rmdir(directory)  # fails, and stops, on a directory no longer empty
+            if directory == created:
+                break
+            directory = directory.parent
     except OSError:
         pass  # left as it is: nothing depends on its removal
 

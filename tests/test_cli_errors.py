@@ -366,3 +366,13 @@ def test_a_ledger_file_that_is_no_database_is_refused_as_data_not_as_a_bug(tmp_p
             result
         )
     assert (node / "ledger.sqlite").read_bytes() == b"not a database " * 40
+
+
+def test_a_refused_run_removes_the_directories_it_created_and_nothing_else(tmp_path):
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    result = mtor(
+        "run", "--data-dir", str(kept / "a" / "b" / "node"), "--listen", "/ip4/203.0.113.5/tcp/0"
+    )
+    assert result.returncode == 2, result.stderr
+    assert kept.is_dir() and list(kept.iterdir()) == []

@@ -5,7 +5,8 @@ Exit codes (stable, for scripts):
 ====  ======================================================================
 0     success
 1     runtime failure (the node stopped with an error, a port was taken, ...)
-2     usage or configuration error (a flag, a file, the data directory)
+2     usage or configuration error (a flag, a file, the data directory, operands whose
+      results cannot be verified: values near float32's limit, sums that cancel)
 3     no running node answers on the data directory
 4     the ngrok tunnel could not be opened
 5     the devnet did not converge before its timeout
@@ -1560,7 +1561,10 @@ def _follow_job(args: argparse.Namespace, client: ControlClient, job_id: str) ->
     if job["state"] in ("failed", "cancelled"):
         if args.json:
             print(json.dumps(job))
-        raise CliError(f"{job_id} {job['state']}: {job['error']}")
+        # Operands that make the answers impossible to judge are an input problem (exit 2),
+        # as the README's exit codes say (a walkthrough: 1e30 operands exited 1).
+        code = EXIT_USAGE if job.get("unverifiable") else EXIT_FAILURE
+        raise CliError(f"{job_id} {job['state']}: {job['error']}", code)
     result = job["result"]  # its receipts and cost count a redundant job's second workers
     if args.json:
         # The node's short ID (what `jobs --cancel` takes) and accepted shards per worker, as
@@ -1602,6 +1606,12 @@ def _follow_job(args: argparse.Namespace, client: ControlClient, job_id: str) ->
     copies = f" ({extra} for redundant copies)" if extra > 0 else ""
     cost = format_credits(result["cost"])
     print(f"cost       {cost} credits   receipts {result['receipts']}{copies}")
+    non_finite = result.get("non_finite") or 0
+    if non_finite:
+        print(
+            f"output     holds {non_finite} inf or NaN value(s): float32 overflowed, or the "
+            "operands hold NaN or inf"
+        )
     if args.out:
         print(f"output     {args.out}")
     else:
@@ -1683,7 +1693,7 @@ def _job_detail(job: dict[str, Any]) -> str:
     return f"    {what}"
 
 
-def _jobs_text(answer: dict[str, Any]) -> list[str]:
+def _jobs_text(answer: dict[str, Any], data_dir: Path | None = None) -> list[str]:
     jobs = answer.get("jobs", [])
     # Submissions still reading their operands hold a place among the running jobs (the
     # node's cap) without being jobs yet: said, so that a 429 is not a mystery.
@@ -1692,7 +1702,11 @@ def _jobs_text(answer: dict[str, Any]) -> list[str]:
     if not jobs:
         # "Since it started": the list is the running node's; receipts and the ledger keep
         # the jobs of its earlier runs.
-        return [f"no jobs since this node started (run one: {invoked_as()} submit matmul){still}"]
+        # The same --data-dir (a walkthrough: the hint without it pointed at ~/.mtor).
+        where = f" --data-dir {shlex.quote(str(data_dir))}" if data_dir is not None else ""
+        return [
+            f"no jobs since this node started (run one: {invoked_as()} submit matmul{where}){still}"
+        ]
     lines = []
     for job in jobs:
         lines += [format_job_line(job), _job_detail(job)]
@@ -1743,7 +1757,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(answer, indent=2, sort_keys=True))
         else:
-            print("\n".join(_jobs_text(answer)))
+            print("\n".join(_jobs_text(answer, args.data_dir)))
         return EXIT_OK
     tty = sys.stdout.isatty() and not args.json
     printed: dict[str, tuple[tuple[Any, ...], float]] = {}
@@ -1753,7 +1767,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
             answer = client.call("GET", path)
             now = time.monotonic()
             if tty:  # redraw the whole list in place
-                lines = _jobs_text(answer)
+                lines = _jobs_text(answer, args.data_dir)
                 lines.append(f"every {args.interval:g} s; Ctrl-C to stop")
                 print("\033[H\033[J" + "\n".join(lines), flush=True)
             elif args.json:  # one JSON object a line, when something changed
@@ -1984,6 +1998,12 @@ def cmd_devnet(args: argparse.Namespace) -> int:
     """Run a local devnet of N peer processes on loopback."""
     from mtor_p2p.devnet import run_devnet
 
+    if args.data_dir is not None and args.data_dir.exists() and not args.data_dir.is_dir():
+        # As every other command says it (a walkthrough: "devnet failed: [Errno 17]", exit 1).
+        raise DataDirError(
+            f"--data-dir {args.data_dir} is a file, not a directory: give a directory for the "
+            "devnet's peers (it is created if missing)"
+        )
     return run_devnet(
         peers=args.peers,
         base_dir=args.data_dir,

@@ -25,7 +25,11 @@ EXIT_INTERRUPTED = 130
 EXIT_CODES = (
     (EXIT_OK, "ok"),
     (EXIT_FAILURE, "failure (the node or the job failed, a port is in use, ...)"),
-    (EXIT_USAGE, "usage or configuration error (a flag, a file, the data directory)"),
+    (
+        EXIT_USAGE,
+        "usage or configuration error (a flag, a file, the data directory, operands whose "
+        "results cannot be verified)",
+    ),
     (EXIT_NOT_RUNNING, "no node running on the data directory"),
     (EXIT_NGROK, "ngrok tunnel failed"),
     (EXIT_NOT_CONVERGED, "devnet did not converge"),

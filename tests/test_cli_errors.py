@@ -115,7 +115,8 @@ def test_bad_input_is_one_line_and_its_exit_code(tmp_path, args, code, message):
 def test_a_file_as_the_data_directory_is_refused_by_every_command(tmp_path):
     afile = tmp_path / "afile"
     afile.write_text("not a directory")
-    for command in (["id"], ["status"], ["balance"], ["run", *QUIET], ["stake", "1"]):
+    commands = (["id"], ["status"], ["balance"], ["run", *QUIET], ["stake", "1"], ["devnet"])
+    for command in commands:
         result = mtor(*command, "--data-dir", str(afile))
         assert result.returncode == 2, (command, result.stderr)
         assert f"--data-dir {afile} is a file, not a directory" in one_line(result)

@@ -17,6 +17,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -248,6 +249,12 @@ def test_the_jobs_list_says_how_many_submissions_are_still_reading() -> None:
     ]
     assert _jobs_text({"jobs": []}) == [
         f"no jobs since this node started (run one: {invoked_as()} submit matmul)"
+    ]
+    # The node's own --data-dir in the hint (a walkthrough: without it, the hint pointed at
+    # the default directory, where no node ran).
+    assert _jobs_text({"jobs": []}, Path("/tmp/my dev/peer-0")) == [
+        f"no jobs since this node started (run one: {invoked_as()} submit matmul "
+        "--data-dir '/tmp/my dev/peer-0')"
     ]
 
 
@@ -563,3 +570,27 @@ def test_workers_not_used_point_to_the_peer_book_only_for_demotions() -> None:
     pointed = "not used   21 worker(s) (see mtor-peer reputation):"
     assert _not_used_header(21, network, demoted_count=1) == pointed
     assert _not_used_header(21, network, demoted_count=0) == "not used   21 worker(s):"
+
+
+def test_operands_out_of_float32s_range_are_an_input_error_or_a_notice(devnet, tmp_path):
+    """A new user's walkthrough: 1e30 operands ended "cannot be verified" with exit 1 (the
+    README puts input problems under 2), and an accepted output of inf or NaN (redundant
+    verification of 1e30 operands, a NaN in A) came with no word of it."""
+    requester = devnet[0]["data_dir"]
+    rng = np.random.default_rng(0)
+    for name, shape in (("a", (64, 32)), ("b", (32, 16))):
+        np.save(tmp_path / f"{name}.npy", (rng.uniform(1, 2, shape) * 1e30).astype(np.float32))
+    files = ["--a", str(tmp_path / "a.npy"), "--b", str(tmp_path / "b.npy")]
+    checked = mtor("submit", "matmul", *files, "--data-dir", requester)
+    assert checked.returncode == 2, checked.stderr
+    assert "cannot be verified" in checked.stderr and "rescale" in checked.stderr
+    job = jobs_json(requester)["jobs"][0]
+    assert job["state"] == "failed" and job["unverifiable"] is True
+    # A NaN in A: its row of the product is NaN, as an honest worker's is; accepted, and said.
+    a = rng.uniform(1, 2, (64, 32)).astype(np.float32)
+    a[3, 5] = np.nan
+    np.save(tmp_path / "a.npy", a)
+    np.save(tmp_path / "b.npy", rng.uniform(1, 2, (32, 16)).astype(np.float32))
+    nan = mtor("submit", "matmul", *files, "--data-dir", requester)
+    assert nan.returncode == 0, nan.stderr
+    assert "output     holds 16 inf or NaN value(s)" in nan.stdout

@@ -54,7 +54,13 @@ from mtor_p2p.compute.inputs import (
     kernel_inputs,
     random_operands,
 )
-from mtor_p2p.compute.scheduler import JobFailed, JobResult, ShardAttempt, ShardResult
+from mtor_p2p.compute.scheduler import (
+    JobFailed,
+    JobResult,
+    JobUnverifiable,
+    ShardAttempt,
+    ShardResult,
+)
 from mtor_p2p.config import write_private
 from mtor_p2p.runtime import Runtime
 
@@ -97,6 +103,8 @@ class JobState:
     total: int = 0
     result: dict[str, Any] | None = None
     error: str | None = None
+    #: Failed because its operands make its answers impossible to judge (JobUnverifiable).
+    unverifiable: bool = False
     started: float = field(default_factory=trio.current_time)
     #: What was asked: kernel, shape, verification (shown by ``mtor-peer jobs``).
     request: dict[str, Any] = field(default_factory=dict)
@@ -163,6 +171,7 @@ class JobState:
             "reissued": result.get("reissued", reissued),
             "result": self.result,
             "error": self.error,
+            "unverifiable": self.unverifiable,
         }
         if shards:
             body["shards"] = (
@@ -814,6 +823,7 @@ class JobBoard:
                 )
         except (JobFailed, ValueError) as exc:
             if not job.scope.cancel_called:
+                job.unverifiable = isinstance(exc, JobUnverifiable)
                 job.finish("failed", str(exc))
                 return
         except Exception as exc:  # a job's failure must not take the node down

@@ -207,6 +207,11 @@ class JobFailed(Exception):
     """The job could not be completed (no workers left, or its deadline passed)."""
 
 
+class JobUnverifiable(JobFailed):
+    """The job's operands make its answers impossible to judge (values near float32's limit,
+    sums that cancel to almost nothing): the requester's input, not a worker, is at fault."""
+
+
 @dataclass(frozen=True)
 class JobSpec:
     """What to compute and under which terms."""
@@ -274,6 +279,14 @@ class JobResult:
     shared_operands: int = 0
     shared_bytes: int = 0
 
+    @functools.cached_property
+    def non_finite(self) -> int:
+        """Elements of the output that are inf or NaN: an honest float32 result where the
+        operands overflow float32 or hold NaN or inf, which the checks accept as such, and
+        which ``submit`` says (a new user's walkthrough: a redundant job of 1e30 operands
+        returned an output of inf alone, with "3 passed" and no word)."""
+        return int(self.output.size - np.count_nonzero(np.isfinite(self.output)))
+
     @property
     def tflops(self) -> float:
         """Achieved TFLOP/s over the whole job, transfers and verification included."""
@@ -316,6 +329,7 @@ class JobResult:
             "cost": round(self.cost, 9),
             "receipts": self.receipts_paid,
             "output_shape": list(self.output.shape),
+            "non_finite": self.non_finite,
             # The first 20, so that 200 Sybils do not flood a script's output.
             "workers_out": dict(sorted(self.workers_out.items())[:MAX_REPORTED_OUT]),
             "workers_out_count": len(self.workers_out),
@@ -2458,7 +2472,7 @@ class Scheduler:
                 self.book.failed(worker, "timeout", self.clock.now(), "held a shard past the job")
             raise JobFailed(f"job did not finish within {spec.deadline:.0f} s" + _why_not(job.left))
         if job.unverifiable is not None:
-            raise JobFailed(job.unverifiable)
+            raise JobUnverifiable(job.unverifiable)
         if not job.done.is_set():
             if job.credit_refusal is not None:
                 raise JobFailed(f"workers refused the job: {job.credit_refusal}")

@@ -2632,8 +2632,25 @@ def parse_command_line(parser: argparse.ArgumentParser, argv: list[str] | None) 
     usage, which lists no flag of ``peers``: a new user's review)."""
     args, extras = parser.parse_known_args(argv)
     if extras:
-        _innermost(parser, args).error("unrecognized arguments: " + " ".join(extras))
+        command = _innermost(parser, args)
+        command.error(
+            "unrecognized arguments: " + " ".join(extras) + _did_you_mean(command, extras)
+        )
     return args
+
+
+def _did_you_mean(parser: argparse.ArgumentParser, extras: list[str]) -> str:
+    """``; did you mean --data-dir?`` for the first unknown flag close to one of the
+    command's own (a walkthrough: ``--data-dri`` got the usage and nothing more)."""
+    import difflib
+
+    known = [flag for action in parser._actions for flag in action.option_strings]
+    for extra in extras:
+        if extra.startswith("--"):
+            close = difflib.get_close_matches(extra.split("=", 1)[0], known, n=1, cutoff=0.75)
+            if close:
+                return f"; did you mean {close[0]}?"
+    return ""
 
 
 def _innermost(parser: argparse.ArgumentParser, args: Any) -> argparse.ArgumentParser:

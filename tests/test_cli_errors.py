@@ -94,6 +94,7 @@ def one_line(result: subprocess.CompletedProcess[str]) -> str:
         (["devnet", "--peers", "0"], 2, "argument --peers"),
         (["ledger", "prove"], 2, "ledger prove needs a receipt entry ID"),
         (["peers", "--bogus"], 2, "mtor-peer peers: error: unrecognized arguments: --bogus"),
+        (["status", "--jsno"], 2, "unrecognized arguments: --jsno; did you mean --json?"),
         (["submit", "matmul", "--bogus"], 2, "mtor-peer submit matmul: error: unrecognized"),
         (["--bogus", "peers"], 2, "error: unrecognized arguments: --bogus"),
     ],

@@ -21,7 +21,7 @@ import pytest
 
 from mtor_kernels import get_kernel
 from mtor_kernels import verify as checks
-from mtor_p2p.compute.scheduler import JobFailed
+from mtor_p2p.compute.scheduler import JobFailed, JobUnverifiable
 from tests.test_virtual_time import cluster
 
 MATMUL = get_kernel("matmul")
@@ -178,3 +178,62 @@ async def test_redundant_verification_blames_only_by_proof():
             await requester.submit("matmul", operands, shards=1, verify="redundant")
         stats = requester.scheduler.stats
         assert stats.fault_proofs == 0 and stats.rejected == 0
+
+
+def _liar(share: float) -> Any:
+    """A worker's answer moved by ``share`` of the worst-case bound, alternating signs."""
+
+    def change(ops: Any, out: np.ndarray) -> np.ndarray:
+        rows = range(np.asarray(ops["a"]).shape[0])
+        expected = MATMUL.expected_rows(ops, rows, worst_case=True)
+        signs = np.where(np.arange(out.size).reshape(out.shape) % 2, 1.0, -1.0)
+        return (expected.values + share * expected.tolerance * signs).astype(np.float32)
+
+    return change
+
+
+async def test_two_sybils_cannot_end_a_job_of_ordinary_operands_as_unverifiable():
+    """Two unconfirmed answers to a shard ended the job "cannot be verified", blaming the
+    user's operands (a third review: two Sybils did it in 3 of 3 jobs, with an honest worker
+    in reserve that never ran). The requester now judges its own product first: within the
+    bound, the workers were at fault; they leave, and the job goes on with others (here none
+    is left: it fails naming them, not the operands)."""
+    rng = np.random.default_rng(0)
+    operands = {
+        "a": rng.standard_normal((32, 1024)).astype(np.float32),
+        "b": rng.standard_normal((1024, 64)).astype(np.float32),
+    }
+    async with cluster(["requester", "s1", "s2"]) as c:
+        for name in ("s1", "s2"):
+            await c.start(name, "WEU")
+        requester = await c.start("requester", "WEU", serve=False)
+        await c.settle()
+        for name in ("s1", "s2"):
+            _answer_changed(c.peers[name].device, _liar(0.5))
+        with np.errstate(all="ignore"), pytest.raises(JobFailed) as failed:
+            await requester.submit("matmul", operands, shards=1)
+        assert not isinstance(failed.value, JobUnverifiable), failed.value
+        assert "no acceptable worker left" in str(failed.value)
+        assert "neither confirm nor prove wrong" in str(failed.value)
+        stats = requester.scheduler.stats
+        assert stats.unconfirmed == 2 and stats.fault_proofs == 0
+
+
+def test_an_answer_is_confirmed_only_within_half_the_tight_bound() -> None:
+    """Moving every element by 0.99 of the tight bound fails Freivalds, and accepted on
+    judgement it would have been paid for twice what passes Freivalds (0.5 of the bound): a
+    review. Honest answers stay below a quarter of it."""
+    rng = np.random.default_rng(3)
+    operands = {
+        "a": rng.standard_normal((16, 512)).astype(np.float32),
+        "b": rng.standard_normal((512, 256)).astype(np.float32),
+    }
+    honest = operands["a"] @ operands["b"]
+    rows = list(range(16))
+    assert not checks.judge_rows(MATMUL, operands, honest, rows, tight=True).beyond_tight
+    tight = MATMUL.expected_rows(operands, rows)
+    signs = np.where(np.arange(honest.size).reshape(honest.shape) % 2, 1.0, -1.0)
+    for share, beyond in ((0.4, False), (0.6, True), (0.99, True)):
+        moved = (tight.values + share * tight.tolerance * signs).astype(np.float32)
+        verdict = checks.judge_rows(MATMUL, operands, moved, rows, tight=True)
+        assert not verdict.proven and verdict.beyond_tight is beyond, share

@@ -748,7 +748,11 @@ class _JobRun:
 
     def requeue(self, index: int, *, reissue: bool = True) -> None:
         """Put a shard back at the front of the queue (``reissue``: after a failure)."""
-        if index not in self.accepted and index not in self.pending:
+        if (
+            index not in self.accepted
+            and index not in self._accepting
+            and index not in self.pending
+        ):
             self.pending.insert(0, index)
             self.reissued += int(reissue)
         self._wake()
@@ -1395,10 +1399,15 @@ class _JobRun:
             judged = await self._judge_failed(operands, answer.output, witness)
             if judged.proven:
                 await self._reject(worker, index, operands, answer, judged.rows)
+            elif self._settled(index):
+                # Another answer to the shard was accepted while this one was judged (on a
+                # thread, which a cancelled attempt still waits for): nothing is left to decide
+                # but a proven fault (a review: a twin's late verdict ended a finished job).
+                pass
             elif judged.out_of_range:
                 self._unverifiable(index)
             elif judged.beyond_tight:
-                self._unconfirmed(worker, index)
+                await self._unconfirmed(worker, index, operands)
             else:
                 # Every element within the tight bound once judged whole: the check's alarm
                 # came from its own slack (a device reading subnormal inputs as zero failed the
@@ -1438,33 +1447,55 @@ class _JobRun:
             functools.partial(checks.judge_rows, tight=True), self.kernel, operands, output, every
         )
 
-    def _unconfirmed(self, worker: str, index: int) -> None:
-        """``worker``'s answer to shard ``index`` failed its check and is beyond the tight
-        bound, yet within the worst-case one: nothing proves it wrong, nothing confirms it.
-        It is not accepted (nor paid) and nobody is blamed by a fault proof; the worker leaves
-        the job with a failure on its record (so one worker costs a job one such judgement:
-        it recomputes the shard in float64, several times the shard's own work), and another
-        runs the shard. A second such answer to the shard, from another worker, ends the job
-        as one that cannot be verified: the operands make honest answers that far apart (a
-        hostile review: accepting every answer within the worst-case bound paid a cheater's
-        errors of 1,000-20,000 times honest rounding)."""
+    def _doubted(self, worker: str, index: int, why: str) -> None:
+        """``worker``'s answer to shard ``index`` is neither accepted (nor paid) nor proven
+        wrong: a failure on its record, and it leaves the job, so that one worker costs a job
+        one float64 judgement (several times the shard's own work) and cannot bounce a shard
+        until the deadline (a review of the redundant path)."""
         self.s.stats.unconfirmed += 1
-        why = "an answer its check could neither confirm nor prove wrong"
         self.s.book.failed(worker, "failed", self.s.clock.now(), why)
         log.warning("job %s: shard %d from %s: %s", self.job_id[:12], index, worker[-8:], why)
-        doubted = self.unconfirmed_by.setdefault(index, set())
-        doubted.add(worker)
+        self.unconfirmed_by.setdefault(index, set()).add(worker)
         self.failed_on.setdefault(index, set()).add(worker)
         self._leave(worker, why)
-        if len(doubted) >= 2:
-            self._unverifiable(
-                index,
-                f"shard {index} cannot be verified: two workers' answers were beyond the "
-                "check's bound and within what an honest float32 order may give; rescale or "
-                "reformulate the operands",
-            )
-        else:
-            self.requeue(index)
+
+    async def _unconfirmed(self, worker: str, index: int, operands: dict[str, np.ndarray]) -> None:
+        """``worker``'s answer to shard ``index`` failed its check and is beyond the accepting
+        share of the tight bound, yet within the worst-case one: nothing proves it wrong,
+        nothing confirms it (a hostile review: accepting every answer within the worst-case
+        bound paid a cheater's errors of 1,000-20,000 times honest rounding). Not accepted,
+        nobody blamed by a fault proof (:meth:`_doubted`), and another worker runs the shard.
+        From the second such answer to the shard on, the requester computes the shard itself
+        and judges its own product: beyond the bound too, the operands are at fault and the
+        job cannot be verified; within it, the workers were (two Sybils had ended jobs of
+        ordinary operands as "cannot be verified", blaming the user's data)."""
+        self._doubted(worker, index, "an answer its check could neither confirm nor prove wrong")
+        if len(self.unconfirmed_by[index]) >= 2 and await self._operands_at_fault(index, operands):
+            if not self._settled(index):
+                self._unverifiable(
+                    index,
+                    f"shard {index} cannot be verified: answers beyond the check's bound, this "
+                    "requester's own product among them, are within what an honest float32 "
+                    "order may give; rescale or reformulate the operands",
+                )
+            return
+        self.requeue(index)
+
+    async def _operands_at_fault(self, index: int, operands: dict[str, np.ndarray]) -> bool:
+        """Whether this requester's own float32 product of shard ``index`` is beyond the tight
+        bound too (or cannot be judged): then honest answers may be that far apart."""
+        run = self.s.runtime.run_blocking
+        flops = float(self.kernel.flops(operands))
+        own = await run(self.kernel.reference, operands, flops=flops)
+        every = list(range(own.shape[0]))
+        verdict = await run(
+            functools.partial(checks.judge_rows, tight=True), self.kernel, operands, own, every
+        )
+        return verdict.proven or verdict.out_of_range or verdict.beyond_tight
+
+    def _settled(self, index: int) -> bool:
+        """Whether shard ``index`` has an accepted answer, or one being accepted."""
+        return index in self.accepted or index in self._accepting
 
     def _unverifiable(self, index: int, why: str | None = None) -> None:
         """End the job: shard ``index``'s answer cannot be judged (see _judge_failed); no
@@ -1719,12 +1750,9 @@ class _JobRun:
             elif verdict.out_of_range:
                 unjudged = True
             else:
-                self.s.stats.unconfirmed += 1
-                self.s.book.failed(
-                    w, "failed", self.s.clock.now(), "an answer its own product did not confirm"
-                )
+                self._doubted(w, index, "an answer the requester's own product did not confirm")
         if not confirmed:
-            if unjudged:
+            if unjudged and not self._settled(index):
                 self._unverifiable(index)
             else:
                 self.requeue(index)
@@ -2471,7 +2499,9 @@ class Scheduler:
             for worker in job.cut_off:
                 self.book.failed(worker, "timeout", self.clock.now(), "held a shard past the job")
             raise JobFailed(f"job did not finish within {spec.deadline:.0f} s" + _why_not(job.left))
-        if job.unverifiable is not None:
+        # Every shard accepted wins over a late verdict on a twin's answer (a review: a hedged
+        # twin judged on a thread ended a job whose shards were all accepted and paid).
+        if job.unverifiable is not None and not job.done.is_set():
             raise JobUnverifiable(job.unverifiable)
         if not job.done.is_set():
             if job.credit_refusal is not None:

@@ -237,3 +237,38 @@ def test_an_answer_is_confirmed_only_within_half_the_tight_bound() -> None:
         moved = (tight.values + share * tight.tolerance * signs).astype(np.float32)
         verdict = checks.judge_rows(MATMUL, operands, moved, rows, tight=True)
         assert not verdict.proven and verdict.beyond_tight is beyond, share
+
+
+async def test_two_sybils_cannot_end_an_ordinary_float16_attention_job():
+    """The requester's own product of float16 attention sits up to 0.92 of the tight bound
+    (its probabilities' rounding is a fixed amount): judged at half the bound, it put the
+    operands at fault, and two Sybils ended the job "cannot be verified" (a fourth review).
+    The requester's own product is judged by the whole bound, as the cheap checks judge."""
+    attention = get_kernel("attention")
+    rng = np.random.default_rng(0)
+    operands = {n: rng.standard_normal((2, 2, 64, 64)).astype(np.float16) for n in "qkv"}
+    own = attention.reference(operands)
+    rows = list(range(own.shape[0]))
+    assert checks.judge_rows(attention, operands, own, rows, tight=True).beyond_tight
+    assert not checks.judge_rows(
+        attention, operands, own, rows, tight=True, tight_share=1.0
+    ).beyond_tight
+
+    def liar(ops: Any, out: np.ndarray) -> np.ndarray:
+        expected = attention.expected_rows(
+            ops, range(np.asarray(ops["q"]).shape[0]), worst_case=True
+        )
+        signs = np.where(np.arange(out.size).reshape(out.shape) % 2, 1.0, -1.0)
+        return (expected.values + 0.5 * expected.tolerance * signs).astype(np.float32)
+
+    async with cluster(["requester", "s1", "s2"]) as c:
+        for name in ("s1", "s2"):
+            await c.start(name, "WEU")
+        requester = await c.start("requester", "WEU", serve=False)
+        await c.settle()
+        for name in ("s1", "s2"):
+            _answer_changed(c.peers[name].device, liar)
+        with np.errstate(all="ignore"), pytest.raises(JobFailed) as failed:
+            await requester.submit("attention", operands, shards=1)
+        assert not isinstance(failed.value, JobUnverifiable), failed.value
+        assert requester.scheduler.stats.unconfirmed == 2

@@ -605,6 +605,9 @@ class _JobRun:
         #: Workers whose answer to a shard was neither confirmed nor proven wrong
         #: (_unconfirmed).
         self.unconfirmed_by: dict[int, set[str]] = {}
+        #: Whether this requester's own product of a shard put its operands at fault
+        #: (_operands_at_fault), once computed.
+        self._own_verdicts: dict[int, bool] = {}
         self.checks_passed = 0
         self.rejected = 0
         self.reissued = 0
@@ -1402,8 +1405,10 @@ class _JobRun:
             elif self._settled(index):
                 # Another answer to the shard was accepted while this one was judged (on a
                 # thread, which a cancelled attempt still waits for): nothing is left to decide
-                # but a proven fault (a review: a twin's late verdict ended a finished job).
-                pass
+                # but a proven fault (a review: a twin's late verdict ended a finished job), and
+                # the standing of a worker whose answer was not confirmed.
+                if judged.beyond_tight and not judged.out_of_range:
+                    self._doubted(worker, index, "an answer its check could not confirm")
             elif judged.out_of_range:
                 self._unverifiable(index)
             elif judged.beyond_tight:
@@ -1483,15 +1488,22 @@ class _JobRun:
 
     async def _operands_at_fault(self, index: int, operands: dict[str, np.ndarray]) -> bool:
         """Whether this requester's own float32 product of shard ``index`` is beyond the tight
-        bound too (or cannot be judged): then honest answers may be that far apart."""
+        bound too, the whole of it, as the cheap checks judge (or cannot be judged): then
+        honest answers may be that far apart. Computed once per shard (a fourth review: each
+        further Sybil made the requester compute the shard again, 26 times its cost each);
+        at half the bound, honest float16 attention (up to 0.92 of it) blamed the operands."""
+        cached = self._own_verdicts.get(index)
+        if cached is not None:
+            return cached
         run = self.s.runtime.run_blocking
         flops = float(self.kernel.flops(operands))
         own = await run(self.kernel.reference, operands, flops=flops)
         every = list(range(own.shape[0]))
-        verdict = await run(
-            functools.partial(checks.judge_rows, tight=True), self.kernel, operands, own, every
-        )
-        return verdict.proven or verdict.out_of_range or verdict.beyond_tight
+        judge = functools.partial(checks.judge_rows, tight=True, tight_share=1.0)
+        verdict = await run(judge, self.kernel, operands, own, every)
+        at_fault = verdict.proven or verdict.out_of_range or verdict.beyond_tight
+        self._own_verdicts[index] = at_fault
+        return at_fault
 
     def _settled(self, index: int) -> bool:
         """Whether shard ``index`` has an accepted answer, or one being accepted."""

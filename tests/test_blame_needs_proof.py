@@ -180,16 +180,31 @@ async def test_redundant_verification_blames_only_by_proof():
         assert stats.fault_proofs == 0 and stats.rejected == 0
 
 
-def _liar(share: float) -> Any:
+def _liar(kernel: Any, share: float) -> Any:
     """A worker's answer moved by ``share`` of the worst-case bound, alternating signs."""
 
     def change(ops: Any, out: np.ndarray) -> np.ndarray:
-        rows = range(np.asarray(ops["a"]).shape[0])
-        expected = MATMUL.expected_rows(ops, rows, worst_case=True)
+        rows = range(kernel.n_rows(ops))
+        expected = kernel.expected_rows(ops, rows, worst_case=True)
         signs = np.where(np.arange(out.size).reshape(out.shape) % 2, 1.0, -1.0)
         return (expected.values + share * expected.tolerance * signs).astype(np.float32)
 
     return change
+
+
+async def _two_sybils_alone(kernel: str, operands: dict[str, np.ndarray]) -> Any:
+    """A job of one shard whose only workers are two liars (``_liar(..., 0.5)``): the
+    requester's scheduler, and the failure the job ended with."""
+    async with cluster(["requester", "s1", "s2"]) as c:
+        for name in ("s1", "s2"):
+            await c.start(name, "WEU")
+        requester = await c.start("requester", "WEU", serve=False)
+        await c.settle()
+        for name in ("s1", "s2"):
+            _answer_changed(c.peers[name].device, _liar(get_kernel(kernel), 0.5))
+        with np.errstate(all="ignore"), pytest.raises(JobFailed) as failed:
+            await requester.submit(kernel, operands, shards=1)
+        return requester.scheduler, failed.value
 
 
 async def test_two_sybils_cannot_end_a_job_of_ordinary_operands_as_unverifiable():
@@ -203,20 +218,11 @@ async def test_two_sybils_cannot_end_a_job_of_ordinary_operands_as_unverifiable(
         "a": rng.standard_normal((32, 1024)).astype(np.float32),
         "b": rng.standard_normal((1024, 64)).astype(np.float32),
     }
-    async with cluster(["requester", "s1", "s2"]) as c:
-        for name in ("s1", "s2"):
-            await c.start(name, "WEU")
-        requester = await c.start("requester", "WEU", serve=False)
-        await c.settle()
-        for name in ("s1", "s2"):
-            _answer_changed(c.peers[name].device, _liar(0.5))
-        with np.errstate(all="ignore"), pytest.raises(JobFailed) as failed:
-            await requester.submit("matmul", operands, shards=1)
-        assert not isinstance(failed.value, JobUnverifiable), failed.value
-        assert "no acceptable worker left" in str(failed.value)
-        assert "neither confirm nor prove wrong" in str(failed.value)
-        stats = requester.scheduler.stats
-        assert stats.unconfirmed == 2 and stats.fault_proofs == 0
+    scheduler, failure = await _two_sybils_alone("matmul", operands)
+    assert not isinstance(failure, JobUnverifiable), failure
+    assert "no acceptable worker left" in str(failure)
+    assert "neither confirm nor prove wrong" in str(failure)
+    assert scheduler.stats.unconfirmed == 2 and scheduler.stats.fault_proofs == 0
 
 
 def test_an_answer_is_confirmed_only_within_half_the_tight_bound() -> None:
@@ -254,21 +260,6 @@ async def test_two_sybils_cannot_end_an_ordinary_float16_attention_job():
         attention, operands, own, rows, tight=True, tight_share=1.0
     ).beyond_tight
 
-    def liar(ops: Any, out: np.ndarray) -> np.ndarray:
-        expected = attention.expected_rows(
-            ops, range(np.asarray(ops["q"]).shape[0]), worst_case=True
-        )
-        signs = np.where(np.arange(out.size).reshape(out.shape) % 2, 1.0, -1.0)
-        return (expected.values + 0.5 * expected.tolerance * signs).astype(np.float32)
-
-    async with cluster(["requester", "s1", "s2"]) as c:
-        for name in ("s1", "s2"):
-            await c.start(name, "WEU")
-        requester = await c.start("requester", "WEU", serve=False)
-        await c.settle()
-        for name in ("s1", "s2"):
-            _answer_changed(c.peers[name].device, liar)
-        with np.errstate(all="ignore"), pytest.raises(JobFailed) as failed:
-            await requester.submit("attention", operands, shards=1)
-        assert not isinstance(failed.value, JobUnverifiable), failed.value
-        assert requester.scheduler.stats.unconfirmed == 2
+    scheduler, failure = await _two_sybils_alone("attention", operands)
+    assert not isinstance(failure, JobUnverifiable), failure
+    assert scheduler.stats.unconfirmed == 2

@@ -425,11 +425,12 @@ class SchedulerStats:
     #: Results that failed verification, and the fault proofs made of them.
     rejected: int = 0
     fault_proofs: int = 0
-    #: Answers that failed the cheap check but whose every row lies within its tight bound
-    #: once judged whole (its alarm came from its own slack): accepted, nobody blamed.
+    #: Answers that failed the cheap check but whose every element lies within half its tight
+    #: bound once judged whole (its alarm came from its own slack): accepted, nobody blamed.
     accepted_on_judgement: int = 0
-    #: Answers that failed the cheap check, beyond its tight bound but within the worst-case
-    #: one: neither accepted nor blamed (not paid; the worker leaves the job).
+    #: Answers that failed the cheap check, beyond that but within the worst-case bound (and
+    #: redundant answers the requester's product did not confirm, proven nothing): neither
+    #: accepted nor blamed (not paid; the worker leaves the job).
     unconfirmed: int = 0
 
 
@@ -1414,7 +1415,7 @@ class _JobRun:
             elif judged.beyond_tight:
                 await self._unconfirmed(worker, index, operands)
             else:
-                # Every element within the tight bound once judged whole: the check's alarm
+                # Every element within half the tight bound once judged whole: the check's alarm
                 # came from its own slack (a device reading subnormal inputs as zero failed the
                 # weighted Freivalds check, a review of 2026-12-07, and was blamed).
                 self.s.stats.accepted_on_judgement += 1
@@ -1441,7 +1442,8 @@ class _JobRun:
         spoilt others. The verdict's ``proven``: blame its rows; ``out_of_range``: some rows
         cannot be judged (values near float32's limit, sums that cancel to almost nothing:
         the operands' failure); ``beyond_tight``: not proven, not confirmed; else every
-        element is within the tight bound, and the answer is accepted."""
+        element is within TIGHT_SHARE_ACCEPTED (half) of the tight bound, and the answer is
+        accepted."""
         run = self.s.runtime.run_blocking
         if isinstance(witness, list) and witness:
             verdict = await run(checks.judge_rows, self.kernel, operands, output, witness)
@@ -1692,7 +1694,7 @@ class _JobRun:
         )
         if result.ok:
             return True, None
-        # Rows too loose to judge are the witness too: judged again (_witness_rows), they
+        # Rows too loose to judge are the witness too: judged again (_judge_failed), they
         # prove nothing and end the job as one that cannot be verified.
         return False, [int(r) for r in np.union1d(result.bad_rows, result.loose_rows)]
 

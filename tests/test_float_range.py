@@ -235,3 +235,9 @@ async def test_a_job_whose_bound_is_too_wide_fails_without_blaming_its_worker():
         report = requester.scheduler.book.report(requester.clock.now())
         row = next((r for r in report if r["peer_id"] == w1.peer_id), {})
         assert not row.get("excluded"), row
+        # Its work is paid: the operands, not the worker, are at fault (a review: a requester
+        # could choose such operands, keep the bytes it received and pay nobody).
+        await requester.scheduler.settled()
+        assert requester.scheduler.stats.paid_unjudgeable == 1
+        paid = [r.body.worker for r in requester.receipts.receipts(limit=10)]
+        assert paid == [w1.peer_id]

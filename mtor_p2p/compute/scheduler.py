@@ -432,6 +432,9 @@ class SchedulerStats:
     #: redundant answers the requester's product did not confirm, proven nothing): neither
     #: accepted nor blamed (not paid; the worker leaves the job).
     unconfirmed: int = 0
+    #: Answers paid though the job's operands made them impossible to judge (the job ended
+    #: "cannot be verified").
+    paid_unjudgeable: int = 0
 
 
 def _timed_out(exc: BaseException) -> bool:
@@ -609,6 +612,8 @@ class _JobRun:
         #: Whether this requester's own product of a shard put its operands at fault
         #: (_operands_at_fault), once computed.
         self._own_verdicts: dict[int, bool] = {}
+        #: (worker, shard) answers paid though they could not be judged (_pay_unjudgeable).
+        self._paid_unjudgeable: set[tuple[str, int]] = set()
         self.checks_passed = 0
         self.rejected = 0
         self.reissued = 0
@@ -1411,9 +1416,10 @@ class _JobRun:
                 if judged.beyond_tight and not judged.out_of_range:
                     self._doubted(worker, index, "an answer its check could not confirm")
             elif judged.out_of_range:
+                await self._pay_unjudgeable(worker, index, answer.receipt)
                 self._unverifiable(index)
             elif judged.beyond_tight:
-                await self._unconfirmed(worker, index, operands)
+                await self._unconfirmed(worker, index, operands, answer.receipt)
             else:
                 # Every element within half the tight bound once judged whole: the check's alarm
                 # came from its own slack (a device reading subnormal inputs as zero failed the
@@ -1466,7 +1472,9 @@ class _JobRun:
         self.failed_on.setdefault(index, set()).add(worker)
         self._leave(worker, why)
 
-    async def _unconfirmed(self, worker: str, index: int, operands: dict[str, np.ndarray]) -> None:
+    async def _unconfirmed(
+        self, worker: str, index: int, operands: dict[str, np.ndarray], receipt: Receipt
+    ) -> None:
         """``worker``'s answer to shard ``index`` failed its check and is beyond the accepting
         share of the tight bound, yet within the worst-case one: nothing proves it wrong,
         nothing confirms it (a hostile review: accepting every answer within the worst-case
@@ -1474,11 +1482,13 @@ class _JobRun:
         nobody blamed by a fault proof (:meth:`_doubted`), and another worker runs the shard.
         From the second such answer to the shard on, the requester computes the shard itself
         and judges its own product: beyond the bound too, the operands are at fault and the
-        job cannot be verified; within it, the workers were (two Sybils had ended jobs of
-        ordinary operands as "cannot be verified", blaming the user's data)."""
+        job cannot be verified, and this answer is paid; within it, the workers were (two
+        Sybils had ended jobs of ordinary operands as "cannot be verified", blaming the user's
+        data)."""
         self._doubted(worker, index, "an answer its check could neither confirm nor prove wrong")
         if len(self.unconfirmed_by[index]) >= 2 and await self._operands_at_fault(index, operands):
             if not self._settled(index):
+                await self._pay_unjudgeable(worker, index, receipt)
                 self._unverifiable(
                     index,
                     f"shard {index} cannot be verified: answers beyond the check's bound, this "
@@ -1507,13 +1517,26 @@ class _JobRun:
         self._own_verdicts[index] = at_fault
         return at_fault
 
+    async def _pay_unjudgeable(self, worker: str, index: int, receipt: Receipt) -> None:
+        """Pay ``worker``'s answer to shard ``index``, which the job's operands make impossible
+        to judge (values near float32's limit, sums that cancel, this requester's own product
+        as far off): the input is at fault, not the worker, whose work is paid though the job
+        ends "cannot be verified" (a review: a requester could choose such operands, keep the
+        bytes it received and pay nobody). Never an answer proven wrong; once per answer."""
+        if (worker, index) in self._paid_unjudgeable:
+            return
+        self._paid_unjudgeable.add((worker, index))
+        self.s.stats.paid_unjudgeable += 1
+        await self.s.settle(worker, receipt)
+
     def _settled(self, index: int) -> bool:
         """Whether shard ``index`` has an accepted answer, or one being accepted."""
         return index in self.accepted or index in self._accepting
 
     def _unverifiable(self, index: int, why: str | None = None) -> None:
         """End the job: shard ``index``'s answer cannot be judged (see _judge_failed); no
-        worker is blamed, and none is paid for it (nothing was verified)."""
+        worker is blamed, and the answer that showed it is paid (_pay_unjudgeable), though
+        nothing was verified."""
         if self.unverifiable is None:
             self.unverifiable = why or (
                 f"shard {index} cannot be verified: an honest float32 result may be inf, NaN "
@@ -1731,7 +1754,7 @@ class _JobRun:
             self.kernel.reference, operands, flops=float(self.kernel.flops(operands))
         )
         confirmed = []
-        unjudged = False
+        unjudged: list[tuple[str, Receipt]] = []
         for w, out, receipt in ((w1, out1, r1), (w2, out2, r2)):
             matches, _ = checks.compare(reference, out, dtype=self.input_dtype)
             if matches:
@@ -1762,11 +1785,13 @@ class _JobRun:
                     requeue=False,
                 )
             elif verdict.out_of_range:
-                unjudged = True
+                unjudged.append((w, receipt))
             else:
                 self._doubted(w, index, "an answer the requester's own product did not confirm")
         if not confirmed:
             if unjudged and not self._settled(index):
+                for w, receipt in unjudged:
+                    await self._pay_unjudgeable(w, index, receipt)
                 self._unverifiable(index)
             else:
                 self.requeue(index)

@@ -263,3 +263,59 @@ async def test_two_sybils_cannot_end_an_ordinary_float16_attention_job():
     scheduler, failure = await _two_sybils_alone("attention", operands)
     assert not isinstance(failure, JobUnverifiable), failure
     assert scheduler.stats.unconfirmed == 2
+
+
+async def test_one_loose_row_does_not_pay_a_liar_on_the_others():
+    """A review: row 0 of A offset by 1e4 over centred columns of B cannot be judged (its sums
+    cancel), and the job's answers are paid as unjudgeable; a liar at 0.95 of the worst-case
+    bound on every other, ordinary row was paid with it. Errors where the bound can judge now
+    make the answer unconfirmed first: not paid."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((32, 1024))
+    b = rng.standard_normal((1024, 64))
+    b -= b.mean(axis=0)
+    a[0] += 1e4
+    operands = {"a": a.astype(np.float32), "b": b.astype(np.float32)}
+    assert MATMUL.expected_rows(operands, range(32)).loose().any(axis=1).nonzero()[0].tolist() == [
+        0
+    ]
+    lie = _liar(MATMUL, 0.95)
+
+    def liar_but_row_0(ops: Any, out: np.ndarray) -> np.ndarray:
+        lied = lie(ops, out)
+        lied[0] = out[0]
+        return lied
+
+    async with cluster(["requester", "w1"]) as c:
+        await c.start("w1", "WEU")
+        requester = await c.start("requester", "WEU", serve=False)
+        await c.settle()
+        _answer_changed(c.peers["w1"].device, liar_but_row_0)
+        with np.errstate(all="ignore"), pytest.raises(JobFailed):
+            await requester.submit("matmul", operands, shards=1)
+        await requester.scheduler.settled()
+        assert requester.scheduler.stats.paid_unjudgeable == 0
+        assert requester.receipts.receipts(limit=10) == []
+
+
+async def test_two_redundant_answers_agreeing_on_inf_where_nothing_overflows_are_blamed():
+    """A review: two colluders answering inf everywhere on ordinary operands agreed, and
+    redundant verification accepted and paid them. Agreement on inf or NaN is judged: here
+    both are proven wrong, and with no other worker the job fails."""
+    rng = np.random.default_rng(1)
+    operands = {
+        "a": rng.standard_normal((16, 64)).astype(np.float32),
+        "b": rng.standard_normal((64, 32)).astype(np.float32),
+    }
+    async with cluster(["requester", "s1", "s2"]) as c:
+        for name in ("s1", "s2"):
+            await c.start(name, "WEU")
+        requester = await c.start("requester", "WEU", serve=False)
+        await c.settle()
+        for name in ("s1", "s2"):
+            _answer_changed(c.peers[name].device, lambda ops, out: np.full_like(out, np.inf))
+        with np.errstate(all="ignore"), pytest.raises(JobFailed):
+            await requester.submit("matmul", operands, shards=1, verify="redundant")
+        assert requester.scheduler.stats.fault_proofs == 2
+        await requester.scheduler.settled()
+        assert requester.receipts.receipts(limit=10) == []

@@ -207,6 +207,10 @@ class JobFailed(Exception):
     """The job could not be completed (no workers left, or its deadline passed)."""
 
 
+#: Rows holding inf or NaN judged when two redundant answers agree on them.
+MAX_NON_FINITE_ROWS_JUDGED = 64
+
+
 class JobUnverifiable(JobFailed):
     """The job's operands make its answers impossible to judge (values near float32's limit,
     sums that cancel to almost nothing): the requester's input, not a worker, is at fault."""
@@ -1415,11 +1419,13 @@ class _JobRun:
                 # the standing of a worker whose answer was not confirmed.
                 if judged.beyond_tight and not judged.out_of_range:
                     self._doubted(worker, index, "an answer its check could not confirm")
+            elif judged.beyond_tight:
+                # Before out_of_range: errors where the bound can judge are not paid because
+                # other rows cannot be judged (a review: one loose row paid a liar).
+                await self._unconfirmed(worker, index, operands)
             elif judged.out_of_range:
                 await self._pay_unjudgeable(worker, index, answer.receipt)
                 self._unverifiable(index)
-            elif judged.beyond_tight:
-                await self._unconfirmed(worker, index, operands, answer.receipt)
             else:
                 # Every element within half the tight bound once judged whole: the check's alarm
                 # came from its own slack (a device reading subnormal inputs as zero failed the
@@ -1472,9 +1478,7 @@ class _JobRun:
         self.failed_on.setdefault(index, set()).add(worker)
         self._leave(worker, why)
 
-    async def _unconfirmed(
-        self, worker: str, index: int, operands: dict[str, np.ndarray], receipt: Receipt
-    ) -> None:
+    async def _unconfirmed(self, worker: str, index: int, operands: dict[str, np.ndarray]) -> None:
         """``worker``'s answer to shard ``index`` failed its check and is beyond the accepting
         share of the tight bound, yet within the worst-case one: nothing proves it wrong,
         nothing confirms it (a hostile review: accepting every answer within the worst-case
@@ -1482,13 +1486,12 @@ class _JobRun:
         nobody blamed by a fault proof (:meth:`_doubted`), and another worker runs the shard.
         From the second such answer to the shard on, the requester computes the shard itself
         and judges its own product: beyond the bound too, the operands are at fault and the
-        job cannot be verified, and this answer is paid; within it, the workers were (two
-        Sybils had ended jobs of ordinary operands as "cannot be verified", blaming the user's
-        data)."""
+        job cannot be verified (this answer, beyond the bound where it can judge, is not paid);
+        within it, the workers were (two Sybils had ended jobs of ordinary operands as "cannot
+        be verified", blaming the user's data)."""
         self._doubted(worker, index, "an answer its check could neither confirm nor prove wrong")
         if len(self.unconfirmed_by[index]) >= 2 and await self._operands_at_fault(index, operands):
             if not self._settled(index):
-                await self._pay_unjudgeable(worker, index, receipt)
                 self._unverifiable(
                     index,
                     f"shard {index} cannot be verified: answers beyond the check's bound, this "
@@ -1523,11 +1526,17 @@ class _JobRun:
         as far off): the input is at fault, not the worker, whose work is paid though the job
         ends "cannot be verified" (a review: a requester could choose such operands, keep the
         bytes it received and pay nobody). Never an answer proven wrong; once per answer."""
-        if (worker, index) in self._paid_unjudgeable:
+        if (worker, index) in self._paid_unjudgeable or self._settled(index):
             return
         self._paid_unjudgeable.add((worker, index))
+        # Held as "being accepted" while it is paid: settling may wait (no courier), and a
+        # twin accepted meanwhile would be paid for the shard too (a review).
+        self._accepting.add(index)
+        try:
+            await self.s.settle(worker, receipt)
+        finally:
+            self._accepting.discard(index)
         self.s.stats.paid_unjudgeable += 1
-        await self.s.settle(worker, receipt)
 
     def _settled(self, index: int) -> bool:
         """Whether shard ``index`` has an accepted answer, or one being accepted."""
@@ -1741,6 +1750,17 @@ class _JobRun:
             return
         (w1, out1, r1), (w2, out2, r2) = answers[-2:]
         agree, _ = checks.compare(out1, out2, dtype=self.input_dtype)
+        if agree and not np.isfinite(out2).all():
+            # Two answers agreeing on inf or NaN: honest where the operands overflow float32 or
+            # hold NaN, and otherwise two colluders' (a review: both all-inf on ordinary data
+            # were accepted and paid). The rows holding them are judged (at most 64); a proven
+            # fault goes the way of a disagreement, where each answer is judged and blamed.
+            flat = out2.reshape(out2.shape[0], -1)
+            rows = np.unique(np.nonzero(~np.isfinite(flat))[0])[:MAX_NON_FINITE_ROWS_JUDGED]
+            verdict = await self.s.runtime.run_blocking(
+                checks.judge_rows, self.kernel, operands, out2, [int(r) for r in rows]
+            )
+            agree = not verdict.proven
         if agree:
             self.checks_passed += 1
             # The copy is paid only beside an answer accepted now: a shard accepted meanwhile
@@ -1773,7 +1793,11 @@ class _JobRun:
             # Not proven: not accepted, not blamed; non-finite values where the sums may
             # overflow, or a bound too wide, make the shard one that cannot be verified.
             verdict = await self.s.runtime.run_blocking(
-                checks.judge_rows, self.kernel, operands, out, list(range(out.shape[0]))
+                functools.partial(checks.judge_rows, tight=True),
+                self.kernel,
+                operands,
+                out,
+                list(range(out.shape[0])),
             )
             if verdict.proven:
                 await self._reject(
@@ -1784,7 +1808,7 @@ class _JobRun:
                     verdict.rows,
                     requeue=False,
                 )
-            elif verdict.out_of_range:
+            elif verdict.out_of_range and not verdict.beyond_tight:
                 unjudged.append((w, receipt))
             else:
                 self._doubted(w, index, "an answer the requester's own product did not confirm")

@@ -920,6 +920,9 @@ class RowsVerdict:
     #: tight (probabilistic) bound the cheap checks use, though maybe within the worst-case
     #: one: an answer no check confirms.
     beyond_tight: bool = False
+    #: With ``tight=True``: some judged element is beyond the whole tight bound, where the bound
+    #: can judge: an answer the cheap checks themselves would fail there.
+    beyond_bound: bool = False
 
 
 def judge_rows(
@@ -947,7 +950,7 @@ def judge_rows(
     # are asked (a kernel may cut one row further: attention cuts its queries).
     per_row = max(1, kernel.recompute_elements(operands, 1))
     step = max(1, RECOMPUTE_BLOCK_ELEMENTS // per_row)
-    out_of_range = beyond_tight = False
+    out_of_range = beyond_tight = beyond_bound = False
     proven_rows: list[int] = []
     for start in range(0, len(unique), step):
         index = unique[start : start + step]
@@ -959,20 +962,22 @@ def judge_rows(
         if np.any(wrong):
             proven_rows.extend(int(r) for r in index[wrong.reshape(len(index), -1).any(axis=1)])
         out_of_range = out_of_range or not np.all(judged) or bool(np.any(expected.loose()))
-        if tight and not beyond_tight:
+        if tight and not beyond_bound:
             probable = kernel.expected_rows(operands, index)
-            share = _beyond(
-                claimed, probable, TIGHT_SHARE_ACCEPTED if tight_share is None else tight_share
-            )
+            share = TIGHT_SHARE_ACCEPTED if tight_share is None else tight_share
             # Over the elements the bound can judge: a loose one says nothing either way (a
             # review: one loose row had a liar's errors on every other row paid).
             judgeable = judged & ~expected.loose()
-            beyond_tight = bool(np.any((share | mismatched_nan) & judgeable))
+            beyond_tight = beyond_tight or bool(
+                np.any((_beyond(claimed, probable, share) | mismatched_nan) & judgeable)
+            )
+            beyond_bound = bool(np.any((_beyond(claimed, probable) | mismatched_nan) & judgeable))
     return RowsVerdict(
         proven=bool(proven_rows),
         out_of_range=out_of_range,
         rows=proven_rows,
         beyond_tight=beyond_tight,
+        beyond_bound=beyond_bound,
     )
 
 

@@ -319,3 +319,26 @@ async def test_two_redundant_answers_agreeing_on_inf_where_nothing_overflows_are
         assert requester.scheduler.stats.fault_proofs == 2
         await requester.scheduler.settled()
         assert requester.receipts.receipts(limit=10) == []
+
+
+async def test_honest_float16_attention_beside_a_row_that_cannot_be_judged_is_paid():
+    """Batch entry 0 with q and k 120 times the rest cannot be judged; the others are ordinary
+    float16 attention, whose honest answers reach 0.92 of the tight bound. Judged at half the
+    bound beside the loose entry, the honest workers went unpaid and doubted (a review); by the
+    whole bound, as the cheap checks judge, the job ends "cannot be verified" and the answer
+    that showed it is paid."""
+    rng = np.random.default_rng(0)
+    operands = {n: rng.standard_normal((3, 2, 64, 64)).astype(np.float16) for n in "qkv"}
+    operands["q"][0] *= 120
+    operands["k"][0] *= 120
+    async with cluster(["requester", "w1", "w2"]) as c:
+        await c.start("w1", "WEU")
+        await c.start("w2", "WEU")
+        requester = await c.start("requester", "WEU", serve=False)
+        await c.settle()
+        with np.errstate(all="ignore"), pytest.raises(JobUnverifiable):
+            await requester.submit("attention", operands, shards=1)
+        await requester.scheduler.settled()
+        stats = requester.scheduler.stats
+        assert stats.paid_unjudgeable == 1 and stats.unconfirmed == 0
+        assert len(requester.receipts.receipts(limit=10)) == 1

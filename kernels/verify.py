@@ -961,13 +961,14 @@ def judge_rows(
         wrong = (_beyond(claimed, expected) | mismatched_nan) & judged
         if np.any(wrong):
             proven_rows.extend(int(r) for r in index[wrong.reshape(len(index), -1).any(axis=1)])
-        out_of_range = out_of_range or not np.all(judged) or bool(np.any(expected.loose()))
+        loose = expected.loose()
+        out_of_range = out_of_range or not np.all(judged) or bool(np.any(loose))
         if tight and not beyond_bound:
             probable = kernel.expected_rows(operands, index)
             share = TIGHT_SHARE_ACCEPTED if tight_share is None else tight_share
             # Over the elements the bound can judge: a loose one says nothing either way (a
             # review: one loose row had a liar's errors on every other row paid).
-            judgeable = judged & ~expected.loose()
+            judgeable = judged & ~loose
             beyond_tight = beyond_tight or bool(
                 np.any((_beyond(claimed, probable, share) | mismatched_nan) & judgeable)
             )

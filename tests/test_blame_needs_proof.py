@@ -192,19 +192,23 @@ def _liar(kernel: Any, share: float) -> Any:
     return change
 
 
-async def _two_sybils_alone(kernel: str, operands: dict[str, np.ndarray]) -> Any:
-    """A job of one shard whose only workers are two liars (``_liar(..., 0.5)``): the
-    requester's scheduler, and the failure the job ended with."""
+async def _two_sybils_alone(
+    kernel: str, operands: dict[str, np.ndarray], lie: Any = None, **submit: Any
+) -> Any:
+    """A job of one shard whose only workers are two liars (``lie``, by default
+    ``_liar(..., 0.5)``), which fails: the requester (its receipts settled), and the failure."""
+    lie = lie or _liar(get_kernel(kernel), 0.5)
     async with cluster(["requester", "s1", "s2"]) as c:
         for name in ("s1", "s2"):
             await c.start(name, "WEU")
         requester = await c.start("requester", "WEU", serve=False)
         await c.settle()
         for name in ("s1", "s2"):
-            _answer_changed(c.peers[name].device, _liar(get_kernel(kernel), 0.5))
+            _answer_changed(c.peers[name].device, lie)
         with np.errstate(all="ignore"), pytest.raises(JobFailed) as failed:
-            await requester.submit(kernel, operands, shards=1)
-        return requester.scheduler, failed.value
+            await requester.submit(kernel, operands, shards=1, **submit)
+        await requester.scheduler.settled()
+        return requester, failed.value
 
 
 async def test_two_sybils_cannot_end_a_job_of_ordinary_operands_as_unverifiable():
@@ -218,11 +222,12 @@ async def test_two_sybils_cannot_end_a_job_of_ordinary_operands_as_unverifiable(
         "a": rng.standard_normal((32, 1024)).astype(np.float32),
         "b": rng.standard_normal((1024, 64)).astype(np.float32),
     }
-    scheduler, failure = await _two_sybils_alone("matmul", operands)
+    requester, failure = await _two_sybils_alone("matmul", operands)
     assert not isinstance(failure, JobUnverifiable), failure
     assert "no acceptable worker left" in str(failure)
     assert "neither confirm nor prove wrong" in str(failure)
-    assert scheduler.stats.unconfirmed == 2 and scheduler.stats.fault_proofs == 0
+    stats = requester.scheduler.stats
+    assert stats.unconfirmed == 2 and stats.fault_proofs == 0
 
 
 def test_an_answer_is_confirmed_only_within_half_the_tight_bound() -> None:
@@ -260,9 +265,9 @@ async def test_two_sybils_cannot_end_an_ordinary_float16_attention_job():
         attention, operands, own, rows, tight=True, tight_share=1.0
     ).beyond_tight
 
-    scheduler, failure = await _two_sybils_alone("attention", operands)
+    requester, failure = await _two_sybils_alone("attention", operands)
     assert not isinstance(failure, JobUnverifiable), failure
-    assert scheduler.stats.unconfirmed == 2
+    assert requester.scheduler.stats.unconfirmed == 2
 
 
 async def test_one_loose_row_does_not_pay_a_liar_on_the_others():
@@ -307,18 +312,11 @@ async def test_two_redundant_answers_agreeing_on_inf_where_nothing_overflows_are
         "a": rng.standard_normal((16, 64)).astype(np.float32),
         "b": rng.standard_normal((64, 32)).astype(np.float32),
     }
-    async with cluster(["requester", "s1", "s2"]) as c:
-        for name in ("s1", "s2"):
-            await c.start(name, "WEU")
-        requester = await c.start("requester", "WEU", serve=False)
-        await c.settle()
-        for name in ("s1", "s2"):
-            _answer_changed(c.peers[name].device, lambda ops, out: np.full_like(out, np.inf))
-        with np.errstate(all="ignore"), pytest.raises(JobFailed):
-            await requester.submit("matmul", operands, shards=1, verify="redundant")
-        assert requester.scheduler.stats.fault_proofs == 2
-        await requester.scheduler.settled()
-        assert requester.receipts.receipts(limit=10) == []
+    requester, _ = await _two_sybils_alone(
+        "matmul", operands, lambda ops, out: np.full_like(out, np.inf), verify="redundant"
+    )
+    assert requester.scheduler.stats.fault_proofs == 2
+    assert requester.receipts.receipts(limit=10) == []
 
 
 async def test_honest_float16_attention_beside_a_row_that_cannot_be_judged_is_paid():

@@ -29,6 +29,7 @@ from mtor_p2p.records.arrays import meta_of, pack
 from mtor_p2p.records.faults import verify_fault_proof
 from mtor_p2p.records.receipts import verify_receipt
 from mtor_p2p.wire import RecordError
+from tests.products import assert_product_close
 
 RNG = np.random.default_rng(7)
 
@@ -476,14 +477,14 @@ async def test_a_one_shard_jobs_output_is_its_answer_uncopied_and_the_callers_to
         # The first request travels on a stream while the lane opens beside it.
         await requester.submit("matmul", {"a": a, "b": b}, shards=1)
         first = await requester.submit("matmul", {"a": a, "b": b}, shards=1)
-        np.testing.assert_allclose(first.output, a @ b, rtol=1e-5)
+        assert_product_close(first.output, a @ b)
         assert _owns_its_buffer(first.output, first.output)  # adopted, not copied
         first.output[:] = -1.0  # the caller's to write
         second = await requester.submit("matmul", {"a": a, "b": b}, shards=1)
-        np.testing.assert_allclose(second.output, a @ b, rtol=1e-5)
+        assert_product_close(second.output, a @ b)
         assert not np.may_share_memory(first.output, second.output)
         two = await requester.submit("matmul", {"a": a, "b": b}, shards=2)
-        np.testing.assert_allclose(two.output, a @ b, rtol=1e-5)
+        assert_product_close(two.output, a @ b)
         assert not _owns_its_buffer(two.output, two.output)  # several shards: one array
 
 

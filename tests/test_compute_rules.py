@@ -15,7 +15,6 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import pytest
 import trio
 import trio.testing
@@ -39,6 +38,7 @@ from mtor_p2p.ledger.service import OTHER_NETWORK, SYNC_PROTOCOL
 from mtor_p2p.network import RemoteError
 from mtor_p2p.node import Node
 from tests.conftest import make_record
+from tests.products import assert_product_close
 from tests.test_virtual_time import (  # noqa: F401 (trio_seed: a fixture, autouse there)
     cluster,
     shard_operands,
@@ -87,7 +87,7 @@ async def job_beside_a_refuser(
         c.world.network(refuser.peer_id).handle(PROTOCOL_RUN, refuse)
         operands = shard_operands()
         result = await requester.submit("matmul", operands, shards=8)
-        np.testing.assert_allclose(result.output, operands["a"] @ operands["b"], rtol=1e-4)
+        assert_product_close(result.output, operands["a"] @ operands["b"])
     return w1, requester, refuser, result, asked
 
 
@@ -105,7 +105,7 @@ async def test_a_worker_of_other_ledger_rules_gets_no_shards(
         await follow_rules_1(old, seen_by=requester)
         operands = shard_operands()
         result = await requester.submit("matmul", operands, shards=4)
-        np.testing.assert_allclose(result.output, operands["a"] @ operands["b"], rtol=1e-4)
+        assert_product_close(result.output, operands["a"] @ operands["b"])
         now = requester.clock.now()
         found = {r.peer_id for r in requester.capacity.view.query(CapacityQuery(), now)}
         everyone = CapacityQuery(ledger_rules=None)
@@ -192,7 +192,7 @@ async def test_workers_of_another_network_refuse_and_are_left_without_blame(
         other.worker.network_id = "f" * 16
         operands = shard_operands()
         result = await requester.submit("matmul", operands, shards=8)
-        np.testing.assert_allclose(result.output, operands["a"] @ operands["b"], rtol=1e-4)
+        assert_product_close(result.output, operands["a"] @ operands["b"])
         assert {shard.worker for shard in result.shards} == {w1.peer_id}
         standing = requester.peers.get(other.peer_id)
         assert standing.failed == 0 and standing.in_a_row == 0
@@ -261,7 +261,7 @@ async def test_a_worker_of_another_network_is_not_asked_again_while_connected(
 
         async def job() -> set[str]:
             result = await requester.submit("matmul", operands, shards=8)
-            np.testing.assert_allclose(result.output, operands["a"] @ operands["b"], rtol=1e-4)
+            assert_product_close(result.output, operands["a"] @ operands["b"])
             return {shard.worker for shard in result.shards}
 
         assert await job() == {w1.peer_id}

@@ -22,6 +22,7 @@ from mtor_p2p.compute.scheduler import SHARED_IN_FLIGHT
 from mtor_p2p.ledger.names import LEDGER_RULES
 from mtor_p2p.network import RemoteError
 from mtor_p2p.node import Node
+from tests.products import assert_product_close
 from tests.test_virtual_time import ORDERS, cluster, trio_seed  # noqa: F401 (a fixture)
 
 RNG = np.random.default_rng(9)
@@ -122,7 +123,7 @@ async def test_each_operand_is_hashed_once_per_side(
         counts = count_hashing(monkeypatch)
         operands = small_operands()
         result = await requester.submit("matmul", operands, shards=1, max_workers=1)
-        np.testing.assert_allclose(result.output, operands["a"] @ operands["b"], rtol=1e-5)
+        assert_product_close(result.output, operands["a"] @ operands["b"])
         # requester: a, b, output; worker: a and b (carried in the run request), output.
         assert counts == {"whole": 6}
 
@@ -149,7 +150,7 @@ async def test_the_scheduler_hashes_a_large_downloaded_output_through_its_runtim
             "b": RNG.standard_normal((16, 1024)).astype("float32"),  # output: 4.004 MiB
         }
         result = await requester.submit("matmul", operands, shards=1, max_workers=1)
-        np.testing.assert_allclose(result.output, operands["a"] @ operands["b"], rtol=1e-5)
+        assert_product_close(result.output, operands["a"] @ operands["b"])
     assert hooks and all(hook is not None for hook in hooks)
 
 
@@ -194,7 +195,7 @@ async def test_slices_are_hashed_ahead_on_the_blocking_hook_each_once(
         monkeypatch.setattr(runtime, "run_blocking", spy)
         counts = count_hashing(monkeypatch)
         result = await requester.submit("matmul", operands, shards=4, max_workers=1)
-        np.testing.assert_allclose(result.output, operands["a"] @ operands["b"], rtol=1e-5)
+        assert_product_close(result.output, operands["a"] @ operands["b"])
         # The first shards' slices are hashed as they are sent; the rest ahead, at most 3 a
         # call.
         assert batches and sum(batches) >= 1 and max(batches) <= 3, batches
@@ -213,7 +214,7 @@ async def test_slices_are_hashed_ahead_on_the_blocking_hook_each_once(
         monkeypatch.setattr(runtime, "run_blocking", slow_hashing)
         a = RNG.standard_normal((16 * 8, 48)).astype("float32")
         result = await requester.submit("matmul", {**operands, "a": a}, shards=8, max_workers=1)
-    np.testing.assert_allclose(result.output, a @ operands["b"], rtol=1e-5)
+    assert_product_close(result.output, a @ operands["b"])
     assert counts["whole"] == (1 + 8 + 8) + (8 + 8), counts
 
 
@@ -236,7 +237,7 @@ async def test_hashing_a_shards_operands_is_not_counted_as_the_workers_time(
     async with one_worker() as (requester, _):
         operands = small_operands()
         result = await requester.submit("matmul", operands, shards=2, max_workers=1)
-        np.testing.assert_allclose(result.output, operands["a"] @ operands["b"], rtol=1e-5)
+        assert_product_close(result.output, operands["a"] @ operands["b"])
         assert len(result.shards) == 2
         assert all(0 < shard.seconds < 5 for shard in result.shards), result.shards
 
@@ -627,8 +628,8 @@ async def test_a_shard_costs_one_round_trip_the_uploads_travel_beside_the_run(
         warm_compute = worker.worker.stats.compute_seconds - computed
         # Asked about, not sent again: only the new A crossed.
         assert worker.worker.stats.bytes_received - received == warm["a"].nbytes
-    np.testing.assert_allclose(result.output, operands["a"] @ operands["b"], rtol=1e-4)
-    np.testing.assert_allclose(again.output, warm["a"] @ warm["b"], rtol=1e-4)
+    assert_product_close(result.output, operands["a"] @ operands["b"])
+    assert_product_close(again.output, warm["a"] @ warm["b"])
     rtt = 2 * (TABLE.one_way("WEU", "JPE") + 2 * ACCESS)
     assert compute + rtt < elapsed < compute + 1.5 * rtt, (elapsed, compute, rtt)
     assert warm_compute + rtt < warm_elapsed < warm_compute + 1.5 * rtt, (warm_elapsed, rtt)
@@ -668,7 +669,7 @@ async def test_a_worker_that_does_not_wait_for_operands_gets_the_run_again(
             "b": RNG.standard_normal((k, 250)).astype("float32"),
         }
         result = await requester.submit("matmul", operands, shards=1, max_workers=1)
-        np.testing.assert_allclose(result.output, operands["a"] @ operands["b"], rtol=1e-4)
+        assert_product_close(result.output, operands["a"] @ operands["b"])
         # (k=8: first the small request carrying them, "missing"); refused while the uploads
         # ran, then asked again.
         assert runs == seen
@@ -800,7 +801,7 @@ async def test_the_freivalds_sketch_is_made_while_the_worker_computes(
     async with one_worker(worker_region="JPE") as (requester, _):
         operands = small_operands()
         result = await requester.submit("matmul", operands, shards=2, max_workers=1)
-    np.testing.assert_allclose(result.output, operands["a"] @ operands["b"], rtol=1e-5)
+    assert_product_close(result.output, operands["a"] @ operands["b"])
     kinds = [kind for kind, _ in events]
     assert kinds.count("sketch") == 1  # one per job, shared by its shards
     assert kinds.index("sketch") < kinds.index("answer"), events
@@ -824,7 +825,7 @@ async def test_a_one_shard_jobs_b_is_kept_from_its_second_use_on(
             a = RNG.standard_normal((16, 48)).astype("float32")
             before = worker.worker.stats.bytes_received
             result = await requester.submit("matmul", {"a": a, "b": b}, shards=1)
-            np.testing.assert_allclose(result.output, a @ b, rtol=1e-5)
+            assert_product_close(result.output, a @ b)
             received.append(worker.worker.stats.bytes_received - before)
             if len(received) == 1:
                 assert digest not in worker.worker.operands
@@ -849,12 +850,12 @@ async def test_weights_every_worker_holds_are_never_carried(
             a = RNG.standard_normal((16, 48)).astype("float32")
             before = worker.worker.stats.bytes_received
             result = await requester.submit("matmul", {"a": a, "b": b}, shards=1)
-            np.testing.assert_allclose(result.output, a @ b, rtol=1e-5)
+            assert_product_close(result.output, a @ b)
             received.append(worker.worker.stats.bytes_received - before)
         assert received == [a.nbytes, a.nbytes] and uploads == []
         worker.worker.operands.discard(digest)
         result = await requester.submit("matmul", {"a": a, "b": b}, shards=1)
-        np.testing.assert_allclose(result.output, a @ b, rtol=1e-5)
+        assert_product_close(result.output, a @ b)
         assert uploads == [b.nbytes]
         assert requester.peers.get(worker.peer_id).failed == 0
 
@@ -881,7 +882,7 @@ async def test_answers_in_run_replies_are_placed_as_they_are_accepted(
             "b": RNG.standard_normal((48, 32)).astype("float32"),
         }
         result = await requester.submit("matmul", operands, shards=6)
-    np.testing.assert_allclose(result.output, operands["a"] @ operands["b"], rtol=1e-5)
+    assert_product_close(result.output, operands["a"] @ operands["b"])
     assert left_at_end == [0]
 
 
@@ -899,12 +900,12 @@ async def test_a_cold_shard_travels_as_one_message_and_b_stays_resident(
         b = RNG.standard_normal((48, 32)).astype("float32")
         first = {"a": RNG.standard_normal((64, 48)).astype("float32"), "b": b}
         result = await requester.submit("matmul", first, shards=2, max_workers=1)
-        np.testing.assert_allclose(result.output, first["a"] @ b, rtol=1e-5)
+        assert_product_close(result.output, first["a"] @ b)
         assert uploads == []
         received = worker.worker.stats.bytes_received
         second = {"a": RNG.standard_normal((64, 48)).astype("float32"), "b": b}
         result = await requester.submit("matmul", second, shards=2, max_workers=1)
-        np.testing.assert_allclose(result.output, second["a"] @ b, rtol=1e-5)
+        assert_product_close(result.output, second["a"] @ b)
         assert uploads == []
         assert worker.worker.stats.bytes_received - received == second["a"].nbytes
         # B over the limit: both uploaded (a run carrying operands waits for no upload).
@@ -938,14 +939,14 @@ async def test_a_resident_b_is_not_asked_about_and_is_sent_again_once_dropped(
         for shards in (1, 3):
             operands = {"a": RNG.standard_normal((60, 48)).astype("float32"), "b": b}
             result = await requester.submit("matmul", operands, shards=shards, max_workers=1)
-            np.testing.assert_allclose(result.output, operands["a"] @ b, rtol=1e-5)
+            assert_product_close(result.output, operands["a"] @ b)
         assert asked == [] and uploads == []
         # The worker drops B (its store's eviction, a restart): the next shard's answer
         # names it, B is uploaded, and the run is asked again.
         worker.worker.operands.discard(arrays.meta_of(b).digest)
         operands = {"a": RNG.standard_normal((60, 48)).astype("float32"), "b": b}
         result = await requester.submit("matmul", operands, shards=1, max_workers=1)
-        np.testing.assert_allclose(result.output, operands["a"] @ b, rtol=1e-5)
+        assert_product_close(result.output, operands["a"] @ b)
         assert uploads == [b.nbytes]
         assert arrays.meta_of(b).digest in worker.worker.operands
         assert requester.peers.get(worker.peer_id).failed == 0
@@ -993,7 +994,7 @@ async def test_checks_beside_other_shards_go_to_a_thread_a_lone_one_stays_inline
         assert inline == [True]
         # The worker is measured now: two shards at a time, and their checks beside others.
         result = await requester.submit("matmul", operands, shards=8, max_workers=1)
-        np.testing.assert_allclose(result.output, operands["a"] @ operands["b"], rtol=1e-5)
+        assert_product_close(result.output, operands["a"] @ operands["b"])
         assert len(inline) == 9
         assert inline[1:].count(False) >= 4, inline
         inline.clear()
@@ -1001,7 +1002,7 @@ async def test_checks_beside_other_shards_go_to_a_thread_a_lone_one_stays_inline
         async def one_job(b: np.ndarray) -> None:
             job = {"a": operands["a"], "b": b}
             result = await requester.submit("matmul", job, shards=1, max_workers=1)
-            np.testing.assert_allclose(result.output, job["a"] @ b, rtol=1e-5)
+            assert_product_close(result.output, job["a"] @ b)
 
         async with trio.open_nursery() as nursery:
             for scale in (2.0, 3.0):
@@ -1047,7 +1048,7 @@ async def test_the_next_shard_leaves_while_an_answer_is_judged(
         operands = small_operands()
         result = await requester.submit("matmul", operands, shards=6, max_workers=1)
         elapsed = trio.current_time() - started
-    np.testing.assert_allclose(result.output, operands["a"] @ operands["b"], rtol=1e-5)
+    assert_product_close(result.output, operands["a"] @ operands["b"])
     assert most == 1
     # Each check holding the worker's one place, the job takes over 3 s (3.14 measured, the
     # six checks one after the other); with the next shard computing meanwhile, 1.59 s.
@@ -1067,15 +1068,15 @@ async def test_a_jobs_output_reuses_the_memory_of_an_output_dropped_before(
     expected = operands["a"] @ operands["b"]
     async with one_worker() as (requester, _):
         first = await requester.submit("matmul", operands, shards=2, max_workers=1)
-        np.testing.assert_allclose(first.output, expected, rtol=1e-5)
+        assert_product_close(first.output, expected)
         address = first.output.ctypes.data
         kept = await requester.submit("matmul", operands, shards=2, max_workers=1)
         assert kept.output.ctypes.data != address  # the first is still held
         del first
         again = await requester.submit("matmul", operands, shards=2, max_workers=1)
     assert again.output.ctypes.data == address
-    np.testing.assert_allclose(again.output, expected, rtol=1e-5)
-    np.testing.assert_allclose(kept.output, expected, rtol=1e-5)
+    assert_product_close(again.output, expected)
+    assert_product_close(kept.output, expected)
     assert (arrays.fresh, arrays.reused) == (2, 1)
 
 
@@ -1125,7 +1126,7 @@ async def test_a_worker_over_its_cap_of_carried_bytes_gets_uploads_instead(
     async with one_worker() as (requester, worker):
         operands = small_operands()
         result = await requester.submit("matmul", operands, shards=2, max_workers=1)
-        np.testing.assert_allclose(result.output, operands["a"] @ operands["b"], rtol=1e-5)
+        assert_product_close(result.output, operands["a"] @ operands["b"])
         assert uploads  # refused inline, uploaded
         assert requester.peers.get(worker.peer_id).failed == 0
         assert worker.peer_id not in requester.scheduler.no_inline
@@ -1307,7 +1308,7 @@ async def test_an_answer_whose_hash_or_signature_fails_beside_other_shards_is_th
         )
         operands = small_operands()
         result = await requester.submit("matmul", operands, shards=8, max_workers=2)
-    np.testing.assert_allclose(result.output, operands["a"] @ operands["b"], rtol=1e-5)
+    assert_product_close(result.output, operands["a"] @ operands["b"])
     assert result.workers == [honest.peer_id], result.workers
     reason = result.workers_out[liar.peer_id]
     expected = "hash mismatch" if how == "output" else "worker signature does not verify"
@@ -1402,7 +1403,7 @@ async def test_operands_and_outputs_viewed_in_received_messages_are_aligned(
                 "b": RNG.standard_normal((k, 32)).astype("float32"),
             }
             result = await requester.submit("matmul", operands, shards=shards, max_workers=1)
-            np.testing.assert_allclose(result.output, operands["a"] @ operands["b"], rtol=1e-5)
+            assert_product_close(result.output, operands["a"] @ operands["b"])
     assert multiplied and all(multiplied), multiplied
     assert checked and all(checked), checked
 
@@ -1448,7 +1449,7 @@ async def test_a_worker_gets_no_more_slots_than_its_job_has_shards(
         counted.slots = 0
         await requester.submit("matmul", small_operands(), shards=8, max_workers=2)
         trio.lowlevel.remove_instrument(counted)
-    np.testing.assert_allclose(result.output, operands["a"] @ operands["b"], rtol=1e-5)
+    assert_product_close(result.output, operands["a"] @ operands["b"])
     assert one_shard == 2
     assert counted.slots == 2 * (requester.scheduler.max_in_flight + 1)
 
@@ -1498,7 +1499,7 @@ async def test_a_two_shard_job_over_two_measured_workers_runs_one_shard_on_each(
         for _ in range(4):
             operands = small_operands()
             result = await requester.submit("matmul", operands, shards=2, max_workers=2)
-            np.testing.assert_allclose(result.output, operands["a"] @ operands["b"], rtol=1e-5)
+            assert_product_close(result.output, operands["a"] @ operands["b"])
             spread.append(sorted(Counter(s.worker for s in result.shards).values()))
     assert spread == [[1, 1]] * 4, spread
 
@@ -1626,7 +1627,7 @@ async def test_a_lone_jobs_first_slice_and_answer_checks_are_begun_beside_the_lo
         begun = spy_beside(monkeypatch, requester)
         operands = small_operands()
         result = await requester.submit("matmul", operands, shards=1, max_workers=1)
-        np.testing.assert_allclose(result.output, operands["a"] @ operands["b"], rtol=1e-5)
+        assert_product_close(result.output, operands["a"] @ operands["b"])
         assert begun == ["_describe_arrays", "_verify_later"]
         assert counts == {"whole": 6}  # as test_each_operand_is_hashed_once_per_side
         begun.clear()

@@ -19,6 +19,7 @@ from mtor_kernels.matmul import MatmulKernel
 from mtor_p2p.compute import blas, executor
 from mtor_p2p.compute.executor import BackendExecutor
 from mtor_p2p.runtime import Runtime
+from tests.products import assert_product_close
 
 RNG = np.random.default_rng(7)
 
@@ -57,7 +58,7 @@ def test_small_host_shards_run_on_the_event_loop_once_the_speed_is_known(
         ex = BackendExecutor(NumpyBackend(), Runtime.production())
         first = await ex.execute(kernel, operands, {})  # no speed known yet: a thread
         assert ex.seconds_per_flop["matmul"] > 0
-        np.testing.assert_allclose(first, operands["a"] @ operands["b"], rtol=1e-5)
+        assert_product_close(first, operands["a"] @ operands["b"])
         # Known fast enough: on the loop.
         ex.seconds_per_flop["matmul"] = executor.INLINE_KERNEL_SECONDS / flops / 4
         await ex.execute(kernel, operands, {})
@@ -155,6 +156,6 @@ def test_simulated_runtime_ignores_the_choice(monkeypatch: pytest.MonkeyPatch) -
     async def main() -> None:
         ex = BackendExecutor(NumpyBackend(), Runtime.simulated(seed=1))
         out = await ex.execute(kernel, operands, {})
-        np.testing.assert_allclose(out, operands["a"] @ operands["b"], rtol=1e-5)
+        assert_product_close(out, operands["a"] @ operands["b"])
 
     trio.run(main)

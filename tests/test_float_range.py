@@ -18,6 +18,7 @@ from mtor_kernels import get_kernel
 from mtor_kernels import verify as checks
 from mtor_kernels.base import FLOAT32_TINY
 from mtor_p2p.compute.scheduler import JobFailed
+from tests.products import assert_product_close
 from tests.test_virtual_time import cluster
 
 MATMUL = get_kernel("matmul")
@@ -111,7 +112,7 @@ async def test_a_job_out_of_float32s_range_fails_without_blaming_its_workers():
             assert not row.get("excluded"), row
         # The same cluster still serves a job in range.
         result = await requester.submit("matmul", _operands(1.0), shards=2)
-        np.testing.assert_allclose(result.output, _honest(_operands(1.0)), rtol=1e-5)
+        assert_product_close(result.output, _honest(_operands(1.0)))
 
 
 def test_a_finite_wrong_value_where_the_sums_may_overflow_is_still_proven():

@@ -57,6 +57,7 @@ from mtor_p2p.records.receipts import (
 )
 from mtor_p2p.runtime import _begin_on_helper
 from mtor_p2p.wire import canonical_json
+from tests.products import assert_product_close
 from tests.test_virtual_time import cluster
 
 EPOCH = 1_800_000_000.0
@@ -719,7 +720,7 @@ async def test_an_answer_whose_own_checks_fail_on_a_helper_thread_is_the_workers
             "b": RNG.standard_normal((48, 32)).astype("float32"),
         }
         result = await requester.submit("matmul", ops, shards=1, max_workers=2)
-        np.testing.assert_allclose(result.output, ops["a"] @ ops["b"], rtol=1e-5)
+        assert_product_close(result.output, ops["a"] @ ops["b"])
         assert set(result.workers) == {honest.peer_id}
         assert "malformed answer" in result.workers_out.get(hostile.peer_id, ""), result
         assert result.checks_passed == 1  # the honest answer's; the hostile one's is void

@@ -12,7 +12,6 @@ from __future__ import annotations
 import statistics
 from typing import Any, ClassVar
 
-import numpy as np
 import pytest
 import trio
 import trio.testing
@@ -24,6 +23,7 @@ from mtor_p2p.ledger.genesis import NANO
 from mtor_p2p.metrics import EventWindow
 from mtor_p2p.network import SMALL_EXCHANGE_BYTES, RoundTrips
 from mtor_p2p.node import Node
+from tests.products import assert_product_close
 from tests.test_virtual_time import (  # noqa: F401 (trio_seed: a fixture, autouse there)
     ACCESS,
     CARD,
@@ -86,7 +86,7 @@ async def test_insight_of_a_cluster_after_jobs(autojump_clock: trio.testing.Mock
         operands = shard_operands()
         for max_price in (5.0, None):
             result = await requester.submit("matmul", operands, shards=8, max_price=max_price)
-            np.testing.assert_allclose(result.output, operands["a"] @ operands["b"], rtol=1e-4)
+            assert_product_close(result.output, operands["a"] @ operands["b"])
         await requester.scheduler.settled()
         await trio.sleep(10)  # countersigned receipts reach their workers and ledgers
 

@@ -44,6 +44,7 @@ from mtor_p2p.sim.device import SimulatedDevice
 from mtor_p2p.sim.scenario import GpuModel
 from tests.conftest import GPU
 from tests.ledger_data import PEERS, genesis, receipt
+from tests.products import assert_product_close
 
 RTT_CSV = Path(__file__).resolve().parents[1] / "simulations" / "data" / "region-rtt-p95-ms.csv"
 TABLE = LatencyModel.from_csv(RTT_CSV)
@@ -656,7 +657,7 @@ async def test_a_stalled_shard_is_reissued_to_another_worker_at_the_shard_timeou
         result = await requester.submit("matmul", operands, shards=1)
         finished = trio.current_time()
 
-    np.testing.assert_allclose(result.output, operands["a"] @ operands["b"], rtol=1e-4)
+    assert_product_close(result.output, operands["a"] @ operands["b"])
     assert result.workers == [honest.peer_id] and result.reissued == 1
     stalled, accepted = attempts
     assert (stalled.worker, stalled.outcome) == (staller.peer_id, "timeout")
@@ -702,7 +703,7 @@ async def test_a_worker_crashing_mid_shard_is_routed_around_at_once(
         result = await requester.submit("matmul", operands, shards=1)
         finished = trio.current_time()
 
-    np.testing.assert_allclose(result.output, operands["a"] @ operands["b"], rtol=1e-4)
+    assert_product_close(result.output, operands["a"] @ operands["b"])
     assert result.workers == [honest.peer_id] and result.reissued == 1
     failed, accepted = attempts
     assert (failed.worker, failed.outcome) == (victim.peer_id, "failed")

@@ -59,6 +59,7 @@ from mtor_p2p.network import NetworkError, RemoteError
 from mtor_p2p.records.arrays import OperandStore, meta_of, pack, pack_parts, unpack
 from mtor_p2p.records.receipts import Receipt, countersign, shard_cost_nano
 from mtor_p2p.runtime import Runtime
+from tests.products import assert_product_close
 
 EPOCH = 1_800_000_000.0
 JOB = "ab" * 32
@@ -187,7 +188,7 @@ async def run(
         transfer_timeout=10,
         terms=terms,
     )
-    np.testing.assert_allclose(answer.output, operands["a"] @ operands["b"], rtol=1e-4)
+    assert_product_close(answer.output, operands["a"] @ operands["b"])
     return answer.receipt
 
 
@@ -216,7 +217,7 @@ async def test_a_carried_resident_operand_is_kept_in_memory_of_its_own(
             )  # fmt: skip
 
         answer = await carry(job_of(alice))
-        np.testing.assert_allclose(answer.output, operands["a"] @ operands["b"], rtol=1e-4)
+        assert_product_close(answer.output, operands["a"] @ operands["b"])
         kept = b.worker.operands.get(digest)
         assert kept is not None and kept.flags.owndata and not kept.flags.writeable
         np.testing.assert_array_equal(kept, operands["b"])

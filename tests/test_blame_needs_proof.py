@@ -47,10 +47,10 @@ def _sequential(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def test_an_honest_sum_that_cancels_fails_the_cheap_check_but_proves_nothing() -> None:
     operands = _cancelling_rows()
     honest = _sequential(operands["a"], operands["b"])
-    # The tight bound's alarm (both checks): the reason judging must not use it.
-    assert not checks.freivalds(
-        operands["a"], operands["b"], honest, rng=np.random.default_rng(1)
-    ).ok
+    # The tight bound's alarm: the reason judging must not use it. (Freivalds' check of the
+    # same answer failed on the CPU of the review, and passes at 0.72-0.81 of its tolerance on
+    # an AMD EPYC 7003, whose BLAS rounds the check's own products otherwise; the sampled
+    # check compares elements with the tight bound, and fails on both.)
     tight = MATMUL.expected_rows(operands, [0])
     assert (np.abs(honest[0] - tight.values) > tight.tolerance).any()
     verdict = checks.judge_rows(MATMUL, operands, honest, list(range(4)))
@@ -256,11 +256,18 @@ async def test_two_sybils_cannot_end_an_ordinary_float16_attention_job():
     operands at fault, and two Sybils ended the job "cannot be verified" (a fourth review).
     The requester's own product is judged by the whole bound, as the cheap checks judge."""
     attention = get_kernel("attention")
-    rng = np.random.default_rng(0)
-    operands = {n: rng.standard_normal((2, 2, 64, 64)).astype(np.float16) for n in "qkv"}
-    own = attention.reference(operands)
-    rows = list(range(own.shape[0]))
-    assert checks.judge_rows(attention, operands, own, rows, tight=True).beyond_tight
+    # Operands whose honest product, as this machine's BLAS sums it, sits beyond half the
+    # tight bound (the review's, seed 0, on its CPU; how far depends on BLAS's summation
+    # order: here 1 draw in 6 or so reaches past half of it).
+    for seed in range(64):
+        rng = np.random.default_rng(seed)
+        operands = {n: rng.standard_normal((2, 2, 64, 64)).astype(np.float16) for n in "qkv"}
+        own = attention.reference(operands)
+        rows = list(range(own.shape[0]))
+        if checks.judge_rows(attention, operands, own, rows, tight=True).beyond_tight:
+            break
+    else:
+        pytest.fail("no draw of float16 attention beyond half the tight bound")
     assert not checks.judge_rows(
         attention, operands, own, rows, tight=True, tight_share=1.0
     ).beyond_tight

@@ -87,7 +87,7 @@ from .base import (
 HONEST_NORM_SLACK = 1.01
 
 __all__ = [
-    "BALANCE_LIFT_BINADES",
+    "BALANCE_SPREAD_BINADES",
     "CHECK_UNIT_ROUNDOFF",
     "COMPARE_RTOL",
     "FREIVALDS_SAFETY",
@@ -263,13 +263,14 @@ class Balance:
     * ``column_weights`` (W): each column of B scaled up to the binade of the largest, by a
       power of two (exact in float32, so ``v`` and ``C v`` lose nothing to it); a wrong
       element then shows against its own column's scale. A zero column gets the largest
-      weight. None (all ones) when that would tighten the
-      bound little (:data:`BALANCE_LIFT_BINADES`): ordinary data costs nothing more.
+      weight. None (all ones) when the columns' norms span at most
+      :data:`BALANCE_SPREAD_BINADES` binades: ordinary data costs nothing more.
     * ``row_scales`` (1/D): each row's norm in ``B W`` (relative to the largest), so that
       ``||a_i D^-1||`` counts A's entries by the size of the rows of B they multiply (a zero
       row's, not at all). Each term of the tolerance takes the smaller of this bound and the
       unscaled one (both hold), since for a product dominated by one rank-one term this one
-      can be the looser. None by the same test on B's rows, when none is zero.
+      can be the looser. None when the rows span at most that many binades and none is
+      zero.
     """
 
     #: W's diagonal (n,), powers of two >= 1; None: all ones.
@@ -288,16 +289,10 @@ class Balance:
         return 1.0 if self.column_weights is None else float(self.column_weights.max())
 
 
-#: B's columns (or rows) are left unscaled while the root mean square of their non-zero
-#: norms is within ``2**this`` of the smallest: the tolerance is then less than
-#: ``2**(this + 1)`` times looser for any column than weighting would make it (the plain bound
-#: counts ``||B||_F``, the weighted one for column j under ``2 sqrt(n) ||b_j||``), and nothing
-#: is spent on a second view. Until 2026-12-07 the test was the spread of the norms (at most
-#: this many binades between the largest and the smallest), which weighted B for one large
-#: column that barely moved ``||B||_F``: one entry of 150 in a 512² N(0, 1) B doubled the
-#: check's cost (two views) for a tolerance 6% tighter (a wrong element at 5.5 against 5.2
-#: times it).
-BALANCE_LIFT_BINADES = 2
+#: Column (or row) norms of B within this many binades of each other are left unscaled: the
+#: tolerance is then at most ``2**(this + 1)`` times looser for the smallest than weighting
+#: would make it, and nothing is spent on weighted norms.
+BALANCE_SPREAD_BINADES = 2
 #: Weights span at most this many binades, so that ``C W`` stays within float32's range for
 #: any C a check in float32 can use (columns further apart stay that much looser).
 _MAX_WEIGHT_BINADES = 64
@@ -316,20 +311,6 @@ def _spread_binades(norms: np.ndarray) -> tuple[np.ndarray, int, int] | None:
     return exponents, int(exponents[nonzero].max()), int(exponents[nonzero].min())
 
 
-def _lifts_smallest(norms: np.ndarray) -> bool:
-    """Whether scaling the non-zero ``norms`` to one binade would tighten the bound for the
-    smallest by more than ``2**BALANCE_LIFT_BINADES`` (see there): their root mean square over
-    the smallest. False when all are zero or any is not finite (the check's float64 path
-    judges those as they are)."""
-    if norms.size == 0 or not np.isfinite(norms).all():
-        return False
-    nonzero = norms[norms > 0]
-    if nonzero.size == 0:
-        return False
-    rms = math.sqrt(float(np.mean(np.square(nonzero / nonzero.max())))) * float(nonzero.max())
-    return rms > 2.0**BALANCE_LIFT_BINADES * float(nonzero.min())
-
-
 def balances_of(b: np.ndarray) -> tuple[Balance, ...]:
     """The views of ``b`` a check goes through: the weighted one (:class:`Balance`) when B's
     columns spread, then always the plain one (no column weights). Each is sound alone, and a
@@ -342,7 +323,7 @@ def balances_of(b: np.ndarray) -> tuple[Balance, ...]:
     column_norms = _column_norms(b)
     plain = _balance(b, None, column_norms)
     spread = _spread_binades(column_norms)
-    if spread is None or not _lifts_smallest(column_norms):
+    if spread is None or spread[1] - spread[2] <= BALANCE_SPREAD_BINADES:
         return (plain,)
     exponents, largest, smallest = spread
     shift = np.where(column_norms > 0, largest - exponents, largest - smallest)
@@ -365,11 +346,10 @@ def _balance(b: np.ndarray, weights: np.ndarray | None, column_norms: np.ndarray
         b_frobenius = float(np.sqrt(np.sum(np.square(column_norms * weights))))
     row_scales = None
     scaled_frobenius = 0.0
+    spread = _spread_binades(row_norms)
     # A zero row of B is the lever as much as a small one: A's column there may be anything.
-    # (With A's weight on B's smallest row l, the plain bound counts ||B W||_F and the scaled
-    # one ||b_l W|| sqrt(rows): the same test as for the columns.)
-    if _spread_binades(row_norms) is not None and (
-        _lifts_smallest(row_norms) or not np.all(row_norms > 0)
+    if spread is not None and (
+        spread[1] - spread[2] > BALANCE_SPREAD_BINADES or not np.all(row_norms > 0)
     ):
         largest_row = float(row_norms.max())
         row_scales = row_norms / largest_row

@@ -162,39 +162,6 @@ def test_ordinary_operands_are_not_weighted() -> None:
     assert balance.b_frobenius == pytest.approx(float(np.linalg.norm(b.astype(np.float64))))
 
 
-@pytest.mark.parametrize("outlier", [150.0, 1000.0])
-def test_one_large_entry_is_not_weighted_where_weighting_would_tighten_little(
-    outlier: float, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """One entry of B far above the rest (a benchmark's fresh value, an outlier weight) makes
-    its column's norm many binades above the others but barely moves ``||B||_F``: weighting
-    would tighten the bound for the other columns less than ``2**(BALANCE_LIFT_BINADES + 1)``
-    times (measured: 1.06x with 150, 3x with 1000), at twice the check's cost (two views),
-    so it is not done. Against the weighted check (forced), a wrong element's margin in the
-    plain one is within that factor."""
-    rng = np.random.default_rng(0)
-    a = rng.standard_normal((64, 512), dtype=np.float32)
-    b = rng.standard_normal((512, 512), dtype=np.float32)
-    b[0, 0] = outlier
-    assert len(checks.balances_of(b)) == 1
-    assert checks.balance_of(b).row_scales is None
-    wrong = a @ b
-    wrong[7, 5] += 1.0
-
-    def margin() -> float:
-        return min(
-            checks.freivalds(a, b, wrong, rng=np.random.default_rng(seed)).max_error
-            for seed in range(5)
-        )
-
-    plain = margin()
-    at_most = 2.0 ** (checks.BALANCE_LIFT_BINADES + 1)
-    monkeypatch.setattr(checks, "BALANCE_LIFT_BINADES", -60)  # weigh any spread
-    assert len(checks.balances_of(b)) == 2
-    weighted = margin()
-    assert 1.0 <= weighted / plain < at_most, (weighted, plain)
-
-
 def test_the_float64_path_is_balanced_too() -> None:
     """A NaN anywhere sends the check to its float64 path, which weighs the vectors and norms
     the same way: the wrong element in another row is still caught there."""

@@ -162,6 +162,35 @@ def test_ordinary_operands_are_not_weighted() -> None:
     assert balance.b_frobenius == pytest.approx(float(np.linalg.norm(b.astype(np.float64))))
 
 
+def test_a_row_aligned_with_a_large_column_is_checked_against_its_small_columns(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One column of B, large but barely moving ``||B||_F`` (the root mean square of the
+    column norms under 4x the smallest), with a row of A along it (a Gram product): that
+    row's tolerance counts its large element in every term that grows with C, so without
+    weights a wrong element in a small column passed at 0.66 times the row's typical size,
+    60x what the weighted check lets through (n = 2048: 123x). A review of a test that
+    weighted only when the norms' root mean square exceeded 4x the smallest (reverted): the
+    spread of the norms, the test kept, weights these operands."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((64, 512), dtype=np.float32)
+    b = rng.standard_normal((512, 512), dtype=np.float32)
+    norms = np.linalg.norm(b.astype(np.float64), axis=0)
+    others = np.delete(norms, 0)
+    large = np.sqrt((3.99 * others.min()) ** 2 * 512 - np.sum(others**2))
+    b[:, 0] *= np.float32(large / norms[0])
+    a[7] = b[:, 0]
+    assert len(checks.balances_of(b)) == 2
+    c = a @ b
+    assert checks.freivalds(a, b, c, rng=np.random.default_rng(1)).ok
+    small = int(np.argmin(norms))
+    wrong = _wrong(c, 7, small, 0.2)
+    for seed in range(3):
+        assert not checks.freivalds(a, b, wrong, rng=np.random.default_rng(seed)).ok
+    _unbalanced(monkeypatch)
+    assert checks.freivalds(a, b, wrong, rng=np.random.default_rng(0)).ok
+
+
 def test_the_float64_path_is_balanced_too() -> None:
     """A NaN anywhere sends the check to its float64 path, which weighs the vectors and norms
     the same way: the wrong element in another row is still caught there."""

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import functools
 import math
+import statistics
 import time
+from collections import deque
 from typing import Protocol
 
 import numpy as np
@@ -36,6 +38,13 @@ INLINE_KERNEL_ELEMENTS = 1 << 20
 MIN_TIMED_FLOPS = 1e6
 #: How far each faster shard moves the speed estimate back (a slower one counts whole).
 SPEED_RECOVERY = 0.1
+#: ... and whose wall time per FLOP, the median of its kernel's last this many shards, also
+#: predicts at most INLINE_KERNEL_SECONDS: the speed above is CPU time, which a host whose
+#: cores other processes hold keeps low while each product holds the loop for its wall time
+#: (a review: 3 busy processes beside a worker on 2 cores, every 512³ product inline and the
+#: loop's gaps 10.8 ms at the median; 16.5 ms with 7). A median, not the slowest: one
+#: preempted product does not send the next ones to a thread.
+WALL_WINDOW = 8
 
 
 class ShardExecutor(Protocol):
@@ -66,6 +75,8 @@ class BackendExecutor:
         #: time is their FLOPs; a kernel absent until one of its shards large enough to tell
         #: has run.
         self.seconds_per_flop: dict[str, float] = {}
+        #: Wall seconds per FLOP of each kernel's last WALL_WINDOW timed shards.
+        self.wall_per_flop: dict[str, deque[float]] = {}
 
     async def execute(
         self, kernel: Kernel, operands: dict[str, np.ndarray], keys: dict[str, str]
@@ -94,9 +105,12 @@ class BackendExecutor:
             return False
         elements = sum(a.size for a in operands.values())
         elements += math.prod(kernel.output_shape(operands))
+        walls = self.wall_per_flop.get(kernel.name)
         return (
             elements <= INLINE_KERNEL_ELEMENTS
             and flops * speed <= INLINE_KERNEL_SECONDS
+            and walls is not None
+            and flops * statistics.median(walls) <= INLINE_KERNEL_SECONDS
             and blas.single_threaded()
         )
 
@@ -110,20 +124,22 @@ class BackendExecutor:
         # not every other one.
         #
         # With NumPy on one BLAS thread (the only case a shard may run on the loop) the
-        # kernel's time is this thread's CPU time: on a busy host the wall clock counts the
-        # time other processes held the core, which the kernel did not cost and the loop would
-        # have lost anyway. On the 2-core EPYC 7003 a 512³ product takes 3.9 ms alone, 4.7 ms
+        # kernel's speed is this thread's CPU time, and its wall time is kept beside it
+        # (WALL_WINDOW): on the 2-core EPYC 7003 a 512³ product takes 3.9 ms alone, 4.7 ms
         # (median) beside a requester and another worker, and over 8 ms whenever it was
-        # preempted: 30% of a round-trip loop's products then went to a thread, each hop
-        # ~1 ms. Interleaved one-shard jobs there, 2 clusters each: p50 19.3-21.1 -> 16.8-18.7
-        # ms with the thread's clock. Elsewhere (more BLAS threads, a GPU) the wall clock.
-        clock = time.perf_counter
+        # preempted; timed by the wall clock alone, 30% of a round-trip loop's products then
+        # went to a thread, each hop ~1 ms (round trips alternating, p50 19.4, 20.8, 20.8,
+        # 22.9 -> 19.0, 18.6, 20.5, 23.4 ms: within that hour's noise). Elsewhere (more BLAS
+        # threads, a GPU) the wall clock is the speed too.
+        cpu_clock = time.perf_counter
         if isinstance(self.backend, NumpyBackend) and blas.single_threaded():
-            clock = time.thread_time
-        began = clock()
+            cpu_clock = time.thread_time
+        began, began_cpu = time.perf_counter(), cpu_clock()
         output = kernel.run(operands, self.backend, keys=keys)
         if flops >= MIN_TIMED_FLOPS and kernel.cost_is_flops:
-            measured = (clock() - began) / flops
+            walls = self.wall_per_flop.setdefault(kernel.name, deque(maxlen=WALL_WINDOW))
+            walls.append((time.perf_counter() - began) / flops)
+            measured = (cpu_clock() - began_cpu) / flops
             known = self.seconds_per_flop.get(kernel.name)
             if known is None or measured >= known:
                 self.seconds_per_flop[kernel.name] = measured

@@ -436,6 +436,10 @@ PEER_FAILURE_LOGGERS = (
     # an empty reason (a timeout's), for peers that left: 4-7 a devnet peer, and more for a
     # peer stopped cleanly (a new user's walkthrough). MTOR's own puts and gets say what failed.
     "libp2p.kad_dht.value_store",
+    # "Failed to open stream to X: unable to connect ..." and "... recently failed all
+    # addresses (negative cache)": a lookup asking a peer that has left (every devnet peer,
+    # once a new user's library example had stopped; a walkthrough of 2026-12-07).
+    "libp2p.kad_dht.peer_routing",
     *(
         f"libp2p.relay.circuit_v2.{name}"
         for name in ("dcutr", "discovery", "nat", "protocol", "resources", "transport", "utils")

@@ -245,6 +245,7 @@ class Stream:
         self._enqueued = 0
         self._executed = 0
         self._lock = threading.RLock()
+        self._run_lock = threading.RLock()
         self.ptr = 0 if null else id(self)
         self.non_blocking = non_blocking
 
@@ -261,13 +262,20 @@ class Stream:
             self._enqueued += 1
 
     def _run_until(self, position: int) -> None:
-        while True:
-            with self._lock:
-                if self._executed >= position or not self._queue:
-                    return
-                work = self._queue.popleft()
-                self._executed += 1
-            work()
+        # One thread at a time runs this stream's work, in order, and a position counts as
+        # reached only once its work has finished. Counted when taken, a waiter on another
+        # thread returned while the copy it waited for was still running: a lane's shard read
+        # a resident B whose upload on another lane had not landed, and a whole shard came out
+        # zeros (11 of 300 runs of the GPU benchmark on this stand-in, 2026-12-07).
+        with self._run_lock:
+            while True:
+                with self._lock:
+                    if self._executed >= position or not self._queue:
+                        return
+                    work = self._queue.popleft()
+                work()
+                with self._lock:
+                    self._executed += 1
 
     @property
     def done(self) -> bool:

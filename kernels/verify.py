@@ -232,6 +232,31 @@ def _column_norms(matrix: np.ndarray) -> np.ndarray:
     return np.sqrt(out)
 
 
+def _column_weighted_row_norms(matrix: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """``||row_i diag(weights)||`` for :class:`Balance`'s column weights (powers of two), as
+    float64: for a float32 ``matrix`` scaled in float32 (exact while finite: a power of two
+    only moves the exponent) a block of rows at a time into one reused buffer, and summed as
+    :func:`_row_norms` sums, so with the precision the plain view's norms have; in float64
+    blocks (:func:`_weighted_row_norms64`) when a scaled square overflows or may have
+    underflowed. 512² float32, one BLAS thread, AMD EPYC 7003: 0.10 against 0.22 ms."""
+    if matrix.dtype != np.float32 or matrix.ndim != 2:
+        return _weighted_row_norms64(matrix, weights)
+    rows, columns = matrix.shape
+    out = np.empty(rows, np.float64)
+    step = max(1, _BLOCK_ELEMENTS // max(1, columns))
+    buffer = np.empty((min(step, rows), columns), np.float32)
+    weights32 = weights.astype(np.float32)
+    for start in range(0, rows, step):
+        block = buffer[: min(step, rows - start)]
+        with np.errstate(over="ignore", invalid="ignore"):
+            np.multiply(matrix[start : start + len(block)], weights32, out=block)
+            squares = _row_dots(block)
+        if not (np.isfinite(squares).all() and squares.min() >= _TINY_SQUARES):
+            return _weighted_row_norms64(matrix, weights)
+        out[start : start + len(block)] = np.sqrt(squares)
+    return out
+
+
 def _weighted_row_norms64(matrix: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """``||row_i diag(weights)||`` for each row, in float64 a block of rows at a time."""
     out = np.empty(matrix.shape[0], np.float64)
@@ -342,7 +367,7 @@ def _balance(b: np.ndarray, weights: np.ndarray | None, column_norms: np.ndarray
         row_norms = _row_norms(b)
         b_frobenius = float(np.linalg.norm(row_norms))
     else:
-        row_norms = _weighted_row_norms64(b, weights)
+        row_norms = _column_weighted_row_norms(b, weights)
         b_frobenius = float(np.sqrt(np.sum(np.square(column_norms * weights))))
     row_scales = None
     scaled_frobenius = 0.0
@@ -542,15 +567,33 @@ class FreivaldsSketch:
     #: entries are ± powers of two).
     vectors32: np.ndarray = field(init=False, repr=False, compare=False)
     z32: np.ndarray = field(init=False, repr=False, compare=False)
+    #: ``vectors32`` and ``z32`` side by side with the plain view's (this view's alone
+    #: without one): a check through both views takes each product in one BLAS call.
+    #: 512³, both views: the sketch, A's side and a check 3.6 -> 2.6 ms (one thread).
+    views_vectors32: np.ndarray = field(init=False, repr=False, compare=False)
+    views_z32: np.ndarray = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(
-            self, "vectors32", _weighted_vectors(self.signs, self.balance).astype(np.float32)
-        )
-        object.__setattr__(self, "z32", self.z.astype(np.float32))
+        vectors32 = _weighted_vectors(self.signs, self.balance).astype(np.float32)
+        z32 = self.z.astype(np.float32)
+        object.__setattr__(self, "vectors32", vectors32)
+        object.__setattr__(self, "z32", z32)
+        if self.plain is not None:
+            vectors32 = np.hstack((vectors32, self.plain.vectors32))
+            z32 = np.hstack((z32, self.plain.z32))
+        object.__setattr__(self, "views_vectors32", vectors32)
+        object.__setattr__(self, "views_z32", z32)
         # Shared by every check of the job (and read on threads): read-only, so that no
         # caller can put R and its float32 copy, or z and its copy, out of step.
-        for array in (self.signs, self.z, self.z_norms, self.vectors32, self.z32):
+        for array in (
+            self.signs,
+            self.z,
+            self.z_norms,
+            self.vectors32,
+            self.z32,
+            self.views_vectors32,
+            self.views_z32,
+        ):
             array.setflags(write=False)
         if self.scaled_z_norms is not None:
             self.scaled_z_norms.setflags(write=False)
@@ -578,15 +621,22 @@ def freivalds_sketch(b: np.ndarray, *, rounds: int, rng: np.random.Generator) ->
 
 def _sketch_of(b: np.ndarray, signs: np.ndarray) -> FreivaldsSketch:
     views = balances_of(b)
-    plain = _sketch_through(b, signs, views[1]) if len(views) > 1 else None
-    return _sketch_through(b, signs, views[0], plain)
+    # z = B V in float64 (exact to 2**-53), then rounded to float32 once: term (d). Both
+    # views' V in one product: one float64 pass over B.
+    vectors = [_weighted_vectors(signs, view) for view in views]
+    z = _matmul64(b, vectors[0] if len(vectors) == 1 else np.hstack(vectors))
+    rounds = signs.shape[1]
+    plain = None
+    if len(views) > 1:
+        plain = _sketch_from(signs, np.ascontiguousarray(z[:, rounds:]), views[1])
+        z = np.ascontiguousarray(z[:, :rounds])
+    return _sketch_from(signs, z, views[0], plain)
 
 
-def _sketch_through(
-    b: np.ndarray, signs: np.ndarray, balance: Balance, plain: FreivaldsSketch | None = None
+def _sketch_from(
+    signs: np.ndarray, z: np.ndarray, balance: Balance, plain: FreivaldsSketch | None = None
 ) -> FreivaldsSketch:
-    # z = B V in float64 (exact to 2**-53), then rounded to float32 once: term (d).
-    z = _matmul64(b, _weighted_vectors(signs, balance))
+    """The sketch through one view, given its ``z = B V``."""
     z_norms = np.sqrt(_row_dots(np.ascontiguousarray(z.T)))  # per round, float64
     scaled = None if balance.row_scales is None else _scaled_norms(z, balance.row_scales)
     return FreivaldsSketch(signs, z, z_norms, balance, scaled, plain)
@@ -647,16 +697,31 @@ def freivalds_rows(
     """:class:`FreivaldsRows` of ``a`` against ``sketch`` (and its plain view); None when
     float32 cannot be used (non-finite values, overflow): the check then takes its float64
     path."""
+    if a.ndim != 2 or sketch.z.shape[0] != a.shape[1]:
+        raise KernelError("freivalds: A's columns are not the sketch's B's rows")
+    # Both views' A z in one product, and A's row norms once.
+    with np.errstate(over="ignore", invalid="ignore"):
+        w, norms = _products_and_norms32(a, sketch.views_z32)
+    rounds = sketch.signs.shape[1]
     plain = None
     if sketch.plain is not None:
-        plain = freivalds_rows(a, sketch.plain, safety=safety)
+        plain = _rows_through(a, sketch.plain, w[:, rounds:], norms, safety)
         if plain is None:
             return None
+    return _rows_through(a, sketch, w[:, :rounds], norms, safety, plain)
+
+
+def _rows_through(
+    a: np.ndarray,
+    sketch: FreivaldsSketch,
+    w: np.ndarray,
+    norms: np.ndarray,
+    safety: float,
+    plain: FreivaldsRows | None = None,
+) -> FreivaldsRows | None:
+    """:func:`freivalds_rows` through one view, given ``w = A z`` (float32) and A's row
+    norms."""
     k = a.shape[1]
-    if a.ndim != 2 or sketch.z.shape[0] != k:
-        raise KernelError("freivalds: A's columns are not the sketch's B's rows")
-    with np.errstate(over="ignore", invalid="ignore"):
-        w, norms = _products_and_norms32(a, sketch.z32)
     if not (np.isfinite(w).all() and np.isfinite(sketch.z_norms).all()):
         return None
     effective, scaled = _effective_row_norms(a, norms, sketch.balance)
@@ -697,12 +762,18 @@ def _residual_ratios32(
             return None
     if rows.w64.shape != (a.shape[0], signs.shape[1]):
         raise KernelError("freivalds: A's side made ahead is of other rows")
+    if sketch.plain is not None and (rows.plain is None or rows.plain.sketch is not sketch.plain):
+        raise KernelError("freivalds: A's side made ahead lacks the plain view")
     c32 = c if c.dtype == np.float32 else c.astype(np.float32)
-    ratios = _ratios32_through(c32, k, n, sketch, rows, safety)
-    if ratios is not None and sketch.plain is not None:
-        if rows.plain is None or rows.plain.sketch is not sketch.plain:
-            raise KernelError("freivalds: A's side made ahead lacks the plain view")
-        plain = _ratios32_through(c32, k, n, sketch.plain, rows.plain, safety)
+    # Both views' C V in one product.
+    with np.errstate(over="ignore", invalid="ignore"):
+        y = c32 @ sketch.views_vectors32  # (m, rounds per view)
+    if not np.isfinite(y).all():
+        return None
+    rounds = signs.shape[1]
+    ratios = _ratios32_through(c32, y[:, :rounds], k, n, sketch, rows, safety)
+    if ratios is not None and sketch.plain is not None and rows.plain is not None:
+        plain = _ratios32_through(c32, y[:, rounds:], k, n, sketch.plain, rows.plain, safety)
         if plain is None:
             return None
         np.maximum(ratios, plain, out=ratios)
@@ -711,24 +782,22 @@ def _residual_ratios32(
 
 def _ratios32_through(
     c32: np.ndarray,
+    y: np.ndarray,
     k: int,
     n: int,
     sketch: FreivaldsSketch,
     rows: FreivaldsRows,
     safety: float,
 ) -> np.ndarray | None:
-    """:func:`_residual_ratios32` through one view (``sketch`` and its ``rows``)."""
+    """:func:`_residual_ratios32` through one view (``sketch`` and its ``rows``), given
+    ``y = C V`` (float32, finite)."""
     b_frobenius = sketch.b_frobenius
     a_norms, w64 = rows.a_norms, rows.w64
-    with np.errstate(over="ignore", invalid="ignore"):
-        y = c32 @ sketch.vectors32  # (m, rounds)
-    if not np.isfinite(y).all():
-        return None
     # Only quantities the worker cannot inflate: C's row norms (||c_i W||) capped at an
     # honest row's, and |(C v)_i| at sqrt(n) times that (Cauchy-Schwarz with v = W r).
     weights = sketch.balance.column_weights
     c_norms = honest_row_norms(
-        (_row_norms(c32) if weights is None else _weighted_row_norms64(c32, weights))[:, None],
+        (_row_norms(c32) if weights is None else _column_weighted_row_norms(c32, weights))[:, None],
         a_norms,
         b_frobenius,
     )

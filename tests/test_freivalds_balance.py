@@ -240,3 +240,50 @@ def test_a_wrong_element_in_the_large_column_of_a_small_row_is_caught() -> None:
     rows = checks.freivalds_rows(a, sketch)
     assert sketch.plain is not None and rows is not None and rows.plain is not None
     assert not checks.freivalds(a, b, wrong, rng=None, sketch=sketch, rows=rows.rows(0, 64)).ok
+
+
+def test_column_weighted_row_norms_in_float32_match_float64() -> None:
+    """Scaling by the column weights (powers of two) is exact in float32, so the norms summed
+    there agree with the float64 ones to float32's accumulation; a scaled square past float32's
+    range, or one small enough to have underflowed, sends the whole matrix to float64."""
+    rng = np.random.default_rng(5)
+    c = rng.standard_normal((300, 96), dtype=np.float32)
+    weights = np.ldexp(1.0, rng.integers(0, 20, 96)).astype(np.float64)
+    fast = checks._column_weighted_row_norms(c, weights)
+    exact = checks._weighted_row_norms64(c, weights)
+    np.testing.assert_allclose(fast, exact, rtol=1e-5)
+    assert not np.array_equal(fast, exact)  # the float32 path was taken
+    huge = c.copy()
+    huge[7, 3] = 1e30  # times 2**19: beyond float32
+    np.testing.assert_array_equal(
+        checks._column_weighted_row_norms(huge, weights),
+        checks._weighted_row_norms64(huge, weights),
+    )
+    tiny = c.copy()
+    tiny[11] = 1e-30  # squares under 2**-100
+    np.testing.assert_array_equal(
+        checks._column_weighted_row_norms(tiny, weights),
+        checks._weighted_row_norms64(tiny, weights),
+    )
+
+
+def test_a_two_view_sketch_is_each_view_made_alone() -> None:
+    """Both views' ``z = B V`` come from one float64 product: each equals its view's own
+    product, and A's side made for both at once is each view's ``A z`` in float32."""
+    a, b = _huge_column(3)
+    sketch = checks.freivalds_sketch(b, rounds=20, rng=np.random.default_rng(9))
+    assert sketch.plain is not None and sketch.balance.column_weights is not None
+    for view in (sketch, sketch.plain):
+        alone = checks._matmul64(b, checks._weighted_vectors(view.signs, view.balance))
+        np.testing.assert_allclose(view.z, alone, rtol=1e-12, atol=1e-9)
+        assert view.z.flags.c_contiguous
+    rows = checks.freivalds_rows(a, sketch)
+    assert rows is not None and rows.plain is not None
+    for view, side in ((sketch, rows), (sketch.plain, rows.plain)):
+        # Within float32's worst-case accumulation bound of the exact A z.
+        exact = a.astype(np.float64) @ view.z32.astype(np.float64)
+        bound = a.shape[1] * 2.0**-24 * (np.abs(a.astype(np.float64)) @ np.abs(view.z32))
+        assert np.all(np.abs(side.w64 - exact) <= bound)
+    c = a @ b
+    assert checks.freivalds(a, b, c, rng=None, sketch=sketch, rows=rows).ok
+    assert not checks.freivalds(a, b, _wrong(c, 9, 4, 300.0), rng=None, sketch=sketch, rows=rows).ok

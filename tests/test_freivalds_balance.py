@@ -245,7 +245,7 @@ def test_a_wrong_element_in_the_large_column_of_a_small_row_is_caught() -> None:
 def test_column_weighted_row_norms_in_float32_match_float64() -> None:
     """Scaling by the column weights (powers of two) is exact in float32, so the norms summed
     there agree with the float64 ones to float32's accumulation; a scaled square past float32's
-    range, or one small enough to have underflowed, sends the whole matrix to float64."""
+    range, or one small enough to have underflowed (a zero row too), is summed in float64."""
     rng = np.random.default_rng(5)
     c = rng.standard_normal((300, 96), dtype=np.float32)
     weights = np.ldexp(1.0, rng.integers(0, 20, 96)).astype(np.float64)
@@ -253,18 +253,14 @@ def test_column_weighted_row_norms_in_float32_match_float64() -> None:
     exact = checks._weighted_row_norms64(c, weights)
     np.testing.assert_allclose(fast, exact, rtol=1e-5)
     assert not np.array_equal(fast, exact)  # the float32 path was taken
-    huge = c.copy()
-    huge[7, 3] = 1e30  # times 2**19: beyond float32
-    np.testing.assert_array_equal(
-        checks._column_weighted_row_norms(huge, weights),
-        checks._weighted_row_norms64(huge, weights),
-    )
-    tiny = c.copy()
-    tiny[11] = 1e-30  # squares under 2**-100
-    np.testing.assert_array_equal(
-        checks._column_weighted_row_norms(tiny, weights),
-        checks._weighted_row_norms64(tiny, weights),
-    )
+    for row, value in ((7, 1e30), (11, 1e-30), (12, 0.0)):  # beyond float32; tiny; zero
+        odd = c.copy()
+        odd[row] = 0.0
+        odd[row, 3] = value
+        norms = checks._column_weighted_row_norms(odd, weights)
+        assert norms[row] == checks._weighted_row_norms64(odd[row : row + 1], weights)[0]
+        assert norms[row] == abs(float(np.float32(value))) * weights[3]
+        np.testing.assert_array_equal(np.delete(norms, row), np.delete(fast, row))
 
 
 def test_a_two_view_sketch_is_each_view_made_alone() -> None:

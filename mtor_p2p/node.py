@@ -13,6 +13,7 @@ import dataclasses
 import json
 import logging
 import os
+import shlex
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
@@ -49,7 +50,7 @@ from mtor_p2p.datadir import DataDirLock
 from mtor_p2p.identity import Identity, load_or_create_identity
 from mtor_p2p.insight import earnings, peers_in_view, peers_view, why_no_work
 from mtor_p2p.ledger.genesis import GENESIS_FILE_NAME, Genesis, load_genesis, nano_to_credits
-from mtor_p2p.ledger.names import LEDGER_RULES
+from mtor_p2p.ledger.names import LEDGER_RULES, OtherNetworkLedger
 from mtor_p2p.ledger.pricing import next_price
 from mtor_p2p.ledger.service import LedgerService
 from mtor_p2p.ledger.store import LEDGER_FILE_NAME, Ledger, LedgerError
@@ -880,11 +881,37 @@ def open_ledger(config: NodeConfig) -> Ledger:
     belongs to another network) and keep a copy of that genesis beside it."""
     genesis = resolve_genesis(config)
     config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    ledger = Ledger(config.data_dir / LEDGER_FILE_NAME, genesis)
     stored = config.data_dir / GENESIS_FILE_NAME
+    try:
+        ledger = Ledger(config.data_dir / LEDGER_FILE_NAME, genesis)
+    except OtherNetworkLedger as exc:
+        raise _named_networks(exc, genesis, stored) from None
     if not stored.exists() or load_genesis(stored).hash != genesis.hash:
         genesis.save(stored)
     return ledger
+
+
+def _named_networks(exc: OtherNetworkLedger, genesis: Genesis, stored: Path) -> LedgerError:
+    """``exc`` with both networks named, and what to run instead: the data directory's copy
+    of its own genesis says which network its ledger follows (a new user's walkthrough: the
+    refusal named two hashes and nothing else)."""
+    try:
+        own = load_genesis(stored)
+    except (OSError, RecordError):
+        own = None
+    if own is None or own.hash != exc.held:
+        return exc
+    where = shlex.quote(str(stored.parent))
+    return OtherNetworkLedger(
+        f"the data directory {stored.parent} follows the network {own.network!r} "
+        f"(genesis {exc.held[:16]}...), not {genesis.network!r} (genesis "
+        f"{exc.wanted[:16]}...): run without --genesis to go on in {own.network!r}, or with "
+        f"another --data-dir for {genesis.network!r} (a data directory keeps the network it "
+        f"began with; its genesis is {shlex.quote(str(stored))}; to keep this node's peer ID, "
+        f"move {where}/identity.key to the new directory and run only the new one)",
+        exc.held,
+        exc.wanted,
+    )
 
 
 def ledger_summary(ledger: Ledger, peer_id: str) -> dict[str, Any]:

@@ -288,3 +288,28 @@ def test_read_only_commands_on_a_stopped_or_missing_node_create_nothing(tmp_path
         missing = mtor(*command, "--data-dir", str(typo))
         assert missing.returncode == 3 and "no data directory" in missing.stderr, command
     assert not typo.exists()
+
+
+def test_a_data_directory_of_another_network_is_refused_naming_both_networks(tmp_path):
+    """``run --genesis`` on a data directory that began under another genesis says which
+    networks they are and what to run instead, not two hashes alone (a new user's
+    walkthrough); without the directory's copy of its genesis, the hashes are all there is."""
+    from mtor_p2p.config import NodeConfig
+    from mtor_p2p.ledger.genesis import GENESIS_FILE_NAME, Genesis, LedgerParams
+    from mtor_p2p.node import open_ledger
+    from tests.processes import run_flags
+
+    alpha, beta = tmp_path / "alpha.json", tmp_path / "beta.json"
+    Genesis("alpha-net", {}, LedgerParams()).save(alpha)
+    Genesis("beta-net", {}, LedgerParams()).save(beta)
+    data_dir = tmp_path / "peer"
+    open_ledger(NodeConfig(data_dir=data_dir, genesis=alpha)).close()
+    refused = mtor(*run_flags(data_dir), "--genesis", str(beta))
+    assert refused.returncode == 2, refused.stderr
+    line = refused.stderr.strip().splitlines()[-1]
+    assert "follows the network 'alpha-net'" in line and "not 'beta-net'" in line, line
+    assert "run without --genesis" in line and str(data_dir / GENESIS_FILE_NAME) in line, line
+    assert "Traceback" not in refused.stderr
+    (data_dir / GENESIS_FILE_NAME).unlink()
+    bare = mtor(*run_flags(data_dir), "--genesis", str(beta))
+    assert bare.returncode == 2 and "belongs to the network with genesis" in bare.stderr

@@ -35,3 +35,12 @@ def is_entry_prefix(text: str) -> bool:
 
 class LedgerError(Exception):
     """The ledger cannot be used as asked (another network's file, a closed ledger...)."""
+
+
+class OtherNetworkLedger(LedgerError):
+    """The ledger file belongs to the network of genesis ``held``, not of ``wanted``."""
+
+    def __init__(self, message: str, held: str, wanted: str) -> None:
+        super().__init__(message)
+        self.held = held
+        self.wanted = wanted

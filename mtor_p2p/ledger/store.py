@@ -39,7 +39,7 @@ from mtor_p2p.ledger.merkle import (
     inclusion_proof,
     verify_inclusion,
 )
-from mtor_p2p.ledger.names import LEDGER_RULES
+from mtor_p2p.ledger.names import LEDGER_RULES, OtherNetworkLedger
 from mtor_p2p.ledger.names import MIN_ENTRY_PREFIX as MIN_ENTRY_PREFIX
 from mtor_p2p.ledger.names import LedgerError as LedgerError
 from mtor_p2p.ledger.names import is_entry_prefix as is_entry_prefix
@@ -315,11 +315,13 @@ class Ledger:
                 )
                 self._db.execute("INSERT INTO meta VALUES ('rules', ?)", (str(LEDGER_RULES),))
         if held is not None and held != self.genesis_hash:
-            raise LedgerError(
+            raise OtherNetworkLedger(
                 f"{self.path} belongs to the network with genesis {held[:16]}..., not "
                 f"{self.genesis_hash[:16]}... (use that genesis, or another data directory: a data "
                 "directory keeps the network it began with; to keep this node's peer ID, move "
-                "its identity.key there and run only the new one)"
+                "its identity.key there and run only the new one)",
+                held,
+                self.genesis_hash,
             )
         rules = self._meta("rules")
         # Again, on this connection: the file may have changed since it was read.

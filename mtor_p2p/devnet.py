@@ -407,20 +407,8 @@ def run_devnet(
             print(f"follow jobs:     {cmd} jobs --watch --data-dir {data_dir}")
             peer0_addrs = devnet.peers[0].addrs or []
             if peer0_addrs:
-                from mtor_p2p.ledger.genesis import GENESIS_FILE_NAME
-
-                genesis_path = shlex.quote(str(devnet.base_dir / GENESIS_FILE_NAME))
-
-                # Its genesis too: without it a node follows a network of its own, whose
-                # ledger the devnet's peers never see (a new user's walkthrough).
-                # A data directory of its own, named after this devnet's: one left by an
-                # earlier devnet keeps that devnet's network (a new user's walkthrough).
-                join_dir = shlex.quote(f"{devnet.base_dir}-node")
-                print(
-                    f"join it:         {cmd} run --data-dir {join_dir} --listen "
-                    f"/ip4/127.0.0.1/tcp/0 --genesis {genesis_path} "
-                    f"--bootstrap {peer0_addrs[0]}"
-                )
+                for line in join_lines(cmd, devnet.base_dir, peer0_addrs[0], temporary):
+                    print(line)
             if cmd == "mtor-peer":
                 print("                 (from a checkout: ./mtor peers ..., ./mtor submit ...)")
             print("Ctrl-C stops every peer", flush=True)
@@ -487,6 +475,30 @@ def run_devnet(
             kept = "removed" if temporary and code == EXIT_OK else f"kept in {root}"
             print(f"mtor-peer: devnet stopped; its data {kept}", file=sys.stderr, flush=True)
     return code
+
+
+def join_lines(cmd: str, base_dir: Path, address: str, temporary: bool) -> list[str]:
+    """The banner's ``join it:`` command for a node of one's own: this devnet's genesis and
+    peer-0's address, and a data directory named after the devnet's. Its genesis too: without
+    it a node follows a network of its own, whose ledger the devnet's peers never see; a data
+    directory of its own: one left by an earlier devnet keeps that devnet's network (both
+    from a new user's walkthrough). A devnet in a temporary directory says that the command
+    works only while it runs: its genesis goes with it (a later walkthrough ran it again and
+    found no file)."""
+    from mtor_p2p.ledger.genesis import GENESIS_FILE_NAME
+
+    genesis_path = shlex.quote(str(base_dir / GENESIS_FILE_NAME))
+    join_dir = shlex.quote(f"{base_dir}-node")
+    lines = [
+        f"join it:         {cmd} run --data-dir {join_dir} --listen /ip4/127.0.0.1/tcp/0 "
+        f"--genesis {genesis_path} --bootstrap {address}"
+    ]
+    if temporary:
+        lines.append(
+            "                 (this devnet's files, its genesis too, are removed when it "
+            "stops: --data-dir DIR keeps them)"
+        )
+    return lines
 
 
 def main() -> None:  # pragma: no cover - convenience for `python -m mtor_p2p.devnet`

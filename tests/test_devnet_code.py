@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -156,3 +157,20 @@ def test_the_devnet_says_how_to_join_it_and_that_command_joins_its_network(
         process.send_signal(signal.SIGINT)
         process.wait(timeout=30)
     assert process.returncode == 0
+
+
+def test_a_temporary_devnet_says_its_join_command_works_only_while_it_runs() -> None:
+    """A devnet in a temporary directory removes its genesis when it stops, so its ``join
+    it:`` command says so; one in a directory of the user's keeps its files and says nothing
+    more."""
+    from mtor_p2p.devnet import join_lines
+
+    base = Path("/tmp/mtor devnet-x")
+    kept = join_lines("mtor-peer", base, "/ip4/127.0.0.1/tcp/4001/p2p/Qm", temporary=False)
+    assert len(kept) == 1 and kept[0].startswith("join it:")
+    argv = shlex.split(kept[0].removeprefix("join it:"))
+    assert argv[argv.index("--genesis") + 1] == str(base / "genesis.json")
+    assert argv[argv.index("--data-dir") + 1] == f"{base}-node"
+    temporary = join_lines("mtor-peer", base, "/ip4/127.0.0.1/tcp/4001/p2p/Qm", temporary=True)
+    assert temporary[0] == kept[0]
+    assert "removed when it stops" in temporary[1] and "--data-dir DIR" in temporary[1]

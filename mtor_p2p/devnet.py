@@ -494,9 +494,10 @@ def join_lines(cmd: str, base_dir: Path, address: str, temporary: bool) -> list[
         f"--genesis {genesis_path} --bootstrap {address}"
     ]
     if temporary:
+        # A joined node's directory is not the devnet's: it stays, of a network then gone.
         lines.append(
-            "                 (this devnet's files, its genesis too, are removed when it "
-            "stops: --data-dir DIR keeps them)"
+            "                 (while this devnet runs: its files, its genesis too, are removed "
+            f"when it stops, and {join_dir} is yours to remove; --data-dir DIR keeps them)"
         )
     return lines
 

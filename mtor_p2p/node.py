@@ -407,40 +407,49 @@ class Node:
         if blas_threads is not None:
             log.info("BLAS capped at %d thread(s)", blas_threads)
         runtime = Runtime.production()
-        if config.use_default_bootstrap and not config.bootstrap_node:
-            if not config.all_bootstrap_peers():
-                # A new user's first `run` otherwise starts alone and says nothing of it.
-                log.warning(
-                    "no bootstrap peers: none given (--bootstrap ADDR, or bootstrap = [...] "
-                    "in the config file) and the shipped list is empty; this node meets only "
-                    "the peers that dial it"
-                )
-        identity = load_or_create_identity(config.data_dir)
-        devices = await runtime.run_blocking(probe_devices, config.gpu)
-        tflops = await runtime.run_blocking(measure_tflops, devices, config.data_dir)
-        settings = HostSettings(
-            listen_addrs=list(config.listen),
-            bootstrap_node=config.bootstrap_node,
-            max_connections=config.max_connections,
-            lanes=config.lanes,
-            lane_port=config.lane_port,
-            announce_addrs=list(config.announce),
-            nat=(
-                NatSettings(
-                    relay_service=config.relay,
-                    relays_wanted=config.relays_wanted,
-                    relay_limits=RelayLimitsConfig(max_reservations=config.relay_max_reservations),
-                )
-                if config.nat
-                else None
-            ),
-            bootstrap_peer_ids=[
-                a.rsplit("/p2p/", 1)[-1] for a in config.all_bootstrap_peers() if "/p2p/" in a
-            ],
-        )
-        tunnels = None
+        # The ledger first: a data directory of another network is refused before any
+        # warning of what a running node would lack, or a device probe (a new user's
+        # walkthrough read two warnings before the refusal).
         ledger = open_ledger(config)
-        peers = PeerBook(config.data_dir / PEER_BOOK_FILE_NAME)
+        try:
+            if config.use_default_bootstrap and not config.bootstrap_node:
+                if not config.all_bootstrap_peers():
+                    # A new user's first `run` otherwise starts alone and says nothing of it.
+                    log.warning(
+                        "no bootstrap peers: none given (--bootstrap ADDR, or bootstrap = [...] "
+                        "in the config file) and the shipped list is empty; this node meets only "
+                        "the peers that dial it"
+                    )
+            identity = load_or_create_identity(config.data_dir)
+            devices = await runtime.run_blocking(probe_devices, config.gpu)
+            tflops = await runtime.run_blocking(measure_tflops, devices, config.data_dir)
+            settings = HostSettings(
+                listen_addrs=list(config.listen),
+                bootstrap_node=config.bootstrap_node,
+                max_connections=config.max_connections,
+                lanes=config.lanes,
+                lane_port=config.lane_port,
+                announce_addrs=list(config.announce),
+                nat=(
+                    NatSettings(
+                        relay_service=config.relay,
+                        relays_wanted=config.relays_wanted,
+                        relay_limits=RelayLimitsConfig(
+                            max_reservations=config.relay_max_reservations
+                        ),
+                    )
+                    if config.nat
+                    else None
+                ),
+                bootstrap_peer_ids=[
+                    a.rsplit("/p2p/", 1)[-1] for a in config.all_bootstrap_peers() if "/p2p/" in a
+                ],
+            )
+            tunnels = None
+            peers = PeerBook(config.data_dir / PEER_BOOK_FILE_NAME)
+        except BaseException:
+            ledger.close()
+            raise
         async with AsyncExitStack() as stack:
             stack.callback(ledger.close)
             stack.callback(peers.close)

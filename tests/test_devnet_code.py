@@ -174,3 +174,4 @@ def test_a_temporary_devnet_says_its_join_command_works_only_while_it_runs() -> 
     temporary = join_lines("mtor-peer", base, "/ip4/127.0.0.1/tcp/4001/p2p/Qm", temporary=True)
     assert temporary[0] == kept[0]
     assert "removed when it stops" in temporary[1] and "--data-dir DIR" in temporary[1]
+    assert f"'{base}-node' is yours to remove" in temporary[1]

@@ -248,6 +248,31 @@ async def test_a_job_with_no_acceptable_worker_left_fails_and_says_why(
         assert requester.peers.excluded(gone.peer_id, requester.clock.now()) == "unreachable"
 
 
+async def test_a_job_ends_as_its_last_worker_leaves_not_at_a_later_look(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The job's own task is woken by the change that leaves it without workers: it ends at
+    that moment of virtual time, where it had looked every 0.2 s (a cancellation and a task
+    step each, on a busy requester's loop)."""
+    from mtor_p2p.compute import scheduler
+
+    left_at: list[float] = []
+    leave = scheduler._JobRun._leave
+
+    def recorded(self: scheduler._JobRun, worker: str, reason: str) -> None:
+        left_at.append(trio.current_time())
+        leave(self, worker, reason)
+
+    monkeypatch.setattr(scheduler._JobRun, "_leave", recorded)
+    async with cluster(["requester", "cheater"], timing=QUIET) as c:
+        requester = await c.start("requester", "WEU", serve=False)
+        await start_liars(c, ["cheater"], behaviour="cheat")
+        await c.settle()
+        with pytest.raises(JobFailed, match="no acceptable worker left"):
+            await requester.submit("matmul", shard_operands(), shards=2)
+        assert left_at and trio.current_time() - left_at[-1] < 0.01, (left_at, trio.current_time())
+
+
 # -- planning: measured first, a bounded trial for the rest --------------------------------
 
 

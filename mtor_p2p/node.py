@@ -887,7 +887,8 @@ def resolve_genesis(config: NodeConfig) -> Genesis:
 
 def open_ledger(config: NodeConfig) -> Ledger:
     """Open the data directory's ledger under the node's genesis (LedgerError if the ledger
-    belongs to another network) and keep a copy of that genesis beside it."""
+    belongs to another network) and keep a copy of that genesis beside it (written again
+    when missing, damaged or another's)."""
     genesis = resolve_genesis(config)
     config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     stored = config.data_dir / GENESIS_FILE_NAME
@@ -895,29 +896,53 @@ def open_ledger(config: NodeConfig) -> Ledger:
         ledger = Ledger(config.data_dir / LEDGER_FILE_NAME, genesis)
     except OtherNetworkLedger as exc:
         raise _named_networks(exc, genesis, stored) from None
-    if not stored.exists() or load_genesis(stored).hash != genesis.hash:
-        genesis.save(stored)
+    try:
+        if _stored_genesis(stored) != genesis.hash:
+            genesis.save(stored)
+    except BaseException:
+        ledger.close()  # opened: not left to the garbage collector (a review)
+        raise
     return ledger
+
+
+def _stored_genesis(stored: Path) -> str | None:
+    """The hash of the data directory's copy of its genesis; None when there is no readable
+    one (missing, damaged, not a regular file: ``load_genesis`` says which)."""
+    try:
+        return load_genesis(stored).hash
+    except RecordError:
+        return None
 
 
 def _named_networks(exc: OtherNetworkLedger, genesis: Genesis, stored: Path) -> LedgerError:
     """``exc`` with both networks named, and what to run instead: the data directory's copy
     of its own genesis says which network its ledger follows (a new user's walkthrough: the
-    refusal named two hashes and nothing else)."""
+    refusal named two hashes and nothing else). Two networks may share a name (every devnet
+    is called the same): their hashes tell them apart then. The genesis may come from
+    ``--genesis`` or the config file, so the advice names both (a review)."""
     try:
         own = load_genesis(stored)
-    except (OSError, RecordError):
-        own = None
-    if own is None or own.hash != exc.held:
+    except RecordError:
+        return exc
+    if own.hash != exc.held:
         return exc
     where = shlex.quote(str(stored.parent))
+    ours = f"{own.network!r} (genesis {exc.held[:16]}...)"
+    theirs = f"{genesis.network!r} (genesis {exc.wanted[:16]}...)"
+    if own.network == genesis.network:
+        ours = f"another network named {ours}"
+        theirs = f"the one of genesis {exc.wanted[:16]}..."
+        go_on = f"the network of genesis {exc.held[:16]}..."
+        other = "this genesis"
+    else:
+        ours, go_on, other = f"the network {ours}", repr(own.network), repr(genesis.network)
     return OtherNetworkLedger(
-        f"the data directory {stored.parent} follows the network {own.network!r} "
-        f"(genesis {exc.held[:16]}...), not {genesis.network!r} (genesis "
-        f"{exc.wanted[:16]}...): run without --genesis to go on in {own.network!r}, or with "
-        f"another --data-dir for {genesis.network!r} (a data directory keeps the network it "
-        f"began with; its genesis is {shlex.quote(str(stored))}; to keep this node's peer ID, "
-        f"move {where}/identity.key to the new directory and run only the new one)",
+        f"the data directory {stored.parent} follows {ours}, not {theirs}: to go on in "
+        f"{go_on}, start without a genesis (no --genesis, no genesis in the config file: "
+        f"the directory's copy {shlex.quote(str(stored))} is used); for {other}, use "
+        "another --data-dir (a data directory keeps the network it began with; to keep "
+        f"this node's peer ID, move {where}/identity.key to the new directory and run only "
+        "the new one)",
         exc.held,
         exc.wanted,
     )

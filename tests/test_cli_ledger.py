@@ -315,8 +315,48 @@ def test_a_data_directory_of_another_network_is_refused_naming_both_networks(tmp
     assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
     line = refused.stderr.strip()
     assert "follows the network 'alpha-net'" in line and "not 'beta-net'" in line, line
-    assert "run without --genesis" in line and str(data_dir / GENESIS_FILE_NAME) in line, line
+    assert "start without a genesis (no --genesis, no genesis in the config file" in line, line
+    assert str(data_dir / GENESIS_FILE_NAME) in line, line
     assert "Traceback" not in refused.stderr
     (data_dir / GENESIS_FILE_NAME).unlink()
     bare = mtor(*run_flags(data_dir), "--genesis", str(beta))
     assert bare.returncode == 2 and "belongs to the network with genesis" in bare.stderr
+
+
+def test_the_refusal_tells_same_named_networks_apart_and_survives_a_damaged_copy(tmp_path):
+    """Every devnet is named alike: the refusal then tells the two networks apart by their
+    hashes. A damaged copy of the directory's genesis (not UTF-8, a FIFO) leaves the refusal
+    its hashes alone, at once (a FIFO had blocked the reader); when the ledger is this
+    network's, such a copy is written again (a review of the refusal)."""
+    import os
+
+    import pytest
+
+    from mtor_p2p.config import NodeConfig
+    from mtor_p2p.ledger.genesis import GENESIS_FILE_NAME, Genesis, LedgerParams, load_genesis
+    from mtor_p2p.ledger.names import OtherNetworkLedger
+    from mtor_p2p.node import open_ledger
+    from tests.ledger_data import PEERS
+
+    first, second = tmp_path / "first.json", tmp_path / "second.json"
+    Genesis("same-net", {}, LedgerParams()).save(first)
+    Genesis("same-net", {PEERS[0].peer_id: 5}, LedgerParams()).save(second)
+    data_dir = tmp_path / "peer"
+    open_ledger(NodeConfig(data_dir=data_dir, genesis=first)).close()
+    with pytest.raises(OtherNetworkLedger) as refused:
+        open_ledger(NodeConfig(data_dir=data_dir, genesis=second))
+    text = str(refused.value)
+    held, wanted = load_genesis(first).hash[:16], load_genesis(second).hash[:16]
+    assert f"another network named 'same-net' (genesis {held}...)" in text, text
+    assert f"not the one of genesis {wanted}..." in text, text
+    copy = data_dir / GENESIS_FILE_NAME
+    for damage in ("bytes", "fifo"):
+        copy.unlink()
+        if damage == "bytes":
+            copy.write_bytes(b"\xff\xfe not utf-8")
+        else:
+            os.mkfifo(copy)
+        with pytest.raises(OtherNetworkLedger, match="belongs to the network with genesis"):
+            open_ledger(NodeConfig(data_dir=data_dir, genesis=second))
+        open_ledger(NodeConfig(data_dir=data_dir, genesis=first)).close()
+        assert load_genesis(copy).hash == load_genesis(first).hash  # written again

@@ -462,6 +462,35 @@ def test_the_shipped_genesis_loads():
     assert Genesis.from_json(gen.to_json()).hash == gen.hash
 
 
+def test_what_is_not_a_small_genesis_file_is_refused_as_a_record_error(tmp_path):
+    """Whatever lies at a genesis path, reading it ends with the genesis or a RecordError that
+    says why: a FIFO (it had blocked the reader for ever) and a file over the size limit are
+    refused unread; bytes that are not UTF-8, JSON nested past the parser's depth and an
+    integer past Python's digit limit are "not JSON" (they had escaped as other errors)."""
+    from mtor_p2p.ledger.genesis import MAX_GENESIS_BYTES
+
+    fifo = tmp_path / "fifo.json"
+    os.mkfifo(fifo)
+    big = tmp_path / "big.json"
+    big.write_bytes(b" " * (MAX_GENESIS_BYTES + 1))
+    cases = {
+        fifo: "not a regular file",
+        big: "larger than",
+        tmp_path: "not a regular file",
+        tmp_path / "missing.json": "cannot read genesis",
+    }
+    for name, content in {
+        "latin.json": b"\xff\xfe",
+        "deep.json": b"[" * 200_000,
+        "digits.json": b"1" * 5_000,
+    }.items():
+        (tmp_path / name).write_bytes(content)
+        cases[tmp_path / name] = "is not JSON"
+    for path, why in cases.items():
+        with pytest.raises(RecordError, match=why):
+            load_genesis(path)
+
+
 # -- properties ------------------------------------------------------------------------------
 
 T0 = 1_800_000_000.0

@@ -16,7 +16,10 @@ re-encoded canonically for hashing)::
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import stat
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -205,17 +208,48 @@ class Genesis:
         write_private(path, json.dumps(self.to_json(), indent=2, sort_keys=True) + "\n")
 
 
+#: A genesis file larger than this is refused unread (a devnet's is under 2 KiB).
+MAX_GENESIS_BYTES = 1 << 20
+
+
 def load_genesis(path: Path | None = None) -> Genesis:
-    """Read a genesis file; ``None``: the one shipped in ``bootstrap/genesis.json``."""
+    """Read a genesis file; ``None``: the one shipped in ``bootstrap/genesis.json``.
+
+    Anything that is not a readable genesis raises RecordError, saying why: a file that is
+    not a regular one (a FIFO would block the reader for ever, a device never end) or over
+    :data:`MAX_GENESIS_BYTES` is refused before it is read, and text that is not UTF-8 or
+    JSON nested or sized past what the parser takes is "not JSON" (a hostile review of the
+    refusal of another network's data directory, which reads the directory's copy)."""
     try:
         if path is None:
-            text = (resources.files("mtor_p2p._bootstrap") / GENESIS_FILE_NAME).read_text()
+            data = (resources.files("mtor_p2p._bootstrap") / GENESIS_FILE_NAME).read_bytes()
         else:
-            text = Path(path).read_text()
+            data = _read_small_file(Path(path))
     except OSError as exc:
         raise RecordError(f"cannot read genesis {path}: {exc.strerror or exc}") from exc
     try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as exc:
+        obj = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        # ValueError covers json.JSONDecodeError and integers past Python's digit limit.
         raise RecordError(f"genesis {path} is not JSON: {exc}") from exc
     return Genesis.from_json(obj)
+
+
+def _read_small_file(path: Path) -> bytes:
+    """The bytes of a regular file of at most MAX_GENESIS_BYTES (OSError otherwise)."""
+    # O_NONBLOCK: opening a FIFO for reading must not wait for a writer; a regular file
+    # ignores it.
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        if info.st_size > MAX_GENESIS_BYTES:
+            raise OSError(errno.EFBIG, f"larger than {MAX_GENESIS_BYTES} bytes")
+        with os.fdopen(fd, "rb", closefd=False) as handle:
+            data = handle.read(MAX_GENESIS_BYTES + 1)
+    finally:
+        os.close(fd)
+    if len(data) > MAX_GENESIS_BYTES:
+        raise OSError(errno.EFBIG, f"larger than {MAX_GENESIS_BYTES} bytes")
+    return data

@@ -279,10 +279,6 @@ class Ledger:
         # A peer's BLS key is the one in its earliest stake entry, by (at, id): chosen from the
         # entry set, never from the order of arrival, so every peer agrees on it.
         self._keys: dict[str, tuple[tuple[float, str], bytes]] = {}
-        for peer, at, entry_id, key in self._db.execute(
-            "SELECT payer, at, id, bls FROM entries WHERE kind = 'stake'"
-        ):
-            self._register(peer, (at, entry_id), bytes(key))
         # The walk over every entry (late entries of final epochs still set aside), a snapshot
         # of the walk up to the horizon, and the finished state that reads return.
         self._state: LedgerState | None = None  # None: walk again on the next read
@@ -297,6 +293,18 @@ class Ledger:
         self._max_marks = MAX_MARKS  # marks kept (see MARK_BUDGET_ITEMS)
         self._checkpoints: dict[int, list[CheckpointLeaves]] = {}
         self._parked: dict[str, bytes] = {}  # entry ID -> wire, oldest first
+        try:
+            self._load_rows()
+        except BaseException:
+            self._db.close()  # a row this version cannot read: not left to the collector
+            raise
+
+    def _load_rows(self) -> None:
+        """What the ledger keeps in memory of its stored rows: stakes' BLS keys, checkpoints."""
+        for peer, at, entry_id, key in self._db.execute(
+            "SELECT payer, at, id, bls FROM entries WHERE kind = 'stake'"
+        ):
+            self._register(peer, (at, entry_id), bytes(key))
         for (wire,) in self._db.execute("SELECT wire FROM entries WHERE kind = 'checkpoint'"):
             self._remember_checkpoint(decode_entry(bytes(wire), self.genesis_hash))
 

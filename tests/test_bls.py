@@ -368,3 +368,30 @@ def test_extreme_valid_secrets_agree():
         assert ecc.public_key(secret) == fast.public_key(secret)
     one = (1).to_bytes(32, "big")
     assert ecc.sign(one, MESSAGE) == fast.sign(one, MESSAGE)
+
+
+def test_the_py_ecc_backend_leaves_the_recursion_limit_and_deep_records_refused() -> None:
+    """py_ecc raises the interpreter's recursion limit to 100,000 when imported; json's C
+    parser recurses once per nesting level up to that limit, so a peer's 64 KiB record of
+    '[' overflowed the C stack and killed the process (a segfault). The backend puts the limit
+    back, and such a record is refused. In a fresh interpreter: this module imports py_ecc
+    itself."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from mtor_p2p.ledger import bls\n"
+        "from mtor_p2p.wire import RecordError, parse_canonical\n"
+        "before = sys.getrecursionlimit()\n"
+        "bls.PyEccBackend()\n"
+        "assert sys.getrecursionlimit() == before, sys.getrecursionlimit()\n"
+        "try:\n"
+        "    parse_canonical(b'[' * 65536, max_bytes=65536)\n"
+        "except RecordError:\n"
+        "    print('refused')\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0 and "refused" in result.stdout, (result.returncode, result.stderr)

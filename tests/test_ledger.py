@@ -466,7 +466,14 @@ def test_what_is_not_a_small_genesis_file_is_refused_as_a_record_error(tmp_path)
     """Whatever lies at a genesis path, reading it ends with the genesis or a RecordError that
     says why: a FIFO (it had blocked the reader for ever) and a file over the size limit are
     refused unread; bytes that are not UTF-8, JSON nested past the parser's depth and an
-    integer past Python's digit limit are "not JSON" (they had escaped as other errors)."""
+    integer past Python's digit limit are "not JSON" (they had escaped as other errors).
+
+    The nesting is measured against a recursion limit of 500 set here: py_ecc, once imported,
+    raises the process's limit to 100,000, and json's C parser then overflows the C stack
+    before reaching it (a segfault at 65,536 levels; this test's first form crashed a full
+    run of the suite that way)."""
+    import sys
+
     from mtor_p2p.ledger.genesis import MAX_GENESIS_BYTES
 
     fifo = tmp_path / "fifo.json"
@@ -481,14 +488,19 @@ def test_what_is_not_a_small_genesis_file_is_refused_as_a_record_error(tmp_path)
     }
     for name, content in {
         "latin.json": b"\xff\xfe",
-        "deep.json": b"[" * 200_000,
+        "deep.json": b"[" * 2_000,
         "digits.json": b"1" * 5_000,
     }.items():
         (tmp_path / name).write_bytes(content)
         cases[tmp_path / name] = "is not JSON"
-    for path, why in cases.items():
-        with pytest.raises(RecordError, match=why):
-            load_genesis(path)
+    previous = sys.getrecursionlimit()
+    sys.setrecursionlimit(500)
+    try:
+        for path, why in cases.items():
+            with pytest.raises(RecordError, match=why):
+                load_genesis(path)
+    finally:
+        sys.setrecursionlimit(previous)
 
 
 # -- properties ------------------------------------------------------------------------------

@@ -167,9 +167,20 @@ class PyEccBackend:
     name: str = "py-ecc"
 
     def __init__(self) -> None:
-        from eth_utils import ValidationError
-        from py_ecc.bls import G2ProofOfPossession
-        from py_ecc.bls.g2_primitives import signature_to_G2, subgroup_check
+        import sys
+
+        # py_ecc raises the interpreter's recursion limit to 100,000 when imported. json's C
+        # parser recurses once per nesting level and stops only at that limit: a peer's
+        # 64 KiB record of '[' then overflowed the C stack (a segfault at 65,536 levels,
+        # found through a test that crashed the suite), where the limit of 1,000 makes it a
+        # RecursionError that the record's parser refuses. The limit is put back.
+        limit = sys.getrecursionlimit()
+        try:
+            from eth_utils import ValidationError
+            from py_ecc.bls import G2ProofOfPossession
+            from py_ecc.bls.g2_primitives import signature_to_G2, subgroup_check
+        finally:
+            sys.setrecursionlimit(limit)
 
         self._scheme: Any = G2ProofOfPossession
         self._signature_to_g2: Any = signature_to_G2

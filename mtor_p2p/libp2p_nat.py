@@ -857,7 +857,9 @@ class NatTraversal:
                 raise ValueError("version or addrs")
             if len(addrs) > DIALBACK_MAX_ADDRS or not all(isinstance(a, str) for a in addrs):
                 raise ValueError("too many addrs")
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, RecursionError) as exc:
+            # RecursionError: JSON nested deeper than the interpreter's recursion limit
+            # (2 KiB of '[' is 2,048 levels), which json's parser reports that way.
             raise RemoteError(f"malformed dial-back request: {exc}") from exc
         if not addrs:
             # "Which address do you see?" costs no dial: answered at once, not rate-limited.

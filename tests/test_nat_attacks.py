@@ -216,6 +216,17 @@ async def test_an_oversized_dial_back_reply_costs_only_that_answer() -> None:
         assert await node.nat._ask(hostile.peer_id, conn, []) is None
 
 
+async def test_a_deeply_nested_dial_back_request_is_refused_as_malformed() -> None:
+    """2 KiB of '[' nests deeper than the recursion limit: json's parser raises
+    RecursionError, which escaped the request's checks as an unexpected error."""
+    from mtor_p2p.network import RemoteError
+
+    async with host() as helper, host() as requester:
+        await requester.connect(helper.addrs()[0])
+        with pytest.raises(RemoteError, match="malformed dial-back request"):
+            await requester.request(helper.peer_id, DIALBACK_PROTOCOL, b"[" * 2000)
+
+
 async def test_dial_back_ok_means_the_requester_itself_answered() -> None:
     async with host() as helper, host() as requester, host() as someone_else:
         await requester.connect(helper.addrs()[0])

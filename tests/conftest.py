@@ -38,6 +38,23 @@ if HAVE_NETWORK_STACK:
 logging.getLogger("libp2p").setLevel(logging.CRITICAL)
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Files with a ``slow`` test first, then the others by their number of tests (most
+    first); within a file, tests keep their order. ``./mtor test`` hands whole files to its
+    workers in this order (``--dist loadfile --no-loadscope-reorder``): xdist's own order (by
+    number of tests) started the two NAT-lab files, two tests and 105 s of waiting together,
+    last, and the suite's end waited on them alone."""
+    files: dict[str, list[pytest.Item]] = {}
+    for item in items:
+        files.setdefault(item.nodeid.split("::", 1)[0], []).append(item)
+
+    def order(name: str) -> tuple[bool, int]:
+        tests = files[name]
+        return (not any(item.get_closest_marker("slow") for item in tests), -len(tests))
+
+    items[:] = [item for name in sorted(files, key=order) for item in files[name]]
+
+
 # mtor_p2p.runtime.leaf_exceptions does this too; kept here so that this file still loads on
 # a GPU machine with only CuPy, NumPy and the kernels (no trio).
 def _leaf_exceptions(exc: BaseException) -> list[BaseException]:

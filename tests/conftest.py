@@ -41,9 +41,11 @@ logging.getLogger("libp2p").setLevel(logging.CRITICAL)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Files with a ``slow`` test first, then the others by their number of tests (most
     first); within a file, tests keep their order. ``./mtor test`` hands whole files to its
-    workers in this order (``--dist loadfile --no-loadscope-reorder``): xdist's own order (by
-    number of tests) started the two NAT-lab files, two tests and 105 s of waiting together,
-    last, and the suite's end waited on them alone."""
+    workers in this order (``--dist loadfile --no-loadscope-reorder``; a worker whose file has
+    two tests or fewer gets the next at once): xdist's own order, by number of tests, started
+    ``test_nat_peers.py`` (two tests, about 100 s of waiting) last, and the suite's end waited
+    on it alone. Every pytest run is ordered so (before ``-k``, ``-m`` and ``--deselect``
+    take tests out; ``--lf`` and ``--ff`` order after it)."""
     files: dict[str, list[pytest.Item]] = {}
     for item in items:
         files.setdefault(item.nodeid.split("::", 1)[0], []).append(item)

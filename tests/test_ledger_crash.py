@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from mtor_p2p.ledger.store import Ledger
 from tests.ledger_data import genesis
 
@@ -46,6 +48,7 @@ def run_and_kill(path: Path, seed: int, seconds: float) -> list[str]:
     return acknowledged
 
 
+@pytest.mark.slow
 def test_sigkill_while_writing_loses_nothing_acknowledged(tmp_path):
     path = tmp_path / "ledger.sqlite"
     gen = genesis()

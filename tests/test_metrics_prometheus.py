@@ -66,6 +66,7 @@ def _write_config(path: Path, control: str, token_file: Path, public: str) -> No
     reason="Debian's prometheus is not installed (bash .ci/system-packages installs it as root); "
     "tests/test_metrics.py checks the same figures with prometheus-client's parser",
 )
+@pytest.mark.slow
 async def test_prometheus_scrapes_the_shards_served(tmp_path: Path) -> None:
     binary = shutil.which("prometheus")
     assert binary is not None

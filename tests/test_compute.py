@@ -81,8 +81,9 @@ async def devnet(
             nodes.append((node, scope))
         # Set-up, not what the tests measure: every node in one event loop, and on a busy
         # machine (the suite beside a devnet and a review's tests) 8 nodes once took over 30 s
-        # to see each other.
-        with trio.fail_after(60):
+        # to see each other, and over 60 s at a load of 5 on 2 cores (the suite in three
+        # workers beside a devnet and a loop of jobs, 2026-12-07).
+        with trio.fail_after(120):
             while any(len(n.capacity.view.live(n.clock.now())) < count for n, _ in nodes):
                 await trio.sleep(0.1)
         yield nodes

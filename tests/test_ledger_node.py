@@ -7,7 +7,6 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import pytest
 import trio
 
 from mtor_p2p.identity import load_or_create_identity
@@ -43,7 +42,6 @@ async def wait_for(predicate, timeout: float, what: str) -> None:
             await trio.sleep(0.1)
 
 
-@pytest.mark.slow
 async def test_a_proven_cheater_is_slashed_on_every_peer_and_checkpoints_prove_receipts(
     tmp_path,
 ):

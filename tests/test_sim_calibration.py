@@ -30,7 +30,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 import trio
 import trio.testing
 
@@ -200,7 +199,6 @@ def simulated(
     return trio.run(drive, clock=trio.testing.MockClock(autojump_threshold=0))
 
 
-@pytest.mark.slow
 def test_simulator_agrees_with_a_real_devnet(tmp_path: Path) -> None:
     overhead, link_mbps = trio.run(real_stack_costs)
     gflops = host_gflops()

@@ -116,7 +116,9 @@ async def open_networks(count: int, **settings: object) -> AsyncIterator[list[Li
             for _ in range(count)
         ]
         for network in networks[1:]:
-            await network.connect(networks[0].addrs()[0])
+            # The set-up, not what a test checks: a loopback dial under a full suite's load
+            # took over the adapter's default 5 s once (three workers on two cores).
+            await network.connect(networks[0].addrs()[0], timeout=30)
         yield networks
 
 

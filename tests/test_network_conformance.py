@@ -361,7 +361,7 @@ async def test_requester_deadline(open_nets: OpenNets) -> None:
     async with open_nets(2) as (server, client):
 
         async def slow(sender: str, data: bytes) -> bytes:
-            await trio.sleep(5)
+            await trio.sleep(60)
             return b"late"
 
         server.handle("/mtor/test/slow/1", slow)
@@ -369,7 +369,9 @@ async def test_requester_deadline(open_nets: OpenNets) -> None:
         start = time.perf_counter()
         with pytest.raises(NetworkError, match="timed out"):
             await client.request(server.peer_id, "/mtor/test/slow/1", b"", timeout=0.3)
-        assert time.perf_counter() - start < 3
+        # Far sooner than the answer: a bound of 3 s against an answer at 5 s failed under a
+        # full suite's load (3.2 s, the lane opened on this first request).
+        assert time.perf_counter() - start < 20
         assert await client.request(server.peer_id, ECHO, b"next") == b"next"
 
 

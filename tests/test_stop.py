@@ -14,8 +14,22 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from mtor_p2p.cli import _node_process
 from tests.processes import mtor
+
+
+def _pidfds_work() -> bool:
+    try:
+        os.close(os.pidfd_open(os.getpid()))
+    except (AttributeError, OSError):
+        return False
+    return True
+
+
+# Without pidfds (an old kernel, or a seccomp filter) `stop` does not wait for the process.
+pytestmark = pytest.mark.skipif(not _pidfds_work(), reason="no pidfds here: stop cannot wait")
 
 STAND_IN = """
 import signal, sys, time

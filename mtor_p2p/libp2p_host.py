@@ -48,7 +48,7 @@ from typing import Any
 import multiaddr
 import trio
 from libp2p import new_host
-from libp2p.abc import IHost, INetStream
+from libp2p.abc import IHost, IMuxedConn, INetConn, INetStream, IRawConnection, ISecureConn
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
 from libp2p.custom_types import TProtocol
@@ -57,6 +57,7 @@ from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
 from libp2p.kad_dht.pb.kademlia_pb2 import Record
 from libp2p.kad_dht.utils import sort_peer_ids_by_distance
 from libp2p.network.config import ConnectionConfig
+from libp2p.network.connection.exceptions import RawConnError
 from libp2p.network.stream.exceptions import StreamEOF, StreamError
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import info_from_p2p_addr
@@ -67,6 +68,7 @@ from libp2p.rcmgr.manager import ResourceLimits
 from libp2p.records.validator import Validator
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
+from libp2p.stream_muxer.exceptions import MuxedStreamError
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux
 from libp2p.tools.anyio_service import background_trio_service
@@ -480,6 +482,105 @@ def quiet_peer_failures_when_embedded() -> None:
             logger.addFilter(_PeerFailuresUnheard())
 
 
+#: How long opening a stream may take once begun (it is not cancelled part-way, see
+#: :func:`_open_streams_whole`): it waits behind other writes on the connection, each bounded
+#: by its size (:class:`_WholeWritesNoise`).
+STREAM_OPEN_STALL_S = 20.0
+
+
+class _WholeWritesNoise(NoiseTransport):
+    """Noise whose sessions write each message whole or close the connection.
+
+    py-libp2p's Noise session encrypts (advancing its nonce) and then writes, and a large
+    message goes out as several Noise frames. A request cancelled at its deadline while its
+    task was writing (a Yamux SYN, a window update, a frame of its payload) left the nonce
+    ahead of what the peer had received, or half a frame on the wire: the peer could decrypt
+    nothing more, and every later request on that connection failed ("failed to open a
+    stream"; pitfall 16). One request's deadline must cost that request only, so a write, once
+    begun, finishes, shielded from the caller's cancellation, which takes effect at its next
+    checkpoint. A peer must read it at the lanes' minimum rate (:func:`read_deadline` of its
+    size), or the connection is closed: part of it may be on the wire.
+    """
+
+    async def secure_inbound(self, conn: IRawConnection) -> ISecureConn:
+        return _whole_writes(await super().secure_inbound(conn))
+
+    async def secure_outbound(self, conn: IRawConnection, peer_id: ID) -> ISecureConn:
+        return _whole_writes(await super().secure_outbound(conn, peer_id))
+
+
+def _whole_writes(session: ISecureConn) -> ISecureConn:
+    """Make ``session.write`` finish what it began (see :class:`_WholeWritesNoise`)."""
+    write = session.write
+
+    async def write_whole(data: bytes) -> None:
+        allowed = read_deadline(len(data))
+        with trio.CancelScope(shield=True) as scope:
+            scope.deadline = trio.current_time() + allowed
+            await write(data)
+        if scope.cancelled_caught:
+            # Part of a message may be on the wire: nothing more can be sent after it.
+            with trio.CancelScope(shield=True), trio.move_on_after(1):
+                await session.close()
+            raise RawConnError(
+                f"the peer did not read {len(data)} bytes in {allowed:.1f} s: connection closed"
+            )
+
+    session.write = write_whole  # type: ignore[method-assign]
+    return session
+
+
+def _open_streams_whole(conn: INetConn) -> None:
+    """Make ``conn.new_stream`` finish once it has begun (pitfall 17).
+
+    py-libp2p's Yamux takes a backlog slot, registers the stream, then writes its SYN; the
+    swarm then wraps the stream and registers it in turn. A request cancelled at its deadline
+    in between lost the stream with its slot: never announced, it held the slot for the
+    connection's life (40 of Yamux's 256 were gone after 400 requests with deadlines of
+    0-4 ms; with none left, every later request to that peer waits out its deadline), and
+    announced but never negotiated, it held the slot and a negotiation at the peer until the
+    peer's negotiation timeout (30 s).
+    """
+    new_stream = conn.new_stream
+    backlog: trio.Semaphore | None = getattr(conn.muxed_conn, "stream_backlog_semaphore", None)
+
+    async def new_stream_whole() -> INetStream:
+        if backlog is not None:
+            # Wait for a slot where the wait can be cancelled; taking it then does not wait.
+            await backlog.acquire()
+            backlog.release()
+        with trio.CancelScope(shield=True) as scope:
+            scope.deadline = trio.current_time() + STREAM_OPEN_STALL_S
+            stream = await new_stream()
+        if scope.cancelled_caught:  # the connection's writes stalled (it is being closed)
+            raise MuxedStreamError("opening a stream stalled")
+        try:
+            await trio.lowlevel.checkpoint_if_cancelled()
+        except BaseException:
+            # The caller's deadline passed meanwhile: free the stream now.
+            with trio.CancelScope(shield=True), trio.move_on_after(1):
+                await stream.reset()
+            raise
+        return stream
+
+    conn.new_stream = new_stream_whole  # type: ignore[method-assign]
+
+
+def _connections_open_streams_whole(host: IHost) -> None:
+    """Apply :func:`_open_streams_whole` to each connection ``host``'s swarm adds."""
+    swarm = host.get_network()
+    add_conn = swarm.add_conn  # type: ignore[attr-defined]
+
+    async def add_conn_opening_whole(
+        muxed_conn: IMuxedConn, direction: str = "unknown"
+    ) -> INetConn:
+        conn = await add_conn(muxed_conn, direction)
+        _open_streams_whole(conn)
+        return conn
+
+    swarm.add_conn = add_conn_opening_whole  # type: ignore[attr-defined]
+
+
 class Libp2pNetwork:
     """A running py-libp2p host with DHT and GossipSub, behind the :class:`Network` port."""
 
@@ -543,7 +644,7 @@ class Libp2pNetwork:
         host = new_host(
             key_pair=key_pair,
             sec_opt={
-                NOISE_PROTOCOL_ID: NoiseTransport(
+                NOISE_PROTOCOL_ID: _WholeWritesNoise(
                     key_pair, noise_privkey=create_x25519_key_pair().private_key
                 )
             },
@@ -574,6 +675,7 @@ class Libp2pNetwork:
 
         host.get_addrs = addrs_with_circuits  # type: ignore[method-assign]
         _disable_auto_connector(host)
+        _connections_open_streams_whole(host)
         if str(host.get_id()) != identity.peer_id:
             raise RuntimeError("libp2p derived a different peer ID from our key")
         listen = [multiaddr.Multiaddr(a) for a in settings.listen_addrs]

@@ -445,3 +445,57 @@ async def test_a_request_trickled_below_the_minimum_rate_is_cut_and_frees_its_pe
             assert 1 <= server.stats.requests_refused_penalised <= 2
             assert client.stats.lanes_opened_out == 0
             nursery.cancel_scope.cancel()
+
+
+def _connection(network: Libp2pNetwork, peer_id: str):  # type: ignore[no-untyped-def]
+    """``network``'s swarm connection to ``peer_id`` (the host keeps one per peer)."""
+    conns = network._host.get_network().connections.get(ID.from_base58(peer_id))
+    return conns[0] if isinstance(conns, list) else conns
+
+
+async def test_a_write_cancelled_as_it_begins_still_goes_out_whole():
+    """Pitfall 16: py-libp2p's Noise session encrypts, then writes. A write whose caller's
+    deadline had passed was encrypted (the nonce advanced) and then not sent: the peer could
+    decrypt nothing more on that connection. Here a valid Yamux ping is written by a task
+    already cancelled; the connection must still carry requests (on streams: lanes off)."""
+    async with open_networks(2, lanes="off") as (server, client):
+        server.handle(ECHO, echo)
+        assert await client.request(server.peer_id, ECHO, b"before") == b"before"
+        session = _connection(client, server.peer_id).muxed_conn.secured_conn
+        # Yamux header: version 0, type 2 (ping), flags 1 (SYN), stream 0, opaque value 7.
+        ping = struct.pack(">BBHII", 0, 2, 1, 0, 7)
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await session.write(ping)
+        assert await client.request(server.peer_id, ECHO, b"after", timeout=5) == b"after"
+
+
+async def test_requests_cut_short_anywhere_cost_only_themselves():
+    """Pitfalls 16 and 17: requests whose deadlines (0-6 ms) pass wherever they happen to be
+    (opening the stream, negotiating, writing) leave the connection serving, and leave none
+    of Yamux's 256 stream slots taken (a slot lost between taking it and sending the SYN was
+    lost for the connection's life; 40 of 400 requests lost one). On streams: lanes off."""
+    async with open_networks(2, lanes="off") as (server, client):
+
+        async def slow(sender: str, data: bytes) -> bytes:
+            await trio.sleep(0.5)
+            return b"late"
+
+        server.handle("/mtor/test/slow/1", slow)
+        server.handle(ECHO, echo)
+        assert await client.request(server.peer_id, ECHO, b"first") == b"first"
+        backlog = _connection(client, server.peer_id).muxed_conn.stream_backlog_semaphore
+        await trio.sleep(0.5)  # the library's own long-lived streams (gossip) are open
+        free_before = backlog.value
+        for i in range(150):
+            # "busy" too: those that arrived hold the peer's share of streams for 0.5 s.
+            with contextlib.suppress(NetworkError, RemoteError):
+                await client.request(
+                    server.peer_id, "/mtor/test/slow/1", b"x", timeout=(i % 61) * 0.0001
+                )
+        await trio.sleep(0.6)  # the last that arrived have been answered
+        assert await client.request(server.peer_id, ECHO, b"next", timeout=10) == b"next"
+        deadline = trio.current_time() + 5
+        while backlog.value < free_before and trio.current_time() < deadline:
+            await trio.sleep(0.05)
+        assert backlog.value >= free_before

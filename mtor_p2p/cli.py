@@ -330,6 +330,7 @@ def _config_from(args: argparse.Namespace, *, write: bool = False) -> NodeConfig
         "relay",
         "relays_wanted",
         "relay_max_reservations",
+        "punch_retry",
     ):
         value = getattr(args, name, None)
         if value is not None:
@@ -2387,6 +2388,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--relay-max-reservations",
         type=int,
         help="as a relay: peers that may hold a reservation at once (default 128)",
+    )
+    p.add_argument(
+        "--punch-retry",
+        type=float,
+        metavar="SECONDS",
+        help="a peer pair whose hole punches all failed tries again after this long, "
+        "doubling per failed round up to an hour (default 300)",
     )
     p.add_argument(
         "--announce",

@@ -18,6 +18,7 @@ Example ``mtor.toml``::
     relay = "auto"          # serve as a circuit relay: "auto" (when public), "on", "off"
     relays_wanted = 2       # relays to reserve on while not publicly reachable
     relay_max_reservations = 128  # as a relay: peers holding a reservation at once
+    punch_retry = 300.0     # a pair whose hole punches failed tries again after (doubling)
     log_format = "text"     # or "json": one JSON object a line (stderr and the log file)
     log_max_bytes = 10485760  # rotate <data_dir>/logs/mtor-peer.log at this size
     log_backups = 5         # rotated files kept (mtor-peer.log.1 ... .5)
@@ -108,6 +109,11 @@ class NodeConfig:
     relays_wanted: int = 2
     #: As a relay: peers that may hold a reservation at once (more are refused).
     relay_max_reservations: int = 128
+    #: Seconds before a pair whose hole punches all failed tries again, doubling per failed
+    #: round up to an hour; also the window in which a peer may start 3 punch sessions with
+    #: us (mtor_p2p/libp2p_nat.py, NatSettings.punch_retry_s). Under 120 s a retry may meet
+    #: the routers' mappings of the last round and fail (docs/peer.md).
+    punch_retry: float = 300.0
     #: Extra addresses to advertise, e.g. a router's port forward to our listen port.
     announce: list[str] = field(default_factory=list)
     api_port: int = 0  # 0: any free port, written to <data_dir>/control.json
@@ -167,6 +173,8 @@ class NodeConfig:
             raise ConfigError(
                 f"relay_max_reservations must be 1-100000, not {self.relay_max_reservations}"
             )
+        if not 10.0 <= self.punch_retry <= 86_400.0:
+            raise ConfigError(f"punch_retry must be 10-86400 seconds, not {self.punch_retry}")
         for addr in self.announce:
             check_announce_addr(addr)
         if not 0 < self.announce_interval < self.record_ttl / 2:
@@ -325,6 +333,7 @@ _SIMPLE_TYPES: dict[str, type] = {
     "relay": str,
     "relays_wanted": int,
     "relay_max_reservations": int,
+    "punch_retry": float,
     "announce": list,
     "api_port": int,
     "metrics_listen": str,

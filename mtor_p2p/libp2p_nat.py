@@ -45,7 +45,7 @@ import trio
 from libp2p.abc import IHost, INetConn, INetStream
 from libp2p.peer.id import ID
 from libp2p.relay.circuit_v2.config import RelayConfig, RelayRole
-from libp2p.relay.circuit_v2.dcutr import DCUtRProtocol
+from libp2p.relay.circuit_v2.dcutr import MAX_HOLE_PUNCH_ATTEMPTS, DCUtRProtocol
 from libp2p.relay.circuit_v2.pb.circuit_pb2 import HopMessage
 from libp2p.relay.circuit_v2.pb.circuit_pb2 import PeerId as CircuitPeerId
 from libp2p.relay.circuit_v2.protocol import PROTOCOL_ID as HOP_PROTOCOL_ID
@@ -56,6 +56,7 @@ from libp2p.relay.circuit_v2.transport import CircuitV2Transport
 from libp2p.relay.circuit_v2.utils import read_delimited_msg, write_delimited_msg
 from libp2p.tools.anyio_service import background_trio_service
 from libp2p.tools.constants import MAX_READ_LEN
+from libp2p.transport.tcp import tcp as libp2p_tcp
 
 from mtor_p2p.network import NetworkError, RemoteError, ip_address_of, is_loopback_ip
 
@@ -86,11 +87,12 @@ IDENTIFY_WAIT_S = 2.0
 #: Punches run at once, and how long one attempt may take (its own exchange included).
 PUNCHES_AT_ONCE = 4
 PUNCH_ATTEMPT_S = 20.0
-#: DCUtR sessions a peer may start with us per window (each makes us dial), and how many
-#: peers' session times are remembered.
+#: DCUtR sessions a peer may start with us per window (NatSettings.punch_retry_s; each
+#: makes us dial), and how many peers' session times are remembered.
 PUNCH_SESSIONS_PER_WINDOW = 3
-PUNCH_SESSION_WINDOW_S = 300.0
 PUNCH_SESSION_MEMORY = 4096
+#: The longest wait between rounds of punches for a pair that keeps failing.
+PUNCH_RETRY_MAX_S = 3600.0
 #: Relay: a circuit's allowance for its set-up, and how long a circuit may carry nothing
 #: either way before it ends (the per-IP caps are in RelayLimitsConfig).
 STREAM_SETUP_S = 15.0
@@ -155,6 +157,12 @@ class NatSettings:
     #: Relays to hold reservations on while not public (0: never reserve).
     relays_wanted: int = 2
     hole_punching: bool = True
+    #: A pair whose hole punches all failed (DCUtR's 3 attempts, a round) is tried again
+    #: after this many seconds, doubling per failed round up to an hour: a starved peer, a
+    #: firewall or a NAT mapping can change, and a relayed pair cannot carry operands. It is
+    #: also the window in which a peer may start 3 sessions with us, so that the rounds of a
+    #: peer with the same setting are never refused.
+    punch_retry_s: float = 300.0
     #: Seconds between reachability checks (also re-checked when the observed IP changes).
     reachability_interval: float = 600.0
     #: Seconds between checks while the answer is still unknown.
@@ -369,17 +377,98 @@ class _Relay(CircuitV2Protocol):
             await self._close_stream(stream)
 
 
+async def _open_tcp_stream_from(host: str, port: int, source: tuple[str, int]) -> trio.SocketStream:
+    """A TCP connection to ``host:port`` from ``source``, the listen address (a hole punch's
+    SYN must leave from the port the peer was told), whose socket is closed however the
+    attempt ends.
+
+    py-libp2p's own closed the socket on a refusal but not when the punch's deadline
+    cancelled the connect: the socket kept retransmitting its SYN until collected, and every
+    later dial of the same pair of addresses, the punch's next try 7 s later and the next
+    round alike, failed at once with "Cannot assign requested address" (the NAT lab,
+    2026-12-07; pitfall 18). Otherwise it behaves as the library's: a source that cannot be
+    bound falls back to an ephemeral port (no punching from there).
+    """
+    src_ip, src_port = source
+    if (":" in src_ip) != (":" in host):
+        raise libp2p_tcp.OpenConnectionError(f"source {src_ip} and {host} differ in IP family")
+    family = trio.socket.AF_INET6 if ":" in host else trio.socket.AF_INET
+    sock = trio.socket.socket(family, trio.socket.SOCK_STREAM)
+    try:
+        libp2p_tcp._set_reuse_flags(sock)
+        try:
+            await sock.bind((src_ip, src_port))
+        except OSError:
+            sock.close()
+            return await trio.open_tcp_stream(host, port)
+        await sock.connect((host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return trio.SocketStream(sock)
+
+
+def _punch_dials_close_their_sockets() -> None:
+    """Have py-libp2p's TCP transport dial from a source address with
+    :func:`_open_tcp_stream_from` (it calls the function of its module by name)."""
+    libp2p_tcp._open_tcp_stream_from = _open_tcp_stream_from  # type: ignore[attr-defined]
+
+
+class PunchRounds:
+    """When a pair whose hole punches all failed is tried again: a round (DCUtR's attempts)
+    ends in failure, and the next may start ``first_retry_s`` later, doubling per failed
+    round up to ``max_retry_s``. Peers are forgotten on success and on disconnection."""
+
+    def __init__(self, first_retry_s: float, max_retry_s: float = PUNCH_RETRY_MAX_S) -> None:
+        self.first_retry_s = first_retry_s
+        self.max_retry_s = max(max_retry_s, first_retry_s)
+        #: peer -> (failed rounds, when the next may start).
+        self._failed: dict[ID, tuple[int, float]] = {}
+
+    def failed(self, peer: ID, now: float) -> float:
+        """A round with ``peer`` failed at ``now``; when the next may start."""
+        rounds = self._failed.get(peer, (0, 0.0))[0] + 1
+        wait = min(self.first_retry_s * 2 ** min(rounds - 1, 32), self.max_retry_s)
+        self._failed[peer] = (rounds, now + wait)
+        return now + wait
+
+    def due(self, peer: ID, now: float) -> bool:
+        """Whether a new round with ``peer`` may start."""
+        entry = self._failed.get(peer)
+        return entry is None or now >= entry[1]
+
+    def next_at(self, peer: ID) -> float | None:
+        """When the next round with ``peer`` may start (None: no failed round)."""
+        entry = self._failed.get(peer)
+        return None if entry is None else entry[1]
+
+    def forget(self, peer: ID) -> None:
+        self._failed.pop(peer, None)
+
+    def __len__(self) -> int:
+        return len(self._failed)
+
+
 class _HolePuncher(DCUtRProtocol):
     """DCUtR with MTOR's choices: only the side that accepted the relayed connection drives
     (both driving starts crossing sessions), each punch in its own task with a deadline
     (a peer that never answers must not hold up the others), dials time out fast
     (pitfall 5), a peer's own sessions are accepted only over a relayed connection, one at
-    a time and a few per :data:`PUNCH_SESSION_WINDOW_S`, and the relayed connection closes
-    soon after the direct one verifies."""
+    a time and a few per ``retry_s``, and the relayed connection closes soon after the direct
+    one verifies. A pair whose attempts all failed gets another round later
+    (:class:`PunchRounds`): py-libp2p alone would leave it relayed until it disconnects."""
 
-    def __init__(self, host: IHost, on_result: Callable[[str, bool, float], None]) -> None:
+    def __init__(
+        self,
+        host: IHost,
+        on_result: Callable[[str, bool, float, float | None], None],
+        retry_s: float,
+    ) -> None:
         super().__init__(host, read_timeout=5, write_timeout=5, dial_timeout=3)
+        _punch_dials_close_their_sockets()
         self._on_result = on_result
+        self._session_window_s = retry_s
+        self.rounds = PunchRounds(retry_s)
         self._punching: set[ID] = set()
         self._slots = trio.Semaphore(PUNCHES_AT_ONCE)
         #: peer -> when its recent sessions with us started (oldest peers forgotten first).
@@ -394,15 +483,19 @@ class _HolePuncher(DCUtRProtocol):
             connections = self.host.get_network().connections
             for peer_id in [p for p in first_seen if not connections.get(p)]:
                 del first_seen[peer_id]
+                self.rounds.forget(peer_id)  # as py-libp2p forgets its attempts
             for peer_id, conns in list(connections.items()):
                 if peer_id == me or peer_id in self._punching or peer_id in self._in_progress:
                     continue
                 # The cheap test first: nearly every peer has a direct connection.
                 if _has_direct(conns) or not _we_drive(conns, me, peer_id):
                     continue
-                seen = first_seen.setdefault(peer_id, trio.current_time())
-                if self._hole_punch_attempts.get(peer_id, 0) >= 3:
-                    continue
+                now = trio.current_time()
+                seen = first_seen.setdefault(peer_id, now)
+                if self._hole_punch_attempts.get(peer_id, 0) >= MAX_HOLE_PUNCH_ATTEMPTS:
+                    if not self.rounds.due(peer_id, now):
+                        continue
+                    self._hole_punch_attempts.pop(peer_id, None)  # a new round
                 waited = trio.current_time() - seen
                 if not _direct_addrs(self.host, peer_id) and waited < IDENTIFY_WAIT_S:
                     # Identify has not told us the peer's addresses yet: the plain dial that
@@ -428,8 +521,16 @@ class _HolePuncher(DCUtRProtocol):
                         while not _has_direct(connections.get(peer_id)):  # noqa: ASYNC110
                             await trio.sleep(0.1)
                     ok = _has_direct(self.host.get_network().connections.get(peer_id))
+            now = trio.current_time()
+            retry_at = None
+            if ok:
+                self.rounds.forget(peer_id)
+            elif self._hole_punch_attempts.get(peer_id, 0) >= MAX_HOLE_PUNCH_ATTEMPTS:
+                retry_at = self.rounds.failed(peer_id, now)
             # Every attempt is reported (a later success replaces an earlier failure).
-            self._on_result(str(peer_id), ok, trio.current_time() - seen)
+            self._on_result(
+                str(peer_id), ok, now - seen, None if retry_at is None else retry_at - now
+            )
         finally:
             self._punching.discard(peer_id)
             self._slots.release()
@@ -438,7 +539,7 @@ class _HolePuncher(DCUtRProtocol):
         peer = stream.muxed_conn.peer_id
         conns = self.host.get_network().connections.get(peer)
         now = trio.current_time()
-        recent = [t for t in self._sessions.get(peer, []) if now - t < PUNCH_SESSION_WINDOW_S]
+        recent = [t for t in self._sessions.get(peer, []) if now - t < self._session_window_s]
         if (
             not conn_list(conns)
             or _has_direct(conns)
@@ -682,6 +783,8 @@ class NatTraversal:
         self.hop_enabled = False
         #: peer -> (direct?, seconds from first relayed contact, when)
         self.punches: dict[str, tuple[bool, float, float]] = {}
+        #: peer -> when its next round of punches may start (pairs whose last round failed).
+        self.punch_retry_at: dict[str, float] = {}
         self._relay: _Relay | None = None
         self._transport: CircuitV2Transport | None = None
         self._puncher: _HolePuncher | None = None
@@ -716,7 +819,9 @@ class NatTraversal:
         async with AsyncExitStack() as stack:
             await stack.enter_async_context(background_trio_service(relay))
             if self.settings.hole_punching:
-                self._puncher = _HolePuncher(self._host, self._punch_result)
+                self._puncher = _HolePuncher(
+                    self._host, self._punch_result, self.settings.punch_retry_s
+                )
                 await stack.enter_async_context(background_trio_service(self._puncher))
             if self.settings.relay_service == "on" or (
                 self.settings.relay_service == "auto" and self._bootstrap_node
@@ -804,6 +909,7 @@ class NatTraversal:
 
     def status(self) -> dict[str, Any]:
         """What ``mtor-peer status`` shows under ``reachability``."""
+        now = trio.current_time()
         relays = sorted(self.reservations)
         names = ", ".join("…" + r[-8:] for r in relays)
         if self.reachability == "private":
@@ -828,14 +934,30 @@ class NatTraversal:
             "connections": self.connection_kinds(),
             "hole_punches": [
                 {"peer": p, "direct": ok, "seconds": round(s, 3)}
+                | (
+                    {"retry_in": round(max(0.0, self.punch_retry_at[p] - now), 1)}
+                    if not ok and p in self.punch_retry_at
+                    else {}
+                )
                 for p, (ok, s, _) in sorted(self.punches.items(), key=lambda i: -i[1][2])[:16]
             ],
         }
 
-    def _punch_result(self, peer: str, ok: bool, seconds: float) -> None:
-        self.punches[peer] = (ok, seconds, trio.current_time())
+    def _punch_result(
+        self, peer: str, ok: bool, seconds: float, retry_in: float | None = None
+    ) -> None:
+        """One attempt's outcome; ``retry_in``: its round failed, and the next may start in
+        this many seconds."""
+        now = trio.current_time()
+        self.punches[peer] = (ok, seconds, now)
+        if retry_in is not None:
+            self.punch_retry_at[peer] = now + retry_in
+        elif ok:
+            self.punch_retry_at.pop(peer, None)
         while len(self.punches) > 256:
-            del self.punches[min(self.punches, key=lambda p: self.punches[p][2])]
+            oldest = min(self.punches, key=lambda p: self.punches[p][2])
+            del self.punches[oldest]
+            self.punch_retry_at.pop(oldest, None)
         if ok:
             log.info("hole punch to %s: direct after %.2f s", peer, seconds)
         else:
@@ -844,7 +966,8 @@ class NatTraversal:
                 if self.nat == "port-changing"
                 else ""
             )
-            log.info("hole punch to %s failed: relayed for now%s", peer, why)
+            again = f"; trying again in {retry_in:.0f} s" if retry_in is not None else ""
+            log.info("hole punch to %s failed: relayed for now%s%s", peer, why, again)
 
     # -- reachability --------------------------------------------------------------------
 

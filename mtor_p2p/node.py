@@ -437,6 +437,7 @@ class Node:
                         relay_limits=RelayLimitsConfig(
                             max_reservations=config.relay_max_reservations
                         ),
+                        punch_retry_s=config.punch_retry,
                     )
                     if config.nat
                     else None

@@ -178,24 +178,59 @@ def submit_matmul(peers: LabPeers, requester: str) -> dict[str, Any]:
 def test_port_preserving_nats_relay_punch_limit_and_relay_restart(
     peers_port_preserving: LabPeers,
 ) -> None:
-    """(a) both private peers end directly connected and a job between them completes;
+    """(a) both private peers end directly connected and a job between them completes, though
+    every punch of their first round failed (their routers dropped each other's packets);
     (d) a relay at its reservation limit refuses clearly; (e) a public address behind a
     firewall is reported private; (c) after the relay restarts, reservations come back."""
     peers = peers_port_preserving
     # The relay is priced out of the job: the matrix shards can only go to b.
     peers.start("relay", "--bootstrap-node", "--relay", "on", "--relay-max-reservations", "2",
                 "--price", "1000", "--fixed-price")  # fmt: skip
+    # a's router drops whatever goes between it and b's router, both ways: the relayed
+    # connection (through the relay) works, every punch fails.
+    block = (
+        ["FORWARD", "-s", peers.lab.wan("b"), "-j", "DROP"],
+        ["FORWARD", "-d", peers.lab.wan("b"), "-j", "DROP"],
+    )
+    for rule in block:
+        peers.lab.run("ra", ["iptables", "-I", *rule], check=True)
     time.sleep(1.0)
-    peers.start("a", "--relay", "off")
-    peers.start("b", "--relay", "off")
+    # A failed round is tried again after 10 s here (300 s by default).
+    peers.start("a", "--relay", "off", "--punch-retry", "10")
+    peers.start("b", "--relay", "off", "--punch-retry", "10")
 
     # Both reserve on the relay and advertise circuit addresses through it.
     for name in ("a", "b"):
         peers.wait_for(
             f"{name} reserved on the relay", lambda n=name: peers.reachability(n).get("relays")
         )
-    # (a) b reaches a through the relay (or the other way round), the side that accepted
-    # the relayed connection punches, and they end up directly connected.
+    # b reaches a through the relay (or the other way round) and the side that accepted the
+    # relayed connection punches: the round's attempts fail, and status says when it will
+    # try again.
+    failed = peers.wait_for(
+        "a failed round of punches between a and b",
+        lambda: next(
+            (
+                p
+                for p in (peers.punch_to("a", "b"), peers.punch_to("b", "a"))
+                if p and not p["direct"] and "retry_in" in p
+            ),
+            None,
+        ),
+        timeout=90,
+    )
+    assert 0 <= failed["retry_in"] <= 10, failed
+    for rule in block:
+        peers.lab.run("ra", ["iptables", "-D", *rule], check=True)
+    # The routers' mappings of the failed round go too, as they would have by a default retry
+    # (300 s; Linux keeps an unanswered SYN's for 120 s). Kept, the next round's first SYN
+    # met b's listener through b's stale mapping before b dialled, and the punch failed.
+    for router, private, other in (("ra", "a", "b"), ("rb", "b", "a")):
+        peers.lab.run(
+            router, ["conntrack", "-D", "-s", peers.lab.addr(private), "-d", peers.lab.wan(other)]
+        )
+    unblocked = time.monotonic()
+    # (a) the next round punches through, and they end up directly connected.
     punch = peers.wait_for(
         "a direct connection between a and b",
         lambda: next(
@@ -205,7 +240,8 @@ def test_port_preserving_nats_relay_punch_limit_and_relay_restart(
         timeout=90,
     )
     assert punch["direct"] is True, punch
-    assert punch["seconds"] < 30
+    # Within the retry (10 s) and a round's time after the routers let the packets through.
+    assert time.monotonic() - unblocked < 45
     for name in ("a", "b"):
         state = peers.wait_for(
             f"{name} found private",

@@ -8,18 +8,25 @@ same code through real NATs is tested in tests/test_nat_peers.py.
 
 from __future__ import annotations
 
+import gc
 import json
+import os
+import socket
 
 import pytest
 import trio
+from libp2p.peer.id import ID
 
 from mtor_p2p.identity import Identity
 from mtor_p2p.libp2p_host import HostSettings, Libp2pNetwork
 from mtor_p2p.libp2p_nat import (
     DIALBACK_PROTOCOL,
+    PUNCH_RETRY_MAX_S,
     RELAYED_MAX_REQUEST_BYTES,
     NatSettings,
+    PunchRounds,
     RelayLimitsConfig,
+    _open_tcp_stream_from,
 )
 from mtor_p2p.network import NetworkError, RemoteError
 from tests.nat_hosts import echo, host, nat_settings, wait_until
@@ -356,3 +363,42 @@ async def test_a_helper_serves_one_peer_at_most_every_few_seconds() -> None:
         await asker.request(helper.peer_id, DIALBACK_PROTOCOL, dial.encode())
         with pytest.raises(RemoteError, match="too soon"):
             await asker.request(helper.peer_id, DIALBACK_PROTOCOL, dial.encode())
+
+
+def test_a_pair_whose_punches_failed_is_tried_again_later_and_later() -> None:
+    """py-libp2p gives a relayed pair 3 punch attempts for the connection's life; a failed
+    round is tried again after the setting, doubling, up to an hour; success or
+    disconnection forgets the pair."""
+    rounds = PunchRounds(300.0)
+    peer = ID.from_base58(Identity.generate().peer_id)
+    assert rounds.due(peer, 0.0) and rounds.next_at(peer) is None
+    assert rounds.failed(peer, 100.0) == 400.0
+    assert not rounds.due(peer, 399.9) and rounds.due(peer, 400.0)
+    assert rounds.failed(peer, 450.0) == 1050.0  # 600 s after the second round
+    for _ in range(10):
+        last = rounds.failed(peer, 2000.0)
+    assert last == 2000.0 + PUNCH_RETRY_MAX_S
+    rounds.forget(peer)
+    assert rounds.due(peer, 0.0) and len(rounds) == 0
+
+
+async def test_a_punch_dial_cut_short_closes_its_socket() -> None:
+    """Pitfall 18: py-libp2p's dial from the listen port left its socket open when cancelled
+    (it kept sending SYNs until collected, and the next dial of the same addresses failed
+    with "Cannot assign requested address"). The garbage collector is off here, so that
+    only an explicit close counts."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    port = listener.getsockname()[1]
+    gc.disable()
+    try:
+        before = len(os.listdir("/proc/self/fd"))
+        for _ in range(3):
+            with trio.CancelScope() as scope:
+                scope.cancel()
+                await _open_tcp_stream_from("127.0.0.1", port, ("127.0.0.1", 0))
+        assert len(os.listdir("/proc/self/fd")) <= before
+    finally:
+        gc.enable()
+        listener.close()

@@ -352,8 +352,16 @@ class _PeerRequests:
         self._stats.request_bytes_pending -= size
 
 
+#: The longest one write to a peer's connection may take (a Yamux frame of 64 KiB at the
+#: minimum rate, :class:`_WholeWritesNoise`): a reset waits behind at most that many writes'
+#: worth before it is given up, and a stream open overruns its caller's deadline by at most it.
+ONE_WRITE_S = read_deadline(64 * 1024 + 12)
+
+
 async def _reset_quietly(stream: INetStream) -> None:
-    with trio.move_on_after(1):
+    """Reset ``stream``, shielded from the caller's cancellation: a reset given up while it
+    waited behind other writes left the stream and its Yamux slot in place."""
+    with trio.CancelScope(shield=True), trio.move_on_after(2 * ONE_WRITE_S):
         try:
             await stream.reset()
         except Exception:  # the stream may already be gone; nothing more to do
@@ -539,31 +547,43 @@ def _open_streams_whole(conn: INetConn) -> None:
     connection's life (40 of Yamux's 256 were gone after 400 requests with deadlines of
     0-4 ms; with none left, every later request to that peer waits out its deadline), and
     announced but never negotiated, it held the slot and a negotiation at the peer until the
-    peer's negotiation timeout (30 s).
+    peer's negotiation timeout (30 s). The wait for a free slot can still be cancelled; the
+    open then overruns its caller's deadline by one write (:data:`ONE_WRITE_S`) at most.
+    Applied once per connection.
     """
     new_stream = conn.new_stream
     backlog: trio.Semaphore | None = getattr(conn.muxed_conn, "stream_backlog_semaphore", None)
 
     async def new_stream_whole() -> INetStream:
-        if backlog is not None:
-            # Wait for a slot where the wait can be cancelled; taking it then does not wait.
+        # Wait for a free slot where the wait can be cancelled. A slot given back goes to the
+        # next waiter, if any (trio's semaphores hand over): wait again until one is free,
+        # so that taking it inside the shield, with no checkpoint before, does not wait.
+        while backlog is not None and backlog.value == 0:
             await backlog.acquire()
             backlog.release()
-        with trio.CancelScope(shield=True) as scope:
-            scope.deadline = trio.current_time() + STREAM_OPEN_STALL_S
+        # Past the caller's deadline by one write at most (a SYN behind other writes).
+        limit = min(
+            trio.current_time() + STREAM_OPEN_STALL_S,
+            trio.current_effective_deadline() + ONE_WRITE_S,
+        )
+        with trio.CancelScope(shield=True, deadline=limit) as scope:
             stream = await new_stream()
-        if scope.cancelled_caught:  # the connection's writes stalled (it is being closed)
-            raise MuxedStreamError("opening a stream stalled")
+        if scope.cancelled_caught:
+            # The SYN waited behind other writes for that long (py-libp2p then keeps the slot:
+            # a cost that stays with this connection's slow peer).
+            raise MuxedStreamError("opening a stream stalled behind other writes")
         try:
             await trio.lowlevel.checkpoint_if_cancelled()
         except BaseException:
             # The caller's deadline passed meanwhile: free the stream now.
-            with trio.CancelScope(shield=True), trio.move_on_after(1):
-                await stream.reset()
+            await _reset_quietly(stream)
             raise
         return stream
 
+    if getattr(conn, "_mtor_opens_whole", False):  # add_conn's answer for a known connection
+        return
     conn.new_stream = new_stream_whole  # type: ignore[method-assign]
+    conn._mtor_opens_whole = True  # type: ignore[attr-defined]
 
 
 def _connections_open_streams_whole(host: IHost) -> None:
@@ -1410,6 +1430,13 @@ class Libp2pNetwork:
             if stream is not None:
                 await _reset_quietly(stream)
             raise NetworkError(f"request {protocol} to {peer_id} failed: {exc}") from exc
+        except BaseException:
+            # Cancelled by the caller's own scope (a lookup that has its answer cancels the
+            # requests still out): the stream would otherwise stay open, its slot taken, until
+            # the peer answered or timed out, or for good if it never does.
+            if stream is not None:
+                await _reset_quietly(stream)
+            raise
         with trio.move_on_after(1):
             try:
                 await stream.close()

@@ -499,3 +499,68 @@ async def test_requests_cut_short_anywhere_cost_only_themselves():
         while backlog.value < free_before and trio.current_time() < deadline:
             await trio.sleep(0.05)
         assert backlog.value >= free_before
+
+
+async def test_a_request_waiting_for_a_stream_slot_keeps_its_deadline():
+    """Pitfall 17's fix waits for a free Yamux slot where the wait can be cancelled: with
+    every slot taken and another request waiting too, a 2 s request still ends at 2 s (a slot
+    handed from one waiter to the next made it wait, shielded, 14 s longer in a review)."""
+    async with open_networks(2, lanes="off") as (server, client):
+
+        async def slow(sender: str, data: bytes) -> bytes:
+            await trio.sleep(6)  # the patient request holds its slot this long
+            return data
+
+        server.handle("/mtor/test/slow/1", slow)
+        server.handle(ECHO, echo)
+        assert await client.request(server.peer_id, ECHO, b"first") == b"first"
+        backlog = _connection(client, server.peer_id).muxed_conn.stream_backlog_semaphore
+        await trio.sleep(0.5)  # the library's own long-lived streams are open
+        taken = 0
+        while backlog.value:
+            backlog.acquire_nowait()
+            taken += 1
+        ended: dict[str, float] = {}
+        start = trio.current_time()
+
+        async def ask(name: str, protocol: str, timeout: float) -> None:
+            with contextlib.suppress(NetworkError):
+                await client.request(server.peer_id, protocol, b"x", timeout=timeout)
+            ended[name] = trio.current_time() - start
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ask, "patient", "/mtor/test/slow/1", 30.0)
+            await trio.sleep(0.05)
+            nursery.start_soon(ask, "hurried", ECHO, 2.0)
+            await trio.sleep(0.95)
+            backlog.release()  # one slot frees at 1 s, and goes to the first waiter
+            with trio.move_on_after(25):
+                while "hurried" not in ended:
+                    await trio.sleep(0.05)
+            for _ in range(taken - 1):
+                backlog.release()
+        assert ended["hurried"] < 4, ended
+
+
+async def test_requests_cancelled_by_their_caller_give_their_streams_back():
+    """A request cancelled by its caller's scope (a lookup that has its answer cancels those
+    still out), not by its own deadline, resets its stream: left open, each held a Yamux slot
+    until the peer answered, and for the connection's life if it never did."""
+    async with open_networks(2, lanes="off") as (server, client):
+        server.handle(ECHO, echo)
+
+        async def never(stream) -> None:  # type: ignore[no-untyped-def]
+            await trio.sleep_forever()
+
+        server._host.set_stream_handler(TProtocol("/mtor/test/never/1"), never)
+        assert await client.request(server.peer_id, ECHO, b"first") == b"first"
+        backlog = _connection(client, server.peer_id).muxed_conn.stream_backlog_semaphore
+        await trio.sleep(0.5)
+        free_before = backlog.value
+        for _ in range(10):
+            with trio.move_on_after(0.2):
+                await client.request(server.peer_id, "/mtor/test/never/1", b"q", timeout=10)
+        deadline = trio.current_time() + 5
+        while backlog.value < free_before and trio.current_time() < deadline:
+            await trio.sleep(0.05)
+        assert backlog.value >= free_before

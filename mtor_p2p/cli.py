@@ -1100,6 +1100,9 @@ def _reachability_line(nat: dict[str, Any]) -> str:
     punches = nat.get("hole_punches") or []
     direct = sum(1 for p in punches if p.get("direct"))
     tail = f"; hole punches {direct}/{len(punches)} direct" if punches else ""
+    waits = [p["retry_in"] for p in punches if p.get("retry_in") is not None]
+    if waits:
+        tail += f" (next round in {min(waits):.0f} s)"
     relay = "; serving as a relay" if nat.get("relay_service") else ""
     kinds = list((nat.get("connections") or {}).values())
     links = (
@@ -2394,7 +2397,10 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         metavar="SECONDS",
         help="a peer pair whose hole punches all failed tries again after this long, "
-        "doubling per failed round up to an hour (default 300)",
+        "doubling per failed round up to an hour (default 300; 10-3600; under 120 a retry may "
+        "fail on the routers' mappings of the last round). Also the window in which a peer "
+        "may start 3 punch sessions with us: a peer with a shorter setting may be refused "
+        "some of its tries. `status` says when the next round is due",
     )
     p.add_argument(
         "--announce",

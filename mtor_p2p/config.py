@@ -18,7 +18,7 @@ Example ``mtor.toml``::
     relay = "auto"          # serve as a circuit relay: "auto" (when public), "on", "off"
     relays_wanted = 2       # relays to reserve on while not publicly reachable
     relay_max_reservations = 128  # as a relay: peers holding a reservation at once
-    punch_retry = 300.0     # a pair whose hole punches failed tries again after (doubling)
+    punch_retry = 300.0     # a pair whose hole punches failed tries again after (10-3600 s)
     log_format = "text"     # or "json": one JSON object a line (stderr and the log file)
     log_max_bytes = 10485760  # rotate <data_dir>/logs/mtor-peer.log at this size
     log_backups = 5         # rotated files kept (mtor-peer.log.1 ... .5)
@@ -173,8 +173,12 @@ class NodeConfig:
             raise ConfigError(
                 f"relay_max_reservations must be 1-100000, not {self.relay_max_reservations}"
             )
-        if not 10.0 <= self.punch_retry <= 86_400.0:
-            raise ConfigError(f"punch_retry must be 10-86400 seconds, not {self.punch_retry}")
+        if not 10.0 <= self.punch_retry <= 3600.0:
+            raise ConfigError(
+                "punch_retry (--punch-retry) must be 10-3600 seconds (default 300; under 120 "
+                "a retry may fail on the routers' mappings of the last round), "
+                f"not {self.punch_retry:g}"
+            )
         for addr in self.announce:
             check_announce_addr(addr)
         if not 0 < self.announce_interval < self.record_ttl / 2:

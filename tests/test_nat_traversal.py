@@ -402,3 +402,29 @@ async def test_a_punch_dial_cut_short_closes_its_socket() -> None:
     finally:
         gc.enable()
         listener.close()
+
+
+def test_status_says_when_a_failed_pair_tries_again_and_the_setting_is_bounded(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from mtor_p2p.cli import _reachability_line
+    from mtor_p2p.config import ConfigError, load_config
+
+    line = _reachability_line(
+        {
+            "summary": "private via relays …x",
+            "reason": "r",
+            "nat": "port-preserving",
+            "hole_punches": [
+                {"peer": "p", "direct": False, "seconds": 3.0, "retry_in": 240.2},
+                {"peer": "q", "direct": True, "seconds": 1.0},
+            ],
+        }
+    )
+    assert line.endswith("hole punches 1/2 direct (next round in 240 s)")
+    for value in ("5", "7200"):
+        path = tmp_path / f"c{value}.toml"
+        path.write_text(f"punch_retry = {value}\n")
+        with pytest.raises(ConfigError, match=r"punch_retry \(--punch-retry\) must be 10-3600"):
+            load_config(path).validate()
+    path = tmp_path / "ok.toml"
+    path.write_text("punch_retry = 60\n")
+    assert load_config(path).punch_retry == 60.0

@@ -551,6 +551,8 @@ def _open_streams_whole(conn: INetConn) -> None:
     open then overruns its caller's deadline by one write (:data:`ONE_WRITE_S`) at most.
     Applied once per connection.
     """
+    if getattr(conn, "_mtor_opens_whole", False):  # add_conn's answer for a known connection
+        return
     new_stream = conn.new_stream
     backlog: trio.Semaphore | None = getattr(conn.muxed_conn, "stream_backlog_semaphore", None)
 
@@ -580,8 +582,6 @@ def _open_streams_whole(conn: INetConn) -> None:
             raise
         return stream
 
-    if getattr(conn, "_mtor_opens_whole", False):  # add_conn's answer for a known connection
-        return
     conn.new_stream = new_stream_whole  # type: ignore[method-assign]
     conn._mtor_opens_whole = True  # type: ignore[attr-defined]
 

@@ -35,7 +35,7 @@ import math
 import time
 import weakref
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Hashable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -423,26 +423,26 @@ class PunchRounds:
         self.first_retry_s = first_retry_s
         self.max_retry_s = max(max_retry_s, first_retry_s)
         #: peer -> (failed rounds, when the next may start).
-        self._failed: dict[ID, tuple[int, float]] = {}
+        self._failed: dict[Hashable, tuple[int, float]] = {}
 
-    def failed(self, peer: ID, now: float) -> float:
+    def failed(self, peer: Hashable, now: float) -> float:
         """A round with ``peer`` failed at ``now``; when the next may start."""
         rounds = self._failed.get(peer, (0, 0.0))[0] + 1
         wait = min(self.first_retry_s * 2 ** min(rounds - 1, 32), self.max_retry_s)
         self._failed[peer] = (rounds, now + wait)
         return now + wait
 
-    def due(self, peer: ID, now: float) -> bool:
+    def due(self, peer: Hashable, now: float) -> bool:
         """Whether a new round with ``peer`` may start."""
         entry = self._failed.get(peer)
         return entry is None or now >= entry[1]
 
-    def next_at(self, peer: ID) -> float | None:
+    def next_at(self, peer: Hashable) -> float | None:
         """When the next round with ``peer`` may start (None: no failed round)."""
         entry = self._failed.get(peer)
         return None if entry is None else entry[1]
 
-    def forget(self, peer: ID) -> None:
+    def forget(self, peer: Hashable) -> None:
         self._failed.pop(peer, None)
 
     def __len__(self) -> int:
@@ -483,7 +483,7 @@ class _HolePuncher(DCUtRProtocol):
             connections = self.host.get_network().connections
             for peer_id in [p for p in first_seen if not connections.get(p)]:
                 del first_seen[peer_id]
-                self.rounds.forget(peer_id)  # as py-libp2p forgets its attempts
+                self.rounds.forget(str(peer_id))  # as py-libp2p forgets its attempts
             for peer_id, conns in list(connections.items()):
                 if peer_id == me or peer_id in self._punching or peer_id in self._in_progress:
                     continue
@@ -493,7 +493,7 @@ class _HolePuncher(DCUtRProtocol):
                 now = trio.current_time()
                 seen = first_seen.setdefault(peer_id, now)
                 if self._hole_punch_attempts.get(peer_id, 0) >= MAX_HOLE_PUNCH_ATTEMPTS:
-                    if not self.rounds.due(peer_id, now):
+                    if not self.rounds.due(str(peer_id), now):
                         continue
                     self._hole_punch_attempts.pop(peer_id, None)  # a new round
                 waited = trio.current_time() - seen
@@ -524,9 +524,9 @@ class _HolePuncher(DCUtRProtocol):
             now = trio.current_time()
             retry_at = None
             if ok:
-                self.rounds.forget(peer_id)
+                self.rounds.forget(str(peer_id))
             elif self._hole_punch_attempts.get(peer_id, 0) >= MAX_HOLE_PUNCH_ATTEMPTS:
-                retry_at = self.rounds.failed(peer_id, now)
+                retry_at = self.rounds.failed(str(peer_id), now)
             # Every attempt is reported (a later success replaces an earlier failure).
             self._on_result(
                 str(peer_id), ok, now - seen, None if retry_at is None else retry_at - now
@@ -783,8 +783,6 @@ class NatTraversal:
         self.hop_enabled = False
         #: peer -> (direct?, seconds from first relayed contact, when)
         self.punches: dict[str, tuple[bool, float, float]] = {}
-        #: peer -> when its next round of punches may start (pairs whose last round failed).
-        self.punch_retry_at: dict[str, float] = {}
         self._relay: _Relay | None = None
         self._transport: CircuitV2Transport | None = None
         self._puncher: _HolePuncher | None = None
@@ -935,8 +933,10 @@ class NatTraversal:
             "hole_punches": [
                 {"peer": p, "direct": ok, "seconds": round(s, 3)}
                 | (
-                    {"retry_in": round(max(0.0, self.punch_retry_at[p] - now), 1)}
-                    if not ok and p in self.punch_retry_at
+                    {"retry_in": round(max(0.0, retry_at - now), 1)}
+                    if not ok
+                    and self._puncher is not None
+                    and (retry_at := self._puncher.rounds.next_at(p)) is not None
                     else {}
                 )
                 for p, (ok, s, _) in sorted(self.punches.items(), key=lambda i: -i[1][2])[:16]
@@ -947,17 +947,10 @@ class NatTraversal:
         self, peer: str, ok: bool, seconds: float, retry_in: float | None = None
     ) -> None:
         """One attempt's outcome; ``retry_in``: its round failed, and the next may start in
-        this many seconds."""
-        now = trio.current_time()
-        self.punches[peer] = (ok, seconds, now)
-        if retry_in is not None:
-            self.punch_retry_at[peer] = now + retry_in
-        elif ok:
-            self.punch_retry_at.pop(peer, None)
+        this many seconds (for the log; ``status`` asks the puncher's rounds)."""
+        self.punches[peer] = (ok, seconds, trio.current_time())
         while len(self.punches) > 256:
-            oldest = min(self.punches, key=lambda p: self.punches[p][2])
-            del self.punches[oldest]
-            self.punch_retry_at.pop(oldest, None)
+            del self.punches[min(self.punches, key=lambda p: self.punches[p][2])]
         if ok:
             log.info("hole punch to %s: direct after %.2f s", peer, seconds)
         else:

@@ -40,7 +40,7 @@ import json
 import logging
 import math
 import struct
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,7 +48,7 @@ from typing import Any
 import multiaddr
 import trio
 from libp2p import new_host
-from libp2p.abc import IHost, IMuxedConn, INetConn, INetStream, IRawConnection, ISecureConn
+from libp2p.abc import IHost, INetConn, INetStream, IRawConnection, ISecureConn
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
 from libp2p.custom_types import TProtocol
@@ -58,6 +58,7 @@ from libp2p.kad_dht.pb.kademlia_pb2 import Record
 from libp2p.kad_dht.utils import sort_peer_ids_by_distance
 from libp2p.network.config import ConnectionConfig
 from libp2p.network.connection.exceptions import RawConnError
+from libp2p.network.connection.swarm_connection import SwarmConn
 from libp2p.network.stream.exceptions import StreamEOF, StreamError
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import info_from_p2p_addr
@@ -491,7 +492,7 @@ def quiet_peer_failures_when_embedded() -> None:
 
 
 #: How long opening a stream may take once begun (it is not cancelled part-way, see
-#: :func:`_open_streams_whole`): it waits behind other writes on the connection, each bounded
+#: :func:`_new_stream_whole`): it waits behind other writes on the connection, each bounded
 #: by its size (:class:`_WholeWritesNoise`).
 STREAM_OPEN_STALL_S = 20.0
 
@@ -538,8 +539,11 @@ def _whole_writes(session: ISecureConn) -> ISecureConn:
     return session
 
 
-def _open_streams_whole(conn: INetConn) -> None:
-    """Make ``conn.new_stream`` finish once it has begun (pitfall 17).
+async def _new_stream_whole(
+    conn: INetConn, new_stream: Callable[[], Awaitable[INetStream]]
+) -> INetStream:
+    """``conn``'s ``new_stream`` (the library's, ``new_stream``), finished once begun
+    (pitfall 17).
 
     py-libp2p's Yamux takes a backlog slot, registers the stream, then writes its SYN; the
     swarm then wraps the stream and registers it in turn. A request cancelled at its deadline
@@ -549,56 +553,55 @@ def _open_streams_whole(conn: INetConn) -> None:
     announced but never negotiated, it held the slot and a negotiation at the peer until the
     peer's negotiation timeout (30 s). The wait for a free slot can still be cancelled; the
     open then overruns its caller's deadline by one write (:data:`ONE_WRITE_S`) at most.
-    Applied once per connection.
     """
-    if getattr(conn, "_mtor_opens_whole", False):  # add_conn's answer for a known connection
-        return
-    new_stream = conn.new_stream
     backlog: trio.Semaphore | None = getattr(conn.muxed_conn, "stream_backlog_semaphore", None)
-
-    async def new_stream_whole() -> INetStream:
-        # Wait for a free slot where the wait can be cancelled. A slot given back goes to the
-        # next waiter, if any (trio's semaphores hand over): wait again until one is free,
-        # so that taking it inside the shield, with no checkpoint before, does not wait.
-        while backlog is not None and backlog.value == 0:
-            await backlog.acquire()
-            backlog.release()
-        # Past the caller's deadline by one write at most (a SYN behind other writes).
-        limit = min(
-            trio.current_time() + STREAM_OPEN_STALL_S,
-            trio.current_effective_deadline() + ONE_WRITE_S,
-        )
-        with trio.CancelScope(shield=True, deadline=limit) as scope:
-            stream = await new_stream()
-        if scope.cancelled_caught:
-            # The SYN waited behind other writes for that long (py-libp2p then keeps the slot:
-            # a cost that stays with this connection's slow peer).
-            raise MuxedStreamError("opening a stream stalled behind other writes")
-        try:
-            await trio.lowlevel.checkpoint_if_cancelled()
-        except BaseException:
-            # The caller's deadline passed meanwhile: free the stream now.
-            await _reset_quietly(stream)
-            raise
-        return stream
-
-    conn.new_stream = new_stream_whole  # type: ignore[method-assign]
-    conn._mtor_opens_whole = True  # type: ignore[attr-defined]
+    # Wait for a free slot where the wait can be cancelled. A slot given back goes to the
+    # next waiter, if any (trio's semaphores hand over): wait again until one is free, so
+    # that taking it inside the shield, with no checkpoint before, does not wait.
+    while backlog is not None and backlog.value == 0:
+        await backlog.acquire()
+        backlog.release()
+    # Past the caller's deadline by one write at most (a SYN behind other writes).
+    limit = min(
+        trio.current_time() + STREAM_OPEN_STALL_S,
+        trio.current_effective_deadline() + ONE_WRITE_S,
+    )
+    with trio.CancelScope(shield=True, deadline=limit) as scope:
+        stream = await new_stream()
+    if scope.cancelled_caught:
+        # The SYN waited behind other writes for that long (py-libp2p then keeps the slot: a
+        # cost that stays with this connection's slow peer).
+        raise MuxedStreamError("opening a stream stalled behind other writes")
+    try:
+        await trio.lowlevel.checkpoint_if_cancelled()
+    except BaseException:
+        # The caller's deadline passed meanwhile: free the stream now.
+        await _reset_quietly(stream)
+        raise
+    return stream
 
 
-def _connections_open_streams_whole(host: IHost) -> None:
-    """Apply :func:`_open_streams_whole` to each connection ``host``'s swarm adds."""
-    swarm = host.get_network()
-    add_conn = swarm.add_conn  # type: ignore[attr-defined]
+def _open_streams_whole(swarm: Any) -> None:
+    """Make every connection of ``swarm`` open its streams through :func:`_new_stream_whole`.
 
-    async def add_conn_opening_whole(
-        muxed_conn: IMuxedConn, direction: str = "unknown"
-    ) -> INetConn:
-        conn = await add_conn(muxed_conn, direction)
-        _open_streams_whole(conn)
-        return conn
+    The library's ``SwarmConn.new_stream`` is wrapped once per process, and the wrapper takes
+    the whole path only for connections of a swarm marked here: other hosts in the process
+    (a test's plain py-libp2p peer) keep the library's. A class-level wrap, not one per
+    connection: a connection is in use before ``Swarm.add_conn`` returns (its "connected"
+    notifications open streams), and a wrap applied on its return left those unguarded.
+    Idempotent."""
+    swarm._mtor_opens_whole = True
+    if getattr(SwarmConn.new_stream, "_mtor_whole", False):
+        return
+    library_new_stream = SwarmConn.new_stream
 
-    swarm.add_conn = add_conn_opening_whole  # type: ignore[attr-defined]
+    async def new_stream(self: SwarmConn) -> INetStream:
+        if not getattr(self.swarm, "_mtor_opens_whole", False):
+            return await library_new_stream(self)
+        return await _new_stream_whole(self, lambda: library_new_stream(self))
+
+    new_stream._mtor_whole = True  # type: ignore[attr-defined]
+    SwarmConn.new_stream = new_stream  # type: ignore[method-assign]
 
 
 class Libp2pNetwork:
@@ -695,7 +698,7 @@ class Libp2pNetwork:
 
         host.get_addrs = addrs_with_circuits  # type: ignore[method-assign]
         _disable_auto_connector(host)
-        _connections_open_streams_whole(host)
+        _open_streams_whole(host.get_network())
         if str(host.get_id()) != identity.peer_id:
             raise RuntimeError("libp2p derived a different peer ID from our key")
         listen = [multiaddr.Multiaddr(a) for a in settings.listen_addrs]

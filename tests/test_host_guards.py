@@ -15,6 +15,7 @@ import multiaddr
 import pytest
 import trio
 from libp2p import new_host
+from libp2p.abc import INotifee
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
@@ -499,6 +500,78 @@ async def test_requests_cut_short_anywhere_cost_only_themselves():
         while backlog.value < free_before and trio.current_time() < deadline:
             await trio.sleep(0.05)
         assert backlog.value >= free_before
+
+
+class _CutShortOnConnect(INotifee):
+    """Makes requests cut short at 0-6 ms from a new connection's "connected" notification,
+    which py-libp2p sends before ``Swarm.add_conn`` returns (as identify and gossip open
+    their streams)."""
+
+    def __init__(self, client: Libp2pNetwork, server_id: str, protocol: str) -> None:
+        self.client, self.server_id, self.protocol = client, server_id, protocol
+        self.made = 0
+
+    async def connected(self, network, conn) -> None:  # type: ignore[no-untyped-def]
+        for i in range(150):
+            with contextlib.suppress(NetworkError, RemoteError):
+                await self.client.request(
+                    self.server_id, self.protocol, b"x", timeout=(i % 61) * 0.0001
+                )
+            self.made += 1
+
+    async def opened_stream(self, network, stream) -> None:  # type: ignore[no-untyped-def]
+        pass
+
+    async def closed_stream(self, network, stream) -> None:  # type: ignore[no-untyped-def]
+        pass
+
+    async def disconnected(self, network, conn) -> None:  # type: ignore[no-untyped-def]
+        pass
+
+    async def listen(self, network, multiaddr) -> None:  # type: ignore[no-untyped-def]
+        pass
+
+    async def listen_close(self, network, multiaddr) -> None:  # type: ignore[no-untyped-def]
+        pass
+
+
+async def test_streams_opened_as_a_connection_is_announced_are_guarded_too():
+    """Pitfall 17's guard holds from a connection's first stream. py-libp2p announces a new
+    connection to its notifees before ``Swarm.add_conn`` returns, and streams opened then
+    went through the library's ``new_stream`` while the guard was applied to the connection
+    on add_conn's return. Requests cut short from that notification must leave no more of
+    Yamux's slots taken than on a connection that carried none (on streams: lanes off)."""
+    async with contextlib.AsyncExitStack() as stack:
+        server, hurried, quiet = [
+            await stack.enter_async_context(
+                Libp2pNetwork.open(Identity.generate(), HostSettings(lanes="off"))
+            )
+            for _ in range(3)
+        ]
+
+        async def slow(sender: str, data: bytes) -> bytes:
+            await trio.sleep(0.5)
+            return b"late"
+
+        server.handle("/mtor/test/slow/1", slow)
+        server.handle(ECHO, echo)
+        notifee = _CutShortOnConnect(hurried, server.peer_id, "/mtor/test/slow/1")
+        hurried._host.get_network().register_notifee(notifee)
+        for client in (hurried, quiet):
+            await client.connect(server.addrs()[0], timeout=30)
+        assert notifee.made == 150
+        await trio.sleep(0.6)  # the last that arrived have been answered
+        for client in (hurried, quiet):
+            assert await client.request(server.peer_id, ECHO, b"next", timeout=10) == b"next"
+
+        def taken(client: Libp2pNetwork) -> int:
+            muxed = _connection(client, server.peer_id).muxed_conn
+            return muxed.stream_backlog_limit - muxed.stream_backlog_semaphore.value
+
+        deadline = trio.current_time() + 5
+        while taken(hurried) > taken(quiet) and trio.current_time() < deadline:
+            await trio.sleep(0.05)
+        assert taken(hurried) <= taken(quiet), (taken(hurried), taken(quiet))
 
 
 async def test_a_request_waiting_for_a_stream_slot_keeps_its_deadline():

@@ -966,6 +966,8 @@ class Libp2pNetwork:
             raise
         except Exception as exc:
             raise NetworkError(f"dial to {addr} failed: {exc}") from exc
+        if self.nat is not None and not relayed:
+            self.nat.connected_to(str(info.peer_id))
         try:
             await self._dht.add_peer(info.peer_id)
         except Exception as exc:

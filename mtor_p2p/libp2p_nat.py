@@ -15,7 +15,8 @@ requests go over whatever connection exists, and ``status`` reports what this mo
 * **Relays** (Circuit Relay v2): public and bootstrap nodes serve ``hop`` with limits sized
   for coordination traffic (:class:`RelayLimitsConfig`) and provide :data:`RELAY_DHT_KEY` in
   the DHT. A node that is not public reserves on :attr:`NatSettings.relays_wanted` relays
-  (bootstrap peers first, then relays found in the DHT), refreshes each reservation before
+  (bootstrap peers first, as soon as one is connected; relays found in the DHT only while
+  still short), refreshes each reservation before
   it expires, replaces a relay that goes away, and advertises
   ``/<relay addr>/p2p/<relay>/p2p-circuit/p2p/<self>`` in identify and in its records.
 * **Hole punching** (DCUtR): the side that *accepted* a relayed connection drives the
@@ -787,6 +788,8 @@ class NatTraversal:
         self._transport: CircuitV2Transport | None = None
         self._puncher: _HolePuncher | None = None
         self._check_now = trio.Event()
+        #: Set when a pass of the relay keeper is worth making before its interval is up.
+        self._keeper_wake = trio.Event()
         self._dialback_slots = trio.Semaphore(DIALBACK_CONCURRENT)
         #: helper IP (or peer, on loopback) -> (when, "reached"|"failed", its answer).
         self._votes: OrderedDict[str, tuple[float, str, DialbackAnswer]] = OrderedDict()
@@ -1282,7 +1285,20 @@ class NatTraversal:
                 await self._keep_reservations()
             except Exception as exc:  # a relay's misbehaviour must not end the loop
                 log.info("relay keeper: %s: %s", type(exc).__name__, exc)
-            await trio.sleep(self.settings.relay_check_interval)
+            with trio.move_on_after(self.settings.relay_check_interval):
+                await self._keeper_wake.wait()
+            self._keeper_wake = trio.Event()
+
+    def connected_to(self, peer_id: str) -> None:
+        """A direct connection to ``peer_id`` was dialled. A bootstrap peer is reserved on at
+        once while reservations are short: the keeper's first pass runs as the node starts,
+        before its bootstrap connection is up, and it then waited out its interval (5 s) to
+        reserve."""
+        if (
+            len(self.reservations) < self.settings.relays_wanted
+            and peer_id in self._bootstrap_peers()
+        ):
+            self._keeper_wake.set()
 
     async def _keep_reservations(self) -> None:
         try:
@@ -1302,22 +1318,35 @@ class NatTraversal:
         if self.reachability in ("public", "local"):
             self.reservations.clear()
             return
-        if len(self.reservations) >= self.settings.relays_wanted:
-            return
-        for relay in await self._relay_candidates():
+        # The bootstrap peers before any lookup: a node behind NAT reserved on its bootstrap
+        # peer only after a DHT lookup of relays (up to 5 s) on every pass, 10 s after it had
+        # connected (the NAT lab); relays found in the DHT only when still short.
+        tried: set[str] = set()
+        for candidates in (self._bootstrap_candidates, self._relay_candidates):
             if len(self.reservations) >= self.settings.relays_wanted:
-                break
-            if relay not in self.reservations:
-                await self._reserve(relay)
+                return
+            for relay in await candidates():
+                if len(self.reservations) >= self.settings.relays_wanted:
+                    return
+                if relay not in self.reservations and relay not in tried:
+                    tried.add(relay)
+                    await self._reserve(relay)
+
+    async def _bootstrap_candidates(self) -> list[str]:
+        return self._connected_first(self._bootstrap_peers())
 
     async def _relay_candidates(self) -> list[str]:
-        me = self._network.peer_id
-        found = [p for p in self._bootstrap_peers() if p != me]
+        found = list(self._bootstrap_peers())
         try:
             found += await self._network.find_providers(RELAY_DHT_KEY, timeout=5.0)
         except NetworkError:
             pass
-        # Peers we are connected to first: reserving needs a direct connection anyway.
+        return self._connected_first(found)
+
+    def _connected_first(self, found: list[str]) -> list[str]:
+        """``found`` without duplicates or this peer, the peers connected to first:
+        reserving needs a direct connection anyway."""
+        me = self._network.peer_id
         connected = set(self._network.connected_peers())
         unique = [p for p in dict.fromkeys(found) if p != me]
         return sorted(unique, key=lambda p: p not in connected)

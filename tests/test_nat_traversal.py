@@ -8,6 +8,7 @@ same code through real NATs is tested in tests/test_nat_peers.py.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import os
@@ -62,6 +63,60 @@ async def test_a_reserved_peer_is_reached_through_the_relay_and_then_directly() 
         assert await dialer.request(private.peer_id, "/echo", b"x" * 300_000) == b"x" * 300_000
         assert relay.nat.hop_enabled
         assert relay.nat.status()["relay_service"] is True
+
+
+async def test_a_private_peer_reserves_on_its_bootstrap_peer_before_any_relay_lookup() -> None:
+    """A node behind NAT reserves on the bootstrap peer it is connected to without first
+    looking up relays in the DHT: that lookup (up to 5 s a pass) put a peer's first
+    reservation 10 s after it had connected in the NAT lab. Here the lookup never answers."""
+    async with (
+        host(relay_service="on") as relay,
+        host() as private,  # no keeper of its own (relays_wanted 0): this test drives it
+    ):
+        await private.connect(relay.addrs()[0])
+        private.nat.settings = dataclasses.replace(private.nat.settings, relays_wanted=1)
+        private.nat._bootstrap_peers = lambda: [relay.peer_id]
+        looked_up: list[str] = []
+
+        async def lookup_never_answers(key: str, timeout: float = 5.0) -> list[str]:
+            looked_up.append(key)
+            await trio.sleep_forever()
+            return []
+
+        private.find_providers = lookup_never_answers  # type: ignore[method-assign]
+        with trio.fail_after(30):
+            await private.nat._keep_reservations()
+        assert relay.peer_id in private.nat.reservations
+        assert looked_up == []
+        assert private.nat.circuit_addrs()
+
+
+async def test_a_private_peer_reserves_as_soon_as_its_bootstrap_peer_connects() -> None:
+    """The relay keeper's first pass runs as a node starts, before its bootstrap connection
+    is up; the connection then wakes it, rather than its next pass (every 5 s by default,
+    an hour here)."""
+    async with (
+        host(relay_service="on") as relay,
+        host() as private,  # no keeper of its own (relays_wanted 0): this test runs one
+    ):
+        private.nat.settings = dataclasses.replace(
+            private.nat.settings, relays_wanted=1, relay_check_interval=3600.0
+        )
+        private.nat._bootstrap_peers = lambda: [relay.peer_id]
+        passes: list[str] = []
+
+        async def no_relays_known(key: str, timeout: float = 5.0) -> list[str]:
+            passes.append(key)
+            return []
+
+        private.find_providers = no_relays_known  # type: ignore[method-assign]
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(private.nat._relay_keeper_loop)
+            await wait_until(lambda: passes)  # its first pass found nothing to reserve on
+            assert not private.nat.reservations
+            await private.connect(relay.addrs()[0])
+            await wait_until(lambda: relay.peer_id in private.nat.reservations)
+            nursery.cancel_scope.cancel()
 
 
 async def test_bulk_requests_never_cross_a_relay() -> None:

@@ -555,6 +555,9 @@ async def _new_stream_whole(
     open then overruns its caller's deadline by one write (:data:`ONE_WRITE_S`) at most.
     """
     backlog: trio.Semaphore | None = getattr(conn.muxed_conn, "stream_backlog_semaphore", None)
+    # A caller already past its deadline ends here, with nothing taken (past it by more than
+    # one write, the shielded open below would fail at once as if stalled).
+    await trio.lowlevel.checkpoint_if_cancelled()
     # Wait for a free slot where the wait can be cancelled. A slot given back goes to the
     # next waiter, if any (trio's semaphores hand over): wait again until one is free, so
     # that taking it inside the shield, with no checkpoint before, does not wait.
@@ -943,6 +946,7 @@ class Libp2pNetwork:
         except Exception as exc:
             raise NetworkError(f"not a dialable multiaddr with /p2p/: {addr!r}") from exc
         relayed = "/p2p-circuit" in addr
+        dialled = False
         try:
             with trio.fail_after(timeout):
                 if relayed:
@@ -960,13 +964,14 @@ class Libp2pNetwork:
                     # packets held up the tunnel address a caller dialled beside it.
                     self._host.get_peerstore().add_addrs(info.peer_id, [maddr], 120)
                     await self._host.get_network().dial_addr(maddr, info.peer_id)
+                    dialled = True
         except trio.TooSlowError as exc:
             raise NetworkError(f"dial to {addr} timed out after {timeout} s") from exc
         except NetworkError:
             raise
         except Exception as exc:
             raise NetworkError(f"dial to {addr} failed: {exc}") from exc
-        if self.nat is not None and not relayed:
+        if self.nat is not None and dialled:
             self.nat.connected_to(str(info.peer_id))
         try:
             await self._dht.add_peer(info.peer_id)

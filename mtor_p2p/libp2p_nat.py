@@ -187,6 +187,9 @@ class Reservation:
     expires_at: float
     #: Our circuit addresses through this relay.
     circuit_addrs: list[str]
+    #: The connection it was made over: a relay that restarts forgets its reservations, and
+    #: may be connected again (by the mesh's redial) before the keeper's next pass.
+    conn: Any = field(default=None, compare=False, repr=False)
 
 
 @dataclass
@@ -1274,6 +1277,7 @@ class NatTraversal:
 
     async def _relay_keeper_loop(self) -> None:
         provided_at: float | None = None
+        woken = False
         while True:
             try:
                 if self.hop_enabled and (
@@ -1282,36 +1286,52 @@ class NatTraversal:
                     with trio.move_on_after(10):
                         await self._network.provide(RELAY_DHT_KEY)
                         provided_at = trio.current_time()
-                await self._keep_reservations()
+                # A pass woken by a dial looks up no relays in the DHT: a bootstrap peer that
+                # keeps dropping our connection would otherwise cost a lookup per redial.
+                await self._keep_reservations(look_up=not woken)
             except Exception as exc:  # a relay's misbehaviour must not end the loop
                 log.info("relay keeper: %s: %s", type(exc).__name__, exc)
+            woken = False
             with trio.move_on_after(self.settings.relay_check_interval):
                 await self._keeper_wake.wait()
+                woken = True
             self._keeper_wake = trio.Event()
 
     def connected_to(self, peer_id: str) -> None:
-        """A direct connection to ``peer_id`` was dialled. A bootstrap peer is reserved on at
-        once while reservations are short: the keeper's first pass runs as the node starts,
-        before its bootstrap connection is up, and it then waited out its interval (5 s) to
-        reserve."""
-        if (
+        """This node dialled a direct connection to ``peer_id``. The relay keeper makes a pass
+        at once when that may change its reservations: a bootstrap peer while reservations are
+        short (its first pass runs as the node starts, before the bootstrap connection is up,
+        and it then waited out its interval, 5 s, to reserve), and a relay it holds a
+        reservation on (connected again: the connection the reservation was made over has
+        closed, and a relay that restarted has forgotten it)."""
+        if peer_id in self.reservations or (
             len(self.reservations) < self.settings.relays_wanted
             and peer_id in self._bootstrap_peers()
         ):
             self._keeper_wake.set()
 
-    async def _keep_reservations(self) -> None:
+    async def _keep_reservations(self, *, look_up: bool = True) -> None:
         try:
-            await self._keep_reservations_once()
+            await self._keep_reservations_once(look_up=look_up)
         finally:
             self._publish_circuit_addrs()
 
-    async def _keep_reservations_once(self) -> None:
+    async def _keep_reservations_once(self, *, look_up: bool = True) -> None:
         now = trio.current_time()
         connected = set(self._network.connected_peers())
+        connections = self._host.get_network().connections
         for relay, res in list(self.reservations.items()):
             if relay not in connected or now >= res.expires_at:
                 log.info("relay %s went away: its reservation is dropped", relay)
+                del self.reservations[relay]
+            elif res.conn is not None and res.conn not in conn_list(
+                connections.get(ID.from_base58(relay))
+            ):
+                log.info(
+                    "relay %s: the connection the reservation was made over closed "
+                    "(a relay that restarts forgets it): reserving again",
+                    relay,
+                )
                 del self.reservations[relay]
             elif now >= res.refresh_at and not await self._reserve(relay):
                 del self.reservations[relay]
@@ -1322,7 +1342,10 @@ class NatTraversal:
         # peer only after a DHT lookup of relays (up to 5 s) on every pass, 10 s after it had
         # connected (the NAT lab); relays found in the DHT only when still short.
         tried: set[str] = set()
-        for candidates in (self._bootstrap_candidates, self._relay_candidates):
+        phases = [self._bootstrap_candidates]
+        if look_up:
+            phases.append(self._relay_candidates)
+        for candidates in phases:
             if len(self.reservations) >= self.settings.relays_wanted:
                 return
             for relay in await candidates():
@@ -1336,11 +1359,11 @@ class NatTraversal:
         return self._connected_first(self._bootstrap_peers())
 
     async def _relay_candidates(self) -> list[str]:
-        found = list(self._bootstrap_peers())
+        """Relays found in the DHT (the bootstrap peers have had their turn)."""
         try:
-            found += await self._network.find_providers(RELAY_DHT_KEY, timeout=5.0)
+            found = await self._network.find_providers(RELAY_DHT_KEY, timeout=5.0)
         except NetworkError:
-            pass
+            found = []
         return self._connected_first(found)
 
     def _connected_first(self, found: list[str]) -> list[str]:
@@ -1400,7 +1423,9 @@ class NatTraversal:
         circuit = [f"{a}/p2p/{relay}/p2p-circuit/p2p/{me}" for a in dict.fromkeys(addrs)][:4]
         now = trio.current_time()
         fresh = relay not in self.reservations
-        self.reservations[relay] = Reservation(relay, now + 0.75 * ttl, now + ttl, circuit)
+        self.reservations[relay] = Reservation(
+            relay, now + 0.75 * ttl, now + ttl, circuit, conn=conn
+        )
         self.relay_refusals.pop(relay, None)
         if fresh:
             log.info("reserved on relay %s for %.0f s: reachable at %s", relay, ttl, circuit[:1])

@@ -574,6 +574,24 @@ async def test_streams_opened_as_a_connection_is_announced_are_guarded_too():
         assert taken(hurried) <= taken(quiet), (taken(hurried), taken(quiet))
 
 
+async def test_a_stream_opened_past_its_callers_deadline_is_cancelled_with_nothing_taken():
+    """(A review's finding.) A caller already more than one write past its deadline got
+    "opening a stream stalled behind other writes" (MuxedStreamError) from the guarded open,
+    whose shielded scope's deadline was then in the past: it is cancelled as any other
+    checkpoint would be, before anything is taken."""
+    async with open_networks(2, lanes="off") as (server, client):
+        server.handle(ECHO, echo)
+        assert await client.request(server.peer_id, ECHO, b"first") == b"first"
+        conn = _connection(client, server.peer_id)
+        backlog = conn.muxed_conn.stream_backlog_semaphore
+        await trio.sleep(0.5)  # the library's own long-lived streams are open
+        free_before = backlog.value
+        with trio.CancelScope(deadline=trio.current_time() - 60) as scope:
+            await conn.new_stream()
+        assert scope.cancelled_caught
+        assert backlog.value == free_before
+
+
 async def test_a_request_waiting_for_a_stream_slot_keeps_its_deadline():
     """Pitfall 17's fix waits for a free Yamux slot where the wait can be cancelled: with
     every slot taken and another request waiting too, a 2 s request still ends at 2 s (a slot

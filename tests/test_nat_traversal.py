@@ -23,6 +23,7 @@ from mtor_p2p.libp2p_host import HostSettings, Libp2pNetwork
 from mtor_p2p.libp2p_nat import (
     DIALBACK_PROTOCOL,
     PUNCH_RETRY_MAX_S,
+    RELAY_DHT_KEY,
     RELAYED_MAX_REQUEST_BYTES,
     NatSettings,
     PunchRounds,
@@ -117,6 +118,64 @@ async def test_a_private_peer_reserves_as_soon_as_its_bootstrap_peer_connects() 
             await private.connect(relay.addrs()[0])
             await wait_until(lambda: relay.peer_id in private.nat.reservations)
             nursery.cancel_scope.cancel()
+
+
+async def test_passes_woken_by_dials_look_up_no_relays() -> None:
+    """(A review's finding.) A bootstrap peer that keeps dropping our connection is dialled
+    again every round of the mesh, and each dial wakes the relay keeper: each woken pass
+    looked up relays in the DHT (up to 5 s of queries), against one lookup an interval
+    before. A woken pass tries the bootstrap peers only."""
+    async with host() as private:  # no keeper of its own (relays_wanted 0): this test runs one
+        private.nat.settings = dataclasses.replace(
+            private.nat.settings, relays_wanted=1, relay_check_interval=3600.0
+        )
+        bootstrap = Identity.generate().peer_id  # never connected: nothing to reserve on
+        private.nat._bootstrap_peers = lambda: [bootstrap]
+        lookups: list[str] = []
+
+        async def no_relays_known(key: str, timeout: float = 5.0) -> list[str]:
+            lookups.append(key)
+            return []
+
+        private.find_providers = no_relays_known  # type: ignore[method-assign]
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(private.nat._relay_keeper_loop)
+            await wait_until(lambda: lookups)  # the first pass, the only timed one here
+            for _ in range(20):
+                private.nat.connected_to(bootstrap)
+                await trio.sleep(0.01)
+            await trio.sleep(0.2)
+            assert lookups == [RELAY_DHT_KEY]
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_reservation_is_made_again_over_a_new_connection_to_its_relay() -> None:
+    """A relay that restarts forgets its reservations. Reconnected before the keeper's next
+    pass (its peers' mesh redials at once), it looked to that pass like a connected relay with
+    an unexpired reservation, which was kept: the circuit addresses through it led nowhere
+    until the next refresh (up to 11 minutes). A reservation now belongs to the connection
+    it was made over: one made over a connection that has closed is made again. (Here the
+    relay keeps running; a relay restarted in this process had its new connections closed at
+    once by py-libp2p. tests/test_nat_peers.py restarts a relay process.)"""
+    async with (
+        host(relay_service="on") as relay,
+        host() as private,  # no keeper of its own (relays_wanted 0): this test drives it
+    ):
+        private.nat.settings = dataclasses.replace(private.nat.settings, relays_wanted=1)
+        private.nat._bootstrap_peers = lambda: [relay.peer_id]
+        addr = relay.addrs()[0]
+        await private.connect(addr)
+        await private.nat._keep_reservations()
+        first = private.nat.reservations[relay.peer_id]
+        relay_id = ID.from_base58(relay.peer_id)
+        for conn in list(private._host.get_network().connections.get(relay_id) or []):
+            await conn.close()
+        await wait_until(lambda: relay.peer_id not in private.connected_peers())
+        await private.connect(addr)
+        await private.nat._keep_reservations()
+        again = private.nat.reservations.get(relay.peer_id)
+        assert again is not None and again is not first
+        assert again.refresh_at > first.refresh_at
 
 
 async def test_bulk_requests_never_cross_a_relay() -> None:

@@ -607,6 +607,30 @@ def _open_streams_whole(swarm: Any) -> None:
     SwarmConn.new_stream = new_stream  # type: ignore[method-assign]
 
 
+#: How long closing the listeners may take as a host stops.
+LISTENER_CLOSE_S = 5.0
+
+
+async def _close_listeners(host: IHost) -> None:
+    """Close the swarm's listening sockets as the host stops (pitfall 19).
+
+    py-libp2p closes them from its swarm's stop, inside the scope being cancelled: the close
+    takes a lock first, the cancellation stops it there, and the listening socket (served by
+    a system task, which nothing cancels) stays open for the life of the process. Its
+    listeners set SO_REUSEPORT, so a host opened again on that port in the same process
+    shared it with the dead one: connections the kernel handed to the old socket were reset
+    ("Cannot schedule task after service has stopped"), most reconnections within a second
+    in a probe. Closed here first, shielded and bounded."""
+    swarm = host.get_network()
+    listeners = list(getattr(swarm, "listeners", {}).values())
+    with trio.CancelScope(shield=True), trio.move_on_after(LISTENER_CLOSE_S):
+        for listener in listeners:
+            try:
+                await listener.close()
+            except Exception as exc:  # closing what is left must not mask the stop's cause
+                log.debug("closing a listener: %s: %s", type(exc).__name__, exc)
+
+
 class Libp2pNetwork:
     """A running py-libp2p host with DHT and GossipSub, behind the :class:`Network` port."""
 
@@ -707,6 +731,7 @@ class Libp2pNetwork:
         listen = [multiaddr.Multiaddr(a) for a in settings.listen_addrs]
         async with AsyncExitStack() as stack:
             await stack.enter_async_context(host.run(listen))
+            stack.push_async_callback(_close_listeners, host)
             # strict_validation: only namespaces with a validator are stored, so a remote peer
             # cannot fill our value store with keys nobody checks.
             dht = KadDHT(host, DHTMode.SERVER, enable_random_walk=True, strict_validation=True)

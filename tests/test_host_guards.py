@@ -7,6 +7,7 @@ py-libp2p hosts on loopback.
 from __future__ import annotations
 
 import contextlib
+import socket
 import statistics
 import struct
 import time
@@ -590,6 +591,33 @@ async def test_a_stream_opened_past_its_callers_deadline_is_cancelled_with_nothi
             await conn.new_stream()
         assert scope.cancelled_caught
         assert backlog.value == free_before
+
+
+async def test_a_closed_host_leaves_its_port_free_and_a_host_reopened_on_it_keeps_its_peers():
+    """Pitfall 19: py-libp2p closed its listeners inside the cancelled scope of its swarm's
+    stop, so the listening socket stayed open for the life of the process. Listeners set
+    SO_REUSEPORT: a host opened again on the same port shared it with the dead one, and the
+    connections the kernel gave the dead socket were reset (most reconnections, in a probe)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    listen = f"/ip4/127.0.0.1/tcp/{port}"
+    identity = Identity.generate()
+    async with Libp2pNetwork.open(Identity.generate(), HostSettings()) as client:
+        for _ in range(2):
+            async with Libp2pNetwork.open(identity, HostSettings(listen_addrs=[listen])) as server:
+                server.handle(ECHO, echo)
+                await client.connect(server.addrs()[0], timeout=10)
+                await trio.sleep(0.3)  # a reset connection shows as gone within this
+                assert server.peer_id in client.connected_peers()
+                assert await client.request(server.peer_id, ECHO, b"x", timeout=10) == b"x"
+            with trio.fail_after(10):
+                while server.peer_id in client.connected_peers():
+                    await trio.sleep(0.05)
+            # Nothing listens on the port any more: a socket without SO_REUSEPORT binds it.
+            with socket.socket() as again:
+                again.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                again.bind(("127.0.0.1", port))
 
 
 async def test_a_request_waiting_for_a_stream_slot_keeps_its_deadline():

@@ -13,6 +13,7 @@ import gc
 import json
 import os
 import socket
+from typing import Any
 
 import pytest
 import trio
@@ -155,8 +156,8 @@ async def test_a_reservation_is_made_again_over_a_new_connection_to_its_relay() 
     an unexpired reservation, which was kept: the circuit addresses through it led nowhere
     until the next refresh (up to 11 minutes). A reservation now belongs to the connection
     it was made over: one made over a connection that has closed is made again. (Here the
-    relay keeps running; a relay restarted in this process had its new connections closed at
-    once by py-libp2p. tests/test_nat_peers.py restarts a relay process.)"""
+    relay keeps running and keeps the reservation: the old code kept ours unchanged; the
+    next test restarts the relay.)"""
     async with (
         host(relay_service="on") as relay,
         host() as private,  # no keeper of its own (relays_wanted 0): this test drives it
@@ -176,6 +177,39 @@ async def test_a_reservation_is_made_again_over_a_new_connection_to_its_relay() 
         again = private.nat.reservations.get(relay.peer_id)
         assert again is not None and again is not first
         assert again.refresh_at > first.refresh_at
+
+
+async def test_a_relay_restarted_on_its_port_is_reserved_on_again() -> None:
+    """The case behind the test above, with a relay that does restart (same identity and
+    port, in this process: pitfall 19 had its new connections reset): reconnected before the
+    keeper's next pass, its reservation is made again at that pass."""
+    identity = Identity.generate()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    listen = f"/ip4/127.0.0.1/tcp/{port}"
+
+    def relay_host() -> Any:
+        settings = HostSettings(listen_addrs=[listen], nat=nat_settings(relay_service="on"))
+        return Libp2pNetwork.open(identity, settings)
+
+    async with host() as private:  # no keeper of its own (relays_wanted 0): this test drives it
+        private.nat.settings = dataclasses.replace(private.nat.settings, relays_wanted=1)
+        async with relay_host() as relay:
+            private.nat._bootstrap_peers = lambda: [relay.peer_id]
+            addr = relay.addrs()[0]
+            await private.connect(addr)
+            await private.nat._keep_reservations()
+            assert relay.peer_id in private.nat.reservations
+        await wait_until(lambda: relay.peer_id not in private.connected_peers())
+        async with relay_host() as restarted:
+            manager = restarted.nat._relay.resource_manager  # type: ignore[union-attr]
+            me = ID.from_base58(private.peer_id)
+            await private.connect(addr)
+            assert manager.get_reservation(me) is None
+            await private.nat._keep_reservations()
+            assert manager.get_reservation(me) is not None
+            assert relay.peer_id in private.nat.reservations
 
 
 async def test_bulk_requests_never_cross_a_relay() -> None:

@@ -615,6 +615,11 @@ def _try_acquire(semaphore: trio.Semaphore) -> bool:
     return True
 
 
+def _dialled(conn: INetConn) -> bool:
+    """Whether this side dialled ``conn`` (py-libp2p records the direction it was added in)."""
+    return getattr(getattr(conn, "direction", None), "name", "") == "OUTBOUND"
+
+
 def conn_list(conns: Any) -> list[INetConn]:
     """A swarm's entry for one peer (None, a connection, or a list) as a list."""
     if not conns:
@@ -1277,6 +1282,7 @@ class NatTraversal:
 
     async def _relay_keeper_loop(self) -> None:
         provided_at: float | None = None
+        looked_up_at: float | None = None
         woken = False
         while True:
             try:
@@ -1286,9 +1292,16 @@ class NatTraversal:
                     with trio.move_on_after(10):
                         await self._network.provide(RELAY_DHT_KEY)
                         provided_at = trio.current_time()
-                # A pass woken by a dial looks up no relays in the DHT: a bootstrap peer that
-                # keeps dropping our connection would otherwise cost a lookup per redial.
-                await self._keep_reservations(look_up=not woken)
+                # Relays are looked up in the DHT at most once an interval, woken or not: a
+                # bootstrap peer that keeps dropping our connection would otherwise cost a
+                # lookup per redial, and a woken pass that never looked up would leave such a
+                # node without a relay for as long as the redials came faster than that.
+                now = trio.current_time()
+                interval = self.settings.relay_check_interval
+                look_up = not woken or looked_up_at is None or now - looked_up_at >= interval
+                if look_up:
+                    looked_up_at = now
+                await self._keep_reservations(look_up=look_up)
             except Exception as exc:  # a relay's misbehaviour must not end the loop
                 log.info("relay keeper: %s: %s", type(exc).__name__, exc)
             woken = False
@@ -1332,7 +1345,8 @@ class NatTraversal:
                     "(a relay that restarts forgets it): reserving again",
                     relay,
                 )
-                del self.reservations[relay]
+                if not await self._reserve(relay):
+                    del self.reservations[relay]
             elif now >= res.refresh_at and not await self._reserve(relay):
                 del self.reservations[relay]
         if self.reachability in ("public", "local"):
@@ -1377,17 +1391,20 @@ class NatTraversal:
     async def _reserve(self, relay: str) -> bool:
         """Reserve (or refresh) a slot on ``relay``; whether it was granted."""
         relay_id = ID.from_base58(relay)
-        conn = next(
-            (
-                c
-                for c in conn_list(self._host.get_network().connections.get(relay_id))
-                if not is_relayed(c)
-            ),
-            None,
-        )
+        direct = [
+            c
+            for c in conn_list(self._host.get_network().connections.get(relay_id))
+            if not is_relayed(c) and not c.is_closed
+        ]
+        # One we dialled first: its remote address is where the relay listens. On one the
+        # relay dialled, the remote port is the relay's ephemeral source port, and a circuit
+        # address built on it led nowhere (a review).
+        dialled = [c for c in direct if _dialled(c)]
+        conn = (dialled or direct or [None])[0]
         if conn is None:
             return False
-        remote = remote_of(conn)
+        previous = self.reservations.get(relay)
+        remote = remote_of(conn) if _dialled(conn) else None
         try:
             with trio.fail_after(10):
                 stream = await self._host.new_stream(relay_id, [HOP_PROTOCOL_ID])
@@ -1421,6 +1438,9 @@ class NatTraversal:
             addrs.append(f"/{proto}/{remote[0]}/tcp/{remote[1]}")
         me = self._network.peer_id
         circuit = [f"{a}/p2p/{relay}/p2p-circuit/p2p/{me}" for a in dict.fromkeys(addrs)][:4]
+        if not circuit and previous is not None:
+            # Over a connection the relay dialled: where we reached it before.
+            circuit = previous.circuit_addrs
         now = trio.current_time()
         fresh = relay not in self.reservations
         self.reservations[relay] = Reservation(

@@ -150,6 +150,101 @@ async def test_passes_woken_by_dials_look_up_no_relays() -> None:
             nursery.cancel_scope.cancel()
 
 
+async def test_passes_woken_faster_than_the_interval_still_look_up_relays() -> None:
+    """(A second review's finding.) Woken passes skipped the DHT lookup, and each pass
+    restarted the interval: while a flapping bootstrap peer was redialled faster than the
+    interval, no pass ever looked up relays, and the node stayed without one. A woken pass
+    looks up relays too once an interval has passed since the last lookup."""
+    async with host() as private:  # no keeper of its own (relays_wanted 0): this test runs one
+        private.nat.settings = dataclasses.replace(
+            private.nat.settings, relays_wanted=1, relay_check_interval=1.0
+        )
+        bootstrap = Identity.generate().peer_id  # never connected: nothing to reserve on
+        private.nat._bootstrap_peers = lambda: [bootstrap]
+        lookups: list[float] = []
+
+        async def no_relays_known(key: str, timeout: float = 5.0) -> list[str]:
+            lookups.append(trio.current_time())
+            return []
+
+        private.find_providers = no_relays_known  # type: ignore[method-assign]
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(private.nat._relay_keeper_loop)
+            await wait_until(lambda: lookups)
+            began = trio.current_time()
+            while trio.current_time() - began < 3.5:
+                private.nat.connected_to(bootstrap)  # a redial every 0.2 s
+                await trio.sleep(0.2)
+            nursery.cancel_scope.cancel()
+        # 3.5 s of redials, an interval of 1 s: a lookup at the start and about one a
+        # second after (none would be made before this change; at most one an interval is
+        # the test before's).
+        assert len(lookups) >= 3, lookups
+
+
+async def test_a_relay_found_in_the_dht_and_redialled_keeps_its_reservation() -> None:
+    """(A second review's finding.) A redial of a relay we hold a reservation on woke the
+    keeper, whose pass dropped the reservation (its connection had changed) and, woken,
+    tried only the bootstrap peers: a relay found in the DHT lost its circuit addresses. The
+    reservation is made again in place."""
+    async with (
+        host(relay_service="on") as relay,
+        host() as private,  # no keeper of its own (relays_wanted 0): this test runs one
+    ):
+        private.nat.settings = dataclasses.replace(
+            private.nat.settings, relays_wanted=1, relay_check_interval=3600.0
+        )
+        addr = relay.addrs()[0]
+        await private.connect(addr)
+
+        async def found_in_the_dht(key: str, timeout: float = 5.0) -> list[str]:
+            return [relay.peer_id]
+
+        private.find_providers = found_in_the_dht  # type: ignore[method-assign]
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(private.nat._relay_keeper_loop)
+            await wait_until(lambda: relay.peer_id in private.nat.reservations)
+            first = private.nat.reservations[relay.peer_id]
+            relay_id = ID.from_base58(relay.peer_id)
+            for conn in list(private._host.get_network().connections.get(relay_id) or []):
+                await conn.close()
+            await wait_until(lambda: relay.peer_id not in private.connected_peers())
+            await private.connect(addr)
+            await wait_until(
+                lambda: private.nat.reservations.get(relay.peer_id, first) is not first
+            )
+            assert private.nat.reservations[relay.peer_id].circuit_addrs == first.circuit_addrs
+            assert private.nat.circuit_addrs() == first.circuit_addrs
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_reservation_over_a_connection_the_relay_dialled_keeps_the_relays_address() -> None:
+    """(A second review's finding.) A circuit address is built from where we reached the
+    relay. Made again over a connection the relay had dialled, it took the relay's ephemeral
+    source port, and led nowhere; the address we reached it at is kept."""
+    async with (
+        host(relay_service="on") as relay,
+        host() as private,  # no keeper of its own (relays_wanted 0): this test drives it
+        host() as dialer,
+    ):
+        private.nat.settings = dataclasses.replace(private.nat.settings, relays_wanted=1)
+        private.nat._bootstrap_peers = lambda: [relay.peer_id]
+        await private.connect(relay.addrs()[0])
+        await private.nat._keep_reservations()
+        first = private.nat.reservations[relay.peer_id].circuit_addrs
+        relay_id = ID.from_base58(relay.peer_id)
+        for conn in list(private._host.get_network().connections.get(relay_id) or []):
+            await conn.close()
+        await wait_until(lambda: relay.peer_id not in private.connected_peers())
+        await relay.connect(private.addrs()[0])  # the relay dials us this time
+        await wait_until(lambda: relay.peer_id in private.connected_peers())
+        await private.nat._keep_reservations()
+        assert private.nat.reservations[relay.peer_id].circuit_addrs == first
+        private.handle("/echo", echo)
+        await dialer.connect(first[0])
+        assert await dialer.request(private.peer_id, "/echo", b"x") == b"x"
+
+
 async def test_a_reservation_is_made_again_over_a_new_connection_to_its_relay() -> None:
     """A relay that restarts forgets its reservations. Reconnected before the keeper's next
     pass (its peers' mesh redials at once), it looked to that pass like a connected relay with

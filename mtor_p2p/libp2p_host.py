@@ -620,7 +620,8 @@ async def _close_listeners(host: IHost) -> None:
     listeners set SO_REUSEPORT, so a host opened again on that port in the same process
     shared it with the dead one: connections the kernel handed to the old socket were reset
     ("Cannot schedule task after service has stopped"), most reconnections within a second
-    in a probe. Closed here first, shielded and bounded."""
+    in a probe. Closed here as the host stops, after its services and before py-libp2p's own
+    stop, shielded and bounded."""
     swarm = host.get_network()
     listeners = list(getattr(swarm, "listeners", {}).values())
     with trio.CancelScope(shield=True), trio.move_on_after(LISTENER_CLOSE_S):

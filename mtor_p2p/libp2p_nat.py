@@ -798,6 +798,8 @@ class NatTraversal:
         self._check_now = trio.Event()
         #: Set when a pass of the relay keeper is worth making before its interval is up.
         self._keeper_wake = trio.Event()
+        #: When the keeper last looked up relays in the DHT.
+        self._looked_up_at: float | None = None
         self._dialback_slots = trio.Semaphore(DIALBACK_CONCURRENT)
         #: helper IP (or peer, on loopback) -> (when, "reached"|"failed", its answer).
         self._votes: OrderedDict[str, tuple[float, str, DialbackAnswer]] = OrderedDict()
@@ -1282,7 +1284,6 @@ class NatTraversal:
 
     async def _relay_keeper_loop(self) -> None:
         provided_at: float | None = None
-        looked_up_at: float | None = None
         woken = False
         while True:
             try:
@@ -1296,11 +1297,10 @@ class NatTraversal:
                 # bootstrap peer that keeps dropping our connection would otherwise cost a
                 # lookup per redial, and a woken pass that never looked up would leave such a
                 # node without a relay for as long as the redials came faster than that.
-                now = trio.current_time()
-                interval = self.settings.relay_check_interval
-                look_up = not woken or looked_up_at is None or now - looked_up_at >= interval
-                if look_up:
-                    looked_up_at = now
+                since = (
+                    None if self._looked_up_at is None else trio.current_time() - self._looked_up_at
+                )
+                look_up = not woken or since is None or since >= self.settings.relay_check_interval
                 await self._keep_reservations(look_up=look_up)
             except Exception as exc:  # a relay's misbehaviour must not end the loop
                 log.info("relay keeper: %s: %s", type(exc).__name__, exc)
@@ -1374,6 +1374,7 @@ class NatTraversal:
 
     async def _relay_candidates(self) -> list[str]:
         """Relays found in the DHT (the bootstrap peers have had their turn)."""
+        self._looked_up_at = trio.current_time()
         try:
             found = await self._network.find_providers(RELAY_DHT_KEY, timeout=5.0)
         except NetworkError:
@@ -1441,6 +1442,13 @@ class NatTraversal:
         if not circuit and previous is not None:
             # Over a connection the relay dialled: where we reached it before.
             circuit = previous.circuit_addrs
+        if not circuit:
+            # Only a connection the relay dialled, and no address we reached it at: a
+            # reservation nobody can be told how to use, which would count as one of
+            # relays_wanted and stop the search for others (a review). Not kept; a later
+            # pass reserves once there is a connection we dialled.
+            log.debug("reservation on %s not kept: no address we reached it at", relay)
+            return False
         now = trio.current_time()
         fresh = relay not in self.reservations
         self.reservations[relay] = Reservation(

@@ -245,6 +245,30 @@ async def test_a_reservation_over_a_connection_the_relay_dialled_keeps_the_relay
         assert await dialer.request(private.peer_id, "/echo", b"x") == b"x"
 
 
+async def test_no_reservation_is_kept_that_no_address_leads_to() -> None:
+    """(A third review's finding.) Over a connection only the relay had dialled, with no
+    address we had reached it at, a reservation was kept with no circuit address: it counted
+    as one of relays_wanted (the search for others stopped) while nobody could be told how to
+    use it, and status said "reserved". It is not kept; reserving waits for a connection we
+    dial."""
+    async with (
+        host(relay_service="on") as relay,
+        host() as private,  # no keeper of its own (relays_wanted 0): this test drives it
+    ):
+        private.nat.settings = dataclasses.replace(private.nat.settings, relays_wanted=1)
+        private.nat._bootstrap_peers = lambda: [relay.peer_id]
+
+        async def no_relays_known(key: str, timeout: float = 5.0) -> list[str]:
+            return []
+
+        private.find_providers = no_relays_known  # type: ignore[method-assign]
+        await relay.connect(private.addrs()[0])  # the relay dials us; we never dialled it
+        await wait_until(lambda: relay.peer_id in private.connected_peers())
+        await private.nat._keep_reservations()
+        assert relay.peer_id not in private.nat.reservations
+        assert private.nat.circuit_addrs() == []
+
+
 async def test_a_reservation_is_made_again_over_a_new_connection_to_its_relay() -> None:
     """A relay that restarts forgets its reservations. Reconnected before the keeper's next
     pass (its peers' mesh redials at once), it looked to that pass like a connected relay with

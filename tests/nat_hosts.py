@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import trio
@@ -29,6 +30,27 @@ def host(listen: str = "/ip4/127.0.0.1/tcp/0", **nat: object) -> Any:
     """``Libp2pNetwork.open`` of a fresh identity listening on ``listen`` ("" for none)."""
     settings = HostSettings(listen_addrs=[listen] if listen else [], nat=nat_settings(**nat))
     return Libp2pNetwork.open(Identity.generate(), settings)
+
+
+def drive_keeper(node: Any, bootstrap: list[str], **settings: float) -> None:
+    """Set ``node`` (opened by :func:`host`, relays_wanted 0: no relay keeper of its own runs)
+    up for a test that drives its keeper: one relay wanted, ``bootstrap`` as its bootstrap
+    peers, and any other :class:`NatSettings` given."""
+    node.nat.settings = dataclasses.replace(node.nat.settings, relays_wanted=1, **settings)
+    node.nat._bootstrap_peers = lambda: list(bootstrap)
+
+
+def relays_in_the_dht(node: Any, found: list[str] | None = None) -> list[str]:
+    """Make ``node``'s DHT lookups of relays answer ``found`` (none) at once; the list of the
+    keys looked up, which grows with each lookup."""
+    asked: list[str] = []
+
+    async def lookup(key: str, timeout: float = 5.0) -> list[str]:
+        asked.append(key)
+        return list(found or [])
+
+    node.find_providers = lookup
+    return asked
 
 
 async def echo(sender: str, payload: bytes) -> bytes:

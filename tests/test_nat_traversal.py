@@ -8,7 +8,6 @@ same code through real NATs is tested in tests/test_nat_peers.py.
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import json
 import os
@@ -32,7 +31,7 @@ from mtor_p2p.libp2p_nat import (
     _open_tcp_stream_from,
 )
 from mtor_p2p.network import NetworkError, RemoteError
-from tests.nat_hosts import echo, host, nat_settings, wait_until
+from tests.nat_hosts import drive_keeper, echo, host, nat_settings, relays_in_the_dht, wait_until
 
 pytestmark = pytest.mark.skipif(
     __import__("importlib").util.find_spec("libp2p") is None, reason="needs py-libp2p"
@@ -73,11 +72,10 @@ async def test_a_private_peer_reserves_on_its_bootstrap_peer_before_any_relay_lo
     reservation 10 s after it had connected in the NAT lab. Here the lookup never answers."""
     async with (
         host(relay_service="on") as relay,
-        host() as private,  # no keeper of its own (relays_wanted 0): this test drives it
+        host() as private,
     ):
         await private.connect(relay.addrs()[0])
-        private.nat.settings = dataclasses.replace(private.nat.settings, relays_wanted=1)
-        private.nat._bootstrap_peers = lambda: [relay.peer_id]
+        drive_keeper(private, [relay.peer_id])
         looked_up: list[str] = []
 
         async def lookup_never_answers(key: str, timeout: float = 5.0) -> list[str]:
@@ -99,19 +97,10 @@ async def test_a_private_peer_reserves_as_soon_as_its_bootstrap_peer_connects() 
     an hour here)."""
     async with (
         host(relay_service="on") as relay,
-        host() as private,  # no keeper of its own (relays_wanted 0): this test runs one
+        host() as private,
     ):
-        private.nat.settings = dataclasses.replace(
-            private.nat.settings, relays_wanted=1, relay_check_interval=3600.0
-        )
-        private.nat._bootstrap_peers = lambda: [relay.peer_id]
-        passes: list[str] = []
-
-        async def no_relays_known(key: str, timeout: float = 5.0) -> list[str]:
-            passes.append(key)
-            return []
-
-        private.find_providers = no_relays_known  # type: ignore[method-assign]
+        drive_keeper(private, [relay.peer_id], relay_check_interval=3600.0)
+        passes = relays_in_the_dht(private)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(private.nat._relay_keeper_loop)
             await wait_until(lambda: passes)  # its first pass found nothing to reserve on
@@ -125,20 +114,11 @@ async def test_passes_woken_by_dials_look_up_no_relays() -> None:
     """(A review's finding.) A bootstrap peer that keeps dropping our connection is dialled
     again every round of the mesh, and each dial wakes the relay keeper: each woken pass
     looked up relays in the DHT (up to 5 s of queries), against one lookup an interval
-    before. A woken pass tries the bootstrap peers only."""
-    async with host() as private:  # no keeper of its own (relays_wanted 0): this test runs one
-        private.nat.settings = dataclasses.replace(
-            private.nat.settings, relays_wanted=1, relay_check_interval=3600.0
-        )
+    before. Relays are looked up at most once an interval, woken passes included."""
+    async with host() as private:
         bootstrap = Identity.generate().peer_id  # never connected: nothing to reserve on
-        private.nat._bootstrap_peers = lambda: [bootstrap]
-        lookups: list[str] = []
-
-        async def no_relays_known(key: str, timeout: float = 5.0) -> list[str]:
-            lookups.append(key)
-            return []
-
-        private.find_providers = no_relays_known  # type: ignore[method-assign]
+        drive_keeper(private, [bootstrap], relay_check_interval=3600.0)
+        lookups = relays_in_the_dht(private)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(private.nat._relay_keeper_loop)
             await wait_until(lambda: lookups)  # the first pass, the only timed one here
@@ -155,19 +135,10 @@ async def test_passes_woken_faster_than_the_interval_still_look_up_relays() -> N
     restarted the interval: while a flapping bootstrap peer was redialled faster than the
     interval, no pass ever looked up relays, and the node stayed without one. A woken pass
     looks up relays too once an interval has passed since the last lookup."""
-    async with host() as private:  # no keeper of its own (relays_wanted 0): this test runs one
-        private.nat.settings = dataclasses.replace(
-            private.nat.settings, relays_wanted=1, relay_check_interval=1.0
-        )
+    async with host() as private:
         bootstrap = Identity.generate().peer_id  # never connected: nothing to reserve on
-        private.nat._bootstrap_peers = lambda: [bootstrap]
-        lookups: list[float] = []
-
-        async def no_relays_known(key: str, timeout: float = 5.0) -> list[str]:
-            lookups.append(trio.current_time())
-            return []
-
-        private.find_providers = no_relays_known  # type: ignore[method-assign]
+        drive_keeper(private, [bootstrap], relay_check_interval=1.0)
+        lookups = relays_in_the_dht(private)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(private.nat._relay_keeper_loop)
             await wait_until(lambda: lookups)
@@ -189,18 +160,12 @@ async def test_a_relay_found_in_the_dht_and_redialled_keeps_its_reservation() ->
     reservation is made again in place."""
     async with (
         host(relay_service="on") as relay,
-        host() as private,  # no keeper of its own (relays_wanted 0): this test runs one
+        host() as private,
     ):
-        private.nat.settings = dataclasses.replace(
-            private.nat.settings, relays_wanted=1, relay_check_interval=3600.0
-        )
+        drive_keeper(private, [], relay_check_interval=3600.0)  # the relay is not a bootstrap peer
+        relays_in_the_dht(private, [relay.peer_id])
         addr = relay.addrs()[0]
         await private.connect(addr)
-
-        async def found_in_the_dht(key: str, timeout: float = 5.0) -> list[str]:
-            return [relay.peer_id]
-
-        private.find_providers = found_in_the_dht  # type: ignore[method-assign]
         async with trio.open_nursery() as nursery:
             nursery.start_soon(private.nat._relay_keeper_loop)
             await wait_until(lambda: relay.peer_id in private.nat.reservations)
@@ -224,11 +189,10 @@ async def test_a_reservation_over_a_connection_the_relay_dialled_keeps_the_relay
     source port, and led nowhere; the address we reached it at is kept."""
     async with (
         host(relay_service="on") as relay,
-        host() as private,  # no keeper of its own (relays_wanted 0): this test drives it
+        host() as private,
         host() as dialer,
     ):
-        private.nat.settings = dataclasses.replace(private.nat.settings, relays_wanted=1)
-        private.nat._bootstrap_peers = lambda: [relay.peer_id]
+        drive_keeper(private, [relay.peer_id])
         await private.connect(relay.addrs()[0])
         await private.nat._keep_reservations()
         first = private.nat.reservations[relay.peer_id].circuit_addrs
@@ -253,15 +217,11 @@ async def test_no_reservation_is_kept_that_no_address_leads_to() -> None:
     dial."""
     async with (
         host(relay_service="on") as relay,
-        host() as private,  # no keeper of its own (relays_wanted 0): this test drives it
+        host() as private,
     ):
-        private.nat.settings = dataclasses.replace(private.nat.settings, relays_wanted=1)
-        private.nat._bootstrap_peers = lambda: [relay.peer_id]
+        drive_keeper(private, [relay.peer_id])
 
-        async def no_relays_known(key: str, timeout: float = 5.0) -> list[str]:
-            return []
-
-        private.find_providers = no_relays_known  # type: ignore[method-assign]
+        relays_in_the_dht(private)
         await relay.connect(private.addrs()[0])  # the relay dials us; we never dialled it
         await wait_until(lambda: relay.peer_id in private.connected_peers())
         await private.nat._keep_reservations()
@@ -279,10 +239,9 @@ async def test_a_reservation_is_made_again_over_a_new_connection_to_its_relay() 
     next test restarts the relay.)"""
     async with (
         host(relay_service="on") as relay,
-        host() as private,  # no keeper of its own (relays_wanted 0): this test drives it
+        host() as private,
     ):
-        private.nat.settings = dataclasses.replace(private.nat.settings, relays_wanted=1)
-        private.nat._bootstrap_peers = lambda: [relay.peer_id]
+        drive_keeper(private, [relay.peer_id])
         addr = relay.addrs()[0]
         await private.connect(addr)
         await private.nat._keep_reservations()
@@ -312,10 +271,9 @@ async def test_a_relay_restarted_on_its_port_is_reserved_on_again() -> None:
         settings = HostSettings(listen_addrs=[listen], nat=nat_settings(relay_service="on"))
         return Libp2pNetwork.open(identity, settings)
 
-    async with host() as private:  # no keeper of its own (relays_wanted 0): this test drives it
-        private.nat.settings = dataclasses.replace(private.nat.settings, relays_wanted=1)
+    async with host() as private:
         async with relay_host() as relay:
-            private.nat._bootstrap_peers = lambda: [relay.peer_id]
+            drive_keeper(private, [relay.peer_id])
             addr = relay.addrs()[0]
             await private.connect(addr)
             await private.nat._keep_reservations()

@@ -1405,7 +1405,7 @@ class NatTraversal:
         if conn is None:
             return False
         previous = self.reservations.get(relay)
-        remote = remote_of(conn) if _dialled(conn) else None
+        remote = remote_of(conn) if dialled else None  # conn is dialled[0] when any
         try:
             with trio.fail_after(10):
                 stream = await self._host.new_stream(relay_id, [HOP_PROTOCOL_ID])

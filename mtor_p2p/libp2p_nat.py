@@ -115,6 +115,11 @@ RELAYED_MAX_RESPONSE_BYTES = 256 * 1024
 DIRECT_WAIT_S = 5.0
 #: After a direct connection verifies, the relayed one stays this long for streams in flight.
 RELAY_CLOSE_GRACE_S = 5.0
+#: A relay connected to us only by a connection it dialled is dialled back before we reserve
+#: on it, at this many of its known addresses at most, within this long in all: a circuit
+#: address is built from where we reached the relay, never from its own claims.
+RELAY_DIAL_ADDRS = 3
+RELAY_DIAL_S = 5.0
 REACHABILITY_STATES = ("unknown", "public", "private", "local")
 
 
@@ -1389,6 +1394,25 @@ class NatTraversal:
         unique = [p for p in dict.fromkeys(found) if p != me]
         return sorted(unique, key=lambda p: p not in connected)
 
+    async def _dial_relay(self, relay_id: ID) -> INetConn | None:
+        """A connection we dial to ``relay_id`` at one of its known direct TCP addresses
+        (identify, the DHT, configuration), or None. Only for reserving: the address is
+        trusted because the peer that answered there proved it holds the relay's key."""
+        swarm = self._host.get_network()
+        addrs = [a for a in _direct_addrs(self._host, relay_id) if _tcp_target(str(a))]
+        for addr in addrs[:RELAY_DIAL_ADDRS]:
+            try:
+                # Each its share of the time: an address that swallows packets must not
+                # take the turn of the one the relay listens on.
+                with trio.fail_after(RELAY_DIAL_S / RELAY_DIAL_ADDRS):
+                    conn = await swarm.dial_addr(addr, relay_id)
+            except Exception as exc:
+                log.debug("dial of relay %s at %s failed: %s", relay_id, addr, exc)
+                continue
+            if conn is not None and not conn.is_closed and _dialled(conn):
+                return conn
+        return None
+
     async def _reserve(self, relay: str) -> bool:
         """Reserve (or refresh) a slot on ``relay``; whether it was granted."""
         relay_id = ID.from_base58(relay)
@@ -1401,6 +1425,15 @@ class NatTraversal:
         # relay dialled, the remote port is the relay's ephemeral source port, and a circuit
         # address built on it led nowhere (a review).
         dialled = [c for c in direct if _dialled(c)]
+        if direct and not dialled:
+            # Only the relay dialled: its remote port is an ephemeral one, and the address we
+            # reached it at before (if any) may be stale (a relay back on another port). A
+            # dial of our own at an address it listens on (its authenticated answer is the
+            # proof) gives an address to build on. Without one, the reservation would wait
+            # for us to dial the relay for some other reason (a review).
+            ours = await self._dial_relay(relay_id)
+            if ours is not None:
+                dialled = [ours]
         conn = (dialled or direct or [None])[0]
         if conn is None:
             return False

@@ -209,24 +209,57 @@ async def test_a_reservation_over_a_connection_the_relay_dialled_keeps_the_relay
         assert await dialer.request(private.peer_id, "/echo", b"x") == b"x"
 
 
+async def test_a_relay_that_only_dialled_us_is_dialled_back_and_reserved_on() -> None:
+    """(A third review's finding.) A relay connected to us only by a connection it had
+    dialled was never reserved on until we dialled it for some other reason: that
+    connection's remote port is an ephemeral one, no address to build on. We now dial it
+    back at an address it listens on, and reserve over that connection."""
+    async with (
+        host(relay_service="on") as relay,
+        host() as private,
+        host() as dialer,
+    ):
+        drive_keeper(private, [relay.peer_id])
+        relays_in_the_dht(private)
+        await relay.connect(private.addrs()[0])  # the relay dials us; we never dialled it
+        await wait_until(lambda: relay.peer_id in private.connected_peers())
+        await wait_until(lambda: bool(_listen_addrs_known(private, relay.peer_id)))
+        await private.nat._keep_reservations()
+        circuit = private.nat.reservations[relay.peer_id].circuit_addrs
+        assert circuit and circuit[0].startswith(relay.addrs()[0].split("/p2p/")[0] + "/p2p/")
+        assert private.nat.circuit_addrs() == circuit
+        private.handle("/echo", echo)
+        await dialer.connect(circuit[0])
+        assert await dialer.request(private.peer_id, "/echo", b"x") == b"x"
+
+
 async def test_no_reservation_is_kept_that_no_address_leads_to() -> None:
     """(A third review's finding.) Over a connection only the relay had dialled, with no
     address we had reached it at, a reservation was kept with no circuit address: it counted
     as one of relays_wanted (the search for others stopped) while nobody could be told how to
-    use it, and status said "reserved". It is not kept; reserving waits for a connection we
-    dial."""
+    use it, and status said "reserved". Where the relay cannot be dialled back either (here:
+    no address of it known), it is not kept."""
     async with (
         host(relay_service="on") as relay,
         host() as private,
     ):
         drive_keeper(private, [relay.peer_id])
-
         relays_in_the_dht(private)
         await relay.connect(private.addrs()[0])  # the relay dials us; we never dialled it
         await wait_until(lambda: relay.peer_id in private.connected_peers())
+        await wait_until(lambda: bool(_listen_addrs_known(private, relay.peer_id)))
+        private._host.get_peerstore().clear_addrs(ID.from_base58(relay.peer_id))
         await private.nat._keep_reservations()
         assert relay.peer_id not in private.nat.reservations
         assert private.nat.circuit_addrs() == []
+
+
+def _listen_addrs_known(node: Any, peer: str) -> list[Any]:
+    """The direct addresses ``node``'s peerstore holds for ``peer`` (identify adds them)."""
+    try:
+        return list(node._host.get_peerstore().addrs(ID.from_base58(peer)))
+    except Exception:
+        return []
 
 
 async def test_a_reservation_is_made_again_over_a_new_connection_to_its_relay() -> None:
@@ -287,6 +320,45 @@ async def test_a_relay_restarted_on_its_port_is_reserved_on_again() -> None:
             await private.nat._keep_reservations()
             assert manager.get_reservation(me) is not None
             assert relay.peer_id in private.nat.reservations
+
+
+async def test_a_relay_back_on_another_port_that_dials_us_gets_our_new_address() -> None:
+    """(A third review's finding.) A relay that restarted on another port and dialled us
+    first had our reservation made again over its connection, with the circuit address we
+    had reached it at before: its old port, which led nowhere. It is dialled back at an
+    address it listens on now, and the circuit address names that one."""
+    identity = Identity.generate()
+
+    def relay_host() -> Any:
+        settings = HostSettings(
+            listen_addrs=["/ip4/127.0.0.1/tcp/0"], nat=nat_settings(relay_service="on")
+        )
+        return Libp2pNetwork.open(identity, settings)
+
+    async with host() as private, host() as dialer:
+        async with relay_host() as relay:
+            drive_keeper(private, [relay.peer_id])
+            await private.connect(relay.addrs()[0])
+            await private.nat._keep_reservations()
+            old = private.nat.reservations[relay.peer_id].circuit_addrs
+        await wait_until(lambda: relay.peer_id not in private.connected_peers())
+        async with relay_host() as moved:
+            new_base = moved.addrs()[0].split("/p2p/")[0]
+            assert not old[0].startswith(new_base + "/")
+            await moved.connect(private.addrs()[0])  # the relay dials us first
+            await wait_until(lambda: moved.peer_id in private.connected_peers())
+            await wait_until(
+                lambda: any(
+                    str(a).split("/p2p/")[0] == new_base
+                    for a in _listen_addrs_known(private, moved.peer_id)
+                )
+            )
+            await private.nat._keep_reservations()
+            circuit = private.nat.reservations[moved.peer_id].circuit_addrs
+            assert circuit[0].startswith(new_base + "/p2p/"), (circuit, old)
+            private.handle("/echo", echo)
+            await dialer.connect(circuit[0])
+            assert await dialer.request(private.peer_id, "/echo", b"x") == b"x"
 
 
 async def test_bulk_requests_never_cross_a_relay() -> None:

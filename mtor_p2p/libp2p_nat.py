@@ -120,6 +120,11 @@ RELAY_CLOSE_GRACE_S = 5.0
 #: address is built from where we reached the relay, never from its own claims.
 RELAY_DIAL_ADDRS = 3
 RELAY_DIAL_S = 5.0
+#: A relay none of whose addresses answered is not dialled back again for this long (the
+#: addresses are its own claims: a hostile peer could otherwise have us dial third parties
+#: on every keeper pass); at most this many such relays are remembered.
+RELAY_DIAL_RETRY_S = 120.0
+RELAY_DIAL_MEMORY = 256
 REACHABILITY_STATES = ("unknown", "public", "private", "local")
 
 
@@ -805,6 +810,8 @@ class NatTraversal:
         self._keeper_wake = trio.Event()
         #: When the keeper last looked up relays in the DHT.
         self._looked_up_at: float | None = None
+        #: When a relay's dial-back last failed (see _dial_relay).
+        self._dial_back_failed: dict[str, float] = {}
         self._dialback_slots = trio.Semaphore(DIALBACK_CONCURRENT)
         #: helper IP (or peer, on loopback) -> (when, "reached"|"failed", its answer).
         self._votes: OrderedDict[str, tuple[float, str, DialbackAnswer]] = OrderedDict()
@@ -1398,6 +1405,10 @@ class NatTraversal:
         """A connection we dial to ``relay_id`` at one of its known direct TCP addresses
         (identify, the DHT, configuration), or None. Only for reserving: the address is
         trusted because the peer that answered there proved it holds the relay's key."""
+        relay = str(relay_id)
+        failed_at = self._dial_back_failed.get(relay)
+        if failed_at is not None and trio.current_time() - failed_at < RELAY_DIAL_RETRY_S:
+            return None
         swarm = self._host.get_network()
         addrs = [a for a in _direct_addrs(self._host, relay_id) if _tcp_target(str(a))]
         for addr in addrs[:RELAY_DIAL_ADDRS]:
@@ -1410,7 +1421,12 @@ class NatTraversal:
                 log.debug("dial of relay %s at %s failed: %s", relay_id, addr, exc)
                 continue
             if conn is not None and not conn.is_closed and _dialled(conn):
+                self._dial_back_failed.pop(relay, None)
                 return conn
+        self._dial_back_failed.pop(relay, None)  # re-inserted last: the oldest go first
+        self._dial_back_failed[relay] = trio.current_time()
+        while len(self._dial_back_failed) > RELAY_DIAL_MEMORY:
+            del self._dial_back_failed[next(iter(self._dial_back_failed))]
         return None
 
     async def _reserve(self, relay: str) -> bool:

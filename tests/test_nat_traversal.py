@@ -14,6 +14,7 @@ import os
 import socket
 from typing import Any
 
+import multiaddr
 import pytest
 import trio
 from libp2p.peer.id import ID
@@ -252,6 +253,41 @@ async def test_no_reservation_is_kept_that_no_address_leads_to() -> None:
         await private.nat._keep_reservations()
         assert relay.peer_id not in private.nat.reservations
         assert private.nat.circuit_addrs() == []
+
+
+async def test_a_relay_whose_addresses_lead_nowhere_is_not_dialled_back_every_pass() -> None:
+    """The addresses a relay is dialled back at are its own claims (identify): a hostile one
+    could name third parties. After a dial-back that failed, the relay is not dialled back
+    again for RELAY_DIAL_RETRY_S, however often the keeper passes."""
+    async with (
+        host(relay_service="on") as relay,
+        host() as private,
+    ):
+        drive_keeper(private, [relay.peer_id])
+        relays_in_the_dht(private)
+        await relay.connect(private.addrs()[0])
+        await wait_until(lambda: relay.peer_id in private.connected_peers())
+        await wait_until(lambda: bool(_listen_addrs_known(private, relay.peer_id)))
+        relay_id = ID.from_base58(relay.peer_id)
+        peerstore = private._host.get_peerstore()
+        peerstore.clear_addrs(relay_id)
+        with socket.socket() as closed:  # a port nothing listens on
+            closed.bind(("127.0.0.1", 0))
+            port = closed.getsockname()[1]
+        peerstore.add_addrs(relay_id, [multiaddr.Multiaddr(f"/ip4/127.0.0.1/tcp/{port}")], 600)
+        swarm = private._host.get_network()
+        dials: list[str] = []
+        dial_addr = swarm.dial_addr
+
+        async def counted(addr: Any, peer_id: Any, *args: Any) -> Any:
+            dials.append(str(addr))
+            return await dial_addr(addr, peer_id, *args)
+
+        swarm.dial_addr = counted
+        for _ in range(3):
+            await private.nat._keep_reservations()
+        assert len(dials) == 1, dials
+        assert relay.peer_id not in private.nat.reservations
 
 
 def _listen_addrs_known(node: Any, peer: str) -> list[Any]:

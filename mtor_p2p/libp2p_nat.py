@@ -116,15 +116,22 @@ DIRECT_WAIT_S = 5.0
 #: After a direct connection verifies, the relayed one stays this long for streams in flight.
 RELAY_CLOSE_GRACE_S = 5.0
 #: A relay connected to us only by a connection it dialled is dialled back before we reserve
-#: on it, at this many of its known addresses at most, within this long in all: a circuit
-#: address is built from where we reached the relay, never from its own claims.
+#: on it, at this many of its known addresses at most, within this long in all, once each
+#: (py-libp2p's dial_addr tries an address 4 times): a circuit address is built from where we
+#: reached the relay, never from its own claims. At most this many relays are dialled back
+#: per keeper pass.
 RELAY_DIAL_ADDRS = 3
 RELAY_DIAL_S = 5.0
-#: A relay none of whose addresses answered is not dialled back again for this long (the
-#: addresses are its own claims: a hostile peer could otherwise have us dial third parties
-#: on every keeper pass); at most this many such relays are remembered.
+RELAY_DIAL_BACKS_PER_PASS = 2
+#: An address a dial-back failed at is not dialled again for this long (the addresses are the
+#: relay's own claims: a hostile peer could otherwise have every keeper pass dial third
+#: parties); at most this many such addresses are remembered.
 RELAY_DIAL_RETRY_S = 120.0
 RELAY_DIAL_MEMORY = 256
+#: A reservation made again over a connection the relay dialled, with the circuit address of
+#: the one before (no dial-back answered), is refreshed after this long rather than at 3/4 of
+#: its life: the relay may have come back elsewhere, and identify may name it by then.
+RELAY_FALLBACK_REFRESH_S = 30.0
 REACHABILITY_STATES = ("unknown", "public", "private", "local")
 
 
@@ -810,8 +817,10 @@ class NatTraversal:
         self._keeper_wake = trio.Event()
         #: When the keeper last looked up relays in the DHT.
         self._looked_up_at: float | None = None
-        #: When a relay's dial-back last failed (see _dial_relay).
+        #: When a dial-back last failed at an address ("ip:port"; see _dial_relay), and the
+        #: dial-backs left to this keeper pass.
         self._dial_back_failed: dict[str, float] = {}
+        self._dial_backs_left = RELAY_DIAL_BACKS_PER_PASS
         self._dialback_slots = trio.Semaphore(DIALBACK_CONCURRENT)
         #: helper IP (or peer, on loopback) -> (when, "reached"|"failed", its answer).
         self._votes: OrderedDict[str, tuple[float, str, DialbackAnswer]] = OrderedDict()
@@ -1343,6 +1352,7 @@ class NatTraversal:
 
     async def _keep_reservations_once(self, *, look_up: bool = True) -> None:
         now = trio.current_time()
+        self._dial_backs_left = RELAY_DIAL_BACKS_PER_PASS
         connected = set(self._network.connected_peers())
         connections = self._host.get_network().connections
         for relay, res in list(self.reservations.items()):
@@ -1401,32 +1411,79 @@ class NatTraversal:
         unique = [p for p in dict.fromkeys(found) if p != me]
         return sorted(unique, key=lambda p: p not in connected)
 
-    async def _dial_relay(self, relay_id: ID) -> INetConn | None:
-        """A connection we dial to ``relay_id`` at one of its known direct TCP addresses
-        (identify, the DHT, configuration), or None. Only for reserving: the address is
-        trusted because the peer that answered there proved it holds the relay's key."""
-        relay = str(relay_id)
-        failed_at = self._dial_back_failed.get(relay)
-        if failed_at is not None and trio.current_time() - failed_at < RELAY_DIAL_RETRY_S:
+    def _dial_back_targets(
+        self, relay_id: ID, seen_at: str | None, previous: Reservation | None
+    ) -> list[tuple[multiaddr.Multiaddr, str]]:
+        """The relay's known direct TCP addresses worth dialling back, as ``(address,
+        "ip:port")``, best first: where we reached it before, then those at the IP its
+        connection came from, then the rest. Never an unspecified, multicast or link-local
+        address, nor loopback unless loopback stands for a network (``settings.loopback``):
+        a wildcard listener advertises 0.0.0.0, which would have us dial ourselves."""
+        before = set()
+        if previous is not None:
+            for circuit in previous.circuit_addrs:
+                target = _tcp_target(circuit.split("/p2p/")[0])
+                if target is not None:
+                    before.add(target)
+        ranked: dict[tuple[str, int], tuple[int, multiaddr.Multiaddr]] = {}
+        for addr in _direct_addrs(self._host, relay_id):
+            target = _tcp_target(str(addr))
+            ip = None if target is None else ip_address_of(target[0])
+            if target is None or ip is None or ip.is_unspecified or ip.is_multicast:
+                continue
+            if ip.is_link_local or (ip.is_loopback and not self.settings.loopback):
+                continue
+            key = (str(ip), target[1])
+            rank = 0 if target in before else 1 if seen_at and _same_ip(seen_at, key[0]) else 2
+            if key not in ranked or rank < ranked[key][0]:
+                ranked[key] = (rank, addr)
+        ordered = sorted(ranked.items(), key=lambda item: item[1][0])
+        return [(addr, f"{ip}:{port}") for (ip, port), (_rank, addr) in ordered]
+
+    async def _dial_relay(
+        self, relay_id: ID, seen_at: str | None, previous: Reservation | None
+    ) -> INetConn | None:
+        """A connection we dial to ``relay_id`` at one of its known direct addresses
+        (:meth:`_dial_back_targets`), or None. Only for reserving: the address is trusted
+        because the peer that answered there proved it holds the relay's key. Only a peer
+        whose identify lists the relay protocol is dialled (none before identify has run: a
+        later pass tries again), each address once, and one that failed not again for
+        RELAY_DIAL_RETRY_S."""
+        try:
+            protocols = self._host.get_peerstore().get_protocols(relay_id)
+        except Exception:
+            protocols = []
+        if str(HOP_PROTOCOL_ID) not in {str(p) for p in protocols or ()}:
             return None
+        if self._dial_backs_left <= 0:
+            return None
+        self._dial_backs_left -= 1
         swarm = self._host.get_network()
-        addrs = [a for a in _direct_addrs(self._host, relay_id) if _tcp_target(str(a))]
-        for addr in addrs[:RELAY_DIAL_ADDRS]:
+        # One attempt per address: dial_addr retries each up to 3 times more.
+        dial_once = getattr(swarm, "_dial_addr_single_attempt", None) or swarm.dial_addr
+        tried = 0
+        for addr, where in self._dial_back_targets(relay_id, seen_at, previous):
+            failed_at = self._dial_back_failed.get(where)
+            if failed_at is not None and trio.current_time() - failed_at < RELAY_DIAL_RETRY_S:
+                continue
+            if tried >= RELAY_DIAL_ADDRS:
+                break
+            tried += 1
             try:
                 # Each its share of the time: an address that swallows packets must not
                 # take the turn of the one the relay listens on.
                 with trio.fail_after(RELAY_DIAL_S / RELAY_DIAL_ADDRS):
-                    conn = await swarm.dial_addr(addr, relay_id)
+                    conn = await dial_once(addr, relay_id)
             except Exception as exc:
-                log.debug("dial of relay %s at %s failed: %s", relay_id, addr, exc)
-                continue
+                log.debug("dial-back of relay %s at %s failed: %s", relay_id, addr, exc)
+                conn = None
             if conn is not None and not conn.is_closed and _dialled(conn):
-                self._dial_back_failed.pop(relay, None)
+                self._dial_back_failed.pop(where, None)
                 return conn
-        self._dial_back_failed.pop(relay, None)  # re-inserted last: the oldest go first
-        self._dial_back_failed[relay] = trio.current_time()
-        while len(self._dial_back_failed) > RELAY_DIAL_MEMORY:
-            del self._dial_back_failed[next(iter(self._dial_back_failed))]
+            self._dial_back_failed.pop(where, None)  # re-inserted last: the oldest go first
+            self._dial_back_failed[where] = trio.current_time()
+            while len(self._dial_back_failed) > RELAY_DIAL_MEMORY:
+                del self._dial_back_failed[next(iter(self._dial_back_failed))]
         return None
 
     async def _reserve(self, relay: str) -> bool:
@@ -1437,24 +1494,44 @@ class NatTraversal:
             for c in conn_list(self._host.get_network().connections.get(relay_id))
             if not is_relayed(c) and not c.is_closed
         ]
+        previous = self.reservations.get(relay)
         # One we dialled first: its remote address is where the relay listens. On one the
         # relay dialled, the remote port is the relay's ephemeral source port, and a circuit
         # address built on it led nowhere (a review).
         dialled = [c for c in direct if _dialled(c)]
+        ours = None
         if direct and not dialled:
-            # Only the relay dialled: its remote port is an ephemeral one, and the address we
-            # reached it at before (if any) may be stale (a relay back on another port). A
-            # dial of our own at an address it listens on (its authenticated answer is the
-            # proof) gives an address to build on. Without one, the reservation would wait
-            # for us to dial the relay for some other reason (a review).
-            ours = await self._dial_relay(relay_id)
+            # Only the relay dialled: the address we reached it at before (if any) may be
+            # stale (a relay back on another port), and with none the reservation would wait
+            # for us to dial the relay for some other reason (a review). A dial of our own at
+            # an address it listens on (its authenticated answer is the proof) gives one.
+            seen = remote_of(direct[0])
+            ours = await self._dial_relay(relay_id, seen[0] if seen else None, previous)
             if ours is not None:
                 dialled = [ours]
         conn = (dialled or direct or [None])[0]
         if conn is None:
             return False
-        previous = self.reservations.get(relay)
-        remote = remote_of(conn) if dialled else None  # conn is dialled[0] when any
+        kept = False
+        try:
+            kept = await self._reserve_over(relay, relay_id, conn, bool(dialled), previous)
+        finally:
+            if ours is not None and not kept:
+                # Dialled for this reservation alone: a peer that only claims to relay must
+                # not turn the connection it dialled into one we hold (a review).
+                with trio.CancelScope(shield=True), trio.move_on_after(1.0):
+                    await ours.close()
+        return kept
+
+    async def _reserve_over(
+        self,
+        relay: str,
+        relay_id: ID,
+        conn: INetConn,
+        dialled: bool,
+        previous: Reservation | None,
+    ) -> bool:
+        remote = remote_of(conn) if dialled else None
         try:
             with trio.fail_after(10):
                 stream = await self._host.new_stream(relay_id, [HOP_PROTOCOL_ID])
@@ -1480,6 +1557,7 @@ class NatTraversal:
         # The relay's expiry is wall-clock seconds (the wire format); converted to a TTL once.
         ttl = float(reply.reservation.expire) - time.time() if reply.HasField("reservation") else 0
         ttl = max(30.0, min(ttl, 24 * 3600.0))
+        refresh_in = 0.75 * ttl
         # Where we reached the relay is where others can: the addresses its reply lists are
         # its own claim (a hostile relay would have us advertise third parties).
         addrs = []
@@ -1489,8 +1567,10 @@ class NatTraversal:
         me = self._network.peer_id
         circuit = [f"{a}/p2p/{relay}/p2p-circuit/p2p/{me}" for a in dict.fromkeys(addrs)][:4]
         if not circuit and previous is not None:
-            # Over a connection the relay dialled: where we reached it before.
+            # Over a connection the relay dialled, none of its addresses answering: where we
+            # reached it before, looked at again soon (it may have come back elsewhere).
             circuit = previous.circuit_addrs
+            refresh_in = min(refresh_in, RELAY_FALLBACK_REFRESH_S)
         if not circuit:
             # Only a connection the relay dialled, and no address we reached it at: a
             # reservation nobody can be told how to use, which would count as one of
@@ -1501,7 +1581,7 @@ class NatTraversal:
         now = trio.current_time()
         fresh = relay not in self.reservations
         self.reservations[relay] = Reservation(
-            relay, now + 0.75 * ttl, now + ttl, circuit, conn=conn
+            relay, now + refresh_in, now + ttl, circuit, conn=conn
         )
         self.relay_refusals.pop(relay, None)
         if fresh:

@@ -25,6 +25,7 @@ from mtor_p2p.libp2p_nat import (
     DIALBACK_PROTOCOL,
     PUNCH_RETRY_MAX_S,
     RELAY_DHT_KEY,
+    RELAY_FALLBACK_REFRESH_S,
     RELAYED_MAX_REQUEST_BYTES,
     NatSettings,
     PunchRounds,
@@ -275,19 +276,113 @@ async def test_a_relay_whose_addresses_lead_nowhere_is_not_dialled_back_every_pa
             closed.bind(("127.0.0.1", 0))
             port = closed.getsockname()[1]
         peerstore.add_addrs(relay_id, [multiaddr.Multiaddr(f"/ip4/127.0.0.1/tcp/{port}")], 600)
-        swarm = private._host.get_network()
-        dials: list[str] = []
-        dial_addr = swarm.dial_addr
-
-        async def counted(addr: Any, peer_id: Any, *args: Any) -> Any:
-            dials.append(str(addr))
-            return await dial_addr(addr, peer_id, *args)
-
-        swarm.dial_addr = counted
+        dials = _count_dials(private)
         for _ in range(3):
             await private.nat._keep_reservations()
         assert len(dials) == 1, dials
         assert relay.peer_id not in private.nat.reservations
+
+
+async def test_the_relays_address_is_dialled_back_before_its_other_claims() -> None:
+    """(A fourth review's finding.) Which three claimed addresses were dialled back depended
+    on the order py-libp2p's peerstore held them in (a set: the hash seed's), so a relay that
+    claimed decoys could go unreserved; and 0.0.0.0, which a wildcard listener advertises,
+    had us dial ourselves. Its address at the IP its connection came from goes first, and an
+    unspecified address never."""
+    async with (
+        host(relay_service="on") as relay,
+        host() as private,
+    ):
+        drive_keeper(private, [relay.peer_id])
+        relays_in_the_dht(private)
+        await relay.connect(private.addrs()[0])
+        await wait_until(lambda: relay.peer_id in private.connected_peers())
+        await wait_until(lambda: bool(_listen_addrs_known(private, relay.peer_id)))
+        relay_id = ID.from_base58(relay.peer_id)
+        real = relay.addrs()[0].split("/p2p/")[0]
+        peerstore = private._host.get_peerstore()
+        peerstore.clear_addrs(relay_id)
+        decoys = [f"/ip4/127.0.0.{i}/tcp/{_closed_port()}" for i in (2, 3, 4)]
+        decoys.append(f"/ip4/0.0.0.0/tcp/{private.addrs()[0].split('/tcp/')[1].split('/')[0]}")
+        peerstore.add_addrs(relay_id, [multiaddr.Multiaddr(a) for a in [*decoys, real]], 600)
+        dials = _count_dials(private)
+        await private.nat._keep_reservations()
+        assert dials == [real], dials
+        assert private.nat.reservations[relay.peer_id].circuit_addrs[0].startswith(real + "/")
+
+
+async def test_a_refused_dial_back_leaves_no_connection_of_ours() -> None:
+    """(A fourth review's finding.) A peer listed as a relay that dialled us, then refused the
+    reservation, was left holding the connection we had dialled back: it could close its own
+    and keep ours. A dial-back that yields no reservation is closed; a peer whose identify
+    does not list the relay protocol is not dialled back at all."""
+    refusing = RelayLimitsConfig(max_reservations=0)
+    async with (
+        host(relay_service="on", relay_limits=refusing) as relay,
+        host() as not_a_relay,
+        host() as private,
+    ):
+        drive_keeper(private, [relay.peer_id, not_a_relay.peer_id])
+        relays_in_the_dht(private)
+        for peer in (relay, not_a_relay):
+            await peer.connect(private.addrs()[0])
+            await wait_until(lambda peer=peer: bool(_listen_addrs_known(private, peer.peer_id)))
+        dials = _count_dials(private)
+        await private.nat._keep_reservations()
+        assert private.nat.reservations == {}
+        assert len(dials) == 1 and dials[0].startswith(relay.addrs()[0].split("/p2p/")[0]), dials
+        for peer in (relay, not_a_relay):
+            conns = private._host.get_network().connections.get(ID.from_base58(peer.peer_id))
+            assert all(c.direction.name == "INBOUND" for c in conns or [] if not c.is_closed)
+
+
+async def test_a_relay_not_identified_yet_is_dialled_back_once_it_is() -> None:
+    """(A fourth review's finding.) A keeper pass between the relay's connection and its
+    identify (31-44 ms on loopback) found no address to dial, recorded a failure, and the
+    relay was not dialled back for 120 s. Before identify names the relay protocol nothing
+    is dialled and nothing recorded; the next pass reserves."""
+    async with (
+        host(relay_service="on") as relay,
+        host() as private,
+    ):
+        drive_keeper(private, [relay.peer_id])
+        relays_in_the_dht(private)
+        await relay.connect(private.addrs()[0])
+        await wait_until(lambda: bool(_listen_addrs_known(private, relay.peer_id)))
+        relay_id = ID.from_base58(relay.peer_id)
+        peerstore = private._host.get_peerstore()
+        protocols = peerstore.get_protocols(relay_id)
+        addrs = peerstore.addrs(relay_id)
+        peerstore.set_protocols(relay_id, [])  # as before identify
+        peerstore.clear_addrs(relay_id)
+        dials = _count_dials(private)
+        await private.nat._keep_reservations()
+        assert dials == [] and relay.peer_id not in private.nat.reservations
+        peerstore.set_protocols(relay_id, protocols)  # identify done
+        peerstore.add_addrs(relay_id, addrs, 600)
+        await private.nat._keep_reservations()
+        assert len(dials) == 1 and relay.peer_id in private.nat.reservations
+
+
+def _closed_port() -> int:
+    with socket.socket() as closed:  # a port nothing listens on
+        closed.bind(("127.0.0.1", 0))
+        return int(closed.getsockname()[1])
+
+
+def _count_dials(node: Any) -> list[str]:
+    """The addresses ``node``'s keeper dials back from now on, in order (py-libp2p's single
+    dial attempt, which _dial_relay uses)."""
+    swarm = node._host.get_network()
+    dials: list[str] = []
+    dial_once = swarm._dial_addr_single_attempt
+
+    async def counted(addr: Any, peer_id: Any, *args: Any) -> Any:
+        dials.append(str(addr).split("/p2p/")[0])
+        return await dial_once(addr, peer_id, *args)
+
+    swarm._dial_addr_single_attempt = counted
+    return dials
 
 
 def _listen_addrs_known(node: Any, peer: str) -> list[Any]:
@@ -389,6 +484,19 @@ async def test_a_relay_back_on_another_port_that_dials_us_gets_our_new_address()
                     for a in _listen_addrs_known(private, moved.peer_id)
                 )
             )
+            # A pass before identify names the relay protocol (a race the fourth review
+            # found) keeps the old address, but looks again within RELAY_FALLBACK_REFRESH_S
+            # instead of at 3/4 of the reservation's life (11 minutes).
+            relay_id = ID.from_base58(moved.peer_id)
+            peerstore = private._host.get_peerstore()
+            protocols = peerstore.get_protocols(relay_id)
+            peerstore.set_protocols(relay_id, [])
+            await private.nat._keep_reservations()
+            stale = private.nat.reservations[moved.peer_id]
+            assert stale.circuit_addrs == old
+            assert stale.refresh_at - trio.current_time() <= RELAY_FALLBACK_REFRESH_S
+            peerstore.set_protocols(relay_id, protocols)
+            stale.refresh_at = trio.current_time()  # that refresh, now
             await private.nat._keep_reservations()
             circuit = private.nat.reservations[moved.peer_id].circuit_addrs
             assert circuit[0].startswith(new_base + "/p2p/"), (circuit, old)

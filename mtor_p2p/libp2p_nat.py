@@ -125,7 +125,8 @@ RELAY_DIAL_S = 5.0
 RELAY_DIAL_BACKS_PER_PASS = 2
 #: An address a dial-back failed at is not dialled again for this long (the addresses are the
 #: relay's own claims: a hostile peer could otherwise have every keeper pass dial third
-#: parties); at most this many such addresses are remembered.
+#: parties), nor a relay that refused a reservation after being dialled back; at most this
+#: many of each are remembered.
 RELAY_DIAL_RETRY_S = 120.0
 RELAY_DIAL_MEMORY = 256
 #: A reservation made again over a connection the relay dialled, with the circuit address of
@@ -761,6 +762,35 @@ def _same_ip(a: str, b: str) -> bool:
     return x is not None and x == ip_address_of(b)
 
 
+#: NAT64's well-known prefix (RFC 6052): an address in it names the IPv4 address it ends in.
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
+def _dialable_ip(ip: ipaddress.IPv4Address | ipaddress.IPv6Address, loopback: bool) -> bool:
+    """Whether a relay's claimed address may be dialled back: not unspecified, multicast,
+    link-local or reserved (broadcast), nor loopback unless ``loopback`` (it stands for a
+    network, in tests); an IPv4 address inside NAT64's prefix is judged as itself."""
+    if isinstance(ip, ipaddress.IPv6Address) and ip in _NAT64:
+        ip = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    if ip.is_unspecified or ip.is_multicast or ip.is_link_local or ip.is_reserved:
+        return False
+    return loopback or not ip.is_loopback
+
+
+def _recent(memory: dict[str, float], key: str, within: float) -> bool:
+    """Whether ``memory`` holds ``key`` from less than ``within`` seconds ago."""
+    at = memory.get(key)
+    return at is not None and trio.current_time() - at < within
+
+
+def _remember(memory: dict[str, float], key: str) -> None:
+    """Note ``key`` now in a memory of at most RELAY_DIAL_MEMORY keys, the oldest dropped."""
+    memory.pop(key, None)  # re-inserted last: the oldest go first
+    memory[key] = trio.current_time()
+    while len(memory) > RELAY_DIAL_MEMORY:
+        del memory[next(iter(memory))]
+
+
 def _tcp_target(addr: str) -> tuple[str, int] | None:
     """(ip, port) of a plain ``/ip4|ip6/../tcp/..`` address; None for anything else."""
     try:
@@ -817,9 +847,10 @@ class NatTraversal:
         self._keeper_wake = trio.Event()
         #: When the keeper last looked up relays in the DHT.
         self._looked_up_at: float | None = None
-        #: When a dial-back last failed at an address ("ip:port"; see _dial_relay), and the
-        #: dial-backs left to this keeper pass.
+        #: When a dial-back last failed at an address ("ip:port"; see _dial_relay), when a
+        #: relay last refused us after a dial-back, and the dial-backs left to this pass.
         self._dial_back_failed: dict[str, float] = {}
+        self._dial_back_refused: dict[str, float] = {}
         self._dial_backs_left = RELAY_DIAL_BACKS_PER_PASS
         self._dialback_slots = trio.Semaphore(DIALBACK_CONCURRENT)
         #: helper IP (or peer, on loopback) -> (when, "reached"|"failed", its answer).
@@ -1355,6 +1386,9 @@ class NatTraversal:
         self._dial_backs_left = RELAY_DIAL_BACKS_PER_PASS
         connected = set(self._network.connected_peers())
         connections = self._host.get_network().connections
+        # Relays looked at here are not tried again below in the same pass (a refresh that
+        # failed would otherwise dial the relay back a second time).
+        tried: set[str] = set(self.reservations)
         for relay, res in list(self.reservations.items()):
             if relay not in connected or now >= res.expires_at:
                 log.info("relay %s went away: its reservation is dropped", relay)
@@ -1377,7 +1411,6 @@ class NatTraversal:
         # The bootstrap peers before any lookup: a node behind NAT reserved on its bootstrap
         # peer only after a DHT lookup of relays (up to 5 s) on every pass, 10 s after it had
         # connected (the NAT lab); relays found in the DHT only when still short.
-        tried: set[str] = set()
         phases = [self._bootstrap_candidates]
         if look_up:
             phases.append(self._relay_candidates)
@@ -1429,9 +1462,7 @@ class NatTraversal:
         for addr in _direct_addrs(self._host, relay_id):
             target = _tcp_target(str(addr))
             ip = None if target is None else ip_address_of(target[0])
-            if target is None or ip is None or ip.is_unspecified or ip.is_multicast:
-                continue
-            if ip.is_link_local or (ip.is_loopback and not self.settings.loopback):
+            if target is None or ip is None or not _dialable_ip(ip, self.settings.loopback):
                 continue
             key = (str(ip), target[1])
             rank = 0 if target in before else 1 if seen_at and _same_ip(seen_at, key[0]) else 2
@@ -1455,19 +1486,24 @@ class NatTraversal:
             protocols = []
         if str(HOP_PROTOCOL_ID) not in {str(p) for p in protocols or ()}:
             return None
-        if self._dial_backs_left <= 0:
+        if _recent(self._dial_back_refused, str(relay_id), RELAY_DIAL_RETRY_S):
             return None
-        self._dial_backs_left -= 1
         swarm = self._host.get_network()
         # One attempt per address: dial_addr retries each up to 3 times more.
         dial_once = getattr(swarm, "_dial_addr_single_attempt", None) or swarm.dial_addr
         tried = 0
         for addr, where in self._dial_back_targets(relay_id, seen_at, previous):
-            failed_at = self._dial_back_failed.get(where)
-            if failed_at is not None and trio.current_time() - failed_at < RELAY_DIAL_RETRY_S:
+            if _recent(self._dial_back_failed, where, RELAY_DIAL_RETRY_S):
                 continue
             if tried >= RELAY_DIAL_ADDRS:
                 break
+            if tried == 0:
+                # The pass's budget is spent by dialling, not by asking: a peer whose
+                # addresses are all filtered or remembered must not use up the turn of the
+                # relays after it (a review).
+                if self._dial_backs_left <= 0:
+                    return None
+                self._dial_backs_left -= 1
             tried += 1
             try:
                 # Each its share of the time: an address that swallows packets must not
@@ -1480,10 +1516,7 @@ class NatTraversal:
             if conn is not None and not conn.is_closed and _dialled(conn):
                 self._dial_back_failed.pop(where, None)
                 return conn
-            self._dial_back_failed.pop(where, None)  # re-inserted last: the oldest go first
-            self._dial_back_failed[where] = trio.current_time()
-            while len(self._dial_back_failed) > RELAY_DIAL_MEMORY:
-                del self._dial_back_failed[next(iter(self._dial_back_failed))]
+            _remember(self._dial_back_failed, where)
         return None
 
     async def _reserve(self, relay: str) -> bool:
@@ -1517,10 +1550,20 @@ class NatTraversal:
             kept = await self._reserve_over(relay, relay_id, conn, bool(dialled), previous)
         finally:
             if ours is not None and not kept:
+                _remember(self._dial_back_refused, relay)
                 # Dialled for this reservation alone: a peer that only claims to relay must
-                # not turn the connection it dialled into one we hold (a review).
-                with trio.CancelScope(shield=True), trio.move_on_after(1.0):
-                    await ours.close()
+                # not turn the connection it dialled into one we hold (a review). Unless it
+                # is all that is left: py-libp2p keeps one connection per peer here, and may
+                # have closed the relay's to make room for ours (a second review: closing
+                # ours then cut us off from the relay, every pass).
+                others = [
+                    c
+                    for c in conn_list(self._host.get_network().connections.get(relay_id))
+                    if c is not ours and not c.is_closed and not is_relayed(c)
+                ]
+                if others:
+                    with trio.CancelScope(shield=True), trio.move_on_after(1.0):
+                        await ours.close()
         return kept
 
     async def _reserve_over(

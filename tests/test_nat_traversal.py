@@ -332,8 +332,61 @@ async def test_a_refused_dial_back_leaves_no_connection_of_ours() -> None:
         assert private.nat.reservations == {}
         assert len(dials) == 1 and dials[0].startswith(relay.addrs()[0].split("/p2p/")[0]), dials
         for peer in (relay, not_a_relay):
+            assert peer.peer_id in private.connected_peers()  # by its own connection
             conns = private._host.get_network().connections.get(ID.from_base58(peer.peer_id))
             assert all(c.direction.name == "INBOUND" for c in conns or [] if not c.is_closed)
+        # A refusal after a dial-back is remembered: the next passes do not dial it again.
+        await private.nat._keep_reservations()
+        await private.nat._keep_reservations()
+        assert len(dials) == 1, dials
+
+
+async def test_a_refused_dial_back_that_replaced_the_relays_connection_is_kept() -> None:
+    """(A second review's finding.) The host keeps one connection per peer: our dial-back
+    made py-libp2p close the relay's own connection once that was past its 20 s grace
+    period, and closing ours after a refusal then cut us off from the relay, on every pass.
+    Ours is closed only while another connection remains."""
+    refusing = RelayLimitsConfig(max_reservations=0)
+    async with (
+        host(relay_service="on", relay_limits=refusing) as relay,
+        host() as private,
+    ):
+        drive_keeper(private, [relay.peer_id])
+        relays_in_the_dht(private)
+        await relay.connect(private.addrs()[0])
+        await wait_until(lambda: bool(_listen_addrs_known(private, relay.peer_id)))
+        relay_id = ID.from_base58(relay.peer_id)
+        for node, peer in ((private, relay_id), (relay, ID.from_base58(private.peer_id))):
+            for conn in node._host.get_network().connections.get(peer) or []:
+                conn._created_at -= 60.0  # past py-libp2p's grace period
+        await private.nat._keep_reservations()
+        assert private.nat.reservations == {}
+        await wait_until(lambda: relay.peer_id in private.connected_peers())
+        assert private.peer_id in relay.connected_peers()
+
+
+async def test_relays_with_nothing_to_dial_do_not_spend_the_passs_dial_backs() -> None:
+    """(A second review's finding.) Each peer listed as a relay took one of the pass's two
+    dial-backs before anything was known to be dialled: two peers whose only claimed address
+    is 0.0.0.0, listed first, kept a real relay from being reserved on, every pass."""
+    async with (
+        host(relay_service="on") as decoy1,
+        host(relay_service="on") as decoy2,
+        host(relay_service="on") as relay,
+        host() as private,
+    ):
+        drive_keeper(private, [decoy1.peer_id, decoy2.peer_id, relay.peer_id])
+        relays_in_the_dht(private)
+        for peer in (decoy1, decoy2, relay):
+            await peer.connect(private.addrs()[0])
+            await wait_until(lambda peer=peer: bool(_listen_addrs_known(private, peer.peer_id)))
+        peerstore = private._host.get_peerstore()
+        for decoy in (decoy1, decoy2):
+            decoy_id = ID.from_base58(decoy.peer_id)
+            peerstore.clear_addrs(decoy_id)
+            peerstore.add_addrs(decoy_id, [multiaddr.Multiaddr("/ip4/0.0.0.0/tcp/4001")], 600)
+        await private.nat._keep_reservations()
+        assert relay.peer_id in private.nat.reservations
 
 
 async def test_a_relay_not_identified_yet_is_dialled_back_once_it_is() -> None:

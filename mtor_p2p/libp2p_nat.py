@@ -125,8 +125,9 @@ RELAY_DIAL_S = 5.0
 RELAY_DIAL_BACKS_PER_PASS = 2
 #: An address a dial-back failed at is not dialled again for this long (the addresses are the
 #: relay's own claims: a hostile peer could otherwise have every keeper pass dial third
-#: parties), nor a relay that refused a reservation after being dialled back; at most this
-#: many of each are remembered.
+#: parties), nor a relay that refused a reservation after being dialled back or none of whose
+#: addresses tried answered (a peer that names new ones each pass would otherwise have 3
+#: dialled every pass); at most this many of each are remembered.
 RELAY_DIAL_RETRY_S = 120.0
 RELAY_DIAL_MEMORY = 256
 #: A reservation made again over a connection the relay dialled, with the circuit address of
@@ -848,7 +849,8 @@ class NatTraversal:
         #: When the keeper last looked up relays in the DHT.
         self._looked_up_at: float | None = None
         #: When a dial-back last failed at an address ("ip:port"; see _dial_relay), when a
-        #: relay last refused us after a dial-back, and the dial-backs left to this pass.
+        #: relay was last given up on (refused us after a dial-back, or answered at none of
+        #: the addresses tried), and the dial-backs left to this pass.
         self._dial_back_failed: dict[str, float] = {}
         self._dial_back_refused: dict[str, float] = {}
         self._dial_backs_left = RELAY_DIAL_BACKS_PER_PASS
@@ -1517,6 +1519,8 @@ class NatTraversal:
                 self._dial_back_failed.pop(where, None)
                 return conn
             _remember(self._dial_back_failed, where)
+        if tried:
+            _remember(self._dial_back_refused, str(relay_id))
         return None
 
     async def _reserve(self, relay: str) -> bool:

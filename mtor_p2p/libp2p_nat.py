@@ -1451,9 +1451,10 @@ class NatTraversal:
     ) -> list[tuple[multiaddr.Multiaddr, str]]:
         """The relay's known direct TCP addresses worth dialling back, as ``(address,
         "ip:port")``, best first: where we reached it before, then those at the IP its
-        connection came from, then the rest. Never an unspecified, multicast or link-local
-        address, nor loopback unless loopback stands for a network (``settings.loopback``):
-        a wildcard listener advertises 0.0.0.0, which would have us dial ourselves."""
+        connection came from, then the rest. Never an address :func:`_dialable_ip` refuses
+        (unspecified, multicast, link-local, reserved; loopback unless it stands for a
+        network, ``settings.loopback``): a wildcard listener advertises 0.0.0.0, which would
+        have us dial ourselves."""
         before = set()
         if previous is not None:
             for circuit in previous.circuit_addrs:
@@ -1480,8 +1481,9 @@ class NatTraversal:
         (:meth:`_dial_back_targets`), or None. Only for reserving: the address is trusted
         because the peer that answered there proved it holds the relay's key. Only a peer
         whose identify lists the relay protocol is dialled (none before identify has run: a
-        later pass tries again), each address once, and one that failed not again for
-        RELAY_DIAL_RETRY_S."""
+        later pass tries again), each address once, within the pass's budget; an address that
+        failed, and a relay given up on (refused us after a dial-back, or answered at none of
+        the addresses tried), not again for RELAY_DIAL_RETRY_S."""
         try:
             protocols = self._host.get_peerstore().get_protocols(relay_id)
         except Exception:

@@ -2084,6 +2084,8 @@ class Scheduler:
         self.uploads: dict[tuple[str, str], trio.Event] = {}  # (worker, operand) being sent
         #: Sealed copies of large operands for workers on this machine (see local_share).
         self.local_shares = LocalShares(self.runtime.run_blocking, identity.peer_id)
+        #: Hashes of operands made on threads beside the event loop (see describe).
+        self._hash_limiter = trio.CapacityLimiter(blas.usable_cores())
         #: (worker, operand hash) this requester has uploaded, most recent last (at most
         #: SENT_OPERANDS_KEPT): only these are asked about before a run; the rest are sent
         #: at once (see _JobRun._compute).
@@ -2636,8 +2638,18 @@ class Scheduler:
     async def describe(self, arrays: dict[str, np.ndarray]) -> dict[str, ArrayMeta]:
         """Hash ``arrays`` (their wire descriptions): off the event loop when they are large."""
 
-        small = sum(a.nbytes for a in arrays.values()) < HASH_OFF_LOOP_BYTES
-        return await self.runtime.run_blocking(_describe_arrays, arrays, cheap=small)
+        if sum(a.nbytes for a in arrays.values()) >= HASH_OFF_LOOP_BYTES:
+            return await self.runtime.run_blocking(_describe_arrays, arrays)
+        if self.jobs_in_flight > 1:
+            # Beside other jobs the event loop is what limits them (it does 13-16 ms of work
+            # per one-shard 512² job on the 2-core EPYC 7003), and a hash is one call that
+            # gives up the GIL: on a thread it runs beside the loop's work for other jobs.
+            # Both-shipped, 12 alternating pairs: faster in 9, median 53.9 -> 55.5 jobs/s
+            # (BENCHMARKS.md). At most one hash per core at once.
+            return await self.runtime.run_blocking(
+                _describe_arrays, arrays, limiter=self._hash_limiter
+            )
+        return await self.runtime.run_blocking(_describe_arrays, arrays, cheap=True)
 
     async def _until_done(self, job: _JobRun) -> None:
         """Return once the job is done, or early when no worker is left to run what remains.

@@ -223,9 +223,7 @@ async def test_a_relay_that_only_dialled_us_is_dialled_back_and_reserved_on() ->
     ):
         drive_keeper(private, [relay.peer_id])
         relays_in_the_dht(private)
-        await relay.connect(private.addrs()[0])  # the relay dials us; we never dialled it
-        await wait_until(lambda: relay.peer_id in private.connected_peers())
-        await wait_until(lambda: bool(_listen_addrs_known(private, relay.peer_id)))
+        await _dialled_by(private, relay)  # the relay dials us; we never dialled it
         await private.nat._keep_reservations()
         circuit = private.nat.reservations[relay.peer_id].circuit_addrs
         assert circuit and circuit[0].startswith(relay.addrs()[0].split("/p2p/")[0] + "/p2p/")
@@ -247,9 +245,7 @@ async def test_no_reservation_is_kept_that_no_address_leads_to() -> None:
     ):
         drive_keeper(private, [relay.peer_id])
         relays_in_the_dht(private)
-        await relay.connect(private.addrs()[0])  # the relay dials us; we never dialled it
-        await wait_until(lambda: relay.peer_id in private.connected_peers())
-        await wait_until(lambda: bool(_listen_addrs_known(private, relay.peer_id)))
+        await _dialled_by(private, relay)  # the relay dials us; we never dialled it
         private._host.get_peerstore().clear_addrs(ID.from_base58(relay.peer_id))
         await private.nat._keep_reservations()
         assert relay.peer_id not in private.nat.reservations
@@ -266,16 +262,12 @@ async def test_a_relay_whose_addresses_lead_nowhere_is_not_dialled_back_every_pa
     ):
         drive_keeper(private, [relay.peer_id])
         relays_in_the_dht(private)
-        await relay.connect(private.addrs()[0])
-        await wait_until(lambda: relay.peer_id in private.connected_peers())
-        await wait_until(lambda: bool(_listen_addrs_known(private, relay.peer_id)))
+        await _dialled_by(private, relay)
         relay_id = ID.from_base58(relay.peer_id)
         peerstore = private._host.get_peerstore()
         peerstore.clear_addrs(relay_id)
-        with socket.socket() as closed:  # a port nothing listens on
-            closed.bind(("127.0.0.1", 0))
-            port = closed.getsockname()[1]
-        peerstore.add_addrs(relay_id, [multiaddr.Multiaddr(f"/ip4/127.0.0.1/tcp/{port}")], 600)
+        closed = f"/ip4/127.0.0.1/tcp/{_closed_port()}"  # a port nothing listens on
+        peerstore.add_addrs(relay_id, [multiaddr.Multiaddr(closed)], 600)
         dials = _count_dials(private)
         for _ in range(3):
             await private.nat._keep_reservations()
@@ -299,9 +291,7 @@ async def test_the_relays_address_is_dialled_back_before_its_other_claims() -> N
     ):
         drive_keeper(private, [relay.peer_id])
         relays_in_the_dht(private)
-        await relay.connect(private.addrs()[0])
-        await wait_until(lambda: relay.peer_id in private.connected_peers())
-        await wait_until(lambda: bool(_listen_addrs_known(private, relay.peer_id)))
+        await _dialled_by(private, relay)
         relay_id = ID.from_base58(relay.peer_id)
         real = relay.addrs()[0].split("/p2p/")[0]
         peerstore = private._host.get_peerstore()
@@ -328,9 +318,7 @@ async def test_a_refused_dial_back_leaves_no_connection_of_ours() -> None:
     ):
         drive_keeper(private, [relay.peer_id, not_a_relay.peer_id])
         relays_in_the_dht(private)
-        for peer in (relay, not_a_relay):
-            await peer.connect(private.addrs()[0])
-            await wait_until(lambda peer=peer: bool(_listen_addrs_known(private, peer.peer_id)))
+        await _dialled_by(private, relay, not_a_relay)
         dials = _count_dials(private)
         await private.nat._keep_reservations()
         assert private.nat.reservations == {}
@@ -346,7 +334,7 @@ async def test_a_refused_dial_back_leaves_no_connection_of_ours() -> None:
 
 
 async def test_a_refused_dial_back_that_replaced_the_relays_connection_is_kept() -> None:
-    """(A second review's finding.) The host keeps one connection per peer: our dial-back
+    """(A fifth review's finding.) The host keeps one connection per peer: our dial-back
     made py-libp2p close the relay's own connection once that was past its 20 s grace
     period, and closing ours after a refusal then cut us off from the relay, on every pass.
     Ours is closed only while another connection remains."""
@@ -357,8 +345,7 @@ async def test_a_refused_dial_back_that_replaced_the_relays_connection_is_kept()
     ):
         drive_keeper(private, [relay.peer_id])
         relays_in_the_dht(private)
-        await relay.connect(private.addrs()[0])
-        await wait_until(lambda: bool(_listen_addrs_known(private, relay.peer_id)))
+        await _dialled_by(private, relay)
         relay_id = ID.from_base58(relay.peer_id)
         for node, peer in ((private, relay_id), (relay, ID.from_base58(private.peer_id))):
             for conn in node._host.get_network().connections.get(peer) or []:
@@ -370,7 +357,7 @@ async def test_a_refused_dial_back_that_replaced_the_relays_connection_is_kept()
 
 
 async def test_relays_with_nothing_to_dial_do_not_spend_the_passs_dial_backs() -> None:
-    """(A second review's finding.) Each peer listed as a relay took one of the pass's two
+    """(A fifth review's finding.) Each peer listed as a relay took one of the pass's two
     dial-backs before anything was known to be dialled: two peers whose only claimed address
     is 0.0.0.0, listed first, kept a real relay from being reserved on, every pass."""
     async with (
@@ -381,9 +368,7 @@ async def test_relays_with_nothing_to_dial_do_not_spend_the_passs_dial_backs() -
     ):
         drive_keeper(private, [decoy1.peer_id, decoy2.peer_id, relay.peer_id])
         relays_in_the_dht(private)
-        for peer in (decoy1, decoy2, relay):
-            await peer.connect(private.addrs()[0])
-            await wait_until(lambda peer=peer: bool(_listen_addrs_known(private, peer.peer_id)))
+        await _dialled_by(private, decoy1, decoy2, relay)
         peerstore = private._host.get_peerstore()
         for decoy in (decoy1, decoy2):
             decoy_id = ID.from_base58(decoy.peer_id)
@@ -404,8 +389,7 @@ async def test_a_relay_not_identified_yet_is_dialled_back_once_it_is() -> None:
     ):
         drive_keeper(private, [relay.peer_id])
         relays_in_the_dht(private)
-        await relay.connect(private.addrs()[0])
-        await wait_until(lambda: bool(_listen_addrs_known(private, relay.peer_id)))
+        await _dialled_by(private, relay)
         relay_id = ID.from_base58(relay.peer_id)
         peerstore = private._host.get_peerstore()
         protocols = peerstore.get_protocols(relay_id)
@@ -440,6 +424,15 @@ def _count_dials(node: Any) -> list[str]:
 
     swarm._dial_addr_single_attempt = counted
     return dials
+
+
+async def _dialled_by(node: Any, *peers: Any) -> None:
+    """Have each of ``peers`` dial ``node`` (which never dials them), and wait until ``node``
+    is connected to it and identify has named its addresses."""
+    for peer in peers:
+        await peer.connect(node.addrs()[0])
+        await wait_until(lambda peer=peer: peer.peer_id in node.connected_peers())
+        await wait_until(lambda peer=peer: bool(_listen_addrs_known(node, peer.peer_id)))
 
 
 def _listen_addrs_known(node: Any, peer: str) -> list[Any]:

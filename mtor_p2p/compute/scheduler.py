@@ -2644,8 +2644,9 @@ class Scheduler:
             # Beside other jobs the event loop is what limits them (it does 13-16 ms of work
             # per one-shard 512² job on the 2-core EPYC 7003), and a hash is one call that
             # gives up the GIL: on a thread it runs beside the loop's work for other jobs.
-            # Both-shipped, 12 alternating pairs: faster in 9, median 53.9 -> 55.5 jobs/s
-            # (BENCHMARKS.md). At most one hash per core at once.
+            # At most one hash per core at once. Both-shipped, alternating pairs: faster in 13
+            # of 18, medians 53.9 -> 55.5 jobs/s unbounded, 50.4 -> 55.3 bounded so
+            # (BENCHMARKS.md).
             return await self.runtime.run_blocking(
                 _describe_arrays, arrays, limiter=self._hash_limiter
             )

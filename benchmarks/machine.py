@@ -8,18 +8,44 @@ from pathlib import Path
 from typing import Any
 
 
+def _cpuinfo_fields(text: str) -> dict[str, str]:
+    """The first processor's fields of ``/proc/cpuinfo``."""
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        if not line.strip():
+            break  # the end of the first processor's block
+        key, sep, value = line.partition(":")
+        if sep:
+            fields.setdefault(key.strip(), value.strip())
+    return fields
+
+
+def _seconds_since_boot() -> float | None:
+    try:
+        return round(float(Path("/proc/uptime").read_text().split()[0]), 1)
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def machine() -> dict[str, Any]:
-    """CPU model, core count, Python version and the load when the run started."""
-    cpu = "unknown"
+    """CPU model, core count, Python version and the load when the run started.
+
+    The project's VMs all report "AMD EPYC" as their model name while being different CPUs
+    (a Zen 3 without AVX-512, a Zen 4 with it), so the family, model and AVX-512 flag are
+    recorded too. The time since boot is there because a freshly booted VM runs large-memory
+    rows slower: its host backs guest memory on first touch (BENCHMARKS.md, the
+    hundred-and-third sitting)."""
+    info: dict[str, str] = {}
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+        info = _cpuinfo_fields(cpuinfo.read_text())
     return {
-        "cpu": cpu,
+        "cpu": info.get("model name", "unknown"),
+        "cpu_family": info.get("cpu family"),
+        "cpu_model": info.get("model"),
+        "avx512": "avx512f" in info.get("flags", "").split(),
         "cores": os.cpu_count(),
         "python": platform.python_version(),
         "loadavg_at_start": os.getloadavg(),
+        "seconds_since_boot": _seconds_since_boot(),
     }

@@ -245,3 +245,19 @@ def test_row_6_gives_each_worker_two_shards_of_at_least_1024_rows() -> None:
             count = shards(rows, workers)
             assert workers <= count <= 2 * workers
             assert count == workers or rows // count >= bench_compute.PRODUCT_SHARD_MIN_ROWS
+
+
+def test_the_machine_record_tells_the_projects_same_named_cpus_apart() -> None:
+    from benchmarks import machine
+
+    text = (
+        "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\n"
+        "model name\t: AMD EPYC\nflags\t\t: fpu avx2 avx512f avx512bw\n\n"
+        "processor\t: 1\ncpu family\t: 99\nmodel\t\t: 1\nmodel name\t: Other\n"
+    )
+    fields = machine._cpuinfo_fields(text)
+    assert (fields["model name"], fields["cpu family"], fields["model"]) == ("AMD EPYC", "25", "17")
+    assert "avx512f" in fields["flags"].split()
+    record = machine.machine()
+    for key in ("cpu", "cpu_family", "cpu_model", "avx512", "cores", "seconds_since_boot"):
+        assert key in record

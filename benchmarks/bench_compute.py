@@ -66,6 +66,7 @@ import numpy as np
 import trio
 
 from benchmarks import baselines, procstats
+from benchmarks.machine import describe as describe_machine
 from benchmarks.machine import machine
 from benchmarks.paths import user_path
 
@@ -1551,6 +1552,8 @@ def main(argv: list[str]) -> int:
     runner = Runner(settings, args.out)
     log(f"compute benchmark: rows {args.rows}, {args.rounds} rounds"
         f"{' (quick)' if args.quick else ''}; writing {args.out}")  # fmt: skip
+    # A VM booted minutes ago runs the large-memory rows slower (BENCHMARKS.md, 103rd sitting).
+    log(f"machine: {describe_machine(runner.report['machine'])}")
     try:
         for row in args.rows:
             started = time.perf_counter()

@@ -49,3 +49,16 @@ def machine() -> dict[str, Any]:
         "loadavg_at_start": os.getloadavg(),
         "seconds_since_boot": _seconds_since_boot(),
     }
+
+
+def describe(record: dict[str, Any]) -> str:
+    """One line for a benchmark's log: which CPU, how many cores, how long since boot."""
+    cpu = str(record.get("cpu", "unknown"))
+    if record.get("cpu_family") is not None:
+        cpu += f" (family {record['cpu_family']} model {record.get('cpu_model')}"
+        cpu += ", AVX-512)" if record.get("avx512") else ", no AVX-512)"
+    line = f"{cpu}, {record.get('cores')} cores"
+    booted = record.get("seconds_since_boot")
+    if booted is not None:
+        line += f", booted {booted / 60:.0f} min ago"
+    return line

@@ -261,3 +261,8 @@ def test_the_machine_record_tells_the_projects_same_named_cpus_apart() -> None:
     record = machine.machine()
     for key in ("cpu", "cpu_family", "cpu_model", "avx512", "cores", "seconds_since_boot"):
         assert key in record
+    line = machine.describe(
+        {"cpu": "AMD EPYC", "cpu_family": "25", "cpu_model": "17", "avx512": True, "cores": 2,
+         "seconds_since_boot": 600.0}
+    )  # fmt: skip
+    assert line == "AMD EPYC (family 25 model 17, AVX-512), 2 cores, booted 10 min ago"

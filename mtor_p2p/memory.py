@@ -177,6 +177,8 @@ class RecycledArrays:
         self.max_free = max_free
         self._free: list[mmap.mmap] = []  # oldest first
         self._lock = threading.Lock()
+        #: Every region made, alive (see owns).
+        self._regions: weakref.WeakSet[mmap.mmap] = weakref.WeakSet()
         #: Arrays made on a recycled region, and on a fresh one (for tests and benchmarks).
         self.reused = self.fresh = 0
 
@@ -191,6 +193,7 @@ class RecycledArrays:
         region = self._take(nbytes)
         if region is None:
             region = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            self._regions.add(region)
             self.fresh += 1
         else:
             self.reused += 1
@@ -200,6 +203,21 @@ class RecycledArrays:
         assert isinstance(flat.base, memoryview), type(flat.base)
         weakref.finalize(flat.base, self._give_back, region).atexit = False
         return flat.reshape(shape)
+
+    def owns(self, array: np.ndarray) -> bool:
+        """Whether ``array``'s memory is a region this made: a private mapping of this
+        process's own, over whose whole pages another private mapping may be placed (a
+        worker's sealed output, ``local_share.take_shared_output``). A region so changed is
+        unmapped when given back, never reused: the kernel refuses ``MADV_FREE`` on file
+        pages, and a region it refuses that advice for is not kept."""
+        base: Any = array
+        while isinstance(base, np.ndarray):
+            base = base.base
+        return (
+            isinstance(base, memoryview)
+            and isinstance(base.obj, mmap.mmap)
+            and base.obj in self._regions
+        )
 
     def _take(self, nbytes: int) -> mmap.mmap | None:
         with self._lock:

@@ -24,7 +24,7 @@ import pytest
 import trio
 import trio.testing
 
-from mtor_p2p.compute import local_share
+from mtor_p2p.compute import client, local_share
 from mtor_p2p.compute.local_share import (
     MIN_LOCAL_BYTES,
     NOT_LOCAL,
@@ -35,14 +35,18 @@ from mtor_p2p.compute.local_share import (
     memfd_name,
     sealed_copy,
 )
-from mtor_p2p.compute.protocol import PROTOCOL_UPLOAD_LOCAL
+from mtor_p2p.compute.protocol import (
+    PROTOCOL_DOWNLOAD,
+    PROTOCOL_DOWNLOAD_LOCAL,
+    PROTOCOL_UPLOAD_LOCAL,
+)
 from mtor_p2p.dashboard.snapshot import node_summary as dashboard_node
-from mtor_p2p.network import RemoteError
-from mtor_p2p.records.arrays import meta_of, pack, unpack
+from mtor_p2p.network import PeerMisbehaved, RemoteError
+from mtor_p2p.records.arrays import ArrayMeta, meta_of, pack, pack_gathered, unpack
 from mtor_p2p.runtime import Runtime
 from tests.conftest import open_networks
 from tests.test_compute import devnet
-from tests.test_worker_attacks import Bench, bench, ident
+from tests.test_worker_attacks import Bench, bench, ident, job_of
 
 pytestmark = pytest.mark.skipif(not local_share.usable(), reason="needs Linux memfds")
 
@@ -401,7 +405,12 @@ async def test_a_job_between_hosts_on_one_machine_shares_its_large_operand(
         assert worker.worker.stats.bytes_shared == b.nbytes
         # The job says so too (what `submit` prints): B only, A is under the threshold.
         assert (result.shared_operands, result.shared_bytes) == (1, b.nbytes)
-        assert result.summary()["shared_memory"] == {"operands": 1, "bytes": b.nbytes}
+        assert result.summary()["shared_memory"] == {
+            "operands": 1,
+            "bytes": b.nbytes,
+            "outputs": 0,  # its output came in the run's answer
+            "output_bytes": 0,
+        }
         # And the worker's dashboard.
         shown = dashboard_node(worker, worker.clock.now())
         assert (shown["operands_shared"], shown["bytes_shared"]) == (1, b.nbytes)
@@ -425,7 +434,7 @@ async def test_a_worker_that_takes_no_shared_memory_gets_chunks(tmp_path: Path) 
         np.testing.assert_allclose(result.output, a @ b, rtol=1e-4, atol=1e-3)
         assert worker.worker.stats.local_uploads == 0
         assert worker.worker.stats.bytes_received >= b.nbytes
-        assert result.summary()["shared_memory"] == {"operands": 0, "bytes": 0}
+        assert result.summary()["shared_memory"]["operands"] == 0
         assert worker.peer_id in requester.scheduler.local_shares.refused
         # Never asked again: the next large operand goes in chunks at once.
         before = worker.worker.stats.uploads_refused
@@ -478,3 +487,208 @@ async def test_the_workers_remembered_as_refusing_are_bounded() -> None:
     assert len(shares.refused) == local_share.MAX_REFUSED
     assert f"worker {local_share.MAX_REFUSED + 9}" in shares.refused
     assert "worker 0" not in shares.refused  # the oldest went first
+
+
+# -- outputs taken from a worker's sealed copy --------------------------------------------
+
+
+def fd_names(fd: int) -> str | None:
+    """What this process's descriptor ``fd`` is (None: closed)."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return None
+
+
+def memfd_mappings(start: int, nbytes: int) -> list[tuple[str, int]]:
+    """The permissions and sizes of this process's mappings of MTOR's memfds that begin in
+    ``[start, start + nbytes)``."""
+    found = []
+    with open("/proc/self/maps", encoding="ascii") as maps:
+        for line in maps:
+            span, perms = line.split()[:2]
+            low, high = (int(x, 16) for x in span.split("-"))
+            if start <= low < start + nbytes and "/memfd:mtor-" in line:
+                found.append((perms, high - low))
+    return found
+
+
+async def output_request(b: Bench, label: str, digest: str, **changes: Any) -> dict[str, Any]:
+    requester = b.requesters.get(label) or await b.requester(label)
+    header = {"hash": digest, "host": host_token(requester.peer_id, b.worker_id), **changes}
+    reply = await requester.network.request(
+        b.worker_id, PROTOCOL_DOWNLOAD_LOCAL, pack(header), timeout=10
+    )
+    return unpack(reply)[0]
+
+
+async def test_a_worker_shares_an_output_once_and_only_with_the_requester_whose_run_made_it(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # An 8 MiB output: too large for the run's answer, large enough to share.
+    operands = {
+        "a": RNG.standard_normal((2048, 256)).astype("float32"),
+        "b": RNG.standard_normal((256, 1024)).astype("float32"),
+    }
+    async with bench() as b:
+        owner = await b.requester("owner")
+        await client.ensure_operands(owner.network, b.worker_id, operands, timeout=10)
+        answer = await client.run_shard(
+            owner.network,
+            b.worker_id,
+            job_id=job_of(owner),
+            shard=0,
+            kernel="matmul",
+            operands=operands,
+            timeout=10,
+            transfer_timeout=10,
+        )
+        digest = answer.receipt.body.output
+        stored = b.worker.operands.get(digest)
+        assert stored is not None and stored.nbytes >= MIN_LOCAL_BYTES
+        meta = meta_of(stored)
+        held_bytes = b.worker.operands.nbytes
+        del stored
+        with pytest.raises(RemoteError, match="no such output"):
+            await output_request(b, "thief", digest)  # not its run
+        with pytest.raises(RemoteError, match="no such output"):
+            await output_request(b, "owner", "cd" * 32)
+        with pytest.raises(RemoteError, match=f"^{NOT_LOCAL}"):
+            await output_request(b, "owner", digest, host=host_token("x", b.worker_id))
+        with pytest.raises(RemoteError, match="field 'host'"):
+            await output_request(b, "owner", digest, host=7)
+        first = await output_request(b, "owner", digest)
+        assert first["pid"] == os.getpid()
+        # The store holds the sealed copy in the output's place: no second copy is kept.
+        assert b.worker.operands.nbytes == held_bytes
+        assert b.worker.reserved_upload_bytes == 0
+        assert await output_request(b, "owner", digest) == first  # made once
+        assert b.worker.stats.local_downloads == 2
+        assert fd_names(first["fd"]) == f"/memfd:{memfd_name(digest, b.worker_id)} (deleted)"
+        data, got = local_share.take_shared_output(
+            first["pid"], first["fd"], meta, b.worker_id, None, False
+        )
+        assert got == digest
+        np.testing.assert_array_equal(np.frombuffer(data, "float32"), answer.output.ravel())
+        # A chunked download still serves it (a requester elsewhere, or one that cannot map).
+        again = await client.download(owner.network, b.worker_id, meta, timeout=10)
+        np.testing.assert_array_equal(again, answer.output)
+        # The copy lives as long as the store holds the output.
+        b.worker.operands.discard(digest)
+        assert fd_names(first["fd"]) is None
+        b.worker.local_uploads = False  # the operator turned shared memory off
+        with pytest.raises(RemoteError, match=f"^{NOT_LOCAL}"):
+            await output_request(b, "owner", digest)
+
+
+@asynccontextmanager
+async def fake_worker(
+    answer: Callable[[ArrayMeta], dict[str, Any]], output: np.ndarray
+) -> AsyncIterator[tuple[Any, Any, LocalShares]]:
+    """A requester's network and a worker that answers shared downloads with ``answer(meta)``
+    and serves ``output`` honestly in chunks; the requester takes memnet's peers as being on
+    its machine."""
+    from mtor_p2p.memnet import MemWorld
+
+    world = MemWorld(seed=3)
+    worker = world.add_peer(ident("fake worker"))
+    requester = world.add_peer(ident("requester"))
+    meta = meta_of(output)
+
+    async def on_local(sender: str, request: bytes) -> bytes:
+        return pack(answer(meta))
+
+    async def on_download(sender: str, request: bytes) -> Any:
+        header, _ = unpack(request)
+        start, length = header["offset"], header["length"]
+        chunk = view_of(output)[start : start + length]
+        return pack_gathered({"total": output.nbytes}, [bytes(chunk)])
+
+    worker.handle(PROTOCOL_DOWNLOAD_LOCAL, on_local, max_request_bytes=4096)
+    worker.handle(PROTOCOL_DOWNLOAD, on_download, max_request_bytes=4096)
+    await requester.connect(worker.addrs()[0])
+    requester.same_host = lambda peer: True  # type: ignore[method-assign]
+    run_blocking, _ = await counting_runner()
+    yield requester, worker, LocalShares(run_blocking, requester.peer_id)
+
+
+async def test_a_shared_output_is_checked_like_a_download_and_one_not_there_is_downloaded(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    output = RNG.standard_normal((2048, 1024)).astype("float32")
+    meta = meta_of(output)
+    other = output.copy()
+    other[7, 7] += 1
+    worker_id = ident("fake worker").peer_id
+    # Named as the worker's copy of that output, holding other bytes: its fault.
+    liar = local_share.sealed_copy(view_of(other), meta.digest, worker_id)
+    honest = local_share.sealed_copy(view_of(output), meta.digest, worker_id)
+    try:
+        for answer, outcome in [
+            (lambda m: {"pid": os.getpid(), "fd": liar}, "hash mismatch"),
+            (lambda m: {"pid": "me", "fd": liar}, "field 'pid'"),
+            # Not its copy (a descriptor of this process that is no memfd of it): downloaded.
+            (lambda m: {"pid": os.getpid(), "fd": 0}, "downloaded"),
+            (lambda m: {"pid": os.getpid(), "fd": honest}, "shared"),
+        ]:
+            async with fake_worker(answer, output) as (requester, worker, local):
+                run_blocking = local._run_blocking
+                target = np.empty_like(output)
+                if outcome in ("downloaded", "shared"):
+                    got = await client.download(
+                        requester,
+                        worker.peer_id,
+                        meta,
+                        timeout=10,
+                        out=target,
+                        run_blocking=run_blocking,
+                        local=local,
+                        holder="job",
+                    )
+                    np.testing.assert_array_equal(got, output)
+                    assert np.shares_memory(got, target)
+                    taken = local.taken("job")
+                    assert taken == ((1, meta.nbytes) if outcome == "shared" else (0, 0))
+                    assert local.output_wanted(worker.peer_id, meta) == (outcome == "shared")
+                else:
+                    with pytest.raises(PeerMisbehaved, match=outcome):
+                        await client.download(
+                            requester,
+                            worker.peer_id,
+                            meta,
+                            timeout=10,
+                            out=target,
+                            run_blocking=run_blocking,
+                            local=local,
+                        )
+    finally:
+        os.close(liar)
+        os.close(honest)
+
+
+async def test_a_job_between_hosts_on_one_machine_maps_large_outputs_into_its_rows(
+    tmp_path: Path,
+) -> None:
+    # Two shards of 16 MiB output each, into a 32 MiB job output (memory of the job's own:
+    # mtor_p2p.memory.RECYCLED), so that each worker's sealed copy is mapped over its rows.
+    a = RNG.standard_normal((8192, 256)).astype("float32")
+    b = RNG.standard_normal((256, 1024)).astype("float32")
+    async with devnet(tmp_path, count=2) as nodes:
+        requester, worker = requester_and_worker(nodes)
+        result = await requester.submit("matmul", {"a": a, "b": b}, shards=2, max_workers=1)
+        np.testing.assert_allclose(result.output, a @ b, rtol=1e-4, atol=1e-3)
+        output_bytes = result.output.nbytes
+        assert result.summary()["shared_memory"]["outputs"] == 2
+        assert result.summary()["shared_memory"]["output_bytes"] == output_bytes
+        assert worker.worker.stats.local_downloads == 2
+        # The rows are private mappings of the worker's copies (no byte copied), and still
+        # the requester's to write (a write copies that page only).
+        mapped = memfd_mappings(result.output.ctypes.data, output_bytes)
+        assert {perms for perms, _ in mapped} == {"rw-p"}
+        assert sum(size for _, size in mapped) == output_bytes
+        expected = a[:4] @ b
+        result.output[:4] = 0
+        np.testing.assert_array_equal(result.output[:4], 0)
+        result.output[:4] = expected
+        # The worker can no longer change them: its copies are sealed, ours private.
+        np.testing.assert_allclose(result.output, a @ b, rtol=1e-4, atol=1e-3)

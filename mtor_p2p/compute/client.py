@@ -34,6 +34,7 @@ from mtor_p2p.compute.protocol import (
     MAX_MESSAGE_BYTES,
     PROTOCOL_COUNTERSIGN,
     PROTOCOL_DOWNLOAD,
+    PROTOCOL_DOWNLOAD_LOCAL,
     PROTOCOL_HAS,
     PROTOCOL_RUN,
     PROTOCOL_UPLOAD,
@@ -45,6 +46,7 @@ from mtor_p2p.records.arrays import (
     HASH_OFF_LOOP_BYTES,
     ArrayMeta,
     array_from_bytes,
+    array_from_hashed_bytes,
     array_view_unhashed,
     as_bytes,
     check_hash,
@@ -422,10 +424,20 @@ async def download(
     timeout: float,
     out: np.ndarray | None = None,
     run_blocking: BlockingRunner | None = None,
+    local: local_share.LocalShares | None = None,
+    in_place: bool = False,
+    holder: str = "",
 ) -> np.ndarray:
     """Fetch an array by hash in chunks, :data:`DOWNLOAD_CHUNKS_IN_FLIGHT` at a time (on a
     lane they share one connection; each lands in place in the result); every chunk must be
     exactly what was asked for, and the whole must match ``meta`` (size and hash).
+
+    With ``local`` (the requester's shared memory) and ``run_blocking``, an output of a
+    worker on this machine is taken from the worker's sealed copy instead, when the worker
+    offers one (:func:`_download_shared`); the hash is checked all the same. ``in_place``:
+    ``out`` is memory the caller owns as a private mapping, which that copy may be mapped
+    over (see :func:`local_share.take_shared_output`). ``holder``: the job it counts for
+    (:meth:`local_share.LocalShares.taken`).
 
     ``out``: a C-contiguous array of ``meta``'s size to fetch into (the caller's place for
     it, such as a job's output rows), returned as a view; else a new buffer is allocated.
@@ -433,11 +445,25 @@ async def download(
     ``run_blocking``: the caller's runtime hook; an array of at least
     :data:`HASH_OFF_LOOP_BYTES` is then hashed through it (a thread in production) rather
     than on the event loop (a 32 MiB output: ~10 ms during which no other transfer moves)."""
+    if out is not None and (not out.flags.c_contiguous or out.nbytes != meta.nbytes):
+        raise ValueError("out must be C-contiguous and of the downloaded array's size")
+    if local is not None and run_blocking is not None:
+        shared = await _download_shared(
+            network,
+            worker,
+            meta,
+            timeout=timeout,
+            out=out,
+            in_place=in_place,
+            local=local,
+            run_blocking=run_blocking,
+            holder=holder,
+        )
+        if shared is not None:
+            return shared
     if out is None:
         target: bytearray | memoryview = bytearray(meta.nbytes)
     else:
-        if not out.flags.c_contiguous or out.nbytes != meta.nbytes:
-            raise ValueError("out must be C-contiguous and of the downloaded array's size")
         target = memoryview(out).cast("B")
     view = memoryview(target)
     failure: list[BaseException] = []
@@ -500,6 +526,69 @@ async def download(
         return array
 
 
+async def _download_shared(
+    network: Network,
+    worker: str,
+    meta: ArrayMeta,
+    *,
+    timeout: float,
+    out: np.ndarray | None,
+    in_place: bool,
+    local: local_share.LocalShares,
+    run_blocking: BlockingRunner,
+    holder: str,
+) -> np.ndarray | None:
+    """``worker``'s output ``meta`` taken from its sealed copy, if both are on this machine
+    and it offers one; None when it cannot be had that way (then download it in chunks).
+
+    Over a socket, a worker's 32 MiB output cost both peers its encryption, copies and the
+    requester's fresh pages; from shared memory it costs the worker one copy into the sealed
+    file and the requester a mapping (``BENCHMARKS.md``, issue 9). Anything the worker says
+    that does not lead to its sealed copy of exactly those bytes is not used: a refusal or a
+    copy that cannot be opened means chunks (this time, or from then on); a copy whose hash
+    differs is the worker's fault, as a downloaded one would be."""
+    same_host = getattr(network, "same_host", None)  # an adapter's PeerLinks, if it has it
+    if not local.output_wanted(worker, meta) or same_host is None or not same_host(worker):
+        return None
+    request = {"hash": meta.digest, "host": local_share.host_token(network.peer_id, worker)}
+    try:
+        reply = await network.request(
+            worker, PROTOCOL_DOWNLOAD_LOCAL, pack(request), timeout=timeout
+        )
+    except RemoteError as exc:
+        # "not local": never again from that worker; anything else ("busy", an output too
+        # small): chunks this time only.
+        if str(exc).startswith(local_share.NOT_LOCAL):
+            local.refuse_outputs(worker, for_good=True)
+        log.debug("worker %s shared no output (%s): downloading it", worker, exc)
+        return None
+    except NetworkError as exc:
+        # A worker from before shared outputs does not serve the protocol: not asked again
+        # for a while (a broken connection fails the chunks that follow, too).
+        local.refuse_outputs(worker, for_good=False)
+        log.debug("worker %s shared no output (%s): downloading it", worker, exc)
+        return None
+    with peer_fault_boundary(worker, "shared download reply"):
+        header, _ = unpack(reply)
+        pid = _field(header, "pid", int)
+        fd = _field(header, "fd", int)
+    # Not cancelled half-way (a thread): no byte lands in ``out`` after this returns.
+    try:
+        target, digest = await run_blocking(
+            local_share.take_shared_output, pid, fd, meta, worker, out, in_place
+        )
+    except local_share.LocalShareError as exc:
+        # A copy that is not there or not sealed: whatever the cause, chunks from now on for
+        # a while (the worker answers them, or is judged on them).
+        local.refuse_outputs(worker, for_good=isinstance(exc, local_share.NotLocal))
+        log.info("worker %s's shared output is unusable (%s): downloading it", worker, exc)
+        return None
+    with peer_fault_boundary(worker, "shared output"):
+        array = array_from_hashed_bytes(meta, target, digest)
+    local.note_taken(holder, meta.nbytes)
+    return array
+
+
 def _checked_array(
     meta: ArrayMeta, data: bytearray | memoryview
 ) -> tuple[np.ndarray | None, Exception | None]:
@@ -559,6 +648,9 @@ async def run_shard(
     defer_verification: bool = False,
     beside: BesideRunner | None = None,
     network_id: str | None = None,
+    local: local_share.LocalShares | None = None,
+    in_place: bool = False,
+    holder: str = "",
 ) -> ShardAnswer:
     """Run one shard on ``worker`` (operands must already be there, or be named in
     ``inline``) and fetch its output.
@@ -586,6 +678,8 @@ async def run_shard(
     own check; :meth:`ShardAnswer.verify` then collects their outcome.
     ``network_id``: this requester's network (its genesis hash's first 16 hex digits), for
     the worker to refuse a requester of another network.
+    ``local``, ``in_place``, ``holder``: an output to download may come from the worker's
+    shared memory (see :func:`download`).
     """
     # What an honest answer looks like is known before asking: the output's shape and dtype
     # follow from the kernel and the operands. A declared output of any other size is refused
@@ -655,7 +749,15 @@ async def run_shard(
     inline_output = output is not None
     if output is None:
         output = await download(
-            network, worker, meta, timeout=transfer_timeout, out=out, run_blocking=run_blocking
+            network,
+            worker,
+            meta,
+            timeout=transfer_timeout,
+            out=out,
+            run_blocking=run_blocking,
+            local=local,
+            in_place=in_place,
+            holder=holder,
         )
     if not defer_verification:
         return ShardAnswer(output, receipt)

@@ -38,19 +38,22 @@ What holds it safe (see ``docs/threat-model.md``; a hostile review's findings sh
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import logging
 import math
 import mmap
 import os
 import stat
+import weakref
 from dataclasses import dataclass, field
+from typing import Any
 
 import blake3
 import numpy as np
 import trio
 
-from mtor_p2p.records.arrays import ArrayMeta
+from mtor_p2p.records.arrays import ArrayMeta, content_hasher
 from mtor_p2p.runtime import BlockingRunner
 
 log = logging.getLogger(__name__)
@@ -142,6 +145,42 @@ def sealed_copy(data: memoryview, digest: str, owner: str) -> int:
     return fd
 
 
+def sealed_output(array: np.ndarray, digest: str, owner: str) -> np.ndarray:
+    """A worker's output moved into a sealed copy named for ``digest`` and ``owner`` (the
+    worker), for a requester on this machine to map (a blocking call: one copy). Returns a
+    read-only array on the copy, to be held in the output's place; the copy's descriptor is
+    :func:`descriptor_of` it, and is closed once nothing refers to that array any more."""
+    fd = sealed_copy(memoryview(np.ascontiguousarray(array)).cast("B"), digest, owner)
+    try:
+        mapped = mmap.mmap(fd, array.nbytes, mmap.MAP_SHARED, mmap.PROT_READ)
+    except BaseException:
+        os.close(fd)
+        raise
+    flat = np.frombuffer(mapped, array.dtype, count=array.size)
+    # flat.base is the buffer NumPy took from the mapping: every view leads to it.
+    _DESCRIPTORS[id(flat.base)] = fd
+    weakref.finalize(flat.base, _close_sealed_output, id(flat.base), fd).atexit = False
+    return flat.reshape(array.shape)
+
+
+def _close_sealed_output(key: int, fd: int) -> None:
+    _DESCRIPTORS.pop(key, None)
+    os.close(fd)
+
+
+#: id(buffer) -> descriptor of the sealed outputs alive in this process (see sealed_output).
+_DESCRIPTORS: dict[int, int] = {}
+
+
+def descriptor_of(array: np.ndarray) -> int | None:
+    """The descriptor of the sealed copy :func:`sealed_output` made ``array`` on (None if it
+    was not made so)."""
+    base: Any = array
+    while isinstance(base, np.ndarray):
+        base = base.base
+    return _DESCRIPTORS.get(id(base)) if isinstance(base, memoryview) else None
+
+
 def _sealed_copy_of(array: np.ndarray, digest: str, owner: str) -> int:
     # On the blocking hook with the copy itself: an operand that is not C-contiguous is made
     # so here, not on the event loop.
@@ -178,9 +217,10 @@ _MEMFD_MOUNT = _memfd_mount() if _HOST is not None else None
 NOT_THE_COPY = "not this operand's sealed copy"
 
 
-def map_shared(pid: int, fd: int, nbytes: int, digest: str, owner: str) -> memoryview:
-    """Map the sealed copy of the operand ``digest`` that peer ``owner`` made in process
-    ``pid`` read-only (a blocking call); LocalShareError for anything else.
+def open_shared(pid: int, fd: int, nbytes: int, digest: str, owner: str) -> int:
+    """Open the sealed copy of the array ``digest`` that peer ``owner`` made in process
+    ``pid`` (its descriptor ``fd`` there) read-only, and return the new descriptor (a
+    blocking call; the caller closes it); LocalShareError for anything else.
 
     Nothing is opened, nor any file system asked, before the descriptor is known to be that
     memfd: its link in ``/proc`` (read from the process table) must name it; it is then
@@ -188,7 +228,7 @@ def map_shared(pid: int, fd: int, nbytes: int, digest: str, owner: str) -> memor
     of memfds (a file that merely reads like one, on a lazily unmounted file system whose
     server may never answer, is not) with its link unchanged; only then is it opened for
     reading. It must belong to this user, have no holes (reading them would fill them with
-    this worker's memory), be sealed against writes, shrinking and growing, and be exactly
+    this process's memory), be sealed against writes, shrinking and growing, and be exactly
     ``nbytes``.
     """
     if _HOST is None or _MEMFD_MOUNT is None:
@@ -205,7 +245,7 @@ def map_shared(pid: int, fd: int, nbytes: int, digest: str, owner: str) -> memor
             raise LocalShareError(NOT_THE_COPY)
         path_only = os.open(link, os.O_PATH | os.O_CLOEXEC)
     except PermissionError as exc:
-        raise NotLocal("this worker may not open the requester's memory") from exc
+        raise NotLocal("this process may not open the other peer's memory") from exc
     except OSError as exc:  # no such process or descriptor: the same answer as any other
         raise LocalShareError(NOT_THE_COPY) from exc
     try:
@@ -237,13 +277,110 @@ def map_shared(pid: int, fd: int, nbytes: int, digest: str, owner: str) -> memor
             raise LocalShareError(NOT_THE_COPY) from exc
         if seals & REQUIRED_SEALS != REQUIRED_SEALS:
             raise LocalShareError("not sealed against writes and resizing")
-        try:
-            mapped = mmap.mmap(opened, nbytes, mmap.MAP_SHARED, mmap.PROT_READ)
-        except (OSError, ValueError) as exc:
-            raise LocalShareError(f"cannot map it: {exc}") from exc
+    except BaseException:
+        os.close(opened)
+        raise
+    return opened
+
+
+def map_shared(pid: int, fd: int, nbytes: int, digest: str, owner: str) -> memoryview:
+    """Map the sealed copy of the array ``digest`` that peer ``owner`` made in process ``pid``
+    read-only (a blocking call; see :func:`open_shared` for what it must be)."""
+    opened = open_shared(pid, fd, nbytes, digest, owner)
+    try:
+        mapped = mmap.mmap(opened, nbytes, mmap.MAP_SHARED, mmap.PROT_READ)
+    except (OSError, ValueError) as exc:
+        raise LocalShareError(f"cannot map it: {exc}") from exc
     finally:
         os.close(opened)  # the mapping keeps the pages; nothing else needs the descriptor
     return memoryview(mapped)
+
+
+def take_shared_output(
+    pid: int, fd: int, meta: ArrayMeta, owner: str, out: np.ndarray | None, in_place: bool
+) -> tuple[memoryview, str]:
+    """A worker's output from its sealed copy (see :func:`open_shared`), and its content hash
+    (a blocking call). The bytes land in ``out`` (C-contiguous, of ``meta``'s size) or, when
+    it is None, in a new buffer.
+
+    With ``in_place`` (the caller owns ``out``'s memory as a private mapping no one else
+    writes now, see :meth:`mtor_p2p.memory.RecycledArrays.map_over`), ``out``'s pages are
+    replaced by a private mapping of the copy when they are whole pages: no byte is copied
+    and no fresh page faulted in (a write to them later copies that page only). Otherwise the
+    copy is read into place, which still spares both peers the transfer.
+    """
+    opened = open_shared(pid, fd, meta.nbytes, meta.digest, owner)
+    try:
+        if out is not None and in_place and _map_fixed(out, opened):
+            target = memoryview(out).cast("B")
+        else:
+            target = memoryview(bytearray(meta.nbytes) if out is None else out).cast("B")
+            try:
+                mapped = mmap.mmap(opened, meta.nbytes, mmap.MAP_SHARED, mmap.PROT_READ)
+            except (OSError, ValueError) as exc:
+                raise LocalShareError(f"cannot map it: {exc}") from exc
+            try:
+                with memoryview(mapped) as source:
+                    target[:] = source
+            finally:
+                mapped.close()
+    finally:
+        os.close(opened)
+    hasher = content_hasher(meta.dtype, meta.shape)
+    hasher.update(target)
+    return target, str(hasher.hexdigest())
+
+
+#: mmap(2)'s flags that Python's mmap module does not name (the same on every Linux ABI).
+_MAP_FIXED = 0x10
+_PAGE = mmap.PAGESIZE
+
+
+def _libc_mmap() -> Any:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        function = libc.mmap
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_size_t,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_long,
+    ]
+    function.restype = ctypes.c_void_p
+    return function
+
+
+_mmap_call = _libc_mmap() if _HOST is not None else None
+
+
+def _map_fixed(out: np.ndarray, fd: int) -> bool:
+    """Replace ``out``'s pages with a private, writable mapping of ``fd`` (of ``out``'s size);
+    whether it did (False: not whole pages, or the kernel refused, ``out`` unchanged)."""
+    address = out.ctypes.data
+    nbytes = out.nbytes
+    if (
+        _mmap_call is None
+        or not out.flags.c_contiguous
+        or not out.flags.writeable
+        or address % _PAGE
+        or nbytes % _PAGE
+        or nbytes == 0
+    ):
+        return False
+    prot = mmap.PROT_READ | mmap.PROT_WRITE
+    placed = _mmap_call(address, nbytes, prot, mmap.MAP_PRIVATE | _MAP_FIXED, fd, 0)
+    if placed == address:
+        return True
+    # A failed MAP_FIXED may have unmapped the range already: fresh private memory in its
+    # place (the caller writes every byte of it next, by copy).
+    anonymous = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_FIXED
+    if _mmap_call(address, nbytes, prot, anonymous, -1, 0) != address:
+        raise MemoryError("could not map fresh memory back in place of a job's rows")
+    return False
 
 
 @dataclass
@@ -275,9 +412,13 @@ class LocalShares:
         self._bytes = 0
         #: worker -> until when it is not asked (inf: it answered NOT_LOCAL).
         self.refused: dict[str, float] = {}
+        #: The same for taking workers' outputs from their sealed copies.
+        self.outputs_refused: dict[str, float] = {}
         self.enabled = usable()
         #: job -> (operands, bytes) that workers took through shared memory, until it ends.
         self._handed: dict[str, tuple[int, int]] = {}
+        #: job -> (outputs, bytes) taken from workers' sealed copies, until it ends.
+        self._taken: dict[str, tuple[int, int]] = {}
 
     @property
     def nbytes(self) -> int:
@@ -287,25 +428,43 @@ class LocalShares:
     def wanted(self, worker: str, meta: ArrayMeta) -> bool:
         """Whether ``meta`` should go to ``worker`` through shared memory (the caller checks
         that the two are on one machine)."""
+        return self._worth_asking(self.refused, worker, meta)
+
+    def output_wanted(self, worker: str, meta: ArrayMeta) -> bool:
+        """Whether ``worker``'s output ``meta`` should be taken from its sealed copy rather
+        than downloaded (the caller checks that the two are on one machine)."""
+        return self._worth_asking(self.outputs_refused, worker, meta)
+
+    def refuse(self, worker: str, *, for_good: bool) -> None:
+        """Stop handing ``worker`` operands: for good (it is not on this machine, or may never
+        map this process's memory), else for RETRY_AFTER_S. At most MAX_REFUSED are
+        remembered (the lapsed first, then the oldest): a forgotten one is only asked once
+        more."""
+        self._refuse(self.refused, worker, for_good)
+
+    def refuse_outputs(self, worker: str, *, for_good: bool) -> None:
+        """Stop taking ``worker``'s outputs from shared memory, as :meth:`refuse` does for
+        operands (a worker that cannot share its outputs may still take operands)."""
+        self._refuse(self.outputs_refused, worker, for_good)
+
+    def _worth_asking(self, refused: dict[str, float], worker: str, meta: ArrayMeta) -> bool:
         if not self.enabled or meta.nbytes < MIN_LOCAL_BYTES:
             return False
-        until = self.refused.get(worker)
+        until = refused.get(worker)
         if until is not None and until <= trio.current_time():
-            del self.refused[worker]
+            del refused[worker]
             until = None
         return until is None
 
-    def refuse(self, worker: str, *, for_good: bool) -> None:
-        """Stop asking ``worker``: for good (it is not on this machine, or may never map
-        this process's memory), else for RETRY_AFTER_S. At most MAX_REFUSED are remembered
-        (the lapsed first, then the oldest): a forgotten one is only asked once more."""
-        if len(self.refused) >= MAX_REFUSED and worker not in self.refused:
+    @staticmethod
+    def _refuse(refused: dict[str, float], worker: str, for_good: bool) -> None:
+        if len(refused) >= MAX_REFUSED and worker not in refused:
             now = trio.current_time()
-            for lapsed in [w for w, until in self.refused.items() if until <= now]:
-                del self.refused[lapsed]
-            while len(self.refused) >= MAX_REFUSED:
-                del self.refused[next(iter(self.refused))]
-        self.refused[worker] = math.inf if for_good else trio.current_time() + RETRY_AFTER_S
+            for lapsed in [w for w, until in refused.items() if until <= now]:
+                del refused[lapsed]
+            while len(refused) >= MAX_REFUSED:
+                del refused[next(iter(refused))]
+        refused[worker] = math.inf if for_good else trio.current_time() + RETRY_AFTER_S
 
     async def descriptor(self, meta: ArrayMeta, array: np.ndarray, holder: str) -> int | None:
         """The descriptor of the sealed copy of ``array`` for job ``holder`` (made now if
@@ -339,9 +498,20 @@ class LocalShares:
         shared memory so far (one operand counts once per worker that took it)."""
         return self._handed.get(holder, (0, 0))
 
+    def note_taken(self, holder: str, nbytes: int) -> None:
+        """An output of ``nbytes`` for job ``holder`` was taken from a worker's sealed copy."""
+        count, total = self._taken.get(holder, (0, 0))
+        self._taken[holder] = (count + 1, total + nbytes)
+
+    def taken(self, holder: str) -> tuple[int, int]:
+        """How many outputs, and how many bytes, job ``holder`` took from workers' sealed
+        copies so far."""
+        return self._taken.get(holder, (0, 0))
+
     def release(self, holder: str) -> None:
         """Job ``holder`` ended: close the sealed copies no other job uses."""
         self._handed.pop(holder, None)
+        self._taken.pop(holder, None)
         for digest, share in list(self._shares.items()):
             share.holders.discard(holder)
             if not share.holders and share.ready.is_set():

@@ -53,6 +53,13 @@ they ignore every field they do not read.
                              (Workers before this field refuse such a request as "request
                              too large": the requester then uploads instead.)
 ``/mtor/compute/download/1`` header {hash, offset, length}            → body: a chunk
+``/mtor/compute/download-local/1`` header {hash, host}              → {pid, fd}: the output
+                             ``hash`` of one of the sender's runs, too large for the run's
+                             answer, is in the worker's sealed memfd ``fd`` of process
+                             ``pid`` (named for the hash and the worker; ``host`` as for
+                             upload-local); the requester maps it and hashes it instead of
+                             downloading chunks. A worker on another machine answers
+                             NOT_LOCAL; a requester that cannot use the copy downloads it.
 ``/mtor/compute/countersign/1`` header {receipt: b64 complete receipt} → {stored}
                              or header {receipts: [byte sizes]} + body: up to
                              MAX_COUNTERSIGN_BATCH complete receipts one after another
@@ -68,6 +75,7 @@ PROTOCOL_UPLOAD_LOCAL = "/mtor/compute/upload-local/1"
 PROTOCOL_HAS = "/mtor/compute/has/1"
 PROTOCOL_RUN = "/mtor/compute/run/1"
 PROTOCOL_DOWNLOAD = "/mtor/compute/download/1"
+PROTOCOL_DOWNLOAD_LOCAL = "/mtor/compute/download-local/1"
 PROTOCOL_COUNTERSIGN = "/mtor/compute/countersign/1"
 
 CHUNK_BYTES = 4 << 20

@@ -287,6 +287,9 @@ class JobResult:
     #: worker), and their bytes: the rest went over the network.
     shared_operands: int = 0
     shared_bytes: int = 0
+    #: Outputs taken from the sealed copies of workers on this machine, and their bytes.
+    shared_outputs: int = 0
+    shared_output_bytes: int = 0
 
     @functools.cached_property
     def non_finite(self) -> int:
@@ -349,7 +352,12 @@ class JobResult:
             ),
             "rejected_by": dict(self.rejected_by),
             "other_ledger_rules": self.other_rules.to_json(),
-            "shared_memory": {"operands": self.shared_operands, "bytes": self.shared_bytes},
+            "shared_memory": {
+                "operands": self.shared_operands,
+                "bytes": self.shared_bytes,
+                "outputs": self.shared_outputs,
+                "output_bytes": self.shared_output_bytes,
+            },
         }
 
 
@@ -1232,6 +1240,12 @@ class _JobRun:
                 # all this requester has under way: a core is then idle (its worker's).
                 beside=self.s.runtime.beside if self._only_work(index) else None,
                 network_id=self.s.network_id,
+                # An output too large for the answer, from a worker on this machine, comes
+                # from its sealed copy; mapped over the job's rows when they are memory of
+                # the job's own (see local_share.take_shared_output).
+                local=self.s.local_shares,
+                in_place=out is not None and memory.RECYCLED.owns(out),
+                holder=self.job_id,
             )
 
         answer: client.ShardAnswer | None = None
@@ -2569,6 +2583,7 @@ class Scheduler:
                     nursery.cancel_scope.cancel()
         finally:
             shared_operands, shared_bytes = self.local_shares.handed(job.job_id)
+            shared_outputs, shared_output_bytes = self.local_shares.taken(job.job_id)
             self.local_shares.release(job.job_id)  # its operands' sealed copies, if any
         if deadline.cancelled_caught:
             # Workers still holding unfinished shards when time ran out count as failed:
@@ -2607,6 +2622,8 @@ class Scheduler:
             other_rules=plan.other_rules,
             shared_operands=shared_operands,
             shared_bytes=shared_bytes,
+            shared_outputs=shared_outputs,
+            shared_output_bytes=shared_output_bytes,
         )
 
     def _begin_first_slices(

@@ -28,6 +28,7 @@ import base64
 import contextlib
 import logging
 import mmap
+import os
 import re
 import tempfile
 import threading
@@ -58,6 +59,7 @@ from mtor_p2p.compute.protocol import (
     MAX_UPLOAD_MEMORY_BYTES,
     PROTOCOL_COUNTERSIGN,
     PROTOCOL_DOWNLOAD,
+    PROTOCOL_DOWNLOAD_LOCAL,
     PROTOCOL_HAS,
     PROTOCOL_RUN,
     PROTOCOL_UPLOAD,
@@ -181,6 +183,12 @@ MAX_LOCAL_UPLOADS_PER_SENDER = 2
 MAX_PENDING_UPLOADS_PER_SENDER = 64
 MAX_PENDING_UPLOADS = 1024
 MAX_LOCAL_UPLOADS = 4
+#: Outputs kept for download whose requester is remembered (only it may ask for a sealed copy
+#: of one): far more than a store of outputs of at least MIN_LOCAL_BYTES holds.
+MAX_OUTPUTS_REMEMBERED = 1024
+#: Outputs moved into sealed copies at once (each a copy of up to MAX_ARRAY_BYTES, made on a
+#: thread, within the budget of uploads in progress).
+MAX_OUTPUTS_SEALING = 2
 #: Bytes of run requests carrying operands (``inline``) that may be under way at once, from
 #: all senders and from one: such a run holds its bytes under the host's budgets of request
 #: bytes in progress (64 MiB in all by default) while it is queued and computes, so these
@@ -447,6 +455,9 @@ class WorkerStats:
     #: Of operands taken from a requester's shared memory (on this machine): how many, bytes.
     local_uploads: int = 0
     bytes_shared: int = 0
+    #: Of outputs a requester on this machine took from a sealed copy: how many, bytes.
+    local_downloads: int = 0
+    bytes_shared_out: int = 0
     corrupted_on_purpose: int = 0
     credit_refusals: int = 0
     price_refusals: int = 0
@@ -593,6 +604,12 @@ class WorkerService:
         #: and the ones being mapped and hashed now: (sender, hash).
         self.local_uploads = local_uploads and local_share.usable()
         self._local_in_progress: set[tuple[str, str]] = set()
+        #: Outputs kept for download (too large for their run's answer) -> the requester
+        #: whose run made them: only it may have one moved into a sealed copy. Oldest first,
+        #: at most MAX_OUTPUTS_REMEMBERED (an output evicted from the store is gone anyway).
+        self._output_requester: OrderedDict[str, str] = OrderedDict()
+        #: Outputs being moved into sealed copies now -> set when done.
+        self._sealing: dict[str, trio.Event] = {}
         #: Run requests being served now: a run served alone has its carried operands
         #: hashed beside its kernel (see _inline_operands).
         self._runs_under_way = 0
@@ -678,6 +695,7 @@ class WorkerService:
             timeout=60,
             max_answer_bytes=MAX_MESSAGE_BYTES,
         )
+        handle(PROTOCOL_DOWNLOAD_LOCAL, self._on_download_local, max_request_bytes=4096, timeout=60)
         handle(PROTOCOL_COUNTERSIGN, self._on_countersign, max_request_bytes=64 * 1024, timeout=10)
         self._registered = True
 
@@ -1359,6 +1377,10 @@ class WorkerService:
                 self.operands.discard(digest)
         if output.nbytes > CHUNK_BYTES:
             self.operands.put(output, output_meta.digest)
+            self._output_requester[output_meta.digest] = sender
+            self._output_requester.move_to_end(output_meta.digest)
+            while len(self._output_requester) > MAX_OUTPUTS_REMEMBERED:
+                self._output_requester.popitem(last=False)
         self.stats.shards_run += 1
         self.stats.compute_seconds += ended - started
         self.shard_seconds.observe(max(0.0, ended - started))
@@ -1661,6 +1683,61 @@ class WorkerService:
         # alive, evicted or not, for as long as the answer waits behind others on a slow
         # reader's lane (a review: 64 MiB held per 1-byte download).
         return pack_gathered({"total": array.nbytes}, [bytes(data[offset : offset + length])])
+
+    async def _on_download_local(self, sender: str, request: bytes) -> bytes:
+        """An output of one of the sender's runs, for a requester on this machine: moved into
+        a sealed copy (once; the store then holds the copy in its place, so it costs no
+        memory of its own), whose descriptor the answer names (see local_share.py). The copy
+        lives as long as the store holds the output; a requester that mapped it keeps its
+        pages for as long as it needs them."""
+        header, _ = self._parse(request)
+        digest = _header_field(header, "hash", str)
+        host = _header_field(header, "host", str)
+        if not self.local_uploads or host != local_share.host_token(sender, self._identity.peer_id):
+            raise RemoteError(local_share.NOT_LOCAL + "this worker is on another machine")
+        while (sealing := self._sealing.get(digest)) is not None:
+            await sealing.wait()  # another request is moving it: its copy serves this one
+        array = self.operands.get(digest)
+        if array is None or self._output_requester.get(digest) != sender:
+            raise RemoteError("no such output")
+        if array.nbytes < local_share.MIN_LOCAL_BYTES:
+            raise RemoteError("output refused: too small to share; download it")
+        fd = local_share.descriptor_of(array)
+        if fd is None:
+            # The copy is a second one of the output until it takes the original's place:
+            # reserved as an upload in progress is, within the same budgets.
+            sender_reserved = self._reserved_by_sender.get(sender, 0)
+            if (
+                len(self._sealing) >= MAX_OUTPUTS_SEALING
+                or sender_reserved + array.nbytes > MAX_PENDING_UPLOAD_BYTES_PER_PEER
+                or self._reserved_total + array.nbytes > MAX_PENDING_UPLOAD_BYTES
+            ):
+                raise RemoteError("busy: too many outputs being shared; download it")
+            self._sealing[digest] = done = trio.Event()
+            self._reserved_total += array.nbytes
+            self._reserved_by_sender[sender] = sender_reserved + array.nbytes
+            try:
+                shared = await self._runtime.run_blocking(
+                    local_share.sealed_output, array, digest, self._identity.peer_id
+                )
+            except OSError as exc:
+                raise RemoteError(f"output not shared ({exc}); download it") from exc
+            finally:
+                del self._sealing[digest]
+                done.set()
+                self._reserved_total -= array.nbytes
+                _take_back(self._reserved_by_sender, sender, array.nbytes)
+            # In the original's place if the store still holds it (else the copy is dropped
+            # when this answer is: the requester then finds no descriptor and downloads).
+            self.operands.replace(digest, array, shared)
+            array = shared
+            fd = local_share.descriptor_of(shared)
+            assert fd is not None
+        self.stats.local_downloads += 1
+        self.stats.bytes_shared_out += array.nbytes
+        # The descriptor is open while the store holds the output: an output evicted before
+        # the requester opens it is gone, as it would be for a chunked download.
+        return pack({"pid": os.getpid(), "fd": fd})
 
     async def _on_countersign(self, sender: str, request: bytes) -> bytes:
         header, body = self._parse(request)

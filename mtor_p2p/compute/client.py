@@ -585,7 +585,8 @@ async def _download_shared(
         return None
     with peer_fault_boundary(worker, "shared output"):
         array = array_from_hashed_bytes(meta, target, digest)
-    local.note_taken(holder, meta.nbytes)
+    if holder:
+        local.note_taken(holder, meta.nbytes)
     return array
 
 

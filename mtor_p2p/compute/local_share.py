@@ -172,6 +172,11 @@ def _close_sealed_output(key: int, fd: int) -> None:
 _DESCRIPTORS: dict[int, int] = {}
 
 
+def sealed_outputs() -> int:
+    """How many sealed copies :func:`sealed_output` made are open in this process."""
+    return len(_DESCRIPTORS)
+
+
 def descriptor_of(array: np.ndarray) -> int | None:
     """The descriptor of the sealed copy :func:`sealed_output` made ``array`` on (None if it
     was not made so)."""

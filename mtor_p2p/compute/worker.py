@@ -189,6 +189,9 @@ MAX_OUTPUTS_REMEMBERED = 1024
 #: Outputs moved into sealed copies at once (each a copy of up to MAX_ARRAY_BYTES, made on a
 #: thread, within the budget of uploads in progress).
 MAX_OUTPUTS_SEALING = 2
+#: Sealed copies of outputs held open at once (each a descriptor, held while the store keeps
+#: its output): beyond, outputs are downloaded in chunks.
+MAX_SEALED_OUTPUTS = 64
 #: Bytes of run requests carrying operands (``inline``) that may be under way at once, from
 #: all senders and from one: such a run holds its bytes under the host's budgets of request
 #: bytes in progress (64 MiB in all by default) while it is queued and computes, so these
@@ -1709,6 +1712,7 @@ class WorkerService:
             sender_reserved = self._reserved_by_sender.get(sender, 0)
             if (
                 len(self._sealing) >= MAX_OUTPUTS_SEALING
+                or local_share.sealed_outputs() >= MAX_SEALED_OUTPUTS
                 or sender_reserved + array.nbytes > MAX_PENDING_UPLOAD_BYTES_PER_PEER
                 or self._reserved_total + array.nbytes > MAX_PENDING_UPLOAD_BYTES
             ):
@@ -1727,9 +1731,11 @@ class WorkerService:
                 done.set()
                 self._reserved_total -= array.nbytes
                 _take_back(self._reserved_by_sender, sender, array.nbytes)
-            # In the original's place if the store still holds it (else the copy is dropped
-            # when this answer is: the requester then finds no descriptor and downloads).
+            # In the original's place if the store still holds it; one evicted meanwhile is
+            # gone (its copy closes as this handler returns), as for a download.
             self.operands.replace(digest, array, shared)
+            if digest not in self.operands:
+                raise RemoteError("no such output")
             array = shared
             fd = local_share.descriptor_of(shared)
             assert fd is not None

@@ -1183,7 +1183,9 @@ def _status_guard_lines(status: dict[str, Any]) -> list[str]:
             f"unpaid {worker.get('unpaid_refusals', 0)}, "
             f"uploads {worker.get('uploads_refused', 0)}); "
             f"{worker.get('local_uploads', 0)} operands from shared memory "
-            f"({worker.get('bytes_shared', 0) / (1 << 20):.0f} MiB)"
+            f"({worker.get('bytes_shared', 0) / (1 << 20):.0f} MiB), "
+            f"{worker.get('local_downloads', 0)} outputs to it "
+            f"({worker.get('bytes_shared_out', 0) / (1 << 20):.0f} MiB)"
         )
     return lines
 
@@ -1605,6 +1607,11 @@ def _follow_job(args: argparse.Namespace, client: ControlClient, job_id: str) ->
         print(
             f"operands   {shared['operands']} to workers on this machine through shared "
             f"memory ({shared['bytes'] / (1 << 20):.0f} MiB), the rest over the network"
+        )
+    if shared.get("outputs"):
+        print(
+            f"outputs    {shared['outputs']} from workers on this machine through shared "
+            f"memory ({shared['output_bytes'] / (1 << 20):.0f} MiB)"
         )
     extra = result["receipts"] - result["shards"]
     copies = f" ({extra} for redundant copies)" if extra > 0 else ""
@@ -2368,8 +2375,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--shared-memory",
         choices=["on", "off"],
-        help="hand operands of 8 MiB or more to workers on this machine (same user) through "
-        "sealed shared memory instead of the lane, and take them that way (default on)",
+        help="hand operands and outputs of 8 MiB or more between this node and workers on "
+        "this machine (same user) through sealed shared memory instead of the lane, both ways "
+        "(default on)",
     )
     p.add_argument(
         "--nat",

@@ -13,7 +13,7 @@ Example ``mtor.toml``::
     bootstrap_node = false  # raise connection limits when serving as a bootstrap peer
     lanes = "auto"          # fast sealed TCP lanes for requests: "auto", "eager" or "off"
     lane_port = 0           # TCP port of the lane listener (0: any; open it in a firewall)
-    shared_memory = true    # operands >= 8 MiB to workers on this machine via sealed memfds
+    shared_memory = true    # operands, outputs >= 8 MiB with workers on this machine: sealed memfds
     nat = true              # find out whether we are reachable; relays and hole punching
     relay = "auto"          # serve as a circuit relay: "auto" (when public), "on", "off"
     relays_wanted = 2       # relays to reserve on while not publicly reachable
@@ -99,8 +99,9 @@ class NodeConfig:
     #: NAT traversal (mtor_p2p/libp2p_nat.py): reachability checks by dial-back, circuit
     #: relays and hole punching. false: none of them (a node on a LAN or a test).
     nat: bool = True
-    #: Hand large operands to workers on this machine through sealed shared memory, and take
-    #: them that way as a worker (docs/compute.md, "workers on this machine").
+    #: Hand large operands to workers on this machine through sealed shared memory and take
+    #: their large outputs that way, and do both as a worker (docs/compute.md, "workers on
+    #: this machine").
     shared_memory: bool = True
     #: Serve as a circuit relay for private peers: "auto" (once found publicly reachable, or
     #: as a bootstrap node), "on" or "off".

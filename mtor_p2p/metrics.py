@@ -500,6 +500,11 @@ class NodeCollector(Collector):
             "Operand bytes taken from a requester's shared memory on this machine.",
             stats.bytes_shared,
         )
+        yield _counter(
+            "mtor_worker_shared_output_bytes",
+            "Output bytes a requester on this machine took from this worker's shared memory.",
+            stats.bytes_shared_out,
+        )
         uploads = CounterMetricFamily(
             "mtor_worker_uploads_discarded",
             "Operand uploads refused, expired or evicted.",

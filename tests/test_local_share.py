@@ -681,6 +681,8 @@ async def test_a_job_between_hosts_on_one_machine_maps_large_outputs_into_its_ro
         assert result.summary()["shared_memory"]["outputs"] == 2
         assert result.summary()["shared_memory"]["output_bytes"] == output_bytes
         assert worker.worker.stats.local_downloads == 2
+        shown = dashboard_node(worker, worker.clock.now())
+        assert (shown["outputs_shared"], shown["output_bytes_shared"]) == (2, output_bytes)
         # The rows are private mappings of the worker's copies (no byte copied), and still
         # the requester's to write (a write copies that page only).
         mapped = memfd_mappings(result.output.ctypes.data, output_bytes)

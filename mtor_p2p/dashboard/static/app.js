@@ -254,6 +254,9 @@ function renderNode(n) {
     ? `${n.kernels.join(", ")} on ${n.backend}; ${n.shards_run} shards run, ${n.shards_failed} failed` +
       (n.operands_shared
         ? `; ${n.operands_shared} operands from shared memory (${(n.bytes_shared / 1048576).toFixed(0)} MiB)`
+        : "") +
+      (n.outputs_shared
+        ? `; ${n.outputs_shared} outputs to it (${(n.output_bytes_shared / 1048576).toFixed(0)} MiB)`
         : "")
     : "no (requester only)";
   $("node-addr-count").textContent = `${n.addrs.length} address${n.addrs.length === 1 ? "" : "es"}`;

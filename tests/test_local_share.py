@@ -25,6 +25,7 @@ import trio
 import trio.testing
 
 from mtor_p2p.compute import client, local_share
+from mtor_p2p.compute import worker as worker_module
 from mtor_p2p.compute.local_share import (
     MIN_LOCAL_BYTES,
     NOT_LOCAL,
@@ -523,7 +524,7 @@ async def output_request(b: Bench, label: str, digest: str, **changes: Any) -> d
 
 
 async def test_a_worker_shares_an_output_once_and_only_with_the_requester_whose_run_made_it(
-    autojump_clock: trio.testing.MockClock,
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # An 8 MiB output: too large for the run's answer, large enough to share.
     operands = {
@@ -557,6 +558,11 @@ async def test_a_worker_shares_an_output_once_and_only_with_the_requester_whose_
             await output_request(b, "owner", digest, host=host_token("x", b.worker_id))
         with pytest.raises(RemoteError, match="field 'host'"):
             await output_request(b, "owner", digest, host=7)
+        with monkeypatch.context() as patch:  # as many sealed copies open as it holds
+            patch.setattr(worker_module, "MAX_SEALED_OUTPUTS", local_share.sealed_outputs())
+            with pytest.raises(RemoteError, match=r"^busy: .*download it"):
+                await output_request(b, "owner", digest)
+        assert b.worker.reserved_upload_bytes == 0
         first = await output_request(b, "owner", digest)
         assert first["pid"] == os.getpid()
         # The store holds the sealed copy in the output's place: no second copy is kept.

@@ -1181,13 +1181,21 @@ def _status_guard_lines(status: dict[str, Any]) -> list[str]:
             f"{refused} refused (price {worker.get('price_refusals', 0)}, "
             f"credit {worker.get('credit_refusals', 0)}, "
             f"unpaid {worker.get('unpaid_refusals', 0)}, "
-            f"uploads {worker.get('uploads_refused', 0)}); "
-            f"{worker.get('local_uploads', 0)} operands from shared memory "
-            f"({worker.get('bytes_shared', 0) / (1 << 20):.0f} MiB), "
-            f"{worker.get('local_downloads', 0)} outputs to it "
-            f"({worker.get('bytes_shared_out', 0) / (1 << 20):.0f} MiB)"
+            f"uploads {worker.get('uploads_refused', 0)}); " + _shared_memory_words(worker)
         )
     return lines
+
+
+def _shared_memory_words(worker: dict[str, Any]) -> str:
+    """The worker line's account of shared memory (requesters on this machine)."""
+    if worker.get("shared_memory") is False:
+        return "shared memory off"
+    return (
+        f"shared memory: {worker.get('local_uploads', 0)} operands taken "
+        f"({worker.get('bytes_shared', 0) / (1 << 20):.0f} MiB), "
+        f"{worker.get('outputs_shared', 0)} outputs handed over "
+        f"({worker.get('output_bytes_shared', 0) / (1 << 20):.0f} MiB)"
+    )
 
 
 def cmd_peers(args: argparse.Namespace) -> int:
@@ -1606,7 +1614,7 @@ def _follow_job(args: argparse.Namespace, client: ControlClient, job_id: str) ->
     if shared.get("operands"):
         print(
             f"operands   {shared['operands']} to workers on this machine through shared "
-            f"memory ({shared['bytes'] / (1 << 20):.0f} MiB), the rest over the network"
+            f"memory ({shared['bytes'] / (1 << 20):.0f} MiB); any others over the network"
         )
     if shared.get("outputs"):
         print(
@@ -2085,6 +2093,7 @@ def cmd_devnet(args: argparse.Namespace) -> int:
         announce_interval=args.announce_interval,
         log_level=args.log_level or "warning",
         log_format=args.log_format,
+        shared_memory=None if args.shared_memory is None else args.shared_memory == "on",
     )
 
 
@@ -2238,7 +2247,8 @@ def _add_submit_parser(kernels: Any, spec: KernelInputs) -> None:
         choices=["float32", "float16"],
         default="float32",
         help="element type of the random inputs (default float32); float16 files stay float16, "
-        "other float files are sent as float32",
+        "other float files are sent as float32; outputs are float32 either way (float16 "
+        "products are accumulated in float32)",
     )
     p.add_argument("--seed", type=int, help="seed for the random inputs")
     for name, axes in spec.operands.items():
@@ -2699,6 +2709,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["text", "json"],
         help="every peer's log lines as text (default) or JSON objects, one a line: in "
         f"<data-dir>/peer-N/peer.log and <data-dir>/peer-N/{LOG_DIR_NAME}/{LOG_FILE_NAME}",
+    )
+    p.add_argument(
+        "--shared-memory",
+        choices=["on", "off"],
+        help="every peer's --shared-memory: operands and outputs of 8 MiB or more between "
+        "peers through sealed shared memory, as peers on one machine do (default on); off "
+        "sends them over the lanes, as between machines",
     )
     p.add_argument(
         "--json",

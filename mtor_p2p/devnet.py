@@ -118,8 +118,11 @@ class Devnet:
         announce_interval: float,
         log_level: str,
         log_format: str | None = None,
+        shared_memory: bool | None = None,
     ) -> None:
         self.base_dir = base_dir
+        #: ``--shared-memory`` of every peer (None: the peers' default, on).
+        self.shared_memory = shared_memory
         self.record_ttl = record_ttl
         self.announce_interval = announce_interval
         self.log_level = log_level
@@ -194,6 +197,8 @@ class Devnet:
         ]  # fmt: skip
         if self.log_format:
             command += ["--log-format", self.log_format]
+        if self.shared_memory is not None:
+            command += ["--shared-memory", "on" if self.shared_memory else "off"]
         if bootstrap:
             command += ["--bootstrap", bootstrap]
         log = open_private_log(data_dir / "peer.log")
@@ -307,9 +312,11 @@ def run_devnet(
     announce_interval: float,
     log_level: str,
     log_format: str | None = None,
+    shared_memory: bool | None = None,
 ) -> int:
-    """Run the devnet until SIGINT/SIGTERM; return the exit code. ``log_level`` and
-    ``log_format`` (``text`` or ``json``; None: the peers' default) are every peer's."""
+    """Run the devnet until SIGINT/SIGTERM; return the exit code. ``log_level``,
+    ``log_format`` (``text`` or ``json``; None: the peers' default) and ``shared_memory``
+    (None: the peers' default, on) are every peer's."""
     from mtor_p2p.console import (
         EXIT_FAILURE,
         EXIT_IN_USE,
@@ -344,6 +351,7 @@ def run_devnet(
         announce_interval=announce_interval,
         log_level=log_level,
         log_format=log_format,
+        shared_memory=shared_memory,
     )
     stop_requested = False
 

@@ -503,7 +503,7 @@ class NodeCollector(Collector):
         yield _counter(
             "mtor_worker_shared_output_bytes",
             "Output bytes a requester on this machine took from this worker's shared memory.",
-            stats.bytes_shared_out,
+            stats.output_bytes_shared,
         )
         uploads = CounterMetricFamily(
             "mtor_worker_uploads_discarded",

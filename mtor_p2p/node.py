@@ -642,6 +642,9 @@ class Node:
             "worker": {
                 "kernels": list(self.worker.kernels),
                 "backend": self.worker.executor.name,
+                # Whether requesters on this machine may hand operands and take outputs
+                # through shared memory (config shared_memory, and the platform).
+                "shared_memory": self.worker.local_uploads,
                 **self.worker.stats.__dict__,
             },
             "receipts": self.receipts.count(),

@@ -214,11 +214,16 @@ def test_devnet_of_8_converges_restarts_a_killed_peer_keeps_a_stopped_one_and_ct
     devnet = start(
         "devnet", "--peers", "8", "--json", "--data-dir", str(tmp_path),
         "--record-ttl", "12", "--announce-interval", "3", "--timeout", "120",
+        "--shared-memory", "off",
     )  # fmt: skip
     try:
         ready = read_json_line(devnet, timeout=150)
         peers = ready["peers"]
         assert len(peers) == 8
+        # Every peer took the devnet's --shared-memory, and says so.
+        shown = mtor("status", "--json", "--data-dir", peers[0]["data_dir"])
+        assert json.loads(shown.stdout)["worker"]["shared_memory"] is False
+        assert "shared memory off" in mtor("status", "--data-dir", peers[0]["data_dir"]).stdout
         everyone = {p["peer_id"] for p in peers}
         for peer in peers:
             view = json.loads(mtor("peers", "--json", "--data-dir", peer["data_dir"]).stdout)
@@ -462,3 +467,18 @@ def test_submit_and_receipts_against_a_devnet_as_a_new_user_would(tmp_path):
     finally:
         devnet.send_signal(signal.SIGINT)
         devnet.wait(timeout=30)
+
+
+def test_the_worker_line_says_what_went_through_shared_memory_or_that_it_is_off():
+    from mtor_p2p.cli import _status_guard_lines
+
+    counts = {
+        "local_uploads": 3,
+        "bytes_shared": 48 << 20,
+        "outputs_shared": 2,
+        "output_bytes_shared": 64 << 20,
+    }
+    on = "\n".join(_status_guard_lines({"worker": {**counts, "shared_memory": True}}))
+    assert "shared memory: 3 operands taken (48 MiB), 2 outputs handed over (64 MiB)" in on
+    off = "\n".join(_status_guard_lines({"worker": {**counts, "shared_memory": False}}))
+    assert "shared memory off" in off and "operands taken" not in off

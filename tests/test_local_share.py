@@ -569,7 +569,7 @@ async def test_a_worker_shares_an_output_once_and_only_with_the_requester_whose_
         assert b.worker.operands.nbytes == held_bytes
         assert b.worker.reserved_upload_bytes == 0
         assert await output_request(b, "owner", digest) == first  # made once
-        assert b.worker.stats.local_downloads == 2
+        assert b.worker.stats.outputs_shared == 2
         assert fd_names(first["fd"]) == f"/memfd:{memfd_name(digest, b.worker_id)} (deleted)"
         data, got = local_share.take_shared_output(
             first["pid"], first["fd"], meta, b.worker_id, None, False
@@ -686,7 +686,7 @@ async def test_a_job_between_hosts_on_one_machine_maps_large_outputs_into_its_ro
         output_bytes = result.output.nbytes
         assert result.summary()["shared_memory"]["outputs"] == 2
         assert result.summary()["shared_memory"]["output_bytes"] == output_bytes
-        assert worker.worker.stats.local_downloads == 2
+        assert worker.worker.stats.outputs_shared == 2
         shown = dashboard_node(worker, worker.clock.now())
         assert (shown["outputs_shared"], shown["output_bytes_shared"]) == (2, output_bytes)
         # The rows are private mappings of the worker's copies (no byte copied), and still

@@ -459,8 +459,8 @@ class WorkerStats:
     local_uploads: int = 0
     bytes_shared: int = 0
     #: Of outputs a requester on this machine took from a sealed copy: how many, bytes.
-    local_downloads: int = 0
-    bytes_shared_out: int = 0
+    outputs_shared: int = 0
+    output_bytes_shared: int = 0
     corrupted_on_purpose: int = 0
     credit_refusals: int = 0
     price_refusals: int = 0
@@ -1739,8 +1739,8 @@ class WorkerService:
             array = shared
             fd = local_share.descriptor_of(shared)
             assert fd is not None
-        self.stats.local_downloads += 1
-        self.stats.bytes_shared_out += array.nbytes
+        self.stats.outputs_shared += 1
+        self.stats.output_bytes_shared += array.nbytes
         # The descriptor is open while the store holds the output: an output evicted before
         # the requester opens it is gone, as it would be for a chunked download.
         return pack({"pid": os.getpid(), "fd": fd})

@@ -86,8 +86,8 @@ def node_summary(node: Node, now: float) -> dict[str, Any]:
         # Operands requesters on this machine handed over in shared memory, not uploaded.
         "operands_shared": node.worker.stats.local_uploads,
         "bytes_shared": node.worker.stats.bytes_shared,
-        "outputs_shared": node.worker.stats.local_downloads,
-        "output_bytes_shared": node.worker.stats.bytes_shared_out,
+        "outputs_shared": node.worker.stats.outputs_shared,
+        "output_bytes_shared": node.worker.stats.output_bytes_shared,
     }
 
 

@@ -42,6 +42,7 @@ from mtor_p2p.compute.protocol import (
     PROTOCOL_UPLOAD_LOCAL,
 )
 from mtor_p2p.dashboard.snapshot import node_summary as dashboard_node
+from mtor_p2p.memory import RecycledArrays
 from mtor_p2p.network import PeerMisbehaved, RemoteError
 from mtor_p2p.records.arrays import ArrayMeta, meta_of, pack, pack_gathered, unpack
 from mtor_p2p.runtime import Runtime
@@ -501,6 +502,18 @@ def fd_names(fd: int) -> str | None:
         return None
 
 
+def memfd_mapping_names(start: int, nbytes: int) -> list[str]:
+    """The names of this process's mappings of MTOR's memfds that begin in the range."""
+    found = []
+    with open("/proc/self/maps", encoding="ascii") as maps:
+        for line in maps:
+            fields = line.split(maxsplit=5)
+            low = int(fields[0].split("-")[0], 16)
+            if start <= low < start + nbytes and "/memfd:mtor-" in line:
+                found.append(fields[5].strip())
+    return found
+
+
 def memfd_mappings(start: int, nbytes: int) -> list[tuple[str, int]]:
     """The permissions and sizes of this process's mappings of MTOR's memfds that begin in
     ``[start, start + nbytes)``."""
@@ -559,7 +572,7 @@ async def test_a_worker_shares_an_output_once_and_only_with_the_requester_whose_
         with pytest.raises(RemoteError, match="field 'host'"):
             await output_request(b, "owner", digest, host=7)
         with monkeypatch.context() as patch:  # as many sealed copies open as it holds
-            patch.setattr(worker_module, "MAX_SEALED_OUTPUTS", local_share.sealed_outputs())
+            patch.setattr(worker_module, "MAX_SEALED_OUTPUTS_PER_SENDER", 0)
             with pytest.raises(RemoteError, match=r"^busy: .*download it"):
                 await output_request(b, "owner", digest)
         assert b.worker.reserved_upload_bytes == 0
@@ -571,10 +584,10 @@ async def test_a_worker_shares_an_output_once_and_only_with_the_requester_whose_
         assert await output_request(b, "owner", digest) == first  # made once
         assert b.worker.stats.outputs_shared == 2
         assert fd_names(first["fd"]) == f"/memfd:{memfd_name(digest, b.worker_id)} (deleted)"
-        data, got = local_share.take_shared_output(
+        data, got, mapped = local_share.take_shared_output(
             first["pid"], first["fd"], meta, b.worker_id, None, False
         )
-        assert got == digest
+        assert got == digest and not mapped
         np.testing.assert_array_equal(np.frombuffer(data, "float32"), answer.output.ravel())
         # A chunked download still serves it (a requester elsewhere, or one that cannot map).
         again = await client.download(owner.network, b.worker_id, meta, timeout=10)
@@ -585,6 +598,56 @@ async def test_a_worker_shares_an_output_once_and_only_with_the_requester_whose_
         b.worker.local_uploads = False  # the operator turned shared memory off
         with pytest.raises(RemoteError, match=f"^{NOT_LOCAL}"):
             await output_request(b, "owner", digest)
+
+
+async def test_an_output_stored_again_while_it_was_copied_is_not_answered_with_a_dying_copy(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The store dropped the output while it was moved into a sealed copy, and a run stored
+    the same bytes again: that copy never takes the new array's place, so its descriptor
+    would close as the handler returns. The worker says busy (the requester downloads), not a
+    descriptor about to close (which would cost an honest worker its shared outputs)."""
+    gate = trio.Event()
+    sealing = trio.Event()
+
+    async def gated(fn: Callable[..., Any], *args: Any, **_: Any) -> Any:
+        if fn is local_share.sealed_output:
+            sealing.set()
+            await gate.wait()
+        return fn(*args)
+
+    runtime = Runtime(run_blocking=gated, random=random.Random(1), seeded=True)
+    operands = {
+        "a": RNG.standard_normal((2048, 256)).astype("float32"),
+        "b": RNG.standard_normal((256, 1024)).astype("float32"),
+    }
+    async with bench(runtime=runtime) as b:
+        owner = await b.requester("owner")
+        await client.ensure_operands(owner.network, b.worker_id, operands, timeout=10)
+        answer = await client.run_shard(
+            owner.network, b.worker_id, job_id=job_of(owner), shard=0, kernel="matmul",
+            operands=operands, timeout=10, transfer_timeout=10,
+        )  # fmt: skip
+        digest = answer.receipt.body.output
+        outcome: list[str] = []
+
+        async def ask() -> None:
+            try:
+                outcome.append(str(await output_request(b, "owner", digest)))
+            except RemoteError as exc:
+                outcome.append(str(exc))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ask)
+            await sealing.wait()
+            stored = b.worker.operands.get(digest)
+            assert stored is not None
+            b.worker.operands.discard(digest)
+            b.worker.operands.put(stored.copy(), digest)  # the same bytes, another array
+            gate.set()
+        assert outcome == ["busy: the output was stored again meanwhile; download it"]
+        assert local_share.descriptor_of(b.worker.operands.get(digest)) is None
+        assert b.worker.reserved_upload_bytes == 0
 
 
 @asynccontextmanager
@@ -670,6 +733,84 @@ async def test_a_shared_output_is_checked_like_a_download_and_one_not_there_is_d
     finally:
         os.close(liar)
         os.close(honest)
+
+
+async def test_a_lying_copy_mapped_in_place_is_unmapped_at_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A copy whose hash is not the announced one leaves no mapping behind in the rows: the
+    liar's pages are not kept alive by rows the next attempt writes again."""
+    output = RNG.standard_normal((2048, 1024)).astype("float32")
+    meta = meta_of(output)
+    other = output.copy()
+    other[9, 9] += 1
+    liar = local_share.sealed_copy(view_of(other), meta.digest, ident("fake worker").peer_id)
+    rows = RecycledArrays(min_bytes=1 << 20).empty(output.shape, output.dtype)
+    try:
+        async with fake_worker(lambda m: {"pid": os.getpid(), "fd": liar}, output) as peers:
+            requester, worker, local = peers
+            mapped: list[bool] = []
+            with pytest.raises(PeerMisbehaved, match="hash mismatch"):
+                await client.download(
+                    requester,
+                    worker.peer_id,
+                    meta,
+                    timeout=10,
+                    out=rows,
+                    run_blocking=local._run_blocking,
+                    local=local,
+                    in_place=True,
+                    on_mapped=lambda: mapped.append(True),
+                )
+            assert mapped == []
+            assert memfd_mappings(rows.ctypes.data, rows.nbytes) == []
+            rows[:] = output  # fresh pages of the rows' own, writable
+            # The honest copy is mapped, and said to be.
+            honest = local_share.sealed_copy(
+                view_of(output), meta.digest, ident("fake worker").peer_id
+            )
+            try:
+                async with fake_worker(lambda m: {"pid": os.getpid(), "fd": honest}, output) as p2:
+                    requester, worker, local = p2
+                    await client.download(
+                        requester,
+                        worker.peer_id,
+                        meta,
+                        timeout=10,
+                        out=rows,
+                        run_blocking=local._run_blocking,
+                        local=local,
+                        in_place=True,
+                        on_mapped=lambda: mapped.append(True),
+                    )
+            finally:
+                os.close(honest)
+            assert mapped == [True]
+            assert [perms for perms, _ in memfd_mappings(rows.ctypes.data, rows.nbytes)] == ["rw-p"]
+            assert local_share.fresh_pages(rows)
+            assert memfd_mappings(rows.ctypes.data, rows.nbytes) == []
+    finally:
+        os.close(liar)
+
+
+async def test_rows_a_rejected_answer_was_mapped_into_are_freed_before_the_next_attempt(
+    tmp_path: Path,
+) -> None:
+    # Node 0 corrupts every output (its copies pass their hash and fail Freivalds' check);
+    # node 1 is honest and shares nothing, so its answers are written into the rows (chunks).
+    # Whatever node 0's copies were mapped into is given fresh pages before that: the job's
+    # output holds no page of node 0's (written over in place, each page would have stayed
+    # beside its new copy until the output is dropped).
+    a = RNG.standard_normal((8192, 256)).astype("float32")
+    b = RNG.standard_normal((256, 1024)).astype("float32")
+    changes = {"0": {"fault_rate": 1.0}, "1": {"shared_memory": False}}
+    async with devnet(tmp_path, count=3, **changes) as nodes:
+        _, honest, requester = (node for node, _ in nodes)
+        result = await requester.submit("matmul", {"a": a, "b": b}, shards=2, max_workers=2)
+        np.testing.assert_allclose(result.output, a @ b, rtol=1e-4, atol=1e-3)
+        assert result.rejected >= 1 and result.workers == [honest.peer_id]
+        assert result.summary()["shared_memory"]["outputs"] >= 1  # the liar's, mapped
+        assert memfd_mapping_names(result.output.ctypes.data, result.output.nbytes) == []
 
 
 async def test_a_job_between_hosts_on_one_machine_maps_large_outputs_into_its_rows(

@@ -427,6 +427,7 @@ async def download(
     local: local_share.LocalShares | None = None,
     in_place: bool = False,
     holder: str = "",
+    on_mapped: Callable[[], None] | None = None,
 ) -> np.ndarray:
     """Fetch an array by hash in chunks, :data:`DOWNLOAD_CHUNKS_IN_FLIGHT` at a time (on a
     lane they share one connection; each lands in place in the result); every chunk must be
@@ -437,7 +438,9 @@ async def download(
     offers one (:func:`_download_shared`); the hash is checked all the same. ``in_place``:
     ``out`` is memory the caller owns as a private mapping, which that copy may be mapped
     over (see :func:`local_share.take_shared_output`). ``holder``: the job it counts for
-    (:meth:`local_share.LocalShares.taken`).
+    (:meth:`local_share.LocalShares.taken`). ``on_mapped``: called once a copy mapped over
+    ``out`` has passed its hash check (the caller then owes :func:`local_share.fresh_pages`
+    before it writes those rows again).
 
     ``out``: a C-contiguous array of ``meta``'s size to fetch into (the caller's place for
     it, such as a job's output rows), returned as a view; else a new buffer is allocated.
@@ -458,6 +461,7 @@ async def download(
             local=local,
             run_blocking=run_blocking,
             holder=holder,
+            on_mapped=on_mapped,
         )
         if shared is not None:
             return shared
@@ -537,6 +541,7 @@ async def _download_shared(
     local: local_share.LocalShares,
     run_blocking: BlockingRunner,
     holder: str,
+    on_mapped: Callable[[], None] | None,
 ) -> np.ndarray | None:
     """``worker``'s output ``meta`` taken from its sealed copy, if both are on this machine
     and it offers one; None when it cannot be had that way (then download it in chunks).
@@ -574,17 +579,24 @@ async def _download_shared(
         fd = _field(header, "fd", int)
     # Not cancelled half-way (a thread): no byte lands in ``out`` after this returns.
     try:
-        target, digest = await run_blocking(
+        target, digest, mapped = await run_blocking(
             local_share.take_shared_output, pid, fd, meta, worker, out, in_place
         )
     except local_share.LocalShareError as exc:
-        # A copy that is not there or not sealed: whatever the cause, chunks from now on for
-        # a while (the worker answers them, or is judged on them).
-        local.refuse_outputs(worker, for_good=isinstance(exc, local_share.NotLocal))
+        # A copy that is not there or not sealed: chunks this time (the worker answers them,
+        # or is judged on them), and for RETRY_OUTPUT_AFTER_S (an honest worker's store may
+        # have dropped the output before we opened it); another user's process: for good.
+        local.refuse_outputs(
+            worker,
+            for_good=isinstance(exc, local_share.NotLocal),
+            retry_after=local_share.RETRY_OUTPUT_AFTER_S,
+        )
         log.info("worker %s's shared output is unusable (%s): downloading it", worker, exc)
         return None
     with peer_fault_boundary(worker, "shared output"):
         array = array_from_hashed_bytes(meta, target, digest)
+    if mapped and on_mapped is not None:
+        on_mapped()
     if holder:
         local.note_taken(holder, meta.nbytes)
     return array
@@ -652,6 +664,7 @@ async def run_shard(
     local: local_share.LocalShares | None = None,
     in_place: bool = False,
     holder: str = "",
+    on_mapped: Callable[[], None] | None = None,
 ) -> ShardAnswer:
     """Run one shard on ``worker`` (operands must already be there, or be named in
     ``inline``) and fetch its output.
@@ -679,8 +692,8 @@ async def run_shard(
     own check; :meth:`ShardAnswer.verify` then collects their outcome.
     ``network_id``: this requester's network (its genesis hash's first 16 hex digits), for
     the worker to refuse a requester of another network.
-    ``local``, ``in_place``, ``holder``: an output to download may come from the worker's
-    shared memory (see :func:`download`).
+    ``local``, ``in_place``, ``holder``, ``on_mapped``: an output to download may come from
+    the worker's shared memory (see :func:`download`).
     """
     # What an honest answer looks like is known before asking: the output's shape and dtype
     # follow from the kernel and the operands. A declared output of any other size is refused
@@ -759,6 +772,7 @@ async def run_shard(
             local=local,
             in_place=in_place,
             holder=holder,
+            on_mapped=on_mapped,
         )
     if not defer_verification:
         return ShardAnswer(output, receipt)

@@ -9,12 +9,18 @@ workers on one multi-GPU box), the requester instead copies the operand once int
 through ``/proc/<pid>/fd/<fd>``, maps it read-only and hashes it, and holds it as it would an
 upload. Every local worker of a job maps the same pages.
 
+Outputs come back the other way (:func:`sealed_output`, :func:`take_shared_output`): the
+worker moves a large output once into a sealed memfd named for its hash and the worker, and
+the requester maps it privately over the shard's rows of the job's output (or reads it into
+place), with the same checks and its hash compared as a download's.
+
 What holds it safe (see ``docs/threat-model.md``; a hostile review's findings shaped it):
 
 * The request names the operand's content hash, and the worker hashes what it mapped: it
   holds exactly the bytes the authenticated requester described, or refuses them. Nothing
-  crosses a network; only a process of the same user (which can already read both peers'
-  memory) can open the descriptor.
+  crosses a network; only a process of the same user can open the descriptor (such a
+  process can read both peers' files, their keys among them; where ptrace is not restricted,
+  their memory too; a sealed copy holds nothing but an operand or output they exchange).
 * The worker maps only a memfd named for that hash and that requester (:func:`memfd_name`),
   so a request cannot point it at the worker's own key, database or sockets, nor at another
   requester's copy, nor make it hash memory that is not an operand: the name is read from the
@@ -103,6 +109,11 @@ NOT_LOCAL = "not local: "
 #: A refused sharing attempt that may succeed later (a network failure, an old worker that
 #: does not serve the protocol) is not tried again with that worker for this long.
 RETRY_AFTER_S = 600.0
+#: A worker's shared output that could not be opened (evicted from its store before we opened
+#: it, or a descriptor that was never its copy) is not asked for again for this long: long
+#: enough that a worker answering so costs a request per job at most, short enough that an
+#: honest worker's eviction race costs little.
+RETRY_OUTPUT_AFTER_S = 30.0
 #: Workers remembered as refusing (only peers on loopback can be among them).
 MAX_REFUSED = 4096
 
@@ -170,11 +181,6 @@ def _close_sealed_output(key: int, fd: int) -> None:
 
 #: id(buffer) -> descriptor of the sealed outputs alive in this process (see sealed_output).
 _DESCRIPTORS: dict[int, int] = {}
-
-
-def sealed_outputs() -> int:
-    """How many sealed copies :func:`sealed_output` made are open in this process."""
-    return len(_DESCRIPTORS)
 
 
 def descriptor_of(array: np.ndarray) -> int | None:
@@ -303,21 +309,26 @@ def map_shared(pid: int, fd: int, nbytes: int, digest: str, owner: str) -> memor
 
 def take_shared_output(
     pid: int, fd: int, meta: ArrayMeta, owner: str, out: np.ndarray | None, in_place: bool
-) -> tuple[memoryview, str]:
-    """A worker's output from its sealed copy (see :func:`open_shared`), and its content hash
-    (a blocking call). The bytes land in ``out`` (C-contiguous, of ``meta``'s size) or, when
-    it is None, in a new buffer.
+) -> tuple[memoryview, str, bool]:
+    """A worker's output from its sealed copy (see :func:`open_shared`), its content hash, and
+    whether it was mapped in place (a blocking call). The bytes land in ``out``
+    (C-contiguous, of ``meta``'s size) or, when it is None, in a new buffer.
 
     With ``in_place`` (the caller owns ``out``'s memory as a private mapping no one else
-    writes now, see :meth:`mtor_p2p.memory.RecycledArrays.map_over`), ``out``'s pages are
+    writes now, see :meth:`mtor_p2p.memory.RecycledArrays.owns`), ``out``'s pages are
     replaced by a private mapping of the copy when they are whole pages: no byte is copied
-    and no fresh page faulted in (a write to them later copies that page only). Otherwise the
-    copy is read into place, which still spares both peers the transfer.
+    and no fresh page faulted in (a write to them later copies that page only, and the copy's
+    pages stay alive beside it until :func:`fresh_pages` or the region's end). Otherwise the
+    copy is read into place, which still spares both peers the transfer. A mapped copy whose
+    hash is not ``meta``'s is unmapped again before this returns (fresh zeroed pages in its
+    place): a lying worker's pages are not kept alive by rows that will be written again.
     """
     opened = open_shared(pid, fd, meta.nbytes, meta.digest, owner)
+    mapped_in_place = False
     try:
         if out is not None and in_place and _map_fixed(out, opened):
             target = memoryview(out).cast("B")
+            mapped_in_place = True
         else:
             target = memoryview(bytearray(meta.nbytes) if out is None else out).cast("B")
             try:
@@ -333,7 +344,39 @@ def take_shared_output(
         os.close(opened)
     hasher = content_hasher(meta.dtype, meta.shape)
     hasher.update(target)
-    return target, str(hasher.hexdigest())
+    digest = str(hasher.hexdigest())
+    if mapped_in_place and digest != meta.digest:
+        assert out is not None
+        fresh_pages(out)
+        mapped_in_place = False
+    return target, digest, mapped_in_place
+
+
+def fresh_pages(rows: np.ndarray) -> bool:
+    """Put fresh private memory (zeroed) in place of ``rows``' pages, dropping a worker's copy
+    mapped there by :func:`take_shared_output`, before rows are written again: else each page
+    written would be held twice, the requester's copy and the worker's. Whether it did (False:
+    not whole pages; the rows are left as they are). The caller writes every byte after."""
+    if not _whole_pages(rows):
+        return False
+    assert _mmap_call is not None
+    prot = mmap.PROT_READ | mmap.PROT_WRITE
+    anonymous = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_FIXED
+    address = rows.ctypes.data
+    if _mmap_call(address, rows.nbytes, prot, anonymous, -1, 0) != address:
+        raise MemoryError("could not map fresh memory in place of a job's rows")
+    return True
+
+
+def _whole_pages(rows: np.ndarray) -> bool:
+    return (
+        _mmap_call is not None
+        and rows.flags.c_contiguous
+        and rows.flags.writeable
+        and rows.nbytes > 0
+        and rows.ctypes.data % _PAGE == 0
+        and rows.nbytes % _PAGE == 0
+    )
 
 
 #: mmap(2)'s flags that Python's mmap module does not name (the same on every Linux ABI).
@@ -365,17 +408,11 @@ _mmap_call = _libc_mmap() if _HOST is not None else None
 def _map_fixed(out: np.ndarray, fd: int) -> bool:
     """Replace ``out``'s pages with a private, writable mapping of ``fd`` (of ``out``'s size);
     whether it did (False: not whole pages, or the kernel refused, ``out`` unchanged)."""
+    if not _whole_pages(out):
+        return False
+    assert _mmap_call is not None
     address = out.ctypes.data
     nbytes = out.nbytes
-    if (
-        _mmap_call is None
-        or not out.flags.c_contiguous
-        or not out.flags.writeable
-        or address % _PAGE
-        or nbytes % _PAGE
-        or nbytes == 0
-    ):
-        return False
     prot = mmap.PROT_READ | mmap.PROT_WRITE
     placed = _mmap_call(address, nbytes, prot, mmap.MAP_PRIVATE | _MAP_FIXED, fd, 0)
     if placed == address:
@@ -447,10 +484,13 @@ class LocalShares:
         more."""
         self._refuse(self.refused, worker, for_good)
 
-    def refuse_outputs(self, worker: str, *, for_good: bool) -> None:
+    def refuse_outputs(
+        self, worker: str, *, for_good: bool, retry_after: float = RETRY_AFTER_S
+    ) -> None:
         """Stop taking ``worker``'s outputs from shared memory, as :meth:`refuse` does for
-        operands (a worker that cannot share its outputs may still take operands)."""
-        self._refuse(self.outputs_refused, worker, for_good)
+        operands (a worker that cannot share its outputs may still take operands), for
+        ``retry_after`` seconds unless ``for_good``."""
+        self._refuse(self.outputs_refused, worker, for_good, retry_after)
 
     def _worth_asking(self, refused: dict[str, float], worker: str, meta: ArrayMeta) -> bool:
         if not self.enabled or meta.nbytes < MIN_LOCAL_BYTES:
@@ -462,14 +502,16 @@ class LocalShares:
         return until is None
 
     @staticmethod
-    def _refuse(refused: dict[str, float], worker: str, for_good: bool) -> None:
+    def _refuse(
+        refused: dict[str, float], worker: str, for_good: bool, retry_after: float = RETRY_AFTER_S
+    ) -> None:
         if len(refused) >= MAX_REFUSED and worker not in refused:
             now = trio.current_time()
             for lapsed in [w for w, until in refused.items() if until <= now]:
                 del refused[lapsed]
             while len(refused) >= MAX_REFUSED:
                 del refused[next(iter(refused))]
-        refused[worker] = math.inf if for_good else trio.current_time() + RETRY_AFTER_S
+        refused[worker] = math.inf if for_good else trio.current_time() + retry_after
 
     async def descriptor(self, meta: ArrayMeta, array: np.ndarray, holder: str) -> int | None:
         """The descriptor of the sealed copy of ``array`` for job ``holder`` (made now if

@@ -38,7 +38,7 @@ from mtor_p2p import memory
 from mtor_p2p.capacity.record import CapacityRecord, gpu_class
 from mtor_p2p.capacity.view import CapacityQuery, CapacityView
 from mtor_p2p.clock import NetClock
-from mtor_p2p.compute import blas, client
+from mtor_p2p.compute import blas, client, local_share
 from mtor_p2p.compute.local_share import LocalShares
 from mtor_p2p.compute.protocol import (
     INLINE_OPERAND_BYTES,
@@ -611,6 +611,10 @@ class _JobRun:
         self.row_owner: dict[int, _Attempt] = {}
         #: Shards whose accepted output is already in its place (others are copied at the end).
         self.placed: set[int] = set()
+        #: Shards whose rows hold a worker's sealed copy, mapped there by a download
+        #: (local_share.take_shared_output): given fresh pages before anything else is
+        #: written into them, so that the copy is not kept alive beside the new bytes.
+        self.mapped_rows: set[int] = set()
         self.running: dict[int, list[_Attempt]] = {}
         self.attempt_counts: dict[int, int] = {}
         self.redundant_answers: dict[int, list[tuple[str, np.ndarray, Receipt]]] = {}
@@ -998,8 +1002,17 @@ class _JobRun:
         if not self._in_place or index in self.accepted or index in self.row_owner:
             return None
         self.row_owner[index] = attempt
+        return self._rows_to_write(index)
+
+    def _rows_to_write(self, index: int) -> np.ndarray:
+        """Shard ``index``'s rows of the output, about to be written: first given fresh pages
+        if a worker's copy was mapped there (an attempt that failed after its download)."""
         start, stop = self.ranges[index]
-        return self.output[start:stop]
+        rows = self.output[start:stop]
+        if index in self.mapped_rows:
+            self.mapped_rows.discard(index)
+            local_share.fresh_pages(rows)
+        return rows
 
     def _release_rows(self, index: int, attempt: _Attempt) -> None:
         if self.row_owner.get(index) is attempt:
@@ -1009,9 +1022,9 @@ class _JobRun:
         """The job's output once every shard is accepted: accepted answers that arrived
         elsewhere than in their rows (in a run answer, from a hedged twin) copied there. Call
         it only when no attempt runs any more, so that no download can write after the copy."""
-        for index, (start, stop) in enumerate(self.ranges):
+        for index in range(len(self.ranges)):
             if index not in self.placed:
-                self.output[start:stop] = self.outputs.pop(index)
+                self._rows_to_write(index)[:] = self.outputs.pop(index)
         return self.output
 
     async def describe_ahead(self) -> None:
@@ -1246,6 +1259,7 @@ class _JobRun:
                 local=self.s.local_shares,
                 in_place=out is not None and memory.RECYCLED.owns(out),
                 holder=self.job_id,
+                on_mapped=lambda: self.mapped_rows.add(index),
             )
 
         answer: client.ShardAnswer | None = None
@@ -1893,7 +1907,7 @@ class _JobRun:
                 # requester's samples with 300 such jobs under way, 2026-12-06).
                 self.output = output
             else:
-                self.output[start:stop] = output
+                self._rows_to_write(index)[:] = output
             self.placed.add(index)
         else:
             self.outputs[index] = output

@@ -190,8 +190,9 @@ MAX_OUTPUTS_REMEMBERED = 1024
 #: thread, within the budget of uploads in progress).
 MAX_OUTPUTS_SEALING = 2
 #: Sealed copies of outputs held open at once (each a descriptor, held while the store keeps
-#: its output): beyond, outputs are downloaded in chunks.
+#: its output), in all and of one requester's runs: beyond, outputs are downloaded in chunks.
 MAX_SEALED_OUTPUTS = 64
+MAX_SEALED_OUTPUTS_PER_SENDER = 16
 #: Bytes of run requests carrying operands (``inline``) that may be under way at once, from
 #: all senders and from one: such a run holds its bytes under the host's budgets of request
 #: bytes in progress (64 MiB in all by default) while it is queued and computes, so these
@@ -1710,9 +1711,11 @@ class WorkerService:
             # The copy is a second one of the output until it takes the original's place:
             # reserved as an upload in progress is, within the same budgets.
             sender_reserved = self._reserved_by_sender.get(sender, 0)
+            held, held_for_sender = self._sealed_outputs(sender)
             if (
                 len(self._sealing) >= MAX_OUTPUTS_SEALING
-                or local_share.sealed_outputs() >= MAX_SEALED_OUTPUTS
+                or held >= MAX_SEALED_OUTPUTS
+                or held_for_sender >= MAX_SEALED_OUTPUTS_PER_SENDER
                 or sender_reserved + array.nbytes > MAX_PENDING_UPLOAD_BYTES_PER_PEER
                 or self._reserved_total + array.nbytes > MAX_PENDING_UPLOAD_BYTES
             ):
@@ -1732,10 +1735,13 @@ class WorkerService:
                 self._reserved_total -= array.nbytes
                 _take_back(self._reserved_by_sender, sender, array.nbytes)
             # In the original's place if the store still holds it; one evicted meanwhile is
-            # gone (its copy closes as this handler returns), as for a download.
+            # gone (its copy closes as this handler returns), as for a download, and one
+            # stored again meanwhile (another run with the same bytes) is left as it is.
             self.operands.replace(digest, array, shared)
-            if digest not in self.operands:
-                raise RemoteError("no such output")
+            if self.operands.peek(digest) is not shared:
+                if digest not in self.operands:
+                    raise RemoteError("no such output")
+                raise RemoteError("busy: the output was stored again meanwhile; download it")
             array = shared
             fd = local_share.descriptor_of(shared)
             assert fd is not None
@@ -1744,6 +1750,17 @@ class WorkerService:
         # The descriptor is open while the store holds the output: an output evicted before
         # the requester opens it is gone, as it would be for a chunked download.
         return pack({"pid": os.getpid(), "fd": fd})
+
+    def _sealed_outputs(self, sender: str) -> tuple[int, int]:
+        """Outputs of this worker held in sealed copies now: in all, and of ``sender``'s runs
+        (each an open descriptor while the store holds it)."""
+        held = held_for_sender = 0
+        for digest, requester in self._output_requester.items():
+            stored = self.operands.peek(digest)
+            if stored is not None and local_share.descriptor_of(stored) is not None:
+                held += 1
+                held_for_sender += requester == sender
+        return held, held_for_sender
 
     async def _on_countersign(self, sender: str, request: bytes) -> bytes:
         header, body = self._parse(request)

@@ -254,6 +254,11 @@ class OperandStore:
         self._arrays.move_to_end(digest)
         return array
 
+    def peek(self, digest: str) -> np.ndarray | None:
+        """The array with ``digest``, or None, without counting a hit or a miss or moving it
+        in the eviction order (for bookkeeping, not for use)."""
+        return self._arrays.get(digest)
+
     def replace(self, digest: str, old: np.ndarray, new: np.ndarray | None) -> None:
         """Put ``new`` (an array of the same bytes) in the place of ``old`` if ``digest`` still
         holds ``old``; drop it if ``new`` is None. Nothing otherwise (evicted meanwhile)."""

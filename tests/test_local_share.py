@@ -572,7 +572,7 @@ async def test_a_worker_shares_an_output_once_and_only_with_the_requester_whose_
         with pytest.raises(RemoteError, match="field 'host'"):
             await output_request(b, "owner", digest, host=7)
         with monkeypatch.context() as patch:  # as many sealed copies open as it holds
-            patch.setattr(worker_module, "MAX_SEALED_OUTPUTS_PER_SENDER", 0)
+            patch.setattr(worker_module, "MAX_OPEN_COPIES_PER_SENDER", 0)
             with pytest.raises(RemoteError, match=r"^busy: .*download it"):
                 await output_request(b, "owner", digest)
         assert b.worker.reserved_upload_bytes == 0
@@ -592,12 +592,51 @@ async def test_a_worker_shares_an_output_once_and_only_with_the_requester_whose_
         # A chunked download still serves it (a requester elsewhere, or one that cannot map).
         again = await client.download(owner.network, b.worker_id, meta, timeout=10)
         np.testing.assert_array_equal(again, answer.output)
-        # The copy lives as long as the store holds the output.
+        # Its descriptor is closed once its grace is over; the store keeps the copy's pages
+        # (chunks still served), and a later ask makes a new copy of them.
+        await trio.sleep(worker_module.SHARED_OUTPUT_GRACE_S + worker_module.HOUSEKEEPING_INTERVAL)
+        assert fd_names(first["fd"]) is None and b.worker.open_output_copies == 0
+        again = await client.download(owner.network, b.worker_id, meta, timeout=10)
+        np.testing.assert_array_equal(again, answer.output)
+        second = await output_request(b, "owner", digest)
+        assert b.worker.open_output_copies == 1
+        assert fd_names(second["fd"]) == f"/memfd:{memfd_name(digest, b.worker_id)} (deleted)"
+        # And at once when the store drops the output.
         b.worker.operands.discard(digest)
-        assert fd_names(first["fd"]) is None
+        await trio.sleep(worker_module.HOUSEKEEPING_INTERVAL)
+        assert fd_names(second["fd"]) is None and b.worker.open_output_copies == 0
         b.worker.local_uploads = False  # the operator turned shared memory off
         with pytest.raises(RemoteError, match=f"^{NOT_LOCAL}"):
             await output_request(b, "owner", digest)
+
+
+async def test_copies_open_for_a_requester_are_bounded_and_lapse_so_its_next_jobs_share_again(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # One open copy per requester here (32 by default): the second output is refused while
+    # the first's descriptor is open, and shared once that one's grace is over (a review
+    # found copies counted for as long as the store kept them: a requester's later jobs got
+    # none).
+    monkeypatch.setattr(worker_module, "MAX_OPEN_COPIES_PER_SENDER", 1)
+    b_operand = RNG.standard_normal((256, 1024)).astype("float32")
+    async with bench() as b:
+        owner = await b.requester("owner")
+        digests = []
+        for shard in range(2):
+            operands = {"a": RNG.standard_normal((2048, 256)).astype("float32"), "b": b_operand}
+            await client.ensure_operands(owner.network, b.worker_id, operands, timeout=10)
+            answer = await client.run_shard(
+                owner.network, b.worker_id, job_id=job_of(owner), shard=shard, kernel="matmul",
+                operands=operands, timeout=10, transfer_timeout=10,
+            )  # fmt: skip
+            digests.append(answer.receipt.body.output)
+        first = await output_request(b, "owner", digests[0])
+        with pytest.raises(RemoteError, match=r"^busy: too many outputs being shared"):
+            await output_request(b, "owner", digests[1])
+        await trio.sleep(worker_module.SHARED_OUTPUT_GRACE_S)
+        second = await output_request(b, "owner", digests[1])
+        assert fd_names(first["fd"]) is None or first["fd"] == second["fd"]
+        assert b.worker.open_output_copies == 1
 
 
 async def test_an_output_stored_again_while_it_was_copied_is_not_answered_with_a_dying_copy(
@@ -646,7 +685,7 @@ async def test_an_output_stored_again_while_it_was_copied_is_not_answered_with_a
             b.worker.operands.put(stored.copy(), digest)  # the same bytes, another array
             gate.set()
         assert outcome == ["busy: the output was stored again meanwhile; download it"]
-        assert local_share.descriptor_of(b.worker.operands.get(digest)) is None
+        assert b.worker.open_output_copies == 0
         assert b.worker.reserved_upload_bytes == 0
 
 

@@ -51,7 +51,6 @@ import math
 import mmap
 import os
 import stat
-import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -156,40 +155,18 @@ def sealed_copy(data: memoryview, digest: str, owner: str) -> int:
     return fd
 
 
-def sealed_output(array: np.ndarray, digest: str, owner: str) -> np.ndarray:
+def sealed_output(array: np.ndarray, digest: str, owner: str) -> tuple[int, np.ndarray]:
     """A worker's output moved into a sealed copy named for ``digest`` and ``owner`` (the
-    worker), for a requester on this machine to map (a blocking call: one copy). Returns a
-    read-only array on the copy, to be held in the output's place; the copy's descriptor is
-    :func:`descriptor_of` it, and is closed once nothing refers to that array any more."""
+    worker), for a requester on this machine to map (a blocking call: one copy). Returns the
+    copy's descriptor (the caller closes it) and a read-only array on the copy, to be held in
+    the output's place (the mapping keeps the pages once the descriptor is closed)."""
     fd = sealed_copy(memoryview(np.ascontiguousarray(array)).cast("B"), digest, owner)
     try:
         mapped = mmap.mmap(fd, array.nbytes, mmap.MAP_SHARED, mmap.PROT_READ)
     except BaseException:
         os.close(fd)
         raise
-    flat = np.frombuffer(mapped, array.dtype, count=array.size)
-    # flat.base is the buffer NumPy took from the mapping: every view leads to it.
-    _DESCRIPTORS[id(flat.base)] = fd
-    weakref.finalize(flat.base, _close_sealed_output, id(flat.base), fd).atexit = False
-    return flat.reshape(array.shape)
-
-
-def _close_sealed_output(key: int, fd: int) -> None:
-    _DESCRIPTORS.pop(key, None)
-    os.close(fd)
-
-
-#: id(buffer) -> descriptor of the sealed outputs alive in this process (see sealed_output).
-_DESCRIPTORS: dict[int, int] = {}
-
-
-def descriptor_of(array: np.ndarray) -> int | None:
-    """The descriptor of the sealed copy :func:`sealed_output` made ``array`` on (None if it
-    was not made so)."""
-    base: Any = array
-    while isinstance(base, np.ndarray):
-        base = base.base
-    return _DESCRIPTORS.get(id(base)) if isinstance(base, memoryview) else None
+    return fd, np.frombuffer(mapped, array.dtype, count=array.size).reshape(array.shape)
 
 
 def _sealed_copy_of(array: np.ndarray, digest: str, owner: str) -> int:

@@ -858,8 +858,9 @@ class _JobRun:
         rejected_before = self.rejected_by.get(worker, 0)
         outcome = "cancelled"
         book = self.s.book
-        out = self._claim_rows(index, record)
+        out: np.ndarray | None = None
         try:
+            out = self._claim_rows(index, record)
             with scope:
                 metas = await self.describe_shard(index, operands)
                 # The worker's time starts once its operands are ready to go: hashing them is

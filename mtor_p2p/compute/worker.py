@@ -189,10 +189,13 @@ MAX_OUTPUTS_REMEMBERED = 1024
 #: Outputs moved into sealed copies at once (each a copy of up to MAX_ARRAY_BYTES, made on a
 #: thread, within the budget of uploads in progress).
 MAX_OUTPUTS_SEALING = 2
-#: Sealed copies of outputs held open at once (each a descriptor, held while the store keeps
-#: its output), in all and of one requester's runs: beyond, outputs are downloaded in chunks.
-MAX_SEALED_OUTPUTS = 64
-MAX_SEALED_OUTPUTS_PER_SENDER = 16
+#: A sealed output's descriptor is held open this long after it is made (the requester it was
+#: made for opens it as the answer arrives), then closed: the store keeps the pages mapped.
+SHARED_OUTPUT_GRACE_S = 10.0
+#: Sealed outputs whose descriptors are open at once, in all and made for one requester
+#: (copies being made count): beyond, "busy", and the output is downloaded in chunks.
+MAX_OPEN_COPIES = 64
+MAX_OPEN_COPIES_PER_SENDER = 32
 #: Bytes of run requests carrying operands (``inline``) that may be under way at once, from
 #: all senders and from one: such a run holds its bytes under the host's budgets of request
 #: bytes in progress (64 MiB in all by default) while it is queued and computes, so these
@@ -412,6 +415,18 @@ def _take_back(held: dict[str, int], sender: str, amount: int) -> None:
         held.pop(sender, None)
 
 
+@dataclass
+class _OpenCopy:
+    """A sealed copy of an output, its descriptor open for the requester it was made for."""
+
+    fd: int
+    sender: str
+    #: The read-only array on the copy that the store holds in the output's place.
+    array: np.ndarray
+    #: When its descriptor is closed (trio time).
+    until: float
+
+
 #: One run of a shard for a requester, owed until countersigned: (job_id, shard, started).
 Reservation = tuple[str, int, float]
 
@@ -612,8 +627,10 @@ class WorkerService:
         #: whose run made them: only it may have one moved into a sealed copy. Oldest first,
         #: at most MAX_OUTPUTS_REMEMBERED (an output evicted from the store is gone anyway).
         self._output_requester: OrderedDict[str, str] = OrderedDict()
-        #: Outputs being moved into sealed copies now -> set when done.
-        self._sealing: dict[str, trio.Event] = {}
+        #: Outputs being moved into sealed copies now -> (set when done, for whom).
+        self._sealing: dict[str, tuple[trio.Event, str]] = {}
+        #: Sealed copies of outputs whose descriptors are open (see _on_download_local).
+        self._open_copies: dict[str, _OpenCopy] = {}
         #: Run requests being served now: a run served alone has its carried operands
         #: hashed beside its kernel (see _inline_operands).
         self._runs_under_way = 0
@@ -709,11 +726,15 @@ class WorkerService:
         a node that does not serve (:meth:`register` never called)."""
         if not self._registered:
             return
-        while True:
-            self._housekeeping()
-            await trio.sleep(self._housekeeping_interval)
+        try:
+            while True:
+                self._housekeeping()
+                await trio.sleep(self._housekeeping_interval)
+        finally:
+            self._close_lapsed_copies(every=True)
 
     def _housekeeping(self) -> None:
+        self._close_lapsed_copies()
         self._expire_uploads()
         self._expire_owed()
         self._current_price()
@@ -1690,77 +1711,89 @@ class WorkerService:
 
     async def _on_download_local(self, sender: str, request: bytes) -> bytes:
         """An output of one of the sender's runs, for a requester on this machine: moved into
-        a sealed copy (once; the store then holds the copy in its place, so it costs no
-        memory of its own), whose descriptor the answer names (see local_share.py). The copy
-        lives as long as the store holds the output; a requester that mapped it keeps its
-        pages for as long as it needs them."""
+        a sealed copy (the store then holds the copy in the output's place, so it costs no
+        memory of its own), whose descriptor the answer names (see local_share.py). The
+        descriptor is held open for SHARED_OUTPUT_GRACE_S (the requester opens it at once),
+        then closed; the store keeps the copy's pages mapped for chunked downloads, and a
+        requester that mapped them keeps them for as long as it needs them."""
         header, _ = self._parse(request)
         digest = _header_field(header, "hash", str)
         host = _header_field(header, "host", str)
         if not self.local_uploads or host != local_share.host_token(sender, self._identity.peer_id):
             raise RemoteError(local_share.NOT_LOCAL + "this worker is on another machine")
         while (sealing := self._sealing.get(digest)) is not None:
-            await sealing.wait()  # another request is moving it: its copy serves this one
-        array = self.operands.get(digest)
+            await sealing[0].wait()  # another request is moving it: its copy serves this one
+        self._close_lapsed_copies()
+        array = self.operands.peek(digest)
         if array is None or self._output_requester.get(digest) != sender:
             raise RemoteError("no such output")
         if array.nbytes < local_share.MIN_LOCAL_BYTES:
             raise RemoteError("output refused: too small to share; download it")
-        fd = local_share.descriptor_of(array)
-        if fd is None:
-            # The copy is a second one of the output until it takes the original's place:
-            # reserved as an upload in progress is, within the same budgets.
-            sender_reserved = self._reserved_by_sender.get(sender, 0)
-            held, held_for_sender = self._sealed_outputs(sender)
-            if (
-                len(self._sealing) >= MAX_OUTPUTS_SEALING
-                or held >= MAX_SEALED_OUTPUTS
-                or held_for_sender >= MAX_SEALED_OUTPUTS_PER_SENDER
-                or sender_reserved + array.nbytes > MAX_PENDING_UPLOAD_BYTES_PER_PEER
-                or self._reserved_total + array.nbytes > MAX_PENDING_UPLOAD_BYTES
-            ):
-                raise RemoteError("busy: too many outputs being shared; download it")
-            self._sealing[digest] = done = trio.Event()
-            self._reserved_total += array.nbytes
-            self._reserved_by_sender[sender] = sender_reserved + array.nbytes
-            try:
-                shared = await self._runtime.run_blocking(
-                    local_share.sealed_output, array, digest, self._identity.peer_id
-                )
-            except OSError as exc:
-                raise RemoteError(f"output not shared ({exc}); download it") from exc
-            finally:
-                del self._sealing[digest]
-                done.set()
-                self._reserved_total -= array.nbytes
-                _take_back(self._reserved_by_sender, sender, array.nbytes)
-            # In the original's place if the store still holds it; one evicted meanwhile is
-            # gone (its copy closes as this handler returns), as for a download, and one
-            # stored again meanwhile (another run with the same bytes) is left as it is.
-            self.operands.replace(digest, array, shared)
-            if self.operands.peek(digest) is not shared:
-                if digest not in self.operands:
-                    raise RemoteError("no such output")
-                raise RemoteError("busy: the output was stored again meanwhile; download it")
-            array = shared
-            fd = local_share.descriptor_of(shared)
-            assert fd is not None
+        copy = self._open_copies.get(digest)
+        if copy is None:
+            copy = await self._seal_output(sender, digest, array)
         self.stats.outputs_shared += 1
         self.stats.output_bytes_shared += array.nbytes
-        # The descriptor is open while the store holds the output: an output evicted before
-        # the requester opens it is gone, as it would be for a chunked download.
-        return pack({"pid": os.getpid(), "fd": fd})
+        return pack({"pid": os.getpid(), "fd": copy.fd})
 
-    def _sealed_outputs(self, sender: str) -> tuple[int, int]:
-        """Outputs of this worker held in sealed copies now: in all, and of ``sender``'s runs
-        (each an open descriptor while the store holds it)."""
-        held = held_for_sender = 0
-        for digest, requester in self._output_requester.items():
-            stored = self.operands.peek(digest)
-            if stored is not None and local_share.descriptor_of(stored) is not None:
-                held += 1
-                held_for_sender += requester == sender
-        return held, held_for_sender
+    async def _seal_output(self, sender: str, digest: str, array: np.ndarray) -> _OpenCopy:
+        """Move the stored output ``digest`` into a sealed copy held open for ``sender``."""
+        mine = sum(1 for c in self._open_copies.values() if c.sender == sender)
+        mine += sum(1 for _, s in self._sealing.values() if s == sender)
+        sender_reserved = self._reserved_by_sender.get(sender, 0)
+        # The copy is a second one of the output until it takes the original's place:
+        # reserved as an upload in progress is, within the same budgets. Copies being made
+        # count as open ones.
+        if (
+            len(self._sealing) >= MAX_OUTPUTS_SEALING
+            or len(self._open_copies) + len(self._sealing) >= MAX_OPEN_COPIES
+            or mine >= MAX_OPEN_COPIES_PER_SENDER
+            or sender_reserved + array.nbytes > MAX_PENDING_UPLOAD_BYTES_PER_PEER
+            or self._reserved_total + array.nbytes > MAX_PENDING_UPLOAD_BYTES
+        ):
+            raise RemoteError("busy: too many outputs being shared; download it")
+        done = trio.Event()
+        self._sealing[digest] = (done, sender)
+        self._reserved_total += array.nbytes
+        self._reserved_by_sender[sender] = sender_reserved + array.nbytes
+        try:
+            fd, shared = await self._runtime.run_blocking(
+                local_share.sealed_output, array, digest, self._identity.peer_id
+            )
+        except OSError as exc:
+            raise RemoteError(f"output not shared ({exc}); download it") from exc
+        finally:
+            del self._sealing[digest]
+            done.set()
+            self._reserved_total -= array.nbytes
+            _take_back(self._reserved_by_sender, sender, array.nbytes)
+        # In the original's place if the store still holds it; one evicted meanwhile is gone,
+        # as for a download, and one stored again meanwhile (another run with the same bytes)
+        # is left as it is: a copy that is not the store's is never answered with.
+        self.operands.replace(digest, array, shared)
+        if self.operands.peek(digest) is not shared:
+            os.close(fd)
+            if digest not in self.operands:
+                raise RemoteError("no such output")
+            raise RemoteError("busy: the output was stored again meanwhile; download it")
+        copy = self._open_copies[digest] = _OpenCopy(
+            fd, sender, shared, trio.current_time() + SHARED_OUTPUT_GRACE_S
+        )
+        return copy
+
+    def _close_lapsed_copies(self, *, every: bool = False) -> None:
+        """Close the descriptors of sealed outputs past their grace, or whose output the
+        store no longer holds (``every``: all of them)."""
+        now = trio.current_time()
+        for digest, copy in list(self._open_copies.items()):
+            if every or copy.until <= now or self.operands.peek(digest) is not copy.array:
+                del self._open_copies[digest]
+                os.close(copy.fd)
+
+    @property
+    def open_output_copies(self) -> int:
+        """Sealed copies of outputs whose descriptors are open now."""
+        return len(self._open_copies)
 
     async def _on_countersign(self, sender: str, request: bytes) -> bytes:
         header, body = self._parse(request)

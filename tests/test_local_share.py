@@ -494,6 +494,11 @@ async def test_the_workers_remembered_as_refusing_are_bounded() -> None:
 # -- outputs taken from a worker's sealed copy --------------------------------------------
 
 
+def fd_count() -> int:
+    """Descriptors this process has open."""
+    return len(os.listdir("/proc/self/fd"))
+
+
 def fd_names(fd: int) -> str | None:
     """What this process's descriptor ``fd`` is (None: closed)."""
     try:
@@ -576,6 +581,7 @@ async def test_a_worker_shares_an_output_once_and_only_with_the_requester_whose_
             with pytest.raises(RemoteError, match=r"^busy: .*download it"):
                 await output_request(b, "owner", digest)
         assert b.worker.reserved_upload_bytes == 0
+        fds_before = fd_count()
         first = await output_request(b, "owner", digest)
         assert first["pid"] == os.getpid()
         # The store holds the sealed copy in the output's place: no second copy is kept.
@@ -593,11 +599,16 @@ async def test_a_worker_shares_an_output_once_and_only_with_the_requester_whose_
         again = await client.download(owner.network, b.worker_id, meta, timeout=10)
         np.testing.assert_array_equal(again, answer.output)
         # Its descriptor is closed once its grace is over; the store keeps the copy's pages
-        # (chunks still served), and a later ask makes a new copy of them.
+        # (chunks still served, and no descriptor held for them), and a later ask makes a new
+        # copy of them, though not at once (each copy costs the worker a copy of the output).
         await trio.sleep(worker_module.SHARED_OUTPUT_GRACE_S + worker_module.HOUSEKEEPING_INTERVAL)
         assert fd_names(first["fd"]) is None and b.worker.open_output_copies == 0
         again = await client.download(owner.network, b.worker_id, meta, timeout=10)
         np.testing.assert_array_equal(again, answer.output)
+        assert fd_count() == fds_before
+        with pytest.raises(RemoteError, match=r"^busy: this output was shared a moment ago"):
+            await output_request(b, "owner", digest)
+        await trio.sleep(worker_module.RESEAL_AFTER_S)
         second = await output_request(b, "owner", digest)
         assert b.worker.open_output_copies == 1
         assert fd_names(second["fd"]) == f"/memfd:{memfd_name(digest, b.worker_id)} (deleted)"
@@ -633,7 +644,10 @@ async def test_copies_open_for_a_requester_are_bounded_and_lapse_so_its_next_job
         first = await output_request(b, "owner", digests[0])
         with pytest.raises(RemoteError, match=r"^busy: too many outputs being shared"):
             await output_request(b, "owner", digests[1])
-        await trio.sleep(worker_module.SHARED_OUTPUT_GRACE_S)
+        # Half a second on, at its cap, its oldest copy is closed to make room (it had time to
+        # open it), though that copy's grace is not over.
+        await trio.sleep(worker_module.SHARED_OUTPUT_MIN_OPEN_S)
+        assert worker_module.SHARED_OUTPUT_MIN_OPEN_S < worker_module.SHARED_OUTPUT_GRACE_S
         second = await output_request(b, "owner", digests[1])
         assert fd_names(first["fd"]) is None or first["fd"] == second["fd"]
         assert b.worker.open_output_copies == 1

@@ -51,6 +51,7 @@ import math
 import mmap
 import os
 import stat
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -159,14 +160,32 @@ def sealed_output(array: np.ndarray, digest: str, owner: str) -> tuple[int, np.n
     """A worker's output moved into a sealed copy named for ``digest`` and ``owner`` (the
     worker), for a requester on this machine to map (a blocking call: one copy). Returns the
     copy's descriptor (the caller closes it) and a read-only array on the copy, to be held in
-    the output's place (the mapping keeps the pages once the descriptor is closed)."""
+    the output's place: its mapping holds no descriptor of its own (Python's ``mmap`` keeps a
+    duplicate for each mapping, so a store of sealed outputs would hold a descriptor per
+    output: a hostile review counted 255 at the default cache), and is unmapped once nothing
+    refers to the array."""
     fd = sealed_copy(memoryview(np.ascontiguousarray(array)).cast("B"), digest, owner)
     try:
-        mapped = mmap.mmap(fd, array.nbytes, mmap.MAP_SHARED, mmap.PROT_READ)
+        view = _map_read_only(fd, array.nbytes)
     except BaseException:
         os.close(fd)
         raise
-    return fd, np.frombuffer(mapped, array.dtype, count=array.size).reshape(array.shape)
+    shared = np.frombuffer(view, array.dtype, count=array.size).reshape(array.shape)
+    shared.flags.writeable = False  # its pages are mapped read-only: a write would fault
+    return fd, shared
+
+
+def _map_read_only(fd: int, nbytes: int) -> Any:
+    """A shared read-only mapping of ``fd`` as a ctypes buffer that unmaps itself when it is
+    collected (no descriptor kept)."""
+    if _mmap_call is None or _munmap_call is None:
+        raise OSError("no mmap(2) here")
+    address = _mmap_call(None, nbytes, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+    if address is None or address == _MAP_FAILED:
+        raise OSError(ctypes.get_errno(), "cannot map the sealed output")
+    buffer = (ctypes.c_char * nbytes).from_address(address)
+    weakref.finalize(buffer, _munmap_call, address, nbytes).atexit = False
+    return buffer
 
 
 def _sealed_copy_of(array: np.ndarray, digest: str, owner: str) -> int:
@@ -380,6 +399,21 @@ def _libc_mmap() -> Any:
 
 
 _mmap_call = _libc_mmap() if _HOST is not None else None
+#: What mmap(2) returns on failure, as ctypes gives it back.
+_MAP_FAILED = ctypes.c_void_p(-1).value
+
+
+def _libc_munmap() -> Any:
+    try:
+        function = ctypes.CDLL(None, use_errno=True).munmap
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    function.restype = ctypes.c_int
+    return function
+
+
+_munmap_call = _libc_munmap() if _HOST is not None else None
 
 
 def _map_fixed(out: np.ndarray, fd: int) -> bool:

@@ -189,9 +189,15 @@ MAX_OUTPUTS_REMEMBERED = 1024
 #: Outputs moved into sealed copies at once (each a copy of up to MAX_ARRAY_BYTES, made on a
 #: thread, within the budget of uploads in progress).
 MAX_OUTPUTS_SEALING = 2
-#: A sealed output's descriptor is held open this long after it is made (the requester it was
-#: made for opens it as the answer arrives), then closed: the store keeps the pages mapped.
-SHARED_OUTPUT_GRACE_S = 10.0
+#: A sealed output's descriptor is held open this long after it is last answered with (the
+#: requester opens it as the answer arrives, within milliseconds), then closed: the store
+#: keeps the pages mapped. A requester at its cap has its copies older than
+#: SHARED_OUTPUT_MIN_OPEN_S closed first, oldest first.
+SHARED_OUTPUT_GRACE_S = 2.0
+SHARED_OUTPUT_MIN_OPEN_S = 0.5
+#: An output is moved into a new sealed copy at most once in this long (a copy made again
+#: once the first's descriptor is closed costs the worker a copy of the output each time).
+RESEAL_AFTER_S = 60.0
 #: Sealed outputs whose descriptors are open at once, in all and made for one requester
 #: (copies being made count): beyond, "busy", and the output is downloaded in chunks.
 MAX_OPEN_COPIES = 64
@@ -423,7 +429,8 @@ class _OpenCopy:
     sender: str
     #: The read-only array on the copy that the store holds in the output's place.
     array: np.ndarray
-    #: When its descriptor is closed (trio time).
+    #: When it was made, and when its descriptor is closed (trio time).
+    made: float
     until: float
 
 
@@ -629,8 +636,10 @@ class WorkerService:
         self._output_requester: OrderedDict[str, str] = OrderedDict()
         #: Outputs being moved into sealed copies now -> (set when done, for whom).
         self._sealing: dict[str, tuple[trio.Event, str]] = {}
-        #: Sealed copies of outputs whose descriptors are open (see _on_download_local).
+        #: Sealed copies of outputs whose descriptors are open (see _on_download_local), in
+        #: the order they were made, and when each remembered output was last sealed.
         self._open_copies: dict[str, _OpenCopy] = {}
+        self._sealed_at: dict[str, float] = {}
         #: Run requests being served now: a run served alone has its carried operands
         #: hashed beside its kernel (see _inline_operands).
         self._runs_under_way = 0
@@ -1405,7 +1414,8 @@ class WorkerService:
             self._output_requester[output_meta.digest] = sender
             self._output_requester.move_to_end(output_meta.digest)
             while len(self._output_requester) > MAX_OUTPUTS_REMEMBERED:
-                self._output_requester.popitem(last=False)
+                forgotten, _ = self._output_requester.popitem(last=False)
+                self._sealed_at.pop(forgotten, None)
         self.stats.shards_run += 1
         self.stats.compute_seconds += ended - started
         self.shard_seconds.observe(max(0.0, ended - started))
@@ -1731,14 +1741,27 @@ class WorkerService:
             raise RemoteError("output refused: too small to share; download it")
         copy = self._open_copies.get(digest)
         if copy is None:
+            sealed_at = self._sealed_at.get(digest)
+            if sealed_at is not None and trio.current_time() - sealed_at < RESEAL_AFTER_S:
+                raise RemoteError("busy: this output was shared a moment ago; download it")
             copy = await self._seal_output(sender, digest, array)
+        else:  # answered with again: open for as long as a new one would be
+            copy.until = max(copy.until, trio.current_time() + SHARED_OUTPUT_GRACE_S)
         self.stats.outputs_shared += 1
         self.stats.output_bytes_shared += array.nbytes
         return pack({"pid": os.getpid(), "fd": copy.fd})
 
     async def _seal_output(self, sender: str, digest: str, array: np.ndarray) -> _OpenCopy:
         """Move the stored output ``digest`` into a sealed copy held open for ``sender``."""
-        mine = sum(1 for c in self._open_copies.values() if c.sender == sender)
+        now = trio.current_time()
+        mine_open = [d for d, c in self._open_copies.items() if c.sender == sender]
+        while mine_open and len(mine_open) >= MAX_OPEN_COPIES_PER_SENDER:
+            oldest = mine_open[0]  # the table is in the order copies were made
+            if self._open_copies[oldest].made > now - SHARED_OUTPUT_MIN_OPEN_S:
+                break
+            os.close(self._open_copies.pop(oldest).fd)
+            mine_open.pop(0)
+        mine = len(mine_open)
         mine += sum(1 for _, s in self._sealing.values() if s == sender)
         sender_reserved = self._reserved_by_sender.get(sender, 0)
         # The copy is a second one of the output until it takes the original's place:
@@ -1776,9 +1799,11 @@ class WorkerService:
             if digest not in self.operands:
                 raise RemoteError("no such output")
             raise RemoteError("busy: the output was stored again meanwhile; download it")
+        now = trio.current_time()
         copy = self._open_copies[digest] = _OpenCopy(
-            fd, sender, shared, trio.current_time() + SHARED_OUTPUT_GRACE_S
+            fd, sender, shared, now, now + SHARED_OUTPUT_GRACE_S
         )
+        self._sealed_at[digest] = now
         return copy
 
     def _close_lapsed_copies(self, *, every: bool = False) -> None:

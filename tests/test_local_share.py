@@ -703,6 +703,24 @@ async def test_an_output_stored_again_while_it_was_copied_is_not_answered_with_a
         assert b.worker.reserved_upload_bytes == 0
 
 
+async def shared_download(
+    peers: tuple[Any, Any, LocalShares], meta: ArrayMeta, out: np.ndarray, **options: Any
+) -> np.ndarray:
+    """``client.download`` of ``meta`` into ``out`` as a requester with shared memory does,
+    between the peers :func:`fake_worker` gives."""
+    requester, worker, local = peers
+    return await client.download(
+        requester,
+        worker.peer_id,
+        meta,
+        timeout=10,
+        out=out,
+        run_blocking=local._run_blocking,
+        local=local,
+        **options,
+    )
+
+
 @asynccontextmanager
 async def fake_worker(
     answer: Callable[[ArrayMeta], dict[str, Any]], output: np.ndarray
@@ -754,19 +772,10 @@ async def test_a_shared_output_is_checked_like_a_download_and_one_not_there_is_d
             (lambda m: {"pid": os.getpid(), "fd": honest}, "shared"),
         ]:
             async with fake_worker(answer, output) as (requester, worker, local):
-                run_blocking = local._run_blocking
                 target = np.empty_like(output)
+                peers = (requester, worker, local)
                 if outcome in ("downloaded", "shared"):
-                    got = await client.download(
-                        requester,
-                        worker.peer_id,
-                        meta,
-                        timeout=10,
-                        out=target,
-                        run_blocking=run_blocking,
-                        local=local,
-                        holder="job",
-                    )
+                    got = await shared_download(peers, meta, target, holder="job")
                     np.testing.assert_array_equal(got, output)
                     assert np.shares_memory(got, target)
                     taken = local.taken("job")
@@ -774,15 +783,7 @@ async def test_a_shared_output_is_checked_like_a_download_and_one_not_there_is_d
                     assert local.output_wanted(worker.peer_id, meta) == (outcome == "shared")
                 else:
                     with pytest.raises(PeerMisbehaved, match=outcome):
-                        await client.download(
-                            requester,
-                            worker.peer_id,
-                            meta,
-                            timeout=10,
-                            out=target,
-                            run_blocking=run_blocking,
-                            local=local,
-                        )
+                        await shared_download(peers, meta, target)
     finally:
         os.close(liar)
         os.close(honest)
@@ -801,19 +802,10 @@ async def test_a_lying_copy_mapped_in_place_is_unmapped_at_once(
     rows = RecycledArrays(min_bytes=1 << 20).empty(output.shape, output.dtype)
     try:
         async with fake_worker(lambda m: {"pid": os.getpid(), "fd": liar}, output) as peers:
-            requester, worker, local = peers
             mapped: list[bool] = []
             with pytest.raises(PeerMisbehaved, match="hash mismatch"):
-                await client.download(
-                    requester,
-                    worker.peer_id,
-                    meta,
-                    timeout=10,
-                    out=rows,
-                    run_blocking=local._run_blocking,
-                    local=local,
-                    in_place=True,
-                    on_mapped=lambda: mapped.append(True),
+                await shared_download(
+                    peers, meta, rows, in_place=True, on_mapped=lambda: mapped.append(True)
                 )
             assert mapped == []
             assert memfd_mappings(rows.ctypes.data, rows.nbytes) == []
@@ -824,17 +816,8 @@ async def test_a_lying_copy_mapped_in_place_is_unmapped_at_once(
             )
             try:
                 async with fake_worker(lambda m: {"pid": os.getpid(), "fd": honest}, output) as p2:
-                    requester, worker, local = p2
-                    await client.download(
-                        requester,
-                        worker.peer_id,
-                        meta,
-                        timeout=10,
-                        out=rows,
-                        run_blocking=local._run_blocking,
-                        local=local,
-                        in_place=True,
-                        on_mapped=lambda: mapped.append(True),
+                    await shared_download(
+                        p2, meta, rows, in_place=True, on_mapped=lambda: mapped.append(True)
                     )
             finally:
                 os.close(honest)

@@ -250,20 +250,16 @@ async def _upload_shared(
         "pid": os.getpid(),
         "fd": fd,
     }
-    try:
-        reply = await network.request(worker, PROTOCOL_UPLOAD_LOCAL, pack(request), timeout=timeout)
-    except RemoteError as exc:
-        # "not local": never again with that worker; anything else ("busy", a refusal of
-        # this copy): chunks this time only.
-        if str(exc).startswith(local_share.NOT_LOCAL):
-            local.refuse(worker, for_good=True)
-        log.debug("worker %s took no shared operand (%s): uploading it", worker, exc)
-        return False
-    except NetworkError as exc:
-        # A worker from before shared operands does not serve the protocol (a broken
-        # connection fails the chunks that follow, too): not asked again for a while.
-        local.refuse(worker, for_good=False)
-        log.debug("worker %s took no shared operand (%s): uploading it", worker, exc)
+    reply = await _ask_same_machine(
+        network,
+        worker,
+        PROTOCOL_UPLOAD_LOCAL,
+        request,
+        timeout=timeout,
+        refuse=local.refuse,
+        declined="took no shared operand (%s): uploading it",
+    )
+    if reply is None:
         return False
     with peer_fault_boundary(worker, "shared upload reply"):
         header, _ = unpack(reply)
@@ -271,6 +267,34 @@ async def _upload_shared(
             raise WorkerMisbehaved("a shared operand's reply is not complete")
     local.note_handed(holder, meta.nbytes)
     return True
+
+
+async def _ask_same_machine(
+    network: Network,
+    worker: str,
+    protocol: str,
+    request: dict[str, Any],
+    *,
+    timeout: float,
+    refuse: Callable[..., None],
+    declined: str,
+) -> bytes | None:
+    """Ask ``worker`` over one of the shared-memory protocols; None when the way is not
+    taken, and the caller falls back to chunks. ``refuse(worker, for_good=...)`` records why:
+    "not local" for good; a network failure (a worker from before the protocol does not serve
+    it; a broken connection fails the chunks that follow, too) for a while; anything else
+    ("busy", a refusal of this array) is for this time only. ``declined``: the debug log's
+    words, with the error."""
+    try:
+        return await network.request(worker, protocol, pack(request), timeout=timeout)
+    except RemoteError as exc:
+        if str(exc).startswith(local_share.NOT_LOCAL):
+            refuse(worker, for_good=True)
+        log.debug("worker %s " + declined, worker, exc)
+    except NetworkError as exc:
+        refuse(worker, for_good=False)
+        log.debug("worker %s " + declined, worker, exc)
+    return None
 
 
 async def _send_chunk(
@@ -556,22 +580,16 @@ async def _download_shared(
     if not local.output_wanted(worker, meta) or same_host is None or not same_host(worker):
         return None
     request = {"hash": meta.digest, "host": local_share.host_token(network.peer_id, worker)}
-    try:
-        reply = await network.request(
-            worker, PROTOCOL_DOWNLOAD_LOCAL, pack(request), timeout=timeout
-        )
-    except RemoteError as exc:
-        # "not local": never again from that worker; anything else ("busy", an output too
-        # small): chunks this time only.
-        if str(exc).startswith(local_share.NOT_LOCAL):
-            local.refuse_outputs(worker, for_good=True)
-        log.debug("worker %s shared no output (%s): downloading it", worker, exc)
-        return None
-    except NetworkError as exc:
-        # A worker from before shared outputs does not serve the protocol: not asked again
-        # for a while (a broken connection fails the chunks that follow, too).
-        local.refuse_outputs(worker, for_good=False)
-        log.debug("worker %s shared no output (%s): downloading it", worker, exc)
+    reply = await _ask_same_machine(
+        network,
+        worker,
+        PROTOCOL_DOWNLOAD_LOCAL,
+        request,
+        timeout=timeout,
+        refuse=local.refuse_outputs,
+        declined="shared no output (%s): downloading it",
+    )
+    if reply is None:
         return None
     with peer_fault_boundary(worker, "shared download reply"):
         header, _ = unpack(reply)

@@ -380,40 +380,26 @@ _MAP_FIXED = 0x10
 _PAGE = mmap.PAGESIZE
 
 
-def _libc_mmap() -> Any:
+def _libc_function(name: str, argtypes: list[Any], restype: Any) -> Any:
+    """libc's ``name`` through ctypes (errno kept), or None where there is none."""
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        function = libc.mmap
+        function = getattr(ctypes.CDLL(None, use_errno=True), name)
     except (OSError, AttributeError):
         return None
-    function.argtypes = [
-        ctypes.c_void_p,
-        ctypes.c_size_t,
-        ctypes.c_int,
-        ctypes.c_int,
-        ctypes.c_int,
-        ctypes.c_long,
-    ]
-    function.restype = ctypes.c_void_p
+    function.argtypes = argtypes
+    function.restype = restype
     return function
 
 
-_mmap_call = _libc_mmap() if _HOST is not None else None
+_SIZE, _POINTER, _INT = ctypes.c_size_t, ctypes.c_void_p, ctypes.c_int
+_mmap_call = (
+    _libc_function("mmap", [_POINTER, _SIZE, _INT, _INT, _INT, ctypes.c_long], _POINTER)
+    if _HOST is not None
+    else None
+)
+_munmap_call = _libc_function("munmap", [_POINTER, _SIZE], _INT) if _HOST is not None else None
 #: What mmap(2) returns on failure, as ctypes gives it back.
 _MAP_FAILED = ctypes.c_void_p(-1).value
-
-
-def _libc_munmap() -> Any:
-    try:
-        function = ctypes.CDLL(None, use_errno=True).munmap
-    except (OSError, AttributeError):
-        return None
-    function.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-    function.restype = ctypes.c_int
-    return function
-
-
-_munmap_call = _libc_munmap() if _HOST is not None else None
 
 
 def _map_fixed(out: np.ndarray, fd: int) -> bool:
